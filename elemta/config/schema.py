@@ -1,0 +1,210 @@
+"""The configuration schema: every option Elemta reads, its type, default and check.
+
+Owned by no process: every process loads the same typed Config once at start.
+The loader (elemta.config.loader) maps YAML or TOML onto these dataclasses; code
+elsewhere only ever sees these frozen objects, never raw dicts.
+
+Each field's metadata carries:
+  doc   - one-line description (the man page elemta.conf(5) documents every field)
+  check - optional callable(value) -> error message or None, for values whose
+          type is right but whose meaning is wrong (a port of 70000, say)
+See also: man/elemta.conf.5, etc/elemta.yaml.example, etc/elemta.toml.example.
+"""
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+LISTENER_MODES = ("smtp", "submission", "smtps")
+LINE_ENDING_POLICIES = ("reject", "normalize")
+EIGHT_BIT_POLICIES = ("reject", "accept")
+SYNC_METHODS = ("syncfs", "fsync")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+
+
+def _one_of(choices):
+    def check(value):
+        if value not in choices:
+            return "must be one of %s, not %r" % (", ".join(choices), value)
+        return None
+    return check
+
+
+def _port(value):
+    if not 1 <= value <= 65535:
+        return "must be a TCP port between 1 and 65535, not %d" % value
+    return None
+
+
+def _positive(value):
+    if value <= 0:
+        return "must be greater than 0, not %r" % (value,)
+    return None
+
+
+def _ip_address(value):
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return "must be an IPv4 or IPv6 address, not %r" % value
+    return None
+
+
+def _networks(values):
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            return "%r is not an IP network (write 192.0.2.0/24 or 2001:db8::/32)" % value
+    return None
+
+
+def _domains(values):
+    for value in values:
+        name = value.rstrip(".")
+        if not name or len(name) > 253 or any(
+                not label or len(label) > 63 or label.startswith("-")
+                for label in name.split(".")):
+            return "%r is not a domain name" % value
+    return None
+
+
+def _hostname(value):
+    return _domains([value])
+
+
+def opt(default, doc, check=None):
+    """A config field: its default, its one-line doc and an optional value check."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults (the config is frozen)")
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One listening socket."""
+    address: str = opt("127.0.0.1", "IP address to listen on (0.0.0.0 or :: for all).",
+                       _ip_address)
+    port: int = opt(2525, "TCP port: usually 25 for smtp, 587 for submission, 465 for smtps.",
+                    _port)
+    mode: str = opt("smtp", "smtp (MX and relay), submission (AUTH required before MAIL) "
+                            "or smtps (implicit TLS, AUTH required before MAIL).",
+                    _one_of(LISTENER_MODES))
+
+
+@dataclass(frozen=True)
+class SMTPD:
+    """How the SMTP server presents itself and treats what clients send."""
+    hostname: str = opt("", "Name in the greeting, EHLO reply and Received headers "
+                            "(default: the system's host name).", _hostname)
+    banner: str = opt("ESMTP Elemta", "Text after the host name in the 220 greeting.")
+    bare_line_endings: str = opt(
+        "reject", "What to do with a bare CR or LF inside DATA: reject the message "
+                  "(550 5.5.2) or normalize it to CRLF. DATA always ends only at CRLF.CRLF.",
+        _one_of(LINE_ENDING_POLICIES))
+    undeclared_8bit: str = opt(
+        "reject", "What to do with 8-bit message content when the client declared neither "
+                  "BODY=8BITMIME nor SMTPUTF8: reject (554 5.6.1) or accept.",
+        _one_of(EIGHT_BIT_POLICIES))
+
+
+@dataclass(frozen=True)
+class Relay:
+    """Who may send mail where: the open-relay guard."""
+    local_domains: Tuple[str, ...] = opt(
+        ("localhost",), "Domains this server is the final destination for; mail to them is "
+                        "accepted from anyone (the host name is always included).", _domains)
+    mynetworks: Tuple[str, ...] = opt(
+        ("127.0.0.0/8", "::1/128"), "Client networks trusted to relay to any domain.",
+        _networks)
+
+
+@dataclass(frozen=True)
+class TLS:
+    """Certificates for STARTTLS and implicit TLS (smtps)."""
+    cert_file: Optional[str] = opt(None, "PEM certificate chain; STARTTLS is offered only "
+                                         "when this and key_file are set.")
+    key_file: Optional[str] = opt(None, "PEM private key for cert_file.")
+    min_version: str = opt("TLSv1.2", "Oldest TLS version accepted.", _one_of(TLS_VERSIONS))
+    handshake_timeout: float = opt(30.0, "Seconds a client has to finish the TLS handshake.",
+                                   _positive)
+
+
+@dataclass(frozen=True)
+class Auth:
+    """SMTP AUTH (PLAIN, LOGIN) against a credentials file of salted scrypt hashes."""
+    credentials_file: Optional[str] = opt(None, "File of user:hash lines written by "
+                                                "elemtactl user add; AUTH is offered only "
+                                                "when set.")
+    allow_plaintext: bool = opt(False, "Offer AUTH on connections without TLS (only for "
+                                       "tests and trusted networks).")
+    failure_delay: float = opt(2.0, "Seconds added to the reply delay for each recent failed "
+                                    "AUTH from the same client address.", _positive)
+    max_failure_delay: float = opt(30.0, "Upper bound of the AUTH failure delay, in seconds.",
+                                   _positive)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one client may ask of the server."""
+    message_size: int = opt(31457280, "Largest message accepted, in bytes (SIZE); larger "
+                                      "messages get 552 5.3.4.", _positive)
+    recipients: int = opt(1000, "Recipients accepted per message; more get 452 4.5.3.",
+                          _positive)
+    errors: int = opt(20, "Errors per session before the server says 421 and closes.",
+                      _positive)
+    connections_per_worker: int = opt(2000, "Concurrent sessions one smtpd worker serves; "
+                                            "more get 421 4.7.0.", _positive)
+    connections_per_client: int = opt(50, "Concurrent sessions from one client IP address; "
+                                          "more get 421 4.7.0.", _positive)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Server timeouts (RFC 5321 section 4.5.3.2)."""
+    command: float = opt(300.0, "Seconds to wait for the next command (RFC 5321 4.5.3.2.7: "
+                                "at least 5 minutes).", _positive)
+    data_block: float = opt(180.0, "Seconds to wait for each block of DATA or BDAT content "
+                                   "(RFC 5321 4.5.3.2.5: 3 minutes).", _positive)
+
+
+@dataclass(frozen=True)
+class Queue:
+    """The durable queue: spool files (the truth) and the LMDB index."""
+    spool_dir: str = opt("./spool", "Directory holding message files and index.lmdb.")
+    sync_method: str = opt(
+        "syncfs", "How a batch of accepted messages is made durable before the 250 reply: "
+                  "syncfs (one flush of the spool file system per batch) or fsync (one "
+                  "fsync per file and directory).", _one_of(SYNC_METHODS))
+    index_map_size: int = opt(17179869184, "Largest size of the LMDB index, in bytes "
+                                           "(address space only; the file grows as needed).",
+                              _positive)
+
+
+@dataclass(frozen=True)
+class Logging:
+    """Where log lines go."""
+    level: str = opt("info", "Least severe level logged: debug, info, warning, error.",
+                     _one_of(LOG_LEVELS))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration. `source` is the file it came from (None: built-in)."""
+    smtpd: SMTPD = opt(SMTPD(), "SMTP server identity and input policy.")
+    listeners: Tuple[Listener, ...] = opt((Listener(),), "Listening sockets.")
+    relay: Relay = opt(Relay(), "Relay control.")
+    tls: TLS = opt(TLS(), "TLS certificates.")
+    auth: Auth = opt(Auth(), "SMTP AUTH.")
+    limits: Limits = opt(Limits(), "Per-client limits.")
+    timeouts: Timeouts = opt(Timeouts(), "Timeouts.")
+    queue: Queue = opt(Queue(), "The queue.")
+    logging: Logging = opt(Logging(), "Logging.")
+    source: Optional[str] = field(default=None, compare=False, metadata={"internal": True})
+
+    @property
+    def hostname(self):
+        """The effective host name: smtpd.hostname or the system's."""
+        return self.smtpd.hostname or socket.gethostname()

@@ -1,0 +1,56 @@
+"""What a queued message is: its envelope, its recipients and its queue states.
+
+Plain data, shared by every process. The on-disk encodings belong elsewhere:
+elemta.queue.store owns the spool file, elemta.queue.index owns the index record.
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+# Queue states, as Postfix admins know them.
+INCOMING = "incoming"   # accepted, not yet tried
+ACTIVE = "active"       # claimed by a delivery worker
+DEFERRED = "deferred"   # waiting for its next attempt
+HOLD = "hold"           # parked by the admin or a plugin; never tried until released
+FAILED = "failed"       # given up on; kept for the admin to inspect
+STATES = (INCOMING, ACTIVE, DEFERRED, HOLD, FAILED)
+
+# Per-recipient status.
+PENDING = "pending"
+SENT = "sent"
+RCPT_DEFERRED = "deferred"
+BOUNCED = "bounced"
+RECIPIENT_STATUSES = (PENDING, SENT, RCPT_DEFERRED, BOUNCED)
+
+
+@dataclass
+class Recipient:
+    """One envelope recipient and its RFC 3461 DSN parameters."""
+    address: str
+    notify: Optional[Tuple[str, ...]] = None  # ("NEVER",) or subset of SUCCESS/FAILURE/DELAY
+    orcpt: Optional[str] = None               # "rfc822;user@example.com", xtext-decoded
+    status: str = PENDING
+    last_reply: Optional[str] = None          # the remote server's last reply to this one
+
+
+@dataclass
+class Envelope:
+    """Everything known about a message apart from its content.
+
+    Fixed when the message is accepted; the delivery state lives in the index.
+    """
+    queue_id: str
+    sender: str                                # "" is the null sender <>
+    recipients: List[Recipient]
+    arrival: float                             # time.time() when DATA/BDAT began
+    size: int = 0                              # content bytes, Received header included
+    body: str = "7BIT"                         # 7BIT or 8BITMIME (RFC 6152) or BINARYMIME
+    smtputf8: bool = False                     # RFC 6531
+    ret: Optional[str] = None                  # DSN RET: FULL or HDRS
+    envid: Optional[str] = None                # DSN ENVID, xtext-decoded
+    client_address: str = ""                   # IP of the SMTP client ("" for local)
+    client_helo: str = ""
+    protocol: str = "ESMTP"                    # as in the Received header: ESMTPSA, ...
+    auth_user: Optional[str] = None
+    priority: int = 0                          # higher goes first among due messages
+    extra: dict = field(default_factory=dict)  # room for later issues; kept round-trip

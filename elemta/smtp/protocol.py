@@ -1,0 +1,797 @@
+"""The SMTP server state machine, sans-IO: bytes in, events and replies out.
+
+Owned by the smtpd worker (elemta.smtpd.session drives it over a gevent socket); tests
+drive it by feeding bytes. It imports no socket and no gevent, keeps every state
+transition in the COMMANDS table below, and never raises on client input: whatever the
+client sends, it answers with a well-formed reply.
+
+Usage (see elemta.smtpd.session for the real driver):
+
+    proto = ServerProtocol(settings)
+    proto.receive_data(b"EHLO x\\r\\n")
+    while True:
+        event = proto.next_event()
+        if event is NEED_DATA: ...flush replies, read more, receive_data()...
+        elif event is CLOSED: ...close...
+        elif isinstance(event, Reply): ...send event.encode()...
+        elif event.needs_decision: proto.accept() or proto.reject(reply)
+        ...
+
+See also: RFC 5321 (SMTP), 1870 (SIZE), 2920 (PIPELINING), 3030 (CHUNKING), 3207
+(STARTTLS), 3461 (DSN), 4954 (AUTH), 6152 (8BITMIME), 6531 (SMTPUTF8), 2034/3463 (codes).
+"""
+
+import base64
+import binascii
+import re
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+from elemta.smtp.address import (AddressError, NonAsciiAddress, decode_xtext,
+                                 parse_params, split_path, validate_mailbox)
+from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
+                                DataStart, Helo, MailFrom, MessageReceived, RcptTo,
+                                RecipientInfo, StartTLS, Transaction)
+from elemta.smtp.replies import Reply
+
+# RFC 5321 4.5.3.1.4/4.5.3.1.6 allow 512-octet command lines and 1000-octet text lines;
+# ESMTP parameters make commands longer, so commands may use the text-line limit.
+MAX_LINE = 1000
+# RFC 3461 4.4: ENVID is at most 100 characters.
+MAX_ENVID = 100
+# Read at most this much of DATA content per step, so one step never holds a whole
+# message in memory however the client sends it.
+DATA_STEP = 65536
+
+# Session states: the transaction's progress.
+INIT = "init"           # no HELO/EHLO yet
+READY = "ready"         # greeted, no transaction
+MAIL = "mail"           # MAIL accepted
+RCPT = "rcpt"           # at least one RCPT accepted
+CHUNKING = "chunking"   # BDAT chunks received, LAST not yet
+ANY = frozenset((INIT, READY, MAIL, RCPT, CHUNKING))
+
+# Every state transition: command -> (states where it is allowed, state after success).
+# None as the next state means "unchanged"; RESET means READY if greeted, else INIT.
+RESET = "reset"
+COMMANDS = {
+    "EHLO": (ANY, READY),
+    "HELO": (ANY, READY),
+    "MAIL": (frozenset((READY,)), MAIL),
+    "RCPT": (frozenset((MAIL, RCPT)), RCPT),
+    "DATA": (frozenset((RCPT,)), READY),
+    "BDAT": (frozenset((RCPT, CHUNKING)), CHUNKING),   # BDAT LAST ends in READY
+    "RSET": (ANY, RESET),
+    "NOOP": (ANY, None),
+    "HELP": (ANY, None),
+    "VRFY": (ANY, None),
+    "QUIT": (ANY, None),
+    "STARTTLS": (frozenset((READY,)), INIT),
+    "AUTH": (frozenset((READY,)), None),
+}
+
+# Why a command is refused in a state (503 5.5.1 unless given otherwise).
+OUT_OF_ORDER = {
+    ("DATA", MAIL): (554, "5.5.1", "Error: no valid recipients"),
+    ("BDAT", MAIL): (554, "5.5.1", "Error: no valid recipients"),
+    ("MAIL", MAIL): (503, "5.5.1", "Error: nested MAIL command"),
+    ("MAIL", RCPT): (503, "5.5.1", "Error: nested MAIL command"),
+    ("MAIL", CHUNKING): (503, "5.5.1", "Error: nested MAIL command"),
+    ("DATA", CHUNKING): (503, "5.5.1", "Error: DATA not allowed after BDAT"),
+    ("AUTH", MAIL): (503, "5.5.1", "Error: MAIL transaction in progress"),
+    ("AUTH", RCPT): (503, "5.5.1", "Error: MAIL transaction in progress"),
+    ("AUTH", CHUNKING): (503, "5.5.1", "Error: MAIL transaction in progress"),
+}
+OUT_OF_ORDER_BY_STATE = {
+    INIT: "Error: send HELO/EHLO first",
+    READY: "Error: need MAIL command",
+    MAIL: "Error: need RCPT command",
+    RCPT: "Error: command not allowed during a transaction",
+    CHUNKING: "Error: BDAT transfer in progress",
+}
+
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BDAT_ARG = re.compile(r"^(\d{1,10})(?: +(LAST))? *$", re.IGNORECASE)
+_NOTIFY_VALUES = ("SUCCESS", "FAILURE", "DELAY")
+_BARE = re.compile(rb"\r\n|\r|\n")
+_TOO_LONG = object()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one listener's sessions may do; built by the smtpd from the Config."""
+    hostname: str
+    banner: str = "ESMTP Elemta"
+    max_message_size: int = 31457280
+    max_recipients: int = 1000
+    max_errors: int = 20
+    bare_line_endings: str = "reject"     # or "normalize"
+    undeclared_8bit: str = "reject"       # or "accept"
+    starttls_available: bool = False      # a certificate is configured
+    implicit_tls: bool = False            # smtps: the session starts inside TLS
+    auth_available: bool = False          # a credentials file is configured
+    auth_plaintext: bool = False          # AUTH offered without TLS
+    auth_required: bool = False           # submission/smtps: MAIL needs AUTH first
+
+
+class ContentChecker:
+    """Watches message content for bare CR/LF, NUL and 8-bit bytes; normalizes if asked.
+
+    Segments must arrive in order. A CR at the end of one segment is held back until the
+    next shows whether an LF follows it, so CRLF split across BDAT chunks is not "bare".
+    """
+
+    def __init__(self, normalize):
+        self.normalize = normalize
+        self.bare = False
+        self.nul = False
+        self.eight_bit = False
+        self._held_cr = False
+
+    def feed(self, segment):
+        if self._held_cr:
+            segment = b"\r" + segment
+            self._held_cr = False
+        if segment.endswith(b"\r"):
+            segment = segment[:-1]
+            self._held_cr = True
+        crlf = segment.count(b"\r\n")
+        if segment.count(b"\n") != crlf or segment.count(b"\r") != crlf:
+            self.bare = True
+            if self.normalize:
+                segment = _BARE.sub(b"\r\n", segment)
+        if b"\0" in segment:
+            self.nul = True
+        if not self.eight_bit and not segment.isascii():
+            self.eight_bit = True
+        return segment
+
+    def close(self):
+        """End of content: a CR still held back was bare."""
+        if self._held_cr:
+            self._held_cr = False
+            self.bare = True
+            return b"\r\n" if self.normalize else b""
+        return b""
+
+
+class ServerProtocol:
+    """One SMTP session's protocol state. Feed bytes; pull events; answer decisions."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.state = INIT
+        self.helo_name = None
+        self.esmtp = False
+        self.tls_active = settings.implicit_tls
+        self.auth_user = None
+        self.transaction = None
+        self.errors = 0
+        self.closed = False
+        self._buf = bytearray()
+        self._out = deque()
+        self._pending = None            # (event, on_accept, on_reject) awaiting a decision
+        self._reader = self._read_command
+        self._discarding_line = False
+        # DATA / BDAT
+        self._data_bol = True
+        self._checker = None
+        self._over_size = False
+        self._bdat_left = 0
+        self._bdat_last = False
+        self._bdat_error = None
+        # AUTH dialogue
+        self._auth_step = None
+
+    # ---- the driver's side ------------------------------------------------------------
+
+    def start(self):
+        """Queue the 220 greeting; call once before the first next_event()."""
+        s = self.settings
+        self._send(220, None, "%s %s" % (s.hostname, s.banner))
+
+    def receive_data(self, data):
+        """Hand the core bytes read from the client."""
+        if not self.closed and self._reader is not None:
+            self._buf += data
+
+    def next_event(self):
+        """The next event, NEED_DATA when input is exhausted, or CLOSED."""
+        while True:
+            if self._out:
+                return self._out.popleft()
+            if self._pending is not None:
+                raise RuntimeError("answer %r with accept() or reject() first"
+                                   % (self._pending[0],))
+            if self.closed:
+                return CLOSED
+            if self._reader is None or not self._reader():
+                return NEED_DATA
+
+    def accept(self, text=None):
+        """Say yes to the pending decision; text replaces the default reply text."""
+        event, on_accept, _ = self._take_pending()
+        on_accept(text)
+
+    def reject(self, reply=None):
+        """Say no to the pending decision with this reply (or the decision's default)."""
+        event, _, on_reject = self._take_pending()
+        on_reject(reply)
+
+    def tls_started(self):
+        """The TLS handshake after STARTTLS succeeded: start afresh (RFC 3207 4.2)."""
+        self.tls_active = True
+        self.state = INIT
+        self.helo_name = None
+        self.esmtp = False
+        self.auth_user = None
+        self._buf.clear()
+        self._reader = self._read_command
+
+    def close_with(self, code, status, text):
+        """End the session from the driver's side (timeout, shutdown): the last reply."""
+        self._abort_transaction("session closed")
+        self._send(code, status, "%s %s" % (self.settings.hostname, text), close=True)
+
+    @property
+    def data_in_progress(self):
+        return self.transaction is not None and self.transaction.data_started
+
+    # ---- plumbing -----------------------------------------------------------------------
+
+    def _take_pending(self):
+        if self._pending is None:
+            raise RuntimeError("no decision is pending")
+        pending, self._pending = self._pending, None
+        return pending
+
+    def _decide(self, event, on_accept, on_reject):
+        self._out.append(event)
+        self._pending = (event, on_accept, on_reject)
+
+    def _send(self, code, status, text, close=False):
+        self._out.append(Reply(code, status, text, close))
+        if close:
+            self.closed = True
+            self._reader = None
+            return
+        if code >= 400:
+            self.errors += 1
+            if self.errors >= self.settings.max_errors:
+                self._abort_transaction("too many errors")
+                self._send(421, "4.7.0", "%s Error: too many errors"
+                           % self.settings.hostname, close=True)
+
+    def _send_reply(self, reply):
+        self._send(reply.code, reply.status, reply.text, reply.close)
+
+    def _abort_transaction(self, reason):
+        if self.transaction is not None and self.transaction.data_started:
+            self._out.append(DataAborted(reason))
+        self.transaction = None
+        if self.state in (MAIL, RCPT, CHUNKING):
+            self.state = READY
+
+    # ---- reading commands -----------------------------------------------------------------
+
+    def _read_line(self):
+        """One line without its CRLF (bytes), _TOO_LONG, or None if incomplete."""
+        buf = self._buf
+        lf = buf.find(b"\n")
+        if self._discarding_line:
+            if lf < 0:
+                buf.clear()
+                return None
+            del buf[:lf + 1]
+            self._discarding_line = False
+            return _TOO_LONG
+        if lf < 0:
+            if len(buf) > MAX_LINE:
+                # Drain to the end of the line before replying, without buffering it.
+                buf.clear()
+                self._discarding_line = True
+            return None
+        line = bytes(buf[:lf + 1])
+        del buf[:lf + 1]
+        if len(line) > MAX_LINE:
+            return _TOO_LONG
+        return line[:-2] if line.endswith(b"\r\n") else line[:-1]
+
+    def _read_command(self):
+        raw = self._read_line()
+        if raw is None:
+            return False
+        self._handle_command(raw)
+        return True
+
+    def _handle_command(self, raw):
+        if raw is _TOO_LONG:
+            return self._send(500, "5.5.2", "Error: line too long")
+        if b"\0" in raw:
+            return self._send(500, "5.5.2", "Error: NUL character in command")
+        if _CONTROL.search(raw):
+            return self._send(500, "5.5.2", "Error: control character in command")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._send(500, "5.5.2", "Error: command is not valid UTF-8")
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
+        if verb not in COMMANDS:
+            return self._send(500, "5.5.1", "Error: command not recognized")
+        if not line.isascii() and verb not in ("MAIL", "RCPT"):
+            return self._send(500, "5.5.2", "Error: non-ASCII characters in command")
+        allowed, _ = COMMANDS[verb]
+        if self.state not in allowed and verb != "BDAT":
+            code, status, text = OUT_OF_ORDER.get(
+                (verb, self.state), (503, "5.5.1", OUT_OF_ORDER_BY_STATE[self.state]))
+            return self._send(code, status, text)
+        getattr(self, "smtp_" + verb)(arg.strip(" "))
+
+    def _goto(self, verb):
+        after = COMMANDS[verb][1]
+        if after == RESET:
+            after = READY if self.helo_name is not None else INIT
+        if after is not None:
+            self.state = after
+
+    # ---- commands: one method per verb (design rule 2) --------------------------------------
+
+    def smtp_EHLO(self, arg):
+        """EHLO domain: start an ESMTP session and list the extensions."""
+        self._helo(arg, esmtp=True)
+
+    def smtp_HELO(self, arg):
+        """HELO domain: start a plain SMTP session."""
+        self._helo(arg, esmtp=False)
+
+    def _helo(self, arg, esmtp):
+        verb = "EHLO" if esmtp else "HELO"
+        if not arg:
+            return self._send(501, "5.5.4", "Syntax: %s hostname" % verb)
+        name = arg.split()[0]
+
+        def on_accept(text):
+            self._abort_transaction("new %s" % verb)
+            self.helo_name, self.esmtp = name, esmtp
+            self._goto(verb)
+            if esmtp:
+                self._send(250, None, [self.settings.hostname] + self._extensions())
+            else:
+                self._send(250, None, self.settings.hostname)
+
+        self._decide(Helo(name, esmtp), on_accept, self._rejecter(
+            550, "5.7.1", "Error: %s rejected" % verb))
+
+    def _extensions(self):
+        s = self.settings
+        ext = ["PIPELINING", "SIZE %d" % s.max_message_size]
+        if s.starttls_available and not self.tls_active:
+            ext.append("STARTTLS")
+        if self._auth_offered():
+            ext.append("AUTH PLAIN LOGIN")
+        ext += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
+        return ext
+
+    def _auth_offered(self):
+        s = self.settings
+        return (s.auth_available and self.auth_user is None
+                and (self.tls_active or s.auth_plaintext))
+
+    def smtp_MAIL(self, arg):
+        """MAIL FROM:<sender> [SIZE= BODY= SMTPUTF8 RET= ENVID= AUTH=]."""
+        if self.settings.auth_required and self.auth_user is None:
+            return self._send(530, "5.7.0", "Error: authentication required")
+        try:
+            path, params_text = split_path(arg, "FROM")
+            params = parse_params(params_text)
+        except AddressError as exc:
+            return self._send(501, "5.5.4", "Syntax error: %s" % exc)
+        if params and not self.esmtp:
+            return self._send(555, "5.5.4", "Error: parameters need EHLO, not HELO")
+        txn = Transaction(sender="")
+        for key, value in params.items():
+            problem = self._mail_param(txn, key, value)
+            if problem:
+                return self._send(*problem)
+        if path:
+            try:
+                txn.sender = validate_mailbox(path, utf8=txn.smtputf8)
+            except NonAsciiAddress as exc:
+                return self._send(553, "5.6.7", "Error: %s" % exc)
+            except AddressError as exc:
+                return self._send(501, "5.1.7", "Bad sender address syntax: %s" % exc)
+
+        def on_accept(text):
+            self.transaction = txn
+            self._goto("MAIL")
+            self._send(250, "2.1.0", text or "Ok")
+
+        self._decide(MailFrom(txn), on_accept, self._rejecter(
+            550, "5.7.1", "Error: sender rejected"))
+
+    def _mail_param(self, txn, key, value):
+        """Apply one MAIL parameter; return a reply tuple if it is wrong."""
+        if key == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 20:
+                return 501, "5.5.4", "Syntax error in SIZE parameter"
+            txn.declared_size = int(value)
+            if txn.declared_size > self.settings.max_message_size:
+                return 552, "5.3.4", "Message size exceeds fixed limit of %d bytes" % (
+                    self.settings.max_message_size)
+        elif key == "BODY":
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                return 501, "5.5.4", "Error: BODY must be 7BIT or 8BITMIME"
+            txn.body = value.upper()
+        elif key == "SMTPUTF8":
+            if value is not None:
+                return 501, "5.5.4", "Error: SMTPUTF8 takes no value"
+            txn.smtputf8 = True
+        elif key == "RET":
+            if value is None or value.upper() not in ("FULL", "HDRS"):
+                return 501, "5.5.4", "Error: RET must be FULL or HDRS"
+            txn.ret = value.upper()
+        elif key == "ENVID":
+            try:
+                envid = decode_xtext(value or "")
+            except AddressError:
+                return 501, "5.5.4", "Error: malformed ENVID"
+            if len(envid) > MAX_ENVID:
+                return 501, "5.5.4", "Error: ENVID longer than 100 characters"
+            txn.envid = envid
+        elif key == "AUTH":
+            # RFC 4954 5: accepted and not trusted; we never relay an AUTH= we did not verify.
+            if value is None:
+                return 501, "5.5.4", "Error: AUTH parameter needs a value"
+        else:
+            return 555, "5.5.4", "Error: unsupported MAIL parameter %s" % key
+        return None
+
+    def smtp_RCPT(self, arg):
+        """RCPT TO:<recipient> [NOTIFY= ORCPT=]."""
+        txn = self.transaction
+        try:
+            path, params_text = split_path(arg, "TO")
+            params = parse_params(params_text)
+        except AddressError as exc:
+            return self._send(501, "5.5.4", "Syntax error: %s" % exc)
+        if params and not self.esmtp:
+            return self._send(555, "5.5.4", "Error: parameters need EHLO, not HELO")
+        if path.lower() == "postmaster":
+            address = "postmaster"     # RFC 5321 4.5.1: must be accepted without a domain
+        else:
+            try:
+                address = validate_mailbox(path, utf8=txn.smtputf8)
+            except NonAsciiAddress as exc:
+                return self._send(553, "5.6.7", "Error: %s" % exc)
+            except AddressError as exc:
+                return self._send(501, "5.1.3", "Bad recipient address syntax: %s" % exc)
+        rcpt = RecipientInfo(address)
+        for key, value in params.items():
+            problem = self._rcpt_param(rcpt, key, value)
+            if problem:
+                return self._send(*problem)
+        if len(txn.recipients) >= self.settings.max_recipients:
+            return self._send(452, "4.5.3", "Error: too many recipients")
+
+        def on_accept(text):
+            txn.recipients.append(rcpt)
+            self._goto("RCPT")
+            self._send(250, "2.1.5", text or "Ok")
+
+        self._decide(RcptTo(txn, rcpt), on_accept, self._rejecter(
+            550, "5.1.1", "Error: recipient rejected"))
+
+    def _rcpt_param(self, rcpt, key, value):
+        if key == "NOTIFY":
+            values = tuple((value or "").upper().split(","))
+            if values == ("NEVER",):
+                rcpt.notify = values
+            elif values and all(v in _NOTIFY_VALUES for v in values) \
+                    and len(set(values)) == len(values):
+                rcpt.notify = values
+            else:
+                return 501, "5.5.4", "Error: NOTIFY must be NEVER or SUCCESS,FAILURE,DELAY"
+        elif key == "ORCPT":
+            addr_type, semi, xtext = (value or "").partition(";")
+            if not semi or not re.match(r"^[A-Za-z0-9-]+$", addr_type):
+                return 501, "5.5.4", "Error: ORCPT must be addr-type;xtext"
+            try:
+                rcpt.orcpt = "%s;%s" % (addr_type.lower(), decode_xtext(xtext))
+            except AddressError:
+                return 501, "5.5.4", "Error: malformed ORCPT"
+        else:
+            return 555, "5.5.4", "Error: unsupported RCPT parameter %s" % key
+        return None
+
+    def smtp_DATA(self, arg):
+        """DATA: the content follows, ended by CRLF.CRLF."""
+        if arg:
+            return self._send(501, "5.5.4", "Syntax: DATA")
+        txn = self.transaction
+
+        def on_accept(text):
+            txn.data_started = True
+            self._data_bol = True
+            self._over_size = False
+            self._checker = ContentChecker(self.settings.bare_line_endings == "normalize")
+            self._reader = self._read_data
+            self._send(354, None, text or "End data with <CR><LF>.<CR><LF>")
+
+        self._decide(DataStart(txn), on_accept, self._rejecter(
+            451, "4.3.0", "Error: queue file write error"))
+
+    def smtp_BDAT(self, arg):
+        """BDAT size [LAST]: exactly size octets of content follow (RFC 3030)."""
+        match = _BDAT_ARG.match(arg)
+        if not match:
+            # Without a size the chunk cannot be skipped; what follows is read as commands.
+            return self._send(501, "5.5.4", "Syntax: BDAT size [LAST]")
+        self._bdat_left = int(match.group(1))
+        self._bdat_last = match.group(2) is not None
+        self._bdat_error = None
+        self._reader = self._read_bdat
+        allowed, _ = COMMANDS["BDAT"]
+        if self.state not in allowed:
+            # RFC 3030 2: the chunk is read and thrown away even when it is refused.
+            self._bdat_error = Reply(*OUT_OF_ORDER.get(
+                ("BDAT", self.state), (503, "5.5.1", OUT_OF_ORDER_BY_STATE[self.state])))
+            return
+        txn = self.transaction
+        if txn.data_size + self._bdat_left > self.settings.max_message_size:
+            self._bdat_error = Reply(552, "5.3.4", "Message size exceeds fixed limit of %d "
+                                     "bytes" % self.settings.max_message_size)
+        if txn.data_started or self._bdat_error is not None:
+            return
+
+        def on_accept(text):
+            txn.data_started = True
+            self._checker = ContentChecker(self.settings.bare_line_endings == "normalize")
+
+        def on_reject(reply):
+            self._bdat_error = reply or Reply(451, "4.3.0", "Error: queue file write error")
+
+        self._decide(DataStart(txn), on_accept, on_reject)
+
+    def smtp_RSET(self, arg):
+        """RSET: drop the transaction."""
+        if arg:
+            return self._send(501, "5.5.4", "Syntax: RSET")
+        self._abort_transaction("RSET")
+        self._goto("RSET")
+        self._send(250, "2.0.0", "Ok")
+
+    def smtp_NOOP(self, arg):
+        """NOOP: nothing (any argument is ignored, RFC 5321 4.1.1.9)."""
+        self._send(250, "2.0.0", "Ok")
+
+    def smtp_HELP(self, arg):
+        """HELP: the commands we know."""
+        self._send(214, "2.0.0", ["Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT "
+                                  "VRFY HELP STARTTLS AUTH", "See RFC 5321"])
+
+    def smtp_VRFY(self, arg):
+        """VRFY: never reveals who exists (252, RFC 5321 3.5.3)."""
+        if not arg:
+            return self._send(501, "5.5.4", "Syntax: VRFY address")
+        self._send(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt "
+                                 "delivery")
+
+    def smtp_QUIT(self, arg):
+        """QUIT: say goodbye and close."""
+        self._abort_transaction("QUIT")
+        self._send(221, "2.0.0", "Bye", close=True)
+
+    def smtp_STARTTLS(self, arg):
+        """STARTTLS: switch to TLS (RFC 3207)."""
+        if arg:
+            return self._send(501, "5.5.4", "Syntax: STARTTLS")
+        if self.tls_active:
+            return self._send(554, "5.5.1", "Error: TLS already active")
+        if not self.settings.starttls_available:
+            return self._send(502, "5.5.1", "Error: command not implemented")
+        # Anything pipelined after STARTTLS arrived in plaintext and must not be obeyed
+        # after the handshake (CVE-2011-0411, "STARTTLS command injection").
+        self._buf.clear()
+        self._reader = None
+        self._send(220, "2.0.0", "Ready to start TLS")
+        self._out.append(StartTLS())
+
+    def smtp_AUTH(self, arg):
+        """AUTH PLAIN|LOGIN [initial-response] (RFC 4954)."""
+        s = self.settings
+        if not s.auth_available:
+            return self._send(503, "5.5.1", "Error: authentication not enabled")
+        if self.auth_user is not None:
+            return self._send(503, "5.5.1", "Error: already authenticated")
+        if not (self.tls_active or s.auth_plaintext):
+            return self._send(538, "5.7.11", "Encryption required for requested "
+                                             "authentication mechanism")
+        parts = arg.split()
+        if not parts or len(parts) > 2:
+            return self._send(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        mechanism = parts[0].upper()
+        initial = parts[1] if len(parts) == 2 else None
+        if mechanism not in ("PLAIN", "LOGIN"):
+            return self._send(504, "5.5.4", "Error: unsupported authentication mechanism")
+        self._auth_step = (mechanism, None)
+        if initial is None:
+            self._reader = self._read_auth
+            self._send(334, None, "" if mechanism == "PLAIN" else "VXNlcm5hbWU6")
+            return
+        decoded = self._b64(initial, initial=True)
+        if decoded is not None:
+            self._auth_response(decoded)
+
+    def _b64(self, text, initial=False):
+        """Decode a base64 AUTH response, or reply 501 and return None."""
+        if initial and text == "=":
+            return b""
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            self._auth_step = None
+            self._send(501, "5.5.2", "Error: cannot decode AUTH response (bad base64)")
+            return None
+
+    def _read_auth(self):
+        raw = self._read_line()
+        if raw is None:
+            return False
+        self._reader = self._read_command
+        if raw is _TOO_LONG or not raw.isascii():
+            self._auth_step = None
+            self._send(501, "5.5.2", "Error: malformed AUTH response")
+            return True
+        text = raw.decode("ascii").strip()
+        if text == "*":
+            self._auth_step = None
+            self._send(501, "5.0.0", "Authentication cancelled")
+            return True
+        decoded = self._b64(text)
+        if decoded is not None:
+            self._auth_response(decoded)
+        return True
+
+    def _auth_response(self, data):
+        mechanism, username = self._auth_step
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self._auth_step = None
+            return self._send(501, "5.5.2", "Error: AUTH response is not valid UTF-8")
+        if mechanism == "LOGIN" and username is None:
+            self._auth_step = ("LOGIN", text)
+            self._reader = self._read_auth
+            return self._send(334, None, "UGFzc3dvcmQ6")
+        self._auth_step = None
+        if mechanism == "LOGIN":
+            authzid, password = "", text
+        else:
+            fields = text.split("\0")
+            if len(fields) != 3 or not fields[1]:
+                return self._send(501, "5.5.2", "Error: malformed PLAIN response")
+            authzid, username, password = fields
+            if authzid and authzid != username:
+                return self._send(535, "5.7.8", "Error: authentication failed: "
+                                                "authorization identity refused")
+
+        def on_accept(text):
+            self.auth_user = username
+            self._send(235, "2.7.0", text or "Authentication successful")
+
+        self._decide(AuthRequest(mechanism, username, password, authzid), on_accept,
+                     self._rejecter(535, "5.7.8", "Error: authentication failed"))
+
+    def _rejecter(self, code, status, text):
+        """An on_reject callback that sends the given reply or this default."""
+        def on_reject(reply):
+            self._send_reply(reply or Reply(code, status, text))
+        return on_reject
+
+    # ---- message content ----------------------------------------------------------------
+
+    def _read_data(self):
+        """One step of DATA: content up to the next possible terminator, or the end."""
+        buf = self._buf
+        if not buf:
+            return False
+        if self._data_bol:
+            if buf[:3] == b".\r\n":
+                del buf[:3]
+                self._end_of_content()
+                return True
+            if len(buf) < 3 and b".\r\n".startswith(bytes(buf)):
+                return False
+            if buf[:1] == b".":
+                del buf[:1]                 # dot-stuffing, RFC 5321 4.5.2
+            self._data_bol = False
+        # DATA ends only at CRLF.CRLF: a lone LF or CR never ends a line here, so
+        # "\n.\n", "\r.\r" and friends stay content (and are refused or fixed as bare).
+        j = buf.find(b"\r\n.", 0, DATA_STEP)
+        if j >= 0:
+            end = j + 2
+            self._data_bol = True
+        else:
+            end = min(len(buf), DATA_STEP)
+            # Keep back a CR or CRLF that may start "\r\n." in the next read.
+            if buf[end - 1:end] == b"\r":
+                end -= 1
+            elif buf[end - 2:end] == b"\r\n":
+                end -= 2
+            if end <= 0:
+                return False
+        segment = bytes(buf[:end])
+        del buf[:end]
+        self._content(segment)
+        return True
+
+    def _read_bdat(self):
+        """One step of a BDAT chunk: exactly the announced octets, then the reply."""
+        if self._bdat_left:
+            if not self._buf:
+                return False
+            take = min(self._bdat_left, len(self._buf), DATA_STEP)
+            segment = bytes(self._buf[:take])
+            del self._buf[:take]
+            self._bdat_left -= take
+            if self._bdat_error is None:
+                self._content(segment)
+            return True
+        self._reader = self._read_command
+        if self._bdat_error is not None:
+            self._abort_transaction("BDAT refused")
+            self._send_reply(self._bdat_error)
+        elif self._bdat_last:
+            self._end_of_content()
+        else:
+            self.state = CHUNKING
+            self._send(250, "2.0.0", "%d octets received" % self.transaction.data_size)
+        return True
+
+    def _content(self, segment):
+        txn = self.transaction
+        segment = self._checker.feed(segment)
+        if self._over_size or not segment:
+            return
+        txn.data_size += len(segment)
+        if txn.data_size > self.settings.max_message_size:
+            self._over_size = True        # keep reading to the end, storing nothing more
+            return
+        self._out.append(DataChunk(segment))
+
+    def _end_of_content(self):
+        self._reader = self._read_command
+        txn, checker, s = self.transaction, self._checker, self.settings
+        tail = checker.close()
+        if tail and not self._over_size:
+            txn.data_size += len(tail)
+            self._out.append(DataChunk(tail))
+        problem = None
+        if self._over_size or txn.data_size > s.max_message_size:
+            problem = (552, "5.3.4", "Error: message exceeds fixed limit of %d bytes"
+                       % s.max_message_size)
+        elif checker.bare and s.bare_line_endings == "reject":
+            problem = (550, "5.5.2", "Error: bare <CR> or <LF> in message data; lines "
+                                     "must end with <CR><LF> (RFC 5321 2.3.8)")
+        elif checker.nul:
+            problem = (550, "5.6.0", "Error: NUL character in message data")
+        elif (checker.eight_bit and txn.body == "7BIT" and not txn.smtputf8
+              and s.undeclared_8bit == "reject"):
+            problem = (554, "5.6.1", "Error: 8-bit message data without BODY=8BITMIME")
+        if problem:
+            self._abort_transaction("content refused")
+            return self._send(*problem)
+        if checker.eight_bit and txn.body == "7BIT":
+            txn.body = "8BITMIME"       # accepted undeclared 8-bit: say so downstream
+
+        def finish(reply):
+            self.transaction = None
+            self.state = READY
+            self._send_reply(reply)
+
+        self._decide(MessageReceived(txn),
+                     lambda text: finish(Reply(250, "2.0.0", text or "Ok")),
+                     lambda reply: finish(reply or Reply(451, "4.3.0",
+                                                         "Error: queue file write error")))
