@@ -1,0 +1,59 @@
+# Elemta developer entry points: make run, make test, make bench, make clean.
+# Works from a clean clone on Debian 12 (python3 3.11); PYTHON picks another interpreter.
+
+PYTHON ?= python3
+VENV := .venv
+# Rewritten whenever the install into the venv succeeds; reinstall when setup.cfg is newer.
+STAMP := $(VENV)/.elemta-installed
+TEST_TIMEOUT ?= 120
+# Debian packages the tests drive as real peers (postfix, swaks with its STARTTLS module,
+# openssl) or lint with (mandoc).
+APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates
+
+.PHONY: run test bench clean system-packages venv
+# Packages before the venv (python3-venv), so never in parallel.
+.NOTPARALLEL:
+
+venv: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.cfg setup.py | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Foreground, no config file: built-in development defaults (SMTP on 127.0.0.1:2525,
+# spool under ./spool, logs to stderr). Ctrl-C stops it.
+run: $(STAMP)
+	exec $(VENV)/bin/elemta
+
+test: system-packages $(STAMP)
+	$(VENV)/bin/python -m pytest -q --timeout=$(TEST_TIMEOUT) tests
+
+bench: $(STAMP)
+	$(VENV)/bin/python tests/bench/bench_accept.py
+
+# As root: install what is missing (apt-get update only when a plain install fails).
+# Postfix is preseeded to "No configuration" so it never becomes the running system MTA.
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' \
+	        || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	    echo "make: not root, so not installing Debian packages; tests that need them skip."; \
+	    echo "make: to run them all: sudo apt-get install$$missing"; \
+	    echo "make: (preseed Postfix first: echo 'postfix postfix/main_mailer_type select No configuration' | sudo debconf-set-selections)"; \
+	    exit 0; \
+	fi; \
+	echo "make: installing$$missing"; \
+	echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -q $$missing \
+	    || { apt-get update -q && apt-get install -y -q $$missing; }
+
+clean:
+	rm -rf $(VENV) build dist .eggs *.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
