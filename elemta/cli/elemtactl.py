@@ -1,0 +1,364 @@
+"""elemtactl: the administrator's command for a running or stopped Elemta.
+
+Runs as its own short-lived process (owned by no daemon). Today it manages the
+SMTP AUTH users (`user add/passwd/del/list`) and checks the configuration
+(`config check`); the queue, status, reload, stop and dkim commands are named
+here so the surface is stable, and later issues fill them in.
+
+Errors are one line on stderr and a sysexits(3) exit status, never a traceback.
+See also: elemta.util.credentials (the file format), elemta.config, man/elemtactl.8.
+"""
+
+import argparse
+import errno
+import getpass
+import logging
+import os
+import sys
+from typing import Callable, List, Optional
+
+from elemta.util import credentials
+
+PROG = "elemtactl"
+DEFAULT_CREDENTIALS_FILE = "/etc/elemta/credentials"
+
+# sysexits.h
+EX_OK = 0
+EX_USAGE = 64        # bad command line
+EX_DATAERR = 65      # bad input data (a password that cannot be used)
+EX_NOINPUT = 66      # an input file does not exist or is not readable
+EX_NOUSER = 67       # the named user does not exist
+EX_UNAVAILABLE = 69  # the command is not available (yet)
+EX_SOFTWARE = 70     # a bug in elemtactl
+EX_CANTCREAT = 73    # an output file cannot be created
+EX_TEMPFAIL = 75     # try again later (lock held, disk full)
+EX_CONFIG = 78       # the configuration is wrong
+CONFIG_INVALID = 1   # `config check` found errors (documented as 1, like postfix check)
+
+# Errors that go away by themselves or when the admin frees space: retry later.
+TEMPORARY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EINTR, errno.EBUSY}
+
+NOT_YET_IMPLEMENTED = {
+    "queue": ("list", "show", "flush", "hold", "release", "delete", "requeue",
+              "summary", "reindex"),
+    "dkim": ("keygen",),
+    None: ("status", "reload", "stop"),
+}
+
+
+class Failure(Exception):
+    """Ends the command: message goes to stderr after "elemtactl: ", code is the exit status."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and EX_USAGE, not exit 2."""
+
+    def error(self, message):
+        command = self.prog.partition(" ")[2]
+        where = command + ": " if command else ""
+        raise Failure(EX_USAGE, "%s%s (see %s --help)" % (where, message, self.prog))
+
+
+# ---------------------------------------------------------------- configuration
+
+def _load_config(path: str):
+    """The typed Config from path; Failure(EX_NOINPUT or EX_CONFIG) if it cannot be used."""
+    ConfigError, load_config = _config_api()
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise Failure(EX_CONFIG, "%s: %s" % (path, _config_errors(exc)[0]))
+    except OSError as exc:
+        raise Failure(EX_NOINPUT, "%s: %s" % (path, exc.strerror or exc))
+
+
+def _config_api():
+    """(ConfigError, load_config) from elemta.config, imported only by commands that need it."""
+    try:
+        from elemta.config import ConfigError, load_config
+    except ImportError as exc:
+        raise Failure(EX_CONFIG, "cannot load the configuration code: %s" % exc)
+    return ConfigError, load_config
+
+
+def _config_errors(exc: Exception) -> List[str]:
+    """The messages a ConfigError carries: its `errors` list when it has one, else str()."""
+    errors = getattr(exc, "errors", None)
+    if errors:
+        return [str(error) for error in errors]
+    return [str(exc) or exc.__class__.__name__]
+
+
+def cmd_config_check(args) -> int:
+    """config check: load the configuration; print its errors (exit 1) or "config OK"."""
+    ConfigError, load_config = _config_api()
+    path = args.config
+    try:
+        config = load_config(path) if path else load_config()
+    except ConfigError as exc:
+        for message in _config_errors(exc):
+            print(message, file=sys.stderr)
+        return CONFIG_INVALID
+    except OSError as exc:
+        raise Failure(EX_NOINPUT, "%s: %s" % (exc.filename or path, exc.strerror or exc))
+    print("config OK: %s" % (path or getattr(config, "source", None) or "built-in defaults"))
+    return EX_OK
+
+
+# ---------------------------------------------------------------- users
+
+def _credentials_path(args) -> str:
+    """--file, else the auth.credentials_file of --config, else the packaged default."""
+    if args.file:
+        return args.file
+    if args.config:
+        config = _load_config(args.config)
+        if config.auth.credentials_file:
+            return config.auth.credentials_file
+        print("%s: note: %s sets no auth.credentials_file; using %s"
+              % (PROG, args.config, DEFAULT_CREDENTIALS_FILE), file=sys.stderr)
+    return DEFAULT_CREDENTIALS_FILE
+
+
+def _check_username(username: str) -> None:
+    problem = credentials.username_error(username)
+    if problem:
+        raise Failure(EX_USAGE, "%r: %s" % (username, problem))
+
+
+def _read_password(args) -> str:
+    """The new password: one line of stdin (--password-stdin) or typed twice at the terminal."""
+    if args.password_stdin:
+        line = sys.stdin.buffer.readline()
+        if not line:
+            raise Failure(EX_DATAERR, "no password on standard input")
+        try:
+            password = line.rstrip(b"\r\n").decode("utf-8")
+        except UnicodeDecodeError:
+            raise Failure(EX_DATAERR, "the password on standard input is not valid UTF-8")
+    else:
+        _require_terminal()
+        password = getpass.getpass("New password for %s: " % args.user)
+        if getpass.getpass("Retype the password: ") != password:
+            raise Failure(EX_DATAERR, "the passwords do not match; nothing changed")
+    problem = credentials.password_error(password)
+    if problem:
+        raise Failure(EX_DATAERR, problem)
+    return password
+
+
+def _require_terminal() -> None:
+    """Refuse to prompt without a terminal (getpass would read an echoing stdin instead)."""
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+    except OSError:
+        raise Failure(EX_USAGE, "no terminal to ask for the password; "
+                                "give it with --password-stdin")
+
+
+def _write_failure(exc: OSError, path: str) -> Failure:
+    """The Failure for an OSError met while changing the credentials file."""
+    where = exc.filename or path
+    if isinstance(exc, FileNotFoundError) and where == path:
+        return Failure(EX_NOINPUT, "%s: no such file (add a user first)" % path)
+    code = EX_TEMPFAIL if exc.errno in TEMPORARY_ERRNOS else EX_CANTCREAT
+    return Failure(code, "%s: %s" % (where, exc.strerror or exc))
+
+
+def _user_exists(path: str, user: str) -> Failure:
+    return Failure(EX_CANTCREAT, "%s: user already exists in %s (to change the password: "
+                                 "%s user passwd)" % (user, path, PROG))
+
+
+def _no_such_user(path: str, user: str) -> Failure:
+    return Failure(EX_NOUSER, "%s: no such user in %s" % (user, path))
+
+
+def _existing_users(path: str) -> List[str]:
+    """The users in path ([] if it does not exist yet), to refuse before prompting."""
+    try:
+        return credentials.list_users(path)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise Failure(EX_NOINPUT, "%s: %s" % (path, exc.strerror or exc))
+
+
+def _change_users(path: str, user: str, change: Callable[[], bool]) -> bool:
+    """Run a credentials change, turning its exceptions into Failures."""
+    try:
+        return change()
+    except credentials.UserExists:
+        raise _user_exists(path, user)
+    except credentials.NoSuchUser:
+        raise _no_such_user(path, user)
+    except credentials.CredentialsBusy as exc:
+        raise Failure(EX_TEMPFAIL, "%s; try again" % exc)
+    except ValueError as exc:
+        raise Failure(EX_DATAERR, str(exc))
+    except OSError as exc:
+        raise _write_failure(exc, path)
+
+
+def cmd_user_add(args) -> int:
+    """user add USER: create a user (fails if it exists)."""
+    _check_username(args.user)
+    path = _credentials_path(args)
+    if args.user in _existing_users(path):
+        raise _user_exists(path, args.user)
+    password = _read_password(args)
+    _change_users(path, args.user,
+                  lambda: credentials.set_user(path, args.user, password, replace=False))
+    print("user %s added to %s" % (args.user, path))
+    return EX_OK
+
+
+def cmd_user_passwd(args) -> int:
+    """user passwd USER: set a new password for an existing user."""
+    _check_username(args.user)
+    path = _credentials_path(args)
+    if not os.path.exists(path):
+        raise Failure(EX_NOINPUT, "%s: no such file (add a user first)" % path)
+    if args.user not in _existing_users(path):
+        raise _no_such_user(path, args.user)
+    password = _read_password(args)
+    _change_users(path, args.user,
+                  lambda: credentials.set_user(path, args.user, password, create=False))
+    print("password of %s changed in %s" % (args.user, path))
+    return EX_OK
+
+
+def cmd_user_del(args) -> int:
+    """user del USER: remove a user."""
+    _check_username(args.user)
+    path = _credentials_path(args)
+    if not _change_users(path, args.user, lambda: credentials.delete_user(path, args.user)):
+        raise _no_such_user(path, args.user)
+    print("user %s deleted from %s" % (args.user, path))
+    return EX_OK
+
+
+def cmd_user_list(args) -> int:
+    """user list: print the user names, one per line."""
+    path = _credentials_path(args)
+    try:
+        names = credentials.list_users(path)
+    except OSError as exc:
+        raise Failure(EX_NOINPUT, "%s: %s" % (path, exc.strerror or exc))
+    for name in names:
+        print(name)
+    return EX_OK
+
+
+# ---------------------------------------------------------------- not yet
+
+def _not_yet(command: str) -> Callable:
+    def handler(args) -> int:
+        raise Failure(EX_UNAVAILABLE, "%s: not yet implemented" % command)
+    return handler
+
+
+# ---------------------------------------------------------------- the parser
+
+def build_parser() -> argparse.ArgumentParser:
+    # --config is accepted before or after the command; SUPPRESS keeps a
+    # subcommand's absent option from hiding the top-level one.
+    config_option = _Parser(add_help=False)
+    config_option.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                               help="Elemta configuration file (YAML or TOML)")
+    file_option = _Parser(add_help=False, parents=[config_option])
+    file_option.add_argument("--file", metavar="FILE",
+                             help="credentials file (default: auth.credentials_file of "
+                                  "--config, else %s)" % DEFAULT_CREDENTIALS_FILE)
+    password_option = _Parser(add_help=False)
+    password_option.add_argument("--password-stdin", action="store_true",
+                                 help="read the password from one line of standard input "
+                                      "instead of prompting twice")
+
+    parser = _Parser(prog=PROG, description="Administer Elemta.",
+                     epilog="Exit status: 0 success, 1 config errors (config check), "
+                            "64 usage, 65 bad password, 66 no input file, 67 no such user, "
+                            "69 not yet implemented, 73 cannot create (or user exists), "
+                            "75 try again later, 78 bad configuration.")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="Elemta configuration file (YAML or TOML)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    user = commands.add_parser("user", help="manage SMTP AUTH users")
+    user_commands = user.add_subparsers(dest="user_command", metavar="ACTION",
+                                        parser_class=_Parser)
+    user_commands.required = True
+    for name, handler, parents, doc in (
+            ("add", cmd_user_add, [file_option, password_option], "add a user"),
+            ("passwd", cmd_user_passwd, [file_option, password_option], "change a password"),
+            ("del", cmd_user_del, [file_option], "delete a user"),
+            ("list", cmd_user_list, [file_option], "list the users")):
+        sub = user_commands.add_parser(name, parents=parents, help=doc, description=doc)
+        if name != "list":
+            sub.add_argument("user", metavar="USER", help="user name (case-sensitive)")
+        sub.set_defaults(handler=handler)
+
+    config = commands.add_parser("config", help="check the configuration")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION",
+                                            parser_class=_Parser)
+    config_commands.required = True
+    check = config_commands.add_parser("check", parents=[config_option],
+                                       help="load the configuration and report its errors")
+    check.set_defaults(handler=cmd_config_check)
+
+    for group, names in NOT_YET_IMPLEMENTED.items():
+        target = commands
+        if group is not None:
+            group_parser = commands.add_parser(group, help="%s commands (not yet implemented)"
+                                               % group)
+            target = group_parser.add_subparsers(dest=group + "_command", metavar="ACTION",
+                                                 parser_class=_Parser)
+            target.required = True
+        for name in names:
+            full_name = "%s %s" % (group, name) if group else name
+            stub = target.add_parser(name, help="not yet implemented")
+            stub.set_defaults(handler=_not_yet(full_name), takes_any_arguments=True)
+    return parser
+
+
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record):
+        return "%s: %s: %s" % (PROG, record.levelname.lower(), record.getMessage())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run one elemtactl command; returns the exit status."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter())
+    logging.getLogger("elemta").addHandler(handler)
+    logging.getLogger("elemta").setLevel(logging.WARNING)
+    try:
+        parser = build_parser()
+        # Known args only, so a stub accepts the arguments its future version will take.
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "takes_any_arguments", False):
+            parser.error("unrecognized arguments: %s" % " ".join(extra))
+        return args.handler(args)
+    except Failure as failure:
+        print("%s: %s" % (PROG, failure), file=sys.stderr)
+        return failure.code
+    except SystemExit as exc:   # --help
+        return exc.code if isinstance(exc.code, int) else EX_USAGE
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except Exception as exc:    # a bug: still one line, never a traceback
+        print("%s: internal error: %s: %s" % (PROG, exc.__class__.__name__, exc),
+              file=sys.stderr)
+        return EX_SOFTWARE
+    finally:
+        logging.getLogger("elemta").removeHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
