@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Acceptance benchmark: how fast Elemta takes mail in, next to Postfix, in one run.
+
+A script, not a pytest test (`make bench` runs it). smtp-source sends N messages of 5 KB
+from 20 sessions, one message per connection, first to Elemta (started from .venv with a
+config in a fresh temp dir), then to a private Postfix that parks everything in its hold
+queue, once with in_flow_delay = 0 and once with the default 1s. Each target's accepted
+count is read from its own spool, not from the client. Prints messages/s for each and the
+ratio Elemta/Postfix. Needs root and the postfix package (smtp-source comes with it).
+
+Environment: BENCH_MESSAGES (default 5000), BENCH_REUSE=1 adds runs with smtp-source -d
+(many messages per connection), BENCH_KEEP=1 keeps the temp dirs for a look afterwards.
+See also: ../shared/peers.md (the figures seen on this kind of machine), tests/peers/postfix.py.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, NamedTuple, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from tests.peers.postfix import PostfixInstance, free_port, postfix_available  # noqa: E402
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+ELEMTA = os.path.join(REPO, ".venv", "bin", "elemta")
+ELEMTA_ENTRY = os.path.join(REPO, "elemta", "cli", "elemta.py")
+SESSIONS = 20
+MESSAGE_BYTES = 5120
+SENDER = "sender@bench.test"
+RECIPIENT = "rcpt@bench.test"
+
+
+class Result(NamedTuple):
+    name: str
+    sent: int
+    accepted: int
+    seconds: float
+
+    @property
+    def rate(self):
+        return self.accepted / self.seconds if self.seconds > 0 else 0.0
+
+
+def files_under(top):
+    """Number of files below `top` (each one message, in both spools measured here)."""
+    return sum(len(files) for _, _, files in os.walk(top))
+
+
+def drive(port, count, reuse_connections=False):
+    # type: (int, int, bool) -> float
+    """Run smtp-source against 127.0.0.1:port; return the seconds it took."""
+    argv = [SMTP_SOURCE, "-s", str(SESSIONS), "-m", str(count), "-l", str(MESSAGE_BYTES),
+            "-f", SENDER, "-t", RECIPIENT]
+    if reuse_connections:
+        argv.append("-d")
+    argv.append("127.0.0.1:%d" % port)
+    started = time.monotonic()
+    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=max(300, count / 20))
+    seconds = time.monotonic() - started
+    complaints = done.stdout.strip().splitlines()
+    if done.returncode != 0 or complaints:
+        print("  smtp-source exit %d, %d lines of complaint, first: %s"
+              % (done.returncode, len(complaints), complaints[:3]))
+    return seconds
+
+
+def wait_for_greeting(port, process, timeout=30.0):
+    """Wait until 127.0.0.1:port answers 220; fail early if `process` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("elemta exited with status %d before greeting"
+                               % process.returncode)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+                if conn.recv(512).startswith(b"220"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("elemta did not greet on port %d within %.0fs" % (port, timeout))
+
+
+def elemta_config(spool_dir, port):
+    return ("listeners:\n"
+            "  - {address: 127.0.0.1, port: %d, mode: smtp}\n"
+            "queue: {spool_dir: %s}\n"
+            "relay: {local_domains: [bench.test]}\n" % (port, spool_dir))
+
+
+def bench_elemta(scratch, count, reuse_connections):
+    # type: (str, int, bool) -> Result
+    """Start Elemta on a fresh spool, drive it, count the message files it wrote."""
+    name = "elemta" + (" -d" if reuse_connections else "")
+    workdir = tempfile.mkdtemp(prefix="elemta-", dir=scratch)
+    spool_dir = os.path.join(workdir, "spool")
+    port = free_port()
+    config = os.path.join(workdir, "elemta.yaml")
+    with open(config, "w") as out:
+        out.write(elemta_config(spool_dir, port))
+    log_path = os.path.join(workdir, "elemta.log")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([ELEMTA, "--config", config], stdout=log, stderr=log,
+                                   cwd=workdir)
+    try:
+        try:
+            wait_for_greeting(port, process)
+        except RuntimeError:
+            with open(log_path, errors="replace") as log:
+                sys.stdout.write(log.read()[-2000:])
+            raise
+        seconds = drive(port, count, reuse_connections)
+        accepted = files_under(os.path.join(spool_dir, "messages"))
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    return Result(name, count, accepted, seconds)
+
+
+def bench_postfix(scratch, count, in_flow_delay, reuse_connections):
+    # type: (str, int, Optional[str], bool) -> Result
+    """A fresh hold-only Postfix; in_flow_delay None keeps Postfix's default (1s)."""
+    name = "postfix in_flow_delay=%s" % (in_flow_delay or "1s (default)")
+    if reuse_connections:
+        name += " -d"
+    extra = {} if in_flow_delay is None else {"in_flow_delay": in_flow_delay}
+    workdir = tempfile.mkdtemp(prefix="postfix-", dir=scratch)
+    port = free_port()
+    with PostfixInstance(workdir, port, hold_only=True, extra_main_cf=extra) as postfix:
+        seconds = drive(port, count, reuse_connections)
+        accepted = postfix.queue_count("hold")
+    return Result(name, count, accepted, seconds)
+
+
+def report(results):
+    # type: (List[Result]) -> None
+    print()
+    print("%-34s %7s %9s %9s %10s" % ("target", "sent", "accepted", "seconds", "msg/s"))
+    for result in results:
+        print("%-34s %7d %9d %9.2f %10.0f" % (result.name, result.sent, result.accepted,
+                                               result.seconds, result.rate))
+    elemta = [r for r in results if r.name.startswith("elemta")]
+    postfix = [r for r in results if r.name.startswith("postfix")]
+    for mine in elemta:
+        suffix = " -d" if mine.name.endswith(" -d") else ""
+        for theirs in postfix:
+            if theirs.name.endswith(" -d") == bool(suffix) and theirs.rate > 0:
+                print("ratio %s / %s: %.2f" % (mine.name, theirs.name, mine.rate / theirs.rate))
+
+
+def main():
+    count = int(os.environ.get("BENCH_MESSAGES", "5000"))
+    reuse_runs = [False, True] if os.environ.get("BENCH_REUSE") == "1" else [False]
+    reason = postfix_available()
+    if reason or not os.path.exists(SMTP_SOURCE):
+        print("bench_accept: cannot run: %s" % (reason or SMTP_SOURCE + " is missing"))
+        return 2
+    elemta_missing = None
+    if not os.path.exists(ELEMTA_ENTRY):
+        elemta_missing = "elemta/cli/elemta.py does not exist yet"
+    elif not os.path.exists(ELEMTA):
+        elemta_missing = "%s is missing (run make bench, which installs it)" % ELEMTA
+
+    scratch = tempfile.mkdtemp(prefix="elemta-bench-")
+    os.chmod(scratch, 0o755)  # The postfix user must reach the Postfix queues inside.
+    print("bench_accept: %d messages of %d bytes, %d sessions, in %s"
+          % (count, MESSAGE_BYTES, SESSIONS, scratch))
+    results = []  # type: List[Result]
+
+    def record(result):
+        results.append(result)
+        print("  %s: %d accepted in %.2fs" % (result.name, result.accepted, result.seconds))
+
+    failed = False
+    try:
+        for reuse in reuse_runs:
+            if elemta_missing:
+                print("  elemta: not measured: %s" % elemta_missing)
+                failed = True
+            else:
+                try:
+                    record(bench_elemta(scratch, count, reuse))
+                except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+                    print("  elemta: not measured: %s" % error)
+                    failed = True
+            record(bench_postfix(scratch, count, "0", reuse))
+            if not reuse:
+                record(bench_postfix(scratch, count, None, reuse))
+    finally:
+        if os.environ.get("BENCH_KEEP") == "1":
+            print("kept %s" % scratch)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    report(results)
+    short = [r for r in results if r.accepted != r.sent]
+    for result in short:
+        print("%s accepted %d of %d" % (result.name, result.accepted, result.sent))
+    return 1 if failed or short else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
