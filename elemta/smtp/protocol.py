@@ -235,6 +235,11 @@ class ServerProtocol:
         self._send(code, status, "%s %s" % (self.settings.hostname, text), close=True)
 
     @property
+    def reading_content(self):
+        """True while DATA or BDAT content is being read (the data timeout applies)."""
+        return self._reader in (self._read_data, self._read_bdat)
+
+    @property
     def data_in_progress(self):
         return self.transaction is not None and self.transaction.data_started
 

@@ -1,0 +1,38 @@
+"""Relay control: who may send mail to which domains (the open-relay guard).
+
+Owned by the smtpd worker. Mail to a local domain is accepted from anyone; mail to any
+other domain only from a client in mynetworks or one that authenticated. Everything else
+is refused with 554 5.7.1, as Postfix's reject_unauth_destination does.
+"""
+
+import ipaddress
+
+from elemta.smtp.address import domain_of
+
+
+class RelayPolicy:
+    """Answers "may this client send to this recipient?" from the relay config."""
+
+    def __init__(self, relay_config, hostname):
+        self.local_domains = frozenset(
+            d.lower().rstrip(".") for d in tuple(relay_config.local_domains) + (hostname,))
+        self.mynetworks = tuple(ipaddress.ip_network(n, strict=False)
+                                for n in relay_config.mynetworks)
+
+    def is_local(self, address):
+        """True for recipients in a local domain, and for a bare <postmaster>."""
+        domain = domain_of(address)
+        return domain == "" or domain in self.local_domains
+
+    def client_trusted(self, client_ip):
+        try:
+            ip = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.mynetworks if net.version == ip.version)
+
+    def may_send(self, client_ip, auth_user, recipient):
+        return (self.is_local(recipient) or auth_user is not None
+                or self.client_trusted(client_ip))

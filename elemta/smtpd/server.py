@@ -1,0 +1,116 @@
+"""The smtpd worker's server: listening sockets in, one Session greenlet per connection.
+
+Owned by the smtpd worker process (`elemta: smtpd`). The sockets are bound by the caller
+(the `elemta` command now, the master later), so several workers can share them. This
+module applies the per-worker and per-client connection limits and owns the services
+every session shares: the queue, the group committer, the relay policy, AUTH and TLS.
+"""
+
+import logging
+from collections import Counter
+from functools import partial
+
+import gevent
+from gevent.server import StreamServer
+
+from elemta.queue.queue import Queue
+from elemta.smtp.protocol import Settings
+from elemta.smtp.replies import Reply
+from elemta.smtpd.authn import Authenticator
+from elemta.smtpd.committer import GroupCommitter
+from elemta.smtpd.policy import RelayPolicy
+from elemta.smtpd.session import Session
+from elemta.smtpd.tls import server_context
+
+log = logging.getLogger("elemta.smtpd")
+
+
+def protocol_settings(config, listener, tls_ready, auth_ready):
+    """What sessions on this listener may do, for the protocol core."""
+    s = config.smtpd
+    return Settings(
+        hostname=config.hostname, banner=s.banner,
+        max_message_size=config.limits.message_size,
+        max_recipients=config.limits.recipients, max_errors=config.limits.errors,
+        bare_line_endings=s.bare_line_endings, undeclared_8bit=s.undeclared_8bit,
+        starttls_available=tls_ready and listener.mode != "smtps",
+        implicit_tls=listener.mode == "smtps",
+        auth_available=auth_ready, auth_plaintext=config.auth.allow_plaintext,
+        auth_required=listener.mode in ("submission", "smtps"))
+
+
+class SMTPServer:
+    """Serves SMTP on already-bound listening sockets until stopped."""
+
+    def __init__(self, config, listening):
+        """listening: list of (Listener config, bound and listening socket)."""
+        self.config = config
+        self.hostname = config.hostname
+        self.queue = Queue(config.queue.spool_dir, sync_method=config.queue.sync_method,
+                           map_size=config.queue.index_map_size)
+        self.committer = GroupCommitter(self.queue)
+        self.policy = RelayPolicy(config.relay, self.hostname)
+        self.authenticator = (Authenticator(config.auth) if config.auth.credentials_file
+                              else None)
+        self.tls_context = server_context(config.tls)
+        self.sessions = 0
+        self.per_client = Counter()
+        self._servers = []
+        for listener, sock in listening:
+            settings = protocol_settings(config, listener, self.tls_context is not None,
+                                         self.authenticator is not None)
+            self._servers.append(StreamServer(
+                sock, partial(self._handle, listener, settings)))
+
+    def start(self):
+        for server in self._servers:
+            server.start()
+
+    def stop(self, grace):
+        """Stop accepting; give running sessions `grace` seconds, then end them."""
+        for server in self._servers:
+            server.close()
+        deadline = gevent.Timeout(grace)
+        deadline.start()
+        try:
+            while self.sessions:
+                gevent.sleep(0.05)
+        except gevent.Timeout:
+            log.warning("stopping with %d session(s) still open", self.sessions)
+        finally:
+            deadline.cancel()
+        for server in self._servers:
+            server.stop(timeout=0)
+        self.committer.close()
+        self.queue.close()
+
+    def _handle(self, listener, settings, sock, address):
+        client_ip = address[0]
+        limits = self.config.limits
+        if self.sessions >= limits.connections_per_worker:
+            return self._refuse(sock, listener, "Error: too many connections")
+        if (self.per_client[client_ip] >= limits.connections_per_client
+                and not self.policy.client_trusted(client_ip)):
+            log.warning("too many connections from %s", client_ip)
+            return self._refuse(sock, listener,
+                                "Error: too many connections from %s" % client_ip)
+        self.sessions += 1
+        self.per_client[client_ip] += 1
+        try:
+            Session(self, sock, address, listener, settings).run()
+        finally:
+            self.sessions -= 1
+            self.per_client[client_ip] -= 1
+            if not self.per_client[client_ip]:
+                del self.per_client[client_ip]
+
+    def _refuse(self, sock, listener, text):
+        """Answer a connection over a limit with 421 (RFC 5321 3.8) and close it."""
+        try:
+            if listener.mode != "smtps":      # no plaintext into a TLS port
+                sock.settimeout(5)
+                sock.sendall(Reply(421, "4.7.0", "%s %s" % (self.hostname, text)).encode())
+        except OSError:
+            pass
+        finally:
+            sock.close()

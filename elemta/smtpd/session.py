@@ -1,0 +1,247 @@
+"""One SMTP session: drives the sans-IO protocol core over a gevent socket.
+
+Owned by the smtpd worker; one greenlet runs one Session. The protocol core decides what
+is valid SMTP; this module supplies what needs the outside world: timeouts, TLS, the relay
+policy, AUTH checks, and the queue (spool file, group commit). Log lines follow Postfix's
+layout, queue id first, so admins can grep them the same way.
+"""
+
+import errno
+import logging
+import socket
+import time
+
+from gevent import ssl
+
+from elemta.queue.ids import new_queue_id
+from elemta.queue.model import Envelope, Recipient
+from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
+                                DataStart, Helo, MailFrom, MessageReceived, RcptTo,
+                                StartTLS)
+from elemta.smtp.protocol import ServerProtocol
+from elemta.smtp.replies import Reply
+from elemta.smtpd import tls
+from elemta.smtpd.received import protocol_name, received_header
+
+log = logging.getLogger("elemta.smtpd")
+
+RECV_SIZE = 65536
+
+# Event class -> handler method (design rule 2: one on_<stage> method per event).
+HANDLERS = {
+    Helo: "on_helo",
+    MailFrom: "on_mail_from",
+    RcptTo: "on_rcpt_to",
+    DataStart: "on_data_start",
+    DataChunk: "on_data_chunk",
+    DataAborted: "on_data_aborted",
+    MessageReceived: "on_message_received",
+    AuthRequest: "on_auth_request",
+    StartTLS: "on_start_tls",
+}
+
+
+class SessionEnded(Exception):
+    """The connection is gone (lost, reset, TLS failure): stop without replying."""
+
+
+class Session:
+    """The glue between one client socket, the protocol core and the worker's services."""
+
+    def __init__(self, server, sock, address, listener, settings):
+        self.server = server
+        self.sock = sock
+        self.client_ip = address[0]
+        self.client = "unknown[%s]" % self.client_ip
+        self.listener = listener
+        self.proto = ServerProtocol(settings)
+        self.timeouts = server.config.timeouts
+        self.tls_info = None
+        self.writer = None
+        self.write_error = None
+        self.queue_id = None
+        self.last_command = "CONNECT"
+        self._out = bytearray()
+
+    # ---- the loop -------------------------------------------------------------------
+
+    def run(self):
+        log.info("connect from %s", self.client)
+        try:
+            if self.listener.mode == "smtps":
+                self._handshake()
+            self._converse()
+        except SessionEnded as exc:
+            log.info("lost connection after %s from %s%s", self.last_command, self.client,
+                     ": %s" % exc if str(exc) else "")
+        finally:
+            self._discard_message()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            log.info("disconnect from %s", self.client)
+
+    def _converse(self):
+        proto = self.proto
+        proto.start()
+        while True:
+            event = proto.next_event()
+            if event is NEED_DATA:
+                self._flush()
+                data = self._recv()
+                if data is not None:
+                    proto.receive_data(data)
+            elif event is CLOSED:
+                self._flush()
+                return
+            elif isinstance(event, Reply):
+                self._out += event.encode()
+            else:
+                getattr(self, HANDLERS[type(event)])(event)
+
+    def _recv(self):
+        """Bytes from the client; on timeout, queue the 421 and return None."""
+        reading_content = self.proto.reading_content
+        self.sock.settimeout(self.timeouts.data_block if reading_content
+                             else self.timeouts.command)
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except socket.timeout:
+            log.info("timeout after %s from %s", self.last_command, self.client)
+            self.proto.close_with(421, "4.4.2", "Error: timeout exceeded")
+            return None
+        except (OSError, ssl.SSLError) as exc:
+            raise SessionEnded(exc.strerror or str(exc)) from None
+        if not data:
+            raise SessionEnded()
+        if not reading_content:
+            self.last_command = data.split(None, 1)[0][:12].decode("ascii", "replace").upper() \
+                if data.strip() else self.last_command
+        return data
+
+    def _flush(self):
+        if not self._out:
+            return
+        data, self._out = bytes(self._out), bytearray()
+        self.sock.settimeout(self.timeouts.command)
+        try:
+            self.sock.sendall(data)
+        except (OSError, ssl.SSLError) as exc:
+            raise SessionEnded(getattr(exc, "strerror", None) or str(exc)) from None
+
+    def _handshake(self):
+        """Do the server side of a TLS handshake (after STARTTLS, or at once for smtps)."""
+        self.sock.settimeout(self.server.config.tls.handshake_timeout)
+        try:
+            self.sock = self.server.tls_context.wrap_socket(self.sock, server_side=True)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise SessionEnded("TLS handshake failed: %s" % exc) from None
+        self.tls_info = tls.describe(self.sock)
+        log.info("TLS connection established from %s: %s", self.client, self.tls_info)
+
+    # ---- events -----------------------------------------------------------------------
+
+    def on_helo(self, event):
+        self.proto.accept()
+
+    def on_mail_from(self, event):
+        self.proto.accept()
+
+    def on_rcpt_to(self, event):
+        address = event.recipient.address
+        if self.server.policy.may_send(self.client_ip, self.proto.auth_user, address):
+            return self.proto.accept()
+        reply = Reply(554, "5.7.1", "<%s>: Relay access denied" % address)
+        log.info("NOQUEUE: reject: RCPT from %s: %s; from=<%s> to=<%s> proto=%s helo=<%s>",
+                 self.client, reply, event.transaction.sender, address,
+                 "ESMTP" if self.proto.esmtp else "SMTP", self.proto.helo_name)
+        self.proto.reject(reply)
+
+    def on_data_start(self, event):
+        txn, proto = event.transaction, self.proto
+        self.queue_id = new_queue_id()
+        envelope = Envelope(
+            queue_id=self.queue_id, sender=txn.sender,
+            recipients=[Recipient(r.address, r.notify, r.orcpt) for r in txn.recipients],
+            arrival=time.time(), body=txn.body, smtputf8=txn.smtputf8, ret=txn.ret,
+            envid=txn.envid, client_address=self.client_ip, client_helo=proto.helo_name,
+            protocol=protocol_name(proto.esmtp, proto.tls_active, proto.auth_user is not None,
+                                   txn.smtputf8),
+            auth_user=proto.auth_user)
+        header = received_header(proto.helo_name, self.client_ip, self.server.hostname,
+                                 envelope.protocol, self.queue_id,
+                                 [r.address for r in txn.recipients], self.tls_info)
+        self.write_error = None
+        try:
+            self.writer = self.server.queue.start_message(envelope)
+            self.writer.write(header)
+        except OSError as exc:
+            log.error("%s: cannot create queue file: %s", self.queue_id, exc)
+            self._discard_message()
+            return proto.reject(self._storage_reply(exc))
+        log.info("%s: client=%s%s", self.queue_id, self.client,
+                 ", sasl_username=%s" % proto.auth_user if proto.auth_user else "")
+        proto.accept()
+
+    def on_data_chunk(self, event):
+        if self.writer is None or self.write_error is not None:
+            return
+        try:
+            self.writer.write(event.data)
+        except OSError as exc:
+            self.write_error = exc          # keep reading to the end, then refuse
+
+    def on_data_aborted(self, event):
+        self._discard_message()
+
+    def on_message_received(self, event):
+        txn, writer = event.transaction, self.writer
+        if self.write_error is not None:
+            log.error("%s: queue file write error: %s", self.queue_id, self.write_error)
+            reply = self._storage_reply(self.write_error)
+            self._discard_message()
+            return self.proto.reject(reply)
+        try:
+            writer.finish()
+            self.server.committer.commit(writer)
+        except OSError as exc:
+            log.error("%s: cannot make message durable: %s", self.queue_id, exc)
+            self._discard_message()
+            return self.proto.reject(self._storage_reply(exc))
+        self.writer = None
+        log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", self.queue_id,
+                 txn.sender, writer.size, len(txn.recipients))
+        self.proto.accept("Ok: queued as %s" % self.queue_id)
+
+    def on_auth_request(self, event):
+        authenticator = self.server.authenticator
+        if authenticator is not None and authenticator.check(
+                self.client_ip, event.username, event.password):
+            log.info("%s: AUTH %s succeeded for %s", self.client, event.mechanism,
+                     event.username)
+            return self.proto.accept()
+        log.warning("%s: SASL %s authentication failed for %r", self.client,
+                    event.mechanism, event.username)
+        self.proto.reject()
+
+    def on_start_tls(self, event):
+        self._flush()
+        self._handshake()
+        self.proto.tls_started()
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _discard_message(self):
+        if self.writer is not None:
+            try:
+                self.writer.abort()
+            except OSError as exc:
+                log.warning("%s: cannot remove partial queue file: %s", self.queue_id, exc)
+            self.writer = None
+
+    @staticmethod
+    def _storage_reply(exc):
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return Reply(452, "4.3.1", "Error: insufficient system storage")
+        return Reply(451, "4.3.0", "Error: queue file write error")

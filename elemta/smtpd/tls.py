@@ -1,0 +1,31 @@
+"""The server-side TLS context for STARTTLS and smtps, from the tls config section.
+
+Owned by the smtpd worker; built once per process (certificates are read at start, and
+again on reload once the master issue adds it).
+"""
+
+from gevent import ssl
+
+_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def server_context(tls_config):
+    """An SSLContext serving tls_config's certificate, or None if none is configured."""
+    if not (tls_config.cert_file and tls_config.key_file):
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = _VERSIONS[tls_config.min_version]
+    context.load_cert_chain(tls_config.cert_file, tls_config.key_file)
+    # SMTP clients rarely present certificates; we do not ask for them.
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def describe(sslsock):
+    """A short text for the Received header and logs: version, cipher, bits."""
+    cipher = sslsock.cipher()
+    if not cipher:
+        return None
+    name, version, bits = cipher
+    return "using %s with cipher %s (%s/%s bits)" % (sslsock.version() or version, name,
+                                                     bits, bits)
