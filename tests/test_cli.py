@@ -1,0 +1,92 @@
+"""The `elemta` command as an admin runs it: config checking, both spellings of the
+config option, and the built-in development defaults that `make run` uses."""
+
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+
+from tests.conftest import REPO
+
+
+def elemta(*args, cwd=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "elemta.cli.elemta"] + list(args),
+                          capture_output=True, text=True, cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=30, **kwargs)
+
+
+def test_check_config_accepts_a_good_file(tmp_path):
+    cfg = tmp_path / "elemta.yaml"
+    cfg.write_text("listeners:\n  - {address: 127.0.0.1, port: 2526, mode: smtp}\n")
+    for option in ("--config", "-config"):
+        result = elemta(option, str(cfg), "--check-config")
+        assert result.returncode == 0, result.stderr
+        assert str(cfg) in result.stdout
+
+
+def test_check_config_reports_file_line_and_key(tmp_path):
+    cfg = tmp_path / "elemta.yaml"
+    cfg.write_text("listeners:\n"
+                   "  - address: 127.0.0.1\n"
+                   "    port: 70000\n"
+                   "limits:\n"
+                   "  message_sise: 10\n")
+    result = elemta("--config", str(cfg), "--check-config")
+    assert result.returncode == 1
+    assert "%s:3: listeners[0].port:" % cfg in result.stderr
+    assert "%s:5: limits.message_sise:" % cfg in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_refuses_to_start(tmp_path):
+    cfg = tmp_path / "elemta.toml"
+    cfg.write_text('[smtpd]\nbare_line_endings = "sometimes"\n')
+    result = elemta("--config", str(cfg))
+    assert result.returncode == 1
+    assert "%s:2: smtpd.bare_line_endings:" % cfg in result.stderr
+
+
+def test_version():
+    result = elemta("--version")
+    assert result.returncode == 0 and result.stdout.startswith("elemta ")
+
+
+def test_occupied_port_is_a_clear_error(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cfg = tmp_path / "elemta.yaml"
+        cfg.write_text("listeners:\n  - {address: 127.0.0.1, port: %d, mode: smtp}\n"
+                       "queue: {spool_dir: %s}\n" % (port, tmp_path / "spool"))
+        result = elemta("--config", str(cfg))
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1 port %d: Address already in use" % port \
+        in result.stderr
+
+
+def test_development_defaults_without_a_config(tmp_path):
+    """What `make run` starts: 127.0.0.1:2525, spool ./spool, logs on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "elemta.cli.elemta"], cwd=str(tmp_path),
+                            env=dict(os.environ, PYTHONPATH=REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                smtp = smtplib.SMTP("127.0.0.1", 2525, timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        with smtp:
+            smtp.sendmail("root@localhost", ["root@localhost"], b"Subject: dev\r\n\r\nhi\r\n")
+        assert os.path.isdir(tmp_path / "spool" / "messages")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert b"ready: smtp 127.0.0.1:2525" in err and b"(queue active)" in err
