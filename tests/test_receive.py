@@ -2,6 +2,7 @@
 submission with AUTH, PIPELINING, BDAT, SMTPUTF8, 8-bit bodies, size and recipient
 limits, timeouts and bad input. The server is the real `elemta` subprocess."""
 
+import base64
 import smtplib
 import socket
 import ssl
@@ -286,3 +287,28 @@ def test_tls_handshake_failure_is_logged_and_others_go_on(elemta_server, tls_fil
         smtp.sendmail("a@c.test", ["b@example.test"], MESSAGE)
     time.sleep(0.2)
     assert "TLS handshake failed" in server.log()
+
+
+def test_auth_failures_are_slowed_per_client(elemta_server, tls_files, credentials):
+    cert, key = tls_files
+    server = elemta_server(tls={"cert_file": cert, "key_file": key},
+                           auth={"credentials_file": credentials, "failure_delay": 0.4})
+    bad = "AUTH PLAIN " + base64.b64encode(b"\0alice\0guess").decode()
+
+    def attempt(smtp):
+        started = time.monotonic()
+        code, _ = smtp.docmd(bad)
+        assert code == 535
+        return time.monotonic() - started
+
+    with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+        smtp.starttls(context=client_tls())
+        smtp.ehlo()
+        first, second, third = attempt(smtp), attempt(smtp), attempt(smtp)
+    assert first >= 0.4 and second >= 0.8 and third >= 1.2
+    with smtplib.SMTP("127.0.0.1", server.port, source_address=("127.0.0.2", 0)) as smtp:
+        smtp.starttls(context=client_tls())
+        smtp.ehlo()
+        assert attempt(smtp) < 1.2          # another client starts from the first delay
+        smtp.login("alice", "wonderland")
+    assert server.log().count("SASL PLAIN authentication failed for 'alice'") == 4
