@@ -89,4 +89,4 @@ def test_development_defaults_without_a_config(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0
-    assert b"ready: smtp 127.0.0.1:2525" in err and b"(queue active)" in err
+    assert b"smtp 127.0.0.1:2525" in err and b"(queue active)" in err

@@ -12,14 +12,10 @@ cannot be bound. See also: man/elemta.8, elemta.conf(5).
 
 import argparse
 import logging
-import signal
 import socket
 import sys
 
 from elemta import __version__
-
-# Seconds SIGTERM lets open sessions finish before they are cut.
-STOP_GRACE = 10.0
 
 log = logging.getLogger("elemta")
 
@@ -87,34 +83,25 @@ def main(argv=None):
     setup_logging(config)
     listening = [(listener, bind(listener)) for listener in config.listeners]
 
-    import gevent
     from elemta.queue.queue import Queue
-    from elemta.smtpd.server import SMTPServer
+    with Queue(config.queue.spool_dir, sync_method=config.queue.sync_method,
+               map_size=config.queue.index_map_size) as queue:
+        log.info("queue reconciled: %s", queue.reconcile())
 
-    queue = Queue(config.queue.spool_dir, sync_method=config.queue.sync_method,
-                  map_size=config.queue.index_map_size)
-    log.info("queue reconciled: %s", queue.reconcile())
-    queue.close()
-
-    try:
-        from setproctitle import setproctitle
-        setproctitle("elemta: smtpd")
-    except ImportError:       # pragma: no cover - a declared dependency
-        pass
-    server = SMTPServer(config, listening)
-    stopping = gevent.event.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, stopping.set)
-    server.start()
-    log.info("elemta %s ready: %s; spool %s", __version__,
+    from elemta.smtpd.worker import STOP_GRACE, run_worker
+    log.info("elemta %s starting %d smtpd worker(s): %s; spool %s", __version__,
+             config.smtpd.workers,
              ", ".join("%s %s:%d" % (l.mode, l.address, l.port) for l in config.listeners),
              config.queue.spool_dir)
-    stopping.wait()
-    log.info("stopping: no new connections; %d session(s) get %ds to finish",
-             server.sessions, STOP_GRACE)
-    server.stop(STOP_GRACE)
+    if config.smtpd.workers == 1:
+        status = run_worker(config, listening)
+    else:
+        from elemta.master import Master
+        status = Master(config.smtpd.workers,
+                        lambda master_pid: run_worker(config, listening, master_pid),
+                        STOP_GRACE).run()
     log.info("stopped")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

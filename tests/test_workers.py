@@ -1,0 +1,71 @@
+"""Several smtpd worker processes under the master: shared listeners, titles in ps,
+respawn after a crash, clean stop with no orphans."""
+
+import os
+import signal
+import smtplib
+import time
+
+
+def children_of(pid):
+    """{child pid: process title} from /proc."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                stat = f.read()
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                title = f.read().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            found[int(entry)] = title
+    return found
+
+
+def wait_for(predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not met within %ss" % timeout)
+
+
+def send(port, n=1):
+    with smtplib.SMTP("127.0.0.1", port) as smtp:
+        for _ in range(n):
+            smtp.sendmail("a@c.test", ["b@example.test"], b"Subject: w\r\n\r\nx\r\n")
+
+
+def test_master_runs_titled_workers_and_respawns_them(elemta_server):
+    server = elemta_server(smtpd={"hostname": "mx.test", "workers": 2})
+    master = server.process.pid
+    workers = wait_for(lambda: len(children_of(master)) == 2 and children_of(master))
+    assert set(workers.values()) == {"elemta: smtpd"}
+    with open("/proc/%d/cmdline" % master, "rb") as f:
+        assert f.read().startswith(b"elemta: master")
+    for _ in range(10):
+        send(server.port)
+    victim = next(iter(workers))
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(children_of(master)) == 2 and victim not in children_of(master))
+    send(server.port, 3)
+    assert len(server.queued_ids()) == 13
+    assert "smtpd worker %d ended with signal 9" % victim in server.log()
+    server.stop()
+    assert server.process.returncode == 0
+    survivors = [pid for pid in workers if os.path.exists("/proc/%d" % pid)]
+    assert survivors == []
+
+
+def test_workers_exit_when_the_master_is_killed(elemta_server):
+    server = elemta_server(smtpd={"hostname": "mx.test", "workers": 2})
+    master = server.process.pid
+    workers = wait_for(lambda: len(children_of(master)) == 2 and children_of(master))
+    send(server.port)
+    server.kill()
+    wait_for(lambda: not any(os.path.exists("/proc/%d" % pid) for pid in workers))
