@@ -345,3 +345,42 @@ def test_elemtactl_later_commands_say_not_yet_implemented(args, name):
     result = elemtactl(*args)
     assert result.returncode == 69
     assert stderr_line(result) == "elemtactl: %s: not yet implemented" % name
+
+
+# ---------------------------------------------------------------- elemtactl and the config
+
+def test_elemtactl_uses_the_credentials_file_of_the_config(tmp_path):
+    path = str(tmp_path / "creds")
+    config = tmp_path / "elemta.yaml"
+    config.write_text("auth:\n  credentials_file: %s\n" % path)
+    set_user(path, "alice", "a")
+    result = elemtactl("user", "add", "bob", "--config", str(config), "--password-stdin",
+                       stdin="b\n")
+    assert result.returncode == 0, result.stderr
+    listed = elemtactl("--config", str(config), "user", "list")   # either position
+    assert (listed.returncode, listed.stdout) == (0, b"alice\nbob\n")
+
+
+def test_elemtactl_with_a_broken_config_says_what_is_wrong(tmp_path):
+    config = tmp_path / "elemta.yaml"
+    config.write_text("listeners:\n  - port: 70000\n")
+    result = elemtactl("user", "list", "--config", str(config))
+    assert result.returncode == 78
+    assert "listeners[0].port" in stderr_line(result)
+    missing = elemtactl("user", "list", "--config", str(tmp_path / "absent.yaml"))
+    assert missing.returncode == 66
+    assert "absent.yaml" in stderr_line(missing)
+
+
+def test_elemtactl_config_check(tmp_path):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.toml"
+    good.write_text("smtpd:\n  banner: hello\n")
+    bad.write_text("[auth]\nfailure_delay = -1\n\n[[listeners]]\nport = 70000\n")
+    result = elemtactl("config", "check", "--config", str(good))
+    assert (result.returncode, result.stdout.decode()) == (0, "config OK: %s\n" % good)
+    result = elemtactl("config", "check", "--config", str(bad))
+    assert result.returncode == 1
+    lines = result.stderr.decode().splitlines()
+    assert any("auth.failure_delay" in line for line in lines)
+    assert any("listeners[0].port" in line for line in lines)
+    assert "Traceback" not in result.stderr.decode()

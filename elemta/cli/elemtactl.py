@@ -21,6 +21,7 @@ from elemta.util import credentials
 
 PROG = "elemtactl"
 DEFAULT_CREDENTIALS_FILE = "/etc/elemta/credentials"
+CREDENTIALS_KEY = "auth.credentials_file"
 
 # sysexits.h
 EX_OK = 0
@@ -67,45 +68,57 @@ class _Parser(argparse.ArgumentParser):
 
 def _load_config(path: str):
     """The typed Config from path; Failure(EX_NOINPUT or EX_CONFIG) if it cannot be used."""
-    ConfigError, load_config = _config_api()
+    ConfigError, load_config, _ = _config_api()
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as exc:
+        raise Failure(EX_NOINPUT, "%s: %s" % (path, exc.strerror or exc))
     try:
         return load_config(path)
     except ConfigError as exc:
-        raise Failure(EX_CONFIG, "%s: %s" % (path, _config_errors(exc)[0]))
-    except OSError as exc:
-        raise Failure(EX_NOINPUT, "%s: %s" % (path, exc.strerror or exc))
+        problems = _config_errors(exc)
+        if all(getattr(p, "key", None) == CREDENTIALS_KEY for p in exc.problems):
+            # The loader refuses a credentials file it cannot read, such as one
+            # that does not exist yet: say how to create it.
+            raise Failure(EX_CONFIG, "%s (to create the file, name it with --file)"
+                          % problems[0])
+        more = "" if len(problems) == 1 else " (and %d more: %s config check --config %s)" % (
+            len(problems) - 1, PROG, path)
+        raise Failure(EX_CONFIG, problems[0] + more)
 
 
 def _config_api():
-    """(ConfigError, load_config) from elemta.config, imported only by commands that need it."""
+    """(ConfigError, load_config, default_config), imported only by commands that need them."""
     try:
-        from elemta.config import ConfigError, load_config
+        from elemta.config import ConfigError, default_config, load_config
     except ImportError as exc:
-        raise Failure(EX_CONFIG, "cannot load the configuration code: %s" % exc)
-    return ConfigError, load_config
+        raise Failure(EX_SOFTWARE, "cannot load the configuration code: %s" % exc)
+    return ConfigError, load_config, default_config
 
 
 def _config_errors(exc: Exception) -> List[str]:
-    """The messages a ConfigError carries: its `errors` list when it has one, else str()."""
-    errors = getattr(exc, "errors", None)
-    if errors:
-        return [str(error) for error in errors]
-    return [str(exc) or exc.__class__.__name__]
+    """One line per problem a ConfigError carries (FILE:LINE: KEY: message)."""
+    return [str(problem) for problem in exc.problems] or [exc.__class__.__name__]
 
 
 def cmd_config_check(args) -> int:
-    """config check: load the configuration; print its errors (exit 1) or "config OK"."""
-    ConfigError, load_config = _config_api()
+    """config check: load the configuration; print its errors (exit 1) or "config OK".
+
+    Without --config it checks the built-in defaults, which is what `elemta`
+    runs with when given no file.
+    """
+    ConfigError, load_config, default_config = _config_api()
     path = args.config
     try:
-        config = load_config(path) if path else load_config()
+        if path:
+            load_config(path)
+        else:
+            default_config()
     except ConfigError as exc:
         for message in _config_errors(exc):
             print(message, file=sys.stderr)
         return CONFIG_INVALID
-    except OSError as exc:
-        raise Failure(EX_NOINPUT, "%s: %s" % (exc.filename or path, exc.strerror or exc))
-    print("config OK: %s" % (path or getattr(config, "source", None) or "built-in defaults"))
+    print("config OK: %s" % (path or "built-in defaults (no --config given)"))
     return EX_OK
 
 
