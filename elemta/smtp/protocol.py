@@ -169,6 +169,7 @@ class ServerProtocol:
         self.transaction = None
         self.errors = 0
         self.closed = False
+        self.last_command = "CONNECT"   # for "lost connection after X" log lines
         self._buf = bytearray()
         self._out = deque()
         self._pending = None            # (event, on_accept, on_reject) awaiting a decision
@@ -323,6 +324,7 @@ class ServerProtocol:
             return self._send(500, "5.5.2", "Error: command is not valid UTF-8")
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
+        self.last_command = verb if verb in COMMANDS else "UNKNOWN"
         if verb not in COMMANDS:
             return self._send(500, "5.5.1", "Error: command not recognized")
         if not line.isascii() and verb not in ("MAIL", "RCPT"):

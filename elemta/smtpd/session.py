@@ -60,7 +60,6 @@ class Session:
         self.writer = None
         self.write_error = None
         self.queue_id = None
-        self.last_command = "CONNECT"
         self._out = bytearray()
 
     # ---- the loop -------------------------------------------------------------------
@@ -72,7 +71,7 @@ class Session:
                 self._handshake()
             self._converse()
         except SessionEnded as exc:
-            log.info("lost connection after %s from %s%s", self.last_command, self.client,
+            log.info("lost connection after %s from %s%s", self.proto.last_command, self.client,
                      ": %s" % exc if str(exc) else "")
         finally:
             self._discard_message()
@@ -108,16 +107,13 @@ class Session:
         try:
             data = self.sock.recv(RECV_SIZE)
         except socket.timeout:
-            log.info("timeout after %s from %s", self.last_command, self.client)
+            log.info("timeout after %s from %s", self.proto.last_command, self.client)
             self.proto.close_with(421, "4.4.2", "Error: timeout exceeded")
             return None
         except (OSError, ssl.SSLError) as exc:
             raise SessionEnded(exc.strerror or str(exc)) from None
         if not data:
             raise SessionEnded()
-        if not reading_content:
-            self.last_command = data.split(None, 1)[0][:12].decode("ascii", "replace").upper() \
-                if data.strip() else self.last_command
         return data
 
     def _flush(self):
