@@ -28,12 +28,15 @@ KILL_AFTER = 5.0
 class Master:
     """Supervises smtpd worker processes."""
 
-    def __init__(self, worker_count, run_worker, stop_grace):
-        """run_worker(master_pid) is called in each child and returns its exit status."""
+    def __init__(self, worker_count, run_worker, stop_grace, slot_freed=None):
+        """run_worker(master_pid, slot) runs in each child and returns its exit status;
+        slot (0 .. worker_count-1) is the child's place in shared tables, and
+        slot_freed(slot) is called in the master once that child has died."""
         self.worker_count = worker_count
         self.run_worker = run_worker
         self.stop_grace = stop_grace
-        self.workers = {}            # pid -> start time
+        self.slot_freed = slot_freed
+        self.workers = {}            # pid -> (slot, start time)
         self._signals = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -62,12 +65,13 @@ class Master:
 
     def spawn_workers(self):
         while len(self.workers) < self.worker_count and time.monotonic() >= self._next_spawn:
-            self.spawn_worker()
+            busy = {slot for slot, _ in self.workers.values()}
+            self.spawn_worker(min(set(range(self.worker_count)) - busy))
 
-    def spawn_worker(self):
+    def spawn_worker(self, slot):
         pid = os.fork()
         if pid:
-            self.workers[pid] = time.monotonic()
+            self.workers[pid] = (slot, time.monotonic())
             return pid
         # The child: plain signal handling again; the worker installs its own.
         status = 1
@@ -76,7 +80,7 @@ class Master:
                 signal.signal(signum, signal.SIG_DFL)
             os.close(self._wake_r)
             os.close(self._wake_w)
-            status = self.run_worker(os.getppid())
+            status = self.run_worker(os.getppid(), slot)
         except BaseException:
             log.exception("smtpd worker failed")
         finally:
@@ -91,9 +95,11 @@ class Master:
                 return
             if not pid:
                 return
-            started = self.workers.pop(pid, None)
-            if started is None:
+            if pid not in self.workers:
                 continue
+            slot, started = self.workers.pop(pid)
+            if self.slot_freed is not None:
+                self.slot_freed(slot)
             code = os.waitstatus_to_exitcode(status)
             how = "exit status %d" % code if code >= 0 else "signal %d" % -code
             log.warning("smtpd worker %d ended with %s; starting another", pid, how)

@@ -36,7 +36,8 @@ class ElemtaServer:
             listener.setdefault("address", "127.0.0.1")
             listener.setdefault("port", free_port())
             self.ports.setdefault(listener["mode"], listener["port"])
-        config = {"smtpd": {"hostname": "mx.test"},
+        # One worker unless a test asks for more: kill -9 tests need no orphans on the port.
+        config = {"smtpd": {"hostname": "mx.test", "workers": 1},
                   "listeners": listeners,
                   "queue": {"spool_dir": self.spool},
                   "relay": {"local_domains": ["example.test"]}}
@@ -62,8 +63,10 @@ class ElemtaServer:
                 raise RuntimeError("elemta exited with %s:\n%s"
                                    % (self.process.returncode, self.log()))
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return self
+                # The port is bound before the queue is reconciled; the 220 comes after.
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                    if s.recv(100).startswith(b"220 "):
+                        return self
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("elemta did not listen within %ss:\n%s" % (timeout, self.log()))

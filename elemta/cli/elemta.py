@@ -12,6 +12,7 @@ cannot be bound. See also: man/elemta.8, elemta.conf(5).
 
 import argparse
 import logging
+import os
 import socket
 import sys
 
@@ -89,17 +90,22 @@ def main(argv=None):
         log.info("queue reconciled: %s", queue.reconcile())
 
     from elemta.smtpd.worker import STOP_GRACE, run_worker
-    log.info("elemta %s starting %d smtpd worker(s): %s; spool %s", __version__,
-             config.smtpd.workers,
+    workers = config.smtpd.workers or os.cpu_count() or 1
+    log.info("elemta %s starting %d smtpd worker(s): %s; spool %s", __version__, workers,
              ", ".join("%s %s:%d" % (l.mode, l.address, l.port) for l in config.listeners),
              config.queue.spool_dir)
-    if config.smtpd.workers == 1:
+    if workers == 1:
         status = run_worker(config, listening)
     else:
         from elemta.master import Master
-        status = Master(config.smtpd.workers,
-                        lambda master_pid: run_worker(config, listening, master_pid),
-                        STOP_GRACE).run()
+        from elemta.smtpd.clientcount import ClientCounts
+        counts = ClientCounts(workers)
+
+        def worker(master_pid, slot):
+            counts.use_row(slot)
+            return run_worker(config, listening, counts, master_pid)
+
+        status = Master(workers, worker, STOP_GRACE, slot_freed=counts.clear_row).run()
     log.info("stopped")
     return status
 

@@ -44,6 +44,12 @@ def _positive(value):
     return None
 
 
+def _not_negative(value):
+    if value < 0:
+        return "must be 0 or more, not %r" % (value,)
+    return None
+
+
 def _ip_address(value):
     try:
         ipaddress.ip_address(value)
@@ -100,9 +106,8 @@ class SMTPD:
     hostname: str = opt("", "Name in the greeting, EHLO reply and Received headers "
                             "(default: the system's host name).", _hostname)
     banner: str = opt("ESMTP Elemta", "Text after the host name in the 220 greeting.")
-    workers: int = opt(1, "Number of smtpd worker processes sharing the listeners. With more "
-                          "than one, limits.connections_per_client counts per worker.",
-                       _positive)
+    workers: int = opt(0, "Number of smtpd worker processes sharing the listeners; 0 means "
+                          "one per CPU.", _not_negative)
     bare_line_endings: str = opt(
         "reject", "What to do with a bare CR or LF inside DATA: reject the message "
                   "(550 5.5.2) or normalize it to CRLF. DATA always ends only at CRLF.CRLF.",

@@ -7,7 +7,6 @@ every session shares: the queue, the group committer, the relay policy, AUTH and
 """
 
 import logging
-from collections import Counter
 from functools import partial
 
 import gevent
@@ -17,6 +16,7 @@ from elemta.queue.queue import Queue
 from elemta.smtp.protocol import Settings
 from elemta.smtp.replies import Reply
 from elemta.smtpd.authn import Authenticator
+from elemta.smtpd.clientcount import ClientCounts
 from elemta.smtpd.committer import GroupCommitter
 from elemta.smtpd.policy import RelayPolicy
 from elemta.smtpd.session import Session
@@ -42,8 +42,9 @@ def protocol_settings(config, listener, tls_ready, auth_ready):
 class SMTPServer:
     """Serves SMTP on already-bound listening sockets until stopped."""
 
-    def __init__(self, config, listening):
-        """listening: list of (Listener config, bound and listening socket)."""
+    def __init__(self, config, listening, client_counts=None):
+        """listening: list of (Listener config, bound and listening socket);
+        client_counts: sessions per client address shared by all workers."""
         self.config = config
         self.hostname = config.hostname
         self.queue = Queue(config.queue.spool_dir, sync_method=config.queue.sync_method,
@@ -54,7 +55,7 @@ class SMTPServer:
                               else None)
         self.tls_context = server_context(config.tls)
         self.sessions = 0
-        self.per_client = Counter()
+        self.client_counts = client_counts or ClientCounts(1)
         self._servers = []
         for listener, sock in listening:
             settings = protocol_settings(config, listener, self.tls_context is not None,
@@ -89,20 +90,18 @@ class SMTPServer:
         limits = self.config.limits
         if self.sessions >= limits.connections_per_worker:
             return self._refuse(sock, listener, "Error: too many connections")
-        if (self.per_client[client_ip] >= limits.connections_per_client
+        if (self.client_counts.count(client_ip) >= limits.connections_per_client
                 and not self.policy.client_trusted(client_ip)):
             log.warning("too many connections from %s", client_ip)
             return self._refuse(sock, listener,
                                 "Error: too many connections from %s" % client_ip)
         self.sessions += 1
-        self.per_client[client_ip] += 1
+        self.client_counts.add(client_ip, 1)
         try:
             Session(self, sock, address, listener, settings).run()
         finally:
             self.sessions -= 1
-            self.per_client[client_ip] -= 1
-            if not self.per_client[client_ip]:
-                del self.per_client[client_ip]
+            self.client_counts.add(client_ip, -1)
 
     def _refuse(self, sock, listener, text):
         """Answer a connection over a limit with 421 (RFC 5321 3.8) and close it."""

@@ -23,14 +23,17 @@ STOP_GRACE = 10.0
 ORPHAN_CHECK = 1.0
 
 
-def run_worker(config, listening, master_pid=None):
-    """Serve SMTP on `listening` until stopped; returns the exit status (0)."""
+def run_worker(config, listening, client_counts=None, master_pid=None):
+    """Serve SMTP on `listening` until stopped; returns the exit status (0).
+
+    client_counts: the ClientCounts shared with the other workers, this worker's row
+    already chosen (None: a private table, for a lone worker)."""
     try:
         from setproctitle import setproctitle
         setproctitle("elemta: smtpd")
     except ImportError:      # pragma: no cover - a declared dependency
         pass
-    server = SMTPServer(config, listening)
+    server = SMTPServer(config, listening, client_counts)
     stopping = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
