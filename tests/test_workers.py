@@ -69,3 +69,32 @@ def test_workers_exit_when_the_master_is_killed(elemta_server):
     send(server.port)
     server.kill()
     wait_for(lambda: not any(os.path.exists("/proc/%d" % pid) for pid in workers))
+
+
+def test_connection_limit_per_client_holds_across_workers(elemta_server):
+    import socket
+    server = elemta_server(smtpd={"hostname": "mx.test", "workers": 2},
+                           limits={"connections_per_client": 3},
+                           relay={"mynetworks": ["127.0.0.1/32"]})
+    wait_for(lambda: len(children_of(server.process.pid)) == 2)
+
+    def connect():
+        s = socket.create_connection(("127.0.0.1", server.port),
+                                     source_address=("127.0.0.2", 0))
+        s.settimeout(5)
+        return s, s.recv(200)
+
+    held = [connect() for _ in range(3)]
+    assert all(greeting.startswith(b"220 ") for _, greeting in held)
+    for _ in range(6):         # whichever worker takes them, the limit is shared
+        extra, greeting = connect()
+        assert greeting.startswith(b"421 4.7.0"), greeting
+        extra.close()
+    for s, _ in held:
+        s.close()
+    def greeted():
+        s, greeting = connect()
+        s.close()
+        return greeting.startswith(b"220 ")
+
+    wait_for(greeted)     # closed sessions are counted down again
