@@ -9,6 +9,7 @@ only after its own message is on disk. See design.md "What the disk costs".
 """
 
 import logging
+import time
 
 import gevent
 from gevent.event import AsyncResult, Event
@@ -28,6 +29,7 @@ class GroupCommitter:
         self._runner = gevent.spawn(self._run)
         self.batches = 0
         self.messages = 0
+        self.seconds = 0.0
 
     def commit(self, writer):
         """Block this greenlet until writer's message is durable; raise OSError if not."""
@@ -44,6 +46,7 @@ class GroupCommitter:
             while self._waiting:
                 batch = self._waiting[:self.max_batch]
                 del self._waiting[:self.max_batch]
+                started = time.perf_counter()
                 try:
                     threadpool.apply(self.queue.commit, ([w for w, _ in batch],))
                 except Exception as exc:       # every waiter learns of it; none is lost
@@ -53,6 +56,7 @@ class GroupCommitter:
                     continue
                 self.batches += 1
                 self.messages += len(batch)
+                self.seconds += time.perf_counter() - started
                 for _, result in batch:
                     result.set(None)
 

@@ -84,6 +84,11 @@ class SMTPServer:
             server.stop(timeout=0)
         self.committer.close()
         self.queue.close()
+        if self.committer.batches:
+            log.info("group commit: %d message(s) made durable in %d flush(es), "
+                     "%.1f ms each on average", self.committer.messages,
+                     self.committer.batches,
+                     1000.0 * self.committer.seconds / self.committer.batches)
 
     def _handle(self, listener, settings, sock, address):
         client_ip = address[0]
