@@ -32,6 +32,7 @@ from typing import List
 
 import lmdb
 
+from elemta.queue.ids import is_queue_id
 from elemta.queue.index import QueueIndex, QueueRecord
 from elemta.queue.model import INCOMING
 from elemta.queue.store import CorruptSpoolFile, SpoolStore
@@ -247,7 +248,9 @@ class Queue:
     # -- reading
 
     def get(self, queue_id):
-        """The index record (QueueRecord) for queue_id, or None."""
+        """The index record (QueueRecord) for queue_id, or None. ValueError for a non-id."""
+        if not is_queue_id(queue_id):
+            raise ValueError("not a queue id: %r" % (queue_id,))
         return self.index.get(queue_id)
 
     def close(self):

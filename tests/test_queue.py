@@ -1,0 +1,475 @@
+"""The durable queue (elemta.queue): ids, spool files, the LMDB index, group commit, repair.
+
+Everything runs over real files, a real LMDB environment, real threads and processes, and
+(as root) a real tmpfs filled to the last byte.
+"""
+
+import hashlib
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+
+from elemta.queue.ids import is_queue_id, new_queue_id, queue_id_time
+from elemta.queue.model import DEFERRED, HOLD, INCOMING, Envelope, Recipient
+from elemta.queue.queue import Queue
+from elemta.queue.store import CorruptSpoolFile, SpoolStore
+
+FORK = multiprocessing.get_context("fork")
+
+
+def envelope(**fields):
+    fields.setdefault("queue_id", new_queue_id())
+    fields.setdefault("sender", "alice@example.org")
+    fields.setdefault("recipients", [Recipient("bob@example.net")])
+    fields.setdefault("arrival", time.time())
+    return Envelope(**fields)
+
+
+def accept(queue, contents, **fields):
+    """Receive and commit messages (one batch); returns their envelopes."""
+    writers = []
+    for content in contents:
+        writer = queue.start_message(envelope(**fields))
+        writer.write(content)
+        writer.finish()
+        writers.append(writer)
+    queue.commit(writers)
+    return [w.envelope for w in writers]
+
+
+def read_content(queue, queue_id):
+    with queue.store.open_content(queue_id) as content:
+        return content.read()
+
+
+def spool_files(spool_dir, sub):
+    found = []
+    for root, _, files in os.walk(os.path.join(spool_dir, sub)):
+        found.extend(files)
+    return sorted(found)
+
+
+@pytest.fixture(params=["syncfs", "fsync"])
+def queue(request, tmp_path):
+    q = Queue(str(tmp_path / "spool"), sync_method=request.param, map_size=64 << 20)
+    yield q
+    q.close()
+
+
+# -- queue ids
+
+def test_ids_sort_in_arrival_order_and_never_repeat():
+    before = time.time()
+    ids = [new_queue_id() for _ in range(50000)]
+    after = time.time()
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert all(is_queue_id(i) and len(i) == 20 for i in ids)
+    assert before - 0.001 <= queue_id_time(ids[0]) <= queue_id_time(ids[-1]) <= after + 0.001
+    time.sleep(0.002)
+    assert new_queue_id() > ids[-1]
+
+
+def _ids_in_child(count, conn):
+    conn.send([(new_queue_id(), time.time()) for _ in range(count)])
+    conn.close()
+
+
+def test_ids_from_many_processes_are_unique_and_carry_their_time():
+    pipes, children = [], []
+    for _ in range(4):
+        parent_end, child_end = FORK.Pipe(duplex=False)
+        child = FORK.Process(target=_ids_in_child, args=(20000, child_end))
+        child.start()
+        pipes.append(parent_end)
+        children.append(child)
+    results = [p.recv() for p in pipes]
+    for child in children:
+        child.join()
+    all_ids = [qid for result in results for qid, _ in result]
+    assert len(set(all_ids)) == len(all_ids) == 80000
+    for result in results:
+        ids = [qid for qid, _ in result]
+        assert ids == sorted(ids)
+        for qid, made_at in result[::500]:
+            assert abs(queue_id_time(qid) - made_at) < 0.05
+
+
+def test_only_real_ids_are_accepted_as_ids(queue):
+    for bad in ["../../etc/passwd", "1K114CZHMMNGVFJZ12J", "1K114CZHMMNGVFJZ12J1X",
+                "1k114czhmmngvfjz12j1", "1K114CZHMMNGVFJZ12JI", "1K114CZHMM/GVFJZ12J1",
+                "", None, b"1K114CZHMMNGVFJZ12J1"]:
+        assert not is_queue_id(bad)
+        with pytest.raises(ValueError):
+            queue.store.path(bad)
+    with pytest.raises(ValueError):
+        queue.get("../index.lmdb/data.mdb")
+    with pytest.raises(ValueError):
+        queue.start_message(envelope(queue_id="../../../tmp/evil"))
+
+
+# -- round trip
+
+def test_commit_keeps_every_envelope_field_and_the_exact_bytes(queue, tmp_path):
+    original = envelope(
+        sender="θσ@παράδειγμα.ελ",
+        recipients=[Recipient("one@example.net", notify=("SUCCESS", "FAILURE"),
+                              orcpt="rfc822;one@example.net"),
+                    Recipient("two@example.net", notify=("NEVER",)),
+                    Recipient("line\nbreak\"quote@example.net")],
+        body="8BITMIME", smtputf8=True, ret="HDRS", envid="env+2Bid", client_address="::1",
+        client_helo="client.example", protocol="ESMTPSA", auth_user="alice", priority=7,
+        extra={"plugin": {"score": 1.5, "tags": ["a", "b"]}, "null": None})
+    content = (b"Received: from client\r\n.\r\n..leading dots\r\nbare\nlf\rcr\r\n"
+               + bytes(range(256)) + b"\r\n")
+    writer = queue.start_message(original)
+    writer.write(content[:10])
+    writer.write(b"")
+    writer.write(memoryview(content[10:]))
+    assert writer.size == len(content)
+    writer.finish()
+    queue.commit([writer])
+
+    expected = envelope(**dict(original.__dict__, size=len(content)))
+    record = queue.get(original.queue_id)
+    assert record.envelope == expected
+    assert (record.state, record.attempts, record.last_error) == (INCOMING, 0, None)
+    assert record.next_attempt == original.arrival
+    assert queue.store.read_envelope(original.queue_id) == expected
+    assert read_content(queue, original.queue_id) == content
+    assert list(queue.index.iter_due()) == [(round(original.arrival, 3), original.queue_id)]
+
+    # Another process-like handle (fresh environment) sees the same.
+    spool_dir = queue.spool_dir
+    queue.close()
+    with Queue(spool_dir) as again:
+        assert again.get(original.queue_id).envelope == expected
+        assert read_content(again, original.queue_id) == content
+
+
+def test_a_big_message_is_streamed_to_disk_not_kept_in_memory(queue):
+    chunk = 64 * 1024
+    blocks = [hashlib.sha512(b"%d" % i).digest() * (chunk // 64) for i in range(12 * 16)]
+    writer = queue.start_message(envelope())
+    digest = hashlib.sha256()
+    for i, block in enumerate(blocks):
+        writer.write(block)
+        digest.update(block)
+        if i == 32:  # 2 MB in: nearly all of it must already be in the temp file
+            assert os.path.getsize(writer.temp_path) > 2 * 1024 * 1024 - 128 * 1024
+    writer.finish()
+    queue.commit([writer])
+    assert queue.get(writer.queue_id).envelope.size == 12 * 1024 * 1024
+    read_back = hashlib.sha256()
+    with queue.store.open_content(writer.queue_id) as content:
+        while True:
+            data = content.read(100000)
+            if not data:
+                break
+            read_back.update(data)
+    assert read_back.hexdigest() == digest.hexdigest()
+
+
+def test_damaged_content_is_caught_when_read_to_the_end(queue):
+    original = b"Subject: hi\r\n\r\n" + b"x" * 10000
+    [env] = accept(queue, [original])
+    with open(queue.store.path(env.queue_id), "r+b") as f:
+        f.seek(-5000, os.SEEK_END)  # a block that never reached the disk reads as zeros
+        f.write(b"\0" * 100)
+    assert queue.store.is_complete(env.queue_id)  # same length: framing alone cannot tell
+    with queue.store.open_content(env.queue_id) as content:
+        with pytest.raises(CorruptSpoolFile):
+            while content.read(1000):
+                pass
+    with queue.store.open_content(env.queue_id) as content:  # a partial read cannot check
+        content.seek(13)
+        damaged = content.read()
+    assert len(damaged) == len(original) - 13 and b"\0" * 100 in damaged
+
+
+def test_an_aborted_message_leaves_nothing(queue):
+    writer = queue.start_message(envelope())
+    writer.write(b"half a message")
+    writer.abort()
+    writer.abort()
+    assert spool_files(queue.spool_dir, "tmp") == []
+    with pytest.raises(ValueError):
+        writer.write(b"more")
+    unfinished = queue.start_message(envelope())
+    with pytest.raises(ValueError):
+        queue.commit([unfinished])
+    unfinished.abort()
+    assert spool_files(queue.spool_dir, "tmp") == []
+    assert spool_files(queue.spool_dir, "messages") == []
+
+
+# -- reindex and reconcile
+
+def test_reindex_rebuilds_a_deleted_index_from_the_files(tmp_path):
+    spool_dir = str(tmp_path / "spool")
+    with Queue(spool_dir) as queue:
+        envelopes = []
+        for batch in range(10):
+            envelopes += accept(queue, [b"message %d.%d\r\n" % (batch, i) for i in range(5)],
+                                recipients=[Recipient("r%d@example.net" % batch)])
+    shutil.rmtree(os.path.join(spool_dir, "index.lmdb"))
+    with Queue(spool_dir) as queue:
+        assert list(queue.index.iter_records()) == []
+        assert queue.reindex() == 50
+        assert queue.index.count_by_state() == {INCOMING: 50}
+        for env in envelopes:
+            assert queue.get(env.queue_id).envelope == env
+        assert [r.queue_id for r in queue.index.iter_records()] == sorted(
+            e.queue_id for e in envelopes)
+
+
+def test_reindex_starts_every_message_over(queue):
+    [env] = accept(queue, [b"x\r\n"])
+    record = queue.get(env.queue_id)
+    record.state, record.attempts, record.next_attempt = HOLD, 3, time.time() + 3600
+    queue.index.put(record)
+    assert list(queue.index.iter_due()) == []
+    assert queue.reindex() == 1
+    assert queue.get(env.queue_id).state == INCOMING
+    assert [qid for _, qid in queue.index.iter_due()] == [env.queue_id]
+
+
+def _start_and_die(spool_dir, ready):
+    # Only the spool: LMDB refuses an environment the parent had open before the fork.
+    writer = SpoolStore(spool_dir).create(envelope())
+    writer.write(b"Subject: interrupted\r\n" * 1000)
+    writer._file.flush()
+    ready.set()
+    time.sleep(60)
+
+
+def test_reconcile_repairs_what_a_crash_leaves(queue):
+    kept = accept(queue, [b"kept %d\r\n" % i for i in range(5)])
+    [truncated, cut_in_header, record_only, file_only] = accept(
+        queue, [b"y" * 3000 for _ in range(4)])
+    with open(queue.store.path(truncated.queue_id), "r+b") as f:
+        f.truncate(2000)
+    with open(queue.store.path(cut_in_header.queue_id), "r+b") as f:
+        f.truncate(30)
+    os.unlink(queue.store.path(record_only.queue_id))
+    queue.index.delete(file_only.queue_id)
+    garbage_id = new_queue_id()
+    with open(queue.store.path(garbage_id), "wb") as f:
+        f.write(b"not a spool file at all")
+    # A sender killed with kill -9 in the middle of DATA:
+    ready = FORK.Event()
+    child = FORK.Process(target=_start_and_die, args=(queue.spool_dir, ready))
+    child.start()
+    assert ready.wait(10)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    # A message still being received right now, in this process, is left alone:
+    live = queue.start_message(envelope())
+    live.write(b"still arriving")
+    assert len(spool_files(queue.spool_dir, "tmp")) == 2
+
+    summary = queue.reconcile()
+
+    assert len(summary.tmp_removed) == 1
+    assert spool_files(queue.spool_dir, "tmp") == [os.path.basename(live.temp_path)]
+    assert sorted(summary.corrupt) == sorted(
+        [truncated.queue_id, cut_in_header.queue_id, garbage_id])
+    assert spool_files(queue.spool_dir, "corrupt") == sorted(summary.corrupt)
+    assert queue.get(truncated.queue_id) is None
+    assert queue.get(record_only.queue_id) is None
+    assert record_only.queue_id in summary.dropped
+    assert summary.added == [file_only.queue_id]
+    assert queue.get(file_only.queue_id).envelope == file_only
+    assert queue.get(file_only.queue_id).state == INCOMING
+    for env in kept:
+        assert queue.get(env.queue_id).envelope == env
+    assert summary.messages == 6
+    assert queue.index.count_by_state() == {INCOMING: 6}
+    live.finish()
+    queue.commit([live])
+    assert queue.reconcile().messages == 7
+
+
+def _commit_until_killed(spool_dir, sync_method, conn):
+    queue = Queue(spool_dir, sync_method=sync_method)
+    while True:
+        envelopes = accept(queue, [b"Subject: sacred\r\n\r\n" + b"z" * 5000] * 5)
+        conn.send([e.queue_id for e in envelopes])  # the "250": sent only after commit
+
+
+@pytest.mark.parametrize("sync_method", ["syncfs", "fsync"])
+def test_kill_9_never_loses_an_acknowledged_message(tmp_path, sync_method):
+    spool_dir = str(tmp_path / "spool")
+    parent_end, child_end = FORK.Pipe(duplex=False)
+    child = FORK.Process(target=_commit_until_killed, args=(spool_dir, sync_method, child_end))
+    child.start()
+    acknowledged = []
+    deadline = time.time() + 0.5
+    while time.time() < deadline or len(acknowledged) < 20:
+        acknowledged += parent_end.recv()
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    while parent_end.poll():
+        acknowledged += parent_end.recv()
+    with Queue(spool_dir, sync_method=sync_method) as queue:
+        summary = queue.reconcile()
+        assert summary.corrupt == []
+        for queue_id in acknowledged:
+            assert queue.get(queue_id).state == INCOMING
+            assert len(read_content(queue, queue_id)) == 5019
+        assert spool_files(spool_dir, "tmp") == []
+        assert summary.messages >= len(acknowledged)
+
+
+# -- concurrency
+
+def test_commits_from_many_threads_at_once_are_all_kept(queue):
+    errors = []
+
+    def sender(n):
+        try:
+            for batch in range(20):
+                accept(queue, [b"thread %d batch %d msg %d\r\n" % (n, batch, i)
+                               for i in range(5)])
+        except Exception as e:  # reported below; a thread's exception is otherwise lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        queue.index.count_by_state()  # readers keep working meanwhile
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert queue.index.count_by_state() == {INCOMING: 800}
+    ids = list(queue.store.iter_queue_ids())
+    assert len(ids) == 800
+    assert all(queue.store.is_complete(qid) for qid in ids)
+    assert queue.reconcile().added == []
+
+
+def _commit_in_child(spool_dir, n, conn):
+    with Queue(spool_dir) as queue:
+        ids = []
+        for batch in range(20):
+            ids += [e.queue_id for e in accept(queue, [b"p%d b%d\r\n" % (n, batch)] * 5)]
+    conn.send(ids)
+
+
+def test_commits_from_several_processes_share_one_queue(tmp_path):
+    spool_dir = str(tmp_path / "spool")
+    pipes, children = [], []
+    for n in range(3):
+        parent_end, child_end = FORK.Pipe(duplex=False)
+        child = FORK.Process(target=_commit_in_child, args=(spool_dir, n, child_end))
+        child.start()
+        pipes.append(parent_end)
+        children.append(child)
+    ids = [qid for p in pipes for qid in p.recv()]
+    for child in children:
+        child.join()
+        assert child.exitcode == 0
+    with Queue(spool_dir) as queue:
+        assert sorted(r.queue_id for r in queue.index.iter_records()) == sorted(ids)
+        assert len(ids) == 300
+
+
+def test_due_entries_follow_the_state(queue):
+    [a, b] = accept(queue, [b"a\r\n", b"b\r\n"])
+    record = queue.get(a.queue_id)
+    record.state, record.next_attempt = DEFERRED, a.arrival + 600
+    queue.index.put(record)
+    assert [qid for _, qid in queue.index.iter_due()] == [b.queue_id, a.queue_id]
+    assert [qid for _, qid in queue.index.iter_due(until=time.time() + 1)] == [b.queue_id]
+    record.state = HOLD
+    queue.index.put(record)
+    assert [qid for _, qid in queue.index.iter_due()] == [b.queue_id]
+    assert queue.index.delete(b.queue_id)
+    assert list(queue.index.iter_due()) == []
+    assert queue.index.count_by_state() == {HOLD: 1}
+
+
+# -- full disk
+
+@pytest.fixture
+def small_disk():
+    mount_point = tempfile.mkdtemp(prefix="elemta-full-")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", mount_point],
+                            capture_output=True)
+    if result.returncode != 0:
+        os.rmdir(mount_point)
+        pytest.skip("cannot mount a tmpfs here: %s" % result.stderr.decode().strip())
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", mount_point], check=True)
+        os.rmdir(mount_point)
+
+
+def fill(directory, name="filler"):
+    """Take every free byte of the file system; returns the filler's path."""
+    path = os.path.join(directory, name)
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                f.write(b"\0" * 4096)
+            except OSError:
+                break
+    with open(path, "ab", buffering=0) as f:
+        while True:
+            try:
+                f.write(b"\0")
+            except OSError:
+                return path
+
+
+@pytest.mark.parametrize("sync_method", ["syncfs", "fsync"])
+def test_a_full_disk_fails_commit_and_leaves_nothing_half_accepted(small_disk, sync_method):
+    spool_dir = os.path.join(small_disk, "spool")
+    queue = Queue(spool_dir, sync_method=sync_method)
+    try:
+        [before] = accept(queue, [b"accepted before the disk filled\r\n"])
+
+        # Received in full, then the disk fills before the commit: the index cannot grow.
+        many = [Recipient("rcpt%04d@example.net" % i) for i in range(100)]
+        writers = []
+        for i in range(40):
+            writer = queue.start_message(envelope(recipients=many))
+            writer.write(b"message %d\r\n" % i)
+            writer.finish()
+            writers.append(writer)
+        filler = fill(spool_dir)
+        with pytest.raises(OSError):
+            queue.commit(writers)
+        for writer in writers:
+            assert queue.get(writer.queue_id) is None
+        assert spool_files(spool_dir, "messages") == [before.queue_id]
+        assert spool_files(spool_dir, "tmp") == []
+
+        # The disk fills in the middle of DATA: write (or finish) fails, abort cleans up.
+        writer = queue.start_message(envelope())
+        with pytest.raises(OSError):
+            for _ in range(1000):
+                writer.write(b"x" * 4096)
+            writer.finish()
+        writer.abort()
+        assert spool_files(spool_dir, "tmp") == []
+
+        os.unlink(filler)
+        [after] = accept(queue, [b"accepted once there was room again\r\n"])
+    finally:
+        queue.close()
+    with Queue(spool_dir, sync_method=sync_method) as queue:
+        summary = queue.reconcile()
+        assert (summary.corrupt, summary.added, summary.dropped) == ([], [], [])
+        assert sorted(r.queue_id for r in queue.index.iter_records()) == sorted(
+            [before.queue_id, after.queue_id])
+        assert read_content(queue, after.queue_id) == b"accepted once there was room again\r\n"
