@@ -41,24 +41,25 @@ class GroupCommitter:
     def _run(self):
         threadpool = get_hub().threadpool
         while True:
-            self._wakeup.wait()
-            self._wakeup.clear()
-            while self._waiting:
-                batch = self._waiting[:self.max_batch]
-                del self._waiting[:self.max_batch]
-                started = time.perf_counter()
-                try:
-                    threadpool.apply(self.queue.commit, ([w for w, _ in batch],))
-                except Exception as exc:       # every waiter learns of it; none is lost
-                    log.error("queue commit of %d message(s) failed: %s", len(batch), exc)
-                    for _, result in batch:
-                        result.set_exception(exc)
-                    continue
-                self.batches += 1
-                self.messages += len(batch)
-                self.seconds += time.perf_counter() - started
+            if not self._waiting:
+                self._wakeup.clear()
+                self._wakeup.wait()
+                continue
+            batch = self._waiting[:self.max_batch]
+            del self._waiting[:self.max_batch]
+            started = time.perf_counter()
+            try:
+                threadpool.apply(self.queue.commit, ([w for w, _ in batch],))
+            except Exception as exc:       # every waiter learns of it; none is lost
+                log.error("queue commit of %d message(s) failed: %s", len(batch), exc)
                 for _, result in batch:
-                    result.set(None)
+                    result.set_exception(exc)
+                continue
+            self.batches += 1
+            self.messages += len(batch)
+            self.seconds += time.perf_counter() - started
+            for _, result in batch:
+                result.set(None)
 
     def close(self):
         self._runner.kill()
