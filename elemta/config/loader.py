@@ -1,0 +1,316 @@
+"""The configuration loader: a YAML or TOML file to one checked, frozen Config.
+
+Owned by no process: the master and every child call load_config once at start (and the
+master again on reload); nothing else reads config files.
+
+The loader knows no option by name. It walks the dataclasses of elemta.config.schema
+(dataclasses.fields, typing.get_type_hints): a nested dataclass is a table, a
+Tuple[X, ...] a list, and each field's metadata `check` judges the value once its type
+is right. A field's default is always acceptable, even where the check would refuse
+it (smtpd.hostname "" means "the system's host name"). Then a few checks that span
+fields (TLS files, AUTH on submission ports, duplicate listeners) run on the result.
+Every problem in the file is collected, with its line and key path, before ConfigError
+is raised, so one run shows the administrator everything to fix.
+See also: elemta.config.schema, elemta.config.sources, man/elemta.conf.5.
+"""
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import typing
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from elemta.config.errors import ConfigError, KeyPath, Problem, format_key
+from elemta.config.schema import Config
+from elemta.config.sources import FORMATS, parse
+
+# Listener modes on which a client must authenticate before MAIL.
+AUTH_REQUIRED_MODES = ("submission", "smtps")
+
+
+def default_config() -> Config:
+    """The built-in development defaults: SMTP on 127.0.0.1:2525, spool under ./spool."""
+    return Config()
+
+
+def load_config(path: Union[str, "os.PathLike[str]"]) -> Config:
+    """Load and check the config file at `path`; raise ConfigError listing every problem."""
+    file = os.fspath(path)
+    format_name = FORMATS.get(os.path.splitext(file)[1].lower())
+    if format_name is None:
+        raise ConfigError.about_file(
+            file, "unknown config file format: name it *.yaml, *.yml (YAML) or *.toml (TOML)")
+    try:
+        with open(file, "rb") as stream:
+            raw = stream.read()
+    except OSError as error:
+        raise ConfigError.about_file(file, "cannot read the file: %s"
+                                     % (error.strerror or error)) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError.about_file(
+            file, "the file is not UTF-8 text (byte 0x%02x)" % raw[error.start],
+            raw[:error.start].count(b"\n") + 1) from None
+
+    source = parse(file, text, format_name)
+    checker = _Checker(file, source.lines, source.table_word)
+    config = checker.build(Config, source.data, ())
+    if config is _INVALID:      # cannot happen for the top level, which parse() made a dict
+        config = Config()
+    checker.check_across_fields(config)
+    if checker.problems:
+        raise ConfigError(checker.sorted_problems())
+    return dataclasses.replace(config, source=file)
+
+
+class _Invalid:
+    """Marks a value that was refused (its problem is already recorded)."""
+
+    def __repr__(self):
+        return "<invalid>"
+
+
+_INVALID: Any = _Invalid()
+
+
+def schema_options(cls: type) -> List[dataclasses.Field]:
+    """The fields of a schema dataclass a file may set (not internal ones like source)."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+def _optional_inner(kind: Any) -> Any:
+    """Optional[X] -> X; anything else -> None."""
+    if typing.get_origin(kind) is Union:
+        others = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        if len(others) == 1:
+            return others[0]
+    return None
+
+
+def sequence_item(kind: Any) -> Any:
+    """Tuple[X, ...] -> X; anything else -> None."""
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return args[0]
+    return None
+
+
+def type_name(kind: Any, table_word: str = "table", plural: bool = False) -> str:
+    """A schema type in words: 'an integer', 'a list of strings', 'a table'."""
+    inner = _optional_inner(kind)
+    if inner is not None:
+        return type_name(inner, table_word, plural)
+    item = sequence_item(kind)
+    if item is not None:
+        words = "list of " + type_name(item, table_word, plural=True)
+        return words + "s" if plural else "a " + words
+    if dataclasses.is_dataclass(kind):
+        words = (table_word + "s") if plural else "a " + table_word
+    else:
+        singular, plural_form = {
+            str: ("a string", "strings"), int: ("an integer", "integers"),
+            float: ("a number", "numbers"), bool: ("a boolean (true or false)", "booleans"),
+        }[kind]
+        words = plural_form if plural else singular
+    return words
+
+
+def _describe(value: Any, table_word: str) -> str:
+    """What the file holds, in words: 'a string ("25")', 'a boolean (true)'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean (%s)" % ("true" if value else "false")
+    if isinstance(value, int):
+        return "an integer (%d)" % value
+    if isinstance(value, float):
+        return "a number (%r)" % value
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return "a string (%r)" % shown
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a " + table_word
+    return "a %s (%s)" % (type(value).__name__, value)
+
+
+class _Checker:
+    """Builds schema dataclasses from plain data, recording each problem with its line."""
+
+    def __init__(self, file: str, lines: Dict[KeyPath, int], table_word: str) -> None:
+        self.file = file
+        self.lines = lines
+        self.table_word = table_word
+        self.problems: List[Problem] = []
+        self.refused: List[KeyPath] = []    # paths whose value was refused
+
+    # -- recording problems
+
+    def line_of(self, path: KeyPath) -> Optional[int]:
+        """The line of `path`, or of its nearest parent that the file mentions."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return None
+
+    def report(self, path: KeyPath, message: str) -> None:
+        self.problems.append(Problem(self.file, self.line_of(path), format_key(path), message))
+
+    def refuse(self, path: KeyPath, message: str) -> Any:
+        """Report a value that cannot be used; its field keeps its default."""
+        self.report(path, message)
+        self.refused.append(path)
+        return _INVALID
+
+    def sorted_problems(self) -> List[Problem]:
+        """In file order; problems with no line (options left at their default) last."""
+        return sorted(self.problems, key=lambda p: (p.line is None, p.line or 0))
+
+    # -- types and values
+
+    def build(self, cls: type, value: Any, path: KeyPath) -> Any:
+        """A dataclass from a table; unknown keys, bad types and bad values are refused."""
+        if value is None and path:
+            value = {}      # a YAML section whose options are all commented out
+        if not isinstance(value, dict):
+            return self.refuse(path, "expected %s, not %s" % (
+                type_name(cls, self.table_word), _describe(value, self.table_word)))
+        fields = {f.name: f for f in schema_options(cls)}
+        for key in value:
+            if key not in fields:
+                self.refuse_unknown_key(path, key, sorted(fields))
+        hints = typing.get_type_hints(cls)
+        settings = {}
+        for name, field in fields.items():
+            if name in value:
+                checked = self.value(value[name], hints[name], field, path + (name,))
+                if checked is not _INVALID:
+                    settings[name] = checked
+        return cls(**settings)
+
+    def refuse_unknown_key(self, path: KeyPath, key: str, known: Sequence[str]) -> None:
+        guess = difflib.get_close_matches(key, known, n=1)
+        if guess:
+            hint = "did you mean %s?" % format_key(path + (guess[0],))
+        else:
+            hint = "known keys here: %s" % ", ".join(known)
+        self.report(path + (key,), "unknown key; %s" % hint)
+
+    def value(self, value: Any, kind: Any, field: dataclasses.Field, path: KeyPath) -> Any:
+        """A field's value converted to its schema type, then judged by its check."""
+        converted = self.convert(value, kind, path)
+        check = field.metadata.get("check")
+        if converted is _INVALID or check is None or converted == field.default:
+            return converted
+        message = check(converted)
+        if message is None:
+            return converted
+        if isinstance(converted, tuple):
+            # Point at the list item that is wrong, when the check says so of one alone.
+            for index, item in enumerate(converted):
+                item_message = check((item,))
+                if item_message is not None:
+                    return self.refuse(path + (index,), item_message)
+        return self.refuse(path, message)
+
+    def convert(self, value: Any, kind: Any, path: KeyPath) -> Any:
+        """`value` as schema type `kind` (str, int, float, bool, Optional, Tuple, dataclass)."""
+        if dataclasses.is_dataclass(kind):
+            return self.build(kind, value, path)
+        inner = _optional_inner(kind)
+        if inner is not None:
+            return None if value is None else self.convert(value, inner, path)
+        item = sequence_item(kind)
+        if item is not None:
+            if not isinstance(value, list):
+                return self.wrong_type(value, kind, path)
+            items = tuple(self.convert(v, item, path + (i,)) for i, v in enumerate(value))
+            return _INVALID if any(v is _INVALID for v in items) else items
+        if kind is bool:
+            return value if isinstance(value, bool) else self.wrong_type(value, kind, path)
+        if kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            return self.wrong_type(value, kind, path)
+        if kind is float:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                return self.wrong_type(value, kind, path)
+            if not math.isfinite(value):
+                return self.refuse(path, "must be a finite number, not %r" % value)
+            return float(value)
+        if kind is str:
+            return value if isinstance(value, str) else self.wrong_type(value, kind, path)
+        raise TypeError("elemta.config.loader cannot read schema type %r at %s"
+                        % (kind, format_key(path)))
+
+    def wrong_type(self, value: Any, kind: Any, path: KeyPath) -> Any:
+        return self.refuse(path, "expected %s, not %s" % (
+            type_name(kind, self.table_word), _describe(value, self.table_word)))
+
+    # -- checks that span fields
+
+    def check_across_fields(self, config: Config) -> None:
+        """TLS and AUTH files, what each listener mode needs, clashing listeners."""
+        tls, auth = config.tls, config.auth
+        cert, key = ("tls", "cert_file"), ("tls", "key_file")
+        if (tls.cert_file is None) != (tls.key_file is None):
+            given, missing = (cert, key) if tls.cert_file is not None else (key, cert)
+            self.refuse_across(given, "is set but %s is not: set both or neither"
+                               % format_key(missing), [missing])
+        for path, filename in ((cert, tls.cert_file), (key, tls.key_file),
+                               (("auth", "credentials_file"), auth.credentials_file)):
+            if filename is not None:
+                unreadable = _unreadable(filename)
+                if unreadable:
+                    self.refuse_across(path, "cannot read %s: %s" % (filename, unreadable))
+
+        if not config.listeners:
+            self.refuse_across(("listeners",), "at least one listener is needed")
+        has_certificate = tls.cert_file is not None and tls.key_file is not None
+        first_on: Dict[Tuple[Any, int], int] = {}
+        for index, listener in enumerate(config.listeners):
+            mode_path = ("listeners", index, "mode")
+            if listener.mode == "smtps" and not has_certificate:
+                self.refuse_across(mode_path, "smtps (implicit TLS) needs a certificate: "
+                                   "set tls.cert_file and tls.key_file", [cert, key])
+            if listener.mode in AUTH_REQUIRED_MODES and auth.credentials_file is None:
+                self.refuse_across(mode_path, "%s requires AUTH before MAIL: set "
+                                   "auth.credentials_file" % listener.mode,
+                                   [("auth", "credentials_file")])
+            endpoint = (ipaddress.ip_address(listener.address), listener.port)
+            if endpoint in first_on:
+                other = first_on[endpoint]
+                self.refuse_across(("listeners", index), "%s port %d is already used by %s"
+                                   % (listener.address, listener.port,
+                                      format_key(("listeners", other))),
+                                   [("listeners", i, key) for i in (index, other)
+                                    for key in ("address", "port")], involves_path=False)
+            else:
+                first_on[endpoint] = index
+
+    def refuse_across(self, path: KeyPath, message: str,
+                      also_involves: Sequence[KeyPath] = (), involves_path: bool = True) -> None:
+        """Report a cross-field problem, unless it may only follow from a value already
+        refused (a refused value is left at its default, which may not fit the rest)."""
+        involved = ((path,) if involves_path else ()) + tuple(also_involves)
+        for one in involved:
+            for refused in self.refused:
+                common = min(len(one), len(refused))
+                if one[:common] == refused[:common]:
+                    return
+        self.report(path, message)
+
+
+def _unreadable(filename: str) -> Optional[str]:
+    """Why `filename` cannot be read, or None if it can."""
+    try:
+        with open(filename, "rb"):
+            return None
+    except OSError as error:
+        return error.strerror or str(error)

@@ -1,0 +1,233 @@
+"""Writes man/elemta.conf.5 from the schema, so the page lists exactly the real options.
+
+Owned by no process: a build step. Regenerate after changing elemta/config/schema.py:
+
+    python -m elemta.config.manpage > man/elemta.conf.5
+
+tests/test_config.py fails when the committed page differs from what this prints.
+The layout follows postconf(5): prose on the file format and errors, then one entry
+per option with its key path, type, default and description.
+See also: elemta.config.schema, elemta.config.loader.
+"""
+
+import dataclasses
+import json
+import sys
+import typing
+from typing import Any, List
+
+from elemta import __version__
+from elemta.config.loader import schema_options, sequence_item, type_name
+from elemta.config.schema import Config
+
+# Changed by hand when the page's prose changes; the page must not depend on the clock.
+PAGE_DATE = "2025-06-01"
+
+_HEAD = r""".\" Generated from elemta/config/schema.py by:
+.\"     python -m elemta.config.manpage > man/elemta.conf.5
+.\" Edit the schema or elemta/config/manpage.py, not this file.
+.TH ELEMTA.CONF 5 {date} "Elemta {version}" "File Formats Manual"
+.SH NAME
+elemta.conf \- Elemta configuration file
+.SH SYNOPSIS
+.I /etc/elemta/elemta.yaml
+.br
+.I /etc/elemta/elemta.toml
+.SH DESCRIPTION
+Every Elemta process reads the same configuration file, checks all of it, and
+refuses to start if anything in it is wrong.
+Without a file, the built\-in development defaults apply: SMTP on 127.0.0.1
+port 2525 and the queue under
+.IR ./spool .
+.PP
+The file is YAML or TOML, chosen by its name: a name ending in
+.B .yaml
+or
+.B .yml
+is read as YAML 1.2, a name ending in
+.B .toml
+as TOML 1.0.
+Any other name is refused.
+.PP
+Options are grouped in sections, and each is named below by its key path:
+.B limits.message_size
+is the key
+.B message_size
+in the section
+.BR limits .
+.B listeners
+is a list of tables, one per listening socket;
+.B listeners[].port
+is the
+.B port
+key of each of them.
+An option left out takes its default; a section left out takes all its defaults.
+In YAML:
+.PP
+.RS
+.nf
+limits:
+  message_size: 52428800
+listeners:
+  \- {{address: "0.0.0.0", port: 25, mode: smtp}}
+  \- {{address: "::", port: 25, mode: smtp}}
+.fi
+.RE
+.PP
+The same in TOML:
+.PP
+.RS
+.nf
+[limits]
+message_size = 52428800
+
+[[listeners]]
+address = "0.0.0.0"
+port = 25
+mode = "smtp"
+
+[[listeners]]
+address = "::"
+port = 25
+mode = "smtp"
+.fi
+.RE
+.PP
+Values must have the type shown for each option: a string must be quoted in
+TOML, a boolean is
+.B true
+or
+.BR false ,
+and is not an integer; an integer is accepted where a number is expected;
+a list of one item is still written as a list.
+Strings must be quoted in YAML too when they could be read as something else.
+File names are used as written; relative ones are relative to the working
+directory of the process, so write absolute ones.
+.SS Errors
+The whole file is checked before any of it is used, and every problem found is
+reported, one per line, in the form
+.PP
+.RS
+.I file\fR:\fIline\fR: \fIkey.path\fR: \fImessage
+.RE
+.PP
+for example
+.PP
+.RS
+.nf
+/etc/elemta/elemta.toml:12: listeners[1].port: must be a TCP port between 1 and 65535, not 70000
+/etc/elemta/elemta.toml:30: limits.mesage_size: unknown key; did you mean limits.message_size?
+.fi
+.RE
+.PP
+Problems reported are: syntax errors; unknown keys (with the closest known key,
+when there is one); values of the wrong type; values outside what an option
+allows; and these checks across options:
+.IP \(bu 3
+.B tls.cert_file
+and
+.B tls.key_file
+are set both or neither, and the files they name can be read, as can
+.BR auth.credentials_file .
+.IP \(bu 3
+A listener in mode
+.B smtps
+needs
+.B tls.cert_file
+and
+.BR tls.key_file .
+.IP \(bu 3
+A listener in mode
+.B submission
+or
+.B smtps
+requires AUTH, so it needs
+.BR auth.credentials_file .
+.IP \(bu 3
+No two listeners share an address and port, and there is at least one listener.
+.SH OPTIONS
+Each entry gives the key path, the type and the default, written as in TOML.
+"""
+
+_TAIL = r""".SH FILES
+.TP
+.I /etc/elemta/elemta.yaml\fR, \fI/etc/elemta/elemta.toml
+The configuration file.
+.TP
+.I elemta.yaml.example\fR, \fIelemta.toml.example
+Annotated examples shipped with Elemta: every option, at its default except the
+listeners and the spool directory.
+.SH SEE ALSO
+.BR elemta (8)
+"""
+
+
+def default_text(value: Any) -> str:
+    """A default value written as in TOML: "reject", 2525, 30.0, false, ["a", "b"]."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(default_text(item) for item in value) + "]"
+    if dataclasses.is_dataclass(value):
+        return "{" + ", ".join("%s = %s" % (f.name, default_text(getattr(value, f.name)))
+                               for f in schema_options(type(value))) + "}"
+    raise TypeError("no text for default %r" % (value,))
+
+
+def _roff(text: str) -> str:
+    """Plain text as one roff text line: escape backslashes, guard a leading dot."""
+    text = text.replace("\\", "\\e")
+    if text.startswith((".", "'")):
+        text = "\\&" + text
+    return text
+
+
+def _entry(key: str, kind: Any, default: Any, doc: str) -> List[str]:
+    return [".TP",
+            "\\fB%s\\fR (%s; default: %s)" % (key, _roff(type_name(kind).split(" ", 1)[1].split(" (")[0]),
+                                              _roff(default_text(default))),
+            _roff(doc)]
+
+
+def _section(cls: type, prefix: str) -> List[str]:
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for field in schema_options(cls):
+        lines += _entry(prefix + field.name, hints[field.name], field.default,
+                        field.metadata["doc"])
+    return lines
+
+
+def render() -> str:
+    """The whole man page, as roff text."""
+    lines = [_HEAD.format(date=PAGE_DATE, version=__version__).rstrip("\n")]
+    hints = typing.get_type_hints(Config)
+    for field in schema_options(Config):
+        kind = hints[field.name]
+        item = sequence_item(kind)
+        lines.append(".SS %s" % field.name)
+        if dataclasses.is_dataclass(kind):
+            lines.append(_roff(kind.__doc__.strip()))
+            lines += _section(kind, field.name + ".")
+        elif item is not None and dataclasses.is_dataclass(item):
+            lines += _entry(field.name, kind, field.default,
+                            "%s Each table in the list has the keys below."
+                            % field.metadata["doc"])
+            lines += _section(item, field.name + "[].")
+        else:
+            lines += _entry(field.name, kind, field.default, field.metadata["doc"])
+    return "\n".join(lines) + "\n" + _TAIL
+
+
+def main() -> None:
+    sys.stdout.write(render())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,448 @@
+"""Tests for the configuration loader, the example files and elemta.conf(5).
+
+Each test writes a real file, loads it the way every Elemta process does, and checks
+what an administrator would see: the Config, or the FILE:LINE: KEY.PATH: message lines.
+Error cases run against YAML and TOML alike.
+See also: elemta/config/loader.py, etc/elemta.*.example, man/elemta.conf.5.
+"""
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import typing
+
+import pytest
+import tomlkit
+from ruamel.yaml import YAML
+
+from elemta.config import Config, ConfigError, default_config, load_config
+from elemta.config import manpage
+from elemta.config.schema import Listener, Queue
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+YAML_EXAMPLE = os.path.join(ROOT, "etc", "elemta.yaml.example")
+TOML_EXAMPLE = os.path.join(ROOT, "etc", "elemta.toml.example")
+MAN_PAGE = os.path.join(ROOT, "man", "elemta.conf.5")
+
+
+def write(directory, name, text):
+    path = os.path.join(str(directory), name)
+    with open(path, "w", encoding="utf-8") as stream:
+        stream.write(text)
+    return path
+
+
+def load_error(path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return caught.value
+
+
+def uncomment(text):
+    """Enable the example settings: '#' directly followed by a setting (not prose)."""
+    return re.sub(r"(?m)^(\s*)#(?=[^\s#])", r"\1", text)
+
+
+def read(path):
+    with open(path, encoding="utf-8") as stream:
+        return stream.read()
+
+
+# -- defaults and successful loads
+
+def test_default_config_is_the_development_setup():
+    config = default_config()
+    assert [(l.address, l.port, l.mode) for l in config.listeners] == [
+        ("127.0.0.1", 2525, "smtp")]
+    assert config.queue.spool_dir == "./spool"
+    assert config.source is None
+
+
+@pytest.mark.parametrize("name", ["empty.yaml", "empty.yml", "empty.toml"])
+def test_an_empty_file_gives_the_defaults(tmp_path, name):
+    path = write(tmp_path, name, "# nothing set\n")
+    config = load_config(path)
+    assert config == default_config()
+    assert config.source == path
+
+
+@pytest.mark.parametrize("name,text", [
+    ("c.yaml", "limits:\n  message_size: 1000\ntimeouts:\n  command: 60\n"
+               "relay:\n  local_domains: [example.org, example.net]\n"),
+    ("c.toml", "[limits]\nmessage_size = 1000\n[timeouts]\ncommand = 60\n"
+               "[relay]\nlocal_domains = ['example.org', 'example.net']\n"),
+])
+def test_values_are_typed_frozen_and_missing_keys_take_defaults(tmp_path, name, text):
+    config = load_config(write(tmp_path, name, text))
+    assert config.limits.message_size == 1000
+    assert config.limits.recipients == 1000                 # not in the file
+    assert config.timeouts.command == 60.0 and isinstance(config.timeouts.command, float)
+    assert config.relay.local_domains == ("example.org", "example.net")
+    assert isinstance(config.listeners, tuple)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.limits.message_size = 5
+
+
+def test_toml_listeners_as_inline_tables_and_dotted_keys(tmp_path):
+    path = write(tmp_path, "c.toml",
+                 'limits.errors = 5\n'
+                 'listeners = [{address = "::1", port = 2526}, '
+                 '{address = "127.0.0.1", port = 2527, mode = "smtp"}]\n')
+    config = load_config(path)
+    assert config.limits.errors == 5
+    assert config.listeners == (Listener("::1", 2526, "smtp"),
+                                Listener("127.0.0.1", 2527, "smtp"))
+
+
+def test_a_yaml_section_with_every_option_commented_out_takes_its_defaults(tmp_path):
+    config = load_config(write(tmp_path, "c.yaml", "tls:\n  #cert_file: x\nlimits:\n"))
+    assert config == default_config()
+
+
+# -- the example files
+
+def copy_example(tmp_path, example, name, transform=lambda text: text):
+    return write(tmp_path, name, transform(read(example)))
+
+
+def test_examples_load_to_the_same_packaged_config(tmp_path):
+    from_yaml = load_config(copy_example(tmp_path, YAML_EXAMPLE, "elemta.yaml"))
+    from_toml = load_config(copy_example(tmp_path, TOML_EXAMPLE, "elemta.toml"))
+    assert from_yaml == from_toml
+    # Everything at its default but the packaged listener and spool.
+    assert from_yaml == dataclasses.replace(
+        default_config(), listeners=(Listener("0.0.0.0", 25, "smtp"),),
+        queue=Queue(spool_dir="/var/spool/elemta"))
+
+
+def test_examples_with_every_setting_enabled_agree(tmp_path):
+    """The commented-out listeners, TLS and AUTH settings are valid, and the same."""
+    etc = tmp_path / "etc-elemta"
+    (etc / "tls").mkdir(parents=True)
+    for name in ("tls/cert.pem", "tls/key.pem", "credentials"):
+        (etc / name).write_text("placeholder\n")
+
+    def enable(text):
+        return uncomment(text).replace("/etc/elemta/", str(etc) + "/")
+    from_yaml = load_config(copy_example(tmp_path, YAML_EXAMPLE, "all.yaml", enable))
+    from_toml = load_config(copy_example(tmp_path, TOML_EXAMPLE, "all.toml", enable))
+    assert from_yaml == from_toml
+    assert [(l.port, l.mode) for l in from_yaml.listeners] == [
+        (25, "smtp"), (587, "submission"), (465, "smtps")]
+    assert from_yaml.tls.cert_file == str(etc / "tls/cert.pem")
+    assert from_yaml.auth.credentials_file == str(etc / "credentials")
+
+
+def schema_key_paths(cls=Config, prefix=""):
+    """Every option's key path, from the dataclasses: smtpd.hostname, listeners[].port, ..."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.metadata.get("internal"):
+            continue
+        kind = hints[field.name]
+        args = typing.get_args(kind)
+        if dataclasses.is_dataclass(kind):
+            yield from schema_key_paths(kind, prefix + field.name + ".")
+        elif args and dataclasses.is_dataclass(args[0]):
+            yield prefix + field.name, field
+            yield from schema_key_paths(args[0], prefix + field.name + "[].")
+        else:
+            yield prefix + field.name, field
+
+
+def key_paths_in(data, prefix=""):
+    found = set()
+    for key, value in data.items():
+        found.add(prefix + key)
+        if isinstance(value, dict):
+            found |= key_paths_in(value, prefix + key + ".")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for item in value:
+                found |= key_paths_in(item, prefix + key + "[].")
+    return found
+
+
+def test_examples_show_every_option():
+    yaml_data = YAML(typ="safe").load(uncomment(read(YAML_EXAMPLE)))
+    toml_data = tomlkit.parse(uncomment(read(TOML_EXAMPLE))).unwrap()
+    for data in (yaml_data, toml_data):
+        missing = {key for key, _ in schema_key_paths()} - key_paths_in(data)
+        assert not missing
+
+
+# -- errors, each for YAML and TOML: (yaml text, line, toml text, line, key, message part)
+
+ERROR_CASES = {
+    "unknown top-level key": (
+        "smtpd:\n  banner: hi\nsmtp:\n  banner: x\n", 3,
+        '[smtpd]\nbanner = "hi"\n[smtp]\nbanner = "x"\n', 3,
+        "smtp", "unknown key; did you mean smtpd?"),
+    "unknown nested key": (
+        "limits:\n  errors: 3\n  mesage_size: 5\n", 3,
+        "[limits]\nerrors = 3\nmesage_size = 5\n", 3,
+        "limits.mesage_size", "did you mean limits.message_size?"),
+    "unknown key without a close match": (
+        "queue:\n  zzz: 1\n", 2, "[queue]\nzzz = 1\n", 2,
+        "queue.zzz", "known keys here: index_map_size, spool_dir, sync_method"),
+    "string for an integer": (
+        "limits:\n  recipients: '10'\n", 2, '[limits]\nrecipients = "10"\n', 2,
+        "limits.recipients", "expected an integer, not a string ('10')"),
+    "boolean is not an integer": (
+        "limits:\n  errors: true\n", 2, "[limits]\nerrors = true\n", 2,
+        "limits.errors", "expected an integer, not a boolean (true)"),
+    "integer is not a boolean": (
+        "auth:\n  allow_plaintext: 1\n", 2, "[auth]\nallow_plaintext = 1\n", 2,
+        "auth.allow_plaintext", "expected a boolean (true or false), not an integer (1)"),
+    "string where a list is expected": (
+        "relay:\n  local_domains: example.org\n", 2,
+        '[relay]\nlocal_domains = "example.org"\n', 2,
+        "relay.local_domains", "expected a list of strings, not a string ('example.org')"),
+    "scalar where a section is expected": (
+        "limits: 5\n", 1, "limits = 5\n", 1,
+        "limits", "expected a "),
+    "bad value": (
+        "logging:\n  level: loud\n", 2, '[logging]\nlevel = "loud"\n', 2,
+        "logging.level", "must be one of debug, info, warning, error, not 'loud'"),
+    "zero message size": (
+        "limits:\n  message_size: 0\n", 2, "[limits]\nmessage_size = 0\n", 2,
+        "limits.message_size", "must be greater than 0"),
+    "bad listener mode": (
+        "listeners:\n  - port: 2525\n  - port: 2526\n    mode: lmtp\n", 4,
+        '[[listeners]]\nport = 2525\n[[listeners]]\nport = 2526\nmode = "lmtp"\n', 5,
+        "listeners[1].mode", "must be one of smtp, submission, smtps, not 'lmtp'"),
+    "port 70000": (
+        "listeners:\n  - address: 0.0.0.0\n    port: 70000\n", 3,
+        '[[listeners]]\naddress = "0.0.0.0"\nport = 70000\n', 3,
+        "listeners[0].port", "must be a TCP port between 1 and 65535, not 70000"),
+    "bad listener address": (
+        "listeners:\n  - address: localhost\n", 2, '[[listeners]]\naddress = "localhost"\n', 2,
+        "listeners[0].address", "must be an IPv4 or IPv6 address"),
+    "listener that is not a table": (
+        "listeners:\n  - 25\n", 2, "listeners = [\n  25,\n]\n", 2,
+        "listeners[0]", "expected a "),
+    "bad network": (
+        "relay:\n  mynetworks:\n    - 10.0.0.0/8\n    - 10.0.0.300/8\n", 4,
+        '[relay]\nmynetworks = [\n  "10.0.0.0/8",\n  "10.0.0.300/8",\n]\n', 4,
+        "relay.mynetworks[1]", "'10.0.0.300/8' is not an IP network"),
+    "smtps without certificates": (
+        "auth: {credentials_file: CERT}\n"
+        "listeners:\n  - port: 2525\n  - port: 4650\n    mode: smtps\n", 5,
+        '[[listeners]]\nport = 2525\n[[listeners]]\nport = 4650\nmode = "smtps"\n'
+        '[auth]\ncredentials_file = "CERT"\n', 5,
+        "listeners[1].mode", "smtps (implicit TLS) needs a certificate"),
+    "submission without credentials": (
+        "listeners:\n  - port: 5870\n    mode: submission\n", 3,
+        '[[listeners]]\nport = 5870\nmode = "submission"\n', 3,
+        "listeners[0].mode", "submission requires AUTH before MAIL: set auth.credentials_file"),
+    "certificate without key": (
+        "tls:\n  min_version: TLSv1.3\n  cert_file: CERT\n", 3,
+        '[tls]\nmin_version = "TLSv1.3"\ncert_file = "CERT"\n', 3,
+        "tls.cert_file", "is set but tls.key_file is not: set both or neither"),
+    "unreadable credentials file": (
+        "auth:\n  credentials_file: /nonexistent/credentials\n", 2,
+        '[auth]\ncredentials_file = "/nonexistent/credentials"\n', 2,
+        "auth.credentials_file", "cannot read /nonexistent/credentials: No such file"),
+    "two listeners on one address and port": (
+        "listeners:\n  - {address: '::', port: 2525}\n  - {address: '0::0', port: 2525}\n", 3,
+        '[[listeners]]\naddress = "::"\nport = 2525\n[[listeners]]\naddress = "0::0"\n'
+        'port = 2525\n', 4,
+        "listeners[1]", "0::0 port 2525 is already used by listeners[0]"),
+    "no listeners": (
+        "listeners: []\n", 1, "listeners = []\n", 1,
+        "listeners", "at least one listener is needed"),
+    "not a number": (
+        "timeouts:\n  command: .nan\n", 2, "[timeouts]\ncommand = nan\n", 2,
+        "timeouts.command", "must be a finite number"),
+}
+
+
+def assert_reports(error, path, line, key, message_part):
+    """`error` has a line 'PATH:LINE: KEY: ...message_part...'."""
+    prefix = "%s:%d: %s: " % (path, line, key)
+    lines = str(error).splitlines()
+    assert any(l.startswith(prefix) and message_part in l for l in lines), \
+        "no %r ... %r in:\n%s" % (prefix, message_part, error)
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "toml"])
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_each_error_names_file_line_and_key(tmp_path, case, fmt):
+    yaml_text, yaml_line, toml_text, toml_line, key, message_part = ERROR_CASES[case]
+    text, line = (yaml_text, yaml_line) if fmt == "yaml" else (toml_text, toml_line)
+    cert = write(tmp_path, "cert.pem", "placeholder\n")
+    path = write(tmp_path, "elemta." + fmt, text.replace("CERT", cert))
+    error = load_error(path)
+    assert len(error.problems) == 1, str(error)
+    problem = error.problems[0]
+    assert (problem.file, problem.line, problem.key) == (path, line, key)
+    assert_reports(error, path, line, key, message_part)
+
+
+@pytest.mark.parametrize("name,text,line,message_part", [
+    ("bad.yaml", "limits:\n  errors: 3\n  recipients: [1,\nlogging: {}\n", 5,
+     "YAML syntax error: expected ',' or ']', but got '<stream end>' "
+     "(while parsing a flow sequence that starts on line 3)"),
+    ("tab.yaml", "limits:\n  errors: 3\n\trecipients: 4\n", 3, "YAML syntax error"),
+    ("dup.yaml", "limits:\n  errors: 3\n  errors: 4\n", 3, 'duplicate key "errors"'),
+    ("bad.toml", "[limits]\nerrors = 3\nrecipients = \n", 3, "TOML syntax error"),
+    ("dup.toml", "[limits]\nerrors = 3\n\nerrors = 4\n", 4, 'Key "errors" already exists'),
+    ("duptable.toml", "[limits]\nerrors = 3\n[tls]\n[limits]\n", 4, 'TOML syntax error'),
+    ("list.yaml", "- 1\n- 2\n", 1, "must be a mapping of option sections"),
+    ("header.toml", "[limits\nerrors = 3\n", 1, 'TOML syntax error'),
+])
+def test_syntax_errors_name_file_and_line(tmp_path, name, text, line, message_part):
+    path = write(tmp_path, name, text)
+    error = load_error(path)
+    assert [(p.file, p.line) for p in error.problems] == [(path, line)]
+    assert str(error).startswith("%s:%d: " % (path, line)) and message_part in str(error)
+
+
+def test_missing_file_is_named(tmp_path):
+    path = str(tmp_path / "absent.toml")
+    error = load_error(path)
+    assert str(error) == "%s: cannot read the file: No such file or directory" % path
+
+
+def test_unknown_extension_is_refused(tmp_path):
+    path = write(tmp_path, "elemta.conf", "limits:\n  errors: 3\n")
+    error = load_error(path)
+    assert str(error).startswith(path + ": unknown config file format")
+
+
+def test_not_utf8_names_the_line(tmp_path):
+    path = str(tmp_path / "latin1.yaml")
+    with open(path, "wb") as stream:
+        stream.write(b"smtpd:\n  banner: caf\xe9\n")
+    assert str(load_error(path)).startswith(path + ":2: the file is not UTF-8 text")
+
+
+MANY_ERRORS = {
+    "yaml": """\
+smtpd:
+  banner: 5
+  hostnme: mx.example.org
+listeners:
+  - address: 0.0.0.0
+    port: 70000
+  - address: 0.0.0.0
+    port: 465
+    mode: smtps
+relay:
+  mynetworks: 10.0.0.0/8
+limits:
+  recipients: 0
+""",
+    "toml": """\
+[smtpd]
+banner = 5
+hostnme = "mx.example.org"
+
+[[listeners]]
+address = "0.0.0.0"
+port = 70000
+
+[[listeners]]
+address = "0.0.0.0"
+port = 465
+mode = "smtps"
+
+[relay]
+mynetworks = "10.0.0.0/8"
+
+[limits]
+recipients = 0
+""",
+}
+MANY_EXPECTED = {
+    "yaml": [(2, "smtpd.banner"), (3, "smtpd.hostnme"), (6, "listeners[0].port"),
+             (9, "listeners[1].mode"), (9, "listeners[1].mode"), (11, "relay.mynetworks"),
+             (13, "limits.recipients")],
+    "toml": [(2, "smtpd.banner"), (3, "smtpd.hostnme"), (7, "listeners[0].port"),
+             (12, "listeners[1].mode"), (12, "listeners[1].mode"), (15, "relay.mynetworks"),
+             (18, "limits.recipients")],
+}
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "toml"])
+def test_every_problem_in_a_file_is_reported_in_file_order(tmp_path, fmt):
+    path = write(tmp_path, "elemta." + fmt, MANY_ERRORS[fmt])
+    error = load_error(path)
+    assert [(p.line, p.key) for p in error.problems] == MANY_EXPECTED[fmt]
+    assert len(str(error).splitlines()) == len(MANY_EXPECTED[fmt])
+    assert all(l.startswith(path + ":") for l in str(error).splitlines())
+
+
+def test_toml_lines_survive_strings_comments_and_quoted_keys(tmp_path):
+    text = '''\
+# [limits] in a comment, and errors = 1 too
+[smtpd]
+banner = """
+[limits]
+errors = "not a table header"
+"""
+"hostname" = 'mx.example.org' # a quoted key
+[ "limits" ]
+recipients = [ # a list where an integer belongs
+  1,
+]
+errors = 'x'
+[[listeners]]
+port = 2525
+[[listeners]]
+port = 2526
+[listeners.extra]
+'''
+    path = write(tmp_path, "elemta.toml", text)
+    error = load_error(path)
+    assert [(p.line, p.key) for p in error.problems] == [
+        (9, "limits.recipients"), (12, "limits.errors"), (17, "listeners[1].extra")]
+
+
+# -- the man page
+
+def man_text_of_entry(page, key):
+    """The roff lines of one option's entry, roff escapes removed."""
+    match = re.search(r"^\\fB%s\\fR (.*(?:\n(?!\.TP|\.SS|\.SH).*)*)" % re.escape(key), page,
+                      re.MULTILINE)
+    assert match, "%s has no entry in elemta.conf(5)" % key
+    return match.group(1).replace("\\-", "-").replace("\\e", "\\").replace("\\&", "")
+
+
+def literal(value):
+    """A default as the page writes it, worked out here on its own."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return '"%s"' % value
+    if isinstance(value, tuple):
+        return "[%s]" % ", ".join(literal(v) for v in value)
+    if dataclasses.is_dataclass(value):
+        return "{%s}" % ", ".join("%s = %s" % (f.name, literal(getattr(value, f.name)))
+                                  for f in dataclasses.fields(value))
+    return str(value)
+
+
+def test_man_page_documents_every_option_with_its_default():
+    page = read(MAN_PAGE)
+    for key, field in schema_key_paths():
+        entry = man_text_of_entry(page, key)
+        assert "default: %s)" % literal(field.default) in entry, key
+        assert field.metadata["doc"].split(" (")[0] in entry, key
+    assert ".BR elemta (8)" in page
+
+
+def test_man_page_is_what_the_schema_generates():
+    assert read(MAN_PAGE) == manpage.render(), \
+        "regenerate: python -m elemta.config.manpage > man/elemta.conf.5"
+
+
+@pytest.mark.skipif(not shutil.which("mandoc"), reason="mandoc is not installed")
+def test_man_page_is_lint_clean():
+    result = subprocess.run(["mandoc", "-T", "lint", "-W", "warning", MAN_PAGE],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True)
+    assert result.stdout == ""
