@@ -12,6 +12,7 @@ See also: man/elemta.conf.5, etc/elemta.yaml.example, etc/elemta.toml.example.
 """
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -67,12 +68,16 @@ def _networks(values):
     return None
 
 
+# Letters, digits, '-' and '_' (seen in real host names), or non-ASCII (IDN U-labels).
+_LABEL = re.compile("^[\\w\u0080-\U0010ffff]([\\w\u0080-\U0010ffff-]{0,61}"
+                    "[\\w\u0080-\U0010ffff])?$")
+
+
 def _domains(values):
     for value in values:
         name = value.rstrip(".")
-        if not name or len(name) > 253 or any(
-                not label or len(label) > 63 or label.startswith("-")
-                for label in name.split(".")):
+        if not name or len(name) > 253 or not all(
+                _LABEL.match(label) for label in name.split(".")):
             return "%r is not a domain name" % value
     return None
 

@@ -15,14 +15,14 @@ class RelayPolicy:
 
     def __init__(self, relay_config, hostname):
         self.local_domains = frozenset(
-            d.lower().rstrip(".") for d in tuple(relay_config.local_domains) + (hostname,))
+            _normal(d) for d in tuple(relay_config.local_domains) + (hostname,))
         self.mynetworks = tuple(ipaddress.ip_network(n, strict=False)
                                 for n in relay_config.mynetworks)
 
     def is_local(self, address):
         """True for recipients in a local domain, and for a bare <postmaster>."""
         domain = domain_of(address)
-        return domain == "" or domain in self.local_domains
+        return domain == "" or _normal(domain) in self.local_domains
 
     def client_trusted(self, client_ip):
         try:
@@ -36,3 +36,12 @@ class RelayPolicy:
     def may_send(self, client_ip, auth_user, recipient):
         return (self.is_local(recipient) or auth_user is not None
                 or self.client_trusted(client_ip))
+
+
+def _normal(domain):
+    """A domain in one spelling: lower case, no final dot, IDN U-labels as A-labels."""
+    domain = domain.lower().rstrip(".")
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:        # not valid IDNA: compare it as written
+        return domain
