@@ -210,6 +210,24 @@ def test_an_aborted_message_leaves_nothing(queue):
     assert spool_files(queue.spool_dir, "messages") == []
 
 
+def test_committing_a_writer_again_cannot_undo_its_acceptance(queue):
+    writer = queue.start_message(envelope())
+    writer.write(b"accepted once\r\n")
+    writer.finish()
+    queue.commit([writer])
+    other = queue.start_message(envelope())
+    other.write(b"x")
+    other.finish()
+    for batch in ([writer], [other, writer], [other, other]):
+        with pytest.raises(ValueError):
+            queue.commit(batch)
+    writer.abort()
+    assert read_content(queue, writer.queue_id) == b"accepted once\r\n"
+    assert queue.get(writer.queue_id).state == INCOMING
+    queue.commit([other])
+    assert queue.index.count_by_state() == {INCOMING: 2}
+
+
 # -- reindex and reconcile
 
 def test_reindex_rebuilds_a_deleted_index_from_the_files(tmp_path):

@@ -110,8 +110,12 @@ class Queue:
         leaves none of the batch accepted) otherwise."""
         writers = list(writers)
         for writer in writers:
-            if not writer.finished:
-                raise ValueError("spool writer for %s is not finished" % writer.queue_id)
+            # Checked before anything moves: a roll-back must never touch an accepted message.
+            if not writer.finished or writer.committed:
+                raise ValueError("spool writer for %s is %s" % (
+                    writer.queue_id, "already committed" if writer.committed else "not finished"))
+        if len({id(w) for w in writers}) != len(writers):
+            raise ValueError("the same spool writer appears twice in one commit")
         if not writers:
             return
         installed = []
