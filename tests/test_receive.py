@@ -312,3 +312,30 @@ def test_auth_failures_are_slowed_per_client(elemta_server, tls_files, credentia
         assert attempt(smtp) < 1.2          # another client starts from the first delay
         smtp.login("alice", "wonderland")
     assert server.log().count("SASL PLAIN authentication failed for 'alice'") == 4
+
+
+def test_dsn_parameters_are_stored_with_the_message(elemta_server):
+    server = elemta_server()
+    with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+        smtp.ehlo()
+        assert smtp.has_extn("dsn")
+        smtp.sendmail("a@c.test", ["b@example.test", "c@example.test"], MESSAGE,
+                      mail_options=["RET=HDRS", "ENVID=batch+2B42"],
+                      rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;b@example.test"])
+    [qid] = server.queued_ids()
+    with server.queue() as queue:
+        indexed = queue.get(qid).envelope
+    for envelope in (server.message(qid)[0], indexed):
+        assert (envelope.ret, envelope.envid) == ("HDRS", "batch+42")
+        assert [(r.notify, r.orcpt) for r in envelope.recipients] == [
+            (("SUCCESS", "FAILURE"), "rfc822;b@example.test")] * 2
+
+
+def test_connection_limit_per_worker(elemta_server):
+    server = elemta_server(limits={"connections_per_worker": 2})
+    held = [smtplib.SMTP("127.0.0.1", server.port) for _ in range(2)]
+    with socket.create_connection(("127.0.0.1", server.port)) as third:
+        third.settimeout(5)
+        assert third.recv(200) == b"421 4.7.0 mx.test Error: too many connections\r\n"
+    for smtp in held:
+        smtp.quit()
