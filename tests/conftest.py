@@ -21,6 +21,17 @@ from tests.peers.postfix import free_port
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def wait_for(predicate, timeout=10):
+    """Poll predicate until it returns something true; return that, or fail the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("condition not met within %ss" % timeout)
+
+
 class ElemtaServer:
     """A running Elemta: its ports, spool, config file and log."""
 

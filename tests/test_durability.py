@@ -19,6 +19,7 @@ import time
 import pytest
 
 from elemta.queue.queue import INDEX_NAME, Queue
+from tests.conftest import wait_for
 
 
 def message_body(tag, size):
@@ -50,14 +51,6 @@ def tmp_files(server):
     return os.listdir(os.path.join(server.spool, "tmp"))
 
 
-def wait_for(predicate, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError("condition not met within %ss" % timeout)
 
 
 def read_until_closed(sock, timeout=5):

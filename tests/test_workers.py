@@ -4,7 +4,8 @@ respawn after a crash, clean stop with no orphans."""
 import os
 import signal
 import smtplib
-import time
+
+from tests.conftest import wait_for
 
 
 def children_of(pid):
@@ -25,14 +26,6 @@ def children_of(pid):
     return found
 
 
-def wait_for(predicate, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met within %ss" % timeout)
 
 
 def send(port, n=1):
