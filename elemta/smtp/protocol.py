@@ -26,7 +26,6 @@ import binascii
 import re
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional
 
 from elemta.smtp.address import (AddressError, NonAsciiAddress, decode_xtext,
                                  parse_params, split_path, validate_mailbox)
