@@ -22,6 +22,8 @@ LINE_ENDING_POLICIES = ("reject", "normalize")
 EIGHT_BIT_POLICIES = ("reject", "accept")
 SYNC_METHODS = ("syncfs", "fsync")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SYSLOG_FACILITIES = ("mail", "daemon", "local0", "local1", "local2", "local3", "local4",
+                     "local5", "local6", "local7")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
 
@@ -49,6 +51,12 @@ def _not_negative(value):
     if value < 0:
         return "must be 0 or more, not %r" % (value,)
     return None
+
+
+def _log_target(value):
+    if value in ("stderr", "syslog") or value.startswith("/"):
+        return None
+    return "must be stderr, syslog or an absolute file path, not %r" % (value,)
 
 
 def _ip_address(value):
@@ -113,6 +121,11 @@ class SMTPD:
     banner: str = opt("ESMTP Elemta", "Text after the host name in the 220 greeting.")
     workers: int = opt(0, "Number of smtpd worker processes sharing the listeners; 0 means "
                           "one per CPU.", _not_negative)
+    max_use: int = opt(10000, "Sessions a worker serves before it retires and a fresh one "
+                              "takes its place (Postfix's max_use); 0 means never.",
+                       _not_negative)
+    max_idle: float = opt(0.0, "Seconds a worker may go without a session before it retires "
+                               "(Postfix's max_idle); 0 means never.", _not_negative)
     bare_line_endings: str = opt(
         "reject", "What to do with a bare CR or LF inside DATA: reject the message "
                   "(550 5.5.2) or normalize it to CRLF. DATA always ends only at CRLF.CRLF.",
@@ -201,6 +214,32 @@ class Logging:
     """Where log lines go."""
     level: str = opt("info", "Least severe level logged: debug, info, warning, error.",
                      _one_of(LOG_LEVELS))
+    target: str = opt("stderr", "stderr, syslog (to /dev/log), or the absolute path of a log "
+                                "file (reopened on SIGUSR1, for logrotate).", _log_target)
+    syslog_facility: str = opt("mail", "Syslog facility when target is syslog.",
+                               _one_of(SYSLOG_FACILITIES))
+
+
+@dataclass(frozen=True)
+class Master:
+    """The master process: privileges, supervision, pid file."""
+    user: Optional[str] = opt(None, "User the workers run as after the master has bound the "
+                                    "listeners as root (default: do not change user).")
+    group: Optional[str] = opt(None, "Group the workers run as (default: the user's group).")
+    pid_file: Optional[str] = opt(None, "File the master writes its pid to (with --daemon the "
+                                        "default is /run/elemta.pid).")
+    heartbeat_timeout: float = opt(30.0, "Seconds a worker may go without a heartbeat before "
+                                         "the master kills and replaces it.", _positive)
+    stop_grace: float = opt(10.0, "Seconds SIGTERM gives open sessions to finish before they "
+                                  "are cut.", _not_negative)
+
+
+@dataclass(frozen=True)
+class API:
+    """The api process: /metrics for Prometheus (and the REST API later)."""
+    enabled: bool = opt(True, "Run the api process.")
+    address: str = opt("127.0.0.1", "Address the api process listens on.", _ip_address)
+    port: int = opt(8025, "TCP port of the api process.", _port)
 
 
 @dataclass(frozen=True)
@@ -215,6 +254,8 @@ class Config:
     timeouts: Timeouts = opt(Timeouts(), "Timeouts.")
     queue: Queue = opt(Queue(), "The queue.")
     logging: Logging = opt(Logging(), "Logging.")
+    master: Master = opt(Master(), "The master process.")
+    api: API = opt(API(), "The api process.")
     source: Optional[str] = field(default=None, compare=False, metadata={"internal": True})
 
     @property
