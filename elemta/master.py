@@ -1,93 +1,192 @@
-"""The master process: forks smtpd workers on shared sockets and keeps them running.
+"""The master process: forks the workers on shared sockets and keeps them running.
 
-A first, small supervisor in the shape of gunicorn's arbiter (design.md): it binds
-nothing and parses no mail itself; it forks `smtpd.workers` children that share the
-listening sockets, respawns one that dies (with a pause if it keeps dying), and on
-SIGTERM/SIGINT asks them all to finish and waits. Signal handlers only queue the
-signal and wake the loop through a pipe (design rule 1). The master issue grows this
-into the full process model (delivery, pickup, api, heartbeats, reload).
+In the shape of gunicorn's arbiter (design.md): the master binds (as root when it must),
+forks `smtpd.workers` smtpd children and one api child, and then only watches: it reaps
+and respawns children (pausing when one keeps crashing), kills a child whose heartbeat
+stops, starts a replacement at once when a child retires (max_use, max_idle), and turns
+signals into actions. It never parses mail and never opens the queue for work.
+
+Signals (handlers only queue them and wake the loop through a pipe, design rule 1):
+  SIGTERM, SIGINT  stop: children finish their sessions (up to master.stop_grace), exit 0
+  SIGQUIT          fast stop: children cut their sessions
+  SIGHUP           reload: re-read the config, start new children with it, then stop the
+                   old ones once the new ones serve; the sockets never close, so no
+                   connection is refused
+  SIGUSR1          reopen log files (here and in every child)
+  SIGUSR2          a child is retiring: start its replacement now
+See also: elemta.smtpd.worker, elemta.util.scoreboard, elemta.cli.elemta.
 """
 
 import errno
+import grp
 import logging
 import os
+import pwd
 import select
 import signal
 import time
 
-log = logging.getLogger("elemta")
+from elemta.util import logs, sdnotify
+from elemta.util.scoreboard import RETIRING, RUNNING, Scoreboard
 
-# A worker that dies sooner than this after its start counts as crashing.
+log = logging.getLogger("elemta.master")
+
+# A child that dies sooner than this after its start counts as crashing.
 CRASH_WINDOW = 5.0
-# How long a crashing worker slot waits before it is forked again.
+# How long a crashing kind of child waits before it is forked again.
 CRASH_BACKOFF = 2.0
-# Beyond the workers' own grace period, how long the master waits before SIGKILL.
+# After SIGABRT (heartbeat lost) or the stop grace, how long before SIGKILL.
 KILL_AFTER = 5.0
+# How long new children may take to start serving before old ones are stopped anyway.
+RELOAD_WAIT = 15.0
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
+           signal.SIGUSR2, signal.SIGCHLD)
+
+
+class Child:
+    """What the master knows of one forked child."""
+
+    def __init__(self, kind, slot, generation):
+        self.kind = kind
+        self.slot = slot
+        self.generation = generation
+        self.started = time.monotonic()
+        self.stopping = False          # asked to stop: its exit is expected
+        self.abort_sent = None         # when SIGABRT went out for a lost heartbeat
 
 
 class Master:
-    """Supervises smtpd worker processes."""
+    """Supervises the smtpd and api children. Create, then run()."""
 
-    def __init__(self, worker_count, run_worker, stop_grace, slot_freed=None):
-        """run_worker(master_pid, slot) runs in each child and returns its exit status;
-        slot (0 .. worker_count-1) is the child's place in shared tables, and
-        slot_freed(slot) is called in the master once that child has died."""
-        self.worker_count = worker_count
-        self.run_worker = run_worker
-        self.stop_grace = stop_grace
-        self.slot_freed = slot_freed
-        self.workers = {}            # pid -> (slot, start time)
+    def __init__(self, config, listening, reload_config, bind, workers_for, run_child):
+        """listening: list of (Listener, socket), bound already.
+        reload_config(): the new Config, or raises ConfigError (SIGHUP).
+        bind(listener): a listening socket for a listener new in a reload; raises OSError.
+        workers_for(config): how many smtpd workers that config asks for.
+        run_child(kind, config, listening, slot, scoreboard, master_pid): the child's main,
+        returning its exit status; kind is "smtpd" or "api"."""
+        self.config = config
+        self.listening = list(listening)
+        self.reload_config = reload_config
+        self.bind = bind
+        self.workers_for = workers_for
+        self.run_child = run_child
+        self.generation = 0
+        self.children = {}             # pid -> Child
+        # Room for every worker twice (old and new generation during a reload) plus api.
+        self.smtpd_slots = 2 * max(workers_for(config), os.cpu_count() or 1)
+        self.scoreboard = Scoreboard(self.smtpd_slots + 2)
+        self.slot_freed = []           # callbacks(slot) run when a child's slot frees up
         self._signals = []
         self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._next_spawn = 0.0
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self._not_before = {}          # kind -> monotonic time a crashed kind may respawn
+        self._reload_started = None
 
-    # ---- the loop -------------------------------------------------------------------
+    # ---- the loop -------------------------------------------------------------------------
 
     def run(self):
-        """Supervise until SIGTERM/SIGINT; returns the exit status."""
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        """Supervise until told to stop; returns the exit status."""
+        for signum in SIGNALS:
             signal.signal(signum, self._on_signal)
-        try:
-            from setproctitle import setproctitle
-            setproctitle("elemta: master")
-        except ImportError:      # pragma: no cover - a declared dependency
-            pass
+        from setproctitle import setproctitle
+        setproctitle("elemta: master")
+        self.spawn_children()
+        sdnotify.notify("READY=1", "MAINPID=%d" % os.getpid())
         while True:
-            self.reap_workers()
-            while self._signals:
-                signum = self._signals.pop(0)
-                if signum in (signal.SIGTERM, signal.SIGINT):
-                    return self.stop()
-            self.spawn_workers()
+            self.reap_children()
+            for signum in self._take_signals():
+                name = signal.Signals(signum).name[3:].lower()
+                status = getattr(self, "handle_" + name)()
+                if status is not None:
+                    return status
+            self.murder_children()
+            self.stop_old_generation()
+            self.spawn_children()
             self._sleep(1.0)
 
-    def spawn_workers(self):
-        while len(self.workers) < self.worker_count and time.monotonic() >= self._next_spawn:
-            busy = {slot for slot, _ in self.workers.values()}
-            self.spawn_worker(min(set(range(self.worker_count)) - busy))
+    # ---- signal handlers (in the loop, never in signal context) --------------------------
 
-    def spawn_worker(self, slot):
+    def handle_term(self):
+        """SIGTERM: graceful stop."""
+        return self.stop(signal.SIGTERM)
+
+    handle_int = handle_term
+
+    def handle_quit(self):
+        """SIGQUIT: fast stop."""
+        return self.stop(signal.SIGQUIT)
+
+    def handle_hup(self):
+        """SIGHUP: reload the configuration."""
+        self.reload()
+
+    def handle_usr1(self):
+        """SIGUSR1: reopen log files, here and in every child."""
+        logs.reopen()
+        self._kill_all(signal.SIGUSR1)
+
+    def handle_usr2(self):
+        """SIGUSR2: a child retires; the loop's spawn_children() replaces it."""
+
+    def handle_chld(self):
+        """SIGCHLD: the loop's reap_children() collects it."""
+
+    # ---- children -------------------------------------------------------------------------
+
+    def wanted(self):
+        """{kind: count} the current configuration asks for."""
+        return {"smtpd": self.workers_for(self.config),
+                "api": 1 if self.config.api.enabled else 0}
+
+    def spawn_children(self):
+        now = time.monotonic()
+        for kind, count in self.wanted().items():
+            if now < self._not_before.get(kind, 0):
+                continue
+            serving = [c for c in self.children.values()
+                       if c.kind == kind and c.generation == self.generation
+                       and not c.stopping
+                       and self.scoreboard.state(c.slot) != RETIRING]
+            for _ in range(count - len(serving)):
+                slot = self._free_slot(kind)
+                if slot is None:
+                    log.warning("no free %s slot; raise it by restarting elemta", kind)
+                    break
+                self.spawn_child(kind, slot)
+
+    def _free_slot(self, kind):
+        used = {c.slot for c in self.children.values()}
+        slots = range(self.smtpd_slots) if kind == "smtpd" else range(
+            self.smtpd_slots, self.smtpd_slots + 2)
+        return next((s for s in slots if s not in used), None)
+
+    def spawn_child(self, kind, slot):
+        self.scoreboard.claim(slot, 0)
         pid = os.fork()
         if pid:
-            self.workers[pid] = (slot, time.monotonic())
+            self.children[pid] = Child(kind, slot, self.generation)
             return pid
-        # The child: plain signal handling again; the worker installs its own.
         status = 1
         try:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            for signum in SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
             os.close(self._wake_r)
             os.close(self._wake_w)
-            status = self.run_worker(os.getppid(), slot)
+            drop_privileges(self.config.master)
+            status = self.run_child(kind, self.config, self.listening, slot,
+                                    self.scoreboard, os.getppid())
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
-            log.exception("smtpd worker failed")
+            log.exception("%s child failed", kind)
         finally:
             logging.shutdown()
             os._exit(status)
 
-    def reap_workers(self):
+    def reap_children(self):
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -95,41 +194,127 @@ class Master:
                 return
             if not pid:
                 return
-            if pid not in self.workers:
+            child = self.children.pop(pid, None)
+            if child is None:
                 continue
-            slot, started = self.workers.pop(pid)
-            if self.slot_freed is not None:
-                self.slot_freed(slot)
+            retired = self.scoreboard.state(child.slot) == RETIRING
+            self.scoreboard.release(child.slot)
+            for callback in self.slot_freed:
+                callback(child.slot)
             code = os.waitstatus_to_exitcode(status)
             how = "exit status %d" % code if code >= 0 else "signal %d" % -code
-            log.warning("smtpd worker %d ended with %s; starting another", pid, how)
-            if time.monotonic() - started < CRASH_WINDOW:
-                self._next_spawn = time.monotonic() + CRASH_BACKOFF
+            if child.stopping or (retired and code == 0):
+                log.info("%s child %d ended (%s)", child.kind, pid,
+                         "retired" if retired else how)
+                continue
+            log.warning("%s child %d ended with %s; starting another", child.kind, pid, how)
+            if time.monotonic() - child.started < CRASH_WINDOW:
+                self._not_before[child.kind] = time.monotonic() + CRASH_BACKOFF
 
-    def stop(self):
-        """Ask every worker to finish (SIGTERM), wait, then kill what is left."""
-        log.info("master stopping %d worker(s)", len(self.workers))
-        self._kill_all(signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_grace + KILL_AFTER
-        while self.workers and time.monotonic() < deadline:
-            self.reap_workers()
+    def murder_children(self):
+        """Kill children whose heartbeat stopped: SIGABRT, then SIGKILL."""
+        timeout = self.config.master.heartbeat_timeout
+        now = time.monotonic()
+        for pid, child in list(self.children.items()):
+            if child.abort_sent is not None:
+                if now - child.abort_sent > KILL_AFTER:
+                    self._kill(pid, signal.SIGKILL)
+                continue
+            if self.scoreboard.silence(child.slot) > timeout:
+                log.error("%s child %d sent no heartbeat for %ds; killing it", child.kind,
+                          pid, timeout)
+                child.abort_sent = now
+                self._kill(pid, signal.SIGABRT)
+
+    def stop_old_generation(self):
+        """After a reload, stop the previous children once the new ones serve."""
+        old = [(pid, c) for pid, c in self.children.items()
+               if c.generation != self.generation and not c.stopping]
+        if not old:
+            self._reload_started = None
+            return
+        new = [c for c in self.children.values()
+               if c.generation == self.generation and c.kind == "smtpd"]
+        ready = len(new) >= self.wanted()["smtpd"] and all(
+            self.scoreboard.state(c.slot) == RUNNING for c in new)
+        if not ready and time.monotonic() - (self._reload_started or 0) < RELOAD_WAIT:
+            return
+        for pid, child in old:
+            child.stopping = True
+            self._kill(pid, signal.SIGTERM)
+        sdnotify.notify("READY=1")
+
+    # ---- reload and stop ------------------------------------------------------------------
+
+    def reload(self):
+        from elemta.config import ConfigError
+        log.info("reloading the configuration")
+        try:
+            config = self.reload_config()
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration:\n%s", exc)
+            return
+        sdnotify.notify("RELOADING=1")
+        by_address = {(l.address, l.port): sock for l, sock in self.listening}
+        listening, fresh = [], []
+        try:
+            for listener in config.listeners:
+                sock = by_address.get((listener.address, listener.port))
+                if sock is None:
+                    sock = self.bind(listener)
+                    fresh.append(sock)
+                listening.append((listener, sock))
+        except OSError as exc:
+            for sock in fresh:
+                sock.close()
+            log.error("reload refused, keeping the running configuration: cannot listen "
+                      "on %s port %d: %s", listener.address, listener.port,
+                      exc.strerror or exc)
+            sdnotify.notify("READY=1")
+            return
+        kept = {id(sock) for _, sock in listening}
+        for _, sock in self.listening:
+            if id(sock) not in kept:
+                sock.close()       # the old children keep their own copy until they exit
+        if config.logging != self.config.logging:
+            logs.setup(config.logging)
+        self.config, self.listening = config, listening
+        self.generation += 1
+        self._reload_started = time.monotonic()
+        self._not_before.clear()
+        self.spawn_children()
+
+    def stop(self, signum):
+        """Send signum to every child, wait for them (then SIGKILL); returns 0."""
+        sdnotify.notify("STOPPING=1")
+        log.info("master stopping %d child(ren)%s", len(self.children),
+                 " fast" if signum == signal.SIGQUIT else "")
+        for child in self.children.values():
+            child.stopping = True
+        self._kill_all(signum)
+        deadline = time.monotonic() + self.config.master.stop_grace + KILL_AFTER
+        while self.children and time.monotonic() < deadline:
+            self.reap_children()
             self._sleep(0.1)
-        if self.workers:
-            log.warning("killing %d worker(s) that did not stop", len(self.workers))
+        if self.children:
+            log.warning("killing %d child(ren) that did not stop", len(self.children))
             self._kill_all(signal.SIGKILL)
-            while self.workers:
-                pid, _ = os.waitpid(-1, 0)
-                self.workers.pop(pid, None)
+            while self.children:
+                self.reap_children()
+                self._sleep(0.05)
         return 0
 
-    # ---- helpers ------------------------------------------------------------------------
+    # ---- helpers --------------------------------------------------------------------------
 
     def _kill_all(self, signum):
-        for pid in list(self.workers):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                self.workers.pop(pid, None)
+        for pid in list(self.children):
+            self._kill(pid, signum)
+
+    def _kill(self, pid, signum):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
 
     def _on_signal(self, signum, frame):
         self._signals.append(signum)
@@ -138,6 +323,10 @@ class Master:
         except OSError as exc:       # the pipe is full: the loop is awake anyway
             if exc.errno != errno.EAGAIN:
                 raise
+
+    def _take_signals(self):
+        signals, self._signals = self._signals, []
+        return signals
 
     def _sleep(self, seconds):
         try:
@@ -150,3 +339,31 @@ class Master:
                     pass
             except BlockingIOError:
                 pass
+
+
+def drop_privileges(master_config):
+    """Become master.user / master.group (children only; the master keeps root to bind)."""
+    if master_config.user is None and master_config.group is None:
+        return
+    uid, gid = resolve_user(master_config)
+    if os.getuid() == uid and os.getgid() == gid:
+        return
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def resolve_user(master_config):
+    """(uid, gid) for master.user and master.group; raises KeyError naming what is missing."""
+    user, group = master_config.user, master_config.group
+    try:
+        entry = pwd.getpwnam(user) if user else pwd.getpwuid(os.getuid())
+    except KeyError:
+        raise KeyError("master.user: no such user: %s" % user) from None
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise KeyError("master.group: no such group: %s" % group) from None
+    return entry.pw_uid, gid

@@ -51,7 +51,8 @@ class ElemtaServer:
         config = {"smtpd": {"hostname": "mx.test", "workers": 1},
                   "listeners": listeners,
                   "queue": {"spool_dir": self.spool},
-                  "relay": {"local_domains": ["example.test"]}}
+                  "relay": {"local_domains": ["example.test"]},
+                  "api": {"port": free_port()}}
         for section, values in sections.items():
             config.setdefault(section, {}).update(values)
         with open(self.config_path, "w") as f:
@@ -67,7 +68,8 @@ class ElemtaServer:
         env = dict(os.environ, PYTHONPATH=REPO)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "elemta.cli.elemta", "--config", self.config_path],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+            start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -83,17 +85,47 @@ class ElemtaServer:
         raise RuntimeError("elemta did not listen within %ss:\n%s" % (timeout, self.log()))
 
     def stop(self, sig=signal.SIGTERM, timeout=20):
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(sig)
+        """Signal the master and wait for it and every child to be gone.
+
+        Returns the pids of the server's process group still alive 5 s after the master
+        exited (orphans); they are then killed so no test leaks processes."""
+        if self.process is None or self.process.returncode is not None:
+            return []
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         self._log.close()
+        orphans = self.group_pids(wait=5)
+        if orphans:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        return orphans
+
+    def group_pids(self, wait=0):
+        """Live processes of the server's process group, after up to `wait` seconds."""
+        deadline = time.monotonic() + wait
+        while True:
+            pids = []
+            for entry in os.listdir("/proc"):
+                try:
+                    with open("/proc/%s/stat" % entry) as f:
+                        stat = f.read()
+                except (OSError, ValueError):
+                    continue
+                fields = stat[stat.rindex(")") + 2:].split()
+                if fields[0] != "Z" and int(fields[2]) == self.process.pid:
+                    pids.append(int(entry))
+            if not pids or time.monotonic() >= deadline:
+                return pids
+            time.sleep(0.05)
 
     def kill(self):
+        """kill -9 the master and every child at once, as a crash of the host would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.stop(signal.SIGKILL)
 
     def log(self):
@@ -129,7 +161,8 @@ def elemta_server(tmp_path):
 
     yield start
     for server in servers:
-        server.stop()
+        orphans = server.stop()
+        assert not orphans, "processes left after the master exited: %s" % orphans
         assert "Traceback" not in server.log(), server.log()
 
 

@@ -1,24 +1,31 @@
-"""`elemta`: the daemon's entry point.
+"""`elemta`: the daemon's entry point; this process becomes the master.
 
-Loads and checks the configuration, binds the listeners, reconciles the queue with its
-spool files and serves SMTP in the foreground, logging to stderr. For now it runs one
-smtpd worker in this process; the master issue turns this into the pre-forking master.
+Loads and checks the configuration, takes the spool's master lock (one master per
+spool), binds the listeners (as root for ports below 1024), reconciles the queue with
+its spool files as the configured user, and hands over to elemta.master.Master, which
+forks the smtpd and api children. Foreground by default (systemd Type=notify);
+--daemon detaches and writes a pid file.
 
-    elemta [--config FILE | -config FILE] [--check-config] [--version]
+    elemta [--config FILE | -config FILE] [--check-config] [--daemon] [--version]
 
-Exit status: 0 after a clean stop, 1 for a configuration error or a listener that
-cannot be bound. See also: man/elemta.8, elemta.conf(5).
+Exit status: 0 after a clean stop, 1 for a configuration error, a listener that cannot
+be bound, or another master on the same spool. See also: man/elemta.8, elemta.conf(5).
 """
 
 import argparse
+import fcntl
 import logging
 import os
+import resource
 import socket
 import sys
 
 from elemta import __version__
 
-log = logging.getLogger("elemta")
+log = logging.getLogger("elemta.master")
+
+DEFAULT_DAEMON_PID_FILE = "/run/elemta.pid"
+LOCK_NAME = "master.lock"
 
 
 def parse_args(argv):
@@ -30,34 +37,25 @@ def parse_args(argv):
                              "(default: built-in development settings)")
     parser.add_argument("--check-config", action="store_true",
                         help="check the configuration, report problems and exit")
+    parser.add_argument("--daemon", action="store_true",
+                        help="detach from the terminal and write a pid file")
     parser.add_argument("--version", action="version", version="elemta " + __version__)
     return parser.parse_args(argv)
 
 
 def load(path):
-    from elemta.config import ConfigError, default_config, load_config
-    if path is None:
-        return default_config()
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        sys.exit(1)
+    """The Config from path (or the built-in defaults); raises ConfigError."""
+    from elemta.config import default_config, load_config
+    return default_config() if path is None else load_config(path)
 
 
-def setup_logging(config):
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(name)s[%(process)d]: %(levelname)s: %(message)s",
-        datefmt="%b %d %H:%M:%S"))
-    root = logging.getLogger("elemta")
-    root.handlers[:] = [handler]
-    root.setLevel(config.logging.level.upper())
-    root.propagate = False
+def fail(message):
+    print("elemta: %s" % message, file=sys.stderr)
+    sys.exit(1)
 
 
 def bind(listener):
-    """A listening socket for one listener; exits with a clear message if it cannot."""
+    """A listening socket for one listener; raises OSError."""
     family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -66,48 +64,160 @@ def bind(listener):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((listener.address, listener.port))
         sock.listen(1024)
-    except OSError as exc:
+    except OSError:
         sock.close()
-        print("elemta: cannot listen on %s port %d: %s"
-              % (listener.address, listener.port, exc.strerror or exc), file=sys.stderr)
-        sys.exit(1)
+        raise
     sock.setblocking(False)
     return sock
 
 
+def take_master_lock(spool_dir, uid, gid):
+    """Hold spool/master.lock for the master's life; refuse if another master has it."""
+    os.makedirs(spool_dir, exist_ok=True)
+    if os.getuid() == 0 and (uid, gid) != (0, 0):
+        os.chown(spool_dir, uid, gid)          # the children write here as that user
+    fd = os.open(os.path.join(spool_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        fail("another master (pid %s) is running on spool %s" % (holder, spool_dir))
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def note_pid(lock_fd):
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, b"%d\n" % os.getpid(), 0)
+
+
+def write_pid_file(path):
+    with open(path, "w") as f:
+        f.write("%d\n" % os.getpid())
+
+
+def raise_fd_limit():
+    """Each SMTP session is a descriptor: allow as many as the hard limit does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def reconcile_queue(config):
+    """Make the index agree with the spool files, as the workers' user, before serving."""
+    from elemta.master import drop_privileges
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            drop_privileges(config.master)
+            from elemta.queue.queue import Queue
+            with Queue(config.queue.spool_dir, sync_method=config.queue.sync_method,
+                       map_size=config.queue.index_map_size) as queue:
+                log.info("queue reconciled: %s", queue.reconcile())
+            status = 0
+        except Exception as exc:
+            log.error("cannot open the queue in %s: %s", config.queue.spool_dir, exc)
+        finally:
+            logging.shutdown()
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        fail("the queue in %s cannot be opened (see the log)" % config.queue.spool_dir)
+
+
+def workers_for(config):
+    return config.smtpd.workers or os.cpu_count() or 1
+
+
+def api_available():
+    import importlib.util
+    try:
+        return importlib.util.find_spec("elemta.api.server") is not None
+    except ImportError:          # no elemta.api package at all
+        return False
+
+
+def make_child_runner(client_counts):
+    """The main of a forked child, by kind."""
+    def run_child(kind, config, listening, slot, scoreboard, master_pid):
+        if kind == "smtpd":
+            from elemta.smtpd.worker import SMTPDWorker
+            client_counts.use_row(slot)
+            return SMTPDWorker(config, listening, slot, scoreboard, client_counts,
+                               master_pid).run()
+        from elemta.api.server import run_api
+        return run_api(config)
+    return run_child
+
+
 def main(argv=None):
+    from elemta.config import ConfigError
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    config = load(args.config)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     if args.check_config:
         print("elemta: configuration OK: %s" % (config.source or "built-in defaults"))
         return 0
-    setup_logging(config)
-    listening = [(listener, bind(listener)) for listener in config.listeners]
 
-    from elemta.queue.queue import Queue
-    with Queue(config.queue.spool_dir, sync_method=config.queue.sync_method,
-               map_size=config.queue.index_map_size) as queue:
-        log.info("queue reconciled: %s", queue.reconcile())
+    from elemta.master import Master, resolve_user
+    from elemta.smtpd.clientcount import ClientCounts
+    from elemta.util import logs
+    try:
+        uid, gid = resolve_user(config.master)
+    except KeyError as exc:
+        fail(exc.args[0])
+    logs.setup(config.logging)
+    lock_fd = take_master_lock(config.queue.spool_dir, uid, gid)
+    listening = []
+    for listener in config.listeners:
+        try:
+            listening.append((listener, bind(listener)))
+        except OSError as exc:
+            fail("cannot listen on %s port %d: %s" % (listener.address, listener.port,
+                                                    exc.strerror or exc))
+    raise_fd_limit()
+    pid_file = config.master.pid_file
+    if args.daemon:
+        import daemon
+        keep = [lock_fd] + [sock.fileno() for _, sock in listening] + logs.streams()
+        daemon.DaemonContext(working_directory=os.getcwd(), umask=0o022,
+                             files_preserve=keep, prevent_core=False).open()
+        pid_file = pid_file or DEFAULT_DAEMON_PID_FILE
+    note_pid(lock_fd)
+    if pid_file:
+        write_pid_file(pid_file)
+    reconcile_queue(config)
 
-    from elemta.smtpd.worker import STOP_GRACE, run_worker
-    workers = config.smtpd.workers or os.cpu_count() or 1
-    log.info("elemta %s starting %d smtpd worker(s): %s; spool %s", __version__, workers,
+    log.info("elemta %s starting %d smtpd worker(s): %s; spool %s", __version__,
+             workers_for(config),
              ", ".join("%s %s:%d" % (l.mode, l.address, l.port) for l in config.listeners),
              config.queue.spool_dir)
-    if workers == 1:
-        status = run_worker(config, listening)
-    else:
-        from elemta.master import Master
-        from elemta.smtpd.clientcount import ClientCounts
-        counts = ClientCounts(workers)
+    master = Master(usable(config), listening, lambda: usable(load(args.config)), bind,
+                    workers_for, run_child=None)
+    client_counts = ClientCounts(master.scoreboard.slots)    # shared: made before any fork
+    master.run_child = make_child_runner(client_counts)
+    master.slot_freed.append(client_counts.clear_row)
+    try:
+        return master.run()
+    finally:
+        if pid_file:
+            try:
+                os.unlink(pid_file)
+            except OSError:
+                pass
+        log.info("stopped")
 
-        def worker(master_pid, slot):
-            counts.use_row(slot)
-            return run_worker(config, listening, counts, master_pid)
 
-        status = Master(workers, worker, STOP_GRACE, slot_freed=counts.clear_row).run()
-    log.info("stopped")
-    return status
+def usable(config):
+    """The config as this installation can run it: no api child until that code exists."""
+    import dataclasses
+    if config.api.enabled and not api_available():
+        return dataclasses.replace(config, api=dataclasses.replace(config.api, enabled=False))
+    return config
 
 
 if __name__ == "__main__":

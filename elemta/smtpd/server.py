@@ -7,6 +7,7 @@ every session shares: the queue, the group committer, the relay policy, AUTH and
 """
 
 import logging
+import time
 from functools import partial
 
 import gevent
@@ -55,6 +56,8 @@ class SMTPServer:
                               else None)
         self.tls_context = server_context(config.tls)
         self.sessions = 0
+        self.served = 0                       # sessions since start (for max_use)
+        self.last_active = time.monotonic()   # when the last session ended (for max_idle)
         self.client_counts = client_counts or ClientCounts(1)
         self._servers = []
         for listener, sock in listening:
@@ -101,12 +104,14 @@ class SMTPServer:
             return self._refuse(sock, listener,
                                 "Error: too many connections from %s" % client_ip)
         self.sessions += 1
+        self.served += 1
         self.client_counts.add(client_ip, 1)
         try:
             Session(self, sock, address, listener, settings).run()
         finally:
             self.sessions -= 1
             self.client_counts.add(client_ip, -1)
+            self.last_active = time.monotonic()
 
     def _refuse(self, sock, listener, text):
         """Answer a connection over a limit with 421 (RFC 5321 3.8) and close it."""

@@ -1,53 +1,101 @@
-"""The smtpd worker process's main loop: serve until told to stop, or orphaned.
+"""The smtpd worker process's main loop: serve until told to stop, retired, or orphaned.
 
-Runs in a child forked by elemta.master (or in the `elemta` process itself when one
-worker is configured). It opens its own queue (LMDB) after the fork, serves SMTP on the
-listening sockets it inherited, and stops gracefully on SIGTERM/SIGINT or when its
-master disappears, so no orphan keeps a port.
+Runs in a child forked by elemta.master. It opens its own queue (LMDB) after the fork,
+serves SMTP on the listening sockets it inherited, beats its heartbeat on the scoreboard,
+and stops gracefully on SIGTERM/SIGINT, at once on SIGQUIT, and on its own when it has
+served max_use sessions, idled max_idle seconds, or lost its master (so no orphan keeps a
+port). SIGUSR1 reopens the log file.
 """
 
 import logging
 import os
+import random
 import signal
+import time
 
 import gevent
 from gevent.event import Event
 
 from elemta.smtpd.server import SMTPServer
+from elemta.util import logs
+from elemta.util.scoreboard import RUNNING
 
 log = logging.getLogger("elemta.smtpd")
 
-# Seconds a stopping worker lets open sessions finish before it cuts them.
-STOP_GRACE = 10.0
-# How often a worker checks that its master is still there.
-ORPHAN_CHECK = 1.0
+# How often a worker looks at its master, its use count and its idleness.
+WATCH_INTERVAL = 1.0
 
 
-def run_worker(config, listening, client_counts=None, master_pid=None):
-    """Serve SMTP on `listening` until stopped; returns the exit status (0).
+class SMTPDWorker:
+    """One smtpd worker process: an SMTPServer plus its life cycle."""
 
-    client_counts: the ClientCounts shared with the other workers, this worker's row
-    already chosen (None: a private table, for a lone worker)."""
-    try:
+    def __init__(self, config, listening, slot, scoreboard, client_counts, master_pid):
+        self.config = config
+        self.listening = listening
+        self.slot = slot
+        self.scoreboard = scoreboard
+        self.client_counts = client_counts
+        self.master_pid = master_pid
+        self.server = None
+        self.grace = config.master.stop_grace
+        self._stopping = Event()
+        # Jitter, so workers started together do not all retire together (gunicorn).
+        max_use = config.smtpd.max_use
+        self.max_use = max_use + random.randint(0, max_use // 10) if max_use else 0
+
+    def run(self):
+        """Serve until stopped; returns the exit status (0)."""
         from setproctitle import setproctitle
         setproctitle("elemta: smtpd")
-    except ImportError:      # pragma: no cover - a declared dependency
-        pass
-    server = SMTPServer(config, listening, client_counts)
-    stopping = Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, stopping.set)
-    if master_pid is not None:
-        gevent.spawn(_watch_master, master_pid, stopping)
-    server.start()
-    stopping.wait()
-    log.info("smtpd stopping: %d session(s) get %ds to finish", server.sessions, STOP_GRACE)
-    server.stop(STOP_GRACE)
-    return 0
+        self.server = SMTPServer(self.config, self.listening, self.client_counts)
+        gevent.signal_handler(signal.SIGTERM, self.handle_term)
+        gevent.signal_handler(signal.SIGINT, self.handle_term)
+        gevent.signal_handler(signal.SIGQUIT, self.handle_quit)
+        gevent.signal_handler(signal.SIGUSR1, logs.reopen)
+        self.server.start()
+        self.scoreboard.set_state(self.slot, RUNNING)
+        gevent.spawn(self._heartbeat)
+        gevent.spawn(self._watch)
+        self._stopping.wait()
+        log.info("smtpd stopping: %d session(s) get %ds to finish", self.server.sessions,
+                 self.grace)
+        self.server.stop(self.grace)
+        return 0
 
+    def handle_term(self):
+        """SIGTERM, SIGINT: stop accepting, let open sessions finish (up to the grace)."""
+        self._stopping.set()
 
-def _watch_master(master_pid, stopping):
-    while os.getppid() == master_pid:
-        gevent.sleep(ORPHAN_CHECK)
-    log.warning("master %d is gone; smtpd stops", master_pid)
-    stopping.set()
+    def handle_quit(self):
+        """SIGQUIT: stop now, cutting open sessions."""
+        self.grace = 0
+        self._stopping.set()
+
+    def _heartbeat(self):
+        interval = min(1.0, self.config.master.heartbeat_timeout / 4)
+        while True:
+            self.scoreboard.beat(self.slot)
+            gevent.sleep(interval)
+
+    def _watch(self):
+        idle_limit = self.config.smtpd.max_idle
+        while not self._stopping.is_set():
+            gevent.sleep(WATCH_INTERVAL)
+            if os.getppid() != self.master_pid:
+                log.warning("master %d is gone; smtpd stops", self.master_pid)
+                return self._stopping.set()
+            if self.max_use and self.server.served >= self.max_use:
+                return self._retire("served %d sessions (max_use)" % self.server.served)
+            if (idle_limit and not self.server.sessions
+                    and time.monotonic() - self.server.last_active > idle_limit):
+                return self._retire("idle for %ds (max_idle)" % idle_limit)
+
+    def _retire(self, reason):
+        """Tell the master to start a replacement now, then stop like on SIGTERM."""
+        log.info("smtpd retiring: %s", reason)
+        self.scoreboard.retire(self.slot)
+        try:
+            os.kill(self.master_pid, signal.SIGUSR2)
+        except ProcessLookupError:
+            pass
+        self._stopping.set()

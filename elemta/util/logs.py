@@ -1,0 +1,55 @@
+"""Logging set-up for every Elemta process: stderr, syslog (mail facility) or a file.
+
+The master calls setup() once; forked children inherit the handlers. A file target is
+reopened on SIGUSR1 (reopen()), so logrotate can move it away, as admins do with
+Postfix's maillog. Lines read like Postfix's: "elemta.smtpd[pid]: <qid>: from=<...>".
+"""
+
+import logging
+import logging.handlers
+import sys
+
+FORMAT = "%(name)s[%(process)d]: %(levelname)s: %(message)s"
+_handler = None
+
+
+def setup(logging_config):
+    """Send the "elemta" loggers to the configured target."""
+    global _handler
+    target = logging_config.target
+    if target == "stderr":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s " + FORMAT, "%b %d %H:%M:%S"))
+    elif target == "syslog":
+        facility = logging.handlers.SysLogHandler.facility_names[
+            logging_config.syslog_facility]
+        handler = logging.handlers.SysLogHandler("/dev/log", facility=facility)
+        handler.setFormatter(logging.Formatter(FORMAT))
+    else:
+        handler = logging.handlers.WatchedFileHandler(target)
+        handler.setFormatter(logging.Formatter("%(asctime)s " + FORMAT, "%b %d %H:%M:%S"))
+    root = logging.getLogger("elemta")
+    root.handlers[:] = [handler]
+    root.setLevel(logging_config.level.upper())
+    root.propagate = False
+    _handler = handler
+
+
+def reopen(*_args):
+    """Reopen the log file (SIGUSR1); a no-op for stderr and syslog."""
+    handler = _handler
+    if isinstance(handler, logging.handlers.WatchedFileHandler):
+        handler.acquire()
+        try:
+            if handler.stream:
+                handler.stream.close()
+            handler.stream = handler._open()
+        finally:
+            handler.release()
+
+
+def streams():
+    """File descriptors the logging needs kept open (when daemonizing)."""
+    stream = getattr(_handler, "stream", None)
+    sock = getattr(_handler, "socket", None)
+    return [f.fileno() for f in (stream, sock) if f is not None and hasattr(f, "fileno")]
