@@ -1,0 +1,349 @@
+"""MX routing: which hosts, in which order, take mail for a domain (RFC 5321 section 5.1).
+
+Owned by the delivery worker (`elemta: delivery`), which asks `Resolver.route(domain)` before
+it connects with elemta.delivery.smtp_client. The result is the ordered list of Hosts to try,
+or one of the exceptions below:
+
+    NullMX            the domain accepts no mail (RFC 7505 "MX 0 ."): bounce at once, 556 5.1.10
+    NoSuchDomain      NXDOMAIN for the domain: bounce, 5.1.2
+    NoMailHost        the domain exists but neither MX nor A/AAAA gives an address: bounce, 5.4.4
+    TemporaryDNSError SERVFAIL, REFUSED, timeout, garbage: defer, 4.4.3
+
+All are RouteError; `permanent` tells a bounce from a deferral and `code`/`status` are what a
+DSN or the log should show.
+
+Cooperating with gevent: dnspython builds and parses the DNS messages, and this module moves
+the bytes itself over gevent's sockets (UDP, then TCP when the answer is truncated). So a lookup
+only ever waits in gevent's hub: it never blocks the worker's other greenlets, whether or not
+the process is monkey-patched, and needs no thread pool. Per lookup, each nameserver is tried
+in turn, `attempts` rounds at most, each try bounded by `timeout` seconds.
+
+See also: elemta.delivery.smtp_client (talks to the hosts found here), tests/test_mx.py,
+tests/peers/nsd.py (the authoritative server the tests query).
+"""
+
+import ipaddress
+import random
+import struct
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.resolver
+import gevent
+from gevent import socket
+
+# RFC 6891: an EDNS buffer that avoids IP fragmentation (the DNS flag day 2020 figure).
+EDNS_PAYLOAD = 1232
+# A CNAME chain longer than this is a loop or an abuse (dnspython stops at 16 within a reply).
+MAX_CNAME_REQUERIES = 8
+# Postfix's smtp_address_preference values.
+ADDRESS_PREFERENCES = ("any", "ipv4", "ipv6")
+
+
+class RouteError(Exception):
+    """No host to try for a domain. `permanent`: bounce now; otherwise try again later."""
+    permanent = False
+    code = 451
+    status = "4.4.3"
+
+    def __init__(self, domain, reason):
+        super().__init__("%s: %s" % (domain, reason))
+        self.domain = domain
+        self.reason = reason
+
+
+class TemporaryDNSError(RouteError):
+    """SERVFAIL, REFUSED, no answer in time, or a reply that does not parse: defer."""
+
+
+class NoSuchDomain(RouteError):
+    """NXDOMAIN: the domain does not exist (RFC 3463 5.1.2, bad destination system)."""
+    permanent = True
+    code = 550
+    status = "5.1.2"
+
+
+class NoMailHost(RouteError):
+    """The domain exists but no MX host or implicit MX has an address (5.4.4, unroutable)."""
+    permanent = True
+    code = 550
+    status = "5.4.4"
+
+
+class NullMX(RouteError):
+    """The domain publishes a null MX (RFC 7505): it accepts no mail. Bounce at once."""
+    permanent = True
+    code = 556
+    status = "5.1.10"
+
+    def __init__(self, domain):
+        super().__init__(domain, "domain does not accept mail (null MX, RFC 7505)")
+
+
+@dataclass(frozen=True)
+class Host:
+    """One address to connect to. `name` is the MX host name (the name TLS verifies);
+    `preference` is None for an implicit MX (the domain's own address) or an address literal."""
+    name: str
+    address: str
+    preference: Optional[int] = None
+
+    @property
+    def family(self):
+        return socket.AF_INET6 if ":" in self.address else socket.AF_INET
+
+
+class _NXDomain(Exception):
+    pass
+
+
+class _NoData(Exception):
+    pass
+
+
+class Resolver:
+    """DNS lookups for delivery, cooperative under gevent.
+
+    nameservers: IP addresses to ask; None reads /etc/resolv.conf (as dnspython does).
+    port:        their port (tests point it at their own server).
+    timeout:     seconds one try at one nameserver may take.
+    attempts:    rounds over the nameservers before a lookup is a temporary failure.
+    families:    ("ipv4", "ipv6") or one of them, as Postfix's inet_protocols.
+    address_preference: "any" (shuffled), "ipv4" or "ipv6" first, among one host's addresses.
+    """
+
+    def __init__(self, nameservers=None, port=53, timeout=5.0, attempts=2,
+                 families=("ipv4", "ipv6"), address_preference="any"):
+        # type: (Optional[Sequence[str]], int, float, int, Sequence[str], str) -> None
+        if nameservers is None:
+            nameservers = dns.resolver.Resolver(configure=True).nameservers
+        self.nameservers = [str(ns) for ns in nameservers]
+        if not self.nameservers:
+            raise ValueError("no nameservers to ask")
+        self.port = port
+        self.timeout = timeout
+        self.attempts = max(1, attempts)
+        unknown = set(families) - {"ipv4", "ipv6"}
+        if unknown or not families:
+            raise ValueError("families must be ipv4 and/or ipv6, not %r" % (families,))
+        self.families = tuple(families)
+        if address_preference not in ADDRESS_PREFERENCES:
+            raise ValueError("address_preference must be one of %s" % ", ".join(
+                ADDRESS_PREFERENCES))
+        self.address_preference = address_preference
+
+    # -- routing ------------------------------------------------------------------------
+
+    def route(self, domain):
+        # type: (str) -> List[Host]
+        """Hosts to try for `domain`, in order; raises a RouteError when there are none.
+
+        RFC 5321 5.1: MX hosts by preference, random order among equal preferences, each
+        host's addresses; no MX at all -> the domain's own addresses (implicit MX). An MX host
+        without addresses is skipped. "[192.0.2.1]" and "[IPv6:...]" are taken as they are.
+        """
+        literal = _address_literal(domain)
+        if literal:
+            return [Host(domain, literal)]
+        try:
+            exchanges = self.mx(domain)
+        except _NXDomain:
+            raise NoSuchDomain(domain, "domain not found (NXDOMAIN)")
+        except _NoData:
+            return self._implicit_mx(domain)
+        names = [name for _, name in exchanges]
+        lookups = [gevent.spawn(self._host_addresses, name) for name in names]
+        gevent.joinall(lookups)
+        hosts, failures, temporary = [], [], False
+        for (preference, name), lookup in zip(exchanges, lookups):
+            if lookup.successful():
+                hosts += [Host(name, address, preference) for address in lookup.value]
+            else:
+                error = lookup.exception
+                temporary = temporary or isinstance(error, TemporaryDNSError)
+                failures.append("%s: %s" % (name, getattr(error, "reason", error)))
+        if hosts:
+            return hosts
+        if temporary:
+            raise TemporaryDNSError(domain, "no MX host address found yet (%s)"
+                                    % "; ".join(failures))
+        raise NoMailHost(domain, "no MX host has an address (%s)" % "; ".join(failures))
+
+    def _implicit_mx(self, domain):
+        try:
+            addresses = self.addresses(domain)
+        except _NXDomain:
+            raise NoSuchDomain(domain, "domain not found (NXDOMAIN)")
+        if not addresses:
+            raise NoMailHost(domain, "no MX and no address record")
+        return [Host(domain.rstrip("."), address) for address in addresses]
+
+    def _host_addresses(self, name):
+        try:
+            addresses = self.addresses(name)
+        except _NXDomain:
+            raise NoMailHost(name, "host not found")
+        if not addresses:
+            raise NoMailHost(name, "no address record")
+        return addresses
+
+    def mx(self, domain):
+        # type: (str) -> List[Tuple[int, str]]
+        """(preference, host) pairs in the order to try them; raises NullMX, or
+        _NXDomain / _NoData for route() to decide (no MX means implicit MX)."""
+        records = self._lookup(domain, "MX")
+        if len(records) == 1 and records[0].exchange == dns.name.root:
+            raise NullMX(domain)
+        by_preference = {}
+        for record in records:
+            if record.exchange == dns.name.root:
+                continue  # RFC 7505 forbids "." beside other MX; never connect to it.
+            name = record.exchange.to_text(omit_final_dot=True)
+            by_preference.setdefault(record.preference, []).append(name)
+        ordered = []
+        for preference in sorted(by_preference):
+            names = sorted(set(by_preference[preference]))
+            random.shuffle(names)   # RFC 5321 5.1: spread load among equal preferences
+            ordered += [(preference, name) for name in names]
+        if not ordered:
+            raise NullMX(domain)
+        return ordered
+
+    def addresses(self, name):
+        # type: (str) -> List[str]
+        """The A and/or AAAA addresses of `name` in the preferred order ([] if none).
+        Raises _NXDomain if the name does not exist, TemporaryDNSError."""
+        types = [{"ipv4": "A", "ipv6": "AAAA"}[family] for family in self.families]
+        found = {}
+        nxdomain = 0
+        for rdtype in types:
+            try:
+                found[rdtype] = [record.address for record in self._lookup(name, rdtype)]
+            except _NoData:
+                found[rdtype] = []
+            except _NXDomain:
+                nxdomain += 1
+        if nxdomain == len(types):
+            raise _NXDomain(name)
+        v4, v6 = found.get("A", []), found.get("AAAA", [])
+        random.shuffle(v4)
+        random.shuffle(v6)
+        if self.address_preference == "ipv6":
+            return v6 + v4
+        if self.address_preference == "ipv4":
+            return v4 + v6
+        both = v4 + v6
+        random.shuffle(both)
+        return both
+
+    # -- one lookup ---------------------------------------------------------------------
+
+    def _lookup(self, name, rdtype):
+        """The records of type rdtype at name, following CNAMEs; raises _NXDomain,
+        _NoData or TemporaryDNSError."""
+        try:
+            qname = dns.name.from_text(name)
+        except (dns.exception.DNSException, UnicodeError, ValueError) as error:
+            raise NoSuchDomain(name, "not a valid domain name (%s)" % error)
+        rdtype = dns.rdatatype.from_text(rdtype)
+        for _ in range(MAX_CNAME_REQUERIES):
+            response = self._ask(qname, rdtype)
+            try:
+                chain = response.resolve_chaining()
+            except dns.exception.DNSException as error:
+                raise TemporaryDNSError(name, "unusable answer (%s)" % error)
+            if chain.answer is not None:
+                return list(chain.answer)
+            if response.rcode() == dns.rcode.NXDOMAIN:
+                raise _NXDomain(name)
+            if chain.canonical_name == qname:
+                raise _NoData(name)
+            # The server gave a CNAME but not its target (another zone): ask for the target.
+            qname = chain.canonical_name
+        raise TemporaryDNSError(name, "CNAME chain too long")
+
+    def _ask(self, qname, rdtype):
+        """One response with a usable rcode, from the first nameserver that gives one."""
+        query = dns.message.make_query(qname, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
+        query.flags |= dns.flags.RD
+        wire = query.to_wire()
+        problems = []
+        for _ in range(self.attempts):
+            for nameserver in self.nameservers:
+                try:
+                    response = self._exchange(query, wire, nameserver)
+                except (OSError, EOFError, dns.exception.DNSException) as error:
+                    problems.append("%s: %s" % (nameserver, _describe(error)))
+                    continue
+                rcode = response.rcode()
+                if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+                    return response
+                problems.append("%s: %s" % (nameserver, dns.rcode.to_text(rcode)))
+        raise TemporaryDNSError(qname.to_text(omit_final_dot=True),
+                                "%s lookup failed (%s)" % (dns.rdatatype.to_text(rdtype),
+                                                           "; ".join(problems[-3:])))
+
+    def _exchange(self, query, wire, nameserver):
+        family = socket.AF_INET6 if ":" in nameserver else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as udp:
+            udp.settimeout(self.timeout)
+            udp.connect((nameserver, self.port))
+            udp.send(wire)
+            with gevent.Timeout(self.timeout, socket.timeout("timed out")):
+                while True:
+                    data = udp.recv(65535)
+                    try:
+                        response = dns.message.from_wire(data)
+                    except dns.exception.DNSException:
+                        continue  # Not a DNS reply; the real one may still come.
+                    if query.is_response(response):
+                        break
+        if response.flags & dns.flags.TC:
+            return self._exchange_tcp(query, wire, nameserver, family)
+        return response
+
+    def _exchange_tcp(self, query, wire, nameserver, family):
+        with socket.socket(family, socket.SOCK_STREAM) as tcp:
+            with gevent.Timeout(self.timeout, socket.timeout("timed out")):
+                tcp.connect((nameserver, self.port))
+                tcp.sendall(struct.pack("!H", len(wire)) + wire)
+                (length,) = struct.unpack("!H", _recv_exactly(tcp, 2))
+                response = dns.message.from_wire(_recv_exactly(tcp, length))
+        if not query.is_response(response):
+            raise dns.exception.FormError("TCP answer does not match the query")
+        return response
+
+
+def _recv_exactly(sock, count):
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise EOFError("connection closed")
+        data += chunk
+    return data
+
+
+def _describe(error):
+    if isinstance(error, socket.timeout):
+        return "timed out"
+    return str(error) or type(error).__name__
+
+
+def _address_literal(domain):
+    """The address in "[192.0.2.1]" or "[IPv6:2001:db8::1]" (RFC 5321 4.1.3), else None."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    text = domain[1:-1]
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
