@@ -181,7 +181,7 @@ class Limits:
                           _positive)
     errors: int = opt(20, "Errors per session before the server says 421 and closes.",
                       _positive)
-    connections_per_worker: int = opt(2000, "Concurrent sessions one smtpd worker serves; "
+    connections_per_worker: int = opt(10000, "Concurrent sessions one smtpd worker serves; "
                                             "more get 421 4.7.0.", _positive)
     connections_per_client: int = opt(50, "Concurrent sessions from one client IP address; "
                                           "more get 421 4.7.0.", _positive)

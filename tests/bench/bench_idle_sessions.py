@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Concurrency benchmark: many idle SMTP sessions at once, and what they cost in memory.
+
+A script, not a pytest test (`make bench` runs it). Starts Elemta with its default worker
+count on a fresh spool, opens BENCH_SESSIONS (default 10,000) connections from a gevent
+client, reads every banner and the reply to one NOOP on each, holds them all open, then
+sums the resident memory (RSS) of every Elemta process (master and children) and prints
+whether every session got both replies. Postfix needs one smtpd process per session
+(default process limit 100); our target is 10,000 sessions in under 300 MB.
+See also: tests/bench/bench_accept.py, ../shared/peers.md.
+"""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+import gevent  # noqa: E402
+from gevent import socket  # noqa: E402
+
+from tests.peers.postfix import free_port  # noqa: E402
+
+ELEMTA = os.path.join(REPO, ".venv", "bin", "elemta")
+TARGET_MB = 300
+
+
+def raise_fd_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def process_group_rss(pgid):
+    """(number of processes, total RSS in bytes) of a process group, from /proc."""
+    count, total = 0, 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid:
+            count += 1
+            total += int(fields[21]) * page
+    return count, total
+
+
+def open_session(port, sessions, failures):
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        sock.settimeout(60)
+        banner = sock.recv(512)
+        sock.sendall(b"NOOP\r\n")
+        noop = sock.recv(512)
+        if banner.startswith(b"220 ") and noop.startswith(b"250 "):
+            sessions.append(sock)
+        else:
+            failures.append((banner + noop)[:80])
+            sock.close()
+    except OSError as exc:
+        failures.append(str(exc))
+
+
+def main():
+    count = int(os.environ.get("BENCH_SESSIONS", "10000"))
+    limit = raise_fd_limit()
+    if limit < count + 100:
+        print("bench_idle_sessions: the fd limit %d is too low for %d sessions" % (limit, count))
+        return 2
+    workdir = tempfile.mkdtemp(prefix="elemta-idle-")
+    port = free_port()
+    config = os.path.join(workdir, "elemta.yaml")
+    with open(config, "w") as f:
+        f.write("listeners:\n  - {address: 127.0.0.1, port: %d, mode: smtp}\n"
+                "queue: {spool_dir: %s/spool}\napi: {port: %d}\n"
+                % (port, workdir, free_port()))
+    log = open(os.path.join(workdir, "elemta.log"), "wb")
+    server = subprocess.Popen([ELEMTA, "--config", config], stdout=log, stderr=log,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("elemta did not start")
+                time.sleep(0.1)
+        _, idle_rss = process_group_rss(server.pid)
+        sessions, failures = [], []
+        started = time.monotonic()
+        pool = []
+        for i in range(count):
+            pool.append(gevent.spawn(open_session, port, sessions, failures))
+            if i % 500 == 499:
+                gevent.sleep(0)           # let the accept queue drain as we go
+        gevent.joinall(pool)
+        seconds = time.monotonic() - started
+        processes, rss = process_group_rss(server.pid)
+        print("bench_idle_sessions: %d sessions opened in %.1fs; %d got banner and NOOP, "
+              "%d failed" % (count, seconds, len(sessions), len(failures)))
+        print("  elemta: %d processes, RSS %.1f MB idle, %.1f MB with the sessions "
+              "(target: under %d MB)" % (processes, idle_rss / 2 ** 20, rss / 2 ** 20,
+                                          TARGET_MB))
+        if failures:
+            print("  first failures: %s" % failures[:3])
+        for sock in sessions:
+            sock.close()
+        return 0 if not failures and rss < TARGET_MB * 2 ** 20 else 1
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(60)
+        log.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
