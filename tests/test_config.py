@@ -19,7 +19,7 @@ from ruamel.yaml import YAML
 
 from elemta.config import Config, ConfigError, default_config, load_config
 from elemta.config import manpage
-from elemta.config.schema import Listener, Queue
+from elemta.config.schema import Listener, Master, Queue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAML_EXAMPLE = os.path.join(ROOT, "etc", "elemta.yaml.example")
@@ -111,10 +111,11 @@ def test_examples_load_to_the_same_packaged_config(tmp_path):
     from_yaml = load_config(copy_example(tmp_path, YAML_EXAMPLE, "elemta.yaml"))
     from_toml = load_config(copy_example(tmp_path, TOML_EXAMPLE, "elemta.toml"))
     assert from_yaml == from_toml
-    # Everything at its default but the packaged listener and spool.
+    # Everything at its default but the packaged listener, spool and workers' user.
     assert from_yaml == dataclasses.replace(
         default_config(), listeners=(Listener("0.0.0.0", 25, "smtp"),),
-        queue=Queue(spool_dir="/var/spool/elemta"))
+        queue=Queue(spool_dir="/var/spool/elemta"),
+        master=Master(user="elemta", group="elemta"))
 
 
 def test_examples_with_every_setting_enabled_agree(tmp_path):
