@@ -2,33 +2,45 @@
 
 The only module that knows the index record format. Every process that schedules, lists or
 changes queued messages opens its own QueueIndex after fork (smtpd and pickup add records,
-delivery claims them, elemtactl lists them); LMDB lets several processes write, one write
-transaction at a time. The spool files are the truth: elemta.queue.queue.Queue.reindex
-rebuilds this index from elemta.queue.store. See also elemta.queue.model.
+delivery claims them, elemtactl lists and changes them); LMDB lets several processes write,
+one write transaction at a time, so every write here is one short transaction. The spool
+files are the truth: elemta.queue.queue.Queue.reindex rebuilds this index from
+elemta.queue.store. See also elemta.queue.model.
 
-Named databases:
+Named databases, kept consistent with each other in every write transaction (all writes go
+through _put and _delete; a new writer must too):
 
     messages   qid (ASCII) -> one JSON object: every Envelope field, plus "state",
                "attempts", "next_attempt" (seconds since the epoch) and "last_error"
     due        8-byte big-endian next_attempt in milliseconds + qid -> b"", for exactly the
                messages in state incoming or deferred, so delivery workers find due work by
-               scanning from the start; kept consistent with "messages" in every write txn
+               scanning from the start
+    by_state   state name + b":" + qid -> a Brief packed in a few bytes (size, arrival,
+               sender domain, waiting recipients' domains with counts), so a state of a
+               queue of a million messages is listed, counted and summarised without
+               decoding a million JSON records
 """
 
 import json
 import os
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import lmdb
 
-from elemta.queue.model import DEFERRED, INCOMING, Envelope
+from elemta.queue.model import (BOUNCED, DEFERRED, FAILED, INCOMING, SENT, STATES, Envelope,
+                                Recipient)
 from elemta.queue.store import envelope_from_dict, envelope_to_dict
 
 DUE_STATES = (INCOMING, DEFERRED)
 _RECORD_FIELDS = ("state", "attempts", "next_attempt", "last_error")
 _MS = struct.Struct(">Q")
+_BRIEF_HEAD = struct.Struct(">Qd")      # size, arrival
+_STATE_SEP = b":"
+# Records per read transaction when iterating: readers never pin old pages for long, so
+# the index does not grow while an admin pages through a listing.
+SCAN_CHUNK = 1000
 
 
 @dataclass
@@ -43,6 +55,28 @@ class QueueRecord:
     @property
     def queue_id(self):
         return self.envelope.queue_id
+
+
+class Brief(NamedTuple):
+    """The few facts about a message that listing filters and summaries need."""
+    queue_id: str
+    state: str
+    size: int
+    arrival: float
+    sender_domain: str                       # lower case; "" for the null sender
+    domains: Tuple[Tuple[str, int], ...]     # (domain, waiting recipients there)
+
+
+def waiting_recipients(state: str, recipients: List[Recipient]) -> List[Recipient]:
+    """The recipients a message still has to deal with: not delivered, and not bounced
+    unless the whole message failed (then the bounced ones are what the admin looks at)."""
+    return [r for r in recipients
+            if r.status != SENT and (r.status != BOUNCED or state == FAILED)]
+
+
+def address_domain(address):
+    """The lower-cased domain of an address ("" for the null sender or a bare name)."""
+    return address.rpartition("@")[2].lower() if "@" in address else ""
 
 
 def encode_record(record):
@@ -70,6 +104,39 @@ def _due_key_of(data):
     return due_key(data.get("next_attempt") or 0.0, data["queue_id"])
 
 
+def state_key(state, queue_id):
+    """The "by_state" database key: groups by state, then sorts by queue id (arrival)."""
+    return state.encode("ascii") + _STATE_SEP + queue_id.encode("ascii")
+
+
+def _encode_brief(record):
+    envelope = record.envelope
+    counts: Dict[str, int] = {}
+    for recipient in waiting_recipients(record.state, envelope.recipients):
+        domain = address_domain(recipient.address)
+        counts[domain] = counts.get(domain, 0) + 1
+    parts = [address_domain(envelope.sender)]
+    for domain, count in counts.items():
+        parts += [domain, str(count)]
+    text = "\0".join(parts).encode("utf-8", "surrogatepass")
+    return _BRIEF_HEAD.pack(envelope.size or 0, envelope.arrival or 0.0) + text
+
+
+def decode_brief(key, value):
+    """The Brief for one by_state entry (bytes key and value)."""
+    state, _, queue_id = bytes(key).partition(_STATE_SEP)
+    size, arrival = _BRIEF_HEAD.unpack_from(value)
+    parts = bytes(value[_BRIEF_HEAD.size:]).decode("utf-8", "surrogatepass").split("\0")
+    domains = tuple((parts[i], int(parts[i + 1])) for i in range(1, len(parts) - 1, 2))
+    return Brief(queue_id.decode("ascii"), state.decode("ascii"), size, arrival, parts[0],
+                 domains)
+
+
+def _after(key):
+    """The smallest key greater than `key`: where the next chunk of a scan starts."""
+    return bytes(key) + b"\0"
+
+
 class QueueIndex:
     """One process's handle on the LMDB index.
 
@@ -81,16 +148,33 @@ class QueueIndex:
     def __init__(self, path, map_size, metasync=True, max_readers=512):
         self.path = path
         self._pid = os.getpid()
-        self.env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=4,
+        self.env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=8,
                              max_readers=max_readers, sync=True, metasync=metasync,
                              mode=0o600)
         self.env.reader_check()  # free reader slots of processes killed with kill -9
         self.messages = self.env.open_db(b"messages")
         self.due = self.env.open_db(b"due")
+        self.by_state = self.env.open_db(b"by_state")
+        self._complete_by_state()
+
+    def _complete_by_state(self):
+        """Fill by_state for an index written before it existed (same count when whole)."""
+        with self.env.begin() as txn:
+            whole = (txn.stat(self.messages)["entries"] == txn.stat(self.by_state)["entries"])
+        if whole:
+            return
+        with self.env.begin(write=True) as txn:
+            txn.drop(self.by_state, delete=False)
+            for _, raw in txn.cursor(db=self.messages):
+                record = decode_record(raw)
+                txn.put(state_key(record.state, record.queue_id), _encode_brief(record),
+                        db=self.by_state)
 
     def _check_process(self):
         if os.getpid() != self._pid:
             raise RuntimeError("QueueIndex used across a fork; open a new one in the child")
+
+    # -- writing: every change goes through _put and _delete
 
     def _put(self, txn, record, replace):
         key = record.queue_id.encode("ascii")
@@ -98,22 +182,28 @@ class QueueIndex:
         if old is not None:
             if not replace:
                 return False
-            old_due = _due_key_of(json.loads(bytes(old)))
-            if old_due is not None:
-                txn.delete(old_due, db=self.due)
+            self._forget(txn, json.loads(bytes(old)))
         txn.put(key, encode_record(record), db=self.messages)
         if record.state in DUE_STATES:
             txn.put(due_key(record.next_attempt, record.queue_id), b"", db=self.due)
+        txn.put(state_key(record.state, record.queue_id), _encode_brief(record),
+                db=self.by_state)
         return True
+
+    def _forget(self, txn, data):
+        """Remove the due and by_state entries of a decoded record."""
+        old_due = _due_key_of(data)
+        if old_due is not None:
+            txn.delete(old_due, db=self.due)
+        txn.delete(state_key(data.get("state") or INCOMING, data["queue_id"]),
+                   db=self.by_state)
 
     def _delete(self, txn, queue_id):
         key = queue_id.encode("ascii")
         old = txn.get(key, db=self.messages)
         if old is None:
             return False
-        old_due = _due_key_of(json.loads(bytes(old)))
-        if old_due is not None:
-            txn.delete(old_due, db=self.due)
+        self._forget(txn, json.loads(bytes(old)))
         txn.delete(key, db=self.messages)
         return True
 
@@ -127,40 +217,133 @@ class QueueIndex:
     def put(self, record):
         self.put_many([record])
 
-    def get(self, queue_id):
-        """The record for queue_id, or None."""
+    def update_many(self, queue_ids: Iterable[str],
+                    change: Callable[[QueueRecord], Tuple[str, bool]]
+                    ) -> Dict[str, Optional[str]]:
+        """Read, change and write back records in one write transaction, so nothing another
+        process writes meanwhile is lost. change(record) alters the record in place and
+        returns (outcome, changed); the record is written only if changed. Returns
+        {queue_id: outcome}, None for ids without a record."""
         self._check_process()
-        with self.env.begin() as txn:
-            raw = txn.get(queue_id.encode("ascii"), db=self.messages)
-            return None if raw is None else decode_record(raw)
+        outcomes: Dict[str, Optional[str]] = {}
+        with self.env.begin(write=True) as txn:
+            for queue_id in queue_ids:
+                raw = txn.get(queue_id.encode("ascii"), db=self.messages)
+                if raw is None:
+                    outcomes[queue_id] = None
+                    continue
+                record = decode_record(raw)
+                outcome, changed = change(record)
+                if changed:
+                    self._put(txn, record, replace=True)
+                outcomes[queue_id] = outcome
+        return outcomes
 
     def delete_many(self, queue_ids):
         """Remove records (and their due entries) in one write transaction. Returns how
         many existed."""
+        return len(self.delete_many_ids(queue_ids))
+
+    def delete_many_ids(self, queue_ids):
+        """Remove records in one write transaction. Returns the set of ids that had one."""
         self._check_process()
         with self.env.begin(write=True) as txn:
-            return sum(1 for qid in queue_ids if self._delete(txn, qid))
+            return {qid for qid in queue_ids if self._delete(txn, qid)}
 
     def delete(self, queue_id):
         """Remove one record. Returns False if there was none."""
         return self.delete_many([queue_id]) == 1
 
+    def clear(self):
+        """Remove every record (all databases), in one write transaction."""
+        self._check_process()
+        with self.env.begin(write=True) as txn:
+            txn.drop(self.messages, delete=False)
+            txn.drop(self.due, delete=False)
+            txn.drop(self.by_state, delete=False)
+
+    # -- reading
+
+    def get(self, queue_id):
+        """The record for queue_id, or None."""
+        self._check_process()
+        with self.env.begin() as txn:
+            raw = txn.get(queue_id.encode("ascii"), db=self.messages)
+        return None if raw is None else decode_record(raw)
+
+    def get_many(self, queue_ids: Iterable[str]) -> Dict[str, QueueRecord]:
+        """{queue_id: record} for those of queue_ids that have one (one read transaction)."""
+        self._check_process()
+        with self.env.begin() as txn:
+            raws = [(qid, txn.get(qid.encode("ascii"), db=self.messages))
+                    for qid in queue_ids]
+        return {qid: decode_record(raw) for qid, raw in raws if raw is not None}
+
+    def _scan(self, db, prefix=b"", keys_only=False):
+        """(key, value) pairs of db whose key starts with prefix, in key order, read
+        SCAN_CHUNK at a time, each chunk in its own short read transaction (so a change made
+        between chunks may or may not be seen, as in any live listing)."""
+        self._check_process()
+        start = prefix
+        while True:
+            chunk = []
+            with self.env.begin() as txn:
+                cursor = txn.cursor(db=db)
+                if not cursor.set_range(start):
+                    return
+                for item in cursor.iternext(keys=True, values=not keys_only):
+                    key, value = (item, None) if keys_only else item
+                    if not key.startswith(prefix):
+                        break
+                    chunk.append((key, value))
+                    if len(chunk) == SCAN_CHUNK:
+                        break
+            yield from chunk
+            if len(chunk) < SCAN_CHUNK:
+                return
+            start = _after(chunk[-1][0])
+
     def iter_queue_ids(self):
-        """All queue ids in the index, in id (arrival) order."""
+        """All queue ids in the index, in id (arrival) order, from one snapshot."""
         self._check_process()
         with self.env.begin() as txn:
             for key in txn.cursor(db=self.messages).iternext(keys=True, values=False):
                 yield bytes(key).decode("ascii")
 
+    def iter_state_ids(self, state):
+        """Ids of the messages in `state`, in id order."""
+        prefix = state.encode("ascii") + _STATE_SEP
+        for key, _ in self._scan(self.by_state, prefix, keys_only=True):
+            yield key[len(prefix):].decode("ascii")
+
+    def iter_briefs(self, state: Optional[str] = None) -> Iterator[Brief]:
+        """Briefs of the messages in `state` in id order, or of all messages grouped by
+        state if state is None. Cheap: no JSON record is decoded."""
+        prefix = b"" if state is None else state.encode("ascii") + _STATE_SEP
+        for key, value in self._scan(self.by_state, prefix):
+            yield decode_brief(key, value)
+
     def iter_records(self, state=None):
-        """Records in id (arrival) order, only those in `state` if given. Holds a read
-        transaction while the caller iterates: do not keep the generator for long."""
-        self._check_process()
-        with self.env.begin() as txn:
-            for _, raw in txn.cursor(db=self.messages):
-                record = decode_record(raw)
-                if state is None or record.state == state:
-                    yield record
+        """Records in id (arrival) order, only those in `state` if given. Reads a chunk of
+        records per short read transaction; decodes outside it."""
+        if state is None:
+            for _, raw in self._scan(self.messages):
+                yield decode_record(raw)
+            return
+        ids = []
+        for queue_id in self.iter_state_ids(state):
+            ids.append(queue_id)
+            if len(ids) == SCAN_CHUNK:
+                yield from self._records_in_state(ids, state)
+                ids = []
+        yield from self._records_in_state(ids, state)
+
+    def _records_in_state(self, ids, state):
+        found = self.get_many(ids)
+        for queue_id in ids:
+            record = found.get(queue_id)
+            if record is not None and record.state == state:
+                yield record
 
     def iter_due(self, until=None):
         """(next_attempt, queue_id) of incoming and deferred messages, soonest first;
@@ -178,16 +361,11 @@ class QueueIndex:
     def count_by_state(self):
         """{state: number of messages} for the states present."""
         counts = {}
-        for record in self.iter_records():
-            counts[record.state] = counts.get(record.state, 0) + 1
+        for state in STATES:
+            n = sum(1 for _ in self.iter_state_ids(state))
+            if n:
+                counts[state] = n
         return counts
-
-    def clear(self):
-        """Remove every record (both databases), in one write transaction."""
-        self._check_process()
-        with self.env.begin(write=True) as txn:
-            txn.drop(self.messages, delete=False)
-            txn.drop(self.due, delete=False)
 
     def close(self):
         self.env.close()

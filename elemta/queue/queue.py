@@ -22,19 +22,38 @@ message and will send it again. So commit removes what it had put in place (file
 files are the truth, and reconcile drops any index record left without its file). If the
 removal itself cannot reach the disk before a crash, reconcile may bring the message back: it
 is then delivered twice, never lost.
+
+Admin actions (elemtactl queue hold, release, delete, requeue, flush) change the files first
+and the index after, in batches of short write transactions, so they run safely beside the
+daemon's processes:
+
+    hold     creates the message's hold marker (store.hold_path), then sets state hold;
+    release  removes the marker, then sets incoming (never tried) or deferred, due now;
+    delete   removes the message file and marker, then the record (a crash in between leaves
+             a record without a file, which reconcile drops; the other order could bring a
+             deleted message back);
+    requeue  removes any marker, then sets incoming, due now, attempts 0, every recipient
+             not delivered pending again;
+    flush    makes deferred messages due now (index only).
+
+A message being delivered (active) may be held or deleted: the delivery worker must check
+that its lease still stands before it writes the outcome. It is not released, requeued or
+flushed: it is not waiting.
 """
 
 import ctypes
 import logging
 import os
+import time
 from dataclasses import dataclass, field
-from typing import List
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import lmdb
 
 from elemta.queue.ids import is_queue_id
 from elemta.queue.index import QueueIndex, QueueRecord
-from elemta.queue.model import INCOMING
+from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, PENDING,
+                                RCPT_DEFERRED)
 from elemta.queue.store import CorruptSpoolFile, SpoolStore
 
 log = logging.getLogger(__name__)
@@ -43,6 +62,21 @@ SYNC_METHODS = ("syncfs", "fsync")
 DEFAULT_MAP_SIZE = 16 * 1024 ** 3   # address space only; the file grows as records are added
 INDEX_NAME = "index.lmdb"
 _BATCH = 1000                       # records per write transaction when rebuilding
+ACTION_BATCH = 500                  # messages per write transaction for admin actions
+
+# Outcomes of admin actions, as elemtactl prints them after the queue id.
+HELD = "placed on hold"
+ALREADY_HELD = "already on hold"
+RELEASED = "released from hold"
+NOT_HELD = "not on hold"
+DELETED = "deleted"
+REQUEUED = "requeued"
+FLUSHED = "due now"
+ALREADY_DUE = "already due"
+BEING_DELIVERED = "being delivered now, left alone"
+NOT_FLUSHED = {HOLD: "on hold, left alone (release it first)",
+               FAILED: "failed, left alone (requeue it to try again)"}
+NO_SUCH_MESSAGE = "no such message"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -71,6 +105,9 @@ class ReconcileSummary:
     corrupt: List[str] = field(default_factory=list)        # ids moved to corrupt/
     added: List[str] = field(default_factory=list)          # files given an index record
     dropped: List[str] = field(default_factory=list)        # records whose file was gone
+    held: List[str] = field(default_factory=list)           # hold marker, record said otherwise
+    released: List[str] = field(default_factory=list)       # record said hold, no marker
+    stale_markers: List[str] = field(default_factory=list)  # hold markers without a message
     messages: int = 0                                       # messages in the queue after
 
 
@@ -208,14 +245,34 @@ class Queue:
         summary.added = self._add_records([complete[qid] for qid in unindexed])
         for queue_id in summary.added:
             log.info("queue: %s: file without index record, queued again", queue_id)
-        self._flush({self.store.corrupt_dir})
+        self._reconcile_hold(set(complete), summary)
+        self._flush({self.store.corrupt_dir, self.store.hold_dir})
         summary.messages = len(complete)
         return summary
 
+    def _reconcile_hold(self, queue_ids, summary):
+        """Make the index's hold state match the hold markers (the truth)."""
+        markers = set(self.store.iter_held())
+        summary.stale_markers = sorted(
+            qid for qid in markers - queue_ids if not os.path.exists(self.store.path(qid)))
+        for queue_id in summary.stale_markers:
+            self.store.unmark_held(queue_id)
+        markers -= set(summary.stale_markers)
+        held_in_index = set(self.index.iter_state_ids(HOLD))
+        summary.held = self._change(sorted(markers - held_in_index), _hold, HELD)
+        summary.released = self._change(sorted(held_in_index - markers),
+                                        _releaser(time.time()), RELEASED)
+        for queue_id in summary.held:
+            log.info("queue: %s: on hold (hold marker), index said otherwise", queue_id)
+        for queue_id in summary.released:
+            log.info("queue: %s: index said hold but there is no hold marker, released",
+                     queue_id)
+
     def reindex(self):
         """Drop the index and rebuild it from the files (elemtactl queue reindex). Delivery
-        state kept only in the index (attempts, hold) is lost: every message starts over as
-        incoming. Returns the number of messages indexed."""
+        state kept only in the index (attempts, next attempt) is lost: every message starts
+        over as incoming, except those with a hold marker, which stay on hold. Returns the
+        number of messages indexed."""
         summary = ReconcileSummary()
         self._index_call(self.index.clear)
         envelopes = []
@@ -224,7 +281,8 @@ class Queue:
             if envelope is not None:
                 envelopes.append(envelope)
         self._add_records(envelopes)
-        self._flush({self.store.corrupt_dir})
+        self._reconcile_hold({e.queue_id for e in envelopes}, summary)
+        self._flush({self.store.corrupt_dir, self.store.hold_dir})
         return len(envelopes)
 
     def _read_or_quarantine(self, queue_id, summary):
@@ -249,6 +307,85 @@ class Queue:
             added.extend(self._index_call(self.index.put_many, records, replace=False))
         return added
 
+    # -- admin actions (elemtactl queue ...): files first, then the index
+
+    def hold(self, queue_ids: Iterable[str]) -> Iterator[Tuple[str, str]]:
+        """Put messages on hold. Yields (queue_id, outcome) as each batch is done."""
+        for batch in _batches(queue_ids):
+            found = self._index_call(self.index.get_many, batch)
+            present = [qid for qid in batch if qid in found]
+            for queue_id in present:
+                self.store.mark_held(queue_id)
+            self._flush({self.store.hold_dir})
+            outcomes = self._index_call(self.index.update_many, present, _hold)
+            for queue_id in present:
+                if outcomes[queue_id] is None:   # delivered or deleted meanwhile
+                    self.store.unmark_held(queue_id)
+            self._flush(())
+            yield from _report(batch, outcomes)
+
+    def release(self, queue_ids: Iterable[str],
+                now: Optional[float] = None) -> Iterator[Tuple[str, str]]:
+        """Take messages off hold: due now, incoming if never tried, else deferred. Yields
+        (queue_id, outcome)."""
+        release = _releaser(now or time.time())
+        for batch in _batches(queue_ids):
+            for queue_id in batch:
+                self.store.unmark_held(queue_id)
+            self._flush({self.store.hold_dir})
+            outcomes = self._index_call(self.index.update_many, batch, release)
+            self._flush(())
+            yield from _report(batch, outcomes)
+
+    def delete(self, queue_ids: Iterable[str]) -> Iterator[Tuple[str, str]]:
+        """Delete messages: their files first, then their records. Yields (queue_id,
+        outcome)."""
+        for batch in _batches(queue_ids):
+            removed = set()
+            for queue_id in batch:
+                if self.store.remove(queue_id):
+                    removed.add(queue_id)
+                self.store.unmark_held(queue_id)
+            self._flush({self.store.directory(qid) for qid in batch} | {self.store.hold_dir})
+            existed = self._index_call(self.index.delete_many_ids, batch)
+            self._flush(())
+            for queue_id in batch:
+                yield queue_id, (DELETED if queue_id in removed or queue_id in existed
+                                 else NO_SUCH_MESSAGE)
+
+    def requeue(self, queue_ids: Iterable[str],
+                now: Optional[float] = None) -> Iterator[Tuple[str, str]]:
+        """Start messages over: incoming, due now, attempts 0, every recipient not yet
+        delivered pending again (so a failed message is tried again). Yields (queue_id,
+        outcome)."""
+        requeue = _requeuer(now or time.time())
+        for batch in _batches(queue_ids):
+            found = self._index_call(self.index.get_many, batch)
+            for queue_id, record in found.items():
+                if record.state != ACTIVE:
+                    self.store.unmark_held(queue_id)
+            self._flush({self.store.hold_dir})
+            outcomes = self._index_call(self.index.update_many, batch, requeue)
+            self._flush(())
+            yield from _report(batch, outcomes)
+
+    def flush(self, queue_ids: Iterable[str],
+                now: Optional[float] = None) -> Iterator[Tuple[str, str]]:
+        """Make deferred messages due now. Yields (queue_id, outcome)."""
+        flush = _flusher(now or time.time())
+        for batch in _batches(queue_ids):
+            outcomes = self._index_call(self.index.update_many, batch, flush)
+            self._flush(())
+            yield from _report(batch, outcomes)
+
+    def _change(self, queue_ids, change, wanted):
+        """Apply an index change in batches; returns the ids whose outcome is `wanted`."""
+        done = []
+        for batch in _batches(queue_ids):
+            outcomes = self._index_call(self.index.update_many, batch, change)
+            done.extend(qid for qid in batch if outcomes[qid] == wanted)
+        return done
+
     # -- reading
 
     def get(self, queue_id):
@@ -262,3 +399,64 @@ class Queue:
             os.close(self._spool_fd)
             self._spool_fd = None
             self.index.close()
+
+
+# -- the index changes behind the admin actions: change(record) -> (outcome, changed)
+
+def _hold(record):
+    if record.state == HOLD:
+        return ALREADY_HELD, False
+    record.state = HOLD
+    return HELD, True
+
+
+def _releaser(now):
+    def release(record):
+        if record.state != HOLD:
+            return NOT_HELD, False
+        record.state = DEFERRED if record.attempts else INCOMING
+        record.next_attempt = now
+        return RELEASED, True
+    return release
+
+
+def _requeuer(now):
+    def requeue(record):
+        if record.state == ACTIVE:
+            return BEING_DELIVERED, False
+        record.state, record.attempts, record.next_attempt = INCOMING, 0, now
+        record.last_error = None
+        for recipient in record.envelope.recipients:
+            if recipient.status in (RCPT_DEFERRED, BOUNCED):
+                recipient.status = PENDING
+        return REQUEUED, True
+    return requeue
+
+
+def _flusher(now):
+    def flush(record):
+        if record.state == ACTIVE:
+            return BEING_DELIVERED, False
+        if record.state == INCOMING:
+            return ALREADY_DUE, False
+        if record.state != DEFERRED:
+            return NOT_FLUSHED.get(record.state, record.state + ", left alone"), False
+        record.next_attempt = now
+        return FLUSHED, True
+    return flush
+
+
+def _batches(items, size=ACTION_BATCH):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _report(batch, outcomes):
+    for queue_id in batch:
+        yield queue_id, outcomes.get(queue_id) or NO_SUCH_MESSAGE

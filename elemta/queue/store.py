@@ -11,6 +11,9 @@ Layout under spool_dir:
     messages/<c>/<qid>     accepted messages; <c> is the qid's last character (random: 32
                            evenly filled directories, as Postfix's hash_queue_depth = 1)
     corrupt/<qid>[.n]      truncated or unreadable files set aside by reconcile, never deleted
+    hold/<qid>             an empty marker: the message is on hold (as Postfix's hold queue,
+                           but the message file stays where it is). The marker, not the index,
+                           is the truth: reconcile and reindex rebuild the hold state from it
 
 A message file is:
 
@@ -209,6 +212,17 @@ class _ContentWindow(io.RawIOBase):
         super().close()
 
 
+def _make_private_dir(path, owner):
+    """mkdir 0700; when root (elemtactl) creates it, give it to the spool's owner, so the
+    daemon's unprivileged workers can still use it."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+        os.chown(path, owner.st_uid, owner.st_gid)
+
+
 class SpoolStore:
     """The spool directory: creates, reads, lists and removes message files."""
 
@@ -217,10 +231,12 @@ class SpoolStore:
         self.tmp_dir = os.path.join(self.spool_dir, "tmp")
         self.messages_dir = os.path.join(self.spool_dir, "messages")
         self.corrupt_dir = os.path.join(self.spool_dir, "corrupt")
-        for path in (self.spool_dir, self.tmp_dir, self.messages_dir, self.corrupt_dir):
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        for c in ALPHABET:
-            os.makedirs(os.path.join(self.messages_dir, c), mode=0o700, exist_ok=True)
+        self.hold_dir = os.path.join(self.spool_dir, "hold")
+        os.makedirs(self.spool_dir, mode=0o700, exist_ok=True)
+        owner = os.stat(self.spool_dir)
+        for path in ([self.tmp_dir, self.messages_dir, self.corrupt_dir, self.hold_dir]
+                     + [os.path.join(self.messages_dir, c) for c in ALPHABET]):
+            _make_private_dir(path, owner)
 
     # -- naming
 
@@ -338,6 +354,37 @@ class SpoolStore:
         except FileNotFoundError:
             return False
         return True
+
+    # -- hold markers
+
+    def hold_path(self, queue_id):
+        """The hold marker of a message. Raises ValueError for a non-id."""
+        if not is_queue_id(queue_id):
+            raise ValueError("not a queue id: %r" % (queue_id,))
+        return os.path.join(self.hold_dir, queue_id)
+
+    def mark_held(self, queue_id):
+        """Put a message on hold (create its marker; the caller flushes hold_dir)."""
+        os.close(os.open(self.hold_path(queue_id),
+                         os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+    def unmark_held(self, queue_id):
+        """Take a message off hold. Returns False if it was not on hold."""
+        try:
+            os.unlink(self.hold_path(queue_id))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def is_held(self, queue_id):
+        return os.path.exists(self.hold_path(queue_id))
+
+    def iter_held(self):
+        """Ids with a hold marker, in no particular order."""
+        with os.scandir(self.hold_dir) as entries:
+            for entry in entries:
+                if is_queue_id(entry.name):
+                    yield entry.name
 
     def quarantine(self, queue_id):
         """Move a damaged message file to corrupt/ (never deleted). Returns the new path."""
