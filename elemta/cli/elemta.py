@@ -170,7 +170,10 @@ def main(argv=None):
         uid, gid = resolve_user(config.master)
     except KeyError as exc:
         fail(exc.args[0])
-    logs.setup(config.logging)
+    try:
+        logs.setup(config.logging)
+    except OSError as exc:
+        fail("logging.target %s: %s" % (config.logging.target, exc.strerror or exc))
     lock_fd = take_master_lock(config.queue.spool_dir, uid, gid)
     listening = []
     for listener in config.listeners:

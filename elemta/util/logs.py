@@ -7,9 +7,11 @@ Postfix's maillog. Lines read like Postfix's: "elemta.smtpd[pid]: <qid>: from=<.
 
 import logging
 import logging.handlers
+import socket
 import sys
 
 FORMAT = "%(name)s[%(process)d]: %(levelname)s: %(message)s"
+SYSLOG_SOCKET = "/dev/log"
 _handler = None
 
 
@@ -21,9 +23,10 @@ def setup(logging_config):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s " + FORMAT, "%b %d %H:%M:%S"))
     elif target == "syslog":
+        _check_syslog(SYSLOG_SOCKET)
         facility = logging.handlers.SysLogHandler.facility_names[
             logging_config.syslog_facility]
-        handler = logging.handlers.SysLogHandler("/dev/log", facility=facility)
+        handler = logging.handlers.SysLogHandler(SYSLOG_SOCKET, facility=facility)
         handler.setFormatter(logging.Formatter(FORMAT))
     else:
         handler = logging.handlers.WatchedFileHandler(target)
@@ -33,6 +36,19 @@ def setup(logging_config):
     root.setLevel(logging_config.level.upper())
     root.propagate = False
     _handler = handler
+
+
+def _check_syslog(path):
+    """Raise OSError now if no syslog daemon listens (the handler would only complain
+    on every line later)."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(path)
+                return
+            except OSError as exc:
+                error = exc
+    raise OSError(error.errno, "no syslog daemon at %s (%s)" % (path, error.strerror))
 
 
 def reopen(*_args):
