@@ -15,6 +15,8 @@ import gevent
 from gevent.event import AsyncResult, Event
 from gevent import get_hub
 
+from elemta import metrics
+
 log = logging.getLogger("elemta.smtpd")
 
 
@@ -55,9 +57,12 @@ class GroupCommitter:
                 for _, result in batch:
                     result.set_exception(exc)
                 continue
+            elapsed = time.perf_counter() - started
             self.batches += 1
             self.messages += len(batch)
-            self.seconds += time.perf_counter() - started
+            self.seconds += elapsed
+            metrics.COMMIT_BATCH.observe(len(batch))
+            metrics.COMMIT_FLUSH.observe(elapsed)
             for _, result in batch:
                 result.set(None)
 

@@ -13,6 +13,7 @@ from functools import partial
 import gevent
 from gevent.server import StreamServer
 
+from elemta import metrics
 from elemta.queue.queue import Queue
 from elemta.smtp.protocol import Settings
 from elemta.smtp.replies import Reply
@@ -97,18 +98,24 @@ class SMTPServer:
         client_ip = address[0]
         limits = self.config.limits
         if self.sessions >= limits.connections_per_worker:
+            metrics.CONNECTIONS.labels(listener.mode, "refused_worker_limit").inc()
             return self._refuse(sock, listener, "Error: too many connections")
         if (self.client_counts.count(client_ip) >= limits.connections_per_client
                 and not self.policy.client_trusted(client_ip)):
             log.warning("too many connections from %s", client_ip)
+            metrics.CONNECTIONS.labels(listener.mode, "refused_client_limit").inc()
             return self._refuse(sock, listener,
                                 "Error: too many connections from %s" % client_ip)
+        metrics.CONNECTIONS.labels(listener.mode, "accepted").inc()
+        open_sessions = metrics.SESSIONS_OPEN.labels(listener.mode)
+        open_sessions.inc()
         self.sessions += 1
         self.served += 1
         self.client_counts.add(client_ip, 1)
         try:
             Session(self, sock, address, listener, settings).run()
         finally:
+            open_sessions.dec()
             self.sessions -= 1
             self.client_counts.add(client_ip, -1)
             self.last_active = time.monotonic()
@@ -119,6 +126,7 @@ class SMTPServer:
             if listener.mode != "smtps":      # no plaintext into a TLS port
                 sock.settimeout(5)
                 sock.sendall(Reply(421, "4.7.0", "%s %s" % (self.hostname, text)).encode())
+                metrics.count_reply(421, "4.7.0", "CONNECT")
         except OSError:
             pass
         finally:

@@ -13,6 +13,7 @@ import time
 
 from gevent import ssl
 
+from elemta import metrics
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import Envelope, Recipient
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
@@ -96,6 +97,7 @@ class Session:
                 return
             elif isinstance(event, Reply):
                 self._out += event.encode()
+                metrics.count_reply(event.code, event.status, proto.last_command)
             else:
                 getattr(self, HANDLERS[type(event)])(event)
 
@@ -132,7 +134,9 @@ class Session:
         try:
             self.sock = self.server.tls_context.wrap_socket(self.sock, server_side=True)
         except (OSError, ssl.SSLError, ValueError) as exc:
+            metrics.TLS_FAILURES.inc()
             raise SessionEnded("TLS handshake failed: %s" % exc) from None
+        metrics.TLS_SESSIONS.labels(self.sock.version() or "unknown").inc()
         self.tls_info = tls.describe(self.sock)
         log.info("TLS connection established from %s: %s", self.client, self.tls_info)
 
@@ -206,6 +210,8 @@ class Session:
             self._discard_message()
             return self.proto.reject(self._storage_reply(exc))
         self.writer = None
+        metrics.MESSAGES_ACCEPTED.inc()
+        metrics.ACCEPTED_BYTES.inc(writer.size)
         log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", self.queue_id,
                  txn.sender, writer.size, len(txn.recipients))
         self.proto.accept("Ok: queued as %s" % self.queue_id)
@@ -214,9 +220,11 @@ class Session:
         authenticator = self.server.authenticator
         if authenticator is not None and authenticator.check(
                 self.client_ip, event.username, event.password):
+            metrics.AUTH_ATTEMPTS.labels("success").inc()
             log.info("%s: AUTH %s succeeded for %s", self.client, event.mechanism,
                      event.username)
             return self.proto.accept()
+        metrics.AUTH_ATTEMPTS.labels("failure").inc()
         log.warning("%s: SASL %s authentication failed for %r", self.client,
                     event.mechanism, event.username)
         self.proto.reject()

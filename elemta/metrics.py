@@ -1,0 +1,257 @@
+"""Prometheus metrics shared by every Elemta process (prometheus-client multiprocess mode).
+
+Each process writes its counters, histograms and live gauges to small mmap'd files named
+after its pid in one directory; the api process sums them at scrape time. So:
+
+  master   calls setup(directory) once at start, before forking (the children inherit
+           PROMETHEUS_MULTIPROC_DIR and the file-backed values); worker_exited(pid)
+           after reaping any child; worker_restarted(kind, reason) when it replaces one.
+  children use the metric objects below (CONNECTIONS.labels(...).inc(), ...) and
+           count_reply() for every SMTP reply sent.
+  api      serves scrape_registry() (see elemta.api.server), which also reads the queue.
+
+Counters of dead processes stay in their files, so totals survive worker restarts and
+kill -9; worker_exited() folds a dead child's counters into one archive file per type
+(so years of worker recycling do not leave thousands of files to read per scrape) and
+removes its live gauges. The fold and every scrape take a lock file in the directory,
+so a scrape never sees a dead child's counts twice or not at all.
+
+Metric objects are made on first use, after setup(): prometheus-client chooses between
+in-memory and file-backed values when a value is created. Without setup() (tests that run
+a server in-process, tools) they are plain in-memory metrics nobody scrapes.
+See also: elemta.api.server, elemta.master, issue 3 requirement 5.
+"""
+
+import fcntl
+import glob
+import os
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+LOCK_NAME = ".lock"
+# File types whose values only ever add up (counter, histogram buckets and sums).
+_ADDITIVE = ("counter", "histogram", "summary")
+
+# The metric objects, by name; built by _metrics() on first use.
+_made = None
+
+
+def setup(directory):
+    """Make this process and its future children write metrics under directory.
+
+    Creates it if missing and removes the metric files a previous run left (a new master
+    starts from zero, as Prometheus expects of a restarted target). Must run before any
+    metric is used in this process."""
+    if _made is not None:
+        raise RuntimeError("metrics.setup() must run before any metric is used")
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    for path in glob.glob(os.path.join(directory, "*.db")):
+        os.remove(path)
+    os.environ[ENV] = directory
+    from prometheus_client import values
+    values.ValueClass = values.get_value_class()     # chosen at import; choose again
+
+
+def directory():
+    """The metrics directory of this process, or None when setup() was not called."""
+    return os.environ.get(ENV) or None
+
+
+def worker_exited(pid):
+    """The master reaped child pid: drop its live gauges, fold its counters into the
+    archive. Call it after waitpid and before forking again (so the pid is not reused by
+    one of ours meanwhile). A no-op without setup()."""
+    path = directory()
+    if path is None:
+        return
+    from prometheus_client import multiprocess
+    from prometheus_client.mmap_dict import MmapedDict
+    with _scrape_lock(path, fcntl.LOCK_EX):
+        multiprocess.mark_process_dead(pid, path)
+        for kind in _ADDITIVE:
+            dead = os.path.join(path, "%s_%d.db" % (kind, pid))
+            if not os.path.exists(dead):
+                continue
+            archive = MmapedDict(os.path.join(path, "%s_archive.db" % kind))
+            try:
+                for key, value, _, _ in MmapedDict.read_all_values_from_file(dead):
+                    archive.write_value(key, archive.read_value(key)[0] + value, 0.0)
+            finally:
+                archive.close()
+            os.remove(dead)
+
+
+def worker_restarted(kind, reason):
+    """The master replaced a child. kind: smtpd, delivery, pickup, api; reason: crashed
+    (died on its own), heartbeat (killed for silence), max_use, max_idle, reload."""
+    _metrics().WORKER_RESTARTS.labels(kind, reason).inc()
+
+
+@contextmanager
+def _scrape_lock(path, how):
+    fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, how)
+        yield
+    finally:
+        os.close(fd)
+
+
+def scrape_registry(path=None):
+    """A CollectorRegistry that sums every process's metric files (for the api process);
+    empty when there is no metrics directory."""
+    from prometheus_client import CollectorRegistry
+    registry = CollectorRegistry(auto_describe=False)
+    path = path or directory()
+    if path is not None and os.path.isdir(path):
+        registry.register(_LockedMultiProcessCollector(path))
+    return registry
+
+
+class _LockedMultiProcessCollector:
+    """prometheus-client's MultiProcessCollector, reading under the directory's lock."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def collect(self):
+        from prometheus_client.multiprocess import MultiProcessCollector
+        with _scrape_lock(self.path, fcntl.LOCK_SH):
+            files = glob.glob(os.path.join(self.path, "*.db"))
+            return list(MultiProcessCollector.merge(files, accumulate=True))
+
+
+# ---- SMTP replies and what they refuse ----------------------------------------------------
+
+# Commands whose refusal refuses (part of) a message.
+_TRANSACTION_COMMANDS = ("MAIL", "RCPT", "DATA", "BDAT")
+
+
+def rejection_reason(command, code, status):
+    """Why a reply to command refuses a message, or None if it refuses none.
+
+    Read from the RFC 3463 enhanced status, the one thing every refusal carries whoever
+    made it (protocol core or session). Refusing nothing new: sequence errors (x.5.1, as
+    "no valid recipients" after refused RCPTs), 500 (a line that was no command, so the
+    last command is not what it answers) and 421 (the session closes)."""
+    if (code < 400 or code in (421, 500) or command not in _TRANSACTION_COMMANDS
+            or not status):
+        return None
+    detail = status.split(".", 1)[1]          # "7.1" of "5.7.1"
+    content = command in ("DATA", "BDAT")
+    if detail == "5.1":
+        return None
+    if detail == "7.1" and command == "RCPT" and code >= 500:
+        return "relay"                        # 554 5.7.1 Relay access denied
+    if detail == "7.0":
+        return "auth"                         # 530 5.7.0 authentication required
+    if detail == "3.4":
+        return "size"                         # 552 5.3.4 (SIZE= or content)
+    if detail.startswith("3."):
+        return "storage"                      # 451 4.3.0, 452 4.3.1
+    if detail == "5.3":
+        return "recipients"                   # 452 4.5.3 too many recipients
+    if content and (detail.startswith("6.") or detail == "5.2"):
+        return "content"                      # bare CR/LF, NUL, undeclared 8-bit
+    if detail.startswith(("5.", "1.", "6.")):
+        return "syntax"                       # 501 5.5.4, 501 5.1.7, 553 5.6.7, 555 ...
+    return "policy"
+
+
+def count_reply(code, status, command):
+    """An SMTP reply went out in answer to command: count it, and the refusal it makes."""
+    m = _metrics()
+    child = m.reply_children.get(code)
+    if child is None:
+        child = m.reply_children[code] = m.REPLIES.labels(str(code))
+    child.inc()
+    if code >= 400:
+        reason = rejection_reason(command, code, status)
+        if reason is not None:
+            m.MESSAGES_REJECTED.labels(reason).inc()
+
+
+# ---- the metrics --------------------------------------------------------------------------
+
+def _metrics():
+    global _made
+    if _made is None:
+        _made = _make()
+    return _made
+
+
+def __getattr__(name):
+    """metrics.CONNECTIONS and friends: made on first use (see the module docstring)."""
+    if name.isupper():
+        try:
+            return getattr(_metrics(), name)
+        except AttributeError:
+            pass
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+
+
+def _make():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    registry = CollectorRegistry(auto_describe=False)   # this process's own; never served
+
+    def counter(name, doc, labels=()):
+        return Counter(name, doc, labels, registry=registry)
+
+    def histogram(name, doc, buckets, labels=()):
+        return Histogram(name, doc, labels, buckets=buckets, registry=registry)
+
+    return SimpleNamespace(
+        registry=registry,
+        reply_children={},
+        # smtpd
+        CONNECTIONS=counter(
+            "elemta_smtpd_connections", "SMTP connections by listener mode and outcome "
+            "(accepted, refused_worker_limit, refused_client_limit).", ("mode", "outcome")),
+        SESSIONS_OPEN=Gauge(
+            "elemta_smtpd_sessions_open", "SMTP sessions open now, by listener mode.",
+            ("mode",), multiprocess_mode="livesum", registry=registry),
+        REPLIES=counter("elemta_smtpd_replies", "SMTP replies sent, by reply code.",
+                        ("code",)),
+        MESSAGES_ACCEPTED=counter("elemta_smtpd_messages_accepted",
+                                  "Messages accepted (250 after end of data)."),
+        ACCEPTED_BYTES=counter("elemta_smtpd_accepted_bytes",
+                               "Size of accepted messages as queued, in bytes."),
+        MESSAGES_REJECTED=counter(
+            "elemta_smtpd_messages_rejected", "Refused MAIL, RCPT or message content, by "
+            "reason (relay, size, syntax, content, storage, auth, recipients, policy).",
+            ("reason",)),
+        TLS_SESSIONS=counter("elemta_smtpd_tls_sessions",
+                             "TLS handshakes completed (STARTTLS or smtps), by TLS version.",
+                             ("version",)),
+        TLS_FAILURES=counter("elemta_smtpd_tls_handshake_failures",
+                             "TLS handshakes that failed or timed out."),
+        AUTH_ATTEMPTS=counter("elemta_smtpd_auth_attempts",
+                              "SMTP AUTH credential checks, by result (success, failure).",
+                              ("result",)),
+        COMMIT_BATCH=histogram(
+            "elemta_smtpd_commit_batch_messages",
+            "Messages made durable together by one group commit.",
+            (1, 2, 4, 8, 16, 32, 64, 128, 256)),
+        COMMIT_FLUSH=histogram(
+            "elemta_smtpd_commit_flush_seconds",
+            "Time one group commit took to make its batch durable, in seconds.",
+            (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)),
+        # delivery (counted by the delivery worker)
+        DELIVERIES=counter(
+            "elemta_deliveries", "Recipient delivery attempts by result (sent, deferred, "
+            "bounced).", ("result",)),
+        DELIVERY_DELAY=histogram(
+            "elemta_delivery_delay_seconds", "From arrival to a recipient's final result "
+            "(sent or bounced), in seconds: Postfix's delay=.",
+            (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400)),
+        DELIVERY_ATTEMPT=histogram(
+            "elemta_delivery_attempt_seconds",
+            "Time one delivery attempt (one SMTP/LMTP transaction) took, in seconds.",
+            (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)),
+        # master
+        WORKER_RESTARTS=counter(
+            "elemta_worker_restarts", "Children the master replaced, by kind (smtpd, "
+            "delivery, pickup, api) and reason.", ("kind", "reason")),
+    )
