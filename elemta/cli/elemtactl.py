@@ -1,12 +1,14 @@
 """elemtactl: the administrator's command for a running or stopped Elemta.
 
-Runs as its own short-lived process (owned by no daemon). Today it manages the
-SMTP AUTH users (`user add/passwd/del/list`) and checks the configuration
-(`config check`); the queue, status, reload, stop and dkim commands are named
-here so the surface is stable, and later issues fill them in.
+Runs as its own short-lived process (owned by no daemon). It manages the SMTP
+AUTH users (`user add/passwd/del/list`), checks the configuration (`config
+check`) and lists and changes the queue (`queue ...`, in elemta.cli.queuecmd);
+the status, reload, stop and dkim commands are named here so the surface is
+stable, and later issues fill them in.
 
 Errors are one line on stderr and a sysexits(3) exit status, never a traceback.
-See also: elemta.util.credentials (the file format), elemta.config, man/elemtactl.8.
+See also: elemta.util.credentials (the file format), elemta.config,
+elemta.cli.queuecmd, man/elemtactl.8.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import os
 import sys
 from typing import Callable, List, Optional
 
+from elemta.cli import queuecmd
 from elemta.util import credentials
 
 PROG = "elemtactl"
@@ -40,8 +43,6 @@ CONFIG_INVALID = 1   # `config check` found errors (documented as 1, like postfi
 TEMPORARY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EINTR, errno.EBUSY}
 
 NOT_YET_IMPLEMENTED = {
-    "queue": ("list", "show", "flush", "hold", "release", "delete", "requeue",
-              "summary", "reindex"),
     "dkim": ("keygen",),
     None: ("status", "reload", "stop"),
 }
@@ -294,9 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog=PROG, description="Administer Elemta.",
                      epilog="Exit status: 0 success, 1 config errors (config check), "
-                            "64 usage, 65 bad password, 66 no input file, 67 no such user, "
-                            "69 not yet implemented, 73 cannot create (or user exists), "
-                            "75 try again later, 78 bad configuration.")
+                            "64 usage, 65 bad password or damaged spool file, 66 no input "
+                            "file or queue, 67 no such user or message, 69 not yet "
+                            "implemented, 73 cannot create (or user exists), 74 queue I/O "
+                            "error, 75 try again later, 77 permission denied, 78 bad "
+                            "configuration.")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="Elemta configuration file (YAML or TOML)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -323,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", parents=[config_option],
                                        help="load the configuration and report its errors")
     check.set_defaults(handler=cmd_config_check)
+
+    queuecmd.add_queue_commands(commands, _Parser, [config_option])
 
     for group, names in NOT_YET_IMPLEMENTED.items():
         target = commands

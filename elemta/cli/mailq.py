@@ -1,17 +1,17 @@
 """mailq: the queue listing in Postfix's mailq layout, installed as /usr/bin/mailq.
 
-Runs in the caller's process. For now a stub that says so and exits EX_UNAVAILABLE.
-See also: elemta/cli/sendmail.py (sendmail -bp is the same listing), elemtactl queue list.
+Runs in the caller's own process, while Elemta runs or is stopped. The same listing as
+`elemtactl queue list` (and, later, `sendmail -bp`), with the same filters and --json.
+See also: elemta.cli.queuecmd (where it is written), man/mailq.1, man/elemtactl.8.
 """
 
 import sys
 
-from elemta.cli import EX_UNAVAILABLE
+from elemta.cli.queuecmd import mailq_main
 
 
 def main(argv=None):
-    sys.stderr.write("mailq: not yet implemented (see issue: admin surface)\n")
-    return EX_UNAVAILABLE
+    return mailq_main(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

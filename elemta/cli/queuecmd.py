@@ -1,0 +1,656 @@
+"""`elemtactl queue ...` and `mailq`: list, show, change and summarise the queue.
+
+Runs in the admin's own short-lived process, while Elemta runs or while it is stopped: it
+opens the queue's LMDB index like any other process (every write is a short transaction)
+and never parses the spool or index formats itself (elemta.queue does). Output is Postfix's
+where an admin expects Postfix (mailq's layout, postsuper's counts, qshape's table), and one
+JSON object per line with --json. Errors are one line on stderr and a sysexits(3) status.
+
+See also: elemta.cli.elemtactl (the other commands), elemta.queue.listing (selection and
+counting), elemta.queue.queue (the actions), man/elemtactl.8, man/mailq.1.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
+
+PROG = "elemtactl"
+DEFAULT_CONFIG_FILES = ("/etc/elemta/elemta.yaml", "/etc/elemta/elemta.toml")
+INDEX_NAME = "index.lmdb"
+
+# sysexits.h
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65      # a damaged spool file
+EX_NOINPUT = 66      # no queue where the configuration says
+EX_NOUSER = 67       # a queue id that names no message ("addressee unknown")
+EX_SOFTWARE = 70
+EX_IOERR = 74        # the index or a spool file could not be read or written
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+# Postfix's mailq layout (postqueue/showq_compat.c, long queue ids), widened by the
+# four characters our 20-character ids need: id and status mark, size, arrival, address.
+ID_WIDTH = 21
+HEADINGS = ("-------Queue ID------", "--Size--", "---Arrival Time----",
+            "--Sender/Recipient------")
+HEADING_FORMAT = "%-21s %8s %-19s %s\n"
+SENDER_FORMAT = "%-21s %8d %19.19s %s\n"
+RECIPIENT_INDENT = " " * (ID_WIDTH + 1 + 8 + 1 + 19 + 1)
+REASON_COLUMN = 76          # a "(reason)" line ends at column 78, as in Postfix
+STATUS_MARK = {"active": "*", "hold": "!"}
+
+# Until the delivery agent exists, a flush can only make mail due; say so.
+DELIVERY_NOTE = ("note: this Elemta has no delivery agent yet; the mail is due now and "
+                 "goes out once one runs")
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class QueueFailure(Exception):
+    """Ends the command: message goes to stderr after "PROG: ", code is the exit status."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------- output
+
+class Output:
+    """Buffered UTF-8 output to stdout, whatever the locale; a closed pipe (| head) ends
+    the command quietly."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout.buffer
+        self._parts: List[bytes] = []
+        self._size = 0
+
+    def write(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8", "replace"))
+
+    def write_bytes(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size >= 65536:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._parts:
+            data, self._parts, self._size = b"".join(self._parts), [], 0
+            self.stream.write(data)
+        self.stream.flush()
+
+
+def printable(text: str) -> str:
+    """Control characters shown as '?', as Postfix's printable() does."""
+    return _UNPRINTABLE.sub("?", text)
+
+
+def asctime(seconds: float) -> str:
+    """'Tue Nov 24 17:34:06': asctime(3) in local time, without the year."""
+    return time.asctime(time.localtime(seconds))[:19]
+
+
+# ---------------------------------------------------------------- opening the queue
+
+def _load_config(path: Optional[str]):
+    """The typed Config: --config, else the packaged file if present, else defaults."""
+    from elemta.config import ConfigError, default_config, load_config
+    if path is None:
+        path = next((p for p in DEFAULT_CONFIG_FILES if os.path.exists(p)), None)
+        if path is None:
+            return default_config()
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as exc:
+        raise QueueFailure(EX_NOINPUT, "%s: %s" % (path, exc.strerror or exc))
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        problems = [str(p) for p in exc.problems] or [str(exc)]
+        more = "" if len(problems) == 1 else " (and %d more: %s config check --config %s)" % (
+            len(problems) - 1, PROG, path)
+        raise QueueFailure(EX_CONFIG, problems[0] + more)
+
+
+def open_queue(args, create_index: bool = False):
+    """The Queue named by --spool-dir or the configuration. Refuses (rather than creates)
+    a missing spool or index unless create_index."""
+    config = _load_config(getattr(args, "config", None))
+    spool_dir = os.path.abspath(args.spool_dir or config.queue.spool_dir)
+    index_data = os.path.join(spool_dir, INDEX_NAME, "data.mdb")
+    if not os.path.isdir(spool_dir):
+        raise QueueFailure(EX_NOINPUT, "queue: no spool directory %s (is --config right?)"
+                           % spool_dir)
+    if not os.access(spool_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise QueueFailure(EX_NOPERM, "queue: %s: permission denied (run as root or as "
+                                      "Elemta's user)" % spool_dir)
+    if not create_index and not os.path.exists(index_data):
+        raise QueueFailure(EX_NOINPUT, "queue: no index in %s; rebuild it with: %s queue "
+                                       "reindex" % (spool_dir, PROG))
+    from elemta.queue.queue import Queue
+    queue = Queue(spool_dir, sync_method=config.queue.sync_method,
+                  map_size=config.queue.index_map_size)
+    _give_to_spool_owner(os.path.join(spool_dir, INDEX_NAME), spool_dir)
+    return queue
+
+
+def _give_to_spool_owner(index_dir: str, spool_dir: str) -> None:
+    """Run as root, an index this process created would lock the daemon's user out."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(spool_dir)
+    if owner.st_uid == 0:
+        return
+    for path in [index_dir] + [os.path.join(index_dir, n) for n in os.listdir(index_dir)]:
+        if os.stat(path).st_uid == 0:
+            os.chown(path, owner.st_uid, owner.st_gid)
+
+
+# ---------------------------------------------------------------- selection
+
+def parse_duration(text: str) -> float:
+    """'90' or '90s', '30m', '2h', '3d', '1w' -> seconds."""
+    match = _DURATION.match(text.strip().lower())
+    if not match:
+        raise argparse.ArgumentTypeError(
+            "%r is not a duration (a number with s, m, h, d or w, e.g. 30m)" % text)
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def parse_states(text: str) -> List[str]:
+    from elemta.queue.model import STATES
+    states = [s.strip().lower() for s in text.split(",") if s.strip()]
+    for state in states:
+        if state not in STATES:
+            raise argparse.ArgumentTypeError("%r is not a queue state (one of %s)"
+                                             % (state, ", ".join(STATES)))
+    return states
+
+
+def _selection(args, default_states: Tuple[str, ...] = ()):
+    from elemta.queue.listing import Selection
+    states = tuple(s for group in (args.state or ()) for s in group) or default_states
+    return Selection(now=time.time(), states=tuple(dict.fromkeys(states)),
+                     sender=args.sender, recipient=args.recipient, domain=args.domain,
+                     older_than=args.older_than, newer_than=args.newer_than)
+
+
+def _has_filter(args) -> bool:
+    return any(v is not None for v in (args.state, args.sender, args.recipient, args.domain,
+                                       args.older_than, args.newer_than))
+
+
+def _queue_ids(words: Iterable[str]) -> List[str]:
+    """Queue ids from the command line ('-' reads them from stdin, one per line or
+    separated by spaces); mailq's '*' and '!' marks are ignored, as postsuper does."""
+    from elemta.queue.ids import is_queue_id
+    ids = []
+    for word in words:
+        items = sys.stdin.read().split() if word == "-" else [word]
+        for item in items:
+            queue_id = item.rstrip("*!")
+            if not is_queue_id(queue_id):
+                raise QueueFailure(EX_USAGE, "queue: not a queue id: %s" % printable(item))
+            ids.append(queue_id)
+    return list(dict.fromkeys(ids))
+
+
+# ---------------------------------------------------------------- list (mailq)
+
+def cmd_list(args) -> int:
+    """queue list: the queue in mailq's layout, or one JSON object per message."""
+    from elemta.queue.listing import iter_records
+    out = Output()
+    with open_queue(args) as queue:
+        records = iter_records(queue.index, _selection(args))
+        if args.json:
+            for record in records:
+                out.write(json.dumps(_list_json(record), ensure_ascii=False) + "\n")
+        else:
+            write_mailq(out, records)
+    out.flush()
+    return EX_OK
+
+
+def _list_json(record) -> dict:
+    from elemta.queue.listing import record_to_json
+    return record_to_json(record)
+
+
+def write_mailq(out: Output, records: Iterable) -> None:
+    """Postfix's mailq output for records (streamed: each message written as read)."""
+    from elemta.queue.index import waiting_recipients
+    from elemta.queue.listing import NULL_SENDER, delay_reason
+    count = total_size = 0
+    for record in records:
+        envelope = record.envelope
+        out.write("\n" if count else HEADING_FORMAT % HEADINGS)
+        out.write(SENDER_FORMAT % (record.queue_id + STATUS_MARK.get(record.state, ""),
+                                   envelope.size, asctime(envelope.arrival),
+                                   printable(envelope.sender or NULL_SENDER)))
+        shown_reason = ""
+        for recipient in waiting_recipients(record.state, envelope.recipients):
+            reason = printable(delay_reason(record, recipient))
+            if reason != shown_reason:
+                shown_reason = reason
+                text = reason or "reason unavailable"
+                out.write("%*s(%s)\n" % (max(0, REASON_COLUMN - len(text)), "", text))
+            out.write(RECIPIENT_INDENT + printable(recipient.address) + "\n")
+        count += 1
+        total_size += envelope.size
+    if count == 0:
+        out.write("Mail queue is empty\n")
+    else:
+        out.write("\n-- %d Kbytes in %d Request%s.\n"
+                  % (total_size // 1024, count, "" if count == 1 else "s"))
+
+
+# ---------------------------------------------------------------- show
+
+def cmd_show(args) -> int:
+    """queue show ID...: envelope, delivery state, recipients, headers (--body: all)."""
+    ids = _queue_ids(args.ids)
+    out = Output()
+    status = EX_OK
+    with open_queue(args) as queue:
+        for n, queue_id in enumerate(ids):
+            record = queue.get(queue_id)
+            if record is None:
+                out.flush()
+                _complain("queue: no such message: %s" % queue_id)
+                status = EX_NOUSER
+                continue
+            if args.json:
+                out.write(json.dumps(_show_json(record, queue.store.path(queue_id)),
+                                     ensure_ascii=False) + "\n")
+                continue
+            if n:
+                out.write("\n")
+            _write_envelope(out, record, queue.store.path(queue_id),
+                            queue.store.is_held(queue_id))
+            status = max(status, _write_content(out, queue.store, queue_id, args.body))
+    out.flush()
+    return status
+
+
+def _complain(message: str) -> None:
+    sys.stdout.flush()
+    print("%s: %s" % (PROG, message), file=sys.stderr)
+
+
+def _show_json(record, spool_path) -> dict:
+    from elemta.queue.listing import record_to_json
+    data = record_to_json(record)
+    envelope = record.envelope
+    data["recipients"] = [dict(vars(r), notify=list(r.notify) if r.notify else r.notify)
+                          for r in envelope.recipients]
+    for name in ("body", "smtputf8", "ret", "envid", "client_address", "client_helo",
+                 "protocol", "auth_user", "extra"):
+        data[name] = getattr(envelope, name)
+    data["arrival"] = envelope.arrival
+    data["spool_file"] = spool_path
+    return data
+
+
+def _write_envelope(out: Output, record, spool_path: str, held: bool) -> None:
+    envelope = record.envelope
+    lines = [("Queue ID", record.queue_id),
+             ("State", _state_text(record, held)),
+             ("Arrival", time.asctime(time.localtime(envelope.arrival))),
+             ("Size", "%d bytes" % envelope.size),
+             ("Sender", "<%s>" % envelope.sender)]
+    client = envelope.client_helo or "local"
+    if envelope.client_address:
+        client += " [%s]" % envelope.client_address
+    client += ", " + envelope.protocol
+    if envelope.auth_user:
+        client += ", authenticated as " + envelope.auth_user
+    lines.append(("Client", client))
+    lines.append(("Body", envelope.body + (", SMTPUTF8" if envelope.smtputf8 else "")))
+    dsn = ["RET=" + envelope.ret] if envelope.ret else []
+    dsn += ["ENVID=" + envelope.envid] if envelope.envid else []
+    if dsn:
+        lines.append(("DSN", " ".join(dsn)))
+    if envelope.priority:
+        lines.append(("Priority", str(envelope.priority)))
+    if record.last_error:
+        lines.append(("Last error", record.last_error))
+    lines.append(("Spool file", spool_path))
+    for label, value in lines:
+        out.write("%-12s%s\n" % (label + ":", printable(str(value))))
+    out.write("Recipients:\n")
+    for recipient in envelope.recipients:
+        out.write("  <%s>  %s\n" % (printable(recipient.address), recipient.status))
+        dsn = ["NOTIFY=" + ",".join(recipient.notify)] if recipient.notify else []
+        dsn += ["ORCPT=" + recipient.orcpt] if recipient.orcpt else []
+        if dsn:
+            out.write("    %s\n" % printable(" ".join(dsn)))
+        if recipient.last_reply:
+            out.write("    last reply: %s\n" % printable(recipient.last_reply))
+    if envelope.extra:
+        out.write("Extra:      %s\n" % json.dumps(envelope.extra, sort_keys=True))
+
+
+def _state_text(record, held: bool) -> str:
+    text = record.state
+    if record.attempts:
+        text += ", %d attempt%s" % (record.attempts, "" if record.attempts == 1 else "s")
+    if record.state in ("incoming", "deferred"):
+        due = record.next_attempt
+        text += ", due now" if due <= time.time() else ", next attempt %s" % (
+            time.asctime(time.localtime(due)))
+    if held != (record.state == "hold"):
+        text += " (hold marker %s; reconcile at the next start settles it)" % (
+            "present" if held else "missing")
+    return text
+
+
+def _write_content(out: Output, store, queue_id: str, whole: bool) -> int:
+    """The headers (or with whole, the whole content), CRLF shown as LF."""
+    from elemta.queue.store import CorruptSpoolFile
+    out.write("\n")
+    try:
+        with store.open_content(queue_id) as content:
+            pending = b""
+            while True:
+                chunk = content.read(65536)
+                if not chunk:
+                    break
+                data = (pending + chunk).replace(b"\r\n", b"\n")
+                pending = b""
+                if data.endswith(b"\r"):
+                    data, pending = data[:-1], b"\r"
+                if not whole:
+                    end = _end_of_headers(data)
+                    if end is not None:
+                        out.write_bytes(data[:end])
+                        return EX_OK
+                out.write_bytes(data)
+            out.write_bytes(pending)
+    except FileNotFoundError:
+        out.flush()
+        _complain("queue: %s: its spool file is gone (delivered or deleted meanwhile)"
+                  % queue_id)
+        return EX_NOINPUT
+    except CorruptSpoolFile as exc:
+        out.flush()
+        _complain("queue: %s" % exc)
+        return EX_DATAERR
+    return EX_OK
+
+
+def _end_of_headers(data: bytes) -> Optional[int]:
+    if data.startswith(b"\n"):
+        return 0
+    at = data.find(b"\n\n")
+    return None if at < 0 else at + 1
+
+
+# ---------------------------------------------------------------- actions
+
+# action name -> (Queue method name, postsuper-style total, states --all looks at)
+ACTIONS = {
+    "hold": ("hold", "Placed on hold", ("incoming", "active", "deferred", "failed")),
+    "release": ("release", "Released from hold", ("hold",)),
+    "delete": ("delete", "Deleted", ()),
+    "requeue": ("requeue", "Requeued", ()),
+    "flush": ("flush", "Due now", ("deferred",)),
+}
+
+
+def _action(name: str) -> Callable:
+    method, total_label, default_states = ACTIONS[name]
+
+    def handler(args) -> int:
+        if args.ids and (args.all or _has_filter(args)):
+            raise QueueFailure(EX_USAGE, "queue %s: give queue ids or a selection "
+                                         "(--all, --from, ...), not both" % name)
+        bulk = args.all or _has_filter(args) or (name == "flush" and not args.ids)
+        if not bulk and not args.ids:
+            raise QueueFailure(EX_USAGE, "queue %s: give queue ids, --all, or a selection "
+                                         "such as --from (see %s queue %s --help)"
+                               % (name, PROG, name))
+        ids = [] if bulk else _queue_ids(args.ids)
+        from elemta.queue.queue import NO_SUCH_MESSAGE
+        success = _success(name)
+        out = Output()
+        unknown = []
+        done = 0
+        with open_queue(args) as queue:
+            if bulk:
+                from elemta.queue.listing import iter_ids
+                ids = list(iter_ids(queue.index, _selection(args, default_states)))
+            for queue_id, outcome in getattr(queue, method)(ids):
+                if outcome == NO_SUCH_MESSAGE:
+                    unknown.append(queue_id)
+                    continue
+                out.write("%s: %s\n" % (queue_id, outcome))
+                done += outcome == success
+        out.write("%s: %d message%s\n" % (total_label, done, "" if done == 1 else "s"))
+        out.flush()
+        for queue_id in unknown:
+            _complain("queue: no such message: %s" % queue_id)
+        if name == "flush" and done:
+            _complain(DELIVERY_NOTE)
+        return EX_NOUSER if unknown else EX_OK
+    handler.__doc__ = "queue %s: by id, --all, or a selection; one line per message." % name
+    return handler
+
+
+def _success(name: str) -> str:
+    from elemta.queue import queue as q
+    return {"hold": q.HELD, "release": q.RELEASED, "delete": q.DELETED,
+            "requeue": q.REQUEUED, "flush": q.FLUSHED}[name]
+
+
+# ---------------------------------------------------------------- summary, reindex
+
+def cmd_summary(args) -> int:
+    """queue summary: messages and Kbytes per state, then qshape's domain-by-age table."""
+    from elemta.queue.listing import summarise
+    with open_queue(args) as queue:
+        shape = summarise(queue.index, _selection(args), by_sender=args.sender_domains)
+    out = Output()
+    if args.json:
+        out.write(json.dumps({
+            "states": {state: {"messages": t.messages, "bytes": t.size}
+                       for state, t in shape.by_state.items()},
+            "bucket_minutes": shape.bucket_limits,
+            "total": shape.total,
+            "domains": shape.domains,
+        }, ensure_ascii=False, sort_keys=True) + "\n")
+    else:
+        write_summary(out, shape, args.sender_domains)
+    out.flush()
+    return EX_OK
+
+
+def write_summary(out: Output, shape, by_sender: bool = False, width: int = 80) -> None:
+    out.write("%-10s %10s %10s\n" % ("State", "Messages", "Kbytes"))
+    messages = size = 0
+    for state, total in shape.by_state.items():
+        out.write("%-10s %10d %10d\n" % (state, total.messages, total.size // 1024))
+        messages += total.messages
+        size += total.size
+    out.write("%-10s %10d %10d\n\n" % ("total", messages, size // 1024))
+    out.write("%s domains by age in minutes (as qshape%s):\n"
+              % ("Sender" if by_sender else "Recipient", " -s" if by_sender else ""))
+    for line in qshape_lines(shape, width):
+        out.write(line + "\n")
+
+
+def qshape_lines(shape, width: int = 80, min_domain_width: int = 18) -> Iterator[str]:
+    """qshape's table: TOTAL, then domains by count (most first), ages in columns."""
+    limits = shape.bucket_limits
+    heads = ["T"] + [str(n) for n in limits] + ["%d+" % limits[-1]]
+    widths = []
+    for head, total in zip(heads, shape.total):
+        cell = max(len(str(total)), len(head))
+        widths.append(cell + 1 if cell > 2 else 3)
+    name_width = max(width - sum(widths), min_domain_width)
+
+    def row(name: str, cells: List) -> str:
+        if len(name) > name_width:
+            name = "+" + name[len(name) - name_width + 1:]
+        return name.rjust(name_width) + "".join(
+            str(c).rjust(w) for c, w in zip(cells, widths))
+
+    yield row("", heads)
+    yield row("TOTAL", shape.total)
+    ranked = sorted(shape.domains.items(), key=lambda kv: (-kv[1][0], len(kv[0]), kv[0]))
+    for name, cells in ranked:
+        yield row(printable(name), cells)
+
+
+def cmd_reindex(args) -> int:
+    """queue reindex: rebuild the index from the spool files (hold markers kept)."""
+    from elemta.queue.model import HOLD
+    with open_queue(args, create_index=True) as queue:
+        count = queue.reindex()
+        held = sum(1 for _ in queue.index.iter_state_ids(HOLD))
+    print("reindexed %d message%s (%d on hold) from %s"
+          % (count, "" if count == 1 else "s", held, queue.spool_dir))
+    return EX_OK
+
+
+# ---------------------------------------------------------------- the parser
+
+def _filter_options(parser: argparse.ArgumentParser, for_action: bool = False) -> None:
+    group = parser.add_argument_group("selection")
+    group.add_argument("--state", action="append", type=parse_states, metavar="STATE",
+                       help="only messages in STATE: incoming, active, deferred, hold, "
+                            "failed (repeat or separate with commas)")
+    group.add_argument("--from", dest="sender", metavar="PATTERN",
+                       help="sender matches PATTERN (shell wildcards, any case; '<>' is "
+                            "the null sender)")
+    group.add_argument("--to", dest="recipient", metavar="PATTERN",
+                       help="a recipient not yet delivered matches PATTERN")
+    group.add_argument("--domain", metavar="DOMAIN",
+                       help="a recipient not yet delivered is at DOMAIN")
+    group.add_argument("--older-than", type=parse_duration, metavar="AGE",
+                       help="arrived more than AGE ago (e.g. 90s, 30m, 2h, 3d, 1w)")
+    group.add_argument("--newer-than", type=parse_duration, metavar="AGE",
+                       help="arrived less than AGE ago")
+    if for_action:
+        group.add_argument("--all", action="store_true",
+                           help="every message (that the other options select)")
+
+
+def add_queue_commands(commands, parser_class, parents: List[argparse.ArgumentParser]
+                       ) -> None:
+    """Register `queue` and its actions on elemtactl's subcommand parsers."""
+    spool = parser_class(add_help=False)
+    spool.add_argument("--spool-dir", metavar="DIR",
+                       help="the spool directory (default: queue.spool_dir of the "
+                            "configuration)")
+    parents = list(parents) + [spool]
+    queue = commands.add_parser("queue", help="list, show and change queued mail",
+                                description="List, show and change queued mail.")
+    actions = queue.add_subparsers(dest="queue_command", metavar="ACTION",
+                                   parser_class=parser_class)
+    actions.required = True
+
+    def add(name, handler, summary):
+        sub = actions.add_parser(name, parents=parents, help=summary, description=summary)
+        sub.set_defaults(handler=lambda args: run(handler, args))
+        return sub
+
+    listing = add("list", cmd_list, "list the queue as mailq does (or --json)")
+    _filter_options(listing)
+    listing.add_argument("--json", action="store_true", help="one JSON object per message")
+
+    show = add("show", cmd_show, "show messages: envelope, state, recipients, headers")
+    show.add_argument("ids", nargs="+", metavar="ID", help="queue id ('-' reads ids from "
+                                                          "standard input)")
+    show.add_argument("--body", action="store_true", help="the whole content, not only the "
+                                                          "headers")
+    show.add_argument("--json", action="store_true", help="the envelope and state as JSON")
+
+    for name, summary in (("hold", "put messages on hold (never tried until released)"),
+                          ("release", "take messages off hold (due now)"),
+                          ("delete", "delete messages"),
+                          ("requeue", "start messages over: due now, attempts reset"),
+                          ("flush", "make deferred messages due now (all when no ID)")):
+        sub = add(name, _action(name), summary)
+        sub.add_argument("ids", nargs="*", metavar="ID",
+                         help="queue id ('-' reads ids from standard input)")
+        _filter_options(sub, for_action=True)
+
+    summary = add("summary", cmd_summary, "messages and Kbytes by state; domains by age "
+                                          "(qshape)")
+    _filter_options(summary)
+    summary.add_argument("--sender-domains", action="store_true",
+                         help="count sender domains instead of recipient domains")
+    summary.add_argument("--json", action="store_true", help="one JSON object")
+
+    add("reindex", cmd_reindex, "rebuild the index from the spool files")
+
+
+# ---------------------------------------------------------------- mailq
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one QueueFailure(EX_USAGE), not exit 2."""
+
+    def error(self, message):
+        raise QueueFailure(EX_USAGE, "%s (see %s --help)" % (message, self.prog))
+
+
+def mailq_parser() -> argparse.ArgumentParser:
+    parser = UsageParser(prog="mailq", description="List the mail queue (Postfix's mailq "
+                                                    "layout). Same as: elemtactl queue list.")
+    parser.add_argument("--config", metavar="FILE", help="Elemta configuration file")
+    parser.add_argument("--spool-dir", metavar="DIR", help="the spool directory")
+    _filter_options(parser)
+    parser.add_argument("--json", action="store_true", help="one JSON object per message")
+    parser.add_argument("-v", action="store_true", help=argparse.SUPPRESS)  # sendmail's
+    return parser
+
+
+def mailq_main(argv: Optional[List[str]] = None) -> int:
+    """mailq [--json] [selection]: `elemtactl queue list` under Postfix's name."""
+    try:
+        args = mailq_parser().parse_args(argv)
+    except QueueFailure as failure:
+        print("mailq: %s" % failure, file=sys.stderr)
+        return failure.code
+    except SystemExit as exc:   # --help
+        return exc.code if isinstance(exc.code, int) else EX_USAGE
+    return run(cmd_list, args, prog="mailq")
+
+
+def run(handler: Callable, args, prog: str = "elemtactl") -> int:
+    """Run a handler with the error rules: one line on stderr, a sysexits status."""
+    global PROG
+    PROG = prog
+    import lmdb
+    try:
+        return handler(args)
+    except QueueFailure as failure:
+        _complain(str(failure))
+        return failure.code
+    except BrokenPipeError:
+        # The reader went away (| head): stop quietly, and keep Python from complaining
+        # when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EX_OK
+    except lmdb.Error as exc:
+        _complain("queue: index: %s" % exc)
+        return EX_IOERR
+    except PermissionError as exc:
+        _complain("queue: %s: %s (run as root or as Elemta's user)"
+                  % (exc.filename or "", exc.strerror))
+        return EX_NOPERM
+    except OSError as exc:
+        _complain("queue: %s%s" % (exc.filename + ": " if exc.filename else "",
+                                   exc.strerror or exc))
+        return EX_IOERR

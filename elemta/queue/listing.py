@@ -1,0 +1,223 @@
+"""Choosing and summarising queued messages: the filters and the qshape-style counts.
+
+Used by elemtactl's queue commands (and mailq) in their own short-lived process, and by
+anything else that lists the queue. Reads the index only through elemta.queue.index (the
+Brief view per state first, full records only for what a filter or the output needs), so a
+listing of one state of a million-message queue starts at once and streams.
+See also elemta.cli.queuecmd (the text and JSON output), elemta.queue.index.
+"""
+
+import fnmatch
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from elemta.queue.index import SCAN_CHUNK, Brief, QueueIndex, QueueRecord, waiting_recipients
+from elemta.queue.model import PENDING, STATES, Recipient
+
+NULL_SENDER = "MAILER-DAEMON"    # how Postfix's tools show the null sender <>
+NO_DOMAIN = "(no domain)"
+QSHAPE_BUCKETS = 10              # qshape -b
+QSHAPE_MINUTES = 5               # qshape -t
+
+
+@dataclass
+class Selection:
+    """Which messages a command acts on. Empty fields select everything.
+
+    sender, recipient: shell-style patterns (fnmatch), case-insensitive, on the whole
+    address; "<>" is the null sender. recipient and domain look at the recipients not yet
+    delivered. older_than and newer_than are ages in seconds at `now`.
+    """
+    now: float
+    states: Tuple[str, ...] = ()
+    sender: Optional[str] = None
+    recipient: Optional[str] = None
+    domain: Optional[str] = None
+    older_than: Optional[float] = None
+    newer_than: Optional[float] = None
+
+    @property
+    def needs_record(self):
+        """True if the Brief alone cannot decide (sender or recipient patterns)."""
+        return self.sender is not None or self.recipient is not None
+
+    def brief_matches(self, brief: Brief) -> bool:
+        age = self.now - brief.arrival
+        if self.older_than is not None and age < self.older_than:
+            return False
+        if self.newer_than is not None and age > self.newer_than:
+            return False
+        if self.domain is not None:
+            wanted = self.domain.lower().strip(".")
+            return any(domain == wanted for domain, _ in brief.domains)
+        return True
+
+    def record_matches(self, record: QueueRecord) -> bool:
+        envelope = record.envelope
+        if self.sender is not None and not _address_matches(self.sender, envelope.sender):
+            return False
+        if self.recipient is not None:
+            waiting = waiting_recipients(record.state, envelope.recipients)
+            return any(_address_matches(self.recipient, r.address) for r in waiting)
+        return True
+
+
+def _address_matches(pattern: str, address: str) -> bool:
+    if pattern == "<>":
+        return address == ""
+    return fnmatch.fnmatchcase(address.lower(), pattern.lower())
+
+
+def _states(selection: Selection) -> Sequence[str]:
+    return selection.states or STATES
+
+
+def iter_records(index: QueueIndex, selection: Selection) -> Iterator[QueueRecord]:
+    """The selected records, in queue id (arrival) order across states, streamed."""
+    streams = [_records_in_state(index, state, selection) for state in _states(selection)]
+    return heapq.merge(*streams, key=lambda record: record.queue_id)
+
+
+def _records_in_state(index, state, selection):
+    wanted: List[str] = []
+    for brief in index.iter_briefs(state):
+        if selection.brief_matches(brief):
+            wanted.append(brief.queue_id)
+            if len(wanted) == SCAN_CHUNK:
+                yield from _fetch(index, wanted, state, selection)
+                wanted = []
+    yield from _fetch(index, wanted, state, selection)
+
+
+def _fetch(index, queue_ids, state, selection):
+    found = index.get_many(queue_ids)
+    for queue_id in queue_ids:
+        record = found.get(queue_id)
+        # Changed state or gone since its Brief was read: its new state's stream has it.
+        if record is not None and record.state == state and selection.record_matches(record):
+            yield record
+
+
+def iter_ids(index: QueueIndex, selection: Selection) -> Iterator[str]:
+    """The selected queue ids, in id order; full records are read only when the selection
+    looks at addresses."""
+    if selection.needs_record:
+        return (record.queue_id for record in iter_records(index, selection))
+    streams = [(brief.queue_id for brief in index.iter_briefs(state)
+                if selection.brief_matches(brief))
+               for state in _states(selection)]
+    return heapq.merge(*streams)
+
+
+# -- summary: counts by state, and qshape's table of domains by age
+
+@dataclass
+class StateTotal:
+    messages: int = 0
+    size: int = 0
+
+
+@dataclass
+class Shape:
+    """What `elemtactl queue summary` shows.
+
+    by_state: every state with its message count and total size. domains: for each
+    recipient domain (or sender domain), its count in total and per age bucket, as qshape
+    counts: one per waiting recipient (per message for senders). bucket_limits: the upper
+    age limit of each bucket in minutes; the last bucket has none.
+    """
+    by_state: Dict[str, StateTotal]
+    domains: Dict[str, List[int]]
+    bucket_limits: List[int]
+    total: List[int] = field(default_factory=list)
+
+
+def bucket_limits(buckets: int = QSHAPE_BUCKETS, minutes: int = QSHAPE_MINUTES) -> List[int]:
+    """Upper limits in minutes of all buckets but the last: 5, 10, 20, 40 ... (qshape)."""
+    return [minutes * 2 ** i for i in range(buckets - 1)]
+
+
+def age_bucket(age_seconds: float, buckets: int = QSHAPE_BUCKETS,
+               minutes: int = QSHAPE_MINUTES) -> int:
+    """qshape's bucket (1 .. buckets) for an age: [0, t), [t, 2t), [2t, 4t), ..."""
+    m = age_seconds / (60.0 * minutes)
+    if m < 1:
+        return 1
+    return min(2 + int(math.log2(m)), buckets)
+
+
+def qshape_domain(domain: str) -> str:
+    """A domain as qshape shows it: no empty labels, no dots at either end."""
+    while ".." in domain:
+        domain = domain.replace("..", ".")
+    return domain.strip(".")
+
+
+def summarise(index: QueueIndex, selection: Selection, by_sender: bool = False,
+              buckets: int = QSHAPE_BUCKETS, minutes: int = QSHAPE_MINUTES) -> Shape:
+    """Count the selected messages by state and by domain and age, from Briefs only."""
+    by_state = {state: StateTotal() for state in STATES}
+    domains: Dict[str, List[int]] = {}
+    total = [0] * (buckets + 1)
+    names: Dict[str, str] = {}   # domain as stored -> as shown, computed once each
+    now = selection.now
+    for state in _states(selection):
+        totals = by_state.setdefault(state, StateTotal())
+        for brief in index.iter_briefs(state):
+            if not selection.brief_matches(brief):
+                continue
+            totals.messages += 1
+            totals.size += brief.size
+            bucket = age_bucket(now - brief.arrival, buckets, minutes)
+            counted = ((brief.sender_domain, 1),) if by_sender else brief.domains
+            for domain, count in counted:
+                name = names.get(domain)
+                if name is None:
+                    name = names[domain] = (qshape_domain(domain)
+                                            or (NULL_SENDER if by_sender else NO_DOMAIN))
+                row = domains.get(name)
+                if row is None:
+                    row = domains[name] = [0] * (buckets + 1)
+                row[0] += count
+                row[bucket] += count
+                total[0] += count
+                total[bucket] += count
+    return Shape(by_state, domains, bucket_limits(buckets, minutes), total)
+
+
+# -- one message as data (elemtactl --json, in the spirit of postqueue -j)
+
+def record_to_json(record: QueueRecord) -> dict:
+    """postqueue -j's fields (queue_name, queue_id, arrival_time, message_size,
+    forced_expire, sender, recipients with delay_reason) and Elemta's own."""
+    envelope = record.envelope
+    recipients = []
+    for recipient in waiting_recipients(record.state, envelope.recipients):
+        item = {"address": recipient.address, "status": recipient.status}
+        reason = delay_reason(record, recipient)
+        if reason:
+            item["delay_reason"] = reason
+        recipients.append(item)
+    return {
+        "queue_name": record.state,
+        "queue_id": record.queue_id,
+        "arrival_time": int(envelope.arrival),
+        "message_size": envelope.size,
+        "forced_expire": False,
+        "sender": envelope.sender,
+        "recipients": recipients,
+        "attempts": record.attempts,
+        "next_attempt": record.next_attempt,
+        "last_error": record.last_error,
+        "priority": envelope.priority,
+    }
+
+
+def delay_reason(record: QueueRecord, recipient: Recipient) -> str:
+    """Why a waiting recipient is not delivered yet: its own last reply if it was
+    deferred or bounced, else the message's last error, else ""."""
+    if recipient.status != PENDING and recipient.last_reply:
+        return recipient.last_reply
+    return record.last_error or ""
