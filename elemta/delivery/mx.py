@@ -162,10 +162,10 @@ class Resolver:
         gevent.joinall(lookups)
         hosts, failures, temporary = [], [], False
         for (preference, name), lookup in zip(exchanges, lookups):
-            if lookup.successful():
-                hosts += [Host(name, address, preference) for address in lookup.value]
+            addresses, error = lookup.value
+            if error is None:
+                hosts += [Host(name, address, preference) for address in addresses]
             else:
-                error = lookup.exception
                 temporary = temporary or isinstance(error, TemporaryDNSError)
                 failures.append("%s: %s" % (name, getattr(error, "reason", error)))
         if hosts:
@@ -185,13 +185,17 @@ class Resolver:
         return [Host(domain.rstrip("."), address) for address in addresses]
 
     def _host_addresses(self, name):
+        """(addresses, None) or ([], the RouteError): returned, not raised, since gevent
+        prints the traceback of every greenlet that dies of an exception."""
         try:
             addresses = self.addresses(name)
         except _NXDomain:
-            raise NoMailHost(name, "host not found")
+            return [], NoMailHost(name, "host not found")
+        except RouteError as error:
+            return [], error
         if not addresses:
-            raise NoMailHost(name, "no address record")
-        return addresses
+            return [], NoMailHost(name, "no address record")
+        return addresses, None
 
     def mx(self, domain):
         # type: (str) -> List[Tuple[int, str]]
