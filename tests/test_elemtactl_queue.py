@@ -1,0 +1,487 @@
+"""`elemtactl queue ...` and `mailq` as an admin runs them: real subprocesses over a real
+spool, with mail put in by the real server (smtplib) or by Queue.commit, and the delivery
+agent's part (deferring, failing) played by writing index records as it will.
+
+Output is checked byte for byte against Postfix's layouts (mailq, postsuper, qshape).
+"""
+
+import json
+import os
+import shutil
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from elemta.queue.ids import new_queue_id
+from elemta.queue.model import (BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, RCPT_DEFERRED, SENT,
+                                STATES, Envelope, Recipient)
+from elemta.queue.queue import Queue
+from tests.conftest import REPO
+
+HEADING = ("-------Queue ID------ --Size-- ---Arrival Time---- --Sender/Recipient------\n")
+INDENT = " " * 51
+MESSAGE = b"From: a@client.test\r\nTo: b@example.test\r\nSubject: queue test\r\n\r\nHello.\r\n"
+
+
+def run(program, *args, stdin=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "elemta.cli." + program] + list(args),
+                          input=stdin, capture_output=True, text=True, cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+
+
+def elemtactl(*args, **kwargs):
+    return run("elemtactl", *args, **kwargs)
+
+
+def ctl(spool, *args, **kwargs):
+    """elemtactl queue ACTION --spool-dir SPOOL ARGS..."""
+    return elemtactl("queue", args[0], "--spool-dir", spool, *args[1:], **kwargs)
+
+
+def asctime(seconds):
+    return time.asctime(time.localtime(seconds))[:19]
+
+
+def accept(spool, count=1, sender="alice@example.org", recipients=("bob@example.net",),
+           content=MESSAGE, age=0.0):
+    """Queue messages with Queue.commit (as smtpd does); returns their ids."""
+    with Queue(spool) as queue:
+        writers = []
+        for _ in range(count):
+            envelope = Envelope(new_queue_id(), sender, [Recipient(r) for r in recipients],
+                                time.time() - age)
+            writer = queue.start_message(envelope)
+            writer.write(content)
+            writer.finish()
+            writers.append(writer)
+        queue.commit(writers)
+        return [w.queue_id for w in writers]
+
+
+def play_delivery(spool, queue_id, state, error=None, replies=None, statuses=None,
+                  attempts=1, next_attempt=None):
+    """What the delivery agent will write after an attempt: state, error, per-recipient
+    status and reply."""
+    with Queue(spool) as queue:
+        record = queue.get(queue_id)
+        record.state, record.attempts, record.last_error = state, attempts, error
+        record.next_attempt = next_attempt or time.time() + 3600
+        for recipient, reply, status in zip(record.envelope.recipients, replies or [],
+                                            statuses or []):
+            recipient.last_reply, recipient.status = reply, status
+        queue.index.put(record)
+
+
+def record(spool, queue_id):
+    with Queue(spool) as queue:
+        return queue.get(queue_id)
+
+
+def assert_index_consistent(spool):
+    """The per-state view, the records, the hold markers and the files all agree."""
+    with Queue(spool) as queue:
+        records = {r.queue_id: r for r in queue.index.iter_records()}
+        briefs = {b.queue_id: b for b in queue.index.iter_briefs()}
+        assert {q: b.state for q, b in briefs.items()} == {
+            q: r.state for q, r in records.items()}
+        for queue_id, brief in briefs.items():
+            assert brief.size == records[queue_id].envelope.size
+        held = set(queue.store.iter_held())
+        assert held == {q for q, r in records.items() if r.state == HOLD}
+        assert set(queue.store.iter_queue_ids()) == set(records)
+        due = {q for _, q in queue.index.iter_due()}
+        assert due == {q for q, r in records.items() if r.state in (INCOMING, DEFERRED)}
+
+
+@pytest.fixture
+def spool(tmp_path):
+    path = str(tmp_path / "spool")
+    Queue(path).close()
+    return path
+
+
+# ---------------------------------------------------------------- list / mailq
+
+def test_list_shows_mail_from_the_real_server_in_mailq_layout(elemta_server):
+    server = elemta_server()
+    with smtplib.SMTP("127.0.0.1", server.port) as client:
+        client.sendmail("alice@client.test", ["bob@example.test", "carol@example.test"],
+                        MESSAGE)
+        client.sendmail("", ["postmaster@example.test"], MESSAGE)
+    first, second = server.queued_ids()
+    r1, r2 = record(server.spool, first), record(server.spool, second)
+    expected = (HEADING
+                + "%-21s %8d %s alice@client.test\n" % (first, r1.envelope.size,
+                                                        asctime(r1.envelope.arrival))
+                + INDENT + "bob@example.test\n"
+                + INDENT + "carol@example.test\n"
+                + "\n"
+                + "%-21s %8d %s MAILER-DAEMON\n" % (second, r2.envelope.size,
+                                                    asctime(r2.envelope.arrival))
+                + INDENT + "postmaster@example.test\n"
+                + "\n-- %d Kbytes in 2 Requests.\n"
+                % ((r1.envelope.size + r2.envelope.size) // 1024))
+    listed = elemtactl("--config", server.config_path, "queue", "list")
+    assert (listed.returncode, listed.stderr) == (0, "")
+    assert listed.stdout == expected
+    # mailq is the same listing; --config may also follow the command.
+    mailq = run("mailq", "--config", server.config_path)
+    assert (mailq.returncode, mailq.stdout) == (0, expected)
+    assert elemtactl("queue", "list", "--config", server.config_path).stdout == expected
+
+
+def test_an_empty_queue_says_so(spool):
+    listed = ctl(spool, "list")
+    assert (listed.returncode, listed.stdout, listed.stderr) == (0, "Mail queue is empty\n", "")
+    assert ctl(spool, "list", "--json").stdout == ""
+
+
+def test_marks_reasons_and_the_closing_line_follow_postfix(spool):
+    plain, held, deferred, mixed = (accept(spool, recipients=rcpts)[0] for rcpts in (
+        ["one@a.example"], ["two@b.example"], ["three@c.example", "four@c.example"],
+        ["five@d.example", "six@d.example", "seven@d.example", "eight@d.example"]))
+    assert ctl(spool, "hold", held).returncode == 0
+    play_delivery(spool, deferred, DEFERRED,
+                  error="connect to mx.c.example[192.0.2.1]:25: Connection refused")
+    play_delivery(spool, mixed, DEFERRED, replies=[
+        "450 4.2.0 <five@d.example>: Recipient address rejected: Greylisted",
+        None, "450 4.2.0 <five@d.example>: Recipient address rejected: Greylisted", None],
+        statuses=[RCPT_DEFERRED, SENT, RCPT_DEFERRED, "pending"])
+    size = len(MESSAGE)
+
+    def head(queue_id, mark=""):
+        arrival = record(spool, queue_id).envelope.arrival
+        return "%-21s %8d %s alice@example.org\n" % (queue_id + mark, size, asctime(arrival))
+
+    refused = "connect to mx.c.example[192.0.2.1]:25: Connection refused"
+    greylisted = "450 4.2.0 <five@d.example>: Recipient address rejected: Greylisted"
+    expected = (HEADING
+                + head(plain) + INDENT + "one@a.example\n\n"
+                + head(held, "!") + INDENT + "two@b.example\n\n"
+                + head(deferred)
+                + " " * (76 - len(refused)) + "(" + refused + ")\n"
+                + INDENT + "three@c.example\n" + INDENT + "four@c.example\n\n"
+                + head(mixed)
+                + " " * (76 - len(greylisted)) + "(" + greylisted + ")\n"
+                + INDENT + "five@d.example\n" + INDENT + "seven@d.example\n"
+                + " " * (76 - len("reason unavailable")) + "(reason unavailable)\n"
+                + INDENT + "eight@d.example\n"
+                + "\n-- %d Kbytes in 4 Requests.\n" % (4 * size // 1024))
+    assert ctl(spool, "list").stdout == expected
+
+    lines = [json.loads(line) for line in ctl(spool, "list", "--json").stdout.splitlines()]
+    assert [(m["queue_id"], m["queue_name"]) for m in lines] == [
+        (plain, INCOMING), (held, HOLD), (deferred, DEFERRED), (mixed, DEFERRED)]
+    assert lines[2]["recipients"] == [
+        {"address": "three@c.example", "status": "pending", "delay_reason": refused},
+        {"address": "four@c.example", "status": "pending", "delay_reason": refused}]
+    assert [r["address"] for r in lines[3]["recipients"]] == [
+        "five@d.example", "seven@d.example", "eight@d.example"]
+    assert lines[0]["message_size"] == size and lines[0]["sender"] == "alice@example.org"
+
+
+def test_filters_pick_by_state_sender_recipient_domain_and_age(spool):
+    old = accept(spool, sender="news@list.example", recipients=["x@big.example"], age=7200)[0]
+    fresh = accept(spool, sender="alice@example.org",
+                   recipients=["y@big.example", "z@small.example"])[0]
+    null = accept(spool, sender="", recipients=["w@small.example"], age=600)[0]
+    ctl(spool, "hold", fresh)
+
+    def ids(*options):
+        result = ctl(spool, "list", "--json", *options)
+        assert result.returncode == 0, result.stderr
+        return [json.loads(line)["queue_id"] for line in result.stdout.splitlines()]
+
+    assert ids() == [old, fresh, null]
+    assert ids("--state", "hold") == [fresh]
+    assert ids("--state", "incoming,hold") == [old, fresh, null]
+    assert ids("--state", "deferred") == []
+    assert ids("--from", "*@LIST.example") == [old]
+    assert ids("--from", "<>") == [null]
+    assert ids("--to", "z@*") == [fresh]
+    assert ids("--domain", "small.example") == [fresh, null]
+    assert ids("--older-than", "1h") == [old]
+    assert ids("--older-than", "5m", "--newer-than", "1h") == [null]
+    assert ids("--newer-than", "300") == [fresh]
+    mailq = run("mailq", "--spool-dir", spool, "--state", "hold")
+    assert mailq.stdout.splitlines()[1].startswith(fresh + "!")
+
+
+# ---------------------------------------------------------------- show
+
+def test_show_prints_envelope_state_recipients_and_headers(spool):
+    content = (b"Received: from client.test\r\nSubject: about the thing\r\n\r\n"
+               b"First line.\r\nSecond line.\r\n")
+    [queue_id] = accept(spool, recipients=["r1@x.example", "r2@y.example"], content=content)
+    play_delivery(spool, queue_id, DEFERRED, attempts=2, replies=[
+        "250 2.0.0 ok", "451 4.3.0 try later"], statuses=[SENT, RCPT_DEFERRED])
+    shown = ctl(spool, "show", queue_id)
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout
+    assert text.startswith("Queue ID:   %s\nState:      deferred, 2 attempts, next attempt "
+                           % queue_id)
+    assert "\nSize:       %d bytes\nSender:     <alice@example.org>\n" % len(content) in text
+    assert ("Recipients:\n  <r1@x.example>  sent\n    last reply: 250 2.0.0 ok\n"
+            "  <r2@y.example>  deferred\n    last reply: 451 4.3.0 try later\n") in text
+    assert "Spool file: %s/messages/%s/%s\n" % (spool, queue_id[-1], queue_id) in text
+    assert text.endswith("\nReceived: from client.test\nSubject: about the thing\n")
+    assert "First line" not in text
+
+    whole = ctl(spool, "show", queue_id, "--body").stdout
+    assert whole.endswith("\nReceived: from client.test\nSubject: about the thing\n\n"
+                          "First line.\nSecond line.\n")
+    data = json.loads(ctl(spool, "show", "--json", queue_id).stdout)
+    assert (data["queue_id"], data["attempts"], data["recipients"][1]["last_reply"]) == (
+        queue_id, 2, "451 4.3.0 try later")
+
+
+def test_unknown_and_malformed_ids_are_one_line_errors(spool):
+    [queue_id] = accept(spool)
+    missing = new_queue_id()
+    shown = ctl(spool, "show", missing)
+    assert (shown.returncode, shown.stdout) == (67, "")
+    assert shown.stderr == "elemtactl: queue: no such message: %s\n" % missing
+    held = ctl(spool, "hold", missing, queue_id)
+    assert held.returncode == 67
+    assert held.stdout == "%s: placed on hold\nPlaced on hold: 1 message\n" % queue_id
+    assert held.stderr == "elemtactl: queue: no such message: %s\n" % missing
+    bad = ctl(spool, "delete", "../../etc/passwd")
+    assert (bad.returncode, bad.stdout) == (64, "")
+    assert bad.stderr == "elemtactl: queue: not a queue id: ../../etc/passwd\n"
+    assert record(spool, queue_id).state == HOLD
+
+
+def test_missing_spool_index_and_bad_options_are_clear(tmp_path, spool):
+    nowhere = str(tmp_path / "nowhere")
+    result = ctl(nowhere, "list")
+    assert result.returncode == 66
+    assert result.stderr == ("elemtactl: queue: no spool directory %s (is --config right?)\n"
+                             % nowhere)
+    assert not os.path.exists(nowhere)
+    for args, code in ((("list", "--state", "frozen"), 64), (("list", "--older-than", "soon"), 64),
+                       (("hold",), 64), (("hold", new_queue_id(), "--all"), 64)):
+        result = ctl(spool, *args)
+        assert result.returncode == code, (args, result)
+        assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+        assert result.stderr.startswith("elemtactl: queue ")
+
+
+# ---------------------------------------------------------------- actions
+
+def test_hold_release_delete_requeue_flush_print_what_they_did(spool):
+    a, b, c = accept(spool, 3)
+    play_delivery(spool, c, DEFERRED, error="451 later", attempts=2,
+                  next_attempt=time.time() + 7200)
+
+    held = ctl(spool, "hold", a, b + "!")      # a mark copied from mailq is ignored
+    assert held.stdout == ("%s: placed on hold\n%s: placed on hold\n"
+                           "Placed on hold: 2 messages\n" % (a, b))
+    assert ctl(spool, "hold", a).stdout == "%s: already on hold\nPlaced on hold: 0 messages\n" % a
+    assert sorted(os.listdir(os.path.join(spool, "hold"))) == sorted([a, b])
+    assert ctl(spool, "release", a).stdout == ("%s: released from hold\n"
+                                               "Released from hold: 1 message\n" % a)
+    assert record(spool, a).state == INCOMING
+
+    flushed = ctl(spool, "flush")
+    assert flushed.stdout == "%s: due now\nDue now: 1 message\n" % c
+    assert "no delivery agent yet" in flushed.stderr
+    assert record(spool, c).next_attempt <= time.time()
+    assert record(spool, c).state == DEFERRED
+    assert ctl(spool, "flush", b).stdout == (
+        "%s: on hold, left alone (release it first)\nDue now: 0 messages\n" % b)
+
+    requeued = ctl(spool, "requeue", c)
+    assert requeued.stdout == "%s: requeued\nRequeued: 1 message\n" % c
+    after = record(spool, c)
+    assert (after.state, after.attempts, after.last_error) == (INCOMING, 0, None)
+
+    deleted = ctl(spool, "delete", b, a)
+    assert deleted.stdout == "%s: deleted\n%s: deleted\nDeleted: 2 messages\n" % (b, a)
+    with Queue(spool) as queue:
+        assert [r.queue_id for r in queue.index.iter_records()] == [c]
+        assert not os.path.exists(queue.store.path(a))
+        assert list(queue.store.iter_held()) == []
+    assert_index_consistent(spool)
+
+
+def test_bulk_selection_by_pattern_state_and_stdin(spool):
+    spam = accept(spool, 3, sender="offer@spam.example")
+    ham = accept(spool, 2, sender="friend@example.org")
+    held = ctl(spool, "hold", "--from", "*@spam.example")
+    assert held.stdout.splitlines() == ["%s: placed on hold" % q for q in spam] + [
+        "Placed on hold: 3 messages"]
+    # release --all only looks at held mail; delete reads ids from stdin like postsuper -d -.
+    assert ctl(spool, "release", "--all", "--to", "nobody@*").stdout == (
+        "Released from hold: 0 messages\n")
+    deleted = ctl(spool, "delete", "-", stdin="%s\n%s*\n" % (spam[0], spam[1]))
+    assert deleted.stdout.splitlines()[-1] == "Deleted: 2 messages"
+    released = ctl(spool, "release", "--all")
+    assert released.stdout == "%s: released from hold\nReleased from hold: 1 message\n" % spam[2]
+    everything = ctl(spool, "delete", "--all", "--state", "incoming")
+    assert everything.stdout.splitlines()[-1] == "Deleted: 3 messages"
+    assert ctl(spool, "list").stdout == "Mail queue is empty\n"
+    assert ham  # both went with --all
+
+
+def test_requeue_tries_a_failed_message_again_for_the_recipients_not_delivered(spool):
+    [queue_id] = accept(spool, recipients=["done@x.example", "gone@y.example"])
+    play_delivery(spool, queue_id, FAILED, error="too many attempts",
+                  replies=["250 ok", "550 5.1.1 no such user"], statuses=[SENT, BOUNCED])
+    listed = ctl(spool, "list").stdout
+    assert INDENT + "gone@y.example\n" in listed and "done@x.example" not in listed
+    assert ctl(spool, "requeue", queue_id).returncode == 0
+    after = record(spool, queue_id)
+    assert after.state == INCOMING
+    assert [r.status for r in after.envelope.recipients] == [SENT, "pending"]
+
+
+# ---------------------------------------------------------------- the files are the truth
+
+def test_hold_survives_reindex_a_lost_index_and_a_restart(elemta_server):
+    server = elemta_server()
+    with smtplib.SMTP("127.0.0.1", server.port) as client:
+        for n in range(3):
+            client.sendmail("alice@client.test", ["bob%d@example.test" % n], MESSAGE)
+    kept, held, deleted = server.queued_ids()
+    config = ["--config", server.config_path]
+    assert elemtactl(*config, "queue", "hold", held).returncode == 0
+    assert elemtactl(*config, "queue", "delete", deleted).returncode == 0
+
+    reindexed = elemtactl(*config, "queue", "reindex")   # while the server runs
+    assert reindexed.stdout == "reindexed 2 messages (1 on hold) from %s\n" % server.spool
+    assert record(server.spool, held).state == HOLD
+
+    server.stop()
+    shutil.rmtree(os.path.join(server.spool, "index.lmdb"))
+    lost = elemtactl(*config, "queue", "list")
+    assert lost.returncode == 66
+    assert lost.stderr == ("elemtactl: queue: no index in %s; rebuild it with: elemtactl "
+                           "queue reindex\n" % server.spool)
+    server.start()                                       # start-up reconciles from files
+    listed = elemtactl(*config, "queue", "list", "--json").stdout.splitlines()
+    assert [(m["queue_id"], m["queue_name"]) for m in map(json.loads, listed)] == [
+        (kept, INCOMING), (held, HOLD)]
+    assert_index_consistent(server.spool)
+
+
+def test_reconcile_settles_a_hold_cut_short_by_a_crash(spool):
+    a, b, c = accept(spool, 3)
+    with Queue(spool) as queue:
+        queue.store.mark_held(a)                 # crashed after the marker, before the index
+        r = queue.get(b)
+        r.state = HOLD
+        queue.index.put(r)                       # crashed releasing: marker gone, index not
+        queue.store.mark_held(c)
+        queue.store.remove(c)                    # crashed deleting: file gone, marker left
+        summary = queue.reconcile()
+    assert (summary.held, summary.released, summary.stale_markers) == ([a], [b], [c])
+    assert_index_consistent(spool)
+
+
+# ---------------------------------------------------------------- summary
+
+def test_summary_counts_states_and_prints_qshape(spool):
+    accept(spool, 2, recipients=["a@one.example", "b@one.example"], age=120)
+    accept(spool, 1, recipients=["c@two.example"], age=45 * 60,
+           content=MESSAGE + b"x" * 3000)
+    [held] = accept(spool, 1, recipients=["d@Two.Example"], age=3 * 86400)
+    ctl(spool, "hold", held)
+    summary = ctl(spool, "summary")
+    assert summary.returncode == 0, summary.stderr
+    big = len(MESSAGE) + 3000
+    assert summary.stdout == (
+        "State        Messages     Kbytes\n"
+        "incoming            3 %10d\n" % ((2 * len(MESSAGE) + big) // 1024)
+        + "active              0          0\n"
+        "deferred            0          0\n"
+        "hold                1          0\n"
+        "failed              0          0\n"
+        "total               4 %10d\n" % ((3 * len(MESSAGE) + big) // 1024)
+        + "\n"
+        "Recipient domains by age in minutes (as qshape):\n"
+        "                                         T  5 10 20 40 80 160 320 640 1280 1280+\n"
+        "                                  TOTAL  6  4  0  0  0  1   0   0   0    0     1\n"
+        "                            one.example  4  4  0  0  0  0   0   0   0    0     0\n"
+        "                            two.example  2  0  0  0  0  1   0   0   0    0     1\n")
+    data = json.loads(ctl(spool, "summary", "--json", "--sender-domains").stdout)
+    assert data["states"]["hold"] == {"messages": 1, "bytes": len(MESSAGE)}
+    assert data["domains"] == {"example.org": [4, 2, 0, 0, 0, 1, 0, 0, 0, 0, 1]}
+    only_hold = json.loads(ctl(spool, "summary", "--json", "--state", "hold").stdout)
+    assert only_hold["total"][0] == 1
+
+
+# ---------------------------------------------------------------- under load
+
+def test_commands_run_while_the_server_accepts_mail(elemta_server):
+    """Several senders keep the server committing while elemtactl lists, holds, releases,
+    deletes, flushes and summarises; nothing is lost, nothing is corrupted."""
+    server = elemta_server(smtpd={"workers": 2})
+    config = ["--config", server.config_path]
+    accepted = []
+    stop = threading.Event()
+    errors = []
+
+    def sender(n):
+        try:
+            with smtplib.SMTP("127.0.0.1", server.port) as client:
+                while not stop.is_set():
+                    client.sendmail("load%d@client.test" % n, ["rcpt%d@example.test" % n],
+                                    MESSAGE)
+                    accepted.append(n)
+        except Exception as exc:   # reported below; a thread's exception is otherwise lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        deleted = set()
+        deadline = time.monotonic() + 3
+        rounds = 0
+        while time.monotonic() < deadline or rounds < 2:
+            rounds += 1
+            for args in (("list",), ("list", "--json"), ("summary",),
+                         ("hold", "--from", "load0@*"), ("flush",),
+                         ("release", "--all"), ("hold", "--to", "rcpt1@*")):
+                result = elemtactl(*config, "queue", *args)
+                assert result.returncode == 0, (args, result.stderr)
+                assert "Traceback" not in result.stderr
+            listed = [json.loads(line) for line in
+                      elemtactl(*config, "queue", "list", "--json", "--from",
+                                "load2@*").stdout.splitlines()]
+            victims = [m["queue_id"] for m in listed[:5]]
+            if victims:
+                result = elemtactl(*config, "queue", "delete", *victims)
+                assert result.returncode == 0, result.stderr
+                deleted.update(victims)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert len(accepted) > 50
+    queued = server.queued_ids()
+    assert len(queued) == len(accepted) - len(deleted)
+    assert not deleted & set(queued)
+    assert_index_consistent(server.spool)
+    summary = json.loads(elemtactl(*config, "queue", "summary", "--json").stdout)
+    assert sum(s["messages"] for s in summary["states"].values()) == len(queued)
+    assert set(summary["states"]) == set(STATES)
+    with Queue(server.spool) as queue:
+        for queue_id in queue.store.iter_held():
+            assert queue.get(queue_id).envelope.recipients[0].address == "rcpt1@example.test"
+
+
+def test_a_closed_pipe_ends_the_listing_quietly(spool):
+    accept(spool, 3000)      # more than a pipe holds
+    pipeline = subprocess.run(
+        "%s -m elemta.cli.elemtactl queue list --spool-dir %s | head -3"
+        % (sys.executable, spool), shell=True, capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+    assert pipeline.stdout.splitlines()[0] == HEADING.rstrip("\n")
+    assert len(pipeline.stdout.splitlines()) == 3
+    assert pipeline.stderr == ""
