@@ -35,6 +35,7 @@ RECORDS = """
     viacname    MX 10 alias.hosts
     dual        MX 10 c.hosts
     many        MX 10 big.hosts
+    xn--bcher-kva MX 10 b.hosts
     alias.hosts CNAME a.hosts
     a.hosts     A    127.0.0.2
     b.hosts     A    127.0.0.3
@@ -112,6 +113,10 @@ def test_no_usable_host_at_all_is_permanent(resolver):
 
 def test_mx_host_behind_a_cname(resolver):
     assert resolver.route(d("viacname")) == [Host(d("alias.hosts"), "127.0.0.2", 10)]
+
+
+def test_an_internationalised_domain_is_looked_up_by_its_a_label(resolver):
+    assert resolver.route("bücher." + ZONE) == [Host(d("b.hosts"), "127.0.0.3", 10)]
 
 
 def test_address_families_and_preference(nsd):
