@@ -334,8 +334,6 @@ def test_elemtactl_without_terminal_asks_for_password_stdin(tmp_path):
 
 
 @pytest.mark.parametrize("args, name", [
-    (("queue", "list"), "queue list"),
-    (("queue", "show", "0123ABC", "--json"), "queue show"),
     (("status",), "status"),
     (("reload",), "reload"),
     (("stop",), "stop"),
