@@ -1,0 +1,343 @@
+"""Metrics across processes: what Prometheus scrapes from the api process adds up over
+every smtpd worker, dead ones included, and passes promtool; the master's bookkeeping
+for dead children (elemta.metrics.worker_exited) keeps totals exact while scrapes run."""
+
+import json
+import os
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from elemta.metrics import rejection_reason
+from tests.conftest import REPO, wait_for
+from tests.peers.postfix import free_port
+from tests.test_workers import children_of
+
+BODY = b"Subject: metrics\r\n\r\ncounted\r\n"
+
+
+def scrape(api_port):
+    """{(sample name, sorted label pairs): value} from GET /metrics."""
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % api_port, timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=")
+        text = r.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples, text
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def http_status(url, method="GET"):
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=5):
+            return 200
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def smtpd_workers(master):
+    return sorted(pid for pid, title in children_of(master).items()
+                  if title == "elemta: smtpd")
+
+
+def worker_of(client_sock, server_port, workers):
+    """Which worker process holds the server side of this client connection."""
+    client_port = client_sock.getsockname()[1]
+    inode = None
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if (int(local.split(":")[1], 16) == server_port
+                    and int(remote.split(":")[1], 16) == client_port):
+                inode = fields[9]
+    assert inode is not None
+    for pid in workers:
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == "socket:[%s]" % inode:
+                    return pid
+            except OSError:
+                continue
+    raise AssertionError("no worker holds the connection")
+
+
+def start_server(elemta_server, tmp_path, monkeypatch, **sections):
+    # The master gives its children a metrics directory; for a master that does not yet,
+    # the children inherit this one.
+    fallback = tmp_path / "metrics"
+    fallback.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(fallback))
+    api_port = free_port()
+    server = elemta_server(smtpd={"hostname": "mx.test", "workers": 2},
+                           relay={"mynetworks": ["192.0.2.0/24"]},
+                           api={"enabled": True, "port": api_port}, **sections)
+    wait_for(lambda: len(smtpd_workers(server.process.pid)) == 2)
+    wait_for(lambda: healthy(api_port))
+    return server, api_port
+
+
+def healthy(api_port):
+    try:
+        return http_status("http://127.0.0.1:%d/api/v1/health" % api_port) == 200
+    except OSError:           # not listening yet
+        return False
+
+
+def test_counters_add_up_across_workers_dead_and_alive(elemta_server, tmp_path, monkeypatch):
+    server, api_port = start_server(elemta_server, tmp_path, monkeypatch)
+    master = server.process.pid
+    workers = smtpd_workers(master)
+    before, _ = scrape(api_port)      # the fixture's own probe connected once already
+
+    # Hold sessions open until both workers have at least one.
+    by_worker = {pid: [] for pid in workers}
+    opened = 0
+    while not all(by_worker.values()):
+        assert opened < 100, "the kernel never handed a connection to one worker"
+        smtp = smtplib.SMTP("127.0.0.1", server.port)
+        opened += 1
+        by_worker[worker_of(smtp.sock, server.port, workers)].append(smtp)
+    victim, survivor = workers
+    sent = quits = 0
+    for pid in workers:
+        for _ in range(3):
+            by_worker[pid][0].sendmail("a@c.test", ["b@example.test"], BODY)
+            sent += 1
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        by_worker[victim][0].sendmail("a@c.test", ["x@elsewhere.test"], BODY)
+
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in smtpd_workers(master)
+             and len(smtpd_workers(master)) == 2)
+    for smtp in by_worker[victim]:
+        smtp.close()
+    for _ in range(2):
+        by_worker[survivor][0].sendmail("a@c.test", ["b@example.test"], BODY)
+        sent += 1
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        by_worker[survivor][0].sendmail("a@c.test", ["x@elsewhere.test"], BODY)
+    for _ in range(4):                 # whichever worker takes them, the new one too
+        with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+            opened += 1
+            smtp.sendmail("a@c.test", ["b@example.test", "c@example.test"], BODY)
+            sent += 1
+        quits += 1
+    for smtp in by_worker[survivor]:
+        smtp.quit()
+        quits += 1
+
+    # The live sessions' gauge drops once the workers have closed their side.
+    tracked = os.path.isdir(os.path.join(server.spool, "metrics"))   # master calls setup()
+    stale = 0 if tracked else len(by_worker[victim])   # a dead worker's gauge, unless cleared
+    wait_for(lambda: value(scrape(api_port)[0], "elemta_smtpd_sessions_open",
+                           mode="smtp") == stale)
+    samples, text = scrape(api_port)
+
+    def grew(name, **labels):
+        return value(samples, name, **labels) - value(before, name, **labels)
+
+    assert value(samples, "elemta_smtpd_messages_accepted_total") == sent
+    with server.queue() as queue:
+        records = list(queue.index.iter_records())
+    assert len(records) == sent
+    assert value(samples, "elemta_smtpd_accepted_bytes_total") == sum(
+        r.envelope.size for r in records)
+    assert value(samples, "elemta_queue_messages", state="incoming") == sent
+    assert value(samples, "elemta_queue_messages", state="deferred") == 0
+    assert grew("elemta_smtpd_connections_total", mode="smtp", outcome="accepted") == opened
+    assert grew("elemta_smtpd_replies_total", code="220") == opened
+    assert value(samples, "elemta_smtpd_replies_total", code="354") == sent
+    assert grew("elemta_smtpd_replies_total", code="221") == quits
+    assert value(samples, "elemta_smtpd_replies_total", code="250") > sent * 3
+    assert value(samples, "elemta_smtpd_replies_total", code="554") == 2
+    assert value(samples, "elemta_smtpd_messages_rejected_total", reason="relay") == 2
+    assert value(samples, "elemta_smtpd_commit_batch_messages_sum") == sent
+    assert value(samples, "elemta_smtpd_commit_flush_seconds_count") >= 1
+    if tracked:
+        assert value(samples, "elemta_worker_restarts_total", kind="smtpd",
+                     reason="crashed") == 1
+
+    base = "http://127.0.0.1:%d" % api_port
+    with urllib.request.urlopen(base + "/api/v1/health", timeout=5) as r:
+        assert r.headers["Content-Type"] == "application/json"
+        assert json.load(r) == {"status": "ok"}
+    assert http_status(base + "/nothing-here") == 404
+    assert http_status(base + "/metrics", method="POST") == 405
+    if shutil.which("promtool"):      # Debian package prometheus (make system-packages)
+        check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
+                               capture_output=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert check.stdout + check.stderr == b"", "promtool lint: %r" % check.stdout
+
+
+def test_submission_counts_auth_and_tls(elemta_server, tmp_path, monkeypatch, tls_files,
+                                        credentials):
+    cert, key = tls_files
+    submission = free_port()
+    server, api_port = start_server(
+        elemta_server, tmp_path, monkeypatch,
+        listeners=[{"mode": "smtp"}, {"mode": "submission", "port": submission}],
+        tls={"cert_file": cert, "key_file": key}, auth={"credentials_file": credentials})
+    with smtplib.SMTP("127.0.0.1", submission) as smtp:
+        smtp.ehlo()
+        with pytest.raises(smtplib.SMTPSenderRefused):      # AUTH first on submission
+            smtp.sendmail("alice@example.test", ["b@example.test"], BODY)
+        smtp.starttls()
+        smtp.ehlo()
+        smtp.user, smtp.password = "alice", "wrong"
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            smtp.auth("PLAIN", smtp.auth_plain)     # login() would try every mechanism
+        smtp.login("alice", "wonderland")
+        smtp.sendmail("alice@example.test", ["b@elsewhere.test"], BODY)
+    samples, _ = scrape(api_port)
+    assert value(samples, "elemta_smtpd_connections_total", mode="submission",
+                 outcome="accepted") == 1
+    assert value(samples, "elemta_smtpd_messages_rejected_total", reason="auth") == 1
+    assert value(samples, "elemta_smtpd_auth_attempts_total", result="failure") == 1
+    assert value(samples, "elemta_smtpd_auth_attempts_total", result="success") == 1
+    versions = {dict(labels)["version"]: v for (name, labels), v in samples.items()
+                if name == "elemta_smtpd_tls_sessions_total"}
+    assert versions in ({"TLSv1.3": 1}, {"TLSv1.2": 1})
+    assert value(samples, "elemta_smtpd_messages_accepted_total") == 1
+
+
+# The master's side, in a process of its own (setup() changes the environment): children
+# count and die by kill -9 while another process scrapes in a loop; the master folds each
+# dead child's files away. Every scrape must show the same total, never one counted twice
+# or missing, and the dead children's live gauges must go.
+FOLD_SCRIPT = r"""
+import json, os, signal, sys, time
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from elemta import metrics
+
+CHILDREN, EACH = 40, 25
+directory = sys.argv[1]
+metrics.setup(directory)
+
+def totals():
+    text = generate_latest(metrics.scrape_registry()).decode()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            found[s.name] = found.get(s.name, 0) + s.value
+    return found
+
+children = []
+for _ in range(CHILDREN):
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        for _ in range(EACH):
+            metrics.MESSAGES_ACCEPTED.inc()
+            metrics.COMMIT_BATCH.observe(2)
+        metrics.SESSIONS_OPEN.labels("smtp").inc()
+        os.write(ready_w, b".")
+        time.sleep(60)
+        os._exit(0)
+    os.read(ready_r, 1)
+    children.append(pid)
+
+scraper_r, scraper_w = os.pipe()
+stop_r, stop_w = os.pipe()
+scraper = os.fork()
+if scraper == 0:
+    seen = []
+    os.set_blocking(stop_r, False)
+    while True:
+        t = totals()
+        seen.append([t.get("elemta_smtpd_messages_accepted_total"),
+                     t.get("elemta_smtpd_commit_batch_messages_count")])
+        if len(seen) == 1:
+            os.write(scraper_w, b"\n")     # scraping: the master may start
+        try:
+            if os.read(stop_r, 1):
+                break
+        except BlockingIOError:
+            pass
+    os.write(scraper_w, json.dumps(seen).encode() + b"\n")
+    os._exit(0)
+os.close(scraper_w)           # so a scraper that crashed reads as end of file
+scraped = os.fdopen(scraper_r)
+scraped.readline()
+
+open_sessions = []
+for pid in children:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    metrics.worker_exited(pid)
+    open_sessions.append(totals().get("elemta_smtpd_sessions_open", 0))
+os.write(stop_w, b".")
+seen = json.loads(scraped.readline() or '"the scraper crashed"')
+os.waitpid(scraper, 0)
+metrics.worker_exited(scraper)
+print(json.dumps({"seen": seen, "open_sessions": open_sessions, "final": totals(),
+                  "files": sorted(os.listdir(directory))}))
+"""
+
+
+def test_dead_workers_are_folded_away_without_a_scrape_seeing_it(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    out = subprocess.run([sys.executable, "-c", FOLD_SCRIPT, str(tmp_path / "m")],
+                         env=env, capture_output=True, check=True, timeout=60).stdout
+    result = json.loads(out)
+    assert isinstance(result["seen"], list), result["seen"]  # a scrape failed
+    assert len(result["seen"]) > 10                        # scrapes ran during the folds
+    assert all(seen == [1000, 1000] for seen in result["seen"]), {
+        tuple(s) for s in result["seen"]}
+    assert result["open_sessions"] == list(range(39, -1, -1))
+    assert result["final"]["elemta_smtpd_messages_accepted_total"] == 1000
+    # Nothing of the dead is left but one archive per kind of file.
+    assert result["files"] == [".lock", "counter_archive.db", "histogram_archive.db"]
+
+
+def test_setup_starts_from_zero(tmp_path):
+    directory = tmp_path / "m"
+    directory.mkdir()
+    (directory / "counter_123.db").write_bytes(b"left by a previous master")
+    script = ("import sys; from elemta import metrics; metrics.setup(sys.argv[1]); "
+              "from prometheus_client import generate_latest; "
+              "print(generate_latest(metrics.scrape_registry()).decode())")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-c", script, str(directory)], env=env,
+                         capture_output=True, check=True, timeout=30).stdout
+    assert out.strip() == b""
+    assert [name for name in os.listdir(directory) if name.endswith(".db")] == []
+
+
+@pytest.mark.parametrize("command, code, status, reason", [
+    ("RCPT", 554, "5.7.1", "relay"),
+    ("MAIL", 552, "5.3.4", "size"),
+    ("DATA", 552, "5.3.4", "size"),
+    ("MAIL", 501, "5.1.7", "syntax"),
+    ("RCPT", 553, "5.6.7", "syntax"),
+    ("MAIL", 530, "5.7.0", "auth"),
+    ("DATA", 451, "4.3.0", "storage"),
+    ("DATA", 452, "4.3.1", "storage"),
+    ("RCPT", 452, "4.5.3", "recipients"),
+    ("DATA", 550, "5.5.2", "content"),
+    ("BDAT", 554, "5.6.1", "content"),
+    ("RCPT", 450, "4.7.1", "policy"),
+    ("DATA", 554, "5.5.1", None),      # no valid recipients: their refusals were counted
+    ("MAIL", 503, "5.5.1", None),
+    ("RCPT", 500, "5.5.2", None),      # a line too long answers no command
+    ("DATA", 421, "4.4.2", None),
+    ("AUTH", 535, "5.7.8", None),
+    ("DATA", 250, "2.0.0", None),
+])
+def test_rejection_reasons(command, code, status, reason):
+    assert rejection_reason(command, code, status) == reason
