@@ -3,8 +3,8 @@
 Each process writes its counters, histograms and live gauges to small mmap'd files named
 after its pid in one directory; the api process sums them at scrape time. So:
 
-  master   calls setup(directory) once at start, before forking (the children inherit
-           PROMETHEUS_MULTIPROC_DIR and the file-backed values); worker_exited(pid)
+  master   calls setup(directory, uid, gid) once at start, before forking (the children
+           inherit PROMETHEUS_MULTIPROC_DIR and the file-backed values); worker_exited(pid)
            after reaping any child; worker_restarted(kind, reason) when it replaces one.
   children use the metric objects below (CONNECTIONS.labels(...).inc(), ...) and
            count_reply() for every SMTP reply sent.
@@ -37,18 +37,22 @@ _ADDITIVE = ("counter", "histogram", "summary")
 _made = None
 
 
-def setup(directory):
+def setup(directory, uid=None, gid=None):
     """Make this process and its future children write metrics under directory.
 
     Creates it if missing and removes the metric files a previous run left (a new master
-    starts from zero, as Prometheus expects of a restarted target). Must run before any
-    metric is used in this process."""
+    starts from zero, as Prometheus expects of a restarted target). uid, gid: the user the
+    children run as, given the directory when we are root. Must run before any metric is
+    used in this process, and only by the master holding the spool's lock."""
     if _made is not None:
         raise RuntimeError("metrics.setup() must run before any metric is used")
     directory = os.path.abspath(directory)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
     for path in glob.glob(os.path.join(directory, "*.db")):
         os.remove(path)
+    os.close(_open_lock_file(directory))
+    if os.getuid() == 0 and uid is not None:
+        os.chown(directory, uid, -1 if gid is None else gid)
     os.environ[ENV] = directory
     from prometheus_client import values
     values.ValueClass = values.get_value_class()     # chosen at import; choose again
@@ -85,13 +89,21 @@ def worker_exited(pid):
 
 def worker_restarted(kind, reason):
     """The master replaced a child. kind: smtpd, delivery, pickup, api; reason: crashed
-    (died on its own), heartbeat (killed for silence), max_use, max_idle, reload."""
+    (exited or killed unasked), heartbeat (killed for silence), retired (max_use or
+    max_idle), reload (SIGHUP)."""
     _metrics().WORKER_RESTARTS.labels(kind, reason).inc()
+
+
+def _open_lock_file(path):
+    # Read-only is enough for flock, so the api (the children's user) can take the lock
+    # on a file the root master made.
+    return os.open(os.path.join(path, LOCK_NAME), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC,
+                   0o644)
 
 
 @contextmanager
 def _scrape_lock(path, how):
-    fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _open_lock_file(path)
     try:
         fcntl.flock(fd, how)
         yield

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 
 import gevent
 from gevent.event import Event
@@ -126,14 +127,14 @@ def run_api(config, heartbeat=None, master_pid=None, sock=None):
     setproctitle("elemta: api")
     api = config.api
     master_pid = os.getppid() if master_pid is None else master_pid
-    server = WSGIServer(sock if sock is not None else (api.address, api.port),
-                        make_app(config), log=None, error_log=log)
     try:
-        server.start()
+        sock = sock if sock is not None else listen(api.address, api.port)
     except OSError as exc:
         log.error("api cannot listen on %s port %d: %s", api.address, api.port,
                   exc.strerror or exc)
         return 1
+    server = WSGIServer(sock, make_app(config), log=None, error_log=log)
+    server.start()
     stopping = Event()
     grace = [STOP_GRACE]
 
@@ -154,6 +155,23 @@ def run_api(config, heartbeat=None, master_pid=None, sock=None):
     watcher.kill()
     server.stop(timeout=grace[0])
     return 0
+
+
+def listen(address, port):
+    """The api's listening socket. SO_REUSEPORT: after a reload the new api child binds
+    while the old one still finishes its requests, so /metrics never goes away."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)       # gevent's server waits for it in the event loop
+    return sock
 
 
 def _watch(stopping, heartbeat, master_pid):
