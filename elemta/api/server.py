@@ -121,7 +121,9 @@ def run_api(config, heartbeat=None, master_pid=None, sock=None):
     """The api process's main: serve until SIGTERM; returns the exit status.
 
     heartbeat: called every WATCH_INTERVAL seconds (the master's liveness check).
-    master_pid: stop when the parent is no longer this process (default: the parent now).
+    master_pid: stop when the parent is no longer this process. Pass the master's pid as
+    taken before the fork: the default, the parent now, is already init's if the master
+    died in between.
     sock: an already bound listening socket; default: bind api.address:api.port here."""
     from setproctitle import setproctitle
     setproctitle("elemta: api")
