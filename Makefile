@@ -53,8 +53,8 @@ system-packages:
 	echo "make: installing$$missing"; \
 	echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections; \
 	export DEBIAN_FRONTEND=noninteractive; \
-	apt-get install -y -q $$missing \
-	    || { apt-get update -q && apt-get install -y -q $$missing; }
+	apt-get install -y -q --no-install-recommends $$missing \
+	    || { apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; }
 
 clean:
 	rm -rf $(VENV) build dist .eggs *.egg-info .pytest_cache .hypothesis

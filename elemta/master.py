@@ -26,6 +26,7 @@ import select
 import signal
 import time
 
+from elemta import metrics
 from elemta.util import logs, sdnotify
 from elemta.util.scoreboard import RETIRING, RUNNING, Scoreboard
 
@@ -78,6 +79,8 @@ class Master:
         self.smtpd_slots = 2 * max(workers_for(config), os.cpu_count() or 1)
         self.scoreboard = Scoreboard(self.smtpd_slots + 2)
         self.slot_freed = []           # callbacks(slot) run when a child's slot frees up
+        self.child_exited = []         # callbacks(pid) run when any child has been reaped
+        self.close_in_child = []       # descriptors only the master may hold (the lock)
         self._signals = []
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -165,6 +168,7 @@ class Master:
 
     def spawn_child(self, kind, slot):
         self.scoreboard.claim(slot, 0)
+        master_pid = os.getpid()     # taken before the fork: the child's ppid may change
         pid = os.fork()
         if pid:
             self.children[pid] = Child(kind, slot, self.generation)
@@ -173,11 +177,11 @@ class Master:
         try:
             for signum in SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            for fd in [self._wake_r, self._wake_w] + self.close_in_child:
+                os.close(fd)
             drop_privileges(self.config.master)
             status = self.run_child(kind, self.config, self.listening, slot,
-                                    self.scoreboard, os.getppid())
+                                    self.scoreboard, master_pid)
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
@@ -194,6 +198,8 @@ class Master:
                 return
             if not pid:
                 return
+            for callback in self.child_exited:
+                callback(pid)
             child = self.children.pop(pid, None)
             if child is None:
                 continue
@@ -206,8 +212,12 @@ class Master:
             if child.stopping or (retired and code == 0):
                 log.info("%s child %d ended (%s)", child.kind, pid,
                          "retired" if retired else how)
+                if retired or child.generation != self.generation:
+                    metrics.worker_restarted(child.kind, "retired" if retired else "reload")
                 continue
             log.warning("%s child %d ended with %s; starting another", child.kind, pid, how)
+            metrics.worker_restarted(child.kind,
+                                     "heartbeat" if child.abort_sent else "crashed")
             if time.monotonic() - child.started < CRASH_WINDOW:
                 self._not_before[child.kind] = time.monotonic() + CRASH_BACKOFF
 

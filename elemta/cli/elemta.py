@@ -147,7 +147,8 @@ def make_child_runner(client_counts):
             return SMTPDWorker(config, listening, slot, scoreboard, client_counts,
                                master_pid).run()
         from elemta.api.server import run_api
-        return run_api(config)
+        return run_api(config, heartbeat=lambda: scoreboard.beat(slot),
+                       master_pid=master_pid)
     return run_child
 
 
@@ -175,6 +176,9 @@ def main(argv=None):
     except OSError as exc:
         fail("logging.target %s: %s" % (config.logging.target, exc.strerror or exc))
     lock_fd = take_master_lock(config.queue.spool_dir, uid, gid)
+    # After the lock: a second master must not wipe the running one's metric files.
+    from elemta import metrics
+    metrics.setup(os.path.join(config.queue.spool_dir, "metrics"), uid, gid)
     listening = []
     for listener in config.listeners:
         try:
@@ -204,6 +208,8 @@ def main(argv=None):
     client_counts = ClientCounts(master.scoreboard.slots)    # shared: made before any fork
     master.run_child = make_child_runner(client_counts)
     master.slot_freed.append(client_counts.clear_row)
+    master.child_exited.append(metrics.worker_exited)
+    master.close_in_child.append(lock_fd)
     try:
         return master.run()
     finally:
