@@ -389,13 +389,10 @@ class ServerProtocol:
         """MAIL FROM:<sender> [SIZE= BODY= SMTPUTF8 RET= ENVID= AUTH=]."""
         if self.settings.auth_required and self.auth_user is None:
             return self._send(530, "5.7.0", "Error: authentication required")
-        try:
-            path, params_text = split_path(arg, "FROM")
-            params = parse_params(params_text)
-        except AddressError as exc:
-            return self._send(501, "5.5.4", "Syntax error: %s" % exc)
-        if params and not self.esmtp:
-            return self._send(555, "5.5.4", "Error: parameters need EHLO, not HELO")
+        parsed = self._path_and_params(arg, "FROM")
+        if parsed is None:
+            return
+        path, params = parsed
         txn = Transaction(sender="")
         for key, value in params.items():
             problem = self._mail_param(txn, key, value)
@@ -416,6 +413,19 @@ class ServerProtocol:
 
         self._decide(MailFrom(txn), on_accept, self._rejecter(
             550, "5.7.1", "Error: sender rejected"))
+
+    def _path_and_params(self, arg, keyword):
+        """(path, {PARAM: value}) of MAIL FROM:/RCPT TO:, or None after a syntax reply."""
+        try:
+            path, params_text = split_path(arg, keyword)
+            params = parse_params(params_text)
+        except AddressError as exc:
+            self._send(501, "5.5.4", "Syntax error: %s" % exc)
+            return None
+        if params and not self.esmtp:
+            self._send(555, "5.5.4", "Error: parameters need EHLO, not HELO")
+            return None
+        return path, params
 
     def _mail_param(self, txn, key, value):
         """Apply one MAIL parameter; return a reply tuple if it is wrong."""
@@ -457,13 +467,10 @@ class ServerProtocol:
     def smtp_RCPT(self, arg):
         """RCPT TO:<recipient> [NOTIFY= ORCPT=]."""
         txn = self.transaction
-        try:
-            path, params_text = split_path(arg, "TO")
-            params = parse_params(params_text)
-        except AddressError as exc:
-            return self._send(501, "5.5.4", "Syntax error: %s" % exc)
-        if params and not self.esmtp:
-            return self._send(555, "5.5.4", "Error: parameters need EHLO, not HELO")
+        parsed = self._path_and_params(arg, "TO")
+        if parsed is None:
+            return
+        path, params = parsed
         if path.lower() == "postmaster":
             address = "postmaster"     # RFC 5321 4.5.1: must be accepted without a domain
         else:
