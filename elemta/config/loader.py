@@ -294,6 +294,30 @@ class _Checker:
             else:
                 first_on[endpoint] = index
 
+        self.check_delivery(config)
+
+    def check_delivery(self, config: Config) -> None:
+        """Backoff bounds in order; transport entries complete and not repeated."""
+        delivery = config.delivery
+        if delivery.min_backoff > delivery.max_backoff:
+            self.refuse_across(("delivery", "min_backoff"), "is %g, more than "
+                               "delivery.max_backoff (%g)" % (delivery.min_backoff,
+                                                               delivery.max_backoff),
+                               [("delivery", "max_backoff")])
+        seen: Dict[str, int] = {}
+        for index, entry in enumerate(delivery.transport):
+            for key in ("domain", "nexthop"):
+                if not getattr(entry, key):
+                    self.refuse_across(("delivery", "transport", index, key),
+                                       "is missing: each entry needs a domain and a nexthop")
+            domain = entry.domain.lower()
+            if domain in seen:
+                self.refuse_across(("delivery", "transport", index, "domain"),
+                                   "%s is already in delivery.transport[%d]"
+                                   % (entry.domain, seen[domain]))
+            elif domain:
+                seen[domain] = index
+
     def refuse_across(self, path: KeyPath, message: str,
                       also_involves: Sequence[KeyPath] = (), involves_path: bool = True) -> None:
         """Report a cross-field problem, unless it may only follow from a value already

@@ -199,8 +199,16 @@ def _section(cls: type, prefix: str) -> List[str]:
     lines = []
     hints = typing.get_type_hints(cls)
     for field in schema_options(cls):
-        lines += _entry(prefix + field.name, hints[field.name], field.default,
-                        field.metadata["doc"])
+        kind = hints[field.name]
+        item = sequence_item(kind)
+        if item is not None and dataclasses.is_dataclass(item):
+            # A list of tables inside a section (delivery.transport).
+            lines += _entry(prefix + field.name, kind, field.default,
+                            "%s Each table in the list has the keys below."
+                            % field.metadata["doc"])
+            lines += _section(item, prefix + field.name + "[].")
+        else:
+            lines += _entry(prefix + field.name, kind, field.default, field.metadata["doc"])
     return lines
 
 

@@ -25,6 +25,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 SYSLOG_FACILITIES = ("mail", "daemon", "local0", "local1", "local2", "local3", "local4",
                      "local5", "local6", "local7")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+DELIVERY_TLS_LEVELS = ("none", "may", "encrypt", "verify", "secure")
 
 
 def _one_of(choices):
@@ -92,6 +93,71 @@ def _domains(values):
 
 def _hostname(value):
     return _domains([value])
+
+
+# Postfix's next-hop syntax: "[host]:port" (no MX lookup), "host:port" (MX lookup of host).
+_NEXTHOP = re.compile(r"^(\[(?P<literal>[^\]]+)\]|(?P<name>[^\[\]:]+))(:(?P<port>\d+))?$")
+
+
+def parse_nexthop(value):
+    """(host, port or None, mx_lookup) for "[host]:port", "[host]", "host:port" or "host";
+    raises ValueError saying what is wrong."""
+    match = _NEXTHOP.match(value.strip())
+    if match is None:
+        raise ValueError("%r is not a next hop: write [host]:port or host:port" % (value,))
+    host = match.group("literal") or match.group("name")
+    port = int(match.group("port")) if match.group("port") else None
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError("%r: port must be between 1 and 65535" % (value,))
+    try:
+        ipaddress.ip_address(host[5:] if host.lower().startswith("ipv6:") else host)
+    except ValueError:
+        if _hostname(host):
+            raise ValueError("%r: %r is neither an IP address nor a host name"
+                             % (value, host))
+    return host, port, match.group("literal") is None
+
+
+TRANSPORT_KINDS = ("smtp",)
+
+
+def parse_transport(value):
+    """(kind, host, port or None, mx_lookup) for a transport map next hop such as
+    "smtp:[host]:port"; raises ValueError."""
+    kind, colon, rest = value.partition(":")
+    if not colon or kind not in TRANSPORT_KINDS:
+        raise ValueError("%r: a next hop is smtp:[host]:port or smtp:host:port (%s are not "
+                         "implemented yet)" % (value, "lmtp and local"))
+    host, port, mx_lookup = parse_nexthop(rest)
+    return kind, host, port, mx_lookup
+
+
+def _nexthop(value):
+    try:
+        parse_nexthop(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _transport(value):
+    try:
+        parse_transport(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _transport_domain(value):
+    return _hostname(value[1:] if value.startswith(".") else value)
+
+
+def _ip_addresses(values):
+    for value in values:
+        problem = _ip_address(value)
+        if problem:
+            return problem
+    return None
 
 
 def opt(default, doc, check=None):
@@ -243,6 +309,64 @@ class API:
 
 
 @dataclass(frozen=True)
+class Transport:
+    """One transport map entry: mail for `domain` goes to `nexthop`."""
+    domain: str = opt("", "Recipient domain this entry applies to (exact match, or "
+                          "\".example.org\" for every subdomain).", _transport_domain)
+    nexthop: str = opt("", "Where its mail goes: smtp:[host]:port (that host, no MX lookup) "
+                           "or smtp:host:port (the MX hosts of host).", _transport)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The delivery workers: routing, retries and the SMTP client (Postfix's qmgr and smtp)."""
+    workers: int = opt(2, "Number of delivery worker processes; 0 delivers nothing.",
+                       _not_negative)
+    relayhost: Optional[str] = opt(None, "Smart host for all mail not to a local domain or "
+                                         "in the transport map, as Postfix writes it: "
+                                         "[host]:port (no MX lookup) or host:port (MX "
+                                         "lookup of host). Unset: MX lookup of each domain.",
+                                   _nexthop)
+    transport: Tuple[Transport, ...] = opt((), "Transport map: a list of {domain, nexthop} "
+                                               "entries, which win over relayhost and MX.")
+    mx_port: int = opt(25, "TCP port used for MX delivery and for next hops without a port.",
+                       _port)
+    nameservers: Tuple[str, ...] = opt((), "DNS servers to ask for MX and address records "
+                                           "(empty: those of /etc/resolv.conf).",
+                                       _ip_addresses)
+    dns_port: int = opt(53, "UDP and TCP port of the nameservers.", _port)
+    dns_timeout: float = opt(5.0, "Seconds one DNS query to one nameserver may take.",
+                             _positive)
+    connect_timeout: float = opt(30.0, "Seconds a TCP connection to a mail server may take "
+                                       "(Postfix's smtp_connect_timeout).", _positive)
+    command_timeout: float = opt(300.0, "Seconds to wait for the greeting and each reply to "
+                                        "EHLO, MAIL, RCPT and DATA (RFC 5321 4.5.3.2).",
+                                 _positive)
+    data_timeout: float = opt(600.0, "Seconds to wait for each block of content to go out "
+                                     "and for the reply to the final dot (RFC 5321 "
+                                     "4.5.3.2.6: 10 minutes).", _positive)
+    min_backoff: float = opt(300.0, "Seconds before the first retry of a deferred message; "
+                                    "each later retry waits twice as long (Postfix's "
+                                    "minimal_backoff_time).", _positive)
+    max_backoff: float = opt(4000.0, "Longest wait between two attempts, in seconds "
+                                     "(Postfix's maximal_backoff_time).", _positive)
+    queue_lifetime: float = opt(432000.0, "Seconds a message may stay deferred before it "
+                                          "bounces (5 days, Postfix's "
+                                          "maximal_queue_lifetime).", _positive)
+    destination_concurrency: int = opt(20, "Connections at once to one destination (a "
+                                           "domain, the relay host or a transport next hop), "
+                                           "shared out among the delivery workers.",
+                                       _positive)
+    tls_level: str = opt("may", "STARTTLS when delivering: none, may (when offered), encrypt "
+                                "(required), verify (required, chain checked), secure "
+                                "(verify, and the certificate names the host).",
+                         _one_of(DELIVERY_TLS_LEVELS))
+    lease: float = opt(900.0, "Seconds a delivery worker owns a message it took; if the "
+                              "worker dies, the message returns to the queue after this. "
+                              "Keep it longer than the slowest delivery.", _positive)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration. `source` is the file it came from (None: built-in)."""
     smtpd: SMTPD = opt(SMTPD(), "SMTP server identity and input policy.")
@@ -256,6 +380,7 @@ class Config:
     logging: Logging = opt(Logging(), "Logging.")
     master: Master = opt(Master(), "The master process.")
     api: API = opt(API(), "The api process.")
+    delivery: Delivery = opt(Delivery(), "Delivery of queued mail.")
     source: Optional[str] = field(default=None, compare=False, metadata={"internal": True})
 
     @property
