@@ -11,7 +11,8 @@ Named databases, kept consistent with each other in every write transaction (all
 through _put and _delete; a new writer must too):
 
     messages   qid (ASCII) -> one JSON object: every Envelope field, plus "state",
-               "attempts", "next_attempt" (seconds since the epoch) and "last_error"
+               "attempts", "next_attempt" (seconds since the epoch), "last_error", and
+               for an active message its lease: "lease_owner" and "lease_expires"
     due        8-byte big-endian next_attempt in milliseconds + qid -> b"", for exactly the
                messages in state incoming or deferred, so delivery workers find due work by
                scanning from the start
@@ -24,17 +25,22 @@ through _put and _delete; a new writer must too):
 import json
 import os
 import struct
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import lmdb
 
-from elemta.queue.model import (BOUNCED, DEFERRED, FAILED, INCOMING, SENT, STATES, Envelope,
-                                Recipient)
+from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, INCOMING, SENT, STATES,
+                                Envelope, Recipient)
 from elemta.queue.store import envelope_from_dict, envelope_to_dict
 
 DUE_STATES = (INCOMING, DEFERRED)
-_RECORD_FIELDS = ("state", "attempts", "next_attempt", "last_error")
+_RECORD_FIELDS = ("state", "attempts", "next_attempt", "last_error", "lease_owner",
+                  "lease_expires")
+# Due entries looked at per claimed message: among messages due at the same millisecond,
+# the higher priority goes first.
+_CLAIM_LOOKAHEAD = 4
 _MS = struct.Struct(">Q")
 _BRIEF_HEAD = struct.Struct(">Qd")      # size, arrival
 _STATE_SEP = b":"
@@ -51,6 +57,8 @@ class QueueRecord:
     attempts: int = 0
     next_attempt: float = 0.0            # time.time() of the next delivery attempt
     last_error: Optional[str] = None
+    lease_owner: Optional[str] = None    # the delivery worker that claimed it (state active)
+    lease_expires: float = 0.0           # time.time() after which the claim lapses
 
     @property
     def queue_id(self):
@@ -238,6 +246,74 @@ class QueueIndex:
                     self._put(txn, record, replace=True)
                 outcomes[queue_id] = outcome
         return outcomes
+
+    # -- delivery: claiming work with a lease
+
+    def claim(self, owner: str, now: float, lease_seconds: float,
+              limit: int) -> List[QueueRecord]:
+        """Take up to `limit` due messages (incoming or deferred, next_attempt <= now; by due
+        time, then priority) in one write transaction: each becomes active, leased to `owner`
+        until now + lease_seconds. Returns their records."""
+        self._check_process()
+        if limit <= 0:
+            return []
+        horizon = int(round(now * 1000))
+        with self.env.begin(write=True) as txn:
+            candidates = []
+            cursor = txn.cursor(db=self.due)
+            for key in cursor.iternext(keys=True, values=False):
+                key = bytes(key)
+                ms = _MS.unpack_from(key)[0]
+                if ms > horizon or len(candidates) >= limit * _CLAIM_LOOKAHEAD:
+                    break
+                raw = txn.get(key[_MS.size:], db=self.messages)
+                if raw is None:
+                    continue
+                record = decode_record(raw)
+                if record.state in DUE_STATES:
+                    candidates.append((ms, -record.envelope.priority, record.queue_id, record))
+            candidates.sort(key=lambda c: c[:3])
+            claimed = [c[3] for c in candidates[:limit]]
+            for record in claimed:
+                record.state = ACTIVE
+                record.lease_owner = owner
+                record.lease_expires = now + lease_seconds
+                self._put(txn, record, replace=True)
+        return claimed
+
+    def reclaim(self, now: float, reason: str) -> List[str]:
+        """Return active messages whose lease has lapsed (their worker died) to the queue:
+        deferred, due now, `reason` as their last error. Pass now=float("inf") to reclaim
+        every active message (at start-up, when no worker runs). Returns their ids."""
+        self._check_process()
+        prefix = state_key(ACTIVE, "")
+        reclaimed = []
+        with self.env.begin(write=True) as txn:
+            expired = []
+            cursor = txn.cursor(db=self.by_state)
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(keys=True, values=False):
+                    if not bytes(key).startswith(prefix):
+                        break
+                    raw = txn.get(bytes(key)[len(prefix):], db=self.messages)
+                    if raw is not None:
+                        record = decode_record(raw)
+                        if record.state == ACTIVE and record.lease_expires <= now:
+                            expired.append(record)
+            due_now = min(now, time.time())
+            for record in expired:
+                record.state = DEFERRED
+                record.next_attempt = due_now
+                record.lease_owner, record.lease_expires = None, 0.0
+                record.last_error = reason
+                self._put(txn, record, replace=True)
+                reclaimed.append(record.queue_id)
+        return reclaimed
+
+    def sync(self):
+        """Flush the environment to disk, meta page included (after a transaction that must
+        survive a crash when metasync is off)."""
+        self.env.sync(True)
 
     def delete_many(self, queue_ids):
         """Remove records (and their due entries) in one write transaction. Returns how

@@ -39,6 +39,19 @@ daemon's processes:
 A message being delivered (active) may be held or deleted: the delivery worker must check
 that its lease still stands before it writes the outcome. It is not released, requeued or
 flushed: it is not waiting.
+
+Delivery workers (elemta.delivery.worker) use three calls:
+
+    claim          due messages become active, leased to the worker (one write transaction);
+    reclaim        active messages whose lease lapsed (worker killed) become deferred, due
+                   now: at worst a message is sent twice, never lost;
+    record_attempt the outcome of one attempt, per recipient, in one write transaction made
+                   durable before anything else happens to the message. A delivered recipient
+                   becomes sent whoever holds the lease (it must never be sent again); the
+                   message's state changes only if the lease is still this worker's (an admin
+                   may have held or deleted it meanwhile). When every recipient is sent, the
+                   file is removed first, then the record (a crash in between leaves a record
+                   without a file, which reconcile drops).
 """
 
 import ctypes
@@ -46,14 +59,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import lmdb
 
 from elemta.queue.ids import is_queue_id
 from elemta.queue.index import QueueIndex, QueueRecord
 from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, PENDING,
-                                RCPT_DEFERRED)
+                                RCPT_DEFERRED, SENT)
 from elemta.queue.store import CorruptSpoolFile, SpoolStore
 
 log = logging.getLogger(__name__)
@@ -77,6 +90,14 @@ BEING_DELIVERED = "being delivered now, left alone"
 NOT_FLUSHED = {HOLD: "on hold, left alone (release it first)",
                FAILED: "failed, left alone (requeue it to try again)"}
 NO_SUCH_MESSAGE = "no such message"
+
+# Outcomes of Queue.record_attempt.
+ATTEMPT_REMOVED = "removed"          # every recipient sent: file and record gone
+ATTEMPT_DEFERRED = "deferred"        # some recipients wait for next_attempt
+ATTEMPT_FAILED = "failed"            # nothing left to try, some recipients bounced
+ATTEMPT_LEASE_LOST = "lease lost"    # held, or reclaimed by another worker: statuses only
+ATTEMPT_GONE = "gone"                # deleted meanwhile
+LEASE_LAPSED = "delivery worker stopped before it finished (lease lapsed); retrying"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -108,6 +129,7 @@ class ReconcileSummary:
     held: List[str] = field(default_factory=list)           # hold marker, record said otherwise
     released: List[str] = field(default_factory=list)       # record said hold, no marker
     stale_markers: List[str] = field(default_factory=list)  # hold markers without a message
+    reclaimed: List[str] = field(default_factory=list)      # were active: due again
     messages: int = 0                                       # messages in the queue after
 
 
@@ -246,6 +268,8 @@ class Queue:
         for queue_id in summary.added:
             log.info("queue: %s: file without index record, queued again", queue_id)
         self._reconcile_hold(set(complete), summary)
+        # No delivery worker runs yet: whatever was being delivered is due again.
+        summary.reclaimed = self._index_call(self.index.reclaim, float("inf"), LEASE_LAPSED)
         self._flush({self.store.corrupt_dir, self.store.hold_dir})
         summary.messages = len(complete)
         return summary
@@ -385,6 +409,55 @@ class Queue:
             outcomes = self._index_call(self.index.update_many, batch, change)
             done.extend(qid for qid in batch if outcomes[qid] == wanted)
         return done
+
+    # -- delivery workers: claim, reclaim, record_attempt
+
+    def claim(self, owner: str, limit: int, lease_seconds: float,
+              now: Optional[float] = None) -> List[QueueRecord]:
+        """Take up to `limit` due messages for `owner` (see QueueIndex.claim)."""
+        return self._index_call(self.index.claim, owner, now or time.time(), lease_seconds,
+                                limit)
+
+    def reclaim(self, now: Optional[float] = None) -> List[str]:
+        """Return messages whose lease lapsed to the queue, due now. Returns their ids."""
+        return self._index_call(self.index.reclaim, now or time.time(), LEASE_LAPSED)
+
+    def record_attempt(self, owner: str, queue_id: str, results: Dict[int, Tuple[str, str]],
+                       next_attempt: float, last_error: Optional[str]) -> str:
+        """Write the outcome of one delivery attempt of a message `owner` claimed.
+
+        results: {index into envelope.recipients: (new status, last reply)}. Recipients left
+        pending or deferred make the message deferred until next_attempt (attempts + 1);
+        with none left it is removed (all sent) or failed (some bounced). Durable when it
+        returns. Returns one of the ATTEMPT_* outcomes."""
+        def change(record):
+            recipients = record.envelope.recipients
+            for index, (status, reply) in results.items():
+                if index < len(recipients) and recipients[index].status != SENT:
+                    recipients[index].status = status
+                    recipients[index].last_reply = reply
+            if record.state != ACTIVE or record.lease_owner != owner:
+                return ATTEMPT_LEASE_LOST, True
+            record.lease_owner, record.lease_expires = None, 0.0
+            record.attempts += 1
+            record.last_error = last_error
+            if any(r.status in (PENDING, RCPT_DEFERRED) for r in recipients):
+                record.state, record.next_attempt = DEFERRED, next_attempt
+                return ATTEMPT_DEFERRED, True
+            if all(r.status == SENT for r in recipients):
+                return ATTEMPT_REMOVED, True     # stays active (leased) until removed below
+            record.state = FAILED
+            return ATTEMPT_FAILED, True
+        outcome = self._index_call(self.index.update_many, [queue_id], change)[queue_id]
+        if outcome is None:
+            return ATTEMPT_GONE
+        if self.sync_method == "syncfs":
+            self._index_call(self.index.sync)
+        if outcome == ATTEMPT_REMOVED:
+            self.store.remove(queue_id)
+            self.store.unmark_held(queue_id)
+            self._index_call(self.index.delete_many, [queue_id])
+        return outcome
 
     # -- reading
 
