@@ -1,0 +1,357 @@
+"""The plugin API: stages, the narrow context a plugin sees, and the verdict it returns.
+
+Used in every process that runs plugins (the smtpd worker for connection..data, the queue
+step for queue, the delivery worker for routing/delivery/storage). A plugin is a class:
+
+    class MyPlugin(Plugin):
+        name = "myplugin"                 # its key under `plugins:` in the config
+        Settings = MySettings             # a dataclass; validated from the config mapping
+
+        def init(self, settings): ...     # once per process, after fork
+        def close(self): ...
+        def on_rcpt(self, ctx):           # one on_<stage> method per stage it serves
+            if ctx.recipient.endswith("@spamtrap.example"):
+                return Result.reject(550, "5.7.1", "No thanks")
+            return None                   # no opinion: default behaviour
+
+Design rule 6: plugins return a verdict (Result), "no opinion" (None or Result.proceed())
+means default behaviour, and the core formats the SMTP reply. A plugin never sees a
+socket, the master or the index: only the Context below.
+
+See also: elemta.plugins.manager (loads and calls plugins), elemta.plugins.example (a
+documented example), elemta.plugins.authres (how auth results become a header).
+"""
+
+import collections.abc
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+# The stages, in the order mail meets them. on_<stage> is the method a plugin defines.
+CONNECTION = "connection"   # a client connected (before the 220 greeting)
+HELO = "helo"               # HELO/EHLO
+AUTH = "auth"               # AUTH succeeded (ctx.auth_user is set)
+MAIL = "mail"               # MAIL FROM
+RCPT = "rcpt"               # RCPT TO, once per recipient (ctx.recipient)
+DATA = "data"               # the end of the content: ctx.message is complete
+QUEUE = "queue"             # the message is about to be queued (last chance to hold)
+ROUTING = "routing"         # delivery: choosing where a recipient's mail goes
+DELIVERY = "delivery"       # delivery: about to send a message (ctx.message outgoing)
+STORAGE = "storage"         # local delivery: about to store into a mailbox
+STAGES = (CONNECTION, HELO, AUTH, MAIL, RCPT, DATA, QUEUE, ROUTING, DELIVERY, STORAGE)
+
+# Actions a verdict may carry.
+CONTINUE = "continue"       # no objection; later plugins run; default behaviour
+ACCEPT = "accept"           # accept now; later plugins of this stage are skipped
+REJECT = "reject"           # permanent refusal (5xx)
+TEMPFAIL = "tempfail"       # temporary refusal (4xx)
+DISCARD = "discard"         # say yes to the client, then drop the message silently
+QUARANTINE = "quarantine"   # accept, but the queue puts the message on hold
+ACTIONS = (CONTINUE, ACCEPT, REJECT, TEMPFAIL, DISCARD, QUARANTINE)
+
+_STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+_HEADER_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")   # RFC 5322 ftext
+
+
+class PluginConfigError(ValueError):
+    """A plugin setting is wrong; str() names its key path, e.g. plugins.spf.enforce."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """A plugin's verdict. Build it with the class methods, not by hand.
+
+    headers: (name, value) pairs to prepend to the message (value unfolded or folded
+             with CRLF + whitespace; no final CRLF).
+    remove:  (name, value) pairs of existing header fields to delete (exact raw value,
+             as Message.headers gives it), e.g. a forged Authentication-Results.
+    """
+    action: str = CONTINUE
+    code: Optional[int] = None
+    status: Optional[str] = None
+    text: str = ""
+    reason: str = ""
+    headers: Tuple[Tuple[str, str], ...] = ()
+    remove: Tuple[Tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if self.action not in ACTIONS:
+            raise ValueError("unknown action %r" % (self.action,))
+        if self.code is not None:
+            first = {REJECT: "5", TEMPFAIL: "4"}.get(self.action)
+            if first is None or str(self.code)[0] != first or not 400 <= self.code <= 599:
+                raise ValueError("code %r does not fit action %s" % (self.code, self.action))
+        if self.status is not None and (not _STATUS.match(self.status)
+                                        or self.code is None
+                                        or self.status[0] != str(self.code)[0]):
+            raise ValueError("enhanced status %r does not fit code %r"
+                             % (self.status, self.code))
+        for name, value in self.headers:
+            if not _HEADER_NAME.match(name) or "\n" in value.replace("\r\n ", "").replace(
+                    "\r\n\t", ""):
+                raise ValueError("malformed header %r" % (name,))
+
+    @classmethod
+    def proceed(cls, headers=(), remove=()):
+        """No objection, optionally with headers to add or remove."""
+        return cls(CONTINUE, headers=tuple(headers), remove=tuple(remove))
+
+    @classmethod
+    def accept(cls, headers=()):
+        return cls(ACCEPT, headers=tuple(headers))
+
+    @classmethod
+    def reject(cls, code=550, status="5.7.1", text="Rejected by policy"):
+        return cls(REJECT, code, status, text)
+
+    @classmethod
+    def tempfail(cls, code=451, status="4.7.1", text="Try again later"):
+        return cls(TEMPFAIL, code, status, text)
+
+    @classmethod
+    def discard(cls, reason=""):
+        return cls(DISCARD, reason=reason)
+
+    @classmethod
+    def quarantine(cls, reason, headers=()):
+        """Accept the message but hold it in the queue; reason goes to the log."""
+        return cls(QUARANTINE, reason=reason, headers=tuple(headers))
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One authentication method's result, as RFC 8601 reports it.
+
+    method: spf, dkim, dmarc, arc, iprev, auth...; result: pass, fail, none, ...
+    properties: (ptype.property, value) pairs, e.g. ("smtp.mailfrom", "example.com").
+    """
+    method: str
+    result: str
+    reason: str = ""
+    properties: Tuple[Tuple[str, str], ...] = ()
+
+    def prop(self, name, default=None):
+        for key, value in self.properties:
+            if key == name:
+                return value
+        return default
+
+
+class Message:
+    """Read access to a message's header fields and body (the content only, as received).
+
+    headers is a list of (name, value) where value is the raw text after the colon,
+    folding kept, decoded as UTF-8 with surrogateescape so bytes survive a round trip.
+    """
+
+    def __init__(self, raw):
+        # type: (bytes) -> None
+        self.raw = bytes(raw)
+        self.headers = []  # type: List[Tuple[str, str]]
+        self.body_offset = _split_headers(self.raw, self.headers)
+
+    @property
+    def body(self):
+        return self.raw[self.body_offset:]
+
+    def get_all(self, name):
+        name = name.lower()
+        return [value for key, value in self.headers if key.lower() == name]
+
+    def get(self, name, default=None):
+        values = self.get_all(name)
+        return values[0] if values else default
+
+
+def _split_headers(raw, out):
+    """Fill out with (name, value) pairs; return the body offset. Tolerates LF-only
+    endings and lines that are not header fields (they end the header section, as in
+    RFC 5322 a line without a colon cannot be a header field)."""
+    pos, end = 0, len(raw)
+    name, value = None, []
+    while pos < end:
+        nl = raw.find(b"\n", pos)
+        line_end = end if nl < 0 else nl + 1
+        line = raw[pos:line_end]
+        stripped = line.rstrip(b"\r\n")
+        if not stripped:                      # the blank line: the body follows
+            pos = line_end
+            break
+        if line[:1] in (b" ", b"\t") and name is not None:
+            value.append(line)
+        else:
+            colon = stripped.find(b":")
+            if colon <= 0 or not _HEADER_NAME.match(stripped[:colon].decode("latin-1")):
+                break                         # not a header field: body starts here
+            if name is not None:
+                out.append(_header_pair(name, value))
+            name, value = stripped[:colon], [line[colon + 1:]]
+        pos = line_end
+    if name is not None:
+        out.append(_header_pair(name, value))
+    return pos
+
+
+def _header_pair(name, parts):
+    value = b"".join(parts)
+    if value.endswith(b"\r\n"):
+        value = value[:-2]
+    elif value.endswith(b"\n"):
+        value = value[:-1]
+    return (name.decode("ascii", "replace"), value.decode("utf-8", "surrogateescape"))
+
+
+@dataclass
+class Context:
+    """What a plugin may know about the mail in hand. Filled in by the calling process.
+
+    Per connection: client_*, helo, tls*, auth_user, trusted, local, session.
+    Per transaction (reset by new_transaction): sender, recipients, recipient, queue_id,
+    message, auth_results, state.
+    resolver: an elemta.plugins.resolver.Resolver (DNS that never blocks the event loop).
+    hostname: this server's name; the default authserv-id.
+    """
+    client_address: str = ""
+    client_name: str = "unknown"
+    helo: str = ""
+    tls: bool = False
+    tls_info: Optional[str] = None
+    auth_user: Optional[str] = None
+    trusted: bool = False          # the client is in mynetworks
+    local: bool = False            # submitted on this host (sendmail, pickup)
+    hostname: str = "localhost"
+    resolver: Any = None
+    stage: str = ""
+    sender: Optional[str] = None
+    recipients: List[str] = field(default_factory=list)
+    recipient: Optional[str] = None
+    queue_id: Optional[str] = None
+    message: Optional[Message] = None
+    auth_results: List[MethodResult] = field(default_factory=list)
+    session: Dict[str, Any] = field(default_factory=dict)  # plugins' per-connection notes
+    state: Dict[str, Any] = field(default_factory=dict)    # plugins' per-transaction notes
+
+    @property
+    def authenticated_or_local(self):
+        """Mail from our own users: AUTH, mynetworks or local submission."""
+        return self.auth_user is not None or self.trusted or self.local
+
+    def new_transaction(self):
+        """RSET, a new MAIL FROM, or end of DATA: forget the envelope and the results."""
+        self.sender = None
+        self.recipients = []
+        self.recipient = None
+        self.queue_id = None
+        self.message = None
+        self.auth_results = []
+        self.state = {}
+
+    def results_for(self, method):
+        return [r for r in self.auth_results if r.method == method]
+
+
+class Plugin:
+    """Base class. Subclasses set name, optionally Settings (a dataclass) and order,
+    and define on_<stage>(ctx) methods returning a Result or None."""
+    name = ""
+    Settings = None  # type: Optional[type]
+    # Lower runs first within a stage: authentication checks before the policies that
+    # read their results (DMARC), and the Authentication-Results writer last.
+    order = 50
+    # Seconds one call may take unless the config sets `timeout`.
+    default_timeout = 10.0
+
+    def init(self, settings):
+        """Called once per process (after fork) with the validated Settings instance."""
+        self.settings = settings
+
+    def close(self):
+        """Release files, databases, sockets. Called at worker exit and on reload."""
+
+    def stages(self):
+        return tuple(stage for stage in STAGES if callable(getattr(self, "on_" + stage, None)))
+
+
+# ---- typed settings from a plain mapping ------------------------------------------------
+
+def parse_settings(settings_class, mapping, path):
+    # type: (type, Any, str) -> Any
+    """An instance of the dataclass settings_class built from mapping; raises
+    PluginConfigError naming the key path (path + "." + key) of the first problem."""
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise PluginConfigError("%s: expected a mapping of settings, got %s"
+                                % (path, _describe(mapping)))
+    hints = typing.get_type_hints(settings_class)
+    fields = {f.name: f for f in dataclasses.fields(settings_class)}
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        raise PluginConfigError("%s.%s: unknown setting (known: %s)"
+                                % (path, unknown[0], ", ".join(sorted(fields)) or "none"))
+    values = {}
+    for name, spec in fields.items():
+        key_path = "%s.%s" % (path, name)
+        if name in mapping:
+            values[name] = _convert(hints[name], mapping[name], key_path)
+        elif (spec.default is dataclasses.MISSING
+              and spec.default_factory is dataclasses.MISSING):  # type: ignore
+            raise PluginConfigError("%s: required setting is missing" % key_path)
+    try:
+        instance = settings_class(**values)
+    except (TypeError, ValueError) as error:
+        raise PluginConfigError("%s: %s" % (path, error)) from None
+    check = getattr(instance, "validate", None)
+    if check is not None:
+        check(path)
+    return instance
+
+
+def _convert(hint, value, path):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, path)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise PluginConfigError("%s: expected true or false, got %s" % (path, _describe(value)))
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise PluginConfigError("%s: expected a whole number, got %s" % (path, _describe(value)))
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise PluginConfigError("%s: expected a number, got %s" % (path, _describe(value)))
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise PluginConfigError("%s: expected a string, got %s" % (path, _describe(value)))
+    if origin in (list, tuple, collections.abc.Sequence):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise PluginConfigError("%s: expected a list, got %s" % (path, _describe(value)))
+        item_hint = args[0] if args else Any
+        items = [_convert(item_hint, item, "%s[%d]" % (path, i))
+                 for i, item in enumerate(value)]
+        return tuple(items)
+    if dataclasses.is_dataclass(hint):
+        return parse_settings(hint, value, path)
+    if hint is Any:
+        return value
+    raise PluginConfigError("%s: unsupported setting type %r" % (path, hint))
+
+
+def _describe(value):
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "%s (a boolean)" % ("true" if value else "false")
+    if isinstance(value, (dict, list, tuple)):
+        return "a %s" % {dict: "mapping", list: "list", tuple: "list"}[type(value)]
+    return "%r" % (value,)

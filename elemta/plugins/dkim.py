@@ -1,0 +1,437 @@
+"""DKIM (RFC 6376, RFC 8463): verify every signature inbound, sign our users' mail, make keys.
+
+Owned by the smtpd worker (the `dkim` built-in, data stage) and by `elemtactl dkim keygen`
+(generate_key). dkimpy does the cryptography and canonicalization; this module fetches
+the keys itself through the plugin resolver (elemta.plugins.resolver: gevent sockets, so
+no blocking) and so can tell a DNS failure (temperror) from a bad or missing key
+(permerror) from a signature that does not match (fail), which dkimpy's verify() folds
+into one False.
+
+    verify_message(raw, resolver)  -> [DKIMResult(result="pass", domain=..., ...), ...]
+    Signer([SigningKey("example.com", "sel", "/etc/elemta/dkim/sel.key")]).sign(raw, "example.com")
+        -> [("DKIM-Signature", "v=1; a=rsa-sha256; ...")]
+    generate_key("example.com", "sel", "/etc/elemta/dkim/sel.key", "ed25519-sha256")
+        -> GeneratedKey(key_file=..., dns_name="sel._domainkey.example.com", txt="v=DKIM1; ...")
+
+Signing happens for authenticated, mynetworks and locally submitted mail, with every key
+configured for the From domain (or its nearest configured parent): an RSA and an Ed25519
+key for one domain give two signatures (RFC 8463 section 4 dual signing).
+
+See also: elemta.plugins.dmarc (uses the d= of passing signatures), elemta.plugins.arc,
+tests/test_dkim.py (OpenDKIM signs and verifies against us; RFC 6376 and 8463 examples).
+"""
+
+import base64
+import email.utils
+import logging
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import dkim as dkimpy
+from dkim.crypto import UnparsableKeyError, parse_pem_private_key
+
+from elemta.plugins.api import MethodResult, Plugin, PluginConfigError, Result
+from elemta.plugins.resolver import TemporaryDNSError
+
+log = logging.getLogger("elemta.plugins.dkim")
+# dkimpy logs its own view of each failure; ours (one line, with the verdict) is enough.
+_quiet = logging.getLogger("elemta.plugins.dkim.dkimpy")
+_quiet.addHandler(logging.NullHandler())
+_quiet.propagate = False
+
+ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+# RFC 8301 3.2: verifiers must not accept RSA keys shorter than 1024 bits.
+MIN_RSA_BITS = 1024
+# More signatures than this on one message are not verified (each costs a DNS lookup and
+# a public-key operation); the rest are reported as neutral.
+MAX_SIGNATURES = 10
+# header.b: enough of b= to tell signatures apart (RFC 6008 says at least 8 characters).
+HEADER_B_LENGTH = 12
+OPENSSL = "openssl"
+
+
+@dataclass(frozen=True)
+class DKIMResult:
+    result: str               # pass, fail, neutral, policy, temperror, permerror
+    domain: str = ""          # d=
+    selector: str = ""        # s=
+    identity: str = ""        # i=
+    algorithm: str = ""       # a=
+    signature: str = ""       # the start of b=, for header.b
+    reason: str = ""
+
+    def method_result(self):
+        props = []
+        for name, value in (("header.d", self.domain), ("header.i", self.identity),
+                            ("header.s", self.selector), ("header.a", self.algorithm),
+                            ("header.b", self.signature)):
+            if value:
+                props.append((name, value))
+        reason = self.reason if self.result != "pass" else ""
+        return MethodResult("dkim", self.result, reason, tuple(props))
+
+
+def verify_message(raw, resolver, minkey=MIN_RSA_BITS, max_signatures=MAX_SIGNATURES):
+    # type: (bytes, object, int, int) -> List[DKIMResult]
+    """One DKIMResult per DKIM-Signature, top first; [] when there is none."""
+    try:
+        verifier = dkimpy.DKIM(raw, logger=_quiet, minkey=minkey)
+    except dkimpy.DKIMException as error:
+        return [DKIMResult("permerror", reason="message does not parse: %s" % error)]
+    signatures = [value for name, value in verifier.headers
+                  if name.lower() == b"dkim-signature"]
+    results = []
+    for index, header_value in enumerate(signatures):
+        if index >= max_signatures:
+            results.append(DKIMResult("neutral", reason="too many signatures; not checked"))
+            continue
+        results.append(_verify_one(verifier, index, header_value, resolver))
+    return results
+
+
+def _verify_one(verifier, index, header_value, resolver):
+    tags = _loose_tags(header_value)
+    known = dict(domain=tags.get("d", ""), selector=tags.get("s", ""),
+                 identity=tags.get("i", ""), algorithm=tags.get("a", ""),
+                 signature=re.sub(r"\s+", "", tags.get("b", ""))[:HEADER_B_LENGTH])
+    try:
+        prepared = verifier.verify_headerprep(index)
+    except dkimpy.DKIMException as error:
+        return DKIMResult("permerror", reason="malformed signature: %s" % _text(error),
+                          **known)
+    if not prepared:
+        return DKIMResult("permerror", reason="signature not found", **known)
+    sig, include_headers, sig_headers = prepared
+    name = "%s._domainkey.%s" % (_text(sig[b"s"]), _text(sig[b"d"]))
+    try:
+        records = resolver.txt(name)
+    except TemporaryDNSError as error:
+        return DKIMResult("temperror", reason="key lookup failed: %s" % error.reason, **known)
+    if not records:
+        return DKIMResult("permerror", reason="no key published at %s" % name, **known)
+    record = records[0]
+    if re.search(rb"(^|;)\s*p\s*=\s*(;|$)", record):
+        return DKIMResult("permerror", reason="key at %s is revoked" % name, **known)
+    try:
+        _, keysize, ktag, _ = dkimpy.evaluate_pk(name, record)
+    except (dkimpy.DKIMException, ValueError, TypeError, IndexError) as error:
+        return DKIMResult("permerror", reason="unusable key at %s: %s" % (name, _text(error)),
+                          **known)
+    if ktag is None:
+        return DKIMResult("permerror", reason="key at %s is not for email" % name, **known)
+    if ktag == b"rsa" and keysize < MIN_RSA_BITS:
+        return DKIMResult("policy", reason="RSA key of %d bits is too short" % keysize,
+                          **known)
+    try:
+        good = verifier.verify_sig(sig, include_headers, sig_headers[index],
+                                   lambda _name, timeout=5: record)
+    except dkimpy.ValidationError as error:
+        return DKIMResult("fail", reason=_text(error), **known)
+    except dkimpy.DKIMException as error:
+        return DKIMResult("permerror", reason=_text(error), **known)
+    if good and sig.get(b"a") == b"rsa-sha1":
+        return DKIMResult("policy", reason="rsa-sha1 signatures are not accepted (RFC 8301)",
+                          **known)
+    if good:
+        return DKIMResult("pass", **known)
+    return DKIMResult("fail", reason="signature did not verify", **known)
+
+
+def _loose_tags(value):
+    """tag=value pairs of a signature, tolerant of junk (for reporting only)."""
+    tags = {}
+    for part in _text(value).split(";"):
+        key, sep, val = part.partition("=")
+        if sep:
+            tags.setdefault(key.strip(), re.sub(r"\s+", "", val) if key.strip() == "b"
+                            else val.strip())
+    return tags
+
+
+def _text(value):
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return str(value)
+
+
+# ---- signing -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SigningKey:
+    domain: str
+    selector: str
+    key_file: str
+    algorithm: str = "rsa-sha256"
+
+
+class KeyFileError(ValueError):
+    """A private key file cannot be used; str() says why."""
+
+
+def load_private_key(path, algorithm):
+    # type: (str, str) -> bytes
+    """The key in the form dkimpy signs with: PEM for RSA, the base64 seed for Ed25519."""
+    try:
+        with open(path, "rb") as key_file:
+            data = key_file.read(1 << 16)
+    except OSError as error:
+        raise KeyFileError("cannot read %s: %s" % (path, error.strerror or error))
+    if algorithm == "rsa-sha256":
+        try:
+            key = parse_pem_private_key(data)
+        except (UnparsableKeyError, ValueError, TypeError, IndexError) as error:
+            raise KeyFileError("%s is not an RSA private key in PEM form (%s)"
+                               % (path, str(error).splitlines()[0] if str(error) else "?"))
+        bits = key["modulus"].bit_length()
+        if bits < MIN_RSA_BITS:
+            raise KeyFileError("%s: RSA key of %d bits is too short (RFC 8301: 1024 at "
+                               "least, 2048 recommended)" % (path, bits))
+        return data
+    if algorithm == "ed25519-sha256":
+        return _ed25519_seed(path, data)
+    raise KeyFileError("unknown algorithm %r (use %s)" % (algorithm, " or ".join(ALGORITHMS)))
+
+
+# PKCS#8 wrapping of an Ed25519 private key (RFC 8410): this prefix, then the 32-byte seed.
+_ED25519_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+
+
+def _ed25519_seed(path, data):
+    text = data.strip()
+    if b"-----BEGIN PRIVATE KEY-----" in text:
+        body = b"".join(line for line in text.splitlines() if not line.startswith(b"-----"))
+        try:
+            der = base64.b64decode(body, validate=True)
+        except ValueError:
+            der = b""
+        if len(der) != 48 or not der.startswith(_ED25519_PKCS8_PREFIX):
+            raise KeyFileError("%s is not an Ed25519 private key" % path)
+        return base64.b64encode(der[16:])
+    try:
+        seed = base64.b64decode(text, validate=True)
+    except ValueError:
+        seed = b""
+    if len(seed) != 32:
+        raise KeyFileError("%s is not an Ed25519 private key (expected the base64 seed "
+                           "that `elemtactl dkim keygen` writes, or PKCS#8 PEM)" % path)
+    return base64.b64encode(seed)
+
+
+class Signer:
+    """Signs messages with the configured keys; keys are read once, at construction."""
+
+    def __init__(self, keys, sign_headers=()):
+        # type: (Sequence[SigningKey], Sequence[str]) -> None
+        self.keys = []  # type: List[Tuple[SigningKey, bytes]]
+        for spec in keys:
+            self.keys.append((spec, load_private_key(spec.key_file, spec.algorithm)))
+        self.sign_headers = tuple(h.lower().encode("ascii") for h in sign_headers)
+
+    def keys_for(self, domain):
+        """The keys of `domain`, or of its nearest parent that has keys."""
+        domain = domain.lower().rstrip(".")
+        while domain:
+            found = [k for k in self.keys if k[0].domain.lower().rstrip(".") == domain]
+            if found:
+                return found
+            domain = domain.partition(".")[2]
+        return []
+
+    def sign(self, raw, domain):
+        # type: (bytes, str) -> List[Tuple[str, str]]
+        """(name, value) DKIM-Signature fields for the message, one per matching key."""
+        fields = []
+        for spec, key in self.keys_for(domain):
+            signer = dkimpy.DKIM(raw, logger=_quiet,
+                                 signature_algorithm=spec.algorithm.encode("ascii"))
+            include = list(self.sign_headers) or None
+            if include is not None and b"from" not in include:
+                include.insert(0, b"from")
+            header = signer.sign(spec.selector.encode("ascii"), spec.domain.encode("ascii"),
+                                 key, canonicalize=(b"relaxed", b"relaxed"),
+                                 include_headers=include)
+            name, _, value = header.decode("ascii").partition(":")
+            fields.append((name, value.rstrip("\r\n")))
+        return fields
+
+
+def from_domain(message):
+    """The domain of the one RFC5322.From address, or "" when there is not exactly one."""
+    values = message.get_all("From")
+    if len(values) != 1:
+        return ""
+    addresses = [a for _, a in email.utils.getaddresses([values[0]]) if a]
+    if len(addresses) != 1 or "@" not in addresses[0]:
+        return ""
+    return addresses[0].rpartition("@")[2].strip().rstrip(">").lower()
+
+
+# ---- key generation --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GeneratedKey:
+    key_file: str
+    dns_name: str          # selector._domainkey.domain
+    txt: str               # the record's text, e.g. "v=DKIM1; k=rsa; p=MIIB..."
+
+    @property
+    def zone_line(self):
+        """The record as a zone-file line, split into strings of at most 255 octets."""
+        chunks = [self.txt[i:i + 255] for i in range(0, len(self.txt), 255)]
+        return '%s. IN TXT ( %s )' % (self.dns_name, " ".join('"%s"' % c for c in chunks))
+
+
+def generate_key(domain, selector, key_file, algorithm="rsa-sha256", bits=2048):
+    # type: (str, str, str, str, int) -> GeneratedKey
+    """Write a new private key to key_file (mode 0600; never over an existing file) and
+    return the TXT record to publish at selector._domainkey.domain."""
+    if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*"
+                    r"[A-Za-z0-9])?)*$", selector):
+        raise ValueError("selector %r is not a valid DNS name" % selector)
+    if algorithm not in ALGORITHMS:
+        raise ValueError("algorithm must be one of %s" % ", ".join(ALGORITHMS))
+    if algorithm == "rsa-sha256" and not 1024 <= bits <= 8192:
+        raise ValueError("RSA key size must be between 1024 and 8192 bits")
+    directory = os.path.dirname(os.path.abspath(key_file))
+    fd, temporary = tempfile.mkstemp(prefix=".keygen-", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        if algorithm == "rsa-sha256":
+            os.close(fd)
+            fd = None
+            _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:%d" % bits,
+                     "-out", temporary)
+            public = base64.b64encode(_openssl("pkey", "-in", temporary, "-pubout",
+                                               "-outform", "DER")).decode("ascii")
+            txt = "v=DKIM1; k=rsa; p=%s" % public
+        else:
+            import nacl.encoding
+            import nacl.signing
+            key = nacl.signing.SigningKey.generate()
+            os.write(fd, key.encode(nacl.encoding.Base64Encoder) + b"\n")
+            os.close(fd)
+            fd = None
+            public = key.verify_key.encode(nacl.encoding.Base64Encoder).decode("ascii")
+            txt = "v=DKIM1; k=ed25519; p=%s" % public
+        os.link(temporary, key_file)   # fails if key_file exists: never replace a key
+    finally:
+        if fd is not None:
+            os.close(fd)
+        os.unlink(temporary)
+    return GeneratedKey(os.path.abspath(key_file),
+                        "%s._domainkey.%s" % (selector, domain.lower().rstrip(".")), txt)
+
+
+def _openssl(*args):
+    done = subprocess.run((OPENSSL,) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if done.returncode != 0:
+        raise OSError("openssl %s failed: %s" % (args[0], done.stderr.decode(
+            "utf-8", "replace").strip()))
+    return done.stdout
+
+
+# ---- the plugin ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KeySettings:
+    domain: str
+    selector: str
+    key_file: str
+    algorithm: str = "rsa-sha256"
+
+
+@dataclass(frozen=True)
+class DKIMSettings:
+    verify: bool = True
+    sign: bool = False
+    # One key, as the seed config spells it...
+    domain: str = ""
+    selector: str = ""
+    key_file: str = ""
+    algorithm: str = "rsa-sha256"
+    # ...and/or any number of them.
+    keys: Tuple[KeySettings, ...] = ()
+    sign_headers: Tuple[str, ...] = ()     # default: dkimpy's RFC 6376 5.4.1 list
+    max_signatures: int = MAX_SIGNATURES
+
+    def signing_keys(self):
+        keys = []
+        if self.domain or self.selector or self.key_file:
+            keys.append(("", KeySettings(self.domain, self.selector, self.key_file,
+                                         self.algorithm)))
+        keys += [("keys[%d]." % i, k) for i, k in enumerate(self.keys)]
+        return keys
+
+    def validate(self, path):
+        for prefix, key in self.signing_keys():
+            for name in ("domain", "selector", "key_file"):
+                if not getattr(key, name):
+                    raise PluginConfigError("%s.%s%s: required for a signing key"
+                                            % (path, prefix, name))
+            if key.algorithm not in ALGORITHMS:
+                raise PluginConfigError("%s.%salgorithm: %r is not one of %s" % (
+                    path, prefix, key.algorithm, ", ".join(ALGORITHMS)))
+        if self.sign and not self.signing_keys():
+            raise PluginConfigError("%s.key_file: sign is true but no key is configured "
+                                    "(domain, selector, key_file, or keys)" % path)
+        if self.max_signatures < 1:
+            raise PluginConfigError("%s.max_signatures: must be at least 1" % path)
+
+
+class DKIMPlugin(Plugin):
+    name = "dkim"
+    Settings = DKIMSettings
+    order = 20
+
+    def init(self, settings):
+        self.settings = settings = settings or DKIMSettings()
+        self.signer = None
+        if settings.sign:
+            specs = []
+            for prefix, key in settings.signing_keys():
+                try:
+                    load_private_key(key.key_file, key.algorithm)
+                except KeyFileError as error:
+                    raise PluginConfigError("plugins.%s.%skey_file: %s"
+                                            % (self.name, prefix, error)) from None
+                specs.append(SigningKey(key.domain, key.selector, key.key_file, key.algorithm))
+            self.signer = Signer(specs, settings.sign_headers)
+
+    def on_data(self, ctx):
+        message = ctx.message
+        if message is None:
+            return None
+        if ctx.authenticated_or_local:
+            return self._sign(ctx, message)
+        if not self.settings.verify or ctx.resolver is None:
+            return None
+        results = verify_message(message.raw, ctx.resolver,
+                                 max_signatures=self.settings.max_signatures)
+        ctx.state["dkim"] = results
+        if not results:
+            ctx.auth_results.append(MethodResult("dkim", "none"))
+        for checked in results:
+            ctx.auth_results.append(checked.method_result())
+            if checked.result in ("temperror", "permerror", "policy"):
+                log.info("%s: DKIM %s for d=%s s=%s from [%s]: %s", ctx.queue_id or "NOQUEUE",
+                         checked.result, checked.domain or "?", checked.selector or "?",
+                         ctx.client_address, checked.reason)
+        return None
+
+    def _sign(self, ctx, message):
+        if self.signer is None:
+            return None
+        domain = from_domain(message) or (ctx.sender or "").rpartition("@")[2]
+        if not domain:
+            return None
+        try:
+            fields = self.signer.sign(message.raw, domain)
+        except dkimpy.DKIMException as error:
+            log.warning("%s: not DKIM-signed for %s: %s", ctx.queue_id or "NOQUEUE", domain,
+                        _text(error))
+            return None
+        return Result.proceed(headers=fields)

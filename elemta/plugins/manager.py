@@ -1,0 +1,348 @@
+"""The plugin manager: finds plugins, builds their settings, calls them stage by stage.
+
+Owned by every process that runs plugins; each builds its own PluginManager after fork
+from the `plugins:` section of the config (a mapping of plugin name -> settings):
+
+    manager = PluginManager(config_mapping)        # validates; raises PluginConfigError
+    manager.start()                                # plugin.init(settings), once per process
+    outcome = manager.run("rcpt", ctx)             # an Outcome; never raises
+    if outcome.reply: ... answer with it ...
+    manager.close()
+
+Plugins come from the built-ins below and from the entry-point group `elemta.plugins`
+(a third-party package declares `myplugin = mypackage.module:MyPlugin`). A built-in name
+cannot be taken over by a third-party package.
+
+Every plugin call runs under a gevent.Timeout (the plugin's `timeout`, seconds). A plugin
+that raises or overruns is logged by name, in one line, without a traceback, and gives
+451 4.3.0 - or, with `fail_open: true`, is passed over as if it had no opinion. Nothing a
+plugin does ends the session or the worker. A plugin that computes without yielding cannot
+be interrupted by the timeout: plugins must do their waiting through gevent (the DNS
+resolver in elemta.plugins.resolver does).
+
+See also: elemta.plugins.api (what plugins see and return), tests/test_plugins.py.
+"""
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import gevent
+
+from elemta.plugins.api import (CONTINUE, DISCARD, QUARANTINE, REJECT, STAGES,
+                                TEMPFAIL, Plugin, PluginConfigError, Result, parse_settings)
+
+log = logging.getLogger("elemta.plugins")
+
+ENTRY_POINT_GROUP = "elemta.plugins"
+
+# name -> "module:Class". Looked up lazily: a disabled built-in costs no import.
+BUILTINS = {
+    "spf": "elemta.plugins.spf:SPFPlugin",
+    "dkim": "elemta.plugins.dkim:DKIMPlugin",
+    "dmarc": "elemta.plugins.dmarc:DMARCPlugin",
+    "arc": "elemta.plugins.arc:ARCPlugin",
+    "authres": "elemta.plugins.authres:AuthResultsPlugin",
+    "greylist": "elemta.plugins.greylist:GreylistPlugin",
+}
+# Enabling any of these turns on the Authentication-Results writer unless the config
+# says `authres: {enabled: false}`: their results are meant to be seen.
+AUTH_METHODS = ("spf", "dkim", "dmarc", "arc")
+
+# The reply when a plugin fails and is not fail-open (RFC 3463 4.3.0: other or undefined
+# mail system status).
+PLUGIN_FAILURE = (451, "4.3.0", "Temporary local problem, please try again later")
+DEFAULT_REPLIES = {
+    REJECT: (550, "5.7.1", "Rejected by policy"),
+    TEMPFAIL: (451, "4.7.1", "Try again later"),
+}
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    """Settings every plugin has; the manager takes them out before the plugin's own."""
+    enabled: bool = True
+    timeout: float = 0.0        # seconds one call may take; 0: the plugin's default
+    fail_open: bool = False     # on error or timeout: carry on instead of 451 4.3.0
+
+
+@dataclass
+class Outcome:
+    """What the plugins of one stage decided, merged.
+
+    action: the deciding plugin's action (CONTINUE when nobody objected).
+    reply:  (code, status, text) for REJECT and TEMPFAIL, else None.
+    quarantine: the reason, when a plugin asked for the message to be held.
+    headers / remove: header fields to prepend / delete (see apply_header_edits).
+    """
+    action: str = CONTINUE
+    reply: Optional[Tuple[int, str, str]] = None
+    decided_by: Optional[str] = None
+    quarantine: Optional[str] = None
+    quarantined_by: Optional[str] = None
+    discard: bool = False
+    headers: List[Tuple[str, str]] = field(default_factory=list)
+    remove: List[Tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def refused(self):
+        return self.action in (REJECT, TEMPFAIL)
+
+
+class LoadedPlugin:
+    def __init__(self, name, plugin, common, settings):
+        self.name = name
+        self.plugin = plugin
+        self.common = common
+        self.settings = settings
+        self.order = getattr(plugin, "order", 50)
+
+
+def available_plugins():
+    # type: () -> Dict[str, object]
+    """name -> "module:Class" (built-in) or an importlib.metadata entry point."""
+    found = {}  # type: Dict[str, object]
+    for entry in _entry_points():
+        if entry.name in BUILTINS:
+            log.warning("plugin %s from %s ignored: that name belongs to a built-in",
+                        entry.name, entry.value)
+            continue
+        found[entry.name] = entry
+    found.update(BUILTINS)
+    return found
+
+
+def _entry_points():
+    from importlib import metadata
+    points = metadata.entry_points()
+    if hasattr(points, "select"):
+        return list(points.select(group=ENTRY_POINT_GROUP))
+    return list(points.get(ENTRY_POINT_GROUP, ()))   # Python 3.9
+
+
+def _load_class(name, where):
+    try:
+        if isinstance(where, type):
+            plugin_class = where
+        elif isinstance(where, str):
+            module_name, _, class_name = where.partition(":")
+            module = __import__(module_name, fromlist=[class_name])
+            plugin_class = getattr(module, class_name)
+        else:
+            plugin_class = where.load()
+    except Exception as error:
+        raise PluginConfigError("plugins.%s: the plugin cannot be loaded (%s: %s)"
+                                % (name, type(error).__name__, error)) from None
+    if not (isinstance(plugin_class, type) and issubclass(plugin_class, Plugin)):
+        raise PluginConfigError("plugins.%s: %r is not an elemta.plugins.api.Plugin"
+                                % (name, plugin_class))
+    return plugin_class
+
+
+def parse_plugin_config(plugins_config, known=None):
+    """[(name, plugin class, CommonSettings, plugin settings)] for the enabled plugins,
+    in calling order. Raises PluginConfigError naming plugins.<name>.<key>."""
+    if plugins_config is None:
+        plugins_config = {}
+    if not isinstance(plugins_config, dict):
+        raise PluginConfigError("plugins: expected a mapping of plugin names to settings")
+    known = available_plugins() if known is None else known
+    sections = dict(plugins_config)
+    if "authres" not in sections and any(
+            _enabled(sections.get(method)) for method in AUTH_METHODS if method in sections):
+        sections["authres"] = {}
+    chosen = []
+    for name, mapping in sections.items():
+        path = "plugins.%s" % name
+        if name not in known:
+            raise PluginConfigError("%s: no such plugin (available: %s)"
+                                    % (path, ", ".join(sorted(known))))
+        if mapping is None:
+            mapping = {}
+        if not isinstance(mapping, dict):
+            raise PluginConfigError("%s: expected a mapping of settings" % path)
+        common_keys = {"enabled", "timeout", "fail_open"}
+        common = parse_settings(CommonSettings, {k: v for k, v in mapping.items()
+                                                 if k in common_keys}, path)
+        if "timeout" in mapping and common.timeout <= 0:
+            raise PluginConfigError("%s.timeout: must be more than 0 seconds" % path)
+        plugin_class = _load_class(name, known[name])
+        if common.timeout <= 0:
+            common = dataclasses.replace(common, timeout=float(plugin_class.default_timeout))
+        own = {k: v for k, v in mapping.items() if k not in common_keys}
+        if plugin_class.Settings is not None:
+            settings = parse_settings(plugin_class.Settings, own, path)
+        elif own:
+            raise PluginConfigError("%s.%s: unknown setting (this plugin takes none)"
+                                    % (path, sorted(own)[0]))
+        else:
+            settings = None
+        if common.enabled:
+            chosen.append((name, plugin_class, common, settings))
+    chosen.sort(key=lambda item: getattr(item[1], "order", 50))
+    return chosen
+
+
+def _enabled(mapping):
+    return not isinstance(mapping, dict) or mapping.get("enabled", True) is not False
+
+
+class PluginManager:
+    """The enabled plugins of one process and the calls into them."""
+
+    def __init__(self, plugins_config=None, known=None):
+        self._chosen = parse_plugin_config(plugins_config, known)
+        self.plugins = []  # type: List[LoadedPlugin]
+        self._by_stage = {stage: [] for stage in STAGES}  # type: Dict[str, List[LoadedPlugin]]
+
+    @property
+    def names(self):
+        return [name for name, _, _, _ in self._chosen]
+
+    def start(self):
+        """Instantiate and init() every enabled plugin; raises PluginConfigError if a
+        plugin refuses its settings (an unreadable key file, say)."""
+        for name, plugin_class, common, settings in self._chosen:
+            plugin = plugin_class()
+            plugin.name = name
+            try:
+                plugin.init(settings)
+            except PluginConfigError:
+                self.close()
+                raise
+            except Exception as error:
+                self.close()
+                raise PluginConfigError("plugins.%s: cannot start: %s: %s"
+                                        % (name, type(error).__name__, error)) from None
+            loaded = LoadedPlugin(name, plugin, common, settings)
+            self.plugins.append(loaded)
+            for stage in plugin.stages():
+                self._by_stage[stage].append(loaded)
+        return self
+
+    def wants(self, stage):
+        """True when some plugin serves the stage (skip building the context if not)."""
+        return bool(self._by_stage.get(stage))
+
+    def run(self, stage, ctx):
+        # type: (str, object) -> Outcome
+        """Call every plugin serving `stage` in order and merge their verdicts.
+
+        A REJECT, TEMPFAIL, DISCARD or ACCEPT stops the chain; QUARANTINE is remembered
+        and the chain goes on (a later plugin may still refuse). Never raises."""
+        if stage not in self._by_stage:
+            raise ValueError("unknown stage %r" % (stage,))
+        ctx.stage = stage
+        outcome = Outcome()
+        for loaded in self._by_stage[stage]:
+            result = self._call(loaded, stage, ctx)
+            if result is None:
+                continue
+            outcome.headers.extend(result.headers)
+            outcome.remove.extend(result.remove)
+            if result.action == CONTINUE:
+                continue
+            if result.action == QUARANTINE:
+                if outcome.quarantine is None:
+                    outcome.quarantine = result.reason or "held by %s" % loaded.name
+                    outcome.quarantined_by = loaded.name
+                continue
+            outcome.action = result.action
+            outcome.decided_by = loaded.name
+            if result.action in (REJECT, TEMPFAIL):
+                default = DEFAULT_REPLIES[result.action]
+                outcome.reply = (result.code or default[0], result.status or default[1],
+                                 result.text or default[2])
+            outcome.discard = result.action == DISCARD
+            break
+        return outcome
+
+    def _call(self, loaded, stage, ctx):
+        """The plugin's Result, None for no opinion, or the failure Result."""
+        timeout = gevent.Timeout(loaded.common.timeout)
+        timeout.start()
+        try:
+            result = getattr(loaded.plugin, "on_" + stage)(ctx)
+            if result is not None and not isinstance(result, Result):
+                raise TypeError("returned %r, not a Result or None" % (result,))
+            return result
+        except gevent.Timeout as error:
+            if error is not timeout:
+                raise                      # someone else's deadline: not ours to eat
+            problem = "timed out after %gs" % loaded.common.timeout
+        except Exception as error:
+            problem = _describe_error(error)
+        finally:
+            timeout.close()
+        return self._failed(loaded, stage, ctx, problem)
+
+    def _failed(self, loaded, stage, ctx, problem):
+        where = getattr(ctx, "queue_id", None) or "NOQUEUE"
+        client = getattr(ctx, "client_address", "") or "local"
+        if loaded.common.fail_open:
+            log.error("%s: plugin %s failed at %s stage for client [%s]: %s; continuing "
+                      "(fail_open)", where, loaded.name, stage, client, problem)
+            return None
+        log.error("%s: plugin %s failed at %s stage for client [%s]: %s; answering %d %s",
+                  where, loaded.name, stage, client, problem, PLUGIN_FAILURE[0],
+                  PLUGIN_FAILURE[1])
+        return Result.tempfail(*PLUGIN_FAILURE)
+
+    def close(self):
+        for loaded in reversed(self.plugins):
+            try:
+                loaded.plugin.close()
+            except Exception as error:
+                log.error("plugin %s failed to close: %s", loaded.name,
+                          _describe_error(error))
+        self.plugins = []
+        self._by_stage = {stage: [] for stage in STAGES}
+
+
+def _describe_error(error):
+    """'ValueError: bad thing (at plugin.py:42)' - the innermost frame, not a traceback."""
+    text = "%s: %s" % (type(error).__name__, error) if str(error) else type(error).__name__
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        text += " (at %s:%d)" % (os.path.basename(tb.tb_frame.f_code.co_filename),
+                                 tb.tb_lineno)
+    return text
+
+
+def apply_header_edits(raw, headers=(), remove=()):
+    # type: (bytes, object, object) -> bytes
+    """The message with `headers` prepended (in order) and the header fields listed in
+    `remove` (name, raw value) deleted: what the smtpd writes after the data stage."""
+    from elemta.plugins.api import Message
+    message = Message(raw)
+    doomed = {}
+    for name, value in remove:
+        key = (name.lower(), value)
+        doomed[key] = doomed.get(key, 0) + 1
+    out = []
+    for name, value in headers:
+        out.append(("%s: %s\r\n" % (name, value.lstrip(" "))).encode("utf-8"))
+    # Walk the original header section line by line so kept fields stay byte-identical.
+    pos = 0
+    for name, value in message.headers:
+        encoded = value.encode("utf-8", "surrogateescape")
+        start = raw.index(name.encode("ascii", "replace") + b":", pos)
+        end = start + len(name) + 1 + len(encoded)
+        # Include the line ending that closes the field.
+        if raw[end:end + 2] == b"\r\n":
+            end += 2
+        elif raw[end:end + 1] == b"\n":
+            end += 1
+        key = (name.lower(), value)
+        if doomed.get(key):
+            doomed[key] -= 1
+        else:
+            out.append(raw[start:end])
+        pos = end
+    out.append(raw[pos:])
+    return b"".join(out)
+
