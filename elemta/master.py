@@ -77,7 +77,9 @@ class Master:
         self.children = {}             # pid -> Child
         # Room for every worker twice (old and new generation during a reload) plus api.
         self.smtpd_slots = 2 * max(workers_for(config), os.cpu_count() or 1)
-        self.scoreboard = Scoreboard(self.smtpd_slots + 2)
+        # Delivery slots follow the two api slots, room for two generations again.
+        self.delivery_slots = 2 * max(config.delivery.workers, 4)
+        self.scoreboard = Scoreboard(self.smtpd_slots + 2 + self.delivery_slots)
         self.slot_freed = []           # callbacks(slot) run when a child's slot frees up
         self.child_exited = []         # callbacks(pid) run when any child has been reaped
         self.close_in_child = []       # descriptors only the master may hold (the lock)
@@ -142,7 +144,8 @@ class Master:
     def wanted(self):
         """{kind: count} the current configuration asks for."""
         return {"smtpd": self.workers_for(self.config),
-                "api": 1 if self.config.api.enabled else 0}
+                "api": 1 if self.config.api.enabled else 0,
+                "delivery": self.config.delivery.workers}
 
     def spawn_children(self):
         now = time.monotonic()
@@ -162,8 +165,12 @@ class Master:
 
     def _free_slot(self, kind):
         used = {c.slot for c in self.children.values()}
-        slots = range(self.smtpd_slots) if kind == "smtpd" else range(
-            self.smtpd_slots, self.smtpd_slots + 2)
+        if kind == "smtpd":
+            slots = range(self.smtpd_slots)
+        elif kind == "delivery":
+            slots = range(self.smtpd_slots + 2, self.smtpd_slots + 2 + self.delivery_slots)
+        else:
+            slots = range(self.smtpd_slots, self.smtpd_slots + 2)
         return next((s for s in slots if s not in used), None)
 
     def spawn_child(self, kind, slot):

@@ -146,6 +146,11 @@ def make_child_runner(client_counts):
             client_counts.use_row(slot)
             return SMTPDWorker(config, listening, slot, scoreboard, client_counts,
                                master_pid).run()
+        if kind == "delivery":
+            for _, sock in listening:
+                sock.close()          # a delivery worker never accepts connections
+            from elemta.delivery.worker import run_delivery
+            return run_delivery(config, slot, scoreboard, master_pid)
         from elemta.api.server import run_api
         return run_api(config, heartbeat=lambda: scoreboard.beat(slot),
                        master_pid=master_pid)

@@ -5,7 +5,8 @@ spool file to commit() and waits; one committer greenlet takes every message wai
 that moment and has Queue.commit make them all durable in a worker thread (one sync of
 the spool, one index transaction), while the event loop keeps serving other sessions.
 Messages arriving during a flush form the next batch. Each session still sends its 250
-only after its own message is on disk. See design.md "What the disk costs".
+only after its own message is on disk. After each batch the delivery workers are woken
+(elemta.queue.wakeup). See design.md "What the disk costs".
 """
 
 import logging
@@ -16,6 +17,7 @@ from gevent.event import AsyncResult, Event
 from gevent import get_hub
 
 from elemta import metrics
+from elemta.queue import wakeup
 
 log = logging.getLogger("elemta.smtpd")
 
@@ -63,6 +65,7 @@ class GroupCommitter:
             self.seconds += elapsed
             metrics.COMMIT_BATCH.observe(len(batch))
             metrics.COMMIT_FLUSH.observe(elapsed)
+            wakeup.notify(self.queue.spool_dir)     # the delivery workers take it from here
             for _, result in batch:
                 result.set(None)
 

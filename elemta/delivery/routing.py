@@ -1,0 +1,109 @@
+"""Routing: which destination takes mail for a recipient, and which hosts serve it.
+
+Owned by the delivery worker (`elemta: delivery`). In Postfix's order of precedence:
+
+    1. local domains (relay.local_domains and the host name): local delivery, which is not
+       implemented yet (the worker leaves those recipients deferred, saying so);
+    2. the transport map (delivery.transport): "example.org" matches the domain itself,
+       ".example.org" every subdomain; the next hop is smtp:[host]:port or smtp:host:port;
+    3. the relay host (delivery.relayhost), [host]:port or host:port;
+    4. the MX hosts of the recipient's domain (elemta.delivery.mx), on delivery.mx_port.
+
+A bracketed next hop is connected to as it is (its A/AAAA records if it is a name); an
+unbracketed one is looked up as a domain, MX first, as Postfix does.
+See also: elemta.delivery.worker, elemta.delivery.mx, elemta.config.schema (Delivery).
+"""
+
+import ipaddress
+from dataclasses import dataclass
+from typing import List
+
+from elemta.config.schema import parse_nexthop, parse_transport
+from elemta.delivery.mx import Host, NoMailHost, Resolver
+from elemta.queue.index import address_domain
+
+LOCAL = "local"
+SMTP = "smtp"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a group of recipients goes. `key` names it for concurrency limits and logs."""
+    kind: str            # LOCAL or SMTP
+    host: str            # the domain or next-hop host ("" for LOCAL)
+    port: int
+    mx_lookup: bool      # look host up as a mail domain (MX), or connect to it as it is
+
+    @property
+    def key(self):
+        if self.kind == LOCAL:
+            return LOCAL
+        return "%s:%s:%d" % (self.kind, self.host if self.mx_lookup else "[%s]" % self.host,
+                             self.port)
+
+
+class Router:
+    """Routes recipient addresses by one Config."""
+
+    def __init__(self, config):
+        delivery = config.delivery
+        self.mx_port = delivery.mx_port
+        self.local_domains = {d.lower().rstrip(".") for d in config.relay.local_domains}
+        self.local_domains.add(config.hostname.lower().rstrip("."))
+        self.transport = {}
+        for entry in delivery.transport:
+            _, host, port, mx_lookup = parse_transport(entry.nexthop)
+            self.transport[entry.domain.lower().rstrip(".")] = Destination(
+                SMTP, host, port or self.mx_port, mx_lookup)
+        self.relay = None
+        if delivery.relayhost:
+            host, port, mx_lookup = parse_nexthop(delivery.relayhost)
+            self.relay = Destination(SMTP, host, port or self.mx_port, mx_lookup)
+
+    def destination(self, address):
+        # type: (str) -> Destination
+        domain = address_domain(address).rstrip(".")
+        if domain in self.local_domains or not domain:
+            return Destination(LOCAL, "", 0, False)
+        found = self._transport_entry(domain)
+        if found is not None:
+            return found
+        if self.relay is not None:
+            return self.relay
+        return Destination(SMTP, domain, self.mx_port, True)
+
+    def _transport_entry(self, domain):
+        if domain in self.transport:
+            return self.transport[domain]
+        labels = domain.split(".")
+        for start in range(1, len(labels)):
+            parent = "." + ".".join(labels[start:])
+            if parent in self.transport:
+                return self.transport[parent]
+        return None
+
+
+def hosts_for(destination, resolver):
+    # type: (Destination, Resolver) -> List[Host]
+    """The hosts to try for an SMTP destination, in order; raises a RouteError."""
+    if destination.mx_lookup:
+        return resolver.route(destination.host)
+    literal = destination.host
+    if literal.lower().startswith("ipv6:"):
+        literal = literal[5:]
+    if _is_address(literal):
+        return [Host(destination.host, literal)]
+    addresses, error = resolver._host_addresses(destination.host)
+    if error is not None:
+        raise error
+    if not addresses:
+        raise NoMailHost(destination.host, "no address record")
+    return [Host(destination.host, address) for address in addresses]
+
+
+def _is_address(text):
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

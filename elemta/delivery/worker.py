@@ -1,0 +1,348 @@
+"""The delivery worker process (`elemta: delivery`): empties the queue, as Postfix's qmgr
+and smtp do together.
+
+Runs in a child forked by elemta.master (kind "delivery"); opens its own queue after the
+fork. Its loop, top to bottom:
+
+    reclaim   now and then, messages whose lease lapsed (a worker was killed) become due
+    claim     due messages, as many as there is room for, leased to this worker
+    deliver   each in its own greenlet: recipients grouped by destination (routing), each
+              group over SMTP to the first host that takes it (the next MX host when a
+              host refuses the connection, greets badly or drops the session), at most
+              delivery.destination_concurrency connections per destination across workers
+    record    per recipient, durably, before anything else (Queue.record_attempt): sent
+              recipients are never sent again; 4xx and connection errors wait an
+              exponential backoff (min_backoff doubling to max_backoff); 5xx bounce; past
+              queue_lifetime the waiting ones bounce; the log gets one Postfix-style line
+              per recipient: "<qid>: to=<a@b>, relay=host[ip]:port, delay=1.2,
+              status=sent (250 ...)"
+    sleep     until new mail wakes it (the smtpd's committer sends a datagram to
+              spool/run/delivery-<slot>.sock, elemta.queue.wakeup), a delivery ends, or the
+              earliest next_attempt in the index comes: no polling interval.
+
+Stops gracefully on SIGTERM/SIGINT (deliveries under way get master.stop_grace seconds),
+at once on SIGQUIT, and when the master is gone; a message cut short stays active until
+its lease lapses, then another worker sends it (at worst twice, never lost).
+See also: elemta.queue.queue (claim, reclaim, record_attempt), elemta.delivery.routing,
+elemta.delivery.smtp_client, elemta.delivery.bounce, elemta.smtpd.worker (the same life cycle).
+"""
+
+import logging
+import os
+import signal
+import socket as stdlib_socket
+import time
+from collections import OrderedDict
+
+import gevent
+from gevent import socket as gsocket
+from gevent.event import Event
+from gevent.lock import BoundedSemaphore
+from gevent.pool import Pool
+
+from elemta import metrics
+from elemta.delivery.mx import Resolver, RouteError
+from elemta.delivery.routing import LOCAL, Router, hosts_for
+from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, SessionError, SMTPClient,
+                                         Timeouts, TLSPolicy, outcome_of)
+from elemta.queue import wakeup
+from elemta.queue.model import BOUNCED, PENDING, RCPT_DEFERRED, SENT
+from elemta.queue.queue import (ATTEMPT_FAILED, ATTEMPT_GONE, ATTEMPT_LEASE_LOST,
+                                ATTEMPT_REMOVED, Queue)
+from elemta.util import logs
+from elemta.util.scoreboard import RUNNING
+
+log = logging.getLogger("elemta.delivery")
+
+# Messages one worker delivers at once, and claims per write transaction.
+MAX_IN_FLIGHT = 100
+CLAIM_BATCH = 20
+# How often the master is looked at.
+WATCH_INTERVAL = 1.0
+LOCAL_NOT_IMPLEMENTED = "451 4.3.0 local delivery is not implemented yet"
+EXPIRED = "message expired after %d seconds in the queue"
+
+
+def backoff(attempts, minimum, maximum):
+    """Seconds before the next attempt after `attempts` failed ones (Postfix: doubling)."""
+    return min(maximum, minimum * 2 ** min(max(attempts - 1, 0), 32))
+
+
+class DeliveryWorker:
+    """One delivery worker process (see the module docstring)."""
+
+    def __init__(self, config, slot, scoreboard, master_pid):
+        self.config = config
+        self.delivery = config.delivery
+        self.slot = slot
+        self.scoreboard = scoreboard
+        self.master_pid = master_pid
+        self.grace = config.master.stop_grace
+        self.queue = None
+        self.owner = None
+        self.pool = Pool(MAX_IN_FLIGHT)
+        self._stopping = Event()
+        self._wake = Event()
+        self._limits = {}            # destination key -> BoundedSemaphore
+        # Each worker takes its share of the per-destination limit, so together they hold it.
+        workers = max(1, self.delivery.workers)
+        self.per_destination = max(1, self.delivery.destination_concurrency // workers)
+        self.timeouts = Timeouts(
+            connect=self.delivery.connect_timeout, greeting=self.delivery.command_timeout,
+            helo=self.delivery.command_timeout, mail=self.delivery.command_timeout,
+            rcpt=self.delivery.command_timeout, data=self.delivery.command_timeout,
+            data_block=self.delivery.data_timeout, data_done=self.delivery.data_timeout,
+            rset=min(20.0, self.delivery.command_timeout),
+            quit=min(20.0, self.delivery.command_timeout))
+        self.tls = TLSPolicy(self.delivery.tls_level)
+        self.router = Router(config)
+        self.resolver = None
+
+    # ---- the life cycle -----------------------------------------------------------------
+
+    def run(self):
+        """Deliver until stopped; returns the exit status (0)."""
+        from setproctitle import setproctitle
+        setproctitle("elemta: delivery")
+        spool = self.config.queue.spool_dir
+        self.queue = Queue(spool, sync_method=self.config.queue.sync_method,
+                           map_size=self.config.queue.index_map_size)
+        self.owner = "%s:%d" % (stdlib_socket.gethostname(), os.getpid())
+        self.resolver = Resolver(list(self.delivery.nameservers) or None,
+                                 port=self.delivery.dns_port,
+                                 timeout=self.delivery.dns_timeout)
+        wake_socket = wakeup.bind(spool, self.slot, gsocket)
+        gevent.signal_handler(signal.SIGTERM, self.handle_term)
+        gevent.signal_handler(signal.SIGINT, self.handle_term)
+        gevent.signal_handler(signal.SIGQUIT, self.handle_quit)
+        gevent.signal_handler(signal.SIGUSR1, logs.reopen)
+        self.scoreboard.set_state(self.slot, RUNNING)
+        helpers = [gevent.spawn(self._heartbeat), gevent.spawn(self._watch),
+                   gevent.spawn(self._listen, wake_socket)]
+        log.info("delivery worker started (slot %d)", self.slot)
+        try:
+            self.loop()
+            if self.pool.free_count() < self.pool.size:
+                log.info("delivery stopping: %d message(s) in flight get %ds to finish",
+                         self.pool.size - self.pool.free_count(), self.grace)
+                self.pool.join(timeout=self.grace)
+            self.pool.kill(block=True, timeout=1)
+        finally:
+            gevent.killall(helpers)
+            wake_socket.close()
+            try:
+                os.unlink(wakeup.socket_path(spool, self.slot))
+            except OSError:
+                pass
+            self.queue.close()
+        return 0
+
+    def handle_term(self):
+        """SIGTERM, SIGINT: claim nothing more, let deliveries under way finish."""
+        self._stopping.set()
+        self._wake.set()
+
+    def handle_quit(self):
+        """SIGQUIT: stop now; messages cut short return to the queue when their lease lapses."""
+        self.grace = 0
+        self.handle_term()
+
+    def _heartbeat(self):
+        interval = min(1.0, self.config.master.heartbeat_timeout / 4)
+        while True:
+            self.scoreboard.beat(self.slot)
+            gevent.sleep(interval)
+
+    def _watch(self):
+        while not self._stopping.is_set():
+            gevent.sleep(WATCH_INTERVAL)
+            if os.getppid() != self.master_pid:
+                log.warning("master %d is gone; delivery stops", self.master_pid)
+                self.handle_term()
+
+    def _listen(self, wake_socket):
+        """New mail was committed: wake the loop (many datagrams, one wake-up)."""
+        while True:
+            wake_socket.recv(64)
+            self._wake.set()
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def loop(self):
+        reclaim_every = max(0.5, min(self.delivery.lease / 4, 30.0))
+        next_reclaim = 0.0
+        while not self._stopping.is_set():
+            now = time.time()
+            if now >= next_reclaim:
+                for queue_id in self.queue.reclaim(now):
+                    log.warning("%s: lease lapsed (its delivery worker died); due again",
+                                queue_id)
+                next_reclaim = now + reclaim_every
+            # Cleared before claiming: a wake-up that comes during the claim is kept.
+            self._wake.clear()
+            room = min(self.pool.free_count(), CLAIM_BATCH)
+            claimed = self.queue.claim(self.owner, room, self.delivery.lease) if room else []
+            for record in claimed:
+                self.pool.spawn(self.deliver, record)
+            if claimed and len(claimed) == room:
+                gevent.sleep(0)
+                continue
+            timeout = next_reclaim - time.time()
+            if self.pool.free_count():
+                due = next(self.queue.index.iter_due(), None)
+                if due is not None:
+                    timeout = min(timeout, due[0] - time.time())
+            if timeout > 0:
+                self._wake.wait(timeout)
+
+    # ---- one message --------------------------------------------------------------------
+
+    def deliver(self, record):
+        """One attempt at one claimed message: every recipient still waiting."""
+        try:
+            self._deliver(record)
+        except Exception:
+            log.exception("%s: delivery failed; the message stays queued", record.queue_id)
+        finally:
+            self._wake.set()
+
+    def _deliver(self, record):
+        envelope = record.envelope
+        groups = OrderedDict()       # Destination -> [(index, Recipient)]
+        results = {}                 # index -> (status, reply, relay)
+        for index, recipient in enumerate(envelope.recipients):
+            if recipient.status not in (PENDING, RCPT_DEFERRED):
+                continue
+            destination = self.router.destination(recipient.address)
+            if destination.kind == LOCAL:
+                results[index] = (RCPT_DEFERRED, LOCAL_NOT_IMPLEMENTED, "local")
+            else:
+                groups.setdefault(destination, []).append((index, recipient))
+        jobs = [gevent.spawn(self._deliver_group, record, destination, items)
+                for destination, items in groups.items()]
+        gevent.joinall(jobs)
+        for job in jobs:
+            if job.successful():
+                results.update(job.value)
+            else:
+                raise job.exception
+        now = time.time()
+        if now - envelope.arrival >= self.delivery.queue_lifetime:
+            for index, (status, reply, relay) in list(results.items()):
+                if status == RCPT_DEFERRED:
+                    results[index] = (BOUNCED, "%s (%s)" % (
+                        EXPIRED % self.delivery.queue_lifetime, reply), relay)
+        waiting = [r for i, r in results.items() if r[0] == RCPT_DEFERRED]
+        last_error = waiting[-1][1] if waiting else None
+        next_attempt = now + backoff(record.attempts + 1, self.delivery.min_backoff,
+                                     self.delivery.max_backoff)
+        outcome = self.queue.record_attempt(
+            self.owner, record.queue_id,
+            {i: (status, reply) for i, (status, reply, _) in results.items()},
+            next_attempt, last_error)
+        self._log_results(record, results, now)
+        if outcome == ATTEMPT_REMOVED:
+            log.info("%s: removed", record.queue_id)
+        elif outcome == ATTEMPT_FAILED:
+            log.info("%s: failed: no recipient left to try", record.queue_id)
+        elif outcome in (ATTEMPT_LEASE_LOST, ATTEMPT_GONE):
+            log.info("%s: %s during delivery (held, deleted or reclaimed); results kept for "
+                     "each recipient", record.queue_id, outcome)
+        bounced = [envelope.recipients[i] for i, r in results.items() if r[0] == BOUNCED]
+        if bounced and outcome != ATTEMPT_GONE:
+            self._bounce(record, bounced)
+
+    def _log_results(self, record, results, now):
+        delay = now - record.envelope.arrival
+        for index in sorted(results):
+            status, reply, relay = results[index]
+            word = {SENT: "sent", BOUNCED: "bounced"}.get(status, "deferred")
+            log.info("%s: to=<%s>, relay=%s, delay=%s, status=%s (%s)", record.queue_id,
+                     record.envelope.recipients[index].address, relay, _seconds(delay), word,
+                     reply)
+            metrics.DELIVERIES.labels(word).inc()
+            if word != "deferred":
+                metrics.DELIVERY_DELAY.observe(delay)
+
+    def _limit(self, destination):
+        semaphore = self._limits.get(destination.key)
+        if semaphore is None:
+            semaphore = self._limits[destination.key] = BoundedSemaphore(self.per_destination)
+        return semaphore
+
+    def _deliver_group(self, record, destination, items):
+        """Deliver recipients sharing a destination. Returns {index: (status, reply, relay)}."""
+        with self._limit(destination):
+            try:
+                hosts = hosts_for(destination, self.resolver)
+            except RouteError as error:
+                reply = "%d %s %s" % (error.code, error.status, error.reason)
+                status = BOUNCED if error.permanent else RCPT_DEFERRED
+                return {index: (status, reply, "none") for index, _ in items}
+            port = destination.port
+            outcome = {}
+            last_reply, relay = None, "none"
+            for host in hosts:
+                client = SMTPClient(self.config.hostname, timeouts=self.timeouts, tls=self.tls)
+                started = time.monotonic()
+                try:
+                    client.connect(host.address, port, server_name=host.name)
+                except SessionError as error:
+                    last_reply, relay = error.reply, client.peer
+                    log.info("%s: %s", record.queue_id, error.reply.text or error.reply)
+                    if error.try_next_host:
+                        continue
+                    break
+                try:
+                    with self.queue.store.open_content(record.queue_id) as content:
+                        result = client.send(record.envelope, content,
+                                             [recipient for _, recipient in items])
+                finally:
+                    client.quit()
+                metrics.DELIVERY_ATTEMPT.observe(time.monotonic() - started)
+                relay = client.peer
+                for (index, _), item in zip(items, result.recipients):
+                    outcome[index] = (_status(item.outcome), str(item.reply), relay)
+                if not result.try_next_host:
+                    return outcome
+                last_reply = None
+            if last_reply is not None:
+                status = BOUNCED if outcome_of(last_reply) == PERMANENT else RCPT_DEFERRED
+                text = str(last_reply)
+                return {index: (status, text, relay) for index, _ in items}
+            return outcome
+
+    # ---- bounces ------------------------------------------------------------------------
+
+    def _bounce(self, record, bounced):
+        """Queue an RFC 3464 DSN to the sender (never for the null sender)."""
+        if not record.envelope.sender:
+            return
+        try:
+            from elemta.delivery.bounce import queue_bounce
+        except ImportError:
+            return
+        try:
+            queue_id = queue_bounce(self.queue, self.config, record.envelope, bounced)
+        except Exception as error:
+            log.error("%s: cannot queue the bounce to <%s>: %s", record.queue_id,
+                      record.envelope.sender, error)
+            return
+        log.info("%s: sender non-delivery notification: %s", record.queue_id, queue_id)
+        wakeup.notify(self.config.queue.spool_dir)
+
+
+def _seconds(value):
+    """Postfix's delay= style: 0.12, 1.2, 12, 1234."""
+    return "%.2g" % value if value < 10 else "%d" % round(value)
+
+
+def _status(outcome):
+    if outcome == DELIVERED:
+        return SENT
+    return BOUNCED if outcome == PERMANENT else RCPT_DEFERRED
+
+
+def run_delivery(config, slot, scoreboard, master_pid):
+    """The main of a delivery child (called by elemta.cli.elemta's child runner)."""
+    return DeliveryWorker(config, slot, scoreboard, master_pid).run()

@@ -1,0 +1,76 @@
+"""The wake-up channel: new mail in the queue wakes the delivery workers at once.
+
+Shared by two processes: each delivery worker (elemta.delivery.worker) binds a datagram
+socket at spool/run/delivery-<slot>.sock and waits on it; the smtpd's group committer
+(elemta.smtpd.committer) calls notify() after every committed batch, which sends one byte to
+every such socket. Like Postfix's qmgr FIFO: a hint, never the truth. A missing, full or
+dead socket is ignored, since the worker also wakes at the earliest next_attempt in the index.
+"""
+
+import errno
+import os
+import socket
+import time
+
+RUN_DIR = "run"
+_PREFIX = "delivery-"
+_SUFFIX = ".sock"
+# How long notify() trusts its list of sockets before it reads the directory again.
+_RESCAN_SECONDS = 1.0
+
+_known = {}          # spool run dir -> (monotonic time listed, [socket paths])
+_sender = None
+
+
+def run_dir(spool_dir):
+    return os.path.join(spool_dir, RUN_DIR)
+
+
+def socket_path(spool_dir, slot):
+    """Where the delivery worker in scoreboard slot `slot` listens."""
+    return os.path.join(run_dir(spool_dir), "%s%d%s" % (_PREFIX, slot, _SUFFIX))
+
+
+def bind(spool_dir, slot, socket_module=socket):
+    """The worker's wake-up socket, replacing any left by a dead worker.
+    socket_module: gevent.socket in a gevent process (its recv waits cooperatively)."""
+    directory = run_dir(spool_dir)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = socket_path(spool_dir, slot)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket_module.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    return sock
+
+
+def _paths(directory):
+    now = time.monotonic()
+    listed = _known.get(directory)
+    if listed is None or now - listed[0] > _RESCAN_SECONDS:
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            names = []
+        listed = (now, [os.path.join(directory, n) for n in names
+                        if n.startswith(_PREFIX) and n.endswith(_SUFFIX)])
+        _known[directory] = listed
+    return listed[1]
+
+
+def notify(spool_dir):
+    """Wake every delivery worker of this spool. Never blocks, never raises."""
+    global _sender
+    if _sender is None:
+        _sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        _sender.setblocking(False)
+    directory = run_dir(spool_dir)
+    for path in _paths(directory):
+        try:
+            _sender.sendto(b"!", path)
+        except OSError as error:
+            if error.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                _known.pop(directory, None)      # a worker went away: list again next time
+            # EAGAIN: its buffer is full of wake-ups it has not read, so it is awake anyway.
