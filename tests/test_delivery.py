@@ -1,0 +1,218 @@
+"""Delivery end to end: the real server's delivery workers empty the queue into real peers.
+
+Owned by the test suite. The real `elemta` server (tests/conftest.py) with delivery workers;
+a private NSD (tests/peers/nsd.py) serves zone dlv.test, whose MX records point at loopback
+addresses used as separate hosts, all on one port (delivery.mx_port): a private Postfix on
+127.0.0.1 that parks what it receives in its hold queue (it must hold exactly what Elemta
+delivered), nothing on 127.0.0.2 (connection refused), and scripted servers
+(tests/peers/sink.py) on 127.0.0.3 and up for 450-then-250, 550 and a server that never
+answers the final dot. Needs root, nsd and postfix.
+See also: elemta.delivery.worker, tests/test_mx.py, tests/test_smtp_client.py.
+"""
+
+import os
+import re
+import shutil
+import signal
+import smtplib
+import tempfile
+import time
+
+import pytest
+
+from elemta.queue.model import BOUNCED, FAILED, SENT
+from tests.conftest import wait_for
+from tests.peers.nsd import NSDInstance, nsd_available
+from tests.peers.postfix import PostfixInstance, free_port, postfix_available
+from tests.peers.sink import HANG, Replies, ScriptedServer
+
+pytestmark = pytest.mark.skipif(bool(nsd_available() or postfix_available()),
+                                reason=str(nsd_available() or postfix_available()))
+
+ZONE = "dlv.test"
+RECORDS = """
+remote        MX 10 mx.remote
+mx.remote     A  127.0.0.1
+fallback      MX 10 down.fallback
+fallback      MX 20 mx.fallback
+down.fallback A  127.0.0.2
+mx.fallback   A  127.0.0.1
+nullmx        MX 0 .
+retry         MX 10 mx.retry
+mx.retry      A  127.0.0.3
+reject        MX 10 mx.reject
+mx.reject     A  127.0.0.4
+slow          MX 10 mx.slow
+mx.slow       A  127.0.0.5
+"""
+
+
+def message(subject):
+    return ("From: s@client.test\r\nTo: r@dlv.test\r\nSubject: %s\r\n\r\nbody of %s\r\n"
+            % (subject, subject)).encode()
+
+
+@pytest.fixture(scope="module")
+def nsd():
+    with NSDInstance(tempfile.mkdtemp(prefix="elemta-nsd-"), {ZONE: RECORDS}) as server:
+        yield server
+    server.remove()
+
+
+@pytest.fixture(scope="module")
+def mx_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def postfix(mx_port):
+    """The receiving MX on 127.0.0.1: accepts everything into its hold queue."""
+    workdir = tempfile.mkdtemp(prefix="elemta-postfix-")
+    with PostfixInstance(workdir, mx_port, hold_only=True) as instance:
+        yield instance
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def start(elemta_server, nsd, mx_port):
+    """Start the real server with delivery through NSD's MX records on mx_port."""
+    def starter(**delivery):
+        settings = {"workers": 1, "mx_port": mx_port, "nameservers": ["127.0.0.1"],
+                    "dns_port": nsd.port, "min_backoff": 0.5, "max_backoff": 1.0,
+                    "connect_timeout": 2.0, "command_timeout": 5.0, "data_timeout": 5.0}
+        settings.update(delivery)
+        server = elemta_server(delivery=settings, api={"enabled": False})
+        wait_for(lambda: "delivery worker started" in server.log())
+        return server
+    return starter
+
+
+def send(server, sender, recipients, subject):
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.sendmail(sender, recipients, message(subject))
+
+
+def queue_id_of(server, sender):
+    match = wait_for(lambda: re.search(r"(\w+): from=<%s>" % re.escape(sender), server.log()))
+    return match.group(1)
+
+
+def delivery_lines(server, queue_id):
+    return re.findall(r"%s: to=<([^>]*)>, relay=(\S+), delay=([\d.e+-]+), "
+                      r"status=(\w+) \((.*)\)" % queue_id, server.log())
+
+
+def wait_for_status(server, queue_id, address, status, timeout=10):
+    def seen():
+        return [line for line in delivery_lines(server, queue_id)
+                if line[0] == address and line[3] == status]
+    return wait_for(seen, timeout)[0]
+
+
+def delivery_pids(server):
+    pids = []
+    for pid in server.group_pids():
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                if f.read().startswith(b"elemta: delivery"):
+                    pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def test_mail_goes_to_the_mx_at_once_and_postfix_holds_exactly_it(start, postfix):
+    server = start()
+    held_before = postfix.queue_count("hold")
+    senders = ["one@client.test", "two@client.test", "three@client.test"]
+    for n, sender in enumerate(senders):
+        time.sleep(0.3)     # the worker has nothing to do and sleeps
+        send(server, sender, ["user%d@remote.dlv.test" % n], "mx %d" % n)
+        queue_id = queue_id_of(server, sender)
+        address, relay, delay, _, reply = wait_for_status(
+            server, queue_id, "user%d@remote.dlv.test" % n, "sent")
+        assert relay.startswith("mx.remote.dlv.test[127.0.0.1]:")
+        assert reply.startswith("250 ")
+        # Woken by the committer's datagram: the worker's only other timer (reclaiming
+        # lapsed leases) is 30 s away with the default lease, and nothing was deferred.
+        assert float(delay) < 1.0, delay
+        postfix.wait_for_log(r"hold: .*from=<%s> to=<user%d@remote\.dlv\.test>"
+                             % (re.escape(sender), n))
+    wait_for(lambda: server.queued_ids() == [])
+    assert postfix.queue_count("hold") == held_before + 3
+    log = postfix.read_log()
+    for sender in senders:
+        assert len(re.findall(r"hold: .*from=<%s>" % re.escape(sender), log)) == 1
+
+
+def test_450_then_250_is_retried_after_a_short_backoff(start, mx_port):
+    script = {"RCPT": Replies("450 4.2.0 mailbox busy", "250 2.1.5 Ok")}
+    with ScriptedServer(script=script, address="127.0.0.3", port=mx_port) as sink:
+        server = start()
+        send(server, "retry@client.test", ["later@retry.dlv.test"], "retry")
+        queue_id = queue_id_of(server, "retry@client.test")
+        deferred = wait_for_status(server, queue_id, "later@retry.dlv.test", "deferred")
+        assert deferred[4].startswith("450 4.2.0 mailbox busy")
+        with server.queue() as q:
+            record = q.get(queue_id)
+        assert record is None or record.state in ("deferred", "active")
+        wait_for_status(server, queue_id, "later@retry.dlv.test", "sent")
+        assert [m.rcpts for m in sink.messages] == [["RCPT TO:<later@retry.dlv.test>"]]
+        assert b"body of retry" in sink.messages[0].content
+        wait_for(lambda: server.queued_ids() == [])
+
+
+def test_550_and_null_mx_bounce_at_once_and_the_message_fails(start, mx_port, postfix):
+    script = {"RCPT": "550 5.1.1 no such user here"}
+    with ScriptedServer(script=script, address="127.0.0.4", port=mx_port):
+        server = start()
+        send(server, "", ["nobody@reject.dlv.test", "x@nullmx.dlv.test",
+                          "fine@remote.dlv.test"], "bounce")
+        queue_id = queue_id_of(server, "")
+        bounced = wait_for_status(server, queue_id, "nobody@reject.dlv.test", "bounced")
+        assert bounced[4].startswith("550 5.1.1 no such user here")
+        null = wait_for_status(server, queue_id, "x@nullmx.dlv.test", "bounced")
+        assert null[1] == "none" and null[4].startswith("556 5.1.10")
+        wait_for_status(server, queue_id, "fine@remote.dlv.test", "sent")
+        wait_for(lambda: "%s: failed" % queue_id in server.log())
+        with server.queue() as q:
+            record = q.get(queue_id)
+        assert record.state == FAILED
+        statuses = {r.address: r.status for r in record.envelope.recipients}
+        assert statuses == {"nobody@reject.dlv.test": BOUNCED, "x@nullmx.dlv.test": BOUNCED,
+                            "fine@remote.dlv.test": SENT}
+        # Tried once only: a 5xx is final.
+        assert len(delivery_lines(server, queue_id)) == 3
+
+
+def test_an_mx_that_refuses_connections_falls_back_to_the_next(start, postfix):
+    server = start()
+    send(server, "fallback@client.test", ["someone@fallback.dlv.test"], "fallback")
+    queue_id = queue_id_of(server, "fallback@client.test")
+    sent = wait_for_status(server, queue_id, "someone@fallback.dlv.test", "sent")
+    assert sent[1].startswith("mx.fallback.dlv.test[127.0.0.1]:")
+    assert re.search(r"%s: connect to down\.fallback\.dlv\.test\[127\.0\.0\.2\]:\d+: "
+                     r"Connection refused" % queue_id, server.log())
+    postfix.wait_for_log(r"hold: .*from=<fallback@client\.test> to=<someone@fallback")
+    assert not [line for line in delivery_lines(server, queue_id) if line[3] != "sent"]
+
+
+def test_a_killed_delivery_worker_loses_nothing(start, mx_port):
+    script = {"DOT": Replies(HANG, "250 2.0.0 Ok: queued the second time")}
+    with ScriptedServer(script=script, address="127.0.0.5", port=mx_port) as sink:
+        server = start(lease=2.0)
+        send(server, "crash@client.test", ["victim@slow.dlv.test"], "crash")
+        queue_id = queue_id_of(server, "crash@client.test")
+        # The worker has sent the whole message and waits for the reply to the final dot.
+        wait_for(lambda: sink.sessions and "DATA" in sink.sessions[0].commands)
+        time.sleep(0.3)
+        with server.queue() as q:
+            assert q.get(queue_id).state == "active"
+        [pid] = delivery_pids(server)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: re.search(r"%s: lease lapsed" % queue_id, server.log()), 15)
+        wait_for_status(server, queue_id, "victim@slow.dlv.test", "sent", timeout=15)
+        wait_for(lambda: server.queued_ids() == [])
+        # At most twice, never lost: the first copy was never acknowledged here.
+        assert 1 <= len(sink.messages) <= 2
+        assert all(b"body of crash" in m.content for m in sink.messages)
