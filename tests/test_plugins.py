@@ -243,6 +243,7 @@ def test_disabled_plugins_are_not_loaded_and_authres_comes_with_auth_methods():
     assert PluginManager({"spf": {}}).names == ["spf", "authres"]
     assert PluginManager({"spf": {}, "authres": {"enabled": False}}).names == ["spf"]
     assert PluginManager({"spf": {"enabled": False}}).names == []
+    assert PluginManager({"greylist": {"enabled": False, "delay": 5}}).names == []
 
 
 @dataclass(frozen=True)
