@@ -306,6 +306,10 @@ class Master:
         sdnotify.notify("STOPPING=1")
         log.info("master stopping %d child(ren)%s", len(self.children),
                  " fast" if signum == signal.SIGQUIT else "")
+        # New connections are refused from now on, not left waiting in a backlog nobody
+        # will accept from (the children close their copies as they stop accepting).
+        for _, sock in self.listening:
+            sock.close()
         for child in self.children.values():
             child.stopping = True
         self._kill_all(signum)

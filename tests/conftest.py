@@ -52,7 +52,9 @@ class ElemtaServer:
                   "listeners": listeners,
                   "queue": {"spool_dir": self.spool},
                   "relay": {"local_domains": ["example.test"]},
-                  "api": {"port": free_port()}}
+                  "api": {"port": free_port()},
+                  # No delivery unless a test asks: receive tests look at the queue as left.
+                  "delivery": {"workers": 0}}
         for section, values in sections.items():
             config.setdefault(section, {}).update(values)
         with open(self.config_path, "w") as f:

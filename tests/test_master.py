@@ -281,13 +281,6 @@ def test_stop_signal_lets_a_session_mid_data_finish(elemta_server, signum):
     assert server.message(queue_id)[1].endswith(HALF + REST)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SMTPServer.stop() reads self.sessions right after closing the listeners, but a "
-    "connection accepted in the same event-loop turn has its handler greenlet spawned and "
-    "not yet run (sessions counts only inside _handle); stop() sees 0 and the worker exits "
-    "while that session runs: the worker logs 'smtpd stopping: 0 session(s)' then "
-    "'connect from', the client gets its 220 and a reset at EHLO. Seen without SIGSTOP as "
-    "rare EOF/reset failures of the looping clients during retirement under load"))
 def test_connection_greeted_while_a_worker_stops_is_drained(elemta_server):
     server = elemta_server(master=GRACE)
     worker, = wait_for(lambda: smtpd_pids(server.process.pid))
@@ -310,11 +303,6 @@ def test_connection_greeted_while_a_worker_stops_is_drained(elemta_server):
     assert server.queued_ids() == [queue_id]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Master.stop() keeps its listening sockets open while the workers drain: a new "
-    "connection completes the TCP handshake into the backlog and hangs with no banner "
-    "until the master exits (up to stop_grace), then is reset; gunicorn's arbiter closes "
-    "its listeners first, so clients are refused at once and go elsewhere"))
 def test_stop_refuses_new_connections_at_once(elemta_server):
     server = elemta_server(master=GRACE)
     client = Client(server.port)
@@ -348,11 +336,6 @@ def test_sigquit_cuts_a_session_mid_data_quickly(elemta_server):
     assert [f for f in spool_files(server) if "/messages/" in f] == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SMTPServer.stop() ends open sessions with gevent StreamServer.stop(timeout=0), which "
-    "kills handler greenlets only when the server has a pool (it has none); the worker then "
-    "os._exit()s without running Session.run's finally, so the cut session's temp file "
-    "stays in spool/tmp (until the next start's reconcile); the same after stop_grace"))
 def test_sigquit_leaves_no_temp_file(elemta_server):
     server = elemta_server(master=GRACE)
     client = Client(server.port)
@@ -456,11 +439,6 @@ def test_worker_retires_after_max_use_sessions_with_no_gap(elemta_server):
     assert "ended with" not in server.log()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "max_use is checked once a second by SMTPDWorker._watch, not as sessions end: a busy "
-    "worker with max_use 3 serves every session of that second (42 in one run above, "
-    "over a thousand with no pause between sessions) before it retires; Postfix's "
-    "max_use and gunicorn's max_requests are exact"))
 def test_worker_serves_no_more_than_max_use_sessions(elemta_server):
     server = elemta_server(smtpd={"hostname": "mx.test", "workers": 1, "max_use": 3},
                            master=GRACE)

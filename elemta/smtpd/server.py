@@ -10,7 +10,7 @@ import logging
 import time
 from functools import partial
 
-import gevent
+from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from elemta import metrics
@@ -60,32 +60,37 @@ class SMTPServer:
         self.served = 0                       # sessions since start (for max_use)
         self.last_active = time.monotonic()   # when the last session ended (for max_idle)
         self.client_counts = client_counts or ClientCounts(1)
+        self.max_use = 0               # sessions before on_retire is called (0: never)
+        self.on_retire = None          # on_retire(reason), set by the worker
+        # Every session greenlet, from the moment it is spawned: stop() waits for (or
+        # kills) them all, including one accepted a moment before the listeners closed.
+        self._session_greenlets = Pool()       # unbounded: limits are checked per session
         self._servers = []
         for listener, sock in listening:
             settings = protocol_settings(config, listener, self.tls_context is not None,
                                          self.authenticator is not None)
             self._servers.append(StreamServer(
-                sock, partial(self._handle, listener, settings)))
+                sock, partial(self._handle, listener, settings),
+                spawn=self._session_greenlets))
 
     def start(self):
         for server in self._servers:
             server.start()
 
-    def stop(self, grace):
-        """Stop accepting; give running sessions `grace` seconds, then end them."""
+    def close_listeners(self):
+        """Accept no more connections (other workers and the backlog take them)."""
         for server in self._servers:
             server.close()
-        deadline = gevent.Timeout(grace)
-        deadline.start()
-        try:
-            while self.sessions:
-                gevent.sleep(0.05)
-        except gevent.Timeout:
-            log.warning("stopping with %d session(s) still open", self.sessions)
-        finally:
-            deadline.cancel()
-        for server in self._servers:
-            server.stop(timeout=0)
+
+    def stop(self, grace):
+        """Stop accepting; give running sessions `grace` seconds, then end them.
+
+        Ended sessions run their clean-up (a half-received message is removed)."""
+        self.close_listeners()
+        if not self._session_greenlets.join(timeout=grace):
+            log.warning("stopping with %d session(s) still open: cutting them",
+                        len(self._session_greenlets))
+            self._session_greenlets.kill(block=True, timeout=5)
         self.committer.close()
         self.queue.close()
         if self.committer.batches:
@@ -111,6 +116,10 @@ class SMTPServer:
         open_sessions.inc()
         self.sessions += 1
         self.served += 1
+        if self.max_use and self.served == self.max_use and self.on_retire is not None:
+            # This session is the last one: stop accepting now, not a second later.
+            self.close_listeners()
+            self.on_retire("served %d sessions (max_use)" % self.served)
         self.client_counts.add(client_ip, 1)
         try:
             Session(self, sock, address, listener, settings).run()

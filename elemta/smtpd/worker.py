@@ -48,6 +48,8 @@ class SMTPDWorker:
         from setproctitle import setproctitle
         setproctitle("elemta: smtpd")
         self.server = SMTPServer(self.config, self.listening, self.client_counts)
+        self.server.max_use = self.max_use
+        self.server.on_retire = self._retire
         gevent.signal_handler(signal.SIGTERM, self.handle_term)
         gevent.signal_handler(signal.SIGINT, self.handle_term)
         gevent.signal_handler(signal.SIGQUIT, self.handle_quit)
@@ -84,14 +86,14 @@ class SMTPDWorker:
             if os.getppid() != self.master_pid:
                 log.warning("master %d is gone; smtpd stops", self.master_pid)
                 return self._stopping.set()
-            if self.max_use and self.server.served >= self.max_use:
-                return self._retire("served %d sessions (max_use)" % self.server.served)
             if (idle_limit and not self.server.sessions
                     and time.monotonic() - self.server.last_active > idle_limit):
                 return self._retire("idle for %ds (max_idle)" % idle_limit)
 
     def _retire(self, reason):
         """Tell the master to start a replacement now, then stop like on SIGTERM."""
+        if self._stopping.is_set():
+            return
         log.info("smtpd retiring: %s", reason)
         self.scoreboard.retire(self.slot)
         try:
