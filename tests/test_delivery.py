@@ -10,8 +10,11 @@ answers the final dot. Needs root, nsd and postfix.
 See also: elemta.delivery.worker, tests/test_mx.py, tests/test_smtp_client.py.
 """
 
+import email
+import email.policy
 import os
 import re
+import subprocess
 import shutil
 import signal
 import smtplib
@@ -44,6 +47,8 @@ reject        MX 10 mx.reject
 mx.reject     A  127.0.0.4
 slow          MX 10 mx.slow
 mx.slow       A  127.0.0.5
+refuse        MX 10 mx.refuse
+mx.refuse     A  127.0.0.6
 """
 
 
@@ -183,6 +188,9 @@ def test_550_and_null_mx_bounce_at_once_and_the_message_fails(start, mx_port, po
                             "fine@remote.dlv.test": SENT}
         # Tried once only: a 5xx is final.
         assert len(delivery_lines(server, queue_id)) == 3
+        # Mail from <> is never bounced: no DSN was queued.
+        assert server.queued_ids() == [queue_id]
+        assert "non-delivery notification" not in server.log()
 
 
 def test_an_mx_that_refuses_connections_falls_back_to_the_next(start, postfix):
@@ -216,3 +224,33 @@ def test_a_killed_delivery_worker_loses_nothing(start, mx_port):
         # At most twice, never lost: the first copy was never acknowledged here.
         assert 1 <= len(sink.messages) <= 2
         assert all(b"body of crash" in m.content for m in sink.messages)
+
+
+def test_a_bounce_reaches_the_sender_as_an_rfc3464_report(start, mx_port, postfix):
+    script = {"RCPT": "550 5.1.1 no such user here"}
+    # Its own address: a stopped sink's port stays bound while its accept thread waits.
+    with ScriptedServer(script=script, address="127.0.0.6", port=mx_port):
+        server = start()
+        send(server, "owner@remote.dlv.test", ["nobody@refuse.dlv.test"], "to bounce")
+        queue_id = queue_id_of(server, "owner@remote.dlv.test")
+        wait_for_status(server, queue_id, "nobody@refuse.dlv.test", "bounced")
+        match = postfix.wait_for_log(r"(\w+): hold: .*from=<> to=<owner@remote\.dlv\.test>")
+    raw = subprocess.run(["postcat", "-c", postfix.config_dir, "-h", "-b", "-q",
+                          match.group(1)], stdout=subprocess.PIPE, check=True).stdout
+    report = email.message_from_bytes(raw, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    text, status, original = report.get_payload()
+    assert "nobody@refuse.dlv.test" in text.get_content()
+    assert status.get_content_type() == "message/delivery-status"
+    per_message, per_recipient = status.get_payload()
+    assert per_message["Reporting-MTA"] == "dns; mx.test"
+    assert per_recipient["Final-Recipient"] == "rfc822; nobody@refuse.dlv.test"
+    assert per_recipient["Action"] == "failed"
+    assert per_recipient["Status"] == "5.1.1"
+    assert "550 5.1.1 no such user here" in per_recipient["Diagnostic-Code"]
+    assert original.get_content_type() == "text/rfc822-headers"
+    assert b"Subject: to bounce" in original.get_payload(decode=True) or \
+        "Subject: to bounce" in str(original.get_payload())
+    # The DSN itself was delivered and removed; the bounced message stays failed.
+    wait_for(lambda: server.queued_ids() == [queue_id])

@@ -41,6 +41,7 @@ from gevent.lock import BoundedSemaphore
 from gevent.pool import Pool
 
 from elemta import metrics
+from elemta.delivery.bounce import queue_bounce
 from elemta.delivery.mx import Resolver, RouteError
 from elemta.delivery.routing import LOCAL, Router, hosts_for
 from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, SessionError, SMTPClient,
@@ -248,7 +249,12 @@ class DeliveryWorker:
         elif outcome in (ATTEMPT_LEASE_LOST, ATTEMPT_GONE):
             log.info("%s: %s during delivery (held, deleted or reclaimed); results kept for "
                      "each recipient", record.queue_id, outcome)
-        bounced = [envelope.recipients[i] for i, r in results.items() if r[0] == BOUNCED]
+        bounced = []
+        for index, (status, reply, _) in sorted(results.items()):
+            if status == BOUNCED:
+                recipient = envelope.recipients[index]
+                recipient.status, recipient.last_reply = status, reply
+                bounced.append(recipient)
         if bounced and outcome != ATTEMPT_GONE:
             self._bounce(record, bounced)
 
@@ -319,17 +325,14 @@ class DeliveryWorker:
         if not record.envelope.sender:
             return
         try:
-            from elemta.delivery.bounce import queue_bounce
-        except ImportError:
-            return
-        try:
             queue_id = queue_bounce(self.queue, self.config, record.envelope, bounced)
         except Exception as error:
             log.error("%s: cannot queue the bounce to <%s>: %s", record.queue_id,
                       record.envelope.sender, error)
             return
-        log.info("%s: sender non-delivery notification: %s", record.queue_id, queue_id)
-        wakeup.notify(self.config.queue.spool_dir)
+        if queue_id is not None:
+            log.info("%s: sender non-delivery notification: %s", record.queue_id, queue_id)
+            self._wake.set()
 
 
 def _seconds(value):
