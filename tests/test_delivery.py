@@ -254,3 +254,22 @@ def test_a_bounce_reaches_the_sender_as_an_rfc3464_report(start, mx_port, postfi
         "Subject: to bounce" in str(original.get_payload())
     # The DSN itself was delivered and removed; the bounced message stays failed.
     wait_for(lambda: server.queued_ids() == [queue_id])
+
+
+def test_transport_map_wins_over_relayhost_which_wins_over_mx(start, mx_port, postfix):
+    with ScriptedServer(address="127.0.0.7", port=mx_port) as sink:
+        server = start(relayhost="[127.0.0.1]:%d" % mx_port,
+                       transport=[{"domain": ".mapped.test",
+                                   "nexthop": "smtp:[127.0.0.7]:%d" % mx_port}])
+        send(server, "routes@client.test", ["a@nowhere.test", "b@sub.mapped.test",
+                                            "c@nullmx.dlv.test"], "routes")
+        queue_id = queue_id_of(server, "routes@client.test")
+        relayed = wait_for_status(server, queue_id, "a@nowhere.test", "sent")
+        assert relayed[1] == "127.0.0.1[127.0.0.1]:%d" % mx_port
+        # The relay host takes even a null-MX domain's mail: no MX lookup is made.
+        wait_for_status(server, queue_id, "c@nullmx.dlv.test", "sent")
+        mapped = wait_for_status(server, queue_id, "b@sub.mapped.test", "sent")
+        assert mapped[1] == "127.0.0.7[127.0.0.7]:%d" % mx_port
+        assert [m.rcpts for m in sink.messages] == [["RCPT TO:<b@sub.mapped.test>"]]
+        postfix.wait_for_log(r"hold: .*from=<routes@client\.test>")
+        wait_for(lambda: server.queued_ids() == [])
