@@ -49,6 +49,8 @@ slow          MX 10 mx.slow
 mx.slow       A  127.0.0.5
 refuse        MX 10 mx.refuse
 mx.refuse     A  127.0.0.6
+stuck         MX 10 mx.stuck
+mx.stuck      A  127.0.0.8
 """
 
 
@@ -81,12 +83,13 @@ def postfix(mx_port):
 @pytest.fixture
 def start(elemta_server, nsd, mx_port):
     """Start the real server with delivery through NSD's MX records on mx_port."""
-    def starter(**delivery):
+    def starter(master=None, **delivery):
         settings = {"workers": 1, "mx_port": mx_port, "nameservers": ["127.0.0.1"],
                     "dns_port": nsd.port, "min_backoff": 0.5, "max_backoff": 1.0,
                     "connect_timeout": 2.0, "command_timeout": 5.0, "data_timeout": 5.0}
         settings.update(delivery)
-        server = elemta_server(delivery=settings, api={"enabled": False})
+        server = elemta_server(delivery=settings, api={"enabled": False},
+                               master=master or {})
         wait_for(lambda: "delivery worker started" in server.log())
         return server
     return starter
@@ -273,3 +276,17 @@ def test_transport_map_wins_over_relayhost_which_wins_over_mx(start, mx_port, po
         assert [m.rcpts for m in sink.messages] == [["RCPT TO:<b@sub.mapped.test>"]]
         postfix.wait_for_log(r"hold: .*from=<routes@client\.test>")
         wait_for(lambda: server.queued_ids() == [])
+
+
+def test_a_stopping_worker_gives_back_what_it_could_not_finish(start, mx_port):
+    with ScriptedServer(script={"DOT": HANG}, address="127.0.0.8", port=mx_port) as sink:
+        server = start(master={"stop_grace": 0.5})
+        send(server, "stuck@client.test", ["x@stuck.dlv.test"], "stuck")
+        queue_id = queue_id_of(server, "stuck@client.test")
+        wait_for(lambda: sink.sessions and "DATA" in sink.sessions[0].commands)
+        assert server.stop() == []
+    assert "unfinished; due again: %s" % queue_id in server.log()
+    with server.queue() as q:
+        record = q.get(queue_id)
+    # Due now, not after the 15-minute lease: the next worker sends it at once.
+    assert record.state == "deferred" and record.next_attempt <= time.time()

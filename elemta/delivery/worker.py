@@ -127,7 +127,12 @@ class DeliveryWorker:
                 log.info("delivery stopping: %d message(s) in flight get %ds to finish",
                          self.pool.size - self.pool.free_count(), self.grace)
                 self.pool.join(timeout=self.grace)
+            unfinished = [g.args[0].queue_id for g in list(self.pool) if g.args]
             self.pool.kill(block=True, timeout=1)
+            if unfinished:
+                given_back = self.queue.release_claims(self.owner, unfinished)
+                log.info("delivery stopped with %d message(s) unfinished; due again: %s",
+                         len(given_back), " ".join(given_back))
         finally:
             gevent.killall(helpers)
             wake_socket.close()

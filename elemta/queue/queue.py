@@ -422,6 +422,21 @@ class Queue:
         """Return messages whose lease lapsed to the queue, due now. Returns their ids."""
         return self._index_call(self.index.reclaim, now or time.time(), LEASE_LAPSED)
 
+    def release_claims(self, owner: str, queue_ids: Iterable[str]) -> List[str]:
+        """Give back messages `owner` claimed but will not finish (a worker stopping): due
+        now, deferred, if the lease is still its own. Returns the ids given back."""
+        now = time.time()
+
+        def give_back(record):
+            if record.state != ACTIVE or record.lease_owner != owner:
+                return None, False
+            record.state, record.next_attempt = DEFERRED, now
+            record.lease_owner, record.lease_expires = None, 0.0
+            record.last_error = "delivery interrupted by a stopping worker; retrying"
+            return RELEASED, True
+        outcomes = self._index_call(self.index.update_many, list(queue_ids), give_back)
+        return [qid for qid, outcome in outcomes.items() if outcome == RELEASED]
+
     def record_attempt(self, owner: str, queue_id: str, results: Dict[int, Tuple[str, str]],
                        next_attempt: float, last_error: Optional[str]) -> str:
         """Write the outcome of one delivery attempt of a message `owner` claimed.
