@@ -159,6 +159,10 @@ class AuthResultsPlugin(Plugin):
         if self.settings.remove_forged and ctx.message is not None:
             remove = forged_headers(ctx.message.headers,
                                     (authserv_id,) + self.settings.also_remove)
+        if not ctx.auth_results and ctx.authenticated_or_local:
+            # Our own users' mail: nothing was checked, so nothing to say (but forgeries
+            # still go).
+            return Result.proceed(remove=remove)
         ordered = sorted(ctx.auth_results, key=lambda r: _METHOD_ORDER.get(r.method, 9))
         header = (HEADER, format_header_value(authserv_id, ordered))
         return Result.proceed(headers=[header], remove=remove)

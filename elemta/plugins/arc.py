@@ -1,0 +1,150 @@
+"""ARC (RFC 8617): verify the chain on inbound mail, seal the mail Elemta forwards.
+
+Owned by two processes: the smtpd worker verifies at the data stage (the result, cv =
+none/pass/fail, goes into our Authentication-Results as arc=...), and the delivery worker
+seals at the delivery stage, when the message - now carrying that Authentication-Results -
+leaves for another server. dkimpy does the cryptography; its sealer reads the chain
+status from our own Authentication-Results, which is why sealing comes after the data
+stage. Keys are fetched through the plugin resolver (gevent sockets); a DNS failure is
+reported as arc=temperror and such a message is not sealed (cv= may only be none, pass
+or fail).
+
+Sealing uses RSA keys (dkimpy's ARC supports rsa-sha256 only) from the same kind of key
+file as DKIM signing; `elemtactl dkim keygen` makes them.
+
+See also: elemta.plugins.dkim, elemta.plugins.authres, tests/test_arc.py.
+"""
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import dkim as dkimpy
+
+from elemta.plugins.api import MethodResult, Plugin, PluginConfigError, Result
+from elemta.plugins.authres import authserv_id_of
+from elemta.plugins.dkim import KeyFileError, load_private_key
+from elemta.plugins.resolver import TemporaryDNSError
+
+log = logging.getLogger("elemta.plugins.arc")
+_quiet = logging.getLogger("elemta.plugins.arc.dkimpy")
+_quiet.addHandler(logging.NullHandler())
+_quiet.propagate = False
+
+CHAIN_RESULTS = ("none", "pass", "fail")
+
+
+class _LookupFailed(Exception):
+    """Carries a TemporaryDNSError out through dkimpy, which would call it a failure."""
+
+
+@dataclass(frozen=True)
+class ARCResult:
+    cv: str                 # none, pass, fail, or temperror
+    instances: int = 0      # how many ARC sets the message carries
+    reason: str = ""
+
+
+def verify_chain(raw, resolver, minkey=1024):
+    # type: (bytes, object, int) -> ARCResult
+    def dnsfunc(name, timeout=5):
+        name = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+        try:
+            records = resolver.txt(name.rstrip("."))
+        except TemporaryDNSError as error:
+            raise _LookupFailed(error.reason)
+        return records[0] if records else None
+
+    try:
+        cv, results, reason = dkimpy.arc_verify(raw, logger=_quiet, dnsfunc=dnsfunc,
+                                                minkey=minkey)
+    except _LookupFailed as error:
+        return ARCResult("temperror", reason="key lookup failed: %s" % error)
+    except (dkimpy.DKIMException, ValueError, IndexError, KeyError, TypeError) as error:
+        return ARCResult("fail", reason="malformed ARC set: %s" % error)
+    cv = cv.decode("ascii") if isinstance(cv, bytes) else str(cv)
+    reason = reason.decode("ascii", "replace") if isinstance(reason, bytes) else reason
+    if cv not in CHAIN_RESULTS:
+        cv = "fail"
+    return ARCResult(cv, len(results or ()), reason or "")
+
+
+def seal(raw, selector, domain, key_pem, authserv_id, timestamp=None):
+    # type: (bytes, str, str, bytes, str, object) -> List[Tuple[str, str]]
+    """The next ARC set, as (name, value) fields in the order to prepend them; [] when the
+    message carries no Authentication-Results of ours (nothing to seal)."""
+    fields = dkimpy.arc_sign(raw, selector.encode("ascii"), domain.encode("ascii"), key_pem,
+                             authserv_id.encode("ascii"), timestamp=timestamp, logger=_quiet)
+    out = []
+    for field in fields:
+        name, _, value = field.decode("ascii", "replace").partition(":")
+        out.append((name, value.rstrip("\r\n")))
+    if out and not out[0][0].lower() == "arc-seal":
+        out.reverse()           # the seal on top, as trace fields go (RFC 8617 5.1)
+    return out
+
+
+@dataclass(frozen=True)
+class ARCSettings:
+    verify: bool = True
+    seal: bool = False
+    domain: str = ""
+    selector: str = ""
+    key_file: str = ""
+    authserv_id: str = ""        # must match the authres plugin's; default: the hostname
+
+    def validate(self, path):
+        if self.seal:
+            for name in ("domain", "selector", "key_file"):
+                if not getattr(self, name):
+                    raise PluginConfigError("%s.%s: required when seal is true" % (path, name))
+
+
+class ARCPlugin(Plugin):
+    name = "arc"
+    Settings = ARCSettings
+    order = 25
+
+    def init(self, settings):
+        self.settings = settings = settings or ARCSettings()
+        self.key = None
+        if settings.seal:
+            try:
+                self.key = load_private_key(settings.key_file, "rsa-sha256")
+            except KeyFileError as error:
+                raise PluginConfigError("plugins.%s.key_file: %s" % (self.name, error)) \
+                    from None
+
+    def on_data(self, ctx):
+        if (not self.settings.verify or ctx.message is None or ctx.resolver is None
+                or ctx.authenticated_or_local):
+            return None
+        checked = verify_chain(ctx.message.raw, ctx.resolver)
+        ctx.state["arc"] = checked
+        props = (("smtp.remote-ip", ctx.client_address),) if ctx.client_address else ()
+        reason = checked.reason if checked.cv not in ("pass", "none") else ""
+        ctx.auth_results.append(MethodResult("arc", checked.cv, reason, props))
+        if checked.cv in ("fail", "temperror"):
+            log.info("%s: ARC %s from [%s]: %s", ctx.queue_id or "NOQUEUE", checked.cv,
+                     ctx.client_address, checked.reason)
+        return None
+
+    def on_delivery(self, ctx):
+        if self.key is None or ctx.message is None:
+            return None
+        authserv_id = self.settings.authserv_id or ctx.hostname
+        claimed = [re.findall(r"(?:^|;)\s*arc\s*=\s*([A-Za-z]+)", value)
+                   for value in ctx.message.get_all("Authentication-Results")
+                   if (authserv_id_of(value) or "").lower() == authserv_id.lower()]
+        if any(result.lower() not in CHAIN_RESULTS for found in claimed for result in found):
+            log.info("%s: not ARC-sealed: the chain could not be checked on arrival",
+                     ctx.queue_id or "NOQUEUE")
+            return None
+        try:
+            fields = seal(ctx.message.raw, self.settings.selector, self.settings.domain,
+                          self.key, authserv_id)
+        except (dkimpy.DKIMException, ValueError) as error:
+            log.warning("%s: not ARC-sealed: %s", ctx.queue_id or "NOQUEUE", error)
+            return None
+        return Result.proceed(headers=fields) if fields else None
