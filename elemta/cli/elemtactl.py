@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Callable, List, Optional
 
-from elemta.cli import queuecmd
+from elemta.cli import control, queuecmd
 from elemta.util import credentials
 
 PROG = "elemtactl"
@@ -44,7 +44,6 @@ TEMPORARY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EINTR, errno
 
 NOT_YET_IMPLEMENTED = {
     "dkim": ("keygen",),
-    None: ("status", "reload", "stop"),
 }
 
 
@@ -328,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_config_check)
 
     queuecmd.add_queue_commands(commands, _Parser, [config_option])
+
+    for name, handler in (("status", control.cmd_status), ("reload", control.cmd_reload),
+                          ("stop", control.cmd_stop)):
+        doc = handler.__doc__.split(": ", 1)[1]
+        sub = commands.add_parser(name, parents=[config_option], help=doc, description=doc)
+        sub.add_argument("--spool-dir", metavar="DIR",
+                         help="the spool of the elemta to talk to (default: the config's)")
+        sub.set_defaults(handler=handler)
 
     for group, names in NOT_YET_IMPLEMENTED.items():
         target = commands

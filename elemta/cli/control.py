@@ -1,0 +1,126 @@
+"""`elemtactl status`, `reload` and `stop`: talk to the running master by its pid.
+
+Used by elemtactl. The master holds an flock on <spool>/master.lock and writes its pid
+there (elemta.cli.elemta); a lock nobody holds means no master runs, whatever pid the
+file still names. reload is SIGHUP and stop is SIGTERM, as systemctl sends them.
+Exit status: 0 done (status: running), 1 no master is running (status: 3, as LSB says).
+"""
+
+import fcntl
+import os
+import signal
+import time
+
+from elemta.cli import queuecmd
+
+LOCK_NAME = "master.lock"
+# How long `stop` waits past the configured stop grace for the master to be gone.
+STOP_MARGIN = 10.0
+EX_NOT_RUNNING = 1
+EX_STATUS_NOT_RUNNING = 3     # LSB init-script status code
+
+
+class NotRunning(Exception):
+    pass
+
+
+def master_pid(spool_dir):
+    """The running master's pid; raises NotRunning."""
+    path = os.path.join(spool_dir, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise NotRunning("no master has run on spool %s" % spool_dir) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode("ascii", "replace").strip()
+            if text.isdigit():
+                return int(text)
+            raise NotRunning("the master on spool %s has not written its pid yet"
+                             % spool_dir) from None
+        raise NotRunning("elemta is not running (spool %s)" % spool_dir)
+    finally:
+        os.close(fd)
+
+
+def children(pid):
+    """Titles of the master's children, counted: {"elemta: smtpd": 2, ...}."""
+    counts = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                stat = f.read()
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                title = f.read().split(b"\0")[0].decode("utf-8", "replace").strip()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            counts[title] = counts.get(title, 0) + 1
+    return counts
+
+
+def _spool(args):
+    config = queuecmd._load_config(getattr(args, "config", None))
+    return config, os.path.abspath(getattr(args, "spool_dir", None) or
+                                   config.queue.spool_dir)
+
+
+def cmd_status(args):
+    """status: is elemta running, with which processes, and how big is the queue."""
+    _, spool_dir = _spool(args)
+    try:
+        pid = master_pid(spool_dir)
+    except NotRunning as exc:
+        print("elemta: %s" % exc)
+        return EX_STATUS_NOT_RUNNING
+    kids = children(pid)
+    print("elemta is running: master pid %d, spool %s" % (pid, spool_dir))
+    for title in sorted(kids):
+        print("  %s x%d" % (title, kids[title]))
+    try:
+        queue = queuecmd.open_queue(args)
+    except queuecmd.QueueFailure:
+        return 0
+    with queue:
+        counts = queue.index.count_by_state()
+    print("  queue: " + ", ".join("%s %d" % (state, counts.get(state, 0))
+                                  for state in sorted(counts)) if counts else "  queue: empty")
+    return 0
+
+
+def cmd_reload(args):
+    """reload: the master re-reads its configuration (SIGHUP); nothing is refused."""
+    _, spool_dir = _spool(args)
+    try:
+        pid = master_pid(spool_dir)
+    except NotRunning as exc:
+        print("elemtactl: reload: %s" % exc)
+        return EX_NOT_RUNNING
+    os.kill(pid, signal.SIGHUP)
+    print("elemtactl: reload: asked master pid %d to reload its configuration" % pid)
+    return 0
+
+
+def cmd_stop(args):
+    """stop: open sessions finish, then everything exits (SIGTERM); waits for it."""
+    config, spool_dir = _spool(args)
+    try:
+        pid = master_pid(spool_dir)
+    except NotRunning as exc:
+        print("elemtactl: stop: %s" % exc)
+        return EX_NOT_RUNNING
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + config.master.stop_grace + STOP_MARGIN
+    while time.monotonic() < deadline:
+        try:
+            master_pid(spool_dir)
+        except NotRunning:
+            print("elemtactl: stop: elemta stopped (master pid %d)" % pid)
+            return 0
+        time.sleep(0.1)
+    print("elemtactl: stop: master pid %d is still stopping" % pid)
+    return 75
