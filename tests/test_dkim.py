@@ -9,7 +9,9 @@ plugin signs our users' mail and verifies the rest through the plugin manager.
 
 OpenDKIM reads /etc/resolv.conf and cannot be told a port, so NSD listens on
 127.0.0.153:53 and each OpenDKIM run gets a private mount namespace (`unshare -m`) in
-which /etc/resolv.conf names that address.
+which /etc/resolv.conf names that address. Rspamd runs as a private daemon (Debian's
+configuration, with our own local.d: its DNS pointed at our NSD, one normal worker, no
+controller, proxy or fuzzy) and checks our signatures too.
 """
 
 import os
@@ -33,6 +35,7 @@ NS_ADDRESS = "127.0.0.153"
 OPENDKIM = "/usr/sbin/opendkim"
 OPENDKIM_TESTMSG = "/usr/sbin/opendkim-testmsg"
 OPENDKIM_GENKEY = "/usr/sbin/opendkim-genkey"
+RSPAMD, RSPAMC = "/usr/bin/rspamd", "/usr/bin/rspamc"
 
 # RFC 8463 A.2 and RFC 6376 A.3 public keys.
 RFC_ZONE = """
@@ -249,6 +252,71 @@ def test_opendkim_signature_verifies_in_elemta(keys, resolver):
         ("pass", "od.test", "rsa-sha256")]
     tampered = opendkim_signed.replace(b"Lunch?", b"Dinner?")
     assert [r.result for r in verify_message(tampered, resolver)] == ["fail"]
+
+
+@pytest.fixture(scope="module")
+def rspamd(nsd, tmp_path_factory):
+    """A private Rspamd on a free port, its DNS pointed at our NSD; its address."""
+    if not os.path.exists(RSPAMD):
+        pytest.skip("rspamd is not installed (apt-get install rspamd)")
+    from tests.peers.postfix import free_port
+    workdir = tmp_path_factory.mktemp("rspamd")
+    local = workdir / "local.d"
+    for sub in ("local.d", "db", "run", "log"):
+        (workdir / sub).mkdir()
+    port = free_port()
+    (local / "options.inc").write_text(
+        'dns { nameserver = ["%s:%d"]; timeout = 2s; retransmits = 1; }\n'
+        % (nsd.address, nsd.port))
+    (local / "worker-normal.inc").write_text('bind_socket = "127.0.0.1:%d"; count = 1;\n'
+                                             % port)
+    for disabled in ("worker-controller.inc", "worker-proxy.inc", "worker-fuzzy.inc",
+                     "fuzzy_check.conf"):
+        (local / disabled).write_text("enabled = false;\n")
+    (local / "logging.inc").write_text('type = "file"; filename = "%s"; level = "info";\n'
+                                       % (workdir / "log" / "rspamd.log"))
+    variables = []
+    for name, sub in (("LOCAL_CONFDIR", ""), ("DBDIR", "db"), ("RUNDIR", "run"),
+                      ("LOGDIR", "log")):
+        variables += ["--var", "%s=%s" % (name, workdir / sub if sub else workdir)]
+    process = subprocess.Popen(
+        [RSPAMD, "-f", "-i", "-u", "root", "-g", "root", "-c", "/etc/rspamd/rspamd.conf",
+         "-p", str(workdir / "run" / "rspamd.pid")] + variables,
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail("rspamd did not start: %s" % (workdir / "log" / "rspamd.log"))
+            time.sleep(0.2)
+    yield "127.0.0.1:%d" % port
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def rspamd_dkim_symbols(address, message):
+    done = subprocess.run([RSPAMC, "-h", address, "-i", "192.0.2.1", "symbols"],
+                          input=message, capture_output=True, timeout=60)
+    return sorted(line.split("Symbol: ", 1)[1] for line in done.stdout.decode().splitlines()
+                  if line.startswith("Symbol: R_DKIM"))
+
+
+def test_elemta_signatures_verify_in_rspamd(rspamd, keys):
+    assert rspamd_dkim_symbols(rspamd, signed(signer(keys, "rsa"))) == [
+        "R_DKIM_ALLOW (-0.20)[elemta.test:s=rsa2048]"]
+    if NACL is None:
+        assert rspamd_dkim_symbols(rspamd, signed(signer(keys, "rsa", "ed"))) == [
+            "R_DKIM_ALLOW (-0.20)[elemta.test:s=rsa2048, elemta.test:s=ed1]"]
+    tampered = signed(signer(keys, "rsa")).replace(b"noon", b"one")
+    assert rspamd_dkim_symbols(rspamd, tampered)[0].startswith("R_DKIM_REJECT")
 
 
 # ---- keygen ----------------------------------------------------------------------------
