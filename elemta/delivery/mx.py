@@ -12,8 +12,9 @@ or one of the exceptions below:
 All are RouteError; `permanent` tells a bounce from a deferral and `code`/`status` are what a
 DSN or the log should show.
 
-Cooperating with gevent: dnspython builds and parses the DNS messages, and this module moves
-the bytes itself over gevent's sockets (UDP, then TCP when the answer is truncated). So a lookup
+Cooperating with gevent: dnspython builds and parses the DNS messages, and
+elemta.util.dnswire moves the bytes over gevent's sockets (UDP, then TCP when the answer is
+truncated), as it does for the plugins' resolver. So a lookup
 only ever waits in gevent's hub: it never blocks the worker's other greenlets, whether or not
 the process is monkey-patched, and needs no thread pool. Per lookup, each nameserver is tried
 in turn, `attempts` rounds at most, each try bounded by `timeout` seconds.
@@ -24,7 +25,6 @@ tests/peers/nsd.py (the authoritative server the tests query).
 
 import ipaddress
 import random
-import struct
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -34,12 +34,11 @@ import dns.message
 import dns.name
 import dns.rcode
 import dns.rdatatype
-import dns.resolver
 import gevent
 from gevent import socket
 
-# RFC 6891: an EDNS buffer that avoids IP fragmentation (the DNS flag day 2020 figure).
-EDNS_PAYLOAD = 1232
+from elemta.util.dnswire import DNSUnavailable, Transport
+
 # A CNAME chain longer than this is a loop or an abuse (dnspython stops at 16 within a reply).
 MAX_CNAME_REQUERIES = 8
 # Postfix's smtp_address_preference values.
@@ -121,14 +120,7 @@ class Resolver:
     def __init__(self, nameservers=None, port=53, timeout=5.0, attempts=2,
                  families=("ipv4", "ipv6"), address_preference="any"):
         # type: (Optional[Sequence[str]], int, float, int, Sequence[str], str) -> None
-        if nameservers is None:
-            nameservers = dns.resolver.Resolver(configure=True).nameservers
-        self.nameservers = [str(ns) for ns in nameservers]
-        if not self.nameservers:
-            raise ValueError("no nameservers to ask")
-        self.port = port
-        self.timeout = timeout
-        self.attempts = max(1, attempts)
+        self.transport = Transport(nameservers, port, timeout, attempts)
         unknown = set(families) - {"ipv4", "ipv6"}
         if unknown or not families:
             raise ValueError("families must be ipv4 and/or ipv6, not %r" % (families,))
@@ -273,71 +265,12 @@ class Resolver:
         raise TemporaryDNSError(name, "CNAME chain too long")
 
     def _ask(self, qname, rdtype):
-        """One response with a usable rcode, from the first nameserver that gives one."""
-        query = dns.message.make_query(qname, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
-        query.flags |= dns.flags.RD
-        wire = query.to_wire()
-        problems = []
-        for _ in range(self.attempts):
-            for nameserver in self.nameservers:
-                try:
-                    response = self._exchange(query, wire, nameserver)
-                except (OSError, EOFError, dns.exception.DNSException) as error:
-                    problems.append("%s: %s" % (nameserver, _describe(error)))
-                    continue
-                rcode = response.rcode()
-                if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-                    return response
-                problems.append("%s: %s" % (nameserver, dns.rcode.to_text(rcode)))
-        raise TemporaryDNSError(qname.to_text(omit_final_dot=True),
-                                "%s lookup failed (%s)" % (dns.rdatatype.to_text(rdtype),
-                                                           "; ".join(problems[-3:])))
+        """One response with a usable rcode (elemta.util.dnswire does the asking)."""
+        try:
+            return self.transport.ask(qname, rdtype)
+        except DNSUnavailable as error:
+            raise TemporaryDNSError(error.name, error.reason) from None
 
-    def _exchange(self, query, wire, nameserver):
-        family = socket.AF_INET6 if ":" in nameserver else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as udp:
-            udp.settimeout(self.timeout)
-            udp.connect((nameserver, self.port))
-            udp.send(wire)
-            with gevent.Timeout(self.timeout, socket.timeout("timed out")):
-                while True:
-                    data = udp.recv(65535)
-                    try:
-                        response = dns.message.from_wire(data)
-                    except dns.exception.DNSException:
-                        continue  # Not a DNS reply; the real one may still come.
-                    if query.is_response(response):
-                        break
-        if response.flags & dns.flags.TC:
-            return self._exchange_tcp(query, wire, nameserver, family)
-        return response
-
-    def _exchange_tcp(self, query, wire, nameserver, family):
-        with socket.socket(family, socket.SOCK_STREAM) as tcp:
-            with gevent.Timeout(self.timeout, socket.timeout("timed out")):
-                tcp.connect((nameserver, self.port))
-                tcp.sendall(struct.pack("!H", len(wire)) + wire)
-                (length,) = struct.unpack("!H", _recv_exactly(tcp, 2))
-                response = dns.message.from_wire(_recv_exactly(tcp, length))
-        if not query.is_response(response):
-            raise dns.exception.FormError("TCP answer does not match the query")
-        return response
-
-
-def _recv_exactly(sock, count):
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise EOFError("connection closed")
-        data += chunk
-    return data
-
-
-def _describe(error):
-    if isinstance(error, socket.timeout):
-        return "timed out"
-    return str(error) or type(error).__name__
 
 
 def _address_literal(domain):
