@@ -1,10 +1,11 @@
 """The master process: forks the workers on shared sockets and keeps them running.
 
 In the shape of gunicorn's arbiter (design.md): the master binds (as root when it must),
-forks `smtpd.workers` smtpd children and one api child, and then only watches: it reaps
-and respawns children (pausing when one keeps crashing), kills a child whose heartbeat
-stops, starts a replacement at once when a child retires (max_use, max_idle), and turns
-signals into actions. It never parses mail and never opens the queue for work.
+forks `smtpd.workers` smtpd children, the delivery workers, one pickup and one api child,
+and then only watches: it reaps and respawns children (pausing when one keeps crashing),
+kills a child whose heartbeat stops, starts a replacement at once when a child retires
+(max_use, max_idle), and turns signals into actions. It never parses mail and never
+opens the queue for work.
 
 Signals (handlers only queue them and wake the loop through a pipe, design rule 1):
   SIGTERM, SIGINT  stop: children finish their sessions (up to master.stop_grace), exit 0
@@ -58,7 +59,7 @@ class Child:
 
 
 class Master:
-    """Supervises the smtpd and api children. Create, then run()."""
+    """Supervises the smtpd, delivery, pickup and api children. Create, then run()."""
 
     def __init__(self, config, listening, reload_config, bind, workers_for, run_child):
         """listening: list of (Listener, socket), bound already.
@@ -66,7 +67,7 @@ class Master:
         bind(listener): a listening socket for a listener new in a reload; raises OSError.
         workers_for(config): how many smtpd workers that config asks for.
         run_child(kind, config, listening, slot, scoreboard, master_pid): the child's main,
-        returning its exit status; kind is "smtpd" or "api"."""
+        returning its exit status; kind is "smtpd", "delivery", "pickup" or "api"."""
         self.config = config
         self.listening = list(listening)
         self.reload_config = reload_config
@@ -79,7 +80,9 @@ class Master:
         self.smtpd_slots = 2 * max(workers_for(config), os.cpu_count() or 1)
         # Delivery slots follow the two api slots, room for two generations again.
         self.delivery_slots = 2 * max(config.delivery.workers, 4)
-        self.scoreboard = Scoreboard(self.smtpd_slots + 2 + self.delivery_slots)
+        # Then two pickup slots (one child, two generations).
+        self.pickup_slots_start = self.smtpd_slots + 2 + self.delivery_slots
+        self.scoreboard = Scoreboard(self.pickup_slots_start + 2)
         self.slot_freed = []           # callbacks(slot) run when a child's slot frees up
         self.child_exited = []         # callbacks(pid) run when any child has been reaped
         self.close_in_child = []       # descriptors only the master may hold (the lock)
@@ -145,7 +148,8 @@ class Master:
         """{kind: count} the current configuration asks for."""
         return {"smtpd": self.workers_for(self.config),
                 "api": 1 if self.config.api.enabled else 0,
-                "delivery": self.config.delivery.workers}
+                "delivery": self.config.delivery.workers,
+                "pickup": 1}
 
     def spawn_children(self):
         now = time.monotonic()
@@ -169,6 +173,8 @@ class Master:
             slots = range(self.smtpd_slots)
         elif kind == "delivery":
             slots = range(self.smtpd_slots + 2, self.smtpd_slots + 2 + self.delivery_slots)
+        elif kind == "pickup":
+            slots = range(self.pickup_slots_start, self.pickup_slots_start + 2)
         else:
             slots = range(self.smtpd_slots, self.smtpd_slots + 2)
         return next((s for s in slots if s not in used), None)

@@ -151,6 +151,11 @@ def make_child_runner(client_counts):
                 sock.close()          # a delivery worker never accepts connections
             from elemta.delivery.worker import run_delivery
             return run_delivery(config, slot, scoreboard, master_pid)
+        if kind == "pickup":
+            for _, sock in listening:
+                sock.close()          # pickup reads the maildrop, never the network
+            from elemta.pickup.worker import run_pickup
+            return run_pickup(config, slot, scoreboard, master_pid)
         from elemta.api.server import run_api
         return run_api(config, heartbeat=lambda: scoreboard.beat(slot),
                        master_pid=master_pid)
@@ -181,6 +186,13 @@ def main(argv=None):
     except OSError as exc:
         fail("logging.target %s: %s" % (config.logging.target, exc.strerror or exc))
     lock_fd = take_master_lock(config.queue.spool_dir, uid, gid)
+    from elemta.queue import maildrop
+    try:
+        # sendmail's drop box, usable by every local user (see elemta.queue.maildrop).
+        maildrop.prepare(config.queue.spool_dir, uid, gid)
+    except OSError as exc:
+        fail("cannot prepare the maildrop in %s: %s" % (config.queue.spool_dir,
+                                                        exc.strerror or exc))
     # After the lock: a second master must not wipe the running one's metric files.
     from elemta import metrics
     metrics.setup(os.path.join(config.queue.spool_dir, "metrics"), uid, gid)

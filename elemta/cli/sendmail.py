@@ -1,19 +1,591 @@
 """elemta-sendmail: the sendmail(8) command line, installed as /usr/sbin/sendmail.
 
-Runs in the caller's process (cron, mail, PHP); it will drop submissions into the
-maildrop for the pickup process. For now a stub that says so and exits EX_UNAVAILABLE,
-so a caller sees a failure rather than mail silently going nowhere.
-See also: elemta/cli/mailq.py, ../shared/design.md (the CLI surface).
+Runs in the caller's own process (cron, mail, PHP, git send-email), as the caller's user,
+with no setuid or setgid bit: it writes each message into spool/maildrop/ (world-writable
+and sticky, see elemta.queue.maildrop), which works whether or not the daemon runs, and
+wakes the pickup process, which queues it. The sender's identity in the Received trace is
+taken by pickup from the file's owner, so no option here can forge it.
+
+    sendmail [options] [--] [recipient ...]     read a message on stdin and send it
+      -t            recipients also from To/Cc/Bcc (Resent-* if present); Bcc removed
+      -i, -oi       a line with a single dot does not end the input
+      -f, -r ADDR   envelope sender ('<>' for none)      -F NAME   full name for From:
+      -N LIST       DSN NOTIFY: never or success,failure,delay
+      -R full|hdrs  DSN RET      -V ENVID   DSN envelope id      -B 8BITMIME|7BIT
+      -C FILE       configuration file (or directory holding elemta.yaml/.toml);
+                    default $ELEMTA_CONFIG, then /etc/elemta/elemta.{yaml,toml}
+      -bs           SMTP dialogue on stdin/stdout      -bp   list the queue (mailq)
+      -bv           verify the recipients only, queue nothing
+      -q            flush the queue (elemtactl queue flush)
+      -o..., -L, -v, -n, -m, -U, -h N, -X FILE, -G, -x, -A...: accepted, ignored
+
+Missing From:, Date: and Message-ID: headers are added, as Postfix's cleanup does for local
+mail. Exit status (sysexits.h): 0 sent; 64 usage (bad option, no or bad recipient); 65 bad
+message (no recipient in the headers with -t, too large, bad header address); 67 -bv found
+an unknown local user; 69 unsupported mode; 75 temporary failure (maildrop not writable);
+78 configuration error. See also: elemta.queue.maildrop, elemta.pickup.worker,
+elemta.cli.queuecmd (-bp, -q), man/elemta-sendmail.1.
 """
 
+import email.utils
+import os
+import pwd
+import re
 import sys
 
-from elemta.cli import EX_UNAVAILABLE
+from elemta.cli import EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
 
+EX_OK = 0
+EX_DATAERR = 65
+EX_NOUSER = 67
+EX_CONFIG = 78
+PROG = "sendmail"
+
+# getopt letters taking an argument (attached or next word), as Postfix's sendmail.
+_WITH_ARGUMENT = set("ABCFLNORVXefhpr")
+_IGNORED_FLAGS = set("GIUcimnvx")
+_HEADER = re.compile(rb"^[\x21-\x39\x3b-\x7e]+:")
+_NOTIFY = ("SUCCESS", "FAILURE", "DELAY")
+_RECIPIENT_HEADERS = (b"to", b"cc", b"bcc")
+_RESENT_HEADERS = (b"resent-to", b"resent-cc", b"resent-bcc")
+READ_LINE = 65536
+
+
+class Failure(Exception):
+    """Ends the command: one line on stderr and a sysexits status."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+class Options:
+    """What the command line asks for."""
+
+    def __init__(self):
+        self.mode = "m"              # -b: m send, s SMTP, p list, v verify; q flush
+        self.extract = False         # -t
+        self.ignore_dots = False     # -i, -oi
+        self.sender = None           # -f / -r
+        self.full_name = None        # -F
+        self.notify = None           # -N
+        self.ret = None              # -R
+        self.envid = None            # -V
+        self.body = None             # -B
+        self.config = os.environ.get("ELEMTA_CONFIG") or None
+        self.recipients = []
+
+
+def parse_args(argv):
+    """Postfix-compatible getopt: clustered flags, attached or separate arguments."""
+    options = Options()
+    words = list(argv)
+    while words:
+        word = words.pop(0)
+        if word == "--":
+            break
+        if not word.startswith("-") or word == "-":
+            words.insert(0, word)
+            break
+        letters = word[1:]
+        while letters:
+            letter, letters = letters[0], letters[1:]
+            if letter in ("b", "q", "o") or letter in _WITH_ARGUMENT:
+                if letter == "q":                       # -q, -q30m, -qRsite: all flush
+                    options.mode = "q"
+                    break
+                value = letters
+                if not value and letter not in ("o",):
+                    if not words:
+                        raise Failure(EX_USAGE, "option -%s requires an argument" % letter)
+                    value = words.pop(0)
+                elif not value:
+                    value = words.pop(0) if words else ""
+                _apply(options, letter, value)
+                break
+            if letter == "t":
+                options.extract = True
+            elif letter == "i":
+                options.ignore_dots = True
+            elif letter in _IGNORED_FLAGS:
+                pass
+            else:
+                raise Failure(EX_USAGE, "invalid option -- '%s'" % letter)
+    options.recipients = words
+    return options
+
+
+def _apply(options, letter, value):
+    if letter == "b":
+        if value in ("m", "s", "p", "v"):
+            options.mode = value
+        elif value in ("d", "D", "l", "i", "h", "H", "a"):
+            raise Failure(EX_UNAVAILABLE, "-b%s is not supported by Elemta's sendmail "
+                                          "(the daemon is `elemta`)" % value)
+        else:
+            raise Failure(EX_USAGE, "unknown mode -b%s" % value)
+    elif letter == "o":
+        if value.startswith("i"):
+            options.ignore_dots = True          # -oi; every other -oXXX is ignored
+    elif letter in "fr":
+        options.sender = value
+    elif letter == "F":
+        options.full_name = value
+    elif letter == "C":
+        options.config = value
+    elif letter == "N":
+        words = [w.strip().upper() for w in value.split(",") if w.strip()]
+        if words == ["NEVER"]:
+            options.notify = ("NEVER",)
+        elif words and all(w in _NOTIFY for w in words):
+            options.notify = tuple(dict.fromkeys(words))
+        else:
+            raise Failure(EX_USAGE, "-N: expected never or success,failure,delay: %s"
+                          % value)
+    elif letter == "R":
+        if value.upper() not in ("FULL", "HDRS"):
+            raise Failure(EX_USAGE, "-R: expected full or hdrs: %s" % value)
+        options.ret = value.upper()
+    elif letter == "V":
+        if not value or len(value) > 100 or not all("!" <= c <= "~" for c in value):
+            raise Failure(EX_USAGE, "-V: an envelope id is 1 to 100 printable characters")
+        options.envid = value
+    elif letter == "B":
+        if value.upper() not in ("8BITMIME", "7BIT"):
+            raise Failure(EX_USAGE, "-B: expected 8BITMIME or 7BIT: %s" % value)
+        options.body = value.upper()
+    # A, L, O, X, e, h, p: accepted and ignored, as Postfix does.
+
+
+# ---------------------------------------------------------------- configuration
+
+def load_config(path):
+    from elemta.cli.queuecmd import QueueFailure, _load_config
+    if path and os.path.isdir(path):
+        found = [os.path.join(path, n) for n in ("elemta.yaml", "elemta.toml")
+                 if os.path.exists(os.path.join(path, n))]
+        if not found:
+            raise Failure(EX_CONFIG, "-C %s: no elemta.yaml or elemta.toml there" % path)
+        path = found[0]
+    try:
+        return path, _load_config(path)
+    except QueueFailure as failure:
+        raise Failure(EX_CONFIG, str(failure))
+
+
+class Context:
+    """Who is sending, from where, under which limits."""
+
+    def __init__(self, config):
+        self.config = config
+        self.spool = config.queue.spool_dir
+        self.hostname = config.hostname
+        self.max_size = config.limits.message_size
+        self.local_domains = {d.lower() for d in config.relay.local_domains}
+        self.local_domains.add(self.hostname.lower())
+        try:
+            entry = pwd.getpwuid(os.getuid())
+            self.login, gecos = entry.pw_name, entry.pw_gecos
+        except KeyError:
+            self.login, gecos = "uid%d" % os.getuid(), ""
+        self.gecos = gecos.split(",")[0].strip()
+
+    def qualify(self, address):
+        """user -> user@hostname (Postfix's append_at_myorigin)."""
+        address = address.strip()
+        if address.startswith("<") and address.endswith(">"):
+            address = address[1:-1]
+        if address and "@" not in address:
+            address += "@" + self.hostname
+        return address
+
+
+def valid_address(address):
+    """None if address is a valid mailbox, else why not."""
+    from elemta.smtp.address import AddressError, validate_mailbox
+    try:
+        validate_mailbox(address, utf8=True)
+    except AddressError as exc:
+        return str(exc)
+    return None
+
+
+def split_recipients(words, context):
+    """Command-line recipients ('a, b' allowed, as sendmail does), qualified and checked."""
+    addresses = []
+    for _, address in email.utils.getaddresses(words):
+        if not address:
+            continue
+        address = context.qualify(address)
+        problem = valid_address(address)
+        if problem:
+            raise Failure(EX_USAGE, "bad recipient address <%s>: %s" % (address, problem))
+        addresses.append(address)
+    return addresses
+
+
+# ---------------------------------------------------------------- the message
+
+class Composer:
+    """Streams a message into a sink, line by line, fixing its header block on the way:
+    headers are held until they end, then on_headers(headers) may change them (-t takes
+    the recipients and drops Bcc); From, Date and Message-ID are added when missing."""
+
+    def __init__(self, sink, context, full_name, sender, extract):
+        self.sink = sink
+        self.context = context
+        self.full_name = full_name
+        self.sender = sender
+        self.extract = extract
+        self.extracted = []          # recipients found in the headers (-t)
+        self.bad_header_addresses = []
+        self.size = 0
+        self._headers = []           # [[name_lower, [raw lines]]]
+        self._header_bytes = 0
+        self._in_headers = True
+        self._first = True
+        self._carry = b""
+
+    def feed(self, data):
+        """CRLF content in any pieces (the -bs path)."""
+        data = self._carry + data
+        lines = data.split(b"\r\n")
+        self._carry = lines.pop()
+        for line in lines:
+            self.line(line)
+
+    def line(self, line):
+        """One line without its line ending."""
+        if self._in_headers:
+            if self._first and line.startswith(b"From "):
+                self._first = False
+                return                               # an mbox separator, as Postfix drops
+            self._first = False
+            if line[:1] in (b" ", b"\t") and self._headers:
+                self._headers[-1][1].append(line)
+            elif _HEADER.match(line):
+                name = line.split(b":", 1)[0].strip().lower()
+                self._headers.append([name, [line]])
+            else:
+                self._end_headers()
+                if line:
+                    self._emit(b"")                  # headers end before a non-header line
+                self._emit(line)
+                return
+            self._header_bytes += len(line) + 2
+            if self._header_bytes > self.context.max_size:
+                raise Failure(EX_DATAERR, "message too large")
+            return
+        self._emit(line)
+
+    def close(self):
+        if self._carry:
+            self.line(self._carry)
+            self._carry = b""
+        if self._in_headers:
+            self._end_headers()
+
+    def _emit(self, line):
+        self.size += len(line) + 2
+        if self.size > self.context.max_size:
+            raise Failure(EX_DATAERR, "message too large (limits.message_size is %d bytes)"
+                          % self.context.max_size)
+        self.sink(line + b"\r\n")
+
+    def _end_headers(self):
+        self._in_headers = False
+        names = {name for name, _ in self._headers}
+        if self.extract:
+            wanted = _RESENT_HEADERS if names & set(_RESENT_HEADERS) else _RECIPIENT_HEADERS
+            values = [_unfold(lines) for name, lines in self._headers if name in wanted]
+            for _, address in email.utils.getaddresses(values):
+                if not address:
+                    continue
+                address = self.context.qualify(address)
+                if valid_address(address):
+                    self.bad_header_addresses.append(address)
+                else:
+                    self.extracted.append(address)
+            self._headers = [h for h in self._headers if h[0] not in (b"bcc", b"resent-bcc")]
+        ctx = self.context
+        if b"from" not in names:
+            address = self.sender or "%s@%s" % (ctx.login, ctx.hostname)
+            name = self.full_name if self.full_name is not None else ctx.gecos
+            self._headers.append([b"from", [_header("From", email.utils.formataddr(
+                (name, address)) if name else address)]])
+        if b"date" not in names:
+            self._headers.append([b"date", [_header("Date", email.utils.formatdate(
+                localtime=True))]])
+        if b"message-id" not in names:
+            self._headers.append([b"message-id", [_header("Message-ID", email.utils.make_msgid(
+                domain=ctx.hostname))]])
+        for _, lines in self._headers:
+            for line in lines:
+                self._emit(line)
+        self._headers = []
+
+
+def _unfold(lines):
+    text = b" ".join(l.strip() for l in lines).decode("utf-8", "replace")
+    return text.split(":", 1)[1]
+
+
+def _header(name, value):
+    from email.header import Header
+    if not value.isascii():
+        value = Header(value, "utf-8").encode()
+    return ("%s: %s" % (name, value)).encode("ascii")
+
+
+def read_stdin(composer, ignore_dots, stream=None):
+    """Feed stdin to the composer line by line; without -i a lone '.' ends it."""
+    stream = stream or sys.stdin.buffer
+    pending = b""
+    while True:
+        piece = stream.readline(READ_LINE)
+        if not piece:
+            break
+        if not piece.endswith(b"\n"):
+            pending += piece
+            if len(pending) > composer.context.max_size:
+                raise Failure(EX_DATAERR, "message too large")
+            continue
+        line = (pending + piece)[:-1]
+        pending = b""
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not ignore_dots and line == b".":
+            return
+        composer.line(line)
+    if pending:
+        composer.line(pending[:-1] if pending.endswith(b"\r") else pending)
+
+
+# ---------------------------------------------------------------- the maildrop
+
+def open_maildrop(context):
+    from elemta.queue import maildrop
+    directory = maildrop.maildrop_dir(context.spool)
+    if not os.path.isdir(directory) and os.geteuid() == 0:
+        maildrop.prepare(context.spool)      # root before the daemon ever ran
+    try:
+        return maildrop.MaildropWriter(context.spool)
+    except OSError as exc:
+        raise Failure(EX_TEMPFAIL, "cannot write to the maildrop %s: %s (has elemta been "
+                                   "started once?)" % (directory, exc.strerror or exc))
+
+
+def envelope_dict(sender, recipients, options, eight_bit):
+    utf8 = not all(a.isascii() for a in [sender] + recipients)
+    return {"sender": sender,
+            "recipients": [{"address": a, "notify": list(options.notify)
+                            if options.notify else None} for a in recipients],
+            "ret": options.ret, "envid": options.envid,
+            "body": "8BITMIME" if eight_bit or options.body == "8BITMIME" else "7BIT",
+            "smtputf8": utf8}
+
+
+def envelope_sender(options, context):
+    if options.sender is None:
+        return "%s@%s" % (context.login, context.hostname)
+    sender = options.sender.strip()
+    if sender in ("<>", ""):
+        return ""
+    sender = context.qualify(sender)
+    problem = valid_address(sender)
+    if problem:
+        raise Failure(EX_USAGE, "bad sender address <%s>: %s" % (sender, problem))
+    return sender
+
+
+def send(options, context, stdin=None):
+    """-bm: read stdin and drop the message into the maildrop."""
+    from elemta.queue import maildrop
+    sender = envelope_sender(options, context)
+    recipients = split_recipients(options.recipients, context)
+    if not recipients and not options.extract:
+        raise Failure(EX_USAGE, "no recipients: name them on the command line or use -t")
+    writer = open_maildrop(context)
+    try:
+        composer = Composer(writer.write, context, options.full_name,
+                            sender if options.sender is not None else None, options.extract)
+        read_stdin(composer, options.ignore_dots, stdin)
+        composer.close()
+        if composer.bad_header_addresses:
+            raise Failure(EX_DATAERR, "bad recipient address in the headers: <%s>"
+                          % composer.bad_header_addresses[0])
+        recipients = list(dict.fromkeys(recipients + composer.extracted))
+        if not recipients:
+            raise Failure(EX_DATAERR, "no recipient addresses found in the message headers")
+        writer.finish(envelope_dict(sender, recipients, options, writer.eight_bit))
+    except BaseException:
+        writer.abort()
+        raise
+    maildrop.notify(context.spool)
+    return EX_OK
+
+
+def verify(options, context, stdin=None):
+    """-bv: say whether each recipient looks deliverable; queue nothing."""
+    words = list(options.recipients)
+    if options.extract:
+        composer = Composer(lambda data: None, context, None, None, True)
+        read_stdin(composer, options.ignore_dots, stdin)
+        composer.close()
+        words += composer.extracted + composer.bad_header_addresses
+    if not words:
+        raise Failure(EX_USAGE, "no recipients to verify")
+    status = EX_OK
+    for _, address in email.utils.getaddresses(words):
+        address = context.qualify(address)
+        problem = valid_address(address)
+        if problem:
+            print("%s... invalid address: %s" % (address, problem))
+            status = max(status, EX_DATAERR)
+            continue
+        local, domain = address.rsplit("@", 1)
+        if domain.lower() not in context.local_domains:
+            print("%s... deliverable: remote domain %s" % (address, domain))
+            continue
+        try:
+            pwd.getpwnam(local.lower())
+        except KeyError:
+            if local.lower() in ("postmaster", "abuse", "mailer-daemon"):
+                print("%s... deliverable: local role address" % address)
+                continue
+            print("%s... undeliverable: no such local user %s" % (address, local))
+            status = max(status, EX_NOUSER)
+            continue
+        print("%s... deliverable: local user %s" % (address, local.lower()))
+    return status
+
+
+# ---------------------------------------------------------------- -bs
+
+def smtp_dialogue(options, context, stdin_fd=0, stdout_fd=1):
+    """-bs: the SMTP server core on stdin/stdout; each message goes to the maildrop."""
+    from elemta.queue import maildrop
+    from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted,
+                                    DataChunk, DataStart, Helo, MailFrom, MessageReceived,
+                                    RcptTo)
+    from elemta.smtp.protocol import ServerProtocol, Settings
+    from elemta.smtp.replies import Reply
+    settings = Settings(hostname=context.hostname, banner="ESMTP Elemta (sendmail -bs)",
+                        max_message_size=context.max_size,
+                        max_recipients=context.config.limits.recipients,
+                        bare_line_endings="normalize", undeclared_8bit="accept")
+    proto = ServerProtocol(settings)
+    proto.start()
+    writer = composer = None
+    out = bytearray()
+    try:
+        while True:
+            event = proto.next_event()
+            if event is NEED_DATA:
+                _write_all(stdout_fd, out)
+                out.clear()
+                data = os.read(stdin_fd, 65536)
+                if not data:
+                    return EX_OK                 # the client went away
+                proto.receive_data(data)
+            elif event is CLOSED:
+                _write_all(stdout_fd, out)
+                return EX_OK
+            elif isinstance(event, Reply):
+                out += event.encode()
+            elif isinstance(event, (Helo, MailFrom, RcptTo)):
+                proto.accept()
+            elif isinstance(event, DataStart):
+                try:
+                    writer = open_maildrop(context)
+                except Failure as failure:
+                    print("%s: %s" % (PROG, failure), file=sys.stderr)
+                    proto.reject(Reply(451, "4.3.0", "Error: maildrop write error"))
+                    continue
+                composer = Composer(writer.write, context, options.full_name,
+                                    event.transaction.sender or None, False)
+                proto.accept()
+            elif isinstance(event, DataChunk):
+                if composer is not None:
+                    try:
+                        composer.feed(event.data)
+                    except Failure:
+                        pass                    # reported at the end of the data
+            elif isinstance(event, DataAborted):
+                if writer is not None:
+                    writer.abort()
+                writer = composer = None
+            elif isinstance(event, MessageReceived):
+                txn = event.transaction
+                try:
+                    composer.close()
+                    if composer.size > context.max_size:
+                        raise Failure(EX_DATAERR, "message too large")
+                    name = writer.finish(envelope_dict(
+                        txn.sender, [r.address for r in txn.recipients], _DSN(txn),
+                        writer.eight_bit or txn.body != "7BIT"))
+                except (Failure, OSError) as exc:
+                    writer.abort()
+                    writer = composer = None
+                    proto.reject(Reply(552, "5.3.4", "Error: message too large")
+                                 if isinstance(exc, Failure)
+                                 else Reply(451, "4.3.0", "Error: maildrop write error"))
+                    continue
+                writer = composer = None
+                maildrop.notify(context.spool)
+                proto.accept("Ok: queued in the maildrop as %s" % name)
+            elif isinstance(event, AuthRequest):
+                proto.reject()
+            else:
+                proto.reject()
+    finally:
+        if writer is not None:
+            writer.abort()
+
+
+class _DSN:
+    """The DSN fields of an SMTP transaction, shaped like Options for envelope_dict."""
+
+    def __init__(self, txn):
+        notifies = {r.notify for r in txn.recipients}
+        self.notify = notifies.pop() if len(notifies) == 1 else None
+        self.ret, self.envid, self.body = txn.ret, txn.envid, txn.body
+
+
+def _write_all(fd, data):
+    view = memoryview(bytes(data))
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# ---------------------------------------------------------------- main
 
 def main(argv=None):
-    sys.stderr.write("elemta-sendmail: not yet implemented (see issue: admin surface)\n")
-    return EX_UNAVAILABLE
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        options = parse_args(argv)
+        if options.mode == "p":
+            from elemta.cli.queuecmd import mailq_main
+            return mailq_main(["--config", options.config] if options.config else [])
+        if options.mode == "q":
+            from elemta.cli.elemtactl import main as elemtactl_main
+            return elemtactl_main(["queue", "flush"]
+                                  + (["--config", options.config] if options.config else []))
+        _, config = load_config(options.config)
+        context = Context(config)
+        if options.mode == "s":
+            return smtp_dialogue(options, context)
+        if options.mode == "v":
+            return verify(options, context)
+        return send(options, context)
+    except Failure as failure:
+        print("%s: %s" % (PROG, failure), file=sys.stderr)
+        return failure.code
+    except KeyboardInterrupt:
+        return EX_TEMPFAIL
+    except OSError as exc:
+        print("%s: %s" % (PROG, exc), file=sys.stderr)
+        return EX_TEMPFAIL
 
 
 if __name__ == "__main__":

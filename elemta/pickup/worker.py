@@ -1,0 +1,319 @@
+"""The pickup process (`elemta: pickup`): moves sendmail's submissions from the maildrop
+into the queue, as Postfix's pickup does.
+
+Runs in one child forked by elemta.master (kind "pickup"), as Elemta's user; opens its own
+queue after the fork. Its loop, top to bottom:
+
+    scan      list spool/maildrop (every file there is complete: sendmail renames it into
+              place only once written and fsync'd); files waiting since before Elemta
+              started are found by the first scan
+    queue     each file becomes a queued message: a Received header naming the file's
+              owner ("from userid 1000": the kernel's word, not the file's), then the
+              content; up to PICKUP_BATCH messages made durable by one Queue.commit
+    remove    the maildrop files, only after the commit (a crash in between queues a
+              message twice, never loses it)
+    wake      the delivery workers (elemta.queue.wakeup)
+    sleep     until sendmail's datagram on spool/run/pickup.sock, or PICKUP_SCAN seconds
+
+A file that is not a complete submission (a user's symlink, FIFO, hard link or junk) is
+logged and removed; hidden temp files left by a sendmail that died are removed after a day.
+Stops on SIGTERM/SIGINT/SIGQUIT (between messages), reopens logs on SIGUSR1, and stops when
+the master is gone. Signal handlers only set flags (design rule 1).
+See also: elemta.queue.maildrop (the file format), elemta.cli.sendmail (the writer),
+elemta.delivery.worker (the same life cycle, with gevent).
+"""
+
+import email.utils
+import logging
+import os
+import select
+import signal
+import socket
+import time
+
+from elemta.queue import maildrop, wakeup
+from elemta.queue.ids import new_queue_id
+from elemta.queue.model import Envelope, Recipient
+from elemta.queue.queue import Queue
+from elemta.smtp.address import AddressError, validate_mailbox
+from elemta.util import logs
+from elemta.util.scoreboard import RUNNING
+
+log = logging.getLogger("elemta.pickup")
+
+# Seconds between scans when no datagram comes (the fallback for a lost wake-up).
+PICKUP_SCAN = 5.0
+# Messages made durable by one commit.
+PICKUP_BATCH = 100
+# A hidden temp file older than this belongs to a sendmail that died.
+STALE_TEMP = 86400.0
+PROTOCOL = "local"
+
+
+def received_header(uid, hostname, queue_id, recipients, now=None):
+    """The trace header for a local submission: who (by uid), where, which queue id."""
+    lines = ["Received: from userid %d" % uid,
+             "\tby %s (Elemta) with %s id %s" % (hostname, PROTOCOL, queue_id)]
+    date = email.utils.formatdate(now, localtime=True)
+    if len(recipients) == 1:
+        lines.append("\tfor <%s>; %s" % (recipients[0], date))
+    else:
+        lines[-1] += ";"
+        lines.append("\t" + date)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def envelope_for(data, uid, queue_id, arrival):
+    """The queue Envelope from a submission's envelope dict; raises BadSubmission."""
+    try:
+        sender = data.get("sender", "")
+        if not isinstance(sender, str) or (sender and not _valid(sender)):
+            raise ValueError("bad sender %r" % (sender,))
+        recipients = []
+        for item in data["recipients"]:
+            address = item["address"]
+            if not isinstance(address, str) or not _valid(address):
+                raise ValueError("bad recipient %r" % (address,))
+            notify = item.get("notify")
+            recipients.append(Recipient(address, tuple(notify) if notify else None,
+                                        item.get("orcpt")))
+        if not recipients:
+            raise ValueError("no recipients")
+        ret, envid = data.get("ret"), data.get("envid")
+        if ret not in (None, "FULL", "HDRS"):
+            raise ValueError("bad RET %r" % (ret,))
+        body = data.get("body", "7BIT")
+        if body not in ("7BIT", "8BITMIME"):
+            raise ValueError("bad BODY %r" % (body,))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise maildrop.BadSubmission("bad envelope: %s" % exc) from None
+    return Envelope(queue_id=queue_id, sender=sender, recipients=recipients,
+                    arrival=arrival, body=body, smtputf8=bool(data.get("smtputf8")),
+                    ret=ret, envid=envid if isinstance(envid, str) else None,
+                    client_address="", client_helo="", protocol=PROTOCOL,
+                    extra={"uid": uid})
+
+
+def _valid(address):
+    try:
+        validate_mailbox(address, utf8=True)
+    except AddressError:
+        return False
+    return True
+
+
+class PickupWorker:
+    """The one pickup process (see the module docstring)."""
+
+    def __init__(self, config, slot, scoreboard, master_pid):
+        self.config = config
+        self.slot = slot
+        self.scoreboard = scoreboard
+        self.master_pid = master_pid
+        self.spool = config.queue.spool_dir
+        self.hostname = config.hostname
+        self.max_size = config.limits.message_size
+        self.queue = None
+        self._stopping = False
+        self._reopen_logs = False
+        self._last_temp_sweep = 0.0
+
+    # ---- the life cycle -----------------------------------------------------------------
+
+    def run(self):
+        """Pick up until stopped; returns the exit status (0)."""
+        from setproctitle import setproctitle
+        setproctitle("elemta: pickup")
+        self.queue = Queue(self.spool, sync_method=self.config.queue.sync_method,
+                           map_size=self.config.queue.index_map_size)
+        maildrop.prepare(self.spool)
+        wake_socket = self._bind()
+        signal_r, signal_w = os.pipe()
+        for fd in (signal_r, signal_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(signal_w)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(signum, self.handle_term)
+        signal.signal(signal.SIGUSR1, self.handle_usr1)
+        self.scoreboard.set_state(self.slot, RUNNING)
+        log.info("pickup started (maildrop %s)", maildrop.maildrop_dir(self.spool))
+        try:
+            self.loop(wake_socket, signal_r)
+        finally:
+            signal.set_wakeup_fd(-1)
+            wake_socket.close()
+            try:
+                os.unlink(maildrop.socket_path(self.spool))
+            except OSError:
+                pass
+            self.queue.close()
+        return 0
+
+    def handle_term(self, signum, frame):
+        """SIGTERM, SIGINT, SIGQUIT: stop after the message in hand."""
+        self._stopping = True
+
+    def handle_usr1(self, signum, frame):
+        """SIGUSR1: reopen log files (in the loop)."""
+        self._reopen_logs = True
+
+    def _bind(self):
+        path = maildrop.socket_path(self.spool)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        os.chmod(path, 0o666)        # any user's sendmail may wake us
+        sock.setblocking(False)
+        return sock
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def loop(self, wake_socket, signal_r):
+        interval = min(1.0, self.config.master.heartbeat_timeout / 4)
+        next_scan = 0.0
+        while not self._stopping:
+            self.scoreboard.beat(self.slot)
+            if self._reopen_logs:
+                self._reopen_logs = False
+                logs.reopen()
+            if os.getppid() != self.master_pid:
+                log.warning("master %d is gone; pickup stops", self.master_pid)
+                return
+            if time.monotonic() >= next_scan:
+                next_scan = time.monotonic() + PICKUP_SCAN
+                self.scan()
+                continue         # until a scan finds nothing: wake-ups during it are read below
+            ready, _, _ = select.select([wake_socket, signal_r], [], [],
+                                        min(interval, max(0.0, next_scan - time.monotonic())))
+            if wake_socket in ready:
+                _drain(wake_socket)
+                next_scan = 0.0
+            if signal_r in ready:
+                _drain_fd(signal_r)
+
+    def scan(self):
+        """Queue everything waiting in the maildrop; returns how many were queued."""
+        try:
+            names = maildrop.iter_names(self.spool)
+        except OSError as exc:
+            log.error("cannot list the maildrop: %s", exc)
+            return 0
+        queued = 0
+        for start in range(0, len(names), PICKUP_BATCH):
+            if self._stopping:
+                break
+            queued += self._queue_batch(names[start:start + PICKUP_BATCH])
+            self.scoreboard.beat(self.slot)
+        self._sweep_temp_files()
+        return queued
+
+    def _queue_batch(self, names):
+        directory = maildrop.maildrop_dir(self.spool)
+        taken = []                   # (path, writer, uid)
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                writer, uid = self._spool(path)
+            except FileNotFoundError:
+                continue
+            except maildrop.BadSubmission as exc:
+                log.warning("maildrop: removing a bad submission: %s", exc)
+                _unlink(path)
+                continue
+            except OSError as exc:
+                log.error("maildrop: %s: %s; left for the next scan", name, exc)
+                continue
+            taken.append((path, writer, uid))
+        if not taken:
+            return 0
+        try:
+            self.queue.commit([writer for _, writer, _ in taken])
+        except OSError as exc:
+            log.error("queue commit of %d submission(s) failed: %s; they stay in the "
+                      "maildrop", len(taken), exc)
+            for _, writer, _ in taken:
+                writer.abort()
+            return 0
+        for path, writer, uid in taken:
+            _unlink(path)
+            envelope = writer.envelope
+            log.info("%s: uid=%d from=<%s>", writer.queue_id, uid, envelope.sender)
+            log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", writer.queue_id,
+                     envelope.sender, writer.size, len(envelope.recipients))
+        wakeup.notify(self.spool)
+        return len(taken)
+
+    def _spool(self, path):
+        """One maildrop file written to a finished queue SpoolWriter; (writer, uid)."""
+        submission = maildrop.read_submission(path)
+        try:
+            if submission.content_length > self.max_size:
+                raise maildrop.BadSubmission("%s: %d bytes, more than limits.message_size"
+                                             % (path, submission.content_length))
+            queue_id = new_queue_id()
+            envelope = envelope_for(submission.envelope, submission.uid, queue_id,
+                                    time.time())
+            writer = self.queue.start_message(envelope)
+            try:
+                writer.write(received_header(submission.uid, self.hostname, queue_id,
+                                             [r.address for r in envelope.recipients]))
+                for block in submission.iter_content():
+                    writer.write(block)
+                writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+            envelope.size = writer.size
+            return writer, submission.uid
+        finally:
+            submission.close()
+
+    def _sweep_temp_files(self):
+        now = time.time()
+        if now - self._last_temp_sweep < 3600:
+            return
+        self._last_temp_sweep = now
+        try:
+            temps = maildrop.iter_temp_files(self.spool)
+        except OSError:
+            return
+        for path in temps:
+            try:
+                if now - os.lstat(path).st_mtime > STALE_TEMP:
+                    log.warning("maildrop: removing %s, left by a sendmail that died", path)
+                    os.unlink(path)
+            except OSError:
+                pass
+
+
+def _drain(sock):
+    try:
+        while sock.recv(64):
+            pass
+    except OSError:
+        pass
+
+
+def _drain_fd(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:
+        pass
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("maildrop: cannot remove %s: %s", path, exc)
+
+
+def run_pickup(config, slot, scoreboard, master_pid):
+    """The main of the pickup child (called by elemta.cli.elemta's child runner)."""
+    return PickupWorker(config, slot, scoreboard, master_pid).run()

@@ -1,0 +1,238 @@
+"""The maildrop: where elemta-sendmail leaves local submissions for the pickup process.
+
+Shared by two processes: elemta-sendmail (running as whatever user called it) writes files
+here with MaildropWriter; the pickup child (elemta.pickup.worker, the daemon's user) reads
+them with read_submission and moves them into the queue. The only module that knows the
+maildrop file format. See also elemta.queue.store (the queue's own files).
+
+Permissions (no setuid or setgid program is needed, so a packaged Python install works):
+
+    spool/             at least 0711: anyone may pass through it, nobody else may list it
+    spool/maildrop/    1733, owned by Elemta's user: anyone may create a file, only Elemta
+                       may list or read the directory; the sticky bit keeps users from
+                       removing or renaming each other's files. This is Postfix's old
+                       world-writable maildrop layout (before postdrop became setgid).
+    spool/run/         0711; run/pickup.sock is 0666 so any user's sendmail may wake pickup
+                       (a hint only: pickup also scans every PICKUP_SCAN seconds)
+
+The sender's identity is the file's owner (st_uid), which the kernel sets and the user
+cannot change; nothing the file says about its author is believed.
+
+A submission is written as a hidden temp file (".tmp-...") with mode 0644, fsync'd, then
+renamed to its final name, so pickup never sees a partial file. Its layout:
+
+    b"ELEMTA-MAILDROP 1\\n"
+    the content, CRLF line endings, byte for byte
+    b"\\nELEMTA-ENVELOPE " + one line of ASCII JSON (sender, recipients, DSN) + b"\\n"
+    b"ELEMTA-MAILDROP-END %020d %010d\\n"  content length, length of the JSON line
+
+The envelope comes last so sendmail can stream the content while it learns the recipients
+(sendmail -t reads them from the headers).
+"""
+
+import errno
+import json
+import os
+import re
+import socket
+import stat
+import time
+
+MAILDROP_DIR = "maildrop"
+RUN_DIR = "run"
+SOCKET_NAME = "pickup.sock"
+TEMP_PREFIX = ".tmp-"
+MAGIC = b"ELEMTA-MAILDROP 1\n"
+ENVELOPE_TAG = b"\nELEMTA-ENVELOPE "
+FOOTER_FORMAT = b"ELEMTA-MAILDROP-END %020d %010d\n"
+FOOTER_LENGTH = len(FOOTER_FORMAT % (0, 0))
+_FOOTER_RE = re.compile(rb"\AELEMTA-MAILDROP-END (\d{20}) (\d{10})\n\Z")
+MAILDROP_MODE = 0o1733
+RUN_MODE = 0o711
+FILE_MODE = 0o644
+# An envelope line longer than this is damage (or mischief), not read into memory.
+MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
+COPY_BUFFER = 64 * 1024
+
+
+class BadSubmission(ValueError):
+    """A maildrop file that is not a complete submission (or not a plain file)."""
+
+
+def maildrop_dir(spool_dir):
+    return os.path.join(os.path.abspath(spool_dir), MAILDROP_DIR)
+
+
+def socket_path(spool_dir):
+    return os.path.join(os.path.abspath(spool_dir), RUN_DIR, SOCKET_NAME)
+
+
+def prepare(spool_dir, uid=None, gid=None):
+    """Create spool/maildrop (1733) and spool/run (0711) owned by uid:gid, and let anyone
+    pass through spool/. Run by the daemon at start-up (as root or as its user), and by
+    sendmail run as root when the daemon never ran."""
+    spool_dir = os.path.abspath(spool_dir)
+    os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+    owner = os.stat(spool_dir)
+    uid = owner.st_uid if uid is None else uid
+    gid = owner.st_gid if gid is None else gid
+    if not owner.st_mode & 0o001:
+        os.chmod(spool_dir, stat.S_IMODE(owner.st_mode) | 0o711)
+    for name, mode in ((MAILDROP_DIR, MAILDROP_MODE), (RUN_DIR, RUN_MODE)):
+        path = os.path.join(spool_dir, name)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode):
+            raise OSError(errno.ENOTDIR, "not a directory", path)
+        if os.geteuid() == 0 and (info.st_uid, info.st_gid) != (uid, gid):
+            os.chown(path, uid, gid)
+        if name == MAILDROP_DIR or not stat.S_IMODE(info.st_mode) & 0o001:
+            os.chmod(path, mode)         # chmod, not mkdir's mode: the umask must not apply
+
+
+def notify(spool_dir):
+    """Wake the pickup process (one datagram). Never blocks, never raises."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.sendto(b"!", socket_path(spool_dir))
+    except OSError:
+        pass                 # no daemon, or it is busy: its periodic scan will find the file
+    finally:
+        sock.close()
+
+
+class MaildropWriter:
+    """One submission being written by sendmail: write(content), then finish(envelope)."""
+
+    def __init__(self, spool_dir):
+        self.directory = maildrop_dir(spool_dir)
+        # Time first, so pickup takes older submissions first.
+        self.name = "%014x-%d-%s" % (int(time.time() * 1000000), os.getpid(),
+                                     os.urandom(6).hex())
+        self.temp_path = os.path.join(self.directory, TEMP_PREFIX + self.name)
+        self.path = os.path.join(self.directory, self.name)
+        fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, FILE_MODE)         # readable by Elemta's user whatever the umask
+        self._file = os.fdopen(fd, "wb", buffering=COPY_BUFFER)
+        self._file.write(MAGIC)
+        self.size = 0
+        self.eight_bit = False
+
+    def write(self, data):
+        if not self.eight_bit and not data.isascii():
+            self.eight_bit = True
+        self._file.write(data)
+        self.size += len(data)
+
+    def finish(self, envelope):
+        """Seal the file, make it durable and give it its final name (pickup may take it
+        from then on). envelope: a JSON-able dict (see read_submission)."""
+        line = json.dumps(envelope, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+        self._file.write(ENVELOPE_TAG + line + b"\n")
+        self._file.write(FOOTER_FORMAT % (self.size, len(line)))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        # The directory is not readable by us, so it cannot be fsync'd: the file's own data
+        # is durable; the rename is as durable as the file system's journal makes it.
+        os.rename(self.temp_path, self.path)
+        return self.name
+
+    def abort(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+
+
+class Submission:
+    """A maildrop file opened by pickup: who wrote it, its envelope, its content."""
+
+    def __init__(self, path, file, uid, envelope, content_length):
+        self.path = path
+        self.uid = uid
+        self.envelope = envelope
+        self.content_length = content_length
+        self._file = file
+
+    def iter_content(self):
+        """The content in blocks."""
+        self._file.seek(len(MAGIC))
+        left = self.content_length
+        while left:
+            block = self._file.read(min(COPY_BUFFER, left))
+            if not block:
+                raise BadSubmission("%s: shorter than its footer says" % self.path)
+            left -= len(block)
+            yield block
+
+    def close(self):
+        self._file.close()
+
+
+def iter_names(spool_dir):
+    """Names of complete submissions waiting in the maildrop, oldest name first."""
+    return sorted(n for n in os.listdir(maildrop_dir(spool_dir))
+                  if not n.startswith("."))
+
+
+def iter_temp_files(spool_dir):
+    directory = maildrop_dir(spool_dir)
+    return [os.path.join(directory, n) for n in os.listdir(directory)
+            if n.startswith(TEMP_PREFIX)]
+
+
+def read_submission(path):
+    """Open and check one maildrop file; returns a Submission (close it). Raises
+    BadSubmission for anything but a complete plain file with one link (a user could
+    leave a symlink, a FIFO or a hard link to someone else's file here), and
+    FileNotFoundError if it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BadSubmission("%s: a symbolic link" % path) from None
+        raise
+    file = os.fdopen(fd, "rb")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadSubmission("%s: not a regular file" % path)
+        if info.st_nlink != 1:
+            raise BadSubmission("%s: has %d links" % (path, info.st_nlink))
+        if file.read(len(MAGIC)) != MAGIC:
+            raise BadSubmission("%s: not a maildrop file" % path)
+        if info.st_size < len(MAGIC) + len(ENVELOPE_TAG) + 1 + FOOTER_LENGTH:
+            raise BadSubmission("%s: truncated" % path)
+        file.seek(info.st_size - FOOTER_LENGTH)
+        match = _FOOTER_RE.match(file.read(FOOTER_LENGTH))
+        if match is None:
+            raise BadSubmission("%s: no footer (incomplete)" % path)
+        content_length, envelope_length = int(match.group(1)), int(match.group(2))
+        expected = (len(MAGIC) + content_length + len(ENVELOPE_TAG) + envelope_length + 1
+                    + FOOTER_LENGTH)
+        if expected != info.st_size or envelope_length > MAX_ENVELOPE_BYTES:
+            raise BadSubmission("%s: lengths do not match its size" % path)
+        file.seek(len(MAGIC) + content_length)
+        raw = file.read(len(ENVELOPE_TAG) + envelope_length + 1)
+        if not raw.startswith(ENVELOPE_TAG) or not raw.endswith(b"\n"):
+            raise BadSubmission("%s: damaged envelope" % path)
+        try:
+            envelope = json.loads(raw[len(ENVELOPE_TAG):-1].decode("ascii"))
+        except ValueError:
+            raise BadSubmission("%s: damaged envelope" % path) from None
+        if not isinstance(envelope, dict):
+            raise BadSubmission("%s: damaged envelope" % path)
+        return Submission(path, file, info.st_uid, envelope, content_length)
+    except BaseException:
+        file.close()
+        raise
