@@ -90,10 +90,14 @@ def wait_for_greeting(port, process, timeout=30.0):
 
 
 def elemta_config(spool_dir, port):
+    # Acceptance only, like the hold-only Postfix it is compared with: no delivery workers
+    # competing for the CPU and the index; the api child stays off its default port.
     return ("listeners:\n"
             "  - {address: 127.0.0.1, port: %d, mode: smtp}\n"
             "queue: {spool_dir: %s}\n"
-            "relay: {local_domains: [bench.test]}\n" % (port, spool_dir))
+            "relay: {local_domains: [bench.test]}\n"
+            "delivery: {workers: 0}\n"
+            "api: {port: %d}\n" % (port, spool_dir, free_port()))
 
 
 def bench_elemta(scratch, count, reuse_connections):
