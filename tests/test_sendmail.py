@@ -288,3 +288,24 @@ def _titles(server):
         except OSError:
             pass
     return titles
+
+
+@pytest.mark.skipif(shutil.which("bsd-mailx") is None, reason="bsd-mailx is not installed "
+                                                              "(make deps installs it)")
+def test_bsd_mailx_mail_command_through_our_sendmail(elemta_server, tmp_path):
+    server = elemta_server()
+    wrapper = tmp_path / "sendmail"
+    wrapper.write_text("#!/bin/sh\nPYTHONPATH=%s exec %s -m elemta.cli.sendmail -C %s \"$@\"\n"
+                       % (REPO, sys.executable, server.config_path))
+    wrapper.chmod(0o755)
+    mailrc = tmp_path / "mailrc"
+    mailrc.write_text("set sendmail=%s\n" % wrapper)   # mail(1) then runs it, not Postfix's
+    subprocess.run(["bsd-mailx", "-s", "backup report", "-c", "cc@example.net",
+                    "ops@example.net"], input=b"3 files copied\n", check=True, timeout=30,
+                   env=dict(os.environ, MAILRC=str(mailrc), HOME=str(tmp_path)))
+    [(envelope, content)] = queued(server, 1)
+    assert sorted(r.address for r in envelope.recipients) == ["cc@example.net",
+                                                              "ops@example.net"]
+    head = headers_of(content)
+    assert "Subject: backup report" in head and "From: " in head
+    assert content.endswith(b"\r\n\r\n3 files copied\r\n")
