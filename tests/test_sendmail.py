@@ -133,7 +133,7 @@ def test_bs_smtp_dialogue_on_stdin_and_stdout(elemta_server):
     dialogue = (b"EHLO localhost\r\n"
                 b"MAIL FROM:<app@example.org>\r\n"
                 b"RCPT TO:<one@example.net>\r\n"
-                b"RCPT TO:<two@example.net>\r\n"
+                b"RCPT TO:<two@example.net> NOTIFY=NEVER\r\n"
                 b"DATA\r\n"
                 b"Subject: over a pipe\r\n\r\nhello\r\n..dot-stuffed\r\n.\r\n"
                 b"QUIT\r\n")
@@ -145,6 +145,7 @@ def test_bs_smtp_dialogue_on_stdin_and_stdout(elemta_server):
     [(envelope, content)] = queued(server, 1)
     assert envelope.sender == "app@example.org"
     assert [r.address for r in envelope.recipients] == ["one@example.net", "two@example.net"]
+    assert [r.notify for r in envelope.recipients] == [None, ("NEVER",)]
     assert content.startswith(b"Received: from userid %d\r\n" % os.getuid())
     assert content.endswith(b"\r\n\r\nhello\r\n.dot-stuffed\r\n")
     assert "Message-ID:" in headers_of(content)

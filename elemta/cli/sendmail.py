@@ -376,10 +376,14 @@ def open_maildrop(context):
 
 
 def envelope_dict(sender, recipients, options, eight_bit):
-    utf8 = not all(a.isascii() for a in [sender] + recipients)
-    return {"sender": sender,
-            "recipients": [{"address": a, "notify": list(options.notify)
-                            if options.notify else None} for a in recipients],
+    """recipients: addresses (each gets -N), or RecipientInfo from -bs (their own NOTIFY
+    and ORCPT)."""
+    items = [{"address": r, "notify": list(options.notify) if options.notify else None}
+             if isinstance(r, str) else
+             {"address": r.address, "notify": list(r.notify) if r.notify else None,
+              "orcpt": r.orcpt} for r in recipients]
+    utf8 = not all(a.isascii() for a in [sender] + [i["address"] for i in items])
+    return {"sender": sender, "recipients": items,
             "ret": options.ret, "envid": options.envid,
             "body": "8BITMIME" if eight_bit or options.body == "8BITMIME" else "7BIT",
             "smtputf8": utf8}
@@ -522,7 +526,7 @@ def smtp_dialogue(options, context, stdin_fd=0, stdout_fd=1):
                     if composer.size > context.max_size:
                         raise Failure(EX_DATAERR, "message too large")
                     name = writer.finish(envelope_dict(
-                        txn.sender, [r.address for r in txn.recipients], _DSN(txn),
+                        txn.sender, txn.recipients, _DSN(txn),
                         writer.eight_bit or txn.body != "7BIT"))
                 except (Failure, OSError) as exc:
                     writer.abort()
@@ -547,8 +551,7 @@ class _DSN:
     """The DSN fields of an SMTP transaction, shaped like Options for envelope_dict."""
 
     def __init__(self, txn):
-        notifies = {r.notify for r in txn.recipients}
-        self.notify = notifies.pop() if len(notifies) == 1 else None
+        self.notify = None
         self.ret, self.envid, self.body = txn.ret, txn.envid, txn.body
 
 

@@ -126,7 +126,10 @@ class PickupWorker:
         setproctitle("elemta: pickup")
         self.queue = Queue(self.spool, sync_method=self.config.queue.sync_method,
                            map_size=self.config.queue.index_map_size)
-        maildrop.prepare(self.spool)
+        try:
+            maildrop.prepare(self.spool)     # the master did it; this repairs a lost mode
+        except OSError as exc:
+            log.warning("cannot check the maildrop's permissions: %s", exc)
         wake_socket = self._bind()
         signal_r, signal_w = os.pipe()
         for fd in (signal_r, signal_w):
