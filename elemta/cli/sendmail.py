@@ -170,7 +170,13 @@ def load_config(path):
     try:
         return path, _load_config(path)
     except QueueFailure as failure:
-        raise Failure(EX_CONFIG, str(failure))
+        hint = ""
+        if "ermission denied" in str(failure):
+            # Every local user runs sendmail: like Postfix's main.cf, the configuration
+            # must be world-readable (secrets belong in the files it names, mode 0640).
+            hint = " (sendmail runs as the calling user: the configuration must be " \
+                   "readable by every user)"
+        raise Failure(EX_CONFIG, str(failure) + hint)
 
 
 class Context:
