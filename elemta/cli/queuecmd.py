@@ -45,9 +45,6 @@ RECIPIENT_INDENT = " " * (ID_WIDTH + 1 + 8 + 1 + 19 + 1)
 REASON_COLUMN = 76          # a "(reason)" line ends at column 78, as in Postfix
 STATUS_MARK = {"active": "*", "hold": "!"}
 
-# Until the delivery agent exists, a flush can only make mail due; say so.
-DELIVERY_NOTE = ("note: this Elemta has no delivery agent yet; the mail is due now and "
-                 "goes out once one runs")
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -426,6 +423,7 @@ def _action(name: str) -> Callable:
         unknown = []
         done = 0
         with open_queue(args) as queue:
+            spool_dir = queue.spool_dir
             if bulk:
                 from elemta.queue.listing import iter_ids
                 ids = list(iter_ids(queue.index, _selection(args, default_states)))
@@ -439,8 +437,9 @@ def _action(name: str) -> Callable:
         out.flush()
         for queue_id in unknown:
             _complain("queue: no such message: %s" % queue_id)
-        if name == "flush" and done:
-            _complain(DELIVERY_NOTE)
+        if done and name in ("flush", "requeue", "release"):
+            from elemta.queue import wakeup
+            wakeup.notify(spool_dir)        # running delivery workers look at once
         return EX_NOUSER if unknown else EX_OK
     handler.__doc__ = "queue %s: by id, --all, or a selection; one line per message." % name
     return handler
