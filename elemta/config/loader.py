@@ -182,11 +182,20 @@ class _Checker:
             return self.refuse(path, "expected %s, not %s" % (
                 type_name(cls, self.table_word), _describe(value, self.table_word)))
         fields = {f.name: f for f in schema_options(cls)}
+        # A table that also takes keys the schema cannot know (third-party plugins) keeps
+        # them, unchecked, in the field it names; check_plugins judges them.
+        other_field = getattr(cls, "other_keys_field", None)
+        others = []
         for key in value:
             if key not in fields:
-                self.refuse_unknown_key(path, key, sorted(fields))
+                if other_field is not None:
+                    others.append((key, value[key]))
+                else:
+                    self.refuse_unknown_key(path, key, sorted(fields))
         hints = typing.get_type_hints(cls)
         settings = {}
+        if others:
+            settings[other_field] = tuple(others)
         for name, field in fields.items():
             if name in value:
                 checked = self.value(value[name], hints[name], field, path + (name,))
@@ -295,6 +304,27 @@ class _Checker:
                 first_on[endpoint] = index
 
         self.check_delivery(config)
+        self.check_plugins(config)
+
+    def check_plugins(self, config: Config) -> None:
+        """Each enabled plugin's own checks (a DKIM signing key needs a domain...) and
+        every third-party plugin table, by the plugin's Settings: its errors name
+        plugins.NAME.KEY, which is mapped back onto the file's line."""
+        from elemta.plugins.api import PluginConfigError
+        from elemta.plugins.manager import parse_plugin_config
+        plugins = config.plugins
+        sections = plugins.mapping()
+        for name, settings in plugins.other:
+            sections[name] = settings
+        for name, settings in sections.items():
+            try:
+                parse_plugin_config({name: settings})
+            except PluginConfigError as error:
+                key, _, message = str(error).partition(": ")
+                path = _key_path(key)
+                if path[:1] != ("plugins",):
+                    path, message = ("plugins", name), str(error)
+                self.refuse_across(path, message)
 
     def check_delivery(self, config: Config) -> None:
         """Backoff bounds in order; transport entries complete and not repeated."""
@@ -329,6 +359,19 @@ class _Checker:
                 if one[:common] == refused[:common]:
                     return
         self.report(path, message)
+
+
+def _key_path(text: str) -> KeyPath:
+    """'plugins.dkim.keys[0].domain' -> ('plugins', 'dkim', 'keys', 0, 'domain')."""
+    path: List[Any] = []
+    for part in text.split("."):
+        name, _, rest = part.partition("[")
+        if name:
+            path.append(name)
+        for index in rest.split("[") if rest else ():
+            index = index.rstrip("]")
+            path.append(int(index) if index.isdigit() else index)
+    return tuple(path)
 
 
 def _unreadable(filename: str) -> Optional[str]:

@@ -207,6 +207,11 @@ def _section(cls: type, prefix: str) -> List[str]:
                             "%s Each table in the list has the keys below."
                             % field.metadata["doc"])
             lines += _section(item, prefix + field.name + "[].")
+        elif dataclasses.is_dataclass(kind):
+            # A table inside a section (plugins.spf): its keys, one entry each.
+            lines += [".TP", "\\fB%s\\fR (table)" % (prefix + field.name),
+                      _roff(kind.__doc__.strip())]
+            lines += _section(kind, prefix + field.name + ".")
         else:
             lines += _entry(prefix + field.name, kind, field.default, field.metadata["doc"])
     return lines

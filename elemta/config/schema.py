@@ -15,7 +15,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 LISTENER_MODES = ("smtp", "submission", "smtps")
 LINE_ENDING_POLICIES = ("reject", "normalize")
@@ -367,6 +367,176 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class DNS:
+    """DNS for the smtpd's checks (SPF, DKIM keys, DMARC policies, ARC)."""
+    nameservers: Tuple[str, ...] = opt((), "DNS servers the plugins ask (empty: those of "
+                                           "/etc/resolv.conf). Use a validating resolver "
+                                           "you trust.", _ip_addresses)
+    port: int = opt(53, "UDP and TCP port of the nameservers.", _port)
+    timeout: float = opt(3.0, "Seconds one DNS query to one nameserver may take.", _positive)
+
+
+# ---- plugins: one table per built-in, with the settings every plugin has first ----------
+
+def _plugin_timeout(value):
+    if value < 0:
+        return "must be 0 (the plugin's own default) or more seconds, not %r" % (value,)
+    return None
+
+
+@dataclass(frozen=True)
+class PluginCommon:
+    """Settings every plugin has."""
+    enabled: bool = opt(False, "Run this plugin.")
+    timeout: float = opt(0.0, "Seconds one call may take before the plugin counts as "
+                              "failed; 0 means the plugin's own default.", _plugin_timeout)
+    fail_open: bool = opt(False, "When the plugin fails or times out, carry on as if it had "
+                                 "no opinion instead of answering 451 4.3.0.")
+
+
+@dataclass(frozen=True)
+class SPFPluginConfig(PluginCommon):
+    """SPF (RFC 7208) on MAIL FROM and HELO; adds Received-SPF."""
+    enforce: bool = opt(False, "Refuse an SPF fail with 550 5.7.23 and a temperror with "
+                               "451 4.7.24 (otherwise only record the result).")
+    check_helo: bool = opt(True, "Also check the HELO identity (RFC 7208 2.3).")
+    received_spf: bool = opt(True, "Add a Received-SPF header to accepted mail.")
+
+
+@dataclass(frozen=True)
+class DKIMKey:
+    """One DKIM signing key."""
+    domain: str = opt("", "Signing domain (d=); mail from this domain is signed with the "
+                          "key.")
+    selector: str = opt("", "Selector (s=): the key is published at "
+                            "SELECTOR._domainkey.DOMAIN.")
+    key_file: str = opt("", "PEM private key (elemtactl dkim keygen writes one).")
+    algorithm: str = opt("rsa-sha256", "rsa-sha256 or ed25519-sha256.",
+                         _one_of(("rsa-sha256", "ed25519-sha256")))
+
+
+@dataclass(frozen=True)
+class DKIMPluginConfig(PluginCommon):
+    """DKIM (RFC 6376): verify inbound signatures, sign outbound mail."""
+    verify: bool = opt(True, "Verify the DKIM signatures of inbound mail.")
+    sign: bool = opt(False, "Sign mail from authenticated, local and trusted clients.")
+    domain: str = opt("", "Signing domain of the one key written inline (or use keys).")
+    selector: str = opt("", "Selector of the inline key.")
+    key_file: str = opt("", "PEM private key file of the inline key.")
+    algorithm: str = opt("rsa-sha256", "Algorithm of the inline key: rsa-sha256 or "
+                                       "ed25519-sha256.",
+                         _one_of(("rsa-sha256", "ed25519-sha256")))
+    keys: Tuple[DKIMKey, ...] = opt((), "More signing keys, for several domains or "
+                                        "selectors.")
+    sign_headers: Tuple[str, ...] = opt((), "Header fields to sign (empty: the RFC 6376 "
+                                            "5.4.1 list).")
+    max_signatures: int = opt(10, "Signatures verified per message at most; more are "
+                                  "ignored.", _positive)
+
+
+@dataclass(frozen=True)
+class DMARCPluginConfig(PluginCommon):
+    """DMARC (RFC 7489) from the SPF and DKIM results."""
+    enforce: bool = opt(False, "Apply the sender domain's policy: p=reject gives 550 5.7.1, "
+                               "p=quarantine puts the message on hold.")
+    reject_text: str = opt("Message rejected by the DMARC policy of %(domain)s",
+                           "Text of the 550 reply; %(domain)s is the From domain.")
+
+
+@dataclass(frozen=True)
+class ARCPluginConfig(PluginCommon):
+    """ARC (RFC 8617): verify inbound chains, seal mail Elemta forwards."""
+    verify: bool = opt(True, "Verify ARC chains of inbound mail (arc=none/pass/fail).")
+    seal: bool = opt(False, "Seal messages Elemta forwards.")
+    domain: str = opt("", "Sealing domain (needed when seal is true).")
+    selector: str = opt("", "Sealing selector (needed when seal is true).")
+    key_file: str = opt("", "PEM private key used to seal (needed when seal is true).")
+    authserv_id: str = opt("", "The authserv-id sealed into ARC-Authentication-Results "
+                               "(default: the host name).")
+
+
+@dataclass(frozen=True)
+class AuthResPluginConfig:
+    """The Authentication-Results header (RFC 8601)."""
+    enabled: Optional[bool] = opt(None, "Write Authentication-Results; unset means: when "
+                                        "spf, dkim, dmarc or arc is enabled.")
+    timeout: float = opt(0.0, "Seconds one call may take; 0 means the plugin's own "
+                              "default.", _plugin_timeout)
+    fail_open: bool = opt(False, "On failure, carry on instead of answering 451 4.3.0.")
+    authserv_id: str = opt("", "The authserv-id written (default: the host name).")
+    remove_forged: bool = opt(True, "Remove inbound Authentication-Results that claim our "
+                                    "authserv-id.")
+    also_remove: Tuple[str, ...] = opt((), "Other authserv-ids to remove (former names of "
+                                           "this server).")
+
+
+@dataclass(frozen=True)
+class GreylistPluginConfig(PluginCommon):
+    """Greylisting: 451 4.7.1 to a first attempt from an unknown triplet."""
+    database: str = opt("/var/lib/elemta/greylist", "LMDB directory of the triplets.")
+    delay: int = opt(300, "Seconds before a retry is accepted.", _not_negative)
+    retry_window: int = opt(172800, "Seconds a first attempt is remembered.", _not_negative)
+    expiry: int = opt(3024000, "Seconds a triplet that passed is kept.", _not_negative)
+    allow_networks: Tuple[str, ...] = opt((), "Client networks never greylisted.", _networks)
+    allow_domains: Tuple[str, ...] = opt((), "Sender domains never greylisted.", _domains)
+    ipv4_prefix: int = opt(24, "IPv4 clients in one network of this prefix length count "
+                               "as one.")
+    ipv6_prefix: int = opt(64, "IPv6 clients in one network of this prefix length count "
+                               "as one.")
+    map_size_mb: int = opt(64, "Largest size of the LMDB database, in megabytes.",
+                           _positive)
+
+
+AUTH_PLUGINS = ("spf", "dkim", "dmarc", "arc")
+
+
+@dataclass(frozen=True)
+class Plugins:
+    """Plugins: the built-ins below, and any installed in the elemta.plugins entry-point
+    group, each configured in a table named after it (a third-party plugin's keys are
+    checked by the plugin). Every plugin is disabled until its table says enabled: true."""
+    spf: SPFPluginConfig = opt(SPFPluginConfig(), "SPF.")
+    dkim: DKIMPluginConfig = opt(DKIMPluginConfig(), "DKIM.")
+    dmarc: DMARCPluginConfig = opt(DMARCPluginConfig(), "DMARC.")
+    arc: ARCPluginConfig = opt(ARCPluginConfig(), "ARC.")
+    authres: AuthResPluginConfig = opt(AuthResPluginConfig(), "Authentication-Results.")
+    greylist: GreylistPluginConfig = opt(GreylistPluginConfig(), "Greylisting.")
+    # Tables of installed third-party plugins, checked by the plugin's own Settings.
+    other: Tuple[Tuple[str, Any], ...] = field(default=(), metadata={"internal": True})
+
+    # The loader keeps keys it does not know here instead of refusing them.
+    other_keys_field = "other"
+
+    def mapping(self):
+        """{name: settings} of the plugins to run, for elemta.plugins.manager."""
+        import dataclasses as dc
+        sections = {}
+        for name in ("spf", "dkim", "dmarc", "arc", "greylist"):
+            section = getattr(self, name)
+            if section.enabled:
+                sections[name] = _plugin_mapping(dc.asdict(section))
+        authres = _plugin_mapping(dc.asdict(self.authres))
+        if authres["enabled"] is None:
+            del authres["enabled"]        # the manager's rule: on with any auth check
+            if any(name in sections for name in AUTH_PLUGINS):
+                sections["authres"] = authres
+        elif authres["enabled"] or any(name in sections for name in AUTH_PLUGINS):
+            sections["authres"] = authres
+        for name, settings in self.other:
+            settings = dict(settings or {})
+            if settings.get("enabled") is True:
+                sections[name] = settings
+        return sections
+
+
+def _plugin_mapping(settings):
+    """A plugin table as the manager takes it: timeout 0 means "not set"."""
+    if not settings.get("timeout"):
+        settings.pop("timeout", None)
+    return settings
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration. `source` is the file it came from (None: built-in)."""
     smtpd: SMTPD = opt(SMTPD(), "SMTP server identity and input policy.")
@@ -381,6 +551,8 @@ class Config:
     master: Master = opt(Master(), "The master process.")
     api: API = opt(API(), "The api process.")
     delivery: Delivery = opt(Delivery(), "Delivery of queued mail.")
+    dns: DNS = opt(DNS(), "DNS for the plugins.")
+    plugins: Plugins = opt(Plugins(), "Plugins.")
     source: Optional[str] = field(default=None, compare=False, metadata={"internal": True})
 
     @property
