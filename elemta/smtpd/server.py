@@ -3,7 +3,8 @@
 Owned by the smtpd worker process (`elemta: smtpd`). The sockets are bound by the caller
 (the `elemta` command now, the master later), so several workers can share them. This
 module applies the per-worker and per-client connection limits and owns the services
-every session shares: the queue, the group committer, the relay policy, AUTH and TLS.
+every session shares: the queue, the group committer, the relay policy, AUTH, TLS, and
+the plugins with their DNS resolver.
 """
 
 import logging
@@ -14,6 +15,8 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from elemta import metrics
+from elemta.plugins.manager import PluginManager
+from elemta.plugins.resolver import Resolver
 from elemta.queue.queue import Queue
 from elemta.smtp.protocol import Settings
 from elemta.smtp.replies import Reply
@@ -56,6 +59,11 @@ class SMTPServer:
         self.authenticator = (Authenticator(config.auth) if config.auth.credentials_file
                               else None)
         self.tls_context = server_context(config.tls)
+        # Plugins and their DNS, once per worker (after fork); closed by stop().
+        dns = config.dns
+        self.resolver = Resolver(nameservers=list(dns.nameservers) or None, port=dns.port,
+                                 timeout=dns.timeout)
+        self.plugins = PluginManager(config.plugins.mapping()).start()
         self.sessions = 0
         self.served = 0                       # sessions since start (for max_use)
         self.last_active = time.monotonic()   # when the last session ended (for max_idle)
@@ -92,6 +100,7 @@ class SMTPServer:
                         len(self._session_greenlets))
             self._session_greenlets.kill(block=True, timeout=5)
         self.committer.close()
+        self.plugins.close()
         self.queue.close()
         if self.committer.batches:
             log.info("group commit: %d message(s) made durable in %d flush(es), "

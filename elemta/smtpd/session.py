@@ -4,6 +4,13 @@ Owned by the smtpd worker; one greenlet runs one Session. The protocol core deci
 is valid SMTP; this module supplies what needs the outside world: timeouts, TLS, the relay
 policy, AUTH checks, and the queue (spool file, group commit). Log lines follow Postfix's
 layout, queue id first, so admins can grep them the same way.
+
+Plugins (elemta.plugins) see the session through one Context (self.ctx) and are asked at
+each stage: helo, auth, mail, rcpt (after the relay check) and data. The data stage needs
+the whole content, so only when some plugin wants it is the content kept in memory
+(bounded by limits.message_size, which the protocol core enforces) and written to the
+spool file at the end, edited by the plugins; otherwise it streams straight to the file.
+See also: elemta.smtpd.server (the shared services), elemta.plugins.manager.
 """
 
 import errno
@@ -14,6 +21,8 @@ import time
 from gevent import ssl
 
 from elemta import metrics
+from elemta.plugins.api import Context, Message
+from elemta.plugins.manager import apply_header_edits
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import Envelope, Recipient
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
@@ -62,6 +71,11 @@ class Session:
         self.write_error = None
         self.queue_id = None
         self._out = bytearray()
+        self.plugins = server.plugins
+        self.ctx = Context(client_address=self.client_ip, hostname=server.hostname,
+                           resolver=server.resolver,
+                           trusted=server.policy.client_trusted(self.client_ip))
+        self.content = None     # the message content, kept only for data-stage plugins
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -138,25 +152,37 @@ class Session:
             raise SessionEnded("TLS handshake failed: %s" % exc) from None
         metrics.TLS_SESSIONS.labels(self.sock.version() or "unknown").inc()
         self.tls_info = tls.describe(self.sock)
+        self.ctx.tls, self.ctx.tls_info = True, self.tls_info
         log.info("TLS connection established from %s: %s", self.client, self.tls_info)
 
     # ---- events -----------------------------------------------------------------------
 
     def on_helo(self, event):
+        self.ctx.helo = event.name
+        self.ctx.new_transaction()
+        if self._refused_by_plugins("helo", "HELO"):
+            return
         self.proto.accept()
 
     def on_mail_from(self, event):
+        ctx = self.ctx
+        ctx.new_transaction()
+        ctx.sender = event.transaction.sender
+        if self._refused_by_plugins("mail", "MAIL", sender=ctx.sender):
+            return
         self.proto.accept()
 
     def on_rcpt_to(self, event):
         address = event.recipient.address
-        if self.server.policy.may_send(self.client_ip, self.proto.auth_user, address):
-            return self.proto.accept()
-        reply = Reply(554, "5.7.1", "<%s>: Relay access denied" % address)
-        log.info("NOQUEUE: reject: RCPT from %s: %s; from=<%s> to=<%s> proto=%s helo=<%s>",
-                 self.client, reply, event.transaction.sender, address,
-                 "ESMTP" if self.proto.esmtp else "SMTP", self.proto.helo_name)
-        self.proto.reject(reply)
+        if not self.server.policy.may_send(self.client_ip, self.proto.auth_user, address):
+            return self._reject("RCPT", Reply(554, "5.7.1", "<%s>: Relay access denied"
+                                              % address), event.transaction.sender, address)
+        ctx = self.ctx
+        ctx.recipient = address
+        if self._refused_by_plugins("rcpt", "RCPT", event.transaction.sender, address):
+            return
+        ctx.recipients.append(address)
+        self.proto.accept()
 
     def on_data_start(self, event):
         txn, proto = event.transaction, self.proto
@@ -173,6 +199,7 @@ class Session:
                                  envelope.protocol, self.queue_id,
                                  [r.address for r in txn.recipients], self.tls_info)
         self.write_error = None
+        self.content = bytearray() if self.plugins.wants("data") else None
         try:
             self.writer = self.server.queue.start_message(envelope)
             self.writer.write(header)
@@ -186,6 +213,9 @@ class Session:
 
     def on_data_chunk(self, event):
         if self.writer is None or self.write_error is not None:
+            return
+        if self.content is not None:      # written, edited, after the data stage
+            self.content += event.data
             return
         try:
             self.writer.write(event.data)
@@ -202,6 +232,11 @@ class Session:
             reply = self._storage_reply(self.write_error)
             self._discard_message()
             return self.proto.reject(reply)
+        outcome = None
+        if self.content is not None:
+            outcome = self._run_data_stage(txn)
+            if outcome is None:
+                return
         try:
             writer.finish()
             self.server.committer.commit(writer)
@@ -214,7 +249,58 @@ class Session:
         metrics.ACCEPTED_BYTES.inc(writer.size)
         log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", self.queue_id,
                  txn.sender, writer.size, len(txn.recipients))
+        if outcome is not None and outcome.quarantine:
+            self._hold(outcome)
         self.proto.accept("Ok: queued as %s" % self.queue_id)
+
+    def _run_data_stage(self, txn):
+        """Run the data-stage plugins on the kept content and write it, edited, to the
+        spool file. Returns their Outcome, or None once the reply has been given
+        (refused, discarded, or the file could not be written)."""
+        ctx, content = self.ctx, bytes(self.content)
+        self.content = None
+        ctx.queue_id = self.queue_id
+        ctx.sender = txn.sender
+        ctx.recipients = [r.address for r in txn.recipients]
+        ctx.recipient = None
+        ctx.message = Message(content)
+        outcome = self.plugins.run("data", ctx)
+        ctx.new_transaction()             # end of DATA: the next MAIL starts afresh
+        if outcome.reply is not None:
+            reply = Reply(*outcome.reply)
+            log.info("%s: reject: END-OF-MESSAGE from %s: %s; from=<%s> proto=%s "
+                     "helo=<%s> (plugin %s)", self.queue_id, self.client, reply,
+                     txn.sender, "ESMTP" if self.proto.esmtp else "SMTP",
+                     self.proto.helo_name, outcome.decided_by)
+            self._discard_message()
+            self.proto.reject(reply)
+            return None
+        if outcome.discard:
+            log.info("%s: discard: END-OF-MESSAGE from %s: from=<%s> (plugin %s)",
+                     self.queue_id, self.client, txn.sender, outcome.decided_by)
+            self._discard_message()
+            self.proto.accept("Ok: queued as %s" % self.queue_id)
+            return None
+        if outcome.headers or outcome.remove:
+            content = apply_header_edits(content, outcome.headers, outcome.remove)
+        try:
+            self.writer.write(content)
+        except OSError as exc:
+            log.error("%s: queue file write error: %s", self.queue_id, exc)
+            self._discard_message()
+            self.proto.reject(self._storage_reply(exc))
+            return None
+        return outcome
+
+    def _hold(self, outcome):
+        """A plugin asked for quarantine: the committed message goes on hold."""
+        try:
+            held = dict(self.server.queue.hold([self.queue_id]))
+        except OSError as exc:
+            held = {self.queue_id: "error: %s" % exc}
+        log.info("%s: hold: END-OF-MESSAGE from %s: %s (plugin %s): %s", self.queue_id,
+                 self.client, outcome.quarantine, outcome.quarantined_by,
+                 held.get(self.queue_id))
 
     def on_auth_request(self, event):
         authenticator = self.server.authenticator
@@ -223,6 +309,10 @@ class Session:
             metrics.AUTH_ATTEMPTS.labels("success").inc()
             log.info("%s: AUTH %s succeeded for %s", self.client, event.mechanism,
                      event.username)
+            self.ctx.auth_user = event.username
+            if self._refused_by_plugins("auth", "AUTH"):
+                self.ctx.auth_user = None
+                return
             return self.proto.accept()
         metrics.AUTH_ATTEMPTS.labels("failure").inc()
         log.warning("%s: SASL %s authentication failed for %r", self.client,
@@ -233,10 +323,32 @@ class Session:
         self._flush()
         self._handshake()
         self.proto.tls_started()
+        self.ctx.helo = ""                 # RFC 3207 4.2: the client says EHLO again
 
     # ---- helpers ------------------------------------------------------------------------
 
+    def _refused_by_plugins(self, stage, command, sender=None, recipient=None):
+        """Run the plugins of `stage`; if they refuse, reply and return True."""
+        if not self.plugins.wants(stage):
+            return False
+        outcome = self.plugins.run(stage, self.ctx)
+        if outcome.reply is None:
+            return False
+        self._reject(command, Reply(*outcome.reply), sender, recipient,
+                     " (plugin %s)" % outcome.decided_by)
+        return True
+
+    def _reject(self, command, reply, sender=None, recipient=None, why=""):
+        """Refuse the pending command, logged the way Postfix logs a reject."""
+        log.info("NOQUEUE: reject: %s from %s: %s;%s%s proto=%s helo=<%s>%s", command,
+                 self.client, reply,
+                 " from=<%s>" % sender if sender is not None else "",
+                 " to=<%s>" % recipient if recipient is not None else "",
+                 "ESMTP" if self.proto.esmtp else "SMTP", self.proto.helo_name, why)
+        self.proto.reject(reply)
+
     def _discard_message(self):
+        self.content = None
         if self.writer is not None:
             try:
                 self.writer.abort()
