@@ -44,6 +44,8 @@ def dns(dkim_key):
         "signed.test": dkim_key.zone_line + '\n@ TXT "v=spf1 ip4:127.0.0.1 -all"\n',
         "dmarc.test": ('@ TXT "v=spf1 ip4:192.0.2.1 ~all"\n'
                        '_dmarc TXT "v=DMARC1; p=reject"\n'),
+        "held.test": ('@ TXT "v=spf1 ip4:192.0.2.1 -all"\n'
+                      '_dmarc TXT "v=DMARC1; p=quarantine"\n'),
     }
     workdir = tempfile.mkdtemp(prefix="elemta-wired-nsd-")
     server = NSDInstance(workdir, zones, address="127.0.0.1")
@@ -152,6 +154,38 @@ def test_dmarc_enforce_rejects_at_end_of_data(elemta_server, dns):
     assert mail[0] == 250 and rcpt[0] == 250
     assert data[0] == 550 and data[1].startswith(b"5.7.1 "), data
     assert server.queued_ids() == []
+
+
+def test_dmarc_quarantine_accepts_and_puts_the_message_on_hold(elemta_server, dns):
+    server = elemta_server(relay={"mynetworks": NOT_US}, dns=dns,
+                           plugins={"spf": {"enabled": True},
+                                    "dmarc": {"enabled": True, "enforce": True}})
+    replies = send(server, "a@held.test", message("a@held.test"))
+    queue_id = queued_id(replies)
+    with server.queue() as queue:
+        assert queue.get(queue_id).state == "hold"
+    assert b"dmarc=fail" in server.message(queue_id)[1]
+
+
+def test_a_bad_plugin_setting_is_refused_with_file_line_and_key(tmp_path):
+    from elemta.config.errors import ConfigError
+    from elemta.config.loader import load_config
+    path = tmp_path / "elemta.yaml"
+    path.write_text("plugins:\n  spf:\n    enabled: true\n    enforce: yes please\n"
+                    "  greylist:\n    enabled: true\n    delay: 600\n"
+                    "    retry_window: 60\n  nosuch: {enabled: true}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    lines = str(caught.value).splitlines()
+    assert lines[:2] == [
+        "%s:4: plugins.spf.enforce: expected a boolean (true or false), not a string "
+        "('yes please')" % path,
+        "%s:8: plugins.greylist.retry_window: shorter than delay (600 s): nobody could "
+        "ever pass" % path]
+    # (Installed third-party plugins join the list of those available.)
+    assert lines[2].startswith("%s:9: plugins.nosuch: no such plugin (available: arc, "
+                               "authres, dkim, dmarc" % path)
+    assert len(lines) == 3
 
 
 def test_greylisting_defers_then_accepts(elemta_server, dns, tmp_path):
