@@ -97,3 +97,20 @@ def test_connection_limit_per_client_holds_across_workers(elemta_server):
         return greeting.startswith(b"220 ")
 
     wait_for(greeted)     # closed sessions are counted down again
+
+
+def delivery_workers(master):
+    return {pid for pid, title in children_of(master).items()
+            if title.startswith("elemta: delivery")}
+
+
+def test_delivery_worker_retires_after_max_use_messages(elemta_server):
+    server = elemta_server(delivery={"workers": 1, "max_use": 2})
+    master = server.process.pid
+    first, = wait_for(lambda: delivery_workers(master))
+    send(server.port, 2)             # local mail: taken, then deferred (no local delivery)
+    wait_for(lambda: delivery_workers(master) - {first})
+    assert ("elemta.delivery[%d]: INFO: delivery retiring: took 2 messages (max_use)" % first
+            in server.log())
+    wait_for(lambda: first not in delivery_workers(master))
+    assert "delivery child %d ended (retired)" % first in server.log()

@@ -322,6 +322,9 @@ class Delivery:
     """The delivery workers: routing, retries and the SMTP client (Postfix's qmgr and smtp)."""
     workers: int = opt(2, "Number of delivery worker processes; 0 delivers nothing.",
                        _not_negative)
+    max_use: int = opt(10000, "Messages a delivery worker takes on before it retires and a "
+                              "fresh one takes its place (Postfix's max_use); 0 means never.",
+                       _not_negative)
     relayhost: Optional[str] = opt(None, "Smart host for all mail not to a local domain or "
                                          "in the transport map, as Postfix writes it: "
                                          "[host]:port (no MX lookup) or host:port (MX "

@@ -29,6 +29,7 @@ elemta.delivery.smtp_client, elemta.delivery.bounce, elemta.smtpd.worker (the sa
 
 import logging
 import os
+import random
 import signal
 import socket as stdlib_socket
 import time
@@ -98,6 +99,10 @@ class DeliveryWorker:
         self.tls = TLSPolicy(self.delivery.tls_level)
         self.router = Router(config)
         self.resolver = None
+        self.taken = 0           # messages claimed since start (for max_use)
+        # Jitter, so workers started together do not all retire together (gunicorn).
+        max_use = self.delivery.max_use
+        self.max_use = max_use + random.randint(0, max_use // 10) if max_use else 0
 
     # ---- the life cycle -----------------------------------------------------------------
 
@@ -142,6 +147,16 @@ class DeliveryWorker:
                 pass
             self.queue.close()
         return 0
+
+    def _retire(self, reason):
+        """Tell the master to start a replacement now, then stop like on SIGTERM."""
+        log.info("delivery retiring: %s", reason)
+        self.scoreboard.retire(self.slot)
+        try:
+            os.kill(self.master_pid, signal.SIGUSR2)
+        except ProcessLookupError:
+            pass
+        self.handle_term()
 
     def handle_term(self):
         """SIGTERM, SIGINT: claim nothing more, let deliveries under way finish."""
@@ -190,6 +205,10 @@ class DeliveryWorker:
             claimed = self.queue.claim(self.owner, room, self.delivery.lease) if room else []
             for record in claimed:
                 self.pool.spawn(self.deliver, record)
+            self.taken += len(claimed)
+            if self.max_use and self.taken >= self.max_use:
+                self._retire("took %d messages (max_use)" % self.taken)
+                break
             if claimed and len(claimed) == room:
                 gevent.sleep(0)
                 continue
