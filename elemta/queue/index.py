@@ -156,6 +156,9 @@ class QueueIndex:
     def __init__(self, path, map_size, metasync=True, max_readers=512):
         self.path = path
         self._pid = os.getpid()
+        # lmdb.open would make the directory with `mode` (0600): without its x bit only
+        # root could enter it, so a non-root worker could never open its own index.
+        os.makedirs(path, mode=0o700, exist_ok=True)
         self.env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=8,
                              max_readers=max_readers, sync=True, metasync=metasync,
                              mode=0o600)

@@ -1,0 +1,94 @@
+"""The master binds as root and its children run as master.user/master.group: a packaged
+install's workers are not root. Runs the real daemon with master.user nobody."""
+
+import os
+import pwd
+import signal
+import smtplib
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from tests.conftest import REPO, wait_for
+from tests.peers.postfix import free_port
+
+
+def interpreter_for_nobody():
+    """A Python that user nobody can run with our venv's packages, or None.
+
+    Forked children import modules lazily, so they must be able to read the interpreter's
+    library: here a pyenv Python under /root is not, Debian's /usr/bin/python3 is."""
+    version = "python%d.%d" % sys.version_info[:2]
+    for candidate in (sys.executable, "/usr/bin/" + version):
+        path = os.path.realpath(candidate)
+        if path.startswith("/usr/") and os.path.exists(path):
+            return path
+    return None
+
+
+def uid_of(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+def children_of(pid):
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                stat = f.read()
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                title = f.read().split(b"\0")[0].decode()
+        except (OSError, ValueError):
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            found[int(entry)] = title
+    return found
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="dropping privileges needs root")
+def test_children_run_as_master_user(tmp_path):
+    python = interpreter_for_nobody()
+    if python is None:
+        pytest.skip("no Python interpreter that user nobody can read")
+    site = os.path.join(REPO, ".venv", "lib", "python%d.%d" % sys.version_info[:2],
+                        "site-packages")
+    workdir = tempfile.mkdtemp()
+    os.chmod(workdir, 0o755)               # nobody must reach the spool inside
+    port = free_port()
+    config = os.path.join(workdir, "elemta.yaml")
+    with open(config, "w") as f:
+        f.write("listeners:\n  - {address: 127.0.0.1, port: %d, mode: smtp}\n"
+                "queue: {spool_dir: %s/spool}\nmaster: {user: nobody, stop_grace: 3}\n"
+                "api: {port: %d}\ndelivery: {workers: 1}\n" % (port, workdir, free_port()))
+    log = open(os.path.join(workdir, "log"), "wb")
+    server = subprocess.Popen([python, "-m", "elemta.cli.elemta", "--config", config],
+                              stdout=log, stderr=log, start_new_session=True, cwd=workdir,
+                              env=dict(os.environ, PYTHONPATH=REPO + ":" + site))
+    nobody = pwd.getpwnam("nobody").pw_uid
+    try:
+        def serving():
+            kids = children_of(server.pid)      # titled once each child is running
+            return len(kids) == 5 and "elemta: master" not in kids.values() and kids
+        kids = wait_for(serving)
+        assert uid_of(server.pid) == 0
+        assert {uid_of(pid) for pid in kids} == {nobody}, kids
+        assert sorted(set(kids.values())) == ["elemta: api", "elemta: delivery",
+                                               "elemta: pickup", "elemta: smtpd"]
+        with smtplib.SMTP("127.0.0.1", port) as smtp:
+            smtp.sendmail("a@c.test", ["root@localhost"], b"Subject: p\r\n\r\nx\r\n")
+        messages = os.path.join(workdir, "spool", "messages")
+        files = [os.path.join(d, n) for d, _, names in os.walk(messages) for n in names]
+        assert len(files) == 1 and os.stat(files[0]).st_uid == nobody
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        assert server.wait(30) == 0
+        log.close()
+    with open(os.path.join(workdir, "log")) as f:
+        text = f.read()
+    assert "Traceback" not in text and "ERROR" not in text, text
