@@ -313,6 +313,19 @@ class _Checker:
         from elemta.plugins.api import PluginConfigError
         from elemta.plugins.manager import parse_plugin_config
         plugins = config.plugins
+        # Key files are read by the workers at start; say now, not in a respawn loop.
+        keys = []
+        if plugins.dkim.enabled and plugins.dkim.sign:
+            if plugins.dkim.key_file:
+                keys.append((("plugins", "dkim", "key_file"), plugins.dkim.key_file))
+            keys += [(("plugins", "dkim", "keys", i, "key_file"), key.key_file)
+                     for i, key in enumerate(plugins.dkim.keys) if key.key_file]
+        if plugins.arc.enabled and plugins.arc.seal and plugins.arc.key_file:
+            keys.append((("plugins", "arc", "key_file"), plugins.arc.key_file))
+        for path, filename in keys:
+            unreadable = _unreadable(filename)
+            if unreadable:
+                self.refuse_across(path, "cannot read %s: %s" % (filename, unreadable))
         sections = plugins.mapping()
         for name, settings in plugins.other:
             sections[name] = settings

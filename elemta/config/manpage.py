@@ -145,6 +145,12 @@ requires AUTH, so it needs
 .BR auth.credentials_file .
 .IP \(bu 3
 No two listeners share an address and port, and there is at least one listener.
+.IP \(bu 3
+Each enabled plugin's own checks (a DKIM signing key needs a domain, a selector and a
+readable key file; greylisting's retry window is not shorter than its delay), and each
+table under
+.B plugins
+that names no built\-in is checked by the installed plugin of that name.
 .SH OPTIONS
 Each entry gives the key path, the type and the default, written as in TOML.
 """
