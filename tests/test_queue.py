@@ -491,3 +491,20 @@ def test_a_full_disk_fails_commit_and_leaves_nothing_half_accepted(small_disk, s
         assert sorted(r.queue_id for r in queue.index.iter_records()) == sorted(
             [before.queue_id, after.queue_id])
         assert read_content(queue, after.queue_id) == b"accepted once there was room again\r\n"
+
+
+def test_commit_can_put_a_message_straight_on_hold(queue):
+    """A quarantined message is never claimable, not even between commit and hold."""
+    writers = []
+    for content in (b"quarantined\r\n", b"fine\r\n"):
+        writer = queue.start_message(envelope())
+        writer.write(content)
+        writer.finish()
+        writers.append(writer)
+    held, free = writers
+    held.hold = True
+    queue.commit(writers)
+    assert queue.get(held.queue_id).state == HOLD and queue.store.is_held(held.queue_id)
+    assert [r.queue_id for r in queue.claim("test-owner", 10, 60)] == [free.queue_id]
+    queue.reindex()                       # the marker on disk is the truth
+    assert queue.get(held.queue_id).state == HOLD

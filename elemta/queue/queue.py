@@ -183,12 +183,19 @@ class Queue:
             if self.sync_method == "fsync":
                 for writer in writers:
                     _fsync_path(writer.temp_path)
+            held = [w for w in writers if w.hold]
+            for writer in held:
+                # The marker before the record: a crash in between leaves a held message
+                # (reconcile trusts markers), never one delivery could claim.
+                self.store.mark_held(writer.queue_id)
             for writer in writers:
                 self.store.install(writer)
                 installed.append(writer)
             if self.sync_method == "fsync":
-                self._flush({self.store.directory(w.queue_id) for w in writers})
-            records = [QueueRecord(w.envelope, INCOMING, 0, w.envelope.arrival, None)
+                self._flush({self.store.directory(w.queue_id) for w in writers}
+                            | ({self.store.hold_dir} if held else set()))
+            records = [QueueRecord(w.envelope, HOLD if w.hold else INCOMING, 0,
+                                   w.envelope.arrival, None)
                        for w in writers]
             indexed = True
             self._index_call(self.index.put_many, records)  # fully synced in fsync mode
@@ -238,6 +245,8 @@ class Queue:
                 # Harmless: reconcile drops records whose file is gone.
                 log.error("queue: cannot remove index records after a failed commit: %s", e)
         for writer in writers:
+            if writer.hold:
+                self.store.unmark_held(writer.queue_id)
             writer.abort()
 
     # -- start-up and repair

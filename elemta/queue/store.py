@@ -101,6 +101,7 @@ class SpoolWriter:
         self.size = 0
         self.finished = False
         self.committed = False
+        self.hold = False        # enter the queue on hold (a plugin's quarantine)
         self._file = file
         self._crc = 0
 

@@ -237,6 +237,9 @@ class Session:
             outcome = self._run_data_stage(txn)
             if outcome is None:
                 return
+        # Quarantine: the message enters the queue already on hold, so no delivery worker
+        # can claim it between the commit and a later hold.
+        writer.hold = bool(outcome is not None and outcome.quarantine)
         try:
             writer.finish()
             self.server.committer.commit(writer)
@@ -293,14 +296,9 @@ class Session:
         return outcome
 
     def _hold(self, outcome):
-        """A plugin asked for quarantine: the committed message goes on hold."""
-        try:
-            held = dict(self.server.queue.hold([self.queue_id]))
-        except OSError as exc:
-            held = {self.queue_id: "error: %s" % exc}
-        log.info("%s: hold: END-OF-MESSAGE from %s: %s (plugin %s): %s", self.queue_id,
-                 self.client, outcome.quarantine, outcome.quarantined_by,
-                 held.get(self.queue_id))
+        """A plugin asked for quarantine: say so (the commit put the message on hold)."""
+        log.info("%s: hold: END-OF-MESSAGE from %s: %s (plugin %s)", self.queue_id,
+                 self.client, outcome.quarantine, outcome.quarantined_by)
 
     def on_auth_request(self, event):
         authenticator = self.server.authenticator
