@@ -92,28 +92,33 @@ def cmd_status(args):
     return 0
 
 
-def cmd_reload(args):
-    """reload: the master re-reads its configuration (SIGHUP); nothing is refused."""
-    _, spool_dir = _spool(args)
+def _signal_master(args, command, signum):
+    """(config, spool_dir, pid) after sending signum to the master, or None if none runs."""
+    config, spool_dir = _spool(args)
     try:
         pid = master_pid(spool_dir)
     except NotRunning as exc:
-        print("elemtactl: reload: %s" % exc)
+        print("elemtactl: %s: %s" % (command, exc))
+        return None
+    os.kill(pid, signum)
+    return config, spool_dir, pid
+
+
+def cmd_reload(args):
+    """reload: the master re-reads its configuration (SIGHUP); nothing is refused."""
+    running = _signal_master(args, "reload", signal.SIGHUP)
+    if running is None:
         return EX_NOT_RUNNING
-    os.kill(pid, signal.SIGHUP)
-    print("elemtactl: reload: asked master pid %d to reload its configuration" % pid)
+    print("elemtactl: reload: asked master pid %d to reload its configuration" % running[2])
     return 0
 
 
 def cmd_stop(args):
     """stop: open sessions finish, then everything exits (SIGTERM); waits for it."""
-    config, spool_dir = _spool(args)
-    try:
-        pid = master_pid(spool_dir)
-    except NotRunning as exc:
-        print("elemtactl: stop: %s" % exc)
+    running = _signal_master(args, "stop", signal.SIGTERM)
+    if running is None:
         return EX_NOT_RUNNING
-    os.kill(pid, signal.SIGTERM)
+    config, spool_dir, pid = running
     deadline = time.monotonic() + config.master.stop_grace + STOP_MARGIN
     while time.monotonic() < deadline:
         try:
