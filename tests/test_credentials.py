@@ -333,15 +333,6 @@ def test_elemtactl_without_terminal_asks_for_password_stdin(tmp_path):
     assert not os.path.exists(path)
 
 
-@pytest.mark.parametrize("args, name", [
-    (("dkim", "keygen", "-s", "sel"), "dkim keygen"),
-])
-def test_elemtactl_later_commands_say_not_yet_implemented(args, name):
-    result = elemtactl(*args)
-    assert result.returncode == 69
-    assert stderr_line(result) == "elemtactl: %s: not yet implemented" % name
-
-
 # ---------------------------------------------------------------- elemtactl and the config
 
 def test_elemtactl_uses_the_credentials_file_of_the_config(tmp_path):

@@ -16,6 +16,7 @@ import errno
 import getpass
 import logging
 import os
+import subprocess
 import sys
 from typing import Callable, List, Optional
 
@@ -27,6 +28,8 @@ DEFAULT_CREDENTIALS_FILE = "/etc/elemta/credentials"
 CREDENTIALS_KEY = "auth.credentials_file"
 
 # sysexits.h
+DEFAULT_DKIM_DIR = "/etc/elemta/dkim"
+
 EX_OK = 0
 EX_USAGE = 64        # bad command line
 EX_DATAERR = 65      # bad input data (a password that cannot be used)
@@ -41,11 +44,6 @@ CONFIG_INVALID = 1   # `config check` found errors (documented as 1, like postfi
 
 # Errors that go away by themselves or when the admin frees space: retry later.
 TEMPORARY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EINTR, errno.EBUSY}
-
-NOT_YET_IMPLEMENTED = {
-    "dkim": ("keygen",),
-}
-
 
 class Failure(Exception):
     """Ends the command: message goes to stderr after "elemtactl: ", code is the exit status."""
@@ -267,12 +265,31 @@ def cmd_user_list(args) -> int:
     return EX_OK
 
 
-# ---------------------------------------------------------------- not yet
+# ---------------------------------------------------------------- dkim
 
-def _not_yet(command: str) -> Callable:
-    def handler(args) -> int:
-        raise Failure(EX_UNAVAILABLE, "%s: not yet implemented" % command)
-    return handler
+def cmd_dkim_keygen(args) -> int:
+    """dkim keygen: write a new signing key and print the DNS TXT record to publish."""
+    from elemta.plugins.dkim import generate_key
+    key_file = args.key_file or os.path.join(
+        DEFAULT_DKIM_DIR, "%s.%s.%s.pem" % (args.selector, args.domain,
+                                           "ed25519" if args.algorithm.startswith("ed")
+                                           else "rsa"))
+    if os.path.exists(key_file):
+        raise Failure(EX_CANTCREAT, "%s: exists; a key is never overwritten (remove it or "
+                                    "name another --key-file)" % key_file)
+    if not args.key_file:
+        os.makedirs(DEFAULT_DKIM_DIR, mode=0o750, exist_ok=True)
+    try:
+        key = generate_key(args.domain, args.selector, key_file, args.algorithm, args.bits)
+    except ValueError as exc:
+        raise Failure(EX_USAGE, "dkim keygen: %s" % exc)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise Failure(EX_CANTCREAT, "%s: %s" % (key_file, getattr(exc, "strerror", None)
+                                                or exc))
+    print("; private key written to %s (mode 0600)" % key.key_file)
+    print("; publish this record, then add the key to plugins.dkim.keys:")
+    print(key.zone_line)
+    return EX_OK
 
 
 # ---------------------------------------------------------------- the parser
@@ -295,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Administer Elemta.",
                      epilog="Exit status: 0 success, 1 config errors (config check), "
                             "64 usage, 65 bad password or damaged spool file, 66 no input "
-                            "file or queue, 67 no such user or message, 69 not yet "
-                            "implemented, 73 cannot create (or user exists), 74 queue I/O "
+                            "file or queue, 67 no such user or message, 73 cannot create "
+                            "(or user or key exists), 74 queue I/O "
                             "error, 75 try again later, 77 permission denied, 78 bad "
                             "configuration.")
     parser.add_argument("--config", metavar="FILE", default=None,
@@ -328,6 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     queuecmd.add_queue_commands(commands, _Parser, [config_option])
 
+    dkim = commands.add_parser("dkim", help="DKIM signing keys")
+    dkim_commands = dkim.add_subparsers(dest="dkim_command", metavar="ACTION",
+                                        parser_class=_Parser)
+    dkim_commands.required = True
+    keygen = dkim_commands.add_parser("keygen", help=cmd_dkim_keygen.__doc__.split(": ")[1],
+                                      description=cmd_dkim_keygen.__doc__.split(": ")[1])
+    keygen.add_argument("--domain", "-d", required=True, help="the signing domain (d=)")
+    keygen.add_argument("--selector", "-s", required=True, help="the selector (s=)")
+    keygen.add_argument("--algorithm", "-a", default="rsa-sha256",
+                        choices=("rsa-sha256", "ed25519-sha256"))
+    keygen.add_argument("--bits", "-b", type=int, default=2048, help="RSA key size")
+    keygen.add_argument("--key-file", "-k", metavar="FILE",
+                        help="where to write the key (default: %s/SELECTOR.DOMAIN.ALG.pem)"
+                             % DEFAULT_DKIM_DIR)
+    keygen.set_defaults(handler=cmd_dkim_keygen)
+
     for name, handler in (("status", control.cmd_status), ("reload", control.cmd_reload),
                           ("stop", control.cmd_stop)):
         doc = handler.__doc__.split(": ", 1)[1]
@@ -336,18 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the spool of the elemta to talk to (default: the config's)")
         sub.set_defaults(handler=handler)
 
-    for group, names in NOT_YET_IMPLEMENTED.items():
-        target = commands
-        if group is not None:
-            group_parser = commands.add_parser(group, help="%s commands (not yet implemented)"
-                                               % group)
-            target = group_parser.add_subparsers(dest=group + "_command", metavar="ACTION",
-                                                 parser_class=_Parser)
-            target.required = True
-        for name in names:
-            full_name = "%s %s" % (group, name) if group else name
-            stub = target.add_parser(name, help="not yet implemented")
-            stub.set_defaults(handler=_not_yet(full_name), takes_any_arguments=True)
     return parser
 
 
@@ -363,11 +384,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("elemta").addHandler(handler)
     logging.getLogger("elemta").setLevel(logging.WARNING)
     try:
-        parser = build_parser()
-        # Known args only, so a stub accepts the arguments its future version will take.
-        args, extra = parser.parse_known_args(argv)
-        if extra and not getattr(args, "takes_any_arguments", False):
-            parser.error("unrecognized arguments: %s" % " ".join(extra))
+        args = build_parser().parse_args(argv)
         return args.handler(args)
     except Failure as failure:
         print("%s: %s" % (PROG, failure), file=sys.stderr)
