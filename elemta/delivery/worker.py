@@ -30,7 +30,6 @@ elemta.delivery.smtp_client, elemta.delivery.bounce, elemta.smtpd.worker (the sa
 import logging
 import os
 import random
-import signal
 import socket as stdlib_socket
 import time
 from collections import OrderedDict
@@ -51,16 +50,13 @@ from elemta.queue import wakeup
 from elemta.queue.model import BOUNCED, PENDING, RCPT_DEFERRED, SENT
 from elemta.queue.queue import (ATTEMPT_FAILED, ATTEMPT_GONE, ATTEMPT_LEASE_LOST,
                                 ATTEMPT_REMOVED, Queue)
-from elemta.util import logs
-from elemta.util.scoreboard import RUNNING
+from elemta.util.child import GeventChild
 
 log = logging.getLogger("elemta.delivery")
 
 # Messages one worker delivers at once, and claims per write transaction.
 MAX_IN_FLIGHT = 100
 CLAIM_BATCH = 20
-# How often the master is looked at.
-WATCH_INTERVAL = 1.0
 LOCAL_NOT_IMPLEMENTED = "451 4.3.0 local delivery is not implemented yet"
 EXPIRED = "message expired after %d seconds in the queue"
 
@@ -70,20 +66,17 @@ def backoff(attempts, minimum, maximum):
     return min(maximum, minimum * 2 ** min(max(attempts - 1, 0), 32))
 
 
-class DeliveryWorker:
+class DeliveryWorker(GeventChild):
     """One delivery worker process (see the module docstring)."""
 
+    kind = "delivery"
+
     def __init__(self, config, slot, scoreboard, master_pid):
-        self.config = config
+        super().__init__(config, slot, scoreboard, master_pid)
         self.delivery = config.delivery
-        self.slot = slot
-        self.scoreboard = scoreboard
-        self.master_pid = master_pid
-        self.grace = config.master.stop_grace
         self.queue = None
         self.owner = None
         self.pool = Pool(MAX_IN_FLIGHT)
-        self._stopping = Event()
         self._wake = Event()
         self._limits = {}            # destination key -> BoundedSemaphore
         # Each worker takes its share of the per-destination limit, so together they hold it.
@@ -108,8 +101,7 @@ class DeliveryWorker:
 
     def run(self):
         """Deliver until stopped; returns the exit status (0)."""
-        from setproctitle import setproctitle
-        setproctitle("elemta: delivery")
+        self.set_title()
         spool = self.config.queue.spool_dir
         self.queue = Queue(spool, sync_method=self.config.queue.sync_method,
                            map_size=self.config.queue.index_map_size)
@@ -118,13 +110,7 @@ class DeliveryWorker:
                                  port=self.delivery.dns_port,
                                  timeout=self.delivery.dns_timeout)
         wake_socket = wakeup.bind(spool, self.slot, gsocket)
-        gevent.signal_handler(signal.SIGTERM, self.handle_term)
-        gevent.signal_handler(signal.SIGINT, self.handle_term)
-        gevent.signal_handler(signal.SIGQUIT, self.handle_quit)
-        gevent.signal_handler(signal.SIGUSR1, logs.reopen)
-        self.scoreboard.set_state(self.slot, RUNNING)
-        helpers = [gevent.spawn(self._heartbeat), gevent.spawn(self._watch),
-                   gevent.spawn(self._listen, wake_socket)]
+        helpers = self.start_life() + [gevent.spawn(self._listen, wake_socket)]
         log.info("delivery worker started (slot %d)", self.slot)
         try:
             self.loop()
@@ -148,38 +134,10 @@ class DeliveryWorker:
             self.queue.close()
         return 0
 
-    def _retire(self, reason):
-        """Tell the master to start a replacement now, then stop like on SIGTERM."""
-        log.info("delivery retiring: %s", reason)
-        self.scoreboard.retire(self.slot)
-        try:
-            os.kill(self.master_pid, signal.SIGUSR2)
-        except ProcessLookupError:
-            pass
-        self.handle_term()
-
-    def handle_term(self):
-        """SIGTERM, SIGINT: claim nothing more, let deliveries under way finish."""
-        self._stopping.set()
+    def on_stop(self):
+        """Claim nothing more; deliveries under way get master.stop_grace (SIGQUIT: none;
+        what they held returns to the queue when its lease lapses)."""
         self._wake.set()
-
-    def handle_quit(self):
-        """SIGQUIT: stop now; messages cut short return to the queue when their lease lapses."""
-        self.grace = 0
-        self.handle_term()
-
-    def _heartbeat(self):
-        interval = min(1.0, self.config.master.heartbeat_timeout / 4)
-        while True:
-            self.scoreboard.beat(self.slot)
-            gevent.sleep(interval)
-
-    def _watch(self):
-        while not self._stopping.is_set():
-            gevent.sleep(WATCH_INTERVAL)
-            if os.getppid() != self.master_pid:
-                log.warning("master %d is gone; delivery stops", self.master_pid)
-                self.handle_term()
 
     def _listen(self, wake_socket):
         """New mail was committed: wake the loop (many datagrams, one wake-up)."""
@@ -192,7 +150,7 @@ class DeliveryWorker:
     def loop(self):
         reclaim_every = max(0.5, min(self.delivery.lease / 4, 30.0))
         next_reclaim = 0.0
-        while not self._stopping.is_set():
+        while not self.stopping.is_set():
             now = time.time()
             if now >= next_reclaim:
                 for queue_id in self.queue.reclaim(now):
@@ -207,7 +165,7 @@ class DeliveryWorker:
                 self.pool.spawn(self.deliver, record)
             self.taken += len(claimed)
             if self.max_use and self.taken >= self.max_use:
-                self._retire("took %d messages (max_use)" % self.taken)
+                self.retire("took %d messages (max_use)" % self.taken)
                 break
             if claimed and len(claimed) == room:
                 gevent.sleep(0)
