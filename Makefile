@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python tests/bench/bench_accept.py
 	$(VENV)/bin/python tests/bench/bench_idle_sessions.py
 	$(VENV)/bin/python tests/bench/bench_queue_tools.py
+	$(VENV)/bin/python tests/bench/bench_relay.py
 
 # As root: install what is missing (apt-get update only when a plain install fails).
 # Postfix is preseeded to "No configuration" so it never becomes the running system MTA.

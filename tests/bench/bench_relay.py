@@ -1,0 +1,281 @@
+#!/usr/bin/env python3
+"""End-to-end relay benchmark: smtp-source -> MTA -> smtp-sink, Elemta next to Postfix, one run.
+
+A script, not a pytest test (`make bench` runs it). smtp-source sends N messages of 5 KB from
+20 sessions, one message per connection, to an MTA that relays everything (the recipient
+domain is not local) to its relay host, a fresh smtp-sink on loopback that dumps each message
+to a file. The clock starts with smtp-source; the acceptance time is when smtp-source is done,
+the end-to-end time is when the sink holds all N messages (its files are counted, not the
+client's word). Targets: Elemta (from .venv, fresh spool, 2 delivery workers) and a private
+Postfix with default settings and with in_flow_delay = 0. Prints messages/s for each and the
+ratio Elemta/Postfix. Needs root and the postfix package (smtp-source and smtp-sink come
+with it).
+
+Environment: BENCH_MESSAGES (default 3000), BENCH_KEEP=1 keeps the temp dirs for a look
+afterwards.
+See also: tests/bench/bench_accept.py (acceptance alone), ../shared/peers.md (the figures seen
+on this kind of machine), tests/peers/postfix.py.
+"""
+
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, NamedTuple, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from tests.bench.bench_accept import wait_for_greeting  # noqa: E402
+from tests.peers.postfix import PostfixInstance, free_port, postfix_available  # noqa: E402
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+SMTP_SINK = "/usr/sbin/smtp-sink"
+ELEMTA = os.path.join(REPO, ".venv", "bin", "elemta")
+SESSIONS = 20
+MESSAGE_BYTES = 5120
+SENDER = "sender@bench.test"
+RECIPIENT = "rcpt@sink.test"  # Not a local domain of either MTA: everything is relayed.
+DELIVERY_WORKERS = 2
+# Give up when the sink's count has not moved for this long: retries come minutes later.
+STALL_SECONDS = 30.0
+
+
+class Result(NamedTuple):
+    name: str
+    sent: int
+    delivered: int
+    accept_seconds: float
+    end_to_end_seconds: float
+
+    @property
+    def accept_rate(self):
+        return self.sent / self.accept_seconds if self.accept_seconds > 0 else 0.0
+
+    @property
+    def end_to_end_rate(self):
+        if self.end_to_end_seconds <= 0:
+            return 0.0
+        return self.delivered / self.end_to_end_seconds
+
+
+def files_under(top):
+    """Number of files below `top`."""
+    return sum(len(files) for _, _, files in os.walk(top))
+
+
+class Sink:
+    """smtp-sink on a free loopback port, dumping each message to its own file under dump_dir."""
+
+    def __init__(self, workdir):
+        self.dump_dir = os.path.join(workdir, "sink")
+        os.makedirs(self.dump_dir)
+        nobody = pwd.getpwnam("nobody")
+        os.chown(self.dump_dir, nobody.pw_uid, nobody.pw_gid)
+        self.port = free_port()
+        self.process = None  # type: Optional[subprocess.Popen]
+
+    def __enter__(self):
+        # -u nobody: smtp-sink refuses to run as root. The 256 is its listen backlog.
+        self.process = subprocess.Popen(
+            [SMTP_SINK, "-u", "nobody", "-d", os.path.join(self.dump_dir, "%M."),
+             "127.0.0.1:%d" % self.port, "256"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_greeting(self.port, self.process)
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def count(self):
+        return files_under(self.dump_dir)
+
+    def wait_for(self, count):
+        # type: (int) -> int
+        """Wait until the sink holds `count` messages or stops gaining; return what it holds."""
+        seen = self.count()
+        last_change = time.monotonic()
+        while seen < count and time.monotonic() - last_change < STALL_SECONDS:
+            time.sleep(0.02)
+            now = self.count()
+            if now != seen:
+                seen, last_change = now, time.monotonic()
+        return seen
+
+
+def drive(port, count):
+    # type: (int, int) -> None
+    """Run smtp-source against 127.0.0.1:port until it has sent `count` messages."""
+    argv = [SMTP_SOURCE, "-s", str(SESSIONS), "-m", str(count), "-l", str(MESSAGE_BYTES),
+            "-f", SENDER, "-t", RECIPIENT, "127.0.0.1:%d" % port]
+    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=max(300, count / 20))
+    complaints = done.stdout.strip().splitlines()
+    if done.returncode != 0 or complaints:
+        print("  smtp-source exit %d, %d lines of complaint, first: %s"
+              % (done.returncode, len(complaints), complaints[:3]))
+
+
+def measure(name, sink, port, count):
+    # type: (str, Sink, int, int) -> Result
+    """Drive the MTA on `port`; time acceptance and the sink's receipt of every message."""
+    started = time.monotonic()
+    drive(port, count)
+    accepted = time.monotonic() - started
+    delivered = sink.wait_for(count)
+    end_to_end = time.monotonic() - started
+    if delivered < count:
+        end_to_end -= STALL_SECONDS  # Time the last message arrived, not when we gave up.
+    return Result(name, count, delivered, accepted, end_to_end)
+
+
+def elemta_config(spool_dir, port, sink_port):
+    # The api child stays off its default port; bench.test is local, sink.test is relayed.
+    return ("listeners:\n"
+            "  - {address: 127.0.0.1, port: %d, mode: smtp}\n"
+            "queue: {spool_dir: %s}\n"
+            "relay: {local_domains: [bench.test]}\n"
+            "delivery: {workers: %d, relayhost: \"[127.0.0.1]:%d\"}\n"
+            "api: {port: %d}\n" % (port, spool_dir, DELIVERY_WORKERS, sink_port, free_port()))
+
+
+def show_elemta_trouble(log_path, spool_dir):
+    """What Elemta says went wrong: its log's complaints and what is still queued."""
+    with open(log_path, errors="replace") as log:
+        lines = log.read().splitlines()
+    trouble = [line for line in lines
+               if re.search(r"(?i)error|warn|defer|bounce|fail|traceback", line)]
+    print("  elemta log: %d lines, %d about trouble; last ones:" % (len(lines), len(trouble)))
+    for line in (trouble or lines)[-15:]:
+        print("    " + line[:300])
+    print("  elemta spool still holds %d files under messages/"
+          % files_under(os.path.join(spool_dir, "messages")))
+
+
+def bench_elemta(scratch, count):
+    # type: (str, int) -> Result
+    """Elemta on a fresh spool relaying to a fresh sink."""
+    workdir = tempfile.mkdtemp(prefix="elemta-", dir=scratch)
+    os.chmod(workdir, 0o755)  # smtp-sink runs as nobody and writes below here.
+    spool_dir = os.path.join(workdir, "spool")
+    port = free_port()
+    log_path = os.path.join(workdir, "elemta.log")
+    with Sink(workdir) as sink:
+        config = os.path.join(workdir, "elemta.yaml")
+        with open(config, "w") as out:
+            out.write(elemta_config(spool_dir, port, sink.port))
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen([ELEMTA, "--config", config], stdout=log, stderr=log,
+                                       cwd=workdir)
+        try:
+            try:
+                wait_for_greeting(port, process)
+            except RuntimeError:
+                with open(log_path, errors="replace") as log:
+                    sys.stdout.write(log.read()[-2000:])
+                raise
+            result = measure("elemta (%d delivery workers)" % DELIVERY_WORKERS, sink, port,
+                             count)
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    if result.delivered < count:
+        show_elemta_trouble(log_path, spool_dir)
+    return result
+
+
+def bench_postfix(scratch, count, in_flow_delay):
+    # type: (str, int, Optional[str]) -> Result
+    """A fresh private Postfix relaying to a fresh sink; in_flow_delay None keeps the 1s."""
+    name = "postfix in_flow_delay=%s" % (in_flow_delay or "1s (default)")
+    extra = {} if in_flow_delay is None else {"in_flow_delay": in_flow_delay}
+    workdir = tempfile.mkdtemp(prefix="postfix-", dir=scratch)
+    os.chmod(workdir, 0o755)
+    port = free_port()
+    with Sink(workdir) as sink:
+        with PostfixInstance(os.path.join(workdir, "postfix"), port, relayhost=sink.port,
+                             extra_main_cf=extra) as postfix:
+            result = measure(name, sink, port, count)
+            if result.delivered < count:
+                print("  postfix maillog tail:\n" + postfix.read_log()[-1500:])
+    return result
+
+
+def report(results):
+    # type: (List[Result]) -> None
+    print()
+    print("%-34s %6s %9s %9s %9s %9s %9s" % ("target", "sent", "delivered", "accept s",
+                                              "accept/s", "e2e s", "e2e msg/s"))
+    for r in results:
+        print("%-34s %6d %9d %9.2f %9.0f %9.2f %9.0f"
+              % (r.name, r.sent, r.delivered, r.accept_seconds, r.accept_rate,
+                 r.end_to_end_seconds, r.end_to_end_rate))
+    elemta = [r for r in results if r.name.startswith("elemta")]
+    postfix = [r for r in results if r.name.startswith("postfix")]
+    for mine in elemta:
+        for theirs in postfix:
+            if theirs.end_to_end_rate > 0:
+                print("ratio end-to-end %s / %s: %.2f"
+                      % (mine.name, theirs.name, mine.end_to_end_rate / theirs.end_to_end_rate))
+
+
+def main():
+    count = int(os.environ.get("BENCH_MESSAGES", "3000"))
+    reason = postfix_available()
+    for program in (SMTP_SOURCE, SMTP_SINK):
+        if not reason and not os.path.exists(program):
+            reason = program + " is missing"
+    if reason:
+        print("bench_relay: cannot run: %s" % reason)
+        return 2
+    scratch = tempfile.mkdtemp(prefix="elemta-bench-relay-")
+    os.chmod(scratch, 0o755)  # The postfix and nobody users must reach what is inside.
+    print("bench_relay: %d messages of %d bytes, %d sessions, relayed to smtp-sink, in %s"
+          % (count, MESSAGE_BYTES, SESSIONS, scratch))
+    results = []  # type: List[Result]
+
+    def record(result):
+        results.append(result)
+        print("  %s: accepted in %.2fs, %d at the sink after %.2fs"
+              % (result.name, result.accept_seconds, result.delivered,
+                 result.end_to_end_seconds))
+
+    failed = False
+    try:
+        if not os.path.exists(ELEMTA):
+            print("  elemta: not measured: %s is missing (make bench installs it)" % ELEMTA)
+            failed = True
+        else:
+            try:
+                record(bench_elemta(scratch, count))
+            except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+                print("  elemta: not measured: %s" % error)
+                failed = True
+        record(bench_postfix(scratch, count, None))
+        record(bench_postfix(scratch, count, "0"))
+    finally:
+        if os.environ.get("BENCH_KEEP") == "1":
+            print("kept %s" % scratch)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    report(results)
+    short = [r for r in results if r.delivered != r.sent]
+    for result in short:
+        print("%s delivered %d of %d" % (result.name, result.delivered, result.sent))
+    return 1 if failed or short else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
