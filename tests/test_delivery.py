@@ -290,3 +290,17 @@ def test_a_stopping_worker_gives_back_what_it_could_not_finish(start, mx_port):
         record = q.get(queue_id)
     # Due now, not after the 15-minute lease: the next worker sends it at once.
     assert record.state == "deferred" and record.next_attempt <= time.time()
+
+
+def test_one_connection_carries_messages_sent_one_after_another(start, mx_port):
+    """Like Postfix's connection cache: the next message to the same server reuses the
+    connection (after an RSET) instead of a new TCP, greeting and EHLO."""
+    with ScriptedServer(address="127.0.0.9", port=mx_port) as sink:
+        server = start(relayhost="[127.0.0.9]:%d" % mx_port)
+        for n in range(3):
+            sender = "reuse%d@client.test" % n
+            send(server, sender, ["r%d@far.test" % n], "reuse %d" % n)
+            wait_for_status(server, queue_id_of(server, sender), "r%d@far.test" % n, "sent")
+        assert len(sink.messages) == 3
+        assert len(sink.sessions) == 1
+        assert sink.sessions[0].commands.count("RSET") == 2

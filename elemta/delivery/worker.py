@@ -42,6 +42,7 @@ from gevent.pool import Pool
 
 from elemta import metrics
 from elemta.delivery.bounce import queue_bounce
+from elemta.delivery.connections import ConnectionCache
 from elemta.delivery.mx import Resolver, RouteError
 from elemta.delivery.routing import LOCAL, Router, hosts_for
 from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, SessionError, SMTPClient,
@@ -91,6 +92,7 @@ class DeliveryWorker(GeventChild):
             quit=min(20.0, self.delivery.command_timeout))
         self.tls = TLSPolicy(self.delivery.tls_level)
         self.router = Router(config)
+        self.connections = None
         self.resolver = None
         self.taken = 0           # messages claimed since start (for max_use)
         # Jitter, so workers started together do not all retire together (gunicorn).
@@ -110,6 +112,7 @@ class DeliveryWorker(GeventChild):
                                  port=self.delivery.dns_port,
                                  timeout=self.delivery.dns_timeout)
         wake_socket = wakeup.bind(spool, self.slot, gsocket)
+        self.connections = ConnectionCache()
         helpers = self.start_life() + [gevent.spawn(self._listen, wake_socket)]
         log.info("delivery worker started (slot %d)", self.slot)
         try:
@@ -126,6 +129,7 @@ class DeliveryWorker(GeventChild):
                          len(given_back), " ".join(given_back))
         finally:
             gevent.killall(helpers)
+            self.connections.close()
             wake_socket.close()
             try:
                 os.unlink(wakeup.socket_path(spool, self.slot))
@@ -271,22 +275,27 @@ class DeliveryWorker(GeventChild):
             outcome = {}
             last_reply, relay = None, "none"
             for host in hosts:
-                client = SMTPClient(self.config.hostname, timeouts=self.timeouts, tls=self.tls)
                 started = time.monotonic()
-                try:
-                    client.connect(host.address, port, server_name=host.name)
-                except SessionError as error:
-                    last_reply, relay = error.reply, client.peer
-                    log.info("%s: %s", record.queue_id, error.reply.text or error.reply)
-                    if error.try_next_host:
-                        continue
-                    break
+                client = self.connections.take(host.address, port, host.name)
+                if client is None:
+                    client = SMTPClient(self.config.hostname, timeouts=self.timeouts,
+                                        tls=self.tls)
+                    try:
+                        client.connect(host.address, port, server_name=host.name)
+                    except SessionError as error:
+                        last_reply, relay = error.reply, client.peer
+                        log.info("%s: %s", record.queue_id, error.reply.text or error.reply)
+                        if error.try_next_host:
+                            continue
+                        break
                 try:
                     with self.queue.store.open_content(record.queue_id) as content:
                         result = client.send(record.envelope, content,
                                              [recipient for _, recipient in items])
-                finally:
-                    client.quit()
+                except BaseException:
+                    client.close()
+                    raise
+                self.connections.park(host.address, port, host.name, client)
                 metrics.DELIVERY_ATTEMPT.observe(time.monotonic() - started)
                 relay = client.peer
                 for (index, _), item in zip(items, result.recipients):
