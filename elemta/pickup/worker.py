@@ -28,7 +28,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import time
 
 from elemta.queue import maildrop, wakeup
@@ -162,12 +161,7 @@ class PickupWorker:
 
     def _bind(self):
         path = maildrop.socket_path(self.spool)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
+        sock = wakeup.bind_path(path)
         os.chmod(path, 0o666)        # any user's sendmail may wake us
         sock.setblocking(False)
         return sock

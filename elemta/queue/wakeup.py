@@ -34,9 +34,12 @@ def socket_path(spool_dir, slot):
 def bind(spool_dir, slot, socket_module=socket):
     """The worker's wake-up socket, replacing any left by a dead worker.
     socket_module: gevent.socket in a gevent process (its recv waits cooperatively)."""
-    directory = run_dir(spool_dir)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    path = socket_path(spool_dir, slot)
+    os.makedirs(run_dir(spool_dir), mode=0o700, exist_ok=True)
+    return bind_path(socket_path(spool_dir, slot), socket_module)
+
+
+def bind_path(path, socket_module=socket):
+    """A datagram socket bound at path, replacing a socket file a dead process left."""
     try:
         os.unlink(path)
     except FileNotFoundError:
