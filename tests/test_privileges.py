@@ -11,6 +11,7 @@ import tempfile
 
 import pytest
 
+from elemta.util.procs import children as children_of
 from tests.conftest import REPO, wait_for
 from tests.peers.postfix import free_port
 
@@ -34,21 +35,6 @@ def uid_of(pid):
             if line.startswith("Uid:"):
                 return int(line.split()[1])
     raise AssertionError("no Uid line")
-
-
-def children_of(pid):
-    found = {}
-    for entry in os.listdir("/proc"):
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                stat = f.read()
-            with open("/proc/%s/cmdline" % entry, "rb") as f:
-                title = f.read().split(b"\0")[0].decode()
-        except (OSError, ValueError):
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-            found[int(entry)] = title
-    return found
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="dropping privileges needs root")

@@ -5,25 +5,8 @@ import os
 import signal
 import smtplib
 
+from elemta.util.procs import children as children_of
 from tests.conftest import wait_for
-
-
-def children_of(pid):
-    """{child pid: process title} from /proc."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                stat = f.read()
-            with open("/proc/%s/cmdline" % entry, "rb") as f:
-                title = f.read().split(b"\0")[0].decode()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-            found[int(entry)] = title
-    return found
 
 
 def smtpd_workers(master):
@@ -64,7 +47,7 @@ def test_master_runs_titled_workers_and_respawns_them(elemta_server):
 def test_workers_exit_when_the_master_is_killed(elemta_server):
     server = elemta_server(smtpd={"hostname": "mx.test", "workers": 2})
     master = server.process.pid
-    workers = wait_for(lambda: len(smtpd_workers(master)) == 2 and smtpd_workers(master))
+    wait_for(lambda: len(smtpd_workers(master)) == 2 and smtpd_workers(master))
     send(server.port)
     os.kill(master, signal.SIGKILL)
     wait_for(lambda: not server.group_pids())     # the workers leave on their own

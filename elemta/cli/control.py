@@ -12,6 +12,7 @@ import signal
 import time
 
 from elemta.cli import queuecmd
+from elemta.util.procs import children
 
 LOCK_NAME = "master.lock"
 # How long `stop` waits past the configured stop grace for the master to be gone.
@@ -45,24 +46,6 @@ def master_pid(spool_dir):
         os.close(fd)
 
 
-def children(pid):
-    """Titles of the master's children, counted: {"elemta: smtpd": 2, ...}."""
-    counts = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                stat = f.read()
-            with open("/proc/%s/cmdline" % entry, "rb") as f:
-                title = f.read().split(b"\0")[0].decode("utf-8", "replace").strip()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-            counts[title] = counts.get(title, 0) + 1
-    return counts
-
-
 def _spool(args):
     config = queuecmd._load_config(getattr(args, "config", None))
     return config, os.path.abspath(getattr(args, "spool_dir", None) or
@@ -77,7 +60,9 @@ def cmd_status(args):
     except NotRunning as exc:
         print("elemta: %s" % exc)
         return EX_STATUS_NOT_RUNNING
-    kids = children(pid)
+    kids = {}
+    for title in children(pid).values():
+        kids[title] = kids.get(title, 0) + 1
     print("elemta is running: master pid %d, spool %s" % (pid, spool_dir))
     for title in sorted(kids):
         print("  %s x%d" % (title, kids[title]))
