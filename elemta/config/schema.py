@@ -118,16 +118,28 @@ def parse_nexthop(value):
     return host, port, match.group("literal") is None
 
 
-TRANSPORT_KINDS = ("smtp",)
+TRANSPORT_KINDS = ("smtp", "lmtp", "local")
+TRANSPORT_FORMS = ("smtp:[host]:port, smtp:host:port, lmtp:[host]:port, lmtp:unix:/path "
+                   "or local")
 
 
 def parse_transport(value):
     """(kind, host, port or None, mx_lookup) for a transport map next hop such as
-    "smtp:[host]:port"; raises ValueError."""
-    kind, colon, rest = value.partition(":")
-    if not colon or kind not in TRANSPORT_KINDS:
-        raise ValueError("%r: a next hop is smtp:[host]:port or smtp:host:port (%s are not "
-                         "implemented yet)" % (value, "lmtp and local"))
+    "smtp:[host]:port", "lmtp:unix:/run/dovecot/lmtp" (host is the socket path, port None)
+    or "local" (host ""); raises ValueError."""
+    kind, colon, rest = value.strip().partition(":")
+    if kind not in TRANSPORT_KINDS or (kind == "local") == bool(colon):
+        raise ValueError("%r: a next hop is %s" % (value, TRANSPORT_FORMS))
+    if kind == "local":
+        return kind, "", None, False
+    if kind == "lmtp" and rest.startswith("unix:"):
+        path = rest[5:]
+        if not path.startswith("/"):
+            raise ValueError("%r: an LMTP socket path must be absolute" % (value,))
+        return kind, path, None, False
+    if kind == "lmtp" and not rest.startswith("["):
+        raise ValueError("%r: write lmtp:[host]:port (LMTP servers are not looked up "
+                         "by MX)" % (value,))
     host, port, mx_lookup = parse_nexthop(rest)
     return kind, host, port, mx_lookup
 
@@ -306,6 +318,11 @@ class API:
     enabled: bool = opt(True, "Run the api process.")
     address: str = opt("127.0.0.1", "Address the api process listens on.", _ip_address)
     port: int = opt(8025, "TCP port of the api process.", _port)
+    token: Optional[str] = opt(None, "Bearer token the REST API requires on every route "
+                                     "but /api/v1/health and /metrics. Unset (and no "
+                                     "token_file): those routes answer 401 to everyone.")
+    token_file: Optional[str] = opt(None, "File holding the bearer token (first line), "
+                                          "read at start and on reload; wins over token.")
 
 
 @dataclass(frozen=True)
@@ -313,8 +330,10 @@ class Transport:
     """One transport map entry: mail for `domain` goes to `nexthop`."""
     domain: str = opt("", "Recipient domain this entry applies to (exact match, or "
                           "\".example.org\" for every subdomain).", _transport_domain)
-    nexthop: str = opt("", "Where its mail goes: smtp:[host]:port (that host, no MX lookup) "
-                           "or smtp:host:port (the MX hosts of host).", _transport)
+    nexthop: str = opt("", "Where its mail goes: smtp:[host]:port (that host, no MX lookup), "
+                           "smtp:host:port (the MX hosts of host), lmtp:[host]:port, "
+                           "lmtp:unix:/path (an LMTP server such as Dovecot's) or local "
+                           "(local delivery, as for local_domains).", _transport)
 
 
 @dataclass(frozen=True)
@@ -366,7 +385,62 @@ class Delivery:
                          _one_of(DELIVERY_TLS_LEVELS))
     lease: float = opt(900.0, "Seconds a delivery worker owns a message it took; if the "
                               "worker dies, the message returns to the queue after this. "
-                              "Keep it longer than the slowest delivery.", _positive)
+                              "A worker renews the lease of a delivery still under way.",
+                       _positive)
+    delay_warning_time: float = opt(0.0, "Seconds a message may wait before its sender gets "
+                                         "a warning that delivery is delayed (RFC 3464 "
+                                         "delayed DSN, once per message); 0 sends none "
+                                         "(Postfix's delay_warning_time).", _not_negative)
+    sasl_password_file: Optional[str] = opt(
+        None, "Credentials for next hops that want SMTP AUTH, as Postfix's "
+              "smtp_sasl_password_maps source file (no postmap needed): lines of "
+              "\"[host]:port user:password\" or \"host user:password\", # comments. Keep "
+              "it mode 0600.")
+    sasl_require_tls: bool = opt(True, "Authenticate to a next hop only inside TLS; "
+                                       "without it the attempt defers (a password never "
+                                       "crosses the network in clear).")
+
+
+LOCAL_RIGHTS = ("alias", "forward", "include")
+
+
+def _local_rights(values):
+    bad = [v for v in values if v not in LOCAL_RIGHTS]
+    if bad:
+        return "%s: each must be one of %s" % (", ".join(bad), ", ".join(LOCAL_RIGHTS))
+    return None
+
+
+@dataclass(frozen=True)
+class Local:
+    """Local delivery (Postfix's local): aliases, .forward files, mailboxes."""
+    aliases_file: Optional[str] = opt(
+        "/etc/aliases", "Aliases in /etc/aliases format (name: address, /file, |command, "
+                        ":include:/path). Read again whenever it changes; newaliases checks "
+                        "it. Unset: no aliases.")
+    mail_spool_directory: str = opt(
+        "/var/mail", "Directory of mbox mailboxes, one file per user (Postfix's "
+                     "mail_spool_directory); used when home_mailbox is empty.")
+    home_mailbox: str = opt(
+        "", "Mailbox relative to the user's home directory: \"Maildir/\" (ends in /: "
+            "Maildir) or \"Mailbox\" (mbox). Empty: mbox in mail_spool_directory.")
+    forward: bool = opt(True, "Honour ~/.forward files.")
+    allow_mail_to_commands: Tuple[str, ...] = opt(
+        ("alias", "forward"), "Where |command destinations are allowed: alias, forward, "
+                              "include.", _local_rights)
+    allow_mail_to_files: Tuple[str, ...] = opt(
+        ("alias", "forward"), "Where /file destinations are allowed: alias, forward, "
+                              "include.", _local_rights)
+    default_privileges: str = opt(
+        "nobody", "User that commands and files named in root-owned aliases run as "
+                  "(Postfix's default_privileges).")
+    command_timeout: float = opt(1000.0, "Seconds a |command delivery may run "
+                                         "(Postfix's command_time_limit).", _positive)
+    recipient_delimiter: str = opt(
+        "", "Separator of address extensions, such as + in user+tag (empty: none).")
+    reject_unknown_users: bool = opt(
+        True, "Refuse, at RCPT, local recipients that are neither a user nor an alias "
+              "(550 5.1.1), as Postfix's local_recipient_maps does.")
 
 
 @dataclass(frozen=True)
@@ -554,6 +628,7 @@ class Config:
     master: Master = opt(Master(), "The master process.")
     api: API = opt(API(), "The api process.")
     delivery: Delivery = opt(Delivery(), "Delivery of queued mail.")
+    local: Local = opt(Local(), "Local delivery.")
     dns: DNS = opt(DNS(), "DNS for the plugins.")
     plugins: Plugins = opt(Plugins(), "Plugins.")
     source: Optional[str] = field(default=None, compare=False, metadata={"internal": True})

@@ -2,10 +2,10 @@
 
 Owned by the delivery worker (`elemta: delivery`). In Postfix's order of precedence:
 
-    1. local domains (relay.local_domains and the host name): local delivery, which is not
-       implemented yet (the worker leaves those recipients deferred, saying so);
+    1. local domains (relay.local_domains and the host name): local delivery;
     2. the transport map (delivery.transport): "example.org" matches the domain itself,
-       ".example.org" every subdomain; the next hop is smtp:[host]:port or smtp:host:port;
+       ".example.org" every subdomain; the next hop is smtp:[host]:port, smtp:host:port,
+       lmtp:[host]:port, lmtp:unix:/path or local;
     3. the relay host (delivery.relayhost), [host]:port or host:port;
     4. the MX hosts of the recipient's domain (elemta.delivery.mx), on delivery.mx_port.
 
@@ -24,22 +24,34 @@ from elemta.queue.index import address_domain
 
 LOCAL = "local"
 SMTP = "smtp"
+LMTP = "lmtp"
+LMTP_PORT = 24
 
 
 @dataclass(frozen=True)
 class Destination:
     """Where a group of recipients goes. `key` names it for concurrency limits and logs."""
-    kind: str            # LOCAL or SMTP
-    host: str            # the domain or next-hop host ("" for LOCAL)
-    port: int
+    kind: str            # LOCAL, SMTP or LMTP
+    host: str            # the domain, next-hop host or LMTP socket path ("" for LOCAL)
+    port: int            # 0 for LOCAL and for an LMTP unix socket
     mx_lookup: bool      # look host up as a mail domain (MX), or connect to it as it is
+
+    @property
+    def unix_socket(self):
+        """True for lmtp:unix:/path (host is the path)."""
+        return self.kind == LMTP and self.host.startswith("/")
 
     @property
     def key(self):
         if self.kind == LOCAL:
             return LOCAL
+        if self.unix_socket:
+            return "lmtp:unix:%s" % self.host
         return "%s:%s:%d" % (self.kind, self.host if self.mx_lookup else "[%s]" % self.host,
                              self.port)
+
+
+LOCAL_DESTINATION = Destination(LOCAL, "", 0, False)
 
 
 class Router:
@@ -52,9 +64,15 @@ class Router:
         self.local_domains.add(config.hostname.lower().rstrip("."))
         self.transport = {}
         for entry in delivery.transport:
-            _, host, port, mx_lookup = parse_transport(entry.nexthop)
-            self.transport[entry.domain.lower().rstrip(".")] = Destination(
-                SMTP, host, port or self.mx_port, mx_lookup)
+            kind, host, port, mx_lookup = parse_transport(entry.nexthop)
+            if kind == LOCAL:
+                destination = LOCAL_DESTINATION
+            elif kind == LMTP:
+                destination = Destination(LMTP, host, 0 if host.startswith("/")
+                                          else port or LMTP_PORT, False)
+            else:
+                destination = Destination(SMTP, host, port or self.mx_port, mx_lookup)
+            self.transport[entry.domain.lower().rstrip(".")] = destination
         self.relay = None
         if delivery.relayhost:
             host, port, mx_lookup = parse_nexthop(delivery.relayhost)
@@ -64,7 +82,7 @@ class Router:
         # type: (str) -> Destination
         domain = address_domain(address).rstrip(".")
         if domain in self.local_domains or not domain:
-            return Destination(LOCAL, "", 0, False)
+            return LOCAL_DESTINATION
         found = self._transport_entry(domain)
         if found is not None:
             return found

@@ -7,8 +7,9 @@ fork. Its loop, top to bottom:
     reclaim   now and then, messages whose lease lapsed (a worker was killed) become due
     claim     due messages, as many as there is room for, leased to this worker
     deliver   each in its own greenlet: recipients grouped by destination (routing), each
-              group over SMTP to the first host that takes it (the next MX host when a
-              host refuses the connection, greets badly or drops the session), at most
+              group by its transport: SMTP to the first host that takes it (the next MX
+              host when a host refuses the connection, greets badly or drops the
+              session; elemta.delivery.smtp_transport), LMTP, or local delivery; at most
               delivery.destination_concurrency connections per destination across workers
     record    per recipient, durably, before anything else (Queue.record_attempt): sent
               recipients are never sent again; 4xx and connection errors wait an
@@ -42,11 +43,11 @@ from gevent.pool import Pool
 
 from elemta import metrics
 from elemta.delivery.bounce import queue_bounce
-from elemta.delivery.connections import ConnectionCache
-from elemta.delivery.mx import Resolver, RouteError
-from elemta.delivery.routing import LOCAL, Router, hosts_for
-from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, SessionError, SMTPClient,
-                                         Timeouts, TLSPolicy, outcome_of)
+from elemta.delivery.lmtp import LMTPTransport
+from elemta.delivery.local_transport import LocalTransport
+from elemta.delivery.mx import Resolver
+from elemta.delivery.routing import LMTP, LOCAL, SMTP, Router
+from elemta.delivery.smtp_transport import SMTPTransport
 from elemta.queue import wakeup
 from elemta.queue.model import BOUNCED, PENDING, RCPT_DEFERRED, SENT
 from elemta.queue.queue import (ATTEMPT_FAILED, ATTEMPT_GONE, ATTEMPT_LEASE_LOST,
@@ -58,7 +59,6 @@ log = logging.getLogger("elemta.delivery")
 # Messages one worker delivers at once, and claims per write transaction.
 MAX_IN_FLIGHT = 100
 CLAIM_BATCH = 20
-LOCAL_NOT_IMPLEMENTED = "451 4.3.0 local delivery is not implemented yet"
 EXPIRED = "message expired after %d seconds in the queue"
 
 
@@ -83,17 +83,8 @@ class DeliveryWorker(GeventChild):
         # Each worker takes its share of the per-destination limit, so together they hold it.
         workers = max(1, self.delivery.workers)
         self.per_destination = max(1, self.delivery.destination_concurrency // workers)
-        self.timeouts = Timeouts(
-            connect=self.delivery.connect_timeout, greeting=self.delivery.command_timeout,
-            helo=self.delivery.command_timeout, mail=self.delivery.command_timeout,
-            rcpt=self.delivery.command_timeout, data=self.delivery.command_timeout,
-            data_block=self.delivery.data_timeout, data_done=self.delivery.data_timeout,
-            rset=min(20.0, self.delivery.command_timeout),
-            quit=min(20.0, self.delivery.command_timeout))
-        self.tls = TLSPolicy(self.delivery.tls_level)
         self.router = Router(config)
-        self.connections = None
-        self.resolver = None
+        self.transports = {}         # Destination.kind -> transport, made in run()
         self.taken = 0           # messages claimed since start (for max_use)
         # Jitter, so workers started together do not all retire together (gunicorn).
         max_use = self.delivery.max_use
@@ -108,11 +99,13 @@ class DeliveryWorker(GeventChild):
         self.queue = Queue(spool, sync_method=self.config.queue.sync_method,
                            map_size=self.config.queue.index_map_size)
         self.owner = "%s:%d" % (stdlib_socket.gethostname(), os.getpid())
-        self.resolver = Resolver(list(self.delivery.nameservers) or None,
-                                 port=self.delivery.dns_port,
-                                 timeout=self.delivery.dns_timeout)
+        resolver = Resolver(list(self.delivery.nameservers) or None,
+                            port=self.delivery.dns_port, timeout=self.delivery.dns_timeout)
         wake_socket = wakeup.bind(spool, self.slot, gsocket)
-        self.connections = ConnectionCache()
+        store = self.queue.store
+        self.transports = {SMTP: SMTPTransport(self.config, store, resolver),
+                           LMTP: LMTPTransport(self.config, store),
+                           LOCAL: LocalTransport(self.config, store)}
         helpers = self.start_life() + [gevent.spawn(self._listen, wake_socket)]
         log.info("delivery worker started (slot %d)", self.slot)
         try:
@@ -129,7 +122,8 @@ class DeliveryWorker(GeventChild):
                          len(given_back), " ".join(given_back))
         finally:
             gevent.killall(helpers)
-            self.connections.close()
+            for transport in self.transports.values():
+                transport.close()
             wake_socket.close()
             try:
                 os.unlink(wakeup.socket_path(spool, self.slot))
@@ -201,10 +195,7 @@ class DeliveryWorker(GeventChild):
             if recipient.status not in (PENDING, RCPT_DEFERRED):
                 continue
             destination = self.router.destination(recipient.address)
-            if destination.kind == LOCAL:
-                results[index] = (RCPT_DEFERRED, LOCAL_NOT_IMPLEMENTED, "local")
-            else:
-                groups.setdefault(destination, []).append((index, recipient))
+            groups.setdefault(destination, []).append((index, recipient))
         jobs = [gevent.spawn(self._deliver_group, record, destination, items)
                 for destination, items in groups.items()]
         gevent.joinall(jobs)
@@ -263,51 +254,10 @@ class DeliveryWorker(GeventChild):
         return semaphore
 
     def _deliver_group(self, record, destination, items):
-        """Deliver recipients sharing a destination. Returns {index: (status, reply, relay)}."""
+        """Deliver recipients sharing a destination by its transport, within the
+        destination's concurrency limit. Returns {index: (status, reply, relay)}."""
         with self._limit(destination):
-            try:
-                hosts = hosts_for(destination, self.resolver)
-            except RouteError as error:
-                reply = "%d %s %s" % (error.code, error.status, error.reason)
-                status = BOUNCED if error.permanent else RCPT_DEFERRED
-                return {index: (status, reply, "none") for index, _ in items}
-            port = destination.port
-            outcome = {}
-            last_reply, relay = None, "none"
-            for host in hosts:
-                started = time.monotonic()
-                client = self.connections.take(host.address, port, host.name)
-                if client is None:
-                    client = SMTPClient(self.config.hostname, timeouts=self.timeouts,
-                                        tls=self.tls)
-                    try:
-                        client.connect(host.address, port, server_name=host.name)
-                    except SessionError as error:
-                        last_reply, relay = error.reply, client.peer
-                        log.info("%s: %s", record.queue_id, error.reply.text or error.reply)
-                        if error.try_next_host:
-                            continue
-                        break
-                try:
-                    with self.queue.store.open_content(record.queue_id) as content:
-                        result = client.send(record.envelope, content,
-                                             [recipient for _, recipient in items])
-                except BaseException:
-                    client.close()
-                    raise
-                self.connections.park(host.address, port, host.name, client)
-                metrics.DELIVERY_ATTEMPT.observe(time.monotonic() - started)
-                relay = client.peer
-                for (index, _), item in zip(items, result.recipients):
-                    outcome[index] = (_status(item.outcome), str(item.reply), relay)
-                if not result.try_next_host:
-                    return outcome
-                last_reply = None
-            if last_reply is not None:
-                status = BOUNCED if outcome_of(last_reply) == PERMANENT else RCPT_DEFERRED
-                text = str(last_reply)
-                return {index: (status, text, relay) for index, _ in items}
-            return outcome
+            return self.transports[destination.kind].deliver(record, destination, items)
 
     # ---- bounces ------------------------------------------------------------------------
 
@@ -329,12 +279,6 @@ class DeliveryWorker(GeventChild):
 def _seconds(value):
     """Postfix's delay= style: 0.12, 1.2, 12, 1234."""
     return "%.2g" % value if value < 10 else "%d" % round(value)
-
-
-def _status(outcome):
-    if outcome == DELIVERED:
-        return SENT
-    return BOUNCED if outcome == PERMANENT else RCPT_DEFERRED
 
 
 def run_delivery(config, slot, scoreboard, master_pid):
