@@ -15,6 +15,7 @@ import email.policy
 import os
 import re
 import subprocess
+import sys
 import shutil
 import signal
 import smtplib
@@ -191,6 +192,20 @@ def test_550_and_null_mx_bounce_at_once_and_the_message_fails(start, mx_port, po
                             "fine@remote.dlv.test": SENT}
         # Tried once only: a 5xx is final.
         assert len(delivery_lines(server, queue_id)) == 3
+        # Each recipient's result, with the relay that gave it, is in the history that
+        # `elemtactl queue show` prints.
+        history = {entry[1]: entry for entry in record.history}
+        assert set(history) == set(statuses)
+        assert history["nobody@reject.dlv.test"][2:4] == [BOUNCED, "mx.reject.dlv.test[127.0.0.4]:%d"
+                                                          % mx_port]
+        assert history["nobody@reject.dlv.test"][4].startswith("550 5.1.1 no such user")
+        shown = subprocess.run(
+            [sys.executable, "-m", "elemta.cli.elemtactl", "queue", "show", "--spool-dir",
+             server.spool, queue_id], stdout=subprocess.PIPE, universal_newlines=True,
+            check=True).stdout
+        assert re.search(r"History:\n(.*\n)*.*<nobody@reject\.dlv\.test>  bounced via "
+                         r"mx\.reject\.dlv\.test\[127\.0\.0\.4\]:\d+: 550 5\.1\.1 no such user",
+                         shown), shown
         # Mail from <> is never bounced: no DSN was queued.
         assert server.queued_ids() == [queue_id]
         assert "non-delivery notification" not in server.log()

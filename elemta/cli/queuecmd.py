@@ -294,6 +294,8 @@ def _show_json(record, spool_path) -> dict:
                  "protocol", "auth_user", "extra"):
         data[name] = getattr(envelope, name)
     data["arrival"] = envelope.arrival
+    data["history"] = [dict(zip(("time", "recipient", "status", "relay", "reply"), entry))
+                       for entry in record.history]
     data["spool_file"] = spool_path
     return data
 
@@ -333,6 +335,12 @@ def _write_envelope(out: Output, record, spool_path: str, held: bool) -> None:
             out.write("    %s\n" % printable(" ".join(dsn)))
         if recipient.last_reply:
             out.write("    last reply: %s\n" % printable(recipient.last_reply))
+    if record.history:
+        out.write("History:\n")
+        for when, address, status, relay, reply in record.history:
+            out.write("  %s  <%s>  %s via %s: %s\n" % (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)), printable(address),
+                status, printable(relay or "none"), printable(reply or "")))
     if envelope.extra:
         out.write("Extra:      %s\n" % json.dumps(envelope.extra, sort_keys=True))
 

@@ -11,7 +11,8 @@ fork. Its loop, top to bottom:
               host when a host refuses the connection, greets badly or drops the
               session; elemta.delivery.smtp_transport), LMTP, or local delivery; at most
               delivery.destination_concurrency connections per destination across workers
-    record    per recipient, durably, before anything else (Queue.record_attempt): sent
+    record    per recipient, durably, before anything else (Queue.record_attempts, many
+              messages per flush: elemta.delivery.recorder): sent
               recipients are never sent again; 4xx and connection errors wait an
               exponential backoff (min_backoff doubling to max_backoff); 5xx bounce; past
               queue_lifetime the waiting ones bounce; the log gets one Postfix-style line
@@ -24,7 +25,7 @@ fork. Its loop, top to bottom:
 Stops gracefully on SIGTERM/SIGINT (deliveries under way get master.stop_grace seconds),
 at once on SIGQUIT, and when the master is gone; a message cut short stays active until
 its lease lapses, then another worker sends it (at worst twice, never lost).
-See also: elemta.queue.queue (claim, reclaim, record_attempt), elemta.delivery.routing,
+See also: elemta.queue.queue (claim, reclaim, record_attempts), elemta.delivery.routing,
 elemta.delivery.smtp_client, elemta.delivery.bounce, elemta.smtpd.worker (the same life cycle).
 """
 
@@ -46,12 +47,13 @@ from elemta.delivery.bounce import queue_bounce
 from elemta.delivery.lmtp import LMTPTransport
 from elemta.delivery.local_transport import LocalTransport
 from elemta.delivery.mx import Resolver
+from elemta.delivery.recorder import AttemptRecorder
 from elemta.delivery.routing import LMTP, LOCAL, SMTP, Router
 from elemta.delivery.smtp_transport import SMTPTransport
 from elemta.queue import wakeup
 from elemta.queue.model import BOUNCED, PENDING, RCPT_DEFERRED, SENT
 from elemta.queue.queue import (ATTEMPT_FAILED, ATTEMPT_GONE, ATTEMPT_LEASE_LOST,
-                                ATTEMPT_REMOVED, Queue)
+                                ATTEMPT_REMOVED, Attempt, Queue)
 from elemta.util.child import GeventChild
 
 log = logging.getLogger("elemta.delivery")
@@ -85,6 +87,7 @@ class DeliveryWorker(GeventChild):
         self.per_destination = max(1, self.delivery.destination_concurrency // workers)
         self.router = Router(config)
         self.transports = {}         # Destination.kind -> transport, made in run()
+        self.recorder = None
         self.taken = 0           # messages claimed since start (for max_use)
         # Jitter, so workers started together do not all retire together (gunicorn).
         max_use = self.delivery.max_use
@@ -103,6 +106,7 @@ class DeliveryWorker(GeventChild):
                             port=self.delivery.dns_port, timeout=self.delivery.dns_timeout)
         wake_socket = wakeup.bind(spool, self.slot, gsocket)
         store = self.queue.store
+        self.recorder = AttemptRecorder(self.queue, self.owner)
         self.transports = {SMTP: SMTPTransport(self.config, store, resolver),
                            LMTP: LMTPTransport(self.config, store),
                            LOCAL: LocalTransport(self.config, store)}
@@ -122,6 +126,7 @@ class DeliveryWorker(GeventChild):
                          len(given_back), " ".join(given_back))
         finally:
             gevent.killall(helpers)
+            self.recorder.close()
             for transport in self.transports.values():
                 transport.close()
             wake_socket.close()
@@ -214,10 +219,8 @@ class DeliveryWorker(GeventChild):
         last_error = waiting[-1][1] if waiting else None
         next_attempt = now + backoff(record.attempts + 1, self.delivery.min_backoff,
                                      self.delivery.max_backoff)
-        outcome = self.queue.record_attempt(
-            self.owner, record.queue_id,
-            {i: (status, reply) for i, (status, reply, _) in results.items()},
-            next_attempt, last_error)
+        outcome = self.recorder.record(
+            Attempt(record.queue_id, results, next_attempt, last_error, now))
         self._log_results(record, results, now)
         if outcome == ATTEMPT_REMOVED:
             log.info("%s: removed", record.queue_id)

@@ -11,7 +11,8 @@ Named databases, kept consistent with each other in every write transaction (all
 through _put and _delete; a new writer must too):
 
     messages   qid (ASCII) -> one JSON object: every Envelope field, plus "state",
-               "attempts", "next_attempt" (seconds since the epoch), "last_error", and
+               "attempts", "next_attempt" (seconds since the epoch), "last_error",
+               "history" (each recipient's delivery results, oldest first), and
                for an active message its lease: "lease_owner" and "lease_expires"
     due        8-byte big-endian next_attempt in milliseconds + qid -> b"", for exactly the
                messages in state incoming or deferred, so delivery workers find due work by
@@ -26,7 +27,7 @@ import json
 import os
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import lmdb
@@ -37,7 +38,7 @@ from elemta.queue.store import envelope_from_dict, envelope_to_dict
 
 DUE_STATES = (INCOMING, DEFERRED)
 _RECORD_FIELDS = ("state", "attempts", "next_attempt", "last_error", "lease_owner",
-                  "lease_expires")
+                  "lease_expires", "history")
 # Due entries looked at per claimed message: among messages due at the same millisecond,
 # the higher priority goes first.
 _CLAIM_LOOKAHEAD = 4
@@ -59,6 +60,8 @@ class QueueRecord:
     last_error: Optional[str] = None
     lease_owner: Optional[str] = None    # the delivery worker that claimed it (state active)
     lease_expires: float = 0.0           # time.time() after which the claim lapses
+    # Delivery results, oldest first: [time, recipient, status, relay, reply] each.
+    history: List[list] = field(default_factory=list)
 
     @property
     def queue_id(self):

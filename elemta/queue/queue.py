@@ -45,8 +45,8 @@ Delivery workers (elemta.delivery.worker) use three calls:
     claim          due messages become active, leased to the worker (one write transaction);
     reclaim        active messages whose lease lapsed (worker killed) become deferred, due
                    now: at worst a message is sent twice, never lost;
-    record_attempt the outcome of one attempt, per recipient, in one write transaction made
-                   durable before anything else happens to the message. A delivered recipient
+    record_attempts the outcomes of attempts, per recipient, for a batch of messages in one
+                   write transaction made durable before anything else happens to them. A delivered recipient
                    becomes sent whoever holds the lease (it must never be sent again); the
                    message's state changes only if the lease is still this worker's (an admin
                    may have held or deleted it meanwhile). When every recipient is sent, the
@@ -99,7 +99,20 @@ ATTEMPT_LEASE_LOST = "lease lost"    # held, or reclaimed by another worker: sta
 ATTEMPT_GONE = "gone"                # deleted meanwhile
 LEASE_LAPSED = "delivery worker stopped before it finished (lease lapsed); retrying"
 
+# Delivery results kept per message for `queue show` (the oldest go first).
+HISTORY_LIMIT = 100
+
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass
+class Attempt:
+    """The outcome of one delivery attempt of one claimed message (record_attempts)."""
+    queue_id: str
+    results: Dict[int, Tuple[str, str, str]]     # index -> (status, reply, relay)
+    next_attempt: float                          # when still-waiting recipients try again
+    last_error: Optional[str]                    # the reason shown by mailq
+    when: float = field(default_factory=time.time)
 
 
 def _syncfs(fd):
@@ -446,42 +459,59 @@ class Queue:
         outcomes = self._index_call(self.index.update_many, list(queue_ids), give_back)
         return [qid for qid, outcome in outcomes.items() if outcome == RELEASED]
 
-    def record_attempt(self, owner: str, queue_id: str, results: Dict[int, Tuple[str, str]],
-                       next_attempt: float, last_error: Optional[str]) -> str:
-        """Write the outcome of one delivery attempt of a message `owner` claimed.
+    def record_attempt(self, owner: str, queue_id: str,
+                       results: Dict[int, Tuple[str, str, str]], next_attempt: float,
+                       last_error: Optional[str]) -> str:
+        """record_attempts for one message. Returns its ATTEMPT_* outcome."""
+        return self.record_attempts(
+            owner, [Attempt(queue_id, results, next_attempt, last_error)])[queue_id]
 
-        results: {index into envelope.recipients: (new status, last reply)}. Recipients left
-        pending or deferred make the message deferred until next_attempt (attempts + 1);
-        with none left it is removed (all sent) or failed (some bounced). Durable when it
-        returns. Returns one of the ATTEMPT_* outcomes."""
+    def record_attempts(self, owner: str, attempts: List["Attempt"]) -> Dict[str, str]:
+        """Write the outcomes of delivery attempts of messages `owner` claimed, all in one
+        write transaction and one flush (blocking: the delivery worker runs it in a thread
+        for a whole batch of finished deliveries, as the smtpd's group commit does).
+
+        Per attempt, results: {index into envelope.recipients: (new status, reply, relay)}.
+        Recipients left pending or deferred make the message deferred until next_attempt
+        (attempts + 1); with none left it is removed (all sent) or failed (some bounced).
+        Each result is added to the message's history (queue show). Durable when it
+        returns. Returns {queue_id: ATTEMPT_* outcome}."""
+        by_id = {attempt.queue_id: attempt for attempt in attempts}
+
         def change(record):
+            attempt = by_id[record.queue_id]
             recipients = record.envelope.recipients
-            for index, (status, reply) in results.items():
+            for index, (status, reply, relay) in sorted(attempt.results.items()):
                 if index < len(recipients) and recipients[index].status != SENT:
                     recipients[index].status = status
                     recipients[index].last_reply = reply
+                    record.history.append(
+                        [round(attempt.when, 3), recipients[index].address, status, relay,
+                         reply])
+            del record.history[:-HISTORY_LIMIT]
             if record.state != ACTIVE or record.lease_owner != owner:
                 return ATTEMPT_LEASE_LOST, True
             record.lease_owner, record.lease_expires = None, 0.0
             record.attempts += 1
-            record.last_error = last_error
+            record.last_error = attempt.last_error
             if any(r.status in (PENDING, RCPT_DEFERRED) for r in recipients):
-                record.state, record.next_attempt = DEFERRED, next_attempt
+                record.state, record.next_attempt = DEFERRED, attempt.next_attempt
                 return ATTEMPT_DEFERRED, True
             if all(r.status == SENT for r in recipients):
                 return ATTEMPT_REMOVED, True     # stays active (leased) until removed below
             record.state = FAILED
             return ATTEMPT_FAILED, True
-        outcome = self._index_call(self.index.update_many, [queue_id], change)[queue_id]
-        if outcome is None:
-            return ATTEMPT_GONE
+        outcomes = self._index_call(self.index.update_many, list(by_id), change)
         if self.sync_method == "syncfs":
             self._index_call(self.index.sync)
-        if outcome == ATTEMPT_REMOVED:
+        removed = [qid for qid, outcome in outcomes.items() if outcome == ATTEMPT_REMOVED]
+        for queue_id in removed:
             self.store.remove(queue_id)
             self.store.unmark_held(queue_id)
-            self._index_call(self.index.delete_many, [queue_id])
-        return outcome
+        if removed:
+            self._index_call(self.index.delete_many, removed)
+        return {qid: ATTEMPT_GONE if outcome is None else outcome
+                for qid, outcome in outcomes.items()}
 
     # -- reading
 
