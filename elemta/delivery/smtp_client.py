@@ -31,14 +31,27 @@ the connection unusable. connect() raises only SessionError. An error reading th
 (a corrupt spool file) drops the connection without the final dot, so the server discards the
 partial message, and then propagates: that is a local problem, not the server's.
 
-See also: elemta.delivery.wire (bytes), elemta.delivery.mx (routing), tests/test_smtp_client.py.
+LMTP (RFC 2033) is the same client in another mode, SMTPClient(name, lmtp=True): LHLO
+instead of EHLO (no HELO fallback), a unix socket path as well as a TCP address, and after
+the final dot one reply per accepted recipient, in RCPT order, each deciding its recipient.
+
+SMTP AUTH (RFC 4954), when given credentials=(user, password) and the server offers AUTH:
+PLAIN, or LOGIN when that is all it offers, after STARTTLS. With sasl_require_tls (the
+default) a session that is not encrypted is given up before the password is sent. Any
+failure (no common mechanism, 535, TLS missing) is a temporary SessionError whose reply
+quotes the server, as Postfix soft-bounces authentication failures. Without an AUTH offer
+the mail goes unauthenticated, as with Postfix.
+
+See also: elemta.delivery.wire (bytes), elemta.delivery.mx (routing), elemta.delivery.sasl
+(whose credentials), tests/test_smtp_client.py, tests/test_lmtp.py, tests/test_relay_auth.py.
 """
 
+import base64
 import ipaddress
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from gevent import socket, ssl
 
@@ -206,17 +219,25 @@ def outcome_of(reply):
 class SMTPClient:
     """One SMTP connection (see the module docstring).
 
-    helo_name:       our host name in EHLO/HELO.
+    helo_name:       our host name in EHLO/HELO (LHLO).
     timeouts:        Timeouts; tls: TLSPolicy.
     source_address:  local IP address to connect from (Postfix's smtp_bind_address).
+    lmtp:            speak LMTP (RFC 2033) instead of SMTP.
+    credentials:     (user, password) for SMTP AUTH, or None.
+    sasl_require_tls: authenticate only inside TLS (see the module docstring).
     """
 
-    def __init__(self, helo_name, timeouts=None, tls=None, source_address=None):
-        # type: (str, Optional[Timeouts], Optional[TLSPolicy], Optional[str]) -> None
+    def __init__(self, helo_name, timeouts=None, tls=None, source_address=None, lmtp=False,
+                 credentials=None, sasl_require_tls=True):
+        # type: (str, Optional[Timeouts], Optional[TLSPolicy], Optional[str], bool, Optional[Tuple[str, str]], bool) -> None
         self.helo_name = helo_name
         self.timeouts = timeouts or Timeouts()
         self.tls = tls or TLSPolicy()
         self.source_address = source_address
+        self.lmtp = lmtp
+        self.credentials = credentials
+        self.sasl_require_tls = sasl_require_tls
+        self.authenticated = None  # the SASL mechanism used, once AUTH succeeded
         self.sock = None
         self.peer = ""
         self.greeting = None       # type: Optional[ServerReply]
@@ -235,22 +256,25 @@ class SMTPClient:
     # -- the session ----------------------------------------------------------------------
 
     def connect(self, address, port=25, server_name=None):
-        """Connect, read the greeting, EHLO (or HELO), STARTTLS as the policy says.
-        server_name is the MX host name: for logs, SNI and TLS level "secure".
+        """Connect, read the greeting, EHLO (or HELO), STARTTLS as the policy says, then
+        AUTH when there are credentials. server_name is the MX host name: for logs, SNI and
+        TLS level "secure". An address starting with "/" is a unix socket (port unused;
+        the peer is logged as server_name[path], as Postfix's lmtp does).
         Raises SessionError; returns self."""
         self._server_name = server_name or address
-        self.peer = "%s[%s]:%d" % (self._server_name, address, port)
-        source = (self.source_address, 0) if self.source_address else None
+        unix = address.startswith("/")
+        if unix:
+            self.peer = "%s[%s]" % (server_name, address) if server_name else address
+        else:
+            self.peer = "%s[%s]:%d" % (self._server_name, address, port)
         try:
-            self.sock = socket.create_connection((address, port), self.timeouts.connect,
-                                                 source_address=source)
+            self.sock = self._open_socket(address, port, unix)
         except socket.timeout:
             raise SessionError(local_reply(451, "4.4.1", "connect to %s: timed out"
                                            % self.peer))
         except OSError as error:
             raise SessionError(local_reply(451, "4.4.1", "connect to %s: %s"
                                            % (self.peer, error.strerror or error)))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._reader = ReplyReader()
         try:
             self._open_session()
@@ -262,12 +286,32 @@ class SMTPClient:
             raise SessionError(broken.reply)
         return self
 
+    def _open_socket(self, address, port, unix):
+        if unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeouts.connect)
+                sock.connect(address)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        source = (self.source_address, 0) if self.source_address else None
+        sock = socket.create_connection((address, port), self.timeouts.connect,
+                                        source_address=source)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
     def _open_session(self):
         self.greeting = self._read("the initial server greeting", self.timeouts.greeting)
         if self.greeting.code != 220:
             self._quit_quietly()
             raise SessionError(self.greeting)
         self._hello()
+        self._secure()
+        self._authenticate()
+
+    def _secure(self):
         if self.tls.level == TLS_NONE:
             return
         if "STARTTLS" not in self.extensions:
@@ -281,11 +325,12 @@ class SMTPClient:
         self._hello()
 
     def _hello(self):
-        reply = self._command("EHLO %s" % self.helo_name, "EHLO", self.timeouts.helo)
+        verb = "LHLO" if self.lmtp else "EHLO"
+        reply = self._command("%s %s" % (verb, self.helo_name), verb, self.timeouts.helo)
         if reply.code == 250:
             self.extensions = parse_ehlo(reply)
             return
-        if not reply.permanent:
+        if self.lmtp or not reply.permanent:
             self._quit_quietly()
             raise SessionError(reply)
         # RFC 5321 4.1.4: an old server that does not know EHLO gets HELO.
@@ -318,6 +363,53 @@ class SMTPClient:
                                tls_failure=True)
         self.tls_version = self.sock.version()
         self._reader = ReplyReader()
+
+    def _authenticate(self):
+        """SMTP AUTH (RFC 4954) with the credentials, when the server offers it."""
+        if self.credentials is None:
+            return
+        mechanisms = _auth_mechanisms(self.extensions)
+        if not mechanisms:
+            log.debug("%s offers no AUTH; sending without authentication", self.peer)
+            return
+        if self.sasl_require_tls and self.tls_version is None:
+            # Checked before any AUTH command: the password never leaves in clear.
+            why = ("it did not offer STARTTLS" if self.tls.level != TLS_NONE
+                   else "delivery.tls_level is none")
+            self._quit_quietly()
+            raise SessionError(local_reply(
+                451, "4.7.0", "not authenticating to %s over an unencrypted session (%s; "
+                "delivery.sasl_require_tls is set)" % (self.peer, why)))
+        user, password = self.credentials
+        if "PLAIN" in mechanisms:
+            mechanism = "PLAIN"
+            token = _b64(b"\0" + user.encode("utf-8") + b"\0" + password.encode("utf-8"))
+            reply = self._command("AUTH PLAIN " + token, "AUTH", self.timeouts.helo)
+            if reply.code == 334:    # a server that wants the response on its own line
+                reply = self._command(token, "AUTH", self.timeouts.helo)
+        elif "LOGIN" in mechanisms:
+            mechanism = "LOGIN"
+            reply = self._command("AUTH LOGIN", "AUTH", self.timeouts.helo)
+            for secret in (user, password):
+                if reply.code != 334:
+                    break
+                reply = self._command(_b64(secret.encode("utf-8")), "AUTH",
+                                      self.timeouts.helo)
+        else:
+            self._quit_quietly()
+            raise SessionError(local_reply(
+                451, "4.7.0", "SASL authentication to %s impossible: it offers %s, Elemta "
+                "speaks PLAIN and LOGIN" % (self.peer, " ".join(sorted(mechanisms)))))
+        if reply.code == 334:
+            # A challenge we have no answer for: cancel the exchange (RFC 4954 4).
+            reply = self._command("*", "AUTH", self.timeouts.helo)
+        if reply.code != 235:
+            self._quit_quietly()
+            status = "4" + reply.status[1:] if reply.status else "4.7.0"
+            raise SessionError(local_reply(454, status, "SASL authentication failed; server "
+                                           "%s said: %s" % (self.peer, reply)))
+        self.authenticated = mechanism
+        log.debug("%s: authenticated as %s with %s", self.peer, user, mechanism)
 
     def _sni_name(self):
         """The name sent as SNI and checked at level secure; None for an IP address."""
@@ -449,16 +541,35 @@ class SMTPClient:
         if not accepted:
             # RFC 2920 3.1: DATA got 354 although no recipient was accepted: send nothing.
             self._send(b".\r\n", "end of DATA", self.timeouts.data_block)
+            if self.lmtp:
+                # RFC 2033 4.2 says 503 to DATA here; how many replies follow is anyone's
+                # guess, so this connection cannot be trusted with another message.
+                self.close()
+                return
             self._read("end of DATA", self.timeouts.data_done)
             return
         self._send_content(content)
         self._dot_sent = True
+        if self.lmtp:
+            self._lmtp_replies(todo, accepted, decided)
+            return
         final = self._read("end of DATA", self.timeouts.data_done)
         self._need_rset = False
         for i in accepted:
             decided[i] = RecipientResult(todo[i], outcome_of(final), final)
         if final.code == 421:
             raise _Broken(final)
+
+    def _lmtp_replies(self, todo, accepted, decided):
+        """RFC 2033 4.2: after the final dot, one reply per accepted RCPT, in their order;
+        each decides its own recipient (a lost connection leaves the rest TEMPORARY)."""
+        for i in accepted:
+            reply = self._read("end of DATA for <%s>" % todo[i].address,
+                               self.timeouts.data_done)
+            decided[i] = RecipientResult(todo[i], outcome_of(reply), reply)
+            if reply.code == 421:
+                raise _Broken(reply)
+        self._need_rset = False
 
     def _mail_command(self, envelope, utf8):
         params = []
@@ -592,6 +703,21 @@ class SMTPClient:
                 raise _Broken(local_reply(451, "4.4.2", "lost connection with %s while "
                                           "receiving the reply to %s" % (self.peer, what)))
             self._reader.feed(data)
+
+
+def _auth_mechanisms(extensions):
+    """The SASL mechanisms an EHLO reply offers ("AUTH PLAIN LOGIN" or the old "AUTH=...")."""
+    mechanisms = set()
+    for keyword, params in extensions.items():
+        if keyword == "AUTH":
+            mechanisms.update(params.upper().split())
+        elif keyword.startswith("AUTH="):
+            mechanisms.update((keyword[5:] + " " + params).upper().split())
+    return mechanisms
+
+
+def _b64(data):
+    return base64.b64encode(data).decode("ascii")
 
 
 def _describe(error):

@@ -5,7 +5,12 @@ Owned by the delivery worker (`elemta: delivery`), which calls deliver() once pe
 destination of a message, in its own greenlet, inside the destination's concurrency limit.
 A transport returns {recipient index: (status, reply text, relay)}; status is SENT,
 BOUNCED or RCPT_DEFERRED (elemta.queue.model). The LMTP and local transports
-(elemta.delivery.lmtp, elemta.delivery.local_transport) answer the same way.
+(elemta.delivery.lmtp, elemta.delivery.local_transport) answer the same way; LMTP shares
+this one's host loop (deliver_to).
+
+SMTP AUTH to a next hop with credentials in delivery.sasl_password_file (elemta.delivery.sasl,
+looked up by the next hop as written: "[host]:port" or "host:port"); a file that cannot be
+used is logged as an error and defers the mail, never sends it unauthenticated.
 See also: elemta.delivery.worker, elemta.delivery.smtp_client, elemta.delivery.connections.
 """
 
@@ -16,6 +21,7 @@ from elemta import metrics
 from elemta.delivery.connections import ConnectionCache
 from elemta.delivery.mx import RouteError
 from elemta.delivery.routing import hosts_for
+from elemta.delivery.sasl import SASLFileError, SASLPasswords, nexthop_key
 from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, SessionError, SMTPClient,
                                          Timeouts, TLSPolicy, outcome_of)
 from elemta.queue.model import BOUNCED, RCPT_DEFERRED, SENT
@@ -50,6 +56,11 @@ class SMTPTransport:
         self.timeouts = client_timeouts(config.delivery)
         self.tls = TLSPolicy(config.delivery.tls_level)
         self.connections = ConnectionCache()
+        self.mx_port = config.delivery.mx_port
+        self.sasl_require_tls = config.delivery.sasl_require_tls
+        self.sasl = None
+        if config.delivery.sasl_password_file:
+            self.sasl = SASLPasswords(config.delivery.sasl_password_file)
 
     def close(self):
         self.connections.close()
@@ -57,22 +68,39 @@ class SMTPTransport:
     def deliver(self, record, destination, items):
         """Deliver recipients [(index, Recipient)] sharing a destination.
         Returns {index: (status, reply, relay)}."""
+        credentials = None
+        if self.sasl is not None:
+            try:
+                credentials = self.sasl.lookup(nexthop_key(
+                    destination.host, destination.port, destination.mx_lookup, self.mx_port))
+            except SASLFileError as error:
+                log.error("%s: %s", record.queue_id, error)
+                reply = "451 4.3.0 SASL password lookup failed: %s" % error
+                return {index: (RCPT_DEFERRED, reply, "none") for index, _ in items}
         try:
             hosts = hosts_for(destination, self.resolver)
         except RouteError as error:
             reply = "%d %s %s" % (error.code, error.status, error.reason)
             status = BOUNCED if error.permanent else RCPT_DEFERRED
             return {index: (status, reply, "none") for index, _ in items}
-        port = destination.port
+        targets = [(host.address, destination.port, host.name) for host in hosts]
+        return self.deliver_to(record, items, targets, lambda: SMTPClient(
+            self.hostname, timeouts=self.timeouts, tls=self.tls, credentials=credentials,
+            sasl_require_tls=self.sasl_require_tls))
+
+    def deliver_to(self, record, items, targets, new_client):
+        """Try targets [(address, port, server name)] in order until one takes the message
+        (a parked connection first, else new_client() connected); the next one only after a
+        failure of the session before the message was handed over."""
         outcome = {}
         last_reply, relay = None, "none"
-        for host in hosts:
+        for address, port, name in targets:
             started = time.monotonic()
-            client = self.connections.take(host.address, port, host.name)
+            client = self.connections.take(address, port, name)
             if client is None:
-                client = SMTPClient(self.hostname, timeouts=self.timeouts, tls=self.tls)
+                client = new_client()
                 try:
-                    client.connect(host.address, port, server_name=host.name)
+                    client.connect(address, port, server_name=name)
                 except SessionError as error:
                     last_reply, relay = error.reply, client.peer
                     log.info("%s: %s", record.queue_id, error.reply.text or error.reply)
@@ -86,7 +114,7 @@ class SMTPTransport:
             except BaseException:
                 client.close()
                 raise
-            self.connections.park(host.address, port, host.name, client)
+            self.connections.park(address, port, name, client)
             metrics.DELIVERY_ATTEMPT.observe(time.monotonic() - started)
             relay = client.peer
             for (index, _), item in zip(items, result.recipients):
