@@ -20,6 +20,7 @@ import shutil
 import signal
 import smtplib
 import tempfile
+import threading
 import time
 
 import pytest
@@ -319,3 +320,71 @@ def test_one_connection_carries_messages_sent_one_after_another(start, mx_port):
         assert len(sink.messages) == 3
         assert len(sink.sessions) == 1
         assert sink.sessions[0].commands.count("RSET") == 2
+
+
+class ConcurrencyGauge:
+    """A DOT reply that takes its time and notes how many transactions overlap."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.now = self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, session, argument):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.now -= 1
+        return "250 2.0.0 Ok: queued"
+
+
+@pytest.mark.parametrize("address, limits, expected", [
+    ("127.0.0.10", {}, 3),
+    ("127.0.0.11", {"destination_limits": [{"domain": "127.0.0.11", "limit": 1}]}, 1)])
+def test_a_destination_limit_holds_across_all_delivery_workers(start, mx_port, address,
+                                                               limits, expected):
+    gauge = ConcurrencyGauge(0.3)
+    with ScriptedServer(script={"DOT": gauge}, address=address, port=mx_port) as sink:
+        server = start(workers=2, destination_concurrency=3,
+                       relayhost="[%s]:%d" % (address, mx_port), **limits)
+        wait_for(lambda: len(delivery_pids(server)) == 2)
+        senders = ["limit%d@client.test" % n for n in range(8)]
+        for sender in senders:
+            send(server, sender, ["x@limited.test"], "limit")
+        wait_for(lambda: len(sink.messages) == 8, timeout=20)
+        workers = {re.search(r"delivery\[(\d+)\]: INFO: \w+: to=<x@limited", line).group(1)
+                   for line in server.log().splitlines() if "to=<x@limited" in line}
+    # Both workers took some of the messages, yet together they kept to the limit.
+    assert len(workers) == 2
+    assert gauge.most == expected
+
+
+def test_a_killed_worker_cannot_keep_a_destination_slot(tmp_path):
+    from elemta.delivery.concurrency import DestinationSlots
+    from elemta.delivery.routing import Destination
+    path = str(tmp_path / "run" / "destinations.lock")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from elemta.delivery.concurrency import DestinationSlots\n"
+         "from elemta.delivery.routing import Destination\n"
+         "slots = DestinationSlots(sys.argv[1], 1)\n"
+         "with slots.hold(Destination('smtp', 'one.test', 25, True)):\n"
+         "    print('held', flush=True); time.sleep(60)\n", path],
+        stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        slots = DestinationSlots(path, 1)
+        one, other = (Destination("smtp", "one.test", 25, True),
+                      Destination("smtp", "other.test", 25, True))
+        assert slots._try(one.key, 1) is None            # the other process has it
+        with slots.hold(other):                          # other destinations are free
+            assert slots.held() == 1
+        holder.kill()
+        holder.wait()
+        with slots.hold(one):                            # its lock died with it
+            assert slots.held() == 1
+    finally:
+        holder.kill()
+        holder.wait()

@@ -337,6 +337,15 @@ class Transport:
 
 
 @dataclass(frozen=True)
+class DestinationLimit:
+    """A concurrency limit for one destination, overriding destination_concurrency."""
+    domain: str = opt("", "Recipient domain or next-hop host (exact, or \".example.org\" "
+                          "for every subdomain).", _transport_domain)
+    limit: int = opt(1, "Connections at once to it, across all delivery workers.",
+                     _positive)
+
+
+@dataclass(frozen=True)
 class Delivery:
     """The delivery workers: routing, retries and the SMTP client (Postfix's qmgr and smtp)."""
     workers: int = opt(2, "Number of delivery worker processes; 0 delivers nothing.",
@@ -377,8 +386,10 @@ class Delivery:
                                           "maximal_queue_lifetime).", _positive)
     destination_concurrency: int = opt(20, "Connections at once to one destination (a "
                                            "domain, the relay host or a transport next hop), "
-                                           "shared out among the delivery workers.",
-                                       _positive)
+                                           "across all delivery workers.", _positive)
+    destination_limits: Tuple[DestinationLimit, ...] = opt(
+        (), "Per-destination exceptions to destination_concurrency: a list of "
+            "{domain, limit} entries.")
     tls_level: str = opt("may", "STARTTLS when delivering: none, may (when offered), encrypt "
                                 "(required), verify (required, chain checked), secure "
                                 "(verify, and the certificate names the host).",

@@ -11,6 +11,7 @@ fork. Its loop, top to bottom:
               host when a host refuses the connection, greets badly or drops the
               session; elemta.delivery.smtp_transport), LMTP, or local delivery; at most
               delivery.destination_concurrency connections per destination across workers
+              (elemta.delivery.concurrency)
     record    per recipient, durably, before anything else (Queue.record_attempts, many
               messages per flush: elemta.delivery.recorder): sent
               recipients are never sent again; 4xx and connection errors wait an
@@ -39,11 +40,11 @@ from collections import OrderedDict
 import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
-from gevent.lock import BoundedSemaphore
 from gevent.pool import Pool
 
 from elemta import metrics
 from elemta.delivery.bounce import queue_bounce
+from elemta.delivery.concurrency import DestinationSlots
 from elemta.delivery.lmtp import LMTPTransport
 from elemta.delivery.local_transport import LocalTransport
 from elemta.delivery.mx import Resolver
@@ -81,10 +82,7 @@ class DeliveryWorker(GeventChild):
         self.owner = None
         self.pool = Pool(MAX_IN_FLIGHT)
         self._wake = Event()
-        self._limits = {}            # destination key -> BoundedSemaphore
-        # Each worker takes its share of the per-destination limit, so together they hold it.
-        workers = max(1, self.delivery.workers)
-        self.per_destination = max(1, self.delivery.destination_concurrency // workers)
+        self.slots = None            # DestinationSlots, opened in run()
         self.router = Router(config)
         self.transports = {}         # Destination.kind -> transport, made in run()
         self.recorder = None
@@ -106,6 +104,10 @@ class DeliveryWorker(GeventChild):
                             port=self.delivery.dns_port, timeout=self.delivery.dns_timeout)
         wake_socket = wakeup.bind(spool, self.slot, gsocket)
         store = self.queue.store
+        self.slots = DestinationSlots(
+            os.path.join(wakeup.run_dir(spool), "destinations.lock"),
+            self.delivery.destination_concurrency,
+            [(entry.domain, entry.limit) for entry in self.delivery.destination_limits])
         self.recorder = AttemptRecorder(self.queue, self.owner)
         self.transports = {SMTP: SMTPTransport(self.config, store, resolver),
                            LMTP: LMTPTransport(self.config, store),
@@ -135,6 +137,7 @@ class DeliveryWorker(GeventChild):
             except OSError:
                 pass
             self.queue.close()
+            self.slots.close()
         return 0
 
     def on_stop(self):
@@ -250,16 +253,10 @@ class DeliveryWorker(GeventChild):
             if word != "deferred":
                 metrics.DELIVERY_DELAY.observe(delay)
 
-    def _limit(self, destination):
-        semaphore = self._limits.get(destination.key)
-        if semaphore is None:
-            semaphore = self._limits[destination.key] = BoundedSemaphore(self.per_destination)
-        return semaphore
-
     def _deliver_group(self, record, destination, items):
         """Deliver recipients sharing a destination by its transport, within the
         destination's concurrency limit. Returns {index: (status, reply, relay)}."""
-        with self._limit(destination):
+        with self.slots.hold(destination):
             return self.transports[destination.kind].deliver(record, destination, items)
 
     # ---- bounces ------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""Per-destination concurrency limits that hold across all delivery workers.
+
+Owned by the delivery workers. Postfix's qmgr is one process and counts connections per
+destination in memory; our workers are several processes, so a destination's limit is a
+set of numbered slots in spool/run/destinations.lock, as many as the limit, and a
+delivery to it holds a lock on one of them. The kernel drops a dead worker's locks with
+its file descriptors, so a killed worker can never leak a slot, and no process has to
+count for the others. One file holds every destination's slots as byte ranges locked with
+fcntl (POSIX record locks: several on one file descriptor, gone with their process):
+destination key hashed to 40 bits, times 65536, plus the slot number. A greenlet that finds every slot taken waits for one of its own
+worker's slots to be given back, or looks again after a short pause (the holders are
+other processes, which cannot wake it).
+"""
+
+import fcntl
+import hashlib
+import os
+import random
+
+from gevent.event import Event
+
+# Longest pause before a waiting delivery looks at other workers' slots again.
+RECHECK_SECONDS = 0.1
+# Slots one destination can have (the room each key has in the lock file).
+MAX_LIMIT = 65535
+
+
+class DestinationSlots:
+    """Concurrency slots for destinations, shared by every delivery worker of a spool."""
+
+    def __init__(self, path, default_limit, limits=()):
+        # limits: (domain, limit) pairs; ".example.org" covers every subdomain.
+        self.path = path
+        self.default_limit = default_limit
+        self.limits = {domain.lower().rstrip("."): limit for domain, limit in limits}
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        # Never closed before the process ends: closing any descriptor of the file would
+        # drop every lock the process holds on it (POSIX).
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._held = set()        # (key, n) held by this process
+        self._freed = Event()
+
+    def limit_for(self, destination):
+        """The limit for a Destination: an entry for its host or a parent domain, or
+        the default."""
+        return min(self._configured(destination.host.lower().rstrip(".")), MAX_LIMIT)
+
+    def _configured(self, host):
+        if host in self.limits:
+            return self.limits[host]
+        labels = host.split(".")
+        for start in range(1, len(labels)):
+            parent = "." + ".".join(labels[start:])
+            if parent in self.limits:
+                return self.limits[parent]
+        return self.default_limit
+
+    def hold(self, destination):
+        """A context manager holding one slot of destination's limit (waits for one)."""
+        return _Slot(self, destination.key, self.limit_for(destination))
+
+    def _acquire(self, key, limit):
+        while True:
+            taken = self._try(key, limit)
+            if taken is not None:
+                return taken
+            self._freed.clear()
+            self._freed.wait(RECHECK_SECONDS * (0.5 + random.random()))
+
+    def _try(self, key, limit):
+        base = _offset(key)
+        start = random.randrange(limit)
+        for offset in range(limit):
+            n = (start + offset) % limit
+            if (key, n) in self._held:
+                continue        # POSIX locks never conflict within one process
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, base + n)
+            except OSError:     # EAGAIN or EACCES: another worker holds it
+                continue
+            self._held.add((key, n))
+            return key, n
+        return None
+
+    def _release(self, slot):
+        self._held.discard(slot)
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _offset(slot[0]) + slot[1])
+        self._freed.set()
+
+    def held(self):
+        """How many slots this process holds now (for tests and metrics)."""
+        return len(self._held)
+
+    def close(self):
+        os.close(self._fd)
+        self._held.clear()
+
+
+def _offset(key):
+    """Where a destination's slots start in the lock file (room for 65536 slots)."""
+    digest = hashlib.sha1(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:5], "big") << 16
+
+
+class _Slot:
+    def __init__(self, slots, key, limit):
+        self.slots, self.key, self.limit = slots, key, limit
+        self.slot = None
+
+    def __enter__(self):
+        self.slot = self.slots._acquire(self.key, self.limit)
+        return self
+
+    def __exit__(self, *exc_info):
+        self.slots._release(self.slot)
+        return False
