@@ -388,3 +388,17 @@ def test_a_killed_worker_cannot_keep_a_destination_slot(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_delivery_longer_than_its_lease_is_not_taken_for_a_dead_workers(start, mx_port):
+    """The worker renews the lease while the slow server takes its time, so neither it nor
+    the other worker reclaims the message and sends it a second time."""
+    slow = ConcurrencyGauge(3.0)
+    with ScriptedServer(script={"DOT": slow}, address="127.0.0.12", port=mx_port) as sink:
+        server = start(workers=2, lease=1.0, relayhost="[127.0.0.12]:%d" % mx_port)
+        send(server, "slow@client.test", ["x@slow.test"], "slow")
+        queue_id = queue_id_of(server, "slow@client.test")
+        wait_for_status(server, queue_id, "x@slow.test", "sent", timeout=15)
+        time.sleep(1.0)         # a second delivery would have begun by now
+    assert "lease lapsed" not in server.log()
+    assert len(sink.messages) == 1

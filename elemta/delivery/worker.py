@@ -4,7 +4,8 @@ and smtp do together.
 Runs in a child forked by elemta.master (kind "delivery"); opens its own queue after the
 fork. Its loop, top to bottom:
 
-    reclaim   now and then, messages whose lease lapsed (a worker was killed) become due
+    reclaim   now and then, messages whose lease lapsed (a worker was killed) become due;
+              the leases of this worker's deliveries still under way are renewed
     claim     due messages, as many as there is room for, leased to this worker
     deliver   each in its own greenlet: recipients grouped by destination (routing), each
               group by its transport: SMTP to the first host that takes it (the next MX
@@ -112,7 +113,8 @@ class DeliveryWorker(GeventChild):
         self.transports = {SMTP: SMTPTransport(self.config, store, resolver),
                            LMTP: LMTPTransport(self.config, store),
                            LOCAL: LocalTransport(self.config, store)}
-        helpers = self.start_life() + [gevent.spawn(self._listen, wake_socket)]
+        helpers = self.start_life() + [gevent.spawn(self._listen, wake_socket),
+                                       gevent.spawn(self._renew_leases)]
         log.info("delivery worker started (slot %d)", self.slot)
         try:
             self.loop()
@@ -150,6 +152,21 @@ class DeliveryWorker(GeventChild):
         while True:
             wake_socket.recv(64)
             self._wake.set()
+
+    def _renew_leases(self):
+        """Keep the leases of deliveries still under way from lapsing: every third of a
+        lease, all of them in one transaction (a delivery may take longer than a lease:
+        a slow server, a big message)."""
+        lease = self.delivery.lease
+        while True:
+            gevent.sleep(lease / 3)
+            in_flight = [g.args[0].queue_id for g in list(self.pool) if g.args]
+            if in_flight:
+                try:
+                    self.queue.renew_leases(self.owner, in_flight, lease)
+                except OSError as error:
+                    log.error("cannot renew the leases of %d message(s): %s",
+                              len(in_flight), error)
 
     # ---- the loop -----------------------------------------------------------------------
 

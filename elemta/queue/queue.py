@@ -40,11 +40,13 @@ A message being delivered (active) may be held or deleted: the delivery worker m
 that its lease still stands before it writes the outcome. It is not released, requeued or
 flushed: it is not waiting.
 
-Delivery workers (elemta.delivery.worker) use three calls:
+Delivery workers (elemta.delivery.worker) use these calls:
 
     claim          due messages become active, leased to the worker (one write transaction);
     reclaim        active messages whose lease lapsed (worker killed) become deferred, due
                    now: at worst a message is sent twice, never lost;
+    renew_leases   a live worker extends the leases of deliveries still under way, so a
+                   slow delivery is never taken for a dead worker's;
     record_attempts the outcomes of attempts, per recipient, for a batch of messages in one
                    write transaction made durable before anything else happens to them. A delivered recipient
                    becomes sent whoever holds the lease (it must never be sent again); the
@@ -458,6 +460,21 @@ class Queue:
             return RELEASED, True
         outcomes = self._index_call(self.index.update_many, list(queue_ids), give_back)
         return [qid for qid, outcome in outcomes.items() if outcome == RELEASED]
+
+    def renew_leases(self, owner: str, queue_ids: Iterable[str], lease_seconds: float,
+                     now: Optional[float] = None) -> List[str]:
+        """Extend the leases `owner` still holds on queue_ids (deliveries still under way)
+        to now + lease_seconds, in one write transaction. Returns the ids renewed; a
+        message held, deleted or reclaimed meanwhile is not."""
+        expires = (now or time.time()) + lease_seconds
+
+        def renew(record):
+            if record.state != ACTIVE or record.lease_owner != owner:
+                return None, False
+            record.lease_expires = expires
+            return "renewed", True
+        outcomes = self._index_call(self.index.update_many, list(queue_ids), renew)
+        return [qid for qid, outcome in outcomes.items() if outcome == "renewed"]
 
     def record_attempt(self, owner: str, queue_id: str,
                        results: Dict[int, Tuple[str, str, str]], next_attempt: float,
