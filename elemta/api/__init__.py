@@ -1,4 +1,5 @@
-"""The api process: /metrics for Prometheus and a health check (the REST API comes later).
+"""The api process: the REST API over the queue (/api/v1) and /metrics for Prometheus.
 
-Runs as the master's `elemta: api` child; see elemta.api.server.
+Runs as the master's `elemta: api` child; see elemta.api.server (life cycle), elemta.api.app
+(routes), elemta.api.openapi (the document served at /api/v1/openapi.json).
 """

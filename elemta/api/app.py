@@ -1,0 +1,66 @@
+"""The api process's WSGI application: Falcon routes for the REST API and /metrics.
+
+Owned by the api process (elemta.api.server serves it with gevent.pywsgi). Routes:
+
+    GET    /metrics                         Prometheus (no token)
+    GET    /api/v1/health                   {"status": "ok"} (no token)
+    GET    /api/v1/openapi.json             the OpenAPI document (no token)
+    GET    /api/v1/queue                    list, with filters and a cursor
+    POST   /api/v1/queue/flush              flush deferred mail (filters narrow it)
+    GET    /api/v1/queue/{id}               one message
+    DELETE /api/v1/queue/{id}               delete it
+    GET    /api/v1/queue/{id}/content       its content, message/rfc822
+    POST   /api/v1/queue/{id}/hold|release|flush|requeue
+    GET    /api/v1/stats                    counts and bytes by state, domains by age
+
+See also elemta.api.auth, elemta.api.errors, elemta.api.queue_routes, elemta.api.openapi.
+"""
+
+import json
+
+import falcon
+
+from elemta.api import errors, openapi, queue_routes
+from elemta.api.auth import RequireBearer, load_token
+from elemta.api.monitoring import HealthResource, MetricsResource
+from elemta.api.queue_access import QueueAccess
+
+PREFIX = "/api/v1"
+MESSAGE_ACTIONS = ("hold", "release", "flush", "requeue")
+
+
+class OpenAPIResource:
+    """GET /api/v1/openapi.json: the document, encoded once."""
+    public = True
+
+    def __init__(self):
+        self._body = json.dumps(openapi.DOCUMENT, indent=1).encode("ascii")
+
+    def on_get(self, req, resp):
+        resp.data = self._body
+        resp.content_type = falcon.MEDIA_JSON
+
+    on_head = on_get
+
+
+def create_app(config, access=None) -> falcon.App:
+    """The WSGI application for config. access: the QueueAccess to share (default: new)."""
+    access = access or QueueAccess(config.queue)
+    app = falcon.App(middleware=[RequireBearer(load_token(config.api))])
+    # Spelled out: these defaults moved between Falcon releases.
+    app.req_options.keep_blank_qs_values = True
+    app.req_options.auto_parse_qs_csv = False
+    app.req_options.strip_url_path_trailing_slash = False
+    errors.install(app)
+    app.add_route("/metrics", MetricsResource(access))
+    app.add_route(PREFIX + "/health", HealthResource())
+    app.add_route(PREFIX + "/openapi.json", OpenAPIResource())
+    app.add_route(PREFIX + "/queue", queue_routes.QueueList(access))
+    app.add_route(PREFIX + "/queue/flush", queue_routes.FlushAll(access))
+    app.add_route(PREFIX + "/queue/{queue_id}", queue_routes.Message(access))
+    app.add_route(PREFIX + "/queue/{queue_id}/content", queue_routes.MessageContent(access))
+    for action in MESSAGE_ACTIONS:
+        app.add_route(PREFIX + "/queue/{queue_id}/" + action,
+                      queue_routes.MessageAction(access, action))
+    app.add_route(PREFIX + "/stats", queue_routes.Stats(access))
+    return app

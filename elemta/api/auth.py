@@ -1,0 +1,76 @@
+"""Bearer-token authentication of the REST API.
+
+Owned by the api process. The token comes from the configuration when the process starts
+(a reload starts a new api process, so a new token takes effect then): the first line of
+api.token_file wins over api.token. With neither, or a token file that cannot be read,
+every protected route answers 401: the API fails closed. Resources that set the attribute
+`public = True` (health, the OpenAPI document, /metrics) need no token.
+See also elemta.api.app (where the middleware is installed), elemta.config.schema.API.
+"""
+
+import hashlib
+import hmac
+import logging
+from typing import Optional
+
+import falcon
+
+log = logging.getLogger("elemta.api")
+
+REALM = "elemta"
+_CHALLENGE = 'Bearer realm="%s"' % REALM
+
+
+def load_token(api_config) -> Optional[bytes]:
+    """The configured token as bytes, or None when no usable token is configured."""
+    if api_config.token_file:
+        try:
+            with open(api_config.token_file, "rb") as f:
+                token = f.readline().strip()
+        except OSError as exc:
+            log.error("api: cannot read api.token_file %s: %s; the REST API refuses every "
+                      "request", api_config.token_file, exc.strerror or exc)
+            return None
+        if not token:
+            log.error("api: api.token_file %s has an empty first line; the REST API "
+                      "refuses every request", api_config.token_file)
+            return None
+        return token
+    if api_config.token:
+        return api_config.token.encode("utf-8")
+    log.warning("api: no api.token or api.token_file: the REST API refuses every request "
+                "(only /metrics, /api/v1/health and /api/v1/openapi.json answer)")
+    return None
+
+
+def _digest(token: bytes) -> bytes:
+    # Equal-length digests: compare_digest then takes the same time whatever was sent.
+    return hashlib.sha256(token).digest()
+
+
+class RequireBearer:
+    """Falcon middleware: every resource but the public ones needs the bearer token."""
+
+    def __init__(self, token: Optional[bytes]):
+        self._digest = None if token is None else _digest(token)
+
+    def process_resource(self, req, resp, resource, params):
+        if resource is None or getattr(resource, "public", False):
+            return
+        if self._digest is None:
+            raise self._refuse("no API token is configured (api.token or api.token_file)")
+        header = req.get_header("Authorization")
+        if not header:
+            raise self._refuse("this route needs an Authorization: Bearer header")
+        scheme, _, presented = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            raise self._refuse("the Authorization header must be: Bearer <token>")
+        # WSGI hands headers over as latin-1 text: encoding back gives the bytes sent.
+        sent = presented.strip().encode("latin-1", "replace")
+        if not hmac.compare_digest(_digest(sent), self._digest):
+            raise self._refuse("wrong bearer token")
+
+    @staticmethod
+    def _refuse(description: str) -> falcon.HTTPUnauthorized:
+        return falcon.HTTPUnauthorized(title="unauthorized", description=description,
+                                       challenges=[_CHALLENGE])

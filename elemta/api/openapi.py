@@ -1,0 +1,292 @@
+"""The OpenAPI 3 document of the REST API, written by hand, served at /api/v1/openapi.json.
+
+Owned by the api process (elemta.api.app serves it, without a token). Keep it in step with
+elemta.api.queue_routes and elemta.api.params: the test suite runs schemathesis against a
+live server with this document and fails on any answer it does not describe.
+"""
+
+import copy
+
+from elemta.api.params import DEFAULT_LIMIT, MAX_LIMIT
+from elemta.queue.model import RECIPIENT_STATUSES, STATES
+
+QUEUE_ID = {"type": "string", "pattern": "^[0-9A-HJKMNP-TV-Z]{20}$",
+            "description": "20 characters of Crockford base32; sorts by arrival.",
+            "example": "0D8J3K5RZQ1T4A7B9C2E"}
+AGE = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?[smhdw]?$",
+       "description": "An age: a number of seconds, or with a unit s, m, h, d or w (30m)."}
+NULLABLE_STRING = {"type": "string", "nullable": True}
+
+
+def _param(name, description, schema, where="query", **extra):
+    return dict({"name": name, "in": where, "required": where == "path",
+                 "description": description, "schema": schema}, **extra)
+
+
+FILTER_PARAMETERS = [
+    _param("state", "Only messages in these states (comma-separated; may be repeated).",
+           {"type": "array", "items": {"type": "string", "enum": list(STATES)},
+            "minItems": 1}, style="form", explode=False),
+    _param("sender", "Sender matches this shell pattern (*, ?, [...]; any case); <> is "
+                     "the null sender.", {"type": "string", "minLength": 1}),
+    _param("recipient", "A recipient not yet delivered matches this shell pattern.",
+           {"type": "string", "minLength": 1}),
+    _param("domain", "A recipient not yet delivered is at this domain.",
+           {"type": "string", "minLength": 1}),
+    _param("older_than", "Arrived more than this long ago.", AGE),
+    _param("newer_than", "Arrived less than this long ago.", AGE),
+]
+
+PAGE_PARAMETERS = [
+    _param("limit", "Messages per page (default %d)." % DEFAULT_LIMIT,
+           {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
+            "default": DEFAULT_LIMIT}),
+    _param("cursor", "Start after this queue id: the next_cursor of the previous page.",
+           QUEUE_ID),
+]
+
+ID_PARAMETER = _param("queue_id", "The message's queue id.", QUEUE_ID, where="path")
+
+
+def _error(description, headers=None):
+    response = {"description": description,
+                "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Error"}}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _json(description, schema_name):
+    return {"description": description, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/" + schema_name}}}}
+
+
+ERRORS = {
+    "400": _error("A parameter is wrong; the message names it."),
+    "401": _error("No token, a wrong token, or no token configured.",
+                  {"WWW-Authenticate": {"description": 'Bearer realm="elemta"',
+                                        "schema": {"type": "string"}}}),
+    "503": _error("The queue index cannot be read or written now."),
+}
+NOT_FOUND = {"404": _error("No message has this queue id (or it left the queue).")}
+
+
+def _responses(ok, *extra):
+    responses = {"200": ok}
+    for more in (ERRORS,) + extra:
+        responses.update(more)
+    return responses
+
+
+def _action(verb, summary, description):
+    return {"post": {
+        "operationId": verb + "Message", "summary": summary, "description": description,
+        "tags": ["queue"], "parameters": [ID_PARAMETER],
+        "responses": _responses(_json("What was done.", "ActionResult"), NOT_FOUND)}}
+
+
+MESSAGE_PROPERTIES = {
+    "queue_name": {"type": "string", "enum": list(STATES),
+                   "description": "The message's queue state."},
+    "queue_id": QUEUE_ID,
+    "arrival_time": {"type": "integer", "description": "Arrival, seconds since the epoch."},
+    "message_size": {"type": "integer", "minimum": 0, "description": "Content bytes."},
+    "forced_expire": {"type": "boolean"},
+    "sender": {"type": "string", "description": "The envelope sender; empty for <>."},
+    "attempts": {"type": "integer", "minimum": 0},
+    "next_attempt": {"type": "number", "description": "Seconds since the epoch."},
+    "last_error": NULLABLE_STRING,
+    "priority": {"type": "integer"},
+}
+MESSAGE_REQUIRED = sorted(MESSAGE_PROPERTIES) + ["recipients"]
+
+SCHEMAS = {
+    "Error": {"type": "object", "required": ["error"],
+              "properties": {"error": {"type": "string"}}},
+    "Message": {
+        "description": "One queued message as `elemtactl queue list --json` prints it "
+                       "(postqueue -j's fields and Elemta's own).",
+        "type": "object", "required": MESSAGE_REQUIRED,
+        "properties": dict(MESSAGE_PROPERTIES, recipients={
+            "type": "array", "description": "The recipients not yet delivered.",
+            "items": {"type": "object", "required": ["address", "status"], "properties": {
+                "address": {"type": "string"},
+                "status": {"type": "string", "enum": list(RECIPIENT_STATUSES)},
+                "delay_reason": {"type": "string"}}}})},
+    "MessageDetail": {
+        "description": "One message as `elemtactl queue show --json` prints it, with its "
+                       "headers.",
+        "type": "object",
+        "required": MESSAGE_REQUIRED + ["body", "smtputf8", "ret", "envid",
+                                        "client_address", "client_helo", "protocol",
+                                        "auth_user", "extra", "arrival", "history",
+                                        "spool_file", "headers", "headers_truncated"],
+        "properties": dict(
+            MESSAGE_PROPERTIES,
+            recipients={"type": "array", "description": "Every recipient, delivered or not.",
+                         "items": {"type": "object",
+                                   "required": ["address", "notify", "orcpt", "status",
+                                                "last_reply"],
+                                   "properties": {
+                                       "address": {"type": "string"},
+                                       "notify": {"type": "array", "nullable": True,
+                                                  "items": {"type": "string"}},
+                                       "orcpt": NULLABLE_STRING,
+                                       "status": {"type": "string",
+                                                  "enum": list(RECIPIENT_STATUSES)},
+                                       "last_reply": NULLABLE_STRING}}},
+            body={"type": "string", "description": "7BIT, 8BITMIME or BINARYMIME."},
+            smtputf8={"type": "boolean"},
+            ret=NULLABLE_STRING, envid=NULLABLE_STRING,
+            client_address={"type": "string"}, client_helo={"type": "string"},
+            protocol={"type": "string"}, auth_user=NULLABLE_STRING,
+            extra={"type": "object"},
+            arrival={"type": "number"},
+            history={"type": "array", "description": "Delivery results, oldest first.",
+                     "items": {"type": "object", "properties": {
+                         "time": {"type": "number"}, "recipient": {"type": "string"},
+                         "status": {"type": "string"}, "relay": NULLABLE_STRING,
+                         "reply": NULLABLE_STRING}}},
+            spool_file={"type": "string"},
+            headers={"type": "string", "nullable": True,
+                     "description": "The header section, LF line ends; null if the spool "
+                                    "file is damaged (see content_error)."},
+            headers_truncated={"type": "boolean"},
+            content_error={"type": "string"})},
+    "MessagePage": {
+        "type": "object", "required": ["messages", "next_cursor"],
+        "properties": {
+            "messages": {"type": "array",
+                         "items": {"$ref": "#/components/schemas/Message"}},
+            "next_cursor": {"type": "string", "nullable": True,
+                            "pattern": QUEUE_ID["pattern"],
+                            "description": "Pass as cursor for the next page; null on the "
+                                           "last page."}}},
+    "ActionResult": {
+        "type": "object", "required": ["queue_id", "outcome", "changed"],
+        "properties": {
+            "queue_id": QUEUE_ID,
+            "outcome": {"type": "string", "description": "What happened, as elemtactl "
+                                                         "prints it (placed on hold, "
+                                                         "already on hold, due now, ...)."},
+            "changed": {"type": "boolean",
+                        "description": "False when there was nothing to do."}}},
+    "FlushResult": {
+        "type": "object", "required": ["flushed", "outcomes"],
+        "properties": {
+            "flushed": {"type": "integer", "minimum": 0,
+                        "description": "Messages made due now."},
+            "outcomes": {"type": "object", "description": "Messages per outcome.",
+                         "additionalProperties": {"type": "integer"}}}},
+    "Stats": {
+        "type": "object",
+        "required": ["states", "messages", "bytes", "bucket_minutes", "total", "domains"],
+        "properties": {
+            "states": {"type": "object", "description": "Messages and bytes per state.",
+                       "additionalProperties": {
+                           "type": "object", "required": ["messages", "bytes"],
+                           "properties": {"messages": {"type": "integer"},
+                                          "bytes": {"type": "integer"}}}},
+            "messages": {"type": "integer"},
+            "bytes": {"type": "integer"},
+            "bucket_minutes": {"type": "array", "items": {"type": "integer"},
+                               "description": "Upper age limit of each age bucket but the "
+                                              "last, in minutes (qshape)."},
+            "total": {"type": "array", "items": {"type": "integer"},
+                      "description": "qshape's TOTAL row: all, then per age bucket."},
+            "domains": {"type": "object", "description": "qshape's rows: recipient domain "
+                                                        "-> all, then per age bucket.",
+                        "additionalProperties": {"type": "array",
+                                                 "items": {"type": "integer"}}}}},
+    "Health": {"type": "object", "required": ["status"],
+               "properties": {"status": {"type": "string", "enum": ["ok"]}}},
+}
+
+DOCUMENT = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "Elemta REST API",
+        "version": "1",
+        "description": (
+            "The queue of an Elemta mail server: what `elemtactl queue` does, over HTTP on "
+            "loopback. Every route but /api/v1/health and this document needs "
+            "`Authorization: Bearer <token>` (api.token_file or api.token). Listings are "
+            "paginated with a cursor: pass `limit`, then the `next_cursor` of each page as "
+            "`cursor` until it is null; messages come in arrival (queue id) order. Errors "
+            "are {\"error\": \"...\"}. /metrics (Prometheus) is served beside it."),
+    },
+    "servers": [{"url": "/"}],
+    "security": [{"bearer": []}],
+    "tags": [{"name": "queue"}, {"name": "service"}],
+    "paths": {
+        "/api/v1/queue": {"get": {
+            "operationId": "listQueue", "tags": ["queue"],
+            "summary": "List queued messages (elemtactl queue list --json).",
+            "parameters": FILTER_PARAMETERS + PAGE_PARAMETERS,
+            "responses": _responses(_json("A page of messages.", "MessagePage"))}},
+        "/api/v1/queue/flush": {"post": {
+            "operationId": "flushQueue", "tags": ["queue"],
+            "summary": "Make deferred messages due now (elemtactl queue flush).",
+            "description": "Without filters every deferred message; the filters narrow it "
+                           "(state defaults to deferred). The delivery workers are woken.",
+            "parameters": FILTER_PARAMETERS,
+            "responses": _responses(_json("How many were flushed.", "FlushResult"))}},
+        "/api/v1/queue/{queue_id}": {
+            "get": {"operationId": "showMessage", "tags": ["queue"],
+                    "summary": "One message: envelope, state, recipients, history, headers.",
+                    "parameters": [ID_PARAMETER],
+                    "responses": _responses(_json("The message.", "MessageDetail"),
+                                            NOT_FOUND)},
+            "delete": {"operationId": "deleteMessage", "tags": ["queue"],
+                       "summary": "Delete a message from the queue.",
+                       "parameters": [ID_PARAMETER],
+                       "responses": _responses(_json("Deleted.", "ActionResult"),
+                                               NOT_FOUND)}},
+        "/api/v1/queue/{queue_id}/content": {"get": {
+            "operationId": "messageContent", "tags": ["queue"],
+            "summary": "The message as queued (headers and body).",
+            "parameters": [ID_PARAMETER],
+            "responses": _responses(
+                {"description": "The content.",
+                 "content": {"message/rfc822": {"schema": {"type": "string",
+                                                           "format": "binary"}}}},
+                NOT_FOUND, {"409": _error("The spool file is damaged.")})}},
+        "/api/v1/queue/{queue_id}/hold": _action(
+            "hold", "Put a message on hold.", "Never tried until released."),
+        "/api/v1/queue/{queue_id}/release": _action(
+            "release", "Take a message off hold.",
+            "Due now; the delivery workers are woken."),
+        "/api/v1/queue/{queue_id}/flush": _action(
+            "flush", "Make a deferred message due now.",
+            "The delivery workers are woken. Held and failed messages are left alone."),
+        "/api/v1/queue/{queue_id}/requeue": _action(
+            "requeue", "Start a message over.",
+            "Due now, attempts reset, every recipient not delivered pending again."),
+        "/api/v1/stats": {"get": {
+            "operationId": "queueStats", "tags": ["queue"],
+            "summary": "Messages and bytes by state, domains by age (queue summary).",
+            "parameters": FILTER_PARAMETERS,
+            "responses": _responses(_json("The counts.", "Stats"))}},
+        "/api/v1/health": {"get": {
+            "operationId": "health", "tags": ["service"], "security": [],
+            "summary": "Whether the api process serves (no token needed).",
+            "responses": {"200": _json("It serves.", "Health")}}},
+        "/api/v1/openapi.json": {"get": {
+            "operationId": "openapi", "tags": ["service"], "security": [],
+            "summary": "This document (no token needed).",
+            "responses": {"200": {"description": "The OpenAPI document.",
+                                  "content": {"application/json": {
+                                      "schema": {"type": "object"}}}}}}},
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                       "description": "api.token_file or api.token"}},
+        "schemas": SCHEMAS,
+    },
+}
+
+
+def document() -> dict:
+    """A copy of the document (callers may change it)."""
+    return copy.deepcopy(DOCUMENT)
