@@ -54,7 +54,10 @@ class ElemtaServer:
                   "relay": {"local_domains": ["example.test"]},
                   "api": {"port": free_port()},
                   # No delivery unless a test asks: receive tests look at the queue as left.
-                  "delivery": {"workers": 0}}
+                  "delivery": {"workers": 0},
+                  # Tests send to made-up local users (b@example.test): accept them at RCPT
+                  # unless a test asks for the check (tests/test_local_delivery.py).
+                  "local": {"reject_unknown_users": False}}
         for section, values in sections.items():
             config.setdefault(section, {}).update(values)
         with open(self.config_path, "w") as f:

@@ -2,12 +2,18 @@
 
 Owned by the smtpd worker. Mail to a local domain is accepted from anyone; mail to any
 other domain only from a client in mynetworks or one that authenticated. Everything else
-is refused with 554 5.7.1, as Postfix's reject_unauth_destination does.
+is refused with 554 5.7.1, as Postfix's reject_unauth_destination does. A local
+recipient that is neither an alias nor a user is refused with 550 5.1.1 when
+local.reject_unknown_users is set (Postfix's local_recipient_maps; elemta.local.recipients).
 """
 
 import ipaddress
 
+from elemta.local.addresses import split_address
 from elemta.smtp.address import domain_of
+from elemta.smtp.replies import Reply
+
+UNKNOWN_USER = "<%s>: Recipient address rejected: User unknown in local recipient table"
 
 
 class RelayPolicy:
@@ -18,6 +24,7 @@ class RelayPolicy:
             _normal(d) for d in tuple(relay_config.local_domains) + (hostname,))
         self.mynetworks = tuple(ipaddress.ip_network(n, strict=False)
                                 for n in relay_config.mynetworks)
+        self._local_recipients = None      # made on first use (elemta.local.recipients)
 
     def is_local(self, address):
         """True for recipients in a local domain, and for a bare <postmaster>."""
@@ -36,6 +43,19 @@ class RelayPolicy:
     def may_send(self, client_ip, auth_user, recipient):
         return (self.is_local(recipient) or auth_user is not None
                 or self.client_trusted(client_ip))
+
+    def unknown_local_recipient(self, config, recipient):
+        """The 550 5.1.1 Reply for a local recipient with nowhere to go, when
+        config.local.reject_unknown_users asks for it; None otherwise."""
+        if not config.local.reject_unknown_users or not self.is_local(recipient):
+            return None
+        if self._local_recipients is None:
+            from elemta.local.addresses import LocalAddressing
+            from elemta.local.recipients import LocalRecipients
+            self._local_recipients = LocalRecipients(config.local, LocalAddressing(config))
+        if self._local_recipients.is_known(split_address(recipient)[0]):
+            return None
+        return Reply(550, "5.1.1", UNKNOWN_USER % recipient)
 
 
 def _normal(domain):
