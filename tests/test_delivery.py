@@ -29,7 +29,7 @@ from elemta.queue.model import BOUNCED, FAILED, SENT
 from tests.conftest import wait_for
 from tests.peers.nsd import NSDInstance, nsd_available
 from tests.peers.postfix import PostfixInstance, free_port, postfix_available
-from tests.peers.sink import HANG, Replies, ScriptedServer
+from tests.peers.sink import DEFAULT_EXTENSIONS, HANG, Replies, ScriptedServer
 
 pytestmark = pytest.mark.skipif(bool(nsd_available() or postfix_available()),
                                 reason=str(nsd_available() or postfix_available()))
@@ -207,9 +207,21 @@ def test_550_and_null_mx_bounce_at_once_and_the_message_fails(start, mx_port, po
         assert re.search(r"History:\n(.*\n)*.*<nobody@reject\.dlv\.test>  bounced via "
                          r"mx\.reject\.dlv\.test\[127\.0\.0\.4\]:\d+: 550 5\.1\.1 no such user",
                          shown), shown
-        # Mail from <> is never bounced: no DSN was queued.
-        assert server.queued_ids() == [queue_id]
-        assert "non-delivery notification" not in server.log()
+        # Mail from <> is never bounced to its sender; postmaster gets a double bounce.
+        notice = wait_for(lambda: re.search(
+            r"%s: sender non-delivery notification: (\w+)" % queue_id, server.log())).group(1)
+        assert sorted(server.queued_ids()) == sorted([queue_id, notice])
+        with server.queue() as q:
+            double = q.get(notice).envelope
+            with q.store.open_content(notice) as content:
+                report = email.message_from_bytes(content.read(),
+                                                  policy=email.policy.default)
+        assert double.sender == "" and [r.address for r in double.recipients] == [
+            "postmaster"]
+        assert double.extra == {"double_bounce": True}
+        failed = [part for part in report.walk()
+                  if part.get_content_type() == "message/delivery-status"][0]
+        assert "Final-Recipient: rfc822; nobody@reject.dlv.test" in failed.as_string()
 
 
 def test_an_mx_that_refuses_connections_falls_back_to_the_next(start, postfix):
@@ -402,3 +414,64 @@ def test_a_delivery_longer_than_its_lease_is_not_taken_for_a_dead_workers(start,
         time.sleep(1.0)         # a second delivery would have begun by now
     assert "lease lapsed" not in server.log()
     assert len(sink.messages) == 1
+
+
+def reports_at(sink):
+    """The DSNs a sink received: (per-recipient fields, the report) each."""
+    found = []
+    for message in sink.messages:
+        report = email.message_from_bytes(message.content, policy=email.policy.default)
+        status = [p for p in report.walk()
+                  if p.get_content_type() == "message/delivery-status"][0]
+        found.append((status.get_payload()[1], report))
+    return found
+
+
+def test_the_sender_is_warned_once_of_a_delay_then_told_when_the_message_expires(
+        start, mx_port):
+    notices = ScriptedServer(address="127.0.0.13", port=mx_port)
+    busy = ScriptedServer(script={"RCPT": "450 4.2.0 mailbox busy"}, address="127.0.0.14",
+                          port=mx_port)
+    with notices, busy:
+        server = start(delay_warning_time=1.0, queue_lifetime=3.0, transport=[
+            {"domain": "sender.test", "nexthop": "smtp:[127.0.0.13]:%d" % mx_port},
+            {"domain": "busy.test", "nexthop": "smtp:[127.0.0.14]:%d" % mx_port}])
+        send(server, "me@sender.test", ["x@busy.test"], "patience")
+        queue_id = queue_id_of(server, "me@sender.test")
+        wait_for(lambda: len(notices.messages) == 2, timeout=20)
+        wait_for(lambda: server.queued_ids() == [queue_id])
+    (delayed, first), (failed, second) = reports_at(notices)
+    assert first["Subject"] == "Delayed Mail (still being retried)"
+    assert delayed["Action"] == "delayed" and delayed["Status"] == "4.2.0"
+    assert "Will-Retry-Until" in delayed
+    assert delayed["Final-Recipient"] == "rfc822; x@busy.test"
+    assert failed["Action"] == "failed"
+    assert "message expired after 3 seconds in the queue" in failed["Diagnostic-Code"]
+    assert "450 4.2.0 mailbox busy" in failed["Diagnostic-Code"]
+    assert [m.rcpts for m in notices.messages] == [["RCPT TO:<me@sender.test>"]] * 2
+
+
+def test_notify_success_gets_a_relayed_notice_only_when_the_next_hop_lacks_dsn(
+        start, mx_port):
+    no_dsn = [e for e in DEFAULT_EXTENSIONS if e != "DSN"]
+    notices = ScriptedServer(address="127.0.0.15", port=mx_port)
+    plain = ScriptedServer(extensions=no_dsn, address="127.0.0.16", port=mx_port)
+    capable = ScriptedServer(address="127.0.0.17", port=mx_port)
+    with notices, plain, capable:
+        server = start(transport=[
+            {"domain": "sender.test", "nexthop": "smtp:[127.0.0.15]:%d" % mx_port},
+            {"domain": "plain.test", "nexthop": "smtp:[127.0.0.16]:%d" % mx_port},
+            {"domain": "capable.test", "nexthop": "smtp:[127.0.0.17]:%d" % mx_port}])
+        for n, domain in enumerate(["plain.test", "capable.test"]):
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                client.ehlo()
+                client.sendmail("me@sender.test", ["y@%s" % domain], message("ok %d" % n),
+                                rcpt_options=["NOTIFY=SUCCESS"])
+        wait_for(lambda: len(plain.messages) == 1 and len(capable.messages) == 1)
+        wait_for(lambda: len(notices.messages) == 1 and server.queued_ids() == [])
+        time.sleep(0.5)         # a notice for capable.test would have come by now
+    [(relayed, report)] = reports_at(notices)
+    assert report["Subject"] == "Successful Mail Delivery Report"
+    assert relayed["Final-Recipient"] == "rfc822; y@plain.test"
+    assert relayed["Action"] == "relayed" and relayed["Status"] == "2.0.0"
+    assert capable.messages[0].rcpts == ["RCPT TO:<y@capable.test> NOTIFY=SUCCESS"]

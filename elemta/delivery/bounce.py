@@ -1,20 +1,30 @@
-"""Bounces: RFC 3464 delivery status notifications for recipients that failed for good.
+"""Delivery status notifications (RFC 3464): bounces, delay warnings, success notices.
 
-Owned by the delivery worker (`elemta: delivery`), which calls queue_bounce() after it has
-recorded bounced recipients (5xx, null MX, queue lifetime over). The DSN is a new message
-from the null sender <> to the original sender, queued like any other (so it is delivered,
-retried and, if it bounces in turn, never bounced again: the worker sends no DSN for a
-message from <>). Its parts (RFC 3462 multipart/report):
+Owned by the delivery worker (`elemta: delivery`), which calls, after it has recorded the
+results they report:
+
+    queue_bounce   recipients that failed for good (5xx, null MX, queue lifetime over);
+    queue_delayed  once per message, recipients still waiting after
+                   delivery.delay_warning_time (Postfix's delay_warning_time);
+    queue_success  recipients delivered that asked NOTIFY=SUCCESS, when the next hop
+                   cannot pass the request on (no DSN extension: "relayed") or the
+                   delivery was final (local, LMTP: "delivered").
+
+Each notice is a new message from the null sender <> to the original sender, queued like
+any other. A message from <> never gets a notice back; when one bounces, its postmaster
+gets a copy ("double bounce", as Postfix's notify_classes 2bounce), and a double bounce
+that bounces is dropped. Its parts (RFC 3462 multipart/report):
 
     text/plain               what happened, for a person
     message/delivery-status  Reporting-MTA, Arrival-Date, Original-Envelope-Id, and per
-                             recipient Final-Recipient, Original-Recipient, Action: failed,
-                             Status, Diagnostic-Code (the remote server's reply)
+                             recipient Final-Recipient, Original-Recipient, Action, Status,
+                             Diagnostic-Code (the remote server's reply), Will-Retry-Until
     text/rfc822-headers      the original headers, or message/rfc822, the whole original
-                             message, when the sender asked RET=FULL
+                             message, when the sender asked RET=FULL (failures only)
 
-DSN NOTIFY is honoured (RFC 3461): a recipient with NOTIFY=NEVER, or a NOTIFY list without
-FAILURE, gets no DSN. See also: elemta.delivery.worker, elemta.queue.queue.
+DSN NOTIFY is honoured (RFC 3461): NOTIFY=NEVER gets nothing; otherwise a notice is sent
+only for the kinds listed (no NOTIFY at all means FAILURE and DELAY).
+See also: elemta.delivery.worker, elemta.queue.queue.
 """
 
 import email.utils
@@ -31,28 +41,62 @@ MAX_RETURNED_MESSAGE = 1024 * 1024
 _REPLY = re.compile(r"^(\d{3})(?: ([245]\.\d{1,3}\.\d{1,3}))?")
 
 
-def wants_failure_notice(recipient):
+# Notice kinds: the DSN Action, and what RFC 3461 NOTIFY word asks for it.
+FAILED = "failed"
+DELAYED = "delayed"
+RELAYED = "relayed"          # delivered to a next hop that cannot pass the DSN request on
+DELIVERED = "delivered"      # final delivery (mailbox, LMTP)
+_NOTIFY_WORD = {FAILED: "FAILURE", DELAYED: "DELAY", RELAYED: "SUCCESS",
+                DELIVERED: "SUCCESS"}
+_WORDING = {
+    FAILED: ("Undelivered Mail Returned to Sender",
+             "Your message could not be delivered to one or more recipients."),
+    DELAYED: ("Delayed Mail (still being retried)",
+              "Your message could not be delivered yet to the recipients below. "
+              "Delivery will be retried; you will be told if it fails for good."),
+    RELAYED: ("Successful Mail Delivery Report",
+              "Your message was delivered to the destinations below. Other systems "
+              "further on may still report errors to you."),
+    DELIVERED: ("Successful Mail Delivery Report",
+                "Your message was delivered to the mailboxes below."),
+}
+# envelope.extra marker of a double bounce (a notice to postmaster about a notice).
+DOUBLE_BOUNCE = "double_bounce"
+
+
+def wants_notice(recipient, action):
     """RFC 3461 NOTIFY: no notify given means FAILURE and DELAY."""
-    return recipient.notify is None or "FAILURE" in recipient.notify
+    if recipient.notify is None:
+        return action in (FAILED, DELAYED)
+    return _NOTIFY_WORD[action] in recipient.notify
 
 
-def status_of(reply):
-    """The RFC 3463 status code of a recorded reply ("550 5.1.1 ..." -> "5.1.1")."""
+def wants_failure_notice(recipient):
+    return wants_notice(recipient, FAILED)
+
+
+def status_of(reply, action=FAILED):
+    """The RFC 3463 status code of a recorded reply ("550 5.1.1 ..." -> "5.1.1"), or the
+    generic one for the action when the reply has none."""
     match = _REPLY.match(reply or "")
     if match and match.group(2):
         return match.group(2)
-    return "5.0.0"
+    return {FAILED: "5.0.0", DELAYED: "4.0.0"}.get(action, "2.0.0")
 
 
-def build_dsn(hostname, envelope, recipients, original, now=None):
-    """The DSN's bytes (CRLF lines). recipients: the bounced model.Recipients; original:
-    the original headers, or the whole message with RET=FULL (bytes)."""
+def build_dsn(hostname, envelope, recipients, original, now=None, action=FAILED,
+              retry_until=None, to=None):
+    """The DSN's bytes (CRLF lines). recipients: the model.Recipients it reports on;
+    original: the original headers, or the whole message with RET=FULL (bytes); action:
+    FAILED, DELAYED, RELAYED or DELIVERED; retry_until: time.time() of the last retry
+    (DELAYED); to: who it goes to (default: the envelope sender)."""
     now = time.time() if now is None else now
+    subject, summary = _WORDING[action]
     boundary = "%s/%s" % (envelope.queue_id, hostname)
     lines = [
         "From: Mail Delivery System <MAILER-DAEMON@%s>" % hostname,
-        "To: <%s>" % envelope.sender,
-        "Subject: Undelivered Mail Returned to Sender",
+        "To: <%s>" % (envelope.sender if to is None else to),
+        "Subject: %s" % subject,
         "Date: %s" % email.utils.formatdate(now, localtime=False),
         "Message-ID: <%s.dsn@%s>" % (new_queue_id(), hostname),
         "Auto-Submitted: auto-replied",
@@ -68,11 +112,11 @@ def build_dsn(hostname, envelope, recipients, original, now=None):
         "",
         "This is the mail system at host %s." % hostname,
         "",
-        "Your message could not be delivered to one or more recipients.",
+        summary,
         "",
     ]
     for recipient in recipients:
-        lines.append("<%s>: %s" % (recipient.address, recipient.last_reply or "failed"))
+        lines.append("<%s>: %s" % (recipient.address, recipient.last_reply or action))
     lines += ["", "--%s" % boundary,
               "Content-Description: Delivery report",
               "Content-Type: message/delivery-status",
@@ -87,10 +131,14 @@ def build_dsn(hostname, envelope, recipients, original, now=None):
         lines.append("Final-Recipient: rfc822; %s" % recipient.address)
         if recipient.orcpt:
             lines.append("Original-Recipient: %s" % recipient.orcpt)
-        lines += ["Action: failed",
-                  "Status: %s" % status_of(recipient.last_reply),
-                  "Diagnostic-Code: smtp; %s" % (recipient.last_reply or "failed")]
-    full = envelope.ret == "FULL"
+        lines += ["Action: %s" % action,
+                  "Status: %s" % status_of(recipient.last_reply, action)]
+        if recipient.last_reply:
+            lines.append("Diagnostic-Code: smtp; %s" % recipient.last_reply)
+        if action == DELAYED and retry_until:
+            lines.append("Will-Retry-Until: %s" % email.utils.formatdate(retry_until,
+                                                                         localtime=False))
+    full = envelope.ret == "FULL" and action == FAILED
     lines += ["", "--%s" % boundary,
               "Content-Description: %s" % ("Undelivered Message" if full
                                            else "Undelivered Message Headers"),
@@ -120,23 +168,46 @@ def read_original(store, envelope):
 
 
 def queue_bounce(queue, config, envelope, bounced):
-    """Queue a DSN to envelope.sender for the bounced recipients that asked for one.
-    Returns its queue id, or None when none is due (null sender, NOTIFY). Blocking: one
-    commit with its flush."""
+    """Queue a DSN to envelope.sender for the bounced recipients that asked for one, or,
+    for a message from <>, a double bounce to postmaster. Returns its queue id, or None
+    when none is due. Blocking: one commit with its flush."""
+    if not envelope.sender:
+        if envelope.extra.get(DOUBLE_BOUNCE):
+            return None                       # never a notice about a double bounce
+        return _queue_notice(queue, config, envelope, bounced, FAILED, to="postmaster",
+                             extra={DOUBLE_BOUNCE: True})
+    return queue_notice(queue, config, envelope, bounced, FAILED)
+
+
+def queue_notice(queue, config, envelope, recipients, action, retry_until=None,
+                 original=None):
+    """Queue a DSN of `action` to envelope.sender for those of `recipients` whose NOTIFY
+    asks for it. Returns its queue id, or None when none is due (null sender, NOTIFY).
+    original: the headers read beforehand (read_original), when the message's file may
+    be gone by now (every recipient delivered)."""
     if not envelope.sender:
         return None
-    recipients = [r for r in bounced if wants_failure_notice(r)]
-    if not recipients:
+    wanted = [r for r in recipients if wants_notice(r, action)]
+    if not wanted:
         return None
-    original = read_original(queue.store, envelope)
+    return _queue_notice(queue, config, envelope, wanted, action, retry_until=retry_until,
+                         original=original)
+
+
+def _queue_notice(queue, config, envelope, recipients, action, to=None, retry_until=None,
+                  extra=None, original=None):
+    if original is None:
+        original = read_original(queue.store, envelope)
     hostname = config.hostname
-    content = build_dsn(hostname, envelope, recipients, original)
-    dsn = Envelope(queue_id=new_queue_id(), sender="",
-                   recipients=[Recipient(envelope.sender)], arrival=time.time(),
+    to = envelope.sender if to is None else to
+    content = build_dsn(hostname, envelope, recipients, original, action=action,
+                        retry_until=retry_until, to=to)
+    dsn = Envelope(queue_id=new_queue_id(), sender="", recipients=[Recipient(to)],
+                   arrival=time.time(),
                    body="7BIT" if envelope.body == "7BIT" and not envelope.smtputf8
                    else "8BITMIME",
                    smtputf8=envelope.smtputf8, client_address="", client_helo=hostname,
-                   protocol="local")
+                   protocol="local", extra=dict(extra or {}))
     writer = queue.start_message(dsn)
     try:
         writer.write(content)

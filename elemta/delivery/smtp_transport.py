@@ -3,8 +3,9 @@ order, one transaction per message, the connection parked for reuse.
 
 Owned by the delivery worker (`elemta: delivery`), which calls deliver() once per
 destination of a message, in its own greenlet, inside the destination's concurrency limit.
-A transport returns {recipient index: (status, reply text, relay)}; status is SENT,
-BOUNCED or RCPT_DEFERRED (elemta.queue.model). The LMTP and local transports
+A transport returns {recipient index: (status, reply text, relay[, dsn_passed])}; status
+is SENT, BOUNCED or RCPT_DEFERRED (elemta.queue.model); dsn_passed (SMTP only) says the
+next hop took the DSN request on, so no success notice is ours to send. The LMTP and local transports
 (elemta.delivery.lmtp, elemta.delivery.local_transport) answer the same way; LMTP shares
 this one's host loop (deliver_to).
 
@@ -118,7 +119,10 @@ class SMTPTransport:
             metrics.DELIVERY_ATTEMPT.observe(time.monotonic() - started)
             relay = client.peer
             for (index, _), item in zip(items, result.recipients):
-                outcome[index] = (status_of(item.outcome), str(item.reply), relay)
+                # The 4th item: whether the server took NOTIFY on (else a NOTIFY=SUCCESS
+                # recipient gets a "relayed" notice from us).
+                outcome[index] = (status_of(item.outcome), str(item.reply), relay,
+                                  result.dsn_passed)
             if not result.try_next_host:
                 return outcome
             last_reply = None

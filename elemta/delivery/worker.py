@@ -17,7 +17,9 @@ fork. Its loop, top to bottom:
               messages per flush: elemta.delivery.recorder): sent
               recipients are never sent again; 4xx and connection errors wait an
               exponential backoff (min_backoff doubling to max_backoff); 5xx bounce; past
-              queue_lifetime the waiting ones bounce; the log gets one Postfix-style line
+              queue_lifetime the waiting ones bounce; then the notices the sender asked
+              for (elemta.delivery.bounce: bounce, delay warning, success); the log gets
+              one Postfix-style line
               per recipient: "<qid>: to=<a@b>, relay=host[ip]:port, delay=1.2,
               status=sent (250 ...)"
     sleep     until new mail wakes it (the smtpd's committer sends a datagram to
@@ -44,7 +46,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 
 from elemta import metrics
-from elemta.delivery.bounce import queue_bounce
+from elemta.delivery import bounce
 from elemta.delivery.concurrency import DestinationSlots
 from elemta.delivery.lmtp import LMTPTransport
 from elemta.delivery.local_transport import LocalTransport
@@ -224,11 +226,16 @@ class DeliveryWorker(GeventChild):
         jobs = [gevent.spawn(self._deliver_group, record, destination, items)
                 for destination, items in groups.items()]
         gevent.joinall(jobs)
-        for job in jobs:
-            if job.successful():
-                results.update(job.value)
-            else:
+        final = set()                # indexes whose delivery was final or lost DSN track
+        for job, (destination, _) in zip(jobs, groups.items()):
+            if not job.successful():
                 raise job.exception
+            for index, result in job.value.items():
+                results[index] = result[:3]
+                # Local and LMTP delivery is final; an SMTP next hop may pass the DSN
+                # request on (then a success notice is its job, not ours).
+                if destination.kind != SMTP or (len(result) > 3 and not result[3]):
+                    final.add(index)
         now = time.time()
         if now - envelope.arrival >= self.delivery.queue_lifetime:
             for index, (status, reply, relay) in list(results.items()):
@@ -239,8 +246,15 @@ class DeliveryWorker(GeventChild):
         last_error = waiting[-1][1] if waiting else None
         next_attempt = now + backoff(record.attempts + 1, self.delivery.min_backoff,
                                      self.delivery.max_backoff)
+        warn = bool(waiting and self.delivery.delay_warning_time and not record.delay_warned
+                    and now - envelope.arrival >= self.delivery.delay_warning_time)
+        # A success notice quotes the headers, and the file goes once all are delivered.
+        original = None
+        if any(results[i][0] == SENT and bounce.wants_notice(
+                envelope.recipients[i], bounce.RELAYED) for i in final):
+            original = bounce.read_original(self.queue.store, envelope)
         outcome = self.recorder.record(
-            Attempt(record.queue_id, results, next_attempt, last_error, now))
+            Attempt(record.queue_id, results, next_attempt, last_error, now, warn))
         self._log_results(record, results, now)
         if outcome == ATTEMPT_REMOVED:
             log.info("%s: removed", record.queue_id)
@@ -249,14 +263,24 @@ class DeliveryWorker(GeventChild):
         elif outcome in (ATTEMPT_LEASE_LOST, ATTEMPT_GONE):
             log.info("%s: %s during delivery (held, deleted or reclaimed); results kept for "
                      "each recipient", record.queue_id, outcome)
-        bounced = []
+        if outcome == ATTEMPT_GONE:
+            return
+        by_status = {SENT: [], BOUNCED: [], RCPT_DEFERRED: []}
         for index, (status, reply, _) in sorted(results.items()):
-            if status == BOUNCED:
-                recipient = envelope.recipients[index]
-                recipient.status, recipient.last_reply = status, reply
-                bounced.append(recipient)
-        if bounced and outcome != ATTEMPT_GONE:
-            self._bounce(record, bounced)
+            recipient = envelope.recipients[index]
+            recipient.status, recipient.last_reply = status, reply
+            if status != SENT or index in final:
+                by_status[status].append(recipient)
+        self._notify(record, "non-delivery notification", bounce.queue_bounce,
+                     by_status[BOUNCED])
+        self._notify(record, "delivery status notification", bounce.queue_notice,
+                     by_status[SENT], bounce.DELIVERED if all(
+                         self.router.destination(r.address).kind != SMTP
+                         for r in by_status[SENT]) else bounce.RELAYED, None, original)
+        if warn:
+            self._notify(record, "delay warning", bounce.queue_notice,
+                         by_status[RCPT_DEFERRED], bounce.DELAYED,
+                         envelope.arrival + self.delivery.queue_lifetime)
 
     def _log_results(self, record, results, now):
         delay = now - record.envelope.arrival
@@ -276,20 +300,21 @@ class DeliveryWorker(GeventChild):
         with self.slots.hold(destination):
             return self.transports[destination.kind].deliver(record, destination, items)
 
-    # ---- bounces ------------------------------------------------------------------------
+    # ---- notices to the sender -----------------------------------------------------
 
-    def _bounce(self, record, bounced):
-        """Queue an RFC 3464 DSN to the sender (never for the null sender)."""
-        if not record.envelope.sender:
+    def _notify(self, record, what, queue_it, recipients, *args):
+        """Queue an RFC 3464 notice about recipients (elemta.delivery.bounce decides
+        whether one is due: NOTIFY, the null sender)."""
+        if not recipients:
             return
         try:
-            queue_id = queue_bounce(self.queue, self.config, record.envelope, bounced)
+            queue_id = queue_it(self.queue, self.config, record.envelope, recipients, *args)
         except Exception as error:
-            log.error("%s: cannot queue the bounce to <%s>: %s", record.queue_id,
+            log.error("%s: cannot queue the %s to <%s>: %s", record.queue_id, what,
                       record.envelope.sender, error)
             return
         if queue_id is not None:
-            log.info("%s: sender non-delivery notification: %s", record.queue_id, queue_id)
+            log.info("%s: sender %s: %s", record.queue_id, what, queue_id)
             self._wake.set()
 
 

@@ -38,7 +38,7 @@ from elemta.queue.store import envelope_from_dict, envelope_to_dict
 
 DUE_STATES = (INCOMING, DEFERRED)
 _RECORD_FIELDS = ("state", "attempts", "next_attempt", "last_error", "lease_owner",
-                  "lease_expires", "history")
+                  "lease_expires", "history", "delay_warned")
 # Due entries looked at per claimed message: among messages due at the same millisecond,
 # the higher priority goes first.
 _CLAIM_LOOKAHEAD = 4
@@ -62,6 +62,7 @@ class QueueRecord:
     lease_expires: float = 0.0           # time.time() after which the claim lapses
     # Delivery results, oldest first: [time, recipient, status, relay, reply] each.
     history: List[list] = field(default_factory=list)
+    delay_warned: bool = False           # the sender was told delivery is delayed
 
     @property
     def queue_id(self):

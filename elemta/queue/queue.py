@@ -115,6 +115,7 @@ class Attempt:
     next_attempt: float                          # when still-waiting recipients try again
     last_error: Optional[str]                    # the reason shown by mailq
     when: float = field(default_factory=time.time)
+    delay_warned: bool = False                   # a delay warning goes out for it now
 
 
 def _syncfs(fd):
@@ -506,6 +507,7 @@ class Queue:
                         [round(attempt.when, 3), recipients[index].address, status, relay,
                          reply])
             del record.history[:-HISTORY_LIMIT]
+            record.delay_warned = record.delay_warned or attempt.delay_warned
             if record.state != ACTIVE or record.lease_owner != owner:
                 return ATTEMPT_LEASE_LOST, True
             record.lease_owner, record.lease_expires = None, 0.0
