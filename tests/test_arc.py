@@ -69,8 +69,10 @@ class Hop:
         return ctx, apply_header_edits(raw, outcome.headers, outcome.remove)
 
     def forward(self, raw, resolver):
-        ctx = Context(hostname=self.hostname, resolver=resolver, message=Message(raw))
-        outcome = self.manager.run("delivery", ctx)
+        # Sealing is at the storage stage of mail that leaves (ctx.outbound).
+        ctx = Context(hostname=self.hostname, resolver=resolver, message=Message(raw),
+                      outbound=True)
+        outcome = self.manager.run("storage", ctx)
         return apply_header_edits(raw, outcome.headers), outcome
 
 
@@ -139,5 +141,5 @@ def test_settings_are_checked(tmp_path):
     assert str(error.value) == "plugins.arc.key_file: required when seal is true"
     with pytest.raises(PluginConfigError) as error:
         PluginManager({"arc": {"seal": True, "domain": "a.test", "selector": "s",
-                               "key_file": str(tmp_path / "none.key")}}).start()
+                               "key_file": str(tmp_path / "none.key")}}).start(strict=True)
     assert str(error.value).startswith("plugins.arc.key_file: cannot read ")

@@ -428,7 +428,7 @@ def test_broken_mime_and_missing_body_separator(keys, resolver):
 # ---- the plugin -----------------------------------------------------------------------
 
 def plugin_manager(settings):
-    return PluginManager({"dkim": settings, "authres": {"enabled": False}}).start()
+    return PluginManager({"dkim": settings, "authres": {"enabled": False}}).start(strict=True)
 
 
 @pytest.mark.skipif(NACL is not None, reason=str(NACL))
@@ -440,12 +440,14 @@ def test_plugin_signs_our_users_mail_and_verifies_inbound(keys, resolver, caplog
     outgoing = Context(client_address="192.0.2.10", auth_user="alice", resolver=resolver,
                        hostname="mx.elemta.test", sender="alice@elemta.test",
                        message=Message(MESSAGE.replace(b"alice@", b"alice@sub.")))
-    outcome = manager.run("data", outgoing)
+    assert manager.run("data", outgoing).headers == []      # signing is at storage
+    outcome = manager.run("storage", outgoing)
     assert [name for name, _ in outcome.headers] == ["DKIM-Signature", "DKIM-Signature"]
     message = apply_header_edits(outgoing.message.raw, outcome.headers)
     inbound = Context(client_address="192.0.2.99", resolver=resolver, hostname="mx.test",
                       message=Message(message))
     assert manager.run("data", inbound).headers == []
+    assert manager.run("storage", inbound).headers == []    # not our users' mail: unsigned
     assert [(r.method, r.result, r.prop("header.d"), r.prop("header.a"))
             for r in inbound.auth_results] == [
         ("dkim", "pass", "elemta.test", "rsa-sha256"),

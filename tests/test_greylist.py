@@ -123,7 +123,7 @@ def test_exemptions_and_allow_lists(tmp_path):
 ])
 def test_bad_settings_name_the_key(settings, message):
     with pytest.raises(PluginConfigError) as error:
-        PluginManager({"greylist": settings}).start()
+        PluginManager({"greylist": settings}).start(strict=True)
     assert str(error.value).startswith(message)
 
 

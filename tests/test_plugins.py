@@ -78,8 +78,15 @@ class Third(Verdict):
 
 
 class BadInit(Plugin):
+    failures_left = 0
+
     def init(self, settings):
-        raise OSError("cannot open /var/lib/nothing")
+        if BadInit.failures_left:
+            BadInit.failures_left -= 1
+            raise OSError("cannot open /var/lib/nothing")
+
+    def on_rcpt(self, ctx):
+        return Result.reject(550, "5.7.1", "badinit is up and says no")
 
 
 class BadClose(Plugin):
@@ -208,11 +215,47 @@ def test_an_outer_timeout_is_not_swallowed():
             rcpt(mgr)
 
 
-def test_init_and_close_failures():
+def test_a_plugin_that_cannot_start_answers_451_then_starts_when_it_can(caplog,
+                                                                         monkeypatch):
+    from elemta.plugins import manager as manager_module
+    BadInit.failures_left = 2
+    monkeypatch.setattr(manager_module, "INIT_RETRY", 0.0)   # retry at the next call
+    caplog.set_level("INFO", logger="elemta")
+    mgr = manager({"first": {}, "badinit": {}})             # no exception: the worker lives
+    assert list(mgr.broken) == ["badinit"] and mgr.wants("rcpt")
+    outcome = rcpt(mgr)
+    assert (outcome.reply, outcome.decided_by) == (
+        (451, "4.3.0", "Temporary local problem, please try again later"), "badinit")
+    assert Verdict.calls == ["first"]
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("elemta")]
+    assert lines[0].startswith("plugin badinit failed to start: OSError: cannot open "
+                               "/var/lib/nothing (at test_plugins.py:")
+    assert lines[0].endswith("; its stages (rcpt) answer 451 4.3.0 until it starts")
+    assert lines[1].startswith("Q1: plugin badinit failed at rcpt stage for client "
+                               "[192.0.2.7]: not started: OSError: cannot open")
+    # The second init() (at this call) fails no more: the plugin runs.
+    assert rcpt(mgr).reply == (550, "5.7.1", "badinit is up and says no")
+    assert mgr.broken == {} and "plugin badinit started after all" in caplog.text
+    mgr.close()
+
+
+def test_a_plugin_that_cannot_start_is_left_out_when_fail_open(caplog):
+    BadInit.failures_left = 1
+    mgr = manager({"badinit": {"fail_open": True}})
+    assert not mgr.wants("rcpt") and rcpt(mgr).reply is None
+    assert ("plugin badinit failed to start: OSError: cannot open /var/lib/nothing"
+            in caplog.text and "running without it (fail_open)" in caplog.text)
+
+
+def test_strict_start_raises_naming_the_plugin():
+    BadInit.failures_left = 1
     with pytest.raises(PluginConfigError) as error:
-        manager({"first": {}, "badinit": {}})
-    assert str(error.value) == ("plugins.badinit: cannot start: OSError: "
-                                "cannot open /var/lib/nothing")
+        PluginManager({"first": {}, "badinit": {}}, known=KNOWN).start(strict=True)
+    assert str(error.value).startswith("plugins.badinit: cannot start: OSError: "
+                                       "cannot open /var/lib/nothing (at test_plugins.py:")
+
+
+def test_close_failures_are_logged():
     mgr = manager({"badclose": {}})
     assert mgr.wants("helo") and not mgr.wants("data")
     mgr.close()                       # logged, not raised

@@ -1,7 +1,8 @@
 """The plugin API: stages, the narrow context a plugin sees, and the verdict it returns.
 
-Used in every process that runs plugins (the smtpd worker for connection..data, the queue
-step for queue, the delivery worker for routing/delivery/storage). A plugin is a class:
+Used in every process that runs plugins: the smtpd worker (connection .. data, storage,
+queue), pickup (data, storage, queue for mail from sendmail) and the delivery worker
+(routing, delivery, through elemta.delivery.stages). A plugin is a class:
 
     class MyPlugin(Plugin):
         name = "myplugin"                 # its key under `plugins:` in the config
@@ -18,8 +19,59 @@ Design rule 6: plugins return a verdict (Result), "no opinion" (None or Result.p
 means default behaviour, and the core formats the SMTP reply. A plugin never sees a
 socket, the master or the index: only the Context below.
 
-See also: elemta.plugins.manager (loads and calls plugins), elemta.plugins.example (a
-documented example), elemta.plugins.authres (how auth results become a header).
+The stages, in the order mail meets them; what the Context holds at each (on top of what
+the earlier ones set) and what each result does there. "reject" and "tempfail" carry the
+reply (code, enhanced status, text); a plugin that raises or overruns its timeout counts
+as tempfail 451 4.3.0, or as no opinion when configured fail_open. ACCEPT skips the later
+plugins of the same stage, everywhere.
+
+  connection  smtpd, a client connected, before the 220 greeting. ctx: client_address,
+              client_name, trusted, tls (smtps only), hostname, resolver, session.
+              reject: 554 in place of the 220, then 503 5.7.0 to every command until
+              QUIT (RFC 5321 3.1); tempfail: 421 and the connection closes; discard /
+              quarantine: every message of the session is discarded / held.
+  helo        smtpd, HELO or EHLO. + ctx.helo. reject/tempfail: the reply to HELO/EHLO;
+              discard/quarantine: every later message of the session.
+  auth        smtpd, AUTH succeeded. + ctx.auth_user. reject/tempfail: AUTH fails with
+              that reply; discard/quarantine: every later message of the session.
+  mail        smtpd, MAIL FROM. + ctx.sender. reject/tempfail: the reply to MAIL;
+              discard/quarantine: this message.
+  rcpt        smtpd, each RCPT TO (after the relay check). + ctx.recipient, ctx.recipients
+              (those accepted so far). reject/tempfail: this recipient is refused;
+              discard/quarantine: the whole message (as Postfix's DISCARD and HOLD).
+  data        smtpd at the end of DATA/BDAT, and pickup for each message from sendmail
+              (ctx.local true, no client). + ctx.queue_id, ctx.recipients, ctx.outbound,
+              ctx.message (the content as received, before our Received header).
+              reject/tempfail: the reply to the end of DATA (pickup: reject puts the
+              message on hold for the admin, tempfail leaves it in the maildrop for the
+              next scan); discard: 250, then the message is dropped and the log says so;
+              quarantine: queued on hold. Headers to add and remove are applied before
+              the storage stage. Checks belong here (SPF, DKIM verification, DMARC, ARC
+              verification, Authentication-Results).
+  storage     the same two places, right after the data stage, on the content as it will
+              be written to the spool: ctx.message has the data stage's header edits,
+              ctx.auth_results what the data stage found. Same results as data. Whatever
+              signs or seals belongs here, so it covers the final content: DKIM signing
+              of our users' and local mail, ARC sealing of mail that leaves (outbound).
+  queue       the same two places, once the message is durably queued (the smtpd has
+              sent its 250). ctx.queue_id, sender, recipients; no message. Notification
+              only: any result but continue is logged and ignored.
+  routing     delivery worker, per recipient, when recipients are grouped by next hop.
+              ctx.queue_id, sender, recipients (the message's), recipient, nexthop (the
+              route chosen so far: "smtp:host:port" looks up MX, "smtp:[host]:port",
+              "lmtp:[host]:port", "lmtp:unix:/path", "local"). Result.route(nexthop):
+              send it there instead; reject: the recipient bounces; tempfail: it waits
+              for the next attempt; discard: it counts as delivered ("250 2.0.0 discarded
+              by <plugin>"); quarantine: it waits (it is not held mid-delivery).
+  delivery    delivery worker, per recipient, just before a group is handed to its
+              transport. + ctx.nexthop (the group's), ctx.recipients (the group),
+              ctx.message (the spool content, read once per group). Results as at
+              routing (route excepted); header edits are ignored (content edits belong
+              to storage).
+
+See also: elemta.plugins.manager (loads and calls plugins), elemta.plugins.content (the
+data and storage stages over one message), tests/plugins/example (a documented example
+installed through its entry point), elemta.plugins.authres (auth results as a header).
 """
 
 import collections.abc
@@ -29,18 +81,19 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-# The stages, in the order mail meets them. on_<stage> is the method a plugin defines.
+# The stages, in the order mail meets them (see the module docstring for each one's
+# context and results). on_<stage> is the method a plugin defines.
 CONNECTION = "connection"   # a client connected (before the 220 greeting)
 HELO = "helo"               # HELO/EHLO
 AUTH = "auth"               # AUTH succeeded (ctx.auth_user is set)
 MAIL = "mail"               # MAIL FROM
 RCPT = "rcpt"               # RCPT TO, once per recipient (ctx.recipient)
 DATA = "data"               # the end of the content: ctx.message is complete
-QUEUE = "queue"             # the message is about to be queued (last chance to hold)
-ROUTING = "routing"         # delivery: choosing where a recipient's mail goes
-DELIVERY = "delivery"       # delivery: about to send a message (ctx.message outgoing)
-STORAGE = "storage"         # local delivery: about to store into a mailbox
-STAGES = (CONNECTION, HELO, AUTH, MAIL, RCPT, DATA, QUEUE, ROUTING, DELIVERY, STORAGE)
+STORAGE = "storage"         # the final content, about to be written to the spool
+QUEUE = "queue"             # the message is durably queued (notification only)
+ROUTING = "routing"         # delivery: choosing the next hop of a recipient
+DELIVERY = "delivery"       # delivery: about to hand recipients to their transport
+STAGES = (CONNECTION, HELO, AUTH, MAIL, RCPT, DATA, STORAGE, QUEUE, ROUTING, DELIVERY)
 
 # Actions a verdict may carry.
 CONTINUE = "continue"       # no objection; later plugins run; default behaviour
@@ -53,6 +106,7 @@ ACTIONS = (CONTINUE, ACCEPT, REJECT, TEMPFAIL, DISCARD, QUARANTINE)
 
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _HEADER_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")   # RFC 5322 ftext
+_NEXTHOP = re.compile(r"^(local|(smtp|lmtp):\S+)$")    # checked fully where it is used
 
 
 class PluginConfigError(ValueError):
@@ -67,6 +121,8 @@ class Result:
              with CRLF + whitespace; no final CRLF).
     remove:  (name, value) pairs of existing header fields to delete (exact raw value,
              as Message.headers gives it), e.g. a forged Authentication-Results.
+    nexthop: at the routing stage, where to send the recipient instead, in transport-map
+             syntax ("smtp:[relay.example]:2525", "lmtp:unix:/run/lmtp", "local").
     """
     action: str = CONTINUE
     code: Optional[int] = None
@@ -75,6 +131,7 @@ class Result:
     reason: str = ""
     headers: Tuple[Tuple[str, str], ...] = ()
     remove: Tuple[Tuple[str, str], ...] = ()
+    nexthop: Optional[str] = None
 
     def __post_init__(self):
         if self.action not in ACTIONS:
@@ -88,6 +145,9 @@ class Result:
                                         or self.status[0] != str(self.code)[0]):
             raise ValueError("enhanced status %r does not fit code %r"
                              % (self.status, self.code))
+        if self.nexthop is not None and (self.action != ACCEPT
+                                         or not _NEXTHOP.match(self.nexthop)):
+            raise ValueError("next hop %r is not kind:destination or local" % (self.nexthop,))
         for name, value in self.headers:
             if not _HEADER_NAME.match(name) or "\n" in value.replace("\r\n ", "").replace(
                     "\r\n\t", ""):
@@ -118,6 +178,12 @@ class Result:
     def quarantine(cls, reason, headers=()):
         """Accept the message but hold it in the queue; reason goes to the log."""
         return cls(QUARANTINE, reason=reason, headers=tuple(headers))
+
+    @classmethod
+    def route(cls, nexthop):
+        """Routing stage: send the recipient to this next hop (transport-map syntax,
+        e.g. "smtp:[10.0.0.5]:25"); the later routing plugins are skipped."""
+        return cls(ACCEPT, nexthop=nexthop)
 
 
 @dataclass(frozen=True)
@@ -209,7 +275,8 @@ class Context:
 
     Per connection: client_*, helo, tls*, auth_user, trusted, local, session.
     Per transaction (reset by new_transaction): sender, recipients, recipient, queue_id,
-    message, auth_results, state.
+    message, outbound, auth_results, state.
+    Delivery (routing, delivery stages): nexthop.
     resolver: an elemta.plugins.resolver.Resolver (DNS that never blocks the event loop).
     hostname: this server's name; the default authserv-id.
     """
@@ -229,6 +296,8 @@ class Context:
     recipient: Optional[str] = None
     queue_id: Optional[str] = None
     message: Optional[Message] = None
+    outbound: bool = False         # some recipient is not in a local domain: mail that leaves
+    nexthop: Optional[str] = None  # routing/delivery: "smtp:[host]:port", "local", ...
     auth_results: List[MethodResult] = field(default_factory=list)
     session: Dict[str, Any] = field(default_factory=dict)  # plugins' per-connection notes
     state: Dict[str, Any] = field(default_factory=dict)    # plugins' per-transaction notes
@@ -245,6 +314,7 @@ class Context:
         self.recipient = None
         self.queue_id = None
         self.message = None
+        self.outbound = False
         self.auth_results = []
         self.state = {}
 
@@ -271,7 +341,12 @@ class Plugin:
         """Release files, databases, sockets. Called at worker exit and on reload."""
 
     def stages(self):
-        return tuple(stage for stage in STAGES if callable(getattr(self, "on_" + stage, None)))
+        return served_stages(self)
+
+
+def served_stages(plugin):
+    """The stages a plugin (class or instance) serves: its on_<stage> methods."""
+    return tuple(stage for stage in STAGES if callable(getattr(plugin, "on_" + stage, None)))
 
 
 # ---- typed settings from a plain mapping ------------------------------------------------

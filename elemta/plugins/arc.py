@@ -1,13 +1,16 @@
 """ARC (RFC 8617): verify the chain on inbound mail, seal the mail Elemta forwards.
 
-Owned by two processes: the smtpd worker verifies at the data stage (the result, cv =
-none/pass/fail, goes into our Authentication-Results as arc=...), and the delivery worker
-seals at the delivery stage, when the message - now carrying that Authentication-Results -
-leaves for another server. dkimpy does the cryptography; its sealer reads the chain
-status from our own Authentication-Results, which is why sealing comes after the data
-stage. Keys are fetched through the plugin resolver (gevent sockets); a DNS failure is
-reported as arc=temperror and such a message is not sealed (cv= may only be none, pass
-or fail).
+Owned by the smtpd worker. It verifies at the data stage (the result, cv =
+none/pass/fail, goes into our Authentication-Results as arc=...) and seals at the storage
+stage, at receive time as OpenARC does, the mail Elemta forwards: a message with a
+recipient outside our local domains (ctx.outbound) that is not our own users' submission
+(AUTH or sendmail) - mail relayed for a mynetworks host such as a list server, or any
+other client. For such mail the chain is verified even from a mynetworks client, so our
+Authentication-Results carries arc=. dkimpy does the cryptography; its sealer reads the
+chain status from our own Authentication-Results, which is why sealing comes after the
+data stage (the storage stage sees the content with that header added). Keys are fetched
+through the plugin resolver (gevent sockets); a DNS failure is reported as arc=temperror
+and such a message is not sealed (cv= may only be none, pass or fail).
 
 Sealing uses RSA keys (dkimpy's ARC supports rsa-sha256 only) from the same kind of key
 file as DKIM signing; `elemtactl dkim keygen` makes them.
@@ -116,9 +119,15 @@ class ARCPlugin(Plugin):
                 raise PluginConfigError("plugins.%s.key_file: %s" % (self.name, error)) \
                     from None
 
+    def forwarded(self, ctx):
+        """True for mail this server seals: it leaves, and is not our users' own."""
+        return (self.key is not None and ctx.outbound and ctx.auth_user is None
+                and not ctx.local)
+
     def on_data(self, ctx):
-        if (not self.settings.verify or ctx.message is None or ctx.resolver is None
-                or ctx.authenticated_or_local):
+        if not self.settings.verify or ctx.message is None or ctx.resolver is None:
+            return None
+        if ctx.authenticated_or_local and not self.forwarded(ctx):
             return None
         checked = verify_chain(ctx.message.raw, ctx.resolver)
         ctx.state["arc"] = checked
@@ -130,8 +139,8 @@ class ARCPlugin(Plugin):
                      ctx.client_address, checked.reason)
         return None
 
-    def on_delivery(self, ctx):
-        if self.key is None or ctx.message is None:
+    def on_storage(self, ctx):
+        if ctx.message is None or not self.forwarded(ctx):
             return None
         authserv_id = self.settings.authserv_id or ctx.hostname
         claimed = [re.findall(r"(?:^|;)\s*arc\s*=\s*([A-Za-z]+)", value)

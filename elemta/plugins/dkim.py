@@ -1,7 +1,8 @@
 """DKIM (RFC 6376, RFC 8463): verify every signature inbound, sign our users' mail, make keys.
 
-Owned by the smtpd worker (the `dkim` built-in, data stage) and by `elemtactl dkim keygen`
-(generate_key). dkimpy does the cryptography and canonicalization; this module fetches
+Owned by the processes that take mail in - the smtpd worker and pickup - as the `dkim`
+built-in (verification at the data stage, signing at the storage stage, on the content as
+it will be spooled: elemta.plugins.content), and by `elemtactl dkim keygen` (generate_key). dkimpy does the cryptography and canonicalization; this module fetches
 the keys itself through the plugin resolver (elemta.plugins.resolver: gevent sockets, so
 no blocking) and so can tell a DNS failure (temperror) from a bad or missing key
 (permerror) from a signature that does not match (fail), which dkimpy's verify() folds
@@ -13,7 +14,8 @@ into one False.
     generate_key("example.com", "sel", "/etc/elemta/dkim/sel.key", "ed25519-sha256")
         -> GeneratedKey(key_file=..., dns_name="sel._domainkey.example.com", txt="v=DKIM1; ...")
 
-Signing happens for authenticated, mynetworks and locally submitted mail, with every key
+Signing happens for authenticated, mynetworks and locally submitted mail (sendmail, through
+pickup), with every key
 configured for the From domain (or its nearest configured parent): an RSA and an Ed25519
 key for one domain give two signatures (RFC 8463 section 4 dual signing).
 
@@ -402,11 +404,10 @@ class DKIMPlugin(Plugin):
             self.signer = Signer(specs, settings.sign_headers)
 
     def on_data(self, ctx):
+        """Verify every signature of inbound mail (our users' mail is signed instead)."""
         message = ctx.message
-        if message is None:
+        if message is None or ctx.authenticated_or_local:
             return None
-        if ctx.authenticated_or_local:
-            return self._sign(ctx, message)
         if not self.settings.verify or ctx.resolver is None:
             return None
         results = verify_message(message.raw, ctx.resolver,
@@ -422,9 +423,13 @@ class DKIMPlugin(Plugin):
                          ctx.client_address, checked.reason)
         return None
 
-    def _sign(self, ctx, message):
-        if self.signer is None:
+    def on_storage(self, ctx):
+        """Sign our users' mail: the content is final here (after the data stage's edits)."""
+        if self.signer is None or ctx.message is None or not ctx.authenticated_or_local:
             return None
+        return self._sign(ctx, ctx.message)
+
+    def _sign(self, ctx, message):
         domain = from_domain(message) or (ctx.sender or "").rpartition("@")[2]
         if not domain:
             return None

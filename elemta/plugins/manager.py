@@ -13,6 +13,12 @@ Plugins come from the built-ins below and from the entry-point group `elemta.plu
 (a third-party package declares `myplugin = mypackage.module:MyPlugin`). A built-in name
 cannot be taken over by a third-party package.
 
+A plugin whose init() fails when a process starts (a key file the unprivileged worker
+cannot read, a database it cannot open) does not stop the process: it is logged by name
+and then, with `fail_open: true`, left out; otherwise every call to it answers 451 4.3.0
+(logged each time), and init() is tried again at most every INIT_RETRY seconds, so fixing
+the file brings it back without a restart.
+
 Every plugin call runs under a gevent.Timeout (the plugin's `timeout`, seconds). A plugin
 that raises or overruns is logged by name, in one line, without a traceback, and gives
 451 4.3.0 - or, with `fail_open: true`, is passed over as if it had no opinion. Nothing a
@@ -26,13 +32,15 @@ See also: elemta.plugins.api (what plugins see and return), tests/test_plugins.p
 import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import gevent
 
-from elemta.plugins.api import (CONTINUE, DISCARD, QUARANTINE, REJECT, STAGES,
-                                TEMPFAIL, Plugin, PluginConfigError, Result, parse_settings)
+from elemta.plugins.api import (CONTINUE, DISCARD, QUARANTINE, QUEUE, REJECT, STAGES,
+                                TEMPFAIL, Plugin, PluginConfigError, Result, parse_settings,
+                                served_stages)
 
 log = logging.getLogger("elemta.plugins")
 
@@ -54,6 +62,8 @@ AUTH_METHODS = ("spf", "dkim", "dmarc", "arc")
 # The reply when a plugin fails and is not fail-open (RFC 3463 4.3.0: other or undefined
 # mail system status).
 PLUGIN_FAILURE = (451, "4.3.0", "Temporary local problem, please try again later")
+# Seconds between attempts to start a plugin whose init() failed.
+INIT_RETRY = 30.0
 DEFAULT_REPLIES = {
     REJECT: (550, "5.7.1", "Rejected by policy"),
     TEMPFAIL: (451, "4.7.1", "Try again later"),
@@ -76,10 +86,14 @@ class Outcome:
     reply:  (code, status, text) for REJECT and TEMPFAIL, else None.
     quarantine: the reason, when a plugin asked for the message to be held.
     headers / remove: header fields to prepend / delete (see apply_header_edits).
+    nexthop: the next hop a routing plugin chose (Result.route), else None.
+    reason: the deciding plugin's reason (discard), for the log.
     """
     action: str = CONTINUE
     reply: Optional[Tuple[int, str, str]] = None
     decided_by: Optional[str] = None
+    nexthop: Optional[str] = None
+    reason: str = ""
     quarantine: Optional[str] = None
     quarantined_by: Optional[str] = None
     discard: bool = False
@@ -98,6 +112,8 @@ class LoadedPlugin:
         self.common = common
         self.settings = settings
         self.order = getattr(plugin, "order", 50)
+        self.broken = None          # why init() failed, while it has not succeeded
+        self.next_init = 0.0        # time.monotonic() of the next init() attempt
 
 
 def available_plugins():
@@ -190,10 +206,16 @@ def _enabled(mapping):
 
 
 class PluginManager:
-    """The enabled plugins of one process and the calls into them."""
+    """The enabled plugins of one process and the calls into them.
 
-    def __init__(self, plugins_config=None, known=None):
+    stages: when given, only the plugins serving one of these stages are loaded (the
+    delivery worker has no use for an smtpd-only plugin and its databases)."""
+
+    def __init__(self, plugins_config=None, known=None, stages=None):
         self._chosen = parse_plugin_config(plugins_config, known)
+        if stages is not None:
+            self._chosen = [chosen for chosen in self._chosen
+                            if set(served_stages(chosen[1])) & set(stages)]
         self.plugins = []  # type: List[LoadedPlugin]
         self._by_stage = {stage: [] for stage in STAGES}  # type: Dict[str, List[LoadedPlugin]]
 
@@ -201,26 +223,52 @@ class PluginManager:
     def names(self):
         return [name for name, _, _, _ in self._chosen]
 
-    def start(self):
-        """Instantiate and init() every enabled plugin; raises PluginConfigError if a
-        plugin refuses its settings (an unreadable key file, say)."""
+    def start(self, strict=False):
+        """Instantiate and init() every enabled plugin. A plugin whose init() fails does
+        not stop the others: see the module docstring (fail_open leaves it out, otherwise
+        it answers 451 4.3.0 until a later init() succeeds). strict=True instead closes
+        what started and raises PluginConfigError naming the plugin (for checks and
+        tests, not for workers)."""
         for name, plugin_class, common, settings in self._chosen:
             plugin = plugin_class()
             plugin.name = name
-            try:
-                plugin.init(settings)
-            except PluginConfigError:
-                self.close()
-                raise
-            except Exception as error:
-                self.close()
-                raise PluginConfigError("plugins.%s: cannot start: %s: %s"
-                                        % (name, type(error).__name__, error)) from None
             loaded = LoadedPlugin(name, plugin, common, settings)
+            self._init(loaded)
+            if loaded.broken is not None and strict:
+                self.close()
+                raise PluginConfigError(loaded.broken if loaded.broken.startswith(
+                    "plugins.") else "plugins.%s: cannot start: %s" % (name, loaded.broken))
+            if loaded.broken is not None and common.fail_open:
+                log.error("plugin %s failed to start: %s; running without it (fail_open)",
+                          name, loaded.broken)
+                continue
+            if loaded.broken is not None:
+                log.error("plugin %s failed to start: %s; its stages (%s) answer %d %s "
+                          "until it starts", name, loaded.broken,
+                          ", ".join(plugin.stages()), PLUGIN_FAILURE[0], PLUGIN_FAILURE[1])
             self.plugins.append(loaded)
             for stage in plugin.stages():
                 self._by_stage[stage].append(loaded)
         return self
+
+    def _init(self, loaded):
+        """plugin.init(settings); on failure, remember why and when to try again."""
+        try:
+            loaded.plugin.init(loaded.settings)
+        except Exception as error:
+            loaded.broken = (str(error) if isinstance(error, PluginConfigError)
+                             else _describe_error(error))
+            loaded.next_init = time.monotonic() + INIT_RETRY
+            return
+        if loaded.broken is not None:
+            log.info("plugin %s started after all", loaded.name)
+        loaded.broken = None
+
+    @property
+    def broken(self):
+        """{name: why} of the plugins whose init() has not succeeded."""
+        return {loaded.name: loaded.broken for loaded in self.plugins
+                if loaded.broken is not None}
 
     def wants(self, stage):
         """True when some plugin serves the stage (skip building the context if not)."""
@@ -251,6 +299,8 @@ class PluginManager:
                 continue
             outcome.action = result.action
             outcome.decided_by = loaded.name
+            outcome.nexthop = result.nexthop
+            outcome.reason = result.reason
             if result.action in (REJECT, TEMPFAIL):
                 default = DEFAULT_REPLIES[result.action]
                 outcome.reply = (result.code or default[0], result.status or default[1],
@@ -261,6 +311,11 @@ class PluginManager:
 
     def _call(self, loaded, stage, ctx):
         """The plugin's Result, None for no opinion, or the failure Result."""
+        if loaded.broken is not None:
+            if time.monotonic() >= loaded.next_init:
+                self._init(loaded)
+            if loaded.broken is not None:
+                return self._failed(loaded, stage, ctx, "not started: %s" % loaded.broken)
         timeout = gevent.Timeout(loaded.common.timeout)
         timeout.start()
         try:
@@ -281,9 +336,10 @@ class PluginManager:
     def _failed(self, loaded, stage, ctx, problem):
         where = getattr(ctx, "queue_id", None) or "NOQUEUE"
         client = getattr(ctx, "client_address", "") or "local"
-        if loaded.common.fail_open:
+        if loaded.common.fail_open or stage == QUEUE:
             log.error("%s: plugin %s failed at %s stage for client [%s]: %s; continuing "
-                      "(fail_open)", where, loaded.name, stage, client, problem)
+                      "(%s)", where, loaded.name, stage, client, problem,
+                      "fail_open" if stage != QUEUE else "the queue stage is a notification")
             return None
         log.error("%s: plugin %s failed at %s stage for client [%s]: %s; answering %d %s",
                   where, loaded.name, stage, client, problem, PLUGIN_FAILURE[0],
@@ -292,6 +348,8 @@ class PluginManager:
 
     def close(self):
         for loaded in reversed(self.plugins):
+            if loaded.broken is not None:
+                continue                  # never started: nothing to close
             try:
                 loaded.plugin.close()
             except Exception as error:

@@ -6,13 +6,18 @@ policy, AUTH checks, and the queue (spool file, group commit). Log lines follow 
 layout, queue id first, so admins can grep them the same way.
 
 Plugins (elemta.plugins) see the session through one Context (self.ctx) and are asked at
-each stage: helo, auth, mail, rcpt (after the relay check) and data. The data stage needs
-the whole content, so only when some plugin wants it is the content kept in memory
-(bounded by limits.message_size, which the protocol core enforces) and written to the
-spool file at the end, edited by the plugins; otherwise it streams straight to the file.
+each stage: connection (before the greeting), helo, auth, mail, rcpt (after the relay
+check), then data and storage (elemta.plugins.content), and queue once the 250 is sent.
+The data and storage stages need the whole content, so only when some plugin wants it is
+the content kept in memory (bounded by limits.message_size, which the protocol core
+enforces) and written to the spool file at the end, edited by the plugins; otherwise it
+streams straight to the file. A discard or quarantine given before the content (at
+connection, helo or auth for the whole session; at mail or rcpt for the message) is
+remembered and applied at the end of DATA.
 See also: elemta.smtpd.server (the shared services), elemta.plugins.manager.
 """
 
+import dataclasses
 import errno
 import logging
 import socket
@@ -21,8 +26,9 @@ import time
 from gevent import ssl
 
 from elemta import metrics
-from elemta.plugins.api import TEMPFAIL, Context, Message
-from elemta.plugins.manager import apply_header_edits
+from elemta.plugins.api import DISCARD, TEMPFAIL, Context
+from elemta.plugins.content import (notify_queued, outbound, run_content_stages,
+                                    wants_content)
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import Envelope, Recipient
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
@@ -75,7 +81,12 @@ class Session:
         self.ctx = Context(client_address=self.client_ip, hostname=server.hostname,
                            resolver=server.resolver,
                            trusted=server.policy.client_trusted(self.client_ip))
-        self.content = None     # the message content, kept only for data-stage plugins
+        self.content = None     # the message content, kept only for data/storage plugins
+        # A discard or quarantine from a stage before the content: (action, reason,
+        # plugin, stage), for the whole session (connection, helo, auth) or this message.
+        self.session_verdict = None
+        self.message_verdict = None
+        self._queued = []       # Contexts of committed messages, for the queue stage
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -97,6 +108,7 @@ class Session:
             except OSError:
                 pass
             log.info("disconnect from %s", self.client)
+            self._notify_queued()     # messages queued just before the client went away
 
     def _admitted(self):
         """Run the connection-stage plugins before the greeting; False when they refused
@@ -110,6 +122,7 @@ class Session:
             return True
         outcome = self.plugins.run("connection", self.ctx)
         if outcome.reply is None:
+            self._remember(outcome, "connection")
             return True
         _, status, text = outcome.reply
         code = 421 if outcome.action == TEMPFAIL else 554
@@ -197,14 +210,20 @@ class Session:
         return data
 
     def _flush(self):
-        if not self._out:
-            return
-        data, self._out = bytes(self._out), bytearray()
-        self.sock.settimeout(self.timeouts.command)
-        try:
-            self.sock.sendall(data)
-        except (OSError, ssl.SSLError) as exc:
-            raise SessionEnded(getattr(exc, "strerror", None) or str(exc)) from None
+        if self._out:
+            data, self._out = bytes(self._out), bytearray()
+            self.sock.settimeout(self.timeouts.command)
+            try:
+                self.sock.sendall(data)
+            except (OSError, ssl.SSLError) as exc:
+                raise SessionEnded(getattr(exc, "strerror", None) or str(exc)) from None
+        self._notify_queued()
+
+    def _notify_queued(self):
+        """The queue stage for messages committed so far: after their 250 went out, so
+        a slow plugin never delays a reply."""
+        while self._queued:
+            notify_queued(self.plugins, self._queued.pop(0))
 
     def _handshake(self):
         """Do the server side of a TLS handshake (after STARTTLS, or at once for smtps)."""
@@ -231,6 +250,7 @@ class Session:
     def on_mail_from(self, event):
         ctx = self.ctx
         ctx.new_transaction()
+        self.message_verdict = None
         ctx.sender = event.transaction.sender
         if self._refused_by_plugins("mail", "MAIL", sender=ctx.sender):
             return
@@ -266,7 +286,7 @@ class Session:
                                  envelope.protocol, self.queue_id,
                                  [r.address for r in txn.recipients], self.tls_info)
         self.write_error = None
-        self.content = bytearray() if self.plugins.wants("data") else None
+        self.content = bytearray() if wants_content(self.plugins) else None
         try:
             self.writer = self.server.queue.start_message(envelope)
             self.writer.write(header)
@@ -299,14 +319,21 @@ class Session:
             reply = self._storage_reply(self.write_error)
             self._discard_message()
             return self.proto.reject(reply)
-        outcome = None
+        early = [v for v in (self.session_verdict, self.message_verdict) if v is not None]
+        early.sort(key=lambda verdict: verdict[0] != DISCARD)     # a discard outweighs
+        early = early[0] if early else None
+        if early is not None and early[0] == DISCARD:
+            return self._discard(txn, *early[1:])
+        hold = early[1:] if early is not None else None      # (reason, plugin, stage)
         if self.content is not None:
-            outcome = self._run_data_stage(txn)
-            if outcome is None:
+            verdict = self._run_content_stages(txn)
+            if verdict is None:
                 return
+            if hold is None and verdict.quarantine:
+                hold = (verdict.quarantine, verdict.quarantined_by, verdict.quarantine_stage)
         # Quarantine: the message enters the queue already on hold, so no delivery worker
         # can claim it between the commit and a later hold.
-        writer.hold = bool(outcome is not None and outcome.quarantine)
+        writer.hold = hold is not None
         try:
             writer.finish()
             self.server.committer.commit(writer)
@@ -319,53 +346,58 @@ class Session:
         metrics.ACCEPTED_BYTES.inc(writer.size)
         log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", self.queue_id,
                  txn.sender, writer.size, len(txn.recipients))
-        if outcome is not None and outcome.quarantine:
-            self._hold(outcome)
+        if hold is not None:
+            log.info("%s: hold: END-OF-MESSAGE from %s: %s (plugin %s at %s stage)",
+                     self.queue_id, self.client, *hold)
         self.proto.accept("Ok: queued as %s" % self.queue_id)
+        if self.plugins.wants("queue"):
+            recipients = [r.address for r in txn.recipients]
+            self._queued.append(dataclasses.replace(
+                self.ctx, stage="", queue_id=self.queue_id, sender=txn.sender,
+                recipients=recipients, recipient=None, message=None, auth_results=[],
+                outbound=outbound(recipients, self.server.policy.is_local), state={}))
 
-    def _run_data_stage(self, txn):
-        """Run the data-stage plugins on the kept content and write it, edited, to the
-        spool file. Returns their Outcome, or None once the reply has been given
-        (refused, discarded, or the file could not be written)."""
+    def _run_content_stages(self, txn):
+        """Run the data and storage plugins on the kept content and write it, edited, to
+        the spool file. Returns their ContentVerdict, or None once the reply has been
+        given (refused, discarded, or the file could not be written)."""
         ctx, content = self.ctx, bytes(self.content)
         self.content = None
         ctx.queue_id = self.queue_id
         ctx.sender = txn.sender
         ctx.recipients = [r.address for r in txn.recipients]
-        ctx.recipient = None
-        ctx.message = Message(content)
-        outcome = self.plugins.run("data", ctx)
+        ctx.outbound = outbound(ctx.recipients, self.server.policy.is_local)
+        verdict = run_content_stages(self.plugins, ctx, content)
         ctx.new_transaction()             # end of DATA: the next MAIL starts afresh
-        if outcome.reply is not None:
-            reply = Reply(*outcome.reply)
+        if verdict.reply is not None:
+            reply = Reply(*verdict.reply)
             log.info("%s: reject: END-OF-MESSAGE from %s: %s; from=<%s> proto=%s "
-                     "helo=<%s> (plugin %s)", self.queue_id, self.client, reply,
+                     "helo=<%s> (plugin %s at %s stage)", self.queue_id, self.client, reply,
                      txn.sender, "ESMTP" if self.proto.esmtp else "SMTP",
-                     self.proto.helo_name, outcome.decided_by)
+                     self.proto.helo_name, verdict.decided_by, verdict.stage)
             self._discard_message()
             self.proto.reject(reply)
             return None
-        if outcome.discard:
-            log.info("%s: discard: END-OF-MESSAGE from %s: from=<%s> (plugin %s)",
-                     self.queue_id, self.client, txn.sender, outcome.decided_by)
-            self._discard_message()
-            self.proto.accept("Ok: queued as %s" % self.queue_id)
+        if verdict.action == DISCARD:
+            self._discard(txn, verdict.reason, verdict.decided_by, verdict.stage)
             return None
-        if outcome.headers or outcome.remove:
-            content = apply_header_edits(content, outcome.headers, outcome.remove)
         try:
-            self.writer.write(content)
+            self.writer.write(verdict.content)
         except OSError as exc:
             log.error("%s: queue file write error: %s", self.queue_id, exc)
             self._discard_message()
             self.proto.reject(self._storage_reply(exc))
             return None
-        return outcome
+        return verdict
 
-    def _hold(self, outcome):
-        """A plugin asked for quarantine: say so (the commit put the message on hold)."""
-        log.info("%s: hold: END-OF-MESSAGE from %s: %s (plugin %s)", self.queue_id,
-                 self.client, outcome.quarantine, outcome.quarantined_by)
+    def _discard(self, txn, reason, plugin, stage):
+        """A plugin said discard: the client hears 250 as for any message, nothing is
+        queued, and the log says who decided (Postfix logs its DISCARD action alike)."""
+        log.info("%s: discard: END-OF-MESSAGE from %s: %s; from=<%s> nrcpt=%d (plugin %s "
+                 "at %s stage)", self.queue_id, self.client, reason or "discarded",
+                 txn.sender, len(txn.recipients), plugin, stage)
+        self._discard_message()
+        self.proto.accept("Ok: queued as %s" % self.queue_id)
 
     def on_auth_request(self, event):
         authenticator = self.server.authenticator
@@ -398,10 +430,32 @@ class Session:
             return False
         outcome = self.plugins.run(stage, self.ctx)
         if outcome.reply is None:
+            self._remember(outcome, stage)
             return False
         self._reject(command, Reply(*outcome.reply), sender, recipient,
                      " (plugin %s)" % outcome.decided_by)
         return True
+
+    def _remember(self, outcome, stage):
+        """Keep a discard or quarantine given before the content, for the end of DATA:
+        from connection, helo and auth for every message of the session, from mail and
+        rcpt for this message. A discard outweighs a quarantine; the first of each
+        stands."""
+        if outcome.discard:
+            verdict = (DISCARD, outcome.reason, outcome.decided_by, stage)
+        elif outcome.quarantine:
+            verdict = ("quarantine", outcome.quarantine, outcome.quarantined_by, stage)
+        else:
+            return
+        scope = "session_verdict" if stage in ("connection", "helo", "auth") \
+            else "message_verdict"
+        current = getattr(self, scope)
+        if current is None or (current[0] != DISCARD and verdict[0] == DISCARD):
+            setattr(self, scope, verdict)
+        log.info("NOQUEUE: %s: %s from %s: %s (plugin %s); applies to %s",
+                 "discard" if verdict[0] == DISCARD else "hold", stage.upper(), self.client,
+                 verdict[1] or "by policy", verdict[2],
+                 "this session" if scope == "session_verdict" else "this message")
 
     def _reject(self, command, reply, sender=None, recipient=None, why=""):
         """Refuse the pending command, logged the way Postfix logs a reject."""
