@@ -100,6 +100,8 @@ last_valid_gid = {gid}
 # alice@any.domain is user alice.
 auth_username_format = %Ln
 auth_mechanisms = plain login
+# A wrong password is answered at once (the default waits 2 s, against guessing).
+auth_failure_delay = 0
 disable_plaintext_auth = no
 passdb {{
   driver = passwd-file
@@ -127,7 +129,24 @@ service lmtp {{
     mode = 0666
   }}
 }}
-service auth {{{auth_listener}
+# Dovecot slows every login from an address after a failed one (up to 15 s, for 30 s):
+# tests fail passwords on purpose, all from 127.0.0.1. The auth process starts unprivileged
+# (so it needs the config socket open to it) and cannot reach anvil's penalty socket
+# (root's), so it keeps no penalties; it logs that, and that it cannot write base_dir.
+service auth {{
+  user = dovecot
+  drop_priv_before_exec = yes{auth_listener}
+}}
+service config {{
+  unix_listener config {{
+    mode = 0666
+  }}
+}}
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0600
+    user = root
+  }}
 }}
 """.format(work=self.workdir, uid=mail.pw_uid, gid=mail.pw_gid, passwd=self.passwd_path,
            mail=self.mail_dir, port=self.lmtp_port, socket=self.lmtp_socket,

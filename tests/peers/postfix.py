@@ -47,11 +47,14 @@ class PostfixInstance:
     relayhost:     port on 127.0.0.1 to relay every message to (a sink or Elemta).
     hold_only:     accept every message and park it in the hold queue (nothing delivered).
     extra_main_cf: more main.cf settings, e.g. {"in_flow_delay": "0"}; they win over ours.
+    extra_listeners: more smtpd listeners on 127.0.0.1, {port: {setting: value}}: each
+                   with its own -o overrides, e.g. {2526: {"smtpd_tls_security_level":
+                   "none"}} for a port without STARTTLS beside one with it.
     """
 
     def __init__(self, workdir, smtpd_port, relayhost=None, hold_only=False,
-                 extra_main_cf=None):
-        # type: (str, int, Optional[int], bool, Optional[Dict[str, str]]) -> None
+                 extra_main_cf=None, extra_listeners=None):
+        # type: (str, int, Optional[int], bool, Optional[Dict[str, str]], Optional[Dict[int, Dict[str, str]]]) -> None
         # Config beside the queue, not above it: postfix check wants root to own the config
         # tree and postfix to own the queue.
         self.workdir = os.path.abspath(workdir)
@@ -63,6 +66,7 @@ class PostfixInstance:
         self.relayhost = relayhost
         self.hold_only = hold_only
         self.extra_main_cf = dict(extra_main_cf or {})
+        self.extra_listeners = dict(extra_listeners or {})
         self._started = False
 
     # -- configuration ------------------------------------------------------------------
@@ -128,6 +132,11 @@ class PostfixInstance:
         self._postconf("-M#", "smtp/inet")
         self._postconf("-Me", "127.0.0.1:%d/inet = 127.0.0.1:%d inet n - n - - smtpd"
                        % (self.smtpd_port, self.smtpd_port))
+        for port, overrides in self.extra_listeners.items():
+            # master.cf's { } form lets a value hold spaces (Postfix 3.0 and later).
+            options = "".join(" -o { %s = %s }" % item for item in overrides.items())
+            self._postconf("-Me", "127.0.0.1:%d/inet = 127.0.0.1:%d inet n - n - - smtpd%s"
+                           % (port, port, options))
         # Postfix re-reads a config file until its mtime is older than the read began
         # (300 ms naps); backdating the fresh files saves seconds per start.
         backdated = time.time() - 2
