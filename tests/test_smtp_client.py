@@ -641,3 +641,84 @@ def test_354_without_any_accepted_recipient_gets_an_empty_dot(scripted):
         assert c.send(envelope(), io.BytesIO(CONTENT)).recipients[0].outcome == PERMANENT
     assert [m.wire for m in server.messages] == [b"", b""]   # never our content
     assert server.sessions[0].commands.count("RSET") == 1
+
+
+# -- LMTP mode (RFC 2033; the real Dovecot is in tests/test_lmtp.py) ------------------------------
+
+LHLO = "250-fake.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES"
+
+
+def test_lmtp_decides_each_recipient_by_its_own_reply_after_the_dot(scripted):
+    # Two replies for three accepted recipients, then silence: the third is still undecided.
+    replies = b"250 2.0.0 <a@x.test> saved\r\n452 4.2.2 <b@x.test> over quota\r\n"
+    server = scripted(script={"LHLO": LHLO, "DOT": replies})
+    c = client(lmtp=True, timeouts=Timeouts(data_done=0.5))
+    c.connect("127.0.0.1", server.port)
+    result = c.send(envelope("a@x.test", "b@x.test", "c@x.test"), io.BytesIO(CONTENT))
+    a, b, third = result.recipients
+    assert (a.outcome, a.text) == (DELIVERED, "<a@x.test> saved")
+    assert (b.outcome, b.code, b.status) == (TEMPORARY, 452, "4.2.2")
+    assert third.outcome == TEMPORARY and "timed out" in third.text
+    # The message was handed over: another server must not get it again.
+    assert not result.try_next_host and not c.usable
+    assert server.sessions[0].commands[0] == "LHLO client.example.org"
+
+
+def test_lmtp_has_no_helo_fallback(scripted):
+    server = scripted(script={"LHLO": "500 5.5.1 what?"})
+    with pytest.raises(SessionError) as caught:
+        client(lmtp=True).connect("127.0.0.1", server.port)
+    assert caught.value.reply.code == 500
+    assert server.sessions[0].commands == ["LHLO client.example.org", "QUIT"]
+
+
+def test_unix_socket_that_is_missing(tmp_path):
+    missing = str(tmp_path / "lmtp")
+    with pytest.raises(SessionError) as caught:
+        client(lmtp=True).connect(missing, server_name="me.test")
+    assert str(caught.value.reply) == ("451 4.4.1 connect to me.test[%s]: No such file or "
+                                       "directory" % missing)
+
+
+# -- SMTP AUTH (RFC 4954; the real Postfix relay is in tests/test_relay_auth.py) ------------------
+
+def test_auth_plain_is_one_line_with_the_initial_response(scripted):
+    server = scripted(extensions=["PIPELINING", "AUTH LOGIN PLAIN"],
+                      script={"AUTH": "235 2.7.0 Authentication successful"})
+    with client(credentials=("alice", "wonderland"), sasl_require_tls=False) as c:
+        c.connect("127.0.0.1", server.port)
+        assert c.authenticated == "PLAIN"
+    # base64("\0alice\0wonderland")
+    assert server.sessions[0].commands[1] == "AUTH PLAIN AGFsaWNlAHdvbmRlcmxhbmQ="
+
+
+def test_no_auth_in_clear_when_tls_is_required(scripted):
+    server = scripted(extensions=["AUTH PLAIN"], script={"AUTH": "235 2.7.0 ok"})
+    with pytest.raises(SessionError) as caught:
+        client(credentials=("alice", "wonderland")).connect("127.0.0.1", server.port)
+    assert caught.value.reply.status == "4.7.0" and not caught.value.permanent
+    assert "unencrypted session" in caught.value.reply.text
+    assert server.sessions[0].commands == ["EHLO client.example.org", "QUIT"]
+
+
+@pytest.mark.parametrize("extensions, script, reply", [
+    (["AUTH CRAM-MD5"], {}, "451 4.7.0 SASL authentication to {peer} impossible: it offers "
+                            "CRAM-MD5, Elemta speaks PLAIN and LOGIN"),
+    (["AUTH PLAIN"], {"AUTH": "535 5.7.8 Error: authentication failed"},
+     "454 4.7.8 SASL authentication failed; server {peer} said: 535 5.7.8 Error: "
+     "authentication failed"),
+])
+def test_auth_failures_are_temporary_and_quote_the_server(scripted, extensions, script, reply):
+    server = scripted(extensions=extensions, script=script)
+    c = client(credentials=("alice", "wonderland"), sasl_require_tls=False)
+    with pytest.raises(SessionError) as caught:
+        c.connect("127.0.0.1", server.port)
+    assert str(caught.value.reply) == reply.format(peer=c.peer)
+    assert caught.value.try_next_host and not caught.value.permanent
+
+
+def test_credentials_without_an_auth_offer_send_unauthenticated(scripted):
+    server = scripted()
+    result = send_one(server, credentials=("alice", "wonderland"))
+    assert result.recipients[0].outcome == DELIVERED
+    assert not any(c.startswith("AUTH") for c in server.sessions[0].commands)
