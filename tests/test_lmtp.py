@@ -19,8 +19,8 @@ import tempfile
 
 import pytest
 
-from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, TLS_NONE, SMTPClient, Timeouts,
-                                         TLSPolicy)
+from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, TEMPORARY, TLS_NONE, SMTPClient,
+                                         Timeouts, TLSPolicy)
 from elemta.queue.model import Envelope, Recipient
 from tests.conftest import wait_for
 from tests.peers.dovecot import DovecotInstance, DovecotUser, dovecot_available
@@ -74,6 +74,19 @@ def test_client_gets_one_reply_per_recipient_after_the_dot(dovecot, unix):
     assert len(stored) == 2 and b"saved for dave, refused for carol" in stored[0]
     if unix:
         assert client.peer == "client.test[%s]" % dovecot.lmtp_socket
+
+
+def test_a_full_mailbox_can_be_a_temporary_failure_for_that_recipient_only():
+    # quota_full_tempfail = yes: Dovecot answers 452 after the dot instead of 552.
+    workdir = tempfile.mkdtemp(prefix="elemta-dovecot-")
+    with DovecotInstance(workdir, USERS, quota_tempfail=True) as tempfail:
+        with client_to(tempfail, unix=True) as client:
+            result = client.send(envelope("s@client.test", ["carol@x.test", "dave@x.test"],
+                                          b"x\r\n"), io.BytesIO(b"x\r\n"))
+        carol, dave = result.recipients
+        assert (carol.outcome, carol.code, carol.status) == (TEMPORARY, 452, "4.2.2")
+        assert dave.outcome == DELIVERED and len(tempfail.messages("dave")) == 1
+    tempfail.remove()
 
 
 # -- through the real server -------------------------------------------------------------------

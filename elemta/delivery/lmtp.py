@@ -17,15 +17,12 @@ See also: elemta.delivery.routing (Destination), tests/test_lmtp.py, tests/peers
 """
 
 import ipaddress
-import logging
 
 from gevent import socket
 
 from elemta.delivery.smtp_client import TLS_NONE, SMTPClient, TLSPolicy
 from elemta.delivery.smtp_transport import SMTPTransport
 from elemta.queue.model import RCPT_DEFERRED
-
-log = logging.getLogger("elemta.delivery")
 
 
 class LMTPTransport(SMTPTransport):

@@ -374,8 +374,12 @@ class SMTPClient:
             return
         if self.sasl_require_tls and self.tls_version is None:
             # Checked before any AUTH command: the password never leaves in clear.
-            why = ("it did not offer STARTTLS" if self.tls.level != TLS_NONE
-                   else "delivery.tls_level is none")
+            if self.tls.level == TLS_NONE:
+                why = "delivery.tls_level is none"
+            elif "STARTTLS" in self.extensions:
+                why = "it refused STARTTLS"
+            else:
+                why = "it did not offer STARTTLS"
             self._quit_quietly()
             raise SessionError(local_reply(
                 451, "4.7.0", "not authenticating to %s over an unencrypted session (%s; "
