@@ -48,8 +48,6 @@ def run_api(config, heartbeat=None, master_pid=None, sock=None):
         log.error("api cannot listen on %s port %d: %s", api.address, api.port,
                   exc.strerror or exc)
         return 1
-    server = WSGIServer(sock, make_app(config), log=None, error_log=log)
-    server.start()
     stopping = Event()
     grace = [STOP_GRACE]
 
@@ -60,10 +58,14 @@ def run_api(config, heartbeat=None, master_pid=None, sock=None):
         grace[0] = 0
         stopping.set()
 
+    # Before building the app (Falcon's import takes a while): a SIGTERM or SIGUSR1 sent
+    # meanwhile, as a quick reload or log rotation does, must not kill the process.
     gevent.signal_handler(signal.SIGTERM, handle_term)
     gevent.signal_handler(signal.SIGINT, handle_term)
     gevent.signal_handler(signal.SIGQUIT, handle_quit)
     gevent.signal_handler(signal.SIGUSR1, _reopen_logs)
+    server = WSGIServer(sock, make_app(config), log=None, error_log=log)
+    server.start()
     watcher = gevent.spawn(_watch, stopping, heartbeat, master_pid)
     log.info("api listening on %s port %d", *server.address[:2])
     stopping.wait()
