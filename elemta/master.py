@@ -2,7 +2,8 @@
 
 In the shape of gunicorn's arbiter (design.md): the master binds (as root when it must),
 forks `smtpd.workers` smtpd children, the delivery workers, one pickup and one api child,
-and then only watches: it reaps and respawns children (pausing when one keeps crashing),
+and one local delivery agent when there are delivery workers (the only child that keeps
+root: it writes mailboxes as their users, elemta.local.agent), and then only watches: it reaps and respawns children (pausing when one keeps crashing),
 kills a child whose heartbeat stops, starts a replacement at once when a child retires
 (max_use, max_idle), and turns signals into actions. It never parses mail and never
 opens the queue for work.
@@ -42,6 +43,10 @@ KILL_AFTER = 5.0
 # How long new children may take to start serving before old ones are stopped anyway.
 RELOAD_WAIT = 15.0
 
+# Kinds of children that keep the master's user: the local agent writes each mailbox as
+# its user (Postfix's local(8) is the one delivery agent that runs as root).
+KEEPS_PRIVILEGES = ("local",)
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
            signal.SIGUSR2, signal.SIGCHLD)
 
@@ -67,7 +72,8 @@ class Master:
         bind(listener): a listening socket for a listener new in a reload; raises OSError.
         workers_for(config): how many smtpd workers that config asks for.
         run_child(kind, config, listening, slot, scoreboard, master_pid): the child's main,
-        returning its exit status; kind is "smtpd", "delivery", "pickup" or "api"."""
+        returning its exit status; kind is "smtpd", "delivery", "pickup", "api" or
+        "local"."""
         self.config = config
         self.listening = list(listening)
         self.reload_config = reload_config
@@ -82,7 +88,9 @@ class Master:
         self.delivery_slots = 2 * max(config.delivery.workers, 4)
         # Then two pickup slots (one child, two generations).
         self.pickup_slots_start = self.smtpd_slots + 2 + self.delivery_slots
-        self.scoreboard = Scoreboard(self.pickup_slots_start + 2)
+        # Then two local agent slots.
+        self.local_slots_start = self.pickup_slots_start + 2
+        self.scoreboard = Scoreboard(self.local_slots_start + 2)
         self.slot_freed = []           # callbacks(slot) run when a child's slot frees up
         self.child_exited = []         # callbacks(pid) run when any child has been reaped
         self.close_in_child = []       # descriptors only the master may hold (the lock)
@@ -149,7 +157,8 @@ class Master:
         return {"smtpd": self.workers_for(self.config),
                 "api": 1 if self.config.api.enabled else 0,
                 "delivery": self.config.delivery.workers,
-                "pickup": 1}
+                "pickup": 1,
+                "local": 1 if self.config.delivery.workers else 0}
 
     def spawn_children(self):
         now = time.monotonic()
@@ -175,6 +184,8 @@ class Master:
             slots = range(self.smtpd_slots + 2, self.smtpd_slots + 2 + self.delivery_slots)
         elif kind == "pickup":
             slots = range(self.pickup_slots_start, self.pickup_slots_start + 2)
+        elif kind == "local":
+            slots = range(self.local_slots_start, self.local_slots_start + 2)
         else:
             slots = range(self.smtpd_slots, self.smtpd_slots + 2)
         return next((s for s in slots if s not in used), None)
@@ -192,7 +203,8 @@ class Master:
                 signal.signal(signum, signal.SIG_DFL)
             for fd in [self._wake_r, self._wake_w] + self.close_in_child:
                 os.close(fd)
-            drop_privileges(self.config.master)
+            if kind not in KEEPS_PRIVILEGES:
+                drop_privileges(self.config.master)
             status = self.run_child(kind, self.config, self.listening, slot,
                                     self.scoreboard, master_pid)
         except SystemExit as exc:

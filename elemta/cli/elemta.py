@@ -156,6 +156,11 @@ def make_child_runner(client_counts):
                 sock.close()          # pickup reads the maildrop, never the network
             from elemta.pickup.worker import run_pickup
             return run_pickup(config, slot, scoreboard, master_pid)
+        if kind == "local":
+            for _, sock in listening:
+                sock.close()          # the local agent serves delivery workers only
+            from elemta.local.agent import run_local
+            return run_local(config, slot, scoreboard, master_pid)
         from elemta.api.server import run_api
         return run_api(config, heartbeat=lambda: scoreboard.beat(slot),
                        master_pid=master_pid)

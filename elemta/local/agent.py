@@ -1,0 +1,228 @@
+"""The local delivery agent (`elemta: local`): the one child of the master that keeps
+root, because a mailbox is written as its user, as Postfix's local(8) does.
+
+Runs in one child forked by elemta.master (kind "local"), which skips the drop to
+master.user for it. It listens on spool/run/local.sock (owned by master.user, mode 0600;
+a peer must be that user or root, checked with SO_PEERCRED) for the delivery workers'
+requests (elemta.local.protocol). For each recipient it forks a process
+(elemta.local.deliver), which stays root only to fork again for each piece of work done
+as a user (elemta.local.privileges): it never writes a mailbox, reads a .forward or
+runs a command as root. The aliases file is looked at before each request and read
+again when it changed.
+
+When the master is not root (a development run) the agent works as that user: mail to
+that user is delivered where the files allow it, the rest defers saying why.
+Life cycle: elemta.util.child (heartbeat, SIGTERM lets deliveries under way finish
+within master.stop_grace, SIGQUIT stops at once, SIGUSR1 reopens logs, exits when the
+master is gone). See also: elemta.delivery.local_transport (the other end).
+"""
+
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+
+import gevent
+import gevent.os
+from gevent import socket as gsocket
+from gevent.lock import BoundedSemaphore
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from elemta.local import protocol
+from elemta.local.addresses import LocalAddressing
+from elemta.local.aliases import AliasTable
+from elemta.local.deliver import RecipientDelivery
+from elemta.local.privileges import is_root
+from elemta.queue import wakeup
+from elemta.queue.model import RCPT_DEFERRED
+from elemta.queue.store import SpoolStore
+from elemta.util.child import GeventChild
+
+log = logging.getLogger("elemta.local")
+
+# Recipients delivered at once (one forked process each), and connections served at once.
+MAX_DELIVERIES = 20
+MAX_CONNECTIONS = 100
+_PEERCRED = struct.Struct("3i")
+
+
+class LocalAgent(GeventChild):
+    """The one local delivery agent process (see the module docstring)."""
+
+    kind = "local"
+
+    def __init__(self, config, slot, scoreboard, master_pid):
+        super().__init__(config, slot, scoreboard, master_pid)
+        self.spool = config.queue.spool_dir
+        self.path = protocol.socket_path(self.spool)
+        self.addressing = LocalAddressing(config)
+        self.aliases = AliasTable(config.local.aliases_file) if config.local.aliases_file \
+            else None
+        self.store = None
+        self.deliveries = BoundedSemaphore(MAX_DELIVERIES)
+        self._bound_inode = None
+        self._logged_error = None
+
+    def run(self):
+        """Serve until stopped; returns the exit status (0)."""
+        self.set_title()
+        self.store = SpoolStore(self.spool)
+        self.refresh_aliases()
+        listener = self._bind()
+        server = StreamServer(listener, self.handle, spawn=Pool(MAX_CONNECTIONS))
+        server.start()
+        helpers = self.start_life()
+        log.info("local delivery agent started (%s, as %s)", self.path,
+                 "root" if is_root() else "uid %d, not root: mail is written as this user"
+                 % os.getuid())
+        try:
+            self.stopping.wait()
+            log.info("local delivery agent stopping")
+            server.stop(timeout=self.grace)
+        finally:
+            gevent.killall(helpers)
+            self._unbind()
+        return 0
+
+    # ---- the socket ---------------------------------------------------------------------
+
+    def _bind(self):
+        """spool/run/local.sock, owned by the spool's owner (master.user), mode 0600."""
+        owner = os.stat(self.spool)
+        run = wakeup.run_dir(self.spool)
+        try:
+            os.mkdir(run, 0o700)
+            if is_root():
+                os.chown(run, owner.st_uid, owner.st_gid)
+        except FileExistsError:
+            pass
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        sock = gsocket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old_umask)
+        if is_root():
+            os.chown(self.path, owner.st_uid, owner.st_gid)
+        os.chmod(self.path, 0o600)
+        sock.listen(128)
+        self.allowed_uids = {0, os.getuid(), owner.st_uid}
+        self._bound_inode = os.stat(self.path).st_ino
+        return sock
+
+    def _unbind(self):
+        """Remove the socket file, unless a newer agent (after a reload) owns it now."""
+        try:
+            if os.stat(self.path).st_ino == self._bound_inode:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+    # ---- one connection: one request, one reply per recipient ---------------------------
+
+    def handle(self, conn, address):
+        try:
+            _, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET,
+                                                         socket.SO_PEERCRED, _PEERCRED.size))
+            if uid not in self.allowed_uids:
+                log.warning("refused a request from uid %d on %s", uid, self.path)
+                return
+            rfile = conn.makefile("rb")
+            line = rfile.readline(protocol.MAX_LINE)
+            if not line:
+                return
+            try:
+                queue_id, recipients = protocol.decode_request(line)
+            except protocol.ProtocolError as error:
+                log.warning("%s: %s", self.path, error)
+                return
+            self.refresh_aliases()
+            jobs = [gevent.spawn(self.deliver, conn, queue_id, recipient)
+                    for recipient in recipients]
+            gevent.joinall(jobs)
+        except OSError as error:
+            log.warning("%s: connection lost: %s", self.path, error)
+        finally:
+            conn.close()
+
+    def deliver(self, conn, queue_id, recipient):
+        with self.deliveries:
+            status, reply = self.deliver_in_child(queue_id, recipient)
+        try:
+            conn.sendall(protocol.encode_reply(recipient["index"], status, reply))
+        except OSError:
+            pass           # the worker went away; it defers what it did not hear about
+
+    def deliver_in_child(self, queue_id, recipient):
+        """Fork the per-recipient process (still root); its (status, reply)."""
+        read_end, write_end = os.pipe()
+        pid = gevent.os.fork()
+        if pid == 0:
+            os.close(read_end)
+            self._child(write_end, queue_id, recipient)      # never returns
+        os.close(write_end)
+        gevent.os.make_nonblocking(read_end)
+        chunks = []
+        try:
+            while True:
+                data = gevent.os.nb_read(read_end, 65536)
+                if not data:
+                    break
+                chunks.append(data)
+        finally:
+            os.close(read_end)
+        _, wait_status = gevent.os.waitpid(pid, 0)
+        try:
+            status, reply = json.loads(b"".join(chunks).decode("utf-8"))
+            return status, reply
+        except ValueError:
+            code = os.waitstatus_to_exitcode(wait_status)
+            log.error("%s: delivery to <%s> ended with %s and no answer", queue_id,
+                      recipient["address"], "exit status %d" % code if code >= 0
+                      else "signal %d" % -code)
+            return RCPT_DEFERRED, "451 4.3.0 local delivery failed (see the log)"
+
+    def _child(self, write_end, queue_id, recipient):
+        """The per-recipient process: plain blocking code, no gevent from here on."""
+        status = 1
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                           signal.SIGUSR1, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            try:
+                result = RecipientDelivery(self.config, self.addressing, self.aliases,
+                                           self.store, queue_id, recipient).run()
+                status = 0
+            except Exception:
+                log.exception("%s: delivery to <%s> failed", queue_id,
+                              recipient["address"])
+                result = (RCPT_DEFERRED, "451 4.3.0 local delivery failed (see the log)")
+            data = json.dumps(list(result)).encode("utf-8")
+            while data:
+                data = data[os.write(write_end, data):]
+        finally:
+            logging.shutdown()
+            os._exit(status)
+
+    def refresh_aliases(self):
+        if self.aliases is None:
+            return
+        if self.aliases.refresh():
+            log.info("aliases read from %s: %d entries", self.aliases.path, len(self.aliases))
+            for problem in self.aliases.problems:
+                log.warning("%s (run newaliases to check the file)", problem)
+        if self.aliases.error and self.aliases.error != self._logged_error:
+            log.warning("aliases: %s (using what was read before)", self.aliases.error)
+        self._logged_error = self.aliases.error
+
+
+def run_local(config, slot, scoreboard, master_pid):
+    """The main of the local child (called by elemta.cli.elemta's child runner)."""
+    return LocalAgent(config, slot, scoreboard, master_pid).run()
