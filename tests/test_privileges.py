@@ -1,6 +1,8 @@
 """The master binds as root and its children run as master.user/master.group: a packaged
-install's workers are not root. Runs the real daemon with master.user nobody."""
+install's workers are not root, except the local delivery agent, which writes each mailbox
+as its user. Runs the real daemon with master.user nobody."""
 
+import grp
 import os
 import pwd
 import signal
@@ -46,12 +48,18 @@ def test_children_run_as_master_user(tmp_path):
                         "site-packages")
     workdir = tempfile.mkdtemp()
     os.chmod(workdir, 0o755)               # nobody must reach the spool inside
+    mail = os.path.join(workdir, "mail")   # the mail spool, as Debian's /var/mail
+    os.mkdir(mail)
+    os.chown(mail, 0, grp.getgrnam("mail").gr_gid)
+    os.chmod(mail, 0o2775)
     port = free_port()
     config = os.path.join(workdir, "elemta.yaml")
     with open(config, "w") as f:
         f.write("listeners:\n  - {address: 127.0.0.1, port: %d, mode: smtp}\n"
                 "queue: {spool_dir: %s/spool}\nmaster: {user: nobody, stop_grace: 3}\n"
-                "api: {port: %d}\ndelivery: {workers: 1}\n" % (port, workdir, free_port()))
+                "api: {port: %d}\ndelivery: {workers: 1}\n"
+                "local: {aliases_file: null, mail_spool_directory: %s}\n"
+                % (port, workdir, free_port(), mail))
     log = open(os.path.join(workdir, "log"), "wb")
     server = subprocess.Popen([python, "-m", "elemta.cli.elemta", "--config", config],
                               stdout=log, stderr=log, start_new_session=True, cwd=workdir,
@@ -60,17 +68,24 @@ def test_children_run_as_master_user(tmp_path):
     try:
         def serving():
             kids = children_of(server.pid)      # titled once each child is running
-            return len(kids) == 5 and "elemta: master" not in kids.values() and kids
+            return len(kids) == 6 and "elemta: master" not in kids.values() and kids
         kids = wait_for(serving)
         assert uid_of(server.pid) == 0
-        assert {uid_of(pid) for pid in kids} == {nobody}, kids
+        assert {pid: uid_of(pid) for pid in kids} == {
+            pid: 0 if title == "elemta: local" else nobody for pid, title in kids.items()}
         assert sorted(set(kids.values())) == ["elemta: api", "elemta: delivery",
-                                               "elemta: pickup", "elemta: smtpd"]
+                                               "elemta: local", "elemta: pickup",
+                                               "elemta: smtpd"]
         with smtplib.SMTP("127.0.0.1", port) as smtp:
             smtp.sendmail("a@c.test", ["root@localhost"], b"Subject: p\r\n\r\nx\r\n")
         messages = os.path.join(workdir, "spool", "messages")
         files = [os.path.join(d, n) for d, _, names in os.walk(messages) for n in names]
         assert len(files) == 1 and os.stat(files[0]).st_uid == nobody
+        # The delivery worker (nobody) hands it to the local agent (root), which writes
+        # root's mailbox as root.
+        mbox = wait_for(lambda: os.path.exists(os.path.join(mail, "root")) and
+                        os.path.join(mail, "root"))
+        assert os.stat(mbox).st_uid == 0
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         assert server.wait(30) == 0
