@@ -56,8 +56,10 @@ class ElemtaServer:
                   # No delivery unless a test asks: receive tests look at the queue as left.
                   "delivery": {"workers": 0},
                   # Tests send to made-up local users (b@example.test): accept them at RCPT
-                  # unless a test asks for the check (tests/test_local_delivery.py).
-                  "local": {"reject_unknown_users": False}}
+                  # unless a test asks for the check (tests/test_local_delivery.py); local
+                  # mail never reaches the host's /var/mail.
+                  "local": {"reject_unknown_users": False,
+                            "mail_spool_directory": os.path.join(self.workdir, "mail")}}
         for section, values in sections.items():
             config.setdefault(section, {}).update(values)
         with open(self.config_path, "w") as f:
