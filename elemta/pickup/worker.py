@@ -7,11 +7,19 @@ queue after the fork. Its loop, top to bottom:
     scan      list spool/maildrop (every file there is complete: sendmail renames it into
               place only once written and fsync'd); files waiting since before Elemta
               started are found by the first scan
+    plugins   when some plugin serves the data or storage stage, the content passes them
+              exactly as an authenticated client's message does in the smtpd
+              (elemta.plugins.content, ctx.local true): DKIM signs cron's and mail(1)'s
+              mail by sender domain. Nobody is there to hear a refusal, so a reject puts
+              the message on hold for the admin, a tempfail leaves the file in the
+              maildrop for a later scan (not before PICKUP_RETRY seconds), a discard
+              removes it (logged)
     queue     each file becomes a queued message: a Received header naming the file's
               owner ("from userid 1000": the kernel's word, not the file's), then the
               content; up to PICKUP_BATCH messages made durable by one Queue.commit
     remove    the maildrop files, only after the commit (a crash in between queues a
               message twice, never loses it)
+    notify    the queue-stage plugins, one call per message (notification only)
     wake      the delivery workers (elemta.queue.wakeup)
     sleep     until sendmail's datagram on spool/run/pickup.sock, or PICKUP_SCAN seconds
 
@@ -30,11 +38,15 @@ import select
 import signal
 import time
 
+from elemta.plugins.api import DATA, DISCARD, QUEUE, REJECT, STORAGE, Context
+from elemta.plugins.content import notify_queued, outbound, run_content_stages, wants_content
+from elemta.plugins.manager import PluginManager
+from elemta.plugins.resolver import Resolver
 from elemta.queue import maildrop, wakeup
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import Envelope, Recipient
 from elemta.queue.queue import Queue
-from elemta.smtp.address import AddressError, validate_mailbox
+from elemta.smtp.address import AddressError, domain_of, validate_mailbox
 from elemta.util import logs
 from elemta.util.scoreboard import RUNNING
 
@@ -46,6 +58,8 @@ PICKUP_SCAN = 5.0
 PICKUP_BATCH = 100
 # A hidden temp file older than this belongs to a sendmail that died.
 STALE_TEMP = 86400.0
+# Seconds before a submission a plugin tempfailed is tried again.
+PICKUP_RETRY = 60.0
 PROTOCOL = "local"
 
 
@@ -101,6 +115,10 @@ def _valid(address):
     return True
 
 
+class Deferred(Exception):
+    """A plugin tempfailed a submission: it stays in the maildrop for a later scan."""
+
+
 class PickupWorker:
     """The one pickup process (see the module docstring)."""
 
@@ -113,6 +131,11 @@ class PickupWorker:
         self.hostname = config.hostname
         self.max_size = config.limits.message_size
         self.queue = None
+        self.plugins = None
+        self.resolver = None
+        self.local_domains = {d.lower().rstrip(".")
+                              for d in tuple(config.relay.local_domains) + (config.hostname,)}
+        self._deferred = {}          # maildrop name -> time.monotonic() of the next try
         self._stopping = False
         self._reopen_logs = False
         self._last_temp_sweep = 0.0
@@ -125,6 +148,7 @@ class PickupWorker:
         setproctitle("elemta: pickup")
         self.queue = Queue(self.spool, sync_method=self.config.queue.sync_method,
                            map_size=self.config.queue.index_map_size)
+        self.start_plugins()
         try:
             maildrop.prepare(self.spool)     # the master did it; this repairs a lost mode
         except OSError as exc:
@@ -148,8 +172,19 @@ class PickupWorker:
                 os.unlink(maildrop.socket_path(self.spool))
             except OSError:
                 pass
+            self.plugins.close()
             self.queue.close()
         return 0
+
+    def start_plugins(self):
+        """The plugins of the stages pickup runs (data, storage, queue), after the fork.
+        A plugin that cannot start is logged and answers 451 4.3.0 (elemta.plugins.manager):
+        its messages wait in the maildrop, and pickup keeps running."""
+        dns = self.config.dns
+        self.resolver = Resolver(nameservers=list(dns.nameservers) or None, port=dns.port,
+                                 timeout=dns.timeout)
+        self.plugins = PluginManager(self.config.plugins.mapping(),
+                                     stages=(DATA, STORAGE, QUEUE)).start()
 
     def handle_term(self, signum, frame):
         """SIGTERM, SIGINT, SIGQUIT: stop after the message in hand."""
@@ -198,6 +233,8 @@ class PickupWorker:
         except OSError as exc:
             log.error("cannot list the maildrop: %s", exc)
             return 0
+        present = set(names)
+        self._deferred = {n: t for n, t in self._deferred.items() if n in present}
         queued = 0
         for start in range(0, len(names), PICKUP_BATCH):
             if self._stopping:
@@ -209,42 +246,93 @@ class PickupWorker:
 
     def _queue_batch(self, names):
         directory = maildrop.maildrop_dir(self.spool)
-        taken = []                   # (path, writer, uid)
+        taken = []                   # (path, writer, uid, hold): hold is a log line or None
+        now = time.monotonic()
         for name in names:
+            if self._deferred.get(name, 0.0) > now:
+                continue
+            self._deferred.pop(name, None)
             path = os.path.join(directory, name)
             try:
-                writer, uid = self._spool(path)
+                spooled = self._spool(path)
             except FileNotFoundError:
                 continue
             except maildrop.BadSubmission as exc:
                 log.warning("maildrop: removing a bad submission: %s", exc)
                 _unlink(path)
                 continue
+            except Deferred as exc:
+                log.info("maildrop: %s: %s; tried again in %ds", name, exc, PICKUP_RETRY)
+                self._deferred[name] = now + PICKUP_RETRY
+                continue
             except OSError as exc:
                 log.error("maildrop: %s: %s; left for the next scan", name, exc)
                 continue
-            taken.append((path, writer, uid))
+            if spooled is None:                 # discarded by a plugin (logged)
+                _unlink(path)
+                continue
+            taken.append((path,) + spooled)
         if not taken:
             return 0
         try:
-            self.queue.commit([writer for _, writer, _ in taken])
+            self.queue.commit([writer for _, writer, _, _ in taken])
         except OSError as exc:
             log.error("queue commit of %d submission(s) failed: %s; they stay in the "
                       "maildrop", len(taken), exc)
-            for _, writer, _ in taken:
+            for _, writer, _, _ in taken:
                 writer.abort()
             return 0
-        for path, writer, uid in taken:
+        for path, writer, uid, hold in taken:
             _unlink(path)
             envelope = writer.envelope
             log.info("%s: uid=%d from=<%s>", writer.queue_id, uid, envelope.sender)
             log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", writer.queue_id,
                      envelope.sender, writer.size, len(envelope.recipients))
+            if hold is not None:
+                log.info("%s: hold: %s", writer.queue_id, hold)
         wakeup.notify(self.spool)
+        for _, writer, _, _ in taken:
+            notify_queued(self.plugins, self._context(writer.envelope))
         return len(taken)
 
+    def _context(self, envelope):
+        """What plugins know of a local submission: no client, ctx.local true."""
+        recipients = [r.address for r in envelope.recipients]
+        return Context(client_address="", client_name="localhost", hostname=self.hostname,
+                       resolver=self.resolver, local=True, queue_id=envelope.queue_id,
+                       sender=envelope.sender, recipients=recipients,
+                       outbound=outbound(recipients, self._is_local))
+
+    def _is_local(self, address):
+        domain = domain_of(address)
+        return domain == "" or domain.lower().rstrip(".") in self.local_domains
+
+    def _judge(self, envelope, content):
+        """Run the data and storage plugins on the content. Returns (content, hold) with
+        hold a log line when the message is to be queued on hold; None when a plugin
+        discarded it; raises Deferred when a plugin tempfailed it."""
+        verdict = run_content_stages(self.plugins, self._context(envelope), content)
+        queue_id, who = envelope.queue_id, "plugin %s at %s stage" % (verdict.decided_by,
+                                                                        verdict.stage)
+        if verdict.action == DISCARD:
+            log.info("%s: discard: local mail from=<%s> nrcpt=%d: %s (%s)", queue_id,
+                     envelope.sender, len(envelope.recipients),
+                     verdict.reason or "discarded", who)
+            return None
+        if verdict.action == REJECT:
+            # Nobody to refuse it to: keep it for the admin rather than lose it.
+            return content, "%d %s %s (%s); held for the admin" % (verdict.reply + (who,))
+        if verdict.reply is not None:
+            raise Deferred("%d %s %s (%s)" % (verdict.reply + (who,)))
+        if verdict.quarantine:
+            return verdict.content, "%s (plugin %s at %s stage)" % (
+                verdict.quarantine, verdict.quarantined_by, verdict.quarantine_stage)
+        return verdict.content, None
+
     def _spool(self, path):
-        """One maildrop file written to a finished queue SpoolWriter; (writer, uid)."""
+        """One maildrop file written to a finished queue SpoolWriter: (writer, uid, hold)
+        with hold a log line when it is to be queued on hold, or None when a plugin
+        discarded it; raises Deferred when a plugin tempfailed it."""
         submission = maildrop.read_submission(path)
         try:
             if submission.content_length > self.max_size:
@@ -253,18 +341,29 @@ class PickupWorker:
             queue_id = new_queue_id()
             envelope = envelope_for(submission.envelope, submission.uid, queue_id,
                                     time.time())
+            hold = None
+            if wants_content(self.plugins):
+                # Bounded by limits.message_size (checked above).
+                judged = self._judge(envelope, b"".join(submission.iter_content()))
+                if judged is None:
+                    return None
+                content, hold = judged
+                blocks = [content]
+            else:
+                blocks = submission.iter_content()
             writer = self.queue.start_message(envelope)
             try:
                 writer.write(received_header(submission.uid, self.hostname, queue_id,
                                              [r.address for r in envelope.recipients]))
-                for block in submission.iter_content():
+                for block in blocks:
                     writer.write(block)
+                writer.hold = hold is not None
                 writer.finish()
             except BaseException:
                 writer.abort()
                 raise
             envelope.size = writer.size
-            return writer, submission.uid
+            return writer, submission.uid, hold
         finally:
             submission.close()
 
