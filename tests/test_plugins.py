@@ -452,18 +452,25 @@ def test_example_plugin_runs_through_its_entry_point(installed_example, tmp_path
         from elemta.plugins.api import Context, Message
         from elemta.plugins.manager import PluginManager, available_plugins
         print(type(available_plugins()["example"]).__name__)
-        mgr = PluginManager({"example": {"blocked_senders": ["Spam@Bad.Example"]}}).start()
-        ctx = Context(client_address="192.0.2.1")
+        mgr = PluginManager({"example": {
+            "blocked_senders": ["Spam@Bad.Example"], "blocked_networks": ["192.0.2.0/24"],
+            "routes": ["partner.example=smtp:[10.0.0.5]:2525"]}}).start(strict=True)
+        print(mgr.run("connection", Context(client_address="192.0.2.1")).reply)
+        ctx = Context(client_address="198.51.100.1")
+        print(mgr.run("connection", ctx).reply)
         ctx.sender = "spam@bad.example"
         print(mgr.run("mail", ctx).reply)
         ctx.sender = "friend@good.example"
         print(mgr.run("mail", ctx).reply)
         ctx.message = Message(b"Subject: hi\\r\\n\\r\\nhello\\r\\n")
         print(mgr.run("data", ctx).headers)
-        try:
-            PluginManager({"example": {"blocked_sender": []}})
-        except Exception as error:
-            print(error)
+        ctx.recipient = "someone@Partner.Example"
+        print(mgr.run("routing", ctx).nexthop)
+        for bad in ({"blocked_sender": []}, {"routes": ["partner.example"]}):
+            try:
+                PluginManager({"example": bad})
+            except Exception as error:
+                print(error)
     """)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60,
@@ -471,8 +478,13 @@ def test_example_plugin_runs_through_its_entry_point(installed_example, tmp_path
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode().splitlines() == [
         "EntryPoint",
+        "(554, '5.7.1', 'Client host rejected: blocked network')",
+        "None",
         "(550, '5.7.1', 'Sender <spam@bad.example> is not welcome here')",
         "None",
         "[('X-Example-Plugin', 'message 1 seen by example')]",
-        "plugins.example.blocked_sender: unknown setting (known: blocked_senders, tag_header)",
+        "smtp:[10.0.0.5]:2525",
+        "plugins.example.blocked_sender: unknown setting (known: blocked_networks, "
+        "blocked_senders, routes, tag_header)",
+        "plugins.example.routes[0]: 'partner.example' is not domain=nexthop",
     ]

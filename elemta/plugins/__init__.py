@@ -1,7 +1,10 @@
-"""Plugins: the API (api), the manager that runs them (manager), and the built-ins.
+"""Plugins: the API (api), the manager that runs them (manager), the content stages every
+mail entry shares (content), and the built-ins.
 
 Built-ins: spf, dkim, dmarc, arc (email authentication), authres (the
-Authentication-Results header), greylist. Each runs in the process that owns its stage
-(the smtpd worker for connection..data). See api.py for how to write one, and
-tests/plugins/example for a third-party plugin installed through its entry point.
+Authentication-Results header), greylist. Each process asks the plugins of its own stages:
+the smtpd worker connection .. storage and queue, pickup data, storage and queue, the
+delivery worker routing and delivery (elemta.delivery.stages). See api.py for the stages
+and how to write a plugin, and tests/plugins/example for a third-party plugin installed
+through its entry point.
 """
