@@ -82,7 +82,7 @@ def queue_id_of(reply):
     return reply[1].decode().rsplit(" ", 1)[1]
 
 
-# ---- the smtpd: connection, discard, early verdicts, storage, queue ------------------------
+# ---- the smtpd: connection, discard, early verdicts, storage, queue ----------------------
 
 def test_smtpd_stages_as_a_client_sees_them(probe_installed, elemta_server, tmp_path):
     record = str(tmp_path / "calls.jsonl")
@@ -164,7 +164,7 @@ def test_smtpd_stages_as_a_client_sees_them(probe_installed, elemta_server, tmp_
     assert not [c for c in calls(record, "storage") if c["queue_id"] == discarded]
 
 
-# ---- a plugin that cannot start --------------------------------------------------------------
+# ---- a plugin that cannot start ----------------------------------------------------------
 
 def test_a_plugin_failing_at_start_leaves_the_worker_serving(probe_installed,
                                                              elemta_server):
@@ -198,7 +198,7 @@ def test_a_plugin_failing_at_start_leaves_the_worker_serving(probe_installed,
             "started: OSError: cannot open /nonexistent/probe.db") in log
 
 
-# ---- pickup: the same data/storage handling; DKIM signs local mail, ARC seals forwards -------
+# ---- pickup: the same data/storage handling; DKIM signs local mail, ARC seals forwards ---
 
 def test_pickup_mail_is_dkim_signed_and_forwarded_mail_is_arc_sealed(probe_installed,
                                                                     elemta_server, tmp_path):
@@ -260,7 +260,7 @@ def test_pickup_mail_is_dkim_signed_and_forwarded_mail_is_arc_sealed(probe_insta
         nsd.remove()
 
 
-# ---- the delivery worker's stages, over a real queue -------------------------------------------
+# ---- the delivery worker's stages, over a real queue -------------------------------------
 
 def delivery_setup(tmp_path, plugins):
     """(config, queue) with a spool in tmp_path and these plugin tables."""

@@ -2,7 +2,8 @@
 
 Owned by the processes that take mail in - the smtpd worker and pickup - as the `dkim`
 built-in (verification at the data stage, signing at the storage stage, on the content as
-it will be spooled: elemta.plugins.content), and by `elemtactl dkim keygen` (generate_key). dkimpy does the cryptography and canonicalization; this module fetches
+it will be spooled: elemta.plugins.content), and by `elemtactl dkim keygen`
+(generate_key). dkimpy does the cryptography and canonicalization; this module fetches
 the keys itself through the plugin resolver (elemta.plugins.resolver: gevent sockets, so
 no blocking) and so can tell a DNS failure (temperror) from a bad or missing key
 (permerror) from a signature that does not match (fail), which dkimpy's verify() folds
@@ -14,10 +15,10 @@ into one False.
     generate_key("example.com", "sel", "/etc/elemta/dkim/sel.key", "ed25519-sha256")
         -> GeneratedKey(key_file=..., dns_name="sel._domainkey.example.com", txt="v=DKIM1; ...")
 
-Signing happens for authenticated, mynetworks and locally submitted mail (sendmail, through
-pickup), with every key
-configured for the From domain (or its nearest configured parent): an RSA and an Ed25519
-key for one domain give two signatures (RFC 8463 section 4 dual signing).
+Signing happens for authenticated, mynetworks and locally submitted mail (sendmail,
+through pickup), with every key configured for the From domain (or its nearest configured
+parent): an RSA and an Ed25519 key for one domain give two signatures (RFC 8463 section 4
+dual signing).
 
 See also: elemta.plugins.dmarc (uses the d= of passing signatures), elemta.plugins.arc,
 tests/test_dkim.py (OpenDKIM signs and verifies against us; RFC 6376 and 8463 examples).
