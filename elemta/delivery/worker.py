@@ -7,7 +7,9 @@ fork. Its loop, top to bottom:
     reclaim   now and then, messages whose lease lapsed (a worker was killed) become due;
               the leases of this worker's deliveries still under way are renewed
     claim     due messages, as many as there is room for, leased to this worker
-    deliver   each in its own greenlet: recipients grouped by destination (routing), each
+    deliver   each in its own greenlet: recipients grouped by destination (routing, which
+              routing-stage plugins may change; delivery-stage plugins may settle some
+              recipients first: elemta.delivery.stages), each
               group by its transport: SMTP to the first host that takes it (the next MX
               host when a host refuses the connection, greets badly or drops the
               session; elemta.delivery.smtp_transport), LMTP, or local delivery; at most
@@ -54,6 +56,7 @@ from elemta.delivery.mx import Resolver
 from elemta.delivery.recorder import AttemptRecorder
 from elemta.delivery.routing import LMTP, LOCAL, SMTP, Router
 from elemta.delivery.smtp_transport import SMTPTransport
+from elemta.delivery.stages import DeliveryStages
 from elemta.queue import wakeup
 from elemta.queue.model import BOUNCED, PENDING, RCPT_DEFERRED, SENT
 from elemta.queue.queue import (ATTEMPT_FAILED, ATTEMPT_GONE, ATTEMPT_LEASE_LOST,
@@ -89,6 +92,7 @@ class DeliveryWorker(GeventChild):
         self.router = Router(config)
         self.transports = {}         # Destination.kind -> transport, made in run()
         self.recorder = None
+        self.stages = None           # DeliveryStages: routing and delivery plugins
         self.taken = 0           # messages claimed since start (for max_use)
         # Jitter, so workers started together do not all retire together (gunicorn).
         max_use = self.delivery.max_use
@@ -112,6 +116,7 @@ class DeliveryWorker(GeventChild):
             self.delivery.destination_concurrency,
             [(entry.domain, entry.limit) for entry in self.delivery.destination_limits])
         self.recorder = AttemptRecorder(self.queue, self.owner)
+        self.stages = DeliveryStages(self.config)
         self.transports = {SMTP: SMTPTransport(self.config, store, resolver),
                            LMTP: LMTPTransport(self.config, store),
                            LOCAL: LocalTransport(self.config, store)}
@@ -135,6 +140,7 @@ class DeliveryWorker(GeventChild):
             self.recorder.close()
             for transport in self.transports.values():
                 transport.close()
+            self.stages.close()
             wake_socket.close()
             try:
                 os.unlink(wakeup.socket_path(spool, self.slot))
@@ -221,7 +227,8 @@ class DeliveryWorker(GeventChild):
         for index, recipient in enumerate(envelope.recipients):
             if recipient.status not in (PENDING, RCPT_DEFERRED):
                 continue
-            destination = self.router.destination(recipient.address)
+            destination = self.stages.routing(record, recipient,
+                                              self.router.destination(recipient.address))
             groups.setdefault(destination, []).append((index, recipient))
         jobs = [gevent.spawn(self._deliver_group, record, destination, items)
                 for destination, items in groups.items()]
@@ -296,9 +303,15 @@ class DeliveryWorker(GeventChild):
 
     def _deliver_group(self, record, destination, items):
         """Deliver recipients sharing a destination by its transport, within the
-        destination's concurrency limit. Returns {index: (status, reply, relay)}."""
-        with self.slots.hold(destination):
-            return self.transports[destination.kind].deliver(record, destination, items)
+        destination's concurrency limit, but for those the delivery-stage plugins decided
+        on. Returns {index: (status, reply, relay[, dsn_passed])}."""
+        results = self.stages.delivery(record, destination, items) or {}
+        items = [item for item in items if item[0] not in results]
+        if items:
+            with self.slots.hold(destination):
+                results.update(self.transports[destination.kind].deliver(
+                    record, destination, items))
+        return results
 
     # ---- notices to the sender -----------------------------------------------------
 
