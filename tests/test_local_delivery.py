@@ -144,8 +144,8 @@ def test_mbox_in_the_mail_spool_written_as_the_user(elemta_server, place):
     assert data.endswith(b"\n\n>From the first line\n>From quoted already\nlast\n\n")
     st = os.stat(os.path.join(place.mail, "elemta-mbox"))
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (user.pw_uid, 0o600)
-    assert sorted(os.listdir(place.mail)) == ["elemta-mbox"]      # no lock file left
     wait_for(lambda: status_lines(server, "elemta-mbox@example.test"))
+    assert sorted(os.listdir(place.mail)) == ["elemta-mbox"]      # no lock file left
     assert status_lines(server, "elemta-mbox@example.test") == [
         ("sent", "250 2.0.0 delivered to mailbox")]
     assert server.queued_ids() == []

@@ -65,6 +65,7 @@ class LocalAgent(GeventChild):
         self.deliveries = BoundedSemaphore(MAX_DELIVERIES)
         self._bound_inode = None
         self._logged_error = None
+        self.children = set()        # pids of per-recipient processes under way
 
     def run(self):
         """Serve until stopped; returns the exit status (0)."""
@@ -85,6 +86,11 @@ class LocalAgent(GeventChild):
         finally:
             gevent.killall(helpers)
             self._unbind()
+            for pid in self.children:      # past the grace: the worker defers them
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         return 0
 
     # ---- the socket ---------------------------------------------------------------------
@@ -168,6 +174,7 @@ class LocalAgent(GeventChild):
             os.close(read_end)
             self._child(write_end, queue_id, recipient)      # never returns
         os.close(write_end)
+        self.children.add(pid)
         gevent.os.make_nonblocking(read_end)
         chunks = []
         try:
@@ -179,6 +186,7 @@ class LocalAgent(GeventChild):
         finally:
             os.close(read_end)
         _, wait_status = gevent.os.waitpid(pid, 0)
+        self.children.discard(pid)
         try:
             status, reply = json.loads(b"".join(chunks).decode("utf-8"))
             return status, reply
@@ -190,12 +198,15 @@ class LocalAgent(GeventChild):
             return RCPT_DEFERRED, "451 4.3.0 local delivery failed (see the log)"
 
     def _child(self, write_end, queue_id, recipient):
-        """The per-recipient process: plain blocking code, no gevent from here on."""
+        """The per-recipient process: plain blocking code, no gevent from here on. A
+        SIGTERM to the whole process group (systemctl stop) lets it finish: a mailbox is
+        never left half-written; the agent decides when it must stop."""
         status = 1
         try:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                           signal.SIGUSR1, signal.SIGCHLD):
-                signal.signal(signum, signal.SIG_DFL)
+                           signal.SIGUSR1):
+                signal.signal(signum, signal.SIG_IGN)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             try:
                 result = RecipientDelivery(self.config, self.addressing, self.aliases,
                                            self.store, queue_id, recipient).run()

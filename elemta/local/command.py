@@ -108,7 +108,8 @@ def run_command(command, chunks, env, cwd, timeout):
     reason. At the time limit the whole process group is killed."""
     process = subprocess.Popen([SHELL, "-c", command], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                               cwd=cwd, start_new_session=True, close_fds=True)
+                               cwd=cwd, start_new_session=True, close_fds=True,
+                               preexec_fn=_default_signals)
     deadline = time.monotonic() + timeout
     output = bytearray()
     pending = b""
@@ -163,6 +164,14 @@ def run_command(command, chunks, env, cwd, timeout):
         except OSError:
             pass
     return outcome_of(returncode, command, bytes(output), timed_out)
+
+
+def _default_signals():
+    """In the command, before exec: the signals the delivery process ignores (so that
+    a stop never cuts a mailbox write short) act again."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                   signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _registered(selector):
