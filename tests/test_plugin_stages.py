@@ -260,6 +260,40 @@ def test_pickup_mail_is_dkim_signed_and_forwarded_mail_is_arc_sealed(probe_insta
         nsd.remove()
 
 
+def test_pickup_verdicts_nobody_hears(probe_installed, elemta_server, tmp_path):
+    server = elemta_server(plugins={"probe": {"enabled": True, "rules": [
+        {"stage": "data", "when": "discard-local", "action": "discard", "text": "noise"},
+        {"stage": "data", "when": "reject-local", "action": "reject", "text": "no way"},
+        {"stage": "storage", "when": "later-local", "action": "tempfail"}]}})
+
+    def sendmail(sender):
+        done = subprocess.run(
+            [sys.executable, "-m", "elemta.cli.sendmail", "-C", server.config_path, "-i",
+             "-f", sender, "root@example.test"], input=b"Subject: cron\n\nok\n",
+            capture_output=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=30)
+        assert done.returncode == 0, done.stderr
+
+    maildrop = os.path.join(server.spool, "maildrop")
+    for sender in ("discard-local@example.org", "reject-local@example.org",
+                   "later-local@example.org"):
+        sendmail(sender)
+    log = wait_for(lambda: server.log().count("tried again in 60s") == 1
+                   and "held for the admin" in server.log() and server.log())
+    # A reject: nobody to refuse it to, so it is kept on hold for the admin.
+    [held] = server.queued_ids()
+    with server.queue() as queue:
+        record = queue.index.get(held)
+        assert (record.state, record.envelope.sender) == ("hold", "reject-local@example.org")
+    assert ("%s: hold: 550 5.7.1 no way (plugin probe at data stage); held for the admin"
+            % held) in log
+    # A discard: gone, and said so. A tempfail: the file waits in the maildrop.
+    assert "discard: local mail from=<discard-local@example.org> nrcpt=1: noise " \
+           "(plugin probe at data stage)" in log
+    assert "451 4.7.1 Try again later (plugin probe at storage stage); tried again in " \
+           "60s" in log
+    assert len(os.listdir(maildrop)) == 1
+
+
 # ---- the delivery worker's stages, over a real queue -------------------------------------
 
 def delivery_setup(tmp_path, plugins):
