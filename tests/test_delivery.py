@@ -366,10 +366,9 @@ def test_a_destination_limit_holds_across_all_delivery_workers(start, mx_port, a
         for sender in senders:
             send(server, sender, ["x@limited.test"], "limit")
         wait_for(lambda: len(sink.messages) == 8, timeout=20)
-        workers = {re.search(r"delivery\[(\d+)\]: INFO: \w+: to=<x@limited", line).group(1)
-                   for line in server.log().splitlines() if "to=<x@limited" in line}
-    # Both workers took some of the messages, yet together they kept to the limit.
-    assert len(workers) == 2
+    # Neither a share per worker (3 // 2 = 1 each) nor one limit per worker: the limit
+    # itself, whichever workers took the messages (test_a_killed_worker_cannot_keep_a_
+    # destination_slot shows two processes sharing slots).
     assert gauge.most == expected
 
 
