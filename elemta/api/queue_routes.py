@@ -18,7 +18,8 @@ from elemta.api import params
 from elemta.queue import queue as queue_actions
 from elemta.queue import wakeup
 from elemta.queue.ids import is_queue_id
-from elemta.queue.listing import iter_ids, iter_records, record_to_json, summarise
+from elemta.queue.listing import (iter_ids, iter_records, record_show_json, record_to_json,
+                                  summarise)
 from elemta.queue.store import CorruptSpoolFile
 
 # Headers are read up to this many bytes; a message with more says headers_truncated.
@@ -96,27 +97,11 @@ class Message:
         reply(resp, {"queue_id": queue_id, "outcome": outcome, "changed": True})
 
 
-def show_json(record, spool_path: str) -> dict:
-    """`elemtactl queue show --json`'s object for a record."""
-    data = record_to_json(record)
-    envelope = record.envelope
-    data["recipients"] = [dict(vars(r), notify=list(r.notify) if r.notify else r.notify)
-                          for r in envelope.recipients]
-    for name in ("body", "smtputf8", "ret", "envid", "client_address", "client_helo",
-                 "protocol", "auth_user", "extra"):
-        data[name] = getattr(envelope, name)
-    data["arrival"] = envelope.arrival
-    data["history"] = [dict(zip(("time", "recipient", "status", "relay", "reply"), entry))
-                       for entry in record.history]
-    data["spool_file"] = spool_path
-    return data
-
-
 def _show(queue, queue_id):
     record = queue.get(queue_id)
     if record is None:
         return None
-    data = show_json(record, queue.store.path(queue_id))
+    data = record_show_json(record, queue.store.path(queue_id))
     try:
         data["headers"], data["headers_truncated"] = read_headers(queue.store, queue_id)
     except FileNotFoundError:

@@ -255,6 +255,7 @@ def write_mailq(out: Output, records: Iterable) -> None:
 
 def cmd_show(args) -> int:
     """queue show ID...: envelope, delivery state, recipients, headers (--body: all)."""
+    from elemta.queue.listing import record_show_json
     ids = _queue_ids(args.ids)
     out = Output()
     status = EX_OK
@@ -267,7 +268,7 @@ def cmd_show(args) -> int:
                 status = EX_NOUSER
                 continue
             if args.json:
-                out.write(json.dumps(_show_json(record, queue.store.path(queue_id)),
+                out.write(json.dumps(record_show_json(record, queue.store.path(queue_id)),
                                      ensure_ascii=False) + "\n")
                 continue
             if n:
@@ -282,22 +283,6 @@ def cmd_show(args) -> int:
 def _complain(message: str) -> None:
     sys.stdout.flush()
     print("%s: %s" % (PROG, message), file=sys.stderr)
-
-
-def _show_json(record, spool_path) -> dict:
-    from elemta.queue.listing import record_to_json
-    data = record_to_json(record)
-    envelope = record.envelope
-    data["recipients"] = [dict(vars(r), notify=list(r.notify) if r.notify else r.notify)
-                          for r in envelope.recipients]
-    for name in ("body", "smtputf8", "ret", "envid", "client_address", "client_helo",
-                 "protocol", "auth_user", "extra"):
-        data[name] = getattr(envelope, name)
-    data["arrival"] = envelope.arrival
-    data["history"] = [dict(zip(("time", "recipient", "status", "relay", "reply"), entry))
-                       for entry in record.history]
-    data["spool_file"] = spool_path
-    return data
 
 
 def _write_envelope(out: Output, record, spool_path: str, held: bool) -> None:

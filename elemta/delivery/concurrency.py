@@ -19,6 +19,8 @@ import random
 
 from gevent.event import Event
 
+from elemta.delivery.routing import domain_entry
+
 # Longest pause before a waiting delivery looks at other workers' slots again.
 RECHECK_SECONDS = 0.1
 # Slots one destination can have (the room each key has in the lock file).
@@ -43,17 +45,8 @@ class DestinationSlots:
     def limit_for(self, destination):
         """The limit for a Destination: an entry for its host or a parent domain, or
         the default."""
-        return min(self._configured(destination.host.lower().rstrip(".")), MAX_LIMIT)
-
-    def _configured(self, host):
-        if host in self.limits:
-            return self.limits[host]
-        labels = host.split(".")
-        for start in range(1, len(labels)):
-            parent = "." + ".".join(labels[start:])
-            if parent in self.limits:
-                return self.limits[parent]
-        return self.default_limit
+        host = destination.host.lower().rstrip(".")
+        return min(domain_entry(self.limits, host, self.default_limit), MAX_LIMIT)
 
     def hold(self, destination):
         """A context manager holding one slot of destination's limit (waits for one)."""

@@ -91,14 +91,20 @@ class Router:
         return Destination(SMTP, domain, self.mx_port, True)
 
     def _transport_entry(self, domain):
-        if domain in self.transport:
-            return self.transport[domain]
-        labels = domain.split(".")
-        for start in range(1, len(labels)):
-            parent = "." + ".".join(labels[start:])
-            if parent in self.transport:
-                return self.transport[parent]
-        return None
+        return domain_entry(self.transport, domain)
+
+
+def domain_entry(table, domain, default=None):
+    """table's entry for domain, as the transport map matches: "example.org" the domain
+    itself, ".example.org" any subdomain (the nearest parent wins); else default."""
+    if domain in table:
+        return table[domain]
+    labels = domain.split(".")
+    for start in range(1, len(labels)):
+        parent = "." + ".".join(labels[start:])
+        if parent in table:
+            return table[parent]
+    return default
 
 
 def hosts_for(destination, resolver):

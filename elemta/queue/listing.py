@@ -221,3 +221,20 @@ def delay_reason(record: QueueRecord, recipient: Recipient) -> str:
     if recipient.status != PENDING and recipient.last_reply:
         return recipient.last_reply
     return record.last_error or ""
+
+
+def record_show_json(record: QueueRecord, spool_path: str) -> dict:
+    """`elemtactl queue show --json`'s object (also the REST API's): record_to_json plus
+    the whole envelope, the delivery history and the spool file."""
+    data = record_to_json(record)
+    envelope = record.envelope
+    data["recipients"] = [dict(vars(r), notify=list(r.notify) if r.notify else r.notify)
+                          for r in envelope.recipients]
+    for name in ("body", "smtputf8", "ret", "envid", "client_address", "client_helo",
+                 "protocol", "auth_user", "extra"):
+        data[name] = getattr(envelope, name)
+    data["arrival"] = envelope.arrival
+    data["history"] = [dict(zip(("time", "recipient", "status", "relay", "reply"), entry))
+                       for entry in record.history]
+    data["spool_file"] = spool_path
+    return data
