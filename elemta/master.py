@@ -47,6 +47,7 @@ RELOAD_WAIT = 15.0
 # its user (Postfix's local(8) is the one delivery agent that runs as root).
 KEEPS_PRIVILEGES = ("local",)
 
+CHILD_IGNORES_AT_START = (signal.SIGHUP, signal.SIGUSR1)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
            signal.SIGUSR2, signal.SIGCHLD)
 
@@ -201,6 +202,10 @@ class Master:
         try:
             for signum in SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            # Until the child has its own handlers, a reload or log reopen sent to the
+            # whole group must not kill it (their default action is to terminate).
+            for signum in CHILD_IGNORES_AT_START:
+                signal.signal(signum, signal.SIG_IGN)
             for fd in [self._wake_r, self._wake_w] + self.close_in_child:
                 os.close(fd)
             if kind not in KEEPS_PRIVILEGES:
