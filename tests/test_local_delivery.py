@@ -327,6 +327,57 @@ def test_cron_style_sendmail_ends_in_the_mailbox(elemta_server, place):
     assert data.endswith(b"\n\nbackup finished\n\n")
 
 
+def sendmail_wrapper(server, directory):
+    """A sendmail(1) for clients that run one by path, as mail(1) does: ours, on this
+    server's config."""
+    wrapper = os.path.join(directory, "sendmail")
+    with open(wrapper, "w") as f:
+        f.write("#!/bin/sh\nPYTHONPATH=%s exec %s -m elemta.cli.sendmail -C %s \"$@\"\n"
+                % (REPO, sys.executable, server.config_path))
+    os.chmod(wrapper, 0o755)
+    return wrapper
+
+
+PATCH = (b"From: Dev <dev@client.test>\nTo: elemta-mbox@mx.test\nSubject: [PATCH] fix\n\n"
+         b"A fix.\n.\ndiff --git a/x b/x\n")
+PHP_MAIL = (b"To: elemta-mbox@mx.test\nBcc: elemta-maildir@mx.test\nSubject: order 42\n"
+            b"From: shop@client.test\n\nThanks for your order.\n")
+
+
+@pytest.mark.parametrize("client", ["mailx", "git send-email", "php"])
+def test_local_mail_clients_reach_the_mailboxes(elemta_server, place, client):
+    """Issue 5 req 4: what mail(1), git send-email and PHP's mail() submit through our
+    sendmail is queued by pickup and delivered to the local users' mailboxes."""
+    if client == "mailx" and shutil.which("bsd-mailx") is None:
+        pytest.skip("bsd-mailx is not installed (make test installs it)")
+    server = start(elemta_server, place, home_mailbox="")
+    sendmail = sendmail_wrapper(server, place.top)
+    mbox = os.path.join(place.mail, "elemta-mbox")
+    if client == "mailx":
+        mailrc = os.path.join(place.top, "mailrc")
+        with open(mailrc, "w") as f:
+            f.write("set sendmail=%s\n" % sendmail)
+        subprocess.run(["bsd-mailx", "-s", "backup report", "elemta-mbox"],
+                       input=b"3 files copied\n", check=True, timeout=30,
+                       env=dict(os.environ, MAILRC=mailrc, HOME=place.top))
+        data = read_when_there(mbox)
+        assert b"\nSubject: backup report\n" in data
+        assert data.endswith(b"\n\n3 files copied\n\n")
+    elif client == "git send-email":
+        subprocess.run([sendmail, "-i", "-f", "dev@client.test", "elemta-mbox"],
+                       input=PATCH, check=True, timeout=30)
+        data = read_when_there(mbox)
+        assert data.startswith(b"From dev@client.test ")
+        assert data.endswith(b"\n\nA fix.\n.\ndiff --git a/x b/x\n\n")   # the lone dot kept
+    else:
+        subprocess.run([sendmail, "-t", "-i"], input=PHP_MAIL, check=True, timeout=30)
+        data = read_when_there(mbox)
+        assert b"\nSubject: order 42\n" in data and b"Bcc:" not in data
+        # The Bcc recipient (elemta-maildir) got it in the mail spool too: no Bcc line.
+        other = read_when_there(os.path.join(place.mail, "elemta-maildir"))
+        assert b"Thanks for your order." in other and b"Bcc:" not in other
+
+
 # ---- the agent's absence ----------------------------------------------------------------
 
 def test_without_the_local_agent_delivery_defers(tmp_path):
