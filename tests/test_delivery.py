@@ -54,6 +54,9 @@ refuse        MX 10 mx.refuse
 mx.refuse     A  127.0.0.6
 stuck         MX 10 mx.stuck
 mx.stuck      A  127.0.0.8
+busy          MX 10 mx.busy
+busy          MX 20 mx.remote
+mx.busy       A  127.0.0.18
 """
 
 
@@ -234,6 +237,18 @@ def test_an_mx_that_refuses_connections_falls_back_to_the_next(start, postfix):
                      r"Connection refused" % queue_id, server.log())
     postfix.wait_for_log(r"hold: .*from=<fallback@client\.test> to=<someone@fallback")
     assert not [line for line in delivery_lines(server, queue_id) if line[3] != "sent"]
+
+
+def test_an_mx_that_greets_with_421_falls_back_to_the_next(start, mx_port, postfix):
+    script = {"GREETING": "421 4.3.2 too busy, try another"}
+    with ScriptedServer(script=script, address="127.0.0.18", port=mx_port) as busy:
+        server = start()
+        send(server, "busy@client.test", ["someone@busy.dlv.test"], "busy")
+        queue_id = queue_id_of(server, "busy@client.test")
+        sent = wait_for_status(server, queue_id, "someone@busy.dlv.test", "sent")
+    assert sent[1].startswith("mx.remote.dlv.test[127.0.0.1]:")
+    assert len(busy.sessions) == 1 and busy.messages == []
+    postfix.wait_for_log(r"hold: .*from=<busy@client\.test> to=<someone@busy\.dlv")
 
 
 def test_a_killed_delivery_worker_loses_nothing(start, mx_port):
