@@ -57,6 +57,9 @@ mx.stuck      A  127.0.0.8
 busy          MX 10 mx.busy
 busy          MX 20 mx.remote
 mx.busy       A  127.0.0.18
+tlsmay        MX 10 mx.tls
+tlsstrict     MX 10 mx.tls
+mx.tls        A  127.0.0.19
 """
 
 
@@ -489,3 +492,19 @@ def test_notify_success_gets_a_relayed_notice_only_when_the_next_hop_lacks_dsn(
     assert relayed["Final-Recipient"] == "rfc822; y@plain.test"
     assert relayed["Action"] == "relayed" and relayed["Status"] == "2.0.0"
     assert capable.messages[0].rcpts == ["RCPT TO:<y@capable.test> NOTIFY=SUCCESS"]
+
+
+def test_a_tls_policy_entry_requires_tls_for_its_domain_only(start, mx_port):
+    """Postfix's smtp_tls_policy_maps: the same MX host takes mail for a domain with the
+    default "may" in clear, and not for one whose policy says "encrypt", not even over
+    the connection the first message left open."""
+    with ScriptedServer(address="127.0.0.19", port=mx_port) as plain:   # no STARTTLS
+        server = start(tls_policy=[{"domain": "tlsstrict.dlv.test", "level": "encrypt"}])
+        send(server, "tls@client.test", ["a@tlsmay.dlv.test"], "may")
+        wait_for_status(server, queue_id_of(server, "tls@client.test"), "a@tlsmay.dlv.test",
+                        "sent")
+        send(server, "tls2@client.test", ["b@tlsstrict.dlv.test"], "strict")
+        deferred = wait_for_status(server, queue_id_of(server, "tls2@client.test"),
+                                   "b@tlsstrict.dlv.test", "deferred")
+        assert "TLS" in deferred[4], deferred
+        assert [m.rcpts for m in plain.messages] == [["RCPT TO:<a@tlsmay.dlv.test>"]]

@@ -326,6 +326,15 @@ class API:
 
 
 @dataclass(frozen=True)
+class TLSPolicyEntry:
+    """A STARTTLS level for one destination, overriding delivery.tls_level."""
+    domain: str = opt("", "Recipient domain or next-hop host (exact, or \".example.org\" "
+                          "for every subdomain).", _transport_domain)
+    level: str = opt("may", "none, may, encrypt, verify or secure, as tls_level.",
+                     _one_of(DELIVERY_TLS_LEVELS))
+
+
+@dataclass(frozen=True)
 class Transport:
     """One transport map entry: mail for `domain` goes to `nexthop`."""
     domain: str = opt("", "Recipient domain this entry applies to (exact match, or "
@@ -394,6 +403,10 @@ class Delivery:
                                 "(required), verify (required, chain checked), secure "
                                 "(verify, and the certificate names the host).",
                          _one_of(DELIVERY_TLS_LEVELS))
+    tls_policy: Tuple[TLSPolicyEntry, ...] = opt(
+        (), "Per-destination STARTTLS levels, as Postfix's smtp_tls_policy_maps: a list of "
+            "{domain, level} entries matched against the recipient domain (MX delivery) or "
+            "the next-hop host (relay host, transport map, LMTP).")
     lease: float = opt(900.0, "Seconds a delivery worker owns a message it took; if the "
                               "worker dies, the message returns to the queue after this. "
                               "A worker renews the lease of a delivery still under way.",

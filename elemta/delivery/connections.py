@@ -15,7 +15,8 @@ IDLE_LIMIT = 2.0
 
 
 class ConnectionCache:
-    """Parked SMTPClient connections, by (address, port, server name)."""
+    """Parked SMTPClient connections, by (address, port, session key): the key is what
+    else the session must match to be reused (the transport's server name and profile)."""
 
     def __init__(self, idle_limit=IDLE_LIMIT):
         self.idle_limit = idle_limit

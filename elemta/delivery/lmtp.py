@@ -10,7 +10,7 @@ over quota defers only its owner).
 lmtp:unix:/path connects to the socket, without TLS (there is no wire to protect); it is
 logged as relay=<our host name>[/path], as Postfix does. lmtp:[host]:port connects to the
 address, or to each address of the name in turn (the system resolver, /etc/hosts included,
-as for "lmtp:[localhost]:24"), with STARTTLS as delivery.tls_level says. A socket that is
+as for "lmtp:[localhost]:24"), with STARTTLS as delivery.tls_policy or tls_level say. A socket that is
 missing or refuses defers the recipients with the reason ("connect to ...: No such file
 or directory"), to be tried again after the backoff.
 See also: elemta.delivery.routing (Destination), tests/test_lmtp.py, tests/peers/dovecot.py.
@@ -47,9 +47,10 @@ class LMTPTransport(SMTPTransport):
                 reply = "451 4.4.4 cannot find the address of LMTP host %s: %s" % (
                     destination.host, getattr(error, "strerror", None) or error)
                 return {index: (RCPT_DEFERRED, reply, "none") for index, _ in items}
-            tls = self.tls
+            tls = self.tls_for(destination)
         return self.deliver_to(record, items, targets, lambda: SMTPClient(
-            self.hostname, timeouts=self.timeouts, tls=tls, lmtp=True))
+            self.hostname, timeouts=self.timeouts, tls=tls, lmtp=True),
+            profile=(tls.level, None))
 
 
 def _addresses(host, port):

@@ -21,7 +21,7 @@ import time
 from elemta import metrics
 from elemta.delivery.connections import ConnectionCache
 from elemta.delivery.mx import RouteError
-from elemta.delivery.routing import hosts_for
+from elemta.delivery.routing import domain_entry, hosts_for
 from elemta.delivery.sasl import SASLFileError, SASLPasswords, nexthop_key
 from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, SessionError, SMTPClient,
                                          Timeouts, TLSPolicy, outcome_of)
@@ -56,6 +56,8 @@ class SMTPTransport:
         self.resolver = resolver
         self.timeouts = client_timeouts(config.delivery)
         self.tls = TLSPolicy(config.delivery.tls_level)
+        self.tls_by_destination = {entry.domain.lower().rstrip("."): TLSPolicy(entry.level)
+                                   for entry in config.delivery.tls_policy}
         self.connections = ConnectionCache()
         self.mx_port = config.delivery.mx_port
         self.sasl_require_tls = config.delivery.sasl_require_tls
@@ -85,19 +87,30 @@ class SMTPTransport:
             status = BOUNCED if error.permanent else RCPT_DEFERRED
             return {index: (status, reply, "none") for index, _ in items}
         targets = [(host.address, destination.port, host.name) for host in hosts]
+        tls = self.tls_for(destination)
         return self.deliver_to(record, items, targets, lambda: SMTPClient(
-            self.hostname, timeouts=self.timeouts, tls=self.tls, credentials=credentials,
-            sasl_require_tls=self.sasl_require_tls))
+            self.hostname, timeouts=self.timeouts, tls=tls, credentials=credentials,
+            sasl_require_tls=self.sasl_require_tls),
+            profile=(tls.level, credentials[0] if credentials else None))
 
-    def deliver_to(self, record, items, targets, new_client):
+    def tls_for(self, destination):
+        """The STARTTLS policy for a destination: delivery.tls_policy's entry for its
+        domain or next-hop host, else delivery.tls_level."""
+        return domain_entry(self.tls_by_destination, destination.host.lower().rstrip("."),
+                            self.tls)
+
+    def deliver_to(self, record, items, targets, new_client, profile=None):
         """Try targets [(address, port, server name)] in order until one takes the message
         (a parked connection first, else new_client() connected); the next one only after a
-        failure of the session before the message was handed over."""
+        failure of the session before the message was handed over. profile names what the
+        session was opened with (TLS level, SASL user): a parked connection is reused
+        only for the same, so a "may" session never carries mail that requires
+        "verify", nor one authenticated as one user another's mail."""
         outcome = {}
         last_reply, relay = None, "none"
         for address, port, name in targets:
             started = time.monotonic()
-            client = self.connections.take(address, port, name)
+            client = self.connections.take(address, port, (name, profile))
             if client is None:
                 client = new_client()
                 try:
@@ -115,7 +128,7 @@ class SMTPTransport:
             except BaseException:
                 client.close()
                 raise
-            self.connections.park(address, port, name, client)
+            self.connections.park(address, port, (name, profile), client)
             metrics.DELIVERY_ATTEMPT.observe(time.monotonic() - started)
             relay = client.peer
             for (index, _), item in zip(items, result.recipients):
