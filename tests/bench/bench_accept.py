@@ -96,6 +96,8 @@ def elemta_config(spool_dir, port):
             "  - {address: 127.0.0.1, port: %d, mode: smtp}\n"
             "queue: {spool_dir: %s}\n"
             "relay: {local_domains: [bench.test]}\n"
+            # rcpt@bench.test is no user here: accept it, as the hold-only Postfix does.
+            "local: {reject_unknown_users: false}\n"
             "delivery: {workers: 0}\n"
             "api: {port: %d}\n" % (port, spool_dir, free_port()))
 
