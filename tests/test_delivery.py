@@ -92,13 +92,15 @@ def postfix(mx_port):
 @pytest.fixture
 def start(elemta_server, nsd, mx_port):
     """Start the real server with delivery through NSD's MX records on mx_port."""
-    def starter(master=None, local=None, **delivery):
+    def starter(master=None, local=None, relay=None, **delivery):
         settings = {"workers": 1, "mx_port": mx_port, "nameservers": ["127.0.0.1"],
                     "dns_port": nsd.port, "min_backoff": 0.5, "max_backoff": 1.0,
                     "connect_timeout": 2.0, "command_timeout": 5.0, "data_timeout": 5.0}
         settings.update(delivery)
         server = elemta_server(delivery=settings, api={"enabled": False},
-                               master=master or {}, **({"local": local} if local else {}))
+                               master=master or {}, **dict(
+                                   ({"local": local} if local else {}),
+                                   **({"relay": relay} if relay else {})))
         wait_for(lambda: "delivery worker started" in server.log())
         return server
     return starter
@@ -508,3 +510,19 @@ def test_a_tls_policy_entry_requires_tls_for_its_domain_only(start, mx_port):
                                    "b@tlsstrict.dlv.test", "deferred")
         assert "TLS" in deferred[4], deferred
         assert [m.rcpts for m in plain.messages] == [["RCPT TO:<a@tlsmay.dlv.test>"]]
+
+
+def test_an_idn_local_domain_is_delivered_locally_however_it_is_spelled(start, mx_port):
+    """The smtpd accepts <root@XN--FSQU00A.TEST> as local when local_domains has
+    例子.test; routing must agree and deliver it here, not hand it to the relay host."""
+    with ScriptedServer(address="127.0.0.20", port=mx_port) as relay:
+        server = start(relayhost="[127.0.0.20]:%d" % mx_port,
+                       relay={"local_domains": ["例子.test"]})
+        os.mkdir(os.path.join(server.workdir, "mail"))      # the test's /var/mail
+        send(server, "idn@client.test", ["root@XN--FSQU00A.TEST"], "idn")
+        queue_id = queue_id_of(server, "idn@client.test")
+        sent = wait_for_status(server, queue_id, "root@XN--FSQU00A.TEST", "sent")
+    assert sent[1] == "local"
+    assert relay.sessions == []
+    [delivered] = mailbox.mbox(os.path.join(server.workdir, "mail", "root"))
+    assert delivered["Subject"] == "idn"

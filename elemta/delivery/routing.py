@@ -20,6 +20,7 @@ from typing import List
 
 from elemta.config.schema import parse_nexthop, parse_transport
 from elemta.delivery.mx import Host, NoMailHost, Resolver
+from elemta.local.addresses import normal_domain
 from elemta.queue.index import address_domain
 
 LOCAL = "local"
@@ -60,8 +61,10 @@ class Router:
     def __init__(self, config):
         delivery = config.delivery
         self.mx_port = delivery.mx_port
-        self.local_domains = {d.lower().rstrip(".") for d in config.relay.local_domains}
-        self.local_domains.add(config.hostname.lower().rstrip("."))
+        # One spelling (lower case, A-labels) as the smtpd's relay check uses: a domain it
+        # accepted as local must be delivered locally, however the client wrote it.
+        self.local_domains = {normal_domain(d) for d in config.relay.local_domains}
+        self.local_domains.add(normal_domain(config.hostname))
         self.transport = {}
         for entry in delivery.transport:
             kind, host, port, mx_lookup = parse_transport(entry.nexthop)
@@ -72,7 +75,7 @@ class Router:
                                           else port or LMTP_PORT, False)
             else:
                 destination = Destination(SMTP, host, port or self.mx_port, mx_lookup)
-            self.transport[entry.domain.lower().rstrip(".")] = destination
+            self.transport[normal_domain(entry.domain)] = destination
         self.relay = None
         if delivery.relayhost:
             host, port, mx_lookup = parse_nexthop(delivery.relayhost)
@@ -80,7 +83,7 @@ class Router:
 
     def destination(self, address):
         # type: (str) -> Destination
-        domain = address_domain(address).rstrip(".")
+        domain = normal_domain(address_domain(address))
         if domain in self.local_domains or not domain:
             return LOCAL_DESTINATION
         found = self._transport_entry(domain)
