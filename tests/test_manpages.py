@@ -1,10 +1,14 @@
-"""The manual pages in man/: each passes mandoc's lint, and elemta-sendmail(1) documents
-every option letter elemta.cli.sendmail accepts.
+"""The manual pages in man/: each passes mandoc's lint, elemta-sendmail(1) documents
+every option letter elemta.cli.sendmail accepts, and the pages of elemta, elemtactl, mailq
+and newaliases document every option (each of its spellings) and every subcommand their
+argparse parsers accept, found by walking the parsers, so a new option or command without
+documentation fails here.
 
-Runs the real mandoc(1) (skipped where it is not installed) and the real option parser.
+Runs the real mandoc(1) (skipped where it is not installed) and the real option parsers.
 See also: man/, tests/test_sendmail.py (what the options do).
 """
 
+import argparse
 import os
 import re
 import shutil
@@ -13,7 +17,8 @@ import subprocess
 
 import pytest
 
-from elemta.cli import sendmail
+from elemta.cli import elemta as elemta_cli
+from elemta.cli import elemtactl, newaliases, queuecmd, sendmail
 
 MAN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "man")
 PAGES = sorted(os.listdir(MAN_DIR))
@@ -60,3 +65,98 @@ def test_sendmail_page_documents_every_accepted_option():
     assert undocumented == []
     # And the modes it runs, each by name.
     assert {"bm", "bs", "bp", "bv", "q", "oi"} <= flags
+
+
+# ---------------------------------------------------------------- argparse-based commands
+
+class _ParserCaught(Exception):
+    pass
+
+
+def parser_used_by(parse_args, monkeypatch):
+    """The ArgumentParser a parse_args(argv) function builds, caught as it parses."""
+    caught = []
+
+    def catch(self, args=None, namespace=None):
+        caught.append(self)
+        raise _ParserCaught()
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(_ParserCaught):
+        parse_args([])
+    monkeypatch.undo()
+    return caught[0]
+
+
+def walk(parser, path=()):
+    """(command words, option strings) for parser and every subcommand below it, and
+    the subcommand paths themselves; --help is argparse's own and left out."""
+    options, commands = [], []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                commands.append(path + (name,))
+                sub_options, sub_commands = walk(subparser, path + (name,))
+                options += sub_options
+                commands += sub_commands
+            continue
+        for option in action.option_strings:
+            options.append((path, option))
+    return options, commands
+
+
+def parsers(monkeypatch):
+    """Each argparse command and its page."""
+    return {
+        "elemta.8": parser_used_by(elemta_cli.parse_args, monkeypatch),
+        "elemtactl.8": elemtactl.build_parser(),
+        "mailq.1": queuecmd.mailq_parser(),
+        "newaliases.1": parser_used_by(newaliases.parse_args, monkeypatch),
+    }
+
+
+def page_source(page):
+    with open(os.path.join(MAN_DIR, page)) as f:
+        return f.read()
+
+
+def documented_flags(source):
+    """Each option an mdoc page shows, as typed: ".Fl -config" is "--config", ".Fl d" is "-d"."""
+    return {"-" + word for word in re.findall(r"\bFl (-?[A-Za-z][A-Za-z0-9-]*)", source)}
+
+
+def documented_commands(source):
+    """Each word a page marks up as a command modifier (.Cm), e.g. "keygen"."""
+    return {word for line in re.findall(r"\bCm ([^\n]*)", source)
+            for word in re.findall(r"[a-z][a-z0-9-]*", line)}
+
+
+def test_walk_finds_options_of_nested_subcommands():
+    options, commands = walk(elemtactl.build_parser())
+    assert (("dkim", "keygen"), "--key-file") in options
+    assert (("queue", "list"), "--older-than") in options
+    assert (("user", "add"), "--password-stdin") in options
+    assert ("queue", "reindex") in commands
+    assert not any(option in ("-h", "--help") for _, option in options)
+
+
+def test_flag_reader_tells_documented_from_undocumented():
+    source = ".It Fl c Ar file , Fl -config Ar file\n.Op Fl -json\n.Cm dkim keygen\n"
+    assert documented_flags(source) == {"-c", "--config", "--json"}
+    assert {"dkim", "keygen"} <= documented_commands(source)
+
+
+@pytest.mark.parametrize("page", ["elemta.8", "elemtactl.8", "mailq.1", "newaliases.1"])
+def test_page_documents_every_option_and_command(page, monkeypatch):
+    options, commands = walk(parsers(monkeypatch)[page])
+    assert options, "no options found: the parser walk is broken"
+    source = page_source(page)
+    flags = documented_flags(source)
+    undocumented = sorted(set("%s %s" % (" ".join(path) or "(top level)", option)
+                              for path, option in options if option not in flags))
+    assert undocumented == []
+    words = documented_commands(source)
+    assert sorted(" ".join(path) for path in commands
+                  if not set(path) <= words) == []
