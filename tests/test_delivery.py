@@ -455,7 +455,10 @@ def test_the_sender_is_warned_once_of_a_delay_then_told_when_the_message_expires
         server = start(delay_warning_time=1.0, queue_lifetime=3.0, transport=[
             {"domain": "sender.test", "nexthop": "smtp:[127.0.0.13]:%d" % mx_port},
             {"domain": "busy.test", "nexthop": "smtp:[127.0.0.14]:%d" % mx_port}])
-        send(server, "me@sender.test", ["x@busy.test"], "patience")
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+            client.ehlo()
+            client.sendmail("me@sender.test", ["x@busy.test"], message("patience"),
+                            mail_options=["RET=FULL"])
         queue_id = queue_id_of(server, "me@sender.test")
         wait_for(lambda: len(notices.messages) == 2, timeout=20)
         wait_for(lambda: server.queued_ids() == [queue_id])
@@ -468,6 +471,12 @@ def test_the_sender_is_warned_once_of_a_delay_then_told_when_the_message_expires
     assert "message expired after 3 seconds in the queue" in failed["Diagnostic-Code"]
     assert "450 4.2.0 mailbox busy" in failed["Diagnostic-Code"]
     assert [m.rcpts for m in notices.messages] == [["RCPT TO:<me@sender.test>"]] * 2
+    # RET=FULL returns the whole message with the failure only; the warning has headers.
+    first_original, second_original = first.get_payload()[2], second.get_payload()[2]
+    assert first_original.get_content_type() == "text/rfc822-headers"
+    assert "body of patience" not in first_original.as_string()
+    assert second_original.get_content_type() == "message/rfc822"
+    assert "body of patience" in second_original.as_string()
 
 
 def test_notify_success_gets_a_relayed_notice_only_when_the_next_hop_lacks_dsn(

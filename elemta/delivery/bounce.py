@@ -85,9 +85,9 @@ def status_of(reply, action=FAILED):
 
 
 def build_dsn(hostname, envelope, recipients, original, now=None, action=FAILED,
-              retry_until=None, to=None):
+              retry_until=None, to=None, full=False):
     """The DSN's bytes (CRLF lines). recipients: the model.Recipients it reports on;
-    original: the original headers, or the whole message with RET=FULL (bytes); action:
+    original: the original headers, or with full the whole message (bytes); action:
     FAILED, DELAYED, RELAYED or DELIVERED; retry_until: time.time() of the last retry
     (DELAYED); to: who it goes to (default: the envelope sender)."""
     now = time.time() if now is None else now
@@ -138,7 +138,6 @@ def build_dsn(hostname, envelope, recipients, original, now=None, action=FAILED,
         if action == DELAYED and retry_until:
             lines.append("Will-Retry-Until: %s" % email.utils.formatdate(retry_until,
                                                                          localtime=False))
-    full = envelope.ret == "FULL" and action == FAILED
     lines += ["", "--%s" % boundary,
               "Content-Description: %s" % ("Undelivered Message" if full
                                            else "Undelivered Message Headers"),
@@ -151,12 +150,15 @@ def build_dsn(hostname, envelope, recipients, original, now=None, action=FAILED,
     return head + original + ("\r\n--%s--\r\n" % boundary).encode("ascii")
 
 
-def read_original(store, envelope):
-    """The original headers, or the whole message when RET=FULL and it is not too big."""
-    full = envelope.ret == "FULL" and envelope.size <= MAX_RETURNED_MESSAGE
+def read_original(store, envelope, action=FAILED):
+    """(the original headers, False), or (the whole message, True) for a failure notice
+    when the sender asked RET=FULL and the message is not too big (RFC 3461 4.3: the
+    other notices carry the headers)."""
+    full = (action == FAILED and envelope.ret == "FULL"
+            and envelope.size <= MAX_RETURNED_MESSAGE)
     with store.open_content(envelope.queue_id) as content:
         if full:
-            return content.read()
+            return content.read(), True
         lines = []
         size = 0
         for line in content:
@@ -164,7 +166,7 @@ def read_original(store, envelope):
                 break
             lines.append(line)
             size += len(line)
-        return b"".join(lines)
+        return b"".join(lines), False
 
 
 def queue_bounce(queue, config, envelope, bounced):
@@ -179,29 +181,24 @@ def queue_bounce(queue, config, envelope, bounced):
     return queue_notice(queue, config, envelope, bounced, FAILED)
 
 
-def queue_notice(queue, config, envelope, recipients, action, retry_until=None,
-                 original=None):
+def queue_notice(queue, config, envelope, recipients, action, retry_until=None):
     """Queue a DSN of `action` to envelope.sender for those of `recipients` whose NOTIFY
-    asks for it. Returns its queue id, or None when none is due (null sender, NOTIFY).
-    original: the headers read beforehand (read_original), when the message's file may
-    be gone by now (every recipient delivered)."""
+    asks for it. Returns its queue id, or None when none is due (null sender, NOTIFY)."""
     if not envelope.sender:
         return None
     wanted = [r for r in recipients if wants_notice(r, action)]
     if not wanted:
         return None
-    return _queue_notice(queue, config, envelope, wanted, action, retry_until=retry_until,
-                         original=original)
+    return _queue_notice(queue, config, envelope, wanted, action, retry_until=retry_until)
 
 
 def _queue_notice(queue, config, envelope, recipients, action, to=None, retry_until=None,
-                  extra=None, original=None):
-    if original is None:
-        original = read_original(queue.store, envelope)
+                  extra=None):
+    original, full = read_original(queue.store, envelope, action)
     hostname = config.hostname
     to = envelope.sender if to is None else to
     content = build_dsn(hostname, envelope, recipients, original, action=action,
-                        retry_until=retry_until, to=to)
+                        retry_until=retry_until, to=to, full=full)
     dsn = Envelope(queue_id=new_queue_id(), sender="", recipients=[Recipient(to)],
                    arrival=time.time(),
                    body="7BIT" if envelope.body == "7BIT" and not envelope.smtputf8

@@ -43,6 +43,7 @@ import time
 from collections import OrderedDict
 
 import gevent
+from gevent import get_hub
 from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.pool import Pool
@@ -249,17 +250,13 @@ class DeliveryWorker(GeventChild):
                 if status == RCPT_DEFERRED:
                     results[index] = (BOUNCED, "%s (%s)" % (
                         EXPIRED % self.delivery.queue_lifetime, reply), relay)
+        # The notices go into the queue before the results are recorded: a crash in
+        # between repeats the attempt (and a notice, at worst), never loses a bounce.
+        warn = self._queue_notices(record, results, final, now)
         waiting = [r for i, r in results.items() if r[0] == RCPT_DEFERRED]
         last_error = waiting[-1][1] if waiting else None
         next_attempt = now + backoff(record.attempts + 1, self.delivery.min_backoff,
                                      self.delivery.max_backoff)
-        warn = bool(waiting and self.delivery.delay_warning_time and not record.delay_warned
-                    and now - envelope.arrival >= self.delivery.delay_warning_time)
-        # A success notice quotes the headers, and the file goes once all are delivered.
-        original = None
-        if any(results[i][0] == SENT and bounce.wants_notice(
-                envelope.recipients[i], bounce.RELAYED) for i in final):
-            original = bounce.read_original(self.queue.store, envelope)
         outcome = self.recorder.record(
             Attempt(record.queue_id, results, next_attempt, last_error, now, warn))
         self._log_results(record, results, now)
@@ -270,24 +267,38 @@ class DeliveryWorker(GeventChild):
         elif outcome in (ATTEMPT_LEASE_LOST, ATTEMPT_GONE):
             log.info("%s: %s during delivery (held, deleted or reclaimed); results kept for "
                      "each recipient", record.queue_id, outcome)
-        if outcome == ATTEMPT_GONE:
-            return
+
+    def _queue_notices(self, record, results, final, now):
+        """Queue the notices this attempt calls for: a bounce for the recipients that
+        failed (if it cannot be queued they wait for the next attempt instead, as
+        Postfix defers when its bounce service fails), a success notice, a delay
+        warning. Returns whether a delay warning was queued."""
+        envelope = record.envelope
         by_status = {SENT: [], BOUNCED: [], RCPT_DEFERRED: []}
         for index, (status, reply, _) in sorted(results.items()):
             recipient = envelope.recipients[index]
             recipient.status, recipient.last_reply = status, reply
             if status != SENT or index in final:
                 by_status[status].append(recipient)
-        self._notify(record, "non-delivery notification", bounce.queue_bounce,
-                     by_status[BOUNCED])
+        if not self._notify(record, "non-delivery notification", bounce.queue_bounce,
+                            by_status[BOUNCED]):
+            for index, (status, reply, relay) in list(results.items()):
+                if status == BOUNCED:
+                    results[index] = (RCPT_DEFERRED, "%s (no bounce could be queued; "
+                                      "trying again)" % reply, relay)
+                    envelope.recipients[index].status = RCPT_DEFERRED
+                    by_status[RCPT_DEFERRED].append(envelope.recipients[index])
         self._notify(record, "delivery status notification", bounce.queue_notice,
                      by_status[SENT], bounce.DELIVERED if all(
                          self.router.destination(r.address).kind != SMTP
-                         for r in by_status[SENT]) else bounce.RELAYED, None, original)
-        if warn:
-            self._notify(record, "delay warning", bounce.queue_notice,
-                         by_status[RCPT_DEFERRED], bounce.DELAYED,
-                         envelope.arrival + self.delivery.queue_lifetime)
+                         for r in by_status[SENT]) else bounce.RELAYED)
+        if (by_status[RCPT_DEFERRED] and self.delivery.delay_warning_time
+                and not record.delay_warned
+                and now - envelope.arrival >= self.delivery.delay_warning_time):
+            return self._notify(record, "delay warning", bounce.queue_notice,
+                                by_status[RCPT_DEFERRED], bounce.DELAYED,
+                                envelope.arrival + self.delivery.queue_lifetime)
+        return False
 
     def _log_results(self, record, results, now):
         delay = now - record.envelope.arrival
@@ -317,18 +328,21 @@ class DeliveryWorker(GeventChild):
 
     def _notify(self, record, what, queue_it, recipients, *args):
         """Queue an RFC 3464 notice about recipients (elemta.delivery.bounce decides
-        whether one is due: NOTIFY, the null sender)."""
+        whether one is due: NOTIFY, the null sender), in a thread: a commit waits for
+        the disk. Returns False only when one was due and could not be queued."""
         if not recipients:
-            return
+            return True
         try:
-            queue_id = queue_it(self.queue, self.config, record.envelope, recipients, *args)
+            queue_id = get_hub().threadpool.apply(
+                queue_it, (self.queue, self.config, record.envelope, recipients) + args)
         except Exception as error:
             log.error("%s: cannot queue the %s to <%s>: %s", record.queue_id, what,
                       record.envelope.sender, error)
-            return
+            return False
         if queue_id is not None:
             log.info("%s: sender %s: %s", record.queue_id, what, queue_id)
             self._wake.set()
+        return True
 
 
 def _seconds(value):
