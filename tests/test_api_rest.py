@@ -113,7 +113,8 @@ PROTECTED = [("GET", "/api/v1/queue"), ("POST", "/api/v1/queue/flush"),
              ("POST", "/api/v1/queue/%s/hold" % UNKNOWN_ID),
              ("POST", "/api/v1/queue/%s/release" % UNKNOWN_ID),
              ("POST", "/api/v1/queue/%s/flush" % UNKNOWN_ID),
-             ("POST", "/api/v1/queue/%s/requeue" % UNKNOWN_ID), ("GET", "/api/v1/stats")]
+             ("POST", "/api/v1/queue/%s/requeue" % UNKNOWN_ID), ("GET", "/api/v1/stats"),
+             ("GET", "/api/v1/openapi.json")]
 
 
 def assert_refused(server, headers, why):
@@ -127,9 +128,6 @@ def assert_refused(server, headers, why):
 def assert_public_routes_answer(server):
     status, _, body = call(server, "GET", "/api/v1/health")
     assert (status, body) == (200, {"status": "ok"})
-    status, _, document = call(server, "GET", "/api/v1/openapi.json")
-    assert status == 200 and document["openapi"].startswith("3.")
-    assert "/api/v1/queue/{queue_id}" in document["paths"]
     status, response, text = call(server, "GET", "/metrics")
     assert status == 200 and b"elemta_queue_messages" in text
 
@@ -420,7 +418,8 @@ def test_schemathesis_finds_no_server_error(elemta_server):
     send(server, "", ["postmaster@dest.test", "x@far.test"], "bounce")
     wait_for_api(server)
     schema = schemathesis.openapi.from_url(
-        "http://127.0.0.1:%d/api/v1/openapi.json" % server_api_port(server))
+        "http://127.0.0.1:%d/api/v1/openapi.json" % server_api_port(server),
+        headers={"Authorization": "Bearer " + TOKEN})
     operations = [result.ok() for result in schema.get_all_operations()]
     # Every route but the document itself (schemathesis leaves out where it read it).
     assert len(operations) == 11, [o.label for o in operations]

@@ -30,8 +30,8 @@ MESSAGE_ACTIONS = ("hold", "release", "flush", "requeue")
 
 
 class OpenAPIResource:
-    """GET /api/v1/openapi.json: the document, encoded once."""
-    public = True
+    """GET /api/v1/openapi.json: the document, encoded once (behind the token, as every
+    route but health: issue 5)."""
 
     def __init__(self):
         self._body = json.dumps(openapi.DOCUMENT, indent=1).encode("ascii")

@@ -4,7 +4,7 @@ Owned by the api process. The token comes from the configuration when the proces
 (a reload starts a new api process, so a new token takes effect then): the first line of
 api.token_file wins over api.token. With neither, or a token file that cannot be read,
 every protected route answers 401: the API fails closed. Resources that set the attribute
-`public = True` (health, the OpenAPI document, /metrics) need no token.
+`public = True` (health, and /metrics for Prometheus) need no token.
 See also elemta.api.app (where the middleware is installed), elemta.config.schema.API.
 """
 
@@ -39,7 +39,7 @@ def load_token(api_config) -> Optional[bytes]:
     if api_config.token:
         return api_config.token.encode("utf-8")
     log.warning("api: no api.token or api.token_file: the REST API refuses every request "
-                "(only /metrics, /api/v1/health and /api/v1/openapi.json answer)")
+                "(only /metrics and /api/v1/health answer)")
     return None
 
 

@@ -273,11 +273,11 @@ DOCUMENT = {
             "summary": "Whether the api process serves (no token needed).",
             "responses": {"200": _json("It serves.", "Health")}}},
         "/api/v1/openapi.json": {"get": {
-            "operationId": "openapi", "tags": ["service"], "security": [],
-            "summary": "This document (no token needed).",
-            "responses": {"200": {"description": "The OpenAPI document.",
-                                  "content": {"application/json": {
-                                      "schema": {"type": "object"}}}}}}},
+            "operationId": "openapi", "tags": ["service"],
+            "summary": "This document.",
+            "responses": _responses({"description": "The OpenAPI document.",
+                                     "content": {"application/json": {
+                                         "schema": {"type": "object"}}}})}},
     },
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
