@@ -28,6 +28,7 @@ import pytest
 from elemta.config.schema import Config, Queue
 from elemta.delivery.local_transport import LocalTransport
 from elemta.delivery.routing import LOCAL_DESTINATION
+from elemta.local.addresses import normal_address
 from elemta.queue.model import Recipient
 from tests.conftest import REPO, wait_for
 from tests.peers.sink import ScriptedServer
@@ -295,6 +296,43 @@ def test_unknown_users_are_refused_at_rcpt_and_extensions_reach_the_user(elemta_
                         b"Subject: extension\r\n\r\nnews\r\n")
     data = read_when_there(os.path.join(place.mail, "elemta-mbox"))
     assert b"\nDelivered-To: elemta-mbox+news@example.test\n" in data
+
+
+def test_a_needlessly_quoted_local_part_is_the_same_mailbox(elemta_server, place):
+    """"elemta-mbox"@example.test is elemta-mbox@example.test (RFC 5321 4.1.2): accepted at
+    RCPT and delivered to that mailbox; a quoted name that needs its quotes is still
+    looked up as written, so an unknown one is refused."""
+    server = start(elemta_server, place)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.ehlo("client.test")
+        client.mail("someone@client.test")
+        # docmd, not rcpt(): smtplib would take the quotes off itself.
+        assert client.docmd("RCPT", 'TO:<"elemta-mbox"@example.test>')[0] == 250
+        assert client.docmd("RCPT", 'TO:<"elemta\\-maildir"@example.test>')[0] == 250
+        assert client.docmd("RCPT", 'TO:<"elemta mbox"@example.test>') == (
+            550, b'5.1.1 <"elemta mbox"@example.test>: Recipient address rejected: User '
+                 b'unknown in local recipient table')
+        assert client.data(b"Subject: quoted\r\n\r\nquoted local part\r\n")[0] == 250
+    data = read_when_there(os.path.join(place.mail, "elemta-mbox"))
+    assert b"\nDelivered-To: elemta-mbox@example.test\n" in data
+    assert data.endswith(b"\n\nquoted local part\n\n")
+    wait_for(lambda: status_lines(server, '"elemta\\-maildir"@example.test'))
+    assert status_lines(server, '"elemta\\-maildir"@example.test')[0][0] == "sent"
+    assert os.path.exists(os.path.join(place.mail, "elemta-maildir"))
+
+
+@pytest.mark.parametrize("written, normal", [
+    ('"root"@example.test', "root@example.test"),
+    ('"first.last"@example.test', "first.last@example.test"),
+    ('"ro\\ot"@example.test', "root@example.test"),          # a quoted pair is the char
+    ('"a b"@example.test', '"a b"@example.test'),              # needs its quotes
+    ('"a..b"@example.test', '"a..b"@example.test'),
+    ('""@example.test', '""@example.test'),
+    ('"a@b"@example.test', '"a@b"@example.test'),
+    ("plain@example.test", "plain@example.test"),
+])
+def test_normal_address_drops_only_needless_quotes(written, normal):
+    assert normal_address(written) == normal
 
 
 def test_mail_loops_bounce(elemta_server, place):

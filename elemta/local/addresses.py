@@ -2,12 +2,15 @@
 
 Used by the local agent (elemta.local.expand) and the smtpd's RCPT check
 (elemta.local.recipients). Postfix's rules: the local part is matched without case,
-user+ext (local.recipient_delimiter) is delivered to user, and a bare name belongs to
-the host name's domain (myorigin).
+user+ext (local.recipient_delimiter) is delivered to user, a bare name belongs to
+the host name's domain (myorigin), and a quoted local part that needs no quotes is the
+same mailbox as the unquoted one ("root"@example.org is root@example.org, RFC 5321
+4.1.2), as Postfix's address rewriting makes it.
 See also: elemta.delivery.routing (which sends local domains to the local transport).
 """
 
 import encodings.idna  # noqa: F401  (loaded now: forked workers may not read the library)
+import string
 
 from elemta.config.schema import parse_transport
 
@@ -27,6 +30,50 @@ def split_address(address):
     if not at:
         return address, ""
     return local, domain
+
+
+# RFC 5322 atext; UTF-8 beyond ASCII is atext too under SMTPUTF8 (RFC 6531).
+ATEXT = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-/=?^_`{|}~")
+
+
+def is_dot_atom(text):
+    """True when text can be written as a local part without quotes (RFC 5321 Dot-string)."""
+    return all(atom and all(ch in ATEXT or ord(ch) > 127 for ch in atom)
+               for atom in text.split("."))
+
+
+def _unquoted(local):
+    """The content of a quoted local part, backslash pairs undone; None if it is not one
+    whole quoted string."""
+    if len(local) < 2 or local[0] != '"' or local[-1] != '"':
+        return None
+    out, escaped = [], False
+    for ch in local[1:-1]:
+        if escaped:
+            out.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            return None
+        else:
+            out.append(ch)
+    return None if escaped else "".join(out)
+
+
+def normal_local_part(local):
+    """local without quotes it does not need: '"root"' -> 'root', '"a.b"' -> 'a.b';
+    '"a b"' and '"a..b"' stay as written (only the quoted form says them)."""
+    content = _unquoted(local)
+    return content if content is not None and is_dot_atom(content) else local
+
+
+def normal_address(address):
+    """The address with its local part in normal form (see normal_local_part)."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return normal_local_part(address)
+    return normal_local_part(local) + at + domain
 
 
 class LocalAddressing:

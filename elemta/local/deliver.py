@@ -31,6 +31,7 @@ import time
 from types import SimpleNamespace
 
 from elemta.local import command as commands
+from elemta.local.addresses import normal_address
 from elemta.local.expand import (COMMAND, FAILED, FILE, FORWARD, MAILBOX, Expander, Lookups,
                                  TemporaryLookupError, summarize)
 from elemta.local.mailbox import (DEV_NULL, DeliveryFailure, MessageCopy, deliver_maildir,
@@ -199,7 +200,9 @@ class RecipientDelivery:
             return RCPT_DEFERRED, "451 4.3.0 cannot read queue file %s: %s" % (
                 self.queue_id, error)
         with content:
-            self.copy = MessageCopy(content, self.envelope.sender, self.recipient["address"],
+            # Delivered-To in the form the loop check compares ("root"@x is root@x).
+            self.copy = MessageCopy(content, self.envelope.sender,
+                                    normal_address(self.recipient["address"]),
                                     _original_address(self.recipient), self.envelope.arrival)
             expander = Expander(self.local, self.addressing, self.aliases,
                                 SystemLookups(self.warn), delivered_to_headers(content),

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from elemta.local.aliases import ADDRESS, COMMAND, FILE, INCLUDE, parse_destinations
-from elemta.local.addresses import split_address
+from elemta.local.addresses import normal_address, split_address
 from elemta.queue.model import BOUNCED, RCPT_DEFERRED, SENT
 
 # What a recipient finally becomes.
@@ -95,7 +95,7 @@ class Expander:
         self.addressing = addressing
         self.aliases = aliases               # an AliasTable (refreshed) or None
         self.lookups = lookups
-        self.delivered_to = {a.lower() for a in delivered_to}
+        self.delivered_to = {normal_address(a).lower() for a in delivered_to}
         self.warn = warn or (lambda message: None)
         self.targets = []                    # type: List[Target]
         self._seen = set()
@@ -113,6 +113,7 @@ class Expander:
     # ---- addresses ----------------------------------------------------------------------
 
     def _recipient(self, address, depth):
+        address = normal_address(address)          # "root"@example.org is root@...
         if not self.addressing.is_local(address):
             return self._add(Target(FORWARD, address, None, address, "", None))
         local, _ = split_address(address)
@@ -201,6 +202,7 @@ class Expander:
 
     def _own_mailbox(self, name, level, depth):
         """\\user: straight to that user's mailbox, no alias or .forward on the way."""
+        name = normal_address(name)
         if not self.addressing.is_local(name):
             return self._recipient(name, depth)
         user_name, _ = self.addressing.user_and_extension(split_address(name)[0])

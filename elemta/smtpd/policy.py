@@ -9,7 +9,7 @@ local.reject_unknown_users is set (Postfix's local_recipient_maps; elemta.local.
 
 import ipaddress
 
-from elemta.local.addresses import split_address
+from elemta.local.addresses import normal_local_part, split_address
 from elemta.smtp.address import domain_of
 from elemta.smtp.replies import Reply
 
@@ -53,7 +53,8 @@ class RelayPolicy:
             from elemta.local.addresses import LocalAddressing
             from elemta.local.recipients import LocalRecipients
             self._local_recipients = LocalRecipients(config.local, LocalAddressing(config))
-        if self._local_recipients.is_known(split_address(recipient)[0]):
+        # "root"@example.org is root@example.org (RFC 5321 4.1.2): look up the latter.
+        if self._local_recipients.is_known(normal_local_part(split_address(recipient)[0])):
             return None
         return Reply(550, "5.1.1", UNKNOWN_USER % recipient)
 
