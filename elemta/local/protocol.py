@@ -11,12 +11,15 @@ Shared by two processes: the delivery worker's LocalTransport
 
 status is "sent", "bounced" or "deferred" (elemta.queue.model). The agent reads the
 message itself from the spool; the request only names it. Then the agent closes.
+A request with a field of the wrong type is refused whole (decode_request says which
+field): the agent logs that line and closes without a reply, and the worker defers.
 """
 
 import json
 import os
 
 from elemta.queue import wakeup
+from elemta.queue.ids import is_queue_id
 from elemta.queue.model import BOUNCED, RCPT_DEFERRED, SENT
 
 SOCKET_NAME = "local.sock"
@@ -45,20 +48,54 @@ def encode_request(queue_id, items):
 
 
 def decode_request(line):
-    """(queue_id, [recipient dicts]); raises ProtocolError."""
+    """(queue_id, [recipient dicts]); raises ProtocolError naming the field that is wrong.
+
+    Every field the agent will use is checked here, type and all, so a bad request is
+    refused whole with one clear line instead of failing deep inside a delivery."""
     try:
         data = json.loads(line.decode("utf-8"))
-        queue_id = data["queue_id"]
-        recipients = data["recipients"]
-        if not isinstance(queue_id, str) or not isinstance(recipients, list):
-            raise TypeError("queue_id must be a string and recipients a list")
-        for item in recipients:
-            if not isinstance(item.get("index"), int) or not isinstance(
-                    item.get("address"), str) or not item["address"]:
-                raise TypeError("each recipient needs an index and an address")
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ProtocolError("bad request: %s" % error) from None
+    except ValueError as error:          # UnicodeDecodeError and JSONDecodeError too
+        raise ProtocolError("bad request: not a line of JSON: %s" % error) from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad request: not a JSON object")
+    queue_id = data.get("queue_id")
+    if not isinstance(queue_id, str) or not is_queue_id(queue_id):
+        raise ProtocolError("bad request: queue_id is not a queue id: %s" % _shown(queue_id))
+    recipients = data.get("recipients")
+    if not isinstance(recipients, list):
+        raise ProtocolError("bad request: recipients must be a list, not %s"
+                            % _shown(recipients))
+    for position, item in enumerate(recipients):
+        problem = _recipient_problem(item)
+        if problem:
+            raise ProtocolError("bad request: recipient %d: %s" % (position, problem))
     return queue_id, recipients
+
+
+def _recipient_problem(item):
+    """What is wrong with one recipient of a request, or None."""
+    if not isinstance(item, dict):
+        return "not a JSON object"
+    index = item.get("index")
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        return "index must be a whole number, not %s" % _shown(index)
+    address = item.get("address")
+    if not isinstance(address, str) or not address:
+        return "address must be a non-empty string, not %s" % _shown(address)
+    orcpt = item.get("orcpt")
+    if orcpt is not None and not isinstance(orcpt, str):
+        return "orcpt must be a string or null, not %s" % _shown(orcpt)
+    notify = item.get("notify")
+    if notify is not None and not (isinstance(notify, list)
+                                   and all(isinstance(word, str) for word in notify)):
+        return "notify must be a list of strings or null, not %s" % _shown(notify)
+    return None
+
+
+def _shown(value):
+    """A value for a log line: its JSON type and a short spelling."""
+    text = json.dumps(value)
+    return "%s %s" % (type(value).__name__, text if len(text) <= 60 else text[:57] + "...")
 
 
 def encode_reply(index, status, reply):
