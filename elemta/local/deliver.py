@@ -329,7 +329,8 @@ class RecipientDelivery:
                    map_size=queue_config.index_map_size) as queue:
             writer = queue.start_message(forwarded)
             try:
-                writer.write(("Delivered-To: %s\r\n" % original["address"]).encode("utf-8"))
+                writer.write(("Delivered-To: %s\r\n" % normal_address(original["address"]))
+                             .encode("utf-8"))
                 content = self.copy.content
                 content.seek(0)
                 while True:
