@@ -310,3 +310,124 @@ def test_bsd_mailx_mail_command_through_our_sendmail(elemta_server, tmp_path):
     head = headers_of(content)
     assert "Subject: backup report" in head and "From: " in head
     assert content.endswith(b"\r\n\r\n3 files copied\r\n")
+
+
+# ---- durability of the maildrop rename --------------------------------------------------
+
+def _traced_sendmail(config_path, argv, stdin, user):
+    """Run sendmail's main() in a forked child (become `user` unless it is root) under
+    strace; (exit status, the child's stdout, the trace's lines). The child waits on a pipe
+    until strace has attached, so the trace misses nothing."""
+    import email.header  # noqa: F401  (imported before the fork, as in _as_nobody)
+    import elemta.cli.elemtactl  # noqa: F401
+    import elemta.cli.sendmail
+    import elemta.config
+    import elemta.queue.maildrop  # noqa: F401
+    import elemta.smtp.address  # noqa: F401
+    import elemta.smtp.protocol  # noqa: F401
+    elemta.config.load_config(config_path)
+    entry = pwd.getpwnam(user)
+    work = tempfile.mkdtemp(prefix="elemta-trace-")
+    trace, out_path = os.path.join(work, "trace"), os.path.join(work, "out")
+    stdin_file, out_file = tempfile.TemporaryFile(), open(out_path, "w+b")
+    stdin_file.write(stdin)
+    stdin_file.seek(0)
+    gate_read, gate_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 70
+        try:
+            os.close(gate_write)
+            os.read(gate_read, 1)
+            os.dup2(stdin_file.fileno(), 0)
+            os.dup2(out_file.fileno(), 1)
+            if entry.pw_uid != 0:
+                os.setgroups([])
+                os.setgid(entry.pw_gid)
+                os.setuid(entry.pw_uid)
+            sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
+            status = elemta.cli.sendmail.main(["-C", config_path] + argv)
+        finally:
+            os._exit(status)
+    os.close(gate_read)
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-y", "-qq", "-s", "4096", "-o", trace, "-p", str(pid),
+         "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,write,exit_group"],
+        stderr=subprocess.PIPE)
+    try:
+        # strace says nothing on attaching with -qq: wait until the kernel shows a tracer.
+        def traced():
+            with open("/proc/%d/status" % pid) as f:
+                return any(line.startswith("TracerPid:") and line.split()[1] != "0"
+                           for line in f)
+        wait_for(traced)
+        os.write(gate_write, b"!")
+        os.close(gate_write)
+        _, status = os.waitpid(pid, 0)
+        tracer.wait(timeout=30)
+        with open(trace) as f:
+            lines = f.read().splitlines()
+        out_file.seek(0)
+        return os.waitstatus_to_exitcode(status), out_file.read(), lines
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+        stdin_file.close()
+        out_file.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _first(lines, pattern, after=-1):
+    """The index of the first line after `after` matching pattern, or fail."""
+    for number, line in enumerate(lines):
+        if number > after and re.search(pattern, line):
+            return number
+    raise AssertionError("no %r after line %d in:\n%s" % (pattern, after, "\n".join(lines)))
+
+
+BS_DIALOGUE = (b"HELO localhost\r\nMAIL FROM:<app@example.org>\r\nRCPT TO:<one@example.net>\r\n"
+               b"DATA\r\nSubject: durable\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("strace") is None,
+                    reason="needs root (to become nobody and to trace) and strace")
+@pytest.mark.parametrize("user", ["root", "nobody"])
+@pytest.mark.parametrize("mode", ["-bm", "-bs"])
+def test_the_maildrop_rename_is_made_durable_before_success_is_reported(user, mode):
+    """The order of the system calls, as strace sees them: the file is fsync'd, renamed
+    into the maildrop, and then the rename is made durable (root: fsync of the directory;
+    nobody, who cannot open the 1733 directory: fsync of the renamed file), all before
+    sendmail exits 0 or answers 250 to -bs. That this order survives a power cut cannot
+    be tested here; see elemta.queue.maildrop.sync_rename for why it does on ext4, XFS
+    and btrfs."""
+    workdir = tempfile.mkdtemp(prefix="elemta-sendmail-")
+    os.chmod(workdir, 0o711)                   # nobody must reach the maildrop
+    server = ElemtaServer(os.path.join(workdir, "server"), {})
+    os.chmod(server.workdir, 0o711)
+    try:
+        server.start()
+        argv, stdin = ((["-bs"], BS_DIALOGUE) if mode == "-bs"
+                       else (["one@example.net"], b"Subject: durable\n\nhello\n"))
+        status, out, lines = _traced_sendmail(server.config_path, argv, stdin, user)
+        assert status == 0, (out, lines)
+        maildrop = re.escape(os.path.join(server.spool, "maildrop"))
+        data_synced = _first(lines, r"fsync\(\d+<%s/\.tmp-[^>]+>\) = 0" % maildrop)
+        renamed = _first(lines, r"rename\w*\(.*%s/\.tmp-(\w[\w-]*)\".*\) = 0" % maildrop,
+                         data_synced)
+        name = re.search(r"\.tmp-([\w-]+)", lines[renamed]).group(1)
+        durable = (r"fsync\(\d+<%s>\) = 0" % maildrop if user == "root"
+                   else r"fsync\(\d+<%s/%s>\) = 0" % (maildrop, name))
+        made_durable = _first(lines, durable, renamed)
+        if mode == "-bs":
+            answered = _first(lines, r'write\(1<[^>]*>, "250 [^"]*queued in the maildrop',
+                              renamed)
+            assert made_durable < answered
+        assert made_durable < _first(lines, r"exit_group\(0\)", renamed)
+        [(envelope, content)] = queued(server, 1)          # and pickup took it as usual
+        assert content.endswith(b"\r\n\r\nhello\r\n")
+    finally:
+        orphans = server.stop()
+        log = server.log()
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert not orphans
+    assert "Traceback" not in log, log
