@@ -535,3 +535,21 @@ def test_an_idn_local_domain_is_delivered_locally_however_it_is_spelled(start, m
     assert relay.sessions == []
     [delivered] = mailbox.mbox(os.path.join(server.workdir, "mail", "root"))
     assert delivered["Subject"] == "idn"
+
+
+def test_a_failed_message_is_removed_after_failed_retention(start, mx_port):
+    """Bounced and told of, a failed message stays for the admin to look at, then goes
+    (Postfix removes it at once): the queue does not grow with every 5xx."""
+    with ScriptedServer(script={"RCPT": "550 5.1.1 no such user"}, address="127.0.0.21",
+                        port=mx_port):
+        server = start(failed_retention=1.0, relayhost="[127.0.0.21]:%d" % mx_port)
+        send(server, "", ["gone@far.test"], "gone")
+        queue_id = queue_id_of(server, "")
+        wait_for(lambda: "%s: failed" % queue_id in server.log())
+        with server.queue() as q:
+            assert q.get(queue_id).state == FAILED
+        wait_for(lambda: "%s: removed (failed 1 seconds ago or more)" % queue_id
+                 in server.log(), timeout=15)
+    assert queue_id not in server.queued_ids()      # (its double bounce may wait still)
+    with server.queue() as q:
+        assert q.get(queue_id) is None

@@ -411,6 +411,11 @@ class Delivery:
                               "worker dies, the message returns to the queue after this. "
                               "A worker renews the lease of a delivery still under way.",
                        _positive)
+    failed_retention: float = opt(86400.0, "Seconds a failed message (every recipient done, "
+                                           "some bounced and told of) stays in the queue for "
+                                           "the admin to inspect before it is removed; 0 "
+                                           "removes it within seconds, as Postfix does.",
+                                  _not_negative)
     delay_warning_time: float = opt(0.0, "Seconds a message may wait before its sender gets "
                                          "a warning that delivery is delayed (RFC 3464 "
                                          "delayed DSN, once per message); 0 sends none "

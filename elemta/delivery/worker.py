@@ -69,6 +69,8 @@ log = logging.getLogger("elemta.delivery")
 # Messages one worker delivers at once, and claims per write transaction.
 MAX_IN_FLIGHT = 100
 CLAIM_BATCH = 20
+# Most seconds between two looks for failed messages past delivery.failed_retention.
+PURGE_EVERY = 600.0
 EXPIRED = "message expired after %d seconds in the queue"
 
 
@@ -94,6 +96,8 @@ class DeliveryWorker(GeventChild):
         self.transports = {}         # Destination.kind -> transport, made in run()
         self.recorder = None
         self.stages = None           # DeliveryStages: routing and delivery plugins
+        # First purge of old failed messages soon after start, spread among workers.
+        self._next_purge = time.time() + random.uniform(1.0, 3.0)
         self.taken = 0           # messages claimed since start (for max_use)
         # Jitter, so workers started together do not all retire together (gunicorn).
         max_use = self.delivery.max_use
@@ -189,6 +193,7 @@ class DeliveryWorker(GeventChild):
                     log.warning("%s: lease lapsed (its delivery worker died); due again",
                                 queue_id)
                 next_reclaim = now + reclaim_every
+            self._purge_failed(now)
             # Cleared before claiming: a wake-up that comes during the claim is kept.
             self._wake.clear()
             room = min(self.pool.free_count(), CLAIM_BATCH)
@@ -202,13 +207,30 @@ class DeliveryWorker(GeventChild):
             if claimed and len(claimed) == room:
                 gevent.sleep(0)
                 continue
-            timeout = next_reclaim - time.time()
+            timeout = min(next_reclaim, self._next_purge) - time.time()
             if self.pool.free_count():
                 due = next(self.queue.index.iter_due(), None)
                 if due is not None:
                     timeout = min(timeout, due[0] - time.time())
             if timeout > 0:
                 self._wake.wait(timeout)
+
+    def _purge_failed(self, now):
+        """Now and then, remove failed messages kept longer than failed_retention (in a
+        thread: it reads every failed record). Any worker may; they agree on what to
+        remove."""
+        if now < self._next_purge:
+            return
+        self._next_purge = now + min(PURGE_EVERY, max(1.0, self.delivery.failed_retention))
+        try:
+            removed = get_hub().threadpool.apply(
+                self.queue.purge_failed, (now - self.delivery.failed_retention,))
+        except Exception as error:
+            log.error("cannot remove old failed messages: %s", error)
+            return
+        for queue_id in removed:
+            log.info("%s: removed (failed %d seconds ago or more)", queue_id,
+                     self.delivery.failed_retention)
 
     # ---- one message --------------------------------------------------------------------
 

@@ -477,6 +477,19 @@ class Queue:
         outcomes = self._index_call(self.index.update_many, list(queue_ids), renew)
         return [qid for qid, outcome in outcomes.items() if outcome == "renewed"]
 
+    def purge_failed(self, before: float, limit: int = ACTION_BATCH) -> List[str]:
+        """Remove up to `limit` failed messages whose last delivery result came before
+        `before` (delivery.failed_retention: they were bounced and kept for the admin).
+        Blocking. Returns their ids."""
+        old = []
+        for record in self.index.iter_records(FAILED):
+            finished = record.history[-1][0] if record.history else record.envelope.arrival
+            if finished < before:
+                old.append(record.queue_id)
+                if len(old) >= limit:
+                    break
+        return [qid for qid, outcome in self.delete(old) if outcome == DELETED]
+
     def record_attempt(self, owner: str, queue_id: str,
                        results: Dict[int, Tuple[str, str, str]], next_attempt: float,
                        last_error: Optional[str]) -> str:
