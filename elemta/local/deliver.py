@@ -147,7 +147,9 @@ class SystemLookups(Lookups):
 
     def read_forward(self, user, extension):
         names = [".forward"]
-        if extension:
+        # A plain file name in the home, never a path (".forward+a/b" would look below
+        # a directory): such an extension falls back to .forward.
+        if extension and "/" not in extension and not extension.startswith("."):
             names.insert(0, ".forward+" + extension)
         try:
             found = run_as(user, read_forward_as_user, user.pw_dir, names, user.pw_uid)
