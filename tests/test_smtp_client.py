@@ -722,3 +722,32 @@ def test_credentials_without_an_auth_offer_send_unauthenticated(scripted):
     result = send_one(server, credentials=("alice", "wonderland"))
     assert result.recipients[0].outcome == DELIVERED
     assert not any(c.startswith("AUTH") for c in server.sessions[0].commands)
+
+
+def test_the_cache_reaper_never_brings_back_a_connection_someone_took(scripted):
+    """The reaper's slow QUIT of an expired connection yields; a fresh connection taken
+    meanwhile must not be parked again behind its user's back (two greenlets on one
+    socket: gevent's ConcurrentObjectUseError, seen under load in the relay bench)."""
+    import gevent
+    from elemta.delivery.connections import ConnectionCache
+
+    def slow_quit(session, argument):
+        time.sleep(1.0)
+        return "221 2.0.0 Bye"
+    server = scripted(script={"QUIT": slow_quit})
+    old, fresh = SMTPClient("client.test"), SMTPClient("client.test")
+    for client in (old, fresh):
+        client.connect("127.0.0.1", server.port, server_name="sink")
+    cache = ConnectionCache(idle_limit=1.0)     # the reaper looks at t = 0.5, 1, 1.5...
+    try:
+        gevent.sleep(0.3)
+        cache.park("127.0.0.1", server.port, "sink", old)          # t = 0.3
+        gevent.sleep(0.9)
+        cache.park("127.0.0.1", server.port, "sink", fresh)        # t = 1.2
+        gevent.sleep(0.6)           # t = 1.8: the reaper (t = 1.5) is in old's QUIT
+        assert cache.take("127.0.0.1", server.port, "sink") is fresh
+        gevent.sleep(1.0)           # t = 2.8: it has finished (2.5), not looked again (3)
+        assert cache._idle.get(("127.0.0.1", server.port, "sink"), []) == []
+        fresh.quit()
+    finally:
+        cache.close()

@@ -54,12 +54,16 @@ class ConnectionCache:
         while True:
             gevent.sleep(self.idle_limit / 2)
             now = time.monotonic()
+            expired = []
+            # Sort out every list before any QUIT: a QUIT yields to other greenlets, and a
+            # list written back after that could bring back a connection one of them took
+            # meanwhile (two greenlets on one socket).
             for key, parked in list(self._idle.items()):
                 keep = [(c, t) for c, t in parked if now - t <= self.idle_limit]
-                for client, since in parked:
-                    if now - since > self.idle_limit:
-                        client.quit()
+                expired += [c for c, t in parked if now - t > self.idle_limit]
                 if keep:
                     self._idle[key] = keep
                 else:
                     del self._idle[key]
+            for client in expired:
+                client.quit()
