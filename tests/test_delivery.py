@@ -553,3 +553,27 @@ def test_a_failed_message_is_removed_after_failed_retention(start, mx_port):
     assert queue_id not in server.queued_ids()      # (its double bounce may wait still)
     with server.queue() as q:
         assert q.get(queue_id) is None
+
+
+def test_a_delivery_that_breaks_unexpectedly_waits_a_backoff_not_its_lease(start, mx_port):
+    """Whatever breaks inside one delivery (here its spool file vanished) leaves the
+    message deferred with the reason, to be tried after a backoff, rather than active
+    and untouched until its 15-minute lease lapses."""
+    script = {"GREETING": Replies("421 4.3.2 busy", "220 fake.test ESMTP")}
+    with ScriptedServer(script=script, address="127.0.0.22", port=mx_port):
+        server = start(min_backoff=3.0, max_backoff=3.0,
+                       relayhost="[127.0.0.22]:%d" % mx_port)
+        send(server, "vanish@client.test", ["x@vanish.test"], "vanish")
+        queue_id = queue_id_of(server, "vanish@client.test")
+        wait_for_status(server, queue_id, "x@vanish.test", "deferred")
+        with server.queue() as q:
+            os.unlink(q.store.path(queue_id))
+        wait_for(lambda: "%s: delivery failed" % queue_id in server.log(), timeout=10)
+
+        def deferred():
+            with server.queue() as q:
+                record = q.get(queue_id)
+            return record.state == "deferred" and record
+        record = wait_for(deferred)
+    assert "FileNotFoundError" in record.last_error
+    assert record.next_attempt > time.time()

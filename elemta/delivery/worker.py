@@ -238,10 +238,29 @@ class DeliveryWorker(GeventChild):
         """One attempt at one claimed message: every recipient still waiting."""
         try:
             self._deliver(record)
-        except Exception:
+        except OSError as error:        # the system's doing (a file, the disk): one line
+            log.error("%s: delivery failed; the message stays queued: %s", record.queue_id,
+                      error)
+            self._defer_after_error(record, error)
+        except Exception as error:      # ours: the traceback is for the bug report
             log.exception("%s: delivery failed; the message stays queued", record.queue_id)
+            self._defer_after_error(record, error)
         finally:
             self._wake.set()
+
+    def _defer_after_error(self, record, error):
+        """A delivery that broke on something unexpected waits a backoff like a 4xx
+        (not its whole lease, and not a hot loop); recipients already recorded keep
+        their results."""
+        delay = backoff(record.attempts + 1, self.delivery.min_backoff,
+                        self.delivery.max_backoff)
+        try:
+            self.recorder.record(Attempt(
+                record.queue_id, {}, time.time() + delay,
+                "delivery failed: %s: %s" % (type(error).__name__, error)))
+        except Exception as failure:
+            log.error("%s: cannot defer it (%s); it is tried again when its lease lapses",
+                      record.queue_id, failure)
 
     def _deliver(self, record):
         envelope = record.envelope
@@ -253,13 +272,13 @@ class DeliveryWorker(GeventChild):
             destination = self.stages.routing(record, recipient,
                                               self.router.destination(recipient.address))
             groups.setdefault(destination, []).append((index, recipient))
-        jobs = [gevent.spawn(self._deliver_group, record, destination, items)
+        jobs = [gevent.spawn(_caught, self._deliver_group, record, destination, items)
                 for destination, items in groups.items()]
         gevent.joinall(jobs)
         final = set()                # indexes whose delivery was final or lost DSN track
         for job, (destination, _) in zip(jobs, groups.items()):
-            if not job.successful():
-                raise job.exception
+            if isinstance(job.value, Exception):
+                raise job.value
             for index, result in job.value.items():
                 results[index] = result[:3]
                 # Local and LMTP delivery is final; an SMTP next hop may pass the DSN
@@ -365,6 +384,15 @@ class DeliveryWorker(GeventChild):
             log.info("%s: sender %s: %s", record.queue_id, what, queue_id)
             self._wake.set()
         return True
+
+
+def _caught(function, *args):
+    """function(*args), or the Exception it raised: a greenlet that dies of one has it
+    printed by gevent's hub besides; the caller raises it again in its own greenlet."""
+    try:
+        return function(*args)
+    except Exception as error:
+        return error
 
 
 def _seconds(value):
