@@ -577,3 +577,21 @@ def test_a_delivery_that_breaks_unexpectedly_waits_a_backoff_not_its_lease(start
         record = wait_for(deferred)
     assert "FileNotFoundError" in record.last_error
     assert record.next_attempt > time.time()
+
+
+def test_a_recipient_delivered_once_is_never_sent_again(start, mx_port):
+    """Issue 4 req 5: results are per recipient; the retry carries only the one that
+    waited."""
+    later = Replies("450 4.2.0 mailbox busy", "250 2.1.5 Ok")
+
+    def rcpt(session, argument):
+        return later(session, argument) if "later@" in argument else "250 2.1.5 Ok"
+    with ScriptedServer(script={"RCPT": rcpt}, address="127.0.0.23", port=mx_port) as sink:
+        server = start(relayhost="[127.0.0.23]:%d" % mx_port)
+        send(server, "split@client.test", ["now@split.test", "later@split.test"], "split")
+        queue_id = queue_id_of(server, "split@client.test")
+        wait_for_status(server, queue_id, "later@split.test", "sent")
+        wait_for(lambda: server.queued_ids() == [])
+    # (a message lists the recipients the server accepted for it)
+    assert [m.rcpts for m in sink.messages] == [["RCPT TO:<now@split.test>"],
+                                                ["RCPT TO:<later@split.test>"]]

@@ -508,3 +508,14 @@ def test_commit_can_put_a_message_straight_on_hold(queue):
     assert [r.queue_id for r in queue.claim("test-owner", 10, 60)] == [free.queue_id]
     queue.reindex()                       # the marker on disk is the truth
     assert queue.get(held.queue_id).state == HOLD
+
+
+def test_claim_takes_the_earliest_due_first_then_the_highest_priority(queue):
+    """Issue 4 req 1: due time, then priority (among messages due at the same moment)."""
+    now = time.time()
+    [early] = accept(queue, [b"x\r\n"], arrival=now - 60)
+    same_moment = [accept(queue, [b"x\r\n"], arrival=now - 10, priority=p)[0]
+                   for p in (0, 5, 2)]
+    claimed = queue.claim("worker:1", 10, 60.0)
+    assert [r.queue_id for r in claimed] == [early.queue_id] + [
+        same_moment[i].queue_id for i in (1, 2, 0)]
