@@ -9,7 +9,7 @@ local.reject_unknown_users is set (Postfix's local_recipient_maps; elemta.local.
 
 import ipaddress
 
-from elemta.local.addresses import normal_local_part, split_address
+from elemta.local.addresses import normal_domain, normal_local_part, split_address
 from elemta.smtp.address import domain_of
 from elemta.smtp.replies import Reply
 
@@ -21,7 +21,7 @@ class RelayPolicy:
 
     def __init__(self, relay_config, hostname):
         self.local_domains = frozenset(
-            _normal(d) for d in tuple(relay_config.local_domains) + (hostname,))
+            normal_domain(d) for d in tuple(relay_config.local_domains) + (hostname,))
         self.mynetworks = tuple(ipaddress.ip_network(n, strict=False)
                                 for n in relay_config.mynetworks)
         self._local_recipients = None      # made on first use (elemta.local.recipients)
@@ -29,7 +29,7 @@ class RelayPolicy:
     def is_local(self, address):
         """True for recipients in a local domain, and for a bare <postmaster>."""
         domain = domain_of(address)
-        return domain == "" or _normal(domain) in self.local_domains
+        return domain == "" or normal_domain(domain) in self.local_domains
 
     def client_trusted(self, client_ip):
         try:
@@ -57,12 +57,3 @@ class RelayPolicy:
         if self._local_recipients.is_known(normal_local_part(split_address(recipient)[0])):
             return None
         return Reply(550, "5.1.1", UNKNOWN_USER % recipient)
-
-
-def _normal(domain):
-    """A domain in one spelling: lower case, no final dot, IDN U-labels as A-labels."""
-    domain = domain.lower().rstrip(".")
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:        # not valid IDNA: compare it as written
-        return domain
