@@ -41,6 +41,10 @@ class PageSelection(Selection):
     by Brief avoids decoding the full records of the pages already seen."""
     after: Optional[str] = None
 
+    @property
+    def needs_brief(self):
+        return self.after is not None or super().needs_brief
+
     def brief_matches(self, brief) -> bool:
         if self.after is not None and brief.queue_id <= self.after:
             return False

@@ -39,6 +39,13 @@ class Selection:
     newer_than: Optional[float] = None
 
     @property
+    def needs_brief(self):
+        """True if age or domain filters apply (else every id of a state is wanted).
+        A subclass that adds to brief_matches must say so here too."""
+        return (self.older_than is not None or self.newer_than is not None
+                or self.domain is not None)
+
+    @property
     def needs_record(self):
         """True if the Brief alone cannot decide (sender or recipient patterns)."""
         return self.sender is not None or self.recipient is not None
@@ -82,12 +89,15 @@ def iter_records(index: QueueIndex, selection: Selection) -> Iterator[QueueRecor
 
 def _records_in_state(index, state, selection):
     wanted: List[str] = []
-    for brief in index.iter_briefs(state):
-        if selection.brief_matches(brief):
-            wanted.append(brief.queue_id)
-            if len(wanted) == SCAN_CHUNK:
-                yield from _fetch(index, wanted, state, selection)
-                wanted = []
+    if selection.needs_brief:
+        ids = (b.queue_id for b in index.iter_briefs(state) if selection.brief_matches(b))
+    else:
+        ids = index.iter_state_ids(state)       # no Brief to decode
+    for queue_id in ids:
+        wanted.append(queue_id)
+        if len(wanted) == SCAN_CHUNK:
+            yield from _fetch(index, wanted, state, selection)
+            wanted = []
     yield from _fetch(index, wanted, state, selection)
 
 

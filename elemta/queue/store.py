@@ -68,8 +68,15 @@ def envelope_to_dict(envelope):
     return data
 
 
+_FIELD_NAMES = {}      # dataclass -> frozenset of its field names (looked up per record)
+
+
 def _known_fields(cls, data):
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+    if names.issuperset(data):
+        return dict(data)
     return {k: v for k, v in data.items() if k in names}
 
 
