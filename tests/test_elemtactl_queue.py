@@ -21,6 +21,7 @@ from elemta.queue.model import (BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, RCPT_
                                 STATES, Envelope, Recipient)
 from elemta.queue.queue import Queue
 from tests.conftest import REPO
+from tests.peers.postfix import free_port
 
 HEADING = ("-------Queue ID------ --Size-- ---Arrival Time---- --Sender/Recipient------\n")
 INDENT = " " * 51
@@ -421,9 +422,13 @@ def test_summary_counts_states_and_prints_qshape(spool):
 # ---------------------------------------------------------------- under load
 
 def test_commands_run_while_the_server_accepts_mail(elemta_server):
-    """Several senders keep the server committing while elemtactl lists, holds, releases,
-    deletes, flushes and summarises; nothing is lost, nothing is corrupted."""
-    server = elemta_server(smtpd={"workers": 2})
+    """Several senders keep the server committing, and a delivery worker keeps claiming
+    and deferring (its DNS server does not answer: every attempt defers, retried within
+    a second), while elemtactl lists, holds, releases, deletes, flushes and summarises;
+    nothing is lost, nothing is corrupted."""
+    server = elemta_server(smtpd={"workers": 2}, delivery={
+        "workers": 1, "nameservers": ["127.0.0.1"], "dns_port": free_port(),
+        "dns_timeout": 0.1, "min_backoff": 0.2, "max_backoff": 0.5})
     config = ["--config", server.config_path]
     accepted = []
     stop = threading.Event()
@@ -433,7 +438,7 @@ def test_commands_run_while_the_server_accepts_mail(elemta_server):
         try:
             with smtplib.SMTP("127.0.0.1", server.port) as client:
                 while not stop.is_set():
-                    client.sendmail("load%d@client.test" % n, ["rcpt%d@example.test" % n],
+                    client.sendmail("load%d@client.test" % n, ["rcpt%d@remote.test" % n],
                                     MESSAGE)
                     accepted.append(n)
         except Exception as exc:   # reported below; a thread's exception is otherwise lost
@@ -468,6 +473,8 @@ def test_commands_run_while_the_server_accepts_mail(elemta_server):
             thread.join()
     assert errors == []
     assert len(accepted) > 50
+    # Compared in several reads: nothing may change them meanwhile.
+    assert server.stop() == []
     queued = server.queued_ids()
     assert len(queued) == len(accepted) - len(deleted)
     assert not deleted & set(queued)
@@ -475,9 +482,10 @@ def test_commands_run_while_the_server_accepts_mail(elemta_server):
     summary = json.loads(elemtactl(*config, "queue", "summary", "--json").stdout)
     assert sum(s["messages"] for s in summary["states"].values()) == len(queued)
     assert set(summary["states"]) == set(STATES)
+    assert "status=deferred" in server.log()       # delivery really ran alongside
     with Queue(server.spool) as queue:
         for queue_id in queue.store.iter_held():
-            assert queue.get(queue_id).envelope.recipients[0].address == "rcpt1@example.test"
+            assert queue.get(queue_id).envelope.recipients[0].address == "rcpt1@remote.test"
 
 
 def test_a_closed_pipe_ends_the_listing_quietly(spool):
