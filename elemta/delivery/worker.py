@@ -15,22 +15,25 @@ fork. Its loop, top to bottom:
               session; elemta.delivery.smtp_transport), LMTP, or local delivery; at most
               delivery.destination_concurrency connections per destination across workers
               (elemta.delivery.concurrency)
-    record    per recipient, durably, before anything else (Queue.record_attempts, many
-              messages per flush: elemta.delivery.recorder): sent
-              recipients are never sent again; 4xx and connection errors wait an
-              exponential backoff (min_backoff doubling to max_backoff); 5xx bounce; past
-              queue_lifetime the waiting ones bounce; then the notices the sender asked
-              for (elemta.delivery.bounce: bounce, delay warning, success); the log gets
-              one Postfix-style line
-              per recipient: "<qid>: to=<a@b>, relay=host[ip]:port, delay=1.2,
-              status=sent (250 ...)"
+    notify    the notices the sender asked for (elemta.delivery.bounce: bounce, delay
+              warning, success) are queued first, so a crash before the next step
+              repeats one at worst and never loses a bounce
+    record    per recipient, durably (Queue.record_attempts, many messages per flush:
+              elemta.delivery.recorder): sent recipients are never sent again; 4xx and
+              connection errors wait an exponential backoff (min_backoff doubling to
+              max_backoff); 5xx bounce; past queue_lifetime the waiting ones bounce; a
+              delivery that broke on something unexpected waits a backoff too. The log
+              gets one Postfix-style line per recipient: "<qid>: to=<a@b>,
+              relay=host[ip]:port, delay=1.2, status=sent (250 ...)"
+    purge     now and then, failed messages older than delivery.failed_retention go
     sleep     until new mail wakes it (the smtpd's committer sends a datagram to
               spool/run/delivery-<slot>.sock, elemta.queue.wakeup), a delivery ends, or the
               earliest next_attempt in the index comes: no polling interval.
 
 Stops gracefully on SIGTERM/SIGINT (deliveries under way get master.stop_grace seconds),
-at once on SIGQUIT, and when the master is gone; a message cut short stays active until
-its lease lapses, then another worker sends it (at worst twice, never lost).
+at once on SIGQUIT, and when the master is gone; a message cut short is given back, due
+at once (after SIGQUIT or a kill: when its lease lapses), and another worker sends it (at
+worst twice, never lost).
 See also: elemta.queue.queue (claim, reclaim, record_attempts), elemta.delivery.routing,
 elemta.delivery.smtp_client, elemta.delivery.bounce, elemta.smtpd.worker (the same life cycle).
 """
