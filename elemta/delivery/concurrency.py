@@ -4,12 +4,12 @@ Owned by the delivery workers. Postfix's qmgr is one process and counts connecti
 destination in memory; our workers are several processes, so a destination's limit is a
 set of numbered slots in spool/run/destinations.lock, as many as the limit, and a
 delivery to it holds a lock on one of them. The kernel drops a dead worker's locks with
-its file descriptors, so a killed worker can never leak a slot, and no process has to
-count for the others. One file holds every destination's slots as byte ranges locked with
-fcntl (POSIX record locks: several on one file descriptor, gone with their process):
-destination key hashed to 40 bits, times 65536, plus the slot number. A greenlet that finds every slot taken waits for one of its own
-worker's slots to be given back, or looks again after a short pause (the holders are
-other processes, which cannot wake it).
+its process, so a killed worker can never leak a slot, and no process has to count for
+the others. The slots are byte ranges of that one file under fcntl record locks (many on
+one file descriptor): the destination key hashed to 40 bits, times 65536, plus the slot
+number. A greenlet that finds every slot taken waits for one of its own worker's slots to
+be given back, or looks again after a short pause (the holders are other processes, which
+cannot wake it).
 """
 
 import fcntl
