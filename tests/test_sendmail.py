@@ -431,3 +431,16 @@ def test_the_maildrop_rename_is_made_durable_before_success_is_reported(user, mo
         shutil.rmtree(workdir, ignore_errors=True)
     assert not orphans
     assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("flag", ["-bi", "-I"])
+def test_bi_checks_the_aliases_file_as_newaliases_does(elemta_server, tmp_path, flag):
+    """Package scripts run `sendmail -bi` (or -I) after editing /etc/aliases."""
+    aliases = tmp_path / "aliases"
+    aliases.write_text("postmaster: root\nbroken line without a colon\n")
+    server = elemta_server(local={"aliases_file": str(aliases)})
+    status, out, err = sendmail(server, flag)
+    assert status == 1
+    assert ("%s:2:" % aliases).encode() in out + err
+    aliases.write_text("postmaster: root\n")
+    assert sendmail(server, flag)[0] == 0

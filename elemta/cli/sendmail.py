@@ -16,6 +16,7 @@ taken by pickup from the file's owner, so no option here can forge it.
                     default $ELEMTA_CONFIG, then /etc/elemta/elemta.{yaml,toml}
       -bs           SMTP dialogue on stdin/stdout      -bp   list the queue (mailq)
       -bv           verify the recipients only, queue nothing
+      -bi, -I       check the aliases file (newaliases)
       -q            flush the queue (elemtactl queue flush)
       -o..., -L, -v, -n, -m, -U, -h N, -X FILE, -G, -x, -A...: accepted, ignored
 
@@ -105,6 +106,8 @@ def parse_args(argv):
                 break
             if letter == "t":
                 options.extract = True
+            elif letter == "I":                         # -I: -bi (newaliases)
+                options.mode = "i"
             elif letter == "i":
                 options.ignore_dots = True
             elif letter in _IGNORED_FLAGS:
@@ -117,9 +120,9 @@ def parse_args(argv):
 
 def _apply(options, letter, value):
     if letter == "b":
-        if value in ("m", "s", "p", "v"):
+        if value in ("m", "s", "p", "v", "i"):
             options.mode = value
-        elif value in ("d", "D", "l", "i", "h", "H", "a"):
+        elif value in ("d", "D", "l", "h", "H", "a"):
             raise Failure(EX_UNAVAILABLE, "-b%s is not supported by Elemta's sendmail "
                                           "(the daemon is `elemta`)" % value)
         else:
@@ -576,6 +579,10 @@ def main(argv=None):
         if options.mode == "p":
             from elemta.cli.queuecmd import mailq_main
             return mailq_main(["--config", options.config] if options.config else [])
+        if options.mode == "i":                 # -bi, -I: newaliases
+            from elemta.cli.newaliases import main as newaliases_main
+            path = load_config(options.config)[0] if options.config else None
+            return newaliases_main(["--config", path] if path else [])
         if options.mode == "q":
             from elemta.cli.elemtactl import main as elemtactl_main
             return elemtactl_main(["queue", "flush"]
