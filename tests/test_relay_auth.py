@@ -203,8 +203,6 @@ def test_password_file_keys_as_postfix_writes_them(tmp_path):
     ("ok.example u:p\n[bad!host]:25 u:p\n", 2, "neither an IP address nor a host name"),
     ("relay.example\n", 1, "expected \"next-hop user:password\""),
     ("# c\nrelay.example justauser\n", 2, "must be user:password"),
-    ("a.example u:p\n\nA.example u:q\n", 3, "a second entry for A.example (the first is on "
-                                            "line 1)"),
     ("  u:p\n", 1, "continuation line"),
 ])
 def test_password_file_errors_name_file_and_line(tmp_path, text, line, says):
@@ -214,3 +212,12 @@ def test_password_file_errors_name_file_and_line(tmp_path, text, line, says):
         SASLPasswords(str(path)).lookup(("a.example",))
     assert str(error.value).startswith("%s:%d: " % (path, line))
     assert says in str(error.value)
+
+
+def test_a_duplicate_entry_is_a_warning_and_the_first_stands(tmp_path, caplog):
+    """As postmap: one duplicated line must not hold up the mail of every next hop."""
+    path = tmp_path / "sasl_passwd"
+    path.write_text("a.example u:p\n\nA.example u:q\n")
+    assert SASLPasswords(str(path)).lookup(("a.example",)) == ("u", "p")
+    assert ("%s:3: a second entry for A.example is ignored (the first, on line 1, is used)"
+            % path) in caplog.text

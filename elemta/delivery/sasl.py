@@ -20,10 +20,13 @@ syntax errors: the transport logs it and defers, as Postfix does on a table look
 See also: elemta.config.schema (Delivery.sasl_password_file), RFC 4954, Postfix SASL_README.
 """
 
+import logging
 import os
 from typing import Dict, Optional, Tuple
 
 from elemta.config.schema import parse_nexthop
+
+log = logging.getLogger("elemta.delivery")
 
 
 class SASLFileError(Exception):
@@ -83,8 +86,11 @@ def parse_password_lines(path, lines):
             raise SASLFileError("%s:%d: the value for %s must be user:password"
                                 % (path, number, key_text))
         if key in table:
-            raise SASLFileError("%s:%d: a second entry for %s (the first is on line %d)"
-                                % (path, number, key_text, first_seen[key]))
+            # As postmap does: a warning, and the first entry stands (one duplicate line
+            # must not hold up all mail to every next hop).
+            log.warning("%s:%d: a second entry for %s is ignored (the first, on line %d, "
+                        "is used)", path, number, key_text, first_seen[key])
+            continue
         table[key] = (user, password)
         first_seen[key] = number
     return table
