@@ -177,3 +177,25 @@ def test_a_missing_socket_defers_with_the_reason(elemta_server, dovecot, tmp_pat
         record = q.get(queue_id)
     assert record.state == "deferred"
     assert record.envelope.recipients[0].last_reply == reply
+
+
+def test_a_mandatory_smtp_tls_level_leaves_lmtp_alone_unless_a_policy_names_it(
+        elemta_server, dovecot):
+    """As Postfix's lmtp (no TLS unless asked): tls_level encrypt is for SMTP; a
+    tls_policy entry for the LMTP host does require it."""
+    transport = [{"domain": "tcp.lmtp.test",
+                  "nexthop": "lmtp:[127.0.0.1]:%d" % dovecot.lmtp_port}]
+    server = elemta_server(delivery={"workers": 1, "transport": transport, "min_backoff": 60,
+                                     "tls_level": "encrypt"}, api={"enabled": False})
+    wait_for(lambda: "delivery worker started" in server.log())
+    send(server, "a@client.test", ["owner@tcp.lmtp.test"], "plain lmtp", "fine")
+    delivery_line(server, queue_id_of(server, "a@client.test"), "owner@tcp.lmtp.test", "sent")
+    assert server.stop() == []
+    strict = elemta_server(delivery={
+        "workers": 1, "transport": transport, "min_backoff": 60,
+        "tls_policy": [{"domain": "127.0.0.1", "level": "encrypt"}]}, api={"enabled": False})
+    wait_for(lambda: "delivery worker started" in strict.log())
+    send(strict, "b@client.test", ["owner@tcp.lmtp.test"], "strict lmtp", "no")
+    _, reply = delivery_line(strict, queue_id_of(strict, "b@client.test"),
+                             "owner@tcp.lmtp.test", "deferred")
+    assert "TLS" in reply

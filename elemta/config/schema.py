@@ -399,9 +399,11 @@ class Delivery:
     destination_limits: Tuple[DestinationLimit, ...] = opt(
         (), "Per-destination exceptions to destination_concurrency: a list of "
             "{domain, limit} entries.")
-    tls_level: str = opt("may", "STARTTLS when delivering: none, may (when offered), encrypt "
-                                "(required), verify (required, chain checked), secure "
-                                "(verify, and the certificate names the host).",
+    tls_level: str = opt("may", "STARTTLS when delivering over SMTP: none, may (when "
+                                "offered), encrypt (required), verify (required, chain "
+                                "checked), secure (verify, and the certificate names the "
+                                "host). LMTP uses at most may unless tls_policy names its "
+                                "host.",
                          _one_of(DELIVERY_TLS_LEVELS))
     tls_policy: Tuple[TLSPolicyEntry, ...] = opt(
         (), "Per-destination STARTTLS levels, as Postfix's smtp_tls_policy_maps: a list of "

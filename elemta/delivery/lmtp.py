@@ -10,7 +10,8 @@ over quota defers only its owner).
 lmtp:unix:/path connects to the socket, without TLS (there is no wire to protect); it is
 logged as relay=<our host name>[/path], as Postfix does. lmtp:[host]:port connects to the
 address, or to each address of the name in turn (the system resolver, /etc/hosts included,
-as for "lmtp:[localhost]:24"), with STARTTLS as delivery.tls_policy or tls_level say. A socket that is
+as for "lmtp:[localhost]:24"), with STARTTLS when offered, or as a delivery.tls_policy
+entry for the host says (delivery.tls_level's mandatory levels are for SMTP). A socket that is
 missing or refuses defers the recipients with the reason ("connect to ...: No such file
 or directory"), to be tried again after the backoff.
 See also: elemta.delivery.routing (Destination), tests/test_lmtp.py, tests/peers/dovecot.py.
@@ -20,7 +21,7 @@ import ipaddress
 
 from gevent import socket
 
-from elemta.delivery.smtp_client import TLS_NONE, SMTPClient, TLSPolicy
+from elemta.delivery.smtp_client import TLS_MAY, TLS_NONE, SMTPClient, TLSPolicy
 from elemta.delivery.smtp_transport import SMTPTransport
 from elemta.queue.model import RCPT_DEFERRED
 
@@ -30,6 +31,10 @@ class LMTPTransport(SMTPTransport):
 
     def __init__(self, config, store):
         super().__init__(config, store, resolver=None)
+        # Postfix's lmtp has no TLS unless asked: delivery.tls_level speaks for SMTP, and
+        # a mandatory level reaches an LMTP host only through a tls_policy entry for it.
+        if self.tls.mandatory:
+            self.tls = TLSPolicy(TLS_MAY)
         self.sasl = None          # LMTP servers trust their clients; no AUTH.
         self.unix_tls = TLSPolicy(TLS_NONE)
 
