@@ -15,6 +15,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import smtplib
 import stat
 import subprocess
@@ -348,6 +349,41 @@ def test_mail_loops_bounce(elemta_server, place):
     assert not os.path.exists(os.path.join(place.mail, "elemta-mbox"))
     dsn = read_when_there(os.path.join(place.mail, "elemta-maildir"))
     assert b"Status: 5.4.6" in dsn
+
+
+def test_a_killed_local_agent_loses_nothing(elemta_server, place):
+    """kill -9 of the local agent in the middle of a delivery: the delivery worker defers
+    the recipient, the master starts a new agent, and the next attempt delivers (at
+    worst twice, never lost)."""
+    server = start(elemta_server, place, aliases=(
+        "slow: \"|touch %s/started; sleep 1.5; cat >> %s/slow.out\"\n"
+        % (place.drop, place.drop)))
+    send(server, "someone@client.test", ["slow@example.test"], "take your time\r\n")
+    agent = wait_for(lambda: [pid for pid, title in titles(server).items()
+                              if title == "elemta: local"])[0]
+    wait_for(lambda: os.path.exists(os.path.join(place.drop, "started")))
+    os.kill(agent, signal.SIGKILL)
+    deferred = wait_for(lambda: [line for line in status_lines(server, "slow@example.test")
+                                 if line[0] == "deferred"])
+    assert "local delivery agent" in deferred[0][1]
+    wait_for(lambda: [line for line in status_lines(server, "slow@example.test")
+                      if line[0] == "sent"], timeout=20)
+    wait_for(lambda: server.queued_ids() == [])
+    with open(os.path.join(place.drop, "slow.out"), "rb") as f:
+        copies = f.read().count(b"take your time")
+    assert 1 <= copies <= 2
+
+
+def titles(server):
+    """{pid: command line} of the server's process group."""
+    found = {}
+    for pid in server.group_pids():
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                found[pid] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            pass
+    return found
 
 
 # ---- cron ---------------------------------------------------------------------------------
