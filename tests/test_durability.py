@@ -13,12 +13,13 @@ import shutil
 import smtplib
 import socket
 import subprocess
+import sys
 import threading
 
 import pytest
 
 from elemta.queue.queue import INDEX_NAME, Queue
-from tests.conftest import wait_for
+from tests.conftest import REPO, wait_for
 
 
 def message_body(tag, size):
@@ -224,14 +225,14 @@ STORAGE_REFUSALS = ((452, "4.3.1 Error: insufficient system storage"),
                     (451, "4.3.0 Error: queue file write error"))
 
 
-def fill(smtp, size, tag, limit):
+def fill(smtp, size, tag, limit, recipient="b@example.test"):
     """Send messages of `size` bytes until the server refuses one. Returns ({qid: content}
     of those accepted, the refusal as (code, text))."""
     accepted = {}
     for i in range(limit):
         sent = message_body("%s%d-" % (tag, i), size)
         assert smtp.mail("a@client.test")[0] == 250
-        assert smtp.rcpt("b@example.test")[0] == 250
+        assert smtp.rcpt(recipient)[0] == 250
         try:
             code, text = smtp.data(sent)
         except smtplib.SMTPDataError as refused:     # refused at DATA, before the 354
@@ -325,3 +326,43 @@ def test_garbage_after_a_queued_message_loses_nothing(elemta_server):
     assert_stored(server, qid, first)
     assert_stored(server, second_qid, second)
     assert tmp_files(server) == []        # the unfinished message's file is gone
+
+
+def test_delivery_waits_out_a_full_disk_and_the_bounce_goes_once_there_is_room(
+        tiny_spool, elemta_server):
+    """The spool fills while a message waits for its retry: the delivery worker cannot
+    write the index (so it claims nothing, and risks nothing) and says so, without dying
+    and being respawned in a loop; once there is room, the retry gets its 550 and the
+    bounce goes out."""
+    from tests.peers.postfix import free_port
+    from tests.peers.sink import Replies, ScriptedServer
+    port = free_port()
+    refuse = ScriptedServer(script={"GREETING": Replies("421 4.3.2 not yet", "220 ok"),
+                                    "RCPT": "550 5.1.1 no such user"},
+                            address="127.0.0.24", port=port)
+    notices = ScriptedServer(address="127.0.0.25", port=port)
+    with refuse, notices:
+        server = elemta_server(queue={"spool_dir": tiny_spool}, delivery={
+            "workers": 1, "min_backoff": 2.0, "max_backoff": 2.0, "lease": 3.0,
+            "transport": [{"domain": "refuse.test", "nexthop": "smtp:[127.0.0.24]:%d" % port},
+                          {"domain": "sender.test", "nexthop": "smtp:[127.0.0.25]:%d" % port},
+                          # Nobody listens there: the fillers wait, deferred, quietly.
+                          {"domain": "wait.test", "nexthop": "smtp:[127.0.0.26]:%d" % port}]})
+        server.spool = tiny_spool
+        with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+            smtp.sendmail("me@sender.test", ["x@refuse.test"], message_body("victim", 100))
+            wait_for(lambda: "status=deferred (421 4.3.2 not yet" in server.log())
+            # Fill the disk to the last page while the victim waits for its retry.
+            smtp.ehlo()
+            fillers, _ = fill(smtp, 64 * 1024, "filler", 100, "y@wait.test")
+            more, _ = fill(smtp, 1024, "last", 4000, "y@wait.test")
+            fillers.update(more)
+        wait_for(lambda: "cannot take work from the queue: queue index: "
+                 "mdb_txn_commit: No space left on device" in server.log(), timeout=15)
+        assert notices.messages == []
+        subprocess.run([sys.executable, "-m", "elemta.cli.elemtactl", "queue", "delete",
+                        "--spool-dir", tiny_spool] + sorted(fillers), check=True,
+                       capture_output=True, env=dict(os.environ, PYTHONPATH=REPO))
+        wait_for(lambda: notices.messages, timeout=20)
+    assert b"x@refuse.test" in notices.messages[0].content
+    assert b"550 5.1.1 no such user" in notices.messages[0].content

@@ -13,8 +13,9 @@ acceptance.
 import logging
 
 import gevent
-from gevent import get_hub
 from gevent.event import AsyncResult, Event
+
+from elemta.util.threads import in_thread
 
 log = logging.getLogger("elemta.delivery")
 
@@ -41,7 +42,6 @@ class AttemptRecorder:
         return result.get()
 
     def _run(self):
-        threadpool = get_hub().threadpool
         while True:
             if not self._waiting:
                 if self._closing:
@@ -52,8 +52,8 @@ class AttemptRecorder:
             batch = self._waiting[:self.max_batch]
             del self._waiting[:self.max_batch]
             try:
-                outcomes = threadpool.apply(self.queue.record_attempts,
-                                            (self.owner, [a for a, _ in batch]))
+                outcomes = in_thread(self.queue.record_attempts, self.owner,
+                                     [a for a, _ in batch])
             except Exception as exc:
                 log.error("recording the results of %d delivery attempt(s) failed: %s",
                           len(batch), exc)

@@ -46,7 +46,6 @@ import time
 from collections import OrderedDict
 
 import gevent
-from gevent import get_hub
 from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.pool import Pool
@@ -66,12 +65,15 @@ from elemta.queue.model import BOUNCED, PENDING, RCPT_DEFERRED, SENT
 from elemta.queue.queue import (ATTEMPT_FAILED, ATTEMPT_GONE, ATTEMPT_LEASE_LOST,
                                 ATTEMPT_REMOVED, Attempt, Queue)
 from elemta.util.child import GeventChild
+from elemta.util.threads import in_thread
 
 log = logging.getLogger("elemta.delivery")
 
 # Messages one worker delivers at once, and claims per write transaction.
 MAX_IN_FLIGHT = 100
 CLAIM_BATCH = 20
+# Seconds before trying the index again when it cannot be written (a full disk).
+INDEX_RETRY = 5
 # Most seconds between two looks for failed messages past delivery.failed_retention.
 PURGE_EVERY = 600.0
 EXPIRED = "message expired after %d seconds in the queue"
@@ -191,16 +193,25 @@ class DeliveryWorker(GeventChild):
         next_reclaim = 0.0
         while not self.stopping.is_set():
             now = time.time()
-            if now >= next_reclaim:
-                for queue_id in self.queue.reclaim(now):
-                    log.warning("%s: lease lapsed (its delivery worker died); due again",
-                                queue_id)
-                next_reclaim = now + reclaim_every
-            self._purge_failed(now)
             # Cleared before claiming: a wake-up that comes during the claim is kept.
             self._wake.clear()
             room = min(self.pool.free_count(), CLAIM_BATCH)
-            claimed = self.queue.claim(self.owner, room, self.delivery.lease) if room else []
+            try:
+                if now >= next_reclaim:
+                    for queue_id in self.queue.reclaim(now):
+                        log.warning("%s: lease lapsed (its delivery worker died); due again",
+                                    queue_id)
+                    next_reclaim = now + reclaim_every
+                claimed = self.queue.claim(self.owner, room, self.delivery.lease) if room \
+                    else []
+            except OSError as error:
+                # A full disk (the index cannot grow) or the like: nothing is claimed, so
+                # nothing is at risk; look again soon rather than die and be respawned.
+                log.error("cannot take work from the queue: %s; trying again in %d s",
+                          error, INDEX_RETRY)
+                self._wake.wait(INDEX_RETRY)
+                continue
+            self._purge_failed(now)
             for record in claimed:
                 self.pool.spawn(self.deliver, record)
             self.taken += len(claimed)
@@ -226,8 +237,8 @@ class DeliveryWorker(GeventChild):
             return
         self._next_purge = now + min(PURGE_EVERY, max(1.0, self.delivery.failed_retention))
         try:
-            removed = get_hub().threadpool.apply(
-                self.queue.purge_failed, (now - self.delivery.failed_retention,))
+            removed = in_thread(self.queue.purge_failed,
+                                now - self.delivery.failed_retention)
         except Exception as error:
             log.error("cannot remove old failed messages: %s", error)
             return
@@ -377,8 +388,8 @@ class DeliveryWorker(GeventChild):
         if not recipients:
             return True
         try:
-            queue_id = get_hub().threadpool.apply(
-                queue_it, (self.queue, self.config, record.envelope, recipients) + args)
+            queue_id = in_thread(queue_it, self.queue, self.config, record.envelope,
+                                 recipients, *args)
         except Exception as error:
             log.error("%s: cannot queue the %s to <%s>: %s", record.queue_id, what,
                       record.envelope.sender, error)
