@@ -10,9 +10,9 @@ import logging
 import time
 
 import gevent
-from gevent import get_hub
 
 from elemta.util.credentials import CredentialsFile
+from elemta.util.threads import in_thread
 
 log = logging.getLogger("elemta.smtpd")
 
@@ -32,7 +32,7 @@ class Authenticator:
     def check(self, client_ip, username, password):
         """True if the credentials are right. Sleeps (cooperatively) after a failure."""
         try:
-            ok = get_hub().threadpool.apply(self.credentials.check, (username, password))
+            ok = in_thread(self.credentials.check, username, password)
         except Exception:
             log.exception("credentials check failed for %s", username)
             ok = False

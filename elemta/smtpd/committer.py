@@ -14,10 +14,10 @@ import time
 
 import gevent
 from gevent.event import AsyncResult, Event
-from gevent import get_hub
 
 from elemta import metrics
 from elemta.queue import wakeup
+from elemta.util.threads import in_thread
 
 log = logging.getLogger("elemta.smtpd")
 
@@ -43,7 +43,6 @@ class GroupCommitter:
         result.get()
 
     def _run(self):
-        threadpool = get_hub().threadpool
         while True:
             if not self._waiting:
                 self._wakeup.clear()
@@ -53,7 +52,7 @@ class GroupCommitter:
             del self._waiting[:self.max_batch]
             started = time.perf_counter()
             try:
-                threadpool.apply(self.queue.commit, ([w for w, _ in batch],))
+                in_thread(self.queue.commit, [w for w, _ in batch])
             except Exception as exc:       # every waiter learns of it; none is lost
                 log.error("queue commit of %d message(s) failed: %s", len(batch), exc)
                 for _, result in batch:

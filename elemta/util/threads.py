@@ -1,7 +1,7 @@
 """Blocking work in the gevent hub's thread pool, its exception raised in the caller.
 
-Used by the delivery worker (results, notices, purges), which must not block its event
-loop on a disk flush. gevent prints the traceback of anything a pool thread raises, even
+Used by the smtpd (group commit, password checks) and the delivery worker (results,
+notices, purges), which must not block their event loops on a disk flush. gevent prints the traceback of anything a pool thread raises, even
 when the caller handles it: a full disk would fill the log with tracebacks. Here the
 exception is carried back as a value and raised again in the calling greenlet, which
 alone decides what to log.
