@@ -530,7 +530,7 @@ class Queue:
                 record.state, record.next_attempt = DEFERRED, attempt.next_attempt
                 return ATTEMPT_DEFERRED, True
             if all(r.status == SENT for r in recipients):
-                return ATTEMPT_REMOVED, True     # stays active (leased) until removed below
+                return ATTEMPT_REMOVED, True     # stays active until removed below
             record.state = FAILED
             return ATTEMPT_FAILED, True
         outcomes = self._index_call(self.index.update_many, list(by_id), change)
