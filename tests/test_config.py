@@ -447,3 +447,16 @@ def test_man_page_is_lint_clean():
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             universal_newlines=True)
     assert result.stdout == ""
+
+
+def test_the_default_host_name_is_qualified_as_postfix_myhostname_is():
+    """gethostname() "vm" becomes "vm.localdomain"; a dotted name stays as it is; a
+    configured smtpd.hostname wins."""
+    import socket
+    from elemta.config.schema import SMTPD
+    name = socket.gethostname()
+    expected = name if "." in name else name + ".localdomain"
+    assert default_config().hostname == expected
+    assert "." in default_config().hostname
+    configured = dataclasses.replace(default_config(), smtpd=SMTPD(hostname="mx.example.org"))
+    assert configured.hostname == "mx.example.org"

@@ -194,8 +194,10 @@ class Listener:
 @dataclass(frozen=True)
 class SMTPD:
     """How the SMTP server presents itself and treats what clients send."""
-    hostname: str = opt("", "Name in the greeting, EHLO reply and Received headers "
-                            "(default: the system's host name).", _hostname)
+    hostname: str = opt("", "Name in the greeting, EHLO reply and Received headers, "
+                            "and the domain of local mail (default: the system's host "
+                            "name, with .localdomain added when it has no dot, as "
+                            "Postfix's myhostname).", _hostname)
     banner: str = opt("ESMTP Elemta", "Text after the host name in the 220 greeting.")
     workers: int = opt(0, "Number of smtpd worker processes sharing the listeners; 0 means "
                           "one per CPU.", _not_negative)
@@ -667,4 +669,8 @@ class Config:
     @property
     def hostname(self):
         """The effective host name: smtpd.hostname or the system's."""
-        return self.smtpd.hostname or socket.gethostname()
+        if self.smtpd.hostname:
+            return self.smtpd.hostname
+        name = socket.gethostname()
+        # Postfix's myhostname: a bare name gets $mydomain, which defaults to localdomain.
+        return name if "." in name else name + ".localdomain"
