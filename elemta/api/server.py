@@ -14,7 +14,7 @@ import socket
 
 import gevent
 from gevent.event import Event
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import LoggingLogAdapter, WSGIServer
 
 log = logging.getLogger("elemta.api")
 
@@ -64,7 +64,10 @@ def run_api(config, heartbeat=None, master_pid=None, sock=None):
     gevent.signal_handler(signal.SIGINT, handle_term)
     gevent.signal_handler(signal.SIGQUIT, handle_quit)
     gevent.signal_handler(signal.SIGUSR1, _reopen_logs)
-    server = WSGIServer(sock, make_app(config), log=None, error_log=log)
+    # pywsgi reports clients' malformed requests there: a warning, not our error (Falcon
+    # answers and logs the application's own errors).
+    server = WSGIServer(sock, make_app(config), log=None,
+                        error_log=LoggingLogAdapter(log, logging.WARNING))
     server.start()
     watcher = gevent.spawn(_watch, stopping, heartbeat, master_pid)
     log.info("api listening on %s port %d", *server.address[:2])
