@@ -366,6 +366,8 @@ def test_a_killed_local_agent_loses_nothing(elemta_server, place):
     deferred = wait_for(lambda: [line for line in status_lines(server, "slow@example.test")
                                  if line[0] == "deferred"])
     assert "local delivery agent" in deferred[0][1]
+    # The worker heard at once, not when the orphaned command let go of its connection.
+    assert not os.path.exists(os.path.join(place.drop, "slow.out"))
     wait_for(lambda: [line for line in status_lines(server, "slow@example.test")
                       if line[0] == "sent"], timeout=20)
     wait_for(lambda: server.queued_ids() == [])

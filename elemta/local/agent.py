@@ -66,6 +66,9 @@ class LocalAgent(GeventChild):
         self._bound_inode = None
         self._logged_error = None
         self.children = set()        # pids of per-recipient processes under way
+        # Sockets a per-recipient process must not keep open: a worker's connection held
+        # by a long command would hide the agent's death from that worker until it ends.
+        self.sockets = set()
 
     def run(self):
         """Serve until stopped; returns the exit status (0)."""
@@ -73,6 +76,7 @@ class LocalAgent(GeventChild):
         self.store = SpoolStore(self.spool)
         self.refresh_aliases()
         listener = self._bind()
+        self.sockets.add(listener)
         server = StreamServer(listener, self.handle, spawn=Pool(MAX_CONNECTIONS))
         server.start()
         helpers = self.start_life()
@@ -134,6 +138,7 @@ class LocalAgent(GeventChild):
     # ---- one connection: one request, one reply per recipient ---------------------------
 
     def handle(self, conn, address):
+        self.sockets.add(conn)
         try:
             _, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET,
                                                          socket.SO_PEERCRED, _PEERCRED.size))
@@ -156,6 +161,7 @@ class LocalAgent(GeventChild):
         except OSError as error:
             log.warning("%s: connection lost: %s", self.path, error)
         finally:
+            self.sockets.discard(conn)
             conn.close()
 
     def deliver(self, conn, queue_id, recipient):
@@ -203,6 +209,11 @@ class LocalAgent(GeventChild):
         never left half-written; the agent decides when it must stop."""
         status = 1
         try:
+            for sock in list(self.sockets):
+                try:
+                    os.close(sock.fileno())      # this process's copy only
+                except OSError:
+                    pass
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                            signal.SIGUSR1):
                 signal.signal(signum, signal.SIG_IGN)
