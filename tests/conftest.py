@@ -111,6 +111,17 @@ class ElemtaServer:
             os.killpg(self.process.pid, signal.SIGKILL)
         return orphans
 
+    def titles(self):
+        """{pid: process title} of the server's process group ("elemta: delivery", ...)."""
+        found = {}
+        for pid in self.group_pids():
+            try:
+                with open("/proc/%d/cmdline" % pid, "rb") as f:
+                    found[pid] = f.read().split(b"\0")[0].decode("utf-8", "replace").strip()
+            except OSError:
+                pass                # gone meanwhile
+        return found
+
     def group_pids(self, wait=0):
         """Live processes of the server's process group, after up to `wait` seconds."""
         deadline = time.monotonic() + wait

@@ -129,15 +129,7 @@ def wait_for_status(server, queue_id, address, status, timeout=10):
 
 
 def delivery_pids(server):
-    pids = []
-    for pid in server.group_pids():
-        try:
-            with open("/proc/%d/cmdline" % pid, "rb") as f:
-                if f.read().startswith(b"elemta: delivery"):
-                    pids.append(pid)
-        except OSError:
-            pass
-    return pids
+    return [pid for pid, title in server.titles().items() if title == "elemta: delivery"]
 
 
 def test_mail_goes_to_the_mx_at_once_and_postfix_holds_exactly_it(start, postfix):

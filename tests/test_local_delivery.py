@@ -359,7 +359,7 @@ def test_a_killed_local_agent_loses_nothing(elemta_server, place):
         "slow: \"|touch %s/started; sleep 1.5; cat >> %s/slow.out\"\n"
         % (place.drop, place.drop)))
     send(server, "someone@client.test", ["slow@example.test"], "take your time\r\n")
-    agent = wait_for(lambda: [pid for pid, title in titles(server).items()
+    agent = wait_for(lambda: [pid for pid, title in server.titles().items()
                               if title == "elemta: local"])[0]
     wait_for(lambda: os.path.exists(os.path.join(place.drop, "started")))
     os.kill(agent, signal.SIGKILL)
@@ -374,18 +374,6 @@ def test_a_killed_local_agent_loses_nothing(elemta_server, place):
     with open(os.path.join(place.drop, "slow.out"), "rb") as f:
         copies = f.read().count(b"take your time")
     assert 1 <= copies <= 2
-
-
-def titles(server):
-    """{pid: command line} of the server's process group."""
-    found = {}
-    for pid in server.group_pids():
-        try:
-            with open("/proc/%d/cmdline" % pid, "rb") as f:
-                found[pid] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            pass
-    return found
 
 
 # ---- cron ---------------------------------------------------------------------------------

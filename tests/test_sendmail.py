@@ -268,7 +268,8 @@ def test_non_root_user_cannot_forge_the_received_sender():
 
 def test_pickup_child_runs_and_removes_junk(elemta_server):
     server = elemta_server()
-    titles = wait_for(lambda: [t for t in _titles(server) if t == "elemta: pickup"])
+    titles = wait_for(lambda: [t for t in server.titles().values()
+                               if t == "elemta: pickup"])
     assert titles == ["elemta: pickup"]
     maildrop = os.path.join(server.spool, "maildrop")
     with open(os.path.join(maildrop, "junk"), "wb") as f:
@@ -278,17 +279,6 @@ def test_pickup_child_runs_and_removes_junk(elemta_server):
     queued(server, 1)
     wait_for(lambda: os.listdir(maildrop) == [])
     assert "removing a bad submission" in server.log()
-
-
-def _titles(server):
-    titles = []
-    for pid in server.group_pids():
-        try:
-            with open("/proc/%d/cmdline" % pid, "rb") as f:
-                titles.append(f.read().split(b"\0")[0].decode().strip())
-        except OSError:
-            pass
-    return titles
 
 
 @pytest.mark.skipif(shutil.which("bsd-mailx") is None, reason="bsd-mailx is not installed "
