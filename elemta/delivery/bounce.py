@@ -205,12 +205,4 @@ def _queue_notice(queue, config, envelope, recipients, action, to=None, retry_un
                    else "8BITMIME",
                    smtputf8=envelope.smtputf8, client_address="", client_helo=hostname,
                    protocol="local", extra=dict(extra or {}))
-    writer = queue.start_message(dsn)
-    try:
-        writer.write(content)
-        writer.finish()
-        queue.commit([writer])
-    except BaseException:
-        writer.abort()
-        raise
-    return dsn.queue_id
+    return queue.add(dsn, [content])

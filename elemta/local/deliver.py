@@ -23,6 +23,7 @@ See also: elemta.local.expand, elemta.local.mailbox, elemta.local.command.
 """
 
 import errno
+import itertools
 import logging
 import os
 import pwd
@@ -329,22 +330,11 @@ class RecipientDelivery:
         queue_config = self.config.queue
         with Queue(queue_config.spool_dir, sync_method=queue_config.sync_method,
                    map_size=queue_config.index_map_size) as queue:
-            writer = queue.start_message(forwarded)
-            try:
-                writer.write(("Delivered-To: %s\r\n" % normal_address(original["address"]))
-                             .encode("utf-8"))
-                content = self.copy.content
-                content.seek(0)
-                while True:
-                    data = content.read(65536)
-                    if not data:
-                        break
-                    writer.write(data)
-                writer.finish()
-                queue.commit([writer])
-            except BaseException:
-                writer.abort()
-                raise
+            content = self.copy.content
+            content.seek(0)
+            delivered_to = ("Delivered-To: %s\r\n" % normal_address(original["address"]))
+            queue.add(forwarded, itertools.chain(
+                [delivered_to.encode("utf-8")], iter(lambda: content.read(65536), b"")))
         wakeup.notify(queue_config.spool_dir)
         return forwarded.queue_id
 

@@ -179,6 +179,21 @@ class Queue:
         """Open a spool file for a new message. Returns a SpoolWriter (write, finish, abort)."""
         return self.store.create(envelope)
 
+    def add(self, envelope, chunks) -> str:
+        """Queue one whole message made here (a bounce, a forwarded copy): its content
+        from the byte strings `chunks`, committed alone. Blocking. Returns its queue id;
+        nothing is left behind if it raises."""
+        writer = self.start_message(envelope)
+        try:
+            for chunk in chunks:
+                writer.write(chunk)
+            writer.finish()
+            self.commit([writer])
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.queue_id
+
     def commit(self, writers):
         """Make finished messages durable, all with about one flush. Blocking: run it in a
         thread. Returns when every file and index record is on disk; raises OSError (and
