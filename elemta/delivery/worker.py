@@ -139,7 +139,7 @@ class DeliveryWorker(GeventChild):
                 log.info("delivery stopping: %d message(s) in flight get %ds to finish",
                          self.pool.size - self.pool.free_count(), self.grace)
                 self.pool.join(timeout=self.grace)
-            unfinished = [g.args[0].queue_id for g in list(self.pool) if g.args]
+            unfinished = self._in_flight()
             self.pool.kill(block=True, timeout=1)
             if unfinished:
                 given_back = self.queue.release_claims(self.owner, unfinished)
@@ -171,6 +171,10 @@ class DeliveryWorker(GeventChild):
             wake_socket.recv(64)
             self._wake.set()
 
+    def _in_flight(self):
+        """Queue ids of the messages this worker is delivering now."""
+        return [g.args[0].queue_id for g in list(self.pool) if g.args]
+
     def _renew_leases(self):
         """Keep the leases of deliveries still under way from lapsing: every third of a
         lease, all of them in one transaction (a delivery may take longer than a lease:
@@ -178,7 +182,7 @@ class DeliveryWorker(GeventChild):
         lease = self.delivery.lease
         while True:
             gevent.sleep(lease / 3)
-            in_flight = [g.args[0].queue_id for g in list(self.pool) if g.args]
+            in_flight = self._in_flight()
             if in_flight:
                 try:
                     self.queue.renew_leases(self.owner, in_flight, lease)
@@ -289,7 +293,7 @@ class DeliveryWorker(GeventChild):
         jobs = [gevent.spawn(_caught, self._deliver_group, record, destination, items)
                 for destination, items in groups.items()]
         gevent.joinall(jobs)
-        final = set()                # indexes whose delivery was final or lost DSN track
+        ours = {}                    # index -> the success notice that is ours to send
         for job, (destination, _) in zip(jobs, groups.items()):
             if isinstance(job.value, Exception):
                 raise job.value
@@ -297,8 +301,10 @@ class DeliveryWorker(GeventChild):
                 results[index] = result[:3]
                 # Local and LMTP delivery is final; an SMTP next hop may pass the DSN
                 # request on (then a success notice is its job, not ours).
-                if destination.kind != SMTP or (len(result) > 3 and not result[3]):
-                    final.add(index)
+                if destination.kind != SMTP:
+                    ours[index] = bounce.DELIVERED
+                elif len(result) > 3 and not result[3]:
+                    ours[index] = bounce.RELAYED
         now = time.time()
         if now - envelope.arrival >= self.delivery.queue_lifetime:
             for index, (status, reply, relay) in list(results.items()):
@@ -307,7 +313,7 @@ class DeliveryWorker(GeventChild):
                         EXPIRED % self.delivery.queue_lifetime, reply), relay)
         # The notices go into the queue before the results are recorded: a crash in
         # between repeats the attempt (and a notice, at worst), never loses a bounce.
-        warn = self._queue_notices(record, results, final, now)
+        warn = self._queue_notices(record, results, ours, now)
         waiting = [r for i, r in results.items() if r[0] == RCPT_DEFERRED]
         last_error = waiting[-1][1] if waiting else None
         next_attempt = now + backoff(record.attempts + 1, self.delivery.min_backoff,
@@ -323,17 +329,18 @@ class DeliveryWorker(GeventChild):
             log.info("%s: %s during delivery (held, deleted or reclaimed); results kept for "
                      "each recipient", record.queue_id, outcome)
 
-    def _queue_notices(self, record, results, final, now):
+    def _queue_notices(self, record, results, ours, now):
         """Queue the notices this attempt calls for: a bounce for the recipients that
         failed (if it cannot be queued they wait for the next attempt instead, as
-        Postfix defers when its bounce service fails), a success notice, a delay
-        warning. Returns whether a delay warning was queued."""
+        Postfix defers when its bounce service fails), a success notice for the sent
+        ones in `ours` ({index: DELIVERED or RELAYED}), a delay warning. Returns whether
+        a delay warning was queued."""
         envelope = record.envelope
         by_status = {SENT: [], BOUNCED: [], RCPT_DEFERRED: []}
         for index, (status, reply, _) in sorted(results.items()):
             recipient = envelope.recipients[index]
             recipient.status, recipient.last_reply = status, reply
-            if status != SENT or index in final:
+            if status != SENT or index in ours:
                 by_status[status].append(recipient)
         if not self._notify(record, "non-delivery notification", bounce.queue_bounce,
                             by_status[BOUNCED]):
@@ -343,10 +350,10 @@ class DeliveryWorker(GeventChild):
                                       "trying again)" % reply, relay)
                     envelope.recipients[index].status = RCPT_DEFERRED
                     by_status[RCPT_DEFERRED].append(envelope.recipients[index])
+        sent = [i for i, result in results.items() if result[0] == SENT and i in ours]
         self._notify(record, "delivery status notification", bounce.queue_notice,
                      by_status[SENT], bounce.DELIVERED if all(
-                         self.router.destination(r.address).kind != SMTP
-                         for r in by_status[SENT]) else bounce.RELAYED)
+                         ours[i] == bounce.DELIVERED for i in sent) else bounce.RELAYED)
         if (by_status[RCPT_DEFERRED] and self.delivery.delay_warning_time
                 and not record.delay_warned
                 and now - envelope.arrival >= self.delivery.delay_warning_time):
