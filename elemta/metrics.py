@@ -16,6 +16,12 @@ kill -9; worker_exited() folds a dead child's counters into one archive file per
 removes its live gauges. The fold and every scrape take a lock file in the directory,
 so a scrape never sees a dead child's counts twice or not at all.
 
+The directory sits in the spool and belongs to the children's user, who could plant
+links in it: the root master never touches it as root. Every file operation of the
+master there (the clean-up at start, the fold, its own counter file) runs acting as
+that user (elemta.util.eugid.acting_as), as Postfix's master never works in the queue
+as root.
+
 Metric objects are made on first use, after setup(): prometheus-client chooses between
 in-memory and file-backed values when a value is created. Without setup() (tests that run
 a server in-process, tools) they are plain in-memory metrics nobody scrapes.
@@ -25,8 +31,11 @@ See also: elemta.api.server, elemta.master, issue 3 requirement 5.
 import fcntl
 import glob
 import os
+import stat
 from contextlib import contextmanager
 from types import SimpleNamespace
+
+from elemta.util.eugid import acting_as, open_nofollow
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 LOCK_NAME = ".lock"
@@ -35,6 +44,8 @@ _ADDITIVE = ("counter", "histogram", "summary")
 
 # The metric objects, by name; built by _metrics() on first use.
 _made = None
+# (uid, gid) the root master acts as in the directory (see the module docstring).
+_owner = (None, None)
 
 
 def setup(directory, uid=None, gid=None):
@@ -42,20 +53,34 @@ def setup(directory, uid=None, gid=None):
 
     Creates it if missing and removes the metric files a previous run left (a new master
     starts from zero, as Prometheus expects of a restarted target). uid, gid: the user the
-    children run as, given the directory when we are root. Must run before any metric is
-    used in this process, and only by the master holding the spool's lock."""
+    children run as; a root master does all of this acting as that user, so the directory
+    is theirs and no link planted in it is followed with root's rights. Must run before
+    any metric is used in this process, and only by the master holding the spool's lock."""
+    global _owner
     if _made is not None:
         raise RuntimeError("metrics.setup() must run before any metric is used")
     directory = os.path.abspath(directory)
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    for path in glob.glob(os.path.join(directory, "*.db")):
-        os.remove(path)
-    os.close(_open_lock_file(directory))
-    if os.getuid() == 0 and uid is not None:
-        os.chown(directory, uid, -1 if gid is None else gid)
+    _owner = (uid, gid)
+    with _as_owner():
+        try:
+            os.mkdir(directory, 0o755)
+        except FileExistsError:
+            pass
+        dir_fd = open_nofollow(directory, os.O_RDONLY, kind=stat.S_IFDIR)
+        try:
+            for name in os.listdir(dir_fd):
+                if name.endswith(".db"):
+                    os.unlink(name, dir_fd=dir_fd)     # unlink never follows a link
+        finally:
+            os.close(dir_fd)
+        os.close(_open_lock_file(directory))
     os.environ[ENV] = directory
     from prometheus_client import values
     values.ValueClass = values.get_value_class()     # chosen at import; choose again
+
+
+def _as_owner():
+    return acting_as(*_owner)
 
 
 def directory():
@@ -72,7 +97,7 @@ def worker_exited(pid):
         return
     from prometheus_client import multiprocess
     from prometheus_client.mmap_dict import MmapedDict
-    with _scrape_lock(path, fcntl.LOCK_EX):
+    with _as_owner(), _scrape_lock(path, fcntl.LOCK_EX):
         multiprocess.mark_process_dead(pid, path)
         for kind in _ADDITIVE:
             dead = os.path.join(path, "%s_%d.db" % (kind, pid))
@@ -91,14 +116,14 @@ def worker_restarted(kind, reason):
     """The master replaced a child. kind: smtpd, delivery, pickup, api; reason: crashed
     (exited or killed unasked), heartbeat (killed for silence), retired (max_use or
     max_idle), reload (SIGHUP)."""
-    _metrics().WORKER_RESTARTS.labels(kind, reason).inc()
+    with _as_owner():            # the first count creates the master's own file
+        _metrics().WORKER_RESTARTS.labels(kind, reason).inc()
 
 
 def _open_lock_file(path):
     # Read-only is enough for flock, so the api (the children's user) can take the lock
     # on a file the root master made.
-    return os.open(os.path.join(path, LOCK_NAME), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC,
-                   0o644)
+    return open_nofollow(os.path.join(path, LOCK_NAME), os.O_RDONLY | os.O_CREAT, 0o644)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import signal
 import time
 
 from elemta.cli import queuecmd
-from elemta.util.procs import children
+from elemta.util.procs import children, is_elemta_master
 
 LOCK_NAME = "master.lock"
 # How long `stop` waits past the configured stop grace for the master to be gone.
@@ -26,21 +26,32 @@ class NotRunning(Exception):
 
 
 def master_pid(spool_dir):
-    """The running master's pid; raises NotRunning."""
+    """The running master's pid; raises NotRunning.
+
+    The lock file lies in the spool, which Elemta's user owns: it is opened without
+    following links (a FIFO there must not hang root either), and the pid it names is
+    signalled only if that process is an Elemta master, so a pid written there by that
+    user cannot make root signal another process."""
+    from elemta.util.eugid import UnsafePath, open_nofollow
     path = os.path.join(spool_dir, LOCK_NAME)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_nofollow(path, os.O_RDONLY)
     except FileNotFoundError:
         raise NotRunning("no master has run on spool %s" % spool_dir) from None
+    except UnsafePath as exc:
+        raise NotRunning(str(exc)) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             text = os.read(fd, 32).decode("ascii", "replace").strip()
-            if text.isdigit():
-                return int(text)
-            raise NotRunning("the master on spool %s has not written its pid yet"
-                             % spool_dir) from None
+            if not text.isdigit():
+                raise NotRunning("the master on spool %s has not written its pid yet"
+                                 % spool_dir) from None
+            if not is_elemta_master(int(text)):
+                raise NotRunning("%s names pid %s, which is not an Elemta master; not "
+                                 "signalling it" % (path, text)) from None
+            return int(text)
         raise NotRunning("elemta is not running (spool %s)" % spool_dir)
     finally:
         os.close(fd)

@@ -72,11 +72,25 @@ def bind(listener):
 
 
 def take_master_lock(spool_dir, uid, gid):
-    """Hold spool/master.lock for the master's life; refuse if another master has it."""
+    """Hold spool/master.lock for the master's life; refuse if another master has it.
+
+    The spool belongs to the children's user, who could plant a link or a hard link
+    under that name: root opens it without following links and refuses anything but a
+    plain file of its own or of that user (elemta.util.eugid)."""
+    from elemta.util.eugid import UnsafePath, open_nofollow
     os.makedirs(spool_dir, exist_ok=True)
-    if os.getuid() == 0 and (uid, gid) != (0, 0):
-        os.chown(spool_dir, uid, gid)          # the children write here as that user
-    fd = os.open(os.path.join(spool_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    spool_fd = os.open(spool_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if os.getuid() == 0 and (uid, gid) != (0, 0):
+            os.fchown(spool_fd, uid, gid)          # the children write here as that user
+        try:
+            fd = open_nofollow(LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644, dir_fd=spool_fd,
+                               owners={os.geteuid(), uid},
+                               shown=os.path.join(spool_dir, LOCK_NAME))
+        except UnsafePath as exc:
+            fail(str(exc))
+    finally:
+        os.close(spool_fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -182,6 +196,7 @@ def main(argv=None):
     from elemta.master import Master, resolve_user
     from elemta.smtpd.clientcount import ClientCounts
     from elemta.util import logs
+    from elemta.util.eugid import UnsafePath
     try:
         uid, gid = resolve_user(config.master)
     except KeyError as exc:
@@ -195,12 +210,21 @@ def main(argv=None):
     try:
         # sendmail's drop box, usable by every local user (see elemta.queue.maildrop).
         maildrop.prepare(config.queue.spool_dir, uid, gid)
+    except UnsafePath as exc:
+        fail("cannot prepare the maildrop: %s" % exc)
     except OSError as exc:
         fail("cannot prepare the maildrop in %s: %s" % (config.queue.spool_dir,
                                                         exc.strerror or exc))
     # After the lock: a second master must not wipe the running one's metric files.
     from elemta import metrics
-    metrics.setup(os.path.join(config.queue.spool_dir, "metrics"), uid, gid)
+    metrics_dir = os.path.join(config.queue.spool_dir, "metrics")
+    try:
+        metrics.setup(metrics_dir, uid, gid)
+    except UnsafePath as exc:
+        fail("cannot prepare the metrics directory: %s" % exc)
+    except OSError as exc:
+        fail("cannot prepare the metrics directory %s: %s" % (metrics_dir,
+                                                              exc.strerror or exc))
     listening = []
     for listener in config.listeners:
         try:

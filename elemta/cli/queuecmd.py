@@ -133,23 +133,25 @@ def open_queue(args, create_index: bool = False):
     if not create_index and not os.path.exists(index_data):
         raise QueueFailure(EX_NOINPUT, "queue: no index in %s; rebuild it with: %s queue "
                                        "reindex" % (spool_dir, PROG))
+    _become_spool_owner(spool_dir)
     from elemta.queue.queue import Queue
-    queue = Queue(spool_dir, sync_method=config.queue.sync_method,
-                  map_size=config.queue.index_map_size)
-    _give_to_spool_owner(os.path.join(spool_dir, INDEX_NAME), spool_dir)
-    return queue
+    return Queue(spool_dir, sync_method=config.queue.sync_method,
+                 map_size=config.queue.index_map_size)
 
 
-def _give_to_spool_owner(index_dir: str, spool_dir: str) -> None:
-    """Run as root, an index this process created would lock the daemon's user out."""
+def _become_spool_owner(spool_dir: str) -> None:
+    """Run as root, become the spool's owner (master.user) for good before touching the
+    queue, as Postfix's postsuper works as mail_owner: that user can swap any file in the
+    spool for a link, so root must not open, create or chown anything there. Whatever
+    this command creates is then the daemon's user's, as it must be."""
     if os.geteuid() != 0:
         return
     owner = os.stat(spool_dir)
     if owner.st_uid == 0:
         return
-    for path in [index_dir] + [os.path.join(index_dir, n) for n in os.listdir(index_dir)]:
-        if os.stat(path).st_uid == 0:
-            os.chown(path, owner.st_uid, owner.st_gid)
+    os.setgroups([])
+    os.setgid(owner.st_gid)
+    os.setuid(owner.st_uid)
 
 
 # ---------------------------------------------------------------- selection

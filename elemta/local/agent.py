@@ -40,6 +40,7 @@ from elemta.queue import wakeup
 from elemta.queue.model import RCPT_DEFERRED
 from elemta.queue.store import SpoolStore
 from elemta.util.child import GeventChild
+from elemta.util.eugid import acting_as
 
 log = logging.getLogger("elemta.local")
 
@@ -73,9 +74,12 @@ class LocalAgent(GeventChild):
     def run(self):
         """Serve until stopped; returns the exit status (0)."""
         self.set_title()
-        self.store = SpoolStore(self.spool)
+        owner = os.stat(self.spool)
+        # The spool and spool/run are master.user's: root works there as that user.
+        with acting_as(owner.st_uid, owner.st_gid):
+            self.store = SpoolStore(self.spool)
+            listener = self._bind()
         self.refresh_aliases()
-        listener = self._bind()
         self.sockets.add(listener)
         server = StreamServer(listener, self.handle, spawn=Pool(MAX_CONNECTIONS))
         server.start()
@@ -100,13 +104,12 @@ class LocalAgent(GeventChild):
     # ---- the socket ---------------------------------------------------------------------
 
     def _bind(self):
-        """spool/run/local.sock, owned by the spool's owner (master.user), mode 0600."""
-        owner = os.stat(self.spool)
+        """spool/run/local.sock, mode 0600. Called acting as the spool's owner
+        (master.user), so the directory and the socket are that user's and no link
+        planted there is followed with root's rights."""
         run = wakeup.run_dir(self.spool)
         try:
             os.mkdir(run, 0o700)
-            if is_root():
-                os.chown(run, owner.st_uid, owner.st_gid)
         except FileExistsError:
             pass
         try:
@@ -119,19 +122,18 @@ class LocalAgent(GeventChild):
             sock.bind(self.path)
         finally:
             os.umask(old_umask)
-        if is_root():
-            os.chown(self.path, owner.st_uid, owner.st_gid)
-        os.chmod(self.path, 0o600)
         sock.listen(128)
-        self.allowed_uids = {0, os.getuid(), owner.st_uid}
+        self.allowed_uids = {0, os.getuid(), os.stat(self.spool).st_uid}
         self._bound_inode = os.stat(self.path).st_ino
         return sock
 
     def _unbind(self):
         """Remove the socket file, unless a newer agent (after a reload) owns it now."""
+        owner = os.stat(self.spool)
         try:
-            if os.stat(self.path).st_ino == self._bound_inode:
-                os.unlink(self.path)
+            with acting_as(owner.st_uid, owner.st_gid):
+                if os.stat(self.path).st_ino == self._bound_inode:
+                    os.unlink(self.path)
         except OSError:
             pass
 

@@ -71,27 +71,39 @@ def socket_path(spool_dir):
 def prepare(spool_dir, uid=None, gid=None):
     """Create spool/maildrop (1733) and spool/run (0711) owned by uid:gid, and let anyone
     pass through spool/. Run by the daemon at start-up (as root or as its user), and by
-    sendmail run as root when the daemon never ran."""
+    sendmail run as root when the daemon never ran.
+
+    Everything below spool/ is opened through the spool's descriptor without following
+    links and changed with fchown/fchmod: the spool belongs to Elemta's user, who could
+    plant a link under either name for root to chown. Raises OSError (UnsafePath for
+    a link or a non-directory, naming the path)."""
+    from elemta.util.eugid import open_nofollow
     spool_dir = os.path.abspath(spool_dir)
     os.makedirs(spool_dir, mode=0o700, exist_ok=True)
-    owner = os.stat(spool_dir)
-    uid = owner.st_uid if uid is None else uid
-    gid = owner.st_gid if gid is None else gid
-    if not owner.st_mode & 0o001:
-        os.chmod(spool_dir, stat.S_IMODE(owner.st_mode) | 0o711)
-    for name, mode in ((MAILDROP_DIR, MAILDROP_MODE), (RUN_DIR, RUN_MODE)):
-        path = os.path.join(spool_dir, name)
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        info = os.lstat(path)
-        if not stat.S_ISDIR(info.st_mode):
-            raise OSError(errno.ENOTDIR, "not a directory", path)
-        if os.geteuid() == 0 and (info.st_uid, info.st_gid) != (uid, gid):
-            os.chown(path, uid, gid)
-        if name == MAILDROP_DIR or not stat.S_IMODE(info.st_mode) & 0o001:
-            os.chmod(path, mode)         # chmod, not mkdir's mode: the umask must not apply
+    spool_fd = os.open(spool_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        owner = os.fstat(spool_fd)
+        uid = owner.st_uid if uid is None else uid
+        gid = owner.st_gid if gid is None else gid
+        if not owner.st_mode & 0o001:
+            os.fchmod(spool_fd, stat.S_IMODE(owner.st_mode) | 0o711)
+        for name, mode in ((MAILDROP_DIR, MAILDROP_MODE), (RUN_DIR, RUN_MODE)):
+            try:
+                os.mkdir(name, 0o700, dir_fd=spool_fd)
+            except FileExistsError:
+                pass
+            fd = open_nofollow(name, os.O_RDONLY, kind=stat.S_IFDIR, dir_fd=spool_fd,
+                               shown=os.path.join(spool_dir, name))
+            try:
+                info = os.fstat(fd)
+                if os.geteuid() == 0 and (info.st_uid, info.st_gid) != (uid, gid):
+                    os.fchown(fd, uid, gid)
+                if name == MAILDROP_DIR or not stat.S_IMODE(info.st_mode) & 0o001:
+                    os.fchmod(fd, mode)   # not mkdir's mode: the umask must not apply
+            finally:
+                os.close(fd)
+    finally:
+        os.close(spool_fd)
 
 
 def notify(spool_dir):

@@ -37,6 +37,7 @@ import re
 import zlib
 
 from elemta.queue.ids import ALPHABET, is_queue_id
+from elemta.util.eugid import open_nofollow
 from elemta.queue.model import Envelope, Recipient
 
 log = logging.getLogger(__name__)
@@ -318,10 +319,21 @@ class SpoolStore:
         envelope.size = length
         return envelope, offset, length, int(match.group(2), 16)
 
+    def _open_message(self, queue_id):
+        """The message file opened for reading. A root reader (the local agent) does
+        not follow a link there and takes only a plain file of the spool's owner or
+        root: the spool's owner could otherwise point root at a file it may not read.
+        Raises OSError (elemta.util.eugid.UnsafePath for such a file)."""
+        path = self.path(queue_id)
+        if os.geteuid() != 0:
+            return open(path, "rb")
+        owners = {0, os.stat(self.spool_dir).st_uid}
+        return os.fdopen(open_nofollow(path, os.O_RDONLY, owners=owners), "rb")
+
     def read_envelope(self, queue_id):
         """The message's Envelope (size = content length). Raises CorruptSpoolFile,
         FileNotFoundError."""
-        with open(self.path(queue_id), "rb") as file:
+        with self._open_message(queue_id) as file:
             return self._layout(queue_id, file)[0]
 
     def open_content(self, queue_id):
@@ -329,7 +341,7 @@ class SpoolStore:
         memory. Reading it to the end raises CorruptSpoolFile if the CRC does not match.
         The caller closes it."""
         path = self.path(queue_id)
-        file = open(path, "rb")
+        file = self._open_message(queue_id)
         try:
             _, offset, length, crc = self._layout(queue_id, file)
             fd = os.dup(file.fileno())

@@ -1,6 +1,7 @@
 """Reading the process table from /proc: which processes a master has, and their titles.
 
-Used by `elemtactl status` (elemta.cli.control) and by the process-model tests.
+Used by `elemtactl status`, `reload` and `stop` (elemta.cli.control) and by the
+process-model tests.
 """
 
 import os
@@ -23,3 +24,25 @@ def children(pid):
         if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
             found[int(entry)] = title
     return found
+
+
+
+def command_line(pid):
+    """The argument list of pid ([title] once setproctitle set one), or [] when there
+    is no such process."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    return [w.decode("utf-8", "replace") for w in data.rstrip(b"\0").split(b"\0")]
+
+
+def is_elemta_master(pid):
+    """pid is an Elemta master: titled so, or still starting (the `elemta` program or
+    `-m elemta.cli.elemta`, before it sets its title)."""
+    words = command_line(pid)
+    if words and words[0].startswith("elemta: master"):
+        return True
+    return any(os.path.basename(w) == "elemta" or w == "elemta.cli.elemta"
+               for w in words[:4])
