@@ -22,6 +22,7 @@ from elemta.smtp.protocol import Settings
 from elemta.smtp.replies import Reply
 from elemta.smtpd.authn import Authenticator
 from elemta.smtpd.clientcount import ClientCounts
+from elemta.smtpd.clientnet import client_group
 from elemta.smtpd.committer import GroupCommitter
 from elemta.smtpd.policy import RelayPolicy
 from elemta.smtpd.session import Session
@@ -116,7 +117,9 @@ class SMTPServer:
             return self._refuse(sock, listener, "Error: too many connections")
         if (self.client_counts.count(client_ip) >= limits.connections_per_client
                 and not self.policy.client_trusted(client_ip)):
-            log.warning("too many connections from %s", client_ip)
+            group = client_group(client_ip)
+            log.warning("too many connections from %s%s", client_ip,
+                        " (counted per %s)" % group if group != client_ip else "")
             metrics.CONNECTIONS.labels(listener.mode, "refused_client_limit").inc()
             return self._refuse(sock, listener,
                                 "Error: too many connections from %s" % client_ip)
