@@ -246,10 +246,13 @@ class Auth:
                                                 "when set.")
     allow_plaintext: bool = opt(False, "Offer AUTH on connections without TLS (only for "
                                        "tests and trusted networks).")
-    failure_delay: float = opt(2.0, "Seconds added to the reply delay for each recent failed "
-                                    "AUTH from the same client address.", _positive)
-    max_failure_delay: float = opt(30.0, "Upper bound of the AUTH failure delay, in seconds.",
-                                   _positive)
+    failure_delay: float = opt(2.0, "Seconds an AUTH waits, before it is checked, for each "
+                                    "failed AUTH in the last 10 minutes from the same client "
+                                    "(IPv4 address or IPv6 /64); the wait is the same for a "
+                                    "right and a wrong password, so it cannot be cut short. "
+                                    "Postfix has no equivalent (Dovecot's auth penalty is "
+                                    "alike).", _positive)
+    max_failure_delay: float = opt(30.0, "Upper bound of that wait, in seconds.", _positive)
 
 
 @dataclass(frozen=True)
