@@ -266,8 +266,11 @@ class Limits:
                       _positive)
     connections_per_worker: int = opt(10000, "Concurrent sessions one smtpd worker serves; "
                                             "more get 421 4.7.0.", _positive)
-    connections_per_client: int = opt(50, "Concurrent sessions from one client IP address; "
-                                          "more get 421 4.7.0.", _positive)
+    connections_per_client: int = opt(50, "Concurrent sessions from one client, an IPv4 "
+                                          "address or an IPv6 /64 (Postfix's "
+                                          "smtpd_client_connection_count_limit, which "
+                                          "counts IPv6 per /84 since 3.8); more get 421 "
+                                          "4.7.0.", _positive)
 
 
 @dataclass(frozen=True)
