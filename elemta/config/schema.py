@@ -214,6 +214,11 @@ class SMTPD:
         "reject", "What to do with 8-bit message content when the client declared neither "
                   "BODY=8BITMIME nor SMTPUTF8: reject (554 5.6.1) or accept.",
         _one_of(EIGHT_BIT_POLICIES))
+    junk_command_limit: int = opt(
+        100, "HELO, EHLO, RSET, NOOP, VRFY and HELP commands a session may send before "
+             "its next accepted message; the one after is answered 421 4.7.0 and the "
+             "connection closed (Postfix's smtpd_junk_command_limit, which then counts "
+             "errors instead).", _positive)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ def protocol_settings(config, listener, tls_ready, auth_ready):
         hostname=config.hostname, banner=s.banner,
         max_message_size=config.limits.message_size,
         max_recipients=config.limits.recipients, max_errors=config.limits.errors,
+        junk_command_limit=s.junk_command_limit,
         bare_line_endings=s.bare_line_endings, undeclared_8bit=s.undeclared_8bit,
         starttls_available=tls_ready and listener.mode != "smtps",
         implicit_tls=listener.mode == "smtps",
