@@ -37,6 +37,7 @@ def test_the_101st_junk_command_closes_the_session(elemta_server):
     # 100 answered (EHLO's reply has several lines), then the 421 and nothing more.
     finals = [line for line in lines[1:] if line[3:4] == b" "]
     assert len(finals) == 101 and finals[-1] == OVER.strip()
+    assert "too many junk commands after NOOP from unknown[127.0.0.1]" in server.log()
 
 
 def test_the_limit_is_configurable(elemta_server):
