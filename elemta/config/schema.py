@@ -214,6 +214,11 @@ class SMTPD:
         "reject", "What to do with 8-bit message content when the client declared neither "
                   "BODY=8BITMIME nor SMTPUTF8: reject (554 5.6.1) or accept.",
         _one_of(EIGHT_BIT_POLICIES))
+    junk_command_limit: int = opt(
+        100, "HELO, EHLO, RSET, NOOP, VRFY and HELP commands a session may send before "
+             "its next accepted message; the one after is answered 421 4.7.0 and the "
+             "connection closed (Postfix's smtpd_junk_command_limit, which then counts "
+             "errors instead).", _positive)
 
 
 @dataclass(frozen=True)
@@ -246,10 +251,13 @@ class Auth:
                                                 "when set.")
     allow_plaintext: bool = opt(False, "Offer AUTH on connections without TLS (only for "
                                        "tests and trusted networks).")
-    failure_delay: float = opt(2.0, "Seconds added to the reply delay for each recent failed "
-                                    "AUTH from the same client address.", _positive)
-    max_failure_delay: float = opt(30.0, "Upper bound of the AUTH failure delay, in seconds.",
-                                   _positive)
+    failure_delay: float = opt(2.0, "Seconds an AUTH waits, before it is checked, for each "
+                                    "failed AUTH in the last 10 minutes from the same client "
+                                    "(IPv4 address or IPv6 /64); the wait is the same for a "
+                                    "right and a wrong password, so it cannot be cut short. "
+                                    "Postfix has no equivalent (Dovecot's auth penalty is "
+                                    "alike).", _positive)
+    max_failure_delay: float = opt(30.0, "Upper bound of that wait, in seconds.", _positive)
 
 
 @dataclass(frozen=True)
@@ -263,8 +271,11 @@ class Limits:
                       _positive)
     connections_per_worker: int = opt(10000, "Concurrent sessions one smtpd worker serves; "
                                             "more get 421 4.7.0.", _positive)
-    connections_per_client: int = opt(50, "Concurrent sessions from one client IP address; "
-                                          "more get 421 4.7.0.", _positive)
+    connections_per_client: int = opt(50, "Concurrent sessions from one client, an IPv4 "
+                                          "address or an IPv6 /64 (Postfix's "
+                                          "smtpd_client_connection_count_limit, which "
+                                          "counts IPv6 per /84 since 3.8); more get 421 "
+                                          "4.7.0.", _positive)
 
 
 @dataclass(frozen=True)

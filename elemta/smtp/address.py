@@ -119,8 +119,15 @@ def _check_domain(domain, utf8):
             except ValueError:
                 raise AddressError("bad address literal") from None
         return
+    # One trailing dot (the root) is tolerated and dropped later, as Postfix's
+    # trivial-rewrite does; an empty label anywhere else ("b..", ".b", "b..c") is not.
+    labels = (domain[:-1] if domain.endswith(".") else domain).split(".")
+    if "" in labels:
+        where = ("starts with a dot" if domain.startswith(".")
+                 else "has an empty label (two dots in a row)")
+        raise AddressError("bad domain name %r: it %s" % (domain, where))
     label = _LABEL_UTF8 if utf8 else _LABEL
-    for part in domain.rstrip(".").split("."):
+    for part in labels:
         if not label.match(part):
             raise AddressError("bad domain name")
 

@@ -70,6 +70,12 @@ COMMANDS = {
     "AUTH": (frozenset((READY,)), None),
 }
 
+# Commands a client can repeat forever without an error and without moving a transaction
+# on: Postfix's SMTPD_CMD_FLAG_LIMIT set (HELO, EHLO, RSET, NOOP, VRFY, ETRN; ETRN is
+# unknown here, so an error anyway) and HELP, which Postfix refuses with an error but we
+# answer. Settings.junk_command_limit bounds them per session (smtpd_junk_command_limit).
+JUNK_COMMANDS = frozenset(("HELO", "EHLO", "RSET", "NOOP", "VRFY", "HELP"))
+
 # Why a command is refused in a state (503 5.5.1 unless given otherwise).
 OUT_OF_ORDER = {
     ("DATA", MAIL): (554, "5.5.1", "Error: no valid recipients"),
@@ -105,6 +111,7 @@ class Settings:
     max_message_size: int = 31457280
     max_recipients: int = 1000
     max_errors: int = 20
+    junk_command_limit: int = 100         # JUNK_COMMANDS per session, between messages
     bare_line_endings: str = "reject"     # or "normalize"
     undeclared_8bit: str = "reject"       # or "accept"
     starttls_available: bool = False      # a certificate is configured
@@ -167,6 +174,7 @@ class ServerProtocol:
         self.auth_user = None
         self.transaction = None
         self.errors = 0
+        self.junk_commands = 0          # JUNK_COMMANDS since the start or the last message
         self.closed = False
         self.last_command = "CONNECT"   # for "lost connection after X" log lines
         self._buf = bytearray()
@@ -328,6 +336,13 @@ class ServerProtocol:
             return self._send(500, "5.5.1", "Error: command not recognized")
         if not line.isascii() and verb not in ("MAIL", "RCPT"):
             return self._send(500, "5.5.2", "Error: non-ASCII characters in command")
+        if verb in JUNK_COMMANDS:
+            self.junk_commands += 1
+            if self.junk_commands > self.settings.junk_command_limit:
+                # Postfix starts counting errors here; we close at once, naming why.
+                self._abort_transaction("too many junk commands")
+                return self._send(421, "4.7.0", "%s Error: too many junk commands"
+                                  % self.settings.hostname, close=True)
         allowed, _ = COMMANDS[verb]
         if self.state not in allowed and verb != "BDAT":
             code, status, text = OUT_OF_ORDER.get(
@@ -802,6 +817,8 @@ class ServerProtocol:
         def finish(reply):
             self.transaction = None
             self.state = READY
+            if reply.code == 250:
+                self.junk_commands = 0    # a message was taken: as Postfix, start afresh
             self._send_reply(reply)
 
         self._decide(MessageReceived(txn),

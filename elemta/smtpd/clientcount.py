@@ -1,4 +1,4 @@
-"""Concurrent sessions per client address, counted across all smtpd workers.
+"""Concurrent sessions per client, counted across all smtpd workers.
 
 Postfix asks its anvil server; we share a table in memory instead. The master creates it
 before it forks (an anonymous shared mapping), gives every worker one row, and each
@@ -6,25 +6,34 @@ worker is the only writer of its row, so no lock is needed; readers add the rows
 When a worker dies its sessions died with it, so the master zeroes its row before the
 replacement starts.
 
-Addresses are hashed into two independent slots (a count-min sketch): a count is the
-smaller of the two sums, so two addresses sharing a slot can only be over-counted when
-both of their slots collide, and a client is never under-counted.
+Clients are hashed into two independent slots (a count-min sketch): a count is the
+smaller of the two sums, so two clients sharing a slot can only be over-counted when
+both of their slots collide, and a client is never under-counted. The hash is keyed
+with a secret drawn when the table is made (in the master, before the fork, so every
+worker hashes alike; anew at each master start): with an unkeyed hash anyone could
+compute two addresses whose slots cover a victim's and, holding the limit's worth of
+sessions from each, lock the victim out with 421. A client is an IPv4 address or an
+IPv6 /64 (elemta.smtpd.clientnet).
 """
 
 import hashlib
 import mmap
+import os
+
+from elemta.smtpd.clientnet import client_group
 
 SLOTS = 32768            # per half-row; one row is 2 * SLOTS int32 counters (256 KiB)
 _ROW = 2 * SLOTS
 
 
 class ClientCounts:
-    """A shared table of per-address session counts, one row per worker."""
+    """A shared table of per-client session counts, one row per worker."""
 
     def __init__(self, rows):
         self.rows = rows
         self._memory = mmap.mmap(-1, rows * _ROW * 4)     # MAP_SHARED | MAP_ANONYMOUS
         self._cells = memoryview(self._memory).cast("i")
+        self._key = os.urandom(32)      # inherited by the workers: made before the fork
         self.row = 0
 
     def use_row(self, row):
@@ -36,19 +45,20 @@ class ClientCounts:
         self._memory[row * _ROW * 4:(row + 1) * _ROW * 4] = bytes(_ROW * 4)
 
     def count(self, address):
-        first, second = _slots(address)
+        """Sessions open from the client (IPv4 address or IPv6 /64) of `address`."""
+        first, second = self._slots(address)
         cells, rows = self._cells, range(self.rows)
         return min(sum(cells[r * _ROW + first] for r in rows),
                    sum(cells[r * _ROW + second] for r in rows))
 
     def add(self, address, delta):
-        first, second = _slots(address)
+        first, second = self._slots(address)
         base = self.row * _ROW
         self._cells[base + first] += delta
         self._cells[base + second] += delta
 
-
-def _slots(address):
-    digest = hashlib.blake2b(address.encode("ascii", "replace"), digest_size=8).digest()
-    return (int.from_bytes(digest[:4], "big") % SLOTS,
-            SLOTS + int.from_bytes(digest[4:], "big") % SLOTS)
+    def _slots(self, address):
+        digest = hashlib.blake2b(client_group(address).encode("ascii", "replace"),
+                                 digest_size=8, key=self._key).digest()
+        return (int.from_bytes(digest[:4], "big") % SLOTS,
+                SLOTS + int.from_bytes(digest[4:], "big") % SLOTS)

@@ -22,6 +22,7 @@ from elemta.smtp.protocol import Settings
 from elemta.smtp.replies import Reply
 from elemta.smtpd.authn import Authenticator
 from elemta.smtpd.clientcount import ClientCounts
+from elemta.smtpd.clientnet import client_group
 from elemta.smtpd.committer import GroupCommitter
 from elemta.smtpd.policy import RelayPolicy
 from elemta.smtpd.session import Session
@@ -37,6 +38,7 @@ def protocol_settings(config, listener, tls_ready, auth_ready):
         hostname=config.hostname, banner=s.banner,
         max_message_size=config.limits.message_size,
         max_recipients=config.limits.recipients, max_errors=config.limits.errors,
+        junk_command_limit=s.junk_command_limit,
         bare_line_endings=s.bare_line_endings, undeclared_8bit=s.undeclared_8bit,
         starttls_available=tls_ready and listener.mode != "smtps",
         implicit_tls=listener.mode == "smtps",
@@ -116,7 +118,9 @@ class SMTPServer:
             return self._refuse(sock, listener, "Error: too many connections")
         if (self.client_counts.count(client_ip) >= limits.connections_per_client
                 and not self.policy.client_trusted(client_ip)):
-            log.warning("too many connections from %s", client_ip)
+            group = client_group(client_ip)
+            log.warning("too many connections from %s%s", client_ip,
+                        " (counted per %s)" % group if group != client_ip else "")
             metrics.CONNECTIONS.labels(listener.mode, "refused_client_limit").inc()
             return self._refuse(sock, listener,
                                 "Error: too many connections from %s" % client_ip)

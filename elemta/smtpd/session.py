@@ -189,6 +189,11 @@ class Session:
             elif isinstance(event, Reply):
                 self._out += event.encode()
                 metrics.count_reply(event.code, event.status, proto.last_command)
+                if event.close and event.status == "4.7.0":
+                    # The core hung up on a limit (errors, junk commands): say so, as
+                    # Postfix logs "too many errors after RCPT from ...".
+                    log.info("%s after %s from %s", str(event.text).partition("Error: ")[2],
+                             proto.last_command, self.client)
             else:
                 getattr(self, HANDLERS[type(event)])(event)
 
