@@ -242,11 +242,15 @@ def read_submission(path):
         if exc.errno in _NOT_A_SUBMISSION:
             raise BadSubmission("%s: %s" % (path, _NOT_A_SUBMISSION[exc.errno])) from None
         raise
-    file = os.fdopen(fd, "rb")
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(info.st_mode):      # checked first: fdopen refuses a directory
             raise BadSubmission("%s: not a regular file" % path)
+    except BaseException:
+        os.close(fd)
+        raise
+    file = os.fdopen(fd, "rb")
+    try:
         if info.st_nlink != 1:
             raise BadSubmission("%s: has %d links" % (path, info.st_nlink))
         if file.read(len(MAGIC)) != MAGIC:
