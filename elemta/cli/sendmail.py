@@ -430,6 +430,11 @@ def send(options, context, stdin=None):
         recipients = list(dict.fromkeys(recipients + composer.extracted))
         if not recipients:
             raise Failure(EX_DATAERR, "no recipient addresses found in the message headers")
+        limit = context.config.limits.recipients
+        if len(recipients) > limit:
+            # pickup would refuse the file (the limit smtpd applies at RCPT): say it now.
+            raise Failure(EX_DATAERR, "too many recipients: %d, limits.recipients is %d"
+                          % (len(recipients), limit))
         writer.finish(envelope_dict(sender, recipients, options, writer.eight_bit))
     except BaseException:
         writer.abort()

@@ -265,8 +265,10 @@ class Limits:
     """Bounds on what one client may ask of the server."""
     message_size: int = opt(31457280, "Largest message accepted, in bytes (SIZE); larger "
                                       "messages get 552 5.3.4.", _positive)
-    recipients: int = opt(1000, "Recipients accepted per message; more get 452 4.5.3.",
-                          _positive)
+    recipients: int = opt(1000, "Recipients accepted per message; more get 452 4.5.3 "
+                                "(Postfix's smtpd_recipient_limit). Local submissions "
+                                "too: sendmail refuses more (exit 65) and pickup removes "
+                                "a maildrop file that has more.", _positive)
     errors: int = opt(20, "Errors per session before the server says 421 and closes.",
                       _positive)
     connections_per_worker: int = opt(10000, "Concurrent sessions one smtpd worker serves; "

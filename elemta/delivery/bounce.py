@@ -33,6 +33,7 @@ import time
 
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import Envelope, Recipient
+from elemta.util.text import printable
 
 # Original headers copied into the DSN at most (a DSN must not be a way to amplify).
 MAX_ORIGINAL_HEADERS = 64 * 1024
@@ -89,13 +90,15 @@ def build_dsn(hostname, envelope, recipients, original, now=None, action=FAILED,
     """The DSN's bytes (CRLF lines). recipients: the model.Recipients it reports on;
     original: the original headers, or with full the whole message (bytes); action:
     FAILED, DELAYED, RELAYED or DELIVERED; retry_until: time.time() of the last retry
-    (DELAYED); to: who it goes to (default: the envelope sender)."""
+    (DELAYED); to: who it goes to (default: the envelope sender). Envelope values and
+    remote replies go in through printable(): none can end a header line or fake the
+    MIME boundary, even from a queue file older than the checks at the door."""
     now = time.time() if now is None else now
     subject, summary = _WORDING[action]
     boundary = "%s/%s" % (envelope.queue_id, hostname)
     lines = [
         "From: Mail Delivery System <MAILER-DAEMON@%s>" % hostname,
-        "To: <%s>" % (envelope.sender if to is None else to),
+        "To: <%s>" % printable(envelope.sender if to is None else to),
         "Subject: %s" % subject,
         "Date: %s" % email.utils.formatdate(now, localtime=False),
         "Message-ID: <%s.dsn@%s>" % (new_queue_id(), hostname),
@@ -116,25 +119,26 @@ def build_dsn(hostname, envelope, recipients, original, now=None, action=FAILED,
         "",
     ]
     for recipient in recipients:
-        lines.append("<%s>: %s" % (recipient.address, recipient.last_reply or action))
+        lines.append("<%s>: %s" % (printable(recipient.address),
+                                   printable(recipient.last_reply or action)))
     lines += ["", "--%s" % boundary,
               "Content-Description: Delivery report",
               "Content-Type: message/delivery-status",
               "",
               "Reporting-MTA: dns; %s" % hostname]
     if envelope.envid:
-        lines.append("Original-Envelope-Id: %s" % envelope.envid)
+        lines.append("Original-Envelope-Id: %s" % printable(envelope.envid))
     lines.append("Arrival-Date: %s" % email.utils.formatdate(envelope.arrival,
                                                              localtime=False))
     for recipient in recipients:
         lines.append("")
-        lines.append("Final-Recipient: rfc822; %s" % recipient.address)
+        lines.append("Final-Recipient: rfc822; %s" % printable(recipient.address))
         if recipient.orcpt:
-            lines.append("Original-Recipient: %s" % recipient.orcpt)
+            lines.append("Original-Recipient: %s" % printable(recipient.orcpt))
         lines += ["Action: %s" % action,
                   "Status: %s" % status_of(recipient.last_reply, action)]
         if recipient.last_reply:
-            lines.append("Diagnostic-Code: smtp; %s" % recipient.last_reply)
+            lines.append("Diagnostic-Code: smtp; %s" % printable(recipient.last_reply))
         if action == DELAYED and retry_until:
             lines.append("Will-Retry-Until: %s" % email.utils.formatdate(retry_until,
                                                                          localtime=False))

@@ -23,6 +23,7 @@ import subprocess
 import time
 
 from elemta.queue.model import BOUNCED, RCPT_DEFERRED, SENT
+from elemta.util.text import printable
 
 SHELL = "/bin/sh"
 # Postfix's _PATH_DEFPATH for commands.
@@ -57,14 +58,17 @@ SYSEXITS = {
 
 def command_environment(user, recipient, local, extension, domain, sender,
                         original_recipient, home, shell):
-    """The variables local(8) exports to a command (see its man page)."""
-    env = {"PATH": COMMAND_PATH, "LOGNAME": user, "USER": user, "SENDER": sender,
-           "RECIPIENT": recipient, "LOCAL": local, "DOMAIN": domain,
+    """The variables local(8) exports to a command (see its man page). What comes from
+    the envelope goes through printable(): a shell script that echoes $ORIGINAL_RECIPIENT
+    into a file or a header must never get a line break (or a NUL, which exec refuses)."""
+    env = {"PATH": COMMAND_PATH, "LOGNAME": user, "USER": user,
+           "SENDER": printable(sender), "RECIPIENT": printable(recipient),
+           "LOCAL": printable(local), "DOMAIN": printable(domain),
            "HOME": home, "SHELL": shell or SHELL}
     if extension is not None:
-        env["EXTENSION"] = extension
+        env["EXTENSION"] = printable(extension)
     if original_recipient:
-        env["ORIGINAL_RECIPIENT"] = original_recipient
+        env["ORIGINAL_RECIPIENT"] = printable(original_recipient)
     for name in PASSED_ON:
         if name in os.environ:
             env[name] = os.environ[name]

@@ -42,6 +42,7 @@ from elemta.queue import wakeup
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import BOUNCED, RCPT_DEFERRED, SENT, Envelope, Recipient
 from elemta.queue.queue import Queue
+from elemta.util.text import printable
 
 log = logging.getLogger("elemta.local")
 
@@ -332,7 +333,8 @@ class RecipientDelivery:
                    map_size=queue_config.index_map_size) as queue:
             content = self.copy.content
             content.seek(0)
-            delivered_to = ("Delivered-To: %s\r\n" % normal_address(original["address"]))
+            delivered_to = ("Delivered-To: %s\r\n"
+                            % printable(normal_address(original["address"])))
             queue.add(forwarded, itertools.chain(
                 [delivered_to.encode("utf-8")], iter(lambda: content.read(65536), b"")))
         wakeup.notify(queue_config.spool_dir)

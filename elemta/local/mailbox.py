@@ -25,6 +25,8 @@ import socket
 import stat
 import time
 
+from elemta.util.text import printable
+
 # Postfix's deliver_lock_attempts, deliver_lock_delay and stale_lock_time.
 LOCK_ATTEMPTS = 20
 LOCK_DELAY = 1.0
@@ -59,13 +61,16 @@ class MessageCopy:
 
     def from_line(self):
         """The mbox separator: "From sender Thu Nov 24 17:22:00 2022" (Postfix's)."""
-        return ("From %s %s\n" % (self.sender or "MAILER-DAEMON",
+        return ("From %s %s\n" % (printable(self.sender) or "MAILER-DAEMON",
                                   time.asctime(time.localtime(self.arrival)))).encode("utf-8")
 
     def delivery_headers(self):
-        """Return-Path, X-Original-To and Delivered-To, as local(8) prepends them."""
+        """Return-Path, X-Original-To and Delivered-To, as local(8) prepends them. The
+        envelope values go through printable(): a line break in one (an ORCPT from an
+        old queue file) would splice a forged message into an mbox."""
         return ("Return-Path: <%s>\nX-Original-To: %s\nDelivered-To: %s\n"
-                % (self.sender, self.original_recipient, self.delivered_to)).encode("utf-8")
+                % (printable(self.sender), printable(self.original_recipient),
+                   printable(self.delivered_to))).encode("utf-8")
 
     def lines(self):
         """The content's lines with LF line ends; the last one always ends in LF."""

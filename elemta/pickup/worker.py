@@ -23,8 +23,10 @@ queue after the fork. Its loop, top to bottom:
     wake      the delivery workers (elemta.queue.wakeup)
     sleep     until sendmail's datagram on spool/run/pickup.sock, or PICKUP_SCAN seconds
 
-A file that is not a complete submission (a user's symlink, FIFO, hard link or junk) is
-logged and removed; hidden temp files left by a sendmail that died are removed after a day.
+A file that is not a complete submission (a user's symlink, FIFO, socket, directory,
+hard link, unreadable file or junk) or whose envelope breaks a rule (elemta.pickup.envelope:
+types, NOTIFY, ORCPT, ENVID, limits.recipients) is logged once and removed; hidden files
+(temp files left by a sendmail that died, or anybody's) are removed after a day.
 Stops on SIGTERM/SIGINT/SIGQUIT (between messages), reopens logs on SIGUSR1, and stops when
 the master is gone. Signal handlers only set flags (design rule 1).
 See also: elemta.queue.maildrop (the file format), elemta.cli.sendmail (the writer),
@@ -44,10 +46,11 @@ from elemta.plugins.manager import PluginManager
 from elemta.plugins.resolver import Resolver
 from elemta.queue import maildrop, wakeup
 from elemta.queue.ids import new_queue_id
-from elemta.queue.model import Envelope, Recipient
+from elemta.pickup.envelope import PROTOCOL, envelope_for
 from elemta.queue.queue import Queue
-from elemta.smtp.address import AddressError, domain_of, validate_mailbox
+from elemta.smtp.address import domain_of
 from elemta.util import logs
+from elemta.util.text import printable
 from elemta.util.scoreboard import RUNNING
 
 log = logging.getLogger("elemta.pickup")
@@ -60,7 +63,6 @@ PICKUP_BATCH = 100
 STALE_TEMP = 86400.0
 # Seconds before a submission a plugin tempfailed is tried again.
 PICKUP_RETRY = 60.0
-PROTOCOL = "local"
 
 
 def received_header(uid, hostname, queue_id, recipients, now=None):
@@ -74,45 +76,6 @@ def received_header(uid, hostname, queue_id, recipients, now=None):
         lines[-1] += ";"
         lines.append("\t" + date)
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
-
-
-def envelope_for(data, uid, queue_id, arrival):
-    """The queue Envelope from a submission's envelope dict; raises BadSubmission."""
-    try:
-        sender = data.get("sender", "")
-        if not isinstance(sender, str) or (sender and not _valid(sender)):
-            raise ValueError("bad sender %r" % (sender,))
-        recipients = []
-        for item in data["recipients"]:
-            address = item["address"]
-            if not isinstance(address, str) or not _valid(address):
-                raise ValueError("bad recipient %r" % (address,))
-            notify = item.get("notify")
-            recipients.append(Recipient(address, tuple(notify) if notify else None,
-                                        item.get("orcpt")))
-        if not recipients:
-            raise ValueError("no recipients")
-        ret, envid = data.get("ret"), data.get("envid")
-        if ret not in (None, "FULL", "HDRS"):
-            raise ValueError("bad RET %r" % (ret,))
-        body = data.get("body", "7BIT")
-        if body not in ("7BIT", "8BITMIME"):
-            raise ValueError("bad BODY %r" % (body,))
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise maildrop.BadSubmission("bad envelope: %s" % exc) from None
-    return Envelope(queue_id=queue_id, sender=sender, recipients=recipients,
-                    arrival=arrival, body=body, smtputf8=bool(data.get("smtputf8")),
-                    ret=ret, envid=envid if isinstance(envid, str) else None,
-                    client_address="", client_helo="", protocol=PROTOCOL,
-                    extra={"uid": uid})
-
-
-def _valid(address):
-    try:
-        validate_mailbox(address, utf8=True)
-    except AddressError:
-        return False
-    return True
 
 
 class Deferred(Exception):
@@ -130,12 +93,14 @@ class PickupWorker:
         self.spool = config.queue.spool_dir
         self.hostname = config.hostname
         self.max_size = config.limits.message_size
+        self.max_recipients = config.limits.recipients
         self.queue = None
         self.plugins = None
         self.resolver = None
         self.local_domains = {d.lower().rstrip(".")
                               for d in tuple(config.relay.local_domains) + (config.hostname,)}
         self._deferred = {}          # maildrop name -> time.monotonic() of the next try
+        self._stuck = set()          # names of bad entries that could not be removed
         self._stopping = False
         self._reopen_logs = False
         self._last_temp_sweep = 0.0
@@ -235,6 +200,7 @@ class PickupWorker:
             return 0
         present = set(names)
         self._deferred = {n: t for n, t in self._deferred.items() if n in present}
+        self._stuck &= present
         queued = 0
         for start in range(0, len(names), PICKUP_BATCH):
             if self._stopping:
@@ -249,7 +215,7 @@ class PickupWorker:
         taken = []                   # (path, writer, uid, hold): hold is a log line or None
         now = time.monotonic()
         for name in names:
-            if self._deferred.get(name, 0.0) > now:
+            if self._deferred.get(name, 0.0) > now or name in self._stuck:
                 continue
             self._deferred.pop(name, None)
             path = os.path.join(directory, name)
@@ -258,15 +224,17 @@ class PickupWorker:
             except FileNotFoundError:
                 continue
             except maildrop.BadSubmission as exc:
-                log.warning("maildrop: removing a bad submission: %s", exc)
-                _unlink(path)
+                self._remove_bad(name, path, exc)
                 continue
             except Deferred as exc:
-                log.info("maildrop: %s: %s; tried again in %ds", name, exc, PICKUP_RETRY)
+                log.info("maildrop: %s: %s; tried again in %ds", printable(name), exc,
+                         PICKUP_RETRY)
                 self._deferred[name] = now + PICKUP_RETRY
                 continue
             except OSError as exc:
-                log.error("maildrop: %s: %s; left for the next scan", name, exc)
+                log.error("maildrop: %s: %s; tried again in %ds", printable(name), exc,
+                          PICKUP_RETRY)
+                self._deferred[name] = now + PICKUP_RETRY
                 continue
             if spooled is None:                 # discarded by a plugin (logged)
                 _unlink(path)
@@ -339,8 +307,12 @@ class PickupWorker:
                 raise maildrop.BadSubmission("%s: %d bytes, more than limits.message_size"
                                              % (path, submission.content_length))
             queue_id = new_queue_id()
-            envelope = envelope_for(submission.envelope, submission.uid, queue_id,
-                                    time.time())
+            try:
+                envelope = envelope_for(submission.envelope, submission.uid, queue_id,
+                                        time.time(), self.max_recipients)
+            except maildrop.BadSubmission as exc:
+                raise maildrop.BadSubmission("%s (uid %d): %s" % (path, submission.uid,
+                                                                   exc)) from None
             hold = None
             if wants_content(self.plugins):
                 # Bounded by limits.message_size (checked above).
@@ -367,22 +339,36 @@ class PickupWorker:
         finally:
             submission.close()
 
+    def _remove_bad(self, name, path, reason):
+        """One log line for a bad submission, and it is gone. One that cannot be removed
+        (a user's directory with files in it) is named once and then left alone, so
+        every scan does not log it again."""
+        problem = _remove(path)
+        if problem is None:
+            log.warning("maildrop: removing a bad submission: %s", printable(str(reason)))
+            return
+        log.error("maildrop: a bad submission: %s; cannot remove it (%s): ignored until "
+                  "it is removed by hand", printable(str(reason)), problem)
+        self._stuck.add(name)
+
     def _sweep_temp_files(self):
         now = time.time()
         if now - self._last_temp_sweep < 3600:
             return
         self._last_temp_sweep = now
         try:
-            temps = maildrop.iter_temp_files(self.spool)
+            hidden = maildrop.iter_hidden(self.spool)
         except OSError:
             return
-        for path in temps:
+        for path in hidden:
             try:
-                if now - os.lstat(path).st_mtime > STALE_TEMP:
-                    log.warning("maildrop: removing %s, left by a sendmail that died", path)
-                    os.unlink(path)
+                if now - os.lstat(path).st_mtime <= STALE_TEMP:
+                    continue
             except OSError:
-                pass
+                continue
+            if _remove(path) is None:
+                log.warning("maildrop: removed %s, a day old: left by a sendmail that died, "
+                            "or not sendmail's", printable(path))
 
 
 def _drain(sock):
@@ -402,12 +388,30 @@ def _drain_fd(fd):
 
 
 def _unlink(path):
+    problem = _remove(path)
+    if problem is not None:
+        log.error("maildrop: cannot remove %s: %s", printable(path), problem)
+
+
+def _remove(path):
+    """Remove a maildrop entry, an empty directory too (any user may make one in the
+    1733 maildrop); None when it is gone, else why not."""
     try:
         os.unlink(path)
+        return None
     except FileNotFoundError:
+        return None
+    except IsADirectoryError:
         pass
     except OSError as exc:
-        log.error("maildrop: cannot remove %s: %s", path, exc)
+        return exc.strerror or str(exc)
+    try:
+        os.rmdir(path)
+        return None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 def run_pickup(config, slot, scoreboard, master_pid):

@@ -56,6 +56,12 @@ MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
 COPY_BUFFER = 64 * 1024
 
 
+# Why os.open refused a maildrop entry that can never become a submission.
+_NOT_A_SUBMISSION = {errno.ELOOP: "a symbolic link", errno.ENXIO: "a socket",
+                     errno.EACCES: "not readable by Elemta's user",
+                     errno.EPERM: "not readable by Elemta's user"}
+
+
 class BadSubmission(ValueError):
     """A maildrop file that is not a complete submission (or not a plain file)."""
 
@@ -228,28 +234,35 @@ def iter_names(spool_dir):
                   if not n.startswith("."))
 
 
-def iter_temp_files(spool_dir):
+def iter_hidden(spool_dir):
+    """Paths of the hidden entries: sendmail's temp files (TEMP_PREFIX), and whatever
+    else a user left under a hidden name (pickup removes them when a day old)."""
     directory = maildrop_dir(spool_dir)
     return [os.path.join(directory, n) for n in os.listdir(directory)
-            if n.startswith(TEMP_PREFIX)]
+            if n.startswith(".")]
 
 
 def read_submission(path):
     """Open and check one maildrop file; returns a Submission (close it). Raises
     BadSubmission for anything but a complete plain file with one link (a user could
-    leave a symlink, a FIFO or a hard link to someone else's file here), and
-    FileNotFoundError if it is gone."""
+    leave a symlink, a FIFO, a socket, a file pickup may not read or a hard link to
+    someone else's file here), and FileNotFoundError if it is gone; another OSError is
+    a passing trouble (EMFILE, EIO)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise BadSubmission("%s: a symbolic link" % path) from None
+        if exc.errno in _NOT_A_SUBMISSION:
+            raise BadSubmission("%s: %s" % (path, _NOT_A_SUBMISSION[exc.errno])) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):      # checked first: fdopen refuses a directory
+            raise BadSubmission("%s: not a regular file" % path)
+    except BaseException:
+        os.close(fd)
         raise
     file = os.fdopen(fd, "rb")
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise BadSubmission("%s: not a regular file" % path)
         if info.st_nlink != 1:
             raise BadSubmission("%s: has %d links" % (path, info.st_nlink))
         if file.read(len(MAGIC)) != MAGIC:
@@ -271,10 +284,10 @@ def read_submission(path):
             raise BadSubmission("%s: damaged envelope" % path)
         try:
             envelope = json.loads(raw[len(ENVELOPE_TAG):-1].decode("ascii"))
-        except ValueError:
-            raise BadSubmission("%s: damaged envelope" % path) from None
+        except (ValueError, RecursionError):       # deep nesting: [[[[...]]]]
+            raise BadSubmission("%s: damaged envelope (not JSON)" % path) from None
         if not isinstance(envelope, dict):
-            raise BadSubmission("%s: damaged envelope" % path)
+            raise BadSubmission("%s: damaged envelope (not a JSON object)" % path)
         return Submission(path, file, info.st_uid, envelope, content_length)
     except BaseException:
         file.close()

@@ -1,8 +1,10 @@
 """Envelope addresses and ESMTP parameters: parsing and validation, no I/O.
 
 Used by the protocol core for MAIL FROM / RCPT TO (RFC 5321 4.1.2, RFC 6531 for UTF-8
-addresses) and for the DSN parameters of RFC 3461 (xtext). Functions raise
-AddressError with a client-facing reason; the core turns it into a 501/553 reply.
+addresses). Functions raise AddressError with a client-facing reason; the core turns it
+into a 501/553 reply. No address holds a control character: C0 and DEL are not in the
+grammar, and the non-ASCII that SMTPUTF8 allows leaves out C1 and U+2028/U+2029 too.
+See also elemta.smtp.dsn (the DSN parameters ENVID, NOTIFY, ORCPT).
 """
 
 import ipaddress
@@ -15,15 +17,17 @@ MAX_PATH = 256
 
 _ATEXT = "A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
 _DOT_ATOM = re.compile(r"^[%s]+(\.[%s]+)*$" % (_ATEXT, _ATEXT))
-# With SMTPUTF8 (RFC 6531 3.3) any non-ASCII character is also atext.
-_DOT_ATOM_UTF8 = re.compile("^[\u0080-\U0010ffff%s]+(\\.[\u0080-\U0010ffff%s]+)*$"
-                            % (_ATEXT, _ATEXT))
+# With SMTPUTF8 (RFC 6531 3.3) any non-ASCII character is also atext, but the C1
+# controls and the line and paragraph separators (they would end a line somewhere).
+_NON_ASCII = "\u00a0-\u2027\u202a-\U0010ffff"
+_DOT_ATOM_UTF8 = re.compile("^[%s%s]+(\\.[%s%s]+)*$"
+                            % (_NON_ASCII, _ATEXT, _NON_ASCII, _ATEXT))
 _QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
-_QUOTED_UTF8 = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"$')
+_QUOTED_UTF8 = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e%s]|\\[\x20-\x7e])*"$'
+                          % _NON_ASCII)
 _LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-_LABEL_UTF8 = re.compile(r"^[A-Za-z0-9\u0080-\U0010ffff]([A-Za-z0-9\u0080-\U0010ffff-]*"
-                         r"[A-Za-z0-9\u0080-\U0010ffff])?$")
-_XTEXT_CHAR = re.compile(r"^([\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
+_LABEL_UTF8 = re.compile(r"^[A-Za-z0-9%s]([A-Za-z0-9%s-]*[A-Za-z0-9%s])?$"
+                         % (_NON_ASCII, _NON_ASCII, _NON_ASCII))
 _PARAM_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 
 
@@ -148,19 +152,6 @@ def parse_params(text):
             raise AddressError("empty value for %s" % key)
         params[key] = value if eq else None
     return params
-
-
-def decode_xtext(value):
-    """Decode RFC 3461 4 xtext ("+2B" is '+'); raise AddressError when malformed."""
-    if not value or not _XTEXT_CHAR.match(value):
-        raise AddressError("bad xtext")
-    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
-
-
-def encode_xtext(value):
-    """Encode text as RFC 3461 xtext (for passing DSN parameters on)."""
-    return "".join(ch if "!" <= ch <= "~" and ch not in "+=" else "+%02X" % ord(ch)
-                   for ch in value)
 
 
 def domain_of(address):

@@ -27,8 +27,9 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
-from elemta.smtp.address import (AddressError, NonAsciiAddress, decode_xtext,
-                                 parse_params, split_path, validate_mailbox)
+from elemta.smtp.address import (AddressError, NonAsciiAddress, parse_params, split_path,
+                                 validate_mailbox)
+from elemta.smtp.dsn import DsnError, parse_envid, parse_notify, parse_orcpt
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
                                 DataStart, Helo, MailFrom, MessageReceived, RcptTo,
                                 RecipientInfo, StartTLS, Transaction)
@@ -37,8 +38,6 @@ from elemta.smtp.replies import Reply
 # RFC 5321 4.5.3.1.4/4.5.3.1.6 allow 512-octet command lines and 1000-octet text lines;
 # ESMTP parameters make commands longer, so commands may use the text-line limit.
 MAX_LINE = 1000
-# RFC 3461 4.4: ENVID is at most 100 characters.
-MAX_ENVID = 100
 # Read at most this much of DATA content per step, so one step never holds a whole
 # message in memory however the client sends it.
 DATA_STEP = 65536
@@ -98,7 +97,6 @@ OUT_OF_ORDER_BY_STATE = {
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BDAT_ARG = re.compile(r"^(\d{1,10})(?: +(LAST))? *$", re.IGNORECASE)
-_NOTIFY_VALUES = ("SUCCESS", "FAILURE", "DELAY")
 _BARE = re.compile(rb"\r\n|\r|\n")
 _TOO_LONG = object()
 
@@ -464,13 +462,11 @@ class ServerProtocol:
                 return 501, "5.5.4", "Error: RET must be FULL or HDRS"
             txn.ret = value.upper()
         elif key == "ENVID":
+            # RFC 3461 4.4; never a control character, whatever xtext can spell (dsn.py).
             try:
-                envid = decode_xtext(value or "")
-            except AddressError:
-                return 501, "5.5.4", "Error: malformed ENVID"
-            if len(envid) > MAX_ENVID:
-                return 501, "5.5.4", "Error: ENVID longer than 100 characters"
-            txn.envid = envid
+                txn.envid = parse_envid(value)
+            except DsnError as exc:
+                return 501, "5.5.4", "Error: %s" % exc
         elif key == "AUTH":
             # RFC 4954 5: accepted and not trusted; we never relay an AUTH= we did not verify.
             if value is None:
@@ -497,7 +493,7 @@ class ServerProtocol:
                 return self._send(501, "5.1.3", "Bad recipient address syntax: %s" % exc)
         rcpt = RecipientInfo(address)
         for key, value in params.items():
-            problem = self._rcpt_param(rcpt, key, value)
+            problem = self._rcpt_param(rcpt, key, value, txn.smtputf8)
             if problem:
                 return self._send(*problem)
         if len(txn.recipients) >= self.settings.max_recipients:
@@ -511,26 +507,18 @@ class ServerProtocol:
         self._decide(RcptTo(txn, rcpt), on_accept, self._rejecter(
             550, "5.1.1", "Error: recipient rejected"))
 
-    def _rcpt_param(self, rcpt, key, value):
-        if key == "NOTIFY":
-            values = tuple((value or "").upper().split(","))
-            if values == ("NEVER",):
-                rcpt.notify = values
-            elif values and all(v in _NOTIFY_VALUES for v in values) \
-                    and len(set(values)) == len(values):
-                rcpt.notify = values
+    def _rcpt_param(self, rcpt, key, value, utf8):
+        """Apply one RCPT parameter (RFC 3461); return a reply tuple if it is wrong. ORCPT
+        never keeps a control character, whatever xtext can spell (elemta.smtp.dsn)."""
+        try:
+            if key == "NOTIFY":
+                rcpt.notify = parse_notify(value)
+            elif key == "ORCPT":
+                rcpt.orcpt = parse_orcpt(value, utf8)
             else:
-                return 501, "5.5.4", "Error: NOTIFY must be NEVER or SUCCESS,FAILURE,DELAY"
-        elif key == "ORCPT":
-            addr_type, semi, xtext = (value or "").partition(";")
-            if not semi or not re.match(r"^[A-Za-z0-9-]+$", addr_type):
-                return 501, "5.5.4", "Error: ORCPT must be addr-type;xtext"
-            try:
-                rcpt.orcpt = "%s;%s" % (addr_type.lower(), decode_xtext(xtext))
-            except AddressError:
-                return 501, "5.5.4", "Error: malformed ORCPT"
-        else:
-            return 555, "5.5.4", "Error: unsupported RCPT parameter %s" % key
+                return 555, "5.5.4", "Error: unsupported RCPT parameter %s" % key
+        except DsnError as exc:
+            return 501, "5.5.4", "Error: %s" % exc
         return None
 
     def smtp_DATA(self, arg):
