@@ -167,21 +167,39 @@ class ElemtaServer:
             return store.read_envelope(queue_id), f.read()
 
 
-@pytest.fixture
-def elemta_server(tmp_path):
-    """Factory: elemta_server(section=dict, ...) -> a started ElemtaServer."""
+def _server_factory(workdir):
+    """(start(**sections) -> started ElemtaServer, stop_all()) for servers under workdir."""
     servers = []
 
     def start(**sections):
-        server = ElemtaServer(tmp_path / ("server%d" % len(servers)), sections)
+        server = ElemtaServer(workdir / ("server%d" % len(servers)), sections)
         servers.append(server)
         return server.start()
 
+    def stop_all():
+        for server in servers:
+            orphans = server.stop()
+            assert not orphans, "processes left after the master exited: %s" % orphans
+            assert "Traceback" not in server.log(), server.log()
+
+    return start, stop_all
+
+
+@pytest.fixture
+def elemta_server(tmp_path):
+    """Factory: elemta_server(section=dict, ...) -> a started ElemtaServer."""
+    start, stop_all = _server_factory(tmp_path)
     yield start
-    for server in servers:
-        orphans = server.stop()
-        assert not orphans, "processes left after the master exited: %s" % orphans
-        assert "Traceback" not in server.log(), server.log()
+    stop_all()
+
+
+@pytest.fixture(scope="module")
+def elemta_module_server(tmp_path_factory):
+    """elemta_server for a whole test module: many probes against one server (its queue
+    and log are shared by the module's tests, so they must not depend on each other's)."""
+    start, stop_all = _server_factory(tmp_path_factory.mktemp("module"))
+    yield start
+    stop_all()
 
 
 @pytest.fixture(scope="session")

@@ -160,31 +160,6 @@ def test_nul_in_content_is_refused():
     assert not d.messages and d.aborted
 
 
-# Published SMTP smuggling end-of-data variants (SEC Consult 2023 and follow-ups).
-SMUGGLING = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\r\n.\n",
-             b"\r.\n", b"\n.\r", b"\r\n\x00.\r\n", b"\r\n.\x00\r\n"]
-
-
-@pytest.mark.parametrize("end", SMUGGLING, ids=repr)
-@pytest.mark.parametrize("policy", ["reject", "normalize"])
-def test_smuggled_end_of_data_never_splits_a_message(end, policy):
-    d = session(bare_line_endings=policy)
-    d.send(ENVELOPE + b"DATA\r\n")
-    smuggled = (b"Subject: real\r\n\r\nreal body" + end +
-                b"MAIL FROM:<forged@bank.test>\r\nRCPT TO:<victim@mx.test>\r\nDATA\r\n"
-                b"Subject: smuggled\r\n\r\nevil\r\n.\r\n")
-    out = d.replies(smuggled)
-    # One answer for one message: no 250 for the smuggled MAIL/RCPT, no 354.
-    assert len(out) == 1, out
-    assert len(d.messages) <= 1
-    for txn, content in d.messages:
-        assert txn.sender == "a@client.test"
-        assert b"Subject: smuggled" in content     # still inside the first message
-    if policy == "reject" and b"\x00" not in end:
-        assert out[0].startswith("550 5.5.2") and not d.messages
-    assert d.replies(b"NOOP\r\n") == ["250 2.0.0 Ok"]
-
-
 def test_bare_lf_normalized_when_configured():
     d = session(bare_line_endings="normalize")
     d.send(ENVELOPE + b"DATA\r\n")
