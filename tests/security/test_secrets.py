@@ -119,24 +119,25 @@ def root_only_secrets(workdir):
 
 # ---------------------------------------------------------------- 4. sendmail needs no secret
 
-def test_ordinary_user_sendmail_works_while_secrets_are_root_only(workdir):
+@pytest.mark.parametrize("sender", [NOBODY, OTHER], ids=lambda user: user.pw_name)
+def test_ordinary_user_sendmail_works_while_secrets_are_root_only(workdir, sender):
     from elemta.queue import maildrop
     config = config_with_secrets(workdir, root_only_secrets(workdir))
     spool = os.path.join(workdir, "spool")
     maildrop.prepare(spool, NOBODY.pw_uid, NOBODY.pw_gid)    # what the daemon does at start
 
-    result = run(workdir, ["elemta.cli.sendmail", "-C", config, "root"], user=OTHER,
+    result = run(workdir, ["elemta.cli.sendmail", "-C", config, "root"], user=sender,
                  stdin=b"Subject: cron\n\nthe backup ran\n")
     assert result.returncode == 0, result.stderr
     drop = os.path.join(spool, "maildrop")
     [name] = os.listdir(drop)
     info = os.stat(os.path.join(drop, name))
-    assert info.st_uid == OTHER.pw_uid          # pickup names the sender from the owner
+    assert info.st_uid == sender.pw_uid         # pickup names the sender from the owner
     with open(os.path.join(drop, name), "rb") as f:
         assert b"the backup ran" in f.read()
 
 
-def test_mailq_and_newaliases_need_no_secret_either(workdir):
+def test_newaliases_needs_no_secret_either(workdir):
     config = config_with_secrets(workdir, root_only_secrets(workdir))
     result = run(workdir, ["elemta.cli.newaliases", "--config", config], user=OTHER)
     assert result.returncode == 0, result.stderr
