@@ -35,10 +35,11 @@ AUTH_REQUIRED_MODES = ("submission", "smtps")
 # returns {key path: why that file cannot be read} (see load_config's check_files).
 FileCheck = Callable[[Config, Sequence[Tuple[KeyPath, str]]], Dict[KeyPath, str]]
 
-# The api reads its token file at start and on reload, and while it cannot it refuses
-# every request and logs why (fail closed): loading the config does not insist on it,
-# a FileCheck (elemta --check-config) is still asked about it.
-_READ_LATER = (("api", "token_file"),)
+# Read later and failing closed with a log line while unreadable: the api's token file
+# (every request refused) and the next hops' SASL passwords (those deliveries deferred,
+# as Postfix does on a table lookup error). Loading the config does not insist on them;
+# a FileCheck (elemta --check-config) is still asked about them.
+_READ_LATER = (("api", "token_file"), ("delivery", "sasl_password_file"))
 
 
 def default_config() -> Config:
@@ -395,8 +396,8 @@ class _Checker:
 
 def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
     """Every file a worker opens as master.user, with the key that names it: the TLS
-    certificate and key, the AUTH credentials, the DKIM and ARC signing keys in use and
-    the api's token file."""
+    certificate and key, the AUTH credentials, the DKIM and ARC signing keys in use, the
+    api's token file and the next hops' SASL passwords."""
     tls, plugins, api = config.tls, config.plugins, config.api
     files: List[Tuple[KeyPath, Optional[str]]] = [
         (("tls", "cert_file"), tls.cert_file), (("tls", "key_file"), tls.key_file),
@@ -409,6 +410,7 @@ def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
         files.append((("plugins", "arc", "key_file"), plugins.arc.key_file))
     if api.enabled:
         files.append((("api", "token_file"), api.token_file))
+    files.append((("delivery", "sasl_password_file"), config.delivery.sasl_password_file))
     return [(path, name) for path, name in files if name]
 
 

@@ -101,6 +101,7 @@ def config_with_secrets(workdir, secrets, user="nobody"):
                 "  arc: {enabled: true, seal: true, domain: mx.test, selector: a1,\n"
                 "        key_file: %(arc)s}\n"
                 "api: {port: %(api)d}\n"
+                "delivery: {sasl_password_file: %(sasl)s}\n"
                 % dict(secrets, spool=spool, user=user, smtp=free_port(),
                        submission=free_port(), api=free_port()))
     os.chmod(path, 0o644)
@@ -114,7 +115,8 @@ def root_only_secrets(workdir):
             "key": secret(os.path.join(d, "key.pem")),
             "credentials": secret(os.path.join(d, "credentials"), "# no users\n"),
             "dkim": secret(os.path.join(d, "dkim.pem")),
-            "arc": secret(os.path.join(d, "arc.pem"))}
+            "arc": secret(os.path.join(d, "arc.pem")),
+            "sasl": secret(os.path.join(d, "sasl_passwd"), "[relay.test]:587 me:pw\n")}
 
 
 # ---------------------------------------------------------------- 4. sendmail needs no secret
@@ -165,7 +167,8 @@ def test_check_config_opens_every_secret_as_master_user(workdir):
     assert result.returncode == 1, result.stdout
     errors = result.stderr.decode()
     for key, name in (("tls.key_file", "key"), ("auth.credentials_file", "credentials"),
-                      ("plugins.dkim.key_file", "dkim"), ("plugins.arc.key_file", "arc")):
+                      ("plugins.dkim.key_file", "dkim"), ("plugins.arc.key_file", "arc"),
+                      ("delivery.sasl_password_file", "sasl")):
         # FILE:LINE: KEY: cannot read FILE: why (as master.user nobody ...)
         assert "%s: cannot read %s: Permission denied (as master.user nobody" % (
             key, secrets[name]) in errors, errors
@@ -174,7 +177,7 @@ def test_check_config_opens_every_secret_as_master_user(workdir):
     assert "Traceback" not in errors
 
     # Fixed as the tools now leave such files: root-owned, the service's group reads.
-    for name in ("key", "credentials", "dkim", "arc"):
+    for name in ("key", "credentials", "dkim", "arc", "sasl"):
         os.chown(secrets[name], 0, NOBODY.pw_gid)
         os.chmod(secrets[name], 0o640)
     result = run(workdir, ["elemta.cli.elemta", "--config", config, "--check-config"])
@@ -184,7 +187,7 @@ def test_check_config_opens_every_secret_as_master_user(workdir):
 
 def test_check_config_names_a_directory_the_workers_cannot_enter(workdir):
     secrets = root_only_secrets(workdir)
-    for name in ("key", "credentials", "dkim", "arc"):
+    for name in ("key", "credentials", "dkim", "arc", "sasl"):
         os.chown(secrets[name], NOBODY.pw_uid, NOBODY.pw_gid)
     os.chmod(os.path.join(workdir, "secrets"), 0o700)
     config = config_with_secrets(workdir, secrets)
