@@ -181,17 +181,38 @@ def make_child_runner(client_counts):
     return run_child
 
 
+def check_config(path):
+    """--check-config: the configuration's problems, and every file the workers read
+    opened as master.user (root, who runs this, can read anything); 0 or 1."""
+    from elemta.cli.filecheck import master_user_check
+    from elemta.config import ConfigError, default_config, load_config
+    from elemta.master import resolve_user
+    try:
+        if path is None:
+            config = default_config()
+        else:
+            config = load_config(path, check_files=master_user_check("elemta"))
+        resolve_user(config.master)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except KeyError as exc:
+        print("elemta: %s" % exc.args[0], file=sys.stderr)
+        return 1
+    print("elemta: configuration OK: %s" % (config.source or "built-in defaults"))
+    return 0
+
+
 def main(argv=None):
     from elemta.config import ConfigError
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.check_config:
+        return check_config(args.config)
     try:
         config = load(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    if args.check_config:
-        print("elemta: configuration OK: %s" % (config.source or "built-in defaults"))
-        return 0
 
     from elemta.master import Master, resolve_user
     from elemta.smtpd.clientcount import ClientCounts

@@ -20,12 +20,11 @@ import subprocess
 import sys
 from typing import Callable, List, Optional
 
-from elemta.cli import control, queuecmd
-from elemta.util import credentials
+from elemta.cli import control, filecheck, queuecmd
+from elemta.util import credentials, daemonfiles
 
 PROG = "elemtactl"
 DEFAULT_CREDENTIALS_FILE = "/etc/elemta/credentials"
-CREDENTIALS_KEY = "auth.credentials_file"
 
 # sysexits.h
 DEFAULT_DKIM_DIR = "/etc/elemta/dkim"
@@ -64,27 +63,6 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------- configuration
 
-def _load_config(path: str):
-    """The typed Config from path; Failure(EX_NOINPUT or EX_CONFIG) if it cannot be used."""
-    ConfigError, load_config, _ = _config_api()
-    try:
-        os.close(os.open(path, os.O_RDONLY))
-    except OSError as exc:
-        raise Failure(EX_NOINPUT, "%s: %s" % (path, exc.strerror or exc))
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        problems = _config_errors(exc)
-        if all(getattr(p, "key", None) == CREDENTIALS_KEY for p in exc.problems):
-            # The loader refuses a credentials file it cannot read, such as one
-            # that does not exist yet: say how to create it.
-            raise Failure(EX_CONFIG, "%s (to create the file, name it with --file)"
-                          % problems[0])
-        more = "" if len(problems) == 1 else " (and %d more: %s config check --config %s)" % (
-            len(problems) - 1, PROG, path)
-        raise Failure(EX_CONFIG, problems[0] + more)
-
-
 def _config_api():
     """(ConfigError, load_config, default_config), imported only by commands that need them."""
     try:
@@ -109,30 +87,95 @@ def cmd_config_check(args) -> int:
     path = args.config
     try:
         if path:
-            load_config(path)
+            # The workers read the keys and credentials as master.user: open them so.
+            config = load_config(path, check_files=filecheck.master_user_check(PROG))
+            _workers(config)
         else:
             default_config()
     except ConfigError as exc:
         for message in _config_errors(exc):
             print(message, file=sys.stderr)
         return CONFIG_INVALID
+    except Failure as failure:          # master.user or master.group does not exist
+        print("%s: %s" % (PROG, failure), file=sys.stderr)
+        return CONFIG_INVALID
     print("config OK: %s" % (path or "built-in defaults (no --config given)"))
     return EX_OK
+
+
+# ---------------------------------------------------------------- files for the workers
+
+def _workers(config) -> Optional[daemonfiles.Reader]:
+    """(uid, gid) the workers run as, or None when master.user and master.group are
+    unset (the workers then run as whoever starts elemta)."""
+    from elemta.master import resolve_user
+    if config is None or (config.master.user is None and config.master.group is None):
+        return None
+    try:
+        return resolve_user(config.master)
+    except KeyError as exc:
+        raise Failure(EX_CONFIG, exc.args[0])
+
+
+def _service_config(args):
+    """The Config naming master.user: --config, else the packaged file, else None.
+    Loaded without opening the workers' files: the one being made may not exist yet."""
+    path = getattr(args, "config", None)
+    if path is None and not any(os.path.exists(p) for p in queuecmd.DEFAULT_CONFIG_FILES):
+        return None
+    try:
+        return queuecmd._load_config(path)
+    except queuecmd.QueueFailure as failure:
+        raise Failure(failure.code, str(failure))
+
+
+def _warn_if_workers_cannot_read(config, path: str) -> None:
+    """Open the file just written as master.user; say so if that fails (a directory on
+    the way they cannot enter, say): the daemon would refuse AUTH or answer 451."""
+    if config is None:
+        return
+    why = filecheck.unreadable_as(config.master, [path], PROG).get(path)
+    if why:
+        print("%s: warning: %s: the workers cannot read it: %s" % (PROG, path, why),
+              file=sys.stderr)
+
+
+def _ownership(path: str) -> str:
+    """'mode 0640, root:nogroup' of a file just written."""
+    import grp
+    import pwd
+    info = os.stat(path)
+    try:
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except KeyError:
+        owner = str(info.st_uid)
+    try:
+        group = grp.getgrgid(info.st_gid).gr_name
+    except KeyError:
+        group = str(info.st_gid)
+    return "mode %04o, %s:%s" % (info.st_mode & 0o7777, owner, group)
 
 
 # ---------------------------------------------------------------- users
 
 def _credentials_path(args) -> str:
     """--file, else the auth.credentials_file of --config, else the packaged default."""
+    return _credentials_target(args, writing=False)[0]
+
+
+def _credentials_target(args, writing: bool = True):
+    """(the credentials file, the Config naming the workers' user or None). Writers
+    read the config (--config, else the packaged one) even with --file: the file must
+    be made readable by master.user."""
+    config = _service_config(args) if writing or (args.config and not args.file) else None
     if args.file:
-        return args.file
+        return args.file, config
     if args.config:
-        config = _load_config(args.config)
         if config.auth.credentials_file:
-            return config.auth.credentials_file
+            return config.auth.credentials_file, config
         print("%s: note: %s sets no auth.credentials_file; using %s"
               % (PROG, args.config, DEFAULT_CREDENTIALS_FILE), file=sys.stderr)
-    return DEFAULT_CREDENTIALS_FILE
+    return DEFAULT_CREDENTIALS_FILE, config
 
 
 def _check_username(username: str) -> None:
@@ -218,36 +261,42 @@ def _change_users(path: str, user: str, change: Callable[[], bool]) -> bool:
 def cmd_user_add(args) -> int:
     """user add USER: create a user (fails if it exists)."""
     _check_username(args.user)
-    path = _credentials_path(args)
+    path, config = _credentials_target(args)
+    reader = _workers(config)
     if args.user in _existing_users(path):
         raise _user_exists(path, args.user)
     password = _read_password(args)
-    _change_users(path, args.user,
-                  lambda: credentials.set_user(path, args.user, password, replace=False))
+    _change_users(path, args.user, lambda: credentials.set_user(
+        path, args.user, password, replace=False, reader=reader))
     print("user %s added to %s" % (args.user, path))
+    _warn_if_workers_cannot_read(config, path)
     return EX_OK
 
 
 def cmd_user_passwd(args) -> int:
     """user passwd USER: set a new password for an existing user."""
     _check_username(args.user)
-    path = _credentials_path(args)
+    path, config = _credentials_target(args)
+    reader = _workers(config)
     if not os.path.exists(path):
         raise Failure(EX_NOINPUT, "%s: no such file (add a user first)" % path)
     if args.user not in _existing_users(path):
         raise _no_such_user(path, args.user)
     password = _read_password(args)
-    _change_users(path, args.user,
-                  lambda: credentials.set_user(path, args.user, password, create=False))
+    _change_users(path, args.user, lambda: credentials.set_user(
+        path, args.user, password, create=False, reader=reader))
     print("password of %s changed in %s" % (args.user, path))
+    _warn_if_workers_cannot_read(config, path)
     return EX_OK
 
 
 def cmd_user_del(args) -> int:
     """user del USER: remove a user."""
     _check_username(args.user)
-    path = _credentials_path(args)
-    if not _change_users(path, args.user, lambda: credentials.delete_user(path, args.user)):
+    path, config = _credentials_target(args)
+    reader = _workers(config)
+    if not _change_users(path, args.user,
+                         lambda: credentials.delete_user(path, args.user, reader)):
         raise _no_such_user(path, args.user)
     print("user %s deleted from %s" % (args.user, path))
     return EX_OK
@@ -277,19 +326,40 @@ def cmd_dkim_keygen(args) -> int:
     if os.path.exists(key_file):
         raise Failure(EX_CANTCREAT, "%s: exists; a key is never overwritten (remove it or "
                                     "name another --key-file)" % key_file)
-    if not args.key_file:
-        os.makedirs(DEFAULT_DKIM_DIR, mode=0o750, exist_ok=True)
+    config = _service_config(args)
+    reader = _workers(config)
     try:
-        key = generate_key(args.domain, args.selector, key_file, args.algorithm, args.bits)
+        if not args.key_file:
+            _make_key_directory(DEFAULT_DKIM_DIR, reader)
+        key = generate_key(args.domain, args.selector, key_file, args.algorithm, args.bits,
+                           reader=reader)
     except ValueError as exc:
         raise Failure(EX_USAGE, "dkim keygen: %s" % exc)
     except (OSError, subprocess.CalledProcessError) as exc:
         raise Failure(EX_CANTCREAT, "%s: %s" % (key_file, getattr(exc, "strerror", None)
                                                 or exc))
-    print("; private key written to %s (mode 0600)" % key.key_file)
+    whose = ""
+    if reader is not None:
+        whose = ", readable by master.user %s" % (config.master.user or reader[0])
+    print("; private key written to %s (%s%s)" % (key.key_file, _ownership(key.key_file),
+                                                  whose))
     print("; publish this record, then add the key to plugins.dkim.keys:")
     print(key.zone_line)
+    _warn_if_workers_cannot_read(config, key.key_file)
     return EX_OK
+
+
+def _make_key_directory(path: str, reader) -> None:
+    """The default key directory: 0750, and its group the workers' when made here."""
+    try:
+        os.makedirs(path, mode=0o750)
+    except FileExistsError:
+        return                        # the admin's directory: left as it is
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        daemonfiles.let_read(fd, reader)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- the parser
@@ -349,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     dkim_commands = dkim.add_subparsers(dest="dkim_command", metavar="ACTION",
                                         parser_class=_Parser)
     dkim_commands.required = True
-    keygen = dkim_commands.add_parser("keygen", help=cmd_dkim_keygen.__doc__.split(": ")[1],
+    keygen = dkim_commands.add_parser("keygen", parents=[config_option],
+                                      help=cmd_dkim_keygen.__doc__.split(": ")[1],
                                       description=cmd_dkim_keygen.__doc__.split(": ")[1])
     keygen.add_argument("--domain", "-d", required=True, help="the signing domain (d=)")
     keygen.add_argument("--selector", "-s", required=True, help="the selector (s=)")

@@ -99,7 +99,12 @@ def asctime(seconds: float) -> str:
 # ---------------------------------------------------------------- opening the queue
 
 def _load_config(path: Optional[str]):
-    """The typed Config: --config, else the packaged file if present, else defaults."""
+    """The typed Config: --config, else the packaged file if present, else defaults.
+
+    Shared by mailq, sendmail, newaliases and the queue and control commands: none of
+    them uses a secret, and sendmail runs as any local user, so the files only the
+    daemon reads (TLS key, credentials, DKIM/ARC keys) are neither opened nor checked:
+    they stay readable by master.user alone."""
     from elemta.config import ConfigError, default_config, load_config
     if path is None:
         path = next((p for p in DEFAULT_CONFIG_FILES if os.path.exists(p)), None)
@@ -110,7 +115,7 @@ def _load_config(path: Optional[str]):
     except OSError as exc:
         raise QueueFailure(EX_NOINPUT, "%s: %s" % (path, exc.strerror or exc))
     try:
-        return load_config(path)
+        return load_config(path, check_files=False)
     except ConfigError as exc:
         problems = [str(p) for p in exc.problems] or [str(exc)]
         more = "" if len(problems) == 1 else " (and %d more: %s config check --config %s)" % (

@@ -8,7 +8,9 @@ The loader knows no option by name. It walks the dataclasses of elemta.config.sc
 Tuple[X, ...] a list, and each field's metadata `check` judges the value once its type
 is right. A field's default is always acceptable, even where the check would refuse
 it (smtpd.hostname "" means "the system's host name"). Then a few checks that span
-fields (TLS files, AUTH on submission ports, duplicate listeners) run on the result.
+fields (AUTH on submission ports, duplicate listeners) run on the result, and the files
+the workers will read (TLS, credentials, signing keys) are opened, unless the caller is
+a tool every user runs, which needs no secret (load_config's check_files).
 Every problem in the file is collected, with its line and key path, before ConfigError
 is raised, so one run shows the administrator everything to fix.
 See also: elemta.config.schema, elemta.config.sources, man/elemta.conf.5.
@@ -20,7 +22,7 @@ import ipaddress
 import math
 import os
 import typing
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from elemta.config.errors import ConfigError, KeyPath, Problem, format_key
 from elemta.config.schema import Config
@@ -29,14 +31,32 @@ from elemta.config.sources import FORMATS, parse
 # Listener modes on which a client must authenticate before MAIL.
 AUTH_REQUIRED_MODES = ("submission", "smtps")
 
+# Judges the files the workers read: given the Config and [(key path, file name)], it
+# returns {key path: why that file cannot be read} (see load_config's check_files).
+FileCheck = Callable[[Config, Sequence[Tuple[KeyPath, str]]], Dict[KeyPath, str]]
+
+# Read later and failing closed with a log line while unreadable: the api's token file
+# (every request refused) and the next hops' SASL passwords (those deliveries deferred,
+# as Postfix does on a table lookup error). Loading the config does not insist on them;
+# a FileCheck (elemta --check-config) is still asked about them.
+_READ_LATER = (("api", "token_file"), ("delivery", "sasl_password_file"))
+
 
 def default_config() -> Config:
     """The built-in development defaults: SMTP on 127.0.0.1:2525, spool under ./spool."""
     return Config()
 
 
-def load_config(path: Union[str, "os.PathLike[str]"]) -> Config:
-    """Load and check the config file at `path`; raise ConfigError listing every problem."""
+def load_config(path: Union[str, "os.PathLike[str]"],
+                check_files: Union[bool, FileCheck] = True) -> Config:
+    """Load and check the config file at `path`; raise ConfigError listing every problem.
+
+    check_files says what becomes of the files the workers read (worker_files: TLS key,
+    AUTH credentials, DKIM and ARC keys): True opens each as the calling process (the
+    daemon); False neither opens nor checks them, for the tools every local user runs
+    (sendmail, mailq, newaliases), which need no secret, as Postfix's postdrop needs none;
+    a FileCheck judges them another way (elemta --check-config: as master.user).
+    """
     file = os.fspath(path)
     format_name = FORMATS.get(os.path.splitext(file)[1].lower())
     if format_name is None:
@@ -56,7 +76,7 @@ def load_config(path: Union[str, "os.PathLike[str]"]) -> Config:
             raw[:error.start].count(b"\n") + 1) from None
 
     source = parse(file, text, format_name)
-    checker = _Checker(file, source.lines, source.table_word)
+    checker = _Checker(file, source.lines, source.table_word, check_files)
     config = checker.build(Config, source.data, ())
     if config is _INVALID:      # cannot happen for the top level, which parse() made a dict
         config = Config()
@@ -142,8 +162,10 @@ def _describe(value: Any, table_word: str) -> str:
 class _Checker:
     """Builds schema dataclasses from plain data, recording each problem with its line."""
 
-    def __init__(self, file: str, lines: Dict[KeyPath, int], table_word: str) -> None:
+    def __init__(self, file: str, lines: Dict[KeyPath, int], table_word: str,
+                 check_files: Union[bool, FileCheck] = True) -> None:
         self.file = file
+        self.check_files = check_files
         self.lines = lines
         self.table_word = table_word
         self.problems: List[Problem] = []
@@ -272,12 +294,7 @@ class _Checker:
             given, missing = (cert, key) if tls.cert_file is not None else (key, cert)
             self.refuse_across(given, "is set but %s is not: set both or neither"
                                % format_key(missing), [missing])
-        for path, filename in ((cert, tls.cert_file), (key, tls.key_file),
-                               (("auth", "credentials_file"), auth.credentials_file)):
-            if filename is not None:
-                unreadable = _unreadable(filename)
-                if unreadable:
-                    self.refuse_across(path, "cannot read %s: %s" % (filename, unreadable))
+        self.check_worker_files(config)
 
         if not config.listeners:
             self.refuse_across(("listeners",), "at least one listener is needed")
@@ -306,6 +323,22 @@ class _Checker:
         self.check_delivery(config)
         self.check_plugins(config)
 
+    def check_worker_files(self, config: Config) -> None:
+        """Secrets and certificates the workers read at start: say now, not in a
+        respawn loop or a 451 on every message (see load_config's check_files)."""
+        if self.check_files is False:
+            return
+        files = worker_files(config)
+        if self.check_files is True:
+            files = [(path, name) for path, name in files if path not in _READ_LATER]
+            reasons = {path: why for path, why in
+                       ((path, _unreadable(name)) for path, name in files) if why}
+        else:
+            reasons = self.check_files(config, files)
+        for path, filename in files:
+            if path in reasons:
+                self.refuse_across(path, "cannot read %s: %s" % (filename, reasons[path]))
+
     def check_plugins(self, config: Config) -> None:
         """Each enabled plugin's own checks (a DKIM signing key needs a domain...) and
         every third-party plugin table, by the plugin's Settings: its errors name
@@ -313,19 +346,6 @@ class _Checker:
         from elemta.plugins.api import PluginConfigError
         from elemta.plugins.manager import parse_plugin_config
         plugins = config.plugins
-        # Key files are read by the workers at start; say now, not in a respawn loop.
-        keys = []
-        if plugins.dkim.enabled and plugins.dkim.sign:
-            if plugins.dkim.key_file:
-                keys.append((("plugins", "dkim", "key_file"), plugins.dkim.key_file))
-            keys += [(("plugins", "dkim", "keys", i, "key_file"), key.key_file)
-                     for i, key in enumerate(plugins.dkim.keys) if key.key_file]
-        if plugins.arc.enabled and plugins.arc.seal and plugins.arc.key_file:
-            keys.append((("plugins", "arc", "key_file"), plugins.arc.key_file))
-        for path, filename in keys:
-            unreadable = _unreadable(filename)
-            if unreadable:
-                self.refuse_across(path, "cannot read %s: %s" % (filename, unreadable))
         sections = plugins.mapping()
         for name, settings in plugins.other:
             sections[name] = settings
@@ -372,6 +392,26 @@ class _Checker:
                 if one[:common] == refused[:common]:
                     return
         self.report(path, message)
+
+
+def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
+    """Every file a worker opens as master.user, with the key that names it: the TLS
+    certificate and key, the AUTH credentials, the DKIM and ARC signing keys in use, the
+    api's token file and the next hops' SASL passwords."""
+    tls, plugins, api = config.tls, config.plugins, config.api
+    files: List[Tuple[KeyPath, Optional[str]]] = [
+        (("tls", "cert_file"), tls.cert_file), (("tls", "key_file"), tls.key_file),
+        (("auth", "credentials_file"), config.auth.credentials_file)]
+    if plugins.dkim.enabled and plugins.dkim.sign:
+        files.append((("plugins", "dkim", "key_file"), plugins.dkim.key_file))
+        files += [(("plugins", "dkim", "keys", i, "key_file"), key.key_file)
+                  for i, key in enumerate(plugins.dkim.keys)]
+    if plugins.arc.enabled and plugins.arc.seal:
+        files.append((("plugins", "arc", "key_file"), plugins.arc.key_file))
+    if api.enabled:
+        files.append((("api", "token_file"), api.token_file))
+    files.append((("delivery", "sasl_password_file"), config.delivery.sasl_password_file))
+    return [(path, name) for path, name in files if name]
 
 
 def _key_path(text: str) -> KeyPath:

@@ -128,7 +128,18 @@ allows; and these checks across options:
 and
 .B tls.key_file
 are set both or neither, and the files they name can be read, as can
-.BR auth.credentials_file .
+.B auth.credentials_file
+and the DKIM and ARC signing keys in use.
+The daemon opens them as the user that starts it;
+.B elemta \-\-check\-config
+opens them (and
+.B api.token_file
+and
+.BR delivery.sasl_password_file )
+as
+.BR master.user ,
+as the workers will; the tools every user runs (sendmail, mailq, newaliases) do not
+open them at all: they need no secret.
 .IP \(bu 3
 A listener in mode
 .B smtps

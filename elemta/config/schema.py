@@ -441,7 +441,7 @@ class Delivery:
         None, "Credentials for next hops that want SMTP AUTH, as Postfix's "
               "smtp_sasl_password_maps source file (no postmap needed): lines of "
               "\"[host]:port user:password\" or \"host user:password\", # comments. Keep "
-              "it mode 0600.")
+              "it readable by master.user alone (root:its group 0640, or its own 0600).")
     sasl_require_tls: bool = opt(True, "Authenticate to a next hop only inside TLS; "
                                        "without it the attempt defers (a password never "
                                        "crosses the network in clear).")

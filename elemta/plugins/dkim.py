@@ -26,19 +26,21 @@ tests/test_dkim.py (OpenDKIM signs and verifies against us; RFC 6376 and 8463 ex
 
 import base64
 import email.utils
+import errno
 import logging
 import os
 import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import dkim as dkimpy
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 
 from elemta.plugins.api import MethodResult, Plugin, PluginConfigError, Result
 from elemta.plugins.resolver import TemporaryDNSError
+from elemta.util import daemonfiles
 
 log = logging.getLogger("elemta.plugins.dkim")
 # dkimpy logs its own view of each failure; ours (one line, with the verdict) is enough.
@@ -288,10 +290,12 @@ class GeneratedKey:
         return '%s. IN TXT ( %s )' % (self.dns_name, " ".join('"%s"' % c for c in chunks))
 
 
-def generate_key(domain, selector, key_file, algorithm="rsa-sha256", bits=2048):
-    # type: (str, str, str, str, int) -> GeneratedKey
-    """Write a new private key to key_file (mode 0600; never over an existing file) and
-    return the TXT record to publish at selector._domainkey.domain."""
+def generate_key(domain, selector, key_file, algorithm="rsa-sha256", bits=2048, reader=None):
+    # type: (str, str, str, str, int, Optional[Tuple[int, int]]) -> GeneratedKey
+    """Write a new private key to key_file (never over an existing file) and return the
+    TXT record to publish at selector._domainkey.domain. The key is 0600, or, when
+    reader (the workers' uid, gid) could not read that, root:reader's group 0640
+    (elemta.util.daemonfiles); PermissionError if it cannot be made readable by them."""
     if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*"
                     r"[A-Za-z0-9])?)*$", selector):
         raise ValueError("selector %r is not a valid DNS name" % selector)
@@ -303,6 +307,9 @@ def generate_key(domain, selector, key_file, algorithm="rsa-sha256", bits=2048):
     fd, temporary = tempfile.mkstemp(prefix=".keygen-", dir=directory)
     try:
         os.fchmod(fd, 0o600)
+        if not daemonfiles.let_read(fd, reader):
+            raise PermissionError(errno.EACCES, "the workers (%s) could not read it: run "
+                                  "as root" % daemonfiles.describe(reader))
         if algorithm == "rsa-sha256":
             os.close(fd)
             fd = None

@@ -31,6 +31,8 @@ import time
 import unicodedata
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
+from elemta.util import daemonfiles
+
 log = logging.getLogger(__name__)
 
 # scrypt cost: ln=15 (N=32768, r=8: 32 MiB) takes about 60 ms per hash on the
@@ -47,7 +49,7 @@ MAX_SCRYPT_MEMORY = 256 * 1024 * 1024
 MAX_P = 16
 MAX_USERNAME_BYTES = 255   # RFC 4616: authcid is at most 255 octets
 
-FILE_MODE = 0o640          # root (or the admin) writes, the smtpd group reads
+FILE_MODE = 0o640          # root (or the admin) writes, the smtpd group reads (daemonfiles)
 LOCK_TIMEOUT = 10.0        # seconds elemtactl waits for a concurrent writer
 NEW_FILE_HEADER = (b"# Elemta SMTP AUTH credentials: one user:scrypt-hash per line.\n"
                    b"# Manage with elemtactl user add / passwd / del / list.\n")
@@ -291,12 +293,15 @@ def _stamp_of(st: os.stat_result) -> tuple:
 # ---------------------------------------------------------------- the writers
 
 def set_user(path: str, username: str, password: str, *,
-             create: bool = True, replace: bool = True) -> None:
+             create: bool = True, replace: bool = True,
+             reader: Optional[daemonfiles.Reader] = None) -> None:
     """Add username or change its password, rewriting the file atomically.
 
     create=False raises NoSuchUser if the user is absent (passwd); replace=False
     raises UserExists if present (add). A missing file is created (when create
-    is true) with mode 0640. Raises ValueError for a bad name or password,
+    is true) with mode 0640. reader, the workers' (uid, gid), must be able to read the
+    result: a file that would shut it out becomes root:its group (daemonfiles.let_read);
+    the owner of one it can read is kept. Raises ValueError for a bad name or password,
     OSError if the file cannot be read or written, CredentialsBusy on lock timeout.
     """
     for problem in (username_error(username), password_error(password)):
@@ -326,10 +331,11 @@ def set_user(path: str, username: str, password: str, *,
             out.append(new_line)
         return out
 
-    _rewrite(path, change)
+    _rewrite(path, change, reader)
 
 
-def delete_user(path: str, username: str) -> bool:
+def delete_user(path: str, username: str,
+                reader: Optional[daemonfiles.Reader] = None) -> bool:
     """Remove every line of username; False (file untouched) if it was not there.
 
     Raises FileNotFoundError if the file does not exist, other OSError if it
@@ -341,10 +347,11 @@ def delete_user(path: str, username: str) -> bool:
         out = [raw for raw in lines if _parse_line(raw)[0] != username]
         return out if len(out) != len(lines) else None
 
-    return _rewrite(path, change)
+    return _rewrite(path, change, reader)
 
 
-def _rewrite(path: str, change: Callable[[Optional[List[bytes]]], Optional[List[bytes]]]) -> bool:
+def _rewrite(path: str, change: Callable[[Optional[List[bytes]]], Optional[List[bytes]]],
+             reader: Optional[daemonfiles.Reader] = None) -> bool:
     """Read-modify-write under a lock; change returns the new lines or None for no change."""
     path = os.path.realpath(path)   # keep a symlink pointing at the rewritten file
     directory = os.path.dirname(path)
@@ -358,7 +365,7 @@ def _rewrite(path: str, change: Callable[[Optional[List[bytes]]], Optional[List[
         new_lines = change(lines)
         if new_lines is None:
             return False
-        _atomic_write(path, b"".join(new_lines), old, dir_fd)
+        _atomic_write(path, b"".join(new_lines), old, dir_fd, reader)
         return True
 
 
@@ -385,7 +392,8 @@ def _locked_directory(directory: str) -> Iterator[int]:
         os.close(dir_fd)    # closing releases the lock
 
 
-def _atomic_write(path: str, data: bytes, old: Optional[os.stat_result], dir_fd: int) -> None:
+def _atomic_write(path: str, data: bytes, old: Optional[os.stat_result], dir_fd: int,
+                  reader: Optional[daemonfiles.Reader] = None) -> None:
     """Write a temp file beside path, fsync it, rename it over path, fsync the directory."""
     directory, name = os.path.split(path)
     fd, tmp_path = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=directory)
@@ -394,6 +402,10 @@ def _atomic_write(path: str, data: bytes, old: Optional[os.stat_result], dir_fd:
             if old is not None:
                 _keep_owner(handle.fileno(), old)
             os.fchmod(handle.fileno(), FILE_MODE)
+            if not daemonfiles.let_read(handle.fileno(), reader):
+                raise PermissionError(errno.EACCES, "cannot make it readable by the "
+                                      "workers (%s): run as root"
+                                      % daemonfiles.describe(reader), path)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
