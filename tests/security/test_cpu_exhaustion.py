@@ -202,3 +202,22 @@ def test_more_header_fields_than_max_headers_are_reported_not_checked(elemta_ser
     results = send_signed(server, dkim_key, 30)
     assert results.count("dkim=neutral") == 30
     assert "header fields, more than max_headers (20)" in results
+
+
+def test_the_plugin_timeout_stops_a_check_that_runs_too_long(elemta_server, dns):
+    """In the event loop the timeout could not fire; in a helper it does: 451, the helper
+    is killed, and the next message is checked by a fresh one."""
+    server = elemta_server(relay={"mynetworks": NOT_US}, dns=dns,
+                           plugins={"dkim": {"enabled": True, "timeout": 0.5}})
+    sender = start_transaction(server)
+    # One signature: no DNS lookup after the hashing, where the old timeout could fire.
+    sender.sock.sendall(costly_message(26 * 1024 * 1024, signatures=1) + b".\r\n")
+    code, text = sender.reply()
+    sender.close()
+    assert (code, text[4:9]) == (451, "4.3.0")
+    assert re.search(r"plugin dkim failed at data stage for client \[127\.0\.0\.1\]: timed "
+                     r"out after 0\.5s", server.log()), server.log()
+    small = start_transaction(server)
+    small.sock.sendall(costly_message(10000, signatures=1) + b".\r\n")
+    assert "dkim=fail" in auth_results(spooled(server, small.reply()))
+    small.close()
