@@ -553,8 +553,21 @@ class DKIMPluginConfig(PluginCommon):
                                         "selectors.")
     sign_headers: Tuple[str, ...] = opt((), "Header fields to sign (empty: the RFC 6376 "
                                             "5.4.1 list).")
-    max_signatures: int = opt(10, "Signatures verified per message at most; more are "
-                                  "ignored.", _positive)
+    max_signatures: int = opt(5, "Signatures verified per message at most, top first; the "
+                                 "others are reported dkim=neutral (not checked) and logged. "
+                                 "OpenDKIM: MaximumSignaturesToVerify (default 3).",
+                              _positive)
+    max_body_bytes: int = opt(31457280, "Longest body hashed, in bytes; the signatures of a "
+                                        "longer one are reported dkim=neutral (not checked) "
+                                        "and logged. The default is limits.message_size's, "
+                                        "so every message accepted by default is checked. "
+                                        "OpenDKIM has no such limit (its MaximumSignedBytes "
+                                        "is for signing).", _positive)
+    max_headers: int = opt(1000, "Most header fields a message, or the h= list of one "
+                                 "signature, may have to be checked; beyond it the "
+                                 "signatures are reported dkim=neutral (not checked) and "
+                                 "logged. OpenDKIM: MaximumHeaders (65536 bytes of header).",
+                           _positive)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,11 @@ queue), pickup (data, storage, queue for mail from sendmail) and the delivery wo
                 return Result.reject(550, "5.7.1", "No thanks")
             return None                   # no opinion: default behaviour
 
+An on_<stage> method runs in the worker's event loop, among all its sessions: it waits
+through gevent (ctx.resolver for DNS) and hands CPU-heavy work over the message (hashing,
+signatures, scanning) to elemta.util.offload.call(function, *args), which runs it in a
+helper process, so the other sessions are served meanwhile.
+
 Design rule 6: plugins return a verdict (Result), "no opinion" (None or Result.proceed())
 means default behaviour, and the core formats the SMTP reply. A plugin never sees a
 socket, the master or the index: only the Context below.

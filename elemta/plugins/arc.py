@@ -12,6 +12,12 @@ data stage (the storage stage sees the content with that header added). Keys are
 through the plugin resolver (gevent sockets); a DNS failure is reported as arc=temperror
 and such a message is not sealed (cv= may only be none, pass or fail).
 
+Verifying and sealing are CPU work over the whole message: they run in a helper process
+(elemta.util.offload), so a large message never stalls the worker's other sessions and the
+plugin timeout can stop them; the body is hashed once however many ARC sets cover it
+(elemta.plugins.dkim.BodyHashCache), and a chain longer than RFC 8617's 50 sets fails
+unchecked.
+
 Sealing uses RSA keys (dkimpy's ARC supports rsa-sha256 only) from the same kind of key
 file as DKIM signing; `elemtactl dkim keygen` makes them.
 
@@ -27,8 +33,9 @@ import dkim as dkimpy
 
 from elemta.plugins.api import MethodResult, Plugin, PluginConfigError, Result
 from elemta.plugins.authres import authserv_id_of
-from elemta.plugins.dkim import KeyFileError, load_private_key
+from elemta.plugins.dkim import BodyHashCache, KeyFileError, load_private_key
 from elemta.plugins.resolver import TemporaryDNSError
+from elemta.util import offload
 
 log = logging.getLogger("elemta.plugins.arc")
 _quiet = logging.getLogger("elemta.plugins.arc.dkimpy")
@@ -36,6 +43,9 @@ _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
 
 CHAIN_RESULTS = ("none", "pass", "fail")
+# RFC 8617 4.2.1: at most 50 ARC sets; a longer chain fails (and is not checked: each set
+# costs key lookups and signature checks).
+MAX_INSTANCES = 50
 
 
 class _LookupFailed(Exception):
@@ -60,8 +70,13 @@ def verify_chain(raw, resolver, minkey=1024):
         return records[0] if records else None
 
     try:
-        cv, results, reason = dkimpy.arc_verify(raw, logger=_quiet, dnsfunc=dnsfunc,
-                                                minkey=minkey)
+        verifier = _ARCVerifier(raw, logger=_quiet, minkey=minkey)
+        instances = verifier.sorted_arc_headers()[0]
+        if instances > MAX_INSTANCES:
+            return ARCResult("fail", instances, "%d ARC sets, more than the %d RFC 8617 "
+                                                "allows; not checked" % (instances,
+                                                                         MAX_INSTANCES))
+        cv, results, reason = verifier.verify(dnsfunc=dnsfunc)
     except _LookupFailed as error:
         return ARCResult("temperror", reason="key lookup failed: %s" % error)
     except (dkimpy.DKIMException, ValueError, IndexError, KeyError, TypeError) as error:
@@ -71,6 +86,10 @@ def verify_chain(raw, resolver, minkey=1024):
     if cv not in CHAIN_RESULTS:
         cv = "fail"
     return ARCResult(cv, len(results or ()), reason or "")
+
+
+class _ARCVerifier(BodyHashCache, dkimpy.ARC):
+    """dkimpy's ARC verifier hashing the body once, not once per ARC set."""
 
 
 def seal(raw, selector, domain, key_pem, authserv_id, timestamp=None):
@@ -119,6 +138,9 @@ class ARCPlugin(Plugin):
                 raise PluginConfigError("plugins.%s.key_file: %s" % (self.name, error)) \
                     from None
 
+    def close(self):
+        offload.shutdown()
+
     def forwarded(self, ctx):
         """True for mail this server seals: it leaves, and is not our users' own."""
         return (self.key is not None and ctx.outbound and ctx.auth_user is None
@@ -129,7 +151,8 @@ class ARCPlugin(Plugin):
             return None
         if ctx.authenticated_or_local and not self.forwarded(ctx):
             return None
-        checked = verify_chain(ctx.message.raw, ctx.resolver)
+        # In a helper process: hashing a large body must not stall the other sessions.
+        checked = offload.call(verify_chain, ctx.message.raw, ctx.resolver)
         ctx.state["arc"] = checked
         props = (("smtp.remote-ip", ctx.client_address),) if ctx.client_address else ()
         reason = checked.reason if checked.cv not in ("pass", "none") else ""
@@ -151,8 +174,8 @@ class ARCPlugin(Plugin):
                      ctx.queue_id or "NOQUEUE")
             return None
         try:
-            fields = seal(ctx.message.raw, self.settings.selector, self.settings.domain,
-                          self.key, authserv_id)
+            fields = offload.call(seal, ctx.message.raw, self.settings.selector,
+                                  self.settings.domain, self.key, authserv_id)
         except (dkimpy.DKIMException, ValueError) as error:
             log.warning("%s: not ARC-sealed: %s", ctx.queue_id or "NOQUEUE", error)
             return None

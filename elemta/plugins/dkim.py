@@ -15,6 +15,13 @@ into one False.
     generate_key("example.com", "sel", "/etc/elemta/dkim/sel.key", "ed25519-sha256")
         -> GeneratedKey(key_file=..., dns_name="sel._domainkey.example.com", txt="v=DKIM1; ...")
 
+The work is bounded and kept out of the event loop: at most max_signatures signatures are
+verified, a body longer than max_body_bytes or more than max_headers header fields are not
+hashed (such signatures are reported dkim=neutral, "not checked: why", and logged), the
+body is hashed once per canonicalization however many signatures share it
+(BodyHashCache), and verifying and signing run in a helper process (elemta.util.offload),
+where the plugin timeout can stop them.
+
 Signing happens for authenticated, mynetworks and locally submitted mail (sendmail,
 through pickup), with every key configured for the From domain (or its nearest configured
 parent): an RSA and an Ed25519 key for one domain give two signatures (RFC 8463 section 4
@@ -36,11 +43,12 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import dkim as dkimpy
-from dkim.crypto import UnparsableKeyError, parse_pem_private_key
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.crypto import HASH_ALGORITHMS, UnparsableKeyError, parse_pem_private_key
 
 from elemta.plugins.api import MethodResult, Plugin, PluginConfigError, Result
 from elemta.plugins.resolver import TemporaryDNSError
-from elemta.util import daemonfiles
+from elemta.util import daemonfiles, offload
 
 log = logging.getLogger("elemta.plugins.dkim")
 # dkimpy logs its own view of each failure; ours (one line, with the verdict) is enough.
@@ -51,9 +59,16 @@ _quiet.propagate = False
 ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
 # RFC 8301 3.2: verifiers must not accept RSA keys shorter than 1024 bits.
 MIN_RSA_BITS = 1024
-# More signatures than this on one message are not verified (each costs a DNS lookup and
-# a public-key operation); the rest are reported as neutral.
-MAX_SIGNATURES = 10
+# Bounds on the work one message may cause (each a plugins.dkim setting). Signatures after
+# the first MAX_SIGNATURES are not verified (each costs a DNS lookup and a public-key
+# operation; OpenDKIM's MaximumSignaturesToVerify is 3); a body longer than MAX_BODY_BYTES
+# is not hashed (as large as limits.message_size's default: every message a default
+# configuration accepts is checked); more header fields than MAX_HEADERS, in the message
+# or in one signature's h=, are not matched (dkimpy matches h= names against the header
+# fields one by one). What is not checked is reported as neutral, "not checked: why".
+MAX_SIGNATURES = 5
+MAX_BODY_BYTES = 31457280
+MAX_HEADERS = 1000
 # header.b: enough of b= to tell signatures apart (RFC 6008 says at least 8 characters).
 HEADER_B_LENGTH = 12
 OPENSSL = "openssl"
@@ -80,29 +95,56 @@ class DKIMResult:
         return MethodResult("dkim", self.result, reason, tuple(props))
 
 
-def verify_message(raw, resolver, minkey=MIN_RSA_BITS, max_signatures=MAX_SIGNATURES):
-    # type: (bytes, object, int, int) -> List[DKIMResult]
-    """One DKIMResult per DKIM-Signature, top first; [] when there is none."""
+def verify_message(raw, resolver, minkey=MIN_RSA_BITS, max_signatures=MAX_SIGNATURES,
+                   max_body_bytes=MAX_BODY_BYTES, max_headers=MAX_HEADERS):
+    # type: (bytes, object, int, int, int, int) -> List[DKIMResult]
+    """One DKIMResult per DKIM-Signature, top first; [] when there is none.
+
+    CPU-bound (the body is canonicalized and hashed): the plugin runs it through
+    elemta.util.offload, out of the event loop."""
     try:
-        verifier = dkimpy.DKIM(raw, logger=_quiet, minkey=minkey)
+        verifier = _Verifier(raw, logger=_quiet, minkey=minkey)
     except dkimpy.DKIMException as error:
         return [DKIMResult("permerror", reason="message does not parse: %s" % error)]
     signatures = [value for name, value in verifier.headers
                   if name.lower() == b"dkim-signature"]
+    whole = None            # why no signature can be checked, if none can
+    if len(verifier.headers) > max_headers:
+        whole = "%d header fields, more than max_headers (%d)" % (len(verifier.headers),
+                                                                   max_headers)
+    elif len(verifier.body) > max_body_bytes:
+        whole = "body of %d bytes, more than max_body_bytes (%d)" % (len(verifier.body),
+                                                                     max_body_bytes)
     results = []
     for index, header_value in enumerate(signatures):
-        if index >= max_signatures:
-            results.append(DKIMResult("neutral", reason="too many signatures; not checked"))
-            continue
-        results.append(_verify_one(verifier, index, header_value, resolver))
+        if whole is not None:
+            results.append(_not_checked(header_value, whole))
+        elif index >= max_signatures:
+            results.append(_not_checked(header_value, "more than max_signatures (%d) "
+                                                      "signatures" % max_signatures))
+        else:
+            results.append(_verify_one(verifier, index, header_value, resolver,
+                                       max_headers))
     return results
 
 
-def _verify_one(verifier, index, header_value, resolver):
+NOT_CHECKED = "not checked: "
+
+
+def _not_checked(header_value, why):
+    return DKIMResult("neutral", reason=NOT_CHECKED + why, **_known(header_value))
+
+
+def _known(header_value):
+    """What the signature says of itself, for the report, however broken it is."""
     tags = _loose_tags(header_value)
-    known = dict(domain=tags.get("d", ""), selector=tags.get("s", ""),
-                 identity=tags.get("i", ""), algorithm=tags.get("a", ""),
-                 signature=re.sub(r"\s+", "", tags.get("b", ""))[:HEADER_B_LENGTH])
+    return dict(domain=tags.get("d", ""), selector=tags.get("s", ""),
+                identity=tags.get("i", ""), algorithm=tags.get("a", ""),
+                signature=re.sub(r"\s+", "", tags.get("b", ""))[:HEADER_B_LENGTH])
+
+
+def _verify_one(verifier, index, header_value, resolver, max_headers=MAX_HEADERS):
+    known = _known(header_value)
     try:
         prepared = verifier.verify_headerprep(index)
     except dkimpy.DKIMException as error:
@@ -111,6 +153,10 @@ def _verify_one(verifier, index, header_value, resolver):
     if not prepared:
         return DKIMResult("permerror", reason="signature not found", **known)
     sig, include_headers, sig_headers = prepared
+    if len(include_headers) > max_headers:
+        return _not_checked(header_value, "h= names %d header fields, more than "
+                                          "max_headers (%d)" % (len(include_headers),
+                                                                max_headers))
     name = "%s._domainkey.%s" % (_text(sig[b"s"]), _text(sig[b"d"]))
     try:
         records = resolver.txt(name)
@@ -144,6 +190,48 @@ def _verify_one(verifier, index, header_value, resolver):
     if good:
         return DKIMResult("pass", **known)
     return DKIMResult("fail", reason="signature did not verify", **known)
+
+
+class BodyHashCache:
+    """Mixin for dkimpy's verifiers (DKIM, ARC): the body is canonicalized once per
+    canonicalization and hashed once per (canonicalization, algorithm, l=), not once per
+    signature as dkimpy does - ten signatures over 29 MB were ten passes of regular
+    expressions over 29 MB. dkimpy then checks the header hash and b= as usual."""
+
+    def verify_sig_process(self, sig, include_headers, sig_header, dnsfunc):
+        if b"bh" in sig:
+            self._check_body_hash(sig)
+            sig = dict(sig)
+            del sig[b"bh"]          # checked here: dkimpy skips its own pass over the body
+        return super().verify_sig_process(sig, include_headers, sig_header, dnsfunc)
+
+    def _check_body_hash(self, sig):
+        try:
+            policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+        except InvalidCanonicalizationPolicyError as error:
+            raise dkimpy.MessageFormatError("invalid c= value: %s" % error.args[0])
+        bodies = self.__dict__.setdefault("_canonical_bodies", {})
+        hashes = self.__dict__.setdefault("_body_hashes", {})
+        canonicalization = policy.body_algorithm
+        key = (canonicalization, sig[b"a"], sig.get(b"l"))
+        if key not in hashes:
+            if canonicalization not in bodies:
+                bodies[canonicalization] = canonicalization.canonicalize_body(self.body)
+            body = bodies[canonicalization]
+            if b"l" in sig:
+                body = body[:int(sig[b"l"])]
+            hashes[key] = HASH_ALGORITHMS[sig[b"a"]](body).digest()
+        try:
+            expected = base64.b64decode(re.sub(br"\s+", b"", sig[b"bh"]))
+        except (TypeError, ValueError) as error:
+            raise dkimpy.MessageFormatError(str(error))
+        if hashes[key] != expected:
+            raise dkimpy.ValidationError("body hash mismatch (got %s, expected %s)" % (
+                base64.b64encode(hashes[key]).decode("ascii"), _text(sig[b"bh"])))
+
+
+class _Verifier(BodyHashCache, dkimpy.DKIM):
+    pass
 
 
 def _loose_tags(value):
@@ -367,6 +455,8 @@ class DKIMSettings:
     keys: Tuple[KeySettings, ...] = ()
     sign_headers: Tuple[str, ...] = ()     # default: dkimpy's RFC 6376 5.4.1 list
     max_signatures: int = MAX_SIGNATURES
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_headers: int = MAX_HEADERS
 
     def signing_keys(self):
         keys = []
@@ -388,8 +478,9 @@ class DKIMSettings:
         if self.sign and not self.signing_keys():
             raise PluginConfigError("%s.key_file: sign is true but no key is configured "
                                     "(domain, selector, key_file, or keys)" % path)
-        if self.max_signatures < 1:
-            raise PluginConfigError("%s.max_signatures: must be at least 1" % path)
+        for name in ("max_signatures", "max_body_bytes", "max_headers"):
+            if getattr(self, name) < 1:
+                raise PluginConfigError("%s.%s: must be at least 1" % (path, name))
 
 
 class DKIMPlugin(Plugin):
@@ -418,18 +509,32 @@ class DKIMPlugin(Plugin):
             return None
         if not self.settings.verify or ctx.resolver is None:
             return None
-        results = verify_message(message.raw, ctx.resolver,
-                                 max_signatures=self.settings.max_signatures)
+        settings = self.settings
+        # In a helper process: hashing a large body must not stall the other sessions.
+        results = offload.call(verify_message, message.raw, ctx.resolver, MIN_RSA_BITS,
+                               settings.max_signatures, settings.max_body_bytes,
+                               settings.max_headers)
         ctx.state["dkim"] = results
         if not results:
             ctx.auth_results.append(MethodResult("dkim", "none"))
+        unchecked = {}
         for checked in results:
             ctx.auth_results.append(checked.method_result())
             if checked.result in ("temperror", "permerror", "policy"):
                 log.info("%s: DKIM %s for d=%s s=%s from [%s]: %s", ctx.queue_id or "NOQUEUE",
                          checked.result, checked.domain or "?", checked.selector or "?",
                          ctx.client_address, checked.reason)
+            elif checked.reason.startswith(NOT_CHECKED):
+                why = checked.reason[len(NOT_CHECKED):]
+                unchecked[why] = unchecked.get(why, 0) + 1
+        for why, count in unchecked.items():    # one line per cause, however many
+            log.warning("%s: DKIM: %d of %d signatures from [%s] not checked: %s "
+                        "(plugins.dkim limits)", ctx.queue_id or "NOQUEUE", count,
+                        len(results), ctx.client_address or "local", why)
         return None
+
+    def close(self):
+        offload.shutdown()
 
     def on_storage(self, ctx):
         """Sign our users' mail: the content is final here (after the data stage's edits)."""
@@ -442,7 +547,7 @@ class DKIMPlugin(Plugin):
         if not domain:
             return None
         try:
-            fields = self.signer.sign(message.raw, domain)
+            fields = offload.call(self.signer.sign, message.raw, domain)
         except dkimpy.DKIMException as error:
             log.warning("%s: not DKIM-signed for %s: %s", ctx.queue_id or "NOQUEUE", domain,
                         _text(error))

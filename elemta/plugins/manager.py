@@ -23,8 +23,10 @@ Every plugin call runs under a gevent.Timeout (the plugin's `timeout`, seconds).
 that raises or overruns is logged by name, in one line, without a traceback, and gives
 451 4.3.0 - or, with `fail_open: true`, is passed over as if it had no opinion. Nothing a
 plugin does ends the session or the worker. A plugin that computes without yielding cannot
-be interrupted by the timeout: plugins must do their waiting through gevent (the DNS
-resolver in elemta.plugins.resolver does).
+be interrupted by the timeout and stalls every session of the worker meanwhile: plugins
+must do their waiting through gevent (the DNS resolver in elemta.plugins.resolver does)
+and their heavy computing through elemta.util.offload (a helper process; the dkim and arc
+built-ins do), where the timeout interrupts the wait and the helper is killed.
 
 See also: elemta.plugins.api (what plugins see and return), tests/test_plugins.py.
 """
