@@ -9,12 +9,16 @@ See also: elemta.api.handler, elemta.api.auth, tests/test_api_rest.py.
 """
 
 import json
+import os
+import re
 import select
 import socket
 import time
 
 import pytest
 
+import elemta.api.app
+from tests.conftest import ElemtaServer, wait_for
 from tests.test_api_rest import AUTH, TOKEN, call, server_api_port, wait_for_api
 
 PARTIAL_CLIENTS = 200
@@ -149,3 +153,55 @@ def test_honest_framing_still_works(api):
     status, body = raw_request(api, FLUSH + b"Content-Length: %d\r\nConnection: close\r\n\r\n"
                                % 70000 + b"x" * 70000)
     assert status == 413 and "request body larger than" in body["error"]
+
+
+# ---------------------------------------------------------------- the token's file modes
+
+def start_with_modes(tmp_path, api_section, config_mode):
+    server = ElemtaServer(tmp_path / "server", {"api": api_section})
+    os.chmod(server.config_path, config_mode)
+    server.start()
+    wait_for(lambda: "api listening" in server.log())
+    return server
+
+
+def test_a_token_others_can_read_is_warned_about(tmp_path):
+    token_file = tmp_path / "api-token"
+    token_file.write_text(TOKEN + "\n")
+    os.chmod(str(token_file), 0o640)
+    server = start_with_modes(tmp_path, {"token": TOKEN, "token_file": str(token_file)},
+                              0o644)
+    try:
+        log = server.log()
+    finally:
+        assert server.stop() == []
+    assert "api: api.token_file %s is readable by its group (mode 0640): whoever can read " \
+           "it can read and delete queued mail; chmod 600 %s" % (token_file, token_file) in log
+    assert "api: api.token is written in %s, which every local user can read (mode 0644): " \
+           "move the token to an api.token_file of mode 0600, or chmod o-r %s" % (
+               server.config_path, server.config_path) in log
+
+
+def test_a_token_kept_private_gets_no_warning(tmp_path):
+    token_file = tmp_path / "api-token"
+    token_file.write_text(TOKEN + "\n")
+    os.chmod(str(token_file), 0o600)
+    server = start_with_modes(tmp_path, {"token_file": str(token_file)}, 0o644)
+    try:
+        assert call(server, "GET", "/api/v1/queue", AUTH)[0] == 200
+        log = server.log()
+    finally:
+        assert server.stop() == []
+    assert "api.token" not in log, log
+
+
+# ---------------------------------------------------------------- the docstring
+
+def test_the_route_list_in_the_docstring_says_which_routes_need_the_token(api):
+    routes = re.findall(r"^\s+GET\s+(/\S+)\s+(.*)$", elemta.api.app.__doc__, re.M)
+    literal = [(path, "(no token)" in text) for path, text in routes if "{" not in path]
+    assert ("/api/v1/openapi.json", False) in literal
+    for path, public in literal:
+        status = call(api, "GET", path)[0]
+        assert status == (200 if public else 401), (path, status)
+        assert call(api, "GET", path, AUTH)[0] == 200, path
