@@ -1,10 +1,11 @@
 """The api process's WSGI application: Falcon routes for the REST API and /metrics.
 
-Owned by the api process (elemta.api.server serves it with gevent.pywsgi). Routes:
+Owned by the api process (elemta.api.server serves it with gevent.pywsgi). Every route
+needs the bearer token (elemta.api.auth) but /metrics and /api/v1/health. Routes:
 
     GET    /metrics                         Prometheus (no token)
     GET    /api/v1/health                   {"status": "ok"} (no token)
-    GET    /api/v1/openapi.json             the OpenAPI document (no token)
+    GET    /api/v1/openapi.json             the OpenAPI document (token needed)
     GET    /api/v1/queue                    list, with filters and a cursor
     POST   /api/v1/queue/flush              flush deferred mail (filters narrow it)
     GET    /api/v1/queue/{id}               one message
@@ -21,7 +22,7 @@ import json
 import falcon
 
 from elemta.api import errors, openapi, queue_routes
-from elemta.api.auth import RequireBearer, load_token
+from elemta.api.auth import RequireBearer, load_token, warn_if_exposed
 from elemta.api.monitoring import HealthResource, MetricsResource
 from elemta.api.queue_access import QueueAccess
 
@@ -46,6 +47,7 @@ class OpenAPIResource:
 def create_app(config, access=None) -> falcon.App:
     """The WSGI application for config. access: the QueueAccess to share (default: new)."""
     access = access or QueueAccess(config.queue)
+    warn_if_exposed(config)
     app = falcon.App(middleware=[RequireBearer(load_token(config.api))])
     # Spelled out: these defaults moved between Falcon releases.
     app.req_options.keep_blank_qs_values = True

@@ -4,13 +4,18 @@ Owned by the api process. The token comes from the configuration when the proces
 (a reload starts a new api process, so a new token takes effect then): the first line of
 api.token_file wins over api.token. With neither, or a token file that cannot be read,
 every protected route answers 401: the API fails closed. Resources that set the attribute
-`public = True` (health, and /metrics for Prometheus) need no token.
+`public = True` (health, and /metrics for Prometheus) need no token. At start the api warns
+when others can read the token: api.token written in a world-readable config file, or an
+api.token_file with group or other read permission (the token lets its holder delete and
+read queued mail).
 See also elemta.api.app (where the middleware is installed), elemta.config.schema.API.
 """
 
 import hashlib
 import hmac
 import logging
+import os
+import stat
 from typing import Optional
 
 import falcon
@@ -41,6 +46,32 @@ def load_token(api_config) -> Optional[bytes]:
     log.warning("api: no api.token or api.token_file: the REST API refuses every request "
                 "(only /metrics and /api/v1/health answer)")
     return None
+
+
+def warn_if_exposed(config) -> None:
+    """A warning for each place the token can be read by users other than the service."""
+    api = config.api
+    if api.token_file:
+        mode = _mode(api.token_file)
+        if mode is not None and mode & (stat.S_IRGRP | stat.S_IROTH):
+            log.warning("api: api.token_file %s is readable by %s (mode %04o): whoever can "
+                        "read it can read and delete queued mail; chmod 600 %s (owned by "
+                        "the user the api runs as)", api.token_file,
+                        "everyone" if mode & stat.S_IROTH else "its group", mode,
+                        api.token_file)
+    if api.token and config.source:
+        mode = _mode(config.source)
+        if mode is not None and mode & stat.S_IROTH:
+            log.warning("api: api.token is written in %s, which every local user can read "
+                        "(mode %04o): move the token to an api.token_file of mode 0600, or "
+                        "chmod o-r %s", config.source, mode, config.source)
+
+
+def _mode(path):
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None         # load_token names a token file it cannot read
 
 
 def _digest(token: bytes) -> bytes:

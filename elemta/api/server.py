@@ -4,7 +4,8 @@ Owned by the `elemta: api` child the master forks. The application (elemta.api.a
 REST API under /api/v1 and /metrics for Prometheus. SIGTERM/SIGINT stop it after the
 requests in progress, SIGQUIT at once, SIGUSR1 reopens the log file; it stops on its own
 when its master is gone. A reload starts a new api process, which reads the token again.
-See also: elemta.api.app, elemta.metrics, elemta.master.
+See also: elemta.api.app, elemta.api.handler (reading requests: deadline, framing),
+elemta.metrics, elemta.master.
 """
 
 import logging
@@ -15,6 +16,8 @@ import socket
 import gevent
 from gevent.event import Event
 from gevent.pywsgi import LoggingLogAdapter, WSGIServer
+
+from elemta.api.handler import Handler
 
 log = logging.getLogger("elemta.api")
 
@@ -66,8 +69,11 @@ def run_api(config, heartbeat=None, master_pid=None, sock=None):
     gevent.signal_handler(signal.SIGUSR1, _reopen_logs)
     # pywsgi reports clients' malformed requests there: a warning, not our error (Falcon
     # answers and logs the application's own errors).
+    # The handler bounds how long a client may take to send a request (a slow-loris would
+    # otherwise hold connections for ever) and refuses ambiguous framing.
     server = WSGIServer(sock, make_app(config), log=None,
-                        error_log=LoggingLogAdapter(log, logging.WARNING))
+                        error_log=LoggingLogAdapter(log, logging.WARNING),
+                        handler_class=Handler.with_timeout(api.read_timeout))
     server.start()
     watcher = gevent.spawn(_watch, stopping, heartbeat, master_pid)
     log.info("api listening on %s port %d", *server.address[:2])

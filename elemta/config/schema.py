@@ -329,7 +329,7 @@ class Master:
 
 @dataclass(frozen=True)
 class API:
-    """The api process: /metrics for Prometheus (and the REST API later)."""
+    """The api process: the REST API and /metrics for Prometheus."""
     enabled: bool = opt(True, "Run the api process.")
     address: str = opt("127.0.0.1", "Address the api process listens on.", _ip_address)
     port: int = opt(8025, "TCP port of the api process.", _port)
@@ -338,6 +338,12 @@ class API:
                                      "token_file): those routes answer 401 to everyone.")
     token_file: Optional[str] = opt(None, "File holding the bearer token (first line), "
                                           "read at start and on reload; wins over token.")
+    read_timeout: float = opt(10.0, "Seconds a client has to send a whole request (request "
+                                    "line, headers and body; also how long an idle "
+                                    "keep-alive connection stays open); a slower one gets "
+                                    "408 and is disconnected (nginx's client_header_timeout; "
+                                    "Postfix's smtpd_timeout plays this part for SMTP).",
+                              _positive)
 
 
 @dataclass(frozen=True)

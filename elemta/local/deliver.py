@@ -33,8 +33,8 @@ from types import SimpleNamespace
 
 from elemta.local import command as commands
 from elemta.local.addresses import normal_address
-from elemta.local.expand import (COMMAND, FAILED, FILE, FORWARD, MAILBOX, Expander, Lookups,
-                                 TemporaryLookupError, summarize)
+from elemta.local.expand import (COMMAND, FAILED, FILE, FORWARD, MAILBOX, Expander,
+                                 InsecureFile, Lookups, TemporaryLookupError, summarize)
 from elemta.local.mailbox import (DEV_NULL, DeliveryFailure, MessageCopy, deliver_maildir,
                                   deliver_mbox)
 from elemta.local.privileges import ChildFailed, is_root, run_as
@@ -116,7 +116,11 @@ def read_forward_as_user(home, names, uid):
 
 
 def read_include_as_user(path):
-    """{"text", "owner"} of an :include: file, or {"error": why}."""
+    """{"text", "owner"} of an :include: file, {"refused": why} or {"error": why}.
+    Postfix's rules (local/include.c): a regular file (a link to one is fine) that others
+    cannot write, since whoever can write it chooses where the mail goes and which
+    commands run with its owner's rights. Postfix refuses only world-writable files;
+    group-writable ones are refused too, as for .forward files."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as error:
@@ -124,7 +128,12 @@ def read_include_as_user(path):
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return {"error": ":include: file %s is not a regular file" % path}
+            return {"refused": ":include: file %s is not a regular file" % path}
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return {"refused": ":include: file %s is %s writable (mode %04o): refused; "
+                               "chmod go-w it" % (
+                                   path, "world" if st.st_mode & stat.S_IWOTH else "group",
+                                   stat.S_IMODE(st.st_mode))}
         return {"text": f.read(MAX_LIST_FILE).decode("utf-8", "replace"),
                 "owner": st.st_uid}
 
@@ -173,6 +182,8 @@ class SystemLookups(Lookups):
             raise TemporaryLookupError(str(error)) from None
         if "error" in found:
             raise TemporaryLookupError(found["error"])
+        if "refused" in found:
+            raise InsecureFile(found["refused"])
         return found["text"], found["owner"]
 
 

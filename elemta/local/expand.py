@@ -13,7 +13,9 @@ local(8) order, for each local address met along the way:
        mailbox, not their .forward again
     5. the user's mailbox; no such user: 550 5.1.1 unknown user
 
-Addresses outside the local domains are collected to be forwarded in one new message.
+An :include: file that is not a regular file or that others can write (group or world)
+bounces the recipient with 550 5.3.5 and a warning naming the file, as Postfix's local
+does. Addresses outside the local domains are collected to be forwarded in one new message.
 /file and |command members are allowed by source (local.allow_mail_to_files and
 allow_mail_to_commands: alias, forward, include; :include: counts as a file) and run
 with the rights of: the aliases file's owner (default_privileges when root owns it),
@@ -41,6 +43,11 @@ MAX_DEPTH = 20
 
 class TemporaryLookupError(Exception):
     """A .forward or :include: file that could not be read for now (defer)."""
+
+
+class InsecureFile(Exception):
+    """An :include: file that must not be used: not a regular file, or writable by
+    others. The recipient bounces with 5.3.5, as Postfix's local does."""
 
 
 @dataclass
@@ -82,7 +89,7 @@ class Lookups:
 
     def read_include(self, path, rights):
         """(text, owner uid) of an :include: file read with rights (a pwd entry); raises
-        TemporaryLookupError."""
+        TemporaryLookupError, or InsecureFile for one others can write."""
         raise NotImplementedError
 
 
@@ -228,6 +235,10 @@ class Expander:
             text, owner = self.lookups.read_include(path, self.lookups.user(reader))
         except TemporaryLookupError as error:
             return self._fail(level, RCPT_DEFERRED, "451 4.3.0 %s" % error)
+        except InsecureFile as error:
+            # Postfix's words: the details are for the log, not for the sender's bounce.
+            self.warn(str(error))
+            return self._fail(level, BOUNCED, "550 5.3.5 mail system configuration error")
         rights = level.rights
         if owner != 0:
             owner_entry = self.lookups.user_by_uid(owner)
