@@ -30,12 +30,15 @@ See also: elemta.api.server, elemta.master, issue 3 requirement 5.
 
 import fcntl
 import glob
+import logging
 import os
 import stat
 from contextlib import contextmanager
 from types import SimpleNamespace
 
 from elemta.util.eugid import acting_as, open_nofollow
+
+log = logging.getLogger("elemta.master")
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 LOCK_NAME = ".lock"
@@ -89,6 +92,15 @@ def directory():
 
 
 def worker_exited(pid):
+    """See _fold_dead_child; a file the master may not use (a link planted in the
+    directory, say) is one log line, never the master's end."""
+    try:
+        _fold_dead_child(pid)
+    except OSError as exc:
+        log.warning("metrics: cannot fold the counters of pid %d: %s", pid, exc)
+
+
+def _fold_dead_child(pid):
     """The master reaped child pid: drop its live gauges, fold its counters into the
     archive. Call it after waitpid and before forking again (so the pid is not reused by
     one of ours meanwhile). A no-op without setup()."""
@@ -116,8 +128,11 @@ def worker_restarted(kind, reason):
     """The master replaced a child. kind: smtpd, delivery, pickup, api; reason: crashed
     (exited or killed unasked), heartbeat (killed for silence), retired (max_use or
     max_idle), reload (SIGHUP)."""
-    with _as_owner():            # the first count creates the master's own file
-        _metrics().WORKER_RESTARTS.labels(kind, reason).inc()
+    try:
+        with _as_owner():        # the first count creates the master's own file
+            _metrics().WORKER_RESTARTS.labels(kind, reason).inc()
+    except OSError as exc:
+        log.warning("metrics: cannot count a %s restart: %s", kind, exc)
 
 
 def _open_lock_file(path):
