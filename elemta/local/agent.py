@@ -74,11 +74,7 @@ class LocalAgent(GeventChild):
     def run(self):
         """Serve until stopped; returns the exit status (0)."""
         self.set_title()
-        owner = os.stat(self.spool)
-        # The spool and spool/run are master.user's: root works there as that user.
-        with acting_as(owner.st_uid, owner.st_gid):
-            self.store = SpoolStore(self.spool)
-            listener = self._bind()
+        listener = self.open_spool()
         self.refresh_aliases()
         self.sockets.add(listener)
         server = StreamServer(listener, self.handle, spawn=Pool(MAX_CONNECTIONS))
@@ -102,6 +98,15 @@ class LocalAgent(GeventChild):
         return 0
 
     # ---- the socket ---------------------------------------------------------------------
+
+    def open_spool(self):
+        """The spool's store and the listening socket. The spool and spool/run are
+        master.user's: root works there acting as that user."""
+        owner = os.stat(self.spool)
+        gevent.get_hub()       # its lazy imports need root's view of the Python library
+        with acting_as(owner.st_uid, owner.st_gid):
+            self.store = SpoolStore(self.spool)
+            return self._bind()
 
     def _bind(self):
         """spool/run/local.sock, mode 0600. Called acting as the spool's owner

@@ -213,3 +213,61 @@ def test_stop_never_signals_a_pid_the_service_user_wrote(tmp_path):
         os.waitpid(holder, 0)
         victim.kill()
         victim.wait()
+
+
+AGENT_SCRIPT = """
+import sys
+from elemta.local import protocol
+from elemta.local.agent import LocalAgent
+agent = LocalAgent.__new__(LocalAgent)
+agent.spool = sys.argv[1]
+agent.path = protocol.socket_path(agent.spool)
+try:
+    agent.open_spool()
+except OSError as exc:
+    print("refused:", exc)
+else:
+    print("bound")
+"""
+
+
+def test_local_agent_binds_its_socket_as_the_spool_owner(tmp_path):
+    """spool/run planted as a link to a root directory: the root agent neither removes
+    a file there nor creates its socket there."""
+    spool = make_spool(tmp_path)
+    rootdir = tmp_path / "rootdir"
+    rootdir.mkdir(mode=0o700)
+    (rootdir / "local.sock").write_bytes(b"root's own\n")
+    run = os.path.join(spool, "run")
+    if os.path.lexists(run):
+        shutil.rmtree(run)
+    as_nobody(os.symlink, str(rootdir), run)
+    done = subprocess.run([sys.executable, "-c", AGENT_SCRIPT, spool], capture_output=True,
+                          text=True, timeout=30, env=dict(os.environ, PYTHONPATH=REPO))
+    assert "refused: [Errno 13] Permission denied" in done.stdout, done.stdout + done.stderr
+    assert untouched(str(rootdir / "local.sock"))
+    # Without the link the agent binds, and the socket is the spool owner's, mode 0600.
+    os.unlink(run)
+    done = subprocess.run([sys.executable, "-c", AGENT_SCRIPT, spool], capture_output=True,
+                          text=True, timeout=30, env=dict(os.environ, PYTHONPATH=REPO))
+    assert "bound" in done.stdout, done.stderr
+    st = os.stat(os.path.join(run, "local.sock"))
+    assert st.st_uid == NOBODY.pw_uid and st.st_mode & 0o777 == 0o600
+
+
+def test_root_never_reads_a_queue_file_through_a_link(tmp_path):
+    """The local agent reads queue files as root: a message file swapped for a link to
+    a root-only file (or a hard link) is refused, not delivered."""
+    from elemta.queue.ids import new_queue_id
+    from elemta.queue.store import SpoolStore
+    from elemta.util.eugid import UnsafePath
+    spool = make_spool(tmp_path)
+    store = SpoolStore(spool)
+    target = root_target(tmp_path)
+    queue_id = new_queue_id()
+    as_nobody(os.symlink, target, store.path(queue_id))
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        store.read_envelope(queue_id)
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        store.open_content(queue_id)
+    assert untouched(target)
