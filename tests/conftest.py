@@ -7,6 +7,7 @@ for Python tracebacks at teardown: client input must never reach one.
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,26 @@ from ruamel.yaml import YAML
 from tests.peers.postfix import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def code_for_everyone(workdir):
+    """A PYTHONPATH under workdir (a directory every user may enter) holding our package
+    and the venv's site-packages, for processes that drop to user nobody: a clone may
+    sit in a directory nobody cannot traverse (mktemp -d makes 0700 ones). Hard links
+    where the file system allows, so it is quick; a copy otherwise."""
+    import sysconfig
+    code = os.path.join(workdir, "code")
+    site = os.path.join(workdir, "site-packages")
+    for source, target in ((os.path.join(REPO, "elemta"), os.path.join(code, "elemta")),
+                           (sysconfig.get_paths()["purelib"], site)):
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        if subprocess.run(["cp", "-al", source, target], capture_output=True).returncode:
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+    for directory, dirs, _ in os.walk(workdir):
+        os.chmod(directory, 0o755)
+    return code + ":" + site
 
 
 def wait_for(predicate, timeout=10):

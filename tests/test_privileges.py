@@ -14,7 +14,7 @@ import tempfile
 import pytest
 
 from elemta.util.procs import children as children_of
-from tests.conftest import REPO, wait_for
+from tests.conftest import code_for_everyone, wait_for
 from tests.peers.postfix import free_port
 
 
@@ -44,10 +44,9 @@ def test_children_run_as_master_user(tmp_path):
     python = interpreter_for_nobody()
     if python is None:
         pytest.skip("no Python interpreter that user nobody can read")
-    site = os.path.join(REPO, ".venv", "lib", "python%d.%d" % sys.version_info[:2],
-                        "site-packages")
     workdir = tempfile.mkdtemp()
     os.chmod(workdir, 0o755)               # nobody must reach the spool inside
+    pythonpath = code_for_everyone(os.path.join(workdir, "python"))
     mail = os.path.join(workdir, "mail")   # the mail spool, as Debian's /var/mail
     os.mkdir(mail)
     os.chown(mail, 0, grp.getgrnam("mail").gr_gid)
@@ -63,7 +62,7 @@ def test_children_run_as_master_user(tmp_path):
     log = open(os.path.join(workdir, "log"), "wb")
     server = subprocess.Popen([python, "-m", "elemta.cli.elemta", "--config", config],
                               stdout=log, stderr=log, start_new_session=True, cwd=workdir,
-                              env=dict(os.environ, PYTHONPATH=REPO + ":" + site))
+                              env=dict(os.environ, PYTHONPATH=pythonpath))
     nobody = pwd.getpwnam("nobody").pw_uid
     try:
         def serving():

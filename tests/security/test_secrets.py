@@ -18,12 +18,11 @@ import shutil
 import stat
 import subprocess
 import sys
-import sysconfig
 import tempfile
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import code_for_everyone
 from tests.peers.postfix import free_port
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -44,8 +43,7 @@ def workdir():
     """A directory every user may enter, holding a copy of the code."""
     path = tempfile.mkdtemp(prefix="elemta-secrets-")
     os.chmod(path, 0o755)
-    shutil.copytree(os.path.join(REPO, "elemta"), os.path.join(path, "code", "elemta"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    code_for_everyone(path)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -53,7 +51,7 @@ def workdir():
 def run(workdir, argv, user=None, stdin=b""):
     """Run `python -m argv...` from the copied code, as `user` (a pwd entry) or root."""
     env = dict(os.environ, PYTHONPATH=os.path.join(workdir, "code") + ":"
-               + sysconfig.get_paths()["purelib"])
+               + os.path.join(workdir, "site-packages"))
     env.pop("ELEMTA_CONFIG", None)
     kwargs = {}
     if user is not None:
