@@ -402,8 +402,9 @@ def test_the_maildrop_rename_is_made_durable_before_success_is_reported(user, mo
         assert status == 0, (out, lines)
         maildrop = re.escape(os.path.join(server.spool, "maildrop"))
         data_synced = _first(lines, r"fsync\(\d+<%s/\.tmp-[^>]+>\) = 0" % maildrop)
-        renamed = _first(lines, r"rename\w*\(.*%s/\.tmp-(\w[\w-]*)\".*\) = 0" % maildrop,
-                         data_synced)
+        # rename by path, or renameat relative to the maildrop's descriptor
+        renamed = _first(lines, r"rename\w*\(.*%s(?:/|>, \")\.tmp-(\w[\w-]*)\".*\) = 0"
+                         % maildrop, data_synced)
         name = re.search(r"\.tmp-([\w-]+)", lines[renamed]).group(1)
         durable = (r"fsync\(\d+<%s>\) = 0" % maildrop if user == "root"
                    else r"fsync\(\d+<%s/%s>\) = 0" % (maildrop, name))

@@ -375,7 +375,7 @@ def read_stdin(composer, ignore_dots, stream=None):
 def open_maildrop(context):
     from elemta.queue import maildrop
     directory = maildrop.maildrop_dir(context.spool)
-    if not os.path.isdir(directory) and os.geteuid() == 0:
+    if not os.path.lexists(directory) and os.geteuid() == 0:
         maildrop.prepare(context.spool)      # root before the daemon ever ran
     try:
         return maildrop.MaildropWriter(context.spool)

@@ -124,9 +124,9 @@ def notify(spool_dir):
         sock.close()
 
 
-def sync_rename(directory, fd):
-    """Make a rename into directory durable before sendmail reports success (exit 0, or
-    250 to -bs). fd: the renamed file, open.
+def sync_rename(dir_fd, fd):
+    """Make a rename into the directory dir_fd (an O_PATH descriptor) durable before
+    sendmail reports success (exit 0, or 250 to -bs). fd: the renamed file, open.
 
     Root and Elemta's user can open the directory: fsync it, as POSIX asks. Other users
     cannot (1733 is write-only for them), so fsync the file again instead: ext4, XFS and
@@ -136,14 +136,29 @@ def sync_rename(directory, fd):
     No test can show durability across a power cut here (tests/test_sendmail.py checks
     the order of the system calls with strace)."""
     try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        readable = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     except PermissionError:
         os.fsync(fd)
         return
     try:
-        os.fsync(dir_fd)
+        os.fsync(readable)
     finally:
-        os.close(dir_fd)
+        os.close(readable)
+
+
+def open_maildrop_dir(spool_dir):
+    """spool/maildrop as an O_PATH descriptor (a user may only search a 1733 directory),
+    never through a link: the spool is Elemta's user's, who could plant one there for
+    a root sendmail to write through. Every name inside is then used relative to it."""
+    path = maildrop_dir(spool_dir)
+    try:
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            from elemta.util.eugid import UnsafePath
+            raise UnsafePath(exc.errno, "is a symbolic link or not a directory, refused",
+                             path) from None
+        raise
 
 
 class MaildropWriter:
@@ -154,10 +169,15 @@ class MaildropWriter:
         # Time first, so pickup takes older submissions first.
         self.name = "%014x-%d-%s" % (int(time.time() * 1000000), os.getpid(),
                                      os.urandom(6).hex())
-        self.temp_path = os.path.join(self.directory, TEMP_PREFIX + self.name)
+        self.temp_name = TEMP_PREFIX + self.name
         self.path = os.path.join(self.directory, self.name)
-        fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                     | os.O_NOFOLLOW, 0o600)
+        self._dir_fd = open_maildrop_dir(spool_dir)
+        try:
+            fd = os.open(self.temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, 0o600, dir_fd=self._dir_fd)
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
         os.fchmod(fd, FILE_MODE)         # readable by Elemta's user whatever the umask
         self._file = os.fdopen(fd, "wb", buffering=COPY_BUFFER)
         self._file.write(MAGIC)
@@ -178,29 +198,35 @@ class MaildropWriter:
         self._file.write(FOOTER_FORMAT % (self.size, len(line)))
         self._file.flush()
         os.fsync(self._file.fileno())       # the content is on disk before it has a name
-        os.rename(self.temp_path, self.path)
+        os.rename(self.temp_name, self.name, src_dir_fd=self._dir_fd,
+                  dst_dir_fd=self._dir_fd)
         try:
-            sync_rename(self.directory, self._file.fileno())
+            sync_rename(self._dir_fd, self._file.fileno())
         except OSError:
             # Not durable: take the name back, so the failure sendmail reports is true.
             try:
-                os.unlink(self.path)
+                os.unlink(self.name, dir_fd=self._dir_fd)
             except OSError:
                 pass
             raise
         finally:
             self._file.close()
             self._file = None
+            os.close(self._dir_fd)
+            self._dir_fd = None
         return self.name
 
     def abort(self):
         if self._file is not None:
             self._file.close()
             self._file = None
-        try:
-            os.unlink(self.temp_path)
-        except FileNotFoundError:
-            pass
+        if self._dir_fd is not None:
+            try:
+                os.unlink(self.temp_name, dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                pass
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
 
 class Submission:

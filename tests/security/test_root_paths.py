@@ -271,3 +271,24 @@ def test_root_never_reads_a_queue_file_through_a_link(tmp_path):
     with pytest.raises(UnsafePath, match="symbolic link"):
         store.open_content(queue_id)
     assert untouched(target)
+
+
+def test_sendmail_as_root_never_writes_through_a_planted_maildrop_link(tmp_path):
+    """cron mails as root: a maildrop swapped for a link to a root directory (say
+    /etc/cron.d) must not get a root-owned file there."""
+    spool = make_spool(tmp_path)
+    maildrop = os.path.join(spool, "maildrop")
+    if os.path.lexists(maildrop):
+        shutil.rmtree(maildrop)
+    rootdir = tmp_path / "rootdir"
+    rootdir.mkdir(mode=0o700)
+    as_nobody(os.symlink, str(rootdir), maildrop)
+    config = tmp_path / "elemta.yaml"
+    config.write_text("queue: {spool_dir: %s}\n" % spool)
+    done = subprocess.run([sys.executable, "-m", "elemta.cli.sendmail", "-C", str(config),
+                           "root@localhost"], input=b"Subject: cron\n\nhello\n",
+                          capture_output=True, timeout=30,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert done.returncode == 75, done.stderr
+    assert b"maildrop: is a symbolic link or not a directory, refused" in done.stderr
+    assert os.listdir(rootdir) == []
