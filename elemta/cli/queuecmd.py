@@ -154,10 +154,6 @@ def _become_spool_owner(spool_dir: str) -> None:
     owner = os.stat(spool_dir)
     if owner.st_uid == 0:
         return
-    # Loaded while root may still read the Python library (a Python under /root).
-    import elemta.queue.listing  # noqa: F401
-    import elemta.queue.queue  # noqa: F401
-    import elemta.queue.wakeup  # noqa: F401
     os.setgroups([])
     os.setgid(owner.st_gid)
     os.setuid(owner.st_uid)

@@ -39,10 +39,15 @@ def command_line(pid):
 
 
 def is_elemta_master(pid):
-    """pid is an Elemta master: titled so, or still starting (the `elemta` program or
-    `-m elemta.cli.elemta`, before it sets its title)."""
+    """pid is an Elemta master: titled so, or still starting (the `elemta` program run
+    by its interpreter, or `python -m elemta.cli.elemta`, before it sets its title).
+    Nothing else that merely names elemta (journalctl -u elemta) passes."""
     words = command_line(pid)
-    if words and words[0].startswith("elemta: master"):
+    if not words:
+        return False
+    if words[0] == "elemta: master" or os.path.basename(words[0]) == "elemta":
         return True
-    return any(os.path.basename(w) == "elemta" or w == "elemta.cli.elemta"
-               for w in words[:4])
+    if not os.path.basename(words[0]).startswith("python"):
+        return False
+    return (len(words) > 1 and os.path.basename(words[1]) == "elemta") or \
+        words[1:3] == ["-m", "elemta.cli.elemta"]

@@ -17,7 +17,7 @@ import tempfile
 
 import pytest
 
-from tests.conftest import REPO, ElemtaServer
+from tests.conftest import REPO, ElemtaServer, code_for_everyone
 
 pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="needs root and user nobody")
 
@@ -75,14 +75,29 @@ def make_spool(tmp_path):
     return str(spool)
 
 
-def elemtactl(*args, timeout=30):
-    return subprocess.run([sys.executable, "-m", "elemta.cli.elemtactl"] + list(args),
+@pytest.fixture(scope="module")
+def everyone_python():
+    """(interpreter, PYTHONPATH) that still work once elemtactl became nobody: Debian's
+    Python and a copy of the code every user can read, as a packaged install has."""
+    python = "/usr/bin/python%d.%d" % sys.version_info[:2]
+    if not os.path.exists(python):
+        pytest.skip("no %s for user nobody" % python)
+    path = tempfile.mkdtemp()
+    os.chmod(path, 0o755)
+    yield python, code_for_everyone(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def elemtactl(python, *args, timeout=30):
+    interpreter, pythonpath = python
+    return subprocess.run([interpreter, "-m", "elemta.cli.elemtactl"] + list(args),
                           capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, PYTHONPATH=REPO))
+                          env=dict(os.environ, PYTHONPATH=pythonpath))
 
 
 @pytest.mark.parametrize("planted", ["index.lmdb/zz", "index.lmdb/lock.mdb"])
-def test_queue_commands_as_root_never_chown_a_planted_link(tmp_path, planted):
+def test_queue_commands_as_root_never_chown_a_planted_link(tmp_path, planted,
+                                                           everyone_python):
     spool = make_spool(tmp_path)
     target = root_target(tmp_path)
     link = os.path.join(spool, planted)
@@ -93,7 +108,7 @@ def test_queue_commands_as_root_never_chown_a_planted_link(tmp_path, planted):
         os.symlink(target, link)
     as_nobody(plant)
     for command in (["queue", "list"], ["queue", "summary"]):
-        done = elemtactl(*command, "--spool-dir", spool)
+        done = elemtactl(everyone_python, *command, "--spool-dir", spool)
         assert untouched(target), command
         # The queue works (a stray link), or the link nobody made for its own lock file
         # leaves nobody's own index unusable, said plainly.
@@ -183,10 +198,11 @@ def test_maildrop_prepare_never_chowns_through_a_link(tmp_path):
     assert st.st_uid == 0 and st.st_mode & 0o7777 == 0o700
 
 
-def test_stop_never_signals_a_pid_the_service_user_wrote(tmp_path):
+def test_stop_never_signals_a_pid_the_service_user_wrote(tmp_path, everyone_python):
     """nobody holds the lock on a master.lock of its own naming a root process."""
     spool = make_spool(tmp_path)
-    victim = subprocess.Popen(["sleep", "60"])           # a root process
+    # A root process that merely names elemta in its arguments.
+    victim = subprocess.Popen(["sh", "-c", "sleep 60; :", "elemta"])
     lock = os.path.join(spool, "master.lock")
     reader, writer = os.pipe()
     holder = os.fork()
@@ -205,7 +221,7 @@ def test_stop_never_signals_a_pid_the_service_user_wrote(tmp_path):
     os.close(writer)
     try:
         assert os.read(reader, 1) == b"!"
-        done = elemtactl("stop", "--spool-dir", spool)
+        done = elemtactl(everyone_python, "stop", "--spool-dir", spool)
         assert "not an Elemta master" in done.stdout + done.stderr
         assert victim.poll() is None                     # still alive
     finally:
