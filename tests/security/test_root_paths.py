@@ -90,8 +90,10 @@ def everyone_python():
 
 def elemtactl(python, *args, timeout=30):
     interpreter, pythonpath = python
+    # cwd "/": python -m puts the working directory first on the path, and the
+    # clone's may be one nobody cannot read.
     return subprocess.run([interpreter, "-m", "elemta.cli.elemtactl"] + list(args),
-                          capture_output=True, text=True, timeout=timeout,
+                          capture_output=True, text=True, timeout=timeout, cwd="/",
                           env=dict(os.environ, PYTHONPATH=pythonpath))
 
 
