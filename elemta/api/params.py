@@ -16,6 +16,7 @@ import falcon
 from elemta.queue.ids import is_queue_id
 from elemta.queue.listing import Selection
 from elemta.queue.model import STATES
+from elemta.util.text import printable as text_printable
 
 FILTERS = ("state", "sender", "recipient", "domain", "older_than", "newer_than")
 PAGE = ("limit", "cursor")
@@ -126,5 +127,5 @@ def cursor(req: falcon.Request) -> Optional[str]:
 
 def printable(text: str, limit: int = 80) -> str:
     """A parameter as quoted back in a message: short, and no control characters."""
-    text = re.sub(r"[\x00-\x1f\x7f]", "?", text)
+    text = text_printable(text)
     return text if len(text) <= limit else text[:limit] + "..."

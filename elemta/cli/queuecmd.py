@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
+from elemta.util.text import printable
+
 PROG = "elemtactl"
 DEFAULT_CONFIG_FILES = ("/etc/elemta/elemta.yaml", "/etc/elemta/elemta.toml")
 INDEX_NAME = "index.lmdb"
@@ -48,7 +50,6 @@ STATUS_MARK = {"active": "*", "hold": "!"}
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class QueueFailure(Exception):
@@ -84,11 +85,6 @@ class Output:
             data, self._parts, self._size = b"".join(self._parts), [], 0
             self.stream.write(data)
         self.stream.flush()
-
-
-def printable(text: str) -> str:
-    """Control characters shown as '?', as Postfix's printable() does."""
-    return _UNPRINTABLE.sub("?", text)
 
 
 def asctime(seconds: float) -> str:
