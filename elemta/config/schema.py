@@ -298,8 +298,21 @@ class Queue:
                   "syncfs (one flush of the spool file system per batch) or fsync (one "
                   "fsync per file and directory).", _one_of(SYNC_METHODS))
     index_map_size: int = opt(17179869184, "Largest size of the LMDB index, in bytes "
-                                           "(address space only; the file grows as needed).",
+                                           "(address space only; the file grows as needed). "
+                                           "New mail gets 452 4.3.1 at MAIL FROM once 90% "
+                                           "of it is used: the rest is kept for delivery, "
+                                           "which empties the queue. Postfix has no "
+                                           "equivalent (its queue is files only).",
                               _positive)
+    min_free_space: Optional[int] = opt(
+        None, "Bytes the spool's file system keeps free: with less, MAIL FROM gets 452 "
+              "4.3.1 (Insufficient system storage), as does a SIZE= that does not fit in "
+              "the free space less this, or in two thirds of the free space. The space "
+              "kept lets delivery go on emptying the queue. Default (unset): 1.5 times "
+              "limits.message_size, as Postfix does; 0 keeps nothing back (the disk may "
+              "fill to the last byte; messages are then refused at the end of DATA). "
+              "Postfix's queue_minfree (which is never below 1.5 times "
+              "message_size_limit).", _not_negative)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@ its own results are on disk, so nothing is logged, bounced or retried before the
 this every message cost an fdatasync inside the event loop, stalling every other delivery
 of the worker for its duration. The smtpd's elemta.smtpd.committer does the same for
 acceptance.
+
+Results the queue cannot take (OSError: a full disk, a full index) are tried again every
+RETRY seconds until they are recorded: those deliveries happened, and a result dropped
+would send its message again. Only when the worker stops are they given up (the message
+then waits for its lease to lapse and is sent again: twice at worst, never lost).
 """
 
 import logging
@@ -18,6 +23,9 @@ from gevent.event import AsyncResult, Event
 from elemta.util.threads import in_thread
 
 log = logging.getLogger("elemta.delivery")
+
+# Seconds between tries to record results the queue could not take (a full disk or index).
+RETRY = 5
 
 
 class AttemptRecorder:
@@ -30,6 +38,7 @@ class AttemptRecorder:
         self._waiting = []            # (Attempt, AsyncResult)
         self._wakeup = Event()
         self._closing = False
+        self._closed = Event()
         self._runner = gevent.spawn(self._run)
 
     def record(self, attempt):
@@ -54,18 +63,34 @@ class AttemptRecorder:
             try:
                 outcomes = in_thread(self.queue.record_attempts, self.owner,
                                      [a for a, _ in batch])
+            except OSError as exc:
+                if self._closing:
+                    self._fail(batch, exc)
+                    continue
+                # A full disk or index: the deliveries happened, so keep trying to record
+                # them (giving up would send them again) while delivery frees space.
+                log.error("recording the results of %d delivery attempt(s) failed: %s; "
+                          "trying again in %d s", len(batch), exc, RETRY)
+                self._waiting[:0] = batch
+                self._closed.wait(RETRY)      # closing cuts the wait short
+                continue
             except Exception as exc:
-                log.error("recording the results of %d delivery attempt(s) failed: %s",
-                          len(batch), exc)
-                for _, result in batch:
-                    result.set_exception(exc)
+                self._fail(batch, exc)
                 continue
             for attempt, result in batch:
                 result.set(outcomes[attempt.queue_id])
+
+    @staticmethod
+    def _fail(batch, exc):
+        log.error("recording the results of %d delivery attempt(s) failed: %s",
+                  len(batch), exc)
+        for _, result in batch:
+            result.set_exception(exc)
 
     def close(self, timeout=10.0):
         """Record what is still waiting (those deliveries happened: recording them keeps
         them from being sent twice), then stop; the queue may be closed after this."""
         self._closing = True
+        self._closed.set()
         self._wakeup.set()
         self._runner.join(timeout)

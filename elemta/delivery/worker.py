@@ -255,6 +255,8 @@ class DeliveryWorker(GeventChild):
     def deliver(self, record):
         """One attempt at one claimed message: every recipient still waiting."""
         try:
+            if not os.path.exists(self.queue.store.path(record.queue_id)):
+                return self._drop_fileless(record)
             self._deliver(record)
         except OSError as error:        # the system's doing (a file, the disk): one line
             log.error("%s: delivery failed; the message stays queued: %s", record.queue_id,
@@ -265,6 +267,19 @@ class DeliveryWorker(GeventChild):
             self._defer_after_error(record, error)
         finally:
             self._wake.set()
+
+    def _drop_fileless(self, record):
+        """A record whose message file is gone (the files are the truth): its message was
+        delivered and removed, or deleted, but the record could not be (a full disk or
+        index at that moment). Drop it, as reconcile would, rather than retry it forever."""
+        try:
+            in_thread(lambda: list(self.queue.delete([record.queue_id])))
+        except OSError as error:
+            log.error("%s: message file gone; cannot drop its record yet: %s",
+                      record.queue_id, error)
+            return
+        log.warning("%s: message file gone (removed before its record could be); record "
+                    "dropped", record.queue_id)
 
     def _defer_after_error(self, record, error):
         """A delivery that broke on something unexpected waits a backoff like a 4xx

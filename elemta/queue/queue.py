@@ -57,6 +57,7 @@ Delivery workers (elemta.delivery.worker) use these calls:
 """
 
 import ctypes
+import errno
 import logging
 import os
 import time
@@ -116,6 +117,13 @@ class Attempt:
     last_error: Optional[str]                    # the reason shown by mailq
     when: float = field(default_factory=time.time)
     delay_warned: bool = False                   # a delay warning goes out for it now
+
+
+def _no_space(text):
+    """An OSError with errno ENOSPC (the smtpd answers it 452 4.3.1) that reads as text."""
+    error = OSError(text)
+    error.errno = errno.ENOSPC
+    return error
 
 
 def _syncfs(fd):
@@ -240,6 +248,13 @@ class Queue:
         """Call an index method, turning LMDB's errors into OSError like the rest of commit."""
         try:
             return method(*args, **kwargs)
+        except lmdb.MapFullError as e:
+            # The transaction was aborted and the environment stays usable: records
+            # removed by delivery make room again (no reopening or resizing needed).
+            raise _no_space("queue index full (queue.index_map_size is %d bytes)"
+                            % self._map_size) from e
+        except lmdb.DiskError as e:          # py-lmdb's ENOSPC: the file system is full
+            raise _no_space("queue index: %s" % e) from e
         except lmdb.Error as e:
             if isinstance(e, lmdb.PanicError):
                 self._reopen_index()

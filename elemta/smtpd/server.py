@@ -3,8 +3,8 @@
 Owned by the smtpd worker process (`elemta: smtpd`). The sockets are bound by the caller
 (the `elemta` command now, the master later), so several workers can share them. This
 module applies the per-worker and per-client connection limits and owns the services
-every session shares: the queue, the group committer, the relay policy, AUTH, TLS, and
-the plugins with their DNS resolver.
+every session shares: the queue, the group committer, the room check (elemta.queue.space),
+the relay policy, AUTH, TLS, and the plugins with their DNS resolver.
 """
 
 import logging
@@ -18,6 +18,7 @@ from elemta import metrics
 from elemta.plugins.manager import PluginManager
 from elemta.plugins.resolver import Resolver
 from elemta.queue.queue import Queue
+from elemta.queue.space import RoomCheck
 from elemta.smtp.protocol import Settings
 from elemta.smtp.replies import Reply
 from elemta.smtpd.authn import Authenticator
@@ -57,6 +58,8 @@ class SMTPServer:
         self.queue = Queue(config.queue.spool_dir, sync_method=config.queue.sync_method,
                            map_size=config.queue.index_map_size)
         self.committer = GroupCommitter(self.queue)
+        self.room = RoomCheck(self.queue, config.queue.min_free_space,
+                              config.limits.message_size)
         self.policy = RelayPolicy(config.relay, self.hostname)
         self.authenticator = (Authenticator(config.auth) if config.auth.credentials_file
                               else None)

@@ -42,6 +42,8 @@ from elemta.smtpd.received import protocol_name, received_header
 log = logging.getLogger("elemta.smtpd")
 
 RECV_SIZE = 65536
+# A full spool or queue index (Postfix: "452 4.3.1 Insufficient system storage").
+STORAGE_FULL = Reply(452, "4.3.1", "Error: insufficient system storage")
 
 # Event class -> handler method (design rule 2: one on_<stage> method per event).
 HANDLERS = {
@@ -257,6 +259,10 @@ class Session:
         ctx.new_transaction()
         self.message_verdict = None
         ctx.sender = event.transaction.sender
+        shortage = self.server.room.shortage(event.transaction.declared_size)
+        if shortage is not None:
+            # Refused before the content is sent, as Postfix does (queue_minfree).
+            return self._reject("MAIL", STORAGE_FULL, ctx.sender, why=" (%s)" % shortage)
         if self._refused_by_plugins("mail", "MAIL", sender=ctx.sender):
             return
         self.proto.accept()
@@ -483,5 +489,5 @@ class Session:
     @staticmethod
     def _storage_reply(exc):
         if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-            return Reply(452, "4.3.1", "Error: insufficient system storage")
+            return STORAGE_FULL
         return Reply(451, "4.3.0", "Error: queue file write error")
