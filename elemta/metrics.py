@@ -79,6 +79,8 @@ def setup(directory, uid=None, gid=None):
         os.close(_open_lock_file(directory))
     os.environ[ENV] = directory
     from prometheus_client import values
+    from elemta.util.metricfiles import AllocatedDict
+    values.MmapedDict = AllocatedDict                # no SIGBUS on a full spool
     values.ValueClass = values.get_value_class()     # chosen at import; choose again
 
 
@@ -96,7 +98,7 @@ def worker_exited(pid):
     directory, say) is one log line, never the master's end."""
     try:
         _fold_dead_child(pid)
-    except OSError as exc:
+    except Exception as exc:       # OSError, a damaged file: never the master's end
         log.warning("metrics: cannot fold the counters of pid %d: %s", pid, exc)
 
 
@@ -109,13 +111,15 @@ def _fold_dead_child(pid):
         return
     from prometheus_client import multiprocess
     from prometheus_client.mmap_dict import MmapedDict
+    from elemta.util.metricfiles import AllocatedDict
     with _as_owner(), _scrape_lock(path, fcntl.LOCK_EX):
         multiprocess.mark_process_dead(pid, path)
         for kind in _ADDITIVE:
             dead = os.path.join(path, "%s_%d.db" % (kind, pid))
             if not os.path.exists(dead):
                 continue
-            archive = MmapedDict(os.path.join(path, "%s_archive.db" % kind))
+            # strict: on a full disk this raises, and the dead file stays for a later fold
+            archive = AllocatedDict(os.path.join(path, "%s_archive.db" % kind), strict=True)
             try:
                 for key, value, _, _ in MmapedDict.read_all_values_from_file(dead):
                     archive.write_value(key, archive.read_value(key)[0] + value, 0.0)

@@ -300,9 +300,10 @@ class Queue:
     index_map_size: int = opt(17179869184, "Largest size of the LMDB index, in bytes "
                                            "(address space only; the file grows as needed). "
                                            "New mail gets 452 4.3.1 at MAIL FROM once 90% "
-                                           "of it is used: the rest is kept for delivery, "
-                                           "which empties the queue. Postfix has no "
-                                           "equivalent (its queue is files only).",
+                                           "of it is used (all but 1 MiB when that is more, "
+                                           "half when smaller): the rest is kept for "
+                                           "delivery, which empties the queue. Postfix has "
+                                           "no equivalent (its queue is files only).",
                               _positive)
     min_free_space: Optional[int] = opt(
         None, "Bytes the spool's file system keeps free: with less, MAIL FROM gets 452 "

@@ -142,9 +142,15 @@ class DeliveryWorker(GeventChild):
             unfinished = self._in_flight()
             self.pool.kill(block=True, timeout=1)
             if unfinished:
-                given_back = self.queue.release_claims(self.owner, unfinished)
-                log.info("delivery stopped with %d message(s) unfinished; due again: %s",
-                         len(given_back), " ".join(given_back))
+                try:
+                    given_back = self.queue.release_claims(self.owner, unfinished)
+                except OSError as error:        # a full disk or index
+                    log.error("delivery stopped with %d message(s) unfinished; cannot give "
+                              "them back (%s): due again when their leases lapse",
+                              len(unfinished), error)
+                else:
+                    log.info("delivery stopped with %d message(s) unfinished; due again: %s",
+                             len(given_back), " ".join(given_back))
         finally:
             gevent.killall(helpers)
             self.recorder.close()

@@ -48,6 +48,8 @@ _STATE_SEP = b":"
 # Records per read transaction when iterating: readers never pin old pages for long, so
 # the index does not grow while an admin pages through a listing.
 SCAN_CHUNK = 1000
+# A key of the main database (where LMDB keeps the named ones), written by nudge().
+_NUDGE_KEY = b"elemta-nudge"
 
 
 @dataclass
@@ -149,6 +151,23 @@ def _after(key):
     return bytes(key) + b"\0"
 
 
+def _allocate_lock_file(path):
+    """Allocate every page of LMDB's lock file (its reader table), which LMDB makes
+    sparse with ftruncate and writes through a memory mapping: a process taking a reader
+    slot in a page not yet allocated on a full file system would die of SIGBUS. Done
+    once, by whoever opens the index while there is room; contents are unchanged."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError:
+        pass                  # no room now: the next process to open the index tries again
+    finally:
+        os.close(fd)
+
+
 class QueueIndex:
     """One process's handle on the LMDB index.
 
@@ -167,6 +186,7 @@ class QueueIndex:
                              max_readers=max_readers, sync=True, metasync=metasync,
                              mode=0o600)
         self.env.reader_check()  # free reader slots of processes killed with kill -9
+        _allocate_lock_file(os.path.join(path, "lock.mdb"))
         self.messages = self.env.open_db(b"messages")
         self.due = self.env.open_db(b"due")
         self.by_state = self.env.open_db(b"by_state")
@@ -316,6 +336,15 @@ class QueueIndex:
                 self._put(txn, record, replace=True)
                 reclaimed.append(record.queue_id)
         return reclaimed
+
+    def nudge(self):
+        """Commit one small write (a time stamp in the main database, beside the named
+        ones). LMDB reuses the pages a write freed only once no reader can see the
+        snapshot before it, that is from the next-but-one write on; after a
+        MapFullError this makes the room freed by the last write usable."""
+        self._check_process()
+        with self.env.begin(write=True) as txn:
+            txn.put(_NUDGE_KEY, struct.pack(">d", time.time()))
 
     def sync(self):
         """Flush the environment to disk, meta page included (after a transaction that must

@@ -247,10 +247,15 @@ class Queue:
     def _index_call(self, method, *args, **kwargs):
         """Call an index method, turning LMDB's errors into OSError like the rest of commit."""
         try:
-            return method(*args, **kwargs)
+            try:
+                return method(*args, **kwargs)
+            except lmdb.MapFullError:
+                # The transaction was aborted; the environment stays usable (no reopening
+                # or resizing needed). Pages the last write freed are reused only from
+                # the next-but-one write on: one small write, then try once more.
+                self.index.nudge()
+                return method(*args, **kwargs)
         except lmdb.MapFullError as e:
-            # The transaction was aborted and the environment stays usable: records
-            # removed by delivery make room again (no reopening or resizing needed).
             raise _no_space("queue index full (queue.index_map_size is %d bytes)"
                             % self._map_size) from e
         except lmdb.DiskError as e:          # py-lmdb's ENOSPC: the file system is full

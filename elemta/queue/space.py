@@ -14,9 +14,12 @@ from typing import Optional
 
 # Postfix's smtpd_space_multf: free space must exceed 1.5 times the largest message.
 SIZE_FACTOR = 1.5
-# The share of queue.index_map_size new mail may not use: delivery writes there too
-# (every claim and result rewrites records, copy-on-write) and must never find it full.
+# The part of queue.index_map_size new mail may not use: delivery writes there too (every
+# claim and result rewrites records, copy-on-write, and a page freed is reused only once
+# no reader still sees it) and must never find it full. A tenth, but at least 1 MiB (a
+# batch of results takes hundreds of KB) and at most half.
 INDEX_RESERVE = 0.1
+INDEX_RESERVE_MIN = 1024 * 1024
 
 
 def free_bytes(path):
@@ -58,8 +61,14 @@ class RoomCheck:
             used, limit = self.queue.index.usage()
         except Exception as error:        # lmdb.Error: the commit will tell the client
             return "cannot tell how full the queue index is: %s" % error
-        if used >= limit * (1 - INDEX_RESERVE):
+        reserve = index_reserve(limit)
+        if used >= limit - reserve:
             return ("queue index %d%% full (%d of queue.index_map_size %d bytes; the last "
-                    "%d%% is kept for delivery)" % (100 * used // limit, used, limit,
-                                                    100 * INDEX_RESERVE))
+                    "%d bytes are kept for delivery)" % (100 * used // limit, used, limit,
+                                                         reserve))
         return None
+
+
+def index_reserve(map_size):
+    """Bytes of the index kept for delivery (see INDEX_RESERVE)."""
+    return int(min(map_size / 2, max(map_size * INDEX_RESERVE, INDEX_RESERVE_MIN)))

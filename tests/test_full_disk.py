@@ -1,0 +1,409 @@
+"""A full spool file system, and a full queue index, while mail flows (issue #11, part 6).
+
+Real Elemta (tests/conftest.py) with its spool on a small tmpfs mounted here (we run as
+root; skipped, saying why, only where mounting is impossible), clients sending from several
+threads, a big file filling the file system under them. What a user must see: new mail gets
+452 4.3.1, never a 250 for a message that was not stored, never a dropped connection or a
+traceback; every message that got a 250 is kept intact (in the queue, or delivered to a real
+smtp-sink); no worker dies and is respawned; and once space is freed mail flows again by
+itself. The same for the LMDB index reaching queue.index_map_size.
+The log stays on the test's own disk (a log on the full disk would lose lines: logging
+prints its own complaint to stderr and the process goes on).
+See also tests/test_durability.py (a full disk in one session) and tests/test_queue.py.
+"""
+
+import os
+import re
+import shutil
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from tests.conftest import REPO, wait_for
+from tests.peers.postfix import free_port
+
+SMTP_SINK = "/usr/sbin/smtp-sink"
+STORAGE = "4.3.1 Error: insufficient system storage"
+MESSAGE_SIZE = 4000
+
+
+def mount_tmpfs(path, size):
+    os.makedirs(path, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0755" % size,
+                              "tmpfs", path], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs for the full-disk test: %s" % mounted.stderr.strip())
+
+
+def unmount(path):
+    if subprocess.run(["umount", path], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", path], check=True)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 32 MB tmpfs (the spool goes in its spool/); unmounted after the server stops."""
+    path = str(tmp_path / "small-fs")
+    mount_tmpfs(path, "32m")
+    yield path
+    unmount(path)
+
+
+def fill(directory, leave=0):
+    """Take every free page of the file system but `leave` bytes with one big file;
+    returns its path."""
+    path = os.path.join(directory, "filler")
+    chunk = b"\0" * (1024 * 1024)
+    with open(path, "wb", buffering=0) as f:
+        while chunk:
+            try:
+                f.write(chunk)
+            except OSError:
+                chunk = chunk[:len(chunk) // 2] if len(chunk) > 4096 else b""
+        if leave:
+            f.truncate(max(0, f.tell() - leave))
+    return path
+
+
+def message(tag):
+    """A message naming itself in the Subject, about MESSAGE_SIZE bytes."""
+    line = (tag * 80)[:76].encode() + b"\r\n"
+    return (b"From: a@client.test\r\nTo: b@sink.test\r\nSubject: %s\r\n\r\n" % tag.encode()
+            + line * (MESSAGE_SIZE // len(line)))
+
+
+class Senders:
+    """Client threads sending messages one after another until stopped; every outcome is
+    kept: accepted {queue id: (tag, content, when)}, refused [(stage, reply, when)],
+    broken [what went wrong] (a dropped connection, a reply that is neither)."""
+
+    def __init__(self, port, threads=8, recipient="b@sink.test", pause=0.02):
+        self.port = port
+        self.recipient = recipient
+        self.pause = pause
+        self.accepted = {}
+        self.refused = []
+        self.broken = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True)
+                        for n in range(threads)]
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def stop(self):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def accepted_since(self, when):
+        with self.lock:
+            return [qid for qid, (_, _, at) in self.accepted.items() if at >= when]
+
+    def refused_since(self, when):
+        with self.lock:
+            return [r for r in self.refused if r[2] >= when]
+
+    def _run(self, number):
+        sent = 0
+        smtp = None
+        while not self.stopping.is_set():
+            try:
+                if smtp is None:
+                    smtp = smtplib.SMTP("127.0.0.1", self.port, timeout=30)
+                    smtp.ehlo()
+                tag = "t%d-%d-" % (number, sent)
+                sent += 1
+                if not self._send(smtp, tag, message(tag)):
+                    # As an MTA does: after a 4xx, QUIT, and try again later.
+                    smtp.quit()
+                    smtp = None
+            except Exception as error:       # a dropped connection, a timeout
+                with self.lock:
+                    self.broken.append("%s: %r" % (type(error).__name__, error))
+                smtp = None
+            time.sleep(self.pause)
+        if smtp is not None:
+            try:
+                smtp.quit()
+            except Exception as error:
+                with self.lock:
+                    self.broken.append("QUIT: %r" % error)
+
+    def _send(self, smtp, tag, content):
+        for stage, command in (("MAIL", lambda: smtp.mail("a@client.test")),
+                               ("RCPT", lambda: smtp.rcpt(self.recipient))):
+            code, text = command()
+            if code != 250:
+                return self._refused(stage, code, text)
+        try:
+            code, text = smtp.data(content)
+        except smtplib.SMTPDataError as refused:       # before the 354
+            code, text = refused.smtp_code, refused.smtp_error
+        if code != 250:
+            return self._refused("DATA", code, text)
+        queue_id = text.decode().rsplit(" ", 1)[1]
+        with self.lock:
+            self.accepted[queue_id] = (tag, content, time.monotonic())
+        return True
+
+    def _refused(self, stage, code, text):
+        with self.lock:
+            self.refused.append((stage, "%d %s" % (code, text.decode()), time.monotonic()))
+        return False
+
+
+def children(server):
+    """{pid: title} of the server's workers (everything but the master)."""
+    return {pid: title for pid, title in server.titles().items()
+            if pid != server.process.pid}
+
+
+def started_children(server, count):
+    """children(), once `count` of them run and each has set its own title."""
+    def settled():
+        found = children(server)
+        return len(found) >= count and "elemta: master" not in found.values()
+    wait_for(settled)
+    return children(server)
+
+
+def assert_clean(server, senders, workers_before):
+    """No dropped connection, no reply but 250 and 452 4.3.1, no worker replaced."""
+    assert senders.broken == [], (senders.broken[:5], senders.refused[:5])
+    odd = [r for r in senders.refused if r[1] != "452 " + STORAGE]
+    assert odd == [], odd[:5]
+    log = server.log()
+    assert "Traceback" not in log
+    assert " ended with " not in log, re.findall(r".* ended with .*", log)
+    assert children(server) == workers_before
+
+
+def assert_in_queue(server, accepted):
+    """Every message that got a 250 is in the queue, its content intact (CRC checked)."""
+    assert sorted(server.queued_ids()) == sorted(accepted)
+    for queue_id, (_, sent, _) in accepted.items():
+        _, content = server.message(queue_id)
+        assert content.endswith(sent), queue_id
+
+
+def wait_for_250_after(senders, when, count=20, timeout=30):
+    """Mail flows again by itself: `count` messages accepted after `when`."""
+    wait_for(lambda: len(senders.accepted_since(when)) >= count, timeout=timeout)
+
+
+# 1 MiB kept free: refused at MAIL. 0: the disk fills to the last page, and the sessions
+# meet it writing or committing their message, at the end of DATA.
+@pytest.mark.parametrize("min_free_space", [1024 * 1024, 0])
+def test_a_full_spool_under_load_refuses_with_452_and_keeps_every_250(small_fs, elemta_server,
+                                                                       min_free_space):
+    spool = os.path.join(small_fs, "spool")
+    server = elemta_server(
+        smtpd={"hostname": "mx.test", "workers": 2},
+        queue={"spool_dir": spool, "min_free_space": min_free_space},
+        limits={"message_size": 512 * 1024})
+    server.spool = spool
+    workers = started_children(server, 4)      # two smtpd, pickup, api
+    with Senders(server.port) as senders:
+        wait_for(lambda: len(senders.accepted) >= 50)
+        # Without a reserve, leave room for a few messages: the last pages go while
+        # messages stream in, and those sessions meet the full disk at the end of DATA.
+        filler = fill(small_fs, leave=0 if min_free_space else 256 * 1024)
+        full = time.monotonic()
+        wait_for(lambda: len(senders.refused_since(full)) >= 30)
+        time.sleep(0.5)       # the sessions that passed the MAIL check have finished
+        refusing = time.monotonic()
+        time.sleep(1.0)
+        assert senders.accepted_since(refusing) == [], "250 on a full disk"
+        assert len(senders.refused_since(refusing)) >= 10
+        os.unlink(filler)
+        freed = time.monotonic()
+        wait_for_250_after(senders, freed)
+    print("\naccepted %d, refused %d (%d at MAIL, %d at DATA)" % (
+        len(senders.accepted), len(senders.refused),
+        sum(1 for r in senders.refused if r[0] == "MAIL"),
+        sum(1 for r in senders.refused if r[0] == "DATA")))
+    assert_clean(server, senders, workers)
+    assert "bytes free in the spool's file system, queue.min_free_space keeps %d" \
+        % min_free_space in server.log()
+    if not min_free_space:
+        assert any(stage == "DATA" for stage, _, _ in senders.refused)
+        assert "No space left on device" in server.log()
+    assert_in_queue(server, senders.accepted)
+    assert os.listdir(os.path.join(spool, "tmp")) == []     # refused messages left nothing
+
+
+@pytest.fixture
+def smtp_sink():
+    """smtp-sink writing one file per message into a fresh directory: (port, directory)."""
+    if not os.path.exists(SMTP_SINK):
+        pytest.skip("smtp-sink is not installed (apt-get install postfix)")
+    directory = tempfile.mkdtemp(prefix="elemta-sink-")
+    os.chmod(directory, 0o777)    # smtp-sink -u nobody writes its dumps here
+    port = free_port()
+    process = None
+
+    def start():
+        nonlocal process
+        process = subprocess.Popen([SMTP_SINK, "-u", "nobody", "-d",
+                                    os.path.join(directory, "%M."), "127.0.0.1:%d" % port,
+                                    "64"])
+        wait_for(lambda: _accepting(port))
+    yield port, directory, start
+    if process is not None:
+        process.terminate()
+        process.wait()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _accepting(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def delivered(directory):
+    """{Subject tag: [dump contents]} of the messages complete at the sink."""
+    found = {}
+    for name in os.listdir(directory):
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            continue
+        match = re.search(rb"\nSubject: (\S+)\r?\n", data)
+        if match:
+            found.setdefault(match.group(1).decode(), []).append(data)
+    return found
+
+
+def assert_delivered(directory, accepted, timeout=60):
+    """Every message that got a 250 reached the sink whole (duplicates allowed, counted)."""
+    tags = {tag: content for tag, content, _ in accepted.values()}
+    wait_for(lambda: set(tags) <= set(delivered(directory)), timeout=timeout)
+    at_sink = delivered(directory)
+    for tag, content in tags.items():
+        body = content.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n")
+        assert any(body.rstrip() in dump.replace(b"\r\n", b"\n") for dump in at_sink[tag]), tag
+    duplicates = sum(len(dumps) - 1 for tag, dumps in at_sink.items() if tag in tags)
+    print("delivered %d, duplicates %d" % (len(tags), duplicates))
+
+
+def relay_to(port, workers=2, **delivery):
+    settings = {"workers": workers, "min_backoff": 1.0, "max_backoff": 1.0,
+                "transport": [{"domain": "sink.test", "nexthop": "smtp:[127.0.0.1]:%d" % port}]}
+    settings.update(delivery)
+    return settings
+
+
+def test_a_full_spool_while_delivering_loses_nothing_and_recovers(small_fs, smtp_sink,
+                                                                  elemta_server):
+    port, directory, start_sink = smtp_sink
+    start_sink()
+    spool = os.path.join(small_fs, "spool")
+    server = elemta_server(
+        smtpd={"hostname": "mx.test", "workers": 2}, api={"enabled": False},
+        queue={"spool_dir": spool, "min_free_space": 1024 * 1024},
+        limits={"message_size": 512 * 1024}, delivery=relay_to(port))
+    server.spool = spool
+    wait_for(lambda: "delivery worker started" in server.log())
+    workers = started_children(server, 5)      # two smtpd, two delivery, pickup
+    with Senders(server.port) as senders:
+        wait_for(lambda: len(senders.accepted) >= 50)
+        filler = fill(small_fs)
+        full = time.monotonic()
+        wait_for(lambda: len(senders.refused_since(full)) >= 30)
+        time.sleep(2.0)        # deliveries go on meanwhile, on whatever room they find
+        os.unlink(filler)
+        wait_for_250_after(senders, time.monotonic())
+    print("\naccepted %d, refused %d" % (len(senders.accepted), len(senders.refused)))
+    assert_clean(server, senders, workers)
+    assert_delivered(directory, senders.accepted)
+    wait_for(lambda: server.queued_ids() == [], timeout=30)
+    assert_clean(server, senders, workers)
+
+
+def test_a_full_queue_index_refuses_with_452_and_recovers_as_mail_leaves(tmp_path, smtp_sink,
+                                                                        elemta_server):
+    """A 4 MB index fills while the next hop is down: new mail gets 452 4.3.1 (at MAIL,
+    once all but 1 MiB is used: that is delivery's); the delivery workers go on retrying in the
+    reserve, the next hop comes back, the queue empties and mail is accepted again."""
+    port, directory, start_sink = smtp_sink
+    server = elemta_server(
+        smtpd={"hostname": "mx.test", "workers": 2}, api={"enabled": False},
+        queue={"index_map_size": 4 * 1024 * 1024}, delivery=relay_to(port))
+    wait_for(lambda: "delivery worker started" in server.log())
+    workers = started_children(server, 5)
+    with Senders(server.port, threads=4, pause=0.01) as senders:
+        wait_for(lambda: any(r[1] == "452 " + STORAGE for r in senders.refused), timeout=60)
+        refusing = time.monotonic()
+        time.sleep(1.0)
+        accepted_while_full = len(senders.accepted_since(refusing))
+        start_sink()                   # the next hop is back: the queue drains
+        wait_for_250_after(senders, time.monotonic(), count=50, timeout=60)
+    print("\naccepted %d (%d while full), refused %d" % (
+        len(senders.accepted), accepted_while_full, len(senders.refused)))
+    assert "queue index" in server.log() and "bytes are kept for delivery" in server.log()
+    assert_clean(server, senders, workers)
+    assert_delivered(directory, senders.accepted)
+    wait_for(lambda: server.queued_ids() == [], timeout=30)
+
+
+def send_pipelined(smtp, recipients, content):
+    """MAIL, every RCPT and DATA in one write (PIPELINING), then the content: returns
+    the final reply (code, text)."""
+    smtp.send(b"MAIL FROM:<a@client.test>\r\n"
+              + b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in recipients)
+              + b"DATA\r\n")
+    replies = [smtp.getreply() for _ in range(len(recipients) + 2)]
+    assert [code for code, _ in replies[:-1]] == [250] * (len(recipients) + 1), replies[:3]
+    assert replies[-1][0] == 354, replies[-1]
+    smtp.send(content + b".\r\n")
+    return smtp.getreply()
+
+
+def test_an_index_too_full_for_one_big_record_answers_452_at_the_end_of_data(tmp_path,
+                                                                           elemta_server):
+    """A record bigger than the room left (10,000 long recipients: about 1.3 MB) fails its
+    commit with LMDB's MapFullError although MAIL found room: 452 4.3.1 after the content,
+    nothing half queued, and once room is made (a message deleted) the same message is
+    accepted."""
+    server = elemta_server(queue={"index_map_size": 4 * 1024 * 1024},
+                           limits={"recipients": 10000})
+    recipients = ["%s%05d@example.test" % ("r" * 58, n) for n in range(10000)]
+    content = b"Subject: many\r\n\r\nhello\r\n"
+    accepted, refusal = [], None
+    with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+        smtp.ehlo()
+        for _ in range(10):
+            code, text = send_pipelined(smtp, recipients, content)
+            if code != 250:
+                refusal = "%d %s" % (code, text.decode())
+                break
+            accepted.append(text.decode().rsplit(" ", 1)[1])
+        assert refusal == "452 " + STORAGE, refusal
+        assert accepted
+        assert "queue index full (queue.index_map_size is 4194304 bytes)" in server.log()
+        assert sorted(server.queued_ids()) == sorted(accepted)
+        assert os.listdir(os.path.join(server.spool, "tmp")) == []
+        subprocess.run([sys.executable, "-m", "elemta.cli.elemtactl", "queue", "delete",
+                        "--spool-dir", server.spool, accepted[0]], check=True,
+                       capture_output=True, env=dict(os.environ, PYTHONPATH=REPO))
+        # At once: LMDB reuses pages freed by the last write only from the next-but-one
+        # write on, and the queue makes that write itself (QueueIndex.nudge).
+        code, text = send_pipelined(smtp, recipients, content)
+        assert code == 250, text
