@@ -407,3 +407,82 @@ def test_an_index_too_full_for_one_big_record_answers_452_at_the_end_of_data(tmp
         # write on, and the queue makes that write itself (QueueIndex.nudge).
         code, text = send_pipelined(smtp, recipients, content)
         assert code == 250, text
+
+
+METRICS_ON_A_FULL_DISK = r"""
+import sys
+from elemta import metrics
+metrics.setup(sys.argv[1])
+with open(sys.argv[2], "wb", buffering=0) as filler:     # take every free page
+    chunk = b"\0" * 65536
+    while chunk:
+        try:
+            filler.write(chunk)
+        except OSError:
+            chunk = chunk[:len(chunk) // 2] if len(chunk) > 4096 else b""
+for n in range(3000):          # new keys: the file must grow past its first 64 KB
+    metrics.count_reply(452, "4.3.1", "MAIL%d" % n)
+    metrics.DELIVERIES.labels("sent%d" % n).inc()
+print("alive")
+"""
+
+
+def test_metric_files_on_a_full_disk_never_kill_the_process(tmp_path):
+    """prometheus-client's metric files are sparse and written through a mapping: on a
+    full disk a new page meant SIGBUS (a full spool killed the master this way). Now the
+    process lives on, its metrics in memory, and says so."""
+    fs = str(tmp_path / "fs")
+    mount_tmpfs(fs, "1m")
+    try:
+        done = subprocess.run([sys.executable, "-c", METRICS_ON_A_FULL_DISK,
+                               os.path.join(fs, "metrics"), os.path.join(fs, "filler")],
+                              capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=REPO))
+    finally:
+        unmount(fs)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "alive"
+    assert "keeps its metrics in memory" in done.stderr
+
+
+def sendmail(server, content):
+    """elemta's sendmail -t as root: (exit status, stderr)."""
+    done = subprocess.run([sys.executable, "-m", "elemta.cli.sendmail", "-C",
+                           server.config_path, "-t", "-i"], input=content,
+                          capture_output=True, timeout=30,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    return done.returncode, done.stderr.decode()
+
+
+def test_sendmail_and_pickup_on_a_full_spool(small_fs, elemta_server):
+    """sendmail on a full disk fails with a clear message and exit 75 (EX_TEMPFAIL),
+    leaving nothing behind; a submission already in the maildrop that cannot be queued
+    stays there, and pickup, alive all along, queues it once there is room."""
+    spool = os.path.join(small_fs, "spool")
+    server = elemta_server(queue={"spool_dir": spool, "min_free_space": 0})
+    server.spool = spool
+    workers = started_children(server, 3)          # smtpd, pickup, api
+    maildrop = os.path.join(spool, "maildrop")
+    assert sendmail(server, message("before-"))[0] == 0
+    wait_for(lambda: len(server.queued_ids()) == 1)
+
+    filler = fill(small_fs)
+    status, stderr = sendmail(server, message("refused-"))
+    assert status == 75, stderr
+    assert "No space left on device" in stderr, stderr
+    assert [n for n in os.listdir(maildrop) if not n.startswith(".")] == []
+
+    # Room for the maildrop file only: pickup cannot queue it, and keeps it.
+    os.unlink(filler)
+    big = message("waiting-") * 20
+    filler = fill(small_fs, leave=len(big) + 8192)
+    server_log = len(server.log())
+    assert sendmail(server, big)[0] == 0
+    wait_for(lambda: "No space left on device" in server.log()[server_log:], timeout=15)
+    assert len([n for n in os.listdir(maildrop) if not n.startswith(".")]) == 1
+    assert len(server.queued_ids()) == 1
+    os.unlink(filler)
+    wait_for(lambda: len(server.queued_ids()) == 2, timeout=30)
+    assert os.listdir(maildrop) == [] or all(n.startswith(".") for n in os.listdir(maildrop))
+    assert "Traceback" not in server.log()
+    assert children(server) == workers

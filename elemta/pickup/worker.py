@@ -34,6 +34,7 @@ elemta.delivery.worker (the same life cycle, with gevent).
 """
 
 import email.utils
+import errno
 import logging
 import os
 import select
@@ -232,9 +233,11 @@ class PickupWorker:
                 self._deferred[name] = now + PICKUP_RETRY
                 continue
             except OSError as exc:
-                log.error("maildrop: %s: %s; tried again in %ds", printable(name), exc,
-                          PICKUP_RETRY)
-                self._deferred[name] = now + PICKUP_RETRY
+                # A full spool clears as a whole: try again at the next scan, not later.
+                wait = PICKUP_SCAN if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+                    else PICKUP_RETRY
+                log.error("maildrop: %s: %s; tried again in %ds", printable(name), exc, wait)
+                self._deferred[name] = now + wait
                 continue
             if spooled is None:                 # discarded by a plugin (logged)
                 _unlink(path)
