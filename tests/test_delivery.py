@@ -548,9 +548,9 @@ def test_a_failed_message_is_removed_after_failed_retention(start, mx_port):
 
 
 def test_a_delivery_that_breaks_unexpectedly_waits_a_backoff_not_its_lease(start, mx_port):
-    """Whatever breaks inside one delivery (here its spool file vanished) leaves the
-    message deferred with the reason, to be tried after a backoff, rather than active
-    and untouched until its 15-minute lease lapses."""
+    """Whatever breaks inside one delivery (here its spool file became a directory)
+    leaves the message deferred with the reason, to be tried after a backoff, rather
+    than active and untouched until its 15-minute lease lapses."""
     script = {"GREETING": Replies("421 4.3.2 busy", "220 fake.test ESMTP")}
     with ScriptedServer(script=script, address="127.0.0.22", port=mx_port):
         server = start(min_backoff=3.0, max_backoff=3.0,
@@ -560,6 +560,7 @@ def test_a_delivery_that_breaks_unexpectedly_waits_a_backoff_not_its_lease(start
         wait_for_status(server, queue_id, "x@vanish.test", "deferred")
         with server.queue() as q:
             os.unlink(q.store.path(queue_id))
+            os.mkdir(q.store.path(queue_id))
         wait_for(lambda: "%s: delivery failed" % queue_id in server.log(), timeout=10)
 
         def deferred():
@@ -567,8 +568,25 @@ def test_a_delivery_that_breaks_unexpectedly_waits_a_backoff_not_its_lease(start
                 record = q.get(queue_id)
             return record.state == "deferred" and record
         record = wait_for(deferred)
-    assert "FileNotFoundError" in record.last_error
+    assert "is not a regular file" in record.last_error
     assert record.next_attempt > time.time()
+
+
+def test_a_message_whose_file_is_gone_is_dropped_not_retried_forever(start, mx_port):
+    """The files are the truth: a record left without its file (its removal could not
+    reach a full index, say) is dropped when next claimed, as reconcile would."""
+    script = {"GREETING": Replies("421 4.3.2 busy", "220 fake.test ESMTP")}
+    with ScriptedServer(script=script, address="127.0.0.41", port=mx_port):
+        server = start(min_backoff=1.0, max_backoff=1.0,
+                       relayhost="[127.0.0.41]:%d" % mx_port)
+        send(server, "vanish@client.test", ["x@vanish.test"], "vanish")
+        queue_id = queue_id_of(server, "vanish@client.test")
+        wait_for_status(server, queue_id, "x@vanish.test", "deferred")
+        with server.queue() as q:
+            os.unlink(q.store.path(queue_id))
+        wait_for(lambda: server.queued_ids() == [], timeout=10)
+    assert "%s: message file gone (removed before its record could be); record dropped" \
+        % queue_id in server.log()
 
 
 def test_a_recipient_delivered_once_is_never_sent_again(start, mx_port):
