@@ -7,7 +7,9 @@ fork. Its loop, top to bottom:
     reclaim   now and then, messages whose lease lapsed (a worker was killed) become due;
               the leases of this worker's deliveries still under way are renewed
     claim     due messages, as many as there is room for, leased to this worker
-    deliver   each in its own greenlet: recipients grouped by destination (routing, which
+    deliver   each in its own greenlet (a claimed message whose spool file is gone is
+              dropped, as reconcile would: its removal could not reach a full index):
+              recipients grouped by destination (routing, which
               routing-stage plugins may change; delivery-stage plugins may settle some
               recipients first: elemta.delivery.stages), each
               group by its transport: SMTP to the first host that takes it (the next MX
@@ -21,7 +23,8 @@ fork. Its loop, top to bottom:
     record    per recipient, durably (Queue.record_attempts, many messages per flush:
               elemta.delivery.recorder): sent recipients are never sent again; 4xx and
               connection errors wait an exponential backoff (min_backoff doubling to
-              max_backoff); 5xx bounce; past queue_lifetime the waiting ones bounce; a
+              max_backoff); 5xx bounce; past queue_lifetime the waiting ones bounce
+              (results a full disk or index cannot take are tried again: the recorder); a
               delivery that broke on something unexpected waits a backoff too. The log
               gets one Postfix-style line per recipient: "<qid>: to=<a@b>,
               relay=host[ip]:port, delay=1.2, status=sent (250 ...)"

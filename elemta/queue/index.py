@@ -21,6 +21,9 @@ through _put and _delete; a new writer must too):
                sender domain, waiting recipients' domains with counts), so a state of a
                queue of a million messages is listed, counted and summarised without
                decoding a million JSON records
+
+The main database holds those three and one key of ours, elemta-nudge (see nudge: after
+a MapFullError it makes the pages freed by the last write reusable).
 """
 
 import json

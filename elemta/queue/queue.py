@@ -18,7 +18,8 @@ batch durable with one flush, so N messages cost about one disk flush rather tha
         and LMDB syncs fully; the classic order, more flushes per batch.
 
 When commit fails it raises OSError and the caller must answer 4xx: the client still owns the
-message and will send it again. So commit removes what it had put in place (files first: the
+message and will send it again. A full file system or index (LMDB's MapFullError) is an
+OSError with errno ENOSPC, which the smtpd answers 452 4.3.1 (see also elemta.queue.space). So commit removes what it had put in place (files first: the
 files are the truth, and reconcile drops any index record left without its file). If the
 removal itself cannot reach the disk before a crash, reconcile may bring the message back: it
 is then delivered twice, never lost.
