@@ -321,7 +321,7 @@ def test_a_full_spool_while_delivering_loses_nothing_and_recovers(small_fs, smtp
         limits={"message_size": 512 * 1024}, delivery=relay_to(port))
     server.spool = spool
     wait_for(lambda: "delivery worker started" in server.log())
-    workers = started_children(server, 5)      # two smtpd, two delivery, pickup
+    workers = started_children(server, 6)      # two smtpd, two delivery, pickup, local
     with Senders(server.port) as senders:
         wait_for(lambda: len(senders.accepted) >= 50)
         filler = fill(small_fs)
@@ -347,7 +347,7 @@ def test_a_full_queue_index_refuses_with_452_and_recovers_as_mail_leaves(tmp_pat
         smtpd={"hostname": "mx.test", "workers": 2}, api={"enabled": False},
         queue={"index_map_size": 4 * 1024 * 1024}, delivery=relay_to(port))
     wait_for(lambda: "delivery worker started" in server.log())
-    workers = started_children(server, 5)
+    workers = started_children(server, 6)
     with Senders(server.port, threads=4, pause=0.01) as senders:
         wait_for(lambda: any(r[1] == "452 " + STORAGE for r in senders.refused), timeout=60)
         refusing = time.monotonic()
@@ -486,3 +486,24 @@ def test_sendmail_and_pickup_on_a_full_spool(small_fs, elemta_server):
     assert os.listdir(maildrop) == [] or all(n.startswith(".") for n in os.listdir(maildrop))
     assert "Traceback" not in server.log()
     assert children(server) == workers
+
+
+def test_mail_from_is_refused_when_the_message_could_not_fit(small_fs, elemta_server):
+    """Postfix's rules at MAIL FROM: by default the spool keeps 1.5 times
+    limits.message_size free; with queue.min_free_space set, a SIZE= that does not fit
+    in two thirds of the free space (or in the free space less the reserve) gets 452."""
+    spool = os.path.join(small_fs, "spool")
+    default = elemta_server(queue={"spool_dir": spool})         # 30 MB messages
+    with smtplib.SMTP("127.0.0.1", default.port) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("a@client.test") == (452, STORAGE.encode())
+    assert "1.5 times limits.message_size keeps 47185920" in default.log()
+    default.stop()
+
+    sized = elemta_server(queue={"spool_dir": spool, "min_free_space": 0})
+    with smtplib.SMTP("127.0.0.1", sized.port) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("a@client.test", ["SIZE=20000000"])[0] == 250    # 32 MB free
+        smtp.rset()
+        assert smtp.mail("a@client.test", ["SIZE=25000000"]) == (452, STORAGE.encode())
+    assert "SIZE=25000000 does not fit" in sized.log()
