@@ -6,7 +6,9 @@ threads, a big file filling the file system under them. What a user must see: ne
 452 4.3.1, never a 250 for a message that was not stored, never a dropped connection or a
 traceback; every message that got a 250 is kept intact (in the queue, or delivered to a real
 smtp-sink); no worker dies and is respawned; and once space is freed mail flows again by
-itself. The same for the LMDB index reaching queue.index_map_size.
+itself. The same for the LMDB index reaching queue.index_map_size. Also: Postfix's free
+space rules at MAIL FROM (queue.min_free_space, SIZE=), metric files on a full disk (they
+used to kill the process with SIGBUS), sendmail and pickup on a full spool.
 The log stays on the test's own disk (a log on the full disk would lose lines: logging
 prints its own complaint to stderr and the process goes on).
 See also tests/test_durability.py (a full disk in one session) and tests/test_queue.py.
