@@ -223,7 +223,12 @@ def test_api_and_pickup_reopen_their_log_on_sigusr1(elemta_server, tmp_path):
     wait_for(lambda: api_health(api_port))
     watched = [next(iter(wait_for(lambda: pids_titled(server, title))))
                for title in ("elemta: api", "elemta: pickup")]
-    wait_for(lambda: "elemta.pickup[%d]: INFO: pickup started" % watched[1] in server.log())
+
+    def logged():
+        with open(log_path) as f:
+            return f.read()
+
+    wait_for(lambda: "elemta.pickup[%d]: INFO: pickup started" % watched[1] in logged())
 
     def open_logs(pid):
         names = set()
@@ -239,8 +244,7 @@ def test_api_and_pickup_reopen_their_log_on_sigusr1(elemta_server, tmp_path):
     os.kill(server.process.pid, signal.SIGUSR1)
     wait_for(lambda: all(open_logs(pid) == {log_path} for pid in watched))
     assert all(alive(pid) for pid in watched)
-    with open(log_path) as f:
-        assert "ended with" not in f.read()
+    assert "ended with" not in logged()
 
 
 def test_hung_api_and_pickup_are_killed_and_replaced(elemta_server):
