@@ -3,10 +3,17 @@
 In the shape of gunicorn's arbiter (design.md): the master binds (as root when it must),
 forks `smtpd.workers` smtpd children, the delivery workers, one pickup and one api child,
 and one local delivery agent when there are delivery workers (the only child that keeps
-root: it writes mailboxes as their users, elemta.local.agent), and then only watches: it reaps and respawns children (pausing when one keeps crashing),
-kills a child whose heartbeat stops, starts a replacement at once when a child retires
-(max_use, max_idle), and turns signals into actions. It never parses mail and never
-opens the queue for work.
+root: it writes mailboxes as their users, elemta.local.agent), and then only watches: it
+reaps and respawns children, kills a child whose heartbeat stops, starts a replacement
+at once when a child retires (max_use, max_idle), and turns signals into actions. It
+never parses mail and never opens the queue for work.
+
+Crash loops: a child that cannot start (a port taken, a file it needs missing) exits
+with EX_CANTBOOT and leaves the cause on the scoreboard (elemta.util.child); the master
+logs one line naming it and tries that kind again after BOOT_BACKOFF seconds, doubling
+up to BOOT_BACKOFF_MAX. A child that dies within CRASH_WINDOW of its start waits
+CRASH_BACKOFF, doubling up to CRASH_BACKOFF_MAX while it keeps happening. Once a child of
+the kind has served STEADY seconds the kind starts from the first delay again.
 
 Signals (handlers only queue them and wake the loop through a pipe, design rule 1):
   SIGTERM, SIGINT  stop: children finish their sessions (up to master.stop_grace), exit 0
@@ -30,14 +37,28 @@ import time
 
 from elemta import metrics
 from elemta.util import logs, sdnotify
-from elemta.util.scoreboard import RETIRING, RUNNING, Scoreboard
+from elemta.util.child import EX_CANTBOOT
+from elemta.util.scoreboard import RETIRING, RUNNING, STARTING, Scoreboard
+from elemta.util.text import printable
 
 log = logging.getLogger("elemta.master")
 
 # A child that dies sooner than this after its start counts as crashing.
 CRASH_WINDOW = 5.0
-# How long a crashing kind of child waits before it is forked again.
+# How long a crashing kind of child waits before it is forked again, doubling while it
+# keeps crashing. Kept short: a crash is often a kill from outside (OOM, an admin), and
+# mail must flow again soon after it.
 CRASH_BACKOFF = 2.0
+CRASH_BACKOFF_MAX = 10.0
+# The same for a kind whose child could not start (EX_CANTBOOT): that needs an admin (a
+# port to free, a file to restore), so the tries thin out further.
+BOOT_BACKOFF = 2.0
+BOOT_BACKOFF_MAX = 60.0
+# A child that has served this long shows its kind is well: the next failure of that kind
+# waits the first delay again.
+STEADY = 30.0
+# A starting child may take this long before its first heartbeat (imports, files).
+BOOT_TIMEOUT = 30.0
 # After SIGABRT (heartbeat lost) or the stop grace, how long before SIGKILL.
 KILL_AFTER = 5.0
 # How long new children may take to start serving before old ones are stopped anyway.
@@ -100,6 +121,7 @@ class Master:
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
         self._not_before = {}          # kind -> monotonic time a crashed kind may respawn
+        self._failures = {}            # kind -> (failures in a row, time of the last)
         self._reload_started = None
 
     # ---- the loop -------------------------------------------------------------------------
@@ -120,6 +142,7 @@ class Master:
                 if status is not None:
                     return status
             self.murder_children()
+            self.forget_failures()
             self.stop_old_generation()
             self.spawn_children()
             self._sleep(1.0)
@@ -214,8 +237,11 @@ class Master:
                                     self.scoreboard, master_pid)
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
+        except BaseException as exc:
             log.exception("%s child failed", kind)
+            if self.scoreboard.state(slot) == STARTING:     # it never served
+                self.scoreboard.set_cause(slot, "%s: %s" % (type(exc).__name__, exc))
+                status = EX_CANTBOOT
         finally:
             logging.shutdown()
             os._exit(status)
@@ -234,6 +260,7 @@ class Master:
             if child is None:
                 continue
             retired = self.scoreboard.state(child.slot) == RETIRING
+            cause = self.scoreboard.cause(child.slot)
             self.scoreboard.release(child.slot)
             for callback in self.slot_freed:
                 callback(child.slot)
@@ -245,11 +272,59 @@ class Master:
                 if retired or child.generation != self.generation:
                     metrics.worker_restarted(child.kind, "retired" if retired else "reload")
                 continue
-            log.warning("%s child %d ended with %s; starting another", child.kind, pid, how)
+            if code == EX_CANTBOOT:
+                self.cannot_start(child, pid, cause)
+                continue
             metrics.worker_restarted(child.kind,
                                      "heartbeat" if child.abort_sent else "crashed")
-            if time.monotonic() - child.started < CRASH_WINDOW:
-                self._not_before[child.kind] = time.monotonic() + CRASH_BACKOFF
+            if time.monotonic() - child.started >= CRASH_WINDOW:
+                log.warning("%s child %d ended with %s; starting another", child.kind, pid,
+                            how)
+                continue
+            delay = self.back_off(child.kind, CRASH_BACKOFF, CRASH_BACKOFF_MAX)
+            if delay is None:
+                delay = self._not_before[child.kind] - time.monotonic()
+            log.warning("%s child %d ended with %s; starting another in %s", child.kind,
+                        pid, how, _seconds(delay))
+
+    def cannot_start(self, child, pid, cause):
+        """A child exited with EX_CANTBOOT: one line naming the cause, then a pause."""
+        metrics.worker_restarted(child.kind, "cannot_start")
+        delay = self.back_off(child.kind, BOOT_BACKOFF, BOOT_BACKOFF_MAX)
+        if delay is None:
+            # A sibling of the same round failed already and said so: no second line.
+            log.debug("%s child %d cannot start either: %s", child.kind, pid, cause)
+            return
+        log.error("%s child cannot start: %s; trying again in %s", child.kind,
+                  printable(cause or "it exited with status %d and gave no cause"
+                            % EX_CANTBOOT), _seconds(delay))
+
+    def back_off(self, kind, first, most):
+        """Hold kind back after a failure: first seconds, doubling with each failure in
+        a row, at most `most`. Returns the delay, or None when a failure of the same round
+        (another child of the kind, forked at the same time) holds it back already."""
+        now = time.monotonic()
+        if now < self._not_before.get(kind, 0):
+            return None
+        failures = self._failures.get(kind, (0, 0))[0] + 1
+        self._failures[kind] = (failures, now)
+        delay = min(most, first * 2 ** min(failures - 1, 16))
+        self._not_before[kind] = now + delay
+        return delay
+
+    def forget_failures(self):
+        """A kind with a child started since its last failure that has served STEADY
+        seconds starts its count anew (an older sibling that kept serving proves nothing
+        about a new child's start)."""
+        if not self._failures:
+            return
+        now = time.monotonic()
+        for child in list(self.children.values()):
+            failed = self._failures.get(child.kind)
+            if (failed is not None and child.started > failed[1]
+                    and now - child.started >= STEADY
+                    and self.scoreboard.state(child.slot) == RUNNING):
+                del self._failures[child.kind]
 
     def murder_children(self):
         """Kill children whose heartbeat stopped: SIGABRT, then SIGKILL."""
@@ -260,9 +335,12 @@ class Master:
                 if now - child.abort_sent > KILL_AFTER:
                     self._kill(pid, signal.SIGKILL)
                 continue
-            if self.scoreboard.silence(child.slot) > timeout:
-                log.error("%s child %d sent no heartbeat for %ds; killing it", child.kind,
-                          pid, timeout)
+            # Until it serves, a child beats only once its boot is done.
+            limit = max(timeout, BOOT_TIMEOUT) \
+                if self.scoreboard.state(child.slot) == STARTING else timeout
+            if self.scoreboard.silence(child.slot) > limit:
+                log.error("%s child %d sent no heartbeat for %gs; killing it", child.kind,
+                          pid, limit)
                 child.abort_sent = now
                 self._kill(pid, signal.SIGABRT)
 
@@ -321,7 +399,8 @@ class Master:
         self.config, self.listening = config, listening
         self.generation += 1
         self._reload_started = time.monotonic()
-        self._not_before.clear()
+        self._not_before.clear()       # the new configuration may have fixed it
+        self._failures.clear()
         self.spawn_children()
 
     def stop(self, signum):
@@ -383,6 +462,11 @@ class Master:
                     pass
             except BlockingIOError:
                 pass
+
+
+def _seconds(value):
+    """A delay for a log line: "8 s", "0.5 s"."""
+    return "%g s" % round(value, 1)
 
 
 def drop_privileges(master_config):

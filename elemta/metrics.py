@@ -129,9 +129,10 @@ def _fold_dead_child(pid):
 
 
 def worker_restarted(kind, reason):
-    """The master replaced a child. kind: smtpd, delivery, pickup, api; reason: crashed
-    (exited or killed unasked), heartbeat (killed for silence), retired (max_use or
-    max_idle), reload (SIGHUP)."""
+    """The master replaced a child. kind: smtpd, delivery, pickup, api, local; reason:
+    crashed (exited or killed unasked), heartbeat (killed for silence), cannot_start
+    (exited with EX_CANTBOOT: elemta.util.child), retired (max_use or max_idle), reload
+    (SIGHUP)."""
     try:
         with _as_owner():        # the first count creates the master's own file
             _metrics().WORKER_RESTARTS.labels(kind, reason).inc()

@@ -239,9 +239,10 @@ def test_pickup_mail_is_dkim_signed_and_forwarded_mail_is_arc_sealed(probe_insta
         [signed] = verify_message(content, resolver)
         assert (signed.result, signed.domain, signed.selector) == ("pass", "local.test", "s1")
         assert b"ARC-Seal" not in content                 # our users' own mail: not sealed
-        stages = [(c["stage"], c["local"], c["client"]) for c in calls(record)
-                  if c["queue_id"] == local_id]
-        assert stages == [("data", True, ""), ("storage", True, ""), ("queue", True, "")]
+        # The queue stage is told after the commit, so it may come a moment after the id.
+        wait_for(lambda: [(c["stage"], c["local"], c["client"])
+                          for c in calls(record) if c["queue_id"] == local_id]
+                 == [("data", True, ""), ("storage", True, ""), ("queue", True, "")])
 
         # A mynetworks host (a list server, say) relaying to another domain: sealed at
         # receive time; the same to a local recipient is not (it does not leave).

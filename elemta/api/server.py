@@ -1,30 +1,25 @@
 """The api process's main: the WSGI app served by gevent.pywsgi on api.address:api.port.
 
 Owned by the `elemta: api` child the master forks. The application (elemta.api.app) is the
-REST API under /api/v1 and /metrics for Prometheus. SIGTERM/SIGINT stop it after the
-requests in progress, SIGQUIT at once, SIGUSR1 reopens the log file; it stops on its own
-when its master is gone. A reload starts a new api process, which reads the token again.
+REST API under /api/v1 and /metrics for Prometheus. Its life cycle is every child's
+(elemta.util.child): SIGTERM/SIGINT stop it after the requests in progress (within
+master.stop_grace), SIGQUIT at once, SIGUSR1 reopens the log file, a heartbeat on the
+scoreboard, and it stops on its own when its master is gone. A port it cannot listen on
+is a boot failure: the master logs why and tries again later, backing off. A reload
+starts a new api process, which reads the token again.
 See also: elemta.api.app, elemta.api.handler (reading requests: deadline, framing),
 elemta.metrics, elemta.master.
 """
 
 import logging
-import os
-import signal
 import socket
 
-import gevent
-from gevent.event import Event
 from gevent.pywsgi import LoggingLogAdapter, WSGIServer
 
 from elemta.api.handler import Handler
+from elemta.util.child import BootError, GeventChild
 
 log = logging.getLogger("elemta.api")
-
-# How often the process beats its heartbeat and looks for its master.
-WATCH_INTERVAL = 1.0
-# How long requests in progress may take to finish on SIGTERM.
-STOP_GRACE = 5.0
 
 
 def make_app(config):
@@ -33,54 +28,37 @@ def make_app(config):
     return create_app(config)
 
 
-def run_api(config, heartbeat=None, master_pid=None, sock=None):
-    """The api process's main: serve until SIGTERM; returns the exit status.
+class APIChild(GeventChild):
+    """The one api process: a WSGIServer plus the child life cycle."""
 
-    heartbeat: called every WATCH_INTERVAL seconds (the master's liveness check).
-    master_pid: stop when the parent is no longer this process. Pass the master's pid as
-    taken before the fork: the default, the parent now, is already init's if the master
-    died in between.
-    sock: an already bound listening socket; default: bind api.address:api.port here."""
-    from setproctitle import setproctitle
-    setproctitle("elemta: api")
-    api = config.api
-    master_pid = os.getppid() if master_pid is None else master_pid
-    try:
-        sock = sock if sock is not None else listen(api.address, api.port)
-    except OSError as exc:
-        log.error("api cannot listen on %s port %d: %s", api.address, api.port,
-                  exc.strerror or exc)
-        return 1
-    stopping = Event()
-    grace = [STOP_GRACE]
+    kind = "api"
 
-    def handle_term():
-        stopping.set()
+    def __init__(self, config, slot, scoreboard, master_pid):
+        super().__init__(config, slot, scoreboard, master_pid)
+        self.server = None
 
-    def handle_quit():
-        grace[0] = 0
-        stopping.set()
+    def boot(self):
+        api = self.config.api
+        try:
+            sock = listen(api.address, api.port)
+        except OSError as exc:
+            raise BootError("cannot listen on %s port %d: %s"
+                            % (api.address, api.port, exc.strerror or exc)) from None
+        # pywsgi reports clients' malformed requests there: a warning, not our error
+        # (Falcon answers and logs the application's own errors). The handler bounds how
+        # long a client may take to send a request (a slow-loris would otherwise hold
+        # connections for ever) and refuses ambiguous framing.
+        self.server = WSGIServer(sock, make_app(self.config), log=None,
+                                 error_log=LoggingLogAdapter(log, logging.WARNING),
+                                 handler_class=Handler.with_timeout(api.read_timeout))
+        self.server.start()
+        log.info("api listening on %s port %d", *self.server.address[:2])
 
-    # Before building the app (Falcon's import takes a while): a SIGTERM or SIGUSR1 sent
-    # meanwhile, as a quick reload or log rotation does, must not kill the process.
-    gevent.signal_handler(signal.SIGTERM, handle_term)
-    gevent.signal_handler(signal.SIGINT, handle_term)
-    gevent.signal_handler(signal.SIGQUIT, handle_quit)
-    gevent.signal_handler(signal.SIGUSR1, _reopen_logs)
-    # pywsgi reports clients' malformed requests there: a warning, not our error (Falcon
-    # answers and logs the application's own errors).
-    # The handler bounds how long a client may take to send a request (a slow-loris would
-    # otherwise hold connections for ever) and refuses ambiguous framing.
-    server = WSGIServer(sock, make_app(config), log=None,
-                        error_log=LoggingLogAdapter(log, logging.WARNING),
-                        handler_class=Handler.with_timeout(api.read_timeout))
-    server.start()
-    watcher = gevent.spawn(_watch, stopping, heartbeat, master_pid)
-    log.info("api listening on %s port %d", *server.address[:2])
-    stopping.wait()
-    watcher.kill()
-    server.stop(timeout=grace[0])
-    return 0
+    def serve(self):
+        self.stopping.wait()
+
+    def shut_down(self):
+        self.server.stop(timeout=self.grace)
 
 
 def listen(address, port):
@@ -100,17 +78,6 @@ def listen(address, port):
     return sock
 
 
-def _watch(stopping, heartbeat, master_pid):
-    while not stopping.is_set():
-        if heartbeat is not None:
-            heartbeat()
-        if os.getppid() != master_pid:
-            log.warning("master %d is gone; api stops", master_pid)
-            stopping.set()
-            return
-        gevent.sleep(WATCH_INTERVAL)
-
-
-def _reopen_logs():
-    from elemta.util import logs
-    logs.reopen()
+def run_api(config, slot, scoreboard, master_pid):
+    """The main of the api child (called by elemta.cli.elemta's child runner)."""
+    return APIChild(config, slot, scoreboard, master_pid).run()

@@ -175,9 +175,10 @@ def make_child_runner(client_counts):
                 sock.close()          # the local agent serves delivery workers only
             from elemta.local.agent import run_local
             return run_local(config, slot, scoreboard, master_pid)
+        for _, sock in listening:
+            sock.close()              # the api listens on its own socket
         from elemta.api.server import run_api
-        return run_api(config, heartbeat=lambda: scoreboard.beat(slot),
-                       master_pid=master_pid)
+        return run_api(config, slot, scoreboard, master_pid)
     return run_child
 
 

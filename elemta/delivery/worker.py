@@ -67,7 +67,7 @@ from elemta.queue import wakeup
 from elemta.queue.model import BOUNCED, PENDING, RCPT_DEFERRED, SENT
 from elemta.queue.queue import (ATTEMPT_FAILED, ATTEMPT_GONE, ATTEMPT_LEASE_LOST,
                                 ATTEMPT_REMOVED, Attempt, Queue)
-from elemta.util.child import GeventChild
+from elemta.util.child import GeventChild, jittered
 from elemta.util.threads import in_thread
 
 log = logging.getLogger("elemta.delivery")
@@ -107,9 +107,7 @@ class DeliveryWorker(GeventChild):
         # First purge of old failed messages soon after start, spread among workers.
         self._next_purge = time.time() + random.uniform(1.0, 3.0)
         self.taken = 0           # messages claimed since start (for max_use)
-        # Jitter, so workers started together do not all retire together (gunicorn).
-        max_use = self.delivery.max_use
-        self.max_use = max_use + random.randint(0, max_use // 10) if max_use else 0
+        self.max_use = jittered(self.delivery.max_use)
 
     # ---- the life cycle -----------------------------------------------------------------
 

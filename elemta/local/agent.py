@@ -64,38 +64,34 @@ class LocalAgent(GeventChild):
             else None
         self.store = None
         self.deliveries = BoundedSemaphore(MAX_DELIVERIES)
-        self._bound_inode = None
+        self.listener = None
+        self.server = None
         self._logged_error = None
         self.children = set()        # pids of per-recipient processes under way
         # Sockets a per-recipient process must not keep open: a worker's connection held
         # by a long command would hide the agent's death from that worker until it ends.
         self.sockets = set()
 
-    def run(self):
-        """Serve until stopped; returns the exit status (0)."""
-        self.set_title()
-        listener = self.open_spool()
+    def boot(self):
+        self.listener = self.open_spool()
         self.refresh_aliases()
-        self.sockets.add(listener)
-        server = StreamServer(listener, self.handle, spawn=Pool(MAX_CONNECTIONS))
-        server.start()
-        helpers = self.start_life()
+        self.sockets.add(self.listener)
+        self.server = StreamServer(self.listener, self.handle, spawn=Pool(MAX_CONNECTIONS))
+        self.server.start()
         log.info("local delivery agent started (%s, as %s)", self.path,
                  "root" if is_root() else "uid %d, not root: mail is written as this user"
                  % os.getuid())
+
+    def shut_down(self):
+        log.info("local delivery agent stopping")
         try:
-            self.stopping.wait()
-            log.info("local delivery agent stopping")
-            server.stop(timeout=self.grace)
+            self.server.stop(timeout=self.grace)
         finally:
-            gevent.killall(helpers)
-            self._unbind()
             for pid in self.children:      # past the grace: the worker defers them
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        return 0
 
     # ---- the socket ---------------------------------------------------------------------
 
@@ -129,16 +125,16 @@ class LocalAgent(GeventChild):
             os.umask(old_umask)
         sock.listen(128)
         self.allowed_uids = {0, os.getuid(), os.stat(self.spool).st_uid}
-        self._bound_inode = os.stat(self.path).st_ino
+        self.own_socket_file(self.path)
         return sock
 
-    def _unbind(self):
-        """Remove the socket file, unless a newer agent (after a reload) owns it now."""
-        owner = os.stat(self.spool)
+    def remove_socket_files(self):
+        """As the base does, acting as the spool's owner: root never unlinks by name in a
+        directory that user can change."""
         try:
+            owner = os.stat(self.spool)
             with acting_as(owner.st_uid, owner.st_gid):
-                if os.stat(self.path).st_ino == self._bound_inode:
-                    os.unlink(self.path)
+                super().remove_socket_files()
         except OSError:
             pass
 

@@ -23,23 +23,29 @@ queue after the fork. Its loop, top to bottom:
     wake      the delivery workers (elemta.queue.wakeup)
     sleep     until sendmail's datagram on spool/run/pickup.sock, or PICKUP_SCAN seconds
 
+Each message of a batch is a step of its own: pickup beats its heartbeat and lets signals
+in between two, and the commit runs in a thread, so a maildrop of ten thousand messages
+never looks like a hang to the master.
+
 A file that is not a complete submission (a user's symlink, FIFO, socket, directory,
 hard link, unreadable file or junk) or whose envelope breaks a rule (elemta.pickup.envelope:
 types, NOTIFY, ORCPT, ENVID, limits.recipients) is logged once and removed; hidden files
 (temp files left by a sendmail that died, or anybody's) are removed after a day.
-Stops on SIGTERM/SIGINT/SIGQUIT (between messages), reopens logs on SIGUSR1, and stops when
-the master is gone. Signal handlers only set flags (design rule 1).
-See also: elemta.queue.maildrop (the file format), elemta.cli.sendmail (the writer),
-elemta.delivery.worker (the same life cycle, with gevent).
+Life cycle: elemta.util.child, as every child's: stops on SIGTERM/SIGINT/SIGQUIT after the
+message in hand (what was taken is committed first), reopens logs on SIGUSR1, stops when
+the master is gone; a wake socket it cannot bind is a boot failure the master backs off.
+See also: elemta.queue.maildrop (the file format), elemta.cli.sendmail (the writer).
 """
 
 import email.utils
 import errno
 import logging
 import os
-import select
-import signal
 import time
+
+import gevent
+from gevent import socket as gsocket
+from gevent.event import Event
 
 from elemta.plugins.api import DATA, DISCARD, QUEUE, REJECT, STORAGE, Context
 from elemta.plugins.content import notify_queued, outbound, run_content_stages, wants_content
@@ -50,9 +56,9 @@ from elemta.queue.ids import new_queue_id
 from elemta.pickup.envelope import PROTOCOL, envelope_for
 from elemta.queue.queue import Queue
 from elemta.smtp.address import domain_of
-from elemta.util import logs
+from elemta.util.child import BootError, GeventChild
 from elemta.util.text import printable
-from elemta.util.scoreboard import RUNNING
+from elemta.util.threads import in_thread
 
 log = logging.getLogger("elemta.pickup")
 
@@ -83,14 +89,13 @@ class Deferred(Exception):
     """A plugin tempfailed a submission: it stays in the maildrop for a later scan."""
 
 
-class PickupWorker:
+class PickupWorker(GeventChild):
     """The one pickup process (see the module docstring)."""
 
+    kind = "pickup"
+
     def __init__(self, config, slot, scoreboard, master_pid):
-        self.config = config
-        self.slot = slot
-        self.scoreboard = scoreboard
-        self.master_pid = master_pid
+        super().__init__(config, slot, scoreboard, master_pid)
         self.spool = config.queue.spool_dir
         self.hostname = config.hostname
         self.max_size = config.limits.message_size
@@ -98,20 +103,17 @@ class PickupWorker:
         self.queue = None
         self.plugins = None
         self.resolver = None
+        self.wake_socket = None
         self.local_domains = {d.lower().rstrip(".")
                               for d in tuple(config.relay.local_domains) + (config.hostname,)}
         self._deferred = {}          # maildrop name -> time.monotonic() of the next try
         self._stuck = set()          # names of bad entries that could not be removed
-        self._stopping = False
-        self._reopen_logs = False
+        self._wake = Event()         # sendmail's datagram came, or a stop
         self._last_temp_sweep = 0.0
 
-    # ---- the life cycle -----------------------------------------------------------------
+    # ---- the life cycle (elemta.util.child) ---------------------------------------------
 
-    def run(self):
-        """Pick up until stopped; returns the exit status (0)."""
-        from setproctitle import setproctitle
-        setproctitle("elemta: pickup")
+    def boot(self):
         self.queue = Queue(self.spool, sync_method=self.config.queue.sync_method,
                            map_size=self.config.queue.index_map_size)
         self.start_plugins()
@@ -119,28 +121,15 @@ class PickupWorker:
             maildrop.prepare(self.spool)     # the master did it; this repairs a lost mode
         except OSError as exc:
             log.warning("cannot check the maildrop's permissions: %s", exc)
-        wake_socket = self._bind()
-        signal_r, signal_w = os.pipe()
-        for fd in (signal_r, signal_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(signal_w)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            signal.signal(signum, self.handle_term)
-        signal.signal(signal.SIGUSR1, self.handle_usr1)
-        self.scoreboard.set_state(self.slot, RUNNING)
-        log.info("pickup started (maildrop %s)", maildrop.maildrop_dir(self.spool))
+        path = maildrop.socket_path(self.spool)
         try:
-            self.loop(wake_socket, signal_r)
-        finally:
-            signal.set_wakeup_fd(-1)
-            wake_socket.close()
-            try:
-                os.unlink(maildrop.socket_path(self.spool))
-            except OSError:
-                pass
-            self.plugins.close()
-            self.queue.close()
-        return 0
+            self.wake_socket = wakeup.bind_path(path, gsocket)
+            os.chmod(path, 0o666)        # any user's sendmail may wake us
+        except OSError as exc:
+            raise BootError("cannot listen on %s: %s" % (path, exc.strerror or exc)) \
+                from None
+        self.own_socket_file(path)
+        log.info("pickup started (maildrop %s)", maildrop.maildrop_dir(self.spool))
 
     def start_plugins(self):
         """The plugins of the stages pickup runs (data, storage, queue), after the fork.
@@ -152,45 +141,36 @@ class PickupWorker:
         self.plugins = PluginManager(self.config.plugins.mapping(),
                                      stages=(DATA, STORAGE, QUEUE)).start()
 
-    def handle_term(self, signum, frame):
+    def serve(self):
+        """Scan, then wait for sendmail's datagram or PICKUP_SCAN seconds; again."""
+        listener = gevent.spawn(self._listen)
+        try:
+            while not self.stopping.is_set():
+                # Cleared before the scan: a datagram that comes during it is kept, and
+                # the next scan follows at once.
+                self._wake.clear()
+                self.scan()
+                self._wake.wait(PICKUP_SCAN)
+        finally:
+            listener.kill()
+
+    def on_stop(self):
         """SIGTERM, SIGINT, SIGQUIT: stop after the message in hand."""
-        self._stopping = True
+        self._wake.set()
 
-    def handle_usr1(self, signum, frame):
-        """SIGUSR1: reopen log files (in the loop)."""
-        self._reopen_logs = True
+    def shut_down(self):
+        if self.wake_socket is not None:
+            self.wake_socket.close()
+        self.plugins.close()
+        self.queue.close()
 
-    def _bind(self):
-        path = maildrop.socket_path(self.spool)
-        sock = wakeup.bind_path(path)
-        os.chmod(path, 0o666)        # any user's sendmail may wake us
-        sock.setblocking(False)
-        return sock
+    def _listen(self):
+        """Many datagrams, one wake-up."""
+        while True:
+            self.wake_socket.recv(64)
+            self._wake.set()
 
     # ---- the loop -----------------------------------------------------------------------
-
-    def loop(self, wake_socket, signal_r):
-        interval = min(1.0, self.config.master.heartbeat_timeout / 4)
-        next_scan = 0.0
-        while not self._stopping:
-            self.scoreboard.beat(self.slot)
-            if self._reopen_logs:
-                self._reopen_logs = False
-                logs.reopen()
-            if os.getppid() != self.master_pid:
-                log.warning("master %d is gone; pickup stops", self.master_pid)
-                return
-            if time.monotonic() >= next_scan:
-                next_scan = time.monotonic() + PICKUP_SCAN
-                self.scan()
-                continue         # until a scan finds nothing: wake-ups during it are read below
-            ready, _, _ = select.select([wake_socket, signal_r], [], [],
-                                        min(interval, max(0.0, next_scan - time.monotonic())))
-            if wake_socket in ready:
-                _drain(wake_socket)
-                next_scan = 0.0
-            if signal_r in ready:
-                _drain_fd(signal_r)
 
     def scan(self):
         """Queue everything waiting in the maildrop; returns how many were queued."""
@@ -204,10 +184,9 @@ class PickupWorker:
         self._stuck &= present
         queued = 0
         for start in range(0, len(names), PICKUP_BATCH):
-            if self._stopping:
+            if self.stopping.is_set():
                 break
             queued += self._queue_batch(names[start:start + PICKUP_BATCH])
-            self.scoreboard.beat(self.slot)
         self._sweep_temp_files()
         return queued
 
@@ -216,6 +195,11 @@ class PickupWorker:
         taken = []                   # (path, writer, uid, hold): hold is a log line or None
         now = time.monotonic()
         for name in names:
+            if self.stopping.is_set():
+                break                # what was taken is committed: stop after it
+            # Each message is one piece of a batch that may be long (a maildrop of ten
+            # thousand): beat, and let a signal or the master's absence be noticed.
+            self.progress()
             if self._deferred.get(name, 0.0) > now or name in self._stuck:
                 continue
             self._deferred.pop(name, None)
@@ -246,7 +230,8 @@ class PickupWorker:
         if not taken:
             return 0
         try:
-            self.queue.commit([writer for _, writer, _, _ in taken])
+            # In a thread: a flush of many files takes a while, and the heartbeat goes on.
+            in_thread(self.queue.commit, [writer for _, writer, _, _ in taken])
         except OSError as exc:
             log.error("queue commit of %d submission(s) failed: %s; they stay in the "
                       "maildrop", len(taken), exc)
@@ -372,22 +357,6 @@ class PickupWorker:
             if _remove(path) is None:
                 log.warning("maildrop: removed %s, a day old: left by a sendmail that died, "
                             "or not sendmail's", printable(path))
-
-
-def _drain(sock):
-    try:
-        while sock.recv(64):
-            pass
-    except OSError:
-        pass
-
-
-def _drain_fd(fd):
-    try:
-        while os.read(fd, 4096):
-            pass
-    except OSError:
-        pass
 
 
 def _unlink(path):

@@ -9,13 +9,22 @@ from gevent import ssl
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 
+class CertificateError(Exception):
+    """tls.cert_file and tls.key_file cannot be used; the text names them and why."""
+
+
 def server_context(tls_config):
-    """An SSLContext serving tls_config's certificate, or None if none is configured."""
+    """An SSLContext serving tls_config's certificate, or None if none is configured;
+    raises CertificateError."""
     if not (tls_config.cert_file and tls_config.key_file):
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _VERSIONS[tls_config.min_version]
-    context.load_cert_chain(tls_config.cert_file, tls_config.key_file)
+    try:
+        context.load_cert_chain(tls_config.cert_file, tls_config.key_file)
+    except OSError as exc:     # missing, unreadable, or not a matching PEM pair (SSLError)
+        raise CertificateError("cannot load tls.cert_file %s with tls.key_file %s: %s" % (
+            tls_config.cert_file, tls_config.key_file, exc.strerror or exc)) from None
     # SMTP clients rarely present certificates; we do not ask for them.
     context.verify_mode = ssl.CERT_NONE
     return context

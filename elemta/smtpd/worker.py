@@ -4,14 +4,15 @@ Runs in a child forked by elemta.master. It opens its own queue (LMDB) after the
 serves SMTP on the listening sockets it inherited, and lives the life every gevent child
 does (elemta.util.child: heartbeat, SIGTERM/SIGINT graceful, SIGQUIT at once, SIGUSR1
 reopen logs, exit when orphaned). It retires once it has admitted max_use sessions or
-idled max_idle seconds.
+idled max_idle seconds. A TLS certificate or key it cannot load is a boot failure: the
+master logs why and backs off (the other workers keep serving).
 """
 
-import random
 import time
 
 from elemta.smtpd.server import SMTPServer
-from elemta.util.child import GeventChild
+from elemta.smtpd.tls import CertificateError
+from elemta.util.child import BootError, GeventChild, jittered
 
 
 class SMTPDWorker(GeventChild):
@@ -24,23 +25,21 @@ class SMTPDWorker(GeventChild):
         self.listening = listening
         self.client_counts = client_counts
         self.server = None
-        # Jitter, so workers started together do not all retire together (gunicorn).
-        max_use = config.smtpd.max_use
-        self.max_use = max_use + random.randint(0, max_use // 10) if max_use else 0
+        self.max_use = jittered(config.smtpd.max_use)
 
-    def run(self):
-        """Serve until stopped; returns the exit status (0)."""
-        self.set_title()
-        self.server = SMTPServer(self.config, self.listening, self.client_counts)
+    def boot(self):
+        try:
+            self.server = SMTPServer(self.config, self.listening, self.client_counts)
+        except CertificateError as exc:
+            raise BootError(str(exc)) from None
         self.server.max_use = self.max_use
         self.server.on_retire = self.retire      # at once, when the last session is admitted
         self.server.start()
-        self.start_life()
-        self.stopping.wait()
+
+    def shut_down(self):
         self.log.info("smtpd stopping: %d session(s) get %ds to finish",
                       self.server.sessions, self.grace)
         self.server.stop(self.grace)
-        return 0
 
     def watch(self):
         idle_limit = self.config.smtpd.max_idle

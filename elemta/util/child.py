@@ -1,13 +1,29 @@
-"""What every gevent child of the master shares: its title, signals, heartbeat, and
-noticing that the master is gone or that it should retire.
+"""What every gevent child of the master shares: its title, signals, heartbeat, noticing
+that the master is gone or that it should retire, the socket files it leaves behind, and
+how it says that it cannot start.
 
-Used by the smtpd and delivery workers (elemta.smtpd.worker, elemta.delivery.worker).
-A subclass sets `kind`, calls start_life() once it serves, and overrides on_stop() to
-wake its main loop. See also: elemta.master (who reads the scoreboard), design.md rule 7.
+Used by every child kind: smtpd, delivery, pickup, local and api (elemta.smtpd.worker,
+elemta.delivery.worker, elemta.pickup.worker, elemta.local.agent, elemta.api.server).
+A subclass sets `kind` and fills in the life cycle run() goes through:
+
+    boot()       open what it needs; raise BootError naming what is missing or taken
+                 (a port in use, a file it cannot read): the child then leaves that text
+                 on the scoreboard and exits with EX_CANTBOOT, and the master backs off
+                 before it tries that kind again, logging the text once per attempt
+    serve()      work until self.stopping is set (default: wait for it)
+    shut_down()  close what boot() opened
+
+Signals (handlers only set flags or wake the loop, design rule 1): SIGTERM/SIGINT stop
+taking work and give what is under way master.stop_grace, SIGQUIT stops at once, SIGUSR1
+reopens the log files. A heartbeat greenlet writes the scoreboard; a watch greenlet stops
+the child when the master is gone and retires it when watch() says so. A long job run
+without yielding calls progress() between its pieces, so the master never takes it for
+a hung process. See also: elemta.master (who reads the scoreboard), design.md rule 7.
 """
 
 import logging
 import os
+import random
 import signal
 
 import gevent
@@ -16,8 +32,21 @@ from gevent.event import Event
 from elemta.util import logs
 from elemta.util.scoreboard import RUNNING
 
+# The exit status of a child that could not start (sysexits style; gunicorn's
+# WORKER_BOOT_ERROR is 3 too). The master backs off instead of respawning it at once.
+EX_CANTBOOT = 3
 # How often a child looks at its master (and at whatever watch() checks).
 WATCH_INTERVAL = 1.0
+
+
+class BootError(Exception):
+    """A child cannot start; the text is the one line the master logs about it."""
+
+
+def jittered(max_use):
+    """max_use plus up to a tenth more, so children started together do not all retire
+    together (gunicorn's max_requests_jitter); 0 stays 0 (no limit)."""
+    return max_use + random.randint(0, max_use // 10) if max_use else 0
 
 
 class GeventChild:
@@ -34,19 +63,68 @@ class GeventChild:
         self.grace = config.master.stop_grace
         self.stopping = Event()
         self.log = logging.getLogger("elemta." + self.kind)
+        self._signals_installed = False
+        self._socket_files = []      # (path, inode) of sockets bound here
+
+    # ---- the life cycle -------------------------------------------------------------------
+
+    def run(self):
+        """The child's main: boot, serve until stopped, shut down; returns the exit
+        status (0, or EX_CANTBOOT with the cause on the scoreboard)."""
+        self.set_title()
+        # Before boot, which may take a while (imports, files): a SIGTERM or SIGQUIT sent
+        # meanwhile, as a quick reload or stop does, then ends it cleanly.
+        self.install_signal_handlers()
+        try:
+            self.boot()
+        except BootError as exc:
+            return self.cannot_boot(str(exc))
+        helpers = self.start_life()
+        try:
+            self.serve()
+        finally:
+            gevent.killall(helpers)
+            try:
+                self.shut_down()
+            finally:
+                self.remove_socket_files()
+        return 0
+
+    def boot(self):
+        """Open what the child needs; raise BootError naming what is missing (subclasses)."""
+
+    def serve(self):
+        """Work until stopped (subclasses; the default waits)."""
+        self.stopping.wait()
+
+    def shut_down(self):
+        """Close what boot() opened (subclasses)."""
+
+    def cannot_boot(self, cause):
+        """Leave the cause for the master (who logs it) and return EX_CANTBOOT."""
+        self.scoreboard.set_cause(self.slot, cause)
+        return EX_CANTBOOT
 
     def set_title(self):
         from setproctitle import setproctitle
         setproctitle("elemta: " + self.kind)
 
-    def start_life(self):
-        """Install the signal handlers and start beating; returns the helper greenlets."""
+    def install_signal_handlers(self):
+        if self._signals_installed:
+            return
+        self._signals_installed = True
         gevent.signal_handler(signal.SIGTERM, self.handle_term)
         gevent.signal_handler(signal.SIGINT, self.handle_term)
         gevent.signal_handler(signal.SIGQUIT, self.handle_quit)
         gevent.signal_handler(signal.SIGUSR1, logs.reopen)
+
+    def start_life(self):
+        """Say it serves and start beating; returns the helper greenlets."""
+        self.install_signal_handlers()
         self.scoreboard.set_state(self.slot, RUNNING)
         return [gevent.spawn(self._heartbeat), gevent.spawn(self._watch)]
+
+    # ---- signals, retirement, progress ----------------------------------------------------
 
     def handle_term(self):
         """SIGTERM, SIGINT: stop taking work; what is under way gets master.stop_grace."""
@@ -76,6 +154,31 @@ class GeventChild:
         except ProcessLookupError:
             pass
         self.handle_term()
+
+    def progress(self):
+        """Called between the pieces of a long job that does not yield by itself (a big
+        maildrop batch): a piece was done, so beat, and let signals and the watch run."""
+        self.scoreboard.beat(self.slot)
+        gevent.sleep(0)
+
+    # ---- socket files -----------------------------------------------------------------------
+
+    def own_socket_file(self, path):
+        """Remove path, a socket this child just bound, when the child ends."""
+        self._socket_files.append((path, os.lstat(path).st_ino))
+
+    def remove_socket_files(self):
+        """Unlink the sockets this child bound, unless a newer child (a reload's) has bound
+        the same name since. Root children call it acting as the spool's owner."""
+        for path, inode in self._socket_files:
+            try:
+                if os.lstat(path).st_ino == inode:
+                    os.unlink(path)
+            except OSError:
+                pass
+        self._socket_files = []
+
+    # ---- the helper greenlets ---------------------------------------------------------------
 
     def _heartbeat(self):
         interval = min(1.0, self.config.master.heartbeat_timeout / 4)
