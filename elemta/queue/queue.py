@@ -45,6 +45,9 @@ Delivery workers (elemta.delivery.worker) use these calls:
     claim          due messages become active, leased to the worker (one write transaction);
     reclaim        active messages whose lease lapsed (worker killed) become deferred, due
                    now: at worst a message is sent twice, never lost;
+    free_gone_leases  the same at once for the messages of a holder that has certainly
+                   ended (elemta.queue.holders: same host, no such process, or its pid
+                   reused); a live holder, however stuck, keeps its leases;
     renew_leases   a live worker extends the leases of deliveries still under way, so a
                    slow delivery is never taken for a dead worker's;
     record_attempts the outcomes of attempts, per recipient, for a batch of messages in one
@@ -65,6 +68,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import lmdb
 
+from elemta.queue import holders
 from elemta.queue.ids import is_queue_id
 from elemta.queue.index import QueueIndex, QueueRecord
 from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, PENDING,
@@ -100,6 +104,7 @@ ATTEMPT_FAILED = "failed"            # nothing left to try, some recipients boun
 ATTEMPT_LEASE_LOST = "lease lost"    # held, or reclaimed by another worker: statuses only
 ATTEMPT_GONE = "gone"                # deleted meanwhile
 LEASE_LAPSED = "delivery worker stopped before it finished (lease lapsed); retrying"
+HOLDER_GONE = "delivery worker died before it finished; retrying"
 
 # Delivery results kept per message for `queue show` (the oldest go first).
 HISTORY_LIMIT = 100
@@ -461,6 +466,11 @@ class Queue:
     def reclaim(self, now: Optional[float] = None) -> List[str]:
         """Return messages whose lease lapsed to the queue, due now. Returns their ids."""
         return self._index_call(self.index.reclaim, now or time.time(), LEASE_LAPSED)
+
+    def free_gone_leases(self) -> List[Tuple[str, str]]:
+        """Return the messages of lease holders that have ended (a killed delivery worker)
+        to the queue, due now. Returns (queue id, holder name) of each."""
+        return self._index_call(self.index.free_leases, holders.holder_gone, HOLDER_GONE)
 
     def release_claims(self, owner: str, queue_ids: Iterable[str]) -> List[str]:
         """Give back messages `owner` claimed but will not finish (a worker stopping): due
