@@ -28,7 +28,8 @@ fork. Its loop, top to bottom:
     record    per recipient, durably (Queue.record_attempts, many messages per flush:
               elemta.delivery.recorder): sent recipients are never sent again; 4xx and
               connection errors wait an exponential backoff (min_backoff doubling to
-              max_backoff); 5xx bounce; past queue_lifetime the waiting ones bounce; a
+              max_backoff), but a local agent that went away only AGENT_RETRY seconds
+              (doubling, elemta.delivery.local_transport); 5xx bounce; past queue_lifetime the waiting ones bounce; a
               delivery that broke on something unexpected waits a backoff too. The log
               gets one Postfix-style line per recipient: "<qid>: to=<a@b>,
               relay=host[ip]:port, delay=1.2, status=sent (250 ...)"
@@ -60,7 +61,7 @@ from elemta import metrics
 from elemta.delivery import bounce
 from elemta.delivery.concurrency import DestinationSlots
 from elemta.delivery.lmtp import LMTPTransport
-from elemta.delivery.local_transport import LocalTransport
+from elemta.delivery.local_transport import AGENT_RETRY, LocalTransport, went_away
 from elemta.delivery.mx import Resolver
 from elemta.delivery.recorder import AttemptRecorder
 from elemta.delivery.routing import LMTP, LOCAL, SMTP, Router
@@ -353,8 +354,7 @@ class DeliveryWorker(GeventChild):
         warn = self._queue_notices(record, results, ours, now)
         waiting = [r for i, r in results.items() if r[0] == RCPT_DEFERRED]
         last_error = waiting[-1][1] if waiting else None
-        next_attempt = now + backoff(record.attempts + 1, self.delivery.min_backoff,
-                                     self.delivery.max_backoff)
+        next_attempt = now + self._retry_delay(record, results)
         outcome = self.recorder.record(
             Attempt(record.queue_id, results, next_attempt, last_error, now, warn))
         self._log_results(record, results, now)
@@ -365,6 +365,17 @@ class DeliveryWorker(GeventChild):
         elif outcome in (ATTEMPT_LEASE_LOST, ATTEMPT_GONE):
             log.info("%s: %s during delivery (held, deleted or reclaimed); results kept for "
                      "each recipient", record.queue_id, outcome)
+
+    def _retry_delay(self, record, results):
+        """Seconds until the recipients still waiting are tried again: the backoff, or
+        AGENT_RETRY doubling per attempt in a row when only the local agent going away
+        (killed, restarting) held them up."""
+        normal = backoff(record.attempts + 1, self.delivery.min_backoff,
+                         self.delivery.max_backoff)
+        waiting = [reply for status, reply, _ in results.values() if status == RCPT_DEFERRED]
+        if waiting and all(went_away(reply) for reply in waiting):
+            return min(normal, AGENT_RETRY * 2 ** min(_agent_away_streak(record), 32))
+        return normal
 
     def _queue_notices(self, record, results, ours, now):
         """Queue the notices this attempt calls for: a bounce for the recipients that
@@ -442,6 +453,18 @@ class DeliveryWorker(GeventChild):
             log.info("%s: sender %s: %s", record.queue_id, what, queue_id)
             self._wake.set()
         return True
+
+
+def _agent_away_streak(record):
+    """How many attempts in a row, the latest first, ended with every result a deferral
+    because the local agent went away (read from the message's history)."""
+    streak, attempt_time = 0, None
+    for when, _, status, _, reply in reversed(record.history):
+        if status != RCPT_DEFERRED or not went_away(reply):
+            break
+        if when != attempt_time:
+            streak, attempt_time = streak + 1, when
+    return streak
 
 
 def _caught(function, *args):
