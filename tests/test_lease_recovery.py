@@ -1,6 +1,7 @@
 """Issue 11 req 1: the messages a dead delivery worker had claimed are due again within
 seconds, not when delivery.lease (15 minutes) runs out; a live worker, however stuck,
-keeps them.
+keeps them. Req 2: a delivered message's record is deleted with the next batch of results
+(elemta.delivery.recorder), and is never sent again meanwhile.
 
 The lease-holder rule (elemta.queue.holders) against real processes (a `sleep` child
 killed, stopped, left a zombie), Queue.free_gone_leases on a real LMDB queue, then the
@@ -21,7 +22,7 @@ import pytest
 
 from elemta.queue import holders
 from elemta.queue.model import ACTIVE, DEFERRED
-from elemta.queue.queue import HOLDER_GONE, Queue
+from elemta.queue.queue import ATTEMPT_REMOVED, HOLDER_GONE, Attempt, Queue
 from tests.conftest import wait_for
 from tests.peers.postfix import free_port
 from tests.peers.sink import ScriptedServer
@@ -225,3 +226,39 @@ def test_a_stopped_worker_keeps_its_messages_until_it_goes_on(elemta_server):
         wait_for(lambda: server.queued_ids() == [], 20)
     assert "died; due again" not in server.log()
     assert sorted(subjects_at(sink, "stop")) == list(range(count))     # once each
+
+
+# ---- issue 11 req 2: the records of delivered messages go with the next batch ----------
+
+def test_a_delivered_message_stays_leased_until_the_next_batch_deletes_its_record(tmp_path,
+                                                                                sleeper):
+    with Queue(str(tmp_path / "spool"), map_size=64 << 20) as queue:
+        first, second, third = accept(queue, [b"x\r\n"] * 3)
+        owner = holders.holder_name(sleeper.pid)
+        assert len(queue.claim(owner, 3, 900.0)) == 3
+        sent = {0: ("sent", "250 2.0.0 Ok", "sink")}
+        outcomes = queue.record_attempts(
+            owner, [Attempt(first.queue_id, sent, 0.0, None)], forget_later=True)
+        assert outcomes == {first.queue_id: ATTEMPT_REMOVED}
+        # Its file is gone at once; its record stays active, leased, so no one claims it.
+        assert not os.path.exists(queue.store.path(first.queue_id))
+        record = queue.get(first.queue_id)
+        assert record.state == ACTIVE and record.lease_owner == owner
+        assert queue.reclaim(time.time()) == [] and queue.free_gone_leases() == []
+        # The next batch deletes it in its own transaction.
+        queue.record_attempts(owner, [Attempt(second.queue_id, sent, 0.0, None)],
+                              forget=[first.queue_id], forget_later=True)
+        assert queue.get(first.queue_id) is None
+        assert queue.get(second.queue_id).state == ACTIVE
+        # Its worker died before the record was deleted: freed, claimed, and only removed
+        # (every recipient was sent: nothing goes out again).
+        sleeper.kill()
+        sleeper.wait()
+        assert sorted(qid for qid, _ in queue.free_gone_leases()) == sorted(
+            [second.queue_id, third.queue_id])
+        [again] = [r for r in queue.claim("next:1:1", 3, 900.0)
+                   if r.queue_id == second.queue_id]
+        assert [r.status for r in again.envelope.recipients] == ["sent"]
+        assert queue.record_attempt("next:1:1", second.queue_id, {}, 0.0, None) == \
+            ATTEMPT_REMOVED
+        assert queue.get(second.queue_id) is None

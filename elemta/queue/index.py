@@ -233,15 +233,18 @@ class QueueIndex:
         self.put_many([record])
 
     def update_many(self, queue_ids: Iterable[str],
-                    change: Callable[[QueueRecord], Tuple[str, bool]]
-                    ) -> Dict[str, Optional[str]]:
+                    change: Callable[[QueueRecord], Tuple[str, bool]],
+                    delete: Iterable[str] = ()) -> Dict[str, Optional[str]]:
         """Read, change and write back records in one write transaction, so nothing another
         process writes meanwhile is lost. change(record) alters the record in place and
-        returns (outcome, changed); the record is written only if changed. Returns
-        {queue_id: outcome}, None for ids without a record."""
+        returns (outcome, changed); the record is written only if changed. The records of
+        `delete` are removed in the same transaction. Returns {queue_id: outcome}, None
+        for ids without a record."""
         self._check_process()
         outcomes: Dict[str, Optional[str]] = {}
         with self.env.begin(write=True) as txn:
+            for queue_id in delete:
+                self._delete(txn, queue_id)
             for queue_id in queue_ids:
                 raw = txn.get(queue_id.encode("ascii"), db=self.messages)
                 if raw is None:
