@@ -244,8 +244,10 @@ class DeliveryWorker(GeventChild):
                         log.warning("%s: lease lapsed (its delivery worker died); due again",
                                     queue_id)
                     next_reclaim = now + reclaim_every
-                claimed = self.queue.claim(self.owner, room, self.delivery.lease) if room \
-                    else []
+                # In a thread: its flush must not stall the deliveries under way, nor
+                # the results waiting to be recorded (elemta.delivery.recorder).
+                claimed = in_thread(self.queue.claim, self.owner, room,
+                                    self.delivery.lease) if room else []
             except OSError as error:
                 # A full disk (the index cannot grow) or the like: nothing is claimed, so
                 # nothing is at risk; look again soon rather than die and be respawned.
