@@ -90,16 +90,17 @@ def place(users):
     shutil.rmtree(top)
 
 
-def start(elemta_server, place, aliases="", transport=(), **local):
+def start(elemta_server, place, aliases="", transport=(), delivery=None, **local):
     with open(place.aliases, "w") as f:
         f.write("postmaster: root\n" + aliases)
     settings = {"aliases_file": place.aliases, "mail_spool_directory": place.mail,
                 "reject_unknown_users": True, "command_timeout": 10.0}
     settings.update(local)
-    server = elemta_server(
-        delivery={"workers": 1, "min_backoff": 0.5, "max_backoff": 1.0,
-                  "transport": list(transport)},
-        local=settings, api={"enabled": False})
+    delivery_settings = {"workers": 1, "min_backoff": 0.5, "max_backoff": 1.0,
+                         "transport": list(transport)}
+    delivery_settings.update(delivery or {})
+    server = elemta_server(delivery=delivery_settings, local=settings,
+                           api={"enabled": False})
     wait_for(lambda: "local delivery agent started" in server.log()
              and "delivery worker started" in server.log())
     return server
@@ -373,6 +374,34 @@ def test_a_killed_local_agent_loses_nothing(elemta_server, place):
     wait_for(lambda: server.queued_ids() == [])
     with open(os.path.join(place.drop, "slow.out"), "rb") as f:
         copies = f.read().count(b"take your time")
+    assert 1 <= copies <= 2
+
+
+def test_a_killed_local_agent_holds_mail_up_seconds_not_the_backoff(elemta_server, place):
+    """Issue 11 req 1: with the default 5-minute min_backoff, a recipient deferred because
+    the agent was killed under it is tried again within seconds of the new agent's start
+    (a short retry: the agent going away is not the mail's fault)."""
+    server = start(elemta_server, place, delivery={"min_backoff": 300.0,
+                                                   "max_backoff": 4000.0}, aliases=(
+        "slow: \"|touch %s/started; sleep 1.5; cat >> %s/slow.out\"\n"
+        % (place.drop, place.drop)))
+    send(server, "someone@client.test", ["slow@example.test"], "come back soon\r\n")
+    agent = wait_for(lambda: [pid for pid, title in server.titles().items()
+                              if title == "elemta: local"])[0]
+    wait_for(lambda: os.path.exists(os.path.join(place.drop, "started")))
+    os.kill(agent, signal.SIGKILL)
+    wait_for(lambda: [line for line in status_lines(server, "slow@example.test")
+                      if line[0] == "deferred"])
+    deferred = time.monotonic()
+    wait_for(lambda: server.log().count("local delivery agent started") == 2)
+    restarted = time.monotonic() - deferred
+    wait_for(lambda: [line for line in status_lines(server, "slow@example.test")
+                      if line[0] == "sent"], timeout=15)
+    print("\nnew agent %.2f s after the deferral, mail delivered %.2f s after it"
+          % (restarted, time.monotonic() - deferred))
+    wait_for(lambda: server.queued_ids() == [])
+    with open(os.path.join(place.drop, "slow.out"), "rb") as f:
+        copies = f.read().count(b"come back soon")
     assert 1 <= copies <= 2
 
 

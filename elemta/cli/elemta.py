@@ -182,6 +182,24 @@ def make_child_runner(client_counts):
     return run_child
 
 
+def lease_holder_ended(master, uid, gid):
+    """A Master.child_exited callback: when a delivery worker or the local agent has been
+    reaped, the delivery workers left are told at once (elemta.queue.wakeup CHILD_ENDED),
+    so they free the messages a dead worker had claimed within moments rather than at
+    their next regular look. The master never opens the queue itself; it sends acting as
+    master.user into that user's run directory."""
+    from elemta.queue import wakeup
+    from elemta.util.eugid import acting_as
+
+    def child_exited(pid):
+        child = master.children.get(pid)       # not yet forgotten when callbacks run
+        if child is not None and child.kind not in ("delivery", "local"):
+            return
+        with acting_as(uid, gid):
+            wakeup.notify(master.config.queue.spool_dir, wakeup.CHILD_ENDED)
+    return child_exited
+
+
 def check_config(path):
     """--check-config: the configuration's problems, and every file the workers read
     opened as master.user (root, who runs this, can read anything); 0 or 1."""
@@ -277,6 +295,7 @@ def main(argv=None):
     master.run_child = make_child_runner(client_counts)
     master.slot_freed.append(client_counts.clear_row)
     master.child_exited.append(metrics.worker_exited)
+    master.child_exited.append(lease_holder_ended(master, uid, gid))
     master.close_in_child.append(lock_fd)
     try:
         return master.run()

@@ -444,9 +444,14 @@ class Delivery:
         (), "Per-destination STARTTLS levels, as Postfix's smtp_tls_policy_maps: a list of "
             "{domain, level} entries matched against the recipient domain (MX delivery) or "
             "the next-hop host (relay host, transport map, LMTP).")
-    lease: float = opt(900.0, "Seconds a delivery worker owns a message it took; if the "
-                              "worker dies, the message returns to the queue after this. "
-                              "A worker renews the lease of a delivery still under way.",
+    lease: float = opt(900.0, "Seconds a delivery worker owns a message it took. A "
+                              "worker renews the lease of a delivery still under way. "
+                              "When a worker dies, the other workers return its messages "
+                              "to the queue within seconds (the lease names the process, "
+                              "and a live one, even a stuck one, keeps it); only a worker "
+                              "on another host, whose death cannot be seen, is waited for "
+                              "until its lease lapses (Postfix's qmgr learns at once that "
+                              "a delivery agent died).",
                        _positive)
     failed_retention: float = opt(86400.0, "Seconds a failed message (every recipient done, "
                                            "some bounced and told of) stays in the queue for "

@@ -7,6 +7,13 @@ sends one request naming the message and its recipients (elemta.local.protocol) 
 reads one reply per recipient. Aliases, .forward files, mailboxes, files, commands and
 the re-queueing of forwarded mail all happen in the agent (elemta.local.agent). When the
 agent is not there (not started yet, or restarting) every recipient defers with 4.3.0.
+
+"The agent went away" (no agent listening, or the connection closed before every reply
+came: it was killed, crashed or restarted) is not the mail's fault, and the master starts
+a new agent within seconds: the worker retries such a deferral after AGENT_RETRY seconds,
+doubling while the agent stays away, never later than the normal backoff would
+(went_away() tells these replies apart). An agent that is there but does not answer in
+time gets the normal backoff.
 See also: elemta.delivery.worker, man/newaliases.1.
 """
 
@@ -19,8 +26,19 @@ from elemta.queue.model import RCPT_DEFERRED
 
 RELAY = "local"
 CONNECT_TIMEOUT = 10.0
-NOT_RUNNING = "451 4.3.0 local delivery agent is not running (%s: %s)"
-CUT_SHORT = "451 4.3.0 local delivery agent ended the conversation early (%s)"
+# Every reply meaning "the agent went away" starts so (see went_away).
+_AWAY = "451 4.3.0 local delivery agent "
+NOT_RUNNING = _AWAY + "is not running (%s: %s)"
+CUT_SHORT = _AWAY + "ended the conversation early (%s)"
+NO_ANSWER = "451 4.3.0 no answer from the local delivery agent within %d seconds"
+# Seconds before a recipient deferred because the agent went away is tried again.
+AGENT_RETRY = 1.0
+
+
+def went_away(reply):
+    """Whether a deferral's reply says the agent went away (retry soon) rather than
+    that the delivery itself was put off."""
+    return reply.startswith(_AWAY)
 
 
 class LocalTransport:
@@ -52,6 +70,7 @@ class LocalTransport:
         wanted = {index for index, _ in items}
         results = {}
         why = "connection closed"
+        timed_out = False
         try:
             sock.settimeout(self.reply_timeout)
             sock.sendall(protocol.encode_request(record.queue_id, items))
@@ -64,9 +83,10 @@ class LocalTransport:
                 if index in wanted:
                     results[index] = (status, reply, RELAY)
         except (OSError, protocol.ProtocolError) as error:
+            timed_out = isinstance(error, socket.timeout)
             why = str(error) if isinstance(error, protocol.ProtocolError) else (
-                "timed out" if isinstance(error, socket.timeout) else
                 error.strerror or str(error))
+        reply = NO_ANSWER % self.reply_timeout if timed_out else CUT_SHORT % why
         for index in wanted - set(results):
-            results[index] = (RCPT_DEFERRED, CUT_SHORT % why, RELAY)
+            results[index] = (RCPT_DEFERRED, reply, RELAY)
         return results

@@ -4,8 +4,15 @@ and smtp do together.
 Runs in a child forked by elemta.master (kind "delivery"); opens its own queue after the
 fork. Its loop, top to bottom:
 
-    reclaim   now and then, messages whose lease lapsed (a worker was killed) become due;
-              the leases of this worker's deliveries still under way are renewed
+    free      at start, every GONE_CHECK_EVERY seconds, and at once when the master says
+              it reaped a delivery worker or the local agent (a CHILD_ENDED datagram,
+              elemta.queue.wakeup): messages leased to a worker that has certainly ended
+              (elemta.queue.holders) are due again, one log line each "<qid>: its
+              delivery worker <pid> died; due again"; a live worker keeps its leases
+              however stuck it is
+    reclaim   now and then, messages whose lease lapsed (a worker on another host, or one
+              whose death could not be told) become due; the leases of this worker's
+              deliveries still under way are renewed
     claim     due messages, as many as there is room for, leased to this worker
     deliver   each in its own greenlet (a claimed message whose spool file is gone is
               dropped, as reconcile would: its removal could not reach a full index):
@@ -23,8 +30,10 @@ fork. Its loop, top to bottom:
     record    per recipient, durably (Queue.record_attempts, many messages per flush:
               elemta.delivery.recorder): sent recipients are never sent again; 4xx and
               connection errors wait an exponential backoff (min_backoff doubling to
-              max_backoff); 5xx bounce; past queue_lifetime the waiting ones bounce
-              (results a full disk or index cannot take are tried again: the recorder); a
+              max_backoff), but a local agent that went away only AGENT_RETRY seconds
+              (doubling, elemta.delivery.local_transport); 5xx bounce; past
+              queue_lifetime the waiting ones bounce (results a full disk or index
+              cannot take are tried again: the recorder); a
               delivery that broke on something unexpected waits a backoff too. The log
               gets one Postfix-style line per recipient: "<qid>: to=<a@b>,
               relay=host[ip]:port, delay=1.2, status=sent (250 ...)"
@@ -35,8 +44,8 @@ fork. Its loop, top to bottom:
 
 Stops gracefully on SIGTERM/SIGINT (deliveries under way get master.stop_grace seconds),
 at once on SIGQUIT, and when the master is gone; a message cut short is given back, due
-at once (after SIGQUIT or a kill: when its lease lapses), and another worker sends it (at
-worst twice, never lost).
+at once (after SIGQUIT or a kill: as soon as another worker sees this one has ended), and
+another worker sends it (at worst twice, never lost).
 See also: elemta.queue.queue (claim, reclaim, record_attempts), elemta.delivery.routing,
 elemta.delivery.smtp_client, elemta.delivery.bounce, elemta.smtpd.worker (the same life cycle).
 """
@@ -44,7 +53,6 @@ elemta.delivery.smtp_client, elemta.delivery.bounce, elemta.smtpd.worker (the sa
 import logging
 import os
 import random
-import socket as stdlib_socket
 import time
 from collections import OrderedDict
 
@@ -57,13 +65,13 @@ from elemta import metrics
 from elemta.delivery import bounce
 from elemta.delivery.concurrency import DestinationSlots
 from elemta.delivery.lmtp import LMTPTransport
-from elemta.delivery.local_transport import LocalTransport
+from elemta.delivery.local_transport import AGENT_RETRY, LocalTransport, went_away
 from elemta.delivery.mx import Resolver
 from elemta.delivery.recorder import AttemptRecorder
 from elemta.delivery.routing import LMTP, LOCAL, SMTP, Router
 from elemta.delivery.smtp_transport import SMTPTransport
 from elemta.delivery.stages import DeliveryStages
-from elemta.queue import wakeup
+from elemta.queue import holders, wakeup
 from elemta.queue.model import BOUNCED, PENDING, RCPT_DEFERRED, SENT
 from elemta.queue.queue import (ATTEMPT_FAILED, ATTEMPT_GONE, ATTEMPT_LEASE_LOST,
                                 ATTEMPT_REMOVED, Attempt, Queue)
@@ -77,6 +85,9 @@ MAX_IN_FLIGHT = 100
 CLAIM_BATCH = 20
 # Seconds before trying the index again when it cannot be written (a full disk).
 INDEX_RETRY = 5
+# Seconds between two looks for leases held by workers that have ended (besides the look
+# the master's CHILD_ENDED datagram asks for): reads only the active messages.
+GONE_CHECK_EVERY = 2.0
 # Most seconds between two looks for failed messages past delivery.failed_retention.
 PURGE_EVERY = 600.0
 EXPIRED = "message expired after %d seconds in the queue"
@@ -99,6 +110,7 @@ class DeliveryWorker(GeventChild):
         self.owner = None
         self.pool = Pool(MAX_IN_FLIGHT)
         self._wake = Event()
+        self._look_for_gone = Event()    # the master reaped a worker: free its leases now
         self.slots = None            # DestinationSlots, opened in run()
         self.router = Router(config)
         self.transports = {}         # Destination.kind -> transport, made in run()
@@ -117,7 +129,7 @@ class DeliveryWorker(GeventChild):
         spool = self.config.queue.spool_dir
         self.queue = Queue(spool, sync_method=self.config.queue.sync_method,
                            map_size=self.config.queue.index_map_size)
-        self.owner = "%s:%d" % (stdlib_socket.gethostname(), os.getpid())
+        self.owner = holders.holder_name()
         resolver = Resolver(list(self.delivery.nameservers) or None,
                             port=self.delivery.dns_port, timeout=self.delivery.dns_timeout)
         wake_socket = wakeup.bind(spool, self.slot, gsocket)
@@ -132,8 +144,10 @@ class DeliveryWorker(GeventChild):
                            LMTP: LMTPTransport(self.config, store),
                            LOCAL: LocalTransport(self.config, store)}
         helpers = self.start_life() + [gevent.spawn(self._listen, wake_socket),
-                                       gevent.spawn(self._renew_leases)]
+                                       gevent.spawn(self._renew_leases),
+                                       gevent.spawn(self._free_gone_leases)]
         log.info("delivery worker started (slot %d)", self.slot)
+        self.free_gone_leases_now()          # before the first claim: what a dead one left
         try:
             self.loop()
             if self.pool.free_count() < self.pool.size:
@@ -173,9 +187,34 @@ class DeliveryWorker(GeventChild):
         self._wake.set()
 
     def _listen(self, wake_socket):
-        """New mail was committed: wake the loop (many datagrams, one wake-up)."""
+        """New mail was committed: wake the loop (many datagrams, one wake-up). A child
+        of the master ended: look for leases it left."""
         while True:
-            wake_socket.recv(64)
+            if wake_socket.recv(64) == wakeup.CHILD_ENDED:
+                self._look_for_gone.set()
+            else:
+                self._wake.set()
+
+    def _free_gone_leases(self):
+        """Every GONE_CHECK_EVERY seconds (spread a little among workers), or at once when
+        the master says a child ended: free_gone_leases_now."""
+        while True:
+            self._look_for_gone.wait(GONE_CHECK_EVERY * random.uniform(0.75, 1.25))
+            self._look_for_gone.clear()
+            self.free_gone_leases_now()
+
+    def free_gone_leases_now(self):
+        """The messages of lease holders that have ended are due again now, not when
+        their leases lapse; one log line each."""
+        try:
+            freed = self.queue.free_gone_leases()
+        except OSError as error:
+            log.error("cannot look for messages of delivery workers that died: %s", error)
+            return
+        for queue_id, owner in freed:
+            log.warning("%s: its delivery worker %s died; due again", queue_id,
+                        holders.holder_pid(owner) or owner)
+        if freed:
             self._wake.set()
 
     def _in_flight(self):
@@ -213,8 +252,10 @@ class DeliveryWorker(GeventChild):
                         log.warning("%s: lease lapsed (its delivery worker died); due again",
                                     queue_id)
                     next_reclaim = now + reclaim_every
-                claimed = self.queue.claim(self.owner, room, self.delivery.lease) if room \
-                    else []
+                # In a thread: its flush must not stall the deliveries under way, nor
+                # the results waiting to be recorded (elemta.delivery.recorder).
+                claimed = in_thread(self.queue.claim, self.owner, room,
+                                    self.delivery.lease) if room else []
             except OSError as error:
                 # A full disk (the index cannot grow) or the like: nothing is claimed, so
                 # nothing is at risk; look again soon rather than die and be respawned.
@@ -338,8 +379,7 @@ class DeliveryWorker(GeventChild):
         warn = self._queue_notices(record, results, ours, now)
         waiting = [r for i, r in results.items() if r[0] == RCPT_DEFERRED]
         last_error = waiting[-1][1] if waiting else None
-        next_attempt = now + backoff(record.attempts + 1, self.delivery.min_backoff,
-                                     self.delivery.max_backoff)
+        next_attempt = now + self._retry_delay(record, results)
         outcome = self.recorder.record(
             Attempt(record.queue_id, results, next_attempt, last_error, now, warn))
         self._log_results(record, results, now)
@@ -350,6 +390,17 @@ class DeliveryWorker(GeventChild):
         elif outcome in (ATTEMPT_LEASE_LOST, ATTEMPT_GONE):
             log.info("%s: %s during delivery (held, deleted or reclaimed); results kept for "
                      "each recipient", record.queue_id, outcome)
+
+    def _retry_delay(self, record, results):
+        """Seconds until the recipients still waiting are tried again: the backoff, or
+        AGENT_RETRY doubling per attempt in a row when only the local agent going away
+        (killed, restarting) held them up."""
+        normal = backoff(record.attempts + 1, self.delivery.min_backoff,
+                         self.delivery.max_backoff)
+        waiting = [reply for status, reply, _ in results.values() if status == RCPT_DEFERRED]
+        if waiting and all(went_away(reply) for reply in waiting):
+            return min(normal, AGENT_RETRY * 2 ** min(_agent_away_streak(record), 32))
+        return normal
 
     def _queue_notices(self, record, results, ours, now):
         """Queue the notices this attempt calls for: a bounce for the recipients that
@@ -427,6 +478,18 @@ class DeliveryWorker(GeventChild):
             log.info("%s: sender %s: %s", record.queue_id, what, queue_id)
             self._wake.set()
         return True
+
+
+def _agent_away_streak(record):
+    """How many attempts in a row, the latest first, ended with every result a deferral
+    because the local agent went away (read from the message's history)."""
+    streak, attempt_time = 0, None
+    for when, _, status, _, reply in reversed(record.history):
+        if status != RCPT_DEFERRED or not went_away(reply):
+            break
+        if when != attempt_time:
+            streak, attempt_time = streak + 1, when
+    return streak
 
 
 def _caught(function, *args):

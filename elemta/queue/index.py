@@ -256,15 +256,18 @@ class QueueIndex:
         self.put_many([record])
 
     def update_many(self, queue_ids: Iterable[str],
-                    change: Callable[[QueueRecord], Tuple[str, bool]]
-                    ) -> Dict[str, Optional[str]]:
+                    change: Callable[[QueueRecord], Tuple[str, bool]],
+                    delete: Iterable[str] = ()) -> Dict[str, Optional[str]]:
         """Read, change and write back records in one write transaction, so nothing another
         process writes meanwhile is lost. change(record) alters the record in place and
-        returns (outcome, changed); the record is written only if changed. Returns
-        {queue_id: outcome}, None for ids without a record."""
+        returns (outcome, changed); the record is written only if changed. The records of
+        `delete` are removed in the same transaction. Returns {queue_id: outcome}, None
+        for ids without a record."""
         self._check_process()
         outcomes: Dict[str, Optional[str]] = {}
         with self.env.begin(write=True) as txn:
+            for queue_id in delete:
+                self._delete(txn, queue_id)
             for queue_id in queue_ids:
                 raw = txn.get(queue_id.encode("ascii"), db=self.messages)
                 if raw is None:
@@ -316,27 +319,13 @@ class QueueIndex:
         deferred, due now, `reason` as their last error. Pass now=float("inf") to reclaim
         every active message (at start-up, when no worker runs). Returns their ids."""
         self._check_process()
-        prefix = state_key(ACTIVE, "")
         reclaimed = []
         with self.env.begin(write=True) as txn:
-            expired = []
-            cursor = txn.cursor(db=self.by_state)
-            if cursor.set_range(prefix):
-                for key in cursor.iternext(keys=True, values=False):
-                    if not bytes(key).startswith(prefix):
-                        break
-                    raw = txn.get(bytes(key)[len(prefix):], db=self.messages)
-                    if raw is not None:
-                        record = decode_record(raw)
-                        if record.state == ACTIVE and record.lease_expires <= now:
-                            expired.append(record)
+            expired = [record for record in self._active_records(txn)
+                       if record.lease_expires <= now]
             due_now = min(now, time.time())
             for record in expired:
-                record.state = DEFERRED
-                record.next_attempt = due_now
-                record.lease_owner, record.lease_expires = None, 0.0
-                record.last_error = reason
-                self._put(txn, record, replace=True)
+                self._requeue_leased(txn, record, due_now, reason)
                 reclaimed.append(record.queue_id)
         return reclaimed
 
@@ -348,6 +337,60 @@ class QueueIndex:
         self._check_process()
         with self.env.begin(write=True) as txn:
             txn.put(_NUDGE_KEY, struct.pack(">d", time.time()))
+
+    def free_leases(self, holder_gone: Callable[[str], bool],
+                    reason: str) -> List[Tuple[str, str]]:
+        """Return the active messages of lease holders that are gone to the queue:
+        deferred, due now, `reason` as their last error. holder_gone(owner) is asked once
+        per distinct owner, outside any write transaction; the write transaction is opened
+        only when some holder is gone, and a message is freed only if its owner is still
+        that holder. Cheap: it reads only the active messages. Returns (queue id, owner)
+        of each message freed."""
+        self._check_process()
+        with self.env.begin() as txn:
+            owners = {record.queue_id: record.lease_owner
+                      for record in self._active_records(txn)}
+        gone = {owner for owner in set(owners.values())
+                if owner is not None and holder_gone(owner)}
+        if not gone:
+            return []
+        freed = []
+        with self.env.begin(write=True) as txn:
+            due_now = time.time()
+            for queue_id, owner in sorted(owners.items()):
+                if owner not in gone:
+                    continue
+                raw = txn.get(queue_id.encode("ascii"), db=self.messages)
+                if raw is None:
+                    continue
+                record = decode_record(raw)
+                if record.state == ACTIVE and record.lease_owner == owner:
+                    self._requeue_leased(txn, record, due_now, reason)
+                    freed.append((queue_id, owner))
+        return freed
+
+    def _active_records(self, txn):
+        """The records in state active, read in txn (through by_state: no full scan)."""
+        prefix = state_key(ACTIVE, "")
+        cursor = txn.cursor(db=self.by_state)
+        if not cursor.set_range(prefix):
+            return
+        for key in cursor.iternext(keys=True, values=False):
+            if not bytes(key).startswith(prefix):
+                return
+            raw = txn.get(bytes(key)[len(prefix):], db=self.messages)
+            if raw is not None:
+                record = decode_record(raw)
+                if record.state == ACTIVE:
+                    yield record
+
+    def _requeue_leased(self, txn, record, due, reason):
+        """An active message whose holder will not finish it: deferred, due at `due`."""
+        record.state = DEFERRED
+        record.next_attempt = due
+        record.lease_owner, record.lease_expires = None, 0.0
+        record.last_error = reason
+        self._put(txn, record, replace=True)
 
     def sync(self):
         """Flush the environment to disk, meta page included (after a transaction that must

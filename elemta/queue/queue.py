@@ -46,6 +46,9 @@ Delivery workers (elemta.delivery.worker) use these calls:
     claim          due messages become active, leased to the worker (one write transaction);
     reclaim        active messages whose lease lapsed (worker killed) become deferred, due
                    now: at worst a message is sent twice, never lost;
+    free_gone_leases  the same at once for the messages of a holder that has certainly
+                   ended (elemta.queue.holders: same host, no such process, or its pid
+                   reused); a live holder, however stuck, keeps its leases;
     renew_leases   a live worker extends the leases of deliveries still under way, so a
                    slow delivery is never taken for a dead worker's;
     record_attempts the outcomes of attempts, per recipient, for a batch of messages in one
@@ -54,7 +57,11 @@ Delivery workers (elemta.delivery.worker) use these calls:
                    message's state changes only if the lease is still this worker's (an admin
                    may have held or deleted it meanwhile). When every recipient is sent, the
                    file is removed first, then the record (a crash in between leaves a record
-                   without a file, which reconcile drops).
+                   without a file, which reconcile drops, and whose recipients are all sent,
+                   so a worker that claims it only removes it). With forget_later the
+                   records are not deleted there: the caller passes their ids as `forget`
+                   to its next record_attempts (one write transaction and flush fewer per
+                   batch, so the next batch's results are durable sooner) or to forget().
 """
 
 import ctypes
@@ -67,6 +74,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import lmdb
 
+from elemta.queue import holders
 from elemta.queue.ids import is_queue_id
 from elemta.queue.index import QueueIndex, QueueRecord
 from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, PENDING,
@@ -102,6 +110,7 @@ ATTEMPT_FAILED = "failed"            # nothing left to try, some recipients boun
 ATTEMPT_LEASE_LOST = "lease lost"    # held, or reclaimed by another worker: statuses only
 ATTEMPT_GONE = "gone"                # deleted meanwhile
 LEASE_LAPSED = "delivery worker stopped before it finished (lease lapsed); retrying"
+HOLDER_GONE = "delivery worker died before it finished; retrying"
 
 # Delivery results kept per message for `queue show` (the oldest go first).
 HISTORY_LIMIT = 100
@@ -483,6 +492,11 @@ class Queue:
         """Return messages whose lease lapsed to the queue, due now. Returns their ids."""
         return self._index_call(self.index.reclaim, now or time.time(), LEASE_LAPSED)
 
+    def free_gone_leases(self) -> List[Tuple[str, str]]:
+        """Return the messages of lease holders that have ended (a killed delivery worker)
+        to the queue, due now. Returns (queue id, holder name) of each."""
+        return self._index_call(self.index.free_leases, holders.holder_gone, HOLDER_GONE)
+
     def release_claims(self, owner: str, queue_ids: Iterable[str]) -> List[str]:
         """Give back messages `owner` claimed but will not finish (a worker stopping): due
         now, deferred, if the lease is still its own. Returns the ids given back."""
@@ -533,7 +547,9 @@ class Queue:
         return self.record_attempts(
             owner, [Attempt(queue_id, results, next_attempt, last_error)])[queue_id]
 
-    def record_attempts(self, owner: str, attempts: List["Attempt"]) -> Dict[str, str]:
+    def record_attempts(self, owner: str, attempts: List["Attempt"],
+                        forget: Iterable[str] = (),
+                        forget_later: bool = False) -> Dict[str, str]:
         """Write the outcomes of delivery attempts of messages `owner` claimed, all in one
         write transaction and one flush (blocking: the delivery worker runs it in a thread
         for a whole batch of finished deliveries, as the smtpd's group commit does).
@@ -542,7 +558,11 @@ class Queue:
         Recipients left pending or deferred make the message deferred until next_attempt
         (attempts + 1); with none left it is removed (all sent) or failed (some bounced).
         Each result is added to the message's history (queue show). Durable when it
-        returns. Returns {queue_id: ATTEMPT_* outcome}."""
+        returns. Returns {queue_id: ATTEMPT_* outcome}.
+
+        forget: records whose files an earlier call removed (forget_later), deleted in
+        the same transaction. forget_later: leave the records of removed messages for
+        the caller to forget (see the module docstring)."""
         by_id = {attempt.queue_id: attempt for attempt in attempts}
 
         def change(record):
@@ -559,27 +579,34 @@ class Queue:
             record.delay_warned = record.delay_warned or attempt.delay_warned
             if record.state != ACTIVE or record.lease_owner != owner:
                 return ATTEMPT_LEASE_LOST, True
-            record.lease_owner, record.lease_expires = None, 0.0
             record.attempts += 1
             record.last_error = attempt.last_error
+            if all(r.status == SENT for r in recipients):
+                # Stays active and leased until its record is deleted (below, or with
+                # the caller's next batch): nobody else claims it meanwhile.
+                return ATTEMPT_REMOVED, True
+            record.lease_owner, record.lease_expires = None, 0.0
             if any(r.status in (PENDING, RCPT_DEFERRED) for r in recipients):
                 record.state, record.next_attempt = DEFERRED, attempt.next_attempt
                 return ATTEMPT_DEFERRED, True
-            if all(r.status == SENT for r in recipients):
-                return ATTEMPT_REMOVED, True     # stays active until removed below
             record.state = FAILED
             return ATTEMPT_FAILED, True
-        outcomes = self._index_call(self.index.update_many, list(by_id), change)
+        outcomes = self._index_call(self.index.update_many, list(by_id), change,
+                                    [qid for qid in forget if qid not in by_id])
         if self.sync_method == "syncfs":
             self._index_call(self.index.sync)
         removed = [qid for qid, outcome in outcomes.items() if outcome == ATTEMPT_REMOVED]
         for queue_id in removed:
             self.store.remove(queue_id)
             self.store.unmark_held(queue_id)
-        if removed:
-            self._index_call(self.index.delete_many, removed)
+        if removed and not forget_later:
+            self.forget(removed)
         return {qid: ATTEMPT_GONE if outcome is None else outcome
                 for qid, outcome in outcomes.items()}
+
+    def forget(self, queue_ids: Iterable[str]):
+        """Delete the records of messages whose files record_attempts removed."""
+        self._index_call(self.index.delete_many, list(queue_ids))
 
     # -- reading
 

@@ -5,6 +5,12 @@ socket at spool/run/delivery-<slot>.sock and waits on it; the smtpd's group comm
 (elemta.smtpd.committer) calls notify() after every committed batch, which sends one byte to
 every such socket. Like Postfix's qmgr FIFO: a hint, never the truth. A missing, full or
 dead socket is ignored, since the worker also wakes at the earliest next_attempt in the index.
+
+A second word goes the same way: the master sends CHILD_ENDED (notify(spool, CHILD_ENDED))
+when it has reaped a delivery worker or the local agent, so the workers left free the
+dead one's leases at once (Queue.free_gone_leases) instead of at their next regular look.
+The master sends it acting as master.user (elemta.util.eugid): the run directory is that
+user's, and root must not follow a link planted there.
 """
 
 import errno
@@ -17,6 +23,11 @@ _PREFIX = "delivery-"
 _SUFFIX = ".sock"
 # How long notify() trusts its list of sockets before it reads the directory again.
 _RESCAN_SECONDS = 1.0
+
+# What a datagram says: new mail was queued, or a child of the master that may have held
+# leases has ended.
+NEW_MAIL = b"!"
+CHILD_ENDED = b"ended"
 
 _known = {}          # spool run dir -> (monotonic time listed, [socket paths])
 _sender = None
@@ -55,7 +66,7 @@ def _paths(directory):
     if listed is None or now - listed[0] > _RESCAN_SECONDS:
         try:
             names = os.listdir(directory)
-        except FileNotFoundError:
+        except OSError:              # not made yet (no worker ever ran), or unreadable
             names = []
         listed = (now, [os.path.join(directory, n) for n in names
                         if n.startswith(_PREFIX) and n.endswith(_SUFFIX)])
@@ -63,8 +74,9 @@ def _paths(directory):
     return listed[1]
 
 
-def notify(spool_dir):
-    """Wake every delivery worker of this spool. Never blocks, never raises."""
+def notify(spool_dir, word=NEW_MAIL):
+    """Wake every delivery worker of this spool with `word` (NEW_MAIL or CHILD_ENDED).
+    Never blocks, never raises."""
     global _sender
     if _sender is None:
         _sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -72,7 +84,7 @@ def notify(spool_dir):
     directory = run_dir(spool_dir)
     for path in _paths(directory):
         try:
-            _sender.sendto(b"!", path)
+            _sender.sendto(word, path)
         except OSError as error:
             if error.errno in (errno.ENOENT, errno.ECONNREFUSED):
                 _known.pop(directory, None)      # a worker went away: list again next time
