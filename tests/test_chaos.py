@@ -53,6 +53,7 @@ def test_every_accepted_message_arrives_despite_kill_9_of_children(elemta_server
         if tally.duplicated:
             print("duplicates (id: copies): %s" % sorted(tally.duplicated.items()))
 
+        assert not tally.master_died, server.log()[-3000:]
         assert set(tally.kills) == {"smtpd", "delivery", "local", "pickup", "api"}, tally.kills
         assert tally.accepted == MESSAGES, (
             "only %d of %d messages accepted within %.0fs of chaos; refusals: %s"

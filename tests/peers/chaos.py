@@ -153,6 +153,7 @@ class Load:
         self.started = self.finished = None         # type: Optional[float]
         self._next = 0
         self._lock = threading.Lock()
+        self._stop = threading.Event()
         self._threads = []                          # type: List[threading.Thread]
 
     @property
@@ -173,10 +174,14 @@ class Load:
             thread.join()
         self.finished = time.monotonic()
 
+    def stop(self):
+        """Give up: the clients end after their current attempt."""
+        self._stop.set()
+
     def _take(self):
         """The number of the next message to send, or None when all are taken."""
         with self._lock:
-            if self._next >= self.total:
+            if self._next >= self.total or self._stop.is_set():
                 return None
             self._next += 1
             return self._next - 1
@@ -194,7 +199,7 @@ class Load:
             if number is None:
                 break
             attempt = 0
-            while time.monotonic() < give_up:
+            while time.monotonic() < give_up and not self._stop.is_set():
                 chaos_id = self._attempt_id(number, attempt)
                 attempt += 1
                 if self.sendmail_every and number % self.sendmail_every == 0:
@@ -388,9 +393,22 @@ POSTFIX_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
 
 def postfix_queue_empty(instance):
-    """No file in any of a PostfixInstance's queues (what `postqueue -p` would list, plus
-    maildrop and incoming)."""
-    return not any(instance.queue_count(queue) for queue in POSTFIX_QUEUES)
+    """Nothing `postqueue -p` would list: no complete queue file (mode 0700; a file that
+    cleanup or postdrop was still writing when killed stays 0600 and is never mail)."""
+    return not any(postfix_ready_files(instance, queue) for queue in POSTFIX_QUEUES)
+
+
+def postfix_ready_files(instance, queue):
+    """Complete files in one of a PostfixInstance's queues (incoming, deferred, ...)."""
+    count = 0
+    for directory, _, files in os.walk(os.path.join(instance.queue_dir, queue)):
+        for name in files:
+            try:
+                mode = os.lstat(os.path.join(directory, name)).st_mode
+            except FileNotFoundError:
+                continue
+            count += (mode & 0o700) == 0o700
+    return count
 
 
 # ---- one run ----------------------------------------------------------------------------
@@ -409,16 +427,18 @@ class Tally(NamedTuple):
     load_seconds: float
     delivered_after: Optional[float]   # seconds from the last kill until all had arrived
     empty_after: Optional[float]       # ... until the MTA's queue was empty
+    master_died: bool                  # the MTA's master was gone during or after the run
 
     def summary(self, name):
         """One line for pytest -s or a log."""
         return ("%s: %d accepted (%d attempts), %d delivered, %d lost, %d duplicates, "
                 "%d unconfirmed arrived; all delivered %s and queue empty %s after the last "
-                "kill; load took %.1fs; kills %s; refused attempts %s"
+                "kill; load took %.1fs; kills %s; refused attempts %s%s"
                 % (name, self.accepted, self.attempts, self.delivered, len(self.lost),
                    self.duplicates, self.unconfirmed, _seconds(self.delivered_after),
                    _seconds(self.empty_after), self.load_seconds,
-                   dict(sorted(self.kills.items())), dict(self.failures.most_common(6))))
+                   dict(sorted(self.kills.items())), dict(self.failures.most_common(6)),
+                   "; THE MASTER DIED" if self.master_died else ""))
 
 
 def _seconds(value):
@@ -428,12 +448,18 @@ def _seconds(value):
 def run_chaos(sink, load, killer, queue_empty, wait_seconds):
     # type: (DumpSink, Load, Killer, Callable[[], bool], float) -> Tally
     """Start `load` and `killer` together, wait for both, then up to `wait_seconds` after
-    the last kill for every accepted message at the sink and queue_empty() true."""
+    the last kill for every accepted message at the sink and queue_empty() true. A master
+    that dies ends the run at once (nothing left to kill or to deliver)."""
     load.start()
     killer.start()
-    killer.join()
-    while not load.done:
+    master_died = False
+    while killer.is_alive() or not load.done:
+        if not _alive(killer.master_pid):
+            master_died = True
+            killer.halt.set()
+            load.stop()
         time.sleep(0.05)
+    killer.join()
     end = killer.last_kill or time.monotonic()
     delivered_after = empty_after = None
     while True:
@@ -443,7 +469,9 @@ def run_chaos(sink, load, killer, queue_empty, wait_seconds):
             delivered_after = now - end
         if empty_after is None and delivered_after is not None and queue_empty():
             empty_after = time.monotonic() - end
-        if empty_after is not None or now - end > wait_seconds:
+        if not _alive(killer.master_pid):
+            master_died = True
+        if empty_after is not None or now - end > wait_seconds or master_died:
             break
         time.sleep(0.2)
     time.sleep(0.5)                    # a late duplicate still on its way gets counted
@@ -454,5 +482,17 @@ def run_chaos(sink, load, killer, queue_empty, wait_seconds):
                  delivered=len(load.accepted) - len(lost), lost=lost,
                  duplicates=sum(n - 1 for n in duplicated.values()), duplicated=duplicated,
                  unconfirmed=len(set(arrived) - load.accepted), kills=dict(killer.kills),
-                 failures=collections.Counter(load.failures), load_seconds=load.finished - load.started,
-                 delivered_after=delivered_after, empty_after=empty_after)
+                 failures=collections.Counter(load.failures),
+                 load_seconds=load.finished - load.started,
+                 delivered_after=delivered_after, empty_after=empty_after,
+                 master_died=master_died or not _alive(killer.master_pid))
+
+
+def _alive(pid):
+    """Whether `pid` still runs (not a zombie: our Popen has not reaped it yet)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
