@@ -22,8 +22,8 @@ Prints one table row per target: attempts, accepted (250 or sendmail exit 0), de
 (accepted ids at the sink), lost, duplicates (extra copies at the sink), unconfirmed (copies
 of attempts that got no 250, which the client sent again), kills, seconds the load took,
 and seconds from the last kill until everything had arrived and until the queue was empty.
-Exit status 1 when Elemta lost a message, did not empty its queue or its master died. Needs root and the
-postfix package.
+Exit status 1 when Elemta lost a message, did not empty its queue or its master died.
+Needs root and the postfix package.
 
 Environment: CHAOS_MESSAGES (default 20000), CHAOS_SECONDS (60), CHAOS_WAIT (600),
 CHAOS_TARGETS (elemta,postfix), CHAOS_KEEP=1 keeps the temp dirs (logs) for a look.

@@ -313,7 +313,7 @@ class Killer(threading.Thread):
     is true and `seconds` have passed; a pause of KILL_PAUSE after each kill."""
 
     def __init__(self, master_pid, kind_of, seconds, stop_when=lambda: True, rng=None):
-        # type: (int, Callable[[int], Optional[str]], float, Callable[[], bool], Optional[random.Random]) -> None
+        # type: (int, Callable[[int], Optional[str]], float, Callable[[], bool], Optional[random.Random]) -> None  # noqa: E501
         super().__init__(daemon=True)
         self.master_pid = master_pid
         self.kind_of = kind_of
