@@ -13,7 +13,8 @@ Targets, one after the other, each on fresh directories:
            2 smtpd and 2 delivery workers; killed: smtpd, delivery, local, pickup, api.
   postfix  a private PostfixInstance (tests/peers/postfix.py) with default settings
            (in_flow_delay 1s) relaying to the sink; killed: every child of its master
-           (smtpd, cleanup, qmgr, smtp, trivial-rewrite, pickup, ...). Postfix throttles a
+           (smtpd, cleanup, qmgr, smtp, trivial-rewrite, pickup, ...) but postlogd (see
+           tests/peers/chaos.py POSTFIX_SPARED). Postfix throttles a
            service whose process died for 60 s ("bad command startup -- throttling") and
            defers a message whose smtp process died (retried after minimal_backoff_time,
            300 s): both show in its row, as measured.
