@@ -1,4 +1,4 @@
-# Elemta developer entry points: make run, make test, make bench, make clean.
+# Elemta developer entry points: make run, make test, make bench, make chaos, make clean.
 # Works from a clean clone on Debian 12 (python3 3.11); PYTHON picks another interpreter.
 
 PYTHON ?= python3
@@ -10,7 +10,7 @@ TEST_TIMEOUT ?= 120
 # openssl) or lint with (mandoc).
 APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd bsd-mailx dovecot-core dovecot-lmtpd
 
-.PHONY: run test bench clean system-packages venv
+.PHONY: run test bench chaos clean system-packages venv
 # Packages before the venv (python3-venv), so never in parallel.
 .NOTPARALLEL:
 
@@ -36,6 +36,12 @@ bench: $(STAMP)
 	$(VENV)/bin/python tests/bench/bench_idle_sessions.py
 	$(VENV)/bin/python tests/bench/bench_queue_tools.py
 	$(VENV)/bin/python tests/bench/bench_relay.py
+
+# kill -9 under load, Elemta next to Postfix (tests/bench/chaos.py; root and postfix needed).
+CHAOS_MESSAGES ?= 20000
+CHAOS_SECONDS ?= 60
+chaos: $(STAMP)
+	CHAOS_MESSAGES=$(CHAOS_MESSAGES) CHAOS_SECONDS=$(CHAOS_SECONDS) $(VENV)/bin/python tests/bench/chaos.py
 
 # As root: install what is missing (apt-get update only when a plain install fails).
 # Postfix is preseeded to "No configuration" so it never becomes the running system MTA.
