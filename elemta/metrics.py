@@ -93,6 +93,10 @@ def directory():
     return os.environ.get(ENV) or None
 
 
+# Shorter than this, a metric file holds no value (MmapedDict's 8-byte header).
+_EMPTY_FILE = 8
+
+
 def worker_exited(pid):
     """See _fold_dead_child; a file the master may not use (a link planted in the
     directory, say) is one log line, never the master's end."""
@@ -116,7 +120,14 @@ def _fold_dead_child(pid):
         multiprocess.mark_process_dead(pid, path)
         for kind in _ADDITIVE:
             dead = os.path.join(path, "%s_%d.db" % (kind, pid))
-            if not os.path.exists(dead):
+            try:
+                size = os.path.getsize(dead)
+            except FileNotFoundError:
+                continue
+            if size < _EMPTY_FILE:
+                # Killed between creating its file and sizing it: no counts, and a file
+                # too short to read would break every scrape until the master stops.
+                os.remove(dead)
                 continue
             # strict: on a full disk this raises, and the dead file stays for a later fold
             archive = AllocatedDict(os.path.join(path, "%s_archive.db" % kind), strict=True)

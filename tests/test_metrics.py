@@ -319,6 +319,26 @@ def test_setup_starts_from_zero(tmp_path):
     assert [name for name in os.listdir(directory) if name.endswith(".db")] == []
 
 
+def test_a_child_killed_before_sizing_its_metric_file_breaks_no_scrape(tmp_path):
+    """Chaos found it: kill -9 between creating histogram_<pid>.db and sizing it left an
+    empty file that made the master's fold, and then every /metrics scrape, fail."""
+    directory = tmp_path / "m"
+    script = ("import os, sys; from elemta import metrics; metrics.setup(sys.argv[1]); "
+              "pid = 2 ** 22 + 17; "
+              "open(os.path.join(sys.argv[1], 'histogram_%d.db' % pid), 'wb').close(); "
+              "metrics.worker_exited(pid); "
+              "from prometheus_client import generate_latest; "
+              "generate_latest(metrics.scrape_registry()); "
+              "print(sorted(os.listdir(sys.argv[1])))")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    run = subprocess.run([sys.executable, "-c", script, str(directory)], env=env,
+                         capture_output=True, timeout=30)
+    assert run.returncode == 0, run.stderr.decode()
+    assert b"cannot fold" not in run.stderr
+    assert b"histogram_" not in run.stdout
+
+
 @pytest.mark.parametrize("command, code, status, reason", [
     ("RCPT", 554, "5.7.1", "relay"),
     ("MAIL", 552, "5.3.4", "size"),
