@@ -37,6 +37,13 @@ bench: $(STAMP)
 	$(VENV)/bin/python tests/bench/bench_queue_tools.py
 	$(VENV)/bin/python tests/bench/bench_relay.py
 
+# A million fuzzed SMTP sessions against a live Elemta (tests/bench/fuzz_sessions.py);
+# FUZZ_SEED replays a run, FUZZ_MINUTES caps its length and extrapolates.
+FUZZ_SESSIONS ?= 1000000
+.PHONY: fuzz
+fuzz: $(STAMP)
+	FUZZ_SESSIONS=$(FUZZ_SESSIONS) $(VENV)/bin/python tests/bench/fuzz_sessions.py
+
 # As root: install what is missing (apt-get update only when a plain install fails).
 # Postfix is preseeded to "No configuration" so it never becomes the running system MTA.
 system-packages:
