@@ -709,13 +709,13 @@ class Session:
             self.conn.send(body[:cut])
             self._hang_up(rng.choice(("close", "reset")))
         # Sent in a few pieces, so the terminator is sometimes split across reads.
-        pieces = sorted(rng.sample(range(1, len(body)), min(len(body) - 1, rng.choice((0, 0, 1, 3)))))
+        cuts = min(len(body) - 1, rng.choice((0, 0, 1, 3)))
+        pieces = sorted(rng.sample(range(1, len(body)), cuts))
         for start, end in zip([0] + pieces, pieces + [len(body)]):
             self.conn.send(body[start:end])
-            if len(pieces) > 0:
+            if pieces:
                 gevent.sleep(0)
-        end_cmd = Cmd(b"", "END")
-        code, lines = self._after_content(end_cmd)
+        code, _ = self._after_content(Cmd(b"", "END"))
         if code == 250:
             self.stats.messages_accepted += 1
         self.in_txn, self.rcpts = False, 0

@@ -30,7 +30,6 @@ Needs smtp-sink (postfix package) for runs that relay; --replay does without.
 import argparse
 import multiprocessing
 import os
-import pwd
 import random
 import shutil
 import signal
