@@ -24,6 +24,8 @@ default random), FUZZ_MINUTES (--minutes, default 0 = no cap: stop starting sess
 that many minutes), --clients, --concurrency, --workers, --keep (keep the temp dir).
 A failure prints its session number; `fuzz_sessions.py --seed S --replay K` plays that
 session alone against a fresh server and prints its transcript and the server's log.
+The server logs at info level, about 550 bytes per session (some 550 MB for a million);
+the temp dir is removed after a clean run and kept (its path printed) otherwise.
 Needs smtp-sink (postfix package) for runs that relay; --replay does without.
 """
 
