@@ -10,7 +10,7 @@ TEST_TIMEOUT ?= 120
 # openssl) or lint with (mandoc).
 APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd bsd-mailx dovecot-core dovecot-lmtpd
 
-.PHONY: run test bench chaos clean system-packages venv
+.PHONY: run test bench chaos fuzz clean system-packages venv
 # Packages before the venv (python3-venv), so never in parallel.
 .NOTPARALLEL:
 
@@ -42,6 +42,12 @@ CHAOS_MESSAGES ?= 20000
 CHAOS_SECONDS ?= 60
 chaos: $(STAMP)
 	CHAOS_MESSAGES=$(CHAOS_MESSAGES) CHAOS_SECONDS=$(CHAOS_SECONDS) $(VENV)/bin/python tests/bench/chaos.py
+
+# A million fuzzed SMTP sessions against a live Elemta (tests/bench/fuzz_sessions.py);
+# FUZZ_SEED replays a run, FUZZ_MINUTES caps its length and extrapolates.
+FUZZ_SESSIONS ?= 1000000
+fuzz: $(STAMP)
+	FUZZ_SESSIONS=$(FUZZ_SESSIONS) $(VENV)/bin/python tests/bench/fuzz_sessions.py
 
 # As root: install what is missing (apt-get update only when a plain install fails).
 # Postfix is preseeded to "No configuration" so it never becomes the running system MTA.

@@ -223,15 +223,20 @@ def elemta_module_server(tmp_path_factory):
     stop_all()
 
 
-@pytest.fixture(scope="session")
-def tls_files(tmp_path_factory):
-    """A self-signed certificate and key for mx.test (openssl, as an admin would make)."""
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = str(d / "cert.pem"), str(d / "key.pem")
+def make_tls_files(directory):
+    """(cert, key): a self-signed certificate and key for mx.test in directory (openssl,
+    as an admin would make them)."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-subj", "/CN=mx.test", "-keyout", key, "-out", cert],
                    check=True, capture_output=True)
     return cert, key
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate and key for mx.test."""
+    return make_tls_files(str(tmp_path_factory.mktemp("tls")))
 
 
 @pytest.fixture(scope="session")

@@ -327,3 +327,16 @@ def test_every_reply_carries_an_enhanced_status_code():
         if line[:3] in ("334", "354"):
             continue
         assert re.match(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3} ", line), line
+
+
+@pytest.mark.parametrize("status", [None, "5.7.1", "5.7.23", "4.999.999"])
+def test_a_long_reply_line_stays_within_512_octets(status):
+    """RFC 5321 4.5.3.1.5 counts the code and the enhanced status too: a long text (a
+    plugin's explanation, an echoed address) is cut so the whole line fits."""
+    from elemta.smtp.replies import Reply
+    from tests.reply_format import line_problem
+    code = 421 if status and status[0] == "4" else 550
+    wire = Reply(code, status, ["x" * 600, "\u00e9" * 600]).encode()
+    for line in wire.split(b"\r\n")[:-1]:
+        assert len(line) + 2 <= 512 and line_problem(line) is None, len(line)
+        assert line.endswith(b"...")

@@ -6,8 +6,7 @@ import re
 from hypothesis import given, settings, strategies as st
 
 from tests.protocol_driver import Driver
-
-REPLY_LINE = re.compile(rb"^[2-5]\d\d[ -][\x20-\x7e]{0,508}$")
+from tests.reply_format import line_problem
 
 # Pieces of real dialogue, so random streams reach every state, mixed with noise.
 FRAGMENTS = [b"EHLO x\r\n", b"HELO y\r\n", b"MAIL FROM:<a@b.test>", b" SIZE=100",
@@ -25,12 +24,11 @@ streams = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.binary(max_size=40))
 def check_wire(wire):
     assert wire.endswith(b"\r\n") or wire == b""
     lines = wire.split(b"\r\n")[:-1]
+    previous = None
     for line in lines:
-        assert REPLY_LINE.match(line), line
-    # A multi-line reply keeps one code and ends with a space-separated last line.
-    for prev, line in zip(lines, lines[1:]):
-        if prev[3:4] == b"-":
-            assert line[:3] == prev[:3], (prev, line)
+        # A multi-line reply keeps one code and ends with a space-separated last line.
+        assert line_problem(line, previous) is None, line_problem(line, previous)
+        previous = line if line[3:4] == b"-" else None
 
 
 @settings(max_examples=400, deadline=None)

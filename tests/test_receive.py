@@ -6,6 +6,7 @@ import base64
 import smtplib
 import socket
 import ssl
+import threading
 import time
 
 import pytest
@@ -274,6 +275,44 @@ def test_tls_handshake_failure_is_logged_and_others_go_on(elemta_server, tls_fil
         smtp.sendmail("a@c.test", ["b@example.test"], MESSAGE)
     time.sleep(0.2)
     assert "TLS handshake failed" in server.log()
+
+
+def test_last_reply_reaches_a_client_still_writing(elemta_server):
+    """The server hangs up (421 after too many errors) on a client that has pipelined
+    more than the server read: the 421 must still reach it. Closing with unread input
+    makes the kernel send a reset and drop the replies not yet sent, so the server says
+    it is done (FIN) and drains the input before it closes (found by make fuzz,
+    tests/smtp_fuzzer.py: BDAT chunks pipelined behind the command that hit the limit)."""
+    server = elemta_server()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        replies = s.makefile("rb")
+        assert replies.readline().startswith(b"220 ")
+        s.sendall(b"BOGUS\r\n" * 18)
+        for _ in range(18):
+            assert replies.readline().startswith(b"500 ")
+        chunk = b"x" * 70000
+        # Error 19 is answered before the chunk is read, error 20 after it; the rest of
+        # the write is still unread when the server hangs up.
+        writer = threading.Thread(target=lambda: swallow(OSError, s.sendall, (
+            b"BOGUS\r\nBDAT 70000\r\n" + chunk + b"BDAT 70000\r\n" + chunk) * 3))
+        writer.start()
+        got = []
+        try:
+            for line in replies:
+                got.append(line)
+        except OSError as exc:
+            got.append(repr(exc).encode())
+        writer.join()
+    assert got == [b"500 5.5.1 Error: command not recognized\r\n",
+                   b"503 5.5.1 Error: send HELO/EHLO first\r\n",
+                   b"421 4.7.0 mx.test Error: too many errors\r\n"]
+
+
+def swallow(exceptions, function, *args):
+    try:
+        function(*args)
+    except exceptions:
+        pass
 
 
 def test_auth_failures_are_slowed_per_client(elemta_server, tls_files, credentials):

@@ -14,14 +14,15 @@ from typing import Optional, Sequence, Union
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets including CRLF.
+MAX_REPLY_LINE = 512
 MAX_REPLY_TEXT = 500
 
 
-def clean_text(text):
-    """Make text safe to send as (part of) one reply line."""
+def clean_text(text, limit=MAX_REPLY_TEXT):
+    """Make text safe to send as (part of) one reply line, at most `limit` characters."""
     text = _UNPRINTABLE.sub("?", text)
-    if len(text) > MAX_REPLY_TEXT:
-        text = text[:MAX_REPLY_TEXT - 3] + "..."
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
     return text
 
 
@@ -60,9 +61,11 @@ class Reply:
         lines = self.lines
         prefix = "%d%%s%s" % (self.code, (self.status + " ") if self.status else "")
         out = []
+        # The code, separator and enhanced status count towards the 512 octets too.
+        limit = min(MAX_REPLY_TEXT, MAX_REPLY_LINE - 2 - len(prefix % " "))
         for i, line in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
-            out.append((prefix % sep) + clean_text(line) + "\r\n")
+            out.append((prefix % sep) + clean_text(line, limit) + "\r\n")
         return "".join(out).encode("ascii")
 
     def __str__(self):

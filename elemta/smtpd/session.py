@@ -44,6 +44,13 @@ log = logging.getLogger("elemta.smtpd")
 RECV_SIZE = 65536
 # A full spool or queue index (Postfix: "452 4.3.1 Insufficient system storage").
 STORAGE_FULL = Reply(452, "4.3.1", "Error: insufficient system storage")
+# After the last reply (221, 421) the input the client has already sent is read and thrown
+# away, for a moment, before the socket closes: closing with unread input makes the kernel
+# answer with a reset, and a client still writing (a pipelined group, a BDAT chunk) then
+# fails its write and may never read that last reply (a TLS client cannot: its TLS layer
+# gives up after the failed write). Apache and nginx call this a lingering close.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1 << 20
 
 # Event class -> handler method (design rule 2: one on_<stage> method per event).
 HANDLERS = {
@@ -187,6 +194,7 @@ class Session:
                     proto.receive_data(data)
             elif event is CLOSED:
                 self._flush()
+                self._linger()
                 return
             elif isinstance(event, Reply):
                 self._out += event.encode()
@@ -225,6 +233,27 @@ class Session:
             except (OSError, ssl.SSLError) as exc:
                 raise SessionEnded(getattr(exc, "strerror", None) or str(exc)) from None
         self._notify_queued()
+
+    def _linger(self):
+        """Say we are done (FIN) and drain the client's input until it closes too, for at
+        most LINGER_SECONDS and LINGER_BYTES, so the last reply is not lost to a reset."""
+        sock = self.sock
+        try:
+            # On a TLS socket this drops TLS first; what is drained is not decrypted.
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_SECONDS
+            drained = 0
+            while drained < LINGER_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                sock.settimeout(left)
+                data = sock.recv(RECV_SIZE)
+                if not data:
+                    return
+                drained += len(data)
+        except (OSError, ssl.SSLError):
+            return
 
     def _notify_queued(self):
         """The queue stage for messages committed so far: after their 250 went out, so
