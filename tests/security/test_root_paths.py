@@ -240,6 +240,7 @@ from elemta.local.agent import LocalAgent
 agent = LocalAgent.__new__(LocalAgent)
 agent.spool = sys.argv[1]
 agent.path = protocol.socket_path(agent.spool)
+agent._socket_files = []     # what GeventChild.__init__ sets
 try:
     agent.open_spool()
 except OSError as exc:
