@@ -88,21 +88,18 @@ class AttemptRecorder:
             try:
                 outcomes = in_thread(self.queue.record_attempts, self.owner,
                                      [a for a, _ in batch], forget, True)
-            except OSError as exc:
-                self._forget = forget + self._forget
-                if self._closing:
-                    self._fail(batch, exc)
-                    continue
-                # A full disk or index: the deliveries happened, so keep trying to record
-                # them (giving up would send them again) while delivery frees space.
-                log.error("recording the results of %d delivery attempt(s) failed: %s; "
-                          "trying again in %d s", len(batch), exc, RETRY)
-                self._waiting[:0] = batch
-                self._closed.wait(RETRY)      # closing cuts the wait short
-                continue
             except Exception as exc:
                 self._forget = forget + self._forget
-                self._fail(batch, exc)
+                if isinstance(exc, OSError) and not self._closing:
+                    # A full disk or index: the deliveries happened, so keep trying to
+                    # record them (giving up would send them again) while delivery frees
+                    # space.
+                    log.error("recording the results of %d delivery attempt(s) failed: "
+                              "%s; trying again in %d s", len(batch), exc, RETRY)
+                    self._waiting[:0] = batch
+                    self._closed.wait(RETRY)      # closing cuts the wait short
+                else:
+                    self._fail(batch, exc)
                 continue
             self._forget += [qid for qid, outcome in outcomes.items()
                              if outcome == ATTEMPT_REMOVED]
