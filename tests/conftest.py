@@ -17,6 +17,7 @@ import time
 import pytest
 from ruamel.yaml import YAML
 
+from elemta.util import procs
 from tests.peers.postfix import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,13 +150,8 @@ class ElemtaServer:
         while True:
             pids = []
             for entry in os.listdir("/proc"):
-                try:
-                    with open("/proc/%s/stat" % entry) as f:
-                        stat = f.read()
-                except (OSError, ValueError):
-                    continue
-                fields = stat[stat.rindex(")") + 2:].split()
-                if fields[0] != "Z" and int(fields[2]) == self.process.pid:
+                fields = procs.stat_fields(entry) if entry.isdigit() else None
+                if fields and fields[0] != "Z" and int(fields[2]) == self.process.pid:
                     pids.append(int(entry))
             if not pids or time.monotonic() >= deadline:
                 return pids

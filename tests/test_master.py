@@ -16,6 +16,7 @@ import time
 import pytest
 from ruamel.yaml import YAML
 
+from elemta.util import procs
 from tests.conftest import REPO, ElemtaServer, wait_for
 from tests.peers.postfix import free_port
 from tests.test_workers import children_of
@@ -156,12 +157,8 @@ def title_of(pid):
 
 def alive(pid):
     """True for a live process (a zombie counts as gone)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
+    fields = procs.stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def rewrite_config(server, change):

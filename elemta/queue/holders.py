@@ -22,6 +22,8 @@ the host name and the spool would be misjudged: run each host's workers in one n
 import os
 import socket
 
+from elemta.util.procs import stat_fields
+
 _HOST = None
 
 
@@ -35,14 +37,8 @@ def _this_host():
 def process_start(pid):
     """(state letter, start time in clock ticks) of pid from /proc, or None when there is
     no such process (or /proc cannot be read)."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: count after its last ")".
-    fields = stat[stat.rindex(b")") + 2:].split()
-    return fields[0].decode("ascii", "replace"), int(fields[19])
+    fields = stat_fields(pid)
+    return None if fields is None else (fields[0], int(fields[19]))
 
 
 def holder_name(pid=None):

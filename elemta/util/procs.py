@@ -7,22 +7,34 @@ process-model tests.
 import os
 
 
+def stat_fields(pid):
+    """The fields of /proc/<pid>/stat after the command name, as strings ([0] the state
+    letter, [1] the parent pid, [2] the process group, [19] the start time in clock
+    ticks), or None when there is no such process (or /proc cannot be read)."""
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: read after its last ")".
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def children(pid):
     """{child pid: process title} of the children of pid (titles as setproctitle set)."""
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
+        fields = stat_fields(entry)
+        if fields is None or int(fields[1]) != pid:
+            continue
         try:
-            with open("/proc/%s/stat" % entry) as f:
-                stat = f.read()
             with open("/proc/%s/cmdline" % entry, "rb") as f:
                 title = f.read().split(b"\0")[0].decode("utf-8", "replace").strip()
         except OSError:
             continue
-        # The command name in stat may hold spaces and parentheses: read after its last ")".
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-            found[int(entry)] = title
+        found[int(entry)] = title
     return found
 
 

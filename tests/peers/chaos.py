@@ -39,6 +39,7 @@ import threading
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional
 
+from elemta.util import procs
 from tests.peers.postfix import free_port
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -264,19 +265,7 @@ def _close(client):
 def children_of(parent):
     # type: (int) -> List[int]
     """Live (not zombie) processes whose parent is `parent`, from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                stat = f.read()
-        except OSError:
-            continue                       # gone meanwhile
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[1]) == parent:
-            found.append(int(entry))
-    return found
+    return [pid for pid in procs.children(parent) if _alive(pid)]
 
 
 def elemta_kind(pid):
@@ -497,9 +486,5 @@ def run_chaos(sink, load, killer, queue_empty, wait_seconds):
 
 def _alive(pid):
     """Whether `pid` still runs (not a zombie: our Popen has not reaped it yet)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+    fields = procs.stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
