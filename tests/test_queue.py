@@ -400,6 +400,37 @@ def test_commits_from_several_processes_share_one_queue(tmp_path):
         assert len(ids) == 300
 
 
+def _hold_queue_open(spool_dir, opened, done):
+    with Queue(spool_dir):
+        opened.set()
+        done.wait(30)
+
+
+def test_an_open_index_keeps_its_lmdb_locks(tmp_path):
+    """LMDB resets its lock file (reader table, writer mutex) when the next process to
+    open the index finds no other user holding the shared lock on its first byte. A
+    process that has the index open must keep that lock: once it dropped it (by closing
+    a descriptor of lock.mdb), a second opener reset the lock file under a running
+    writer and committed records were lost."""
+    import fcntl
+    spool_dir = str(tmp_path / "spool")
+    for _ in range(2):          # the first opener creates lock.mdb, the second finds it
+        opened, done = FORK.Event(), FORK.Event()
+        holder = FORK.Process(target=_hold_queue_open, args=(spool_dir, opened, done))
+        holder.start()
+        try:
+            assert opened.wait(30)
+            fd = os.open(os.path.join(spool_dir, "index.lmdb", "lock.mdb"), os.O_RDWR)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+            finally:
+                os.close(fd)
+        finally:
+            done.set()
+            holder.join()
+
+
 def test_due_entries_follow_the_state(queue):
     [a, b] = accept(queue, [b"a\r\n", b"b\r\n"])
     record = queue.get(a.queue_id)

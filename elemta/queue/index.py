@@ -158,11 +158,17 @@ def _allocate_lock_file(path):
     """Allocate every page of LMDB's lock file (its reader table), which LMDB makes
     sparse with ftruncate and writes through a memory mapping: a process taking a reader
     slot in a page not yet allocated on a full file system would die of SIGBUS. Done
-    once, by whoever opens the index while there is room; contents are unchanged."""
+    by whoever opens the index while there is room; contents are unchanged.
+
+    Call it only BEFORE this process opens the environment. LMDB keeps fcntl locks on
+    this file, and closing any descriptor of it drops all of a process's fcntl locks on
+    it: the next process to open the index would then find no other user, reset the
+    lock file under running writers (two writers at once: lost records) and its reader
+    check would free our reader slots (pages reused under our cursors)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        return
+        return                # none yet: the next process to open the index allocates it
     try:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
     except OSError:
@@ -185,11 +191,11 @@ class QueueIndex:
         # lmdb.open would make the directory with `mode` (0600): without its x bit only
         # root could enter it, so a non-root worker could never open its own index.
         os.makedirs(path, mode=0o700, exist_ok=True)
+        _allocate_lock_file(os.path.join(path, "lock.mdb"))     # before lmdb.open: see there
         self.env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=8,
                              max_readers=max_readers, sync=True, metasync=metasync,
                              mode=0o600)
         self.env.reader_check()  # free reader slots of processes killed with kill -9
-        _allocate_lock_file(os.path.join(path, "lock.mdb"))
         self.messages = self.env.open_db(b"messages")
         self.due = self.env.open_db(b"due")
         self.by_state = self.env.open_db(b"by_state")
