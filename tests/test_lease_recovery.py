@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from elemta.delivery.worker import orphan_delay
 from elemta.queue import holders
 from elemta.queue.model import ACTIVE, DEFERRED
 from elemta.queue.queue import ATTEMPT_REMOVED, HOLDER_GONE, Attempt, Queue
@@ -100,7 +101,8 @@ def test_the_queue_frees_only_the_messages_of_holders_that_ended(tmp_path, sleep
             sleeper.wait()
             before = time.time()
             freed = queue.free_gone_leases()
-            assert sorted(freed) == sorted((qid, dead_name) for qid in dead)
+            assert sorted(qid_owner for *qid_owner, _ in freed) == sorted(
+                [qid, dead_name] for qid in dead)
             for queue_id in dead:
                 record = queue.get(queue_id)
                 assert record.state == DEFERRED and record.lease_owner is None
@@ -118,6 +120,46 @@ def test_the_queue_frees_only_the_messages_of_holders_that_ended(tmp_path, sleep
         os.kill(stuck.pid, signal.SIGCONT)
         stuck.kill()
         stuck.wait()
+
+
+def _die_holding(queue, queue_id, retry_delay):
+    """A fresh holder claims queue_id and dies; free_gone_leases then frees it.
+    Returns the (queue id, holder, next attempt) triples freed."""
+    holder = subprocess.Popen(["sleep", "60"])
+    assert [r.queue_id for r in queue.claim(holders.holder_name(holder.pid), 1, 900.0)] \
+        == [queue_id]
+    holder.kill()
+    holder.wait()
+    return queue.free_gone_leases(retry_delay)
+
+
+def test_a_message_that_keeps_killing_its_holders_waits_a_backoff(tmp_path):
+    """The first holder that dies with a message most likely died of something else: the
+    message is due at once. A second in a row backs off from min_backoff, doubling, so a
+    message that crashes every worker cannot keep them in a crash loop; a recorded
+    attempt starts the count again."""
+    delay = lambda orphaned: orphan_delay(orphaned, 60.0, 1000.0)   # noqa: E731
+    with Queue(str(tmp_path / "spool"), map_size=64 << 20) as queue:
+        [message] = accept(queue, [b"x\r\n"])
+        qid = message.queue_id
+        [(_, _, due)] = _die_holding(queue, qid, delay)
+        assert due <= time.time() and queue.get(qid).last_error == HOLDER_GONE
+        for orphaned, wait in ((2, 60), (3, 120), (4, 240)):
+            before = time.time()
+            [(_, _, due)] = _die_holding(queue, qid, delay)
+            # Not due: only a claim with the clock moved past the backoff takes it.
+            assert queue.claim("next:1:1", 1, 900.0) == []
+            record = queue.get(qid)
+            assert before + wait <= due == record.next_attempt <= time.time() + wait
+            assert record.last_error == "%s (%d times in a row)" % (HOLDER_GONE, orphaned)
+            record.next_attempt = time.time()
+            queue.index.put(record)
+        owner = holders.holder_name(os.getpid())
+        assert [r.queue_id for r in queue.claim(owner, 1, 900.0)] == [qid]
+        queue.record_attempt(owner, qid, {}, time.time(), "451 4.3.0 try later")
+        assert queue.get(qid).orphaned == 0
+        [(_, _, due)] = _die_holding(queue, qid, delay)
+        assert due <= time.time()
 
 
 # ---- the real server ------------------------------------------------------------------
@@ -254,7 +296,7 @@ def test_a_delivered_message_stays_leased_until_the_next_batch_deletes_its_recor
         # (every recipient was sent: nothing goes out again).
         sleeper.kill()
         sleeper.wait()
-        assert sorted(qid for qid, _ in queue.free_gone_leases()) == sorted(
+        assert sorted(qid for qid, _, _ in queue.free_gone_leases()) == sorted(
             [second.queue_id, third.queue_id])
         [again] = [r for r in queue.claim("next:1:1", 3, 900.0)
                    if r.queue_id == second.queue_id]

@@ -98,6 +98,13 @@ def backoff(attempts, minimum, maximum):
     return min(maximum, minimum * 2 ** min(max(attempts - 1, 0), 32))
 
 
+def orphan_delay(orphaned, minimum, maximum):
+    """Seconds before a message whose lease holder ended is due again: none the first
+    time (the crash was most likely not its doing), then a backoff as after failed
+    attempts, so a message that kills every worker taking it cannot keep them crashing."""
+    return 0.0 if orphaned <= 1 else backoff(orphaned - 1, minimum, maximum)
+
+
 class DeliveryWorker(GeventChild):
     """One delivery worker process (see the module docstring)."""
 
@@ -207,15 +214,20 @@ class DeliveryWorker(GeventChild):
         """The messages of lease holders that have ended are due again now, not when
         their leases lapse; one log line each."""
         try:
-            freed = self.queue.free_gone_leases()
-        except OSError as error:
+            freed = self.queue.free_gone_leases(self._orphan_delay)
+        except Exception as error:   # this greenlet must live on: logged
             log.error("cannot look for messages of delivery workers that died: %s", error)
             return
-        for queue_id, owner in freed:
-            log.warning("%s: its delivery worker %s died; due again", queue_id,
-                        holders.holder_pid(owner) or owner)
+        now = time.time()
+        for queue_id, owner, due in freed:
+            log.warning("%s: its delivery worker %s died; due again%s", queue_id,
+                        holders.holder_pid(owner) or owner,
+                        " in %d s" % round(due - now) if due > now + 0.5 else "")
         if freed:
             self._wake.set()
+
+    def _orphan_delay(self, orphaned):
+        return orphan_delay(orphaned, self.delivery.min_backoff, self.delivery.max_backoff)
 
     def _in_flight(self):
         """Queue ids of the messages this worker is delivering now."""
@@ -248,7 +260,7 @@ class DeliveryWorker(GeventChild):
             room = min(self.pool.free_count(), CLAIM_BATCH)
             try:
                 if now >= next_reclaim:
-                    for queue_id in self.queue.reclaim(now):
+                    for queue_id in self.queue.reclaim(now, self._orphan_delay):
                         log.warning("%s: lease lapsed (its delivery worker died); due again",
                                     queue_id)
                     next_reclaim = now + reclaim_every

@@ -41,7 +41,7 @@ from elemta.queue.store import envelope_from_dict, envelope_to_dict
 
 DUE_STATES = (INCOMING, DEFERRED)
 _RECORD_FIELDS = ("state", "attempts", "next_attempt", "last_error", "lease_owner",
-                  "lease_expires", "history", "delay_warned")
+                  "lease_expires", "history", "delay_warned", "orphaned")
 # Due entries looked at per claimed message: among messages due at the same millisecond,
 # the higher priority goes first.
 _CLAIM_LOOKAHEAD = 4
@@ -68,6 +68,9 @@ class QueueRecord:
     # Delivery results, oldest first: [time, recipient, status, relay, reply] each.
     history: List[list] = field(default_factory=list)
     delay_warned: bool = False           # the sender was told delivery is delayed
+    # Lease holders in a row that ended while holding it (reset by a recorded attempt):
+    # after the first, the message may be what kills them, and it waits a backoff.
+    orphaned: int = 0
 
     @property
     def queue_id(self):
@@ -152,6 +155,11 @@ def decode_brief(key, value):
 def _after(key):
     """The smallest key greater than `key`: where the next chunk of a scan starts."""
     return bytes(key) + b"\0"
+
+
+def _at_once(orphaned):
+    """retry_delay of a message whose lease holder ended: none."""
+    return 0.0
 
 
 def _allocate_lock_file(path):
@@ -320,10 +328,12 @@ class QueueIndex:
                 self._put(txn, record, replace=True)
         return claimed
 
-    def reclaim(self, now: float, reason: str) -> List[str]:
+    def reclaim(self, now: float, reason: str,
+                retry_delay: Callable[[int], float] = _at_once) -> List[str]:
         """Return active messages whose lease has lapsed (their worker died) to the queue:
-        deferred, due now, `reason` as their last error. Pass now=float("inf") to reclaim
-        every active message (at start-up, when no worker runs). Returns their ids."""
+        deferred, `reason` as their last error, due after retry_delay(orphaned) (see
+        _requeue_leased). Pass now=float("inf") to reclaim every active message (at
+        start-up, when no worker runs). Returns their ids."""
         self._check_process()
         reclaimed = []
         with self.env.begin(write=True) as txn:
@@ -331,7 +341,7 @@ class QueueIndex:
                        if record.lease_expires <= now]
             due_now = min(now, time.time())
             for record in expired:
-                self._requeue_leased(txn, record, due_now, reason)
+                self._requeue_leased(txn, record, due_now, reason, retry_delay)
                 reclaimed.append(record.queue_id)
         return reclaimed
 
@@ -344,14 +354,16 @@ class QueueIndex:
         with self.env.begin(write=True) as txn:
             txn.put(_NUDGE_KEY, struct.pack(">d", time.time()))
 
-    def free_leases(self, holder_gone: Callable[[str], bool],
-                    reason: str) -> List[Tuple[str, str]]:
+    def free_leases(self, holder_gone: Callable[[str], bool], reason: str,
+                    retry_delay: Callable[[int], float] = _at_once
+                    ) -> List[Tuple[str, str, float]]:
         """Return the active messages of lease holders that are gone to the queue:
-        deferred, due now, `reason` as their last error. holder_gone(owner) is asked once
+        deferred, `reason` as their last error, due after retry_delay(orphaned) (see
+        _requeue_leased). holder_gone(owner) is asked once
         per distinct owner, outside any write transaction; the write transaction is opened
         only when some holder is gone, and a message is freed only if its owner is still
-        that holder. Cheap: it reads only the active messages. Returns (queue id, owner)
-        of each message freed."""
+        that holder. Cheap: it reads only the active messages. Returns (queue id, owner,
+        next attempt) of each message freed."""
         self._check_process()
         with self.env.begin() as txn:
             owners = {record.queue_id: record.lease_owner
@@ -371,8 +383,8 @@ class QueueIndex:
                     continue
                 record = decode_record(raw)
                 if record.state == ACTIVE and record.lease_owner == owner:
-                    self._requeue_leased(txn, record, due_now, reason)
-                    freed.append((queue_id, owner))
+                    self._requeue_leased(txn, record, due_now, reason, retry_delay)
+                    freed.append((queue_id, owner, record.next_attempt))
         return freed
 
     def _active_records(self, txn):
@@ -390,12 +402,18 @@ class QueueIndex:
                 if record.state == ACTIVE:
                     yield record
 
-    def _requeue_leased(self, txn, record, due, reason):
-        """An active message whose holder will not finish it: deferred, due at `due`."""
+    def _requeue_leased(self, txn, record, now, reason, retry_delay):
+        """An active message whose holder ended without finishing it: deferred, due
+        retry_delay(orphaned) seconds after `now`, orphaned counting the holders in a row
+        that ended holding it. A crash is most often not the message's fault (the first
+        is due at once), but one that kills every worker that takes it must not keep
+        them in a crash loop (Postfix defers it as after a failed attempt)."""
+        record.orphaned += 1
         record.state = DEFERRED
-        record.next_attempt = due
+        record.next_attempt = now + retry_delay(record.orphaned)
         record.lease_owner, record.lease_expires = None, 0.0
-        record.last_error = reason
+        record.last_error = reason if record.orphaned == 1 else "%s (%d times in a row)" % (
+            reason, record.orphaned)
         self._put(txn, record, replace=True)
 
     def sync(self):

@@ -70,7 +70,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import lmdb
 
@@ -488,14 +488,20 @@ class Queue:
         return self._index_call(self.index.claim, owner, now or time.time(), lease_seconds,
                                 limit)
 
-    def reclaim(self, now: Optional[float] = None) -> List[str]:
-        """Return messages whose lease lapsed to the queue, due now. Returns their ids."""
-        return self._index_call(self.index.reclaim, now or time.time(), LEASE_LAPSED)
+    def reclaim(self, now: Optional[float] = None,
+                retry_delay: Callable[[int], float] = lambda orphaned: 0.0) -> List[str]:
+        """Return messages whose lease lapsed to the queue, due after
+        retry_delay(orphaned) (see QueueIndex.reclaim). Returns their ids."""
+        return self._index_call(self.index.reclaim, now or time.time(), LEASE_LAPSED,
+                                retry_delay)
 
-    def free_gone_leases(self) -> List[Tuple[str, str]]:
+    def free_gone_leases(self, retry_delay: Callable[[int], float] = lambda orphaned: 0.0
+                         ) -> List[Tuple[str, str, float]]:
         """Return the messages of lease holders that have ended (a killed delivery worker)
-        to the queue, due now. Returns (queue id, holder name) of each."""
-        return self._index_call(self.index.free_leases, holders.holder_gone, HOLDER_GONE)
+        to the queue, due after retry_delay(orphaned) (see QueueIndex.free_leases).
+        Returns (queue id, holder name, next attempt) of each."""
+        return self._index_call(self.index.free_leases, holders.holder_gone, HOLDER_GONE,
+                                retry_delay)
 
     def release_claims(self, owner: str, queue_ids: Iterable[str]) -> List[str]:
         """Give back messages `owner` claimed but will not finish (a worker stopping): due
@@ -580,6 +586,7 @@ class Queue:
             if record.state != ACTIVE or record.lease_owner != owner:
                 return ATTEMPT_LEASE_LOST, True
             record.attempts += 1
+            record.orphaned = 0
             record.last_error = attempt.last_error
             if all(r.status == SENT for r in recipients):
                 # Stays active and leased until its record is deleted (below, or with
