@@ -43,6 +43,18 @@ from elemta.util.text import printable
 
 log = logging.getLogger("elemta.master")
 
+
+def _run_callbacks(callbacks, argument):
+    """Run each callback(argument); one that fails is logged, and never ends the master
+    (nor keeps the others from running)."""
+    for callback in callbacks:
+        try:
+            callback(argument)
+        except Exception:
+            log.exception("%s(%r) failed", getattr(callback, "__qualname__", callback),
+                          argument)
+
+
 # A child that dies sooner than this after its start counts as crashing.
 CRASH_WINDOW = 5.0
 # How long a crashing kind of child waits before it is forked again, doubling while it
@@ -254,16 +266,14 @@ class Master:
                 return
             if not pid:
                 return
-            for callback in self.child_exited:
-                callback(pid)
+            _run_callbacks(self.child_exited, pid)
             child = self.children.pop(pid, None)
             if child is None:
                 continue
             retired = self.scoreboard.state(child.slot) == RETIRING
             cause = self.scoreboard.cause(child.slot)
             self.scoreboard.release(child.slot)
-            for callback in self.slot_freed:
-                callback(child.slot)
+            _run_callbacks(self.slot_freed, child.slot)
             code = os.waitstatus_to_exitcode(status)
             how = "exit status %d" % code if code >= 0 else "signal %d" % -code
             if child.stopping or (retired and code == 0):

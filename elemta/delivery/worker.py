@@ -163,6 +163,9 @@ class DeliveryWorker(GeventChild):
                 self.pool.join(timeout=self.grace)
             unfinished = self._in_flight()
             self.pool.kill(block=True, timeout=1)
+            # Results already waiting are recorded before anything is given back: a
+            # message given back while its 250 waits could be claimed and sent again.
+            self.recorder.close()
             if unfinished:
                 try:
                     given_back = self.queue.release_claims(self.owner, unfinished)
@@ -315,7 +318,9 @@ class DeliveryWorker(GeventChild):
     def deliver(self, record):
         """One attempt at one claimed message: every recipient still waiting."""
         try:
-            if not os.path.exists(self.queue.store.path(record.queue_id)):
+            try:
+                os.stat(self.queue.store.path(record.queue_id))
+            except FileNotFoundError:   # only then: an unreadable file is not a gone one
                 return self._drop_fileless(record)
             self._deliver(record)
         except OSError as error:        # the system's doing (a file, the disk): one line
