@@ -47,13 +47,19 @@ def sleeper():
 
 def test_a_name_tells_the_holder_from_a_new_process_with_its_pid(sleeper):
     name = holders.holder_name(sleeper.pid)
-    host, pid, start = name.split(":")
+    host, pid, start, boot = name.split(":")
+    with open("/proc/sys/kernel/random/boot_id") as boot_id:
+        assert boot == boot_id.read(8)
     assert host == HOST and int(pid) == sleeper.pid and start.isdigit()
     assert holders.holder_pid(name) == sleeper.pid
     assert not holders.holder_gone(name)
+    assert not holders.holder_gone("%s:%s:%s" % (host, pid, start))   # the older form
     assert not holders.holder_gone(holders.holder_name())       # ourselves
     # The same pid started at another time is another process: the holder is gone.
-    assert holders.holder_gone("%s:%d:%d" % (HOST, sleeper.pid, int(start) + 1))
+    assert holders.holder_gone("%s:%d:%d:%s" % (HOST, sleeper.pid, int(start) + 1, boot))
+    # The same pid and start time in an earlier boot (a deterministic boot) is gone too.
+    other_boot = "%08x" % ((int(boot, 16) + 1) % (1 << 32))
+    assert holders.holder_gone("%s:%s:%s:%s" % (host, pid, start, other_boot))
 
 
 def test_a_stopped_holder_is_alive_a_zombie_or_reaped_one_is_gone(sleeper):
@@ -78,7 +84,8 @@ def test_old_names_are_checked_by_pid_and_other_hosts_are_left_to_expiry(sleeper
     assert not holders.holder_gone("elsewhere.test:%d" % sleeper.pid)
     assert not holders.holder_gone("elsewhere.test:%d:1" % sleeper.pid)
     for garbage in ("", "nonsense", "%s:x:1" % HOST, "%s:%d:x" % (HOST, sleeper.pid),
-                    "%s:0:1" % HOST, "%s:1:2:3" % HOST):
+                    "%s:0:1" % HOST, "%s:1:2:3" % HOST,
+                    "%s:%d:1:ABCDEF01" % (HOST, sleeper.pid), "%s:1:2:3:4" % HOST):
         assert not holders.holder_gone(garbage), garbage
 
 
