@@ -131,12 +131,30 @@ def _fold_dead_child(pid):
                 continue
             # strict: on a full disk this raises, and the dead file stays for a later fold
             archive = AllocatedDict(os.path.join(path, "%s_archive.db" % kind), strict=True)
+            folded = []
             try:
                 for key, value, _, _ in MmapedDict.read_all_values_from_file(dead):
                     archive.write_value(key, archive.read_value(key)[0] + value, 0.0)
+                    folded.append(key)
+            except OSError:
+                _zero_values(dead, folded)    # in the archive now: never counted twice
+                raise
             finally:
                 archive.close()
             os.remove(dead)
+
+
+def _zero_values(path, keys):
+    """Set the values of `keys` in the metric file at path to zero (after they were
+    folded into the archive and the fold stopped part way: the rest waits for a later
+    fold). Existing keys only: the file neither grows nor needs new pages."""
+    from prometheus_client.mmap_dict import MmapedDict
+    values = MmapedDict(path)
+    try:
+        for key in keys:
+            values.write_value(key, 0.0, 0.0)
+    finally:
+        values.close()
 
 
 def worker_restarted(kind, reason):

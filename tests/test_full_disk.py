@@ -447,6 +447,56 @@ def test_metric_files_on_a_full_disk_never_kill_the_process(tmp_path):
     assert "keeps its metrics in memory" in done.stderr
 
 
+FOLD_ON_A_FULL_DISK = r"""
+import os, sys
+from prometheus_client.mmap_dict import MmapedDict
+from elemta import metrics
+from elemta.util.metricfiles import AllocatedDict
+directory, filler_path = sys.argv[1:]
+metrics.setup(directory)
+pid = 2 ** 22 + 17                      # a dead child with 3000 counters
+dead = MmapedDict(os.path.join(directory, "counter_%d.db" % pid))
+for n in range(3000):
+    dead.write_value("key%05d" % n, n + 1.0, 0.0)
+dead.close()
+archive_path = os.path.join(directory, "counter_archive.db")
+AllocatedDict(archive_path, strict=True).close()    # made while there is room
+with open(filler_path, "wb", buffering=0) as filler:  # then take every free page
+    chunk = b"\0" * 65536
+    while chunk:
+        try:
+            filler.write(chunk)
+        except OSError:
+            chunk = chunk[:len(chunk) // 2] if len(chunk) > 4096 else b""
+metrics.worker_exited(pid)        # the archive cannot grow: the fold stops part way
+partly = dict((k, v) for k, v, _, _ in MmapedDict.read_all_values_from_file(archive_path))
+os.remove(filler_path)
+metrics.worker_exited(pid)        # room again: the rest is folded
+folded = dict((k, v) for k, v, _, _ in MmapedDict.read_all_values_from_file(archive_path))
+wrong = [k for k in folded if folded[k] != int(k[3:]) + 1]
+print(0 < len(partly) < 3000, len(folded), wrong[:5],
+      os.path.exists(os.path.join(directory, "counter_%d.db" % pid)))
+"""
+
+
+def test_a_fold_stopped_by_a_full_disk_counts_nothing_twice(tmp_path):
+    """The master folds a dead child's counters into the archive; a full disk can stop
+    it part way, and the dead file stays for a later fold. What was already folded must
+    not be added again then."""
+    fs = str(tmp_path / "fs")
+    mount_tmpfs(fs, "1m")
+    try:
+        done = subprocess.run([sys.executable, "-c", FOLD_ON_A_FULL_DISK,
+                               os.path.join(fs, "metrics"), os.path.join(fs, "filler")],
+                              capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=REPO))
+    finally:
+        unmount(fs)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "cannot fold the counters of pid" in done.stderr
+    assert done.stdout.split() == ["True", "3000", "[]", "False"], done.stdout
+
+
 def sendmail(server, content):
     """elemta's sendmail -t as root: (exit status, stderr)."""
     done = subprocess.run([sys.executable, "-m", "elemta.cli.sendmail", "-C",
