@@ -35,6 +35,8 @@ import select
 import signal
 import time
 
+from setproctitle import setproctitle
+
 from elemta import metrics
 from elemta.util import logs, sdnotify
 from elemta.util.child import EX_CANTBOOT
@@ -142,7 +144,6 @@ class Master:
         """Supervise until told to stop; returns the exit status."""
         for signum in SIGNALS:
             signal.signal(signum, self._on_signal)
-        from setproctitle import setproctitle
         setproctitle("elemta: master")
         self.spawn_children()
         sdnotify.notify("READY=1", "MAINPID=%d" % os.getpid())
@@ -234,6 +235,9 @@ class Master:
             self.children[pid] = Child(kind, slot, self.generation)
             return pid
         status = 1
+        # First thing: until its title is set, `ps` and `elemtactl status` would show
+        # the child as a second master (building the child may take a while).
+        setproctitle("elemta: " + kind)
         try:
             for signum in SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
