@@ -2,10 +2,11 @@
 
 An address is LOCAL when it is a bare name (postmaster) or its domain, in normal form
 (elemta.addressing.normal), is the host name or one of relay.local_domains (Postfix's
-mydestination); REMOTE otherwise. An address literal is REMOTE unless it is listed there
-(the configuration accepts no literal in local_domains today, so [127.0.0.1] is relayed
-only for trusted clients, as before). VIRTUAL is the class hosted domains will have; no
-configuration makes one yet.
+mydestination); REMOTE otherwise. An address literal is always REMOTE: local_domains
+takes domain names only, so user@[127.0.0.1] is relayed for trusted clients and refused
+to others, even when it names this host (Postfix's resolve_local would take the
+addresses of inet_interfaces as local; tests/security/test_open_relay.py pins ours).
+VIRTUAL is the class hosted domains will have; no configuration makes one yet.
 
 Who asks: the smtpd's relay check (elemta.smtpd.policy), the router
 (elemta.delivery.routing: LOCAL goes to the local agent), pickup (ctx.outbound for the

@@ -205,6 +205,10 @@ class Context:
         self.gecos = gecos.split(",")[0].strip()
 
     @property
+    def recipients_made(self):
+        return self._recipients is not None
+
+    @property
     def recipients(self):
         """The local recipient table the smtpd checks RCPT against (passwd, aliases)."""
         if self._recipients is None:
@@ -474,26 +478,28 @@ def verify(options, context, stdin=None):
             print("%s... invalid address: %s" % (address, problem))
             status = max(status, EX_DATAERR)
             continue
-        print(verdict(context, address))
-        if not context.addressing.is_local(address):
-            continue
-        if context.recipients.find_address(address) is None:
-            status = max(status, EX_NOUSER)
+        line, code = verdict(context, address)
+        print(line)
+        status = max(status, code)
+    aliases = context.recipients.aliases if context.recipients_made else None
+    if aliases is not None and aliases.error:
+        print("elemta-sendmail: warning: %s: aliases were not looked at" % aliases.error,
+              file=sys.stderr)
     return status
 
 
 def verdict(context, address):
-    """-bv's line for one valid address: the smtpd's answer to RCPT, in words."""
+    """(-bv's line, exit status) for one valid address: the smtpd's answer to RCPT."""
     local, domain = split_address(address)
     if not context.addressing.is_local(address):
-        return "%s... deliverable: remote domain %s" % (address, domain)
+        return "%s... deliverable: remote domain %s" % (address, domain), EX_OK
     found = context.recipients.find_address(address)
     if found is None:
-        return "%s... undeliverable: no such local user %s" % (address, local)
+        return "%s... undeliverable: no such local user %s" % (address, local), EX_NOUSER
     kind, name = found
     if kind == ROLE:
-        return "%s... deliverable: local role address" % address
-    return "%s... deliverable: local %s %s" % (address, kind, name)
+        return "%s... deliverable: local role address" % address, EX_OK
+    return "%s... deliverable: local %s %s" % (address, kind, name), EX_OK
 
 
 # ---------------------------------------------------------------- -bs
