@@ -4,7 +4,7 @@ newaliases(1), the mbox and Maildir writers, commands and their exit codes, and 
 expansion against the real password database.
 
 See also: tests/test_local_delivery.py (the same through a running Elemta),
-elemta.local.aliases, elemta.local.mailbox, elemta.local.command, elemta.local.expand.
+elemta.addressing.aliases, elemta.local.mailbox, elemta.local.command, elemta.local.expand.
 """
 
 import io
@@ -21,8 +21,8 @@ import time
 import pytest
 
 from elemta.config.schema import Config, Local, Relay, SMTPD
-from elemta.local.addresses import LocalAddressing
-from elemta.local.aliases import (ADDRESS, COMMAND, FILE, INCLUDE, AliasTable, Member,
+from elemta.addressing.resolve import Addressing
+from elemta.addressing.aliases import (ADDRESS, COMMAND, FILE, INCLUDE, AliasTable, Member,
                                   parse_aliases, parse_destinations)
 from elemta.local.command import run_command
 from elemta.local.expand import FAILED, FORWARD, MAILBOX, Expander
@@ -271,7 +271,7 @@ def expander(tmp_path, text, **local):
     table = AliasTable(str(path))
     table.refresh()
     warnings = []
-    return Expander(config.local, LocalAddressing(config), table,
+    return Expander(config.local, Addressing.from_config(config), table,
                     SystemLookups(warnings.append), warn=warnings.append), warnings
 
 

@@ -29,7 +29,7 @@ import pytest
 from elemta.config.schema import Config, Queue
 from elemta.delivery.local_transport import LocalTransport
 from elemta.delivery.routing import LOCAL_DESTINATION
-from elemta.local.addresses import normal_address
+from elemta.addressing.normal import normal_address
 from elemta.queue.model import Recipient
 from tests.conftest import REPO, wait_for
 from tests.peers.sink import ScriptedServer

@@ -1,4 +1,4 @@
-"""The local agent's request line (elemta.local.protocol): what a delivery worker sends is
+"""The local agent's request line (elemta.addressing.local_protocol): what a delivery worker sends is
 read back as sent, and a request whose fields have the wrong type is refused whole with
 one line naming the field, never a traceback in the per-recipient process.
 
@@ -15,7 +15,7 @@ import socket
 
 import pytest
 
-from elemta.local import protocol
+from elemta.addressing import local_protocol as protocol
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import Recipient
 from tests.conftest import wait_for

@@ -11,13 +11,13 @@ Silent when the file is fine (as Postfix's is), -v says how many aliases it hold
 Exit status: 0 fine (or no aliases_file configured), 1 the file has mistakes or cannot
 be read, 66 (EX_NOINPUT) or 78 (EX_CONFIG) the configuration file cannot be read or is
 wrong.
-See also: man/newaliases.1, elemta.local.aliases.
+See also: man/newaliases.1, elemta.addressing.aliases.
 """
 
 import argparse
 import sys
 
-from elemta.local.aliases import check_file
+from elemta.addressing.aliases import check_file
 
 PROG = "newaliases"
 

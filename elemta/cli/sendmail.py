@@ -15,7 +15,8 @@ taken by pickup from the file's owner, so no option here can forge it.
       -C FILE       configuration file (or directory holding elemta.yaml/.toml);
                     default $ELEMTA_CONFIG, then /etc/elemta/elemta.{yaml,toml}
       -bs           SMTP dialogue on stdin/stdout      -bp   list the queue (mailq)
-      -bv           verify the recipients only, queue nothing
+      -bv           verify the recipients only, queue nothing (the smtpd's RCPT answer:
+                    local domains, users and aliases, elemta.addressing)
       -bi, -I       check the aliases file (newaliases)
       -q            flush the queue (elemtactl queue flush)
       -o..., -L, -v, -n, -m, -U, -h N, -X FILE, -G, -x, -A...: accepted, ignored
@@ -34,6 +35,9 @@ import pwd
 import re
 import sys
 
+from elemta.addressing.normal import split_address
+from elemta.addressing.recipients import ROLE, LocalRecipients
+from elemta.addressing.resolve import Addressing
 from elemta.cli import EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
 
 EX_OK = 0
@@ -190,14 +194,27 @@ class Context:
         self.spool = config.queue.spool_dir
         self.hostname = config.hostname
         self.max_size = config.limits.message_size
-        self.local_domains = {d.lower() for d in config.relay.local_domains}
-        self.local_domains.add(self.hostname.lower())
+        # The daemon's own answers to "is it local?" and "does that recipient exist?".
+        self.addressing = Addressing.from_config(config)
+        self._recipients = None      # made by -bv only: it reads the aliases file
         try:
             entry = pwd.getpwuid(os.getuid())
             self.login, gecos = entry.pw_name, entry.pw_gecos
         except KeyError:
             self.login, gecos = "uid%d" % os.getuid(), ""
         self.gecos = gecos.split(",")[0].strip()
+
+    @property
+    def recipients_made(self):
+        return self._recipients is not None
+
+    @property
+    def recipients(self):
+        """The local recipient table the smtpd checks RCPT against (passwd, aliases)."""
+        if self._recipients is None:
+            self._recipients = LocalRecipients(self.config.local, self.addressing,
+                                               log_name="elemta.sendmail")
+        return self._recipients
 
     def qualify(self, address):
         """user -> user@hostname (Postfix's append_at_myorigin)."""
@@ -461,21 +478,28 @@ def verify(options, context, stdin=None):
             print("%s... invalid address: %s" % (address, problem))
             status = max(status, EX_DATAERR)
             continue
-        local, domain = address.rsplit("@", 1)
-        if domain.lower() not in context.local_domains:
-            print("%s... deliverable: remote domain %s" % (address, domain))
-            continue
-        try:
-            pwd.getpwnam(local.lower())
-        except KeyError:
-            if local.lower() in ("postmaster", "abuse", "mailer-daemon"):
-                print("%s... deliverable: local role address" % address)
-                continue
-            print("%s... undeliverable: no such local user %s" % (address, local))
-            status = max(status, EX_NOUSER)
-            continue
-        print("%s... deliverable: local user %s" % (address, local.lower()))
+        line, code = verdict(context, address)
+        print(line)
+        status = max(status, code)
+    aliases = context.recipients.aliases if context.recipients_made else None
+    if aliases is not None and aliases.error:
+        print("elemta-sendmail: warning: %s: aliases were not looked at" % aliases.error,
+              file=sys.stderr)
     return status
+
+
+def verdict(context, address):
+    """(-bv's line, exit status) for one valid address: the smtpd's answer to RCPT."""
+    local, domain = split_address(address)
+    if not context.addressing.is_local(address):
+        return "%s... deliverable: remote domain %s" % (address, domain), EX_OK
+    found = context.recipients.find_address(address)
+    if found is None:
+        return "%s... undeliverable: no such local user %s" % (address, local), EX_NOUSER
+    kind, name = found
+    if kind == ROLE:
+        return "%s... deliverable: local role address" % address, EX_OK
+    return "%s... deliverable: local %s %s" % (address, kind, name), EX_OK
 
 
 # ---------------------------------------------------------------- -bs

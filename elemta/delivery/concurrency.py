@@ -19,7 +19,7 @@ import random
 
 from gevent.event import Event
 
-from elemta.delivery.routing import domain_entry
+from elemta.addressing.resolve import domain_entry
 
 # Longest pause before a waiting delivery looks at other workers' slots again.
 RECHECK_SECONDS = 0.1

@@ -3,7 +3,7 @@ agent, the one process that keeps root to write mailboxes as their users.
 
 Owned by the delivery worker (`elemta: delivery`), which runs as master.user; the same
 interface as elemta.delivery.smtp_transport. deliver() connects to spool/run/local.sock,
-sends one request naming the message and its recipients (elemta.local.protocol) and
+sends one request naming the message and its recipients (elemta.addressing.local_protocol) and
 reads one reply per recipient. Aliases, .forward files, mailboxes, files, commands and
 the re-queueing of forwarded mail all happen in the agent (elemta.local.agent). When the
 agent is not there (not started yet, or restarting) every recipient defers with 4.3.0.
@@ -21,7 +21,7 @@ import socket
 
 from gevent import socket as gsocket
 
-from elemta.local import protocol
+from elemta.addressing import local_protocol
 from elemta.queue.model import RCPT_DEFERRED
 
 RELAY = "local"
@@ -45,7 +45,7 @@ class LocalTransport:
     """Asks the local agent to deliver; one short connection per message and destination."""
 
     def __init__(self, config, store):
-        self.path = protocol.socket_path(config.queue.spool_dir)
+        self.path = local_protocol.socket_path(config.queue.spool_dir)
         # Each reply may wait for a command to run out its time (local.command_timeout).
         self.reply_timeout = 2 * config.local.command_timeout + 60
 
@@ -73,18 +73,18 @@ class LocalTransport:
         timed_out = False
         try:
             sock.settimeout(self.reply_timeout)
-            sock.sendall(protocol.encode_request(record.queue_id, items))
+            sock.sendall(local_protocol.encode_request(record.queue_id, items))
             replies = sock.makefile("rb")
             while wanted - set(results):
-                line = replies.readline(protocol.MAX_LINE)
+                line = replies.readline(local_protocol.MAX_LINE)
                 if not line:
                     break
-                index, status, reply = protocol.decode_reply(line)
+                index, status, reply = local_protocol.decode_reply(line)
                 if index in wanted:
                     results[index] = (status, reply, RELAY)
-        except (OSError, protocol.ProtocolError) as error:
+        except (OSError, local_protocol.ProtocolError) as error:
             timed_out = isinstance(error, socket.timeout)
-            why = str(error) if isinstance(error, protocol.ProtocolError) else (
+            why = str(error) if isinstance(error, local_protocol.ProtocolError) else (
                 error.strerror or str(error))
         reply = NO_ANSWER % self.reply_timeout if timed_out else CUT_SHORT % why
         for index in wanted - set(results):

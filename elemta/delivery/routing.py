@@ -2,7 +2,9 @@
 
 Owned by the delivery worker (`elemta: delivery`). In Postfix's order of precedence:
 
-    1. local domains (relay.local_domains and the host name): local delivery;
+    1. local addresses (relay.local_domains and the host name, in any spelling: the
+       addressing layer's answer, elemta.addressing.resolve, the one the smtpd's relay
+       check, pickup and sendmail -bv give too): local delivery;
     2. the transport map (delivery.transport): "example.org" matches the domain itself,
        ".example.org" every subdomain; the next hop is smtp:[host]:port, smtp:host:port,
        lmtp:[host]:port, lmtp:unix:/path or local;
@@ -18,10 +20,10 @@ import ipaddress
 from dataclasses import dataclass
 from typing import List
 
+from elemta.addressing.normal import normal_domain, split_address
+from elemta.addressing.resolve import Addressing, domain_entry
 from elemta.config.schema import parse_nexthop, parse_transport
 from elemta.delivery.mx import Host, NoMailHost, Resolver
-from elemta.local.addresses import normal_domain
-from elemta.queue.index import address_domain
 
 LOCAL = "local"
 SMTP = "smtp"
@@ -61,10 +63,9 @@ class Router:
     def __init__(self, config):
         delivery = config.delivery
         self.mx_port = delivery.mx_port
-        # One spelling (lower case, A-labels) as the smtpd's relay check uses: a domain it
-        # accepted as local must be delivered locally, however the client wrote it.
-        self.local_domains = {normal_domain(d) for d in config.relay.local_domains}
-        self.local_domains.add(normal_domain(config.hostname))
+        # The smtpd's own answer: a domain it accepted as local is delivered locally,
+        # however the client wrote it.
+        self.addressing = Addressing.from_config(config)
         self.transport = {}
         for entry in delivery.transport:
             kind, host, port, mx_lookup = parse_transport(entry.nexthop)
@@ -83,9 +84,9 @@ class Router:
 
     def destination(self, address):
         # type: (str) -> Destination
-        domain = normal_domain(address_domain(address))
-        if domain in self.local_domains or not domain:
+        if self.addressing.is_local(address):
             return LOCAL_DESTINATION
+        domain = normal_domain(split_address(address)[1])
         found = self._transport_entry(domain)
         if found is not None:
             return found
@@ -95,19 +96,6 @@ class Router:
 
     def _transport_entry(self, domain):
         return domain_entry(self.transport, domain)
-
-
-def domain_entry(table, domain, default=None):
-    """table's entry for domain, as the transport map matches: "example.org" the domain
-    itself, ".example.org" any subdomain (the nearest parent wins); else default."""
-    if domain in table:
-        return table[domain]
-    labels = domain.split(".")
-    for start in range(1, len(labels)):
-        parent = "." + ".".join(labels[start:])
-        if parent in table:
-            return table[parent]
-    return default
 
 
 def hosts_for(destination, resolver):

@@ -19,9 +19,10 @@ import logging
 import time
 
 from elemta import metrics
+from elemta.addressing.resolve import domain_entry
 from elemta.delivery.connections import ConnectionCache
 from elemta.delivery.mx import RouteError
-from elemta.delivery.routing import domain_entry, hosts_for
+from elemta.delivery.routing import hosts_for
 from elemta.delivery.sasl import SASLFileError, SASLPasswords, nexthop_key
 from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, SessionError, SMTPClient,
                                          Timeouts, TLSPolicy, outcome_of)

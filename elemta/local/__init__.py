@@ -3,10 +3,6 @@ mbox and Maildir mailboxes, files and commands, each written as the right user.
 
 The pieces and who uses them:
 
-    aliases      the aliases file: parse (file:line errors), look up, re-read on change;
-                 used by the local agent, the smtpd's RCPT check and newaliases(1)
-    recipients   "is this a known local recipient?" for the smtpd (550 5.1.1 at RCPT)
-    addresses    local domains, user+extension, the local part folded as Postfix does
     expand       a recipient -> its destinations (mailboxes, files, commands, addresses
                  to forward), with loop protection and the allow_mail_to_* rights
     mailbox      mbox (From_ line, >From quoting, fcntl and dot-lock, fsync, truncate back
@@ -15,8 +11,10 @@ The pieces and who uses them:
                  sysexits.h exit codes
     privileges   run one function in a forked process that has become a given user
     deliver      one recipient of one message, start to end (in a forked root process)
-    protocol     the JSON-lines requests and replies between delivery workers and the agent
     agent        the `elemta: local` process: keeps root, serves spool/run/local.sock
 
+What other processes share with it (local domains, recipient lookup, the aliases file,
+the request format on spool/run/local.sock) lives in elemta.addressing, which every
+process imports; nothing imports this package but the daemon that starts the agent.
 See also: elemta.delivery.local_transport (the delivery worker's side), man/newaliases.1.
 """

@@ -4,7 +4,7 @@ root, because a mailbox is written as its user, as Postfix's local(8) does.
 Runs in one child forked by elemta.master (kind "local"), which skips the drop to
 master.user for it. It listens on spool/run/local.sock (owned by master.user, mode 0600;
 a peer must be that user or root, checked with SO_PEERCRED) for the delivery workers'
-requests (elemta.local.protocol). For each recipient it forks a process
+requests (elemta.addressing.local_protocol). For each recipient it forks a process
 (elemta.local.deliver), which stays root only to fork again for each piece of work done
 as a user (elemta.local.privileges): it never writes a mailbox, reads a .forward or
 runs a command as root. The aliases file is looked at before each request and read
@@ -31,9 +31,9 @@ from gevent.lock import BoundedSemaphore
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from elemta.local import protocol
-from elemta.local.addresses import LocalAddressing
-from elemta.local.aliases import AliasTable
+from elemta.addressing import local_protocol
+from elemta.addressing.aliases import AliasTable
+from elemta.addressing.resolve import Addressing
 from elemta.local.deliver import RecipientDelivery
 from elemta.local.privileges import is_root
 from elemta.queue import wakeup
@@ -58,8 +58,8 @@ class LocalAgent(GeventChild):
     def __init__(self, config, slot, scoreboard, master_pid):
         super().__init__(config, slot, scoreboard, master_pid)
         self.spool = config.queue.spool_dir
-        self.path = protocol.socket_path(self.spool)
-        self.addressing = LocalAddressing(config)
+        self.path = local_protocol.socket_path(self.spool)
+        self.addressing = Addressing.from_config(config)
         self.aliases = AliasTable(config.local.aliases_file) if config.local.aliases_file \
             else None
         self.store = None
@@ -149,12 +149,12 @@ class LocalAgent(GeventChild):
                 log.warning("refused a request from uid %d on %s", uid, self.path)
                 return
             rfile = conn.makefile("rb")
-            line = rfile.readline(protocol.MAX_LINE)
+            line = rfile.readline(local_protocol.MAX_LINE)
             if not line:
                 return
             try:
-                queue_id, recipients = protocol.decode_request(line)
-            except protocol.ProtocolError as error:
+                queue_id, recipients = local_protocol.decode_request(line)
+            except local_protocol.ProtocolError as error:
                 log.warning("%s: %s", self.path, error)
                 return
             self.refresh_aliases()
@@ -171,7 +171,7 @@ class LocalAgent(GeventChild):
         with self.deliveries:
             status, reply = self.deliver_in_child(queue_id, recipient)
         try:
-            conn.sendall(protocol.encode_reply(recipient["index"], status, reply))
+            conn.sendall(local_protocol.encode_reply(recipient["index"], status, reply))
         except OSError:
             pass           # the worker went away; it defers what it did not hear about
 

@@ -31,8 +31,8 @@ import stat
 import time
 from types import SimpleNamespace
 
+from elemta.addressing.normal import normal_address
 from elemta.local import command as commands
-from elemta.local.addresses import normal_address
 from elemta.local.expand import (COMMAND, FAILED, FILE, FORWARD, MAILBOX, Expander,
                                  InsecureFile, Lookups, TemporaryLookupError, summarize)
 from elemta.local.mailbox import (DEV_NULL, DeliveryFailure, MessageCopy, deliver_maildir,

@@ -21,14 +21,14 @@ allow_mail_to_commands: alias, forward, include; :include: counts as a file) and
 with the rights of: the aliases file's owner (default_privileges when root owns it),
 the .forward's user, or an :include: file's owner (when not root). Never as root:
 default_privileges stands in. Each destination is delivered once per recipient.
-See also: elemta.local.aliases (the grammar), elemta.local.deliver.
+See also: elemta.addressing.aliases (the grammar), elemta.local.deliver.
 """
 
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from elemta.local.aliases import ADDRESS, COMMAND, FILE, INCLUDE, parse_destinations
-from elemta.local.addresses import normal_address, split_address
+from elemta.addressing.aliases import ADDRESS, COMMAND, FILE, INCLUDE, parse_destinations
+from elemta.addressing.normal import normal_address, split_address
 from elemta.queue.model import BOUNCED, RCPT_DEFERRED, SENT
 
 # What a recipient finally becomes.
@@ -121,7 +121,7 @@ class Expander:
 
     def _recipient(self, address, depth):
         address = normal_address(address)          # "root"@example.org is root@...
-        if not self.addressing.is_local(address):
+        if not self.addressing.delivered_here(address):
             return self._add(Target(FORWARD, address, None, address, "", None))
         local, _ = split_address(address)
         address = self.addressing.qualify(address)
@@ -210,7 +210,7 @@ class Expander:
     def _own_mailbox(self, name, level, depth):
         """\\user: straight to that user's mailbox, no alias or .forward on the way."""
         name = normal_address(name)
-        if not self.addressing.is_local(name):
+        if not self.addressing.delivered_here(name):
             return self._recipient(name, depth)
         user_name, _ = self.addressing.user_and_extension(split_address(name)[0])
         user = self.lookups.user(user_name)

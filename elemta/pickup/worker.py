@@ -9,7 +9,8 @@ queue after the fork. Its loop, top to bottom:
               started are found by the first scan
     plugins   when some plugin serves the data or storage stage, the content passes them
               exactly as an authenticated client's message does in the smtpd
-              (elemta.plugins.content, ctx.local true): DKIM signs cron's and mail(1)'s
+              (elemta.plugins.content, ctx.local true; ctx.outbound when some
+              recipient is not local, by elemta.addressing.resolve): DKIM signs cron's and mail(1)'s
               mail by sender domain. Nobody is there to hear a refusal, so a reject puts
               the message on hold for the admin, a tempfail leaves the file in the
               maildrop for a later scan (not before PICKUP_RETRY seconds), a discard
@@ -47,6 +48,7 @@ import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 
+from elemta.addressing.resolve import Addressing
 from elemta.plugins.api import DATA, DISCARD, QUEUE, REJECT, STORAGE, Context
 from elemta.plugins.content import notify_queued, outbound, run_content_stages, wants_content
 from elemta.plugins.manager import PluginManager
@@ -55,7 +57,6 @@ from elemta.queue import maildrop, wakeup
 from elemta.queue.ids import new_queue_id
 from elemta.pickup.envelope import PROTOCOL, envelope_for
 from elemta.queue.queue import Queue
-from elemta.smtp.address import domain_of
 from elemta.util.child import BootError, GeventChild
 from elemta.util.text import printable
 from elemta.util.threads import in_thread
@@ -104,8 +105,8 @@ class PickupWorker(GeventChild):
         self.plugins = None
         self.resolver = None
         self.wake_socket = None
-        self.local_domains = {d.lower().rstrip(".")
-                              for d in tuple(config.relay.local_domains) + (config.hostname,)}
+        # Which recipients are ours: the smtpd's and the router's own answer.
+        self.addressing = Addressing.from_config(config)
         self._deferred = {}          # maildrop name -> time.monotonic() of the next try
         self._stuck = set()          # names of bad entries that could not be removed
         self._wake = Event()         # sendmail's datagram came, or a stop
@@ -257,11 +258,7 @@ class PickupWorker(GeventChild):
         return Context(client_address="", client_name="localhost", hostname=self.hostname,
                        resolver=self.resolver, local=True, queue_id=envelope.queue_id,
                        sender=envelope.sender, recipients=recipients,
-                       outbound=outbound(recipients, self._is_local))
-
-    def _is_local(self, address):
-        domain = domain_of(address)
-        return domain == "" or domain.lower().rstrip(".") in self.local_domains
+                       outbound=outbound(recipients, self.addressing.is_local))
 
     def _judge(self, envelope, content):
         """Run the data and storage plugins on the content. Returns (content, hold) with

@@ -4,7 +4,8 @@ Used by the protocol core for MAIL FROM / RCPT TO (RFC 5321 4.1.2, RFC 6531 for 
 addresses). Functions raise AddressError with a client-facing reason; the core turns it
 into a 501/553 reply. No address holds a control character: C0 and DEL are not in the
 grammar, and the non-ASCII that SMTPUTF8 allows leaves out C1 and U+2028/U+2029 too.
-See also elemta.smtp.dsn (the DSN parameters ENVID, NOTIFY, ORCPT).
+See also elemta.smtp.dsn (the DSN parameters ENVID, NOTIFY, ORCPT), elemta.addressing
+(what a valid address means: its normal form, local or not).
 """
 
 import ipaddress
@@ -152,9 +153,3 @@ def parse_params(text):
             raise AddressError("empty value for %s" % key)
         params[key] = value if eq else None
     return params
-
-
-def domain_of(address):
-    """The domain part of an address, lower-cased ('' for <> and <postmaster>)."""
-    at = address.rfind("@")
-    return address[at + 1:].lower().rstrip(".") if at >= 0 else ""

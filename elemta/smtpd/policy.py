@@ -4,13 +4,16 @@ Owned by the smtpd worker. Mail to a local domain is accepted from anyone; mail 
 other domain only from a client in mynetworks or one that authenticated. Everything else
 is refused with 554 5.7.1, as Postfix's reject_unauth_destination does. A local
 recipient that is neither an alias nor a user is refused with 550 5.1.1 when
-local.reject_unknown_users is set (Postfix's local_recipient_maps; elemta.local.recipients).
+local.reject_unknown_users is set (Postfix's local_recipient_maps). Which addresses are
+local and which recipients exist is the addressing layer's one answer
+(elemta.addressing.resolve, elemta.addressing.recipients), the same the router, pickup
+and sendmail -bv give.
 """
 
 import ipaddress
 
-from elemta.local.addresses import normal_domain, normal_local_part, split_address
-from elemta.smtp.address import domain_of
+from elemta.addressing.recipients import LocalRecipients
+from elemta.addressing.resolve import Addressing
 from elemta.smtp.replies import Reply
 
 UNKNOWN_USER = "<%s>: Recipient address rejected: User unknown in local recipient table"
@@ -20,16 +23,14 @@ class RelayPolicy:
     """Answers "may this client send to this recipient?" from the relay config."""
 
     def __init__(self, relay_config, hostname):
-        self.local_domains = frozenset(
-            normal_domain(d) for d in tuple(relay_config.local_domains) + (hostname,))
+        self.addressing = Addressing(hostname, relay_config.local_domains)
         self.mynetworks = tuple(ipaddress.ip_network(n, strict=False)
                                 for n in relay_config.mynetworks)
-        self._local_recipients = None      # made on first use (elemta.local.recipients)
+        self._local_recipients = None      # made on first use: reads the aliases file
 
     def is_local(self, address):
         """True for recipients in a local domain, and for a bare <postmaster>."""
-        domain = domain_of(address)
-        return domain == "" or normal_domain(domain) in self.local_domains
+        return self.addressing.is_local(address)
 
     def client_trusted(self, client_ip):
         try:
@@ -50,10 +51,8 @@ class RelayPolicy:
         if not config.local.reject_unknown_users or not self.is_local(recipient):
             return None
         if self._local_recipients is None:
-            from elemta.local.addresses import LocalAddressing
-            from elemta.local.recipients import LocalRecipients
-            self._local_recipients = LocalRecipients(config.local, LocalAddressing(config))
-        # "root"@example.org is root@example.org (RFC 5321 4.1.2): look up the latter.
-        if self._local_recipients.is_known(normal_local_part(split_address(recipient)[0])):
+            self._local_recipients = LocalRecipients(config.local,
+                                                     Addressing.from_config(config))
+        if self._local_recipients.find_address(recipient) is not None:
             return None
         return Reply(550, "5.1.1", UNKNOWN_USER % recipient)

@@ -235,7 +235,7 @@ def test_stop_never_signals_a_pid_the_service_user_wrote(tmp_path, everyone_pyth
 
 AGENT_SCRIPT = """
 import sys
-from elemta.local import protocol
+from elemta.addressing import local_protocol as protocol
 from elemta.local.agent import LocalAgent
 agent = LocalAgent.__new__(LocalAgent)
 agent.spool = sys.argv[1]

@@ -1,7 +1,8 @@
 """The conversation between a delivery worker and the local agent: JSON, one object per
 line, over the unix stream socket spool/run/local.sock.
 
-Shared by two processes: the delivery worker's LocalTransport
+Shared by two processes, so it lives below both, in the addressing layer (as Postfix's
+deliver_request.c sits in src/global): the delivery worker's LocalTransport
 (elemta.delivery.local_transport) asks, the local agent (elemta.local.agent) answers.
 
     request (one line)   {"queue_id": "...", "recipients": [{"index": 0, "address":

@@ -1,8 +1,9 @@
 """The aliases file in /etc/aliases format: parse it, name its errors by file and line,
 and look names up, reading the file again whenever it changes (no compile step).
 
-Used by the local agent (elemta.local.expand), by the smtpd's unknown-recipient check
-(elemta.local.recipients) and by newaliases(1) (elemta.cli.newaliases). The right-hand
+Part of the addressing layer every process shares. Used by the local agent
+(elemta.local.expand), by the one recipient lookup of the smtpd's RCPT check and
+sendmail -bv (elemta.addressing.recipients) and by newaliases(1) (elemta.cli.newaliases). The right-hand
 side grammar (parse_members) is also that of .forward and :include: files.
 
 The format, as Postfix's aliases(5) and sendmail's:

@@ -1,0 +1,106 @@
+"""Addresses in one spelling: the normal form every entry point compares and looks up.
+
+Used by the whole addressing layer (elemta.addressing.resolve, .recipients) and, through
+it, by the smtpd's relay and RCPT checks, the router, pickup, sendmail (-bv too) and the
+local agent. Postfix's rules, as its trivial-rewrite and resolve_local apply them:
+
+    domain        lower case, the root's final dot dropped, IDN U-labels as A-labels
+                  (bücher.example and xn--bcher-kva.example are one domain)
+    literal       [192.0.2.1] as written; [IPv6:...] with the address in its compressed
+                  form ([IPv6:0::1] is [IPv6:::1]), the tag spelled IPv6 (RFC 5321 4.1.3)
+    local part    a quoted local part that needs no quotes is the same mailbox as the
+                  unquoted one ("root"@example.org is root@example.org, RFC 5321 4.1.2);
+                  its case is kept (only local user names are matched without case)
+
+The queue keeps each address as its sender wrote it; these forms are for deciding.
+See also: elemta.smtp.address (the syntax check that comes first).
+"""
+
+import encodings.idna  # noqa: F401  (loaded now: forked workers may not read the library)
+import ipaddress
+import string
+
+
+def normal_domain(domain):
+    """A domain in one spelling: lower case, no final dot, IDN U-labels as A-labels; an
+    address literal in its normal form (normal_literal)."""
+    if domain.startswith("["):
+        return normal_literal(domain)
+    domain = domain.lower().rstrip(".")
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
+
+
+def normal_literal(literal):
+    """[192.0.2.1] -> itself, [ipv6:0::1] -> [IPv6:::1]; anything else lower-cased."""
+    inside = literal[1:-1] if literal.endswith("]") else literal[1:]
+    try:
+        if inside[:5].lower() == "ipv6:":
+            return "[IPv6:%s]" % ipaddress.IPv6Address(inside[5:]).compressed
+        return "[%s]" % ipaddress.IPv4Address(inside)
+    except ValueError:
+        return literal.lower()
+
+
+def split_address(address):
+    """(local part, domain) of an address; the domain is "" for a bare name."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address, ""
+    return local, domain
+
+
+# RFC 5322 atext; UTF-8 beyond ASCII is atext too under SMTPUTF8 (RFC 6531).
+ATEXT = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-/=?^_`{|}~")
+
+
+def is_dot_atom(text):
+    """True when text can be written as a local part without quotes (RFC 5321 Dot-string)."""
+    return all(atom and all(ch in ATEXT or ord(ch) > 127 for ch in atom)
+               for atom in text.split("."))
+
+
+def _unquoted(local):
+    """The content of a quoted local part, backslash pairs undone; None if it is not one
+    whole quoted string."""
+    if len(local) < 2 or local[0] != '"' or local[-1] != '"':
+        return None
+    out, escaped = [], False
+    for ch in local[1:-1]:
+        if escaped:
+            out.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            return None
+        else:
+            out.append(ch)
+    return None if escaped else "".join(out)
+
+
+def normal_local_part(local):
+    """local without quotes it does not need: '"root"' -> 'root', '"a.b"' -> 'a.b';
+    '"a b"' and '"a..b"' stay as written (only the quoted form says them)."""
+    content = _unquoted(local)
+    return content if content is not None and is_dot_atom(content) else local
+
+
+def normal_address(address):
+    """The address with its local part in normal form (see normal_local_part); the
+    domain as written."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return normal_local_part(address)
+    return normal_local_part(local) + at + domain
+
+
+def canonical(address):
+    """The one spelling of a whole address: local part and domain in normal form.
+    '"root"@Bücher.Example.' -> 'root@xn--bcher-kva.example'; a bare name stays bare."""
+    local, domain = split_address(address)
+    if not domain:
+        return normal_local_part(local)
+    return "%s@%s" % (normal_local_part(local), normal_domain(domain))

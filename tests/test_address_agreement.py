@@ -1,0 +1,174 @@
+"""Every entry point gives the same answer to "is this address ours, and does it exist?"
+(issue 12, requirement 1).
+
+One set of tricky addresses - IDN domains in both spellings, upper case, a final dot,
+needless and needed quotes, user+ext, address literals, an alias, an unknown user - goes
+through each door mail comes in by, and each must say the same thing as the table below:
+
+    SMTP RCPT      a real running server, from a client outside mynetworks: 250 for a
+                   known local recipient, 550 5.1.1 for an unknown one, 554 5.7.1 (relay
+                   refused) for a remote one
+    sendmail -bv   deliverable local / undeliverable / deliverable remote domain
+    sendmail       a submission picked up by the running server: the queue record holds
+                   each recipient as written, as the SMTP record does; pickup's own view
+                   (ctx.outbound, what plugins are told) says local for the local ones
+    routing        the delivery worker's Router: the local agent for the local ones
+
+Before the addressing layer, pickup kept xn--bcher-kva.example and bücher.example apart,
+and sendmail -bv knew no alias, kept the final dot and took an A-label for a remote
+domain, so those rows failed there.
+See also: elemta.addressing, tests/security/test_open_relay.py (the relay probes).
+"""
+
+import os
+import smtplib
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from elemta.config.loader import load_config
+from elemta.delivery.routing import LOCAL, Router
+from elemta.pickup.worker import PickupWorker
+from elemta.queue.model import Recipient
+from tests.conftest import REPO, wait_for
+
+USER, ALIAS, UNKNOWN, REMOTE = "user", "alias", "unknown", "remote"
+KNOWN = (USER, ALIAS)
+
+# (address as written, what it is)
+ADDRESSES = [
+    ("root@example.test", USER),
+    ("ROOT@EXAMPLE.TEST.", USER),                     # case, the root's final dot
+    ('"root"@example.test', USER),                    # quotes it does not need
+    ("root+tag@Example.Test", USER),                  # user+ext (recipient_delimiter)
+    ("root@bücher.example", USER),                    # IDN as U-labels
+    ("root@xn--bcher-kva.example", USER),             # ... and as A-labels
+    ("Root@BÜCHER.Example.", USER),
+    ("root@XN--BCHER-KVA.EXAMPLE.", USER),
+    ("root@mx.test.", USER),                          # the host name
+    ("info@example.test", ALIAS),                     # an alias, not a user
+    ('"INFO"@xn--bcher-kva.example.', ALIAS),
+    ("info+news@bücher.example", ALIAS),
+    ("nosuchuser-xyz@example.test", UNKNOWN),
+    ("nosuchuser-xyz@XN--BCHER-KVA.example.", UNKNOWN),
+    ('"root x"@example.test', UNKNOWN),               # quotes it needs: not root
+    ("root@[127.0.0.1]", REMOTE),                     # literals: no listed local literal
+    ("root@[IPv6:::1]", REMOTE),
+    ("root@example.net", REMOTE),
+    ("root@bücher.example.net", REMOTE),              # a local domain as a prefix
+    ("root@xn--bcher-kva.example.net.", REMOTE),
+]
+TRUSTED = "127.0.0.2"            # in mynetworks: may relay (for the queue record)
+STRANGER = "127.0.0.1"           # not: its RCPT replies show the relay check
+
+
+@pytest.fixture(scope="module")
+def server(elemta_module_server, tmp_path_factory):
+    aliases = tmp_path_factory.mktemp("aliases") / "aliases"
+    aliases.write_text("info: root\n")
+    os.chmod(str(aliases.parent), 0o755)
+    return elemta_module_server(
+        relay={"local_domains": ["example.test", "Bücher.Example"],
+               "mynetworks": [TRUSTED + "/32"]},
+        local={"reject_unknown_users": True, "aliases_file": str(aliases),
+               "recipient_delimiter": "+"})
+
+
+@pytest.fixture(scope="module")
+def config(server):
+    return load_config(server.config_path, check_files=False)
+
+
+def ids(rows):
+    return [address for address, _ in rows]
+
+
+def rcpt_reply(server, address, source):
+    with smtplib.SMTP("127.0.0.1", server.port, source_address=(source, 0)) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("someone@client.test", ["SMTPUTF8"])
+        return smtp.docmd("RCPT TO:<%s>" % address)
+
+
+@pytest.mark.parametrize("address, kind", ADDRESSES, ids=ids(ADDRESSES))
+def test_smtp_rcpt(server, address, kind):
+    code, text = rcpt_reply(server, address, STRANGER)
+    expected = {USER: 250, ALIAS: 250, UNKNOWN: 550, REMOTE: 554}[kind]
+    assert (code, text.decode()[:5]) == (expected, {250: "2.1.5", 550: "5.1.1",
+                                                    554: "5.7.1"}[expected])
+
+
+def sendmail(server, *args, stdin=b""):
+    result = subprocess.run(
+        [sys.executable, "-m", "elemta.cli.sendmail", "-C", server.config_path] + list(args),
+        input=stdin, capture_output=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def bv_verdict(line):
+    if "... deliverable: remote domain " in line:
+        return REMOTE
+    if "... deliverable: local alias " in line:
+        return ALIAS
+    if "... deliverable: local user " in line or "... deliverable: local role " in line:
+        return USER
+    if "... undeliverable: no such local user " in line:
+        return UNKNOWN
+    return line
+
+
+def test_sendmail_bv(server):
+    status, out, err = sendmail(server, "-bv", *ids(ADDRESSES))
+    lines = out.splitlines()
+    assert len(lines) == len(ADDRESSES), (out, err)
+    said = [(line.split("... ")[0], bv_verdict(line)) for line in lines]
+    assert [address for address, _ in said] == ids(ADDRESSES)
+    assert [(a, verdict, kind) for (a, verdict), (_, kind) in zip(said, ADDRESSES)
+            if verdict != kind] == []
+    assert status == 67, err               # EX_NOUSER: some local recipient is unknown
+    assert sendmail(server, "-bv", *ids(r for r in ADDRESSES if r[1] != UNKNOWN))[0] == 0
+
+
+def queued_recipients(server, queue_id):
+    envelope, _ = server.message(queue_id)
+    return [r.address for r in envelope.recipients]
+
+
+def test_smtp_and_sendmail_queue_the_same_recipients(server):
+    """One message by SMTP (from a relay client, so remote recipients are taken too), one
+    by sendmail through the maildrop and the running pickup: the same recipients, each
+    as its sender wrote it, and only the unknown ones refused by SMTP."""
+    before = set(server.queued_ids())
+    with smtplib.SMTP("127.0.0.1", server.port, source_address=(TRUSTED, 0)) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("someone@client.test", ["SMTPUTF8"])
+        accepted = [address for address, _ in ADDRESSES
+                    if smtp.docmd("RCPT TO:<%s>" % address)[0] == 250]
+        assert accepted == ids(r for r in ADDRESSES if r[1] != UNKNOWN)
+        assert smtp.data(b"Subject: by smtp\r\n\r\nhi\r\n")[0] == 250
+    [by_smtp] = wait_for(lambda: set(server.queued_ids()) - before)
+
+    status, _, err = sendmail(server, "-i", *accepted, stdin=b"Subject: by sendmail\n\nhi\n")
+    assert status == 0, err
+    [by_pickup] = wait_for(lambda: set(server.queued_ids()) - before - {by_smtp}, timeout=20)
+    assert queued_recipients(server, by_smtp) == accepted
+    assert queued_recipients(server, by_pickup) == accepted
+
+
+def pickup_says_local(config, address):
+    """What the pickup process tells plugins (ctx.outbound) about one recipient."""
+    worker = PickupWorker(config, 0, None, os.getpid())
+    envelope = SimpleNamespace(recipients=[Recipient(address)], queue_id="x", sender="")
+    return not worker._context(envelope).outbound
+
+
+@pytest.mark.parametrize("address, kind", ADDRESSES, ids=ids(ADDRESSES))
+def test_pickup_classification(config, address, kind):
+    assert pickup_says_local(config, address) == (kind != REMOTE)
+
+
+@pytest.mark.parametrize("address, kind", ADDRESSES, ids=ids(ADDRESSES))
+def test_routing(config, address, kind):
+    assert (Router(config).destination(address).kind == LOCAL) == (kind != REMOTE)
