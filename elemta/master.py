@@ -221,8 +221,16 @@ class Master:
         kind = service.kind
         self.scoreboard.claim(slot, 0)
         master_pid = os.getpid()     # taken before the fork: the child's ppid may change
-        pid = self.fork()
+        # Signals wait until the child has put the master's handlers away: caught by them
+        # in the child, a stop would be lost, and the child killed only after the grace.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            pid = self.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+            raise
         if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             self.children[pid] = Child(service, slot, self.generation, self.clock())
             return pid
         status = 1
@@ -233,6 +241,7 @@ class Master:
             # whole group must not kill it (their default action is to terminate).
             for signum in CHILD_IGNORES_AT_START:
                 signal.signal(signum, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             for fd in [self._wake_r, self._wake_w] + self.close_in_child:
                 os.close(fd)
             listening = self.listening
