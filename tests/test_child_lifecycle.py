@@ -8,6 +8,7 @@ See also: elemta/master.py (back-off), elemta/util/child.py (the life cycle),
 tests/test_master.py and tests/test_workers.py (smtpd and delivery).
 """
 
+import http.client
 import os
 import re
 import shutil
@@ -194,6 +195,64 @@ def test_api_stops_within_master_stop_grace(elemta_server):
     assert time.monotonic() - started < 4
     assert server.process.returncode == 0
     assert "did not stop" not in server.log()
+
+
+def test_api_answers_a_request_in_flight_at_sigterm_within_master_stop_grace(elemta_server):
+    """A client half-way through its request when the master is told to stop: the api
+    takes no new connection, but the request, finished a second later, is answered
+    (master.stop_grace 10 s here), and then everything stops cleanly."""
+    api_port = free_port()
+    server = elemta_server(master={"stop_grace": 10}, api={"port": api_port,
+                                                           "read_timeout": 60})
+    wait_for(lambda: api_health(api_port))
+    api, = wait_for(lambda: pids_titled(server, "elemta: api"))
+    slow = socket.create_connection(("127.0.0.1", api_port), timeout=10)
+    try:
+        slow.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.3)                     # the api has read the first lines
+        os.kill(server.process.pid, signal.SIGTERM)
+        wait_for(lambda: api_health(api_port) is None)     # no new connections
+        time.sleep(1)
+        assert alive(api)
+        slow.sendall(b"Connection: close\r\n\r\n")
+        answer = b""
+        while True:
+            part = slow.recv(4096)
+            if not part:
+                break
+            answer += part
+    finally:
+        slow.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    server.process.wait(10)
+    assert server.process.returncode == 0
+    assert "api child %d ended (exit status 0)" % api in server.log()
+    assert "did not stop" not in server.log()
+
+
+def test_api_closes_idle_keep_alive_connections_when_it_stops(elemta_server):
+    """A keep-alive connection idle after its answer holds nothing up: it is closed at
+    once, and the api stops long before master.stop_grace (30 s here); a request sent
+    on it before the stop was still answered."""
+    api_port = free_port()
+    server = elemta_server(master={"stop_grace": 30}, api={"port": api_port,
+                                                           "read_timeout": 60})
+    wait_for(lambda: api_health(api_port))
+    api, = wait_for(lambda: pids_titled(server, "elemta: api"))
+    idle = http.client.HTTPConnection("127.0.0.1", api_port, timeout=20)
+    try:
+        idle.request("GET", "/api/v1/health")
+        answer = idle.getresponse()
+        assert answer.status == 200 and answer.read() and not answer.will_close
+        started = time.monotonic()
+        os.kill(server.process.pid, signal.SIGTERM)
+        assert idle.sock.recv(4096) == b""              # closed by the api, not by us
+        server.process.wait(20)
+    finally:
+        idle.close()
+    assert time.monotonic() - started < 15
+    assert server.process.returncode == 0
+    assert "api child %d ended (exit status 0)" % api in server.log()
 
 
 def test_api_and_pickup_stop_at_once_on_sigquit(elemta_server):
