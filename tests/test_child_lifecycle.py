@@ -1,8 +1,9 @@
 """Crash loops and the one child life cycle, as an admin meets them: a child that cannot
 start (its port taken, its TLS key gone) is tried again less and less often with one clear
 log line, the rest keeps serving, and it comes back on its own once the cause is gone;
-pickup and api live the life every child does (signals, heartbeat, orphan exit), and
-pickup beats through a big maildrop batch. Real master, real children, real sockets.
+pickup and api live the life every child does (signals, heartbeat, orphan exit, socket
+files removed), pickup beats through a big maildrop batch, and the api gives a request
+under way master.stop_grace. Real master, real children, real sockets.
 
 See also: elemta/master.py (back-off), elemta/util/child.py (the life cycle),
 tests/test_master.py and tests/test_workers.py (smtpd and delivery).
@@ -339,3 +340,25 @@ def test_every_child_kind_leaves_when_the_master_is_killed(elemta_server):
     wait_for(lambda: set(children_of(server.process.pid).values()) == titles)
     os.kill(server.process.pid, signal.SIGKILL)
     wait_for(lambda: not server.group_pids(), timeout=10)
+
+
+def test_children_remove_their_sockets_when_they_stop_but_not_a_newer_childs(
+        elemta_server):
+    """pickup, the delivery worker and the local agent each bind a socket in spool/run;
+    after a reload the old ones leave the new ones' sockets of the same name alone, and
+    after a stop nothing is left."""
+    server = elemta_server(delivery={"workers": 1})
+    run = os.path.join(server.spool, "run")
+
+    def sockets():
+        return {name for name in os.listdir(run) if name.endswith(".sock")}
+
+    first = wait_for(lambda: len(sockets()) == 3 and sockets())
+    assert {"pickup.sock", "local.sock"} < first
+    old = set(children_of(server.process.pid))
+    os.kill(server.process.pid, signal.SIGHUP)
+    wait_for(lambda: not old & set(children_of(server.process.pid)))
+    after_reload = wait_for(lambda: len(sockets()) == 3 and sockets())
+    assert {"pickup.sock", "local.sock"} < after_reload and after_reload != first
+    assert server.stop() == []
+    assert sockets() == set()
