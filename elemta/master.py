@@ -1,12 +1,13 @@
 """The master process: forks the workers on shared sockets and keeps them running.
 
 In the shape of gunicorn's arbiter (design.md): the master binds (as root when it must),
-forks `smtpd.workers` smtpd children, the delivery workers, one pickup and one api child,
-and one local delivery agent when there are delivery workers (the only child that keeps
-root: it writes mailboxes as their users, elemta.local.agent), and then only watches: it
-reaps and respawns children, kills a child whose heartbeat stops, starts a replacement
-at once when a child retires (max_use, max_idle), and turns signals into actions. It
-never parses mail and never opens the queue for work.
+forks the children its service table asks for (elemta.services, Postfix's master.cf:
+`smtpd.workers` smtpd children, the delivery workers, one pickup and one api child, and
+one local delivery agent when there are delivery workers, the only child that keeps
+root), and then only watches: it reaps and respawns children, kills a child whose
+heartbeat stops, starts a replacement at once when a child retires (max_use, max_idle),
+and turns signals into actions. It never parses mail and never opens the queue for work;
+no code here names a kind of child, the table says what each kind needs.
 
 Crash loops: a child that cannot start (a port taken, a file it needs missing) exits
 with EX_CANTBOOT and leaves the cause on the scoreboard (elemta.util.child); the master
@@ -23,7 +24,7 @@ Signals (handlers only queue them and wake the loop through a pipe, design rule 
                    connection is refused
   SIGUSR1          reopen log files (here and in every child)
   SIGUSR2          a child is retiring: start its replacement now
-See also: elemta.smtpd.worker, elemta.util.scoreboard, elemta.cli.elemta.
+See also: elemta.services, elemta.util.child, elemta.util.scoreboard, elemta.cli.elemta.
 """
 
 import errno
@@ -38,6 +39,7 @@ import time
 from setproctitle import setproctitle
 
 from elemta import metrics
+from elemta.services import SERVICES, run_child as run_service
 from elemta.util import logs, sdnotify
 from elemta.util.child import EX_CANTBOOT
 from elemta.util.scoreboard import RETIRING, RUNNING, STARTING, Scoreboard
@@ -78,10 +80,6 @@ KILL_AFTER = 5.0
 # How long new children may take to start serving before old ones are stopped anyway.
 RELOAD_WAIT = 15.0
 
-# Kinds of children that keep the master's user: the local agent writes each mailbox as
-# its user (Postfix's local(8) is the one delivery agent that runs as root).
-KEEPS_PRIVILEGES = ("local",)
-
 CHILD_IGNORES_AT_START = (signal.SIGHUP, signal.SIGUSR1)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
            signal.SIGUSR2, signal.SIGCHLD)
@@ -90,44 +88,50 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.
 class Child:
     """What the master knows of one forked child."""
 
-    def __init__(self, kind, slot, generation):
-        self.kind = kind
+    def __init__(self, service, slot, generation, started):
+        self.service = service
+        self.kind = service.kind
         self.slot = slot
         self.generation = generation
-        self.started = time.monotonic()
+        self.started = started
         self.stopping = False          # asked to stop: its exit is expected
         self.abort_sent = None         # when SIGABRT went out for a lost heartbeat
 
 
 class Master:
-    """Supervises the smtpd, delivery, pickup and api children. Create, then run()."""
+    """Supervises the children of the service table. Create, then run()."""
 
-    def __init__(self, config, listening, reload_config, bind, workers_for, run_child):
+    def __init__(self, config, listening, reload_config, bind, run_child=run_service,
+                 services=SERVICES):
         """listening: list of (Listener, socket), bound already.
         reload_config(): the new Config, or raises ConfigError (SIGHUP).
         bind(listener): a listening socket for a listener new in a reload; raises OSError.
-        workers_for(config): how many smtpd workers that config asks for.
-        run_child(kind, config, listening, slot, scoreboard, master_pid): the child's main,
-        returning its exit status; kind is "smtpd", "delivery", "pickup", "api" or
-        "local"."""
+        run_child(service, config, listening, slot, scoreboard, master_pid, shared): the
+        child's main (default elemta.services.run_child), returning its exit status;
+        listening is [] unless service.listens.
+        services: the service table (elemta.services.SERVICES)."""
         self.config = config
         self.listening = list(listening)
         self.reload_config = reload_config
         self.bind = bind
-        self.workers_for = workers_for
         self.run_child = run_child
+        self.services = tuple(services)
         self.generation = 0
         self.children = {}             # pid -> Child
-        # Room for every worker twice (old and new generation during a reload) plus api.
-        self.smtpd_slots = 2 * max(workers_for(config), os.cpu_count() or 1)
-        # Delivery slots follow the two api slots, room for two generations again.
-        self.delivery_slots = 2 * max(config.delivery.workers, 4)
-        # Then two pickup slots (one child, two generations).
-        self.pickup_slots_start = self.smtpd_slots + 2 + self.delivery_slots
-        # Then two local agent slots.
-        self.local_slots_start = self.pickup_slots_start + 2
-        self.scoreboard = Scoreboard(self.local_slots_start + 2)
+        # Each kind its own range of slots, sized once for the master's life.
+        self.slots = {}                # kind -> range of scoreboard slots
+        start = 0
+        for service in self.services:
+            self.slots[service.kind] = range(start, start + service.slots(config))
+            start += service.slots(config)
+        self.scoreboard = Scoreboard(start)
         self.slot_freed = []           # callbacks(slot) run when a child's slot frees up
+        # Tables the children of a kind share, made now: before any fork.
+        self.shared = {}               # kind -> the service's shared table
+        for service in self.services:
+            if service.shared:
+                self.shared[service.kind] = service.make_shared(self.scoreboard.slots)
+                self.slot_freed.append(self.shared[service.kind].clear_row)
         self.child_exited = []         # callbacks(pid) run when any child has been reaped
         self.close_in_child = []       # descriptors only the master may hold (the lock)
         self._signals = []
@@ -191,48 +195,44 @@ class Master:
 
     def wanted(self):
         """{kind: count} the current configuration asks for."""
-        return {"smtpd": self.workers_for(self.config),
-                "api": 1 if self.config.api.enabled else 0,
-                "delivery": self.config.delivery.workers,
-                "pickup": 1,
-                "local": 1 if self.config.delivery.workers else 0}
+        return {service.kind: service.count(self.config) for service in self.services}
 
     def spawn_children(self):
-        now = time.monotonic()
-        for kind, count in self.wanted().items():
+        now = self.clock()
+        for service in self.services:
+            kind = service.kind
             if now < self._not_before.get(kind, 0):
                 continue
             serving = [c for c in self.children.values()
                        if c.kind == kind and c.generation == self.generation
                        and not c.stopping
                        and self.scoreboard.state(c.slot) != RETIRING]
-            for _ in range(count - len(serving)):
+            for _ in range(service.count(self.config) - len(serving)):
                 slot = self._free_slot(kind)
                 if slot is None:
                     log.warning("no free %s slot; raise it by restarting elemta", kind)
                     break
-                self.spawn_child(kind, slot)
+                self.spawn_child(service, slot)
 
     def _free_slot(self, kind):
         used = {c.slot for c in self.children.values()}
-        if kind == "smtpd":
-            slots = range(self.smtpd_slots)
-        elif kind == "delivery":
-            slots = range(self.smtpd_slots + 2, self.smtpd_slots + 2 + self.delivery_slots)
-        elif kind == "pickup":
-            slots = range(self.pickup_slots_start, self.pickup_slots_start + 2)
-        elif kind == "local":
-            slots = range(self.local_slots_start, self.local_slots_start + 2)
-        else:
-            slots = range(self.smtpd_slots, self.smtpd_slots + 2)
-        return next((s for s in slots if s not in used), None)
+        return next((s for s in self.slots[kind] if s not in used), None)
 
-    def spawn_child(self, kind, slot):
+    def spawn_child(self, service, slot):
+        kind = service.kind
         self.scoreboard.claim(slot, 0)
         master_pid = os.getpid()     # taken before the fork: the child's ppid may change
-        pid = os.fork()
+        # Signals wait until the child has put the master's handlers away: caught by them
+        # in the child, a stop would be lost, and the child killed only after the grace.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            pid = self.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+            raise
         if pid:
-            self.children[pid] = Child(kind, slot, self.generation)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+            self.children[pid] = Child(service, slot, self.generation, self.clock())
             return pid
         status = 1
         # First thing: until its title is set, `ps` and `elemtactl status` would show
@@ -245,12 +245,18 @@ class Master:
             # whole group must not kill it (their default action is to terminate).
             for signum in CHILD_IGNORES_AT_START:
                 signal.signal(signum, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             for fd in [self._wake_r, self._wake_w] + self.close_in_child:
                 os.close(fd)
-            if kind not in KEEPS_PRIVILEGES:
+            listening = self.listening
+            if not service.listens:
+                for _, sock in listening:
+                    sock.close()          # this process's copies: it never accepts on them
+                listening = []
+            if not service.privileged:
                 drop_privileges(self.config.master)
-            status = self.run_child(kind, self.config, self.listening, slot,
-                                    self.scoreboard, master_pid)
+            status = self.run_child(service, self.config, listening, slot,
+                                    self.scoreboard, master_pid, self.shared.get(kind))
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else 1
         except BaseException as exc:
@@ -265,7 +271,7 @@ class Master:
     def reap_children(self):
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = self.wait_any()
             except ChildProcessError:
                 return
             if not pid:
@@ -291,13 +297,13 @@ class Master:
                 continue
             metrics.worker_restarted(child.kind,
                                      "heartbeat" if child.abort_sent else "crashed")
-            if time.monotonic() - child.started >= CRASH_WINDOW:
+            if self.clock() - child.started >= CRASH_WINDOW:
                 log.warning("%s child %d ended with %s; starting another", child.kind, pid,
                             how)
                 continue
             delay = self.back_off(child.kind, CRASH_BACKOFF, CRASH_BACKOFF_MAX)
             if delay is None:
-                delay = self._not_before[child.kind] - time.monotonic()
+                delay = self._not_before[child.kind] - self.clock()
             log.warning("%s child %d ended with %s; starting another in %s", child.kind,
                         pid, how, _seconds(delay))
 
@@ -317,7 +323,7 @@ class Master:
         """Hold kind back after a failure: first seconds, doubling with each failure in
         a row, at most `most`. Returns the delay, or None when a failure of the same round
         (another child of the kind, forked at the same time) holds it back already."""
-        now = time.monotonic()
+        now = self.clock()
         if now < self._not_before.get(kind, 0):
             return None
         failures = self._failures.get(kind, (0, 0))[0] + 1
@@ -332,7 +338,7 @@ class Master:
         about a new child's start)."""
         if not self._failures:
             return
-        now = time.monotonic()
+        now = self.clock()
         for child in list(self.children.values()):
             failed = self._failures.get(child.kind)
             if (failed is not None and child.started > failed[1]
@@ -343,7 +349,7 @@ class Master:
     def murder_children(self):
         """Kill children whose heartbeat stopped: SIGABRT, then SIGKILL."""
         timeout = self.config.master.heartbeat_timeout
-        now = time.monotonic()
+        now = self.clock()
         for pid, child in list(self.children.items()):
             if child.abort_sent is not None:
                 if now - child.abort_sent > KILL_AFTER:
@@ -359,17 +365,23 @@ class Master:
                 self._kill(pid, signal.SIGABRT)
 
     def stop_old_generation(self):
-        """After a reload, stop the previous children once the new ones serve."""
+        """After a reload, stop the previous children once the new listening ones serve
+        (so no connection waits for a child that is not there yet)."""
         old = [(pid, c) for pid, c in self.children.items()
                if c.generation != self.generation and not c.stopping]
         if not old:
             self._reload_started = None
             return
-        new = [c for c in self.children.values()
-               if c.generation == self.generation and c.kind == "smtpd"]
-        ready = len(new) >= self.wanted()["smtpd"] and all(
-            self.scoreboard.state(c.slot) == RUNNING for c in new)
-        if not ready and time.monotonic() - (self._reload_started or 0) < RELOAD_WAIT:
+        wanted = self.wanted()
+        ready = True
+        for service in self.services:
+            if not service.listens:
+                continue
+            new = [c for c in self.children.values()
+                   if c.generation == self.generation and c.kind == service.kind]
+            ready = ready and len(new) >= wanted[service.kind] and all(
+                self.scoreboard.state(c.slot) == RUNNING for c in new)
+        if not ready and self.clock() - (self._reload_started or 0) < RELOAD_WAIT:
             return
         for pid, child in old:
             child.stopping = True
@@ -412,7 +424,7 @@ class Master:
             logs.setup(config.logging)
         self.config, self.listening = config, listening
         self.generation += 1
-        self._reload_started = time.monotonic()
+        self._reload_started = self.clock()
         self._not_before.clear()       # the new configuration may have fixed it
         self._failures.clear()
         self.spawn_children()
@@ -429,8 +441,8 @@ class Master:
         for child in self.children.values():
             child.stopping = True
         self._kill_all(signum)
-        deadline = time.monotonic() + self.config.master.stop_grace + KILL_AFTER
-        while self.children and time.monotonic() < deadline:
+        deadline = self.clock() + self.config.master.stop_grace + KILL_AFTER
+        while self.children and self.clock() < deadline:
             self.reap_children()
             self._sleep(0.1)
         if self.children:
@@ -441,17 +453,29 @@ class Master:
                 self._sleep(0.05)
         return 0
 
-    # ---- helpers --------------------------------------------------------------------------
+    # ---- the system calls (a test's Master fakes these three: no processes) --------------
 
-    def _kill_all(self, signum):
-        for pid in list(self.children):
-            self._kill(pid, signum)
+    def fork(self):
+        return os.fork()
+
+    def wait_any(self):
+        """(pid, wait status) of a child that ended, (0, 0) if none; raises
+        ChildProcessError when there are no children."""
+        return os.waitpid(-1, os.WNOHANG)
 
     def _kill(self, pid, signum):
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
+
+    clock = staticmethod(time.monotonic)
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _kill_all(self, signum):
+        for pid in list(self.children):
+            self._kill(pid, signum)
 
     def _on_signal(self, signum, frame):
         self._signals.append(signum)

@@ -1,13 +1,15 @@
 """Crash loops and the one child life cycle, as an admin meets them: a child that cannot
 start (its port taken, its TLS key gone) is tried again less and less often with one clear
 log line, the rest keeps serving, and it comes back on its own once the cause is gone;
-pickup and api live the life every child does (signals, heartbeat, orphan exit), and
-pickup beats through a big maildrop batch. Real master, real children, real sockets.
+pickup and api live the life every child does (signals, heartbeat, orphan exit, socket
+files removed), pickup beats through a big maildrop batch, and the api gives a request
+under way master.stop_grace. Real master, real children, real sockets.
 
 See also: elemta/master.py (back-off), elemta/util/child.py (the life cycle),
 tests/test_master.py and tests/test_workers.py (smtpd and delivery).
 """
 
+import http.client
 import os
 import re
 import shutil
@@ -196,6 +198,64 @@ def test_api_stops_within_master_stop_grace(elemta_server):
     assert "did not stop" not in server.log()
 
 
+def test_api_answers_a_request_in_flight_at_sigterm_within_master_stop_grace(elemta_server):
+    """A client half-way through its request when the master is told to stop: the api
+    takes no new connection, but the request, finished a second later, is answered
+    (master.stop_grace 10 s here), and then everything stops cleanly."""
+    api_port = free_port()
+    server = elemta_server(master={"stop_grace": 10}, api={"port": api_port,
+                                                           "read_timeout": 60})
+    wait_for(lambda: api_health(api_port))
+    api, = wait_for(lambda: pids_titled(server, "elemta: api"))
+    slow = socket.create_connection(("127.0.0.1", api_port), timeout=10)
+    try:
+        slow.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.3)                     # the api has read the first lines
+        os.kill(server.process.pid, signal.SIGTERM)
+        wait_for(lambda: api_health(api_port) is None)     # no new connections
+        time.sleep(1)
+        assert alive(api)
+        slow.sendall(b"Connection: close\r\n\r\n")
+        answer = b""
+        while True:
+            part = slow.recv(4096)
+            if not part:
+                break
+            answer += part
+    finally:
+        slow.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    server.process.wait(10)
+    assert server.process.returncode == 0
+    assert "api child %d ended (exit status 0)" % api in server.log()
+    assert "did not stop" not in server.log()
+
+
+def test_api_closes_idle_keep_alive_connections_when_it_stops(elemta_server):
+    """A keep-alive connection idle after its answer holds nothing up: it is closed at
+    once, and the api stops long before master.stop_grace (30 s here); a request sent
+    on it before the stop was still answered."""
+    api_port = free_port()
+    server = elemta_server(master={"stop_grace": 30}, api={"port": api_port,
+                                                           "read_timeout": 60})
+    wait_for(lambda: api_health(api_port))
+    api, = wait_for(lambda: pids_titled(server, "elemta: api"))
+    idle = http.client.HTTPConnection("127.0.0.1", api_port, timeout=20)
+    try:
+        idle.request("GET", "/api/v1/health")
+        answer = idle.getresponse()
+        assert answer.status == 200 and answer.read() and not answer.will_close
+        started = time.monotonic()
+        os.kill(server.process.pid, signal.SIGTERM)
+        assert idle.sock.recv(4096) == b""              # closed by the api, not by us
+        server.process.wait(20)
+    finally:
+        idle.close()
+    assert time.monotonic() - started < 15
+    assert server.process.returncode == 0
+    assert "api child %d ended (exit status 0)" % api in server.log()
+
+
 def test_api_and_pickup_stop_at_once_on_sigquit(elemta_server):
     api_port = free_port()
     server = elemta_server(master={"stop_grace": 30}, api={"port": api_port,
@@ -280,3 +340,25 @@ def test_every_child_kind_leaves_when_the_master_is_killed(elemta_server):
     wait_for(lambda: set(children_of(server.process.pid).values()) == titles)
     os.kill(server.process.pid, signal.SIGKILL)
     wait_for(lambda: not server.group_pids(), timeout=10)
+
+
+def test_children_remove_their_sockets_when_they_stop_but_not_a_newer_childs(
+        elemta_server):
+    """pickup, the delivery worker and the local agent each bind a socket in spool/run;
+    after a reload the old ones leave the new ones' sockets of the same name alone, and
+    after a stop nothing is left."""
+    server = elemta_server(delivery={"workers": 1})
+    run = os.path.join(server.spool, "run")
+
+    def sockets():
+        return {name for name in os.listdir(run) if name.endswith(".sock")}
+
+    first = wait_for(lambda: len(sockets()) == 3 and sockets())
+    assert {"pickup.sock", "local.sock"} < first
+    old = set(children_of(server.process.pid))
+    os.kill(server.process.pid, signal.SIGHUP)
+    wait_for(lambda: not old & set(children_of(server.process.pid)))
+    after_reload = wait_for(lambda: len(sockets()) == 3 and sockets())
+    assert {"pickup.sock", "local.sock"} < after_reload and after_reload != first
+    assert server.stop() == []
+    assert sockets() == set()

@@ -5,6 +5,9 @@ import os
 import signal
 import smtplib
 
+from elemta.config import default_config
+from elemta.master import Master
+from elemta.services import Service
 from elemta.util.procs import children as children_of
 from tests.conftest import wait_for
 
@@ -15,6 +18,24 @@ def smtpd_workers(master):
             if title.startswith("elemta: smtpd")}
 
 
+def test_a_forked_child_has_its_title_before_its_main_runs(tmp_path):
+    """Building a child may take a while (imports, under load); meanwhile `ps` and
+    `elemtactl status` must not show it as a second master."""
+    seen = tmp_path / "cmdline"
+
+    def run_child(service, config, listening, slot, scoreboard, master_pid, shared):
+        with open("/proc/self/cmdline", "rb") as f:
+            seen.write_bytes(f.read())
+        return 0
+
+    probe = Service("probe", count=lambda config: 1, slots=lambda config: 1,
+                    main="nowhere:main", privileged=True)
+    master = Master(default_config(), [], lambda: None, None, run_child=run_child,
+                    services=[probe])
+    pid = master.spawn_child(probe, 0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert seen.read_bytes().split(b"\0")[0] == b"elemta: probe"
 
 
 def send(port, n=1):

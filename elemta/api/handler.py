@@ -15,7 +15,10 @@ request smuggling). Here:
     never comes with Transfer-Encoding, whose only accepted value is chunked (RFC 9112
     sections 6.1 and 6.3): anything else is a 400 naming the reason;
   - the body (no route takes one) is read whole, at most MAX_BODY bytes, before the
-    application runs, so the application's own time is not counted against the client.
+    application runs, so the application's own time is not counted against the client;
+  - once the api stops (elemta.api.server.APIServer.stop), a keep-alive connection
+    takes no next request: one waiting for it is closed at once, one whose request is
+    under way is closed after the answer.
 
 Each refusal is one warning in the log naming the client and the reason.
 See also: elemta.api.server, elemta.api.errors (the same JSON error body).
@@ -104,6 +107,13 @@ class Handler(WSGIHandler):
             self._requests += 1
 
     def read_requestline(self):
+        idle = getattr(self.server, "idle", None) if self._requests else None
+        if idle is not None:
+            # Between two requests of a keep-alive connection: a stopping api takes no
+            # next one, and closes this connection at once if it stops while we wait.
+            if self.server.closed:
+                return ""
+            idle.add(self)
         try:
             return super().read_requestline()
         except RequestTimedOut:
@@ -113,6 +123,17 @@ class Handler(WSGIHandler):
                          self.client_address[0], self.read_timeout)
             raise Refusal(408, "no complete request within %gs (api.read_timeout)"
                           % self.read_timeout) from None
+        finally:
+            if idle is not None:
+                idle.discard(self)
+
+    def close_idle(self):
+        """The api stops while this connection waits for a next request: end the wait
+        (the read sees the end of the stream, and the connection closes quietly)."""
+        try:
+            self.socket.shutdown(socket.SHUT_RD)
+        except (OSError, AttributeError):      # gone already
+            pass
 
     def MessageClass(self, *args):
         # Checked before pywsgi reads Content-Length (int() takes "+5" and "5_0") or drops

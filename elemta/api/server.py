@@ -2,9 +2,11 @@
 
 Owned by the `elemta: api` child the master forks. The application (elemta.api.app) is the
 REST API under /api/v1 and /metrics for Prometheus. Its life cycle is every child's
-(elemta.util.child): SIGTERM/SIGINT stop it after the requests in progress (within
-master.stop_grace), SIGQUIT at once, SIGUSR1 reopens the log file, a heartbeat on the
-scoreboard, and it stops on its own when its master is gone. A port it cannot listen on
+(elemta.util.child): SIGTERM/SIGINT stop it after the requests in progress, which get
+master.stop_grace (APIServer: a keep-alive connection idle between two requests is
+closed at once, as a client must expect, RFC 9112 section 9.3.1), SIGQUIT at once,
+SIGUSR1 reopens the log file, a heartbeat on the scoreboard, and it stops on its own
+when its master is gone. A port it cannot listen on
 is a boot failure: the master logs why and tries again later, backing off. A reload
 starts a new api process, which reads the token again.
 See also: elemta.api.app, elemta.api.handler (reading requests: deadline, framing),
@@ -14,6 +16,7 @@ elemta.metrics, elemta.master.
 import logging
 import socket
 
+from gevent.pool import Pool
 from gevent.pywsgi import LoggingLogAdapter, WSGIServer
 
 from elemta.api.handler import Handler
@@ -48,17 +51,32 @@ class APIChild(GeventChild):
         # (Falcon answers and logs the application's own errors). The handler bounds how
         # long a client may take to send a request (a slow-loris would otherwise hold
         # connections for ever) and refuses ambiguous framing.
-        self.server = WSGIServer(sock, make_app(self.config), log=None,
-                                 error_log=LoggingLogAdapter(log, logging.WARNING),
-                                 handler_class=Handler.with_timeout(api.read_timeout))
+        self.server = APIServer(sock, make_app(self.config), log=None,
+                                error_log=LoggingLogAdapter(log, logging.WARNING),
+                                handler_class=Handler.with_timeout(api.read_timeout))
         self.server.start()
         log.info("api listening on %s port %d", *self.server.address[:2])
 
-    def serve(self):
-        self.stopping.wait()
-
     def shut_down(self):
         self.server.stop(timeout=self.grace)
+
+
+class APIServer(WSGIServer):
+    """pywsgi's server with each connection in a pool, so that stop(grace) waits up to
+    grace for the requests under way (without a pool it waits for none: the process
+    then exits under them), and closes the keep-alive connections idle between two
+    requests at once rather than letting them hold the stop (elemta.api.handler keeps
+    them in `idle`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, spawn=Pool(), **kwargs)
+        self.idle = set()            # handlers waiting for a next request
+
+    def stop(self, timeout=None):
+        self.close()                 # first: no new connection, no next request
+        for handler in list(self.idle):
+            handler.close_idle()
+        super().stop(timeout)
 
 
 def listen(address, port):

@@ -3,8 +3,8 @@
 Loads and checks the configuration, takes the spool's master lock (one master per
 spool), binds the listeners (as root for ports below 1024), reconciles the queue with
 its spool files as the configured user, and hands over to elemta.master.Master, which
-forks the smtpd and api children. Foreground by default (systemd Type=notify);
---daemon detaches and writes a pid file.
+forks the children of the service table (elemta.services). Foreground by default
+(systemd Type=notify); --daemon detaches and writes a pid file.
 
     elemta [--config FILE | -config FILE] [--check-config] [--daemon] [--version]
 
@@ -140,48 +140,6 @@ def reconcile_queue(config):
         fail("the queue in %s cannot be opened (see the log)" % config.queue.spool_dir)
 
 
-def workers_for(config):
-    return config.smtpd.workers or os.cpu_count() or 1
-
-
-def api_available():
-    import importlib.util
-    try:
-        return importlib.util.find_spec("elemta.api.server") is not None
-    except ImportError:          # no elemta.api package at all
-        return False
-
-
-def make_child_runner(client_counts):
-    """The main of a forked child, by kind."""
-    def run_child(kind, config, listening, slot, scoreboard, master_pid):
-        if kind == "smtpd":
-            from elemta.smtpd.worker import SMTPDWorker
-            client_counts.use_row(slot)
-            return SMTPDWorker(config, listening, slot, scoreboard, client_counts,
-                               master_pid).run()
-        if kind == "delivery":
-            for _, sock in listening:
-                sock.close()          # a delivery worker never accepts connections
-            from elemta.delivery.worker import run_delivery
-            return run_delivery(config, slot, scoreboard, master_pid)
-        if kind == "pickup":
-            for _, sock in listening:
-                sock.close()          # pickup reads the maildrop, never the network
-            from elemta.pickup.worker import run_pickup
-            return run_pickup(config, slot, scoreboard, master_pid)
-        if kind == "local":
-            for _, sock in listening:
-                sock.close()          # the local agent serves delivery workers only
-            from elemta.local.agent import run_local
-            return run_local(config, slot, scoreboard, master_pid)
-        for _, sock in listening:
-            sock.close()              # the api listens on its own socket
-        from elemta.api.server import run_api
-        return run_api(config, slot, scoreboard, master_pid)
-    return run_child
-
-
 def lease_holder_ended(master, uid, gid):
     """A Master.child_exited callback: when a delivery worker or the local agent has been
     reaped, the delivery workers left are told at once (elemta.queue.wakeup CHILD_ENDED),
@@ -234,7 +192,7 @@ def main(argv=None):
         return 1
 
     from elemta.master import Master, resolve_user
-    from elemta.smtpd.clientcount import ClientCounts
+    from elemta.services import smtpd_workers
     from elemta.util import logs
     from elemta.util.eugid import UnsafePath
     try:
@@ -286,14 +244,10 @@ def main(argv=None):
     reconcile_queue(config)
 
     log.info("elemta %s starting %d smtpd worker(s): %s; spool %s", __version__,
-             workers_for(config),
+             smtpd_workers(config),
              ", ".join("%s %s:%d" % (l.mode, l.address, l.port) for l in config.listeners),
              config.queue.spool_dir)
-    master = Master(usable(config), listening, lambda: usable(load(args.config)), bind,
-                    workers_for, run_child=None)
-    client_counts = ClientCounts(master.scoreboard.slots)    # shared: made before any fork
-    master.run_child = make_child_runner(client_counts)
-    master.slot_freed.append(client_counts.clear_row)
+    master = Master(config, listening, lambda: load(args.config), bind)
     master.child_exited.append(metrics.worker_exited)
     master.child_exited.append(lease_holder_ended(master, uid, gid))
     master.close_in_child.append(lock_fd)
@@ -306,14 +260,6 @@ def main(argv=None):
             except OSError:
                 pass
         log.info("stopped")
-
-
-def usable(config):
-    """The config as this installation can run it: no api child until that code exists."""
-    import dataclasses
-    if config.api.enabled and not api_available():
-        return dataclasses.replace(config, api=dataclasses.replace(config.api, enabled=False))
-    return config
 
 
 if __name__ == "__main__":

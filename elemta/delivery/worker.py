@@ -75,7 +75,7 @@ from elemta.queue import holders, wakeup
 from elemta.queue.model import BOUNCED, PENDING, RCPT_DEFERRED, SENT
 from elemta.queue.queue import (ATTEMPT_FAILED, ATTEMPT_GONE, ATTEMPT_LEASE_LOST,
                                 ATTEMPT_REMOVED, Attempt, Queue)
-from elemta.util.child import GeventChild, jittered
+from elemta.util.child import GeventChild
 from elemta.util.threads import in_thread
 
 log = logging.getLogger("elemta.delivery")
@@ -109,6 +109,7 @@ class DeliveryWorker(GeventChild):
     """One delivery worker process (see the module docstring)."""
 
     kind = "delivery"
+    max_use_option = "delivery"
 
     def __init__(self, config, slot, scoreboard, master_pid):
         super().__init__(config, slot, scoreboard, master_pid)
@@ -118,28 +119,26 @@ class DeliveryWorker(GeventChild):
         self.pool = Pool(MAX_IN_FLIGHT)
         self._wake = Event()
         self._look_for_gone = Event()    # the master reaped a worker: free its leases now
-        self.slots = None            # DestinationSlots, opened in run()
+        self.wake_socket = None
+        self.slots = None            # DestinationSlots, opened in boot()
         self.router = Router(config)
-        self.transports = {}         # Destination.kind -> transport, made in run()
+        self.transports = {}         # Destination.kind -> transport, made in boot()
         self.recorder = None
         self.stages = None           # DeliveryStages: routing and delivery plugins
         # First purge of old failed messages soon after start, spread among workers.
         self._next_purge = time.time() + random.uniform(1.0, 3.0)
-        self.taken = 0           # messages claimed since start (for max_use)
-        self.max_use = jittered(self.delivery.max_use)
 
-    # ---- the life cycle -----------------------------------------------------------------
+    # ---- the life cycle (elemta.util.child) ---------------------------------------------
 
-    def run(self):
-        """Deliver until stopped; returns the exit status (0)."""
-        self.set_title()
+    def boot(self):
         spool = self.config.queue.spool_dir
         self.queue = Queue(spool, sync_method=self.config.queue.sync_method,
                            map_size=self.config.queue.index_map_size)
         self.owner = holders.holder_name()
         resolver = Resolver(list(self.delivery.nameservers) or None,
                             port=self.delivery.dns_port, timeout=self.delivery.dns_timeout)
-        wake_socket = wakeup.bind(spool, self.slot, gsocket)
+        self.wake_socket = wakeup.bind(spool, self.slot, gsocket)
+        self.own_socket_file(wakeup.socket_path(spool, self.slot))
         store = self.queue.store
         self.slots = DestinationSlots(
             os.path.join(wakeup.run_dir(spool), "destinations.lock"),
@@ -150,10 +149,14 @@ class DeliveryWorker(GeventChild):
         self.transports = {SMTP: SMTPTransport(self.config, store, resolver),
                            LMTP: LMTPTransport(self.config, store),
                            LOCAL: LocalTransport(self.config, store)}
-        helpers = self.start_life() + [gevent.spawn(self._listen, wake_socket),
-                                       gevent.spawn(self._renew_leases),
-                                       gevent.spawn(self._free_gone_leases)]
         log.info("delivery worker started (slot %d)", self.slot)
+
+    def serve(self):
+        """Deliver until stopped, then let the deliveries under way finish (within the
+        grace) and give back what is left."""
+        helpers = [gevent.spawn(self._listen, self.wake_socket),
+                   gevent.spawn(self._renew_leases),
+                   gevent.spawn(self._free_gone_leases)]
         self.free_gone_leases_now()          # before the first claim: what a dead one left
         try:
             self.loop()
@@ -178,18 +181,15 @@ class DeliveryWorker(GeventChild):
                              len(given_back), " ".join(given_back))
         finally:
             gevent.killall(helpers)
-            self.recorder.close()
-            for transport in self.transports.values():
-                transport.close()
-            self.stages.close()
-            wake_socket.close()
-            try:
-                os.unlink(wakeup.socket_path(spool, self.slot))
-            except OSError:
-                pass
-            self.queue.close()
-            self.slots.close()
-        return 0
+
+    def shut_down(self):
+        self.recorder.close()
+        for transport in self.transports.values():
+            transport.close()
+        self.stages.close()
+        self.wake_socket.close()
+        self.queue.close()
+        self.slots.close()
 
     def on_stop(self):
         """Claim nothing more; deliveries under way get master.stop_grace (SIGQUIT: none;
@@ -281,9 +281,7 @@ class DeliveryWorker(GeventChild):
             self._purge_failed(now)
             for record in claimed:
                 self.pool.spawn(self.deliver, record)
-            self.taken += len(claimed)
-            if self.max_use and self.taken >= self.max_use:
-                self.retire("took %d messages (max_use)" % self.taken)
+            if self.used(len(claimed), "took %d messages"):
                 break
             if claimed and len(claimed) == room:
                 gevent.sleep(0)
@@ -524,5 +522,5 @@ def _seconds(value):
 
 
 def run_delivery(config, slot, scoreboard, master_pid):
-    """The main of a delivery child (called by elemta.cli.elemta's child runner)."""
+    """The main of a delivery child (its entry in elemta.services)."""
     return DeliveryWorker(config, slot, scoreboard, master_pid).run()

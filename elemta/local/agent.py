@@ -249,5 +249,5 @@ class LocalAgent(GeventChild):
 
 
 def run_local(config, slot, scoreboard, master_pid):
-    """The main of the local child (called by elemta.cli.elemta's child runner)."""
+    """The main of the local child (its entry in elemta.services)."""
     return LocalAgent(config, slot, scoreboard, master_pid).run()

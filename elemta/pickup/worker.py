@@ -384,5 +384,5 @@ def _remove(path):
 
 
 def run_pickup(config, slot, scoreboard, master_pid):
-    """The main of the pickup child (called by elemta.cli.elemta's child runner)."""
+    """The main of the pickup child (its entry in elemta.services)."""
     return PickupWorker(config, slot, scoreboard, master_pid).run()

@@ -70,11 +70,9 @@ class SMTPServer:
                                  timeout=dns.timeout)
         self.plugins = PluginManager(config.plugins.mapping()).start()
         self.sessions = 0
-        self.served = 0                       # sessions since start (for max_use)
         self.last_active = time.monotonic()   # when the last session ended (for max_idle)
         self.client_counts = client_counts or ClientCounts(1)
-        self.max_use = 0               # sessions before on_retire is called (0: never)
-        self.on_retire = None          # on_retire(reason), set by the worker
+        self.on_admit = None           # on_admit() after each admitted session (max_use)
         # Every session greenlet, from the moment it is spawned: stop() waits for (or
         # kills) them all, including one accepted a moment before the listeners closed.
         self._session_greenlets = Pool()       # unbounded: limits are checked per session
@@ -131,11 +129,8 @@ class SMTPServer:
         open_sessions = metrics.SESSIONS_OPEN.labels(listener.mode)
         open_sessions.inc()
         self.sessions += 1
-        self.served += 1
-        if self.max_use and self.served == self.max_use and self.on_retire is not None:
-            # This session is the last one: stop accepting now, not a second later.
-            self.close_listeners()
-            self.on_retire("served %d sessions (max_use)" % self.served)
+        if self.on_admit is not None:
+            self.on_admit()
         self.client_counts.add(client_ip, 1)
         try:
             Session(self, sock, address, listener, settings).run()

@@ -1,9 +1,11 @@
 """What every gevent child of the master shares: its title, signals, heartbeat, noticing
-that the master is gone or that it should retire, the socket files it leaves behind, and
-how it says that it cannot start.
+that the master is gone or that it should retire (max_use, with jitter, or a reason of
+its own), the socket files it leaves behind, and how it says that it cannot start.
 
-Used by every child kind: smtpd, delivery, pickup, local and api (elemta.smtpd.worker,
-elemta.delivery.worker, elemta.pickup.worker, elemta.local.agent, elemta.api.server).
+Used by every kind of child in the master's service table (elemta.services): smtpd,
+delivery, pickup, local and api (elemta.smtpd.worker, elemta.delivery.worker,
+elemta.pickup.worker, elemta.local.agent, elemta.api.server); none of them sets its own
+title, signal handlers, heartbeat or orphan check.
 A subclass sets `kind` and fills in the life cycle run() goes through:
 
     boot()       open what it needs; raise BootError naming what is missing or taken
@@ -18,7 +20,10 @@ taking work and give what is under way master.stop_grace, SIGQUIT stops at once,
 reopens the log files. A heartbeat greenlet writes the scoreboard; a watch greenlet stops
 the child when the master is gone and retires it when watch() says so. A long job run
 without yielding calls progress() between its pieces, so the master never takes it for
-a hung process. See also: elemta.master (who reads the scoreboard), design.md rule 7.
+a hung process. A child whose kind has a max_use (smtpd sessions, delivery messages) sets
+`max_use_option` and calls used() as it takes work on: it retires once it has taken
+max_use (plus up to a tenth, jittered) pieces.
+See also: elemta.master (who reads the scoreboard), design.md rule 7.
 """
 
 import logging
@@ -54,6 +59,8 @@ class GeventChild:
     SIGUSR1 reopen logs, a heartbeat on the scoreboard, exit when orphaned."""
 
     kind = "child"
+    # The config section of this kind's max_use, or None: it never retires for its use.
+    max_use_option = None
 
     def __init__(self, config, slot, scoreboard, master_pid):
         self.config = config
@@ -61,6 +68,9 @@ class GeventChild:
         self.scoreboard = scoreboard
         self.master_pid = master_pid
         self.grace = config.master.stop_grace
+        self.max_use = jittered(getattr(config, self.max_use_option).max_use) \
+            if self.max_use_option else 0
+        self.uses = 0                # pieces of work taken on since start (for max_use)
         self.stopping = Event()
         self.log = logging.getLogger("elemta." + self.kind)
         self._signals_installed = False
@@ -154,6 +164,15 @@ class GeventChild:
         except ProcessLookupError:
             pass
         self.handle_term()
+
+    def used(self, count, done):
+        """count more pieces of work were taken on; done says what all of them were
+        ("served %d sessions"). Retires once max_use is reached; True when it does."""
+        self.uses += count
+        if self.max_use and self.uses >= self.max_use:
+            self.retire((done + " (max_use)") % self.uses)
+            return True
+        return False
 
     def progress(self):
         """Called between the pieces of a long job that does not yield by itself (a big
