@@ -174,7 +174,7 @@ EVENTS = {
     CHUNK: {CHUNK_END: CHUNKING, CONTENT_END: READY, CLOSE: DONE},
     SKIP: {CHUNK_END: READY, CLOSE: DONE},
     SKIP_INIT: {CHUNK_END: INIT, CLOSE: DONE},
-    AUTH: {CHALLENGE: AUTH, RESPONSE: READY, CLOSE: DONE},
+    AUTH: {RESPONSE: READY, CLOSE: DONE},
     TLS: {TLS_DONE: INIT, CLOSE: DONE},
     DONE: {CLOSE: DONE},
 }
@@ -731,10 +731,12 @@ class ServerProtocol:
 
     def smtp_NOOP(self, arg):
         """NOOP: nothing (any argument is ignored, RFC 5321 4.1.1.9)."""
+        self._go("NOOP")
         self._send(250, "2.0.0", "Ok")
 
     def smtp_HELP(self, arg):
         """HELP: the commands we know."""
+        self._go("HELP")
         self._send(214, "2.0.0", ["Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT "
                                   "VRFY HELP STARTTLS AUTH", "See RFC 5321"])
 
@@ -742,6 +744,7 @@ class ServerProtocol:
         """VRFY: never reveals who exists (252, RFC 5321 3.5.3)."""
         if not arg:
             return self._send(501, "5.5.4", "Syntax: VRFY address")
+        self._go("VRFY")
         self._send(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt "
                                  "delivery")
 
