@@ -1,13 +1,26 @@
 """The SMTP server state machine, sans-IO: bytes in, events and replies out.
 
-Owned by the smtpd worker (elemta.smtpd.session drives it over a gevent socket); tests
-drive it by feeding bytes. It imports no socket and no gevent, keeps every state
-transition in the COMMANDS table below, and never raises on client input: whatever the
-client sends, it answers with a well-formed reply.
+Owned by the smtpd worker (elemta.smtpd.session drives it over a gevent socket); sendmail
+-bs drives it over stdin/stdout and tests drive it by feeding bytes (tests/protocol_driver).
+It imports no socket and no gevent, and never raises on client input: whatever the client
+sends, it answers with a well-formed reply.
+
+Every state is named in STATES, and the state changes in one place only, _go(), by one
+table, TRANSITIONS (h11's _state.py is the model): state -> {trigger: next state}. The
+triggers are the commands, in the states that read commands (the command table _AFTER:
+one entry per state and command, the state after success or the reply refusing it
+there), and a few events of the core's own (EVENTS: end of content, end of a chunk, a
+334, the TLS handshake done, the last reply). What the next input bytes are - a command
+line, DATA content, a BDAT chunk, an AUTH response, or the TLS handshake that the driver
+does - follows from the state (READERS); it is never kept beside it. Per-command flags,
+as Postfix's smtpd_cmd_table has, say what the table cannot: JUNK, RESETS, UTF8,
+NEEDS_AUTH, CHUNK_FOLLOWS. A client refused before the greeting (start_refused) is a
+state too, REFUSED, where only QUIT is obeyed.
 
 Usage (see elemta.smtpd.session for the real driver):
 
     proto = ServerProtocol(settings)
+    proto.start()               # or start_refused(...) for a refused client
     proto.receive_data(b"EHLO x\\r\\n")
     while True:
         event = proto.next_event()
@@ -15,6 +28,7 @@ Usage (see elemta.smtpd.session for the real driver):
         elif event is CLOSED: ...close...
         elif isinstance(event, Reply): ...send event.encode()...
         elif event.needs_decision: proto.accept() or proto.reject(reply)
+        elif isinstance(event, StartTLS): ...handshake, then proto.tls_started()...
         ...
 
 See also: RFC 5321 (SMTP), 1870 (SIZE), 2920 (PIPELINING), 3030 (CHUNKING), 3207
@@ -157,7 +171,7 @@ COMMANDS = {verb: Command(verb, frozenset(_FLAGS[verb]), dict(zip(COMMAND_STATES
 # What moves the state besides a command (h11's event-triggered transitions).
 REFUSE = "refuse"               # start_refused() with a 5xx: the session stays, refused
 CLOSE = "close"                 # the last reply (221, 421, a 4xx refusal at the start)
-CHALLENGE = "challenge"         # a 334: an AUTH response line comes next
+CHALLENGE = "challenge"         # a 334 (from READY only: a response line moves back)
 RESPONSE = "response"           # the AUTH response line was read
 TLS_DONE = "tls-done"           # tls_started(): the handshake succeeded
 SKIP_CHUNK = "skip-chunk"       # BDAT refused: its chunk is still read, into nothing

@@ -1,7 +1,8 @@
 """One SMTP session: drives the sans-IO protocol core over a gevent socket.
 
 Owned by the smtpd worker; one greenlet runs one Session. The protocol core decides what
-is valid SMTP; this module supplies what needs the outside world: timeouts, TLS, the relay
+is valid SMTP, in every state, a client refused at connection time included; this module
+parses none of it and supplies what needs the outside world: timeouts, TLS, the relay
 policy, AUTH checks, and the queue (spool file, group commit). Log lines follow Postfix's
 layout, queue id first, so admins can grep them the same way.
 
