@@ -56,7 +56,7 @@ MAX_LINE = 1000
 # message in memory however the client sends it.
 DATA_STEP = 65536
 
-# ---- the states ---------------------------------------------------------------------------
+# ---- the states ------------------------------------------------------------------------
 # Every state the session can be in; each also fixes what the next input bytes are (READERS),
 # so there is no second variable saying how to read.
 INIT = "init"               # no HELO/EHLO yet (at the start, and again after STARTTLS)
@@ -91,7 +91,7 @@ READERS = {
 # The states that read commands: the columns of the command table.
 COMMAND_STATES = (INIT, READY, MAIL, RCPT, CHUNKING, REFUSED)
 
-# ---- per-command flags (Postfix's smtpd_cmd_table flags) ------------------------------------
+# ---- per-command flags (Postfix's smtpd_cmd_table flags) --------------------------------
 # JUNK: repeatable forever without moving a transaction on, so counted against
 #   Settings.junk_command_limit between messages (Postfix's SMTPD_CMD_FLAG_LIMIT set: HELO,
 #   EHLO, RSET, NOOP, VRFY, ETRN; ETRN is unknown here, and HELP, an error in Postfix, is
