@@ -8,9 +8,14 @@ from elemta.smtp.replies import Reply
 
 
 class Driver:
-    """Plays the smtpd's part: accepts everything unless told otherwise."""
+    """Plays the smtpd's part: accepts everything unless told otherwise.
 
-    def __init__(self, users=None, relay_ok=lambda address: True, **settings):
+    decide(event) -> bool, when given, answers every decision first (False: reject with
+    the core's default reply); refused=(code, status, text) starts the session refused
+    as a connection-stage plugin would (ServerProtocol.start_refused)."""
+
+    def __init__(self, users=None, relay_ok=lambda address: True, decide=None,
+                 refused=None, **settings):
         settings.setdefault("hostname", "mx.test")
         self.proto = ServerProtocol(Settings(**settings))
         self.users = users or {}
@@ -21,7 +26,11 @@ class Driver:
         self.starttls = 0
         self._content = None
         self.closed = False
-        self.proto.start()
+        self.decide = decide
+        if refused is None:
+            self.proto.start()
+        else:
+            self.proto.start_refused(*refused, client="unknown[192.0.2.1]")
         self._pump()
 
     def send(self, data):
@@ -46,6 +55,11 @@ class Driver:
                 return
             if isinstance(event, Reply):
                 self.wire += event.encode()
+            elif (self.decide is not None and event.needs_decision
+                  and not self.decide(event)):
+                if isinstance(event, MessageReceived):
+                    self._content = None
+                proto.reject()
             elif isinstance(event, DataStart):
                 self._content = bytearray()
                 proto.accept()

@@ -1,13 +1,26 @@
 """The SMTP server state machine, sans-IO: bytes in, events and replies out.
 
-Owned by the smtpd worker (elemta.smtpd.session drives it over a gevent socket); tests
-drive it by feeding bytes. It imports no socket and no gevent, keeps every state
-transition in the COMMANDS table below, and never raises on client input: whatever the
-client sends, it answers with a well-formed reply.
+Owned by the smtpd worker (elemta.smtpd.session drives it over a gevent socket); sendmail
+-bs drives it over stdin/stdout and tests drive it by feeding bytes (tests/protocol_driver).
+It imports no socket and no gevent, and never raises on client input: whatever the client
+sends, it answers with a well-formed reply.
+
+Every state is named in STATES, and the state changes in one place only, _go(), by one
+table, TRANSITIONS (h11's _state.py is the model): state -> {trigger: next state}. The
+triggers are the commands, in the states that read commands (the command table _AFTER:
+one entry per state and command, the state after success or the reply refusing it
+there), and a few events of the core's own (EVENTS: end of content, end of a chunk, a
+334, the TLS handshake done, the last reply). What the next input bytes are - a command
+line, DATA content, a BDAT chunk, an AUTH response, or the TLS handshake that the driver
+does - follows from the state (READERS); it is never kept beside it. Per-command flags,
+as Postfix's smtpd_cmd_table has, say what the table cannot: JUNK, RESETS, UTF8,
+NEEDS_AUTH, CHUNK_FOLLOWS. A client refused before the greeting (start_refused) is a
+state too, REFUSED, where only QUIT is obeyed.
 
 Usage (see elemta.smtpd.session for the real driver):
 
     proto = ServerProtocol(settings)
+    proto.start()               # or start_refused(...) for a refused client
     proto.receive_data(b"EHLO x\\r\\n")
     while True:
         event = proto.next_event()
@@ -15,6 +28,7 @@ Usage (see elemta.smtpd.session for the real driver):
         elif event is CLOSED: ...close...
         elif isinstance(event, Reply): ...send event.encode()...
         elif event.needs_decision: proto.accept() or proto.reject(reply)
+        elif isinstance(event, StartTLS): ...handshake, then proto.tls_started()...
         ...
 
 See also: RFC 5321 (SMTP), 1870 (SIZE), 2920 (PIPELINING), 3030 (CHUNKING), 3207
@@ -42,58 +56,149 @@ MAX_LINE = 1000
 # message in memory however the client sends it.
 DATA_STEP = 65536
 
-# Session states: the transaction's progress.
-INIT = "init"           # no HELO/EHLO yet
-READY = "ready"         # greeted, no transaction
-MAIL = "mail"           # MAIL accepted
-RCPT = "rcpt"           # at least one RCPT accepted
-CHUNKING = "chunking"   # BDAT chunks received, LAST not yet
-ANY = frozenset((INIT, READY, MAIL, RCPT, CHUNKING))
+# ---- the states ------------------------------------------------------------------------
+# Every state the session can be in; each also fixes what the next input bytes are (READERS),
+# so there is no second variable saying how to read.
+INIT = "init"               # no HELO/EHLO yet (at the start, and again after STARTTLS)
+READY = "ready"             # greeted, no transaction
+MAIL = "mail"               # MAIL accepted
+RCPT = "rcpt"               # at least one RCPT accepted
+CHUNKING = "chunking"       # BDAT chunks received, LAST not yet
+REFUSED = "refused"         # refused in place of the greeting: only QUIT is obeyed
+DATA = "data"               # after the 354: DATA content up to CRLF.CRLF
+CHUNK = "chunk"             # a BDAT chunk, kept as message content
+SKIP = "skip"               # a refused BDAT chunk, read and thrown away; then READY
+SKIP_INIT = "skip-init"     # the same before HELO/EHLO; then INIT
+AUTH = "auth"               # after a 334: one AUTH response line
+TLS = "tls"                 # after the 220 to STARTTLS: the driver does the handshake
+DONE = "done"               # the last reply is queued; nothing more is read
+STATES = (INIT, READY, MAIL, RCPT, CHUNKING, REFUSED, DATA, CHUNK, SKIP, SKIP_INIT, AUTH,
+          TLS, DONE)
 
-# Every state transition: command -> (states where it is allowed, state after success).
-# None as the next state means "unchanged"; RESET means READY if greeted, else INIT.
-RESET = "reset"
-COMMANDS = {
-    "EHLO": (ANY, READY),
-    "HELO": (ANY, READY),
-    "MAIL": (frozenset((READY,)), MAIL),
-    "RCPT": (frozenset((MAIL, RCPT)), RCPT),
-    "DATA": (frozenset((RCPT,)), READY),
-    "BDAT": (frozenset((RCPT, CHUNKING)), CHUNKING),   # BDAT LAST ends in READY
-    "RSET": (ANY, RESET),
-    "NOOP": (ANY, None),
-    "HELP": (ANY, None),
-    "VRFY": (ANY, None),
-    "QUIT": (ANY, None),
-    "STARTTLS": (frozenset((READY,)), INIT),
-    "AUTH": (frozenset((READY,)), None),
+# What the bytes are in each state: the reader is derived from the state, never kept.
+COMMAND_LINE = "command line"
+DATA_BODY = "DATA body"
+BDAT_CHUNK = "BDAT chunk"
+AUTH_LINE = "AUTH response line"
+TLS_HANDSHAKE = "TLS handshake"     # the driver's business: the core reads nothing
+NOTHING = "nothing"
+READERS = {
+    INIT: COMMAND_LINE, READY: COMMAND_LINE, MAIL: COMMAND_LINE, RCPT: COMMAND_LINE,
+    CHUNKING: COMMAND_LINE, REFUSED: COMMAND_LINE, DATA: DATA_BODY, CHUNK: BDAT_CHUNK,
+    SKIP: BDAT_CHUNK, SKIP_INIT: BDAT_CHUNK, AUTH: AUTH_LINE, TLS: TLS_HANDSHAKE,
+    DONE: NOTHING,
+}
+# The states that read commands: the columns of the command table.
+COMMAND_STATES = (INIT, READY, MAIL, RCPT, CHUNKING, REFUSED)
+
+# ---- per-command flags (Postfix's smtpd_cmd_table flags) --------------------------------
+# JUNK: repeatable forever without moving a transaction on, so counted against
+#   Settings.junk_command_limit between messages (Postfix's SMTPD_CMD_FLAG_LIMIT set: HELO,
+#   EHLO, RSET, NOOP, VRFY, ETRN; ETRN is unknown here, and HELP, an error in Postfix, is
+#   answered here, so it is junk too).
+JUNK = "junk"
+# RESETS: succeeding drops the transaction (and any content begun) before the state moves.
+RESETS = "resets"
+# UTF8: may carry non-ASCII (SMTPUTF8 addresses, RFC 6531); other commands get 500.
+UTF8 = "utf8"
+# NEEDS_AUTH: refused with 530 before AUTH on a listener that requires AUTH.
+NEEDS_AUTH = "needs-auth"
+# CHUNK_FOLLOWS: announces octets that follow at once; even when the command is refused
+#   they are read and thrown away (RFC 3030 2), not taken for commands.
+CHUNK_FOLLOWS = "chunk-follows"
+
+# ---- why a command is refused where it is out of order --------------------------------
+HELO_FIRST = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+BUSY = Reply(503, "5.5.1", "Error: command not allowed during a transaction")
+IN_BDAT = Reply(503, "5.5.1", "Error: BDAT transfer in progress")
+NESTED = Reply(503, "5.5.1", "Error: nested MAIL command")
+NO_VALID = Reply(554, "5.5.1", "Error: no valid recipients")
+AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA not allowed after BDAT")
+TXN_OPEN = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+
+
+class _Denied:
+    """Stands for the session's own refusal, given to start_refused() (503 5.7.0 naming
+    the client, as Postfix answers once access is denied)."""
+
+    def __repr__(self):
+        return "DENIED"
+
+
+DENIED = _Denied()
+
+# The command table: one entry for every (command state, command) pair: the state once
+# the command succeeds there (for a command needing the driver's decision: once it is
+# accepted), or the reply refusing it there. A command that fails (bad syntax, refused by
+# the driver) leaves the state alone.
+_AFTER = {
+    #            INIT        READY       MAIL        RCPT        CHUNKING    REFUSED
+    "EHLO":     (READY,      READY,      READY,      READY,      READY,      DENIED),
+    "HELO":     (READY,      READY,      READY,      READY,      READY,      DENIED),
+    "MAIL":     (HELO_FIRST, MAIL,       NESTED,     NESTED,     NESTED,     DENIED),
+    "RCPT":     (HELO_FIRST, NEED_MAIL,  RCPT,       RCPT,       IN_BDAT,    DENIED),
+    "DATA":     (HELO_FIRST, NEED_MAIL,  NO_VALID,   DATA,       AFTER_BDAT, DENIED),
+    "BDAT":     (HELO_FIRST, NEED_MAIL,  NO_VALID,   CHUNK,      CHUNK,      DENIED),
+    "RSET":     (INIT,       READY,      READY,      READY,      READY,      DENIED),
+    "NOOP":     (INIT,       READY,      MAIL,       RCPT,       CHUNKING,   DENIED),
+    "HELP":     (INIT,       READY,      MAIL,       RCPT,       CHUNKING,   DENIED),
+    "VRFY":     (INIT,       READY,      MAIL,       RCPT,       CHUNKING,   DENIED),
+    "QUIT":     (DONE,       DONE,       DONE,       DONE,       DONE,       DONE),
+    "STARTTLS": (HELO_FIRST, TLS,        NEED_RCPT,  BUSY,       IN_BDAT,    DENIED),
+    "AUTH":     (HELO_FIRST, READY,      TXN_OPEN,   TXN_OPEN,   TXN_OPEN,   DENIED),
+}
+_FLAGS = {
+    "EHLO": (JUNK, RESETS), "HELO": (JUNK, RESETS), "MAIL": (UTF8, NEEDS_AUTH),
+    "RCPT": (UTF8,), "DATA": (), "BDAT": (CHUNK_FOLLOWS,), "RSET": (JUNK, RESETS),
+    "NOOP": (JUNK,), "HELP": (JUNK,), "VRFY": (JUNK,), "QUIT": (RESETS,), "STARTTLS": (),
+    "AUTH": (),
 }
 
-# Commands a client can repeat forever without an error and without moving a transaction
-# on: Postfix's SMTPD_CMD_FLAG_LIMIT set (HELO, EHLO, RSET, NOOP, VRFY, ETRN; ETRN is
-# unknown here, so an error anyway) and HELP, which Postfix refuses with an error but we
-# answer. Settings.junk_command_limit bounds them per session (smtpd_junk_command_limit).
-JUNK_COMMANDS = frozenset(("HELO", "EHLO", "RSET", "NOOP", "VRFY", "HELP"))
 
-# Why a command is refused in a state (503 5.5.1 unless given otherwise).
-OUT_OF_ORDER = {
-    ("DATA", MAIL): (554, "5.5.1", "Error: no valid recipients"),
-    ("BDAT", MAIL): (554, "5.5.1", "Error: no valid recipients"),
-    ("MAIL", MAIL): (503, "5.5.1", "Error: nested MAIL command"),
-    ("MAIL", RCPT): (503, "5.5.1", "Error: nested MAIL command"),
-    ("MAIL", CHUNKING): (503, "5.5.1", "Error: nested MAIL command"),
-    ("DATA", CHUNKING): (503, "5.5.1", "Error: DATA not allowed after BDAT"),
-    ("AUTH", MAIL): (503, "5.5.1", "Error: MAIL transaction in progress"),
-    ("AUTH", RCPT): (503, "5.5.1", "Error: MAIL transaction in progress"),
-    ("AUTH", CHUNKING): (503, "5.5.1", "Error: MAIL transaction in progress"),
+@dataclass(frozen=True)
+class Command:
+    """One command: its verb, its flags, and for each command state what follows there."""
+    verb: str
+    flags: frozenset
+    after: dict         # command state -> next state, or the Reply (or DENIED) refusing it
+
+
+COMMANDS = {verb: Command(verb, frozenset(_FLAGS[verb]), dict(zip(COMMAND_STATES, after)))
+            for verb, after in _AFTER.items()}
+
+# What moves the state besides a command (h11's event-triggered transitions).
+REFUSE = "refuse"               # start_refused() with a 5xx: the session stays, refused
+CLOSE = "close"                 # the last reply (221, 421, a 4xx refusal at the start)
+CHALLENGE = "challenge"         # a 334 (from READY only: a response line moves back)
+RESPONSE = "response"           # the AUTH response line was read
+TLS_DONE = "tls-done"           # tls_started(): the handshake succeeded
+SKIP_CHUNK = "skip-chunk"       # BDAT refused: its chunk is still read, into nothing
+CHUNK_END = "chunk-end"         # the last octet of a BDAT chunk that is not LAST
+CONTENT_END = "content-end"     # CRLF.CRLF, or the end of the LAST chunk
+EVENTS = {
+    INIT: {REFUSE: REFUSED, SKIP_CHUNK: SKIP_INIT, CLOSE: DONE},
+    READY: {CHALLENGE: AUTH, SKIP_CHUNK: SKIP, CLOSE: DONE},
+    MAIL: {SKIP_CHUNK: SKIP, CLOSE: DONE},
+    RCPT: {SKIP_CHUNK: SKIP, CLOSE: DONE},
+    CHUNKING: {SKIP_CHUNK: SKIP, CLOSE: DONE},
+    REFUSED: {CLOSE: DONE},
+    DATA: {CONTENT_END: READY, CLOSE: DONE},
+    CHUNK: {CHUNK_END: CHUNKING, CONTENT_END: READY, CLOSE: DONE},
+    SKIP: {CHUNK_END: READY, CLOSE: DONE},
+    SKIP_INIT: {CHUNK_END: INIT, CLOSE: DONE},
+    AUTH: {RESPONSE: READY, CLOSE: DONE},
+    TLS: {TLS_DONE: INIT, CLOSE: DONE},
+    DONE: {CLOSE: DONE},
 }
-OUT_OF_ORDER_BY_STATE = {
-    INIT: "Error: send HELO/EHLO first",
-    READY: "Error: need MAIL command",
-    MAIL: "Error: need RCPT command",
-    RCPT: "Error: command not allowed during a transaction",
-    CHUNKING: "Error: BDAT transfer in progress",
-}
+
+# The whole table: state -> {command or event: the next state, or a refusal}.
+TRANSITIONS = {state: dict(EVENTS[state]) for state in STATES}
+for _c in COMMANDS.values():
+    for _state, _after in _c.after.items():
+        TRANSITIONS[_state][_c.verb] = _after
+del _c, _state, _after
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BDAT_ARG = re.compile(r"^(\d{1,10})(?: +(LAST))? *$", re.IGNORECASE)
@@ -109,7 +214,7 @@ class Settings:
     max_message_size: int = 31457280
     max_recipients: int = 1000
     max_errors: int = 20
-    junk_command_limit: int = 100         # JUNK_COMMANDS per session, between messages
+    junk_command_limit: int = 100         # JUNK commands per session, between messages
     bare_line_endings: str = "reject"     # or "normalize"
     undeclared_8bit: str = "reject"       # or "accept"
     starttls_available: bool = False      # a certificate is configured
@@ -161,34 +266,39 @@ class ContentChecker:
 
 
 class ServerProtocol:
-    """One SMTP session's protocol state. Feed bytes; pull events; answer decisions."""
+    """One SMTP session's protocol state. Feed bytes; pull events; answer decisions.
+
+    The state (self.state, one of STATES) changes only in _go(), by the TRANSITIONS table;
+    what the next input bytes are follows from it (READERS)."""
 
     def __init__(self, settings):
         self.settings = settings
-        self.state = INIT
+        self._state = INIT
         self.helo_name = None
         self.esmtp = False
         self.tls_active = settings.implicit_tls
         self.auth_user = None
         self.transaction = None
         self.errors = 0
-        self.junk_commands = 0          # JUNK_COMMANDS since the start or the last message
-        self.closed = False
+        self.junk_commands = 0          # JUNK commands since the start or the last message
         self.last_command = "CONNECT"   # for "lost connection after X" log lines
         self._buf = bytearray()
         self._out = deque()
         self._pending = None            # (event, on_accept, on_reject) awaiting a decision
-        self._reader = self._read_command
-        self._discarding_line = False
+        self._denial = None             # REFUSED: the reply to every line but QUIT
+        self._discarding_line = False   # the rest of a too long line is being skipped
         # DATA / BDAT
         self._data_bol = True
         self._checker = None
         self._over_size = False
         self._bdat_left = 0
         self._bdat_last = False
-        self._bdat_error = None
+        self._bdat_error = None         # SKIP, SKIP_INIT: the reply once the chunk is read
         # AUTH dialogue
         self._auth_step = None
+        self._readers = {COMMAND_LINE: self._read_command, DATA_BODY: self._read_data,
+                         BDAT_CHUNK: self._read_chunk, AUTH_LINE: self._read_auth,
+                         TLS_HANDSHAKE: None, NOTHING: None}
 
     # ---- the driver's side ------------------------------------------------------------
 
@@ -197,9 +307,22 @@ class ServerProtocol:
         s = self.settings
         self._send(220, None, "%s %s" % (s.hostname, s.banner))
 
+    def start_refused(self, code, status, text, client):
+        """In place of start(): the client is refused before the greeting (a connection
+        verdict). A 4xx closes at once (RFC 5321 3.8). A 5xx replaces the 220 and leaves
+        the session REFUSED: QUIT is obeyed, every other line gets 503 5.7.0 naming
+        `client` until too many errors (RFC 5321 3.1; Postfix with smtpd_delay_reject=no).
+        """
+        text = "%s %s" % (self.settings.hostname, text)
+        if code < 500:
+            return self._send(code, status, text, close=True)
+        self._denial = Reply(503, "5.7.0", "Error: access denied for %s" % client)
+        self._go(REFUSE)
+        self._send(code, status, text)
+
     def receive_data(self, data):
         """Hand the core bytes read from the client."""
-        if not self.closed and self._reader is not None:
+        if self._readers[READERS[self._state]] is not None:
             self._buf += data
 
     def next_event(self):
@@ -210,9 +333,10 @@ class ServerProtocol:
             if self._pending is not None:
                 raise RuntimeError("answer %r with accept() or reject() first"
                                    % (self._pending[0],))
-            if self.closed:
+            if self._state == DONE:
                 return CLOSED
-            if self._reader is None or not self._reader():
+            reader = self._readers[READERS[self._state]]
+            if reader is None or not reader():
                 return NEED_DATA
 
     def accept(self, text=None):
@@ -227,13 +351,11 @@ class ServerProtocol:
 
     def tls_started(self):
         """The TLS handshake after STARTTLS succeeded: start afresh (RFC 3207 4.2)."""
+        self._go(TLS_DONE)
         self.tls_active = True
-        self.state = INIT
         self.helo_name = None
         self.esmtp = False
         self.auth_user = None
-        self._buf.clear()
-        self._reader = self._read_command
 
     def close_with(self, code, status, text):
         """End the session from the driver's side (timeout, shutdown): the last reply."""
@@ -241,15 +363,52 @@ class ServerProtocol:
         self._send(code, status, "%s %s" % (self.settings.hostname, text), close=True)
 
     @property
+    def state(self):
+        """Where the session is: one of STATES."""
+        return self._state
+
+    @property
+    def reading(self):
+        """What the next input bytes are: COMMAND_LINE, DATA_BODY, BDAT_CHUNK, AUTH_LINE,
+        TLS_HANDSHAKE (the driver's to read) or NOTHING."""
+        return READERS[self._state]
+
+    @property
     def reading_content(self):
         """True while DATA or BDAT content is being read (the data timeout applies)."""
-        return self._reader in (self._read_data, self._read_bdat)
+        return READERS[self._state] in (DATA_BODY, BDAT_CHUNK)
+
+    @property
+    def closed(self):
+        return self._state == DONE
 
     @property
     def data_in_progress(self):
         return self.transaction is not None and self.transaction.data_started
 
     # ---- plumbing -----------------------------------------------------------------------
+
+    def _go(self, trigger):
+        """Move by the table on a command (that succeeded) or an event: the only place the
+        state changes. A trigger the table has no state for here is a bug in this module."""
+        after = TRANSITIONS[self._state].get(trigger)
+        if not isinstance(after, str):
+            raise RuntimeError("no transition from %s on %s" % (self._state, trigger))
+        command = COMMANDS.get(trigger)
+        if command is not None and RESETS in command.flags:
+            self._abort_transaction(trigger)
+        self._state = after
+        if self._readers[READERS[after]] is None:
+            # A state that reads nothing keeps nothing: what was pipelined after STARTTLS
+            # came in plaintext and must not be obeyed after the handshake (CVE-2011-0411).
+            self._buf.clear()
+
+    def _refusal(self, verb):
+        """The reply refusing verb in this state, or None if the table allows it here."""
+        after = TRANSITIONS[self._state][verb]
+        if after is DENIED:
+            return self._denial
+        return after if isinstance(after, Reply) else None
 
     def _take_pending(self):
         if self._pending is None:
@@ -264,9 +423,7 @@ class ServerProtocol:
     def _send(self, code, status, text, close=False):
         self._out.append(Reply(code, status, text, close))
         if close:
-            self.closed = True
-            self._reader = None
-            return
+            return self._go(CLOSE)
         if code >= 400:
             self.errors += 1
             if self.errors >= self.settings.max_errors:
@@ -278,11 +435,10 @@ class ServerProtocol:
         self._send(reply.code, reply.status, reply.text, reply.close)
 
     def _abort_transaction(self, reason):
+        """Drop the transaction and any content begun; the caller moves the state."""
         if self.transaction is not None and self.transaction.data_started:
             self._out.append(DataAborted(reason))
         self.transaction = None
-        if self.state in (MAIL, RCPT, CHUNKING):
-            self.state = READY
 
     # ---- reading commands -----------------------------------------------------------------
 
@@ -317,43 +473,57 @@ class ServerProtocol:
         return True
 
     def _handle_command(self, raw):
-        if raw is _TOO_LONG:
-            return self._send(500, "5.5.2", "Error: line too long")
-        if b"\0" in raw:
-            return self._send(500, "5.5.2", "Error: NUL character in command")
-        if _CONTROL.search(raw):
-            return self._send(500, "5.5.2", "Error: control character in command")
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._send(500, "5.5.2", "Error: command is not valid UTF-8")
-        verb, _, arg = line.partition(" ")
-        verb = verb.upper()
-        self.last_command = verb if verb in COMMANDS else "UNKNOWN"
-        if verb not in COMMANDS:
-            return self._send(500, "5.5.1", "Error: command not recognized")
-        if not line.isascii() and verb not in ("MAIL", "RCPT"):
-            return self._send(500, "5.5.2", "Error: non-ASCII characters in command")
-        if verb in JUNK_COMMANDS:
+        verb, arg, problem = self._parse_command(raw)
+        if self._state == REFUSED:
+            return self._while_refused(verb, arg, problem)
+        if verb is not None:
+            self.last_command = verb if verb in COMMANDS else "UNKNOWN"
+        if problem is not None:
+            return self._send_reply(problem)
+        command = COMMANDS[verb]
+        if JUNK in command.flags:
             self.junk_commands += 1
             if self.junk_commands > self.settings.junk_command_limit:
                 # Postfix starts counting errors here; we close at once, naming why.
                 self._abort_transaction("too many junk commands")
                 return self._send(421, "4.7.0", "%s Error: too many junk commands"
                                   % self.settings.hostname, close=True)
-        allowed, _ = COMMANDS[verb]
-        if self.state not in allowed and verb != "BDAT":
-            code, status, text = OUT_OF_ORDER.get(
-                (verb, self.state), (503, "5.5.1", OUT_OF_ORDER_BY_STATE[self.state]))
-            return self._send(code, status, text)
-        getattr(self, "smtp_" + verb)(arg.strip(" "))
+        refusal = self._refusal(verb)
+        if refusal is not None and CHUNK_FOLLOWS not in command.flags:
+            return self._send_reply(refusal)
+        if (NEEDS_AUTH in command.flags and self.settings.auth_required
+                and self.auth_user is None):
+            return self._send(530, "5.7.0", "Error: authentication required")
+        getattr(self, "smtp_" + verb)(arg)
 
-    def _goto(self, verb):
-        after = COMMANDS[verb][1]
-        if after == RESET:
-            after = READY if self.helo_name is not None else INIT
-        if after is not None:
-            self.state = after
+    def _parse_command(self, raw):
+        """(verb, argument, None) for a command line, else (verb or None, None, the Reply
+        refusing the line): None as the verb when the line is not even a command."""
+        if raw is _TOO_LONG:
+            return None, None, Reply(500, "5.5.2", "Error: line too long")
+        if b"\0" in raw:
+            return None, None, Reply(500, "5.5.2", "Error: NUL character in command")
+        if _CONTROL.search(raw):
+            return None, None, Reply(500, "5.5.2", "Error: control character in command")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, None, Reply(500, "5.5.2", "Error: command is not valid UTF-8")
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
+        if verb not in COMMANDS:
+            return verb, None, Reply(500, "5.5.1", "Error: command not recognized")
+        if not line.isascii() and UTF8 not in COMMANDS[verb].flags:
+            return verb, None, Reply(500, "5.5.2", "Error: non-ASCII characters in command")
+        return verb, arg.strip(" "), None
+
+    def _while_refused(self, verb, arg, problem):
+        """REFUSED: QUIT is obeyed; every other line, a command or not, gets the denial.
+        Nothing here counts as a command (last_command stays CONNECT), so no reply is
+        taken for the refusal of a message."""
+        if problem is not None or self._refusal(verb) is not None:
+            return self._send_reply(self._denial)
+        getattr(self, "smtp_" + verb)(arg)
 
     # ---- commands: one method per verb (design rule 2) --------------------------------------
 
@@ -372,9 +542,8 @@ class ServerProtocol:
         name = arg.split()[0]
 
         def on_accept(text):
-            self._abort_transaction("new %s" % verb)
             self.helo_name, self.esmtp = name, esmtp
-            self._goto(verb)
+            self._go(verb)
             if esmtp:
                 self._send(250, None, [self.settings.hostname] + self._extensions())
             else:
@@ -400,8 +569,6 @@ class ServerProtocol:
 
     def smtp_MAIL(self, arg):
         """MAIL FROM:<sender> [SIZE= BODY= SMTPUTF8 RET= ENVID= AUTH=]."""
-        if self.settings.auth_required and self.auth_user is None:
-            return self._send(530, "5.7.0", "Error: authentication required")
         parsed = self._path_and_params(arg, "FROM")
         if parsed is None:
             return
@@ -421,7 +588,7 @@ class ServerProtocol:
 
         def on_accept(text):
             self.transaction = txn
-            self._goto("MAIL")
+            self._go("MAIL")
             self._send(250, "2.1.0", text or "Ok")
 
         self._decide(MailFrom(txn), on_accept, self._rejecter(
@@ -501,7 +668,7 @@ class ServerProtocol:
 
         def on_accept(text):
             txn.recipients.append(rcpt)
-            self._goto("RCPT")
+            self._go("RCPT")
             self._send(250, "2.1.5", text or "Ok")
 
         self._decide(RcptTo(txn, rcpt), on_accept, self._rejecter(
@@ -532,7 +699,7 @@ class ServerProtocol:
             self._data_bol = True
             self._over_size = False
             self._checker = ContentChecker(self.settings.bare_line_endings == "normalize")
-            self._reader = self._read_data
+            self._go("DATA")
             self._send(354, None, text or "End data with <CR><LF>.<CR><LF>")
 
         self._decide(DataStart(txn), on_accept, self._rejecter(
@@ -546,27 +713,26 @@ class ServerProtocol:
             return self._send(501, "5.5.4", "Syntax: BDAT size [LAST]")
         self._bdat_left = int(match.group(1))
         self._bdat_last = match.group(2) is not None
-        self._bdat_error = None
-        self._reader = self._read_bdat
-        allowed, _ = COMMANDS["BDAT"]
-        if self.state not in allowed:
-            # RFC 3030 2: the chunk is read and thrown away even when it is refused.
-            self._bdat_error = Reply(*OUT_OF_ORDER.get(
-                ("BDAT", self.state), (503, "5.5.1", OUT_OF_ORDER_BY_STATE[self.state])))
-            return
+        # RFC 3030 2: the chunk is read and thrown away even when it is refused.
+        self._bdat_error = self._refusal("BDAT")
+        if self._bdat_error is not None:
+            return self._go(SKIP_CHUNK)
         txn = self.transaction
         if txn.data_size + self._bdat_left > self.settings.max_message_size:
             self._bdat_error = Reply(552, "5.3.4", "Message size exceeds fixed limit of %d "
                                      "bytes" % self.settings.max_message_size)
-        if txn.data_started or self._bdat_error is not None:
-            return
+            return self._go(SKIP_CHUNK)
+        if txn.data_started:
+            return self._go("BDAT")
 
         def on_accept(text):
             txn.data_started = True
             self._checker = ContentChecker(self.settings.bare_line_endings == "normalize")
+            self._go("BDAT")
 
         def on_reject(reply):
             self._bdat_error = reply or Reply(451, "4.3.0", "Error: queue file write error")
+            self._go(SKIP_CHUNK)
 
         self._decide(DataStart(txn), on_accept, on_reject)
 
@@ -574,16 +740,17 @@ class ServerProtocol:
         """RSET: drop the transaction."""
         if arg:
             return self._send(501, "5.5.4", "Syntax: RSET")
-        self._abort_transaction("RSET")
-        self._goto("RSET")
+        self._go("RSET")
         self._send(250, "2.0.0", "Ok")
 
     def smtp_NOOP(self, arg):
         """NOOP: nothing (any argument is ignored, RFC 5321 4.1.1.9)."""
+        self._go("NOOP")
         self._send(250, "2.0.0", "Ok")
 
     def smtp_HELP(self, arg):
         """HELP: the commands we know."""
+        self._go("HELP")
         self._send(214, "2.0.0", ["Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT "
                                   "VRFY HELP STARTTLS AUTH", "See RFC 5321"])
 
@@ -591,12 +758,13 @@ class ServerProtocol:
         """VRFY: never reveals who exists (252, RFC 5321 3.5.3)."""
         if not arg:
             return self._send(501, "5.5.4", "Syntax: VRFY address")
+        self._go("VRFY")
         self._send(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt "
                                  "delivery")
 
     def smtp_QUIT(self, arg):
         """QUIT: say goodbye and close."""
-        self._abort_transaction("QUIT")
+        self._go("QUIT")
         self._send(221, "2.0.0", "Bye", close=True)
 
     def smtp_STARTTLS(self, arg):
@@ -607,10 +775,7 @@ class ServerProtocol:
             return self._send(554, "5.5.1", "Error: TLS already active")
         if not self.settings.starttls_available:
             return self._send(502, "5.5.1", "Error: command not implemented")
-        # Anything pipelined after STARTTLS arrived in plaintext and must not be obeyed
-        # after the handshake (CVE-2011-0411, "STARTTLS command injection").
-        self._buf.clear()
-        self._reader = None
+        self._go("STARTTLS")      # drops what was pipelined after it (CVE-2011-0411)
         self._send(220, "2.0.0", "Ready to start TLS")
         self._out.append(StartTLS())
 
@@ -633,7 +798,7 @@ class ServerProtocol:
             return self._send(504, "5.5.4", "Error: unsupported authentication mechanism")
         self._auth_step = (mechanism, None)
         if initial is None:
-            self._reader = self._read_auth
+            self._go(CHALLENGE)
             self._send(334, None, "" if mechanism == "PLAIN" else "VXNlcm5hbWU6")
             return
         decoded = self._b64(initial, initial=True)
@@ -655,7 +820,7 @@ class ServerProtocol:
         raw = self._read_line()
         if raw is None:
             return False
-        self._reader = self._read_command
+        self._go(RESPONSE)
         if raw is _TOO_LONG or not raw.isascii():
             self._auth_step = None
             self._send(501, "5.5.2", "Error: malformed AUTH response")
@@ -679,7 +844,7 @@ class ServerProtocol:
             return self._send(501, "5.5.2", "Error: AUTH response is not valid UTF-8")
         if mechanism == "LOGIN" and username is None:
             self._auth_step = ("LOGIN", text)
-            self._reader = self._read_auth
+            self._go(CHALLENGE)
             return self._send(334, None, "UGFzc3dvcmQ6")
         self._auth_step = None
         if mechanism == "LOGIN":
@@ -695,6 +860,7 @@ class ServerProtocol:
 
         def on_accept(text):
             self.auth_user = username
+            self._go("AUTH")
             self._send(235, "2.7.0", text or "Authentication successful")
 
         self._decide(AuthRequest(mechanism, username, password, authzid), on_accept,
@@ -743,8 +909,9 @@ class ServerProtocol:
         self._content(segment)
         return True
 
-    def _read_bdat(self):
-        """One step of a BDAT chunk: exactly the announced octets, then the reply."""
+    def _read_chunk(self):
+        """One step of a BDAT chunk: exactly the announced octets, then the reply. In
+        CHUNK they are content; in SKIP and SKIP_INIT they are thrown away."""
         if self._bdat_left:
             if not self._buf:
                 return False
@@ -752,17 +919,17 @@ class ServerProtocol:
             segment = bytes(self._buf[:take])
             del self._buf[:take]
             self._bdat_left -= take
-            if self._bdat_error is None:
+            if self._state == CHUNK:
                 self._content(segment)
             return True
-        self._reader = self._read_command
-        if self._bdat_error is not None:
+        if self._state != CHUNK:
+            self._go(CHUNK_END)
             self._abort_transaction("BDAT refused")
             self._send_reply(self._bdat_error)
         elif self._bdat_last:
             self._end_of_content()
         else:
-            self.state = CHUNKING
+            self._go(CHUNK_END)
             self._send(250, "2.0.0", "%d octets received" % self.transaction.data_size)
         return True
 
@@ -778,7 +945,7 @@ class ServerProtocol:
         self._out.append(DataChunk(segment))
 
     def _end_of_content(self):
-        self._reader = self._read_command
+        self._go(CONTENT_END)
         txn, checker, s = self.transaction, self._checker, self.settings
         tail = checker.close()
         if tail and not self._over_size:
@@ -804,7 +971,6 @@ class ServerProtocol:
 
         def finish(reply):
             self.transaction = None
-            self.state = READY
             if reply.code == 250:
                 self.junk_commands = 0    # a message was taken: as Postfix, start afresh
             self._send_reply(reply)

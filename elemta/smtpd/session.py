@@ -1,7 +1,8 @@
 """One SMTP session: drives the sans-IO protocol core over a gevent socket.
 
 Owned by the smtpd worker; one greenlet runs one Session. The protocol core decides what
-is valid SMTP; this module supplies what needs the outside world: timeouts, TLS, the relay
+is valid SMTP, in every state, a client refused at connection time included; this module
+parses none of it and supplies what needs the outside world: timeouts, TLS, the relay
 policy, AUTH checks, and the queue (spool file, group commit). Log lines follow Postfix's
 layout, queue id first, so admins can grep them the same way.
 
@@ -34,7 +35,7 @@ from elemta.queue.model import Envelope, Recipient
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
                                 DataStart, Helo, MailFrom, MessageReceived, RcptTo,
                                 StartTLS)
-from elemta.smtp.protocol import MAX_LINE, ServerProtocol
+from elemta.smtp.protocol import ServerProtocol
 from elemta.smtp.replies import Reply
 from elemta.smtpd import tls
 from elemta.smtpd.received import protocol_name, received_header
@@ -104,8 +105,7 @@ class Session:
         try:
             if self.listener.mode == "smtps":
                 self._handshake()
-            if not self._admitted():
-                return
+            self._greet()
             self._converse()
         except SessionEnded as exc:
             log.info("lost connection after %s from %s%s", self.proto.last_command, self.client,
@@ -119,72 +119,29 @@ class Session:
             log.info("disconnect from %s", self.client)
             self._notify_queued()     # messages queued just before the client went away
 
-    def _admitted(self):
-        """Run the connection-stage plugins before the greeting; False when they refused
-        the client (the refusal has been sent).
+    def _greet(self):
+        """Run the connection-stage plugins, then have the core queue the greeting: the
+        220, or the plugins' refusal in its place.
 
         A reject is answered as Postfix's smtpd_client_restrictions answer with
         smtpd_delay_reject = no, and as RFC 5321 3.1 asks: 554 in place of the 220, then
-        503 to every command until QUIT. A tempfail (a failing plugin's 451 4.3.0 too) is
-        421 with the plugin's status and text, and the connection closes (RFC 5321 3.8)."""
+        503 to every command until QUIT (the core's REFUSED state). A tempfail (a failing
+        plugin's 451 4.3.0 too) is 421 with the plugin's status and text, and the
+        connection closes (RFC 5321 3.8)."""
         if not self.plugins.wants("connection"):
-            return True
+            return self.proto.start()
         outcome = self.plugins.run("connection", self.ctx)
         if outcome.reply is None:
             self._remember(outcome, "connection")
-            return True
+            return self.proto.start()
         _, status, text = outcome.reply
         code = 421 if outcome.action == TEMPFAIL else 554
-        reply = Reply(code, status, "%s %s" % (self.server.hostname, text))
         log.info("NOQUEUE: reject: CONNECT from %s: %d %s %s; proto=SMTP (plugin %s)",
                  self.client, code, status, text, outcome.decided_by)
-        self._out += reply.encode()
-        metrics.count_reply(code, status, "CONNECT")
-        if code == 554:
-            self._refuse_until_quit()
-        self._flush()
-        return False
-
-    def _refuse_until_quit(self):
-        """After a 554 greeting: 503 to every command but QUIT (RFC 5321 3.1), within the
-        usual limits (command timeout, errors, line length)."""
-        pending = bytearray()
-        errors = 1
-        while errors < self.proto.settings.max_errors:
-            lf = pending.find(b"\n")
-            if lf < 0:
-                if len(pending) > MAX_LINE:
-                    pending.clear()           # not a command: count it, drop it
-                    lf = 0
-                else:
-                    self._flush()
-                    self.sock.settimeout(self.timeouts.command)
-                    try:
-                        data = self.sock.recv(RECV_SIZE)
-                    except socket.timeout:
-                        self._out += Reply(421, "4.4.2", "%s Error: timeout exceeded"
-                                           % self.server.hostname).encode()
-                        return
-                    except (OSError, ssl.SSLError) as exc:
-                        raise SessionEnded(exc.strerror or str(exc)) from None
-                    if not data:
-                        raise SessionEnded()
-                    pending += data
-                    continue
-            line = bytes(pending[:lf + 1])
-            del pending[:lf + 1]
-            if line.strip().upper() == b"QUIT":
-                self._out += Reply(221, "2.0.0", "Bye").encode()
-                return
-            errors += 1
-            self._out += Reply(503, "5.7.0", "Error: access denied for %s"
-                               % self.client).encode()
-        self._out += Reply(421, "4.7.0", "%s Error: too many errors"
-                           % self.server.hostname).encode()
+        self.proto.start_refused(code, status, text, self.client)
 
     def _converse(self):
         proto = self.proto
-        proto.start()
         while True:
             event = proto.next_event()
             if event is NEED_DATA:
@@ -199,11 +156,12 @@ class Session:
             elif isinstance(event, Reply):
                 self._out += event.encode()
                 metrics.count_reply(event.code, event.status, proto.last_command)
-                if event.close and event.status == "4.7.0":
+                limit = str(event.text).partition("Error: ")[2]
+                if event.close and event.status == "4.7.0" and limit.startswith("too many"):
                     # The core hung up on a limit (errors, junk commands): say so, as
-                    # Postfix logs "too many errors after RCPT from ...".
-                    log.info("%s after %s from %s", str(event.text).partition("Error: ")[2],
-                             proto.last_command, self.client)
+                    # Postfix logs "too many errors after RCPT from ...". (Not a
+                    # connection plugin's own 421 4.7.0, which was logged as a reject.)
+                    log.info("%s after %s from %s", limit, proto.last_command, self.client)
             else:
                 getattr(self, HANDLERS[type(event)])(event)
 

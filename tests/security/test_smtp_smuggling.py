@@ -12,7 +12,7 @@ Postfix 3.7 with smtpd_forbid_bare_newline = no, which the control below shows s
 "<LF>.<LF>") still sees one message.
 Probed here: the sans-IO protocol core, real DATA and BDAT sessions against the `elemta`
 subprocess under both policies, and delivery from Elemta into a real Postfix.
-See also: elemta.smtp.protocol (_read_data, _read_bdat, ContentChecker).
+See also: elemta.smtp.protocol (_read_data, _read_chunk, ContentChecker).
 """
 
 import os
