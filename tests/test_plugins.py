@@ -521,6 +521,19 @@ def test_example_plugin_runs_through_its_entry_point(installed_example, tmp_path
                 PluginManager.from_mapping({"example": bad})
             except Exception as error:
                 print(error)
+        # In a config file: checked by the loader against ExampleSettings, with its line.
+        from elemta.config import ConfigError, load_config
+        with open("elemta.yaml", "w") as config:
+            config.write("plugins:\\n  example:\\n    enabled: true\\n"
+                         "    blocked_networks: [192.0.2.0/24]\\n    tag_header: 7\\n")
+        try:
+            load_config("elemta.yaml")
+        except ConfigError as error:
+            print(error)
+        with open("elemta.yaml", "w") as config:
+            config.write("plugins:\\n  example:\\n    enabled: true\\n"
+                         "    tag_header: X-Ours\\n")
+        print(load_config("elemta.yaml").plugins.to_run())
     """)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60,
@@ -537,4 +550,8 @@ def test_example_plugin_runs_through_its_entry_point(installed_example, tmp_path
         "plugins.example.blocked_sender: unknown key; did you mean "
         "plugins.example.blocked_senders?",
         "plugins.example.routes[0]: 'partner.example' is not domain=nexthop",
+        "elemta.yaml:5: plugins.example.tag_header: expected a string, not an integer (7)",
+        "(ConfiguredPlugin(name='example', common=PluginCommon(enabled=True, timeout=0.0, "
+        "fail_open=False), settings=ExampleSettings(blocked_networks=(), "
+        "blocked_senders=(), tag_header='X-Ours', routes=())),)",
     ]

@@ -7,10 +7,14 @@ The loader knows no option by name. It walks the dataclasses of elemta.config.sc
 (dataclasses.fields, typing.get_type_hints): a nested dataclass is a table, a
 Tuple[X, ...] a list, and each field's metadata `check` judges the value once its type
 is right. A field's default is always acceptable, even where the check would refuse
-it (smtpd.hostname "" means "the system's host name"). Then a few checks that span
-fields (AUTH on submission ports, duplicate listeners) run on the result, and the files
-the workers will read (TLS, credentials, signing keys) are opened, unless the caller is
-a tool every user runs, which needs no secret (load_config's check_files).
+it (smtpd.hostname "" means "the system's host name"). The built-in plugins' tables are
+their own Settings classes (elemta.plugins.settings) and are read the same way; so is
+the table of a third-party plugin, against the Settings class of the installed plugin
+of that name, and a plugin table's validate(path) judges it across its fields. Then a
+few checks that span fields (AUTH on submission ports, duplicate listeners) run on the
+result, and the files the workers will read (TLS, credentials, signing keys) are
+opened, unless the caller is a tool every user runs, which needs no secret
+(load_config's check_files).
 Every problem in the file is collected, with its line and key path, before ConfigError
 is raised, so one run shows the administrator everything to fix.
 See also: elemta.config.schema, elemta.config.sources, man/elemta.conf.5.
@@ -293,8 +297,12 @@ class _Checker:
                                            if k in common_keys}, path)
         settings = None
         if own_class is not None:
-            settings = self.build(own_class, {k: v for k, v in value.items()
-                                              if k in own_keys}, path)
+            try:
+                settings = self.build(own_class, {k: v for k, v in value.items()
+                                                  if k in own_keys}, path)
+            except (TypeError, ValueError) as error:    # the plugin's, not the file's
+                return self.refuse(path, "the plugin's Settings refused this table: %s"
+                                   % (error,))
             if settings is not _INVALID:
                 self.validate_plugin(settings, path)
         if common is _INVALID or settings is _INVALID:
