@@ -100,7 +100,7 @@ def plugins_from_mapping(mapping: Any, known: Optional[Dict[str, Any]] = None) -
     plugin class, in place of the installed third-party plugins. Raises
     PluginConfigError, one line per problem, each naming plugins.NAME.KEY."""
     if isinstance(mapping, dict):
-        mapping = {name: dict({"enabled": True}, **table) if isinstance(table, dict)
+        mapping = {name: {"enabled": True, **table} if isinstance(table, dict)
                    else {"enabled": True} if table is None else table
                    for name, table in mapping.items()}
     checker = _Checker("<plugins>", {}, "table", check_files=False, known=known)
@@ -325,7 +325,7 @@ class _Checker:
             self.refuse_across(where, message)
 
     def refuse_unknown_key(self, path: KeyPath, key: str, known: Sequence[str]) -> None:
-        guess = difflib.get_close_matches(key, known, n=1)
+        guess = difflib.get_close_matches(str(key), known, n=1)
         if guess:
             hint = "did you mean %s?" % format_key(path + (guess[0],))
         else:
