@@ -58,7 +58,7 @@ class Hop:
 
     def __init__(self, name, key):
         self.hostname = "mx.%s" % name
-        self.manager = PluginManager({"arc": {"seal": True, "domain": name,
+        self.manager = PluginManager.from_mapping({"arc": {"seal": True, "domain": name,
                                               "selector": "arc", "key_file": key.key_file},
                                       "authres": {}}).start()
 
@@ -137,9 +137,9 @@ def test_mail_without_our_results_is_not_sealed(keys, resolver):
 
 def test_settings_are_checked(tmp_path):
     with pytest.raises(PluginConfigError) as error:
-        PluginManager({"arc": {"seal": True, "domain": "a.test", "selector": "s"}})
+        PluginManager.from_mapping({"arc": {"seal": True, "domain": "a.test", "selector": "s"}})
     assert str(error.value) == "plugins.arc.key_file: required when seal is true"
     with pytest.raises(PluginConfigError) as error:
-        PluginManager({"arc": {"seal": True, "domain": "a.test", "selector": "s",
+        PluginManager.from_mapping({"arc": {"seal": True, "domain": "a.test", "selector": "s",
                                "key_file": str(tmp_path / "none.key")}}).start(strict=True)
     assert str(error.value).startswith("plugins.arc.key_file: cannot read ")

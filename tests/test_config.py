@@ -256,6 +256,35 @@ ERROR_CASES = {
     "not a number": (
         "timeouts:\n  command: .nan\n", 2, "[timeouts]\ncommand = nan\n", 2,
         "timeouts.command", "must be a finite number"),
+    # The built-in plugins' tables are their own Settings: checked by the same loader.
+    "plugin option of the wrong type": (
+        "plugins:\n  spf:\n    enforce: 'yes'\n", 3, '[plugins.spf]\nenforce = "yes"\n', 2,
+        "plugins.spf.enforce", "expected a boolean (true or false), not a string ('yes')"),
+    "unknown plugin option": (
+        "plugins:\n  dmarc:\n    enforc: true\n", 3, "[plugins.dmarc]\nenforc = true\n", 2,
+        "plugins.dmarc.enforc", "unknown key; did you mean plugins.dmarc.enforce?"),
+    "plugin option out of range": (
+        "plugins:\n  greylist:\n    enabled: true\n    ipv4_prefix: 40\n", 4,
+        "[plugins.greylist]\nenabled = true\nipv4_prefix = 40\n", 3,
+        "plugins.greylist.ipv4_prefix", "must be between 8 and 32, not 40"),
+    "bad value in a plugin's list of tables": (
+        "plugins:\n  dkim:\n    keys:\n      - {domain: a.test, selector: s, key_file: /k}\n"
+        "      - {domain: a.test, selector: s, key_file: /k, algorithm: rsa}\n", 5,
+        '[[plugins.dkim.keys]]\ndomain = "a.test"\nselector = "s"\nkey_file = "/k"\n'
+        '[[plugins.dkim.keys]]\ndomain = "a.test"\nselector = "s"\nkey_file = "/k"\n'
+        'algorithm = "rsa"\n', 9,
+        "plugins.dkim.keys[1].algorithm", "must be one of rsa-sha256, ed25519-sha256"),
+    "plugin check across options": (
+        "plugins:\n  greylist:\n    enabled: true\n    delay: 600\n    retry_window: 300\n",
+        5, "[plugins.greylist]\nenabled = true\ndelay = 600\nretry_window = 300\n", 4,
+        "plugins.greylist.retry_window", "shorter than delay (600 s)"),
+    "plugin check across options, naming a key the file does not have": (
+        "plugins:\n  dkim:\n    enabled: true\n    sign: true\n", 2,
+        "[plugins.dkim]\nenabled = true\nsign = true\n", 1,
+        "plugins.dkim.key_file", "sign is true but no key is configured"),
+    "table of a plugin that is not installed": (
+        "plugins:\n  nosuch:\n    enabled: true\n", 2, "[plugins.nosuch]\nenabled = true\n", 1,
+        "plugins.nosuch", "no such plugin (available: arc, authres, dkim, dmarc, "),
 }
 
 

@@ -434,7 +434,7 @@ def test_broken_mime_and_missing_body_separator(keys, resolver):
 # ---- the plugin -----------------------------------------------------------------------
 
 def plugin_manager(settings):
-    return PluginManager({"dkim": settings, "authres": {"enabled": False}}).start(strict=True)
+    return PluginManager.from_mapping({"dkim": settings, "authres": {"enabled": False}}).start(strict=True)
 
 
 @pytest.mark.skipif(NACL is not None, reason=str(NACL))
@@ -485,10 +485,14 @@ def test_plugin_logs_problems_in_one_line(keys, resolver, caplog):
      "plugins.dkim.key_file: required for a signing key"),
     ({"keys": [{"domain": "a.test", "selector": "s", "key_file": "/k"},
                {"domain": "a.test", "selector": "s", "key_file": "/k", "algorithm": "rsa"}]},
-     "plugins.dkim.keys[1].algorithm: 'rsa' is not one of rsa-sha256, ed25519-sha256"),
-    ({"verify": "yes"}, "plugins.dkim.verify: expected true or false, got 'yes'"),
-    ({"keys": [{"domain": "a.test"}]}, "plugins.dkim.keys[0].selector: required setting"),
-    ({"selectr": "x"}, "plugins.dkim.selectr: unknown setting"),
+     "plugins.dkim.keys[1].algorithm: must be one of rsa-sha256, ed25519-sha256, not "
+     "'rsa'"),
+    ({"verify": "yes"}, "plugins.dkim.verify: expected a boolean (true or false), not a "
+                        "string ('yes')"),
+    ({"keys": [{"domain": "a.test"}]}, "plugins.dkim.keys[0].selector: required for a "
+                                       "signing key"),
+    ({"selectr": "x"}, "plugins.dkim.selectr: unknown key; did you mean "
+                       "plugins.dkim.selector?"),
 ])
 def test_settings_errors_name_the_key(settings, message):
     with pytest.raises(PluginConfigError) as error:

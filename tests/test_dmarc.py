@@ -155,7 +155,7 @@ def receive(manager, resolver, client, sender, message, queue_id=None, **kw):
 
 @pytest.fixture
 def plugins(key):
-    manager = PluginManager({"spf": {}, "dkim": {}, "dmarc": {"enforce": True}}).start()
+    manager = PluginManager.from_mapping({"spf": {}, "dkim": {}, "dmarc": {"enforce": True}}).start()
     yield manager
     manager.close()
 
@@ -198,7 +198,7 @@ def test_nothing_is_enforced_for_our_users(plugins, resolver):
 
 
 def test_without_enforce_only_the_result_is_recorded(resolver):
-    manager = PluginManager({"dmarc": {}}).start()
+    manager = PluginManager.from_mapping({"dmarc": {}}).start()
     ctx, _, data = receive(manager, resolver, "192.0.2.66", "x@other.net",
                            b"From: boss@reject.com\r\n" + BODY)
     assert data.reply is None and data.quarantine is None
@@ -219,7 +219,7 @@ def test_without_enforce_only_the_result_is_recorded(resolver):
     (b"From: a@nopolicy.com\r\n", "none", "no policy published"),
 ])
 def test_odd_messages_give_clear_results(resolver, from_lines, result, reason):
-    manager = PluginManager({"dmarc": {"enforce": True}}).start()
+    manager = PluginManager.from_mapping({"dmarc": {"enforce": True}}).start()
     ctx, _, data = receive(manager, resolver, "192.0.2.66", "x@other.net",
                            from_lines + BODY)
     checked = ctx.state["dmarc"]

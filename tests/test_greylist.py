@@ -81,7 +81,7 @@ def rcpt(manager, client, sender, recipient, **kw):
 
 def test_plugin_greylists_with_451_471_and_lets_the_retry_in(tmp_path, caplog):
     caplog.set_level("INFO", logger="elemta")
-    manager = PluginManager({"greylist": {"database": str(tmp_path / "g"), "delay": 1,
+    manager = PluginManager.from_mapping({"greylist": {"database": str(tmp_path / "g"), "delay": 1,
                                           "retry_window": 60}}).start()
     first = rcpt(manager, "203.0.113.5", "news@example.com", "u@elemta.test")
     assert first.reply == (451, "4.7.1", "Greylisted, please try again in 1 seconds")
@@ -95,7 +95,7 @@ def test_plugin_greylists_with_451_471_and_lets_the_retry_in(tmp_path, caplog):
 
 
 def test_exemptions_and_allow_lists(tmp_path):
-    manager = PluginManager({"greylist": {
+    manager = PluginManager.from_mapping({"greylist": {
         "database": str(tmp_path / "g"),
         "allow_networks": ["198.51.100.0/24", "2001:db8::/32"],
         "allow_domains": ["partner.example", "elemta.test"]}}).start()
@@ -115,15 +115,15 @@ def test_exemptions_and_allow_lists(tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"delay": -1}, "plugins.greylist.delay: must not be negative"),
+    ({"delay": -1}, "plugins.greylist.delay: must be 0 or more, not -1"),
     ({"delay": 600, "retry_window": 300}, "plugins.greylist.retry_window: shorter than"),
     ({"allow_networks": ["10.0.0.0/33"]}, "plugins.greylist.allow_networks[0]: '10.0.0.0/33'"),
-    ({"delay": "5m"}, "plugins.greylist.delay: expected a whole number, got '5m'"),
+    ({"delay": "5m"}, "plugins.greylist.delay: expected an integer, not a string ('5m')"),
     ({"database": "/proc/no/such/place"}, "plugins.greylist.database: cannot open"),
 ])
 def test_bad_settings_name_the_key(settings, message):
     with pytest.raises(PluginConfigError) as error:
-        PluginManager({"greylist": settings}).start(strict=True)
+        PluginManager.from_mapping({"greylist": settings}).start(strict=True)
     assert str(error.value).startswith(message)
 
 

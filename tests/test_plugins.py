@@ -22,7 +22,10 @@ from elemta.plugins.api import (Context, Message, MethodResult, Plugin, PluginCo
                                 Result)
 from elemta.plugins.authres import (authserv_id_of, forged_headers, format_header_value,
                                     format_value)
+from elemta.config.schema import Plugins
 from elemta.plugins.manager import PluginManager, apply_header_edits
+from elemta.plugins.registry import BUILTINS, load_class
+from elemta.plugins.settings import DKIMSettings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(HERE, "plugins", "example")
@@ -103,7 +106,7 @@ KNOWN = {"first": First, "second": Second, "third": Third, "badinit": BadInit,
 
 def manager(config):
     Verdict.calls = []
-    return PluginManager(config, known=KNOWN).start()
+    return PluginManager.from_mapping(config, known=KNOWN).start()
 
 
 def rcpt(mgr, **kw):
@@ -250,7 +253,7 @@ def test_a_plugin_that_cannot_start_is_left_out_when_fail_open(caplog):
 def test_strict_start_raises_naming_the_plugin():
     BadInit.failures_left = 1
     with pytest.raises(PluginConfigError) as error:
-        PluginManager({"first": {}, "badinit": {}}, known=KNOWN).start(strict=True)
+        PluginManager.from_mapping({"first": {}, "badinit": {}}, known=KNOWN).start(strict=True)
     assert str(error.value).startswith("plugins.badinit: cannot start: OSError: "
                                        "cannot open /var/lib/nothing (at test_plugins.py:")
 
@@ -266,27 +269,61 @@ def test_close_failures_are_logged():
 
 @pytest.mark.parametrize("config, message", [
     ({"nosuch": {}}, "plugins.nosuch: no such plugin (available: "),
-    ({"first": {"action": 3}}, "plugins.first.action: expected a string, got 3"),
-    ({"first": {"enabled": "no"}}, "plugins.first.enabled: expected true or false, got 'no'"),
-    ({"first": {"timeout": -1}}, "plugins.first.timeout: must be more than 0 seconds"),
-    ({"first": {"colour": "red"}}, "plugins.first.colour: unknown setting (known: action, "
-                                   "fail, header)"),
-    ({"first": ["action"]}, "plugins.first: expected a mapping of settings"),
-    ({"badinit": {"x": 1}}, "plugins.badinit.x: unknown setting (this plugin takes none)"),
+    ({"first": {"action": 3}}, "plugins.first.action: expected a string, not an integer "
+                               "(3)"),
+    ({"first": {"enabled": "no"}}, "plugins.first.enabled: expected a boolean (true or "
+                                   "false), not a string ('no')"),
+    ({"first": {"timeout": -1}}, "plugins.first.timeout: must be 0 (the plugin's own "
+                                 "default) or more seconds, not -1"),
+    ({"first": {"colour": "red"}}, "plugins.first.colour: unknown key; known keys here: "
+                                   "action, enabled, fail, fail_open, header, timeout"),
+    ({"first": ["action"]}, "plugins.first: expected a table of settings, not a list"),
+    ({"badinit": {"x": 1}}, "plugins.badinit.x: unknown key; known keys here: enabled, "
+                            "fail_open, timeout"),
 ])
 def test_settings_errors_name_the_key_path(config, message):
     with pytest.raises(PluginConfigError) as error:
-        PluginManager(config, known=KNOWN)
+        PluginManager.from_mapping(config, known=KNOWN)
     assert str(error.value).startswith(message)
 
 
 def test_disabled_plugins_are_not_loaded_and_authres_comes_with_auth_methods():
-    assert PluginManager({"first": {"enabled": False}, "second": None},
+    assert PluginManager.from_mapping({"first": {"enabled": False}, "second": None},
                          known=KNOWN).names == ["second"]
-    assert PluginManager({"spf": {}}).names == ["spf", "authres"]
-    assert PluginManager({"spf": {}, "authres": {"enabled": False}}).names == ["spf"]
-    assert PluginManager({"spf": {"enabled": False}}).names == []
-    assert PluginManager({"greylist": {"enabled": False, "delay": 5}}).names == []
+    assert PluginManager.from_mapping({"spf": {}}).names == ["spf", "authres"]
+    assert PluginManager.from_mapping({"spf": {}, "authres": {"enabled": False}}).names == ["spf"]
+    assert PluginManager.from_mapping({"spf": {"enabled": False}}).names == []
+    assert PluginManager.from_mapping({"greylist": {"enabled": False, "delay": 5}}).names == []
+
+
+def test_the_config_tables_are_the_plugins_own_settings():
+    """The config's typed plugin tables are the very Settings each plugin takes, and
+    reach it as they are, with no conversion on the way."""
+    for name in BUILTINS:
+        assert type(getattr(Plugins(), name)) is load_class(name, BUILTINS[name]).Settings
+    plugins = Plugins(dkim=DKIMSettings(enabled=True, max_headers=20))
+    mgr = PluginManager(plugins.to_run()).start()
+    assert mgr.names == ["dkim", "authres"]
+    assert [loaded.settings for loaded in mgr.plugins] == [plugins.dkim, plugins.authres]
+    assert mgr.plugins[0].settings is plugins.dkim
+    mgr.close()
+
+
+def test_loading_a_config_imports_no_plugin_code(tmp_path):
+    """Config loading (every process, every tool) costs no plugin library: the plugins'
+    settings live in a light module of their own."""
+    config = tmp_path / "elemta.yaml"
+    config.write_text("plugins:\n  dkim: {enabled: true, max_headers: 20}\n"
+                      "  greylist: {enabled: true}\n")
+    script = ("import sys; from elemta.config import load_config; "
+              "c = load_config(sys.argv[1]); assert c.plugins.dkim.max_headers == 20; "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+              "('dkim', 'spf', 'lmdb', 'checkdmarc', 'gevent') or m.startswith("
+              "'elemta.plugins.')))")
+    done = subprocess.run([sys.executable, "-c", script, str(config)], capture_output=True,
+                          timeout=60, env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().split() == ["['elemta.plugins.api',", "'elemta.plugins.settings']"]
 
 
 @dataclass(frozen=True)
@@ -301,19 +338,32 @@ class Outer:
     ratio: float = 0.5
 
 
+class Nesting(Plugin):
+    Settings = Outer
+
+
+def nested_settings(table):
+    """plugins.x typed by the config loader, as a third-party plugin's table is."""
+    from elemta.config.loader import plugins_from_mapping
+    return plugins_from_mapping({"x": table}, known={"x": Nesting}).other[0].settings
+
+
 def test_nested_settings():
-    from elemta.plugins.api import parse_settings
-    parsed = parse_settings(Outer, {"items": [{"name": "a"}, {"name": "b", "weight": 2}],
-                                    "ratio": 1}, "plugins.x")
+    parsed = nested_settings({"items": [{"name": "a"}, {"name": "b", "weight": 2}],
+                              "ratio": 1})
     assert parsed == Outer((Nested("a"), Nested("b", 2)), 1.0)
     with pytest.raises(PluginConfigError) as error:
-        parse_settings(Outer, {"items": [{"name": "a"}, {"name": "b", "weight": True}]},
-                       "plugins.x")
-    assert str(error.value) == "plugins.x.items[1].weight: expected a whole number, got " \
-                               "true (a boolean)"
+        nested_settings({"items": [{"name": "a"}, {"name": "b", "weight": True}]})
+    assert str(error.value) == "plugins.x.items[1].weight: expected an integer, not a " \
+                               "boolean (true)"
     with pytest.raises(PluginConfigError) as error:
-        parse_settings(Outer, {"items": "a"}, "plugins.x")
-    assert str(error.value) == "plugins.x.items: expected a list, got 'a'"
+        nested_settings({"items": "a"})
+    assert str(error.value) == "plugins.x.items: expected a list of tables, not a " \
+                               "string ('a')"
+    with pytest.raises(PluginConfigError) as error:
+        nested_settings({"items": [{"weight": 2}]})
+    assert str(error.value) == "plugins.x.items[0].name: is missing: this setting has " \
+                               "no default"
 
 
 # ---- messages and header edits -----------------------------------------------------------
@@ -417,7 +467,7 @@ def test_forged_results_claiming_our_id_are_removed():
 
 
 def test_authres_plugin_adds_once_and_removes_forged():
-    mgr = PluginManager({"authres": {}}).start()
+    mgr = PluginManager.from_mapping({"authres": {}}).start()
     ctx = Context(hostname="mx.elemta.test", message=Message(RAW))
     ctx.auth_results = [RESULTS[3], RESULTS[0]]
     outcome = mgr.run("data", ctx)
@@ -426,7 +476,7 @@ def test_authres_plugin_adds_once_and_removes_forged():
     assert edited.startswith(b"Authentication-Results: mx.elemta.test;\r\n\tspf=pass "
                              b"smtp.mailfrom=alice@example.com;\r\n\tdmarc=pass")
     with pytest.raises(PluginConfigError) as error:
-        PluginManager({"authres": {"authserv_id": "two words"}})
+        PluginManager.from_mapping({"authres": {"authserv_id": "two words"}})
     assert str(error.value).startswith("plugins.authres.authserv_id: 'two words' is not")
 
 
@@ -452,7 +502,7 @@ def test_example_plugin_runs_through_its_entry_point(installed_example, tmp_path
         from elemta.plugins.api import Context, Message
         from elemta.plugins.manager import PluginManager, available_plugins
         print(type(available_plugins()["example"]).__name__)
-        mgr = PluginManager({"example": {
+        mgr = PluginManager.from_mapping({"example": {
             "blocked_senders": ["Spam@Bad.Example"], "blocked_networks": ["192.0.2.0/24"],
             "routes": ["partner.example=smtp:[10.0.0.5]:2525"]}}).start(strict=True)
         print(mgr.run("connection", Context(client_address="192.0.2.1")).reply)
@@ -468,9 +518,22 @@ def test_example_plugin_runs_through_its_entry_point(installed_example, tmp_path
         print(mgr.run("routing", ctx).nexthop)
         for bad in ({"blocked_sender": []}, {"routes": ["partner.example"]}):
             try:
-                PluginManager({"example": bad})
+                PluginManager.from_mapping({"example": bad})
             except Exception as error:
                 print(error)
+        # In a config file: checked by the loader against ExampleSettings, with its line.
+        from elemta.config import ConfigError, load_config
+        with open("elemta.yaml", "w") as config:
+            config.write("plugins:\\n  example:\\n    enabled: true\\n"
+                         "    blocked_networks: [192.0.2.0/24]\\n    tag_header: 7\\n")
+        try:
+            load_config("elemta.yaml")
+        except ConfigError as error:
+            print(error)
+        with open("elemta.yaml", "w") as config:
+            config.write("plugins:\\n  example:\\n    enabled: true\\n"
+                         "    tag_header: X-Ours\\n")
+        print(load_config("elemta.yaml").plugins.to_run())
     """)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60,
@@ -484,7 +547,11 @@ def test_example_plugin_runs_through_its_entry_point(installed_example, tmp_path
         "None",
         "[('X-Example-Plugin', 'message 1 seen by example')]",
         "smtp:[10.0.0.5]:2525",
-        "plugins.example.blocked_sender: unknown setting (known: blocked_networks, "
-        "blocked_senders, routes, tag_header)",
+        "plugins.example.blocked_sender: unknown key; did you mean "
+        "plugins.example.blocked_senders?",
         "plugins.example.routes[0]: 'partner.example' is not domain=nexthop",
+        "elemta.yaml:5: plugins.example.tag_header: expected a string, not an integer (7)",
+        "(ConfiguredPlugin(name='example', common=PluginCommon(enabled=True, timeout=0.0, "
+        "fail_open=False), settings=ExampleSettings(blocked_networks=(), "
+        "blocked_senders=(), tag_header='X-Ours', routes=())),)",
     ]

@@ -17,10 +17,8 @@ import time
 
 import pytest
 
-from elemta.config.schema import Plugins
-from elemta.plugins.api import parse_settings
 from elemta.plugins.dkim import Signer, SigningKey, generate_key
-from elemta.plugins.manager import BUILTINS, _load_class, apply_header_edits
+from elemta.plugins.manager import apply_header_edits
 from tests.peers.nsd import NSDInstance, nsd_available
 
 pytestmark = pytest.mark.skipif(nsd_available() is not None, reason=str(nsd_available()))
@@ -88,18 +86,6 @@ def queued_id(replies):
 def spooled(server, replies):
     """The spool file's content of the message that send() got accepted."""
     return server.message(queued_id(replies))[1]
-
-
-def test_schema_defaults_are_the_plugins_own():
-    """The config's typed plugin tables default to exactly what each plugin defaults to."""
-    import dataclasses
-    for name in BUILTINS:
-        section = dataclasses.asdict(getattr(Plugins(), name))
-        for common in ("enabled", "timeout", "fail_open"):
-            section.pop(common)
-        settings_class = _load_class(name, BUILTINS[name]).Settings
-        assert parse_settings(settings_class, section, "plugins." + name) == \
-            parse_settings(settings_class, {}, "plugins." + name), name
 
 
 def test_without_plugins_the_spool_file_is_received_plus_content(elemta_server):

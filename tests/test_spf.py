@@ -203,7 +203,7 @@ def mail_from(manager, resolver, client, sender, helo="mail.spf.test", **kw):
 
 
 def test_enforce_refuses_fail_and_temperror(resolver):
-    manager = PluginManager({"spf": {"enforce": True}}).start()
+    manager = PluginManager.from_mapping({"spf": {"enforce": True}}).start()
     ctx, outcome = mail_from(manager, resolver, "192.0.2.66", "bob@spf.test",
                              helo="client.spf.test")
     assert outcome.reply == (550, "5.7.23", "SPF: 192.0.2.66 is not allowed to send mail "
@@ -228,7 +228,7 @@ def test_enforce_refuses_fail_and_temperror(resolver):
 
 
 def test_without_enforce_nothing_is_refused(resolver):
-    manager = PluginManager({"spf": {}}).start()
+    manager = PluginManager.from_mapping({"spf": {}}).start()
     ctx, outcome = mail_from(manager, resolver, "192.0.2.66", "bob@spf.test")
     assert outcome.reply is None
     assert ctx.auth_results[-1].result == "fail"
@@ -236,7 +236,7 @@ def test_without_enforce_nothing_is_refused(resolver):
 
 
 def test_received_spf_header_at_data(resolver):
-    manager = PluginManager({"spf": {}}).start()
+    manager = PluginManager.from_mapping({"spf": {}}).start()
     ctx, _ = mail_from(manager, resolver, "192.0.2.1", "bob@spf.test")
     ctx.message = Message(b"From: bob@spf.test\r\n\r\nhi\r\n")
     outcome = manager.run("data", ctx)
@@ -252,7 +252,7 @@ def test_received_spf_header_at_data(resolver):
 
 
 def test_null_sender_checks_postmaster_at_helo(resolver):
-    manager = PluginManager({"spf": {"enforce": True}}).start()
+    manager = PluginManager.from_mapping({"spf": {"enforce": True}}).start()
     ctx, outcome = mail_from(manager, resolver, "192.0.2.66", "")
     # HELO mail.spf.test allows only its A record: the bounce is refused.
     assert outcome.reply[:2] == (550, "5.7.23")
@@ -265,7 +265,7 @@ def test_null_sender_checks_postmaster_at_helo(resolver):
 
 
 def test_our_users_are_not_checked(resolver):
-    manager = PluginManager({"spf": {"enforce": True}}).start()
+    manager = PluginManager.from_mapping({"spf": {"enforce": True}}).start()
     for kw in ({"auth_user": "bob"}, {"trusted": True}, {"local": True}):
         ctx, outcome = mail_from(manager, resolver, "192.0.2.66", "bob@spf.test", **kw)
         assert outcome.reply is None and ctx.auth_results == []
@@ -274,7 +274,7 @@ def test_our_users_are_not_checked(resolver):
 
 def test_no_dns_at_all_is_temperror_not_a_crash(silent_port, caplog):
     dead = Resolver(nameservers=["127.0.0.1"], port=silent_port, timeout=0.05, attempts=1)
-    manager = PluginManager({"spf": {"enforce": True}}).start()
+    manager = PluginManager.from_mapping({"spf": {"enforce": True}}).start()
     caplog.set_level("INFO", logger="elemta")
     ctx, outcome = mail_from(manager, dead, "192.0.2.66", "bob@spf.test",
                              helo="client.spf.test")

@@ -7,15 +7,20 @@ The loader knows no option by name. It walks the dataclasses of elemta.config.sc
 (dataclasses.fields, typing.get_type_hints): a nested dataclass is a table, a
 Tuple[X, ...] a list, and each field's metadata `check` judges the value once its type
 is right. A field's default is always acceptable, even where the check would refuse
-it (smtpd.hostname "" means "the system's host name"). Then a few checks that span
-fields (AUTH on submission ports, duplicate listeners) run on the result, and the files
-the workers will read (TLS, credentials, signing keys) are opened, unless the caller is
-a tool every user runs, which needs no secret (load_config's check_files).
+it (smtpd.hostname "" means "the system's host name"). The built-in plugins' tables are
+their own Settings classes (elemta.plugins.settings) and are read the same way; so is
+the table of a third-party plugin, against the Settings class of the installed plugin
+of that name, and a plugin table's validate(path) judges it across its fields. Then a
+few checks that span fields (AUTH on submission ports, duplicate listeners) run on the
+result, and the files the workers will read (TLS, credentials, signing keys) are
+opened, unless the caller is a tool every user runs, which needs no secret
+(load_config's check_files).
 Every problem in the file is collected, with its line and key path, before ConfigError
 is raised, so one run shows the administrator everything to fix.
 See also: elemta.config.schema, elemta.config.sources, man/elemta.conf.5.
 """
 
+import collections.abc
 import dataclasses
 import difflib
 import ipaddress
@@ -25,8 +30,10 @@ import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from elemta.config.errors import ConfigError, KeyPath, Problem, format_key
-from elemta.config.schema import Config
+from elemta.config.schema import BUILTIN_PLUGINS, Config, Plugins
 from elemta.config.sources import FORMATS, parse
+from elemta.plugins.api import PluginConfigError
+from elemta.plugins.settings import ConfiguredPlugin, PluginCommon
 
 # Listener modes on which a client must authenticate before MAIL.
 AUTH_REQUIRED_MODES = ("submission", "smtps")
@@ -86,6 +93,26 @@ def load_config(path: Union[str, "os.PathLike[str]"],
     return dataclasses.replace(config, source=file)
 
 
+def plugins_from_mapping(mapping: Any, known: Optional[Dict[str, Any]] = None) -> Plugins:
+    """The typed plugins section for {name: settings table}, built and checked as a
+    config file's `plugins` would be, except that each table is on unless it says
+    enabled: false (PluginManager.from_mapping, for scripts and tests). known: name ->
+    plugin class, in place of the installed third-party plugins. Raises
+    PluginConfigError, one line per problem, each naming plugins.NAME.KEY."""
+    if isinstance(mapping, dict):
+        mapping = {name: {"enabled": True, **table} if isinstance(table, dict)
+                   else {"enabled": True} if table is None else table
+                   for name, table in mapping.items()}
+    checker = _Checker("<plugins>", {}, "table", check_files=False, known=known)
+    plugins = checker.build(Plugins, mapping if mapping is not None else {}, ("plugins",))
+    if plugins is not _INVALID:
+        checker.check_plugins(plugins)
+    if checker.problems:
+        raise PluginConfigError("\n".join("%s: %s" % (problem.key, problem.message)
+                                          for problem in checker.problems))
+    return plugins
+
+
 class _Invalid:
     """Marks a value that was refused (its problem is already recorded)."""
 
@@ -116,6 +143,15 @@ def sequence_item(kind: Any) -> Any:
         args = typing.get_args(kind)
         if len(args) == 2 and args[1] is Ellipsis:
             return args[0]
+    return None
+
+
+def _list_item(kind: Any) -> Any:
+    """List[X] or Sequence[X] -> X (read as a tuple, as third-party Settings may say);
+    anything else -> None."""
+    if typing.get_origin(kind) in (list, collections.abc.Sequence):
+        args = typing.get_args(kind)
+        return args[0] if args else Any
     return None
 
 
@@ -163,8 +199,10 @@ class _Checker:
     """Builds schema dataclasses from plain data, recording each problem with its line."""
 
     def __init__(self, file: str, lines: Dict[KeyPath, int], table_word: str,
-                 check_files: Union[bool, FileCheck] = True) -> None:
+                 check_files: Union[bool, FileCheck] = True,
+                 known: Optional[Dict[str, Any]] = None) -> None:
         self.file = file
+        self.known = known          # third-party plugins: name -> class (tests)
         self.check_files = check_files
         self.lines = lines
         self.table_word = table_word
@@ -205,28 +243,89 @@ class _Checker:
                 type_name(cls, self.table_word), _describe(value, self.table_word)))
         fields = {f.name: f for f in schema_options(cls)}
         # A table that also takes keys the schema cannot know (third-party plugins) keeps
-        # them, unchecked, in the field it names; check_plugins judges them.
+        # them, each typed by its plugin's Settings, in the field it names.
         other_field = getattr(cls, "other_keys_field", None)
         others = []
         for key in value:
             if key not in fields:
                 if other_field is not None:
-                    others.append((key, value[key]))
+                    others.append(self.third_party_plugin(key, value[key], path + (key,)))
                 else:
                     self.refuse_unknown_key(path, key, sorted(fields))
         hints = typing.get_type_hints(cls)
         settings = {}
-        if others:
-            settings[other_field] = tuple(others)
+        if other_field is not None:
+            settings[other_field] = tuple(other for other in others if other is not _INVALID)
+        missing = False
         for name, field in fields.items():
             if name in value:
                 checked = self.value(value[name], hints[name], field, path + (name,))
                 if checked is not _INVALID:
                     settings[name] = checked
-        return cls(**settings)
+            if name not in settings and field.default is dataclasses.MISSING and (
+                    field.default_factory is dataclasses.MISSING):  # type: ignore
+                missing = True          # a third-party plugin's setting without default
+                if name not in value:
+                    self.refuse(path + (name,), "is missing: this setting has no default")
+        return _INVALID if missing else cls(**settings)
+
+    def third_party_plugin(self, name: str, value: Any, path: KeyPath) -> Any:
+        """A ConfiguredPlugin from the table of a plugin the schema does not know: its
+        PluginCommon settings and the rest built as the plugin's own Settings class, then
+        judged by the Settings' validate(path)."""
+        from elemta.plugins.registry import available_plugins, load_class
+        known = available_plugins() if self.known is None else self.known
+        if name not in known:
+            return self.refuse(path, "no such plugin (available: %s)" % ", ".join(
+                sorted(set(known) | set(f.name for f in schema_options(Plugins)))))
+        try:
+            plugin_class = load_class(name, known[name])
+        except PluginConfigError as error:
+            return self.refuse(path, str(error).partition(": ")[2])
+        if value is None:
+            value = {}      # a YAML table whose settings are all commented out
+        if not isinstance(value, dict):
+            return self.refuse(path, "expected %s of settings, not %s" % (
+                type_name(PluginCommon, self.table_word), _describe(value, self.table_word)))
+        common_keys = [f.name for f in schema_options(PluginCommon)]
+        own_class = plugin_class.Settings
+        own_keys = [f.name for f in dataclasses.fields(own_class)] if own_class else []
+        for key in value:
+            if key not in common_keys and key not in own_keys:
+                self.refuse_unknown_key(path, key, sorted(common_keys + own_keys))
+        common = self.build(PluginCommon, {k: v for k, v in value.items()
+                                           if k in common_keys}, path)
+        settings = None
+        if own_class is not None:
+            try:
+                settings = self.build(own_class, {k: v for k, v in value.items()
+                                                  if k in own_keys}, path)
+            except (TypeError, ValueError) as error:    # the plugin's, not the file's
+                return self.refuse(path, "the plugin's Settings refused this table: %s"
+                                   % (error,))
+            if settings is not _INVALID:
+                self.validate_plugin(settings, path)
+        if common is _INVALID or settings is _INVALID:
+            return _INVALID
+        return ConfiguredPlugin(name, common, settings)
+
+    def validate_plugin(self, settings: Any, path: KeyPath) -> None:
+        """A plugin table's own checks across its settings (its validate(path) method):
+        its error names plugins.NAME.KEY, which is mapped back onto the file's line."""
+        check = getattr(settings, "validate", None)
+        if check is None:
+            return
+        try:
+            check(format_key(path))
+        except PluginConfigError as error:
+            key, _, message = str(error).partition(": ")
+            where = _key_path(key)
+            if where[:len(path)] != path:
+                where, message = path, str(error)
+            self.refuse_across(where, message)
 
     def refuse_unknown_key(self, path: KeyPath, key: str, known: Sequence[str]) -> None:
-        guess = difflib.get_close_matches(key, known, n=1)
+        guess = difflib.get_close_matches(str(key), known, n=1)
         if guess:
             hint = "did you mean %s?" % format_key(path + (guess[0],))
         else:
@@ -257,7 +356,9 @@ class _Checker:
         inner = _optional_inner(kind)
         if inner is not None:
             return None if value is None else self.convert(value, inner, path)
-        item = sequence_item(kind)
+        if kind is Any:
+            return value            # a third-party plugin's untyped setting
+        item = sequence_item(kind) or _list_item(kind)
         if item is not None:
             if not isinstance(value, list):
                 return self.wrong_type(value, kind, path)
@@ -321,7 +422,7 @@ class _Checker:
                 first_on[endpoint] = index
 
         self.check_delivery(config)
-        self.check_plugins(config)
+        self.check_plugins(config.plugins)
 
     def check_worker_files(self, config: Config) -> None:
         """Secrets and certificates the workers read at start: say now, not in a
@@ -339,25 +440,12 @@ class _Checker:
             if path in reasons:
                 self.refuse_across(path, "cannot read %s: %s" % (filename, reasons[path]))
 
-    def check_plugins(self, config: Config) -> None:
-        """Each enabled plugin's own checks (a DKIM signing key needs a domain...) and
-        every third-party plugin table, by the plugin's Settings: its errors name
-        plugins.NAME.KEY, which is mapped back onto the file's line."""
-        from elemta.plugins.api import PluginConfigError
-        from elemta.plugins.manager import parse_plugin_config
-        plugins = config.plugins
-        sections = plugins.mapping()
-        for name, settings in plugins.other:
-            sections[name] = settings
-        for name, settings in sections.items():
-            try:
-                parse_plugin_config({name: settings})
-            except PluginConfigError as error:
-                key, _, message = str(error).partition(": ")
-                path = _key_path(key)
-                if path[:1] != ("plugins",):
-                    path, message = ("plugins", name), str(error)
-                self.refuse_across(path, message)
+    def check_plugins(self, plugins: Plugins) -> None:
+        """Each built-in plugin that runs, by its table's own checks across settings (a
+        DKIM signing key needs a domain...). Third-party tables had theirs when built."""
+        for plugin in plugins.to_run():
+            if plugin.name in BUILTIN_PLUGINS + ("authres",):
+                self.validate_plugin(plugin.settings, ("plugins", plugin.name))
 
     def check_delivery(self, config: Config) -> None:
         """Backoff bounds in order; transport entries complete and not repeated."""

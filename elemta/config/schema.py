@@ -4,7 +4,10 @@ Owned by no process: every process loads the same typed Config once at start.
 The loader (elemta.config.loader) maps YAML or TOML onto these dataclasses; code
 elsewhere only ever sees these frozen objects, never raw dicts.
 
-Each field's metadata carries:
+The built-in plugins' tables are the plugins' own Settings classes, declared once in
+elemta.plugins.settings (a light module: no plugin code is imported to load a config).
+
+Each field's metadata (elemta.config.options.opt) carries:
   doc   - one-line description (the man page elemta.conf(5) documents every field)
   check - optional callable(value) -> error message or None, for values whose
           type is right but whose meaning is wrong (a port of 70000, say)
@@ -15,7 +18,17 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
+
+from elemta.config.options import domains as _domains
+from elemta.config.options import networks as _networks
+from elemta.config.options import not_negative as _not_negative
+from elemta.config.options import one_of as _one_of
+from elemta.config.options import opt
+from elemta.config.options import positive as _positive
+from elemta.plugins.settings import (ARCSettings, AuthResSettings, ConfiguredPlugin,
+                                     DKIMSettings, DMARCSettings, GreylistSettings,
+                                     SPFSettings, authres_runs)
 
 LISTENER_MODES = ("smtp", "submission", "smtps")
 LINE_ENDING_POLICIES = ("reject", "normalize")
@@ -28,29 +41,9 @@ TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 DELIVERY_TLS_LEVELS = ("none", "may", "encrypt", "verify", "secure")
 
 
-def _one_of(choices):
-    def check(value):
-        if value not in choices:
-            return "must be one of %s, not %r" % (", ".join(choices), value)
-        return None
-    return check
-
-
 def _port(value):
     if not 1 <= value <= 65535:
         return "must be a TCP port between 1 and 65535, not %d" % value
-    return None
-
-
-def _positive(value):
-    if value <= 0:
-        return "must be greater than 0, not %r" % (value,)
-    return None
-
-
-def _not_negative(value):
-    if value < 0:
-        return "must be 0 or more, not %r" % (value,)
     return None
 
 
@@ -65,29 +58,6 @@ def _ip_address(value):
         ipaddress.ip_address(value)
     except ValueError:
         return "must be an IPv4 or IPv6 address, not %r" % value
-    return None
-
-
-def _networks(values):
-    for value in values:
-        try:
-            ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            return "%r is not an IP network (write 192.0.2.0/24 or 2001:db8::/32)" % value
-    return None
-
-
-# Letters, digits, '-' and '_' (seen in real host names), or non-ASCII (IDN U-labels).
-_LABEL = re.compile("^[\\w\u0080-\U0010ffff]([\\w\u0080-\U0010ffff-]{0,61}"
-                    "[\\w\u0080-\U0010ffff])?$")
-
-
-def _domains(values):
-    for value in values:
-        name = value.rstrip(".")
-        if not name or len(name) > 253 or not all(
-                _LABEL.match(label) for label in name.split(".")):
-            return "%r is not a domain name" % value
     return None
 
 
@@ -170,13 +140,6 @@ def _ip_addresses(values):
         if problem:
             return problem
     return None
-
-
-def opt(default, doc, check=None):
-    """A config field: its default, its one-line doc and an optional value check."""
-    if isinstance(default, (list, dict)):
-        raise TypeError("use tuples for sequence defaults (the config is frozen)")
-    return field(default=default, metadata={"doc": doc, "check": check})
 
 
 @dataclass(frozen=True)
@@ -524,177 +487,40 @@ class DNS:
     timeout: float = opt(3.0, "Seconds one DNS query to one nameserver may take.", _positive)
 
 
-# ---- plugins: one table per built-in, with the settings every plugin has first ----------
+# ---- plugins: each built-in's table is the plugin's own Settings (elemta.plugins.settings)
 
-def _plugin_timeout(value):
-    if value < 0:
-        return "must be 0 (the plugin's own default) or more seconds, not %r" % (value,)
-    return None
-
-
-@dataclass(frozen=True)
-class PluginCommon:
-    """Settings every plugin has."""
-    enabled: bool = opt(False, "Run this plugin.")
-    timeout: float = opt(0.0, "Seconds one call may take before the plugin counts as "
-                              "failed; 0 means the plugin's own default.", _plugin_timeout)
-    fail_open: bool = opt(False, "When the plugin fails or times out, carry on as if it had "
-                                 "no opinion instead of answering 451 4.3.0.")
-
-
-@dataclass(frozen=True)
-class SPFPluginConfig(PluginCommon):
-    """SPF (RFC 7208) on MAIL FROM and HELO; adds Received-SPF."""
-    enforce: bool = opt(False, "Refuse an SPF fail with 550 5.7.23 and a temperror with "
-                               "451 4.7.24 (otherwise only record the result).")
-    check_helo: bool = opt(True, "Also check the HELO identity (RFC 7208 2.3).")
-    received_spf: bool = opt(True, "Add a Received-SPF header to accepted mail.")
-
-
-@dataclass(frozen=True)
-class DKIMKey:
-    """One DKIM signing key."""
-    domain: str = opt("", "Signing domain (d=); mail from this domain is signed with the "
-                          "key.")
-    selector: str = opt("", "Selector (s=): the key is published at "
-                            "SELECTOR._domainkey.DOMAIN.")
-    key_file: str = opt("", "PEM private key (elemtactl dkim keygen writes one).")
-    algorithm: str = opt("rsa-sha256", "rsa-sha256 or ed25519-sha256.",
-                         _one_of(("rsa-sha256", "ed25519-sha256")))
-
-
-@dataclass(frozen=True)
-class DKIMPluginConfig(PluginCommon):
-    """DKIM (RFC 6376): verify inbound signatures, sign outbound mail."""
-    verify: bool = opt(True, "Verify the DKIM signatures of inbound mail.")
-    sign: bool = opt(False, "Sign mail from authenticated, local and trusted clients.")
-    domain: str = opt("", "Signing domain of the one key written inline (or use keys).")
-    selector: str = opt("", "Selector of the inline key.")
-    key_file: str = opt("", "PEM private key file of the inline key.")
-    algorithm: str = opt("rsa-sha256", "Algorithm of the inline key: rsa-sha256 or "
-                                       "ed25519-sha256.",
-                         _one_of(("rsa-sha256", "ed25519-sha256")))
-    keys: Tuple[DKIMKey, ...] = opt((), "More signing keys, for several domains or "
-                                        "selectors.")
-    sign_headers: Tuple[str, ...] = opt((), "Header fields to sign (empty: the RFC 6376 "
-                                            "5.4.1 list).")
-    max_signatures: int = opt(5, "Signatures verified per message at most, top first; the "
-                                 "others are reported dkim=neutral (not checked) and logged. "
-                                 "OpenDKIM: MaximumSignaturesToVerify (default 3).",
-                              _positive)
-    max_body_bytes: int = opt(31457280, "Longest body hashed, in bytes; the signatures of a "
-                                        "longer one are reported dkim=neutral (not checked) "
-                                        "and logged. The default is limits.message_size's, "
-                                        "so every message accepted by default is checked. "
-                                        "OpenDKIM has no such limit (its MaximumSignedBytes "
-                                        "is for signing).", _positive)
-    max_headers: int = opt(1000, "Most header fields a message, or the h= list of one "
-                                 "signature, may have to be checked; beyond it the "
-                                 "signatures are reported dkim=neutral (not checked) and "
-                                 "logged. OpenDKIM: MaximumHeaders (65536 bytes of header).",
-                           _positive)
-
-
-@dataclass(frozen=True)
-class DMARCPluginConfig(PluginCommon):
-    """DMARC (RFC 7489) from the SPF and DKIM results."""
-    enforce: bool = opt(False, "Apply the sender domain's policy: p=reject gives 550 5.7.1, "
-                               "p=quarantine puts the message on hold.")
-    reject_text: str = opt("Message rejected by the DMARC policy of %(domain)s",
-                           "Text of the 550 reply; %(domain)s is the From domain.")
-
-
-@dataclass(frozen=True)
-class ARCPluginConfig(PluginCommon):
-    """ARC (RFC 8617): verify inbound chains, seal mail Elemta forwards."""
-    verify: bool = opt(True, "Verify ARC chains of inbound mail (arc=none/pass/fail).")
-    seal: bool = opt(False, "Seal messages Elemta forwards.")
-    domain: str = opt("", "Sealing domain (needed when seal is true).")
-    selector: str = opt("", "Sealing selector (needed when seal is true).")
-    key_file: str = opt("", "PEM private key used to seal (needed when seal is true).")
-    authserv_id: str = opt("", "The authserv-id sealed into ARC-Authentication-Results "
-                               "(default: the host name).")
-
-
-@dataclass(frozen=True)
-class AuthResPluginConfig:
-    """The Authentication-Results header (RFC 8601)."""
-    enabled: Optional[bool] = opt(None, "Write Authentication-Results; unset means: when "
-                                        "spf, dkim, dmarc or arc is enabled.")
-    timeout: float = opt(0.0, "Seconds one call may take; 0 means the plugin's own "
-                              "default.", _plugin_timeout)
-    fail_open: bool = opt(False, "On failure, carry on instead of answering 451 4.3.0.")
-    authserv_id: str = opt("", "The authserv-id written (default: the host name).")
-    remove_forged: bool = opt(True, "Remove inbound Authentication-Results that claim our "
-                                    "authserv-id.")
-    also_remove: Tuple[str, ...] = opt((), "Other authserv-ids to remove (former names of "
-                                           "this server).")
-
-
-@dataclass(frozen=True)
-class GreylistPluginConfig(PluginCommon):
-    """Greylisting: 451 4.7.1 to a first attempt from an unknown triplet."""
-    database: str = opt("/var/lib/elemta/greylist", "LMDB directory of the triplets.")
-    delay: int = opt(300, "Seconds before a retry is accepted.", _not_negative)
-    retry_window: int = opt(172800, "Seconds a first attempt is remembered.", _not_negative)
-    expiry: int = opt(3024000, "Seconds a triplet that passed is kept.", _not_negative)
-    allow_networks: Tuple[str, ...] = opt((), "Client networks never greylisted.", _networks)
-    allow_domains: Tuple[str, ...] = opt((), "Sender domains never greylisted.", _domains)
-    ipv4_prefix: int = opt(24, "IPv4 clients in one network of this prefix length count "
-                               "as one.")
-    ipv6_prefix: int = opt(64, "IPv6 clients in one network of this prefix length count "
-                               "as one.")
-    map_size_mb: int = opt(64, "Largest size of the LMDB database, in megabytes.",
-                           _positive)
-
-
-AUTH_PLUGINS = ("spf", "dkim", "dmarc", "arc")
+BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist")   # authres: by its rule
 
 
 @dataclass(frozen=True)
 class Plugins:
     """Plugins: the built-ins below, and any installed in the elemta.plugins entry-point
     group, each configured in a table named after it (a third-party plugin's keys are
-    checked by the plugin). Every plugin is disabled until its table says enabled: true."""
-    spf: SPFPluginConfig = opt(SPFPluginConfig(), "SPF.")
-    dkim: DKIMPluginConfig = opt(DKIMPluginConfig(), "DKIM.")
-    dmarc: DMARCPluginConfig = opt(DMARCPluginConfig(), "DMARC.")
-    arc: ARCPluginConfig = opt(ARCPluginConfig(), "ARC.")
-    authres: AuthResPluginConfig = opt(AuthResPluginConfig(), "Authentication-Results.")
-    greylist: GreylistPluginConfig = opt(GreylistPluginConfig(), "Greylisting.")
-    # Tables of installed third-party plugins, checked by the plugin's own Settings.
-    other: Tuple[Tuple[str, Any], ...] = field(default=(), metadata={"internal": True})
+    checked against the plugin's Settings). Every plugin is disabled until its table says
+    enabled: true."""
+    spf: SPFSettings = opt(SPFSettings(), "SPF.")
+    dkim: DKIMSettings = opt(DKIMSettings(), "DKIM.")
+    dmarc: DMARCSettings = opt(DMARCSettings(), "DMARC.")
+    arc: ARCSettings = opt(ARCSettings(), "ARC.")
+    authres: AuthResSettings = opt(AuthResSettings(), "Authentication-Results.")
+    greylist: GreylistSettings = opt(GreylistSettings(), "Greylisting.")
+    # Tables of installed third-party plugins, typed by the loader with the plugin's own
+    # Settings class.
+    other: Tuple[ConfiguredPlugin, ...] = field(default=(), metadata={"internal": True})
 
-    # The loader keeps keys it does not know here instead of refusing them.
+    # The loader builds keys it does not know as third-party plugin tables, kept here.
     other_keys_field = "other"
 
-    def mapping(self):
-        """{name: settings} of the plugins to run, for elemta.plugins.manager."""
-        import dataclasses as dc
-        sections = {}
-        for name in ("spf", "dkim", "dmarc", "arc", "greylist"):
-            section = getattr(self, name)
-            if section.enabled:
-                sections[name] = _plugin_mapping(dc.asdict(section))
-        authres = _plugin_mapping(dc.asdict(self.authres))
-        if authres["enabled"] is None:
-            del authres["enabled"]        # the manager's rule: on with any auth check
-            if any(name in sections for name in AUTH_PLUGINS):
-                sections["authres"] = authres
-        elif authres["enabled"] or any(name in sections for name in AUTH_PLUGINS):
-            sections["authres"] = authres
-        for name, settings in self.other:
-            settings = dict(settings or {})
-            if settings.get("enabled") is True:
-                sections[name] = settings
-        return sections
-
-
-def _plugin_mapping(settings):
-    """A plugin table as the manager takes it: timeout 0 means "not set"."""
-    if not settings.get("timeout"):
-        settings.pop("timeout", None)
-    return settings
+    def to_run(self):
+        """The plugins to run, each a ConfiguredPlugin, for elemta.plugins.manager: the
+        enabled built-ins, the Authentication-Results writer when authres_runs says so,
+        and the enabled third-party plugins."""
+        running = [ConfiguredPlugin(name, getattr(self, name), getattr(self, name))
+                   for name in BUILTIN_PLUGINS if getattr(self, name).enabled]
+        if authres_runs(self.authres, [plugin.name for plugin in running]):
+            running.append(ConfiguredPlugin("authres", self.authres, self.authres))
+        running += [plugin for plugin in self.other if plugin.common.enabled]
+        return tuple(running)
 
 
 @dataclass(frozen=True)

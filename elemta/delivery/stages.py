@@ -74,7 +74,7 @@ class DeliveryStages:
         """known: name -> plugin class, instead of the installed ones (tests)."""
         self.hostname = config.hostname
         self.mx_port = config.delivery.mx_port
-        self.plugins = PluginManager(config.plugins.mapping(), known=known,
+        self.plugins = PluginManager(config.plugins.to_run(), known=known,
                                      stages=(ROUTING, DELIVERY)).start()
         self.routes = self.plugins.wants(ROUTING)
         self.delivers = self.plugins.wants(DELIVERY)

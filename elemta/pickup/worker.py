@@ -139,7 +139,7 @@ class PickupWorker(GeventChild):
         dns = self.config.dns
         self.resolver = Resolver(nameservers=list(dns.nameservers) or None, port=dns.port,
                                  timeout=dns.timeout)
-        self.plugins = PluginManager(self.config.plugins.mapping(),
+        self.plugins = PluginManager(self.config.plugins.to_run(),
                                      stages=(DATA, STORAGE, QUEUE)).start()
 
     def serve(self):

@@ -1,5 +1,6 @@
-"""Plugins: the API (api), the manager that runs them (manager), the content stages every
-mail entry shares (content), and the built-ins.
+"""Plugins: the API (api), the manager that runs them (manager), which plugins exist
+(registry), the built-ins' settings (settings, embedded in the config schema), the
+content stages every mail entry shares (content), and the built-ins.
 
 Built-ins: spf, dkim, dmarc, arc (email authentication), authres (the
 Authentication-Results header), greylist. Each process asks the plugins of its own stages:

@@ -6,7 +6,7 @@ queue), pickup (data, storage, queue for mail from sendmail) and the delivery wo
 
     class MyPlugin(Plugin):
         name = "myplugin"                 # its key under `plugins:` in the config
-        Settings = MySettings             # a dataclass; validated from the config mapping
+        Settings = MySettings             # a dataclass; the config loader builds it
 
         def init(self, settings): ...     # once per process, after fork
         def close(self): ...
@@ -79,10 +79,7 @@ data and storage stages over one message), tests/plugins/example (a documented e
 installed through its entry point), elemta.plugins.authres (auth results as a header).
 """
 
-import collections.abc
-import dataclasses
 import re
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -328,8 +325,15 @@ class Context:
 
 
 class Plugin:
-    """Base class. Subclasses set name, optionally Settings (a dataclass) and order,
-    and define on_<stage>(ctx) methods returning a Result or None."""
+    """Base class. Subclasses set name, optionally Settings and order, and define
+    on_<stage>(ctx) methods returning a Result or None.
+
+    Settings is a frozen dataclass of the plugin's own settings (enabled, timeout and
+    fail_open are the manager's: elemta.plugins.settings.PluginCommon). The config loader
+    builds it from the plugin's table, field types str, int, float, bool, Optional,
+    Tuple[X, ...] and nested dataclasses, so a wrong key or type is reported with the
+    file's line before anything starts; a validate(path) method adds checks across
+    fields, raising PluginConfigError("<path>.<key>: what is wrong")."""
     name = ""
     Settings = None  # type: Optional[type]
     # Lower runs first within a stage: authentication checks before the policies that
@@ -339,7 +343,8 @@ class Plugin:
     default_timeout = 10.0
 
     def init(self, settings):
-        """Called once per process (after fork) with the validated Settings instance."""
+        """Called once per process (after fork) with the Settings instance the config
+        loader built from the plugin's table (None when the plugin has no Settings)."""
         self.settings = settings
 
     def close(self):
@@ -352,86 +357,3 @@ class Plugin:
 def served_stages(plugin):
     """The stages a plugin (class or instance) serves: its on_<stage> methods."""
     return tuple(stage for stage in STAGES if callable(getattr(plugin, "on_" + stage, None)))
-
-
-# ---- typed settings from a plain mapping ------------------------------------------------
-
-def parse_settings(settings_class, mapping, path):
-    # type: (type, Any, str) -> Any
-    """An instance of the dataclass settings_class built from mapping; raises
-    PluginConfigError naming the key path (path + "." + key) of the first problem."""
-    if mapping is None:
-        mapping = {}
-    if not isinstance(mapping, dict):
-        raise PluginConfigError("%s: expected a mapping of settings, got %s"
-                                % (path, _describe(mapping)))
-    hints = typing.get_type_hints(settings_class)
-    fields = {f.name: f for f in dataclasses.fields(settings_class)}
-    unknown = sorted(set(mapping) - set(fields))
-    if unknown:
-        raise PluginConfigError("%s.%s: unknown setting (known: %s)"
-                                % (path, unknown[0], ", ".join(sorted(fields)) or "none"))
-    values = {}
-    for name, spec in fields.items():
-        key_path = "%s.%s" % (path, name)
-        if name in mapping:
-            values[name] = _convert(hints[name], mapping[name], key_path)
-        elif (spec.default is dataclasses.MISSING
-              and spec.default_factory is dataclasses.MISSING):  # type: ignore
-            raise PluginConfigError("%s: required setting is missing" % key_path)
-    try:
-        instance = settings_class(**values)
-    except (TypeError, ValueError) as error:
-        raise PluginConfigError("%s: %s" % (path, error)) from None
-    check = getattr(instance, "validate", None)
-    if check is not None:
-        check(path)
-    return instance
-
-
-def _convert(hint, value, path):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union and type(None) in args:
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, path)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise PluginConfigError("%s: expected true or false, got %s" % (path, _describe(value)))
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise PluginConfigError("%s: expected a whole number, got %s" % (path, _describe(value)))
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise PluginConfigError("%s: expected a number, got %s" % (path, _describe(value)))
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise PluginConfigError("%s: expected a string, got %s" % (path, _describe(value)))
-    if origin in (list, tuple, collections.abc.Sequence):
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise PluginConfigError("%s: expected a list, got %s" % (path, _describe(value)))
-        item_hint = args[0] if args else Any
-        items = [_convert(item_hint, item, "%s[%d]" % (path, i))
-                 for i, item in enumerate(value)]
-        return tuple(items)
-    if dataclasses.is_dataclass(hint):
-        return parse_settings(hint, value, path)
-    if hint is Any:
-        return value
-    raise PluginConfigError("%s: unsupported setting type %r" % (path, hint))
-
-
-def _describe(value):
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return "%s (a boolean)" % ("true" if value else "false")
-    if isinstance(value, (dict, list, tuple)):
-        return "a %s" % {dict: "mapping", list: "list", tuple: "list"}[type(value)]
-    return "%r" % (value,)

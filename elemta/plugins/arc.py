@@ -35,6 +35,7 @@ from elemta.plugins.api import MethodResult, Plugin, PluginConfigError, Result
 from elemta.plugins.authres import authserv_id_of
 from elemta.plugins.dkim import BodyHashCache, KeyFileError, load_private_key
 from elemta.plugins.resolver import TemporaryDNSError
+from elemta.plugins.settings import ARCSettings
 from elemta.util import offload
 
 log = logging.getLogger("elemta.plugins.arc")
@@ -105,22 +106,6 @@ def seal(raw, selector, domain, key_pem, authserv_id, timestamp=None):
     if out and not out[0][0].lower() == "arc-seal":
         out.reverse()           # the seal on top, as trace fields go (RFC 8617 5.1)
     return out
-
-
-@dataclass(frozen=True)
-class ARCSettings:
-    verify: bool = True
-    seal: bool = False
-    domain: str = ""
-    selector: str = ""
-    key_file: str = ""
-    authserv_id: str = ""        # must match the authres plugin's; default: the hostname
-
-    def validate(self, path):
-        if self.seal:
-            for name in ("domain", "selector", "key_file"):
-                if not getattr(self, name):
-                    raise PluginConfigError("%s.%s: required when seal is true" % (path, name))
 
 
 class ARCPlugin(Plugin):

@@ -16,10 +16,10 @@ See also: elemta.plugins.api.MethodResult, RFC 8601 section 2.2 (the grammar fol
 """
 
 import re
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from elemta.plugins.api import MethodResult, Plugin, PluginConfigError, Result
+from elemta.plugins.api import MethodResult, Plugin, Result
+from elemta.plugins.settings import AuthResSettings
 
 HEADER = "Authentication-Results"
 # RFC 2045 token: any US-ASCII CHAR except SPACE, CTLs and tspecials.
@@ -130,28 +130,14 @@ def forged_headers(headers, authserv_ids):
     return found
 
 
-@dataclass(frozen=True)
-class AuthResultsSettings:
-    authserv_id: str = ""                  # default: the server's hostname
-    remove_forged: bool = True
-    also_remove: Tuple[str, ...] = ()      # former names of this server, say
-
-    def validate(self, path):
-        for i, value in enumerate((self.authserv_id,) + self.also_remove):
-            if value and not _TOKEN.match(value):
-                key = "authserv_id" if i == 0 else "also_remove[%d]" % (i - 1)
-                raise PluginConfigError("%s.%s: %r is not a valid authserv-id (a host name)"
-                                        % (path, key, value))
-
-
 class AuthResultsPlugin(Plugin):
     """Writes Authentication-Results from ctx.auth_results; removes forged ones."""
     name = "authres"
-    Settings = AuthResultsSettings
+    Settings = AuthResSettings
     order = 90
 
     def init(self, settings):
-        self.settings = settings or AuthResultsSettings()
+        self.settings = settings or AuthResSettings()
 
     def on_data(self, ctx):
         authserv_id = self.settings.authserv_id or ctx.hostname

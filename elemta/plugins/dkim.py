@@ -48,6 +48,8 @@ from dkim.crypto import HASH_ALGORITHMS, UnparsableKeyError, parse_pem_private_k
 
 from elemta.plugins.api import MethodResult, Plugin, PluginConfigError, Result
 from elemta.plugins.resolver import TemporaryDNSError
+from elemta.plugins.settings import (ALGORITHMS, MAX_BODY_BYTES, MAX_HEADERS,
+                                     MAX_SIGNATURES, DKIMSettings)
 from elemta.util import daemonfiles, offload
 
 log = logging.getLogger("elemta.plugins.dkim")
@@ -56,19 +58,10 @@ _quiet = logging.getLogger("elemta.plugins.dkim.dkimpy")
 _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
 
-ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
 # RFC 8301 3.2: verifiers must not accept RSA keys shorter than 1024 bits.
 MIN_RSA_BITS = 1024
-# Bounds on the work one message may cause (each a plugins.dkim setting). Signatures after
-# the first MAX_SIGNATURES are not verified (each costs a DNS lookup and a public-key
-# operation; OpenDKIM's MaximumSignaturesToVerify is 3); a body longer than MAX_BODY_BYTES
-# is not hashed (as large as limits.message_size's default: every message a default
-# configuration accepts is checked); more header fields than MAX_HEADERS, in the message
-# or in one signature's h=, are not matched (dkimpy matches h= names against the header
-# fields one by one). What is not checked is reported as neutral, "not checked: why".
-MAX_SIGNATURES = 5
-MAX_BODY_BYTES = 31457280
-MAX_HEADERS = 1000
+# Bounds on the work one message may cause (MAX_*): plugins.dkim settings, whose
+# defaults elemta.plugins.settings gives and explains.
 # header.b: enough of b= to tell signatures apart (RFC 6008 says at least 8 characters).
 HEADER_B_LENGTH = 12
 OPENSSL = "openssl"
@@ -433,55 +426,6 @@ def _openssl(*args):
 
 
 # ---- the plugin ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class KeySettings:
-    domain: str
-    selector: str
-    key_file: str
-    algorithm: str = "rsa-sha256"
-
-
-@dataclass(frozen=True)
-class DKIMSettings:
-    verify: bool = True
-    sign: bool = False
-    # One key, as the seed config spells it...
-    domain: str = ""
-    selector: str = ""
-    key_file: str = ""
-    algorithm: str = "rsa-sha256"
-    # ...and/or any number of them.
-    keys: Tuple[KeySettings, ...] = ()
-    sign_headers: Tuple[str, ...] = ()     # default: dkimpy's RFC 6376 5.4.1 list
-    max_signatures: int = MAX_SIGNATURES
-    max_body_bytes: int = MAX_BODY_BYTES
-    max_headers: int = MAX_HEADERS
-
-    def signing_keys(self):
-        keys = []
-        if self.domain or self.selector or self.key_file:
-            keys.append(("", KeySettings(self.domain, self.selector, self.key_file,
-                                         self.algorithm)))
-        keys += [("keys[%d]." % i, k) for i, k in enumerate(self.keys)]
-        return keys
-
-    def validate(self, path):
-        for prefix, key in self.signing_keys():
-            for name in ("domain", "selector", "key_file"):
-                if not getattr(key, name):
-                    raise PluginConfigError("%s.%s%s: required for a signing key"
-                                            % (path, prefix, name))
-            if key.algorithm not in ALGORITHMS:
-                raise PluginConfigError("%s.%salgorithm: %r is not one of %s" % (
-                    path, prefix, key.algorithm, ", ".join(ALGORITHMS)))
-        if self.sign and not self.signing_keys():
-            raise PluginConfigError("%s.key_file: sign is true but no key is configured "
-                                    "(domain, selector, key_file, or keys)" % path)
-        for name in ("max_signatures", "max_body_bytes", "max_headers"):
-            if getattr(self, name) < 1:
-                raise PluginConfigError("%s.%s: must be at least 1" % (path, name))
-
 
 class DKIMPlugin(Plugin):
     name = "dkim"

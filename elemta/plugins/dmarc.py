@@ -27,8 +27,9 @@ from typing import Optional, Sequence
 import checkdmarc.dmarc
 from checkdmarc.utils import get_base_domain
 
-from elemta.plugins.api import MethodResult, Plugin, PluginConfigError, Result
+from elemta.plugins.api import MethodResult, Plugin, Result
 from elemta.plugins.resolver import TemporaryDNSError
+from elemta.plugins.settings import DMARCSettings
 
 log = logging.getLogger("elemta.plugins.dmarc")
 
@@ -157,19 +158,6 @@ def from_domain_of(message):
     if not domain or not re.match(r"^[a-z0-9.-]+$", domain) or "." not in domain:
         return None, "From address has no usable domain"
     return domain, ""
-
-
-@dataclass(frozen=True)
-class DMARCSettings:
-    enforce: bool = False          # reject (550 5.7.1) / quarantine (hold) as policies ask
-    reject_text: str = "Message rejected by the DMARC policy of %(domain)s"
-
-    def validate(self, path):
-        try:
-            self.reject_text % {"domain": "example.com"}
-        except (KeyError, ValueError, TypeError) as error:
-            raise PluginConfigError("%s.reject_text: only %%(domain)s may be used (%s)"
-                                    % (path, error))
 
 
 class DMARCPlugin(Plugin):

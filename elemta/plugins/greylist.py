@@ -27,12 +27,12 @@ import logging
 import os
 import struct
 import time
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import lmdb
 
 from elemta.plugins.api import Plugin, PluginConfigError, Result
+from elemta.plugins.settings import GreylistSettings
 
 log = logging.getLogger("elemta.plugins.greylist")
 
@@ -116,39 +116,6 @@ class GreylistStore:
 
     def count(self):
         return self.env.stat()["entries"]
-
-
-@dataclass(frozen=True)
-class GreylistSettings:
-    database: str = "/var/lib/elemta/greylist"      # an LMDB directory
-    delay: int = 300                                  # seconds before a retry is accepted
-    retry_window: int = 2 * 86400                     # how long a first attempt is remembered
-    expiry: int = 35 * 86400                          # how long a known triplet is kept
-    allow_networks: Tuple[str, ...] = ()
-    allow_domains: Tuple[str, ...] = ()
-    ipv4_prefix: int = 24
-    ipv6_prefix: int = 64
-    map_size_mb: int = 64
-
-    def validate(self, path):
-        for name in ("delay", "retry_window", "expiry"):
-            if getattr(self, name) < 0:
-                raise PluginConfigError("%s.%s: must not be negative" % (path, name))
-        if self.retry_window < self.delay:
-            raise PluginConfigError("%s.retry_window: shorter than delay (%d s): nobody "
-                                    "could ever pass" % (path, self.delay))
-        for i, network in enumerate(self.allow_networks):
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                raise PluginConfigError("%s.allow_networks[%d]: %r is not a network "
-                                        "(like 192.0.2.0/24)" % (path, i, network)) from None
-        if not 8 <= self.ipv4_prefix <= 32:
-            raise PluginConfigError("%s.ipv4_prefix: must be 8..32" % path)
-        if not 16 <= self.ipv6_prefix <= 128:
-            raise PluginConfigError("%s.ipv6_prefix: must be 16..128" % path)
-        if self.map_size_mb < 1:
-            raise PluginConfigError("%s.map_size_mb: must be at least 1" % path)
 
 
 class GreylistPlugin(Plugin):

@@ -1,17 +1,19 @@
-"""The plugin manager: finds plugins, builds their settings, calls them stage by stage.
+"""The plugin manager: loads the plugins the config runs and calls them stage by stage.
 
 Owned by every process that runs plugins; each builds its own PluginManager after fork
-from the `plugins:` section of the config (a mapping of plugin name -> settings):
+from the typed `plugins` section of its Config (the settings were checked and built by
+the config loader; the manager converts nothing):
 
-    manager = PluginManager(config_mapping)        # validates; raises PluginConfigError
+    manager = PluginManager(config.plugins.to_run())   # raises PluginConfigError when
+                                                       # a plugin cannot be loaded
     manager.start()                                # plugin.init(settings), once per process
     outcome = manager.run("rcpt", ctx)             # an Outcome; never raises
     if outcome.reply: ... answer with it ...
     manager.close()
 
-Plugins come from the built-ins below and from the entry-point group `elemta.plugins`
-(a third-party package declares `myplugin = mypackage.module:MyPlugin`). A built-in name
-cannot be taken over by a third-party package.
+Plugins come from the built-ins and from the entry-point group `elemta.plugins` (a
+third-party package declares `myplugin = mypackage.module:MyPlugin`), listed by
+elemta.plugins.registry. A built-in name cannot be taken over by a third-party package.
 
 A plugin whose init() fails when a process starts (a key file the unprivileged worker
 cannot read, a database it cannot open) does not stop the process: it is logged by name
@@ -28,7 +30,8 @@ must do their waiting through gevent (the DNS resolver in elemta.plugins.resolve
 and their heavy computing through elemta.util.offload (a helper process; the dkim and arc
 built-ins do), where the timeout interrupts the wait and the helper is killed.
 
-See also: elemta.plugins.api (what plugins see and return), tests/test_plugins.py.
+See also: elemta.plugins.api (what plugins see and return), elemta.plugins.settings (the
+built-ins' settings and the Authentication-Results rule), tests/test_plugins.py.
 """
 
 import dataclasses
@@ -41,25 +44,10 @@ from typing import Dict, List, Optional, Tuple
 import gevent
 
 from elemta.plugins.api import (CONTINUE, DISCARD, QUARANTINE, QUEUE, REJECT, STAGES,
-                                TEMPFAIL, Plugin, PluginConfigError, Result, parse_settings,
-                                served_stages)
+                                TEMPFAIL, PluginConfigError, Result, served_stages)
+from elemta.plugins.registry import BUILTINS, available_plugins, load_class
 
 log = logging.getLogger("elemta.plugins")
-
-ENTRY_POINT_GROUP = "elemta.plugins"
-
-# name -> "module:Class". Looked up lazily: a disabled built-in costs no import.
-BUILTINS = {
-    "spf": "elemta.plugins.spf:SPFPlugin",
-    "dkim": "elemta.plugins.dkim:DKIMPlugin",
-    "dmarc": "elemta.plugins.dmarc:DMARCPlugin",
-    "arc": "elemta.plugins.arc:ARCPlugin",
-    "authres": "elemta.plugins.authres:AuthResultsPlugin",
-    "greylist": "elemta.plugins.greylist:GreylistPlugin",
-}
-# Enabling any of these turns on the Authentication-Results writer unless the config
-# says `authres: {enabled: false}`: their results are meant to be seen.
-AUTH_METHODS = ("spf", "dkim", "dmarc", "arc")
 
 # The reply when a plugin fails and is not fail-open (RFC 3463 4.3.0: other or undefined
 # mail system status).
@@ -70,14 +58,6 @@ DEFAULT_REPLIES = {
     REJECT: (550, "5.7.1", "Rejected by policy"),
     TEMPFAIL: (451, "4.7.1", "Try again later"),
 }
-
-
-@dataclass(frozen=True)
-class CommonSettings:
-    """Settings every plugin has; the manager takes them out before the plugin's own."""
-    enabled: bool = True
-    timeout: float = 0.0        # seconds one call may take; 0: the plugin's default
-    fail_open: bool = False     # on error or timeout: carry on instead of 451 4.3.0
 
 
 @dataclass
@@ -118,93 +98,23 @@ class LoadedPlugin:
         self.next_init = 0.0        # time.monotonic() of the next init() attempt
 
 
-def available_plugins():
-    # type: () -> Dict[str, object]
-    """name -> "module:Class" (built-in) or an importlib.metadata entry point."""
-    found = {}  # type: Dict[str, object]
-    for entry in _entry_points():
-        if entry.name in BUILTINS:
-            log.warning("plugin %s from %s ignored: that name belongs to a built-in",
-                        entry.name, entry.value)
-            continue
-        found[entry.name] = entry
-    found.update(BUILTINS)
-    return found
-
-
-def _entry_points():
-    from importlib import metadata
-    points = metadata.entry_points()
-    if hasattr(points, "select"):
-        return list(points.select(group=ENTRY_POINT_GROUP))
-    return list(points.get(ENTRY_POINT_GROUP, ()))   # Python 3.9
-
-
-def _load_class(name, where):
-    try:
-        if isinstance(where, type):
-            plugin_class = where
-        elif isinstance(where, str):
-            module_name, _, class_name = where.partition(":")
-            module = __import__(module_name, fromlist=[class_name])
-            plugin_class = getattr(module, class_name)
-        else:
-            plugin_class = where.load()
-    except Exception as error:
-        raise PluginConfigError("plugins.%s: the plugin cannot be loaded (%s: %s)"
-                                % (name, type(error).__name__, error)) from None
-    if not (isinstance(plugin_class, type) and issubclass(plugin_class, Plugin)):
-        raise PluginConfigError("plugins.%s: %r is not an elemta.plugins.api.Plugin"
-                                % (name, plugin_class))
-    return plugin_class
-
-
-def parse_plugin_config(plugins_config, known=None):
-    """[(name, plugin class, CommonSettings, plugin settings)] for the enabled plugins,
-    in calling order. Raises PluginConfigError naming plugins.<name>.<key>."""
-    if plugins_config is None:
-        plugins_config = {}
-    if not isinstance(plugins_config, dict):
-        raise PluginConfigError("plugins: expected a mapping of plugin names to settings")
-    known = available_plugins() if known is None else known
-    sections = dict(plugins_config)
-    if "authres" not in sections and any(
-            _enabled(sections.get(method)) for method in AUTH_METHODS if method in sections):
-        sections["authres"] = {}
+def choose(plugins, known=None):
+    """[(name, plugin class, PluginCommon with the timeout in force, plugin settings)]
+    for the ConfiguredPlugin entries given, in calling order. Raises PluginConfigError
+    naming plugins.<name> when a plugin's class cannot be loaded."""
     chosen = []
-    for name, mapping in sections.items():
-        path = "plugins.%s" % name
-        if name not in known:
-            raise PluginConfigError("%s: no such plugin (available: %s)"
-                                    % (path, ", ".join(sorted(known))))
-        if mapping is None:
-            mapping = {}
-        if not isinstance(mapping, dict):
-            raise PluginConfigError("%s: expected a mapping of settings" % path)
-        common_keys = {"enabled", "timeout", "fail_open"}
-        common = parse_settings(CommonSettings, {k: v for k, v in mapping.items()
-                                                 if k in common_keys}, path)
-        if "timeout" in mapping and common.timeout <= 0:
-            raise PluginConfigError("%s.timeout: must be more than 0 seconds" % path)
-        plugin_class = _load_class(name, known[name])
+    for configured in plugins:
+        name, common = configured.name, configured.common
+        where = BUILTINS.get(name) or (known if known is not None
+                                       else available_plugins()).get(name)
+        if where is None:
+            raise PluginConfigError("plugins.%s: no such plugin" % name)
+        plugin_class = load_class(name, where)
         if common.timeout <= 0:
             common = dataclasses.replace(common, timeout=float(plugin_class.default_timeout))
-        own = {k: v for k, v in mapping.items() if k not in common_keys}
-        if plugin_class.Settings is not None:
-            settings = parse_settings(plugin_class.Settings, own, path)
-        elif own:
-            raise PluginConfigError("%s.%s: unknown setting (this plugin takes none)"
-                                    % (path, sorted(own)[0]))
-        else:
-            settings = None
-        if common.enabled:
-            chosen.append((name, plugin_class, common, settings))
+        chosen.append((name, plugin_class, common, configured.settings))
     chosen.sort(key=lambda item: getattr(item[1], "order", 50))
     return chosen
-
-
-def _enabled(mapping):
-    return not isinstance(mapping, dict) or mapping.get("enabled", True) is not False
 
 
 class PluginManager:
@@ -213,13 +123,25 @@ class PluginManager:
     stages: when given, only the plugins serving one of these stages are loaded (the
     delivery worker has no use for an smtpd-only plugin and its databases)."""
 
-    def __init__(self, plugins_config=None, known=None, stages=None):
-        self._chosen = parse_plugin_config(plugins_config, known)
+    def __init__(self, plugins=(), known=None, stages=None):
+        """plugins: the ConfiguredPlugin entries to run, as the config's
+        Plugins.to_run() gives them; known: name -> plugin class, in place of the
+        installed third-party plugins (tests)."""
+        self._chosen = choose(plugins, known)
         if stages is not None:
             self._chosen = [chosen for chosen in self._chosen
                             if set(served_stages(chosen[1])) & set(stages)]
         self.plugins = []  # type: List[LoadedPlugin]
         self._by_stage = {stage: [] for stage in STAGES}  # type: Dict[str, List[LoadedPlugin]]
+
+    @classmethod
+    def from_mapping(cls, mapping, known=None, stages=None):
+        """A manager for the plugins a mapping names, {name: settings table}, each on
+        unless its table says enabled: false (scripts and tests). The tables are checked
+        and typed by the config loader, as a config file's would be; raises
+        PluginConfigError naming plugins.NAME.KEY."""
+        from elemta.config.loader import plugins_from_mapping
+        return cls(plugins_from_mapping(mapping, known).to_run(), known, stages)
 
     @property
     def names(self):

@@ -30,6 +30,7 @@ import spf as pyspf
 
 from elemta.plugins.api import MethodResult, Plugin, Result
 from elemta.plugins.resolver import TemporaryDNSError
+from elemta.plugins.settings import SPFSettings
 
 log = logging.getLogger("elemta.plugins.spf")
 
@@ -122,13 +123,6 @@ def _is_fqdn(domain):
         return False
     except ValueError:
         return True
-
-
-@dataclass(frozen=True)
-class SPFSettings:
-    enforce: bool = False        # refuse fail (550 5.7.23) and temperror (451 4.7.24)
-    check_helo: bool = True      # also check the HELO identity (RFC 7208 2.3)
-    received_spf: bool = True    # add the Received-SPF header
 
 
 class SPFPlugin(Plugin):

@@ -68,7 +68,7 @@ class SMTPServer:
         dns = config.dns
         self.resolver = Resolver(nameservers=list(dns.nameservers) or None, port=dns.port,
                                  timeout=dns.timeout)
-        self.plugins = PluginManager(config.plugins.mapping()).start()
+        self.plugins = PluginManager(config.plugins.to_run()).start()
         self.sessions = 0
         self.last_active = time.monotonic()   # when the last session ended (for max_idle)
         self.client_counts = client_counts or ClientCounts(1)

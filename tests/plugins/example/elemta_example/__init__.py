@@ -7,10 +7,11 @@ workers), called by elemta.plugins.manager. What a plugin is:
 - a subclass of elemta.plugins.api.Plugin, registered in the entry-point group
   `elemta.plugins` (see ../setup.cfg); the entry point's name is the plugin's name and
   its key under `plugins:` in the config;
-- an optional Settings dataclass: the config mapping is checked against it, and a wrong
-  key or type is reported as plugins.example.<key> before the server starts (a
-  validate(path) method adds the plugin's own checks). The manager itself handles
-  `enabled`, `timeout` (seconds per call) and `fail_open`;
+- an optional Settings dataclass (fields of str, int, float, bool, Optional, Tuple[X, ...]
+  or nested dataclasses): the config loader builds it from the plugin's table, and a
+  wrong key or type is reported as FILE:LINE: plugins.example.<key> before the server
+  starts (a validate(path) method adds the plugin's own checks). The manager itself
+  handles `enabled`, `timeout` (seconds per call) and `fail_open`;
 - init(settings) once per worker process, after the fork; close() at exit. If init()
   raises, the worker keeps running: the plugin's stages answer 451 4.3.0 (or, fail_open,
   the plugin is left out) and init() is tried again later;
