@@ -20,6 +20,7 @@ domain, so those rows failed there.
 See also: elemta.addressing, tests/security/test_open_relay.py (the relay probes).
 """
 
+import dataclasses
 import os
 import smtplib
 import subprocess
@@ -28,8 +29,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from elemta.config import ConfigError
 from elemta.config.loader import load_config
+from elemta.config.schema import TLSPolicyEntry
+from elemta.delivery.concurrency import DestinationSlots
 from elemta.delivery.routing import LOCAL, Router
+from elemta.delivery.smtp_transport import SMTPTransport
 from elemta.pickup.worker import PickupWorker
 from elemta.queue.model import Recipient
 from tests.conftest import REPO, wait_for
@@ -48,6 +53,8 @@ ADDRESSES = [
     ("Root@BÜCHER.Example.", USER),
     ("root@XN--BCHER-KVA.EXAMPLE.", USER),
     ("root@mx.test.", USER),                          # the host name
+    ("root@example.test\u3002", USER),               # ideographic full stop: a final dot
+    ("root@bücher.example\uff0e", USER),              # ... fullwidth
     ("info@example.test", ALIAS),                     # an alias, not a user
     ('"INFO"@xn--bcher-kva.example.', ALIAS),
     ("info+news@bücher.example", ALIAS),
@@ -172,3 +179,36 @@ def test_pickup_classification(config, address, kind):
 @pytest.mark.parametrize("address, kind", ADDRESSES, ids=ids(ADDRESSES))
 def test_routing(config, address, kind):
     assert (Router(config).destination(address).kind == LOCAL) == (kind != REMOTE)
+
+
+# ---- tables keyed by domain read their keys as the router reads addresses -----------------
+
+def test_tls_policy_and_destination_limits_take_either_spelling(config, tmp_path):
+    """A tls_policy entry written in U-labels must govern mail routed in A-labels (it
+    once fell back to tls_level: a silent downgrade from secure to may)."""
+    delivery = dataclasses.replace(config.delivery, tls_policy=(
+        TLSPolicyEntry("Bücher.Example.NET.", "secure"),
+        TLSPolicyEntry(".xn--mller-kva.example.net", "verify")))
+    config = dataclasses.replace(config, delivery=delivery)
+    transport = SMTPTransport(config, store=None, resolver=None)
+    router = Router(config)
+    for address, level in [("u@xn--bcher-kva.example.net", "secure"),
+                           ("u@BÜCHER.example.net.", "secure"),
+                           ("u@mx.müller.example.net", "verify"),
+                           ("u@other.example.net", config.delivery.tls_level)]:
+        assert transport.tls_for(router.destination(address)).level == level, address
+    slots = DestinationSlots(str(tmp_path / "slots" / "lock"), 20,
+                             limits=[("bücher.example.net", 2), (".MÜLLER.example.net.", 3)])
+    assert slots.limit_for(router.destination("u@xn--bcher-kva.example.net")) == 2
+    assert slots.limit_for(router.destination("u@mx.xn--mller-kva.example.net")) == 3
+
+
+def test_a_transport_domain_written_twice_in_two_spellings_is_refused(tmp_path):
+    path = tmp_path / "elemta.yaml"
+    path.write_text("delivery:\n  transport:\n"
+                    "    - {domain: bücher.example, nexthop: 'smtp:[127.0.0.2]:25'}\n"
+                    "    - {domain: XN--BCHER-KVA.example., nexthop: 'smtp:[127.0.0.3]:25'}\n",
+                    encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path), check_files=False)
+    assert "is already in delivery.transport[0]" in str(caught.value)

@@ -23,14 +23,22 @@ import string
 
 def normal_domain(domain):
     """A domain in one spelling: lower case, no final dot, IDN U-labels as A-labels; an
-    address literal in its normal form (normal_literal)."""
+    address literal in its normal form (normal_literal). A leading dot (a table key
+    for every subdomain) is kept. Every table keyed by domain uses this, for its keys
+    and its lookups alike."""
     if domain.startswith("["):
         return normal_literal(domain)
+    if domain.startswith(".") and domain != ".":
+        # A table key for every subdomain (".example.org"): the rest is a domain.
+        return "." + normal_domain(domain[1:])
     domain = domain.lower().rstrip(".")
     try:
-        return domain.encode("idna").decode("ascii")
+        domain = domain.encode("idna").decode("ascii")
     except UnicodeError:
         return domain
+    # IDNA turns the ideographic full stops (U+3002, U+FF0E, U+FF61) into ".": a final
+    # one is a final dot too.
+    return domain.rstrip(".")
 
 
 def normal_literal(literal):

@@ -29,6 +29,7 @@ import os
 import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from elemta.addressing.normal import normal_domain
 from elemta.config.errors import ConfigError, KeyPath, Problem, format_key
 from elemta.config.schema import BUILTIN_PLUGINS, Config, Plugins
 from elemta.config.sources import FORMATS, parse
@@ -461,7 +462,7 @@ class _Checker:
                 if not getattr(entry, key):
                     self.refuse_across(("delivery", "transport", index, key),
                                        "is missing: each entry needs a domain and a nexthop")
-            domain = entry.domain.lower()
+            domain = normal_domain(entry.domain)
             if domain in seen:
                 self.refuse_across(("delivery", "transport", index, "domain"),
                                    "%s is already in delivery.transport[%d]"

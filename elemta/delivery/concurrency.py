@@ -19,6 +19,7 @@ import random
 
 from gevent.event import Event
 
+from elemta.addressing.normal import normal_domain
 from elemta.addressing.resolve import domain_entry
 
 # Longest pause before a waiting delivery looks at other workers' slots again.
@@ -34,7 +35,7 @@ class DestinationSlots:
         # limits: (domain, limit) pairs; ".example.org" covers every subdomain.
         self.path = path
         self.default_limit = default_limit
-        self.limits = {domain.lower().rstrip("."): limit for domain, limit in limits}
+        self.limits = {normal_domain(domain): limit for domain, limit in limits}
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         # Never closed before the process ends: closing any descriptor of the file would
         # drop every lock the process holds on it (POSIX).
@@ -45,7 +46,7 @@ class DestinationSlots:
     def limit_for(self, destination):
         """The limit for a Destination: an entry for its host or a parent domain, or
         the default."""
-        host = destination.host.lower().rstrip(".")
+        host = normal_domain(destination.host)
         return min(domain_entry(self.limits, host, self.default_limit), MAX_LIMIT)
 
     def hold(self, destination):

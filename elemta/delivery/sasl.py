@@ -24,6 +24,7 @@ import logging
 import os
 from typing import Dict, Optional, Tuple
 
+from elemta.addressing.normal import normal_domain
 from elemta.config.schema import parse_nexthop
 
 log = logging.getLogger("elemta.delivery")
@@ -38,7 +39,7 @@ def nexthop_key(host, port, mx_lookup, default_port):
     """The keys a next hop is looked up by, most specific first: "[host]:port" then
     "[host]" for a bracketed next hop, "host:port" then "host" for an MX-looked-up one
     (the port-less form only when the port is the default, as relayhost would omit it)."""
-    host = host.lower().rstrip(".")
+    host = normal_domain(host)
     bare = "[%s]" % host if not mx_lookup else host
     keys = ("%s:%d" % (bare, port),)
     if port == default_port:
@@ -49,7 +50,7 @@ def nexthop_key(host, port, mx_lookup, default_port):
 def _normal_key(text):
     """A file key as nexthop_key() writes keys; raises ValueError."""
     host, port, mx_lookup = parse_nexthop(text)
-    host = host.lower().rstrip(".")
+    host = normal_domain(host)
     bare = "[%s]" % host if not mx_lookup else host
     return bare if port is None else "%s:%d" % (bare, port)
 

@@ -19,6 +19,7 @@ import logging
 import time
 
 from elemta import metrics
+from elemta.addressing.normal import normal_domain
 from elemta.addressing.resolve import domain_entry
 from elemta.delivery.connections import ConnectionCache
 from elemta.delivery.mx import RouteError
@@ -57,7 +58,7 @@ class SMTPTransport:
         self.resolver = resolver
         self.timeouts = client_timeouts(config.delivery)
         self.tls = TLSPolicy(config.delivery.tls_level)
-        self.tls_by_destination = {entry.domain.lower().rstrip("."): TLSPolicy(entry.level)
+        self.tls_by_destination = {normal_domain(entry.domain): TLSPolicy(entry.level)
                                    for entry in config.delivery.tls_policy}
         self.connections = ConnectionCache()
         self.mx_port = config.delivery.mx_port
@@ -97,7 +98,7 @@ class SMTPTransport:
     def tls_for(self, destination):
         """The STARTTLS policy for a destination: delivery.tls_policy's entry for its
         domain or next-hop host, else delivery.tls_level."""
-        return domain_entry(self.tls_by_destination, destination.host.lower().rstrip("."),
+        return domain_entry(self.tls_by_destination, normal_domain(destination.host),
                             self.tls)
 
     def deliver_to(self, record, items, targets, new_client, profile=None):

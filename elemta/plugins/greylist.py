@@ -31,6 +31,7 @@ from typing import Optional, Tuple
 
 import lmdb
 
+from elemta.addressing.normal import normal_domain
 from elemta.plugins.api import Plugin, PluginConfigError, Result
 from elemta.plugins.settings import GreylistSettings
 
@@ -127,7 +128,7 @@ class GreylistPlugin(Plugin):
         self.settings = settings = settings or GreylistSettings()
         self.allow_networks = tuple(ipaddress.ip_network(n, strict=False)
                                     for n in settings.allow_networks)
-        self.allow_domains = tuple(d.lower().strip(".") for d in settings.allow_domains)
+        self.allow_domains = tuple(normal_domain(d) for d in settings.allow_domains)
         try:
             self.store = GreylistStore(settings.database, settings.delay,
                                        settings.retry_window, settings.expiry,
@@ -156,7 +157,7 @@ class GreylistPlugin(Plugin):
                                   if net.version == ip.version):
             return True
         for address in (ctx.sender or "", ctx.recipient or ""):
-            domain = address.rpartition("@")[2].lower().rstrip(".")
+            domain = normal_domain(address.rpartition("@")[2])
             if domain and any(domain == d or domain.endswith("." + d)
                               for d in self.allow_domains):
                 return True
