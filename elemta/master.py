@@ -48,6 +48,10 @@ from elemta.util.text import printable
 log = logging.getLogger("elemta.master")
 
 
+def _exit_before_serving(signum, frame):
+    os._exit(0)
+
+
 def _run_callbacks(callbacks, argument):
     """Run each callback(argument); one that fails is logged, and never ends the master
     (nor keeps the others from running)."""
@@ -81,6 +85,7 @@ KILL_AFTER = 5.0
 RELOAD_WAIT = 15.0
 
 CHILD_IGNORES_AT_START = (signal.SIGHUP, signal.SIGUSR1)
+CHILD_STOPS_AT_START = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
            signal.SIGUSR2, signal.SIGCHLD)
 
@@ -241,6 +246,10 @@ class Master:
         try:
             for signum in SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            # Until the child has its own handlers (building it may take a while), a stop
+            # ends it at once and cleanly: it holds nothing yet.
+            for signum in CHILD_STOPS_AT_START:
+                signal.signal(signum, _exit_before_serving)
             # Until the child has its own handlers, a reload or log reopen sent to the
             # whole group must not kill it (their default action is to terminate).
             for signum in CHILD_IGNORES_AT_START:

@@ -37,6 +37,9 @@ class Service:
         privileged  "unpriv" n: the child keeps the master's user (root) instead of
                     becoming master.user (the local agent writes mailboxes as their
                     users, as Postfix's local(8) does)
+        holds_leases (none: qmgr learns of a dead delivery agent itself) the child
+                    claims queue messages: when one ends, the delivery workers are told
+                    at once to free the leases of holders that are gone
         shared      (none: Postfix uses the anvil service) "module:Class", made in the
                     master before the first fork with one row per scoreboard slot; the
                     child's main gets it as shared=, and clear_row(slot) runs when a
@@ -51,6 +54,7 @@ class Service:
     main: str
     listens: bool = False
     privileged: bool = False
+    holds_leases: bool = False
     shared: Optional[str] = None
 
     def entry_point(self):
@@ -83,11 +87,12 @@ SERVICES = (
             slots=lambda config: 2, main="elemta.api.server:run_api"),
     Service("delivery", count=lambda config: config.delivery.workers,
             slots=lambda config: 2 * max(config.delivery.workers, 4),
-            main="elemta.delivery.worker:run_delivery"),
+            main="elemta.delivery.worker:run_delivery", holds_leases=True),
     Service("pickup", count=lambda config: 1, slots=lambda config: 2,
             main="elemta.pickup.worker:run_pickup"),
     Service("local", count=lambda config: 1 if config.delivery.workers else 0,
-            slots=lambda config: 2, main="elemta.local.agent:run_local", privileged=True),
+            slots=lambda config: 2, main="elemta.local.agent:run_local", privileged=True,
+            holds_leases=True),
 )
 
 

@@ -151,7 +151,7 @@ def test_mbox_in_the_mail_spool_written_as_the_user(elemta_server, place):
     assert sorted(os.listdir(place.mail)) == ["elemta-mbox"]      # no lock file left
     assert status_lines(server, "elemta-mbox@example.test") == [
         ("sent", "250 2.0.0 delivered to mailbox")]
-    assert server.queued_ids() == []
+    wait_for(lambda: server.queued_ids() == [])      # the sent result, recorded
 
 
 def test_maildir_in_the_home_made_by_the_user(elemta_server, place):

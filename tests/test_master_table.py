@@ -105,6 +105,14 @@ def one_kind(kind="worker", count=1, listens=False):
 
 # ---- the table decides what runs ---------------------------------------------------------
 
+def test_only_the_local_agent_keeps_root_and_only_smtpd_keeps_the_listeners():
+    """The security columns of the table, pinned: a change here is a change to the
+    privilege model (design.md) and must be made on purpose."""
+    assert {s.kind for s in SERVICES if s.privileged} == {"local"}
+    assert {s.kind for s in SERVICES if s.listens} == {"smtpd"}
+    assert {s.kind for s in SERVICES if s.holds_leases} == {"delivery", "local"}
+
+
 def test_the_table_forks_each_kind_its_count_in_slots_of_its_own():
     master = FakeMaster(configured(smtpd={"workers": 2}, delivery={"workers": 3},
                                    api={"enabled": True}))

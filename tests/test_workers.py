@@ -4,6 +4,9 @@ respawn after a crash, clean stop with no orphans."""
 import os
 import signal
 import smtplib
+import time
+
+import pytest
 
 from elemta.config import default_config
 from elemta.master import Master
@@ -36,6 +39,28 @@ def test_a_forked_child_has_its_title_before_its_main_runs(tmp_path):
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
     assert seen.read_bytes().split(b"\0")[0] == b"elemta: probe"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGQUIT])
+def test_a_child_stopped_while_it_builds_itself_exits_cleanly(tmp_path, signum):
+    """A stop that comes before the child's own handlers (a quick reload or stop after
+    a start) ends it with status 0, not by the signal."""
+    building = tmp_path / "building"
+
+    def run_child(service, config, listening, slot, scoreboard, master_pid, shared):
+        building.touch()
+        time.sleep(30)                     # imports and files, under load
+        return 1
+
+    probe = Service("probe", count=lambda config: 1, slots=lambda config: 1,
+                    main="nowhere:main", privileged=True)
+    master = Master(default_config(), [], lambda: None, None, run_child=run_child,
+                    services=[probe])
+    pid = master.spawn_child(probe, 0)
+    wait_for(building.exists)
+    os.kill(pid, signum)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def send(port, n=1):

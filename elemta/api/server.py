@@ -97,5 +97,5 @@ def listen(address, port):
 
 
 def run_api(config, slot, scoreboard, master_pid):
-    """The main of the api child (called by elemta.cli.elemta's child runner)."""
+    """The main of the api child (its row in elemta.services.SERVICES)."""
     return APIChild(config, slot, scoreboard, master_pid).run()

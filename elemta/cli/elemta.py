@@ -141,7 +141,7 @@ def reconcile_queue(config):
 
 
 def lease_holder_ended(master, uid, gid):
-    """A Master.child_exited callback: when a delivery worker or the local agent has been
+    """A Master.child_exited callback: when a child that holds leases (SERVICES) has been
     reaped, the delivery workers left are told at once (elemta.queue.wakeup CHILD_ENDED),
     so they free the messages a dead worker had claimed within moments rather than at
     their next regular look. The master never opens the queue itself; it sends acting as
@@ -151,7 +151,7 @@ def lease_holder_ended(master, uid, gid):
 
     def child_exited(pid):
         child = master.children.get(pid)       # not yet forgotten when callbacks run
-        if child is not None and child.kind not in ("delivery", "local"):
+        if child is not None and not child.service.holds_leases:
             return
         with acting_as(uid, gid):
             wakeup.notify(master.config.queue.spool_dir, wakeup.CHILD_ENDED)
