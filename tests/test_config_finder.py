@@ -102,6 +102,20 @@ def test_daemon_and_elemtactl_find_the_same_file_without_config(elemta_server, t
         server.process.pid, server.spool)
 
 
+def test_elemtactl_user_reads_the_credentials_file_of_the_config_found(tmp_path):
+    """Without --config or --file, `elemtactl user list` finds the configuration as the
+    daemon does and reads its auth.credentials_file (read-only: run on older code as
+    root, a writing command would touch the real /etc/elemta/credentials)."""
+    from elemta.util.credentials import set_user
+    credentials = tmp_path / "credentials"
+    set_user(str(credentials), "alice", "secret")
+    config = tmp_path / "elemta.yaml"
+    config.write_text("auth:\n  credentials_file: %s\n" % credentials)
+    listed = run("elemta.cli.elemtactl", "user", "list",
+                 env={ENVIRONMENT_VARIABLE: str(config)})
+    assert (listed.returncode, listed.stdout) == (0, "alice\n"), listed.stderr
+
+
 def test_daemon_and_elemtactl_queue_agree_on_the_spool_with_the_same_config(elemta_server):
     server = elemta_server()
     with smtplib.SMTP("127.0.0.1", server.port) as smtp:

@@ -138,20 +138,21 @@ def _ownership(path: str) -> str:
 # ---------------------------------------------------------------- users
 
 def _credentials_path(args) -> str:
-    """--file, else the auth.credentials_file of --config, else the packaged default."""
+    """--file, else the auth.credentials_file of the configuration, else the packaged
+    default."""
     return _credentials_target(args, writing=False)[0]
 
 
 def _credentials_target(args, writing: bool = True):
     """(the credentials file, the Config naming the workers' user or None). Writers
-    read the config (--config, else the packaged one) even with --file: the file must
-    be made readable by master.user."""
-    config = _service_config(args) if writing or (args.config and not args.file) else None
+    read the configuration (the one config_finder finds) even with --file: the file
+    must be made readable by master.user."""
+    config = _service_config(args) if writing or not args.file else None
     if args.file:
         return args.file, config
+    if config is not None and config.auth.credentials_file:
+        return config.auth.credentials_file, config
     if args.config:
-        if config.auth.credentials_file:
-            return config.auth.credentials_file, config
         print("%s: note: %s sets no auth.credentials_file; using %s"
               % (PROG, args.config, DEFAULT_CREDENTIALS_FILE), file=sys.stderr)
     return DEFAULT_CREDENTIALS_FILE, config
@@ -352,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     file_option = _Parser(add_help=False, parents=[config_option])
     file_option.add_argument("--file", metavar="FILE",
                              help="credentials file (default: auth.credentials_file of "
-                                  "--config, else %s)" % DEFAULT_CREDENTIALS_FILE)
+                                  "the configuration, else %s)"
+                                  % DEFAULT_CREDENTIALS_FILE)
     password_option = _Parser(add_help=False)
     password_option.add_argument("--password-stdin", action="store_true",
                                  help="read the password from one line of standard input "
