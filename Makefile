@@ -23,7 +23,8 @@ $(STAMP): setup.cfg setup.py | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-# Foreground, no config file: built-in development defaults (SMTP on 127.0.0.1:2525,
+# Foreground, no --config: with no $ELEMTA_CONFIG and no /etc/elemta/elemta.{yaml,toml}
+# (elemta.cli.config_finder), the built-in development defaults (SMTP on 127.0.0.1:2525,
 # spool under ./spool, logs to stderr). Ctrl-C stops it.
 run: $(STAMP)
 	exec $(VENV)/bin/elemta

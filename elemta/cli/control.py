@@ -3,7 +3,8 @@
 Used by elemtactl. The master holds an flock on <spool>/master.lock and writes its pid
 there (elemta.cli.elemta); a lock nobody holds means no master runs, whatever pid the
 file still names. reload is SIGHUP and stop is SIGTERM, as systemctl sends them.
-Exit status: 0 done (status: running), 1 no master is running (status: 3, as LSB says).
+Exit status: 0 done (status: running), 1 no master is running (status: 3, as LSB says),
+75 stop: the master is still stopping (elemta.cli.failure).
 """
 
 import fcntl
@@ -12,13 +13,13 @@ import signal
 import time
 
 from elemta.cli import queuecmd
+from elemta.cli.config_finder import find_config
+from elemta.cli.failure import EX_NOT_RUNNING, EX_STATUS_NOT_RUNNING, Failure
 from elemta.util.procs import children, is_elemta_master
 
 LOCK_NAME = "master.lock"
 # How long `stop` waits past the configured stop grace for the master to be gone.
 STOP_MARGIN = 10.0
-EX_NOT_RUNNING = 1
-EX_STATUS_NOT_RUNNING = 3     # LSB init-script status code
 
 
 class NotRunning(Exception):
@@ -58,7 +59,7 @@ def master_pid(spool_dir):
 
 
 def _spool(args):
-    config = queuecmd._load_config(getattr(args, "config", None))
+    config = find_config(getattr(args, "config", None))
     return config, os.path.abspath(getattr(args, "spool_dir", None) or
                                    config.queue.spool_dir)
 
@@ -79,7 +80,7 @@ def cmd_status(args):
         print("  %s x%d" % (title, kids[title]))
     try:
         queue = queuecmd.open_queue(args)
-    except queuecmd.QueueFailure:
+    except Failure:
         return 0
     with queue:
         counts = queue.index.count_by_state()
@@ -124,4 +125,4 @@ def cmd_stop(args):
             return 0
         time.sleep(0.1)
     print("elemtactl: stop: master pid %d is still stopping" % pid)
-    return 75
+    return os.EX_TEMPFAIL

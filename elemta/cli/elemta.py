@@ -8,6 +8,9 @@ forks the children of the service table (elemta.services). Foreground by default
 
     elemta [--config FILE | -config FILE] [--check-config] [--daemon] [--version]
 
+Without --config it reads the file elemta.cli.config_finder finds ($ELEMTA_CONFIG, then
+/etc/elemta/elemta.yaml or .toml), as elemtactl, sendmail and mailq do, else runs on the
+built-in development defaults (what `make run` starts).
 Exit status: 0 after a clean stop, 1 for a configuration error, a listener that cannot
 be bound, or another master on the same spool. See also: man/elemta.8, elemta.conf(5).
 """
@@ -21,6 +24,8 @@ import socket
 import sys
 
 from elemta import __version__
+from elemta.cli.config_finder import config_path
+from elemta.cli.failure import EX_FAILED, Failure
 
 log = logging.getLogger("elemta.master")
 
@@ -33,8 +38,9 @@ def parse_args(argv):
         prog="elemta", description="Elemta mail transfer agent: receive mail over SMTP.")
     # "-config" is the spelling of the original Elemta; --config is the usual one.
     parser.add_argument("-config", "--config", metavar="FILE",
-                        help="configuration file, .yaml/.yml or .toml "
-                             "(default: built-in development settings)")
+                        help="configuration file, .yaml/.yml or .toml (default: "
+                             "$ELEMTA_CONFIG, else /etc/elemta/elemta.yaml or .toml if "
+                             "present, else built-in development settings)")
     parser.add_argument("--check-config", action="store_true",
                         help="check the configuration, report problems and exit")
     parser.add_argument("--daemon", action="store_true",
@@ -50,8 +56,8 @@ def load(path):
 
 
 def fail(message):
-    print("elemta: %s" % message, file=sys.stderr)
-    sys.exit(1)
+    """Give up starting: main() prints the message and exits 1."""
+    raise Failure(EX_FAILED, message)
 
 
 def bind(listener):
@@ -172,24 +178,38 @@ def check_config(path):
         resolve_user(config.master)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return 1
+        return EX_FAILED
     except KeyError as exc:
         print("elemta: %s" % exc.args[0], file=sys.stderr)
-        return 1
+        return EX_FAILED
     print("elemta: configuration OK: %s" % (config.source or "built-in defaults"))
     return 0
 
 
 def main(argv=None):
-    from elemta.config import ConfigError
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.check_config:
-        return check_config(args.config)
     try:
-        config = load(args.config)
+        try:
+            path = config_path(args.config)
+        except Failure as failure:          # a directory with no configuration in it
+            fail(str(failure))
+        if args.check_config:
+            return check_config(path)
+        return serve(path, args.daemon)
+    except Failure as failure:
+        print("elemta: %s" % failure, file=sys.stderr)
+        return failure.code
+
+
+def serve(path, detach):
+    """Start the master on the configuration in path (None: the built-in defaults) and
+    run it until it stops; its exit status."""
+    from elemta.config import ConfigError
+    try:
+        config = load(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return 1
+        return EX_FAILED
 
     from elemta.master import Master, resolve_user
     from elemta.services import smtpd_workers
@@ -232,7 +252,7 @@ def main(argv=None):
                                                     exc.strerror or exc))
     raise_fd_limit()
     pid_file = config.master.pid_file
-    if args.daemon:
+    if detach:
         import daemon
         keep = [lock_fd] + [sock.fileno() for _, sock in listening] + logs.streams()
         daemon.DaemonContext(working_directory=os.getcwd(), umask=0o022,
@@ -247,7 +267,8 @@ def main(argv=None):
              smtpd_workers(config),
              ", ".join("%s %s:%d" % (l.mode, l.address, l.port) for l in config.listeners),
              config.queue.spool_dir)
-    master = Master(config, listening, lambda: load(args.config), bind)
+    # A reload re-reads the file found at start, even if another appears in the search.
+    master = Master(config, listening, lambda: load(path), bind)
     master.child_exited.append(metrics.worker_exited)
     master.child_exited.append(lease_holder_ended(master, uid, gid))
     master.close_in_child.append(lock_fd)

@@ -18,38 +18,22 @@ import logging
 import os
 import subprocess
 import sys
+# sysexits(3), as the os module names them (elemta.cli.failure).
+from os import (EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_NOUSER, EX_OK,
+                EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE)
 from typing import Callable, List, Optional
 
 from elemta.cli import control, filecheck, queuecmd
+from elemta.cli.config_finder import config_path, read_config
+from elemta.cli.failure import EX_FAILED, Failure
 from elemta.util import credentials, daemonfiles
 
 PROG = "elemtactl"
 DEFAULT_CREDENTIALS_FILE = "/etc/elemta/credentials"
-
-# sysexits.h
 DEFAULT_DKIM_DIR = "/etc/elemta/dkim"
-
-EX_OK = 0
-EX_USAGE = 64        # bad command line
-EX_DATAERR = 65      # bad input data (a password that cannot be used)
-EX_NOINPUT = 66      # an input file does not exist or is not readable
-EX_NOUSER = 67       # the named user does not exist
-EX_UNAVAILABLE = 69  # the command is not available (yet)
-EX_SOFTWARE = 70     # a bug in elemtactl
-EX_CANTCREAT = 73    # an output file cannot be created
-EX_TEMPFAIL = 75     # try again later (lock held, disk full)
-EX_CONFIG = 78       # the configuration is wrong
-CONFIG_INVALID = 1   # `config check` found errors (documented as 1, like postfix check)
 
 # Errors that go away by themselves or when the admin frees space: retry later.
 TEMPORARY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EINTR, errno.EBUSY}
-
-class Failure(Exception):
-    """Ends the command: message goes to stderr after "elemtactl: ", code is the exit status."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,11 +64,11 @@ def _config_errors(exc: Exception) -> List[str]:
 def cmd_config_check(args) -> int:
     """config check: load the configuration; print its errors (exit 1) or "config OK".
 
-    Without --config it checks the built-in defaults, which is what `elemta`
-    runs with when given no file.
+    Without --config it checks the file `elemta` would find (elemta.cli.config_finder),
+    or the built-in defaults when there is none.
     """
     ConfigError, load_config, default_config = _config_api()
-    path = args.config
+    path = config_path(args.config)
     try:
         if path:
             # The workers read the keys and credentials as master.user: open them so.
@@ -95,10 +79,10 @@ def cmd_config_check(args) -> int:
     except ConfigError as exc:
         for message in _config_errors(exc):
             print(message, file=sys.stderr)
-        return CONFIG_INVALID
+        return EX_FAILED
     except Failure as failure:          # master.user or master.group does not exist
         print("%s: %s" % (PROG, failure), file=sys.stderr)
-        return CONFIG_INVALID
+        return EX_FAILED
     print("config OK: %s" % (path or "built-in defaults (no --config given)"))
     return EX_OK
 
@@ -118,15 +102,10 @@ def _workers(config) -> Optional[daemonfiles.Reader]:
 
 
 def _service_config(args):
-    """The Config naming master.user: --config, else the packaged file, else None.
+    """The Config naming master.user: the file config_finder finds, else None.
     Loaded without opening the workers' files: the one being made may not exist yet."""
-    path = getattr(args, "config", None)
-    if path is None and not any(os.path.exists(p) for p in queuecmd.DEFAULT_CONFIG_FILES):
-        return None
-    try:
-        return queuecmd._load_config(path)
-    except queuecmd.QueueFailure as failure:
-        raise Failure(failure.code, str(failure))
+    path = config_path(getattr(args, "config", None))
+    return None if path is None else read_config(path)
 
 
 def _warn_if_workers_cannot_read(config, path: str) -> None:
@@ -159,20 +138,21 @@ def _ownership(path: str) -> str:
 # ---------------------------------------------------------------- users
 
 def _credentials_path(args) -> str:
-    """--file, else the auth.credentials_file of --config, else the packaged default."""
+    """--file, else the auth.credentials_file of the configuration, else the packaged
+    default."""
     return _credentials_target(args, writing=False)[0]
 
 
 def _credentials_target(args, writing: bool = True):
     """(the credentials file, the Config naming the workers' user or None). Writers
-    read the config (--config, else the packaged one) even with --file: the file must
-    be made readable by master.user."""
-    config = _service_config(args) if writing or (args.config and not args.file) else None
+    read the configuration (the one config_finder finds) even with --file: the file
+    must be made readable by master.user."""
+    config = _service_config(args) if writing or not args.file else None
     if args.file:
         return args.file, config
+    if config is not None and config.auth.credentials_file:
+        return config.auth.credentials_file, config
     if args.config:
-        if config.auth.credentials_file:
-            return config.auth.credentials_file, config
         print("%s: note: %s sets no auth.credentials_file; using %s"
               % (PROG, args.config, DEFAULT_CREDENTIALS_FILE), file=sys.stderr)
     return DEFAULT_CREDENTIALS_FILE, config
@@ -373,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     file_option = _Parser(add_help=False, parents=[config_option])
     file_option.add_argument("--file", metavar="FILE",
                              help="credentials file (default: auth.credentials_file of "
-                                  "--config, else %s)" % DEFAULT_CREDENTIALS_FILE)
+                                  "the configuration, else %s)"
+                                  % DEFAULT_CREDENTIALS_FILE)
     password_option = _Parser(add_help=False)
     password_option.add_argument("--password-stdin", action="store_true",
                                  help="read the password from one line of standard input "

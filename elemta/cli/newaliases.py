@@ -15,9 +15,12 @@ See also: man/newaliases.1, elemta.addressing.aliases.
 """
 
 import argparse
+import os
 import sys
 
 from elemta.addressing.aliases import check_file
+from elemta.cli.config_finder import find_config
+from elemta.cli.failure import EX_FAILED, Failure
 
 PROG = "newaliases"
 
@@ -27,26 +30,26 @@ def parse_args(argv):
         prog=PROG, description="Check the aliases file (local.aliases_file): Elemta reads "
                                "it directly, so there is nothing to compile.")
     parser.add_argument("-c", "--config", metavar="FILE",
-                        help="configuration file (default: /etc/elemta/elemta.yaml or "
-                             ".toml if present, else the built-in defaults)")
+                        help="configuration file (default: $ELEMTA_CONFIG, else "
+                             "/etc/elemta/elemta.yaml or .toml if present, else the "
+                             "built-in defaults)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="say how many aliases the file holds")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    from elemta.cli.queuecmd import QueueFailure, _load_config
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        config = _load_config(args.config)
-    except QueueFailure as failure:
+        config = find_config(args.config)
+    except Failure as failure:
         print("%s: %s" % (PROG, failure), file=sys.stderr)
         return failure.code
     path = config.local.aliases_file
     if not path:
         if args.verbose:
             print("%s: local.aliases_file is not set: there are no aliases" % PROG)
-        return 0
+        return os.EX_OK
     count, problems = check_file(path)
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -54,10 +57,10 @@ def main(argv=None):
         print("%s: %s: %d mistake%s; delivery skips %s" % (
             PROG, path, len(problems), "" if len(problems) == 1 else "s",
             "it" if len(problems) == 1 else "them"), file=sys.stderr)
-        return 1
+        return EX_FAILED
     if args.verbose:
         print("%s: %s: %d alias%s" % (PROG, path, count, "" if count == 1 else "es"))
-    return 0
+    return os.EX_OK
 
 
 if __name__ == "__main__":

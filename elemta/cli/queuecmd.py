@@ -16,25 +16,17 @@ import os
 import re
 import sys
 import time
+# sysexits(3), as the os module names them (elemta.cli.failure).
+from os import EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_NOPERM, EX_NOUSER, EX_OK, EX_USAGE
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
+from elemta.cli.config_finder import find_config
+from elemta.cli.failure import Failure
 from elemta.util.text import printable
 
 PROG = "elemtactl"
-DEFAULT_CONFIG_FILES = ("/etc/elemta/elemta.yaml", "/etc/elemta/elemta.toml")
 INDEX_NAME = "index.lmdb"
 
-# sysexits.h
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65      # a damaged spool file
-EX_NOINPUT = 66      # no queue where the configuration says
-EX_NOUSER = 67       # a queue id that names no message ("addressee unknown")
-EX_SOFTWARE = 70
-EX_IOERR = 74        # the index or a spool file could not be read or written
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
-EX_CONFIG = 78
 
 # Postfix's mailq layout (postqueue/showq_compat.c, long queue ids), widened by the
 # four characters our 20-character ids need: id and status mark, size, arrival, address.
@@ -50,14 +42,6 @@ STATUS_MARK = {"active": "*", "hold": "!"}
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-class QueueFailure(Exception):
-    """Ends the command: message goes to stderr after "PROG: ", code is the exit status."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 # ---------------------------------------------------------------- output
@@ -94,46 +78,21 @@ def asctime(seconds: float) -> str:
 
 # ---------------------------------------------------------------- opening the queue
 
-def _load_config(path: Optional[str]):
-    """The typed Config: --config, else the packaged file if present, else defaults.
-
-    Shared by mailq, sendmail, newaliases and the queue and control commands: none of
-    them uses a secret, and sendmail runs as any local user, so the files only the
-    daemon reads (TLS key, credentials, DKIM/ARC keys) are neither opened nor checked:
-    they stay readable by master.user alone."""
-    from elemta.config import ConfigError, default_config, load_config
-    if path is None:
-        path = next((p for p in DEFAULT_CONFIG_FILES if os.path.exists(p)), None)
-        if path is None:
-            return default_config()
-    try:
-        os.close(os.open(path, os.O_RDONLY))
-    except OSError as exc:
-        raise QueueFailure(EX_NOINPUT, "%s: %s" % (path, exc.strerror or exc))
-    try:
-        return load_config(path, check_files=False)
-    except ConfigError as exc:
-        problems = [str(p) for p in exc.problems] or [str(exc)]
-        more = "" if len(problems) == 1 else " (and %d more: %s config check --config %s)" % (
-            len(problems) - 1, PROG, path)
-        raise QueueFailure(EX_CONFIG, problems[0] + more)
-
-
 def open_queue(args, create_index: bool = False):
     """The Queue named by --spool-dir or the configuration. Refuses (rather than creates)
     a missing spool or index unless create_index."""
-    config = _load_config(getattr(args, "config", None))
+    config = find_config(getattr(args, "config", None))
     spool_dir = os.path.abspath(args.spool_dir or config.queue.spool_dir)
     index_data = os.path.join(spool_dir, INDEX_NAME, "data.mdb")
     if not os.path.isdir(spool_dir):
-        raise QueueFailure(EX_NOINPUT, "queue: no spool directory %s (is --config right?)"
-                           % spool_dir)
+        raise Failure(EX_NOINPUT, "queue: no spool directory %s (is --config right?)"
+                      % spool_dir)
     if not os.access(spool_dir, os.R_OK | os.W_OK | os.X_OK):
-        raise QueueFailure(EX_NOPERM, "queue: %s: permission denied (run as root or as "
-                                      "Elemta's user)" % spool_dir)
+        raise Failure(EX_NOPERM, "queue: %s: permission denied (run as root or as "
+                                 "Elemta's user)" % spool_dir)
     if not create_index and not os.path.exists(index_data):
-        raise QueueFailure(EX_NOINPUT, "queue: no index in %s; rebuild it with: %s queue "
-                                       "reindex" % (spool_dir, PROG))
+        raise Failure(EX_NOINPUT, "queue: no index in %s; rebuild it with: %s queue "
+                                  "reindex" % (spool_dir, PROG))
     _become_spool_owner(spool_dir)
     from elemta.queue.queue import Queue
     return Queue(spool_dir, sync_method=config.queue.sync_method,
@@ -199,7 +158,7 @@ def _queue_ids(words: Iterable[str]) -> List[str]:
         for item in items:
             queue_id = item.rstrip("*!")
             if not is_queue_id(queue_id):
-                raise QueueFailure(EX_USAGE, "queue: not a queue id: %s" % printable(item))
+                raise Failure(EX_USAGE, "queue: not a queue id: %s" % printable(item))
             ids.append(queue_id)
     return list(dict.fromkeys(ids))
 
@@ -405,13 +364,13 @@ def _action(name: str) -> Callable:
 
     def handler(args) -> int:
         if args.ids and (args.all or _has_filter(args)):
-            raise QueueFailure(EX_USAGE, "queue %s: give queue ids or a selection "
-                                         "(--all, --from, ...), not both" % name)
+            raise Failure(EX_USAGE, "queue %s: give queue ids or a selection "
+                                    "(--all, --from, ...), not both" % name)
         bulk = args.all or _has_filter(args) or (name == "flush" and not args.ids)
         if not bulk and not args.ids:
-            raise QueueFailure(EX_USAGE, "queue %s: give queue ids, --all, or a selection "
-                                         "such as --from (see %s queue %s --help)"
-                               % (name, PROG, name))
+            raise Failure(EX_USAGE, "queue %s: give queue ids, --all, or a selection "
+                                    "such as --from (see %s queue %s --help)"
+                          % (name, PROG, name))
         ids = [] if bulk else _queue_ids(args.ids)
         from elemta.queue.queue import NO_SUCH_MESSAGE
         success = _success(name)
@@ -593,10 +552,10 @@ def add_queue_commands(commands, parser_class, parents: List[argparse.ArgumentPa
 # ---------------------------------------------------------------- mailq
 
 class UsageParser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one QueueFailure(EX_USAGE), not exit 2."""
+    """argparse that reports usage errors as one Failure(EX_USAGE), not exit 2."""
 
     def error(self, message):
-        raise QueueFailure(EX_USAGE, "%s (see %s --help)" % (message, self.prog))
+        raise Failure(EX_USAGE, "%s (see %s --help)" % (message, self.prog))
 
 
 def mailq_parser() -> argparse.ArgumentParser:
@@ -614,7 +573,7 @@ def mailq_main(argv: Optional[List[str]] = None) -> int:
     """mailq [--json] [selection]: `elemtactl queue list` under Postfix's name."""
     try:
         args = mailq_parser().parse_args(argv)
-    except QueueFailure as failure:
+    except Failure as failure:
         print("mailq: %s" % failure, file=sys.stderr)
         return failure.code
     except SystemExit as exc:   # --help
@@ -629,7 +588,7 @@ def run(handler: Callable, args, prog: str = "elemtactl") -> int:
     import lmdb
     try:
         return handler(args)
-    except QueueFailure as failure:
+    except Failure as failure:
         _complain(str(failure))
         return failure.code
     except BrokenPipeError:

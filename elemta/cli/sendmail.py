@@ -13,7 +13,8 @@ taken by pickup from the file's owner, so no option here can forge it.
       -N LIST       DSN NOTIFY: never or success,failure,delay
       -R full|hdrs  DSN RET      -V ENVID   DSN envelope id      -B 8BITMIME|7BIT
       -C FILE       configuration file (or directory holding elemta.yaml/.toml);
-                    default $ELEMTA_CONFIG, then /etc/elemta/elemta.{yaml,toml}
+                    default $ELEMTA_CONFIG, then /etc/elemta/elemta.{yaml,toml}, then
+                    the built-in defaults (elemta.cli.config_finder)
       -bs           SMTP dialogue on stdin/stdout      -bp   list the queue (mailq)
       -bv           verify the recipients only, queue nothing (the smtpd's RCPT answer:
                     local domains, users and aliases, elemta.addressing)
@@ -34,16 +35,15 @@ import os
 import pwd
 import re
 import sys
+# sysexits(3), as the os module names them (elemta.cli.failure).
+from os import EX_DATAERR, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
 
 from elemta.addressing.normal import split_address
 from elemta.addressing.recipients import ROLE, LocalRecipients
 from elemta.addressing.resolve import Addressing
-from elemta.cli import EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
+from elemta.cli.config_finder import config_path, read_config
+from elemta.cli.failure import Failure
 
-EX_OK = 0
-EX_DATAERR = 65
-EX_NOUSER = 67
-EX_CONFIG = 78
 PROG = "sendmail"
 
 # getopt letters taking an argument (attached or next word), as Postfix's sendmail.
@@ -54,14 +54,6 @@ _NOTIFY = ("SUCCESS", "FAILURE", "DELAY")
 _RECIPIENT_HEADERS = (b"to", b"cc", b"bcc")
 _RESENT_HEADERS = (b"resent-to", b"resent-cc", b"resent-bcc")
 READ_LINE = 65536
-
-
-class Failure(Exception):
-    """Ends the command: one line on stderr and a sysexits status."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
 
 
 class Options:
@@ -77,7 +69,7 @@ class Options:
         self.ret = None              # -R
         self.envid = None            # -V
         self.body = None             # -B
-        self.config = os.environ.get("ELEMTA_CONFIG") or None
+        self.config = None           # -C; else config_finder's search
         self.recipients = []
 
 
@@ -166,24 +158,20 @@ def _apply(options, letter, value):
 
 # ---------------------------------------------------------------- configuration
 
-def load_config(path):
-    from elemta.cli.queuecmd import QueueFailure, _load_config
-    if path and os.path.isdir(path):
-        found = [os.path.join(path, n) for n in ("elemta.yaml", "elemta.toml")
-                 if os.path.exists(os.path.join(path, n))]
-        if not found:
-            raise Failure(EX_CONFIG, "-C %s: no elemta.yaml or elemta.toml there" % path)
-        path = found[0]
+def load_config(given):
+    """(the file found, its Config) for -C or else the standard search
+    (elemta.cli.config_finder)."""
+    path = config_path(given)
     try:
-        return path, _load_config(path)
-    except QueueFailure as failure:
+        return path, read_config(path)
+    except Failure as failure:
         hint = ""
         if "ermission denied" in str(failure):
             # Every local user runs sendmail: like Postfix's main.cf, the configuration
             # must be world-readable (secrets belong in the files it names, mode 0640).
             hint = " (sendmail runs as the calling user: the configuration must be " \
                    "readable by every user)"
-        raise Failure(EX_CONFIG, str(failure) + hint)
+        raise Failure(os.EX_CONFIG, str(failure) + hint)
 
 
 class Context:

@@ -36,6 +36,18 @@ elemta.conf \- Elemta configuration file
 .SH DESCRIPTION
 Every Elemta process reads the same configuration file, checks all of it, and
 refuses to start if anything in it is wrong.
+Every Elemta program finds it in the same order: the file named with
+.B \-\-config
+(sendmail's
+.BR \-C ),
+else the file named by the environment variable
+.BR ELEMTA_CONFIG ,
+else
+.I /etc/elemta/elemta.yaml
+or
+.I /etc/elemta/elemta.toml
+if one exists (see
+.BR elemta (8)).
 Without a file, the built\-in development defaults apply: SMTP on 127.0.0.1
 port 2525 and the queue under
 .IR ./spool .
@@ -169,7 +181,11 @@ Each entry gives the key path, the type and the default, written as in TOML.
 _TAIL = r""".SH FILES
 .TP
 .I /etc/elemta/elemta.yaml\fR, \fI/etc/elemta/elemta.toml
-The configuration file.
+The configuration file, when neither
+.B \-\-config
+nor
+.B ELEMTA_CONFIG
+names another.
 .TP
 .I elemta.yaml.example\fR, \fIelemta.toml.example
 Annotated examples shipped with Elemta: every option, at its default except the
