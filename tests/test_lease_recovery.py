@@ -140,18 +140,31 @@ def _die_holding(queue, queue_id, retry_delay):
     return queue.free_gone_leases(retry_delay)
 
 
+def test_orphan_delay_starts_small_and_grows_to_the_normal_backoff():
+    """None at the first death, then 5 s doubling up to min_backoff, then the backoff
+    after failed attempts (doubling) up to max_backoff: a message caught twice under
+    chaos waits seconds, not min_backoff, and a poison message slows to max_backoff."""
+    assert [orphan_delay(n, 300.0, 4000.0) for n in range(1, 15)] == [
+        0, 5, 10, 20, 40, 80, 160, 300, 600, 1200, 2400, 4000, 4000, 4000]
+    assert [orphan_delay(n, 60.0, 1000.0) for n in range(1, 12)] == [
+        0, 5, 10, 20, 40, 60, 120, 240, 480, 960, 1000]
+    # A min_backoff below the first step: never more than min_backoff at the start.
+    assert [orphan_delay(n, 2.0, 10.0) for n in range(1, 6)] == [0, 2, 4, 8, 10]
+    assert orphan_delay(10 ** 6, 300.0, 4000.0) == 4000
+
+
 def test_a_message_that_keeps_killing_its_holders_waits_a_backoff(tmp_path):
     """The first holder that dies with a message most likely died of something else: the
-    message is due at once. A second in a row backs off from min_backoff, doubling, so a
-    message that crashes every worker cannot keep them in a crash loop; a recorded
-    attempt starts the count again."""
+    message is due at once. From the second in a row it waits, a few seconds at first,
+    doubling up to min_backoff and beyond, so a message that crashes every worker cannot
+    keep them in a crash loop; a recorded attempt starts the count again."""
     delay = lambda orphaned: orphan_delay(orphaned, 60.0, 1000.0)   # noqa: E731
     with Queue(str(tmp_path / "spool"), map_size=64 << 20) as queue:
         [message] = accept(queue, [b"x\r\n"])
         qid = message.queue_id
         [(_, _, due)] = _die_holding(queue, qid, delay)
         assert due <= time.time() and queue.get(qid).last_error == HOLDER_GONE
-        for orphaned, wait in ((2, 60), (3, 120), (4, 240)):
+        for orphaned, wait in ((2, 5), (3, 10), (4, 20), (5, 40), (6, 60), (7, 120)):
             before = time.time()
             [(_, _, due)] = _die_holding(queue, qid, delay)
             # Not due: only a claim with the clock moved past the backoff takes it.

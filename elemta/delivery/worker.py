@@ -90,6 +90,9 @@ INDEX_RETRY = 5
 GONE_CHECK_EVERY = 2.0
 # Most seconds between two looks for failed messages past delivery.failed_retention.
 PURGE_EVERY = 600.0
+# Seconds a message waits when its second lease holder in a row has died (see
+# orphan_delay): long enough for a respawned worker to boot (no tight crash loop).
+ORPHAN_FIRST_WAIT = 5.0
 EXPIRED = "message expired after %d seconds in the queue"
 
 
@@ -99,10 +102,23 @@ def backoff(attempts, minimum, maximum):
 
 
 def orphan_delay(orphaned, minimum, maximum):
-    """Seconds before a message whose lease holder ended is due again: none the first
-    time (the crash was most likely not its doing), then a backoff as after failed
-    attempts, so a message that kills every worker taking it cannot keep them crashing."""
-    return 0.0 if orphaned <= 1 else backoff(orphaned - 1, minimum, maximum)
+    """Seconds before a message whose lease holder ended is due again, `orphaned` counting
+    the holders in a row that ended holding it. None the first time (the crash was most
+    likely not its doing: kill -9, OOM, a restart), then ORPHAN_FIRST_WAIT doubling up to
+    `minimum` (min_backoff), then on as the backoff after failed attempts up to
+    `maximum`. Small at first: a worker killed twice in a row under chaos (or a busy
+    OOM killer) must not cost an innocent message min_backoff; growing: a message that
+    kills every worker taking it cannot keep them in a tight crash loop."""
+    if orphaned <= 1:
+        return 0.0
+    steps = orphaned - 2           # doublings after the second holder's death
+    wait = ORPHAN_FIRST_WAIT
+    while steps and wait < minimum:
+        wait *= 2
+        steps -= 1
+    if wait < minimum:
+        return min(wait, maximum)
+    return backoff(steps + 1, minimum, maximum)
 
 
 class DeliveryWorker(GeventChild):
