@@ -16,11 +16,13 @@ import signal
 import smtplib
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
 
-from elemta.delivery.worker import orphan_delay
+from elemta.delivery.recorder import AttemptRecorder
+from elemta.delivery.worker import DeliveryWorker, orphan_delay
 from elemta.queue import holders
 from elemta.queue.model import ACTIVE, DEFERRED
 from elemta.queue.queue import ATTEMPT_REMOVED, HOLDER_GONE, Attempt, Queue
@@ -324,3 +326,44 @@ def test_a_delivered_message_stays_leased_until_the_next_batch_deletes_its_recor
         assert queue.record_attempt("next:1:1", second.queue_id, {}, 0.0, None) == \
             ATTEMPT_REMOVED
         assert queue.get(second.queue_id) is None
+
+
+# ---- a stopping worker gives back only what cannot be recorded twice -------------------
+
+def test_a_worker_stopping_while_results_are_still_written_gives_nothing_back(tmp_path):
+    """A stopping worker records the results waiting, then gives its unfinished claims
+    back (due now). If the recorder is still writing when its wait runs out, a result may
+    yet land after another worker took a message given back: nothing is given back; the
+    leases stay until the worker is gone."""
+    import gevent
+    from elemta.config import default_config
+    with Queue(str(tmp_path / "spool"), map_size=64 << 20) as queue:
+        sent, unfinished = accept(queue, [b"a\r\n", b"b\r\n"])
+        worker = DeliveryWorker(default_config(), 0, None, os.getpid())
+        worker.queue, worker.owner = queue, holders.holder_name(os.getpid())
+        assert len(queue.claim(worker.owner, 2, 900.0)) == 2
+        writing, go_on = threading.Event(), threading.Event()
+        record_attempts = queue.record_attempts
+
+        def slow_record_attempts(*args):
+            writing.set()
+            go_on.wait(30)            # a slow disk
+            return record_attempts(*args)
+        queue.record_attempts = slow_record_attempts
+        worker.recorder = AttemptRecorder(queue, worker.owner)
+        result = gevent.spawn(worker.recorder.record, Attempt(
+            sent.queue_id, {0: ("sent", "250 2.0.0 Ok", "sink")}, 0.0, None))
+        while not writing.is_set():
+            gevent.sleep(0.01)
+        try:
+            assert worker.give_back([unfinished.queue_id], timeout=0.2) == []
+            record = queue.get(unfinished.queue_id)
+            assert record.state == ACTIVE and record.lease_owner == worker.owner
+        finally:
+            go_on.set()
+        assert result.get(timeout=30) == ATTEMPT_REMOVED
+        # With the recorder done, the same stop gives the claim back: due now.
+        worker.recorder = AttemptRecorder(queue, worker.owner)
+        assert worker.give_back([unfinished.queue_id]) == [unfinished.queue_id]
+        record = queue.get(unfinished.queue_id)
+        assert record.state == DEFERRED and record.next_attempt <= time.time()

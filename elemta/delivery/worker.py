@@ -179,19 +179,7 @@ class DeliveryWorker(GeventChild):
                 self.pool.join(timeout=self.grace)
             unfinished = self._in_flight()
             self.pool.kill(block=True, timeout=1)
-            # Results already waiting are recorded before anything is given back: a
-            # message given back while its 250 waits could be claimed and sent again.
-            self.recorder.close()
-            if unfinished:
-                try:
-                    given_back = self.queue.release_claims(self.owner, unfinished)
-                except OSError as error:        # a full disk or index
-                    log.error("delivery stopped with %d message(s) unfinished; cannot give "
-                              "them back (%s): due again when their leases lapse",
-                              len(unfinished), error)
-                else:
-                    log.info("delivery stopped with %d message(s) unfinished; due again: %s",
-                             len(given_back), " ".join(given_back))
+            self.give_back(unfinished)
         finally:
             gevent.killall(helpers)
             self.recorder.close()
@@ -206,6 +194,33 @@ class DeliveryWorker(GeventChild):
             self.queue.close()
             self.slots.close()
         return 0
+
+    def give_back(self, unfinished, timeout=10.0):
+        """Once deliveries have stopped: record the results still waiting, then make the
+        claims on `unfinished` messages due now (not when their leases lapse). Returns the
+        ids given back. Results first: a message given back while its 250 waits could be
+        claimed and sent again. If the recorder is still writing after `timeout`, nothing
+        is given back: a result may yet be written after another worker took the message;
+        the leases stay, and the other workers free them once this process is gone (the
+        master tells them when it reaps it)."""
+        if not self.recorder.close(timeout):
+            if unfinished:
+                log.error("delivery stopped with %d message(s) unfinished while results were "
+                          "still being recorded; not given back: due again once this worker "
+                          "has exited", len(unfinished))
+            return []
+        if not unfinished:
+            return []
+        try:
+            given_back = self.queue.release_claims(self.owner, unfinished)
+        except OSError as error:        # a full disk or index
+            log.error("delivery stopped with %d message(s) unfinished; cannot give "
+                      "them back (%s): due again when their leases lapse",
+                      len(unfinished), error)
+            return []
+        log.info("delivery stopped with %d message(s) unfinished; due again: %s",
+                 len(given_back), " ".join(given_back))
+        return given_back
 
     def on_stop(self):
         """Claim nothing more; deliveries under way get master.stop_grace (SIGQUIT: none;
