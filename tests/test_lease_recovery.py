@@ -25,7 +25,8 @@ from elemta.delivery.recorder import AttemptRecorder
 from elemta.delivery.worker import DeliveryWorker, orphan_delay
 from elemta.queue import holders
 from elemta.queue.model import ACTIVE, DEFERRED
-from elemta.queue.queue import ATTEMPT_REMOVED, HOLDER_GONE, Attempt, Queue
+from elemta.queue.queue import (ATTEMPT_REMOVED, HELD, HOLDER_GONE, LEASE_LAPSED, RELEASED,
+                                REQUEUED, Attempt, Queue)
 from tests.conftest import wait_for
 from tests.peers.postfix import free_port
 from tests.peers.sink import ScriptedServer
@@ -182,6 +183,37 @@ def test_a_message_that_keeps_killing_its_holders_waits_a_backoff(tmp_path):
         assert queue.get(qid).orphaned == 0
         [(_, _, due)] = _die_holding(queue, qid, delay)
         assert due <= time.time()
+
+
+
+def test_an_admins_requeue_or_release_and_a_restart_leave_no_orphan_backoff(tmp_path,
+                                                                            sleeper):
+    """elemtactl queue requeue and release mean "try now": the count of holders that died
+    with the message starts again, so its next holder's death costs no wait. A restart
+    (start-up frees every lease) is not the message's doing: it is not counted."""
+    delay = lambda orphaned: orphan_delay(orphaned, 60.0, 1000.0)   # noqa: E731
+    with Queue(str(tmp_path / "spool"), map_size=64 << 20) as queue:
+        [message] = accept(queue, [b"x\r\n"])
+        qid = message.queue_id
+        _die_holding(queue, qid, delay)
+        [(_, _, due)] = _die_holding(queue, qid, delay)
+        assert due > time.time()                        # the second death: a wait
+        assert list(queue.requeue([qid])) == [(qid, REQUEUED)]
+        [(_, _, due)] = _die_holding(queue, qid, delay)
+        assert due <= time.time() and queue.get(qid).last_error == HOLDER_GONE
+        [(_, _, due)] = _die_holding(queue, qid, delay)
+        assert due > time.time()
+        assert list(queue.hold([qid])) == [(qid, HELD)]
+        assert list(queue.release([qid])) == [(qid, RELEASED)]
+        [(_, _, due)] = _die_holding(queue, qid, delay)
+        assert due <= time.time() and queue.get(qid).last_error == HOLDER_GONE
+        # Held by a live worker when the server stopped; start-up frees it, uncounted.
+        assert [r.queue_id for r in queue.claim(holders.holder_name(sleeper.pid), 1,
+                                                  900.0)] == [qid]
+        assert queue.reconcile().reclaimed == [qid]
+        record = queue.get(qid)
+        assert record.state == DEFERRED and record.next_attempt <= time.time()
+        assert record.last_error == LEASE_LAPSED and record.orphaned == 1
 
 
 # ---- the real server ------------------------------------------------------------------
