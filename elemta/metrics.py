@@ -95,6 +95,8 @@ def directory():
 
 # Shorter than this, a metric file holds no value (MmapedDict's 8-byte header).
 _EMPTY_FILE = 8
+# A value and its time stamp in a metric file (two doubles), both zero.
+_ZERO_VALUE = bytes(16)
 
 
 def worker_exited(pid):
@@ -131,30 +133,33 @@ def _fold_dead_child(pid):
                 continue
             # strict: on a full disk this raises, and the dead file stays for a later fold
             archive = AllocatedDict(os.path.join(path, "%s_archive.db" % kind), strict=True)
-            folded = []
+            folded = []                 # offsets in `dead` of the values folded
             try:
-                for key, value, _, _ in MmapedDict.read_all_values_from_file(dead):
+                for key, value, _, pos in MmapedDict.read_all_values_from_file(dead):
                     archive.write_value(key, archive.read_value(key)[0] + value, 0.0)
-                    folded.append(key)
-            except OSError:
-                _zero_values(dead, folded)    # in the archive now: never counted twice
+                    folded.append(pos)
+            except BaseException:
+                # A full disk, a damaged entry, anything: what is in the archive now is
+                # never counted twice.
+                _zero_values(dead, folded)
                 raise
             finally:
                 archive.close()
             os.remove(dead)
 
 
-def _zero_values(path, keys):
-    """Set the values of `keys` in the metric file at path to zero (after they were
-    folded into the archive and the fold stopped part way: the rest waits for a later
-    fold). Existing keys only: the file neither grows nor needs new pages."""
-    from prometheus_client.mmap_dict import MmapedDict
-    values = MmapedDict(path)
+def _zero_values(path, positions):
+    """Set the values at `positions` (offsets, as read_all_values_from_file gives them)
+    in the metric file at path to zero, after they were folded into the archive and the
+    fold stopped part way: the rest waits for a later fold. Written in place, not through
+    MmapedDict, which parses the whole file first and so fails again on a damaged
+    entry; existing values only: the file neither grows nor needs new pages."""
+    fd = open_nofollow(path, os.O_WRONLY)
     try:
-        for key in keys:
-            values.write_value(key, 0.0, 0.0)
+        for pos in positions:
+            os.pwrite(fd, _ZERO_VALUE, pos)     # value 0.0, timestamp 0.0
     finally:
-        values.close()
+        os.close(fd)
 
 
 def worker_restarted(kind, reason):

@@ -438,3 +438,92 @@ def test_schemathesis_finds_no_server_error(elemta_server):
         fuzz(operation.as_strategy(generation_mode=GenerationMode.POSITIVE, headers=AUTH))
         if list(operation.iter_parameters()):       # health has nothing to get wrong
             fuzz(operation.as_strategy(generation_mode=GenerationMode.NEGATIVE, headers=AUTH))
+
+
+# ---- the api process's one Queue --------------------------------------------------------
+
+_PROBE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+except BlockingIOError:
+    sys.exit(0)       # someone holds LMDB's shared lock: the lock file is in use
+sys.exit(1)           # nobody does: the next opener would reset it under our writers
+"""
+
+
+def test_a_use_during_a_close_waits_for_it_and_the_index_keeps_its_locks(tmp_path):
+    """The api's threads share one Queue; an error closes it and the next use opens it
+    again. Two environments on the same index in one process must never be open at once:
+    closing one drops all of the process's fcntl locks on LMDB's lock file, the other's
+    too (the next process to open the index then resets it under running writers), and
+    py-lmdb refuses the second open ("already open in this process": a 503 for the
+    request that came during a close). A use that comes during a close waits for it,
+    then opens the index, which keeps its locks."""
+    from types import SimpleNamespace
+    from elemta.api.queue_access import QueueAccess
+    spool_dir = str(tmp_path / "spool")
+    access = QueueAccess(SimpleNamespace(spool_dir=spool_dir, sync_method="fsync",
+                                         index_map_size=64 << 20))
+    with access.using() as old:
+        pass
+    closing, reopened = threading.Event(), threading.Event()
+    close_env = old.close
+
+    def slow_close():
+        closing.set()
+        reopened.wait(2)          # a second use, if it can, opens the index meanwhile
+        close_env()
+    old.close = slow_close
+    outcome = []
+
+    def use_again():
+        closing.wait(30)
+        try:
+            with access.using() as queue:
+                reopened.set()
+                outcome.append(queue)
+        except Exception as error:
+            outcome.append(error)
+    closer = threading.Thread(target=access.close)
+    closer.start()
+    try:
+        user = threading.Thread(target=use_again)
+        user.start()
+        user.join(60)
+    finally:
+        reopened.set()
+        closer.join(60)
+    [new] = outcome
+    assert not isinstance(new, Exception), "a use during a close failed: %r" % new
+    assert new is not old
+    with access.using() as queue:
+        assert queue is new and queue.index.count_by_state() == {}
+        probe = subprocess.run([sys.executable, "-c", _PROBE,
+                                os.path.join(spool_dir, "index.lmdb", "lock.mdb")])
+        assert probe.returncode == 0, "the open index lost its LMDB locks"
+    access.close()
+
+
+def test_a_failed_use_closes_the_queue_and_the_next_opens_it_again(tmp_path):
+    """An error out of the index answers 503 (QueueUnavailable) and closes the Queue; the
+    next use opens it again. A thread late to close the one that failed leaves the new
+    one alone."""
+    from types import SimpleNamespace
+    from elemta.api.queue_access import QueueAccess, QueueUnavailable
+    access = QueueAccess(SimpleNamespace(spool_dir=str(tmp_path / "spool"),
+                                         sync_method="fsync", index_map_size=64 << 20))
+    seen = []
+
+    def broken(queue):
+        seen.append(queue)
+        raise OSError(5, "Input/output error")
+    with pytest.raises(QueueUnavailable, match="Input/output error"):
+        access.call(broken)
+    [old] = seen
+    new = access.call(lambda queue: queue)
+    assert new is not old and access.call(lambda q: q.index.count_by_state()) == {}
+    access.close(old)
+    assert access.call(lambda queue: queue) is new
+    access.close()

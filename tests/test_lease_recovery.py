@@ -16,14 +16,17 @@ import signal
 import smtplib
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
 
-from elemta.delivery.worker import orphan_delay
+from elemta.delivery.recorder import AttemptRecorder
+from elemta.delivery.worker import DeliveryWorker, orphan_delay
 from elemta.queue import holders
 from elemta.queue.model import ACTIVE, DEFERRED
-from elemta.queue.queue import ATTEMPT_REMOVED, HOLDER_GONE, Attempt, Queue
+from elemta.queue.queue import (ATTEMPT_REMOVED, HELD, HOLDER_GONE, LEASE_LAPSED, RELEASED,
+                                REQUEUED, Attempt, Queue)
 from tests.conftest import wait_for
 from tests.peers.postfix import free_port
 from tests.peers.sink import ScriptedServer
@@ -140,18 +143,31 @@ def _die_holding(queue, queue_id, retry_delay):
     return queue.free_gone_leases(retry_delay)
 
 
+def test_orphan_delay_starts_small_and_grows_to_the_normal_backoff():
+    """None at the first death, then 5 s doubling up to min_backoff, then the backoff
+    after failed attempts (doubling) up to max_backoff: a message caught twice under
+    chaos waits seconds, not min_backoff, and a poison message slows to max_backoff."""
+    assert [orphan_delay(n, 300.0, 4000.0) for n in range(1, 15)] == [
+        0, 5, 10, 20, 40, 80, 160, 300, 600, 1200, 2400, 4000, 4000, 4000]
+    assert [orphan_delay(n, 60.0, 1000.0) for n in range(1, 12)] == [
+        0, 5, 10, 20, 40, 60, 120, 240, 480, 960, 1000]
+    # A min_backoff below the first step: never more than min_backoff at the start.
+    assert [orphan_delay(n, 2.0, 10.0) for n in range(1, 6)] == [0, 2, 4, 8, 10]
+    assert orphan_delay(10 ** 6, 300.0, 4000.0) == 4000
+
+
 def test_a_message_that_keeps_killing_its_holders_waits_a_backoff(tmp_path):
     """The first holder that dies with a message most likely died of something else: the
-    message is due at once. A second in a row backs off from min_backoff, doubling, so a
-    message that crashes every worker cannot keep them in a crash loop; a recorded
-    attempt starts the count again."""
+    message is due at once. From the second in a row it waits, a few seconds at first,
+    doubling up to min_backoff and beyond, so a message that crashes every worker cannot
+    keep them in a crash loop; a recorded attempt starts the count again."""
     delay = lambda orphaned: orphan_delay(orphaned, 60.0, 1000.0)   # noqa: E731
     with Queue(str(tmp_path / "spool"), map_size=64 << 20) as queue:
         [message] = accept(queue, [b"x\r\n"])
         qid = message.queue_id
         [(_, _, due)] = _die_holding(queue, qid, delay)
         assert due <= time.time() and queue.get(qid).last_error == HOLDER_GONE
-        for orphaned, wait in ((2, 60), (3, 120), (4, 240)):
+        for orphaned, wait in ((2, 5), (3, 10), (4, 20), (5, 40), (6, 60), (7, 120)):
             before = time.time()
             [(_, _, due)] = _die_holding(queue, qid, delay)
             # Not due: only a claim with the clock moved past the backoff takes it.
@@ -167,6 +183,37 @@ def test_a_message_that_keeps_killing_its_holders_waits_a_backoff(tmp_path):
         assert queue.get(qid).orphaned == 0
         [(_, _, due)] = _die_holding(queue, qid, delay)
         assert due <= time.time()
+
+
+
+def test_an_admins_requeue_or_release_and_a_restart_leave_no_orphan_backoff(tmp_path,
+                                                                            sleeper):
+    """elemtactl queue requeue and release mean "try now": the count of holders that died
+    with the message starts again, so its next holder's death costs no wait. A restart
+    (start-up frees every lease) is not the message's doing: it is not counted."""
+    delay = lambda orphaned: orphan_delay(orphaned, 60.0, 1000.0)   # noqa: E731
+    with Queue(str(tmp_path / "spool"), map_size=64 << 20) as queue:
+        [message] = accept(queue, [b"x\r\n"])
+        qid = message.queue_id
+        _die_holding(queue, qid, delay)
+        [(_, _, due)] = _die_holding(queue, qid, delay)
+        assert due > time.time()                        # the second death: a wait
+        assert list(queue.requeue([qid])) == [(qid, REQUEUED)]
+        [(_, _, due)] = _die_holding(queue, qid, delay)
+        assert due <= time.time() and queue.get(qid).last_error == HOLDER_GONE
+        [(_, _, due)] = _die_holding(queue, qid, delay)
+        assert due > time.time()
+        assert list(queue.hold([qid])) == [(qid, HELD)]
+        assert list(queue.release([qid])) == [(qid, RELEASED)]
+        [(_, _, due)] = _die_holding(queue, qid, delay)
+        assert due <= time.time() and queue.get(qid).last_error == HOLDER_GONE
+        # Held by a live worker when the server stopped; start-up frees it, uncounted.
+        assert [r.queue_id for r in queue.claim(holders.holder_name(sleeper.pid), 1,
+                                                  900.0)] == [qid]
+        assert queue.reconcile().reclaimed == [qid]
+        record = queue.get(qid)
+        assert record.state == DEFERRED and record.next_attempt <= time.time()
+        assert record.last_error == LEASE_LAPSED and record.orphaned == 1
 
 
 # ---- the real server ------------------------------------------------------------------
@@ -311,3 +358,44 @@ def test_a_delivered_message_stays_leased_until_the_next_batch_deletes_its_recor
         assert queue.record_attempt("next:1:1", second.queue_id, {}, 0.0, None) == \
             ATTEMPT_REMOVED
         assert queue.get(second.queue_id) is None
+
+
+# ---- a stopping worker gives back only what cannot be recorded twice -------------------
+
+def test_a_worker_stopping_while_results_are_still_written_gives_nothing_back(tmp_path):
+    """A stopping worker records the results waiting, then gives its unfinished claims
+    back (due now). If the recorder is still writing when its wait runs out, a result may
+    yet land after another worker took a message given back: nothing is given back; the
+    leases stay until the worker is gone."""
+    import gevent
+    from elemta.config import default_config
+    with Queue(str(tmp_path / "spool"), map_size=64 << 20) as queue:
+        sent, unfinished = accept(queue, [b"a\r\n", b"b\r\n"])
+        worker = DeliveryWorker(default_config(), 0, None, os.getpid())
+        worker.queue, worker.owner = queue, holders.holder_name(os.getpid())
+        assert len(queue.claim(worker.owner, 2, 900.0)) == 2
+        writing, go_on = threading.Event(), threading.Event()
+        record_attempts = queue.record_attempts
+
+        def slow_record_attempts(*args):
+            writing.set()
+            go_on.wait(30)            # a slow disk
+            return record_attempts(*args)
+        queue.record_attempts = slow_record_attempts
+        worker.recorder = AttemptRecorder(queue, worker.owner)
+        result = gevent.spawn(worker.recorder.record, Attempt(
+            sent.queue_id, {0: ("sent", "250 2.0.0 Ok", "sink")}, 0.0, None))
+        while not writing.is_set():
+            gevent.sleep(0.01)
+        try:
+            assert worker.give_back([unfinished.queue_id], timeout=0.2) == []
+            record = queue.get(unfinished.queue_id)
+            assert record.state == ACTIVE and record.lease_owner == worker.owner
+        finally:
+            go_on.set()
+        assert result.get(timeout=30) == ATTEMPT_REMOVED
+        # With the recorder done, the same stop gives the claim back: due now.
+        worker.recorder = AttemptRecorder(queue, worker.owner)
+        assert worker.give_back([unfinished.queue_id]) == [unfinished.queue_id]
+        record = queue.get(unfinished.queue_id)
+        assert record.state == DEFERRED and record.next_attempt <= time.time()

@@ -361,3 +361,39 @@ def test_a_child_killed_before_sizing_its_metric_file_breaks_no_scrape(tmp_path)
 ])
 def test_rejection_reasons(command, code, status, reason):
     assert rejection_reason(command, code, status) == reason
+
+
+FOLD_A_DAMAGED_FILE = r"""
+import json, os, struct, sys
+from prometheus_client.mmap_dict import MmapedDict
+from elemta import metrics
+directory = sys.argv[1]
+metrics.setup(directory)
+pid = 2 ** 22 + 17                      # a dead child with 10 counters, the 6th damaged
+dead_path = os.path.join(directory, "counter_%d.db" % pid)
+dead = MmapedDict(dead_path)
+for n in range(10):
+    dead.write_value("key%d" % n, n + 1.0, 0.0)
+dead.close()
+positions = [pos for _, _, _, pos in MmapedDict.read_all_values_from_file(dead_path)]
+with open(dead_path, "r+b") as damaged:         # its length runs past the end
+    damaged.seek(positions[4] + 16)
+    damaged.write(struct.pack("i", 2 ** 30))
+for _ in range(2):     # the fold stops at the damage; the file stays for a later one
+    metrics.worker_exited(pid)
+archive = os.path.join(directory, "counter_archive.db")
+print(json.dumps(dict((k, v) for k, v, _, _ in MmapedDict.read_all_values_from_file(archive))))
+"""
+
+
+def test_a_fold_stopped_by_a_damaged_file_counts_nothing_twice(tmp_path):
+    """The master folds a dead child's counters into the archive; a damaged entry stops
+    the fold part way (not an OSError) and the file stays for a later fold. What was
+    already folded must not be added again then."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    done = subprocess.run([sys.executable, "-c", FOLD_A_DAMAGED_FILE, str(tmp_path / "m")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cannot fold the counters of pid" in done.stderr
+    assert json.loads(done.stdout) == {"key%d" % n: n + 1.0 for n in range(5)}

@@ -29,11 +29,10 @@ class QueueCollector:
         from prometheus_client.core import GaugeMetricFamily
         from elemta.queue.model import STATES
         try:
-            counts = self.access.queue().index.count_by_state()
-        except Exception as exc:        # lmdb.Error, OSError: report the rest anyway
+            counts = self.access.call(lambda queue: queue.index.count_by_state())
+        except Exception as exc:        # QueueUnavailable: report the rest anyway
             log.error("queue size not reported: cannot read the queue index in %s: %s",
                       self.access.queue_config.spool_dir, exc)
-            self.access.close()
             return []
         family = GaugeMetricFamily("elemta_queue_messages",
                                    "Messages in the queue, by state.", labels=["state"])

@@ -126,8 +126,11 @@ class AttemptRecorder:
 
     def close(self, timeout=10.0):
         """Record what is still waiting (those deliveries happened: recording them keeps
-        them from being sent twice), then stop; the queue may be closed after this."""
+        them from being sent twice), then stop; the queue may be closed after this.
+        Returns False if the recorder was still writing after `timeout` seconds (results
+        may still be written: the caller must not give claims back)."""
         self._closing = True
         self._closed.set()
         self._wakeup.set()
         self._runner.join(timeout)
+        return self._runner.ready()

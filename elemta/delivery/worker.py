@@ -90,6 +90,9 @@ INDEX_RETRY = 5
 GONE_CHECK_EVERY = 2.0
 # Most seconds between two looks for failed messages past delivery.failed_retention.
 PURGE_EVERY = 600.0
+# Seconds a message waits when its second lease holder in a row has died (see
+# orphan_delay): long enough for a respawned worker to boot (no tight crash loop).
+ORPHAN_FIRST_WAIT = 5.0
 EXPIRED = "message expired after %d seconds in the queue"
 
 
@@ -99,10 +102,23 @@ def backoff(attempts, minimum, maximum):
 
 
 def orphan_delay(orphaned, minimum, maximum):
-    """Seconds before a message whose lease holder ended is due again: none the first
-    time (the crash was most likely not its doing), then a backoff as after failed
-    attempts, so a message that kills every worker taking it cannot keep them crashing."""
-    return 0.0 if orphaned <= 1 else backoff(orphaned - 1, minimum, maximum)
+    """Seconds before a message whose lease holder ended is due again, `orphaned` counting
+    the holders in a row that ended holding it. None the first time (the crash was most
+    likely not its doing: kill -9, OOM, a restart), then ORPHAN_FIRST_WAIT doubling up to
+    `minimum` (min_backoff), then on as the backoff after failed attempts up to
+    `maximum`. Small at first: a worker killed twice in a row under chaos (or a busy
+    OOM killer) must not cost an innocent message min_backoff; growing: a message that
+    kills every worker taking it cannot keep them in a tight crash loop."""
+    if orphaned <= 1:
+        return 0.0
+    steps = orphaned - 2           # doublings after the second holder's death
+    wait = ORPHAN_FIRST_WAIT
+    while steps and wait < minimum:
+        wait *= 2
+        steps -= 1
+    if wait < minimum:
+        return min(wait, maximum)
+    return backoff(steps + 1, minimum, maximum)
 
 
 class DeliveryWorker(GeventChild):
@@ -166,19 +182,7 @@ class DeliveryWorker(GeventChild):
                 self.pool.join(timeout=self.grace)
             unfinished = self._in_flight()
             self.pool.kill(block=True, timeout=1)
-            # Results already waiting are recorded before anything is given back: a
-            # message given back while its 250 waits could be claimed and sent again.
-            self.recorder.close()
-            if unfinished:
-                try:
-                    given_back = self.queue.release_claims(self.owner, unfinished)
-                except OSError as error:        # a full disk or index
-                    log.error("delivery stopped with %d message(s) unfinished; cannot give "
-                              "them back (%s): due again when their leases lapse",
-                              len(unfinished), error)
-                else:
-                    log.info("delivery stopped with %d message(s) unfinished; due again: %s",
-                             len(given_back), " ".join(given_back))
+            self.give_back(unfinished)
         finally:
             gevent.killall(helpers)
 
@@ -190,6 +194,33 @@ class DeliveryWorker(GeventChild):
         self.wake_socket.close()
         self.queue.close()
         self.slots.close()
+
+    def give_back(self, unfinished, timeout=10.0):
+        """Once deliveries have stopped: record the results still waiting, then make the
+        claims on `unfinished` messages due now (not when their leases lapse). Returns the
+        ids given back. Results first: a message given back while its 250 waits could be
+        claimed and sent again. If the recorder is still writing after `timeout`, nothing
+        is given back: a result may yet be written after another worker took the message;
+        the leases stay, and the other workers free them once this process is gone (the
+        master tells them when it reaps it)."""
+        if not self.recorder.close(timeout):
+            if unfinished:
+                log.error("delivery stopped with %d message(s) unfinished while results were "
+                          "still being recorded; not given back: due again once this worker "
+                          "has exited", len(unfinished))
+            return []
+        if not unfinished:
+            return []
+        try:
+            given_back = self.queue.release_claims(self.owner, unfinished)
+        except OSError as error:        # a full disk or index
+            log.error("delivery stopped with %d message(s) unfinished; cannot give "
+                      "them back (%s): due again when their leases lapse",
+                      len(unfinished), error)
+            return []
+        log.info("delivery stopped with %d message(s) unfinished; due again: %s",
+                 len(given_back), " ".join(given_back))
+        return given_back
 
     def on_stop(self):
         """Claim nothing more; deliveries under way get master.stop_grace (SIGQUIT: none;

@@ -329,11 +329,14 @@ class QueueIndex:
         return claimed
 
     def reclaim(self, now: float, reason: str,
-                retry_delay: Callable[[int], float] = _at_once) -> List[str]:
+                retry_delay: Callable[[int], float] = _at_once,
+                orphaning: bool = True) -> List[str]:
         """Return active messages whose lease has lapsed (their worker died) to the queue:
         deferred, `reason` as their last error, due after retry_delay(orphaned) (see
         _requeue_leased). Pass now=float("inf") to reclaim every active message (at
-        start-up, when no worker runs). Returns their ids."""
+        start-up, when no worker runs), with orphaning=False: a restart is not counted
+        as a holder that died with the message (due now, its count unchanged). Returns
+        their ids."""
         self._check_process()
         reclaimed = []
         with self.env.begin(write=True) as txn:
@@ -341,7 +344,7 @@ class QueueIndex:
                        if record.lease_expires <= now]
             due_now = min(now, time.time())
             for record in expired:
-                self._requeue_leased(txn, record, due_now, reason, retry_delay)
+                self._requeue_leased(txn, record, due_now, reason, retry_delay, orphaning)
                 reclaimed.append(record.queue_id)
         return reclaimed
 
@@ -402,18 +405,22 @@ class QueueIndex:
                 if record.state == ACTIVE:
                     yield record
 
-    def _requeue_leased(self, txn, record, now, reason, retry_delay):
+    def _requeue_leased(self, txn, record, now, reason, retry_delay, orphaning=True):
         """An active message whose holder ended without finishing it: deferred, due
         retry_delay(orphaned) seconds after `now`, orphaned counting the holders in a row
         that ended holding it. A crash is most often not the message's fault (the first
         is due at once), but one that kills every worker that takes it must not keep
-        them in a crash loop (Postfix defers it as after a failed attempt)."""
-        record.orphaned += 1
+        them in a crash loop (Postfix defers it as after a failed attempt). Not
+        orphaning (a restart): due at `now`, the count left as it was."""
         record.state = DEFERRED
-        record.next_attempt = now + retry_delay(record.orphaned)
         record.lease_owner, record.lease_expires = None, 0.0
-        record.last_error = reason if record.orphaned == 1 else "%s (%d times in a row)" % (
-            reason, record.orphaned)
+        if not orphaning:
+            record.next_attempt, record.last_error = now, reason
+        else:
+            record.orphaned += 1
+            record.next_attempt = now + retry_delay(record.orphaned)
+            record.last_error = reason if record.orphaned == 1 else \
+                "%s (%d times in a row)" % (reason, record.orphaned)
         self._put(txn, record, replace=True)
 
     def sync(self):

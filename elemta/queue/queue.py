@@ -338,8 +338,10 @@ class Queue:
         for queue_id in summary.added:
             log.info("queue: %s: file without index record, queued again", queue_id)
         self._reconcile_hold(set(complete), summary)
-        # No delivery worker runs yet: whatever was being delivered is due again.
-        summary.reclaimed = self._index_call(self.index.reclaim, float("inf"), LEASE_LAPSED)
+        # No delivery worker runs yet: whatever was being delivered is due again. A
+        # restart or power loss is not the message's doing: no orphan backoff.
+        summary.reclaimed = self._index_call(self.index.reclaim, float("inf"), LEASE_LAPSED,
+                                             orphaning=False)
         self._flush({self.store.corrupt_dir, self.store.hold_dir})
         summary.messages = len(complete)
         return summary
@@ -645,6 +647,7 @@ def _releaser(now):
             return NOT_HELD, False
         record.state = DEFERRED if record.attempts else INCOMING
         record.next_attempt = now
+        record.orphaned = 0         # the admin's "try now": no orphan backoff carried over
         return RELEASED, True
     return release
 
@@ -654,7 +657,7 @@ def _requeuer(now):
         if record.state == ACTIVE:
             return BEING_DELIVERED, False
         record.state, record.attempts, record.next_attempt = INCOMING, 0, now
-        record.last_error = None
+        record.last_error, record.orphaned = None, 0
         for recipient in record.envelope.recipients:
             if recipient.status in (RCPT_DEFERRED, BOUNCED):
                 recipient.status = PENDING
