@@ -517,6 +517,8 @@ def test_sendmail_and_pickup_on_a_full_spool(small_fs, elemta_server):
     maildrop = os.path.join(spool, "maildrop")
     assert sendmail(server, message("before-"))[0] == 0
     wait_for(lambda: len(server.queued_ids()) == 1)
+    # Pickup removes the maildrop file just after it queued the message.
+    wait_for(lambda: [n for n in os.listdir(maildrop) if not n.startswith(".")] == [])
 
     filler = fill(small_fs)
     status, stderr = sendmail(server, message("refused-"))
@@ -535,7 +537,7 @@ def test_sendmail_and_pickup_on_a_full_spool(small_fs, elemta_server):
     assert len(server.queued_ids()) == 1
     os.unlink(filler)
     wait_for(lambda: len(server.queued_ids()) == 2, timeout=30)
-    assert os.listdir(maildrop) == [] or all(n.startswith(".") for n in os.listdir(maildrop))
+    wait_for(lambda: all(n.startswith(".") for n in os.listdir(maildrop)))
     assert "Traceback" not in server.log()
     assert children(server) == workers
 

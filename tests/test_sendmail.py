@@ -57,8 +57,8 @@ def test_cron_style_echo_body_to_root(elemta_server):
     assert re.search(r"^Date: \w{3}, \d", head, re.M), head
     assert re.search(r"^Message-ID: <[^>]+@mx\.test>$", head, re.M), head
     assert content.endswith(b"\r\n\r\ndisk almost full\r\n")
-    # The maildrop file went once the message was queued.
-    assert os.listdir(os.path.join(server.spool, "maildrop")) == []
+    # The maildrop file goes once the message is queued (just after).
+    wait_for(lambda: os.listdir(os.path.join(server.spool, "maildrop")) == [])
 
 
 PATCH = (b"From 1234abcd Mon Sep 17 00:00:00 2001\n"
