@@ -32,7 +32,7 @@ from elemta.config.loader import load_config
 from elemta.delivery.routing import LOCAL, Router
 from elemta.pickup.worker import PickupWorker
 from elemta.queue.model import Recipient
-from tests.conftest import REPO, wait_for
+from tests.harness import REPO, wait_for
 
 USER, ALIAS, UNKNOWN, REMOTE = "user", "alias", "unknown", "remote"
 KNOWN = (USER, ALIAS)

@@ -28,7 +28,7 @@ from elemta.local.command import run_command
 from elemta.local.expand import FAILED, FORWARD, MAILBOX, Expander
 from elemta.local.mailbox import MessageCopy, deliver_maildir, deliver_mbox
 from elemta.local.deliver import SystemLookups, delivered_to_headers
-from tests.conftest import REPO
+from tests.harness import REPO
 
 ALIASES = """\
 # See man 5 aliases for format

@@ -27,8 +27,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, wait_for
-from tests.peers.postfix import free_port
+from tests.harness import REPO, free_port, wait_for
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 STORAGE = "4.3.1 Error: insufficient system storage"

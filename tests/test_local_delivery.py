@@ -31,7 +31,7 @@ from elemta.delivery.local_transport import LocalTransport
 from elemta.delivery.routing import LOCAL_DESTINATION
 from elemta.addressing.normal import normal_address
 from elemta.queue.model import Recipient
-from tests.conftest import REPO, wait_for
+from tests.harness import REPO, wait_for
 from tests.peers.sink import ScriptedServer
 
 pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="makes users: needs root")

@@ -24,8 +24,8 @@ from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, TEMPORARY, Sessio
 from elemta.delivery.wire import (DataEncoder, ProtocolError, ReplyReader, orcpt_parameter,
                                   xtext)
 from elemta.queue.model import Envelope, Recipient
-from tests.conftest import wait_for
-from tests.peers.postfix import PostfixInstance, free_port, postfix_available
+from tests.harness import free_port, wait_for
+from tests.peers.postfix import PostfixInstance, postfix_available
 from tests.peers.sink import CLOSE, HANG, Replies, ScriptedServer, make_test_pki
 
 CONTENT = (b"From: a@example.org\r\nTo: b@example.net\r\nSubject: test\r\n\r\n"

@@ -21,13 +21,6 @@ POSTCONF = "/usr/sbin/postconf"
 MASTER_CF_SOURCES = ("/etc/postfix/master.cf", "/usr/share/postfix/master.cf.dist")
 
 
-def free_port(address="127.0.0.1"):
-    """A TCP port on `address` that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((address, 0))
-        return probe.getsockname()[1]
-
-
 def postfix_available():
     """Why a private Postfix cannot run here, or None when it can."""
     if not os.path.exists(POSTFIX):
