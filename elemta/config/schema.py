@@ -479,7 +479,9 @@ class Local:
 
 @dataclass(frozen=True)
 class DNS:
-    """DNS for the smtpd's checks (SPF, DKIM keys, DMARC policies, ARC)."""
+    """DNS for the plugins' checks (SPF, DKIM keys, DMARC policies, ARC), wherever the
+    plugins run: smtpd, pickup and delivery. Delivery's own MX lookups use
+    delivery.nameservers."""
     nameservers: Tuple[str, ...] = opt((), "DNS servers the plugins ask (empty: those of "
                                            "/etc/resolv.conf). Use a validating resolver "
                                            "you trust.", _ip_addresses)
