@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from elemta.config.schema import Config, Local, Relay, SMTPD
+from elemta.config.schema import Config, LocalSettings, RelaySettings, SMTPDSettings
 from elemta.addressing.resolve import Addressing
 from elemta.addressing.aliases import (ADDRESS, COMMAND, FILE, INCLUDE, AliasTable, Member,
                                   parse_aliases, parse_destinations)
@@ -265,9 +265,9 @@ def readable_dir():
 def expander(tmp_path, text, **local):
     path = tmp_path / "aliases"
     path.write_text(text)
-    config = Config(smtpd=SMTPD(hostname="mx.test"),
-                    relay=Relay(local_domains=("example.test",)),
-                    local=Local(aliases_file=str(path), **local))
+    config = Config(smtpd=SMTPDSettings(hostname="mx.test"),
+                    relay=RelaySettings(local_domains=("example.test",)),
+                    local=LocalSettings(aliases_file=str(path), **local))
     table = AliasTable(str(path))
     table.refresh()
     warnings = []
