@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 
 from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, TEMPORARY, SessionError,
                                          SMTPClient, Timeouts, TLSPolicy)
-from elemta.delivery.wire import (DataEncoder, ProtocolError, ReplyReader, orcpt_parameter,
+from elemta.delivery.wire import (DataEncoder, ReplyReader, SMTPProtocolError, orcpt_parameter,
                                   xtext)
 from elemta.queue.model import Envelope, Recipient
 from tests.harness import free_port, wait_for
@@ -112,7 +112,7 @@ def test_reply_reader_multiline_status_and_split_reads():
 def test_reply_reader_refuses_garbage(data, reason):
     reader = ReplyReader()
     reader.feed(data)
-    with pytest.raises(ProtocolError, match=reason):
+    with pytest.raises(SMTPProtocolError, match=reason):
         while reader.next_reply():
             pass
 

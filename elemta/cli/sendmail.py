@@ -186,7 +186,7 @@ def load_config(path):
         raise Failure(EX_CONFIG, str(failure) + hint)
 
 
-class Context:
+class SubmissionContext:
     """Who is sending, from where, under which limits."""
 
     def __init__(self, config):
@@ -617,7 +617,7 @@ def main(argv=None):
             return elemtactl_main(["queue", "flush"]
                                   + (["--config", options.config] if options.config else []))
         _, config = load_config(options.config)
-        context = Context(config)
+        context = SubmissionContext(config)
         if options.mode == "s":
             return smtp_dialogue(options, context)
         if options.mode == "v":
