@@ -10,10 +10,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from typing import Dict, List, Optional
+
+from tests.harness import wait_for_greeting
 
 POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"
@@ -180,18 +181,10 @@ class PostfixInstance:
         return self
 
     def _wait_for_greeting(self, timeout):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.smtpd_port), timeout=2) as conn:
-                    if conn.recv(512).startswith(b"220"):
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise PostfixError("Postfix did not greet on port %d within %.0fs; maillog:\n%s"
-                                   % (self.smtpd_port, timeout, self.read_log()[-2000:]))
-            time.sleep(0.05)
+        try:
+            wait_for_greeting(self.smtpd_port, timeout=timeout, name="Postfix")
+        except RuntimeError as error:
+            raise PostfixError("%s; maillog:\n%s" % (error, self.read_log()[-2000:])) from None
 
     def stop(self, timeout=15.0):
         """Stop the master and wait until none of this instance's processes is left."""
