@@ -2,8 +2,9 @@
 
 One module that pytest fixtures (tests/conftest.py), peers (tests/peers/) and benchmark
 scripts (tests/bench/, run without pytest) all import, so there is one way to start Elemta
-and one way to wait for a port. A plain module rather than conftest.py: a script that
-imports conftest.py drags in pytest's fixture machinery and a second copy of the module.
+and one way to wait for a port. A plain module rather than conftest.py: conftest.py is
+pytest's plugin file (fixtures, loaded by pytest itself), and a benchmark script that
+imported it would load pytest and every fixture just to start a server.
 
 `ElemtaServer(workdir, sections)` writes a YAML config (test defaults below, merged with
 the caller's sections), `start()` runs `python -m elemta.cli.elemta --config FILE` with
