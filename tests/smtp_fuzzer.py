@@ -52,7 +52,7 @@ _BDAT_SIZE = re.compile(rb"^BDAT (\d{1,10})( LAST)?$", re.IGNORECASE)
 
 
 def server_sections(cert, key, credentials, sink_port, workers=2, log_level="info"):
-    """The fuzzed server's config sections for tests/conftest.py's ElemtaServer: three
+    """The fuzzed server's config sections for tests/harness.py's ElemtaServer: three
     listeners, STARTTLS and smtps with `cert`/`key`, AUTH from `credentials`, small limits
     so their edges are reached cheaply, and everything accepted relayed to a discarding
     smtp-sink on `sink_port`, so a million sessions do not fill the disk (sink_port None:

@@ -37,7 +37,7 @@ from elemta.delivery.routing import LOCAL, Router
 from elemta.delivery.smtp_transport import SMTPTransport
 from elemta.pickup.worker import PickupWorker
 from elemta.queue.model import Recipient
-from tests.conftest import REPO, wait_for
+from tests.harness import REPO, wait_for
 
 USER, ALIAS, UNKNOWN, REMOTE = "user", "alias", "unknown", "remote"
 KNOWN = (USER, ALIAS)

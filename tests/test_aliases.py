@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from elemta.config.schema import Config, Local, Relay, SMTPD
+from elemta.config.schema import Config, LocalSettings, RelaySettings, SMTPDSettings
 from elemta.addressing.resolve import Addressing
 from elemta.addressing.aliases import (ADDRESS, COMMAND, FILE, INCLUDE, AliasTable, Member,
                                   parse_aliases, parse_destinations)
@@ -28,7 +28,7 @@ from elemta.local.command import run_command
 from elemta.local.expand import FAILED, FORWARD, MAILBOX, Expander
 from elemta.local.mailbox import MessageCopy, deliver_maildir, deliver_mbox
 from elemta.local.deliver import SystemLookups, delivered_to_headers
-from tests.conftest import REPO
+from tests.harness import REPO
 
 ALIASES = """\
 # See man 5 aliases for format
@@ -265,9 +265,9 @@ def readable_dir():
 def expander(tmp_path, text, **local):
     path = tmp_path / "aliases"
     path.write_text(text)
-    config = Config(smtpd=SMTPD(hostname="mx.test"),
-                    relay=Relay(local_domains=("example.test",)),
-                    local=Local(aliases_file=str(path), **local))
+    config = Config(smtpd=SMTPDSettings(hostname="mx.test"),
+                    relay=RelaySettings(local_domains=("example.test",)),
+                    local=LocalSettings(aliases_file=str(path), **local))
     table = AliasTable(str(path))
     table.refresh()
     warnings = []

@@ -19,7 +19,7 @@ import urllib.parse
 
 import pytest
 
-from tests.conftest import REPO, wait_for
+from tests.harness import REPO, wait_for
 from tests.peers.sink import ScriptedServer
 
 try:

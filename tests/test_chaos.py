@@ -16,7 +16,7 @@ import collections
 
 import pytest
 
-from tests.conftest import REPO, wait_for
+from tests.harness import REPO, wait_for
 from tests.peers.chaos import (DumpSink, Killer, Load, chaos_available, elemta_kind,
                                elemta_queue_empty, elemta_sections, elemta_sendmail,
                                run_chaos)

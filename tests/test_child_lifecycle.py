@@ -18,8 +18,7 @@ import socket
 import time
 
 from elemta.util.procs import children as children_of
-from tests.conftest import ElemtaServer, wait_for
-from tests.peers.postfix import free_port
+from tests.harness import ElemtaServer, free_port, wait_for
 from tests.test_master import alive, transaction
 
 CANNOT_START = re.compile(r"(\w+) child cannot start: (.*); trying again in ([\d.]+) s$")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import REPO
+from tests.harness import REPO
 
 
 def elemta(*args, cwd=None, **kwargs):

@@ -19,7 +19,7 @@ from ruamel.yaml import YAML
 
 from elemta.config import Config, ConfigError, default_config, load_config
 from elemta.config import manpage
-from elemta.config.schema import Listener, Master, Queue
+from elemta.config.schema import Listener, MasterSettings, QueueSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAML_EXAMPLE = os.path.join(ROOT, "etc", "elemta.yaml.example")
@@ -114,8 +114,8 @@ def test_examples_load_to_the_same_packaged_config(tmp_path):
     # Everything at its default but the packaged listener, spool and workers' user.
     assert from_yaml == dataclasses.replace(
         default_config(), listeners=(Listener("0.0.0.0", 25, "smtp"),),
-        queue=Queue(spool_dir="/var/spool/elemta"),
-        master=Master(user="elemta", group="elemta"))
+        queue=QueueSettings(spool_dir="/var/spool/elemta"),
+        master=MasterSettings(user="elemta", group="elemta"))
 
 
 def test_examples_with_every_setting_enabled_agree(tmp_path):
@@ -482,10 +482,11 @@ def test_the_default_host_name_is_qualified_as_postfix_myhostname_is():
     """gethostname() "vm" becomes "vm.localdomain"; a dotted name stays as it is; a
     configured smtpd.hostname wins."""
     import socket
-    from elemta.config.schema import SMTPD
+    from elemta.config.schema import SMTPDSettings
     name = socket.gethostname()
     expected = name if "." in name else name + ".localdomain"
     assert default_config().hostname == expected
     assert "." in default_config().hostname
-    configured = dataclasses.replace(default_config(), smtpd=SMTPD(hostname="mx.example.org"))
+    configured = dataclasses.replace(default_config(),
+                                     smtpd=SMTPDSettings(hostname="mx.example.org"))
     assert configured.hostname == "mx.example.org"

@@ -17,7 +17,7 @@ import pytest
 from elemta.cli import config_finder
 from elemta.cli.config_finder import ENVIRONMENT_VARIABLE, config_path
 from elemta.cli.failure import Failure
-from tests.conftest import REPO
+from tests.harness import REPO
 
 
 @pytest.fixture

@@ -27,9 +27,9 @@ import time
 import pytest
 
 from elemta.queue.model import BOUNCED, FAILED, SENT
-from tests.conftest import wait_for
+from tests.harness import free_port, wait_for
 from tests.peers.nsd import NSDInstance, nsd_available
-from tests.peers.postfix import PostfixInstance, free_port, postfix_available
+from tests.peers.postfix import PostfixInstance, postfix_available
 from tests.peers.sink import DEFAULT_EXTENSIONS, HANG, Replies, ScriptedServer
 
 pytestmark = pytest.mark.skipif(bool(nsd_available() or postfix_available()),

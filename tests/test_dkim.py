@@ -259,7 +259,7 @@ def rspamd(nsd, tmp_path_factory):
     """A private Rspamd on a free port, its DNS pointed at our NSD; its address."""
     if not os.path.exists(RSPAMD):
         pytest.skip("rspamd is not installed (apt-get install rspamd)")
-    from tests.peers.postfix import free_port
+    from tests.harness import free_port
     workdir = tmp_path_factory.mktemp("rspamd")
     local = workdir / "local.d"
     for sub in ("local.d", "db", "run", "log"):

@@ -10,7 +10,7 @@ import sys
 import dkim
 import pytest
 
-from tests.conftest import REPO
+from tests.harness import REPO
 
 MESSAGE = (b"From: a@example.test\r\nTo: b@example.net\r\nSubject: keygen\r\n"
            b"Date: Tue, 24 Nov 2026 17:00:00 +0000\r\n\r\nSigned body.\r\n")

@@ -20,7 +20,7 @@ import threading
 import pytest
 
 from elemta.queue.queue import INDEX_NAME, Queue
-from tests.conftest import REPO, wait_for
+from tests.harness import REPO, wait_for
 
 
 def message_body(tag, size):
@@ -337,7 +337,7 @@ def test_delivery_waits_out_a_full_disk_and_the_bounce_goes_once_there_is_room(
     write the index (so it claims nothing, and risks nothing) and says so, without dying
     and being respawned in a loop; once there is room, the retry gets its 550 and the
     bounce goes out."""
-    from tests.peers.postfix import free_port
+    from tests.harness import free_port
     from tests.peers.sink import Replies, ScriptedServer
     port = free_port()
     refuse = ScriptedServer(script={"GREETING": Replies("421 4.3.2 not yet", "220 ok"),

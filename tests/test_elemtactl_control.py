@@ -6,7 +6,7 @@ import smtplib
 import subprocess
 import sys
 
-from tests.conftest import REPO, wait_for
+from tests.harness import REPO, wait_for
 
 
 def elemtactl(*args):

@@ -20,8 +20,7 @@ from elemta.queue.ids import new_queue_id
 from elemta.queue.model import (BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, RCPT_DEFERRED, SENT,
                                 STATES, Envelope, Recipient)
 from elemta.queue.queue import Queue
-from tests.conftest import REPO
-from tests.peers.postfix import free_port
+from tests.harness import REPO, free_port
 
 HEADING = ("-------Queue ID------ --Size-- ---Arrival Time---- --Sender/Recipient------\n")
 INDENT = " " * 51

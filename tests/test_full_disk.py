@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,8 +26,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, wait_for
-from tests.peers.postfix import free_port
+from tests.harness import REPO, free_port, wait_for, wait_for_greeting
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 STORAGE = "4.3.1 Error: insufficient system storage"
@@ -262,20 +260,12 @@ def smtp_sink():
         process = subprocess.Popen([SMTP_SINK, "-u", "nobody", "-d",
                                     os.path.join(directory, "%M."), "127.0.0.1:%d" % port,
                                     "64"])
-        wait_for(lambda: _accepting(port))
+        wait_for_greeting(port, process, timeout=10, name="smtp-sink")
     yield port, directory, start
     if process is not None:
         process.terminate()
         process.wait()
     shutil.rmtree(directory, ignore_errors=True)
-
-
-def _accepting(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def delivered(directory):

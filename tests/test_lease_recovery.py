@@ -27,8 +27,7 @@ from elemta.queue import holders
 from elemta.queue.model import ACTIVE, DEFERRED
 from elemta.queue.queue import (ATTEMPT_REMOVED, HELD, HOLDER_GONE, LEASE_LAPSED, RELEASED,
                                 REQUEUED, Attempt, Queue)
-from tests.conftest import wait_for
-from tests.peers.postfix import free_port
+from tests.harness import free_port, wait_for
 from tests.peers.sink import ScriptedServer
 from tests.test_queue import accept
 

@@ -22,7 +22,7 @@ import pytest
 from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, TEMPORARY, TLS_NONE, SMTPClient,
                                          Timeouts, TLSPolicy)
 from elemta.queue.model import Envelope, Recipient
-from tests.conftest import wait_for
+from tests.harness import wait_for
 from tests.peers.dovecot import DovecotInstance, DovecotUser, dovecot_available
 
 pytestmark = pytest.mark.skipif(bool(dovecot_available()), reason=str(dovecot_available()))

@@ -26,12 +26,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from elemta.config.schema import Config, Queue
+from elemta.config.schema import Config, QueueSettings
 from elemta.delivery.local_transport import LocalTransport
 from elemta.delivery.routing import LOCAL_DESTINATION
 from elemta.addressing.normal import normal_address
 from elemta.queue.model import Recipient
-from tests.conftest import REPO, wait_for
+from tests.harness import REPO, wait_for
 from tests.peers.sink import ScriptedServer
 
 pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="makes users: needs root")
@@ -474,7 +474,7 @@ def test_local_mail_clients_reach_the_mailboxes(elemta_server, place, client):
 # ---- the agent's absence ----------------------------------------------------------------
 
 def test_without_the_local_agent_delivery_defers(tmp_path):
-    config = Config(queue=Queue(spool_dir=str(tmp_path)))
+    config = Config(queue=QueueSettings(spool_dir=str(tmp_path)))
     transport = LocalTransport(config, None)
     results = transport.deliver(SimpleNamespace(queue_id="X"), LOCAL_DESTINATION,
                                 [(0, Recipient("root@localhost"))])

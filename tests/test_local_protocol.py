@@ -18,7 +18,7 @@ import pytest
 from elemta.addressing import local_protocol as protocol
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import Recipient
-from tests.conftest import wait_for
+from tests.harness import wait_for
 
 QUEUE_ID = new_queue_id()
 

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from elemta.config.schema import Logging
+from elemta.config.schema import LoggingSettings
 from elemta.util import logs
 
 
@@ -26,7 +26,7 @@ def test_syslog_lines_use_the_mail_facility(tmp_path, monkeypatch, restore_loggi
         syslogd.bind(path)
         syslogd.settimeout(5)
         monkeypatch.setattr(logs, "SYSLOG_SOCKET", path)
-        logs.setup(Logging(target="syslog"))
+        logs.setup(LoggingSettings(target="syslog"))
         logging.getLogger("elemta.smtpd").info("1K114F: from=<a@b.test>, size=10, nrcpt=1")
         line = syslogd.recv(1000)
     # <22> is facility mail (2) * 8 + severity info (6), as Postfix's lines are.
@@ -37,12 +37,12 @@ def test_syslog_lines_use_the_mail_facility(tmp_path, monkeypatch, restore_loggi
 def test_no_syslog_daemon_is_a_clear_error(tmp_path, monkeypatch, restore_logging):
     monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(tmp_path / "nothing"))
     with pytest.raises(OSError, match="no syslog daemon at .*nothing"):
-        logs.setup(Logging(target="syslog"))
+        logs.setup(LoggingSettings(target="syslog"))
 
 
 def test_file_target_reopens(tmp_path, restore_logging):
     path = tmp_path / "elemta.log"
-    logs.setup(Logging(target=str(path)))
+    logs.setup(LoggingSettings(target=str(path)))
     log = logging.getLogger("elemta.master")
     log.info("before rotation")
     os.rename(path, tmp_path / "elemta.log.1")

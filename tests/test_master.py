@@ -17,8 +17,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from elemta.util import procs
-from tests.conftest import REPO, ElemtaServer, wait_for
-from tests.peers.postfix import free_port
+from tests.harness import REPO, ElemtaServer, free_port, wait_for
 from tests.test_workers import children_of
 
 # Short enough for the tests, long enough that a session cut before it was cut on purpose.

@@ -16,8 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from elemta.metrics import rejection_reason
-from tests.conftest import REPO, wait_for
-from tests.peers.postfix import free_port
+from tests.harness import REPO, free_port, wait_for
 from tests.test_workers import children_of
 
 BODY = b"Subject: metrics\r\n\r\ncounted\r\n"

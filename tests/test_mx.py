@@ -14,8 +14,8 @@ import time
 import gevent
 import pytest
 
-from elemta.delivery.mx import (Host, NoMailHost, NoSuchDomain, NullMX, Resolver,
-                                TemporaryDNSError)
+from elemta.delivery.mx import (Host, MXResolver, NoMailHost, NoSuchDomain, NullMX,
+                                TemporaryRouteError)
 from tests.peers.nsd import NSDInstance, nsd_available
 
 ZONE = "route.test"
@@ -55,7 +55,7 @@ def nsd():
 
 @pytest.fixture
 def resolver(nsd):
-    return Resolver(nameservers=["127.0.0.1"], port=nsd.port, timeout=2.0)
+    return MXResolver(nameservers=["127.0.0.1"], port=nsd.port, timeout=2.0)
 
 
 def d(label):
@@ -120,9 +120,9 @@ def test_an_internationalised_domain_is_looked_up_by_its_a_label(resolver):
 
 
 def test_address_families_and_preference(nsd):
-    ipv4_only = Resolver(["127.0.0.1"], port=nsd.port, families=("ipv4",))
+    ipv4_only = MXResolver(["127.0.0.1"], port=nsd.port, families=("ipv4",))
     assert [h.address for h in ipv4_only.route(d("dual"))] == ["127.0.0.4"]
-    ipv6_first = Resolver(["127.0.0.1"], port=nsd.port, address_preference="ipv6")
+    ipv6_first = MXResolver(["127.0.0.1"], port=nsd.port, address_preference="ipv6")
     assert [h.address for h in ipv6_first.route(d("dual"))] == ["::1", "127.0.0.4"]
 
 
@@ -132,14 +132,14 @@ def test_a_truncated_answer_is_asked_again_over_tcp(resolver):
 
 
 def test_address_literals_need_no_dns():
-    resolver = Resolver(nameservers=["127.0.0.1"], port=9)
+    resolver = MXResolver(nameservers=["127.0.0.1"], port=9)
     assert resolver.route("[192.0.2.7]") == [Host("[192.0.2.7]", "192.0.2.7")]
     assert resolver.route("[IPv6:2001:db8::1]")[0].address == "2001:db8::1"
 
 
 def test_a_zone_the_server_does_not_serve_is_a_temporary_failure(resolver):
     # NSD answers REFUSED for zones it is not authoritative for.
-    with pytest.raises(TemporaryDNSError) as caught:
+    with pytest.raises(TemporaryRouteError) as caught:
         resolver.route("example.invalid")
     assert not caught.value.permanent and caught.value.status == "4.4.3"
     assert "REFUSED" in str(caught.value)
@@ -147,7 +147,7 @@ def test_a_zone_the_server_does_not_serve_is_a_temporary_failure(resolver):
 
 def test_the_next_nameserver_answers_when_the_first_is_down(nsd):
     # Nothing listens on 127.0.0.9: the port-unreachable error moves on at once.
-    resolver = Resolver(nameservers=["127.0.0.9", "127.0.0.1"], port=nsd.port, timeout=2.0)
+    resolver = MXResolver(nameservers=["127.0.0.9", "127.0.0.1"], port=nsd.port, timeout=2.0)
     started = time.monotonic()
     assert resolver.route(d("implicit"))[0].address == "127.0.0.5"
     assert time.monotonic() - started < 1.0
@@ -162,9 +162,9 @@ def silent_port():
 
 
 def test_a_server_that_never_answers_is_a_temporary_failure(silent_port):
-    resolver = Resolver(nameservers=["127.0.0.1"], port=silent_port, timeout=0.3, attempts=2)
+    resolver = MXResolver(nameservers=["127.0.0.1"], port=silent_port, timeout=0.3, attempts=2)
     started = time.monotonic()
-    with pytest.raises(TemporaryDNSError) as caught:
+    with pytest.raises(TemporaryRouteError) as caught:
         resolver.route("example.test")
     elapsed = time.monotonic() - started
     assert not caught.value.permanent and "timed out" in str(caught.value)
@@ -210,7 +210,7 @@ class SlowProxy:
 
 def test_slow_lookups_do_not_block_other_greenlets(nsd):
     proxy = SlowProxy(nsd.port, delay=0.3)
-    resolver = Resolver(nameservers=["127.0.0.1"], port=proxy.port, timeout=2.0)
+    resolver = MXResolver(nameservers=["127.0.0.1"], port=proxy.port, timeout=2.0)
     ticks = []
 
     def ticker():

@@ -23,7 +23,7 @@ import time
 import pytest
 from ruamel.yaml import YAML
 
-from tests.conftest import REPO, wait_for
+from tests.harness import REPO, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROBE = os.path.join(HERE, "plugins", "probe")

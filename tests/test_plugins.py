@@ -22,7 +22,7 @@ from elemta.plugins.api import (Context, Message, MethodResult, Plugin, PluginCo
                                 Result)
 from elemta.plugins.authres import (authserv_id_of, forged_headers, format_header_value,
                                     format_value)
-from elemta.config.schema import Plugins
+from elemta.config.schema import PluginSettings
 from elemta.plugins.manager import PluginManager, apply_header_edits
 from elemta.plugins.registry import BUILTINS, load_class
 from elemta.plugins.settings import DKIMSettings
@@ -300,8 +300,8 @@ def test_the_config_tables_are_the_plugins_own_settings():
     """The config's typed plugin tables are the very Settings each plugin takes, and
     reach it as they are, with no conversion on the way."""
     for name in BUILTINS:
-        assert type(getattr(Plugins(), name)) is load_class(name, BUILTINS[name]).Settings
-    plugins = Plugins(dkim=DKIMSettings(enabled=True, max_headers=20))
+        assert type(getattr(PluginSettings(), name)) is load_class(name, BUILTINS[name]).Settings
+    plugins = PluginSettings(dkim=DKIMSettings(enabled=True, max_headers=20))
     mgr = PluginManager(plugins.to_run()).start()
     assert mgr.names == ["dkim", "authres"]
     assert [loaded.settings for loaded in mgr.plugins] == [plugins.dkim, plugins.authres]

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from tests.peers.postfix import PostfixInstance, free_port, postfix_available
+from tests.peers.postfix import PostfixInstance, postfix_available
+from tests.harness import free_port
 
 pytestmark = pytest.mark.skipif(postfix_available() is not None,
                                 reason=str(postfix_available()))

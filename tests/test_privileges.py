@@ -14,8 +14,7 @@ import tempfile
 import pytest
 
 from elemta.util.procs import children as children_of
-from tests.conftest import code_for_everyone, wait_for
-from tests.peers.postfix import free_port
+from tests.harness import code_for_everyone, free_port, wait_for
 
 
 def interpreter_for_nobody():

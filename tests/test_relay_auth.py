@@ -25,9 +25,9 @@ import pytest
 from elemta.delivery.sasl import SASLFileError, SASLPasswords, nexthop_key
 from elemta.delivery.smtp_client import DELIVERED, SMTPClient, Timeouts
 from elemta.queue.model import Envelope, Recipient
-from tests.conftest import wait_for
+from tests.harness import free_port, wait_for
 from tests.peers.dovecot import DovecotInstance, DovecotUser, dovecot_available
-from tests.peers.postfix import PostfixInstance, free_port, postfix_available
+from tests.peers.postfix import PostfixInstance, postfix_available
 from tests.peers.sink import make_test_pki
 
 pytestmark = pytest.mark.skipif(bool(postfix_available() or dovecot_available()),

@@ -17,7 +17,7 @@ import tempfile
 
 import pytest
 
-from tests.conftest import REPO, ElemtaServer, wait_for
+from tests.harness import REPO, ElemtaServer, wait_for
 
 
 def sendmail(server, *args, stdin=b""):

@@ -21,11 +21,11 @@ from hypothesis import given, settings, strategies as st
 
 from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, TEMPORARY, SessionError,
                                          SMTPClient, Timeouts, TLSPolicy)
-from elemta.delivery.wire import (DataEncoder, ProtocolError, ReplyReader, orcpt_parameter,
+from elemta.delivery.wire import (DataEncoder, ReplyReader, SMTPProtocolError, orcpt_parameter,
                                   xtext)
 from elemta.queue.model import Envelope, Recipient
-from tests.conftest import wait_for
-from tests.peers.postfix import PostfixInstance, free_port, postfix_available
+from tests.harness import free_port, wait_for
+from tests.peers.postfix import PostfixInstance, postfix_available
 from tests.peers.sink import CLOSE, HANG, Replies, ScriptedServer, make_test_pki
 
 CONTENT = (b"From: a@example.org\r\nTo: b@example.net\r\nSubject: test\r\n\r\n"
@@ -112,7 +112,7 @@ def test_reply_reader_multiline_status_and_split_reads():
 def test_reply_reader_refuses_garbage(data, reason):
     reader = ReplyReader()
     reader.feed(data)
-    with pytest.raises(ProtocolError, match=reason):
+    with pytest.raises(SMTPProtocolError, match=reason):
         while reader.next_reply():
             pass
 

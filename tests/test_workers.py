@@ -12,7 +12,7 @@ from elemta.config import default_config
 from elemta.master import Master
 from elemta.services import Service
 from elemta.util.procs import children as children_of
-from tests.conftest import wait_for
+from tests.harness import wait_for
 
 
 def smtpd_workers(master):

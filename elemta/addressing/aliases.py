@@ -39,7 +39,7 @@ class Member:
 
 
 @dataclass(frozen=True)
-class Problem:
+class AliasProblem:
     """A mistake in a file, named the way compilers and Postfix name them."""
     path: str
     line: int
@@ -59,8 +59,8 @@ def logical_lines(text, path, problems):
             continue
         if line[0] in " \t":
             if entry is None:
-                problems.append(Problem(path, number, "a continuation line (starting with "
-                                        "blanks) with no entry above it"))
+                problems.append(AliasProblem(path, number, "a continuation line (starting "
+                                             "with blanks) with no entry above it"))
                 continue
             entry += " " + stripped
             continue
@@ -151,21 +151,21 @@ def parse_members(text, path, line, problems):
     try:
         items = split_items(text)
     except ValueError as error:
-        problems.append(Problem(path, line, str(error)))
+        problems.append(AliasProblem(path, line, str(error)))
         return []
     members = []
     for item in items:
         try:
             members.append(parse_member(item))
         except ValueError as error:
-            problems.append(Problem(path, line, str(error)))
+            problems.append(AliasProblem(path, line, str(error)))
     return members
 
 
 def parse_destinations(text, path):
     """A .forward or :include: file: values separated by commas or new lines.
     Returns (members, problems)."""
-    problems = []          # type: List[Problem]
+    problems = []          # type: List[AliasProblem]
     members = []           # type: List[Member]
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
@@ -198,28 +198,28 @@ def _split_name(entry):
 def parse_aliases(text, path):
     """Parse an aliases file's text. Returns ({name: (members, line)}, problems); a
     name is kept in lower case, and its first entry wins."""
-    problems = []          # type: List[Problem]
+    problems = []          # type: List[AliasProblem]
     table = {}             # type: Dict[str, Tuple[List[Member], int]]
     for line, entry in logical_lines(text, path, problems):
         try:
             name, rest = _split_name(entry)
         except ValueError as error:
-            problems.append(Problem(path, line, str(error)))
+            problems.append(AliasProblem(path, line, str(error)))
             continue
         if "@" in name:
-            problems.append(Problem(path, line, "%r: an alias name is a local part, without "
-                                                "@domain" % name))
+            problems.append(AliasProblem(path, line, "%r: an alias name is a local part, "
+                                                     "without @domain" % name))
             continue
         key = name.lower()
         before = len(problems)
         members = parse_members(rest, path, line, problems)
         if not members:
             if len(problems) == before:
-                problems.append(Problem(path, line, "%r has no destination" % name))
+                problems.append(AliasProblem(path, line, "%r has no destination" % name))
             continue
         if key in table:
-            problems.append(Problem(path, line, "duplicate entry %r (the one on line %d "
-                                                "is used)" % (name, table[key][1])))
+            problems.append(AliasProblem(path, line, "duplicate entry %r (the one on line "
+                                                     "%d is used)" % (name, table[key][1])))
             continue
         table[key] = (members, line)
     return table, problems
@@ -232,7 +232,7 @@ def check_file(path):
         with open(path, "rb") as f:
             text = f.read().decode("utf-8", "replace")
     except OSError as error:
-        return 0, [Problem(path, 0, "cannot read: %s" % (error.strerror or error))]
+        return 0, [AliasProblem(path, 0, "cannot read: %s" % (error.strerror or error))]
     table, problems = parse_aliases(text, path)
     return len(table), problems
 
@@ -244,7 +244,7 @@ class AliasTable:
     def __init__(self, path):
         self.path = path
         self.owner = 0                 # uid of the file: commands and files run as it
-        self.problems = []             # type: List[Problem]
+        self.problems = []             # type: List[AliasProblem]
         self.error = None              # why the file could not be read, if it could not
         self._table = {}               # type: Dict[str, Tuple[List[Member], int]]
         self._stamp = None

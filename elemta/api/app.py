@@ -59,7 +59,7 @@ def create_app(config, access=None) -> falcon.App:
     app.add_route(PREFIX + "/openapi.json", OpenAPIResource())
     app.add_route(PREFIX + "/queue", queue_routes.QueueList(access))
     app.add_route(PREFIX + "/queue/flush", queue_routes.FlushAll(access))
-    app.add_route(PREFIX + "/queue/{queue_id}", queue_routes.Message(access))
+    app.add_route(PREFIX + "/queue/{queue_id}", queue_routes.QueuedMessage(access))
     app.add_route(PREFIX + "/queue/{queue_id}/content", queue_routes.MessageContent(access))
     for action in MESSAGE_ACTIONS:
         app.add_route(PREFIX + "/queue/{queue_id}/" + action,

@@ -8,7 +8,7 @@ every protected route answers 401: the API fails closed. Resources that set the 
 when others can read the token: api.token written in a world-readable config file, or an
 api.token_file with group or other read permission (the token lets its holder delete and
 read queued mail).
-See also elemta.api.app (where the middleware is installed), elemta.config.schema.API.
+See also elemta.api.app (where the middleware is installed), elemta.config.schema.APISettings.
 """
 
 import hashlib

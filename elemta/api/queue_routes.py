@@ -76,7 +76,7 @@ def _page(queue, selection, limit):
     return messages, False
 
 
-class Message:
+class QueuedMessage:
     """GET /api/v1/queue/{id}: one message in full; DELETE: remove it from the queue."""
 
     def __init__(self, access):

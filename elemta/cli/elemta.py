@@ -35,7 +35,8 @@ LOCK_NAME = "master.lock"
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        prog="elemta", description="Elemta mail transfer agent: receive mail over SMTP.")
+        prog="elemta", description="Elemta mail transfer agent: receive mail over SMTP, "
+                                   "queue it and deliver it.")
     # "-config" is the spelling of the original Elemta; --config is the usual one.
     parser.add_argument("-config", "--config", metavar="FILE",
                         help="configuration file, .yaml/.yml or .toml (default: "

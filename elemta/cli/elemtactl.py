@@ -2,9 +2,9 @@
 
 Runs as its own short-lived process (owned by no daemon). It manages the SMTP
 AUTH users (`user add/passwd/del/list`), checks the configuration (`config
-check`) and lists and changes the queue (`queue ...`, in elemta.cli.queuecmd);
-the status, reload, stop and dkim commands are named here so the surface is
-stable, and later issues fill them in.
+check`), makes DKIM signing keys (`dkim keygen`), lists and changes the queue
+(`queue ...`, in elemta.cli.queuecmd) and asks a running master for its status,
+a reload or a stop (`status`, `reload`, `stop`, in elemta.cli.control).
 
 Errors are one line on stderr and a sysexits(3) exit status, never a traceback.
 See also: elemta.util.credentials (the file format), elemta.config,

@@ -174,7 +174,7 @@ def load_config(given):
         raise Failure(os.EX_CONFIG, str(failure) + hint)
 
 
-class Context:
+class SubmissionContext:
     """Who is sending, from where, under which limits."""
 
     def __init__(self, config):
@@ -605,7 +605,7 @@ def main(argv=None):
             return elemtactl_main(["queue", "flush"]
                                   + (["--config", options.config] if options.config else []))
         _, config = load_config(options.config)
-        context = Context(config)
+        context = SubmissionContext(config)
         if options.mode == "s":
             return smtp_dialogue(options, context)
         if options.mode == "v":

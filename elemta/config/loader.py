@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from elemta.addressing.normal import normal_domain
 from elemta.config.errors import ConfigError, KeyPath, Problem, format_key
-from elemta.config.schema import BUILTIN_PLUGINS, Config, Plugins
+from elemta.config.schema import BUILTIN_PLUGINS, Config, PluginSettings
 from elemta.config.sources import FORMATS, parse
 from elemta.plugins.api import PluginConfigError
 from elemta.plugins.settings import ConfiguredPlugin, PluginCommon
@@ -94,7 +94,7 @@ def load_config(path: Union[str, "os.PathLike[str]"],
     return dataclasses.replace(config, source=file)
 
 
-def plugins_from_mapping(mapping: Any, known: Optional[Dict[str, Any]] = None) -> Plugins:
+def plugins_from_mapping(mapping: Any, known: Optional[Dict[str, Any]] = None) -> PluginSettings:
     """The typed plugins section for {name: settings table}, built and checked as a
     config file's `plugins` would be, except that each table is on unless it says
     enabled: false (PluginManager.from_mapping, for scripts and tests). known: name ->
@@ -105,7 +105,7 @@ def plugins_from_mapping(mapping: Any, known: Optional[Dict[str, Any]] = None) -
                    else {"enabled": True} if table is None else table
                    for name, table in mapping.items()}
     checker = _Checker("<plugins>", {}, "table", check_files=False, known=known)
-    plugins = checker.build(Plugins, mapping if mapping is not None else {}, ("plugins",))
+    plugins = checker.build(PluginSettings, mapping if mapping is not None else {}, ("plugins",))
     if plugins is not _INVALID:
         checker.check_plugins(plugins)
     if checker.problems:
@@ -278,7 +278,7 @@ class _Checker:
         known = available_plugins() if self.known is None else self.known
         if name not in known:
             return self.refuse(path, "no such plugin (available: %s)" % ", ".join(
-                sorted(set(known) | set(f.name for f in schema_options(Plugins)))))
+                sorted(set(known) | set(f.name for f in schema_options(PluginSettings)))))
         try:
             plugin_class = load_class(name, known[name])
         except PluginConfigError as error:
@@ -441,7 +441,7 @@ class _Checker:
             if path in reasons:
                 self.refuse_across(path, "cannot read %s: %s" % (filename, reasons[path]))
 
-    def check_plugins(self, plugins: Plugins) -> None:
+    def check_plugins(self, plugins: PluginSettings) -> None:
         """Each built-in plugin that runs, by its table's own checks across settings (a
         DKIM signing key needs a domain...). Third-party tables had theirs when built."""
         for plugin in plugins.to_run():

@@ -155,7 +155,7 @@ class Listener:
 
 
 @dataclass(frozen=True)
-class SMTPD:
+class SMTPDSettings:
     """How the SMTP server presents itself and treats what clients send."""
     hostname: str = opt("", "Name in the greeting, EHLO reply and Received headers, "
                             "and the domain of local mail (default: the system's host "
@@ -185,7 +185,7 @@ class SMTPD:
 
 
 @dataclass(frozen=True)
-class Relay:
+class RelaySettings:
     """Who may send mail where: the open-relay guard."""
     local_domains: Tuple[str, ...] = opt(
         ("localhost",), "Domains this server is the final destination for; mail to them is "
@@ -196,7 +196,7 @@ class Relay:
 
 
 @dataclass(frozen=True)
-class TLS:
+class TLSSettings:
     """Certificates for STARTTLS and implicit TLS (smtps)."""
     cert_file: Optional[str] = opt(None, "PEM certificate chain; STARTTLS is offered only "
                                          "when this and key_file are set.")
@@ -207,7 +207,7 @@ class TLS:
 
 
 @dataclass(frozen=True)
-class Auth:
+class AuthSettings:
     """SMTP AUTH (PLAIN, LOGIN) against a credentials file of salted scrypt hashes."""
     credentials_file: Optional[str] = opt(None, "File of user:hash lines written by "
                                                 "elemtactl user add; AUTH is offered only "
@@ -224,7 +224,7 @@ class Auth:
 
 
 @dataclass(frozen=True)
-class Limits:
+class LimitSettings:
     """Bounds on what one client may ask of the server."""
     message_size: int = opt(31457280, "Largest message accepted, in bytes (SIZE); larger "
                                       "messages get 552 5.3.4.", _positive)
@@ -244,7 +244,7 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class Timeouts:
+class TimeoutSettings:
     """Server timeouts (RFC 5321 section 4.5.3.2)."""
     command: float = opt(300.0, "Seconds to wait for the next command (RFC 5321 4.5.3.2.7: "
                                 "at least 5 minutes).", _positive)
@@ -253,7 +253,7 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
-class Queue:
+class QueueSettings:
     """The durable queue: spool files (the truth) and the LMDB index."""
     spool_dir: str = opt("./spool", "Directory holding message files and index.lmdb.")
     sync_method: str = opt(
@@ -280,7 +280,7 @@ class Queue:
 
 
 @dataclass(frozen=True)
-class Logging:
+class LoggingSettings:
     """Where log lines go."""
     level: str = opt("info", "Least severe level logged: debug, info, warning, error.",
                      _one_of(LOG_LEVELS))
@@ -291,7 +291,7 @@ class Logging:
 
 
 @dataclass(frozen=True)
-class Master:
+class MasterSettings:
     """The master process: privileges, supervision, pid file."""
     user: Optional[str] = opt(None, "User the workers run as after the master has bound the "
                                     "listeners as root (default: do not change user).")
@@ -305,7 +305,7 @@ class Master:
 
 
 @dataclass(frozen=True)
-class API:
+class APISettings:
     """The api process: the REST API and /metrics for Prometheus."""
     enabled: bool = opt(True, "Run the api process.")
     address: str = opt("127.0.0.1", "Address the api process listens on.", _ip_address)
@@ -333,7 +333,7 @@ class TLSPolicyEntry:
 
 
 @dataclass(frozen=True)
-class Transport:
+class TransportMapEntry:
     """One transport map entry: mail for `domain` goes to `nexthop`."""
     domain: str = opt("", "Recipient domain this entry applies to (exact match, or "
                           "\".example.org\" for every subdomain).", _transport_domain)
@@ -353,7 +353,7 @@ class DestinationLimit:
 
 
 @dataclass(frozen=True)
-class Delivery:
+class DeliverySettings:
     """The delivery workers: routing, retries and the SMTP client (Postfix's qmgr and smtp)."""
     workers: int = opt(2, "Number of delivery worker processes; 0 delivers nothing.",
                        _not_negative)
@@ -365,8 +365,9 @@ class Delivery:
                                          "[host]:port (no MX lookup) or host:port (MX "
                                          "lookup of host). Unset: MX lookup of each domain.",
                                    _nexthop)
-    transport: Tuple[Transport, ...] = opt((), "Transport map: a list of {domain, nexthop} "
-                                               "entries, which win over relayhost and MX.")
+    transport: Tuple[TransportMapEntry, ...] = opt(
+        (), "Transport map: a list of {domain, nexthop} entries, which win over relayhost "
+            "and MX.")
     mx_port: int = opt(25, "TCP port used for MX delivery and for next hops without a port.",
                        _port)
     nameservers: Tuple[str, ...] = opt((), "DNS servers to ask for MX and address records "
@@ -446,7 +447,7 @@ def _local_rights(values):
 
 
 @dataclass(frozen=True)
-class Local:
+class LocalSettings:
     """Local delivery (Postfix's local): aliases, .forward files, mailboxes."""
     aliases_file: Optional[str] = opt(
         "/etc/aliases", "Aliases in /etc/aliases format (name: address, /file, |command, "
@@ -478,8 +479,10 @@ class Local:
 
 
 @dataclass(frozen=True)
-class DNS:
-    """DNS for the smtpd's checks (SPF, DKIM keys, DMARC policies, ARC)."""
+class DNSSettings:
+    """DNS for the plugins' checks (SPF, DKIM keys, DMARC policies, ARC), wherever the
+    plugins run: smtpd, pickup and delivery. Delivery's own MX lookups use
+    delivery.nameservers."""
     nameservers: Tuple[str, ...] = opt((), "DNS servers the plugins ask (empty: those of "
                                            "/etc/resolv.conf). Use a validating resolver "
                                            "you trust.", _ip_addresses)
@@ -493,7 +496,7 @@ BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist")   # authres: by it
 
 
 @dataclass(frozen=True)
-class Plugins:
+class PluginSettings:
     """Plugins: the built-ins below, and any installed in the elemta.plugins entry-point
     group, each configured in a table named after it (a third-party plugin's keys are
     checked against the plugin's Settings). Every plugin is disabled until its table says
@@ -526,21 +529,21 @@ class Plugins:
 @dataclass(frozen=True)
 class Config:
     """The whole configuration. `source` is the file it came from (None: built-in)."""
-    smtpd: SMTPD = opt(SMTPD(), "SMTP server identity and input policy.")
+    smtpd: SMTPDSettings = opt(SMTPDSettings(), "SMTP server identity and input policy.")
     listeners: Tuple[Listener, ...] = opt((Listener(),), "Listening sockets.")
-    relay: Relay = opt(Relay(), "Relay control.")
-    tls: TLS = opt(TLS(), "TLS certificates.")
-    auth: Auth = opt(Auth(), "SMTP AUTH.")
-    limits: Limits = opt(Limits(), "Per-client limits.")
-    timeouts: Timeouts = opt(Timeouts(), "Timeouts.")
-    queue: Queue = opt(Queue(), "The queue.")
-    logging: Logging = opt(Logging(), "Logging.")
-    master: Master = opt(Master(), "The master process.")
-    api: API = opt(API(), "The api process.")
-    delivery: Delivery = opt(Delivery(), "Delivery of queued mail.")
-    local: Local = opt(Local(), "Local delivery.")
-    dns: DNS = opt(DNS(), "DNS for the plugins.")
-    plugins: Plugins = opt(Plugins(), "Plugins.")
+    relay: RelaySettings = opt(RelaySettings(), "Relay control.")
+    tls: TLSSettings = opt(TLSSettings(), "TLS certificates.")
+    auth: AuthSettings = opt(AuthSettings(), "SMTP AUTH.")
+    limits: LimitSettings = opt(LimitSettings(), "Per-client limits.")
+    timeouts: TimeoutSettings = opt(TimeoutSettings(), "Timeouts.")
+    queue: QueueSettings = opt(QueueSettings(), "The queue.")
+    logging: LoggingSettings = opt(LoggingSettings(), "Logging.")
+    master: MasterSettings = opt(MasterSettings(), "The master process.")
+    api: APISettings = opt(APISettings(), "The api process.")
+    delivery: DeliverySettings = opt(DeliverySettings(), "Delivery of queued mail.")
+    local: LocalSettings = opt(LocalSettings(), "Local delivery.")
+    dns: DNSSettings = opt(DNSSettings(), "DNS for the plugins.")
+    plugins: PluginSettings = opt(PluginSettings(), "Plugins.")
     source: Optional[str] = field(default=None, compare=False, metadata={"internal": True})
 
     @property

@@ -1,13 +1,15 @@
 """MX routing: which hosts, in which order, take mail for a domain (RFC 5321 section 5.1).
 
-Owned by the delivery worker (`elemta: delivery`), which asks `Resolver.route(domain)` before
+Owned by the delivery worker (`elemta: delivery`), which asks `MXResolver.route(domain)` before
 it connects with elemta.delivery.smtp_client. The result is the ordered list of Hosts to try,
 or one of the exceptions below:
 
-    NullMX            the domain accepts no mail (RFC 7505 "MX 0 ."): bounce at once, 556 5.1.10
-    NoSuchDomain      NXDOMAIN for the domain: bounce, 5.1.2
-    NoMailHost        the domain exists but neither MX nor A/AAAA gives an address: bounce, 5.4.4
-    TemporaryDNSError SERVFAIL, REFUSED, timeout, garbage: defer, 4.4.3
+    NullMX              the domain accepts no mail (RFC 7505 "MX 0 ."): bounce at once,
+                        556 5.1.10
+    NoSuchDomain        NXDOMAIN for the domain: bounce, 5.1.2
+    NoMailHost          the domain exists but neither MX nor A/AAAA gives an address:
+                        bounce, 5.4.4
+    TemporaryRouteError SERVFAIL, REFUSED, timeout, garbage: defer, 4.4.3
 
 All are RouteError; `permanent` tells a bounce from a deferral and `code`/`status` are what a
 DSN or the log should show.
@@ -57,7 +59,7 @@ class RouteError(Exception):
         self.reason = reason
 
 
-class TemporaryDNSError(RouteError):
+class TemporaryRouteError(RouteError):
     """SERVFAIL, REFUSED, no answer in time, or a reply that does not parse: defer."""
 
 
@@ -106,7 +108,7 @@ class _NoData(Exception):
     pass
 
 
-class Resolver:
+class MXResolver:
     """DNS lookups for delivery, cooperative under gevent.
 
     nameservers: IP addresses to ask; None reads /etc/resolv.conf (as dnspython does).
@@ -158,13 +160,13 @@ class Resolver:
             if error is None:
                 hosts += [Host(name, address, preference) for address in addresses]
             else:
-                temporary = temporary or isinstance(error, TemporaryDNSError)
+                temporary = temporary or isinstance(error, TemporaryRouteError)
                 failures.append("%s: %s" % (name, getattr(error, "reason", error)))
         if hosts:
             return hosts
         if temporary:
-            raise TemporaryDNSError(domain, "no MX host address found yet (%s)"
-                                    % "; ".join(failures))
+            raise TemporaryRouteError(domain, "no MX host address found yet (%s)"
+                                      % "; ".join(failures))
         raise NoMailHost(domain, "no MX host has an address (%s)" % "; ".join(failures))
 
     def _implicit_mx(self, domain):
@@ -214,7 +216,7 @@ class Resolver:
     def addresses(self, name):
         # type: (str) -> List[str]
         """The A and/or AAAA addresses of `name` in the preferred order ([] if none).
-        Raises _NXDomain if the name does not exist, TemporaryDNSError."""
+        Raises _NXDomain if the name does not exist, TemporaryRouteError."""
         types = [{"ipv4": "A", "ipv6": "AAAA"}[family] for family in self.families]
         found = {}
         nxdomain = 0
@@ -242,7 +244,7 @@ class Resolver:
 
     def _lookup(self, name, rdtype):
         """The records of type rdtype at name, following CNAMEs; raises _NXDomain,
-        _NoData or TemporaryDNSError."""
+        _NoData or TemporaryRouteError."""
         try:
             qname = dns.name.from_text(name)
         except (dns.exception.DNSException, UnicodeError, ValueError) as error:
@@ -253,7 +255,7 @@ class Resolver:
             try:
                 chain = response.resolve_chaining()
             except dns.exception.DNSException as error:
-                raise TemporaryDNSError(name, "unusable answer (%s)" % error)
+                raise TemporaryRouteError(name, "unusable answer (%s)" % error)
             if chain.answer is not None:
                 return list(chain.answer)
             if response.rcode() == dns.rcode.NXDOMAIN:
@@ -262,14 +264,14 @@ class Resolver:
                 raise _NoData(name)
             # The server gave a CNAME but not its target (another zone): ask for the target.
             qname = chain.canonical_name
-        raise TemporaryDNSError(name, "CNAME chain too long")
+        raise TemporaryRouteError(name, "CNAME chain too long")
 
     def _ask(self, qname, rdtype):
         """One response with a usable rcode (elemta.util.dnswire does the asking)."""
         try:
             return self.transport.ask(qname, rdtype)
         except DNSUnavailable as error:
-            raise TemporaryDNSError(error.name, error.reason) from None
+            raise TemporaryRouteError(error.name, error.reason) from None
 
 
 

@@ -23,7 +23,7 @@ from typing import List
 from elemta.addressing.normal import normal_domain, split_address
 from elemta.addressing.resolve import Addressing, domain_entry
 from elemta.config.schema import parse_nexthop, parse_transport
-from elemta.delivery.mx import Host, NoMailHost, Resolver
+from elemta.delivery.mx import Host, MXResolver, NoMailHost
 
 LOCAL = "local"
 SMTP = "smtp"
@@ -99,7 +99,7 @@ class Router:
 
 
 def hosts_for(destination, resolver):
-    # type: (Destination, Resolver) -> List[Host]
+    # type: (Destination, MXResolver) -> List[Host]
     """The hosts to try for an SMTP destination, in order; raises a RouteError."""
     if destination.mx_lookup:
         return resolver.route(destination.host)

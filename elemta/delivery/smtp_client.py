@@ -55,7 +55,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from gevent import socket, ssl
 
-from elemta.delivery.wire import (DataEncoder, ProtocolError, ReplyReader, ServerReply,
+from elemta.delivery.wire import (DataEncoder, ReplyReader, ServerReply, SMTPProtocolError,
                                   local_reply, orcpt_parameter, parse_ehlo, xtext)
 
 log = logging.getLogger("elemta.delivery")
@@ -684,7 +684,7 @@ class SMTPClient:
         while True:
             try:
                 reply = self._reader.next_reply()
-            except ProtocolError as error:
+            except SMTPProtocolError as error:
                 raise _Broken(local_reply(451, "4.5.0", "%s answered %s with garbage: %s"
                                           % (self.peer, what, error)))
             if reply is not None:

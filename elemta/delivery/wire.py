@@ -28,7 +28,7 @@ _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 
 
-class ProtocolError(Exception):
+class SMTPProtocolError(Exception):
     """The server sent something that is not SMTP; str() is the reason for the log/DSN."""
 
 
@@ -74,7 +74,7 @@ def _default_status(code):
 class ReplyReader:
     """Sans-IO reader of server replies: feed() bytes, then next_reply() until it is None.
 
-    Raises ProtocolError for a line that is not a reply line, a line over MAX_REPLY_LINE,
+    Raises SMTPProtocolError for a line that is not a reply line, a line over MAX_REPLY_LINE,
     a reply over MAX_REPLY_LINES, or codes that change within one reply.
     """
 
@@ -96,23 +96,23 @@ class ReplyReader:
             end = self._buffer.find(b"\n")
             if end < 0:
                 if len(self._buffer) > MAX_REPLY_LINE:
-                    raise ProtocolError("reply line longer than %d bytes" % MAX_REPLY_LINE)
+                    raise SMTPProtocolError("reply line longer than %d bytes" % MAX_REPLY_LINE)
                 return None
             if end + 1 > MAX_REPLY_LINE:
-                raise ProtocolError("reply line longer than %d bytes" % MAX_REPLY_LINE)
+                raise SMTPProtocolError("reply line longer than %d bytes" % MAX_REPLY_LINE)
             raw = bytes(self._buffer[:end]).rstrip(b"\r")
             del self._buffer[:end + 1]
             match = _REPLY_LINE.match(raw)
             if not match:
-                raise ProtocolError("not an SMTP reply: %r" % raw[:60])
+                raise SMTPProtocolError("not an SMTP reply: %r" % raw[:60])
             code = int(match.group(1))
             if self._lines and self._lines[0][0] != code:
-                raise ProtocolError("reply code changed from %d to %d within one reply"
-                                    % (self._lines[0][0], code))
+                raise SMTPProtocolError("reply code changed from %d to %d within one reply"
+                                        % (self._lines[0][0], code))
             self._lines.append((code, match.group(3)))
             if match.group(2) == b"-":
                 if len(self._lines) >= MAX_REPLY_LINES:
-                    raise ProtocolError("reply longer than %d lines" % MAX_REPLY_LINES)
+                    raise SMTPProtocolError("reply longer than %d lines" % MAX_REPLY_LINES)
                 continue
             lines, self._lines = self._lines, []
             return _make_reply(code, [text for _, text in lines])

@@ -66,7 +66,7 @@ from elemta.delivery import bounce
 from elemta.delivery.concurrency import DestinationSlots
 from elemta.delivery.lmtp import LMTPTransport
 from elemta.delivery.local_transport import AGENT_RETRY, LocalTransport, went_away
-from elemta.delivery.mx import Resolver
+from elemta.delivery.mx import MXResolver
 from elemta.delivery.recorder import AttemptRecorder
 from elemta.delivery.routing import LMTP, LOCAL, SMTP, Router
 from elemta.delivery.smtp_transport import SMTPTransport
@@ -151,7 +151,7 @@ class DeliveryWorker(GeventChild):
         self.queue = Queue(spool, sync_method=self.config.queue.sync_method,
                            map_size=self.config.queue.index_map_size)
         self.owner = holders.holder_name()
-        resolver = Resolver(list(self.delivery.nameservers) or None,
+        resolver = MXResolver(list(self.delivery.nameservers) or None,
                             port=self.delivery.dns_port, timeout=self.delivery.dns_timeout)
         self.wake_socket = wakeup.bind(spool, self.slot, gsocket)
         self.own_socket_file(wakeup.socket_path(spool, self.slot))

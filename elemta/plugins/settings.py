@@ -1,9 +1,9 @@
 """The built-in plugins' settings: one typed table per plugin, declared once.
 
 Owned by the built-in plugins (each names its table as its Settings) and embedded as is in
-the config schema (elemta.config.schema.Plugins), so the same dataclass carries a setting's
-type, default, check and man page doc (elemta.config.options.opt) from the config file
-to the plugin: the loader builds it, the manager hands it to plugin.init() unchanged.
+the config schema (elemta.config.schema.PluginSettings), so the same dataclass carries a
+setting's type, default, check and man page doc (elemta.config.options.opt) from the config
+file to the plugin: the loader builds it, the manager hands it to plugin.init() unchanged.
 Light on purpose: loading the config must not import dkimpy, pyspf or lmdb, so the plugin
 modules import this one, never the other way round.
 
@@ -13,7 +13,7 @@ reports that against the file's line.
 
 Also here: the rule that turns the Authentication-Results writer on (authres_runs), and
 ConfiguredPlugin, what the manager is given for each plugin to run.
-See also: elemta.config.schema (Plugins), elemta.plugins.manager, man/elemta.conf.5.
+See also: elemta.config.schema (PluginSettings), elemta.plugins.manager, man/elemta.conf.5.
 """
 
 import re

@@ -1,7 +1,7 @@
 """The smtpd worker's server: listening sockets in, one Session greenlet per connection.
 
-Owned by the smtpd worker process (`elemta: smtpd`). The sockets are bound by the caller
-(the `elemta` command now, the master later), so several workers can share them. This
+Owned by the smtpd worker process (`elemta: smtpd`). The sockets are bound by the master
+before it forks the workers, so several workers share them. This
 module applies the per-worker and per-client connection limits and owns the services
 every session shares: the queue, the group committer, the room check (elemta.queue.space),
 the relay policy, AUTH, TLS, and the plugins with their DNS resolver.

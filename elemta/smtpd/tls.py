@@ -1,7 +1,7 @@
 """The server-side TLS context for STARTTLS and smtps, from the tls config section.
 
-Owned by the smtpd worker; built once per process (certificates are read at start, and
-again on reload once the master issue adds it).
+Owned by the smtpd worker; built once per process: certificates are read when a worker
+starts, so a reload (SIGHUP), whose new workers start afresh, reads them again.
 """
 
 from gevent import ssl

@@ -12,7 +12,7 @@ self-describing form, never plaintext:
     $scrypt$ln=15,r=8,p=1$<salt, base64>$<derived key, base64>
 
 (ln is log2 of the scrypt cost N; base64 is standard and unpadded.)
-See also: elemta.cli.elemtactl (the admin commands), elemta.config.schema.Auth.
+See also: elemta.cli.elemtactl (the admin commands), elemta.config.schema.AuthSettings.
 """
 
 import base64

@@ -2,21 +2,21 @@
 """Acceptance benchmark: how fast Elemta takes mail in, next to Postfix, in one run.
 
 A script, not a pytest test (`make bench` runs it). smtp-source sends N messages of 5 KB
-from 20 sessions, one message per connection, first to Elemta (started from .venv with a
-config in a fresh temp dir), then to a private Postfix that parks everything in its hold
-queue, once with in_flow_delay = 0 and once with the default 1s. Each target's accepted
-count is read from its own spool, not from the client. Prints messages/s for each and the
-ratio Elemta/Postfix. Needs root and the postfix package (smtp-source comes with it).
+from 20 sessions, one message per connection, first to Elemta (tests/harness.py's
+ElemtaServer with Elemta's default smtpd worker count, in a fresh temp dir), then to a
+private Postfix that parks everything in its hold queue, once with in_flow_delay = 0 and
+once with the default 1s. Each target's accepted count is read from its own spool, not
+from the client. Prints messages/s for each and the ratio Elemta/Postfix. Needs root and
+the postfix package (smtp-source comes with it).
 
 Environment: BENCH_MESSAGES (default 5000), BENCH_REUSE=1 adds runs with smtp-source -d
 (many messages per connection), BENCH_KEEP=1 keeps the temp dirs for a look afterwards.
-See also: ../shared/peers.md (the figures seen on this kind of machine), tests/peers/postfix.py.
+See also: ../shared/peers.md (the figures seen on this kind of machine), tests/peers/postfix.py,
+tests/harness.py.
 """
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,11 +26,10 @@ from typing import List, NamedTuple, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from tests.peers.postfix import PostfixInstance, free_port, postfix_available  # noqa: E402
+from tests.harness import ELEMTA_DEFAULT, ElemtaServer, free_port  # noqa: E402
+from tests.peers.postfix import PostfixInstance, postfix_available  # noqa: E402
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
-ELEMTA = os.path.join(REPO, ".venv", "bin", "elemta")
-ELEMTA_ENTRY = os.path.join(REPO, "elemta", "cli", "elemta.py")
 SESSIONS = 20
 MESSAGE_BYTES = 5120
 SENDER = "sender@bench.test"
@@ -72,67 +71,31 @@ def drive(port, count, reuse_connections=False):
     return seconds
 
 
-def wait_for_greeting(port, process, timeout=30.0):
-    """Wait until 127.0.0.1:port answers 220; fail early if `process` exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("elemta exited with status %d before greeting"
-                               % process.returncode)
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
-                if conn.recv(512).startswith(b"220"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("elemta did not greet on port %d within %.0fs" % (port, timeout))
-
-
-def elemta_config(spool_dir, port):
+def elemta_sections():
     # Acceptance only, like the hold-only Postfix it is compared with: no delivery workers
-    # competing for the CPU and the index; the api child stays off its default port.
-    return ("listeners:\n"
-            "  - {address: 127.0.0.1, port: %d, mode: smtp}\n"
-            "queue: {spool_dir: %s}\n"
-            "relay: {local_domains: [bench.test]}\n"
-            # rcpt@bench.test is no user here: accept it, as the hold-only Postfix does.
-            "local: {reject_unknown_users: false}\n"
-            "delivery: {workers: 0}\n"
-            "api: {port: %d}\n" % (port, spool_dir, free_port()))
+    # competing for the CPU and the index (the harness's default), and as many smtpd
+    # workers as an installed Elemta runs.
+    return {"smtpd": {"workers": ELEMTA_DEFAULT},
+            # rcpt@bench.test is no user here: the harness accepts it, as the hold-only
+            # Postfix does.
+            "relay": {"local_domains": ["bench.test"]}}
 
 
 def bench_elemta(scratch, count, reuse_connections):
     # type: (str, int, bool) -> Result
     """Start Elemta on a fresh spool, drive it, count the message files it wrote."""
     name = "elemta" + (" -d" if reuse_connections else "")
-    workdir = tempfile.mkdtemp(prefix="elemta-", dir=scratch)
-    spool_dir = os.path.join(workdir, "spool")
-    port = free_port()
-    config = os.path.join(workdir, "elemta.yaml")
-    with open(config, "w") as out:
-        out.write(elemta_config(spool_dir, port))
-    log_path = os.path.join(workdir, "elemta.log")
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([ELEMTA, "--config", config], stdout=log, stderr=log,
-                                   cwd=workdir)
+    server = ElemtaServer(tempfile.mkdtemp(prefix="elemta-", dir=scratch), elemta_sections())
     try:
         try:
-            wait_for_greeting(port, process)
-        except RuntimeError:
-            with open(log_path, errors="replace") as log:
-                sys.stdout.write(log.read()[-2000:])
-            raise
-        seconds = drive(port, count, reuse_connections)
-        accepted = files_under(os.path.join(spool_dir, "messages"))
+            server.start(timeout=30)
+        except RuntimeError as error:
+            sys.stdout.write(str(error)[-2000:] + "\n")
+            raise RuntimeError("elemta did not start") from None
+        seconds = drive(server.port, count, reuse_connections)
+        accepted = files_under(os.path.join(server.spool, "messages"))
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        server.stop(timeout=30)
     return Result(name, count, accepted, seconds)
 
 
@@ -174,11 +137,6 @@ def main():
     if reason or not os.path.exists(SMTP_SOURCE):
         print("bench_accept: cannot run: %s" % (reason or SMTP_SOURCE + " is missing"))
         return 2
-    elemta_missing = None
-    if not os.path.exists(ELEMTA_ENTRY):
-        elemta_missing = "elemta/cli/elemta.py does not exist yet"
-    elif not os.path.exists(ELEMTA):
-        elemta_missing = "%s is missing (run make bench, which installs it)" % ELEMTA
 
     scratch = tempfile.mkdtemp(prefix="elemta-bench-")
     os.chmod(scratch, 0o755)  # The postfix user must reach the Postfix queues inside.
@@ -193,15 +151,11 @@ def main():
     failed = False
     try:
         for reuse in reuse_runs:
-            if elemta_missing:
-                print("  elemta: not measured: %s" % elemta_missing)
+            try:
+                record(bench_elemta(scratch, count, reuse))
+            except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+                print("  elemta: not measured: %s" % error)
                 failed = True
-            else:
-                try:
-                    record(bench_elemta(scratch, count, reuse))
-                except (RuntimeError, OSError, subprocess.SubprocessError) as error:
-                    print("  elemta: not measured: %s" % error)
-                    failed = True
             record(bench_postfix(scratch, count, "0", reuse))
             if not reuse:
                 record(bench_postfix(scratch, count, None, reuse))

@@ -1,20 +1,18 @@
 #!/usr/bin/env python3
 """Concurrency benchmark: many idle SMTP sessions at once, and what they cost in memory.
 
-A script, not a pytest test (`make bench` runs it). Starts Elemta with its default worker
-count on a fresh spool, opens BENCH_SESSIONS (default 10,000) connections from a gevent
-client, reads every banner and the reply to one NOOP on each, holds them all open, then
-sums the memory of every Elemta process (master and children: PSS, which counts pages
+A script, not a pytest test (`make bench` runs it). Starts Elemta (tests/harness.py's
+ElemtaServer) with its default smtpd and delivery worker counts on a fresh spool, opens
+BENCH_SESSIONS (default 10,000) connections from a gevent client, reads every banner and
+the reply to one NOOP on each, holds them all open, then sums the memory of every Elemta process (master and children: PSS, which counts pages
 the children share with the master once, and RSS for reference) and prints whether every
 session got both replies. Postfix needs one smtpd process per session
 (default process limit 100); our target is 10,000 sessions in under 300 MB.
-See also: tests/bench/bench_accept.py, ../shared/peers.md.
+See also: tests/bench/bench_accept.py, tests/harness.py, ../shared/peers.md.
 """
 
 import os
 import resource
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,9 +23,8 @@ sys.path.insert(0, REPO)
 import gevent  # noqa: E402
 from gevent import socket  # noqa: E402
 
-from tests.peers.postfix import free_port  # noqa: E402
+from tests.harness import ELEMTA_DEFAULT, ElemtaServer  # noqa: E402
 
-ELEMTA = os.path.join(REPO, ".venv", "bin", "elemta")
 TARGET_MB = 300
 
 
@@ -83,27 +80,14 @@ def main():
     if limit < count + 100:
         print("bench_idle_sessions: the fd limit %d is too low for %d sessions" % (limit, count))
         return 2
-    workdir = tempfile.mkdtemp(prefix="elemta-idle-")
-    port = free_port()
-    config = os.path.join(workdir, "elemta.yaml")
-    with open(config, "w") as f:
-        f.write("listeners:\n  - {address: 127.0.0.1, port: %d, mode: smtp}\n"
-                "queue: {spool_dir: %s/spool}\napi: {port: %d}\n"
-                % (port, workdir, free_port()))
-    log = open(os.path.join(workdir, "elemta.log"), "wb")
-    server = subprocess.Popen([ELEMTA, "--config", config], stdout=log, stderr=log,
-                              start_new_session=True)
+    # The process set an installed Elemta runs, not the harness's one smtpd worker and
+    # no delivery: their memory is what is measured.
+    server = ElemtaServer(tempfile.mkdtemp(prefix="elemta-idle-"),
+                          {"smtpd": {"workers": ELEMTA_DEFAULT},
+                           "delivery": {"workers": ELEMTA_DEFAULT}})
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("elemta did not start")
-                time.sleep(0.1)
-        _, idle_rss, idle_pss = process_group_memory(server.pid)
+        port = server.start(timeout=30).port
+        _, idle_rss, idle_pss = process_group_memory(server.process.pid)
         sessions, failures = [], []
         started = time.monotonic()
         pool = []
@@ -113,7 +97,7 @@ def main():
                 gevent.sleep(0)           # let the accept queue drain as we go
         gevent.joinall(pool)
         seconds = time.monotonic() - started
-        processes, rss, pss = process_group_memory(server.pid)
+        processes, rss, pss = process_group_memory(server.process.pid)
         print("bench_idle_sessions: %d sessions opened in %.1fs; %d got banner and NOOP, "
               "%d failed" % (count, seconds, len(sessions), len(failures)))
         print("  elemta: %d processes; memory used (PSS) %.1f MB idle, %.1f MB with the "
@@ -127,9 +111,7 @@ def main():
             sock.close()
         return 0 if not failures and pss < TARGET_MB * 2 ** 20 else 1
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(60)
-        log.close()
+        server.stop(timeout=60)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ from elemta.queue.ids import ALPHABET  # noqa: E402
 from elemta.queue.index import QueueIndex, QueueRecord  # noqa: E402
 from elemta.queue.model import (DEFERRED, HOLD, INCOMING, PENDING, RCPT_DEFERRED,  # noqa: E402
                                 Envelope, Recipient)
-from tests.peers.postfix import PostfixInstance, free_port, postfix_available  # noqa: E402
+from tests.peers.postfix import PostfixInstance, postfix_available  # noqa: E402
+from tests.harness import free_port  # noqa: E402
 
 MESSAGES = int(os.environ.get("BENCH_QUEUE_MESSAGES", "1000000"))
 POSTFIX_MESSAGES = int(os.environ.get("BENCH_POSTFIX_MESSAGES", "100000"))

@@ -6,7 +6,8 @@ A script, not a pytest test (`make bench` runs it). smtp-source sends N messages
 domain is not local) to its relay host, a fresh smtp-sink on loopback that dumps each message
 to a file. The clock starts with smtp-source; the acceptance time is when smtp-source is done,
 the end-to-end time is when the sink holds all N messages (its files are counted, not the
-client's word). Targets: Elemta (from .venv, fresh spool, 2 delivery workers) and a private
+client's word). Targets: Elemta (tests/harness.py's ElemtaServer, fresh spool, 2 delivery
+workers) and a private
 Postfix with default settings and with in_flow_delay = 0. Prints messages/s for each and the
 ratio Elemta/Postfix. Needs root and the postfix package (smtp-source and smtp-sink come
 with it).
@@ -21,7 +22,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,12 +31,11 @@ from typing import List, NamedTuple, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from tests.bench.bench_accept import wait_for_greeting  # noqa: E402
-from tests.peers.postfix import PostfixInstance, free_port, postfix_available  # noqa: E402
+from tests.harness import ELEMTA_DEFAULT, ElemtaServer, free_port, wait_for_greeting  # noqa: E402
+from tests.peers.postfix import PostfixInstance, postfix_available  # noqa: E402
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
-ELEMTA = os.path.join(REPO, ".venv", "bin", "elemta")
 SESSIONS = 20
 MESSAGE_BYTES = 5120
 SENDER = "sender@bench.test"
@@ -86,7 +85,7 @@ class Sink:
             [SMTP_SINK, "-u", "nobody", "-d", os.path.join(self.dump_dir, "%M."),
              "127.0.0.1:%d" % self.port, "256"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_greeting(self.port, self.process)
+        wait_for_greeting(self.port, self.process, name="smtp-sink")
         return self
 
     def __exit__(self, *exc_info):
@@ -136,14 +135,12 @@ def measure(name, sink, port, count):
     return Result(name, count, delivered, accepted, end_to_end)
 
 
-def elemta_config(spool_dir, port, sink_port):
-    # The api child stays off its default port; bench.test is local, sink.test is relayed.
-    return ("listeners:\n"
-            "  - {address: 127.0.0.1, port: %d, mode: smtp}\n"
-            "queue: {spool_dir: %s}\n"
-            "relay: {local_domains: [bench.test]}\n"
-            "delivery: {workers: %d, relayhost: \"[127.0.0.1]:%d\"}\n"
-            "api: {port: %d}\n" % (port, spool_dir, DELIVERY_WORKERS, sink_port, free_port()))
+def elemta_sections(sink_port):
+    # bench.test is local, sink.test is relayed; smtpd workers as an installed Elemta runs.
+    return {"smtpd": {"workers": ELEMTA_DEFAULT},
+            "relay": {"local_domains": ["bench.test"]},
+            "delivery": {"workers": DELIVERY_WORKERS,
+                         "relayhost": "[127.0.0.1]:%d" % sink_port}}
 
 
 def show_elemta_trouble(log_path, spool_dir):
@@ -164,35 +161,20 @@ def bench_elemta(scratch, count):
     """Elemta on a fresh spool relaying to a fresh sink."""
     workdir = tempfile.mkdtemp(prefix="elemta-", dir=scratch)
     os.chmod(workdir, 0o755)  # smtp-sink runs as nobody and writes below here.
-    spool_dir = os.path.join(workdir, "spool")
-    port = free_port()
-    log_path = os.path.join(workdir, "elemta.log")
     with Sink(workdir) as sink:
-        config = os.path.join(workdir, "elemta.yaml")
-        with open(config, "w") as out:
-            out.write(elemta_config(spool_dir, port, sink.port))
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen([ELEMTA, "--config", config], stdout=log, stderr=log,
-                                       cwd=workdir)
+        server = ElemtaServer(os.path.join(workdir, "elemta"), elemta_sections(sink.port))
         try:
             try:
-                wait_for_greeting(port, process)
-            except RuntimeError:
-                with open(log_path, errors="replace") as log:
-                    sys.stdout.write(log.read()[-2000:])
-                raise
-            result = measure("elemta (%d delivery workers)" % DELIVERY_WORKERS, sink, port,
-                             count)
+                server.start(timeout=30)
+            except RuntimeError as error:
+                sys.stdout.write(str(error)[-2000:] + "\n")
+                raise RuntimeError("elemta did not start") from None
+            result = measure("elemta (%d delivery workers)" % DELIVERY_WORKERS, sink,
+                             server.port, count)
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            server.stop(timeout=30)
     if result.delivered < count:
-        show_elemta_trouble(log_path, spool_dir)
+        show_elemta_trouble(server.log_path, server.spool)
     return result
 
 
@@ -254,15 +236,11 @@ def main():
 
     failed = False
     try:
-        if not os.path.exists(ELEMTA):
-            print("  elemta: not measured: %s is missing (make bench installs it)" % ELEMTA)
+        try:
+            record(bench_elemta(scratch, count))
+        except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+            print("  elemta: not measured: %s" % error)
             failed = True
-        else:
-            try:
-                record(bench_elemta(scratch, count))
-            except (RuntimeError, OSError, subprocess.SubprocessError) as error:
-                print("  elemta: not measured: %s" % error)
-                failed = True
         record(bench_postfix(scratch, count, None))
         record(bench_postfix(scratch, count, "0"))
     finally:

@@ -9,7 +9,7 @@ CHAOS_SECONDS and until the load is in. Then it waits up to CHAOS_WAIT seconds a
 kill for every accepted message at the sink and an empty queue.
 
 Targets, one after the other, each on fresh directories:
-  elemta   ElemtaServer (tests/conftest.py) with default settings but for the relay host,
+  elemta   ElemtaServer (tests/harness.py) with default settings but for the relay host,
            2 smtpd and 2 delivery workers; killed: smtpd, delivery, local, pickup, api.
   postfix  a private PostfixInstance (tests/peers/postfix.py) with default settings
            (in_flow_delay 1s) relaying to the sink; killed: every child of its master
@@ -40,12 +40,12 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from tests.conftest import ElemtaServer  # noqa: E402
+from tests.harness import ElemtaServer, free_port  # noqa: E402
 from tests.peers.chaos import (DumpSink, Killer, Load, chaos_available, elemta_kind,  # noqa: E402
                                elemta_queue_empty, elemta_sections, elemta_sendmail,
                                postfix_kind, postfix_master_pid, postfix_queue_empty,
                                postfix_ready_files, run_chaos, POSTFIX_QUEUES)
-from tests.peers.postfix import PostfixInstance, free_port, postfix_available  # noqa: E402
+from tests.peers.postfix import PostfixInstance, postfix_available  # noqa: E402
 
 SESSIONS = 20
 SENDMAIL_EVERY = 20

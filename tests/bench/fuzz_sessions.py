@@ -3,7 +3,7 @@
 
 A benchmark, not a CI test (tests/test_fuzz_live.py runs a few thousand sessions of the
 same generator in the suite). Starts a real Elemta as the test suite does
-(tests/conftest.py ElemtaServer) in a fresh temp dir: several smtpd workers, listeners for
+(tests/harness.py ElemtaServer) in a fresh temp dir: several smtpd workers, listeners for
 smtp, submission and smtps, a self-signed certificate so STARTTLS is offered, AUTH with a
 credentials file, small message and recipient limits (tests/smtp_fuzzer.py
 server_sections). Everything the server accepts is relayed by one delivery worker to a
@@ -35,7 +35,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,8 +43,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from tests.conftest import ElemtaServer, make_tls_files  # noqa: E402
-from tests.peers.postfix import free_port  # noqa: E402
+from tests.harness import (ElemtaServer, free_port, make_tls_files,  # noqa: E402
+                            wait_for_greeting)
 from tests import smtp_fuzzer  # noqa: E402
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -64,14 +63,8 @@ class Sink:
         self.process = subprocess.Popen(
             [SMTP_SINK, "-u", "nobody", "127.0.0.1:%d" % self.port, "256"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("smtp-sink did not listen")
+        wait_for_greeting(self.port, self.process, timeout=10, name="smtp-sink")
+        return self
 
     def __exit__(self, *exc_info):
         if self.process.poll() is None:

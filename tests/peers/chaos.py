@@ -20,7 +20,7 @@ Owned by no Elemta process: tests/test_chaos.py (the short CI run) and tests/ben
 The result (a Tally) says how many were accepted, how many of those arrived, which were lost,
 how many extra copies arrived (duplicates) and how long after the last kill everything had
 arrived and the MTA's queue was empty. Needs root and the postfix package (smtp-sink).
-See also: tests/peers/postfix.py (PostfixInstance), tests/conftest.py (ElemtaServer),
+See also: tests/peers/postfix.py (PostfixInstance), tests/harness.py (ElemtaServer),
 tests/bench/bench_relay.py (the same relay without kills).
 """
 
@@ -32,7 +32,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import tempfile
 import threading
@@ -40,7 +39,7 @@ import time
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 from elemta.util import procs
-from tests.peers.postfix import free_port
+from tests.harness import free_port, wait_for_greeting
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SENDER = "chaos@client.test"
@@ -87,18 +86,12 @@ class DumpSink:
             [SMTP_SINK, "-u", "nobody", "-d", os.path.join(self.dump_dir, "%M."),
              "127.0.0.1:%d" % self.port, "256"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as conn:
-                    if conn.recv(100).startswith(b"220"):
-                        return self
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError("smtp-sink did not greet on port %d" % self.port)
-            time.sleep(0.05)
+        try:
+            wait_for_greeting(self.port, self.process, timeout=10, name="smtp-sink")
+        except RuntimeError:
+            self.__exit__()
+            raise
+        return self
 
     def __exit__(self, *exc_info):
         if self.process is not None and self.process.poll() is None:

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from tests.harness import free_port
+
 DOVECOT = "/usr/sbin/dovecot"
 MAIL_USER = "nobody"
 
@@ -62,7 +64,7 @@ class DovecotInstance:
         # type: (str, Dict[str, DovecotUser], Optional[int], bool, bool) -> None
         self.workdir = os.path.abspath(workdir)
         self.users = dict(users)
-        self.lmtp_port = lmtp_port or _free_port()
+        self.lmtp_port = lmtp_port or free_port()
         self.lmtp_socket = os.path.join(self.workdir, "lmtp")
         self.auth_socket = os.path.join(self.workdir, "auth") if auth_socket else None
         self.quota_tempfail = quota_tempfail
@@ -270,8 +272,3 @@ service anvil {{
         except FileNotFoundError:
             return ""
 
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -10,22 +10,16 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from typing import Dict, List, Optional
+
+from tests.harness import wait_for_greeting
 
 POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"
 # Debian's master.cf, or the pristine copy the package keeps when /etc/postfix lacks one.
 MASTER_CF_SOURCES = ("/etc/postfix/master.cf", "/usr/share/postfix/master.cf.dist")
-
-
-def free_port(address="127.0.0.1"):
-    """A TCP port on `address` that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((address, 0))
-        return probe.getsockname()[1]
 
 
 def postfix_available():
@@ -187,18 +181,10 @@ class PostfixInstance:
         return self
 
     def _wait_for_greeting(self, timeout):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.smtpd_port), timeout=2) as conn:
-                    if conn.recv(512).startswith(b"220"):
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise PostfixError("Postfix did not greet on port %d within %.0fs; maillog:\n%s"
-                                   % (self.smtpd_port, timeout, self.read_log()[-2000:]))
-            time.sleep(0.05)
+        try:
+            wait_for_greeting(self.smtpd_port, timeout=timeout, name="Postfix")
+        except RuntimeError as error:
+            raise PostfixError("%s; maillog:\n%s" % (error, self.read_log()[-2000:])) from None
 
     def stop(self, timeout=15.0):
         """Stop the master and wait until none of this instance's processes is left."""

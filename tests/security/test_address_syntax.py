@@ -26,7 +26,7 @@ MALFORMED = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from tests.conftest import ElemtaServer
+    from tests.harness import ElemtaServer
     server = ElemtaServer(tmp_path_factory.mktemp("address_syntax"), {}).start()
     yield server
     assert not server.stop()

@@ -18,7 +18,7 @@ import time
 import pytest
 
 import elemta.api.app
-from tests.conftest import ElemtaServer, wait_for
+from tests.harness import ElemtaServer, wait_for
 from tests.test_api_rest import AUTH, TOKEN, call, server_api_port, wait_for_api
 
 PARTIAL_CLIENTS = 200

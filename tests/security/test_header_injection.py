@@ -22,7 +22,7 @@ import pytest
 from elemta.queue import wakeup
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import Envelope, Recipient
-from tests.conftest import wait_for
+from tests.harness import wait_for
 
 FORGED = ("From forger@bank.example Mon Jan  1 00:00:00 2024\n"
           "From: ceo@bank.example\nSubject: wire the money\n\nnow")

@@ -19,7 +19,7 @@ import re
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.harness import wait_for
 from tests.test_local_delivery import (place, read_when_there, send, start,  # noqa: F401
                                        status_lines, users, write_forward)
 

@@ -16,7 +16,7 @@ import sys
 import time
 
 from elemta.queue import maildrop
-from tests.conftest import REPO, wait_for
+from tests.harness import REPO, wait_for
 
 GOOD = {"sender": "cron@example.test", "recipients": [{"address": "root@example.test",
                                                       "notify": None, "orcpt": None}],

@@ -19,7 +19,7 @@ import socket
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.harness import wait_for
 from tests.peers.sink import ScriptedServer
 
 ATTACKER = "127.0.0.1"

@@ -17,7 +17,7 @@ import tempfile
 
 import pytest
 
-from tests.conftest import REPO, ElemtaServer, code_for_everyone
+from tests.harness import REPO, ElemtaServer, code_for_everyone
 
 pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="needs root and user nobody")
 

@@ -22,8 +22,7 @@ import tempfile
 
 import pytest
 
-from tests.conftest import code_for_everyone
-from tests.peers.postfix import free_port
+from tests.harness import code_for_everyone, free_port
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 

@@ -25,8 +25,8 @@ import tempfile
 
 import pytest
 
-from tests.conftest import REPO, wait_for
-from tests.peers.postfix import PostfixInstance, free_port, postfix_available
+from tests.harness import REPO, free_port, wait_for
+from tests.peers.postfix import PostfixInstance, postfix_available
 from tests.protocol_driver import Driver
 
 # The published end-of-data variants (SEC Consult's and later smuggling checkers'). The
