@@ -95,8 +95,7 @@ def open_queue(args, create_index: bool = False):
                                   "reindex" % (spool_dir, PROG))
     _become_spool_owner(spool_dir)
     from elemta.queue.queue import Queue
-    return Queue(spool_dir, sync_method=config.queue.sync_method,
-                 map_size=config.queue.index_map_size)
+    return Queue.from_config(config.queue, spool_dir=spool_dir)
 
 
 def _become_spool_owner(spool_dir: str) -> None:

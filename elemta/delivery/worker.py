@@ -148,8 +148,7 @@ class DeliveryWorker(GeventChild):
 
     def boot(self):
         spool = self.config.queue.spool_dir
-        self.queue = Queue(spool, sync_method=self.config.queue.sync_method,
-                           map_size=self.config.queue.index_map_size)
+        self.queue = Queue.from_config(self.config.queue)
         self.owner = holders.holder_name()
         resolver = Resolver(list(self.delivery.nameservers) or None,
                             port=self.delivery.dns_port, timeout=self.delivery.dns_timeout)

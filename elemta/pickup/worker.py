@@ -115,8 +115,7 @@ class PickupWorker(GeventChild):
     # ---- the life cycle (elemta.util.child) ---------------------------------------------
 
     def boot(self):
-        self.queue = Queue(self.spool, sync_method=self.config.queue.sync_method,
-                           map_size=self.config.queue.index_map_size)
+        self.queue = Queue.from_config(self.config.queue)
         self.start_plugins()
         try:
             maildrop.prepare(self.spool)     # the master did it; this repairs a lost mode

@@ -181,6 +181,16 @@ class Queue:
         self._spool_fd = os.open(self.spool_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.index = self._open_index()
 
+    @classmethod
+    def from_config(cls, queue_config, **overrides):
+        """The Queue a [queue] configuration section (elemta.config.schema.Queue) names;
+        overrides (spool_dir, sync_method, map_size) win over the section's values."""
+        settings = dict(spool_dir=queue_config.spool_dir,
+                        sync_method=queue_config.sync_method,
+                        map_size=queue_config.index_map_size)
+        settings.update(overrides)
+        return cls(**settings)
+
     def _open_index(self):
         return QueueIndex(os.path.join(self.spool_dir, INDEX_NAME), self._map_size,
                           metasync=self.sync_method == "fsync")
