@@ -318,9 +318,9 @@ class DeliveryWorker(GeventChild):
                 continue
             timeout = min(next_reclaim, self._next_purge) - time.time()
             if self.pool.free_count():
-                due = next(self.queue.index.iter_due(), None)
+                due = self.queue.next_due_time()
                 if due is not None:
-                    timeout = min(timeout, due[0] - time.time())
+                    timeout = min(timeout, due - time.time())
             if timeout > 0:
                 self._wake.wait(timeout)
 

@@ -53,6 +53,9 @@ _STATE_SEP = b":"
 SCAN_CHUNK = 1000
 # A key of the main database (where LMDB keeps the named ones), written by nudge().
 _NUDGE_KEY = b"elemta-nudge"
+# LMDB's two files in the index directory.
+_DATA_FILE = "data.mdb"
+_LOCK_FILE = "lock.mdb"
 
 
 @dataclass
@@ -185,6 +188,11 @@ def _allocate_lock_file(path):
         os.close(fd)
 
 
+def index_exists(path):
+    """True if an index was ever written at path (its data file exists)."""
+    return os.path.exists(os.path.join(path, _DATA_FILE))
+
+
 class QueueIndex:
     """One process's handle on the LMDB index.
 
@@ -199,7 +207,7 @@ class QueueIndex:
         # lmdb.open would make the directory with `mode` (0600): without its x bit only
         # root could enter it, so a non-root worker could never open its own index.
         os.makedirs(path, mode=0o700, exist_ok=True)
-        _allocate_lock_file(os.path.join(path, "lock.mdb"))     # before lmdb.open: see there
+        _allocate_lock_file(os.path.join(path, _LOCK_FILE))     # before lmdb.open: see there
         self.env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=8,
                              max_readers=max_readers, sync=True, metasync=metasync,
                              mode=0o600)

@@ -2,8 +2,10 @@
 
 The facade every process uses (smtpd and pickup accept mail through start_message and commit,
 the daemon runs reconcile at start-up before any worker accepts mail, elemtactl runs
-reindex). It owns the durability rule: commit returns only once the message files, their
-renames into place and their index records are on disk, so the 250 after DATA can be sent.
+reindex), and the only door to the index and its files: callers ask it (count_by_state,
+next_due_time, records_matching, has_index, ...) and never touch QueueIndex. It owns the
+durability rule: commit returns only once the message files, their renames into place and
+their index records are on disk, so the 250 after DATA can be sent.
 See also elemta.queue.store (the files), elemta.queue.index (the LMDB index).
 
 Group commit: commit takes every message finished since the last commit and makes the whole
@@ -74,9 +76,10 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import lmdb
 
-from elemta.queue import holders
+from elemta.queue import holders, listing
 from elemta.queue.ids import is_queue_id
-from elemta.queue.index import QueueIndex, QueueRecord
+from elemta.queue.index import QueueIndex, QueueRecord, index_exists
+from elemta.queue.listing import Selection, Shape
 from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, PENDING,
                                 RCPT_DEFERRED, SENT)
 from elemta.queue.store import CorruptSpoolFile, SpoolStore
@@ -169,6 +172,11 @@ class ReconcileSummary:
 
 class Queue:
     """One process's handle on the queue (open it after fork, never before)."""
+
+    @staticmethod
+    def has_index(spool_dir) -> bool:
+        """True if spool_dir holds a queue index (elemtactl refuses to make one unasked)."""
+        return index_exists(os.path.join(spool_dir, INDEX_NAME))
 
     def __init__(self, spool_dir, sync_method="syncfs", map_size=DEFAULT_MAP_SIZE):
         if sync_method not in SYNC_METHODS:
@@ -627,13 +635,39 @@ class Queue:
         """Delete the records of messages whose files record_attempts removed."""
         self._index_call(self.index.delete_many, list(queue_ids))
 
-    # -- reading
+    # -- reading: what callers ask of the index, so none of them reaches into it
 
     def get(self, queue_id):
         """The index record (QueueRecord) for queue_id, or None. ValueError for a non-id."""
         if not is_queue_id(queue_id):
             raise ValueError("not a queue id: %r" % (queue_id,))
         return self.index.get(queue_id)
+
+    def count_by_state(self) -> Dict[str, int]:
+        """{state: number of messages} for the states that have any."""
+        return self.index.count_by_state()
+
+    def next_due_time(self) -> Optional[float]:
+        """When (time.time()) the soonest incoming or deferred message is due, or None if
+        none waits."""
+        due = self.index.iter_due()
+        try:
+            first = next(due, None)
+        finally:
+            due.close()                 # ends its read transaction now
+        return None if first is None else first[0]
+
+    def records_matching(self, selection: Selection) -> Iterator[QueueRecord]:
+        """The records a listing Selection picks, in queue id (arrival) order, streamed."""
+        return listing.iter_records(self.index, selection)
+
+    def ids_matching(self, selection: Selection) -> Iterator[str]:
+        """The queue ids a listing Selection picks, in id order, streamed."""
+        return listing.iter_ids(self.index, selection)
+
+    def summarise(self, selection: Selection, by_sender: bool = False) -> Shape:
+        """The selected messages counted by state and by domain and age (qshape)."""
+        return listing.summarise(self.index, selection, by_sender=by_sender)
 
     def close(self):
         if self._spool_fd is not None:
