@@ -38,6 +38,7 @@ import lmdb
 from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, INCOMING, SENT, STATES,
                                 Envelope, Recipient)
 from elemta.queue.store import envelope_from_dict, envelope_to_dict
+from elemta.queue.transitions import move
 
 DUE_STATES = (INCOMING, DEFERRED)
 _RECORD_FIELDS = ("state", "attempts", "next_attempt", "last_error", "lease_owner",
@@ -330,7 +331,7 @@ class QueueIndex:
             candidates.sort(key=lambda c: c[:3])
             claimed = [c[3] for c in candidates[:limit]]
             for record in claimed:
-                record.state = ACTIVE
+                move(record, ACTIVE)
                 record.lease_owner = owner
                 record.lease_expires = now + lease_seconds
                 self._put(txn, record, replace=True)
@@ -420,7 +421,7 @@ class QueueIndex:
         is due at once), but one that kills every worker that takes it must not keep
         them in a crash loop (Postfix defers it as after a failed attempt). Not
         orphaning (a restart): due at `now`, the count left as it was."""
-        record.state = DEFERRED
+        move(record, DEFERRED)
         record.lease_owner, record.lease_expires = None, 0.0
         if not orphaning:
             record.next_attempt, record.last_error = now, reason

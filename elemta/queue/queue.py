@@ -83,6 +83,7 @@ from elemta.queue.listing import Selection, Shape
 from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, PENDING,
                                 RCPT_DEFERRED, SENT)
 from elemta.queue.store import CorruptSpoolFile, SpoolStore
+from elemta.queue.transitions import move
 
 log = logging.getLogger(__name__)
 
@@ -531,7 +532,8 @@ class Queue:
         def give_back(record):
             if record.state != ACTIVE or record.lease_owner != owner:
                 return None, False
-            record.state, record.next_attempt = DEFERRED, now
+            move(record, DEFERRED)
+            record.next_attempt = now
             record.lease_owner, record.lease_expires = None, 0.0
             record.last_error = "delivery interrupted by a stopping worker; retrying"
             return RELEASED, True
@@ -614,9 +616,10 @@ class Queue:
                 return ATTEMPT_REMOVED, True
             record.lease_owner, record.lease_expires = None, 0.0
             if any(r.status in (PENDING, RCPT_DEFERRED) for r in recipients):
-                record.state, record.next_attempt = DEFERRED, attempt.next_attempt
+                move(record, DEFERRED)
+                record.next_attempt = attempt.next_attempt
                 return ATTEMPT_DEFERRED, True
-            record.state = FAILED
+            move(record, FAILED)
             return ATTEMPT_FAILED, True
         outcomes = self._index_call(self.index.update_many, list(by_id), change,
                                     [qid for qid in forget if qid not in by_id])
@@ -681,7 +684,7 @@ class Queue:
 def _hold(record):
     if record.state == HOLD:
         return ALREADY_HELD, False
-    record.state = HOLD
+    move(record, HOLD)
     return HELD, True
 
 
@@ -689,7 +692,7 @@ def _releaser(now):
     def release(record):
         if record.state != HOLD:
             return NOT_HELD, False
-        record.state = DEFERRED if record.attempts else INCOMING
+        move(record, DEFERRED if record.attempts else INCOMING)
         record.next_attempt = now
         record.orphaned = 0         # the admin's "try now": no orphan backoff carried over
         return RELEASED, True
@@ -700,7 +703,8 @@ def _requeuer(now):
     def requeue(record):
         if record.state == ACTIVE:
             return BEING_DELIVERED, False
-        record.state, record.attempts, record.next_attempt = INCOMING, 0, now
+        move(record, INCOMING)
+        record.attempts, record.next_attempt = 0, now
         record.last_error, record.orphaned = None, 0
         for recipient in record.envelope.recipients:
             if recipient.status in (RCPT_DEFERRED, BOUNCED):
