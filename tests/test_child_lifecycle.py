@@ -119,12 +119,11 @@ def _fill_maildrop(server, count, size):
     """count submissions of about size bytes waiting in the maildrop of a stopped server
     (one written as sendmail writes it, the rest copies of it)."""
     from elemta.queue import maildrop
+    from elemta.queue.model import Recipient
     writer = maildrop.MaildropWriter(server.spool)
     writer.write(b"From: Cron Daemon <cron@example.org>\r\nSubject: a big batch\r\n\r\n"
                  + b"x" * size + b"\r\n")
-    name = writer.finish({"sender": "cron@example.org", "ret": None, "envid": None,
-                          "recipients": [{"address": "root@example.test", "notify": None}],
-                          "body": "7BIT", "smtputf8": False})
+    name = writer.finish("cron@example.org", [Recipient("root@example.test")])
     directory = maildrop.maildrop_dir(server.spool)
     with open(os.path.join(directory, name), "rb") as f:
         data = f.read()

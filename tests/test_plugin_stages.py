@@ -310,7 +310,7 @@ def delivery_setup(tmp_path, plugins):
                          {"domain": "lmtp.test", "nexthop": "lmtp:unix:/run/lmtp"}]},
                      "plugins": plugins}, f)
     config = load_config(path)
-    return config, Queue(config.queue.spool_dir)
+    return config, Queue.from_config(config.queue)
 
 
 def commit_and_claim(queue, sender, recipients, content=b"Subject: hi\r\n\r\nbody\r\n"):

@@ -29,7 +29,7 @@ class QueueCollector:
         from prometheus_client.core import GaugeMetricFamily
         from elemta.queue.model import STATES
         try:
-            counts = self.access.call(lambda queue: queue.index.count_by_state())
+            counts = self.access.call(lambda queue: queue.count_by_state())
         except Exception as exc:        # QueueUnavailable: report the rest anyway
             log.error("queue size not reported: cannot read the queue index in %s: %s",
                       self.access.queue_config.spool_dir, exc)

@@ -49,9 +49,7 @@ class QueueAccess:
                 self._changed.wait()
             if self._queue is None:
                 from elemta.queue.queue import Queue
-                q = self.queue_config
-                self._queue = Queue(q.spool_dir, sync_method=q.sync_method,
-                                    map_size=q.index_map_size)
+                self._queue = Queue.from_config(self.queue_config)
             queue = self._queue
             self._users += 1
         failed = False

@@ -18,8 +18,7 @@ from elemta.api import params
 from elemta.queue import queue as queue_actions
 from elemta.queue import wakeup
 from elemta.queue.ids import is_queue_id
-from elemta.queue.listing import (iter_ids, iter_records, record_show_json, record_to_json,
-                                  summarise)
+from elemta.queue.listing import record_show_json, record_to_json
 from elemta.queue.store import CorruptSpoolFile
 
 # Headers are read up to this many bytes; a message with more says headers_truncated.
@@ -69,7 +68,7 @@ class QueueList:
 
 def _page(queue, selection, limit):
     messages = []
-    for record in iter_records(queue.index, selection):
+    for record in queue.records_matching(selection):
         if len(messages) == limit:
             return messages, True
         messages.append(record_to_json(record))
@@ -227,7 +226,7 @@ class FlushAll:
 
 def _flush_selected(queue, selection):
     counts = {}
-    ids: List[str] = list(iter_ids(queue.index, selection))
+    ids: List[str] = list(queue.ids_matching(selection))
     for _, outcome in queue.flush(ids):
         counts[outcome] = counts.get(outcome, 0) + 1
     return counts
@@ -255,4 +254,4 @@ class Stats:
 
 
 def _summarise(queue, selection):
-    return summarise(queue.index, selection)
+    return queue.summarise(selection)

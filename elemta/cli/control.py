@@ -83,7 +83,7 @@ def cmd_status(args):
     except Failure:
         return 0
     with queue:
-        counts = queue.index.count_by_state()
+        counts = queue.count_by_state()
     print("  queue: " + ", ".join("%s %d" % (state, counts.get(state, 0))
                                   for state in sorted(counts)) if counts else "  queue: empty")
     return 0

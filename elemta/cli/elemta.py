@@ -133,8 +133,7 @@ def reconcile_queue(config):
         try:
             drop_privileges(config.master)
             from elemta.queue.queue import Queue
-            with Queue(config.queue.spool_dir, sync_method=config.queue.sync_method,
-                       map_size=config.queue.index_map_size) as queue:
+            with Queue.from_config(config.queue) as queue:
                 log.info("queue reconciled: %s", queue.reconcile())
             status = 0
         except Exception as exc:

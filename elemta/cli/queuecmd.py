@@ -25,7 +25,6 @@ from elemta.cli.failure import Failure
 from elemta.util.text import printable
 
 PROG = "elemtactl"
-INDEX_NAME = "index.lmdb"
 
 
 # Postfix's mailq layout (postqueue/showq_compat.c, long queue ids), widened by the
@@ -83,20 +82,18 @@ def open_queue(args, create_index: bool = False):
     a missing spool or index unless create_index."""
     config = find_config(getattr(args, "config", None))
     spool_dir = os.path.abspath(args.spool_dir or config.queue.spool_dir)
-    index_data = os.path.join(spool_dir, INDEX_NAME, "data.mdb")
     if not os.path.isdir(spool_dir):
         raise Failure(EX_NOINPUT, "queue: no spool directory %s (is --config right?)"
                       % spool_dir)
     if not os.access(spool_dir, os.R_OK | os.W_OK | os.X_OK):
         raise Failure(EX_NOPERM, "queue: %s: permission denied (run as root or as "
                                  "Elemta's user)" % spool_dir)
-    if not create_index and not os.path.exists(index_data):
+    from elemta.queue.queue import Queue
+    if not create_index and not Queue.has_index(spool_dir):
         raise Failure(EX_NOINPUT, "queue: no index in %s; rebuild it with: %s queue "
                                   "reindex" % (spool_dir, PROG))
     _become_spool_owner(spool_dir)
-    from elemta.queue.queue import Queue
-    return Queue(spool_dir, sync_method=config.queue.sync_method,
-                 map_size=config.queue.index_map_size)
+    return Queue.from_config(config.queue, spool_dir=spool_dir)
 
 
 def _become_spool_owner(spool_dir: str) -> None:
@@ -167,10 +164,9 @@ def _queue_ids(words: Iterable[str]) -> List[str]:
 
 def cmd_list(args) -> int:
     """queue list: the queue in mailq's layout, or one JSON object per message."""
-    from elemta.queue.listing import iter_records
     out = Output()
     with open_queue(args) as queue:
-        records = iter_records(queue.index, _selection(args))
+        records = queue.records_matching(_selection(args))
         if args.json:
             for record in records:
                 out.write(json.dumps(_list_json(record), ensure_ascii=False) + "\n")
@@ -187,8 +183,7 @@ def _list_json(record) -> dict:
 
 def write_mailq(out: Output, records: Iterable) -> None:
     """Postfix's mailq output for records (streamed: each message written as read)."""
-    from elemta.queue.index import waiting_recipients
-    from elemta.queue.listing import NULL_SENDER, delay_reason
+    from elemta.queue.listing import NULL_SENDER, delay_reason, waiting_recipients
     count = total_size = 0
     for record in records:
         envelope = record.envelope
@@ -380,8 +375,7 @@ def _action(name: str) -> Callable:
         with open_queue(args) as queue:
             spool_dir = queue.spool_dir
             if bulk:
-                from elemta.queue.listing import iter_ids
-                ids = list(iter_ids(queue.index, _selection(args, default_states)))
+                ids = list(queue.ids_matching(_selection(args, default_states)))
             for queue_id, outcome in getattr(queue, method)(ids):
                 if outcome == NO_SUCH_MESSAGE:
                     unknown.append(queue_id)
@@ -410,9 +404,8 @@ def _success(name: str) -> str:
 
 def cmd_summary(args) -> int:
     """queue summary: messages and Kbytes per state, then qshape's domain-by-age table."""
-    from elemta.queue.listing import summarise
     with open_queue(args) as queue:
-        shape = summarise(queue.index, _selection(args), by_sender=args.sender_domains)
+        shape = queue.summarise(_selection(args), by_sender=args.sender_domains)
     out = Output()
     if args.json:
         out.write(json.dumps({
@@ -470,7 +463,7 @@ def cmd_reindex(args) -> int:
     from elemta.queue.model import HOLD
     with open_queue(args, create_index=True) as queue:
         count = queue.reindex()
-        held = sum(1 for _ in queue.index.iter_state_ids(HOLD))
+        held = queue.count_by_state().get(HOLD, 0)
     print("reindexed %d message%s (%d on hold) from %s"
           % (count, "" if count == 1 else "s", held, queue.spool_dir))
     return EX_OK

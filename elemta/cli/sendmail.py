@@ -389,20 +389,6 @@ def open_maildrop(context):
                                    "started once?)" % (directory, exc.strerror or exc))
 
 
-def envelope_dict(sender, recipients, options, eight_bit):
-    """recipients: addresses (each gets -N), or RecipientInfo from -bs (their own NOTIFY
-    and ORCPT)."""
-    items = [{"address": r, "notify": list(options.notify) if options.notify else None}
-             if isinstance(r, str) else
-             {"address": r.address, "notify": list(r.notify) if r.notify else None,
-              "orcpt": r.orcpt} for r in recipients]
-    utf8 = not all(a.isascii() for a in [sender] + [i["address"] for i in items])
-    return {"sender": sender, "recipients": items,
-            "ret": options.ret, "envid": options.envid,
-            "body": "8BITMIME" if eight_bit or options.body == "8BITMIME" else "7BIT",
-            "smtputf8": utf8}
-
-
 def envelope_sender(options, context):
     if options.sender is None:
         return "%s@%s" % (context.login, context.hostname)
@@ -419,6 +405,7 @@ def envelope_sender(options, context):
 def send(options, context, stdin=None):
     """-bm: read stdin and drop the message into the maildrop."""
     from elemta.queue import maildrop
+    from elemta.queue.model import Recipient
     sender = envelope_sender(options, context)
     recipients = split_recipients(options.recipients, context)
     if not recipients and not options.extract:
@@ -440,7 +427,8 @@ def send(options, context, stdin=None):
             # pickup would refuse the file (the limit smtpd applies at RCPT): say it now.
             raise Failure(EX_DATAERR, "too many recipients: %d, limits.recipients is %d"
                           % (len(recipients), limit))
-        writer.finish(envelope_dict(sender, recipients, options, writer.eight_bit))
+        writer.finish(sender, [Recipient(address, options.notify) for address in recipients],
+                      options.ret, options.envid, options.body)
     except BaseException:
         writer.abort()
         raise
@@ -495,6 +483,7 @@ def verdict(context, address):
 def smtp_dialogue(options, context, stdin_fd=0, stdout_fd=1):
     """-bs: the SMTP server core on stdin/stdout; each message goes to the maildrop."""
     from elemta.queue import maildrop
+    from elemta.queue.model import Recipient
     from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted,
                                     DataChunk, DataStart, Helo, MailFrom, MessageReceived,
                                     RcptTo)
@@ -551,9 +540,10 @@ def smtp_dialogue(options, context, stdin_fd=0, stdout_fd=1):
                     composer.close()
                     if composer.size > context.max_size:
                         raise Failure(EX_DATAERR, "message too large")
-                    name = writer.finish(envelope_dict(
-                        txn.sender, txn.recipients, _DSN(txn),
-                        writer.eight_bit or txn.body != "7BIT"))
+                    name = writer.finish(
+                        txn.sender, [Recipient(r.address, r.notify, r.orcpt)
+                                     for r in txn.recipients],
+                        txn.ret, txn.envid, txn.body)
                 except (Failure, OSError) as exc:
                     writer.abort()
                     writer = composer = None
@@ -571,14 +561,6 @@ def smtp_dialogue(options, context, stdin_fd=0, stdout_fd=1):
     finally:
         if writer is not None:
             writer.abort()
-
-
-class _DSN:
-    """The DSN fields of an SMTP transaction, shaped like Options for envelope_dict."""
-
-    def __init__(self, txn):
-        self.notify = None
-        self.ret, self.envid, self.body = txn.ret, txn.envid, txn.body
 
 
 def _write_all(fd, data):

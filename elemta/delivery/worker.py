@@ -148,8 +148,7 @@ class DeliveryWorker(GeventChild):
 
     def boot(self):
         spool = self.config.queue.spool_dir
-        self.queue = Queue(spool, sync_method=self.config.queue.sync_method,
-                           map_size=self.config.queue.index_map_size)
+        self.queue = Queue.from_config(self.config.queue)
         self.owner = holders.holder_name()
         resolver = MXResolver(list(self.delivery.nameservers) or None,
                             port=self.delivery.dns_port, timeout=self.delivery.dns_timeout)
@@ -319,9 +318,9 @@ class DeliveryWorker(GeventChild):
                 continue
             timeout = min(next_reclaim, self._next_purge) - time.time()
             if self.pool.free_count():
-                due = next(self.queue.index.iter_due(), None)
+                due = self.queue.next_due_time()
                 if due is not None:
-                    timeout = min(timeout, due[0] - time.time())
+                    timeout = min(timeout, due - time.time())
             if timeout > 0:
                 self._wake.wait(timeout)
 

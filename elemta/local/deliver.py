@@ -339,16 +339,14 @@ class RecipientDelivery:
             arrival=time.time(), body=envelope.body, smtputf8=envelope.smtputf8,
             ret=envelope.ret, envid=envelope.envid, client_address="",
             client_helo=self.config.hostname, protocol="local")
-        queue_config = self.config.queue
-        with Queue(queue_config.spool_dir, sync_method=queue_config.sync_method,
-                   map_size=queue_config.index_map_size) as queue:
+        with Queue.from_config(self.config.queue) as queue:
             content = self.copy.content
             content.seek(0)
             delivered_to = ("Delivered-To: %s\r\n"
                             % printable(normal_address(original["address"])))
             queue.add(forwarded, itertools.chain(
                 [delivered_to.encode("utf-8")], iter(lambda: content.read(65536), b"")))
-        wakeup.notify(queue_config.spool_dir)
+        wakeup.notify(self.config.queue.spool_dir)
         return forwarded.queue_id
 
 

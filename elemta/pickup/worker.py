@@ -29,7 +29,7 @@ in between two, and the commit runs in a thread, so a maildrop of ten thousand m
 never looks like a hang to the master.
 
 A file that is not a complete submission (a user's symlink, FIFO, socket, directory,
-hard link, unreadable file or junk) or whose envelope breaks a rule (elemta.pickup.envelope:
+hard link, unreadable file or junk) or whose envelope breaks a rule (elemta.queue.maildrop:
 types, NOTIFY, ORCPT, ENVID, limits.recipients) is logged once and removed; hidden files
 (temp files left by a sendmail that died, or anybody's) are removed after a day.
 Life cycle: elemta.util.child, as every child's: stops on SIGTERM/SIGINT/SIGQUIT after the
@@ -55,7 +55,6 @@ from elemta.plugins.manager import PluginManager
 from elemta.plugins.resolver import Resolver
 from elemta.queue import maildrop, wakeup
 from elemta.queue.ids import new_queue_id
-from elemta.pickup.envelope import PROTOCOL, envelope_for
 from elemta.queue.queue import Queue
 from elemta.util.child import BootError, GeventChild
 from elemta.util.text import printable
@@ -76,7 +75,7 @@ PICKUP_RETRY = 60.0
 def received_header(uid, hostname, queue_id, recipients, now=None):
     """The trace header for a local submission: who (by uid), where, which queue id."""
     lines = ["Received: from userid %d" % uid,
-             "\tby %s (Elemta) with %s id %s" % (hostname, PROTOCOL, queue_id)]
+             "\tby %s (Elemta) with %s id %s" % (hostname, maildrop.PROTOCOL, queue_id)]
     date = email.utils.formatdate(now, localtime=True)
     if len(recipients) == 1:
         lines.append("\tfor <%s>; %s" % (recipients[0], date))
@@ -115,8 +114,7 @@ class PickupWorker(GeventChild):
     # ---- the life cycle (elemta.util.child) ---------------------------------------------
 
     def boot(self):
-        self.queue = Queue(self.spool, sync_method=self.config.queue.sync_method,
-                           map_size=self.config.queue.index_map_size)
+        self.queue = Queue.from_config(self.config.queue)
         self.start_plugins()
         try:
             maildrop.prepare(self.spool)     # the master did it; this repairs a lost mode
@@ -292,12 +290,7 @@ class PickupWorker(GeventChild):
                 raise maildrop.BadSubmission("%s: %d bytes, more than limits.message_size"
                                              % (path, submission.content_length))
             queue_id = new_queue_id()
-            try:
-                envelope = envelope_for(submission.envelope, submission.uid, queue_id,
-                                        time.time(), self.max_recipients)
-            except maildrop.BadSubmission as exc:
-                raise maildrop.BadSubmission("%s (uid %d): %s" % (path, submission.uid,
-                                                                   exc)) from None
+            envelope = submission.queue_envelope(queue_id, time.time(), self.max_recipients)
             hold = None
             if wants_content(self.plugins):
                 # Bounded by limits.message_size (checked above).

@@ -38,6 +38,7 @@ import lmdb
 from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, INCOMING, SENT, STATES,
                                 Envelope, Recipient)
 from elemta.queue.store import envelope_from_dict, envelope_to_dict
+from elemta.queue.transitions import move
 
 DUE_STATES = (INCOMING, DEFERRED)
 _RECORD_FIELDS = ("state", "attempts", "next_attempt", "last_error", "lease_owner",
@@ -53,6 +54,9 @@ _STATE_SEP = b":"
 SCAN_CHUNK = 1000
 # A key of the main database (where LMDB keeps the named ones), written by nudge().
 _NUDGE_KEY = b"elemta-nudge"
+# LMDB's two files in the index directory.
+_DATA_FILE = "data.mdb"
+_LOCK_FILE = "lock.mdb"
 
 
 @dataclass
@@ -185,6 +189,11 @@ def _allocate_lock_file(path):
         os.close(fd)
 
 
+def index_exists(path):
+    """True if an index was ever written at path (its data file exists)."""
+    return os.path.exists(os.path.join(path, _DATA_FILE))
+
+
 class QueueIndex:
     """One process's handle on the LMDB index.
 
@@ -199,7 +208,7 @@ class QueueIndex:
         # lmdb.open would make the directory with `mode` (0600): without its x bit only
         # root could enter it, so a non-root worker could never open its own index.
         os.makedirs(path, mode=0o700, exist_ok=True)
-        _allocate_lock_file(os.path.join(path, "lock.mdb"))     # before lmdb.open: see there
+        _allocate_lock_file(os.path.join(path, _LOCK_FILE))     # before lmdb.open: see there
         self.env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=8,
                              max_readers=max_readers, sync=True, metasync=metasync,
                              mode=0o600)
@@ -322,7 +331,7 @@ class QueueIndex:
             candidates.sort(key=lambda c: c[:3])
             claimed = [c[3] for c in candidates[:limit]]
             for record in claimed:
-                record.state = ACTIVE
+                move(record, ACTIVE)
                 record.lease_owner = owner
                 record.lease_expires = now + lease_seconds
                 self._put(txn, record, replace=True)
@@ -412,7 +421,7 @@ class QueueIndex:
         is due at once), but one that kills every worker that takes it must not keep
         them in a crash loop (Postfix defers it as after a failed attempt). Not
         orphaning (a restart): due at `now`, the count left as it was."""
-        record.state = DEFERRED
+        move(record, DEFERRED)
         record.lease_owner, record.lease_expires = None, 0.0
         if not orphaning:
             record.next_attempt, record.last_error = now, reason

@@ -1,9 +1,10 @@
 """Choosing and summarising queued messages: the filters and the qshape-style counts.
 
-Used by elemtactl's queue commands (and mailq) in their own short-lived process, and by
-anything else that lists the queue. Reads the index only through elemta.queue.index (the
-Brief view per state first, full records only for what a filter or the output needs), so a
-listing of one state of a million-message queue starts at once and streams.
+Reached through the Queue facade (records_matching, ids_matching, summarise) by elemtactl's
+queue commands (and mailq) and the REST API. Reads the index only through
+elemta.queue.index (the Brief view per state first, full records only for what a filter or
+the output needs), so a listing of one state of a million-message queue starts at once and
+streams.
 See also elemta.cli.queuecmd (the text and JSON output), elemta.queue.index.
 """
 

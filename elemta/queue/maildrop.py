@@ -2,8 +2,10 @@
 
 Shared by two processes: elemta-sendmail (running as whatever user called it) writes files
 here with MaildropWriter; the pickup child (elemta.pickup.worker, the daemon's user) reads
-them with read_submission and moves them into the queue. The only module that knows the
-maildrop file format. See also elemta.queue.store (the queue's own files).
+them with read_submission and takes each one's checked queue Envelope from
+Submission.queue_envelope, then moves it into the queue. The only module that knows the
+maildrop file format, its envelope included. See also elemta.queue.store (the queue's own
+files).
 
 Permissions (no setuid or setgid program is needed, so a packaged Python install works):
 
@@ -28,7 +30,22 @@ durable (sync_rename) before sendmail says the mail is taken. Its layout:
     b"ELEMTA-MAILDROP-END %020d %010d\\n"  content length, length of the JSON line
 
 The envelope comes last so sendmail can stream the content while it learns the recipients
-(sendmail -t reads them from the headers).
+(sendmail -t reads them from the headers). Its fields (others are ignored):
+
+    sender      string: "" (the null sender) or a mailbox
+    recipients  1..limits.recipients objects {"address": mailbox,
+                "notify": null or list of words, "orcpt": "addr-type;address" (optional)}
+    ret         null, "FULL" or "HDRS"
+    envid       null or the decoded ENVID
+    body        "7BIT" or "8BITMIME" (default "7BIT")
+    smtputf8    true or false (default false); non-ASCII addresses need true
+
+sendmail runs as any local user, so the envelope is untrusted input, as a client's MAIL and
+RCPT are: the same rules apply (elemta.smtp.address for addresses, elemta.smtp.dsn for
+NOTIFY, ORCPT and ENVID) and the same limit (limits.recipients, which smtpd enforces at
+RCPT). Anything wrong - a field of the wrong type, an unknown NOTIFY word, an ORCPT or ENVID
+with a control character, too many recipients - makes the whole submission bad:
+BadSubmission names the field and why, pickup logs that once and removes the file.
 """
 
 import errno
@@ -38,6 +55,10 @@ import re
 import socket
 import stat
 import time
+
+from elemta.queue.model import Envelope, Recipient
+from elemta.smtp.address import AddressError, validate_mailbox
+from elemta.smtp.dsn import DsnError, check_envid, check_notify, check_orcpt
 
 MAILDROP_DIR = "maildrop"
 RUN_DIR = "run"
@@ -54,6 +75,8 @@ FILE_MODE = 0o644
 # An envelope line longer than this is damage (or mischief), not read into memory.
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
 COPY_BUFFER = 64 * 1024
+# The protocol of a local submission, as its queue Envelope and Received header say.
+PROTOCOL = "local"
 
 
 # Why os.open refused a maildrop entry that can never become a submission.
@@ -190,10 +213,14 @@ class MaildropWriter:
         self._file.write(data)
         self.size += len(data)
 
-    def finish(self, envelope):
-        """Seal the file, make it durable and give it its final name (pickup may take it
-        from then on). envelope: a JSON-able dict (see read_submission)."""
-        line = json.dumps(envelope, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    def finish(self, sender, recipients, ret=None, envid=None, body=None):
+        """Seal the file with its envelope, make it durable and give it its final name
+        (pickup may take it from then on); returns that name. recipients:
+        elemta.queue.model.Recipient (address, notify, orcpt). body: the declared BODY
+        (None for none); the content's own 8-bit bytes make it 8BITMIME anyway."""
+        eight_bit = self.eight_bit or body not in (None, "7BIT")
+        line = _envelope_line(sender, recipients, ret, envid,
+                              "8BITMIME" if eight_bit else "7BIT")
         self._file.write(ENVELOPE_TAG + line + b"\n")
         self._file.write(FOOTER_FORMAT % (self.size, len(line)))
         self._file.flush()
@@ -229,15 +256,40 @@ class MaildropWriter:
             self._dir_fd = None
 
 
+def _envelope_line(sender, recipients, ret, envid, body):
+    """The envelope as its one line of ASCII JSON (see the module docstring)."""
+    items = []
+    for recipient in recipients:
+        item = {"address": recipient.address,
+                "notify": list(recipient.notify) if recipient.notify else None}
+        if recipient.orcpt is not None:
+            item["orcpt"] = recipient.orcpt
+        items.append(item)
+    smtputf8 = not all(a.isascii() for a in [sender] + [r.address for r in recipients])
+    envelope = {"sender": sender, "recipients": items, "ret": ret, "envid": envid,
+                "body": body, "smtputf8": smtputf8}
+    return json.dumps(envelope, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 class Submission:
     """A maildrop file opened by pickup: who wrote it, its envelope, its content."""
 
-    def __init__(self, path, file, uid, envelope, content_length):
+    def __init__(self, path, file, uid, fields, content_length):
         self.path = path
         self.uid = uid
-        self.envelope = envelope
         self.content_length = content_length
+        self._fields = fields            # the envelope's JSON object, not yet checked
         self._file = file
+
+    def queue_envelope(self, queue_id, arrival, max_recipients):
+        """The submission's queue Envelope, every field checked (see the module
+        docstring); raises BadSubmission naming the file, its writer and the problem."""
+        try:
+            return _checked_envelope(self._fields, self.uid, queue_id, arrival,
+                                     max_recipients)
+        except (_BadField, DsnError) as exc:
+            raise BadSubmission("%s (uid %d): bad envelope: %s"
+                                % (self.path, self.uid, exc)) from None
 
     def iter_content(self):
         """The content in blocks."""
@@ -318,3 +370,74 @@ def read_submission(path):
     except BaseException:
         file.close()
         raise
+
+
+# -- checking an envelope: pickup's door
+
+class _BadField(ValueError):
+    """One envelope field's problem; str() is the reason."""
+
+
+def _checked_envelope(data, uid, queue_id, arrival, max_recipients):
+    smtputf8 = data.get("smtputf8", False)
+    if not isinstance(smtputf8, bool):
+        raise _BadField("smtputf8 must be true or false, not %s" % _shown(smtputf8))
+    sender = data.get("sender", "")
+    if not isinstance(sender, str):
+        raise _BadField("sender must be a string, not %s" % _shown(sender))
+    if sender:
+        _check_address(sender, smtputf8, "sender")
+    items = data.get("recipients")
+    if not isinstance(items, list) or not items:
+        raise _BadField("recipients must be a non-empty list, not %s" % _shown(items))
+    if len(items) > max_recipients:
+        # The limit smtpd applies at RCPT (452 4.5.3): a local user gets no more.
+        raise _BadField("%d recipients, more than limits.recipients (%d)"
+                        % (len(items), max_recipients))
+    recipients = [_checked_recipient(item, position, smtputf8)
+                  for position, item in enumerate(items)]
+    ret = data.get("ret")
+    if ret not in (None, "FULL", "HDRS"):
+        raise _BadField("ret must be null, FULL or HDRS, not %s" % _shown(ret))
+    envid = data.get("envid")
+    if envid is not None:
+        check_envid(envid)
+    body = data.get("body", "7BIT")
+    if body not in ("7BIT", "8BITMIME"):
+        raise _BadField("body must be 7BIT or 8BITMIME, not %s" % _shown(body))
+    return Envelope(queue_id=queue_id, sender=sender, recipients=recipients,
+                    arrival=arrival, body=body, smtputf8=smtputf8, ret=ret, envid=envid,
+                    client_address="", client_helo="", protocol=PROTOCOL,
+                    extra={"uid": uid})
+
+
+def _checked_recipient(item, position, smtputf8):
+    where = "recipient %d" % position
+    if not isinstance(item, dict):
+        raise _BadField("%s: not a JSON object: %s" % (where, _shown(item)))
+    address = item.get("address")
+    if not isinstance(address, str):
+        raise _BadField("%s: address must be a string, not %s" % (where, _shown(address)))
+    _check_address(address, smtputf8, where)
+    notify, orcpt = item.get("notify"), item.get("orcpt")
+    try:
+        if notify is not None:
+            notify = check_notify(notify)
+        if orcpt is not None:
+            check_orcpt(orcpt)
+    except DsnError as exc:
+        raise _BadField("%s: %s" % (where, exc)) from None
+    return Recipient(address, notify or None, orcpt)
+
+
+def _check_address(address, smtputf8, what):
+    try:
+        validate_mailbox(address, utf8=smtputf8)
+    except AddressError as exc:
+        raise _BadField("%s %s: %s" % (what, _shown(address), exc)) from None
+
+
+def _shown(value):
+    """A value for the log line: short, its control characters escaped (repr)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -7,7 +7,7 @@ elemta.queue.store owns the spool file, elemta.queue.index owns the index record
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-# Queue states, as Postfix admins know them.
+# Queue states, as Postfix admins know them (which may follow which: elemta.queue.transitions).
 INCOMING = "incoming"   # accepted, not yet tried
 ACTIVE = "active"       # claimed by a delivery worker
 DEFERRED = "deferred"   # waiting for its next attempt

@@ -2,8 +2,10 @@
 
 The facade every process uses (smtpd and pickup accept mail through start_message and commit,
 the daemon runs reconcile at start-up before any worker accepts mail, elemtactl runs
-reindex). It owns the durability rule: commit returns only once the message files, their
-renames into place and their index records are on disk, so the 250 after DATA can be sent.
+reindex), and the only door to the index and its files: callers ask it (count_by_state,
+next_due_time, records_matching, has_index, ...) and never touch QueueIndex. It owns the
+durability rule: commit returns only once the message files, their renames into place and
+their index records are on disk, so the 250 after DATA can be sent.
 See also elemta.queue.store (the files), elemta.queue.index (the LMDB index).
 
 Group commit: commit takes every message finished since the last commit and makes the whole
@@ -74,12 +76,14 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import lmdb
 
-from elemta.queue import holders
+from elemta.queue import holders, listing
 from elemta.queue.ids import is_queue_id
-from elemta.queue.index import QueueIndex, QueueRecord
+from elemta.queue.index import QueueIndex, QueueRecord, index_exists
+from elemta.queue.listing import Selection, Shape
 from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, PENDING,
                                 RCPT_DEFERRED, SENT)
 from elemta.queue.store import CorruptSpoolFile, SpoolStore
+from elemta.queue.transitions import move
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +174,11 @@ class ReconcileSummary:
 class Queue:
     """One process's handle on the queue (open it after fork, never before)."""
 
+    @staticmethod
+    def has_index(spool_dir) -> bool:
+        """True if spool_dir holds a queue index (elemtactl refuses to make one unasked)."""
+        return index_exists(os.path.join(spool_dir, INDEX_NAME))
+
     def __init__(self, spool_dir, sync_method="syncfs", map_size=DEFAULT_MAP_SIZE):
         if sync_method not in SYNC_METHODS:
             raise ValueError("sync_method must be one of %s" % (SYNC_METHODS,))
@@ -180,6 +189,16 @@ class Queue:
         # Opened first: syncfs on this fd reports write-back errors from now on.
         self._spool_fd = os.open(self.spool_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.index = self._open_index()
+
+    @classmethod
+    def from_config(cls, queue_config, **overrides):
+        """The Queue a [queue] configuration section (elemta.config.schema.Queue) names;
+        overrides (spool_dir, sync_method, map_size) win over the section's values."""
+        settings = dict(spool_dir=queue_config.spool_dir,
+                        sync_method=queue_config.sync_method,
+                        map_size=queue_config.index_map_size)
+        settings.update(overrides)
+        return cls(**settings)
 
     def _open_index(self):
         return QueueIndex(os.path.join(self.spool_dir, INDEX_NAME), self._map_size,
@@ -513,7 +532,8 @@ class Queue:
         def give_back(record):
             if record.state != ACTIVE or record.lease_owner != owner:
                 return None, False
-            record.state, record.next_attempt = DEFERRED, now
+            move(record, DEFERRED)
+            record.next_attempt = now
             record.lease_owner, record.lease_expires = None, 0.0
             record.last_error = "delivery interrupted by a stopping worker; retrying"
             return RELEASED, True
@@ -596,9 +616,10 @@ class Queue:
                 return ATTEMPT_REMOVED, True
             record.lease_owner, record.lease_expires = None, 0.0
             if any(r.status in (PENDING, RCPT_DEFERRED) for r in recipients):
-                record.state, record.next_attempt = DEFERRED, attempt.next_attempt
+                move(record, DEFERRED)
+                record.next_attempt = attempt.next_attempt
                 return ATTEMPT_DEFERRED, True
-            record.state = FAILED
+            move(record, FAILED)
             return ATTEMPT_FAILED, True
         outcomes = self._index_call(self.index.update_many, list(by_id), change,
                                     [qid for qid in forget if qid not in by_id])
@@ -617,13 +638,39 @@ class Queue:
         """Delete the records of messages whose files record_attempts removed."""
         self._index_call(self.index.delete_many, list(queue_ids))
 
-    # -- reading
+    # -- reading: what callers ask of the index, so none of them reaches into it
 
     def get(self, queue_id):
         """The index record (QueueRecord) for queue_id, or None. ValueError for a non-id."""
         if not is_queue_id(queue_id):
             raise ValueError("not a queue id: %r" % (queue_id,))
         return self.index.get(queue_id)
+
+    def count_by_state(self) -> Dict[str, int]:
+        """{state: number of messages} for the states that have any."""
+        return self.index.count_by_state()
+
+    def next_due_time(self) -> Optional[float]:
+        """When (time.time()) the soonest incoming or deferred message is due, or None if
+        none waits."""
+        due = self.index.iter_due()
+        try:
+            first = next(due, None)
+        finally:
+            due.close()                 # ends its read transaction now
+        return None if first is None else first[0]
+
+    def records_matching(self, selection: Selection) -> Iterator[QueueRecord]:
+        """The records a listing Selection picks, in queue id (arrival) order, streamed."""
+        return listing.iter_records(self.index, selection)
+
+    def ids_matching(self, selection: Selection) -> Iterator[str]:
+        """The queue ids a listing Selection picks, in id order, streamed."""
+        return listing.iter_ids(self.index, selection)
+
+    def summarise(self, selection: Selection, by_sender: bool = False) -> Shape:
+        """The selected messages counted by state and by domain and age (qshape)."""
+        return listing.summarise(self.index, selection, by_sender=by_sender)
 
     def close(self):
         if self._spool_fd is not None:
@@ -637,7 +684,7 @@ class Queue:
 def _hold(record):
     if record.state == HOLD:
         return ALREADY_HELD, False
-    record.state = HOLD
+    move(record, HOLD)
     return HELD, True
 
 
@@ -645,7 +692,7 @@ def _releaser(now):
     def release(record):
         if record.state != HOLD:
             return NOT_HELD, False
-        record.state = DEFERRED if record.attempts else INCOMING
+        move(record, DEFERRED if record.attempts else INCOMING)
         record.next_attempt = now
         record.orphaned = 0         # the admin's "try now": no orphan backoff carried over
         return RELEASED, True
@@ -656,7 +703,8 @@ def _requeuer(now):
     def requeue(record):
         if record.state == ACTIVE:
             return BEING_DELIVERED, False
-        record.state, record.attempts, record.next_attempt = INCOMING, 0, now
+        move(record, INCOMING)
+        record.attempts, record.next_attempt = 0, now
         record.last_error, record.orphaned = None, 0
         for recipient in record.envelope.recipients:
             if recipient.status in (RCPT_DEFERRED, BOUNCED):

@@ -2,7 +2,7 @@
 
 One set of rules for every way these parameters enter Elemta: the protocol core applies
 them to MAIL ENVID= and RCPT NOTIFY= ORCPT= (elemta.smtp.protocol answers 501 5.5.4 with
-the reason), pickup to the same fields of a maildrop envelope (elemta.pickup.envelope).
+the reason), pickup to the same fields of a maildrop envelope (elemta.queue.maildrop).
 Functions raise DsnError, whose str() is the reason, naming the parameter.
 
 Why so strict: xtext can spell any octet, "+0D+0A" included, and the decoded values end

@@ -55,8 +55,7 @@ class SMTPServer:
         client_counts: sessions per client address shared by all workers."""
         self.config = config
         self.hostname = config.hostname
-        self.queue = Queue(config.queue.spool_dir, sync_method=config.queue.sync_method,
-                           map_size=config.queue.index_map_size)
+        self.queue = Queue.from_config(config.queue)
         self.committer = GroupCommitter(self.queue)
         self.room = RoomCheck(self.queue, config.queue.min_free_space,
                               config.limits.message_size)

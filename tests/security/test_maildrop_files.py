@@ -1,14 +1,15 @@
 """Crafted maildrop files (issue 10 requirements 2 and 6): any local user may write the
 maildrop, so pickup meets each file the way smtpd meets a client.
 
-A real Elemta runs; the files are written the way sendmail writes them (MaildropWriter,
-with a crafted envelope), or planted by hand. Each bad one gives exactly one log line
+A real Elemta runs; the files are framed the way sendmail frames them (elemta.queue.maildrop's
+layout, around a crafted envelope), or planted by hand. Each bad one gives exactly one log line
 naming it and why, is removed, is never queued and is not tried again on the next scan;
 pickup never logs a traceback (tests/conftest.py checks every server's log), and a good
 submission behind the bad ones is queued as usual.
 See also: tests/test_sendmail.py (sendmail and pickup doing their ordinary work).
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -77,10 +78,10 @@ def sendmail(server, *args, stdin=b""):
 
 
 def drop(server, envelope, content=b"Subject: crafted\r\n\r\nbody\r\n"):
-    """A maildrop file written as sendmail writes one, with this envelope; its name."""
-    writer = maildrop.MaildropWriter(server.spool)
-    writer.write(content)
-    return writer.finish(envelope)
+    """A maildrop file framed as sendmail frames one, around this envelope (a dict any
+    user could write: sendmail itself only writes well-formed ones); its name."""
+    line = json.dumps(envelope, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    return drop_raw(server, line, content)
 
 
 def drop_raw(server, envelope_line, content=b"x\r\n"):
