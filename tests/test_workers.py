@@ -21,6 +21,16 @@ def smtpd_workers(master):
             if title.startswith("elemta: smtpd")}
 
 
+def fork_one_child(run_child):
+    """Fork one real child of a one-row service table ("probe") running run_child;
+    returns its pid."""
+    probe = Service("probe", count=lambda config: 1, slots=lambda config: 1,
+                    main="nowhere:main", privileged=True)
+    master = Master(default_config(), [], lambda: None, None, run_child=run_child,
+                    services=[probe])
+    return master.spawn_child(probe, 0)
+
+
 def test_a_forked_child_has_its_title_before_its_main_runs(tmp_path):
     """Building a child may take a while (imports, under load); meanwhile `ps` and
     `elemtactl status` must not show it as a second master."""
@@ -31,11 +41,7 @@ def test_a_forked_child_has_its_title_before_its_main_runs(tmp_path):
             seen.write_bytes(f.read())
         return 0
 
-    probe = Service("probe", count=lambda config: 1, slots=lambda config: 1,
-                    main="nowhere:main", privileged=True)
-    master = Master(default_config(), [], lambda: None, None, run_child=run_child,
-                    services=[probe])
-    pid = master.spawn_child(probe, 0)
+    pid = fork_one_child(run_child)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
     assert seen.read_bytes().split(b"\0")[0] == b"elemta: probe"
@@ -52,11 +58,7 @@ def test_a_child_stopped_while_it_builds_itself_exits_cleanly(tmp_path, signum):
         time.sleep(30)                     # imports and files, under load
         return 1
 
-    probe = Service("probe", count=lambda config: 1, slots=lambda config: 1,
-                    main="nowhere:main", privileged=True)
-    master = Master(default_config(), [], lambda: None, None, run_child=run_child,
-                    services=[probe])
-    pid = master.spawn_child(probe, 0)
+    pid = fork_one_child(run_child)
     wait_for(building.exists)
     os.kill(pid, signum)
     _, status = os.waitpid(pid, 0)
