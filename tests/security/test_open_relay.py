@@ -167,12 +167,11 @@ REFUSED = [
     ("postmaster@victim.example", False, relay_denied("postmaster@victim.example")),
     ("POSTMASTER@VICTIM.EXAMPLE", False, relay_denied("POSTMASTER@VICTIM.EXAMPLE")),
     # Unicode look-alikes of example.test: without SMTPUTF8 not even parsed; with it,
-    # Cyrillic letters and a trailing ideographic full stop are other domains (the
-    # reply shows non-ASCII as "?"), and the A-label of a look-alike is just a name.
+    # Cyrillic letters make other domains (the reply shows non-ASCII as "?"), and the
+    # A-label of a look-alike is just a name.
     ("user@\u0435xample.test", False, NEEDS_SMTPUTF8),
     ("user@\u0435xample.test", True, relay_denied("user@?xample.test")),
     ("user@example.t\u0435st", True, relay_denied("user@example.t?st")),
-    ("user@example.test\u3002", True, relay_denied("user@example.test?")),
     ("user@xn--xample-2of.test", False, relay_denied("user@xn--xample-2of.test")),
     ("user@victim.example\u3002example.test", False, NEEDS_SMTPUTF8),
 ]
@@ -226,6 +225,8 @@ LOCAL_FORMS = [
     ("user@\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.test", True,
      "user@\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.test", "bounced"),
     ("user@example\u3002test", True, "user@example\u3002test", "bounced"),
+    # A trailing ideographic full stop is a final dot (as "example.test." is).
+    ("user@example.test\u3002", True, "user@example.test\u3002", "bounced"),
     # Real local mailboxes, however spelled: delivered to root's mailbox.
     ("@victim.example,@mx.test:root@example.test", False, "root@example.test", "sent"),
     ('"root"@EXAMPLE.TEST.', False, '"root"@EXAMPLE.TEST.', "sent"),
