@@ -1,4 +1,5 @@
 # Elemta developer entry points: make run, make test, make bench, make chaos, make clean.
+# make test-minimum, make constraints.
 # Works from a clean clone on Debian 12 (python3 3.11); PYTHON picks another interpreter.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ TEST_TIMEOUT ?= 120
 # openssl) or lint with (mandoc).
 APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd bsd-mailx dovecot-core dovecot-lmtpd
 
-.PHONY: run test bench chaos fuzz clean system-packages venv
+.PHONY: run test test-minimum constraints bench chaos fuzz clean system-packages venv
 # Packages before the venv (python3-venv), so never in parallel.
 .NOTPARALLEL:
 
@@ -19,9 +20,40 @@ venv: $(STAMP)
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): setup.cfg setup.py | $(VENV)/bin/python
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+# Runtime dependencies at the versions the packages ship (constraints/tested.txt).
+$(STAMP): setup.cfg setup.py constraints/tested.txt | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install --quiet -c constraints/tested.txt -e '.[test]'
 	touch $@
+
+# setup.cfg's lower bounds (constraints/minimum.txt) in a venv of their own, and the
+# whole suite there: the proof that those bounds are true. Not part of make test.
+MIN_VENV := .venv-minimum
+MIN_STAMP := $(MIN_VENV)/.elemta-installed
+
+$(MIN_VENV)/bin/python:
+	$(PYTHON) -m venv $(MIN_VENV)
+
+$(MIN_STAMP): setup.cfg setup.py constraints/minimum.txt | $(MIN_VENV)/bin/python
+	$(MIN_VENV)/bin/python -m pip install --quiet -c constraints/minimum.txt -e '.[test]'
+	touch $@
+
+test-minimum: system-packages $(MIN_STAMP)
+	$(MIN_VENV)/bin/python -m pytest -q --timeout=$(TEST_TIMEOUT) tests
+
+# Move the shipped versions: resolve setup.cfg's ranges afresh in a scratch venv (runtime
+# dependencies only, no test tools) and write them to constraints/tested.txt. Then
+# make test, and commit the file if it passes.
+CONSTRAINTS_VENV := .venv-constraints
+constraints:
+	rm -rf $(CONSTRAINTS_VENV)
+	$(PYTHON) -m venv $(CONSTRAINTS_VENV)
+	$(CONSTRAINTS_VENV)/bin/python -m pip install --quiet .
+	{ sed -n '/^#/p' constraints/tested.txt; \
+	  $(CONSTRAINTS_VENV)/bin/python -m pip freeze --all --exclude-editable \
+	      | grep -v -i -E '^(elemta|pip|setuptools|wheel)( @|==)' | LC_ALL=C sort -f -t= -k1,1; \
+	} > constraints/tested.txt.new
+	mv constraints/tested.txt.new constraints/tested.txt
+	rm -rf $(CONSTRAINTS_VENV)
 
 # Foreground, no --config: with no $ELEMTA_CONFIG and no /etc/elemta/elemta.{yaml,toml}
 # (elemta.cli.config_finder), the built-in development defaults (SMTP on 127.0.0.1:2525,
@@ -71,5 +103,5 @@ system-packages:
 	    || { apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; }
 
 clean:
-	rm -rf $(VENV) build dist .eggs *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(MIN_VENV) $(CONSTRAINTS_VENV) build dist .eggs *.egg-info .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -95,8 +95,6 @@ def directory():
 
 # Shorter than this, a metric file holds no value (MmapedDict's 8-byte header).
 _EMPTY_FILE = 8
-# A value and its time stamp in a metric file (two doubles), both zero.
-_ZERO_VALUE = bytes(16)
 
 
 def worker_exited(pid):
@@ -116,8 +114,7 @@ def _fold_dead_child(pid):
     if path is None:
         return
     from prometheus_client import multiprocess
-    from prometheus_client.mmap_dict import MmapedDict
-    from elemta.util.metricfiles import AllocatedDict
+    from elemta.util.metricfiles import AllocatedDict, read_entries, read_value, write_value
     with _as_owner(), _scrape_lock(path, fcntl.LOCK_EX):
         multiprocess.mark_process_dead(pid, path)
         for kind in _ADDITIVE:
@@ -135,8 +132,8 @@ def _fold_dead_child(pid):
             archive = AllocatedDict(os.path.join(path, "%s_archive.db" % kind), strict=True)
             folded = []                 # offsets in `dead` of the values folded
             try:
-                for key, value, _, pos in MmapedDict.read_all_values_from_file(dead):
-                    archive.write_value(key, archive.read_value(key)[0] + value, 0.0)
+                for key, value, pos in read_entries(dead):
+                    write_value(archive, key, read_value(archive, key) + value)
                     folded.append(pos)
             except BaseException:
                 # A full disk, a damaged entry, anything: what is in the archive now is
@@ -149,15 +146,17 @@ def _fold_dead_child(pid):
 
 
 def _zero_values(path, positions):
-    """Set the values at `positions` (offsets, as read_all_values_from_file gives them)
+    """Set the values at `positions` (offsets, as metricfiles.read_entries gives them)
     in the metric file at path to zero, after they were folded into the archive and the
     fold stopped part way: the rest waits for a later fold. Written in place, not through
     MmapedDict, which parses the whole file first and so fails again on a damaged
     entry; existing values only: the file neither grows nor needs new pages."""
+    from elemta.util.metricfiles import VALUE_SIZE
+    zero = bytes(VALUE_SIZE)                    # value 0.0 (and timestamp 0.0)
     fd = open_nofollow(path, os.O_WRONLY)
     try:
         for pos in positions:
-            os.pwrite(fd, _ZERO_VALUE, pos)     # value 0.0, timestamp 0.0
+            os.pwrite(fd, zero, pos)
     finally:
         os.close(fd)
 

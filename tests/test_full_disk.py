@@ -441,13 +441,13 @@ FOLD_ON_A_FULL_DISK = r"""
 import os, sys
 from prometheus_client.mmap_dict import MmapedDict
 from elemta import metrics
-from elemta.util.metricfiles import AllocatedDict
+from elemta.util.metricfiles import AllocatedDict, read_entries, write_value
 directory, filler_path = sys.argv[1:]
 metrics.setup(directory)
 pid = 2 ** 22 + 17                      # a dead child with 3000 counters
 dead = MmapedDict(os.path.join(directory, "counter_%d.db" % pid))
 for n in range(3000):
-    dead.write_value("key%05d" % n, n + 1.0, 0.0)
+    write_value(dead, "key%05d" % n, n + 1.0)
 dead.close()
 archive_path = os.path.join(directory, "counter_archive.db")
 AllocatedDict(archive_path, strict=True).close()    # made while there is room
@@ -459,10 +459,10 @@ with open(filler_path, "wb", buffering=0) as filler:  # then take every free pag
         except OSError:
             chunk = chunk[:len(chunk) // 2] if len(chunk) > 4096 else b""
 metrics.worker_exited(pid)        # the archive cannot grow: the fold stops part way
-partly = dict((k, v) for k, v, _, _ in MmapedDict.read_all_values_from_file(archive_path))
+partly = dict((k, v) for k, v, _ in read_entries(archive_path))
 os.remove(filler_path)
 metrics.worker_exited(pid)        # room again: the rest is folded
-folded = dict((k, v) for k, v, _, _ in MmapedDict.read_all_values_from_file(archive_path))
+folded = dict((k, v) for k, v, _ in read_entries(archive_path))
 wrong = [k for k in folded if folded[k] != int(k[3:]) + 1]
 print(0 < len(partly) < 3000, len(folded), wrong[:5],
       os.path.exists(os.path.join(directory, "counter_%d.db" % pid)))

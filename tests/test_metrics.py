@@ -366,22 +366,23 @@ FOLD_A_DAMAGED_FILE = r"""
 import json, os, struct, sys
 from prometheus_client.mmap_dict import MmapedDict
 from elemta import metrics
+from elemta.util.metricfiles import VALUE_SIZE, read_entries, write_value
 directory = sys.argv[1]
 metrics.setup(directory)
 pid = 2 ** 22 + 17                      # a dead child with 10 counters, the 6th damaged
 dead_path = os.path.join(directory, "counter_%d.db" % pid)
 dead = MmapedDict(dead_path)
 for n in range(10):
-    dead.write_value("key%d" % n, n + 1.0, 0.0)
+    write_value(dead, "key%d" % n, n + 1.0)
 dead.close()
-positions = [pos for _, _, _, pos in MmapedDict.read_all_values_from_file(dead_path)]
+positions = [pos for _, _, pos in read_entries(dead_path)]
 with open(dead_path, "r+b") as damaged:         # its length runs past the end
-    damaged.seek(positions[4] + 16)
+    damaged.seek(positions[4] + VALUE_SIZE)   # the 6th entry's length
     damaged.write(struct.pack("i", 2 ** 30))
 for _ in range(2):     # the fold stops at the damage; the file stays for a later one
     metrics.worker_exited(pid)
 archive = os.path.join(directory, "counter_archive.db")
-print(json.dumps(dict((k, v) for k, v, _, _ in MmapedDict.read_all_values_from_file(archive))))
+print(json.dumps(dict((k, v) for k, v, _ in read_entries(archive))))
 """
 
 

@@ -13,6 +13,11 @@ to memory (a memfd): this process's metrics stop reaching the scrape until it is
 which beats dying. With strict=True (the master folding a dead child's counters into the
 archive) the OSError is raised instead, and the dead child's file stays where the scrape
 still counts it.
+
+The file format changed under us: prometheus-client before 0.17 stores one double per
+value and its MmapedDict reads and writes bare values; from 0.17 on a value is two doubles
+(value, timestamp). read_entries, read_value, write_value and VALUE_SIZE are the one place
+that knows which (setup.cfg allows both; Debian 12 ships 0.16).
 Owned by elemta.metrics, which installs it in setup().
 """
 
@@ -20,9 +25,35 @@ import logging
 import mmap
 import os
 
+from prometheus_client import mmap_dict
 from prometheus_client.mmap_dict import _INITIAL_MMAP_SIZE, MmapedDict
 
 log = logging.getLogger("elemta")
+
+# 0.17 added a timestamp after each value (and _pack_two_doubles to write both).
+_HAS_TIMESTAMPS = hasattr(mmap_dict, "_pack_two_doubles")
+# Bytes of one value in a metric file: value, and from 0.17 on its timestamp.
+VALUE_SIZE = 16 if _HAS_TIMESTAMPS else 8
+
+
+def read_entries(path):
+    """(key, value, offset of the value) for every value in the metric file at path."""
+    for entry in MmapedDict.read_all_values_from_file(path):
+        yield entry[0], entry[1], entry[-1]
+
+
+def read_value(mapped, key):
+    """The value of key in the MmapedDict `mapped` (0.0 if it has none yet)."""
+    value = mapped.read_value(key)
+    return value[0] if _HAS_TIMESTAMPS else value
+
+
+def write_value(mapped, key, value):
+    """Set key to value in the MmapedDict `mapped` (with no timestamp)."""
+    if _HAS_TIMESTAMPS:
+        mapped.write_value(key, value, 0.0)
+    else:
+        mapped.write_value(key, value)
 
 
 def _allocate(path, size):
@@ -40,9 +71,9 @@ def _allocate(path, size):
 
 
 def _entry_size(key):
-    """Bytes MmapedDict._init_value appends for key (length, padded key, two doubles)."""
+    """Bytes MmapedDict._init_value appends for key (length, padded key, value)."""
     length = len(key.encode("utf-8"))
-    return 4 + length + (8 - (length + 4) % 8) + 16
+    return 4 + length + (8 - (length + 4) % 8) + VALUE_SIZE
 
 
 class AllocatedDict(MmapedDict):
