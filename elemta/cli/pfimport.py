@@ -242,6 +242,6 @@ def add_command(commands, parser_class, parents):
                           "else %s)" % DEFAULT_QUEUE_DIRECTORY)
     sub.add_argument("--spool-dir", metavar="DIR",
                      help="Elemta's spool (default: the configuration's queue.spool_dir)")
-    sub.add_argument("--dry-run", "-n", action="store_true",
+    sub.add_argument("--dry-run", action="store_true",
                      help="list what would move; change nothing")
     sub.set_defaults(handler=cmd_import_postfix_queue)
