@@ -104,9 +104,12 @@ def cmd_import_postfix_queue(args) -> int:
             raise Failure(EX_IOERR, "import-postfix-queue: %s: %s"
                           % (exc.filename or queue_dir, exc.strerror or exc))
         for state, path in files:
+            as_postfix = _acting_as_owner_of(os.path.join(queue_dir, state))
             try:
-                message = postfix_import.read_queue_file(path, state)
-                where = "(dry run)" if importer is None else importer.move(message)
+                with as_postfix():
+                    message = postfix_import.read_queue_file(path, state)
+                where = "(dry run)" if importer is None else importer.move(message,
+                                                                           as_postfix)
             except postfix_import.DamagedQueueFile as exc:
                 damaged += 1
                 _complain("%s; left in place" % exc)
@@ -130,6 +133,18 @@ def cmd_import_postfix_queue(args) -> int:
         ", ".join("%s %d" % item for item in counts.items()),
         "; %d damaged file(s) left in place" % damaged if damaged else ""))
     return EX_DATAERR if damaged else EX_OK
+
+
+def _acting_as_owner_of(directory):
+    """A context manager: act as the owner of one of Postfix's queue directories (its
+    user, postfix). That user can swap a directory under root's feet for a link (to
+    /etc, say); acting as it, root reads and removes nothing it could not itself."""
+    from elemta.util.eugid import acting_as
+    try:
+        info = os.lstat(directory)
+    except OSError:
+        info = None
+    return lambda: acting_as(info.st_uid if info else None, info.st_gid if info else None)
 
 
 def _complain(message):
@@ -160,16 +175,18 @@ class _Importer:
                           % (spool_dir, exc.strerror or exc))
         self.queued = self.dropped = 0
 
-    def move(self, message):
-        """Copy and commit one message into Elemta, then remove Postfix's file. Returns
-        where it went ('elemta QUEUEID' or 'elemta maildrop NAME')."""
+    def move(self, message, as_postfix):
+        """Copy and commit one message into Elemta, then remove Postfix's file (acting
+        as Postfix's user). Returns where it went ('elemta QUEUEID' or 'elemta maildrop
+        NAME')."""
         if message.state == "maildrop":
             where = "elemta maildrop " + self._to_maildrop(message)
             self.dropped += 1
         else:
             where = "elemta " + self._to_queue(message)
             self.queued += 1
-        os.unlink(message.path)        # only now: the copy is durable
+        with as_postfix():
+            os.unlink(message.path)    # only now: the copy is durable
         return where
 
     def _to_queue(self, message):
