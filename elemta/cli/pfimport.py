@@ -32,6 +32,7 @@ from os import EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_NOPERM, EX_OK, EX_TEMPFAIL
 
 from elemta.cli.config_finder import find_config
 from elemta.cli.failure import Failure
+from elemta.queue import postfix_import
 from elemta.util.text import printable
 
 PROG = "elemtactl"
@@ -80,7 +81,6 @@ def running_postfix_master(queue_dir):
 def cmd_import_postfix_queue(args) -> int:
     """import-postfix-queue: move Postfix's queued mail (maildrop, incoming, active,
     deferred, hold) into Elemta's queue"""
-    from elemta.queue import postfix_import
     queue_dir = os.path.abspath(args.dir or postfix_queue_directory())
     if not os.path.isdir(queue_dir):
         raise Failure(EX_NOINPUT, "import-postfix-queue: %s: no such directory" % queue_dir)
@@ -108,6 +108,8 @@ def cmd_import_postfix_queue(args) -> int:
             try:
                 with as_postfix():
                     message = postfix_import.read_queue_file(path, state)
+                if state == "maildrop":
+                    _as_local_submission(message, config.hostname)
                 where = "(dry run)" if importer is None else importer.move(message,
                                                                            as_postfix)
             except postfix_import.DamagedQueueFile as exc:
@@ -145,6 +147,28 @@ def _acting_as_owner_of(directory):
     except OSError:
         info = None
     return lambda: acting_as(info.st_uid if info else None, info.st_gid if info else None)
+
+
+def _as_local_submission(message, hostname):
+    """Qualify a maildrop message's addresses as Elemta's sendmail does (Postfix's cleanup
+    had not done it yet: `sendmail root` leaves "root") and check them, so pickup never
+    finds a bad submission it would have to discard."""
+    from elemta.smtp.address import AddressError, validate_mailbox
+
+    def qualified(address):
+        return address + "@" + hostname if address and "@" not in address else address
+
+    message.sender = qualified(message.sender)
+    for recipient in message.recipients:
+        recipient.address = qualified(recipient.address)
+    for address in [message.sender] + [r.address for r in message.recipients]:
+        if not address:
+            continue
+        try:
+            validate_mailbox(address, utf8=True)
+        except AddressError as exc:
+            raise postfix_import.DamagedQueueFile("%s: bad address <%s>: %s"
+                                                  % (message.path, address, exc)) from None
 
 
 def _complain(message):
