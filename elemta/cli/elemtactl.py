@@ -23,7 +23,7 @@ from os import (EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_NOUSER, EX_O
                 EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE)
 from typing import Callable, List, Optional
 
-from elemta.cli import control, filecheck, queuecmd
+from elemta.cli import control, filecheck, pfimport, queuecmd
 from elemta.cli.config_finder import config_path, read_config
 from elemta.cli.failure import EX_FAILED, Failure
 from elemta.util import credentials, daemonfiles
@@ -395,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_config_check)
 
     queuecmd.add_queue_commands(commands, _Parser, [config_option])
+    pfimport.add_command(commands, _Parser, [config_option])
 
     dkim = commands.add_parser("dkim", help="DKIM signing keys")
     dkim_commands = dkim.add_subparsers(dest="dkim_command", metavar="ACTION",
