@@ -1,4 +1,5 @@
-# Elemta developer entry points: make run, make test, make bench, make chaos, make clean.
+# Elemta developer entry points: make run, make test, make bench, make chaos, make lint-deploy,
+# make clean.
 # Works from a clean clone on Debian 12 (python3 3.11); PYTHON picks another interpreter.
 
 PYTHON ?= python3
@@ -86,6 +87,9 @@ lint-deploy: $(LINT_STAMP) $(STAMP)
 	$(LINT_VENV)/bin/hadolint Dockerfile
 	$(LINT_VENV)/bin/kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
 	$(LINT_VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/compose.yaml
+	@# promtool comes with Debian's prometheus, one of make test's APT_PACKAGES.
+	@if command -v promtool >/dev/null; then promtool check config deploy/compose/prometheus.yml; \
+	else echo "make: no promtool (apt-get install prometheus): deploy/compose/prometheus.yml not checked"; fi
 	$(VENV)/bin/elemta --config deploy/docker/elemta.yaml --check-config
 	$(VENV)/bin/python -m pytest -q --timeout=$(TEST_TIMEOUT) tests/test_container.py
 
