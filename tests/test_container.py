@@ -1,0 +1,230 @@
+"""The container's entrypoint (deploy/docker/entrypoint.sh), run on this host as the
+image runs it: no arguments, ELEMTA_CONFIG pointing at the image's config
+(deploy/docker/elemta.yaml, with loopback ports and a temporary spool in place of the
+volume), elemta found on PATH. Containers cannot run on the build machines, so this is
+how the image's start and stop are exercised; `make lint-deploy` lints the rest.
+"""
+
+import json
+import os
+import pathlib
+import pwd
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+from ruamel.yaml import YAML
+
+from elemta.util import procs
+from tests.conftest import REPO, code_for_everyone, wait_for
+from tests.peers.postfix import free_port
+from tests.test_privileges import interpreter_for_nobody, uid_of
+
+ENTRYPOINT = os.path.join(REPO, "deploy", "docker", "entrypoint.sh")
+IMAGE_CONFIG = os.path.join(REPO, "deploy", "docker", "elemta.yaml")
+
+
+def container_config(tmp_path, delivery_workers=0):
+    """The image's config with what the container runtime would change: ports free on
+    this host, a temporary spool for the volume, and no delivery unless asked (no
+    network here)."""
+    yaml = YAML()
+    with open(IMAGE_CONFIG) as f:
+        config = yaml.load(f)
+    smtp_port, api_port = free_port(), free_port()
+    config["listeners"][0]["address"] = "127.0.0.1"
+    config["listeners"][0]["port"] = smtp_port
+    config["api"]["address"] = "127.0.0.1"
+    config["api"]["port"] = api_port
+    config["queue"]["spool_dir"] = str(tmp_path / "spool")
+    config["delivery"]["workers"] = delivery_workers
+    config["master"]["stop_grace"] = 5.0
+    os.mkdir(str(tmp_path / "spool"), 0o750)
+    path = str(tmp_path / "elemta.yaml")
+    with open(path, "w") as f:
+        yaml.dump(config, f)
+    return path, smtp_port, api_port
+
+
+def entrypoint_env(config_path, spool):
+    # The venv's bin first, as the image's PATH puts /opt/elemta/bin first.
+    bin_dir = os.path.dirname(sys.executable)
+    return dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                ELEMTA_CONFIG=config_path, ELEMTA_SPOOL=spool)
+
+
+def health(api_port):
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d/api/v1/health" % api_port,
+                                    timeout=2) as response:
+            return response.status == 200 and json.load(response)["status"] == "ok"
+    except OSError:
+        return False
+
+
+def test_entrypoint_starts_answers_health_and_drains_on_sigterm(tmp_path):
+    config_path, smtp_port, api_port = container_config(tmp_path)
+    spool = str(tmp_path / "spool")
+    log_path = str(tmp_path / "elemta.log")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([ENTRYPOINT], env=entrypoint_env(config_path, spool),
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=str(tmp_path), start_new_session=True)
+    try:
+        # The HEALTHCHECK's and the readiness probe's question.
+        wait_for(lambda: process.poll() is not None or health(api_port), timeout=30)
+        assert process.poll() is None, open(log_path).read()
+        # exec: the entrypoint's pid is elemta's master, so the runtime's SIGTERM reaches it.
+        with open("/proc/%d/cmdline" % process.pid, "rb") as f:
+            assert f.read().startswith(b"elemta: master")
+
+        # A session in the middle of DATA when SIGTERM comes is let finish (drain).
+        client = smtplib.SMTP("127.0.0.1", smtp_port, timeout=10)
+        client.ehlo("client.test")
+        client.mail("sender@client.test")
+        client.rcpt("someone@example.net")
+        code, _ = client.docmd("DATA")
+        assert code == 354
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        client.send(b"Subject: drain\r\n\r\nsent while stopping\r\n.\r\n")
+        code, reply = client.getreply()
+        assert code == 250, reply
+        client.quit()
+
+        assert process.wait(timeout=20) == 0, open(log_path).read()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    # The accepted message is on the spool (the volume), for the next start to deliver.
+    listing = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "elemtactl"), "--config", config_path,
+         "queue", "list", "--json"], capture_output=True, text=True, timeout=30)
+    assert listing.returncode == 0, listing.stderr
+    assert "someone@example.net" in listing.stdout
+
+
+def test_entrypoint_without_config_says_so(tmp_path):
+    env = entrypoint_env(str(tmp_path / "missing.yaml"), str(tmp_path))
+    result = subprocess.run([ENTRYPOINT], env=env, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 78
+    assert "no readable configuration" in result.stderr
+
+
+def test_entrypoint_runs_a_command_given_to_it(tmp_path):
+    # docker run elemta elemtactl ...: a command, not daemon arguments.
+    config_path, _, _ = container_config(tmp_path)
+    env = entrypoint_env(config_path, str(tmp_path / "spool"))
+    result = subprocess.run([ENTRYPOINT, "elemta", "--check-config"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK" in result.stdout + result.stderr
+
+
+KINDS = {"elemta: smtpd", "elemta: delivery", "elemta: local", "elemta: pickup",
+         "elemta: api"}
+
+
+def nobody_tree():
+    """A directory user nobody can enter holding our code and the venv's packages, and a
+    bin/ with elemta and elemtactl for PATH, as the image's /opt/elemta/bin."""
+    python = interpreter_for_nobody()
+    if python is None:
+        pytest.skip("no Python interpreter that user nobody can read")
+    workdir = tempfile.mkdtemp()
+    os.chmod(workdir, 0o755)
+    pythonpath = code_for_everyone(os.path.join(workdir, "python"))
+    bin_dir = os.path.join(workdir, "bin")
+    os.mkdir(bin_dir, 0o755)
+    for name in ("elemta", "elemtactl"):
+        path = os.path.join(bin_dir, name)
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\nPYTHONPATH=%s exec %s -m elemta.cli.%s \"$@\"\n"
+                    % (pythonpath, python, name))
+        os.chmod(path, 0o755)
+    return workdir, bin_dir
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching to user nobody needs root")
+def test_entrypoint_runs_whole_as_a_non_root_user():
+    """The image's USER: every process, the local agent too, is that user, and the
+    spool volume is all it writes; with delivery workers, as the image's config has."""
+    workdir, bin_dir = nobody_tree()
+    try:
+        nobody = pwd.getpwnam("nobody")
+        os.makedirs(os.path.join(workdir, "run"), 0o755)
+        config_path, smtp_port, api_port = container_config(
+            pathlib.Path(workdir, "run"), delivery_workers=2)
+        spool = os.path.join(workdir, "run", "spool")
+        os.chmod(config_path, 0o644)
+        os.chown(spool, nobody.pw_uid, nobody.pw_gid)
+        env = dict(os.environ, PATH=bin_dir + ":/usr/bin:/bin",
+                   ELEMTA_CONFIG=config_path, ELEMTA_SPOOL=spool)
+        as_nobody = ["setpriv", "--reuid", str(nobody.pw_uid), "--regid",
+                     str(nobody.pw_gid), "--clear-groups", ENTRYPOINT]
+        log_path = os.path.join(workdir, "log")
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(as_nobody, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT, cwd=workdir,
+                                       start_new_session=True)
+        try:
+            wait_for(lambda: process.poll() is not None or health(api_port), timeout=30)
+            assert process.poll() is None, open(log_path).read()
+
+            def serving():
+                kids = procs.children(process.pid)
+                return set(kids.values()) == KINDS and kids
+            kids = wait_for(serving, timeout=30)
+            assert {uid_of(pid) for pid in list(kids) + [process.pid]} == {nobody.pw_uid}
+            with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as smtp:
+                smtp.noop()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0, open(log_path).read()
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        text = open(log_path).read()
+        assert "Traceback" not in text, text
+        # The spool volume came up as the user's (the readOnlyRootFilesystem bargain).
+        for directory, dirs, files in os.walk(spool):
+            for name in dirs + files:
+                assert os.lstat(os.path.join(directory, name)).st_uid == nobody.pw_uid
+
+        # A volume the user cannot write is named as the problem, not a traceback.
+        os.chown(spool, 0, 0)
+        result = subprocess.run(as_nobody, env=env, capture_output=True, text=True,
+                                timeout=30, cwd=workdir)
+        assert result.returncode == 73, result.stderr
+        assert "not writable" in result.stderr
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("source", ["deploy/compose/elemta.yaml",
+                                    "deploy/kubernetes/configmap.yaml"])
+def test_shipped_container_configs_are_valid(tmp_path, source):
+    """The configs compose mounts and the ConfigMap holds pass elemta --check-config,
+    with the Secret's token file where the pod would have it."""
+    with open(os.path.join(REPO, source)) as f:
+        text = f.read()
+    if source.endswith("configmap.yaml"):
+        text = YAML().load(text)["data"]["elemta.yaml"]
+    token = tmp_path / "api-token"
+    token.write_text("a-test-token\n")
+    token.chmod(0o600)
+    text = text.replace("/run/secrets/elemta/api-token", str(token))
+    config = tmp_path / "elemta.yaml"
+    config.write_text(text)
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "elemta"), "--config", str(config),
+         "--check-config"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
