@@ -98,7 +98,7 @@ $(PKG_BUILD)/elemta-$(PKG_VERSION): constraints/tested.txt
 deb: package-tools
 	rm -rf $(PKG_BUILD)/elemta-$(PKG_VERSION) && $(MAKE) $(PKG_BUILD)/elemta-$(PKG_VERSION)
 	cd $(PKG_BUILD)/elemta-$(PKG_VERSION) && nice dpkg-buildpackage -us -uc -b
-	mkdir -p dist && mv $(PKG_BUILD)/elemta_$(PKG_VERSION)*.deb $(PKG_BUILD)/elemta*.buildinfo $(PKG_BUILD)/elemta*.changes dist/
+	mkdir -p dist && mv $(PKG_BUILD)/elemta*_$(PKG_VERSION)*.deb $(PKG_BUILD)/elemta*.buildinfo $(PKG_BUILD)/elemta*.changes dist/
 	$(MAKE) lint-deb
 
 lint-deb:
