@@ -96,6 +96,7 @@ $(PKG_BUILD)/elemta-$(PKG_VERSION): constraints/tested.txt
 	install -D -m 0644 constraints/tested.txt $@/constraints/tested.txt
 
 deb: package-tools
+	rm -f dist/elemta*.deb dist/elemta*.changes dist/elemta*.buildinfo
 	rm -rf $(PKG_BUILD)/elemta-$(PKG_VERSION) && $(MAKE) $(PKG_BUILD)/elemta-$(PKG_VERSION)
 	cd $(PKG_BUILD)/elemta-$(PKG_VERSION) && nice dpkg-buildpackage -us -uc -b
 	mkdir -p dist && mv $(PKG_BUILD)/elemta*_$(PKG_VERSION)*.deb $(PKG_BUILD)/elemta*.buildinfo $(PKG_BUILD)/elemta*.changes dist/
