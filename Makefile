@@ -104,3 +104,19 @@ deb: package-tools
 
 lint-deb:
 	lintian --fail-on error --info dist/elemta_$(PKG_VERSION)*.changes
+
+# rpmbuild from Debian's rpm package: no dependency database of RPMs here, so --nodeps
+# (BuildRequires are python3 and systemd, present on this host); the spec uses only
+# macros every rpm defines. Outputs in dist/.
+RPM_TOP := $(CURDIR)/$(PKG_BUILD)/rpmbuild
+rpm: package-tools
+	rm -f dist/elemta-*.rpm
+	rm -rf $(PKG_BUILD)/elemta-$(PKG_VERSION) $(RPM_TOP) && $(MAKE) $(PKG_BUILD)/elemta-$(PKG_VERSION)
+	mkdir -p $(RPM_TOP)/SOURCES
+	tar -C $(PKG_BUILD) -czf $(RPM_TOP)/SOURCES/elemta-$(PKG_VERSION).tar.gz elemta-$(PKG_VERSION)
+	nice rpmbuild --nodeps --define "_topdir $(RPM_TOP)" -bb rpm/elemta.spec
+	mkdir -p dist && mv $(RPM_TOP)/RPMS/*/elemta-*.rpm dist/
+	$(MAKE) lint-rpm
+
+lint-rpm:
+	rpmlint -r rpm/elemta.rpmlintrc dist/elemta-$(PKG_VERSION)-*.rpm
