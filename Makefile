@@ -114,7 +114,7 @@ rpm: package-tools
 	rm -rf $(PKG_BUILD)/elemta-$(PKG_VERSION) $(RPM_TOP) && $(MAKE) $(PKG_BUILD)/elemta-$(PKG_VERSION)
 	mkdir -p $(RPM_TOP)/SOURCES
 	tar -C $(PKG_BUILD) -czf $(RPM_TOP)/SOURCES/elemta-$(PKG_VERSION).tar.gz elemta-$(PKG_VERSION)
-	nice rpmbuild --nodeps --define "_topdir $(RPM_TOP)" -bb rpm/elemta.spec
+	nice rpmbuild --nodeps --define "_topdir $(RPM_TOP)" --define "packager Elemta maintainers" -bb rpm/elemta.spec
 	mkdir -p dist && mv $(RPM_TOP)/RPMS/*/elemta-*.rpm dist/
 	$(MAKE) lint-rpm
 
