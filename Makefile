@@ -127,3 +127,50 @@ lint-deploy: $(LINT_STAMP) $(STAMP)
 clean:
 	rm -rf $(VENV) $(MIN_VENV) $(CONSTRAINTS_VENV) $(LINT_VENV) build dist .eggs *.egg-info .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# ---- Packages (slow: not part of make test). Outputs in dist/ (ignored by git). ----
+# Both build a private virtualenv holding Elemta and its dependencies at exactly the
+# versions in constraints/tested.txt (what the test suite ran with); pip downloads those
+# wheels from PyPI during the build, so the build host needs to reach PyPI.
+# make deb: .deb with dh-virtualenv (Debian 12: needs the Build-Depends of debian/control,
+# which make package-tools installs as root). make rpm: rpmbuild from Debian's rpm package.
+PKG_VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' elemta/__init__.py)
+PKG_BUILD := dist/build
+PKG_TOOLS := debhelper dh-virtualenv python3-venv lintian rpm rpmlint dpkg-dev fakeroot
+.PHONY: deb rpm package-tools lint-deb lint-rpm
+
+package-tools:
+	@if [ "$$(id -u)" != 0 ]; then echo "make: as root: apt-get install $(PKG_TOOLS)"; exit 0; fi; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(PKG_TOOLS)
+
+# The tree is exported with git archive (what is committed), plus constraints/tested.txt.
+$(PKG_BUILD)/elemta-$(PKG_VERSION): constraints/tested.txt
+	rm -rf $@ && mkdir -p $@
+	git archive HEAD | tar -x -C $@
+	install -D -m 0644 constraints/tested.txt $@/constraints/tested.txt
+
+deb: package-tools
+	rm -f dist/elemta*.deb dist/elemta*.changes dist/elemta*.buildinfo
+	rm -rf $(PKG_BUILD)/elemta-$(PKG_VERSION) && $(MAKE) $(PKG_BUILD)/elemta-$(PKG_VERSION)
+	cd $(PKG_BUILD)/elemta-$(PKG_VERSION) && nice dpkg-buildpackage -us -uc -b
+	mkdir -p dist && mv $(PKG_BUILD)/elemta*_$(PKG_VERSION)*.deb $(PKG_BUILD)/elemta*.buildinfo $(PKG_BUILD)/elemta*.changes dist/
+	$(MAKE) lint-deb
+
+lint-deb:
+	lintian --fail-on error --info dist/elemta_$(PKG_VERSION)*.changes
+
+# rpmbuild from Debian's rpm package: no dependency database of RPMs here, so --nodeps
+# (BuildRequires are python3 and systemd, present on this host); the spec uses only
+# macros every rpm defines. Outputs in dist/.
+RPM_TOP := $(CURDIR)/$(PKG_BUILD)/rpmbuild
+rpm: package-tools
+	rm -f dist/elemta-*.rpm
+	rm -rf $(PKG_BUILD)/elemta-$(PKG_VERSION) $(RPM_TOP) && $(MAKE) $(PKG_BUILD)/elemta-$(PKG_VERSION)
+	mkdir -p $(RPM_TOP)/SOURCES
+	tar -C $(PKG_BUILD) -czf $(RPM_TOP)/SOURCES/elemta-$(PKG_VERSION).tar.gz elemta-$(PKG_VERSION)
+	nice rpmbuild --nodeps --define "_topdir $(RPM_TOP)" --define "packager Elemta maintainers" -bb rpm/elemta.spec
+	mkdir -p dist && mv $(RPM_TOP)/RPMS/*/elemta-*.rpm dist/
+	$(MAKE) lint-rpm
+
+lint-rpm:
+	rpmlint -r rpm/elemta.rpmlintrc dist/elemta-$(PKG_VERSION)-*.rpm

@@ -1,0 +1,92 @@
+#!/usr/bin/python3
+"""Write the settings debconf owns into /etc/elemta/elemta.yaml, keeping everything else.
+
+Run by the elemta package's postinst (installed as /usr/lib/elemta/debconf-config, with the
+private venv's python, so ruamel.yaml is the pinned one). A round trip through ruamel.yaml
+keeps the admin's comments, order and every other setting; only these change:
+
+  smtpd.hostname        the mail name (also written to /etc/mailname by postinst)
+  listeners             the port-25 "smtp" listeners: loopback (127.0.0.1, ::1) for
+                        "local" and "satellite", every address (0.0.0.0, ::) for "internet";
+                        (the IPv6 one only if the host has IPv6); other listeners (587, 465, ...) are left alone
+  delivery.relayhost    the relay host for "satellite"; removed for the other types
+
+A missing configuration is started from /usr/share/elemta/elemta.yaml.example.
+"""
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+
+TEMPLATE = "/usr/share/elemta/elemta.yaml.example"
+ADDRESSES = {"local": ("127.0.0.1", "::1"), "satellite": ("127.0.0.1", "::1"),
+             "internet": ("0.0.0.0", "::")}
+
+
+def have_ipv6():
+    """An IPv6 address to bind (a host or container without IPv6 cannot bind ::1)."""
+    try:
+        with open("/proc/net/if_inet6") as stream:
+            return bool(stream.read().strip())
+    except OSError:
+        return False
+
+
+def apply(doc, mailtype, mailname, relayhost, ipv6=True):
+    smtpd = doc.setdefault("smtpd", CommentedMap())
+    smtpd["hostname"] = mailname
+    listeners = doc.get("listeners")
+    if listeners is None:
+        doc["listeners"] = listeners = []
+    keep = [entry for entry in listeners
+            if not (entry.get("port") == 25 and entry.get("mode", "smtp") == "smtp")]
+    at = next((i for i, entry in enumerate(listeners) if entry not in keep), 0)
+    ours = []
+    for address in ADDRESSES[mailtype]:
+        if ":" in address and not ipv6:
+            continue
+        entry = CommentedMap([("address", address), ("port", 25), ("mode", "smtp")])
+        entry.fa.set_flow_style()
+        ours.append(entry)
+    del listeners[:]
+    for entry in keep[:at] + ours + keep[at:]:
+        listeners.append(entry)
+    delivery = doc.setdefault("delivery", CommentedMap())
+    if mailtype == "satellite" and relayhost:
+        delivery["relayhost"] = relayhost
+    elif "relayhost" in delivery:
+        del delivery["relayhost"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="/etc/elemta/elemta.yaml")
+    parser.add_argument("--type", required=True, choices=sorted(ADDRESSES))
+    parser.add_argument("--mailname", required=True)
+    parser.add_argument("--relayhost", default="")
+    args = parser.parse_args(argv)
+    yaml = YAML()               # round trip: comments and order survive
+    yaml.preserve_quotes = True
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    source = args.config if os.path.exists(args.config) else TEMPLATE
+    with open(source) as stream:
+        doc = yaml.load(stream)
+    apply(doc, args.type, args.mailname, args.relayhost, have_ipv6())
+    directory = os.path.dirname(args.config) or "."
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=".elemta.yaml.")
+    with os.fdopen(fd, "w") as stream:
+        yaml.dump(doc, stream)
+    if os.path.exists(args.config):
+        shutil.copymode(args.config, temp)
+    else:
+        os.chmod(temp, 0o644)
+    os.replace(temp, args.config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

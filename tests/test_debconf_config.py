@@ -1,0 +1,78 @@
+"""The .deb's debconf helper (debian/elemta-debconf-config.py): it rewrites only the
+settings debconf owns in /etc/elemta/elemta.yaml and keeps the admin's other edits."""
+
+import importlib.util
+import os
+import shutil
+
+import pytest
+
+from elemta.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPER = os.path.join(ROOT, "debian", "elemta-debconf-config.py")
+EXAMPLE = os.path.join(ROOT, "etc", "elemta.yaml.example")
+
+
+def helper():
+    spec = importlib.util.spec_from_file_location("debconf_config", HELPER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def conf(tmp_path):
+    path = tmp_path / "elemta.yaml"
+    shutil.copyfile(EXAMPLE, path)
+    return path
+
+
+def run(path, *args, ipv6=True):
+    module = helper()
+    module.have_ipv6 = lambda: ipv6
+    assert module.main(["--config", str(path)] + list(args)) == 0
+    return load_config(str(path), check_files=False)
+
+
+def addresses(config):
+    return sorted((l.address, l.port, l.mode) for l in config.listeners)
+
+
+def test_local_only_listens_on_loopback(conf):
+    config = run(conf, "--type", "local", "--mailname", "mail.example.org")
+    assert addresses(config) == [("127.0.0.1", 25, "smtp"), ("::1", 25, "smtp")]
+    assert config.smtpd.hostname == "mail.example.org"
+    assert config.delivery.relayhost is None
+
+
+def test_internet_site_listens_everywhere_without_ipv6_when_absent(conf):
+    config = run(conf, "--type", "internet", "--mailname", "mx.example.org", ipv6=False)
+    assert addresses(config) == [("0.0.0.0", 25, "smtp")]
+
+
+def test_satellite_then_reconfigure_keeps_admin_edits(conf):
+    run(conf, "--type", "satellite", "--mailname", "a.example", "--relayhost", "[r.example]:587")
+    text = conf.read_text()
+    assert "relayhost: '[r.example]:587'" in text or 'relayhost: "[r.example]:587"' in text
+    # The admin adds a listener of their own and changes an option debconf does not own.
+    text = text.replace('  #- {address: "0.0.0.0", port: 587, mode: submission}',
+                        '  - {address: "0.0.0.0", port: 2525, mode: smtp}')
+    text = text.replace('banner: "ESMTP Elemta"', 'banner: "ESMTP ours"')
+    conf.write_text(text)
+    config = run(conf, "--type", "local", "--mailname", "b.example")
+    assert config.delivery.relayhost is None
+    assert config.smtpd.banner == "ESMTP ours"
+    assert ("0.0.0.0", 2525, "smtp") in addresses(config)
+    assert ("127.0.0.1", 25, "smtp") in addresses(config)
+    assert "# Relay control: the open-relay guard." in conf.read_text()   # comments kept
+
+
+def test_missing_config_starts_from_the_template(tmp_path):
+    module = helper()
+    module.TEMPLATE = EXAMPLE
+    module.have_ipv6 = lambda: True
+    target = tmp_path / "elemta.yaml"
+    assert module.main(["--config", str(target), "--type", "local", "--mailname", "x.example"]) == 0
+    assert oct(os.stat(target).st_mode & 0o777) == "0o644"
+    assert load_config(str(target), check_files=False).smtpd.hostname == "x.example"
