@@ -22,8 +22,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from elemta.util import procs
-from tests.conftest import REPO, code_for_everyone, wait_for
-from tests.peers.postfix import free_port
+from tests.harness import REPO, code_for_everyone, free_port, wait_for
 from tests.test_privileges import interpreter_for_nobody, uid_of
 
 ENTRYPOINT = os.path.join(REPO, "deploy", "docker", "entrypoint.sh")

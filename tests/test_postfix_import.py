@@ -20,8 +20,8 @@ import tempfile
 
 import pytest
 
-from tests.conftest import REPO, wait_for
-from tests.peers.postfix import PostfixInstance, free_port, postfix_available
+from tests.harness import REPO, free_port, wait_for
+from tests.peers.postfix import PostfixInstance, postfix_available
 from tests.peers.sink import ScriptedServer
 
 pytestmark = pytest.mark.skipif(postfix_available() is not None,
