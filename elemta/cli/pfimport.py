@@ -247,19 +247,13 @@ class _Importer:
             gid = pwd.getpwuid(message.uid).pw_gid
         except KeyError:
             gid = message.uid
-        envelope = {"sender": message.sender,
-                    "recipients": [{"address": r.address,
-                                    "notify": list(r.notify) if r.notify else None,
-                                    "orcpt": r.orcpt} for r in message.recipients],
-                    "ret": message.ret, "envid": message.envid,
-                    "body": "7BIT" if message.content.isascii() else "8BITMIME",
-                    "smtputf8": not all(a.isascii() for a in [message.sender] + [
-                        r.address for r in message.recipients])}
         with acting_as(message.uid, gid):
             writer = maildrop.MaildropWriter(self.spool_dir)
             try:
                 writer.write(message.content)
-                return writer.finish(envelope)
+                # The content's own 8-bit bytes make it 8BITMIME (the writer sees them).
+                return writer.finish(message.sender, message.recipients, message.ret,
+                                     message.envid)
             except BaseException:
                 writer.abort()
                 raise
