@@ -4,7 +4,7 @@ Owned by the test suite. A real `elemta` (tests/conftest.py) relays to a real sm
 writes one file per message; 20 client sessions send 1,000 messages (every 20th through
 elemta-sendmail, so pickup's crash recovery is in play) while a random child of the master
 (smtpd, delivery, local, pickup, api) gets SIGKILL every 0.2-0.5 s, for 8 s and until the
-load is in. Every message that got a 250 (or a sendmail exit 0) must reach the sink within
+load is in, at most 30 s (a slow or busy CI machine must not be killed for the whole run). Every message that got a 250 (or a sendmail exit 0) must reach the sink within
 30 s of the last kill, with default settings (delivery.lease included: a dead worker's
 claims must come back long before it ends). Duplicates are allowed, counted and printed
 (pytest -s shows the summary line). Needs root and the postfix package (smtp-sink).
@@ -27,7 +27,8 @@ MESSAGES = 1000
 SESSIONS = 20
 SENDMAIL_EVERY = 20          # 50 of the 1,000 through sendmail and pickup
 KILL_SECONDS = 8.0
-LOAD_DEADLINE = 40.0         # seconds the clients keep retrying a refused message
+KILL_LONGEST = 30.0          # then the killer stops even if the load is not yet in
+LOAD_DEADLINE = 120.0        # seconds the clients keep retrying a refused message
 RECOVERY_SECONDS = 30.0      # issue 11: all delivered within 30 s of the last kill
 
 
@@ -46,7 +47,7 @@ def test_every_accepted_message_arrives_despite_kill_9_of_children(elemta_server
         load = Load(server.port, MESSAGES, SESSIONS, sendmail_argv=argv, sendmail_env=env,
                     sendmail_every=SENDMAIL_EVERY, deadline=LOAD_DEADLINE)
         killer = Killer(server.process.pid, elemta_kind, KILL_SECONDS,
-                        stop_when=lambda: load.done)
+                        stop_when=lambda: load.done, longest=KILL_LONGEST)
         tally = run_chaos(sink, load, killer, lambda: elemta_queue_empty(server.spool),
                           RECOVERY_SECONDS)
         print("\n" + tally.summary("elemta"))

@@ -192,8 +192,7 @@ class _Importer:
         try:
             maildrop.prepare(spool_dir)
             with self.as_owner():
-                self.queue = Queue(spool_dir, sync_method=config.queue.sync_method,
-                                   map_size=config.queue.index_map_size)
+                self.queue = Queue.from_config(config.queue, spool_dir=spool_dir)
         except OSError as exc:
             raise Failure(EX_IOERR, "import-postfix-queue: Elemta's spool %s: %s"
                           % (spool_dir, exc.strerror or exc))

@@ -299,14 +299,17 @@ def postfix_master_pid(instance):
 
 class Killer(threading.Thread):
     """SIGKILL random children of `master_pid` (those `kind_of` names) until `stop_when()`
-    is true and `seconds` have passed; a pause of KILL_PAUSE after each kill."""
+    is true and `seconds` have passed, or `longest` seconds have passed whatever stop_when
+    says; a pause of KILL_PAUSE after each kill."""
 
-    def __init__(self, master_pid, kind_of, seconds, stop_when=lambda: True, rng=None):
-        # type: (int, Callable[[int], Optional[str]], float, Callable[[], bool], Optional[random.Random]) -> None  # noqa: E501
+    def __init__(self, master_pid, kind_of, seconds, stop_when=lambda: True, rng=None,
+                 longest=None):
+        # type: (int, Callable[[int], Optional[str]], float, Callable[[], bool], Optional[random.Random], Optional[float]) -> None  # noqa: E501
         super().__init__(daemon=True)
         self.master_pid = master_pid
         self.kind_of = kind_of
         self.seconds = seconds
+        self.longest = longest
         self.stop_when = stop_when
         self.rng = rng or random.Random()
         self.kills = collections.Counter()        # kind -> SIGKILLs sent
@@ -317,7 +320,10 @@ class Killer(threading.Thread):
     def run(self):
         started = time.monotonic()
         while not self.halt.is_set():
-            if time.monotonic() - started >= self.seconds and self.stop_when():
+            elapsed = time.monotonic() - started
+            if elapsed >= self.seconds and self.stop_when():
+                break
+            if self.longest is not None and elapsed >= self.longest:
                 break
             by_kind = collections.defaultdict(list)
             for pid in children_of(self.master_pid):
