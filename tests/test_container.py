@@ -134,7 +134,8 @@ KINDS = {"elemta: smtpd", "elemta: delivery", "elemta: local", "elemta: pickup",
 
 def nobody_tree():
     """A directory user nobody can enter holding our code and the venv's packages, and a
-    bin/ with elemta and elemtactl for PATH, as the image's /opt/elemta/bin."""
+    bin/ with elemta, elemtactl and the entrypoint, as the image's /opt/elemta/bin (a
+    clone may sit in a directory nobody cannot traverse)."""
     python = interpreter_for_nobody()
     if python is None:
         pytest.skip("no Python interpreter that user nobody can read")
@@ -149,6 +150,8 @@ def nobody_tree():
             f.write("#!/bin/sh\nPYTHONPATH=%s exec %s -m elemta.cli.%s \"$@\"\n"
                     % (pythonpath, python, name))
         os.chmod(path, 0o755)
+    shutil.copy(ENTRYPOINT, os.path.join(bin_dir, "entrypoint.sh"))
+    os.chmod(os.path.join(bin_dir, "entrypoint.sh"), 0o755)
     return workdir, bin_dir
 
 
@@ -168,7 +171,8 @@ def test_entrypoint_runs_whole_as_a_non_root_user():
         env = dict(os.environ, PATH=bin_dir + ":/usr/bin:/bin",
                    ELEMTA_CONFIG=config_path, ELEMTA_SPOOL=spool)
         as_nobody = ["setpriv", "--reuid", str(nobody.pw_uid), "--regid",
-                     str(nobody.pw_gid), "--clear-groups", ENTRYPOINT]
+                     str(nobody.pw_gid), "--clear-groups",
+                     os.path.join(bin_dir, "entrypoint.sh")]
         log_path = os.path.join(workdir, "log")
         with open(log_path, "wb") as log:
             process = subprocess.Popen(as_nobody, env=env, stdout=log,
