@@ -189,7 +189,8 @@ def _trailing_comment(table: CommentedMap) -> Any:
         if not rest:
             return None
         token.value = same_line + newline
-        return CommentToken(rest, token.start_mark, None)
+        # A token after a value starts with the newline that ends the value's line.
+        return CommentToken(newline + rest, token.start_mark, None)
     entry[slot] = None
     return token
 
