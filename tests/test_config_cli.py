@@ -367,3 +367,31 @@ def test_third_party_plugin_tables_are_shown_and_set(tmp_path):
     assert refused.stderr.splitlines()[0] == (
         "%s:4: plugins.example.tag_header: expected a string, not an integer (7)" % config)
     assert config.read_bytes() == before
+
+
+def test_set_can_fix_a_file_start_up_refuses_but_not_one_it_cannot_parse(small):
+    text = small.read_text()
+    small.write_text(text + ("limits:\n  message_size: -1\n" if small.suffix == ".yaml"
+                             else "[limits]\nmessage_size = -1\n"))
+    assert check_config(small).returncode == 1
+    fixed = elemtactl("--config", str(small), "config", "set", "limits.message_size=1000")
+    assert fixed.returncode == 0, fixed.stderr
+    assert check_config(small).returncode == 0
+    small.write_text(text + "smtpd: [\n")
+    before = small.read_bytes()
+    broken = elemtactl("--config", str(small), "config", "set", "limits.message_size=5")
+    assert broken.returncode == 65
+    assert broken.stderr.startswith("elemtactl: config set: cannot edit a file that cannot "
+                                    "be read: %s:" % small)
+    assert small.read_bytes() == before
+
+
+def test_set_refuses_a_user_or_group_that_does_not_exist(small):
+    before = small.read_bytes()
+    result = elemtactl("--config", str(small), "config", "set",
+                       "master.user=no-such-user-here")
+    assert result.returncode == 1
+    line = len(small.read_text().splitlines()) + (2 if small.suffix == ".yaml" else 3)
+    assert result.stderr.splitlines()[0] == (
+        "%s:%d: master.user: no such user: no-such-user-here" % (small, line))
+    assert small.read_bytes() == before

@@ -75,18 +75,18 @@ def cmd_set(args) -> int:
     """set: change settings in the config file, keeping the rest of it as it is."""
     from elemta.config import ConfigError, listing
     from elemta.config.editor import EditError, edit_text, replace_file
-    from elemta.config.loader import load_text
+    from elemta.config.errors import format_key
     path = _file_to_edit(args)
-    old_config = read_config(path)          # where the running master is, and what was
     text = _read_text(path)
-    known = listing.settings(old_config) + listing.defaults()
+    old_config = _config_as_it_is(path)
+    known = listing.defaults() + (listing.settings(old_config) if old_config else [])
     changes = [_change(assignment, known) for assignment in args.assignments]
     try:
         new_text = edit_text(path, text, [(key_path, value) for _, key_path, value in changes])
     except EditError as exc:
         raise Failure(EX_DATAERR, "config set: %s; %s unchanged" % (exc, path))
     try:
-        new_config = load_text(path, new_text, filecheck.master_user_check(PROG))
+        new_config = _check(path, new_text, [key_path for _, key_path, _ in changes])
     except ConfigError as exc:
         for problem in exc.problems:
             print(str(problem), file=sys.stderr)
@@ -98,21 +98,54 @@ def cmd_set(args) -> int:
     try:
         replace_file(path, new_text)
     except OSError as exc:
-        raise Failure(os.EX_CANTCREAT, "config set: cannot write %s: %s"
+        raise Failure(os.EX_CANTCREAT, "config set: cannot write %s: %s; it is unchanged"
                       % (exc.filename or path, exc.strerror or exc))
 
-    old_lines = {s.key: s for s in listing.settings(old_config)}
+    old_lines = {s.key: s for s in listing.settings(old_config)} if old_config else {}
     changed = []
-    for key, key_path, _ in changes:
-        from elemta.config.errors import format_key
+    for _, key_path, _ in changes:
         for setting in listing.select(listing.settings(new_config), format_key(key_path)):
             before = old_lines.get(setting.key)
-            was = listing.value_text(before.value) if before else "absent"
             if before is None or before.value != setting.value:
                 changed.append(setting)
+            was = listing.value_text(before.value) if before else \
+                "not set" if old_config else "unknown: the file had errors"
             print("%s: %s (was %s)" % (path, setting.line(), was))
-    _tell_daemon(args, old_config, changed)
+    _tell_daemon(args, old_config or new_config, changed)
     return EX_OK
+
+
+def _config_as_it_is(path: str):
+    """The file's Config before the edit, or None when it has errors set may fix; a
+    file that cannot be parsed at all cannot be edited (Failure, with its errors)."""
+    from elemta.config import ConfigError, load_config
+    try:
+        return load_config(path, check_files=False)
+    except ConfigError as exc:
+        if any(not problem.key for problem in exc.problems):    # syntax, encoding
+            raise Failure(EX_DATAERR, "config set: cannot edit a file that cannot be "
+                                      "read: %s" % "; ".join(map(str, exc.problems)))
+        return None
+
+
+def _check(path: str, text: str, paths):
+    """The Config of `text` as the file at `path`, checked as start-up checks it (the
+    workers' files opened as master.user, as config check does) and, when the edit
+    names master.user or master.group, that they exist; raises ConfigError."""
+    from elemta.config import ConfigError, Problem
+    from elemta.config.loader import load_text
+    from elemta.config.sources import FORMATS, parse
+    from elemta.master import resolve_user
+    config = load_text(path, text, filecheck.master_user_check(PROG))
+    if any(key_path[:2] in (("master", "user"), ("master", "group")) for key_path in paths):
+        try:
+            resolve_user(config.master)
+        except KeyError as exc:
+            key, _, message = exc.args[0].partition(": ")
+            lines = parse(path, text, FORMATS[os.path.splitext(path)[1].lower()]).lines
+            line = lines.get(tuple(key.split(".")))
+            raise ConfigError([Problem(path, line, key, message)]) from None
+    return config
 
 
 def _file_to_edit(args) -> str:
