@@ -395,3 +395,15 @@ def test_set_refuses_a_user_or_group_that_does_not_exist(small):
     assert result.stderr.splitlines()[0] == (
         "%s:%d: master.user: no such user: no-such-user-here" % (small, line))
     assert small.read_bytes() == before
+
+
+def test_set_says_when_a_reload_cannot_start_all_the_workers_asked(small):
+    most = 2 * (os.cpu_count() or 1)        # the smtpd slots of a master started so
+    result = elemtactl("--config", str(small), "config", "set",
+                       "smtpd.workers=%d" % (most + 1))
+    assert result.returncode == 0, result.stderr
+    assert ("elemtactl: a reload starts at most %d smtpd children (the master sizes its "
+            "table at start), not %d: systemctl restart elemta to have them all"
+            % (most, most + 1)) in result.stdout.splitlines()
+    within = elemtactl("--config", str(small), "config", "set", "smtpd.workers=%d" % most)
+    assert "reload starts at most" not in within.stdout

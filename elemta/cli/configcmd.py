@@ -111,7 +111,7 @@ def cmd_set(args) -> int:
             was = listing.value_text(before.value) if before else \
                 "not set" if old_config else "unknown: the file had errors"
             print("%s: %s (was %s)" % (path, setting.line(), was))
-    _tell_daemon(args, old_config or new_config, changed)
+    _tell_daemon(args, old_config or new_config, new_config, changed)
     return EX_OK
 
 
@@ -189,7 +189,7 @@ def _change(assignment: str, known) -> Tuple[str, Any, Any]:
     return key, key_path, listing.parse_value(text, kind)
 
 
-def _tell_daemon(args, old_config, changed: List[Any]) -> None:
+def _tell_daemon(args, old_config, new_config, changed: List[Any]) -> None:
     """Say what the change needs, and send SIGHUP with --reload."""
     if not changed:
         return
@@ -197,6 +197,10 @@ def _tell_daemon(args, old_config, changed: List[Any]) -> None:
     for setting in restarts:
         print("%s: %s needs a restart, not a reload (%s): systemctl restart elemta"
               % (PROG, setting.key, setting.restart))
+    for kind, most, asked in _beyond_slots(old_config, new_config):
+        print("%s: a reload starts at most %d %s children (the master sizes its table "
+              "at start), not %d: systemctl restart elemta to have them all"
+              % (PROG, most, kind, asked))
     if len(restarts) == len(changed):
         return
     if not args.reload:
@@ -213,6 +217,17 @@ def _tell_daemon(args, old_config, changed: List[Any]) -> None:
     os.kill(pid, signal.SIGHUP)
     print("%s: told the running master (pid %d) to reload its configuration (SIGHUP)"
           % (PROG, pid))
+
+
+def _beyond_slots(old_config, new_config) -> List[Tuple[str, int, int]]:
+    """(kind, most, asked) for each kind of child the new configuration asks more of
+    than a reload can start: the master's table has the slots (elemta.services) it
+    sized for the configuration it started with, which the file before the edit
+    stands for here."""
+    from elemta.services import SERVICES
+    return [(service.kind, service.slots(old_config), service.count(new_config))
+            for service in SERVICES
+            if old_config is not None and service.count(new_config) > service.slots(old_config)]
 
 
 # ---------------------------------------------------------------- the parser

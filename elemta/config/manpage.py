@@ -188,6 +188,12 @@ them waits for
 .BR "systemctl restart elemta" .
 A reload binds the listeners that are new, since the master keeps the rights it
 started with.
+It cannot start more workers of a kind than the master made room for at start:
+twice
+.B smtpd.workers
+(at least twice the number of CPUs) and twice
+.B delivery.workers
+(at least 8); more wait for a restart.
 .B elemtactl config set
 says which of the two a change needs.
 .SH OPTIONS
