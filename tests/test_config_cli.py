@@ -407,3 +407,39 @@ def test_set_says_when_a_reload_cannot_start_all_the_workers_asked(small):
             % (most, most + 1)) in result.stdout.splitlines()
     within = elemtactl("--config", str(small), "config", "set", "smtpd.workers=%d" % most)
     assert "reload starts at most" not in within.stdout
+
+
+def test_set_of_a_whole_list_of_tables_keeps_what_introduces_the_next_table(small):
+    text = small.read_text()
+    result = elemtactl("--config", str(small), "config", "set",
+                       'listeners=[{address = "127.0.0.3", port = 2526}]')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:5] == [
+        '%s: listeners[0].address = "127.0.0.3" (was "127.0.0.1")' % small,
+        "%s: listeners[0].port = 2526 (was 2525)" % small,
+        '%s: listeners[1].address removed (was "127.0.0.2")' % small,
+        "%s: listeners[1].port removed (was 2525)" % small,
+        '%s: listeners[1].mode removed (was "smtp")' % small]
+    after = small.read_text()
+    assert after.endswith(text[text.index("\n# The spool.\n"):])
+    assert after.startswith(text[:text.index("# Where mail comes in.\n")])
+    assert elemtactl("--config", str(small), "config", "get", "listeners").stdout == (
+        'listeners[0].address = "127.0.0.3"\nlisteners[0].port = 2526\n'
+        'listeners[0].mode = "smtp"\n')
+
+
+def test_set_of_the_whole_listeners_list_of_the_example_changes_only_its_lines(example):
+    before = example.read_text()
+    result = elemtactl("--config", str(example), "config", "set",
+                       'listeners=[{address = "127.0.0.3", port = 2526}, '
+                       '{address = "127.0.0.4", port = 2526}]')
+    assert result.returncode == 0, result.stderr
+    removed, added = changed_lines(before, example.read_text())
+    if example.suffix == ".yaml":
+        assert removed == ['  - {address: "0.0.0.0", port: 25, mode: smtp}']
+        assert added == ['  - {address: "127.0.0.3", port: 2526}',
+                         '  - {address: "127.0.0.4", port: 2526}']
+    else:
+        assert removed == ['address = "0.0.0.0"', "port = 25", 'mode = "smtp"']
+        assert added == ['address = "127.0.0.3"', "port = 2526", "", "[[listeners]]",
+                         'address = "127.0.0.4"', "port = 2526"]

@@ -103,14 +103,26 @@ def cmd_set(args) -> int:
 
     old_lines = {s.key: s for s in listing.settings(old_config)} if old_config else {}
     changed = []
+    new_settings = listing.settings(new_config)
+    new_keys = {s.key for s in new_settings}
     for _, key_path, _ in changes:
-        for setting in listing.select(listing.settings(new_config), format_key(key_path)):
+        key = format_key(key_path)
+        for setting in listing.select(new_settings, key):
             before = old_lines.get(setting.key)
+            if before is not None and before.value == setting.value and setting.key != key:
+                continue        # an entry of a list set whole that stays as it was
             if before is None or before.value != setting.value:
                 changed.append(setting)
             was = listing.value_text(before.value) if before else \
                 "not set" if old_config else "unknown: the file had errors"
             print("%s: %s (was %s)" % (path, setting.line(), was))
+        for before in listing.select(list(old_lines.values()), key) if key in old_lines or \
+                any(k.startswith((key + ".", key + "[")) for k in old_lines) else ():
+            if before.key not in new_keys and before.key != key:
+                # an entry a list set whole no longer has (not `KEY = []` of an empty one)
+                changed.append(before)
+                print("%s: %s removed (was %s)" % (path, before.key,
+                                                  listing.value_text(before.value)))
     _tell_daemon(args, old_config or new_config, new_config, changed)
     return EX_OK
 

@@ -35,6 +35,8 @@ from elemta.config.errors import KeyPath, format_key
 from elemta.config.sources import FORMATS
 
 BOM = "\ufeff"
+# What a TOML document holds between its keys and tables: blank lines and comments.
+_TRIVIA = (tomlkit.items.Whitespace, tomlkit.items.Comment)
 
 
 class EditError(ValueError):
@@ -87,9 +89,11 @@ def _yaml_indentation(text: str) -> Tuple[int, int]:
 
 
 def _yaml_value(value: Any, old: Any = None) -> Any:
-    """A plain value as ruamel.yaml should write it: a string quoted as the one it
-    replaces was; new lists and tables in flow style, strings in them double-quoted
-    (as the example configuration writes them)."""
+    """A plain value as ruamel.yaml should write it, in the style of the value it
+    replaces: a string quoted as that one was; a list or table in block style if
+    that one was (its entries styled as its first entry, and the comment above them
+    kept), else in flow style with its strings double-quoted, as the example
+    configuration writes them."""
     if isinstance(value, str):
         if isinstance(old, SingleQuotedScalarString):
             return SingleQuotedScalarString(value)
@@ -97,13 +101,20 @@ def _yaml_value(value: Any, old: Any = None) -> Any:
             return DoubleQuotedScalarString(value)
         return value
     if isinstance(value, (list, tuple)):
-        seq = CommentedSeq(_yaml_value(item, _IN_FLOW) for item in value)
-        seq.fa.set_flow_style()
+        block = isinstance(old, CommentedSeq) and _is_block(old)
+        sample = old[0] if block else _IN_FLOW
+        seq = CommentedSeq(_yaml_value(item, sample) for item in value)
+        if block:
+            seq.ca.comment = old.ca.comment
+        else:
+            seq.fa.set_flow_style()
         return seq
     if isinstance(value, dict):
-        table = CommentedMap((key, _yaml_value(item, _IN_FLOW))
-                             for key, item in value.items())
-        table.fa.set_flow_style()
+        block = isinstance(old, CommentedMap) and _is_block(old)
+        table = CommentedMap((key, _yaml_value(item, old.get(key) if isinstance(
+            old, dict) else _IN_FLOW)) for key, item in value.items())
+        if not block:
+            table.fa.set_flow_style()
         return table
     return value
 
@@ -122,11 +133,27 @@ def _set_yaml(document: Any, path: KeyPath, value: Any) -> None:
     last = path[-1]
     if isinstance(node, list):
         _child(node, path, len(path) - 1)
-        node[last] = _yaml_value(value, node[last])
-    elif last in node:
-        node[last] = _yaml_value(value, node[last])
-    else:
+    elif last not in node:
         _add_key(node, last, _yaml_value(value))
+        return
+    old = node[last]
+    trailing = _trailing_comment(old) if _is_block(old) else None
+    node[last] = _yaml_value(value, old)
+    if trailing is not None:        # it introduces what follows: it stays before it
+        _put_trailing(node, last, trailing)
+
+
+def _is_block(value: Any) -> bool:
+    """A non-empty block-style mapping or sequence (whose last line ends deeper down)."""
+    return isinstance(value, (dict, list)) and bool(len(value)) and not value.fa.flow_style()
+
+
+def _put_trailing(parent: Any, key: Any, token: Any) -> None:
+    """Attach the comment token after the last line of parent[key]."""
+    owner, where = (_comment_owner(parent[key]) if _is_block(parent[key]) else
+                    (parent, key))
+    slot = 0 if isinstance(owner, list) else 2
+    owner.ca.items.setdefault(where, [None] * 4)[slot] = token
 
 
 def _child(node: Any, path: KeyPath, depth: int) -> Any:
@@ -153,14 +180,10 @@ def _child(node: Any, path: KeyPath, depth: int) -> Any:
 def _add_key(table: CommentedMap, key: str, value: Any) -> None:
     """Add key after the table's last key, and move the comment lines that followed
     that key (those introducing what comes next in the file) after the new one."""
-    trailing = _trailing_comment(table) if len(table) and not table.fa.flow_style() \
-        else None
+    trailing = _trailing_comment(table) if _is_block(table) else None
     table[key] = value
     if trailing is not None:
-        owner, where = _comment_owner(table)
-        slot = 0 if isinstance(owner, list) else 2
-        entry = owner.ca.items.setdefault(where, [None] * 4)
-        entry[slot] = trailing
+        _put_trailing(table, key, trailing)
 
 
 def _comment_owner(node: Any) -> Tuple[Any, Any]:
@@ -168,15 +191,30 @@ def _comment_owner(node: Any) -> Tuple[Any, Any]:
     while True:
         last = len(node) - 1 if isinstance(node, list) else list(node)[-1]
         value = node[last]
-        if isinstance(value, (dict, list)) and len(value) and not value.fa.flow_style():
+        if _is_block(value):
             node = value
             continue
         return node, last
 
 
-def _trailing_comment(table: CommentedMap) -> Any:
-    """Take the comment lines after the table's last line off their owner and return
-    them as a token, leaving a comment on that last line where it was; None if none."""
+def _trailing_comment(table: Any) -> Any:
+    """Take the comment lines after the block collection's last line off their owner
+    and return them as one token to put after a value (_put_trailing), leaving a
+    comment on that last line where it was; None if none."""
+    node = table
+    while True:
+        # After a sequence of flow tables, ruamel keeps them as the sequence's end.
+        end = getattr(node.ca, "end", None)
+        if end:
+            node.ca.end = []
+            # Each of these knows its column; one token after a value does not.
+            return CommentToken("\n" + "".join(
+                " " * token.column + token.value if token.value.startswith("#")
+                else token.value for token in end), end[0].start_mark, None)
+        last = len(node) - 1 if isinstance(node, list) else list(node)[-1]
+        if not _is_block(node[last]):
+            break
+        node = node[last]
     owner, where = _comment_owner(table)
     entry = owner.ca.items.get(where)
     slot = 0 if isinstance(owner, list) else 2
@@ -230,30 +268,60 @@ def _set_toml(document: Any, path: KeyPath, value: Any) -> None:
         if last in node:
             del node[last]
     elif last in node:
+        trailing = _take_toml_trailing(node[last])
         node[last] = value
+        for item in trailing:       # what introduced the next table stays before it
+            _last_toml_table(node[last]).add(item)
     else:
         _add_toml_key(node, last, value)
+
+
+def _last_toml_table(item: Any) -> Any:
+    """The table whose body ends where item's text ends (None: item is a value)."""
+    if isinstance(item, tomlkit.items.AoT):
+        return item.body[-1] if item.body else None
+    if isinstance(item, tomlkit.items.Table) and not item.is_super_table():
+        return item
+    return None
+
+
+def _take_toml_trailing(item: Any) -> list:
+    """The blank lines and comments ending a [table] or [[array]] that is about to be
+    replaced, taken off it: they introduce whatever follows in the file."""
+    table = _last_toml_table(item)
+    if table is None:
+        return []
+    body = table.value.body
+    position = len(body)
+    while position and body[position - 1][0] is None and isinstance(body[position - 1][1],
+                                                                    _TRIVIA):
+        position -= 1
+    trailing = [entry for _, entry in body[position:]]
+    del body[position:]
+    return trailing
 
 
 def _add_toml_key(table: Any, key: str, value: Any) -> None:
     """Add key after the table's last key-value line, before the blank lines and
     comments that follow it (they introduce the next table)."""
     container = table.value if isinstance(table, tomlkit.items.Table) else table
-    if not isinstance(container, tomlkit.container.Container) or isinstance(
-            value, (dict, tomlkit.items.Table)) or isinstance(table, tomlkit.items.InlineTable):
+    tables = isinstance(value, (dict, tomlkit.items.Table)) or (
+        isinstance(value, list) and value and all(isinstance(v, dict) for v in value))
+    if not isinstance(container, tomlkit.container.Container) or tables or isinstance(
+            table, tomlkit.items.InlineTable):
         table[key] = value     # a table goes last anyway, an inline one has no comments
         return
     body = container.body
     position = len(body)
     while position and body[position - 1][0] is None and isinstance(
-            body[position - 1][1], (tomlkit.items.Whitespace, tomlkit.items.Comment)):
+            body[position - 1][1], _TRIVIA):
         position -= 1
     first_table = next((i for i, (_, item) in enumerate(body)
                         if isinstance(item, (tomlkit.items.Table, tomlkit.items.AoT))), None)
     if first_table is not None:     # the document's own keys go before its first [table]
         position = min(position, first_table)
         while position and body[position - 1][0] is None and isinstance(
-                body[position - 1][1], (tomlkit.items.Whitespace, tomlkit.items.Comment)):
+                body[position - 1][1], _TRIVIA):
             position -= 1
     if position == len(body):
         table[key] = value
