@@ -77,16 +77,16 @@ def cmd_set(args) -> int:
     from elemta.config.editor import EditError, edit_text, replace_file
     from elemta.config.errors import format_key
     path = _file_to_edit(args)
-    text = _read_text(path)
     old_config = _config_as_it_is(path)
+    text = _read_text(path)
     known = listing.defaults() + (listing.settings(old_config) if old_config else [])
     changes = [_change(assignment, known) for assignment in args.assignments]
     try:
-        new_text = edit_text(path, text, [(key_path, value) for _, key_path, value in changes])
+        new_text = edit_text(path, text, [(key_path, value) for key_path, value in changes])
     except EditError as exc:
         raise Failure(EX_DATAERR, "config set: %s; %s unchanged" % (exc, path))
     try:
-        new_config = _check(path, new_text, [key_path for _, key_path, _ in changes])
+        new_config = _check(path, new_text, [key_path for key_path, _ in changes])
     except ConfigError as exc:
         for problem in exc.problems:
             print(str(problem), file=sys.stderr)
@@ -100,15 +100,23 @@ def cmd_set(args) -> int:
     except OSError as exc:
         raise Failure(os.EX_CANTCREAT, "config set: cannot write %s: %s; it is unchanged"
                       % (exc.filename or path, exc.strerror or exc))
+    changed = _report(path, [format_key(key_path) for key_path, _ in changes],
+                      old_config, new_config)
+    _tell_daemon(args, old_config or new_config, new_config, changed)
+    return EX_OK
 
-    old_lines = {s.key: s for s in listing.settings(old_config)} if old_config else {}
+
+def _report(path: str, keys: List[str], old_config, new_config) -> List[Any]:
+    """Print each setting under the keys set with its old value (and the list entries
+    gone); return the settings that changed."""
+    from elemta.config import listing
+    old = {s.key: s for s in listing.settings(old_config)} if old_config else {}
+    new = listing.settings(new_config)
+    new_keys = {s.key for s in new}
     changed = []
-    new_settings = listing.settings(new_config)
-    new_keys = {s.key for s in new_settings}
-    for _, key_path, _ in changes:
-        key = format_key(key_path)
-        for setting in listing.select(new_settings, key):
-            before = old_lines.get(setting.key)
+    for key in keys:
+        for setting in listing.select(new, key):
+            before = old.get(setting.key)
             if before is not None and before.value == setting.value and setting.key != key:
                 continue        # an entry of a list set whole that stays as it was
             if before is None or before.value != setting.value:
@@ -116,15 +124,13 @@ def cmd_set(args) -> int:
             was = listing.value_text(before.value) if before else \
                 "not set" if old_config else "unknown: the file had errors"
             print("%s: %s (was %s)" % (path, setting.line(), was))
-        for before in listing.select(list(old_lines.values()), key) if key in old_lines or \
-                any(k.startswith((key + ".", key + "[")) for k in old_lines) else ():
-            if before.key not in new_keys and before.key != key:
-                # an entry a list set whole no longer has (not `KEY = []` of an empty one)
+        for before in old.values():
+            # An entry a list set whole no longer has (not `KEY = []`, the empty list).
+            if before.key.startswith((key + ".", key + "[")) and before.key not in new_keys:
                 changed.append(before)
                 print("%s: %s removed (was %s)" % (path, before.key,
                                                   listing.value_text(before.value)))
-    _tell_daemon(args, old_config or new_config, new_config, changed)
-    return EX_OK
+    return changed
 
 
 def _config_as_it_is(path: str):
@@ -180,12 +186,12 @@ def _read_text(path: str) -> str:
             return stream.read().decode("utf-8")
     except OSError as exc:
         raise Failure(EX_NOINPUT, "%s: %s" % (path, exc.strerror or exc))
-    except UnicodeDecodeError:      # read_config has already said so, with the line
+    except UnicodeDecodeError:      # _config_as_it_is has said where; not reached
         raise Failure(EX_DATAERR, "%s: the file is not UTF-8 text" % path)
 
 
-def _change(assignment: str, known) -> Tuple[str, Any, Any]:
-    """(key, key path, plain value) for one KEY=VALUE argument."""
+def _change(assignment: str, known) -> Tuple[Any, Any]:
+    """(key path, plain value) for one KEY=VALUE argument."""
     from elemta.config import listing
     key, equals, text = assignment.partition("=")
     key = key.strip()
@@ -198,7 +204,7 @@ def _change(assignment: str, known) -> Tuple[str, Any, Any]:
         raise Failure(EX_USAGE, "config set: %s" % exc)
     except ValueError as exc:
         raise Failure(EX_USAGE, "config set: %s" % exc)
-    return key, key_path, listing.parse_value(text, kind)
+    return key_path, listing.parse_value(text, kind)
 
 
 def _tell_daemon(args, old_config, new_config, changed: List[Any]) -> None:
