@@ -64,9 +64,17 @@ def cmd_get(args) -> int:
 
 
 def _print(chosen, values_only: bool) -> None:
+    """The lines, in UTF-8 whatever the locale (an IDN host name); a closed pipe
+    (| head) ends the command quietly."""
     from elemta.config.listing import value_text
     lines = [value_text(s.value) if values_only else s.line() for s in chosen]
-    sys.stdout.write("".join(line + "\n" for line in lines))
+    try:
+        sys.stdout.flush()
+        sys.stdout.buffer.write("".join(line + "\n" for line in lines).encode("utf-8"))
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # ---------------------------------------------------------------- set
