@@ -106,8 +106,8 @@ def cmd_set(args) -> int:
     try:
         replace_file(path, new_text)
     except OSError as exc:
-        raise Failure(os.EX_CANTCREAT, "config set: cannot write %s: %s; it is unchanged"
-                      % (exc.filename or path, exc.strerror or exc))
+        raise Failure(os.EX_CANTCREAT, "config set: cannot replace %s (by a new file "
+                      "beside it): %s; it is unchanged" % (path, exc.strerror or exc))
     changed = _report(path, [format_key(key_path) for key_path, _ in changes],
                       old_config, new_config)
     _tell_daemon(args, old_config or new_config, new_config, changed)
