@@ -2,8 +2,10 @@
 """Write the settings debconf owns into /etc/elemta/elemta.yaml, keeping everything else.
 
 Run by the elemta package's postinst (installed as /usr/lib/elemta/debconf-config, with the
-private venv's python, so ruamel.yaml is the pinned one). A round trip through ruamel.yaml
-keeps the admin's comments, order and every other setting; only these change:
+private venv's python, so elemta and the pinned ruamel.yaml are importable). The round trip
+is elemta.config.editor's, the one `elemtactl config set` edits with: it keeps the admin's
+comments, order, indentation and every other setting, and replaces the file atomically
+(fsync'd, mode and owner kept); only these change:
 
   smtpd.hostname        the mail name (also written to /etc/mailname by postinst)
   listeners             the port-25 "smtp" listeners: loopback (127.0.0.1, ::1) for
@@ -14,13 +16,13 @@ keeps the admin's comments, order and every other setting; only these change:
 A missing configuration is started from /usr/share/elemta/elemta.yaml.example.
 """
 import argparse
+import io
 import os
-import shutil
 import sys
-import tempfile
 
-from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
+
+from elemta.config.editor import replace_file, round_trip_yaml
 
 TEMPLATE = "/usr/share/elemta/elemta.yaml.example"
 ADDRESSES = {"local": ("127.0.0.1", "::1"), "satellite": ("127.0.0.1", "::1"),
@@ -69,22 +71,15 @@ def main(argv=None):
     parser.add_argument("--mailname", required=True)
     parser.add_argument("--relayhost", default="")
     args = parser.parse_args(argv)
-    yaml = YAML()               # round trip: comments and order survive
-    yaml.preserve_quotes = True
-    yaml.indent(mapping=2, sequence=4, offset=2)
     source = args.config if os.path.exists(args.config) else TEMPLATE
-    with open(source) as stream:
-        doc = yaml.load(stream)
+    with open(source, encoding="utf-8") as stream:
+        text = stream.read()
+    yaml = round_trip_yaml(text)        # comments, order and indentation survive
+    doc = yaml.load(text)
     apply(doc, args.type, args.mailname, args.relayhost, have_ipv6())
-    directory = os.path.dirname(args.config) or "."
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=".elemta.yaml.")
-    with os.fdopen(fd, "w") as stream:
-        yaml.dump(doc, stream)
-    if os.path.exists(args.config):
-        shutil.copymode(args.config, temp)
-    else:
-        os.chmod(temp, 0o644)
-    os.replace(temp, args.config)
+    out = io.StringIO()
+    yaml.dump(doc, out)
+    replace_file(args.config, out.getvalue(), new_mode=0o644)
     return 0
 
 

@@ -76,3 +76,24 @@ def test_missing_config_starts_from_the_template(tmp_path):
     assert module.main(["--config", str(target), "--type", "local", "--mailname", "x.example"]) == 0
     assert oct(os.stat(target).st_mode & 0o777) == "0o644"
     assert load_config(str(target), check_files=False).smtpd.hostname == "x.example"
+
+
+def test_an_admins_own_indentation_and_ownership_survive(tmp_path):
+    """The helper edits through elemta.config.editor, as elemtactl config set does."""
+    target = tmp_path / "elemta.yaml"
+    target.write_text("# ours\n"
+                      "smtpd:\n"
+                      "    hostname: old.example   # from the installer\n"
+                      "    banner: 'ESMTP ours'\n"
+                      "\n"
+                      "# where the queue lives\n"
+                      "queue:\n"
+                      "    spool_dir: /var/spool/elemta\n")
+    os.chmod(target, 0o640)
+    config = run(target, "--type", "local", "--mailname", "new.example")
+    assert config.smtpd.hostname == "new.example" and config.smtpd.banner == "ESMTP ours"
+    lines = target.read_text().splitlines()
+    assert lines[:8] == ["# ours", "smtpd:", "    hostname: new.example   # from the installer",
+                         "    banner: 'ESMTP ours'", "", "# where the queue lives", "queue:",
+                         "    spool_dir: /var/spool/elemta"]
+    assert oct(os.stat(target).st_mode & 0o777) == "0o640"

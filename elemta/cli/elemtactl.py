@@ -1,8 +1,9 @@
 """elemtactl: the administrator's command for a running or stopped Elemta.
 
 Runs as its own short-lived process (owned by no daemon). It manages the SMTP
-AUTH users (`user add/passwd/del/list`), checks the configuration (`config
-check`), makes DKIM signing keys (`dkim keygen`), lists and changes the queue
+AUTH users (`user add/passwd/del/list`), checks, shows and changes the
+configuration (`config check`; `config show/get/set`, in elemta.cli.configcmd),
+makes DKIM signing keys (`dkim keygen`), lists and changes the queue
 (`queue ...`, in elemta.cli.queuecmd) and asks a running master for its status,
 a reload or a stop (`status`, `reload`, `stop`, in elemta.cli.control).
 
@@ -23,7 +24,7 @@ from os import (EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_NOUSER, EX_O
                 EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE)
 from typing import Callable, List, Optional
 
-from elemta.cli import control, filecheck, pfimport, queuecmd
+from elemta.cli import configcmd, control, filecheck, pfimport, queuecmd
 from elemta.cli.config_finder import config_path, read_config
 from elemta.cli.failure import EX_FAILED, Failure
 from elemta.util import credentials, daemonfiles
@@ -386,13 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("user", metavar="USER", help="user name (case-sensitive)")
         sub.set_defaults(handler=handler)
 
-    config = commands.add_parser("config", help="check the configuration")
+    config = commands.add_parser("config", help="check, show and change the configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION",
                                             parser_class=_Parser)
     config_commands.required = True
     check = config_commands.add_parser("check", parents=[config_option],
                                        help="load the configuration and report its errors")
     check.set_defaults(handler=cmd_config_check)
+    configcmd.add_config_actions(config_commands, [config_option])
 
     queuecmd.add_queue_commands(commands, _Parser, [config_option])
     pfimport.add_command(commands, _Parser, [config_option])

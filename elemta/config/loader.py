@@ -82,7 +82,17 @@ def load_config(path: Union[str, "os.PathLike[str]"],
         raise ConfigError.about_file(
             file, "the file is not UTF-8 text (byte 0x%02x)" % raw[error.start],
             raw[:error.start].count(b"\n") + 1) from None
+    return load_text(file, text, check_files)
 
+
+def load_text(file: str, text: str, check_files: Union[bool, FileCheck] = True) -> Config:
+    """Check `text` as the contents of the config file `file` (its name picks the
+    format), exactly as load_config does: what elemtactl config set runs on the text it
+    is about to write, so a refused edit gets the message start-up would give."""
+    format_name = FORMATS.get(os.path.splitext(file)[1].lower())
+    if format_name is None:
+        raise ConfigError.about_file(
+            file, "unknown config file format: name it *.yaml, *.yml (YAML) or *.toml (TOML)")
     source = parse(file, text, format_name)
     checker = _Checker(file, source.lines, source.table_word, check_files)
     config = checker.build(Config, source.data, ())
@@ -129,7 +139,7 @@ def schema_options(cls: type) -> List[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
 
 
-def _optional_inner(kind: Any) -> Any:
+def optional_inner(kind: Any) -> Any:
     """Optional[X] -> X; anything else -> None."""
     if typing.get_origin(kind) is Union:
         others = [arg for arg in typing.get_args(kind) if arg is not type(None)]
@@ -158,7 +168,7 @@ def _list_item(kind: Any) -> Any:
 
 def type_name(kind: Any, table_word: str = "table", plural: bool = False) -> str:
     """A schema type in words: 'an integer', 'a list of strings', 'a table'."""
-    inner = _optional_inner(kind)
+    inner = optional_inner(kind)
     if inner is not None:
         return type_name(inner, table_word, plural)
     item = sequence_item(kind)
@@ -320,7 +330,7 @@ class _Checker:
             check(format_key(path))
         except PluginConfigError as error:
             key, _, message = str(error).partition(": ")
-            where = _key_path(key)
+            where = parse_key_path(key)
             if where[:len(path)] != path:
                 where, message = path, str(error)
             self.refuse_across(where, message)
@@ -354,7 +364,7 @@ class _Checker:
         """`value` as schema type `kind` (str, int, float, bool, Optional, Tuple, dataclass)."""
         if dataclasses.is_dataclass(kind):
             return self.build(kind, value, path)
-        inner = _optional_inner(kind)
+        inner = optional_inner(kind)
         if inner is not None:
             return None if value is None else self.convert(value, inner, path)
         if kind is Any:
@@ -503,7 +513,7 @@ def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
     return [(path, name) for path, name in files if name]
 
 
-def _key_path(text: str) -> KeyPath:
+def parse_key_path(text: str) -> KeyPath:
     """'plugins.dkim.keys[0].domain' -> ('plugins', 'dkim', 'keys', 0, 'domain')."""
     path: List[Any] = []
     for part in text.split("."):

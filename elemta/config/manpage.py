@@ -11,12 +11,12 @@ See also: elemta.config.schema, elemta.config.loader.
 """
 
 import dataclasses
-import json
 import sys
 import typing
-from typing import Any, List
+from typing import Any, List, Optional
 
 from elemta import __version__
+from elemta.config.listing import value_text
 from elemta.config.loader import schema_options, sequence_item, type_name
 from elemta.config.schema import Config
 
@@ -174,8 +174,32 @@ readable key file; greylisting's retry window is not shorter than its delay), an
 table under
 .B plugins
 that names no built\-in is checked by the installed plugin of that name.
+.SS Reload and restart
+A running Elemta reads the file again on
+.B elemtactl reload
+.RB ( "systemctl reload elemta" ,
+SIGHUP): new workers start with the new settings, the old ones finish their
+sessions, and no connection is refused.
+A reload applies every option except those marked
+.B restart
+below, which the master uses once, before it starts its workers (the spool it
+locks, the user it prepares directories for, its pid file): a change to one of
+them waits for
+.BR "systemctl restart elemta" .
+A reload binds the listeners that are new, since the master keeps the rights it
+started with.
+It cannot start more workers of a kind than the master made room for at start:
+twice
+.B smtpd.workers
+(at least twice the number of CPUs) and twice
+.B delivery.workers
+(at least 8); more wait for a restart.
+.B elemtactl config set
+says which of the two a change needs.
 .SH OPTIONS
-Each entry gives the key path, the type and the default, written as in TOML.
+Each entry gives the key path, the type and the default, written as in TOML, and
+.B restart
+when a reload does not apply a change to it.
 """
 
 _TAIL = r""".SH FILES
@@ -195,24 +219,6 @@ listeners and the spool directory.
 """
 
 
-def default_text(value: Any) -> str:
-    """A default value written as in TOML: "reject", 2525, 30.0, false, ["a", "b"]."""
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, tuple):
-        return "[" + ", ".join(default_text(item) for item in value) + "]"
-    if dataclasses.is_dataclass(value):
-        return "{" + ", ".join("%s = %s" % (f.name, default_text(getattr(value, f.name)))
-                               for f in schema_options(type(value))) + "}"
-    raise TypeError("no text for default %r" % (value,))
-
-
 def _roff(text: str) -> str:
     """Plain text as one roff text line: escape backslashes, guard a leading dot."""
     text = text.replace("\\", "\\e")
@@ -221,10 +227,14 @@ def _roff(text: str) -> str:
     return text
 
 
-def _entry(key: str, kind: Any, default: Any, doc: str) -> List[str]:
+def _entry(key: str, kind: Any, default: Any, doc: str,
+           restart: Optional[str] = None) -> List[str]:
+    if restart:
+        doc += " A change needs a restart, not a reload: %s." % restart
     return [".TP",
-            "\\fB%s\\fR (%s; default: %s)" % (key, _roff(type_name(kind).split(" ", 1)[1].split(" (")[0]),
-                                              _roff(default_text(default))),
+            "\\fB%s\\fR (%s;%s default: %s)" % (
+                key, _roff(type_name(kind).split(" ", 1)[1].split(" (")[0]),
+                " restart;" if restart else "", _roff(value_text(default))),
             _roff(doc)]
 
 
@@ -246,7 +256,8 @@ def _section(cls: type, prefix: str) -> List[str]:
                       _roff(kind.__doc__.strip())]
             lines += _section(kind, prefix + field.name + ".")
         else:
-            lines += _entry(prefix + field.name, kind, field.default, field.metadata["doc"])
+            lines += _entry(prefix + field.name, kind, field.default, field.metadata["doc"],
+                            field.metadata.get("restart"))
     return lines
 
 
@@ -267,7 +278,8 @@ def render() -> str:
                             % field.metadata["doc"])
             lines += _section(item, field.name + "[].")
         else:
-            lines += _entry(field.name, kind, field.default, field.metadata["doc"])
+            lines += _entry(field.name, kind, field.default, field.metadata["doc"],
+                            field.metadata.get("restart"))
     return "\n".join(lines) + "\n" + _TAIL
 
 

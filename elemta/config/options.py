@@ -12,12 +12,15 @@ import re
 from dataclasses import field
 
 
-def opt(default, doc, check=None):
-    """A config field: its default, its one-line doc and an optional value check
-    (callable(value) -> error message or None)."""
+def opt(default, doc, check=None, restart=None):
+    """A config field: its default, its one-line doc, an optional value check
+    (callable(value) -> error message or None) and, for the few options the master uses
+    once at start (before it forks), `restart`: why a reload (SIGHUP) cannot apply a
+    change, which then waits for a restart. elemtactl config set says which one a
+    change needs; elemta.conf(5) marks them."""
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples for sequence defaults (the config is frozen)")
-    return field(default=default, metadata={"doc": doc, "check": check})
+    return field(default=default, metadata={"doc": doc, "check": check, "restart": restart})
 
 
 def one_of(choices):

@@ -11,6 +11,8 @@ Each field's metadata (elemta.config.options.opt) carries:
   doc   - one-line description (the man page elemta.conf(5) documents every field)
   check - optional callable(value) -> error message or None, for values whose
           type is right but whose meaning is wrong (a port of 70000, say)
+  restart - why a change needs a restart, for the few options the master uses once
+          before it forks; every other option is applied by a reload (SIGHUP)
 See also: man/elemta.conf.5, etc/elemta.yaml.example, etc/elemta.toml.example.
 """
 
@@ -255,7 +257,9 @@ class TimeoutSettings:
 @dataclass(frozen=True)
 class QueueSettings:
     """The durable queue: spool files (the truth) and the LMDB index."""
-    spool_dir: str = opt("./spool", "Directory holding message files and index.lmdb.")
+    spool_dir: str = opt("./spool", "Directory holding message files and index.lmdb.",
+                         restart="the master locks the spool and prepares its maildrop "
+                                 "and metrics directories at start")
     sync_method: str = opt(
         "syncfs", "How a batch of accepted messages is made durable before the 250 reply: "
                   "syncfs (one flush of the spool file system per batch) or fsync (one "
@@ -294,10 +298,15 @@ class LoggingSettings:
 class MasterSettings:
     """The master process: privileges, supervision, pid file."""
     user: Optional[str] = opt(None, "User the workers run as after the master has bound the "
-                                    "listeners as root (default: do not change user).")
-    group: Optional[str] = opt(None, "Group the workers run as (default: the user's group).")
+                                    "listeners as root (default: do not change user).",
+                            restart="the master prepares the spool's directories for "
+                                    "this user at start")
+    group: Optional[str] = opt(None, "Group the workers run as (default: the user's group).",
+                               restart="the master prepares the spool's directories for "
+                                       "this group at start")
     pid_file: Optional[str] = opt(None, "File the master writes its pid to (with --daemon the "
-                                        "default is /run/elemta.pid).")
+                                        "default is /run/elemta.pid).",
+                                  restart="the master writes it at start")
     heartbeat_timeout: float = opt(30.0, "Seconds a worker may go without a heartbeat before "
                                          "the master kills and replaces it.", _positive)
     stop_grace: float = opt(10.0, "Seconds SIGTERM gives open sessions to finish before they "

@@ -115,17 +115,17 @@ def _parse_toml(file: str, text: str) -> Source:
         # Raised without a position, as for a key given twice inside one [table].
         raise ConfigError.about_file(file, "TOML syntax error: " + _one_line(str(error)),
                                      first_redefinition(text)) from None
-    return Source(_plain_toml(document), key_lines(text), "table")
+    return Source(plain_toml(document), key_lines(text), "table")
 
 
-def _plain_toml(node: Any) -> Any:
+def plain_toml(node: Any) -> Any:
     """tomlkit's items to plain Python values (its own unwrap() mangles strings in 0.11.0)."""
     if isinstance(node, tomlkit.items.Bool):
         return bool(node.value)
     if isinstance(node, dict):
-        return {str.__str__(key): _plain_toml(value) for key, value in node.items()}
+        return {str.__str__(key): plain_toml(value) for key, value in node.items()}
     if isinstance(node, list):
-        return [_plain_toml(item) for item in node]
+        return [plain_toml(item) for item in node]
     if isinstance(node, bool):
         return bool(node)
     if isinstance(node, int):
