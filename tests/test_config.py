@@ -253,6 +253,11 @@ ERROR_CASES = {
     "no listeners": (
         "listeners: []\n", 1, "listeners = []\n", 1,
         "listeners", "at least one listener is needed"),
+    # The banner goes into the 220 greeting: a line break would forge a reply line.
+    "line break in a string": (
+        'smtpd:\n  banner: "ESMTP\\r\\n250 forged"\n', 2,
+        '[smtpd]\nbanner = "ESMTP\\r\\n250 forged"\n', 2,
+        "smtpd.banner", "must not contain control characters (found '\\r')"),
     "not a number": (
         "timeouts:\n  command: .nan\n", 2, "[timeouts]\ncommand = nan\n", 2,
         "timeouts.command", "must be a finite number"),
@@ -426,8 +431,10 @@ port = 2526
 '''
     path = write(tmp_path, "elemta.toml", text)
     error = load_error(path)
+    # The multi-line banner is refused too (no line breaks in settings), on its own line.
     assert [(p.line, p.key) for p in error.problems] == [
-        (9, "limits.recipients"), (12, "limits.errors"), (17, "listeners[1].extra")]
+        (3, "smtpd.banner"), (9, "limits.recipients"), (12, "limits.errors"),
+        (17, "listeners[1].extra")]
 
 
 # -- the man page

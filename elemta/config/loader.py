@@ -26,6 +26,7 @@ import difflib
 import ipaddress
 import math
 import os
+import re
 import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -48,6 +49,11 @@ FileCheck = Callable[[Config, Sequence[Tuple[KeyPath, str]]], Dict[KeyPath, str]
 # as Postfix does on a table lookup error). Loading the config does not insist on them;
 # a FileCheck (elemta --check-config) is still asked about them.
 _READ_LATER = (("api", "token_file"), ("delivery", "sasl_password_file"))
+
+# No setting holds a line break or other control character (TAB is allowed): strings from
+# the config reach SMTP replies, headers and log lines (the banner, the host name), where
+# a CR or LF would let the file forge protocol lines.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def default_config() -> Config:
@@ -388,7 +394,13 @@ class _Checker:
                 return self.refuse(path, "must be a finite number, not %r" % value)
             return float(value)
         if kind is str:
-            return value if isinstance(value, str) else self.wrong_type(value, kind, path)
+            if not isinstance(value, str):
+                return self.wrong_type(value, kind, path)
+            control = _CONTROL_CHARACTER.search(value)
+            if control:
+                return self.refuse(path, "must not contain control characters (found %s)"
+                                   % ascii(control.group()))
+            return value
         raise TypeError("elemta.config.loader cannot read schema type %r at %s"
                         % (kind, format_key(path)))
 

@@ -113,6 +113,8 @@ or
 and is not an integer; an integer is accepted where a number is expected;
 a list of one item is still written as a list.
 Strings must be quoted in YAML too when they could be read as something else.
+No string may hold a line break or another control character (a tab is
+allowed): settings reach SMTP replies, headers and log lines.
 File names are used as written; relative ones are relative to the working
 directory of the process, so write absolute ones.
 .SS Errors
