@@ -1,0 +1,161 @@
+"""lmdb: tables compiled from a Postfix source file into FILE.lmdb (postmap's job).
+
+Compiled by `elemtactl map compile FILE` (compile_source) and read by every process
+that looks up (LmdbTable). The spec names the source file, as Postfix's does:
+lmdb:/etc/elemta/virtual reads /etc/elemta/virtual.lmdb; hash:/etc/elemta/virtual
+means the same (Postfix's Berkeley DB files are not read: the same source compiles here).
+
+Compiling is atomic: the entries go into a temporary LMDB file in the same directory,
+which is flushed to disk, given the mode and owner of the file it replaces (of the source
+file when there is none, as postmap does), renamed over FILE.lmdb, and the directory is
+flushed. A reader never sees half a table: it has either the old file or the new one.
+
+A long-running reader notices the replacement without a restart: each lookup compares
+the file's inode and mtime with those of the file it has open (one stat, about a
+microsecond) and reopens when they differ, so the next lookup after the rename sees
+the new table. The file is opened read-only without LMDB's lock file (nobody writes a
+published table: a new one replaces it whole), so readers need no write access to
+the directory. Lookups are a B-tree read in memory, fast enough for the event loop.
+
+A missing or unreadable FILE.lmdb is TableUnavailable: mail waits (451) while the admin
+runs the compile; nothing is refused for good.
+See also: elemta.maps.source (the source format), elemta.cli.mapcmd, postmap(1),
+lmdb_table(5).
+"""
+
+import os
+import tempfile
+from typing import Optional, Tuple
+
+import lmdb
+
+from elemta.maps.base import LookupTable, Result, TableError, TableUnavailable
+from elemta.maps.source import fold, parse_entries
+
+SUFFIX = ".lmdb"
+# LMDB's default maximum key size (mdb_env_get_maxkeysize).
+MAX_KEY_BYTES = 511
+
+
+def database_path(source: str) -> str:
+    """The compiled file of a source file: /etc/elemta/virtual -> virtual.lmdb."""
+    return source + SUFFIX
+
+
+def _identity(stat: os.stat_result) -> Tuple[int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_mtime_ns
+
+
+class LmdbTable(LookupTable):
+    """A compiled table, reopened when FILE.lmdb is replaced."""
+
+    def __init__(self, source: str, spec: str = "") -> None:
+        self.source = source
+        self.path = database_path(source)
+        self.spec = spec or "lmdb:" + source
+        self._env: Optional[lmdb.Environment] = None
+        self._identity: Optional[Tuple[int, int, int]] = None
+        self._pid: Optional[int] = None
+
+    def lookup(self, key: str) -> Result:
+        env = self._current()
+        encoded = fold(key).encode("utf-8", "surrogateescape")
+        if not encoded or len(encoded) > MAX_KEY_BYTES:
+            return None
+        try:
+            with env.begin(buffers=False) as txn:
+                value = txn.get(encoded)
+        except lmdb.Error as error:
+            raise TableUnavailable("%s: cannot read %s: %s" % (self.spec, self.path, error))
+        return None if value is None else value.decode("utf-8", "replace")
+
+    def _current(self) -> "lmdb.Environment":
+        """The environment of the file now at self.path, reopened if it was replaced
+        (or if this process was forked from the one that opened it)."""
+        try:
+            identity = _identity(os.stat(self.path))
+        except OSError as error:
+            raise TableUnavailable("%s: cannot read %s: %s%s" % (
+                self.spec, self.path, error.strerror,
+                " (run: elemtactl map compile %s)" % self.source
+                if isinstance(error, FileNotFoundError) else ""))
+        if self._env is not None and identity == self._identity and (
+                self._pid == os.getpid()):
+            return self._env
+        self.close()
+        try:
+            self._env = lmdb.open(self.path, subdir=False, readonly=True, lock=False,
+                                  max_dbs=0)
+        except lmdb.Error as error:
+            raise TableUnavailable("%s: cannot open %s: %s" % (self.spec, self.path, error))
+        self._identity, self._pid = identity, os.getpid()
+        return self._env
+
+    def close(self) -> None:
+        # An environment inherited across fork is left alone (LMDB forbids using it).
+        if self._env is not None and self._pid == os.getpid():
+            self._env.close()
+        self._env = None
+
+
+def compile_source(source: str) -> int:
+    """Compile the source file into source.lmdb atomically; returns the number of
+    entries. Raises TableError naming file:line for a bad line, OSError otherwise."""
+    try:
+        with open(source, encoding="utf-8", errors="surrogateescape") as lines:
+            entries = parse_entries(lines, source)
+        source_stat = os.stat(source)
+    except UnicodeDecodeError as error:     # surrogateescape: not expected, but say so
+        raise TableError("%s: not readable as text: %s" % (source, error))
+    for key, _ in entries:
+        if len(key.encode("utf-8", "surrogateescape")) > MAX_KEY_BYTES:
+            raise TableError("%s: key %s...: longer than %d bytes"
+                             % (source, key[:40], MAX_KEY_BYTES))
+    target = database_path(source)
+    directory = os.path.dirname(os.path.abspath(target))
+    fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".",
+                                     dir=directory)
+    os.close(fd)
+    try:
+        size = sum(len(k) + len(v) for k, v in entries)
+        env = lmdb.open(temporary, subdir=False, lock=False, max_dbs=0,
+                        map_size=(1 << 20) + 16 * size + 256 * len(entries))
+        try:
+            with env.begin(write=True) as txn:
+                for key, value in entries:
+                    txn.put(key.encode("utf-8", "surrogateescape"),
+                            value.encode("utf-8", "surrogateescape"))
+            env.sync(True)
+        finally:
+            env.close()
+        _take_over_ownership(temporary, target, source_stat)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.rename(temporary, target)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return len(entries)
+
+
+def _take_over_ownership(temporary: str, target: str, source_stat: os.stat_result) -> None:
+    """Give the new file the mode and owner of the file it replaces, or the source's."""
+    try:
+        model = os.stat(target)
+    except FileNotFoundError:
+        model = source_stat
+    fd = os.open(temporary, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        if os.geteuid() == 0:
+            os.fchown(fd, model.st_uid, model.st_gid)
+        os.fchmod(fd, model.st_mode & 0o7777)
+    finally:
+        os.close(fd)
