@@ -6,7 +6,9 @@ master again on reload); nothing else reads config files.
 The loader knows no option by name. It walks the dataclasses of elemta.config.schema
 (dataclasses.fields, typing.get_type_hints): a nested dataclass is a table, a
 Tuple[X, ...] a list, and each field's metadata `check` judges the value once its type
-is right. A field's default is always acceptable, even where the check would refuse
+is right; a type of its own (elemta.maps.TableSpec: a lookup table) reads its value
+with its from_config classmethod, whose ValueError is the problem reported. A field's
+default is always acceptable, even where the check would refuse
 it (smtpd.hostname "" means "the system's host name"). The built-in plugins' tables are
 their own Settings classes (elemta.plugins.settings) and are read the same way; so is
 the table of a third-party plugin, against the Settings class of the installed plugin
@@ -165,7 +167,10 @@ def type_name(kind: Any, table_word: str = "table", plural: bool = False) -> str
     if item is not None:
         words = "list of " + type_name(item, table_word, plural=True)
         return words + "s" if plural else "a " + words
-    if dataclasses.is_dataclass(kind):
+    if hasattr(kind, "type_words"):     # a type of its own (elemta.maps.TableSpec)
+        singular, plural_form = kind.type_words
+        words = plural_form if plural else singular
+    elif dataclasses.is_dataclass(kind):
         words = (table_word + "s") if plural else "a " + table_word
     else:
         singular, plural_form = {
@@ -351,7 +356,14 @@ class _Checker:
         return self.refuse(path, message)
 
     def convert(self, value: Any, kind: Any, path: KeyPath) -> Any:
-        """`value` as schema type `kind` (str, int, float, bool, Optional, Tuple, dataclass)."""
+        """`value` as schema type `kind` (str, int, float, bool, Optional, Tuple, dataclass,
+        or a type with a from_config classmethod such as elemta.maps.TableSpec)."""
+        from_config = getattr(kind, "from_config", None)
+        if from_config is not None:
+            try:
+                return from_config(value)
+            except ValueError as error:
+                return self.refuse(path, str(error))
         if dataclasses.is_dataclass(kind):
             return self.build(kind, value, path)
         inner = _optional_inner(kind)

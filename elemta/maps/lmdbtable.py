@@ -13,7 +13,8 @@ flushed. A reader never sees half a table: it has either the old file or the new
 A long-running reader notices the replacement without a restart: each lookup compares
 the file's inode and mtime with those of the file it has open (one stat, about a
 microsecond) and reopens when they differ, so the next lookup after the rename sees
-the new table. The file is opened read-only without LMDB's lock file (nobody writes a
+the new table. Tables naming one file share its environment in a process (LMDB
+allows one per file). The file is opened read-only without LMDB's lock file (nobody writes a
 published table: a new one replaces it whole), so readers need no write access to
 the directory. Lookups are a B-tree read in memory, fast enough for the event loop.
 
@@ -25,7 +26,7 @@ lmdb_table(5).
 
 import os
 import tempfile
-from typing import Optional, Tuple
+from typing import Dict, Tuple
 
 import lmdb
 
@@ -46,6 +47,36 @@ def _identity(stat: os.stat_result) -> Tuple[int, int, int]:
     return stat.st_dev, stat.st_ino, stat.st_mtime_ns
 
 
+# path -> (pid, identity, environment): one environment per file and process, shared by
+# every table naming it (LMDB allows a file to be open once per process).
+_environments: Dict[str, Tuple[int, Tuple[int, int, int], "lmdb.Environment"]] = {}
+
+
+def _environment(path: str, spec: str, source: str) -> "lmdb.Environment":
+    """The environment of the file now at path, reopened if the file was replaced (or if
+    this process was forked from the one that opened it)."""
+    try:
+        identity = _identity(os.stat(path))
+    except OSError as error:
+        raise TableUnavailable("%s: cannot read %s: %s%s" % (
+            spec, path, error.strerror, " (run: elemtactl map compile %s)" % source
+            if isinstance(error, FileNotFoundError) else ""))
+    pid = os.getpid()
+    known = _environments.pop(path, None)
+    if known is not None:
+        if known[:2] == (pid, identity):
+            _environments[path] = known
+            return known[2]
+        if known[0] == pid:     # one inherited across fork is left alone (LMDB says so)
+            known[2].close()
+    try:
+        env = lmdb.open(path, subdir=False, readonly=True, lock=False, max_dbs=0)
+    except lmdb.Error as error:
+        raise TableUnavailable("%s: cannot open %s: %s" % (spec, path, error))
+    _environments[path] = (pid, identity, env)
+    return env
+
+
 class LmdbTable(LookupTable):
     """A compiled table, reopened when FILE.lmdb is replaced."""
 
@@ -53,12 +84,9 @@ class LmdbTable(LookupTable):
         self.source = source
         self.path = database_path(source)
         self.spec = spec or "lmdb:" + source
-        self._env: Optional[lmdb.Environment] = None
-        self._identity: Optional[Tuple[int, int, int]] = None
-        self._pid: Optional[int] = None
 
     def lookup(self, key: str) -> Result:
-        env = self._current()
+        env = _environment(self.path, self.spec, self.source)
         encoded = fold(key).encode("utf-8", "surrogateescape")
         if not encoded or len(encoded) > MAX_KEY_BYTES:
             return None
@@ -68,34 +96,6 @@ class LmdbTable(LookupTable):
         except lmdb.Error as error:
             raise TableUnavailable("%s: cannot read %s: %s" % (self.spec, self.path, error))
         return None if value is None else value.decode("utf-8", "replace")
-
-    def _current(self) -> "lmdb.Environment":
-        """The environment of the file now at self.path, reopened if it was replaced
-        (or if this process was forked from the one that opened it)."""
-        try:
-            identity = _identity(os.stat(self.path))
-        except OSError as error:
-            raise TableUnavailable("%s: cannot read %s: %s%s" % (
-                self.spec, self.path, error.strerror,
-                " (run: elemtactl map compile %s)" % self.source
-                if isinstance(error, FileNotFoundError) else ""))
-        if self._env is not None and identity == self._identity and (
-                self._pid == os.getpid()):
-            return self._env
-        self.close()
-        try:
-            self._env = lmdb.open(self.path, subdir=False, readonly=True, lock=False,
-                                  max_dbs=0)
-        except lmdb.Error as error:
-            raise TableUnavailable("%s: cannot open %s: %s" % (self.spec, self.path, error))
-        self._identity, self._pid = identity, os.getpid()
-        return self._env
-
-    def close(self) -> None:
-        # An environment inherited across fork is left alone (LMDB forbids using it).
-        if self._env is not None and self._pid == os.getpid():
-            self._env.close()
-        self._env = None
 
 
 def compile_source(source: str) -> int:

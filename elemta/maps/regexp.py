@@ -1,4 +1,4 @@
-"""regexp: Postfix regexp_table(5) files, read into Python regular expressions.
+r"""regexp: Postfix regexp_table(5) files, read into Python regular expressions.
 
 Opened by any process that looks up (header checks, address rewriting...). The syntax,
 as Postfix's:
