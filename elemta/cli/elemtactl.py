@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "instead of prompting twice")
 
     parser = _Parser(prog=PROG, description="Administer Elemta.",
-                     epilog="Exit status: 0 success, 1 config errors (config check), "
+                     epilog="Exit status: 0 success, 1 config errors (config check) or key not "
+                            "found (map query), "
                             "64 usage, 65 bad password or damaged spool file, 66 no input "
                             "file or queue, 67 no such user or message, 73 cannot create "
                             "(or user or key exists), 74 queue I/O "

@@ -88,7 +88,7 @@ def _basic_to_extended(pattern: str) -> str:
     return "".join(out)
 
 
-class _Parser:
+class _LineReader:
     """Reads one logical line's patterns; each error names where:line."""
 
     def __init__(self, where: str, number: int, text: str) -> None:
@@ -168,7 +168,7 @@ def parse_rules(lines, where: str) -> List[_Rule]:
             stack.pop()
             continue
         if word == "if":
-            parser = _Parser(where, number, text[2:].lstrip())
+            parser = _LineReader(where, number, text[2:].lstrip())
             pattern = parser.pattern()
             if parser.rest():
                 raise parser.error("text after the if pattern: %r" % parser.rest())
@@ -176,7 +176,7 @@ def parse_rules(lines, where: str) -> List[_Rule]:
             stack[-1][0].append(rule)
             stack.append((rule.block, number))
             continue
-        parser = _Parser(where, number, text)
+        parser = _LineReader(where, number, text)
         pattern = parser.pattern()
         result = parser.rest()
         if not result:
