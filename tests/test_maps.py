@@ -11,7 +11,7 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import gevent
 import pytest
@@ -340,6 +340,7 @@ def test_a_table_that_cannot_answer_stops_the_search(tmp_path):
 class _MapSettings:
     """A stand-in for the schema sections that will hold tables (virtual_alias_maps...)."""
     virtual: Optional[TableSpec] = None
+    checks: Tuple[TableSpec, ...] = ()
 
 
 def _load(tmp_path, text, fmt="yaml"):
@@ -347,8 +348,10 @@ def _load(tmp_path, text, fmt="yaml"):
     from elemta.config.sources import parse
     path = str(tmp_path / ("elemta." + fmt))
     source = parse(path, textwrap.dedent(text), fmt.upper())
-    checker = _Checker(path, source.lines, source.table_word, check_files=False)
-    return checker.build(_MapSettings, source.data, ()), checker.problems
+    checker = _Checker(path, source.lines, source.table_word, check_files=True)
+    settings = checker.build(_MapSettings, source.data, ())
+    checker.check_tables(settings)
+    return settings, checker.problems
 
 
 def test_config_values_become_table_specs(tmp_path):
@@ -401,3 +404,21 @@ def test_map_query_errors_are_one_line_with_a_status(tmp_path):
     down = elemtactl("map", "query", "lmdb:%s/never" % tmp_path, "x")
     assert down.returncode == os.EX_TEMPFAIL
     assert "Traceback" not in down.stderr + bad_file.stderr + bad_spec.stderr
+
+
+def test_the_files_of_tables_are_read_at_load_and_named_for_the_file_check(tmp_path):
+    from elemta.config.loader import own_typed_values
+    good = write(tmp_path / "good", "/a/ b\n")
+    bad = write(tmp_path / "bad", "/a/ b\n/(/ c\n")
+    settings, problems = _load(tmp_path, """\
+        virtual: lmdb:/etc/elemta/not-compiled-yet
+        checks:
+          - regexp:%s
+          - regexp:%s
+        """ % (good, bad))
+    assert [str(p) for p in problems] == [
+        "%s:4: checks[1]: %s:2: bad pattern /(/: missing ), unterminated subpattern at "
+        "position 0" % (tmp_path / "elemta.yaml", bad)]
+    assert [(path, spec.worker_file) for path, spec in own_typed_values(settings)] == [
+        (("virtual",), "/etc/elemta/not-compiled-yet.lmdb"), (("checks", 0), good),
+        (("checks", 1), bad)]

@@ -19,7 +19,7 @@ See also: elemta.maps.base, man/elemta-tables.5.
 """
 
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 from elemta.maps.base import LookupTable, TableError
 from elemta.maps.inline import InlineTable, parse_braces
@@ -48,6 +48,26 @@ class TableSpec:
         return "inline:{ %s }" % ", ".join(
             "{ %s = %s }" % (key, ", ".join(value) if isinstance(value, tuple) else value)
             for key, value in self.entries)
+
+    @property
+    def worker_file(self) -> str:
+        """The file the processes that look up read ("" for inline): the config check
+        opens it as master.user (elemta.config.loader.table_files)."""
+        if self.type in ("lmdb", "hash"):
+            return self.name + ".lmdb"
+        return self.name
+
+    def check(self) -> Optional[str]:
+        """What is wrong with the file this spec names (file:line), or None; read when
+        the config loads (elemta.config.loader.check_tables). A compiled table is not
+        read: a missing one only makes lookups wait (TableUnavailable)."""
+        if self.type in ("inline", "lmdb", "hash"):
+            return None
+        try:
+            open_table(self).close()
+        except TableError as error:
+            return str(error)
+        return None
 
     @classmethod
     def from_config(cls, value: Any) -> "TableSpec":
