@@ -201,6 +201,20 @@ def test_an_edited_regexp_table_is_reread_and_a_broken_edit_is_temporary(tmp_pat
         table.lookup("a")
 
 
+def test_a_pattern_that_backtracks_fails_in_bounded_time_and_the_loop_runs(tmp_path):
+    path = write(tmp_path / "checks", "/^(a+)+$/ exponential\n/^ok$/ fine\n")
+    table = open_table("regexp:" + path)
+    ticks = []
+    ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.05)) for _ in range(100)])
+    started = time.monotonic()
+    with pytest.raises(TableUnavailable, match="matching took over 2 seconds"):
+        table.lookup("a" * 40 + "!")
+    ticker.kill()
+    assert time.monotonic() - started < 4
+    assert len(ticks) >= 20                 # the event loop ran while it matched
+    assert table.lookup("ok") == "fine"     # a fresh helper answers the next lookup
+
+
 # ---------------------------------------------------------------- sqlite
 
 @pytest.fixture

@@ -15,8 +15,9 @@ the table of a third-party plugin, against the Settings class of the installed p
 of that name, and a plugin table's validate(path) judges it across its fields. Then a
 few checks that span fields (AUTH on submission ports, duplicate listeners, the files of
 the lookup tables named) run on the result, and the files the workers will read (TLS,
-credentials, signing keys; tables' files only by elemta --check-config) are opened, unless the caller is a tool every user runs, which needs no secret
-(load_config's check_files).
+credentials, signing keys; tables' files only by elemta --check-config) are opened,
+unless the caller is a tool every user runs, which needs no secret (load_config's
+check_files).
 Every problem in the file is collected, with its line and key path, before ConfigError
 is raised, so one run shows the administrator everything to fix.
 See also: elemta.config.schema, elemta.config.sources, man/elemta.conf.5.

@@ -27,18 +27,28 @@ file:line, when the table is opened (so the config check shows it). The file is 
 again when it changes (inode or mtime), so an edit needs no reload; if the edited file
 has an error, lookups raise TableUnavailable naming it (mail waits) until it is fixed.
 
-The key is matched whole, as given (not folded). Keys longer than MAX_KEY bytes match
-nothing: a regular expression can take time exponential in its input, and a lookup runs
-in the event loop, so the input is bounded.
-See also: regexp_table(5), elemta.maps.base.
+The key is matched whole, as given (not folded). Matching is CPU work whose time an
+attacker's key can make exponential for some patterns (/^(\w+\s?)+$/ on a long header),
+so it never runs in the event loop: each lookup is one call to a compute helper
+(elemta.util.offload, about 50 microseconds), which keeps the tables it has read (and
+reads a changed file again). Past MATCH_TIMEOUT seconds the helper is killed and the
+lookup is TableUnavailable; the sessions of the process go on meanwhile. Keys longer
+than MAX_KEY bytes match nothing.
+See also: regexp_table(5), elemta.maps.base, elemta.util.offload.
 """
 
 import os
 import re
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
+
+import gevent
 
 from elemta.maps.base import LookupTable, Result, TableError, TableUnavailable
 from elemta.maps.source import logical_lines
+from elemta.util import offload
+
+# Seconds one lookup may spend matching before it fails (temporarily).
+MATCH_TIMEOUT = 2.0
 
 # Header lines and addresses are far shorter (RFC 5322 line limit: 998 octets).
 MAX_KEY = 4096
@@ -251,9 +261,37 @@ class RegexpTable(LookupTable):
         self._rules, self._identity, self._broken = rules, identity, None
 
     def lookup(self, key: str) -> Result:
+        if len(key.encode("utf-8", "surrogateescape")) > MAX_KEY:
+            return None
+        try:
+            with gevent.Timeout(MATCH_TIMEOUT):
+                return offload.call(_match_in_helper, self.path, self.spec, key)
+        except gevent.Timeout:
+            raise TableUnavailable("%s: matching took over %g seconds (a pattern that "
+                                   "backtracks?)" % (self.spec, MATCH_TIMEOUT))
+        except offload.OffloadError as error:
+            raise TableUnavailable("%s: %s" % (self.spec, error))
+
+    def match(self, key: str) -> Result:
+        """The lookup itself, in this process (the helper's side of lookup)."""
         self._load(strict=False)
         if self._broken:
             raise TableUnavailable("%s: %s" % (self.spec, self._broken))
-        if len(key.encode("utf-8", "surrogateescape")) > MAX_KEY:
-            return None
         return _first(self._rules, key)
+
+
+# The helper's tables, by file: read once, then again when the file changes.
+_helper_tables: Dict[str, RegexpTable] = {}
+
+
+def _match_in_helper(path: str, spec: str, key: str) -> Result:
+    """Runs in a compute helper (elemta.util.offload): the lookup, with the table the
+    helper keeps for path."""
+    table = _helper_tables.get(path)
+    if table is None:
+        try:
+            table = RegexpTable(path, spec)
+        except TableError as error:
+            raise TableUnavailable("%s: %s" % (spec, error))
+        _helper_tables[path] = table
+    return table.match(key)
