@@ -4,6 +4,7 @@ search orders, table specs in a config file, and `elemtactl map query` as postma
 PostgreSQL is in tests/test_maps_pgsql.py."""
 
 import os
+import pwd
 import sqlite3
 import stat
 import subprocess
@@ -95,6 +96,11 @@ def test_a_long_lived_reader_sees_the_recompiled_table_at_once(tmp_path):
     after = os.stat(source + ".lmdb")
     assert after.st_ino != before.st_ino                  # replaced, not written over
     assert stat.S_IMODE(after.st_mode) == 0o640            # the admin's mode is kept
+    if os.geteuid() == 0:                                  # and, for root, the owner
+        nobody = pwd.getpwnam("nobody")
+        os.chown(source + ".lmdb", nobody.pw_uid, nobody.pw_gid)
+        assert elemtactl("map", "compile", source).returncode == 0
+        assert os.stat(source + ".lmdb").st_uid == nobody.pw_uid
     assert reader.lookup("a@example.org") == "new@x"      # no restart, no reopen call
     assert reader.lookup("b@example.org") == "added@x"
     assert sorted(os.listdir(tmp_path)) == ["virtual", "virtual.lmdb"]   # no temp left

@@ -12,7 +12,8 @@ import time
 import gevent
 import pytest
 
-from elemta.maps import TableError, TableUnavailable, open_table, values
+from elemta.maps import TableError, TableUnavailable, lookup_address, open_table, values
+from elemta.smtp.replies import lookup_failure
 from tests.harness import REPO, free_port
 
 QUERY = "SELECT goto FROM alias WHERE address = '%s' AND active"
@@ -67,6 +68,14 @@ def test_the_unix_socket_directory_works_as_a_host(tmp_path, tables):
     assert table.lookup("joe@example.org") == "joe@mail.example.org"
 
 
+def test_a_postgresql_uri_works_as_a_host(tmp_path, tables):
+    uri = "postgresql://%s:%s@127.0.0.1:%d/%s" % (tables.user, tables.password,
+                                                  tables.port, tables.dbname)
+    table = open_table("pgsql:" + cf(tmp_path, tables, hosts=uri, user=None,
+                                     password=None, dbname=None))
+    assert table.lookup("joe@example.org") == "joe@mail.example.org"
+
+
 def test_a_second_host_is_tried_when_the_first_refuses(tmp_path, tables):
     hosts = "127.0.0.1:%d inet:127.0.0.1:%d" % (free_port(), tables.port)
     table = open_table("pgsql:" + cf(tmp_path, tables, hosts=hosts))
@@ -112,12 +121,24 @@ def test_a_server_that_never_answers_is_unavailable_in_bounded_time(tmp_path, ta
         silent.close()
 
 
+def rcpt_reply(table, address):
+    """What a consumer at RCPT answers: the shape every map's consumer follows."""
+    try:
+        found = lookup_address(table, address)
+    except TableUnavailable:
+        return lookup_failure(address).encode()
+    return b"250 2.1.5 Ok\r\n" if found else b"550 5.1.1 unknown\r\n"
+
+
 def test_a_stopped_server_is_unavailable_then_found_again(tmp_path, tables):
     table = open_table("pgsql:" + cf(tmp_path, tables))
     assert table.lookup("joe@example.org") == "joe@mail.example.org"   # a connection kept
     tables.stop()
     try:
         assert_unavailable(table, "Connection refused", 5)
+        assert rcpt_reply(table, "joe@example.org") == (
+            b"451 4.3.0 <joe@example.org>: Temporary lookup failure\r\n")
+        assert rcpt_reply(table, "nobody@example.org").startswith(b"451 ")   # never 550
         result = subprocess.run(
             [sys.executable, "-m", "elemta.cli.elemtactl", "map", "query",
              table.spec, "joe@example.org"], capture_output=True, text=True,
@@ -128,3 +149,4 @@ def test_a_stopped_server_is_unavailable_then_found_again(tmp_path, tables):
     finally:
         tables.start()
     assert table.lookup("joe@example.org") == "joe@mail.example.org"   # reconnected
+    assert rcpt_reply(table, "nobody@example.org") == b"550 5.1.1 unknown\r\n"
