@@ -29,6 +29,8 @@ def tables(postgres):
             ('gone@example.org', 'x@example.org', false);
         CREATE TABLE mailbox (local text, domain text, maildir text);
         INSERT INTO mailbox VALUES ('joe', 'example.org', 'example.org/joe/');
+        CREATE TABLE uid (id integer, name text);
+        INSERT INTO uid VALUES (42, 'joe');
     """)
     return postgres
 
@@ -59,6 +61,11 @@ def test_lookups_bind_the_key_and_its_parts(tmp_path, tables):
         result_format="/var/mail/vhosts/%s"))
     assert parts.lookup("joe@example.org") == "/var/mail/vhosts/example.org/joe/"
     assert parts.lookup("joe") is None          # no domain: the query is not run
+    numbers = open_table("pgsql:" + cf(tmp_path, tables, "SELECT name FROM uid WHERE "
+                                       "id = '%s'"))
+    assert numbers.lookup("42") == "joe"        # '%s' is typed as the column, as in Postfix
+    with pytest.raises(TableUnavailable, match='invalid input syntax for type integer'):
+        numbers.lookup("x' OR '1'='1")
 
 
 def test_the_unix_socket_directory_works_as_a_host(tmp_path, tables):
@@ -132,7 +139,9 @@ def rcpt_reply(table, address):
 
 def test_a_stopped_server_is_unavailable_then_found_again(tmp_path, tables):
     table = open_table("pgsql:" + cf(tmp_path, tables))
-    assert table.lookup("joe@example.org") == "joe@mail.example.org"   # a connection kept
+    lookups = [gevent.spawn(table.lookup, "joe@example.org") for _ in range(8)]
+    gevent.joinall(lookups, timeout=30, raise_error=True)   # several connections kept
+    assert [lookup.value for lookup in lookups] == ["joe@mail.example.org"] * 8
     tables.stop()
     try:
         assert_unavailable(table, "Connection refused", 5)

@@ -15,8 +15,9 @@ pgsql:/etc/elemta/virtual-pgsql.cf, with these keys (elemta.maps.sqlconf reads t
 
 The client is psycopg 3 (libpq underneath). Each process keeps a few open connections
 (autocommit: no transaction stays open between lookups), made on first use in that
-process, so they are never shared across a fork; a connection that broke since its last
-use (server restarted) is replaced once before the lookup gives up. Every lookup runs in
+process, so they are never shared across a fork. When a kept connection turns out broken
+(the server restarted or stopped), all kept ones are dropped and one fresh connection is
+tried before the lookup gives up, so the reason given is the server's state now. Every lookup runs in
 the thread pool (elemta.maps.offthread), bounded by the timeout. Connection refused, a
 server that does not answer, authentication refused, an SQL error: TableUnavailable
 with the server's reason on one line ("pgsql:/etc/elemta/virtual-pgsql.cf: 127.0.0.1:5432:
@@ -111,29 +112,41 @@ class PgSQLTable(LookupTable):
             # Forked: the parent's connections are its own (closing them would end its
             # sessions); drop them unclosed.
             self._idle, self._pid = [], os.getpid()
-        for attempt in (1, 2):
-            try:
-                connection = self._idle.pop()
-                reused = True
-            except IndexError:
-                connection, reused = self._connect(), False
-            try:
-                rows = connection.execute(self.statement, parameters).fetchall()
-            except psycopg.OperationalError as error:
-                connection.close()
-                if reused and attempt == 1:
-                    continue        # broke while idle (server restarted): once more
+        try:
+            connection, reused = self._idle.pop(), True
+        except IndexError:
+            connection, reused = self._connect(), False
+        try:
+            rows = self._execute(connection, parameters)
+        except psycopg.OperationalError as error:
+            if not reused:
                 raise TableUnavailable("%s: %s" % (self.spec, _one_line(error)))
-            except psycopg.Error as error:
-                connection.close()
-                raise TableUnavailable("%s: query failed: %s"
-                                       % (self.spec, _one_line(error)))
-            if len(self._idle) < MAX_IDLE:
-                self._idle.append(connection)
-            else:
-                connection.close()
-            return rows
-        raise AssertionError("not reached")
+            # A kept connection broke while idle (the server restarted or went away):
+            # so did the others kept with it. Drop them all; one fresh try tells.
+            self.close()
+            connection = self._connect()
+            try:
+                rows = self._execute(connection, parameters)
+            except psycopg.OperationalError as error:
+                raise TableUnavailable("%s: %s" % (self.spec, _one_line(error)))
+        if len(self._idle) < MAX_IDLE:
+            self._idle.append(connection)
+        else:
+            connection.close()
+        return rows
+
+    def _execute(self, connection, parameters):
+        """The rows of the query; the connection is closed on any error, and errors other
+        than a broken connection (SQL errors) are TableUnavailable."""
+        import psycopg
+        try:
+            return connection.execute(self.statement, parameters).fetchall()
+        except psycopg.OperationalError:
+            connection.close()
+            raise
+        except psycopg.Error as error:
+            connection.close()
+            raise TableUnavailable("%s: query failed: %s" % (self.spec, _one_line(error)))
 
     def _connect(self):
         import psycopg

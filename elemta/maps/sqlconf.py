@@ -124,6 +124,11 @@ class Query:
     def _literal(self, body: str) -> None:
         """A quoted literal: as is when it holds no expansion, else a concatenation."""
         pieces = _EXPANSION.split(body)     # text, name, text, name, ..., text
+        if len(pieces) == 3 and pieces[0] == pieces[2] == "" and pieces[1] != "%":
+            # '%s' alone: the parameter itself, typed by the server as Postfix's quoted
+            # literal is ('%s' compared with an integer column is an integer).
+            self._expansion(pieces[1])
+            return
         if len(pieces) == 1:
             self.parts.append(("sql", "'" + body.replace("%%", "%") + "'"))
             return
