@@ -39,7 +39,7 @@ See also: regexp_table(5), elemta.maps.base, elemta.util.offload.
 
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import gevent
 
@@ -62,6 +62,8 @@ class _Pattern:
         self.regex = regex          # compiled
         self.negated = negated      # !/pattern/
         self.exclude = exclude      # compiled /pat2/ of /pat1/!/pat2/, or None
+        # Groups the result may use: a negated pattern matched nothing to take from.
+        self.groups = 0 if negated else regex.groups
 
     def match(self, key):
         """The re match object (or True for a negated match); None when no match."""
@@ -111,18 +113,16 @@ class _LineReader:
         negated = self.text.startswith("!", self.pos)
         if negated:
             self.pos += 1
-        regex, groups = self.one()
+        regex = self.one()
         exclude = None
         if not negated and self.text.startswith("!", self.pos) and \
                 self.pos + 1 < len(self.text) and not self.text[self.pos + 1].isspace():
             self.pos += 1
-            exclude, _ = self.one()
-        pattern = _Pattern(regex, negated, exclude)
-        pattern.groups = 0 if negated else groups
-        return pattern
+            exclude = self.one()
+        return _Pattern(regex, negated, exclude)
 
-    def one(self) -> Tuple["re.Pattern", int]:
-        """One delimited pattern and its flags, compiled; (regex, number of groups)."""
+    def one(self) -> "re.Pattern":
+        """One delimited pattern and its flags, compiled."""
         text = self.text
         if self.pos >= len(text):
             raise self.error("a pattern is missing")
@@ -158,7 +158,7 @@ class _LineReader:
                                | (re.MULTILINE if multiline else 0))
         except re.error as error:
             raise self.error("bad pattern %s%s%s: %s" % (delimiter, body, delimiter, error))
-        return regex, regex.groups
+        return regex
 
     def rest(self) -> str:
         return self.text[self.pos:].strip()
