@@ -126,6 +126,21 @@ def test_a_table_never_compiled_is_unavailable_not_missing(tmp_path):
         table.lookup("a@example.org")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the rule is root's")
+def test_root_does_not_compile_in_a_directory_another_user_can_change(tmp_path):
+    directory = tmp_path / "nobodys"
+    directory.mkdir()
+    source = write(directory / "virtual", "a  b\n")
+    os.chown(directory, pwd.getpwnam("nobody").pw_uid, -1)
+    result = elemtactl("map", "compile", source)
+    assert result.returncode == os.EX_CANTCREAT
+    assert result.stderr == ("elemtactl: %s: the directory can be changed by a user other "
+                             "than root: compile as that user, or keep tables in a "
+                             "directory only root can change (such as /etc/elemta)\n"
+                             % directory)
+    assert os.listdir(directory) == ["virtual"]
+
+
 def test_compile_of_a_missing_file_says_so(tmp_path):
     result = elemtactl("map", "compile", str(tmp_path / "absent"))
     assert result.returncode == os.EX_NOINPUT

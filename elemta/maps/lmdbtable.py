@@ -14,7 +14,8 @@ A long-running reader notices the replacement without a restart: each lookup com
 the file's inode and mtime with those of the file it has open (one stat, about a
 microsecond) and reopens when they differ, so the next lookup after the rename sees
 the new table. Tables naming one file share its environment in a process (LMDB
-allows one per file). The file is opened read-only without LMDB's lock file (nobody writes a
+allows one per file). Run as root, compile refuses a directory another user can change (the temporary file is
+opened by name). The file is opened read-only without LMDB's lock file (nobody writes a
 published table: a new one replaces it whole), so readers need no write access to
 the directory. Lookups are a B-tree read in memory, fast enough for the event loop.
 
@@ -24,7 +25,9 @@ See also: elemta.maps.source (the source format), elemta.cli.mapcmd, postmap(1),
 lmdb_table(5).
 """
 
+import errno
 import os
+import stat
 import tempfile
 from typing import Dict, Tuple
 
@@ -113,6 +116,7 @@ def compile_source(source: str) -> int:
                              % (source, key[:40], MAX_KEY_BYTES))
     target = database_path(source)
     directory = os.path.dirname(os.path.abspath(target))
+    _refuse_unsafe_directory(directory)
     fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".",
                                      dir=directory)
     os.close(fd)
@@ -144,6 +148,22 @@ def compile_source(source: str) -> int:
     finally:
         os.close(dir_fd)
     return len(entries)
+
+
+def _refuse_unsafe_directory(directory: str) -> None:
+    """As root, refuse a directory another user can change: LMDB opens the temporary file
+    by name, and that user could put a link in its place (Postfix's rule: root never
+    trusts a path the service user can change). A sticky directory such as /tmp is safe
+    (nobody else can replace root's file there)."""
+    if os.geteuid() != 0:
+        return
+    info = os.stat(directory)
+    others_write = info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX
+    if info.st_uid != 0 or others_write:
+        raise PermissionError(errno.EPERM, "the directory can be changed by a user other "
+                              "than root: compile as that user, or keep tables in a "
+                              "directory only root can change (such as /etc/elemta)",
+                              directory)
 
 
 def _take_over_ownership(temporary: str, target: str, source_stat: os.stat_result) -> None:
