@@ -121,26 +121,16 @@ def compile_source(source: str) -> int:
                                      dir=directory)
     os.close(fd)
     try:
-        size = sum(len(k) + len(v) for k, v in entries)
-        env = lmdb.open(temporary, subdir=False, lock=False, max_dbs=0,
-                        map_size=(1 << 20) + 16 * size + 256 * len(entries))
-        try:
-            with env.begin(write=True) as txn:
-                for key, value in entries:
-                    txn.put(key.encode("utf-8", "surrogateescape"),
-                            value.encode("utf-8", "surrogateescape"))
-            env.sync(True)
-        finally:
-            env.close()
+        _write_table(temporary, entries)
         _take_over_ownership(temporary, target, source_stat)
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.rename(temporary, target)
+    except lmdb.Error as error:
+        _remove(temporary)
+        raise TableError("%s: cannot write %s: %s" % (source, target, error))
     except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
+        _remove(temporary)
         raise
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -148,6 +138,28 @@ def compile_source(source: str) -> int:
     finally:
         os.close(dir_fd)
     return len(entries)
+
+
+def _write_table(path: str, entries) -> None:
+    """The entries into a new LMDB file at path, flushed."""
+    size = sum(len(k) + len(v) for k, v in entries)
+    env = lmdb.open(path, subdir=False, lock=False, max_dbs=0,
+                    map_size=(1 << 20) + 16 * size + 256 * len(entries))
+    try:
+        with env.begin(write=True) as txn:
+            for key, value in entries:
+                txn.put(key.encode("utf-8", "surrogateescape"),
+                        value.encode("utf-8", "surrogateescape"))
+        env.sync(True)
+    finally:
+        env.close()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _refuse_unsafe_directory(directory: str) -> None:
