@@ -60,3 +60,18 @@ def credentials(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("auth") / "credentials")
     set_user(path, "alice", "wonderland")
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL (tests/peers/postgresql.py), started once per session; a
+    test that stops it starts it again before it ends."""
+    import tempfile
+    from tests.peers.postgresql import PostgresInstance, postgres_available
+    why = postgres_available()
+    if why:
+        pytest.skip(why)
+    # Not under pytest's tmp_path: its directories are 0700 root, and PostgreSQL runs
+    # as the postgres user.
+    with PostgresInstance(tempfile.mkdtemp(prefix="elemta-pg-")) as instance:
+        yield instance

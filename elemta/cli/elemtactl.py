@@ -4,7 +4,8 @@ Runs as its own short-lived process (owned by no daemon). It manages the SMTP
 AUTH users (`user add/passwd/del/list`), checks, shows and changes the
 configuration (`config check`; `config show/get/set`, in elemta.cli.configcmd),
 makes DKIM signing keys (`dkim keygen`), lists and changes the queue
-(`queue ...`, in elemta.cli.queuecmd) and asks a running master for its status,
+(`queue ...`, in elemta.cli.queuecmd), compiles and queries lookup tables (`map
+compile/query`, in elemta.cli.mapcmd) and asks a running master for its status,
 a reload or a stop (`status`, `reload`, `stop`, in elemta.cli.control).
 
 Errors are one line on stderr and a sysexits(3) exit status, never a traceback.
@@ -24,7 +25,7 @@ from os import (EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_NOUSER, EX_O
                 EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE)
 from typing import Callable, List, Optional
 
-from elemta.cli import configcmd, control, filecheck, pfimport, queuecmd
+from elemta.cli import configcmd, control, filecheck, mapcmd, pfimport, queuecmd
 from elemta.cli.config_finder import config_path, read_config
 from elemta.cli.failure import EX_FAILED, Failure
 from elemta.util import credentials, daemonfiles
@@ -362,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "instead of prompting twice")
 
     parser = _Parser(prog=PROG, description="Administer Elemta.",
-                     epilog="Exit status: 0 success, 1 config errors (config check), "
+                     epilog="Exit status: 0 success, 1 config errors (config check) or key not "
+                            "found (map query), "
                             "64 usage, 65 bad password or damaged spool file, 66 no input "
                             "file or queue, 67 no such user or message, 73 cannot create "
                             "(or user or key exists), 74 queue I/O "
@@ -398,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     queuecmd.add_queue_commands(commands, _Parser, [config_option])
     pfimport.add_command(commands, _Parser, [config_option])
+    mapcmd.add_commands(commands, _Parser, [config_option])
 
     dkim = commands.add_parser("dkim", help="DKIM signing keys")
     dkim_commands = dkim.add_subparsers(dest="dkim_command", metavar="ACTION",

@@ -6,15 +6,18 @@ master again on reload); nothing else reads config files.
 The loader knows no option by name. It walks the dataclasses of elemta.config.schema
 (dataclasses.fields, typing.get_type_hints): a nested dataclass is a table, a
 Tuple[X, ...] a list, and each field's metadata `check` judges the value once its type
-is right. A field's default is always acceptable, even where the check would refuse
+is right; a type of its own (elemta.maps.TableSpec: a lookup table) reads its value
+with its from_config classmethod, whose ValueError is the problem reported. A field's
+default is always acceptable, even where the check would refuse
 it (smtpd.hostname "" means "the system's host name"). The built-in plugins' tables are
 their own Settings classes (elemta.plugins.settings) and are read the same way; so is
 the table of a third-party plugin, against the Settings class of the installed plugin
 of that name, and a plugin table's validate(path) judges it across its fields. Then a
-few checks that span fields (AUTH on submission ports, duplicate listeners) run on the
-result, and the files the workers will read (TLS, credentials, signing keys) are
-opened, unless the caller is a tool every user runs, which needs no secret
-(load_config's check_files).
+few checks that span fields (AUTH on submission ports, duplicate listeners, the files of
+the lookup tables named) run on the result, and the files the workers will read (TLS,
+credentials, signing keys; tables' files only by elemta --check-config) are opened,
+unless the caller is a tool every user runs, which needs no secret (load_config's
+check_files).
 Every problem in the file is collected, with its line and key path, before ConfigError
 is raised, so one run shows the administrator everything to fix.
 See also: elemta.config.schema, elemta.config.sources, man/elemta.conf.5.
@@ -181,7 +184,10 @@ def type_name(kind: Any, table_word: str = "table", plural: bool = False) -> str
     if item is not None:
         words = "list of " + type_name(item, table_word, plural=True)
         return words + "s" if plural else "a " + words
-    if dataclasses.is_dataclass(kind):
+    if hasattr(kind, "type_words"):     # a type of its own (elemta.maps.TableSpec)
+        singular, plural_form = kind.type_words
+        words = plural_form if plural else singular
+    elif dataclasses.is_dataclass(kind):
         words = (table_word + "s") if plural else "a " + table_word
     else:
         singular, plural_form = {
@@ -367,7 +373,14 @@ class _Checker:
         return self.refuse(path, message)
 
     def convert(self, value: Any, kind: Any, path: KeyPath) -> Any:
-        """`value` as schema type `kind` (str, int, float, bool, Optional, Tuple, dataclass)."""
+        """`value` as schema type `kind` (str, int, float, bool, Optional, Tuple, dataclass,
+        or a type with a from_config classmethod such as elemta.maps.TableSpec)."""
+        from_config = getattr(kind, "from_config", None)
+        if from_config is not None:
+            try:
+                return from_config(value)
+            except ValueError as error:
+                return self.refuse(path, str(error))
         if dataclasses.is_dataclass(kind):
             return self.build(kind, value, path)
         inner = optional_inner(kind)
@@ -446,6 +459,7 @@ class _Checker:
 
         self.check_delivery(config)
         self.check_plugins(config.plugins)
+        self.check_tables(config)
 
     def check_worker_files(self, config: Config) -> None:
         """Secrets and certificates the workers read at start: say now, not in a
@@ -454,7 +468,8 @@ class _Checker:
             return
         files = worker_files(config)
         if self.check_files is True:
-            files = [(path, name) for path, name in files if path not in _READ_LATER]
+            later = set(_READ_LATER) | {path for path, _ in table_files(config)}
+            files = [(path, name) for path, name in files if path not in later]
             reasons = {path: why for path, why in
                        ((path, _unreadable(name)) for path, name in files) if why}
         else:
@@ -462,6 +477,17 @@ class _Checker:
         for path, filename in files:
             if path in reasons:
                 self.refuse_across(path, "cannot read %s: %s" % (filename, reasons[path]))
+
+    def check_tables(self, settings: Any) -> None:
+        """The files of the lookup tables named (regexp patterns, SQL .cf settings), read
+        now so their errors (file:line) show at load, not as 451s. The tools every user
+        runs (check_files False) read none: the .cf files hold database passwords."""
+        if self.check_files is False:
+            return
+        for path, spec in own_typed_values(settings):
+            message = spec.check() if hasattr(spec, "check") else None
+            if message:
+                self.refuse_across(path, message)
 
     def check_plugins(self, plugins: PluginSettings) -> None:
         """Each built-in plugin that runs, by its table's own checks across settings (a
@@ -522,7 +548,33 @@ def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
     if api.enabled:
         files.append((("api", "token_file"), api.token_file))
     files.append((("delivery", "sasl_password_file"), config.delivery.sasl_password_file))
+    files += table_files(config)
     return [(path, name) for path, name in files if name]
+
+
+def own_typed_values(settings: Any, path: KeyPath = ()) -> List[Tuple[KeyPath, Any]]:
+    """(key path, value) of every value of a type of its own (one with from_config, such
+    as a lookup table's TableSpec) in a config or a part of it."""
+    if hasattr(type(settings), "from_config"):
+        return [(path, settings)]
+    if isinstance(settings, tuple):
+        return [found for index, item in enumerate(settings)
+                for found in own_typed_values(item, path + (index,))]
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        return [found for field in schema_options(type(settings))
+                for found in own_typed_values(getattr(settings, field.name),
+                                              path + (field.name,))]
+    if isinstance(settings, ConfiguredPlugin):
+        return own_typed_values(settings.settings, path)
+    return []
+
+
+def table_files(config: Config) -> List[Tuple[KeyPath, str]]:
+    """The file each lookup table in the config reads (FILE.lmdb, a regexp file, an SQL
+    .cf file). Read later, by the lookups, which fail temporarily while one cannot be
+    read (mail waits): loading does not insist on them, elemta --check-config asks."""
+    return [(path, spec.worker_file) for path, spec in own_typed_values(config)
+            if getattr(spec, "worker_file", None)]
 
 
 def parse_key_path(text: str) -> KeyPath:

@@ -75,3 +75,12 @@ class Reply:
 def reply(code, status, text, close=False):
     """Shorthand used throughout the core."""
     return Reply(code, status, text, close)
+
+
+def lookup_failure(subject):
+    """The reply when a lookup table cannot answer (elemta.maps.TableUnavailable: a
+    database down, a timeout): 451 4.3.0, so the client retries, never a 5xx (nothing is
+    refused for good because a table could not be read). Postfix's words:
+    "451 4.3.0 <user@example.org>: Temporary lookup failure". subject is the address or
+    name whose lookup failed; the reason goes to the log, not to the client."""
+    return Reply(451, "4.3.0", "<%s>: Temporary lookup failure" % subject)

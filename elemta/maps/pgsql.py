@@ -1,0 +1,167 @@
+"""pgsql: a query against PostgreSQL, as Postfix's pgsql_table(5).
+
+Opened by any process that looks up. The spec names the .cf file:
+pgsql:/etc/elemta/virtual-pgsql.cf, with these keys (elemta.maps.sqlconf reads them):
+
+    hosts            servers tried in the order given until one answers: host,
+                     host:port, inet:host:port, unix:/run/postgresql (the socket
+                     directory), or a postgresql:// URI (default: libpq's, the local socket)
+    user, password, dbname
+    query            the SELECT, with %s %u %d ... (bound parameters, never pasted)
+    result_format, expansion_limit, domain   as in every SQL table
+    encoding         the client encoding (default UTF8)
+    timeout          seconds to connect and to run the query (default 5; Elemta's own
+                     key: Postfix has none, and waits as long as the kernel does)
+
+The client is psycopg 3 (libpq underneath). Each process keeps a few open connections
+(autocommit: no transaction stays open between lookups), made on first use in that
+process, so they are never shared across a fork. When a kept connection turns out broken
+(the server restarted or stopped), all kept ones are dropped and one fresh connection is
+tried before the lookup gives up, so the reason given is the server's state now. Every lookup runs in
+the thread pool (elemta.maps.offthread), bounded by the timeout. Connection refused, a
+server that does not answer, authentication refused, an SQL error: TableUnavailable
+with the server's reason on one line ("pgsql:/etc/elemta/virtual-pgsql.cf: 127.0.0.1:5432:
+connection refused ..."), which consumers turn into 451 4.3.0 or a deferral.
+See also: pgsql_table(5), elemta.maps.sqlconf, elemta.maps.sqlite.
+"""
+
+import math
+import os
+import re
+from typing import Dict, List
+
+from elemta.maps.base import LookupTable, Result, TableError, TableUnavailable
+from elemta.maps.offthread import call_bounded
+from elemta.maps.sqlconf import COMMON_KEYS, SQLSettings, read_cf
+from elemta.maps.sqlite import parse_timeout
+
+KEYS = COMMON_KEYS + ("hosts", "user", "password", "dbname", "encoding", "timeout")
+MAX_IDLE = 4        # connections kept open per table and process
+
+
+def _one_line(error: Exception) -> str:
+    return re.sub(r"\s+", " ", str(error)).strip() or type(error).__name__
+
+
+def parse_hosts(path: str, text: str) -> List[Dict[str, str]]:
+    """libpq connection keywords for each entry of hosts."""
+    targets = []
+    for entry in text.replace(",", " ").split():
+        if entry.startswith(("postgresql://", "postgres://")):
+            targets.append({"conninfo": entry})
+            continue
+        if entry.startswith("unix:"):
+            directory = entry[5:]
+            if not directory.startswith("/"):
+                raise TableError("%s: hosts: %r: a socket directory must be absolute"
+                                 % (path, entry))
+            name = os.path.basename(directory)
+            if name.startswith(".s.PGSQL."):      # the socket file itself
+                targets.append({"host": os.path.dirname(directory), "port": name[9:]})
+            else:
+                targets.append({"host": directory})
+            continue
+        if entry.startswith("inet:"):
+            entry = entry[5:]
+        host, colon, port = entry.rpartition(":") if not entry.endswith("]") else \
+            ("", "", "")
+        if not colon:
+            host, port = entry, ""
+        host = host.strip("[]")
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise TableError("%s: hosts: %r: bad port %r" % (path, entry, port))
+        targets.append(dict({"host": host}, **({"port": port} if port else {})))
+    return targets or [{}]
+
+
+class PgSQLTable(LookupTable):
+    def __init__(self, path: str, spec: str = "") -> None:
+        self.spec = spec or "pgsql:" + path
+        try:
+            # A missing client is a configuration error, said when the table opens.
+            import importlib
+            importlib.import_module("psycopg")
+        except ImportError as error:
+            raise TableError("%s: pgsql tables need psycopg: %s" % (self.spec, error))
+        settings = read_cf(path, KEYS)
+        self.targets = parse_hosts(path, settings.get("hosts", ""))
+        self.timeout = parse_timeout(path, settings)
+        self.sql = SQLSettings(path, settings)
+        self.statement = self.sql.query.sql("%s", "%%")
+        self.keywords = {name: settings[name] for name in ("user", "password", "dbname")
+                         if settings.get(name)}
+        self.keywords["client_encoding"] = settings.get("encoding") or "UTF8"
+        # libpq waits whole seconds, at least 2.
+        self.keywords["connect_timeout"] = str(max(2, math.ceil(self.timeout)))
+        self.keywords["options"] = "-c statement_timeout=%d" % (self.timeout * 1000)
+        self._idle = []     # open connections of process self._pid
+        self._pid = os.getpid()
+
+    def lookup(self, key: str) -> Result:
+        parameters = self.sql.parameters(key)
+        if parameters is None:
+            return None
+        rows = call_bounded(self.spec, self.timeout, self._query, parameters)
+        return self.sql.results(self.spec, rows)
+
+    # -- in a pool thread
+
+    def _query(self, parameters):
+        import psycopg
+        if self._pid != os.getpid():
+            # Forked: the parent's connections are its own (closing them would end its
+            # sessions); drop them unclosed.
+            self._idle, self._pid = [], os.getpid()
+        try:
+            connection, reused = self._idle.pop(), True
+        except IndexError:
+            connection, reused = self._connect(), False
+        try:
+            rows = self._execute(connection, parameters)
+        except psycopg.OperationalError as error:
+            if not reused:
+                raise TableUnavailable("%s: %s" % (self.spec, _one_line(error)))
+            # A kept connection broke while idle (the server restarted or went away):
+            # so did the others kept with it. Drop them all; one fresh try tells.
+            self.close()
+            connection = self._connect()
+            try:
+                rows = self._execute(connection, parameters)
+            except psycopg.OperationalError as error:
+                raise TableUnavailable("%s: %s" % (self.spec, _one_line(error)))
+        if len(self._idle) < MAX_IDLE:
+            self._idle.append(connection)
+        else:
+            connection.close()
+        return rows
+
+    def _execute(self, connection, parameters):
+        """The rows of the query; the connection is closed on any error, and errors other
+        than a broken connection (SQL errors) are TableUnavailable."""
+        import psycopg
+        try:
+            return connection.execute(self.statement, parameters).fetchall()
+        except psycopg.OperationalError:
+            connection.close()
+            raise
+        except psycopg.Error as error:
+            connection.close()
+            raise TableUnavailable("%s: query failed: %s" % (self.spec, _one_line(error)))
+
+    def _connect(self):
+        import psycopg
+        reasons = []
+        for target in self.targets:
+            keywords = dict(self.keywords, **target)
+            conninfo = keywords.pop("conninfo", "")
+            try:
+                return psycopg.connect(conninfo, autocommit=True, **keywords)
+            except psycopg.Error as error:
+                reasons.append(_one_line(error))
+        raise TableUnavailable("%s: cannot connect: %s" % (self.spec, "; ".join(reasons)))
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for connection in self._idle:
+                connection.close()
+        self._idle = []

@@ -1,0 +1,161 @@
+"""pgsql: tables against a real PostgreSQL (Debian's, a private cluster started once per
+session by the postgres fixture): Postfix's % expansions as bound parameters, and a
+server that is down, refuses the password or never answers giving TableUnavailable
+with a readable reason within a bounded time, never a hang or a traceback."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import gevent
+import pytest
+
+from elemta.maps import TableError, TableUnavailable, lookup_address, open_table, values
+from elemta.smtp.replies import lookup_failure
+from tests.harness import REPO, free_port
+
+QUERY = "SELECT goto FROM alias WHERE address = '%s' AND active"
+
+
+@pytest.fixture(scope="module")
+def tables(postgres):
+    postgres.execute("""
+        CREATE TABLE alias (address text, goto text, active boolean);
+        INSERT INTO alias VALUES ('joe@example.org', 'joe@mail.example.org', true),
+            ('sales@example.org', 'anne@example.org', true),
+            ('sales@example.org', 'bob@example.org', true),
+            ('gone@example.org', 'x@example.org', false);
+        CREATE TABLE mailbox (local text, domain text, maildir text);
+        INSERT INTO mailbox VALUES ('joe', 'example.org', 'example.org/joe/');
+        CREATE TABLE uid (id integer, name text);
+        INSERT INTO uid VALUES (42, 'joe');
+    """)
+    return postgres
+
+
+def cf(tmp_path, postgres, query=QUERY, **settings):
+    lines = {"hosts": "127.0.0.1:%d" % postgres.port, "user": postgres.user,
+             "password": postgres.password, "dbname": postgres.dbname, "query": query,
+             "timeout": "3"}
+    lines.update(settings)
+    path = tmp_path / "virtual-pgsql.cf"
+    path.write_text("# as Postfix's pgsql_table(5)\n" + "".join(
+        "%s = %s\n" % item for item in lines.items() if item[1] is not None))
+    return str(path)
+
+
+def test_lookups_bind_the_key_and_its_parts(tmp_path, tables):
+    table = open_table("pgsql:" + cf(tmp_path, tables))
+    assert table.lookup("Joe@Example.ORG") == "joe@mail.example.org"
+    assert values(table.lookup("sales@example.org")) == ["anne@example.org",
+                                                         "bob@example.org"]
+    assert table.lookup("gone@example.org") is None
+    assert table.lookup("nobody@example.org") is None
+    assert table.lookup("' OR '1'='1") is None
+    assert table.lookup("x' OR true; DROP TABLE alias; --@example.org") is None
+    assert table.lookup("joe@example.org") == "joe@mail.example.org"     # still there
+    parts = open_table("pgsql:" + cf(
+        tmp_path, tables, "SELECT maildir FROM mailbox WHERE local='%u' AND domain='%d'",
+        result_format="/var/mail/vhosts/%s"))
+    assert parts.lookup("joe@example.org") == "/var/mail/vhosts/example.org/joe/"
+    assert parts.lookup("joe") is None          # no domain: the query is not run
+    numbers = open_table("pgsql:" + cf(tmp_path, tables, "SELECT name FROM uid WHERE "
+                                       "id = '%s'"))
+    assert numbers.lookup("42") == "joe"        # '%s' is typed as the column, as in Postfix
+    with pytest.raises(TableUnavailable, match='invalid input syntax for type integer'):
+        numbers.lookup("x' OR '1'='1")
+
+
+def test_the_unix_socket_directory_works_as_a_host(tmp_path, tables):
+    socket_file = "%s/.s.PGSQL.%d" % (tables.socket_dir, tables.port)
+    table = open_table("pgsql:" + cf(tmp_path, tables, hosts="unix:" + socket_file,
+                                     password=None))
+    assert table.lookup("joe@example.org") == "joe@mail.example.org"
+
+
+def test_a_postgresql_uri_works_as_a_host(tmp_path, tables):
+    uri = "postgresql://%s:%s@127.0.0.1:%d/%s" % (tables.user, tables.password,
+                                                  tables.port, tables.dbname)
+    table = open_table("pgsql:" + cf(tmp_path, tables, hosts=uri, user=None,
+                                     password=None, dbname=None))
+    assert table.lookup("joe@example.org") == "joe@mail.example.org"
+
+
+def test_a_second_host_is_tried_when_the_first_refuses(tmp_path, tables):
+    hosts = "127.0.0.1:%d inet:127.0.0.1:%d" % (free_port(), tables.port)
+    table = open_table("pgsql:" + cf(tmp_path, tables, hosts=hosts))
+    assert table.lookup("joe@example.org") == "joe@mail.example.org"
+
+
+def test_unknown_keys_in_the_cf_file_name_file_line_and_key(tmp_path, tables):
+    path = cf(tmp_path, tables, hostname="127.0.0.1")
+    with pytest.raises(TableError, match=r"virtual-pgsql.cf:8: hostname: unknown key"):
+        open_table("pgsql:" + path)
+
+
+def assert_unavailable(table, reason, within):
+    started = time.monotonic()
+    with pytest.raises(TableUnavailable) as error:
+        table.lookup("joe@example.org")
+    took = time.monotonic() - started
+    assert reason in str(error.value), str(error.value)
+    assert str(error.value).startswith(table.spec + ": ")
+    assert "\n" not in str(error.value)
+    assert took < within, "took %.1f s" % took
+
+
+def test_a_wrong_password_is_unavailable_with_the_reason(tmp_path, tables):
+    table = open_table("pgsql:" + cf(tmp_path, tables, password="wrong"))
+    assert_unavailable(table, 'password authentication failed for user "elemta"', 5)
+
+
+def test_a_server_that_never_answers_is_unavailable_in_bounded_time(tmp_path, tables):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)                # connections complete, nothing is ever said
+    try:
+        table = open_table("pgsql:" + cf(tmp_path, tables, timeout="1",
+                                         hosts="127.0.0.1:%d" % silent.getsockname()[1]))
+        ticks = []
+        ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.05))
+                                       for _ in range(100)])
+        assert_unavailable(table, "no answer within 1 seconds", 3)
+        ticker.kill()
+        assert len(ticks) >= 10     # the event loop ran while the lookup waited
+    finally:
+        silent.close()
+
+
+def rcpt_reply(table, address):
+    """What a consumer at RCPT answers: the shape every map's consumer follows."""
+    try:
+        found = lookup_address(table, address)
+    except TableUnavailable:
+        return lookup_failure(address).encode()
+    return b"250 2.1.5 Ok\r\n" if found else b"550 5.1.1 unknown\r\n"
+
+
+def test_a_stopped_server_is_unavailable_then_found_again(tmp_path, tables):
+    table = open_table("pgsql:" + cf(tmp_path, tables))
+    lookups = [gevent.spawn(table.lookup, "joe@example.org") for _ in range(8)]
+    gevent.joinall(lookups, timeout=30, raise_error=True)   # several connections kept
+    assert [lookup.value for lookup in lookups] == ["joe@mail.example.org"] * 8
+    tables.stop()
+    try:
+        assert_unavailable(table, "Connection refused", 5)
+        assert rcpt_reply(table, "joe@example.org") == (
+            b"451 4.3.0 <joe@example.org>: Temporary lookup failure\r\n")
+        assert rcpt_reply(table, "nobody@example.org").startswith(b"451 ")   # never 550
+        result = subprocess.run(
+            [sys.executable, "-m", "elemta.cli.elemtactl", "map", "query",
+             table.spec, "joe@example.org"], capture_output=True, text=True,
+            env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+        assert result.returncode == os.EX_TEMPFAIL
+        assert result.stdout == "" and result.stderr.count("\n") == 1
+        assert result.stderr.startswith("elemtactl: %s: cannot connect:" % table.spec)
+    finally:
+        tables.start()
+    assert table.lookup("joe@example.org") == "joe@mail.example.org"   # reconnected
+    assert rcpt_reply(table, "nobody@example.org") == b"550 5.1.1 unknown\r\n"
