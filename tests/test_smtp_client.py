@@ -724,6 +724,37 @@ def test_credentials_without_an_auth_offer_send_unauthenticated(scripted):
     assert not any(c.startswith("AUTH") for c in server.sessions[0].commands)
 
 
+def test_a_take_paused_in_a_quit_never_reaches_a_connection_the_reaper_closes(scripted):
+    """take() QUITs an expired connection (slow: it yields) and then looks at the next one
+    in the list it fetched; the reaper meanwhile found that next one expired and is in its
+    QUIT. Before the fix take() QUIT it too: two greenlets on one socket (gevent's
+    ConcurrentObjectUseError, seen in the chaos test's delivery log)."""
+    import gevent
+    from elemta.delivery.connections import ConnectionCache
+
+    def slow_quit(session, argument):
+        time.sleep(1.0)
+        return "221 2.0.0 Bye"
+    server = scripted(script={"QUIT": slow_quit})
+    older, newer = SMTPClient("client.test"), SMTPClient("client.test")
+    for c in (older, newer):
+        c.connect("127.0.0.1", server.port, server_name="sink")
+    cache = ConnectionCache(idle_limit=1.0)     # the reaper looks at t = 0.5, 1, 1.5...
+    try:
+        gevent.sleep(0.3)
+        cache.park("127.0.0.1", server.port, "sink", older)        # t = 0.3
+        cache.park("127.0.0.1", server.port, "sink", newer)        # t = 0.3, taken first
+        gevent.sleep(1.1)
+        # t = 1.4, newer expired: take() QUITs it until t = 2.4; the reaper (t = 1.5) finds
+        # older expired and QUITs it. take() must then find nothing left to try.
+        assert cache.take("127.0.0.1", server.port, "sink") is None
+        gevent.sleep(2.0)           # the sink answers one slow QUIT after the other
+        assert server.sessions and all(s.commands[-1:] == ["QUIT"] for s in server.sessions)
+        assert len(server.sessions) == 2
+    finally:
+        cache.close()
+
+
 def test_the_cache_reaper_never_brings_back_a_connection_someone_took(scripted):
     """The reaper's slow QUIT of an expired connection yields; a fresh connection taken
     meanwhile must not be parked again behind its user's back (two greenlets on one

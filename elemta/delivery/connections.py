@@ -45,10 +45,12 @@ class ConnectionCache:
 
     def close(self):
         self._reaper.kill()
+        clients = [client for parked in self._idle.values() for client, _ in parked]
         for parked in self._idle.values():
-            for client, _ in parked:
-                client.quit()
+            del parked[:]            # a take() still looping over one finds it empty
         self._idle.clear()
+        for client in clients:
+            client.quit()
 
     def _reap(self):
         while True:
@@ -57,13 +59,13 @@ class ConnectionCache:
             expired = []
             # Sort out every list before any QUIT: a QUIT yields to other greenlets, and a
             # list written back after that could bring back a connection one of them took
-            # meanwhile (two greenlets on one socket).
+            # meanwhile (two greenlets on one socket). Change each list in place: a take()
+            # paused in its own QUIT or RSET still loops over the list it fetched, and must
+            # not find there a connection this reaper is closing.
             for key, parked in list(self._idle.items()):
-                keep = [(c, t) for c, t in parked if now - t <= self.idle_limit]
                 expired += [c for c, t in parked if now - t > self.idle_limit]
-                if keep:
-                    self._idle[key] = keep
-                else:
+                parked[:] = [(c, t) for c, t in parked if now - t <= self.idle_limit]
+                if not parked:
                     del self._idle[key]
             for client in expired:
                 client.quit()
