@@ -76,6 +76,7 @@ from elemta.queue.model import BOUNCED, PENDING, RCPT_DEFERRED, SENT
 from elemta.queue.queue import (ATTEMPT_FAILED, ATTEMPT_GONE, ATTEMPT_LEASE_LOST,
                                 ATTEMPT_REMOVED, Attempt, Queue)
 from elemta.util.child import GeventChild
+from elemta.util.logs import error_text
 from elemta.util.threads import in_thread
 
 log = logging.getLogger("elemta.delivery")
@@ -385,7 +386,7 @@ class DeliveryWorker(GeventChild):
         try:
             self.recorder.record(Attempt(
                 record.queue_id, {}, time.time() + delay,
-                "delivery failed: %s: %s" % (type(error).__name__, error)))
+                "delivery failed: %s: %s" % (type(error).__name__, error_text(error))))
         except Exception as failure:
             log.error("%s: cannot defer it (%s); it is tried again when its lease lapses",
                       record.queue_id, failure)
