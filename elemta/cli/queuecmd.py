@@ -100,14 +100,17 @@ def log_to_the_mail_log(args) -> None:
     """Send this command's log lines ("QUEUEID: placed on hold (admin action)", from the
     queue) to the daemon's log file or syslog, as postsuper logs what it changes: grep
     QUEUEID then shows who took a message off its course. Opened before open_queue()
-    drops root. A daemon that logs to stderr has no log this command can reach; a log
-    that cannot be opened must not keep the admin from acting."""
+    drops root. A daemon that logs to stderr (systemd's journal, a terminal) has no log
+    this command can reach: then syslog, which journald also reads, if one listens. A
+    log that cannot be opened must not keep the admin from acting."""
+    import dataclasses
     from elemta.util import logs
     config = find_config(getattr(args, "config", None))
-    if config.logging.target == "stderr":
-        return
+    target = config.logging
+    if target.target == "stderr":
+        target = dataclasses.replace(target, target="syslog")
     try:
-        logs.setup(config.logging)
+        logs.setup(target)
     except OSError:
         pass
 
