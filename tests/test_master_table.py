@@ -331,3 +331,22 @@ def test_nothing_is_forked_once_a_stop_has_begun():
     assert master.stop(signal.SIGTERM) == 0
     master.spawn_children()
     assert master.children == {}
+
+
+def test_a_second_ctrl_c_while_stopping_makes_it_a_fast_stop():
+    """The first Ctrl-C is the orderly stop (SIGTERM, stop_grace); one more while the
+    children finish their sessions cuts them (SIGQUIT), as an impatient admin expects."""
+    class Obedient(FakeMaster):
+        def _kill(self, pid, signum):
+            super()._kill(pid, signum)
+            if signum == signal.SIGQUIT:
+                self.ended.append((pid, exited(0)))
+    master = Obedient(configured(delivery={"workers": 1}))
+    master.spawn_children()
+    master.serve()
+    pids = set(master.children)
+    master._on_signal(signal.SIGINT, None)          # the second Ctrl-C, not yet handled
+    assert master.stop(signal.SIGTERM) == 0
+    assert {(pid, signal.SIGTERM) for pid in pids} <= set(master.sent)
+    assert {(pid, signal.SIGQUIT) for pid in pids} <= set(master.sent)
+    assert master.children == {}
