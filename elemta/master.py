@@ -17,13 +17,20 @@ CRASH_BACKOFF, doubling up to CRASH_BACKOFF_MAX while it keeps happening. Once a
 the kind has served STEADY seconds the kind starts from the first delay again.
 
 Signals (handlers only queue them and wake the loop through a pipe, design rule 1):
-  SIGTERM, SIGINT  stop: children finish their sessions (up to master.stop_grace), exit 0
+  SIGTERM, SIGINT  stop: children finish their sessions (up to master.stop_grace), exit 0;
+                   a second SIGINT or a SIGQUIT while stopping makes it a fast stop
   SIGQUIT          fast stop: children cut their sessions
   SIGHUP           reload: re-read the config, start new children with it, then stop the
                    old ones once the new ones serve; the sockets never close, so no
                    connection is refused
   SIGUSR1          reopen log files (here and in every child)
   SIGUSR2          a child is retiring: start its replacement now
+Stops sent to the whole process group (Ctrl-C in a terminal, `kill -- -PGID`, systemd's
+KillMode=control-group) reach the children too, and a child may have exited before the
+master runs its own handler. So the master takes its signals before judging what it
+reaped, counts a child that ends while a stop is pending or under way as stopping, and
+never forks once a stop has begun. Children ignore SIGINT (elemta.util.child): Ctrl-C is
+the master's to turn into the orderly stop.
 See also: elemta.services, elemta.util.child, elemta.util.scoreboard, elemta.cli.elemta.
 """
 
@@ -59,7 +66,7 @@ def _run_callbacks(callbacks, argument):
         try:
             callback(argument)
         except Exception:
-            log.exception("%s(%r) failed", getattr(callback, "__qualname__", callback),
+            log.exception("%s(%s) failed", getattr(callback, "__qualname__", callback),
                           argument)
 
 
@@ -84,8 +91,10 @@ KILL_AFTER = 5.0
 # How long new children may take to start serving before old ones are stopped anyway.
 RELOAD_WAIT = 15.0
 
-CHILD_IGNORES_AT_START = (signal.SIGHUP, signal.SIGUSR1)
-CHILD_STOPS_AT_START = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+# SIGINT too: a child ignores it for its whole life (elemta.util.child says why).
+CHILD_IGNORES_AT_START = (signal.SIGHUP, signal.SIGUSR1, signal.SIGINT)
+CHILD_STOPS_AT_START = (signal.SIGTERM, signal.SIGQUIT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
            signal.SIGUSR2, signal.SIGCHLD)
 
@@ -146,6 +155,7 @@ class Master:
         self._not_before = {}          # kind -> monotonic time a crashed kind may respawn
         self._failures = {}            # kind -> (failures in a row, time of the last)
         self._reload_started = None
+        self.stopping = False          # a stop has begun: nothing is forked any more
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -157,12 +167,14 @@ class Master:
         self.spawn_children()
         sdnotify.notify("READY=1", "MAINPID=%d" % os.getpid())
         while True:
-            self.reap_children()
+            # Signals first: after a stop sent to the whole group, the children's exits
+            # must be judged knowing that a stop is on (reap_children looks, too).
             for signum in self._take_signals():
                 name = signal.Signals(signum).name[3:].lower()
                 status = getattr(self, "handle_" + name)()
                 if status is not None:
                     return status
+            self.reap_children()
             self.murder_children()
             self.forget_failures()
             self.stop_old_generation()
@@ -203,6 +215,8 @@ class Master:
         return {service.kind: service.count(self.config) for service in self.services}
 
     def spawn_children(self):
+        if self.stopping or self.stop_pending():
+            return
         now = self.clock()
         for service in self.services:
             kind = service.kind
@@ -295,6 +309,9 @@ class Master:
             _run_callbacks(self.slot_freed, child.slot)
             code = os.waitstatus_to_exitcode(status)
             how = "exit status %d" % code if code >= 0 else "signal %d" % -code
+            if not child.stopping and (self.stopping or self.stop_pending()):
+                # The group's stop reached it before the master got to send its own.
+                child.stopping = True
             if child.stopping or (retired and code == 0):
                 log.info("%s child %d ended (%s)", child.kind, pid,
                          "retired" if retired else how)
@@ -439,7 +456,9 @@ class Master:
         self.spawn_children()
 
     def stop(self, signum):
-        """Send signum to every child, wait for them (then SIGKILL); returns 0."""
+        """Send signum to every child, wait for them (then SIGKILL); returns 0. A SIGINT
+        (a second Ctrl-C) or SIGQUIT meanwhile makes the rest of it a fast stop."""
+        self.stopping = True
         sdnotify.notify("STOPPING=1")
         log.info("master stopping %d child(ren)%s", len(self.children),
                  " fast" if signum == signal.SIGQUIT else "")
@@ -451,7 +470,12 @@ class Master:
             child.stopping = True
         self._kill_all(signum)
         deadline = self.clock() + self.config.master.stop_grace + KILL_AFTER
+        fast = signum == signal.SIGQUIT
         while self.children and self.clock() < deadline:
+            if not fast and {signal.SIGINT, signal.SIGQUIT} & set(self._take_signals()):
+                fast = True
+                log.info("master stopping %d child(ren) fast", len(self.children))
+                self._kill_all(signal.SIGQUIT)
             self.reap_children()
             self._sleep(0.1)
         if self.children:
@@ -497,6 +521,10 @@ class Master:
     def _take_signals(self):
         signals, self._signals = self._signals, []
         return signals
+
+    def stop_pending(self):
+        """True if a stop signal has arrived that the loop has not handled yet."""
+        return any(signum in STOP_SIGNALS for signum in self._signals)
 
     def _sleep(self, seconds):
         try:

@@ -327,7 +327,7 @@ def test_a_stopping_worker_gives_back_what_it_could_not_finish(start, mx_port):
         queue_id = queue_id_of(server, "stuck@client.test")
         wait_for(lambda: sink.sessions and "DATA" in sink.sessions[0].commands)
         assert server.stop() == []
-    assert "unfinished; due again: %s" % queue_id in server.log()
+    assert "%s: delivery cut short by the stop; due again" % queue_id in server.log()
     with server.queue() as q:
         record = q.get(queue_id)
     # Due now, not after the 15-minute lease: the next worker sends it at once.

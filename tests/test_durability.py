@@ -169,7 +169,7 @@ def test_files_are_the_truth_when_the_index_is_deleted(elemta_server):
         assert envelope == before[qid]
         assert state == "incoming"
         assert_stored(server, qid, sent[qid])
-        assert "queue: %s: file without index record, queued again" % qid in server.log()
+        assert "%s: file without index record, queued again" % qid in server.log()
 
     # elemtactl queue reindex: the same from Queue.reindex, with the server stopped.
     server.stop()

@@ -277,6 +277,32 @@ def test_stop_signal_lets_a_session_mid_data_finish(elemta_server, signum):
     assert server.message(queue_id)[1].endswith(HALF + REST)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_sent_to_the_whole_process_group_ends_cleanly(elemta_server, signum):
+    """Issue 21 req 4: Ctrl-C in `make run` (SIGINT to the foreground group) or
+    `kill -- -PGID` reaches every child as well as the master. The children must not be
+    taken for crashed ones: no "starting another", no warning, the master's stop line,
+    exit 0, nothing left running."""
+    server = elemta_server(smtpd={"workers": 2}, api={"enabled": True},
+                           delivery={"workers": 2}, master=GRACE)
+    wait_for(lambda: len(server.group_pids()) >= 8, timeout=20)    # master + 7 children
+    wait_for(lambda: "delivery worker started" in server.log())
+    queue_id, _ = transaction(server.port)
+    wait_for(lambda: "%s: to=<" % queue_id in server.log())      # one delivery attempt
+    time.sleep(1.5)             # all quiet: the master waits for signals in its loop
+    os.killpg(server.process.pid, signum)
+    assert server.process.wait(15) == 0
+    assert server.group_pids(wait=5) == []
+    log = server.log()
+    assert "master stopping 7 child(ren)" in log, log
+    assert "starting another" not in log, log
+    # (The api's warning that no token is set is about the config, not the stop.)
+    assert [line for line in log.splitlines() if ": WARNING: " in line
+            and "no api.token" not in line] == [], log
+    assert "stopped" in log.splitlines()[-1], log
+    assert queue_id in server.queued_ids()     # failed (unknown user b), kept: not lost
+
+
 def test_connection_greeted_while_a_worker_stops_is_drained(elemta_server):
     server = elemta_server(master=GRACE)
     worker, = wait_for(lambda: smtpd_pids(server.process.pid))

@@ -300,3 +300,53 @@ def test_a_refused_reload_keeps_the_running_children():
 @pytest.mark.parametrize("service", SERVICES, ids=lambda s: s.kind)
 def test_every_entry_point_of_the_table_exists(service):
     assert callable(service.entry_point())
+
+
+# ---- a stop sent to the whole process group ----------------------------------------------
+
+def test_children_ended_by_a_group_stop_are_stopping_not_crashed(caplog):
+    """Issue 21 req 4: Ctrl-C or `kill -- -PGID` reaches the children too, and they may
+    be reaped before the master's loop has handled its own copy of the signal (it is
+    queued, not handled yet). They are then stopping: no warning, no replacement."""
+    master = FakeMaster(configured(delivery={"workers": 1}))
+    master.spawn_children()
+    master.serve()
+    before = set(master.children)
+    master._on_signal(signal.SIGTERM, None)      # queued by the handler, not yet handled
+    with caplog.at_level(logging.INFO, logger="elemta.master"):
+        for pid in list(before):
+            master.end(pid, exited(0))
+        master.spawn_children()
+    assert master.children == {}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "starting another" not in caplog.text
+    assert master.handle_term() == 0            # the loop then handles it: a stop
+
+
+def test_nothing_is_forked_once_a_stop_has_begun():
+    master = FakeMaster(configured(delivery={"workers": 1}))
+    master.spawn_children()
+    master.serve()
+    master.ended = [(pid, exited(0)) for pid in master.children]   # they obey at once
+    assert master.stop(signal.SIGTERM) == 0
+    master.spawn_children()
+    assert master.children == {}
+
+
+def test_a_second_ctrl_c_while_stopping_makes_it_a_fast_stop():
+    """The first Ctrl-C is the orderly stop (SIGTERM, stop_grace); one more while the
+    children finish their sessions cuts them (SIGQUIT), as an impatient admin expects."""
+    class Obedient(FakeMaster):
+        def _kill(self, pid, signum):
+            super()._kill(pid, signum)
+            if signum == signal.SIGQUIT:
+                self.ended.append((pid, exited(0)))
+    master = Obedient(configured(delivery={"workers": 1}))
+    master.spawn_children()
+    master.serve()
+    pids = set(master.children)
+    master._on_signal(signal.SIGINT, None)          # the second Ctrl-C, not yet handled
+    assert master.stop(signal.SIGTERM) == 0
+    assert {(pid, signal.SIGTERM) for pid in pids} <= set(master.sent)
+    assert {(pid, signal.SIGQUIT) for pid in pids} <= set(master.sent)
+    assert master.children == {}

@@ -339,7 +339,7 @@ def test_auth_failures_are_slowed_per_client(elemta_server, tls_files, credentia
         smtp.ehlo()
         assert attempt(smtp) < 1.2          # another client starts from the first delay
         smtp.login("alice", "wonderland")
-    assert server.log().count("SASL PLAIN authentication failed for 'alice'") == 4
+    assert server.log().count("SASL PLAIN authentication failed for <alice>") == 4
 
 
 def test_dsn_parameters_are_stored_with_the_message(elemta_server):

@@ -242,4 +242,4 @@ def test_wrong_password_gets_535_and_queues_nothing(elemta_server, tls_files, cr
     assert run.replies[-2] == "535 5.7.8 Error: authentication failed", run
     assert run.replies[-1] == "221 2.0.0 Bye"
     assert server.queued_ids() == []
-    assert "SASL LOGIN authentication failed for 'alice'" in server.log()
+    assert "SASL LOGIN authentication failed for <alice>" in server.log()

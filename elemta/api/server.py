@@ -2,7 +2,7 @@
 
 Owned by the `elemta: api` child the master forks. The application (elemta.api.app) is the
 REST API under /api/v1 and /metrics for Prometheus. Its life cycle is every child's
-(elemta.util.child): SIGTERM/SIGINT stop it after the requests in progress, which get
+(elemta.util.child): SIGTERM stops it after the requests in progress, which get
 master.stop_grace (APIServer: a keep-alive connection idle between two requests is
 closed at once, as a client must expect, RFC 9112 section 9.3.1), SIGQUIT at once,
 SIGUSR1 reopens the log file, a heartbeat on the scoreboard, and it stops on its own

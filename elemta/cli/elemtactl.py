@@ -25,7 +25,7 @@ from os import (EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_NOUSER, EX_O
                 EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE)
 from typing import Callable, List, Optional
 
-from elemta.cli import configcmd, control, filecheck, mapcmd, pfimport, queuecmd
+from elemta.cli import completion, configcmd, control, filecheck, mapcmd, pfimport, queuecmd
 from elemta.cli.config_finder import config_path, read_config
 from elemta.cli.failure import EX_FAILED, Failure
 from elemta.util import credentials, daemonfiles
@@ -427,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the spool of the elemta to talk to (default: the config's)")
         sub.set_defaults(handler=handler)
 
+    completion.add_command(commands, _Parser, parser)   # last: it completes all the above
     return parser
 
 

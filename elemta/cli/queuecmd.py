@@ -96,6 +96,25 @@ def open_queue(args, create_index: bool = False):
     return Queue.from_config(config.queue, spool_dir=spool_dir)
 
 
+def log_to_the_mail_log(args) -> None:
+    """Send this command's log lines ("QUEUEID: placed on hold (admin action)", from the
+    queue) to the daemon's log file or syslog, as postsuper logs what it changes: grep
+    QUEUEID then shows who took a message off its course. Opened before open_queue()
+    drops root. A daemon that logs to stderr (systemd's journal, a terminal) has no log
+    this command can reach: then syslog, which journald also reads, if one listens. A
+    log that cannot be opened must not keep the admin from acting."""
+    import dataclasses
+    from elemta.util import logs
+    config = find_config(getattr(args, "config", None))
+    target = config.logging
+    if target.target == "stderr":
+        target = dataclasses.replace(target, target="syslog")
+    try:
+        logs.setup(target)
+    except OSError:
+        pass
+
+
 def _become_spool_owner(spool_dir: str) -> None:
     """Run as root, become the spool's owner (master.user) for good before touching the
     queue, as Postfix's postsuper works as mail_owner: that user can swap any file in the
@@ -372,6 +391,7 @@ def _action(name: str) -> Callable:
         out = Output()
         unknown = []
         done = 0
+        log_to_the_mail_log(args)
         with open_queue(args) as queue:
             spool_dir = queue.spool_dir
             if bulk:

@@ -42,7 +42,7 @@ fork. Its loop, top to bottom:
               spool/run/delivery-<slot>.sock, elemta.queue.wakeup), a delivery ends, or the
               earliest next_attempt in the index comes: no polling interval.
 
-Stops gracefully on SIGTERM/SIGINT (deliveries under way get master.stop_grace seconds),
+Stops gracefully on SIGTERM (deliveries under way get master.stop_grace seconds),
 at once on SIGQUIT, and when the master is gone; a message cut short is given back, due
 at once (after SIGQUIT or a kill: as soon as another worker sees this one has ended), and
 another worker sends it (at worst twice, never lost).
@@ -76,6 +76,7 @@ from elemta.queue.model import BOUNCED, PENDING, RCPT_DEFERRED, SENT
 from elemta.queue.queue import (ATTEMPT_FAILED, ATTEMPT_GONE, ATTEMPT_LEASE_LOST,
                                 ATTEMPT_REMOVED, Attempt, Queue)
 from elemta.util.child import GeventChild
+from elemta.util.logs import error_text
 from elemta.util.threads import in_thread
 
 log = logging.getLogger("elemta.delivery")
@@ -217,8 +218,10 @@ class DeliveryWorker(GeventChild):
                       "them back (%s): due again when their leases lapse",
                       len(unfinished), error)
             return []
-        log.info("delivery stopped with %d message(s) unfinished; due again: %s",
-                 len(given_back), " ".join(given_back))
+        log.info("delivery stopped with %d message(s) unfinished; due again",
+                 len(given_back))
+        for queue_id in given_back:        # a line each, for grep QUEUEID
+            log.info("%s: delivery cut short by the stop; due again", queue_id)
         return given_back
 
     def on_stop(self):
@@ -366,7 +369,7 @@ class DeliveryWorker(GeventChild):
         delivered and removed, or deleted, but the record could not be (a full disk or
         index at that moment). Drop it, as reconcile would, rather than retry it forever."""
         try:
-            in_thread(lambda: list(self.queue.delete([record.queue_id])))
+            in_thread(lambda: list(self.queue.delete([record.queue_id], why=None)))
         except OSError as error:
             log.error("%s: message file gone; cannot drop its record yet: %s",
                       record.queue_id, error)
@@ -383,7 +386,7 @@ class DeliveryWorker(GeventChild):
         try:
             self.recorder.record(Attempt(
                 record.queue_id, {}, time.time() + delay,
-                "delivery failed: %s: %s" % (type(error).__name__, error)))
+                "delivery failed: %s: %s" % (type(error).__name__, error_text(error))))
         except Exception as failure:
             log.error("%s: cannot defer it (%s); it is tried again when its lease lapses",
                       record.queue_id, failure)

@@ -32,7 +32,7 @@ A file that is not a complete submission (a user's symlink, FIFO, socket, direct
 hard link, unreadable file or junk) or whose envelope breaks a rule (elemta.queue.maildrop:
 types, NOTIFY, ORCPT, ENVID, limits.recipients) is logged once and removed; hidden files
 (temp files left by a sendmail that died, or anybody's) are removed after a day.
-Life cycle: elemta.util.child, as every child's: stops on SIGTERM/SIGINT/SIGQUIT after the
+Life cycle: elemta.util.child, as every child's: stops on SIGTERM/SIGQUIT after the
 message in hand (what was taken is committed first), reopens logs on SIGUSR1, stops when
 the master is gone; a wake socket it cannot bind is a boot failure the master backs off.
 See also: elemta.queue.maildrop (the file format), elemta.cli.sendmail (the writer).
@@ -154,7 +154,7 @@ class PickupWorker(GeventChild):
             listener.kill()
 
     def on_stop(self):
-        """SIGTERM, SIGINT, SIGQUIT: stop after the message in hand."""
+        """SIGTERM, SIGQUIT: stop after the message in hand."""
         self._wake.set()
 
     def shut_down(self):

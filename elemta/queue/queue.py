@@ -84,8 +84,10 @@ from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, HOLD, INCOMIN
                                 RCPT_DEFERRED, SENT)
 from elemta.queue.store import CorruptSpoolFile, SpoolStore
 from elemta.queue.transitions import move
+from elemta.util.text import printable
 
-log = logging.getLogger(__name__)
+# "elemta.queue[pid]: QUEUEID: ...", whichever process (or elemtactl) acts on the queue.
+log = logging.getLogger("elemta.queue")
 
 SYNC_METHODS = ("syncfs", "fsync")
 DEFAULT_MAP_SIZE = 16 * 1024 ** 3   # address space only; the file grows as records are added
@@ -170,6 +172,27 @@ class ReconcileSummary:
     reclaimed: List[str] = field(default_factory=list)      # were active: due again
     messages: int = 0                                       # messages in the queue after
 
+    def __str__(self):
+        """One sentence for the log: "5 messages, nothing repaired", or what was."""
+        repairs = [(len(ids), singular, plural) for ids, singular, plural in (
+            (self.tmp_removed, "leftover temp file removed", "leftover temp files removed"),
+            (self.corrupt, "corrupt file moved to corrupt/",
+             "corrupt files moved to corrupt/"),
+            (self.added, "file without index record queued again",
+             "files without index records queued again"),
+            (self.dropped, "index record without its file dropped",
+             "index records without their files dropped"),
+            (self.held, "put on hold (hold marker)", "put on hold (hold markers)"),
+            (self.released, "released (no hold marker)", "released (no hold markers)"),
+            (self.stale_markers, "stale hold marker removed", "stale hold markers removed"),
+            (self.reclaimed, "message that was being delivered due again",
+             "messages that were being delivered due again"),
+        ) if ids]
+        done = ", ".join("%d %s" % (count, singular if count == 1 else plural)
+                         for count, singular, plural in repairs)
+        return "%d message%s, %s" % (self.messages, "" if self.messages == 1 else "s",
+                                     done or "nothing repaired")
+
 
 class Queue:
     """One process's handle on the queue (open it after fork, never before)."""
@@ -229,6 +252,10 @@ class Queue:
         except BaseException:
             writer.abort()
             raise
+        # Its first line in the log, as smtpd's and pickup's for theirs, so that grep
+        # QUEUEID follows a bounce or a forwarded copy from its start too.
+        log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", writer.queue_id,
+                 printable(envelope.sender), writer.size, len(envelope.recipients))
         return writer.queue_id
 
     def commit(self, writers):
@@ -351,11 +378,11 @@ class Queue:
             self._index_call(self.index.delete_many, missing_files[start:start + _BATCH])
         summary.dropped = missing_files
         for queue_id in missing_files:
-            log.warning("queue: %s: index record without its file, dropped", queue_id)
+            log.warning("%s: index record without its file, dropped", queue_id)
         unindexed = sorted(set(complete) - indexed)
         summary.added = self._add_records([complete[qid] for qid in unindexed])
         for queue_id in summary.added:
-            log.info("queue: %s: file without index record, queued again", queue_id)
+            log.info("%s: file without index record, queued again", queue_id)
         self._reconcile_hold(set(complete), summary)
         # No delivery worker runs yet: whatever was being delivered is due again. A
         # restart or power loss is not the message's doing: no orphan backoff.
@@ -378,9 +405,9 @@ class Queue:
         summary.released = self._change(sorted(held_in_index - markers),
                                         _releaser(time.time()), RELEASED)
         for queue_id in summary.held:
-            log.info("queue: %s: on hold (hold marker), index said otherwise", queue_id)
+            log.info("%s: on hold (hold marker), index said otherwise", queue_id)
         for queue_id in summary.released:
-            log.info("queue: %s: index said hold but there is no hold marker, released",
+            log.info("%s: index said hold but there is no hold marker, released",
                      queue_id)
 
     def reindex(self):
@@ -407,7 +434,8 @@ class Queue:
             return None  # delivered and removed meanwhile
         except CorruptSpoolFile as e:
             target = self.store.quarantine(queue_id)
-            log.warning("queue: %s; moved to %s (it was never acknowledged)", e, target)
+            # e names the queue id first: "QUEUEID: content checksum mismatch".
+            log.warning("%s; moved to %s (it was never acknowledged)", e, target)
             summary.corrupt.append(queue_id)
             return None
 
@@ -452,9 +480,11 @@ class Queue:
             self._flush(())
             yield from _report(batch, outcomes)
 
-    def delete(self, queue_ids: Iterable[str]) -> Iterator[Tuple[str, str]]:
+    def delete(self, queue_ids: Iterable[str],
+               why: Optional[str] = "admin action") -> Iterator[Tuple[str, str]]:
         """Delete messages: their files first, then their records. Yields (queue_id,
-        outcome)."""
+        outcome). Each message deleted is logged "QUEUEID: removed (why)", unless why is
+        None (a caller that logs its own line)."""
         for batch in _batches(queue_ids):
             removed = set()
             for queue_id in batch:
@@ -465,8 +495,10 @@ class Queue:
             existed = self._index_call(self.index.delete_many_ids, batch)
             self._flush(())
             for queue_id in batch:
-                yield queue_id, (DELETED if queue_id in removed or queue_id in existed
-                                 else NO_SUCH_MESSAGE)
+                deleted = queue_id in removed or queue_id in existed
+                if deleted and why:
+                    log.info("%s: removed (%s)", queue_id, why)
+                yield queue_id, DELETED if deleted else NO_SUCH_MESSAGE
 
     def requeue(self, queue_ids: Iterable[str],
                 now: Optional[float] = None) -> Iterator[Tuple[str, str]]:
@@ -566,7 +598,7 @@ class Queue:
                 old.append(record.queue_id)
                 if len(old) >= limit:
                     break
-        return [qid for qid, outcome in self.delete(old) if outcome == DELETED]
+        return [qid for qid, outcome in self.delete(old, why=None) if outcome == DELETED]
 
     def record_attempt(self, owner: str, queue_id: str,
                        results: Dict[int, Tuple[str, str, str]], next_attempt: float,
@@ -737,6 +769,14 @@ def _batches(items, size=ACTION_BATCH):
         yield batch
 
 
+# What an admin's action (elemtactl queue, the REST API) logs for each message it changed,
+# in postsuper's words, so that grep QUEUEID shows who took a message off its course.
+_ADMIN_LOG = {HELD: "placed on hold", RELEASED: "released from hold", REQUEUED: "requeued"}
+
+
 def _report(batch, outcomes):
     for queue_id in batch:
-        yield queue_id, outcomes.get(queue_id) or NO_SUCH_MESSAGE
+        outcome = outcomes.get(queue_id) or NO_SUCH_MESSAGE
+        if outcome in _ADMIN_LOG:
+            log.info("%s: %s (admin action)", queue_id, _ADMIN_LOG[outcome])
+        yield queue_id, outcome

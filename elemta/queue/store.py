@@ -38,6 +38,7 @@ import zlib
 
 from elemta.queue.ids import ALPHABET, is_queue_id
 from elemta.util.eugid import open_nofollow
+from elemta.util.text import printable
 from elemta.queue.model import Envelope, Recipient
 
 log = logging.getLogger(__name__)
@@ -315,7 +316,8 @@ class SpoolStore:
         except (ValueError, TypeError, AttributeError) as e:
             raise CorruptSpoolFile("%s: bad envelope: %s" % (name, e))
         if envelope.queue_id != queue_id:
-            raise CorruptSpoolFile("%s: holds queue id %r" % (name, envelope.queue_id))
+            raise CorruptSpoolFile("%s: holds queue id %s"
+                                   % (name, printable(str(envelope.queue_id))))
         envelope.size = length
         return envelope, offset, length, int(match.group(2), 16)
 

@@ -39,6 +39,7 @@ from elemta.smtp.protocol import ServerProtocol
 from elemta.smtp.replies import Reply
 from elemta.smtpd import tls
 from elemta.smtpd.received import protocol_name, received_header
+from elemta.util.text import printable
 
 log = logging.getLogger("elemta.smtpd")
 
@@ -403,15 +404,16 @@ class Session:
                 self.client_ip, event.username, event.password):
             metrics.AUTH_ATTEMPTS.labels("success").inc()
             log.info("%s: AUTH %s succeeded for %s", self.client, event.mechanism,
-                     event.username)
+                     printable(event.username))
             self.ctx.auth_user = event.username
             if self._refused_by_plugins("auth", "AUTH"):
                 self.ctx.auth_user = None
                 return
             return self.proto.accept()
         metrics.AUTH_ATTEMPTS.labels("failure").inc()
-        log.warning("%s: SASL %s authentication failed for %r", self.client,
-                    event.mechanism, event.username)
+        # The name is the client's: printable, in <> so an empty or blank one shows.
+        log.warning("%s: SASL %s authentication failed for <%s>", self.client,
+                    event.mechanism, printable(event.username))
         self.proto.reject()
 
     def on_start_tls(self, event):

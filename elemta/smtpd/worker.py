@@ -2,7 +2,7 @@
 
 Runs in a child forked by elemta.master (the "smtpd" row of elemta.services). It opens
 its own queue (LMDB) after the fork, serves SMTP on the listening sockets it inherited,
-and lives the life every gevent child does (elemta.util.child: heartbeat, SIGTERM/SIGINT
+and lives the life every gevent child does (elemta.util.child: heartbeat, SIGTERM
 graceful, SIGQUIT at once, SIGUSR1 reopen logs, exit when orphaned). It retires once it
 has admitted max_use sessions (the base counts them) or idled max_idle seconds. A TLS
 certificate or key it cannot load is a boot failure: the master logs why and backs off

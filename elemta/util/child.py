@@ -15,9 +15,9 @@ A subclass sets `kind` and fills in the life cycle run() goes through:
     serve()      work until self.stopping is set (default: wait for it)
     shut_down()  close what boot() opened
 
-Signals (handlers only set flags or wake the loop, design rule 1): SIGTERM/SIGINT stop
-taking work and give what is under way master.stop_grace, SIGQUIT stops at once, SIGUSR1
-reopens the log files. A heartbeat greenlet writes the scoreboard; a watch greenlet stops
+Signals (handlers only set flags or wake the loop, design rule 1): SIGTERM stops taking
+work and gives what is under way master.stop_grace, SIGQUIT stops at once, SIGUSR1
+reopens the log files, SIGINT is ignored. A heartbeat greenlet writes the scoreboard; a watch greenlet stops
 the child when the master is gone and retires it when watch() says so. A long job run
 without yielding calls progress() between its pieces, so the master never takes it for
 a hung process. A child whose kind has a max_use (smtpd sessions, delivery messages) sets
@@ -55,8 +55,8 @@ def jittered(max_use):
 
 
 class GeventChild:
-    """Life cycle of one forked gevent child: SIGTERM/SIGINT graceful, SIGQUIT at once,
-    SIGUSR1 reopen logs, a heartbeat on the scoreboard, exit when orphaned."""
+    """Life cycle of one forked gevent child: SIGTERM graceful, SIGQUIT at once, SIGUSR1
+    reopen logs, SIGINT ignored, a heartbeat on the scoreboard, exit when orphaned."""
 
     kind = "child"
     # The config section of this kind's max_use, or None: it never retires for its use.
@@ -124,7 +124,13 @@ class GeventChild:
             return
         self._signals_installed = True
         gevent.signal_handler(signal.SIGTERM, self.handle_term)
-        gevent.signal_handler(signal.SIGINT, self.handle_term)
+        # SIGINT is the terminal's Ctrl-C and reaches every process of the foreground
+        # group at once. Were each child to stop on it by itself, children would be gone
+        # before the master knew of a stop (it would see deaths, not a stop), and they
+        # would not stop in the master's order. So the master alone acts on SIGINT, as
+        # Postfix's master_sig.c does (it tells its children with SIGTERM): the orderly
+        # stop (SIGTERM to each child, master.stop_grace), or on a second one SIGQUIT.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         gevent.signal_handler(signal.SIGQUIT, self.handle_quit)
         gevent.signal_handler(signal.SIGUSR1, logs.reopen)
 
@@ -137,7 +143,7 @@ class GeventChild:
     # ---- signals, retirement, progress ----------------------------------------------------
 
     def handle_term(self):
-        """SIGTERM, SIGINT: stop taking work; what is under way gets master.stop_grace."""
+        """SIGTERM: stop taking work; what is under way gets master.stop_grace."""
         self.stopping.set()
         self.on_stop()
 

@@ -2,7 +2,8 @@
 
 The master calls setup() once; forked children inherit the handlers. A file target is
 reopened on SIGUSR1 (reopen()), so logrotate can move it away, as admins do with
-Postfix's maillog. Lines read like Postfix's: "elemta.smtpd[pid]: <qid>: from=<...>".
+Postfix's maillog. Lines read like Postfix's: "elemta.smtpd[pid]: <qid>: from=<...>", and
+an exception passed to a log call reads as text (ReadableErrors), never as a Python repr.
 """
 
 import logging
@@ -31,11 +32,35 @@ def setup(logging_config):
     else:
         handler = logging.handlers.WatchedFileHandler(target)
         handler.setFormatter(logging.Formatter("%(asctime)s " + FORMAT, "%b %d %H:%M:%S"))
+    handler.addFilter(ReadableErrors())
     root = logging.getLogger("elemta")
     root.handlers[:] = [handler]
     root.setLevel(logging_config.level.upper())
     root.propagate = False
     _handler = handler
+
+
+def error_text(exc):
+    """An exception as an admin reads it: "/var/spool/x: Permission denied", not
+    "[Errno 13] Permission denied: '/var/spool/x'" nor "KeyError('x')"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+        return "%s: %s" % (" -> ".join(names), exc.strerror) if names else exc.strerror
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        return str(exc.args[0])
+    return str(exc) or type(exc).__name__
+
+
+class ReadableErrors(logging.Filter):
+    """Renders the exceptions a log call passes as arguments with error_text(): a
+    `log.error("...: %s", exc)` anywhere then reads as text, not as Python."""
+
+    def filter(self, record):
+        if isinstance(record.args, tuple) and any(
+                isinstance(arg, BaseException) for arg in record.args):
+            record.args = tuple(error_text(arg) if isinstance(arg, BaseException) else arg
+                                for arg in record.args)
+        return True
 
 
 def _check_syslog(path):
