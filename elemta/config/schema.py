@@ -304,6 +304,28 @@ class MasterSettings:
                                   "are cut.", _not_negative)
 
 
+_USER_NAME = re.compile(r"^[^\s:,]+$")
+
+
+def _user_names(values):
+    for value in values:
+        if not _USER_NAME.match(value):
+            return "%r is not a user name (nor anyone)" % (value,)
+    return None
+
+
+@dataclass(frozen=True)
+class MailqSettings:
+    """Who may list the queue with mailq (through the showq process)."""
+    authorized_users: Tuple[str, ...] = opt(
+        ("anyone",), "Users who may list the queue with mailq (or sendmail -bp): user "
+                     "names or numeric uids, or anyone. root and master.user always may; "
+                     "they read the spool directly. Everyone else asks the showq process "
+                     "(spool/public/showq), which checks the caller's uid and refuses the "
+                     "others. The listing never shows a message's content. Postfix's "
+                     "authorized_mailq_users (default static:anyone).", _user_names)
+
+
 @dataclass(frozen=True)
 class APISettings:
     """The api process: the REST API and /metrics for Prometheus."""
@@ -540,6 +562,7 @@ class Config:
     logging: LoggingSettings = opt(LoggingSettings(), "Logging.")
     master: MasterSettings = opt(MasterSettings(), "The master process.")
     api: APISettings = opt(APISettings(), "The api process.")
+    mailq: MailqSettings = opt(MailqSettings(), "Queue listing for local users.")
     delivery: DeliverySettings = opt(DeliverySettings(), "Delivery of queued mail.")
     local: LocalSettings = opt(LocalSettings(), "Local delivery.")
     dns: DNSSettings = opt(DNSSettings(), "DNS for the plugins.")
