@@ -5,11 +5,15 @@ Run by the elemta package's postinst (installed as /usr/lib/elemta/debconf-confi
 private venv's python, so ruamel.yaml is the pinned one). A round trip through ruamel.yaml
 keeps the admin's comments, order and every other setting; only these change:
 
-  smtpd.hostname        the mail name (also written to /etc/mailname by postinst)
   listeners             the port-25 "smtp" listeners: loopback (127.0.0.1, ::1) for
                         "local" and "satellite", every address (0.0.0.0, ::) for "internet";
                         (the IPv6 one only if the host has IPv6); other listeners (587, 465, ...) are left alone
   delivery.relayhost    the relay host for "satellite"; removed for the other types
+
+The mail name is not written here: postinst writes it to /etc/mailname, which Elemta
+reads as its origin (smtpd.mailname_file, smtpd.origin empty), while smtpd.hostname stays
+the admin's (empty: the system's fully qualified name), as Debian's Postfix keeps
+myorigin = /etc/mailname apart from myhostname = hostname --fqdn.
 
 A missing configuration is started from /usr/share/elemta/elemta.yaml.example.
 """
@@ -36,9 +40,7 @@ def have_ipv6():
         return False
 
 
-def apply(doc, mailtype, mailname, relayhost, ipv6=True):
-    smtpd = doc.setdefault("smtpd", CommentedMap())
-    smtpd["hostname"] = mailname
+def apply(doc, mailtype, relayhost, ipv6=True):
     listeners = doc.get("listeners")
     if listeners is None:
         doc["listeners"] = listeners = []
@@ -66,7 +68,6 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="/etc/elemta/elemta.yaml")
     parser.add_argument("--type", required=True, choices=sorted(ADDRESSES))
-    parser.add_argument("--mailname", required=True)
     parser.add_argument("--relayhost", default="")
     args = parser.parse_args(argv)
     yaml = YAML()               # round trip: comments and order survive
@@ -75,7 +76,7 @@ def main(argv=None):
     source = args.config if os.path.exists(args.config) else TEMPLATE
     with open(source) as stream:
         doc = yaml.load(stream)
-    apply(doc, args.type, args.mailname, args.relayhost, have_ipv6())
+    apply(doc, args.type, args.relayhost, have_ipv6())
     directory = os.path.dirname(args.config) or "."
     fd, temp = tempfile.mkstemp(dir=directory, prefix=".elemta.yaml.")
     with os.fdopen(fd, "w") as stream:

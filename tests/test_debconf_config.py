@@ -40,19 +40,21 @@ def addresses(config):
 
 
 def test_local_only_listens_on_loopback(conf):
-    config = run(conf, "--type", "local", "--mailname", "mail.example.org")
+    config = run(conf, "--type", "local")
     assert addresses(config) == [("127.0.0.1", 25, "smtp"), ("::1", 25, "smtp")]
-    assert config.smtpd.hostname == "mail.example.org"
+    # The mail name reaches Elemta through /etc/mailname (postinst): the host name stays
+    # the system's FQDN, as Debian's Postfix keeps myhostname apart from myorigin.
+    assert config.smtpd.hostname == "" and config.smtpd.origin == ""
     assert config.delivery.relayhost is None
 
 
 def test_internet_site_listens_everywhere_without_ipv6_when_absent(conf):
-    config = run(conf, "--type", "internet", "--mailname", "mx.example.org", ipv6=False)
+    config = run(conf, "--type", "internet", ipv6=False)
     assert addresses(config) == [("0.0.0.0", 25, "smtp")]
 
 
 def test_satellite_then_reconfigure_keeps_admin_edits(conf):
-    run(conf, "--type", "satellite", "--mailname", "a.example", "--relayhost", "[r.example]:587")
+    run(conf, "--type", "satellite", "--relayhost", "[r.example]:587")
     text = conf.read_text()
     assert "relayhost: '[r.example]:587'" in text or 'relayhost: "[r.example]:587"' in text
     # The admin adds a listener of their own and changes an option debconf does not own.
@@ -60,7 +62,7 @@ def test_satellite_then_reconfigure_keeps_admin_edits(conf):
                         '  - {address: "0.0.0.0", port: 2525, mode: smtp}')
     text = text.replace('banner: "ESMTP Elemta"', 'banner: "ESMTP ours"')
     conf.write_text(text)
-    config = run(conf, "--type", "local", "--mailname", "b.example")
+    config = run(conf, "--type", "local")
     assert config.delivery.relayhost is None
     assert config.smtpd.banner == "ESMTP ours"
     assert ("0.0.0.0", 2525, "smtp") in addresses(config)
@@ -73,6 +75,6 @@ def test_missing_config_starts_from_the_template(tmp_path):
     module.TEMPLATE = EXAMPLE
     module.have_ipv6 = lambda: True
     target = tmp_path / "elemta.yaml"
-    assert module.main(["--config", str(target), "--type", "local", "--mailname", "x.example"]) == 0
+    assert module.main(["--config", str(target), "--type", "local"]) == 0
     assert oct(os.stat(target).st_mode & 0o777) == "0o644"
-    assert load_config(str(target), check_files=False).smtpd.hostname == "x.example"
+    assert load_config(str(target), check_files=False).smtpd.mailname_file == "/etc/mailname"

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from elemta.addressing.normal import normal_domain
 from elemta.config.errors import ConfigError, KeyPath, Problem, format_key
+from elemta.config.mailname import read_mailname
 from elemta.config.schema import BUILTIN_PLUGINS, Config, PluginSettings
 from elemta.config.sources import FORMATS, parse
 from elemta.plugins.api import PluginConfigError
@@ -51,8 +52,10 @@ _READ_LATER = (("api", "token_file"), ("delivery", "sasl_password_file"))
 
 
 def default_config() -> Config:
-    """The built-in development defaults: SMTP on 127.0.0.1:2525, spool under ./spool."""
-    return Config()
+    """The built-in development defaults: SMTP on 127.0.0.1:2525, spool under ./spool, and
+    the mail name of /etc/mailname if there is one; raises ConfigError if it is bad."""
+    config = Config()
+    return dataclasses.replace(config, mailname=read_mailname(config.smtpd.mailname_file))
 
 
 def load_config(path: Union[str, "os.PathLike[str]"],
@@ -91,7 +94,9 @@ def load_config(path: Union[str, "os.PathLike[str]"],
     checker.check_across_fields(config)
     if checker.problems:
         raise ConfigError(checker.sorted_problems())
-    return dataclasses.replace(config, source=file)
+    mailname = read_mailname(config.smtpd.mailname_file,
+                             "smtpd.mailname_file in %s" % file)
+    return dataclasses.replace(config, source=file, mailname=mailname)
 
 
 def plugins_from_mapping(mapping: Any, known: Optional[Dict[str, Any]] = None) -> PluginSettings:

@@ -14,6 +14,7 @@ Each field's metadata (elemta.config.options.opt) carries:
 See also: man/elemta.conf.5, etc/elemta.yaml.example, etc/elemta.toml.example.
 """
 
+import functools
 import ipaddress
 import re
 import socket
@@ -157,10 +158,26 @@ class Listener:
 @dataclass(frozen=True)
 class SMTPDSettings:
     """How the SMTP server presents itself and treats what clients send."""
-    hostname: str = opt("", "Name in the greeting, EHLO reply and Received headers, "
-                            "and the domain of local mail (default: the system's host "
-                            "name, with .localdomain added when it has no dot, as "
-                            "Postfix's myhostname).", _hostname)
+    hostname: str = opt("", "This host's name: in the greeting, the EHLO reply, Received "
+                            "headers, the EHLO sent to other servers and bounces' "
+                            "Reporting-MTA; always a local domain. Default: the system's "
+                            "fully qualified name (its host name if that has a dot, else "
+                            "what the resolver says, as hostname --fqdn), else the mail "
+                            "name of mailname_file, else the host name with .localdomain "
+                            "added. Postfix's myhostname, which Debian sets to hostname "
+                            "--fqdn.", _hostname)
+    origin: str = opt("", "The domain added to a bare user name (user becomes user@origin) "
+                          "in sendmail's senders and recipients, and of bounces' From "
+                          "(MAILER-DAEMON@origin); always a local domain. Default: the "
+                          "mail name in mailname_file, else hostname. Postfix's myorigin "
+                          "(Debian sets myorigin = /etc/mailname).", _hostname)
+    mailname_file: Optional[str] = opt(
+        "/etc/mailname", "File whose first line is this system's mail name, as Debian "
+                         "keeps it for every mailer (the package's debconf question "
+                         "writes it): origin's default. A missing file is passed over; "
+                         "one whose first line is not a domain name stops Elemta, naming "
+                         "the file. null or \"\": never read. Postfix has no parameter of its "
+                         "own: Debian's main.cf says myorigin = /etc/mailname.")
     banner: str = opt("ESMTP Elemta", "Text after the host name in the 220 greeting.")
     workers: int = opt(0, "Number of smtpd worker processes sharing the listeners; 0 means "
                           "one per CPU.", _not_negative)
@@ -568,12 +585,36 @@ class Config:
     dns: DNSSettings = opt(DNSSettings(), "DNS for the plugins.")
     plugins: PluginSettings = opt(PluginSettings(), "Plugins.")
     source: Optional[str] = field(default=None, compare=False, metadata={"internal": True})
+    # The first line of smtpd.mailname_file, checked (elemta.config.mailname), or None.
+    mailname: Optional[str] = field(default=None, compare=False,
+                                    metadata={"internal": True})
 
     @property
     def hostname(self):
-        """The effective host name: smtpd.hostname or the system's."""
-        if self.smtpd.hostname:
-            return self.smtpd.hostname
-        name = socket.gethostname()
-        # Postfix's myhostname: a bare name gets $mydomain, which defaults to localdomain.
-        return name if "." in name else name + ".localdomain"
+        """The effective host name (Postfix's myhostname): smtpd.hostname or the
+        system's fully qualified name."""
+        return self.smtpd.hostname or system_hostname(self.mailname)
+
+    @property
+    def origin(self):
+        """The effective mail name (Postfix's myorigin): smtpd.origin, the mail name of
+        smtpd.mailname_file, or the host name."""
+        return self.smtpd.origin or self.mailname or self.hostname
+
+
+@functools.lru_cache(maxsize=None)
+def system_hostname(mailname=None):
+    """The system's fully qualified name: its host name when that has a dot, else the
+    resolver's (hostname --fqdn), else mailname, else the name with .localdomain added
+    (Postfix's myhostname: a bare name gets $mydomain, localdomain by default). Asked
+    once per process: the resolver may be slow."""
+    name = socket.gethostname()
+    if "." in name:
+        return name
+    try:
+        fqdn = socket.getfqdn(name)
+    except OSError:
+        fqdn = name
+    if "." in fqdn and not fqdn.startswith("localhost"):
+        return fqdn
+    return mailname or name + ".localdomain"
