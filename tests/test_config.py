@@ -113,7 +113,7 @@ def test_examples_load_to_the_same_packaged_config(tmp_path):
     assert from_yaml == from_toml
     # Everything at its default but the packaged listener, spool and workers' user.
     assert from_yaml == dataclasses.replace(
-        default_config(), listeners=(Listener("0.0.0.0", 25, "smtp"),),
+        default_config(), listeners=(Listener("127.0.0.1", 25, "smtp"),),
         queue=QueueSettings(spool_dir="/var/spool/elemta"),
         master=MasterSettings(user="elemta", group="elemta"))
 
