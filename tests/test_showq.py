@@ -191,3 +191,20 @@ def test_a_user_left_out_of_authorized_users_is_refused(nobody_env):
     assert down.stderr.startswith("mailq: cannot ask the showq service at %s"
                                   % showq.socket_path(server.spool))
     assert "is Elemta running?" in down.stderr
+
+
+def test_authorized_users_names_users_by_name_or_uid():
+    """Postfix's user_acl: a user name, or the uid when it has none; root and Elemta's
+    user always pass (they read the spool themselves)."""
+    import dataclasses
+    from elemta.config import Config
+    from elemta.config.schema import MailqSettings
+    from elemta.showq.server import ShowqServer
+    nobody = pwd.getpwnam("nobody").pw_uid
+    config = dataclasses.replace(Config(), mailq=MailqSettings(("nobody", "4242")))
+    server = ShowqServer(config, 0, None, os.getpid())
+    server.always_allowed = {0, 7777}
+    assert [server.refusal(uid) for uid in (0, 7777, nobody, 4242)] == [None] * 4
+    assert server.refusal(4243) == "uid 4243"
+    daemon = pwd.getpwnam("daemon").pw_uid
+    assert server.refusal(daemon) == "user daemon (uid %d)" % daemon

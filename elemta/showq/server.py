@@ -139,10 +139,10 @@ class ShowqServer(GeventChild):
         try:
             name = pwd.getpwuid(uid).pw_name
         except KeyError:
-            name = str(uid)
+            name = None
         if name in self.authorized or str(uid) in self.authorized:
             return None
-        return "user %s (uid %d)" % (printable(name), uid)
+        return "user %s (uid %d)" % (printable(name), uid) if name else "uid %d" % uid
 
     def write_listing(self, conn, selection):
         count = 0
