@@ -9,11 +9,13 @@ keeps the admin's comments, order and every other setting; only these change:
                         "local" and "satellite", every address (0.0.0.0, ::) for "internet";
                         (the IPv6 one only if the host has IPv6); other listeners (587, 465, ...) are left alone
   delivery.relayhost    the relay host for "satellite"; removed for the other types
+  smtpd.hostname        --fqdn (postinst passes `hostname --fqdn`), only while it is
+                        empty and only a name with a dot: Debian's Postfix postinst sets
+                        myhostname so once; later the value is the admin's
 
 The mail name is not written here: postinst writes it to /etc/mailname, which Elemta
-reads as its origin (smtpd.mailname_file, smtpd.origin empty), while smtpd.hostname stays
-the admin's (empty: the system's fully qualified name), as Debian's Postfix keeps
-myorigin = /etc/mailname apart from myhostname = hostname --fqdn.
+reads as its origin (smtpd.mailname_file, smtpd.origin empty), as Debian's Postfix keeps
+myorigin = /etc/mailname apart from myhostname.
 
 A missing configuration is started from /usr/share/elemta/elemta.yaml.example.
 """
@@ -40,7 +42,11 @@ def have_ipv6():
         return False
 
 
-def apply(doc, mailtype, relayhost, ipv6=True):
+def apply(doc, mailtype, relayhost, ipv6=True, fqdn=""):
+    smtpd = doc.setdefault("smtpd", CommentedMap())
+    if not smtpd.get("hostname") and "." in fqdn.strip(".") and \
+            not fqdn.startswith("localhost"):
+        smtpd["hostname"] = fqdn.strip().rstrip(".")
     listeners = doc.get("listeners")
     if listeners is None:
         doc["listeners"] = listeners = []
@@ -69,6 +75,7 @@ def main(argv=None):
     parser.add_argument("--config", default="/etc/elemta/elemta.yaml")
     parser.add_argument("--type", required=True, choices=sorted(ADDRESSES))
     parser.add_argument("--relayhost", default="")
+    parser.add_argument("--fqdn", default="", help="this host's fully qualified name")
     args = parser.parse_args(argv)
     yaml = YAML()               # round trip: comments and order survive
     yaml.preserve_quotes = True
@@ -76,7 +83,7 @@ def main(argv=None):
     source = args.config if os.path.exists(args.config) else TEMPLATE
     with open(source) as stream:
         doc = yaml.load(stream)
-    apply(doc, args.type, args.relayhost, have_ipv6())
+    apply(doc, args.type, args.relayhost, have_ipv6(), args.fqdn)
     directory = os.path.dirname(args.config) or "."
     fd, temp = tempfile.mkstemp(dir=directory, prefix=".elemta.yaml.")
     with os.fdopen(fd, "w") as stream:

@@ -42,8 +42,8 @@ def addresses(config):
 def test_local_only_listens_on_loopback(conf):
     config = run(conf, "--type", "local")
     assert addresses(config) == [("127.0.0.1", 25, "smtp"), ("::1", 25, "smtp")]
-    # The mail name reaches Elemta through /etc/mailname (postinst): the host name stays
-    # the system's FQDN, as Debian's Postfix keeps myhostname apart from myorigin.
+    # The mail name reaches Elemta through /etc/mailname (postinst), its origin; no
+    # --fqdn given, the host name is left to the system's name.
     assert config.smtpd.hostname == "" and config.smtpd.origin == ""
     assert config.delivery.relayhost is None
 
@@ -78,3 +78,15 @@ def test_missing_config_starts_from_the_template(tmp_path):
     assert module.main(["--config", str(target), "--type", "local"]) == 0
     assert oct(os.stat(target).st_mode & 0o777) == "0o644"
     assert load_config(str(target), check_files=False).smtpd.mailname_file == "/etc/mailname"
+
+
+def test_the_host_name_is_the_fqdn_once_and_then_the_admins(conf):
+    """As Debian's postfix postinst sets myhostname from hostname --fqdn: only into an
+    empty smtpd.hostname, and only a name with a dot."""
+    assert run(conf, "--type", "local", "--fqdn", "vm").smtpd.hostname == ""
+    assert run(conf, "--type", "local", "--fqdn", "localhost.localdomain").smtpd.hostname == ""
+    config = run(conf, "--type", "local", "--fqdn", "vm.example.org")
+    assert (config.smtpd.hostname, config.smtpd.origin) == ("vm.example.org", "")
+    conf.write_text(conf.read_text().replace("vm.example.org", "mx.example.net"))
+    assert run(conf, "--type", "internet", "--fqdn", "vm.example.org").smtpd.hostname == \
+        "mx.example.net"

@@ -14,7 +14,6 @@ Each field's metadata (elemta.config.options.opt) carries:
 See also: man/elemta.conf.5, etc/elemta.yaml.example, etc/elemta.toml.example.
 """
 
-import functools
 import ipaddress
 import re
 import socket
@@ -161,11 +160,12 @@ class SMTPDSettings:
     hostname: str = opt("", "This host's name: in the greeting, the EHLO reply, Received "
                             "headers, the EHLO sent to other servers and bounces' "
                             "Reporting-MTA; always a local domain. Default: the system's "
-                            "fully qualified name (its host name if that has a dot, else "
-                            "what the resolver says, as hostname --fqdn), else the mail "
-                            "name of mailname_file, else the host name with .localdomain "
-                            "added. Postfix's myhostname, which Debian sets to hostname "
-                            "--fqdn.", _hostname)
+                            "host name if it has a dot (a fully qualified name, as in "
+                            "/etc/hostname), else the mail name of mailname_file, else the "
+                            "host name with .localdomain added; no DNS lookup. Postfix's "
+                            "myhostname (Debian's postinst writes hostname --fqdn there; "
+                            "set this option to the same to name the host so).",
+                        _hostname)
     origin: str = opt("", "The domain added to a bare user name (user becomes user@origin) "
                           "in sendmail's senders and recipients, and of bounces' From "
                           "(MAILER-DAEMON@origin); always a local domain. Default: the "
@@ -602,19 +602,12 @@ class Config:
         return self.smtpd.origin or self.mailname or self.hostname
 
 
-@functools.lru_cache(maxsize=None)
 def system_hostname(mailname=None):
     """The system's fully qualified name: its host name when that has a dot, else the
-    resolver's (hostname --fqdn), else mailname, else the name with .localdomain added
-    (Postfix's myhostname: a bare name gets $mydomain, localdomain by default). Asked
-    once per process: the resolver may be slow."""
+    mail name, else the name with .localdomain added (Postfix's myhostname: a bare name
+    gets $mydomain, localdomain by default). No DNS lookup, as Postfix makes none: a
+    process must not wait on a resolver to start."""
     name = socket.gethostname()
     if "." in name:
         return name
-    try:
-        fqdn = socket.getfqdn(name)
-    except OSError:
-        fqdn = name
-    if "." in fqdn and not fqdn.startswith("localhost"):
-        return fqdn
     return mailname or name + ".localdomain"
