@@ -7,11 +7,17 @@ is elemta.config.editor's, the one `elemtactl config set` edits with: it keeps t
 comments, order, indentation and every other setting, and replaces the file atomically
 (fsync'd, mode and owner kept); only these change:
 
-  smtpd.hostname        the mail name (also written to /etc/mailname by postinst)
   listeners             the port-25 "smtp" listeners: loopback (127.0.0.1, ::1) for
                         "local" and "satellite", every address (0.0.0.0, ::) for "internet";
                         (the IPv6 one only if the host has IPv6); other listeners (587, 465, ...) are left alone
   delivery.relayhost    the relay host for "satellite"; removed for the other types
+  smtpd.hostname        --fqdn (postinst passes `hostname --fqdn`), only while it is
+                        empty and only a name with a dot: Debian's Postfix postinst sets
+                        myhostname so once; later the value is the admin's
+
+The mail name is not written here: postinst writes it to /etc/mailname, which Elemta
+reads as its origin (smtpd.mailname_file, smtpd.origin empty), as Debian's Postfix keeps
+myorigin = /etc/mailname apart from myhostname.
 
 A missing configuration is started from /usr/share/elemta/elemta.yaml.example.
 """
@@ -38,9 +44,11 @@ def have_ipv6():
         return False
 
 
-def apply(doc, mailtype, mailname, relayhost, ipv6=True):
+def apply(doc, mailtype, relayhost, ipv6=True, fqdn=""):
     smtpd = doc.setdefault("smtpd", CommentedMap())
-    smtpd["hostname"] = mailname
+    if not smtpd.get("hostname") and "." in fqdn.strip(".") and \
+            not fqdn.startswith("localhost"):
+        smtpd["hostname"] = fqdn.strip().rstrip(".")
     listeners = doc.get("listeners")
     if listeners is None:
         doc["listeners"] = listeners = []
@@ -68,15 +76,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="/etc/elemta/elemta.yaml")
     parser.add_argument("--type", required=True, choices=sorted(ADDRESSES))
-    parser.add_argument("--mailname", required=True)
     parser.add_argument("--relayhost", default="")
+    parser.add_argument("--fqdn", default="", help="this host's fully qualified name")
     args = parser.parse_args(argv)
     source = args.config if os.path.exists(args.config) else TEMPLATE
     with open(source, encoding="utf-8") as stream:
         text = stream.read()
     yaml = round_trip_yaml(text)        # comments, order and indentation survive
     doc = yaml.load(text)
-    apply(doc, args.type, args.mailname, args.relayhost, have_ipv6())
+    apply(doc, args.type, args.relayhost, have_ipv6(), args.fqdn)
     out = io.StringIO()
     yaml.dump(doc, out)
     replace_file(args.config, out.getvalue(), new_mode=0o644)

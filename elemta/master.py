@@ -2,9 +2,9 @@
 
 In the shape of gunicorn's arbiter (design.md): the master binds (as root when it must),
 forks the children its service table asks for (elemta.services, Postfix's master.cf:
-`smtpd.workers` smtpd children, the delivery workers, one pickup and one api child, and
-one local delivery agent when there are delivery workers, the only child that keeps
-root), and then only watches: it reaps and respawns children, kills a child whose
+`smtpd.workers` smtpd children, the delivery workers, one pickup, one showq and one api
+child, and one local delivery agent when there are delivery workers, the only child
+that keeps root), and then only watches: it reaps and respawns children, kills a child whose
 heartbeat stops, starts a replacement at once when a child retires (max_use, max_idle),
 and turns signals into actions. It never parses mail and never opens the queue for work;
 no code here names a kind of child, the table says what each kind needs.

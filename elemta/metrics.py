@@ -162,8 +162,8 @@ def _zero_values(path, positions):
 
 
 def worker_restarted(kind, reason):
-    """The master replaced a child. kind: smtpd, delivery, pickup, api, local; reason:
-    crashed (exited or killed unasked), heartbeat (killed for silence), cannot_start
+    """The master replaced a child. kind: smtpd, delivery, pickup, api, local, showq;
+    reason: crashed (exited or killed unasked), heartbeat (killed for silence), cannot_start
     (exited with EX_CANTBOOT: elemta.util.child), retired (max_use or max_idle), reload
     (SIGHUP)."""
     try:
@@ -343,5 +343,5 @@ def _make():
         # master
         WORKER_RESTARTS=counter(
             "elemta_worker_restarts", "Children the master replaced, by kind (smtpd, "
-            "delivery, pickup, api) and reason.", ("kind", "reason")),
+            "delivery, pickup, api, local, showq) and reason.", ("kind", "reason")),
     )

@@ -76,8 +76,8 @@ def _load(name):
     return getattr(importlib.import_module(module), attribute)
 
 
-# Slots are given out in this order (smtpd, api, delivery, pickup, local), the layout the
-# master always had.
+# Slots are given out in this order (smtpd, api, delivery, pickup, local, showq), the
+# layout the master always had, with showq last.
 SERVICES = (
     Service("smtpd", count=smtpd_workers,
             slots=lambda config: 2 * max(smtpd_workers(config), os.cpu_count() or 1),
@@ -93,6 +93,9 @@ SERVICES = (
     Service("local", count=lambda config: 1 if config.delivery.workers else 0,
             slots=lambda config: 2, main="elemta.local.agent:run_local", privileged=True,
             holds_leases=True),
+    # Postfix's showq: mailq for users who cannot read the spool (elemta.showq.server).
+    Service("showq", count=lambda config: 1, slots=lambda config: 2,
+            main="elemta.showq.server:run_showq"),
 )
 
 

@@ -107,7 +107,8 @@ class ElemtaServer:
             listener.setdefault("port", free_port())
             self.ports.setdefault(listener["mode"], listener["port"])
         # One worker unless a test asks for more: kill -9 tests need no orphans on the port.
-        config = {"smtpd": {"hostname": "mx.test", "workers": 1},
+        # No /etc/mailname: the host's own must not change what tests see as the origin.
+        config = {"smtpd": {"hostname": "mx.test", "workers": 1, "mailname_file": None},
                   "listeners": listeners,
                   "queue": {"spool_dir": self.spool},
                   "relay": {"local_domains": ["example.test"]},

@@ -334,7 +334,7 @@ def test_hung_api_and_pickup_are_killed_and_replaced(elemta_server):
 def test_every_child_kind_leaves_when_the_master_is_killed(elemta_server):
     server = elemta_server(delivery={"workers": 1})
     titles = {"elemta: smtpd", "elemta: delivery", "elemta: local", "elemta: pickup",
-              "elemta: api"}
+              "elemta: api", "elemta: showq"}
     wait_for(lambda: set(children_of(server.process.pid).values()) == titles)
     os.kill(server.process.pid, signal.SIGKILL)
     wait_for(lambda: not server.group_pids(), timeout=10)

@@ -129,7 +129,7 @@ def test_entrypoint_runs_a_command_given_to_it(tmp_path):
 
 
 KINDS = {"elemta: smtpd", "elemta: delivery", "elemta: local", "elemta: pickup",
-         "elemta: api"}
+         "elemta: api", "elemta: showq"}
 
 
 def nobody_tree():

@@ -40,19 +40,21 @@ def addresses(config):
 
 
 def test_local_only_listens_on_loopback(conf):
-    config = run(conf, "--type", "local", "--mailname", "mail.example.org")
+    config = run(conf, "--type", "local")
     assert addresses(config) == [("127.0.0.1", 25, "smtp"), ("::1", 25, "smtp")]
-    assert config.smtpd.hostname == "mail.example.org"
+    # The mail name reaches Elemta through /etc/mailname (postinst), its origin; no
+    # --fqdn given, the host name is left to the system's name.
+    assert config.smtpd.hostname == "" and config.smtpd.origin == ""
     assert config.delivery.relayhost is None
 
 
 def test_internet_site_listens_everywhere_without_ipv6_when_absent(conf):
-    config = run(conf, "--type", "internet", "--mailname", "mx.example.org", ipv6=False)
+    config = run(conf, "--type", "internet", ipv6=False)
     assert addresses(config) == [("0.0.0.0", 25, "smtp")]
 
 
 def test_satellite_then_reconfigure_keeps_admin_edits(conf):
-    run(conf, "--type", "satellite", "--mailname", "a.example", "--relayhost", "[r.example]:587")
+    run(conf, "--type", "satellite", "--relayhost", "[r.example]:587")
     text = conf.read_text()
     assert "relayhost: '[r.example]:587'" in text or 'relayhost: "[r.example]:587"' in text
     # The admin adds a listener of their own and changes an option debconf does not own.
@@ -60,7 +62,7 @@ def test_satellite_then_reconfigure_keeps_admin_edits(conf):
                         '  - {address: "0.0.0.0", port: 2525, mode: smtp}')
     text = text.replace('banner: "ESMTP Elemta"', 'banner: "ESMTP ours"')
     conf.write_text(text)
-    config = run(conf, "--type", "local", "--mailname", "b.example")
+    config = run(conf, "--type", "local")
     assert config.delivery.relayhost is None
     assert config.smtpd.banner == "ESMTP ours"
     assert ("0.0.0.0", 2525, "smtp") in addresses(config)
@@ -73,9 +75,9 @@ def test_missing_config_starts_from_the_template(tmp_path):
     module.TEMPLATE = EXAMPLE
     module.have_ipv6 = lambda: True
     target = tmp_path / "elemta.yaml"
-    assert module.main(["--config", str(target), "--type", "local", "--mailname", "x.example"]) == 0
+    assert module.main(["--config", str(target), "--type", "local"]) == 0
     assert oct(os.stat(target).st_mode & 0o777) == "0o644"
-    assert load_config(str(target), check_files=False).smtpd.hostname == "x.example"
+    assert load_config(str(target), check_files=False).smtpd.mailname_file == "/etc/mailname"
 
 
 def test_an_admins_own_indentation_and_ownership_survive(tmp_path):
@@ -90,10 +92,23 @@ def test_an_admins_own_indentation_and_ownership_survive(tmp_path):
                       "queue:\n"
                       "    spool_dir: /var/spool/elemta\n")
     os.chmod(target, 0o640)
-    config = run(target, "--type", "local", "--mailname", "new.example")
-    assert config.smtpd.hostname == "new.example" and config.smtpd.banner == "ESMTP ours"
+    config = run(target, "--type", "satellite", "--relayhost", "[relay.example]:587")
+    assert config.smtpd.hostname == "old.example" and config.smtpd.banner == "ESMTP ours"
+    assert config.delivery.relayhost == "[relay.example]:587"
     lines = target.read_text().splitlines()
-    assert lines[:8] == ["# ours", "smtpd:", "    hostname: new.example   # from the installer",
+    assert lines[:8] == ["# ours", "smtpd:", "    hostname: old.example   # from the installer",
                          "    banner: 'ESMTP ours'", "", "# where the queue lives", "queue:",
                          "    spool_dir: /var/spool/elemta"]
     assert oct(os.stat(target).st_mode & 0o777) == "0o640"
+
+
+def test_the_host_name_is_the_fqdn_once_and_then_the_admins(conf):
+    """As Debian's postfix postinst sets myhostname from hostname --fqdn: only into an
+    empty smtpd.hostname, and only a name with a dot."""
+    assert run(conf, "--type", "local", "--fqdn", "vm").smtpd.hostname == ""
+    assert run(conf, "--type", "local", "--fqdn", "localhost.localdomain").smtpd.hostname == ""
+    config = run(conf, "--type", "local", "--fqdn", "vm.example.org")
+    assert (config.smtpd.hostname, config.smtpd.origin) == ("vm.example.org", "")
+    conf.write_text(conf.read_text().replace("vm.example.org", "mx.example.net"))
+    assert run(conf, "--type", "internet", "--fqdn", "vm.example.org").smtpd.hostname == \
+        "mx.example.net"

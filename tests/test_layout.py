@@ -14,7 +14,7 @@ import os
 from tests.harness import REPO
 
 PACKAGE = os.path.join(REPO, "elemta")
-PROCESS_PACKAGES = ("smtpd", "delivery", "pickup", "local", "api")
+PROCESS_PACKAGES = ("smtpd", "delivery", "pickup", "local", "api", "showq")
 ALLOWED_TWICE = set()        # names two classes may share, with the reason: none
 
 

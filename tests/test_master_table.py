@@ -118,20 +118,20 @@ def test_the_table_forks_each_kind_its_count_in_slots_of_its_own():
                                    api={"enabled": True}))
     master.spawn_children()
     assert master.counts() == {"smtpd": 2, "api": 1, "delivery": 3, "pickup": 1,
-                               "local": 1}
+                               "local": 1, "showq": 1}
     slots = [c.slot for c in master.children.values()]
     assert len(set(slots)) == len(slots)
     for child in master.children.values():
         assert child.slot in master.slots[child.kind]
     master.spawn_children()          # nothing is missing: nothing more
-    assert len(master.children) == 8
+    assert len(master.children) == 9
 
 
 def test_no_delivery_workers_means_no_local_agent_and_no_api_when_disabled():
     master = FakeMaster(configured(smtpd={"workers": 1}, delivery={"workers": 0},
                                    api={"enabled": False}))
     master.spawn_children()
-    assert master.counts() == {"smtpd": 1, "pickup": 1}
+    assert master.counts() == {"smtpd": 1, "pickup": 1, "showq": 1}
 
 
 def test_the_listening_kind_gets_the_shared_table_and_each_freed_slot_is_cleared():
@@ -270,7 +270,7 @@ def test_reload_applies_new_counts_and_stops_the_old_ones_once_the_new_listeners
     master.reload()
     assert master.bound == list(new_config.listeners)
     new = set(master.children) - old
-    assert {master.children[pid].kind for pid in new} == {"smtpd", "pickup"}
+    assert {master.children[pid].kind for pid in new} == {"smtpd", "pickup", "showq"}
     assert len(master.of_kind("smtpd", generation=1)) == 2
     master.stop_old_generation()
     assert master.sent == []                     # the new smtpd children do not serve yet
@@ -280,7 +280,7 @@ def test_reload_applies_new_counts_and_stops_the_old_ones_once_the_new_listeners
     for pid in old:
         master.end(pid, exited(0))
     master.spawn_children()
-    assert master.counts() == {"smtpd": 2, "pickup": 1}
+    assert master.counts() == {"smtpd": 2, "pickup": 1, "showq": 1}
 
 
 def test_a_refused_reload_keeps_the_running_children():

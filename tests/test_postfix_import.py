@@ -20,6 +20,7 @@ import tempfile
 
 import pytest
 
+from elemta.queue.queue import Queue
 from tests.harness import REPO, free_port, wait_for
 from tests.peers.postfix import PostfixInstance, postfix_available
 from tests.peers.sink import ScriptedServer
@@ -170,3 +171,58 @@ def test_import_refuses_while_postfix_runs(workdir):
                            os.path.join(workdir, "spool"), postfix.queue_dir)
     assert result.returncode == 75, result
     assert "Postfix's master (pid" in result.stderr and "stop it first" in result.stderr
+
+
+HANDOVER = os.path.join(REPO, "debian", "elemta-postfix-handover.sh")
+
+
+def handover(queue, log, elemtactl_program):
+    return subprocess.run(["sh", HANDOVER, queue, log], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, ELEMTACTL=elemtactl_program))
+
+
+def test_package_handover_moves_postfix_mail_and_never_fails_the_install(postfix_queue,
+                                                                          workdir):
+    """debian/elemta.postinst's step (/usr/lib/elemta/postfix-handover): with Postfix's
+    queue holding mail, it runs import-postfix-queue, logs every message, prints one
+    line, and exits 0 whatever happens."""
+    queue, ids = postfix_queue
+    spool = os.path.join(workdir, "elemta-spool")
+    os.mkdir(spool)
+    config = os.path.join(workdir, "elemta.yaml")
+    with open(config, "w") as f:
+        f.write("queue: {spool_dir: %s}\nsmtpd: {hostname: mx.test, mailname_file: null}\n"
+                % spool)
+    program = os.path.join(workdir, "elemtactl")
+    with open(program, "w") as f:
+        f.write("#!/bin/sh\nELEMTA_CONFIG=%s PYTHONPATH=%s exec %s -m elemta.cli.elemtactl "
+                "\"$@\"\n" % (config, REPO, sys.executable))
+    os.chmod(program, 0o755)
+    log = os.path.join(workdir, "log", "postfix-handover.log")
+    damaged = os.path.join(queue, "deferred", "BADFILE01")
+    os.rename(damaged, os.path.join(workdir, "BADFILE01"))
+
+    done = handover(queue, log, program)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == ("elemta: Postfix's queued mail handed over: moved 5 message(s) "
+                           "from %s: maildrop 1, incoming 1, active 1, deferred 1, hold 1 "
+                           "(each message: %s)\n" % (queue, log))
+    assert queue_files(queue) == {}
+    with open(log) as f:
+        logged = f.read()
+    assert all(ids[subject] + " -> elemta " in logged for subject in ids)
+    assert oct(os.stat(log).st_mode & 0o777) == "0o640"
+    with Queue(spool) as elemta_queue:
+        assert len(list(elemta_queue.index.iter_records())) == 4   # + 1 in the maildrop
+
+    # Nothing left: nothing done, nothing said.
+    assert handover(queue, log, program).stdout == ""
+
+    # A damaged file, or no elemtactl at all: a warning saying what to do, still exit 0.
+    os.rename(os.path.join(workdir, "BADFILE01"), damaged)
+    partial = handover(queue, log, program)
+    assert partial.returncode == 0 and partial.stdout == ""
+    assert "was not all handed over (exit status 65; moved 0 message(s)" in partial.stderr
+    assert "then run elemtactl import-postfix-queue %s" % queue in partial.stderr
+    missing = handover(queue, log, os.path.join(workdir, "no-such-elemtactl"))
+    assert missing.returncode == 0 and "exit status 127" in missing.stderr

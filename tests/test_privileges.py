@@ -66,14 +66,14 @@ def test_children_run_as_master_user(tmp_path):
     try:
         def serving():
             kids = children_of(server.pid)      # titled once each child is running
-            return len(kids) == 6 and "elemta: master" not in kids.values() and kids
+            return len(kids) == 7 and "elemta: master" not in kids.values() and kids
         kids = wait_for(serving)
         assert uid_of(server.pid) == 0
         assert {pid: uid_of(pid) for pid in kids} == {
             pid: 0 if title == "elemta: local" else nobody for pid, title in kids.items()}
         assert sorted(set(kids.values())) == ["elemta: api", "elemta: delivery",
                                                "elemta: local", "elemta: pickup",
-                                               "elemta: smtpd"]
+                                               "elemta: showq", "elemta: smtpd"]
         with smtplib.SMTP("127.0.0.1", port) as smtp:
             smtp.sendmail("a@c.test", ["root@localhost"], b"Subject: p\r\n\r\nx\r\n")
         messages = os.path.join(workdir, "spool", "messages")

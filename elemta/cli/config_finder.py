@@ -61,13 +61,14 @@ def read_config(path: Optional[str]):
     it names; raises Failure: EX_NOINPUT if it cannot be read, EX_CONFIG if it is wrong
     (the first problem, and how to see the others)."""
     from elemta.config import ConfigError, default_config, load_config
-    if path is None:
-        return default_config()
+    if path is not None:
+        try:
+            os.close(os.open(path, os.O_RDONLY))
+        except OSError as exc:
+            raise Failure(os.EX_NOINPUT, "%s: %s" % (path, exc.strerror or exc))
     try:
-        os.close(os.open(path, os.O_RDONLY))
-    except OSError as exc:
-        raise Failure(os.EX_NOINPUT, "%s: %s" % (path, exc.strerror or exc))
-    try:
+        if path is None:
+            return default_config()        # it reads /etc/mailname, which may be bad
         return load_config(path, check_files=False)
     except ConfigError as exc:
         problems = [str(p) for p in exc.problems] or [str(exc)]

@@ -109,7 +109,7 @@ def cmd_import_postfix_queue(args) -> int:
                 with as_postfix():
                     message = postfix_import.read_queue_file(path, state)
                 if state == "maildrop":
-                    _as_local_submission(message, config.hostname)
+                    _as_local_submission(message, config.origin)
                 where = "(dry run)" if importer is None else importer.move(message,
                                                                            as_postfix)
             except postfix_import.DamagedQueueFile as exc:
@@ -149,14 +149,14 @@ def _acting_as_owner_of(directory):
     return lambda: acting_as(info.st_uid if info else None, info.st_gid if info else None)
 
 
-def _as_local_submission(message, hostname):
-    """Qualify a maildrop message's addresses as Elemta's sendmail does (Postfix's cleanup
-    had not done it yet: `sendmail root` leaves "root") and check them, so pickup never
-    finds a bad submission it would have to discard."""
+def _as_local_submission(message, origin):
+    """Qualify a maildrop message's addresses with the mail name as Elemta's sendmail
+    does (Postfix's cleanup had not done it yet: `sendmail root` leaves "root") and check
+    them, so pickup never finds a bad submission it would have to discard."""
     from elemta.smtp.address import AddressError, validate_mailbox
 
     def qualified(address):
-        return address + "@" + hostname if address and "@" not in address else address
+        return address + "@" + origin if address and "@" not in address else address
 
     message.sender = qualified(message.sender)
     for recipient in message.recipients:

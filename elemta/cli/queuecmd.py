@@ -2,7 +2,9 @@
 
 Runs in the admin's own short-lived process, while Elemta runs or while it is stopped: it
 opens the queue's LMDB index like any other process (every write is a short transaction)
-and never parses the spool or index formats itself (elemta.queue does). Output is Postfix's
+and never parses the spool or index formats itself (elemta.queue does). The listing
+(mailq, queue list) run by a user who cannot open the spool asks the showq process
+instead (elemta.queue.showq), as Postfix's mailq asks showq. Output is Postfix's
 where an admin expects Postfix (mailq's layout, postsuper's counts, qshape's table), and one
 JSON object per line with --json. Errors are one line on stderr and a sysexits(3) status.
 
@@ -17,7 +19,8 @@ import re
 import sys
 import time
 # sysexits(3), as the os module names them (elemta.cli.failure).
-from os import EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_NOPERM, EX_NOUSER, EX_OK, EX_USAGE
+from os import (EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_NOPERM, EX_NOUSER, EX_OK, EX_PROTOCOL,
+                EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE)
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 from elemta.cli.config_finder import find_config
@@ -37,6 +40,11 @@ SENDER_FORMAT = "%-21s %8d %19.19s %s\n"
 RECIPIENT_INDENT = " " * (ID_WIDTH + 1 + 8 + 1 + 19 + 1)
 REASON_COLUMN = 76          # a "(reason)" line ends at column 78, as in Postfix
 STATUS_MARK = {"active": "*", "hold": "!"}
+# Seconds mailq waits for each piece of the showq process's reply.
+SHOWQ_TIMEOUT = 60
+# mailq's exit status for each kind of showq refusal (elemta.queue.showq).
+SHOWQ_STATUS_CODES = {"refused": EX_NOPERM, "busy": EX_TEMPFAIL, "bad request": EX_PROTOCOL,
+                      "failed": EX_SOFTWARE}
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
@@ -182,44 +190,102 @@ def _queue_ids(words: Iterable[str]) -> List[str]:
 # ---------------------------------------------------------------- list (mailq)
 
 def cmd_list(args) -> int:
-    """queue list: the queue in mailq's layout, or one JSON object per message."""
+    """queue list: the queue in mailq's layout, or one JSON object per message. Read from
+    the index when the caller may (root, Elemta's user: works while Elemta is stopped),
+    else asked of the showq process, as Postfix's mailq asks its showq service."""
     out = Output()
-    with open_queue(args) as queue:
-        records = queue.records_matching(_selection(args))
-        if args.json:
-            for record in records:
-                out.write(json.dumps(_list_json(record), ensure_ascii=False) + "\n")
-        else:
-            write_mailq(out, records)
+    spool_dir = _readable_spool(args)
+    if spool_dir is None:
+        _write_listing(out, args, listing_from_showq(args, _selection(args)))
+    else:
+        from elemta.queue.listing import record_to_json
+        with open_queue(args) as queue:
+            records = queue.records_matching(_selection(args))
+            _write_listing(out, args, (record_to_json(record) for record in records))
     out.flush()
     return EX_OK
 
 
-def _list_json(record) -> dict:
-    from elemta.queue.listing import record_to_json
-    return record_to_json(record)
+def _write_listing(out: Output, args, listing: Iterable[dict]) -> None:
+    if args.json:
+        for listed in listing:
+            out.write(json.dumps(listed, ensure_ascii=False) + "\n")
+    else:
+        write_mailq(out, listing)
 
 
-def write_mailq(out: Output, records: Iterable) -> None:
-    """Postfix's mailq output for records (streamed: each message written as read)."""
-    from elemta.queue.listing import NULL_SENDER, delay_reason, waiting_recipients
+def _readable_spool(args) -> Optional[str]:
+    """The spool directory if this user may open the queue itself, else None (mailq by an
+    ordinary user: the spool is Elemta's alone)."""
+    config = find_config(getattr(args, "config", None))
+    spool_dir = os.path.abspath(args.spool_dir or config.queue.spool_dir)
+    if os.path.isdir(spool_dir) and not os.access(spool_dir, os.R_OK | os.W_OK | os.X_OK):
+        args.spool_dir = spool_dir
+        return None
+    return spool_dir
+
+
+def listing_from_showq(args, selection) -> Iterator[dict]:
+    """The selected messages as the showq process lists them (elemta.queue.showq), for a
+    caller who cannot read the spool. Failures are Failures naming the cause: refused
+    (EX_NOPERM), Elemta not running (EX_UNAVAILABLE), a reply cut short (EX_PROTOCOL)."""
+    import socket
+    from elemta.queue import showq
+    path = showq.socket_path(args.spool_dir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(SHOWQ_TIMEOUT)
+    try:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise Failure(EX_UNAVAILABLE, "cannot ask the showq service at %s: %s (is "
+                                          "Elemta running? Only root and Elemta's user "
+                                          "can read the queue while it is stopped)"
+                          % (path, exc.strerror or exc))
+        try:
+            sock.sendall(showq.encode_request(selection))
+            reply = sock.makefile("rb")
+            while True:
+                listed = showq.decode_reply_line(reply.readline(showq.MAX_REPLY_LINE))
+                if listed is None:
+                    return
+                yield listed
+        except showq.Refused as refused:
+            code = SHOWQ_STATUS_CODES.get(refused.status, EX_PROTOCOL)
+            raise Failure(code, printable(str(refused)))
+        except showq.ShowqError as exc:
+            raise Failure(EX_PROTOCOL, "showq service at %s: %s" % (path, exc))
+        except socket.timeout:
+            raise Failure(EX_TEMPFAIL, "the showq service at %s did not answer within %d "
+                                       "seconds" % (path, SHOWQ_TIMEOUT))
+        except OSError as exc:
+            raise Failure(EX_PROTOCOL, "showq service at %s: %s" % (path,
+                                                                   exc.strerror or exc))
+    finally:
+        sock.close()
+
+
+def write_mailq(out: Output, listing: Iterable[dict]) -> None:
+    """Postfix's mailq output for a listing of record_to_json dicts, read from the index or
+    from the showq process (streamed: each message written as it comes)."""
+    from elemta.queue.listing import NULL_SENDER
     count = total_size = 0
-    for record in records:
-        envelope = record.envelope
+    for listed in listing:
         out.write("\n" if count else HEADING_FORMAT % HEADINGS)
-        out.write(SENDER_FORMAT % (record.queue_id + STATUS_MARK.get(record.state, ""),
-                                   envelope.size, asctime(envelope.arrival),
-                                   printable(envelope.sender or NULL_SENDER)))
+        out.write(SENDER_FORMAT % (listed["queue_id"] + STATUS_MARK.get(listed["queue_name"],
+                                                                        ""),
+                                   listed["message_size"], asctime(listed["arrival_time"]),
+                                   printable(listed["sender"] or NULL_SENDER)))
         shown_reason = ""
-        for recipient in waiting_recipients(record.state, envelope.recipients):
-            reason = printable(delay_reason(record, recipient))
+        for recipient in listed["recipients"]:
+            reason = printable(recipient.get("delay_reason", ""))
             if reason != shown_reason:
                 shown_reason = reason
                 text = reason or "reason unavailable"
                 out.write("%*s(%s)\n" % (max(0, REASON_COLUMN - len(text)), "", text))
-            out.write(RECIPIENT_INDENT + printable(recipient.address) + "\n")
+            out.write(RECIPIENT_INDENT + printable(recipient["address"]) + "\n")
         count += 1
-        total_size += envelope.size
+        total_size += listed["message_size"]
     if count == 0:
         out.write("Mail queue is empty\n")
     else:

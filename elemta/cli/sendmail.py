@@ -181,6 +181,7 @@ class SubmissionContext:
         self.config = config
         self.spool = config.queue.spool_dir
         self.hostname = config.hostname
+        self.origin = config.origin        # Postfix's myorigin: what bare names get
         self.max_size = config.limits.message_size
         # The daemon's own answers to "is it local?" and "does that recipient exist?".
         self.addressing = Addressing.from_config(config)
@@ -205,12 +206,12 @@ class SubmissionContext:
         return self._recipients
 
     def qualify(self, address):
-        """user -> user@hostname (Postfix's append_at_myorigin)."""
+        """user -> user@origin (Postfix's append_at_myorigin)."""
         address = address.strip()
         if address.startswith("<") and address.endswith(">"):
             address = address[1:-1]
         if address and "@" not in address:
-            address += "@" + self.hostname
+            address += "@" + self.origin
         return address
 
 
@@ -323,7 +324,7 @@ class Composer:
             self._headers = [h for h in self._headers if h[0] not in (b"bcc", b"resent-bcc")]
         ctx = self.context
         if b"from" not in names:
-            address = self.sender or "%s@%s" % (ctx.login, ctx.hostname)
+            address = self.sender or "%s@%s" % (ctx.login, ctx.origin)
             name = self.full_name if self.full_name is not None else ctx.gecos
             self._headers.append([b"from", [_header("From", email.utils.formataddr(
                 (name, address)) if name else address)]])
@@ -391,7 +392,7 @@ def open_maildrop(context):
 
 def envelope_sender(options, context):
     if options.sender is None:
-        return "%s@%s" % (context.login, context.hostname)
+        return "%s@%s" % (context.login, context.origin)
     sender = options.sender.strip()
     if sender in ("<>", ""):
         return ""

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from elemta.addressing.normal import normal_domain
 from elemta.config.errors import ConfigError, KeyPath, Problem, format_key
+from elemta.config.mailname import read_mailname
 from elemta.config.schema import BUILTIN_PLUGINS, Config, PluginSettings
 from elemta.config.sources import FORMATS, parse
 from elemta.plugins.api import PluginConfigError
@@ -60,8 +61,10 @@ _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def default_config() -> Config:
-    """The built-in development defaults: SMTP on 127.0.0.1:2525, spool under ./spool."""
-    return Config()
+    """The built-in development defaults: SMTP on 127.0.0.1:2525, spool under ./spool, and
+    the mail name of /etc/mailname if there is one; raises ConfigError if it is bad."""
+    config = Config()
+    return dataclasses.replace(config, mailname=read_mailname(config.smtpd.mailname_file))
 
 
 def load_config(path: Union[str, "os.PathLike[str]"],
@@ -110,7 +113,9 @@ def load_text(file: str, text: str, check_files: Union[bool, FileCheck] = True) 
     checker.check_across_fields(config)
     if checker.problems:
         raise ConfigError(checker.sorted_problems())
-    return dataclasses.replace(config, source=file)
+    mailname = read_mailname(config.smtpd.mailname_file,
+                             "smtpd.mailname_file in %s" % file)
+    return dataclasses.replace(config, source=file, mailname=mailname)
 
 
 def plugins_from_mapping(mapping: Any, known: Optional[Dict[str, Any]] = None) -> PluginSettings:

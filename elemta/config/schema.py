@@ -159,10 +159,27 @@ class Listener:
 @dataclass(frozen=True)
 class SMTPDSettings:
     """How the SMTP server presents itself and treats what clients send."""
-    hostname: str = opt("", "Name in the greeting, EHLO reply and Received headers, "
-                            "and the domain of local mail (default: the system's host "
-                            "name, with .localdomain added when it has no dot, as "
-                            "Postfix's myhostname).", _hostname)
+    hostname: str = opt("", "This host's name: in the greeting, the EHLO reply, Received "
+                            "headers, the EHLO sent to other servers and bounces' "
+                            "Reporting-MTA; always a local domain. Default: the system's "
+                            "host name if it has a dot (a fully qualified name, as in "
+                            "/etc/hostname), else the mail name of mailname_file, else the "
+                            "host name with .localdomain added; no DNS lookup. Postfix's "
+                            "myhostname (Debian's postinst writes hostname --fqdn there; "
+                            "set this option to the same to name the host so).",
+                        _hostname)
+    origin: str = opt("", "The domain added to a bare user name (user becomes user@origin) "
+                          "in sendmail's senders and recipients, and of bounces' From "
+                          "(MAILER-DAEMON@origin); always a local domain. Default: the "
+                          "mail name in mailname_file, else hostname. Postfix's myorigin "
+                          "(Debian sets myorigin = /etc/mailname).", _hostname)
+    mailname_file: Optional[str] = opt(
+        "/etc/mailname", "File whose first line is this system's mail name, as Debian "
+                         "keeps it for every mailer (the package's debconf question "
+                         "writes it): origin's default. A missing file is passed over; "
+                         "one whose first line is not a domain name stops Elemta, naming "
+                         "the file. null or \"\": never read. Postfix has no parameter of its "
+                         "own: Debian's main.cf says myorigin = /etc/mailname.")
     banner: str = opt("ESMTP Elemta", "Text after the host name in the 220 greeting.")
     workers: int = opt(0, "Number of smtpd worker processes sharing the listeners; 0 means "
                           "one per CPU.", _not_negative)
@@ -311,6 +328,28 @@ class MasterSettings:
                                          "the master kills and replaces it.", _positive)
     stop_grace: float = opt(10.0, "Seconds SIGTERM gives open sessions to finish before they "
                                   "are cut.", _not_negative)
+
+
+_USER_NAME = re.compile(r"^[^\s:,]+$")
+
+
+def _user_names(values):
+    for value in values:
+        if not _USER_NAME.match(value):
+            return "%r is not a user name (nor anyone)" % (value,)
+    return None
+
+
+@dataclass(frozen=True)
+class MailqSettings:
+    """Who may list the queue with mailq (through the showq process)."""
+    authorized_users: Tuple[str, ...] = opt(
+        ("anyone",), "Users who may list the queue with mailq (or sendmail -bp): user "
+                     "names or numeric uids, or anyone. root and master.user always may; "
+                     "they read the spool directly. Everyone else asks the showq process "
+                     "(spool/public/showq), which checks the caller's uid and refuses the "
+                     "others. The listing never shows a message's content. Postfix's "
+                     "authorized_mailq_users (default static:anyone).", _user_names)
 
 
 @dataclass(frozen=True)
@@ -549,17 +588,35 @@ class Config:
     logging: LoggingSettings = opt(LoggingSettings(), "Logging.")
     master: MasterSettings = opt(MasterSettings(), "The master process.")
     api: APISettings = opt(APISettings(), "The api process.")
+    mailq: MailqSettings = opt(MailqSettings(), "Queue listing for local users.")
     delivery: DeliverySettings = opt(DeliverySettings(), "Delivery of queued mail.")
     local: LocalSettings = opt(LocalSettings(), "Local delivery.")
     dns: DNSSettings = opt(DNSSettings(), "DNS for the plugins.")
     plugins: PluginSettings = opt(PluginSettings(), "Plugins.")
     source: Optional[str] = field(default=None, compare=False, metadata={"internal": True})
+    # The first line of smtpd.mailname_file, checked (elemta.config.mailname), or None.
+    mailname: Optional[str] = field(default=None, compare=False,
+                                    metadata={"internal": True})
 
     @property
     def hostname(self):
-        """The effective host name: smtpd.hostname or the system's."""
-        if self.smtpd.hostname:
-            return self.smtpd.hostname
-        name = socket.gethostname()
-        # Postfix's myhostname: a bare name gets $mydomain, which defaults to localdomain.
-        return name if "." in name else name + ".localdomain"
+        """The effective host name (Postfix's myhostname): smtpd.hostname or the
+        system's fully qualified name."""
+        return self.smtpd.hostname or system_hostname(self.mailname)
+
+    @property
+    def origin(self):
+        """The effective mail name (Postfix's myorigin): smtpd.origin, the mail name of
+        smtpd.mailname_file, or the host name."""
+        return self.smtpd.origin or self.mailname or self.hostname
+
+
+def system_hostname(mailname=None):
+    """The system's fully qualified name: its host name when that has a dot, else the
+    mail name, else the name with .localdomain added (Postfix's myhostname: a bare name
+    gets $mydomain, localdomain by default). No DNS lookup, as Postfix makes none: a
+    process must not wait on a resolver to start."""
+    name = socket.gethostname()
+    if "." in name:
+        return name
+    return mailname or name + ".localdomain"

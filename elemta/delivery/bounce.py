@@ -86,8 +86,10 @@ def status_of(reply, action=FAILED):
 
 
 def build_dsn(hostname, envelope, recipients, original, now=None, action=FAILED,
-              retry_until=None, to=None, full=False):
-    """The DSN's bytes (CRLF lines). recipients: the model.Recipients it reports on;
+              retry_until=None, to=None, full=False, origin=None):
+    """The DSN's bytes (CRLF lines). hostname names the reporting host; the From is
+    MAILER-DAEMON at origin (the mail name, default hostname), as Postfix's cleanup
+    qualifies it with $myorigin. recipients: the model.Recipients it reports on;
     original: the original headers, or with full the whole message (bytes); action:
     FAILED, DELAYED, RELAYED or DELIVERED; retry_until: time.time() of the last retry
     (DELAYED); to: who it goes to (default: the envelope sender). Envelope values and
@@ -97,7 +99,7 @@ def build_dsn(hostname, envelope, recipients, original, now=None, action=FAILED,
     subject, summary = _WORDING[action]
     boundary = "%s/%s" % (envelope.queue_id, hostname)
     lines = [
-        "From: Mail Delivery System <MAILER-DAEMON@%s>" % hostname,
+        "From: Mail Delivery System <MAILER-DAEMON@%s>" % (origin or hostname),
         "To: <%s>" % printable(envelope.sender if to is None else to),
         "Subject: %s" % subject,
         "Date: %s" % email.utils.formatdate(now, localtime=False),
@@ -202,7 +204,7 @@ def _queue_notice(queue, config, envelope, recipients, action, to=None, retry_un
     hostname = config.hostname
     to = envelope.sender if to is None else to
     content = build_dsn(hostname, envelope, recipients, original, action=action,
-                        retry_until=retry_until, to=to, full=full)
+                        retry_until=retry_until, to=to, full=full, origin=config.origin)
     dsn = Envelope(queue_id=new_queue_id(), sender="", recipients=[Recipient(to)],
                    arrival=time.time(),
                    body="7BIT" if envelope.body == "7BIT" and not envelope.smtputf8

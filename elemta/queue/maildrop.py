@@ -16,6 +16,8 @@ Permissions (no setuid or setgid program is needed, so a packaged Python install
                        world-writable maildrop layout (before postdrop became setgid).
     spool/run/         0711; run/pickup.sock is 0666 so any user's sendmail may wake pickup
                        (a hint only: pickup also scans every PICKUP_SCAN seconds)
+    spool/public/      0711; public/showq is 0666 so any user's mailq may ask the showq
+                       process for the listing (elemta.queue.showq)
 
 The sender's identity is the file's owner (st_uid), which the kernel sets and the user
 cannot change; nothing the file says about its author is believed.
@@ -71,6 +73,8 @@ FOOTER_LENGTH = len(FOOTER_FORMAT % (0, 0))
 _FOOTER_RE = re.compile(rb"\AELEMTA-MAILDROP-END (\d{20}) (\d{10})\n\Z")
 MAILDROP_MODE = 0o1733
 RUN_MODE = 0o711
+PUBLIC_DIR = "public"
+PUBLIC_MODE = 0o711
 FILE_MODE = 0o644
 # An envelope line longer than this is damage (or mischief), not read into memory.
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
@@ -98,9 +102,9 @@ def socket_path(spool_dir):
 
 
 def prepare(spool_dir, uid=None, gid=None):
-    """Create spool/maildrop (1733) and spool/run (0711) owned by uid:gid, and let anyone
-    pass through spool/. Run by the daemon at start-up (as root or as its user), and by
-    sendmail run as root when the daemon never ran.
+    """Create spool/maildrop (1733), spool/run and spool/public (0711) owned by uid:gid,
+    and let anyone pass through spool/. Run by the daemon at start-up (as root or as its
+    user), and by sendmail run as root when the daemon never ran.
 
     Everything below spool/ is opened through the spool's descriptor without following
     links and changed with fchown/fchmod: the spool belongs to Elemta's user, who could
@@ -116,7 +120,8 @@ def prepare(spool_dir, uid=None, gid=None):
         gid = owner.st_gid if gid is None else gid
         if not owner.st_mode & 0o001:
             os.fchmod(spool_fd, stat.S_IMODE(owner.st_mode) | 0o711)
-        for name, mode in ((MAILDROP_DIR, MAILDROP_MODE), (RUN_DIR, RUN_MODE)):
+        for name, mode in ((MAILDROP_DIR, MAILDROP_MODE), (RUN_DIR, RUN_MODE),
+                           (PUBLIC_DIR, PUBLIC_MODE)):
             try:
                 os.mkdir(name, 0o700, dir_fd=spool_fd)
             except FileExistsError:

@@ -22,8 +22,8 @@ UNKNOWN_USER = "<%s>: Recipient address rejected: User unknown in local recipien
 class RelayPolicy:
     """Answers "may this client send to this recipient?" from the relay config."""
 
-    def __init__(self, relay_config, hostname):
-        self.addressing = Addressing(hostname, relay_config.local_domains)
+    def __init__(self, relay_config, hostname, origin=None):
+        self.addressing = Addressing(hostname, relay_config.local_domains, origin=origin)
         self.mynetworks = tuple(ipaddress.ip_network(n, strict=False)
                                 for n in relay_config.mynetworks)
         self._local_recipients = None      # made on first use: reads the aliases file

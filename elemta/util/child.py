@@ -3,9 +3,9 @@ that the master is gone or that it should retire (max_use, with jitter, or a rea
 its own), the socket files it leaves behind, and how it says that it cannot start.
 
 Used by every kind of child in the master's service table (elemta.services): smtpd,
-delivery, pickup, local and api (elemta.smtpd.worker, elemta.delivery.worker,
-elemta.pickup.worker, elemta.local.agent, elemta.api.server); none of them sets its own
-title, signal handlers, heartbeat or orphan check.
+delivery, pickup, local, api and showq (elemta.smtpd.worker, elemta.delivery.worker,
+elemta.pickup.worker, elemta.local.agent, elemta.api.server, elemta.showq.server); none
+of them sets its own title, signal handlers, heartbeat or orphan check.
 A subclass sets `kind` and fills in the life cycle run() goes through:
 
     boot()       open what it needs; raise BootError naming what is missing or taken
