@@ -95,7 +95,7 @@ def test_show_prints_every_setting_of_both_formats_alike(example):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     for line in ('smtpd.hostname = ""', 'smtpd.banner = "ESMTP Elemta"',
-                 'listeners[0].address = "0.0.0.0"', "listeners[0].port = 25",
+                 'listeners[0].address = "127.0.0.1"', "listeners[0].port = 25",
                  'relay.mynetworks = ["127.0.0.0/8", "::1/128"]', "tls.cert_file = unset",
                  "limits.message_size = 31457280", "auth.allow_plaintext = false",
                  "delivery.transport = []", "plugins.spf.enabled = false",
@@ -167,11 +167,11 @@ def test_set_changes_only_the_lines_of_the_keys_set(example):
     assert result.returncode == 0, result.stderr
     removed, added = changed_lines(before, example.read_text())
     if example.suffix == ".yaml":
-        assert removed == ['  hostname: ""', '  - {address: "0.0.0.0", port: 25, mode: smtp}',
+        assert removed == ['  hostname: ""', '  - {address: "127.0.0.1", port: 25, mode: smtp}',
                            '  mynetworks: ["127.0.0.0/8", "::1/128"]',
                            "  message_size: 31457280", "    enabled: false"]
         assert added == ['  hostname: "mail.example.org"',
-                         '  - {address: "0.0.0.0", port: 2526, mode: smtp}',
+                         '  - {address: "127.0.0.1", port: 2526, mode: smtp}',
                          '  mynetworks: ["10.0.0.0/8", "127.0.0.0/8"]',
                          "  message_size: 52428800", "    enabled: true"]
     else:
@@ -436,10 +436,10 @@ def test_set_of_the_whole_listeners_list_of_the_example_changes_only_its_lines(e
     assert result.returncode == 0, result.stderr
     removed, added = changed_lines(before, example.read_text())
     if example.suffix == ".yaml":
-        assert removed == ['  - {address: "0.0.0.0", port: 25, mode: smtp}']
+        assert removed == ['  - {address: "127.0.0.1", port: 25, mode: smtp}']
         assert added == ['  - {address: "127.0.0.3", port: 2526}',
                          '  - {address: "127.0.0.4", port: 2526}']
     else:
-        assert removed == ['address = "0.0.0.0"', "port = 25", 'mode = "smtp"']
+        assert removed == ['address = "127.0.0.1"', "port = 25", 'mode = "smtp"']
         assert added == ['address = "127.0.0.3"', "port = 2526", "", "[[listeners]]",
                          'address = "127.0.0.4"', "port = 2526"]
