@@ -251,7 +251,8 @@ def test_unknown_and_malformed_ids_are_one_line_errors(spool):
     assert held.stderr == "elemtactl: queue: no such message: %s\n" % missing
     bad = ctl(spool, "delete", "../../etc/passwd")
     assert (bad.returncode, bad.stdout) == (64, "")
-    assert bad.stderr == "elemtactl: queue: not a queue id: ../../etc/passwd\n"
+    assert bad.stderr == ("elemtactl: queue delete: not a queue id: ../../etc/passwd (a queue "
+                          "id is 20 characters of 0-9 and A-Z, as mailq shows it)\n")
     assert record(spool, queue_id).state == HOLD
 
 
