@@ -527,7 +527,11 @@ def _success(name: str) -> Tuple[str, ...]:
 
 def parse_priority(text: str) -> int:
     """A priority as typed: a whole number in the model's range."""
+    from elemta.queue.ids import is_queue_id
     from elemta.queue.model import priority_error
+    if is_queue_id(text.strip()):
+        raise argparse.ArgumentTypeError("%s is a queue id: the priority comes last "
+                                         "(queue priority ID... N)" % text.strip())
     try:
         value = int(text.strip())
     except ValueError:
