@@ -357,10 +357,11 @@ def cmd_cat(args) -> int:
     then its content byte for byte (--headers, --body: only that part, nothing else).
 
     The id must name a message in the queue: a path, or anything else that is not a
-    queue id, is refused before the spool is touched. The spool file is read as the
-    spool's owner (open_queue drops root first, as postcat runs as the mail owner) and
-    opened without following a link (Queue.open_message), so a link planted in the
-    spool shows nothing of what it points to."""
+    queue id, is refused before the spool is touched. Root's reading is done as the
+    spool's owner (open_queue drops root for good first: root never opens a path that
+    user can change), and the file is opened without following a link whoever reads
+    it (Queue.open_message), so a link planted in the spool shows nothing of what it
+    points to."""
     from elemta.queue.queue import NoSuchMessage
     from elemta.queue.store import CorruptSpoolFile
     from elemta.util.eugid import UnsafePath
