@@ -590,3 +590,15 @@ def test_an_index_from_before_priorities_gets_its_due_entries_rewritten(tmp_path
     with Queue(spool, map_size=64 << 20) as queue:
         assert [qid for _, qid in queue.index.iter_due()] == [low.queue_id, high.queue_id]
         assert [r.queue_id for r in queue.claim("worker:1", 1, 60.0)] == [high.queue_id]
+
+
+def test_a_priority_out_of_range_in_a_spool_file_still_gets_delivered(queue):
+    """A priority written by hand into a spool file: beyond the range it counts as the
+    nearest bound, not a whole number as 0; reindex and claims go on."""
+    now = time.time()
+    [top] = accept(queue, [b"x\r\n"], arrival=now - 20, priority=100)
+    [beyond] = accept(queue, [b"x\r\n"], arrival=now - 10, priority=1000)
+    [text] = accept(queue, [b"x\r\n"], arrival=now - 30, priority="high")
+    assert queue.reindex() == 3
+    assert [r.queue_id for r in queue.claim("worker:1", 10, 60.0)] == [
+        top.queue_id, beyond.queue_id, text.queue_id]

@@ -266,7 +266,7 @@ def _write_envelope(out: Output, record, spool_path: str, held: bool) -> None:
     dsn += ["ENVID=" + envelope.envid] if envelope.envid else []
     if dsn:
         lines.append(("DSN", " ".join(dsn)))
-    lines.append(("Priority", "%d%s" % (envelope.priority, " (the default)"
+    lines.append(("Priority", "%s%s" % (envelope.priority, " (the default)"
                                         if envelope.priority == PRIORITY_DEFAULT else "")))
     if record.last_error:
         lines.append(("Last error", record.last_error))

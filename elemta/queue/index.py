@@ -120,8 +120,11 @@ def decode_record(raw):
 
 def _priority_byte(priority):
     """The first byte of a due key: 0 for PRIORITY_MAX, so higher priorities sort first.
-    A value out of range (written by hand into a spool file) counts as the nearest bound."""
-    return PRIORITY_MAX - max(PRIORITY_MIN, min(PRIORITY_MAX, int(priority or 0)))
+    A value out of range (written by hand into a spool file) counts as the nearest bound,
+    one that is not a whole number as 0: the message is still delivered."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        priority = 0
+    return PRIORITY_MAX - max(PRIORITY_MIN, min(PRIORITY_MAX, priority))
 
 
 def due_key(next_attempt, queue_id, priority=0):
