@@ -350,6 +350,22 @@ def test_priority_of_an_unknown_or_malformed_id_is_a_404(api_server):
         assert answer["error"].startswith("no such"), answer
 
 
+def test_a_link_planted_for_a_spool_file_is_refused_not_followed(api_server, tmp_path):
+    server, ids = api_server
+    target = ids["one"]
+    path = os.path.join(server.spool, "messages", target[-1], target)
+    planted = tmp_path / "elsewhere"
+    planted.write_bytes(open(path, "rb").read())
+    os.unlink(path)
+    os.symlink(str(planted), path)
+    status, _, body = call(server, "GET", "/api/v1/queue/%s/content" % target, AUTH)
+    assert status == 409 and "symbolic link" in body["error"], body
+    status, _, body = call(server, "GET", "/api/v1/queue/" + target, AUTH)
+    assert status == 200 and body["headers"] is None and "symbolic link" in \
+        body["content_error"]
+    assert call(server, "GET", "/api/v1/queue/" + ids["two"], AUTH)[0] == 200
+
+
 def test_stats_are_the_queue_summary(api_server):
     server, ids = api_server
     call(server, "POST", "/api/v1/queue/%s/hold" % ids["one"], AUTH)
@@ -518,11 +534,11 @@ def test_a_use_during_a_close_waits_for_it_and_the_index_keeps_its_locks(tmp_pat
     py-lmdb refuses the second open ("already open in this process": a 503 for the
     request that came during a close). A use that comes during a close waits for it,
     then opens the index, which keeps its locks."""
-    from types import SimpleNamespace
     from elemta.api.queue_access import QueueAccess
+    from elemta.config.schema import QueueSettings
     spool_dir = str(tmp_path / "spool")
-    access = QueueAccess(SimpleNamespace(spool_dir=spool_dir, sync_method="fsync",
-                                         index_map_size=64 << 20))
+    access = QueueAccess(QueueSettings(spool_dir=spool_dir, sync_method="fsync",
+                                       index_map_size=64 << 20))
     with access.using() as old:
         pass
     closing, reopened = threading.Event(), threading.Event()
@@ -567,10 +583,10 @@ def test_a_failed_use_closes_the_queue_and_the_next_opens_it_again(tmp_path):
     """An error out of the index answers 503 (QueueUnavailable) and closes the Queue; the
     next use opens it again. A thread late to close the one that failed leaves the new
     one alone."""
-    from types import SimpleNamespace
     from elemta.api.queue_access import QueueAccess, QueueUnavailable
-    access = QueueAccess(SimpleNamespace(spool_dir=str(tmp_path / "spool"),
-                                         sync_method="fsync", index_map_size=64 << 20))
+    from elemta.config.schema import QueueSettings
+    access = QueueAccess(QueueSettings(spool_dir=str(tmp_path / "spool"),
+                                       sync_method="fsync", index_map_size=64 << 20))
     seen = []
 
     def broken(queue):

@@ -262,7 +262,8 @@ DOCUMENT = {
                 {"description": "The content.",
                  "content": {"message/rfc822": {"schema": {"type": "string",
                                                            "format": "binary"}}}},
-                NOT_FOUND, {"409": _error("The spool file is damaged.")})}},
+                NOT_FOUND, {"409": _error("The spool file is damaged, or something other "
+                                           "than a plain file (a link) is in its place.")})}},
         "/api/v1/queue/{queue_id}/hold": _action(
             "hold", "Put a message on hold.", "Never tried until released."),
         "/api/v1/queue/{queue_id}/release": _action(

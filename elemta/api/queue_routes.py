@@ -20,7 +20,9 @@ from elemta.queue import wakeup
 from elemta.queue.ids import is_queue_id
 from elemta.queue.listing import record_show_json, record_to_json
 from elemta.queue.model import priority_error
+from elemta.queue.queue import NoSuchMessage
 from elemta.queue.store import CorruptSpoolFile
+from elemta.util.eugid import UnsafePath
 
 # Headers are read up to this many bytes; a message with more says headers_truncated.
 MAX_HEADER_BYTES = 256 * 1024
@@ -106,7 +108,7 @@ def _show(queue, queue_id):
         data["headers"], data["headers_truncated"] = read_headers(queue.store, queue_id)
     except FileNotFoundError:
         return None                     # delivered or deleted meanwhile
-    except CorruptSpoolFile as exc:
+    except (CorruptSpoolFile, UnsafePath) as exc:
         data["headers"], data["headers_truncated"] = None, False
         data["content_error"] = str(exc)
     return data
@@ -148,12 +150,13 @@ class MessageContent:
 
 def _open_checked(queue, queue_id):
     """The content, read through once to check its CRC and rewound, and its length; None if
-    there is no such message; the problem as text for a damaged file."""
+    there is no such message; the problem as text for a damaged file or a link planted in
+    its place (never followed: elemta.queue.store)."""
     try:
-        content = queue.store.open_content(queue_id)
-    except FileNotFoundError:
+        _, content = queue.open_message(queue_id)
+    except NoSuchMessage:
         return None
-    except CorruptSpoolFile as exc:
+    except (CorruptSpoolFile, UnsafePath) as exc:
         return str(exc)
     length = 0
     try:
