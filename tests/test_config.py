@@ -186,7 +186,8 @@ ERROR_CASES = {
         "limits.mesage_size", "did you mean limits.message_size?"),
     "unknown key without a close match": (
         "queue:\n  zzz: 1\n", 2, "[queue]\nzzz = 1\n", 2,
-        "queue.zzz", "known keys here: index_map_size, min_free_space, spool_dir, sync_method"),
+        "queue.zzz", "known keys here: index_map_size, min_free_space, priority_rules, "
+                     "spool_dir, sync_method"),
     "string for an integer": (
         "limits:\n  recipients: '10'\n", 2, '[limits]\nrecipients = "10"\n', 2,
         "limits.recipients", "expected an integer, not a string ('10')"),

@@ -11,6 +11,7 @@ import shutil
 import smtplib
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -251,7 +252,8 @@ def test_unknown_and_malformed_ids_are_one_line_errors(spool):
     assert held.stderr == "elemtactl: queue: no such message: %s\n" % missing
     bad = ctl(spool, "delete", "../../etc/passwd")
     assert (bad.returncode, bad.stdout) == (64, "")
-    assert bad.stderr == "elemtactl: queue: not a queue id: ../../etc/passwd\n"
+    assert bad.stderr == ("elemtactl: queue delete: not a queue id: ../../etc/passwd (a queue "
+                          "id is 20 characters of 0-9 and A-Z, as mailq shows it)\n")
     assert record(spool, queue_id).state == HOLD
 
 
@@ -496,3 +498,194 @@ def test_a_closed_pipe_ends_the_listing_quietly(spool):
     assert pipeline.stdout.splitlines()[0] == HEADING.rstrip("\n")
     assert len(pipeline.stdout.splitlines()) == 3
     assert pipeline.stderr == ""
+
+
+# ---------------------------------------------------------------- cat (issue 21 req 2)
+
+def cat(spool, *args, python=sys.executable, pythonpath=REPO, **kwargs):
+    """`elemtactl queue cat` as bytes: (status, stdout bytes, stderr text)."""
+    done = subprocess.run([python, "-m", "elemta.cli.elemtactl", "queue", "cat",
+                           "--spool-dir", spool] + list(args), capture_output=True,
+                          env=dict(os.environ, PYTHONPATH=pythonpath), timeout=60, **kwargs)
+    return done.returncode, done.stdout, done.stderr.decode("utf-8", "replace")
+
+
+CAT_CONTENT = (b"Received: from client.test\r\nSubject: the thing\r\nX-Long: folded\r\n"
+               b" on two lines\r\n\r\nFirst line.\r\n\r\nAfter an empty line.\r\n")
+
+
+def test_cat_prints_the_envelope_then_the_message_as_stored(spool):
+    with Queue(spool) as queue:
+        envelope = Envelope(new_queue_id(), "alice@example.org",
+                            [Recipient("r1@x.example", ("SUCCESS", "FAILURE"),
+                                       "rfc822;R1@x.example"), Recipient("r2@y.example")],
+                            time.time(), ret="HDRS", envid="env-1",
+                            client_address="192.0.2.7", client_helo="client.test",
+                            protocol="ESMTPSA", auth_user="alice", priority=7)
+        queue.add(envelope, [CAT_CONTENT])
+    queue_id = envelope.queue_id
+    play_delivery(spool, queue_id, DEFERRED, replies=["250 2.0.0 ok"], statuses=[SENT])
+    status, out, err = cat(spool, queue_id)
+    assert (status, err) == (0, "")
+    head = ("*** ENVELOPE RECORDS %s ***\n"
+            "queue_id: %s\n" % (queue_id, queue_id)).encode()
+    assert out.startswith(head)
+    envelope_text = out[:out.index(b"*** MESSAGE CONTENTS")].decode()
+    for line in ("message_arrival_time: %s" % time.asctime(time.localtime(envelope.arrival)),
+                 "message_size: %d" % len(CAT_CONTENT), "priority: 7",
+                 "sender: alice@example.org", "client: client.test [192.0.2.7]",
+                 "protocol: ESMTPSA", "sasl_username: alice", "dsn_ret: HDRS",
+                 "dsn_envid: env-1",
+                 "recipient: r1@x.example (sent) NOTIFY=SUCCESS,FAILURE "
+                 "ORCPT=rfc822;R1@x.example", "recipient: r2@y.example (pending)"):
+        assert "\n%s\n" % line in envelope_text, (line, envelope_text)
+    assert "\nstate: deferred, 1 attempt, next attempt " in envelope_text
+    assert out.endswith(("*** MESSAGE CONTENTS %s ***\n" % queue_id).encode() + CAT_CONTENT
+                        + ("*** MESSAGE FILE END %s ***\n" % queue_id).encode())
+    headers, _, body = CAT_CONTENT.partition(b"\r\n\r\n")
+    assert cat(spool, "--headers", queue_id) == (0, headers + b"\r\n", "")
+    assert cat(spool, "--body", queue_id) == (0, body, "")
+    assert cat(spool, "--headers", "--body", queue_id) == (0, CAT_CONTENT, "")
+
+
+def test_cat_of_a_message_without_a_line_end_or_body_keeps_its_markers_apart(spool):
+    [queue_id] = accept(spool, content=b"Subject: no end")
+    status, out, _ = cat(spool, queue_id)
+    assert status == 0 and out.endswith(
+        b"Subject: no end\n*** MESSAGE FILE END %s ***\n" % queue_id.encode())
+    assert cat(spool, "--body", queue_id) == (0, b"", "")
+    assert cat(spool, "--headers", queue_id) == (0, b"Subject: no end", "")
+
+
+@pytest.mark.parametrize("word, shown", [
+    ("../../etc/passwd", "../../etc/passwd"),
+    ("/etc/passwd", "/etc/passwd"),
+    ("1K1XRPBHMXDC82RER/X5", "1K1XRPBHMXDC82RER/X5"),
+    ("1k1xrpbhmxdc82rerx5s", "1k1xrpbhmxdc82rerx5s"),
+    ("1K1XRPBHMXDC82RERX5S\n../x", "1K1XRPBHMXDC82RERX5S\\n../x"),
+])
+def test_cat_refuses_what_is_not_a_queue_id_naming_it(spool, word, shown):
+    assert cat(spool, word) == (64, b"", "elemtactl: queue cat: not a queue id: %s (a queue "
+                                         "id is 20 characters of 0-9 and A-Z, as mailq "
+                                         "shows it)\n" % shown)
+
+
+def test_cat_refuses_a_nul_from_standard_input_and_an_unknown_id(spool):
+    [queue_id] = accept(spool)
+    status, out, err = cat(spool, "-", input=("%s\0../x\n" % queue_id).encode())
+    assert (status, out) == (64, b"")
+    assert err.startswith("elemtactl: queue cat: not a queue id: %s\\x00../x " % queue_id)
+    unknown = new_queue_id()
+    status, out, err = cat(spool, queue_id, unknown)
+    assert status == 67 and out.startswith(b"*** ENVELOPE RECORDS %s" % queue_id.encode())
+    assert err == "elemtactl: queue cat: no such message: %s\n" % unknown
+
+
+def _plant(spool, queue_id, target, how):
+    """Put a link to `target` where the message file of queue_id is."""
+    path = os.path.join(spool, "messages", queue_id[-1], queue_id)
+    os.unlink(path)
+    (os.symlink if how == "symlink" else os.link)(target, path)
+
+
+@pytest.mark.parametrize("how, why", [("symlink", "is a symbolic link or not a regular "
+                                                  "file, refused"),
+                                      ("hardlink", "has 2 hard links, refused")])
+def test_cat_never_shows_what_a_link_planted_in_the_spool_points_to(spool, tmp_path, how,
+                                                                    why):
+    planted = tmp_path / "elsewhere"
+    [queue_id, other] = accept(spool, 2)
+    with Queue(spool) as queue:         # a whole spool file, of another message
+        planted.write_bytes(open(queue.store.path(other), "rb").read()
+                            .replace(other.encode(), queue_id.encode()))
+    _plant(spool, queue_id, str(planted), how)
+    status, out, err = cat(spool, queue_id)
+    assert (status, out) == (77, b"")
+    assert err.startswith("elemtactl: queue cat: %s: " % queue_id) and why in err, err
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run as root and as nobody")
+def test_cat_works_for_root_and_the_service_user_and_root_reads_as_the_service_user():
+    """The spool belongs to the service user (nobody here). root's elemtactl becomes
+    that user before it reads anything, so a link the service user plants to a file
+    only root may read shows nothing, even apart from O_NOFOLLOW; the service user's
+    own elemtactl refuses links too."""
+    import pwd
+    from tests.harness import code_for_everyone
+    from tests.test_privileges import interpreter_for_nobody
+    python = interpreter_for_nobody()
+    if python is None:
+        pytest.skip("no Python interpreter that user nobody can read")
+    workdir = tempfile.mkdtemp()
+    try:
+        os.chmod(workdir, 0o755)
+        pythonpath = code_for_everyone(os.path.join(workdir, "python"))
+        spool = os.path.join(workdir, "spool")
+        [queue_id, planted_id] = accept(spool, 2)
+        secret = os.path.join(workdir, "secret")
+        with open(secret, "wb") as f:
+            f.write(b"root only\n")
+        os.chmod(secret, 0o600)
+        _plant(spool, planted_id, secret, "symlink")
+        nobody = pwd.getpwnam("nobody")
+        for directory, dirs, files in os.walk(spool):
+            for name in [directory] + [os.path.join(directory, n) for n in dirs + files]:
+                os.lchown(name, nobody.pw_uid, nobody.pw_gid)
+        as_nobody = dict(user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[])
+        for who in ({}, as_nobody):
+            status, out, err = cat(spool, queue_id, python=python, pythonpath=pythonpath,
+                                   cwd=workdir, **who)
+            assert (status, err) == (0, ""), who
+            assert out.endswith(MESSAGE + b"*** MESSAGE FILE END %s ***\n"
+                                % queue_id.encode())
+            status, out, err = cat(spool, planted_id, python=python, pythonpath=pythonpath,
+                                   cwd=workdir, **who)
+            assert (status, out) == (77, b""), (who, err)
+            assert "symbolic link" in err and "root only" not in err
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- priority (req 3)
+
+def test_priority_by_id_or_selection_is_shown_by_show_and_json(spool):
+    [first, second] = accept(spool, 2)
+    [other] = accept(spool, sender="carol@other.test")
+    done = ctl(spool, "priority", first, "-5")
+    assert (done.returncode, done.stdout) == (
+        0, "%s: priority changed\nPriority changed to -5: 1 message\n" % first)
+    done = ctl(spool, "priority", "--from", "alice@*", "30")
+    assert done.stdout == ("%s: priority changed\n%s: priority changed\n"
+                           "Priority changed to 30: 2 messages\n" % (first, second))
+    again = ctl(spool, "priority", first, "30")
+    assert again.stdout == ("%s: priority unchanged (already that)\n"
+                            "Priority changed to 30: 0 messages\n" % first)
+    assert "\nPriority:   30\n" in ctl(spool, "show", first).stdout
+    assert "\nPriority:   0 (the default)\n" in ctl(spool, "show", other).stdout
+    listed = [json.loads(line) for line in ctl(spool, "list", "--json").stdout.splitlines()]
+    assert {m["queue_id"]: m["priority"] for m in listed} == {first: 30, second: 30,
+                                                              other: 0}
+    assert json.loads(ctl(spool, "show", "--json", first).stdout)["priority"] == 30
+    assert_index_consistent(spool)
+
+
+@pytest.mark.parametrize("args, code, why", [
+    (["101"], 64, "argument N: a priority is from -100 to 100, not 101"),
+    (["1.5"], 64, "argument N: a priority is a whole number from -100 to 100, not '1.5'"),
+    ([], 64, "argument N: %s is a queue id: the priority comes last (queue priority "
+             "ID... N)"),
+])
+def test_priority_refuses_a_bad_number(spool, args, code, why):
+    [queue_id] = accept(spool)
+    done = ctl(spool, "priority", queue_id, *args)
+    assert (done.returncode, done.stdout) == (code, "")
+    assert why.replace("%s", queue_id) in done.stderr, done.stderr
+    assert record(spool, queue_id).envelope.priority == 0
+
+
+def test_priority_of_an_unknown_id_says_so(spool):
+    unknown = new_queue_id()
+    done = ctl(spool, "priority", unknown, "5")
+    assert (done.returncode, done.stdout, done.stderr) == (
+        67, "Priority changed to 5: 0 messages\n",
+        "elemtactl: queue: no such message: %s\n" % unknown)

@@ -8,7 +8,7 @@ live server with this document and fails on any answer it does not describe.
 import copy
 
 from elemta.api.params import DEFAULT_LIMIT, MAX_LIMIT
-from elemta.queue.model import RECIPIENT_STATUSES, STATES
+from elemta.queue.model import PRIORITY_MAX, PRIORITY_MIN, RECIPIENT_STATUSES, STATES
 
 QUEUE_ID = {"type": "string", "pattern": "^[0-9A-HJKMNP-TV-Z]{20}$",
             "description": "20 characters of Crockford base32; sorts by arrival.",
@@ -16,6 +16,7 @@ QUEUE_ID = {"type": "string", "pattern": "^[0-9A-HJKMNP-TV-Z]{20}$",
 AGE = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?[smhdw]?$",
        "description": "An age: a number of seconds, or with a unit s, m, h, d or w (30m)."}
 NULLABLE_STRING = {"type": "string", "nullable": True}
+PRIORITY = {"type": "integer", "minimum": PRIORITY_MIN, "maximum": PRIORITY_MAX}
 
 
 def _param(name, description, schema, where="query", **extra):
@@ -97,7 +98,8 @@ MESSAGE_PROPERTIES = {
     "attempts": {"type": "integer", "minimum": 0},
     "next_attempt": {"type": "number", "description": "Seconds since the epoch."},
     "last_error": NULLABLE_STRING,
-    "priority": {"type": "integer"},
+    "priority": dict(PRIORITY, description="Higher is delivered sooner among messages "
+                                           "due; 0 by default (queue.priority_rules)."),
 }
 MESSAGE_REQUIRED = sorted(MESSAGE_PROPERTIES) + ["recipients"]
 
@@ -172,6 +174,15 @@ SCHEMAS = {
                                                          "already on hold, due now, ...)."},
             "changed": {"type": "boolean",
                         "description": "False when there was nothing to do."}}},
+    "PriorityResult": {
+        "type": "object", "required": ["queue_id", "outcome", "priority", "changed"],
+        "properties": {
+            "queue_id": QUEUE_ID,
+            "outcome": {"type": "string", "description": "What happened, as elemtactl "
+                                                         "queue priority prints it."},
+            "priority": PRIORITY,
+            "changed": {"type": "boolean",
+                        "description": "False when it already had this priority."}}},
     "FlushResult": {
         "type": "object", "required": ["flushed", "outcomes"],
         "properties": {
@@ -251,7 +262,8 @@ DOCUMENT = {
                 {"description": "The content.",
                  "content": {"message/rfc822": {"schema": {"type": "string",
                                                            "format": "binary"}}}},
-                NOT_FOUND, {"409": _error("The spool file is damaged.")})}},
+                NOT_FOUND, {"409": _error("The spool file is damaged, or something other "
+                                           "than a plain file (a link) is in its place.")})}},
         "/api/v1/queue/{queue_id}/hold": _action(
             "hold", "Put a message on hold.", "Never tried until released."),
         "/api/v1/queue/{queue_id}/release": _action(
@@ -263,6 +275,17 @@ DOCUMENT = {
         "/api/v1/queue/{queue_id}/requeue": _action(
             "requeue", "Start a message over.",
             "Due now, attempts reset, every recipient not delivered pending again."),
+        "/api/v1/queue/{queue_id}/priority": {"post": {
+            "operationId": "prioritiseMessage", "tags": ["queue"],
+            "summary": "Set a message's priority (elemtactl queue priority).",
+            "description": "Among messages due for delivery the higher priority is taken "
+                           "first. A message being delivered keeps its place; the new "
+                           "priority counts from its next attempt.",
+            "parameters": [ID_PARAMETER],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["priority"], "additionalProperties": False,
+                "properties": {"priority": PRIORITY}}}}},
+            "responses": _responses(_json("What was done.", "PriorityResult"), NOT_FOUND)}},
         "/api/v1/stats": {"get": {
             "operationId": "queueStats", "tags": ["queue"],
             "summary": "Messages and bytes by state, domains by age (queue summary).",

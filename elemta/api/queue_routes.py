@@ -1,5 +1,5 @@
 """The REST API's queue routes: list, show, content, delete, hold, release, flush, requeue,
-and the queue statistics.
+priority, and the queue statistics.
 
 Owned by the api process. They do what `elemtactl queue` does, through the same code: the
 filters and the JSON for a message come from elemta.queue.listing, the actions are
@@ -19,7 +19,10 @@ from elemta.queue import queue as queue_actions
 from elemta.queue import wakeup
 from elemta.queue.ids import is_queue_id
 from elemta.queue.listing import record_show_json, record_to_json
+from elemta.queue.model import priority_error
+from elemta.queue.queue import NoSuchMessage
 from elemta.queue.store import CorruptSpoolFile
+from elemta.util.eugid import UnsafePath
 
 # Headers are read up to this many bytes; a message with more says headers_truncated.
 MAX_HEADER_BYTES = 256 * 1024
@@ -105,7 +108,7 @@ def _show(queue, queue_id):
         data["headers"], data["headers_truncated"] = read_headers(queue.store, queue_id)
     except FileNotFoundError:
         return None                     # delivered or deleted meanwhile
-    except CorruptSpoolFile as exc:
+    except (CorruptSpoolFile, UnsafePath) as exc:
         data["headers"], data["headers_truncated"] = None, False
         data["content_error"] = str(exc)
     return data
@@ -147,12 +150,13 @@ class MessageContent:
 
 def _open_checked(queue, queue_id):
     """The content, read through once to check its CRC and rewound, and its length; None if
-    there is no such message; the problem as text for a damaged file."""
+    there is no such message; the problem as text for a damaged file or a link planted in
+    its place (never followed: elemta.queue.store)."""
     try:
-        content = queue.store.open_content(queue_id)
-    except FileNotFoundError:
+        _, content = queue.open_message(queue_id)
+    except NoSuchMessage:
         return None
-    except CorruptSpoolFile as exc:
+    except (CorruptSpoolFile, UnsafePath) as exc:
         return str(exc)
     length = 0
     try:
@@ -204,6 +208,60 @@ class MessageAction:
 def _act(queue, action, queue_id):
     """The outcome of one action on one message (a Queue outcome string)."""
     for _, outcome in getattr(queue, action)([queue_id]):
+        return outcome
+    return queue_actions.NO_SUCH_MESSAGE
+
+
+# A priority body is {"priority": N}: a few bytes; anything much longer is refused unread.
+MAX_PRIORITY_BODY = 1024
+
+
+class MessagePriority:
+    """POST /api/v1/queue/{id}/priority with {"priority": N}: elemtactl queue priority ID N."""
+
+    def __init__(self, access):
+        self.access = access
+
+    def on_post(self, req, resp, queue_id):
+        params.check_known(req, ())
+        priority = priority_from_body(req)
+        outcome = self.access.run(_set_priority, _known_id(queue_id), priority)
+        if outcome == queue_actions.NO_SUCH_MESSAGE:
+            raise no_such_message(queue_id)
+        reply(resp, {"queue_id": queue_id, "outcome": outcome, "priority": priority,
+                     "changed": outcome != queue_actions.PRIORITY_UNCHANGED})
+
+
+def _bad_body(problem: str) -> falcon.HTTPBadRequest:
+    return falcon.HTTPBadRequest(title="bad body", description="body: " + problem)
+
+
+def priority_from_body(req: falcon.Request) -> int:
+    """N of a JSON body {"priority": N}; a 400 naming what is wrong otherwise."""
+    if req.content_type and req.content_type.split(";")[0].strip().lower() != \
+            falcon.MEDIA_JSON:
+        raise _bad_body("must be application/json, not %s" % params.printable(
+            req.content_type))
+    raw = req.bounded_stream.read(MAX_PRIORITY_BODY + 1)
+    if len(raw) > MAX_PRIORITY_BODY:
+        raise _bad_body("longer than %d bytes" % MAX_PRIORITY_BODY)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        raise _bad_body('not JSON; send {"priority": N}') from None
+    if not isinstance(data, dict) or "priority" not in data:
+        raise _bad_body('must be a JSON object {"priority": N}')
+    unknown = sorted(set(data) - {"priority"})
+    if unknown:
+        raise _bad_body("unknown key %s (only priority)" % params.printable(unknown[0]))
+    problem = priority_error(data["priority"])
+    if problem:
+        raise _bad_body("priority: %s" % params.printable(problem))
+    return data["priority"]
+
+
+def _set_priority(queue, queue_id, priority):
+    for _, outcome in queue.set_priority([queue_id], priority):
         return outcome
     return queue_actions.NO_SUCH_MESSAGE
 

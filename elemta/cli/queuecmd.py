@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 from elemta.cli.config_finder import find_config
 from elemta.cli.failure import Failure
+from elemta.queue.model import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
 from elemta.util.text import printable
 
 PROG = "elemtactl"
@@ -172,17 +173,21 @@ def _has_filter(args) -> bool:
                                        args.older_than, args.newer_than))
 
 
-def _queue_ids(words: Iterable[str]) -> List[str]:
+def _queue_ids(words: Iterable[str], command: str = "queue") -> List[str]:
     """Queue ids from the command line ('-' reads them from stdin, one per line or
-    separated by spaces); mailq's '*' and '!' marks are ignored, as postsuper does."""
-    from elemta.queue.ids import is_queue_id
+    separated by spaces); mailq's '*' and '!' marks are ignored, as postsuper does.
+    Anything else (a path, a name with '/' or NUL) is refused, named, before the queue
+    is opened."""
+    from elemta.queue.ids import QUEUE_ID_LENGTH, is_queue_id
     ids = []
     for word in words:
         items = sys.stdin.read().split() if word == "-" else [word]
         for item in items:
             queue_id = item.rstrip("*!")
             if not is_queue_id(queue_id):
-                raise Failure(EX_USAGE, "queue: not a queue id: %s" % printable(item))
+                raise Failure(EX_USAGE, "%s: not a queue id: %s (a queue id is %d "
+                                        "characters of 0-9 and A-Z, as mailq shows it)"
+                              % (command, printable(repr(item)[1:-1]), QUEUE_ID_LENGTH))
             ids.append(queue_id)
     return list(dict.fromkeys(ids))
 
@@ -346,8 +351,8 @@ def _write_envelope(out: Output, record, spool_path: str, held: bool) -> None:
     dsn += ["ENVID=" + envelope.envid] if envelope.envid else []
     if dsn:
         lines.append(("DSN", " ".join(dsn)))
-    if envelope.priority:
-        lines.append(("Priority", str(envelope.priority)))
+    lines.append(("Priority", "%s%s" % (envelope.priority, " (the default)"
+                                        if envelope.priority == PRIORITY_DEFAULT else "")))
     if record.last_error:
         lines.append(("Last error", record.last_error))
     lines.append(("Spool file", spool_path))
@@ -427,6 +432,122 @@ def _end_of_headers(data: bytes) -> Optional[int]:
     return None if at < 0 else at + 1
 
 
+# ---------------------------------------------------------------- cat (postcat)
+
+CAT_MARK = "*** %s %s ***\n"
+
+
+def cmd_cat(args) -> int:
+    """queue cat ID...: each message as stored, as postcat -q shows it: its envelope,
+    then its content byte for byte (--headers, --body: only that part, nothing else).
+
+    The id must name a message in the queue: a path, or anything else that is not a
+    queue id, is refused before the spool is touched. Root's reading is done as the
+    spool's owner (open_queue drops root for good first: root never opens a path that
+    user can change), and the file is opened without following a link whoever reads
+    it (Queue.open_message), so a link planted in the spool shows nothing of what it
+    points to."""
+    from elemta.queue.queue import NoSuchMessage
+    from elemta.queue.store import CorruptSpoolFile
+    from elemta.util.eugid import UnsafePath
+    ids = _queue_ids(args.ids, "queue cat")
+    whole = not (args.headers or args.body)
+    out = Output()
+    status = EX_OK
+    with open_queue(args) as queue:
+        for queue_id in ids:
+            try:
+                record, content = queue.open_message(queue_id)
+            except NoSuchMessage:
+                problem = (EX_NOUSER, "queue cat: no such message: %s" % queue_id)
+            except UnsafePath as exc:
+                problem = (EX_NOPERM, "queue cat: %s: %s (the spool file must be a plain "
+                                      "file, never a link)" % (queue_id, exc))
+            except CorruptSpoolFile as exc:
+                problem = (EX_DATAERR, "queue cat: %s: %s" % (queue_id, exc))
+            else:
+                problem = None
+                with content:
+                    try:
+                        if whole:
+                            _write_cat_envelope(out, record)
+                            out.write(CAT_MARK % ("MESSAGE CONTENTS", queue_id))
+                        ended = _copy_parts(out, content, args.headers or whole,
+                                            args.body or whole)
+                        if whole:
+                            out.write(("" if ended else "\n")
+                                      + CAT_MARK % ("MESSAGE FILE END", queue_id))
+                    except CorruptSpoolFile as exc:
+                        problem = (EX_DATAERR, "queue cat: %s: %s" % (queue_id, exc))
+            if problem is not None:
+                out.flush()
+                _complain(problem[1])
+                status = max(status, problem[0])
+    out.flush()
+    return status
+
+
+def _write_cat_envelope(out: Output, record) -> None:
+    """postcat's envelope records, one "name: value" line each, Elemta's names."""
+    envelope = record.envelope
+    out.write(CAT_MARK % ("ENVELOPE RECORDS", record.queue_id))
+    lines = [("queue_id", record.queue_id),
+             ("state", _state_text(record, record.state == "hold")),
+             ("message_arrival_time", time.asctime(time.localtime(envelope.arrival))),
+             ("message_size", str(envelope.size)),
+             ("priority", str(envelope.priority)),
+             ("sender", envelope.sender)]
+    if envelope.client_address or envelope.client_helo:
+        lines.append(("client", "%s [%s]" % (envelope.client_helo or "unknown",
+                                              envelope.client_address or "unknown")))
+    lines.append(("protocol", envelope.protocol))
+    if envelope.auth_user:
+        lines.append(("sasl_username", envelope.auth_user))
+    lines.append(("body_type", envelope.body + (", SMTPUTF8" if envelope.smtputf8 else "")))
+    if envelope.ret:
+        lines.append(("dsn_ret", envelope.ret))
+    if envelope.envid:
+        lines.append(("dsn_envid", envelope.envid))
+    for recipient in envelope.recipients:
+        text = "%s (%s)" % (recipient.address, recipient.status)
+        if recipient.notify:
+            text += " NOTIFY=" + ",".join(recipient.notify)
+        if recipient.orcpt:
+            text += " ORCPT=" + recipient.orcpt
+        lines.append(("recipient", text))
+    for name, value in lines:
+        out.write("%s: %s\n" % (name, printable(str(value))))
+
+
+def _copy_parts(out: Output, content, headers: bool, body: bool) -> bool:
+    """Copy the header section (up to the empty line, which is neither part) and/or the
+    body (after it) as stored. Reads to the end when the body is wanted (so its CRC is
+    checked). Returns whether what was written ends with a line end (or is empty)."""
+    ended = True
+    at_line_start = True
+    while True:                             # the header section, a line at a time
+        line = content.readline(65536)
+        if not line:
+            return ended
+        if at_line_start and line in (b"\r\n", b"\n"):
+            break                           # the empty line ends the headers
+        at_line_start = line.endswith(b"\n")
+        if headers:
+            out.write_bytes(line)
+            ended = at_line_start
+    if headers and body:
+        out.write_bytes(line)
+        ended = True
+    if not body:
+        return ended
+    while True:
+        chunk = content.read(65536)
+        if not chunk:
+            return ended
+        out.write_bytes(chunk)
+        ended = chunk.endswith(b"\n")
+
+
 # ---------------------------------------------------------------- actions
 
 # action name -> (Queue method name, postsuper-style total, states --all looks at)
@@ -436,6 +557,7 @@ ACTIONS = {
     "delete": ("delete", "Deleted", ()),
     "requeue": ("requeue", "Requeued", ()),
     "flush": ("flush", "Due now", ("deferred",)),
+    "priority": ("set_priority", "Priority changed", ()),
 }
 
 
@@ -451,7 +573,8 @@ def _action(name: str) -> Callable:
             raise Failure(EX_USAGE, "queue %s: give queue ids, --all, or a selection "
                                     "such as --from (see %s queue %s --help)"
                           % (name, PROG, name))
-        ids = [] if bulk else _queue_ids(args.ids)
+        ids = [] if bulk else _queue_ids(args.ids, "queue " + name)
+        extra = (args.priority,) if name == "priority" else ()
         from elemta.queue.queue import NO_SUCH_MESSAGE
         success = _success(name)
         out = Output()
@@ -462,13 +585,14 @@ def _action(name: str) -> Callable:
             spool_dir = queue.spool_dir
             if bulk:
                 ids = list(queue.ids_matching(_selection(args, default_states)))
-            for queue_id, outcome in getattr(queue, method)(ids):
+            for queue_id, outcome in getattr(queue, method)(ids, *extra):
                 if outcome == NO_SUCH_MESSAGE:
                     unknown.append(queue_id)
                     continue
                 out.write("%s: %s\n" % (queue_id, outcome))
-                done += outcome == success
-        out.write("%s: %d message%s\n" % (total_label, done, "" if done == 1 else "s"))
+                done += outcome in success
+        out.write("%s%s: %d message%s\n" % (total_label, "".join(" to %d" % n for n in extra),
+                                            done, "" if done == 1 else "s"))
         out.flush()
         for queue_id in unknown:
             _complain("queue: no such message: %s" % queue_id)
@@ -480,10 +604,29 @@ def _action(name: str) -> Callable:
     return handler
 
 
-def _success(name: str) -> str:
+def _success(name: str) -> Tuple[str, ...]:
+    """The outcomes meaning the action changed the message."""
     from elemta.queue import queue as q
-    return {"hold": q.HELD, "release": q.RELEASED, "delete": q.DELETED,
-            "requeue": q.REQUEUED, "flush": q.FLUSHED}[name]
+    return {"hold": (q.HELD,), "release": (q.RELEASED,), "delete": (q.DELETED,),
+            "requeue": (q.REQUEUED,), "flush": (q.FLUSHED,),
+            "priority": (q.PRIORITY_CHANGED, q.PRIORITY_CHANGED_ACTIVE)}[name]
+
+
+def parse_priority(text: str) -> int:
+    """A priority as typed: a whole number in the model's range."""
+    from elemta.queue.ids import is_queue_id
+    from elemta.queue.model import priority_error
+    if is_queue_id(text.strip()):
+        raise argparse.ArgumentTypeError("%s is a queue id: the priority comes last "
+                                         "(queue priority ID... N)" % text.strip())
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = text
+    problem = priority_error(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 # ---------------------------------------------------------------- summary, reindex
@@ -608,14 +751,28 @@ def add_queue_commands(commands, parser_class, parents: List[argparse.ArgumentPa
                                                           "headers")
     show.add_argument("--json", action="store_true", help="the envelope and state as JSON")
 
+    cat = add("cat", cmd_cat, "print messages as stored: envelope, then headers and body "
+                              "(postcat -q)")
+    cat.add_argument("ids", nargs="+", metavar="ID", help="queue id ('-' reads ids from "
+                                                         "standard input)")
+    cat.add_argument("--headers", action="store_true", help="only the header section, as "
+                                                           "stored")
+    cat.add_argument("--body", action="store_true", help="only the body, as stored")
+
     for name, summary in (("hold", "put messages on hold (never tried until released)"),
                           ("release", "take messages off hold (due now)"),
                           ("delete", "delete messages"),
                           ("requeue", "start messages over: due now, attempts reset"),
-                          ("flush", "make deferred messages due now (all when no ID)")):
+                          ("flush", "make deferred messages due now (all when no ID)"),
+                          ("priority", "set messages' priority: among messages due, the "
+                                       "higher is delivered first")):
         sub = add(name, _action(name), summary)
         sub.add_argument("ids", nargs="*", metavar="ID",
                          help="queue id ('-' reads ids from standard input)")
+        if name == "priority":
+            sub.add_argument("priority", type=parse_priority, metavar="N",
+                             help="the new priority: a whole number from %d (last) to %d "
+                                  "(first); 0 is the default" % (PRIORITY_MIN, PRIORITY_MAX))
         _filter_options(sub, for_action=True)
 
     summary = add("summary", cmd_summary, "messages and Kbytes by state; domains by age "

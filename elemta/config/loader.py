@@ -36,7 +36,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from elemta.addressing.normal import normal_domain
 from elemta.config.errors import ConfigError, KeyPath, Problem, format_key
 from elemta.config.mailname import read_mailname
-from elemta.config.schema import BUILTIN_PLUGINS, Config, PluginSettings
+from elemta.config.schema import (BUILTIN_PLUGINS, SENDMAIL_LISTENER, Config, PluginSettings,
+                                  parse_listener_name)
 from elemta.config.sources import FORMATS, parse
 from elemta.plugins.api import PluginConfigError
 from elemta.plugins.settings import ConfiguredPlugin, PluginCommon
@@ -463,8 +464,23 @@ class _Checker:
                 first_on[endpoint] = index
 
         self.check_delivery(config)
+        self.check_priority_rules(config)
         self.check_plugins(config.plugins)
         self.check_tables(config)
+
+    def check_priority_rules(self, config: Config) -> None:
+        """A rule's listener must be one of the listeners (or sendmail): a typo would
+        otherwise never match, silently."""
+        endpoints = {(ipaddress.ip_address(listener.address), listener.port)
+                     for listener in config.listeners}
+        for index, rule in enumerate(config.queue.priority_rules):
+            if rule.listener is None or rule.listener == SENDMAIL_LISTENER:
+                continue
+            if parse_listener_name(rule.listener) not in endpoints:
+                self.refuse_across(
+                    ("queue", "priority_rules", index, "listener"),
+                    "%s is not one of the listeners (write a listener's address:port, "
+                    "or sendmail)" % rule.listener, [("listeners",)])
 
     def check_worker_files(self, config: Config) -> None:
         """Secrets and certificates the workers read at start: say now, not in a

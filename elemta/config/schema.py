@@ -22,6 +22,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+from elemta.config.options import between as _between
 from elemta.config.options import domains as _domains
 from elemta.config.options import networks as _networks
 from elemta.config.options import not_negative as _not_negative
@@ -271,6 +272,72 @@ class TimeoutSettings:
                                    "(RFC 5321 4.5.3.2.5: 3 minutes).", _positive)
 
 
+SENDMAIL_LISTENER = "sendmail"       # queue.priority_rules: mail from the sendmail command
+PRIORITY_MATCHES = ("sender", "sender_domain", "recipient_domain", "sasl_username",
+                    "listener")
+
+
+def _sender(value):
+    if value == "<>" or ("@" in value and not any(ord(c) < 33 or ord(c) == 127
+                                                  for c in value)):
+        return None
+    return "must be an address (user@example.org) or <> for the null sender, not %r" % value
+
+
+def parse_listener_name(value):
+    """(ip address, port) for a priority rule's "address:port" or "[ipv6]:port";
+    raises ValueError."""
+    host, colon, port = value.rpartition(":")
+    if not colon or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return ipaddress.ip_address(host), int(port)
+
+
+def _listener_name(value):
+    if value == SENDMAIL_LISTENER:
+        return None
+    try:
+        parse_listener_name(value)
+    except ValueError:
+        return ("must be a listener's address:port as in listeners (127.0.0.1:587, "
+                "[::1]:587) or sendmail, not %r" % value)
+    return None
+
+
+def _priority_rules(rules):
+    for rule in rules:
+        if all(getattr(rule, name) is None for name in PRIORITY_MATCHES):
+            return "a rule matches on nothing: give it one or more of %s" % (
+                ", ".join(PRIORITY_MATCHES))
+    return None
+
+
+@dataclass(frozen=True)
+class PriorityRule:
+    """One queue.priority_rules entry: mail matching every key it gives gets `priority`."""
+    sender: Optional[str] = opt(None, "The envelope sender, any case (<> is the null "
+                                      "sender).", _sender)
+    sender_domain: Optional[str] = opt(None, "The sender's domain (exact, or "
+                                             "\".example.org\" for every subdomain).",
+                                       _transport_domain)
+    recipient_domain: Optional[str] = opt(None, "A recipient's domain (exact, or "
+                                                "\".example.org\" for every subdomain): "
+                                                "matches when any recipient is there.",
+                                          _transport_domain)
+    sasl_username: Optional[str] = opt(None, "The SMTP AUTH user name the client "
+                                             "authenticated as.")
+    listener: Optional[str] = opt(None, "Where the message came in: a listener's "
+                                        "address:port as written in listeners "
+                                        "(127.0.0.1:587, [::1]:587), or sendmail for mail "
+                                        "submitted with the sendmail command.",
+                                  _listener_name)
+    priority: int = opt(0, "The priority matching mail gets: a whole number from -100 "
+                           "(last) to 100 (first); other mail has 0.",
+                        _between(-100, 100))
+
+
 @dataclass(frozen=True)
 class QueueSettings:
     """The durable queue: spool files (the truth) and the LMDB index."""
@@ -298,6 +365,19 @@ class QueueSettings:
               "fill to the last byte; messages are then refused at the end of DATA). "
               "Postfix's queue_minfree (which is never below 1.5 times "
               "message_size_limit).", _not_negative)
+    priority_rules: Tuple[PriorityRule, ...] = opt(
+        (), "Which mail is delivered first: a list of {sender, sender_domain, "
+            "recipient_domain, sasl_username, listener, priority} entries, tried in order "
+            "as each message enters the queue (SMTP, sendmail, and the bounces and "
+            "forwarded copies Elemta makes itself); the first whose keys all match sets "
+            "its priority, and mail no rule matches has 0. Among messages due for "
+            "delivery, the higher priority is taken first, and waits first for a "
+            "connection to its destination: a busy queue delivers it before mail that "
+            "came earlier. Strict: lower priorities wait as long as higher ones are due. "
+            "elemtactl queue priority and the REST API change a queued message's "
+            "priority. Postfix has no equivalent (its nearest: a separate transport with "
+            "its own concurrency for urgent mail, and qmgr's fairness between "
+            "destinations).", _priority_rules)
 
 
 @dataclass(frozen=True)

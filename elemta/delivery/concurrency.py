@@ -10,10 +10,17 @@ one file descriptor): the destination key hashed to 40 bits, times 65536, plus t
 number. A greenlet that finds every slot taken waits for one of its own worker's slots to
 be given back, or looks again after a short pause (the holders are other processes, which
 cannot wake it).
+
+Within a worker, the deliveries waiting for one destination take its slots in the order
+of their messages' priority (queue.priority_rules), the highest first, then in the order
+they began to wait: a message of higher priority that a busy worker claimed late still
+gets the next connection. Across workers there is no order: each worker's best waiter
+tries whenever it looks.
 """
 
 import fcntl
 import hashlib
+import itertools
 import os
 import random
 
@@ -42,6 +49,9 @@ class DestinationSlots:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._held = set()        # (key, n) held by this process
         self._freed = Event()
+        # key -> the (-priority, ticket) of each greenlet of this process waiting for it
+        self._waiting = {}
+        self._tickets = itertools.count()
 
     def limit_for(self, destination):
         """The limit for a Destination: an entry for its host or a parent domain, or
@@ -49,17 +59,29 @@ class DestinationSlots:
         host = normal_domain(destination.host)
         return min(domain_entry(self.limits, host, self.default_limit), MAX_LIMIT)
 
-    def hold(self, destination):
-        """A context manager holding one slot of destination's limit (waits for one)."""
-        return _Slot(self, destination.key, self.limit_for(destination))
+    def hold(self, destination, priority=0):
+        """A context manager holding one slot of destination's limit (waits for one,
+        behind this process's waiters of higher priority)."""
+        return _Slot(self, destination.key, self.limit_for(destination), priority)
 
-    def _acquire(self, key, limit):
-        while True:
-            taken = self._try(key, limit)
-            if taken is not None:
-                return taken
-            self._freed.clear()
-            self._freed.wait(RECHECK_SECONDS * (0.5 + random.random()))
+    def _acquire(self, key, limit, priority=0):
+        place = (-priority, next(self._tickets))
+        waiting = self._waiting.setdefault(key, set())
+        waiting.add(place)
+        try:
+            while True:
+                if min(waiting) == place:       # only the first in line tries
+                    taken = self._try(key, limit)
+                    if taken is not None:
+                        return taken
+                self._freed.clear()
+                self._freed.wait(RECHECK_SECONDS * (0.5 + random.random()))
+        finally:
+            waiting.discard(place)
+            if waiting:
+                self._freed.set()               # the next in line may find a slot too
+            else:
+                del self._waiting[key]
 
     def _try(self, key, limit):
         base = _offset(key)
@@ -97,12 +119,12 @@ def _offset(key):
 
 
 class _Slot:
-    def __init__(self, slots, key, limit):
-        self.slots, self.key, self.limit = slots, key, limit
+    def __init__(self, slots, key, limit, priority):
+        self.slots, self.key, self.limit, self.priority = slots, key, limit, priority
         self.slot = None
 
     def __enter__(self):
-        self.slot = self.slots._acquire(self.key, self.limit)
+        self.slot = self.slots._acquire(self.key, self.limit, self.priority)
         return self
 
     def __exit__(self, *exc_info):

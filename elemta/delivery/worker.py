@@ -502,7 +502,7 @@ class DeliveryWorker(GeventChild):
         results = self.stages.delivery(record, destination, items) or {}
         items = [item for item in items if item[0] not in results]
         if items:
-            with self.slots.hold(destination):
+            with self.slots.hold(destination, record.envelope.priority):
                 results.update(self.transports[destination.kind].deliver(
                     record, destination, items))
         return results

@@ -55,6 +55,7 @@ from elemta.plugins.manager import PluginManager
 from elemta.plugins.resolver import Resolver
 from elemta.queue import maildrop, wakeup
 from elemta.queue.ids import new_queue_id
+from elemta.queue.priority import SENDMAIL_LISTENER
 from elemta.queue.queue import Queue
 from elemta.util.child import BootError, GeventChild
 from elemta.util.text import printable
@@ -241,8 +242,9 @@ class PickupWorker(GeventChild):
             _unlink(path)
             envelope = writer.envelope
             log.info("%s: uid=%d from=<%s>", writer.queue_id, uid, envelope.sender)
-            log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", writer.queue_id,
-                     envelope.sender, writer.size, len(envelope.recipients))
+            log.info("%s: from=<%s>, size=%d, nrcpt=%d%s (queue active)", writer.queue_id,
+                     envelope.sender, writer.size, len(envelope.recipients),
+                     ", priority=%d" % envelope.priority if envelope.priority else "")
             if hold is not None:
                 log.info("%s: hold: %s", writer.queue_id, hold)
         wakeup.notify(self.spool)
@@ -301,7 +303,7 @@ class PickupWorker(GeventChild):
                 blocks = [content]
             else:
                 blocks = submission.iter_content()
-            writer = self.queue.start_message(envelope)
+            writer = self.queue.start_message(envelope, SENDMAIL_LISTENER)
             try:
                 writer.write(received_header(submission.uid, self.hostname, queue_id,
                                              [r.address for r in envelope.recipients]))

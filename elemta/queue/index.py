@@ -14,9 +14,11 @@ through _put and _delete; a new writer must too):
                "attempts", "next_attempt" (seconds since the epoch), "last_error",
                "history" (each recipient's delivery results, oldest first), and
                for an active message its lease: "lease_owner" and "lease_expires"
-    due        8-byte big-endian next_attempt in milliseconds + qid -> b"", for exactly the
-               messages in state incoming or deferred, so delivery workers find due work by
-               scanning from the start
+    due        1 byte of priority (PRIORITY_MAX - priority: the highest sorts first) +
+               8-byte big-endian next_attempt in milliseconds + qid -> b"", for exactly
+               the messages in state incoming or deferred: one run of keys per priority,
+               soonest first within it, so delivery workers find the due work of the
+               highest priority first by looking at the start of each run (claim)
     by_state   state name + b":" + qid -> a Brief packed in a few bytes (size, arrival,
                sender domain, waiting recipients' domains with counts), so a state of a
                queue of a million messages is listed, counted and summarised without
@@ -26,6 +28,7 @@ The main database holds those three and one key of ours, elemta-nudge (see nudge
 a MapFullError it makes the pages freed by the last write reusable).
 """
 
+import heapq
 import json
 import os
 import struct
@@ -35,18 +38,17 @@ from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optiona
 
 import lmdb
 
-from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, INCOMING, SENT, STATES,
-                                Envelope, Recipient)
+from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, INCOMING, PRIORITY_MAX,
+                                PRIORITY_MIN, SENT, STATES, Envelope, Recipient)
 from elemta.queue.store import envelope_from_dict, envelope_to_dict
 from elemta.queue.transitions import move
 
 DUE_STATES = (INCOMING, DEFERRED)
 _RECORD_FIELDS = ("state", "attempts", "next_attempt", "last_error", "lease_owner",
                   "lease_expires", "history", "delay_warned", "orphaned")
-# Due entries looked at per claimed message: among messages due at the same millisecond,
-# the higher priority goes first.
-_CLAIM_LOOKAHEAD = 4
 _MS = struct.Struct(">Q")
+_DUE_HEAD = 1 + _MS.size                # priority byte, due time
+_OLD_DUE_KEY = _MS.size + 20            # a due key before priorities (time + qid)
 _BRIEF_HEAD = struct.Struct(">Qd")      # size, arrival
 _STATE_SEP = b":"
 # Records per read transaction when iterating: readers never pin old pages for long, so
@@ -116,16 +118,31 @@ def decode_record(raw):
     return QueueRecord(envelope=envelope_from_dict(data), **delivery_state)
 
 
-def due_key(next_attempt, queue_id):
-    """The "due" database key: sorts by time, then by queue id."""
-    return _MS.pack(max(0, int(round(next_attempt * 1000)))) + queue_id.encode("ascii")
+def _priority_byte(priority):
+    """The first byte of a due key: 0 for PRIORITY_MAX, so higher priorities sort first.
+    A value out of range (written by hand into a spool file) counts as the nearest bound,
+    one that is not a whole number as 0: the message is still delivered."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        priority = 0
+    return PRIORITY_MAX - max(PRIORITY_MIN, min(PRIORITY_MAX, priority))
+
+
+def due_key(next_attempt, queue_id, priority=0):
+    """The "due" database key: sorts by priority (highest first), then time, then id."""
+    return (bytes((_priority_byte(priority),))
+            + _MS.pack(max(0, int(round(next_attempt * 1000)))) + queue_id.encode("ascii"))
+
+
+def _due_time_ms(key):
+    return _MS.unpack_from(key, 1)[0]
 
 
 def _due_key_of(data):
     """The due key for a decoded record dict, or None if its state is not due-able."""
     if data.get("state") not in DUE_STATES:
         return None
-    return due_key(data.get("next_attempt") or 0.0, data["queue_id"])
+    return due_key(data.get("next_attempt") or 0.0, data["queue_id"],
+                   data.get("priority", 0))
 
 
 def state_key(state, queue_id):
@@ -217,6 +234,7 @@ class QueueIndex:
         self.due = self.env.open_db(b"due")
         self.by_state = self.env.open_db(b"by_state")
         self._complete_by_state()
+        self._upgrade_due()
 
     def _complete_by_state(self):
         """Fill by_state for an index written before it existed (same count when whole)."""
@@ -230,6 +248,20 @@ class QueueIndex:
                 record = decode_record(raw)
                 txn.put(state_key(record.state, record.queue_id), _encode_brief(record),
                         db=self.by_state)
+
+    def _upgrade_due(self):
+        """Rewrite the due entries of an index written before priorities had their byte
+        (one look at the first key; the rewrite happens once)."""
+        with self.env.begin() as txn:
+            first = txn.cursor(db=self.due)
+            if not first.first() or len(first.key()) != _OLD_DUE_KEY:
+                return
+        with self.env.begin(write=True) as txn:
+            txn.drop(self.due, delete=False)
+            for _, raw in txn.cursor(db=self.messages):
+                key = _due_key_of(json.loads(bytes(raw)))
+                if key is not None:
+                    txn.put(key, b"", db=self.due)
 
     def _check_process(self):
         if os.getpid() != self._pid:
@@ -246,7 +278,8 @@ class QueueIndex:
             self._forget(txn, json.loads(bytes(old)))
         txn.put(key, encode_record(record), db=self.messages)
         if record.state in DUE_STATES:
-            txn.put(due_key(record.next_attempt, record.queue_id), b"", db=self.due)
+            txn.put(due_key(record.next_attempt, record.queue_id, record.envelope.priority),
+                    b"", db=self.due)
         txn.put(state_key(record.state, record.queue_id), _encode_brief(record),
                 db=self.by_state)
         return True
@@ -307,35 +340,48 @@ class QueueIndex:
 
     def claim(self, owner: str, now: float, lease_seconds: float,
               limit: int) -> List[QueueRecord]:
-        """Take up to `limit` due messages (incoming or deferred, next_attempt <= now; by due
-        time, then priority) in one write transaction: each becomes active, leased to `owner`
-        until now + lease_seconds. Returns their records."""
+        """Take up to `limit` due messages (incoming or deferred, next_attempt <= now;
+        the highest priority first, then the soonest due) in one write transaction: each
+        becomes active, leased to `owner` until now + lease_seconds. Returns their
+        records."""
         self._check_process()
         if limit <= 0:
             return []
         horizon = int(round(now * 1000))
+        claimed = []
         with self.env.begin(write=True) as txn:
-            candidates = []
-            cursor = txn.cursor(db=self.due)
-            for key in cursor.iternext(keys=True, values=False):
-                key = bytes(key)
-                ms = _MS.unpack_from(key)[0]
-                if ms > horizon or len(candidates) >= limit * _CLAIM_LOOKAHEAD:
-                    break
-                raw = txn.get(key[_MS.size:], db=self.messages)
+            for key in self._due_keys(txn, horizon, limit):
+                raw = txn.get(key[_DUE_HEAD:], db=self.messages)
                 if raw is None:
                     continue
                 record = decode_record(raw)
-                if record.state in DUE_STATES:
-                    candidates.append((ms, -record.envelope.priority, record.queue_id, record))
-            candidates.sort(key=lambda c: c[:3])
-            claimed = [c[3] for c in candidates[:limit]]
-            for record in claimed:
+                if record.state not in DUE_STATES:
+                    continue
                 move(record, ACTIVE)
                 record.lease_owner = owner
                 record.lease_expires = now + lease_seconds
+                claimed.append(record)
+            for record in claimed:
                 self._put(txn, record, replace=True)
         return claimed
+
+    def _due_keys(self, txn, horizon_ms, limit):
+        """Up to `limit` due keys due at or before horizon_ms, highest priority first and
+        soonest first within a priority. One seek per priority present: the keys of a
+        priority not yet due are skipped at once."""
+        cursor = txn.cursor(db=self.due)
+        keys = []
+        found = cursor.set_range(b"")
+        while found and len(keys) < limit:
+            key = bytes(cursor.key())
+            if _due_time_ms(key) <= horizon_ms:
+                keys.append(key)
+                found = cursor.next()
+            else:               # the rest of this priority is later: the next priority
+                if key[0] == 255:
+                    break
+                found = cursor.set_range(bytes((key[0] + 1,)))
+        return keys
 
     def reclaim(self, now: float, reason: str,
                 retry_delay: Callable[[int], float] = _at_once,
@@ -544,17 +590,35 @@ class QueueIndex:
                 yield record
 
     def iter_due(self, until=None):
-        """(next_attempt, queue_id) of incoming and deferred messages, soonest first;
-        only those due at or before `until` (seconds) if given."""
+        """(next_attempt, queue_id) of incoming and deferred messages, soonest first
+        whatever their priority; only those due at or before `until` (seconds) if given."""
         self._check_process()
         limit = None if until is None else int(round(until * 1000))
         with self.env.begin() as txn:
-            for key in txn.cursor(db=self.due).iternext(keys=True, values=False):
-                key = bytes(key)
-                ms = _MS.unpack_from(key)[0]
+            runs = []            # one sorted run of keys per priority present
+            cursor = txn.cursor(db=self.due)
+            found = cursor.first()
+            while found:
+                first = bytes(cursor.key())
+                runs.append(self._due_run(txn, first[:1]))
+                if first[0] == 255:
+                    break
+                found = cursor.set_range(bytes((first[0] + 1,)))
+            for key in heapq.merge(*runs, key=lambda key: key[1:]):
+                ms = _due_time_ms(key)
                 if limit is not None and ms > limit:
                     break
-                yield ms / 1000.0, key[_MS.size:].decode("ascii")
+                yield ms / 1000.0, key[_DUE_HEAD:].decode("ascii")
+
+    def _due_run(self, txn, prefix):
+        """The due keys of one priority (prefix: its byte), in order."""
+        cursor = txn.cursor(db=self.due)
+        cursor.set_range(prefix)
+        for key in cursor.iternext(keys=True, values=False):
+            key = bytes(key)
+            if not key.startswith(prefix):
+                return
+            yield key
 
     def usage(self):
         """(bytes the index's pages take, bytes it may take: the map size): how full it is

@@ -15,6 +15,23 @@ HOLD = "hold"           # parked by the admin or a plugin; never tried until rel
 FAILED = "failed"       # given up on; kept for the admin to inspect
 STATES = (INCOMING, ACTIVE, DEFERRED, HOLD, FAILED)
 
+# Message priority: a whole number, higher delivered sooner among messages due now, 0 for
+# most mail (queue.priority_rules, elemtactl queue priority).
+PRIORITY_MIN = -100
+PRIORITY_MAX = 100
+PRIORITY_DEFAULT = 0
+
+
+def priority_error(value):
+    """Why value is not a message priority, or None if it is one."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return "a priority is a whole number from %d to %d, not %r" % (
+            PRIORITY_MIN, PRIORITY_MAX, value)
+    if not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        return "a priority is from %d to %d, not %d" % (PRIORITY_MIN, PRIORITY_MAX, value)
+    return None
+
+
 # Per-recipient status.
 PENDING = "pending"
 SENT = "sent"
@@ -52,5 +69,5 @@ class Envelope:
     client_helo: str = ""
     protocol: str = "ESMTP"                    # as in the Received header: ESMTPSA, ...
     auth_user: Optional[str] = None
-    priority: int = 0                          # higher goes first among due messages
+    priority: int = PRIORITY_DEFAULT           # higher goes first among due messages
     extra: dict = field(default_factory=dict)  # room for later issues; kept round-trip

@@ -37,7 +37,11 @@ daemon's processes:
              deleted message back);
     requeue  removes any marker, then sets incoming, due now, attempts 0, every recipient
              not delivered pending again;
-    flush    makes deferred messages due now (index only).
+    flush    makes deferred messages due now (index only);
+    set_priority  changes the priority (index only: reindex gives back the priority a
+             message was accepted with, as it does attempts and next attempt).
+
+Reading a message as stored goes through open_message (elemtactl queue cat, the REST API).
 
 A message being delivered (active) may be held or deleted: the delivery worker must check
 that its lease still stands before it writes the outcome. It is not released, requeued or
@@ -72,7 +76,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import lmdb
 
@@ -81,7 +85,8 @@ from elemta.queue.ids import is_queue_id
 from elemta.queue.index import QueueIndex, QueueRecord, index_exists
 from elemta.queue.listing import Selection, Shape
 from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, PENDING,
-                                RCPT_DEFERRED, SENT)
+                                RCPT_DEFERRED, SENT, priority_error)
+from elemta.queue.priority import PriorityRules
 from elemta.queue.store import CorruptSpoolFile, SpoolStore
 from elemta.queue.transitions import move
 from elemta.util.text import printable
@@ -108,6 +113,12 @@ BEING_DELIVERED = "being delivered now, left alone"
 NOT_FLUSHED = {HOLD: "on hold, left alone (release it first)",
                FAILED: "failed, left alone (requeue it to try again)"}
 NO_SUCH_MESSAGE = "no such message"
+PRIORITY_CHANGED = "priority changed"
+PRIORITY_UNCHANGED = "priority unchanged (already that)"
+# A delivery worker has it: the attempt under way keeps its place (a message it claimed
+# and that waits for a connection slot included); the next attempt has the new priority.
+PRIORITY_CHANGED_ACTIVE = ("priority changed; being delivered now, it counts from the next "
+                           "attempt")
 
 # Outcomes of Queue.record_attempt.
 ATTEMPT_REMOVED = "removed"          # every recipient sent: file and record gone
@@ -159,6 +170,10 @@ def _fsync_path(path, directory=False):
         os.close(fd)
 
 
+class NoSuchMessage(LookupError):
+    """The queue holds no message with this id (args[0])."""
+
+
 @dataclass
 class ReconcileSummary:
     """What reconcile found and did."""
@@ -202,10 +217,12 @@ class Queue:
         """True if spool_dir holds a queue index (elemtactl refuses to make one unasked)."""
         return index_exists(os.path.join(spool_dir, INDEX_NAME))
 
-    def __init__(self, spool_dir, sync_method="syncfs", map_size=DEFAULT_MAP_SIZE):
+    def __init__(self, spool_dir, sync_method="syncfs", map_size=DEFAULT_MAP_SIZE,
+                 priority_rules=()):
         if sync_method not in SYNC_METHODS:
             raise ValueError("sync_method must be one of %s" % (SYNC_METHODS,))
         self.sync_method = sync_method
+        self.priority_rules = PriorityRules(priority_rules)
         self.store = SpoolStore(spool_dir)
         self.spool_dir = self.store.spool_dir
         self._map_size = map_size
@@ -215,11 +232,13 @@ class Queue:
 
     @classmethod
     def from_config(cls, queue_config, **overrides):
-        """The Queue a [queue] configuration section (elemta.config.schema.Queue) names;
-        overrides (spool_dir, sync_method, map_size) win over the section's values."""
+        """The Queue a [queue] configuration section (elemta.config.schema.QueueSettings)
+        names; overrides (spool_dir, sync_method, map_size, priority_rules) win over the
+        section's values."""
         settings = dict(spool_dir=queue_config.spool_dir,
                         sync_method=queue_config.sync_method,
-                        map_size=queue_config.index_map_size)
+                        map_size=queue_config.index_map_size,
+                        priority_rules=queue_config.priority_rules)
         settings.update(overrides)
         return cls(**settings)
 
@@ -235,8 +254,14 @@ class Queue:
 
     # -- accepting mail
 
-    def start_message(self, envelope):
-        """Open a spool file for a new message. Returns a SpoolWriter (write, finish, abort)."""
+    def start_message(self, envelope, listener=None):
+        """Open a spool file for a new message. Returns a SpoolWriter (write, finish, abort).
+        The first of queue.priority_rules that matches sets envelope.priority first
+        (elemta.queue.priority); listener: the config Listener it came in on, or
+        priority.SENDMAIL_LISTENER, or None for a message Elemta makes itself."""
+        priority = self.priority_rules.priority_for(envelope, listener)
+        if priority is not None:
+            envelope.priority = priority
         return self.store.create(envelope)
 
     def add(self, envelope, chunks) -> str:
@@ -525,6 +550,21 @@ class Queue:
             self._flush(())
             yield from _report(batch, outcomes)
 
+    def set_priority(self, queue_ids: Iterable[str],
+                     priority: int) -> Iterator[Tuple[str, str]]:
+        """Give messages a priority (model.PRIORITY_MIN to PRIORITY_MAX; higher is
+        delivered sooner among messages due now). Index only, like flush: `queue reindex`
+        gives each message back the priority it was accepted with. Yields (queue_id,
+        outcome). ValueError for a priority out of range."""
+        problem = priority_error(priority)
+        if problem:
+            raise ValueError(problem)
+        change = _prioritiser(priority)
+        for batch in _batches(queue_ids):
+            outcomes = self._index_call(self.index.update_many, batch, change)
+            self._flush(())
+            yield from _report(batch, outcomes)
+
     def _change(self, queue_ids, change, wanted):
         """Apply an index change in batches; returns the ids whose outcome is `wanted`."""
         done = []
@@ -678,6 +718,25 @@ class Queue:
             raise ValueError("not a queue id: %r" % (queue_id,))
         return self.index.get(queue_id)
 
+    def open_message(self, queue_id: str) -> Tuple[QueueRecord, BinaryIO]:
+        """(index record, content) of a queued message, for reading it as stored
+        (elemtactl queue cat, the REST API): content is a binary file over the content
+        alone, which the caller closes; reading it to its end checks its CRC
+        (CorruptSpoolFile). The spool file is opened without following a link and must
+        be a plain file (elemta.queue.store), whoever runs this. Raises ValueError for
+        what is not a queue id (a path, say), NoSuchMessage for an id the queue does not
+        hold (never accepted, or delivered or deleted meanwhile), UnsafePath (an
+        OSError) for a link or other thing planted in its place."""
+        if not is_queue_id(queue_id):
+            raise ValueError("not a queue id: %r" % (queue_id,))
+        record = self.index.get(queue_id)
+        if record is None:
+            raise NoSuchMessage(queue_id)
+        try:
+            return record, self.store.open_content(queue_id)
+        except FileNotFoundError:
+            raise NoSuchMessage(queue_id) from None
+
     def count_by_state(self) -> Dict[str, int]:
         """{state: number of messages} for the states that have any."""
         return self.index.count_by_state()
@@ -743,6 +802,15 @@ def _requeuer(now):
                 recipient.status = PENDING
         return REQUEUED, True
     return requeue
+
+
+def _prioritiser(priority):
+    def prioritise(record):
+        if record.envelope.priority == priority:
+            return PRIORITY_UNCHANGED, False
+        record.envelope.priority = priority
+        return (PRIORITY_CHANGED_ACTIVE if record.state == ACTIVE else PRIORITY_CHANGED), True
+    return prioritise
 
 
 def _flusher(now):

@@ -322,14 +322,14 @@ class SpoolStore:
         return envelope, offset, length, int(match.group(2), 16)
 
     def _open_message(self, queue_id):
-        """The message file opened for reading. A root reader (the local agent) does
-        not follow a link there and takes only a plain file of the spool's owner or
-        root: the spool's owner could otherwise point root at a file it may not read.
-        Raises OSError (elemta.util.eugid.UnsafePath for such a file)."""
+        """The message file opened for reading, never through a link, and only if it is
+        a plain file with one name (whatever a link or hard link planted in the spool
+        points at is not shown or sent as a queued message). A root reader (the local
+        agent) also takes only a file of the spool's owner or root: the spool's owner
+        could otherwise point root at a file it may not read. Raises OSError
+        (elemta.util.eugid.UnsafePath for such a file)."""
         path = self.path(queue_id)
-        if os.geteuid() != 0:
-            return open(path, "rb")
-        owners = {0, os.stat(self.spool_dir).st_uid}
+        owners = {0, os.stat(self.spool_dir).st_uid} if os.geteuid() == 0 else None
         return os.fdopen(open_nofollow(path, os.O_RDONLY, owners=owners), "rb")
 
     def read_envelope(self, queue_id):

@@ -287,14 +287,15 @@ class Session:
         self.write_error = None
         self.content = bytearray() if wants_content(self.plugins) else None
         try:
-            self.writer = self.server.queue.start_message(envelope)
+            self.writer = self.server.queue.start_message(envelope, self.listener)
             self.writer.write(header)
         except OSError as exc:
             log.error("%s: cannot create queue file: %s", self.queue_id, exc)
             self._discard_message()
             return proto.reject(self._storage_reply(exc))
-        log.info("%s: client=%s%s", self.queue_id, self.client,
-                 ", sasl_username=%s" % proto.auth_user if proto.auth_user else "")
+        log.info("%s: client=%s%s%s", self.queue_id, self.client,
+                 ", sasl_username=%s" % proto.auth_user if proto.auth_user else "",
+                 ", priority=%d" % envelope.priority if envelope.priority else "")
         proto.accept()
 
     def on_data_chunk(self, event):
