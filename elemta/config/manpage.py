@@ -143,14 +143,16 @@ and
 .B tls.key_file
 are set both or neither, and the files they name can be read, as can
 .B auth.credentials_file
-and the DKIM and ARC signing keys in use.
+(backend file) and the DKIM and ARC signing keys in use.
 The daemon opens them as the user that starts it;
 .B elemta \-\-check\-config
 opens them (and
 .B api.token_file
 and
-.BR delivery.sasl_password_file )
-as
+.BR delivery.sasl_password_file ,
+and connects to
+.B auth.dovecot_socket
+when it is a unix socket) as
 .BR master.user ,
 as the workers will; the tools every user runs (sendmail, mailq, newaliases) do not
 open them at all: they need no secret.
@@ -167,7 +169,10 @@ A listener in mode
 or
 .B smtps
 requires AUTH, so it needs
-.BR auth.credentials_file .
+.B auth.credentials_file
+(backend file) or
+.B auth.dovecot_socket
+(backend dovecot, which always needs it).
 .IP \(bu 3
 No two listeners share an address and port, and there is at least one listener.
 .IP \(bu 3
