@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -219,6 +220,29 @@ def test_the_inet_socket_works_too(elemta_server, dovecot, tls_files):
         assert auth_plain(smtp, "alice", "wonderland")[0] == 235
         send(smtp, "inet@client.test")
     assert queued_for(server, "inet@client.test").auth_user == "alice"
+
+
+@needs_dovecot
+def test_a_temporary_failure_in_dovecot_is_454(server, dovecot):
+    """Dovecot's passdb cannot be read (its file replaced by one only root may read):
+    Dovecot says FAIL ... temp, and the client hears 454 4.7.0, not 535."""
+    with open(dovecot.passwd_path, "rb") as f:
+        users = f.read()
+    replacement = dovecot.passwd_path + ".new"
+    with open(replacement, "wb") as f:
+        f.write(users)
+    os.chmod(replacement, 0o600)
+    os.rename(replacement, dovecot.passwd_path)
+    time.sleep(1.1)         # Dovecot looks at the file again at most once a second
+    try:
+        with submission(server) as smtp:
+            assert auth_plain(smtp, "alice", "wonderland") == (
+                454, b"4.7.0 Temporary authentication failure")
+    finally:
+        os.chmod(dovecot.passwd_path, 0o644)
+    assert "temporary failure: Dovecot reports a temporary failure" in server.log()
+    with submission(server) as smtp:
+        assert auth_plain(smtp, "alice", "wonderland")[0] == 235
 
 
 @needs_dovecot

@@ -203,6 +203,37 @@ twice
 (at least 8); more wait for a restart.
 .B elemtactl config set
 says which of the two a change needs.
+.SS AUTH through Dovecot
+With
+.B auth.backend
+dovecot (Postfix's smtpd_sasl_type = dovecot) the smtpd workers ask Dovecot's auth
+service about every AUTH PLAIN and LOGIN, over one connection per worker to
+.BR auth.dovecot_socket .
+Give Elemta a socket of its own in Dovecot's configuration, writable by
+.B master.user
+alone:
+.PP
+.RS
+.nf
+service auth {{
+  unix_listener auth\-elemta {{
+    mode = 0600
+    user = elemta
+  }}
+}}
+.fi
+.RE
+.PP
+and set
+.B auth.dovecot_socket
+to /run/dovecot/auth\-elemta.
+Elemta offers those of PLAIN and LOGIN that Dovecot offers, tells Dovecot the session
+is secured after STARTTLS (or on smtps) and records the login name Dovecot returns
+(its canonical user name) in the queue file and the log.
+A wrong password gets 535 5.7.8 and counts for
+.BR auth.failure_delay ;
+while Dovecot cannot be reached, or says the failure is temporary, AUTH gets
+454 4.7.0 and nothing is counted.
 .SH OPTIONS
 Each entry gives the key path, the type and the default, written as in TOML, and
 .B restart

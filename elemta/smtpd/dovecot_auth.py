@@ -197,7 +197,7 @@ class DovecotAuth:
 
     def _on_reply(self, command, fields):
         """One OK, FAIL or CONT line from the reader."""
-        if not fields or not fields[0].isdigit():
+        if not fields or not (fields[0].isascii() and fields[0].isdigit()):
             raise DovecotProtocolError("%s without a request id" % command)
         request = self._pending.get(int(fields[0]))
         if request is None:
@@ -225,6 +225,8 @@ class DovecotAuth:
         reason = params.get("reason")
         reason = reason if isinstance(reason, str) else ""
         outcome = TEMPFAIL if "temp" in params or params.get("code") == "temp_fail" else FAIL
+        if outcome == TEMPFAIL and not reason:
+            reason = "Dovecot reports a temporary failure (its log says why)"
         request.result.set(AuthResult(outcome, reason=reason))
 
     # ---- the connection ---------------------------------------------------------------
@@ -244,7 +246,10 @@ class DovecotAuth:
                 return True
             except (OSError, DovecotProtocolError, gevent.Timeout) as error:
                 self._next_attempt = time.monotonic() + RETRY_DELAY
-                why = getattr(error, "strerror", None) or str(error) or "timed out"
+                if isinstance(error, gevent.Timeout):
+                    why = "no handshake within %gs" % self.connect_timeout
+                else:
+                    why = getattr(error, "strerror", None) or str(error)
                 if why != self._last_error:
                     log.warning("cannot use Dovecot auth at %s: %s", self.where, why)
                 self._last_error = why
@@ -252,27 +257,29 @@ class DovecotAuth:
 
     def _connect(self):
         kind, host, port = self.address
-        if kind == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target = host
-        else:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            target = (host, port)
-        reader = _AuthLineReader(sock)
+        sock = None
         try:
             with gevent.Timeout(self.connect_timeout):
-                sock.connect(target)
+                if kind == "unix":
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.connect(host)
+                else:
+                    sock = socket.create_connection((host, port))
+                reader = _AuthLineReader(sock)
                 sock.sendall(b"VERSION\t1\t2\nCPID\t%d\n" % os.getpid())
                 mechanisms = self._handshake(reader)
         except BaseException:
-            sock.close()
+            if sock is not None:
+                sock.close()
             raise
         self._sock, self._mechanisms = sock, mechanisms
         self._last_error = ""
         self._reader = gevent.spawn(self._read_replies, sock, reader)
         log.info("connected to Dovecot auth at %s: mechanisms %s", self.where,
                  " ".join(mechanisms) or "(none)")
+        if "PLAIN" not in mechanisms and "LOGIN" not in mechanisms:
+            log.warning("Dovecot auth at %s offers neither PLAIN nor LOGIN: no AUTH is "
+                        "offered (add them to Dovecot's auth_mechanisms)", self.where)
 
     @staticmethod
     def _handshake(reader):
@@ -344,10 +351,9 @@ class _AuthLineReader:
             if end >= 0:
                 raw = bytes(self.buffer[:end])
                 del self.buffer[:end + 1]
-                try:
-                    return raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise DovecotProtocolError("a line that is not UTF-8") from None
+                # Not UTF-8 (a passdb in Latin-1): kept as surrogates, which
+                # login_name_error refuses and printable() shows as "?".
+                return raw.decode("utf-8", "surrogateescape")
             if len(self.buffer) > MAX_LINE:
                 raise DovecotProtocolError("a line longer than %d bytes" % MAX_LINE)
             data = self.sock.recv(4096)
