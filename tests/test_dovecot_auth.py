@@ -277,6 +277,22 @@ def test_check_config_connects_to_the_socket_as_master_user(dovecot):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def test_elemta_starts_before_dovecot_and_says_454(elemta_server, tls_files, tmp_path):
+    """No Dovecot yet (its socket missing): Elemta starts all the same, offers AUTH, and
+    answers it 454 4.7.0 until Dovecot is there; the log says why, once."""
+    cert, key = tls_files
+    missing = str(tmp_path / "no-dovecot-yet")
+    server = elemta_server(
+        listeners=[{"mode": "submission"}], tls={"cert_file": cert, "key_file": key},
+        auth={"backend": "dovecot", "dovecot_socket": missing})
+    with submission(server) as smtp:
+        assert smtp.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+        assert auth_plain(smtp, "alice", "wonderland") == (
+            454, b"4.7.0 Temporary authentication failure")
+    assert server.log().count("cannot use Dovecot auth at %s: No such file or directory"
+                              % missing) == 1
+
+
 @needs_dovecot
 def test_dovecot_down_is_454_never_535_and_auth_recovers(server, dovecot):
     """Last in the module: it stops the module's Dovecot (and starts it again)."""

@@ -7,6 +7,7 @@ root says nothing about the workers: a child forked here drops to master.user an
 master.group with the code the master uses for its children
 (elemta.master.drop_privileges) and opens each file, so a key only root can read (or one
 behind a directory the workers cannot enter) is reported now, not as 451 on every message.
+A unix socket the workers connect to (Dovecot's auth socket) is connected to, not opened.
 Without root the files are opened as the caller, and a note says so.
 See also: elemta.config.loader.worker_files, elemta.util.daemonfiles.
 """
