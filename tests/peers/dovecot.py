@@ -8,7 +8,8 @@ LMTP service listens: on 127.0.0.1:PORT and on a unix socket in the directory; w
 auth_socket=True also an auth socket that Postfix's smtpd_sasl_type=dovecot (and Elemta's
 auth.backend dovecot) can use, and with auth_port=N the same auth service on
 127.0.0.1:N. auth_debug=True logs every request the auth service reads ("client in:
-AUTH ..."; passwords hidden).
+AUTH ..."; passwords hidden); auth_failure_delay=S delays each failure S seconds (0 here,
+2 in Dovecot's default).
 Runs as root (Dovecot's master needs it to switch to its own users); the mail is stored as
 `nobody`, never as root.
 
@@ -63,7 +64,8 @@ class DovecotInstance:
     """One private Dovecot (see the module docstring)."""
 
     def __init__(self, workdir, users, lmtp_port=None, auth_socket=False,
-                 quota_tempfail=False, auth_port=None, auth_debug=False):
+                 quota_tempfail=False, auth_port=None, auth_debug=False,
+                 auth_failure_delay=0):
         self.workdir = os.path.abspath(workdir)
         self.users = dict(users)
         self.lmtp_port = lmtp_port or free_port()
@@ -72,6 +74,7 @@ class DovecotInstance:
         self.quota_tempfail = quota_tempfail
         self.auth_port = auth_port
         self.auth_debug = auth_debug
+        self.auth_failure_delay = auth_failure_delay
         self.config_path = os.path.join(self.workdir, "dovecot.conf")
         self.passwd_path = os.path.join(self.workdir, "users")
         self.log_path = os.path.join(self.workdir, "dovecot.log")
@@ -112,8 +115,8 @@ last_valid_gid = {gid}
 # alice@any.domain is user alice.
 auth_username_format = %Ln
 auth_mechanisms = plain login
-# A wrong password is answered at once (the default waits 2 s, against guessing).
-auth_failure_delay = 0
+# A wrong password is answered at once unless asked (the default waits 2 s).
+auth_failure_delay = {failure_delay}s
 disable_plaintext_auth = no
 auth_debug = {auth_debug}
 passdb {{
@@ -164,7 +167,8 @@ service anvil {{
 """.format(work=self.workdir, uid=mail.pw_uid, gid=mail.pw_gid, passwd=self.passwd_path,
            mail=self.mail_dir, port=self.lmtp_port, socket=self.lmtp_socket,
            auth_listener=auth_listener, tempfail="yes" if self.quota_tempfail else "no",
-           auth_debug="yes" if self.auth_debug else "no")
+           auth_debug="yes" if self.auth_debug else "no",
+           failure_delay=self.auth_failure_delay)
 
     def _write_config(self):
         # Dovecot's users (dovecot, dovenull, nobody) must reach files below the workdir.
