@@ -63,7 +63,8 @@ class DovecotUser:
 class DovecotInstance:
     """One private Dovecot (see the module docstring)."""
 
-    def __init__(self, workdir, users, lmtp_port=None, auth_socket=False,
+    def __init__(self, workdir: str, users: Dict[str, DovecotUser],
+                 lmtp_port: Optional[int] = None, auth_socket=False,
                  quota_tempfail=False, auth_port=None, auth_debug=False,
                  auth_failure_delay=0):
         self.workdir = os.path.abspath(workdir)
@@ -280,8 +281,7 @@ service anvil {{
     def maildir(self, user):
         return os.path.join(self.mail_dir, user, "Maildir")
 
-    def messages(self, user):
-        # type: (str) -> List[bytes]
+    def messages(self, user: str) -> List[bytes]:
         """Each message in the user's INBOX (new/ and cur/), oldest first."""
         found = []
         for sub in ("new", "cur"):
