@@ -224,7 +224,7 @@ class Settings:
     starttls_available: bool = False      # a certificate is configured
     implicit_tls: bool = False            # smtps: the session starts inside TLS
     auth_available: bool = False          # an AUTH backend is configured
-    auth_mechanisms: Tuple[str, ...] = AUTH_MECHANISMS   # offered while the backend says
+    auth_mechanisms: Tuple[str, ...] = AUTH_MECHANISMS   # at first; offer_auth_mechanisms
     auth_plaintext: bool = False          # AUTH offered without TLS
     auth_required: bool = False           # submission/smtps: MAIL needs AUTH first
 

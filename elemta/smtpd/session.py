@@ -46,15 +46,15 @@ log = logging.getLogger("elemta.smtpd")
 RECV_SIZE = 65536
 # A full spool or queue index (Postfix: "452 4.3.1 Insufficient system storage").
 STORAGE_FULL = Reply(452, "4.3.1", "Error: insufficient system storage")
+# AUTH when the backend cannot decide (Postfix's answer when its Dovecot is away).
+AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
+# AUTH with a mechanism the backend stopped offering since the EHLO (RFC 4954 4).
+AUTH_UNSUPPORTED = Reply(504, "5.5.4", "Error: unsupported authentication mechanism")
 # After the last reply (221, 421) the input the client has already sent is read and thrown
 # away, for a moment, before the socket closes: closing with unread input makes the kernel
 # answer with a reset, and a client still writing (a pipelined group, a BDAT chunk) then
 # fails its write and may never read that last reply (a TLS client cannot: its TLS layer
 # gives up after the failed write). Apache and nginx call this a lingering close.
-# AUTH when the backend cannot decide (Postfix's answer when its Dovecot is away).
-AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
-# AUTH with a mechanism the backend stopped offering since the EHLO (RFC 4954 4).
-AUTH_UNSUPPORTED = Reply(504, "5.5.4", "Error: unsupported authentication mechanism")
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1 << 20
 
