@@ -318,7 +318,8 @@ def _make():
         TLS_FAILURES=counter("elemta_smtpd_tls_handshake_failures",
                              "TLS handshakes that failed or timed out."),
         AUTH_ATTEMPTS=counter("elemta_smtpd_auth_attempts",
-                              "SMTP AUTH credential checks, by result (success, failure).",
+                              "SMTP AUTH credential checks, by result (success, "
+                              "failure, tempfail).",
                               ("result",)),
         COMMIT_BATCH=histogram(
             "elemta_smtpd_commit_batch_messages",

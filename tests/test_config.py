@@ -238,6 +238,14 @@ ERROR_CASES = {
         "listeners:\n  - port: 5870\n    mode: submission\n", 3,
         '[[listeners]]\nport = 5870\nmode = "submission"\n', 3,
         "listeners[0].mode", "submission requires AUTH before MAIL: set auth.credentials_file"),
+    "dovecot backend without its socket": (
+        "auth:\n  backend: dovecot\n", 2, '[auth]\nbackend = "dovecot"\n', 2,
+        "auth.backend", "dovecot needs auth.dovecot_socket"),
+    "dovecot socket neither a path nor inet:host:port": (
+        "auth:\n  backend: dovecot\n  dovecot_socket: private/auth\n", 3,
+        '[auth]\nbackend = "dovecot"\ndovecot_socket = "private/auth"\n', 3,
+        "auth.dovecot_socket", "write the absolute path of Dovecot's auth socket or "
+                               "inet:host:port"),
     "certificate without key": (
         "tls:\n  min_version: TLSv1.3\n  cert_file: CERT\n", 3,
         '[tls]\nmin_version = "TLSv1.3"\ncert_file = "CERT"\n', 3,

@@ -347,6 +347,18 @@ def test_elemtactl_uses_the_credentials_file_of_the_config(tmp_path):
     assert (listed.returncode, listed.stdout) == (0, b"alice\nbob\n")
 
 
+def test_elemtactl_user_says_the_file_is_unused_when_dovecot_checks_passwords(tmp_path):
+    path = str(tmp_path / "creds")
+    config = tmp_path / "elemta.yaml"
+    config.write_text("auth:\n  backend: dovecot\n  dovecot_socket: /run/dovecot/auth\n"
+                      "  credentials_file: %s\n" % path)
+    result = elemtactl("user", "add", "bob", "--config", str(config), "--password-stdin",
+                       stdin="b\n")
+    assert result.returncode == 0, result.stderr
+    assert ("auth.backend is dovecot: the SMTP server does not read this file"
+            in result.stderr.decode())
+
+
 def test_elemtactl_with_a_broken_config_says_what_is_wrong(tmp_path):
     config = tmp_path / "elemta.yaml"
     config.write_text("listeners:\n  - port: 70000\n")

@@ -285,6 +285,30 @@ def test_auth_mechanisms(dialogue):
     assert d.proto.auth_user == "user"
 
 
+def test_auth_offers_only_the_backends_mechanisms_and_records_its_login_name():
+    """An AUTH backend (Dovecot) may support fewer mechanisms than the core: only those
+    are offered and accepted; the login name recorded is the one the backend returns."""
+    d = session(auth_available=True, auth_plaintext=True)
+    d.proto.offer_auth_mechanisms(["LOGIN", "CRAM-MD5"])
+    assert "250-AUTH LOGIN" in d.replies(b"EHLO c\r\n")
+    assert d.replies(b"AUTH PLAIN " + b64("\0user\0secret") + b"\r\n")[0].startswith(
+        "504 5.5.4")
+    d.proto.receive_data(b"AUTH LOGIN " + b64("User@Example.TEST") + b"\r\n"
+                         + b64("secret") + b"\r\n")
+    events = []
+    while True:
+        event = d.proto.next_event()
+        events.append(event)
+        if getattr(event, "needs_decision", False):
+            break
+    assert events[-1].username == "User@Example.TEST"
+    d.proto.accept_auth("user")
+    assert d.proto.auth_user == "user"
+    d2 = session(auth_available=True, auth_plaintext=True)
+    d2.proto.offer_auth_mechanisms(["GSSAPI"])
+    assert not any("AUTH" in line for line in d2.replies(b"EHLO c\r\n"))
+
+
 def test_auth_failures_and_bad_input():
     d = session(auth_available=True, auth_plaintext=True, users={"user": "secret"})
     assert d.replies(b"AUTH PLAIN " + b64("\0user\0wrong") + b"\r\n") == [

@@ -150,6 +150,10 @@ def _credentials_target(args, writing: bool = True):
     read the configuration (the one config_finder finds) even with --file: the file
     must be made readable by master.user."""
     config = _service_config(args) if writing or not args.file else None
+    if config is not None and config.auth.backend != "file":
+        # The users are Dovecot's: a user added here could not log in.
+        print("%s: note: auth.backend is %s: the SMTP server does not read this file"
+              % (PROG, config.auth.backend), file=sys.stderr)
     if args.file:
         return args.file, config
     if config is not None and config.auth.credentials_file:

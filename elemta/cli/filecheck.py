@@ -7,11 +7,14 @@ root says nothing about the workers: a child forked here drops to master.user an
 master.group with the code the master uses for its children
 (elemta.master.drop_privileges) and opens each file, so a key only root can read (or one
 behind a directory the workers cannot enter) is reported now, not as 451 on every message.
+A unix socket the workers connect to (Dovecot's auth socket) is connected to, not opened.
 Without root the files are opened as the caller, and a note says so.
 See also: elemta.config.loader.worker_files, elemta.util.daemonfiles.
 """
 
+import errno
 import os
+import socket
 import stat
 import sys
 from typing import Callable, Dict, Optional, Sequence
@@ -91,7 +94,13 @@ def _in_child(become, names: Sequence[str]) -> Optional[Dict[str, str]]:
 
 
 def _why_unreadable(name: str) -> Optional[str]:
-    """Why this process cannot read the file `name`, or None if it can."""
+    """Why this process cannot read the file `name` (or connect to it, when it is a unix
+    socket such as Dovecot's auth socket), or None if it can."""
+    try:
+        if stat.S_ISSOCK(os.stat(name).st_mode):
+            return _why_unconnectable(name)
+    except OSError as error:
+        return error.strerror or str(error)
     try:
         # O_NONBLOCK: a FIFO planted under a key's name must not hang the check.
         fd = os.open(name, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
@@ -103,3 +112,17 @@ def _why_unreadable(name: str) -> Optional[str]:
         return None
     finally:
         os.close(fd)
+
+
+def _why_unconnectable(name: str) -> Optional[str]:
+    """Why this process cannot connect to the unix socket `name`, or None if it can
+    (connecting needs write permission on the socket, as the workers will need)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(5)
+        try:
+            probe.connect(name)
+        except OSError as error:
+            if error.errno == errno.ECONNREFUSED:
+                return "connection refused (is the server behind it running?)"
+            return error.strerror or str(error)
+    return None

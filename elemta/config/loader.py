@@ -15,8 +15,8 @@ the table of a third-party plugin, against the Settings class of the installed p
 of that name, and a plugin table's validate(path) judges it across its fields. Then a
 few checks that span fields (AUTH on submission ports, duplicate listeners, the files of
 the lookup tables named) run on the result, and the files the workers will read (TLS,
-credentials, signing keys; tables' files only by elemta --check-config) are opened,
-unless the caller is a tool every user runs, which needs no secret (load_config's
+credentials, signing keys; tables' files and Dovecot's auth socket only by elemta
+--check-config, which connects to the socket) are opened, unless the caller is a tool every user runs, which needs no secret (load_config's
 check_files).
 Every problem in the file is collected, with its line and key path, before ConfigError
 is raised, so one run shows the administrator everything to fix.
@@ -36,8 +36,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from elemta.addressing.normal import normal_domain
 from elemta.config.errors import ConfigError, KeyPath, Problem, format_key
 from elemta.config.mailname import read_mailname
-from elemta.config.schema import (BUILTIN_PLUGINS, SENDMAIL_LISTENER, Config, PluginSettings,
-                                  parse_listener_name)
+from elemta.config.schema import (BUILTIN_PLUGINS, SENDMAIL_LISTENER, AuthSettings, Config,
+                                  PluginSettings, parse_dovecot_socket, parse_listener_name)
 from elemta.config.sources import FORMATS, parse
 from elemta.plugins.api import PluginConfigError
 from elemta.plugins.settings import ConfiguredPlugin, PluginCommon
@@ -437,6 +437,10 @@ class _Checker:
             given, missing = (cert, key) if tls.cert_file is not None else (key, cert)
             self.refuse_across(given, "is set but %s is not: set both or neither"
                                % format_key(missing), [missing])
+        if auth.backend == "dovecot" and auth.dovecot_socket is None:
+            self.refuse_across(("auth", "backend"), "dovecot needs auth.dovecot_socket "
+                               "(the path of Dovecot's auth socket, or inet:host:port)",
+                               [("auth", "dovecot_socket")])
         self.check_worker_files(config)
 
         if not config.listeners:
@@ -448,10 +452,12 @@ class _Checker:
             if listener.mode == "smtps" and not has_certificate:
                 self.refuse_across(mode_path, "smtps (implicit TLS) needs a certificate: "
                                    "set tls.cert_file and tls.key_file", [cert, key])
-            if listener.mode in AUTH_REQUIRED_MODES and auth.credentials_file is None:
+            # (The dovecot backend always needs its socket: said once, of auth.backend.)
+            if (listener.mode in AUTH_REQUIRED_MODES and auth.backend == "file"
+                    and auth.credentials_file is None):
                 self.refuse_across(mode_path, "%s requires AUTH before MAIL: set "
                                    "auth.credentials_file" % listener.mode,
-                                   [("auth", "credentials_file")])
+                                   [("auth", "credentials_file"), ("auth", "backend")])
             endpoint = (ipaddress.ip_address(listener.address), listener.port)
             if endpoint in first_on:
                 other = first_on[endpoint]
@@ -487,9 +493,11 @@ class _Checker:
         respawn loop or a 451 on every message (see load_config's check_files)."""
         if self.check_files is False:
             return
-        files = worker_files(config)
+        sockets = worker_sockets(config)
+        files = worker_files(config) + sockets
         if self.check_files is True:
-            later = set(_READ_LATER) | {path for path, _ in table_files(config)}
+            later = (set(_READ_LATER) | {path for path, _ in table_files(config)}
+                     | {path for path, _ in sockets})
             files = [(path, name) for path, name in files if path not in later]
             reasons = {path: why for path, why in
                        ((path, _unreadable(name)) for path, name in files) if why}
@@ -497,7 +505,8 @@ class _Checker:
             reasons = self.check_files(config, files)
         for path, filename in files:
             if path in reasons:
-                self.refuse_across(path, "cannot read %s: %s" % (filename, reasons[path]))
+                verb = "connect to" if (path, filename) in sockets else "read"
+                self.refuse_across(path, "cannot %s %s: %s" % (verb, filename, reasons[path]))
 
     def check_tables(self, settings: Any) -> None:
         """The files of the lookup tables named (regexp patterns, SQL .cf settings), read
@@ -554,12 +563,13 @@ class _Checker:
 
 def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
     """Every file a worker opens as master.user, with the key that names it: the TLS
-    certificate and key, the AUTH credentials, the DKIM and ARC signing keys in use, the
+    certificate and key, the AUTH credentials (backend file), the DKIM and ARC signing keys in use, the
     api's token file and the next hops' SASL passwords."""
     tls, plugins, api = config.tls, config.plugins, config.api
     files: List[Tuple[KeyPath, Optional[str]]] = [
         (("tls", "cert_file"), tls.cert_file), (("tls", "key_file"), tls.key_file),
-        (("auth", "credentials_file"), config.auth.credentials_file)]
+        (("auth", "credentials_file"),
+         config.auth.credentials_file if config.auth.backend == "file" else None)]
     if plugins.dkim.enabled and plugins.dkim.sign:
         files.append((("plugins", "dkim", "key_file"), plugins.dkim.key_file))
         files += [(("plugins", "dkim", "keys", i, "key_file"), key.key_file)
@@ -571,6 +581,25 @@ def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
     files.append((("delivery", "sasl_password_file"), config.delivery.sasl_password_file))
     files += table_files(config)
     return [(path, name) for path, name in files if name]
+
+
+def worker_sockets(config: Config) -> List[Tuple[KeyPath, str]]:
+    """Every unix socket a worker connects to as master.user, with the key that names it:
+    Dovecot's auth socket. Connected to later, by the smtpd (454 4.7.0 to AUTH while it
+    cannot be): loading does not insist on it (Dovecot may start after Elemta), elemta
+    --check-config connects to it as master.user."""
+    auth = config.auth
+    if auth.backend != "dovecot" or not auth.dovecot_socket:
+        return []
+    kind, path, _ = parse_dovecot_socket(auth.dovecot_socket)
+    return [(("auth", "dovecot_socket"), path)] if kind == "unix" else []
+
+
+def auth_configured(auth: AuthSettings) -> bool:
+    """True if the AUTH backend chosen has what it needs, so AUTH can be offered."""
+    if auth.backend == "dovecot":
+        return auth.dovecot_socket is not None
+    return auth.credentials_file is not None
 
 
 def own_typed_values(settings: Any, path: KeyPath = ()) -> List[Tuple[KeyPath, Any]]:

@@ -143,14 +143,16 @@ and
 .B tls.key_file
 are set both or neither, and the files they name can be read, as can
 .B auth.credentials_file
-and the DKIM and ARC signing keys in use.
+(backend file) and the DKIM and ARC signing keys in use.
 The daemon opens them as the user that starts it;
 .B elemta \-\-check\-config
 opens them (and
 .B api.token_file
 and
-.BR delivery.sasl_password_file )
-as
+.BR delivery.sasl_password_file ,
+and connects to
+.B auth.dovecot_socket
+when it is a unix socket) as
 .BR master.user ,
 as the workers will; the tools every user runs (sendmail, mailq, newaliases) do not
 open them at all: they need no secret.
@@ -167,7 +169,10 @@ A listener in mode
 or
 .B smtps
 requires AUTH, so it needs
-.BR auth.credentials_file .
+.B auth.credentials_file
+(backend file) or
+.B auth.dovecot_socket
+(backend dovecot, which always needs it).
 .IP \(bu 3
 No two listeners share an address and port, and there is at least one listener.
 .IP \(bu 3
@@ -198,6 +203,37 @@ twice
 (at least 8); more wait for a restart.
 .B elemtactl config set
 says which of the two a change needs.
+.SS AUTH through Dovecot
+With
+.B auth.backend
+dovecot (Postfix's smtpd_sasl_type = dovecot) the smtpd workers ask Dovecot's auth
+service about every AUTH PLAIN and LOGIN, over one connection per worker to
+.BR auth.dovecot_socket .
+Give Elemta a socket of its own in Dovecot's configuration, writable by
+.B master.user
+alone:
+.PP
+.RS
+.nf
+service auth {{
+  unix_listener auth\-elemta {{
+    mode = 0600
+    user = elemta
+  }}
+}}
+.fi
+.RE
+.PP
+and set
+.B auth.dovecot_socket
+to /run/dovecot/auth\-elemta.
+Elemta offers those of PLAIN and LOGIN that Dovecot offers, tells Dovecot the session
+is secured after STARTTLS (or on smtps) and records the login name Dovecot returns
+(its canonical user name) in the queue file and the log.
+A wrong password gets 535 5.7.8 and counts for
+.BR auth.failure_delay ;
+while Dovecot cannot be reached, or says the failure is temporary, AUTH gets
+454 4.7.0 and nothing is counted.
 .SH OPTIONS
 Each entry gives the key path, the type and the default, written as in TOML, and
 .B restart

@@ -42,6 +42,7 @@ SYSLOG_FACILITIES = ("mail", "daemon", "local0", "local1", "local2", "local3", "
                      "local5", "local6", "local7")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 DELIVERY_TLS_LEVELS = ("none", "may", "encrypt", "verify", "secure")
+AUTH_BACKENDS = ("file", "dovecot")
 
 
 def _port(value):
@@ -120,6 +121,30 @@ def parse_transport(value):
 def _nexthop(value):
     try:
         parse_nexthop(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def parse_dovecot_socket(value):
+    """("unix", path, None) for an absolute socket path, ("inet", host, port) for
+    inet:host:port or inet:[address]:port (Postfix's smtpd_sasl_path forms); raises
+    ValueError saying what is wrong."""
+    if value.startswith("/"):
+        return "unix", value, None
+    kind, colon, rest = value.partition(":")
+    if kind != "inet" or not colon:
+        raise ValueError("%r: write the absolute path of Dovecot's auth socket or "
+                         "inet:host:port" % (value,))
+    host, port, _ = parse_nexthop(rest)
+    if port is None:
+        raise ValueError("%r: inet: needs a port (inet:host:port)" % (value,))
+    return "inet", host, port
+
+
+def _dovecot_socket(value):
+    try:
+        parse_dovecot_socket(value)
     except ValueError as error:
         return str(error)
     return None
@@ -228,10 +253,22 @@ class TLSSettings:
 
 @dataclass(frozen=True)
 class AuthSettings:
-    """SMTP AUTH (PLAIN, LOGIN) against a credentials file of salted scrypt hashes."""
+    """SMTP AUTH (PLAIN, LOGIN): passwords checked against a credentials file of salted
+    scrypt hashes, or by Dovecot's auth service."""
+    backend: str = opt("file", "Who checks AUTH passwords: file (auth.credentials_file) or "
+                               "dovecot (Dovecot's auth service at auth.dovecot_socket, "
+                               "whose passdb holds the users). Postfix's smtpd_sasl_type.",
+                       _one_of(AUTH_BACKENDS))
     credentials_file: Optional[str] = opt(None, "File of user:hash lines written by "
-                                                "elemtactl user add; AUTH is offered only "
-                                                "when set.")
+                                                "elemtactl user add; with backend file, AUTH "
+                                                "is offered only when set.")
+    dovecot_socket: Optional[str] = opt(
+        None, "With backend dovecot: Dovecot's auth-client socket, an absolute path (a "
+              "unix_listener of Dovecot's service auth that master.user may write to) or "
+              "inet:host:port (an inet_listener). Postfix's smtpd_sasl_path. AUTH offers "
+              "those of PLAIN and LOGIN that Dovecot offers and records the login name "
+              "Dovecot returns; while Dovecot cannot be reached, AUTH gets 454 4.7.0.",
+        _dovecot_socket)
     allow_plaintext: bool = opt(False, "Offer AUTH on connections without TLS (only for "
                                        "tests and trusted networks).")
     failure_delay: float = opt(2.0, "Seconds an AUTH waits, before it is checked, for each "

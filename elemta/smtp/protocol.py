@@ -40,6 +40,7 @@ import binascii
 import re
 from collections import deque
 from dataclasses import dataclass
+from typing import Tuple
 
 from elemta.smtp.address import (AddressError, NonAsciiAddress, parse_params, split_path,
                                  validate_mailbox)
@@ -55,6 +56,9 @@ MAX_LINE = 1000
 # Read at most this much of DATA content per step, so one step never holds a whole
 # message in memory however the client sends it.
 DATA_STEP = 65536
+# The SASL mechanisms this core implements (RFC 4616 PLAIN; LOGIN, the de facto draft),
+# in the order offered; an AUTH backend may support fewer (Dovecot's MECH list).
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 
 # ---- the states ------------------------------------------------------------------------
 # Every state the session can be in; each also fixes what the next input bytes are (READERS),
@@ -219,7 +223,8 @@ class Settings:
     undeclared_8bit: str = "reject"       # or "accept"
     starttls_available: bool = False      # a certificate is configured
     implicit_tls: bool = False            # smtps: the session starts inside TLS
-    auth_available: bool = False          # a credentials file is configured
+    auth_available: bool = False          # an AUTH backend is configured
+    auth_mechanisms: Tuple[str, ...] = AUTH_MECHANISMS   # at first; offer_auth_mechanisms
     auth_plaintext: bool = False          # AUTH offered without TLS
     auth_required: bool = False           # submission/smtps: MAIL needs AUTH first
 
@@ -296,6 +301,7 @@ class ServerProtocol:
         self._bdat_error = None         # SKIP, SKIP_INIT: the reply once the chunk is read
         # AUTH dialogue
         self._auth_step = None
+        self.auth_mechanisms = settings.auth_mechanisms
         self._readers = {COMMAND_LINE: self._read_command, DATA_BODY: self._read_data,
                          BDAT_CHUNK: self._read_chunk, AUTH_LINE: self._read_auth,
                          TLS_HANDSHAKE: None, NOTHING: None}
@@ -348,6 +354,20 @@ class ServerProtocol:
         """Say no to the pending decision with this reply (or the decision's default)."""
         event, _, on_reject = self._take_pending()
         on_reject(reply)
+
+    def accept_auth(self, user, text=None):
+        """Say yes to the pending AUTH; `user` is the login name the backend vouches for
+        (Dovecot's canonical user=), recorded in place of the name the client typed."""
+        event = self._pending[0] if self._pending else None
+        if not isinstance(event, AuthRequest):
+            raise RuntimeError("accept_auth() with no AUTH pending")
+        self.accept(text)
+        self.auth_user = user
+
+    def offer_auth_mechanisms(self, mechanisms):
+        """The AUTH mechanisms to offer from now on (EHLO, AUTH): those of `mechanisms`
+        this core implements, in its order (the backend may support fewer)."""
+        self.auth_mechanisms = tuple(m for m in AUTH_MECHANISMS if m in mechanisms)
 
     def tls_started(self):
         """The TLS handshake after STARTTLS succeeded: start afresh (RFC 3207 4.2)."""
@@ -558,13 +578,13 @@ class ServerProtocol:
         if s.starttls_available and not self.tls_active:
             ext.append("STARTTLS")
         if self._auth_offered():
-            ext.append("AUTH PLAIN LOGIN")
+            ext.append("AUTH " + " ".join(self.auth_mechanisms))
         ext += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
         return ext
 
     def _auth_offered(self):
         s = self.settings
-        return (s.auth_available and self.auth_user is None
+        return (s.auth_available and self.auth_user is None and bool(self.auth_mechanisms)
                 and (self.tls_active or s.auth_plaintext))
 
     def smtp_MAIL(self, arg):
@@ -794,7 +814,7 @@ class ServerProtocol:
             return self._send(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
         mechanism = parts[0].upper()
         initial = parts[1] if len(parts) == 2 else None
-        if mechanism not in ("PLAIN", "LOGIN"):
+        if mechanism not in self.auth_mechanisms:
             return self._send(504, "5.5.4", "Error: unsupported authentication mechanism")
         self._auth_step = (mechanism, None)
         if initial is None:

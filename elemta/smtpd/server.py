@@ -15,6 +15,7 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from elemta import metrics
+from elemta.config.loader import auth_configured
 from elemta.plugins.manager import PluginManager
 from elemta.plugins.resolver import Resolver
 from elemta.queue.queue import Queue
@@ -60,7 +61,7 @@ class SMTPServer:
         self.room = RoomCheck(self.queue, config.queue.min_free_space,
                               config.limits.message_size)
         self.policy = RelayPolicy(config.relay, self.hostname, config.origin)
-        self.authenticator = (Authenticator(config.auth) if config.auth.credentials_file
+        self.authenticator = (Authenticator(config.auth) if auth_configured(config.auth)
                               else None)
         self.tls_context = server_context(config.tls)
         # Plugins and their DNS, once per worker (after fork); closed by stop().
@@ -103,6 +104,8 @@ class SMTPServer:
             self._session_greenlets.kill(block=True, timeout=5)
         self.committer.close()
         self.plugins.close()
+        if self.authenticator is not None:
+            self.authenticator.close()
         self.queue.close()
         if self.committer.batches:
             log.info("group commit: %d message(s) made durable in %d flush(es), "

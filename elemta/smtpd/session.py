@@ -37,7 +37,7 @@ from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, Dat
                                 StartTLS)
 from elemta.smtp.protocol import ServerProtocol
 from elemta.smtp.replies import Reply
-from elemta.smtpd import tls
+from elemta.smtpd import authresult, tls
 from elemta.smtpd.received import protocol_name, received_header
 from elemta.util.text import printable
 
@@ -46,6 +46,10 @@ log = logging.getLogger("elemta.smtpd")
 RECV_SIZE = 65536
 # A full spool or queue index (Postfix: "452 4.3.1 Insufficient system storage").
 STORAGE_FULL = Reply(452, "4.3.1", "Error: insufficient system storage")
+# AUTH when the backend cannot decide (Postfix's answer when its Dovecot is away).
+AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
+# AUTH with a mechanism the backend stopped offering since the EHLO (RFC 4954 4).
+AUTH_UNSUPPORTED = Reply(504, "5.5.4", "Error: unsupported authentication mechanism")
 # After the last reply (221, 421) the input the client has already sent is read and thrown
 # away, for a moment, before the socket closes: closing with unread input makes the kernel
 # answer with a reset, and a client still writing (a pipelined group, a BDAT chunk) then
@@ -237,6 +241,8 @@ class Session:
 
     def on_helo(self, event):
         self.ctx.helo = event.name
+        if self.server.authenticator is not None:
+            self.proto.offer_auth_mechanisms(self.server.authenticator.mechanisms())
         self.ctx.new_transaction()
         if self._refused_by_plugins("helo", "HELO"):
             return
@@ -400,22 +406,44 @@ class Session:
         self.proto.accept("Ok: queued as %s" % self.queue_id)
 
     def on_auth_request(self, event):
-        authenticator = self.server.authenticator
-        if authenticator is not None and authenticator.check(
-                self.client_ip, event.username, event.password):
+        """Ask the AUTH backend: 235 as the login name it returns, 535 for wrong
+        credentials, 454 4.7.0 when it cannot decide now (Dovecot unreachable: the
+        client should try again later, not think its password wrong)."""
+        name = printable(event.username)    # the client's: printable, in <> in the log
+        result = self.server.authenticator.authenticate(
+            self.client_ip, self._local_ip(), event.mechanism, event.username,
+            event.password, self.proto.tls_active)
+        if result.outcome == authresult.OK:
             metrics.AUTH_ATTEMPTS.labels("success").inc()
-            log.info("%s: AUTH %s succeeded for %s", self.client, event.mechanism,
-                     printable(event.username))
-            self.ctx.auth_user = event.username
+            log.info("%s: AUTH %s succeeded for %s%s", self.client, event.mechanism, name,
+                     "" if result.user == event.username
+                     else " as %s" % printable(result.user))
+            self.ctx.auth_user = result.user
             if self._refused_by_plugins("auth", "AUTH"):
                 self.ctx.auth_user = None
                 return
-            return self.proto.accept()
+            return self.proto.accept_auth(result.user)
+        if result.outcome == authresult.TEMPFAIL:
+            metrics.AUTH_ATTEMPTS.labels("tempfail").inc()
+            log.warning("%s: SASL %s authentication failed for <%s>: temporary failure: %s",
+                        self.client, event.mechanism, name, printable(result.reason))
+            return self.proto.reject(AUTH_TEMPFAIL)
+        if result.outcome == authresult.UNSUPPORTED:
+            log.warning("%s: SASL %s authentication refused for <%s>: %s", self.client,
+                        event.mechanism, name, printable(result.reason))
+            return self.proto.reject(AUTH_UNSUPPORTED)
         metrics.AUTH_ATTEMPTS.labels("failure").inc()
-        # The name is the client's: printable, in <> so an empty or blank one shows.
-        log.warning("%s: SASL %s authentication failed for <%s>", self.client,
-                    event.mechanism, printable(event.username))
+        log.warning("%s: SASL %s authentication failed for <%s>%s", self.client,
+                    event.mechanism, name,
+                    ": %s" % printable(result.reason) if result.reason else "")
         self.proto.reject()
+
+    def _local_ip(self):
+        """The address the client connected to (Dovecot's lip=), or None."""
+        try:
+            return self.sock.getsockname()[0]
+        except (OSError, IndexError, TypeError):
+            return None
 
     def on_start_tls(self, event):
         self._flush()

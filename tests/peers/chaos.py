@@ -51,7 +51,7 @@ KILL_PAUSE = (0.2, 0.5)
 # A client whose connection failed waits this long before it tries again.
 RETRY_PAUSE = 0.1
 
-ELEMTA_KINDS = ("smtpd", "delivery", "local", "pickup", "api")
+ELEMTA_KINDS = ("smtpd", "delivery", "local", "pickup", "api", "showq")
 
 
 def chaos_available():

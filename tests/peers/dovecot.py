@@ -5,7 +5,11 @@ a private Postfix check SMTP AUTH passwords with it. Everything lives under one 
 its own config file (the system's /etc/dovecot is never read), base_dir, state_dir, log, a
 passwd-file with the users (so no system accounts are needed) and their Maildirs. Only the
 LMTP service listens: on 127.0.0.1:PORT and on a unix socket in the directory; with
-auth_socket=True also an auth socket that Postfix's smtpd_sasl_type=dovecot can use.
+auth_socket=True also an auth socket that Postfix's smtpd_sasl_type=dovecot (and Elemta's
+auth.backend dovecot) can use, and with auth_port=N the same auth service on
+127.0.0.1:N. auth_debug=True logs every request the auth service reads ("client in:
+AUTH ..."; passwords hidden); auth_failure_delay=S delays each failure S seconds (0 here,
+2 in Dovecot's default).
 Runs as root (Dovecot's master needs it to switch to its own users); the mail is stored as
 `nobody`, never as root.
 
@@ -59,15 +63,19 @@ class DovecotUser:
 class DovecotInstance:
     """One private Dovecot (see the module docstring)."""
 
-    def __init__(self, workdir, users, lmtp_port=None, auth_socket=False,
-                 quota_tempfail=False):
-        # type: (str, Dict[str, DovecotUser], Optional[int], bool, bool) -> None
+    def __init__(self, workdir: str, users: Dict[str, DovecotUser],
+                 lmtp_port: Optional[int] = None, auth_socket=False,
+                 quota_tempfail=False, auth_port=None, auth_debug=False,
+                 auth_failure_delay=0):
         self.workdir = os.path.abspath(workdir)
         self.users = dict(users)
         self.lmtp_port = lmtp_port or free_port()
         self.lmtp_socket = os.path.join(self.workdir, "lmtp")
         self.auth_socket = os.path.join(self.workdir, "auth") if auth_socket else None
         self.quota_tempfail = quota_tempfail
+        self.auth_port = auth_port
+        self.auth_debug = auth_debug
+        self.auth_failure_delay = auth_failure_delay
         self.config_path = os.path.join(self.workdir, "dovecot.conf")
         self.passwd_path = os.path.join(self.workdir, "users")
         self.log_path = os.path.join(self.workdir, "dovecot.log")
@@ -85,6 +93,12 @@ class DovecotInstance:
   unix_listener %s {
     mode = 0666
   }""" % self.auth_socket
+        if self.auth_port:
+            auth_listener += """
+  inet_listener auth-inet {
+    address = 127.0.0.1
+    port = %d
+  }""" % self.auth_port
         return """\
 # A private test instance: nothing from /etc/dovecot.
 base_dir = {work}/run
@@ -102,9 +116,10 @@ last_valid_gid = {gid}
 # alice@any.domain is user alice.
 auth_username_format = %Ln
 auth_mechanisms = plain login
-# A wrong password is answered at once (the default waits 2 s, against guessing).
-auth_failure_delay = 0
+# A wrong password is answered at once unless asked (the default waits 2 s).
+auth_failure_delay = {failure_delay}s
 disable_plaintext_auth = no
+auth_debug = {auth_debug}
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%n {passwd}
@@ -152,7 +167,9 @@ service anvil {{
 }}
 """.format(work=self.workdir, uid=mail.pw_uid, gid=mail.pw_gid, passwd=self.passwd_path,
            mail=self.mail_dir, port=self.lmtp_port, socket=self.lmtp_socket,
-           auth_listener=auth_listener, tempfail="yes" if self.quota_tempfail else "no")
+           auth_listener=auth_listener, tempfail="yes" if self.quota_tempfail else "no",
+           auth_debug="yes" if self.auth_debug else "no",
+           failure_delay=self.auth_failure_delay)
 
     def _write_config(self):
         # Dovecot's users (dovecot, dovenull, nobody) must reach files below the workdir.
@@ -198,7 +215,8 @@ service anvil {{
                     self.process.returncode, self.process.stderr.read().decode(errors="replace"),
                     self.read_log()[-2000:]))
             if self._greets() and (self.auth_socket is None
-                                   or os.path.exists(self.auth_socket)):
+                                   or os.path.exists(self.auth_socket)) and (
+                    self.auth_port is None or self._listens(self.auth_port)):
                 return
             if time.monotonic() > deadline:
                 raise DovecotError("Dovecot's LMTP did not greet within %.0fs; log:\n%s"
@@ -218,6 +236,14 @@ service anvil {{
                     return False
         return True
 
+    @staticmethod
+    def _listens(port):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return True
+        except OSError:
+            return False
+
     def stop(self, timeout=10.0):
         """SIGTERM the master (its children follow it) and wait for the whole group."""
         if self.process is None:
@@ -231,6 +257,15 @@ service anvil {{
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         process.stderr.close()
+        # A child still serving a client (the auth process, for a connected Elemta)
+        # outlives the master: end it, so "stopped" means no Dovecot answers any more.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
     def remove(self):
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -246,8 +281,7 @@ service anvil {{
     def maildir(self, user):
         return os.path.join(self.mail_dir, user, "Maildir")
 
-    def messages(self, user):
-        # type: (str) -> List[bytes]
+    def messages(self, user: str) -> List[bytes]:
         """Each message in the user's INBOX (new/ and cur/), oldest first."""
         found = []
         for sub in ("new", "cur"):
