@@ -52,8 +52,8 @@ def test_bash_completes_a_command(bash_script):
 
 def test_bash_lists_the_queue_actions(bash_script):
     assert complete(bash_script, "elemtactl queue ") == sorted(
-        ["list", "show", "hold", "release", "delete", "requeue", "flush", "summary",
-         "reindex"])
+        ["list", "show", "cat", "hold", "release", "delete", "requeue", "flush", "summary",
+         "reindex", "priority"])
 
 
 def test_bash_completes_options_and_files(bash_script, tmp_path):

@@ -285,7 +285,7 @@ def test_a_stop_sent_to_the_whole_process_group_ends_cleanly(elemta_server, sign
     exit 0, nothing left running."""
     server = elemta_server(smtpd={"workers": 2}, api={"enabled": True},
                            delivery={"workers": 2}, master=GRACE)
-    wait_for(lambda: len(server.group_pids()) >= 8, timeout=20)    # master + 7 children
+    wait_for(lambda: len(server.group_pids()) >= 9, timeout=20)    # master + 8 children
     wait_for(lambda: "delivery worker started" in server.log())
     queue_id, _ = transaction(server.port)
     wait_for(lambda: "%s: to=<" % queue_id in server.log())      # one delivery attempt
@@ -294,7 +294,7 @@ def test_a_stop_sent_to_the_whole_process_group_ends_cleanly(elemta_server, sign
     assert server.process.wait(15) == 0
     assert server.group_pids(wait=5) == []
     log = server.log()
-    assert "master stopping 7 child(ren)" in log, log
+    assert "master stopping 8 child(ren)" in log, log
     assert "starting another" not in log, log
     # (The api's warning that no token is set is about the config, not the stop.)
     assert [line for line in log.splitlines() if ": WARNING: " in line

@@ -34,7 +34,7 @@ def _sender_key(address: str) -> str:
     return canonical(address).lower()
 
 
-class _Rule:
+class _PriorityRule:
     """One rule, its keys in the form they are compared in (None: not a condition)."""
 
     def __init__(self, rule):
@@ -70,7 +70,7 @@ class PriorityRules:
     """The configured rules, ready to match envelopes."""
 
     def __init__(self, rules: Sequence = ()):
-        self._rules = [_Rule(rule) for rule in rules]
+        self._rules = [_PriorityRule(rule) for rule in rules]
 
     def priority_for(self, envelope, listener=None) -> Optional[int]:
         """The priority of the first rule matching envelope, or None. listener: the
