@@ -174,3 +174,37 @@ rpm: package-tools
 
 lint-rpm:
 	rpmlint -r rpm/elemta.rpmlintrc dist/elemta-$(PKG_VERSION)-*.rpm
+
+# make test-packages (root; slow, not part of make test): the .deb (built by make deb if
+# dist/ has none: run make deb first to test changed code) installed with apt in a Debian
+# 12 root and used there (tests/packages/test_installed_deb.py). The pristine root is made
+# with debootstrap once and kept in PKG_TEST_CACHE; each run works in a scratch copy, inside
+# private network, mount and pid namespaces (lo up) so nothing meets the host's servers and
+# no mount or process outlives the run.
+PKG_TEST_CACHE ?= /var/cache/elemta-test
+PKG_TEST_TOOLS := debootstrap iproute2 util-linux
+PKG_DEB := dist/elemta_$(PKG_VERSION)_$(shell dpkg --print-architecture 2>/dev/null).deb
+.PHONY: test-packages package-test-tools
+
+package-test-tools:
+	@missing=""; for p in $(PKG_TEST_TOOLS); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' \
+	        || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(PKG_DEB):
+	$(MAKE) deb
+
+test-packages: package-test-tools $(STAMP) $(PKG_DEB)
+	@if [ "$$(id -u)" != 0 ]; then echo "make: test-packages needs root (debootstrap, chroot, unshare)"; exit 1; fi
+	scratch=$$(mktemp -u -d /var/tmp/elemta-deb-root.XXXXXX); \
+	tests/packages/debian-root.sh $(PKG_TEST_CACHE) $(PKG_DEB) $$scratch || exit 1; \
+	ELEMTA_PACKAGE_ROOT=$$scratch unshare --net --mount --propagation private --pid --fork \
+	    --mount-proc sh -c 'ip link set lo up && exec "$$@"' sh \
+	    $(VENV)/bin/python -m pytest -q -p no:cacheprovider --timeout=300 tests/packages; \
+	status=$$?; \
+	rm -rf --one-file-system $$scratch; \
+	exit $$status
