@@ -1,5 +1,5 @@
 # Elemta developer entry points: make run, make test, make bench, make chaos, make clean,
-# make test-minimum, make constraints, make lint-deploy.
+# make test-minimum, make constraints, make lint-deploy, make deb, make test-packages.
 # Works from a clean clone on Debian 12 (python3 3.11); PYTHON picks another interpreter.
 
 PYTHON ?= python3
@@ -139,9 +139,20 @@ PKG_BUILD := dist/build
 PKG_TOOLS := debhelper dh-virtualenv python3-venv lintian rpm rpmlint dpkg-dev fakeroot
 .PHONY: deb rpm package-tools lint-deb lint-rpm
 
+# $(call apt_missing,PACKAGES): install those not installed yet, as root. Not calling apt
+# when all are there keeps a build from failing on the dpkg lock another apt holds.
+define apt_missing
+	@missing=""; for p in $(1); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' \
+	        || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "make: as root: apt-get install$$missing"; exit 0; fi; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing
+endef
+
 package-tools:
-	@if [ "$$(id -u)" != 0 ]; then echo "make: as root: apt-get install $(PKG_TOOLS)"; exit 0; fi; \
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(PKG_TOOLS)
+	$(call apt_missing,$(PKG_TOOLS))
 
 # The tree is exported with git archive (what is committed), plus constraints/tested.txt.
 $(PKG_BUILD)/elemta-$(PKG_VERSION): constraints/tested.txt
@@ -187,13 +198,7 @@ PKG_DEB := dist/elemta_$(PKG_VERSION)_$(shell dpkg --print-architecture 2>/dev/n
 .PHONY: test-packages package-test-tools
 
 package-test-tools:
-	@missing=""; for p in $(PKG_TEST_TOOLS); do \
-	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' \
-	        || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
-	fi
+	$(call apt_missing,$(PKG_TEST_TOOLS))
 
 $(PKG_DEB):
 	$(MAKE) deb
