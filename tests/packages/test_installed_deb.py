@@ -121,6 +121,14 @@ def test_starts_as_the_unit_does_and_says_ready(debian_root):
         assert code == 250
 
 
+def test_readme_checks_answer(debian_root):
+    """The commands README's Install section gives an admin to check the install."""
+    status = debian_root.run(["elemtactl", "status"], check=False)
+    assert status.returncode == 0, status.stderr
+    assert str(State.master) in status.stdout, status.stdout
+    assert debian_root.run(["mailq"], check=False).returncode == 0
+
+
 def test_privileges_dropped(debian_root):
     """The master keeps root (to bind, fork and signal); the local agent keeps root to
     write mailboxes as their users; everything else runs as elemta, with no root group."""
@@ -306,7 +314,12 @@ def image_accounts(root, scratch):
     return made
 
 
-def container_launcher(root, scratch, volume_mode=0o750, volume_owner=(10025, 10025)):
+# The Dockerfile's USER; OpenShift-style, a uid the image never declared.
+IMAGE_UID = 10025
+ANY_UID = 1000770000
+
+
+def container_launcher(root, scratch, uid, volume_owner):
     """The image's view of the root in a mount namespace of its own: its users, its
     elemta.yaml at /etc/elemta, a fresh volume at /var/spool/elemta, the venv as
     /opt/elemta (the .deb's venv holds the same pinned libraries the image's does)."""
@@ -317,12 +330,12 @@ def container_launcher(root, scratch, volume_mode=0o750, volume_owner=(10025, 10
         "chmod 0644 %s" % root("/etc/elemta/elemta.yaml"),
         "mount -t tmpfs tmpfs %s" % root("/var/spool/elemta"),
         "chown %d:%d %s" % (volume_owner + (root("/var/spool/elemta"),)),
-        "chmod %o %s" % (volume_mode, root("/var/spool/elemta")),
-        'exec chroot --userspec=10025:10025 %s "$@"' % root.path,
+        "chmod 0750 %s" % root("/var/spool/elemta"),
+        'exec chroot --userspec=%d:%d %s "$@"' % (uid, uid, root.path),
     ])
 
 
-def start_container(root, log_path, volume_owner=(10025, 10025)):
+def start_container(root, log_path, uid=IMAGE_UID, volume_owner=None):
     """ENTRYPOINT ["/usr/local/bin/elemta-entrypoint"] with the Dockerfile's USER and ENV."""
     scratch = os.path.dirname(log_path)
     env = {"PATH": "/opt/elemta/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:"
@@ -332,7 +345,7 @@ def start_container(root, log_path, volume_owner=(10025, 10025)):
     log = open(log_path, "ab")
     process = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-ec",
-         container_launcher(root, scratch, volume_owner=volume_owner), "sh",
+         container_launcher(root, scratch, uid, volume_owner or (uid, uid)), "sh",
          "/usr/local/bin/elemta-entrypoint"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
     log.close()
@@ -351,11 +364,13 @@ def container_image(debian_root, tmp_path):
     os.unlink(root("/usr/local/bin/elemta-entrypoint"))
 
 
-def test_container_entrypoint_serves_and_drains(debian_root, container_image):
-    """The image's entrypoint as the unprivileged uid 10025: it checks the config, execs
-    elemta, which answers SMTP on 2525 and the HEALTHCHECK; SIGTERM (docker stop) lets
-    a transaction under way finish and exits 0."""
-    process = start_container(debian_root, container_image)
+@pytest.mark.parametrize("uid", [IMAGE_UID, ANY_UID], ids=["image-user", "any-uid"])
+def test_container_entrypoint_serves_and_drains(debian_root, container_image, uid):
+    """The image's entrypoint as its unprivileged user (or a uid /etc/passwd does not
+    know, as OpenShift assigns): it checks the config, execs elemta, which answers SMTP on
+    2525 and the HEALTHCHECK; SIGTERM (docker stop) lets a transaction under way finish
+    and exits 0."""
+    process = start_container(debian_root, container_image, uid=uid)
     try:
         def greets():
             if process.poll() is not None:
@@ -373,7 +388,7 @@ def test_container_entrypoint_serves_and_drains(debian_root, container_image):
         assert health.returncode == 0, "HEALTHCHECK failed: %s" % health.stderr
         titles = {p.title for p in processes() if p.kind}
         assert any(t.startswith("elemta: master") for t in titles), titles
-        assert all(p.uids == [10025] * 4 for p in processes() if p.kind), processes()
+        assert all(p.uids == [uid] * 4 for p in processes() if p.kind), processes()
         client = smtp(port=2525)
         client.ehlo()
         client.mail("sender@client.test.example")
