@@ -7,7 +7,7 @@
 # (about 40 s) and kept between runs; CACHE/bookworm/.debootstrap-complete marks it finished,
 # so an interrupted debootstrap is never taken for a root. The .deb's dependencies and
 # bsd-mailx are downloaded into the cached root's apt archive (only what is missing, so a
-# cached run needs no network unless DEB's dependencies changed), because the test
+# cached run needs no network unless DEB's dependencies changed), and procmail, because the test
 # itself installs them with the network namespace cut off.
 # SCRATCH (must not exist) becomes a copy of the cached root with DEB at /tmp/elemta.deb.
 # Nothing is mounted here: the test mounts /proc and /dev/shm inside its own private
@@ -39,7 +39,7 @@ fi
 cp "$deb" "$root/tmp/elemta.deb"
 download() {
     chroot "$root" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -q -y --download-only /tmp/elemta.deb bsd-mailx >/dev/null
+        apt-get install -q -y --download-only /tmp/elemta.deb bsd-mailx procmail >/dev/null
 }
 download || { chroot "$root" apt-get update -q >/dev/null && download; }
 rm -f "$root/tmp/elemta.deb"

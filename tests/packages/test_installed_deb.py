@@ -28,7 +28,7 @@ ROOT = os.environ.get("ELEMTA_PACKAGE_ROOT")
 pytestmark = pytest.mark.skipif(not ROOT, reason="make test-packages runs this "
                                 "(ELEMTA_PACKAGE_ROOT names a prepared Debian root)")
 MAILNAME = "mail.test.example"
-USERS = ("alice", "bob", "carol", "dave")
+USERS = ("alice", "bob", "carol", "dave", "erin")
 DEB = "/tmp/elemta.deb"
 
 
@@ -99,7 +99,7 @@ def test_install_with_apt(debian_root):
              input="elemta elemta/mailname string %s\n" % MAILNAME)
     # No --no-download: with it apt 2.6 loses a local .deb's path ("Pathname to install
     # is not absolute"); there is no network here anyway.
-    result = root.run(["apt-get", "install", "-y", "-q", DEB, "bsd-mailx"],
+    result = root.run(["apt-get", "install", "-y", "-q", DEB, "bsd-mailx", "procmail"],
                       env={"DEBIAN_FRONTEND": "noninteractive"}, timeout=300)
     assert "Setting up elemta" in result.stdout
     assert "newaliases failed" not in result.stderr
@@ -249,6 +249,19 @@ def test_forward_and_maildir_under_the_units_sandbox(debian_root):
     info = os.stat(found[0])
     assert info.st_uid == root.ids("dave")[0]
     assert not maildir_messages(root, "carol"), "carol's .forward was ignored"
+
+
+def test_forward_to_procmail(debian_root):
+    """The classic ~/.forward, '"|exec /usr/bin/procmail"': procmail (setuid root,
+    setgid mail) must be able to create and lock erin's mailbox in /var/mail."""
+    root = debian_root
+    erin = root.ids("erin")
+    root.write("/home/erin/.forward", '"|exec /usr/bin/procmail"\n', owner=erin)
+    with smtp() as client:
+        client.sendmail("sender@client.test.example", ["erin@%s" % MAILNAME],
+                        "Subject: for procmail\r\n\r\nprocmail body\r\n")
+    poll(lambda: mailbox_has(root, "/var/mail/erin", "procmail body"), 60,
+         "procmail's delivery in /var/mail/erin")
 
 
 def test_killed_worker_is_replaced(debian_root):
@@ -422,7 +435,7 @@ def test_purge_removes_what_it_should(debian_root):
     users' mail, /etc/aliases and /etc/mailname (read by other programs) stay."""
     root = debian_root
     assert not [p for p in processes() if p.kind], "stop the daemon before purging"
-    root.run(["apt-get", "purge", "-y", "-q", "elemta", "bsd-mailx"],
+    root.run(["apt-get", "purge", "-y", "-q", "elemta", "bsd-mailx", "procmail"],
              env={"DEBIAN_FRONTEND": "noninteractive"}, timeout=300)
     for gone in ("/etc/elemta", "/var/spool/elemta", "/usr/lib/elemta", "/usr/bin/elemta",
                  "/usr/sbin/sendmail", "/usr/bin/mailq", "/usr/bin/newaliases",
