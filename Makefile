@@ -208,7 +208,7 @@ test-packages: package-test-tools $(STAMP) $(PKG_DEB)
 	scratch=$$(mktemp -u -d /var/tmp/elemta-deb-root.XXXXXX); \
 	tests/packages/debian-root.sh $(PKG_TEST_CACHE) $(PKG_DEB) $$scratch || exit 1; \
 	ELEMTA_PACKAGE_ROOT=$$scratch unshare --net --mount --propagation private --pid --fork \
-	    --mount-proc sh -c 'ip link set lo up && exec "$$@"' sh \
+	    --kill-child --mount-proc sh -c 'ip link set lo up && exec "$$@"' sh \
 	    $(VENV)/bin/python -m pytest -q -p no:cacheprovider --timeout=300 tests/packages; \
 	status=$$?; \
 	rm -rf --one-file-system $$scratch; \

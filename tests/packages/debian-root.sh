@@ -23,6 +23,9 @@ if [ "$(id -u)" != 0 ]; then
     exit 77
 fi
 mkdir -p "$cache"
+# One run at a time prepares the cache (a second waits instead of racing debootstrap).
+exec 9>"$cache/.lock"
+flock 9
 if [ ! -e "$root/.debootstrap-complete" ]; then
     rm -rf "$root" "$root.new"
     echo "debian-root.sh: debootstrap bookworm into $root (first run only)"
@@ -45,4 +48,5 @@ download || { chroot "$root" apt-get update -q >/dev/null && download; }
 rm -f "$root/tmp/elemta.deb"
 
 cp -a "$root" "$scratch"
+flock -u 9
 cp "$deb" "$scratch/tmp/elemta.deb"
