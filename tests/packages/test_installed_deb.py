@@ -123,6 +123,24 @@ def test_starts_as_the_unit_does_and_says_ready(debian_root):
     assert greeting.startswith("220 %s " % MAILNAME), greeting
 
 
+def test_the_units_sandbox_is_in_effect(debian_root):
+    """What the daemon sees is what ProtectSystem and PrivateTmp make of the file system
+    (so the delivery tests below ran under them), while /var/mail stays writable."""
+    def touch(inside):
+        return subprocess.run(["nsenter", "--target", str(State.master), "--mount", "--",
+                               "touch", debian_root(inside)], capture_output=True, text=True)
+    service = State.unit.service
+    if service.get("ProtectSystem", "no") in ("yes", "true", "full"):
+        assert "Read-only file system" in touch("/usr/sandbox-probe").stderr
+    if service.get("ProtectSystem") == "full":
+        assert "Read-only file system" in touch("/etc/sandbox-probe").stderr
+    if State.unit.yes("PrivateTmp"):
+        assert touch("/tmp/sandbox-probe").returncode == 0
+        assert not os.path.exists(debian_root("/tmp/sandbox-probe")), "PrivateTmp not private"
+    assert touch("/var/mail/sandbox-probe").returncode == 0
+    os.unlink(debian_root("/var/mail/sandbox-probe"))
+
+
 def test_readme_checks_answer(debian_root):
     """The commands README's Install section gives an admin to check the install."""
     status = debian_root.run(["elemtactl", "status"], check=False)
