@@ -1,5 +1,5 @@
 # Elemta developer entry points: make run, make test, make bench, make chaos, make clean,
-# make test-minimum, make constraints, make lint-deploy.
+# make test-minimum, make constraints, make lint-deploy, make deb, make test-packages.
 # Works from a clean clone on Debian 12 (python3 3.11); PYTHON picks another interpreter.
 
 PYTHON ?= python3
@@ -139,9 +139,20 @@ PKG_BUILD := dist/build
 PKG_TOOLS := debhelper dh-virtualenv python3-venv lintian rpm rpmlint dpkg-dev fakeroot
 .PHONY: deb rpm package-tools lint-deb lint-rpm
 
+# $(call apt_missing,PACKAGES): install those not installed yet, as root. Not calling apt
+# when all are there keeps a build from failing on the dpkg lock another apt holds.
+define apt_missing
+	@missing=""; for p in $(1); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' \
+	        || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "make: as root: apt-get install$$missing"; exit 0; fi; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing
+endef
+
 package-tools:
-	@if [ "$$(id -u)" != 0 ]; then echo "make: as root: apt-get install $(PKG_TOOLS)"; exit 0; fi; \
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(PKG_TOOLS)
+	$(call apt_missing,$(PKG_TOOLS))
 
 # The tree is exported with git archive (what is committed), plus constraints/tested.txt.
 $(PKG_BUILD)/elemta-$(PKG_VERSION): constraints/tested.txt
@@ -174,3 +185,31 @@ rpm: package-tools
 
 lint-rpm:
 	rpmlint -r rpm/elemta.rpmlintrc dist/elemta-$(PKG_VERSION)-*.rpm
+
+# make test-packages (root; slow, not part of make test): the .deb (built by make deb if
+# dist/ has none: run make deb first to test changed code) installed with apt in a Debian
+# 12 root and used there (tests/packages/test_installed_deb.py). The pristine root is made
+# with debootstrap once and kept in PKG_TEST_CACHE; each run works in a scratch copy, inside
+# private network, mount and pid namespaces (lo up) so nothing meets the host's servers and
+# no mount or process outlives the run.
+PKG_TEST_CACHE ?= /var/cache/elemta-test
+PKG_TEST_TOOLS := debootstrap iproute2 util-linux
+PKG_DEB := dist/elemta_$(PKG_VERSION)_$(shell dpkg --print-architecture 2>/dev/null).deb
+.PHONY: test-packages package-test-tools
+
+package-test-tools:
+	$(call apt_missing,$(PKG_TEST_TOOLS))
+
+$(PKG_DEB):
+	$(MAKE) deb
+
+test-packages: package-test-tools $(STAMP) $(PKG_DEB)
+	@if [ "$$(id -u)" != 0 ]; then echo "make: test-packages needs root (debootstrap, chroot, unshare)"; exit 1; fi
+	scratch=$$(mktemp -u -d /var/tmp/elemta-deb-root.XXXXXX); \
+	tests/packages/debian-root.sh $(PKG_TEST_CACHE) $(PKG_DEB) $$scratch || exit 1; \
+	ELEMTA_PACKAGE_ROOT=$$scratch unshare --net --mount --propagation private --pid --fork \
+	    --kill-child --mount-proc sh -c 'ip link set lo up && exec "$$@"' sh \
+	    $(VENV)/bin/python -m pytest -q -p no:cacheprovider --timeout=300 tests/packages; \
+	status=$$?; \
+	rm -rf --one-file-system $$scratch; \
+	exit $$status

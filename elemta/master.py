@@ -559,14 +559,19 @@ def drop_privileges(master_config):
 def resolve_user(master_config):
     """(uid, gid) for master.user and master.group; raises KeyError naming what is missing."""
     user, group = master_config.user, master_config.group
-    try:
-        entry = pwd.getpwnam(user) if user else pwd.getpwuid(os.getuid())
-    except KeyError:
-        raise KeyError("master.user: no such user: %s" % user) from None
-    gid = entry.pw_gid
+    if user:
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise KeyError("master.user: no such user: %s" % user) from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+    else:
+        # No master.user: stay who we are. That uid need not be in /etc/passwd: container
+        # runtimes (Kubernetes runAsUser, OpenShift's random uids) run images as any uid.
+        uid, gid = os.getuid(), os.getgid()
     if group:
         try:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise KeyError("master.group: no such group: %s" % group) from None
-    return entry.pw_uid, gid
+    return uid, gid

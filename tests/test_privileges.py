@@ -91,3 +91,41 @@ def test_children_run_as_master_user(tmp_path):
     with open(os.path.join(workdir, "log")) as f:
         text = f.read()
     assert "Traceback" not in text and "ERROR" not in text, text
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="becoming another uid needs root")
+def test_no_master_user_accepts_a_uid_without_a_passwd_entry(tmp_path):
+    """A container runtime may run the image as any uid (Kubernetes runAsUser, OpenShift's
+    random ones), which /etc/passwd does not list. With master.user unset Elemta stays that
+    uid instead of failing with "master.user: no such user: None"."""
+    python = interpreter_for_nobody()
+    if python is None:
+        pytest.skip("no Python interpreter another user can read")
+    uid = 54321
+    try:
+        pwd.getpwuid(uid)
+        pytest.skip("uid %d has a passwd entry here" % uid)
+    except KeyError:
+        pass
+    workdir = tempfile.mkdtemp()
+    os.chmod(workdir, 0o755)
+    pythonpath = code_for_everyone(os.path.join(workdir, "python"))
+    spool = os.path.join(workdir, "spool")
+    os.mkdir(spool)
+    os.chown(spool, uid, uid)
+    config = os.path.join(workdir, "elemta.yaml")
+    with open(config, "w") as f:
+        f.write("listeners:\n  - {address: 127.0.0.1, port: 2525, mode: smtp}\n"
+                "queue: {spool_dir: %s}\nlocal: {aliases_file: null}\n" % spool)
+    os.chmod(config, 0o644)
+
+    def become():
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+
+    result = subprocess.run([python, "-m", "elemta.cli.elemta", "--config", config,
+                             "--check-config"], capture_output=True, text=True, cwd=workdir,
+                            env=dict(os.environ, PYTHONPATH=pythonpath), preexec_fn=become)
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK" in result.stdout
