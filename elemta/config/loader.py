@@ -458,6 +458,7 @@ class _Checker:
                 first_on[endpoint] = index
 
         self.check_delivery(config)
+        self.check_address_classes(config)
         self.check_plugins(config.plugins)
         self.check_tables(config)
 
@@ -517,6 +518,27 @@ class _Checker:
                                    % (entry.domain, seen[domain]))
             elif domain:
                 seen[domain] = index
+
+    def check_address_classes(self, config: Config) -> None:
+        """A domain belongs to one address class: local, virtual alias, virtual mailbox
+        or relay (Postfix warns of a domain in two; here it is refused, since the
+        class decides who may send to it and where its mail goes). Only domains written
+        in the file can be compared; a table's keys are looked up, in class order, when
+        mail comes."""
+        lists = [(("relay", "local_domains"), config.relay.local_domains),
+                 (("virtual", "alias_domains"), config.virtual.alias_domains.domains),
+                 (("virtual", "mailbox_domains"), config.virtual.mailbox_domains.domains),
+                 (("relay", "relay_domains"), config.relay.relay_domains.domains)]
+        seen: Dict[str, KeyPath] = {}
+        for path, domains in lists:
+            for index, domain in enumerate(domains):
+                name = normal_domain(domain)
+                if name in seen and seen[name][:2] != path:
+                    self.refuse_across(path + (index,), "%s is already in %s: a domain "
+                                       "belongs to one address class"
+                                       % (domain, format_key(seen[name])), [seen[name]])
+                else:
+                    seen.setdefault(name, path + (index,))
 
     def refuse_across(self, path: KeyPath, message: str,
                       also_involves: Sequence[KeyPath] = (), involves_path: bool = True) -> None:
