@@ -81,7 +81,7 @@ def vmailbox(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mx(elemta_module_server, dovecot, remote, gateway, vmailbox, tmp_path_factory):
     aliases = tmp_path_factory.mktemp("aliases") / "aliases"
-    aliases.write_text("postmaster: root\n")
+    aliases.write_text("postmaster: root\nteam: whoever@alias.test\n")
     server = elemta_module_server(
         relay={"local_domains": ["example.test"], "mynetworks": [TRUSTED + "/32"],
                "relay_domains": ["relay.test", "gateway.test"],
@@ -185,6 +185,17 @@ def test_the_catch_all_takes_what_no_entry_names(mx, dovecot):
     assert [r.address for r in envelope.recipients] == [
         "bob@virt.test", "self@alias.test", "alice@virt.test"]
     wait_for(lambda: has_subject(dovecot.messages("bob"), "catch all"), timeout=20)
+
+
+def test_a_local_alias_forwarding_to_a_virtual_alias_domain_is_expanded(mx, dovecot,
+                                                                          remote):
+    """/etc/aliases team -> whoever@alias.test: the local agent's forwarded copy has its
+    virtual aliases expanded before it is queued (the catch-all: bob's mailbox), as
+    Postfix's local forwards through cleanup; it never goes out to the relay host."""
+    replies, _ = send(mx, ["team@example.test"], "to team")
+    assert replies == [250]
+    wait_for(lambda: has_subject(dovecot.messages("bob"), "to team"), timeout=20)
+    assert not [m for m in remote.messages if b"to team" in m.content]
 
 
 def test_a_virtual_alias_loop_is_refused_with_its_path(mx):
