@@ -264,3 +264,32 @@ def test_a_domain_in_two_classes_is_refused_naming_file_line_key():
     assert str(caught.value) == (
         "/etc/elemta/elemta.yaml:4: virtual.mailbox_domains[1]: example.test is already "
         "in relay.local_domains[0]: a domain belongs to one address class")
+
+
+# ---- a database table that goes away ------------------------------------------------------------
+
+def test_a_relay_recipient_table_in_a_stopped_postgresql_gets_451_not_550(
+        elemta_server, postgres, tmp_path):
+    """relay.relay_recipient_maps in PostgreSQL: while the server is down every RCPT to
+    the relay domain is 451 4.3.0 (the client retries), never 550; then answers again."""
+    postgres.execute("CREATE TABLE relay_rcpt (address text);"
+                     "INSERT INTO relay_rcpt VALUES ('known@relay.test');")
+    cf = tmp_path / "relay-pgsql.cf"
+    cf.write_text("hosts = 127.0.0.1:%d\nuser = %s\npassword = %s\ndbname = %s\n"
+                  "query = SELECT 'ok' FROM relay_rcpt WHERE address = '%%s'\ntimeout = 3\n"
+                  % (postgres.port, postgres.user, postgres.password, postgres.dbname))
+    server = elemta_server(relay={"mynetworks": [TRUSTED + "/32"],
+                                  "relay_domains": ["relay.test"],
+                                  "relay_recipient_maps": "pgsql:%s" % cf})
+    assert rcpt(server, "known@relay.test") == "250 2.1.5 Ok"
+    assert rcpt(server, "other@relay.test") == unknown("other@relay.test",
+                                                       "relay recipient table")
+    postgres.stop()
+    try:
+        for address in ("known@relay.test", "other@relay.test"):
+            assert rcpt(server, address) == \
+                "451 4.3.0 <%s>: Temporary lookup failure" % address
+    finally:
+        postgres.start()
+    assert rcpt(server, "known@relay.test") == "250 2.1.5 Ok"
+    assert "<other@relay.test>: lookup failed: pgsql:%s: " % cf in server.log()
