@@ -24,7 +24,8 @@ from typing import List, Optional, Tuple
 from elemta.addressing.recipients import LocalRecipients
 from elemta.addressing.resolve import ALIAS, LOCAL, RELAY, VIRTUAL
 from elemta.addressing.virtual import VirtualAliases
-from elemta.maps import lookup_address, open_table
+from elemta.maps import lookup_address
+from elemta.maps.spec import LazyTable
 
 # The table an unknown recipient is missing from, as Postfix's reply names it.
 TABLE_NAMES = {LOCAL: "local recipient table", ALIAS: "virtual alias table",
@@ -55,8 +56,7 @@ class HostedRecipients:
         self.mailboxes = _table(config.virtual.mailbox_maps)
         self.relay_recipients = _table(config.relay.relay_recipient_maps)
 
-    def resolve(self, address):
-        # type: (str) -> Resolution
+    def resolve(self, address: str) -> Resolution:
         """The Resolution of address; raises TableUnavailable or AliasExpansionError."""
         kind = self.addressing.classify(address)
         if self.aliases is not None:
@@ -76,4 +76,4 @@ class HostedRecipients:
 
 
 def _table(spec):
-    return open_table(spec) if spec is not None else None
+    return LazyTable(spec) if spec is not None else None

@@ -30,7 +30,8 @@ See also: virtual(5), elemta.addressing.hosted (which recipients exist).
 from typing import List, Optional
 
 from elemta.addressing.normal import canonical, normal_local_part, split_address
-from elemta.maps import lookup_address, open_table, values
+from elemta.maps import lookup_address, values
+from elemta.maps.spec import LazyTable
 from elemta.queue.model import Recipient
 
 # Postfix's virtual_alias_recursion_limit and virtual_alias_expansion_limit.
@@ -66,10 +67,9 @@ class VirtualAliases:
     def from_config(cls, config, addressing):
         """The aliases of config.virtual.alias_maps, or None when it is unset."""
         spec = config.virtual.alias_maps
-        return cls(open_table(spec), addressing) if spec is not None else None
+        return cls(LazyTable(spec), addressing) if spec is not None else None
 
-    def lookup(self, address):
-        # type: (str) -> Optional[List[str]]
+    def lookup(self, address: str) -> Optional[List[str]]:
         """The addresses one entry gives for address, or None when it has none."""
         delimiter = self.addressing.delimiter
         match = lookup_address(self.table, address, delimiter,
@@ -87,14 +87,13 @@ class VirtualAliases:
                        for t in targets]
         return targets
 
-    def expand(self, address):
-        # type: (str) -> Optional[List[str]]
+    def expand(self, address: str) -> Optional[List[str]]:
         """The final addresses of address, or None when the table has no entry for it;
         raises AliasExpansionError (see the module docstring) or TableUnavailable."""
         first = self.lookup(address)
         if first is None:
             return None
-        found = []          # type: List[str]
+        found: List[str] = []
         seen = set()
         done = set()        # expanded already (reached again by another way): skip
 

@@ -22,7 +22,7 @@ from typing import Any, FrozenSet, Optional, Tuple
 from elemta.addressing.normal import normal_domain
 from elemta.maps.base import TableError
 from elemta.maps.search import domain_keys, lookup_domain
-from elemta.maps.spec import TableSpec, open_table, parse_spec
+from elemta.maps.spec import LazyTable, TableSpec, parse_spec
 
 
 def _domain_problem(name: str) -> Optional[str]:
@@ -96,7 +96,8 @@ class DomainMatcher:
 
     def __init__(self, domain_list: DomainList) -> None:
         self.inline: FrozenSet[str] = frozenset(domain_list.domains)
-        self.table = open_table(domain_list.table) if domain_list.table is not None \
+        # Opened at the first lookup: sendmail builds one without reading any file.
+        self.table = LazyTable(domain_list.table) if domain_list.table is not None \
             else None
 
     def __contains__(self, domain: str) -> bool:
