@@ -204,13 +204,21 @@ def test_a_virtual_alias_loop_is_refused_with_its_path(mx):
         "<loop1@alias.test> -> <loop2@alias.test> -> <loop1@alias.test>")
 
 
-def test_an_alias_domain_address_without_an_entry_is_unknown(tmp_path, elemta_server):
-    server = elemta_server(relay={"mynetworks": [TRUSTED + "/32"]},
+def test_without_recipient_tables_only_alias_domains_check_users(tmp_path, elemta_server):
+    """An alias domain's address needs an entry; a relay or mailbox domain without its
+    recipient table takes every user (the next hop decides), as Postfix does."""
+    server = elemta_server(relay={"mynetworks": [TRUSTED + "/32"],
+                                  "relay_domains": ["open.test"]},
                            virtual={"alias_domains": ["alias.test"],
-                                    "alias_maps": {"info@alias.test": "root@example.test"}})
+                                    "alias_maps": {"info@alias.test": "root@example.test"},
+                                    "mailbox_domains": ["any.test"]})
     assert rcpt(server, "info@alias.test") == "250 2.1.5 Ok"
     assert rcpt(server, "other@alias.test") == unknown("other@alias.test",
                                                        "virtual alias table")
+    assert rcpt(server, "whoever@open.test") == "250 2.1.5 Ok"
+    assert rcpt(server, "whoever@any.test") == "250 2.1.5 Ok"
+    assert rcpt(server, "whoever@elsewhere.test") == \
+        "554 5.7.1 <whoever@elsewhere.test>: Relay access denied"
 
 
 # ---- relay domains -------------------------------------------------------------------------
