@@ -60,9 +60,11 @@ def domain_entry(table, domain, default=None):
 class Addressing:
     """The local domains, the extension rule and the host name of one configuration."""
 
-    def __init__(self, hostname, local_domains, transport_local=(), delimiter="",
-                 alias_domains=None, mailbox_domains=None, relay_domains=None):
-        # type: (str, Iterable[str], Iterable[str], str, Optional[DomainList], Optional[DomainList], Optional[DomainList]) -> None
+    def __init__(self, hostname: str, local_domains: Iterable[str],
+                 transport_local: Iterable[str] = (), delimiter: str = "",
+                 alias_domains: Optional[DomainList] = None,
+                 mailbox_domains: Optional[DomainList] = None,
+                 relay_domains: Optional[DomainList] = None) -> None:
         self.hostname = normal_domain(hostname)
         self.domains = frozenset(normal_domain(d) for d in local_domains) | {self.hostname}
         # Transport map keys whose next hop is "local" (delivered here, not ours to relay).
