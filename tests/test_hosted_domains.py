@@ -40,6 +40,7 @@ ALIASES = {
     "loop1@alias.test": "loop2@alias.test",
     "loop2@alias.test": "loop1@alias.test",
     "self@alias.test": ["self@alias.test", "alice@virt.test"],
+    "inject@alias.test": "a@virt.test\r\nRCPT TO:<x@victim.example>",
 }
 
 
@@ -198,10 +199,21 @@ def test_a_local_alias_forwarding_to_a_virtual_alias_domain_is_expanded(mx, dove
     assert not [m for m in remote.messages if b"to team" in m.content]
 
 
-def test_a_virtual_alias_loop_is_refused_with_its_path(mx):
+def test_a_virtual_alias_loop_is_refused_and_its_path_logged(mx):
     assert rcpt(mx, "loop1@alias.test") == (
-        "451 4.6.0 <loop1@alias.test>: Alias expansion error: virtual alias loop: "
-        "<loop1@alias.test> -> <loop2@alias.test> -> <loop1@alias.test>")
+        "451 4.6.0 <loop1@alias.test>: Alias expansion error: virtual alias loop")
+    assert ("<loop1@alias.test>: virtual alias loop: <loop1@alias.test> -> "
+            "<loop2@alias.test> -> <loop1@alias.test>") in mx.log()
+
+
+def test_a_table_value_that_is_not_an_address_never_reaches_the_envelope(mx):
+    """An alias table may be filled by others (a web panel's SQL rows): a value with a
+    line break would be a second SMTP command at the next hop."""
+    assert rcpt(mx, "inject@alias.test") == ("451 4.6.0 <inject@alias.test>: Alias "
+                                             "expansion error: a virtual alias that is "
+                                             "not an address")
+    assert "the virtual alias table gives 'a@virt.test\\r\\nRCPT TO:<x@victim.example>'" \
+        in mx.log()
 
 
 def test_without_recipient_tables_only_alias_domains_check_users(tmp_path, elemta_server):

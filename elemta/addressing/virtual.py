@@ -16,11 +16,16 @@ The rules, Postfix's:
     qualified with the host name (myorigin)
   - when the entry matched without the address extension (user@domain for
     user+ext@domain), the extension goes onto each result (propagate_unmatched_extensions)
+  - a value that is not an address (a control character, no domain...) is an
+    AliasExpansionError: a table may be filled by others, and nothing but an address
+    may reach the envelope
   - an address in its own expansion is kept as it is (a -> a, b delivers to a and b)
   - a real loop (a -> b -> a) and more than RECURSION_LIMIT levels or EXPANSION_LIMIT
     addresses raise AliasExpansionError: the recipient is refused with 451 4.6.0, as
     Postfix defers the message ("unreasonable virtual_alias_maps map nesting"), so the
-    sender retries while the admin fixes the table
+    sender retries while the admin fixes the table; the reply says which of these it
+    is, the log also names the addresses (where an alias leads is not the client's
+    business)
   - an address an expansion reaches twice, or that is already a recipient of the
     message, is kept once
 A table that cannot answer raises TableUnavailable.
@@ -33,6 +38,7 @@ from elemta.addressing.normal import canonical, normal_local_part, split_address
 from elemta.maps import lookup_address, values
 from elemta.maps.spec import LazyTable
 from elemta.queue.model import Recipient
+from elemta.smtp.address import AddressError, validate_mailbox
 
 # Postfix's virtual_alias_recursion_limit and virtual_alias_expansion_limit.
 RECURSION_LIMIT = 1000
@@ -40,7 +46,13 @@ EXPANSION_LIMIT = 1000
 
 
 class AliasExpansionError(Exception):
-    """A loop or a limit met while expanding; str() says which, naming the addresses."""
+    """A loop, a limit or a bad value met while expanding: str() says which, naming the
+    addresses (for the log); `summary` says which without them (for the client, who
+    must not learn where an alias leads)."""
+
+    def __init__(self, summary, detail):
+        super().__init__(detail)
+        self.summary = summary
 
 
 def _same(address):
@@ -77,6 +89,16 @@ class VirtualAliases:
         if match is None:
             return None
         targets = [self.addressing.qualify(t) for t in values(match.value)]
+        for target in targets:
+            # A table may be written by others (a web panel's SQL rows): what it gives
+            # goes into the envelope, so it must be an address and nothing more.
+            try:
+                validate_mailbox(target, utf8=True)
+            except AddressError as error:
+                raise AliasExpansionError("a virtual alias that is not an address",
+                                          "the virtual alias table gives %s for <%s>, "
+                                          "not an address: %s" % (
+                                              ascii(target), address, error))
         local = normal_local_part(split_address(address)[0])
         user, extension = self.addressing.user_and_extension(local)
         if extension is not None and not match.key.startswith("@") and \
@@ -104,12 +126,14 @@ class VirtualAliases:
                 found.append(target)
                 if len(found) > EXPANSION_LIMIT:
                     raise AliasExpansionError(
+                        "too many addresses",
                         "<%s>: more than %d addresses in its virtual alias expansion"
                         % (address, EXPANSION_LIMIT))
 
         def walk(current, targets, path):
             if len(path) > RECURSION_LIMIT:
-                raise AliasExpansionError("<%s>: virtual aliases nested more than %d deep"
+                raise AliasExpansionError("virtual aliases nested too deep",
+                                          "<%s>: virtual aliases nested more than %d deep"
                                           % (address, RECURSION_LIMIT))
             here = _same(current)
             for target in targets:
@@ -119,8 +143,9 @@ class VirtualAliases:
                     continue
                 if key in (k for k, _ in path):
                     loop = [a for _, a in path[[k for k, _ in path].index(key):]]
-                    raise AliasExpansionError("virtual alias loop: %s" % " -> ".join(
-                        "<%s>" % a for a in loop + [target]))
+                    raise AliasExpansionError("virtual alias loop", "virtual alias loop: %s"
+                                              % " -> ".join("<%s>" % a
+                                                            for a in loop + [target]))
                 if key in done:
                     continue
                 done.add(key)

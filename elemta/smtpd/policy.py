@@ -74,7 +74,7 @@ class RelayPolicy:
             return lookup_failure(recipient), None
         except AliasExpansionError as error:
             log.warning("<%s>: %s", recipient, error)
-            return Reply(451, "4.6.0", EXPANSION_ERROR % (recipient, error)), None
+            return Reply(451, "4.6.0", EXPANSION_ERROR % (recipient, error.summary)), None
         if not found.known and (found.kind != LOCAL
                                 or self.config.local.reject_unknown_users):
             return Reply(550, "5.1.1", UNKNOWN_USER % (recipient, found.table_name)), None
