@@ -313,3 +313,21 @@ def test_a_relay_recipient_table_in_a_stopped_postgresql_gets_451_not_550(
         postgres.start()
     assert rcpt(server, "known@relay.test") == "250 2.1.5 Ok"
     assert "<other@relay.test>: lookup failed: pgsql:%s: " % cf in server.log()
+
+
+def test_the_transport_map_wins_over_the_class_transport():
+    """As Postfix's transport_maps win over virtual_transport and relay_transport."""
+    from elemta.delivery.routing import Router
+    config = load_text("/etc/elemta/elemta.yaml", (
+        "relay:\n  relay_domains: [relay.test, other-relay.test]\n"
+        "  relay_transport: 'smtp:[127.0.0.3]:25'\n"
+        "virtual:\n  mailbox_domains: [virt.test, other.test]\n"
+        "  transport: 'lmtp:[127.0.0.4]:24'\n"
+        "delivery:\n  transport:\n"
+        "    - {domain: virt.test, nexthop: 'lmtp:unix:/run/other/lmtp'}\n"
+        "    - {domain: relay.test, nexthop: 'smtp:[127.0.0.5]:2525'}\n"), check_files=False)
+    router = Router(config)
+    assert router.destination("u@virt.test").key == "lmtp:unix:/run/other/lmtp"
+    assert router.destination("u@other.test").key == "lmtp:[127.0.0.4]:24"
+    assert router.destination("u@relay.test").key == "smtp:[127.0.0.5]:2525"
+    assert router.destination("u@other-relay.test").key == "smtp:[127.0.0.3]:25"

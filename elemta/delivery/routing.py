@@ -5,13 +5,14 @@ Owned by the delivery worker (`elemta: delivery`). In Postfix's order of precede
     1. local addresses (relay.local_domains and the host name, in any spelling: the
        addressing layer's answer, elemta.addressing.resolve, the one the smtpd's relay
        check, pickup and sendmail -bv give too): local delivery;
-    1a. virtual mailbox domains (virtual.mailbox_domains): virtual.transport, LMTP to
-       Dovecot usually (Postfix's virtual_transport);
-    1b. relay domains (relay.relay_domains): relay.relay_transport when set (Postfix's
-       relay_transport), else on as below;
     2. the transport map (delivery.transport): "example.org" matches the domain itself,
        ".example.org" every subdomain; the next hop is smtp:[host]:port, smtp:host:port,
-       lmtp:[host]:port, lmtp:unix:/path or local;
+       lmtp:[host]:port, lmtp:unix:/path or local (it wins over the class's transport,
+       as Postfix's transport_maps do);
+    2a. virtual mailbox domains (virtual.mailbox_domains): virtual.transport, LMTP to
+       Dovecot usually (Postfix's virtual_transport);
+    2b. relay domains (relay.relay_domains): relay.relay_transport when set (Postfix's
+       relay_transport), else on as below;
     3. the relay host (delivery.relayhost), [host]:port or host:port;
     4. the MX hosts of the recipient's domain (elemta.delivery.mx), on delivery.mx_port.
 
@@ -103,12 +104,12 @@ class Router:
         kind = self.addressing.classify(address)
         if kind == LOCAL_CLASS:
             return LOCAL_DESTINATION
-        if kind in self.by_class:
-            return self.by_class[kind]
         domain = normal_domain(split_address(address)[1])
         found = self._transport_entry(domain)
         if found is not None:
             return found
+        if kind in self.by_class:
+            return self.by_class[kind]
         if self.relay is not None:
             return self.relay
         return Destination(SMTP, domain, self.mx_port, True)
