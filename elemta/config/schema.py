@@ -209,7 +209,8 @@ class RelaySettings:
     relay_transport: Optional[str] = opt(
         None, "Where mail for relay_domains goes: a next hop as in delivery.transport "
               "(smtp:[host]:port, lmtp:unix:/path...). Unset: as any other remote mail "
-              "(delivery.transport, relayhost, MX). Postfix's relay_transport.", _transport)
+              "(delivery.transport, relayhost, MX); a delivery.transport entry for the "
+              "domain wins. Postfix's relay_transport.", _transport)
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,8 @@ class VirtualSettings:
     transport: str = opt(
         "lmtp:unix:/run/dovecot/lmtp", "Where mail for mailbox_domains goes: "
                                        "lmtp:unix:/path, lmtp:[host]:port or "
-                                       "smtp:[host]:port. Postfix's virtual_transport.",
+                                       "smtp:[host]:port; a delivery.transport entry "
+                                       "for the domain wins. Postfix's virtual_transport.",
         _transport)
 
 
