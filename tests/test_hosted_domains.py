@@ -233,6 +233,24 @@ def test_without_recipient_tables_only_alias_domains_check_users(tmp_path, elemt
         "554 5.7.1 <whoever@elsewhere.test>: Relay access denied"
 
 
+def test_a_local_submission_to_a_loop_waits_in_the_maildrop(mx):
+    """pickup expands before it queues, as the smtpd does: a loop leaves the file in the
+    maildrop (tried again later, nothing lost) with the reason in the log."""
+    import subprocess
+    import sys
+    from tests.harness import REPO
+    result = subprocess.run(
+        [sys.executable, "-m", "elemta.cli.sendmail", "-C", mx.config_path, "-i",
+         "loop2@alias.test"], input=b"Subject: loop\n\nround and round\n",
+        capture_output=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: re.search(r"maildrop: \S+: 4\.6\.0 Alias expansion error: virtual alias "
+                               r"loop: <loop2@alias.test> -> <loop1@alias.test> -> "
+                               r"<loop2@alias.test>; tried again in", mx.log()), timeout=20)
+    assert [n for n in os.listdir(os.path.join(mx.spool, "maildrop"))
+            if not n.startswith(".")]
+
+
 # ---- relay domains -------------------------------------------------------------------------
 
 def test_relay_domains_take_their_known_recipients_from_anyone(mx, gateway):
