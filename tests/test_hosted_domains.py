@@ -349,3 +349,15 @@ def test_the_transport_map_wins_over_the_class_transport():
     assert router.destination("u@other.test").key == "lmtp:[127.0.0.4]:24"
     assert router.destination("u@relay.test").key == "smtp:[127.0.0.5]:2525"
     assert router.destination("u@other-relay.test").key == "smtp:[127.0.0.3]:25"
+
+
+def test_the_host_name_is_a_local_domain_and_no_other():
+    load_text("/etc/elemta/elemta.yaml", "smtpd:\n  hostname: mx.example.test\n"
+              "relay:\n  local_domains: [mx.example.test, Example.Test]\n",
+              check_files=False)
+    with pytest.raises(ConfigError) as caught:
+        load_text("/etc/elemta/elemta.yaml", "smtpd:\n  hostname: mx.example.test\n"
+                  "relay:\n  relay_domains: [MX.example.test.]\n", check_files=False)
+    assert str(caught.value) == (
+        "/etc/elemta/elemta.yaml:4: relay.relay_domains[0]: mx.example.test is already "
+        "in smtpd.hostname: a domain belongs to one address class")

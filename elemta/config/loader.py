@@ -525,20 +525,25 @@ class _Checker:
         class decides who may send to it and where its mail goes). Only domains written
         in the file can be compared; a table's keys are looked up, in class order, when
         mail comes."""
-        lists = [(("relay", "local_domains"), config.relay.local_domains),
-                 (("virtual", "alias_domains"), config.virtual.alias_domains.domains),
-                 (("virtual", "mailbox_domains"), config.virtual.mailbox_domains.domains),
-                 (("relay", "relay_domains"), config.relay.relay_domains.domains)]
-        seen: Dict[str, KeyPath] = {}
-        for path, domains in lists:
+        hostname = (config.smtpd.hostname,) if config.smtpd.hostname else ()
+        lists = [("local", ("smtpd", "hostname"), hostname),
+                 ("local", ("relay", "local_domains"), config.relay.local_domains),
+                 ("alias", ("virtual", "alias_domains"), config.virtual.alias_domains.domains),
+                 ("mailbox", ("virtual", "mailbox_domains"),
+                  config.virtual.mailbox_domains.domains),
+                 ("relay", ("relay", "relay_domains"), config.relay.relay_domains.domains)]
+        seen: Dict[str, Tuple[str, KeyPath]] = {}
+        for address_class, path, domains in lists:
             for index, domain in enumerate(domains):
                 name = normal_domain(domain)
-                if name in seen and seen[name][:2] != path:
-                    self.refuse_across(path + (index,), "%s is already in %s: a domain "
-                                       "belongs to one address class"
-                                       % (domain, format_key(seen[name])), [seen[name]])
+                where = path if path == ("smtpd", "hostname") else path + (index,)
+                if name in seen and seen[name][0] != address_class:
+                    self.refuse_across(where, "%s is already in %s: a domain belongs "
+                                       "to one address class" % (
+                                           domain, format_key(seen[name][1])),
+                                       [seen[name][1]])
                 else:
-                    seen.setdefault(name, path + (index,))
+                    seen.setdefault(name, (address_class, where))
 
     def refuse_across(self, path: KeyPath, message: str,
                       also_involves: Sequence[KeyPath] = (), involves_path: bool = True) -> None:
