@@ -14,6 +14,11 @@ through each door mail comes in by, and each must say the same thing as the tabl
                    (ctx.outbound, what plugins are told) says local for the local ones
     routing        the delivery worker's Router: the local agent for the local ones
 
+The hosted classes (virtual mailbox, virtual alias and relay domains, issue 14) have
+rows of their own (HOSTED): the RCPT reply naming the table an unknown user is missing
+from, sendmail -bv's words, virtual aliases expanded alike into the smtpd's and pickup's
+queue records, and the router's next hop for each class.
+
 Before the addressing layer, pickup kept xn--bcher-kva.example and bücher.example apart,
 and sendmail -bv knew no alias, kept the final dot and took an A-label for a remote
 domain, so those rows failed there.
@@ -78,7 +83,15 @@ def server(elemta_module_server, tmp_path_factory):
     os.chmod(str(aliases.parent), 0o755)
     return elemta_module_server(
         relay={"local_domains": ["example.test", "Bücher.Example"],
-               "mynetworks": [TRUSTED + "/32"]},
+               "mynetworks": [TRUSTED + "/32"], "relay_domains": ["relay.test"],
+               "relay_recipient_maps": ["known@relay.test ok"],
+               "relay_transport": "smtp:[127.0.0.3]:2525"},
+        virtual={"alias_domains": ["alias.test"],
+                 "alias_maps": {"sales@alias.test": ["alice@virt.test", "root@example.test"]},
+                 "mailbox_domains": ["virt.test", "Mailbox.Bücher.Example"],
+                 "mailbox_maps": ["alice@virt.test ok",
+                                  "alice@mailbox.xn--bcher-kva.example ok"],
+                 "transport": "lmtp:[127.0.0.4]:24"},
         local={"reject_unknown_users": True, "aliases_file": str(aliases),
                "recipient_delimiter": "+"})
 
@@ -212,3 +225,88 @@ def test_a_transport_domain_written_twice_in_two_spellings_is_refused(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(str(path), check_files=False)
     assert "is already in delivery.transport[0]" in str(caught.value)
+
+
+# ---- the hosted address classes (issue 14): virtual mailbox, virtual alias, relay -------------
+
+MAILBOX, RELAYED, ALIASED = "virtual mailbox", "relay", "virtual alias"
+# (address as written, its class, known?, what a virtual alias expands to)
+HOSTED = [
+    ("alice@virt.test", MAILBOX, True, None),
+    ("ALICE@VIRT.TEST.", MAILBOX, True, None),
+    ('"alice"@virt.test', MAILBOX, True, None),
+    ("alice+tag@virt.test", MAILBOX, True, None),              # found as alice@virt.test
+    ("alice@mailbox.bücher.example", MAILBOX, True, None),
+    ("alice@MAILBOX.XN--BCHER-KVA.EXAMPLE.", MAILBOX, True, None),
+    ("nobody@virt.test", MAILBOX, False, None),
+    ("nobody@Mailbox.Bücher.Example", MAILBOX, False, None),
+    ("sales@alias.test", ALIASED, True, ["alice@virt.test", "root@example.test"]),
+    ("SALES@Alias.Test.", ALIASED, True, ["alice@virt.test", "root@example.test"]),
+    ("sales+x@alias.test", ALIASED, True, ["alice+x@virt.test", "root+x@example.test"]),
+    ("nobody@alias.test", ALIASED, False, None),
+    ("known@relay.test", RELAYED, True, None),
+    ("KNOWN@Relay.Test.", RELAYED, True, None),
+    ("nobody@relay.test", RELAYED, False, None),
+]
+TABLE = {MAILBOX: "virtual mailbox table", ALIASED: "virtual alias table",
+         RELAYED: "relay recipient table"}
+
+
+@pytest.mark.parametrize("address, kind, known, targets", HOSTED, ids=[h[0] for h in HOSTED])
+def test_smtp_rcpt_hosted(server, address, kind, known, targets):
+    code, text = rcpt_reply(server, address, STRANGER)
+    if known:
+        assert (code, text.decode()) == (250, "2.1.5 Ok")
+    else:
+        shown = address.encode("ascii", "replace").decode()     # replies are ASCII
+        assert (code, text.decode()) == (550, "5.1.1 <%s>: Recipient address rejected: "
+                                              "User unknown in %s" % (shown, TABLE[kind]))
+
+
+def test_sendmail_bv_hosted(server):
+    status, out, err = sendmail(server, "-bv", *[h[0] for h in HOSTED])
+    expected = []
+    for address, kind, known, targets in HOSTED:
+        domain = address.rpartition("@")[2]
+        if not known:
+            expected.append("%s... undeliverable: User unknown in %s" % (address, TABLE[kind]))
+        elif targets:
+            expected.append("%s... deliverable: virtual alias of %s"
+                            % (address, ", ".join(targets)))
+        else:
+            expected.append("%s... deliverable: %s domain %s" % (address, kind, domain))
+    assert out.splitlines() == expected, err
+    assert status == 67
+
+
+def test_smtp_and_sendmail_queue_the_same_expanded_recipients(server):
+    """Virtual aliases are expanded before the queue, by the smtpd and by pickup alike."""
+    accepted = [h[0] for h in HOSTED if h[2]]
+    before = set(server.queued_ids())
+    with smtplib.SMTP("127.0.0.1", server.port, source_address=(STRANGER, 0)) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("someone@client.test", ["SMTPUTF8"])
+        assert [smtp.docmd("RCPT TO:<%s>" % a)[0] for a in accepted] == [250] * len(accepted)
+        assert smtp.data(b"Subject: hosted by smtp\r\n\r\nhi\r\n")[0] == 250
+    [by_smtp] = wait_for(lambda: set(server.queued_ids()) - before)
+    status, _, err = sendmail(server, "-i", *accepted, stdin=b"Subject: hosted\n\nhi\n")
+    assert status == 0, err
+    [by_pickup] = wait_for(lambda: set(server.queued_ids()) - before - {by_smtp}, timeout=20)
+    expected = []
+    for address, _, _, targets in HOSTED:
+        for one in targets or [address]:
+            if one not in expected and (targets or address in accepted):
+                expected.append(one)
+    assert queued_recipients(server, by_smtp) == expected
+    assert queued_recipients(server, by_pickup) == expected
+
+
+@pytest.mark.parametrize("address, kind, known, targets",
+                         [h for h in HOSTED if h[1] != ALIASED], ids=lambda v: str(v))
+def test_routing_hosted(config, address, kind, known, targets):
+    destination = Router(config).destination(address)
+    if kind == MAILBOX:
+        assert (destination.kind, destination.host, destination.port) == ("lmtp", "127.0.0.4", 24)
+    else:
+        assert (destination.kind, destination.host, destination.port) == (
+            "smtp", "127.0.0.3", 2525)

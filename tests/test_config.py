@@ -146,7 +146,8 @@ def schema_key_paths(cls=Config, prefix=""):
         args = typing.get_args(kind)
         if dataclasses.is_dataclass(kind):
             yield from schema_key_paths(kind, prefix + field.name + ".")
-        elif args and dataclasses.is_dataclass(args[0]):
+        elif args and dataclasses.is_dataclass(args[0]) and \
+                not hasattr(args[0], "from_config"):     # a lookup table is one value
             yield prefix + field.name, field
             yield from schema_key_paths(args[0], prefix + field.name + "[].")
         else:
@@ -460,6 +461,8 @@ def literal(value):
     """A default as the page writes it, worked out here on its own."""
     if value is None:
         return "unset"
+    if hasattr(type(value), "plain"):        # a domain list: its list or its table
+        return literal(value.plain())
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, str):

@@ -457,3 +457,19 @@ def test_the_files_of_tables_are_read_at_load_and_named_for_the_file_check(tmp_p
     assert [(path, spec.worker_file) for path, spec in own_typed_values(settings)] == [
         (("virtual",), "/etc/elemta/not-compiled-yet.lmdb"), (("checks", 0), good),
         (("checks", 1), bad)]
+
+
+def test_a_lazy_table_reads_nothing_until_its_first_lookup(tmp_path):
+    """What sendmail builds for the domain tables: no file is read (a user may not read
+    a .cf file with a password), and a table that cannot be opened fails for now."""
+    from elemta.maps.spec import LazyTable
+    cf = tmp_path / "missing-sqlite.cf"
+    table = LazyTable("sqlite:%s" % cf)
+    with pytest.raises(TableUnavailable) as caught:
+        table.lookup("example.org")
+    assert str(caught.value).startswith("sqlite:%s: cannot open: " % cf)
+    cf.write_text("dbpath = %s\nquery = SELECT 'x' WHERE '%%s' = 'example.org'\n"
+                  % (tmp_path / "db.sqlite"))
+    import sqlite3
+    sqlite3.connect(str(tmp_path / "db.sqlite")).close()
+    assert table.lookup("example.org") == "x"

@@ -1,12 +1,13 @@
 """The relay policy's decisions, without a server: which recipients are local, which
 clients are trusted (mynetworks, IPv4-mapped IPv6), and what AUTH changes."""
 
-from elemta.config.schema import RelaySettings
+from elemta.config.schema import Config, RelaySettings, SMTPDSettings
 from elemta.smtpd.policy import RelayPolicy
 
 
 def policy(**relay):
-    return RelayPolicy(RelaySettings(**relay), "mx.example.test")
+    return RelayPolicy(Config(relay=RelaySettings(**relay),
+                              smtpd=SMTPDSettings(hostname="mx.example.test")))
 
 
 def test_local_domains_in_any_spelling():

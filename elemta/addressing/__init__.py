@@ -7,10 +7,14 @@ config, queue and the standard library, and no process owns it.
 
     normal          one spelling of an address: domain case, final dot, IDNA (U-labels
                     as A-labels), address literals, needless quotes around a local part
-    resolve         Addressing: LOCAL or REMOTE by relay.local_domains and the host
-                    name (mydestination); the extension rule; bare names qualified
+    resolve         Addressing: the address class (LOCAL, virtual ALIAS, VIRTUAL
+                    mailbox, RELAY or REMOTE) by the domain lists; the extension rule;
+                    bare names qualified
     recipients      "is this a known local recipient?" (passwd, aliases, postmaster and
                     root): the smtpd's 550 5.1.1 at RCPT and sendmail -bv alike
+    hosted          "does this recipient exist?" for every class (virtual alias,
+                    mailbox and relay recipient tables too)
+    virtual         virtual alias expansion (virtual.alias_maps), before queueing
     aliases         the aliases file: parse (file:line errors), look up, re-read on change
     local_protocol  the JSON-lines requests and replies between delivery workers and the
                     local agent (spool/run/local.sock)

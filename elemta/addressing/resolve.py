@@ -1,29 +1,48 @@
-"""Is this address ours? Postfix's resolve_local: one answer for every process.
+"""Which address class is this address in? Postfix's resolve step (trivial-rewrite and
+resolve_local): one answer for every process.
 
-An address is LOCAL when it is a bare name (postmaster) or its domain, in normal form
-(elemta.addressing.normal), is the host name, the mail name (smtpd.origin) or one of
-relay.local_domains (Postfix's mydestination); REMOTE otherwise. An address literal is always REMOTE: local_domains
-takes domain names only, so user@[127.0.0.1] is relayed for trusted clients and refused
-to others, even when it names this host (Postfix's resolve_local would take the
-addresses of inet_interfaces as local; tests/security/test_open_relay.py pins ours).
-VIRTUAL is the class hosted domains will have; no configuration makes one yet.
+The classes, tried in Postfix's order on the domain in normal form
+(elemta.addressing.normal):
+
+    LOCAL     a bare name (postmaster), the host name, the mail name (smtpd.origin)
+              or relay.local_domains (mydestination): Unix users and /etc/aliases,
+              the local agent
+    ALIAS     virtual.alias_domains: every address is a virtual alias (no mailboxes)
+    VIRTUAL   virtual.mailbox_domains: mailboxes behind virtual.transport (Dovecot)
+    RELAY     relay.relay_domains: relayed, from anyone (a backup MX, a gateway)
+    REMOTE    everything else (Postfix's default class): only for trusted clients
+
+The first four are accepted from anyone; REMOTE only from mynetworks or an
+authenticated client (elemta.smtpd.policy). An address literal is always REMOTE:
+local_domains takes domain names only, so user@[127.0.0.1] is relayed for trusted
+clients and refused to others, even when it names this host (Postfix's resolve_local
+would take the addresses of inet_interfaces as local; tests/security/test_open_relay.py
+pins ours). The hosted domain lists may be lookup tables (elemta.maps.domains):
+classify() then raises TableUnavailable when one cannot answer (451 at RCPT, a deferral
+at delivery); is_local() reads no table and never raises.
 
 Who asks: the smtpd's relay check (elemta.smtpd.policy), the router
-(elemta.delivery.routing: LOCAL goes to the local agent), pickup (ctx.outbound for the
-plugins), sendmail -bv, and the local agent (delivered_here: may an alias member be
-expanded here, or must it be forwarded?). The same object knows the extension rule
-(local.recipient_delimiter) and qualifies bare names with the mail name (myorigin).
-See also: elemta.addressing.recipients (which local recipients exist).
+(elemta.delivery.routing), pickup (ctx.outbound for the plugins), sendmail -bv, and the
+local agent (delivered_here: may an alias member be expanded here, or must it be
+forwarded?). The same object knows the extension rule (local.recipient_delimiter) and
+qualifies bare names with the mail name (myorigin).
+See also: elemta.addressing.recipients (which local recipients exist),
+elemta.addressing.hosted (which hosted ones exist), elemta.addressing.virtual (aliases).
 """
 
 from typing import Iterable, Optional
 
 from elemta.addressing.normal import normal_domain, split_address
 from elemta.config.schema import parse_transport
+from elemta.maps.domains import DomainList, DomainMatcher
 
 LOCAL = "local"
-VIRTUAL = "virtual"          # hosted domains: coming, not produced yet
+ALIAS = "virtual alias"      # virtual.alias_domains
+VIRTUAL = "virtual"          # virtual.mailbox_domains
+RELAY = "relay"              # relay.relay_domains
 REMOTE = "remote"
+# The classes mail is accepted for from any client.
+OURS = (LOCAL, ALIAS, VIRTUAL, RELAY)
 
 
 def domain_entry(table, domain, default=None):
@@ -44,7 +63,10 @@ class Addressing:
 
     def __init__(self, hostname: str, local_domains: Iterable[str],
                  transport_local: Iterable[str] = (), delimiter: str = "",
-                 origin: Optional[str] = None) -> None:
+                 origin: Optional[str] = None,
+                 alias_domains: Optional[DomainList] = None,
+                 mailbox_domains: Optional[DomainList] = None,
+                 relay_domains: Optional[DomainList] = None) -> None:
         self.hostname = normal_domain(hostname)
         # The mail name bare names get (Postfix's myorigin); local, as Debian's
         # mydestination lists both $myhostname and /etc/mailname.
@@ -54,24 +76,40 @@ class Addressing:
         # Transport map keys whose next hop is "local" (delivered here, not ours to relay).
         self.transport_local = {normal_domain(d): True for d in transport_local}
         self.delimiter = delimiter
+        # The hosted classes in Postfix's order; an empty list is left out.
+        self.hosted = [(name, DomainMatcher(domains)) for name, domains in (
+            (ALIAS, alias_domains), (VIRTUAL, mailbox_domains), (RELAY, relay_domains))
+            if domains]
 
     @classmethod
     def from_config(cls, config):
         return cls(config.hostname, config.relay.local_domains,
                    [entry.domain for entry in config.delivery.transport
                     if parse_transport(entry.nexthop)[0] == LOCAL],
-                   config.local.recipient_delimiter, config.origin)
+                   config.local.recipient_delimiter, config.origin,
+                   config.virtual.alias_domains, config.virtual.mailbox_domains,
+                   config.relay.relay_domains)
 
     def classify(self, address):
-        """LOCAL or REMOTE (see the module docstring)."""
+        """LOCAL, ALIAS, VIRTUAL, RELAY or REMOTE (see the module docstring); raises
+        TableUnavailable when a domain table cannot answer."""
         domain = split_address(address)[1]
-        if not domain or normal_domain(domain) in self.domains:
+        if not domain:
             return LOCAL
+        domain = normal_domain(domain)
+        if domain in self.domains:
+            return LOCAL
+        if domain.startswith("["):
+            return REMOTE
+        for name, matcher in self.hosted:
+            if domain in matcher:
+                return name
         return REMOTE
 
     def is_local(self, address):
-        """True for a bare name and an address in a local domain."""
-        return self.classify(address) == LOCAL
+        """True for a bare name and an address in a local domain (no table is read)."""
+        domain = split_address(address)[1]
+        return not domain or normal_domain(domain) in self.domains
 
     def delivered_here(self, address):
         """True for a local address, and for one the transport map sends to local

@@ -17,7 +17,8 @@ taken by pickup from the file's owner, so no option here can forge it.
                     the built-in defaults (elemta.cli.config_finder)
       -bs           SMTP dialogue on stdin/stdout      -bp   list the queue (mailq)
       -bv           verify the recipients only, queue nothing (the smtpd's RCPT answer:
-                    local domains, users and aliases, elemta.addressing)
+                    local domains, users and aliases, hosted domains and their
+                    tables, virtual aliases expanded: elemta.addressing)
       -bi, -I       check the aliases file (newaliases)
       -q            flush the queue (elemtactl queue flush)
       -o..., -L, -v, -n, -m, -U, -h N, -X FILE, -G, -x, -A...: accepted, ignored
@@ -39,8 +40,11 @@ import sys
 from os import EX_DATAERR, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
 
 from elemta.addressing.normal import split_address
-from elemta.addressing.recipients import ROLE, LocalRecipients
-from elemta.addressing.resolve import Addressing
+from elemta.addressing.hosted import HostedRecipients
+from elemta.addressing.recipients import ROLE
+from elemta.addressing.resolve import LOCAL, RELAY, REMOTE, VIRTUAL, Addressing
+from elemta.addressing.virtual import AliasExpansionError
+from elemta.maps import TableUnavailable
 from elemta.cli.config_finder import config_path, read_config
 from elemta.cli.failure import Failure
 
@@ -199,10 +203,11 @@ class SubmissionContext:
 
     @property
     def recipients(self):
-        """The local recipient table the smtpd checks RCPT against (passwd, aliases)."""
+        """The recipient tables the smtpd checks RCPT against (passwd, aliases, the
+        hosted domains' tables)."""
         if self._recipients is None:
-            self._recipients = LocalRecipients(self.config.local, self.addressing,
-                                               log_name="elemta.sendmail")
+            self._recipients = HostedRecipients(self.config, self.addressing,
+                                                log_name="elemta.sendmail")
         return self._recipients
 
     def qualify(self, address):
@@ -458,22 +463,41 @@ def verify(options, context, stdin=None):
         line, code = verdict(context, address)
         print(line)
         status = max(status, code)
-    aliases = context.recipients.aliases if context.recipients_made else None
+    aliases = context.recipients.local.aliases if context.recipients_made else None
     if aliases is not None and aliases.error:
         print("elemta-sendmail: warning: %s: aliases were not looked at" % aliases.error,
               file=sys.stderr)
     return status
 
 
+# -bv's words for the hosted classes (an address of a virtual alias domain is either
+# expanded or unknown).
+HOSTED_WORDS = {VIRTUAL: "virtual mailbox", RELAY: "relay"}
+
+
 def verdict(context, address):
     """(-bv's line, exit status) for one valid address: the smtpd's answer to RCPT."""
     local, domain = split_address(address)
-    if not context.addressing.is_local(address):
+    try:
+        resolved = context.recipients.resolve(address)
+    except TableUnavailable as error:
+        return "%s... deferred: lookup failed: %s" % (address, error), EX_TEMPFAIL
+    except AliasExpansionError as error:
+        return "%s... deferred: alias expansion error: %s" % (address, error), EX_TEMPFAIL
+    if resolved.targets is not None:
+        return "%s... deliverable: virtual alias of %s" % (
+            address, ", ".join(resolved.targets)), EX_OK
+    if resolved.kind == REMOTE:
         return "%s... deliverable: remote domain %s" % (address, domain), EX_OK
-    found = context.recipients.find_address(address)
-    if found is None:
+    if resolved.kind != LOCAL:
+        if not resolved.known:
+            return "%s... undeliverable: User unknown in %s" % (
+                address, resolved.table_name), EX_NOUSER
+        return "%s... deliverable: %s domain %s" % (address, HOSTED_WORDS[resolved.kind],
+                                                    domain), EX_OK
+    if resolved.found is None:
         return "%s... undeliverable: no such local user %s" % (address, local), EX_NOUSER
-    kind, name = found
+    kind, name = resolved.found
     if kind == ROLE:
         return "%s... deliverable: local role address" % address, EX_OK
     return "%s... deliverable: local %s %s" % (address, kind, name), EX_OK

@@ -43,6 +43,8 @@ def value_text(value: Any) -> str:
     {address = "::", port = 25}; None (no value, which TOML cannot write) is unset."""
     if value is None:
         return "unset"
+    if hasattr(type(value), "from_config"):     # a lookup table or a domain list
+        return value_text(value.plain() if hasattr(value, "plain") else str(value))
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

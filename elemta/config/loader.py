@@ -471,6 +471,7 @@ class _Checker:
 
         self.check_delivery(config)
         self.check_priority_rules(config)
+        self.check_address_classes(config)
         self.check_plugins(config.plugins)
         self.check_tables(config)
 
@@ -547,6 +548,32 @@ class _Checker:
                                    % (entry.domain, seen[domain]))
             elif domain:
                 seen[domain] = index
+
+    def check_address_classes(self, config: Config) -> None:
+        """A domain belongs to one address class: local, virtual alias, virtual mailbox
+        or relay (Postfix warns of a domain in two; here it is refused, since the
+        class decides who may send to it and where its mail goes). Only domains written
+        in the file can be compared; a table's keys are looked up, in class order, when
+        mail comes."""
+        hostname = (config.smtpd.hostname,) if config.smtpd.hostname else ()
+        lists = [("local", ("smtpd", "hostname"), hostname),
+                 ("local", ("relay", "local_domains"), config.relay.local_domains),
+                 ("alias", ("virtual", "alias_domains"), config.virtual.alias_domains.domains),
+                 ("mailbox", ("virtual", "mailbox_domains"),
+                  config.virtual.mailbox_domains.domains),
+                 ("relay", ("relay", "relay_domains"), config.relay.relay_domains.domains)]
+        seen: Dict[str, Tuple[str, KeyPath]] = {}
+        for address_class, path, domains in lists:
+            for index, domain in enumerate(domains):
+                name = normal_domain(domain)
+                where = path if path == ("smtpd", "hostname") else path + (index,)
+                if name in seen and seen[name][0] != address_class:
+                    self.refuse_across(where, "%s is already in %s: a domain belongs "
+                                       "to one address class" % (
+                                           domain, format_key(seen[name][1])),
+                                       [seen[name][1]])
+                else:
+                    seen.setdefault(name, (address_class, where))
 
     def refuse_across(self, path: KeyPath, message: str,
                       also_involves: Sequence[KeyPath] = (), involves_path: bool = True) -> None:

@@ -29,6 +29,8 @@ from elemta.config.options import not_negative as _not_negative
 from elemta.config.options import one_of as _one_of
 from elemta.config.options import opt
 from elemta.config.options import positive as _positive
+from elemta.maps.domains import DomainList
+from elemta.maps.spec import TableSpec
 from elemta.plugins.settings import (ARCSettings, AuthResSettings, ConfiguredPlugin,
                                      DKIMSettings, DMARCSettings, GreylistSettings,
                                      SPFSettings, authres_runs)
@@ -238,6 +240,53 @@ class RelaySettings:
     mynetworks: Tuple[str, ...] = opt(
         ("127.0.0.0/8", "::1/128"), "Client networks trusted to relay to any domain.",
         _networks)
+    relay_domains: DomainList = opt(
+        DomainList(), "Domains this server relays mail for from anyone (a backup MX, a "
+                      "mail gateway): a list (\".example.org\" for every subdomain) or a "
+                      "lookup table keyed by domain. Postfix's relay_domains.")
+    relay_recipient_maps: Optional[TableSpec] = opt(
+        None, "The recipients of relay_domains that exist, a lookup table keyed by "
+              "user@domain or @domain (the value is not read); any other recipient there "
+              "is refused at RCPT (550 5.1.1). Unset: every recipient is taken. Postfix's "
+              "relay_recipient_maps.")
+    relay_transport: Optional[str] = opt(
+        None, "Where mail for relay_domains goes: a next hop as in delivery.transport "
+              "(smtp:[host]:port, lmtp:unix:/path...). Unset: as any other remote mail "
+              "(delivery.transport, relayhost, MX); a delivery.transport entry for the "
+              "domain wins. Postfix's relay_transport.", _transport)
+
+
+@dataclass(frozen=True)
+class VirtualSettings:
+    """Hosted domains whose users are not accounts of this host (Postfix's virtual alias
+    and virtual mailbox address classes)."""
+    alias_domains: DomainList = opt(
+        DomainList(), "Domains whose every address is an alias in alias_maps (a list or "
+                      "a lookup table); an address there without an entry is refused at "
+                      "RCPT (550 5.1.1). Postfix's virtual_alias_domains (which defaults "
+                      "to the domains of virtual_alias_maps; here it must be given).")
+    alias_maps: Optional[TableSpec] = opt(
+        None, "Virtual aliases, for recipients of every domain, expanded when the message "
+              "is queued: keys user@domain, user (local domains only), @domain (a "
+              "catch-all, after user@domain); a value is one or more addresses (local, "
+              "hosted or remote), each expanded again, up to 1000 levels and 1000 "
+              "addresses. An address that maps to itself is kept; a loop is refused "
+              "with 451 4.6.0. Postfix's virtual_alias_maps.")
+    mailbox_domains: DomainList = opt(
+        DomainList(), "Domains whose users have mailboxes on another delivery agent "
+                      "(transport), such as Dovecot (a list or a lookup table). Postfix's "
+                      "virtual_mailbox_domains.")
+    mailbox_maps: Optional[TableSpec] = opt(
+        None, "The users of mailbox_domains, a lookup table keyed by user@domain or "
+              "@domain (the value is not read); any other recipient there is refused at "
+              "RCPT (550 5.1.1). Unset: every recipient is taken and the delivery agent "
+              "decides. Postfix's virtual_mailbox_maps.")
+    transport: str = opt(
+        "lmtp:unix:/run/dovecot/lmtp", "Where mail for mailbox_domains goes: "
+                                       "lmtp:unix:/path, lmtp:[host]:port or "
+                                       "smtp:[host]:port; a delivery.transport entry "
+                                       "for the domain wins. Postfix's virtual_transport.",
+        _transport)
 
 
 @dataclass(frozen=True)
@@ -697,6 +746,7 @@ class Config:
     smtpd: SMTPDSettings = opt(SMTPDSettings(), "SMTP server identity and input policy.")
     listeners: Tuple[Listener, ...] = opt((Listener(),), "Listening sockets.")
     relay: RelaySettings = opt(RelaySettings(), "Relay control.")
+    virtual: VirtualSettings = opt(VirtualSettings(), "Hosted domains.")
     tls: TLSSettings = opt(TLSSettings(), "TLS certificates.")
     auth: AuthSettings = opt(AuthSettings(), "SMTP AUTH.")
     limits: LimitSettings = opt(LimitSettings(), "Per-client limits.")

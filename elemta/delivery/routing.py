@@ -7,9 +7,19 @@ Owned by the delivery worker (`elemta: delivery`). In Postfix's order of precede
        check, pickup and sendmail -bv give too): local delivery;
     2. the transport map (delivery.transport): "example.org" matches the domain itself,
        ".example.org" every subdomain; the next hop is smtp:[host]:port, smtp:host:port,
-       lmtp:[host]:port, lmtp:unix:/path or local;
+       lmtp:[host]:port, lmtp:unix:/path or local (it wins over the class's transport,
+       as Postfix's transport_maps do);
+    2a. virtual mailbox domains (virtual.mailbox_domains): virtual.transport, LMTP to
+       Dovecot usually (Postfix's virtual_transport);
+    2b. relay domains (relay.relay_domains): relay.relay_transport when set (Postfix's
+       relay_transport), else on as below;
     3. the relay host (delivery.relayhost), [host]:port or host:port;
     4. the MX hosts of the recipient's domain (elemta.delivery.mx), on delivery.mx_port.
+
+An address of a virtual alias domain is expanded before it is queued
+(elemta.addressing.virtual); one that reaches delivery unexpanded (queued before its
+domain was configured) goes on as below. A domain table that cannot answer raises
+TableUnavailable: the worker defers the message.
 
 A bracketed next hop is connected to as it is (its A/AAAA records if it is a name); an
 unbracketed one is looked up as a domain, MX first, as Postfix does.
@@ -21,7 +31,8 @@ from dataclasses import dataclass
 from typing import List
 
 from elemta.addressing.normal import normal_domain, split_address
-from elemta.addressing.resolve import Addressing, domain_entry
+from elemta.addressing.resolve import LOCAL as LOCAL_CLASS
+from elemta.addressing.resolve import RELAY, VIRTUAL, Addressing, domain_entry
 from elemta.config.schema import parse_nexthop, parse_transport
 from elemta.delivery.mx import Host, MXResolver, NoMailHost
 
@@ -66,30 +77,39 @@ class Router:
         # The smtpd's own answer: a domain it accepted as local is delivered locally,
         # however the client wrote it.
         self.addressing = Addressing.from_config(config)
-        self.transport = {}
-        for entry in delivery.transport:
-            kind, host, port, mx_lookup = parse_transport(entry.nexthop)
-            if kind == LOCAL:
-                destination = LOCAL_DESTINATION
-            elif kind == LMTP:
-                destination = Destination(LMTP, host, 0 if host.startswith("/")
-                                          else port or LMTP_PORT, False)
-            else:
-                destination = Destination(SMTP, host, port or self.mx_port, mx_lookup)
-            self.transport[normal_domain(entry.domain)] = destination
+        self.transport = {normal_domain(entry.domain): self.nexthop(entry.nexthop)
+                          for entry in delivery.transport}
+        # By address class: virtual mailboxes always have their transport.
+        self.by_class = {VIRTUAL: self.nexthop(config.virtual.transport)}
+        if config.relay.relay_transport:
+            self.by_class[RELAY] = self.nexthop(config.relay.relay_transport)
         self.relay = None
         if delivery.relayhost:
             host, port, mx_lookup = parse_nexthop(delivery.relayhost)
             self.relay = Destination(SMTP, host, port or self.mx_port, mx_lookup)
 
+    def nexthop(self, text):
+        """The Destination of a transport next hop (smtp:..., lmtp:..., local)."""
+        kind, host, port, mx_lookup = parse_transport(text)
+        if kind == LOCAL:
+            return LOCAL_DESTINATION
+        if kind == LMTP:
+            return Destination(LMTP, host, 0 if host.startswith("/")
+                               else port or LMTP_PORT, False)
+        return Destination(SMTP, host, port or self.mx_port, mx_lookup)
+
     def destination(self, address):
         # type: (str) -> Destination
-        if self.addressing.is_local(address):
+        """Where address goes; raises TableUnavailable (see the module docstring)."""
+        kind = self.addressing.classify(address)
+        if kind == LOCAL_CLASS:
             return LOCAL_DESTINATION
         domain = normal_domain(split_address(address)[1])
         found = self._transport_entry(domain)
         if found is not None:
             return found
+        if kind in self.by_class:
+            return self.by_class[kind]
         if self.relay is not None:
             return self.relay
         return Destination(SMTP, domain, self.mx_port, True)

@@ -70,11 +70,13 @@ from elemta.delivery.mx import MXResolver
 from elemta.delivery.recorder import AttemptRecorder
 from elemta.delivery.routing import LMTP, LOCAL, SMTP, Router
 from elemta.delivery.smtp_transport import SMTPTransport
-from elemta.delivery.stages import DeliveryStages
+from elemta.delivery.stages import NO_RELAY, DeliveryStages
+from elemta.maps import TableUnavailable
 from elemta.queue import holders, wakeup
 from elemta.queue.model import BOUNCED, PENDING, RCPT_DEFERRED, SENT
 from elemta.queue.queue import (ATTEMPT_FAILED, ATTEMPT_GONE, ATTEMPT_LEASE_LOST,
                                 ATTEMPT_REMOVED, Attempt, Queue)
+from elemta.smtp.replies import lookup_failure
 from elemta.util.child import GeventChild
 from elemta.util.logs import error_text
 from elemta.util.threads import in_thread
@@ -398,8 +400,16 @@ class DeliveryWorker(GeventChild):
         for index, recipient in enumerate(envelope.recipients):
             if recipient.status not in (PENDING, RCPT_DEFERRED):
                 continue
-            destination = self.stages.routing(record, recipient,
-                                              self.router.destination(recipient.address))
+            try:
+                routed = self.router.destination(recipient.address)
+            except TableUnavailable as error:
+                # A domain table that cannot answer: this recipient waits (451 4.3.0).
+                log.warning("%s: <%s>: lookup failed: %s", record.queue_id,
+                            recipient.address, error)
+                results[index] = (RCPT_DEFERRED, str(lookup_failure(recipient.address)),
+                                  NO_RELAY)
+                continue
+            destination = self.stages.routing(record, recipient, routed)
             groups.setdefault(destination, []).append((index, recipient))
         jobs = [gevent.spawn(_caught, self._deliver_group, record, destination, items)
                 for destination, items in groups.items()]

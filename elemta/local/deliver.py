@@ -32,12 +32,15 @@ import time
 from types import SimpleNamespace
 
 from elemta.addressing.normal import normal_address
+from elemta.addressing.resolve import Addressing
+from elemta.addressing.virtual import AliasExpansionError, VirtualAliases, expanded_recipients
 from elemta.local import command as commands
 from elemta.local.expand import (COMMAND, FAILED, FILE, FORWARD, MAILBOX, Expander,
                                  InsecureFile, Lookups, TemporaryLookupError, summarize)
 from elemta.local.mailbox import (DEV_NULL, DeliveryFailure, MessageCopy, deliver_maildir,
                                   deliver_mbox)
 from elemta.local.privileges import ChildFailed, is_root, run_as
+from elemta.maps import TableUnavailable
 from elemta.queue import wakeup
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import BOUNCED, RCPT_DEFERRED, SENT, Envelope, Recipient
@@ -311,7 +314,17 @@ class RecipientDelivery:
 
     def forward(self, addresses):
         """Queue one new message (same sender, Delivered-To added) for addresses, as the
-        spool's owner. (status, reply)."""
+        spool's owner, their virtual aliases expanded first as for any mail queued
+        (elemta.addressing.virtual; Postfix's local forwards through cleanup).
+        (status, reply)."""
+        try:
+            targets = self._virtual_targets(addresses)
+        except (TableUnavailable, AliasExpansionError) as error:
+            log.warning("%s: to=<%s>: cannot forward to %s: %s", self.queue_id,
+                        self.recipient["address"], ", ".join("<%s>" % a for a in addresses),
+                        error)
+            return RCPT_DEFERRED, "451 4.3.0 cannot expand the forwarded addresses: %s" % (
+                error,)
         spool = self.config.queue.spool_dir
         st = os.stat(spool)
         try:
@@ -320,13 +333,22 @@ class RecipientDelivery:
             name = str(st.st_uid)
         owner = SimpleNamespace(pw_name=name, pw_uid=st.st_uid, pw_gid=st.st_gid)
         try:
-            queue_id = run_as(owner, self._queue_forward, addresses)
+            queue_id = run_as(owner, self._queue_forward, targets)
         except ChildFailed as error:
             return RCPT_DEFERRED, "451 4.3.0 cannot queue the forwarded message: %s" % error
         log.info("%s: to=<%s>: forwarded as %s to %s", self.queue_id,
                  self.recipient["address"], queue_id,
                  ", ".join("<%s>" % a for a in addresses))
         return SENT, "250 2.0.0 forwarded as %s" % queue_id
+
+    def _virtual_targets(self, addresses):
+        """The addresses with their virtual aliases expanded (a list of the same when
+        virtual.alias_maps is unset); raises TableUnavailable or AliasExpansionError."""
+        aliases = VirtualAliases.from_config(self.config, Addressing.from_config(self.config))
+        if aliases is None:
+            return list(addresses)
+        return [r.address for r in expanded_recipients(
+            [Recipient(a) for a in addresses], aliases.expand)]
 
     def _queue_forward(self, addresses):
         envelope, original = self.envelope, self.recipient

@@ -7,7 +7,9 @@ lmdb, psycopg).
 
     base        LookupTable.lookup(key) -> None | str | list; TableError (configured
                 wrongly) and TableUnavailable (cannot answer now: 451 4.3.0, defer)
-    spec        TableSpec ("type:name", a config table or list) and open_table()
+    spec        TableSpec ("type:name", a config table or list), open_table() and
+                LazyTable (opened at its first lookup)
+    domains     DomainList: a config value of domains, inline or a table
     search      Postfix's search orders: lookup_address (user@domain, user, @domain),
                 lookup_domain (domain, .parent...)
     source      the text format postmap reads (key value, continuation lines)

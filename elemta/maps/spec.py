@@ -21,7 +21,7 @@ See also: elemta.maps.base, man/elemta-tables.5.
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
-from elemta.maps.base import LookupTable, TableError
+from elemta.maps.base import LookupTable, Result, TableError, TableUnavailable
 from elemta.maps.inline import InlineTable, parse_braces
 from elemta.maps.source import parse_entries
 
@@ -132,3 +132,29 @@ def open_table(spec: Any) -> LookupTable:
         return SQLiteTable(spec.name, text)
     from elemta.maps.pgsql import PgSQLTable
     return PgSQLTable(spec.name, text)
+
+
+class LazyTable(LookupTable):
+    """A table opened at its first lookup, by the process that looks up: a command
+    every user runs (sendmail) builds what may need a table without reading files it
+    has no right to, and a table whose file went wrong after the config was checked
+    makes lookups fail for now (TableUnavailable: 451, a deferral) instead of
+    stopping the process that opens it."""
+
+    def __init__(self, spec: Any) -> None:
+        self._spec = parse_spec(spec)
+        self.spec = str(self._spec)
+        self._table: Optional[LookupTable] = None
+
+    def lookup(self, key: str) -> Result:
+        if self._table is None:
+            try:
+                self._table = open_table(self._spec)
+            except TableError as error:
+                raise TableUnavailable("%s: cannot open: %s" % (self.spec, error))
+        return self._table.lookup(key)
+
+    def close(self) -> None:
+        if self._table is not None:
+            self._table.close()
+            self._table = None

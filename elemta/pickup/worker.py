@@ -49,6 +49,8 @@ from gevent import socket as gsocket
 from gevent.event import Event
 
 from elemta.addressing.resolve import Addressing
+from elemta.addressing.virtual import AliasExpansionError, VirtualAliases, expanded_recipients
+from elemta.maps import TableUnavailable
 from elemta.plugins.api import DATA, DISCARD, QUEUE, REJECT, STORAGE, Context
 from elemta.plugins.content import notify_queued, outbound, run_content_stages, wants_content
 from elemta.plugins.manager import PluginManager
@@ -87,7 +89,9 @@ def received_header(uid, hostname, queue_id, recipients, now=None):
 
 
 class Deferred(Exception):
-    """A plugin tempfailed a submission: it stays in the maildrop for a later scan."""
+    """A plugin tempfailed a submission, or its virtual aliases could not be expanded
+    now (a table down, a loop the admin must fix): it stays in the maildrop for a later
+    scan."""
 
 
 class PickupWorker(GeventChild):
@@ -107,6 +111,8 @@ class PickupWorker(GeventChild):
         self.wake_socket = None
         # Which recipients are ours: the smtpd's and the router's own answer.
         self.addressing = Addressing.from_config(config)
+        # Expanded before queueing, as the smtpd does (elemta.addressing.virtual).
+        self.virtual_aliases = VirtualAliases.from_config(config, self.addressing)
         self._deferred = {}          # maildrop name -> time.monotonic() of the next try
         self._stuck = set()          # names of bad entries that could not be removed
         self._wake = Event()         # sendmail's datagram came, or a stop
@@ -293,6 +299,7 @@ class PickupWorker(GeventChild):
                                              % (path, submission.content_length))
             queue_id = new_queue_id()
             envelope = submission.queue_envelope(queue_id, time.time(), self.max_recipients)
+            envelope.recipients = self._expand(envelope.recipients)
             hold = None
             if wants_content(self.plugins):
                 # Bounded by limits.message_size (checked above).
@@ -318,6 +325,17 @@ class PickupWorker(GeventChild):
             return writer, submission.uid, hold
         finally:
             submission.close()
+
+    def _expand(self, recipients):
+        """The recipients with their virtual aliases expanded; raises Deferred."""
+        if self.virtual_aliases is None:
+            return recipients
+        try:
+            return expanded_recipients(recipients, self.virtual_aliases.expand)
+        except TableUnavailable as error:
+            raise Deferred("virtual alias lookup failed: %s" % error)
+        except AliasExpansionError as error:
+            raise Deferred("4.6.0 Alias expansion error: %s" % error)
 
     def _remove_bad(self, name, path, reason):
         """One log line for a bad submission, and it is gone. One that cannot be removed

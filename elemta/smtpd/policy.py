@@ -1,32 +1,45 @@
-"""Relay control: who may send mail to which domains (the open-relay guard).
+"""RCPT decisions: who may send mail to which domains (the open-relay guard), and which
+recipients exist.
 
-Owned by the smtpd worker. Mail to a local domain is accepted from anyone; mail to any
-other domain only from a client in mynetworks or one that authenticated. Everything else
-is refused with 554 5.7.1, as Postfix's reject_unauth_destination does. A local
-recipient that is neither an alias nor a user is refused with 550 5.1.1 when
-local.reject_unknown_users is set (Postfix's local_recipient_maps). Which addresses are
-local and which recipients exist is the addressing layer's one answer
-(elemta.addressing.resolve, elemta.addressing.recipients), the same the router, pickup
-and sendmail -bv give.
+Owned by the smtpd worker. Mail to the domains that are ours - local, virtual alias,
+virtual mailbox and relay domains (elemta.addressing.resolve) - is accepted from anyone;
+mail to any other domain only from a client in mynetworks or one that authenticated.
+Everything else is refused with 554 5.7.1, as Postfix's reject_unauth_destination does.
+Then the recipient must exist (elemta.addressing.hosted, the answer sendmail -bv gives
+too): 550 5.1.1 in Postfix's words, naming the table it is missing from ("User unknown
+in virtual mailbox table"); a local one only when local.reject_unknown_users is set
+(Postfix's local_recipient_maps). A table that cannot answer is 451 4.3.0 (never a 5xx);
+a virtual alias loop 451 4.6.0, as Postfix defers such a message. The relay guard
+comes first and reads nothing but the domain: an alias of a remote address does not make
+it ours.
 """
 
 import ipaddress
+import logging
 
-from elemta.addressing.recipients import LocalRecipients
-from elemta.addressing.resolve import Addressing
-from elemta.smtp.replies import Reply
+from elemta.addressing.hosted import HostedRecipients
+from elemta.addressing.resolve import LOCAL, OURS, Addressing
+from elemta.addressing.virtual import AliasExpansionError
+from elemta.maps import TableUnavailable
+from elemta.smtp.replies import Reply, lookup_failure
 
-UNKNOWN_USER = "<%s>: Recipient address rejected: User unknown in local recipient table"
+log = logging.getLogger("elemta.smtpd")
+
+UNKNOWN_USER = "<%s>: Recipient address rejected: User unknown in %s"
+RELAY_DENIED = "<%s>: Relay access denied"
+EXPANSION_ERROR = "<%s>: Alias expansion error: %s"
 
 
 class RelayPolicy:
-    """Answers "may this client send to this recipient?" from the relay config."""
+    """Answers "may this client send to this recipient, and does it exist?" for one
+    Config."""
 
-    def __init__(self, relay_config, hostname, origin=None):
-        self.addressing = Addressing(hostname, relay_config.local_domains, origin=origin)
+    def __init__(self, config):
+        self.config = config
+        self.addressing = Addressing.from_config(config)
         self.mynetworks = tuple(ipaddress.ip_network(n, strict=False)
-                                for n in relay_config.mynetworks)
-        self._local_recipients = None      # made on first use: reads the aliases file
+                                for n in config.relay.mynetworks)
+        self._recipients = None      # made on first use: reads the aliases file, tables
 
     def is_local(self, address):
         """True for recipients in a local domain, and for a bare <postmaster>."""
@@ -42,17 +55,27 @@ class RelayPolicy:
         return any(ip in net for net in self.mynetworks if net.version == ip.version)
 
     def may_send(self, client_ip, auth_user, recipient):
-        return (self.is_local(recipient) or auth_user is not None
-                or self.client_trusted(client_ip))
+        """True when the client may send to recipient's domain; raises TableUnavailable
+        when a domain table cannot say (only asked for untrusted clients)."""
+        if auth_user is not None or self.client_trusted(client_ip):
+            return True
+        return self.addressing.classify(recipient) in OURS
 
-    def unknown_local_recipient(self, config, recipient):
-        """The 550 5.1.1 Reply for a local recipient with nowhere to go, when
-        config.local.reject_unknown_users asks for it; None otherwise."""
-        if not config.local.reject_unknown_users or not self.is_local(recipient):
-            return None
-        if self._local_recipients is None:
-            self._local_recipients = LocalRecipients(config.local,
-                                                     Addressing.from_config(config))
-        if self._local_recipients.find_address(recipient) is not None:
-            return None
-        return Reply(550, "5.1.1", UNKNOWN_USER % recipient)
+    def check_recipient(self, client_ip, auth_user, recipient):
+        """(refusal Reply or None, virtual alias expansion or None) for RCPT TO."""
+        try:
+            if not self.may_send(client_ip, auth_user, recipient):
+                return Reply(554, "5.7.1", RELAY_DENIED % recipient), None
+            if self._recipients is None:
+                self._recipients = HostedRecipients(self.config, self.addressing)
+            found = self._recipients.resolve(recipient)
+        except TableUnavailable as error:
+            log.warning("<%s>: lookup failed: %s", recipient, error)
+            return lookup_failure(recipient), None
+        except AliasExpansionError as error:
+            log.warning("<%s>: %s", recipient, error)
+            return Reply(451, "4.6.0", EXPANSION_ERROR % (recipient, error.summary)), None
+        if not found.known and (found.kind != LOCAL
+                                or self.config.local.reject_unknown_users):
+            return Reply(550, "5.1.1", UNKNOWN_USER % (recipient, found.table_name)), None
+        return None, found.targets

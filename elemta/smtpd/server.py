@@ -60,7 +60,7 @@ class SMTPServer:
         self.committer = GroupCommitter(self.queue)
         self.room = RoomCheck(self.queue, config.queue.min_free_space,
                               config.limits.message_size)
-        self.policy = RelayPolicy(config.relay, self.hostname, config.origin)
+        self.policy = RelayPolicy(config)
         self.authenticator = (Authenticator(config.auth) if auth_configured(config.auth)
                               else None)
         self.tls_context = server_context(config.tls)

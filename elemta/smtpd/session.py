@@ -27,6 +27,7 @@ import time
 from gevent import ssl
 
 from elemta import metrics
+from elemta.addressing.virtual import expanded_recipients
 from elemta.plugins.api import DISCARD, TEMPFAIL, Context
 from elemta.plugins.content import (notify_queued, outbound, run_content_stages,
                                     wants_content)
@@ -102,6 +103,8 @@ class Session:
         self.session_verdict = None
         self.message_verdict = None
         self._queued = []       # Contexts of committed messages, for the queue stage
+        # This transaction's virtual alias expansions: RCPT address -> its addresses.
+        self.expansions = {}
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -253,6 +256,7 @@ class Session:
         ctx.new_transaction()
         self.message_verdict = None
         ctx.sender = event.transaction.sender
+        self.expansions = {}
         shortage = self.server.room.shortage(event.transaction.declared_size)
         if shortage is not None:
             # Refused before the content is sent, as Postfix does (queue_minfree).
@@ -263,12 +267,13 @@ class Session:
 
     def on_rcpt_to(self, event):
         address = event.recipient.address
-        if not self.server.policy.may_send(self.client_ip, self.proto.auth_user, address):
-            return self._reject("RCPT", Reply(554, "5.7.1", "<%s>: Relay access denied"
-                                              % address), event.transaction.sender, address)
-        unknown = self.server.policy.unknown_local_recipient(self.server.config, address)
-        if unknown is not None:
-            return self._reject("RCPT", unknown, event.transaction.sender, address)
+        refusal, targets = self.server.policy.check_recipient(
+            self.client_ip, self.proto.auth_user, address)
+        if refusal is not None:
+            return self._reject("RCPT", refusal, event.transaction.sender, address)
+        if targets is not None:
+            # Looked up now, queued at the end of DATA (elemta.addressing.virtual).
+            self.expansions[address] = targets
         ctx = self.ctx
         ctx.recipient = address
         if self._refused_by_plugins("rcpt", "RCPT", event.transaction.sender, address):
@@ -281,7 +286,9 @@ class Session:
         self.queue_id = new_queue_id()
         envelope = Envelope(
             queue_id=self.queue_id, sender=txn.sender,
-            recipients=[Recipient(r.address, r.notify, r.orcpt) for r in txn.recipients],
+            recipients=expanded_recipients(
+                [Recipient(r.address, r.notify, r.orcpt) for r in txn.recipients],
+                self.expansions.get),
             arrival=time.time(), body=txn.body, smtputf8=txn.smtputf8, ret=txn.ret,
             envid=txn.envid, client_address=self.client_ip, client_helo=proto.helo_name,
             protocol=protocol_name(proto.esmtp, proto.tls_active, proto.auth_user is not None,
@@ -351,7 +358,7 @@ class Session:
         metrics.MESSAGES_ACCEPTED.inc()
         metrics.ACCEPTED_BYTES.inc(writer.size)
         log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", self.queue_id,
-                 txn.sender, writer.size, len(txn.recipients))
+                 txn.sender, writer.size, len(writer.envelope.recipients))
         if hold is not None:
             log.info("%s: hold: END-OF-MESSAGE from %s: %s (plugin %s at %s stage)",
                      self.queue_id, self.client, *hold)

@@ -10,6 +10,9 @@ would leave through a relay host that is a scripted server (tests/peers/sink.py)
 receives is the bounce to the attacker's own address - nothing for victim.example.
 Elemta has no percent hack or bang-path rewriting (Postfix's allow_percent_hack and
 swap_bangpath): such a local part is a local user name, usually an unknown one.
+Every probe runs twice: against the local domain alone, and against a config with all
+four address classes (relay, virtual alias and virtual mailbox domains with their
+recipient tables, and an alias keyed by the victim's address): no new way through.
 See also: elemta.smtpd.policy, elemta.delivery.routing, elemta.local.expand.
 """
 
@@ -78,12 +81,31 @@ def bad_syntax(reason):
 NEEDS_SMTPUTF8 = "553 5.6.7 Error: non-ASCII address requires SMTPUTF8"
 USER_UNKNOWN = "550 5.1.1 <%s>: Recipient address rejected: User unknown in local recipient table"
 OK = "250 2.1.5 Ok"
+UNKNOWN_IN = "550 5.1.1 <%s>: Recipient address rejected: User unknown in %s"
 
 
-@pytest.fixture(scope="module")
-def relay_host():
-    """Where every non-local message would leave: a scripted server that takes anything."""
+# The second configuration the probes run against: all four address classes (issue 14),
+# with a virtual alias keyed by the victim's own address (the relay guard reads the
+# domain's class only, so it must stay refused) and one forwarding to the victim (which
+# only the admin's table can make: the alias domain's own address).
+HOSTED = {
+    "relay": {"relay_domains": ["relay.test"],
+              "relay_recipient_maps": {"known@relay.test": "ok"}},
+    "virtual": {"alias_domains": ["alias.test"],
+                "alias_maps": {"user@victim.example": "root@example.test",
+                               "fwd@alias.test": "root@example.test"},
+                "mailbox_domains": ["virt.test"],
+                "mailbox_maps": {"alice@virt.test": "ok"}},
+}
+CONFIGS = {"local only": {}, "all four classes": HOSTED}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def relay_host(request):
+    """Where every non-local message would leave: a scripted server that takes anything,
+    one per configuration the probes run against (its name is relay_host.classes)."""
     with ScriptedServer() as sink:
+        sink.classes = request.param
         yield sink
 
 
@@ -92,14 +114,19 @@ def mx(elemta_module_server, relay_host, tmp_path_factory):
     """An MX for example.test that does not trust the attacker's address, delivering:
     local mail to its own mail spool, everything else to relay_host. Unknown local users
     are accepted at RCPT (local.reject_unknown_users off, as for a catch-all), so the
-    tricky local parts reach delivery and we see where they end."""
+    tricky local parts reach delivery and we see where they end. Run with the local
+    domain alone and with every address class configured (CONFIGS)."""
     aliases = tmp_path_factory.mktemp("aliases") / "aliases"
     aliases.write_text("postmaster: root\n")
+    hosted = CONFIGS[relay_host.classes]
     server = elemta_module_server(
-        relay={"local_domains": ["example.test"], "mynetworks": [TRUSTED + "/32"]},
+        relay=dict({"local_domains": ["example.test"], "mynetworks": [TRUSTED + "/32"]},
+                   **hosted.get("relay", {})),
+        virtual=dict(hosted.get("virtual", {})),
         delivery={"workers": 1, "relayhost": "[127.0.0.1]:%d" % relay_host.port,
                   "min_backoff": 0.5, "max_backoff": 1.0},
         local={"aliases_file": str(aliases), "reject_unknown_users": False})
+    server.classes = relay_host.classes
     os.makedirs(os.path.join(server.workdir, "mail"), exist_ok=True)
     wait_for(lambda: "local delivery agent started" in server.log()
              and "delivery worker started" in server.log())
@@ -129,6 +156,8 @@ REFUSED = [
     # Percent hack in the domain, more than one @, escaped or unquoted @ in the local part.
     ("user@victim.example%example.test", False, bad_syntax("bad domain name")),
     ("user@victim.example@example.test", False, bad_syntax("bad local part")),
+    ("user@victim.example@alias.test", False, bad_syntax("bad local part")),
+    ("user%victim.example@relay.test@", False, bad_syntax("bad local part")),
     ("user@example.test@victim.example", False, bad_syntax("bad local part")),
     ("user\\@victim.example@example.test", False, bad_syntax("bad local part")),
     ("user@@example.test", False, bad_syntax("bad local part")),
@@ -155,6 +184,14 @@ REFUSED = [
     ("user@EXAMPLE.TEST.victim.example", False, relay_denied("user@EXAMPLE.TEST.victim.example")),
     ("user@example.test.victim.example", False, relay_denied("user@example.test.victim.example")),
     ("user@victim-example.test", False, relay_denied("user@victim-example.test")),
+    # The hosted domains as a prefix or a parent: only the names listed are ours (a
+    # subdomain only by a ".domain" entry).
+    ("user@relay.test.victim.example", False, relay_denied("user@relay.test.victim.example")),
+    ("user@sub.relay.test", False, relay_denied("user@sub.relay.test")),
+    ("user@alias.test.victim.example", False, relay_denied("user@alias.test.victim.example")),
+    ("user@virt.test.victim.example", False, relay_denied("user@virt.test.victim.example")),
+    ("user@victim.example.virt.test", False, relay_denied("user@victim.example.virt.test")),
+    ("user@[127.0.0.1].alias.test", False, bad_syntax("bad address literal")),
     ("user@notexample.test", False, relay_denied("user@notexample.test")),
     ("user@example.test:victim.example", False, bad_syntax("bad domain name")),
     ("user@example.test victim.example", False, bad_syntax("bad domain name")),
@@ -264,6 +301,18 @@ def test_local_domain_tricks_are_accepted_only_as_local_mail(mx, relay_host):
     with open(os.path.join(mx.workdir, "mail", "root"), "rb") as f:
         mailbox = f.read()
     assert mailbox.count(b"\nSubject: relay probe\n") >= 1 and b"relay me" in mailbox
+
+
+def test_hosted_classes_take_only_their_known_recipients(mx):
+    """With every class configured, what strangers may send to is exactly what the
+    tables list (nothing new is accepted in the local-only configuration)."""
+    hosted = mx.classes != "local only"
+    expect = {"alice@virt.test": OK, "known@relay.test": OK, "fwd@alias.test": OK,
+              "bob@virt.test": UNKNOWN_IN % ("bob@virt.test", "virtual mailbox table"),
+              "other@relay.test": UNKNOWN_IN % ("other@relay.test", "relay recipient table"),
+              "x@alias.test": UNKNOWN_IN % ("x@alias.test", "virtual alias table")}
+    for address, reply in expect.items():
+        assert rcpt_reply(mx, address) == (reply if hosted else relay_denied(address))
 
 
 @pytest.mark.parametrize("sender", ["postmaster@example.test", "root@EXAMPLE.TEST",

@@ -1,0 +1,192 @@
+"""Virtual alias expansion: one recipient -> the addresses virtual.alias_maps sends it to
+(Postfix's cleanup_map1n with virtual_alias_maps).
+
+Expanded before the message is queued, as Postfix's cleanup does, so each queue record
+holds real recipients and delivery never looks aliases up: the smtpd expands at RCPT
+(where the lookup also validates the address, and a table that cannot answer is a 451
+for that recipient alone) and keeps the result for the end of DATA; pickup expands each
+maildrop file before it queues it (elemta.pickup.worker). sendmail -bv shows the
+expansion. The original address becomes the DSN original recipient (ORCPT) of each
+address it expands to, unless the client gave one.
+
+The rules, Postfix's:
+  - keys, most specific first (elemta.maps.search): user+ext@domain, user@domain,
+    user+ext and user (local domains only), @domain (the catch-all)
+  - a value is one or more addresses (commas); each is expanded again; a bare name is
+    qualified with the host name (myorigin)
+  - when the entry matched without the address extension (user@domain for
+    user+ext@domain), the extension goes onto each result (propagate_unmatched_extensions)
+  - a value that is not an address (a control character, no domain...) is an
+    AliasExpansionError: a table may be filled by others, and nothing but an address
+    may reach the envelope
+  - an address in its own expansion is kept as it is (a -> a, b delivers to a and b)
+  - a real loop (a -> b -> a) and more than RECURSION_LIMIT levels or EXPANSION_LIMIT
+    addresses raise AliasExpansionError: the recipient is refused with 451 4.6.0, as
+    Postfix defers the message ("unreasonable virtual_alias_maps map nesting"), so the
+    sender retries while the admin fixes the table; the reply says which of these it
+    is, the log also names the addresses (where an alias leads is not the client's
+    business)
+  - an address an expansion reaches twice, or that is already a recipient of the
+    message, is kept once
+A table that cannot answer raises TableUnavailable.
+See also: virtual(5), elemta.addressing.hosted (which recipients exist).
+"""
+
+from typing import List, Optional
+
+from elemta.addressing.normal import canonical, normal_local_part, split_address
+from elemta.maps import lookup_address, values
+from elemta.maps.spec import LazyTable
+from elemta.queue.model import Recipient
+from elemta.smtp.address import AddressError, validate_mailbox
+
+# Postfix's virtual_alias_recursion_limit and virtual_alias_expansion_limit.
+RECURSION_LIMIT = 1000
+EXPANSION_LIMIT = 1000
+
+
+class AliasExpansionError(Exception):
+    """A loop, a limit or a bad value met while expanding: str() says which, naming the
+    addresses (for the log); `summary` says which without them (for the client, who
+    must not learn where an alias leads)."""
+
+    def __init__(self, summary, detail):
+        super().__init__(detail)
+        self.summary = summary
+
+
+def _same(address):
+    """The form two addresses are compared in (Postfix compares without case)."""
+    return canonical(address).lower()
+
+
+def with_extension(address, delimiter, extension):
+    """address with "+extension" put on its local part."""
+    local, domain = split_address(address)
+    local += delimiter + extension
+    return "%s@%s" % (local, domain) if domain else local
+
+
+class VirtualAliases:
+    """The virtual alias table of one configuration, and the Addressing that says which
+    domains are local (for the bare-user keys) and how extensions are written."""
+
+    def __init__(self, table, addressing):
+        self.table = table
+        self.addressing = addressing
+
+    @classmethod
+    def from_config(cls, config, addressing):
+        """The aliases of config.virtual.alias_maps, or None when it is unset."""
+        spec = config.virtual.alias_maps
+        return cls(LazyTable(spec), addressing) if spec is not None else None
+
+    def lookup(self, address: str) -> Optional[List[str]]:
+        """The addresses one entry gives for address, or None when it has none."""
+        delimiter = self.addressing.delimiter
+        match = lookup_address(self.table, address, delimiter,
+                               local_part=self.addressing.is_local(address))
+        if match is None:
+            return None
+        targets = [self.addressing.qualify(t) for t in values(match.value)]
+        for target in targets:
+            # A table may be written by others (a web panel's SQL rows): what it gives
+            # goes into the envelope, so it must be an address and nothing more.
+            try:
+                validate_mailbox(target, utf8=True)
+            except AddressError as error:
+                raise AliasExpansionError("a virtual alias that is not an address",
+                                          "the virtual alias table gives %s for <%s>, "
+                                          "not an address: %s" % (
+                                              ascii(target), address, error))
+        local = normal_local_part(split_address(address)[0])
+        user, extension = self.addressing.user_and_extension(local)
+        if extension is not None and not match.key.startswith("@") and \
+                split_address(match.key)[0].lower() != local.lower():
+            # Matched as user@domain or user: the extension goes on (Postfix's
+            # propagate_unmatched_extensions), with the delimiter the address used.
+            targets = [with_extension(t, local[len(user)], local[len(user) + 1:])
+                       for t in targets]
+        return targets
+
+    def expand(self, address: str) -> Optional[List[str]]:
+        """The final addresses of address, or None when the table has no entry for it;
+        raises AliasExpansionError (see the module docstring) or TableUnavailable."""
+        first = self.lookup(address)
+        if first is None:
+            return None
+        found: List[str] = []
+        seen = set()
+        done = set()        # expanded already (reached again by another way): skip
+
+        def keep(target):
+            key = _same(target)
+            if key not in seen:
+                seen.add(key)
+                found.append(target)
+                if len(found) > EXPANSION_LIMIT:
+                    raise AliasExpansionError(
+                        "too many addresses",
+                        "<%s>: more than %d addresses in its virtual alias expansion"
+                        % (address, EXPANSION_LIMIT))
+
+        def walk(current, targets, path):
+            if len(path) > RECURSION_LIMIT:
+                raise AliasExpansionError("virtual aliases nested too deep",
+                                          "<%s>: virtual aliases nested more than %d deep"
+                                          % (address, RECURSION_LIMIT))
+            here = _same(current)
+            for target in targets:
+                key = _same(target)
+                if key == here:                 # in its own expansion: kept as it is
+                    keep(target)
+                    continue
+                if key in (k for k, _ in path):
+                    loop = [a for _, a in path[[k for k, _ in path].index(key):]]
+                    raise AliasExpansionError("virtual alias loop", "virtual alias loop: %s"
+                                              % " -> ".join("<%s>" % a
+                                                            for a in loop + [target]))
+                if key in done:
+                    continue
+                done.add(key)
+                more = self.lookup(target)
+                if more is None:
+                    keep(target)
+                else:
+                    walk(target, more, path + [(key, target)])
+
+        walk(address, first, [(_same(address), address)])
+        return found
+
+
+def expanded_recipients(recipients, targets_of):
+    """The queue record's recipients: each Recipient replaced by those of its expansion
+    (targets_of(address) -> list of addresses, or None to keep it), the original
+    address kept as ORCPT, and an address met twice kept once (the first)."""
+    out, seen = [], set()
+    for recipient in recipients:
+        targets = targets_of(recipient.address)
+        if targets is None:
+            # Not an alias: kept as the client wrote it, as it always was.
+            seen.add(canonical(recipient.address))
+            out.append(recipient)
+            continue
+        orcpt = recipient.orcpt or original_recipient(recipient.address)
+        for target in targets:
+            key = canonical(target)      # the same mailbox, however spelled
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(Recipient(target, recipient.notify,
+                                 recipient.orcpt if target == recipient.address else orcpt))
+    return out
+
+
+def original_recipient(address):
+    """The ORCPT value naming address (RFC 3461 4.2; utf-8 type for a non-ASCII one,
+    RFC 6533)."""
+    try:
+        address.encode("ascii")
+        return "rfc822;" + address
+    except UnicodeEncodeError:
+        return "utf-8;" + address

@@ -1,0 +1,363 @@
+"""Hosted domains (issue 14, requirement 2): the four address classes, each recipient
+checked at RCPT, each delivered where its class says.
+
+One real server, a stranger's client at 127.0.0.1 (outside relay.mynetworks):
+    virt.test     a virtual mailbox domain: users in an lmdb table, delivered over LMTP to
+                  a real Dovecot (tests/peers/dovecot.py), which stores into Maildirs
+    alias.test    a virtual alias domain: sales@ to three classes at once (a Dovecot
+                  user, a local user, a remote address), @alias.test a catch-all,
+                  loop1 <-> loop2 a loop
+    relay.test    relay domains with a recipient table (known@relay.test, and every user
+    gateway.test  of gateway.test by its @domain key), delivered by relay.relay_transport
+                  to one scripted server; remote mail (relayhost) goes to another
+Unknown users get 550 5.1.1 in Postfix's words, so nothing is bounced later; a table that
+cannot answer gets 451 4.3.0. Needs root and dovecot-lmtpd.
+See also: elemta.addressing.hosted, elemta.addressing.virtual, elemta.delivery.routing,
+tests/security/test_open_relay.py (the relay probes against these classes too).
+"""
+
+import os
+import re
+import smtplib
+import tempfile
+
+import pytest
+
+from elemta.config import ConfigError
+from elemta.config.loader import load_text
+from elemta.maps.lmdbtable import compile_source
+from tests.harness import wait_for
+from tests.peers.dovecot import DovecotInstance, DovecotUser, dovecot_available
+from tests.peers.sink import ScriptedServer
+
+pytestmark = pytest.mark.skipif(bool(dovecot_available()), reason=str(dovecot_available()))
+
+STRANGER = "127.0.0.1"
+TRUSTED = "127.0.0.2"
+ALIASES = {
+    "sales@alias.test": ["alice@virt.test", "root@example.test", "partner@remote.test"],
+    "@alias.test": "bob@virt.test",
+    "loop1@alias.test": "loop2@alias.test",
+    "loop2@alias.test": "loop1@alias.test",
+    "self@alias.test": ["self@alias.test", "alice@virt.test"],
+    "inject@alias.test": "a@virt.test\r\nRCPT TO:<x@victim.example>",
+}
+
+
+def unknown(address, table):
+    return "550 5.1.1 <%s>: Recipient address rejected: User unknown in %s" % (address, table)
+
+
+@pytest.fixture(scope="module")
+def dovecot():
+    users = {"alice": DovecotUser(), "bob": DovecotUser()}
+    with DovecotInstance(tempfile.mkdtemp(prefix="elemta-dovecot-"), users) as instance:
+        yield instance
+    instance.remove()
+
+
+@pytest.fixture(scope="module")
+def remote():
+    """Where remote mail leaves (delivery.relayhost)."""
+    with ScriptedServer() as sink:
+        yield sink
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    """The relay domains' next hop (relay.relay_transport)."""
+    with ScriptedServer() as sink:
+        yield sink
+
+
+@pytest.fixture(scope="module")
+def vmailbox(tmp_path_factory):
+    """The virtual mailbox table: lmdb, compiled as elemtactl map compile does."""
+    source = tmp_path_factory.mktemp("tables") / "vmailbox"
+    source.write_text("alice@virt.test alice\nbob@virt.test bob\n")
+    compile_source(str(source))
+    return str(source)
+
+
+@pytest.fixture(scope="module")
+def mx(elemta_module_server, dovecot, remote, gateway, vmailbox, tmp_path_factory):
+    aliases = tmp_path_factory.mktemp("aliases") / "aliases"
+    aliases.write_text("postmaster: root\nteam: whoever@alias.test\n")
+    server = elemta_module_server(
+        relay={"local_domains": ["example.test"], "mynetworks": [TRUSTED + "/32"],
+               "relay_domains": ["relay.test", "gateway.test"],
+               "relay_recipient_maps": {"known@relay.test": "ok", "@gateway.test": "ok"},
+               "relay_transport": "smtp:[127.0.0.1]:%d" % gateway.port},
+        virtual={"alias_domains": ["alias.test"], "alias_maps": ALIASES,
+                 "mailbox_domains": ["virt.test"], "mailbox_maps": "lmdb:" + vmailbox,
+                 "transport": "lmtp:unix:" + dovecot.lmtp_socket},
+        delivery={"workers": 1, "relayhost": "[127.0.0.1]:%d" % remote.port,
+                  "min_backoff": 0.5, "max_backoff": 1.0},
+        local={"aliases_file": str(aliases), "reject_unknown_users": True})
+    os.makedirs(os.path.join(server.workdir, "mail"), exist_ok=True)
+    wait_for(lambda: "local delivery agent started" in server.log()
+             and "delivery worker started" in server.log())
+    return server
+
+
+def rcpt(server, address, source=STRANGER):
+    with smtplib.SMTP("127.0.0.1", server.port, source_address=(source, 0)) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("someone@client.test")
+        code, text = smtp.docmd("RCPT TO:<%s>" % address)
+        return "%d %s" % (code, text.decode())
+
+
+def send(server, recipients, subject, source=STRANGER):
+    """One message; returns (replies to each RCPT, queue id)."""
+    with smtplib.SMTP("127.0.0.1", server.port, source_address=(source, 0)) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("someone@client.test")
+        replies = [smtp.docmd("RCPT TO:<%s>" % r)[0] for r in recipients]
+        code, text = smtp.data(b"Subject: %s\r\n\r\nhosted mail\r\n" % subject.encode())
+        assert code == 250, text
+        return replies, text.decode().rsplit(" ", 1)[1]
+
+
+def has_subject(messages, subject):
+    return any(b"Subject: %s\r\n" % subject.encode() in m or
+               b"Subject: %s\n" % subject.encode() in m for m in messages)
+
+
+# ---- virtual mailbox domains -------------------------------------------------------------
+
+def test_a_virtual_mailbox_user_gets_mail_in_dovecot(mx, dovecot):
+    replies, _ = send(mx, ["alice@virt.test"], "to alice")
+    assert replies == [250]
+    wait_for(lambda: has_subject(dovecot.messages("alice"), "to alice"), timeout=20)
+
+
+def test_an_unknown_virtual_mailbox_user_is_refused_at_rcpt_and_never_bounced(mx, remote):
+    assert rcpt(mx, "nobody@virt.test") == unknown("nobody@virt.test",
+                                                   "virtual mailbox table")
+    assert rcpt(mx, "Nobody@VIRT.test.") == unknown("Nobody@VIRT.test.",
+                                                    "virtual mailbox table")
+    assert "to=<nobody@virt.test>, relay=" not in mx.log()        # never delivered
+    assert not any(m.mail.startswith("MAIL FROM:<>") for m in remote.messages)
+
+
+def test_a_mailbox_table_that_cannot_answer_is_a_temporary_failure(mx, vmailbox):
+    os.rename(vmailbox + ".lmdb", vmailbox + ".away")
+    try:
+        assert rcpt(mx, "alice@virt.test") == \
+            "451 4.3.0 <alice@virt.test>: Temporary lookup failure"
+    finally:
+        os.rename(vmailbox + ".away", vmailbox + ".lmdb")
+    assert rcpt(mx, "alice@virt.test") == "250 2.1.5 Ok"
+    assert re.search(r"<alice@virt.test>: lookup failed: lmdb:\S+vmailbox: cannot read",
+                     mx.log())
+
+
+# ---- virtual alias domains -------------------------------------------------------------------
+
+def test_a_virtual_alias_goes_to_a_mailbox_a_local_user_and_a_remote_address(
+        mx, dovecot, remote):
+    replies, queue_id = send(mx, ["sales@alias.test"], "to sales")
+    assert replies == [250]
+    # Expanded before it was queued: the record holds the three, sales as their ORCPT.
+    envelope, _ = mx.message(queue_id)
+    assert [(r.address, r.orcpt) for r in envelope.recipients] == [
+        (address, "rfc822;sales@alias.test") for address in ALIASES["sales@alias.test"]]
+    wait_for(lambda: has_subject(dovecot.messages("alice"), "to sales"), timeout=20)
+    wait_for(lambda: [m for m in remote.messages if b"to sales" in m.content], timeout=20)
+    [out] = [m for m in remote.messages if b"to sales" in m.content]
+    assert out.rcpts == ["RCPT TO:<partner@remote.test> ORCPT=rfc822;sales@alias.test"] or \
+        out.rcpts == ["RCPT TO:<partner@remote.test>"]
+
+    def root_mailbox():
+        try:
+            with open(os.path.join(mx.workdir, "mail", "root"), "rb") as f:
+                return b"Subject: to sales" in f.read()
+        except FileNotFoundError:
+            return False
+    wait_for(root_mailbox, timeout=20)
+
+
+def test_the_catch_all_takes_what_no_entry_names(mx, dovecot):
+    replies, queue_id = send(mx, ["whoever@alias.test", "self@alias.test"], "catch all")
+    assert replies == [250, 250]
+    envelope, _ = mx.message(queue_id)
+    # self maps to itself and alice: kept as it is (no loop), then caught by @alias.test.
+    assert [r.address for r in envelope.recipients] == [
+        "bob@virt.test", "self@alias.test", "alice@virt.test"]
+    wait_for(lambda: has_subject(dovecot.messages("bob"), "catch all"), timeout=20)
+
+
+def test_a_local_alias_forwarding_to_a_virtual_alias_domain_is_expanded(mx, dovecot,
+                                                                          remote):
+    """/etc/aliases team -> whoever@alias.test: the local agent's forwarded copy has its
+    virtual aliases expanded before it is queued (the catch-all: bob's mailbox), as
+    Postfix's local forwards through cleanup; it never goes out to the relay host."""
+    replies, _ = send(mx, ["team@example.test"], "to team")
+    assert replies == [250]
+    wait_for(lambda: has_subject(dovecot.messages("bob"), "to team"), timeout=20)
+    assert not [m for m in remote.messages if b"to team" in m.content]
+
+
+def test_a_virtual_alias_loop_is_refused_and_its_path_logged(mx):
+    assert rcpt(mx, "loop1@alias.test") == (
+        "451 4.6.0 <loop1@alias.test>: Alias expansion error: virtual alias loop")
+    assert ("<loop1@alias.test>: virtual alias loop: <loop1@alias.test> -> "
+            "<loop2@alias.test> -> <loop1@alias.test>") in mx.log()
+
+
+def test_a_table_value_that_is_not_an_address_never_reaches_the_envelope(mx):
+    """An alias table may be filled by others (a web panel's SQL rows): a value with a
+    line break would be a second SMTP command at the next hop."""
+    assert rcpt(mx, "inject@alias.test") == ("451 4.6.0 <inject@alias.test>: Alias "
+                                             "expansion error: a virtual alias that is "
+                                             "not an address")
+    assert "the virtual alias table gives 'a@virt.test\\r\\nRCPT TO:<x@victim.example>'" \
+        in mx.log()
+
+
+def test_without_recipient_tables_only_alias_domains_check_users(tmp_path, elemta_server):
+    """An alias domain's address needs an entry; a relay or mailbox domain without its
+    recipient table takes every user (the next hop decides), as Postfix does."""
+    server = elemta_server(relay={"mynetworks": [TRUSTED + "/32"],
+                                  "relay_domains": ["open.test"]},
+                           virtual={"alias_domains": ["alias.test"],
+                                    "alias_maps": {"info@alias.test": "root@example.test"},
+                                    "mailbox_domains": ["any.test"]})
+    assert rcpt(server, "info@alias.test") == "250 2.1.5 Ok"
+    assert rcpt(server, "other@alias.test") == unknown("other@alias.test",
+                                                       "virtual alias table")
+    assert rcpt(server, "whoever@open.test") == "250 2.1.5 Ok"
+    assert rcpt(server, "whoever@any.test") == "250 2.1.5 Ok"
+    assert rcpt(server, "whoever@elsewhere.test") == \
+        "554 5.7.1 <whoever@elsewhere.test>: Relay access denied"
+
+
+def test_a_local_submission_to_a_loop_waits_in_the_maildrop(mx):
+    """pickup expands before it queues, as the smtpd does: a loop leaves the file in the
+    maildrop (tried again later, nothing lost) with the reason in the log."""
+    import subprocess
+    import sys
+    from tests.harness import REPO
+    result = subprocess.run(
+        [sys.executable, "-m", "elemta.cli.sendmail", "-C", mx.config_path, "-i",
+         "loop2@alias.test"], input=b"Subject: loop\n\nround and round\n",
+        capture_output=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: re.search(r"maildrop: \S+: 4\.6\.0 Alias expansion error: virtual alias "
+                               r"loop: <loop2@alias.test> -> <loop1@alias.test> -> "
+                               r"<loop2@alias.test>; tried again in", mx.log()), timeout=20)
+    assert [n for n in os.listdir(os.path.join(mx.spool, "maildrop"))
+            if not n.startswith(".")]
+
+
+# ---- relay domains -------------------------------------------------------------------------
+
+def test_relay_domains_take_their_known_recipients_from_anyone(mx, gateway):
+    assert rcpt(mx, "someone@relay.test") == unknown("someone@relay.test",
+                                                     "relay recipient table")
+    replies, _ = send(mx, ["known@relay.test", "anyone@gateway.test"], "relayed")
+    assert replies == [250, 250]
+    wait_for(lambda: [m for m in gateway.messages if b"relayed" in m.content], timeout=20)
+    [out] = [m for m in gateway.messages if b"relayed" in m.content]
+    assert sorted(r.split(">")[0] for r in out.rcpts) == [
+        "RCPT TO:<anyone@gateway.test", "RCPT TO:<known@relay.test"]
+
+
+def test_other_domains_stay_refused_to_strangers(mx):
+    assert rcpt(mx, "x@remote.test") == "554 5.7.1 <x@remote.test>: Relay access denied"
+    assert rcpt(mx, "x@sub.relay.test") == \
+        "554 5.7.1 <x@sub.relay.test>: Relay access denied"
+    assert rcpt(mx, "x@remote.test", source=TRUSTED) == "250 2.1.5 Ok"
+
+
+# ---- sendmail -bv says what RCPT says ---------------------------------------------------------
+
+def test_sendmail_bv_knows_the_classes(mx):
+    import subprocess
+    import sys
+    from tests.harness import REPO
+    result = subprocess.run(
+        [sys.executable, "-m", "elemta.cli.sendmail", "-C", mx.config_path, "-bv",
+         "alice@virt.test", "nobody@virt.test", "sales@alias.test", "known@relay.test",
+         "x@relay.test"], capture_output=True, env=dict(os.environ, PYTHONPATH=REPO),
+        timeout=60)
+    assert result.stdout.decode().splitlines() == [
+        "alice@virt.test... deliverable: virtual mailbox domain virt.test",
+        "nobody@virt.test... undeliverable: User unknown in virtual mailbox table",
+        "sales@alias.test... deliverable: virtual alias of alice@virt.test, "
+        "root@example.test, partner@remote.test",
+        "known@relay.test... deliverable: relay domain relay.test",
+        "x@relay.test... undeliverable: User unknown in relay recipient table"]
+    assert result.returncode == 67
+
+
+# ---- the config ---------------------------------------------------------------------------
+
+def test_a_domain_in_two_classes_is_refused_naming_file_line_key():
+    text = ("relay:\n  local_domains: [example.test]\n"
+            "virtual:\n  mailbox_domains: [virt.test, Example.Test.]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_text("/etc/elemta/elemta.yaml", text, check_files=False)
+    assert str(caught.value) == (
+        "/etc/elemta/elemta.yaml:4: virtual.mailbox_domains[1]: example.test is already "
+        "in relay.local_domains[0]: a domain belongs to one address class")
+
+
+# ---- a database table that goes away ------------------------------------------------------------
+
+def test_a_relay_recipient_table_in_a_stopped_postgresql_gets_451_not_550(
+        elemta_server, postgres, tmp_path):
+    """relay.relay_recipient_maps in PostgreSQL: while the server is down every RCPT to
+    the relay domain is 451 4.3.0 (the client retries), never 550; then answers again."""
+    postgres.execute("CREATE TABLE relay_rcpt (address text);"
+                     "INSERT INTO relay_rcpt VALUES ('known@relay.test');")
+    cf = tmp_path / "relay-pgsql.cf"
+    cf.write_text("hosts = 127.0.0.1:%d\nuser = %s\npassword = %s\ndbname = %s\n"
+                  "query = SELECT 'ok' FROM relay_rcpt WHERE address = '%%s'\ntimeout = 3\n"
+                  % (postgres.port, postgres.user, postgres.password, postgres.dbname))
+    server = elemta_server(relay={"mynetworks": [TRUSTED + "/32"],
+                                  "relay_domains": ["relay.test"],
+                                  "relay_recipient_maps": "pgsql:%s" % cf})
+    assert rcpt(server, "known@relay.test") == "250 2.1.5 Ok"
+    assert rcpt(server, "other@relay.test") == unknown("other@relay.test",
+                                                       "relay recipient table")
+    postgres.stop()
+    try:
+        for address in ("known@relay.test", "other@relay.test"):
+            assert rcpt(server, address) == \
+                "451 4.3.0 <%s>: Temporary lookup failure" % address
+    finally:
+        postgres.start()
+    assert rcpt(server, "known@relay.test") == "250 2.1.5 Ok"
+    assert "<other@relay.test>: lookup failed: pgsql:%s: " % cf in server.log()
+
+
+def test_the_transport_map_wins_over_the_class_transport():
+    """As Postfix's transport_maps win over virtual_transport and relay_transport."""
+    from elemta.delivery.routing import Router
+    config = load_text("/etc/elemta/elemta.yaml", (
+        "relay:\n  relay_domains: [relay.test, other-relay.test]\n"
+        "  relay_transport: 'smtp:[127.0.0.3]:25'\n"
+        "virtual:\n  mailbox_domains: [virt.test, other.test]\n"
+        "  transport: 'lmtp:[127.0.0.4]:24'\n"
+        "delivery:\n  transport:\n"
+        "    - {domain: virt.test, nexthop: 'lmtp:unix:/run/other/lmtp'}\n"
+        "    - {domain: relay.test, nexthop: 'smtp:[127.0.0.5]:2525'}\n"), check_files=False)
+    router = Router(config)
+    assert router.destination("u@virt.test").key == "lmtp:unix:/run/other/lmtp"
+    assert router.destination("u@other.test").key == "lmtp:[127.0.0.4]:24"
+    assert router.destination("u@relay.test").key == "smtp:[127.0.0.5]:2525"
+    assert router.destination("u@other-relay.test").key == "smtp:[127.0.0.3]:25"
+
+
+def test_the_host_name_is_a_local_domain_and_no_other():
+    load_text("/etc/elemta/elemta.yaml", "smtpd:\n  hostname: mx.example.test\n"
+              "relay:\n  local_domains: [mx.example.test, Example.Test]\n",
+              check_files=False)
+    with pytest.raises(ConfigError) as caught:
+        load_text("/etc/elemta/elemta.yaml", "smtpd:\n  hostname: mx.example.test\n"
+                  "relay:\n  relay_domains: [MX.example.test.]\n", check_files=False)
+    assert str(caught.value) == (
+        "/etc/elemta/elemta.yaml:4: relay.relay_domains[0]: mx.example.test is already "
+        "in smtpd.hostname: a domain belongs to one address class")
