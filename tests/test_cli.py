@@ -94,3 +94,25 @@ def test_development_defaults_without_a_config(tmp_path):
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0
     assert b"smtp 127.0.0.1:2525" in err and b"(queue active)" in err
+
+
+def test_ctrl_c_during_start_up_ends_without_a_traceback(tmp_path):
+    """Ctrl-C reaches the whole foreground group at any moment, also before the master has
+    taken over SIGINT (here: once the daemon has made its spool, while it opens the queue
+    and reconciles it): the process ends quietly or stops cleanly, never with a Python
+    traceback (the first Ctrl-C of issue 21's admin)."""
+    from tests.harness import free_port, wait_for
+    spool = tmp_path / "spool"
+    cfg = tmp_path / "elemta.yaml"
+    cfg.write_text("listeners:\n  - {address: 127.0.0.1, port: %d, mode: smtp}\n"
+                   "queue: {spool_dir: %s}\napi: {enabled: false}\n" % (free_port(), spool))
+    proc = subprocess.Popen([sys.executable, "-m", "elemta.cli.elemta", "--config",
+                             str(cfg)], env=dict(os.environ, PYTHONPATH=REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    wait_for(lambda: spool.exists() or proc.poll() is not None, timeout=30)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    text = err.decode("utf-8", "replace")
+    assert "Traceback" not in text, text
+    assert proc.returncode in (0, -signal.SIGINT), (proc.returncode, text)

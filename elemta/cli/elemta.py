@@ -20,12 +20,19 @@ import fcntl
 import logging
 import os
 import resource
+import signal
 import socket
 import sys
 
-from elemta import __version__
-from elemta.cli.config_finder import config_path
-from elemta.cli.failure import EX_FAILED, Failure
+# Ctrl-C reaches the whole foreground group at any moment. Until the master installs its
+# own SIGINT handler (an orderly stop), a Ctrl-C ends this process as it would a C
+# program: no KeyboardInterrupt traceback from whatever start-up step it hit (reading the
+# queue is crash-safe; children already forked end with their parent).
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+from elemta import __version__  # noqa: E402 (after the signal, so imports are covered)
+from elemta.cli.config_finder import config_path  # noqa: E402
+from elemta.cli.failure import EX_FAILED, Failure  # noqa: E402
 
 log = logging.getLogger("elemta.master")
 
