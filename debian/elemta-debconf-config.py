@@ -28,7 +28,7 @@ import sys
 
 from ruamel.yaml.comments import CommentedMap
 
-from elemta.config.editor import replace_file, round_trip_yaml
+from elemta.config.editor import edit_lock, replace_file, round_trip_yaml
 
 TEMPLATE = "/usr/share/elemta/elemta.yaml.example"
 ADDRESSES = {"local": ("127.0.0.1", "::1"), "satellite": ("127.0.0.1", "::1"),
@@ -79,15 +79,17 @@ def main(argv=None):
     parser.add_argument("--relayhost", default="")
     parser.add_argument("--fqdn", default="", help="this host's fully qualified name")
     args = parser.parse_args(argv)
-    source = args.config if os.path.exists(args.config) else TEMPLATE
-    with open(source, encoding="utf-8") as stream:
-        text = stream.read()
-    yaml = round_trip_yaml(text)        # comments, order and indentation survive
-    doc = yaml.load(text)
-    apply(doc, args.type, args.relayhost, have_ipv6(), args.fqdn)
-    out = io.StringIO()
-    yaml.dump(doc, out)
-    replace_file(args.config, out.getvalue(), new_mode=0o644)
+    os.makedirs(os.path.dirname(args.config) or ".", exist_ok=True)
+    with edit_lock(args.config):        # not at once with an `elemtactl config set`
+        source = args.config if os.path.exists(args.config) else TEMPLATE
+        with open(source, encoding="utf-8") as stream:
+            text = stream.read()
+        yaml = round_trip_yaml(text)    # comments, order and indentation survive
+        doc = yaml.load(text)
+        apply(doc, args.type, args.relayhost, have_ipv6(), args.fqdn)
+        out = io.StringIO()
+        yaml.dump(doc, out)
+        replace_file(args.config, out.getvalue(), new_mode=0o644)
     return 0
 
 

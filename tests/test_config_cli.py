@@ -443,3 +443,23 @@ def test_set_of_the_whole_listeners_list_of_the_example_changes_only_its_lines(e
         assert removed == ['address = "127.0.0.1"', "port = 25", 'mode = "smtp"']
         assert added == ['address = "127.0.0.3"', "port = 2526", "", "[[listeners]]",
                          'address = "127.0.0.4"', "port = 2526"]
+
+
+def test_set_run_several_times_at_once_loses_no_change(tmp_path):
+    """Six admins (or scripts) setting different keys at the same moment: each read-change-
+    replace waits for the one before, so every change is in the file afterwards (found
+    by the issue 21 review: without the lock only two of six survived)."""
+    import concurrent.futures
+    path = tmp_path / "elemta.yaml"
+    path.write_text("# ours\nsmtpd:\n  banner: ESMTP\n")
+    settings = {"limits.errors": "5", "limits.recipients": "50", "auth.failure_delay": "3.0",
+                "delivery.mx_port": "26", "tls.handshake_timeout": "5.0",
+                "timeouts.command": "60.0"}
+    with concurrent.futures.ThreadPoolExecutor(len(settings)) as pool:
+        results = list(pool.map(lambda item: elemtactl("--config", str(path), "config",
+                                                       "set", "%s=%s" % item),
+                                settings.items()))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    shown = elemtactl("--config", str(path), "config", "get", *settings).stdout
+    assert dict(line.split(" = ") for line in shown.splitlines()) == settings
+    assert path.read_text().startswith("# ours\n")

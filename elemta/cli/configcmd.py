@@ -81,10 +81,17 @@ def _print(chosen, values_only: bool) -> None:
 
 def cmd_set(args) -> int:
     """set: change settings in the config file, keeping the rest of it as it is."""
+    from elemta.config.editor import edit_lock
+    path = _file_to_edit(args)
+    with edit_lock(path):
+        return _set(args, path)
+
+
+def _set(args, path: str) -> int:
+    """cmd_set's work, under the edit lock: read, change, check, replace, report."""
     from elemta.config import ConfigError, listing
     from elemta.config.editor import EditError, edit_text, replace_file
     from elemta.config.errors import format_key
-    path = _file_to_edit(args)
     old_config = _config_as_it_is(path)
     text = _read_text(path)
     known = listing.defaults() + (listing.settings(old_config) if old_config else [])

@@ -16,6 +16,8 @@ See also: elemta.config.sources (reading), elemta.config.loader.load_text (check
 result before it is written), man/elemtactl.8 (config set).
 """
 
+import contextlib
+import fcntl
 import io
 import os
 import re
@@ -353,6 +355,21 @@ def edit_text(file: str, text: str, changes: Sequence[Tuple[KeyPath, Any]]) -> s
     if format_name == "TOML":
         return bom + _edit_toml(body, changes)
     raise EditError("%s: unknown config file format: name it *.yaml, *.yml or *.toml" % file)
+
+
+@contextlib.contextmanager
+def edit_lock(path: str):
+    """Held from reading the config file to replacing it: two editors at once (two
+    `elemtactl config set`, or one and the package's debconf helper) would otherwise both
+    read the old file and the second rename would undo the first one's change. The lock
+    is on the directory (flock), as the file itself is replaced by a new one."""
+    directory = os.path.dirname(os.path.realpath(path)) or "."
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)            # closing drops the lock
 
 
 def replace_file(path: str, text: str, new_mode: int = 0o644) -> None:
