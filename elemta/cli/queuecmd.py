@@ -110,7 +110,8 @@ def log_to_the_mail_log(args) -> None:
     queue) to the daemon's log file or syslog, as postsuper logs what it changes: grep
     QUEUEID then shows who took a message off its course. Opened before open_queue()
     drops root. A daemon that logs to stderr (systemd's journal, a terminal) has no log
-    this command can reach: then syslog, which journald also reads, if one listens. A
+    this command can reach: then syslog, which journald also reads, if one listens, and
+    else this command's own stderr (the admin sees what was logged, and can keep it). A
     log that cannot be opened must not keep the admin from acting."""
     import dataclasses
     from elemta.util import logs
@@ -121,7 +122,10 @@ def log_to_the_mail_log(args) -> None:
     try:
         logs.setup(target)
     except OSError:
-        pass
+        try:
+            logs.setup(dataclasses.replace(target, target="stderr"))
+        except OSError:
+            pass
 
 
 def _become_spool_owner(spool_dir: str) -> None:

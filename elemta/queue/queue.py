@@ -563,7 +563,7 @@ class Queue:
         for batch in _batches(queue_ids):
             outcomes = self._index_call(self.index.update_many, batch, change)
             self._flush(())
-            yield from _report(batch, outcomes)
+            yield from _report(batch, outcomes, priority)
 
     def _change(self, queue_ids, change, wanted):
         """Apply an index change in batches; returns the ids whose outcome is `wanted`."""
@@ -839,12 +839,15 @@ def _batches(items, size=ACTION_BATCH):
 
 # What an admin's action (elemtactl queue, the REST API) logs for each message it changed,
 # in postsuper's words, so that grep QUEUEID shows who took a message off its course.
-_ADMIN_LOG = {HELD: "placed on hold", RELEASED: "released from hold", REQUEUED: "requeued"}
+_ADMIN_LOG = {HELD: "placed on hold", RELEASED: "released from hold", REQUEUED: "requeued",
+              FLUSHED: "made due now"}
 
 
-def _report(batch, outcomes):
+def _report(batch, outcomes, priority=None):
     for queue_id in batch:
         outcome = outcomes.get(queue_id) or NO_SUCH_MESSAGE
         if outcome in _ADMIN_LOG:
             log.info("%s: %s (admin action)", queue_id, _ADMIN_LOG[outcome])
+        elif outcome in (PRIORITY_CHANGED, PRIORITY_CHANGED_ACTIVE):
+            log.info("%s: priority set to %d (admin action)", queue_id, priority)
         yield queue_id, outcome
