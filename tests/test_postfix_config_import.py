@@ -85,6 +85,8 @@ def test_the_peers_config_becomes_an_elemta_config_that_loads(peer_config, workd
     assert config.limits.message_size == 10240000             # Postfix's default
     assert [(l.address, l.port, l.mode) for l in config.listeners] == [
         ("127.0.0.1", peer_config.smtpd_port, "smtp"), ("127.0.0.1", 2526, "smtp")]
+    # The output replaces the packaged config: the system MTA's user and spool stay.
+    assert (config.master.user, config.queue.spool_dir) == ("elemta", "/var/spool/elemta")
     # Every value says where it came from.
     text = open(output).read()
     assert "# from relayhost = [127.0.0.1]:2599\n" in text
@@ -321,3 +323,10 @@ def test_a_directory_without_main_cf_is_named(workdir):
     result = elemtactl("import-postfix", workdir)
     assert result.returncode == 66
     assert "%s: no main.cf there" % workdir in result.stderr
+
+
+def test_a_postconf_that_cannot_run_is_named(peer_config, workdir):
+    result = elemtactl("import-postfix", peer_config.config_dir, "--postconf",
+                       os.path.join(workdir, "no-postconf"))
+    assert result.returncode == 66
+    assert "no-postconf: not an executable postconf" in result.stderr

@@ -12,7 +12,7 @@ See also: elemta.migrate.translate, elemta.config.sources (the reader).
 import json
 from typing import Any, Dict, List, Sequence, Tuple
 
-from elemta.migrate.translate import Setting
+from elemta.migrate.translate import Translated
 
 HEADER = """Elemta configuration translated from Postfix's (%s) by elemtactl import-postfix.
 Each value names the Postfix setting it came from; every option not written here has
@@ -43,18 +43,18 @@ def _comment(text: str, indent: str = "") -> List[str]:
             for line in text.splitlines()]
 
 
-def _sections(settings: Sequence[Setting]) -> List[Tuple[str, List[Setting]]]:
+def _sections(settings: Sequence[Translated]) -> List[Tuple[str, List[Translated]]]:
     """Settings grouped by their top-level table, in elemta.conf's order."""
     from elemta.config.loader import schema_options
     from elemta.config.schema import Config
     order = [option.name for option in schema_options(Config)]
-    groups: Dict[str, List[Setting]] = {}
+    groups: Dict[str, List[Translated]] = {}
     for setting in settings:
         groups.setdefault(setting.path[0], []).append(setting)
     return [(name, groups[name]) for name in sorted(groups, key=order.index)]
 
 
-def render(settings: Sequence[Setting], source: str, toml: bool) -> str:
+def render(settings: Sequence[Translated], source: str, toml: bool) -> str:
     """The config file's text."""
     lines = _comment(HEADER % source)
     for section, members in _sections(settings):
@@ -84,7 +84,7 @@ def _is_table_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
-def _table_list(key: str, setting: Setting, toml: bool, indent: str,
+def _table_list(key: str, setting: Translated, toml: bool, indent: str,
                 section: str = "") -> List[str]:
     lines = _comment("from " + setting.source, indent)
     if toml:

@@ -34,7 +34,7 @@ class PostfixConfigError(Exception):
 
 
 @dataclass(frozen=True)
-class Service:
+class MasterService:
     """One master.cf service: `name type private unpriv chroot wakeup maxproc command`."""
     name: str
     type: str
@@ -53,7 +53,7 @@ class PostfixSettings:
     config_dir: str
     explicit: Dict[str, str]
     effective: Dict[str, str]
-    services: List[Service]
+    services: List[MasterService]
 
     def value(self, name: str) -> str:
         """The effective value of a parameter, "" when Postfix has none."""
@@ -130,6 +130,6 @@ def read_postfix(config_dir: str = DEFAULT_CONFIG_DIR,
         if len(fields) < 8:
             continue
         label = "%s/%s" % (fields[0], fields[1])
-        services.append(Service(fields[0], fields[1], fields[7],
+        services.append(MasterService(fields[0], fields[1], fields[7],
                                 overrides.get(label, {})))
     return PostfixSettings(config_dir, explicit, effective, services)

@@ -24,7 +24,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
-from elemta.migrate.postfix_settings import PostfixSettings, Service
+from elemta.migrate.postfix_settings import MasterService, PostfixSettings
 
 KeyPath = Tuple[Any, ...]
 
@@ -82,8 +82,13 @@ WELL_KNOWN_PORTS = {"smtp": 25, "submission": 587, "smtps": 465, "submissions": 
 SMTPS_NAMES = {"smtps", "submissions"}
 
 
+# The system MTA's user and spool, as etc/elemta.yaml.example (the packages') sets them.
+PACKAGED = ((("queue", "spool_dir"), "/var/spool/elemta"), (("master", "user"), "elemta"),
+            (("master", "group"), "elemta"))
+
+
 @dataclass(frozen=True)
-class Setting:
+class Translated:
     """One Elemta value and the Postfix setting it came from."""
     path: KeyPath
     value: Any
@@ -100,14 +105,14 @@ class Untranslated:
 
 @dataclass
 class Translation:
-    settings: List[Setting] = field(default_factory=list)
+    settings: List[Translated] = field(default_factory=list)
     untranslated: List[Untranslated] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)          # translated, but check this
     to_compile: List[str] = field(default_factory=list)     # source files of lmdb tables
     not_needed: List[str] = field(default_factory=list)
 
     def set(self, path: KeyPath, value: Any, source: str) -> None:
-        self.settings.append(Setting(path, value, source))
+        self.settings.append(Translated(path, value, source))
 
     def refuse(self, name: str, value: str, reason: str) -> None:
         self.untranslated.append(Untranslated(name, value, reason))
@@ -547,7 +552,7 @@ class _Translator:
 
     # -- master.cf
 
-    def smtpd_services(self) -> List[Service]:
+    def smtpd_services(self) -> List[MasterService]:
         return [s for s in self.pf.services if s.type == "inet" and s.command == "smtpd"]
 
     def addresses(self) -> List[str]:
@@ -606,7 +611,7 @@ class _Translator:
             self.out.refuse("master.cf", "", "no smtpd inet service to listen with: "
                             "Elemta's default listener (127.0.0.1:2525) was left")
 
-    def mode(self, service: Service, port: int) -> Optional[str]:
+    def mode(self, service: MasterService, port: int) -> Optional[str]:
         options = service.overrides
         if options.get("smtpd_tls_wrappermode") == "yes" or service.name in SMTPS_NAMES \
                 or port == 465:
@@ -633,6 +638,12 @@ class _Translator:
             return None
         return mode
 
+    def packaged(self) -> None:
+        """What the packages' configuration gives a system MTA (etc/elemta.yaml.example):
+        the output replaces it, and Postfix has no say in these."""
+        for path, value in PACKAGED:
+            self.out.set(path, value, "Elemta's packaged configuration, not Postfix's")
+
     def run(self) -> Translation:
         self.identity()
         self.destinations()
@@ -646,6 +657,7 @@ class _Translator:
         self.local()
         self.restrictions()
         self.sender_login()
+        self.packaged()
         for name in sorted(self.pf.explicit):
             if name in self.done:
                 continue
