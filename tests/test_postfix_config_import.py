@@ -330,3 +330,38 @@ def test_a_postconf_that_cannot_run_is_named(peer_config, workdir):
                        os.path.join(workdir, "no-postconf"))
     assert result.returncode == 66
     assert "no-postconf: not an executable postconf" in result.stderr
+
+
+def test_postscreen_sasl_on_the_submission_service_and_excluded_networks(workdir):
+    d = os.path.join(workdir, "postscreen")
+    os.makedirs(d)
+    with open(os.path.join(d, "main.cf"), "w") as stream:
+        stream.write("compatibility_level = 3.6\nmyhostname = mx.example.org\n"
+                     "inet_interfaces = 127.0.0.1\ninet_protocols = ipv4\n"
+                     "mynetworks = 127.0.0.0/8 !127.0.0.5 10.0.0.0/8\n"
+                     # Any readable files: loading opens them, the handshake is not tried.
+                     "smtpd_tls_cert_file = /etc/ssl/certs/ca-certificates.crt\n"
+                     "smtpd_tls_key_file = /etc/ssl/certs/ca-certificates.crt\n"
+                     "smtpd_tls_security_level = may\n")
+    shutil.copyfile(MASTER_CF, os.path.join(d, "master.cf"))
+    postconf(d, "-Me", "smtp/inet = smtp inet n - y - 1 postscreen")
+    postconf(d, "-Me", "smtpd/pass = smtpd pass - - y - - smtpd")
+    postconf(d, "-Me", "submission/inet = submission inet n - y - - smtpd "
+                       "-o smtpd_sasl_auth_enable=yes -o smtpd_sasl_type=dovecot "
+                       "-o smtpd_sasl_path=inet:127.0.0.1:12345")
+    result = elemtactl("import-postfix", d, "-o", os.path.join(d, "elemta.yaml"))
+    assert result.returncode == 0, result.stderr
+    config = load_config(os.path.join(d, "elemta.yaml"))
+    assert [(l.port, l.mode) for l in config.listeners] == [(25, "smtp"), (587, "submission")]
+    assert (config.auth.backend, config.auth.dovecot_socket) == ("dovecot",
+                                                                 "inet:127.0.0.1:12345")
+    # Postfix trusted 127.0.0.0/8 but not 127.0.0.5; Elemta cannot say "but": the
+    # wider network is left out rather than trusting 127.0.0.5.
+    assert config.relay.mynetworks == ("10.0.0.0/8",)
+    report = reported(result.stderr)
+    assert report["mynetworks"].startswith("127.0.0.0/8 / Elemta's mynetworks has no "
+                                           "!exclusions (!127.0.0.5/32)")
+    assert "postscreen's checks" in report["master.cf smtp/inet"]
+    assert "smtpd_sasl_type" not in report
+    assert "check it as Elemta's workers will read it: elemtactl config check --config" \
+        in result.stderr

@@ -105,6 +105,10 @@ def _report(translation, output, config_dir, compiled) -> None:
                      % (PROG, files))
     if translation.not_needed:
         lines.append("not needed by Elemta: %s" % ", ".join(translation.not_needed))
+    if output:
+        # Loaded here as the caller (root); the workers read the files as master.user.
+        lines.append("check it as Elemta's workers will read it: %s config check "
+                     "--config %s" % (PROG, output))
     for line in lines:
         print(printable(line), file=sys.stderr)
 

@@ -302,18 +302,30 @@ class _Translator:
     def networks(self) -> None:
         self.done.add("mynetworks")
         self.done.add("mynetworks_style")
-        kept, left = [], []
+        kept, left, excluded = [], [], []
         for item in split_list(self.pf.value("mynetworks")):
-            text = re.sub(r"^\[([^\]]+)\]", r"\1", item)
-            try:
-                kept.append(str(ipaddress.ip_network(text, strict=False)))
-            except ValueError:
+            network = _network(item.lstrip("!"))
+            if network is None:
                 left.append(item)
-        self.out.set(("relay", "mynetworks"), kept, self.source("mynetworks"))
+            elif item.startswith("!"):
+                excluded.append(network)
+            else:
+                kept.append(network)
+        # Elemta has no "!network": a network holding an excluded one is left out, so
+        # nobody Postfix kept out may relay (trust shrinks, never grows).
+        wider = [n for n in kept if any(n.version == x.version and x.subnet_of(n)
+                                        for x in excluded)]
+        networks = [str(n) for n in kept if n not in wider]
+        self.out.set(("relay", "mynetworks"), networks, self.source("mynetworks"))
         if left:
             self.out.refuse("mynetworks", " ".join(left),
                             "Elemta's mynetworks holds IP networks only (no host names, "
                             "files or tables): these were left out, so they may not relay")
+        if wider:
+            self.out.refuse("mynetworks", " ".join(str(n) for n in wider),
+                            "Elemta's mynetworks has no !exclusions (%s): these networks "
+                            "were left out, so they may not relay" % " ".join(
+                                "!" + str(x) for x in excluded))
 
     def virtual(self) -> None:
         pf = self.pf
@@ -431,19 +443,28 @@ class _Translator:
 
     def auth(self) -> None:
         pf = self.pf
-        enabled = pf.value("smtpd_sasl_auth_enable") == "yes" or any(
-            s.overrides.get("smtpd_sasl_auth_enable") == "yes" for s in self.smtpd_services())
-        sasl_type = pf.value("smtpd_sasl_type")
+        enabling = [s for s in self.smtpd_services()
+                    if s.overrides.get("smtpd_sasl_auth_enable") == "yes"]
+        enabled = pf.value("smtpd_sasl_auth_enable") == "yes" or enabling
+        # The SASL type and path may be given on the submission service alone.
+        given = next((s for s in enabling if "smtpd_sasl_type" in s.overrides), None)
+        if given is not None and pf.value("smtpd_sasl_auth_enable") != "yes":
+            sasl_type = given.overrides["smtpd_sasl_type"]
+            path = given.overrides.get("smtpd_sasl_path", pf.value("smtpd_sasl_path"))
+            where = "master.cf %s -o " % given.label
+        else:
+            sasl_type, path, where = pf.value("smtpd_sasl_type"), pf.value(
+                "smtpd_sasl_path"), ""
         if not enabled:
             self.done.update(("smtpd_sasl_type", "smtpd_sasl_path"))
             return
         if sasl_type == "dovecot":
-            socket_path = pf.value("smtpd_sasl_path")
-            if not socket_path.startswith("inet:"):
-                socket_path = self.in_queue_directory(socket_path)
-            self.out.set(("auth", "backend"), "dovecot", self.source("smtpd_sasl_type"))
+            socket_path = path if path.startswith("inet:") else self.in_queue_directory(path)
+            self.out.set(("auth", "backend"), "dovecot",
+                         "%ssmtpd_sasl_type = dovecot" % where)
             self.out.set(("auth", "dovecot_socket"), socket_path,
-                         self.source("smtpd_sasl_path") + ", relative to queue_directory")
+                         "%ssmtpd_sasl_path = %s, relative to queue_directory"
+                         % (where, path))
             self.done.update(("smtpd_sasl_type", "smtpd_sasl_path"))
             self.queue_socket_note("auth.dovecot_socket", socket_path)
         else:
@@ -553,7 +574,10 @@ class _Translator:
     # -- master.cf
 
     def smtpd_services(self) -> List[MasterService]:
-        return [s for s in self.pf.services if s.type == "inet" and s.command == "smtpd"]
+        """The inet services that speak SMTP to clients: smtpd, and postscreen (which
+        hands the connection to smtpd after its checks)."""
+        return [s for s in self.pf.services
+                if s.type == "inet" and s.command in ("smtpd", "postscreen")]
 
     def addresses(self) -> List[str]:
         interfaces = split_list(self.pf.value("inet_interfaces"))
@@ -589,6 +613,10 @@ class _Translator:
             mode = self.mode(service, port)
             if mode is None:
                 continue
+            if service.command == "postscreen":
+                self.out.refuse("master.cf %s" % service.label, service.command,
+                                "listened on as smtp; postscreen's checks before smtpd "
+                                "(DNSBLs, pregreet) are not translated")
             where = [host.strip("[]")] if colon and host else addresses
             for address in where:
                 listeners.append({"address": address, "port": port, "mode": mode})
@@ -691,6 +719,14 @@ def duration(value: str, default_unit: str) -> Optional[int]:
     if not match:
         return None
     return int(match.group(1)) * _UNITS[match.group(2) or default_unit]
+
+
+def _network(text: str) -> Optional[Any]:
+    """The IP network of a mynetworks entry ([::1]/128 as Postfix writes IPv6), or None."""
+    try:
+        return ipaddress.ip_network(re.sub(r"^\[([^\]]+)\]", r"\1", text), strict=False)
+    except ValueError:
+        return None
 
 
 def _port(name: str) -> Optional[int]:
