@@ -248,6 +248,7 @@ def test_the_dovecot_setups_leftovers_are_reported(dovecot_setup):
     assert "auth.dovecot_socket: /var/spool/postfix/private/auth is inside Postfix's " \
            "queue directory" in stderr
     assert "lmdb tables compiled: %s/virtual %s/vmailbox" % (d, d) in stderr
+    assert "relay.relay_domains: Postfix also took subdomains" in stderr
 
 
 def test_compile_builds_the_tables_the_config_names(dovecot_setup):
@@ -271,7 +272,7 @@ def test_debians_main_cf_as_its_postinst_writes_it(workdir):
              "alias_maps = hash:/etc/aliases", "mydestination = $myhostname, localhost",
              "relayhost =", "mynetworks = 127.0.0.0/8 [::1]/128",
              "mailbox_size_limit = 0", "inet_interfaces = loopback-only",
-             "inet_protocols = ipv4",
+             "inet_protocols = ipv4", "relay_domains = example.net",
              "smtpd_relay_restrictions = permit_mynetworks permit_sasl_authenticated "
              "defer_unauth_destination")
     result = elemtactl("import-postfix", d, "-o", os.path.join(d, "elemta.yml"))
@@ -282,6 +283,8 @@ def test_debians_main_cf_as_its_postinst_writes_it(workdir):
     assert config.relay.local_domains == ("localhost",)
     assert config.local.aliases_file == "/etc/aliases"
     assert config.delivery.relayhost is None
+    # Postfix's relay_domains takes subdomains too (parent_domain_matches_subdomains).
+    assert config.relay.relay_domains.plain() == ("example.net", ".example.net")
     assert [(l.address, l.port) for l in config.listeners] == [("127.0.0.1", 25)]
     assert set(reported(result.stderr)) == {"smtpd_banner"}
 

@@ -13,6 +13,7 @@ import json
 from typing import Any, Dict, List, Sequence, Tuple
 
 from elemta.migrate.translate import Translated
+from elemta.util.text import printable
 
 HEADER = """Elemta configuration translated from Postfix's (%s) by elemtactl import-postfix.
 Each value names the Postfix setting it came from; every option not written here has
@@ -39,8 +40,9 @@ def _scalar(value: Any, toml: bool) -> str:
 
 
 def _comment(text: str, indent: str = "") -> List[str]:
-    return ["%s# %s" % (indent, line) if line else indent + "#"
-            for line in text.splitlines()]
+    # A control character in a Postfix value must not end the comment early.
+    return ["%s# %s" % (indent, printable(line)) if line else indent + "#"
+            for line in text.split("\n")]
 
 
 def _sections(settings: Sequence[Translated]) -> List[Tuple[str, List[Translated]]]:

@@ -44,6 +44,7 @@ NOT_NEEDED = {
     "mydomain", "inet_protocols", "smtpd_sasl_auth_enable", "smtpd_sasl_path",
     "smtpd_tls_security_level", "smtpd_use_tls", "smtpd_tls_session_cache_database",
     "smtp_tls_session_cache_database", "smtpd_peername_lookup", "default_transport",
+    "parent_domain_matches_subdomains",
     "relay_transport", "smtp_sasl_auth_enable", "readme_directory",
     "smtpd_tls_auth_only", "smtpd_sasl_local_domain", "broken_sasl_auth_clients",
     "smtpd_sasl_security_options", "smtp_tls_CApath", "smtp_tls_CAfile",
@@ -116,6 +117,10 @@ class Translation:
 
     def refuse(self, name: str, value: str, reason: str) -> None:
         self.untranslated.append(Untranslated(name, value, reason))
+
+
+def format_path(path: KeyPath) -> str:
+    return ".".join(str(part) for part in path)
 
 
 def split_list(value: str) -> List[str]:
@@ -199,17 +204,31 @@ class _Translator:
         if tables and (len(items) > 1):
             self.refuse(name, "Elemta takes a list of domains or one table, not both")
             return
+        # Postfix's "example.org" there also means its subdomains; Elemta's does not.
+        subdomains = name in split_list(self.pf.value("parent_domain_matches_subdomains"))
         if tables:
             spec = self.table(name, tables[0])
             if spec is not None:
                 self.out.set(path, spec, self.source(name))
+                if subdomains:
+                    self.out.notes.append(
+                        "%s: Postfix also took subdomains of the domains in %s (its "
+                        "parent_domain_matches_subdomains); Elemta does so only for keys "
+                        "written .example.org: add those keys where subdomains are meant"
+                        % (format_path(path), tables[0]))
             return
         for item in items:
             problem = domain_problem([item[1:] if item.startswith(".") else item])
             if problem:
                 self.refuse(name, "%s: %s" % (item, problem))
                 return
-        self.out.set(path, items, self.source(name))
+        source = self.source(name)
+        if subdomains:
+            dotted = ["." + item for item in items if not item.startswith(".")]
+            items = items + [item for item in dotted if item not in items]
+            source += "; with their subdomains, as Postfix's " \
+                      "parent_domain_matches_subdomains has it"
+        self.out.set(path, items, source)
 
     def nexthop(self, name: str, value: str, domain: str = "") -> Optional[str]:
         """Elemta's next hop for a Postfix transport:nexthop, or None (reported). An
@@ -376,21 +395,23 @@ class _Translator:
         kind, _, path = tables[0].partition(":")
         if kind == "proxy":
             kind, _, path = path.partition(":")
-        if kind == "inline":
-            from elemta.maps.inline import parse_braces
-            entries = parse_braces(path)
-        elif kind in COMPILED_TYPES:
-            from elemta.maps.source import parse_entries
-            try:
-                with open(path, encoding="utf-8") as stream:
-                    entries = parse_entries(stream, path)
-            except (OSError, ValueError) as error:
-                self.refuse(name, "its source file cannot be read: %s" % error)
-                return
-        else:
+        if kind != "inline" and kind not in COMPILED_TYPES:
             self.refuse(name, "Elemta's delivery.transport is a list of entries, read "
                         "here from a table's source file; a %s table cannot be listed"
                         % kind)
+            return
+        from elemta.config.options import domains as domain_problem
+        from elemta.maps import TableError
+        from elemta.maps.inline import parse_braces
+        from elemta.maps.source import parse_entries
+        try:
+            if kind == "inline":
+                entries = parse_braces(path)
+            else:
+                with open(path, encoding="utf-8") as stream:
+                    entries = parse_entries(stream, path)
+        except (OSError, ValueError, TableError) as error:
+            self.refuse(name, "its entries cannot be read: %s" % error)
             return
         self.done.add(name)
         entries_out = []
@@ -399,6 +420,10 @@ class _Translator:
             if "@" in key or key == "*":
                 self.out.refuse(entry_name, value, "Elemta's transport map is keyed by "
                                 "domain (%s not translated)" % key)
+                continue
+            problem = domain_problem([key[1:] if key.startswith(".") else key])
+            if problem:
+                self.out.refuse(entry_name, value, problem)
                 continue
             hop = self.nexthop(entry_name, value, key)
             if hop:
