@@ -446,6 +446,11 @@ class _Translator:
         if cert and wanted:
             self.out.set(("tls", "cert_file"), cert, self.source("smtpd_tls_cert_file"))
             self.out.set(("tls", "key_file"), key, self.source("smtpd_tls_key_file"))
+            if pf.value("smtpd_tls_security_level") not in ("may", "encrypt") and \
+                    pf.value("smtpd_use_tls") != "yes":
+                self.out.notes.append("Postfix offered TLS only on the services whose -o "
+                                      "asked for it; Elemta offers STARTTLS on every "
+                                      "listener once it has a certificate")
         elif cert:
             self.out.notes.append("smtpd_tls_cert_file is set but Postfix offers no TLS "
                                   "(smtpd_tls_security_level): not translated, since "
@@ -588,13 +593,19 @@ class _Translator:
                                 % (RESTRICTION_WHY, " ".join(other)))
 
     def sender_login(self) -> None:
-        if self.pf.is_set("smtpd_sender_login_maps"):
-            from elemta.config.schema import SMTPDSettings
-            self.refuse("smtpd_sender_login_maps", "this Elemta has no sender login check "
-                        "yet (which senders an AUTH user may use): add it by hand once "
-                        "its option exists" if "sender_login_maps" not in
-                        SMTPDSettings.__dataclass_fields__ else
-                        "translate it by hand: smtpd.sender_login_maps")
+        """smtpd_sender_login_maps, into the section whose option of that name the schema
+        has (it is being added; until then the setting is reported)."""
+        name = "smtpd_sender_login_maps"
+        if not self.pf.is_set(name):
+            return
+        path = _schema_path("sender_login_maps")
+        if path is None:
+            self.refuse(name, "this Elemta has no sender login check yet (which senders "
+                        "an AUTH user may use): set it by hand once its option exists")
+            return
+        spec = self.one_table(name)
+        if spec:
+            self.out.set(path, spec, self.source(name))
 
     # -- master.cf
 
@@ -744,6 +755,20 @@ def duration(value: str, default_unit: str) -> Optional[int]:
     if not match:
         return None
     return int(match.group(1)) * _UNITS[match.group(2) or default_unit]
+
+
+def _schema_path(option: str) -> Optional[KeyPath]:
+    """(section, option) of the first config section with that option, or None."""
+    import dataclasses
+
+    from elemta.config.loader import schema_options
+    from elemta.config.schema import Config
+    for section in schema_options(Config):
+        kind = section.type if isinstance(section.type, type) else None
+        if kind is not None and dataclasses.is_dataclass(kind) and \
+                option in {field.name for field in schema_options(kind)}:
+            return section.name, option
+    return None
 
 
 def _network(text: str) -> Optional[Any]:
