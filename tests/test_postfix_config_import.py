@@ -345,7 +345,12 @@ def test_postscreen_sasl_on_the_submission_service_and_excluded_networks(workdir
                      # Any readable files: loading opens them, the handshake is not tried.
                      "smtpd_tls_cert_file = /etc/ssl/certs/ca-certificates.crt\n"
                      "smtpd_tls_key_file = /etc/ssl/certs/ca-certificates.crt\n"
-                     "smtpd_tls_security_level = may\n")
+                     "smtpd_tls_security_level = may\n"
+                     # Inline tables: braces keep an item's commas and spaces.
+                     "virtual_alias_maps = inline:{ { info@example.org = a@example.org, "
+                     "b@example.org } }\n"
+                     "transport_maps = inline:{ example.org=lmtp:unix:/run/dovecot/lmtp, "
+                     "{ example.net = smtp:[10.1.1.1]:2525 } }\n")
     shutil.copyfile(MASTER_CF, os.path.join(d, "master.cf"))
     postconf(d, "-Me", "smtp/inet = smtp inet n - y - 1 postscreen")
     postconf(d, "-Me", "smtpd/pass = smtpd pass - - y - - smtpd")
@@ -361,6 +366,11 @@ def test_postscreen_sasl_on_the_submission_service_and_excluded_networks(workdir
     # Postfix trusted 127.0.0.0/8 but not 127.0.0.5; Elemta cannot say "but": the
     # wider network is left out rather than trusting 127.0.0.5.
     assert config.relay.mynetworks == ("10.0.0.0/8",)
+    table = open_table(config.virtual.alias_maps)
+    assert table.lookup("info@example.org") == "a@example.org, b@example.org"
+    table.close()
+    assert [(e.domain, e.nexthop) for e in config.delivery.transport] == [
+        ("example.org", "lmtp:unix:/run/dovecot/lmtp"), ("example.net", "smtp:[10.1.1.1]:2525")]
     report = reported(result.stderr)
     assert report["mynetworks"].startswith("127.0.0.0/8 / Elemta's mynetworks has no "
                                            "!exclusions (!127.0.0.5/32)")

@@ -124,8 +124,20 @@ def format_path(path: KeyPath) -> str:
 
 
 def split_list(value: str) -> List[str]:
-    """Postfix's list syntax: items separated by commas and/or whitespace."""
-    return [item for item in re.split(r"[\s,]+", value.strip()) if item]
+    """Postfix's list syntax: items separated by commas and/or whitespace, where braces
+    hold an item together (inline:{ a=b, c=d } is one table)."""
+    items, current, depth = [], "", 0
+    for char in value:
+        if char in " \t\r\n," and depth == 0:
+            if current:
+                items.append(current)
+            current = ""
+            continue
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        current += char
+    if current:
+        items.append(current)
+    return items
 
 
 class _Translator:
@@ -165,7 +177,12 @@ class _Translator:
             if rest not in self.out.to_compile:
                 self.out.to_compile.append(rest)
             return "lmdb:" + rest
-        if kind in ELEMTA_FILE_TYPES or kind == "inline":
+        if kind == "inline":
+            return spec
+        if kind in ELEMTA_FILE_TYPES + ("pcre",) and not rest.startswith("/"):
+            self.refuse(name, "%s: Elemta needs an absolute file name" % spec)
+            return None
+        if kind in ELEMTA_FILE_TYPES:
             return spec
         if kind == "pcre":
             from elemta.maps import TableError, open_table
