@@ -55,7 +55,8 @@ def cmd_import_postfix(args) -> int:
     try:
         load_text(name, text)
     except ConfigError as error:
-        problems = "; ".join(str(problem) for problem in error.problems) or str(error)
+        problems = "; ".join(_from_postfix(problem, translation.settings)
+                             for problem in error.problems) or str(error)
         raise Failure(EX_CONFIG, "the translated configuration does not load, so it was "
                       "not written: %s" % problems)
     if args.compile:
@@ -71,6 +72,21 @@ def cmd_import_postfix(args) -> int:
         sys.stdout.write(text)
     _report(translation, output, config_dir, args.compile)
     return EX_OK
+
+
+def _from_postfix(problem, settings) -> str:
+    """A loader's problem told by the Elemta key and the Postfix setting behind it (the
+    text it has a line of was never written)."""
+    import re
+    sources = {".".join(str(part) for part in setting.path): setting.source
+               for setting in settings}
+    key = problem.key
+    while key and key not in sources:
+        key = re.sub(r"(\[\d+\]|\.?[^.\[]*)$", "", key)
+    where = problem.key or problem.file
+    if key:
+        where += " (from %s)" % sources[key]
+    return "%s: %s" % (where, problem.message)
 
 
 def _compile(sources):

@@ -528,6 +528,8 @@ class _Translator:
         elif size == "0":
             self.refuse("message_size_limit", "0 means no limit in Postfix; Elemta "
                         "always has one (limits.message_size)")
+        else:
+            self.refuse("message_size_limit", "not a number of bytes")
         for name, path in (("smtpd_recipient_limit", ("limits", "recipients")),
                            ("default_destination_concurrency_limit",
                             ("delivery", "destination_concurrency"))):
