@@ -21,6 +21,7 @@ from elemta.config import load_config
 from elemta.maps import open_table
 from tests.harness import REPO, free_port
 from tests.peers.postfix import PostfixInstance
+from tests.peers.sink import make_test_pki
 
 POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"
 pytestmark = pytest.mark.skipif(not os.path.exists(POSTCONF),
@@ -114,6 +115,37 @@ def test_the_peers_settings_without_an_equivalent_are_named_with_why(peer_config
         in result.stderr
     # The YAML went to standard output and loads.
     assert result.stdout.startswith("# Elemta configuration translated from Postfix's")
+
+
+def test_the_peers_tls_and_dovecot_auth_config(workdir):
+    """The relay host of tests/test_relay_auth.py: STARTTLS, Dovecot AUTH at an absolute
+    socket path, and two more listeners with -o overrides."""
+    _, cert, key = make_test_pki(os.path.join(workdir, "pki"), "relay.test")
+    plain_port, login_port = free_port(), free_port()
+    instance = PostfixInstance(
+        os.path.join(workdir, "relay"), free_port(), hold_only=True, extra_main_cf={
+            "smtpd_tls_cert_file": cert, "smtpd_tls_key_file": key,
+            "smtpd_tls_security_level": "may", "smtpd_tls_loglevel": "1",
+            "smtpd_sasl_auth_enable": "yes", "smtpd_sasl_type": "dovecot",
+            "smtpd_sasl_path": "/run/dovecot/auth-client",
+            "smtpd_relay_restrictions": "permit_sasl_authenticated, reject"},
+        extra_listeners={plain_port: {"smtpd_tls_security_level": "none"},
+                         login_port: {"smtpd_sasl_mechanism_filter": "login"}})
+    instance._write_config()
+    output = os.path.join(workdir, "relay.yaml")
+    result = elemtactl("import-postfix", instance.config_dir, "-o", output)
+    assert result.returncode == 0, result.stderr
+    config = load_config(output)
+    assert (config.tls.cert_file, config.tls.key_file) == (cert, key)
+    assert (config.auth.backend, config.auth.dovecot_socket) == (
+        "dovecot", "/run/dovecot/auth-client")
+    assert [(l.port, l.mode) for l in config.listeners] == [
+        (instance.smtpd_port, "smtp"), (plain_port, "smtp"), (login_port, "smtp")]
+    report = reported(result.stderr)
+    assert report["smtpd_relay_restrictions"].endswith("; reject not translated")
+    assert report["smtpd_tls_loglevel"] == "1 / no Elemta equivalent"
+    assert report["master.cf 127.0.0.1:%d/inet -o smtpd_sasl_mechanism_filter" % login_port]
+    assert "inside Postfix's queue directory" not in result.stderr    # /run/dovecot
 
 
 # ---------------------------------------------------------------- a Dovecot-style setup
