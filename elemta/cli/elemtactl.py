@@ -25,7 +25,8 @@ from os import (EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_NOUSER, EX_O
                 EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE)
 from typing import Callable, List, Optional
 
-from elemta.cli import completion, configcmd, control, filecheck, mapcmd, pfimport, queuecmd
+from elemta.cli import (completion, configcmd, control, filecheck, mapcmd, pfconfig,
+                        pfimport, queuecmd)
 from elemta.cli.config_finder import config_path, read_config
 from elemta.cli.failure import EX_FAILED, Failure
 from elemta.util import credentials, daemonfiles
@@ -404,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     queuecmd.add_queue_commands(commands, _Parser, [config_option])
     pfimport.add_command(commands, _Parser, [config_option])
+    pfconfig.add_command(commands, _Parser, [config_option])
     mapcmd.add_commands(commands, _Parser, [config_option])
 
     dkim = commands.add_parser("dkim", help="DKIM signing keys")
