@@ -450,6 +450,36 @@ def test_container_entrypoint_refuses_a_root_owned_volume(debian_root, container
     assert "spool /var/spool/elemta is not writable by uid 10025" in text, text
 
 
+def test_plugin_state_directory_is_the_service_users(debian_root):
+    """The greylist plugin keeps its database in /var/lib/elemta: the unprivileged smtpd
+    must be able to create it there (else every RCPT gets 451 with greylisting on)."""
+    info = os.stat(debian_root("/var/lib/elemta"))
+    elemta = debian_root.run(["id", "-u", "elemta"]).stdout.strip()
+    assert str(info.st_uid) == elemta and info.st_mode & 0o777 == 0o750
+
+
+def test_reinstall_keeps_what_the_admin_edited(debian_root):
+    """An upgrade or reinstall runs postinst again: the debconf answers of the first
+    install must not undo the admin's later edits of elemta.yaml and /etc/mailname."""
+    root = debian_root
+    assert not [p for p in processes() if p.kind], "stop the daemon before reinstalling"
+    path = root("/etc/elemta/elemta.yaml")
+    with open(path) as f:
+        text = f.read()
+    edited = re.sub(r'address: "?127\.0\.0\.1"?, port: 25', "address: 0.0.0.0, port: 25", text)
+    assert edited != text, "the installed config has no loopback port-25 listener to edit"
+    edited += "# the admin's own note\n"
+    with open(path, "w") as f:
+        f.write(edited)
+    with open(root("/etc/mailname"), "w") as f:
+        f.write("example.org\n")
+    root.run(["apt-get", "install", "-y", "-q", "--reinstall", DEB],
+             env={"DEBIAN_FRONTEND": "noninteractive"}, timeout=300)
+    with open(path) as f:
+        assert f.read() == edited
+    assert root.read("/etc/mailname") == "example.org\n"
+
+
 def test_purge_removes_what_it_should(debian_root):
     """apt purge: the program, its venv, config, queue, user and debconf answers go; the
     users' mail, /etc/aliases and /etc/mailname (read by other programs) stay."""
