@@ -301,6 +301,26 @@ def test_smtp_and_sendmail_queue_the_same_expanded_recipients(server):
     assert queued_recipients(server, by_pickup) == expected
 
 
+
+def test_a_recipient_named_twice_is_queued_once_by_smtp_and_sendmail(server):
+    """Named twice, or after an alias that reached it: one queue recipient, so one copy
+    (Postfix's cleanup drops the duplicate too); another spelling stays apart."""
+    named = ["root@example.test", "sales@alias.test", "root@example.test",
+             "alice@virt.test", "ROOT@EXAMPLE.TEST.", "alice@virt.test"]
+    expected = ["root@example.test", "alice@virt.test", "ROOT@EXAMPLE.TEST."]
+    before = set(server.queued_ids())
+    with smtplib.SMTP("127.0.0.1", server.port, source_address=(STRANGER, 0)) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("someone@client.test")
+        assert [smtp.docmd("RCPT TO:<%s>" % a)[0] for a in named] == [250] * len(named)
+        assert smtp.data(b"Subject: named twice\r\n\r\nhi\r\n")[0] == 250
+    [by_smtp] = wait_for(lambda: set(server.queued_ids()) - before)
+    status, _, err = sendmail(server, "-i", *named, stdin=b"Subject: twice\n\nhi\n")
+    assert status == 0, err
+    [by_pickup] = wait_for(lambda: set(server.queued_ids()) - before - {by_smtp}, timeout=20)
+    assert queued_recipients(server, by_smtp) == expected
+    assert queued_recipients(server, by_pickup) == expected
+
 @pytest.mark.parametrize("address, kind, known, targets",
                          [h for h in HOSTED if h[1] != ALIASED], ids=lambda v: str(v))
 def test_routing_hosted(config, address, kind, known, targets):

@@ -27,7 +27,9 @@ The rules, Postfix's:
     is, the log also names the addresses (where an alias leads is not the client's
     business)
   - an address an expansion reaches twice, or that is already a recipient of the
-    message, is kept once
+    message, is kept once; so is an address the client names twice, or names after an
+    alias that reached it (Postfix's cleanup drops such duplicates too, though it keeps
+    one per original recipient: X-Original-To may differ)
 A table that cannot answer raises TableUnavailable.
 See also: virtual(5), elemta.addressing.hosted (which recipients exist).
 """
@@ -163,13 +165,17 @@ def expanded_recipients(recipients, targets_of):
     """The queue record's recipients: each Recipient replaced by those of its expansion
     (targets_of(address) -> list of addresses, or None to keep it), the original
     address kept as ORCPT, and an address met twice kept once (the first)."""
-    out, seen = [], set()
+    out, seen, written = [], set(), set()
     for recipient in recipients:
         targets = targets_of(recipient.address)
         if targets is None:
-            # Not an alias: kept as the client wrote it, as it always was.
+            # Not an alias: kept as the client wrote it, unless that very address is
+            # there already (named twice, or reached first by an alias): one copy, as
+            # Postfix's cleanup keeps one. Other spellings of it stay apart, as ever.
             seen.add(canonical(recipient.address))
-            out.append(recipient)
+            if recipient.address not in written:
+                written.add(recipient.address)
+                out.append(recipient)
             continue
         orcpt = recipient.orcpt or original_recipient(recipient.address)
         for target in targets:
@@ -177,6 +183,7 @@ def expanded_recipients(recipients, targets_of):
             if key in seen:
                 continue
             seen.add(key)
+            written.add(target)
             out.append(Recipient(target, recipient.notify,
                                  recipient.orcpt if target == recipient.address else orcpt))
     return out

@@ -327,9 +327,10 @@ class PickupWorker(GeventChild):
             submission.close()
 
     def _expand(self, recipients):
-        """The recipients with their virtual aliases expanded; raises Deferred."""
+        """The recipients with their virtual aliases expanded, each address once;
+        raises Deferred."""
         if self.virtual_aliases is None:
-            return recipients
+            return expanded_recipients(recipients, lambda address: None)
         try:
             return expanded_recipients(recipients, self.virtual_aliases.expand)
         except TableUnavailable as error:

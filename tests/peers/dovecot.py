@@ -9,7 +9,10 @@ auth_socket=True also an auth socket that Postfix's smtpd_sasl_type=dovecot (and
 auth.backend dovecot) can use, and with auth_port=N the same auth service on
 127.0.0.1:N. auth_debug=True logs every request the auth service reads ("client in:
 AUTH ..."; passwords hidden); auth_failure_delay=S delays each failure S seconds (0 here,
-2 in Dovecot's default).
+2 in Dovecot's default). imap_port=N adds IMAP (no TLS, plaintext LOGIN allowed) on
+127.0.0.1:N, so a test reads a mailbox as a mail client does. full_addresses=True names
+the users by address ("bob@two.test"), as a host serving several domains must: the same
+name in two domains is two users.
 Runs as root (Dovecot's master needs it to switch to its own users); the mail is stored as
 `nobody`, never as root.
 
@@ -37,12 +40,15 @@ DOVECOT = "/usr/sbin/dovecot"
 MAIL_USER = "nobody"
 
 
-def dovecot_available():
-    """Why a private Dovecot with LMTP cannot run here, or None when it can."""
+def dovecot_available(imap=False):
+    """Why a private Dovecot with LMTP (and IMAP, if asked) cannot run here, or None when
+    it can."""
     if not os.path.exists(DOVECOT):
         return "dovecot is not installed (apt-get install dovecot-lmtpd)"
     if not os.path.exists("/usr/lib/dovecot/lmtp"):
         return "Dovecot's LMTP server is not installed (apt-get install dovecot-lmtpd)"
+    if imap and not os.path.exists("/usr/lib/dovecot/imap"):
+        return "Dovecot's IMAP server is not installed (apt-get install dovecot-imapd)"
     if os.geteuid() != 0:
         return "a private Dovecot instance needs root"
     return None
@@ -66,7 +72,7 @@ class DovecotInstance:
     def __init__(self, workdir: str, users: Dict[str, DovecotUser],
                  lmtp_port: Optional[int] = None, auth_socket=False,
                  quota_tempfail=False, auth_port=None, auth_debug=False,
-                 auth_failure_delay=0):
+                 auth_failure_delay=0, imap_port=None, full_addresses=False):
         self.workdir = os.path.abspath(workdir)
         self.users = dict(users)
         self.lmtp_port = lmtp_port or free_port()
@@ -76,6 +82,8 @@ class DovecotInstance:
         self.auth_port = auth_port
         self.auth_debug = auth_debug
         self.auth_failure_delay = auth_failure_delay
+        self.imap_port = imap_port
+        self.full_addresses = full_addresses
         self.config_path = os.path.join(self.workdir, "dovecot.conf")
         self.passwd_path = os.path.join(self.workdir, "users")
         self.log_path = os.path.join(self.workdir, "dovecot.log")
@@ -99,12 +107,26 @@ class DovecotInstance:
     address = 127.0.0.1
     port = %d
   }""" % self.auth_port
+        imap_listener = ""
+        if self.imap_port:
+            imap_listener = """
+service imap-login {
+  inet_listener imap {
+    address = 127.0.0.1
+    port = %d
+  }
+  inet_listener imaps {
+    port = 0
+  }
+}""" % self.imap_port
+        # %n is the user part alone (alice@any.domain is alice), %u the whole address.
+        name = "u" if self.full_addresses else "n"
         return """\
 # A private test instance: nothing from /etc/dovecot.
 base_dir = {work}/run
 state_dir = {work}/state
 log_path = {work}/dovecot.log
-protocols = lmtp
+protocols = lmtp{imap}
 listen = 127.0.0.1
 ssl = no
 default_internal_user = dovecot
@@ -113,8 +135,7 @@ first_valid_uid = {uid}
 last_valid_uid = {uid}
 first_valid_gid = {gid}
 last_valid_gid = {gid}
-# alice@any.domain is user alice.
-auth_username_format = %Ln
+auth_username_format = %L{name}
 auth_mechanisms = plain login
 # A wrong password is answered at once unless asked (the default waits 2 s).
 auth_failure_delay = {failure_delay}s
@@ -122,12 +143,12 @@ disable_plaintext_auth = no
 auth_debug = {auth_debug}
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN username_format=%n {passwd}
+  args = scheme=PLAIN username_format=%{name} {passwd}
 }}
 userdb {{
   driver = passwd-file
-  args = username_format=%n {passwd}
-  default_fields = uid={uid} gid={gid} home={mail}/%n
+  args = username_format=%{name} {passwd}
+  default_fields = uid={uid} gid={gid} home={mail}/%{name}
 }}
 mail_location = maildir:~/Maildir
 mail_plugins = quota
@@ -164,12 +185,13 @@ service anvil {{
     mode = 0600
     user = root
   }}
-}}
+}}{imap_listener}
 """.format(work=self.workdir, uid=mail.pw_uid, gid=mail.pw_gid, passwd=self.passwd_path,
            mail=self.mail_dir, port=self.lmtp_port, socket=self.lmtp_socket,
            auth_listener=auth_listener, tempfail="yes" if self.quota_tempfail else "no",
            auth_debug="yes" if self.auth_debug else "no",
-           failure_delay=self.auth_failure_delay)
+           failure_delay=self.auth_failure_delay, name=name,
+           imap=" imap" if self.imap_port else "", imap_listener=imap_listener)
 
     def _write_config(self):
         # Dovecot's users (dovecot, dovenull, nobody) must reach files below the workdir.
@@ -193,7 +215,7 @@ service anvil {{
 
     def start(self, timeout=10.0):
         """Write the config, start Dovecot in the foreground, wait until LMTP greets."""
-        reason = dovecot_available()
+        reason = dovecot_available(imap=bool(self.imap_port))
         if reason:
             raise DovecotError(reason)
         self._write_config()
@@ -216,7 +238,8 @@ service anvil {{
                     self.read_log()[-2000:]))
             if self._greets() and (self.auth_socket is None
                                    or os.path.exists(self.auth_socket)) and (
-                    self.auth_port is None or self._listens(self.auth_port)):
+                    self.auth_port is None or self._listens(self.auth_port)) and (
+                    self.imap_port is None or self._listens(self.imap_port)):
                 return
             if time.monotonic() > deadline:
                 raise DovecotError("Dovecot's LMTP did not greet within %.0fs; log:\n%s"
