@@ -45,6 +45,7 @@ SYSLOG_FACILITIES = ("mail", "daemon", "local0", "local1", "local2", "local3", "
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 DELIVERY_TLS_LEVELS = ("none", "may", "encrypt", "verify", "secure")
 AUTH_BACKENDS = ("file", "dovecot")
+SENDER_LOGIN_RULES = ("authenticated", "all", "none")
 
 
 def _port(value):
@@ -229,6 +230,29 @@ class SMTPDSettings:
              "its next accepted message; the one after is answered 421 4.7.0 and the "
              "connection closed (Postfix's smtpd_junk_command_limit, which then counts "
              "errors instead).", _positive)
+    sender_login_maps: Optional[TableSpec] = opt(
+        None, "Which envelope senders each SMTP AUTH login name may use: a lookup table "
+              "keyed by sender (user@domain, user in local domains, @domain for a whole "
+              "domain) whose value is the owning login name(s), separated by commas or "
+              "spaces. Enforced as reject_sender_login_mismatch says; the null sender <> "
+              "is always accepted. Postfix's smtpd_sender_login_maps.")
+    reject_sender_login_mismatch: str = opt(
+        "authenticated", "Whom sender_login_maps binds, on every listener, at MAIL FROM: "
+                         "authenticated (a client that did AUTH may use only a sender the "
+                         "table gives its login name, an unlisted one included: 553 5.7.1 "
+                         "not owned by user; Postfix's "
+                         "reject_authenticated_sender_login_mismatch), all (that, and a "
+                         "client that did not AUTH may not use a sender the table gives to "
+                         "someone: 553 5.7.1 not logged in; Postfix's "
+                         "reject_sender_login_mismatch: mind that it also binds MX traffic "
+                         "and mynetworks clients) or none. Postfix enforces nothing unless "
+                         "a restriction names it.", _one_of(SENDER_LOGIN_RULES))
+    sasl_authenticated_header: bool = opt(
+        True, "Write the AUTH login name into the Received header, as \"(Authenticated "
+              "sender: LOGIN)\", so the recipient can trace who sent it; the log line "
+              "always has sasl_username=. false keeps the login name private (it then "
+              "appears only in the log). Postfix's smtpd_sasl_authenticated_header, "
+              "which is off by default.")
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ class Session:
         self._queued = []       # Contexts of committed messages, for the queue stage
         # This transaction's virtual alias expansions: RCPT address -> its addresses.
         self.expansions = {}
+        self.auth_method = None     # the AUTH mechanism that succeeded, for the log
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -261,6 +262,10 @@ class Session:
         if shortage is not None:
             # Refused before the content is sent, as Postfix does (queue_minfree).
             return self._reject("MAIL", STORAGE_FULL, ctx.sender, why=" (%s)" % shortage)
+        refusal = self.server.sender_logins.check(ctx.sender, self.proto.auth_user) \
+            if self.server.sender_logins is not None else None
+        if refusal is not None:
+            return self._reject("MAIL", refusal, ctx.sender)
         if self._refused_by_plugins("mail", "MAIL", sender=ctx.sender):
             return
         self.proto.accept()
@@ -296,7 +301,9 @@ class Session:
             auth_user=proto.auth_user)
         header = received_header(proto.helo_name, self.client_ip, self.server.hostname,
                                  envelope.protocol, self.queue_id,
-                                 [r.address for r in txn.recipients], self.tls_info)
+                                 [r.address for r in txn.recipients], self.tls_info,
+                                 proto.auth_user if self.server.config.smtpd
+                                 .sasl_authenticated_header else None)
         self.write_error = None
         self.content = bytearray() if wants_content(self.plugins) else None
         try:
@@ -307,7 +314,9 @@ class Session:
             self._discard_message()
             return proto.reject(self._storage_reply(exc))
         log.info("%s: client=%s%s%s", self.queue_id, self.client,
-                 ", sasl_username=%s" % proto.auth_user if proto.auth_user else "",
+                 ", sasl_method=%s, sasl_username=%s" % (
+                     self.auth_method, printable(proto.auth_user))
+                 if proto.auth_user else "",
                  ", priority=%d" % envelope.priority if envelope.priority else "")
         proto.accept()
 
@@ -426,6 +435,7 @@ class Session:
                      "" if result.user == event.username
                      else " as %s" % printable(result.user))
             self.ctx.auth_user = result.user
+            self.auth_method = event.mechanism
             if self._refused_by_plugins("auth", "AUTH"):
                 self.ctx.auth_user = None
                 return
