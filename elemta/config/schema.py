@@ -46,6 +46,10 @@ TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 DELIVERY_TLS_LEVELS = ("none", "may", "encrypt", "verify", "secure")
 AUTH_BACKENDS = ("file", "dovecot")
 SENDER_LOGIN_RULES = ("authenticated", "all", "none")
+# Postfix's masquerade_classes (elemta.addressing.rewrite).
+ENVELOPE_SENDER, ENVELOPE_RECIPIENT = "envelope_sender", "envelope_recipient"
+HEADER_SENDER, HEADER_RECIPIENT = "header_sender", "header_recipient"
+MASQUERADE_CLASSES = (ENVELOPE_SENDER, ENVELOPE_RECIPIENT, HEADER_SENDER, HEADER_RECIPIENT)
 
 
 def _port(value):
@@ -311,6 +315,49 @@ class VirtualSettings:
                                        "smtp:[host]:port; a delivery.transport entry "
                                        "for the domain wins. Postfix's virtual_transport.",
         _transport)
+
+
+def _masquerade_domains(values):
+    return _domains([value[1:] if value.startswith("!") else value for value in values])
+
+
+def _masquerade_classes(values):
+    for value in values:
+        if value not in MASQUERADE_CLASSES:
+            return "%r is not one of %s" % (value, ", ".join(MASQUERADE_CLASSES))
+    return None
+
+
+@dataclass(frozen=True)
+class RewriteSettings:
+    """Address rewriting before the message is queued (Postfix's cleanup): canonical
+    maps, then masquerading, then virtual aliases. The envelope of all mail; the
+    address headers of sendmail's mail (From, Sender, Reply-To, To, Cc...)."""
+    canonical_maps: Optional[TableSpec] = opt(
+        None, "Replacement addresses for senders and recipients alike, a lookup table "
+              "keyed by user@domain, user (local domains only) or @domain; the value is "
+              "an address, or @domain to keep the local part. Applied after "
+              "sender_canonical_maps and recipient_canonical_maps. Postfix's "
+              "canonical_maps.")
+    sender_canonical_maps: Optional[TableSpec] = opt(
+        None, "As canonical_maps, for the envelope sender and sender headers only "
+              "(applied first). Postfix's sender_canonical_maps.")
+    recipient_canonical_maps: Optional[TableSpec] = opt(
+        None, "As canonical_maps, for envelope recipients and recipient headers only "
+              "(applied first). Postfix's recipient_canonical_maps.")
+    masquerade_domains: Tuple[str, ...] = opt(
+        (), "Domains whose subdomains' addresses lose their host part: with example.org, "
+            "user@host.example.org becomes user@example.org. The first entry that "
+            "applies wins; \"!host.example.org\" keeps that domain as it is. Postfix's "
+            "masquerade_domains.", _masquerade_domains)
+    masquerade_exceptions: Tuple[str, ...] = opt(
+        (), "User names (local parts, any case) never masqueraded, such as root. "
+            "Postfix's masquerade_exceptions.")
+    masquerade_classes: Tuple[str, ...] = opt(
+        (ENVELOPE_SENDER, HEADER_SENDER, HEADER_RECIPIENT),
+        "Which addresses are masqueraded: envelope_sender, envelope_recipient, "
+        "header_sender, header_recipient. Postfix's masquerade_classes (same default).",
+        _masquerade_classes)
 
 
 @dataclass(frozen=True)
@@ -771,6 +818,7 @@ class Config:
     listeners: Tuple[Listener, ...] = opt((Listener(),), "Listening sockets.")
     relay: RelaySettings = opt(RelaySettings(), "Relay control.")
     virtual: VirtualSettings = opt(VirtualSettings(), "Hosted domains.")
+    rewrite: RewriteSettings = opt(RewriteSettings(), "Address rewriting.")
     tls: TLSSettings = opt(TLSSettings(), "TLS certificates.")
     auth: AuthSettings = opt(AuthSettings(), "SMTP AUTH.")
     limits: LimitSettings = opt(LimitSettings(), "Per-client limits.")

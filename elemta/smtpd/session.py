@@ -106,6 +106,8 @@ class Session:
         # This transaction's virtual alias expansions: RCPT address -> its addresses.
         self.expansions = {}
         self.auth_method = None     # the AUTH mechanism that succeeded, for the log
+        # This transaction's sender as queued: canonical maps, masquerading applied.
+        self.queued_sender = None
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -266,6 +268,9 @@ class Session:
             if self.server.sender_logins is not None else None
         if refusal is not None:
             return self._reject("MAIL", refusal, ctx.sender)
+        refusal, self.queued_sender = self.server.policy.rewrite_sender(ctx.sender)
+        if refusal is not None:
+            return self._reject("MAIL", refusal, ctx.sender)
         if self._refused_by_plugins("mail", "MAIL", sender=ctx.sender):
             return
         self.proto.accept()
@@ -290,7 +295,7 @@ class Session:
         txn, proto = event.transaction, self.proto
         self.queue_id = new_queue_id()
         envelope = Envelope(
-            queue_id=self.queue_id, sender=txn.sender,
+            queue_id=self.queue_id, sender=self.queued_sender,
             recipients=expanded_recipients(
                 [Recipient(r.address, r.notify, r.orcpt) for r in txn.recipients],
                 self.expansions.get),

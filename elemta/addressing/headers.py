@@ -1,0 +1,64 @@
+"""Address headers rewritten as the envelope is (elemta.addressing.rewrite): sender headers
+(From, Sender, Reply-To, Resent-From...) as senders, recipient headers (To, Cc, Bcc,
+Resent-To...) as recipients. Postfix's cleanup does this for mail from local clients
+only (local_header_rewrite_clients); Elemta does it for sendmail's mail (pickup), before
+the plugins, so a DKIM signature covers the rewritten headers.
+
+Each address is replaced where it stands, nothing else in the header changes (display
+names, comments, folding). A header that is not UTF-8 or holds no address is left as it
+is; so are bare names (no @).
+See also: elemta.pickup.worker (the caller).
+"""
+
+import email.utils
+import re
+
+from elemta.config.schema import HEADER_RECIPIENT, HEADER_SENDER
+
+SENDER_HEADERS = frozenset(("from", "sender", "reply-to", "errors-to", "return-receipt-to",
+                            "resent-from", "resent-sender", "resent-reply-to"))
+RECIPIENT_HEADERS = frozenset(("to", "cc", "bcc", "apparently-to", "resent-to",
+                               "resent-cc", "resent-bcc"))
+_END_OF_HEADERS = re.compile(rb"\r?\n\r?\n")
+_FIELD_START = re.compile(rb"^(?=[^ \t])", re.M)
+# Characters an address can hold next to where it is cut out.
+_BEFORE = r"(?<![\w.!#$%&'*+/=?^`{|}~@-])"
+_AFTER = r"(?![\w.@-])"
+
+
+def rewrite_headers(content, rewriter):
+    """content (bytes) with its address headers rewritten; raises what the rewriter
+    raises (TableUnavailable, RewriteError)."""
+    match = _END_OF_HEADERS.search(content)
+    if match is None:
+        head, rest = content, b""
+    else:
+        head, rest = content[:match.start()], content[match.start():]
+    fields = [f for f in _FIELD_START.split(head) if f]
+    changed = False
+    for index, field in enumerate(fields):
+        name = field.split(b":", 1)[0].strip().lower().decode("ascii", "replace")
+        if name in SENDER_HEADERS:
+            rewrite = lambda a: rewriter.sender(a, HEADER_SENDER)      # noqa: E731
+        elif name in RECIPIENT_HEADERS:
+            rewrite = lambda a: rewriter.recipient(a, HEADER_RECIPIENT)  # noqa: E731
+        else:
+            continue
+        try:
+            text = field.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        name_part, _, value = text.partition(":")
+        unfolded = re.sub(r"\r?\n[ \t]", " ", value)
+        new_value = value
+        for _, address in email.utils.getaddresses([unfolded]):
+            if "@" not in address:
+                continue
+            target = rewrite(address)
+            if target != address:
+                new_value = re.sub(_BEFORE + re.escape(address) + _AFTER,
+                                   lambda _m: target, new_value)
+        if new_value != value:
+            fields[index] = (name_part + ":" + new_value).encode("utf-8")
+            changed = True
+    return b"".join(fields) + rest if changed else content
