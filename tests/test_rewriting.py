@@ -155,3 +155,19 @@ def test_sendmail_mail_has_envelope_and_headers_rewritten_before_dkim_signs(serv
     # Signed after the rewriting: the signature holds over what was queued.
     assert "DKIM-Signature:" in headers
     assert dkim.verify(content, dnsfunc=lambda name, timeout=5: dkim_key.txt.encode())
+
+
+def test_bare_names_in_sendmail_headers_get_the_mail_name(elemta_server, tmp_path):
+    mailname = tmp_path / "mailname"
+    mailname.write_text("mail.example.test\n")
+    server = elemta_server(smtpd={"mailname_file": str(mailname)})
+    envelope, content = sendmail(
+        server, ["-f", "root", "admin"],
+        b"From: root (Cron Daemon)\nTo: Cron root <admin>, undisclosed-recipients:;\n"
+        b"Cc: ops@example.test\nSubject: root\n\nok\n")
+    assert envelope.sender == "root@mail.example.test"
+    headers = headers_of(content)
+    assert "From: root@mail.example.test (Cron Daemon)\r\n" in headers
+    assert ("To: Cron root <admin@mail.example.test>, undisclosed-recipients:;\r\n"
+            in headers)
+    assert "Cc: ops@example.test\r\nSubject: root\r\n" in headers

@@ -4,9 +4,13 @@ Resent-To...) as recipients. Postfix's cleanup does this for mail from local cli
 only (local_header_rewrite_clients); Elemta does it for sendmail's mail (pickup), before
 the plugins, so a DKIM signature covers the rewritten headers.
 
+A bare name in those headers ("From: root (Cron Daemon)", as cron writes it) first gets
+the mail name, as Postfix's append_at_myorigin does for local mail: root@ORIGIN, ORIGIN
+being smtpd.origin, by default the first line of /etc/mailname.
+
 Each address is replaced where it stands, nothing else in the header changes (display
-names, comments, folding). A header that is not UTF-8 or holds no address is left as it
-is; so are bare names (no @).
+names, comments, folding): inside its angle brackets when it has them, else where it
+stands alone. A header that is not UTF-8 or holds no address is left as it is.
 See also: elemta.pickup.worker (the caller).
 """
 
@@ -26,9 +30,17 @@ _BEFORE = r"(?<![\w.!#$%&'*+/=?^`{|}~@-])"
 _AFTER = r"(?![\w.@-])"
 
 
-def rewrite_headers(content, rewriter):
-    """content (bytes) with its address headers rewritten; raises what the rewriter
-    raises (TableUnavailable, RewriteError)."""
+def _no_change(address, where):
+    return address
+
+
+def rewrite_headers(content, rewriter=None, qualify=None):
+    """content (bytes) with its address headers rewritten by rewriter (an
+    AddressRewriter, or None) and bare names qualified by qualify(name) -> address (or
+    None: left bare); raises what the rewriter raises (TableUnavailable,
+    RewriteError)."""
+    sender = rewriter.sender if rewriter is not None else _no_change
+    recipient = rewriter.recipient if rewriter is not None else _no_change
     match = _END_OF_HEADERS.search(content)
     if match is None:
         head, rest = content, b""
@@ -39,9 +51,9 @@ def rewrite_headers(content, rewriter):
     for index, field in enumerate(fields):
         name = field.split(b":", 1)[0].strip().lower().decode("ascii", "replace")
         if name in SENDER_HEADERS:
-            rewrite = lambda a: rewriter.sender(a, HEADER_SENDER)      # noqa: E731
+            rewrite, where = sender, HEADER_SENDER
         elif name in RECIPIENT_HEADERS:
-            rewrite = lambda a: rewriter.recipient(a, HEADER_RECIPIENT)  # noqa: E731
+            rewrite, where = recipient, HEADER_RECIPIENT
         else:
             continue
         try:
@@ -52,13 +64,26 @@ def rewrite_headers(content, rewriter):
         unfolded = re.sub(r"\r?\n[ \t]", " ", value)
         new_value = value
         for _, address in email.utils.getaddresses([unfolded]):
-            if "@" not in address:
+            if not address or address.startswith("@"):
                 continue
-            target = rewrite(address)
+            target = address
+            if "@" not in target:
+                if qualify is None:
+                    continue
+                target = qualify(target)
+            target = rewrite(target, where)
             if target != address:
-                new_value = re.sub(_BEFORE + re.escape(address) + _AFTER,
-                                   lambda _m: target, new_value)
+                new_value = _replace(new_value, address, target)
         if new_value != value:
             fields[index] = (name_part + ":" + new_value).encode("utf-8")
             changed = True
     return b"".join(fields) + rest if changed else content
+
+
+def _replace(value, address, target):
+    """value with address replaced by target: within <> where it is so written, else
+    each time it stands alone (not inside a longer address)."""
+    bracketed = "<%s>" % address
+    if bracketed in value:
+        return value.replace(bracketed, "<%s>" % target)
+    return re.sub(_BEFORE + re.escape(address) + _AFTER, lambda _m: target, value)

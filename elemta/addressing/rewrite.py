@@ -32,8 +32,7 @@ import logging
 from typing import Optional
 
 from elemta.addressing.normal import normal_domain, normal_local_part, split_address
-from elemta.config.schema import ENVELOPE_RECIPIENT, ENVELOPE_SENDER, HEADER_RECIPIENT, \
-    HEADER_SENDER
+from elemta.config.schema import ENVELOPE_RECIPIENT, ENVELOPE_SENDER
 from elemta.maps import lookup_address, values
 from elemta.maps.spec import LazyTable
 from elemta.smtp.address import AddressError, validate_mailbox
@@ -76,11 +75,6 @@ class AddressRewriter:
                 and r.recipient_canonical_maps is None and not r.masquerade_domains):
             return None
         return cls(r, addressing)
-
-    @property
-    def rewrites_headers(self):
-        return bool(self.sender_maps or self.recipient_maps) or bool(
-            self.masquerade_domains and self.classes & {HEADER_SENDER, HEADER_RECIPIENT})
 
     def sender(self, address, where=ENVELOPE_SENDER):
         """The envelope (or header) sender address rewritten."""

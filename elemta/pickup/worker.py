@@ -15,6 +15,10 @@ queue after the fork. Its loop, top to bottom:
               the message on hold for the admin, a tempfail leaves the file in the
               maildrop for a later scan (not before PICKUP_RETRY seconds), a discard
               removes it (logged)
+    rewrite   bare names in address headers get the mail name (/etc/mailname), then
+              canonical maps and masquerading rewrite envelope and headers, then virtual
+              aliases expand the recipients (elemta.addressing.rewrite, .headers,
+              .virtual): before the plugins, so DKIM signs what is queued
     queue     each file becomes a queued message: a Received header naming the file's
               owner ("from userid 1000": the kernel's word, not the file's), then the
               content; up to PICKUP_BATCH messages made durable by one Queue.commit
@@ -304,20 +308,16 @@ class PickupWorker(GeventChild):
                                              % (path, submission.content_length))
             queue_id = new_queue_id()
             envelope = submission.queue_envelope(queue_id, time.time(), self.max_recipients)
-            content = None
-            if self.rewriter is not None:
-                # Bounded by limits.message_size (checked above).
-                content = self._rewrite(envelope, b"".join(submission.iter_content()))
+            # Bounded by limits.message_size (checked above).
+            content = self._rewrite(envelope, b"".join(submission.iter_content()))
             envelope.recipients = self._expand(envelope.recipients)
             hold = None
             if wants_content(self.plugins):
-                if content is None:
-                    content = b"".join(submission.iter_content())
                 judged = self._judge(envelope, content)
                 if judged is None:
                     return None
                 content, hold = judged
-            blocks = [content] if content is not None else submission.iter_content()
+            blocks = [content]
             writer = self.queue.start_message(envelope, SENDMAIL_LISTENER)
             try:
                 writer.write(received_header(submission.uid, self.hostname, queue_id,
@@ -335,10 +335,13 @@ class PickupWorker(GeventChild):
             submission.close()
 
     def _rewrite(self, envelope, content):
-        """Canonical maps and masquerading on the envelope and the address headers,
-        before the virtual aliases and the plugins (a DKIM signature covers the
-        rewritten headers): the content rewritten; raises Deferred."""
+        """Bare names in the address headers qualified with the mail name, canonical
+        maps and masquerading on the envelope and those headers, before the virtual
+        aliases and the plugins (a DKIM signature covers the rewritten headers): the
+        content rewritten; raises Deferred."""
         rewriter = self.rewriter
+        if rewriter is None:
+            return rewrite_headers(content, None, self.addressing.qualify)
         try:
             envelope.sender = rewriter.sender(envelope.sender)
             recipients = []
@@ -349,8 +352,7 @@ class PickupWorker(GeventChild):
                                           original_recipient(recipient.address))
                 recipients.append(recipient)
             envelope.recipients = recipients
-            return rewrite_headers(content, rewriter) if rewriter.rewrites_headers \
-                else content
+            return rewrite_headers(content, rewriter, self.addressing.qualify)
         except TableUnavailable as error:
             raise Deferred("canonical map lookup failed: %s" % error)
         except RewriteError as error:
