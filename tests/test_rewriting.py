@@ -171,3 +171,19 @@ def test_bare_names_in_sendmail_headers_get_the_mail_name(elemta_server, tmp_pat
     assert ("To: Cron root <admin@mail.example.test>, undisclosed-recipients:;\r\n"
             in headers)
     assert "Cc: ops@example.test\r\nSubject: root\r\n" in headers
+
+
+def test_bad_rewrite_options_name_file_line_and_key(tmp_path):
+    from elemta.config import ConfigError, load_config
+    path = tmp_path / "elemta.yaml"
+    path.write_text('rewrite:\n  masquerade_domains: ["!ok.example", "bad domain"]\n'
+                    '  masquerade_classes: [envelope_sender, nope]\n'
+                    'smtpd:\n  reject_sender_login_mismatch: sometimes\n')
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path), check_files=False)
+    assert str(error.value).splitlines() == [
+        "%s:2: rewrite.masquerade_domains[1]: 'bad domain' is not a domain name" % path,
+        "%s:3: rewrite.masquerade_classes[1]: 'nope' is not one of envelope_sender, "
+        "envelope_recipient, header_sender, header_recipient" % path,
+        "%s:5: smtpd.reject_sender_login_mismatch: must be one of authenticated, all, "
+        "none, not 'sometimes'" % path]
