@@ -52,10 +52,11 @@ def server(elemta_module_server, sender_table, dkim_key):
                           "selector": "s1", "key_file": dkim_key.key_file}})
 
 
-def smtp_send(server, sender, recipients, message=b"Subject: hi\r\n\r\nbody\r\n"):
-    """Send over SMTP from 127.0.0.1 (mynetworks); the queued (envelope, content)."""
+def smtp_send(server, sender, recipients, message=b"Subject: hi\r\n\r\nbody\r\n",
+              client="127.0.0.1"):
+    """Send over SMTP from client (in mynetworks); the queued (envelope, content)."""
     before = set(server.queued_ids())
-    with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+    with smtplib.SMTP("127.0.0.1", server.port, source_address=(client, 0)) as smtp:
         smtp.sendmail(sender, recipients, message)
     [qid] = set(server.queued_ids()) - before
     return server.message(qid)
@@ -105,10 +106,21 @@ def test_recipients_are_rewritten_then_expanded_and_keep_their_orcpt(server):
         ("plain@example.test", None)]
 
 
-def test_headers_of_smtp_mail_are_left_alone(server):
-    _, content = smtp_send(server, "alice@example.test", ["u@example.test"],
-                           b"From: alice@example.test\r\nTo: bob@example.test\r\n\r\nhi\r\n")
-    assert "From: alice@example.test\r\nTo: bob@example.test" in headers_of(content)
+def test_headers_are_rewritten_for_a_client_on_this_host_only(server, dkim_key):
+    message = (b"From: Alice <alice@example.test>\r\nTo: bob@example.test,\r\n"
+               b" u@host.example.test\r\nSubject: alice@example.test\r\n\r\nhi\r\n")
+    # Another host (127.0.0.2 connecting to 127.0.0.1): its headers are its own.
+    _, content = smtp_send(server, "alice@example.test", ["u@example.test"], message,
+                           client="127.0.0.2")
+    assert "From: Alice <alice@example.test>\r\nTo: bob@example.test,\r\n" \
+           " u@host.example.test\r\n" in headers_of(content)
+    # This host (the address it connected to): rewritten, before DKIM signs.
+    _, content = smtp_send(server, "alice@example.test", ["u@example.test"], message)
+    headers = headers_of(content)
+    assert "From: Alice <alice.smith@example.test>\r\nTo: robert@example.test,\r\n" \
+           " u@example.test\r\nSubject: alice@example.test" in headers
+    assert content.endswith(b"\r\n\r\nhi\r\n")
+    assert dkim.verify(content, dnsfunc=lambda name, timeout=5: dkim_key.txt.encode())
 
 
 def test_a_bad_canonical_entry_is_a_temporary_failure(server):
@@ -187,3 +199,11 @@ def test_bad_rewrite_options_name_file_line_and_key(tmp_path):
         "envelope_recipient, header_sender, header_recipient" % path,
         "%s:5: smtpd.reject_sender_login_mismatch: must be one of authenticated, all, "
         "none, not 'sometimes'" % path]
+
+
+def test_headers_are_rewritten_when_no_plugin_keeps_the_content(elemta_server):
+    server = elemta_server(rewrite={"canonical_maps": {"@old.test": "@new.test"}})
+    envelope, content = smtp_send(server, "a@old.test", ["b@old.test"],
+                                  b"From: a@old.test\r\nTo: <b@old.test>\r\n\r\nbody\r\n")
+    assert (envelope.sender, envelope.recipients[0].address) == ("a@new.test", "b@new.test")
+    assert content.endswith(b"\r\nFrom: a@new.test\r\nTo: <b@new.test>\r\n\r\nbody\r\n")

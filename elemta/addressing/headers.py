@@ -1,8 +1,9 @@
 """Address headers rewritten as the envelope is (elemta.addressing.rewrite): sender headers
 (From, Sender, Reply-To, Resent-From...) as senders, recipient headers (To, Cc, Bcc,
 Resent-To...) as recipients. Postfix's cleanup does this for mail from local clients
-only (local_header_rewrite_clients); Elemta does it for sendmail's mail (pickup), before
-the plugins, so a DKIM signature covers the rewritten headers.
+only (local_header_rewrite_clients = permit_inet_interfaces); so does Elemta: sendmail's
+mail (pickup) and SMTP clients connecting from the address they connect to (this host),
+before the plugins, so a DKIM signature covers the rewritten headers.
 
 A bare name in those headers ("From: root (Cron Daemon)", as cron writes it) first gets
 the mail name, as Postfix's append_at_myorigin does for local mail: root@ORIGIN, ORIGIN

@@ -2,9 +2,10 @@
 with canonical_maps, sender_canonical_maps, recipient_canonical_maps, masquerade_domains).
 
 Owned by no process: the smtpd rewrites the envelope (sender at MAIL, each recipient at
-RCPT, before its virtual alias expansion and existence check), pickup rewrites the
-envelope and the headers of sendmail's mail before the plugins see it (so a DKIM
-signature covers what is queued). Postfix's order, per address:
+RCPT, before its virtual alias expansion and existence check) and, for a client on this
+host, the headers at the end of DATA; pickup rewrites the envelope and the headers of
+sendmail's mail. Both before the plugins see the content (so a DKIM signature covers
+what is queued; elemta.addressing.headers). Postfix's order, per address:
 
     sender      sender_canonical_maps, canonical_maps, then masquerading
                 (envelope_sender, header_sender in rewrite.masquerade_classes)

@@ -332,7 +332,8 @@ def _masquerade_classes(values):
 class RewriteSettings:
     """Address rewriting before the message is queued (Postfix's cleanup): canonical
     maps, then masquerading, then virtual aliases. The envelope of all mail; the
-    address headers of sendmail's mail (From, Sender, Reply-To, To, Cc...)."""
+    address headers (From, Sender, Reply-To, To, Cc...) of sendmail's mail and of SMTP
+    clients on this host (Postfix's local_header_rewrite_clients default)."""
     canonical_maps: Optional[TableSpec] = opt(
         None, "Replacement addresses for senders and recipients alike, a lookup table "
               "keyed by user@domain, user (local domains only) or @domain; the value is "
