@@ -207,3 +207,15 @@ def test_headers_are_rewritten_when_no_plugin_keeps_the_content(elemta_server):
                                   b"From: a@old.test\r\nTo: <b@old.test>\r\n\r\nbody\r\n")
     assert (envelope.sender, envelope.recipients[0].address) == ("a@new.test", "b@new.test")
     assert content.endswith(b"\r\nFrom: a@new.test\r\nTo: <b@new.test>\r\n\r\nbody\r\n")
+
+
+def test_sendmail_bv_shows_the_canonical_address(server):
+    done = subprocess.run(
+        [sys.executable, "-m", "elemta.cli.sendmail", "-C", server.config_path, "-bv",
+         "bob@example.test", "root@example.test"], capture_output=True,
+        env=dict(os.environ, PYTHONPATH=REPO), timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().splitlines() == [
+        "bob@example.test... canonical address robert@example.test",
+        "robert@example.test... deliverable: virtual alias of rob@elsewhere.test",
+        "root@example.test... deliverable: local user root"]
