@@ -19,6 +19,7 @@ import email.utils
 import re
 
 from elemta.config.schema import HEADER_RECIPIENT, HEADER_SENDER
+from elemta.smtp.address import AddressError, validate_mailbox
 
 SENDER_HEADERS = frozenset(("from", "sender", "reply-to", "errors-to", "return-receipt-to",
                             "resent-from", "resent-sender", "resent-reply-to"))
@@ -72,6 +73,10 @@ def rewrite_headers(content, rewriter=None, qualify=None):
                 if qualify is None:
                     continue
                 target = qualify(target)
+                try:
+                    validate_mailbox(target, utf8=True)
+                except AddressError:
+                    continue            # a phrase, not a name: left as written
             target = rewrite(target, where)
             if target != address:
                 new_value = _replace(new_value, address, target)
