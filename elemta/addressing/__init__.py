@@ -14,6 +14,9 @@ config, queue and the standard library, and no process owns it.
                     root): the smtpd's 550 5.1.1 at RCPT and sendmail -bv alike
     hosted          "does this recipient exist?" for every class (virtual alias,
                     mailbox and relay recipient tables too)
+    rewrite         canonical maps and masquerading (rewrite.*), before queueing and
+                    before virtual alias expansion
+    headers         the same rewriting on address headers (sendmail's mail)
     virtual         virtual alias expansion (virtual.alias_maps), before queueing
     aliases         the aliases file: parse (file:line errors), look up, re-read on change
     local_protocol  the JSON-lines requests and replies between delivery workers and the

@@ -43,6 +43,7 @@ from elemta.addressing.normal import split_address
 from elemta.addressing.hosted import HostedRecipients
 from elemta.addressing.recipients import ROLE
 from elemta.addressing.resolve import LOCAL, RELAY, REMOTE, VIRTUAL, Addressing
+from elemta.addressing.rewrite import AddressRewriter, RewriteError
 from elemta.addressing.virtual import AliasExpansionError
 from elemta.maps import TableUnavailable
 from elemta.cli.config_finder import config_path, read_config
@@ -476,7 +477,23 @@ HOSTED_WORDS = {VIRTUAL: "virtual mailbox", RELAY: "relay"}
 
 
 def verdict(context, address):
-    """(-bv's line, exit status) for one valid address: the smtpd's answer to RCPT."""
+    """(-bv's line, exit status) for one valid address: the smtpd's answer to RCPT,
+    after the canonical maps (rewrite.*), which come first there too."""
+    rewriter = AddressRewriter.from_config(context.config, context.addressing)
+    if rewriter is not None:
+        try:
+            target = rewriter.recipient(address)
+        except (TableUnavailable, RewriteError) as error:
+            return "%s... deferred: canonical map lookup failed: %s" % (address, error), \
+                EX_TEMPFAIL
+        if target != address:
+            line, code = verdict_of_canonical(context, target)
+            return "%s... canonical address %s\n%s" % (address, target, line), code
+    return verdict_of_canonical(context, address)
+
+
+def verdict_of_canonical(context, address):
+    """verdict() for an address the canonical maps have had their say on."""
     local, domain = split_address(address)
     try:
         resolved = context.recipients.resolve(address)

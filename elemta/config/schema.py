@@ -45,6 +45,11 @@ SYSLOG_FACILITIES = ("mail", "daemon", "local0", "local1", "local2", "local3", "
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 DELIVERY_TLS_LEVELS = ("none", "may", "encrypt", "verify", "secure")
 AUTH_BACKENDS = ("file", "dovecot")
+SENDER_LOGIN_RULES = ("authenticated", "all", "none")
+# Postfix's masquerade_classes (elemta.addressing.rewrite).
+ENVELOPE_SENDER, ENVELOPE_RECIPIENT = "envelope_sender", "envelope_recipient"
+HEADER_SENDER, HEADER_RECIPIENT = "header_sender", "header_recipient"
+MASQUERADE_CLASSES = (ENVELOPE_SENDER, ENVELOPE_RECIPIENT, HEADER_SENDER, HEADER_RECIPIENT)
 
 
 def _port(value):
@@ -229,6 +234,29 @@ class SMTPDSettings:
              "its next accepted message; the one after is answered 421 4.7.0 and the "
              "connection closed (Postfix's smtpd_junk_command_limit, which then counts "
              "errors instead).", _positive)
+    sender_login_maps: Optional[TableSpec] = opt(
+        None, "Which envelope senders each SMTP AUTH login name may use: a lookup table "
+              "keyed by sender (user@domain, user in local domains, @domain for a whole "
+              "domain) whose value is the owning login name(s), separated by commas or "
+              "spaces. Enforced as reject_sender_login_mismatch says; the null sender <> "
+              "is always accepted. Postfix's smtpd_sender_login_maps.")
+    reject_sender_login_mismatch: str = opt(
+        "authenticated", "Whom sender_login_maps binds, on every listener, at MAIL FROM: "
+                         "authenticated (a client that did AUTH may use only a sender the "
+                         "table gives its login name, an unlisted one included: 553 5.7.1 "
+                         "not owned by user; Postfix's "
+                         "reject_authenticated_sender_login_mismatch), all (that, and a "
+                         "client that did not AUTH may not use a sender the table gives to "
+                         "someone: 553 5.7.1 not logged in; Postfix's "
+                         "reject_sender_login_mismatch: mind that it also binds MX traffic "
+                         "and mynetworks clients) or none. Postfix enforces nothing unless "
+                         "a restriction names it.", _one_of(SENDER_LOGIN_RULES))
+    sasl_authenticated_header: bool = opt(
+        True, "Write the AUTH login name into the Received header, as \"(Authenticated "
+              "sender: LOGIN)\", so the recipient can trace who sent it; the log line "
+              "always has sasl_username=. false keeps the login name private (it then "
+              "appears only in the log). Postfix's smtpd_sasl_authenticated_header, "
+              "which is off by default.")
 
 
 @dataclass(frozen=True)
@@ -287,6 +315,50 @@ class VirtualSettings:
                                        "smtp:[host]:port; a delivery.transport entry "
                                        "for the domain wins. Postfix's virtual_transport.",
         _transport)
+
+
+def _masquerade_domains(values):
+    return _domains([value[1:] if value.startswith("!") else value for value in values])
+
+
+def _masquerade_classes(values):
+    for value in values:
+        if value not in MASQUERADE_CLASSES:
+            return "%r is not one of %s" % (value, ", ".join(MASQUERADE_CLASSES))
+    return None
+
+
+@dataclass(frozen=True)
+class RewriteSettings:
+    """Address rewriting before the message is queued (Postfix's cleanup): canonical
+    maps, then masquerading, then virtual aliases. The envelope of all mail; the
+    address headers (From, Sender, Reply-To, To, Cc...) of sendmail's mail and of SMTP
+    clients on this host (Postfix's local_header_rewrite_clients default)."""
+    canonical_maps: Optional[TableSpec] = opt(
+        None, "Replacement addresses for senders and recipients alike, a lookup table "
+              "keyed by user@domain, user (local domains only) or @domain; the value is "
+              "an address, or @domain to keep the local part. Applied after "
+              "sender_canonical_maps and recipient_canonical_maps. Postfix's "
+              "canonical_maps.")
+    sender_canonical_maps: Optional[TableSpec] = opt(
+        None, "As canonical_maps, for the envelope sender and sender headers only "
+              "(applied first). Postfix's sender_canonical_maps.")
+    recipient_canonical_maps: Optional[TableSpec] = opt(
+        None, "As canonical_maps, for envelope recipients and recipient headers only "
+              "(applied first). Postfix's recipient_canonical_maps.")
+    masquerade_domains: Tuple[str, ...] = opt(
+        (), "Domains whose subdomains' addresses lose their host part: with example.org, "
+            "user@host.example.org becomes user@example.org. The first entry that "
+            "applies wins; \"!host.example.org\" keeps that domain as it is. Postfix's "
+            "masquerade_domains.", _masquerade_domains)
+    masquerade_exceptions: Tuple[str, ...] = opt(
+        (), "User names (local parts, any case) never masqueraded, such as root. "
+            "Postfix's masquerade_exceptions.")
+    masquerade_classes: Tuple[str, ...] = opt(
+        (ENVELOPE_SENDER, HEADER_SENDER, HEADER_RECIPIENT),
+        "Which addresses are masqueraded: envelope_sender, envelope_recipient, "
+        "header_sender, header_recipient. Postfix's masquerade_classes (same default).",
+        _masquerade_classes)
 
 
 @dataclass(frozen=True)
@@ -747,6 +819,7 @@ class Config:
     listeners: Tuple[Listener, ...] = opt((Listener(),), "Listening sockets.")
     relay: RelaySettings = opt(RelaySettings(), "Relay control.")
     virtual: VirtualSettings = opt(VirtualSettings(), "Hosted domains.")
+    rewrite: RewriteSettings = opt(RewriteSettings(), "Address rewriting.")
     tls: TLSSettings = opt(TLSSettings(), "TLS certificates.")
     auth: AuthSettings = opt(AuthSettings(), "SMTP AUTH.")
     limits: LimitSettings = opt(LimitSettings(), "Per-client limits.")

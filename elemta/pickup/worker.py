@@ -15,6 +15,10 @@ queue after the fork. Its loop, top to bottom:
               the message on hold for the admin, a tempfail leaves the file in the
               maildrop for a later scan (not before PICKUP_RETRY seconds), a discard
               removes it (logged)
+    rewrite   bare names in address headers get the mail name (/etc/mailname), then
+              canonical maps and masquerading rewrite envelope and headers, then virtual
+              aliases expand the recipients (elemta.addressing.rewrite, .headers,
+              .virtual): before the plugins, so DKIM signs what is queued
     queue     each file becomes a queued message: a Received header naming the file's
               owner ("from userid 1000": the kernel's word, not the file's), then the
               content; up to PICKUP_BATCH messages made durable by one Queue.commit
@@ -49,7 +53,10 @@ from gevent import socket as gsocket
 from gevent.event import Event
 
 from elemta.addressing.resolve import Addressing
-from elemta.addressing.virtual import AliasExpansionError, VirtualAliases, expanded_recipients
+from elemta.addressing.headers import rewrite_headers
+from elemta.addressing.rewrite import AddressRewriter, RewriteError
+from elemta.addressing.virtual import (AliasExpansionError, VirtualAliases, expanded_recipients,
+                                       original_recipient)
 from elemta.maps import TableUnavailable
 from elemta.plugins.api import DATA, DISCARD, QUEUE, REJECT, STORAGE, Context
 from elemta.plugins.content import notify_queued, outbound, run_content_stages, wants_content
@@ -57,6 +64,7 @@ from elemta.plugins.manager import PluginManager
 from elemta.plugins.resolver import Resolver
 from elemta.queue import maildrop, wakeup
 from elemta.queue.ids import new_queue_id
+from elemta.queue.model import Recipient
 from elemta.queue.priority import SENDMAIL_LISTENER
 from elemta.queue.queue import Queue
 from elemta.util.child import BootError, GeventChild
@@ -113,6 +121,7 @@ class PickupWorker(GeventChild):
         self.addressing = Addressing.from_config(config)
         # Expanded before queueing, as the smtpd does (elemta.addressing.virtual).
         self.virtual_aliases = VirtualAliases.from_config(config, self.addressing)
+        self.rewriter = AddressRewriter.from_config(config, self.addressing)
         self._deferred = {}          # maildrop name -> time.monotonic() of the next try
         self._stuck = set()          # names of bad entries that could not be removed
         self._wake = Event()         # sendmail's datagram came, or a stop
@@ -299,17 +308,16 @@ class PickupWorker(GeventChild):
                                              % (path, submission.content_length))
             queue_id = new_queue_id()
             envelope = submission.queue_envelope(queue_id, time.time(), self.max_recipients)
+            # Bounded by limits.message_size (checked above).
+            content = self._rewrite(envelope, b"".join(submission.iter_content()))
             envelope.recipients = self._expand(envelope.recipients)
             hold = None
             if wants_content(self.plugins):
-                # Bounded by limits.message_size (checked above).
-                judged = self._judge(envelope, b"".join(submission.iter_content()))
+                judged = self._judge(envelope, content)
                 if judged is None:
                     return None
                 content, hold = judged
-                blocks = [content]
-            else:
-                blocks = submission.iter_content()
+            blocks = [content]
             writer = self.queue.start_message(envelope, SENDMAIL_LISTENER)
             try:
                 writer.write(received_header(submission.uid, self.hostname, queue_id,
@@ -325,6 +333,30 @@ class PickupWorker(GeventChild):
             return writer, submission.uid, hold
         finally:
             submission.close()
+
+    def _rewrite(self, envelope, content):
+        """Bare names in the address headers qualified with the mail name, canonical
+        maps and masquerading on the envelope and those headers, before the virtual
+        aliases and the plugins (a DKIM signature covers the rewritten headers): the
+        content rewritten; raises Deferred."""
+        rewriter = self.rewriter
+        if rewriter is None:
+            return rewrite_headers(content, None, self.addressing.qualify)
+        try:
+            envelope.sender = rewriter.sender(envelope.sender)
+            recipients = []
+            for recipient in envelope.recipients:
+                target = rewriter.recipient(recipient.address)
+                if target != recipient.address:
+                    recipient = Recipient(target, recipient.notify, recipient.orcpt or
+                                          original_recipient(recipient.address))
+                recipients.append(recipient)
+            envelope.recipients = recipients
+            return rewrite_headers(content, rewriter, self.addressing.qualify)
+        except TableUnavailable as error:
+            raise Deferred("canonical map lookup failed: %s" % error)
+        except RewriteError as error:
+            raise Deferred("4.3.0 %s" % error)
 
     def _expand(self, recipients):
         """The recipients with their virtual aliases expanded, each address once;

@@ -11,7 +11,10 @@ in virtual mailbox table"); a local one only when local.reject_unknown_users is 
 (Postfix's local_recipient_maps). A table that cannot answer is 451 4.3.0 (never a 5xx);
 a virtual alias loop 451 4.6.0, as Postfix defers such a message. The relay guard
 comes first and reads nothing but the domain: an alias of a remote address does not make
-it ours.
+it ours. Canonical rewriting (elemta.addressing.rewrite) comes after the relay guard and
+before the rest, as Postfix's cleanup rewrites before it expands virtual aliases: the
+rewritten address is the one that must exist, is expanded, and is queued (the one the
+client gave stays its ORCPT).
 """
 
 import ipaddress
@@ -19,6 +22,7 @@ import logging
 
 from elemta.addressing.hosted import HostedRecipients
 from elemta.addressing.resolve import LOCAL, OURS, Addressing
+from elemta.addressing.rewrite import AddressRewriter, RewriteError
 from elemta.addressing.virtual import AliasExpansionError
 from elemta.maps import TableUnavailable
 from elemta.smtp.replies import Reply, lookup_failure
@@ -28,6 +32,7 @@ log = logging.getLogger("elemta.smtpd")
 UNKNOWN_USER = "<%s>: Recipient address rejected: User unknown in %s"
 RELAY_DENIED = "<%s>: Relay access denied"
 EXPANSION_ERROR = "<%s>: Alias expansion error: %s"
+REWRITE_ERROR = "<%s>: Temporary lookup failure: bad canonical map entry"
 
 
 class RelayPolicy:
@@ -40,6 +45,7 @@ class RelayPolicy:
         self.mynetworks = tuple(ipaddress.ip_network(n, strict=False)
                                 for n in config.relay.mynetworks)
         self._recipients = None      # made on first use: reads the aliases file, tables
+        self.rewriter = AddressRewriter.from_config(config, self.addressing)
 
     def is_local(self, address):
         """True for recipients in a local domain, and for a bare <postmaster>."""
@@ -66,16 +72,36 @@ class RelayPolicy:
         try:
             if not self.may_send(client_ip, auth_user, recipient):
                 return Reply(554, "5.7.1", RELAY_DENIED % recipient), None
+            rewritten = recipient if self.rewriter is None \
+                else self.rewriter.recipient(recipient)
             if self._recipients is None:
                 self._recipients = HostedRecipients(self.config, self.addressing)
-            found = self._recipients.resolve(recipient)
+            found = self._recipients.resolve(rewritten)
         except TableUnavailable as error:
             log.warning("<%s>: lookup failed: %s", recipient, error)
             return lookup_failure(recipient), None
+        except RewriteError as error:
+            log.warning("<%s>: %s", recipient, error)
+            return Reply(451, "4.3.0", REWRITE_ERROR % recipient), None
         except AliasExpansionError as error:
             log.warning("<%s>: %s", recipient, error)
             return Reply(451, "4.6.0", EXPANSION_ERROR % (recipient, error.summary)), None
         if not found.known and (found.kind != LOCAL
                                 or self.config.local.reject_unknown_users):
             return Reply(550, "5.1.1", UNKNOWN_USER % (recipient, found.table_name)), None
+        if found.targets is None and rewritten != recipient:
+            return None, [rewritten]
         return None, found.targets
+
+    def rewrite_sender(self, sender):
+        """(refusal Reply or None, the sender as queued) for MAIL FROM."""
+        if self.rewriter is None or not sender:
+            return None, sender
+        try:
+            return None, self.rewriter.sender(sender)
+        except TableUnavailable as error:
+            log.warning("<%s>: lookup failed: %s", sender, error)
+            return lookup_failure(sender), sender
+        except RewriteError as error:
+            log.warning("<%s>: %s", sender, error)
+            return Reply(451, "4.3.0", REWRITE_ERROR % sender), sender

@@ -2,12 +2,24 @@
 
 Owned by the smtpd worker. The protocol keyword follows RFC 3848 and RFC 6531:
 SMTP, ESMTP, then S for TLS and A for AUTH (ESMTPSA), UTF8SMTP... for SMTPUTF8.
+With smtpd.sasl_authenticated_header the AUTH login name follows the TLS comment as
+"(Authenticated sender: LOGIN)", Postfix's words. A login name comes from the client
+(credentials file) or from Dovecot's user= (checked by elemta.smtpd.dovecot_auth), so it
+is written as a comment can hold it whatever it holds: printable ASCII only (anything
+else becomes "?"), and "(", ")" and "\\" as quoted pairs, so it can neither end the
+comment nor the header.
 """
 
 import email.utils
 import re
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
+_COMMENT_SPECIALS = re.compile(r"([()\\])")
+
+
+def comment_text(text):
+    """text made safe inside an RFC 5322 comment: printable ASCII, specials quoted."""
+    return _COMMENT_SPECIALS.sub(r"\\\1", _UNSAFE.sub("?", text))
 
 
 def protocol_name(esmtp, tls, authenticated, smtputf8):
@@ -23,12 +35,14 @@ def protocol_name(esmtp, tls, authenticated, smtputf8):
 
 
 def received_header(helo, client_ip, hostname, protocol, queue_id, recipients,
-                    tls_info=None, now=None):
+                    tls_info=None, auth_user=None, now=None):
     """The header as bytes, folded, ending in CRLF."""
     helo = _UNSAFE.sub("?", helo or "unknown")
     lines = ["Received: from %s ([%s])" % (helo, client_ip)]
     if tls_info:
         lines.append("\t(%s)" % tls_info)
+    if auth_user:
+        lines.append("\t(Authenticated sender: %s)" % comment_text(auth_user))
     lines.append("\tby %s (Elemta) with %s id %s" % (hostname, protocol, queue_id))
     date = email.utils.formatdate(now, localtime=True)
     if len(recipients) == 1:

@@ -27,6 +27,7 @@ from elemta.smtpd.clientcount import ClientCounts
 from elemta.smtpd.clientnet import client_group
 from elemta.smtpd.committer import GroupCommitter
 from elemta.smtpd.policy import RelayPolicy
+from elemta.smtpd.senderlogin import SenderLogins
 from elemta.smtpd.session import Session
 from elemta.smtpd.tls import server_context
 
@@ -61,6 +62,7 @@ class SMTPServer:
         self.room = RoomCheck(self.queue, config.queue.min_free_space,
                               config.limits.message_size)
         self.policy = RelayPolicy(config)
+        self.sender_logins = SenderLogins.from_config(config, self.policy.addressing)
         self.authenticator = (Authenticator(config.auth) if auth_configured(config.auth)
                               else None)
         self.tls_context = server_context(config.tls)

@@ -27,7 +27,10 @@ import time
 from gevent import ssl
 
 from elemta import metrics
+from elemta.addressing.headers import rewrite_headers
+from elemta.addressing.rewrite import RewriteError
 from elemta.addressing.virtual import expanded_recipients
+from elemta.maps import TableUnavailable
 from elemta.plugins.api import DISCARD, TEMPFAIL, Context
 from elemta.plugins.content import (notify_queued, outbound, run_content_stages,
                                     wants_content)
@@ -105,6 +108,10 @@ class Session:
         self._queued = []       # Contexts of committed messages, for the queue stage
         # This transaction's virtual alias expansions: RCPT address -> its addresses.
         self.expansions = {}
+        self.auth_method = None     # the AUTH mechanism that succeeded, for the log
+        # This transaction's sender as queued: canonical maps, masquerading applied.
+        self.queued_sender = None
+        self.header_rewriting = False    # this message's headers are to be rewritten
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -261,6 +268,13 @@ class Session:
         if shortage is not None:
             # Refused before the content is sent, as Postfix does (queue_minfree).
             return self._reject("MAIL", STORAGE_FULL, ctx.sender, why=" (%s)" % shortage)
+        refusal = self.server.sender_logins.check(ctx.sender, self.proto.auth_user) \
+            if self.server.sender_logins is not None else None
+        if refusal is not None:
+            return self._reject("MAIL", refusal, ctx.sender)
+        refusal, self.queued_sender = self.server.policy.rewrite_sender(ctx.sender)
+        if refusal is not None:
+            return self._reject("MAIL", refusal, ctx.sender)
         if self._refused_by_plugins("mail", "MAIL", sender=ctx.sender):
             return
         self.proto.accept()
@@ -285,7 +299,7 @@ class Session:
         txn, proto = event.transaction, self.proto
         self.queue_id = new_queue_id()
         envelope = Envelope(
-            queue_id=self.queue_id, sender=txn.sender,
+            queue_id=self.queue_id, sender=self.queued_sender,
             recipients=expanded_recipients(
                 [Recipient(r.address, r.notify, r.orcpt) for r in txn.recipients],
                 self.expansions.get),
@@ -296,9 +310,17 @@ class Session:
             auth_user=proto.auth_user)
         header = received_header(proto.helo_name, self.client_ip, self.server.hostname,
                                  envelope.protocol, self.queue_id,
-                                 [r.address for r in txn.recipients], self.tls_info)
+                                 [r.address for r in txn.recipients], self.tls_info,
+                                 proto.auth_user if self.server.config.smtpd
+                                 .sasl_authenticated_header else None)
         self.write_error = None
-        self.content = bytearray() if wants_content(self.plugins) else None
+        # Headers are rewritten (canonical maps, masquerading) only for a client on this
+        # host, as Postfix's local_header_rewrite_clients = permit_inet_interfaces:
+        # another host's headers are its own business.
+        self.header_rewriting = (self.server.policy.rewriter is not None
+                                and self.client_ip == self._local_ip())
+        self.content = bytearray() if self.header_rewriting or wants_content(self.plugins) \
+            else None
         try:
             self.writer = self.server.queue.start_message(envelope, self.listener)
             self.writer.write(header)
@@ -307,7 +329,9 @@ class Session:
             self._discard_message()
             return proto.reject(self._storage_reply(exc))
         log.info("%s: client=%s%s%s", self.queue_id, self.client,
-                 ", sasl_username=%s" % proto.auth_user if proto.auth_user else "",
+                 ", sasl_method=%s, sasl_username=%s" % (
+                     self.auth_method, printable(proto.auth_user))
+                 if proto.auth_user else "",
                  ", priority=%d" % envelope.priority if envelope.priority else "")
         proto.accept()
 
@@ -342,7 +366,7 @@ class Session:
             verdict = self._run_content_stages(txn)
             if verdict is None:
                 return
-            if hold is None and verdict.quarantine:
+            if hold is None and verdict is not True and verdict.quarantine:
                 hold = (verdict.quarantine, verdict.quarantined_by, verdict.quarantine_stage)
         # Quarantine: the message enters the queue already on hold, so no delivery worker
         # can claim it between the commit and a later hold.
@@ -373,9 +397,16 @@ class Session:
     def _run_content_stages(self, txn):
         """Run the data and storage plugins on the kept content and write it, edited, to
         the spool file. Returns their ContentVerdict, or None once the reply has been
-        given (refused, discarded, or the file could not be written)."""
+        given (refused, discarded, or the file could not be written), and True when
+        the content was kept only to rewrite its headers (no plugin wants it)."""
         ctx, content = self.ctx, bytes(self.content)
         self.content = None
+        if self.header_rewriting:
+            content = self._rewritten_headers(txn, content)
+            if content is None:
+                return None
+            if not wants_content(self.plugins):
+                return True if self._write_content(content) else None
         ctx.queue_id = self.queue_id
         ctx.sender = txn.sender
         ctx.recipients = [r.address for r in txn.recipients]
@@ -394,14 +425,32 @@ class Session:
         if verdict.action == DISCARD:
             self._discard(txn, verdict.reason, verdict.decided_by, verdict.stage)
             return None
+        return verdict if self._write_content(verdict.content) else None
+
+    def _write_content(self, content):
+        """Write the kept content to the spool file; False once refused for it."""
         try:
-            self.writer.write(verdict.content)
+            self.writer.write(content)
         except OSError as exc:
             log.error("%s: queue file write error: %s", self.queue_id, exc)
             self._discard_message()
             self.proto.reject(self._storage_reply(exc))
-            return None
-        return verdict
+            return False
+        return True
+
+    def _rewritten_headers(self, txn, content):
+        """content with its address headers rewritten (elemta.addressing.headers), or
+        None once the message was refused for a table that could not answer."""
+        try:
+            return rewrite_headers(content, self.server.policy.rewriter)
+        except (TableUnavailable, RewriteError) as error:
+            log.warning("%s: header rewriting failed: %s", self.queue_id, error)
+            reply = Reply(451, "4.3.0", "Error: temporary lookup failure")
+        log.info("%s: reject: END-OF-MESSAGE from %s: %s; from=<%s>", self.queue_id,
+                 self.client, reply, txn.sender)
+        self._discard_message()
+        self.proto.reject(reply)
+        return None
 
     def _discard(self, txn, reason, plugin, stage):
         """A plugin said discard: the client hears 250 as for any message, nothing is
@@ -426,6 +475,7 @@ class Session:
                      "" if result.user == event.username
                      else " as %s" % printable(result.user))
             self.ctx.auth_user = result.user
+            self.auth_method = event.mechanism
             if self._refused_by_plugins("auth", "AUTH"):
                 self.ctx.auth_user = None
                 return
