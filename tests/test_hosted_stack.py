@@ -218,8 +218,8 @@ def test_submitted_mail_reaches_another_domains_mailbox_byte_for_byte(mta, dovec
     assert re.search(rb"\r\nReceived: from laptop\.one\.test \(\[127\.0\.0\.1\]\)\r\n"
                      rb"(\t.*\r\n)*\tby mx\.test \(Elemta\) with ESMTPSA id %s\r\n"
                      rb"\tfor <bob@two\.test>; " % queue_id.encode(), fetched), fetched
-    assert "%s: client=unknown[127.0.0.1], sasl_username=alice@one.test" % queue_id \
-        in mta.log()
+    assert ("%s: client=unknown[127.0.0.1], sasl_method=PLAIN, "
+            "sasl_username=alice@one.test" % queue_id) in mta.log()
     assert deliveries(mta, queue_id) == [BOB]
     assert "wonderland" not in mta.log()
 

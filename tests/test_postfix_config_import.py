@@ -244,6 +244,7 @@ def test_a_dovecot_virtual_setup_is_translated_to_toml(dovecot_setup):
     assert config.limits.message_size == 52428800
     assert config.delivery.queue_lifetime == 2 * 86400
     assert config.local.recipient_delimiter == "+"
+    assert str(config.smtpd.sender_login_maps) == "lmdb:%s/senders" % d
     # pcre with Python-compatible patterns is a regexp table.
     assert config.relay.relay_domains.plain() == "regexp:%s/relay.pcre" % d
     # The network Elemta cannot read is left out: it may not relay.
@@ -266,7 +267,7 @@ def test_the_dovecot_setups_leftovers_are_reported(dovecot_setup):
     assert "check_policy_service unix:private/policyd-spf not translated" in \
         report["smtpd_recipient_restrictions"]
     assert "smtpd_relay_restrictions" not in report        # all of it is covered
-    assert "no sender login check" in report["smtpd_sender_login_maps"]
+    assert "smtpd_sender_login_maps" not in report          # smtpd.sender_login_maps
     assert report["transport_maps entry user@example.net"].startswith("error:nope / ")
     assert "no discard transport" in report["transport_maps entry old.example"]
     assert "Elemta's regexp tables cannot read" in report["relay_recipient_maps"]
