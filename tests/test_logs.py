@@ -150,22 +150,6 @@ def test_a_bounce_and_admin_actions_are_logged_under_their_queue_ids(elemta_serv
     assert_no_reprs(server.log() + held.log())
 
 
-@pytest.mark.skipif(os.path.exists("/dev/log"), reason="a syslog daemon listens here")
-def test_admin_actions_with_no_log_to_reach_are_shown_to_the_admin(elemta_server):
-    """A daemon logging to stderr (make run, the quick start) with no syslog daemon: the
-    admin's action is not logged silently nowhere, elemtactl shows the line itself."""
-    server = elemta_server(delivery={"workers": 0})
-    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
-        client.sendmail("c@client.test", ["z@remote.test"], b"Subject: x\r\n\r\nhi\r\n")
-    kept = wait_for(lambda: re.search(r"(\w+): from=<c@client\.test>", server.log())).group(1)
-    done = subprocess.run(
-        [sys.executable, "-m", "elemta.cli.elemtactl", "--config", server.config_path,
-         "queue", "hold", kept], capture_output=True, text=True,
-        env=dict(os.environ, PYTHONPATH=REPO))
-    assert done.returncode == 0, done.stderr
-    assert "%s: placed on hold (admin action)" % kept in done.stderr, done.stderr
-
-
 def test_the_reconcile_summary_is_a_sentence(elemta_server):
     server = elemta_server()
     assert "queue reconciled: 0 messages, nothing repaired" in server.log()

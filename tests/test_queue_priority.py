@@ -219,9 +219,10 @@ def test_a_busy_queue_delivers_higher_priorities_first(elemta_server):
             changed = elemtactl(server, "priority", ids["n107@client.test"], "60")
             assert changed.stdout == ("%s: priority changed\nPriority changed to 60: 1 "
                                       "message\n" % ids["n107@client.test"]), changed.stderr
-            # One a worker has taken keeps its place; the admin is told so.
-            taken = elemtactl(server, "priority", ids["n50@client.test"], "60")
-            assert "being delivered now, it counts from the next attempt" in taken.stdout
+            # One a worker has already taken and holds waiting for the connection moves
+            # up too (the worker asks the index again while it waits).
+            taken = elemtactl(server, "priority", ids["n90@client.test"], "70")
+            assert "being delivered now" in taken.stdout, taken.stdout
             after = listed(server)
             assert after["vip@client.test"] == (50, "incoming")
             assert after["n107@client.test"] == (60, "incoming")
@@ -230,9 +231,11 @@ def test_a_busy_queue_delivers_higher_priorities_first(elemta_server):
         wait_for(lambda: {"vip", "n107"} <= set(subjects_at(sink)), 60)
         order = subjects_at(sink)
     print("\narrival order at the peer: %s ..." % order[:12])
-    # Arrival order would send them 108th and 112th; priority sends n107 (60) first of
-    # the waiting ones, then vip (50), right after the few the worker had in hand.
-    assert order[0] == "n0" and order.index("n107") < order.index("vip") < 8, order
+    # Arrival order would send them 91st, 108th and 112th; priority sends n90 (70, claimed
+    # already) and n107 (60) first of the waiting ones, then vip (50), right after the few
+    # the worker had in hand.
+    assert order[0] == "n0", order
+    assert order.index("n90") < order.index("n107") < order.index("vip") < 10, order
 
 
 def _when_active(found, count):

@@ -279,7 +279,8 @@ DOCUMENT = {
             "operationId": "prioritiseMessage", "tags": ["queue"],
             "summary": "Set a message's priority (elemtactl queue priority).",
             "description": "Among messages due for delivery the higher priority is taken "
-                           "first. A message being delivered keeps its place; the new "
+                           "first, also among messages a worker holds waiting for a "
+                           "connection; a delivery under way goes on, and the new "
                            "priority counts from its next attempt.",
             "parameters": [ID_PARAMETER],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {

@@ -110,9 +110,10 @@ def log_to_the_mail_log(args) -> None:
     queue) to the daemon's log file or syslog, as postsuper logs what it changes: grep
     QUEUEID then shows who took a message off its course. Opened before open_queue()
     drops root. A daemon that logs to stderr (systemd's journal, a terminal) has no log
-    this command can reach: then syslog, which journald also reads, if one listens, and
-    else this command's own stderr (the admin sees what was logged, and can keep it). A
-    log that cannot be opened must not keep the admin from acting."""
+    this command can reach: then syslog, which journald also reads, if one listens (with
+    none, as in a bare `make run`, the action is not logged: this command's stderr is for
+    its one-line errors, which scripts read). A log that cannot be opened must not keep
+    the admin from acting."""
     import dataclasses
     from elemta.util import logs
     config = find_config(getattr(args, "config", None))
@@ -122,10 +123,7 @@ def log_to_the_mail_log(args) -> None:
     try:
         logs.setup(target)
     except OSError:
-        try:
-            logs.setup(dataclasses.replace(target, target="stderr"))
-        except OSError:
-            pass
+        pass
 
 
 def _become_spool_owner(spool_dir: str) -> None:

@@ -14,8 +14,10 @@ cannot wake it).
 Within a worker, the deliveries waiting for one destination take its slots in the order
 of their messages' priority (queue.priority_rules), the highest first, then in the order
 they began to wait: a message of higher priority that a busy worker claimed late still
-gets the next connection. Across workers there is no order: each worker's best waiter
-tries whenever it looks.
+gets the next connection. A waiter's priority may be a function: it is asked again
+every PRIORITY_RECHECK_SECONDS while the delivery waits, so a priority an admin changes
+(elemtactl queue priority) moves a message already claimed to its new place in line.
+Across workers there is no order: each worker's best waiter tries whenever it looks.
 """
 
 import fcntl
@@ -23,6 +25,7 @@ import hashlib
 import itertools
 import os
 import random
+import time
 
 from gevent.event import Event
 
@@ -31,6 +34,8 @@ from elemta.addressing.resolve import domain_entry
 
 # Longest pause before a waiting delivery looks at other workers' slots again.
 RECHECK_SECONDS = 0.1
+# How often a waiter asks its priority function again (one index read each time).
+PRIORITY_RECHECK_SECONDS = 1.0
 # Slots one destination can have (the room each key has in the lock file).
 MAX_LIMIT = 65535
 
@@ -61,11 +66,15 @@ class DestinationSlots:
 
     def hold(self, destination, priority=0):
         """A context manager holding one slot of destination's limit (waits for one,
-        behind this process's waiters of higher priority)."""
+        behind this process's waiters of higher priority). priority: a number, or a
+        function giving the current one (asked again while waiting)."""
         return _Slot(self, destination.key, self.limit_for(destination), priority)
 
     def _acquire(self, key, limit, priority=0):
-        place = (-priority, next(self._tickets))
+        current = priority if callable(priority) else (lambda: priority)
+        ticket = next(self._tickets)
+        place = (-current(), ticket)
+        asked = time.monotonic()
         waiting = self._waiting.setdefault(key, set())
         waiting.add(place)
         try:
@@ -76,6 +85,14 @@ class DestinationSlots:
                         return taken
                 self._freed.clear()
                 self._freed.wait(RECHECK_SECONDS * (0.5 + random.random()))
+                if callable(priority) and time.monotonic() - asked >= PRIORITY_RECHECK_SECONDS:
+                    asked = time.monotonic()
+                    moved = (-current(), ticket)
+                    if moved != place:
+                        waiting.discard(place)
+                        place = moved
+                        waiting.add(place)
+                        self._freed.set()       # the line changed: its new first looks
         finally:
             waiting.discard(place)
             if waiting:

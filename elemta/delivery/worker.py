@@ -512,10 +512,20 @@ class DeliveryWorker(GeventChild):
         results = self.stages.delivery(record, destination, items) or {}
         items = [item for item in items if item[0] not in results]
         if items:
-            with self.slots.hold(destination, record.envelope.priority):
+            with self.slots.hold(destination, lambda: self._priority_now(record)):
                 results.update(self.transports[destination.kind].deliver(
                     record, destination, items))
         return results
+
+    def _priority_now(self, record):
+        """The message's priority as the index has it now: an admin may have changed it
+        (elemtactl queue priority) since this worker claimed the message."""
+        try:
+            now = self.queue.get(record.queue_id)
+        except Exception:           # an index that cannot be read: keep the claimed one
+            log.debug("%s: priority not read again", record.queue_id, exc_info=True)
+            now = None
+        return record.envelope.priority if now is None else now.envelope.priority
 
     # ---- notices to the sender -----------------------------------------------------
 

@@ -115,10 +115,11 @@ NOT_FLUSHED = {HOLD: "on hold, left alone (release it first)",
 NO_SUCH_MESSAGE = "no such message"
 PRIORITY_CHANGED = "priority changed"
 PRIORITY_UNCHANGED = "priority unchanged (already that)"
-# A delivery worker has it: the attempt under way keeps its place (a message it claimed
-# and that waits for a connection slot included); the next attempt has the new priority.
-PRIORITY_CHANGED_ACTIVE = ("priority changed; being delivered now, it counts from the next "
-                           "attempt")
+# A delivery worker has it: while it waits for a connection to its destination the worker
+# reads the new priority within a second (elemta.delivery.concurrency); a delivery already
+# under way goes on.
+PRIORITY_CHANGED_ACTIVE = ("priority changed; being delivered now: counts for its place in "
+                           "line for a connection, and for its next attempt")
 
 # Outcomes of Queue.record_attempt.
 ATTEMPT_REMOVED = "removed"          # every recipient sent: file and record gone
