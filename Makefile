@@ -174,12 +174,17 @@ lint-deb:
 # (BuildRequires are python3 and systemd, present on this host); the spec uses only
 # macros every rpm defines. Outputs in dist/.
 RPM_TOP := $(CURDIR)/$(PKG_BUILD)/rpmbuild
+# The Python X.Y the RPM's venv is built with and runs on (/usr/bin/pythonX.Y, required
+# as the package pythonX.Y): the version constraints/tested.txt was resolved and tested
+# with (Debian 12's python3, 3.11). rpm/elemta.spec says why it cannot be older.
+RPM_PYTHON ?= 3.11
 rpm: package-tools
 	rm -f dist/elemta-*.rpm
 	rm -rf $(PKG_BUILD)/elemta-$(PKG_VERSION) $(RPM_TOP) && $(MAKE) $(PKG_BUILD)/elemta-$(PKG_VERSION)
 	mkdir -p $(RPM_TOP)/SOURCES
 	tar -C $(PKG_BUILD) -czf $(RPM_TOP)/SOURCES/elemta-$(PKG_VERSION).tar.gz elemta-$(PKG_VERSION)
-	nice rpmbuild --nodeps --define "_topdir $(RPM_TOP)" --define "packager Elemta maintainers" -bb rpm/elemta.spec
+	nice rpmbuild --nodeps --define "_topdir $(RPM_TOP)" --define "packager Elemta maintainers" \
+	    --define "elemta_python_version $(RPM_PYTHON)" -bb rpm/elemta.spec
 	mkdir -p dist && mv $(RPM_TOP)/RPMS/*/elemta-*.rpm dist/
 	$(MAKE) lint-rpm
 

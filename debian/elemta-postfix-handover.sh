@@ -1,7 +1,8 @@
 #!/bin/sh
 # Hand the mail Postfix left queued over to Elemta, when Elemta replaces Postfix.
 #
-# Run by the elemta package's postinst (installed as /usr/lib/elemta/postfix-handover).
+# Run by the elemta package's postinst (installed as /usr/lib/elemta/postfix-handover),
+# and by the RPM's %post (/usr/libexec/elemta/postfix-handover) when Postfix is stopped.
 # Installing elemta removes postfix (both provide mail-transport-agent) but keeps
 # /var/spool/postfix, and mail accepted there would wait for ever. When that queue holds
 # mail (maildrop, incoming, active, deferred or hold), `elemtactl import-postfix-queue`
