@@ -11,6 +11,9 @@ comments, order, indentation and every other setting, and replaces the file atom
                         "local" and "satellite", every address (0.0.0.0, ::) for "internet";
                         (the IPv6 one only if the host has IPv6); other listeners (587, 465, ...) are left alone
   delivery.relayhost    the relay host for "satellite"; removed for the other types
+  delivery.default_transport
+                        "error" for "local" (remote mail bounces at once, as Debian's
+                        Postfix sets default_transport = error); removed for the others
   smtpd.hostname        --fqdn (postinst passes `hostname --fqdn`), only while it is
                         empty and only a name with a dot: Debian's Postfix postinst sets
                         myhostname so once; later the value is the admin's
@@ -70,6 +73,14 @@ def apply(doc, mailtype, relayhost, ipv6=True, fqdn=""):
         delivery["relayhost"] = relayhost
     elif "relayhost" in delivery:
         del delivery["relayhost"]
+    if mailtype == "local":
+        if delivery.get("default_transport") != "error":
+            delivery["default_transport"] = "error"
+            # Says why remote mail bounces, where the admin will look.
+            delivery.yaml_add_eol_comment("debconf: Local only (remote mail bounces)",
+                                          "default_transport")
+    elif "default_transport" in delivery:
+        del delivery["default_transport"]
 
 
 def main(argv=None):

@@ -112,3 +112,22 @@ def test_the_host_name_is_the_fqdn_once_and_then_the_admins(conf):
     conf.write_text(conf.read_text().replace("vm.example.org", "mx.example.net"))
     assert run(conf, "--type", "internet", "--fqdn", "vm.example.org").smtpd.hostname == \
         "mx.example.net"
+
+
+def test_local_only_bounces_remote_mail_and_the_other_types_send_it(conf):
+    """As Debian's postfix sets default_transport = error for "Local only": remote mail
+    is returned to its sender, not sent out by MX; leaving "local" removes it again."""
+    assert run(conf, "--type", "local").delivery.default_transport == "error"
+    # The admin's other delivery settings survive the switches both ways.
+    conf.write_text(conf.read_text().replace("  max_use: 10000", "  max_use: 77"))
+    config = run(conf, "--type", "satellite", "--relayhost", "[r.example]:587")
+    assert config.delivery.default_transport == "smtp"
+    assert "\n  default_transport:" not in conf.read_text()
+    assert (config.delivery.relayhost, config.delivery.max_use) == ("[r.example]:587", 77)
+    config = run(conf, "--type", "local")
+    assert (config.delivery.default_transport, config.delivery.relayhost,
+            config.delivery.max_use) == ("error", None, 77)
+    config = run(conf, "--type", "internet")
+    assert (config.delivery.default_transport, config.delivery.max_use) == ("smtp", 77)
+    # The example's documentation of the option stays, commented out.
+    assert "  #default_transport: error" in conf.read_text()

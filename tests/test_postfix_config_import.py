@@ -322,6 +322,34 @@ def test_debians_main_cf_as_its_postinst_writes_it(workdir):
     assert set(reported(result.stderr)) == {"smtpd_banner"}
 
 
+def test_debians_local_only_keeps_remote_mail_from_going_out(workdir):
+    """Debian's postinst sets default_transport = error (and relay_transport = error)
+    for "Local only": dropped, the Elemta host would send remote mail out by MX."""
+    d = os.path.join(workdir, "local-only")
+    os.makedirs(d)
+    shutil.copyfile("/usr/share/postfix/main.cf.debian", os.path.join(d, "main.cf"))
+    shutil.copyfile(MASTER_CF, os.path.join(d, "master.cf"))
+    postconf(d, "-e", "myhostname = host.example.org", "mydestination = $myhostname, "
+             "localhost", "inet_interfaces = loopback-only", "default_transport = error",
+             "relay_transport = error")
+    result = elemtactl("import-postfix", d, "-o", os.path.join(d, "elemta.yml"))
+    assert result.returncode == 0, result.stderr
+    config = load_config(os.path.join(d, "elemta.yml"))
+    assert config.delivery.default_transport == "error"
+    assert config.relay.relay_transport is None     # no relay domain: nothing goes there
+    assert "# from default_transport = error\n" in open(os.path.join(d, "elemta.yml")).read()
+    assert set(reported(result.stderr)) == {"smtpd_banner"}
+    # error:text keeps its text; a transport Elemta has not is named with why.
+    postconf(d, "-e", "default_transport = error:5.7.1 this host sends no mail out")
+    result = elemtactl("import-postfix", d, "-o", os.path.join(d, "text.yml"))
+    assert result.returncode == 0, result.stderr
+    assert load_config(os.path.join(d, "text.yml")).delivery.default_transport == \
+        "error:5.7.1 this host sends no mail out"
+    postconf(d, "-e", "default_transport = uucp")
+    result = elemtactl("import-postfix", d, "-o", os.path.join(d, "uucp.yml"))
+    assert "no uucp transport" in reported(result.stderr)["default_transport"]
+
+
 # ---------------------------------------------------------------- refusals
 
 def test_an_existing_output_is_kept_without_force(peer_config, workdir):

@@ -176,6 +176,20 @@ def test_bv_verifies_without_queueing(elemta_server):
     assert os.listdir(os.path.join(server.spool, "maildrop")) == []
 
 
+def test_bv_says_remote_mail_bounces_on_a_local_only_host(elemta_server):
+    """delivery.default_transport = error: remote mail is returned to its sender, so -bv
+    says undeliverable, with the bounce's text; a transport-map domain still goes out."""
+    server = elemta_server(delivery={"workers": 0, "default_transport": "error", "transport": [
+        {"domain": "partner.test", "nexthop": "smtp:[127.0.0.1]:2525"}]})
+    status, out, _ = sendmail(server, "-bv", "root", "someone@example.net",
+                              "a@partner.test")
+    assert status == 67
+    assert b"root@mx.test... deliverable: local user root" in out
+    assert (b"someone@example.net... undeliverable: 550 5.1.2 remote delivery is disabled "
+            b"on this host (delivery.default_transport = error)") in out
+    assert b"a@partner.test... deliverable: remote domain partner.test" in out
+
+
 @pytest.mark.parametrize("args, stdin, code", [
     (["-Z", "root"], b"x\n", 64),                     # unknown option
     ([], b"x\n", 64),                                 # no recipient

@@ -26,7 +26,8 @@ taken by pickup from the file's owner, so no option here can forge it.
 Missing From:, Date: and Message-ID: headers are added, as Postfix's cleanup does for local
 mail. Exit status (sysexits.h): 0 sent; 64 usage (bad option, no or bad recipient); 65 bad
 message (no recipient in the headers with -t, too large, bad header address); 67 -bv found
-an unknown local user; 69 unsupported mode; 75 temporary failure (maildrop not writable);
+an unknown local user (or a remote address, with delivery.default_transport = error); 69
+unsupported mode; 75 temporary failure (maildrop not writable);
 78 configuration error. See also: elemta.queue.maildrop, elemta.pickup.worker,
 elemta.cli.queuecmd (-bp, -q), man/elemta-sendmail.1.
 """
@@ -39,15 +40,17 @@ import sys
 # sysexits(3), as the os module names them (elemta.cli.failure).
 from os import EX_DATAERR, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
 
-from elemta.addressing.normal import split_address
+from elemta.addressing.normal import normal_domain, split_address
 from elemta.addressing.hosted import HostedRecipients
 from elemta.addressing.recipients import ROLE
-from elemta.addressing.resolve import LOCAL, RELAY, REMOTE, VIRTUAL, Addressing
+from elemta.addressing.resolve import (LOCAL, RELAY, REMOTE, VIRTUAL, Addressing,
+                                       domain_entry)
 from elemta.addressing.rewrite import AddressRewriter, RewriteError
 from elemta.addressing.virtual import AliasExpansionError
 from elemta.maps import TableUnavailable
 from elemta.cli.config_finder import config_path, read_config
 from elemta.cli.failure import Failure
+from elemta.config.schema import parse_default_transport
 
 PROG = "sendmail"
 
@@ -492,6 +495,16 @@ def verdict(context, address):
     return verdict_of_canonical(context, address)
 
 
+def remote_bounce(delivery, domain):
+    """The reply remote mail to domain bounces with (delivery.default_transport = error,
+    no delivery.transport entry for it: elemta.delivery.routing's rule), or None."""
+    bounce = parse_default_transport(delivery.default_transport)
+    table = {normal_domain(entry.domain): True for entry in delivery.transport}
+    if bounce is None or domain_entry(table, normal_domain(domain)):
+        return None
+    return bounce
+
+
 def verdict_of_canonical(context, address):
     """verdict() for an address the canonical maps have had their say on."""
     local, domain = split_address(address)
@@ -505,6 +518,9 @@ def verdict_of_canonical(context, address):
         return "%s... deliverable: virtual alias of %s" % (
             address, ", ".join(resolved.targets)), EX_OK
     if resolved.kind == REMOTE:
+        bounce = remote_bounce(context.config.delivery, domain)
+        if bounce:
+            return "%s... undeliverable: %s" % (address, bounce), EX_NOUSER
         return "%s... deliverable: remote domain %s" % (address, domain), EX_OK
     if resolved.kind != LOCAL:
         if not resolved.known:

@@ -125,6 +125,45 @@ def parse_transport(value):
     return kind, host, port, mx_lookup
 
 
+DEFAULT_TRANSPORTS = ("smtp", "error", "error:TEXT")
+# What error (Postfix's error(8)) answers when no TEXT is given.
+REMOTE_DISABLED = ("550 5.1.2 remote delivery is disabled on this host "
+                   "(delivery.default_transport = error)")
+_ERROR_STATUS = re.compile(r"5\.[0-9]{1,3}\.[0-9]{1,3}$")
+
+
+def parse_default_transport(value):
+    """None for "smtp" (relay host or MX), else the reply that bounces remote mail:
+    "error" gives REMOTE_DISABLED, "error:TEXT" gives "550 5.0.0 TEXT" (TEXT may begin
+    with its own 5.X.Y status, as Postfix's error(8) next hop may); raises ValueError."""
+    kind, colon, text = value.strip().partition(":")
+    if kind == "smtp" and not colon:
+        return None
+    if kind != "error":
+        raise ValueError("%r: write one of %s" % (value, ", ".join(DEFAULT_TRANSPORTS)))
+    text = text.strip()
+    if not colon:
+        return REMOTE_DISABLED
+    # The text goes into bounces (a header line) and log lines: printable ASCII only.
+    if not text or any(not " " <= ch <= "~" for ch in text):
+        raise ValueError("%r: error:TEXT needs a text of printable ASCII" % (value,))
+    status, _, rest = text.partition(" ")
+    if re.match(r"[0-9]\.", status) and not _ERROR_STATUS.match(status):
+        raise ValueError("%r: the status code of error:TEXT must be 5.X.Y (it bounces)"
+                         % (value,))
+    if _ERROR_STATUS.match(status) and rest.strip():
+        return "550 %s %s" % (status, rest.strip())
+    return "550 5.0.0 %s" % text
+
+
+def _default_transport(value):
+    try:
+        parse_default_transport(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def _nexthop(value):
     try:
         parse_nexthop(value)
@@ -654,6 +693,14 @@ class DeliverySettings:
     transport: Tuple[TransportMapEntry, ...] = opt(
         (), "Transport map: a list of {domain, nexthop} entries, which win over relayhost "
             "and MX.")
+    default_transport: str = opt(
+        "smtp", "Where mail for remote domains goes (not local, virtual or relay_domains "
+                "mail; a transport entry for the domain wins): smtp (relayhost, else MX), or "
+                "error to bounce it at once, as Postfix's error(8) does (Debian's \"Local "
+                "only\" type sets it): it is accepted (smtpd, sendmail) and its sender gets a "
+                "bounce \"550 5.1.2 remote delivery is disabled on this host\"; "
+                "error:TEXT bounces with TEXT instead (5.0.0, or a 5.X.Y status TEXT begins "
+                "with). Postfix's default_transport.", _default_transport)
     mx_port: int = opt(25, "TCP port used for MX delivery and for next hops without a port.",
                        _port)
     nameservers: Tuple[str, ...] = opt((), "DNS servers to ask for MX and address records "

@@ -13,8 +13,11 @@ Owned by the delivery worker (`elemta: delivery`). In Postfix's order of precede
        Dovecot usually (Postfix's virtual_transport);
     2b. relay domains (relay.relay_domains): relay.relay_transport when set (Postfix's
        relay_transport), else on as below;
-    3. the relay host (delivery.relayhost), [host]:port or host:port;
-    4. the MX hosts of the recipient's domain (elemta.delivery.mx), on delivery.mx_port.
+    3. for a remote address, delivery.default_transport = error (Postfix's error(8), set
+       by Debian's "Local only" type): the ERROR destination, whose transport
+       (elemta.delivery.error_transport) bounces it at once with its host's text;
+    4. the relay host (delivery.relayhost), [host]:port or host:port;
+    5. the MX hosts of the recipient's domain (elemta.delivery.mx), on delivery.mx_port.
 
 An address of a virtual alias domain is expanded before it is queued
 (elemta.addressing.virtual); one that reaches delivery unexpanded (queued before its
@@ -32,21 +35,23 @@ from typing import List
 
 from elemta.addressing.normal import normal_domain, split_address
 from elemta.addressing.resolve import LOCAL as LOCAL_CLASS
-from elemta.addressing.resolve import RELAY, VIRTUAL, Addressing, domain_entry
-from elemta.config.schema import parse_nexthop, parse_transport
+from elemta.addressing.resolve import REMOTE, RELAY, VIRTUAL, Addressing, domain_entry
+from elemta.config.schema import parse_default_transport, parse_nexthop, parse_transport
 from elemta.delivery.mx import Host, MXResolver, NoMailHost
 
 LOCAL = "local"
 SMTP = "smtp"
 LMTP = "lmtp"
+ERROR = "error"
 LMTP_PORT = 24
 
 
 @dataclass(frozen=True)
 class Destination:
     """Where a group of recipients goes. `key` names it for concurrency limits and logs."""
-    kind: str            # LOCAL, SMTP or LMTP
-    host: str            # the domain, next-hop host or LMTP socket path ("" for LOCAL)
+    kind: str            # LOCAL, SMTP, LMTP or ERROR
+    host: str            # the domain, next-hop host, LMTP socket path ("" for LOCAL),
+                         # or for ERROR the reply that bounces the recipient
     port: int            # 0 for LOCAL and for an LMTP unix socket
     mx_lookup: bool      # look host up as a mail domain (MX), or connect to it as it is
 
@@ -59,6 +64,8 @@ class Destination:
     def key(self):
         if self.kind == LOCAL:
             return LOCAL
+        if self.kind == ERROR:
+            return ERROR
         if self.unix_socket:
             return "lmtp:unix:%s" % self.host
         return "%s:%s:%d" % (self.kind, self.host if self.mx_lookup else "[%s]" % self.host,
@@ -83,6 +90,9 @@ class Router:
         self.by_class = {VIRTUAL: self.nexthop(config.virtual.transport)}
         if config.relay.relay_transport:
             self.by_class[RELAY] = self.nexthop(config.relay.relay_transport)
+        # default_transport = error: remote mail bounces at once (None: smtp).
+        bounce = parse_default_transport(delivery.default_transport)
+        self.remote_error = None if bounce is None else Destination(ERROR, bounce, 0, False)
         self.relay = None
         if delivery.relayhost:
             host, port, mx_lookup = parse_nexthop(delivery.relayhost)
@@ -110,6 +120,8 @@ class Router:
             return found
         if kind in self.by_class:
             return self.by_class[kind]
+        if kind == REMOTE and self.remote_error is not None:
+            return self.remote_error
         if self.relay is not None:
             return self.relay
         return Destination(SMTP, domain, self.mx_port, True)

@@ -21,7 +21,8 @@ fork. Its loop, top to bottom:
               recipients first: elemta.delivery.stages), each
               group by its transport: SMTP to the first host that takes it (the next MX
               host when a host refuses the connection, greets badly or drops the
-              session; elemta.delivery.smtp_transport), LMTP, or local delivery; at most
+              session; elemta.delivery.smtp_transport), LMTP, local delivery, or the
+              error transport's bounce (delivery.default_transport = error); at most
               delivery.destination_concurrency connections per destination across workers
               (elemta.delivery.concurrency)
     notify    the notices the sender asked for (elemta.delivery.bounce: bounce, delay
@@ -64,11 +65,12 @@ from gevent.pool import Pool
 from elemta import metrics
 from elemta.delivery import bounce
 from elemta.delivery.concurrency import DestinationSlots
+from elemta.delivery.error_transport import ErrorTransport
 from elemta.delivery.lmtp import LMTPTransport
 from elemta.delivery.local_transport import AGENT_RETRY, LocalTransport, went_away
 from elemta.delivery.mx import MXResolver
 from elemta.delivery.recorder import AttemptRecorder
-from elemta.delivery.routing import LMTP, LOCAL, SMTP, Router
+from elemta.delivery.routing import ERROR, LMTP, LOCAL, SMTP, Router
 from elemta.delivery.smtp_transport import SMTPTransport
 from elemta.delivery.stages import NO_RELAY, DeliveryStages
 from elemta.maps import TableUnavailable
@@ -166,7 +168,8 @@ class DeliveryWorker(GeventChild):
         self.stages = DeliveryStages(self.config)
         self.transports = {SMTP: SMTPTransport(self.config, store, resolver),
                            LMTP: LMTPTransport(self.config, store),
-                           LOCAL: LocalTransport(self.config, store)}
+                           LOCAL: LocalTransport(self.config, store),
+                           ERROR: ErrorTransport()}
         log.info("delivery worker started (slot %d)", self.slot)
 
     def serve(self):

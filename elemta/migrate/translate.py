@@ -34,7 +34,8 @@ UNREAD_TYPES_REASON = "Elemta reads lmdb (hash), regexp, pcre-compatible, sqlite
                       "and inline tables"
 
 # Parameters that tell Postfix where its own programs and files are, or that Elemta
-# does the same way without being told: nothing to translate.
+# does the same way without being told (default_transport and relay_transport at
+# their smtp values; other values are translated or refused): nothing to translate.
 NOT_NEEDED = {
     "queue_directory", "data_directory", "meta_directory", "command_directory",
     "daemon_directory", "shlib_directory", "sample_directory", "readme_directory",
@@ -330,10 +331,35 @@ class _Translator:
                 self.out.set(("relay", "relay_recipient_maps"), spec,
                              self.source("relay_recipient_maps"))
         relay_transport = self.pf.value("relay_transport")
-        if relay_transport not in ("relay", "smtp", ""):
+        if relay_transport.partition(":")[0] == "error" and not self.pf.value("relay_domains"):
+            pass    # Debian's "Local only" sets it with no relay domain: nothing goes there
+        elif relay_transport not in ("relay", "smtp", ""):
             hop = self.nexthop("relay_transport", relay_transport)
             if hop:
                 self.out.set(("relay", "relay_transport"), hop, self.source("relay_transport"))
+
+    def default_transport(self) -> None:
+        """default_transport = error[:text] (Debian's "Local only"): remote mail bounces
+        at once; dropping it would send that mail out by MX instead."""
+        from elemta.config.schema import parse_default_transport
+        value = self.pf.value("default_transport")
+        transport, _, hop = value.partition(":")
+        if transport == "error":
+            ours = "error:" + hop.strip() if hop.strip() else "error"
+            try:
+                parse_default_transport(ours)
+            except ValueError as error:
+                self.refuse("default_transport", str(error))
+                return
+            self.out.set(("delivery", "default_transport"), ours,
+                         self.source("default_transport"))
+            self.done.add("default_transport")
+        elif transport in ("smtp", "") and hop:
+            self.refuse("default_transport", "a next hop here is a relay host: write it "
+                        "as relayhost (delivery.relayhost)")
+        elif transport not in ("smtp", ""):
+            self.refuse("default_transport", "Elemta's delivery.default_transport is smtp "
+                        "or error[:text] (it has no %s transport)" % transport)
 
     def networks(self) -> None:
         self.done.add("mynetworks")
@@ -558,6 +584,7 @@ class _Translator:
                 self.out.set(("delivery", "relayhost"), relayhost, self.source("relayhost"))
             except ValueError as error:
                 self.refuse("relayhost", str(error))
+        self.default_transport()
         if pf.is_set("smtp_sasl_password_maps"):
             tables = split_list(pf.value("smtp_sasl_password_maps"))
             kind, _, path = tables[0].partition(":") if len(tables) == 1 else ("", "", "")
