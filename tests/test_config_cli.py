@@ -445,6 +445,28 @@ def test_set_of_the_whole_listeners_list_of_the_example_changes_only_its_lines(e
                          'address = "127.0.0.4"', "port = 2526"]
 
 
+def test_set_on_a_yaml_file_of_only_comments_keeps_them(tmp_path):
+    """The example commented out: ruamel.yaml reads no document and kept no comment."""
+    path = tmp_path / "elemta.yaml"
+    text = ("# Elemta configuration\n# see man elemta.conf\n\n"
+            "# smtpd:\n#   hostname: mx.example.org\n")
+    path.write_text(text)
+    result = elemtactl("--config", str(path), "config", "set", "smtpd.banner=hi")
+    assert result.returncode == 0, result.stderr
+    assert path.read_text() == text + "\nsmtpd:\n  banner: hi\n"
+
+
+def test_a_new_yaml_section_goes_after_the_comment_that_ends_the_file(tmp_path):
+    """The comment at the end belongs to the section before it; the new one follows."""
+    path = tmp_path / "elemta.yaml"
+    path.write_text("api:\n  port: 8625\n# trailing\n")
+    result = elemtactl("--config", str(path), "config", "set",
+                       "relay.mynetworks=[10.0.0.0/8]", "api.address=127.0.0.2")
+    assert result.returncode == 0, result.stderr
+    assert path.read_text() == ('api:\n  port: 8625\n  address: 127.0.0.2\n# trailing\n\n'
+                                'relay:\n  mynetworks: ["10.0.0.0/8"]\n')
+
+
 def test_set_run_several_times_at_once_loses_no_change(tmp_path):
     """Six admins (or scripts) setting different keys at the same moment: each read-change-
     replace waits for the one before, so every change is in the file afterwards (found
