@@ -467,6 +467,19 @@ def test_a_new_yaml_section_goes_after_the_comment_that_ends_the_file(tmp_path):
                                 'relay:\n  mynetworks: ["10.0.0.0/8"]\n')
 
 
+def test_a_new_toml_array_of_tables_goes_before_the_comment_introducing_the_next(tmp_path):
+    """[[queue.priority_rules]] goes after [queue]'s keys; "# REST API" and the blank
+    line before it stay with [api]."""
+    path = tmp_path / "elemta.toml"
+    path.write_text('[queue]\nspool_dir = "/x"\n\n# REST API\n[api]\nport = 8625\n')
+    result = elemtactl("--config", str(path), "config", "set",
+                       "queue.priority_rules=[{sender: a@b.c, priority: 5}]")
+    assert result.returncode == 0, result.stderr
+    assert path.read_text() == ('[queue]\nspool_dir = "/x"\n\n[[queue.priority_rules]]\n'
+                                'sender = "a@b.c"\npriority = 5\n\n'
+                                '# REST API\n[api]\nport = 8625\n')
+
+
 def test_set_run_several_times_at_once_loses_no_change(tmp_path):
     """Six admins (or scripts) setting different keys at the same moment: each read-change-
     replace waits for the one before, so every change is in the file afterwards (found

@@ -331,6 +331,20 @@ def _take_toml_trailing(item: Any) -> list:
     table = _last_toml_table(item)
     if table is None:
         return []
+    return _take_end_trivia(table)
+
+
+def _take_end_trivia(table: Any) -> list:
+    """The blank lines and comments that end table's text, taken off it: its own, or
+    those of the last of its sub-tables when it ends with them."""
+    while True:
+        last = table.value.body[-1][1] if table.value.body else None
+        if isinstance(last, tomlkit.items.AoT) and last.body:
+            table = last.body[-1]
+        elif isinstance(last, tomlkit.items.Table):
+            table = last
+        else:
+            break
     body = table.value.body
     position = len(body)
     while position and body[position - 1][0] is None and isinstance(body[position - 1][1],
@@ -347,6 +361,14 @@ def _add_toml_key(table: Any, key: str, value: Any) -> None:
     container = table.value if isinstance(table, tomlkit.items.Table) else table
     tables = isinstance(value, (dict, tomlkit.items.Table)) or (
         isinstance(value, list) and value and all(isinstance(v, dict) for v in value))
+    if tables and isinstance(table, tomlkit.items.Table):
+        # A [table] or [[array]] can only go after the table's keys and sub-tables; the
+        # comments that end the table's text introduce the next one, and stay before it.
+        trailing = _take_end_trivia(table)
+        table[key] = value
+        for item in trailing:
+            _last_toml_table(table[key]).add(item)
+        return
     if not isinstance(container, tomlkit.container.Container) or tables or isinstance(
             table, tomlkit.items.InlineTable):
         table[key] = value     # a table goes last anyway, an inline one has no comments
