@@ -480,6 +480,19 @@ def test_a_new_toml_array_of_tables_goes_before_the_comment_introducing_the_next
                                 '# REST API\n[api]\nport = 8625\n')
 
 
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["crlf", "bom-crlf"])
+def test_set_keeps_crlf_line_ends_and_a_bom(small, tmp_path, bom):
+    """A file edited on Windows: the same edit as on the LF copy, in its own line ends."""
+    windows = tmp_path / ("windows" + small.suffix)
+    windows.write_bytes(bom + small.read_bytes().replace(b"\n", b"\r\n"))
+    for path in (small, windows):
+        result = elemtactl("--config", str(path), "config", "set", "smtpd.banner=hi",
+                           "queue.priority_rules=[{sender: a@b.c, priority: 5}]")
+        assert result.returncode == 0, result.stderr
+    assert b"banner" in small.read_bytes()
+    assert windows.read_bytes() == bom + small.read_bytes().replace(b"\n", b"\r\n")
+
+
 def test_set_run_several_times_at_once_loses_no_change(tmp_path):
     """Six admins (or scripts) setting different keys at the same moment: each read-change-
     replace waits for the one before, so every change is in the file afterwards (found

@@ -169,6 +169,7 @@ def _check(path: str, text: str, paths):
     from elemta.config.loader import load_text
     from elemta.config.sources import FORMATS, parse
     from elemta.master import resolve_user
+    text = text[1:] if text.startswith("\ufeff") else text    # as load_config reads it
     config = load_text(path, text, filecheck.master_user_check(PROG))
     if any(key_path[:2] in (("master", "user"), ("master", "group")) for key_path in paths):
         try:

@@ -12,7 +12,8 @@ a temp file in the same directory, fsync'd, renamed over the old one, with its m
 and owner.
 
 A YAML file is written back with the indentation found in it (2 spaces by default);
-a file indented unevenly comes back evenly indented, its content unchanged.
+a file indented unevenly comes back evenly indented, its content unchanged. Either
+format keeps its line ends (LF or CRLF) and its UTF-8 BOM, if it has one.
 See also: elemta.config.sources (reading), elemta.config.loader.load_text (checking the
 result before it is written), man/elemtactl.8 (config set).
 """
@@ -408,13 +409,18 @@ def edit_text(file: str, text: str, changes: Sequence[Tuple[KeyPath, Any]]) -> s
     a key that is missing is added, with the tables above it. Raises EditError; the
     text must be one the loader parsed (syntax errors are its to report)."""
     format_name = FORMATS.get(os.path.splitext(file)[1].lower())
+    if format_name not in ("YAML", "TOML"):
+        raise EditError("%s: unknown config file format: name it *.yaml, *.yml or *.toml"
+                        % file)
+    # The file is edited with LF line ends and without its BOM, and written back with
+    # them: a file kept with CRLF (edited on Windows) stays so.
     bom = BOM if text.startswith(BOM) else ""
     body = text[len(bom):]
-    if format_name == "YAML":
-        return bom + _edit_yaml(body, changes)
-    if format_name == "TOML":
-        return bom + _edit_toml(body, changes)
-    raise EditError("%s: unknown config file format: name it *.yaml, *.yml or *.toml" % file)
+    first_line = body.partition("\n")[0] + "\n"
+    newline = "\r\n" if first_line.endswith("\r\n") else "\n"
+    body = body.replace("\r\n", "\n")
+    edited = (_edit_yaml if format_name == "YAML" else _edit_toml)(body, changes)
+    return bom + edited.replace("\n", newline)
 
 
 @contextlib.contextmanager
