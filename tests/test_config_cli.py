@@ -333,6 +333,31 @@ def test_set_reload_tells_the_running_daemon(elemta_server):
     wait_for(lambda: ehlo_size(server.port) == (2097152, "mail.example.org"), timeout=30)
 
 
+def test_set_reload_tells_only_a_master_that_reads_the_file_edited(elemta_server, tmp_path):
+    """Two config files on one spool: the master reads one; an edit of the other must
+    not make it reload (it would re-read its own file, not the edit)."""
+    server = elemta_server()
+    other = tmp_path / "other.yaml"
+    shutil.copyfile(server.config_path, other)
+    result = elemtactl("--config", str(other), "config", "set", "--reload",
+                       "smtpd.hostname=other.example.org")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == (
+        "elemtactl: the master running on %s (pid %d) reads %s, not %s: not told"
+        % (server.spool, server.process.pid, server.config_path, other))
+
+    link = tmp_path / "link.yaml"             # the same file by another name: told
+    link.symlink_to(server.config_path)
+    result = elemtactl("--config", str(link), "config", "set", "--reload",
+                       "smtpd.hostname=mail.example.org")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == (
+        "elemtactl: told the running master (pid %d) to reload its configuration (SIGHUP)"
+        % server.process.pid)
+    wait_for(lambda: ehlo_size(server.port)[1] == "mail.example.org", timeout=30)
+    assert server.log().count("reloading the configuration") == 1
+
+
 def test_third_party_plugin_tables_are_shown_and_set(tmp_path):
     """The documented example plugin, found through its entry point as pip would have
     registered it (a dist-info on the path: the shared venv stays as it is)."""
