@@ -156,6 +156,17 @@ def test_get_of_an_unknown_key_names_it_and_the_close_ones(small):
     assert result.returncode == 64 and "unknown key listeners[2].port" in result.stderr
 
 
+def test_get_prints_the_keys_that_exist_when_another_does_not(small):
+    """As postconf: the good keys' lines, an error for the bad one, a failing status."""
+    result = elemtactl("--config", str(small), "config", "get", "smtpd.hostname",
+                       "smtpd.hostnme", "limits.message_size")
+    assert result.returncode == 64
+    assert result.stdout == ('smtpd.hostname = "mx.example.org"\n'
+                             'limits.message_size = 31457280\n')
+    assert result.stderr == ("elemtactl: config get: unknown key smtpd.hostnme; did you "
+                             "mean smtpd.hostname?\n")
+
+
 # ---------------------------------------------------------------- set
 
 def test_set_changes_only_the_lines_of_the_keys_set(example):

@@ -54,13 +54,17 @@ def cmd_get(args) -> int:
     from elemta.config import listing
     every = listing.defaults() if args.defaults else listing.settings(_effective(args))
     chosen = []
+    unknown = []
     for key in args.keys:
         try:
             chosen += listing.select(every, key)
         except listing.UnknownKey as exc:
-            raise Failure(EX_USAGE, "config get: %s" % exc)
+            unknown.append(str(exc))
+    # As postconf: the keys that exist are printed even when another does not.
     _print(chosen, args.values_only)
-    return EX_OK
+    for problem in unknown:
+        print("%s: config get: %s" % (PROG, problem), file=sys.stderr)
+    return EX_USAGE if unknown else EX_OK
 
 
 def _print(chosen, values_only: bool) -> None:
