@@ -156,6 +156,17 @@ def test_get_of_an_unknown_key_names_it_and_the_close_ones(small):
     assert result.returncode == 64 and "unknown key listeners[2].port" in result.stderr
 
 
+def test_get_prints_the_keys_that_exist_when_another_does_not(small):
+    """As postconf: the good keys' lines, an error for the bad one, a failing status."""
+    result = elemtactl("--config", str(small), "config", "get", "smtpd.hostname",
+                       "smtpd.hostnme", "limits.message_size")
+    assert result.returncode == 64
+    assert result.stdout == ('smtpd.hostname = "mx.example.org"\n'
+                             'limits.message_size = 31457280\n')
+    assert result.stderr == ("elemtactl: config get: unknown key smtpd.hostnme; did you "
+                             "mean smtpd.hostname?\n")
+
+
 # ---------------------------------------------------------------- set
 
 def test_set_changes_only_the_lines_of_the_keys_set(example):
@@ -333,6 +344,31 @@ def test_set_reload_tells_the_running_daemon(elemta_server):
     wait_for(lambda: ehlo_size(server.port) == (2097152, "mail.example.org"), timeout=30)
 
 
+def test_set_reload_tells_only_a_master_that_reads_the_file_edited(elemta_server, tmp_path):
+    """Two config files on one spool: the master reads one; an edit of the other must
+    not make it reload (it would re-read its own file, not the edit)."""
+    server = elemta_server()
+    other = tmp_path / "other.yaml"
+    shutil.copyfile(server.config_path, other)
+    result = elemtactl("--config", str(other), "config", "set", "--reload",
+                       "smtpd.hostname=other.example.org")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == (
+        "elemtactl: the master running on %s (pid %d) reads %s, not %s: not told"
+        % (server.spool, server.process.pid, server.config_path, other))
+
+    link = tmp_path / "link.yaml"             # the same file by another name: told
+    link.symlink_to(server.config_path)
+    result = elemtactl("--config", str(link), "config", "set", "--reload",
+                       "smtpd.hostname=mail.example.org")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == (
+        "elemtactl: told the running master (pid %d) to reload its configuration (SIGHUP)"
+        % server.process.pid)
+    wait_for(lambda: ehlo_size(server.port)[1] == "mail.example.org", timeout=30)
+    assert server.log().count("reloading the configuration") == 1
+
+
 def test_third_party_plugin_tables_are_shown_and_set(tmp_path):
     """The documented example plugin, found through its entry point as pip would have
     registered it (a dist-info on the path: the shared venv stays as it is)."""
@@ -443,6 +479,54 @@ def test_set_of_the_whole_listeners_list_of_the_example_changes_only_its_lines(e
         assert removed == ['address = "127.0.0.1"', "port = 25", 'mode = "smtp"']
         assert added == ['address = "127.0.0.3"', "port = 2526", "", "[[listeners]]",
                          'address = "127.0.0.4"', "port = 2526"]
+
+
+def test_set_on_a_yaml_file_of_only_comments_keeps_them(tmp_path):
+    """The example commented out: ruamel.yaml reads no document and kept no comment."""
+    path = tmp_path / "elemta.yaml"
+    text = ("# Elemta configuration\n# see man elemta.conf\n\n"
+            "# smtpd:\n#   hostname: mx.example.org\n")
+    path.write_text(text)
+    result = elemtactl("--config", str(path), "config", "set", "smtpd.banner=hi")
+    assert result.returncode == 0, result.stderr
+    assert path.read_text() == text + "\nsmtpd:\n  banner: hi\n"
+
+
+def test_a_new_yaml_section_goes_after_the_comment_that_ends_the_file(tmp_path):
+    """The comment at the end belongs to the section before it; the new one follows."""
+    path = tmp_path / "elemta.yaml"
+    path.write_text("api:\n  port: 8625\n# trailing\n")
+    result = elemtactl("--config", str(path), "config", "set",
+                       "relay.mynetworks=[10.0.0.0/8]", "api.address=127.0.0.2")
+    assert result.returncode == 0, result.stderr
+    assert path.read_text() == ('api:\n  port: 8625\n  address: 127.0.0.2\n# trailing\n\n'
+                                'relay:\n  mynetworks: ["10.0.0.0/8"]\n')
+
+
+def test_a_new_toml_array_of_tables_goes_before_the_comment_introducing_the_next(tmp_path):
+    """[[queue.priority_rules]] goes after [queue]'s keys; "# REST API" and the blank
+    line before it stay with [api]."""
+    path = tmp_path / "elemta.toml"
+    path.write_text('[queue]\nspool_dir = "/x"\n\n# REST API\n[api]\nport = 8625\n')
+    result = elemtactl("--config", str(path), "config", "set",
+                       "queue.priority_rules=[{sender: a@b.c, priority: 5}]")
+    assert result.returncode == 0, result.stderr
+    assert path.read_text() == ('[queue]\nspool_dir = "/x"\n\n[[queue.priority_rules]]\n'
+                                'sender = "a@b.c"\npriority = 5\n\n'
+                                '# REST API\n[api]\nport = 8625\n')
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["crlf", "bom-crlf"])
+def test_set_keeps_crlf_line_ends_and_a_bom(small, tmp_path, bom):
+    """A file edited on Windows: the same edit as on the LF copy, in its own line ends."""
+    windows = tmp_path / ("windows" + small.suffix)
+    windows.write_bytes(bom + small.read_bytes().replace(b"\n", b"\r\n"))
+    for path in (small, windows):
+        result = elemtactl("--config", str(path), "config", "set", "smtpd.banner=hi",
+                           "queue.priority_rules=[{sender: a@b.c, priority: 5}]")
+        assert result.returncode == 0, result.stderr
+    assert b"banner" in small.read_bytes()
+    assert windows.read_bytes() == bom + small.read_bytes().replace(b"\n", b"\r\n")
 
 
 def test_set_run_several_times_at_once_loses_no_change(tmp_path):

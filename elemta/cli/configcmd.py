@@ -54,13 +54,17 @@ def cmd_get(args) -> int:
     from elemta.config import listing
     every = listing.defaults() if args.defaults else listing.settings(_effective(args))
     chosen = []
+    unknown = []
     for key in args.keys:
         try:
             chosen += listing.select(every, key)
         except listing.UnknownKey as exc:
-            raise Failure(EX_USAGE, "config get: %s" % exc)
+            unknown.append(str(exc))
+    # As postconf: the keys that exist are printed even when another does not.
     _print(chosen, args.values_only)
-    return EX_OK
+    for problem in unknown:
+        print("%s: config get: %s" % (PROG, problem), file=sys.stderr)
+    return EX_USAGE if unknown else EX_OK
 
 
 def _print(chosen, values_only: bool) -> None:
@@ -117,7 +121,7 @@ def _set(args, path: str) -> int:
                       "beside it): %s; it is unchanged" % (path, exc.strerror or exc))
     changed = _report(path, [format_key(key_path) for key_path, _ in changes],
                       old_config, new_config)
-    _tell_daemon(args, old_config or new_config, new_config, changed)
+    _tell_daemon(args, path, old_config or new_config, new_config, changed)
     return EX_OK
 
 
@@ -169,6 +173,7 @@ def _check(path: str, text: str, paths):
     from elemta.config.loader import load_text
     from elemta.config.sources import FORMATS, parse
     from elemta.master import resolve_user
+    text = text[1:] if text.startswith("\ufeff") else text    # as load_config reads it
     config = load_text(path, text, filecheck.master_user_check(PROG))
     if any(key_path[:2] in (("master", "user"), ("master", "group")) for key_path in paths):
         try:
@@ -222,8 +227,9 @@ def _change(assignment: str, known) -> Tuple[Any, Any]:
     return key_path, listing.parse_value(text, kind)
 
 
-def _tell_daemon(args, old_config, new_config, changed: List[Any]) -> None:
-    """Say what the change needs, and send SIGHUP with --reload."""
+def _tell_daemon(args, path: str, old_config, new_config, changed: List[Any]) -> None:
+    """Say what the change needs, and send SIGHUP with --reload to the master that
+    reads `path`."""
     if not changed:
         return
     restarts = [s for s in changed if s.restart]
@@ -243,13 +249,31 @@ def _tell_daemon(args, old_config, new_config, changed: List[Any]) -> None:
     # The master that runs is the one on the spool of the configuration it started with.
     spool_dir = os.path.abspath(old_config.queue.spool_dir)
     try:
-        pid = control.master_pid(spool_dir)
+        pid, reads = control.running_master(spool_dir)
     except control.NotRunning as exc:
         print("%s: not reloaded: %s (the change applies when it starts)" % (PROG, exc))
+        return
+    # A master started on another file with the same spool would reload that file.
+    if reads is None:
+        print("%s: the master running on %s (pid %d) does not say which file it reads "
+              "(an older elemta started it): not told; `%s --config %s reload` if it "
+              "reads this one" % (PROG, spool_dir, pid, PROG, path))
+        return
+    if not _same_file(reads, path):
+        print("%s: the master running on %s (pid %d) reads %s, not %s: not told"
+              % (PROG, spool_dir, pid, reads, path))
         return
     os.kill(pid, signal.SIGHUP)
     print("%s: told the running master (pid %d) to reload its configuration (SIGHUP)"
           % (PROG, pid))
+
+
+def _same_file(reads: str, path: str) -> bool:
+    """Whether the master's file (BUILT_IN_DEFAULTS: none) is the file at path."""
+    try:
+        return reads != control.BUILT_IN_DEFAULTS and os.path.samefile(reads, path)
+    except OSError:         # gone since the master started, or not ours to see
+        return False
 
 
 def _beyond_slots(old_config, new_config) -> List[Tuple[str, int, int]]:

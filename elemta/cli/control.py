@@ -1,8 +1,8 @@
 """`elemtactl status`, `reload` and `stop`: talk to the running master by its pid.
 
 Used by elemtactl. The master holds an flock on <spool>/master.lock and writes its pid
-there (elemta.cli.elemta); a lock nobody holds means no master runs, whatever pid the
-file still names. reload is SIGHUP and stop is SIGTERM, as systemctl sends them.
+there, then `config PATH`, the file it reads (elemta.cli.elemta); a lock nobody holds
+means no master runs, whatever pid the file still names. reload is SIGHUP and stop is SIGTERM, as systemctl sends them.
 Exit status: 0 done (status: running), 1 no master is running (status: 3, as LSB says),
 75 stop: the master is still stopping (elemta.cli.failure).
 """
@@ -18,6 +18,8 @@ from elemta.cli.failure import EX_NOT_RUNNING, EX_STATUS_NOT_RUNNING, Failure
 from elemta.util.procs import children, is_elemta_master
 
 LOCK_NAME = "master.lock"
+# What the master writes as its config when it runs on no file (elemta.cli.elemta).
+BUILT_IN_DEFAULTS = "(built-in defaults)"
 # How long `stop` waits past the configured stop grace for the master to be gone.
 STOP_MARGIN = 10.0
 
@@ -27,7 +29,14 @@ class NotRunning(Exception):
 
 
 def master_pid(spool_dir):
-    """The running master's pid; raises NotRunning.
+    """The running master's pid; raises NotRunning."""
+    return running_master(spool_dir)[0]
+
+
+def running_master(spool_dir):
+    """(pid, config) of the running master; raises NotRunning. config is the absolute
+    path of the file it reads, BUILT_IN_DEFAULTS, or None when the lock does not say
+    (a master of an Elemta that did not write it).
 
     The lock file lies in the spool, which Elemta's user owns: it is opened without
     following links (a FIFO there must not hang root either), and the pid it names is
@@ -45,14 +54,18 @@ def master_pid(spool_dir):
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            text = os.read(fd, 32).decode("ascii", "replace").strip()
+            lines = os.read(fd, 16384).split(b"\n")
+            text = lines[0].decode("ascii", "replace").strip()
             if not text.isdigit():
                 raise NotRunning("the master on spool %s has not written its pid yet"
                                  % spool_dir) from None
             if not is_elemta_master(int(text)):
                 raise NotRunning("%s names pid %s, which is not an Elemta master; not "
                                  "signalling it" % (path, text)) from None
-            return int(text)
+            said = lines[1] if len(lines) > 2 else b""     # a whole line, or not yet
+            config = os.fsdecode(said[len(b"config "):]) if said.startswith(
+                b"config ") else None
+            return int(text), config
         raise NotRunning("elemta is not running (spool %s)" % spool_dir)
     finally:
         os.close(fd)

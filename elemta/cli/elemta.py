@@ -38,6 +38,8 @@ log = logging.getLogger("elemta.master")
 
 DEFAULT_DAEMON_PID_FILE = "/run/elemta.pid"
 LOCK_NAME = "master.lock"
+# The lock file's second line, "config PATH", says this for no file (PATH is absolute).
+BUILT_IN_DEFAULTS = "(built-in defaults)"
 
 
 def parse_args(argv):
@@ -108,15 +110,19 @@ def take_master_lock(spool_dir, uid, gid):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        holder = os.read(fd, 32).decode("ascii", "replace").split("\n")[0].strip() or \
+            "unknown"
         fail("another master (pid %s) is running on spool %s" % (holder, spool_dir))
     os.set_inheritable(fd, False)
     return fd
 
 
-def note_pid(lock_fd):
+def note_pid(lock_fd, path):
+    """Write our pid and the file we read (a reload re-reads it) in the lock file, for
+    elemtactl: config set --reload tells us only of an edit of that file."""
+    config = os.fsencode(os.path.abspath(path)) if path else BUILT_IN_DEFAULTS.encode()
     os.ftruncate(lock_fd, 0)
-    os.pwrite(lock_fd, b"%d\n" % os.getpid(), 0)
+    os.pwrite(lock_fd, b"%d\nconfig %s\n" % (os.getpid(), config), 0)
 
 
 def write_pid_file(path):
@@ -265,7 +271,7 @@ def serve(path, detach):
         daemon.DaemonContext(working_directory=os.getcwd(), umask=0o022,
                              files_preserve=keep, prevent_core=False).open()
         pid_file = pid_file or DEFAULT_DAEMON_PID_FILE
-    note_pid(lock_fd)
+    note_pid(lock_fd, path)
     if pid_file:
         write_pid_file(pid_file)
     reconcile_queue(config)

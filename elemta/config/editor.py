@@ -6,12 +6,14 @@ through here. The edit is a round trip through the parser that keeps what it rea
 ruamel.yaml's round-trip mode (comments, key order, quoting, flow or block style) and
 tomlkit (which re-writes untouched parts byte for byte). Only the keys set change, and
 a key that is new goes after the last key of its table, before the comments that
-introduce the next section. replace_file writes the result as start-up will read it:
+introduce the next section; a new section goes at the end of the file, after the
+comments that end it (they belong to the section before them). replace_file writes the result as start-up will read it:
 a temp file in the same directory, fsync'd, renamed over the old one, with its mode
 and owner.
 
 A YAML file is written back with the indentation found in it (2 spaces by default);
-a file indented unevenly comes back evenly indented, its content unchanged.
+a file indented unevenly comes back evenly indented, its content unchanged. Either
+format keeps its line ends (LF or CRLF) and its UTF-8 BOM, if it has one.
 See also: elemta.config.sources (reading), elemta.config.loader.load_text (checking the
 result before it is written), man/elemtactl.8 (config set).
 """
@@ -130,13 +132,13 @@ def _set_yaml(document: Any, path: KeyPath, value: Any) -> None:
         child = _child(node, path, depth)
         if child is None:
             child = CommentedMap()
-            _add_key(node, part, child)
+            _add_key(node, part, child, at_end=node is document)
         node = child
     last = path[-1]
     if isinstance(node, list):
         _child(node, path, len(path) - 1)
     elif last not in node:
-        _add_key(node, last, _yaml_value(value))
+        _add_key(node, last, _yaml_value(value), at_end=node is document)
         return
     old = node[last]
     trailing = _trailing_comment(old) if _is_block(old) else None
@@ -179,13 +181,44 @@ def _child(node: Any, path: KeyPath, depth: int) -> Any:
     return child
 
 
-def _add_key(table: CommentedMap, key: str, value: Any) -> None:
+def _add_key(table: CommentedMap, key: str, value: Any, at_end: bool = False) -> None:
     """Add key after the table's last key, and move the comment lines that followed
-    that key (those introducing what comes next in the file) after the new one."""
+    that key (those introducing what comes next in the file) after the new one.
+    at_end: the table is the document, so those lines end the file and belong to the
+    section before them; they stay, and a blank line parts them from the new one."""
+    if at_end:
+        if _is_block(table):
+            _blank_line_after(table)
+        table[key] = value
+        return
     trailing = _trailing_comment(table) if _is_block(table) else None
     table[key] = value
     if trailing is not None:
         _put_trailing(table, key, trailing)
+
+
+def _blank_line_after(table: Any) -> None:
+    """End the comment lines after the block collection's last line with a blank line,
+    if they do not end with one; nothing if there are none."""
+    node = table
+    while True:
+        end = getattr(node.ca, "end", None)
+        if end:
+            if end[-1].value.startswith("#"):
+                end.append(CommentToken("\n", end[-1].start_mark, None))
+            return
+        last = len(node) - 1 if isinstance(node, list) else list(node)[-1]
+        if not _is_block(node[last]):
+            break
+        node = node[last]
+    owner, where = _comment_owner(table)
+    entry = owner.ca.items.get(where)
+    slot = 0 if isinstance(owner, list) else 2
+    token = entry[slot] if entry and len(entry) > slot else None
+    # "\n# note\n" or "# same line\n# note\n": comment lines; "# same line\n": none.
+    if isinstance(token, CommentToken) and "\n" in token.value.rstrip("\n") \
+            and not token.value.endswith("\n\n"):
+        token.value += "\n"
 
 
 def _comment_owner(node: Any) -> Tuple[Any, Any]:
@@ -238,15 +271,21 @@ def _trailing_comment(table: Any) -> Any:
 def _edit_yaml(text: str, changes: Sequence[Tuple[KeyPath, Any]]) -> str:
     yaml = round_trip_yaml(text)
     document = yaml.load(text)
+    kept = ""
     if document is None:
+        # Only comments (the example commented out): ruamel would drop them all; they
+        # stay as they were, a blank line before the sections set.
         document = CommentedMap()
+        yaml.explicit_start = False
+        kept = "" if not text.strip() else text if text.endswith("\n\n") else \
+            text.rstrip("\n") + "\n\n"
     if not isinstance(document, dict):
         raise EditError("the file is not a mapping of option sections")
     for path, value in changes:
         _set_yaml(document, path, value)
     out = io.StringIO()
     yaml.dump(document, out)
-    return out.getvalue()
+    return kept + out.getvalue()
 
 
 # ---------------------------------------------------------------- TOML
@@ -293,6 +332,20 @@ def _take_toml_trailing(item: Any) -> list:
     table = _last_toml_table(item)
     if table is None:
         return []
+    return _take_end_trivia(table)
+
+
+def _take_end_trivia(table: Any) -> list:
+    """The blank lines and comments that end table's text, taken off it: its own, or
+    those of the last of its sub-tables when it ends with them."""
+    while True:
+        last = table.value.body[-1][1] if table.value.body else None
+        if isinstance(last, tomlkit.items.AoT) and last.body:
+            table = last.body[-1]
+        elif isinstance(last, tomlkit.items.Table):
+            table = last
+        else:
+            break
     body = table.value.body
     position = len(body)
     while position and body[position - 1][0] is None and isinstance(body[position - 1][1],
@@ -309,6 +362,14 @@ def _add_toml_key(table: Any, key: str, value: Any) -> None:
     container = table.value if isinstance(table, tomlkit.items.Table) else table
     tables = isinstance(value, (dict, tomlkit.items.Table)) or (
         isinstance(value, list) and value and all(isinstance(v, dict) for v in value))
+    if tables and isinstance(table, tomlkit.items.Table):
+        # A [table] or [[array]] can only go after the table's keys and sub-tables; the
+        # comments that end the table's text introduce the next one, and stay before it.
+        trailing = _take_end_trivia(table)
+        table[key] = value
+        for item in trailing:
+            _last_toml_table(table[key]).add(item)
+        return
     if not isinstance(container, tomlkit.container.Container) or tables or isinstance(
             table, tomlkit.items.InlineTable):
         table[key] = value     # a table goes last anyway, an inline one has no comments
@@ -348,13 +409,18 @@ def edit_text(file: str, text: str, changes: Sequence[Tuple[KeyPath, Any]]) -> s
     a key that is missing is added, with the tables above it. Raises EditError; the
     text must be one the loader parsed (syntax errors are its to report)."""
     format_name = FORMATS.get(os.path.splitext(file)[1].lower())
+    if format_name not in ("YAML", "TOML"):
+        raise EditError("%s: unknown config file format: name it *.yaml, *.yml or *.toml"
+                        % file)
+    # The file is edited with LF line ends and without its BOM, and written back with
+    # them: a file kept with CRLF (edited on Windows) stays so.
     bom = BOM if text.startswith(BOM) else ""
     body = text[len(bom):]
-    if format_name == "YAML":
-        return bom + _edit_yaml(body, changes)
-    if format_name == "TOML":
-        return bom + _edit_toml(body, changes)
-    raise EditError("%s: unknown config file format: name it *.yaml, *.yml or *.toml" % file)
+    first_line = body.partition("\n")[0] + "\n"
+    newline = "\r\n" if first_line.endswith("\r\n") else "\n"
+    body = body.replace("\r\n", "\n")
+    edited = (_edit_yaml if format_name == "YAML" else _edit_toml)(body, changes)
+    return bom + edited.replace("\n", newline)
 
 
 @contextlib.contextmanager
