@@ -28,7 +28,7 @@ ROOT = os.environ.get("ELEMTA_PACKAGE_ROOT")
 pytestmark = pytest.mark.skipif(not ROOT, reason="make test-packages runs this "
                                 "(ELEMTA_PACKAGE_ROOT names a prepared Debian root)")
 MAILNAME = "mail.test.example"
-USERS = ("alice", "bob", "carol", "dave", "erin")
+USERS = ("alice", "bob", "carol", "dave", "erin", "frank")
 DEB = "/tmp/elemta.deb"
 
 
@@ -199,18 +199,30 @@ def test_mail_from_bsd_mailx(debian_root):
 
 
 def test_mailq_as_an_ordinary_user(debian_root):
-    """Mail for a remote domain stays queued (no network here: deferred), and an
-    ordinary user's mailq lists it, as Postfix's showq lets every user do."""
+    """Mail that waits in the queue (frank's ~/.forward command fails temporarily, exit 75:
+    deferred; a local-only install bounces remote mail at once, so that cannot wait), and
+    an ordinary user's mailq lists it, as Postfix's showq lets every user do."""
     root = debian_root
-    root.run(["sh", "-c", "echo stuck | /usr/sbin/sendmail faraway@example.com"],
-             user="alice")
-    as_root = poll(lambda: (lambda r: r if "faraway@example.com" in r.stdout else None)(
-        root.run(["mailq"], check=False)), 60, "root's mailq lists the queued message")
+    frank = root.ids("frank")
+    root.write("/home/frank/.forward", '"|exit 75"\n', mode=0o644, owner=frank)
+    root.run(["sh", "-c", "echo stuck | /usr/sbin/sendmail frank"], user="alice")
+    as_root = poll(lambda: (lambda r: r if "frank@" in r.stdout else None)(
+        root.run(["mailq"], check=False)), 60, "root's mailq lists the waiting message")
     assert as_root.returncode == 0, as_root.stderr
     as_user = root.run(["mailq"], user="bob", check=False)
     assert as_user.returncode == 0, "mailq as bob exited %d: %s" % (
         as_user.returncode, as_user.stderr)
-    assert "faraway@example.com" in as_user.stdout, as_user.stdout
+    assert "frank@" in as_user.stdout, as_user.stdout
+
+
+def test_local_only_bounces_remote_mail_at_once(debian_root):
+    """The non-interactive install is Debian's "Local only": mail for another domain is
+    bounced at once (Postfix's default_transport = error), not sent out by MX."""
+    root = debian_root
+    root.run(["sh", "-c", "echo out | /usr/sbin/sendmail faraway@example.com"],
+             user="alice")
+    poll(lambda: "remote delivery is disabled on this host" in root.read("/var/mail/alice", ""),
+         60, "alice's bounce for faraway@example.com")
 
 
 def test_reload_after_traffic_keeps_serving(debian_root):
