@@ -49,11 +49,11 @@ def _sections(settings: Sequence[Translated]) -> List[Tuple[str, List[Translated
     """Settings grouped by their top-level table, in elemta.conf's order."""
     from elemta.config.loader import schema_options
     from elemta.config.schema import Config
-    order = [option.name for option in schema_options(Config)]
+    position = {option.name: n for n, option in enumerate(schema_options(Config))}
     groups: Dict[str, List[Translated]] = {}
     for setting in settings:
         groups.setdefault(setting.path[0], []).append(setting)
-    return [(name, groups[name]) for name in sorted(groups, key=order.index)]
+    return [(name, groups[name]) for name in sorted(groups, key=position.__getitem__)]
 
 
 def render(settings: Sequence[Translated], source: str, toml: bool) -> str:
