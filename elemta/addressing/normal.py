@@ -89,6 +89,20 @@ def _unquoted(local):
     return None if escaped else "".join(out)
 
 
+# Sender-specified routing in a local part: user%elsewhere@domain, elsewhere!user@domain
+# and "user@elsewhere"@domain (Postfix's allow_untrusted_routing).
+ROUTING_CHARACTERS = "@%!"
+
+
+def has_sender_routing(address):
+    """True when the address's local part routes on to another place, in any spelling
+    (quoted or not): a next hop that honours the percent hack or bang paths would relay
+    it further."""
+    local = split_address(address)[0]
+    content = _unquoted(local)
+    return any(ch in ROUTING_CHARACTERS for ch in (local if content is None else content))
+
+
 def normal_local_part(local):
     """local without quotes it does not need: '"root"' -> 'root', '"a.b"' -> 'a.b';
     '"a b"' and '"a..b"' stay as written (only the quoted form says them)."""

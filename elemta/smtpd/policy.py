@@ -21,7 +21,8 @@ import ipaddress
 import logging
 
 from elemta.addressing.hosted import HostedRecipients
-from elemta.addressing.resolve import LOCAL, OURS, Addressing
+from elemta.addressing.normal import has_sender_routing
+from elemta.addressing.resolve import LOCAL, OURS, RELAY, Addressing
 from elemta.addressing.rewrite import AddressRewriter, RewriteError
 from elemta.addressing.virtual import AliasExpansionError
 from elemta.maps import TableUnavailable
@@ -62,10 +63,16 @@ class RelayPolicy:
 
     def may_send(self, client_ip, auth_user, recipient):
         """True when the client may send to recipient's domain; raises TableUnavailable
-        when a domain table cannot say (only asked for untrusted clients)."""
+        when a domain table cannot say (only asked for untrusted clients). A stranger may
+        not route through a relay domain (user%victim@relay, "u@victim"@relay,
+        victim!u@relay): its next hop, often a primary that trusts its backup MX, may
+        honour the percent hack and relay on (Postfix's allow_untrusted_routing = no)."""
         if auth_user is not None or self.client_trusted(client_ip):
             return True
-        return self.addressing.classify(recipient) in OURS
+        kind = self.addressing.classify(recipient)
+        if kind == RELAY and has_sender_routing(recipient):
+            return False
+        return kind in OURS
 
     def check_recipient(self, client_ip, auth_user, recipient):
         """(refusal Reply or None, virtual alias expansion or None) for RCPT TO."""

@@ -372,3 +372,28 @@ def test_with_default_settings_real_users_still_get_mail(default_mx):
     for path in ('"root"@example.test', "ROOT@Example.Test.", "postmaster",
                  "@victim.example:root@example.test"):
         assert rcpt_reply(default_mx, path) == OK
+
+
+@pytest.fixture(scope="module")
+def gateway_mx(elemta_module_server):
+    """A backup MX / gateway for gateway.test with no recipient table (every user is
+    taken and passed on), the case where routing through it is most dangerous."""
+    return elemta_module_server(
+        relay={"local_domains": ["example.test"], "mynetworks": [TRUSTED + "/32"],
+               "relay_domains": ["gateway.test"]})
+
+
+@pytest.mark.parametrize("path", [
+    "user%victim.example@gateway.test", '"user@victim.example"@gateway.test',
+    "victim.example!user@gateway.test", '"user%victim.example"@gateway.test',
+    "user%victim.example@GATEWAY.TEST."])
+def test_a_stranger_cannot_route_through_a_relay_domain(gateway_mx, path):
+    """Postfix's allow_untrusted_routing = no: the relay domain's next hop (a primary
+    that trusts its backup MX) may honour the percent hack or bang paths and send the
+    mail on to victim.example. Found by the issue 14 review: all three forms got 250."""
+    assert rcpt_reply(gateway_mx, path) == relay_denied(path)
+
+
+def test_a_relay_domain_still_takes_plain_and_routed_mail_from_trusted_clients(gateway_mx):
+    assert rcpt_reply(gateway_mx, "user@gateway.test") == OK
+    assert rcpt_reply(gateway_mx, "user%victim.example@gateway.test", source=TRUSTED) == OK
