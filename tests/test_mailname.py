@@ -52,6 +52,21 @@ def test_the_mail_name_is_the_origin_and_a_local_domain(tmp_path):
                                    mailname_file=None)[0]).origin == "mx1.example.org"
 
 
+def test_a_mail_name_a_hosted_class_lists_stays_hosted(tmp_path):
+    """The common Debian setup: /etc/mailname names the organisation's main domain and
+    that domain's mailboxes are in Dovecot. The mail name must not make it local (found
+    by the issue 14 review: every user got 550 "User unknown in local recipient table")."""
+    path, _ = config_file(tmp_path, b"example.org\n", hostname="mx1.example.org")
+    with open(path, "a") as f:
+        f.write("virtual:\n  mailbox_domains: [example.org]\n"
+                "  mailbox_maps: {alice@example.org: ok}\n")
+    addressing = Addressing.from_config(load_config(path))
+    assert addressing.classify("alice@example.org") == "virtual"
+    assert not addressing.is_local("alice@example.org")
+    assert addressing.qualify("root") == "root@example.org"      # still the origin
+    assert addressing.is_local("root@mx1.example.org")
+
+
 @pytest.mark.parametrize("content, reason", [
     (b"not a domain!\n", "'not a domain!' is not a domain name"),
     (b"\n", "the first line is empty"),

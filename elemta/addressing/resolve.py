@@ -69,10 +69,15 @@ class Addressing:
                  relay_domains: Optional[DomainList] = None) -> None:
         self.hostname = normal_domain(hostname)
         # The mail name bare names get (Postfix's myorigin); local, as Debian's
-        # mydestination lists both $myhostname and /etc/mailname.
+        # mydestination lists both $myhostname and /etc/mailname, unless a hosted class
+        # lists it: /etc/mailname often names the organisation's main domain, whose
+        # mailboxes are in Dovecot (a domain in a table cannot be seen here: list such a
+        # domain inline, or set smtpd.origin).
         self.origin = normal_domain(origin) if origin else self.hostname
-        self.domains = frozenset(normal_domain(d) for d in local_domains) | {
-            self.hostname, self.origin}
+        hosted_inline = {d for domains in (alias_domains, mailbox_domains, relay_domains)
+                         if domains for d in domains.domains}
+        explicit = frozenset(normal_domain(d) for d in local_domains) | {self.hostname}
+        self.domains = explicit if self.origin in hosted_inline else explicit | {self.origin}
         # Transport map keys whose next hop is "local" (delivered here, not ours to relay).
         self.transport_local = {normal_domain(d): True for d in transport_local}
         self.delimiter = delimiter
