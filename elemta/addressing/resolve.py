@@ -4,9 +4,9 @@ resolve_local): one answer for every process.
 The classes, tried in Postfix's order on the domain in normal form
 (elemta.addressing.normal):
 
-    LOCAL     a bare name (postmaster), the host name, the mail name (smtpd.origin)
-              or relay.local_domains (mydestination): Unix users and /etc/aliases,
-              the local agent
+    LOCAL     a bare name (postmaster), the host name, the mail name (smtpd.origin;
+              unless a hosted class lists it) or relay.local_domains (mydestination):
+              Unix users and /etc/aliases, the local agent
     ALIAS     virtual.alias_domains: every address is a virtual alias (no mailboxes)
     VIRTUAL   virtual.mailbox_domains: mailboxes behind virtual.transport (Dovecot)
     RELAY     relay.relay_domains: relayed, from anyone (a backup MX, a gateway)
