@@ -65,8 +65,14 @@ def test_children_run_as_master_user(tmp_path):
     nobody = pwd.getpwnam("nobody").pw_uid
     try:
         def serving():
-            kids = children_of(server.pid)      # titled once each child is running
-            return len(kids) == 7 and "elemta: master" not in kids.values() and kids
+            # Titled at fork, before a child drops root: wait until all seven (smtpd x2,
+            # delivery, local, pickup, api, showq) have started and those that drop root
+            # have done so (a child that stays root fails the wait).
+            kids = children_of(server.pid)
+            settled = len(kids) == 7 and "elemta: master" not in kids.values() and all(
+                uid_of(pid) == nobody for pid, title in kids.items()
+                if title != "elemta: local")
+            return settled and kids
         kids = wait_for(serving)
         assert uid_of(server.pid) == 0
         assert {pid: uid_of(pid) for pid in kids} == {
