@@ -30,9 +30,8 @@ import os
 import re
 from typing import Dict, List
 
-from elemta.maps.base import LookupTable, Result, TableError, TableUnavailable
-from elemta.maps.offthread import call_bounded
-from elemta.maps.sqlconf import COMMON_KEYS, SQLSettings, read_cf
+from elemta.maps.base import TableError, TableUnavailable
+from elemta.maps.sqlconf import COMMON_KEYS, SQLSettings, SQLTable, read_cf
 from elemta.maps.sqlite import parse_timeout
 
 KEYS = COMMON_KEYS + ("hosts", "user", "password", "dbname", "encoding", "timeout")
@@ -74,7 +73,7 @@ def parse_hosts(path: str, text: str) -> List[Dict[str, str]]:
     return targets or [{}]
 
 
-class PgSQLTable(LookupTable):
+class PgSQLTable(SQLTable):
     def __init__(self, path: str, spec: str = "") -> None:
         self.spec = spec or "pgsql:" + path
         try:
@@ -96,13 +95,6 @@ class PgSQLTable(LookupTable):
         self.keywords["options"] = "-c statement_timeout=%d" % (self.timeout * 1000)
         self._idle = []     # open connections of process self._pid
         self._pid = os.getpid()
-
-    def lookup(self, key: str) -> Result:
-        parameters = self.sql.parameters(key)
-        if parameters is None:
-            return None
-        rows = call_bounded(self.spec, self.timeout, self._query, parameters)
-        return self.sql.results(self.spec, rows)
 
     # -- in a pool thread
 

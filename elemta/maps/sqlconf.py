@@ -30,7 +30,8 @@ import re
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from elemta.addressing.normal import normal_domain
-from elemta.maps.base import Result, TableError, TableUnavailable
+from elemta.maps.base import LookupTable, Result, TableError, TableUnavailable
+from elemta.maps.offthread import call_bounded
 from elemta.maps.source import logical_lines
 
 # Keys every SQL table reads; each type adds its own.
@@ -258,3 +259,24 @@ class SQLSettings:
         if len(values) == 1:
             return values[0]
         return values or None
+
+
+class SQLTable(LookupTable):
+    """What the sqlite and pgsql tables share: the key becomes the query's bound
+    parameters, the query runs off the event loop within the table's timeout (their own
+    _query, in a pool thread), and the rows become the result. A subclass sets spec,
+    timeout and sql (SQLSettings)."""
+
+    spec: str
+    timeout: float
+    sql: "SQLSettings"
+
+    def lookup(self, key: str) -> Result:
+        parameters = self.sql.parameters(key)
+        if parameters is None:
+            return None
+        rows = call_bounded(self.spec, self.timeout, self._query, parameters)
+        return self.sql.results(self.spec, rows)
+
+    def _query(self, parameters):
+        raise NotImplementedError

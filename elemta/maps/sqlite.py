@@ -20,9 +20,8 @@ See also: sqlite_table(5), elemta.maps.sqlconf, elemta.maps.pgsql.
 import sqlite3
 import urllib.parse
 
-from elemta.maps.base import LookupTable, Result, TableError, TableUnavailable
-from elemta.maps.offthread import call_bounded
-from elemta.maps.sqlconf import COMMON_KEYS, SQLSettings, read_cf
+from elemta.maps.base import TableError, TableUnavailable
+from elemta.maps.sqlconf import COMMON_KEYS, SQLSettings, SQLTable, read_cf
 
 KEYS = COMMON_KEYS + ("dbpath", "timeout")
 
@@ -39,7 +38,7 @@ def parse_timeout(path: str, settings, default: float = 5.0) -> float:
     return value
 
 
-class SQLiteTable(LookupTable):
+class SQLiteTable(SQLTable):
     def __init__(self, path: str, spec: str = "") -> None:
         self.spec = spec or "sqlite:" + path
         settings = read_cf(path, KEYS)
@@ -49,13 +48,6 @@ class SQLiteTable(LookupTable):
         self.timeout = parse_timeout(path, settings)
         self.sql = SQLSettings(path, settings)
         self.statement = self.sql.query.sql("?", "%")
-
-    def lookup(self, key: str) -> Result:
-        parameters = self.sql.parameters(key)
-        if parameters is None:
-            return None
-        rows = call_bounded(self.spec, self.timeout, self._query, parameters)
-        return self.sql.results(self.spec, rows)
 
     def _query(self, parameters):
         uri = "file:%s?mode=ro" % urllib.parse.quote(self.dbpath)
