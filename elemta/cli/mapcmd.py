@@ -24,9 +24,16 @@ NOT_FOUND = EX_FAILED
 
 def cmd_map_compile(args) -> int:
     """map compile: write each FILE.lmdb from FILE (postmap FILE), replacing it atomically"""
+    compile_sources(args.files)
+    return EX_OK
+
+
+def compile_sources(sources) -> None:
+    """FILE.lmdb from each FILE; Failure (one line, a sysexits code) for the first that
+    cannot be compiled. Also import-postfix --compile's."""
     from elemta.maps import TableError
     from elemta.maps.lmdbtable import compile_source
-    for source in args.files:
+    for source in sources:
         try:
             compile_source(source)
         except TableError as error:
@@ -35,7 +42,6 @@ def cmd_map_compile(args) -> int:
             failed = error.filename or source
             code = EX_NOINPUT if failed == source else EX_CANTCREAT
             raise Failure(code, "%s: %s" % (failed, error.strerror or error))
-    return EX_OK
 
 
 def cmd_map_query(args) -> int:

@@ -19,9 +19,10 @@ See also: man/elemtactl.8, elemta.cli.pfimport (the queued mail).
 
 import os
 import sys
-from os import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_OK
+from os import EX_CANTCREAT, EX_CONFIG, EX_NOINPUT, EX_OK
 
 from elemta.cli.failure import Failure
+from elemta.cli.mapcmd import compile_sources
 from elemta.util.text import printable
 
 PROG = "elemtactl"
@@ -60,7 +61,7 @@ def cmd_import_postfix(args) -> int:
         raise Failure(EX_CONFIG, "the translated configuration does not load, so it was "
                       "not written: %s" % problems)
     if args.compile:
-        _compile(translation.to_compile)
+        compile_sources(translation.to_compile)
     if output:
         from elemta.config.editor import replace_file
         try:
@@ -87,20 +88,6 @@ def _from_postfix(problem, settings) -> str:
     if key:
         where += " (from %s)" % sources[key]
     return "%s: %s" % (where, problem.message)
-
-
-def _compile(sources):
-    from elemta.maps import TableError
-    from elemta.maps.lmdbtable import compile_source
-    for source in sources:
-        try:
-            compile_source(source)
-        except TableError as error:
-            raise Failure(EX_DATAERR, str(error))
-        except OSError as error:
-            failed = error.filename or source
-            raise Failure(EX_NOINPUT if failed == source else EX_CANTCREAT,
-                          "%s: %s" % (failed, error.strerror or error))
 
 
 def _report(translation, output, config_dir, compiled) -> None:
