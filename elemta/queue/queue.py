@@ -87,6 +87,7 @@ from elemta.queue.listing import Selection, Shape
 from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, PENDING,
                                 RCPT_DEFERRED, SENT, priority_error)
 from elemta.queue.priority import PriorityRules
+from elemta.queue.space import free_bytes
 from elemta.queue.store import CorruptSpoolFile, SpoolStore
 from elemta.queue.transitions import move
 from elemta.util.text import printable
@@ -145,6 +146,11 @@ class Attempt:
     last_error: Optional[str]                    # the reason shown by mailq
     when: float = field(default_factory=time.time)
     delay_warned: bool = False                   # a delay warning goes out for it now
+
+
+# Below this many free bytes, a failed index write counts as a full file system: LMDB
+# reports a short page write as EIO ("Input/output error"), not ENOSPC.
+NEARLY_FULL = 1024 * 1024
 
 
 def _no_space(text):
@@ -345,7 +351,15 @@ class Queue:
         except lmdb.Error as e:
             if isinstance(e, lmdb.PanicError):
                 self._reopen_index()
+            if self._nearly_full():
+                raise _no_space("queue index: %s (the file system is full)" % e) from e
             raise OSError("queue index: %s" % e) from e
+
+    def _nearly_full(self):
+        try:
+            return free_bytes(self.spool_dir) < NEARLY_FULL
+        except OSError:
+            return False
 
     def _reopen_index(self):
         try:
