@@ -250,6 +250,12 @@ def rejection_reason(command, code, status):
     return "policy"
 
 
+def count_refusal(restriction, stage):
+    """A restriction (elemta.restrictions.catalogue: a core check or a plugin's name)
+    refused something at stage."""
+    _metrics().RESTRICTION_REFUSALS.labels(restriction, stage).inc()
+
+
 def count_reply(code, status, command):
     """An SMTP reply went out in answer to command: count it, and the refusal it makes."""
     m = _metrics()
@@ -312,6 +318,11 @@ def _make():
             "elemta_smtpd_messages_rejected", "Refused MAIL, RCPT or message content, by "
             "reason (relay, size, syntax, content, storage, auth, recipients, policy).",
             ("reason",)),
+        RESTRICTION_REFUSALS=counter(
+            "elemta_smtpd_restriction_refusals", "Refusals (4xx and 5xx) by the restriction "
+            "that gave them (elemtactl restrictions lists them: core checks and plugins) and "
+            "stage (connect, helo, auth, mail, rcpt, data, end_of_data).",
+            ("restriction", "stage")),
         TLS_SESSIONS=counter("elemta_smtpd_tls_sessions",
                              "TLS handshakes completed (STARTTLS or smtps), by TLS version.",
                              ("version",)),

@@ -276,10 +276,10 @@ def test_close_failures_are_logged():
     ({"first": {"timeout": -1}}, "plugins.first.timeout: must be 0 (the plugin's own "
                                  "default) or more seconds, not -1"),
     ({"first": {"colour": "red"}}, "plugins.first.colour: unknown key; known keys here: "
-                                   "action, enabled, fail, fail_open, header, timeout"),
+                                   "action, enabled, fail, fail_open, header, order, timeout"),
     ({"first": ["action"]}, "plugins.first: expected a table of settings, not a list"),
     ({"badinit": {"x": 1}}, "plugins.badinit.x: unknown key; known keys here: enabled, "
-                            "fail_open, timeout"),
+                            "fail_open, order, timeout"),
 ])
 def test_settings_errors_name_the_key_path(config, message):
     with pytest.raises(PluginConfigError) as error:
@@ -552,6 +552,6 @@ def test_example_plugin_runs_through_its_entry_point(installed_example, tmp_path
         "plugins.example.routes[0]: 'partner.example' is not domain=nexthop",
         "elemta.yaml:5: plugins.example.tag_header: expected a string, not an integer (7)",
         "(ConfiguredPlugin(name='example', common=PluginCommon(enabled=True, timeout=0.0, "
-        "fail_open=False), settings=ExampleSettings(blocked_networks=(), "
+        "fail_open=False, order=0), settings=ExampleSettings(blocked_networks=(), "
         "blocked_senders=(), tag_header='X-Ours', routes=())),)",
     ]

@@ -318,7 +318,33 @@ def render() -> str:
         else:
             lines += _entry(field.name, kind, field.default, field.metadata["doc"],
                             field.metadata.get("restart"))
-    return "\n".join(lines) + "\n" + _TAIL
+    return "\n".join(lines + _restrictions()) + "\n" + _TAIL
+
+
+def _restrictions() -> List[str]:
+    """The RESTRICTIONS section: the core checks per stage, in the order they run."""
+    from elemta.restrictions.catalogue import CORE_CHECKS, STAGES
+    lines = [".SH RESTRICTIONS",
+             "What the smtpd checks at each stage, in order, as Postfix's "
+             "smtpd_client_restrictions .. smtpd_end_of_data_restrictions say it. First "
+             "the core checks below (those a configuration turns on), then the enabled "
+             "plugins serving the stage, the built-in restrictions among them, by their "
+             "order (plugins.NAME.order). A refusal is logged with \\(lqrestriction "
+             "NAME\\(rq or \\(lqplugin NAME\\(rq and counted in "
+             "elemta_smtpd_restriction_refusals_total{restriction,stage}. "
+             "\\fBelemtactl restrictions\\fR prints the whole list for a "
+             "configuration."]
+    for stage in STAGES:
+        checks = [check for check in CORE_CHECKS if check.stage == stage]
+        lines.append(".SS %s" % stage)
+        if not checks:
+            lines.append("No core check; plugins only.")
+        for check in checks:
+            lines += [".TP", "\\fB%s\\fR (Postfix: %s)" % (check.name, check.postfix),
+                      _roff("%s.%s" % (check.refuses[0].upper() + check.refuses[1:],
+                                       " Set by %s." % check.option if check.option
+                                       else ""))]
+    return lines
 
 
 def main() -> None:

@@ -93,7 +93,7 @@ class LoadedPlugin:
         self.plugin = plugin
         self.common = common
         self.settings = settings
-        self.order = getattr(plugin, "order", 50)
+        self.order = common.order or getattr(plugin, "order", 50)
         self.broken = None          # why init() failed, while it has not succeeded
         self.next_init = 0.0        # time.monotonic() of the next init() attempt
 
@@ -113,7 +113,7 @@ def choose(plugins, known=None):
         if common.timeout <= 0:
             common = dataclasses.replace(common, timeout=float(plugin_class.default_timeout))
         chosen.append((name, plugin_class, common, configured.settings))
-    chosen.sort(key=lambda item: getattr(item[1], "order", 50))
+    chosen.sort(key=lambda item: item[2].order or getattr(item[1], "order", 50))
     return chosen
 
 

@@ -73,6 +73,11 @@ class PluginCommon:
                               "failed; 0 means the plugin's own default.", _plugin_timeout)
     fail_open: bool = opt(False, "When the plugin fails or times out, carry on as if it had "
                                  "no opinion instead of answering 451 4.3.0.")
+    order: int = opt(0, "Place among the plugins of each stage it serves, lower first; 0 "
+                        "keeps the plugin's own (elemtactl restrictions shows them). As "
+                        "the order of a Postfix smtpd_*_restrictions list, but the "
+                        "smtpd's core checks of a stage (the relay guard among them) "
+                        "always come first.", not_negative)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ client gave stays its ORCPT).
 
 import ipaddress
 import logging
+from typing import NamedTuple
 
 from elemta.addressing.hosted import HostedRecipients
 from elemta.addressing.normal import has_sender_routing
@@ -34,6 +35,17 @@ UNKNOWN_USER = "<%s>: Recipient address rejected: User unknown in %s"
 RELAY_DENIED = "<%s>: Relay access denied"
 EXPANSION_ERROR = "<%s>: Alias expansion error: %s"
 REWRITE_ERROR = "<%s>: Temporary lookup failure: bad canonical map entry"
+
+
+class PolicyRefusal(NamedTuple):
+    """A refusal and the restriction that made it (elemta.restrictions.catalogue)."""
+    reply: Reply
+    restriction: str
+
+
+RELAY_GUARD = "reject_unauth_destination"
+RECIPIENT_CHECK = "reject_unlisted_recipient"
+CANONICAL = "canonical_maps"
 
 
 class RelayPolicy:
@@ -75,10 +87,10 @@ class RelayPolicy:
         return kind in OURS
 
     def check_recipient(self, client_ip, auth_user, recipient):
-        """(refusal Reply or None, virtual alias expansion or None) for RCPT TO."""
+        """(PolicyRefusal or None, virtual alias expansion or None) for RCPT TO."""
         try:
             if not self.may_send(client_ip, auth_user, recipient):
-                return Reply(554, "5.7.1", RELAY_DENIED % recipient), None
+                return PolicyRefusal(Reply(554, "5.7.1", RELAY_DENIED % recipient), RELAY_GUARD), None
             rewritten = recipient if self.rewriter is None \
                 else self.rewriter.recipient(recipient)
             if self._recipients is None:
@@ -86,29 +98,31 @@ class RelayPolicy:
             found = self._recipients.resolve(rewritten)
         except TableUnavailable as error:
             log.warning("<%s>: lookup failed: %s", recipient, error)
-            return lookup_failure(recipient), None
+            return PolicyRefusal(lookup_failure(recipient), RECIPIENT_CHECK), None
         except RewriteError as error:
             log.warning("<%s>: %s", recipient, error)
-            return Reply(451, "4.3.0", REWRITE_ERROR % recipient), None
+            return PolicyRefusal(Reply(451, "4.3.0", REWRITE_ERROR % recipient), CANONICAL), None
         except AliasExpansionError as error:
             log.warning("<%s>: %s", recipient, error)
-            return Reply(451, "4.6.0", EXPANSION_ERROR % (recipient, error.summary)), None
+            return PolicyRefusal(Reply(451, "4.6.0", EXPANSION_ERROR % (recipient, error.summary)),
+                           RECIPIENT_CHECK), None
         if not found.known and (found.kind != LOCAL
                                 or self.config.local.reject_unknown_users):
-            return Reply(550, "5.1.1", UNKNOWN_USER % (recipient, found.table_name)), None
+            return PolicyRefusal(Reply(550, "5.1.1", UNKNOWN_USER % (recipient, found.table_name)),
+                           RECIPIENT_CHECK), None
         if found.targets is None and rewritten != recipient:
             return None, [rewritten]
         return None, found.targets
 
     def rewrite_sender(self, sender):
-        """(refusal Reply or None, the sender as queued) for MAIL FROM."""
+        """(PolicyRefusal or None, the sender as queued) for MAIL FROM."""
         if self.rewriter is None or not sender:
             return None, sender
         try:
             return None, self.rewriter.sender(sender)
         except TableUnavailable as error:
             log.warning("<%s>: lookup failed: %s", sender, error)
-            return lookup_failure(sender), sender
+            return PolicyRefusal(lookup_failure(sender), CANONICAL), sender
         except RewriteError as error:
             log.warning("<%s>: %s", sender, error)
-            return Reply(451, "4.3.0", REWRITE_ERROR % sender), sender
+            return PolicyRefusal(Reply(451, "4.3.0", REWRITE_ERROR % sender), CANONICAL), sender

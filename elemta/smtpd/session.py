@@ -35,6 +35,7 @@ from elemta.plugins.api import DISCARD, TEMPFAIL, Context
 from elemta.plugins.content import (notify_queued, outbound, run_content_stages,
                                     wants_content)
 from elemta.queue.ids import new_queue_id
+from elemta.restrictions.catalogue import CORE_REFUSALS, stage_of_command
 from elemta.queue.model import Envelope, Recipient
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
                                 DataStart, Helo, MailFrom, MessageReceived, RcptTo,
@@ -112,6 +113,7 @@ class Session:
         # This transaction's sender as queued: canonical maps, masquerading applied.
         self.queued_sender = None
         self.header_rewriting = False    # this message's headers are to be rewritten
+        self._refusal_counted = False    # the pending refusal is counted by restriction
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -151,6 +153,7 @@ class Session:
             return self.proto.start()
         _, status, text = outcome.reply
         code = 421 if outcome.action == TEMPFAIL else 554
+        metrics.count_refusal(outcome.decided_by, "connect")
         log.info("NOQUEUE: reject: CONNECT from %s: %d %s %s; proto=SMTP (plugin %s)",
                  self.client, code, status, text, outcome.decided_by)
         self.proto.start_refused(code, status, text, self.client)
@@ -171,6 +174,9 @@ class Session:
             elif isinstance(event, Reply):
                 self._out += event.encode()
                 metrics.count_reply(event.code, event.status, proto.last_command)
+                if not self._refusal_counted:
+                    self._count_core_refusal(event)
+                self._refusal_counted = False
                 limit = str(event.text).partition("Error: ")[2]
                 if event.close and event.status == "4.7.0" and limit.startswith("too many"):
                     # The core hung up on a limit (errors, junk commands): say so, as
@@ -267,14 +273,15 @@ class Session:
         shortage = self.server.room.shortage(event.transaction.declared_size)
         if shortage is not None:
             # Refused before the content is sent, as Postfix does (queue_minfree).
-            return self._reject("MAIL", STORAGE_FULL, ctx.sender, why=" (%s)" % shortage)
+            return self._reject("MAIL", STORAGE_FULL, "queue_minfree", ctx.sender,
+                                why=" (%s)" % shortage)
         refusal = self.server.sender_logins.check(ctx.sender, self.proto.auth_user) \
             if self.server.sender_logins is not None else None
         if refusal is not None:
-            return self._reject("MAIL", refusal, ctx.sender)
+            return self._reject("MAIL", refusal, "reject_sender_login_mismatch", ctx.sender)
         refusal, self.queued_sender = self.server.policy.rewrite_sender(ctx.sender)
         if refusal is not None:
-            return self._reject("MAIL", refusal, ctx.sender)
+            return self._reject("MAIL", refusal.reply, refusal.restriction, ctx.sender)
         if self._refused_by_plugins("mail", "MAIL", sender=ctx.sender):
             return
         self.proto.accept()
@@ -284,7 +291,8 @@ class Session:
         refusal, targets = self.server.policy.check_recipient(
             self.client_ip, self.proto.auth_user, address)
         if refusal is not None:
-            return self._reject("RCPT", refusal, event.transaction.sender, address)
+            return self._reject("RCPT", refusal.reply, refusal.restriction,
+                                event.transaction.sender, address)
         if targets is not None:
             # Looked up now, queued at the end of DATA (elemta.addressing.virtual).
             self.expansions[address] = targets
@@ -327,7 +335,7 @@ class Session:
         except OSError as exc:
             log.error("%s: cannot create queue file: %s", self.queue_id, exc)
             self._discard_message()
-            return proto.reject(self._storage_reply(exc))
+            return self._refuse_content(self._storage_reply(exc), "queue_storage", "data")
         log.info("%s: client=%s%s%s", self.queue_id, self.client,
                  ", sasl_method=%s, sasl_username=%s" % (
                      self.auth_method, printable(proto.auth_user))
@@ -355,7 +363,7 @@ class Session:
             log.error("%s: queue file write error: %s", self.queue_id, self.write_error)
             reply = self._storage_reply(self.write_error)
             self._discard_message()
-            return self.proto.reject(reply)
+            return self._refuse_content(reply, "queue_storage")
         early = [v for v in (self.session_verdict, self.message_verdict) if v is not None]
         early.sort(key=lambda verdict: verdict[0] != DISCARD)     # a discard outweighs
         early = early[0] if early else None
@@ -377,7 +385,7 @@ class Session:
         except OSError as exc:
             log.error("%s: cannot make message durable: %s", self.queue_id, exc)
             self._discard_message()
-            return self.proto.reject(self._storage_reply(exc))
+            return self._refuse_content(self._storage_reply(exc), "queue_storage")
         self.writer = None
         metrics.MESSAGES_ACCEPTED.inc()
         metrics.ACCEPTED_BYTES.inc(writer.size)
@@ -420,7 +428,7 @@ class Session:
                      txn.sender, "ESMTP" if self.proto.esmtp else "SMTP",
                      self.proto.helo_name, verdict.decided_by, verdict.stage)
             self._discard_message()
-            self.proto.reject(reply)
+            self._refuse_content(reply, verdict.decided_by)
             return None
         if verdict.action == DISCARD:
             self._discard(txn, verdict.reason, verdict.decided_by, verdict.stage)
@@ -434,7 +442,7 @@ class Session:
         except OSError as exc:
             log.error("%s: queue file write error: %s", self.queue_id, exc)
             self._discard_message()
-            self.proto.reject(self._storage_reply(exc))
+            self._refuse_content(self._storage_reply(exc), "queue_storage")
             return False
         return True
 
@@ -446,10 +454,10 @@ class Session:
         except (TableUnavailable, RewriteError) as error:
             log.warning("%s: header rewriting failed: %s", self.queue_id, error)
             reply = Reply(451, "4.3.0", "Error: temporary lookup failure")
-        log.info("%s: reject: END-OF-MESSAGE from %s: %s; from=<%s>", self.queue_id,
-                 self.client, reply, txn.sender)
+        log.info("%s: reject: END-OF-MESSAGE from %s: %s; from=<%s> (restriction "
+                 "canonical_maps)", self.queue_id, self.client, reply, txn.sender)
         self._discard_message()
-        self.proto.reject(reply)
+        self._refuse_content(reply, "canonical_maps")
         return None
 
     def _discard(self, txn, reason, plugin, stage):
@@ -518,8 +526,8 @@ class Session:
         if outcome.reply is None:
             self._remember(outcome, stage)
             return False
-        self._reject(command, Reply(*outcome.reply), sender, recipient,
-                     " (plugin %s)" % outcome.decided_by)
+        self._reject(command, Reply(*outcome.reply), outcome.decided_by, sender, recipient,
+                     plugin=True)
         return True
 
     def _remember(self, outcome, stage):
@@ -543,14 +551,33 @@ class Session:
                  verdict[1] or "by policy", verdict[2],
                  "this session" if scope == "session_verdict" else "this message")
 
-    def _reject(self, command, reply, sender=None, recipient=None, why=""):
-        """Refuse the pending command, logged the way Postfix logs a reject."""
-        log.info("NOQUEUE: reject: %s from %s: %s;%s%s proto=%s helo=<%s>%s", command,
-                 self.client, reply,
+    def _reject(self, command, reply, restriction, sender=None, recipient=None, why="",
+                plugin=False):
+        """Refuse the pending command, logged the way Postfix logs a reject, with the
+        restriction that refused it (a core check or a plugin) named at the end."""
+        log.info("NOQUEUE: reject: %s from %s: %s;%s%s proto=%s helo=<%s>%s (%s %s)",
+                 command, self.client, reply,
                  " from=<%s>" % sender if sender is not None else "",
                  " to=<%s>" % recipient if recipient is not None else "",
-                 "ESMTP" if self.proto.esmtp else "SMTP", self.proto.helo_name, why)
+                 "ESMTP" if self.proto.esmtp else "SMTP", self.proto.helo_name, why,
+                 "plugin" if plugin else "restriction", restriction)
+        self._refuse_content(reply, restriction, stage_of_command(command))
+
+    def _refuse_content(self, reply, restriction, stage="end_of_data"):
+        """Give the refusal `reply` to the pending command and count it for restriction
+        (the caller logged it)."""
+        metrics.count_refusal(restriction, stage)
+        self._refusal_counted = True
         self.proto.reject(reply)
+
+    def _count_core_refusal(self, reply):
+        """Count a refusal the protocol core made itself (a size or recipient limit)
+        under its restriction's name; other core replies (syntax, sequence) are not
+        restrictions."""
+        restriction = CORE_REFUSALS.get(metrics.rejection_reason(
+            self.proto.last_command, reply.code, reply.status))
+        if restriction is not None:
+            metrics.count_refusal(restriction, stage_of_command(self.proto.last_command))
 
     def _discard_message(self):
         self.content = None

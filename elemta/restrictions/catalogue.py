@@ -1,0 +1,132 @@
+"""Which check runs when: the one ordered list of restrictions per SMTP stage.
+
+Owned by no process: the smtpd names its refusals after these checks (log line and the
+elemta_smtpd_restriction_refusals metric), `elemtactl restrictions` prints the plan for a
+config, and elemta.config.manpage renders CORE_CHECKS into elemta.conf(5). A Postfix
+admin reads smtpd_client_restrictions .. smtpd_end_of_data_restrictions to learn this;
+here the order is fixed where security needs it (the relay guard always comes before any
+check that could accept a recipient), and the plugins of a stage - the built-in
+restrictions among them - follow the core checks of that stage in their `order`
+(plugins.NAME.order moves one).
+
+Stages, as the issue and Postfix name them: connect (before the greeting), helo, auth,
+mail, rcpt, data (the DATA or first BDAT command) and end_of_data (the whole message).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
+
+from elemta.plugins.api import served_stages
+
+STAGES = ("connect", "helo", "auth", "mail", "rcpt", "data", "end_of_data")
+
+# A plugin stage -> the restriction stage it runs in (queue, routing and delivery refuse
+# nothing a client hears).
+PLUGIN_STAGES = {
+    "connection": "connect", "helo": "helo", "auth": "auth", "mail": "mail",
+    "rcpt": "rcpt", "data": "end_of_data", "storage": "end_of_data",
+}
+
+
+# The protocol core's own refusals (metrics.rejection_reason) -> the check they are.
+CORE_REFUSALS = {"size": "message_size_limit", "recipients": "recipient_limit"}
+
+_STAGE_OF_COMMAND = {"CONNECT": "connect", "HELO": "helo", "EHLO": "helo", "AUTH": "auth",
+                     "MAIL": "mail", "RCPT": "rcpt"}
+
+
+def stage_of_command(command):
+    """The stage a refusal of the SMTP command belongs to: end_of_data for the content
+    (DATA, BDAT, END-OF-MESSAGE) since a refusal of DATA itself comes from no check."""
+    return _STAGE_OF_COMMAND.get(command, "end_of_data")
+
+
+@dataclass(frozen=True)
+class CoreCheck:
+    """A check built into the smtpd (not a plugin).
+
+    name: as logged ("(restriction NAME)") and as the metric's restriction label;
+    postfix: the Postfix restriction or parameter it stands for;
+    option: the config key that tunes it ("" when it is always on);
+    refuses: the reply it gives, in a few words;
+    active: config -> whether it runs with that config."""
+    name: str
+    stage: str
+    postfix: str
+    option: str
+    refuses: str
+    active: Callable = lambda config: True
+
+
+CORE_CHECKS = (
+    CoreCheck("worker_connection_limit", "connect", "default_process_limit",
+              "limits.connections_per_worker", "421 4.7.0 too many connections"),
+    CoreCheck("client_connection_limit", "connect", "smtpd_client_connection_count_limit",
+              "limits.connections_per_client", "421 4.7.0 too many connections from you"),
+    CoreCheck("auth_failure_delay", "auth", "smtpd_error_sleep_time", "auth.failure_delay",
+              "535 after a delay that grows with the client's recent failures"),
+    CoreCheck("message_size_limit", "mail", "message_size_limit", "limits.message_size",
+              "552 5.3.4 for a SIZE= over the limit"),
+    CoreCheck("queue_minfree", "mail", "queue_minfree", "queue.min_free_space",
+              "452 4.3.1 insufficient system storage"),
+    CoreCheck("reject_sender_login_mismatch", "mail", "reject_sender_login_mismatch",
+              "smtpd.reject_sender_login_mismatch", "553 5.7.1 sender not owned by user",
+              lambda config: config.smtpd.sender_login_maps is not None
+              and config.smtpd.reject_sender_login_mismatch != "none"),
+    CoreCheck("canonical_maps", "mail", "canonical_maps", "rewrite.sender_canonical_maps",
+              "451 4.3.0 when a canonical table cannot answer",
+              lambda config: _rewriting(config)),
+    CoreCheck("recipient_limit", "rcpt", "smtpd_recipient_limit", "limits.recipients",
+              "452 4.5.3 too many recipients"),
+    CoreCheck("reject_unauth_destination", "rcpt", "reject_unauth_destination",
+              "relay.mynetworks", "554 5.7.1 relay access denied"),
+    CoreCheck("reject_unlisted_recipient", "rcpt", "reject_unlisted_recipient",
+              "virtual.mailbox_maps", "550 5.1.1 user unknown; 451 4.3.0 when a table "
+              "cannot answer"),
+    CoreCheck("queue_storage", "data", "queue_minfree", "queue.spool_dir",
+              "452 4.3.1 when no queue file can be made, 451 4.3.0 on other errors"),
+    CoreCheck("message_size_limit", "end_of_data", "message_size_limit",
+              "limits.message_size", "552 5.3.4 message too big"),
+    CoreCheck("queue_storage", "end_of_data", "queue_minfree", "queue.spool_dir",
+              "452 4.3.1 when the spool is full, 451 4.3.0 when it cannot be written"),
+)
+
+
+def _rewriting(config):
+    rewrite = config.rewrite
+    return any(getattr(rewrite, key, None) for key in (
+        "canonical_maps", "sender_canonical_maps", "recipient_canonical_maps"))
+
+
+@dataclass(frozen=True)
+class PlannedCheck:
+    """One line of the plan: a core check or a plugin, in calling order."""
+    name: str
+    kind: str           # "core" or "plugin"
+    postfix: str        # core: the Postfix equivalent; plugin: "" (its own doc says)
+    detail: str         # core: option and reply; plugin: its order and plugin stages
+
+
+def plan(config) -> List[Tuple[str, List[PlannedCheck]]]:
+    """[(stage, [PlannedCheck, ...])] for every stage, in the order the smtpd applies
+    them with this config: its active core checks, then the enabled plugins serving the
+    stage by their order. Raises PluginConfigError when a plugin cannot be loaded."""
+    from elemta.plugins.manager import choose     # gevent: not for the man page's sake
+    by_stage = {stage: [] for stage in STAGES}
+    for check in CORE_CHECKS:
+        if check.active(config):
+            by_stage[check.stage].append(PlannedCheck(
+                check.name, "core", check.postfix,
+                "%s%s" % (check.refuses, "; set by " + check.option if check.option else "")))
+    for name, plugin_class, common, _ in choose(config.plugins.to_run()):
+        served = {}
+        for plugin_stage in served_stages(plugin_class):
+            stage = PLUGIN_STAGES.get(plugin_stage)
+            if stage is not None:
+                served.setdefault(stage, []).append(plugin_stage)
+        for stage, plugin_stages in served.items():
+            by_stage[stage].append(PlannedCheck(
+                name, "plugin", "", "order %d, plugin stage %s" % (
+                    common.order or getattr(plugin_class, "order", 50),
+                    ", ".join(plugin_stages))))
+    return [(stage, by_stage[stage]) for stage in STAGES]
