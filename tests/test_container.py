@@ -12,6 +12,7 @@ import pwd
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import tempfile
@@ -231,3 +232,39 @@ def test_shipped_container_configs_are_valid(tmp_path, source):
         [os.path.join(os.path.dirname(sys.executable), "elemta"), "--config", str(config),
          "--check-config"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def liveness_command(port):
+    """The StatefulSet's liveness probe command, aimed at port instead of the pod's 2525."""
+    with open(os.path.join(REPO, "deploy/kubernetes/statefulset.yaml")) as f:
+        statefulset = YAML().load(f)
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    command = list(container["livenessProbe"]["exec"]["command"])
+    assert command[0] == "python"
+    command[0] = sys.executable
+    command[-1] = command[-1].replace("2525", str(port))
+    return command
+
+
+def test_liveness_probe_needs_a_greeting_not_just_a_listening_socket(elemta_server):
+    """The probe passes while a worker greets, and fails on a socket that accepts
+    connections (the kernel's listen queue) but never greets, as one whose workers are
+    all gone or wedged."""
+    server = elemta_server()
+    alive = subprocess.run(liveness_command(server.port), capture_output=True, timeout=30)
+    assert alive.returncode == 0, alive.stderr
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)       # accepted by the kernel, never answered
+    try:
+        wedged = subprocess.run(liveness_command(silent.getsockname()[1]),
+                                capture_output=True, timeout=30)
+    finally:
+        silent.close()
+    assert wedged.returncode != 0
+
+
+def test_the_secret_template_holds_no_usable_token():
+    with open(os.path.join(REPO, "deploy/kubernetes/secret.yaml")) as f:
+        secret = YAML().load(f)
+    assert secret["stringData"]["api-token"] == ""
