@@ -363,6 +363,42 @@ def test_lookup_address_and_domain_take_the_most_specific_key():
     assert lookup_domain(table, "example.net") is None
 
 
+def test_a_regexp_table_is_asked_for_the_whole_address_only(tmp_path):
+    """regexp_table(5): Postfix asks a pattern table for the whole address, never for
+    user, user+ext or @domain; a table of exact keys still gets every key."""
+    path = write(tmp_path / "vmailbox", r"!/^blocked(\+.*)?@example\.org$/  ok" "\n")
+    patterns = open_table("regexp:" + path)
+    assert patterns.lookup("@example.org") == "ok"      # what a partial key would find
+    assert lookup_address(patterns, "blocked+x@example.org", delimiter="+") is None
+    assert lookup_address(patterns, "blocked@example.org", local_part=False) is None
+    assert lookup_address(patterns, "anne@example.org") == ("anne@example.org", "ok")
+    assert lookup_domain(open_table("regexp:" + write(tmp_path / "d", "/^example/ ok\n")),
+                         "mail.example.org") is None   # no .example.org asked either
+
+
+def test_a_negated_regexp_rule_refuses_its_address_at_rcpt(tmp_path, elemta_server):
+    """virtual.mailbox_maps as a regexp table whose negated rule names every user but
+    one: that user is unknown (550), with or without an extension, though the partial
+    keys (blocked, @virt.test) do not match the pattern and so match the rule."""
+    import smtplib
+    path = write(tmp_path / "vmailbox", r"!/^blocked(\+.*)?@virt\.test$/  ok" "\n")
+    server = elemta_server(virtual={"mailbox_domains": ["virt.test"],
+                                    "mailbox_maps": "regexp:" + path})
+    replies = []
+    with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("someone@client.test")
+        for address in ("anne@virt.test", "blocked@virt.test", "Blocked+tag@virt.test"):
+            code, text = smtp.docmd("RCPT TO:<%s>" % address)
+            replies.append("%d %s" % (code, text.decode()))
+    assert replies == [
+        "250 2.1.5 Ok",
+        "550 5.1.1 <blocked@virt.test>: Recipient address rejected: User unknown in "
+        "virtual mailbox table",
+        "550 5.1.1 <Blocked+tag@virt.test>: Recipient address rejected: User unknown in "
+        "virtual mailbox table"]
+
+
 def test_a_table_that_cannot_answer_stops_the_search(tmp_path):
     table = open_table("lmdb:%s/absent" % tmp_path)
     with pytest.raises(TableUnavailable):
