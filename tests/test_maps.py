@@ -53,6 +53,7 @@ def test_inline_in_postfix_syntax_and_as_yaml_table_and_list():
     ("btree:/etc/x", "type one of inline, lmdb"),
     ("lmdb:etc/virtual", "must be absolute"),
     (["key-without-value"], "has no value"),
+    (["a x", "A y"], "table list entry:2: a is already defined on line 1"),  # no compile
 ])
 def test_bad_specs_say_what_is_wrong(spec, message):
     with pytest.raises(TableError, match=message):
@@ -115,9 +116,19 @@ def test_a_bad_source_line_is_named_and_the_old_table_stays(tmp_path):
     assert result.stderr == ("elemtactl: %s:3: 'lonely-key' has no value: expected "
                              "\"key whitespace value\"\n" % source)
     assert open_table("lmdb:" + source).lookup("a@example.org") == "old@x"
-    write(tmp_path / "virtual", "a  x\n  \tcontinued\nA  again\n")
+
+
+def test_a_key_listed_twice_is_a_warning_and_the_first_value_is_kept(tmp_path):
+    """As postmap: "duplicate entry" naming the line, the first value kept, status 0."""
+    source = write(tmp_path / "virtual", "a@example.org  first@x\n  \tcontinued@x\n"
+                                         "b@example.org  b@x\nA@Example.ORG  second@x\n")
     result = elemtactl("map", "compile", source)
-    assert "%s:3: a is already defined on line 1" % source in result.stderr
+    assert (result.returncode, result.stdout) == (0, "")
+    assert result.stderr == ("elemtactl: warning: %s:4: duplicate entry a@example.org: "
+                             "ignored, the one on line 1 is kept\n" % source)
+    table = open_table("lmdb:" + source)
+    assert table.lookup("a@example.org") == "first@x continued@x"
+    assert table.lookup("b@example.org") == "b@x"
 
 
 def test_a_table_never_compiled_is_unavailable_not_missing(tmp_path):

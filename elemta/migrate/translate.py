@@ -452,7 +452,10 @@ class _Translator:
                 entries = parse_braces(path)
             else:
                 with open(path, encoding="utf-8") as stream:
-                    entries = parse_entries(stream, path)
+                    duplicates: List[str] = []
+                    entries = parse_entries(stream, path, duplicates)
+                self.out.notes.extend("%s (as postmap does)" % warning
+                                      for warning in duplicates)
         except (OSError, ValueError, TableError) as error:
             self.refuse(name, "its entries cannot be read: %s" % error)
             return
