@@ -709,7 +709,8 @@ class _Translator:
                                 "only together with those of clients that did "
                                 "(smtpd.reject_sender_login_mismatch: all)")
         source = ", ".join(sorted({"%s: %s" % (where, step) for where, step in steps})) or \
-            "no restriction names reject_sender_login_mismatch: Postfix enforced nothing"
+            "smtpd_*_restrictions without reject_sender_login_mismatch (Postfix enforced " \
+            "nothing)"
         self.out.set(("smtpd", "reject_sender_login_mismatch"), rule, source)
 
     def sasl_header(self) -> None:
