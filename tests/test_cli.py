@@ -116,3 +116,40 @@ def test_ctrl_c_during_start_up_ends_without_a_traceback(tmp_path):
     text = err.decode("utf-8", "replace")
     assert "Traceback" not in text, text
     assert proc.returncode in (0, -signal.SIGINT), (proc.returncode, text)
+
+
+MAILBOX_DOMAINS_WITHOUT_USERS = (
+    "listeners:\n  - {address: 127.0.0.1, port: 2526, mode: smtp}\n"
+    "virtual:\n"
+    "  mailbox_domains: [virt.test]\n"
+    "  transport: lmtp:unix:/run/dovecot/lmtp\n")
+NO_MAILBOX_MAPS = ("virtual.mailbox_domains: no virtual.mailbox_maps is set, so every "
+                   "recipient in these domains is accepted at RCPT and mail for unknown "
+                   "users bounces later: set virtual.mailbox_maps to the table of the users "
+                   "(Postfix's virtual_mailbox_maps)")
+
+
+def test_the_config_checks_warn_of_mailbox_domains_without_a_user_table(tmp_path):
+    """A warning, not an error: the file is OK (exit 0) and names file:line:key."""
+    cfg = tmp_path / "elemta.yaml"
+    cfg.write_text(MAILBOX_DOMAINS_WITHOUT_USERS)
+    checked = elemta("--config", str(cfg), "--check-config")
+    assert (checked.returncode, checked.stdout) == (0, "elemta: configuration OK: %s\n" % cfg)
+    assert checked.stderr == "elemta: warning: %s:4: %s\n" % (cfg, NO_MAILBOX_MAPS)
+    ctl = subprocess.run([sys.executable, "-m", "elemta.cli.elemtactl", "config", "check",
+                          "--config", str(cfg)], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=REPO), timeout=30)
+    assert (ctl.returncode, ctl.stdout) == (0, "config OK: %s\n" % cfg)
+    assert ctl.stderr == "elemtactl: warning: %s:4: %s\n" % (cfg, NO_MAILBOX_MAPS)
+    cfg.write_text(MAILBOX_DOMAINS_WITHOUT_USERS + "  mailbox_maps: {anne@virt.test: ok}\n")
+    checked = elemta("--config", str(cfg), "--check-config")
+    assert (checked.returncode, checked.stderr) == (0, "")
+
+
+def test_the_daemon_logs_the_warning_at_start_and_reload(elemta_server):
+    from tests.harness import wait_for
+    server = elemta_server(virtual={"mailbox_domains": ["virt.test"]})
+    assert "WARNING: config: %s:" % server.config_path in server.log()
+    assert server.log().count(NO_MAILBOX_MAPS) == 1
+    server.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: server.log().count(NO_MAILBOX_MAPS) == 2)

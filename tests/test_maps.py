@@ -53,6 +53,7 @@ def test_inline_in_postfix_syntax_and_as_yaml_table_and_list():
     ("btree:/etc/x", "type one of inline, lmdb"),
     ("lmdb:etc/virtual", "must be absolute"),
     (["key-without-value"], "has no value"),
+    (["a x", "A y"], "table list entry:2: a is already defined on line 1"),  # no compile
 ])
 def test_bad_specs_say_what_is_wrong(spec, message):
     with pytest.raises(TableError, match=message):
@@ -115,9 +116,19 @@ def test_a_bad_source_line_is_named_and_the_old_table_stays(tmp_path):
     assert result.stderr == ("elemtactl: %s:3: 'lonely-key' has no value: expected "
                              "\"key whitespace value\"\n" % source)
     assert open_table("lmdb:" + source).lookup("a@example.org") == "old@x"
-    write(tmp_path / "virtual", "a  x\n  \tcontinued\nA  again\n")
+
+
+def test_a_key_listed_twice_is_a_warning_and_the_first_value_is_kept(tmp_path):
+    """As postmap: "duplicate entry" naming the line, the first value kept, status 0."""
+    source = write(tmp_path / "virtual", "a@example.org  first@x\n  \tcontinued@x\n"
+                                         "b@example.org  b@x\nA@Example.ORG  second@x\n")
     result = elemtactl("map", "compile", source)
-    assert "%s:3: a is already defined on line 1" % source in result.stderr
+    assert (result.returncode, result.stdout) == (0, "")
+    assert result.stderr == ("elemtactl: warning: %s:4: duplicate entry a@example.org: "
+                             "ignored, the one on line 1 is kept\n" % source)
+    table = open_table("lmdb:" + source)
+    assert table.lookup("a@example.org") == "first@x continued@x"
+    assert table.lookup("b@example.org") == "b@x"
 
 
 def test_a_table_never_compiled_is_unavailable_not_missing(tmp_path):
@@ -361,6 +372,42 @@ def test_lookup_address_and_domain_take_the_most_specific_key():
     assert lookup_address(table, "x@example.com") is None
     assert lookup_domain(table, "a.b.example.net") == (".example.net", "subdomains")
     assert lookup_domain(table, "example.net") is None
+
+
+def test_a_regexp_table_is_asked_for_the_whole_address_only(tmp_path):
+    """regexp_table(5): Postfix asks a pattern table for the whole address, never for
+    user, user+ext or @domain; a table of exact keys still gets every key."""
+    path = write(tmp_path / "vmailbox", r"!/^blocked(\+.*)?@example\.org$/  ok" "\n")
+    patterns = open_table("regexp:" + path)
+    assert patterns.lookup("@example.org") == "ok"      # what a partial key would find
+    assert lookup_address(patterns, "blocked+x@example.org", delimiter="+") is None
+    assert lookup_address(patterns, "blocked@example.org", local_part=False) is None
+    assert lookup_address(patterns, "anne@example.org") == ("anne@example.org", "ok")
+    assert lookup_domain(open_table("regexp:" + write(tmp_path / "d", "/^example/ ok\n")),
+                         "mail.example.org") is None   # no .example.org asked either
+
+
+def test_a_negated_regexp_rule_refuses_its_address_at_rcpt(tmp_path, elemta_server):
+    """virtual.mailbox_maps as a regexp table whose negated rule names every user but
+    one: that user is unknown (550), with or without an extension, though the partial
+    keys (blocked, @virt.test) do not match the pattern and so match the rule."""
+    import smtplib
+    path = write(tmp_path / "vmailbox", r"!/^blocked(\+.*)?@virt\.test$/  ok" "\n")
+    server = elemta_server(virtual={"mailbox_domains": ["virt.test"],
+                                    "mailbox_maps": "regexp:" + path})
+    replies = []
+    with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("someone@client.test")
+        for address in ("anne@virt.test", "blocked@virt.test", "Blocked+tag@virt.test"):
+            code, text = smtp.docmd("RCPT TO:<%s>" % address)
+            replies.append("%d %s" % (code, text.decode()))
+    assert replies == [
+        "250 2.1.5 Ok",
+        "550 5.1.1 <blocked@virt.test>: Recipient address rejected: User unknown in "
+        "virtual mailbox table",
+        "550 5.1.1 <Blocked+tag@virt.test>: Recipient address rejected: User unknown in "
+        "virtual mailbox table"]
 
 
 def test_a_table_that_cannot_answer_stops_the_search(tmp_path):

@@ -159,3 +159,78 @@ def test_a_stopped_server_is_unavailable_then_found_again(tmp_path, tables):
         tables.start()
     assert table.lookup("joe@example.org") == "joe@mail.example.org"   # reconnected
     assert rcpt_reply(table, "nobody@example.org") == b"550 5.1.1 unknown\r\n"
+
+
+# ---------------------------------------------------------------- encodings
+
+@pytest.fixture(scope="module")
+def latin1(tables):
+    """A LATIN1 database beside the UTF8 one (old installations made under a Latin-1
+    locale have them), holding one address with a Latin-1 letter."""
+    tables.execute_in("postgres", "DROP DATABASE IF EXISTS maps_latin1")
+    tables.execute_in("postgres", "CREATE DATABASE maps_latin1 ENCODING 'LATIN1' "
+                      "TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'")
+    tables.execute_in("maps_latin1", """
+        CREATE TABLE alias (address text, goto text, active boolean);
+        INSERT INTO alias VALUES ('j\u00f6e@example.org', 'joe@mail.example.org', true);
+    """)
+    return tables
+
+
+def connections_to(postgres, dbname):
+    """How many sessions the server has open in dbname."""
+    import psycopg
+    with psycopg.connect(host=postgres.socket_dir, port=postgres.port, user=postgres.user,
+                         dbname="postgres", autocommit=True) as connection:
+        return connection.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                  "%s", [dbname]).fetchone()[0]
+
+
+@pytest.mark.parametrize("encoding, reason", [
+    # The default client encoding: the server cannot convert the key.
+    (None, 'query failed: character with byte sequence 0xe2 0x82 0xac in encoding "UTF8" '
+           'has no equivalent in encoding "LATIN1"'),
+    # The client encoding itself lacks the character: nothing is sent.
+    ("LATIN1", "the key has a character (\\u20ac) that the client encoding LATIN1 cannot "
+               "carry: not looked up"),
+])
+def test_a_key_the_encodings_cannot_carry_is_unavailable_and_the_connection_kept(
+        tmp_path, latin1, encoding, reason):
+    table = open_table("pgsql:" + cf(tmp_path, latin1, dbname="maps_latin1",
+                                     encoding=encoding))
+    try:
+        assert table.lookup("J\u00f6e@example.org") == "joe@mail.example.org"  # in Latin-1
+        assert connections_to(latin1, "maps_latin1") == 1
+        with pytest.raises(TableUnavailable) as caught:
+            table.lookup("j\u20ace@example.org")
+        assert str(caught.value).startswith("%s: %s" % (table.spec, reason))
+        assert "\n" not in str(caught.value)
+        assert table.lookup("joe@example.org") is None
+        assert connections_to(latin1, "maps_latin1") == 1   # the one kept, none leaked
+    finally:
+        table.close()
+
+
+def test_at_rcpt_a_key_the_client_encoding_cannot_carry_is_451_and_logged(
+        tmp_path, latin1, elemta_server):
+    import smtplib
+    path = cf(tmp_path, latin1, dbname="maps_latin1", encoding="LATIN1",
+              query="SELECT 'ok' FROM alias WHERE address = '%s'")
+    server = elemta_server(relay={"mynetworks": ["127.0.0.2/32"],
+                                  "relay_domains": ["example.org"],
+                                  "relay_recipient_maps": "pgsql:" + path})
+    replies = []
+    with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+        smtp.command_encoding = "utf-8"
+        smtp.ehlo("client.test")
+        assert smtp.docmd("MAIL FROM:<someone@client.test> SMTPUTF8")[0] == 250
+        for address in ("j\u00f6e@example.org", "j\u20ace@example.org", "nobody@example.org"):
+            code, text = smtp.docmd("RCPT TO:<%s>" % address)
+            replies.append("%d %s" % (code, text.decode("utf-8")))
+    assert replies == [
+        "250 2.1.5 Ok",
+        "451 4.3.0 <j?e@example.org>: Temporary lookup failure",    # replies are ASCII
+        "550 5.1.1 <nobody@example.org>: Recipient address rejected: User unknown in relay "
+        "recipient table"]
+    assert "lookup failed: pgsql:%s: the key has a character (\\u20ac) that the client " \
+           "encoding LATIN1 cannot carry" % path in server.log()

@@ -245,6 +245,10 @@ def test_a_dovecot_virtual_setup_is_translated_to_toml(dovecot_setup):
     assert config.delivery.queue_lifetime == 2 * 86400
     assert config.local.recipient_delimiter == "+"
     assert str(config.smtpd.sender_login_maps) == "lmdb:%s/senders" % d
+    # No restriction names the table: Postfix enforced nothing, and neither does Elemta.
+    assert config.smtpd.reject_sender_login_mismatch == "none"
+    # Postfix's default keeps the login name out of the Received header; Elemta's not.
+    assert config.smtpd.sasl_authenticated_header is False
     # pcre with Python-compatible patterns is a regexp table.
     assert config.relay.relay_domains.plain() == "regexp:%s/relay.pcre" % d
     # The network Elemta cannot read is left out: it may not relay.
@@ -291,6 +295,106 @@ def test_compile_builds_the_tables_the_config_names(dovecot_setup):
         assert table.lookup("info@example.com") == "anne@example.com"
     finally:
         table.close()
+
+
+# ---------------------------------------------------------------- rewriting, sender login
+
+REWRITING_MAIN_CF = """\
+compatibility_level = 3.6
+myhostname = mx.example.org
+mydomain = example.org
+mydestination = $myhostname, localhost
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+sender_canonical_maps = hash:{d}/sender_canonical
+recipient_canonical_maps = regexp:{d}/recipient_canonical
+canonical_maps = inline:{{ root=admin@example.org }}
+masquerade_domains = !dept.$mydomain, $mydomain
+masquerade_exceptions = root, mailer-daemon
+masquerade_classes = envelope_sender, header_sender
+smtpd_sender_login_maps = hash:{d}/senders
+smtpd_sender_restrictions = permit_mynetworks, reject_sender_login_mismatch
+smtpd_sasl_authenticated_header = yes
+"""
+REWRITING_FILES = {"recipient_canonical": "/^(.*)@old\\.example$/  $1@example.org\n"}
+
+
+def import_postfix(directory, main_cf, *services, files=None):
+    """(config, report, stderr) of import-postfix on main_cf and Debian's master.cf with
+    the services added (postconf -Me); REWRITING_FILES and files are written beside
+    main.cf first."""
+    os.makedirs(directory)
+    with open(os.path.join(directory, "main.cf"), "w") as stream:
+        stream.write(main_cf.format(d=directory))
+    shutil.copyfile(MASTER_CF, os.path.join(directory, "master.cf"))
+    for service in services:
+        postconf(directory, "-Me", service)
+    for name, text in dict(REWRITING_FILES, **(files or {})).items():
+        with open(os.path.join(directory, name), "w") as stream:
+            stream.write(text)
+    output = os.path.join(directory, "elemta.yaml")
+    result = elemtactl("import-postfix", directory, "-o", output)
+    assert result.returncode == 0, result.stderr
+    return load_config(output), reported(result.stderr), result.stderr
+
+
+def test_canonical_maps_masquerading_and_sender_login_are_translated(workdir):
+    d = os.path.join(workdir, "rewriting")
+    config, report, _ = import_postfix(d, REWRITING_MAIN_CF)
+    assert str(config.rewrite.sender_canonical_maps) == "lmdb:%s/sender_canonical" % d
+    assert str(config.rewrite.recipient_canonical_maps) == "regexp:%s/recipient_canonical" % d
+    assert open_table(config.rewrite.canonical_maps).lookup("root") == "admin@example.org"
+    assert config.rewrite.masquerade_domains == ("!dept.example.org", "example.org")
+    assert config.rewrite.masquerade_exceptions == ("root", "mailer-daemon")
+    assert config.rewrite.masquerade_classes == ("envelope_sender", "header_sender")
+    assert str(config.smtpd.sender_login_maps) == "lmdb:%s/senders" % d
+    assert config.smtpd.reject_sender_login_mismatch == "all"
+    assert config.smtpd.sasl_authenticated_header is True
+    assert report == {}, report         # every setting has its Elemta equivalent
+    text = open(os.path.join(d, "elemta.yaml")).read()
+    assert "# from smtpd_sender_restrictions: reject_sender_login_mismatch\n" in text
+
+
+def test_what_the_rewriting_and_login_options_cannot_say_is_reported(workdir):
+    main_cf = REWRITING_MAIN_CF.replace(
+        "masquerade_exceptions = root, mailer-daemon",
+        "masquerade_exceptions = hash:{d}/masquerade_exceptions").replace(
+        "smtpd_sender_restrictions = permit_mynetworks, reject_sender_login_mismatch",
+        "smtpd_sender_restrictions = reject_unauthenticated_sender_login_mismatch") + \
+        "sender_canonical_classes = envelope_sender\n"
+    config, report, _ = import_postfix(os.path.join(workdir, "rewriting-left"), main_cf)
+    assert config.smtpd.reject_sender_login_mismatch == "none"
+    assert report == {
+        "smtpd_sender_restrictions entry reject_unauthenticated_sender_login_mismatch":
+            "reject_unauthenticated_sender_login_mismatch / Elemta binds the senders of "
+            "clients that did not log in only together with those of clients that did "
+            "(smtpd.reject_sender_login_mismatch: all)",
+        "masquerade_exceptions": "hash:%s/masquerade_exceptions / Elemta's "
+                                 "masquerade_exceptions is a list of user names (no files "
+                                 "or tables)" % os.path.join(workdir, "rewriting-left"),
+        "sender_canonical_classes": "envelope_sender / Elemta's canonical maps rewrite the "
+                                    "envelope and the headers alike (envelope_sender, "
+                                    "header_sender)"}
+    assert config.rewrite.masquerade_exceptions == ()
+
+
+def test_a_login_check_on_the_submission_service_binds_logged_in_clients(workdir):
+    """The Dovecot guides' way: reject_sender_login_mismatch on submission only, where
+    every client has logged in; Elemta's "authenticated" says the same there."""
+    main_cf = REWRITING_MAIN_CF.replace(
+        "smtpd_sender_restrictions = permit_mynetworks, reject_sender_login_mismatch\n",
+        "smtpd_sasl_auth_enable = yes\nsmtpd_sasl_type = dovecot\n"
+        "smtpd_sasl_path = inet:127.0.0.1:12345\n")
+    config, report, stderr = import_postfix(
+        os.path.join(workdir, "submission-login"), main_cf,
+        "submission/inet = submission inet n - y - - smtpd -o smtpd_sasl_auth_enable=yes "
+        "-o smtpd_sender_restrictions=reject_sender_login_mismatch,permit_sasl_authenticated"
+        ",reject")
+    assert [l.mode for l in config.listeners] == ["smtp", "submission"]
+    assert config.smtpd.reject_sender_login_mismatch == "authenticated"
+    assert not any("smtpd_sender_restrictions" in name for name in report), report
+    assert "smtpd.reject_sender_login_mismatch: Postfix checked the senders of logged-in " \
+           "clients on submission/inet only; Elemta checks them on every listener" in stderr
 
 
 # ---------------------------------------------------------------- Debian's stock main.cf

@@ -65,6 +65,18 @@ def load(path):
     return default_config() if path is None else load_config(path)
 
 
+def load_and_warn(path):
+    """load(path), its warnings logged (elemta.config.advice): a reload's config."""
+    return log_warnings(load(path))
+
+
+def log_warnings(config):
+    """Log each warning of config (FILE:LINE: KEY: message); returns config."""
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
+    return config
+
+
 def fail(message):
     """Give up starting: main() prints the message and exits 1."""
     raise Failure(EX_FAILED, message)
@@ -196,6 +208,8 @@ def check_config(path):
         print("elemta: %s" % exc.args[0], file=sys.stderr)
         return EX_FAILED
     print("elemta: configuration OK: %s" % (config.source or "built-in defaults"))
+    for warning in config.warnings:
+        print("elemta: warning: %s" % warning, file=sys.stderr)
     return 0
 
 
@@ -236,6 +250,7 @@ def serve(path, detach):
         logs.setup(config.logging)
     except OSError as exc:
         fail("logging.target %s: %s" % (config.logging.target, exc.strerror or exc))
+    log_warnings(config)
     lock_fd = take_master_lock(config.queue.spool_dir, uid, gid)
     from elemta.queue import maildrop
     try:
@@ -281,7 +296,7 @@ def serve(path, detach):
              ", ".join("%s %s:%d" % (l.mode, l.address, l.port) for l in config.listeners),
              config.queue.spool_dir)
     # A reload re-reads the file found at start, even if another appears in the search.
-    master = Master(config, listening, lambda: load(path), bind)
+    master = Master(config, listening, lambda: load_and_warn(path), bind)
     master.child_exited.append(metrics.worker_exited)
     master.child_exited.append(lease_holder_ended(master, uid, gid))
     master.close_in_child.append(lock_fd)

@@ -68,7 +68,9 @@ def cmd_config_check(args) -> int:
     """config check: load the configuration; print its errors (exit 1) or "config OK".
 
     Without --config it checks the file `elemta` would find (elemta.cli.config_finder),
-    or the built-in defaults when there is none.
+    or the built-in defaults when there is none. Warnings (elemta.config.advice) follow
+    "config OK" on stderr, "elemtactl: warning: FILE:LINE: KEY: ..."; they do not change
+    the exit status.
     """
     ConfigError, load_config, default_config = _config_api()
     path = config_path(args.config)
@@ -78,7 +80,7 @@ def cmd_config_check(args) -> int:
             config = load_config(path, check_files=filecheck.master_user_check(PROG))
             _workers(config)
         else:
-            default_config()
+            config = default_config()
     except ConfigError as exc:
         for message in _config_errors(exc):
             print(message, file=sys.stderr)
@@ -87,6 +89,9 @@ def cmd_config_check(args) -> int:
         print("%s: %s" % (PROG, failure), file=sys.stderr)
         return EX_FAILED
     print("config OK: %s" % (path or "built-in defaults (no --config given)"))
+    sys.stdout.flush()
+    for warning in config.warnings:
+        print("%s: warning: %s" % (PROG, warning), file=sys.stderr)
     return EX_OK
 
 

@@ -6,15 +6,20 @@ table at their next lookup, no reload needed. query opens any table spec, as the
 would, and prints the value of one key (or of each key read from standard input when
 KEY is -, as "key<TAB>value" lines), as `postmap -q` does.
 
-Exit status, as postmap's where it has one: 0 found (or compiled), 1 not found, 64 a spec
-that is not one, 65 a table file with an error (file:line), 66 a source file that
-cannot be read, 73 a compiled file that cannot be written, 75 a table that cannot answer
-now (a database down: the daemons would answer 451 4.3.0).
+A key listed twice in a source file is compiled as postmap does: a warning naming
+file:line on stderr, and the first value kept.
+
+Exit status, as postmap's where it has one: 0 found (or compiled, with warnings or
+not), 1 not found, 64 a spec that is not one, 65 a table file with an error
+(file:line), 66 a source file that cannot be read, 73 a compiled file that cannot be
+written, 75 a table that cannot answer now (a database down: the daemons would answer
+451 4.3.0).
 See also: elemta.maps, man/elemtactl.8, man/elemta-tables.5.
 """
 
 import sys
 from os import EX_CANTCREAT, EX_DATAERR, EX_NOINPUT, EX_OK, EX_TEMPFAIL, EX_USAGE
+from typing import List
 
 from elemta.cli.failure import EX_FAILED, Failure
 from elemta.util.text import printable
@@ -30,18 +35,23 @@ def cmd_map_compile(args) -> int:
 
 def compile_sources(sources) -> None:
     """FILE.lmdb from each FILE; Failure (one line, a sysexits code) for the first that
-    cannot be compiled. Also import-postfix --compile's."""
+    cannot be compiled. A key listed twice is a warning on stderr naming file:line, the
+    first value kept, as postmap's "duplicate entry" (the status stays 0). Also
+    import-postfix --compile's."""
     from elemta.maps import TableError
     from elemta.maps.lmdbtable import compile_source
     for source in sources:
+        warnings: List[str] = []
         try:
-            compile_source(source)
+            compile_source(source, warnings)
         except TableError as error:
             raise Failure(EX_DATAERR, str(error))
         except OSError as error:
             failed = error.filename or source
             code = EX_NOINPUT if failed == source else EX_CANTCREAT
             raise Failure(code, "%s: %s" % (failed, error.strerror or error))
+        for warning in warnings:
+            print("elemtactl: warning: %s" % printable(warning), file=sys.stderr)
 
 
 def cmd_map_query(args) -> int:

@@ -19,7 +19,9 @@ credentials, signing keys; tables' files and Dovecot's auth socket only by elemt
 --check-config, which connects to the socket) are opened, unless the caller is a tool every user runs, which needs no secret (load_config's
 check_files).
 Every problem in the file is collected, with its line and key path, before ConfigError
-is raised, so one run shows the administrator everything to fix.
+is raised, so one run shows the administrator everything to fix. A file without
+problems may still deserve warnings (elemta.config.advice): they ride on the Config
+(Config.warnings), for the daemon to log and the config checks to print.
 See also: elemta.config.schema, elemta.config.sources, man/elemta.conf.5.
 """
 
@@ -34,6 +36,7 @@ import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from elemta.addressing.normal import normal_domain
+from elemta.config.advice import advice
 from elemta.config.errors import ConfigError, KeyPath, Problem, format_key
 from elemta.config.mailname import read_mailname
 from elemta.config.schema import (BUILTIN_PLUGINS, SENDMAIL_LISTENER, AuthSettings, Config,
@@ -116,7 +119,9 @@ def load_text(file: str, text: str, check_files: Union[bool, FileCheck] = True) 
         raise ConfigError(checker.sorted_problems())
     mailname = read_mailname(config.smtpd.mailname_file,
                              "smtpd.mailname_file in %s" % file)
-    return dataclasses.replace(config, source=file, mailname=mailname)
+    warnings = tuple(Problem(file, checker.line_of(path), format_key(path), message)
+                     for path, message in advice(config))
+    return dataclasses.replace(config, source=file, mailname=mailname, warnings=warnings)
 
 
 def plugins_from_mapping(mapping: Any, known: Optional[Dict[str, Any]] = None) -> PluginSettings:

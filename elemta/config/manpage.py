@@ -181,6 +181,25 @@ readable key file; greylisting's retry window is not shorter than its delay), an
 table under
 .B plugins
 that names no built\-in is checked by the installed plugin of that name.
+.SS Warnings
+A file without errors may still say something its administrator probably does
+not mean.
+Such a setting gets a warning in the same form, after the
+\(lqOK\(rq of
+.B elemta \-\-check\-config
+and
+.BR "elemtactl config check" ,
+each line starting with
+.IR program :
+.BR warning: ,
+and in the log at every start and reload; the configuration is used as it
+is.
+Warned of:
+.B virtual.mailbox_domains
+without
+.B virtual.mailbox_maps
+(every recipient in those domains is accepted at RCPT, and mail for a user
+who does not exist bounces later).
 .SS Reload and restart
 A running Elemta reads the file again on
 .B elemtactl reload

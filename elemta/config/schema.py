@@ -20,7 +20,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from elemta.config.options import between as _between
 from elemta.config.options import domains as _domains
@@ -347,7 +347,8 @@ class VirtualSettings:
         None, "The users of mailbox_domains, a lookup table keyed by user@domain or "
               "@domain (the value is not read); any other recipient there is refused at "
               "RCPT (550 5.1.1). Unset: every recipient is taken and the delivery agent "
-              "decides. Postfix's virtual_mailbox_maps.")
+              "decides (the config checks and the start-up log warn of it). Postfix's "
+              "virtual_mailbox_maps.")
     transport: str = opt(
         "lmtp:unix:/run/dovecot/lmtp", "Where mail for mailbox_domains goes: "
                                        "lmtp:unix:/path, lmtp:[host]:port or "
@@ -884,6 +885,9 @@ class Config:
     # The first line of smtpd.mailname_file, checked (elemta.config.mailname), or None.
     mailname: Optional[str] = field(default=None, compare=False,
                                     metadata={"internal": True})
+    # What the file probably did not mean (elemta.config.advice): Problems, logged at
+    # start and reload, printed by the config checks; never errors.
+    warnings: Tuple[Any, ...] = field(default=(), compare=False, metadata={"internal": True})
 
     @property
     def hostname(self):

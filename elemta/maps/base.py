@@ -19,6 +19,13 @@ Two errors, told apart by who must act:
                     authentication refused, a file half edited): temporary. Consumers in
                     the SMTP layer answer 451 4.3.0 and the delivery side defers; nothing
                     is ever refused for good because a lookup failed.
+A table says whether it may be asked for partial keys (partial_keys). A table of exact
+keys (lmdb, inline, SQL) may: the search orders try user@domain, then user, then
+@domain. A pattern table (regexp) may not: it is asked for the whole search string
+only, as Postfix asks its regexp and pcre tables (regexp_table(5); maps_find() with
+DICT_FLAG_FIXED skips pattern tables for the partial keys). Otherwise a negated rule
+(!/^blocked@/ OK) would match the partial key "@example.org" and let through the very
+address it was written to refuse.
 See also: elemta.maps.spec (open_table), elemta.maps.search (Postfix's search orders).
 """
 
@@ -41,6 +48,8 @@ class LookupTable:
     implement lookup(); close() releases what they hold."""
 
     spec = ""
+    # False for pattern tables: asked for the whole search string only (see above).
+    partial_keys = True
 
     def lookup(self, key: str) -> Result:
         """The value for key, or None; raises TableUnavailable when it cannot say."""

@@ -29,7 +29,7 @@ import errno
 import os
 import stat
 import tempfile
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import lmdb
 
@@ -101,12 +101,16 @@ class LmdbTable(LookupTable):
         return None if value is None else value.decode("utf-8", "replace")
 
 
-def compile_source(source: str) -> int:
+def compile_source(source: str, warnings: Optional[List[str]] = None) -> int:
     """Compile the source file into source.lmdb atomically; returns the number of
-    entries. Raises TableError naming file:line for a bad line, OSError otherwise."""
+    entries. Raises TableError naming file:line for a bad line, OSError otherwise. A
+    repeated key keeps its first value and adds a warning (file:line) to warnings, as
+    postmap does."""
+    if warnings is None:
+        warnings = []
     try:
         with open(source, encoding="utf-8", errors="surrogateescape") as lines:
-            entries = parse_entries(lines, source)
+            entries = parse_entries(lines, source, warnings)
         source_stat = os.stat(source)
     except UnicodeDecodeError as error:     # surrogateescape: not expected, but say so
         raise TableError("%s: not readable as text: %s" % (source, error))

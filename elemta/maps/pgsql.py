@@ -22,6 +22,19 @@ the thread pool (elemta.maps.offthread), bounded by the timeout. Connection refu
 server that does not answer, authentication refused, an SQL error: TableUnavailable
 with the server's reason on one line ("pgsql:/etc/elemta/virtual-pgsql.cf: 127.0.0.1:5432:
 connection refused ..."), which consumers turn into 451 4.3.0 or a deferral.
+
+Encodings. Keys are sent in the client encoding (encoding, default UTF8) and the server
+converts them into the database's. A key that cannot be converted (an SMTPUTF8 address
+in a LATIN1 database: "has no equivalent in encoding LATIN1" from the server, or a
+character the client encoding itself lacks, such as the euro sign with encoding =
+LATIN1) is TableUnavailable, 451 4.3.0 at RCPT, with the reason in the log, as Postfix
+answers when its query fails the same way: the lookup could not be made, which is not
+the same as a key the table lacks (a "not found" would let such an address past a
+table that refuses what it lists). A SQL_ASCII database converts nothing: keys reach it
+as UTF-8 bytes, as Postfix's do. A result that is not valid in the client encoding (a
+SQL_ASCII database holding LATIN1 bytes) is TableUnavailable too. The connection stays
+open for the next lookup after any of these, as after every error that leaves it idle
+(an SQL error); a connection in any other state is closed, never left behind.
 See also: pgsql_table(5), elemta.maps.sqlconf, elemta.maps.sqlite.
 """
 
@@ -40,6 +53,11 @@ MAX_IDLE = 4        # connections kept open per table and process
 
 def _one_line(error: Exception) -> str:
     return re.sub(r"\s+", " ", str(error)).strip() or type(error).__name__
+
+
+def _escaped(text: str) -> str:
+    """text in ASCII, for a log line: \\u20ac for the euro sign."""
+    return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def parse_hosts(path: str, text: str) -> List[Dict[str, str]]:
@@ -121,15 +139,23 @@ class PgSQLTable(SQLTable):
                 rows = self._execute(connection, parameters)
             except psycopg.OperationalError as error:
                 raise TableUnavailable("%s: %s" % (self.spec, _one_line(error)))
-        if len(self._idle) < MAX_IDLE:
-            self._idle.append(connection)
-        else:
-            connection.close()
+        self._release(connection)
         return rows
 
+    def _release(self, connection) -> None:
+        """Keep an idle connection for the next lookup (up to MAX_IDLE); close any
+        other."""
+        from psycopg.pq import TransactionStatus
+        if connection.closed or len(self._idle) >= MAX_IDLE or \
+                connection.info.transaction_status != TransactionStatus.IDLE:
+            connection.close()
+        else:
+            self._idle.append(connection)
+
     def _execute(self, connection, parameters):
-        """The rows of the query; the connection is closed on any error, and errors other
-        than a broken connection (SQL errors) are TableUnavailable."""
+        """The rows of the query. A broken connection (OperationalError) is closed and
+        raised; every other error is TableUnavailable, the connection kept when it is
+        idle (an SQL error, a key the encodings cannot carry), else closed."""
         import psycopg
         try:
             return connection.execute(self.statement, parameters).fetchall()
@@ -137,8 +163,20 @@ class PgSQLTable(SQLTable):
             connection.close()
             raise
         except psycopg.Error as error:
-            connection.close()
+            self._release(connection)
             raise TableUnavailable("%s: query failed: %s" % (self.spec, _one_line(error)))
+        except UnicodeEncodeError as error:
+            # Raised by psycopg before anything is sent: the connection is as it was.
+            self._release(connection)
+            raise TableUnavailable(
+                "%s: the key has a character (%s) that the client encoding %s cannot "
+                "carry: not looked up (encoding = UTF8 lets the server convert)"
+                % (self.spec, _escaped(error.object[error.start:error.end]),
+                   (connection.pgconn.parameter_status(b"client_encoding") or b"?").decode()))
+        except UnicodeDecodeError as error:
+            self._release(connection)
+            raise TableUnavailable("%s: a result is not valid %s: %s" % (
+                self.spec, error.encoding, _one_line(error)))
 
     def _connect(self):
         import psycopg

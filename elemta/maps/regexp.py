@@ -27,7 +27,9 @@ file:line, when the table is opened (so the config check shows it). The file is 
 again when it changes (inode or mtime), so an edit needs no reload; if the edited file
 has an error, lookups raise TableUnavailable naming it (mail waits) until it is fixed.
 
-The key is matched whole, as given (not folded). Matching is CPU work whose time an
+The key is matched whole, as given (not folded). The search orders ask a regexp table
+for the whole address (or domain) only, never for user, user+ext or @domain
+(partial_keys is False, elemta.maps.base), as Postfix does. Matching is CPU work whose time an
 attacker's key can make exponential for some patterns (/^(\w+\s?)+$/ on a long header),
 so it never runs in the event loop: each lookup is one call to a compute helper
 (elemta.util.offload, about 50 microseconds), which keeps the tables it has read (and
@@ -232,6 +234,8 @@ def _first(rules: List[_Rule], key: str) -> Optional[str]:
 
 class RegexpTable(LookupTable):
     """A regexp_table(5) file, read again when it changes."""
+
+    partial_keys = False
 
     def __init__(self, path: str, spec: str = "") -> None:
         self.path = path

@@ -17,6 +17,9 @@ quotes, domain lower case and in A-labels), so every table sees one form.
                                                     then each parent with a leading dot
                                                     (a key for all its subdomains)
 
+A pattern table (regexp: partial_keys is False) is asked for the first key only, the
+whole address or domain, as Postfix asks its regexp tables: a negated rule must not
+match a partial key the whole address did not match (elemta.maps.base).
 A TableUnavailable from any key's lookup ends the search (raised to the caller): a
 later, less specific key must not answer for one that could not be asked.
 See also: virtual(5), transport(5), elemta.maps.base.
@@ -64,11 +67,14 @@ def domain_keys(domain: str, subdomains: bool = True) -> Iterator[str]:
 
 
 def first(table: LookupTable, keys) -> Optional[Match]:
-    """The first of keys that table holds, with its value; None when it holds none."""
+    """The first of keys that table holds, with its value; None when it holds none.
+    A pattern table is asked for the first key only."""
     for key in keys:
         value = table.lookup(key)
         if value is not None:
             return Match(key, value)
+        if not table.partial_keys:
+            break
     return None
 
 

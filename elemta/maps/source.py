@@ -11,8 +11,11 @@ Used by elemta.maps.lmdbtable (compiling FILE into FILE.lmdb) and elemta.maps.in
 The key ends at the first whitespace; the value is the rest, stripped. A key with no
 value is an error (postmap says "expected format: key whitespace value"). Keys are folded
 to lower case, as postmap does without -f, and lookups fold theirs the same way, so
-User@Example.ORG finds user@example.org. A key repeated later is an error naming both
-lines (postmap warns and keeps the first; a mistake should not pass quietly).
+User@Example.ORG finds user@example.org. A key repeated later is handled as postmap
+does when it compiles a file: a warning naming file:line ("duplicate entry"), and the
+first value is kept (a table that worked under Postfix compiles here with the same
+answers). In the config's own lists of entries (no compile step to warn at) it is an
+error naming both lines.
 See also: postmap(1), elemta.maps.lmdbtable, elemta.maps.base.
 """
 
@@ -47,9 +50,12 @@ def logical_lines(lines: Iterable[str], where: str) -> Iterator[Tuple[int, str]]
         yield current[0], current[1]
 
 
-def parse_entries(lines: Iterable[str], where: str) -> List[Tuple[str, str]]:
+def parse_entries(lines: Iterable[str], where: str,
+                  warnings: Optional[List[str]] = None) -> List[Tuple[str, str]]:
     """[(folded key, value)] of a source file's lines, in file order; raises TableError
-    "where:line: ..." for a line without a value or a repeated key."""
+    "where:line: ..." for a line without a value. A repeated key: given a warnings list,
+    postmap's way (a "where:line: duplicate entry" warning appended, the first value
+    kept); without one, a TableError naming both lines."""
     entries = []
     first_seen = {}
     for number, text in logical_lines(lines, where):
@@ -60,8 +66,12 @@ def parse_entries(lines: Iterable[str], where: str) -> List[Tuple[str, str]]:
                              % (where, number, key))
         key = fold(key)
         if key in first_seen:
-            raise TableError("%s:%d: %s is already defined on line %d"
-                             % (where, number, key, first_seen[key]))
+            if warnings is None:
+                raise TableError("%s:%d: %s is already defined on line %d"
+                                 % (where, number, key, first_seen[key]))
+            warnings.append("%s:%d: duplicate entry %s: ignored, the one on line %d is "
+                            "kept" % (where, number, key, first_seen[key]))
+            continue
         first_seen[key] = number
         entries.append((key, value))
     return entries

@@ -26,6 +26,8 @@ from elemta.maps.inline import InlineTable, parse_braces
 from elemta.maps.source import parse_entries
 
 FILE_TYPES = ("lmdb", "hash", "regexp", "sqlite", "pgsql")
+# Tables of patterns, asked for whole search strings only (LookupTable.partial_keys).
+PATTERN_TYPES = ("regexp",)
 TYPES = ("inline",) + FILE_TYPES
 
 
@@ -145,6 +147,8 @@ class LazyTable(LookupTable):
         self._spec = parse_spec(spec)
         self.spec = str(self._spec)
         self._table: Optional[LookupTable] = None
+        # Known before the table is opened: the search orders ask before the lookup.
+        self.partial_keys = self._spec.type not in PATTERN_TYPES
 
     def lookup(self, key: str) -> Result:
         if self._table is None:

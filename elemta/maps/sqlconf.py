@@ -245,12 +245,20 @@ class SQLSettings:
         return self.query.parameters(key)
 
     def results(self, spec: str, rows) -> Result:
-        """The values of the rows (first column, NULLs skipped) shaped by result_format:
-        one str, a list for several, None for none. Too many: TableUnavailable."""
+        """The values of the rows (first column, NULLs skipped; bytes read as UTF-8)
+        shaped by result_format: one str, a list for several, None for none. Too many,
+        or bytes that are not UTF-8: TableUnavailable."""
         values = []
         for row in rows:
             if row and row[0] is not None:
-                shaped = self.result_format.apply(str(row[0]))
+                value = row[0]
+                if isinstance(value, bytes):    # a BLOB; text of a SQL_ASCII client
+                    try:
+                        value = value.decode("utf-8")
+                    except UnicodeDecodeError as error:
+                        raise TableUnavailable("%s: a result is not UTF-8: %s"
+                                               % (spec, error))
+                shaped = self.result_format.apply(str(value))
                 if shaped is not None:
                     values.append(shaped)
         if self.expansion_limit and len(values) > self.expansion_limit:

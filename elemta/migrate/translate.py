@@ -66,6 +66,19 @@ RESTRICTION_WHY = ("Elemta's relay guard and address classes cover permit_mynetw
                    "reject_unlisted_recipient (its plugins do SPF, DKIM, DMARC and "
                    "greylisting)")
 
+# Postfix's sender login restrictions, and what each says of smtpd.sender_login_maps:
+# whom it binds (smtpd.reject_sender_login_mismatch; "unauthenticated" has no Elemta
+# value of its own).
+LOGIN_MISMATCH_STEPS = {"reject_authenticated_sender_login_mismatch": "authenticated",
+                        "reject_sender_login_mismatch": "all",
+                        "reject_unauthenticated_sender_login_mismatch": "unauthenticated"}
+# Which addresses Postfix's canonical maps rewrite by default, as Elemta's always do.
+CANONICAL_CLASSES = {
+    "canonical_classes": {"envelope_sender", "envelope_recipient", "header_sender",
+                          "header_recipient"},
+    "sender_canonical_classes": {"envelope_sender", "header_sender"},
+    "recipient_canonical_classes": {"envelope_recipient", "header_recipient"}}
+
 # master.cf -o overrides a submission or smtps listener's mode already stands for.
 MODE_OVERRIDES = {"syslog_name", "smtpd_tls_wrappermode", "smtpd_sasl_auth_enable",
                   "smtpd_tls_security_level", "smtpd_tls_auth_only", "milter_macro_daemon_name",
@@ -452,7 +465,10 @@ class _Translator:
                 entries = parse_braces(path)
             else:
                 with open(path, encoding="utf-8") as stream:
-                    entries = parse_entries(stream, path)
+                    duplicates: List[str] = []
+                    entries = parse_entries(stream, path, duplicates)
+                self.out.notes.extend("%s (as postmap does)" % warning
+                                      for warning in duplicates)
         except (OSError, ValueError, TableError) as error:
             self.refuse(name, "its entries cannot be read: %s" % error)
             return
@@ -632,26 +648,122 @@ class _Translator:
             if not self.pf.is_set(name):
                 continue
             steps = split_list(self.pf.value(name))
-            other = [step for step in steps if step not in COVERED_STEPS]
+            # The sender login steps are smtpd.reject_sender_login_mismatch's (sender_login).
+            other = [step for step in steps if step not in COVERED_STEPS
+                     and step not in LOGIN_MISMATCH_STEPS]
             self.done.add(name)
             if other:
                 self.out.refuse(name, self.pf.value(name), "%s; %s not translated"
                                 % (RESTRICTION_WHY, " ".join(other)))
 
+    def login_mismatch_steps(self) -> List[Tuple[str, str]]:
+        """(where, step) of every sender login restriction: where is the main.cf
+        parameter, or "master.cf SERVICE -o PARAMETER" for a service's own list."""
+        found = [(name, step) for name in RESTRICTIONS
+                 for step in split_list(self.pf.value(name)) if step in LOGIN_MISMATCH_STEPS]
+        for service in self.smtpd_services():
+            for name, value in sorted(service.overrides.items()):
+                if name in RESTRICTIONS:
+                    found += [("master.cf %s -o %s" % (service.label, name), step)
+                              for step in split_list(value) if step in LOGIN_MISMATCH_STEPS]
+        return found
+
     def sender_login(self) -> None:
-        """smtpd_sender_login_maps, into the section whose option of that name the schema
-        has (it is being added; until then the setting is reported)."""
+        """smtpd_sender_login_maps, and whom the restrictions that name it bind
+        (smtpd.reject_sender_login_mismatch). Postfix enforces the table only where a
+        restriction says so; Elemta's default enforces it for AUTH clients, so the rule
+        is always written: none when no restriction names the table."""
         name = "smtpd_sender_login_maps"
-        if not self.pf.is_set(name):
-            return
-        path = _schema_path("sender_login_maps")
-        if path is None:
-            self.refuse(name, "this Elemta has no sender login check yet (which senders "
-                        "an AUTH user may use): set it by hand once its option exists")
+        steps = self.login_mismatch_steps()
+        if not self.pf.value(name):
+            # Postfix ignores the restrictions without the table ("no definition of
+            # smtpd_sender_login_maps"), and so does Elemta.
+            self.done.add(name)
             return
         spec = self.one_table(name)
-        if spec:
-            self.out.set(path, spec, self.source(name))
+        if not spec:
+            return
+        self.out.set(("smtpd", "sender_login_maps"), spec, self.source(name))
+        in_main = {LOGIN_MISMATCH_STEPS[step] for where, step in steps
+                   if not where.startswith("master.cf")}
+        in_services = [(where, step) for where, step in steps if where.startswith("master.cf")]
+        if "all" in in_main or {"authenticated", "unauthenticated"} <= in_main:
+            rule = "all"
+        elif "authenticated" in in_main:
+            rule = "authenticated"
+        elif any(LOGIN_MISMATCH_STEPS[step] != "unauthenticated" for _, step in in_services):
+            # On a submission service every client has logged in before MAIL, as on
+            # Elemta's submission listeners: "authenticated" says all there was to say.
+            rule = "authenticated"
+            self.out.notes.append(
+                "smtpd.reject_sender_login_mismatch: Postfix checked the senders of "
+                "logged-in clients on %s only; Elemta checks them on every listener"
+                % ", ".join(sorted({where.split(" -o ")[0][len("master.cf "):]
+                                    for where, _ in in_services})))
+        else:
+            rule = "none"
+        for where, step in steps:
+            if LOGIN_MISMATCH_STEPS[step] == "unauthenticated" and rule != "all":
+                self.out.refuse(where + " entry " + step, step,
+                                "Elemta binds the senders of clients that did not log in "
+                                "only together with those of clients that did "
+                                "(smtpd.reject_sender_login_mismatch: all)")
+        source = ", ".join(sorted({"%s: %s" % (where, step) for where, step in steps})) or \
+            "smtpd_*_restrictions without reject_sender_login_mismatch (Postfix enforced " \
+            "nothing)"
+        self.out.set(("smtpd", "reject_sender_login_mismatch"), rule, source)
+
+    def sasl_header(self) -> None:
+        """smtpd_sasl_authenticated_header: always written, since Postfix's default (no)
+        is not Elemta's (true)."""
+        name = "smtpd_sasl_authenticated_header"
+        self.out.set(("smtpd", "sasl_authenticated_header"), self.pf.value(name) == "yes",
+                     self.source(name))
+        self.done.add(name)
+
+    def rewrite(self) -> None:
+        """Canonical maps and masquerading (Postfix's cleanup; Elemta's rewrite section)."""
+        from elemta.config.options import domains as domain_problem
+        from elemta.config.schema import MASQUERADE_CLASSES
+        pf = self.pf
+        for name in ("canonical_maps", "sender_canonical_maps", "recipient_canonical_maps"):
+            spec = self.one_table(name)
+            if spec:
+                self.out.set(("rewrite", name), spec, self.source(name))
+        for name, default in CANONICAL_CLASSES.items():
+            if set(split_list(pf.value(name))) == default:
+                self.done.add(name)
+            elif pf.value(name.replace("_classes", "_maps")):
+                self.refuse(name, "Elemta's canonical maps rewrite the envelope and the "
+                            "headers alike (%s)" % ", ".join(sorted(default)))
+            else:
+                self.done.add(name)     # no table for them to limit
+        domains = split_list(pf.value("masquerade_domains"))
+        self.done.add("masquerade_domains")
+        if domains:
+            problem = domain_problem([item.lstrip("!") for item in domains])
+            if problem:
+                self.refuse("masquerade_domains", problem)
+            else:
+                self.out.set(("rewrite", "masquerade_domains"), domains,
+                             self.source("masquerade_domains"))
+        exceptions = split_list(pf.value("masquerade_exceptions"))
+        self.done.add("masquerade_exceptions")
+        if any(":" in item or item.startswith("/") for item in exceptions):
+            self.refuse("masquerade_exceptions", "Elemta's masquerade_exceptions is a list "
+                        "of user names (no files or tables)")
+        elif exceptions:
+            self.out.set(("rewrite", "masquerade_exceptions"), exceptions,
+                         self.source("masquerade_exceptions"))
+        classes = split_list(pf.value("masquerade_classes"))
+        self.done.add("masquerade_classes")
+        unknown = [item for item in classes if item not in MASQUERADE_CLASSES]
+        if unknown:
+            self.refuse("masquerade_classes", "%s: Elemta's classes are %s"
+                        % (" ".join(unknown), ", ".join(MASQUERADE_CLASSES)))
+        elif pf.is_set("masquerade_classes"):
+            self.out.set(("rewrite", "masquerade_classes"), classes,
+                         self.source("masquerade_classes"))
 
     # -- master.cf
 
@@ -767,6 +879,8 @@ class _Translator:
         self.local()
         self.restrictions()
         self.sender_login()
+        self.sasl_header()
+        self.rewrite()
         self.packaged()
         for name in sorted(self.pf.explicit):
             if name in self.done:
@@ -781,6 +895,12 @@ class _Translator:
 def _covered_by_mode(name: str, value: str, mode: str) -> bool:
     """Whether a master.cf -o override says what the listener's mode says anyway."""
     if name in ("syslog_name", "milter_macro_daemon_name"):
+        return True
+    # The login steps are translated (_Translator.sender_login); a final reject is what
+    # a submission listener does to a client that has not logged in.
+    if name in RESTRICTIONS and all(
+            step in COVERED_STEPS or step in LOGIN_MISMATCH_STEPS or
+            (step == "reject" and mode != "smtp") for step in split_list(value)):
         return True
     if mode == "smtp":      # STARTTLS offered when there is a certificate, as may
         return name == "smtpd_tls_security_level" and value == "may"
@@ -801,20 +921,6 @@ def duration(value: str, default_unit: str) -> Optional[int]:
     if not match:
         return None
     return int(match.group(1)) * _UNITS[match.group(2) or default_unit]
-
-
-def _schema_path(option: str) -> Optional[KeyPath]:
-    """(section, option) of the first config section with that option, or None."""
-    import dataclasses
-
-    from elemta.config.loader import schema_options
-    from elemta.config.schema import Config
-    for section in schema_options(Config):
-        kind = section.type if isinstance(section.type, type) else None
-        if kind is not None and dataclasses.is_dataclass(kind) and \
-                option in {field.name for field in schema_options(kind)}:
-            return section.name, option
-    return None
 
 
 def _network(text: str) -> Optional[Any]:
