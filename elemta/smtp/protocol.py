@@ -46,8 +46,9 @@ from elemta.smtp.address import (AddressError, NonAsciiAddress, parse_params, sp
                                  validate_mailbox)
 from elemta.smtp.dsn import DsnError, parse_envid, parse_notify, parse_orcpt
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
-                                DataStart, Helo, MailFrom, MessageReceived, RcptTo,
-                                RecipientInfo, StartTLS, Transaction)
+                                DataStart, Helo, ImproperPipelining, MailFrom,
+                                MessageReceived, RcptTo, RecipientInfo, StartTLS,
+                                Transaction)
 from elemta.smtp.replies import Reply
 
 # RFC 5321 4.5.3.1.4/4.5.3.1.6 allow 512-octet command lines and 1000-octet text lines;
@@ -227,6 +228,7 @@ class Settings:
     auth_mechanisms: Tuple[str, ...] = AUTH_MECHANISMS   # at first; offer_auth_mechanisms
     auth_plaintext: bool = False          # AUTH offered without TLS
     auth_required: bool = False           # submission/smtps: MAIL needs AUTH first
+    pipelining_test: bool = False         # report ImproperPipelining (postscreen's test)
 
 
 class ContentChecker:
@@ -292,6 +294,7 @@ class ServerProtocol:
         self._pending = None            # (event, on_accept, on_reject) awaiting a decision
         self._denial = None             # REFUSED: the reply to every line but QUIT
         self._discarding_line = False   # the rest of a too long line is being skipped
+        self._pipelining_test = settings.pipelining_test    # off once it has reported
         # DATA / BDAT
         self._data_bol = True
         self._checker = None
@@ -376,6 +379,12 @@ class ServerProtocol:
         self.helo_name = None
         self.esmtp = False
         self.auth_user = None
+
+    def hang_up(self, reply):
+        """End the session with `reply` as the last one, as it is (a protocol test's
+        521 5.5.1; ImproperPipelining refused), from any state, before start() too."""
+        self._abort_transaction("session refused")
+        self._send(reply.code, reply.status, reply.text, close=True)
 
     def close_with(self, code, status, text):
         """End the session from the driver's side (timeout, shutdown): the last reply."""
@@ -489,6 +498,16 @@ class ServerProtocol:
         raw = self._read_line()
         if raw is None:
             return False
+        if self._pipelining_test and self._buf and raw is not _TOO_LONG:
+            verb = raw.split(b" ", 1)[0].upper()
+            if not self.esmtp or verb == b"DATA":
+                # More input came with this line, where the client may not send ahead
+                # (ImproperPipelining): the driver decides before the command is obeyed.
+                self._pipelining_test = False
+                self._decide(ImproperPipelining(verb.decode("ascii", "replace"),
+                                                bytes(self._buf[:100])),
+                             lambda text: self._handle_command(raw), self.hang_up)
+                return True
         self._handle_command(raw)
         return True
 
