@@ -9,8 +9,10 @@ core and their wiring in elemta.smtpd.session.
 """
 
 import re
+import shutil
 import smtplib
 import socket
+import subprocess
 
 import pytest
 
@@ -192,3 +194,22 @@ def test_core_reports_improper_pipelining_once_and_only_when_asked():
     events(data_first)
     data_first.receive_data(b"DATA\r\nSubject: early\r\n")
     assert ImproperPipelining("DATA", b"Subject: early\r\n") in events(data_first)
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+def test_swaks_pipelining_after_ehlo_passes_both_tests(elemta_server):
+    """swaks waits for the whole greeting and pipelines only once EHLO announced it."""
+    server = start(elemta_server, greet_wait=1, greet_action="drop",
+                   pipelining_enable=True, pipelining_action="drop")
+    done = subprocess.run(
+        ["swaks", "--server", "127.0.0.1", "--port", str(server.port), "--local-interface",
+         "127.0.0.3", "--helo", "good.test", "--from", "a@c.test", "--to",
+         "b@example.test", "--pipeline", "--timeout", "10"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    output = done.stdout.decode("utf-8", "replace")
+    assert done.returncode == 0, output
+    assert "<** " not in output                 # no error reply
+    assert "250 2.0.0 Ok: queued as " in output
+    log = server.log()
+    assert "PREGREET" not in log and "COMMAND PIPELINING" not in log
+    assert len(server.queued_ids()) == 1
