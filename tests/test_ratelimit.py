@@ -15,6 +15,7 @@ import signal
 import smtplib
 import socket
 
+import lmdb
 import pytest
 
 from elemta.plugins.api import PluginConfigError
@@ -239,3 +240,18 @@ def test_config_error_names_file_line_and_key(tmp_path):
         load_config(str(path))
     assert str(error.value) == ("%s:4: plugins.ratelimit.connection_rate_limit: expected "
                                 "an integer, not a string ('lots')" % path)
+
+
+def test_a_full_store_forgets_ended_windows_and_goes_on(tmp_path):
+    counter = LMDBRateCounter(str(tmp_path / "small"), map_size=64 << 10)
+    filled = 0
+    while True:                     # fill it with windows that then end
+        try:
+            counter._hit("client-%06d" % filled, 1, 60, T0)
+        except lmdb.MapFullError:
+            break
+        filled += 1
+    assert filled > 100
+    assert counter.hit("newcomer", 1, 60, now=T0 + 60) == 1
+    assert counter.count() == 1
+    counter.close()

@@ -60,6 +60,15 @@ class LMDBRateCounter(RateCounter):
 
     def hit(self, key, cost, window, now=None):
         now = time.time() if now is None else now
+        try:
+            return self._hit(key, cost, window, now)
+        except lmdb.MapFullError:
+            # Full: forget the ended windows and try once more (a burst of clients
+            # between two purges); still full, the caller hears it.
+            self.purge(window, now)
+            return self._hit(key, cost, window, now)
+
+    def _hit(self, key, cost, window, now):
         raw_key = key.encode("utf-8", "surrogateescape")[:MAX_KEY]
         with self.env.begin(write=bool(cost)) as txn:
             raw = txn.get(raw_key)

@@ -13,7 +13,9 @@ the texts of Postfix's smtpd (the AUTH login and sender limits, which Postfix le
 policy services, say "from user LOGIN" and "from sender ADDRESS"). As in Postfix a
 command is counted whether or not it is then accepted, refused ones included, and the
 limit-th command in a window is the last one let through. An IPv6 client is counted by
-its /64 (elemta.smtpd.clientnet says why); the reply names the address itself.
+its /64 (elemta.smtpd.clientnet says why); the reply names the address itself. A
+client's commands are counted together on every listener (Postfix counts per master.cf
+service): submission users behind one address share its allowance with its MX traffic.
 
 Clients in mynetworks (exempt_mynetworks) and in `exceptions` are neither counted nor
 limited (Postfix's smtpd_client_event_limit_exceptions, whose default is $mynetworks).
