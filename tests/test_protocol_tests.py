@@ -213,3 +213,30 @@ def test_swaks_pipelining_after_ehlo_passes_both_tests(elemta_server):
     log = server.log()
     assert "PREGREET" not in log and "COMMAND PIPELINING" not in log
     assert len(server.queued_ids()) == 1
+
+
+def test_pregreet_input_stays_readable_and_failures_are_noted_for_plugins(caplog):
+    from elemta.config.schema import ProtocolTestSettings
+    from elemta.restrictions.protocoltests import ProtocolTests
+    caplog.set_level("INFO", logger="elemta")
+    server_side, client_side = socket.socketpair()
+    notes = {}
+    tests = ProtocolTests(ProtocolTestSettings(greet_wait=5, greet_action="ignore"),
+                          "smtp", False, "192.0.2.1", 1234, notes)
+    client_side.sendall(b"EHLO x\r\n\x01")
+    assert tests.pregreet(server_side, b"220-mx.test hi\r\n") is None
+    assert notes == {"protocol_tests_failed": ["pregreet"]}
+    assert "PREGREET 9 after " in caplog.text
+    assert " from [192.0.2.1]:1234: EHLO x\\r\\n\\001" in caplog.text
+    assert client_side.recv(100) == b"220-mx.test hi\r\n"
+    assert server_side.recv(100) == b"EHLO x\r\n\x01"     # looked at, not taken
+    for exempt in (ProtocolTests(ProtocolTestSettings(greet_wait=5), "smtp", True,
+                                 "192.0.2.1", 1, notes),          # mynetworks
+                   ProtocolTests(ProtocolTestSettings(greet_wait=5), "submission", False,
+                                 "192.0.2.1", 1, notes)):
+        client_side.sendall(b"EHLO x\r\n")
+        assert exempt.pregreet(server_side, b"220-mx.test hi\r\n") is None
+        assert server_side.recv(100) == b"EHLO x\r\n"
+    assert notes == {"protocol_tests_failed": ["pregreet"]}
+    server_side.close()
+    client_side.close()

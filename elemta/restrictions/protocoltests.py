@@ -19,7 +19,9 @@ A failed test does what its action says (Postfix's postscreen_*_action): ignore 
 the log line; enforce - the session goes on, and every RCPT is refused with 550 5.5.1
 Protocol error, logged "NOQUEUE: reject: RCPT ... (restriction pregreet)", so the
 sender and recipients are on record; drop - 521 5.5.1 Protocol error and the connection
-closes. Unlike postscreen, the greeting is still sent to an enforced pregreeter, and no
+closes. Whatever the action, the failed tests are noted for the plugins in
+ctx.session["protocol_tests_failed"] (a list of names), so a scoring check can weigh
+them. Unlike postscreen, the greeting is still sent to an enforced pregreeter, and no
 pass is remembered: every connection of a client is tested. Clients in mynetworks and
 listeners other than smtp are never tested.
 
@@ -59,14 +61,19 @@ class ProtocolTests:
     """The protocol tests of one session. `failed` names the test whose enforce action
     now refuses the client's recipients (None while it has failed none so enforced)."""
 
-    def __init__(self, settings, listener_mode, trusted, client_ip, client_port):
+    def __init__(self, settings, listener_mode, trusted, client_ip, client_port,
+                 notes=None):
+        """notes: the plugins' per-connection notes (Context.session), where the names
+        of the failed tests are listed under "protocol_tests_failed"."""
         self.settings = settings
         self.active = listener_mode == "smtp" and not trusted
         self.where = "[%s]:%s" % (client_ip, client_port)
         self.failed = None
+        self.notes = notes if notes is not None else {}
 
     def _act(self, test, action):
         """The reply that drops the client, or None (enforce: remember the failure)."""
+        self.notes.setdefault("protocol_tests_failed", []).append(test)
         if action == DROP:
             return DROPPED
         if action == ENFORCE and self.failed is None:

@@ -15,7 +15,10 @@ line, DATA content, a BDAT chunk, an AUTH response, or the TLS handshake that th
 does - follows from the state (READERS); it is never kept beside it. Per-command flags,
 as Postfix's smtpd_cmd_table has, say what the table cannot: JUNK, RESETS, UTF8,
 NEEDS_AUTH, CHUNK_FOLLOWS. A client refused before the greeting (start_refused) is a
-state too, REFUSED, where only QUIT is obeyed.
+state too, REFUSED, where only QUIT is obeyed. With Settings.pipelining_test, a command
+line that came with input behind it where RFC 2920 forbids sending ahead is put to the
+driver first (ImproperPipelining: postscreen's pipelining test) and obeyed only once
+the driver accepts it.
 
 Usage (see elemta.smtpd.session for the real driver):
 

@@ -116,7 +116,8 @@ class Session:
         self.header_rewriting = False    # this message's headers are to be rewritten
         # Postscreen's pregreet and pipelining tests (elemta.restrictions.protocoltests).
         self.screen = ProtocolTests(server.config.protocol_tests, listener.mode,
-                                    self.ctx.trusted, self.client_ip, address[1])
+                                    self.ctx.trusted, self.client_ip, address[1],
+                                    self.ctx.session)
 
     # ---- the loop -------------------------------------------------------------------
 
