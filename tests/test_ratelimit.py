@@ -255,3 +255,19 @@ def test_a_full_store_forgets_ended_windows_and_goes_on(tmp_path):
     assert counter.hit("newcomer", 1, 60, now=T0 + 60) == 1
     assert counter.count() == 1
     counter.close()
+
+
+def test_message_rate_per_login_and_recipient_rate_per_sender(elemta_server, tmp_path):
+    server = server_with_limits(elemta_server, tmp_path, user_message_rate_limit=1,
+                                sender_recipient_rate_limit=2)
+    alice = ("alice", "wonderland")
+    assert send(server, "127.0.0.2", "s1@c.test", ["b@example.test"], alice) == {}
+    assert send(server, "127.0.0.3", "s9@c.test", ["b@example.test"], alice) == {
+        "MAIL": (450, "4.7.1 Error: too much mail from user alice")}
+    assert "Message delivery request rate limit exceeded: 2 from unknown[127.0.0.3] for " \
+           "user alice per 3600s" in server.log()
+    assert send(server, "127.0.0.2", "s2@c.test",
+                ["a@example.test", "b@example.test", "c@example.test"]) == {
+        "c@example.test": (450, "4.7.1 Error: too many recipients from sender s2@c.test")}
+    # Exempt clients are not counted at all, logins and senders included.
+    assert send(server, "127.0.0.4", "s2@c.test", ["d@example.test"], alice) == {}
