@@ -33,7 +33,7 @@ from elemta.maps.domains import DomainList
 from elemta.maps.spec import TableSpec
 from elemta.plugins.settings import (ARCSettings, AuthResSettings, ConfiguredPlugin,
                                      DKIMSettings, DMARCSettings, GreylistSettings,
-                                     SPFSettings, authres_runs)
+                                     RateLimitSettings, SPFSettings, authres_runs)
 
 LISTENER_MODES = ("smtp", "submission", "smtps")
 LINE_ENDING_POLICIES = ("reject", "normalize")
@@ -46,6 +46,8 @@ TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 DELIVERY_TLS_LEVELS = ("none", "may", "encrypt", "verify", "secure")
 AUTH_BACKENDS = ("file", "dovecot")
 SENDER_LOGIN_RULES = ("authenticated", "all", "none")
+# What a failed protocol test does (Postfix's postscreen_*_action).
+PROTOCOL_TEST_ACTIONS = ("ignore", "enforce", "drop")
 # Postfix's masquerade_classes (elemta.addressing.rewrite).
 ENVELOPE_SENDER, ENVELOPE_RECIPIENT = "envelope_sender", "envelope_recipient"
 HEADER_SENDER, HEADER_RECIPIENT = "header_sender", "header_recipient"
@@ -824,9 +826,45 @@ class DNSSettings:
     timeout: float = opt(3.0, "Seconds one DNS query to one nameserver may take.", _positive)
 
 
+@dataclass(frozen=True)
+class ProtocolTestSettings:
+    """Postscreen's protocol tests, done by the smtpd itself on smtp listeners (not on
+    submission and smtps: they are for port 25, where the zombies call), for clients
+    outside relay.mynetworks (postscreen's permit_mynetworks)
+    (elemta.restrictions.protocoltests). A client that fails one is logged; then, by
+    the test's action, ignore lets it go on, enforce refuses each of its recipients with
+    550 5.5.1 Protocol error, and drop hangs up at once with 521 5.5.1 Protocol error."""
+    greet_wait: float = opt(
+        0.0, "Seconds every client waits for the last line of the greeting while the "
+             "smtpd listens whether it talks before its turn (the pregreet test); such "
+             "a client is logged \"PREGREET n after t from [address]:port: input\". 0: "
+             "no test and no wait. Postfix's postscreen_greet_wait (6s when postscreen "
+             "runs; it then remembers clients that passed for a day, postscreen_greet_ttl, "
+             "which Elemta does not: every connection waits).", _not_negative)
+    greet_banner: bool = opt(
+        True, "Send the first line of the greeting (220-host banner) before the wait, as "
+              "bait, then the whole greeting after it; false: wait in silence. Postfix's "
+              "postscreen_greet_banner (its text, or empty for none).")
+    greet_action: str = opt(
+        "ignore", "What befalls a client that talks before its turn: ignore (log only), "
+                  "enforce or drop. Postfix's postscreen_greet_action.",
+        _one_of(PROTOCOL_TEST_ACTIONS))
+    pipelining_enable: bool = opt(
+        False, "Test whether clients send commands ahead of the replies where they may "
+               "not (RFC 2920): before the EHLO reply announced PIPELINING (before EHLO, "
+               "after HELO, after STARTTLS) and after DATA; such a client is logged "
+               "\"COMMAND PIPELINING from [address]:port after COMMAND: input\". Postfix's "
+               "postscreen_pipelining_enable.")
+    pipelining_action: str = opt(
+        "enforce", "What befalls a client that pipelines where it may not: ignore, "
+                   "enforce or drop. Postfix's postscreen_pipelining_action.",
+        _one_of(PROTOCOL_TEST_ACTIONS))
+
+
 # ---- plugins: each built-in's table is the plugin's own Settings (elemta.plugins.settings)
 
-BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist")   # authres: by its rule
+# authres: by its rule.
+BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist", "ratelimit")
 
 
 @dataclass(frozen=True)
@@ -841,6 +879,7 @@ class PluginSettings:
     arc: ARCSettings = opt(ARCSettings(), "ARC.")
     authres: AuthResSettings = opt(AuthResSettings(), "Authentication-Results.")
     greylist: GreylistSettings = opt(GreylistSettings(), "Greylisting.")
+    ratelimit: RateLimitSettings = opt(RateLimitSettings(), "Client rate limits (anvil).")
     # Tables of installed third-party plugins, typed by the loader with the plugin's own
     # Settings class.
     other: Tuple[ConfiguredPlugin, ...] = field(default=(), metadata={"internal": True})
@@ -881,6 +920,9 @@ class Config:
     local: LocalSettings = opt(LocalSettings(), "Local delivery.")
     dns: DNSSettings = opt(DNSSettings(), "DNS for the plugins.")
     plugins: PluginSettings = opt(PluginSettings(), "Plugins.")
+    protocol_tests: ProtocolTestSettings = opt(
+        ProtocolTestSettings(), "Early talkers and pipelining abuse (postscreen's "
+                                "protocol tests).")
     source: Optional[str] = field(default=None, compare=False, metadata={"internal": True})
     # The first line of smtpd.mailname_file, checked (elemta.config.mailname), or None.
     mailname: Optional[str] = field(default=None, compare=False,

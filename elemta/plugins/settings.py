@@ -234,3 +234,55 @@ class ConfiguredPlugin:
     name: str
     common: PluginCommon
     settings: Any
+
+
+@dataclass(frozen=True)
+class RateLimitSettings(PluginCommon):
+    """Client rate limits (Postfix's anvil): connections, messages and recipients per
+    time unit, per client address, authenticated user and envelope sender."""
+    time_unit: int = opt(60, "Seconds over which every rate below is counted: a window "
+                             "starts at a client's first event. Postfix's "
+                             "anvil_rate_time_unit.", positive)
+    connection_rate_limit: int = opt(
+        0, "Connections one client address (an IPv6 client: its /64) may make per time "
+           "unit; more get 421 4.7.0 \"Error: too many connections from ADDRESS\" and "
+           "are closed. 0: no limit. Postfix's smtpd_client_connection_rate_limit.",
+        not_negative)
+    message_rate_limit: int = opt(
+        0, "MAIL FROM commands one client address may give per time unit, counted "
+           "whether or not the message is then accepted; more get 450 4.7.1 \"Error: "
+           "too much mail from ADDRESS\". 0: no limit. Postfix's "
+           "smtpd_client_message_rate_limit.", not_negative)
+    recipient_rate_limit: int = opt(
+        0, "RCPT TO commands one client address may give per time unit, counted whether "
+           "or not the recipient is then accepted; more get 450 4.7.1 \"Error: too many "
+           "recipients from ADDRESS\". 0: no limit. Postfix's "
+           "smtpd_client_recipient_rate_limit.", not_negative)
+    user_message_rate_limit: int = opt(
+        0, "MAIL FROM commands one AUTH login may give per time unit, from any address; "
+           "more get 450 4.7.1 \"Error: too much mail from user LOGIN\". 0: no limit. "
+           "Postfix has no parameter for it (a policy service such as postfwd does it).",
+        not_negative)
+    user_recipient_rate_limit: int = opt(
+        0, "RCPT TO commands one AUTH login may give per time unit; more get 450 4.7.1 "
+           "\"Error: too many recipients from user LOGIN\". 0: no limit. Postfix has no "
+           "parameter for it.", not_negative)
+    sender_message_rate_limit: int = opt(
+        0, "MAIL FROM commands naming one envelope sender per time unit, from any "
+           "client (the null sender of bounces is not counted); more get 450 4.7.1 "
+           "\"Error: too much mail from sender ADDRESS\". 0: no limit. Postfix has no "
+           "parameter for it.", not_negative)
+    sender_recipient_rate_limit: int = opt(
+        0, "RCPT TO commands for one envelope sender per time unit; more get 450 4.7.1 "
+           "\"Error: too many recipients from sender ADDRESS\". 0: no limit. Postfix has "
+           "no parameter for it.", not_negative)
+    exempt_mynetworks: bool = opt(
+        True, "Clients in relay.mynetworks are never limited nor counted. Postfix's "
+              "smtpd_client_event_limit_exceptions defaults to $mynetworks.")
+    exceptions: Tuple[str, ...] = opt(
+        (), "More client networks never limited nor counted. Postfix's "
+            "smtpd_client_event_limit_exceptions.", networks)
+    database: str = opt("/var/lib/elemta/ratelimit", "LMDB directory of the counters, "
+                                                      "shared by every smtpd worker.")
+    map_size_mb: int = opt(16, "Largest size of the LMDB database, in megabytes.",
+                           positive)

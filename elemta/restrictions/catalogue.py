@@ -59,6 +59,15 @@ class CoreCheck:
 
 
 CORE_CHECKS = (
+    CoreCheck("pregreet", "connect", "postscreen_greet_action", "protocol_tests.greet_wait",
+              "talking before the greeting: logged, 550 5.5.1 to every RCPT (enforce) or "
+              "521 5.5.1 and hang up (drop)",
+              lambda config: config.protocol_tests.greet_wait > 0),
+    CoreCheck("pipelining", "connect", "postscreen_pipelining_action",
+              "protocol_tests.pipelining_enable",
+              "commands sent ahead without PIPELINING: logged, 550 5.5.1 to every RCPT "
+              "(enforce) or 521 5.5.1 and hang up (drop)",
+              lambda config: config.protocol_tests.pipelining_enable),
     CoreCheck("worker_connection_limit", "connect", "default_process_limit",
               "limits.connections_per_worker", "421 4.7.0 too many connections"),
     CoreCheck("client_connection_limit", "connect", "smtpd_client_connection_count_limit",

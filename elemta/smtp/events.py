@@ -109,3 +109,16 @@ class AuthRequest(Event):
 @dataclass
 class StartTLS(Event):
     """The 220 to STARTTLS is out: do the TLS handshake, then call tls_started()."""
+
+
+@dataclass
+class ImproperPipelining(Event):
+    """A command line came with more input behind it where the client may not pipeline:
+    it has not seen PIPELINING in an EHLO reply of this session (before EHLO, after HELO,
+    after STARTTLS), or the command is DATA (RFC 2920 3.1: the client waits for the 354).
+    Only when Settings.pipelining_test is on, once per session. `command` is the verb,
+    `following` the first input after it (up to 100 bytes). accept(): the command is
+    obeyed; reject(reply): the reply (a closing one) ends the session instead."""
+    command: str
+    following: bytes
+    needs_decision = True

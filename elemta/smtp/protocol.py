@@ -15,7 +15,10 @@ line, DATA content, a BDAT chunk, an AUTH response, or the TLS handshake that th
 does - follows from the state (READERS); it is never kept beside it. Per-command flags,
 as Postfix's smtpd_cmd_table has, say what the table cannot: JUNK, RESETS, UTF8,
 NEEDS_AUTH, CHUNK_FOLLOWS. A client refused before the greeting (start_refused) is a
-state too, REFUSED, where only QUIT is obeyed.
+state too, REFUSED, where only QUIT is obeyed. With Settings.pipelining_test, a command
+line that came with input behind it where RFC 2920 forbids sending ahead is put to the
+driver first (ImproperPipelining: postscreen's pipelining test) and obeyed only once
+the driver accepts it.
 
 Usage (see elemta.smtpd.session for the real driver):
 
@@ -46,8 +49,9 @@ from elemta.smtp.address import (AddressError, NonAsciiAddress, parse_params, sp
                                  validate_mailbox)
 from elemta.smtp.dsn import DsnError, parse_envid, parse_notify, parse_orcpt
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
-                                DataStart, Helo, MailFrom, MessageReceived, RcptTo,
-                                RecipientInfo, StartTLS, Transaction)
+                                DataStart, Helo, ImproperPipelining, MailFrom,
+                                MessageReceived, RcptTo, RecipientInfo, StartTLS,
+                                Transaction)
 from elemta.smtp.replies import Reply
 
 # RFC 5321 4.5.3.1.4/4.5.3.1.6 allow 512-octet command lines and 1000-octet text lines;
@@ -227,6 +231,7 @@ class Settings:
     auth_mechanisms: Tuple[str, ...] = AUTH_MECHANISMS   # at first; offer_auth_mechanisms
     auth_plaintext: bool = False          # AUTH offered without TLS
     auth_required: bool = False           # submission/smtps: MAIL needs AUTH first
+    pipelining_test: bool = False         # report ImproperPipelining (postscreen's test)
 
 
 class ContentChecker:
@@ -292,6 +297,7 @@ class ServerProtocol:
         self._pending = None            # (event, on_accept, on_reject) awaiting a decision
         self._denial = None             # REFUSED: the reply to every line but QUIT
         self._discarding_line = False   # the rest of a too long line is being skipped
+        self._pipelining_test = settings.pipelining_test    # off once it has reported
         # DATA / BDAT
         self._data_bol = True
         self._checker = None
@@ -376,6 +382,12 @@ class ServerProtocol:
         self.helo_name = None
         self.esmtp = False
         self.auth_user = None
+
+    def hang_up(self, reply):
+        """End the session with `reply` as the last one, as it is (a protocol test's
+        521 5.5.1; ImproperPipelining refused), from any state, before start() too."""
+        self._abort_transaction("session refused")
+        self._send(reply.code, reply.status, reply.text, close=True)
 
     def close_with(self, code, status, text):
         """End the session from the driver's side (timeout, shutdown): the last reply."""
@@ -489,6 +501,16 @@ class ServerProtocol:
         raw = self._read_line()
         if raw is None:
             return False
+        if self._pipelining_test and self._buf and raw is not _TOO_LONG:
+            verb = raw.split(b" ", 1)[0].upper()
+            if not self.esmtp or verb == b"DATA":
+                # More input came with this line, where the client may not send ahead
+                # (ImproperPipelining): the driver decides before the command is obeyed.
+                self._pipelining_test = False
+                self._decide(ImproperPipelining(verb.decode("ascii", "replace"),
+                                                bytes(self._buf[:100])),
+                             lambda text: self._handle_command(raw), self.hang_up)
+                return True
         self._handle_command(raw)
         return True
 

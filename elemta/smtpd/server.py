@@ -46,7 +46,8 @@ def protocol_settings(config, listener, tls_ready, auth_ready):
         starttls_available=tls_ready and listener.mode != "smtps",
         implicit_tls=listener.mode == "smtps",
         auth_available=auth_ready, auth_plaintext=config.auth.allow_plaintext,
-        auth_required=listener.mode in ("submission", "smtps"))
+        auth_required=listener.mode in ("submission", "smtps"),
+        pipelining_test=config.protocol_tests.pipelining_enable and listener.mode == "smtp")
 
 
 class SMTPServer:

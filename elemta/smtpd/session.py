@@ -35,11 +35,12 @@ from elemta.plugins.api import DISCARD, TEMPFAIL, Context
 from elemta.plugins.content import (notify_queued, outbound, run_content_stages,
                                     wants_content)
 from elemta.queue.ids import new_queue_id
-from elemta.restrictions.catalogue import CORE_REFUSALS, stage_of_command
 from elemta.queue.model import Envelope, Recipient
+from elemta.restrictions.catalogue import CORE_REFUSALS, stage_of_command
+from elemta.restrictions.protocoltests import ProtocolTests
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
-                                DataStart, Helo, MailFrom, MessageReceived, RcptTo,
-                                StartTLS)
+                                DataStart, Helo, ImproperPipelining, MailFrom,
+                                MessageReceived, RcptTo, StartTLS)
 from elemta.smtp.protocol import ServerProtocol
 from elemta.smtp.replies import Reply
 from elemta.smtpd import authresult, tls
@@ -74,6 +75,7 @@ HANDLERS = {
     MessageReceived: "on_message_received",
     AuthRequest: "on_auth_request",
     StartTLS: "on_start_tls",
+    ImproperPipelining: "on_improper_pipelining",
 }
 
 
@@ -114,6 +116,10 @@ class Session:
         self.queued_sender = None
         self.header_rewriting = False    # this message's headers are to be rewritten
         self._refusal_counted = False    # the pending refusal is counted by restriction
+        # Postscreen's pregreet and pipelining tests (elemta.restrictions.protocoltests).
+        self.screen = ProtocolTests(server.config.protocol_tests, listener.mode,
+                                    self.ctx.trusted, self.client_ip, address[1],
+                                    self.ctx.session)
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -122,7 +128,8 @@ class Session:
         try:
             if self.listener.mode == "smtps":
                 self._handshake()
-            self._greet()
+            if not self._dropped_pregreeter():
+                self._greet()
             self._converse()
         except SessionEnded as exc:
             log.info("lost connection after %s from %s%s", self.proto.last_command, self.client,
@@ -157,6 +164,21 @@ class Session:
         log.info("NOQUEUE: reject: CONNECT from %s: %d %s %s; proto=SMTP (plugin %s)",
                  self.client, code, status, text, outcome.decided_by)
         self.proto.start_refused(code, status, text, self.client)
+
+    def _dropped_pregreeter(self):
+        """The pregreet test: True when the client talked before its turn and is
+        dropped (the core then holds the closing reply)."""
+        s = self.proto.settings
+        drop = self.screen.pregreet(self.sock, ("220-%s %s\r\n" % (s.hostname, s.banner))
+                                    .encode("utf-8", "replace"))
+        if drop is None:
+            return False
+        log.info("NOQUEUE: reject: CONNECT from %s: %s; proto=SMTP (restriction pregreet)",
+                 self.client, drop)
+        metrics.count_refusal("pregreet", "connect")
+        self._refusal_counted = True
+        self.proto.hang_up(drop)
+        return True
 
     def _converse(self):
         proto = self.proto
@@ -288,6 +310,9 @@ class Session:
 
     def on_rcpt_to(self, event):
         address = event.recipient.address
+        if self.screen.refusal() is not None:      # failed an enforced protocol test
+            return self._reject("RCPT", self.screen.refusal(), self.screen.failed,
+                                event.transaction.sender, address)
         refusal, targets = self.server.policy.check_recipient(
             self.client_ip, self.proto.auth_user, address)
         if refusal is not None:
@@ -509,6 +534,16 @@ class Session:
             return self.sock.getsockname()[0]
         except (OSError, IndexError, TypeError):
             return None
+
+    def on_improper_pipelining(self, event):
+        """Sent ahead where RFC 2920 forbids: the pipelining test decides."""
+        drop = self.screen.pipelining(event)
+        if drop is None:
+            return self.proto.accept()
+        log.info("NOQUEUE: reject: %s from %s: %s; proto=%s helo=<%s> (restriction "
+                 "pipelining)", event.command, self.client, drop,
+                 "ESMTP" if self.proto.esmtp else "SMTP", self.proto.helo_name or "")
+        self._refuse_content(drop, "pipelining", stage_of_command(event.command))
 
     def on_start_tls(self, event):
         self._flush()
