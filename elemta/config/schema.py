@@ -296,6 +296,17 @@ class SMTPDSettings:
               "always has sasl_username=. false keeps the login name private (it then "
               "appears only in the log). Postfix's smtpd_sasl_authenticated_header, "
               "which is off by default.")
+    peername_lookup: bool = opt(
+        True, "Look up each client's name at connect: its reverse DNS (PTR) name, kept only "
+              "when a forward lookup of that name gives the client's address back. The "
+              "verified name then appears in the log (name[ip] instead of unknown[ip]) and "
+              "the Received header, and the client host restrictions use it. The lookup "
+              "asks dns.nameservers. Postfix's smtpd_peername_lookup.")
+    peername_timeout: float = opt(
+        5.0, "Seconds the client name lookup may take at most, delaying the greeting by "
+             "as much; a client whose name is not found in time is unknown[ip], as after a "
+             "DNS failure. Postfix has none: its resolver's own timeouts bound the wait.",
+        _positive)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import logging
 import socket
 import time
 
+import gevent
 from gevent import ssl
 
 from elemta import metrics
@@ -34,6 +35,8 @@ from elemta.maps import TableUnavailable
 from elemta.plugins.api import DISCARD, TEMPFAIL, Context
 from elemta.plugins.content import (notify_queued, outbound, run_content_stages,
                                     wants_content)
+from elemta.plugins.peername import OK as NAME_OK
+from elemta.plugins.peername import look_up, timed_out
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import Envelope, Recipient
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
@@ -98,7 +101,7 @@ class Session:
         self._out = bytearray()
         self.plugins = server.plugins
         self.ctx = Context(client_address=self.client_ip, hostname=server.hostname,
-                           resolver=server.resolver,
+                           resolver=server.resolver, listener=listener,
                            trusted=server.policy.client_trusted(self.client_ip))
         self.content = None     # the message content, kept only for data/storage plugins
         # A discard or quarantine from a stage before the content: (action, reason,
@@ -116,6 +119,7 @@ class Session:
     # ---- the loop -------------------------------------------------------------------
 
     def run(self):
+        self._find_client_name()
         log.info("connect from %s", self.client)
         try:
             if self.listener.mode == "smtps":
@@ -133,6 +137,24 @@ class Session:
                 pass
             log.info("disconnect from %s", self.client)
             self._notify_queued()     # messages queued just before the client went away
+
+    def _find_client_name(self):
+        """Look up the client's verified name (elemta.plugins.peername), waiting at most
+        smtpd.peername_timeout: it names the client in the log and the Received header,
+        and the plugins see it (ctx.client_name, ctx.client_lookup)."""
+        settings = self.server.config.smtpd
+        if not settings.peername_lookup or self.server.resolver is None:
+            return
+        found = None
+        with gevent.Timeout(settings.peername_timeout, False):
+            found = look_up(self.server.resolver, self.client_ip)
+        if found is None:
+            found = timed_out(settings.peername_timeout)
+        self.ctx.client_lookup = found
+        self.ctx.client_name = found.name
+        self.client = "%s[%s]" % (found.name, self.client_ip)
+        if found.name_status != NAME_OK and found.problem:
+            log.warning("%s: %s", self.client_ip, found.problem)
 
     def _greet(self):
         """Run the connection-stage plugins, then have the core queue the greeting: the
@@ -308,7 +330,8 @@ class Session:
             protocol=protocol_name(proto.esmtp, proto.tls_active, proto.auth_user is not None,
                                    txn.smtputf8),
             auth_user=proto.auth_user)
-        header = received_header(proto.helo_name, self.client_ip, self.server.hostname,
+        header = received_header(proto.helo_name, self.client_ip, self.ctx.client_name,
+                                 self.server.hostname,
                                  envelope.protocol, self.queue_id,
                                  [r.address for r in txn.recipients], self.tls_info,
                                  proto.auth_user if self.server.config.smtpd
