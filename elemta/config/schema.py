@@ -32,6 +32,7 @@ from elemta.config.options import positive as _positive
 from elemta.maps.domains import DomainList
 from elemta.maps.spec import TableSpec
 from elemta.plugins.settings import (ARCSettings, AuthResSettings, ConfiguredPlugin,
+                                     DNSBLSettings, RHSBLSettings,
                                      DKIMSettings, DMARCSettings, GreylistSettings,
                                      SPFSettings, authres_runs)
 
@@ -836,7 +837,8 @@ class DNSSettings:
 
 # ---- plugins: each built-in's table is the plugin's own Settings (elemta.plugins.settings)
 
-BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist")   # authres: by its rule
+BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist",   # authres: by its rule
+                   "dnsbl", "rhsbl")
 
 
 @dataclass(frozen=True)
@@ -851,6 +853,10 @@ class PluginSettings:
     arc: ARCSettings = opt(ARCSettings(), "ARC.")
     authres: AuthResSettings = opt(AuthResSettings(), "Authentication-Results.")
     greylist: GreylistSettings = opt(GreylistSettings(), "Greylisting.")
+    dnsbl: DNSBLSettings = opt(DNSBLSettings(), "Client DNS block and allow lists "
+                                                "(postscreen_dnsbl_sites).")
+    rhsbl: RHSBLSettings = opt(RHSBLSettings(), "Domain DNS block lists (reject_rhsbl_helo, "
+                                                "reject_rhsbl_sender).")
     # Tables of installed third-party plugins, typed by the loader with the plugin's own
     # Settings class.
     other: Tuple[ConfiguredPlugin, ...] = field(default=(), metadata={"internal": True})

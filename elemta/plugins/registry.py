@@ -24,6 +24,8 @@ BUILTINS = {
     "arc": "elemta.plugins.arc:ARCPlugin",
     "authres": "elemta.plugins.authres:AuthResultsPlugin",
     "greylist": "elemta.plugins.greylist:GreylistPlugin",
+    "dnsbl": "elemta.restrictions.dnsbl:DNSBLPlugin",
+    "rhsbl": "elemta.restrictions.rhsbl:RHSBLPlugin",
 }
 
 
