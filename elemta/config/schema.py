@@ -32,7 +32,9 @@ from elemta.config.options import positive as _positive
 from elemta.maps.domains import DomainList
 from elemta.maps.spec import TableSpec
 from elemta.plugins.settings import (ARCSettings, AuthResSettings, ConfiguredPlugin,
-                                     DNSBLSettings, RHSBLSettings,
+                                     ClientHostnameSettings, DNSBLSettings,
+                                     HeloHostnameSettings, NonFQDNSettings, RHSBLSettings,
+                                     SenderDomainSettings,
                                      DKIMSettings, DMARCSettings, GreylistSettings,
                                      SPFSettings, authres_runs)
 
@@ -838,7 +840,8 @@ class DNSSettings:
 # ---- plugins: each built-in's table is the plugin's own Settings (elemta.plugins.settings)
 
 BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist",   # authres: by its rule
-                   "dnsbl", "rhsbl")
+                   "dnsbl", "rhsbl", "helo_hostname", "client_hostname", "non_fqdn",
+                   "unknown_sender_domain")
 
 
 @dataclass(frozen=True)
@@ -857,6 +860,16 @@ class PluginSettings:
                                                 "(postscreen_dnsbl_sites).")
     rhsbl: RHSBLSettings = opt(RHSBLSettings(), "Domain DNS block lists (reject_rhsbl_helo, "
                                                 "reject_rhsbl_sender).")
+    helo_hostname: HeloHostnameSettings = opt(
+        HeloHostnameSettings(), "HELO name checks (reject_invalid_helo_hostname, "
+                                "reject_non_fqdn_helo_hostname).")
+    client_hostname: ClientHostnameSettings = opt(
+        ClientHostnameSettings(), "Client name checks (reject_unknown_client_hostname, "
+                                  "reject_unknown_reverse_client_hostname).")
+    non_fqdn: NonFQDNSettings = opt(NonFQDNSettings(), "Envelope address checks "
+                                    "(reject_non_fqdn_sender, reject_non_fqdn_recipient).")
+    unknown_sender_domain: SenderDomainSettings = opt(
+        SenderDomainSettings(), "Sender domain check (reject_unknown_sender_domain).")
     # Tables of installed third-party plugins, typed by the loader with the plugin's own
     # Settings class.
     other: Tuple[ConfiguredPlugin, ...] = field(default=(), metadata={"internal": True})

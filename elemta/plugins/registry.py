@@ -26,6 +26,10 @@ BUILTINS = {
     "greylist": "elemta.plugins.greylist:GreylistPlugin",
     "dnsbl": "elemta.restrictions.dnsbl:DNSBLPlugin",
     "rhsbl": "elemta.restrictions.rhsbl:RHSBLPlugin",
+    "helo_hostname": "elemta.restrictions.helohostname:HeloHostnamePlugin",
+    "client_hostname": "elemta.restrictions.clienthost:ClientHostnamePlugin",
+    "non_fqdn": "elemta.restrictions.nonfqdn:NonFQDNPlugin",
+    "unknown_sender_domain": "elemta.restrictions.senderdomain:SenderDomainPlugin",
 }
 
 

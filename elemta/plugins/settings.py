@@ -325,3 +325,69 @@ class RHSBLSettings(RestrictionSettings):
         if self.max_ttl < self.min_ttl:
             raise PluginConfigError("%s.max_ttl: less than min_ttl (%d)"
                                     % (path, self.min_ttl))
+
+
+def _reply_code(first_digits):
+    def check(value):
+        if not 400 <= value <= 599 or str(value)[0] not in first_digits:
+            return "must be a %s reply code, not %r" % (
+                " or ".join(d + "xx" for d in first_digits), value)
+        return None
+    return check
+
+
+@dataclass(frozen=True)
+class HeloHostnameSettings(RestrictionSettings):
+    """Checks of the HELO/EHLO name, answered at HELO."""
+    reject_invalid: bool = opt(
+        True, "Refuse a HELO name that is neither a valid host name nor an address "
+              "literal: 501 5.5.2 <NAME>: Helo command rejected: Invalid name. Postfix: "
+              "reject_invalid_helo_hostname.")
+    reject_non_fqdn: bool = opt(
+        True, "Refuse a HELO name that is not a fully qualified domain name (no dot, "
+              "or an IP address without brackets): 504 5.5.2 <NAME>: Helo command "
+              "rejected: need fully-qualified hostname. Postfix: "
+              "reject_non_fqdn_helo_hostname.")
+
+
+@dataclass(frozen=True)
+class ClientHostnameSettings(RestrictionSettings):
+    """Checks of the client's name found at connect (smtpd.peername_lookup), answered at
+    RCPT, as Postfix's smtpd_delay_reject does."""
+    reject_unknown_reverse: bool = opt(
+        False, "Refuse a client address without a PTR name: 450 4.7.1 Client host "
+               "rejected: cannot find your reverse hostname, [ADDRESS]. Postfix: "
+               "reject_unknown_reverse_client_hostname.")
+    reject_unknown: bool = opt(
+        True, "Refuse a client whose PTR name does not resolve back to its address "
+              "(forward-confirmed reverse DNS), or that has none: 450 4.7.25 Client host "
+              "rejected: cannot find your hostname, [ADDRESS]. Postfix: "
+              "reject_unknown_client_hostname.")
+    reject_code: int = opt(
+        450, "Reply code when the name is known not to exist or not to match; a DNS "
+             "failure always gives 450. Postfix: unknown_client_reject_code.",
+        _reply_code("45"))
+
+
+@dataclass(frozen=True)
+class NonFQDNSettings(RestrictionSettings):
+    """Refusal of envelope addresses whose domain is not fully qualified."""
+    reject_non_fqdn_sender: bool = opt(
+        True, "At MAIL FROM: 504 5.5.2 <ADDRESS>: Sender address rejected: need "
+              "fully-qualified address. The null sender passes. Postfix: "
+              "reject_non_fqdn_sender.")
+    reject_non_fqdn_recipient: bool = opt(
+        True, "At RCPT TO: 504 5.5.2 <ADDRESS>: Recipient address rejected: need "
+              "fully-qualified address. Postfix: reject_non_fqdn_recipient.")
+
+
+@dataclass(frozen=True)
+class SenderDomainSettings(RestrictionSettings):
+    """Refusal, at MAIL FROM, of a sender domain that has no MX and no address record
+    (Postfix: reject_unknown_sender_domain)."""
+    reject_code: int = opt(
+        550, "Reply code when the domain does not exist or has neither MX nor A/AAAA "
+             "records: CODE 5.1.8 <ADDRESS>: Sender address rejected: Domain not found. "
+             "A DNS failure always gives 450 4.1.8; a null MX (RFC 7505) gives 550 "
+             "5.7.27. Postfix: unknown_address_reject_code (whose default is 450).",
+        _reply_code("45"))

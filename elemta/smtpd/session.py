@@ -572,7 +572,8 @@ class Session:
                  self.client, reply,
                  " from=<%s>" % sender if sender is not None else "",
                  " to=<%s>" % recipient if recipient is not None else "",
-                 "ESMTP" if self.proto.esmtp else "SMTP", self.proto.helo_name, why)
+                 "ESMTP" if self.proto.esmtp else "SMTP",
+                 self.proto.helo_name or self.ctx.helo, why)   # a refused HELO: its name
         self.proto.reject(reply)
 
     def _discard_message(self):
