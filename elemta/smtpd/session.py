@@ -36,6 +36,7 @@ from elemta.plugins.api import DISCARD, TEMPFAIL, Context
 from elemta.plugins.content import (notify_queued, outbound, run_content_stages,
                                     wants_content)
 from elemta.plugins.peername import OK as NAME_OK
+from elemta.plugins.peername import PERM as NAME_PERM
 from elemta.plugins.peername import look_up, timed_out
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import Envelope, Recipient
@@ -153,7 +154,9 @@ class Session:
         self.ctx.client_lookup = found
         self.ctx.client_name = found.name
         self.client = "%s[%s]" % (found.name, self.client_ip)
-        if found.name_status != NAME_OK and found.problem:
+        # A name that does not check out is worth a warning, as in Postfix; no PTR name
+        # at all is common and says nothing more than unknown[ip].
+        if found.name_status != NAME_OK and found.reverse_status != NAME_PERM:
             log.warning("%s: %s", self.client_ip, found.problem)
 
     def _greet(self):
