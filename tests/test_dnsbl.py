@@ -176,3 +176,28 @@ def test_sender_and_helo_domain_lists(elemta_server, nsd):
             "from=<a@spam.example> proto=ESMTP helo=<client.test> (plugin rhsbl)") in log
     assert ("NOQUEUE: reject: HELO from unknown[127.0.0.1]: 554 5.7.1 Service "
             "unavailable; Helo command [bad.example] blocked using hbl.test;") in log
+
+
+def load_error(path, text):
+    from elemta.config.errors import ConfigError
+    from elemta.config.loader import load_config
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    return str(caught.value).splitlines()
+
+
+def test_a_bad_list_entry_is_refused_with_file_line_and_key(tmp_path):
+    path = tmp_path / "elemta.yaml"
+    lines = load_error(path, "plugins:\n  dnsbl:\n    enabled: true\n"
+                             "    sites: [ok.example, \"zen.example=127.0.0.[2..300]*3\"]\n"
+                             "  rhsbl:\n    helo_sites: [\"dbl.example*x\"]\n")
+    assert lines[0].startswith(
+        "%s:4: plugins.dnsbl.sites[1]: 'zen.example=127.0.0.[2..300]*3': '[2..300]' is "
+        "not an octet" % path), lines
+    assert lines[1].startswith("%s:6: plugins.rhsbl.helo_sites[0]: 'dbl.example*x': the "
+                               "weight after * must be a whole number" % path), lines
+    lines = load_error(path, "plugins:\n  rhsbl:\n    enabled: true\n    min_ttl: 600\n"
+                             "    max_ttl: 60\n")
+    assert lines[0].startswith("%s:5: plugins.rhsbl.max_ttl: less than min_ttl (600)"
+                               % path), lines

@@ -280,6 +280,8 @@ class Session:
             self.proto.offer_auth_mechanisms(self.server.authenticator.mechanisms())
         self.ctx.new_transaction()
         if self._refused_by_plugins("helo", "HELO"):
+            # The refused name is not the session's: later checks see the one accepted.
+            self.ctx.helo = self.proto.helo_name or ""
             return
         self.proto.accept()
 
