@@ -34,7 +34,8 @@ ZONES = {
     "low.test": "3.0.0.127 A 127.0.0.2\n5.0.0.127 A 127.0.0.2\n",
     "low2.test": "5.0.0.127 A 127.0.0.2\n",
     "wl.test": "4.0.0.127 A 127.0.0.2\n",
-    "dbl.test": "spam.example A 127.0.1.2\nclean.example TXT \"not an A record\"\n",
+    "dbl.test": ("spam.example A 127.0.1.2\nspam.example TXT \"see https://dbl.test/\"\n"
+                 "clean.example TXT \"not an A record\"\n"),
     "hbl.test": "bad.example A 127.0.0.2\n",
 }
 SITES = ["bl.test=127.0.0.[2..11]*2", "low.test", "low2.test", "wl.test*-5",
@@ -166,14 +167,15 @@ def test_sender_and_helo_domain_lists(elemta_server, nsd):
         assert smtp.ehlo("client.test")[0] == 250
         assert smtp.mail("a@spam.example") == (
             554, b"5.7.1 Service unavailable; Sender address [a@spam.example] blocked "
-                 b"using dbl.test")
+                 b"using dbl.test; see https://dbl.test/")
         assert smtp.mail("a@clean.example")[0] == 250
         smtp.rset()
         assert smtp.mail("")[0] == 250
     log = server.log()
     assert ("NOQUEUE: reject: MAIL from unknown[127.0.0.1]: 554 5.7.1 Service "
-            "unavailable; Sender address [a@spam.example] blocked using dbl.test; "
-            "from=<a@spam.example> proto=ESMTP helo=<client.test> (plugin rhsbl)") in log
+            "unavailable; Sender address [a@spam.example] blocked using dbl.test; see "
+            "https://dbl.test/; from=<a@spam.example> proto=ESMTP helo=<client.test> "
+            "(plugin rhsbl)") in log
     assert ("NOQUEUE: reject: HELO from unknown[127.0.0.1]: 554 5.7.1 Service "
             "unavailable; Helo command [bad.example] blocked using hbl.test;") in log
 

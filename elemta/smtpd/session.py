@@ -4,7 +4,10 @@ Owned by the smtpd worker; one greenlet runs one Session. The protocol core deci
 is valid SMTP, in every state, a client refused at connection time included; this module
 parses none of it and supplies what needs the outside world: timeouts, TLS, the relay
 policy, AUTH checks, and the queue (spool file, group commit). Log lines follow Postfix's
-layout, queue id first, so admins can grep them the same way.
+layout, queue id first, so admins can grep them the same way, and name the client as
+Postfix does, name[ip]: the name is looked up once at connect, before the greeting and
+under smtpd.peername_timeout (elemta.plugins.peername), and is "unknown" unless its
+forward lookup gives the client's address back.
 
 Plugins (elemta.plugins) see the session through one Context (self.ctx) and are asked at
 each stage: connection (before the greeting), helo, auth, mail, rcpt (after the relay
