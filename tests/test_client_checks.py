@@ -110,11 +110,15 @@ def test_unknown_sender_domain(elemta_server, dns):
         # A zone nobody serves: NSD refuses, a DNS failure, so try again later.
         assert smtp.mail("a@unserved.example") == (
             450, b"4.1.8 <a@unserved.example>: Sender address rejected: Domain not found")
+        # An internationalized domain (asked as its A-label); the reply stays ASCII.
+        assert smtp.mail("a@b\u00fccher.example", ["SMTPUTF8"]) == (
+            450, b"4.1.8 <a@b?cher.example>: Sender address rejected: Domain not found")
     log = server.log()
     assert ("NOQUEUE: reject: MAIL from unknown[127.0.0.1]: 550 5.1.8 <a@empty.test>: "
             "Sender address rejected: Domain not found; from=<a@empty.test> proto=ESMTP "
             "helo=<client.test> (plugin unknown_sender_domain)") in log
     assert "unserved.example: MX or address lookup failed: " in log
+    assert "b\u00fccher.example: MX or address lookup failed: " in log
 
 
 def rcpt_from(port, source):
