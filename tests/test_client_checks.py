@@ -9,6 +9,7 @@ See also: elemta/restrictions/, tests/test_client_name.py.
 """
 
 import smtplib
+import socket
 import tempfile
 
 import pytest
@@ -154,3 +155,21 @@ def test_client_hostnames_without_the_connect_lookup(elemta_server, dns):
     assert rcpt_from(server.port, "127.0.0.5")[0] == 250
     assert rcpt_from(server.port, "127.0.0.6") == (
         550, b"5.7.25 Client host rejected: cannot find your hostname, [127.0.0.6]")
+
+
+def test_client_hostnames_not_found_in_time_are_deferred_not_refused(elemta_server):
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # reads, never answers
+    silent.bind(("127.0.0.1", 0))
+    try:
+        server = elemta_server(
+            relay={"mynetworks": NOT_US}, smtpd={"peername_timeout": 0.3},
+            dns={"nameservers": ["127.0.0.1"], "port": silent.getsockname()[1],
+                 "timeout": 5.0},
+            plugins={"client_hostname": {"enabled": True, "reject_unknown_reverse": True,
+                                         "reject_code": 550}})
+        # A DNS failure is no proof: 450 whatever reject_code says.
+        assert rcpt_from(server.port, "127.0.0.5") == (
+            450, b"4.7.1 Client host rejected: cannot find your reverse hostname, "
+                 b"[127.0.0.5]")
+    finally:
+        silent.close()
