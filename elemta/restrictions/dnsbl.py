@@ -12,6 +12,7 @@ with an address its filter accepts adds its weight, and
                                      connection-stage checks are skipped
     otherwise                     -> no opinion
 
+The score is left in ctx.session["dnsbl_score"] for the plugins of later stages.
 A list that fails or times out counts as not listing, and is logged. Clients in
 mynetworks are not checked (elemta.restrictions.scope); nor is anyone on a listener the
 table's `listeners` leaves out. Log lines, as postscreen's "DNSBL rank":
