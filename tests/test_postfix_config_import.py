@@ -84,6 +84,7 @@ def test_the_peers_config_becomes_an_elemta_config_that_loads(peer_config, workd
     assert config.delivery.relayhost == "[127.0.0.1]:2599"
     assert config.local.aliases_file is None                  # alias_maps =
     assert config.limits.message_size == 10240000             # Postfix's default
+    assert config.smtpd.peername_lookup is False              # smtpd_peername_lookup = no
     assert [(l.address, l.port, l.mode) for l in config.listeners] == [
         ("127.0.0.1", peer_config.smtpd_port, "smtp"), ("127.0.0.1", 2526, "smtp")]
     # The output replaces the packaged config: the system MTA's user and spool stay.

@@ -32,6 +32,9 @@ from elemta.config.options import positive as _positive
 from elemta.maps.domains import DomainList
 from elemta.maps.spec import TableSpec
 from elemta.plugins.settings import (ARCSettings, AuthResSettings, ConfiguredPlugin,
+                                     ClientHostnameSettings, DNSBLSettings,
+                                     HeloHostnameSettings, NonFQDNSettings, RHSBLSettings,
+                                     SenderDomainSettings,
                                      DKIMSettings, DMARCSettings, GreylistSettings,
                                      RateLimitSettings, SPFSettings, authres_runs)
 
@@ -298,6 +301,17 @@ class SMTPDSettings:
               "always has sasl_username=. false keeps the login name private (it then "
               "appears only in the log). Postfix's smtpd_sasl_authenticated_header, "
               "which is off by default.")
+    peername_lookup: bool = opt(
+        True, "Look up each client's name at connect: its reverse DNS (PTR) name, kept only "
+              "when a forward lookup of that name gives the client's address back. The "
+              "verified name then appears in the log (name[ip] instead of unknown[ip]) and "
+              "the Received header, and the client host restrictions use it. The lookup "
+              "asks dns.nameservers. Postfix's smtpd_peername_lookup.")
+    peername_timeout: float = opt(
+        5.0, "Seconds the client name lookup may take at most, delaying the greeting by "
+             "as much; a client whose name is not found in time is unknown[ip], as after a "
+             "DNS failure. Postfix has none: its resolver's own timeouts bound the wait.",
+        _positive)
 
 
 @dataclass(frozen=True)
@@ -863,8 +877,9 @@ class ProtocolTestSettings:
 
 # ---- plugins: each built-in's table is the plugin's own Settings (elemta.plugins.settings)
 
-# authres: by its rule.
-BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist", "ratelimit")
+BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist",   # authres: by its rule
+                   "ratelimit", "dnsbl", "rhsbl", "helo_hostname", "client_hostname",
+                   "non_fqdn", "unknown_sender_domain")
 
 
 @dataclass(frozen=True)
@@ -880,6 +895,20 @@ class PluginSettings:
     authres: AuthResSettings = opt(AuthResSettings(), "Authentication-Results.")
     greylist: GreylistSettings = opt(GreylistSettings(), "Greylisting.")
     ratelimit: RateLimitSettings = opt(RateLimitSettings(), "Client rate limits (anvil).")
+    dnsbl: DNSBLSettings = opt(DNSBLSettings(), "Client DNS block and allow lists "
+                                                "(postscreen_dnsbl_sites).")
+    rhsbl: RHSBLSettings = opt(RHSBLSettings(), "Domain DNS block lists (reject_rhsbl_helo, "
+                                                "reject_rhsbl_sender).")
+    helo_hostname: HeloHostnameSettings = opt(
+        HeloHostnameSettings(), "HELO name checks (reject_invalid_helo_hostname, "
+                                "reject_non_fqdn_helo_hostname).")
+    client_hostname: ClientHostnameSettings = opt(
+        ClientHostnameSettings(), "Client name checks (reject_unknown_client_hostname, "
+                                  "reject_unknown_reverse_client_hostname).")
+    non_fqdn: NonFQDNSettings = opt(NonFQDNSettings(), "Envelope address checks "
+                                    "(reject_non_fqdn_sender, reject_non_fqdn_recipient).")
+    unknown_sender_domain: SenderDomainSettings = opt(
+        SenderDomainSettings(), "Sender domain check (reject_unknown_sender_domain).")
     # Tables of installed third-party plugins, typed by the loader with the plugin's own
     # Settings class.
     other: Tuple[ConfiguredPlugin, ...] = field(default=(), metadata={"internal": True})

@@ -44,7 +44,7 @@ NOT_NEEDED = {
     "maillog_file_prefixes", "biff", "append_dot_mydomain", "alias_database",
     "mydomain", "inet_protocols", "smtpd_sasl_auth_enable", "smtpd_sasl_path",
     "smtpd_tls_security_level", "smtpd_use_tls", "smtpd_tls_session_cache_database",
-    "smtp_tls_session_cache_database", "smtpd_peername_lookup", "default_transport",
+    "smtp_tls_session_cache_database", "default_transport",
     "parent_domain_matches_subdomains",
     "relay_transport", "smtp_sasl_auth_enable", "readme_directory",
     "smtpd_tls_auth_only", "smtpd_sasl_local_domain", "broken_sasl_auth_clients",
@@ -321,6 +321,12 @@ class _Translator:
                 self.out.set(("smtpd", "banner"), banner[len(hostname) + 1:],
                              self.source("smtpd_banner"))
                 self.done.add("smtpd_banner")
+
+        if self.pf.is_set("smtpd_peername_lookup"):
+            self.out.set(("smtpd", "peername_lookup"),
+                         self.pf.value("smtpd_peername_lookup") == "yes",
+                         self.source("smtpd_peername_lookup"))
+            self.done.add("smtpd_peername_lookup")
 
     def destinations(self) -> None:
         hostname = self.pf.value("myhostname").lower()

@@ -31,7 +31,8 @@ as tempfail 451 4.3.0, or as no opinion when configured fail_open. ACCEPT skips 
 plugins of the same stage, everywhere.
 
   connection  smtpd, a client connected, before the 220 greeting. ctx: client_address,
-              client_name, trusted, tls (smtps only), hostname, resolver, session.
+              client_name, client_lookup, listener, trusted, tls (smtps only),
+              hostname, resolver, session.
               reject: 554 in place of the 220, then 503 5.7.0 to every command until
               QUIT (RFC 5321 3.1); tempfail: 421 and the connection closes; discard /
               quarantine: every message of the session is discarded / held.
@@ -281,9 +282,16 @@ class Context:
     Delivery (routing, delivery stages): nexthop.
     resolver: an elemta.plugins.resolver.Resolver (DNS that never blocks the event loop).
     hostname: this server's name; the default authserv-id.
+    client_name: the client's forward-confirmed reverse name, or "unknown";
+    client_lookup: the elemta.plugins.peername.PeerName it came from (reverse name and
+    statuses), None when the smtpd made no lookup (smtpd.peername_lookup off, pickup).
+    listener: the elemta.config.schema.Listener the client connected to (mode, address,
+    port), so a check can apply to some listeners only; None outside the smtpd.
     """
     client_address: str = ""
     client_name: str = "unknown"
+    client_lookup: Any = None
+    listener: Any = None
     helo: str = ""
     tls: bool = False
     tls_info: Optional[str] = None

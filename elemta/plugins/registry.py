@@ -25,6 +25,12 @@ BUILTINS = {
     "authres": "elemta.plugins.authres:AuthResultsPlugin",
     "greylist": "elemta.plugins.greylist:GreylistPlugin",
     "ratelimit": "elemta.restrictions.ratelimit:RateLimitPlugin",
+    "dnsbl": "elemta.restrictions.dnsbl:DNSBLPlugin",
+    "rhsbl": "elemta.restrictions.rhsbl:RHSBLPlugin",
+    "helo_hostname": "elemta.restrictions.helohostname:HeloHostnamePlugin",
+    "client_hostname": "elemta.restrictions.clienthost:ClientHostnamePlugin",
+    "non_fqdn": "elemta.restrictions.nonfqdn:NonFQDNPlugin",
+    "unknown_sender_domain": "elemta.restrictions.senderdomain:SenderDomainPlugin",
 }
 
 

@@ -43,10 +43,14 @@ class TemporaryDNSError(Exception):
 
 @dataclass
 class Answer:
-    """The records of one type at a name, CNAMEs followed. Empty for NODATA/NXDOMAIN."""
+    """The records of one type at a name, CNAMEs followed. Empty for NODATA/NXDOMAIN.
+
+    ttl: seconds the answer may be cached (the smallest TTL along the chain; for an
+    empty answer the SOA's negative-caching TTL, RFC 2308), 0 when unknown."""
     records: List[object] = field(default_factory=list)
     nxdomain: bool = False
     canonical_name: Optional[str] = None
+    ttl: int = 0
 
 
 class Resolver:
@@ -83,12 +87,13 @@ class Resolver:
             except dns.exception.DNSException as error:
                 raise TemporaryDNSError(name, "unusable answer (%s)" % error)
             canonical = chain.canonical_name.to_text(omit_final_dot=True)
+            ttl = max(0, int(chain.minimum_ttl))
             if chain.answer is not None:
-                return Answer(list(chain.answer), canonical_name=canonical)
+                return Answer(list(chain.answer), canonical_name=canonical, ttl=ttl)
             if response.rcode() == dns.rcode.NXDOMAIN:
-                return Answer(nxdomain=True, canonical_name=canonical)
+                return Answer(nxdomain=True, canonical_name=canonical, ttl=ttl)
             if chain.canonical_name == qname:
-                return Answer(canonical_name=canonical)
+                return Answer(canonical_name=canonical, ttl=ttl)
             qname = chain.canonical_name      # a CNAME into another zone: follow it
         return Answer()                       # a loop across zones, or absurdly long
 

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence, Tuple
 from elemta.config.options import between, domains, networks, not_negative, one_of, opt
 from elemta.config.options import positive
 from elemta.plugins.api import PluginConfigError
+from elemta.restrictions.dnssites import parse_site
 
 # Enabling any of these turns on the Authentication-Results writer unless its table says
 # `enabled: false`: their results are meant to be seen.
@@ -286,3 +287,162 @@ class RateLimitSettings(PluginCommon):
                                                       "shared by every smtpd worker.")
     map_size_mb: int = opt(16, "Largest size of the LMDB database, in megabytes.",
                            positive)
+# ---- restrictions (issue #15): elemta.restrictions, each a built-in plugin ----------------
+
+def _listener_names(values):
+    for value in values:
+        if not value or " " in value:
+            return ("%r is not a listener: name it by its mode (smtp, submission, smtps) or "
+                    "its address:port (127.0.0.1:25, [::1]:25)" % (value,))
+    return None
+
+
+@dataclass(frozen=True)
+class RestrictionSettings(PluginCommon):
+    """Settings every restriction has (elemta.restrictions.scope)."""
+    listeners: Tuple[str, ...] = opt(
+        (), "Listeners the check applies to, each named by its mode (smtp, submission, "
+            "smtps) or by its address:port as in listeners (127.0.0.1:25, [::1]:25); "
+            "empty: every listener. Clients in relay.mynetworks and those that did AUTH "
+            "are never checked. Postfix: a restriction list overridden with -o for one "
+            "master.cf service.", _listener_names)
+
+
+def _dnsxl_sites(values):
+    for value in values:
+        try:
+            parse_site(value)
+        except ValueError as error:
+            return str(error)
+    return None
+
+
+_SITE_SYNTAX = ("Each entry is domain[=filter][*weight], as in Postfix's "
+                "postscreen_dnsbl_sites: the filter limits which answers count "
+                "(127.0.0.2, 127.0.0.[2..11], 127.0.[2..15].[0;1]) and the weight (default 1, "
+                "negative for an allow list) is added to the score when the list answers.")
+
+
+@dataclass(frozen=True)
+class DNSBLSettings(RestrictionSettings):
+    """DNS block and allow lists of client addresses (IPv4, and IPv6 as reversed nibbles),
+    all asked in parallel at connect and weighed into one score, as postscreen does."""
+    sites: Tuple[str, ...] = opt(
+        (), "The lists, e.g. zen.example=127.0.0.[2..11]*3 or list.dnswl.example*-5. "
+            + _SITE_SYNTAX + " Postfix: postscreen_dnsbl_sites.", _dnsxl_sites)
+    threshold: int = opt(
+        1, "A client whose score is this or more is refused at connect: 554 5.7.1 "
+           "Service unavailable; client [ADDRESS] blocked using LIST (the listing "
+           "list of greatest weight). Postfix: postscreen_dnsbl_threshold.", positive)
+    allowlist_threshold: int = opt(
+        0, "When negative, a client whose score is this or less is allowed at once: the "
+           "later connection-stage checks are skipped. 0: never. Postfix: "
+           "postscreen_dnsbl_allowlist_threshold (formerly ..._whitelist_threshold).",
+        lambda value: None if value <= 0 else "must be 0 or negative, not %r" % (value,))
+    lookup_timeout: float = opt(
+        10.0, "Seconds to wait for all the lists together; a list that has not answered "
+              "by then counts as not listing the client (and is logged), as does one "
+              "that fails. Postfix: postscreen_dnsbl_timeout.", positive)
+    min_ttl: int = opt(60, "Fewest seconds an answer is cached, whatever its DNS TTL. "
+                           "Postfix: postscreen_dnsbl_min_ttl.", not_negative)
+    max_ttl: int = opt(3600, "Most seconds an answer is cached, whatever its DNS TTL. "
+                             "Postfix: postscreen_dnsbl_max_ttl.", not_negative)
+
+    def validate(self, path):
+        if self.max_ttl < self.min_ttl:
+            raise PluginConfigError("%s.max_ttl: less than min_ttl (%d)"
+                                    % (path, self.min_ttl))
+
+
+@dataclass(frozen=True)
+class RHSBLSettings(RestrictionSettings):
+    """DNS block lists of domains (RHSBL): the sender's domain at MAIL FROM and the HELO
+    name at HELO."""
+    sender_sites: Tuple[str, ...] = opt(
+        (), "Lists of sender domains, e.g. dbl.example=127.0.1.[2..99]. " + _SITE_SYNTAX
+            + " A sender whose score reaches threshold is refused: 554 5.7.1 Service "
+              "unavailable; Sender address [ADDRESS] blocked using LIST. Postfix: "
+              "reject_rhsbl_sender.", _dnsxl_sites)
+    helo_sites: Tuple[str, ...] = opt(
+        (), "Lists of HELO names, same syntax; refused: 554 5.7.1 Service unavailable; "
+            "Helo command [NAME] blocked using LIST. Postfix: reject_rhsbl_helo.",
+        _dnsxl_sites)
+    threshold: int = opt(1, "Score at which a domain is refused (a list's weight is 1 "
+                            "unless it says *N, so by default any listing refuses, as "
+                            "in Postfix).", positive)
+    lookup_timeout: float = opt(10.0, "Seconds to wait for the lists; one that fails or "
+                                      "does not answer in time counts as not listing.",
+                                positive)
+    min_ttl: int = opt(60, "Fewest seconds an answer is cached.", not_negative)
+    max_ttl: int = opt(3600, "Most seconds an answer is cached.", not_negative)
+
+    def validate(self, path):
+        if self.max_ttl < self.min_ttl:
+            raise PluginConfigError("%s.max_ttl: less than min_ttl (%d)"
+                                    % (path, self.min_ttl))
+
+
+def _reply_code(first_digits):
+    def check(value):
+        if not 400 <= value <= 599 or str(value)[0] not in first_digits:
+            return "must be a %s reply code, not %r" % (
+                " or ".join(d + "xx" for d in first_digits), value)
+        return None
+    return check
+
+
+@dataclass(frozen=True)
+class HeloHostnameSettings(RestrictionSettings):
+    """Checks of the HELO/EHLO name, answered at HELO."""
+    reject_invalid: bool = opt(
+        True, "Refuse a HELO name that is neither a valid host name nor an address "
+              "literal: 501 5.5.2 <NAME>: Helo command rejected: Invalid name. Postfix: "
+              "reject_invalid_helo_hostname.")
+    reject_non_fqdn: bool = opt(
+        True, "Refuse a HELO name that is not a fully qualified domain name (no dot, "
+              "or an IP address without brackets): 504 5.5.2 <NAME>: Helo command "
+              "rejected: need fully-qualified hostname. Postfix: "
+              "reject_non_fqdn_helo_hostname.")
+
+
+@dataclass(frozen=True)
+class ClientHostnameSettings(RestrictionSettings):
+    """Checks of the client's name found at connect (smtpd.peername_lookup), answered at
+    RCPT, as Postfix's smtpd_delay_reject does."""
+    reject_unknown_reverse: bool = opt(
+        False, "Refuse a client address without a PTR name: 450 4.7.1 Client host "
+               "rejected: cannot find your reverse hostname, [ADDRESS]. Postfix: "
+               "reject_unknown_reverse_client_hostname.")
+    reject_unknown: bool = opt(
+        True, "Refuse a client whose PTR name does not resolve back to its address "
+              "(forward-confirmed reverse DNS), or that has none: 450 4.7.25 Client host "
+              "rejected: cannot find your hostname, [ADDRESS]. Postfix: "
+              "reject_unknown_client_hostname.")
+    reject_code: int = opt(
+        450, "Reply code when the name is known not to exist or not to match; a DNS "
+             "failure always gives 450. Postfix: unknown_client_reject_code.",
+        _reply_code("45"))
+
+
+@dataclass(frozen=True)
+class NonFQDNSettings(RestrictionSettings):
+    """Refusal of envelope addresses whose domain is not fully qualified."""
+    reject_non_fqdn_sender: bool = opt(
+        True, "At MAIL FROM: 504 5.5.2 <ADDRESS>: Sender address rejected: need "
+              "fully-qualified address. The null sender passes. Postfix: "
+              "reject_non_fqdn_sender.")
+    reject_non_fqdn_recipient: bool = opt(
+        True, "At RCPT TO: 504 5.5.2 <ADDRESS>: Recipient address rejected: need "
+              "fully-qualified address. Postfix: reject_non_fqdn_recipient.")
+
+
+@dataclass(frozen=True)
+class SenderDomainSettings(RestrictionSettings):
+    """Refusal, at MAIL FROM, of a sender domain that has no MX and no address record
+    (Postfix: reject_unknown_sender_domain)."""
+    reject_code: int = opt(
+        550, "Reply code when the domain does not exist or has neither MX nor A/AAAA "
+             "records: CODE 5.1.8 <ADDRESS>: Sender address rejected: Domain not found. "
+             "A DNS failure always gives 450 4.1.8; a null MX (RFC 7505) gives 550 "
+             "5.7.27. Postfix: unknown_address_reject_code (whose default is 450).",
+        _reply_code("45"))

@@ -4,7 +4,10 @@ Owned by the smtpd worker; one greenlet runs one Session. The protocol core deci
 is valid SMTP, in every state, a client refused at connection time included; this module
 parses none of it and supplies what needs the outside world: timeouts, TLS, the relay
 policy, AUTH checks, and the queue (spool file, group commit). Log lines follow Postfix's
-layout, queue id first, so admins can grep them the same way.
+layout, queue id first, so admins can grep them the same way, and name the client as
+Postfix does, name[ip]: the name is looked up once at connect, before the greeting and
+under smtpd.peername_timeout (elemta.plugins.peername), and is "unknown" unless its
+forward lookup gives the client's address back.
 
 Plugins (elemta.plugins) see the session through one Context (self.ctx) and are asked at
 each stage: connection (before the greeting), helo, auth, mail, rcpt (after the relay
@@ -24,6 +27,7 @@ import logging
 import socket
 import time
 
+import gevent
 from gevent import ssl
 
 from elemta import metrics
@@ -34,6 +38,9 @@ from elemta.maps import TableUnavailable
 from elemta.plugins.api import DISCARD, TEMPFAIL, Context
 from elemta.plugins.content import (notify_queued, outbound, run_content_stages,
                                     wants_content)
+from elemta.plugins.peername import OK as NAME_OK
+from elemta.plugins.peername import PERM as NAME_PERM
+from elemta.plugins.peername import look_up, timed_out
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import Envelope, Recipient
 from elemta.restrictions.catalogue import CORE_REFUSALS, stage_of_command
@@ -101,7 +108,7 @@ class Session:
         self._out = bytearray()
         self.plugins = server.plugins
         self.ctx = Context(client_address=self.client_ip, hostname=server.hostname,
-                           resolver=server.resolver,
+                           resolver=server.resolver, listener=listener,
                            trusted=server.policy.client_trusted(self.client_ip))
         self.content = None     # the message content, kept only for data/storage plugins
         # A discard or quarantine from a stage before the content: (action, reason,
@@ -124,6 +131,7 @@ class Session:
     # ---- the loop -------------------------------------------------------------------
 
     def run(self):
+        self._find_client_name()
         log.info("connect from %s", self.client)
         try:
             if self.listener.mode == "smtps":
@@ -142,6 +150,26 @@ class Session:
                 pass
             log.info("disconnect from %s", self.client)
             self._notify_queued()     # messages queued just before the client went away
+
+    def _find_client_name(self):
+        """Look up the client's verified name (elemta.plugins.peername), waiting at most
+        smtpd.peername_timeout: it names the client in the log and the Received header,
+        and the plugins see it (ctx.client_name, ctx.client_lookup)."""
+        settings = self.server.config.smtpd
+        if not settings.peername_lookup or self.server.resolver is None:
+            return
+        found = None
+        with gevent.Timeout(settings.peername_timeout, False):
+            found = look_up(self.server.resolver, self.client_ip)
+        if found is None:
+            found = timed_out(settings.peername_timeout)
+        self.ctx.client_lookup = found
+        self.ctx.client_name = found.name
+        self.client = "%s[%s]" % (found.name, self.client_ip)
+        # A name that does not check out is worth a warning, as in Postfix; no PTR name
+        # at all is common and says nothing more than unknown[ip].
+        if found.name_status != NAME_OK and found.reverse_status != NAME_PERM:
+            log.warning("%s: %s", self.client_ip, found.problem)
 
     def _greet(self):
         """Run the connection-stage plugins, then have the core queue the greeting: the
@@ -283,6 +311,8 @@ class Session:
             self.proto.offer_auth_mechanisms(self.server.authenticator.mechanisms())
         self.ctx.new_transaction()
         if self._refused_by_plugins("helo", "HELO"):
+            # The refused name is not the session's: later checks see the one accepted.
+            self.ctx.helo = self.proto.helo_name or ""
             return
         self.proto.accept()
 
@@ -341,7 +371,8 @@ class Session:
             protocol=protocol_name(proto.esmtp, proto.tls_active, proto.auth_user is not None,
                                    txn.smtputf8),
             auth_user=proto.auth_user)
-        header = received_header(proto.helo_name, self.client_ip, self.server.hostname,
+        header = received_header(proto.helo_name, self.client_ip, self.ctx.client_name,
+                                 self.server.hostname,
                                  envelope.protocol, self.queue_id,
                                  [r.address for r in txn.recipients], self.tls_info,
                                  proto.auth_user if self.server.config.smtpd
@@ -594,7 +625,8 @@ class Session:
                  command, self.client, reply,
                  " from=<%s>" % sender if sender is not None else "",
                  " to=<%s>" % recipient if recipient is not None else "",
-                 "ESMTP" if self.proto.esmtp else "SMTP", self.proto.helo_name, why,
+                 "ESMTP" if self.proto.esmtp else "SMTP",
+                 self.proto.helo_name or self.ctx.helo, why,   # a refused HELO: its name
                  "plugin" if plugin else "restriction", restriction)
         self._refuse_content(reply, restriction, stage_of_command(command))
 
