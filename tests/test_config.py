@@ -299,7 +299,7 @@ ERROR_CASES = {
         "plugins.dkim.key_file", "sign is true but no key is configured"),
     "table of a plugin that is not installed": (
         "plugins:\n  nosuch:\n    enabled: true\n", 2, "[plugins.nosuch]\nenabled = true\n", 1,
-        "plugins.nosuch", "no such plugin (available: arc, authres, dkim, dmarc, "),
+        "plugins.nosuch", "no such plugin (available: arc, authres, clamav, dkim, dmarc, "),
 }
 
 

@@ -170,7 +170,7 @@ def test_a_bad_plugin_setting_is_refused_with_file_line_and_key(tmp_path):
         "ever pass" % path]
     # (Installed third-party plugins join the list of those available.)
     assert lines[2].startswith("%s:9: plugins.nosuch: no such plugin (available: arc, "
-                               "authres, dkim, dmarc" % path)
+                               "authres, clamav, dkim, dmarc" % path)
     assert len(lines) == 3
 
 

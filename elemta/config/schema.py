@@ -31,9 +31,9 @@ from elemta.config.options import opt
 from elemta.config.options import positive as _positive
 from elemta.maps.domains import DomainList
 from elemta.maps.spec import TableSpec
-from elemta.plugins.settings import (ARCSettings, AuthResSettings, ConfiguredPlugin,
-                                     DKIMSettings, DMARCSettings, GreylistSettings,
-                                     SPFSettings, authres_runs)
+from elemta.plugins.settings import (ARCSettings, AuthResSettings, ClamAVSettings,
+                                     ConfiguredPlugin, DKIMSettings, DMARCSettings,
+                                     GreylistSettings, SPFSettings, authres_runs)
 
 LISTENER_MODES = ("smtp", "submission", "smtps")
 LINE_ENDING_POLICIES = ("reject", "normalize")
@@ -825,7 +825,7 @@ class DNSSettings:
 
 # ---- plugins: each built-in's table is the plugin's own Settings (elemta.plugins.settings)
 
-BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist")   # authres: by its rule
+BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist", "clamav")  # authres: by its rule
 
 
 @dataclass(frozen=True)
@@ -840,6 +840,7 @@ class PluginSettings:
     arc: ARCSettings = opt(ARCSettings(), "ARC.")
     authres: AuthResSettings = opt(AuthResSettings(), "Authentication-Results.")
     greylist: GreylistSettings = opt(GreylistSettings(), "Greylisting.")
+    clamav: ClamAVSettings = opt(ClamAVSettings(), "ClamAV virus scanning.")
     # Tables of installed third-party plugins, typed by the loader with the plugin's own
     # Settings class.
     other: Tuple[ConfiguredPlugin, ...] = field(default=(), metadata={"internal": True})

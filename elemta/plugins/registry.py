@@ -24,6 +24,7 @@ BUILTINS = {
     "arc": "elemta.plugins.arc:ARCPlugin",
     "authres": "elemta.plugins.authres:AuthResultsPlugin",
     "greylist": "elemta.plugins.greylist:GreylistPlugin",
+    "clamav": "elemta.plugins.clamav:ClamAVPlugin",
 }
 
 

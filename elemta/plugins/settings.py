@@ -229,3 +229,79 @@ class ConfiguredPlugin:
     name: str
     common: PluginCommon
     settings: Any
+
+
+# ---- content scanners (elemta.plugins.clamav, elemta.plugins.rspamd) ----------------------
+
+_INET_ADDRESS = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+))"
+                           r":(?P<port>\d{1,5})$")
+CLAMAV_ACTIONS = ("reject", "quarantine")
+# clamav-milter's MaxFileSize default: larger messages pass unscanned.
+CLAMAV_MAX_SIZE = 26214400
+
+
+def parse_scanner_address(text):
+    """Where a scanner daemon listens: a unix socket path ("/path" or "unix:/path") or a
+    (host, port) pair from "host:port" or "[v6]:port". Raises ValueError saying what is
+    wrong. (Here rather than in elemta.plugins.scanner so the config check needs no
+    gevent.)"""
+    if text.startswith("unix:"):
+        text = text[len("unix:"):]
+    if text.startswith("/"):
+        return text
+    match = _INET_ADDRESS.match(text)
+    if match is None:
+        raise ValueError("%r is neither a unix socket path (/path) nor host:port" % (text,))
+    port = int(match.group("port"))
+    if not 0 < port < 65536:
+        raise ValueError("port %d of %r is not between 1 and 65535" % (port, text))
+    return (match.group("v6") or match.group("host"), port)
+
+
+def _scanner_address(text):
+    try:
+        parse_scanner_address(text)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _virus_text(value):
+    try:
+        value % {"virus": "Eicar-Test-Signature"}
+    except (KeyError, ValueError, TypeError) as error:
+        return "only %%(virus)s may be used (%s)" % (error,)
+    if any(not " " <= c <= "~" for c in value):
+        return "must be printable ASCII (it is an SMTP reply)"
+    return None
+
+
+
+@dataclass(frozen=True)
+class ClamAVSettings(PluginCommon):
+    """ClamAV: each message is streamed to clamd (its INSTREAM command) once, at the
+    data stage, whatever its number of recipients; an infected one is rejected with
+    554 5.7.1 naming the signature, or held. A clamd that cannot be reached, times out
+    or refuses the stream gives 451 4.3.0 (with fail_open: the message passes); the log
+    says why. One log line per message: "QUEUEID: clamav: clean", "QUEUEID: clamav:
+    infected NAME, rejected" or "QUEUEID: clamav: not scanned: ...". Metrics:
+    elemta_scanner_verdicts_total{scanner="clamav",result,action},
+    elemta_scanner_scan_seconds{scanner="clamav"},
+    elemta_scanner_failures_total{scanner="clamav",kind}. Postfix runs clamav-milter
+    (smtpd_milters) for this."""
+    address: str = opt("/var/run/clamav/clamd.ctl",
+                       "clamd's socket: a unix socket path (clamd.conf LocalSocket; "
+                       "Debian's is the default) or host:port (TCPAddr, TCPSocket). "
+                       "clamav-milter: ClamdSocket.", _scanner_address)
+    max_size: int = opt(CLAMAV_MAX_SIZE,
+                        "Messages larger than this many bytes are not scanned and pass, "
+                        "logged (clamav-milter: MaxFileSize, 25 MB). Keep it within "
+                        "clamd's StreamMaxLength: clamd refuses a longer stream, which "
+                        "counts as a scanner failure.", positive)
+    action: str = opt("reject", "What an infected message gets: reject (554 5.7.1) or "
+                                "quarantine (accepted and put on hold, for elemtactl "
+                                "queue release or delete). clamav-milter: OnInfected.",
+                      one_of(CLAMAV_ACTIONS))
+    reject_text: str = opt("Message rejected: virus found: %(virus)s",
+                           "Text of the 554 reply; %(virus)s is the signature's name. "
+                           "clamav-milter: RejectMsg.", _virus_text)
