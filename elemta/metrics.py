@@ -358,6 +358,9 @@ def _make():
             "elemta_scanner_failures", "Scans that gave no verdict, by scanner and kind "
             "(error: unreachable or a bad answer; timeout: the plugin's timeout).",
             ("scanner", "kind")),
+        RSPAMD_SCORE=histogram(
+            "elemta_rspamd_score", "Rspamd's score of each message it judged.",
+            (-10, -5, -2, 0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 50)),
         # master
         WORKER_RESTARTS=counter(
             "elemta_worker_restarts", "Children the master replaced, by kind (smtpd, "

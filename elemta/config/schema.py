@@ -33,7 +33,8 @@ from elemta.maps.domains import DomainList
 from elemta.maps.spec import TableSpec
 from elemta.plugins.settings import (ARCSettings, AuthResSettings, ClamAVSettings,
                                      ConfiguredPlugin, DKIMSettings, DMARCSettings,
-                                     GreylistSettings, SPFSettings, authres_runs)
+                                     GreylistSettings, RspamdSettings, SPFSettings,
+                                     authres_runs)
 
 LISTENER_MODES = ("smtp", "submission", "smtps")
 LINE_ENDING_POLICIES = ("reject", "normalize")
@@ -825,7 +826,8 @@ class DNSSettings:
 
 # ---- plugins: each built-in's table is the plugin's own Settings (elemta.plugins.settings)
 
-BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist", "clamav")  # authres: by its rule
+BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist", "clamav",
+                   "rspamd")                                    # authres: by its rule
 
 
 @dataclass(frozen=True)
@@ -841,6 +843,7 @@ class PluginSettings:
     authres: AuthResSettings = opt(AuthResSettings(), "Authentication-Results.")
     greylist: GreylistSettings = opt(GreylistSettings(), "Greylisting.")
     clamav: ClamAVSettings = opt(ClamAVSettings(), "ClamAV virus scanning.")
+    rspamd: RspamdSettings = opt(RspamdSettings(), "Rspamd spam filtering.")
     # Tables of installed third-party plugins, typed by the loader with the plugin's own
     # Settings class.
     other: Tuple[ConfiguredPlugin, ...] = field(default=(), metadata={"internal": True})

@@ -25,6 +25,7 @@ BUILTINS = {
     "authres": "elemta.plugins.authres:AuthResultsPlugin",
     "greylist": "elemta.plugins.greylist:GreylistPlugin",
     "clamav": "elemta.plugins.clamav:ClamAVPlugin",
+    "rspamd": "elemta.plugins.rspamd:RspamdPlugin",
 }
 
 

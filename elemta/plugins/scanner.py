@@ -32,7 +32,6 @@ tests/test_rspamd.py.
 import re
 import time
 from contextlib import contextmanager
-from typing import Optional
 
 import gevent
 from gevent import socket
@@ -91,7 +90,7 @@ def send_chunks(sock, data, frame=None):
 
 
 def read_bounded(sock, limit, until=None):
-    # type: (socket.socket, int, Optional[bytes]) -> bytes
+    # type: (socket.socket, int, object) -> bytes
     """What the peer sends until it closes (or, with `until`, up to and including that
     byte string), at most `limit` bytes; ScannerError when it sends more."""
     parts, size = [], 0
