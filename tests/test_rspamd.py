@@ -206,3 +206,40 @@ def test_bad_settings_name_file_line_and_key(tmp_path):
         "%s:4: plugins.rspamd.spam_header: 'X Spam' is not a header field name" % path,
         "%s:5: plugins.rspamd.outbound_settings_id: must be printable ASCII without "
         "spaces" % path]
+
+
+def test_verdicts_scan_times_scores_and_failures_reach_prometheus(
+        elemta_server, rspamd, tmp_path, monkeypatch):
+    from tests.peers.clamd import EICAR, ClamdInstance
+    from tests.test_metrics import scrape, start_server, value
+    clamd = ClamdInstance(tempfile.mkdtemp(prefix="elemta-clamd-"), free_port())
+    clamd.start()
+    try:
+        server, api_port = start_server(
+            elemta_server, tmp_path, monkeypatch,
+            plugins={"clamav": {"enabled": True, "address": clamd.address},
+                     "rspamd": {"enabled": True, "address": rspamd.address}})
+        assert send(server, message("clean"))[0] == 250
+        assert send(server, message("spam", GTUBE))[0] == 554
+        assert send(server, message("virus", EICAR))[0] == 554   # clamav decides first
+    finally:
+        clamd.stop()
+        clamd.remove()
+    assert send(server, message("clean again"))[:1] == (451,)    # clamd is gone
+    samples, text = scrape(api_port)
+
+    def verdicts(scanner, result, action):
+        return value(samples, "elemta_scanner_verdicts_total", scanner=scanner,
+                     result=result, action=action)
+    assert verdicts("clamav", "clean", "pass") == 2
+    assert verdicts("clamav", "infected", "reject") == 1
+    assert verdicts("rspamd", "no_action", "pass") == 1
+    assert verdicts("rspamd", "reject", "reject") == 1
+    assert value(samples, "elemta_scanner_scan_seconds_count", scanner="clamav") == 3
+    assert value(samples, "elemta_scanner_scan_seconds_count", scanner="rspamd") == 2
+    assert value(samples, "elemta_scanner_failures_total", scanner="clamav",
+                 kind="error") == 1
+    assert value(samples, "elemta_rspamd_score_count") == 2
+    assert value(samples, "elemta_rspamd_score_bucket", le="10.0") == 1     # the clean one
+    assert value(samples, "elemta_rspamd_score_bucket", le="15.0") == 2     # and GTUBE
+    assert "# HELP elemta_scanner_verdicts_total Messages a content scanner judged" in text
