@@ -156,14 +156,25 @@ def test_rewrite_subject_and_add_header(elemta_server, rspamd):
     assert re.findall(r"\nSubject: ([^\r]*)", "\n" + flagged) == ["add header test"]
 
 
-def test_outbound_mail_carries_the_settings_id(elemta_server, rspamd):
-    # The client (127.0.0.1) is in mynetworks, so it may relay to remote.test.
-    server = server_with(elemta_server, rspamd, outbound_settings_id="outbound")
-    outbound = header_section(server.message(queue_id_of(
-        send(server, message("report"), ["c@remote.test"])))[1])
-    assert "\nX-Spam: Yes\r\n" in outbound
-    inbound = header_section(server.message(queue_id_of(send(server, message("report"))))[1])
-    assert "\nX-Spam: " not in inbound
+def test_outbound_mail_of_a_user_carries_the_settings_id_and_the_user(elemta_server,
+                                                                      rspamd, credentials):
+    server = elemta_server(
+        listeners=[{"mode": "smtp"}, {"mode": "submission"}],
+        auth={"credentials_file": credentials, "allow_plaintext": True},
+        plugins={"rspamd": {"enabled": True, "address": rspamd.address,
+                            "outbound_settings_id": "outbound"}})
+    with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=60) as smtp:
+        smtp.ehlo("client.test")
+        smtp.login("alice", "wonderland")
+        smtp.sendmail("a@sender.test", ["c@remote.test"], message("report"))
+    [queue_id] = server.queued_ids()
+    assert "\nX-Spam: Yes\r\n" in header_section(server.message(queue_id)[1])
+    assert wait_for(lambda: re.search(r"qid: <%s>, ip: 127\.0\.0\.1, user: alice, "
+                                      r"from: <a@sender\.test>.*\(default: T \(add header\)"
+                                      % queue_id, open(rspamd.log_path).read()))
+    # The same message to a local recipient is not outbound: no Settings-ID, no action.
+    inbound = queue_id_of(send(server, message("report")))
+    assert "\nX-Spam: " not in header_section(server.message(inbound)[1])
 
 
 def test_rspamd_down_is_451_and_fail_open_passes_logged(elemta_server, rspamd):

@@ -100,10 +100,9 @@ class RspamdPlugin(Plugin):
             fields.append(("Settings-ID", self.settings.outbound_settings_id))
         if self.settings.password:
             fields.append(("Password", self.settings.password))
-        host = self.address if isinstance(self.address, str) else scanner.describe(
-            self.address)
-        lines = ["POST /checkv2 HTTP/1.1", "Host: %s" % ("localhost" if host.startswith(
-            "/") else host)]
+        host = "localhost" if isinstance(self.address, str) else scanner.describe(
+            self.address)                              # a unix socket has no host name
+        lines = ["POST /checkv2 HTTP/1.1", "Host: %s" % host]
         lines += ["%s: %s" % (name, _CONTROL.sub(" ", value)) for name, value in fields]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
