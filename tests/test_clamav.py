@@ -204,3 +204,15 @@ def test_bad_settings_name_file_line_and_key(tmp_path):
                         "not 'bounce'" % path)
     assert lines[2].startswith("%s:6: plugins.clamav.reject_text: only %%(virus)s may be "
                                "used" % path)
+
+
+def test_mail_from_sendmail_is_scanned_too_and_a_virus_is_held(elemta_server, clamd):
+    from tests.test_sendmail import queued, sendmail
+    server = server_with(elemta_server, address=clamd.address)
+    status, _, err = sendmail(server, "root", stdin=b"Subject: cron\n\n" + EICAR + b"\n")
+    assert status == 0, err                  # sendmail only drops it in the maildrop
+    [(envelope, _)] = queued(server, 1)
+    with server.queue() as queue:            # pickup has nobody to refuse: it holds
+        assert queue.get(envelope.queue_id).state == "hold"
+    assert wait_for(lambda: "%s: clamav: infected %s, rejected" % (envelope.queue_id, FOUND)
+                    in server.log())

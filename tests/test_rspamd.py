@@ -177,6 +177,15 @@ def test_outbound_mail_of_a_user_carries_the_settings_id_and_the_user(elemta_ser
     assert "\nX-Spam: " not in header_section(server.message(inbound)[1])
 
 
+def test_a_message_over_max_size_passes_unscanned_and_logged(elemta_server, rspamd):
+    server = server_with(elemta_server, rspamd, max_size=300)
+    raw = message("big", GTUBE + b"\r\n" + b"x" * 300)
+    queue_id = queue_id_of(send(server, raw))
+    assert "%s: rspamd: not scanned: %d bytes is more than max_size 300" % (
+        queue_id, len(raw)) in server.log()
+    assert "X-Spamd-Result" not in header_section(server.message(queue_id)[1])
+
+
 def test_rspamd_down_is_451_and_fail_open_passes_logged(elemta_server, rspamd):
     port = free_port()
     server = server_with(elemta_server, rspamd, address="127.0.0.1:%d" % port)
