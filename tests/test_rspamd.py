@@ -129,6 +129,13 @@ def test_gtube_is_rejected_and_clean_mail_gets_the_result_header(elemta_server, 
         % queue_id, open(rspamd.log_path).read()))
 
 
+def test_a_unix_socket_address_works_alike(elemta_server, rspamd):
+    server = server_with(elemta_server, rspamd, address=rspamd.socket_path)
+    assert send(server, message("hello", GTUBE)) == (554, "5.7.1 Gtube pattern")
+    queue_id = queue_id_of(send(server, message("lunch")))
+    assert "\nX-Spamd-Result: default: False" in header_section(server.message(queue_id)[1])
+
+
 @pytest.mark.parametrize("subject, reply", [
     ("soft reject test", (451, "4.7.1 Come back later")),
     ("greylist test", (451, "4.7.1 Greylisted, please try again later")),

@@ -2,7 +2,8 @@
 
 Owned by no Elemta process: tests that need a real Rspamd start it (tests/test_dkim.py
 checks our DKIM signatures with it, tests/test_rspamd.py runs the rspamd plugin against
-it). One normal worker on 127.0.0.1:PORT, no controller, proxy or fuzzy worker, no Redis
+it). One normal worker on 127.0.0.1:PORT and on the unix socket
+workdir/run/normal.sock, no controller, proxy or fuzzy worker, no Redis
 (the modules that need it stay off by themselves), its DNS pointed at `nameserver`
 (host:port: a private NSD, or a loopback port where nothing answers, so nothing leaves
 the machine and lookups fail at once), its database, run and log directories in
@@ -10,7 +11,7 @@ workdir. It runs in the foreground (`rspamd -f`) as a child of the test and is s
 by SIGTERM to that child alone; the system's Rspamd is never touched.
 
     with RspamdInstance(workdir, port, nameserver="127.0.0.1:9") as rspamd:
-        rspamd.address                                   # "127.0.0.1:PORT"
+        rspamd.address, rspamd.socket_path      # "127.0.0.1:PORT", ".../run/normal.sock"
 
 local_files: {name: text} written to local.d as well (e.g. actions.conf, settings.conf,
 milter_headers.conf), to give a test the Rspamd answers it needs.
@@ -45,6 +46,7 @@ class RspamdInstance:
         self.workdir = str(workdir)
         self.port = port
         self.address = "127.0.0.1:%d" % port
+        self.socket_path = os.path.join(self.workdir, "run", "normal.sock")
         self.nameserver = nameserver
         self.local_files = dict(local_files or {})
         self.log_path = os.path.join(self.workdir, "log", "rspamd.log")
@@ -62,7 +64,8 @@ class RspamdInstance:
         files = {
             "options.inc": 'dns { nameserver = ["%s"]; timeout = 2s; retransmits = 1; }\n'
                            'url_tld = "%s";\n' % (self.nameserver, tld),
-            "worker-normal.inc": 'bind_socket = "127.0.0.1:%d"; count = 1;\n' % self.port,
+            "worker-normal.inc": 'bind_socket = ["127.0.0.1:%d", "%s mode=0666"]; '
+                                 'count = 1;\n' % (self.port, self.socket_path),
             "logging.inc": 'type = "file"; filename = "%s"; level = "info";\n'
                            % self.log_path,
         }
