@@ -270,3 +270,24 @@ def test_verdicts_scan_times_scores_and_failures_reach_prometheus(
     assert value(samples, "elemta_rspamd_score_bucket", le="10.0") == 1     # the clean one
     assert value(samples, "elemta_rspamd_score_bucket", le="15.0") == 2     # and GTUBE
     assert "# HELP elemta_scanner_verdicts_total Messages a content scanner judged" in text
+
+
+def test_a_hung_rspamd_is_a_timeout_in_the_log_and_the_metrics(elemta_server, tmp_path,
+                                                               monkeypatch):
+    import socket
+    from tests.test_metrics import scrape, start_server, value
+    with socket.socket() as silent:            # accepts, reads nothing, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        server, api_port = start_server(
+            elemta_server, tmp_path, monkeypatch,
+            plugins={"rspamd": {"enabled": True, "timeout": 1,
+                                "address": "127.0.0.1:%d" % silent.getsockname()[1]}})
+        code, text = send(server, message("hello"))
+    assert (code, text[:6]) == (451, "4.3.0 "), text
+    assert "plugin rspamd failed at data stage for client [127.0.0.1]: timed out after " \
+           "1s; answering 451 4.3.0" in server.log()
+    samples, _ = scrape(api_port)
+    assert value(samples, "elemta_scanner_failures_total", scanner="rspamd",
+                 kind="timeout") == 1
+    assert value(samples, "elemta_scanner_scan_seconds_count", scanner="rspamd") == 0
