@@ -302,7 +302,7 @@ class ClamAVSettings(PluginCommon):
     data stage, whatever its number of recipients; an infected one is rejected with
     554 5.7.1 naming the signature, or held. A clamd that cannot be reached, times out
     or refuses the stream gives 451 4.3.0 (with fail_open: the message passes); the log
-    says why. One log line per message: "QUEUEID: clamav: clean", "QUEUEID: clamav:
+    says why. timeout 0 means 60 seconds (clamav-milter's ReadTimeout is 120). One log line per message: "QUEUEID: clamav: clean", "QUEUEID: clamav:
     infected NAME, rejected" or "QUEUEID: clamav: not scanned: ...". Metrics:
     elemta_scanner_verdicts_total{scanner="clamav",result,action},
     elemta_scanner_scan_seconds{scanner="clamav"},
@@ -335,7 +335,7 @@ class RspamdSettings(PluginCommon):
     451 4.7.1, greylist 451 4.7.1 greylisted, rewrite subject the Subject Rspamd
     gives, add header the spam_header set to Yes, no action nothing. An Rspamd that
     cannot be reached, times out or answers nonsense gives 451 4.3.0 (with fail_open:
-    the message passes). One log line per message: "QUEUEID: rspamd: action=reject
+    the message passes); timeout 0 means 30 seconds (Rspamd's own task_timeout is 8). One log line per message: "QUEUEID: rspamd: action=reject
     score=15.00/15.00 ...". Metrics: elemta_scanner_verdicts_total{scanner="rspamd",
     result,action}, elemta_scanner_scan_seconds{scanner="rspamd"},
     elemta_scanner_failures_total{scanner="rspamd",kind}, elemta_rspamd_score. Postfix
