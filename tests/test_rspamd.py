@@ -11,6 +11,7 @@ See also: elemta/plugins/rspamd.py, tests/test_clamav.py.
 """
 
 import re
+import shutil
 import smtplib
 import tempfile
 import time
@@ -68,6 +69,7 @@ def rspamd():
         pytest.fail(str(error))
     yield instance
     instance.stop()
+    shutil.rmtree(instance.workdir, ignore_errors=True)
     dns.stop()
     dns.remove()
 
