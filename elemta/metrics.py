@@ -352,6 +352,26 @@ def _make():
             "elemta_delivery_attempt_seconds",
             "Time one delivery attempt (one SMTP/LMTP transaction) took, in seconds.",
             (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)),
+        # content scanners (elemta.plugins.scanner: the clamav and rspamd plugins, in
+        # smtpd and pickup)
+        SCANNER_VERDICTS=counter(
+            "elemta_scanner_verdicts", "Messages a content scanner judged, by scanner "
+            "(clamav, rspamd), its result (clamav: clean, infected, unscanned; rspamd: "
+            "no_action, add_header, rewrite_subject, greylist, soft_reject, reject, "
+            "unscanned) and what Elemta did (pass, header, reject, tempfail, hold).",
+            ("scanner", "result", "action")),
+        SCANNER_SECONDS=histogram(
+            "elemta_scanner_scan_seconds", "Time one message took a content scanner to "
+            "judge, from connecting to its answer, in seconds.",
+            (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            ("scanner",)),
+        SCANNER_FAILURES=counter(
+            "elemta_scanner_failures", "Scans that gave no verdict, by scanner and kind "
+            "(error: unreachable or a bad answer; timeout: the plugin's timeout).",
+            ("scanner", "kind")),
+        RSPAMD_SCORE=histogram(
+            "elemta_rspamd_score", "Rspamd's score of each message it judged.",
+            (-10, -5, -2, 0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 50)),
         # master
         WORKER_RESTARTS=counter(
             "elemta_worker_restarts", "Children the master replaced, by kind (smtpd, "

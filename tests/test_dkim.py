@@ -9,9 +9,9 @@ plugin signs our users' mail and verifies the rest through the plugin manager.
 
 OpenDKIM reads /etc/resolv.conf and cannot be told a port, so NSD listens on
 127.0.0.153:53 and each OpenDKIM run gets a private mount namespace (`unshare -m`) in
-which /etc/resolv.conf names that address. Rspamd runs as a private daemon (Debian's
-configuration, with our own local.d: its DNS pointed at our NSD, one normal worker, no
-controller, proxy or fuzzy) and checks our signatures too.
+which /etc/resolv.conf names that address. Rspamd runs as a private daemon (tests/peers/rspamd.py:
+Debian's configuration, with our own local.d: its DNS pointed at our NSD, one normal
+worker, no controller, proxy or fuzzy) and checks our signatures too.
 """
 
 import os
@@ -29,13 +29,13 @@ from elemta.plugins.dkim import (DKIMResult, Signer, SigningKey, generate_key,
 from elemta.plugins.manager import PluginManager, apply_header_edits
 from elemta.plugins.resolver import Resolver
 from tests.peers.nsd import NSDError, NSDInstance, nsd_available
+from tests.peers.rspamd import RSPAMC, RspamdError, RspamdInstance, rspamd_available
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "dkim")
 NS_ADDRESS = "127.0.0.153"
 OPENDKIM = "/usr/sbin/opendkim"
 OPENDKIM_TESTMSG = "/usr/sbin/opendkim-testmsg"
 OPENDKIM_GENKEY = "/usr/sbin/opendkim-genkey"
-RSPAMD, RSPAMC = "/usr/bin/rspamd", "/usr/bin/rspamc"
 
 # RFC 8463 A.2 and RFC 6376 A.3 public keys.
 RFC_ZONE = """
@@ -257,49 +257,17 @@ def test_opendkim_signature_verifies_in_elemta(keys, resolver):
 @pytest.fixture(scope="module")
 def rspamd(nsd, tmp_path_factory):
     """A private Rspamd on a free port, its DNS pointed at our NSD; its address."""
-    if not os.path.exists(RSPAMD):
-        pytest.skip("rspamd is not installed (apt-get install rspamd)")
+    if rspamd_available() is not None:
+        pytest.skip(rspamd_available())
     from tests.harness import free_port
-    workdir = tmp_path_factory.mktemp("rspamd")
-    local = workdir / "local.d"
-    for sub in ("local.d", "db", "run", "log"):
-        (workdir / sub).mkdir()
-    port = free_port()
-    (local / "options.inc").write_text(
-        'dns { nameserver = ["%s:%d"]; timeout = 2s; retransmits = 1; }\n'
-        % (nsd.address, nsd.port))
-    (local / "worker-normal.inc").write_text('bind_socket = "127.0.0.1:%d"; count = 1;\n'
-                                             % port)
-    for disabled in ("worker-controller.inc", "worker-proxy.inc", "worker-fuzzy.inc",
-                     "fuzzy_check.conf"):
-        (local / disabled).write_text("enabled = false;\n")
-    (local / "logging.inc").write_text('type = "file"; filename = "%s"; level = "info";\n'
-                                       % (workdir / "log" / "rspamd.log"))
-    variables = []
-    for name, sub in (("LOCAL_CONFDIR", ""), ("DBDIR", "db"), ("RUNDIR", "run"),
-                      ("LOGDIR", "log")):
-        variables += ["--var", "%s=%s" % (name, workdir / sub if sub else workdir)]
-    process = subprocess.Popen(
-        [RSPAMD, "-f", "-i", "-u", "root", "-g", "root", "-c", "/etc/rspamd/rspamd.conf",
-         "-p", str(workdir / "run" / "rspamd.pid")] + variables,
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("rspamd did not start: %s" % (workdir / "log" / "rspamd.log"))
-            time.sleep(0.2)
-    yield "127.0.0.1:%d" % port
-    process.terminate()
+    instance = RspamdInstance(tmp_path_factory.mktemp("rspamd"), free_port(),
+                              "%s:%d" % (nsd.address, nsd.port))
     try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        instance.start()
+    except RspamdError as error:
+        pytest.fail(str(error))
+    yield instance.address
+    instance.stop()
 
 
 def rspamd_dkim_symbols(address, message):

@@ -31,12 +31,13 @@ from elemta.config.options import opt
 from elemta.config.options import positive as _positive
 from elemta.maps.domains import DomainList
 from elemta.maps.spec import TableSpec
-from elemta.plugins.settings import (ARCSettings, AuthResSettings, ConfiguredPlugin,
-                                     ClientHostnameSettings, DNSBLSettings,
-                                     HeloHostnameSettings, NonFQDNSettings, RHSBLSettings,
-                                     SenderDomainSettings,
-                                     DKIMSettings, DMARCSettings, GreylistSettings,
-                                     RateLimitSettings, SPFSettings, authres_runs)
+from elemta.plugins.settings import (ARCSettings, AuthResSettings, ClamAVSettings,
+                                     ClientHostnameSettings, ConfiguredPlugin,
+                                     DKIMSettings, DMARCSettings, DNSBLSettings,
+                                     GreylistSettings, HeloHostnameSettings,
+                                     NonFQDNSettings, RateLimitSettings, RHSBLSettings,
+                                     RspamdSettings, SenderDomainSettings, SPFSettings,
+                                     authres_runs)
 
 LISTENER_MODES = ("smtp", "submission", "smtps")
 LINE_ENDING_POLICIES = ("reject", "normalize")
@@ -879,7 +880,7 @@ class ProtocolTestSettings:
 
 BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist",   # authres: by its rule
                    "ratelimit", "dnsbl", "rhsbl", "helo_hostname", "client_hostname",
-                   "non_fqdn", "unknown_sender_domain")
+                   "non_fqdn", "unknown_sender_domain", "clamav", "rspamd")
 
 
 @dataclass(frozen=True)
@@ -909,6 +910,8 @@ class PluginSettings:
                                     "(reject_non_fqdn_sender, reject_non_fqdn_recipient).")
     unknown_sender_domain: SenderDomainSettings = opt(
         SenderDomainSettings(), "Sender domain check (reject_unknown_sender_domain).")
+    clamav: ClamAVSettings = opt(ClamAVSettings(), "ClamAV virus scanning.")
+    rspamd: RspamdSettings = opt(RspamdSettings(), "Rspamd spam filtering.")
     # Tables of installed third-party plugins, typed by the loader with the plugin's own
     # Settings class.
     other: Tuple[ConfiguredPlugin, ...] = field(default=(), metadata={"internal": True})

@@ -31,6 +31,8 @@ BUILTINS = {
     "client_hostname": "elemta.restrictions.clienthost:ClientHostnamePlugin",
     "non_fqdn": "elemta.restrictions.nonfqdn:NonFQDNPlugin",
     "unknown_sender_domain": "elemta.restrictions.senderdomain:SenderDomainPlugin",
+    "clamav": "elemta.plugins.clamav:ClamAVPlugin",
+    "rspamd": "elemta.plugins.rspamd:RspamdPlugin",
 }
 
 

@@ -294,6 +294,68 @@ def _listener_names(values):
         if not value or " " in value:
             return ("%r is not a listener: name it by its mode (smtp, submission, smtps) or "
                     "its address:port (127.0.0.1:25, [::1]:25)" % (value,))
+# ---- content scanners (elemta.plugins.clamav, elemta.plugins.rspamd) ----------------------
+
+_INET_ADDRESS = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+))"
+                           r":(?P<port>\d{1,5})$")
+CLAMAV_ACTIONS = ("reject", "quarantine")
+# clamav-milter's MaxFileSize default: larger messages pass unscanned.
+CLAMAV_MAX_SIZE = 26214400
+# Rspamd's own max_message default (50 MB): it refuses larger messages anyway.
+RSPAMD_MAX_SIZE = 52428800
+
+
+def parse_scanner_address(text):
+    """Where a scanner daemon listens: a unix socket path ("/path" or "unix:/path") or a
+    (host, port) pair from "host:port" or "[v6]:port". Raises ValueError saying what is
+    wrong. (Here rather than in elemta.plugins.scanner so the config check needs no
+    gevent.)"""
+    if text.startswith("unix:"):
+        text = text[len("unix:"):]
+    if text.startswith("/"):
+        return text
+    match = _INET_ADDRESS.match(text)
+    if match is None:
+        raise ValueError("%r is neither a unix socket path (/path) nor host:port" % (text,))
+    port = int(match.group("port"))
+    if not 0 < port < 65536:
+        raise ValueError("port %d of %r is not between 1 and 65535" % (port, text))
+    return (match.group("v6") or match.group("host"), port)
+
+
+def _scanner_address(text):
+    try:
+        parse_scanner_address(text)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _virus_text(value):
+    try:
+        value % {"virus": "Eicar-Test-Signature"}
+    except (KeyError, ValueError, TypeError) as error:
+        return "only %%(virus)s may be used (%s)" % (error,)
+    if any(not " " <= c <= "~" for c in value):
+        return "must be printable ASCII (it is an SMTP reply)"
+    return None
+
+
+def _reply_text(value):
+    if any(not " " <= c <= "~" for c in value) or "%" in value:
+        return "must be printable ASCII without %% (it is an SMTP reply)"
+    return None
+
+
+def _header_name(value):
+    if value and not re.match(r"^[\x21-\x39\x3b-\x7e]+$", value):
+        return "%r is not a header field name" % (value,)
+    return None
+
+
+def _settings_id(value):
+    if any(not "!" <= c <= "~" for c in value):
+        return "must be printable ASCII without spaces"
     return None
 
 
@@ -446,3 +508,78 @@ class SenderDomainSettings(RestrictionSettings):
              "A DNS failure always gives 450 4.1.8; a null MX (RFC 7505) gives 550 "
              "5.7.27. Postfix: unknown_address_reject_code (whose default is 450).",
         _reply_code("45"))
+
+
+@dataclass(frozen=True)
+class ClamAVSettings(PluginCommon):
+    """ClamAV: each message is streamed to clamd (its INSTREAM command) once, at the
+    data stage, whatever its number of recipients; an infected one is rejected with
+    554 5.7.1 naming the signature, or held. A clamd that cannot be reached, times out
+    or refuses the stream gives 451 4.3.0 (with fail_open: the message passes); the log
+    says why. timeout 0 means 60 seconds (clamav-milter's ReadTimeout is 120). One log line per message: "QUEUEID: clamav: clean", "QUEUEID: clamav:
+    infected NAME, rejected" or "QUEUEID: clamav: not scanned: ...". Metrics:
+    elemta_scanner_verdicts_total{scanner="clamav",result,action},
+    elemta_scanner_scan_seconds{scanner="clamav"},
+    elemta_scanner_failures_total{scanner="clamav",kind}. Postfix runs clamav-milter
+    (smtpd_milters) for this."""
+    address: str = opt("/var/run/clamav/clamd.ctl",
+                       "clamd's socket: a unix socket path (clamd.conf LocalSocket; "
+                       "Debian's is the default) or host:port (TCPAddr, TCPSocket). "
+                       "clamav-milter: ClamdSocket.", _scanner_address)
+    max_size: int = opt(CLAMAV_MAX_SIZE,
+                        "Messages larger than this many bytes are not scanned and pass, "
+                        "logged (clamav-milter: MaxFileSize, 25 MB). Keep it within "
+                        "clamd's StreamMaxLength: clamd refuses a longer stream, which "
+                        "counts as a scanner failure.", positive)
+    action: str = opt("reject", "What an infected message gets: reject (554 5.7.1) or "
+                                "quarantine (accepted and put on hold, for elemtactl "
+                                "queue release or delete). clamav-milter: OnInfected.",
+                      one_of(CLAMAV_ACTIONS))
+    reject_text: str = opt("Message rejected: virus found: %(virus)s",
+                           "Text of the 554 reply; %(virus)s is the signature's name. "
+                           "clamav-milter: RejectMsg.", _virus_text)
+
+
+@dataclass(frozen=True)
+class RspamdSettings(PluginCommon):
+    """Rspamd: each message is posted once, at the data stage, to Rspamd's normal
+    worker (HTTP, /checkv2, as Exim and Haraka do) with its envelope, client address,
+    HELO, client host name, authenticated user and queue id. Rspamd's action decides:
+    reject gives 554 5.7.1 (Rspamd's SMTP message when it sends one), soft reject
+    451 4.7.1, greylist 451 4.7.1 greylisted, rewrite subject the Subject Rspamd
+    gives, add header the spam_header set to Yes, no action nothing. An Rspamd that
+    cannot be reached, times out or answers nonsense gives 451 4.3.0 (with fail_open:
+    the message passes); timeout 0 means 30 seconds (Rspamd's own task_timeout is 8). One log line per message: "QUEUEID: rspamd: action=reject
+    score=15.00/15.00 ...". Metrics: elemta_scanner_verdicts_total{scanner="rspamd",
+    result,action}, elemta_scanner_scan_seconds{scanner="rspamd"},
+    elemta_scanner_failures_total{scanner="rspamd",kind}, elemta_rspamd_score. Postfix
+    runs Rspamd's proxy worker as a milter for this."""
+    address: str = opt("127.0.0.1:11333",
+                       "Rspamd's normal worker: host:port or a unix socket path (Rspamd's "
+                       "worker-normal.inc bind_socket; Exim: spamd_address ... "
+                       "variant=rspamd).", _scanner_address)
+    password: str = opt("", "Sent as the Password header when not empty (Rspamd asks for "
+                            "one only on its controller; keep it empty for the normal "
+                            "worker).")
+    outbound_settings_id: str = opt("", "Settings-ID sent with outbound mail (some "
+                                        "recipient is not in a local domain), naming a "
+                                        "block of Rspamd's settings module; empty: none.",
+                                    _settings_id)
+    max_size: int = opt(RSPAMD_MAX_SIZE,
+                        "Messages larger than this many bytes are not scanned and pass, "
+                        "logged (Rspamd's max_message, 50 MB, refuses larger ones).",
+                        positive)
+    result_header: bool = opt(True, "Add X-Spamd-Result: Rspamd's score, its reject "
+                                    "threshold and every symbol, as Rspamd's milter_headers "
+                                    "x-spamd-result writes it. Inbound copies are removed.")
+    status_header: bool = opt(False, "Add X-Spam-Status: Yes or No, the score and the "
+                                     "threshold (Rspamd's x-spam-status, SpamAssassin's "
+                                     "layout). Inbound copies are removed.")
+    spam_header: str = opt("X-Spam", "Header field set to Yes on Rspamd's add header "
+                                     "action (Rspamd's milter_headers: x-spam); empty: "
+                                     "none.", _header_name)
+    milter_headers: bool = opt(True, "Apply the header edits Rspamd's milter_headers "
+                                     "module puts in its answer (add and remove).")
+    reject_text: str = opt("Spam message rejected",
+                           "Text of the 554 reply when Rspamd gives no SMTP message of "
+                           "its own.", _reply_text)
