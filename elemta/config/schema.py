@@ -33,7 +33,7 @@ from elemta.maps.domains import DomainList
 from elemta.maps.spec import TableSpec
 from elemta.plugins.settings import (ARCSettings, AuthResSettings, ConfiguredPlugin,
                                      DKIMSettings, DMARCSettings, GreylistSettings,
-                                     SPFSettings, authres_runs)
+                                     PolicyServiceSettings, SPFSettings, authres_runs)
 
 LISTENER_MODES = ("smtp", "submission", "smtps")
 LINE_ENDING_POLICIES = ("reject", "normalize")
@@ -825,7 +825,7 @@ class DNSSettings:
 
 # ---- plugins: each built-in's table is the plugin's own Settings (elemta.plugins.settings)
 
-BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist")   # authres: by its rule
+BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist", "policy_service")   # authres: by its rule
 
 
 @dataclass(frozen=True)
@@ -840,6 +840,9 @@ class PluginSettings:
     arc: ARCSettings = opt(ARCSettings(), "ARC.")
     authres: AuthResSettings = opt(AuthResSettings(), "Authentication-Results.")
     greylist: GreylistSettings = opt(GreylistSettings(), "Greylisting.")
+    policy_service: PolicyServiceSettings = opt(
+        PolicyServiceSettings(), "Policy delegation to policy servers (Postfix's "
+                                 "check_policy_service).")
     # Tables of installed third-party plugins, typed by the loader with the plugin's own
     # Settings class.
     other: Tuple[ConfiguredPlugin, ...] = field(default=(), metadata={"internal": True})

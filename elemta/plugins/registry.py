@@ -24,6 +24,7 @@ BUILTINS = {
     "arc": "elemta.plugins.arc:ARCPlugin",
     "authres": "elemta.plugins.authres:AuthResultsPlugin",
     "greylist": "elemta.plugins.greylist:GreylistPlugin",
+    "policy_service": "elemta.restrictions.policy_service:PolicyServicePlugin",
 }
 
 
