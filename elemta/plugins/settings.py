@@ -308,8 +308,7 @@ class PolicyServerSettings:
 
 @dataclass(frozen=True)
 class PolicyServiceSettings(PluginCommon):
-    """Policy delegation: ask policy servers (postfwd, policyd-spf, ...) over Postfix's
-    policy protocol and act on their access(5) answer."""
+    """Policy delegation (check_policy_service): ask policy servers, act on their answer."""
     servers: Tuple[PolicyServerSettings, ...] = opt(
         (), "The policy servers, asked in this order; an OK from one skips the later ones.")
 

@@ -118,6 +118,8 @@ class PolicyConnection:
                 raise ConnectionError("connection closed by the policy server"
                                       if not data else "connection closed mid-answer")
             data += chunk
+        if len(answer) > MAX_ANSWER:
+            raise PolicyAnswerError("answer longer than %d bytes" % MAX_ANSWER)
         action = decode_answer(answer)
         self.last_used = time.monotonic()
         self.usable = not rest            # bytes beyond the answer: do not trust it again
