@@ -8,7 +8,9 @@ see the requests themselves. mynetworks leaves 127.0.0.1 out, so the client is a
 stranger, as on an MX.
 """
 
+import os
 import smtplib
+import ssl
 import tempfile
 import time
 
@@ -300,6 +302,73 @@ def test_requests_carry_postfix_attributes_and_one_instance_per_message(elemta_s
         assert len({r["instance"] for r in requests[:4]}) == 1
         assert len({r["instance"] for r in requests[4:]}) == 1
         assert requests[0]["instance"] != requests[4]["instance"]
+
+
+def test_tls_and_auth_attributes_and_a_prepend_belongs_to_its_message(elemta_server,
+                                                                       tls_files,
+                                                                       credentials):
+    """STARTTLS and AUTH reach the encryption_* and sasl_* attributes; a PREPEND given
+    at RCPT goes into that message only, not into the next one of the session."""
+    cert, key = tls_files
+    answers = answer_by_recipient({
+        "tagged@example.test": b"action=PREPEND X-Tag: for this message only\n\n"})
+    with ScriptedPolicyServer(answers) as policy:
+        server = elemta_server(relay={"mynetworks": NOT_US},
+                               tls={"cert_file": cert, "key_file": key},
+                               auth={"credentials_file": credentials},
+                               plugins={"policy_service": {
+                                   "enabled": True, "servers": [{"address": policy.address}]}})
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
+            smtp.ehlo("client.test")
+            smtp.starttls(context=client_tls())
+            smtp.ehlo("client.test")
+            smtp.login("alice", "wonderland")
+            smtp.mail("alice@sender.test")
+            assert smtp.rcpt("tagged@example.test")[0] == 250
+            tagged = queue_id(smtp.data(message("alice@sender.test")))
+            smtp.mail("alice@sender.test")
+            assert smtp.rcpt("plain@example.test")[0] == 250
+            plain = queue_id(smtp.data(message("alice@sender.test")))
+        request = policy.requests[0]
+        assert request["encryption_protocol"].startswith("TLSv1.")
+        assert request["encryption_cipher"] and int(request["encryption_keysize"]) >= 128
+        assert (request["sasl_method"], request["sasl_username"]) == ("PLAIN", "alice")
+        assert server.message(tagged)[1].startswith(
+            b"X-Tag: for this message only\r\nReceived: from client.test")
+        assert b"X-Tag:" not in server.message(plain)[1]
+
+
+def client_tls():
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def test_unix_socket_request_limit_and_a_server_that_hangs_up(elemta_server, tmp_path):
+    """unix: addresses; request_limit opens a connection per request; a kept connection
+    the server has closed meanwhile costs no failed attempt (try_limit 1 here)."""
+    directory = tmp_path / "policy"
+    directory.mkdir()
+    directory.chmod(0o755)
+    path = str(directory / "policy.sock")
+    with ScriptedPolicyServer(answer_by_recipient({}), unix_path=path) as limited, \
+            ScriptedPolicyServer(answer_by_recipient({}),
+                                 answers_per_connection=1) as hangs_up:
+        os.chmod(path, 0o777)
+        server = policy_server(elemta_server,
+                               {"address": limited.address, "request_limit": 1},
+                               {"address": hangs_up.address, "try_limit": 1,
+                                "retry_delay": 5.0})
+        started = time.monotonic()
+        replies, data = send(server, "a@sender.test", ["one@example.test",
+                                                        "two@example.test",
+                                                        "three@example.test"])
+        assert [code for code, _ in replies] == [250, 250, 250] and data[0] == 250
+        assert time.monotonic() - started < 5          # no retry_delay was waited
+        assert [len(c) for c in limited.connections] == [1, 1, 1]
+        assert [len(c) for c in hangs_up.connections] == [1, 1, 1]
+        assert "unavailable" not in server.log()
 
 
 def test_a_server_that_is_down_gives_the_default_action(elemta_server):

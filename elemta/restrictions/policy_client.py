@@ -146,13 +146,21 @@ class PolicyClient:
         # type: (bytes, Optional[PolicyConnection]) -> Tuple[str, PolicyConnection]
         """(action, the connection used). preferred: the connection this session used
         last, taken again when it is idle. Raises PolicyUnavailable or
-        PolicyAnswerError."""
+        PolicyAnswerError.
+
+        A kept connection the server has closed meanwhile (its own idle timeout) is not
+        a failed attempt: the request goes at once over a new connection, once."""
         settings = self.settings
         problem = "no attempt"
-        for attempt in range(settings.try_limit):
-            if attempt:
+        attempts = 0
+        stale_retried = False
+        while attempts < settings.try_limit:
+            if attempts and not stale_retried:
                 gevent.sleep(settings.retry_delay)
+            stale_retried = False
             connection = self._take(preferred)
+            reused = connection is not None
+            preferred = None
             try:
                 if connection is None:
                     connection = self._connect()
@@ -164,6 +172,12 @@ class PolicyClient:
             except (OSError, _socket.timeout) as error:
                 if connection is not None:
                     connection.close()
+                if reused and isinstance(error, ConnectionError):
+                    stale_retried = True
+                    log.debug("policy server %s closed a kept connection (%s); asking "
+                              "over a new one", self.address, _describe(error))
+                    continue
+                attempts += 1
                 problem = _describe(error)
                 continue
             except BaseException:          # the plugin's own deadline (gevent.Timeout)

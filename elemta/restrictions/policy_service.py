@@ -15,8 +15,9 @@ it does not know empty, and acts on the access(5) action the server answers
                         is still asked and may refuse
     DISCARD             the message is accepted and dropped (the whole message, as Postfix)
     PREPEND             the header field is added to the message, above our Received
-                        header when given at RCPT (as Postfix writes it), at the top when
-                        given at END-OF-MESSAGE (Postfix cannot; Elemta can)
+                        header when given at RCPT (where Postfix writes it), at the top of
+                        the content, below Received, when given at DATA or END-OF-MESSAGE
+                        (Postfix cannot; Elemta edits the content there anyway)
     DEFER_IF_PERMIT     remembered; a later server's REJECT still rejects, otherwise 450
                         once the servers are done. Postfix waits for the outcome of all
                         later restrictions; Elemta approximates: the plugins after this

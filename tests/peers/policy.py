@@ -203,18 +203,26 @@ class PolicydSPFServer:
 class ScriptedPolicyServer:
     """A policy server whose answer is answer(request: dict) -> bytes (sent as is) or
     None (say nothing: the client times out). connections: one list of requests (dicts)
-    per connection accepted, in order."""
+    per connection accepted, in order. On TCP, or on the unix socket unix_path;
+    answers_per_connection > 0: it hangs up after that many answers."""
 
-    def __init__(self, answer):
+    def __init__(self, answer, unix_path=None, answers_per_connection=0):
         self.answer = answer
+        self.answers_per_connection = answers_per_connection   # then hang up; 0: never
         self.connections = []
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
+        if unix_path is None:
+            self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.listener.bind(("127.0.0.1", 0))
+            self.port = self.listener.getsockname()[1]
+            self.address = "inet:127.0.0.1:%d" % self.port
+        else:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(unix_path)
+            self.port = None
+            self.address = "unix:" + unix_path
         self.listener.listen(16)
         self.listener.settimeout(0.2)      # so stop() is noticed
-        self.port = self.listener.getsockname()[1]
-        self.address = "inet:127.0.0.1:%d" % self.port
         self._stop = False
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
@@ -264,6 +272,9 @@ class ScriptedPolicyServer:
                     conn.sendall(reply)
                 except OSError:
                     return
+                if self.answers_per_connection and \
+                        len(requests) >= self.answers_per_connection:
+                    return                 # hang up, as a server with an idle limit does
 
     @property
     def requests(self):
