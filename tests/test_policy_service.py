@@ -475,3 +475,19 @@ def test_bad_settings_name_the_file_line_and_key(tmp_path, line, key, value, mes
     assert (problem.file, problem.line, problem.key) == (
         str(path), line, "plugins.policy_service.servers[0].%s" % key)
     assert message_part in str(caught.value)
+
+
+def test_the_content_is_kept_only_when_a_server_is_asked_after_it():
+    """The data stage (which makes the smtpd keep each message in memory) is served
+    only when some server is asked at DATA or END-OF-MESSAGE."""
+    from elemta.plugins.manager import PluginManager
+    rcpt_only = PluginManager.from_mapping({"policy_service": {"servers": [
+        {"address": "inet:127.0.0.1:10040"}]}}).start(strict=True)
+    assert (rcpt_only.wants("rcpt"), rcpt_only.wants("data")) == (True, False)
+    after = PluginManager.from_mapping({"policy_service": {"servers": [
+        {"address": "inet:127.0.0.1:10040"},
+        {"address": "unix:/run/policy", "protocol_states": ["END-OF-MESSAGE"]}]}}).start(
+            strict=True)
+    assert (after.wants("rcpt"), after.wants("data")) == (True, True)
+    rcpt_only.close()
+    after.close()

@@ -2,9 +2,12 @@
 
 Owned by the smtpd worker (rcpt and data stages). For each recipient (protocol_state RCPT)
 and, for the servers configured so, once the content is in (DATA, then END-OF-MESSAGE),
-Elemta sends each policy server the attributes Postfix sends (SMTPD_POLICY_README), those
-it does not know empty, and acts on the access(5) action the server answers
-(elemta.restrictions.policy_action). The servers are asked in their configured order:
+Elemta sends each policy server the attributes Postfix sends (SMTPD_POLICY_README, up to
+Postfix 3.8), and acts on the access(5) action the server answers
+(elemta.restrictions.policy_action). What Elemta does not know is sent empty (or 0):
+ccert_* (it asks clients for no certificate), sasl_sender, etrn_domain, stress and
+compatibility_level; reverse_client_name is client_name; mail_version is Elemta's.
+The servers are asked in their configured order:
 
     OK                  accept: later servers and the later plugins of the stage are skipped
     DUNNO, WARN, INFO   no opinion: the next server is asked
@@ -142,6 +145,14 @@ class PolicyServicePlugin(Plugin):
     def close(self):
         for client in getattr(self, "clients", ()):
             client.close()
+
+    def stages(self):
+        """rcpt, and data only when some server is asked at DATA or END-OF-MESSAGE: a
+        data-stage plugin makes the smtpd keep each message in memory until its end."""
+        servers = getattr(getattr(self, "settings", None), "servers", ())
+        if any(set(server.protocol_states) & {DATA, END_OF_MESSAGE} for server in servers):
+            return super().stages()
+        return tuple(stage for stage in super().stages() if stage != "data")
 
     def on_rcpt(self, ctx):
         if ctx.local:
