@@ -295,8 +295,7 @@ def _describe_error(error):
     return text
 
 
-def header_block(headers):
-    # type: (object) -> bytes
+def header_block(headers) -> bytes:
     """(name, value) pairs as header field lines, in order, each ending in CRLF."""
     return b"".join(("%s: %s\r\n" % (name, value.lstrip(" "))).encode("utf-8")
                     for name, value in headers)

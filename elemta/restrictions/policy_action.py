@@ -89,8 +89,7 @@ def _status_and_text(rest, code, default_text):
     return status, text or default_text
 
 
-def parse_action(value):
-    # type: (str) -> PolicyDecision
+def parse_action(value: str) -> PolicyDecision:
     """The PolicyDecision for the text after `action=` (see the module docstring)."""
     if _CONTROL.search(value):
         return _bad("control characters in the action")

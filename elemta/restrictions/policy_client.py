@@ -44,8 +44,7 @@ class PolicyAnswerError(Exception):
     """The server answered something that is not a policy protocol answer."""
 
 
-def encode_request(attributes):
-    # type: (List[Tuple[str, str]]) -> bytes
+def encode_request(attributes: List[Tuple[str, object]]) -> bytes:
     """name=value lines and the empty line. Values never carry NUL, CR or LF (they are
     replaced by '?'): a value could otherwise end the request early or forge attributes."""
     lines = []
@@ -57,8 +56,7 @@ def encode_request(attributes):
     return ("".join(lines) + "\n").encode("utf-8", "surrogateescape")
 
 
-def decode_answer(raw):
-    # type: (bytes) -> str
+def decode_answer(raw: bytes) -> str:
     """The action of a complete answer (without its final empty line); raises
     PolicyAnswerError."""
     action = None
@@ -87,8 +85,7 @@ class PolicyConnection:
         self.requests = 0
         self.usable = True
 
-    def exchange(self, request, timeout):
-        # type: (bytes, float) -> str
+    def exchange(self, request: bytes, timeout: float) -> str:
         """Send one request, return the action of its answer. Raises OSError (and
         socket.timeout) for I/O trouble, PolicyAnswerError for a confused server; the
         connection is then unusable."""
@@ -139,11 +136,11 @@ class PolicyClient:
     def __init__(self, settings):
         self.settings = settings
         self.address = settings.address
-        self.idle = []                    # type: List[PolicyConnection]
+        self.idle: List[PolicyConnection] = []
         self._sweeper = None
 
-    def ask(self, request, preferred=None):
-        # type: (bytes, Optional[PolicyConnection]) -> Tuple[str, PolicyConnection]
+    def ask(self, request: bytes, preferred: Optional[PolicyConnection] = None
+            ) -> Tuple[str, PolicyConnection]:
         """(action, the connection used). preferred: the connection this session used
         last, taken again when it is idle. Raises PolicyUnavailable or
         PolicyAnswerError.
