@@ -20,7 +20,7 @@ from elemta.restrictions.policy_action import parse_action
 from tests.peers.nsd import NSDInstance, nsd_available
 from tests.peers.policy import (POLICYD_SPF, POSTFWD, SOCAT, PolicydSPFServer,
                                 PostfwdServer, ScriptedPolicyServer, missing)
-from tests.harness import free_port
+from tests.harness import free_port, wait_for
 
 NOT_US = ["192.0.2.0/24"]      # mynetworks without 127.0.0.1
 
@@ -475,6 +475,39 @@ def test_bad_settings_name_the_file_line_and_key(tmp_path, line, key, value, mes
     assert (problem.file, problem.line, problem.key) == (
         str(path), line, "plugins.policy_service.servers[0].%s" % key)
     assert message_part in str(caught.value)
+
+
+def test_an_idle_connection_is_closed_after_max_idle(elemta_server):
+    with ScriptedPolicyServer(answer_by_recipient({})) as policy:
+        server = policy_server(elemta_server, {"address": policy.address, "max_idle": 1.0})
+        replies, _ = send(server, "a@sender.test", ["rcpt@example.test"])
+        assert replies[0][0] == 250
+        assert policy.closed == []       # kept after the session, for the next one
+        started = time.monotonic()
+        wait_for(lambda: policy.closed == [0], timeout=10)
+        assert time.monotonic() - started >= 0.3
+
+
+def test_unsupported_actions_are_logged_and_taken_as_dunno(elemta_server):
+    answers = answer_by_recipient({
+        "filtered@example.test": b"action=FILTER smtp:[192.0.2.9]:10025\n\n",
+        "redirected@example.test": b"action=REDIRECT abuse@example.test\n\n",
+        "warned@example.test": b"action=WARN looks like a bulk sender\n\n"})
+    with ScriptedPolicyServer(answers) as policy:
+        server = policy_server(elemta_server, {"address": policy.address})
+        replies, data = send(server, "a@sender.test", ["filtered@example.test",
+                                                        "redirected@example.test",
+                                                        "warned@example.test"])
+        assert [code for code, _ in replies] == [250, 250, 250] and data[0] == 250
+        envelope, _ = server.message(queue_id(data))
+        assert [r.address for r in envelope.recipients] == [
+            "filtered@example.test", "redirected@example.test", "warned@example.test"]
+        log = server.log()
+        assert ("to=<filtered@example.test>: policy server %s: FILTER is not supported, "
+                "taken as DUNNO (action=FILTER smtp:[192.0.2.9]:10025)" % policy.address) in log
+        assert "REDIRECT is not supported, taken as DUNNO" in log
+        assert ("to=<warned@example.test>: policy server %s: WARN looks like a bulk sender"
+                % policy.address) in log
 
 
 def test_the_content_is_kept_only_when_a_server_is_asked_after_it():

@@ -210,6 +210,7 @@ class ScriptedPolicyServer:
         self.answer = answer
         self.answers_per_connection = answers_per_connection   # then hang up; 0: never
         self.connections = []
+        self.closed = []          # indexes of the connections the client closed, in order
         if unix_path is None:
             self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -254,6 +255,7 @@ class ScriptedPolicyServer:
                     except OSError:
                         return
                     if not chunk:
+                        self.closed.append(self.connections.index(requests))
                         return
                     buffer += chunk
                     continue
