@@ -510,6 +510,30 @@ def test_unsupported_actions_are_logged_and_taken_as_dunno(elemta_server):
                 % policy.address) in log
 
 
+def test_after_the_content_prepend_lands_below_received_and_ok_skips_no_plugin(
+        elemta_server):
+    """At DATA and END-OF-MESSAGE a PREPEND edits the content (below our Received
+    header), and an OK does not stop the later data-stage plugins (here the
+    Authentication-Results writer)."""
+    def answer(request):
+        return {"DATA": b"action=PREPEND X-Data: seen after the content\n\n",
+                "END-OF-MESSAGE": b"action=OK\n\n"}.get(request["protocol_state"],
+                                                           b"action=DUNNO\n\n")
+    with ScriptedPolicyServer(answer) as policy:
+        server = elemta_server(relay={"mynetworks": NOT_US}, plugins={
+            "authres": {"enabled": True},
+            "policy_service": {"enabled": True, "servers": [{
+                "address": policy.address,
+                "protocol_states": ["RCPT", "DATA", "END-OF-MESSAGE"]}]}})
+        replies, data = send(server, "a@sender.test", ["rcpt@example.test"])
+        _, content = server.message(queue_id(data))
+        lines = content.split(b"\r\n")
+        assert lines[0].startswith(b"Received: from client.test")
+        assert b"\r\nX-Data: seen after the content\r\n" in content
+        assert content.index(b"X-Data:") > content.index(b"Received:")
+        assert b"\r\nAuthentication-Results: mx.test" in content
+
+
 def test_the_content_is_kept_only_when_a_server_is_asked_after_it():
     """The data stage (which makes the smtpd keep each message in memory) is served
     only when some server is asked at DATA or END-OF-MESSAGE."""

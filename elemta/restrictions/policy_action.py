@@ -7,7 +7,9 @@ alone. It is also what checks a configured default_action (elemta.plugins.settin
 
     OK, or all digits          accept: the later checks of the stage are skipped
     DUNNO                      no opinion
-    REJECT [text]              550 5.7.1 (text may start with its own 5.X.Y status)
+    REJECT [text]              550 5.7.1 (text may start with its own 5.X.Y status;
+                               Postfix's access_map_reject_code is 554, Elemta answers
+                               550 as for its other refusals)
     DEFER [text]               450 4.7.1
     DEFER_IF_PERMIT [text]     450 4.7.1 unless something later rejects (see the plugin)
     DEFER_IF_REJECT [text]     turns a later reject into 450 4.7.1

@@ -10,6 +10,7 @@ compatibility_level; reverse_client_name is client_name; mail_version is Elemta'
 The servers are asked in their configured order:
 
     OK                  accept: later servers and the later plugins of the stage are skipped
+                        (at RCPT; at DATA and END-OF-MESSAGE only the later servers)
     DUNNO, WARN, INFO   no opinion: the next server is asked
     REJECT, DEFER, 4NN/5NN   the recipient (RCPT) or the message (DATA, END-OF-MESSAGE) is
                         refused with that reply, "<to>: Recipient address rejected: text"
@@ -52,7 +53,7 @@ import os
 import time
 
 from elemta import __version__
-from elemta.plugins.api import Plugin, Result
+from elemta.plugins.api import DISCARD, QUARANTINE, REJECT, TEMPFAIL, Plugin, Result
 from elemta.plugins.settings import PolicyServiceSettings
 from elemta.restrictions import policy_action as actions
 from elemta.restrictions.policy_client import (PolicyAnswerError, PolicyClient,
@@ -138,12 +139,12 @@ class PolicyServicePlugin(Plugin):
 
     def init(self, settings):
         self.settings = settings = settings or PolicyServiceSettings()
-        self.clients = [PolicyClient(server) for server in settings.servers]
-        self.defaults = {server.address: actions.parse_action(server.default_action)
-                         for server in settings.servers}
+        # (client, its default action as a PolicyDecision), in the order configured.
+        self.servers = [(PolicyClient(server), actions.parse_action(server.default_action))
+                        for server in settings.servers]
 
     def close(self):
-        for client in getattr(self, "clients", ()):
+        for client, _ in getattr(self, "servers", ()):
             client.close()
 
     def stages(self):
@@ -160,22 +161,26 @@ class PolicyServicePlugin(Plugin):
         return self._ask_servers(RCPT, ctx)
 
     def on_data(self, ctx):
+        """DATA, then END-OF-MESSAGE. An OK ends the asking of that state's servers but
+        skips no later plugin: Elemta's data stage also does what Postfix does after its
+        restrictions (Authentication-Results, signing), which no policy server's OK
+        should turn off."""
         if ctx.local:
             return None
-        first = self._ask_servers(DATA, ctx)
-        if first is not None and first.action not in ("continue", "quarantine"):
-            return first
-        second = self._ask_servers(END_OF_MESSAGE, ctx)
-        if first is None:
-            return second
-        if second is None:
-            return first
-        if second.action not in ("continue", "quarantine"):
-            return second
-        headers = first.headers + second.headers
-        if first.action == "quarantine" or second.action == "quarantine":
-            reason = first.reason if first.action == "quarantine" else second.reason
-            return Result.quarantine(reason, headers)
+        results = []
+        for state in (DATA, END_OF_MESSAGE):
+            result = self._ask_servers(state, ctx)
+            if result is None:
+                continue
+            if result.action in (REJECT, TEMPFAIL, DISCARD):
+                return result
+            results.append(result)
+        if not results:
+            return None
+        headers = [field for result in results for field in result.headers]
+        held = [result.reason for result in results if result.action == QUARANTINE]
+        if held:
+            return Result.quarantine(held[0], headers)
         return Result.proceed(headers)
 
     # ---- one protocol state ---------------------------------------------------------
@@ -183,10 +188,10 @@ class PolicyServicePlugin(Plugin):
     def _ask_servers(self, state, ctx):
         """The Result of asking, in order, every server configured for `state`."""
         headers, hold, if_permit, if_reject = [], None, None, None
-        for client in self.clients:
+        for client, default in self.servers:
             if state not in client.settings.protocol_states:
                 continue
-            decision = self._decide(client, state, ctx)
+            decision = self._decide(client, default, state, ctx)
             kind = decision.kind
             if kind == actions.ACCEPT:
                 if if_permit is not None:
@@ -222,7 +227,7 @@ class PolicyServicePlugin(Plugin):
             return Result.reject(decision.code, decision.status, text)
         return Result.tempfail(decision.code, decision.status, text)
 
-    def _decide(self, client, state, ctx):
+    def _decide(self, client, default, state, ctx):
         """The server's PolicyDecision, or its default action when it cannot be asked
         or answers nonsense (logged)."""
         request = encode_request(request_attributes(state, ctx,
@@ -231,7 +236,6 @@ class PolicyServicePlugin(Plugin):
         where = "%s: %s from %s[%s]: from=<%s> to=<%s>" % (
             ctx.queue_id or "NOQUEUE", state, ctx.client_name or "unknown",
             ctx.client_address, ctx.sender or "", ctx.recipient or "")
-        default = self.defaults[client.address]
         try:
             action, connection = client.ask(request, ctx.session.get(key))
         except PolicyUnavailable as error:
