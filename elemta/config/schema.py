@@ -35,9 +35,9 @@ from elemta.plugins.settings import (ARCSettings, AuthResSettings, ClamAVSetting
                                      ClientHostnameSettings, ConfiguredPlugin,
                                      DKIMSettings, DMARCSettings, DNSBLSettings,
                                      GreylistSettings, HeloHostnameSettings,
-                                     NonFQDNSettings, RateLimitSettings, RHSBLSettings,
-                                     RspamdSettings, SenderDomainSettings, SPFSettings,
-                                     authres_runs)
+                                     NonFQDNSettings, PolicyServiceSettings,
+                                     RateLimitSettings, RHSBLSettings, RspamdSettings,
+                                     SenderDomainSettings, SPFSettings, authres_runs)
 
 LISTENER_MODES = ("smtp", "submission", "smtps")
 LINE_ENDING_POLICIES = ("reject", "normalize")
@@ -880,7 +880,8 @@ class ProtocolTestSettings:
 
 BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist",   # authres: by its rule
                    "ratelimit", "dnsbl", "rhsbl", "helo_hostname", "client_hostname",
-                   "non_fqdn", "unknown_sender_domain", "clamav", "rspamd")
+                   "non_fqdn", "unknown_sender_domain", "policy_service", "clamav",
+                   "rspamd")
 
 
 @dataclass(frozen=True)
@@ -912,6 +913,9 @@ class PluginSettings:
         SenderDomainSettings(), "Sender domain check (reject_unknown_sender_domain).")
     clamav: ClamAVSettings = opt(ClamAVSettings(), "ClamAV virus scanning.")
     rspamd: RspamdSettings = opt(RspamdSettings(), "Rspamd spam filtering.")
+    policy_service: PolicyServiceSettings = opt(
+        PolicyServiceSettings(), "Policy delegation to policy servers (Postfix's "
+                                 "check_policy_service).")
     # Tables of installed third-party plugins, typed by the loader with the plugin's own
     # Settings class.
     other: Tuple[ConfiguredPlugin, ...] = field(default=(), metadata={"internal": True})

@@ -28,7 +28,13 @@ The stages, in the order mail meets them; what the Context holds at each (on top
 the earlier ones set) and what each result does there. "reject" and "tempfail" carry the
 reply (code, enhanced status, text); a plugin that raises or overruns its timeout counts
 as tempfail 451 4.3.0, or as no opinion when configured fail_open. ACCEPT skips the later
-plugins of the same stage, everywhere.
+plugins of the same stage, everywhere. Header fields a result carries (Result.proceed,
+accept or quarantine headers=) at connection, helo, auth, mail or rcpt are kept by the
+smtpd and written above its Received header when the message comes (as Postfix writes a
+PREPEND from its smtpd restrictions): those of connection, helo and auth go into every
+message of the session, those of mail and rcpt into this message; a field is written once
+however often it is given, those of a refused command are dropped, and `remove` has
+nothing to act on before the content.
 
   connection  smtpd, a client connected, before the 220 greeting. ctx: client_address,
               client_name, client_lookup, listener, trusted, tls (smtps only),
@@ -276,9 +282,10 @@ def _header_pair(name, parts):
 class Context:
     """What a plugin may know about the mail in hand. Filled in by the calling process.
 
-    Per connection: client_*, helo, tls*, auth_user, trusted, local, session.
-    Per transaction (reset by new_transaction): sender, recipients, recipient, queue_id,
-    message, outbound, auth_results, state.
+    Per connection: client_*, helo, esmtp, tls*, auth_user, auth_method, trusted, local,
+    server_address, server_port, session.
+    Per transaction (reset by new_transaction): sender, declared_size, recipients,
+    recipient, queue_id, message, outbound, auth_results, state.
     Delivery (routing, delivery stages): nexthop.
     resolver: an elemta.plugins.resolver.Resolver (DNS that never blocks the event loop).
     hostname: this server's name; the default authserv-id.
@@ -311,6 +318,17 @@ class Context:
     auth_results: List[MethodResult] = field(default_factory=list)
     session: Dict[str, Any] = field(default_factory=dict)  # plugins' per-connection notes
     state: Dict[str, Any] = field(default_factory=dict)    # plugins' per-transaction notes
+    # What Postfix's policy protocol tells a policy server (elemta.restrictions.
+    # policy_service); set by the smtpd session, left empty by pickup.
+    esmtp: bool = False                  # the client said EHLO
+    client_port: Optional[int] = None
+    server_address: str = ""             # the address the client connected to
+    server_port: Optional[int] = None
+    auth_method: Optional[str] = None    # the AUTH mechanism that succeeded
+    tls_protocol: Optional[str] = None   # "TLSv1.3"
+    tls_cipher: Optional[str] = None     # "TLS_AES_256_GCM_SHA384"
+    tls_bits: Optional[int] = None
+    declared_size: int = 0               # MAIL FROM SIZE=, 0 when not given (per transaction)
 
     @property
     def authenticated_or_local(self):
@@ -327,6 +345,7 @@ class Context:
         self.outbound = False
         self.auth_results = []
         self.state = {}
+        self.declared_size = 0
 
     def results_for(self, method):
         return [r for r in self.auth_results if r.method == method]

@@ -295,6 +295,12 @@ def _describe_error(error):
     return text
 
 
+def header_block(headers) -> bytes:
+    """(name, value) pairs as header field lines, in order, each ending in CRLF."""
+    return b"".join(("%s: %s\r\n" % (name, value.lstrip(" "))).encode("utf-8")
+                    for name, value in headers)
+
+
 def apply_header_edits(raw, headers=(), remove=()):
     # type: (bytes, object, object) -> bytes
     """The message with `headers` prepended (in order) and the header fields listed in
@@ -305,9 +311,7 @@ def apply_header_edits(raw, headers=(), remove=()):
     for name, value in remove:
         key = (name.lower(), value)
         doomed[key] = doomed.get(key, 0) + 1
-    out = []
-    for name, value in headers:
-        out.append(("%s: %s\r\n" % (name, value.lstrip(" "))).encode("utf-8"))
+    out = [header_block(headers)]
     # Walk the original header section line by line so kept fields stay byte-identical.
     pos = 0
     for name, value in message.headers:

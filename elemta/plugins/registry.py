@@ -33,6 +33,7 @@ BUILTINS = {
     "unknown_sender_domain": "elemta.restrictions.senderdomain:SenderDomainPlugin",
     "clamav": "elemta.plugins.clamav:ClamAVPlugin",
     "rspamd": "elemta.plugins.rspamd:RspamdPlugin",
+    "policy_service": "elemta.restrictions.policy_service:PolicyServicePlugin",
 }
 
 

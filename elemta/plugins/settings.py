@@ -583,3 +583,93 @@ class RspamdSettings(PluginCommon):
     reject_text: str = opt("Spam message rejected",
                            "Text of the 554 reply when Rspamd gives no SMTP message of "
                            "its own.", _reply_text)
+
+
+# ---- policy_service (issue #15, elemta.restrictions.policy_service) ----------------------
+
+# Where Postfix lets check_policy_service appear, by the protocol_state it sends: the
+# recipient restrictions (RCPT), smtpd_data_restrictions (DATA) and
+# smtpd_end_of_data_restrictions (END-OF-MESSAGE).
+POLICY_STATES = ("RCPT", "DATA", "END-OF-MESSAGE")
+
+
+def _policy_address(value):
+    """inet:host:port, inet:[v6 address]:port or unix:/absolute/path."""
+    kind, _, rest = value.partition(":")
+    if kind == "unix":
+        if not rest.startswith("/"):
+            return "a unix socket needs an absolute path (unix:/run/policy), not %r" % (value,)
+        return None
+    if kind == "inet":
+        host, _, port = rest.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return None
+    return "must be inet:host:port or unix:/path, not %r" % (value,)
+
+
+def _policy_states(values):
+    if not values:
+        return "must name at least one of %s" % ", ".join(POLICY_STATES)
+    for value in values:
+        if value not in POLICY_STATES:
+            return "must be among %s, not %r" % (", ".join(POLICY_STATES), value)
+    return None
+
+
+def _policy_default_action(value):
+    # Imported here: the parser is light, but it belongs to the restriction.
+    from elemta.restrictions.policy_action import parse_action
+    if parse_action(value).problem:
+        return "not an access(5) action a policy server could answer: %r (%s)" % (
+            value, parse_action(value).problem)
+    return None
+
+
+@dataclass(frozen=True)
+class PolicyServerSettings:
+    """One policy server (Postfix's check_policy_service with its per-server settings)."""
+    address: str = opt("", "Where the server listens: inet:host:port or unix:/path "
+                           "(Postfix: the check_policy_service endpoint).", _policy_address)
+    protocol_states: Tuple[str, ...] = opt(
+        ("RCPT",), "When it is asked: RCPT (each recipient, after the relay check), DATA "
+                   "and END-OF-MESSAGE (both once the content is in: Elemta has no check at "
+                   "the DATA command). Postfix: check_policy_service in "
+                   "smtpd_recipient_restrictions, smtpd_data_restrictions, "
+                   "smtpd_end_of_data_restrictions.", _policy_states)
+    timeout: float = opt(100.0, "Seconds to connect, send or receive (Postfix's "
+                                "smtpd_policy_service_timeout).", positive)
+    max_idle: float = opt(300.0, "Seconds an unused connection is kept open (Postfix's "
+                                 "smtpd_policy_service_max_idle).", positive)
+    max_ttl: float = opt(1000.0, "Seconds a connection is used at most, then reopened "
+                                 "(Postfix's smtpd_policy_service_max_ttl).", positive)
+    request_limit: int = opt(0, "Requests per connection, then it is reopened; 0: no limit "
+                                "(Postfix's smtpd_policy_service_request_limit).",
+                             not_negative)
+    try_limit: int = opt(2, "Attempts to send one request before the default action "
+                            "(Postfix's smtpd_policy_service_try_limit).", positive)
+    retry_delay: float = opt(1.0, "Seconds between attempts (Postfix's "
+                                  "smtpd_policy_service_retry_delay).", not_negative)
+    default_action: str = opt("451 4.3.5 Server configuration problem",
+                              "The action taken when the server cannot be asked or answers "
+                              "nonsense, e.g. DUNNO to carry on without it (Postfix's "
+                              "smtpd_policy_service_default_action).",
+                              _policy_default_action)
+    policy_context: str = opt("", "Sent as the policy_context attribute (Postfix's "
+                                  "smtpd_policy_service_policy_context).")
+
+
+@dataclass(frozen=True)
+class PolicyServiceSettings(PluginCommon):
+    """Policy delegation (check_policy_service): ask policy servers, act on their answer."""
+    servers: Tuple[PolicyServerSettings, ...] = opt(
+        (), "The policy servers, asked in this order; an OK from one skips the later ones.")
+
+    def validate(self, path):
+        if self.enabled and not self.servers:
+            raise PluginConfigError("%s.servers: enabled but no policy server is listed"
+                                    % path)
+        for index, server in enumerate(self.servers):
+            if not server.address:
+                raise PluginConfigError("%s.servers[%d].address: required" % (path, index))

@@ -38,6 +38,7 @@ from elemta.maps import TableUnavailable
 from elemta.plugins.api import DISCARD, TEMPFAIL, Context
 from elemta.plugins.content import (notify_queued, outbound, run_content_stages,
                                     wants_content)
+from elemta.plugins.manager import header_block
 from elemta.plugins.peername import OK as NAME_OK
 from elemta.plugins.peername import PERM as NAME_PERM
 from elemta.plugins.peername import look_up, timed_out
@@ -109,12 +110,20 @@ class Session:
         self.plugins = server.plugins
         self.ctx = Context(client_address=self.client_ip, hostname=server.hostname,
                            resolver=server.resolver, listener=listener,
-                           trusted=server.policy.client_trusted(self.client_ip))
+                           trusted=server.policy.client_trusted(self.client_ip),
+                           client_port=address[1] if len(address) > 1 else None)
+        local = self._local_address()
+        if local is not None:
+            self.ctx.server_address, self.ctx.server_port = local[0], local[1]
         self.content = None     # the message content, kept only for data/storage plugins
         # A discard or quarantine from a stage before the content: (action, reason,
         # plugin, stage), for the whole session (connection, helo, auth) or this message.
         self.session_verdict = None
         self.message_verdict = None
+        # Header fields plugins gave before the content (Result headers at connection ..
+        # rcpt), prepended above our Received header: for the session / this message.
+        self.session_headers = []
+        self.message_headers = []
         self._queued = []       # Contexts of committed messages, for the queue stage
         # This transaction's virtual alias expansions: RCPT address -> its addresses.
         self.expansions = {}
@@ -301,12 +310,17 @@ class Session:
         metrics.TLS_SESSIONS.labels(self.sock.version() or "unknown").inc()
         self.tls_info = tls.describe(self.sock)
         self.ctx.tls, self.ctx.tls_info = True, self.tls_info
+        cipher = self.sock.cipher()
+        if cipher:
+            self.ctx.tls_protocol = self.sock.version() or cipher[1]
+            self.ctx.tls_cipher, self.ctx.tls_bits = cipher[0], cipher[2]
         log.info("TLS connection established from %s: %s", self.client, self.tls_info)
 
     # ---- events -----------------------------------------------------------------------
 
     def on_helo(self, event):
         self.ctx.helo = event.name
+        self.ctx.esmtp = event.esmtp
         if self.server.authenticator is not None:
             self.proto.offer_auth_mechanisms(self.server.authenticator.mechanisms())
         self.ctx.new_transaction()
@@ -320,7 +334,9 @@ class Session:
         ctx = self.ctx
         ctx.new_transaction()
         self.message_verdict = None
+        self.message_headers = []
         ctx.sender = event.transaction.sender
+        ctx.declared_size = event.transaction.declared_size or 0
         self.expansions = {}
         shortage = self.server.room.shortage(event.transaction.declared_size)
         if shortage is not None:
@@ -387,7 +403,10 @@ class Session:
             else None
         try:
             self.writer = self.server.queue.start_message(envelope, self.listener)
-            self.writer.write(header)
+            # Header fields from the plugins before the content go above our Received
+            # header, where Postfix writes its PREPEND actions.
+            self.writer.write(header_block(self.session_headers + self.message_headers)
+                              + header)
         except OSError as exc:
             log.error("%s: cannot create queue file: %s", self.queue_id, exc)
             self._discard_message()
@@ -539,9 +558,9 @@ class Session:
                      "" if result.user == event.username
                      else " as %s" % printable(result.user))
             self.ctx.auth_user = result.user
-            self.auth_method = event.mechanism
+            self.ctx.auth_method = self.auth_method = event.mechanism
             if self._refused_by_plugins("auth", "AUTH"):
-                self.ctx.auth_user = None
+                self.ctx.auth_user = self.ctx.auth_method = None
                 return
             return self.proto.accept_auth(result.user)
         if result.outcome == authresult.TEMPFAIL:
@@ -561,8 +580,14 @@ class Session:
 
     def _local_ip(self):
         """The address the client connected to (Dovecot's lip=), or None."""
+        local = self._local_address()
+        return local[0] if local is not None else None
+
+    def _local_address(self):
+        """(address, port) the client connected to, or None."""
         try:
-            return self.sock.getsockname()[0]
+            local = self.sock.getsockname()
+            return (local[0], local[1]) if isinstance(local, tuple) else None
         except (OSError, IndexError, TypeError):
             return None
 
@@ -600,7 +625,13 @@ class Session:
         """Keep a discard or quarantine given before the content, for the end of DATA:
         from connection, helo and auth for every message of the session, from mail and
         rcpt for this message. A discard outweighs a quarantine; the first of each
-        stands."""
+        stands. Header fields to add are kept alike (each field once), for the start
+        of DATA; header fields to remove are ignored: there is no content yet."""
+        headers = self.session_headers if stage in ("connection", "helo", "auth") \
+            else self.message_headers
+        for field in outcome.headers:
+            if field not in headers:
+                headers.append(field)
         if outcome.discard:
             verdict = (DISCARD, outcome.reason, outcome.decided_by, stage)
         elif outcome.quarantine:
