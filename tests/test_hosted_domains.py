@@ -251,6 +251,97 @@ def test_a_local_submission_to_a_loop_waits_in_the_maildrop(mx):
             if not n.startswith(".")]
 
 
+def test_an_alias_domain_address_no_alias_expands_bounces_at_delivery_and_never_goes_out(
+        elemta_server, tmp_path):
+    """An address of a virtual alias domain in the queue unexpanded has no alias: one that
+    sendmail queued (pickup cannot refuse it), one whose entry keeps it in its own
+    expansion. Delivery bounces it with Postfix's words (its trivial-rewrite sends such an
+    address to error(8)), whatever the transport map says, and never looks for its MX or
+    sends it to the relay host, where it would have gone out for a domain that is ours."""
+    with ScriptedServer() as outside:
+        server = elemta_server(
+            virtual={"alias_domains": ["alias.test"],
+                     "alias_maps": {"self@alias.test": ["self@alias.test",
+                                                        "root@example.test"]}},
+            delivery={"workers": 1, "relayhost": "[127.0.0.1]:%d" % outside.port,
+                      "transport": [{"domain": "alias.test",
+                                     "nexthop": "smtp:[127.0.0.1]:%d" % outside.port}],
+                      "min_backoff": 0.5, "max_backoff": 1.0})
+        os.makedirs(os.path.join(server.workdir, "mail"), exist_ok=True)
+        assert rcpt(server, "nobody@alias.test") == unknown("nobody@alias.test",
+                                                            "virtual alias table")
+        with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+            smtp.sendmail("root@example.test", ["self@alias.test"],
+                          b"Subject: to self\r\n\r\nkept in its own expansion\r\n")
+        import subprocess
+        import sys
+        from tests.harness import REPO
+        result = subprocess.run(
+            [sys.executable, "-m", "elemta.cli.sendmail", "-C", server.config_path, "-i",
+             "-f", "root@example.test", "nobody@alias.test"],
+            input=b"Subject: by sendmail\n\nno such alias\n", capture_output=True,
+            env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+        assert result.returncode == 0, result.stderr
+        for address in ("self@alias.test", "nobody@alias.test"):
+            wait_for(lambda: re.search(
+                r"to=<%s>, relay=none, delay=\S+, status=bounced \(550 5\.1\.1 User "
+                r"unknown in virtual alias table\)" % re.escape(address), server.log()),
+                timeout=20)
+        # The bounces reach the sender (root, here); the copy for root was delivered.
+        mailbox = os.path.join(server.workdir, "mail", "root")
+        wait_for(lambda: os.path.exists(mailbox) and open(mailbox, "rb").read().count(
+            b"User unknown in virtual alias table") >= 2, timeout=20)
+        assert b"kept in its own expansion" in open(mailbox, "rb").read()
+        assert outside.sessions == []
+
+
+def test_recipient_tables_keyed_by_international_domains_answer_either_spelling(
+        elemta_server, tmp_path):
+    """Tables written with UTF-8 domains, as an admin or a web panel writes them: an lmdb
+    mailbox table compiled by elemtactl, an inline alias table and a SQLite relay
+    recipient table. The RCPT check asks for the A-label form of whatever the client
+    wrote, so UTF-8 keys were never found: every user of an IDN domain was refused."""
+    import sqlite3
+    import subprocess
+    import sys
+    from tests.harness import REPO
+    source = tmp_path / "vmailbox"
+    source.write_text("alice@bücher.test  ok\n", encoding="utf-8")
+    compiled = subprocess.run(
+        [sys.executable, "-m", "elemta.cli.elemtactl", "map", "compile", str(source)],
+        capture_output=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+    assert compiled.returncode == 0, compiled.stderr
+    database = tmp_path / "relay.sqlite"
+    with sqlite3.connect(str(database)) as db:
+        db.executescript("CREATE TABLE rcpt (address TEXT);"
+                         "INSERT INTO rcpt VALUES ('known@zürich.test');")
+    cf = tmp_path / "relay-sqlite.cf"
+    cf.write_text("dbpath = %s\nquery = SELECT 'ok' FROM rcpt WHERE address = '%%s'\n"
+                  % database)
+    server = elemta_server(
+        relay={"relay_domains": ["zürich.test"],
+               "relay_recipient_maps": "sqlite:%s" % cf},
+        virtual={"mailbox_domains": ["bücher.test"], "mailbox_maps": "lmdb:%s" % source,
+                 "transport": "lmtp:[127.0.0.1]:9",
+                 "alias_domains": ["münchen.test"],
+                 "alias_maps": {"Info@MÜNCHEN.test": "alice@bücher.test"}})
+
+    def rcpt_utf8(address):
+        with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail("someone@client.test", ["SMTPUTF8"])
+            code, text = smtp.docmd("RCPT TO:<%s>" % address)
+            return "%d %s" % (code, text.decode())
+    for address in ("alice@xn--bcher-kva.test", "ALICE@Bücher.Test.",
+                    "info@xn--mnchen-3ya.test", "info@münchen.test",
+                    "known@xn--zrich-kva.test", "known@zürich.test"):
+        assert rcpt_utf8(address) == "250 2.1.5 Ok", address
+    assert rcpt_utf8("bob@xn--bcher-kva.test") == unknown("bob@xn--bcher-kva.test",
+                                                          "virtual mailbox table")
+    assert rcpt_utf8("other@xn--zrich-kva.test") == unknown("other@xn--zrich-kva.test",
+                                                            "relay recipient table")
+
+
 # ---- relay domains -------------------------------------------------------------------------
 
 def test_relay_domains_take_their_known_recipients_from_anyone(mx, gateway):

@@ -269,3 +269,31 @@ def test_a_virtual_alias_reaches_a_mailbox_a_local_user_and_a_remote_address_onc
     [out] = [m for m in remote.messages if subject.encode() in m.content]
     assert [r.split(">")[0] for r in out.rcpts] == ["RCPT TO:<partner@remote.test"]
     assert out.mail.startswith("MAIL FROM:<alice@one.test>")
+
+
+@pytest.mark.parametrize("spelling", ["bob@two.test.", '"bob"@two.test', "bob@TWO.Test"],
+                         ids=["final-dot", "needless-quotes", "domain-case"])
+def test_another_spelling_of_a_mailbox_is_queued_as_the_table_knows_it_and_delivered(
+        mta, dovecot, remote, spelling):
+    """The virtual mailbox table took bob@two.test for the client's spelling, so
+    bob@two.test is what is queued and what Dovecot's LMTP is asked for (the client's
+    spelling is its ORCPT). Queued as the client wrote it, bob@two.test. was refused by
+    Dovecot after the 250 (501 5.5.4 Invalid TO) and the bounce went to the sender, who
+    may be anybody (backscatter)."""
+    subject = "spelled %s" % spelling
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=20) as smtp:     # inbound, as an MX
+        smtp.ehlo("mx.elsewhere.test")
+        smtp.mail("someone@remote.test", ["BODY=8BITMIME"])
+        assert smtp.docmd("RCPT TO:<%s>" % spelling) == (250, b"2.1.5 Ok")
+        code, text = smtp.data(message(subject, spelling))
+        assert code == 250, text
+        queue_id = text.decode().rsplit(" ", 1)[1]
+    done(mta, queue_id)
+    assert deliveries(mta, queue_id) == [BOB]
+    [fetched] = with_subject(imap_messages(dovecot, BOB), subject)
+    assert fetched.startswith(b"Return-Path: <someone@remote.test>\r\n"
+                              b"Delivered-To: bob@two.test\r\n")
+    assert not re.search(r"%s: to=<[^>]*>, .*status=(bounced|deferred)" % queue_id,
+                         mta.log())
+    assert not re.search(r"\S+: from=<>", mta.log())         # no bounce was made
+    assert not [m for m in remote.messages if m.mail.startswith("MAIL FROM:<>")]

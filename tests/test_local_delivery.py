@@ -90,7 +90,8 @@ def place(users):
     shutil.rmtree(top)
 
 
-def start(elemta_server, place, aliases="", transport=(), delivery=None, **local):
+def start(elemta_server, place, aliases="", transport=(), delivery=None, sections=None,
+          **local):
     with open(place.aliases, "w") as f:
         f.write("postmaster: root\n" + aliases)
     settings = {"aliases_file": place.aliases, "mail_spool_directory": place.mail,
@@ -100,7 +101,7 @@ def start(elemta_server, place, aliases="", transport=(), delivery=None, **local
                          "transport": list(transport)}
     delivery_settings.update(delivery or {})
     server = elemta_server(delivery=delivery_settings, local=settings,
-                           api={"enabled": False})
+                           api={"enabled": False}, **(sections or {}))
     wait_for(lambda: "local delivery agent started" in server.log()
              and "delivery worker started" in server.log())
     return server
@@ -298,6 +299,82 @@ def test_unknown_users_are_refused_at_rcpt_and_extensions_reach_the_user(elemta_
                         b"Subject: extension\r\n\r\nnews\r\n")
     data = read_when_there(os.path.join(place.mail, "elemta-mbox"))
     assert b"\nDelivered-To: elemta-mbox+news@example.test\n" in data
+
+
+@pytest.fixture(scope="module")
+def plain_user(users):
+    """A user whose name has no "-" (elemta-mbox is cut at its own hyphen when "-" is a
+    delimiter, in Postfix too): the owner of a .forward-ext."""
+    name = "elemtaext"
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True,
+                       capture_output=True)
+    yield pwd.getpwnam(name)
+    subprocess.run(["userdel", "-r", name], capture_output=True)
+
+
+def test_every_character_of_the_delimiter_splits_everywhere(elemta_server, place,
+                                                            plain_user):
+    """recipient_delimiter "+-" (Postfix: each character is a delimiter): user-ext and
+    user+ext are user's everywhere an extension matters - local recipients and aliases,
+    .forward-ext (with the delimiter the address used), virtual aliases and canonical
+    maps (the extension goes back on, with its delimiter), virtual mailbox and sender
+    login tables. postmaster, and with "-" NAME-request, are never cut, as Postfix's
+    split_addr() says. The delimiter was once taken whole by all but the table
+    searches: "+-" is in no address, so mbox+x was an unknown user, .forward-ext was
+    never read and aliases and canonical results lost their extension."""
+    forward = os.path.join(plain_user.pw_dir, ".forward-news")
+    with open(forward, "w") as f:
+        f.write("elemta-maildir\n")
+    os.chown(forward, plain_user.pw_uid, plain_user.pw_gid)
+    try:
+        server = start(elemta_server, place, recipient_delimiter="+-",
+                       aliases="mbox: elemta-mbox\nlist: elemta-maildir\n", sections={
+                           "virtual": {"alias_domains": ["alias.test"],
+                                       "alias_maps": {
+                                           "sales@alias.test": "mbox@example.test"},
+                                       "mailbox_domains": ["virt.test"],
+                                       "mailbox_maps": {"alice@virt.test": "ok"},
+                                       "transport": "lmtp:[127.0.0.1]:9"},
+                           "rewrite": {"canonical_maps": {
+                               "old@example.test": "mbox@example.test"}},
+                           "smtpd": {"sender_login_maps": {"boss@example.test": "boss"},
+                                     "reject_sender_login_mismatch": "all"}})
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+            client.ehlo("client.test")
+            assert client.mail("boss-x@example.test") == (
+                553, b"5.7.1 <boss-x@example.test>: Sender address rejected: not logged "
+                     b"in")
+            assert client.mail("boss+x@example.test")[0] == 553
+            assert client.mail("someone@client.test")[0] == 250
+            for known in ("mbox-a@example.test", "mbox+a@example.test",
+                          "list-x@example.test", "elemtaext-a@example.test",
+                          "alice-x@virt.test", "alice+x@virt.test",
+                          "postmaster-x@example.test"):
+                assert client.rcpt(known)[0] == 250, known
+            for unknown in ("list-request@example.test", "nobody-alice@virt.test",
+                            "bob-x@virt.test"):
+                assert client.rcpt(unknown)[0] == 550, unknown
+        send(server, "someone@client.test", ["elemtaext-news@example.test"], "news\r\n")
+        send(server, "someone@client.test", ["elemtaext+news@example.test"], "plus\r\n")
+        send(server, "someone@client.test",
+             ["sales-x@alias.test", "old+y@example.test", "mbox-z@example.test"],
+             "three\r\n")
+        # ~elemtaext/.forward-news sent elemtaext-news on to elemta-maildir; there is no
+        # .forward+news, so elemtaext+news stayed in elemtaext's mailbox.
+        data = read_when_there(os.path.join(place.mail, "elemta-maildir"))
+        assert b"\nDelivered-To: elemtaext-news@example.test\n" in data
+        data = read_when_there(os.path.join(place.mail, "elemtaext"))
+        assert b"\nDelivered-To: elemtaext+news@example.test\n" in data
+        assert data.endswith(b"\n\nplus\n\n")
+        data = read_when_there(os.path.join(place.mail, "elemta-mbox"), count=3)
+        for address in (b"mbox-x@example.test", b"mbox+y@example.test",
+                        b"mbox-z@example.test"):
+            assert b"\nDelivered-To: %s\n" % address in data
+    finally:
+        os.unlink(forward)
 
 
 def test_a_needlessly_quoted_local_part_is_the_same_mailbox(elemta_server, place):

@@ -85,6 +85,52 @@ def test_compile_then_lookup_with_postmap_source_syntax(tmp_path):
     assert open_table("hash:" + source).lookup("@example.org") == "catchall@mail.example.org"
 
 
+IDN_SOURCE = """\
+    # keys with international domains, as an admin writes them
+    Alice@Bücher.Example.   alice
+    @München.Example        catch-all
+    .bücher.example         subdomains
+    café.example            cafe
+    müller                  bare user
+    """
+
+
+def test_keys_with_international_domains_are_found_as_lookups_spell_them(tmp_path):
+    """Lookups spell a domain in A-labels (elemta.maps.search), so a key written with
+    the domain in UTF-8 is stored that way too (compiled by elemtactl, or inline): it
+    was once only lower-cased, and alice@bücher.example never matched anything."""
+    source = write(tmp_path / "vmailbox", IDN_SOURCE)
+    result = elemtactl("map", "compile", source)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in textwrap.dedent(IDN_SOURCE).splitlines()[1:]]
+    for table in (open_table("lmdb:" + source), open_table(lines),
+                  open_table({"Alice@Bücher.Example.": "alice", "@München.Example":
+                              "catch-all", ".bücher.example": "subdomains",
+                              "café.example": "cafe", "müller": "bare user"})):
+        for spelling in ("alice@xn--bcher-kva.example", "Alice@BÜCHER.Example.",
+                         "alice@bücher.example"):
+            match = lookup_address(table, spelling)
+            assert (match.key.lower(), match.value) == (
+                "alice@xn--bcher-kva.example", "alice"), (table, spelling)
+            assert table.lookup(spelling) == "alice"
+        assert lookup_address(table, "bob@münchen.example") == (
+            "@xn--mnchen-3ya.example", "catch-all")
+        assert lookup_domain(table, "mx.xn--bcher-kva.example").value == "subdomains"
+        assert lookup_domain(table, "CAFÉ.example.").value == "cafe"
+        assert lookup_domain(table, "xn--caf-dma.example").value == "cafe"
+        assert lookup_address(table, "müller@mx.test").value == "bare user"
+        assert table.lookup("xn--bcher-kva.example") is None
+    query = elemtactl("map", "query", "lmdb:" + source, "alice@xn--bcher-kva.example")
+    assert (query.returncode, query.stdout) == (0, "alice\n")
+    # Two spellings of one key are one key, given twice: postmap's warning, first kept.
+    write(tmp_path / "vmailbox", "a@bücher.example  x\nA@XN--BCHER-KVA.example.  y\n")
+    result = elemtactl("map", "compile", source)
+    assert ("vmailbox:2: duplicate entry a@xn--bcher-kva.example: ignored, the one on "
+            "line 1 is kept") in result.stderr
+    query = elemtactl("map", "query", "lmdb:" + source, "a@xn--bcher-kva.example")
+    assert query.stdout == "x\n"
+
+
 def test_a_long_lived_reader_sees_the_recompiled_table_at_once(tmp_path):
     source = write(tmp_path / "virtual", "a@example.org  old@x\n")
     assert elemtactl("map", "compile", source).returncode == 0
@@ -304,6 +350,41 @@ def test_sqlite_result_format_expansion_limit_and_domain(tmp_path, sqlite_db):
     assert limited.lookup("joe@example.org") == "joe@mail.example.org"
     with pytest.raises(TableUnavailable, match="2 results, more than expansion_limit 1"):
         limited.lookup("sales@example.org")
+
+
+def test_sqlite_rows_with_international_domains_are_found_in_either_spelling(tmp_path):
+    """A key is asked for with its domain in A-labels (as every lookup spells it), then,
+    when it has A-labels, in UTF-8: a row holding either is found, however the client
+    wrote the address (Postfix asks only for the client's spelling)."""
+    path = str(tmp_path / "idn.sqlite")
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE alias (address TEXT, goto TEXT);
+            INSERT INTO alias VALUES ('alice@bücher.example', 'utf8 row');
+            INSERT INTO alias VALUES ('bob@xn--bcher-kva.example', 'ascii row');
+            INSERT INTO alias VALUES ('@münchen.example', 'catch-all');
+            CREATE TABLE mailbox (local TEXT, domain TEXT);
+            INSERT INTO mailbox VALUES ('carol', 'bücher.example');
+            CREATE TABLE domains (name TEXT);
+            INSERT INTO domains VALUES ('bücher.example');
+        """)
+    table = sqlite_table(tmp_path, path, "SELECT goto FROM alias WHERE address = '%s'")
+    for spelling in ("alice@bücher.example", "alice@xn--bcher-kva.example",
+                     "ALICE@BÜCHER.Example."):
+        assert lookup_address(table, spelling).value == "utf8 row", spelling
+        assert table.lookup(spelling) == "utf8 row", spelling
+    for spelling in ("bob@bücher.example", "bob@xn--bcher-kva.example"):
+        assert lookup_address(table, spelling).value == "ascii row", spelling
+    assert lookup_address(table, "dan@xn--mnchen-3ya.example") == (
+        "@xn--mnchen-3ya.example", "catch-all")
+    assert lookup_address(table, "dan@bücher.example") is None
+    parts = sqlite_table(tmp_path, path, "SELECT local FROM mailbox WHERE local = '%u' "
+                                         "AND domain = '%d'")
+    assert lookup_address(parts, "carol@xn--bcher-kva.example").value == "carol"
+    domains = sqlite_table(tmp_path, path, "SELECT 'ok' FROM domains WHERE name = '%s'")
+    assert lookup_domain(domains, "xn--bcher-kva.example").value == "ok"
+    assert lookup_domain(domains, "bücher.example").value == "ok"
+    assert lookup_address(table, "müller@bücher.example") is None   # a bare part: as is
 
 
 @pytest.mark.parametrize("text, message", [

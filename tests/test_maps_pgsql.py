@@ -68,6 +68,33 @@ def test_lookups_bind_the_key_and_its_parts(tmp_path, tables):
         numbers.lookup("x' OR '1'='1")
 
 
+def test_rows_with_international_domains_are_found_in_either_spelling(tmp_path, tables):
+    """The key with its domain in A-labels (as every lookup spells it), then, when it has
+    A-labels, in UTF-8: a row holding either spelling is found, whichever the client
+    used, through the server's UTF8 client encoding."""
+    tables.execute("""
+        CREATE TABLE idn_alias (address text, goto text);
+        INSERT INTO idn_alias VALUES ('alice@bücher.example', 'utf8 row'),
+            ('bob@xn--bcher-kva.example', 'ascii row'), ('@münchen.example', 'catch-all');
+        CREATE TABLE idn_domain (name text);
+        INSERT INTO idn_domain VALUES ('bücher.example');
+    """)
+    table = open_table("pgsql:" + cf(tmp_path, tables,
+                                     "SELECT goto FROM idn_alias WHERE address = '%s'"))
+    for spelling in ("alice@bücher.example", "alice@xn--bcher-kva.example",
+                     "Alice@BÜCHER.Example."):
+        assert lookup_address(table, spelling).value == "utf8 row", spelling
+        assert table.lookup(spelling) == "utf8 row", spelling
+    for spelling in ("bob@bücher.example", "bob@xn--bcher-kva.example"):
+        assert lookup_address(table, spelling).value == "ascii row", spelling
+    assert lookup_address(table, "dan@münchen.example") == (
+        "@xn--mnchen-3ya.example", "catch-all")
+    assert lookup_address(table, "dan@bücher.example") is None
+    domains = open_table("pgsql:" + cf(tmp_path, tables, "SELECT 'ok' FROM idn_domain "
+                                                         "WHERE name = '%d'"))
+    assert lookup_address(domains, "anyone@xn--bcher-kva.example").value == "ok"
+
+
 def test_the_unix_socket_directory_works_as_a_host(tmp_path, tables):
     socket_file = "%s/.s.PGSQL.%d" % (tables.socket_dir, tables.port)
     table = open_table("pgsql:" + cf(tmp_path, tables, hosts="unix:" + socket_file,

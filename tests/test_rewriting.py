@@ -219,3 +219,39 @@ def test_sendmail_bv_shows_the_canonical_address(server):
         "bob@example.test... canonical address robert@example.test",
         "robert@example.test... deliverable: virtual alias of rob@elsewhere.test",
         "root@example.test... deliverable: local user root"]
+
+
+def test_quoted_local_parts_with_an_extension_are_found_and_keep_it(elemta_server):
+    """recipient_delimiter +: a quoted local part is cut at the extension in what it says
+    ("a b+x" is "a b" and x), the entry found without it gets it back, and only then is
+    the result checked and queued. Canonical maps once gave a bogus 451 for "old+x"
+    (sliced with the quotes still on) and never found "a b+x"; virtual aliases refused
+    "sales+a b" as unknown, and checked a target before its extension went on, so a
+    result too long to be an address was queued."""
+    server = elemta_server(
+        local={"recipient_delimiter": "+"},
+        rewrite={"canonical_maps": {"old@example.test": "new@example.test",
+                                    '"a b"@example.test': "spaced@example.test"}},
+        virtual={"alias_domains": ["alias.test"],
+                 "alias_maps": {"sales@alias.test": "team@elsewhere.test",
+                                "long@alias.test": "l" * 50 + "@elsewhere.test"}})
+    envelope, _ = smtp_send(server, '"old+x"@example.test', [
+        '"old+x"@example.test', '"old+a b"@example.test', '"a b+x"@example.test',
+        '"sales+a b"@alias.test', "sales+x@alias.test"])
+    assert envelope.sender == "new+x@example.test"
+    assert [(r.address, r.orcpt) for r in envelope.recipients] == [
+        ("new+x@example.test", 'rfc822;"old+x"@example.test'),
+        ('"new+a b"@example.test', 'rfc822;"old+a b"@example.test'),
+        ("spaced+x@example.test", 'rfc822;"a b+x"@example.test'),
+        ('"team+a b"@elsewhere.test', 'rfc822;"sales+a b"@alias.test'),
+        ("team+x@elsewhere.test", "rfc822;sales+x@alias.test")]
+    with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+        smtp.ehlo()
+        smtp.mail("someone@elsewhere.test")
+        code, text = smtp.docmd("RCPT TO:<long+%s@alias.test>" % ("x" * 20))
+    # l...l+x...x@elsewhere.test: a local part of 71 characters is not an address.
+    assert (code, text.decode()) == (451, "4.6.0 <long+%s@alias.test>: Alias expansion "
+                                          "error: a virtual alias that is not an address"
+                                     % ("x" * 20))
+    assert "(as '%s+%s@elsewhere.test'), not an address" % ("l" * 50, "x" * 20) \
+        in server.log()

@@ -6,7 +6,8 @@ the command-line tools (sendmail, sendmail -bv, newaliases) import it; it import
 config, queue and the standard library, and no process owns it.
 
     normal          one spelling of an address: domain case, final dot, IDNA (U-labels
-                    as A-labels), address literals, needless quotes around a local part
+                    as A-labels), address literals, needless quotes around a local part;
+                    the extension rule (user+ext, each delimiter character)
     resolve         Addressing: the address class (LOCAL, virtual ALIAS, VIRTUAL
                     mailbox, RELAY or REMOTE) by the domain lists; the extension rule;
                     bare names qualified

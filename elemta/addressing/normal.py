@@ -12,7 +12,12 @@ local agent. Postfix's rules, as its trivial-rewrite and resolve_local apply the
                   unquoted one ("root"@example.org is root@example.org, RFC 5321 4.1.2);
                   its case is kept (only local user names are matched without case)
 
-The queue keeps each address as its sender wrote it; these forms are for deciding.
+The queue keeps each address as its sender wrote it, but for a virtual mailbox or relay
+recipient, queued in the normal form its table was asked with
+(elemta.addressing.resolve.queued_address); these forms are for deciding.
+The extension rule is here too (split_extension, with_extension): each character of
+local.recipient_delimiter is a delimiter, and a quoted local part is cut in what it says;
+every lookup, local delivery and the propagation of extensions use it.
 See also: elemta.smtp.address (the syntax check that comes first).
 """
 
@@ -39,6 +44,19 @@ def normal_domain(domain):
     # IDNA turns the ideographic full stops (U+3002, U+FF0E, U+FF61) into ".": a final
     # one is a final dot too.
     return domain.rstrip(".")
+
+
+def unicode_domain(domain):
+    """A domain in normal form with its A-labels as U-labels: xn--bcher-kva.example ->
+    bücher.example (a leading dot kept); the domain itself when it has no A-label, or
+    one that does not decode. For tables that hold domains as UTF-8 text (SQL rows)."""
+    if "xn--" not in domain or domain.startswith("["):
+        return domain
+    dot = "." if domain.startswith(".") else ""
+    try:
+        return dot + domain[len(dot):].encode("ascii").decode("idna")
+    except (UnicodeError, ValueError):
+        return domain
 
 
 def normal_literal(literal):
@@ -108,6 +126,65 @@ def normal_local_part(local):
     '"a b"' and '"a..b"' stay as written (only the quoted form says them)."""
     content = _unquoted(local)
     return content if content is not None and is_dot_atom(content) else local
+
+
+def quote_local(content):
+    """A local part's content spelled as a local part: itself when it is a dot-atom, else
+    quoted with \\ before each " and \\ (RFC 5321 4.1.2 Quoted-string)."""
+    if is_dot_atom(content):
+        return content
+    return '"%s"' % content.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def local_content(local):
+    """What a local part says: the content of a quoted one, quoted pairs undone; an
+    unquoted one as it is."""
+    content = _unquoted(local)
+    return local if content is None else content
+
+
+# Local parts never split at a delimiter, as Postfix's split_addr() keeps them whole:
+# the roles every domain has, and, when "-" is a delimiter, mailing-list owner-NAME and
+# NAME-request addresses.
+UNSPLIT = frozenset(("postmaster", "mailer-daemon"))
+
+
+def split_extension(local, delimiters):
+    """(user, delimiter, extension) of a local part whose extension starts at the first
+    of the characters in delimiters (Postfix's recipient_delimiter: each character is one,
+    "+-" splits both user+ext and user-ext); (local, None, None) when it has none.
+
+    Works on what the local part says, quoted or not: '"a b+x"' is ('"a b"', '+', 'x'),
+    the user spelled as a local part again (quote_local), the extension as said. Not
+    split: a delimiter in first place (the user would be empty), postmaster and
+    MAILER-DAEMON, and with "-" owner-NAME and NAME-request. The one rule for every place
+    an extension matters: table lookups (elemta.maps.search), local recipients and
+    delivery (.forward-ext, $EXTENSION), extensions put back onto canonical and virtual
+    alias results."""
+    if not delimiters:
+        return local, None, None
+    content = local_content(local)
+    folded = content.lower()
+    if folded in UNSPLIT:
+        return local, None, None
+    if "-" in delimiters and (folded.startswith("owner-") or
+                              (len(folded) > 8 and folded.endswith("-request"))):
+        return local, None, None
+    cut = min((content.find(d) for d in delimiters if d in content), default=-1)
+    if cut <= 0:
+        return local, None, None
+    return quote_local(content[:cut]), content[cut], content[cut + 1:]
+
+
+def with_extension(address, delimiter, extension):
+    """address (or a bare name) with delimiter and extension put on what its local part
+    says, spelled as a local part again: bob@x -> bob+ext@x, "a b"@x -> "a b+ext"@x,
+    and bob@x with the extension "c d" -> "bob+c d"@x (whether the result is a valid
+    address is for the caller to check)."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local = address
+    return quote_local(local_content(local) + delimiter + extension) + at + domain
 
 
 def normal_address(address):

@@ -24,15 +24,18 @@ at delivery); is_local() reads no table and never raises.
 Who asks: the smtpd's relay check (elemta.smtpd.policy), the router
 (elemta.delivery.routing), pickup (ctx.outbound for the plugins), sendmail -bv, and the
 local agent (delivered_here: may an alias member be expanded here, or must it be
-forwarded?). The same object knows the extension rule (local.recipient_delimiter) and
-qualifies bare names with the mail name (myorigin).
+forwarded?). The same object knows the extension rule (local.recipient_delimiter, each
+of its characters a delimiter: elemta.addressing.normal.split_extension, the one rule
+every lookup, local delivery and extension propagation follows) and qualifies bare
+names with the mail name (myorigin).
 See also: elemta.addressing.recipients (which local recipients exist),
 elemta.addressing.hosted (which hosted ones exist), elemta.addressing.virtual (aliases).
 """
 
 from typing import Iterable, Optional
 
-from elemta.addressing.normal import normal_domain, split_address
+from elemta.addressing.normal import (canonical, normal_domain, normal_local_part,
+                                      split_address, split_extension)
 from elemta.config.schema import parse_transport
 from elemta.maps.domains import DomainList, DomainMatcher
 
@@ -43,6 +46,21 @@ RELAY = "relay"              # relay.relay_domains
 REMOTE = "remote"
 # The classes mail is accepted for from any client.
 OURS = (LOCAL, ALIAS, VIRTUAL, RELAY)
+# The classes whose recipients are queued in their normal form (queued_address).
+NORMAL_IN_QUEUE = (VIRTUAL, RELAY)
+
+
+def queued_address(address, kind):
+    """The spelling a recipient of class kind is queued in. A virtual mailbox or relay
+    recipient is queued in its normal form (elemta.addressing.normal.canonical: domain in
+    lower case without the final dot, in A-labels, no needless quotes; the local part's
+    case kept), the form its recipient table was asked with: the next hop (Dovecot's
+    LMTP, the primary MX) knows it by that spelling, and might refuse another after the
+    client was told 250, bouncing to a sender who may be forged (backscatter). The
+    client's spelling stays the recipient's ORCPT (elemta.addressing.virtual
+    .expanded_recipients). Others are queued as written: the local agent reads any
+    spelling, and a remote address is the client's business."""
+    return canonical(address) if kind in NORMAL_IN_QUEUE else address
 
 
 def domain_entry(table, domain, default=None):
@@ -128,11 +146,26 @@ class Addressing:
         """A bare name as an address in the mail name's domain (origin)."""
         return name if "@" in name else "%s@%s" % (name, self.origin)
 
+    def split_local(self, local):
+        """(user, delimiter, extension) of a local part by the extension rule, or
+        (local, None, None) (elemta.addressing.normal.split_extension: each character
+        of local.recipient_delimiter is a delimiter)."""
+        return split_extension(local, self.delimiter)
+
+    def unmatched_extension(self, address, key):
+        """(delimiter, extension) of address when a table entry found it by key without
+        its extension (user@domain or user for user+ext@domain, never @domain), to be put
+        back onto the entry's result (Postfix's propagate_unmatched_extensions); None
+        otherwise. key is one of elemta.maps.search.address_keys(address)."""
+        local = normal_local_part(split_address(address)[0])
+        _, delimiter, extension = self.split_local(local)
+        if delimiter is None or key.startswith("@") or \
+                split_address(key)[0].lower() == local.lower():
+            return None
+        return delimiter, extension
+
     def user_and_extension(self, local):
-        """("user", "ext") for "User+ext" with delimiter "+"; ("user", None) otherwise."""
-        local = local.lower()
-        if self.delimiter and self.delimiter in local[1:]:
-            user, _, extension = local.partition(self.delimiter)
-            if user:
-                return user, extension
-        return local, None
+        """("user", "ext") for "User+ext" with delimiter "+" (or "User-ext" with "+-"),
+        in lower case; ("user", None) otherwise."""
+        user, _, extension = split_extension(local.lower(), self.delimiter)
+        return user, extension

@@ -15,8 +15,11 @@ what is queued; elemta.addressing.headers). Postfix's order, per address:
 A canonical lookup goes in canonical(5)'s order (elemta.maps.search): user+ext@domain,
 user@domain, user (local domains only), @domain. The value is an address; "@domain"
 keeps the local part ("@old.example @new.example" moves a domain). An entry matched
-without the extension gets it back (propagate_unmatched_extensions). The result is
-looked up again, up to NESTING_LIMIT times, until it maps to itself or to nothing.
+without the extension gets it back, with the delimiter the address used
+(propagate_unmatched_extensions; "a b+x" quoted is found as "a b" quoted: the extension
+rule of elemta.addressing.normal.split_extension), before the result is checked. The
+result is looked up again, up to NESTING_LIMIT times, until it maps to itself or to
+nothing.
 A value that is not an address is refused (RewriteError): a table may be written by
 others, and only an address may reach the envelope or a header.
 
@@ -32,7 +35,8 @@ See also: canonical(5), postconf(5) masquerade_domains, elemta.addressing.header
 import logging
 from typing import Optional
 
-from elemta.addressing.normal import normal_domain, normal_local_part, split_address
+from elemta.addressing.normal import (normal_domain, normal_local_part, split_address,
+                                      with_extension)
 from elemta.config.schema import ENVELOPE_RECIPIENT, ENVELOPE_SENDER
 from elemta.maps import lookup_address, values
 from elemta.maps.spec import LazyTable
@@ -135,19 +139,16 @@ class AddressRewriter:
         if len(found) != 1:
             raise RewriteError("%s gives %d addresses for <%s>, not one"
                                % (table.spec, len(found), address))
-        local, _ = split_address(address)
         result = found[0]
         if result.startswith("@"):
-            result = local + result                     # @domain keeps the local part
+            result = split_address(address)[0] + result     # @domain keeps the local part
         else:
             result = self.addressing.qualify(result)
-            user, extension = self.addressing.user_and_extension(normal_local_part(local))
-            if extension is not None and not match.key.startswith("@") and \
-                    split_address(match.key)[0].lower() != normal_local_part(local).lower():
-                # Matched without the extension: it goes back on the result.
-                target_local, target_domain = split_address(result)
-                result = "%s%s%s@%s" % (target_local, local[len(user)],
-                                        local[len(user) + 1:], target_domain)
+            extension = self.addressing.unmatched_extension(address, match.key)
+            if extension is not None:
+                # Matched without the extension: it goes back on the result, with the
+                # delimiter the address used (checked below, as it will be queued).
+                result = with_extension(result, *extension)
         try:
             validate_mailbox(result, utf8=True)
         except AddressError as error:

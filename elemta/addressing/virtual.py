@@ -15,10 +15,12 @@ The rules, Postfix's:
   - a value is one or more addresses (commas); each is expanded again; a bare name is
     qualified with the host name (myorigin)
   - when the entry matched without the address extension (user@domain for
-    user+ext@domain), the extension goes onto each result (propagate_unmatched_extensions)
-  - a value that is not an address (a control character, no domain...) is an
-    AliasExpansionError: a table may be filled by others, and nothing but an address
-    may reach the envelope
+    user+ext@domain, "a b"@domain for "a b+ext"@domain), the extension goes onto each
+    result with the delimiter the address used (propagate_unmatched_extensions; the
+    extension rule of elemta.addressing.normal.split_extension)
+  - a value that is not an address (a control character, no domain...), or that is not
+    one once the extension is on (a local part too long), is an AliasExpansionError: a
+    table may be filled by others, and nothing but an address may reach the envelope
   - an address in its own expansion is kept as it is (a -> a, b delivers to a and b)
   - a real loop (a -> b -> a) and more than RECURSION_LIMIT levels or EXPANSION_LIMIT
     addresses raise AliasExpansionError: the recipient is refused with 451 4.6.0, as
@@ -36,7 +38,7 @@ See also: virtual(5), elemta.addressing.hosted (which recipients exist).
 
 from typing import List, Optional
 
-from elemta.addressing.normal import canonical, normal_local_part, split_address
+from elemta.addressing.normal import canonical, with_extension
 from elemta.maps import lookup_address, values
 from elemta.maps.spec import LazyTable
 from elemta.queue.model import Recipient
@@ -62,13 +64,6 @@ def _same(address):
     return canonical(address).lower()
 
 
-def with_extension(address, delimiter, extension):
-    """address with "+extension" put on its local part."""
-    local, domain = split_address(address)
-    local += delimiter + extension
-    return "%s@%s" % (local, domain) if domain else local
-
-
 class VirtualAliases:
     """The virtual alias table of one configuration, and the Addressing that says which
     domains are local (for the bare-user keys) and how extensions are written."""
@@ -90,25 +85,27 @@ class VirtualAliases:
                                local_part=self.addressing.is_local(address))
         if match is None:
             return None
-        targets = [self.addressing.qualify(t) for t in values(match.value)]
-        for target in targets:
+        extension = self.addressing.unmatched_extension(address, match.key)
+        targets = []
+        for value in values(match.value):
+            target = self.addressing.qualify(value)
+            if extension is not None:
+                # Matched as user@domain or user: the extension goes on (Postfix's
+                # propagate_unmatched_extensions), with the delimiter the address used.
+                target = with_extension(target, *extension)
             # A table may be written by others (a web panel's SQL rows): what it gives
-            # goes into the envelope, so it must be an address and nothing more.
+            # goes into the envelope, so it must be an address and nothing more; checked
+            # as it will be queued, with the extension on.
             try:
                 validate_mailbox(target, utf8=True)
             except AddressError as error:
                 raise AliasExpansionError("a virtual alias that is not an address",
-                                          "the virtual alias table gives %s for <%s>, "
+                                          "the virtual alias table gives %s for <%s>%s, "
                                           "not an address: %s" % (
-                                              ascii(target), address, error))
-        local = normal_local_part(split_address(address)[0])
-        user, extension = self.addressing.user_and_extension(local)
-        if extension is not None and not match.key.startswith("@") and \
-                split_address(match.key)[0].lower() != local.lower():
-            # Matched as user@domain or user: the extension goes on (Postfix's
-            # propagate_unmatched_extensions), with the delimiter the address used.
-            targets = [with_extension(t, local[len(user)], local[len(user) + 1:])
-                       for t in targets]
+                                              ascii(value), address,
+                                              "" if target == value else
+                                              " (as %s)" % ascii(target), error))
+            targets.append(target)
         return targets
 
     def expand(self, address: str) -> Optional[List[str]]:

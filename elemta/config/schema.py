@@ -347,8 +347,10 @@ class VirtualSettings:
     alias_domains: DomainList = opt(
         DomainList(), "Domains whose every address is an alias in alias_maps (a list or "
                       "a lookup table); an address there without an entry is refused at "
-                      "RCPT (550 5.1.1). Postfix's virtual_alias_domains (which defaults "
-                      "to the domains of virtual_alias_maps; here it must be given).")
+                      "RCPT (550 5.1.1), and one queued anyway (by sendmail, or kept in "
+                      "its own expansion) bounces at delivery, never sent on. Postfix's "
+                      "virtual_alias_domains (which defaults to the domains of "
+                      "virtual_alias_maps; here it must be given).")
     alias_maps: Optional[TableSpec] = opt(
         None, "Virtual aliases, for recipients of every domain, expanded when the message "
               "is queued: keys user@domain, user (local domains only), @domain (a "
@@ -823,7 +825,9 @@ class LocalSettings:
     command_timeout: float = opt(1000.0, "Seconds a |command delivery may run "
                                          "(Postfix's command_time_limit).", _positive)
     recipient_delimiter: str = opt(
-        "", "Separator of address extensions, such as + in user+tag (empty: none).")
+        "", "Separators of address extensions, such as + in user+tag (empty: none); each "
+            "character is one, so +- takes user+tag and user-tag alike (Postfix's "
+            "recipient_delimiter).")
     reject_unknown_users: bool = opt(
         True, "Refuse, at RCPT, local recipients that are neither a user nor an alias "
               "(550 5.1.1), as Postfix's local_recipient_maps does.")

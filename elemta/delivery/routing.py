@@ -5,6 +5,8 @@ Owned by the delivery worker (`elemta: delivery`). In Postfix's order of precede
     1. local addresses (relay.local_domains and the host name, in any spelling: the
        addressing layer's answer, elemta.addressing.resolve, the one the smtpd's relay
        check, pickup and sendmail -bv give too): local delivery;
+    1a. virtual alias domains (virtual.alias_domains): an address no alias expanded
+       bounces (the ERROR destination, see below), whatever the transport map says;
     2. the transport map (delivery.transport): "example.org" matches the domain itself,
        ".example.org" every subdomain; the next hop is smtp:[host]:port, smtp:host:port,
        lmtp:[host]:port, lmtp:unix:/path or local (it wins over the class's transport,
@@ -20,9 +22,13 @@ Owned by the delivery worker (`elemta: delivery`). In Postfix's order of precede
     5. the MX hosts of the recipient's domain (elemta.delivery.mx), on delivery.mx_port.
 
 An address of a virtual alias domain is expanded before it is queued
-(elemta.addressing.virtual); one that reaches delivery unexpanded (queued before its
-domain was configured) goes on as below. A domain table that cannot answer raises
-TableUnavailable: the worker defers the message.
+(elemta.addressing.virtual); one that reaches delivery unexpanded has no alias (one that
+sendmail queued, one whose entry maps it to itself, one whose entry was removed since):
+it goes to the ERROR destination and bounces with "550 5.1.1 User unknown in virtual
+alias table", as Postfix's trivial-rewrite sends such an address to error(8); its MX
+is never looked up, and the transport map does not override that (Postfix's neither).
+A domain table that cannot answer raises TableUnavailable: the worker defers the
+message.
 
 A bracketed next hop is connected to as it is (its A/AAAA records if it is a name); an
 unbracketed one is looked up as a domain, MX first, as Postfix does.
@@ -35,7 +41,8 @@ from typing import List
 
 from elemta.addressing.normal import normal_domain, split_address
 from elemta.addressing.resolve import LOCAL as LOCAL_CLASS
-from elemta.addressing.resolve import REMOTE, RELAY, VIRTUAL, Addressing, domain_entry
+from elemta.addressing.resolve import (ALIAS, REMOTE, RELAY, VIRTUAL, Addressing,
+                                       domain_entry)
 from elemta.config.schema import parse_default_transport, parse_nexthop, parse_transport
 from elemta.delivery.mx import Host, MXResolver, NoMailHost
 
@@ -44,6 +51,8 @@ SMTP = "smtp"
 LMTP = "lmtp"
 ERROR = "error"
 LMTP_PORT = 24
+# What an address of a virtual alias domain that no alias expanded bounces with.
+NO_ALIAS = "550 5.1.1 User unknown in virtual alias table"
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ class Destination:
 
 
 LOCAL_DESTINATION = Destination(LOCAL, "", 0, False)
+NO_ALIAS_DESTINATION = Destination(ERROR, NO_ALIAS, 0, False)
 
 
 class Router:
@@ -114,6 +124,8 @@ class Router:
         kind = self.addressing.classify(address)
         if kind == LOCAL_CLASS:
             return LOCAL_DESTINATION
+        if kind == ALIAS:
+            return NO_ALIAS_DESTINATION
         domain = normal_domain(split_address(address)[1])
         found = self._transport_entry(domain)
         if found is not None:

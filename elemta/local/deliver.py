@@ -159,12 +159,14 @@ class SystemLookups(Lookups):
         except KeyError:
             return None
 
-    def read_forward(self, user, extension):
+    def read_forward(self, user, extension, delimiter="+"):
         names = [".forward"]
         # A plain file name in the home, never a path (".forward+a/b" would look below
-        # a directory): such an extension falls back to .forward.
-        if extension and "/" not in extension and not extension.startswith("."):
-            names.insert(0, ".forward+" + extension)
+        # a directory): such an extension falls back to .forward. The delimiter is the
+        # one the address used (Postfix's $recipient_delimiter in forward_path).
+        if extension and delimiter and "/" not in extension and \
+                not extension.startswith("."):
+            names.insert(0, ".forward" + delimiter + extension)
         try:
             found = run_as(user, read_forward_as_user, user.pw_dir, names, user.pw_uid)
         except ChildFailed as error:

@@ -8,10 +8,13 @@ local(8) order, for each local address met along the way:
        again on the same path falls through to the user of that name: "root: root, x"
        delivers to root's mailbox)
     3. postmaster with no alias and no such user goes to root
-    4. the user's ~/.forward+ext or ~/.forward (read as the user; one that is group- or
-       world-writable is ignored, as Postfix does); \\user in it means that user's
-       mailbox, not their .forward again
-    5. the user's mailbox; no such user: 550 5.1.1 unknown user
+    4. the user's ~/.forward+ext (with the delimiter the address used: ~/.forward-ext
+       for user-ext when local.recipient_delimiter is "+-") or ~/.forward (read as the
+       user; one that is group- or world-writable is ignored, as Postfix does); \\user
+       in it means that user's mailbox, not their .forward again
+    5. the user's mailbox; no such user: 550 5.1.1 unknown user. A user by the whole
+       local part comes before the user it names without its extension (as the RCPT
+       check finds users): www-data stays www-data's when "-" is a delimiter
 
 An :include: file that is not a regular file or that others can write (group or world)
 bounces the recipient with 550 5.3.5 and a warning naming the file, as Postfix's local
@@ -71,6 +74,7 @@ class Level:
     recipient: str
     user: str
     extension: Optional[str]
+    delimiter: Optional[str] = None     # the one the extension follows (+ or - ...)
 
 
 class Lookups:
@@ -83,8 +87,9 @@ class Lookups:
     def user_by_uid(self, uid):
         raise NotImplementedError
 
-    def read_forward(self, user, extension):
-        """(text, path) of the user's .forward, or None; raises TemporaryLookupError."""
+    def read_forward(self, user, extension, delimiter="+"):
+        """(text, path) of the user's .forward (.forward+ext first, with the delimiter the
+        address used), or None; raises TemporaryLookupError."""
         raise NotImplementedError
 
     def read_include(self, path, rights):
@@ -125,8 +130,8 @@ class Expander:
             return self._add(Target(FORWARD, address, None, address, "", None))
         local, _ = split_address(address)
         address = self.addressing.qualify(address)
-        user_name, extension = self.addressing.user_and_extension(local)
-        here = Level("", "", address, user_name, extension)
+        user_name, delimiter, extension = self.addressing.split_local(local.lower())
+        here = Level("", "", address, user_name, extension, delimiter)
         if depth > MAX_DEPTH:
             return self._fail(here, BOUNCED, "550 5.4.6 mail forwarding loop for <%s> "
                               "(aliases and .forward files nested too deeply)" % address)
@@ -142,7 +147,8 @@ class Expander:
             members = self.aliases.lookup(key) if self.aliases is not None else None
             if members is None:
                 continue
-            level = Level(FROM_ALIAS, self._alias_rights(), address, user_name, extension)
+            level = Level(FROM_ALIAS, self._alias_rights(), address, user_name, extension,
+                          delimiter)
             self._aliases_on_path.append(key)
             try:
                 for member in members:
@@ -150,7 +156,18 @@ class Expander:
             finally:
                 self._aliases_on_path.pop()
             return None
-        user = self.lookups.user(user_name)
+        user = None
+        if extension is not None:
+            # A user by the whole name first, as the RCPT check finds one
+            # (elemta.addressing.recipients): www-data is www-data's mailbox even when
+            # "-" is a delimiter, not user www's with the extension "data" (Postfix's
+            # local would bounce what its smtpd took).
+            user = self.lookups.user(local.lower())
+            if user is not None:
+                user_name, extension = local.lower(), None
+                here = Level("", "", address, user_name, None)
+        if user is None:
+            user = self.lookups.user(user_name)
         if user is None and user_name == "postmaster" and not looped:
             return self._recipient(self.addressing.qualify("root"), depth + 1)
         if user is None:
@@ -169,7 +186,7 @@ class Expander:
     def _forward(self, user, here, depth):
         """Expand the user's .forward; False when there is none (or it is ignored)."""
         try:
-            found = self.lookups.read_forward(user, here.extension)
+            found = self.lookups.read_forward(user, here.extension, here.delimiter)
         except TemporaryLookupError as error:
             self._fail(here, RCPT_DEFERRED, "451 4.3.0 %s" % error)
             return True
@@ -181,7 +198,8 @@ class Expander:
             self.warn("%s (ignored)" % problem)
         if not members:
             return False
-        level = Level(FROM_FORWARD, user.pw_name, here.recipient, here.user, here.extension)
+        level = Level(FROM_FORWARD, user.pw_name, here.recipient, here.user,
+                      here.extension, here.delimiter)
         for member in members:
             self._member(member, level, depth + 1)
         return True
@@ -212,8 +230,11 @@ class Expander:
         name = normal_address(name)
         if not self.addressing.delivered_here(name):
             return self._recipient(name, depth)
-        user_name, _ = self.addressing.user_and_extension(split_address(name)[0])
-        user = self.lookups.user(user_name)
+        whole = split_address(name)[0].lower()
+        user_name, _ = self.addressing.user_and_extension(whole)
+        user = self.lookups.user(whole) if user_name != whole else None
+        if user is None:
+            user = self.lookups.user(user_name)
         if user is None:
             return self._fail(level, BOUNCED, "550 5.1.1 <%s>: unknown user: \"%s\""
                               % (self.addressing.qualify(name), user_name))
@@ -247,7 +268,8 @@ class Expander:
         members, problems = parse_destinations(text, path)
         for problem in problems:
             self.warn("%s (ignored)" % problem)
-        inner = Level(FROM_INCLUDE, rights, level.recipient, level.user, level.extension)
+        inner = Level(FROM_INCLUDE, rights, level.recipient, level.user, level.extension,
+                      level.delimiter)
         self._includes_on_path.append(path)
         try:
             for member in members:

@@ -7,8 +7,10 @@ Opened from a table spec (elemta.maps.spec) in three spellings:
     ["key value", "other a@x, b@y"]                                   a list of source lines
 
 In Postfix's form items are separated by commas or whitespace, and an item whose value
-holds either is written in braces. Keys are folded to lower case as in compiled tables
-(elemta.maps.source), so the three forms and lmdb: answer alike. A value given as a list
+holds either is written in braces. Keys are folded as in compiled tables (lower case,
+the domain in A-labels: elemta.maps.source.fold), when the table is made and at each
+lookup, so the three forms and lmdb: answer alike, and a key written with a UTF-8
+domain is found. A value given as a list
 stays a list (several values). Lookups are a dict read.
 See also: elemta.maps.spec, elemta.maps.source.
 """

@@ -5,6 +5,10 @@ that looks up (LmdbTable). The spec names the source file, as Postfix's does:
 lmdb:/etc/elemta/virtual reads /etc/elemta/virtual.lmdb; hash:/etc/elemta/virtual
 means the same (Postfix's Berkeley DB files are not read: the same source compiles here).
 
+Keys are stored folded (elemta.maps.source.fold: lower case, the domain in A-labels,
+so user@bücher.example is stored as user@xn--bcher-kva.example, the form lookups ask
+for) and lookups fold theirs the same way.
+
 Compiling is atomic: the entries go into a temporary LMDB file in the same directory,
 which is flushed to disk, given the mode and owner of the file it replaces (of the source
 file when there is none, as postmap does), renamed over FILE.lmdb, and the directory is

@@ -17,6 +17,9 @@ quotes, domain lower case and in A-labels), so every table sees one form.
                                                     then each parent with a leading dot
                                                     (a key for all its subdomains)
 
+The user key is the local part cut at its extension by the one rule every place uses
+(elemta.addressing.normal.split_extension: each character of the delimiter splits,
+"a b+x" quoted is found as "a b" quoted, postmaster is never split).
 A pattern table (regexp: partial_keys is False) is asked for the first key only, the
 whole address or domain, as Postfix asks its regexp tables: a negated rule must not
 match a partial key the whole address did not match (elemta.maps.base).
@@ -27,7 +30,8 @@ See also: virtual(5), transport(5), elemta.maps.base.
 
 from typing import Iterator, NamedTuple, Optional
 
-from elemta.addressing.normal import normal_domain, normal_local_part, split_address
+from elemta.addressing.normal import (normal_domain, normal_local_part, split_address,
+                                      split_extension)
 from elemta.maps.base import LookupTable, Result
 
 
@@ -43,10 +47,9 @@ def address_keys(address: str, delimiter: str = "", local_part: bool = True) -> 
     local = normal_local_part(local)
     domain = normal_domain(domain) if domain else ""
     bases = [local]
-    if delimiter:
-        cut = min((local.find(d) for d in delimiter if d in local), default=-1)
-        if cut > 0:
-            bases.append(local[:cut])
+    user, found, _ = split_extension(local, delimiter)
+    if found is not None:
+        bases.append(user)
     seen = set()
     for key in ([base + "@" + domain for base in bases] if domain else []) + (
             bases if local_part or not domain else []) + (["@" + domain] if domain else []):

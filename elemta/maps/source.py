@@ -10,8 +10,10 @@ Used by elemta.maps.lmdbtable (compiling FILE into FILE.lmdb) and elemta.maps.in
 
 The key ends at the first whitespace; the value is the rest, stripped. A key with no
 value is an error (postmap says "expected format: key whitespace value"). Keys are folded
-to lower case, as postmap does without -f, and lookups fold theirs the same way, so
-User@Example.ORG finds user@example.org. A key repeated later is handled as postmap
+to lower case, as postmap does without -f, and their domains spelled as lookups spell
+them (A-labels, no final dot: fold), and lookups fold theirs the same way, so
+User@Example.ORG finds user@example.org and alice@bücher.example is found as
+alice@xn--bcher-kva.example. A key repeated later is handled as postmap
 does when it compiles a file: a warning naming file:line ("duplicate entry"), and the
 first value is kept (a table that worked under Postfix compiles here with the same
 answers). In the config's own lists of entries (no compile step to warn at) it is an
@@ -21,12 +23,23 @@ See also: postmap(1), elemta.maps.lmdbtable, elemta.maps.base.
 
 from typing import Iterable, Iterator, List, Optional, Tuple
 
+from elemta.addressing.normal import normal_domain
 from elemta.maps.base import TableError
 
 
 def fold(key: str) -> str:
-    """The form keys are stored and looked up in: lower case (postmap without -f)."""
-    return key.lower()
+    """The form keys are stored and looked up in: lower case (postmap without -f), and
+    the domain in the normal form every lookup spells it in (normal_domain: A-labels,
+    no final dot), so a key written with an international domain in UTF-8 is found:
+    User@Bücher.Example. -> user@xn--bcher-kva.example, .Bücher.Example ->
+    .xn--bcher-kva.example. The domain is what follows the last @, or the whole key when
+    it has none (a domain table's key). A bare user name (a key without @ in an alias
+    map) is spelled the same way, on both sides, so it is found as before; the local
+    part before an @ is only lower-cased."""
+    local, at, domain = key.rpartition("@")
+    if not at:
+        return normal_domain(key)
+    return local.lower() + at + normal_domain(domain)
 
 
 def logical_lines(lines: Iterable[str], where: str) -> Iterator[Tuple[int, str]]:

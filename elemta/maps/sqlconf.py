@@ -23,13 +23,16 @@ result_format (default %s) shapes each value with the same expansions of the *re
 (%s the value, %u and %d its parts); expansion_limit (0: none) bounds the number of
 values, more being an error (TableUnavailable, as Postfix's lookup error); domain (a
 list of domains) runs the query only for keys in those domains.
+International domains: a key is asked for with its domain in A-labels, and when it has
+any, then again in UTF-8 (key_spellings), so rows may hold either spelling. Postfix asks
+for the address as the client wrote it, so its rows must match each client's spelling.
 See also: sqlite_table(5), pgsql_table(5), elemta.maps.sqlite, elemta.maps.pgsql.
 """
 
 import re
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from elemta.addressing.normal import normal_domain
+from elemta.addressing.normal import normal_domain, unicode_domain
 from elemta.maps.base import LookupTable, Result, TableError, TableUnavailable
 from elemta.maps.offthread import call_bounded
 from elemta.maps.source import logical_lines
@@ -269,6 +272,27 @@ class SQLSettings:
         return values or None
 
 
+def key_spellings(key: str) -> List[str]:
+    """The spellings an SQL table is asked for key, until one is found: the key with its
+    domain (after the last @, or the whole key) in A-labels, the form every lookup
+    spells it in (elemta.maps.search); then, when that domain has A-labels, the same key
+    with them as U-labels, the UTF-8 text a web panel or an SMTPUTF8 client may have
+    stored. So a row is found whichever spelling it holds and whichever the client
+    wrote: alice@xn--bcher-kva.example, then alice@bücher.example. A key without @ is
+    taken as it is (a domain, or a bare user name, which is never IDNA-encoded)."""
+    local, at, domain = key.rpartition("@")
+    if at:
+        domain = normal_domain(domain)
+        first = local + at + domain
+    else:
+        domain = first = key
+    spellings = [first]
+    utf8 = unicode_domain(domain)
+    if utf8 != domain:
+        spellings.append(local + at + utf8)
+    return spellings
+
+
 class SQLTable(LookupTable):
     """What the sqlite and pgsql tables share: the key becomes the query's bound
     parameters, the query runs off the event loop within the table's timeout (their own
@@ -280,11 +304,15 @@ class SQLTable(LookupTable):
     sql: "SQLSettings"
 
     def lookup(self, key: str) -> Result:
-        parameters = self.sql.parameters(key)
-        if parameters is None:
-            return None
-        rows = call_bounded(self.spec, self.timeout, self._query, parameters)
-        return self.sql.results(self.spec, rows)
+        for spelling in key_spellings(key):
+            parameters = self.sql.parameters(spelling)
+            if parameters is None:
+                continue
+            rows = call_bounded(self.spec, self.timeout, self._query, parameters)
+            result = self.sql.results(self.spec, rows)
+            if result is not None:
+                return result
+        return None
 
     def _query(self, parameters):
         raise NotImplementedError

@@ -17,8 +17,10 @@ queue after the fork. Its loop, top to bottom:
               removes it (logged)
     rewrite   bare names in address headers get the mail name (/etc/mailname), then
               canonical maps and masquerading rewrite envelope and headers, then virtual
-              aliases expand the recipients (elemta.addressing.rewrite, .headers,
-              .virtual): before the plugins, so DKIM signs what is queued
+              aliases expand the recipients, virtual mailbox and relay recipients take
+              their normal form (elemta.addressing.rewrite, .headers, .virtual,
+              .resolve.queued_address, as the smtpd does): before the plugins, so DKIM
+              signs what is queued
     queue     each file becomes a queued message: a Received header naming the file's
               owner ("from userid 1000": the kernel's word, not the file's), then the
               content; up to PICKUP_BATCH messages made durable by one Queue.commit
@@ -52,7 +54,7 @@ import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 
-from elemta.addressing.resolve import Addressing
+from elemta.addressing.resolve import Addressing, queued_address
 from elemta.addressing.headers import rewrite_headers
 from elemta.addressing.rewrite import AddressRewriter, RewriteError
 from elemta.addressing.virtual import (AliasExpansionError, VirtualAliases, expanded_recipients,
@@ -359,14 +361,20 @@ class PickupWorker(GeventChild):
             raise Deferred("4.3.0 %s" % error)
 
     def _expand(self, recipients):
-        """The recipients with their virtual aliases expanded, each address once;
-        raises Deferred."""
-        if self.virtual_aliases is None:
-            return expanded_recipients(recipients, lambda address: None)
+        """The recipients with their virtual aliases expanded, each address once, a
+        virtual mailbox or relay recipient in its normal form (as the smtpd queues them,
+        elemta.addressing.resolve.queued_address); raises Deferred."""
+        def targets_of(address):
+            if self.virtual_aliases is not None:
+                targets = self.virtual_aliases.expand(address)
+                if targets is not None:
+                    return targets
+            queued = queued_address(address, self.addressing.classify(address))
+            return [queued] if queued != address else None
         try:
-            return expanded_recipients(recipients, self.virtual_aliases.expand)
+            return expanded_recipients(recipients, targets_of)
         except TableUnavailable as error:
-            raise Deferred("virtual alias lookup failed: %s" % error)
+            raise Deferred("virtual alias or domain lookup failed: %s" % error)
         except AliasExpansionError as error:
             raise Deferred("4.6.0 Alias expansion error: %s" % error)
 

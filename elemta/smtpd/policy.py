@@ -14,7 +14,10 @@ comes first and reads nothing but the domain: an alias of a remote address does 
 it ours. Canonical rewriting (elemta.addressing.rewrite) comes after the relay guard and
 before the rest, as Postfix's cleanup rewrites before it expands virtual aliases: the
 rewritten address is the one that must exist, is expanded, and is queued (the one the
-client gave stays its ORCPT).
+client gave stays its ORCPT). A virtual mailbox or relay recipient is queued in the normal
+form its table was asked with (elemta.addressing.resolve.queued_address), so its next hop
+cannot refuse, after the 250, a spelling the table took (alice@virt.test. for
+alice@virt.test).
 """
 
 import ipaddress
@@ -23,7 +26,7 @@ from typing import NamedTuple
 
 from elemta.addressing.hosted import HostedRecipients
 from elemta.addressing.normal import has_sender_routing
-from elemta.addressing.resolve import LOCAL, OURS, RELAY, Addressing
+from elemta.addressing.resolve import LOCAL, OURS, RELAY, Addressing, queued_address
 from elemta.addressing.rewrite import AddressRewriter, RewriteError
 from elemta.addressing.virtual import AliasExpansionError
 from elemta.maps import TableUnavailable
@@ -109,10 +112,13 @@ class RelayPolicy:
         if not found.known and (found.kind != LOCAL
                                 or self.config.local.reject_unknown_users):
             return PolicyRefusal(Reply(550, "5.1.1", UNKNOWN_USER % (recipient, found.table_name)),
-                           RECIPIENT_CHECK), None
-        if found.targets is None and rewritten != recipient:
-            return None, [rewritten]
-        return None, found.targets
+                                 RECIPIENT_CHECK), None
+        if found.targets is not None:
+            return None, found.targets
+        # Queued as rewritten, a hosted one in its normal form (the client's spelling
+        # stays its ORCPT): a one-address "expansion".
+        queued = queued_address(rewritten, found.kind)
+        return None, [queued] if queued != recipient else None
 
     def rewrite_sender(self, sender):
         """(PolicyRefusal or None, the sender as queued) for MAIL FROM."""
