@@ -240,3 +240,25 @@ def test_pregreet_input_stays_readable_and_failures_are_noted_for_plugins(caplog
     assert notes == {"protocol_tests_failed": ["pregreet"]}
     server_side.close()
     client_side.close()
+
+
+def test_enforced_pipelining_failure_at_data_refuses_the_message(elemta_server):
+    """DATA sent together with the content, after EHLO: the recipients were accepted
+    before the test failed, so the message itself is refused, never queued."""
+    server = start(elemta_server, pipelining_enable=True, pipelining_action="enforce")
+    s, _ = connect(server)
+    assert read_replies(s, 1) == ["220 mx.test ESMTP Elemta\r\n"]
+    s.sendall(b"EHLO bot.test\r\n")
+    read_replies(s, 1)
+    s.sendall(b"MAIL FROM:<a@c.test>\r\nRCPT TO:<b@example.test>\r\n")
+    assert read_replies(s, 2) == ["250 2.1.0 Ok\r\n", "250 2.1.5 Ok\r\n"]
+    s.sendall(b"DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+    replies = read_replies(s, 2)
+    assert replies[0].startswith("354 ")
+    assert replies[1] == "550 5.5.1 Protocol error\r\n"
+    s.sendall(b"QUIT\r\n")
+    s.close()
+    assert server.queued_ids() == []
+    assert re.search(r": reject: END-OF-MESSAGE from unknown\[127\.0\.0\.2\]: 550 5\.5\.1 "
+                     r"Protocol error; from=<a@c\.test> \(restriction pipelining\)",
+                     server.log())

@@ -8,6 +8,7 @@ SMTP, a real scrape.
 """
 
 import os
+import re
 import smtplib
 import subprocess
 import sys
@@ -37,6 +38,9 @@ def test_each_refusal_is_logged_and_counted_by_its_restriction(elemta_server, tm
     assert ("to=<victim@elsewhere.test> proto=ESMTP helo=<client.test> "
             "(restriction reject_unauth_destination)") in log
     assert "to=<b@example.test> proto=ESMTP helo=<client.test> (plugin greylist)" in log
+    # The protocol core's own refusal is logged with its restriction too.
+    assert re.search(r"NOQUEUE: reject: MAIL from \S+: 552 5\.3\.4 .*; proto=ESMTP "
+                     r"helo=<client\.test> \(restriction message_size_limit\)", log), log
     samples, _ = scrape(api_port)
     name = "elemta_smtpd_restriction_refusals_total"
     assert value(samples, name, restriction="reject_unauth_destination", stage="rcpt") == 1
@@ -108,3 +112,49 @@ def test_elemtactl_restrictions_names_a_bad_config(tmp_path):
     shown = elemtactl("--config", config, "restrictions")
     assert shown.returncode == 78
     assert "plugins.dkim.order" in shown.stderr
+
+
+def test_a_rate_limit_counts_what_the_core_checks_refuse(elemta_server, tmp_path):
+    """The ratelimit plugin runs before the stage's core checks (before_core_checks), as
+    anvil counts before Postfix's restrictions: relay probes and unknown users count
+    against a client's recipient rate, so a dictionary attack is throttled too."""
+    server = elemta_server(relay={"mynetworks": ["127.0.0.1/32"]}, plugins={"ratelimit": {
+        "enabled": True, "database": str(tmp_path / "ratelimit"),
+        "recipient_rate_limit": 3, "exempt_mynetworks": False}})
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10,
+                      source_address=("127.0.0.2", 0)) as client:
+        client.ehlo("client.test")
+        client.mail("a@sender.test")
+        for victim in ("x@elsewhere.test", "y@elsewhere.test", "z@elsewhere.test"):
+            assert client.rcpt(victim)[0] == 554           # relay guard
+        code, text = client.rcpt("b@example.test")         # the 4th recipient
+        assert code == 450 and b"too many recipients" in text
+    assert "to=<b@example.test> proto=ESMTP helo=<client.test> (plugin ratelimit)" \
+        in server.log()
+    shown = elemtactl("--config", server.config_path, "restrictions")
+    rcpt = [line.split(" ")[1] for line in stage_lines(shown.stdout, "rcpt")]
+    assert rcpt.index("ratelimit") < rcpt.index("reject_unauth_destination")
+
+
+def test_elemtactl_restrictions_shows_a_plugin_only_where_its_settings_make_it_check(
+        tmp_path):
+    config = write_config(
+        tmp_path / "elemta.yaml",
+        protocol_tests={"pipelining_enable": True},
+        plugins={"rhsbl": {"enabled": True, "sender_sites": ["dbl.example"]},
+                 "policy_service": {"enabled": True, "servers": [
+                     {"address": "inet:127.0.0.1:10040"}]}})
+    shown = elemtactl("--config", config, "restrictions")
+    assert shown.returncode == 0, shown.stderr
+    names = {stage: [line.split(" ")[1] for line in stage_lines(shown.stdout, stage)
+                     if line != "(nothing)"]
+             for stage in ("connect", "helo", "mail", "rcpt", "end_of_data")}
+    assert "rhsbl" in names["mail"] and "rhsbl" not in names["helo"]
+    assert "policy_service" in names["rcpt"]
+    assert "policy_service" not in names["end_of_data"]
+    # The pipelining test: checked from the connection on, enforced at RCPT and at the
+    # end of data, after the connection limits.
+    assert names["connect"][:3] == ["worker_connection_limit", "client_connection_limit",
+                                    "pipelining"]
+    assert names["rcpt"][0] == "pipelining"
+    assert "pipelining" in names["end_of_data"]

@@ -366,6 +366,12 @@ class Plugin:
     # Lower runs first within a stage: authentication checks before the policies that
     # read their results (DMARC), and the Authentication-Results writer last.
     order = 50
+    # True: called before the smtpd's core checks of the stage (the relay guard, the
+    # recipient tables, the storage check), so it sees what they refuse too, as
+    # Postfix's anvil counts a client's every MAIL and RCPT before its restrictions.
+    # Such a plugin can refuse but not let anything past a core check: ACCEPT from it
+    # skips only the other early plugins.
+    before_core_checks = False
     # Seconds one call may take unless the config sets `timeout`.
     default_timeout = 10.0
 

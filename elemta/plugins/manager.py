@@ -94,6 +94,7 @@ class LoadedPlugin:
         self.common = common
         self.settings = settings
         self.order = common.order or getattr(plugin, "order", 50)
+        self.early = getattr(plugin, "before_core_checks", False)
         self.broken = None          # why init() failed, while it has not succeeded
         self.next_init = 0.0        # time.monotonic() of the next init() attempt
 
@@ -194,21 +195,27 @@ class PluginManager:
         return {loaded.name: loaded.broken for loaded in self.plugins
                 if loaded.broken is not None}
 
-    def wants(self, stage):
-        """True when some plugin serves the stage (skip building the context if not)."""
-        return bool(self._by_stage.get(stage))
+    def wants(self, stage, early=None):
+        """True when some plugin serves the stage (skip building the context if not);
+        early: as in run()."""
+        return any(early is None or loaded.early == early
+                   for loaded in self._by_stage.get(stage, ()))
 
-    def run(self, stage, ctx):
-        # type: (str, object) -> Outcome
+    def run(self, stage, ctx, early=None):
+        # type: (str, object, Optional[bool]) -> Outcome
         """Call every plugin serving `stage` in order and merge their verdicts.
 
         A REJECT, TEMPFAIL, DISCARD or ACCEPT stops the chain; QUARANTINE is remembered
-        and the chain goes on (a later plugin may still refuse). Never raises."""
+        and the chain goes on (a later plugin may still refuse). early: True calls only
+        the plugins that run before the stage's core checks (Plugin.before_core_checks),
+        False only the others, None all. Never raises."""
         if stage not in self._by_stage:
             raise ValueError("unknown stage %r" % (stage,))
         ctx.stage = stage
         outcome = Outcome()
         for loaded in self._by_stage[stage]:
+            if early is not None and loaded.early != early:
+                continue
             result = self._call(loaded, stage, ctx)
             if result is None:
                 continue

@@ -29,7 +29,8 @@ PLUGIN_STAGES = {
 
 
 # The protocol core's own refusals (metrics.rejection_reason) -> the check they are.
-CORE_REFUSALS = {"size": "message_size_limit", "recipients": "recipient_limit"}
+CORE_REFUSALS = {"size": "message_size_limit", "recipients": "recipient_limit",
+                 "auth": "submission_auth"}
 
 _STAGE_OF_COMMAND = {"CONNECT": "connect", "HELO": "helo", "EHLO": "helo", "AUTH": "auth",
                      "MAIL": "mail", "RCPT": "rcpt"}
@@ -59,19 +60,19 @@ class CoreCheck:
 
 
 CORE_CHECKS = (
-    CoreCheck("pregreet", "connect", "postscreen_greet_action", "protocol_tests.greet_wait",
-              "talking before the greeting: logged, 550 5.5.1 to every RCPT (enforce) or "
-              "521 5.5.1 and hang up (drop)",
-              lambda config: config.protocol_tests.greet_wait > 0),
-    CoreCheck("pipelining", "connect", "postscreen_pipelining_action",
-              "protocol_tests.pipelining_enable",
-              "commands sent ahead without PIPELINING: logged, 550 5.5.1 to every RCPT "
-              "(enforce) or 521 5.5.1 and hang up (drop)",
-              lambda config: config.protocol_tests.pipelining_enable),
     CoreCheck("worker_connection_limit", "connect", "default_process_limit",
               "limits.connections_per_worker", "421 4.7.0 too many connections"),
     CoreCheck("client_connection_limit", "connect", "smtpd_client_connection_count_limit",
               "limits.connections_per_client", "421 4.7.0 too many connections from you"),
+    CoreCheck("pregreet", "connect", "postscreen_greet_action", "protocol_tests.greet_wait",
+              "talking before the greeting: logged; drop: 521 5.5.1 and hang up "
+              "(enforce refuses at RCPT)",
+              lambda config: config.protocol_tests.greet_wait > 0),
+    CoreCheck("pipelining", "connect", "postscreen_pipelining_action",
+              "protocol_tests.pipelining_enable",
+              "commands sent ahead without PIPELINING, at any command: logged; drop: 521 "
+              "5.5.1 and hang up (enforce refuses at RCPT and at the end of data)",
+              lambda config: config.protocol_tests.pipelining_enable),
     CoreCheck("auth_failure_delay", "auth", "smtpd_error_sleep_time", "auth.failure_delay",
               "535 after a delay that grows with the client's recent failures"),
     CoreCheck("message_size_limit", "mail", "message_size_limit", "limits.message_size",
@@ -85,6 +86,21 @@ CORE_CHECKS = (
     CoreCheck("canonical_maps", "mail", "canonical_maps", "rewrite.sender_canonical_maps",
               "451 4.3.0 when a canonical table cannot answer",
               lambda config: _rewriting(config)),
+    CoreCheck("submission_auth", "mail", "smtpd_sender_restrictions = "
+              "permit_sasl_authenticated, reject (master.cf submission)",
+              "listeners[].mode", "530 5.7.0 authentication required, on a submission or "
+              "smtps listener"),
+    CoreCheck("pregreet", "rcpt", "postscreen_greet_action", "protocol_tests.greet_action",
+              "550 5.5.1 Protocol error to every RCPT of a client that failed the pregreet "
+              "test (enforce)",
+              lambda config: config.protocol_tests.greet_wait > 0
+              and config.protocol_tests.greet_action == "enforce"),
+    CoreCheck("pipelining", "rcpt", "postscreen_pipelining_action",
+              "protocol_tests.pipelining_action",
+              "550 5.5.1 Protocol error to every RCPT of a client that failed the "
+              "pipelining test (enforce)",
+              lambda config: config.protocol_tests.pipelining_enable
+              and config.protocol_tests.pipelining_action == "enforce"),
     CoreCheck("recipient_limit", "rcpt", "smtpd_recipient_limit", "limits.recipients",
               "452 4.5.3 too many recipients"),
     CoreCheck("reject_unauth_destination", "rcpt", "reject_unauth_destination",
@@ -92,10 +108,23 @@ CORE_CHECKS = (
     CoreCheck("reject_unlisted_recipient", "rcpt", "reject_unlisted_recipient",
               "virtual.mailbox_maps", "550 5.1.1 user unknown; 451 4.3.0 when a table "
               "cannot answer"),
+    CoreCheck("canonical_maps", "rcpt", "canonical_maps", "rewrite.recipient_canonical_maps",
+              "451 4.3.0 when a canonical table cannot answer",
+              lambda config: _rewriting(config)),
     CoreCheck("queue_storage", "data", "queue_minfree", "queue.spool_dir",
               "452 4.3.1 when no queue file can be made, 451 4.3.0 on other errors"),
     CoreCheck("message_size_limit", "end_of_data", "message_size_limit",
               "limits.message_size", "552 5.3.4 message too big"),
+    CoreCheck("pipelining", "end_of_data", "postscreen_pipelining_action",
+              "protocol_tests.pipelining_action",
+              "550 5.5.1 Protocol error to a message whose DATA came with its content "
+              "(enforce)",
+              lambda config: config.protocol_tests.pipelining_enable
+              and config.protocol_tests.pipelining_action == "enforce"),
+    CoreCheck("canonical_maps", "end_of_data", "canonical_maps", "rewrite.canonical_maps",
+              "451 4.3.0 when a table cannot answer while the headers of a local client's "
+              "message are rewritten",
+              lambda config: _rewriting(config)),
     CoreCheck("queue_storage", "end_of_data", "queue_minfree", "queue.spool_dir",
               "452 4.3.1 when the spool is full, 451 4.3.0 when it cannot be written"),
 )
@@ -118,24 +147,42 @@ class PlannedCheck:
 
 def plan(config) -> List[Tuple[str, List[PlannedCheck]]]:
     """[(stage, [PlannedCheck, ...])] for every stage, in the order the smtpd applies
-    them with this config: its active core checks, then the enabled plugins serving the
-    stage by their order. Raises PluginConfigError when a plugin cannot be loaded."""
+    them with this config: the plugins that run before the core checks
+    (Plugin.before_core_checks), its active core checks, then the other enabled plugins
+    serving the stage, each group by order. A plugin is listed where its stages() says it
+    is called with its settings (one that skips a stage its settings leave idle is not
+    listed there). Raises PluginConfigError when a plugin cannot be loaded."""
     from elemta.plugins.manager import choose     # gevent: not for the man page's sake
-    by_stage = {stage: [] for stage in STAGES}
+    early = {stage: [] for stage in STAGES}
+    core = {stage: [] for stage in STAGES}
+    late = {stage: [] for stage in STAGES}
     for check in CORE_CHECKS:
         if check.active(config):
-            by_stage[check.stage].append(PlannedCheck(
+            core[check.stage].append(PlannedCheck(
                 check.name, "core", check.postfix,
                 "%s%s" % (check.refuses, "; set by " + check.option if check.option else "")))
-    for name, plugin_class, common, _ in choose(config.plugins.to_run()):
+    for name, plugin_class, common, settings in choose(config.plugins.to_run()):
         served = {}
-        for plugin_stage in served_stages(plugin_class):
+        for plugin_stage in _stages_with(plugin_class, settings):
             stage = PLUGIN_STAGES.get(plugin_stage)
             if stage is not None:
                 served.setdefault(stage, []).append(plugin_stage)
+        before = getattr(plugin_class, "before_core_checks", False)
         for stage, plugin_stages in served.items():
-            by_stage[stage].append(PlannedCheck(
-                name, "plugin", "", "order %d, plugin stage %s" % (
+            (early if before else late)[stage].append(PlannedCheck(
+                name, "plugin", "", "order %d%s, plugin stage %s" % (
                     common.order or getattr(plugin_class, "order", 50),
+                    ", before the core checks" if before else "",
                     ", ".join(plugin_stages))))
-    return [(stage, by_stage[stage]) for stage in STAGES]
+    return [(stage, early[stage] + core[stage] + late[stage]) for stage in STAGES]
+
+
+def _stages_with(plugin_class, settings):
+    """The stages a plugin serves with these settings: its stages(), on an instance
+    given the settings but not started (no database opened, nothing connected)."""
+    plugin = plugin_class()
+    plugin.settings = settings
+    try:
+        return plugin.stages()
+    except Exception:                  # a stages() that needs init(): the class's own
+        return served_stages(plugin_class)

@@ -61,6 +61,9 @@ class RateLimitPlugin(Plugin):
     name = "ratelimit"
     Settings = RateLimitSettings
     order = 1       # before everything else of its stages: cheap, and stops floods early
+    # Counts every MAIL and RCPT, those the relay guard or a table refuses included, as
+    # anvil does: a dictionary attack or relay probe is throttled too.
+    before_core_checks = True
 
     def init(self, settings):
         self.settings = settings = settings or RateLimitSettings()

@@ -43,6 +43,14 @@ class RHSBLPlugin(Plugin):
         self.helo_sites = [parse_site(text) for text in settings.helo_sites]
         self.lists = DNSLists(settings.min_ttl, settings.max_ttl)
 
+    def stages(self):
+        """helo and mail only when their lists are set: `elemtactl restrictions` then
+        shows this plugin where it really checks something."""
+        settings = getattr(self, "settings", None) or RHSBLSettings()
+        return tuple(stage for stage in super().stages()
+                     if stage not in ("helo", "mail")
+                     or (settings.helo_sites if stage == "helo" else settings.sender_sites))
+
     def on_helo(self, ctx):
         return self._check(ctx, self.helo_sites, ctx.helo, "Helo command")
 

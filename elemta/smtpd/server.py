@@ -121,7 +121,7 @@ class SMTPServer:
         limits = self.config.limits
         if self.sessions >= limits.connections_per_worker:
             metrics.CONNECTIONS.labels(listener.mode, "refused_worker_limit").inc()
-            return self._refuse(sock, listener, "Error: too many connections",
+            return self._refuse(sock, listener, client_ip, "Error: too many connections",
                                 "worker_connection_limit")
         if (self.client_counts.count(client_ip) >= limits.connections_per_client
                 and not self.policy.client_trusted(client_ip)):
@@ -129,7 +129,7 @@ class SMTPServer:
             log.warning("too many connections from %s%s", client_ip,
                         " (counted per %s)" % group if group != client_ip else "")
             metrics.CONNECTIONS.labels(listener.mode, "refused_client_limit").inc()
-            return self._refuse(sock, listener,
+            return self._refuse(sock, listener, client_ip,
                                 "Error: too many connections from %s" % client_ip,
                                 "client_connection_limit")
         metrics.CONNECTIONS.labels(listener.mode, "accepted").inc()
@@ -147,9 +147,11 @@ class SMTPServer:
             self.client_counts.add(client_ip, -1)
             self.last_active = time.monotonic()
 
-    def _refuse(self, sock, listener, text, restriction):
+    def _refuse(self, sock, listener, client_ip, text, restriction):
         """Answer a connection over a limit with 421 (RFC 5321 3.8) and close it."""
         metrics.count_refusal(restriction, "connect")
+        log.info("NOQUEUE: reject: CONNECT from unknown[%s]: 421 4.7.0 %s; proto=SMTP "
+                 "(restriction %s)", client_ip, text, restriction)
         try:
             if listener.mode != "smtps":      # no plaintext into a TLS port
                 sock.settimeout(5)

@@ -338,6 +338,8 @@ class Session:
         ctx.sender = event.transaction.sender
         ctx.declared_size = event.transaction.declared_size or 0
         self.expansions = {}
+        if self._refused_by_plugins("mail", "MAIL", sender=ctx.sender, early=True):
+            return
         shortage = self.server.room.shortage(event.transaction.declared_size)
         if shortage is not None:
             # Refused before the content is sent, as Postfix does (queue_minfree).
@@ -350,12 +352,17 @@ class Session:
         refusal, self.queued_sender = self.server.policy.rewrite_sender(ctx.sender)
         if refusal is not None:
             return self._reject("MAIL", refusal.reply, refusal.restriction, ctx.sender)
-        if self._refused_by_plugins("mail", "MAIL", sender=ctx.sender):
+        if self._refused_by_plugins("mail", "MAIL", sender=ctx.sender, early=False):
             return
         self.proto.accept()
 
     def on_rcpt_to(self, event):
         address = event.recipient.address
+        ctx = self.ctx
+        ctx.recipient = address
+        if self._refused_by_plugins("rcpt", "RCPT", event.transaction.sender, address,
+                                    early=True):
+            return
         if self.screen.refusal() is not None:      # failed an enforced protocol test
             return self._reject("RCPT", self.screen.refusal(), self.screen.failed,
                                 event.transaction.sender, address)
@@ -367,9 +374,8 @@ class Session:
         if targets is not None:
             # Looked up now, queued at the end of DATA (elemta.addressing.virtual).
             self.expansions[address] = targets
-        ctx = self.ctx
-        ctx.recipient = address
-        if self._refused_by_plugins("rcpt", "RCPT", event.transaction.sender, address):
+        if self._refused_by_plugins("rcpt", "RCPT", event.transaction.sender, address,
+                                    early=False):
             return
         ctx.recipients.append(address)
         self.proto.accept()
@@ -439,6 +445,14 @@ class Session:
             reply = self._storage_reply(self.write_error)
             self._discard_message()
             return self._refuse_content(reply, "queue_storage")
+        if self.screen.refusal() is not None:
+            # An enforced protocol test failed after the recipients were accepted (the
+            # DATA command pipelined with the content): the message is refused too.
+            log.info("%s: reject: END-OF-MESSAGE from %s: %s; from=<%s> (restriction %s)",
+                     self.queue_id, self.client, self.screen.refusal(), txn.sender,
+                     self.screen.failed)
+            self._discard_message()
+            return self._refuse_content(self.screen.refusal(), self.screen.failed)
         early = [v for v in (self.session_verdict, self.message_verdict) if v is not None]
         early.sort(key=lambda verdict: verdict[0] != DISCARD)     # a discard outweighs
         early = early[0] if early else None
@@ -609,11 +623,13 @@ class Session:
 
     # ---- helpers ------------------------------------------------------------------------
 
-    def _refused_by_plugins(self, stage, command, sender=None, recipient=None):
-        """Run the plugins of `stage`; if they refuse, reply and return True."""
-        if not self.plugins.wants(stage):
+    def _refused_by_plugins(self, stage, command, sender=None, recipient=None,
+                            early=None):
+        """Run the plugins of `stage` (early: only those before or after its core
+        checks, as PluginManager.run); if they refuse, reply and return True."""
+        if not self.plugins.wants(stage, early):
             return False
-        outcome = self.plugins.run(stage, self.ctx)
+        outcome = self.plugins.run(stage, self.ctx, early)
         if outcome.reply is None:
             self._remember(outcome, stage)
             return False
@@ -672,10 +688,14 @@ class Session:
         """Count a refusal the protocol core made itself (a size or recipient limit)
         under its restriction's name; other core replies (syntax, sequence) are not
         restrictions."""
-        restriction = CORE_REFUSALS.get(metrics.rejection_reason(
-            self.proto.last_command, reply.code, reply.status))
+        command = self.proto.last_command
+        restriction = CORE_REFUSALS.get(metrics.rejection_reason(command, reply.code,
+                                                                 reply.status))
         if restriction is not None:
-            metrics.count_refusal(restriction, stage_of_command(self.proto.last_command))
+            log.info("NOQUEUE: reject: %s from %s: %s; proto=%s helo=<%s> (restriction %s)",
+                     command, self.client, reply, "ESMTP" if self.proto.esmtp else "SMTP",
+                     self.proto.helo_name or "", restriction)
+            metrics.count_refusal(restriction, stage_of_command(command))
 
     def _discard_message(self):
         self.content = None
