@@ -272,6 +272,22 @@ class RegexpTable(LookupTable):
         except offload.OffloadError as error:
             raise TableUnavailable("%s: %s" % (self.spec, error))
 
+    def lookup_many(self, keys: List[str]) -> List[Result]:
+        """Every key's lookup in one call to the helper (header and body checks ask
+        about each line of a chunk together); MATCH_TIMEOUT bounds the whole call."""
+        long = [len(key.encode("utf-8", "surrogateescape")) > MAX_KEY for key in keys]
+        try:
+            with gevent.Timeout(MATCH_TIMEOUT):
+                found = offload.call(_match_many_in_helper, self.path, self.spec,
+                                     [key for key, skip in zip(keys, long) if not skip])
+        except gevent.Timeout:
+            raise TableUnavailable("%s: matching took over %g seconds (a pattern that "
+                                   "backtracks?)" % (self.spec, MATCH_TIMEOUT))
+        except offload.OffloadError as error:
+            raise TableUnavailable("%s: %s" % (self.spec, error))
+        answers = iter(found)
+        return [None if skip else next(answers) for skip in long]
+
     def match(self, key: str) -> Result:
         """The lookup itself, in this process (the helper's side of lookup)."""
         self._load(strict=False)
@@ -287,6 +303,16 @@ _helper_tables: Dict[str, RegexpTable] = {}
 def _match_in_helper(path: str, spec: str, key: str) -> Result:
     """Runs in a compute helper (elemta.util.offload): the lookup, with the table the
     helper keeps for path."""
+    return _helper_table(path, spec).match(key)
+
+
+def _match_many_in_helper(path: str, spec: str, keys: List[str]) -> List[Result]:
+    """Runs in a compute helper: the lookups of several keys, in order."""
+    table = _helper_table(path, spec)
+    return [table.match(key) for key in keys]
+
+
+def _helper_table(path: str, spec: str) -> RegexpTable:
     table = _helper_tables.get(path)
     if table is None:
         try:
@@ -294,4 +320,4 @@ def _match_in_helper(path: str, spec: str, key: str) -> Result:
         except TableError as error:
             raise TableUnavailable("%s: %s" % (spec, error))
         _helper_tables[path] = table
-    return table.match(key)
+    return table

@@ -1,0 +1,300 @@
+"""Header and body checks and the hop count (issue #15, requirements 6 and 7), end to end:
+a real Elemta with Postfix-style regexp tables, driven over SMTP by smtplib and by a raw
+socket; what the client hears, what the log says, and what was queued (or held, or not).
+
+See also: elemta.content (the scanner and the filter), header_checks(5).
+"""
+
+import os
+import smtplib
+import socket
+import time
+
+import pytest
+
+from tests.harness import wait_for
+
+SENDER, RCPT = "alice@client.test", "bob@example.test"
+
+
+def table(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return "regexp:%s" % path
+
+
+def send(server, content, sender=SENDER, rcpts=(RCPT,)):
+    """(code, text) of the reply to the content of one message."""
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as client:
+        client.ehlo("client.test")
+        client.mail(sender)
+        for rcpt in rcpts:
+            client.rcpt(rcpt)
+        return client.data(content)
+
+
+def queued_id(reply):
+    code, text = reply
+    assert code == 250, reply
+    return text.decode().rsplit(" ", 1)[1]
+
+
+def received(count):
+    return b"".join(b"Received: from hop%d.test by hop%d.test; Fri, 4 Dec 2026 10:00:00 "
+                    b"+0000\r\n" % (n, n + 1) for n in range(count))
+
+
+MESSAGE = (b"From: alice@client.test\r\nTo: bob@example.test\r\nSubject: hello there\r\n"
+           b"X-Mailer: elemta-test\r\n\r\nfirst line\r\nsecond line\r\n")
+
+
+# ---- requirement 7: the hop count ----------------------------------------------------
+
+def test_more_received_headers_than_the_hopcount_limit_is_a_mail_loop(elemta_server):
+    """51 Received: headers: 554 5.4.6 at the end of DATA, nothing queued, the log names
+    hopcount_limit; 50 (Postfix's default limit) pass, and this server's own Received:
+    is not counted."""
+    server = elemta_server()
+    assert send(server, received(51) + MESSAGE) == (554, b"5.4.6 Too many hops")
+    assert server.queued_ids() == []
+    wait_for(lambda: "(restriction hopcount_limit)" in server.log())
+    line = next(l for l in server.log().splitlines() if "hopcount_limit" in l)
+    assert ": reject: header Received: from hop50.test" in line
+    assert "5.4.6 Too many hops" in line and "from=<alice@client.test>" in line
+    queue_id = queued_id(send(server, received(50) + MESSAGE))
+    content = server.message(queue_id)[1]
+    assert content.count(b"\r\nReceived: ") + content.startswith(b"Received: ") == 51
+
+
+def test_the_hopcount_limit_is_configurable(elemta_server):
+    server = elemta_server(content={"hopcount_limit": 3})
+    assert send(server, received(4) + MESSAGE)[0] == 554
+    assert send(server, received(3) + MESSAGE)[0] == 250
+
+
+# ---- requirement 6: header_checks ------------------------------------------------------
+
+def test_header_checks_reject_with_text_and_with_postfix_default(elemta_server, tmp_path):
+    checks = table(tmp_path, "header_checks",
+                   "# spam words\n"
+                   "/^Subject:.*viagra/   REJECT no pills here\n"
+                   "/^X-Mailer: bulkmail/ REJECT\n")
+    server = elemta_server(content={"header_checks": checks})
+    assert send(server, MESSAGE.replace(b"hello there", b"cheap VIAGRA now")) == (
+        550, b"5.7.1 no pills here")
+    assert send(server, MESSAGE.replace(b"elemta-test", b"bulkmail 2.0")) == (
+        550, b"5.7.1 message content rejected")
+    assert server.queued_ids() == []
+    log = server.log()
+    assert ("reject: header Subject: cheap VIAGRA now from unknown[127.0.0.1]; "
+            "from=<alice@client.test> to=<bob@example.test> proto=ESMTP helo=<client.test>: "
+            "5.7.1 no pills here (restriction header_checks)") in log
+    # Other mail passes, unchanged.
+    queue_id = queued_id(send(server, MESSAGE))
+    assert server.message(queue_id)[1].endswith(MESSAGE)
+
+
+def test_a_folded_header_is_matched_whole_when_it_arrives_in_pieces(elemta_server,
+                                                                     tmp_path):
+    """The key is the unfolded header, whatever chunks the content arrived in."""
+    checks = table(tmp_path, "header_checks", "/^Subject: part one\\s+part two$/ REJECT folded\n")
+    server = elemta_server(content={"header_checks": checks})
+    pieces = [b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.test>\r\n"
+              b"DATA\r\n", b"From: a@client.test\r\nSubj", b"ect: part one\r", b"\n", b"\t",
+              b"part two\r\n", b"\r\nbody\r\n.\r\n"]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        for piece in pieces:
+            sock.sendall(piece)
+            time.sleep(0.05)
+        lines = []
+        while not lines or not lines[-1].startswith((b"250 ", b"5", b"4")) \
+                or len([l for l in lines if l[3:4] == b" "]) < 5:
+            lines.append(reader.readline())
+    assert lines[-1] == b"550 5.7.1 folded\r\n"
+
+
+def test_warn_logs_and_accepts(elemta_server, tmp_path):
+    checks = table(tmp_path, "header_checks", "/^X-Mailer: (.*)/ WARN mailer $1 seen\n")
+    server = elemta_server(content={"header_checks": checks})
+    queue_id = queued_id(send(server, MESSAGE))
+    assert server.message(queue_id)[1].endswith(MESSAGE)
+    assert ("%s: warning: header X-Mailer: elemta-test from unknown[127.0.0.1]" % queue_id
+            in server.log())
+    assert "mailer elemta-test seen (restriction header_checks)" in server.log()
+
+
+def test_ignore_prepend_and_replace_edit_the_queued_headers(elemta_server, tmp_path):
+    checks = table(tmp_path, "header_checks",
+                   "/^X-Mailer:/ IGNORE\n"
+                   "/^Subject: (.*)/ PREPEND X-Subject-Seen: $1\n"
+                   "/^To: (.*)/ REPLACE To: undisclosed-recipients:;\n")
+    server = elemta_server(content={"header_checks": checks})
+    queue_id = queued_id(send(server, MESSAGE))
+    content = server.message(queue_id)[1]
+    assert b"X-Mailer" not in content
+    assert (b"\r\nX-Subject-Seen: hello there\r\nSubject: hello there\r\n" in content)
+    assert b"\r\nTo: undisclosed-recipients:;\r\n" in content
+    assert b"bob@example.test\r\n" not in content.split(b"\r\n\r\n", 1)[0].split(
+        b"Subject:")[1]
+    assert content.endswith(b"\r\n\r\nfirst line\r\nsecond line\r\n")
+
+
+def test_hold_queues_the_message_on_hold(elemta_server, tmp_path):
+    checks = table(tmp_path, "header_checks", "/^Subject: hello/ HOLD look at this\n")
+    server = elemta_server(content={"header_checks": checks})
+    queue_id = queued_id(send(server, MESSAGE))
+    with server.queue() as queue:
+        assert queue.get(queue_id).state == "hold"
+    assert ("%s: hold: header Subject: hello there from unknown[127.0.0.1]" % queue_id
+            in server.log())
+
+
+def test_discard_says_250_and_queues_nothing(elemta_server, tmp_path):
+    checks = table(tmp_path, "header_checks", "/^Subject: hello/ DISCARD not wanted\n")
+    server = elemta_server(content={"header_checks": checks})
+    queue_id = queued_id(send(server, MESSAGE))
+    assert server.queued_ids() == []
+    assert ("%s: discard: header Subject: hello there from unknown[127.0.0.1]" % queue_id
+            in server.log())
+    assert "not wanted (restriction header_checks)" in server.log()
+
+
+def test_redirect_replaces_the_recipients(elemta_server, tmp_path):
+    checks = table(tmp_path, "header_checks",
+                   "/^Subject: hello/ REDIRECT abuse@example.test\n")
+    server = elemta_server(content={"header_checks": checks})
+    big = MESSAGE + b"x" * 100 + b"\r\n" * 2000     # past the spool file's write buffer
+    queue_id = queued_id(send(server, big, rcpts=(RCPT, "carol@example.test")))
+    envelope, content = server.message(queue_id)
+    assert [r.address for r in envelope.recipients] == ["abuse@example.test"]
+    assert envelope.sender == SENDER
+    assert content.endswith(big)
+    assert "%s: redirect: header Subject: hello there" % queue_id in server.log()
+
+
+def test_dunno_ok_and_unknown_actions_change_nothing(elemta_server, tmp_path):
+    checks = table(tmp_path, "header_checks",
+                   "/^Subject:/ DUNNO\n/^From:/ OK\n/^X-Mailer:/ FROBNICATE now\n"
+                   "/^To:/ PREPEND not a header line\n")
+    server = elemta_server(content={"header_checks": checks})
+    queue_id = queued_id(send(server, MESSAGE))
+    assert server.message(queue_id)[1].endswith(MESSAGE)
+    assert "header_checks: unknown action 'FROBNICATE'" in server.log()
+    assert "is no header line" in server.log()
+
+
+def test_a_table_broken_after_start_defers_the_message(elemta_server, tmp_path):
+    """A table edited into an error: 451 4.3.0 (mail waits), never a dropped
+    connection; fixed, mail flows again."""
+    path = tmp_path / "header_checks"
+    path.write_text("/^Subject: nope/ REJECT\n")
+    server = elemta_server(content={"header_checks": "regexp:%s" % path})
+    assert send(server, MESSAGE)[0] == 250
+    time.sleep(0.01)
+    path.write_text("/^Subject: (unclosed/ REJECT\n")
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    assert send(server, MESSAGE) == (451, b"4.3.0 Error: temporary lookup failure")
+    assert "header_checks lookup failed" in server.log()
+    path.write_text("/^Subject: nope/ REJECT\n")
+    os.utime(path, (time.time() + 10, time.time() + 10))
+    assert send(server, MESSAGE)[0] == 250
+
+
+def test_a_bad_table_line_is_a_config_error_naming_file_and_line(tmp_path):
+    from elemta.config.errors import ConfigError
+    from elemta.config.loader import load_config
+    checks = tmp_path / "header_checks"
+    checks.write_text("/^Subject: ok/ WARN\n/^Subject: (bad/ REJECT\n")
+    config = tmp_path / "elemta.yaml"
+    config.write_text("content:\n  header_checks: regexp:%s\n" % checks)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(config))
+    text = str(caught.value)
+    assert "%s:2" % checks in text and "content.header_checks" in text
+    assert "elemta.yaml:2" in text
+
+
+# ---- MIME headers, attached messages, body lines ---------------------------------------
+
+MULTIPART = (b"From: alice@client.test\r\nTo: bob@example.test\r\nSubject: report\r\n"
+             b"MIME-Version: 1.0\r\n"
+             b"Content-Type: multipart/mixed; boundary=\"==outer\"\r\n\r\n"
+             b"This is a MIME message.\r\n"
+             b"--==outer\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n"
+             b"--==outer\r\nContent-Type: application/octet-stream;\r\n"
+             b"\tname=\"invoice.exe\"\r\n"
+             b"Content-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA\r\n"
+             b"--==outer\r\nContent-Type: message/rfc822\r\n\r\n"
+             b"From: mallory@evil.test\r\nSubject: forwarded secret\r\n\r\n"
+             b"inner body line\r\n"
+             b"--==outer--\r\nepilogue\r\n")
+
+
+def test_mime_header_checks_see_part_headers_not_the_message_headers(elemta_server,
+                                                                       tmp_path):
+    mime = table(tmp_path, "mime_header_checks",
+                 "/^Content-Type:.*name=\"?[^\"]*\\.(exe|scr)\"?$/ REJECT no $1 files\n"
+                 "/^Subject:/ REJECT a message header reached mime_header_checks\n")
+    server = elemta_server(content={"mime_header_checks": mime})
+    assert send(server, MULTIPART) == (550, b"5.7.1 no exe files")
+    assert "(restriction mime_header_checks)" in server.log()
+    assert queued_id(send(server, MULTIPART.replace(b"invoice.exe", b"invoice.pdf")))
+
+
+def test_header_checks_apply_to_mime_headers_when_mime_header_checks_is_unset(
+        elemta_server, tmp_path):
+    """Postfix's default: mime_header_checks = $header_checks."""
+    checks = table(tmp_path, "header_checks", "/^Content-Type:.*\\.exe/ REJECT\n")
+    server = elemta_server(content={"header_checks": checks})
+    assert send(server, MULTIPART)[0] == 550
+    assert "(restriction mime_header_checks)" in server.log()
+
+
+def test_nested_header_checks_see_the_attached_message(elemta_server, tmp_path):
+    nested = table(tmp_path, "nested_header_checks",
+                   "/^Subject: forwarded/ REJECT attached message refused\n")
+    header = table(tmp_path, "header_checks", "/^Subject: forwarded/ REJECT wrong table\n")
+    server = elemta_server(content={"nested_header_checks": nested,
+                                    "header_checks": header})
+    assert send(server, MULTIPART) == (550, b"5.7.1 attached message refused")
+    assert "(restriction nested_header_checks)" in server.log()
+
+
+def test_body_checks_see_each_body_line_of_each_part(elemta_server, tmp_path):
+    body = table(tmp_path, "body_checks",
+                 "/^inner body line$/ REJECT bad body\n/^TVqQ/ WARN a DOS executable\n")
+    server = elemta_server(content={"body_checks": body})
+    assert send(server, MULTIPART) == (550, b"5.7.1 bad body")
+    log = server.log()
+    assert "warning: body TVqQAAMAAAAEAAAA from unknown[127.0.0.1]" in log
+    assert "reject: body inner body line" in log and "(restriction body_checks)" in log
+    # A header line is no body line.
+    assert queued_id(send(server, MESSAGE.replace(b"second line", b"Subject: x")))
+
+
+def test_body_checks_stop_at_the_size_limit_of_each_part(elemta_server, tmp_path):
+    body = table(tmp_path, "body_checks", "/^forbidden$/ REJECT\n")
+    server = elemta_server(content={"body_checks": body, "body_checks_size_limit": 1000})
+    filler = b"filler line of text\r\n" * 60          # 1260 bytes
+    assert send(server, MESSAGE + filler[:840] + b"forbidden\r\n")[0] == 550
+    assert queued_id(send(server, MESSAGE + filler + b"forbidden\r\n"))
+    # Each MIME part has its own budget.
+    part = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+            b"--b\r\n\r\n" + filler + b"--b\r\n\r\nforbidden\r\n--b--\r\n")
+    assert send(server, part)[0] == 550
+
+
+def test_body_checks_stream_a_large_message(elemta_server, tmp_path):
+    """A 20 MB message through body_checks and edits: accepted, written whole (the
+    lines past the limit unchecked), and the server stays responsive."""
+    body = table(tmp_path, "body_checks", "/^never matches this$/ REJECT\n")
+    header = table(tmp_path, "header_checks", "/^X-Mailer:/ IGNORE\n")
+    server = elemta_server(content={"body_checks": body, "header_checks": header},
+                           limits={"message_size": 40 * 1024 * 1024})
+    line = b"a" * 78 + b"\r\n"
+    big = MESSAGE + line * (20 * 1024 * 1024 // 80)
+    queue_id = queued_id(send(server, big))
+    content = server.message(queue_id)[1]
+    assert content.endswith(big.replace(b"X-Mailer: elemta-test\r\n", b""))
