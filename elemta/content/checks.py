@@ -50,7 +50,7 @@ BATCH = 256
 LOGGED = 200
 
 
-class Refusal(NamedTuple):
+class ContentRefusal(NamedTuple):
     """A verdict for the whole message: the reply, and the restriction that gave it."""
     reply: Reply
     restriction: str
@@ -94,7 +94,7 @@ class ContentFilter:
         beyond_headers = any(self.tables[kind] is not None
                              for kind in (MIME_HEADER, NESTED_HEADER, BODY))
         self.scanner = ContentScanner(checks.body_limit, headers_only=not beyond_headers)
-        self.refusal: Optional[Refusal] = None
+        self.refusal: Optional[ContentRefusal] = None
         self.discard: Optional[str] = None        # the check that said DISCARD
         self.hold: Optional[str] = None           # the check that said HOLD (first)
         self.redirect: Optional[str] = None       # REDIRECT's address (the last)
@@ -144,7 +144,7 @@ class ContentFilter:
             return False
         self._log("reject", piece, "%s %s" % (TOO_MANY_HOPS.status, TOO_MANY_HOPS.text),
                   "hopcount_limit")
-        self.refusal = Refusal(TOO_MANY_HOPS, "hopcount_limit")
+        self.refusal = ContentRefusal(TOO_MANY_HOPS, "hopcount_limit")
         return True
 
     def _lookups(self, pieces) -> Optional[List]:
@@ -164,7 +164,7 @@ class ContentFilter:
                 except TableUnavailable as error:
                     log.warning("%s: %s lookup failed: %s", self.queue_id, CHECK_OF[kind],
                                 error)
-                    self.refusal = Refusal(LOOKUP_FAILED, CHECK_OF[kind])
+                    self.refusal = ContentRefusal(LOOKUP_FAILED, CHECK_OF[kind])
                     return None
                 for index, result in zip(batch, found):
                     results[index] = result
@@ -193,7 +193,7 @@ class ContentFilter:
         if word == actions.REJECT:
             reply = Reply(550, "5.7.1", text or REJECT_TEXT)
             self._log("reject", piece, "%s %s" % (reply.status, reply.text), check)
-            self.refusal = Refusal(reply, check)
+            self.refusal = ContentRefusal(reply, check)
             return b""
         if word == actions.DISCARD:
             self._log("discard", piece, text, check)
