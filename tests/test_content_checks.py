@@ -298,3 +298,35 @@ def test_body_checks_stream_a_large_message(elemta_server, tmp_path):
     queue_id = queued_id(send(server, big))
     content = server.message(queue_id)[1]
     assert content.endswith(big.replace(b"X-Mailer: elemta-test\r\n", b""))
+
+
+# ---- named and counted, as every restriction (part 8) ----------------------------------
+
+def test_content_refusals_are_counted_by_check_and_listed_in_order(elemta_server, tmp_path,
+                                                                    monkeypatch):
+    from tests.test_metrics import scrape, start_server, value
+    from tests.test_restrictions_order import elemtactl, stage_lines, write_config
+    checks = table(tmp_path, "header_checks", "/^Subject: spam/ REJECT\n")
+    body = table(tmp_path, "body_checks", "/^buy now$/ REJECT\n")
+    server, api_port = start_server(elemta_server, tmp_path, monkeypatch,
+                                    content={"header_checks": checks, "body_checks": body})
+    assert send(server, MESSAGE.replace(b"hello there", b"spam"))[0] == 550
+    assert send(server, MESSAGE + b"buy now\r\n")[0] == 550
+    assert send(server, received(60) + MESSAGE)[0] == 554
+    samples, _ = scrape(api_port)
+    name = "elemta_smtpd_restriction_refusals_total"
+    for check in ("header_checks", "body_checks", "hopcount_limit"):
+        assert value(samples, name, restriction=check, stage="end_of_data") == 1, check
+
+    config = write_config(tmp_path / "listed.yaml",
+                          content={"header_checks": checks, "body_checks": body})
+    shown = elemtactl("--config", config, "restrictions")
+    assert shown.returncode == 0, shown.stderr
+    end = [line.split(" ")[1] for line in stage_lines(shown.stdout, "end_of_data")]
+    assert end[end.index("hopcount_limit"):][:5] == [
+        "hopcount_limit", "header_checks", "mime_header_checks", "nested_header_checks",
+        "body_checks"]
+    config = write_config(tmp_path / "none.yaml", relay={"local_domains": ["x.test"]})
+    end = [line.split(" ")[1] for line in stage_lines(
+        elemtactl("--config", config, "restrictions").stdout, "end_of_data")]
+    assert "hopcount_limit" in end and "header_checks" not in end
