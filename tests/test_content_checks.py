@@ -330,3 +330,31 @@ def test_content_refusals_are_counted_by_check_and_listed_in_order(elemta_server
     end = [line.split(" ")[1] for line in stage_lines(
         elemtactl("--config", config, "restrictions").stdout, "end_of_data")]
     assert "hopcount_limit" in end and "header_checks" not in end
+
+
+# ---- local submissions (sendmail -> pickup), as Postfix's cleanup checks all mail ------
+
+def test_sendmail_mail_passes_the_same_checks(elemta_server, tmp_path):
+    from tests.test_sendmail import queued, sendmail
+    checks = table(tmp_path, "header_checks",
+                   "/^X-Mailer:/ IGNORE\n/^Subject: reject me/ REJECT not this\n"
+                   "/^Subject: drop me/ DISCARD\n")
+    server = elemta_server(content={"header_checks": checks})
+    status, _, err = sendmail(server, "-i", "root", stdin=b"Subject: plain\nX-Mailer: cron\n\n"
+                              b"body\n")
+    assert status == 0, err
+    [(_, content)] = queued(server, 1)
+    assert b"X-Mailer" not in content and b"Subject: plain\r\n" in content
+    # Nobody to refuse it to: held for the admin, as a plugin's reject is.
+    status, _, err = sendmail(server, "-i", "root", stdin=b"Subject: reject me\n\nbody\n")
+    assert status == 0, err
+    held = queued(server, 2)
+    with server.queue() as queue:
+        states = sorted(queue.get(envelope.queue_id).state for envelope, _ in held)
+    assert states == ["hold", "incoming"], states
+    assert "5.7.1 not this (restriction header_checks); held for the admin" in server.log()
+    status, _, err = sendmail(server, "-i", "root", stdin=b"Subject: drop me\n\nbody\n")
+    assert status == 0, err
+    wait_for(lambda: "discard: header Subject: drop me from local" in server.log())
+    wait_for(lambda: os.listdir(os.path.join(server.spool, "maildrop")) == [])
+    assert len(server.queued_ids()) == 2
