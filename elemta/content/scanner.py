@@ -52,6 +52,10 @@ MAX_HEADER = 102400
 MAX_DEPTH = 100
 
 _HEADER_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")
+# A Received: header at the start of a line; the empty line that ends a header section.
+_RECEIVED = re.compile(rb"\nreceived[ \t]*:", re.I)
+_SECTION_END = re.compile(rb"\n\r?\n")
+_UNFOLD = re.compile(rb"\r?\n(?=[ \t])")
 _CONTENT_TYPE = re.compile(r"^\s*([!#-'*+.0-9A-Z^-~-]+)\s*/\s*([!#-'*+.0-9A-Z^-~-]+)", re.I)
 _BOUNDARY = re.compile(r';\s*boundary\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;]+))', re.I)
 
@@ -184,7 +188,8 @@ class ContentScanner:
 
     def _emit_header(self) -> None:
         raw = bytes(self._header)
-        key = _text(re.sub(rb"\r?\n(?=[ \t])", b"", _strip_eol(raw)))
+        line = _strip_eol(raw)
+        key = _text(_UNFOLD.sub(b"", line) if b"\n" in line else line)
         name, _, value = key.partition(":")
         name = name.strip()
         mime = is_mime_header(name)
@@ -261,3 +266,35 @@ def _content_type(value: str):
     quoted = boundary.group(1)
     return media, (re.sub(r"\\(.)", r"\1", quoted) if quoted is not None
                    else boundary.group(2))
+
+
+class HopCounter:
+    """Counts the Received: headers of the primary header section and nothing else:
+    what every message pays when no check table is configured (hopcount_limit only),
+    so it makes no logical lines: a few searches in C per chunk. Keeps only the start
+    of the line not yet ended (MAX_LINE bytes at most: a name needs fewer). The header
+    section ends at the first empty line. `last` is the last Received: line counted
+    (its first line), for the log."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.last = ""
+        self.done = False         # past the header section
+        self._partial = b"\n"     # "\n" and the start of the line not yet ended
+
+    def feed(self, data: bytes) -> None:
+        if self.done or not data:
+            return
+        text = self._partial + data
+        end = _SECTION_END.search(text)
+        if end is not None:
+            block, self.done, self._partial = text[:end.start() + 1], True, b""
+        else:
+            cut = text.rfind(b"\n")
+            block, self._partial = text[:cut], text[cut:cut + MAX_LINE]
+        found = _RECEIVED.findall(block)
+        if found:
+            self.received += len(found)
+            start = block.rfind(found[-1]) + 1
+            stop = block.find(b"\n", start)
+            self.last = _text(block[start:stop if stop >= 0 else None].rstrip(b"\r"))
