@@ -122,12 +122,11 @@ class ContentScanner:
             end = data.find(b"\n", start)
             if end < 0:
                 self._line += data[start:]
-                if len(self._line) >= MAX_LINE:
-                    line, self._line = bytes(self._line), bytearray()
-                    self._physical(line, ended=False)
+                self._cut_long_line(0)
                 break
             self._line += data[start:end + 1]
             start = end + 1
+            self._cut_long_line(1)
             line, self._line = bytes(self._line), bytearray()
             self._physical(line, ended=True)
             if self._passing:
@@ -136,6 +135,15 @@ class ContentScanner:
                 break
         out, self._out = self._out, []
         return out
+
+    def _cut_long_line(self, keep: int) -> None:
+        """Give the current line's first MAX_LINE bytes as pieces cut short while more
+        than MAX_LINE + keep bytes of it are held (keep: its line end, still to come
+        as the last piece)."""
+        while len(self._line) > MAX_LINE + keep or (not keep and len(self._line) == MAX_LINE):
+            piece = bytes(self._line[:MAX_LINE])
+            del self._line[:MAX_LINE]
+            self._physical(piece, ended=False)
 
     def close(self) -> List[Piece]:
         """The pieces still pending at the end of the content."""
