@@ -78,12 +78,19 @@ def test_header_checks_reject_with_text_and_with_postfix_default(elemta_server, 
     checks = table(tmp_path, "header_checks",
                    "# spam words\n"
                    "/^Subject:.*viagra/   REJECT no pills here\n"
-                   "/^X-Mailer: bulkmail/ REJECT\n")
+                   "/^X-Mailer: bulkmail/ REJECT\n"
+                   "/^X-Mailer: later/ REJECT 4.7.1 try again later\n"
+                   "/^X-Mailer: coded/ REJECT 5.7.0\n")
     server = elemta_server(content={"header_checks": checks})
     assert send(server, MESSAGE.replace(b"hello there", b"cheap VIAGRA now")) == (
         550, b"5.7.1 no pills here")
     assert send(server, MESSAGE.replace(b"elemta-test", b"bulkmail 2.0")) == (
         550, b"5.7.1 message content rejected")
+    # Postfix's reading of a leading enhanced status code.
+    assert send(server, MESSAGE.replace(b"elemta-test", b"later")) == (
+        451, b"4.7.1 try again later")
+    assert send(server, MESSAGE.replace(b"elemta-test", b"coded")) == (
+        550, b"5.7.0 message content rejected")
     assert server.queued_ids() == []
     log = server.log()
     assert ("reject: header Subject: cheap VIAGRA now from unknown[127.0.0.1]; "
@@ -177,12 +184,17 @@ def test_redirect_replaces_the_recipients(elemta_server, tmp_path):
 def test_dunno_ok_and_unknown_actions_change_nothing(elemta_server, tmp_path):
     checks = table(tmp_path, "header_checks",
                    "/^Subject:/ DUNNO\n/^From:/ OK\n/^X-Mailer:/ FROBNICATE now\n"
-                   "/^To:/ PREPEND not a header line\n")
+                   "/^To:/ PREPEND not a header line\n"
+                   "/^X-Extra:/ REDIRECT two@x.test, three@x.test\n")
     server = elemta_server(content={"header_checks": checks})
-    queue_id = queued_id(send(server, MESSAGE))
-    assert server.message(queue_id)[1].endswith(MESSAGE)
+    message = b"X-Extra: 1\r\n" + MESSAGE
+    queue_id = queued_id(send(server, message))
+    envelope, content = server.message(queue_id)
+    assert content.endswith(message)
+    assert [r.address for r in envelope.recipients] == [RCPT]
     assert "header_checks: unknown action 'FROBNICATE'" in server.log()
     assert "is no header line" in server.log()
+    assert "REDIRECT needs one address (user@domain)" in server.log()
 
 
 def test_a_table_broken_after_start_defers_the_message(elemta_server, tmp_path):

@@ -5,7 +5,8 @@ Owned by no process; elemta.content.checks applies them. A result is an action w
 (any case) and optional text:
 
     REJECT [text]     refuse the message: 550 5.7.1 text (default "message content
-                      rejected", Postfix's)
+                      rejected", Postfix's); text that starts with an enhanced status
+                      code gives it instead ("REJECT 4.7.1 try later": 451 4.7.1)
     HOLD [text]       queue the message on hold
     DISCARD [text]    250 to the client, then nothing is queued
     WARN [text]       log the line, nothing more
@@ -30,6 +31,11 @@ REJECT, HOLD, DISCARD, WARN, IGNORE, PREPEND, REPLACE, REDIRECT, DUNNO = (
 NEEDS_TEXT = (PREPEND, REPLACE, REDIRECT)
 ACTIONS = (REJECT, HOLD, DISCARD, WARN, IGNORE, PREPEND, REPLACE, REDIRECT, DUNNO, "OK")
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
+# Postfix's default REJECT text (cleanup_act).
+REJECT_TEXT = "message content rejected"
+_STATUS = re.compile(r"^([45]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
+# What REDIRECT takes: one address, no spaces, no brackets.
+_ADDRESS = re.compile(r"^[^\s<>@,]+@[^\s<>@,]+$")
 # A header line as PREPEND and REPLACE of a header must give it.
 HEADER_LINE = re.compile(r"^[!-9;-~]+:")
 
@@ -61,4 +67,17 @@ def parse_action(result) -> Optional[Action]:
         raise BadAction("%s needs text" % word)
     if _CONTROL.search(text):
         raise BadAction("control character in the text of %s" % word)
+    if word == REDIRECT and not _ADDRESS.match(text):
+        raise BadAction("REDIRECT needs one address (user@domain), not %r" % text)
     return Action(word, text)
+
+
+def reject_reply(text: str):
+    """(code, status, text) of REJECT's text, as Postfix's cleanup reads it: a leading
+    enhanced status code (4.x.x or 5.x.x) is kept and sets the reply code (451 or
+    550); otherwise 550 5.7.1, and with no text Postfix's "message content rejected"."""
+    found = _STATUS.match(text)
+    if found is None:
+        return 550, "5.7.1", text or REJECT_TEXT
+    status = found.group(1)
+    return (451 if status[0] == "4" else 550), status, text[found.end():] or REJECT_TEXT

@@ -40,8 +40,7 @@ log = logging.getLogger("elemta.content")
 # The check (and restriction name) each kind of piece is looked up in.
 CHECK_OF = {HEADER: "header_checks", MIME_HEADER: "mime_header_checks",
             NESTED_HEADER: "nested_header_checks", BODY: "body_checks"}
-# Postfix's default REJECT text (cleanup_act) and its hop count reply.
-REJECT_TEXT = "message content rejected"
+# Postfix's hop count reply (cleanup_message.c: "too many hops").
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops")
 LOOKUP_FAILED = Reply(451, "4.3.0", "Error: temporary lookup failure")
 # Keys sent to a table in one call, at most (bounds one call's time).
@@ -207,7 +206,7 @@ class ContentFilter:
         if word == actions.DUNNO:
             return piece.raw
         if word == actions.REJECT:
-            reply = Reply(550, "5.7.1", text or REJECT_TEXT)
+            reply = Reply(*actions.reject_reply(text))
             self._log("reject", piece, "%s %s" % (reply.status, reply.text), check)
             self.refusal = ContentRefusal(reply, check)
             return b""
