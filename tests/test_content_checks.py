@@ -122,6 +122,30 @@ def test_a_folded_header_is_matched_whole_when_it_arrives_in_pieces(elemta_serve
     assert lines[-1] == b"550 5.7.1 folded\r\n"
 
 
+def test_bdat_chunks_are_checked_and_edited_across_their_boundaries(elemta_server,
+                                                                      tmp_path):
+    """BDAT cuts the content where the client likes: a header cut between two chunks
+    is matched whole and edited in place."""
+    from tests.test_receive import dialogue
+    checks = table(tmp_path, "header_checks", "/^X-Spam-Flag: YES/ IGNORE\n"
+                                              "/^Subject: cut here/ REJECT cut seen\n")
+    server = elemta_server(content={"header_checks": checks})
+    first, second = b"From: a@c.test\r\nX-Spam-", b"Flag: YES\r\nSubject: b\r\n\r\nbody\r\n"
+    lines = dialogue(server.port, b"EHLO c\r\nMAIL FROM:<a@c.test>\r\n"
+                                  b"RCPT TO:<b@example.test>\r\nBDAT %d\r\n%s"
+                                  b"BDAT %d LAST\r\n%s" % (len(first), first,
+                                                             len(second), second))
+    queue_id = lines[-1].rsplit(" ", 1)[1]
+    assert server.message(queue_id)[1].endswith(
+        b"\r\nFrom: a@c.test\r\nSubject: b\r\n\r\nbody\r\n")
+    first, second = b"Subject: cut", b" here\r\n\r\nbody\r\n"
+    lines = dialogue(server.port, b"EHLO c\r\nMAIL FROM:<a@c.test>\r\n"
+                                  b"RCPT TO:<b@example.test>\r\nBDAT %d\r\n%s"
+                                  b"BDAT %d LAST\r\n%s" % (len(first), first,
+                                                             len(second), second))
+    assert lines[-1] == "550 5.7.1 cut seen"
+
+
 def test_warn_logs_and_accepts(elemta_server, tmp_path):
     checks = table(tmp_path, "header_checks", "/^X-Mailer: (.*)/ WARN mailer $1 seen\n")
     server = elemta_server(content={"header_checks": checks})
