@@ -133,17 +133,20 @@ def test_bdat_chunks_are_checked_and_edited_across_their_boundaries(elemta_serve
     first, second = b"From: a@c.test\r\nX-Spam-", b"Flag: YES\r\nSubject: b\r\n\r\nbody\r\n"
     lines = dialogue(server.port, b"EHLO c\r\nMAIL FROM:<a@c.test>\r\n"
                                   b"RCPT TO:<b@example.test>\r\nBDAT %d\r\n%s"
-                                  b"BDAT %d LAST\r\n%s" % (len(first), first,
-                                                             len(second), second))
-    queue_id = lines[-1].rsplit(" ", 1)[1]
+                                  b"BDAT %d LAST\r\n%sQUIT\r\n" % (len(first), first,
+                                                                     len(second), second),
+                     wait=15)
+    assert lines[-1].startswith("221 ")      # the server closed: every reply is here
+    queue_id = lines[-2].rsplit(" ", 1)[1]
     assert server.message(queue_id)[1].endswith(
         b"\r\nFrom: a@c.test\r\nSubject: b\r\n\r\nbody\r\n")
     first, second = b"Subject: cut", b" here\r\n\r\nbody\r\n"
     lines = dialogue(server.port, b"EHLO c\r\nMAIL FROM:<a@c.test>\r\n"
                                   b"RCPT TO:<b@example.test>\r\nBDAT %d\r\n%s"
-                                  b"BDAT %d LAST\r\n%s" % (len(first), first,
-                                                             len(second), second))
-    assert lines[-1] == "550 5.7.1 cut seen"
+                                  b"BDAT %d LAST\r\n%sQUIT\r\n" % (len(first), first,
+                                                                     len(second), second),
+                     wait=15)
+    assert lines[-2:] == ["550 5.7.1 cut seen", "221 2.0.0 Bye"]
 
 
 def test_warn_logs_and_accepts(elemta_server, tmp_path):
