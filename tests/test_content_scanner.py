@@ -89,3 +89,19 @@ def test_the_hop_counter_counts_as_the_scanner_does():
         assert counter.received == 2, cuts
         assert counter.last == "received : c"
     assert scan(message, [])[0].received == 2
+
+
+def test_past_the_limit_boundaries_are_still_found_whatever_the_chunks():
+    """Past body_limit the scanner skips to the next possible boundary with one search:
+    the MIME structure (and so every part's headers) comes out the same."""
+    filler = b"".join(b"filler %d\r\n" % n for n in range(50))
+    message = MESSAGE.replace(b"hello\r\n", b"hello\r\n" + filler + b"-- signature\r\n--x\r\n")
+    headers = [item for item in EXPECTED if item[0] != BODY]
+    rng = random.Random(3)
+    for attempt in range(200):
+        cuts = [rng.randrange(len(message)) for _ in range(rng.randrange(0, 30))]
+        _, pieces = scan(message, cuts, body_limit=1)
+        assert b"".join(p.raw for p in pieces) == message
+        assert [(p.kind, p.key) for p in pieces if p.kind not in (OTHER, BODY)] == headers
+        assert [p.key for p in pieces if p.kind == BODY] == [
+            "preamble", "hello", "<p>hi</p>", "inner body", "epilogue"], cuts

@@ -34,7 +34,8 @@ own, as Postfix's line_length_limit cuts them); a header longer than MAX_HEADER 
 checked as far as MAX_HEADER and its remaining lines pass unchecked (Postfix's
 header_size_limit). `received` counts the primary Received: headers (hopcount_limit).
 With headers_only, nothing after the primary header section is scanned: it passes as
-OTHER in the pieces the chunks arrived in, at no cost per line.
+OTHER in the pieces the chunks arrived in, at no cost per line; past body_limit the
+same holds up to the next line that may be a boundary (found with one search).
 See also: elemta.content.checks, RFC 5322 2.2.3 (unfolding), RFC 2046 5.1.1.
 """
 
@@ -119,6 +120,10 @@ class ContentScanner:
             return [Piece(OTHER, bytes(data), None)] if data else []
         start = 0
         while start < len(data):
+            if self._skipping():
+                start = self._skip(data, start)
+                if start >= len(data):
+                    break
             end = data.find(b"\n", start)
             if end < 0:
                 self._line += data[start:]
@@ -135,6 +140,29 @@ class ContentScanner:
                 break
         out, self._out = self._out, []
         return out
+
+    def _skipping(self) -> bool:
+        """At a line start in a body past body_limit: nothing to check until the next
+        boundary line, so the bytes up to it can pass without being split into lines."""
+        return (not self._in_headers and not self._line and not self._partial
+                and not self._passing and self._body_bytes >= self.body_limit)
+
+    def _skip(self, data: bytes, start: int) -> int:
+        """Pass the lines from start that can be no boundary as one OTHER piece; the
+        index of the first line to read one by one. No multipart open: the rest of the
+        message passes (no structure can start again)."""
+        if not self._boundaries:
+            self._passing = True
+            self._out.append(Piece(OTHER, bytes(data[start:]), None))
+            return len(data)
+        if data.startswith(b"--", start) or len(data) - start < 2:
+            return start
+        found = data.find(b"\n--", start)
+        stop = found + 1 if found >= 0 else data.rfind(b"\n", start) + 1
+        if stop <= start:
+            return start
+        self._out.append(Piece(OTHER, bytes(data[start:stop]), None))
+        return stop
 
     def _cut_long_line(self, keep: int) -> None:
         """Give the current line's first MAX_LINE bytes as pieces cut short while more
