@@ -220,7 +220,8 @@ def test_dunno_ok_and_unknown_actions_change_nothing(elemta_server, tmp_path):
     envelope, content = server.message(queue_id)
     assert content.endswith(message)
     assert [r.address for r in envelope.recipients] == [RCPT]
-    assert "header_checks: unknown action 'FROBNICATE'" in server.log()
+    assert ("header_checks: unknown action 'FROBNICATE' in 'FROBNICATE now' (table %s): "
+            "ignored" % checks) in server.log()
     assert "is no header line" in server.log()
     assert "REDIRECT needs one address (user@domain)" in server.log()
 

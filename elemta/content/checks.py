@@ -191,8 +191,8 @@ class ContentFilter:
         try:
             action = parse_action(result)
         except BadAction as error:
-            log.warning("%s: %s: %s in %r: ignored", self.queue_id, check, error,
-                        printable(str(result))[:LOGGED])
+            log.warning("%s: %s: %s in %r (table %s): ignored", self.queue_id, check, error,
+                        printable(str(result))[:LOGGED], self.tables[piece.kind].spec)
             return piece.raw
         word, text = action
         is_header = piece.kind != BODY
