@@ -255,6 +255,20 @@ def test_a_bad_table_line_is_a_config_error_naming_file_and_line(tmp_path):
     text = str(caught.value)
     assert "%s:2" % checks in text and "content.header_checks" in text
     assert "elemta.yaml:2" in text
+    # A result that is no action is a mistake of the same kind: named with its line.
+    body = tmp_path / "body_checks"
+    body.write_text("# comment\n/^ok$/ WARN\nif /x/\n/^buy now$/ REJCT bad body\nendif\n"
+                    "/^(DISCARD|HOLD) me$/ $1\n")
+    config.write_text("content:\n  header_checks: regexp:%s\n  body_checks: regexp:%s\n"
+                      % (tmp_path / "fixed", body))
+    (tmp_path / "fixed").write_text("/^Subject: ok/ WARN\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(config))
+    text = str(caught.value)
+    assert "%s:4: unknown action 'REJCT'" % body in text
+    assert "content.body_checks" in text and "elemta.yaml:3" in text
+    body.write_text("/^buy now$/ REJECT bad body\n/^(DISCARD|HOLD) me$/ $1\n")
+    assert str(load_config(str(config)).content.body_checks) == "regexp:%s" % body
 
 
 # ---- MIME headers, attached messages, body lines ---------------------------------------

@@ -29,6 +29,7 @@ from elemta.config.options import not_negative as _not_negative
 from elemta.config.options import one_of as _one_of
 from elemta.config.options import opt
 from elemta.config.options import positive as _positive
+from elemta.content.tablespec import ActionTableSpec
 from elemta.maps.domains import DomainList
 from elemta.maps.spec import TableSpec
 from elemta.plugins.settings import (ARCSettings, AuthResSettings, ConfiguredPlugin,
@@ -408,18 +409,18 @@ class ContentSettings:
     value" or one body line; its result is an action: REJECT [text], HOLD [text],
     DISCARD [text], WARN [text], IGNORE, PREPEND text, REPLACE text, REDIRECT address,
     DUNNO or OK."""
-    header_checks: Optional[TableSpec] = opt(
+    header_checks: Optional[ActionTableSpec] = opt(
         None, "Table (usually regexp:/etc/elemta/header_checks) for the message's own "
               "headers, except its MIME headers. Postfix's header_checks.")
-    mime_header_checks: Optional[TableSpec] = opt(
+    mime_header_checks: Optional[ActionTableSpec] = opt(
         None, "Table for MIME headers (MIME-Version, Content-*) at any level and every "
               "header of a multipart body part; unset: header_checks. Postfix's "
               "mime_header_checks (same default).")
-    nested_header_checks: Optional[TableSpec] = opt(
+    nested_header_checks: Optional[ActionTableSpec] = opt(
         None, "Table for the headers of attached messages (message/rfc822 parts), "
               "except their MIME headers; unset: header_checks. Postfix's "
               "nested_header_checks (same default).")
-    body_checks: Optional[TableSpec] = opt(
+    body_checks: Optional[ActionTableSpec] = opt(
         None, "Table for body lines, each line without its line end, in every MIME "
               "part. Postfix's body_checks.")
     body_checks_size_limit: int = opt(

@@ -10,6 +10,8 @@ imports only elemta.maps, elemta.smtp.replies and elemta.util.
               than one logical line
     actions   the action words of a check table's result (REJECT, HOLD, DISCARD, WARN,
               IGNORE, PREPEND, REPLACE, REDIRECT, DUNNO, OK), parsed
+    tablespec ActionTableSpec: the config type of a check table, whose results are
+              checked as actions with the config (file:line)
     checks    ContentChecks (the tables of one config) and ContentFilter (one message):
               feed() returns the bytes to write, edited (IGNORE, PREPEND, REPLACE), and
               the filter ends with a verdict (reject, discard, hold, redirect)

@@ -39,7 +39,7 @@ See also: regexp_table(5), elemta.maps.base, elemta.util.offload.
 
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import gevent
 
@@ -78,10 +78,11 @@ class _Pattern:
 class _Rule:
     """A pattern and its result, or an if/endif block of rules."""
 
-    def __init__(self, pattern, result=None, block=None):
+    def __init__(self, pattern, result=None, block=None, number=0):
         self.pattern = pattern
         self.result = result        # the result text, $n unexpanded
         self.block = block          # [rules] of an if, else None
+        self.number = number        # its line in the file
 
 
 def _basic_to_extended(pattern: str) -> str:
@@ -201,7 +202,7 @@ def parse_rules(lines, where: str) -> List[_Rule]:
         if "$" in stray:
             raise parser.error("a $ that is neither $1..$9, ${n}, $(n) nor $$ in the result "
                                "(write $$ for a dollar sign)")
-        stack[-1][0].append(_Rule(pattern, result=result))
+        stack[-1][0].append(_Rule(pattern, result=result, number=number))
     if len(stack) > 1:
         raise TableError("%s:%d: if without endif" % (where, stack[-1][1]))
     return top
@@ -271,6 +272,21 @@ class RegexpTable(LookupTable):
                                    "backtracks?)" % (self.spec, MATCH_TIMEOUT))
         except offload.OffloadError as error:
             raise TableUnavailable("%s: %s" % (self.spec, error))
+
+    def results(self) -> List[Tuple[int, str]]:
+        """(line, result as written) of every rule, in file order: for consumers that
+        check what their results say when the config is checked (elemta.content's
+        actions)."""
+        found: List[Tuple[int, str]] = []
+
+        def walk(rules):
+            for rule in rules:
+                if rule.block is not None:
+                    walk(rule.block)
+                else:
+                    found.append((rule.number, rule.result))
+        walk(self._rules)
+        return found
 
     def lookup_many(self, keys: List[str]) -> List[Result]:
         """Every key's lookup in one call to the helper (header and body checks ask
