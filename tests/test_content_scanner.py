@@ -105,3 +105,12 @@ def test_past_the_limit_boundaries_are_still_found_whatever_the_chunks():
         assert [(p.kind, p.key) for p in pieces if p.kind not in (OTHER, BODY)] == headers
         assert [p.key for p in pieces if p.kind == BODY] == [
             "preamble", "hello", "<p>hi</p>", "inner body", "epilogue"], cuts
+
+
+def test_a_long_first_body_line_cut_across_chunks_keeps_its_place():
+    """headers_only: the header section ends at a long line that is no header, cut
+    short at a chunk's end; what follows passes unscanned, in order."""
+    message = b"Subject: x\r\n" + b"y" * (MAX_LINE + 100) + b"\r\nmore\r\n"
+    for cut in (MAX_LINE + 20, MAX_LINE + 50, len(message) - 3):
+        _, pieces = scan(message, [cut], headers_only=True)
+        assert b"".join(p.raw for p in pieces) == message, cut

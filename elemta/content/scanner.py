@@ -108,7 +108,6 @@ class ContentScanner:
         self._header_cut = False        # the pending header went past MAX_HEADER
         self._type = None               # (type, boundary) of the section's Content-Type
         self._boundaries: List[bytes] = []   # b"--boundary" of each open multipart
-        self._nested_next = False       # the body after these headers is a message
         self._body_bytes = 0            # checked body bytes of the current part
         self._passing = False           # headers_only, past the primary headers
         self._out: List[Piece] = []
@@ -117,6 +116,8 @@ class ContentScanner:
 
     def feed(self, data: bytes) -> List[Piece]:
         if self._passing:
+            if self._line:          # the start of a line the pass began in
+                data, self._line = bytes(self._line) + data, bytearray()
             return [Piece(OTHER, bytes(data), None)] if data else []
         start = 0
         while start < len(data):
