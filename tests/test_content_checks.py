@@ -475,3 +475,31 @@ def test_replies_match_postfixs_for_the_same_tables(elemta_server):
             assert our[0] == 250, (message, their, our)
         else:
             assert our == their, message
+
+
+def test_a_backtracking_pattern_delays_only_its_own_message(elemta_server, tmp_path):
+    """A pattern that backtracks on an attacker's header runs in the compute helper:
+    the other sessions are served meanwhile, and that message gets 451 4.3.0 once the
+    match has taken 2 seconds (elemta.maps.regexp), never a hang or a dropped line."""
+    import threading
+    checks = table(tmp_path, "header_checks", "/^X-Evil: (a+)+$/ REJECT\n")
+    server = elemta_server(content={"header_checks": checks})
+    assert send(server, MESSAGE)[0] == 250           # the helper is up
+    result = {}
+
+    def evil():
+        started = time.monotonic()
+        result["reply"] = send(server, b"X-Evil: " + b"a" * 40 + b"!\r\n" + MESSAGE)
+        result["took"] = time.monotonic() - started
+    thread = threading.Thread(target=evil)
+    thread.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        assert client.ehlo("other.test")[0] == 250
+    assert time.monotonic() - started < 1.0
+    thread.join(30)
+    assert result["reply"] == (451, b"4.3.0 Error: temporary lookup failure")
+    assert 1.5 < result["took"] < 15
+    assert "matching took over 2 seconds" in server.log()
+    assert send(server, MESSAGE)[0] == 250           # a fresh helper takes over
