@@ -399,7 +399,8 @@ def test_sendmail_mail_passes_the_same_checks(elemta_server, tmp_path):
     from tests.test_sendmail import queued, sendmail
     checks = table(tmp_path, "header_checks",
                    "/^X-Mailer:/ IGNORE\n/^Subject: reject me/ REJECT not this\n"
-                   "/^Subject: drop me/ DISCARD\n")
+                   "/^Subject: drop me/ DISCARD\n"
+                   "/^Subject: to abuse/ REDIRECT abuse@example.test\n")
     server = elemta_server(content={"header_checks": checks})
     status, _, err = sendmail(server, "-i", "root", stdin=b"Subject: plain\nX-Mailer: cron\n\n"
                               b"body\n")
@@ -419,6 +420,13 @@ def test_sendmail_mail_passes_the_same_checks(elemta_server, tmp_path):
     wait_for(lambda: "discard: header Subject: drop me from local" in server.log())
     wait_for(lambda: os.listdir(os.path.join(server.spool, "maildrop")) == [])
     assert len(server.queued_ids()) == 2
+    status, _, err = sendmail(server, "-i", "root", "postmaster",
+                              stdin=b"Subject: to abuse\n\nbody\n")
+    assert status == 0, err
+    redirected = [envelope for envelope, _ in queued(server, 3)
+                  if envelope.queue_id not in [e.queue_id for e, _ in held]]
+    assert [[r.address for r in e.recipients] for e in redirected] == [
+        ["abuse@example.test"]]
 
 
 # ---- Postfix as the yardstick ------------------------------------------------------------
