@@ -468,7 +468,7 @@ def test_replies_match_postfixs_for_the_same_tables(elemta_server):
     try:
         with PostfixInstance(os.path.join(top, "postfix"), port, hold_only=True,
                              extra_main_cf={"header_checks": "regexp:" + headers,
-                                            "body_checks": "regexp:" + body}) as postfix:
+                                            "body_checks": "regexp:" + body}):
             theirs = [send(SimpleNamespace(port=port), m, rcpts=("bob@elsewhere.test",))
                       for m in messages]
         ours = [send(server, m) for m in messages]
