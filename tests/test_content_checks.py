@@ -176,6 +176,27 @@ def test_ignore_prepend_and_replace_edit_the_queued_headers(elemta_server, tmp_p
     assert content.endswith(b"\r\n\r\nfirst line\r\nsecond line\r\n")
 
 
+def test_ignore_removes_a_header_longer_than_the_checked_part_whole(elemta_server,
+                                                                     tmp_path):
+    """A header past header_size_limit (100 KB) is checked as far as that; IGNORE
+    still removes all of it, never leaving its last lines to fold into another."""
+    checks = table(tmp_path, "header_checks", "/^X-Big:/ IGNORE\n")
+    server = elemta_server(content={"header_checks": checks})
+    big = b"X-Big: start\r\n" + b"\tmore folded text here\r\n" * 6000     # 144 KB
+    queue_id = queued_id(send(server, big + MESSAGE))
+    content = server.message(queue_id)[1]
+    assert b"folded text" not in content
+    assert content.endswith(MESSAGE)
+    # Padding a header past what a table sees does not hide it from the checks.
+    padded = MESSAGE.replace(b"Subject: hello there", b"Subject: hello there" +
+                             b"\r\n " + b" " * 5000 + b"x")
+    checks_path = checks.partition(":")[2]
+    with open(checks_path, "w") as f:
+        f.write("/^X-Big:/ IGNORE\n/^Subject: hello/ REJECT padded\n")
+    os.utime(checks_path, (time.time() + 5, time.time() + 5))
+    assert send(server, padded) == (550, b"5.7.1 padded")
+
+
 def test_hold_queues_the_message_on_hold(elemta_server, tmp_path):
     checks = table(tmp_path, "header_checks", "/^Subject: hello/ HOLD look at this\n")
     server = elemta_server(content={"header_checks": checks})

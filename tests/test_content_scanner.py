@@ -7,8 +7,9 @@ See also: elemta.content.scanner, tests/test_content_checks.py (through a real s
 
 import random
 
-from elemta.content.scanner import (BODY, HEADER, MAX_HEADER, MAX_LINE, MIME_HEADER,
-                                    NESTED_HEADER, OTHER, ContentScanner, HopCounter)
+from elemta.content.scanner import (BODY, HEADER, HEADER_TAIL, MAX_HEADER, MAX_LINE,
+                                    MIME_HEADER, NESTED_HEADER, OTHER, ContentScanner,
+                                    HopCounter)
 
 MESSAGE = (b"Received: from a\r\n\tby b\r\nReceived: from c\r\nSubject: one\r\n two\r\n"
            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed;\r\n boundary=\"b1\"\r\n"
@@ -67,6 +68,8 @@ def test_long_lines_are_cut_and_huge_headers_bounded():
     keys = [p.key for p in pieces if p.kind == HEADER]
     assert len(keys) == 2 and keys[1] == "Subject: after"
     assert len(keys[0]) <= MAX_HEADER
+    kinds = [p.kind for p in pieces]
+    assert kinds.index(HEADER_TAIL) == 1 and kinds.count(HEADER) == 2
     assert b"".join(p.raw for p in pieces) == huge
 
 

@@ -406,9 +406,9 @@ class ContentSettings:
     """Content inspection before the message is queued (Postfix's cleanup): header and
     body checks, header_checks(5) tables applied as the message streams in, and the
     hop count. Each table is matched against one logical (unfolded) header "Name:
-    value" or one body line; its result is an action: REJECT [text], HOLD [text],
-    DISCARD [text], WARN [text], IGNORE, PREPEND text, REPLACE text, REDIRECT address,
-    DUNNO or OK."""
+    value" or one body line (their first 4096 bytes); its result is an action: REJECT
+    [text], HOLD [text], DISCARD [text], WARN [text], IGNORE, PREPEND text, REPLACE
+    text, REDIRECT address, DUNNO or OK."""
     header_checks: Optional[ActionTableSpec] = opt(
         None, "Table (usually regexp:/etc/elemta/header_checks) for the message's own "
               "headers, except its MIME headers. Postfix's header_checks.")

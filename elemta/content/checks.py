@@ -12,7 +12,9 @@ PREPEND puts one before it, REPLACE puts one in its place. Headers come first an
 every line is decided before it is written, so edits need no second pass and no copy of
 the message; only the line being read is ever in memory. The lookups of one chunk go to
 a table together (one call to the regexp helper: elemta.maps.regexp), so a long body
-costs few calls and the event loop is never held by a pattern.
+costs few calls and the event loop is never held by a pattern. A table sees at most
+the first 4096 bytes of a header or line (elemta.maps.regexp.MAX_KEY): a header padded
+past that is still checked on its name and start.
 
 A REJECT, a DISCARD, a hop count over the limit or a table that cannot answer ends the
 inspection: nothing more is checked or written, and the session gives the verdict at
@@ -28,9 +30,10 @@ from typing import List, NamedTuple, Optional
 
 from elemta.content import actions
 from elemta.content.actions import BadAction, parse_action
-from elemta.content.scanner import BODY, HEADER, MIME_HEADER, NESTED_HEADER, OTHER, \
+from elemta.content.scanner import BODY, HEADER, HEADER_TAIL, MIME_HEADER, NESTED_HEADER, \
     ContentScanner, HopCounter, Piece
 from elemta.maps.base import TableUnavailable
+from elemta.maps.regexp import MAX_KEY as KEY_BYTES     # what a table matches, at most
 from elemta.maps.spec import LazyTable
 from elemta.smtp.replies import Reply
 from elemta.util.text import printable
@@ -53,6 +56,18 @@ class ContentRefusal(NamedTuple):
     """A verdict for the whole message: the reply, and the restriction that gave it."""
     reply: Reply
     restriction: str
+
+
+def _bounded(key: str) -> str:
+    """key cut to its first KEY_BYTES bytes: a table matches keys up to that size only
+    (elemta.maps.regexp.MAX_KEY bounds the work an attacker's text can cause), and a
+    header padded past it must still be checked on its name and start, not skipped."""
+    if len(key) <= KEY_BYTES // 4:
+        return key
+    raw = key.encode("utf-8", "surrogateescape")
+    if len(raw) <= KEY_BYTES:
+        return key
+    return raw[:KEY_BYTES].decode("utf-8", "surrogateescape")
 
 
 class ContentChecks:
@@ -101,6 +116,7 @@ class ContentFilter:
         self.hold: Optional[str] = None           # the check that said HOLD (first)
         self.redirect: Optional[str] = None       # REDIRECT's address (the last)
         self.hops = 0                             # primary Received headers so far
+        self._header_dropped = False              # the last header was IGNOREd/REPLACEd
 
     @property
     def stopped(self) -> bool:
@@ -131,6 +147,12 @@ class ContentFilter:
         for piece, result in zip(pieces, results):
             if piece.kind == HEADER and self._too_many_hops(piece):
                 return b""
+            if piece.kind == HEADER_TAIL:
+                if not self._header_dropped:        # the rest of a header IGNOREd
+                    out += piece.raw
+                continue
+            if piece.kind in CHECK_OF and piece.kind != BODY:
+                self._header_dropped = False
             if result is None:
                 out += piece.raw
                 continue
@@ -168,14 +190,14 @@ class ContentFilter:
         results: List = [None] * len(pieces)
         by_kind = {}
         for index, piece in enumerate(pieces):
-            if piece.kind != OTHER and self.tables[piece.kind] is not None:
+            if piece.kind in CHECK_OF and self.tables[piece.kind] is not None:
                 by_kind.setdefault(piece.kind, []).append(index)
         for kind, indexes in by_kind.items():
             table = self.tables[kind]
             for start in range(0, len(indexes), BATCH):
                 batch = indexes[start:start + BATCH]
                 try:
-                    found = table.lookup_many([pieces[i].key for i in batch])
+                    found = table.lookup_many([_bounded(pieces[i].key) for i in batch])
                 except TableUnavailable as error:
                     log.warning("%s: %s lookup failed: %s", self.queue_id, CHECK_OF[kind],
                                 error)
@@ -228,11 +250,13 @@ class ContentFilter:
         line = text.encode("utf-8", "surrogateescape") + eol
         if word == actions.IGNORE:
             self._log("ignore", piece, "", check)
+            self._header_dropped = is_header
             return b""
         if word == actions.PREPEND:
             self._log("prepend", piece, text, check)
             return line + piece.raw
         self._log("replace", piece, text, check)       # REPLACE
+        self._header_dropped = is_header
         return line
 
     def _log(self, what, piece, text, check) -> None:

@@ -17,6 +17,8 @@ back exactly, or edited, and the key a check table is asked about:
     BODY           a body line, of any part, while that part's body has sent fewer than
                    body_limit bytes (Postfix's body_checks_size_limit): body_checks; the
                    key is the line without its line end
+    HEADER_TAIL    the lines of a header past MAX_HEADER, unchecked: they belong to the
+                   header before them (removed with it by IGNORE)
     OTHER          bytes no check looks at: the blank line after headers, MIME boundary
                    lines, body lines past the limit (key None)
 
@@ -31,8 +33,8 @@ mime_nesting_limit.
 
 Lines longer than MAX_LINE are cut into pieces of MAX_LINE bytes (each checked on its
 own, as Postfix's line_length_limit cuts them); a header longer than MAX_HEADER is
-checked as far as MAX_HEADER and its remaining lines pass unchecked (Postfix's
-header_size_limit). `received` counts the primary Received: headers (hopcount_limit).
+checked as far as MAX_HEADER and its remaining lines pass unchecked, as HEADER_TAIL
+(Postfix's header_size_limit). `received` counts the primary Received: headers (hopcount_limit).
 With headers_only, nothing after the primary header section is scanned: it passes as
 OTHER in the pieces the chunks arrived in, at no cost per line; past body_limit the
 same holds up to the next line that may be a boundary (found with one search).
@@ -42,8 +44,8 @@ See also: elemta.content.checks, RFC 5322 2.2.3 (unfolding), RFC 2046 5.1.1.
 import re
 from typing import List, NamedTuple, Optional
 
-HEADER, MIME_HEADER, NESTED_HEADER, BODY, OTHER = (
-    "header", "mime_header", "nested_header", "body", "other")
+HEADER, MIME_HEADER, NESTED_HEADER, BODY, HEADER_TAIL, OTHER = (
+    "header", "mime_header", "nested_header", "body", "header_tail", "other")
 
 # Postfix's line_length_limit (2048) cuts longer lines; our regexp keys go to 4096.
 MAX_LINE = 4096
@@ -200,7 +202,7 @@ class ContentScanner:
                 if not self._header_cut:
                     self._emit_header()
                     self._header_cut = True
-                self._out.append(Piece(OTHER, line, None))
+                self._out.append(Piece(HEADER_TAIL, line, None))
             else:
                 self._header += line
             return
