@@ -124,6 +124,9 @@ def test_examples_with_every_setting_enabled_agree(tmp_path):
     (etc / "tls").mkdir(parents=True)
     for name in ("tls/cert.pem", "tls/key.pem", "credentials"):
         (etc / name).write_text("placeholder\n")
+    for name in ("header_checks", "mime_header_checks", "nested_header_checks",
+                 "body_checks"):
+        (etc / name).write_text("/^Subject: spam/ REJECT\n")
 
     def enable(text):
         return uncomment(text).replace("/etc/elemta/", str(etc) + "/")

@@ -91,6 +91,7 @@ def place(users):
 
 
 def start(elemta_server, place, aliases="", transport=(), delivery=None, sections=None,
+          virtual=None,
           **local):
     with open(place.aliases, "w") as f:
         f.write("postmaster: root\n" + aliases)
@@ -101,7 +102,8 @@ def start(elemta_server, place, aliases="", transport=(), delivery=None, section
                          "transport": list(transport)}
     delivery_settings.update(delivery or {})
     server = elemta_server(delivery=delivery_settings, local=settings,
-                           api={"enabled": False}, **(sections or {}))
+                           api={"enabled": False}, **(sections or {}),
+                           **({"virtual": virtual} if virtual else {}))
     wait_for(lambda: "local delivery agent started" in server.log()
              and "delivery worker started" in server.log())
     return server
@@ -427,6 +429,25 @@ def test_mail_loops_bounce(elemta_server, place):
     assert not os.path.exists(os.path.join(place.mail, "elemta-mbox"))
     dsn = read_when_there(os.path.join(place.mail, "elemta-maildir"))
     assert b"Status: 5.4.6" in dsn
+
+
+def test_a_forward_that_comes_back_through_another_address_bounces(elemta_server, place):
+    """elemta-mbox's .forward sends to away@remote.test, which a virtual alias maps back
+    to elemta-mbox: the forwarded copy carries Delivered-To: elemta-mbox@example.test,
+    so its delivery is a mail loop (5.4.6, as Postfix's local says), bounced to the
+    sender, and no mailbox gets a copy."""
+    server = start(elemta_server, place, virtual={
+        "alias_maps": {"away@remote.test": "elemta-mbox@example.test"}})
+    write_forward(place.users["elemta-mbox"], "away@remote.test\n")
+    send(server, "elemta-maildir@example.test", ["elemta-mbox@example.test"], "round\r\n")
+    wait_for(lambda: len(status_lines(server, "elemta-mbox@example.test")) == 2)
+    first, second = status_lines(server, "elemta-mbox@example.test")
+    assert first[0] == "sent" and first[1].startswith("250 2.0.0 forwarded as ")
+    assert second == ("bounced", "550 5.4.6 mail forwarding loop for "
+                                 "<elemta-mbox@example.test>")
+    dsn = read_when_there(os.path.join(place.mail, "elemta-maildir"))
+    assert b"Status: 5.4.6" in dsn and b"mail forwarding loop" in dsn
+    assert not os.path.exists(os.path.join(place.mail, "elemta-mbox"))
 
 
 def test_a_killed_local_agent_loses_nothing(elemta_server, place):

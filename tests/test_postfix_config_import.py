@@ -547,3 +547,36 @@ def test_postscreen_sasl_on_the_submission_service_and_excluded_networks(workdir
     assert "smtpd_sasl_type" not in report
     assert "check it as Elemta's workers will read it: elemtactl config check --config" \
         in result.stderr
+
+
+def test_header_and_body_checks_and_the_hop_count_are_translated(workdir):
+    """header_checks (a pcre table Elemta's regexp reads), body_checks, their size limit
+    and hopcount_limit land in content.*; an empty nested_header_checks (Postfix: off)
+    is reported, since Elemta's unset means header_checks."""
+    d = os.path.join(workdir, "checks")
+    os.makedirs(d)
+    for name, text in (("header_checks", "/^Subject:.*viagra/ REJECT no pills\n"),
+                       ("body_checks", "/^buy now$/ DISCARD\n")):
+        with open(os.path.join(d, name), "w") as stream:
+            stream.write(text)
+    with open(os.path.join(d, "main.cf"), "w") as stream:
+        stream.write("compatibility_level = 3.6\nmyhostname = mx.example.org\n"
+                     "inet_interfaces = 127.0.0.1\ninet_protocols = ipv4\n"
+                     "header_checks = pcre:%s/header_checks\n"
+                     "body_checks = regexp:%s/body_checks\n"
+                     "nested_header_checks =\n"
+                     "body_checks_size_limit = 10240\nhopcount_limit = 30\n" % (d, d))
+    shutil.copyfile(MASTER_CF, os.path.join(d, "master.cf"))
+    result = elemtactl("import-postfix", d, "-o", os.path.join(d, "elemta.yaml"))
+    assert result.returncode == 0, result.stderr
+    config = load_config(os.path.join(d, "elemta.yaml"))
+    content = config.content
+    assert str(content.header_checks) == "regexp:%s/header_checks" % d
+    assert str(content.body_checks) == "regexp:%s/body_checks" % d
+    assert (content.body_checks_size_limit, content.hopcount_limit) == (10240, 30)
+    assert content.mime_header_checks is None and content.nested_header_checks is None
+    report = reported(result.stderr)
+    [empty] = [why for name, why in report.items() if name.startswith("nested_header_checks")]
+    assert "Elemta's unset means header_checks" in empty
+    assert "header_checks" not in report
+    assert "body_checks_size_limit" not in report and "hopcount_limit" not in report

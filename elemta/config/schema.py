@@ -29,6 +29,7 @@ from elemta.config.options import not_negative as _not_negative
 from elemta.config.options import one_of as _one_of
 from elemta.config.options import opt
 from elemta.config.options import positive as _positive
+from elemta.content.tablespec import ActionTableSpec
 from elemta.maps.domains import DomainList
 from elemta.maps.spec import TableSpec
 from elemta.plugins.settings import (ARCSettings, AuthResSettings, ClamAVSettings,
@@ -418,6 +419,38 @@ class RewriteSettings:
         "Which addresses are masqueraded: envelope_sender, envelope_recipient, "
         "header_sender, header_recipient. Postfix's masquerade_classes (same default).",
         _masquerade_classes)
+
+
+@dataclass(frozen=True)
+class ContentSettings:
+    """Content inspection before the message is queued (Postfix's cleanup): header and
+    body checks, header_checks(5) tables applied as the message streams in, and the
+    hop count. Each table is matched against one logical (unfolded) header "Name:
+    value" or one body line (their first 4096 bytes); its result is an action: REJECT
+    [text], HOLD [text], DISCARD [text], WARN [text], IGNORE, PREPEND text, REPLACE
+    text, REDIRECT address, DUNNO or OK."""
+    header_checks: Optional[ActionTableSpec] = opt(
+        None, "Table (usually regexp:/etc/elemta/header_checks) for the message's own "
+              "headers, except its MIME headers. Postfix's header_checks.")
+    mime_header_checks: Optional[ActionTableSpec] = opt(
+        None, "Table for MIME headers (MIME-Version, Content-*) at any level and every "
+              "header of a multipart body part; unset: header_checks. Postfix's "
+              "mime_header_checks (same default).")
+    nested_header_checks: Optional[ActionTableSpec] = opt(
+        None, "Table for the headers of attached messages (message/rfc822 parts), "
+              "except their MIME headers; unset: header_checks. Postfix's "
+              "nested_header_checks (same default).")
+    body_checks: Optional[ActionTableSpec] = opt(
+        None, "Table for body lines, each line without its line end, in every MIME "
+              "part. Postfix's body_checks.")
+    body_checks_size_limit: int = opt(
+        51200, "Bytes of each body part (the body, or each MIME part) that body_checks "
+               "look at; the rest passes unchecked. Postfix's body_checks_size_limit "
+               "(same default).", _positive)
+    hopcount_limit: int = opt(
+        50, "Received: headers a message may arrive with; more get 554 5.4.6 Too many "
+            "hops at the end of DATA (a mail loop). The Received: header this server "
+            "adds is not counted. Postfix's hopcount_limit (same default).", _positive)
 
 
 @dataclass(frozen=True)
@@ -947,6 +980,7 @@ class Config:
     relay: RelaySettings = opt(RelaySettings(), "Relay control.")
     virtual: VirtualSettings = opt(VirtualSettings(), "Hosted domains.")
     rewrite: RewriteSettings = opt(RewriteSettings(), "Address rewriting.")
+    content: ContentSettings = opt(ContentSettings(), "Header and body checks.")
     tls: TLSSettings = opt(TLSSettings(), "TLS certificates.")
     auth: AuthSettings = opt(AuthSettings(), "SMTP AUTH.")
     limits: LimitSettings = opt(LimitSettings(), "Per-client limits.")

@@ -55,6 +55,11 @@ class LookupTable:
         """The value for key, or None; raises TableUnavailable when it cannot say."""
         raise NotImplementedError
 
+    def lookup_many(self, keys: List[str]) -> List[Result]:
+        """lookup() of each key, in order. Tables whose lookups cost a round trip
+        (elemta.maps.regexp: one call to its helper) answer them all in one."""
+        return [self.lookup(key) for key in keys]
+
     def close(self) -> None:
         """Release files and connections; the table may not be used afterwards."""
 

@@ -41,7 +41,7 @@ See also: regexp_table(5), elemta.maps.base, elemta.util.offload.
 
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import gevent
 
@@ -80,10 +80,11 @@ class _Pattern:
 class _Rule:
     """A pattern and its result, or an if/endif block of rules."""
 
-    def __init__(self, pattern, result=None, block=None):
+    def __init__(self, pattern, result=None, block=None, number=0):
         self.pattern = pattern
         self.result = result        # the result text, $n unexpanded
         self.block = block          # [rules] of an if, else None
+        self.number = number        # its line in the file
 
 
 def _basic_to_extended(pattern: str) -> str:
@@ -203,7 +204,7 @@ def parse_rules(lines, where: str) -> List[_Rule]:
         if "$" in stray:
             raise parser.error("a $ that is neither $1..$9, ${n}, $(n) nor $$ in the result "
                                "(write $$ for a dollar sign)")
-        stack[-1][0].append(_Rule(pattern, result=result))
+        stack[-1][0].append(_Rule(pattern, result=result, number=number))
     if len(stack) > 1:
         raise TableError("%s:%d: if without endif" % (where, stack[-1][1]))
     return top
@@ -276,6 +277,37 @@ class RegexpTable(LookupTable):
         except offload.OffloadError as error:
             raise TableUnavailable("%s: %s" % (self.spec, error))
 
+    def results(self) -> List[Tuple[int, str]]:
+        """(line, result as written) of every rule, in file order: for consumers that
+        check what their results say when the config is checked (elemta.content's
+        actions)."""
+        found: List[Tuple[int, str]] = []
+
+        def walk(rules):
+            for rule in rules:
+                if rule.block is not None:
+                    walk(rule.block)
+                else:
+                    found.append((rule.number, rule.result))
+        walk(self._rules)
+        return found
+
+    def lookup_many(self, keys: List[str]) -> List[Result]:
+        """Every key's lookup in one call to the helper (header and body checks ask
+        about each line of a chunk together); MATCH_TIMEOUT bounds the whole call."""
+        long = [len(key.encode("utf-8", "surrogateescape")) > MAX_KEY for key in keys]
+        try:
+            with gevent.Timeout(MATCH_TIMEOUT):
+                found = offload.call(_match_many_in_helper, self.path, self.spec,
+                                     [key for key, skip in zip(keys, long) if not skip])
+        except gevent.Timeout:
+            raise TableUnavailable("%s: matching took over %g seconds (a pattern that "
+                                   "backtracks?)" % (self.spec, MATCH_TIMEOUT))
+        except offload.OffloadError as error:
+            raise TableUnavailable("%s: %s" % (self.spec, error))
+        answers = iter(found)
+        return [None if skip else next(answers) for skip in long]
+
     def match(self, key: str) -> Result:
         """The lookup itself, in this process (the helper's side of lookup)."""
         self._load(strict=False)
@@ -291,6 +323,16 @@ _helper_tables: Dict[str, RegexpTable] = {}
 def _match_in_helper(path: str, spec: str, key: str) -> Result:
     """Runs in a compute helper (elemta.util.offload): the lookup, with the table the
     helper keeps for path."""
+    return _helper_table(path, spec).match(key)
+
+
+def _match_many_in_helper(path: str, spec: str, keys: List[str]) -> List[Result]:
+    """Runs in a compute helper: the lookups of several keys, in order."""
+    table = _helper_table(path, spec)
+    return [table.match(key) for key in keys]
+
+
+def _helper_table(path: str, spec: str) -> RegexpTable:
     table = _helper_tables.get(path)
     if table is None:
         try:
@@ -298,4 +340,4 @@ def _match_in_helper(path: str, spec: str, key: str) -> Result:
         except TableError as error:
             raise TableUnavailable("%s: %s" % (spec, error))
         _helper_tables[path] = table
-    return table.match(key)
+    return table

@@ -151,12 +151,18 @@ class LazyTable(LookupTable):
         self.partial_keys = self._spec.type not in PATTERN_TYPES
 
     def lookup(self, key: str) -> Result:
+        return self._opened().lookup(key)
+
+    def lookup_many(self, keys):
+        return self._opened().lookup_many(keys)
+
+    def _opened(self) -> LookupTable:
         if self._table is None:
             try:
                 self._table = open_table(self._spec)
             except TableError as error:
                 raise TableUnavailable("%s: cannot open: %s" % (self.spec, error))
-        return self._table.lookup(key)
+        return self._table
 
     def close(self) -> None:
         if self._table is not None:

@@ -674,6 +674,35 @@ class _Translator:
                               for step in split_list(value) if step in LOGIN_MISMATCH_STEPS]
         return found
 
+    def content_checks(self) -> None:
+        """header_checks, mime_header_checks, nested_header_checks, body_checks (one
+        table each), body_checks_size_limit and hopcount_limit, into content.*. A
+        mime_header_checks or nested_header_checks set empty turns those checks off in
+        Postfix; Elemta's unset means $header_checks, so that is reported."""
+        pf = self.pf
+        for name in ("header_checks", "mime_header_checks", "nested_header_checks",
+                     "body_checks"):
+            if not pf.is_set(name):
+                continue
+            if not pf.value(name) and name in ("mime_header_checks",
+                                                "nested_header_checks") \
+                    and pf.value("header_checks"):
+                self.refuse(name, "set empty it turns these checks off; Elemta's unset "
+                            "means header_checks: give it an empty table instead")
+                continue
+            spec = self.one_table(name)
+            if spec:
+                self.out.set(("content", name), spec, self.source(name))
+        for name in ("body_checks_size_limit", "hopcount_limit"):
+            if pf.is_set(name):
+                try:
+                    value = int(pf.value(name))
+                except ValueError:
+                    self.refuse(name, "not a number")
+                    continue
+                self.out.set(("content", name), value, self.source(name))
+                self.done.add(name)
+
     def sender_login(self) -> None:
         """smtpd_sender_login_maps, and whom the restrictions that name it bind
         (smtpd.reject_sender_login_mismatch). Postfix enforces the table only where a
@@ -884,6 +913,7 @@ class _Translator:
         self.limits_and_delivery()
         self.local()
         self.restrictions()
+        self.content_checks()
         self.sender_login()
         self.sasl_header()
         self.rewrite()

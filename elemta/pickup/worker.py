@@ -21,6 +21,12 @@ queue after the fork. Its loop, top to bottom:
               their normal form (elemta.addressing.rewrite, .headers, .virtual,
               .resolve.queued_address, as the smtpd does): before the plugins, so DKIM
               signs what is queued
+    checks    header and body checks and the hop count (elemta.content.checks), as
+              Postfix's cleanup applies them to all mail: edits (IGNORE, PREPEND,
+              REPLACE) and REDIRECT apply, HOLD holds, DISCARD removes (logged); with
+              nobody to refuse it to, a REJECT or too many hops holds the message for
+              the admin (as a plugin's reject does), and a table that cannot answer
+              leaves it in the maildrop for a later scan
     queue     each file becomes a queued message: a Received header naming the file's
               owner ("from userid 1000": the kernel's word, not the file's), then the
               content; up to PICKUP_BATCH messages made durable by one Queue.commit
@@ -59,6 +65,7 @@ from elemta.addressing.headers import rewrite_headers
 from elemta.addressing.rewrite import AddressRewriter, RewriteError
 from elemta.addressing.virtual import (AliasExpansionError, VirtualAliases, expanded_recipients,
                                        original_recipient)
+from elemta.content.checks import ContentChecks
 from elemta.maps import TableUnavailable
 from elemta.plugins.api import DATA, DISCARD, QUEUE, REJECT, STORAGE, Context
 from elemta.plugins.content import notify_queued, outbound, run_content_stages, wants_content
@@ -124,6 +131,7 @@ class PickupWorker(GeventChild):
         # Expanded before queueing, as the smtpd does (elemta.addressing.virtual).
         self.virtual_aliases = VirtualAliases.from_config(config, self.addressing)
         self.rewriter = AddressRewriter.from_config(config, self.addressing)
+        self.content_checks = ContentChecks(config.content)
         self._deferred = {}          # maildrop name -> time.monotonic() of the next try
         self._stuck = set()          # names of bad entries that could not be removed
         self._wake = Event()         # sendmail's datagram came, or a stop
@@ -313,12 +321,16 @@ class PickupWorker(GeventChild):
             # Bounded by limits.message_size (checked above).
             content = self._rewrite(envelope, b"".join(submission.iter_content()))
             envelope.recipients = self._expand(envelope.recipients)
-            hold = None
+            checked = self._check(envelope, content)
+            if checked is None:
+                return None
+            content, hold = checked
             if wants_content(self.plugins):
                 judged = self._judge(envelope, content)
                 if judged is None:
                     return None
-                content, hold = judged
+                content, judged_hold = judged
+                hold = hold or judged_hold
             blocks = [content]
             writer = self.queue.start_message(envelope, SENDMAIL_LISTENER)
             try:
@@ -335,6 +347,28 @@ class PickupWorker(GeventChild):
             return writer, submission.uid, hold
         finally:
             submission.close()
+
+    def _check(self, envelope, content):
+        """The header and body checks (and hop count) of a submission: (content as
+        edited, hold log line or None), or None when DISCARDed (logged); raises
+        Deferred when a table cannot answer. A REDIRECT replaces envelope's
+        recipients."""
+        checks = self.content_checks.start(envelope.queue_id, "from local; from=<%s> to=<%s>"
+                                           % (envelope.sender,
+                                              envelope.recipients[0].address
+                                              if envelope.recipients else ""))
+        edited = checks.feed(content) + checks.finish()
+        refusal = checks.refusal
+        if refusal is not None:         # held as it came (what was written stopped)
+            if refusal.reply.code < 500:
+                raise Deferred("%s (restriction %s)" % (refusal.reply, refusal.restriction))
+            return content, "%s (restriction %s); held for the admin" % (
+                refusal.reply, refusal.restriction)
+        if checks.discard is not None:
+            return None
+        if checks.redirect is not None:
+            envelope.recipients = [Recipient(checks.redirect)]
+        return edited, ("on hold by %s" % checks.hold if checks.hold else None)
 
     def _rewrite(self, envelope, content):
         """Bare names in the address headers qualified with the mail name, canonical

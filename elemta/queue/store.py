@@ -113,6 +113,7 @@ class SpoolWriter:
         self.hold = False        # enter the queue on hold (a plugin's quarantine)
         self._file = file
         self._crc = 0
+        self._content_offset = None      # where the content starts (set by create)
 
     def write(self, data):
         """Append content bytes."""
@@ -121,6 +122,47 @@ class SpoolWriter:
         self._file.write(data)
         self._crc = zlib.crc32(data, self._crc)
         self.size += len(data)
+
+    def replace_envelope(self, envelope):
+        """Give the message being written a new envelope, its content kept: the
+        recipients of a message a header or body check REDIRECTs change after the
+        content has streamed in. The envelope line heads the file, so the file is
+        written again (a temp file copied from this one, renamed over it): blocking disk
+        work, to be run in a thread. Raises OSError (the message is then to be aborted)."""
+        if self._file is None:
+            raise ValueError("spool writer for %s is closed" % self.queue_id)
+        self._file.flush()
+        line = json.dumps(envelope_to_dict(envelope), separators=(",", ":")).encode("ascii")
+        new_path = self.temp_path + ".new"
+        source = open_nofollow(self.temp_path, os.O_RDONLY)
+        try:
+            offset = self._content_offset
+            fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         0o600)
+            file = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                file.write(MAGIC + line + b"\n")
+                while True:
+                    chunk = os.pread(source, READ_BUFFER, offset)
+                    if not chunk:
+                        break
+                    file.write(chunk)
+                    offset += len(chunk)
+                file.flush()
+                os.rename(new_path, self.temp_path)
+            except BaseException:
+                _close_quietly(file)
+                try:
+                    os.unlink(new_path)
+                except FileNotFoundError:
+                    pass
+                raise
+        finally:
+            os.close(source)
+        _close_quietly(self._file)
+        self._file, self.envelope = file, envelope
+        self._content_offset = len(MAGIC) + len(line) + 1
 
     def finish(self):
         """Write the footer, flush and close (no fsync: Queue.commit makes it durable)."""
@@ -278,7 +320,9 @@ class SpoolStore:
             _close_quietly(file)
             os.unlink(temp_path)
             raise
-        return SpoolWriter(envelope, temp_path, file)
+        writer = SpoolWriter(envelope, temp_path, file)
+        writer._content_offset = len(MAGIC) + len(line) + 1
+        return writer
 
     def install(self, writer):
         """Rename a finished writer's temp file into messages/. Returns the final path."""

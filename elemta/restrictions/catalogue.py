@@ -59,6 +59,10 @@ class CoreCheck:
     active: Callable = lambda config: True
 
 
+# What a header or body check table refuses with (elemta.content.checks).
+_CHECK_REPLIES = ("550 5.7.1 for REJECT (DISCARD, HOLD, REDIRECT: 250); 451 4.3.0 when "
+                  "the table cannot answer")
+
 CORE_CHECKS = (
     CoreCheck("worker_connection_limit", "connect", "default_process_limit",
               "limits.connections_per_worker", "421 4.7.0 too many connections"),
@@ -121,6 +125,21 @@ CORE_CHECKS = (
               "(enforce)",
               lambda config: config.protocol_tests.pipelining_enable
               and config.protocol_tests.pipelining_action == "enforce"),
+    # Applied while the content streams in (elemta.content), given at the end of DATA.
+    CoreCheck("hopcount_limit", "end_of_data", "hopcount_limit", "content.hopcount_limit",
+              "554 5.4.6 too many hops (Received: headers)"),
+    CoreCheck("header_checks", "end_of_data", "header_checks", "content.header_checks",
+              _CHECK_REPLIES, lambda config: config.content.header_checks is not None),
+    CoreCheck("mime_header_checks", "end_of_data", "mime_header_checks",
+              "content.mime_header_checks", _CHECK_REPLIES,
+              lambda config: (config.content.mime_header_checks
+                              or config.content.header_checks) is not None),
+    CoreCheck("nested_header_checks", "end_of_data", "nested_header_checks",
+              "content.nested_header_checks", _CHECK_REPLIES,
+              lambda config: (config.content.nested_header_checks
+                              or config.content.header_checks) is not None),
+    CoreCheck("body_checks", "end_of_data", "body_checks", "content.body_checks",
+              _CHECK_REPLIES, lambda config: config.content.body_checks is not None),
     CoreCheck("canonical_maps", "end_of_data", "canonical_maps", "rewrite.canonical_maps",
               "451 4.3.0 when a table cannot answer while the headers of a local client's "
               "message are rewritten",

@@ -16,6 +16,7 @@ from gevent.server import StreamServer
 
 from elemta import metrics
 from elemta.config.loader import auth_configured
+from elemta.content.checks import ContentChecks
 from elemta.plugins.manager import PluginManager
 from elemta.plugins.resolver import Resolver
 from elemta.queue.queue import Queue
@@ -64,6 +65,8 @@ class SMTPServer:
                               config.limits.message_size)
         self.policy = RelayPolicy(config)
         self.sender_logins = SenderLogins.from_config(config, self.policy.addressing)
+        # Header and body checks and the hop count, applied as content streams in.
+        self.content_checks = ContentChecks(config.content)
         self.authenticator = (Authenticator(config.auth) if auth_configured(config.auth)
                               else None)
         self.tls_context = server_context(config.tls)
@@ -106,6 +109,7 @@ class SMTPServer:
                         len(self._session_greenlets))
             self._session_greenlets.kill(block=True, timeout=5)
         self.committer.close()
+        self.content_checks.close()
         self.plugins.close()
         if self.authenticator is not None:
             self.authenticator.close()

@@ -15,7 +15,10 @@ check), then data and storage (elemta.plugins.content), and queue once the 250 i
 The data and storage stages need the whole content, so only when some plugin wants it is
 the content kept in memory (bounded by limits.message_size, which the protocol core
 enforces) and written to the spool file at the end, edited by the plugins; otherwise it
-streams straight to the file. A discard or quarantine given before the content (at
+streams straight to the file. Either way it first streams through the header and body
+checks (elemta.content.checks: Postfix's cleanup checks and hop count), which edit it
+line by line as it passes and give their verdict at the end of DATA, before the
+plugins'. A discard or quarantine given before the content (at
 connection, helo or auth for the whole session; at mail or rcpt for the message) is
 remembered and applied at the end of DATA.
 See also: elemta.smtpd.server (the shared services), elemta.plugins.manager.
@@ -54,6 +57,7 @@ from elemta.smtp.replies import Reply
 from elemta.smtpd import authresult, tls
 from elemta.smtpd.received import protocol_name, received_header
 from elemta.util.text import printable
+from elemta.util.threads import in_thread
 
 log = logging.getLogger("elemta.smtpd")
 
@@ -136,6 +140,7 @@ class Session:
         self.screen = ProtocolTests(server.config.protocol_tests, listener.mode,
                                     self.ctx.trusted, self.client_ip, address[1],
                                     self.ctx.session)
+        self.content_filter = None       # this message's header and body checks
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -417,6 +422,10 @@ class Session:
             log.error("%s: cannot create queue file: %s", self.queue_id, exc)
             self._discard_message()
             return self._refuse_content(self._storage_reply(exc), "queue_storage", "data")
+        self.content_filter = self.server.content_checks.start(
+            self.queue_id, "from %s; from=<%s> to=<%s> proto=%s helo=<%s>" % (
+                self.client, txn.sender, txn.recipients[0].address,
+                "ESMTP" if proto.esmtp else "SMTP", proto.helo_name))
         log.info("%s: client=%s%s%s", self.queue_id, self.client,
                  ", sasl_method=%s, sasl_username=%s" % (
                      self.auth_method, printable(proto.auth_user))
@@ -427,11 +436,18 @@ class Session:
     def on_data_chunk(self, event):
         if self.writer is None or self.write_error is not None:
             return
+        self._store(self.content_filter.feed(event.data))
+
+    def _store(self, data):
+        """Content that passed the header and body checks: to the spool file, or kept
+        for the data and storage plugins."""
+        if not data:
+            return
         if self.content is not None:      # written, edited, after the data stage
-            self.content += event.data
+            self.content += data
             return
         try:
-            self.writer.write(event.data)
+            self.writer.write(data)
         except OSError as exc:
             self.write_error = exc          # keep reading to the end, then refuse
 
@@ -440,6 +456,10 @@ class Session:
 
     def on_message_received(self, event):
         txn, writer = event.transaction, self.writer
+        checked = self.content_filter
+        self.content_filter = None
+        if checked is not None:
+            self._store(checked.finish())
         if self.write_error is not None:
             log.error("%s: queue file write error: %s", self.queue_id, self.write_error)
             reply = self._storage_reply(self.write_error)
@@ -453,6 +473,8 @@ class Session:
                      self.screen.failed)
             self._discard_message()
             return self._refuse_content(self.screen.refusal(), self.screen.failed)
+        if checked is not None and not self._passed_content_checks(checked):
+            return
         early = [v for v in (self.session_verdict, self.message_verdict) if v is not None]
         early.sort(key=lambda verdict: verdict[0] != DISCARD)     # a discard outweighs
         early = early[0] if early else None
@@ -467,7 +489,7 @@ class Session:
                 hold = (verdict.quarantine, verdict.quarantined_by, verdict.quarantine_stage)
         # Quarantine: the message enters the queue already on hold, so no delivery worker
         # can claim it between the commit and a later hold.
-        writer.hold = hold is not None
+        writer.hold = hold is not None or (checked is not None and checked.hold is not None)
         try:
             writer.finish()
             self.server.committer.commit(writer)
@@ -490,6 +512,30 @@ class Session:
                 self.ctx, stage="", queue_id=self.queue_id, sender=txn.sender,
                 recipients=recipients, recipient=None, message=None, auth_results=[],
                 outbound=outbound(recipients, self.server.policy.is_local), state={}))
+
+    def _passed_content_checks(self, checked):
+        """Give the header and body checks' verdict (they logged what matched): False
+        once the reply is given (refused, discarded); a REDIRECT replaces the
+        recipients."""
+        if checked.refusal is not None:
+            self._discard_message()
+            self._refuse_content(*checked.refusal)
+            return False
+        if checked.discard is not None:
+            self._discard_message()
+            self.proto.accept("Ok: queued as %s" % self.queue_id)
+            return False
+        if checked.redirect is not None:
+            envelope = dataclasses.replace(self.writer.envelope,
+                                           recipients=[Recipient(checked.redirect)])
+            try:
+                in_thread(self.writer.replace_envelope, envelope)
+            except OSError as exc:
+                log.error("%s: queue file write error: %s", self.queue_id, exc)
+                self._discard_message()
+                self._refuse_content(self._storage_reply(exc), "queue_storage")
+                return False
+        return True
 
     def _run_content_stages(self, txn):
         """Run the data and storage plugins on the kept content and write it, edited, to
@@ -699,6 +745,7 @@ class Session:
 
     def _discard_message(self):
         self.content = None
+        self.content_filter = None
         if self.writer is not None:
             try:
                 self.writer.abort()
