@@ -242,19 +242,59 @@ def test_config_error_names_file_line_and_key(tmp_path):
                                 "an integer, not a string ('lots')" % path)
 
 
-def test_a_full_store_forgets_ended_windows_and_goes_on(tmp_path):
-    counter = LMDBRateCounter(str(tmp_path / "small"), map_size=64 << 10)
-    filled = 0
-    while True:                     # fill it with windows that then end
-        try:
-            counter._hit("client-%06d" % filled, 1, 60, T0)
-        except lmdb.MapFullError:
-            break
-        filled += 1
-    assert filled > 100
-    assert counter.hit("newcomer", 1, 60, now=T0 + 60) == 1
-    assert counter.count() == 1
+def test_a_store_flooded_with_keys_forgets_the_least_recently_used(tmp_path):
+    counter = LMDBRateCounter(str(tmp_path / "small"), map_size=1 << 20)
+    counter.hit("ended", 1, 60, now=T0 - 100)
+    for i in range(30000):              # far more keys than 1 MB holds
+        counter.hit("client-%06d" % i, 1, 60, now=T0 + i / 1000.0)
+        if i % 100 == 0:
+            counter.hit("busy", 1, 60, now=T0 + i / 1000.0)
+    assert counter.count() < 15000
+    # The key in use all along kept its count; the ended and the oldest are gone.
+    assert counter.hit("busy", 0, 60, now=T0 + 30) == 300
+    assert counter.hit("ended", 0, 60, now=T0 + 30) == 0
+    assert counter.hit("client-000000", 0, 60, now=T0 + 30) == 0
+    assert counter.hit("client-029999", 0, 60, now=T0 + 30) == 1
     counter.close()
+
+
+def test_a_store_full_to_the_last_page_is_emptied_not_failed(tmp_path):
+    path = str(tmp_path / "full")
+    env = lmdb.open(path, map_size=1 << 20, subdir=True)
+    with pytest.raises(lmdb.MapFullError):
+        for i in range(100000):         # as full as LMDB gets: not even a delete fits
+            with env.begin(write=True) as txn:
+                txn.put(b"connect\0127.1.%d.%d" % (i >> 8, i & 255), b"x" * 24)
+    env.close()
+    counter = LMDBRateCounter(path, map_size=1 << 20)
+    assert counter.hit("newcomer", 1, 60, now=T0) == 1
+    assert counter.count() <= 1
+    assert counter.hit("next", 1, 60, now=T0) == 1
+    counter.close()
+
+
+def test_a_flood_of_client_addresses_cannot_fill_the_store_against_everyone(
+        elemta_server, tmp_path):
+    """Clients choose the keys: many addresses must not fill the counters into refusing
+    every client (it was 421 4.3.0 for all once LMDB was full). The flood goes through
+    the store the workers use, with their keys, as thousands of connections would;
+    a client over its limit, connecting meanwhile, stays refused, and a new one is let
+    in."""
+    server = server_with_limits(elemta_server, tmp_path, connection_rate_limit=3,
+                                map_size_mb=1)
+    refused = "421 4.7.0 mx.test Error: too many connections from 127.0.0.2\r\n"
+    assert [greeting(server, "127.0.0.2")[:4] for _ in range(3)] == ["220 "] * 3
+    flood = LMDBRateCounter(str(tmp_path / "ratelimit"), map_size=1 << 20)
+    for i in range(30000):
+        flood.hit("connect\0" + client_key("127.1.%d.%d" % (i >> 8, i & 255)), 1, 3600)
+        if i % 3000 == 0:
+            assert greeting(server, "127.0.0.2") == refused
+    assert flood.count() < 10000
+    flood.close()
+    for client in ("127.0.0.7", "127.0.0.8", "127.1.0.1"):
+        assert greeting(server, client)[:4] == "220 "
+    assert greeting(server, "127.0.0.2") == refused
+    assert "Traceback" not in server.log()
 
 
 def test_message_rate_per_login_and_recipient_rate_per_sender(elemta_server, tmp_path):
