@@ -202,6 +202,46 @@ def test_postfwd_at_end_of_message_refuses_the_content(with_postfwd):
     assert server.queued_ids() == []
 
 
+# The client's names: PTR confirmed, PTR not confirmed, no PTR.
+NAME_ZONES = {
+    "0.0.127.in-addr.arpa": "5 PTR good.test.\n6 PTR forged.test.\n",
+    "good.test": "@ A 127.0.0.5\n",
+    "forged.test": "@ A 127.0.0.99\n",
+}
+# postfwd echoes the names it was sent ($$attribute is the request's value).
+NAME_RULES = ("id=NAMES; protocol_state==RCPT; action=REJECT client_name=$$client_name "
+              "reverse_client_name=$$reverse_client_name\n")
+
+
+def test_client_name_is_confirmed_and_reverse_client_name_is_the_ptr_name(
+        elemta_server, tmp_path):
+    """As Postfix sends them: client_name only when the PTR name's address is the
+    client's, reverse_client_name the PTR name whatever its address; seen by postfwd."""
+    reason = missing(POSTFWD) or nsd_available()
+    if reason:
+        pytest.skip(reason)
+    with NSDInstance(str(tmp_path / "nsd"), NAME_ZONES) as dns, \
+            PostfwdServer(tempfile.mkdtemp(prefix="elemta-postfwd-"), NAME_RULES) as postfwd:
+        server = elemta_server(
+            relay={"mynetworks": NOT_US},
+            dns={"nameservers": ["127.0.0.1"], "port": dns.port, "timeout": 2.0},
+            plugins={"policy_service": {"enabled": True, "servers": [
+                {"address": "inet:127.0.0.1:%d" % postfwd.port}]}})
+        seen = {}
+        for client in ("127.0.0.5", "127.0.0.6", "127.0.0.7"):
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=60,
+                              source_address=(client, 0)) as smtp:
+                smtp.ehlo("client.test")
+                smtp.mail("a@sender.test")
+                code, text = smtp.rcpt("rcpt@example.test")
+            assert code == 550, text
+            seen[client] = text.decode().split("rejected: ", 1)[1]
+    assert seen == {
+        "127.0.0.5": "client_name=good.test reverse_client_name=good.test",
+        "127.0.0.6": "client_name=unknown reverse_client_name=forged.test",
+        "127.0.0.7": "client_name=unknown reverse_client_name=unknown"}
+
+
 # ---- policyd-spf -----------------------------------------------------------------------
 
 SPF_ZONES = {
