@@ -211,12 +211,14 @@ def test_message_and_recipient_rates_per_client(elemta_server, tmp_path):
 def test_message_rate_per_sender_and_per_login(elemta_server, tmp_path):
     server = server_with_limits(elemta_server, tmp_path, sender_message_rate_limit=2,
                                 user_recipient_rate_limit=2)
-    # The same sender from two clients: counted together.
-    assert send(server, "127.0.0.2", "News@c.test", ["b@example.test"]) == {}
-    assert send(server, "127.0.0.3", "news@c.test", ["b@example.test"]) == {}
-    assert send(server, "127.0.0.6", "news@c.test", ["b@example.test"]) == {
-        "MAIL": (450, "4.7.1 Error: too much mail from sender news@c.test")}
-    assert send(server, "127.0.0.6", "other@c.test", ["b@example.test"]) == {}
+    # The same sender from two clients, spelled two ways: counted together, in the
+    # queue's normal form (the domain's case folded, needless quotes dropped).
+    assert send(server, "127.0.0.2", "A@EXAMPLE.test", ["b@example.test"]) == {}
+    assert send(server, "127.0.0.3", '"A"@example.TEST.', ["b@example.test"]) == {}
+    assert send(server, "127.0.0.6", "A@example.test", ["b@example.test"]) == {
+        "MAIL": (450, "4.7.1 Error: too much mail from sender A@example.test")}
+    assert "for sender A@example.test per 3600s" in server.log()
+    assert send(server, "127.0.0.6", "other@example.test", ["b@example.test"]) == {}
     # Bounces (the null sender) share no allowance.
     for _ in range(3):
         assert send(server, "127.0.0.2", "", ["b@example.test"]) == {}

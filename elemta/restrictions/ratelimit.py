@@ -3,7 +3,8 @@
 Owned by the smtpd worker (connection, mail and rcpt stages). Counts, per time unit
 (time_unit, Postfix's anvil_rate_time_unit), the connections, MAIL FROM and RCPT TO
 commands of each client address, and the MAIL FROM and RCPT TO commands of each AUTH
-login and of each envelope sender, and refuses what goes over a limit:
+login and of each envelope sender (in the queue's normal form, elemta.addressing.normal),
+and refuses what goes over a limit:
 
     connection   421 4.7.0 <host> Error: too many connections from ADDRESS  (closes)
     MAIL FROM    450 4.7.1 Error: too much mail from ADDRESS
@@ -33,6 +34,7 @@ import logging
 
 import lmdb
 
+from elemta.addressing.normal import canonical
 from elemta.plugins.api import Plugin, PluginConfigError, Result
 from elemta.plugins.settings import RateLimitSettings
 from elemta.restrictions.ratecounter import LMDBRateCounter
@@ -133,7 +135,10 @@ class RateLimitPlugin(Plugin):
         if not any(limits) or self.exempt(ctx):
             return None
         client_limit, user_limit, sender_limit = limits
-        sender = (ctx.sender or "").lower()
+        # The queue's normal form: one counter for every spelling of one address
+        # (domain case, a final dot, IDN, needless quotes); the local part's case is
+        # the mailbox's own, as in the queue.
+        sender = canonical(ctx.sender) if ctx.sender else ""
         refusal = None
         for scope, key, shown, limit in (
                 ("client", client_key(ctx.client_address), ctx.client_address,
