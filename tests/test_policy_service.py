@@ -12,6 +12,7 @@ import os
 import smtplib
 import ssl
 import tempfile
+import threading
 import time
 
 import pytest
@@ -588,3 +589,72 @@ def test_the_content_is_kept_only_when_a_server_is_asked_after_it():
     assert (after.wants("rcpt"), after.wants("data")) == (True, True)
     rcpt_only.close()
     after.close()
+
+
+def held_answers():
+    """(answer, release): answer() waits until release is set, then says DUNNO."""
+    release = threading.Event()
+
+    def answer(request):
+        release.wait(60)
+        return b"action=DUNNO\n\n"
+    return answer, release
+
+
+def rcpt_in_thread(server, recipient, replies):
+    def run():
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail("a@sender.test")
+            replies[recipient] = smtp.rcpt(recipient)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_max_connections_caps_a_worker_and_the_rest_wait_their_turn(elemta_server):
+    """Three sessions at once, max_connections 2: the server sees two connections, the
+    third request waits for one of them and goes over it."""
+    answer, release = held_answers()
+    with ScriptedPolicyServer(answer) as policy:
+        server = elemta_server(smtpd={"workers": 1}, relay={"mynetworks": NOT_US},
+                               plugins={"policy_service": {"enabled": True, "servers": [
+                                   {"address": policy.address, "max_connections": 2,
+                                    "timeout": 30}]}})
+        replies = {}
+        threads = [rcpt_in_thread(server, "r%d@example.test" % i, replies)
+                   for i in range(3)]
+        wait_for(lambda: len(policy.requests) == 2, timeout=30)
+        time.sleep(1.0)                    # the third would have connected by now
+        assert len(policy.connections) == 2 and len(policy.requests) == 2
+        release.set()
+        for thread in threads:
+            thread.join(60)
+        assert [replies["r%d@example.test" % i][0] for i in range(3)] == [250] * 3
+        assert len(policy.connections) == 2 and len(policy.requests) == 3
+
+
+def test_a_request_waiting_longer_than_timeout_takes_the_default_action(elemta_server):
+    answer, release = held_answers()
+    with ScriptedPolicyServer(answer) as policy:
+        server = elemta_server(smtpd={"workers": 1}, relay={"mynetworks": NOT_US},
+                               plugins={"policy_service": {"enabled": True, "servers": [
+                                   {"address": policy.address, "max_connections": 1,
+                                    "timeout": 2, "retry_delay": 4,
+                                    "default_action": "DEFER policy busy"}]}})
+        replies = {}
+        # The first request holds the one connection: 2 s unanswered, then (between
+        # its two attempts) 4 s of retry_delay.
+        first = rcpt_in_thread(server, "first@example.test", replies)
+        wait_for(lambda: len(policy.requests) == 1, timeout=30)
+        second = rcpt_in_thread(server, "second@example.test", replies)
+        second.join(60)
+        assert replies["second@example.test"] == (
+            450, b"4.7.1 <second@example.test>: Recipient address rejected: policy busy")
+        assert len(policy.connections) == 1
+        release.set()                      # the first one's second attempt is answered
+        first.join(60)
+        assert replies["first@example.test"][0] == 250
+        assert ("to=<second@example.test>: policy server %s unavailable: all 1 "
+                "connections busy for 2s; default action DEFER policy busy"
+                % policy.address) in server.log()

@@ -651,6 +651,12 @@ class PolicyServerSettings:
     request_limit: int = opt(0, "Requests per connection, then it is reopened; 0: no limit "
                                 "(Postfix's smtpd_policy_service_request_limit).",
                              not_negative)
+    max_connections: int = opt(
+        20, "Connections to this server one smtpd worker has open at most, in use and "
+            "idle; a request finding them all busy waits for one, at most `timeout` "
+            "seconds, then the default action is taken. Postfix has no parameter: each "
+            "smtpd process keeps one connection, so its process limit (master.cf "
+            "maxproc, default_process_limit) caps them.", positive)
     try_limit: int = opt(2, "Attempts to send one request before the default action "
                             "(Postfix's smtpd_policy_service_try_limit).", positive)
     retry_delay: float = opt(1.0, "Seconds between attempts (Postfix's "
