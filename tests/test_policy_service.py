@@ -70,9 +70,9 @@ def policy_server(elemta_server, *servers):
     ("OK", "ok", None, None, ""),
     ("31337", "ok", None, None, ""),                  # all-numerical: OK, as Postfix
     ("dunno", "dunno", None, None, ""),
-    ("REJECT", "refuse", 550, "5.7.1", "Access denied"),
-    ("REJECT 5.7.2 go away", "refuse", 550, "5.7.2", "go away"),
-    ("reject 4.1.1 wrong class", "refuse", 550, "5.1.1", "wrong class"),
+    ("REJECT", "refuse", 554, "5.7.1", "Access denied"),
+    ("REJECT 5.7.2 go away", "refuse", 554, "5.7.2", "go away"),
+    ("reject 4.1.1 wrong class", "refuse", 554, "5.1.1", "wrong class"),
     ("DEFER busy", "refuse", 450, "4.7.1", "busy"),
     ("DEFER_IF_PERMIT 4.7.24 dns", "defer_if_permit", 450, "4.7.24", "dns"),
     ("defer_if_reject", "defer_if_reject", 450, "4.7.1",
@@ -140,7 +140,7 @@ def test_postfwd_reject_and_defer_refuse_the_recipient(with_postfwd, postfwd):
                                                     "later@example.test",
                                                     "coded@example.test",
                                                     "fine@example.test"])
-    assert replies[0] == (550, b"5.7.1 <blocked@example.test>: Recipient address "
+    assert replies[0] == (554, b"5.7.1 <blocked@example.test>: Recipient address "
                                b"rejected: no mail for blocked")
     assert replies[1] == (450, b"4.7.1 <later@example.test>: Recipient address rejected: "
                                b"busy right now")
@@ -150,7 +150,7 @@ def test_postfwd_reject_and_defer_refuse_the_recipient(with_postfwd, postfwd):
     envelope, _ = server.message(queue_id(data))
     assert [r.address for r in envelope.recipients] == ["fine@example.test"]
     log = server.log()
-    assert ("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.7.1 "
+    assert ("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 554 5.7.1 "
             "<blocked@example.test>: Recipient address rejected: no mail for blocked; "
             "from=<a@sender.test> to=<blocked@example.test> proto=ESMTP "
             "helo=<client.test> (plugin policy_service)") in log
@@ -197,8 +197,8 @@ def test_postfwd_at_end_of_message_refuses_the_content(with_postfwd):
     server = with_postfwd
     replies, data = send(server, "late@sender.test", ["fine@example.test"])
     assert replies[0][0] == 250
-    assert data == (550, b"5.7.1 <END-OF-MESSAGE>: End-of-data rejected: not after all")
-    assert "reject: END-OF-MESSAGE from unknown[127.0.0.1]: 550 5.7.1 <END-OF-MESSAGE>: " \
+    assert data == (554, b"5.7.1 <END-OF-MESSAGE>: End-of-data rejected: not after all")
+    assert "reject: END-OF-MESSAGE from unknown[127.0.0.1]: 554 5.7.1 <END-OF-MESSAGE>: " \
            "End-of-data rejected: not after all; from=<late@sender.test>" in server.log()
     assert server.queued_ids() == []
 
@@ -235,7 +235,7 @@ def test_client_name_is_confirmed_and_reverse_client_name_is_the_ptr_name(
                 smtp.ehlo("client.test")
                 smtp.mail("a@sender.test")
                 code, text = smtp.rcpt("rcpt@example.test")
-            assert code == 550, text
+            assert code == 554, text
             seen[client] = text.decode().split("rejected: ", 1)[1]
     assert seen == {
         "127.0.0.5": "client_name=good.test reverse_client_name=good.test",
@@ -479,7 +479,7 @@ def test_defer_if_permit_defers_unless_a_later_server_rejects(elemta_server):
                                                      "c@example.test", "d@example.test"])
         assert replies[0] == (450, b"4.7.24 <a@example.test>: Recipient address rejected: "
                                    b"SPF temp error")
-        assert replies[1] == (550, b"5.7.1 <b@example.test>: Recipient address rejected: no")
+        assert replies[1] == (554, b"5.7.1 <b@example.test>: Recipient address rejected: no")
         assert replies[2] == (450, b"4.7.1 <c@example.test>: Recipient address rejected: "
                                    b"not sure")
         assert replies[3][0] == 250
@@ -493,7 +493,7 @@ def test_ok_skips_the_later_servers(elemta_server):
                                {"address": second.address})
         replies, _ = send(server, "s@sender.test", ["vip@example.test", "x@example.test"])
         assert replies[0][0] == 250
-        assert replies[1][0] == 550
+        assert replies[1][0] == 554
         assert [r["recipient"] for r in second.requests] == ["x@example.test"]
 
 
