@@ -507,11 +507,12 @@ class SenderDomainSettings(RestrictionSettings):
     """Refusal, at MAIL FROM, of a sender domain that has no MX and no address record
     (Postfix: reject_unknown_sender_domain)."""
     reject_code: int = opt(
-        550, "Reply code when the domain does not exist or has neither MX nor A/AAAA "
-             "records: CODE 5.1.8 <ADDRESS>: Sender address rejected: Domain not found. "
-             "A DNS failure always gives 450 4.1.8; a null MX (RFC 7505) gives 550 "
-             "5.7.27. Postfix: unknown_address_reject_code (whose default is 450).",
-        _reply_code("45"))
+        450, "Reply code when the domain does not exist or has neither MX nor A/AAAA "
+             "records: CODE 4.1.8 (5.1.8 with a 5xx code) <ADDRESS>: Sender address "
+             "rejected: Domain not found. 450 lets a sender whose DNS is broken for a "
+             "moment retry; 550 refuses at once. A DNS failure always gives 450 4.1.8; "
+             "a null MX (RFC 7505) gives 550 5.7.27. Postfix: unknown_address_reject_code "
+             "(default 450).", _reply_code("45"))
 
 
 @dataclass(frozen=True)
