@@ -313,3 +313,67 @@ def test_message_rate_per_login_and_recipient_rate_per_sender(elemta_server, tmp
         "c@example.test": (450, "4.7.1 Error: too many recipients from sender s2@c.test")}
     # Exempt clients are not counted at all, logins and senders included.
     assert send(server, "127.0.0.4", "s2@c.test", ["d@example.test"], alice) == {}
+
+
+# 127.0.0.3 is on the DNS block list.
+DNSBL_ZONES = {"bl.test": "3.0.0.127 A 127.0.0.2\n"}
+
+
+def test_connections_refused_early_are_counted_too(elemta_server, tmp_path):
+    """anvil counts every connection: those the pregreet test drops and those a DNSBL
+    refuses use up the client's allowance as well."""
+    from tests.peers.nsd import NSDInstance, nsd_available
+    if nsd_available():
+        pytest.skip(nsd_available())
+    with NSDInstance(str(tmp_path / "nsd"), DNSBL_ZONES) as dns:
+        server = elemta_server(
+            smtpd={"hostname": "mx.test", "workers": 1},
+            relay={"mynetworks": ["127.0.0.1/32"]},
+            dns={"nameservers": ["127.0.0.1"], "port": dns.port, "timeout": 2.0},
+            protocol_tests={"greet_wait": 1, "greet_action": "drop"},
+            plugins={"ratelimit": {"enabled": True, "database": str(tmp_path / "rl"),
+                                   "time_unit": 3600, "connection_rate_limit": 2},
+                     "dnsbl": {"enabled": True, "sites": ["bl.test"]}})
+        for _ in range(2):               # talks before its turn: dropped
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                          source_address=("127.0.0.2", 0)) as s:
+                s.sendall(b"EHLO bot.test\r\n")
+                assert b"521 5.5.1 Protocol error" in s.recv(512) + s.recv(512)
+        assert greeting(server, "127.0.0.2") == \
+            "421 4.7.0 mx.test Error: too many connections from 127.0.0.2\r\n"
+        for _ in range(2):               # listed: the pregreet bait, then the refusal
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                          source_address=("127.0.0.3", 0)) as s:
+                replies = b""
+                while not re.search(rb"(^|\n)\d{3} [^\n]*\n", replies):
+                    replies += s.recv(512)
+            assert replies.decode() == (
+                "220-mx.test ESMTP Elemta\r\n554 5.7.1 mx.test Service unavailable; client "
+                "[127.0.0.3] blocked using bl.test\r\n")
+        assert greeting(server, "127.0.0.3") == \
+            "421 4.7.0 mx.test Error: too many connections from 127.0.0.3\r\n"
+
+
+def test_connections_are_counted_before_the_name_lookup(elemta_server, tmp_path):
+    """Counted as they arrive: clients that hang up while their name is looked up use
+    up their allowance, and one over it is refused without a lookup."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # never answers
+    silent.bind(("127.0.0.1", 0))
+    try:
+        server = elemta_server(
+            smtpd={"hostname": "mx.test", "workers": 1, "peername_timeout": 1.0},
+            relay={"mynetworks": ["127.0.0.1/32"]},
+            dns={"nameservers": ["127.0.0.1"], "port": silent.getsockname()[1],
+                 "timeout": 5.0},
+            plugins={"ratelimit": {"enabled": True, "database": str(tmp_path / "rl2"),
+                                   "time_unit": 3600, "connection_rate_limit": 2}})
+        for _ in range(2):               # gone before the lookup ends
+            socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                     source_address=("127.0.0.2", 0)).close()
+        wait_for(lambda: server.log().count("127.0.0.2: lookup timed out") == 2,
+                 timeout=30)
+        assert greeting(server, "127.0.0.2") == \
+            "421 4.7.0 mx.test Error: too many connections from 127.0.0.2\r\n"
+        assert server.log().count("127.0.0.2: lookup timed out") == 2
+    finally:
+        silent.close()

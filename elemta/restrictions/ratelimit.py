@@ -1,6 +1,6 @@
 """Client rate limits, as Postfix's anvil(8) applies them: the `ratelimit` built-in.
 
-Owned by the smtpd worker (connection, mail and rcpt stages). Counts, per time unit
+Owned by the smtpd worker (accept, mail and rcpt stages). Counts, per time unit
 (time_unit, Postfix's anvil_rate_time_unit), the connections, MAIL FROM and RCPT TO
 commands of each client address, and the MAIL FROM and RCPT TO commands of each AUTH
 login and of each envelope sender (in the queue's normal form, elemta.addressing.normal),
@@ -104,7 +104,10 @@ class RateLimitPlugin(Plugin):
     def _client(self, ctx):
         return "%s[%s]" % (ctx.client_name, ctx.client_address)
 
-    def on_connection(self, ctx):
+    def on_accept(self, ctx):
+        """Every connection is counted the moment it arrives, before its name lookup,
+        as anvil counts at connect: those the pregreet test or a DNSBL then refuses,
+        and those that hang up early, use up the allowance too."""
         s = self.settings
         if not s.connection_rate_limit or self.exempt(ctx):
             return None
