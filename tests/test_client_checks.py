@@ -101,10 +101,11 @@ def test_unknown_sender_domain(elemta_server, dns):
         for sender in ("a@withmx.test", "a@aonly.test", ""):
             assert smtp.mail(sender)[0] == 250, sender
             smtp.rset()
+        # Postfix's unknown_address_reject_code default, 450: no records, no domain.
         assert smtp.mail("a@empty.test") == (
-            550, b"5.1.8 <a@empty.test>: Sender address rejected: Domain not found")
+            450, b"4.1.8 <a@empty.test>: Sender address rejected: Domain not found")
         assert smtp.mail("a@ghost.empty.test") == (
-            550, b"5.1.8 <a@ghost.empty.test>: Sender address rejected: Domain not found")
+            450, b"4.1.8 <a@ghost.empty.test>: Sender address rejected: Domain not found")
         assert smtp.mail("a@nullmx.test") == (
             550, b"5.7.27 <a@nullmx.test>: Sender address rejected: Domain nullmx.test "
                  b"does not accept mail (nullMX)")
@@ -115,11 +116,26 @@ def test_unknown_sender_domain(elemta_server, dns):
         assert smtp.mail("a@b\u00fccher.example", ["SMTPUTF8"]) == (
             450, b"4.1.8 <a@b?cher.example>: Sender address rejected: Domain not found")
     log = server.log()
-    assert ("NOQUEUE: reject: MAIL from unknown[127.0.0.1]: 550 5.1.8 <a@empty.test>: "
+    assert ("NOQUEUE: reject: MAIL from unknown[127.0.0.1]: 450 4.1.8 <a@empty.test>: "
             "Sender address rejected: Domain not found; from=<a@empty.test> proto=ESMTP "
             "helo=<client.test> (plugin unknown_sender_domain)") in log
     assert "unserved.example: MX or address lookup failed: " in log
     assert "b\u00fccher.example: MX or address lookup failed: " in log
+
+
+def test_unknown_sender_domain_with_reject_code_550(elemta_server, dns):
+    server = elemta_server(relay={"mynetworks": NOT_US}, dns=dns,
+                           plugins={"unknown_sender_domain": {"enabled": True,
+                                                              "reject_code": 550}})
+    with client(server.port) as smtp:
+        smtp.ehlo("client.test")
+        assert smtp.mail("a@empty.test") == (
+            550, b"5.1.8 <a@empty.test>: Sender address rejected: Domain not found")
+        assert smtp.mail("a@ghost.empty.test") == (
+            550, b"5.1.8 <a@ghost.empty.test>: Sender address rejected: Domain not found")
+        # A DNS failure stays a 450 whatever the code.
+        assert smtp.mail("a@unserved.example") == (
+            450, b"4.1.8 <a@unserved.example>: Sender address rejected: Domain not found")
 
 
 def rcpt_from(port, source):

@@ -67,9 +67,9 @@ def test_verified_name_in_log_and_received_header(elemta_server, dns):
 def test_unconfirmed_or_missing_name_is_unknown(elemta_server, dns):
     server = elemta_server(relay={"mynetworks": NOT_US}, dns=dns)
     forged = queued(server, send_from(server, "127.0.0.6"))
-    assert forged.startswith(b"Received: from client.test ([127.0.0.6])\r\n")
+    assert forged.startswith(b"Received: from client.test (unknown [127.0.0.6])\r\n")
     missing = queued(server, send_from(server, "127.0.0.7"))
-    assert missing.startswith(b"Received: from client.test ([127.0.0.7])\r\n")
+    assert missing.startswith(b"Received: from client.test (unknown [127.0.0.7])\r\n")
     log = server.log()
     assert "connect from unknown[127.0.0.6]" in log
     assert "127.0.0.6: hostname forged.test does not resolve to address 127.0.0.6" in log
@@ -82,7 +82,7 @@ def test_lookup_off_leaves_every_client_unknown(elemta_server, dns):
     server = elemta_server(relay={"mynetworks": NOT_US}, dns=dns,
                            smtpd={"peername_lookup": False})
     content = queued(server, send_from(server, "127.0.0.5"))
-    assert content.startswith(b"Received: from client.test ([127.0.0.5])\r\n")
+    assert content.startswith(b"Received: from client.test (unknown [127.0.0.5])\r\n")
     assert "connect from unknown[127.0.0.5]" in server.log()
 
 

@@ -215,7 +215,7 @@ def test_submitted_mail_reaches_another_domains_mailbox_byte_for_byte(mta, dovec
     assert rest == sent
     assert fetched.startswith(b"Return-Path: <alice@one.test>\r\n"
                               b"Delivered-To: bob@two.test\r\n")
-    assert re.search(rb"\r\nReceived: from laptop\.one\.test \(\[127\.0\.0\.1\]\)\r\n"
+    assert re.search(rb"\r\nReceived: from laptop\.one\.test \(unknown \[127\.0\.0\.1\]\)\r\n"
                      rb"(\t.*\r\n)*\tby mx\.test \(Elemta\) with ESMTPSA id %s\r\n"
                      rb"\tfor <bob@two\.test>; " % queue_id.encode(), fetched), fetched
     assert ("%s: client=unknown[127.0.0.1], sasl_method=PLAIN, "

@@ -95,7 +95,7 @@ def test_without_plugins_the_spool_file_is_received_plus_content(elemta_server):
     received, rest = content[:-len(raw)], content[-len(raw):]
     assert rest == raw
     lines = received.split(b"\r\n")
-    assert lines[0].startswith(b"Received: from client.test ([127.0.0.1])")
+    assert lines[0].startswith(b"Received: from client.test (unknown [127.0.0.1])")
     assert lines[-1] == b"" and all(line.startswith(b"\t") for line in lines[1:-1])
 
 

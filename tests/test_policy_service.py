@@ -12,6 +12,7 @@ import os
 import smtplib
 import ssl
 import tempfile
+import threading
 import time
 
 import pytest
@@ -69,9 +70,9 @@ def policy_server(elemta_server, *servers):
     ("OK", "ok", None, None, ""),
     ("31337", "ok", None, None, ""),                  # all-numerical: OK, as Postfix
     ("dunno", "dunno", None, None, ""),
-    ("REJECT", "refuse", 550, "5.7.1", "Access denied"),
-    ("REJECT 5.7.2 go away", "refuse", 550, "5.7.2", "go away"),
-    ("reject 4.1.1 wrong class", "refuse", 550, "5.1.1", "wrong class"),
+    ("REJECT", "refuse", 554, "5.7.1", "Access denied"),
+    ("REJECT 5.7.2 go away", "refuse", 554, "5.7.2", "go away"),
+    ("reject 4.1.1 wrong class", "refuse", 554, "5.1.1", "wrong class"),
     ("DEFER busy", "refuse", 450, "4.7.1", "busy"),
     ("DEFER_IF_PERMIT 4.7.24 dns", "defer_if_permit", 450, "4.7.24", "dns"),
     ("defer_if_reject", "defer_if_reject", 450, "4.7.1",
@@ -139,7 +140,7 @@ def test_postfwd_reject_and_defer_refuse_the_recipient(with_postfwd, postfwd):
                                                     "later@example.test",
                                                     "coded@example.test",
                                                     "fine@example.test"])
-    assert replies[0] == (550, b"5.7.1 <blocked@example.test>: Recipient address "
+    assert replies[0] == (554, b"5.7.1 <blocked@example.test>: Recipient address "
                                b"rejected: no mail for blocked")
     assert replies[1] == (450, b"4.7.1 <later@example.test>: Recipient address rejected: "
                                b"busy right now")
@@ -149,7 +150,7 @@ def test_postfwd_reject_and_defer_refuse_the_recipient(with_postfwd, postfwd):
     envelope, _ = server.message(queue_id(data))
     assert [r.address for r in envelope.recipients] == ["fine@example.test"]
     log = server.log()
-    assert ("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.7.1 "
+    assert ("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 554 5.7.1 "
             "<blocked@example.test>: Recipient address rejected: no mail for blocked; "
             "from=<a@sender.test> to=<blocked@example.test> proto=ESMTP "
             "helo=<client.test> (plugin policy_service)") in log
@@ -196,10 +197,50 @@ def test_postfwd_at_end_of_message_refuses_the_content(with_postfwd):
     server = with_postfwd
     replies, data = send(server, "late@sender.test", ["fine@example.test"])
     assert replies[0][0] == 250
-    assert data == (550, b"5.7.1 <END-OF-MESSAGE>: End-of-data rejected: not after all")
-    assert "reject: END-OF-MESSAGE from unknown[127.0.0.1]: 550 5.7.1 <END-OF-MESSAGE>: " \
+    assert data == (554, b"5.7.1 <END-OF-MESSAGE>: End-of-data rejected: not after all")
+    assert "reject: END-OF-MESSAGE from unknown[127.0.0.1]: 554 5.7.1 <END-OF-MESSAGE>: " \
            "End-of-data rejected: not after all; from=<late@sender.test>" in server.log()
     assert server.queued_ids() == []
+
+
+# The client's names: PTR confirmed, PTR not confirmed, no PTR.
+NAME_ZONES = {
+    "0.0.127.in-addr.arpa": "5 PTR good.test.\n6 PTR forged.test.\n",
+    "good.test": "@ A 127.0.0.5\n",
+    "forged.test": "@ A 127.0.0.99\n",
+}
+# postfwd echoes the names it was sent ($$attribute is the request's value).
+NAME_RULES = ("id=NAMES; protocol_state==RCPT; action=REJECT client_name=$$client_name "
+              "reverse_client_name=$$reverse_client_name\n")
+
+
+def test_client_name_is_confirmed_and_reverse_client_name_is_the_ptr_name(
+        elemta_server, tmp_path):
+    """As Postfix sends them: client_name only when the PTR name's address is the
+    client's, reverse_client_name the PTR name whatever its address; seen by postfwd."""
+    reason = missing(POSTFWD) or nsd_available()
+    if reason:
+        pytest.skip(reason)
+    with NSDInstance(str(tmp_path / "nsd"), NAME_ZONES) as dns, \
+            PostfwdServer(tempfile.mkdtemp(prefix="elemta-postfwd-"), NAME_RULES) as postfwd:
+        server = elemta_server(
+            relay={"mynetworks": NOT_US},
+            dns={"nameservers": ["127.0.0.1"], "port": dns.port, "timeout": 2.0},
+            plugins={"policy_service": {"enabled": True, "servers": [
+                {"address": "inet:127.0.0.1:%d" % postfwd.port}]}})
+        seen = {}
+        for client in ("127.0.0.5", "127.0.0.6", "127.0.0.7"):
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=60,
+                              source_address=(client, 0)) as smtp:
+                smtp.ehlo("client.test")
+                smtp.mail("a@sender.test")
+                code, text = smtp.rcpt("rcpt@example.test")
+            assert code == 554, text
+            seen[client] = text.decode().split("rejected: ", 1)[1]
+    assert seen == {
+        "127.0.0.5": "client_name=good.test reverse_client_name=good.test",
+        "127.0.0.6": "client_name=unknown reverse_client_name=forged.test",
+        "127.0.0.7": "client_name=unknown reverse_client_name=unknown"}
 
 
 # ---- policyd-spf -----------------------------------------------------------------------
@@ -438,7 +479,7 @@ def test_defer_if_permit_defers_unless_a_later_server_rejects(elemta_server):
                                                      "c@example.test", "d@example.test"])
         assert replies[0] == (450, b"4.7.24 <a@example.test>: Recipient address rejected: "
                                    b"SPF temp error")
-        assert replies[1] == (550, b"5.7.1 <b@example.test>: Recipient address rejected: no")
+        assert replies[1] == (554, b"5.7.1 <b@example.test>: Recipient address rejected: no")
         assert replies[2] == (450, b"4.7.1 <c@example.test>: Recipient address rejected: "
                                    b"not sure")
         assert replies[3][0] == 250
@@ -452,7 +493,7 @@ def test_ok_skips_the_later_servers(elemta_server):
                                {"address": second.address})
         replies, _ = send(server, "s@sender.test", ["vip@example.test", "x@example.test"])
         assert replies[0][0] == 250
-        assert replies[1][0] == 550
+        assert replies[1][0] == 554
         assert [r["recipient"] for r in second.requests] == ["x@example.test"]
 
 
@@ -548,3 +589,72 @@ def test_the_content_is_kept_only_when_a_server_is_asked_after_it():
     assert (after.wants("rcpt"), after.wants("data")) == (True, True)
     rcpt_only.close()
     after.close()
+
+
+def held_answers():
+    """(answer, release): answer() waits until release is set, then says DUNNO."""
+    release = threading.Event()
+
+    def answer(request):
+        release.wait(60)
+        return b"action=DUNNO\n\n"
+    return answer, release
+
+
+def rcpt_in_thread(server, recipient, replies):
+    def run():
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail("a@sender.test")
+            replies[recipient] = smtp.rcpt(recipient)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_max_connections_caps_a_worker_and_the_rest_wait_their_turn(elemta_server):
+    """Three sessions at once, max_connections 2: the server sees two connections, the
+    third request waits for one of them and goes over it."""
+    answer, release = held_answers()
+    with ScriptedPolicyServer(answer) as policy:
+        server = elemta_server(smtpd={"workers": 1}, relay={"mynetworks": NOT_US},
+                               plugins={"policy_service": {"enabled": True, "servers": [
+                                   {"address": policy.address, "max_connections": 2,
+                                    "timeout": 30}]}})
+        replies = {}
+        threads = [rcpt_in_thread(server, "r%d@example.test" % i, replies)
+                   for i in range(3)]
+        wait_for(lambda: len(policy.requests) == 2, timeout=30)
+        time.sleep(1.0)                    # the third would have connected by now
+        assert len(policy.connections) == 2 and len(policy.requests) == 2
+        release.set()
+        for thread in threads:
+            thread.join(60)
+        assert [replies["r%d@example.test" % i][0] for i in range(3)] == [250] * 3
+        assert len(policy.connections) == 2 and len(policy.requests) == 3
+
+
+def test_a_request_waiting_longer_than_timeout_takes_the_default_action(elemta_server):
+    answer, release = held_answers()
+    with ScriptedPolicyServer(answer) as policy:
+        server = elemta_server(smtpd={"workers": 1}, relay={"mynetworks": NOT_US},
+                               plugins={"policy_service": {"enabled": True, "servers": [
+                                   {"address": policy.address, "max_connections": 1,
+                                    "timeout": 2, "retry_delay": 4,
+                                    "default_action": "DEFER policy busy"}]}})
+        replies = {}
+        # The first request holds the one connection: 2 s unanswered, then (between
+        # its two attempts) 4 s of retry_delay.
+        first = rcpt_in_thread(server, "first@example.test", replies)
+        wait_for(lambda: len(policy.requests) == 1, timeout=30)
+        second = rcpt_in_thread(server, "second@example.test", replies)
+        second.join(60)
+        assert replies["second@example.test"] == (
+            450, b"4.7.1 <second@example.test>: Recipient address rejected: policy busy")
+        assert len(policy.connections) == 1
+        release.set()                      # the first one's second attempt is answered
+        first.join(60)
+        assert replies["first@example.test"][0] == 250
+        assert ("to=<second@example.test>: policy server %s unavailable: all 1 "
+                "connections busy for 2s; default action DEFER policy busy"
+                % policy.address) in server.log()

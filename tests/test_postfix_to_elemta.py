@@ -86,7 +86,7 @@ def assert_relayed(server, postfix_id, elemta_id, sender, recipients, message,
     assert sorted(r.address for r in envelope.recipients) == sorted(recipients)
     assert (envelope.client_helo, envelope.protocol) == (POSTFIX_HELO, protocol)
     # Elemta's trace header first, then Postfix's own, then the original message.
-    assert content.startswith(b"Received: from %s ([127.0.0.1])\r\n" % POSTFIX_HELO.encode())
+    assert content.startswith(b"Received: from %s (unknown [127.0.0.1])\r\n" % POSTFIX_HELO.encode())
     elemta_trace, rest = content.split(b"\r\nReceived: ", 1)
     assert b"by mx.test (Elemta) with %s id %s" % (protocol.encode(), elemta_id.encode()) \
         in elemta_trace

@@ -211,12 +211,14 @@ def test_message_and_recipient_rates_per_client(elemta_server, tmp_path):
 def test_message_rate_per_sender_and_per_login(elemta_server, tmp_path):
     server = server_with_limits(elemta_server, tmp_path, sender_message_rate_limit=2,
                                 user_recipient_rate_limit=2)
-    # The same sender from two clients: counted together.
-    assert send(server, "127.0.0.2", "News@c.test", ["b@example.test"]) == {}
-    assert send(server, "127.0.0.3", "news@c.test", ["b@example.test"]) == {}
-    assert send(server, "127.0.0.6", "news@c.test", ["b@example.test"]) == {
-        "MAIL": (450, "4.7.1 Error: too much mail from sender news@c.test")}
-    assert send(server, "127.0.0.6", "other@c.test", ["b@example.test"]) == {}
+    # The same sender from two clients, spelled two ways: counted together, in the
+    # queue's normal form (the domain's case folded, needless quotes dropped).
+    assert send(server, "127.0.0.2", "A@EXAMPLE.test", ["b@example.test"]) == {}
+    assert send(server, "127.0.0.3", '"A"@example.TEST.', ["b@example.test"]) == {}
+    assert send(server, "127.0.0.6", "A@example.test", ["b@example.test"]) == {
+        "MAIL": (450, "4.7.1 Error: too much mail from sender A@example.test")}
+    assert "for sender A@example.test per 3600s" in server.log()
+    assert send(server, "127.0.0.6", "other@example.test", ["b@example.test"]) == {}
     # Bounces (the null sender) share no allowance.
     for _ in range(3):
         assert send(server, "127.0.0.2", "", ["b@example.test"]) == {}
@@ -242,19 +244,59 @@ def test_config_error_names_file_line_and_key(tmp_path):
                                 "an integer, not a string ('lots')" % path)
 
 
-def test_a_full_store_forgets_ended_windows_and_goes_on(tmp_path):
-    counter = LMDBRateCounter(str(tmp_path / "small"), map_size=64 << 10)
-    filled = 0
-    while True:                     # fill it with windows that then end
-        try:
-            counter._hit("client-%06d" % filled, 1, 60, T0)
-        except lmdb.MapFullError:
-            break
-        filled += 1
-    assert filled > 100
-    assert counter.hit("newcomer", 1, 60, now=T0 + 60) == 1
-    assert counter.count() == 1
+def test_a_store_flooded_with_keys_forgets_the_least_recently_used(tmp_path):
+    counter = LMDBRateCounter(str(tmp_path / "small"), map_size=1 << 20)
+    counter.hit("ended", 1, 60, now=T0 - 100)
+    for i in range(30000):              # far more keys than 1 MB holds
+        counter.hit("client-%06d" % i, 1, 60, now=T0 + i / 1000.0)
+        if i % 100 == 0:
+            counter.hit("busy", 1, 60, now=T0 + i / 1000.0)
+    assert counter.count() < 15000
+    # The key in use all along kept its count; the ended and the oldest are gone.
+    assert counter.hit("busy", 0, 60, now=T0 + 30) == 300
+    assert counter.hit("ended", 0, 60, now=T0 + 30) == 0
+    assert counter.hit("client-000000", 0, 60, now=T0 + 30) == 0
+    assert counter.hit("client-029999", 0, 60, now=T0 + 30) == 1
     counter.close()
+
+
+def test_a_store_full_to_the_last_page_is_emptied_not_failed(tmp_path):
+    path = str(tmp_path / "full")
+    env = lmdb.open(path, map_size=1 << 20, subdir=True)
+    with pytest.raises(lmdb.MapFullError):
+        for i in range(100000):         # as full as LMDB gets: not even a delete fits
+            with env.begin(write=True) as txn:
+                txn.put(b"connect\0127.1.%d.%d" % (i >> 8, i & 255), b"x" * 24)
+    env.close()
+    counter = LMDBRateCounter(path, map_size=1 << 20)
+    assert counter.hit("newcomer", 1, 60, now=T0) == 1
+    assert counter.count() <= 1
+    assert counter.hit("next", 1, 60, now=T0) == 1
+    counter.close()
+
+
+def test_a_flood_of_client_addresses_cannot_fill_the_store_against_everyone(
+        elemta_server, tmp_path):
+    """Clients choose the keys: many addresses must not fill the counters into refusing
+    every client (it was 421 4.3.0 for all once LMDB was full). The flood goes through
+    the store the workers use, with their keys, as thousands of connections would;
+    a client over its limit, connecting meanwhile, stays refused, and a new one is let
+    in."""
+    server = server_with_limits(elemta_server, tmp_path, connection_rate_limit=3,
+                                map_size_mb=1)
+    refused = "421 4.7.0 mx.test Error: too many connections from 127.0.0.2\r\n"
+    assert [greeting(server, "127.0.0.2")[:4] for _ in range(3)] == ["220 "] * 3
+    flood = LMDBRateCounter(str(tmp_path / "ratelimit"), map_size=1 << 20)
+    for i in range(30000):
+        flood.hit("connect\0" + client_key("127.1.%d.%d" % (i >> 8, i & 255)), 1, 3600)
+        if i % 3000 == 0:
+            assert greeting(server, "127.0.0.2") == refused
+    assert flood.count() < 10000
+    flood.close()
+    for client in ("127.0.0.7", "127.0.0.8", "127.1.0.1"):
+        assert greeting(server, client)[:4] == "220 "
+    assert greeting(server, "127.0.0.2") == refused
+    assert "Traceback" not in server.log()
 
 
 def test_message_rate_per_login_and_recipient_rate_per_sender(elemta_server, tmp_path):
@@ -271,3 +313,67 @@ def test_message_rate_per_login_and_recipient_rate_per_sender(elemta_server, tmp
         "c@example.test": (450, "4.7.1 Error: too many recipients from sender s2@c.test")}
     # Exempt clients are not counted at all, logins and senders included.
     assert send(server, "127.0.0.4", "s2@c.test", ["d@example.test"], alice) == {}
+
+
+# 127.0.0.3 is on the DNS block list.
+DNSBL_ZONES = {"bl.test": "3.0.0.127 A 127.0.0.2\n"}
+
+
+def test_connections_refused_early_are_counted_too(elemta_server, tmp_path):
+    """anvil counts every connection: those the pregreet test drops and those a DNSBL
+    refuses use up the client's allowance as well."""
+    from tests.peers.nsd import NSDInstance, nsd_available
+    if nsd_available():
+        pytest.skip(nsd_available())
+    with NSDInstance(str(tmp_path / "nsd"), DNSBL_ZONES) as dns:
+        server = elemta_server(
+            smtpd={"hostname": "mx.test", "workers": 1},
+            relay={"mynetworks": ["127.0.0.1/32"]},
+            dns={"nameservers": ["127.0.0.1"], "port": dns.port, "timeout": 2.0},
+            protocol_tests={"greet_wait": 1, "greet_action": "drop"},
+            plugins={"ratelimit": {"enabled": True, "database": str(tmp_path / "rl"),
+                                   "time_unit": 3600, "connection_rate_limit": 2},
+                     "dnsbl": {"enabled": True, "sites": ["bl.test"]}})
+        for _ in range(2):               # talks before its turn: dropped
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                          source_address=("127.0.0.2", 0)) as s:
+                s.sendall(b"EHLO bot.test\r\n")
+                assert b"521 5.5.1 Protocol error" in s.recv(512) + s.recv(512)
+        assert greeting(server, "127.0.0.2") == \
+            "421 4.7.0 mx.test Error: too many connections from 127.0.0.2\r\n"
+        for _ in range(2):               # listed: the pregreet bait, then the refusal
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                          source_address=("127.0.0.3", 0)) as s:
+                replies = b""
+                while not re.search(rb"(^|\n)\d{3} [^\n]*\n", replies):
+                    replies += s.recv(512)
+            assert replies.decode() == (
+                "220-mx.test ESMTP Elemta\r\n554 5.7.1 mx.test Service unavailable; client "
+                "[127.0.0.3] blocked using bl.test\r\n")
+        assert greeting(server, "127.0.0.3") == \
+            "421 4.7.0 mx.test Error: too many connections from 127.0.0.3\r\n"
+
+
+def test_connections_are_counted_before_the_name_lookup(elemta_server, tmp_path):
+    """Counted as they arrive: clients that hang up while their name is looked up use
+    up their allowance, and one over it is refused without a lookup."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # never answers
+    silent.bind(("127.0.0.1", 0))
+    try:
+        server = elemta_server(
+            smtpd={"hostname": "mx.test", "workers": 1, "peername_timeout": 1.0},
+            relay={"mynetworks": ["127.0.0.1/32"]},
+            dns={"nameservers": ["127.0.0.1"], "port": silent.getsockname()[1],
+                 "timeout": 5.0},
+            plugins={"ratelimit": {"enabled": True, "database": str(tmp_path / "rl2"),
+                                   "time_unit": 3600, "connection_rate_limit": 2}})
+        for _ in range(2):               # gone before the lookup ends
+            socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                     source_address=("127.0.0.2", 0)).close()
+        wait_for(lambda: server.log().count("127.0.0.2: lookup timed out") == 2,
+                 timeout=30)
+        assert greeting(server, "127.0.0.2") == \
+            "421 4.7.0 mx.test Error: too many connections from 127.0.0.2\r\n"
+        assert server.log().count("127.0.0.2: lookup timed out") == 2
+    finally:
+        silent.close()

@@ -81,7 +81,7 @@ def only_message(server):
 
 def assert_received(content, queue_id, protocol, recipient=None, client=b"127.0.0.1"):
     """Elemta's Received header is first and names the client, the protocol and the id."""
-    assert content.startswith(b"Received: from " + HELO.encode() + b" ([" + client + b"])\r\n")
+    assert content.startswith(b"Received: from " + HELO.encode() + b" (unknown [" + client + b"])\r\n")
     assert b"by mx.test (Elemta) with " + protocol + b" id " + queue_id.encode() in content
     if recipient is not None:
         assert b"\tfor <" + recipient.encode() + b">; " in content

@@ -36,6 +36,13 @@ message of the session, those of mail and rcpt into this message; a field is wri
 however often it is given, those of a refused command are dropped, and `remove` has
 nothing to act on before the content.
 
+  accept      smtpd, the moment a client connects, before anything is done for it (its
+              name is looked up, the pregreet test, the connection stage), so that every
+              connection is seen, those refused early included (Postfix's anvil counts
+              here). ctx: client_address, listener, trusted, hostname, session; no
+              client_name yet. reject / tempfail: as at connection, and nothing more is
+              done for the client (no name lookup, no pregreet test, no connection
+              stage); other results count as no opinion.
   connection  smtpd, a client connected, before the 220 greeting. ctx: client_address,
               client_name, client_lookup, listener, trusted, tls (smtps only),
               hostname, resolver, session.
@@ -92,6 +99,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 # The stages, in the order mail meets them (see the module docstring for each one's
 # context and results). on_<stage> is the method a plugin defines.
+ACCEPT_STAGE = "accept"     # a client connected: before its name lookup and the greeting
 CONNECTION = "connection"   # a client connected (before the 220 greeting)
 HELO = "helo"               # HELO/EHLO
 AUTH = "auth"               # AUTH succeeded (ctx.auth_user is set)
@@ -102,7 +110,7 @@ STORAGE = "storage"         # the final content, about to be written to the spoo
 QUEUE = "queue"             # the message is durably queued (notification only)
 ROUTING = "routing"         # delivery: choosing the next hop of a recipient
 DELIVERY = "delivery"       # delivery: about to hand recipients to their transport
-STAGES = (CONNECTION, HELO, AUTH, MAIL, RCPT, DATA, STORAGE, QUEUE, ROUTING, DELIVERY)
+STAGES = (ACCEPT_STAGE, CONNECTION, HELO, AUTH, MAIL, RCPT, DATA, STORAGE, QUEUE, ROUTING, DELIVERY)
 
 # Actions a verdict may carry.
 CONTINUE = "continue"       # no objection; later plugins run; default behaviour

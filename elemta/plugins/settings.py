@@ -285,8 +285,12 @@ class RateLimitSettings(PluginCommon):
             "smtpd_client_event_limit_exceptions.", networks)
     database: str = opt("/var/lib/elemta/ratelimit", "LMDB directory of the counters, "
                                                       "shared by every smtpd worker.")
-    map_size_mb: int = opt(16, "Largest size of the LMDB database, in megabytes.",
-                           positive)
+    map_size_mb: int = opt(16, "Largest size of the LMDB database, in megabytes (1 MB "
+                               "holds about 6,000 counts). Past 60% full, the ended "
+                               "windows and then the least recently used counts are "
+                               "forgotten, down to half: a flood of new addresses never "
+                               "fills it into refusing everyone. Postfix's anvil keeps "
+                               "its counts in memory, without a bound.", positive)
 # ---- restrictions (issue #15): elemta.restrictions, each a built-in plugin ----------------
 
 def _listener_names(values):
@@ -503,11 +507,12 @@ class SenderDomainSettings(RestrictionSettings):
     """Refusal, at MAIL FROM, of a sender domain that has no MX and no address record
     (Postfix: reject_unknown_sender_domain)."""
     reject_code: int = opt(
-        550, "Reply code when the domain does not exist or has neither MX nor A/AAAA "
-             "records: CODE 5.1.8 <ADDRESS>: Sender address rejected: Domain not found. "
-             "A DNS failure always gives 450 4.1.8; a null MX (RFC 7505) gives 550 "
-             "5.7.27. Postfix: unknown_address_reject_code (whose default is 450).",
-        _reply_code("45"))
+        450, "Reply code when the domain does not exist or has neither MX nor A/AAAA "
+             "records: CODE 4.1.8 (5.1.8 with a 5xx code) <ADDRESS>: Sender address "
+             "rejected: Domain not found. 450 lets a sender whose DNS is broken for a "
+             "moment retry; 550 refuses at once. A DNS failure always gives 450 4.1.8; "
+             "a null MX (RFC 7505) gives 550 5.7.27. Postfix: unknown_address_reject_code "
+             "(default 450).", _reply_code("45"))
 
 
 @dataclass(frozen=True)
@@ -647,6 +652,12 @@ class PolicyServerSettings:
     request_limit: int = opt(0, "Requests per connection, then it is reopened; 0: no limit "
                                 "(Postfix's smtpd_policy_service_request_limit).",
                              not_negative)
+    max_connections: int = opt(
+        20, "Connections to this server one smtpd worker has open at most, in use and "
+            "idle; a request finding them all busy waits for one, at most `timeout` "
+            "seconds, then the default action is taken. Postfix has no parameter: each "
+            "smtpd process keeps one connection, so its process limit (master.cf "
+            "maxproc, default_process_limit) caps them.", positive)
     try_limit: int = opt(2, "Attempts to send one request before the default action "
                             "(Postfix's smtpd_policy_service_try_limit).", positive)
     retry_delay: float = opt(1.0, "Seconds between attempts (Postfix's "

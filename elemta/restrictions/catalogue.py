@@ -23,7 +23,7 @@ STAGES = ("connect", "helo", "auth", "mail", "rcpt", "data", "end_of_data")
 # A plugin stage -> the restriction stage it runs in (queue, routing and delivery refuse
 # nothing a client hears).
 PLUGIN_STAGES = {
-    "connection": "connect", "helo": "helo", "auth": "auth", "mail": "mail",
+    "accept": "connect", "connection": "connect", "helo": "helo", "auth": "auth", "mail": "mail",
     "rcpt": "rcpt", "data": "end_of_data", "storage": "end_of_data",
 }
 

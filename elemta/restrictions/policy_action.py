@@ -7,9 +7,8 @@ alone. It is also what checks a configured default_action (elemta.plugins.settin
 
     OK, or all digits          accept: the later checks of the stage are skipped
     DUNNO                      no opinion
-    REJECT [text]              550 5.7.1 (text may start with its own 5.X.Y status;
-                               Postfix's access_map_reject_code is 554, Elemta answers
-                               550 as for its other refusals)
+    REJECT [text]              554 5.7.1 (text may start with its own 5.X.Y status),
+                               Postfix's access_map_reject_code default
     DEFER [text]               450 4.7.1
     DEFER_IF_PERMIT [text]     450 4.7.1 unless something later rejects (see the plugin)
     DEFER_IF_REJECT [text]     turns a later reject into 450 4.7.1
@@ -44,6 +43,10 @@ HOLD = "hold"
 DISCARD = "discard"
 PREPEND = "prepend"
 
+# Postfix's access_map_reject_code and access_map_defer_code defaults: what a REJECT
+# and a DEFER without a code answer.
+REJECT_CODE = 554
+DEFER_CODE = 450
 # What Postfix answers when no text is given (its "generic error response message").
 REJECT_TEXT = "Access denied"
 DEFER_TEXT = "Service unavailable, try again later"
@@ -106,12 +109,12 @@ def parse_action(value: str) -> PolicyDecision:
     if verb == "DUNNO":
         return PolicyDecision(DUNNO)
     if verb == "REJECT":
-        status, text = _status_and_text(rest, 550, REJECT_TEXT)
-        return PolicyDecision(REFUSE, 550, status, text)
+        status, text = _status_and_text(rest, REJECT_CODE, REJECT_TEXT)
+        return PolicyDecision(REFUSE, REJECT_CODE, status, text)
     if verb in ("DEFER", DEFER_IF_PERMIT.upper(), DEFER_IF_REJECT.upper()):
-        status, text = _status_and_text(rest, 450, DEFER_TEXT)
+        status, text = _status_and_text(rest, DEFER_CODE, DEFER_TEXT)
         kind = REFUSE if verb == "DEFER" else verb.lower()
-        return PolicyDecision(kind, 450, status, text)
+        return PolicyDecision(kind, DEFER_CODE, status, text)
     if verb in ("HOLD", "DISCARD"):
         return PolicyDecision(verb.lower(), text=rest)
     if verb == "PREPEND":

@@ -11,6 +11,12 @@ like policyd-spf count on to add their header once per message. A connection is 
 after `max_idle` seconds unused, `max_ttl` seconds of life or `request_limit` requests,
 and at once after any error or any byte the server sent beyond its answer.
 
+A worker has at most `max_connections` connections to one server, in use and idle (a
+gevent semaphore counts the ones in use; a new one is opened only when none is idle): a
+worker serving hundreds of sessions must not make a policy server fork hundreds of
+processes. A request finding them all in use waits for one, at most `timeout` seconds,
+then PolicyUnavailable says so.
+
 Every wait is a gevent socket with the server's `timeout` (connect, send, receive); a
 failed attempt is retried `try_limit` times in all, `retry_delay` seconds apart (Postfix's
 smtpd_policy_service_* parameters), then PolicyUnavailable says why. An answer without
@@ -26,6 +32,7 @@ from typing import List, Optional, Tuple
 
 import gevent
 from gevent import socket
+from gevent.lock import BoundedSemaphore
 
 log = logging.getLogger("elemta.restrictions.policy")
 
@@ -138,6 +145,9 @@ class PolicyClient:
         self.address = settings.address
         self.idle: List[PolicyConnection] = []
         self._sweeper = None
+        # Connections in use; idle ones are opened only when none is idle, so the
+        # open ones never outnumber it either.
+        self.in_use = BoundedSemaphore(settings.max_connections)
 
     def ask(self, request: bytes, preferred: Optional[PolicyConnection] = None
             ) -> Tuple[str, PolicyConnection]:
@@ -147,6 +157,15 @@ class PolicyClient:
 
         A kept connection the server has closed meanwhile (its own idle timeout) is not
         a failed attempt: the request goes at once over a new connection, once."""
+        if not self.in_use.acquire(timeout=self.settings.timeout):
+            raise PolicyUnavailable("all %d connections busy for %gs" % (
+                self.settings.max_connections, self.settings.timeout))
+        try:
+            return self._ask(request, preferred)
+        finally:
+            self.in_use.release()
+
+    def _ask(self, request, preferred):
         settings = self.settings
         problem = "no attempt"
         attempts = 0
@@ -225,7 +244,7 @@ class PolicyClient:
             connection.close()
             return
         self.idle.append(connection)
-        while len(self.idle) > MAX_POOLED:
+        while len(self.idle) > min(MAX_POOLED, self.settings.max_connections):
             self.idle.pop(0).close()
         if self._sweeper is None:
             self._sweeper = gevent.spawn(self._sweep_forever)

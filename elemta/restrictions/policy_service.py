@@ -6,7 +6,9 @@ Elemta sends each policy server the attributes Postfix sends (SMTPD_POLICY_READM
 Postfix 3.8), and acts on the access(5) action the server answers
 (elemta.restrictions.policy_action). What Elemta does not know is sent empty (or 0):
 ccert_* (it asks clients for no certificate), sasl_sender, etrn_domain, stress and
-compatibility_level; reverse_client_name is client_name; mail_version is Elemta's.
+compatibility_level; mail_version is Elemta's. As in Postfix, client_name is the
+forward-confirmed name and reverse_client_name the PTR name, confirmed or not, each
+"unknown" when there is none (elemta.plugins.peername).
 The servers are asked in their configured order:
 
     OK                  accept: later servers and the later plugins of the stage are skipped
@@ -75,6 +77,13 @@ def new_instance():
     return "%x.%x.%x" % (os.getpid(), int(time.time()), next(_COUNTER))
 
 
+def reverse_name(ctx):
+    """The client's PTR name, whether its forward lookup confirms it or not, or
+    "unknown" (no PTR, no lookup made): Postfix's reverse_client_name."""
+    found = ctx.client_lookup
+    return getattr(found, "reverse_name", None) or "unknown"
+
+
 def request_attributes(state, ctx, policy_context=""):
     """[(name, value)]: Postfix's policy request attributes for `state`, from ctx."""
     recipients = ctx.recipients or []
@@ -101,7 +110,7 @@ def request_attributes(state, ctx, policy_context=""):
         ("recipient_count", count),
         ("client_address", ctx.client_address or ""),
         ("client_name", ctx.client_name or "unknown"),
-        ("reverse_client_name", ctx.client_name or "unknown"),
+        ("reverse_client_name", reverse_name(ctx)),
         ("instance", instance),
         ("sasl_method", ctx.auth_method or ""),
         ("sasl_username", ctx.auth_user or ""),

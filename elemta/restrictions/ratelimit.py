@@ -1,9 +1,10 @@
 """Client rate limits, as Postfix's anvil(8) applies them: the `ratelimit` built-in.
 
-Owned by the smtpd worker (connection, mail and rcpt stages). Counts, per time unit
+Owned by the smtpd worker (accept, mail and rcpt stages). Counts, per time unit
 (time_unit, Postfix's anvil_rate_time_unit), the connections, MAIL FROM and RCPT TO
 commands of each client address, and the MAIL FROM and RCPT TO commands of each AUTH
-login and of each envelope sender, and refuses what goes over a limit:
+login and of each envelope sender (in the queue's normal form, elemta.addressing.normal),
+and refuses what goes over a limit:
 
     connection   421 4.7.0 <host> Error: too many connections from ADDRESS  (closes)
     MAIL FROM    450 4.7.1 Error: too much mail from ADDRESS
@@ -33,6 +34,7 @@ import logging
 
 import lmdb
 
+from elemta.addressing.normal import canonical
 from elemta.plugins.api import Plugin, PluginConfigError, Result
 from elemta.plugins.settings import RateLimitSettings
 from elemta.restrictions.ratecounter import LMDBRateCounter
@@ -102,7 +104,10 @@ class RateLimitPlugin(Plugin):
     def _client(self, ctx):
         return "%s[%s]" % (ctx.client_name, ctx.client_address)
 
-    def on_connection(self, ctx):
+    def on_accept(self, ctx):
+        """Every connection is counted the moment it arrives, before its name lookup,
+        as anvil counts at connect: those the pregreet test or a DNSBL then refuses,
+        and those that hang up early, use up the allowance too."""
         s = self.settings
         if not s.connection_rate_limit or self.exempt(ctx):
             return None
@@ -133,7 +138,10 @@ class RateLimitPlugin(Plugin):
         if not any(limits) or self.exempt(ctx):
             return None
         client_limit, user_limit, sender_limit = limits
-        sender = (ctx.sender or "").lower()
+        # The queue's normal form: one counter for every spelling of one address
+        # (domain case, a final dot, IDN, needless quotes); the local part's case is
+        # the mailbox's own, as in the queue.
+        sender = canonical(ctx.sender) if ctx.sender else ""
         refusal = None
         for scope, key, shown, limit in (
                 ("client", client_key(ctx.client_address), ctx.client_address,

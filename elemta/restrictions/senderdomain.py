@@ -5,11 +5,10 @@ the sender's domain must have an MX record, or else an A or AAAA record (RFC 532
 implicit MX); bounces to it could not be delivered otherwise. Through the plugin
 resolver (gevent). Postfix's replies:
 
-    550 5.1.8 <ADDRESS>: Sender address rejected: Domain not found
-        no such domain, or neither MX nor address records (reject_code, Postfix's
-        unknown_address_reject_code)
     450 4.1.8 <ADDRESS>: Sender address rejected: Domain not found
-        a DNS failure or timeout: ask again later
+        no such domain, or neither MX nor address records (reject_code, Postfix's
+        unknown_address_reject_code, default 450; 550 gives 550 5.1.8); and, whatever
+        reject_code, a DNS failure or timeout: ask again later
     550 5.7.27 <ADDRESS>: Sender address rejected: Domain DOMAIN does not accept mail
         (nullMX)   the domain publishes a null MX (RFC 7505)
 

@@ -38,11 +38,11 @@ def received_header(helo, client_ip, client_name, hostname, protocol, queue_id,
                     recipients, tls_info=None, auth_user=None, now=None):
     """The header as bytes, folded, ending in CRLF. client_name: the client's verified
     name (forward-confirmed reverse DNS, elemta.plugins.peername), written before its
-    address as Postfix does, "from HELO (NAME [IP])"; "unknown" or empty leaves it out."""
+    address as Postfix does, "from HELO (NAME [IP])", and "unknown" when there is none
+    (not looked up, or not confirmed): "from HELO (unknown [IP])"."""
     helo = _UNSAFE.sub("?", helo or "unknown")
-    name = _UNSAFE.sub("?", client_name) + " " if client_name and client_name != "unknown" \
-        else ""
-    lines = ["Received: from %s (%s[%s])" % (helo, name, client_ip)]
+    name = _UNSAFE.sub("?", client_name or "unknown")
+    lines = ["Received: from %s (%s [%s])" % (helo, name, client_ip)]
     if tls_info:
         lines.append("\t(%s)" % tls_info)
     if auth_user:

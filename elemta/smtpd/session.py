@@ -145,12 +145,18 @@ class Session:
     # ---- the loop -------------------------------------------------------------------
 
     def run(self):
-        self._find_client_name()
+        # The accept stage first (the connection rate limit counts there): a client
+        # it refuses costs no name lookup and no pregreet wait.
+        refusal = self._accept_stage()
+        if refusal is None:
+            self._find_client_name()
         log.info("connect from %s", self.client)
         try:
             if self.listener.mode == "smtps":
                 self._handshake()
-            if not self._dropped_pregreeter():
+            if refusal is not None:
+                self._refuse_connection(refusal)
+            elif not self._dropped_pregreeter():
                 self._greet()
             self._converse()
         except SessionEnded as exc:
@@ -200,6 +206,18 @@ class Session:
         if outcome.reply is None:
             self._remember(outcome, "connection")
             return self.proto.start()
+        self._refuse_connection(outcome)
+
+    def _accept_stage(self):
+        """The accept-stage plugins' outcome when they refuse the client, else None
+        (anything else they answer is no opinion: see elemta.plugins.api)."""
+        if not self.plugins.wants("accept"):
+            return None
+        outcome = self.plugins.run("accept", self.ctx)
+        return outcome if outcome.reply is not None else None
+
+    def _refuse_connection(self, outcome):
+        """Queue the refusal of a connection-time plugin in place of the greeting."""
         _, status, text = outcome.reply
         code = 421 if outcome.action == TEMPFAIL else 554
         metrics.count_refusal(outcome.decided_by, "connect")
