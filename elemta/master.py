@@ -164,6 +164,7 @@ class Master:
         for signum in SIGNALS:
             signal.signal(signum, self._on_signal)
         setproctitle("elemta: master")
+        logs.set_process("master")
         self.spawn_children()
         sdnotify.notify("READY=1", "MAINPID=%d" % os.getpid())
         while True:
@@ -257,6 +258,7 @@ class Master:
         # First thing: until its title is set, `ps` and `elemtactl status` would show
         # the child as a second master (building the child may take a while).
         setproctitle("elemta: " + kind)
+        logs.set_process(kind)
         try:
             for signum in SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)

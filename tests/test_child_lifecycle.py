@@ -286,7 +286,7 @@ def test_api_and_pickup_reopen_their_log_on_sigusr1(elemta_server, tmp_path):
         with open(log_path) as f:
             return f.read()
 
-    wait_for(lambda: "elemta.pickup[%d]: INFO: pickup started" % watched[1] in logged())
+    wait_for(lambda: "elemta/pickup[%d]: pickup started" % watched[1] in logged())
 
     def open_logs(pid):
         names = set()
@@ -313,7 +313,7 @@ def test_hung_api_and_pickup_are_killed_and_replaced(elemta_server):
     hung = [next(iter(wait_for(lambda: pids_titled(server, title))))
             for title in ("elemta: api", "elemta: pickup")]
     # Serving, not booting (a starting child has longer before its first beat is due).
-    wait_for(lambda: "elemta.pickup[%d]: INFO: pickup started" % hung[1] in server.log())
+    wait_for(lambda: "elemta/pickup[%d]: pickup started" % hung[1] in server.log())
     for pid in hung:
         os.kill(pid, signal.SIGSTOP)
     try:

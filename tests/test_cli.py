@@ -149,7 +149,7 @@ def test_the_config_checks_warn_of_mailbox_domains_without_a_user_table(tmp_path
 def test_the_daemon_logs_the_warning_at_start_and_reload(elemta_server):
     from tests.harness import wait_for
     server = elemta_server(virtual={"mailbox_domains": ["virt.test"]})
-    assert "WARNING: config: %s:" % server.config_path in server.log()
+    assert "warning: config: %s:" % server.config_path in server.log()
     assert server.log().count(NO_MAILBOX_MAPS) == 1
     server.process.send_signal(signal.SIGHUP)
     wait_for(lambda: server.log().count(NO_MAILBOX_MAPS) == 2)

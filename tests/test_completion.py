@@ -63,6 +63,15 @@ def test_bash_completes_options_and_files(bash_script, tmp_path):
                     cwd=str(tmp_path)) == ["elemta.yaml"]
 
 
+def test_bash_completes_report_and_top(bash_script, tmp_path):
+    assert {"report", "top"} <= set(complete(bash_script, "elemtactl "))
+    assert complete(bash_script, "elemtactl report --s") == ["--since"]
+    assert complete(bash_script, "elemtactl top --o") == ["--once"]
+    (tmp_path / "mail.log").write_text("")
+    assert complete(bash_script, "elemtactl report --log mai",
+                    cwd=str(tmp_path)) == ["mail.log"]
+
+
 def test_the_script_knows_every_command_of_the_parser(bash_script):
     """Generated from the live parser: a command added later completes with no edit."""
     from elemta.cli.elemtactl import build_parser

@@ -60,7 +60,7 @@ def send(server, recipients):
 
 
 def line_for(server, queue_id, address, status):
-    pattern = r"%s: to=<%s>, relay=(\S+), delay=\S+, status=%s \((.*)\)" % (
+    pattern = r"%s: to=<%s>, relay=(\S+), delay=\S+, dsn=\S+, status=%s \((.*)\)" % (
         queue_id, re.escape(address), status)
     return wait_for(lambda: re.search(pattern, server.log()))
 

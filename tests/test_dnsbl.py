@@ -102,7 +102,7 @@ def test_client_lists_are_weighed_into_one_score(elemta_server, nsd):
     assert "NOQUEUE: dnsbl: [127.0.0.4] allowed: score -3" in log
     assert "NOQUEUE: reject: CONNECT from unknown[::1]: 554 5.7.1" in log
     assert "reject: CONNECT from unknown[127.0.0.3]" not in log
-    assert "WARNING: dnsbl: 6.0.0.127.broken.test: lookup failed" in log
+    assert "warning: dnsbl: 6.0.0.127.broken.test: lookup failed" in log
 
 
 def test_answers_are_cached_for_their_ttl(elemta_server, tmp_path):
@@ -120,7 +120,7 @@ def test_answers_are_cached_for_their_ttl(elemta_server, tmp_path):
     assert "lookup failed" not in server.log()
     # A client never asked about is not in the cache: its lookup fails, it is let in.
     assert greeting(server.port, "127.0.0.9").startswith(b"220 ")
-    assert "WARNING: dnsbl: 9.0.0.127.bl.test: lookup failed" in server.log()
+    assert "warning: dnsbl: 9.0.0.127.bl.test: lookup failed" in server.log()
 
 
 def test_mynetworks_and_other_listeners_are_not_checked(elemta_server, nsd):
@@ -149,7 +149,7 @@ def test_silent_lists_delay_the_greeting_only_by_the_lookup_timeout(elemta_serve
         assert greeting(server.port, "127.0.0.2").startswith(b"220 ")
         assert time.monotonic() - started < 1.5       # the three lists in parallel
         log = wait_for(lambda: "c.test: lookup failed" in server.log() and server.log())
-        assert "WARNING: dnsbl: 2.0.0.127.a.test: lookup failed (no answer within " \
+        assert "warning: dnsbl: 2.0.0.127.a.test: lookup failed (no answer within " \
                "0.5s); not counted" in log
     finally:
         silent.close()

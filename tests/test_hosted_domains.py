@@ -284,7 +284,7 @@ def test_an_alias_domain_address_no_alias_expands_bounces_at_delivery_and_never_
         assert result.returncode == 0, result.stderr
         for address in ("self@alias.test", "nobody@alias.test"):
             wait_for(lambda: re.search(
-                r"to=<%s>, relay=none, delay=\S+, status=bounced \(550 5\.1\.1 User "
+                r"to=<%s>, relay=none, delay=\S+, dsn=\S+, status=bounced \(550 5\.1\.1 User "
                 r"unknown in virtual alias table\)" % re.escape(address), server.log()),
                 timeout=20)
         # The bounces reach the sender (root, here); the copy for root was delivered.

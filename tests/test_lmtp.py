@@ -118,7 +118,7 @@ def queue_id_of(server, sender):
 
 def delivery_line(server, queue_id, address, status, timeout=10):
     """(relay, reply) of the log line that gave `address` this status."""
-    pattern = (r"%s: to=<%s>, relay=(\S+), delay=\S+, status=%s \((.*)\)"
+    pattern = (r"%s: to=<%s>, relay=(\S+), delay=\S+, dsn=\S+, status=%s \((.*)\)"
                % (queue_id, re.escape(address), status))
     return wait_for(lambda: re.search(pattern, server.log()), timeout).groups()
 

@@ -129,7 +129,7 @@ def read_when_there(path, count=1, timeout=10):
 
 
 def status_lines(server, address):
-    return re.findall(r"to=<%s>, relay=local, delay=\S+, status=(\w+) \((.*)\)"
+    return re.findall(r"to=<%s>, relay=local, delay=\S+, dsn=\S+, status=(\w+) \((.*)\)"
                       % re.escape(address), server.log())
 
 

@@ -38,7 +38,7 @@ def test_syslog_lines_use_the_mail_facility(tmp_path, monkeypatch, restore_loggi
         logging.getLogger("elemta.smtpd").info("1K114F: from=<a@b.test>, size=10, nrcpt=1")
         line = syslogd.recv(1000)
     # <22> is facility mail (2) * 8 + severity info (6), as Postfix's lines are.
-    assert line.startswith(b"<22>elemta.smtpd[%d]: INFO: 1K114F: from=<a@b.test>"
+    assert line.startswith(b"<22>elemta/smtpd[%d]: 1K114F: from=<a@b.test>"
                            % os.getpid())
 
 
@@ -73,8 +73,8 @@ def assert_no_reprs(log):
 
 
 def message_lines(log, queue_id):
-    """grep QUEUEID: the text after "name[pid]: LEVEL: " of each line naming it."""
-    return [line.split(": ", 2)[2] for line in log.splitlines() if queue_id in line]
+    """grep QUEUEID: the text after "elemta/name[pid]: " of each line naming it."""
+    return [line.split(": ", 1)[1] for line in log.splitlines() if queue_id in line]
 
 
 def test_one_messages_life_can_be_followed_with_grep_queue_id(elemta_server):
@@ -97,9 +97,9 @@ def test_one_messages_life_can_be_followed_with_grep_queue_id(elemta_server):
     expected = [r"client=unknown\[127\.0\.0\.1\]",
                 r"from=<a@client\.test>, size=\d+, nrcpt=1 \(queue active\)",
                 r"to=<x@remote\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:%d, delay=\S+, "
-                r"status=deferred \(450 4\.2\.0 mailbox busy\)" % sink.port,
+                r"dsn=4\.2\.0, status=deferred \(450 4\.2\.0 mailbox busy\)" % sink.port,
                 r"to=<x@remote\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:%d, delay=\S+, "
-                r"status=sent \(250 " % sink.port,
+                r"dsn=2\.0\.0, status=sent \(250 " % sink.port,
                 r"removed$"]
     assert len(lines) == len(expected), "\n".join(lines)
     for line, pattern in zip(lines, expected):

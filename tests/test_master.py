@@ -297,7 +297,7 @@ def test_a_stop_sent_to_the_whole_process_group_ends_cleanly(elemta_server, sign
     assert "master stopping 8 child(ren)" in log, log
     assert "starting another" not in log, log
     # (The api's warning that no token is set is about the config, not the stop.)
-    assert [line for line in log.splitlines() if ": WARNING: " in line
+    assert [line for line in log.splitlines() if ": warning: " in line
             and "no api.token" not in line] == [], log
     assert "stopped" in log.splitlines()[-1], log
     assert queue_id in server.queued_ids()     # failed (unknown user b), kept: not lost
@@ -439,7 +439,7 @@ def test_worker_retires_after_max_use_sessions_with_no_gap(elemta_server):
     first, = wait_for(lambda: smtpd_pids(master))
     for _ in range(2):          # the fixture's readiness probe was the first session
         transaction(server.port)
-    wait_for(lambda: "elemta.smtpd[%d]: INFO: smtpd retiring: served 3 sessions (max_use)"
+    wait_for(lambda: "elemta/smtpd[%d]: smtpd retiring: served 3 sessions (max_use)"
              % first in server.log(), timeout=5)
     wait_for(lambda: smtpd_pids(master) and first not in smtpd_pids(master), timeout=5)
     wait_for(lambda: "smtpd child %d ended (retired)" % first in server.log())
@@ -484,7 +484,7 @@ def test_idle_worker_is_replaced(elemta_server):
     first, = wait_for(lambda: smtpd_pids(master))
     second, = wait_for(lambda: smtpd_pids(master) - {first} and smtpd_pids(master),
                        timeout=5)
-    assert "elemta.smtpd[%d]: INFO: smtpd retiring: idle for 1s (max_idle)" % first \
+    assert "elemta/smtpd[%d]: smtpd retiring: idle for 1s (max_idle)" % first \
         in server.log()
     assert transaction(server.port)[1].startswith(b"220 ")
 
@@ -571,7 +571,7 @@ def test_daemon_detaches_writes_a_pid_file_and_stops_on_sigterm(tmp_path):
                 os.kill(pid, signal.SIGKILL)
     with open(log_file) as f:
         log = f.read()
-    assert "elemta.master[%d]: INFO: stopped" % master in log
+    assert "elemta/master[%d]: stopped" % master in log
     assert "Traceback" not in log
 
 
@@ -631,8 +631,8 @@ def test_log_file_is_reopened_on_sigusr1(elemta_server, tmp_path):
         with open(path) as f:
             return f.read()
 
-    assert "elemta.master[%d]: INFO: elemta" % master in read(log_path)
-    wait_for(lambda: "elemta.smtpd[%d]: INFO: %s: from=<a@c.test>" % (worker, first)
+    assert "elemta/master[%d]: elemta" % master in read(log_path)
+    wait_for(lambda: "elemta/queue[%d]: %s: from=<a@c.test>" % (worker, first)
              in read(log_path))
     os.rename(log_path, log_path + ".1")
     os.kill(master, signal.SIGUSR1)
@@ -640,9 +640,9 @@ def test_log_file_is_reopened_on_sigusr1(elemta_server, tmp_path):
     second, _ = transaction(server.port)
     os.kill(master, signal.SIGHUP)                # makes the master say something
     wait_for(lambda: os.path.exists(log_path)
-             and "elemta.master[%d]: INFO: reloading the configuration" % master
+             and "elemta/master[%d]: reloading the configuration" % master
              in read(log_path))
-    wait_for(lambda: "elemta.smtpd[%d]: INFO: %s: from=<a@c.test>" % (worker, second)
+    wait_for(lambda: "elemta/queue[%d]: %s: from=<a@c.test>" % (worker, second)
              in read(log_path))
     rotated = read(log_path + ".1")
     assert second not in rotated and "reloading" not in rotated

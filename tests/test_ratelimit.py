@@ -119,7 +119,7 @@ def only_worker(server, pid):
 
 def refusing_pids(server, pattern):
     """pids of the workers that logged a line matching pattern."""
-    return set(re.findall(r"elemta\.smtpd\[(\d+)\]: \w+: " + pattern, server.log()))
+    return set(re.findall(r"elemta/smtpd\[(\d+)\]: " + pattern, server.log()))
 
 
 def test_connection_rate_is_per_client_shared_by_workers_and_kept(elemta_server,

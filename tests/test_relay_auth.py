@@ -92,7 +92,7 @@ def send(server, sender, subject):
 
 def result_of(server, queue_id, timeout=10):
     """(relay, status, reply) of the message's one delivery line."""
-    pattern = r"%s: to=<r@far\.test>, relay=(\S+), delay=\S+, status=(\w+) \((.*)\)" % queue_id
+    pattern = r"%s: to=<r@far\.test>, relay=(\S+), delay=\S+, dsn=\S+, status=(\w+) \((.*)\)" % queue_id
     return wait_for(lambda: re.search(pattern, server.log()), timeout).groups()
 
 
@@ -148,7 +148,7 @@ def test_a_missing_password_file_is_logged_and_defers(elemta_server, tmp_path, r
     assert status == "deferred"
     assert reply == ("451 4.3.0 SASL password lookup failed: cannot read the SASL password "
                      "file %s: No such file or directory" % missing)
-    assert re.search(r"ERROR: %s: cannot read the SASL password file %s"
+    assert re.search(r"error: %s: cannot read the SASL password file %s"
                      % (queue_id, re.escape(missing)), server.log())
 
 

@@ -26,7 +26,7 @@ from os import (EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_NOUSER, EX_O
 from typing import Callable, List, Optional
 
 from elemta.cli import (completion, configcmd, control, filecheck, mapcmd, pfconfig,
-                        pfimport, queuecmd, restrictionscmd)
+                        pfimport, queuecmd, reportcmd, restrictionscmd, topcmd)
 from elemta.cli.config_finder import config_path, read_config
 from elemta.cli.failure import EX_FAILED, Failure
 from elemta.util import credentials, daemonfiles
@@ -413,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     pfconfig.add_command(commands, _Parser, [config_option])
     mapcmd.add_commands(commands, _Parser, [config_option])
     restrictionscmd.add_command(commands, _Parser, [config_option])
+    reportcmd.add_command(commands, _Parser, [config_option])
+    topcmd.add_command(commands, _Parser, [config_option])
 
     dkim = commands.add_parser("dkim", help="DKIM signing keys")
     dkim_commands = dkim.add_subparsers(dest="dkim_command", metavar="ACTION",

@@ -120,6 +120,7 @@ def log_to_the_mail_log(args) -> None:
     target = config.logging
     if target.target == "stderr":
         target = dataclasses.replace(target, target="syslog")
+    logs.set_process("elemtactl")      # who acted, in the JSON lines' "process"
     try:
         logs.setup(target)
     except OSError:

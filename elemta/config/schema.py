@@ -639,6 +639,18 @@ class LoggingSettings:
                                 "file (reopened on SIGUSR1, for logrotate).", _log_target)
     syslog_facility: str = opt("mail", "Syslog facility when target is syslog.",
                                _one_of(SYSLOG_FACILITIES))
+    format: str = opt(
+        "text", "How each line is written: text, Postfix's syslog lines (\"Dec  6 03:01:36 "
+                "host elemta/smtpd[5071]: QUEUEID: client=...\"; pflogsumm and Postfix "
+                "log tools read them), or json, one JSON object per line with stable keys "
+                "(time, level, process, pid, program, then as the event has them queue_id, "
+                "event, client, helo, command, from, to, relay, status, dsn, delay, size, "
+                "nrcpt, reason, restriction, proto, sasl_username, uid, notice_id, notice, "
+                "and last message, the text line's message), for Loki or Elasticsearch. "
+                "Under systemd, target stderr with json puts one JSON object per journal "
+                "entry (journalctl -o cat -u elemta | jq). elemtactl report reads both. "
+                "Postfix has no equivalent (its logs are text only).",
+        _one_of(("text", "json")))
 
 
 @dataclass(frozen=True)

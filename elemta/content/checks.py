@@ -38,7 +38,9 @@ from elemta.maps.spec import LazyTable
 from elemta.smtp.replies import Reply
 from elemta.util.text import printable
 
-log = logging.getLogger("elemta.content")
+# Postfix's cleanup does these checks and logs them: the same name lets pflogsumm count
+# their rejects ("elemta/cleanup[pid]: QUEUEID: reject: header ...").
+log = logging.getLogger("elemta.cleanup")
 
 # The check (and restriction name) each kind of piece is looked up in.
 CHECK_OF = {HEADER: "header_checks", MIME_HEADER: "mime_header_checks",
@@ -260,6 +262,9 @@ class ContentFilter:
         return line
 
     def _log(self, what, piece, text, check) -> None:
-        log.info("%s: %s: %s %s %s: %s (restriction %s)", self.queue_id, what,
-                 "body" if piece.kind == BODY else "header",
-                 printable(piece.key)[:LOGGED], self.where, text or "", check)
+        part = "body" if piece.kind == BODY else "header"
+        log.info("%s: %s: %s %s %s: %s (restriction %s)", self.queue_id, what, part,
+                 printable(piece.key)[:LOGGED], self.where, text or "", check,
+                 extra={"event": "reject" if what == "reject" else "content_" + what,
+                        "queue_id": self.queue_id, "command": part,
+                        "reason": text or None, "restriction": check})

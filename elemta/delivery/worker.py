@@ -445,9 +445,11 @@ class DeliveryWorker(GeventChild):
             Attempt(record.queue_id, results, next_attempt, last_error, now, warn))
         self._log_results(record, results, now)
         if outcome == ATTEMPT_REMOVED:
-            log.info("%s: removed", record.queue_id)
+            log.info("%s: removed", record.queue_id,
+                     extra={"event": "removed", "queue_id": record.queue_id})
         elif outcome == ATTEMPT_FAILED:
-            log.info("%s: failed: no recipient left to try", record.queue_id)
+            log.info("%s: failed: no recipient left to try", record.queue_id,
+                     extra={"event": "failed", "queue_id": record.queue_id})
         elif outcome in (ATTEMPT_LEASE_LOST, ATTEMPT_GONE):
             log.info("%s: %s during delivery (held, deleted or reclaimed); results kept for "
                      "each recipient", record.queue_id, outcome)
@@ -497,13 +499,21 @@ class DeliveryWorker(GeventChild):
         return False
 
     def _log_results(self, record, results, now):
+        """One Postfix smtp line per recipient: "to=<>, relay=, delay=, dsn=, status=
+        (reply)", the facts also as JSON fields (pflogsumm and elemtactl report read
+        either)."""
         delay = now - record.envelope.arrival
         for index in sorted(results):
             status, reply, relay = results[index]
             word = {SENT: "sent", BOUNCED: "bounced"}.get(status, "deferred")
-            log.info("%s: to=<%s>, relay=%s, delay=%s, status=%s (%s)", record.queue_id,
-                     record.envelope.recipients[index].address, relay, _seconds(delay), word,
-                     reply)
+            address = record.envelope.recipients[index].address
+            dsn = bounce.status_of(reply, _DSN_ACTION[word])
+            log.info("%s: to=<%s>, relay=%s, delay=%s, dsn=%s, status=%s (%s)",
+                     record.queue_id, address, relay, _seconds(delay), dsn, word, reply,
+                     extra={"event": "delivery", "queue_id": record.queue_id, "to": address,
+                            "relay": relay, "delay": round(delay, 3), "dsn": dsn,
+                            "status": word, "reason": reply,
+                            "size": record.envelope.size or None})
             metrics.DELIVERIES.labels(word).inc()
             if word != "deferred":
                 metrics.DELIVERY_DELAY.observe(delay)
@@ -546,7 +556,10 @@ class DeliveryWorker(GeventChild):
                       record.envelope.sender, error)
             return False
         if queue_id is not None:
-            log.info("%s: sender %s: %s", record.queue_id, what, queue_id)
+            log.info("%s: sender %s: %s", record.queue_id, what, queue_id,
+                     extra={"event": "notice", "queue_id": record.queue_id,
+                            "notice": what, "notice_id": queue_id,
+                            "to": record.envelope.sender})
             self._wake.set()
         return True
 
@@ -570,6 +583,11 @@ def _caught(function, *args):
         return function(*args)
     except Exception as error:
         return error
+
+
+# The DSN class a result without an enhanced status gets (Postfix's dsn= for such).
+_DSN_ACTION = {"sent": bounce.DELIVERED, "bounced": bounce.FAILED,
+               "deferred": bounce.DELAYED}
 
 
 def _seconds(value):

@@ -75,7 +75,7 @@ from elemta.queue import maildrop, wakeup
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import Recipient
 from elemta.queue.priority import SENDMAIL_LISTENER
-from elemta.queue.queue import Queue
+from elemta.queue.queue import Queue, log_queued
 from elemta.util.child import BootError, GeventChild
 from elemta.util.text import printable
 from elemta.util.threads import in_thread
@@ -266,10 +266,12 @@ class PickupWorker(GeventChild):
         for path, writer, uid, hold in taken:
             _unlink(path)
             envelope = writer.envelope
-            log.info("%s: uid=%d from=<%s>", writer.queue_id, uid, envelope.sender)
-            log.info("%s: from=<%s>, size=%d, nrcpt=%d%s (queue active)", writer.queue_id,
-                     envelope.sender, writer.size, len(envelope.recipients),
-                     ", priority=%d" % envelope.priority if envelope.priority else "")
+            sender = printable(envelope.sender)
+            log.info("%s: uid=%d from=<%s>", writer.queue_id, uid, sender,
+                     extra={"event": "received", "queue_id": writer.queue_id, "uid": uid,
+                            "from": sender})
+            log_queued(writer.queue_id, envelope.sender, writer.size, len(envelope.recipients),
+                       ", priority=%d" % envelope.priority if envelope.priority else "")
             if hold is not None:
                 log.info("%s: hold: %s", writer.queue_id, hold)
         wakeup.notify(self.spool)

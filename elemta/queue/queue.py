@@ -92,8 +92,18 @@ from elemta.queue.store import CorruptSpoolFile, SpoolStore
 from elemta.queue.transitions import move
 from elemta.util.text import printable
 
-# "elemta.queue[pid]: QUEUEID: ...", whichever process (or elemtactl) acts on the queue.
+# "elemta/queue[pid]: QUEUEID: ...", whichever process (or elemtactl) acts on the queue.
 log = logging.getLogger("elemta.queue")
+
+
+def log_queued(queue_id, sender, size, nrcpt, note="", client=None):
+    """A message's "QUEUEID: from=<...>, size=N, nrcpt=N (queue active)" line, whoever
+    queued it (smtpd, pickup, a bounce): under the queue's name, as Postfix's qmgr
+    writes it, so pflogsumm counts its sender and size; note: ", priority=N" or ""."""
+    sender = printable(sender)
+    log.info("%s: from=<%s>, size=%d, nrcpt=%d%s (queue active)", queue_id, sender, size,
+             nrcpt, note, extra={"event": "queued", "queue_id": queue_id, "from": sender,
+                                 "size": size, "nrcpt": nrcpt, "client": client})
 
 SYNC_METHODS = ("syncfs", "fsync")
 DEFAULT_MAP_SIZE = 16 * 1024 ** 3   # address space only; the file grows as records are added
@@ -286,8 +296,7 @@ class Queue:
             raise
         # Its first line in the log, as smtpd's and pickup's for theirs, so that grep
         # QUEUEID follows a bounce or a forwarded copy from its start too.
-        log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", writer.queue_id,
-                 printable(envelope.sender), writer.size, len(envelope.recipients))
+        log_queued(writer.queue_id, envelope.sender, writer.size, len(envelope.recipients))
         return writer.queue_id
 
     def commit(self, writers):

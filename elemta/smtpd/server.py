@@ -154,8 +154,12 @@ class SMTPServer:
     def _refuse(self, sock, listener, client_ip, text, restriction):
         """Answer a connection over a limit with 421 (RFC 5321 3.8) and close it."""
         metrics.count_refusal(restriction, "connect")
-        log.info("NOQUEUE: reject: CONNECT from unknown[%s]: 421 4.7.0 %s; proto=SMTP "
-                 "(restriction %s)", client_ip, text, restriction)
+        client = "unknown[%s]" % client_ip
+        log.info("NOQUEUE: reject: CONNECT from %s: 421 4.7.0 %s; proto=SMTP "
+                 "(restriction %s)", client, text, restriction,
+                 extra={"event": "reject", "command": "CONNECT", "client": client,
+                        "reason": "421 4.7.0 %s" % text, "dsn": "4.7.0",
+                        "restriction": restriction, "proto": "SMTP"})
         try:
             if listener.mode != "smtps":      # no plaintext into a TLS port
                 sock.settimeout(5)

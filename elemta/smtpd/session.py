@@ -47,6 +47,7 @@ from elemta.plugins.peername import PERM as NAME_PERM
 from elemta.plugins.peername import look_up, timed_out
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import Envelope, Recipient
+from elemta.queue.queue import log_queued
 from elemta.restrictions.catalogue import CORE_REFUSALS, stage_of_command
 from elemta.restrictions.protocoltests import ProtocolTests
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
@@ -150,7 +151,8 @@ class Session:
         refusal = self._accept_stage()
         if refusal is None:
             self._find_client_name()
-        log.info("connect from %s", self.client)
+        log.info("connect from %s", self.client,
+                 extra={"event": "connect", "client": self.client})
         try:
             if self.listener.mode == "smtps":
                 self._handshake()
@@ -168,7 +170,8 @@ class Session:
                 self.sock.close()
             except OSError:
                 pass
-            log.info("disconnect from %s", self.client)
+            log.info("disconnect from %s", self.client,
+                     extra={"event": "disconnect", "client": self.client})
             self._notify_queued()     # messages queued just before the client went away
 
     def _find_client_name(self):
@@ -222,7 +225,9 @@ class Session:
         code = 421 if outcome.action == TEMPFAIL else 554
         metrics.count_refusal(outcome.decided_by, "connect")
         log.info("NOQUEUE: reject: CONNECT from %s: %d %s %s; proto=SMTP (plugin %s)",
-                 self.client, code, status, text, outcome.decided_by)
+                 self.client, code, status, text, outcome.decided_by,
+                 extra=self._refusal("CONNECT", "%d %s %s" % (code, status, text),
+                                     outcome.decided_by, dsn=status))
         self.proto.start_refused(code, status, text, self.client)
 
     def _dropped_pregreeter(self):
@@ -234,7 +239,7 @@ class Session:
         if drop is None:
             return False
         log.info("NOQUEUE: reject: CONNECT from %s: %s; proto=SMTP (restriction pregreet)",
-                 self.client, drop)
+                 self.client, drop, extra=self._refusal("CONNECT", drop, "pregreet"))
         metrics.count_refusal("pregreet", "connect")
         self._refusal_counted = True
         self.proto.hang_up(drop)
@@ -444,11 +449,14 @@ class Session:
             self.queue_id, "from %s; from=<%s> to=<%s> proto=%s helo=<%s>" % (
                 self.client, txn.sender, txn.recipients[0].address,
                 "ESMTP" if proto.esmtp else "SMTP", proto.helo_name))
+        login = printable(proto.auth_user) if proto.auth_user else None
         log.info("%s: client=%s%s%s", self.queue_id, self.client,
-                 ", sasl_method=%s, sasl_username=%s" % (
-                     self.auth_method, printable(proto.auth_user))
-                 if proto.auth_user else "",
-                 ", priority=%d" % envelope.priority if envelope.priority else "")
+                 ", sasl_method=%s, sasl_username=%s" % (self.auth_method, login)
+                 if login else "",
+                 ", priority=%d" % envelope.priority if envelope.priority else "",
+                 extra={"event": "received", "queue_id": self.queue_id,
+                        "client": self.client, "helo": proto.helo_name,
+                        "sasl_username": login})
         proto.accept()
 
     def on_data_chunk(self, event):
@@ -488,7 +496,9 @@ class Session:
             # DATA command pipelined with the content): the message is refused too.
             log.info("%s: reject: END-OF-MESSAGE from %s: %s; from=<%s> (restriction %s)",
                      self.queue_id, self.client, self.screen.refusal(), txn.sender,
-                     self.screen.failed)
+                     self.screen.failed, extra=self._refusal(
+                         "END-OF-MESSAGE", self.screen.refusal(), self.screen.failed,
+                         txn.sender))
             self._discard_message()
             return self._refuse_content(self.screen.refusal(), self.screen.failed)
         if checked is not None and not self._passed_content_checks(checked):
@@ -518,8 +528,8 @@ class Session:
         self.writer = None
         metrics.MESSAGES_ACCEPTED.inc()
         metrics.ACCEPTED_BYTES.inc(writer.size)
-        log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", self.queue_id,
-                 txn.sender, writer.size, len(writer.envelope.recipients))
+        log_queued(self.queue_id, txn.sender, writer.size, len(writer.envelope.recipients),
+                   client=self.client)
         if hold is not None:
             log.info("%s: hold: END-OF-MESSAGE from %s: %s (plugin %s at %s stage)",
                      self.queue_id, self.client, *hold)
@@ -579,7 +589,9 @@ class Session:
             log.info("%s: reject: END-OF-MESSAGE from %s: %s; from=<%s> proto=%s "
                      "helo=<%s> (plugin %s at %s stage)", self.queue_id, self.client, reply,
                      txn.sender, "ESMTP" if self.proto.esmtp else "SMTP",
-                     self.proto.helo_name, verdict.decided_by, verdict.stage)
+                     self.proto.helo_name, verdict.decided_by, verdict.stage,
+                     extra=self._refusal("END-OF-MESSAGE", reply, verdict.decided_by,
+                                         txn.sender))
             self._discard_message()
             self._refuse_content(reply, verdict.decided_by)
             return None
@@ -608,7 +620,8 @@ class Session:
             log.warning("%s: header rewriting failed: %s", self.queue_id, error)
             reply = Reply(451, "4.3.0", "Error: temporary lookup failure")
         log.info("%s: reject: END-OF-MESSAGE from %s: %s; from=<%s> (restriction "
-                 "canonical_maps)", self.queue_id, self.client, reply, txn.sender)
+                 "canonical_maps)", self.queue_id, self.client, reply, txn.sender,
+                 extra=self._refusal("END-OF-MESSAGE", reply, "canonical_maps", txn.sender))
         self._discard_message()
         self._refuse_content(reply, "canonical_maps")
         return None
@@ -676,7 +689,8 @@ class Session:
             return self.proto.accept()
         log.info("NOQUEUE: reject: %s from %s: %s; proto=%s helo=<%s> (restriction "
                  "pipelining)", event.command, self.client, drop,
-                 "ESMTP" if self.proto.esmtp else "SMTP", self.proto.helo_name or "")
+                 "ESMTP" if self.proto.esmtp else "SMTP", self.proto.helo_name or "",
+                 extra=self._refusal(event.command, drop, "pipelining"))
         self._refuse_content(drop, "pipelining", stage_of_command(event.command))
 
     def on_start_tls(self, event):
@@ -738,8 +752,21 @@ class Session:
                  " to=<%s>" % recipient if recipient is not None else "",
                  "ESMTP" if self.proto.esmtp else "SMTP",
                  self.proto.helo_name or self.ctx.helo, why,   # a refused HELO: its name
-                 "plugin" if plugin else "restriction", restriction)
+                 "plugin" if plugin else "restriction", restriction,
+                 extra=self._refusal(command, reply, restriction, sender, recipient,
+                                     helo=self.proto.helo_name or self.ctx.helo))
         self._refuse_content(reply, restriction, stage_of_command(command))
+
+    def _refusal(self, command, reply, restriction, sender=None, recipient=None, dsn=None,
+                 helo=None):
+        """The facts of a refusal's log line, for the JSON log (elemta.util.logjson):
+        the text line's parts, as values. A refusal at END-OF-MESSAGE has a queue id."""
+        return {"event": "reject", "command": command, "client": self.client,
+                "queue_id": self.queue_id if command == "END-OF-MESSAGE" else None,
+                "from": sender, "to": recipient, "reason": str(reply),
+                "dsn": dsn or getattr(reply, "status", None), "restriction": restriction,
+                "proto": "ESMTP" if self.proto.esmtp else "SMTP",
+                "helo": helo or self.proto.helo_name or None}
 
     def _refuse_content(self, reply, restriction, stage="end_of_data"):
         """Give the refusal `reply` to the pending command and count it for restriction
@@ -758,7 +785,8 @@ class Session:
         if restriction is not None:
             log.info("NOQUEUE: reject: %s from %s: %s; proto=%s helo=<%s> (restriction %s)",
                      command, self.client, reply, "ESMTP" if self.proto.esmtp else "SMTP",
-                     self.proto.helo_name or "", restriction)
+                     self.proto.helo_name or "", restriction,
+                     extra=self._refusal(command, reply, restriction))
             metrics.count_refusal(restriction, stage_of_command(command))
 
     def _discard_message(self):

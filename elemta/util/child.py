@@ -118,6 +118,7 @@ class GeventChild:
     def set_title(self):
         from setproctitle import setproctitle
         setproctitle("elemta: " + self.kind)
+        logs.set_process(self.kind)
 
     def install_signal_handlers(self):
         if self._signals_installed:

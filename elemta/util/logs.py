@@ -1,9 +1,21 @@
-"""Logging set-up for every Elemta process: stderr, syslog (mail facility) or a file.
+"""Logging set-up for every Elemta process: stderr, syslog (mail facility) or a file,
+as Postfix-style text lines or as JSON objects.
 
-The master calls setup() once; forked children inherit the handlers. A file target is
-reopened on SIGUSR1 (reopen()), so logrotate can move it away, as admins do with
-Postfix's maillog. Lines read like Postfix's: "elemta.smtpd[pid]: <qid>: from=<...>", and
-an exception passed to a log call reads as text (ReadableErrors), never as a Python repr.
+The master calls setup() once; forked children inherit the handlers and say which process
+they are (set_process). A file target is reopened on SIGUSR1 (reopen()), so logrotate can
+move it away, as admins do with Postfix's maillog. An exception passed to a log call reads
+as text (ReadableErrors), never as a Python repr.
+
+Text lines are Postfix's syslog lines, so pflogsumm and admins' scripts read them:
+"Dec  6 03:01:36 host elemta/smtpd[5071]: QUEUEID: client=...", the level written only
+when it is worth saying ("warning: ", "error: ", "fatal: "), as Postfix does. The program
+name is the logger's component (elemta.queue -> elemta/queue), which for the lines
+pflogsumm counts matches Postfix's programs: smtpd logs client= and rejects, the queue
+logs from=<...>, size= (Postfix's qmgr), delivery logs to=<...>, status=.
+
+JSON (logging.format: json; elemta.util.logjson) carries the same message plus the facts
+the log call passed as extra= fields (queue_id, from, to, status, ...), never parsed back
+out of the text.
 """
 
 import logging
@@ -11,27 +23,54 @@ import logging.handlers
 import socket
 import sys
 
-FORMAT = "%(name)s[%(process)d]: %(levelname)s: %(message)s"
+from elemta.util.logjson import JsonFormatter, set_process  # noqa: F401 (re-exported)
+
 SYSLOG_SOCKET = "/dev/log"
 _handler = None
+# Postfix's words for the levels; info (and debug) lines carry none.
+_SEVERITY = {logging.WARNING: "warning: ", logging.ERROR: "error: ",
+             logging.CRITICAL: "fatal: "}
+
+
+class PostfixFormatter(logging.Formatter):
+    """"[Mmm dd hh:mm:ss host ]elemta/component[pid]: [warning: ]message": the time and
+    host only where no syslog daemon adds them (stderr, a file)."""
+
+    def __init__(self, stamped):
+        super().__init__(None, "%b %d %H:%M:%S")
+        self._stamped = stamped
+        self._host = socket.gethostname().split(".")[0] or "localhost"
+        self._programs = {}         # logger name -> "elemta/component", made once each
+
+    def usesTime(self):
+        return self._stamped
+
+    def formatMessage(self, record):
+        program = self._programs.get(record.name)
+        if program is None:
+            program = self._programs[record.name] = record.name.replace(".", "/", 1)
+        line = "%s[%d]: %s%s" % (program, record.process,
+                                 _SEVERITY.get(record.levelno, ""), record.message)
+        return "%s %s %s" % (record.asctime, self._host, line) if self._stamped else line
 
 
 def setup(logging_config):
-    """Send the "elemta" loggers to the configured target."""
+    """Send the "elemta" loggers to the configured target, in the configured format."""
     global _handler
     target = logging_config.target
     if target == "stderr":
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s " + FORMAT, "%b %d %H:%M:%S"))
     elif target == "syslog":
         _check_syslog(SYSLOG_SOCKET)
         facility = logging.handlers.SysLogHandler.facility_names[
             logging_config.syslog_facility]
         handler = logging.handlers.SysLogHandler(SYSLOG_SOCKET, facility=facility)
-        handler.setFormatter(logging.Formatter(FORMAT))
     else:
         handler = logging.handlers.WatchedFileHandler(target)
-        handler.setFormatter(logging.Formatter("%(asctime)s " + FORMAT, "%b %d %H:%M:%S"))
+    if getattr(logging_config, "format", "text") == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(PostfixFormatter(stamped=target != "syslog"))
     handler.addFilter(ReadableErrors())
     root = logging.getLogger("elemta")
     root.handlers[:] = [handler]

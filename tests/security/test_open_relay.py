@@ -284,7 +284,7 @@ def test_local_domain_tricks_are_accepted_only_as_local_mail(mx, relay_host):
     queue_id = reply.rsplit(" ", 1)[1]
 
     def final_statuses():
-        found = re.findall(r"%s: to=<(.*?)>, relay=(\S+), delay=\S+, status=(\w+)" % queue_id,
+        found = re.findall(r"%s: to=<(.*?)>, relay=(\S+), delay=\S+, dsn=\S+, status=(\w+)" % queue_id,
                            mx.log())
         return found if len(found) == len(LOCAL_FORMS) else None
     statuses = wait_for(final_statuses, timeout=20)

@@ -215,7 +215,7 @@ def test_relayed_messages_stay_one_message_downstream(elemta_module_server, down
     sent += 1
 
     def outcomes():
-        found = re.findall(r"to=<r@remote\.test>, relay=\S+, delay=\S+, status=(\w+ \(.*)",
+        found = re.findall(r"to=<r@remote\.test>, relay=\S+, delay=\S+, dsn=\S+, status=(\w+ \(.*)",
                            server.log())
         return found if len(found) >= sent else None
     wrong = [o for o in wait_for(outcomes, timeout=40) if not o.startswith("sent (250 ")]
