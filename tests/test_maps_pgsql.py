@@ -261,3 +261,41 @@ def test_at_rcpt_a_key_the_client_encoding_cannot_carry_is_451_and_logged(
         "recipient table"]
     assert "lookup failed: pgsql:%s: the key has a character (\\u20ac) that the client " \
            "encoding LATIN1 cannot carry" % path in server.log()
+
+
+@pytest.mark.parametrize("encoding", [None, "LATIN1"])
+def test_an_ascii_key_whose_utf8_spelling_latin1_cannot_hold_is_found_or_not_never_451(
+        tmp_path, latin1, elemta_server, encoding):
+    """An A-label domain (xn--r8jz45g.jp is 例え.jp) is asked for as written, then in UTF-8
+    (elemta.maps.sqlconf.key_spellings). A LATIN1 database cannot hold that second
+    spelling, which Elemta made up: no row can have it, so it is "not found" there. It
+    was a 451 for every unknown user of such a domain, and for every known one when
+    the query is by domain. A server that is down stays 451."""
+    import smtplib
+    latin1.execute_in("maps_latin1", "CREATE TABLE IF NOT EXISTS relay_rcpt (address text);"
+                      "DELETE FROM relay_rcpt;"
+                      "INSERT INTO relay_rcpt VALUES ('known@xn--r8jz45g.jp');")
+    path = cf(tmp_path, latin1, dbname="maps_latin1", encoding=encoding,
+              query="SELECT 'ok' FROM relay_rcpt WHERE address = '%s'")
+    server = elemta_server(relay={"mynetworks": ["127.0.0.2/32"],
+                                  "relay_domains": ["xn--r8jz45g.jp"],
+                                  "relay_recipient_maps": "pgsql:" + path})
+
+    def rcpt(address):
+        with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail("someone@client.test")
+            code, text = smtp.docmd("RCPT TO:<%s>" % address)
+            return "%d %s" % (code, text.decode())
+    assert rcpt("known@xn--r8jz45g.jp") == "250 2.1.5 Ok"
+    assert rcpt("Other@XN--R8JZ45G.jp.") == (
+        "550 5.1.1 <Other@XN--R8JZ45G.jp.>: Recipient address rejected: User unknown in "
+        "relay recipient table")
+    assert "lookup failed" not in server.log()
+    latin1.stop()
+    try:
+        assert rcpt("other@xn--r8jz45g.jp") == \
+            "451 4.3.0 <other@xn--r8jz45g.jp>: Temporary lookup failure"
+    finally:
+        latin1.start()
+    assert rcpt("known@xn--r8jz45g.jp") == "250 2.1.5 Ok"
