@@ -56,11 +56,12 @@ class HostedRecipients:
         self.mailboxes = _table(config.virtual.mailbox_maps)
         self.relay_recipients = _table(config.relay.relay_recipient_maps)
 
-    def resolve(self, address: str) -> Resolution:
-        """The Resolution of address; raises TableUnavailable or AliasExpansionError."""
+    def resolve(self, address: str, smtputf8: bool = True) -> Resolution:
+        """The Resolution of address; raises TableUnavailable or AliasExpansionError.
+        smtputf8 False: the message has no SMTPUTF8, its alias targets must be ASCII."""
         kind = self.addressing.classify(address)
         if self.aliases is not None:
-            targets = self.aliases.expand(address)
+            targets = self.aliases.expand(address, smtputf8)
             if targets is not None:
                 return Resolution(kind, True, targets)
         if kind == LOCAL:
