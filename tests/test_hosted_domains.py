@@ -46,6 +46,10 @@ ALIASES = {
     "intl@alias.test": ["bob@virt.test", "alice@Bücher.test"],
     "jorg@alias.test": "jörg@remote.test",
     "long@alias.test": "l" * 65 + "@virt.test",
+    # Domain aliases (virtual(5) "@domain @otherdomain"), one pair in a loop.
+    "@domalias.test": "@VIRT.test",
+    "@loopa.test": "@loopb.test",
+    "@loopb.test": "@loopa.test",
 }
 
 
@@ -94,7 +98,8 @@ def mx(elemta_module_server, dovecot, remote, gateway, vmailbox, tmp_path_factor
                "relay_domains": ["relay.test", "gateway.test"],
                "relay_recipient_maps": {"known@relay.test": "ok", "@gateway.test": "ok"},
                "relay_transport": "smtp:[127.0.0.1]:%d" % gateway.port},
-        virtual={"alias_domains": ["alias.test"], "alias_maps": ALIASES,
+        virtual={"alias_domains": ["alias.test", "domalias.test", "loopa.test",
+                                   "loopb.test"], "alias_maps": ALIASES,
                  "mailbox_domains": ["virt.test", "bücher.test"],
                  "mailbox_maps": "lmdb:" + vmailbox,
                  "transport": "lmtp:unix:" + dovecot.lmtp_socket},
@@ -267,6 +272,25 @@ def test_an_alias_target_too_long_to_be_an_address_is_refused_for_good(mx):
         "too long (local part longer than 64 octets)")
     assert "the virtual alias table gives '%s@virt.test' for <long@alias.test>: local " \
            "part longer than 64 octets" % ("l" * 65) in mx.log()
+
+
+def test_a_domain_alias_renames_the_domain_and_the_result_must_exist(mx, dovecot):
+    """"@domalias.test @VIRT.test": user@domalias.test is user@virt.test, looked up again
+    (it was refused with 451 4.6.0); a user virt.test lacks is refused at RCPT with the
+    table it is missing from (Postfix would accept and bounce later); a rename that
+    comes back is a loop."""
+    replies, queue_id = send(mx, ["Alice@DomAlias.test"], "renamed")
+    assert replies == [250]
+    envelope, _ = mx.message(queue_id)
+    assert [(r.address, r.orcpt) for r in envelope.recipients] == [
+        ("Alice@virt.test", "rfc822;Alice@DomAlias.test")]
+    wait_for(lambda: has_subject(dovecot.messages("alice"), "renamed"), timeout=20)
+    assert rcpt(mx, "nobody@domalias.test") == unknown("nobody@domalias.test",
+                                                       "virtual mailbox table")
+    assert rcpt(mx, "x@loopa.test") == (
+        "451 4.6.0 <x@loopa.test>: Alias expansion error: virtual alias loop")
+    assert "virtual alias loop: <x@loopa.test> -> <x@loopb.test> -> <x@loopa.test>" \
+        in mx.log()
 
 
 def test_pickup_queues_alias_targets_in_normal_form_and_holds_what_cannot_be(mx, dovecot):
@@ -447,7 +471,7 @@ def test_sendmail_bv_knows_the_classes(mx):
     result = subprocess.run(
         [sys.executable, "-m", "elemta.cli.sendmail", "-C", mx.config_path, "-bv",
          "alice@virt.test", "nobody@virt.test", "sales@alias.test", "known@relay.test",
-         "x@relay.test"], capture_output=True, env=dict(os.environ, PYTHONPATH=REPO),
+         "x@relay.test", "alice@domalias.test", "nobody@domalias.test"], capture_output=True, env=dict(os.environ, PYTHONPATH=REPO),
         timeout=60)
     assert result.stdout.decode().splitlines() == [
         "alice@virt.test... deliverable: virtual mailbox domain virt.test",
@@ -455,7 +479,10 @@ def test_sendmail_bv_knows_the_classes(mx):
         "sales@alias.test... deliverable: virtual alias of alice@virt.test, "
         "root@example.test, partner@remote.test",
         "known@relay.test... deliverable: relay domain relay.test",
-        "x@relay.test... undeliverable: User unknown in relay recipient table"]
+        "x@relay.test... undeliverable: User unknown in relay recipient table",
+        "alice@domalias.test... deliverable: virtual alias of alice@virt.test",
+        "nobody@domalias.test... undeliverable: virtual alias of nobody@virt.test: User "
+        "unknown in virtual mailbox table"]
     assert result.returncode == 67
 
 

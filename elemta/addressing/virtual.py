@@ -14,6 +14,9 @@ The rules, Postfix's:
     user+ext and user (local domains only), @domain (the catch-all)
   - a value is one or more addresses (commas); each is expanded again; a bare name is
     qualified with the host name (myorigin)
+  - a value "@otherdomain" renames the domain: user@domain becomes user@otherdomain (the
+    whole local part, extension and all), which is expanded again like any result
+    (virtual(5); how a domain alias is written: "@alias.example @example.org")
   - when the entry matched without the address extension (user@domain for
     user+ext@domain, "a b"@domain for "a b+ext"@domain), the extension goes onto each
     result with the delimiter the address used (propagate_unmatched_extensions; the
@@ -54,7 +57,8 @@ See also: virtual(5), elemta.addressing.hosted (which recipients exist).
 
 from typing import List, Optional
 
-from elemta.addressing.normal import canonical, too_long, with_extension
+from elemta.addressing.normal import (canonical, normal_local_part, split_address, too_long,
+                                      with_extension)
 from elemta.maps import lookup_address, values
 from elemta.maps.spec import LazyTable
 from elemta.queue.model import Recipient
@@ -87,6 +91,11 @@ def _same(address):
     return canonical(address).lower()
 
 
+def same_address(one, other):
+    """True when one and other are the same address however spelled (without case)."""
+    return _same(one) == _same(other)
+
+
 class VirtualAliases:
     """The virtual alias table of one configuration, and the Addressing that says which
     domains are local (for the bare-user keys) and how extensions are written."""
@@ -112,11 +121,16 @@ class VirtualAliases:
         extension = self.addressing.unmatched_extension(address, match.key)
         targets = []
         for value in values(match.value):
-            target = self.addressing.qualify(value)
-            if extension is not None:
-                # Matched as user@domain or user: the extension goes on (Postfix's
-                # propagate_unmatched_extensions), with the delimiter the address used.
-                target = with_extension(target, *extension)
+            if value.startswith("@"):
+                # "@otherdomain": the same local part in another domain (virtual(5)).
+                target = normal_local_part(split_address(address)[0]) + value
+            else:
+                target = self.addressing.qualify(value)
+                if extension is not None:
+                    # Matched as user@domain or user: the extension goes on (Postfix's
+                    # propagate_unmatched_extensions), with the delimiter the address
+                    # used.
+                    target = with_extension(target, *extension)
             targets.append(self._checked(address, value, target))
         return targets
 
