@@ -299,3 +299,53 @@ def test_an_ascii_key_whose_utf8_spelling_latin1_cannot_hold_is_found_or_not_nev
     finally:
         latin1.start()
     assert rcpt("known@xn--r8jz45g.jp") == "250 2.1.5 Ok"
+
+
+def test_a_list_of_tables_is_one_map_the_first_that_has_the_key_answers(
+        tmp_path, tables, elemta_server):
+    """virtual.alias_maps = "lmdb:FILE, pgsql:CF", as Postfix's virtual_alias_maps lists
+    tables: each key is asked of the tables in order; a more specific key in the second
+    wins over a catch-all in the first (the search order comes first). While the
+    database is down every recipient is 451: the lmdb table's catch-all must not answer
+    for db@alias.test, which the database could not be asked for, and even an entry
+    the lmdb table has leads to an address looked up again in both."""
+    import smtplib
+    from elemta.maps.lmdbtable import compile_source
+    tables.execute("CREATE TABLE list_alias (address text, goto text);"
+                   "INSERT INTO list_alias VALUES ('both@alias.test', 'from-pgsql@remote.test'),"
+                   "('db@alias.test', 'db-user@remote.test');")
+    source = tmp_path / "virtual"
+    source.write_text("both@alias.test from-lmdb@remote.test\n"
+                      "file@alias.test file-user@remote.test\n"
+                      "@alias.test catch-all@remote.test\n")
+    compile_source(str(source))
+    path = cf(tmp_path, tables, query="SELECT goto FROM list_alias WHERE address = '%s'")
+    server = elemta_server(virtual={"alias_domains": ["alias.test"],
+                                    "alias_maps": "lmdb:%s, pgsql:%s" % (source, path)})
+
+    def send(recipients):
+        before = set(server.queued_ids())
+        with smtplib.SMTP("127.0.0.1", server.port, source_address=("127.0.0.1", 0)) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail("someone@client.test")
+            replies = ["%d %s" % (code, text.decode()) for code, text in
+                       (smtp.docmd("RCPT TO:<%s>" % r) for r in recipients)]
+            if any(reply.startswith("250") for reply in replies):
+                smtp.data(b"Subject: list\r\n\r\nto a list of tables\r\n")
+        new = set(server.queued_ids()) - before
+        queued = [r.address for r in server.message(new.pop())[0].recipients] if new else []
+        return replies, queued
+    replies, queued = send(["both@alias.test", "file@alias.test", "db@alias.test",
+                            "other@alias.test"])
+    assert replies == ["250 2.1.5 Ok"] * 4
+    assert queued == ["from-lmdb@remote.test", "file-user@remote.test",
+                      "db-user@remote.test", "catch-all@remote.test"]
+    tables.stop()
+    try:
+        replies, queued = send(["file@alias.test", "db@alias.test"])
+    finally:
+        tables.start()
+    assert replies == ["451 4.3.0 <file@alias.test>: Temporary lookup failure",
+                       "451 4.3.0 <db@alias.test>: Temporary lookup failure"]
+    assert queued == []
+    assert "<db@alias.test>: lookup failed: pgsql:%s: " % path in server.log()
