@@ -33,8 +33,9 @@ the same as a key the table lacks (a "not found" would let such an address past 
 table that refuses what it lists). The UTF-8 spelling of an A-label domain, which
 the table asks for second (elemta.maps.sqlconf.key_spellings), is another matter: Elemta
 made it up, so a database that cannot hold it has no row with it ("not found").
-A SQL_ASCII database converts nothing: keys reach it as UTF-8 bytes, as Postfix's do. A result that is not valid in the client encoding (a
-SQL_ASCII database holding LATIN1 bytes) is TableUnavailable too. The connection stays
+A SQL_ASCII database converts nothing: keys reach it as UTF-8 bytes, as Postfix's do.
+A result that is not valid in the client encoding (a SQL_ASCII database holding LATIN1
+bytes) is TableUnavailable too. The connection stays
 open for the next lookup after any of these, as after every error that leaves it idle
 (an SQL error); a connection in any other state is closed, never left behind.
 See also: pgsql_table(5), elemta.maps.sqlconf, elemta.maps.sqlite.
