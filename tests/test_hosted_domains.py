@@ -41,6 +41,15 @@ ALIASES = {
     "loop2@alias.test": "loop1@alias.test",
     "self@alias.test": ["self@alias.test", "alice@virt.test"],
     "inject@alias.test": "a@virt.test\r\nRCPT TO:<x@victim.example>",
+    # Targets spelled as an admin or a web panel may write them.
+    "shout@alias.test": "Alice@VIRT.test.",
+    "intl@alias.test": ["bob@virt.test", "alice@Bücher.test"],
+    "jorg@alias.test": "jörg@remote.test",
+    "long@alias.test": "l" * 65 + "@virt.test",
+    # Domain aliases (virtual(5) "@domain @otherdomain"), one pair in a loop.
+    "@domalias.test": "@VIRT.test",
+    "@loopa.test": "@loopb.test",
+    "@loopb.test": "@loopa.test",
 }
 
 
@@ -74,7 +83,8 @@ def gateway():
 def vmailbox(tmp_path_factory):
     """The virtual mailbox table: lmdb, compiled as elemtactl map compile does."""
     source = tmp_path_factory.mktemp("tables") / "vmailbox"
-    source.write_text("alice@virt.test alice\nbob@virt.test bob\n")
+    source.write_text("alice@virt.test alice\nbob@virt.test bob\nalice@bücher.test alice\n",
+                      encoding="utf-8")
     compile_source(str(source))
     return str(source)
 
@@ -88,8 +98,10 @@ def mx(elemta_module_server, dovecot, remote, gateway, vmailbox, tmp_path_factor
                "relay_domains": ["relay.test", "gateway.test"],
                "relay_recipient_maps": {"known@relay.test": "ok", "@gateway.test": "ok"},
                "relay_transport": "smtp:[127.0.0.1]:%d" % gateway.port},
-        virtual={"alias_domains": ["alias.test"], "alias_maps": ALIASES,
-                 "mailbox_domains": ["virt.test"], "mailbox_maps": "lmdb:" + vmailbox,
+        virtual={"alias_domains": ["alias.test", "domalias.test", "loopa.test",
+                                   "loopb.test"], "alias_maps": ALIASES,
+                 "mailbox_domains": ["virt.test", "bücher.test"],
+                 "mailbox_maps": "lmdb:" + vmailbox,
                  "transport": "lmtp:unix:" + dovecot.lmtp_socket},
         delivery={"workers": 1, "relayhost": "[127.0.0.1]:%d" % remote.port,
                   "min_backoff": 0.5, "max_backoff": 1.0},
@@ -214,6 +226,94 @@ def test_a_table_value_that_is_not_an_address_never_reaches_the_envelope(mx):
                                              "not an address")
     assert "the virtual alias table gives 'a@virt.test\\r\\nRCPT TO:<x@victim.example>'" \
         in mx.log()
+
+
+def test_alias_targets_are_queued_in_normal_form_and_reach_dovecot(mx, dovecot):
+    """A target as the table spells it: "Alice@VIRT.test." reached Dovecot's LMTP as it
+    was, which answered 501, bounced after the client had 250; "alice@Bücher.test" in a
+    message without SMTPUTF8 made the whole LMTP transaction fail, bob's copy with it.
+    Each is queued in the form the smtpd queues a hosted recipient in."""
+    replies, queue_id = send(mx, ["shout@alias.test", "intl@alias.test"], "spelled")
+    assert replies == [250, 250]
+    envelope, _ = mx.message(queue_id)
+    assert [r.address for r in envelope.recipients] == [
+        "Alice@virt.test", "bob@virt.test", "alice@xn--bcher-kva.test"]
+    assert not envelope.smtputf8
+    wait_for(lambda: has_subject(dovecot.messages("bob"), "spelled"), timeout=20)
+    wait_for(lambda: len([m for m in dovecot.messages("alice")
+                          if b"Subject: spelled" in m]) == 2, timeout=20)
+    for address in envelope.recipients:
+        wait_for(lambda: re.search(r"%s: to=<%s>, relay=\S+, delay=\S+, status=sent" % (
+            queue_id, re.escape(address.address)), mx.log()), timeout=20)
+    assert not re.search(r"to=<(Alice@virt|bob@virt|alice@xn--bcher-kva)\.test>.*"
+                         r"status=bounced", mx.log())
+
+
+def test_a_utf8_alias_target_needs_an_smtputf8_message(mx):
+    """jörg@remote.test cannot be passed on in a message without SMTPUTF8: refused at
+    RCPT for good (RFC 6531 3.7.4.1), logged with the target; with SMTPUTF8 it is
+    taken."""
+    assert rcpt(mx, "jorg@alias.test") == (
+        "553 5.6.7 <jorg@alias.test>: Recipient address rejected: its virtual alias "
+        "needs SMTPUTF8")
+    assert "<jorg@alias.test>: its virtual alias 'j\\xf6rg@remote.test' is not ASCII" \
+        in mx.log()
+    with smtplib.SMTP("127.0.0.1", mx.port) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("someone@client.test", ["SMTPUTF8"])
+        assert smtp.docmd("RCPT TO:<jorg@alias.test>") == (250, b"2.1.5 Ok")
+
+
+def test_an_alias_target_too_long_to_be_an_address_is_refused_for_good(mx):
+    """A local part of 65 octets is refused by every next hop: 550 5.1.3 (it was 451,
+    retried by the client for days), the reason in the log."""
+    assert rcpt(mx, "long@alias.test") == (
+        "550 5.1.3 <long@alias.test>: Recipient address rejected: virtual alias address "
+        "too long (local part longer than 64 octets)")
+    assert "the virtual alias table gives '%s@virt.test' for <long@alias.test>: local " \
+           "part longer than 64 octets" % ("l" * 65) in mx.log()
+
+
+def test_a_domain_alias_renames_the_domain_and_the_result_must_exist(mx, dovecot):
+    """"@domalias.test @VIRT.test": user@domalias.test is user@virt.test, looked up again
+    (it was refused with 451 4.6.0); a user virt.test lacks is refused at RCPT with the
+    table it is missing from (Postfix would accept and bounce later); a rename that
+    comes back is a loop."""
+    replies, queue_id = send(mx, ["Alice@DomAlias.test"], "renamed")
+    assert replies == [250]
+    envelope, _ = mx.message(queue_id)
+    assert [(r.address, r.orcpt) for r in envelope.recipients] == [
+        ("Alice@virt.test", "rfc822;Alice@DomAlias.test")]
+    wait_for(lambda: has_subject(dovecot.messages("alice"), "renamed"), timeout=20)
+    assert rcpt(mx, "nobody@domalias.test") == unknown("nobody@domalias.test",
+                                                       "virtual mailbox table")
+    assert rcpt(mx, "x@loopa.test") == (
+        "451 4.6.0 <x@loopa.test>: Alias expansion error: virtual alias loop")
+    assert "virtual alias loop: <x@loopa.test> -> <x@loopb.test> -> <x@loopa.test>" \
+        in mx.log()
+
+
+def test_pickup_queues_alias_targets_in_normal_form_and_holds_what_cannot_be(mx, dovecot):
+    """sendmail's mail through the same expansion: the targets in normal form (and
+    SMTPUTF8 when one needs it), a target too long held for the admin, not retried."""
+    import subprocess
+    import sys
+    from tests.harness import REPO
+
+    def sendmail(recipient, subject):
+        result = subprocess.run(
+            [sys.executable, "-m", "elemta.cli.sendmail", "-C", mx.config_path, "-i",
+             recipient], input=b"Subject: %s\n\nby sendmail\n" % subject.encode(),
+            capture_output=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+        assert result.returncode == 0, result.stderr
+    sendmail("shout@alias.test", "picked up")
+    # As the table spells it, Dovecot would have refused it (501) and it would bounce.
+    wait_for(lambda: has_subject(dovecot.messages("alice"), "picked up"), timeout=20)
+    sendmail("long@alias.test", "too long")
+    wait_for(lambda: re.search(r"hold: 550 5\.1\.3 Alias expansion error: the virtual alias "
+                               r"table gives 'l{65}@virt.test' for <long@alias.test>: local "
+                               r"part longer than 64 octets; held for the admin", mx.log()),
+             timeout=20)
 
 
 def test_without_recipient_tables_only_alias_domains_check_users(tmp_path, elemta_server):
@@ -371,7 +471,7 @@ def test_sendmail_bv_knows_the_classes(mx):
     result = subprocess.run(
         [sys.executable, "-m", "elemta.cli.sendmail", "-C", mx.config_path, "-bv",
          "alice@virt.test", "nobody@virt.test", "sales@alias.test", "known@relay.test",
-         "x@relay.test"], capture_output=True, env=dict(os.environ, PYTHONPATH=REPO),
+         "x@relay.test", "alice@domalias.test", "nobody@domalias.test"], capture_output=True, env=dict(os.environ, PYTHONPATH=REPO),
         timeout=60)
     assert result.stdout.decode().splitlines() == [
         "alice@virt.test... deliverable: virtual mailbox domain virt.test",
@@ -379,7 +479,10 @@ def test_sendmail_bv_knows_the_classes(mx):
         "sales@alias.test... deliverable: virtual alias of alice@virt.test, "
         "root@example.test, partner@remote.test",
         "known@relay.test... deliverable: relay domain relay.test",
-        "x@relay.test... undeliverable: User unknown in relay recipient table"]
+        "x@relay.test... undeliverable: User unknown in relay recipient table",
+        "alice@domalias.test... deliverable: virtual alias of alice@virt.test",
+        "nobody@domalias.test... undeliverable: virtual alias of nobody@virt.test: User "
+        "unknown in virtual mailbox table"]
     assert result.returncode == 67
 
 

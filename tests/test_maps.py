@@ -18,7 +18,7 @@ import gevent
 import pytest
 
 from elemta.maps import (TableError, TableSpec, TableUnavailable, address_keys, domain_keys,
-                         lookup_address, lookup_domain, open_table, values)
+                         lookup_address, lookup_domain, open_table, parse_spec, values)
 from tests.harness import REPO
 
 
@@ -601,3 +601,32 @@ def test_a_lazy_table_reads_nothing_until_its_first_lookup(tmp_path):
     import sqlite3
     sqlite3.connect(str(tmp_path / "db.sqlite")).close()
     assert table.lookup("example.org") == "x"
+
+
+def test_a_list_of_tables_reads_each_file_names_its_line_and_asks_patterns_whole(tmp_path):
+    """"lmdb:A, regexp:B" or a YAML list of tables: each file is checked at load (a
+    problem names file:line:key), each is one the workers must read, and a regexp table
+    in the list is asked for the whole address only, as Postfix asks it: its negated
+    rule must not match the partial key "@example.org"."""
+    from elemta.config.loader import table_files
+    patterns = write(tmp_path / "patterns", "!/^blocked@/ ok\n")
+    bad = write(tmp_path / "bad", "/(/ c\n")
+    settings, problems = _load(tmp_path, """\
+        virtual: lmdb:/etc/elemta/virtual, regexp:%s
+        checks:
+          - lmdb:/etc/elemta/a lmdb:/etc/elemta/b regexp:%s
+        """ % (patterns, bad))
+    assert [str(p) for p in problems] == [
+        "%s:3: checks[0]: %s:1: bad pattern /(/: missing ), unterminated subpattern at "
+        "position 0" % (tmp_path / "elemta.yaml", bad)]
+    assert settings.virtual.worker_files == ("/etc/elemta/virtual.lmdb", patterns)
+    assert table_files(settings) == [
+        (("virtual",), "/etc/elemta/virtual.lmdb"), (("virtual",), patterns),
+        (("checks", 0), "/etc/elemta/a.lmdb"), (("checks", 0), "/etc/elemta/b.lmdb"),
+        (("checks", 0), bad)]
+    table = open_table("regexp:%s, inline:{ @example.org=domain }" % patterns)
+    assert lookup_address(table, "blocked@example.org") == ("@example.org", "domain")
+    assert lookup_address(table, "alice@example.org") == ("alice@example.org", "ok")
+    assert str(parse_spec(["inline:{ a=b }", {"c": "d"}])) == \
+        "inline:{ { a = b } }, inline:{ { c = d } }"
+    assert parse_spec(["a b", "c d"]).type == "inline"     # entries, one table

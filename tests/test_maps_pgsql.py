@@ -261,3 +261,91 @@ def test_at_rcpt_a_key_the_client_encoding_cannot_carry_is_451_and_logged(
         "recipient table"]
     assert "lookup failed: pgsql:%s: the key has a character (\\u20ac) that the client " \
            "encoding LATIN1 cannot carry" % path in server.log()
+
+
+@pytest.mark.parametrize("encoding", [None, "LATIN1"])
+def test_an_ascii_key_whose_utf8_spelling_latin1_cannot_hold_is_found_or_not_never_451(
+        tmp_path, latin1, elemta_server, encoding):
+    """An A-label domain (xn--r8jz45g.jp is 例え.jp) is asked for as written, then in UTF-8
+    (elemta.maps.sqlconf.key_spellings). A LATIN1 database cannot hold that second
+    spelling, which Elemta made up: no row can have it, so it is "not found" there. It
+    was a 451 for every unknown user of such a domain, and for every known one when
+    the query is by domain. A server that is down stays 451."""
+    import smtplib
+    latin1.execute_in("maps_latin1", "CREATE TABLE IF NOT EXISTS relay_rcpt (address text);"
+                      "DELETE FROM relay_rcpt;"
+                      "INSERT INTO relay_rcpt VALUES ('known@xn--r8jz45g.jp');")
+    path = cf(tmp_path, latin1, dbname="maps_latin1", encoding=encoding,
+              query="SELECT 'ok' FROM relay_rcpt WHERE address = '%s'")
+    server = elemta_server(relay={"mynetworks": ["127.0.0.2/32"],
+                                  "relay_domains": ["xn--r8jz45g.jp"],
+                                  "relay_recipient_maps": "pgsql:" + path})
+
+    def rcpt(address):
+        with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail("someone@client.test")
+            code, text = smtp.docmd("RCPT TO:<%s>" % address)
+            return "%d %s" % (code, text.decode())
+    assert rcpt("known@xn--r8jz45g.jp") == "250 2.1.5 Ok"
+    assert rcpt("Other@XN--R8JZ45G.jp.") == (
+        "550 5.1.1 <Other@XN--R8JZ45G.jp.>: Recipient address rejected: User unknown in "
+        "relay recipient table")
+    assert "lookup failed" not in server.log()
+    latin1.stop()
+    try:
+        assert rcpt("other@xn--r8jz45g.jp") == \
+            "451 4.3.0 <other@xn--r8jz45g.jp>: Temporary lookup failure"
+    finally:
+        latin1.start()
+    assert rcpt("known@xn--r8jz45g.jp") == "250 2.1.5 Ok"
+
+
+def test_a_list_of_tables_is_one_map_the_first_that_has_the_key_answers(
+        tmp_path, tables, elemta_server):
+    """virtual.alias_maps = "lmdb:FILE, pgsql:CF", as Postfix's virtual_alias_maps lists
+    tables: each key is asked of the tables in order; a more specific key in the second
+    wins over a catch-all in the first (the search order comes first). While the
+    database is down every recipient is 451: the lmdb table's catch-all must not answer
+    for db@alias.test, which the database could not be asked for, and even an entry
+    the lmdb table has leads to an address looked up again in both."""
+    import smtplib
+    from elemta.maps.lmdbtable import compile_source
+    tables.execute("CREATE TABLE list_alias (address text, goto text);"
+                   "INSERT INTO list_alias VALUES ('both@alias.test', 'from-pgsql@remote.test'),"
+                   "('db@alias.test', 'db-user@remote.test');")
+    source = tmp_path / "virtual"
+    source.write_text("both@alias.test from-lmdb@remote.test\n"
+                      "file@alias.test file-user@remote.test\n"
+                      "@alias.test catch-all@remote.test\n")
+    compile_source(str(source))
+    path = cf(tmp_path, tables, query="SELECT goto FROM list_alias WHERE address = '%s'")
+    server = elemta_server(virtual={"alias_domains": ["alias.test"],
+                                    "alias_maps": "lmdb:%s, pgsql:%s" % (source, path)})
+
+    def send(recipients):
+        before = set(server.queued_ids())
+        with smtplib.SMTP("127.0.0.1", server.port, source_address=("127.0.0.1", 0)) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail("someone@client.test")
+            replies = ["%d %s" % (code, text.decode()) for code, text in
+                       (smtp.docmd("RCPT TO:<%s>" % r) for r in recipients)]
+            if any(reply.startswith("250") for reply in replies):
+                smtp.data(b"Subject: list\r\n\r\nto a list of tables\r\n")
+        new = set(server.queued_ids()) - before
+        queued = [r.address for r in server.message(new.pop())[0].recipients] if new else []
+        return replies, queued
+    replies, queued = send(["both@alias.test", "file@alias.test", "db@alias.test",
+                            "other@alias.test"])
+    assert replies == ["250 2.1.5 Ok"] * 4
+    assert queued == ["from-lmdb@remote.test", "file-user@remote.test",
+                      "db-user@remote.test", "catch-all@remote.test"]
+    tables.stop()
+    try:
+        replies, queued = send(["file@alias.test", "db@alias.test"])
+    finally:
+        tables.start()
+    assert replies == ["451 4.3.0 <file@alias.test>: Temporary lookup failure",
+                       "451 4.3.0 <db@alias.test>: Temporary lookup failure"]
+    assert queued == []
+    assert "<db@alias.test>: lookup failed: pgsql:%s: " % path in server.log()

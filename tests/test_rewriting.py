@@ -249,9 +249,32 @@ def test_quoted_local_parts_with_an_extension_are_found_and_keep_it(elemta_serve
         smtp.ehlo()
         smtp.mail("someone@elsewhere.test")
         code, text = smtp.docmd("RCPT TO:<long+%s@alias.test>" % ("x" * 20))
-    # l...l+x...x@elsewhere.test: a local part of 71 characters is not an address.
-    assert (code, text.decode()) == (451, "4.6.0 <long+%s@alias.test>: Alias expansion "
-                                          "error: a virtual alias that is not an address"
-                                     % ("x" * 20))
-    assert "(as '%s+%s@elsewhere.test'), not an address" % ("l" * 50, "x" * 20) \
-        in server.log()
+    # l...l+x...x@elsewhere.test: a local part of 71 characters is not an address, and
+    # never will be: refused for good (the client's extension made it so), not 451.
+    assert (code, text.decode()) == (550, "5.1.3 <long+%s@alias.test>: Recipient address "
+                                          "rejected: virtual alias address too long "
+                                          "(local part longer than 64 octets)" % ("x" * 20))
+    assert "(as '%s+%s@elsewhere.test') for <long+%s@alias.test>: local part longer " \
+           "than 64 octets" % ("l" * 50, "x" * 20, "x" * 20) in server.log()
+
+
+def test_a_canonical_address_too_long_for_any_next_hop_is_refused_for_good(elemta_server):
+    """"@short.test @<a long domain>" keeps the client's local part: a long one makes an
+    address over 254 octets, which every next hop refuses. It was 451 4.3.0 (a table to
+    fix, retried for days); the client's address makes it so: 550, with the reason
+    logged."""
+    domain = ".".join(["d" * 50] * 4) + ".test"
+    server = elemta_server(rewrite={"canonical_maps": {"@short.test": "@" + domain}})
+    local = "u" * 60
+    with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+        smtp.ehlo()
+        assert smtp.docmd("MAIL FROM:<%s@short.test>" % local) == (
+            550, b"5.1.7 <%s@short.test>: Sender address rejected: canonical address too "
+                 b"long" % local.encode())
+        assert smtp.docmd("MAIL FROM:<u@short.test>")[0] == 250
+        assert smtp.docmd("RCPT TO:<%s@short.test>" % local) == (
+            550, b"5.1.3 <%s@short.test>: Recipient address rejected: canonical address "
+                 b"too long" % local.encode())
+        assert smtp.docmd("RCPT TO:<u@short.test>")[0] == 250
+    assert "inline:{ { @short.test = @%s } } gives '%s@%s' for <%s@short.test>: address " \
+           "longer than 254 octets" % (domain, local, domain, local) in server.log()

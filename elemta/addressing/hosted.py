@@ -2,7 +2,12 @@
 gives it at RCPT (smtpd_check.c check_rcpt_maps), so nothing accepted bounces later.
 
     1. an entry in virtual.alias_maps (any class): it exists, and expands to its targets
-       (elemta.addressing.virtual)
+       (elemta.addressing.virtual). An alias that leads to one other address (a domain
+       alias "@a.example @b.example" renaming user@a.example to user@b.example, or
+       info@ to one person) exists only if that address does, by step 2: otherwise
+       550 5.1.1 naming the table it is missing from. Postfix accepts such a recipient
+       and bounces it later (backscatter to a sender who may be forged). An alias to
+       several addresses is accepted as Postfix accepts it.
     2. then by class (elemta.addressing.resolve):
        LOCAL    a user, an /etc/aliases entry, postmaster or root
                 (elemta.addressing.recipients; Postfix's local_recipient_maps)
@@ -23,7 +28,7 @@ from typing import List, Optional, Tuple
 
 from elemta.addressing.recipients import LocalRecipients
 from elemta.addressing.resolve import ALIAS, LOCAL, RELAY, VIRTUAL
-from elemta.addressing.virtual import VirtualAliases
+from elemta.addressing.virtual import VirtualAliases, same_address
 from elemta.maps import lookup_address
 from elemta.maps.spec import LazyTable
 
@@ -37,7 +42,9 @@ class Resolution:
     """What is known of one recipient."""
     kind: str                            # its address class
     known: bool                          # False: no such user (550 5.1.1)
-    targets: Optional[List[str]] = None  # its virtual alias expansion, if it has one
+    # Its virtual alias expansion, if it has one (with known False: a rename to an
+    # address of class kind that does not exist).
+    targets: Optional[List[str]] = None
     found: Optional[Tuple[str, str]] = None    # LOCAL: (USER, ALIAS or ROLE, name)
 
     @property
@@ -56,13 +63,25 @@ class HostedRecipients:
         self.mailboxes = _table(config.virtual.mailbox_maps)
         self.relay_recipients = _table(config.relay.relay_recipient_maps)
 
-    def resolve(self, address: str) -> Resolution:
-        """The Resolution of address; raises TableUnavailable or AliasExpansionError."""
+    def resolve(self, address: str, smtputf8: bool = True) -> Resolution:
+        """The Resolution of address; raises TableUnavailable or AliasExpansionError.
+        smtputf8 False: the message has no SMTPUTF8, its alias targets must be ASCII."""
         kind = self.addressing.classify(address)
         if self.aliases is not None:
-            targets = self.aliases.expand(address)
+            targets = self.aliases.expand(address, smtputf8)
             if targets is not None:
+                if len(targets) == 1 and not same_address(targets[0], address):
+                    # A rename: the one address it names must exist (see above).
+                    found = self._existing(targets[0], self.addressing.classify(targets[0]))
+                    if not found.known:
+                        # Its class and table, for the reply; refused unless it is a
+                        # local one and local.reject_unknown_users is off.
+                        return Resolution(found.kind, False, targets)
                 return Resolution(kind, True, targets)
+        return self._existing(address, kind)
+
+    def _existing(self, address: str, kind: str) -> Resolution:
+        """Step 2 (see the module docstring): does address of class kind exist?"""
         if kind == LOCAL:
             found = self.local.find_address(address)
             return Resolution(kind, found is not None, found=found)

@@ -196,6 +196,24 @@ def normal_address(address):
     return normal_local_part(local) + at + domain
 
 
+# RFC 5321 4.5.3.1: a local part of at most 64 octets, a path of at most 256 with its
+# angle brackets (so 254 for the address).
+MAX_LOCAL_PART = 64
+MAX_ADDRESS = 254
+
+
+def too_long(address):
+    """Why address is too long to be a recipient anywhere (its local part over 64 octets,
+    the whole over 254), or None. What a table's result must also pass: such an address
+    is refused by every next hop, so accepting it would only bounce later."""
+    local = split_address(address)[0]
+    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
+        return "local part longer than %d octets" % MAX_LOCAL_PART
+    if len(address.encode("utf-8")) > MAX_ADDRESS:
+        return "address longer than %d octets" % MAX_ADDRESS
+    return None
+
+
 def canonical(address):
     """The one spelling of a whole address: local part and domain in normal form.
     '"root"@Bücher.Example.' -> 'root@xn--bcher-kva.example'; a bare name stays bare."""

@@ -21,7 +21,11 @@ rule of elemta.addressing.normal.split_extension), before the result is checked.
 result is looked up again, up to NESTING_LIMIT times, until it maps to itself or to
 nothing.
 A value that is not an address is refused (RewriteError): a table may be written by
-others, and only an address may reach the envelope or a header.
+others, and only an address may reach the envelope or a header; the smtpd answers 451
+4.3.0 while the admin fixes the table. A result too long to be an address anywhere (a
+local part over 64 octets, the whole over 254, often the client's own extension put onto
+a long name) is a RewriteError with permanent set: 550 5.1.3 for a recipient, 550 5.1.7
+for a sender, as every next hop would refuse it for good.
 
 Masquerading (masquerade_domains, in order, the first that applies wins): an address in
 a subdomain of a listed domain takes the listed domain (user@host.example.org ->
@@ -36,7 +40,7 @@ import logging
 from typing import Optional
 
 from elemta.addressing.normal import (normal_domain, normal_local_part, split_address,
-                                      with_extension)
+                                      too_long, with_extension)
 from elemta.config.schema import ENVELOPE_RECIPIENT, ENVELOPE_SENDER
 from elemta.maps import lookup_address, values
 from elemta.maps.spec import LazyTable
@@ -49,7 +53,13 @@ NESTING_LIMIT = 10
 
 
 class RewriteError(Exception):
-    """A canonical table gave something that is not an address."""
+    """A canonical table gave something that is not an address; permanent when it is
+    one, but too long (elemta.addressing.normal.too_long), which retrying cannot
+    mend."""
+
+    def __init__(self, message, permanent=False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 def _table(spec):
@@ -149,6 +159,10 @@ class AddressRewriter:
                 # Matched without the extension: it goes back on the result, with the
                 # delimiter the address used (checked below, as it will be queued).
                 result = with_extension(result, *extension)
+        problem = too_long(result)
+        if problem is not None:
+            raise RewriteError("%s gives %s for <%s>: %s" % (
+                table.spec, ascii(result), address, problem), permanent=True)
         try:
             validate_mailbox(result, utf8=True)
         except AddressError as error:

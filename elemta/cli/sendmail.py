@@ -514,6 +514,9 @@ def verdict_of_canonical(context, address):
         return "%s... deferred: lookup failed: %s" % (address, error), EX_TEMPFAIL
     except AliasExpansionError as error:
         return "%s... deferred: alias expansion error: %s" % (address, error), EX_TEMPFAIL
+    if resolved.targets is not None and not resolved.known and resolved.kind != LOCAL:
+        return "%s... undeliverable: virtual alias of %s: User unknown in %s" % (
+            address, resolved.targets[0], resolved.table_name), EX_NOUSER
     if resolved.targets is not None:
         return "%s... deliverable: virtual alias of %s" % (
             address, ", ".join(resolved.targets)), EX_OK

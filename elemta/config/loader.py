@@ -655,8 +655,8 @@ def table_files(config: Config) -> List[Tuple[KeyPath, str]]:
     """The file each lookup table in the config reads (FILE.lmdb, a regexp file, an SQL
     .cf file). Read later, by the lookups, which fail temporarily while one cannot be
     read (mail waits): loading does not insist on them, elemta --check-config asks."""
-    return [(path, spec.worker_file) for path, spec in own_typed_values(config)
-            if getattr(spec, "worker_file", None)]
+    return [(path, name) for path, spec in own_typed_values(config)
+            for name in getattr(spec, "worker_files", ())]
 
 
 def parse_key_path(text: str) -> KeyPath:

@@ -200,6 +200,20 @@ without
 .B virtual.mailbox_maps
 (every recipient in those domains is accepted at RCPT, and mail for a user
 who does not exist bounces later).
+.SS Lookup tables
+An option of type
+.I lookup table
+takes a table as
+.BR elemta\-tables (5)
+spells it
+.RB ( lmdb:/etc/elemta/virtual ,
+.BR pgsql:/etc/elemta/virtual.cf ,
+an inline table or list of entries), or several, as Postfix lists them:
+.B \(dqlmdb:/etc/elemta/virtual, pgsql:/etc/elemta/virtual.cf\(dq
+or a list whose every item is a table.
+Each key is asked of the tables in order and the first that has it answers
+(Postfix's
+.IR "virtual_alias_maps = hash:a, pgsql:b" ).
 .SS Reload and restart
 A running Elemta reads the file again on
 .B elemtactl reload

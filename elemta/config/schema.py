@@ -357,8 +357,14 @@ class VirtualSettings:
               "is queued: keys user@domain, user (local domains only), @domain (a "
               "catch-all, after user@domain); a value is one or more addresses (local, "
               "hosted or remote), each expanded again, up to 1000 levels and 1000 "
-              "addresses. An address that maps to itself is kept; a loop is refused "
-              "with 451 4.6.0. Postfix's virtual_alias_maps.")
+              "addresses, or @otherdomain, which renames the domain (user@domain becomes "
+              "user@otherdomain, expanded again: a domain alias). Each address is queued "
+              "in normal form (domain in lower case and A-labels, no final dot). An alias "
+              "to one address exists only if that address does (else 550 5.1.1; Postfix "
+              "accepts it and bounces later). An address that maps to itself is kept; a "
+              "loop is refused with 451 4.6.0; a result longer than 64 octets (local "
+              "part) or 254 (address) with 550 5.1.3; a UTF-8 result for a message "
+              "without SMTPUTF8 with 553 5.6.7. Postfix's virtual_alias_maps.")
     mailbox_domains: DomainList = opt(
         DomainList(), "Domains whose users have mailboxes on another delivery agent "
                       "(transport), such as Dovecot (a list or a lookup table). Postfix's "
@@ -398,8 +404,10 @@ class RewriteSettings:
         None, "Replacement addresses for senders and recipients alike, a lookup table "
               "keyed by user@domain, user (local domains only) or @domain; the value is "
               "an address, or @domain to keep the local part. Applied after "
-              "sender_canonical_maps and recipient_canonical_maps. Postfix's "
-              "canonical_maps.")
+              "sender_canonical_maps and recipient_canonical_maps. A value that is not "
+              "an address is 451 4.3.0 (the table is to be fixed); a result longer than "
+              "64 octets (local part) or 254 (address) 550 5.1.3 (5.1.7 for a sender). "
+              "Postfix's canonical_maps.")
     sender_canonical_maps: Optional[TableSpec] = opt(
         None, "As canonical_maps, for the envelope sender and sender headers only "
               "(applied first). Postfix's sender_canonical_maps.")

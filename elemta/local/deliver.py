@@ -325,6 +325,9 @@ class RecipientDelivery:
             log.warning("%s: to=<%s>: cannot forward to %s: %s", self.queue_id,
                         self.recipient["address"], ", ".join("<%s>" % a for a in addresses),
                         error)
+            if getattr(error, "permanent", False):     # an alias result too long
+                return BOUNCED, "%d %s cannot expand the forwarded addresses: %s" % (
+                    error.code, error.status, error)
             return RCPT_DEFERRED, "451 4.3.0 cannot expand the forwarded addresses: %s" % (
                 error,)
         spool = self.config.queue.spool_dir

@@ -7,7 +7,7 @@ lmdb, psycopg).
 
     base        LookupTable.lookup(key) -> None | str | list; TableError (configured
                 wrongly) and TableUnavailable (cannot answer now: 451 4.3.0, defer)
-    spec        TableSpec ("type:name", a config table or list), open_table() and
+    spec        TableSpec ("type:name", a config table or list, several tables), open_table() and
                 LazyTable (opened at its first lookup)
     domains     DomainList: a config value of domains, inline or a table
     search      Postfix's search orders: lookup_address (user@domain, user, @domain),
@@ -19,6 +19,8 @@ lmdb, psycopg).
     sqlconf     the .cf files of SQL tables; % expansions as bound parameters
     sqlite      sqlite_table(5)
     pgsql       pgsql_table(5), over psycopg 3
+    tablelist   several tables as one map ("lmdb:/a, pgsql:/b"), the first that has a
+                key answers
     offthread   blocking lookups in the thread pool, bounded in time
 
 See also: man/elemta-tables.5, elemta.cli.mapcmd (elemtactl map compile/query).

@@ -55,6 +55,13 @@ class LookupTable:
         """The value for key, or None; raises TableUnavailable when it cannot say."""
         raise NotImplementedError
 
+    def lookup_key(self, key: str, whole: bool) -> Result:
+        """lookup(key) for the search orders (elemta.maps.search): whole is False for a
+        partial key (user, @domain, .parent), which a pattern table is not asked."""
+        if whole or self.partial_keys:
+            return self.lookup(key)
+        return None
+
     def lookup_many(self, keys: List[str]) -> List[Result]:
         """lookup() of each key, in order. Tables whose lookups cost a round trip
         (elemta.maps.regexp: one call to its helper) answer them all in one."""

@@ -77,6 +77,10 @@ class DomainList:
     def worker_file(self) -> str:
         return self.table.worker_file if self.table is not None else ""
 
+    @property
+    def worker_files(self) -> Tuple[str, ...]:
+        return self.table.worker_files if self.table is not None else ()
+
     def __bool__(self) -> bool:
         return bool(self.domains) or self.table is not None
 

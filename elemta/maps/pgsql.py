@@ -30,9 +30,12 @@ character the client encoding itself lacks, such as the euro sign with encoding 
 LATIN1) is TableUnavailable, 451 4.3.0 at RCPT, with the reason in the log, as Postfix
 answers when its query fails the same way: the lookup could not be made, which is not
 the same as a key the table lacks (a "not found" would let such an address past a
-table that refuses what it lists). A SQL_ASCII database converts nothing: keys reach it
-as UTF-8 bytes, as Postfix's do. A result that is not valid in the client encoding (a
-SQL_ASCII database holding LATIN1 bytes) is TableUnavailable too. The connection stays
+table that refuses what it lists). The UTF-8 spelling of an A-label domain, which
+the table asks for second (elemta.maps.sqlconf.key_spellings), is another matter: Elemta
+made it up, so a database that cannot hold it has no row with it ("not found").
+A SQL_ASCII database converts nothing: keys reach it as UTF-8 bytes, as Postfix's do.
+A result that is not valid in the client encoding (a SQL_ASCII database holding LATIN1
+bytes) is TableUnavailable too. The connection stays
 open for the next lookup after any of these, as after every error that leaves it idle
 (an SQL error); a connection in any other state is closed, never left behind.
 See also: pgsql_table(5), elemta.maps.sqlconf, elemta.maps.sqlite.
@@ -44,7 +47,7 @@ import re
 from typing import Dict, List
 
 from elemta.maps.base import TableError, TableUnavailable
-from elemta.maps.sqlconf import COMMON_KEYS, SQLSettings, SQLTable, read_cf
+from elemta.maps.sqlconf import COMMON_KEYS, SQLSettings, SQLTable, UnencodableKey, read_cf
 from elemta.maps.sqlite import parse_timeout
 
 KEYS = COMMON_KEYS + ("hosts", "user", "password", "dbname", "encoding", "timeout")
@@ -162,13 +165,18 @@ class PgSQLTable(SQLTable):
         except psycopg.OperationalError:
             connection.close()
             raise
+        except (psycopg.errors.UntranslatableCharacter,
+                psycopg.errors.CharacterNotInRepertoire) as error:
+            # The server could not convert the key into the database's encoding.
+            self._release(connection)
+            raise UnencodableKey("%s: query failed: %s" % (self.spec, _one_line(error)))
         except psycopg.Error as error:
             self._release(connection)
             raise TableUnavailable("%s: query failed: %s" % (self.spec, _one_line(error)))
         except UnicodeEncodeError as error:
             # Raised by psycopg before anything is sent: the connection is as it was.
             self._release(connection)
-            raise TableUnavailable(
+            raise UnencodableKey(
                 "%s: the key has a character (%s) that the client encoding %s cannot "
                 "carry: not looked up (encoding = UTF8 lets the server convert)"
                 % (self.spec, _escaped(error.object[error.start:error.end]),

@@ -22,7 +22,8 @@ The user key is the local part cut at its extension by the one rule every place 
 "a b+x" quoted is found as "a b" quoted, postmaster is never split).
 A pattern table (regexp: partial_keys is False) is asked for the first key only, the
 whole address or domain, as Postfix asks its regexp tables: a negated rule must not
-match a partial key the whole address did not match (elemta.maps.base).
+match a partial key the whole address did not match (elemta.maps.base); in a list of
+tables (elemta.maps.tablelist), each key is asked of every table before the next key.
 A TableUnavailable from any key's lookup ends the search (raised to the caller): a
 later, less specific key must not answer for one that could not be asked.
 See also: virtual(5), transport(5), elemta.maps.base.
@@ -72,8 +73,8 @@ def domain_keys(domain: str, subdomains: bool = True) -> Iterator[str]:
 def first(table: LookupTable, keys) -> Optional[Match]:
     """The first of keys that table holds, with its value; None when it holds none.
     A pattern table is asked for the first key only."""
-    for key in keys:
-        value = table.lookup(key)
+    for index, key in enumerate(keys):
+        value = table.lookup_key(key, index == 0)
         if value is not None:
             return Match(key, value)
         if not table.partial_keys:

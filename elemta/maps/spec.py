@@ -12,14 +12,20 @@ spelling is Postfix's type:name:
     sqlite:/etc/elemta/virtual-sqlite.cf an SQL query, sqlite_table(5) settings
     pgsql:/etc/elemta/virtual-pgsql.cf   an SQL query, pgsql_table(5) settings
 
+Several tables make one map when listed, as Postfix lists them: a string
+"hash:/etc/elemta/virtual, pgsql:/etc/elemta/virtual.cf" (commas or spaces between
+them), or a YAML/TOML list whose every item is a table (a type:name string, or a
+table of entries); a list of "key value" strings stays one inline table. Each key is
+asked of the tables in order, the first that has it answers (elemta.maps.tablelist).
 File names must be absolute (the daemon's working directory is not the admin's). A spec
 is checked for its form when read; the file it names is read when the table is opened
 (open_table), whose TableError names that file and line.
 See also: elemta.maps.base, man/elemta-tables.5.
 """
 
+import re
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from elemta.maps.base import LookupTable, Result, TableError, TableUnavailable
 from elemta.maps.inline import InlineTable, parse_braces
@@ -29,6 +35,9 @@ FILE_TYPES = ("lmdb", "hash", "regexp", "sqlite", "pgsql")
 # Tables of patterns, asked for whole search strings only (LookupTable.partial_keys).
 PATTERN_TYPES = ("regexp",)
 TYPES = ("inline",) + FILE_TYPES
+# A list of tables ("hash:/a, pgsql:/b"): its entries are their TableSpecs.
+LIST = "list"
+_SPEC_START = re.compile(r"(%s):" % "|".join(TYPES))
 
 
 @dataclass(frozen=True)
@@ -38,13 +47,16 @@ class TableSpec:
     Postfix would write it."""
     type: str
     name: str = ""
-    entries: Tuple[Tuple[str, Any], ...] = ()
+    entries: Tuple[Any, ...] = ()
 
     # How the config loader and the man page call this type (elemta.config.loader).
-    type_words = ("a lookup table (type:name, or a table or list of entries)",
-                  "lookup tables")
+    type_words = ("a lookup table (type:name, or a table or list of entries), or several "
+                  "(\"type:name, type:name\" or a list of them: the first that has a key "
+                  "answers)", "lookup tables")
 
     def __str__(self):
+        if self.type == LIST:
+            return ", ".join(str(member) for member in self.entries)
         if self.type != "inline":
             return "%s:%s" % (self.type, self.name)
         return "inline:{ %s }" % ", ".join(
@@ -52,9 +64,18 @@ class TableSpec:
             for key, value in self.entries)
 
     @property
+    def worker_files(self) -> Tuple[str, ...]:
+        """The files the processes that look up read (none for inline): the config
+        check opens them as master.user (elemta.config.loader.table_files)."""
+        if self.type == LIST:
+            return tuple(name for member in self.entries for name in member.worker_files)
+        return (self.worker_file,) if self.worker_file else ()
+
+    @property
     def worker_file(self) -> str:
-        """The file the processes that look up read ("" for inline): the config check
-        opens it as master.user (elemta.config.loader.table_files)."""
+        """The file a single table reads ("" for inline and for a list)."""
+        if self.type == LIST:
+            return ""
         if self.type in ("lmdb", "hash"):
             return self.name + ".lmdb"
         return self.name
@@ -63,6 +84,10 @@ class TableSpec:
         """What is wrong with the file this spec names (file:line), or None; read when
         the config loads (elemta.config.loader.check_tables). A compiled table is not
         read: a missing one only makes lookups wait (TableUnavailable)."""
+        if self.type == LIST:
+            return next((problem for problem in (type(self)(*member.fields()).check()
+                                                 for member in self.entries) if problem),
+                        None)
         if self.type in ("inline", "lmdb", "hash"):
             return None
         try:
@@ -70,6 +95,18 @@ class TableSpec:
         except TableError as error:
             return str(error)
         return None
+
+    def fields(self) -> Tuple[str, str, Tuple[Any, ...]]:
+        """(type, name, entries): what a subclass is made of (ActionTableSpec)."""
+        return self.type, self.name, self.entries
+
+    @property
+    def partial_keys(self) -> bool:
+        """False for a pattern table (LookupTable.partial_keys), known before it is
+        opened; a list has partial keys if any of its tables has."""
+        if self.type == LIST:
+            return any(member.partial_keys for member in self.entries)
+        return self.type not in PATTERN_TYPES
 
     @classmethod
     def from_config(cls, value: Any) -> "TableSpec":
@@ -96,6 +133,10 @@ def parse_spec(value: Any) -> TableSpec:
                 raise TableError("the value of %s must be a string or a list of strings"
                                  % key)
         return TableSpec("inline", "", tuple(entries))
+    if isinstance(value, list) and value and all(
+            isinstance(item, dict) or (isinstance(item, str) and _SPEC_START.match(item.strip()))
+            for item in value):
+        return _spec_list([parse_spec(item) for item in value])
     if isinstance(value, list):
         if not all(isinstance(item, str) for item in value):
             raise TableError("each entry of a table list must be a string \"key value\"")
@@ -103,6 +144,9 @@ def parse_spec(value: Any) -> TableSpec:
         return TableSpec("inline", "", tuple(entries))
     if not isinstance(value, str):
         raise TableError("a lookup table is written type:name, a table or a list")
+    members = _split_list(value.strip())
+    if len(members) > 1:
+        return _spec_list([parse_spec(member) for member in members])
     kind, colon, name = value.strip().partition(":")
     if not colon or kind not in TYPES:
         raise TableError("%r is not a table spec: write type:name with type one of %s"
@@ -114,6 +158,36 @@ def parse_spec(value: Any) -> TableSpec:
     return TableSpec(kind, name)
 
 
+def _split_list(text: str) -> List[str]:
+    """The table specs of "hash:/a, pgsql:/b" (commas or white space between them; an
+    inline table's braces kept whole); [text] for one spec."""
+    members, depth, current = [], 0, ""
+    for char in text:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0 and (char == "," or char.isspace()):
+            if current:
+                members.append(current)
+            current = ""
+        else:
+            current += char
+    if current:
+        members.append(current)
+    # Only a list when each piece is a spec: "inline:{ a=b }" or a file name with a
+    # space stays one, to be judged as one.
+    if len(members) > 1 and all(_SPEC_START.match(member) for member in members):
+        return members
+    return [text]
+
+
+def _spec_list(members: List[TableSpec]) -> TableSpec:
+    """One spec for several tables; one table alone is itself."""
+    if len(members) == 1:
+        return members[0]
+    if any(member.type == LIST for member in members):
+        raise TableError("a list of tables cannot hold another list")
+    return TableSpec(LIST, "", tuple(members))
+
+
 def open_table(spec: Any) -> LookupTable:
     """The LookupTable a spec names (a TableSpec, a string, a dict or a list). Raises
     TableError when the spec or the file it names is wrong (file:line); a table that
@@ -121,6 +195,17 @@ def open_table(spec: Any) -> LookupTable:
     on lookup."""
     spec = parse_spec(spec)
     text = str(spec)
+    if spec.type == LIST:
+        from elemta.maps.tablelist import TableList
+        tables: List[LookupTable] = []
+        try:
+            for member in spec.entries:
+                tables.append(open_table(member))
+        except TableError:
+            for table in tables:
+                table.close()
+            raise
+        return TableList(tables, text)
     if spec.type == "inline":
         return InlineTable(spec.entries, text)
     if spec.type in ("lmdb", "hash"):
@@ -148,10 +233,13 @@ class LazyTable(LookupTable):
         self.spec = str(self._spec)
         self._table: Optional[LookupTable] = None
         # Known before the table is opened: the search orders ask before the lookup.
-        self.partial_keys = self._spec.type not in PATTERN_TYPES
+        self.partial_keys = self._spec.partial_keys
 
     def lookup(self, key: str) -> Result:
         return self._opened().lookup(key)
+
+    def lookup_key(self, key: str, whole: bool) -> Result:
+        return self._opened().lookup_key(key, whole)
 
     def lookup_many(self, keys):
         return self._opened().lookup_many(keys)

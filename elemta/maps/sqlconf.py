@@ -26,6 +26,10 @@ list of domains) runs the query only for keys in those domains.
 International domains: a key is asked for with its domain in A-labels, and when it has
 any, then again in UTF-8 (key_spellings), so rows may hold either spelling. Postfix asks
 for the address as the client wrote it, so its rows must match each client's spelling.
+The UTF-8 spelling is ours, not the client's: when the database cannot hold it (a LATIN1
+database and a domain in Chinese script: UnencodableKey), that spelling is not found,
+and the lookup answers as the first spelling did. Only the first spelling's encoding
+error, or a real failure (server down, SQL error), is TableUnavailable.
 See also: sqlite_table(5), pgsql_table(5), elemta.maps.sqlite, elemta.maps.pgsql.
 """
 
@@ -293,6 +297,12 @@ def key_spellings(key: str) -> List[str]:
     return spellings
 
 
+class UnencodableKey(TableUnavailable):
+    """A key the client or the database encoding cannot carry (raised by a table's
+    _query): TableUnavailable when it is the key as asked, "not found" for the UTF-8
+    spelling key_spellings derived from it."""
+
+
 class SQLTable(LookupTable):
     """What the sqlite and pgsql tables share: the key becomes the query's bound
     parameters, the query runs off the event loop within the table's timeout (their own
@@ -304,11 +314,18 @@ class SQLTable(LookupTable):
     sql: "SQLSettings"
 
     def lookup(self, key: str) -> Result:
-        for spelling in key_spellings(key):
+        for derived, spelling in enumerate(key_spellings(key)):
             parameters = self.sql.parameters(spelling)
             if parameters is None:
                 continue
-            rows = call_bounded(self.spec, self.timeout, self._query, parameters)
+            try:
+                rows = call_bounded(self.spec, self.timeout, self._query, parameters)
+            except UnencodableKey:
+                if not derived:
+                    raise
+                # Our own UTF-8 spelling, which this database cannot hold: no row can
+                # have it (logged nowhere: every such lookup would say it again).
+                continue
             result = self.sql.results(self.spec, rows)
             if result is not None:
                 return result

@@ -322,11 +322,12 @@ class PickupWorker(GeventChild):
             envelope = submission.queue_envelope(queue_id, time.time(), self.max_recipients)
             # Bounded by limits.message_size (checked above).
             content = self._rewrite(envelope, b"".join(submission.iter_content()))
-            envelope.recipients = self._expand(envelope.recipients)
+            unexpandable = self._expand(envelope)
             checked = self._check(envelope, content)
             if checked is None:
                 return None
             content, hold = checked
+            hold = unexpandable or hold
             if wants_content(self.plugins):
                 judged = self._judge(envelope, content)
                 if judged is None:
@@ -396,10 +397,14 @@ class PickupWorker(GeventChild):
         except RewriteError as error:
             raise Deferred("4.3.0 %s" % error)
 
-    def _expand(self, recipients):
-        """The recipients with their virtual aliases expanded, each address once, a
-        virtual mailbox or relay recipient in its normal form (as the smtpd queues them,
-        elemta.addressing.resolve.queued_address); raises Deferred."""
+    def _expand(self, envelope):
+        """envelope's recipients with their virtual aliases expanded, each address
+        once, a virtual mailbox or relay recipient in its normal form (as the smtpd
+        queues them, elemta.addressing.resolve.queued_address). An address that needs
+        SMTPUTF8 gets it for the message (Postfix's smtputf8_autodetect_classes has
+        sendmail). Returns None, or the hold log line for an error retrying cannot
+        mend (an alias result too long): nobody is there to refuse it to, so the
+        message waits on hold, unexpanded, for the admin. Raises Deferred."""
         def targets_of(address):
             if self.virtual_aliases is not None:
                 targets = self.virtual_aliases.expand(address)
@@ -408,11 +413,17 @@ class PickupWorker(GeventChild):
             queued = queued_address(address, self.addressing.classify(address))
             return [queued] if queued != address else None
         try:
-            return expanded_recipients(recipients, targets_of)
+            envelope.recipients = expanded_recipients(envelope.recipients, targets_of)
         except TableUnavailable as error:
             raise Deferred("virtual alias or domain lookup failed: %s" % error)
         except AliasExpansionError as error:
+            if error.permanent:
+                return "%s %s Alias expansion error: %s; held for the admin" % (
+                    error.code, error.status, error)
             raise Deferred("4.6.0 Alias expansion error: %s" % error)
+        if not all(r.address.isascii() for r in envelope.recipients):
+            envelope.smtputf8 = True
+        return None
 
     def _remove_bad(self, name, path, reason):
         """One log line for a bad submission, and it is gone. One that cannot be removed

@@ -38,6 +38,9 @@ UNKNOWN_USER = "<%s>: Recipient address rejected: User unknown in %s"
 RELAY_DENIED = "<%s>: Relay access denied"
 EXPANSION_ERROR = "<%s>: Alias expansion error: %s"
 REWRITE_ERROR = "<%s>: Temporary lookup failure: bad canonical map entry"
+# A refusal for good by the alias expansion (too long, needs SMTPUTF8): its summary.
+REJECTED = "<%s>: Recipient address rejected: %s"
+TOO_LONG = "<%s>: %s address rejected: %s address too long"
 
 
 class PolicyRefusal(NamedTuple):
@@ -89,8 +92,10 @@ class RelayPolicy:
             return False
         return kind in OURS
 
-    def check_recipient(self, client_ip, auth_user, recipient):
-        """(PolicyRefusal or None, virtual alias expansion or None) for RCPT TO."""
+    def check_recipient(self, client_ip, auth_user, recipient, smtputf8=True):
+        """(PolicyRefusal or None, virtual alias expansion or None) for RCPT TO;
+        smtputf8 False for a message sent without SMTPUTF8 (its alias targets must be
+        ASCII)."""
         try:
             if not self.may_send(client_ip, auth_user, recipient):
                 return PolicyRefusal(Reply(554, "5.7.1", RELAY_DENIED % recipient), RELAY_GUARD), None
@@ -98,17 +103,21 @@ class RelayPolicy:
                 else self.rewriter.recipient(recipient)
             if self._recipients is None:
                 self._recipients = HostedRecipients(self.config, self.addressing)
-            found = self._recipients.resolve(rewritten)
+            found = self._recipients.resolve(rewritten, smtputf8)
         except TableUnavailable as error:
             log.warning("<%s>: lookup failed: %s", recipient, error)
             return PolicyRefusal(lookup_failure(recipient), RECIPIENT_CHECK), None
         except RewriteError as error:
             log.warning("<%s>: %s", recipient, error)
+            if error.permanent:
+                return PolicyRefusal(Reply(550, "5.1.3", TOO_LONG % (
+                    recipient, "Recipient", "canonical")), CANONICAL), None
             return PolicyRefusal(Reply(451, "4.3.0", REWRITE_ERROR % recipient), CANONICAL), None
         except AliasExpansionError as error:
             log.warning("<%s>: %s", recipient, error)
-            return PolicyRefusal(Reply(451, "4.6.0", EXPANSION_ERROR % (recipient, error.summary)),
-                           RECIPIENT_CHECK), None
+            return PolicyRefusal(Reply(error.code, error.status, (
+                REJECTED if error.permanent else EXPANSION_ERROR) % (recipient, error.summary)),
+                RECIPIENT_CHECK), None
         if not found.known and (found.kind != LOCAL
                                 or self.config.local.reject_unknown_users):
             return PolicyRefusal(Reply(550, "5.1.1", UNKNOWN_USER % (recipient, found.table_name)),
@@ -131,4 +140,7 @@ class RelayPolicy:
             return PolicyRefusal(lookup_failure(sender), CANONICAL), sender
         except RewriteError as error:
             log.warning("<%s>: %s", sender, error)
+            if error.permanent:
+                return PolicyRefusal(Reply(550, "5.1.7", TOO_LONG % (
+                    sender, "Sender", "canonical")), CANONICAL), sender
             return PolicyRefusal(Reply(451, "4.3.0", REWRITE_ERROR % sender), CANONICAL), sender

@@ -395,7 +395,7 @@ class Session:
             return self._reject("RCPT", self.screen.refusal(), self.screen.failed,
                                 event.transaction.sender, address)
         refusal, targets = self.server.policy.check_recipient(
-            self.client_ip, self.proto.auth_user, address)
+            self.client_ip, self.proto.auth_user, address, event.transaction.smtputf8)
         if refusal is not None:
             return self._reject("RCPT", refusal.reply, refusal.restriction,
                                 event.transaction.sender, address)
@@ -618,7 +618,9 @@ class Session:
             return rewrite_headers(content, self.server.policy.rewriter)
         except (TableUnavailable, RewriteError) as error:
             log.warning("%s: header rewriting failed: %s", self.queue_id, error)
-            reply = Reply(451, "4.3.0", "Error: temporary lookup failure")
+            reply = Reply(550, "5.1.3", "Error: canonical address too long in a header") \
+                if getattr(error, "permanent", False) else \
+                Reply(451, "4.3.0", "Error: temporary lookup failure")
         log.info("%s: reject: END-OF-MESSAGE from %s: %s; from=<%s> (restriction "
                  "canonical_maps)", self.queue_id, self.client, reply, txn.sender,
                  extra=self._refusal("END-OF-MESSAGE", reply, "canonical_maps", txn.sender))
