@@ -326,13 +326,14 @@ class MilterChain:
             if session:
                 milter.done_session = True
             else:
-                milter.done_message = True
+                # Done with this message: nothing left to ABORT either.
+                milter.done_message, milter.in_message = True, False
             self._log(milter, stage, "accept")
             return Verdict()
         if action in (CONTINUE, "skip"):
             return Verdict()
-        if action in (REJECT, TEMPFAIL) and not recipient_only:
-            milter.done_message = not session
+        if action in (REJECT, TEMPFAIL) and not recipient_only and not session:
+            milter.done_message, milter.in_message = True, False
         self._log(milter, stage, action if reply is None else "%s: %d %s %s" % (
             action, reply[0], reply[1], reply[2]))
         return Verdict(action, reply, milter.name, "discarded by milter %s" % milter.name
