@@ -355,3 +355,42 @@ def test_verdicts_and_failures_reach_prometheus(elemta_server, tmp_path, monkeyp
     # Once per session: the harness's probe for the greeting, and ours.
     assert value(samples, "elemta_milter_failures_total", milter="gone", stage="connect",
                  kind="error") >= 1
+
+
+# ---- mail from sendmail (pickup): Postfix's non_smtpd_milters ---------------------------
+
+def test_sendmail_mail_passes_the_non_smtp_milters_as_localhost(elemta_server, port):
+    from tests.test_sendmail import queued, sendmail
+    edits = [(b"h", strings("X-Local-Milter", "seen")), (b"c", b"")]
+    with ScriptedMilter(port, {b"E": [edits]}) as milter:
+        server = milter_server(elemta_server, {"socket": milter.address, "name": "local",
+                                               "smtp": False, "non_smtp": True})
+        # Not an smtp milter: the SMTP client's mail does not reach it.
+        smtp_id = queue_id_of(send(server))
+        assert milter.commands(b"M") == []
+        status, _, err = sendmail(server, "root", stdin=b"Subject: cron\n\ndisk full\n")
+        assert status == 0, err
+        messages = queued(server, 2)
+        assert wait_for(lambda: milter.sequence().endswith(b"Q"))
+    [(envelope, content)] = [m for m in messages if m[0].queue_id != smtp_id]
+    assert b"\r\nX-Local-Milter: seen\r\n" in content.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    assert milter.sequence().startswith(b"CHMRT")
+    assert milter.commands(b"C")[-1] == b"localhost\x004\x00\x00127.0.0.1\x00"
+    assert milter.commands(b"H")[-1] == b"localhost\x00"
+    assert milter.macros[b"M"]["i"] == envelope.queue_id
+    assert "%s: milter local: EOM from local: continue; add header X-Local-Milter" % (
+        envelope.queue_id) in server.log()
+
+
+def test_sendmail_mail_a_milter_rejects_is_held_for_the_admin(elemta_server, port):
+    from tests.test_sendmail import queued, sendmail
+    with ScriptedMilter(port, {b"E": [reply(b"y", b"550 5.7.1 Not from cron\x00")]}) \
+            as milter:
+        server = milter_server(elemta_server, {"socket": milter.address, "name": "local",
+                                               "non_smtp": True})
+        assert sendmail(server, "root", stdin=b"Subject: cron\n\nhello\n")[0] == 0
+        [(envelope, _)] = queued(server, 1)
+    with server.queue() as queue:
+        assert queue.get(envelope.queue_id).state == "hold"
+    assert "%s: hold: 550 5.7.1 Not from cron (milter local); held for the admin" % (
+        envelope.queue_id) in server.log()

@@ -173,7 +173,10 @@ class MilterChain:
         self.facts = dict(facts)
         self.facts.setdefault("mailer", lambda address: "smtp")
         self.local = local              # pickup: connect as "localhost", no client
-        self.hold = None                # (reason, milter) of a quarantine before content
+        # (reason, milter) of a quarantine before the content: for the session (connect,
+        # HELO) and for this message (MAIL on).
+        self.session_hold = None
+        self.hold = None
 
     @property
     def queue_id(self):
@@ -230,8 +233,8 @@ class MilterChain:
         if failure is not None:
             outcome.verdict = failure
             return outcome
-        if self.hold is not None:
-            outcome.quarantine = self.hold
+        if (self.hold or self.session_hold) is not None:
+            outcome.quarantine = self.hold or self.session_hold
         for milter in self._talking():
             try:
                 verdict = self._content_of(milter, outcome)
@@ -244,6 +247,22 @@ class MilterChain:
                 outcome.verdict = verdict
                 break
         return outcome
+
+    def local_message(self, sender, recipients, content):
+        # type: (str, list, bytes) -> ContentOutcome
+        """pickup: every stage for one message from sendmail, then QUIT. There is no
+        client to refuse one recipient to, so any refusal or discard is the message's."""
+        try:
+            steps = [self.connect, self.helo, lambda: self.mail(sender)]
+            steps += [lambda r=r: self.rcpt(r) for r in recipients]
+            steps.append(self.data)
+            for step in steps:
+                verdict = step()
+                if verdict.action in (REJECT, TEMPFAIL, DISCARD):
+                    return ContentOutcome(verdict, content)
+            return self.content(content)
+        finally:
+            self.close()
 
     def abort(self):
         """ABORT to every milter with a message open; a milter that fails here is
@@ -303,7 +322,10 @@ class MilterChain:
             else:
                 verdict = self._judge(milter, stage, response, session, recipient_only)
             if verdict.action == QUARANTINE:
-                self.hold = self.hold or (verdict.reason, verdict.milter)
+                if session:
+                    self.session_hold = self.session_hold or (verdict.reason, verdict.milter)
+                else:
+                    self.hold = self.hold or (verdict.reason, verdict.milter)
                 continue
             if verdict.action != CONTINUE:
                 return verdict
