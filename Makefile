@@ -9,9 +9,9 @@ STAMP := $(VENV)/.elemta-installed
 TEST_TIMEOUT ?= 120
 # Debian packages the tests drive as real peers (postfix, swaks with its STARTTLS module,
 # openssl, the policy servers postfwd and policyd-spf with socat to serve the latter,
-# clamav-daemon for the ClamAV plugin, pflogsumm to read our text log as Postfix's) or lint
-# with (mandoc).
-APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd clamav-daemon bsd-mailx dovecot-core dovecot-lmtpd dovecot-imapd postgresql zsh postfwd postfix-policyd-spf-python socat pflogsumm
+# clamav-daemon and clamav-milter for the ClamAV plugin and milter, pflogsumm to read our
+# text log as Postfix's) or lint with (mandoc).
+APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd clamav-daemon clamav-milter bsd-mailx dovecot-core dovecot-lmtpd dovecot-imapd postgresql zsh postfwd postfix-policyd-spf-python socat pflogsumm
 
 .PHONY: run test test-minimum constraints bench chaos fuzz clean system-packages venv lint-deploy
 # Packages before the venv (python3-venv), so never in parallel.

@@ -372,6 +372,16 @@ def _make():
         RSPAMD_SCORE=histogram(
             "elemta_rspamd_score", "Rspamd's score of each message it judged.",
             (-10, -5, -2, 0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 50)),
+        # milters (elemta.milter.chain, in smtpd and pickup)
+        MILTER_VERDICTS=counter(
+            "elemta_milter_verdicts", "Milter answers, by milter (its configured name), "
+            "stage (connect, helo, mail, rcpt, data, header, eoh, body, eom) and action "
+            "(continue, accept, reject, tempfail, reply, discard, quarantine, skip).",
+            ("milter", "stage", "action")),
+        MILTER_FAILURES=counter(
+            "elemta_milter_failures", "Milters that could not be reached, timed out or "
+            "broke the protocol (their default_action applied), by milter, stage and kind "
+            "(timeout, error).", ("milter", "stage", "kind")),
         # master
         WORKER_RESTARTS=counter(
             "elemta_worker_restarts", "Children the master replaced, by kind (smtpd, "

@@ -121,6 +121,9 @@ class ElemtaServer:
                   "local": {"reject_unknown_users": False,
                             "mail_spool_directory": os.path.join(self.workdir, "mail")}}
         for section, values in sections.items():
+            if isinstance(values, list):          # a list section (milters): as given
+                config[section] = values
+                continue
             config.setdefault(section, {}).update(values)
             if isinstance(values, dict):
                 for name in [n for n, v in values.items() if v is ELEMTA_DEFAULT]:

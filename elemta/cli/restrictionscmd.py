@@ -2,7 +2,8 @@
 
 Prints elemta.restrictions.catalogue.plan(config): per stage, in calling order, the
 smtpd's core checks that config turns on (with their Postfix equivalent, reply and
-option) and then the enabled plugins serving the stage (with their order). This is the
+option), then the enabled plugins serving the stage (with their order), then the milters
+(smtpd_milters) in their configured order. This is the
 Postfix admin's smtpd_client_restrictions .. smtpd_end_of_data_restrictions in one view.
 """
 

@@ -933,6 +933,143 @@ class ProtocolTestSettings:
         _one_of(PROTOCOL_TEST_ACTIONS))
 
 
+# ---- milters (elemta.milter): Postfix's smtpd_milters, non_smtpd_milters, milter_*
+
+MILTER_DEFAULT_ACTIONS = ("tempfail", "accept", "reject", "quarantine")
+MILTER_PROTOCOLS = (2, 3, 4, 6)
+
+
+def _milter_socket(value):
+    from elemta.milter.protocol import parse_socket
+    try:
+        parse_socket(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _milter_action(value):
+    return None if value is None else _one_of(MILTER_DEFAULT_ACTIONS)(value)
+
+
+def _milter_timeout(value):
+    return None if value is None else _positive(value)
+
+
+def _milter_protocol(value):
+    if value is not None and value not in MILTER_PROTOCOLS:
+        return "must be one of 2, 3, 4 or 6, not %r" % (value,)
+    return None
+
+
+@dataclass(frozen=True)
+class MilterDefaults:
+    """What every milter gets unless its entry in milters says otherwise (Postfix's
+    milter_* parameters, which its per-milter { socket, key=value } form overrides alike).
+
+    Metrics: elemta_milter_verdicts_total{milter,stage,action} (every answer of every
+    milter: stage connect, helo, mail, rcpt, data, header, eoh, body or eom; action
+    continue, accept, reject, tempfail, reply, discard, quarantine or skip) and
+    elemta_milter_failures_total{milter,stage,kind} (kind timeout or error: the milter
+    was given up for the session and its default_action applied). Each verdict that
+    is not continue, and every end of message, is logged in one line: "QUEUEID: milter
+    NAME: STAGE from CLIENT: ACTION[; modifications]" (NOQUEUE before DATA)."""
+    default_action: str = opt(
+        "tempfail", "What a milter that cannot be reached, times out or breaks the "
+                    "protocol means for the mail: tempfail (451 4.3.0 to MAIL, RCPT, DATA "
+                    "or the end of data; a failure at connect or HELO is answered at the "
+                    "next MAIL, the client still gets its greeting), accept (go on as if "
+                    "it were not configured), reject (550 5.7.1) or quarantine (queue the "
+                    "message on hold). The failure is logged naming the milter. Postfix's "
+                    "milter_default_action (same default).", _one_of(MILTER_DEFAULT_ACTIONS))
+    connect_timeout: float = opt(
+        30.0, "Seconds to connect to a milter and negotiate the protocol. Postfix's "
+              "milter_connect_timeout (same default).", _positive)
+    command_timeout: float = opt(
+        30.0, "Seconds a milter may take to answer a command (connect, HELO, MAIL, RCPT, "
+              "DATA, end of headers); a PROGRESS answer starts the wait again. Postfix's "
+              "milter_command_timeout (same default).", _positive)
+    content_timeout: float = opt(
+        300.0, "Seconds a milter may take over each header, body chunk and the end of "
+               "message. Postfix's milter_content_timeout (same default).", _positive)
+    protocol: int = opt(
+        6, "Milter protocol version offered: 2, 3, 4 or 6 (Sendmail 8.14 and later, "
+           "libmilter milters, Rspamd). Postfix's milter_protocol (same default).",
+        _milter_protocol)
+    daemon_name: str = opt(
+        "", "The {daemon_name} macro; \"\": the host name (smtpd.hostname). Postfix's "
+            "milter_macro_daemon_name ($myhostname).")
+    macro_v: str = opt(
+        "", "The v macro; \"\": \"Elemta\" and its version. Postfix's milter_macro_v "
+            "($mail_name $mail_version).")
+    connect_macros: Tuple[str, ...] = opt(
+        ("j", "{daemon_name}", "{daemon_addr}", "v", "_"),
+        "Macros sent with the connect event. Also known: {client_addr}, {client_name}, "
+        "{client_port}, {client_ptr}, {daemon_port}, {if_addr}, {if_name}. A milter may "
+        "ask for others at negotiation; it gets those instead. Postfix's "
+        "milter_connect_macros (same default).")
+    helo_macros: Tuple[str, ...] = opt(
+        ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}"),
+        "Macros sent with HELO/EHLO (the TLS ones only after STARTTLS; client "
+        "certificates are not asked for, so {cert_*} are never sent). Postfix's "
+        "milter_helo_macros (same default).")
+    mail_macros: Tuple[str, ...] = opt(
+        ("i", "{auth_type}", "{auth_authen}", "{auth_author}", "{mail_addr}", "{mail_host}",
+         "{mail_mailer}"),
+        "Macros sent with MAIL FROM (i, the queue id, is known from MAIL on; the AUTH "
+        "ones only after AUTH; {auth_author} is never sent). Postfix's "
+        "milter_mail_macros (same default).")
+    rcpt_macros: Tuple[str, ...] = opt(
+        ("i", "{rcpt_addr}", "{rcpt_host}", "{rcpt_mailer}"),
+        "Macros sent with each RCPT TO ({rcpt_mailer}: local for a local domain, else "
+        "smtp). Postfix's milter_rcpt_macros (same default).")
+    data_macros: Tuple[str, ...] = opt(
+        ("i",), "Macros sent with DATA. Postfix's milter_data_macros (same default).")
+    end_of_header_macros: Tuple[str, ...] = opt(
+        ("i",), "Macros sent at the end of the headers. Postfix's "
+                "milter_end_of_header_macros (same default).")
+    end_of_data_macros: Tuple[str, ...] = opt(
+        ("i",), "Macros sent at the end of the message. Postfix's "
+                "milter_end_of_data_macros (same default).")
+
+
+@dataclass(frozen=True)
+class MilterEntry:
+    """One milter (Postfix's smtpd_milters and non_smtpd_milters list it by socket). It
+    is asked at every stage, after that stage's smtpd restrictions and plugins, in the
+    order of this list: connect, HELO, MAIL, each RCPT, DATA, then at the end of data
+    (after the data-stage plugins, before the storage stage, so Elemta's own DKIM
+    signing covers what the milters changed) each header, the end of headers, the body
+    in chunks and the end of message, where it may accept, continue, reject, tempfail,
+    reply with its own code, discard (250, then the message is dropped, logged),
+    quarantine (the message is queued on hold), add, change, insert or delete header
+    fields, replace the body, add or delete recipients and change the sender. A
+    recipient it adds is queued as given, past the relay rules, as Postfix does (the
+    milter is the admin's); a message left with no recipient is refused (550 5.7.1).
+    RSET or a refused transaction sends ABORT; the end of the session QUIT. The milter
+    sees the message without the Received header Elemta adds."""
+    socket: str = opt("", "Where the milter listens: inet:host:port or unix:/path, as in "
+                          "Postfix's smtpd_milters.", _milter_socket)
+    name: str = opt("", "Its name in the log and the metrics' milter label; \"\": the "
+                        "socket. Postfix names a milter by its socket.")
+    smtp: bool = opt(True, "Run it for mail from SMTP clients. Postfix's smtpd_milters.")
+    non_smtp: bool = opt(
+        False, "Run it for mail from sendmail (pickup), which it sees as a client "
+               "\"localhost\" [127.0.0.1] saying HELO localhost. Postfix's "
+               "non_smtpd_milters.")
+    default_action: Optional[str] = opt(
+        None, "milter.default_action for this milter alone (Postfix's { socket, "
+              "default_action = ... } form).", _milter_action)
+    connect_timeout: Optional[float] = opt(
+        None, "milter.connect_timeout for this milter alone.", _milter_timeout)
+    command_timeout: Optional[float] = opt(
+        None, "milter.command_timeout for this milter alone.", _milter_timeout)
+    content_timeout: Optional[float] = opt(
+        None, "milter.content_timeout for this milter alone.", _milter_timeout)
+    protocol: Optional[int] = opt(
+        None, "milter.protocol for this milter alone.", _milter_protocol)
+
+
 # ---- plugins: each built-in's table is the plugin's own Settings (elemta.plugins.settings)
 
 BUILTIN_PLUGINS = ("spf", "dkim", "dmarc", "arc", "greylist",   # authres: by its rule
@@ -1017,6 +1154,9 @@ class Config:
     protocol_tests: ProtocolTestSettings = opt(
         ProtocolTestSettings(), "Early talkers and pipelining abuse (postscreen's "
                                 "protocol tests).")
+    milter: MilterDefaults = opt(MilterDefaults(), "Settings every milter shares.")
+    milters: Tuple[MilterEntry, ...] = opt((), "Milters (Sendmail milter protocol "
+                                               "filters), in the order they are asked.")
     source: Optional[str] = field(default=None, compare=False, metadata={"internal": True})
     # The first line of smtpd.mailname_file, checked (elemta.config.mailname), or None.
     mailname: Optional[str] = field(default=None, compare=False,

@@ -67,8 +67,10 @@ from elemta.addressing.virtual import (AliasExpansionError, VirtualAliases, expa
                                        original_recipient)
 from elemta.content.checks import ContentChecks
 from elemta.maps import TableUnavailable
+from elemta.milter.chain import MilterChain, configured, content_verdict, facts_of
 from elemta.plugins.api import DATA, DISCARD, QUEUE, REJECT, STORAGE, Context
-from elemta.plugins.content import notify_queued, outbound, run_content_stages, wants_content
+from elemta.plugins.content import (ContentVerdict, notify_queued, outbound,
+                                    run_content_stages, wants_content)
 from elemta.plugins.manager import PluginManager
 from elemta.plugins.resolver import Resolver
 from elemta.queue import maildrop, wakeup
@@ -132,6 +134,9 @@ class PickupWorker(GeventChild):
         self.virtual_aliases = VirtualAliases.from_config(config, self.addressing)
         self.rewriter = AddressRewriter.from_config(config, self.addressing)
         self.content_checks = ContentChecks(config.content)
+        # Postfix's non_smtpd_milters: asked between the data and storage plugins.
+        self.milters = configured(config, "non_smtp")
+        self.milter_facts = facts_of(config)
         self._deferred = {}          # maildrop name -> time.monotonic() of the next try
         self._stuck = set()          # names of bad entries that could not be removed
         self._wake = Event()         # sendmail's datagram came, or a stop
@@ -291,9 +296,10 @@ class PickupWorker(GeventChild):
         """Run the data and storage plugins on the content. Returns (content, hold) with
         hold a log line when the message is to be queued on hold; None when a plugin
         discarded it; raises Deferred when a plugin tempfailed it."""
-        verdict = run_content_stages(self.plugins, self._context(envelope), content)
-        queue_id, who = envelope.queue_id, "plugin %s at %s stage" % (verdict.decided_by,
-                                                                        verdict.stage)
+        ctx = self._context(envelope)
+        verdict = run_content_stages(self.plugins, ctx, content,
+                                     self._milter_filter(envelope, ctx))
+        queue_id, who = envelope.queue_id, _who(verdict.decided_by, verdict.stage)
         if verdict.action == DISCARD:
             log.info("%s: discard: local mail from=<%s> nrcpt=%d: %s (%s)", queue_id,
                      envelope.sender, len(envelope.recipients),
@@ -305,9 +311,26 @@ class PickupWorker(GeventChild):
         if verdict.reply is not None:
             raise Deferred("%d %s %s (%s)" % (verdict.reply + (who,)))
         if verdict.quarantine:
-            return verdict.content, "%s (plugin %s at %s stage)" % (
-                verdict.quarantine, verdict.quarantined_by, verdict.quarantine_stage)
+            return verdict.content, "%s (%s)" % (
+                verdict.quarantine, _who(verdict.quarantined_by, verdict.quarantine_stage))
         return verdict.content, None
+
+    def _milter_filter(self, envelope, ctx):
+        """The non_smtp milters over one submission, for run_content_stages: every
+        stage from connect ("localhost") to the end of message; their envelope changes
+        go into `envelope`."""
+        if not self.milters:
+            return None
+
+        def milter_filter(content):
+            chain = MilterChain(self.milters, ctx, dict(
+                self.milter_facts, queue_id=envelope.queue_id,
+                mailer=lambda address: "local" if self.addressing.is_local(address)
+                else "smtp"), local=True)
+            outcome = chain.local_message(envelope.sender,
+                                          [r.address for r in envelope.recipients], content)
+            return content_verdict(outcome, envelope, ContentVerdict)
+        return milter_filter
 
     def _spool(self, path):
         """One maildrop file written to a finished queue SpoolWriter: (writer, uid, hold)
@@ -328,7 +351,7 @@ class PickupWorker(GeventChild):
                 return None
             content, hold = checked
             hold = unexpandable or hold
-            if wants_content(self.plugins):
+            if wants_content(self.plugins) or self.milters:
                 judged = self._judge(envelope, content)
                 if judged is None:
                     return None
@@ -487,3 +510,10 @@ def _remove(path):
 def run_pickup(config, slot, scoreboard, master_pid):
     """The main of the pickup child (its entry in elemta.services)."""
     return PickupWorker(config, slot, scoreboard, master_pid).run()
+
+
+def _who(decided_by, stage):
+    """Who decided, for the log: "milter NAME" as it is, else "plugin NAME at S stage"."""
+    if str(decided_by).startswith("milter"):
+        return decided_by
+    return "plugin %s at %s stage" % (decided_by, stage)

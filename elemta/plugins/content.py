@@ -6,6 +6,8 @@ sendmail (ctx.local true, no client), so mail from both passes the same plugins:
 authenticated client's message and a cron job's are DKIM-signed alike. The order:
 
     data      checks and verdicts on the content as received; its header edits are applied
+    (filters) the caller's content filters, the milters (elemta.milter), as Postfix runs
+              them after its own restrictions: their edits are applied
     storage   on the content as it will be written to the spool (signing and sealing);
               its header edits are applied
     (the caller writes the content after its Received header and commits it)
@@ -26,6 +28,9 @@ from elemta.plugins.api import CONTINUE, DATA, DISCARD, QUEUE, STORAGE, Message
 from elemta.plugins.manager import apply_header_edits
 
 log = logging.getLogger("elemta.plugins")
+
+# Between the data and storage stages: the caller's content filters (the milters).
+FILTERS = "filters"
 
 
 @dataclass
@@ -58,14 +63,21 @@ def outbound(recipients, is_local):
     return any(not is_local(address) for address in recipients)
 
 
-def run_content_stages(plugins, ctx, content):
-    # type: (object, object, bytes) -> ContentVerdict
+def run_content_stages(plugins, ctx, content, filters=None):
+    # type: (object, object, bytes, object) -> ContentVerdict
     """Run data then storage over `content` (the message without our Received header).
 
     ctx must carry the connection facts and the envelope (queue_id, sender, recipients,
-    outbound); ctx.message is set here. Never raises for a plugin's sake."""
+    outbound); ctx.message is set here. filters, when given, is called between the two
+    stages with the content as the data stage left it and gives a ContentVerdict of its
+    own (the milters: elemta.milter, through the smtpd and pickup), whose content the
+    storage stage then sees. Never raises for a plugin's sake."""
     verdict = ContentVerdict(CONTINUE, content)
-    for stage in (DATA, STORAGE):
+    for stage in (DATA, FILTERS, STORAGE):
+        if stage == FILTERS:
+            if filters is not None and not _merged(verdict, filters(verdict.content)):
+                return verdict
+            continue
         if not plugins.wants(stage):
             continue
         ctx.recipient = None
@@ -84,6 +96,22 @@ def run_content_stages(plugins, ctx, content):
             verdict.content = apply_header_edits(verdict.content, outcome.headers,
                                                  outcome.remove)
     return verdict
+
+
+def _merged(verdict, filtered):
+    """Take the filters' ContentVerdict into verdict; False when it ends the message
+    (refused or discarded)."""
+    if filtered.quarantine and verdict.quarantine is None:
+        verdict.quarantine = filtered.quarantine
+        verdict.quarantined_by = filtered.quarantined_by
+        verdict.quarantine_stage = filtered.quarantine_stage
+    if filtered.action != CONTINUE:
+        verdict.action, verdict.stage = filtered.action, filtered.stage
+        verdict.decided_by, verdict.reply = filtered.decided_by, filtered.reply
+        verdict.reason = filtered.reason
+        return False
+    verdict.content = filtered.content
+    return True
 
 
 def notify_queued(plugins, ctx):

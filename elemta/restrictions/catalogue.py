@@ -7,7 +7,9 @@ admin reads smtpd_client_restrictions .. smtpd_end_of_data_restrictions to learn
 here the order is fixed where security needs it (the relay guard always comes before any
 check that could accept a recipient), and the plugins of a stage - the built-in
 restrictions among them - follow the core checks of that stage in their `order`
-(plugins.NAME.order moves one).
+(plugins.NAME.order moves one). The milters (config `milters`, the smtp ones) come last
+at every stage, in their configured order, as Postfix asks its smtpd_milters after its
+smtpd restrictions.
 
 Stages, as the issue and Postfix name them: connect (before the greeting), helo, auth,
 mail, rcpt, data (the DATA or first BDAT command) and end_of_data (the whole message).
@@ -27,6 +29,11 @@ PLUGIN_STAGES = {
     "rcpt": "rcpt", "data": "end_of_data", "storage": "end_of_data",
 }
 
+
+# A restriction stage -> the milter stages asked in it (elemta.milter.chain); none at
+# AUTH (the milter protocol has no such stage: {auth_authen} comes with MAIL).
+MILTER_STAGES = {"connect": "connect", "helo": "helo", "mail": "mail", "rcpt": "rcpt",
+                 "data": "data", "end_of_data": "header, eoh, body, eom"}
 
 # The protocol core's own refusals (metrics.rejection_reason) -> the check they are.
 CORE_REFUSALS = {"size": "message_size_limit", "recipients": "recipient_limit",
@@ -159,7 +166,7 @@ def _rewriting(config):
 class PlannedCheck:
     """One line of the plan: a core check or a plugin, in calling order."""
     name: str
-    kind: str           # "core" or "plugin"
+    kind: str           # "core", "plugin" or "milter"
     postfix: str        # core: the Postfix equivalent; plugin: "" (its own doc says)
     detail: str         # core: option and reply; plugin: its order and plugin stages
 
@@ -168,13 +175,16 @@ def plan(config) -> List[Tuple[str, List[PlannedCheck]]]:
     """[(stage, [PlannedCheck, ...])] for every stage, in the order the smtpd applies
     them with this config: the plugins that run before the core checks
     (Plugin.before_core_checks), its active core checks, then the other enabled plugins
-    serving the stage, each group by order. A plugin is listed where its stages() says it
+    serving the stage, each group by order, then the smtp milters (at end_of_data
+    before the plugins that serve only the storage stage, which sign what the milters
+    left). A plugin is listed where its stages() says it
     is called with its settings (one that skips a stage its settings leave idle is not
     listed there). Raises PluginConfigError when a plugin cannot be loaded."""
     from elemta.plugins.manager import choose     # gevent: not for the man page's sake
     early = {stage: [] for stage in STAGES}
     core = {stage: [] for stage in STAGES}
     late = {stage: [] for stage in STAGES}
+    storage_only = {stage: [] for stage in STAGES}
     for check in CORE_CHECKS:
         if check.active(config):
             core[check.stage].append(PlannedCheck(
@@ -188,12 +198,21 @@ def plan(config) -> List[Tuple[str, List[PlannedCheck]]]:
                 served.setdefault(stage, []).append(plugin_stage)
         before = getattr(plugin_class, "before_core_checks", False)
         for stage, plugin_stages in served.items():
-            (early if before else late)[stage].append(PlannedCheck(
+            # The milters run between the data and storage plugins at the end of data.
+            group = early if before else storage_only if plugin_stages == ["storage"] \
+                else late
+            group[stage].append(PlannedCheck(
                 name, "plugin", "", "order %d%s, plugin stage %s" % (
                     common.order or getattr(plugin_class, "order", 50),
                     ", before the core checks" if before else "",
                     ", ".join(plugin_stages))))
-    return [(stage, early[stage] + core[stage] + late[stage]) for stage in STAGES]
+    milters = {stage: [PlannedCheck(
+        "milter " + (entry.name or entry.socket), "milter", "smtpd_milters",
+        "%s, milter stage %s" % (entry.socket, MILTER_STAGES[stage]))
+        for entry in config.milters if entry.smtp and stage in MILTER_STAGES]
+        for stage in STAGES}
+    return [(stage, early[stage] + core[stage] + late[stage] + milters[stage]
+             + storage_only[stage]) for stage in STAGES]
 
 
 def _stages_with(plugin_class, settings):

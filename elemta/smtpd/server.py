@@ -17,6 +17,8 @@ from gevent.server import StreamServer
 from elemta import metrics
 from elemta.config.loader import auth_configured
 from elemta.content.checks import ContentChecks
+from elemta.milter.chain import configured as configured_milters
+from elemta.milter.chain import facts_of as milter_facts
 from elemta.plugins.manager import PluginManager
 from elemta.plugins.resolver import Resolver
 from elemta.queue.queue import Queue
@@ -75,6 +77,9 @@ class SMTPServer:
         self.resolver = Resolver(nameservers=list(dns.nameservers) or None, port=dns.port,
                                  timeout=dns.timeout)
         self.plugins = PluginManager(config.plugins.to_run()).start()
+        # The milters every session talks to (Postfix's smtpd_milters).
+        self.milters = configured_milters(config, "smtp")
+        self.milter_facts = milter_facts(config)
         self.sessions = 0
         self.last_active = time.monotonic()   # when the last session ended (for max_idle)
         self.client_counts = client_counts or ClientCounts(1)

@@ -38,9 +38,10 @@ from elemta.addressing.headers import rewrite_headers
 from elemta.addressing.rewrite import RewriteError
 from elemta.addressing.virtual import expanded_recipients
 from elemta.maps import TableUnavailable
+from elemta.milter.chain import MilterChain, content_verdict, mail_args
 from elemta.plugins.api import DISCARD, TEMPFAIL, Context
-from elemta.plugins.content import (notify_queued, outbound, run_content_stages,
-                                    wants_content)
+from elemta.plugins.content import (ContentVerdict, notify_queued, outbound,
+                                    run_content_stages, wants_content)
 from elemta.plugins.manager import header_block
 from elemta.plugins.peername import OK as NAME_OK
 from elemta.plugins.peername import PERM as NAME_PERM
@@ -142,6 +143,10 @@ class Session:
                                     self.ctx.trusted, self.client_ip, address[1],
                                     self.ctx.session)
         self.content_filter = None       # this message's header and body checks
+        # The milters (elemta.milter), asked after the plugins at each stage.
+        self.milters = MilterChain(server.milters, self.ctx, dict(
+            server.milter_facts, mailer=lambda address: "local"
+            if server.policy.is_local(address) else "smtp")) if server.milters else None
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -157,7 +162,8 @@ class Session:
             if self.listener.mode == "smtps":
                 self._handshake()
             if refusal is not None:
-                self._refuse_connection(refusal)
+                self._refuse_connection(refusal.action, refusal.reply,
+                                        "plugin %s" % refusal.decided_by)
             elif not self._dropped_pregreeter():
                 self._greet()
             self._converse()
@@ -166,6 +172,8 @@ class Session:
                      ": %s" % exc if str(exc) else "")
         finally:
             self._discard_message()
+            if self.milters is not None:
+                self.milters.close()
             try:
                 self.sock.close()
             except OSError:
@@ -203,13 +211,19 @@ class Session:
         503 to every command until QUIT (the core's REFUSED state). A tempfail (a failing
         plugin's 451 4.3.0 too) is 421 with the plugin's status and text, and the
         connection closes (RFC 5321 3.8)."""
-        if not self.plugins.wants("connection"):
-            return self.proto.start()
-        outcome = self.plugins.run("connection", self.ctx)
-        if outcome.reply is None:
+        if self.plugins.wants("connection"):
+            outcome = self.plugins.run("connection", self.ctx)
+            if outcome.reply is not None:
+                return self._refuse_connection(outcome.action, outcome.reply,
+                                               "plugin %s" % outcome.decided_by)
             self._remember(outcome, "connection")
-            return self.proto.start()
-        self._refuse_connection(outcome)
+        if self.milters is not None:
+            verdict = self.milters.connect()
+            if verdict.refused:
+                return self._refuse_connection(verdict.action, verdict.reply,
+                                               "milter %s" % verdict.milter)
+            self._remember_milter(verdict, "connection")
+        self.proto.start()
 
     def _accept_stage(self):
         """The accept-stage plugins' outcome when they refuse the client, else None
@@ -219,15 +233,17 @@ class Session:
         outcome = self.plugins.run("accept", self.ctx)
         return outcome if outcome.reply is not None else None
 
-    def _refuse_connection(self, outcome):
-        """Queue the refusal of a connection-time plugin in place of the greeting."""
-        _, status, text = outcome.reply
-        code = 421 if outcome.action == TEMPFAIL else 554
-        metrics.count_refusal(outcome.decided_by, "connect")
-        log.info("NOQUEUE: reject: CONNECT from %s: %d %s %s; proto=SMTP (plugin %s)",
-                 self.client, code, status, text, outcome.decided_by,
+    def _refuse_connection(self, action, reply, who):
+        """Queue the refusal of a connection-time plugin or milter in place of the
+        greeting; `who` is "plugin NAME" or "milter NAME"."""
+        _, status, text = reply
+        code = 421 if action == TEMPFAIL else 554
+        name = who.split()[-1]
+        metrics.count_refusal(name, "connect")
+        log.info("NOQUEUE: reject: CONNECT from %s: %d %s %s; proto=SMTP (%s)",
+                 self.client, code, status, text, who,
                  extra=self._refusal("CONNECT", "%d %s %s" % (code, status, text),
-                                     outcome.decided_by, dsn=status))
+                                     name, dsn=status))
         self.proto.start_refused(code, status, text, self.client)
 
     def _dropped_pregreeter(self):
@@ -352,7 +368,8 @@ class Session:
         if self.server.authenticator is not None:
             self.proto.offer_auth_mechanisms(self.server.authenticator.mechanisms())
         self.ctx.new_transaction()
-        if self._refused_by_plugins("helo", "HELO"):
+        if (self._refused_by_plugins("helo", "HELO")
+                or self._refused_by_milters(lambda m: m.helo(), "helo", "HELO")):
             # The refused name is not the session's: later checks see the one accepted.
             self.ctx.helo = self.proto.helo_name or ""
             return
@@ -382,6 +399,13 @@ class Session:
             return self._reject("MAIL", refusal.reply, refusal.restriction, ctx.sender)
         if self._refused_by_plugins("mail", "MAIL", sender=ctx.sender, early=False):
             return
+        if self.milters is not None:
+            # Postfix knows the queue id from MAIL on, and milters ask for it ({i}).
+            self.milters.queue_id = new_queue_id()
+            if self._refused_by_milters(
+                    lambda m: m.mail(ctx.sender, mail_args(event.transaction)), "mail",
+                    "MAIL", sender=ctx.sender):
+                return
         self.proto.accept()
 
     def on_rcpt_to(self, event):
@@ -405,12 +429,18 @@ class Session:
         if self._refused_by_plugins("rcpt", "RCPT", event.transaction.sender, address,
                                     early=False):
             return
+        if self._refused_by_milters(lambda m: m.rcpt(address, _rcpt_args(event.recipient)),
+                                    "rcpt", "RCPT", event.transaction.sender, address):
+            return
         ctx.recipients.append(address)
         self.proto.accept()
 
     def on_data_start(self, event):
         txn, proto = event.transaction, self.proto
-        self.queue_id = new_queue_id()
+        if self._refused_by_milters(lambda m: m.data(), "data", "DATA", txn.sender):
+            return
+        self.queue_id = (self.milters.queue_id if self.milters is not None else None) \
+            or new_queue_id()
         envelope = Envelope(
             queue_id=self.queue_id, sender=self.queued_sender,
             recipients=expanded_recipients(
@@ -433,7 +463,7 @@ class Session:
         # another host's headers are its own business.
         self.header_rewriting = (self.server.policy.rewriter is not None
                                 and self.client_ip == self._local_ip())
-        self.content = bytearray() if self.header_rewriting or wants_content(self.plugins) \
+        self.content = bytearray() if self.header_rewriting or self._wants_content() \
             else None
         try:
             self.writer = self.server.queue.start_message(envelope, self.listener)
@@ -479,6 +509,8 @@ class Session:
 
     def on_data_aborted(self, event):
         self._discard_message()
+        if self.milters is not None:
+            self.milters.abort()
 
     def on_message_received(self, event):
         txn, writer = event.transaction, self.writer
@@ -531,8 +563,8 @@ class Session:
         log_queued(self.queue_id, txn.sender, writer.size, len(writer.envelope.recipients),
                    client=self.client)
         if hold is not None:
-            log.info("%s: hold: END-OF-MESSAGE from %s: %s (plugin %s at %s stage)",
-                     self.queue_id, self.client, *hold)
+            log.info("%s: hold: END-OF-MESSAGE from %s: %s (%s)", self.queue_id,
+                     self.client, hold[0], _who(*hold[1:]))
         self.proto.accept("Ok: queued as %s" % self.queue_id)
         if self.plugins.wants("queue"):
             recipients = [r.address for r in txn.recipients]
@@ -576,20 +608,20 @@ class Session:
             content = self._rewritten_headers(txn, content)
             if content is None:
                 return None
-            if not wants_content(self.plugins):
+            if not self._wants_content():
                 return True if self._write_content(content) else None
         ctx.queue_id = self.queue_id
         ctx.sender = txn.sender
         ctx.recipients = [r.address for r in txn.recipients]
         ctx.outbound = outbound(ctx.recipients, self.server.policy.is_local)
-        verdict = run_content_stages(self.plugins, ctx, content)
+        verdict = run_content_stages(self.plugins, ctx, content, self._milter_filter())
         ctx.new_transaction()             # end of DATA: the next MAIL starts afresh
         if verdict.reply is not None:
             reply = Reply(*verdict.reply)
             log.info("%s: reject: END-OF-MESSAGE from %s: %s; from=<%s> proto=%s "
-                     "helo=<%s> (plugin %s at %s stage)", self.queue_id, self.client, reply,
+                     "helo=<%s> (%s)", self.queue_id, self.client, reply,
                      txn.sender, "ESMTP" if self.proto.esmtp else "SMTP",
-                     self.proto.helo_name, verdict.decided_by, verdict.stage,
+                     self.proto.helo_name, _who(verdict.decided_by, verdict.stage),
                      extra=self._refusal("END-OF-MESSAGE", reply, verdict.decided_by,
                                          txn.sender))
             self._discard_message()
@@ -599,6 +631,34 @@ class Session:
             self._discard(txn, verdict.reason, verdict.decided_by, verdict.stage)
             return None
         return verdict if self._write_content(verdict.content) else None
+
+    def _wants_content(self):
+        return wants_content(self.plugins) or self.milters is not None
+
+    def _milter_filter(self):
+        """The milters' turn at the end of data (between the data and storage plugins),
+        for run_content_stages; their envelope changes go into the spool file."""
+        if self.milters is None:
+            return None
+
+        def milter_filter(content):
+            self.milters.queue_id = self.queue_id
+            outcome = self.milters.content(content)
+            envelope = dataclasses.replace(self.writer.envelope,
+                                           recipients=list(self.writer.envelope.recipients))
+            verdict = content_verdict(outcome, envelope, ContentVerdict)
+            if verdict.action == "continue" and outcome.changed_envelope:
+                try:
+                    in_thread(self.writer.replace_envelope, envelope)
+                except OSError as exc:
+                    log.error("%s: queue file write error: %s", self.queue_id, exc)
+                    verdict.action, verdict.stage = TEMPFAIL, "milter"
+                    verdict.decided_by = "queue_storage"
+                    verdict.reply = self._storage_reply(exc)
+                self.ctx.recipients = [r.address for r in envelope.recipients]
+                self.ctx.sender = envelope.sender
+            return verdict
+        return milter_filter
 
     def _write_content(self, content):
         """Write the kept content to the spool file; False once refused for it."""
@@ -631,9 +691,9 @@ class Session:
     def _discard(self, txn, reason, plugin, stage):
         """A plugin said discard: the client hears 250 as for any message, nothing is
         queued, and the log says who decided (Postfix logs its DISCARD action alike)."""
-        log.info("%s: discard: END-OF-MESSAGE from %s: %s; from=<%s> nrcpt=%d (plugin %s "
-                 "at %s stage)", self.queue_id, self.client, reason or "discarded",
-                 txn.sender, len(txn.recipients), plugin, stage)
+        log.info("%s: discard: END-OF-MESSAGE from %s: %s; from=<%s> nrcpt=%d (%s)",
+                 self.queue_id, self.client, reason or "discarded", txn.sender,
+                 len(txn.recipients), _who(plugin, stage))
         self._discard_message()
         self.proto.accept("Ok: queued as %s" % self.queue_id)
 
@@ -717,6 +777,28 @@ class Session:
                      plugin=True)
         return True
 
+    def _refused_by_milters(self, ask, stage, command, sender=None, recipient=None):
+        """Ask the milters (ask(chain) gives their Verdict) after the plugins of the
+        stage; if they refuse, reply and return True."""
+        if self.milters is None:
+            return False
+        verdict = ask(self.milters)
+        if not verdict.refused:
+            self._remember_milter(verdict, stage)
+            return False
+        self._reject(command, Reply(*verdict.reply), verdict.milter, sender, recipient,
+                     kind="milter")
+        return True
+
+    def _remember_milter(self, verdict, stage):
+        """A milter's discard or quarantine before the content, kept as a plugin's."""
+        if verdict.action == DISCARD:
+            self._remember(_MilterOutcome(True, None, None, verdict.reason,
+                                          "milter " + verdict.milter), stage)
+        elif verdict.action == "quarantine":
+            self._remember(_MilterOutcome(False, verdict.reason or "held by milter",
+                                          "milter " + verdict.milter, "", None), stage)
+
     def _remember(self, outcome, stage):
         """Keep a discard or quarantine given before the content, for the end of DATA:
         from connection, helo and auth for every message of the session, from mail and
@@ -739,13 +821,13 @@ class Session:
         current = getattr(self, scope)
         if current is None or (current[0] != DISCARD and verdict[0] == DISCARD):
             setattr(self, scope, verdict)
-        log.info("NOQUEUE: %s: %s from %s: %s (plugin %s); applies to %s",
+        log.info("NOQUEUE: %s: %s from %s: %s (%s); applies to %s",
                  "discard" if verdict[0] == DISCARD else "hold", stage.upper(), self.client,
-                 verdict[1] or "by policy", verdict[2],
+                 verdict[1] or "by policy", _who(verdict[2]),
                  "this session" if scope == "session_verdict" else "this message")
 
     def _reject(self, command, reply, restriction, sender=None, recipient=None, why="",
-                plugin=False):
+                plugin=False, kind=None):
         """Refuse the pending command, logged the way Postfix logs a reject, with the
         restriction that refused it (a core check or a plugin) named at the end."""
         log.info("NOQUEUE: reject: %s from %s: %s;%s%s proto=%s helo=<%s>%s (%s %s)",
@@ -754,7 +836,7 @@ class Session:
                  " to=<%s>" % recipient if recipient is not None else "",
                  "ESMTP" if self.proto.esmtp else "SMTP",
                  self.proto.helo_name or self.ctx.helo, why,   # a refused HELO: its name
-                 "plugin" if plugin else "restriction", restriction,
+                 kind or ("plugin" if plugin else "restriction"), restriction,
                  extra=self._refusal(command, reply, restriction, sender, recipient,
                                      helo=self.proto.helo_name or self.ctx.helo))
         self._refuse_content(reply, restriction, stage_of_command(command))
@@ -806,3 +888,32 @@ class Session:
         if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
             return STORAGE_FULL
         return Reply(451, "4.3.0", "Error: queue file write error")
+
+
+def _rcpt_args(recipient):
+    """The ESMTP parameters of RCPT TO, as the milter's RCPT command carries them."""
+    args = []
+    if recipient.notify:
+        args.append("NOTIFY=%s" % ",".join(recipient.notify))
+    if recipient.orcpt:
+        args.append("ORCPT=%s" % printable(recipient.orcpt))
+    return args
+
+
+@dataclasses.dataclass
+class _MilterOutcome:
+    """A milter's discard or quarantine in the shape _remember reads (a plugin
+    Outcome's fields)."""
+    discard: bool
+    quarantine: object
+    quarantined_by: object
+    reason: str
+    decided_by: object
+    headers: tuple = ()
+
+
+def _who(decided_by, stage=None):
+    """Who decided, for the log: "milter NAME" as it is, else "plugin NAME at S stage"."""
+    if str(decided_by).startswith("milter "):
+        return decided_by
+    return "plugin %s%s" % (decided_by, " at %s stage" % stage if stage else "")

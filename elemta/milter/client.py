@@ -1,0 +1,264 @@
+"""One connection to one milter, for one SMTP session (or one local submission).
+
+Owned by elemta.milter.chain, in the smtpd worker or pickup. Every wait goes through
+gevent sockets with a deadline, so a slow milter delays only its own session:
+connect_timeout bounds connecting and the option negotiation, command_timeout each
+command from CONNECT to DATA (and EOH, ABORT, QUIT), content_timeout each header, body
+chunk and the end of message. PROGRESS from the milter starts the wait afresh, as
+libmilter intends. Anything that goes wrong (refused, timed out, a packet the protocol
+does not allow) raises MilterError with one sentence; the chain then applies the
+milter's default_action.
+
+A stage's answer is a Response: the final action and, at the end of message, the
+modifications the milter asked for, in the order it sent them. A replacement body is
+spooled to a temporary file past REPLACEMENT_IN_MEMORY bytes, not held in memory.
+"""
+
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
+
+from gevent import socket
+
+from elemta.milter import protocol as p
+
+# A replacement body is kept in memory up to this size, then spooled to a temporary file.
+REPLACEMENT_IN_MEMORY = 1 << 20
+
+# Final answers -> the action names the chain (and the log and metrics) use.
+FINAL = {p.SMFIR_ACCEPT: "accept", p.SMFIR_CONTINUE: "continue",
+         p.SMFIR_DISCARD: "discard", p.SMFIR_REJECT: "reject",
+         p.SMFIR_TEMPFAIL: "tempfail", p.SMFIR_REPLYCODE: "reply",
+         p.SMFIR_SKIP: "skip", p.SMFIR_CONN_FAIL: "tempfail"}
+# Modifications allowed at the end of message -> the action flag that permits them.
+MODIFICATIONS = {p.SMFIR_ADDHEADER: p.SMFIF_ADDHDRS, p.SMFIR_INSHEADER: p.SMFIF_ADDHDRS,
+                 p.SMFIR_CHGHEADER: p.SMFIF_CHGHDRS, p.SMFIR_REPLBODY: p.SMFIF_CHGBODY,
+                 p.SMFIR_ADDRCPT: p.SMFIF_ADDRCPT, p.SMFIR_ADDRCPT_PAR: p.SMFIF_ADDRCPT_PAR,
+                 p.SMFIR_DELRCPT: p.SMFIF_DELRCPT, p.SMFIR_CHGFROM: p.SMFIF_CHGFROM,
+                 p.SMFIR_QUARANTINE: p.SMFIF_QUARANTINE}
+
+
+class MilterError(Exception):
+    """The milter could not be reached, timed out, or broke the protocol."""
+
+
+@dataclass
+class Modifications:
+    """What a milter asked to change at the end of message, in its order.
+
+    headers: ("add", name, value, 0) | ("insert", name, value, index) |
+             ("change", name, value, index); change with value "" deletes.
+    body: the replacement body (a file object at its start) or None.
+    add_recipients / delete_recipients: addresses (no angle brackets).
+    sender: the new envelope sender, or None.
+    quarantine: the reason, when the milter asked for the message to be held.
+    """
+    headers: List[Tuple[str, str, str, int]] = field(default_factory=list)
+    body: Any = None
+    add_recipients: List[str] = field(default_factory=list)
+    delete_recipients: List[str] = field(default_factory=list)
+    sender: Optional[str] = None
+    quarantine: Optional[str] = None
+
+    def __bool__(self):
+        return bool(self.headers or self.body is not None or self.add_recipients
+                    or self.delete_recipients or self.sender is not None
+                    or self.quarantine is not None)
+
+    def close(self):
+        if self.body is not None:
+            self.body.close()
+
+
+@dataclass
+class Response:
+    """A milter's answer to one stage. action: accept, continue, discard, reject,
+    tempfail, reply (a REPLYCODE: reject or tempfail by its code) or skip;
+    reply: the ReplyCode of a "reply"."""
+    action: str
+    reply: Optional[p.ReplyCode] = None
+    modifications: Modifications = field(default_factory=Modifications)
+
+
+CONTINUE = Response("continue")
+
+
+def _address(text):
+    """A milter's address argument without its angle brackets."""
+    text = text.strip()
+    return text[1:-1] if text.startswith("<") and text.endswith(">") else text
+
+
+class MilterConnection:
+    """One open conversation with a milter (see the module docstring)."""
+
+    def __init__(self, name, address, connect_timeout, command_timeout, content_timeout,
+                 version=p.VERSION):
+        self.name = name
+        self.version = version
+        self.address = address          # protocol.parse_socket's answer
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.content_timeout = content_timeout
+        self.sock = None
+        self.negotiated = None          # protocol.Negotiated, once open
+
+    def describe(self):
+        kind, where = self.address
+        return "unix:%s" % where if kind == "unix" else "inet:%s:%d" % where
+
+    # ---- life cycle ----------------------------------------------------------------
+
+    def open(self):
+        """Connect and negotiate; MilterError when the milter is not there or refuses."""
+        kind, where = self.address
+        try:
+            if kind == "unix":
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.connect_timeout)
+                try:
+                    sock.connect(where)
+                except BaseException:
+                    sock.close()
+                    raise
+            else:
+                sock = socket.create_connection(where, timeout=self.connect_timeout)
+        except socket.timeout:
+            raise MilterError("connect to %s timed out after %gs"
+                              % (self.describe(), self.connect_timeout)) from None
+        except OSError as error:
+            raise MilterError("cannot connect to %s: %s"
+                              % (self.describe(), error.strerror or error)) from None
+        self.sock = sock
+        self._send(p.optneg(self.version, steps=p.offered_steps(self.version)),
+                   self.connect_timeout)
+        command, data = self._read(self.connect_timeout, "option negotiation")
+        if command != p.SMFIR_OPTNEG:
+            raise MilterError("answered option negotiation with %r" % command)
+        try:
+            self.negotiated = p.parse_optneg(data, p.offered_steps(self.version))
+        except p.MilterProtocolError as error:
+            raise MilterError(str(error)) from None
+        return self.negotiated
+
+    def close(self, quit=True):
+        """QUIT (when the conversation is in order) and close; never raises."""
+        if self.sock is None:
+            return
+        try:
+            if quit:
+                self.sock.settimeout(self.command_timeout)
+                self.sock.sendall(p.simple(p.SMFIC_QUIT))
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
+            self.sock = None
+
+    # ---- stages --------------------------------------------------------------------
+
+    def stage(self, command, data, macros, content=False, eom=False):
+        """Send one stage's command (a packet from protocol) preceded by its macros;
+        the milter's Response, or CONTINUE when it negotiated that stage away or
+        sends no reply to it."""
+        negotiated = self.negotiated
+        if negotiated.skips(command):
+            return CONTINUE
+        timeout = self.content_timeout if content else self.command_timeout
+        if macros:
+            self._send(p.macros(command, macros), timeout)
+        self._send(data, timeout)
+        if not eom and not negotiated.replies_to(command):
+            return CONTINUE
+        return self._response(timeout, eom)
+
+    def abort(self):
+        """ABORT the message in hand (no reply comes)."""
+        self._send(p.simple(p.SMFIC_ABORT), self.command_timeout)
+
+    def _response(self, timeout, eom):
+        modifications = Modifications()
+        try:
+            while True:
+                command, data = self._read(timeout, "a reply")
+                if command == p.SMFIR_PROGRESS:
+                    continue
+                if command in FINAL:
+                    reply = p.parse_replycode(data) if command == p.SMFIR_REPLYCODE \
+                        else None
+                    return Response(FINAL[command], reply, modifications)
+                if command not in MODIFICATIONS:
+                    raise MilterError("sent an unknown reply %r" % command)
+                if not eom:
+                    raise MilterError("sent modification %r before the end of message"
+                                      % command)
+                if not self.negotiated.actions & MODIFICATIONS[command]:
+                    raise MilterError("sent modification %r it did not negotiate"
+                                      % command)
+                self._modification(modifications, command, data)
+        except p.MilterProtocolError as error:
+            modifications.close()
+            raise MilterError(str(error)) from None
+        except BaseException:
+            modifications.close()
+            raise
+
+    @staticmethod
+    def _modification(mods, command, data):
+        if command == p.SMFIR_ADDHEADER:
+            name, value = p.split_strings(data, 2, "add header")
+            mods.headers.append(("add", name, value, 0))
+        elif command in (p.SMFIR_INSHEADER, p.SMFIR_CHGHEADER):
+            index, rest = p.parse_index(data, "header change")
+            name, value = p.split_strings(rest, 2, "header change")
+            kind = "insert" if command == p.SMFIR_INSHEADER else "change"
+            mods.headers.append((kind, name, value, index))
+        elif command == p.SMFIR_REPLBODY:
+            if mods.body is None:
+                mods.body = tempfile.SpooledTemporaryFile(REPLACEMENT_IN_MEMORY)
+            mods.body.write(data)
+        elif command in (p.SMFIR_ADDRCPT, p.SMFIR_ADDRCPT_PAR):
+            mods.add_recipients.append(_address(p.split_strings(data, 1, "add rcpt")[0]))
+        elif command == p.SMFIR_DELRCPT:
+            mods.delete_recipients.append(_address(p.split_strings(data, 1, "del rcpt")[0]))
+        elif command == p.SMFIR_CHGFROM:
+            mods.sender = _address(p.split_strings(data, 1, "change from")[0])
+        elif command == p.SMFIR_QUARANTINE:
+            mods.quarantine = p.split_strings(data, 1, "quarantine")[0] or "quarantined"
+
+    # ---- the wire ------------------------------------------------------------------
+
+    def _send(self, data, timeout):
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise MilterError("write timed out after %gs" % timeout) from None
+        except OSError as error:
+            raise MilterError("write failed: %s" % (error.strerror or error)) from None
+
+    def _read(self, timeout, what):
+        header = self._exactly(5, timeout, what)
+        (length,) = struct.unpack("!I", header[:4])
+        if length < 1 or length > p.MAX_PACKET:
+            raise MilterError("sent a packet of %d bytes" % length)
+        return header[4:5], self._exactly(length - 1, timeout, what)
+
+    def _exactly(self, count, timeout, what):
+        parts, left = [], count
+        self.sock.settimeout(timeout)
+        while left:
+            try:
+                piece = self.sock.recv(min(left, 65536))
+            except socket.timeout:
+                raise MilterError("timed out after %gs waiting for %s"
+                                  % (timeout, what)) from None
+            except OSError as error:
+                raise MilterError("read failed waiting for %s: %s"
+                                  % (what, error.strerror or error)) from None
+            if not piece:
+                raise MilterError("closed the connection while we waited for %s" % what)
+            parts.append(piece)
+            left -= len(piece)
+        return b"".join(parts)

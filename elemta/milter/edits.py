@@ -1,0 +1,113 @@
+"""A milter's modifications applied to the message: header fields and the body.
+
+Owned by elemta.milter.chain. The message here is the content as received (the header
+section and the body, without our own Received header, which the smtpd writes above it):
+what the milters saw, so their header indexes count the same fields.
+
+Header edits follow libmilter's rules as Postfix applies them:
+    add     the field goes at the end of the header section (smfi_addheader)
+    insert  the field goes before the index-th field, 0 being the first; past the end it
+            is added at the end (smfi_insheader)
+    change  the index-th field of that name (1 is the first) gets the value; an empty
+            value deletes it; an index past the last adds the field (smfi_chgheader)
+A header from a milter is checked like one from a plugin: a name of printable characters
+without a colon, a value whose line breaks are all folds; one that fails is refused with
+ValueError (the chain logs it and leaves the message as it was for that edit), so a
+milter cannot split the header section or inject a body.
+"""
+
+import re
+
+from elemta.plugins.api import Message
+
+_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,998}$")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
+def wire_value(value):
+    """A header value as it goes to a milter: without the space after the colon, folds
+    as "\\n" + whitespace (Sendmail's and Postfix's form)."""
+    if value.startswith(" "):
+        value = value[1:]
+    return value.replace("\r\n", "\n")
+
+
+def field_bytes(name, value):
+    # type: (str, str) -> bytes
+    """A milter's header as a field line ending in CRLF; ValueError when it is unsafe."""
+    if not _NAME.match(name):
+        raise ValueError("header name %r is not a field name" % name[:60])
+    raw = value.encode("utf-8", "surrogateescape").replace(b"\r\n", b"\n")
+    if b"\r" in raw or b"\0" in raw:
+        raise ValueError("header %s has a CR or NUL in its value" % name)
+    lines = raw.split(b"\n")
+    if any(not line[:1] in (b" ", b"\t") or not line.strip() for line in lines[1:]):
+        raise ValueError("header %s has a line break that is not a fold" % name)
+    text = b"\r\n".join(lines)
+    if not text.startswith((b" ", b"\t")):
+        text = b" " + text
+    return name.encode("ascii") + b":" + text + b"\r\n"
+
+
+class HeaderSection:
+    """The header fields of a message as a list of (name, raw bytes) that edits change;
+    kept fields stay byte-identical."""
+
+    def __init__(self, content):
+        # type: (bytes) -> None
+        message = Message(content)
+        self.fields = [(name, (name + ":").encode("ascii", "replace")
+                        + value.encode("utf-8", "surrogateescape") + b"\r\n")
+                       for name, value in message.headers]
+        self.pairs = list(message.headers)
+        self.body = content[message.body_offset:]
+        # The blank line between, when the content had one (one that is all header
+        # fields has none).
+        head = content[:message.body_offset]
+        self.separator = b"\r\n" if head in (b"\r\n", b"\n") or head.endswith(
+            (b"\n\r\n", b"\n\n")) else b""
+
+    def apply(self, kind, name, value, index):
+        """One header edit (see the module docstring); ValueError when unsafe."""
+        if kind == "change" and value == "":
+            position = self._nth(name, index)
+            if position is not None:
+                del self.fields[position]
+                del self.pairs[position]
+            return
+        line = field_bytes(name, value)
+        pair = (name, line[len(name) + 1:-2].decode("utf-8", "surrogateescape"))
+        if kind == "change":
+            position = self._nth(name, index)
+            if position is not None:
+                self.fields[position] = (name, line)
+                self.pairs[position] = pair
+                return
+            kind = "add"
+        if kind == "insert" and index < len(self.fields):
+            self.fields.insert(index, (name, line))
+            self.pairs.insert(index, pair)
+            return
+        self.fields.append((name, line))
+        self.pairs.append(pair)
+
+    def _nth(self, name, index):
+        seen = 0
+        for position, (field, _) in enumerate(self.fields):
+            if field.lower() == name.lower():
+                seen += 1
+                if seen == max(index, 1):
+                    return position
+        return None
+
+    def content(self, body=None):
+        """The message with the edited header section and `body` (default: its own)."""
+        separator = self.separator or (b"\r\n" if self.fields else b"")
+        return (b"".join(line for _, line in self.fields) + separator
+                + (self.body if body is None else body))
+
+
+def crlf_body(data):
+    """A replacement body with every line ending CRLF (milters may send bare LF)."""
+    return _BARE_CR.sub(b"\r\n", _BARE_LF.sub(b"\r\n", data))

@@ -1,0 +1,121 @@
+"""Real milters from Debian packages, each a private instance on loopback: OpenDKIM in
+milter mode (signing) and clamav-milter (in front of a private clamd, tests/peers/clamd.py).
+Rspamd's proxy worker in milter mode is a RspamdInstance with its proxy enabled
+(tests/peers/rspamd.py, local_files) and needs nothing here.
+
+Owned by no Elemta process: tests/test_milter_peers.py starts them. Each runs in the
+foreground as a child of the test with a config of its own in its work directory, never
+the system's, and is stopped by SIGTERM to that child alone.
+
+    with OpenDKIMMilter(workdir, port, "milter.test", "sel", key_file) as dkim:
+        dkim.address                    # "inet:127.0.0.1:PORT", as Elemta's config says
+    with ClamavMilter(workdir, port, clamd) as clamav: ...
+"""
+
+import os
+import socket
+import subprocess
+import time
+
+OPENDKIM = "/usr/sbin/opendkim"
+CLAMAV_MILTER = "/usr/sbin/clamav-milter"
+
+
+class MilterPeerError(RuntimeError):
+    """The milter would not start."""
+
+
+class _Daemon:
+    program = ""
+
+    def __init__(self, workdir, port):
+        self.workdir = str(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.port = port
+        self.address = "inet:127.0.0.1:%d" % port
+        self.log_path = os.path.join(self.workdir, "milter.log")
+        self.process = None
+
+    def command(self):
+        raise NotImplementedError
+
+    def start(self, timeout=30):
+        self.process = subprocess.Popen(self.command(), stdout=open(self.log_path, "ab"),
+                                        stderr=subprocess.STDOUT, cwd=self.workdir)
+        deadline = time.monotonic() + timeout
+        while not self._listening():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise MilterPeerError("%s did not start: %s" % (self.program, self.log()))
+            time.sleep(0.1)
+        return self
+
+    def _listening(self):
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError as error:
+            return "(no log: %s)" % error
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class OpenDKIMMilter(_Daemon):
+    """opendkim in sign-and-verify mode, signing mail of `domain` with `key_file` under
+    `selector` (relaxed/relaxed) for clients in InternalHosts (loopback)."""
+    program = OPENDKIM
+
+    def __init__(self, workdir, port, domain, selector, key_file):
+        super().__init__(workdir, port)
+        self.config = os.path.join(self.workdir, "opendkim.conf")
+        with open(self.config, "w") as f:
+            f.write("\n".join([
+                "Mode sv", "Domain %s" % domain, "Selector %s" % selector,
+                "KeyFile %s" % key_file, "Socket inet:%d@127.0.0.1" % port,
+                "Background no", "Syslog no", "LogWhy yes",
+                "Canonicalization relaxed/relaxed", "InternalHosts 127.0.0.0/8",
+                "RequireSafeKeys no", "PidFile %s" % os.path.join(self.workdir, "pid"),
+                "UserID root", ""]))
+
+    def command(self):
+        return [OPENDKIM, "-f", "-x", self.config]
+
+
+class ClamavMilter(_Daemon):
+    """clamav-milter asking `clamd` (a tests/peers/clamd.py ClamdInstance over TCP),
+    rejecting infected mail."""
+    program = CLAMAV_MILTER
+
+    def __init__(self, workdir, port, clamd):
+        super().__init__(workdir, port)
+        self.config = os.path.join(self.workdir, "clamav-milter.conf")
+        with open(self.config, "w") as f:
+            f.write("\n".join([
+                "MilterSocket inet:%d@127.0.0.1" % port, "ClamdSocket tcp:%s" % clamd.address,
+                "Foreground yes", "OnInfected Reject", "LogFile %s" % self.log_path,
+                "LogVerbose yes", "LogInfected Basic",
+                "PidFile %s" % os.path.join(self.workdir, "pid"), "User root", ""]))
+
+    def command(self):
+        return [CLAMAV_MILTER, "-c", self.config]
