@@ -46,7 +46,7 @@ from elemta.plugins.peername import OK as NAME_OK
 from elemta.plugins.peername import PERM as NAME_PERM
 from elemta.plugins.peername import look_up, timed_out
 from elemta.queue.ids import new_queue_id
-from elemta.queue.model import Envelope, Recipient
+from elemta.queue.model import Envelope, Hold, Recipient
 from elemta.restrictions.catalogue import CORE_REFUSALS, stage_of_command
 from elemta.restrictions.protocoltests import ProtocolTests
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
@@ -488,8 +488,12 @@ class Session:
             if hold is None and verdict is not True and verdict.quarantine:
                 hold = (verdict.quarantine, verdict.quarantined_by, verdict.quarantine_stage)
         # Quarantine: the message enters the queue already on hold, so no delivery worker
-        # can claim it between the commit and a later hold.
-        writer.hold = hold is not None or (checked is not None and checked.hold is not None)
+        # can claim it between the commit and a later hold. The queue keeps who held it
+        # and why, for queue show, the REST API and mailq.
+        if hold is not None:
+            writer.hold = Hold(hold[1], hold[0], time.time())
+        elif checked is not None and checked.hold is not None:
+            writer.hold = Hold(checked.hold, checked.hold_reason, time.time())
         try:
             writer.finish()
             self.server.committer.commit(writer)
