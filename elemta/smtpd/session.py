@@ -59,6 +59,9 @@ from elemta.smtpd.received import protocol_name, received_header
 from elemta.util.text import printable
 from elemta.util.threads import in_thread
 
+# Content kept for the plugins is written to the spool file in a thread above this size.
+THREADED_WRITE = 1 << 20
+
 log = logging.getLogger("elemta.smtpd")
 
 RECV_SIZE = 65536
@@ -577,7 +580,12 @@ class Session:
     def _write_content(self, content):
         """Write the kept content to the spool file; False once refused for it."""
         try:
-            self.writer.write(content)
+            if len(content) > THREADED_WRITE:
+                # The file write and its CRC release the GIL: a 30 MB message costs the
+                # other sessions nothing while it goes to disk (tests/test_scanning_load).
+                in_thread(self.writer.write, content)
+            else:
+                self.writer.write(content)
         except OSError as exc:
             log.error("%s: queue file write error: %s", self.queue_id, exc)
             self._discard_message()
