@@ -9,8 +9,8 @@ STAMP := $(VENV)/.elemta-installed
 TEST_TIMEOUT ?= 120
 # Debian packages the tests drive as real peers (postfix, swaks with its STARTTLS module,
 # openssl, the policy servers postfwd and policyd-spf with socat to serve the latter,
-# clamav-daemon and clamav-milter for the ClamAV plugin and milter, pflogsumm to read our
-# text log as Postfix's) or lint with (mandoc).
+# clamav-daemon and clamav-milter for the ClamAV plugin, the milter tests and the scanning
+# bench, pflogsumm to read our text log as Postfix's) or lint with (mandoc).
 APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd clamav-daemon clamav-milter bsd-mailx dovecot-core dovecot-lmtpd dovecot-imapd postgresql zsh postfwd postfix-policyd-spf-python socat pflogsumm
 
 .PHONY: run test test-minimum constraints bench chaos fuzz clean system-packages venv lint-deploy
@@ -71,6 +71,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python tests/bench/bench_idle_sessions.py
 	$(VENV)/bin/python tests/bench/bench_queue_tools.py
 	$(VENV)/bin/python tests/bench/bench_relay.py
+	$(VENV)/bin/python tests/bench/bench_scanning.py
 
 # kill -9 under load, Elemta next to Postfix (tests/bench/chaos.py; root and postfix needed).
 CHAOS_MESSAGES ?= 20000

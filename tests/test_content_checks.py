@@ -202,7 +202,10 @@ def test_hold_queues_the_message_on_hold(elemta_server, tmp_path):
     server = elemta_server(content={"header_checks": checks})
     queue_id = queued_id(send(server, MESSAGE))
     with server.queue() as queue:
-        assert queue.get(queue_id).state == "hold"
+        record = queue.get(queue_id)
+        assert record.state == "hold"
+        # Who held it and why, for queue show and the REST API (issue 16 req 4).
+        assert (record.hold.by, record.hold.reason) == ("header_checks", "look at this")
     assert ("%s: hold: header Subject: hello there from unknown[127.0.0.1]" % queue_id
             in server.log())
 

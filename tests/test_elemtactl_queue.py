@@ -7,6 +7,7 @@ Output is checked byte for byte against Postfix's layouts (mailq, postsuper, qsh
 
 import json
 import os
+import re
 import shutil
 import smtplib
 import subprocess
@@ -162,7 +163,9 @@ def test_marks_reasons_and_the_closing_line_follow_postfix(spool):
     greylisted = "450 4.2.0 <five@d.example>: Recipient address rejected: Greylisted"
     expected = (HEADING
                 + head(plain) + INDENT + "one@a.example\n\n"
-                + head(held, "!") + INDENT + "two@b.example\n\n"
+                # "!" as Postfix marks it; who held it where Postfix says why it waits.
+                + head(held, "!") + " " * (76 - len("held by admin")) + "(held by admin)\n"
+                + INDENT + "two@b.example\n\n"
                 + head(deferred)
                 + " " * (76 - len(refused)) + "(" + refused + ")\n"
                 + INDENT + "three@c.example\n" + INDENT + "four@c.example\n\n"
@@ -312,6 +315,44 @@ def test_hold_release_delete_requeue_flush_print_what_they_did(spool):
         assert not os.path.exists(queue.store.path(a))
         assert list(queue.store.iter_held()) == []
     assert_index_consistent(spool)
+
+
+def test_show_json_and_mailq_say_who_held_a_message_and_why(spool):
+    """Issue 16 req 4: an admin's hold is "held by admin" (with --reason, why), in
+    queue show, its JSON and mailq's reason line; it survives a reindex (the hold marker
+    keeps it) and release forgets it."""
+    [queue_id] = accept(spool)
+    held = ctl(spool, "hold", "--reason", "customer asked to wait", queue_id)
+    assert held.stdout == "%s: placed on hold\nPlaced on hold: 1 message\n" % queue_id
+    for _ in range(2):
+        shown = ctl(spool, "show", queue_id).stdout
+        assert "\nState:      hold\nArrival:" in shown
+        assert re.search(r"\nHold:       held by admin: customer asked to wait \(since "
+                         r"\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\)\n", shown), shown
+        data = json.loads(ctl(spool, "show", "--json", queue_id).stdout)
+        assert (data["hold"]["by"], data["hold"]["reason"]) == ("admin",
+                                                                "customer asked to wait")
+        assert "(held by admin: customer asked to wait)\n" in ctl(spool, "list").stdout
+        assert ctl(spool, "reindex").returncode == 0
+    assert ctl(spool, "release", queue_id).returncode == 0
+    shown = ctl(spool, "show", queue_id).stdout
+    assert "Hold:" not in shown and "held by" not in ctl(spool, "list").stdout
+    assert json.loads(ctl(spool, "show", "--json", queue_id).stdout)["hold"] is None
+
+
+def test_release_rescan_without_a_scanner_leaves_the_message_held(spool):
+    """--rescan with no content scanner enabled cannot judge: the message stays held,
+    the command says why and exits 75 (EX_TEMPFAIL) so a script tries again later."""
+    [queue_id] = accept(spool)
+    ctl(spool, "hold", queue_id)
+    result = ctl(spool, "release", "--rescan", queue_id)
+    assert result.returncode == 75, result
+    assert result.stdout == ("%s: rescan failed: left on hold as it was: no content scanner "
+                             "is enabled (plugins with scans_content: clamav, rspamd)\n"
+                             "Released from hold: 0 messages\n" % queue_id)
+    assert result.stderr == ("elemtactl: queue release --rescan: 1 message left on hold: a "
+                             "scanner could not decide (try again)\n")
+    assert record(spool, queue_id).state == HOLD
 
 
 def test_bulk_selection_by_pattern_state_and_stdin(spool):

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from elemta.queue.ids import is_queue_id, new_queue_id, queue_id_time
-from elemta.queue.model import DEFERRED, HOLD, INCOMING, Envelope, Recipient
+from elemta.queue.model import DEFERRED, HOLD, INCOMING, Envelope, Hold, Recipient
 from elemta.queue.queue import Queue
 from elemta.queue.store import CorruptSpoolFile, SpoolStore
 
@@ -534,12 +534,55 @@ def test_commit_can_put_a_message_straight_on_hold(queue):
         writer.finish()
         writers.append(writer)
     held, free = writers
-    held.hold = True
+    held.hold = Hold("clamav", "virus found: Eicar-Test-Signature", 1700000000.0)
     queue.commit(writers)
     assert queue.get(held.queue_id).state == HOLD and queue.store.is_held(held.queue_id)
+    assert queue.get(held.queue_id).hold == held.hold
+    assert queue.get(free.queue_id).hold is None
     assert [r.queue_id for r in queue.claim("test-owner", 10, 60)] == [free.queue_id]
-    queue.reindex()                       # the marker on disk is the truth
+    queue.reindex()                       # the marker on disk is the truth, reason included
     assert queue.get(held.queue_id).state == HOLD
+    assert queue.get(held.queue_id).hold == held.hold
+
+
+def test_who_held_a_message_and_why_is_kept_until_it_is_released(queue):
+    """Issue 16 req 4: the admin's hold says "admin" (and a reason when given); a
+    second hold keeps the first one's; release forgets it; rehold replaces it."""
+    first, second = (e.queue_id for e in accept(queue, [b"a\r\n", b"b\r\n"]))
+    assert dict(queue.hold([first], reason="looks odd")) == {first: "placed on hold"}
+    hold = queue.get(first).hold
+    assert (hold.by, hold.reason) == ("admin", "looks odd") and hold.since > 0
+    assert queue.store.read_hold(first) == hold
+    assert dict(queue.hold([first], by="someone else")) == {first: "already on hold"}
+    assert queue.get(first).hold == hold
+    new = Hold("clamav", "virus found: X", 1.0)
+    assert dict(queue.rehold([first, second], new)) == {
+        first: "rescanned: still on hold: held by clamav: virus found: X",
+        second: "not on hold"}
+    assert queue.get(first).hold == new == queue.store.read_hold(first)
+    assert queue.get(second).hold is None and not queue.store.is_held(second)
+    assert dict(queue.release([first])) == {first: "released from hold"}
+    assert queue.get(first).hold is None and queue.get(first).state == INCOMING
+
+
+def test_a_record_and_a_marker_of_the_previous_version_still_read(queue):
+    """Upgrades keep queued mail: a held record written before holds had a reason (no
+    "hold" key) and its empty marker read as held by unknown, and reconcile and reindex
+    keep such a message on hold."""
+    import json
+    from elemta.queue.index import decode_record, encode_record
+    [queue_id] = (e.queue_id for e in accept(queue, [b"old\r\n"]))
+    list(queue.hold([queue_id]))
+    record = queue.get(queue_id)
+    old = json.loads(encode_record(record))
+    del old["hold"]
+    assert decode_record(json.dumps(old).encode()).hold is None
+    open(queue.store.hold_path(queue_id), "w").close()          # an empty, old marker
+    assert queue.store.read_hold(queue_id) is None
+    queue.reindex()
+    rebuilt = queue.get(queue_id)
+    assert rebuilt.state == HOLD
+    assert (rebuilt.hold.by, rebuilt.hold.reason) == ("unknown", "")
 
 
 def test_claim_takes_the_highest_priority_first_then_the_earliest_due(queue):

@@ -12,6 +12,7 @@ needs the bearer token (elemta.api.auth) but /metrics and /api/v1/health. Routes
     DELETE /api/v1/queue/{id}               delete it
     GET    /api/v1/queue/{id}/content       its content, message/rfc822
     POST   /api/v1/queue/{id}/hold|release|flush|requeue
+                                            (release?rescan=true: scan it again first)
     POST   /api/v1/queue/{id}/priority      {"priority": N}: set its priority
     GET    /api/v1/stats                    counts and bytes by state, domains by age
 
@@ -64,7 +65,7 @@ def create_app(config, access=None) -> falcon.App:
     app.add_route(PREFIX + "/queue/{queue_id}/content", queue_routes.MessageContent(access))
     for action in MESSAGE_ACTIONS:
         app.add_route(PREFIX + "/queue/{queue_id}/" + action,
-                      queue_routes.MessageAction(access, action))
+                      queue_routes.MessageAction(access, action, config))
     app.add_route(PREFIX + "/queue/{queue_id}/priority",
                   queue_routes.MessagePriority(access))
     app.add_route(PREFIX + "/stats", queue_routes.Stats(access))

@@ -80,10 +80,22 @@ def _responses(ok, *extra):
     return responses
 
 
-def _action(verb, summary, description):
+RESCAN_PARAMETER = {
+    "name": "rescan", "in": "query", "required": False,
+    "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
+    "description": "true: run the content scanners (the enabled plugins that scan content: "
+                   "clamav, rspamd, milters) over the held message first. Nothing found: "
+                   "released. A scanner still holds, rejects or discards it: it stays on "
+                   "hold, held by that scanner with the new reason (outcome 'rescanned: "
+                   "still on hold: ...'). A scanner that cannot decide now (down, a "
+                   "soft reject): it stays on hold as it was (outcome 'rescan failed: "
+                   "...'). Without it the message is released unscanned."}
+
+
+def _action(verb, summary, description, extra=()):
     return {"post": {
         "operationId": verb + "Message", "summary": summary, "description": description,
-        "tags": ["queue"], "parameters": [ID_PARAMETER],
+        "tags": ["queue"], "parameters": [ID_PARAMETER] + list(extra),
         "responses": _responses(_json("What was done.", "ActionResult"), NOT_FOUND)}}
 
 
@@ -100,6 +112,15 @@ MESSAGE_PROPERTIES = {
     "last_error": NULLABLE_STRING,
     "priority": dict(PRIORITY, description="Higher is delivered sooner among messages "
                                            "due; 0 by default (queue.priority_rules)."),
+    "hold": {"type": "object", "nullable": True, "required": ["by", "reason", "since"],
+             "description": "Who held the message and why; null when it is not on hold. "
+                            "by: a plugin (clamav, rspamd), a milter, a content check "
+                            "(header_checks), admin (elemtactl queue hold, this API), or "
+                            "unknown (held by an Elemta that kept no reason).",
+             "properties": {"by": {"type": "string"}, "reason": {"type": "string"},
+                            "since": {"type": "number",
+                                      "description": "Seconds since the epoch; 0 when "
+                                                     "unknown."}}},
 }
 MESSAGE_REQUIRED = sorted(MESSAGE_PROPERTIES) + ["recipients"]
 
@@ -265,10 +286,12 @@ DOCUMENT = {
                 NOT_FOUND, {"409": _error("The spool file is damaged, or something other "
                                            "than a plain file (a link) is in its place.")})}},
         "/api/v1/queue/{queue_id}/hold": _action(
-            "hold", "Put a message on hold.", "Never tried until released."),
+            "hold", "Put a message on hold.", "Never tried until released; its hold "
+            "says held by admin."),
         "/api/v1/queue/{queue_id}/release": _action(
             "release", "Take a message off hold.",
-            "Due now; the delivery workers are woken."),
+            "Due now; the delivery workers are woken. It is sent on as queued, not "
+            "scanned again, unless rescan=true.", [RESCAN_PARAMETER]),
         "/api/v1/queue/{queue_id}/flush": _action(
             "flush", "Make a deferred message due now.",
             "The delivery workers are woken. Held and failed messages are left alone."),

@@ -70,6 +70,18 @@ def _single(req: falcon.Request, name: str) -> Optional[str]:
     return value
 
 
+def flag(req: falcon.Request, name: str) -> bool:
+    """A yes/no parameter: true or 1, false or 0 (absent: false)."""
+    value = _single(req, name)
+    if value is None:
+        return False
+    if value.lower() in ("true", "1"):
+        return True
+    if value.lower() in ("false", "0"):
+        return False
+    raise bad(name, "%r is neither true nor false" % printable(value))
+
+
 def _states(req: falcon.Request) -> Tuple[str, ...]:
     values = req.params.get("state")
     if values is None:

@@ -30,9 +30,10 @@ CONTENT_CHUNK = 64 * 1024
 # Actions that make mail due: the delivery workers are woken when one changed something.
 WAKING_ACTIONS = ("release", "flush", "requeue")
 # action -> the outcome meaning it changed the message (as elemtactl counts them)
-SUCCESS = {"hold": queue_actions.HELD, "release": queue_actions.RELEASED,
-           "flush": queue_actions.FLUSHED, "requeue": queue_actions.REQUEUED,
-           "delete": queue_actions.DELETED}
+SUCCESS = {"hold": (queue_actions.HELD,),
+           "release": (queue_actions.RELEASED, queue_actions.RESCANNED_CLEAN),
+           "flush": (queue_actions.FLUSHED,), "requeue": (queue_actions.REQUEUED,),
+           "delete": (queue_actions.DELETED,)}
 
 
 def reply(resp: falcon.Response, data, status=falcon.HTTP_200) -> None:
@@ -188,18 +189,24 @@ def _chunks(content):
 
 
 class MessageAction:
-    """POST /api/v1/queue/{id}/ACTION: hold, release, flush or requeue one message."""
+    """POST /api/v1/queue/{id}/ACTION: hold, release, flush or requeue one message.
+    release?rescan=true runs the content scanners first (elemta.plugins.rescan), as
+    elemtactl queue release --rescan; config gives their settings."""
 
-    def __init__(self, access, action: str):
+    def __init__(self, access, action: str, config=None):
         self.access = access
         self.action = action
+        self.config = config
 
     def on_post(self, req, resp, queue_id):
-        params.check_known(req, ())
-        outcome = self.access.run(_act, self.action, _known_id(queue_id))
+        params.check_known(req, ("rescan",) if self.action == "release" else ())
+        if params.flag(req, "rescan"):
+            outcome = self.access.run(_rescan, self.config, _known_id(queue_id))
+        else:
+            outcome = self.access.run(_act, self.action, _known_id(queue_id))
         if outcome == queue_actions.NO_SUCH_MESSAGE:
             raise no_such_message(queue_id)
-        changed = outcome == SUCCESS[self.action]
+        changed = outcome in SUCCESS[self.action]
         if changed and self.action in WAKING_ACTIONS:
             wakeup.notify(self.access.queue_config.spool_dir)
         reply(resp, {"queue_id": queue_id, "outcome": outcome, "changed": changed})
@@ -209,6 +216,15 @@ def _act(queue, action, queue_id):
     """The outcome of one action on one message (a Queue outcome string)."""
     for _, outcome in getattr(queue, action)([queue_id]):
         return outcome
+    return queue_actions.NO_SUCH_MESSAGE
+
+
+def _rescan(queue, config, queue_id):
+    """The outcome of release --rescan on one message (elemta.plugins.rescan)."""
+    from elemta.plugins.rescan import Rescanner
+    with Rescanner(config.plugins.to_run(), config.hostname) as rescanner:
+        for _, outcome in rescanner.rescan(queue, [queue_id]):
+            return outcome
     return queue_actions.NO_SUCH_MESSAGE
 
 

@@ -214,7 +214,7 @@ class _Importer:
 
     def _to_queue(self, message):
         from elemta.queue.ids import new_queue_id
-        from elemta.queue.model import Envelope, Recipient
+        from elemta.queue.model import Envelope, Hold, Recipient
         addresses = [message.sender] + [r.address for r in message.recipients]
         envelope = Envelope(
             queue_id=new_queue_id(), sender=message.sender,
@@ -228,7 +228,9 @@ class _Importer:
             writer = self.queue.start_message(envelope)
             try:
                 writer.write(message.content)
-                writer.hold = message.state == "hold"
+                if message.state == "hold":
+                    writer.hold = Hold("postfix", "on hold in the Postfix queue it was "
+                                       "imported from (%s)" % message.queue_id, time.time())
                 writer.finish()
                 self.queue.commit([writer])
             except BaseException:

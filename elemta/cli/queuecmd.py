@@ -356,6 +356,8 @@ def _write_envelope(out: Output, record, spool_path: str, held: bool) -> None:
         lines.append(("DSN", " ".join(dsn)))
     lines.append(("Priority", "%s%s" % (envelope.priority, " (the default)"
                                         if envelope.priority == PRIORITY_DEFAULT else "")))
+    if record.state == "hold" or record.hold is not None:
+        lines.append(("Hold", _hold_text(record)))
     if record.last_error:
         lines.append(("Last error", record.last_error))
     lines.append(("Spool file", spool_path))
@@ -378,6 +380,16 @@ def _write_envelope(out: Output, record, spool_path: str, held: bool) -> None:
                 status, printable(relay or "none"), printable(reply or "")))
     if envelope.extra:
         out.write("Extra:      %s\n" % json.dumps(envelope.extra, sort_keys=True))
+
+
+def _hold_text(record) -> str:
+    """'held by clamav: virus found: X (since Tue Nov 24 17:34:06 2025)'."""
+    if record.hold is None:
+        return "held by unknown (held before Elemta kept who held messages)"
+    text = record.hold.describe()
+    if record.hold.since:
+        text += " (since %s)" % time.asctime(time.localtime(record.hold.since))
+    return text
 
 
 def _state_text(record, held: bool) -> str:
@@ -582,18 +594,19 @@ def _action(name: str) -> Callable:
         success = _success(name)
         out = Output()
         unknown = []
-        done = 0
+        done = failed = 0
         log_to_the_mail_log(args)
         with open_queue(args) as queue:
             spool_dir = queue.spool_dir
             if bulk:
                 ids = list(queue.ids_matching(_selection(args, default_states)))
-            for queue_id, outcome in getattr(queue, method)(ids, *extra):
+            for queue_id, outcome in _run_action(args, queue, name, method, ids, extra):
                 if outcome == NO_SUCH_MESSAGE:
                     unknown.append(queue_id)
                     continue
-                out.write("%s: %s\n" % (queue_id, outcome))
+                out.write("%s: %s\n" % (queue_id, printable(outcome)))
                 done += outcome in success
+                failed += outcome.startswith(RESCAN_FAILED)
         out.write("%s%s: %d message%s\n" % (total_label, "".join(" to %d" % n for n in extra),
                                             done, "" if done == 1 else "s"))
         out.flush()
@@ -602,15 +615,45 @@ def _action(name: str) -> Callable:
         if done and name in ("flush", "requeue", "release"):
             from elemta.queue import wakeup
             wakeup.notify(spool_dir)        # running delivery workers look at once
-        return EX_NOUSER if unknown else EX_OK
+        if failed:
+            _complain("queue release --rescan: %d message%s left on hold: a scanner could "
+                      "not decide (try again)" % (failed, "" if failed == 1 else "s"))
+        return EX_NOUSER if unknown else EX_TEMPFAIL if failed else EX_OK
     handler.__doc__ = "queue %s: by id, --all, or a selection; one line per message." % name
     return handler
+
+
+# How an outcome of release --rescan that left the message as it was begins.
+RESCAN_FAILED = "rescan failed"
+
+
+def _run_action(args, queue, name: str, method: str, ids: List[str], extra: tuple):
+    """(queue_id, outcome) of the action on each message. hold records the admin (and
+    --reason); release --rescan runs the content scanners first (elemta.plugins.rescan)."""
+    if name == "hold":
+        return queue.hold(ids, reason=printable(args.reason or ""))
+    if name == "release" and args.rescan:
+        return _rescanned(args, queue, ids)
+    return getattr(queue, method)(ids, *extra)
+
+
+def _rescanned(args, queue, ids: List[str]):
+    from elemta.plugins.api import PluginConfigError
+    from elemta.plugins.rescan import Rescanner
+    config = find_config(getattr(args, "config", None))
+    try:
+        rescanner = Rescanner(config.plugins.to_run(), config.hostname)
+    except PluginConfigError as error:
+        raise Failure(EX_SOFTWARE, "queue release --rescan: %s" % error)
+    with rescanner:
+        yield from rescanner.rescan(queue, ids)
 
 
 def _success(name: str) -> Tuple[str, ...]:
     """The outcomes meaning the action changed the message."""
     from elemta.queue import queue as q
-    return {"hold": (q.HELD,), "release": (q.RELEASED,), "delete": (q.DELETED,),
+    return {"hold": (q.HELD,), "release": (q.RELEASED, q.RESCANNED_CLEAN),
+            "delete": (q.DELETED,),
             "requeue": (q.REQUEUED,), "flush": (q.FLUSHED,),
             "priority": (q.PRIORITY_CHANGED, q.PRIORITY_CHANGED_ACTIVE)}[name]
 
@@ -763,7 +806,8 @@ def add_queue_commands(commands, parser_class, parents: List[argparse.ArgumentPa
     cat.add_argument("--body", action="store_true", help="only the body, as stored")
 
     for name, summary in (("hold", "put messages on hold (never tried until released)"),
-                          ("release", "take messages off hold (due now)"),
+                          ("release", "take messages off hold (due now), not scanned "
+                                      "again unless --rescan"),
                           ("delete", "delete messages"),
                           ("requeue", "start messages over: due now, attempts reset"),
                           ("flush", "make deferred messages due now (all when no ID)"),
@@ -772,6 +816,15 @@ def add_queue_commands(commands, parser_class, parents: List[argparse.ArgumentPa
         sub = add(name, _action(name), summary)
         sub.add_argument("ids", nargs="*", metavar="ID",
                          help="queue id ('-' reads ids from standard input)")
+        if name == "hold":
+            sub.add_argument("--reason", metavar="TEXT",
+                             help="why (shown by queue show and mailq beside \"held by "
+                                  "admin\")")
+        if name == "release":
+            sub.add_argument("--rescan", action="store_true",
+                             help="run the content scanners (clamav, rspamd, ...) again "
+                                  "first: release only what they find clean, keep the "
+                                  "rest on hold with their new reason")
         if name == "priority":
             sub.add_argument("priority", type=parse_priority, metavar="N",
                              help="the new priority: a whole number from %d (last) to %d "

@@ -116,6 +116,7 @@ class ContentFilter:
         self.refusal: Optional[ContentRefusal] = None
         self.discard: Optional[str] = None        # the check that said DISCARD
         self.hold: Optional[str] = None           # the check that said HOLD (first)
+        self.hold_reason = ""                     # its text, or what matched
         self.redirect: Optional[str] = None       # REDIRECT's address (the last)
         self.hops = 0                             # primary Received headers so far
         self._header_dropped = False              # the last header was IGNOREd/REPLACEd
@@ -240,7 +241,11 @@ class ContentFilter:
             return b""
         if word == actions.HOLD:
             self._log("hold", piece, text, check)
-            self.hold = self.hold or check
+            if self.hold is None:
+                self.hold = check
+                self.hold_reason = text or "%s %s matched" % (
+                    "body" if piece.kind == BODY else "header",
+                    printable(piece.key)[:LOGGED])
             return piece.raw
         if word == actions.WARN:
             self._log("warning", piece, text, check)

@@ -75,7 +75,7 @@ from elemta.plugins.manager import PluginManager
 from elemta.plugins.resolver import Resolver
 from elemta.queue import maildrop, wakeup
 from elemta.queue.ids import new_queue_id
-from elemta.queue.model import Recipient
+from elemta.queue.model import Hold, Recipient
 from elemta.queue.priority import SENDMAIL_LISTENER
 from elemta.queue.queue import Queue, log_queued
 from elemta.util.child import BootError, GeventChild
@@ -222,7 +222,7 @@ class PickupWorker(GeventChild):
 
     def _queue_batch(self, names):
         directory = maildrop.maildrop_dir(self.spool)
-        taken = []                   # (path, writer, uid, hold): hold is a log line or None
+        taken = []                   # (path, writer, uid, hold): hold a model.Hold or None
         now = time.monotonic()
         for name in names:
             if self.stopping.is_set():
@@ -278,7 +278,7 @@ class PickupWorker(GeventChild):
             log_queued(writer.queue_id, envelope.sender, writer.size, len(envelope.recipients),
                        ", priority=%d" % envelope.priority if envelope.priority else "")
             if hold is not None:
-                log.info("%s: hold: %s", writer.queue_id, hold)
+                log.info("%s: hold: %s", writer.queue_id, hold.reason)
         wakeup.notify(self.spool)
         for _, writer, _, _ in taken:
             notify_queued(self.plugins, self._context(writer.envelope))
@@ -294,8 +294,8 @@ class PickupWorker(GeventChild):
 
     def _judge(self, envelope, content):
         """Run the data and storage plugins on the content. Returns (content, hold) with
-        hold a log line when the message is to be queued on hold; None when a plugin
-        discarded it; raises Deferred when a plugin tempfailed it."""
+        hold a Hold (its reason the log line) when the message is to be queued on hold;
+        None when a plugin discarded it; raises Deferred when a plugin tempfailed it."""
         ctx = self._context(envelope)
         verdict = run_content_stages(self.plugins, ctx, content,
                                      self._milter_filter(envelope, ctx))
@@ -307,12 +307,15 @@ class PickupWorker(GeventChild):
             return None
         if verdict.action == REJECT:
             # Nobody to refuse it to: keep it for the admin rather than lose it.
-            return content, "%d %s %s (%s); held for the admin" % (verdict.reply + (who,))
+            return content, Hold(verdict.decided_by, "%d %s %s (%s); held for the admin"
+                                 % (verdict.reply + (who,)), time.time())
         if verdict.reply is not None:
             raise Deferred("%d %s %s (%s)" % (verdict.reply + (who,)))
         if verdict.quarantine:
-            return verdict.content, "%s (%s)" % (
-                verdict.quarantine, _who(verdict.quarantined_by, verdict.quarantine_stage))
+            return verdict.content, Hold(
+                str(verdict.quarantined_by), "%s (%s)" % (
+                    verdict.quarantine, _who(verdict.quarantined_by, verdict.quarantine_stage)),
+                time.time())
         return verdict.content, None
 
     def _milter_filter(self, envelope, ctx):
@@ -334,7 +337,7 @@ class PickupWorker(GeventChild):
 
     def _spool(self, path):
         """One maildrop file written to a finished queue SpoolWriter: (writer, uid, hold)
-        with hold a log line when it is to be queued on hold, or None when a plugin
+        with hold a Hold when it is to be queued on hold, or None when a plugin
         discarded it; raises Deferred when a plugin tempfailed it."""
         submission = maildrop.read_submission(path)
         try:
@@ -350,7 +353,8 @@ class PickupWorker(GeventChild):
             if checked is None:
                 return None
             content, hold = checked
-            hold = unexpandable or hold
+            if unexpandable is not None:
+                hold = Hold("virtual_alias_maps", unexpandable, time.time())
             if wants_content(self.plugins) or self.milters:
                 judged = self._judge(envelope, content)
                 if judged is None:
@@ -364,7 +368,7 @@ class PickupWorker(GeventChild):
                                              [r.address for r in envelope.recipients]))
                 for block in blocks:
                     writer.write(block)
-                writer.hold = hold is not None
+                writer.hold = hold
                 writer.finish()
             except BaseException:
                 writer.abort()
@@ -376,7 +380,7 @@ class PickupWorker(GeventChild):
 
     def _check(self, envelope, content):
         """The header and body checks (and hop count) of a submission: (content as
-        edited, hold log line or None), or None when DISCARDed (logged); raises
+        edited, Hold or None), or None when DISCARDed (logged); raises
         Deferred when a table cannot answer. A REDIRECT replaces envelope's
         recipients."""
         checks = self.content_checks.start(envelope.queue_id, "from local; from=<%s> to=<%s>"
@@ -388,13 +392,14 @@ class PickupWorker(GeventChild):
         if refusal is not None:         # held as it came (what was written stopped)
             if refusal.reply.code < 500:
                 raise Deferred("%s (restriction %s)" % (refusal.reply, refusal.restriction))
-            return content, "%s (restriction %s); held for the admin" % (
-                refusal.reply, refusal.restriction)
+            return content, Hold(refusal.restriction, "%s (restriction %s); held for the "
+                                 "admin" % (refusal.reply, refusal.restriction), time.time())
         if checks.discard is not None:
             return None
         if checks.redirect is not None:
             envelope.recipients = [Recipient(checks.redirect)]
-        return edited, ("on hold by %s" % checks.hold if checks.hold else None)
+        return edited, (Hold(checks.hold, checks.hold_reason, time.time()) if checks.hold
+                        else None)
 
     def _rewrite(self, envelope, content):
         """Bare names in the address headers qualified with the mail name, canonical

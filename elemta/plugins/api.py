@@ -193,7 +193,9 @@ class Result:
 
     @classmethod
     def quarantine(cls, reason, headers=()):
-        """Accept the message but hold it in the queue; reason goes to the log."""
+        """Accept the message but hold it in the queue; reason goes to the log and to
+        the queue, which shows who held it (the plugin) and why (elemtactl queue show,
+        the REST API, mailq)."""
         return cls(QUARANTINE, reason=reason, headers=tuple(headers))
 
     @classmethod
@@ -382,6 +384,11 @@ class Plugin:
     before_core_checks = False
     # Seconds one call may take unless the config sets `timeout`.
     default_timeout = 10.0
+    # True for a plugin that scans the content (a virus or spam scanner: clamav, rspamd,
+    # a milter): `elemtactl queue release --rescan` runs its on_data again over a held
+    # message (elemta.plugins.rescan). Checks of how the mail came (SPF, DKIM, DMARC)
+    # are not scanners: what they judged cannot change while the message waits.
+    scans_content = False
 
     def init(self, settings):
         """Called once per process (after fork) with the Settings instance the config

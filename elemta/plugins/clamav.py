@@ -44,6 +44,7 @@ class ClamAVPlugin(Plugin):
     Settings = ClamAVSettings
     order = 60              # after the authentication checks: their headers are not scanned
     default_timeout = 60.0  # a 25 MB message takes clamd seconds; clients wait 10 minutes
+    scans_content = True    # release --rescan runs it again (elemta.plugins.rescan)
 
     def init(self, settings):
         self.settings = settings = settings or ClamAVSettings()

@@ -122,9 +122,10 @@ class PluginManager:
     """The enabled plugins of one process and the calls into them.
 
     stages: when given, only the plugins serving one of these stages are loaded (the
-    delivery worker has no use for an smtpd-only plugin and its databases)."""
+    delivery worker has no use for an smtpd-only plugin and its databases).
+    scanners_only: only the content scanners (Plugin.scans_content), for a rescan."""
 
-    def __init__(self, plugins=(), known=None, stages=None):
+    def __init__(self, plugins=(), known=None, stages=None, scanners_only=False):
         """plugins: the ConfiguredPlugin entries to run, as the config's
         Plugins.to_run() gives them; known: name -> plugin class, in place of the
         installed third-party plugins (tests)."""
@@ -132,6 +133,9 @@ class PluginManager:
         if stages is not None:
             self._chosen = [chosen for chosen in self._chosen
                             if set(served_stages(chosen[1])) & set(stages)]
+        if scanners_only:
+            self._chosen = [chosen for chosen in self._chosen
+                            if getattr(chosen[1], "scans_content", False)]
         self.plugins = []  # type: List[LoadedPlugin]
         self._by_stage = {stage: [] for stage in STAGES}  # type: Dict[str, List[LoadedPlugin]]
 

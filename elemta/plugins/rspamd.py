@@ -61,6 +61,7 @@ class RspamdPlugin(Plugin):
     Settings = RspamdSettings
     order = 70              # after the authentication checks and clamav
     default_timeout = 30.0  # Rspamd's own task_timeout is 8 s; leave it room for DNS
+    scans_content = True    # release --rescan runs it again (elemta.plugins.rescan)
 
     def init(self, settings):
         self.settings = settings = settings or RspamdSettings()

@@ -12,8 +12,11 @@ through _put and _delete; a new writer must too):
 
     messages   qid (ASCII) -> one JSON object: every Envelope field, plus "state",
                "attempts", "next_attempt" (seconds since the epoch), "last_error",
-               "history" (each recipient's delivery results, oldest first), and
-               for an active message its lease: "lease_owner" and "lease_expires"
+               "history" (each recipient's delivery results, oldest first), for
+               an active message its lease: "lease_owner" and "lease_expires", and
+               for a held one "hold": {"by", "reason", "since"} (model.Hold; absent
+               in records written before it existed, which read as a hold of
+               unknown origin)
     due        1 byte of priority (PRIORITY_MAX - priority: the highest sorts first) +
                8-byte big-endian next_attempt in milliseconds + qid -> b"", for exactly
                the messages in state incoming or deferred: one run of keys per priority,
@@ -39,7 +42,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optiona
 import lmdb
 
 from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, INCOMING, PRIORITY_MAX,
-                                PRIORITY_MIN, SENT, STATES, Envelope, Recipient)
+                                PRIORITY_MIN, SENT, STATES, Envelope, Hold, Recipient)
 from elemta.queue.store import envelope_from_dict, envelope_to_dict
 from elemta.queue.transitions import move
 
@@ -77,6 +80,7 @@ class QueueRecord:
     # Lease holders in a row that ended while holding it (reset by a recorded attempt):
     # after the first, the message may be what kills them, and it waits a backoff.
     orphaned: int = 0
+    hold: Optional[Hold] = None          # who held it and why (state hold only)
 
     @property
     def queue_id(self):
@@ -109,13 +113,16 @@ def encode_record(record):
     data = envelope_to_dict(record.envelope)
     for name in _RECORD_FIELDS:
         data[name] = getattr(record, name)
+    if record.hold is not None:
+        data["hold"] = record.hold.to_dict()
     return json.dumps(data, separators=(",", ":")).encode("ascii")
 
 
 def decode_record(raw):
     data = json.loads(bytes(raw))
     delivery_state = {name: data.pop(name) for name in _RECORD_FIELDS if name in data}
-    return QueueRecord(envelope=envelope_from_dict(data), **delivery_state)
+    hold = Hold.from_dict(data.pop("hold", None))
+    return QueueRecord(envelope=envelope_from_dict(data), hold=hold, **delivery_state)
 
 
 def _priority_byte(priority):

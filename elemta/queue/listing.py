@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from elemta.queue.index import SCAN_CHUNK, Brief, QueueIndex, QueueRecord, waiting_recipients
-from elemta.queue.model import PENDING, STATES, Recipient
+from elemta.queue.model import HOLD, PENDING, STATES, Recipient
 
 NULL_SENDER = "MAILER-DAEMON"    # how Postfix's tools show the null sender <>
 NO_DOMAIN = "(no domain)"
@@ -223,12 +223,26 @@ def record_to_json(record: QueueRecord) -> dict:
         "next_attempt": record.next_attempt,
         "last_error": record.last_error,
         "priority": envelope.priority,
+        "hold": hold_json(record),
     }
 
 
+def hold_json(record: QueueRecord) -> Optional[dict]:
+    """Who held a message and why, {"by", "reason", "since"}; None when it is not held.
+    A message held by an Elemta that kept no reason shows by "unknown"."""
+    if record.hold is not None:
+        return record.hold.to_dict()
+    if record.state == HOLD:
+        return {"by": "unknown", "reason": "", "since": 0.0}
+    return None
+
+
 def delay_reason(record: QueueRecord, recipient: Recipient) -> str:
-    """Why a waiting recipient is not delivered yet: its own last reply if it was
+    """Why a waiting recipient is not delivered yet: who held the message and why if it
+    is on hold (mailq shows it under the "!"), else its own last reply if it was
     deferred or bounced, else the message's last error, else ""."""
+    if record.state == HOLD and record.hold is not None:
+        return record.hold.describe()
     if recipient.status != PENDING and recipient.last_reply:
         return recipient.last_reply
     return record.last_error or ""

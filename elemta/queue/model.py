@@ -51,6 +51,37 @@ class Recipient:
 
 
 @dataclass
+class Hold:
+    """Why a message is on hold: who held it and their reason, kept until it is released.
+
+    by: who held it, as its log lines name it: a plugin ("clamav", "rspamd"), a milter,
+    a content check ("header_checks"), "admin" (elemtactl queue hold, the REST API).
+    Whoever holds a message gives both; the queue records them as given.
+    """
+    by: str
+    reason: str = ""
+    since: float = 0.0                         # time.time() it was held
+
+    def describe(self):
+        """'held by clamav: virus found: Eicar', as `queue show` and mailq say it."""
+        return "held by %s%s" % (self.by or "unknown", ": " + self.reason if self.reason
+                                 else "")
+
+    def to_dict(self):
+        return {"by": self.by, "reason": self.reason, "since": self.since}
+
+    @classmethod
+    def from_dict(cls, data):
+        """The Hold a record or marker stored; None for anything that is not one (an
+        older Elemta's empty marker, a marker cut short by a crash)."""
+        if not isinstance(data, dict) or not isinstance(data.get("by"), str):
+            return None
+        reason, since = data.get("reason", ""), data.get("since", 0.0)
+        return cls(data["by"], reason if isinstance(reason, str) else "",
+                   float(since) if isinstance(since, (int, float)) else 0.0)
+
+
+@dataclass
 class Envelope:
     """Everything known about a message apart from its content.
 

@@ -30,8 +30,15 @@ Admin actions (elemtactl queue hold, release, delete, requeue, flush) change the
 and the index after, in batches of short write transactions, so they run safely beside the
 daemon's processes:
 
-    hold     creates the message's hold marker (store.hold_path), then sets state hold;
-    release  removes the marker, then sets incoming (never tried) or deferred, due now;
+    hold     creates the message's hold marker (store.hold_path) saying who held it and
+             why (model.Hold: "admin" for elemtactl and the REST API), then sets state
+             hold and the same Hold on the record;
+    release  removes the marker, then sets incoming (never tried) or deferred, due now
+             (the Hold is forgotten). The message is not scanned again: the content
+             plugins ran when it was accepted, and delivery runs none of them;
+    rescan   (release --rescan) runs a judge the caller gives (elemta.plugins.rescan:
+             the content scanners) over a held message; it is released when the judge
+             finds nothing, else it stays on hold with the judge's Hold;
     delete   removes the message file and marker, then the record (a crash in between leaves
              a record without a file, which reconcile drops; the other order could bring a
              deleted message back);
@@ -85,7 +92,7 @@ from elemta.queue.ids import is_queue_id
 from elemta.queue.index import QueueIndex, QueueRecord, index_exists
 from elemta.queue.listing import Selection, Shape
 from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, PENDING,
-                                RCPT_DEFERRED, SENT, priority_error)
+                                RCPT_DEFERRED, SENT, Hold, priority_error)
 from elemta.queue.priority import PriorityRules
 from elemta.queue.space import free_bytes
 from elemta.queue.store import CorruptSpoolFile, SpoolStore
@@ -116,6 +123,10 @@ HELD = "placed on hold"
 ALREADY_HELD = "already on hold"
 RELEASED = "released from hold"
 NOT_HELD = "not on hold"
+RESCANNED_CLEAN = "rescanned: nothing found; released from hold"
+STILL_HELD = "rescanned: still on hold"        # + ": held by WHO: REASON"
+# Who holds a message an admin holds (elemtactl queue hold, the REST API).
+ADMIN = "admin"
 DELETED = "deleted"
 REQUEUED = "requeued"
 FLUSHED = "due now"
@@ -323,7 +334,7 @@ class Queue:
             for writer in held:
                 # The marker before the record: a crash in between leaves a held message
                 # (reconcile trusts markers), never one delivery could claim.
-                self.store.mark_held(writer.queue_id)
+                self.store.mark_held(writer.queue_id, writer.hold)
             for writer in writers:
                 self.store.install(writer)
                 installed.append(writer)
@@ -331,7 +342,7 @@ class Queue:
                 self._flush({self.store.directory(w.queue_id) for w in writers}
                             | ({self.store.hold_dir} if held else set()))
             records = [QueueRecord(w.envelope, HOLD if w.hold else INCOMING, 0,
-                                   w.envelope.arrival, None)
+                                   w.envelope.arrival, None, hold=w.hold or None)
                        for w in writers]
             indexed = True
             self._index_call(self.index.put_many, records)  # fully synced in fsync mode
@@ -450,7 +461,11 @@ class Queue:
             self.store.unmark_held(queue_id)
         markers -= set(summary.stale_markers)
         held_in_index = set(self.index.iter_state_ids(HOLD))
-        summary.held = self._change(sorted(markers - held_in_index), _hold, HELD)
+        summary.held = self._change(
+            sorted(markers - held_in_index),
+            lambda record: _holder(self.store.read_hold(record.queue_id)
+                                   or Hold("unknown"))(record),
+            HELD)
         summary.released = self._change(sorted(held_in_index - markers),
                                         _releaser(time.time()), RELEASED)
         for queue_id in summary.held:
@@ -501,15 +516,19 @@ class Queue:
 
     # -- admin actions (elemtactl queue ...): files first, then the index
 
-    def hold(self, queue_ids: Iterable[str]) -> Iterator[Tuple[str, str]]:
-        """Put messages on hold. Yields (queue_id, outcome) as each batch is done."""
+    def hold(self, queue_ids: Iterable[str], by: str = ADMIN,
+             reason: str = "") -> Iterator[Tuple[str, str]]:
+        """Put messages on hold, `by` holding them for `reason` (a message already on hold
+        keeps who held it first and why). Yields (queue_id, outcome) as each batch is
+        done."""
+        hold = Hold(by, reason, time.time())
         for batch in _batches(queue_ids):
             found = self._index_call(self.index.get_many, batch)
             present = [qid for qid in batch if qid in found]
             for queue_id in present:
-                self.store.mark_held(queue_id)
+                self.store.mark_held(queue_id, hold)
             self._flush({self.store.hold_dir})
-            outcomes = self._index_call(self.index.update_many, present, _hold)
+            outcomes = self._index_call(self.index.update_many, present, _holder(hold))
             for queue_id in present:
                 if outcomes[queue_id] is None:   # delivered or deleted meanwhile
                     self.store.unmark_held(queue_id)
@@ -528,6 +547,23 @@ class Queue:
             outcomes = self._index_call(self.index.update_many, batch, release)
             self._flush(())
             yield from _report(batch, outcomes)
+
+    def rehold(self, queue_ids: Iterable[str], hold: Hold) -> Iterator[Tuple[str, str]]:
+        """Give held messages a new Hold (who, why): a rescan that still finds something.
+        A message not on hold is left alone. Yields (queue_id, outcome)."""
+        for batch in _batches(queue_ids):
+            found = self._index_call(self.index.get_many, batch)
+            for queue_id, record in found.items():
+                if record.state == HOLD:
+                    self.store.mark_held(queue_id, hold, replace=True)
+            self._flush({self.store.hold_dir})
+            outcomes = self._index_call(self.index.update_many, batch, _reholder(hold))
+            self._flush(())
+            for queue_id in batch:
+                outcome = outcomes.get(queue_id) or NO_SUCH_MESSAGE
+                if outcome.startswith(STILL_HELD):
+                    log.info("%s: %s (admin action)", queue_id, outcome)
+                yield queue_id, outcome
 
     def delete(self, queue_ids: Iterable[str],
                why: Optional[str] = "admin action") -> Iterator[Tuple[str, str]]:
@@ -796,11 +832,26 @@ class Queue:
 
 # -- the index changes behind the admin actions: change(record) -> (outcome, changed)
 
-def _hold(record):
-    if record.state == HOLD:
-        return ALREADY_HELD, False
-    move(record, HOLD)
-    return HELD, True
+def _holder(hold):
+    def hold_it(record):
+        if record.state == HOLD:
+            if record.hold is None:     # held by an Elemta that kept no reason
+                record.hold = hold
+                return ALREADY_HELD, True
+            return ALREADY_HELD, False
+        move(record, HOLD)
+        record.hold = hold
+        return HELD, True
+    return hold_it
+
+
+def _reholder(hold):
+    def rehold(record):
+        if record.state != HOLD:
+            return NOT_HELD, False
+        record.hold = hold
+        return "%s: %s" % (STILL_HELD, hold.describe()), True
+    return rehold
 
 
 def _releaser(now):

@@ -11,9 +11,11 @@ Layout under spool_dir:
     messages/<c>/<qid>     accepted messages; <c> is the qid's last character (random: 32
                            evenly filled directories, as Postfix's hash_queue_depth = 1)
     corrupt/<qid>[.n]      truncated or unreadable files set aside by reconcile, never deleted
-    hold/<qid>             an empty marker: the message is on hold (as Postfix's hold queue,
-                           but the message file stays where it is). The marker, not the index,
-                           is the truth: reconcile and reindex rebuild the hold state from it
+    hold/<qid>             a marker: the message is on hold (as Postfix's hold queue, but
+                           the message file stays where it is). The marker, not the index,
+                           is the truth: reconcile and reindex rebuild the hold state from it.
+                           It holds one line of JSON, who held it and why (model.Hold);
+                           an older Elemta's markers are empty (reason unknown)
 
 A message file is:
 
@@ -39,7 +41,7 @@ import zlib
 from elemta.queue.ids import ALPHABET, is_queue_id
 from elemta.util.eugid import open_nofollow
 from elemta.util.text import printable
-from elemta.queue.model import Envelope, Recipient
+from elemta.queue.model import Envelope, Hold, Recipient
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
 WRITE_BUFFER = 64 * 1024
 READ_BUFFER = 64 * 1024
 TEMP_SUFFIX = ".tmp"
+# A hold marker is one short JSON line; anything longer is not ours (and is not read whole).
+MAX_MARKER = 8192
 
 
 class CorruptSpoolFile(ValueError):
@@ -110,7 +114,7 @@ class SpoolWriter:
         self.size = 0
         self.finished = False
         self.committed = False
-        self.hold = False        # enter the queue on hold (a plugin's quarantine)
+        self.hold = None         # a model.Hold: enter the queue on hold (a quarantine)
         self._file = file
         self._crc = 0
         self._content_offset = None      # where the content starts (set by create)
@@ -429,10 +433,39 @@ class SpoolStore:
             raise ValueError("not a queue id: %r" % (queue_id,))
         return os.path.join(self.hold_dir, queue_id)
 
-    def mark_held(self, queue_id):
-        """Put a message on hold (create its marker; the caller flushes hold_dir)."""
-        os.close(os.open(self.hold_path(queue_id),
-                         os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    def mark_held(self, queue_id, hold=None, replace=False):
+        """Put a message on hold: create its marker holding `hold` (a model.Hold; the
+        caller flushes hold_dir). A marker already there keeps what it says (the first
+        to hold a message gave the reason that matters) unless replace. The reason is
+        not flushed on its own: the index has it too, and a marker left empty by a
+        crash still holds the message."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(self.hold_path(queue_id), flags | (os.O_TRUNC if replace else 0), 0o600)
+        try:
+            if hold is not None and (replace or os.fstat(fd).st_size == 0):
+                os.write(fd, json.dumps(hold.to_dict(), separators=(",", ":")).encode(
+                    "ascii") + b"\n")
+        finally:
+            os.close(fd)
+
+    def read_hold(self, queue_id):
+        """The model.Hold a marker records, or None (no marker, an empty or unreadable
+        one). Read without following a link, at most MAX_MARKER bytes."""
+        try:
+            fd = os.open(self.hold_path(queue_id),
+                         os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            data = os.read(fd, MAX_MARKER)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        try:
+            return Hold.from_dict(json.loads(data.decode("ascii")))
+        except ValueError:
+            return None
 
     def unmark_held(self, queue_id):
         """Take a message off hold. Returns False if it was not on hold."""

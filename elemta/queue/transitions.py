@@ -50,3 +50,5 @@ def move(record, state):
         raise IllegalTransition("queue %s: %s -> %s is not a queue state transition"
                                 % (record.queue_id, record.state, state))
     record.state = state
+    if state != HOLD:
+        record.hold = None     # who held it and why means nothing once it is off hold

@@ -47,7 +47,7 @@ from elemta.plugins.peername import OK as NAME_OK
 from elemta.plugins.peername import PERM as NAME_PERM
 from elemta.plugins.peername import look_up, timed_out
 from elemta.queue.ids import new_queue_id
-from elemta.queue.model import Envelope, Recipient
+from elemta.queue.model import Envelope, Hold, Recipient
 from elemta.queue.queue import log_queued
 from elemta.restrictions.catalogue import CORE_REFUSALS, stage_of_command
 from elemta.restrictions.protocoltests import ProtocolTests
@@ -60,6 +60,9 @@ from elemta.smtpd import authresult, tls
 from elemta.smtpd.received import protocol_name, received_header
 from elemta.util.text import printable
 from elemta.util.threads import in_thread
+
+# Content kept for the plugins is written to the spool file in a thread above this size.
+THREADED_WRITE = 1 << 20
 
 log = logging.getLogger("elemta.smtpd")
 
@@ -548,8 +551,12 @@ class Session:
             if hold is None and verdict is not True and verdict.quarantine:
                 hold = (verdict.quarantine, verdict.quarantined_by, verdict.quarantine_stage)
         # Quarantine: the message enters the queue already on hold, so no delivery worker
-        # can claim it between the commit and a later hold.
-        writer.hold = hold is not None or (checked is not None and checked.hold is not None)
+        # can claim it between the commit and a later hold. The queue keeps who held it
+        # and why, for queue show, the REST API and mailq.
+        if hold is not None:
+            writer.hold = Hold(hold[1], hold[0], time.time())
+        elif checked is not None and checked.hold is not None:
+            writer.hold = Hold(checked.hold, checked.hold_reason, time.time())
         try:
             writer.finish()
             self.server.committer.commit(writer)
@@ -663,7 +670,12 @@ class Session:
     def _write_content(self, content):
         """Write the kept content to the spool file; False once refused for it."""
         try:
-            self.writer.write(content)
+            if len(content) > THREADED_WRITE:
+                # The file write and its CRC release the GIL: a 30 MB message costs the
+                # other sessions nothing while it goes to disk (tests/test_scanning_load).
+                in_thread(self.writer.write, content)
+            else:
+                self.writer.write(content)
         except OSError as exc:
             log.error("%s: queue file write error: %s", self.queue_id, exc)
             self._discard_message()

@@ -11,12 +11,14 @@ when that user exists, so the scanner runs unprivileged as it does in production
 
     with ClamdInstance(workdir, stream_max_length="1M") as clamd:
         clamd.socket_path, clamd.address    # "/.../clamd.sock", "127.0.0.1:PORT"
+        clamd.scans()                       # streams scanned so far, from its log
 
 See also: tests/test_clamav.py, elemta.plugins.clamav.
 """
 
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -69,6 +71,7 @@ class ClamdInstance:
                  "Foreground yes",
                  "LogFile %s" % self.log_path,
                  "LogTime yes",
+                 "LogClean yes",          # a line per scan, clean ones too: scans()
                  "PidFile %s" % os.path.join(self.workdir, "clamd.pid"),
                  "StreamMaxLength %s" % self.stream_max_length,
                  "User %s" % (user.pw_name if user else pwd.getpwuid(os.geteuid()).pw_name)]
@@ -114,6 +117,12 @@ class ClamdInstance:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def scans(self):
+        """How many streams clamd has scanned so far (its log has a line for each:
+        "instream(...): OK" or "...: NAME FOUND")."""
+        return sum(1 for line in self.log().splitlines()
+                   if re.search(r"stream\(.*\): (OK|.+ FOUND)$", line))
 
     def log(self):
         try:
