@@ -270,7 +270,7 @@ def test_a_milter_timeout_applies_default_action_tempfail(elemta_server, port):
         replies = send(server)
     assert replies == [(451, "4.3.0 Temporary local problem, please try again later")]
     # The queue id is known from MAIL on (the milters' {i}), as in Postfix.
-    assert re.search(r"\]: WARNING: [0-9A-Z]+: milter m0 \(%s\) failed at mail: timed out "
+    assert re.search(r"\]: warning: [0-9A-Z]+: milter m0 \(%s\) failed at mail: timed out "
                      r"after 1s waiting for a reply; default_action tempfail: 451 4\.3\.0"
                      % re.escape(milter.address), server.log())
 
