@@ -328,6 +328,11 @@ def _make():
                              ("version",)),
         TLS_FAILURES=counter("elemta_smtpd_tls_handshake_failures",
                              "TLS handshakes that failed or timed out."),
+        TLS_CERTIFICATE_EXPIRY=Gauge(
+            "elemta_tls_certificate_expiry_timestamp_seconds", "When the certificate the "
+            "smtpd workers serve expires (its notAfter), as a Unix time, by certificate "
+            "file (tls.cert_file); the earliest when workers of two reloads serve two.",
+            ("file",), multiprocess_mode="livemin", registry=registry),
         AUTH_ATTEMPTS=counter("elemta_smtpd_auth_attempts",
                               "SMTP AUTH credential checks, by result (success, "
                               "failure, tempfail).",

@@ -4,9 +4,11 @@ for dead children (elemta.metrics.worker_exited) keeps totals exact while scrape
 
 import json
 import os
+import re
 import shutil
 import signal
 import smtplib
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -397,3 +399,58 @@ def test_a_fold_stopped_by_a_damaged_file_counts_nothing_twice(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "cannot fold the counters of pid" in done.stderr
     assert json.loads(done.stdout) == {"key%d" % n: n + 1.0 for n in range(5)}
+
+
+def make_certificate(directory, name, days):
+    """(cert, key, notAfter as a Unix time read by openssl): a self-signed certificate
+    valid for `days` days, as an admin would make it."""
+    cert, key = (os.path.join(directory, name + ".pem"),
+                 os.path.join(directory, name + ".key"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-days", str(days), "-subj", "/CN=mx.test", "-keyout", key,
+                    "-out", cert], check=True, capture_output=True)
+    end = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", cert],
+                         check=True, capture_output=True, text=True).stdout
+    not_after = ssl.cert_time_to_seconds(end.strip().split("=", 1)[1])
+    return cert, key, not_after
+
+
+def certificate_expiries(api_port):
+    samples, _ = scrape(api_port)
+    return {dict(labels)["file"]: v for (name, labels), v in samples.items()
+            if name == "elemta_tls_certificate_expiry_timestamp_seconds"}
+
+
+def test_certificate_expiry_is_what_the_workers_serve_and_follows_a_reload(
+        elemta_server, tmp_path, monkeypatch):
+    old_cert, old_key, old_after = make_certificate(str(tmp_path), "old", 20)
+    new_cert, new_key, new_after = make_certificate(str(tmp_path), "new", 400)
+    server, api_port = start_server(elemta_server, tmp_path, monkeypatch,
+                                    tls={"cert_file": old_cert, "key_file": old_key})
+    assert certificate_expiries(api_port) == {old_cert: old_after}
+
+    # The admin points the config at the renewed certificate and reloads: once the old
+    # workers are gone, only the new certificate is reported.
+    with open(server.config_path) as f:
+        text = f.read()
+    with open(server.config_path, "w") as f:
+        f.write(text.replace(old_cert, new_cert).replace(old_key, new_key))
+    os.kill(server.process.pid, signal.SIGHUP)
+    wait_for(lambda: certificate_expiries(api_port) == {new_cert: new_after}, timeout=20)
+
+
+
+def test_every_metric_is_documented_in_elemta_8():
+    """Each metric name the code defines (a string literal "elemta_...") has its entry in
+    the Metrics section of elemta(8); counters are documented with their _total."""
+    names = set()
+    for directory, _, files in os.walk(os.path.join(REPO, "elemta")):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(directory, name)) as f:
+                    names.update(re.findall(r'"(elemta_[a-z0-9_]+)"', f.read()))
+    with open(os.path.join(REPO, "man", "elemta.8")) as f:
+        documented = set(re.findall(r"^\.It Va (elemta_[a-z0-9_]+)", f.read(), re.M))
+    assert "elemta_queue_messages" in names
+    missing = sorted(n for n in names if not {n, n + "_total"} & documented)
+    assert not missing, "not in elemta(8)'s Metrics section: %s" % missing
