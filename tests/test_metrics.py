@@ -450,7 +450,33 @@ def test_every_metric_is_documented_in_elemta_8():
                 with open(os.path.join(directory, name)) as f:
                     names.update(re.findall(r'"(elemta_[a-z0-9_]+)"', f.read()))
     with open(os.path.join(REPO, "man", "elemta.8")) as f:
-        documented = set(re.findall(r"^\.It Va (elemta_[a-z0-9_]+)", f.read(), re.M))
+        documented = set(re.findall(r"elemta_[a-z0-9_]+", "\n".join(
+            line for line in f if line.startswith(".It Va "))))
     assert "elemta_queue_messages" in names
     missing = sorted(n for n in names if not {n, n + "_total"} & documented)
     assert not missing, "not in elemta(8)'s Metrics section: %s" % missing
+
+
+def test_queue_age_and_spool_space_are_scraped(elemta_server, tmp_path, monkeypatch):
+    server, api_port = start_server(elemta_server, tmp_path, monkeypatch,
+                                    queue={"min_free_space": 12345678})
+    samples, _ = scrape(api_port)
+    assert not [k for k in samples
+                if k[0] == "elemta_queue_oldest_arrival_timestamp_seconds"]  # empty queue
+    for n in range(2):
+        with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+            smtp.sendmail("a@c.test", ["b@example.test"], BODY)
+    first = server.queued_ids()[0]
+    arrival = server.message(first)[0].arrival
+    samples, _ = scrape(api_port)
+    assert value(samples, "elemta_queue_messages", state="incoming") == 2
+    assert value(samples, "elemta_queue_oldest_arrival_timestamp_seconds",
+                 state="incoming") == arrival
+    assert ("elemta_queue_oldest_arrival_timestamp_seconds", (("state", "deferred"),)) \
+        not in samples
+    disk = os.statvfs(server.spool)
+    assert value(samples, "elemta_spool_filesystem_size_bytes") == \
+        disk.f_blocks * disk.f_frsize
+    free = disk.f_bavail * disk.f_frsize
+    assert abs(value(samples, "elemta_spool_filesystem_avail_bytes") - free) < 64 << 20
+    assert value(samples, "elemta_spool_min_free_bytes") == 12345678

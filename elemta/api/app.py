@@ -55,7 +55,7 @@ def create_app(config, access=None) -> falcon.App:
     app.req_options.auto_parse_qs_csv = False
     app.req_options.strip_url_path_trailing_slash = False
     errors.install(app)
-    app.add_route("/metrics", MetricsResource(access))
+    app.add_route("/metrics", MetricsResource(access, config))
     app.add_route(PREFIX + "/health", HealthResource())
     app.add_route(PREFIX + "/openapi.json", OpenAPIResource())
     app.add_route(PREFIX + "/queue", queue_routes.QueueList(access))
