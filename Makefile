@@ -9,8 +9,9 @@ STAMP := $(VENV)/.elemta-installed
 TEST_TIMEOUT ?= 120
 # Debian packages the tests drive as real peers (postfix, swaks with its STARTTLS module,
 # openssl, the policy servers postfwd and policyd-spf with socat to serve the latter,
-# clamav-daemon for the ClamAV plugin) or lint with (mandoc).
-APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd clamav-daemon bsd-mailx dovecot-core dovecot-lmtpd dovecot-imapd postgresql zsh postfwd postfix-policyd-spf-python socat
+# clamav-daemon for the ClamAV plugin) or lint with (mandoc; promtool from prometheus
+# and amtool from prometheus-alertmanager check monitoring/).
+APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd clamav-daemon bsd-mailx dovecot-core dovecot-lmtpd dovecot-imapd postgresql zsh postfwd postfix-policyd-spf-python socat prometheus-alertmanager
 
 .PHONY: run test test-minimum constraints bench chaos fuzz clean system-packages venv lint-deploy
 # Packages before the venv (python3-venv), so never in parallel.
