@@ -1,11 +1,10 @@
-"""/metrics for Prometheus and /api/v1/health: the api process's routes that need no token.
+"""/metrics for Prometheus: the api process's route for it (no token needed).
 
 Owned by the api process. /metrics sums every process's metrics (elemta.metrics
 .scrape_registry) and adds what the api reads at each scrape (elemta.api.collectors: the
-queue by state, the spool's disk space). See also elemta.metrics, elemta.api.app.
+queue by state, the spool's disk space). See also elemta.metrics, elemta.api.app, elemta.api.health (the health routes).
 """
 
-import json
 import logging
 
 import gevent
@@ -38,17 +37,5 @@ class MetricsResource:
         with self._one_scrape_at_a_time:
             resp.data = gevent.get_hub().threadpool.apply(encode, (self.registry,))
         resp.content_type = content_type
-
-    on_head = on_get
-
-
-class HealthResource:
-    """GET /api/v1/health: {"status": "ok"} while the process serves."""
-    public = True
-    _BODY = json.dumps({"status": "ok"}).encode()
-
-    def on_get(self, req, resp):
-        resp.data = self._BODY
-        resp.content_type = "application/json"
 
     on_head = on_get
