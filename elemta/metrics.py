@@ -209,8 +209,19 @@ class _LockedMultiProcessCollector:
     def collect(self):
         from prometheus_client.multiprocess import MultiProcessCollector
         with _scrape_lock(self.path, fcntl.LOCK_SH):
-            files = glob.glob(os.path.join(self.path, "*.db"))
+            # A process starting up (new workers, a reload) creates its file and sizes
+            # it without the lock: a file still shorter than the header holds no value
+            # yet, and reading it would fail the whole scrape.
+            files = [f for f in glob.glob(os.path.join(self.path, "*.db"))
+                     if _size(f) >= _EMPTY_FILE]
             return list(MultiProcessCollector.merge(files, accumulate=True))
+
+
+def _size(path):
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:       # folded away meanwhile
+        return 0
 
 
 # ---- SMTP replies and what they refuse ----------------------------------------------------
@@ -328,6 +339,11 @@ def _make():
                              ("version",)),
         TLS_FAILURES=counter("elemta_smtpd_tls_handshake_failures",
                              "TLS handshakes that failed or timed out."),
+        TLS_CERTIFICATE_EXPIRY=Gauge(
+            "elemta_tls_certificate_expiry_timestamp_seconds", "When the certificate the "
+            "smtpd workers serve expires (its notAfter), as a Unix time, by certificate "
+            "file (tls.cert_file); the earliest when workers of two reloads serve two.",
+            ("file",), multiprocess_mode="livemin", registry=registry),
         AUTH_ATTEMPTS=counter("elemta_smtpd_auth_attempts",
                               "SMTP AUTH credential checks, by result (success, "
                               "failure, tempfail).",

@@ -128,7 +128,9 @@ def assert_refused(server, headers, why):
 
 def assert_public_routes_answer(server):
     status, _, body = call(server, "GET", "/api/v1/health")
-    assert (status, body) == (200, {"status": "ok"})
+    assert (status, body["status"], body["ready"]) == (200, "ok", True)
+    assert call(server, "GET", "/api/v1/health/live")[::2] == (200, {"status": "ok"})
+    assert call(server, "GET", "/api/v1/health/ready")[0] == 200
     status, response, text = call(server, "GET", "/metrics")
     assert status == 200 and b"elemta_queue_messages" in text
 
@@ -495,7 +497,7 @@ def test_schemathesis_finds_no_server_error(elemta_server):
         headers={"Authorization": "Bearer " + TOKEN})
     operations = [result.ok() for result in schema.get_all_operations()]
     # Every route but the document itself (schemathesis leaves out where it read it).
-    assert len(operations) == 12, [o.label for o in operations]
+    assert len(operations) == 14, [o.label for o in operations]
 
     def fuzz(strategy):
         @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,

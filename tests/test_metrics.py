@@ -4,9 +4,11 @@ for dead children (elemta.metrics.worker_exited) keeps totals exact while scrape
 
 import json
 import os
+import re
 import shutil
 import signal
 import smtplib
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -172,7 +174,7 @@ def test_counters_add_up_across_workers_dead_and_alive(elemta_server, tmp_path, 
     base = "http://127.0.0.1:%d" % api_port
     with urllib.request.urlopen(base + "/api/v1/health", timeout=5) as r:
         assert r.headers["Content-Type"] == "application/json"
-        assert json.load(r) == {"status": "ok"}
+        assert json.load(r)["status"] == "ok"
     assert http_status(base + "/nothing-here") == 404
     assert http_status(base + "/metrics", method="POST") == 405
     if shutil.which("promtool"):      # Debian package prometheus (make system-packages)
@@ -397,3 +399,106 @@ def test_a_fold_stopped_by_a_damaged_file_counts_nothing_twice(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "cannot fold the counters of pid" in done.stderr
     assert json.loads(done.stdout) == {"key%d" % n: n + 1.0 for n in range(5)}
+
+
+def make_certificate(directory, name, days):
+    """(cert, key, notAfter as a Unix time read by openssl): a self-signed certificate
+    valid for `days` days, as an admin would make it."""
+    cert, key = (os.path.join(directory, name + ".pem"),
+                 os.path.join(directory, name + ".key"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-days", str(days), "-subj", "/CN=mx.test", "-keyout", key,
+                    "-out", cert], check=True, capture_output=True)
+    end = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", cert],
+                         check=True, capture_output=True, text=True).stdout
+    not_after = ssl.cert_time_to_seconds(end.strip().split("=", 1)[1])
+    return cert, key, not_after
+
+
+def certificate_expiries(api_port):
+    samples, _ = scrape(api_port)
+    return {dict(labels)["file"]: v for (name, labels), v in samples.items()
+            if name == "elemta_tls_certificate_expiry_timestamp_seconds"}
+
+
+def test_certificate_expiry_is_what_the_workers_serve_and_follows_a_reload(
+        elemta_server, tmp_path, monkeypatch):
+    old_cert, old_key, old_after = make_certificate(str(tmp_path), "old", 20)
+    new_cert, new_key, new_after = make_certificate(str(tmp_path), "new", 400)
+    server, api_port = start_server(elemta_server, tmp_path, monkeypatch,
+                                    tls={"cert_file": old_cert, "key_file": old_key})
+    assert certificate_expiries(api_port) == {old_cert: old_after}
+
+    # The admin points the config at the renewed certificate and reloads: once the old
+    # workers are gone, only the new certificate is reported.
+    with open(server.config_path) as f:
+        text = f.read()
+    with open(server.config_path, "w") as f:
+        f.write(text.replace(old_cert, new_cert).replace(old_key, new_key))
+    os.kill(server.process.pid, signal.SIGHUP)
+    wait_for(lambda: certificate_expiries(api_port) == {new_cert: new_after}, timeout=20)
+
+
+
+def metric_names_in_code():
+    """Each metric name the code defines: a string literal "elemta_..." (counters
+    without their _total, as prometheus-client takes them)."""
+    names = set()
+    for directory, _, files in os.walk(os.path.join(REPO, "elemta")):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(directory, name)) as f:
+                    names.update(re.findall(r'"(elemta_[a-z0-9_]+)"', f.read()))
+    return names
+
+
+def test_every_metric_is_documented_in_elemta_8():
+    """Each metric name the code defines has its entry in the Metrics section of
+    elemta(8); counters are documented with their _total."""
+    names = metric_names_in_code()
+    with open(os.path.join(REPO, "man", "elemta.8")) as f:
+        documented = set(re.findall(r"elemta_[a-z0-9_]+", "\n".join(
+            line for line in f if line.startswith(".It Va "))))
+    assert "elemta_queue_messages" in names
+    missing = sorted(n for n in names if not {n, n + "_total"} & documented)
+    assert not missing, "not in elemta(8)'s Metrics section: %s" % missing
+
+
+def test_queue_age_and_spool_space_are_scraped(elemta_server, tmp_path, monkeypatch):
+    server, api_port = start_server(elemta_server, tmp_path, monkeypatch,
+                                    queue={"min_free_space": 12345678})
+    samples, _ = scrape(api_port)
+    assert not [k for k in samples
+                if k[0] == "elemta_queue_oldest_arrival_timestamp_seconds"]  # empty queue
+    for n in range(2):
+        with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+            smtp.sendmail("a@c.test", ["b@example.test"], BODY)
+    first = server.queued_ids()[0]
+    arrival = server.message(first)[0].arrival
+    samples, _ = scrape(api_port)
+    assert value(samples, "elemta_queue_messages", state="incoming") == 2
+    assert value(samples, "elemta_queue_oldest_arrival_timestamp_seconds",
+                 state="incoming") == arrival
+    assert ("elemta_queue_oldest_arrival_timestamp_seconds", (("state", "deferred"),)) \
+        not in samples
+    disk = os.statvfs(server.spool)
+    assert value(samples, "elemta_spool_filesystem_size_bytes") == \
+        disk.f_blocks * disk.f_frsize
+    free = disk.f_bavail * disk.f_frsize
+    assert abs(value(samples, "elemta_spool_filesystem_avail_bytes") - free) < 64 << 20
+    assert value(samples, "elemta_spool_min_free_bytes") == 12345678
+
+
+def test_a_scrape_passes_over_a_metric_file_being_created(tmp_path):
+    """A worker starting (a reload) creates its file, then sizes it, without the scrape
+    lock: a scrape in between sees an empty file and must still answer."""
+    script = ("import sys; from elemta import metrics; metrics.setup(sys.argv[1]); "
+              "metrics.MESSAGES_ACCEPTED.inc(3)")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True,
+                   env=dict(os.environ, PYTHONPATH=REPO))
+    (tmp_path / "counter_4242.db").write_bytes(b"")       # a worker's, just created
+    (tmp_path / "gauge_livesum_4242.db").write_bytes(b"\0\0")
+    from prometheus_client import generate_latest
+    from elemta.metrics import scrape_registry
+    text = generate_latest(scrape_registry(str(tmp_path))).decode()
+    assert "elemta_smtpd_messages_accepted_total 3.0" in text

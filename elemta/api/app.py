@@ -1,10 +1,12 @@
 """The api process's WSGI application: Falcon routes for the REST API and /metrics.
 
 Owned by the api process (elemta.api.server serves it with gevent.pywsgi). Every route
-needs the bearer token (elemta.api.auth) but /metrics and /api/v1/health. Routes:
+needs the bearer token (elemta.api.auth) but /metrics and /api/v1/health*. Routes:
 
     GET    /metrics                         Prometheus (no token)
-    GET    /api/v1/health                   {"status": "ok"} (no token)
+    GET    /api/v1/health                   what runs, the queue, the disk (no token)
+    GET    /api/v1/health/live              200 while the api answers (no token)
+    GET    /api/v1/health/ready             200 when mail can come in, else 503 (no token)
     GET    /api/v1/openapi.json             the OpenAPI document (token needed)
     GET    /api/v1/queue                    list, with filters and a cursor
     POST   /api/v1/queue/flush              flush deferred mail (filters narrow it)
@@ -20,12 +22,14 @@ See also elemta.api.auth, elemta.api.errors, elemta.api.queue_routes, elemta.api
 """
 
 import json
+import os
 
 import falcon
 
 from elemta.api import errors, openapi, queue_routes
 from elemta.api.auth import RequireBearer, load_token, warn_if_exposed
-from elemta.api.monitoring import HealthResource, MetricsResource
+from elemta.api.health import HealthResource, LiveResource, ReadyResource
+from elemta.api.monitoring import MetricsResource
 from elemta.api.queue_access import QueueAccess
 
 PREFIX = "/api/v1"
@@ -46,8 +50,9 @@ class OpenAPIResource:
     on_head = on_get
 
 
-def create_app(config, access=None) -> falcon.App:
-    """The WSGI application for config. access: the QueueAccess to share (default: new)."""
+def create_app(config, access=None, master_pid=None) -> falcon.App:
+    """The WSGI application for config. access: the QueueAccess to share (default: new);
+    master_pid: the master whose children health reports (default: our parent)."""
     access = access or QueueAccess(config.queue)
     warn_if_exposed(config)
     app = falcon.App(middleware=[RequireBearer(load_token(config.api))])
@@ -56,8 +61,11 @@ def create_app(config, access=None) -> falcon.App:
     app.req_options.auto_parse_qs_csv = False
     app.req_options.strip_url_path_trailing_slash = False
     errors.install(app)
-    app.add_route("/metrics", MetricsResource(access))
-    app.add_route(PREFIX + "/health", HealthResource())
+    app.add_route("/metrics", MetricsResource(access, config))
+    master_pid = master_pid or os.getppid()
+    app.add_route(PREFIX + "/health", HealthResource(config, access, master_pid))
+    app.add_route(PREFIX + "/health/live", LiveResource())
+    app.add_route(PREFIX + "/health/ready", ReadyResource(config, access, master_pid))
     app.add_route(PREFIX + "/openapi.json", OpenAPIResource())
     app.add_route(PREFIX + "/queue", queue_routes.QueueList(access))
     app.add_route(PREFIX + "/queue/flush", queue_routes.FlushAll(access))

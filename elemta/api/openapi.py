@@ -231,8 +231,49 @@ SCHEMAS = {
                                                         "-> all, then per age bucket.",
                         "additionalProperties": {"type": "array",
                                                  "items": {"type": "integer"}}}}},
-    "Health": {"type": "object", "required": ["status"],
-               "properties": {"status": {"type": "string", "enum": ["ok"]}}},
+    "Live": {"type": "object", "required": ["status"],
+             "properties": {"status": {"type": "string", "enum": ["ok"]}}},
+    "Health": {
+        "type": "object",
+        "required": ["status", "ready", "problems", "children", "queue", "spool"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "ready", "not ready"],
+                       "description": "health: ok while the api serves; ready: ready "
+                                      "or not ready."},
+            "ready": {"type": "boolean",
+                      "description": "Whether /api/v1/health/ready says 200."},
+            "problems": {"type": "array", "items": {"type": "string"},
+                         "description": "What keeps mail from coming in; empty when "
+                                        "ready."},
+            "children": {"type": "object", "description": "Per kind of child (smtpd, "
+                                                         "api, delivery, pickup, local, "
+                                                         "showq): processes running and "
+                                                         "how many the configuration "
+                                                         "asks for.",
+                         "additionalProperties": {
+                             "type": "object", "required": ["up", "expected"],
+                             "properties": {"up": {"type": "integer"},
+                                            "expected": {"type": "integer"}}}},
+            "queue": {"type": "object", "nullable": True,
+                      "description": "Null when the queue index cannot be read.",
+                      "required": ["messages", "by_state", "oldest_age_seconds"],
+                      "properties": {
+                          "messages": {"type": "integer"},
+                          "by_state": {"type": "object",
+                                       "additionalProperties": {"type": "integer"}},
+                          "oldest_age_seconds": {
+                              "type": "object", "description": "Per state with "
+                                                               "messages: the age of its "
+                                                               "oldest.",
+                              "additionalProperties": {"type": "integer"}}}},
+            "spool": {"type": "object", "nullable": True,
+                      "description": "The spool's file system; null when it cannot be "
+                                     "read. At or below min_free_bytes free, new mail is "
+                                     "refused (queue.min_free_space).",
+                      "required": ["available_bytes", "size_bytes", "min_free_bytes"],
+                      "properties": {"available_bytes": {"type": "integer"},
+                                     "size_bytes": {"type": "integer"},
+                                     "min_free_bytes": {"type": "integer"}}}}},
 }
 
 DOCUMENT = {
@@ -317,8 +358,21 @@ DOCUMENT = {
             "responses": _responses(_json("The counts.", "Stats"))}},
         "/api/v1/health": {"get": {
             "operationId": "health", "tags": ["service"], "security": [],
-            "summary": "Whether the api process serves (no token needed).",
+            "summary": "What runs, the queue and the spool's disk (no token needed).",
+            "description": "200 whenever the api process serves; `ready` says what "
+                           "/api/v1/health/ready would.",
             "responses": {"200": _json("It serves.", "Health")}}},
+        "/api/v1/health/live": {"get": {
+            "operationId": "healthLive", "tags": ["service"], "security": [],
+            "summary": "Liveness: the api process answers (no token needed).",
+            "responses": {"200": _json("It answers.", "Live")}}},
+        "/api/v1/health/ready": {"get": {
+            "operationId": "healthReady", "tags": ["service"], "security": [],
+            "summary": "Readiness: mail can come in (no token needed).",
+            "description": "Ready when an smtpd worker runs, the queue index can be read "
+                           "and the spool's disk has more free than it keeps back.",
+            "responses": {"200": _json("Ready.", "Health"),
+                          "503": _json("Not ready; `problems` says why.", "Health")}}},
         "/api/v1/openapi.json": {"get": {
             "operationId": "openapi", "tags": ["service"],
             "summary": "This document.",

@@ -648,5 +648,19 @@ class QueueIndex:
                 counts[state] = n
         return counts
 
+    def oldest_arrival_by_state(self):
+        """{state: arrival time of its oldest message} for the states present: the first
+        by_state entry of each state, ids sorting by arrival (one key per state read,
+        whatever the queue's size)."""
+        self._check_process()
+        oldest = {}
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.by_state)
+            for state in STATES:
+                prefix = state.encode("ascii") + _STATE_SEP
+                if cursor.set_range(prefix) and cursor.key().startswith(prefix):
+                    oldest[state] = decode_brief(cursor.key(), cursor.value()).arrival
+        return oldest
+
     def close(self):
         self.env.close()

@@ -801,6 +801,11 @@ class Queue:
         """{state: number of messages} for the states that have any."""
         return self.index.count_by_state()
 
+    def oldest_arrival_by_state(self) -> Dict[str, float]:
+        """{state: arrival (time.time()) of its oldest message} for the states that have
+        any."""
+        return self.index.oldest_arrival_by_state()
+
     def next_due_time(self) -> Optional[float]:
         """When (time.time()) the soonest incoming or deferred message is due, or None if
         none waits."""

@@ -28,6 +28,19 @@ def free_bytes(path):
     return stats.f_bavail * stats.f_frsize
 
 
+def reserve_bytes(min_free_space: Optional[int], message_size: int) -> int:
+    """Free bytes below which new mail is refused (see RoomCheck)."""
+    if min_free_space is None:
+        return int(SIZE_FACTOR * message_size)
+    return min_free_space
+
+
+def file_system_bytes(path):
+    """(available to an unprivileged writer, total size) of path's file system."""
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize, stats.f_blocks * stats.f_frsize
+
+
 class RoomCheck:
     """Whether a new message may come in (one per process; cheap enough for every MAIL).
 
@@ -36,12 +49,9 @@ class RoomCheck:
 
     def __init__(self, queue, min_free_space: Optional[int], message_size: int):
         self.queue = queue
-        if min_free_space is None:
-            self.reserve = int(SIZE_FACTOR * message_size)
-            self._rule = "1.5 times limits.message_size"
-        else:
-            self.reserve = min_free_space
-            self._rule = "queue.min_free_space"
+        self.reserve = reserve_bytes(min_free_space, message_size)
+        self._rule = ("1.5 times limits.message_size" if min_free_space is None
+                      else "queue.min_free_space")
 
     def shortage(self, declared_size: Optional[int] = None) -> Optional[str]:
         """None when there is room for a message (of declared_size bytes, the SIZE=

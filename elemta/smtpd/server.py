@@ -32,7 +32,7 @@ from elemta.smtpd.committer import GroupCommitter
 from elemta.smtpd.policy import RelayPolicy
 from elemta.smtpd.senderlogin import SenderLogins
 from elemta.smtpd.session import Session
-from elemta.smtpd.tls import server_context
+from elemta.smtpd.tls import certificate_expiry, server_context
 
 log = logging.getLogger("elemta.smtpd")
 
@@ -51,6 +51,14 @@ def protocol_settings(config, listener, tls_ready, auth_ready):
         auth_available=auth_ready, auth_plaintext=config.auth.allow_plaintext,
         auth_required=listener.mode in ("submission", "smtps"),
         pipelining_test=config.protocol_tests.pipelining_enable and listener.mode == "smtp")
+
+
+def _export_certificate_expiry(cert_file):
+    """Set elemta_tls_certificate_expiry_timestamp_seconds for the certificate this
+    worker serves; it goes with the worker (a live gauge), so a reload updates it."""
+    expiry = certificate_expiry(cert_file)
+    if expiry is not None:
+        metrics.TLS_CERTIFICATE_EXPIRY.labels(cert_file).set(expiry)
 
 
 class SMTPServer:
@@ -72,6 +80,8 @@ class SMTPServer:
         self.authenticator = (Authenticator(config.auth) if auth_configured(config.auth)
                               else None)
         self.tls_context = server_context(config.tls)
+        if self.tls_context is not None:
+            _export_certificate_expiry(config.tls.cert_file)
         # Plugins and their DNS, once per worker (after fork); closed by stop().
         dns = config.dns
         self.resolver = Resolver(nameservers=list(dns.nameservers) or None, port=dns.port,

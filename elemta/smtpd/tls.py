@@ -30,6 +30,27 @@ def server_context(tls_config):
     return context
 
 
+def certificate_expiry(cert_file):
+    """When the first certificate in cert_file (the server's own; the chain follows it)
+    expires, as a Unix time; None if it cannot be read (logged: the metric is missing,
+    never the worker). cryptography parses it: the ssl module cannot say what a context
+    serves."""
+    from cryptography import x509
+    try:
+        with open(cert_file, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as exc:
+        log.warning("tls.cert_file %s: cannot read its expiry time: %s",
+                    cert_file, getattr(exc, "strerror", None) or exc)
+        return None
+    # not_valid_after_utc is cryptography >= 42; the older not_valid_after is naive UTC.
+    after = getattr(cert, "not_valid_after_utc", None)
+    if after is None:
+        import calendar
+        return float(calendar.timegm(cert.not_valid_after.utctimetuple()))
+    return after.timestamp()
+
+
 def describe(sslsock):
     """A short text for the Received header and logs: version, cipher, bits."""
     cipher = sslsock.cipher()

@@ -1,0 +1,129 @@
+"""/api/v1/health, /api/v1/health/live and /api/v1/health/ready: what a monitor, a load
+balancer or Kubernetes asks of a running Elemta (no token needed).
+
+Owned by the api process. live: this process answers, nothing read. ready: mail can come
+in: an smtpd worker runs, the queue index can be read, and the spool's disk has more
+free than the reserve (else MAIL FROM gets 452): 200, or 503 with the problems named.
+health: always 200 while the api serves (its old promise, "status": "ok"), with the
+same facts: which children run, the queue by state and its oldest messages, the disk.
+
+Which children run is read as `elemtactl status` reads it: the master's children in
+/proc by process title (elemta: smtpd ...); how many of each the configuration asks
+for, from the service table (elemta.services). See also elemta.api.spool_status.
+"""
+
+import json
+import time
+
+import falcon
+import gevent
+
+from elemta.api.spool_status import queue_figures, spool_space
+from elemta.util.procs import children
+
+TITLE_PREFIX = "elemta: "
+
+
+def children_up(master_pid, config):
+    """{kind: {"up": processes running now, "expected": what the configuration asks
+    for}} for every kind of child; up counts a retiring child beside its successor."""
+    from elemta.services import SERVICES
+    running = {}
+    for title in children(master_pid).values():
+        if title.startswith(TITLE_PREFIX):
+            kind = title[len(TITLE_PREFIX):]
+            running[kind] = running.get(kind, 0) + 1
+    return {service.kind: {"up": running.get(service.kind, 0),
+                           "expected": service.count(config)}
+            for service in SERVICES}
+
+
+def examine(config, access, master_pid):
+    """(facts, problems): the health document's members and, for readiness, what keeps
+    mail from coming in (empty: ready). Blocks (the index, statvfs, /proc): run it in
+    the thread pool."""
+    problems = []
+    kids = children_up(master_pid, config)
+    if not kids["smtpd"]["up"]:
+        problems.append("no smtpd worker is running")
+    facts = {"children": kids}
+    try:
+        figures = queue_figures(access)
+    except Exception as exc:             # QueueUnavailable: says what and why
+        problems.append(str(exc))
+        facts["queue"] = None
+    else:
+        now = time.time()
+        facts["queue"] = {
+            "messages": sum(figures.counts.values()),
+            "by_state": figures.counts,
+            "oldest_age_seconds": {state: max(0, round(now - arrival))
+                                   for state, arrival in figures.oldest.items()}}
+    try:
+        space = spool_space(config)
+    except OSError as exc:
+        problems.append("cannot tell the spool's free space: %s" % (exc.strerror or exc))
+        facts["spool"] = None
+    else:
+        facts["spool"] = {"available_bytes": space.available, "size_bytes": space.size,
+                          "min_free_bytes": space.reserve}
+        if space.refusing:
+            problems.append("the spool's file system has %d bytes free, no more than the "
+                            "%d it keeps back: new mail is refused" % (
+                                space.available, space.reserve))
+    return facts, problems
+
+
+def _answer(resp, status, document):
+    resp.status = status
+    resp.data = json.dumps(document).encode()
+    resp.content_type = falcon.MEDIA_JSON
+
+
+class _Examining:
+    public = True
+
+    def __init__(self, config, access, master_pid):
+        self.config, self.access, self.master_pid = config, access, master_pid
+
+    def examine(self):
+        return gevent.get_hub().threadpool.apply(
+            examine, (self.config, self.access, self.master_pid))
+
+
+class HealthResource(_Examining):
+    """GET /api/v1/health: 200 while the api serves, with what it sees."""
+
+    def on_get(self, req, resp):
+        facts, problems = self.examine()
+        _answer(resp, falcon.HTTP_200,
+                dict(status="ok", ready=not problems, problems=problems, **facts))
+
+    on_head = on_get
+
+
+class ReadyResource(_Examining):
+    """GET /api/v1/health/ready: 200 when mail can come in, else 503 saying why."""
+
+    def on_get(self, req, resp):
+        facts, problems = self.examine()
+        if problems:
+            _answer(resp, falcon.HTTP_503, dict(status="not ready", ready=False,
+                                                problems=problems, **facts))
+        else:
+            _answer(resp, falcon.HTTP_200, dict(status="ready", ready=True, problems=[],
+                                                **facts))
+
+    on_head = on_get
+
+
+class LiveResource:
+    """GET /api/v1/health/live: 200 while this process answers; reads nothing."""
+    public = True
+    _BODY = json.dumps({"status": "ok"}).encode()
+
+    def on_get(self, req, resp):
+        resp.data = self._BODY
+        resp.content_type = falcon.MEDIA_JSON
+
+    on_head = on_get
