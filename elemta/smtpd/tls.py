@@ -4,7 +4,11 @@ Owned by the smtpd worker; built once per process: certificates are read when a 
 starts, so a reload (SIGHUP), whose new workers start afresh, reads them again.
 """
 
+import logging
+
 from gevent import ssl
+
+log = logging.getLogger("elemta.smtpd")
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
