@@ -502,3 +502,18 @@ def test_a_scrape_passes_over_a_metric_file_being_created(tmp_path):
     from elemta.metrics import scrape_registry
     text = generate_latest(scrape_registry(str(tmp_path))).decode()
     assert "elemta_smtpd_messages_accepted_total 3.0" in text
+
+
+def test_an_unreadable_certificate_costs_the_metric_not_the_worker(tmp_path, caplog):
+    """certificate_expiry runs after the context loaded the file, but the file may go
+    or be no certificate by then: a warning naming it, no value, no exception."""
+    from elemta.smtpd.tls import certificate_expiry
+    missing = str(tmp_path / "gone.pem")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n"
+                       "-----END CERTIFICATE-----\n")
+    with caplog.at_level("WARNING", logger="elemta.smtpd"):
+        assert certificate_expiry(missing) is None
+        assert certificate_expiry(str(garbage)) is None
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == \
+        ["tls.cert_file %s" % missing, "tls.cert_file %s" % garbage]

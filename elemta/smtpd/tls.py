@@ -1,7 +1,9 @@
 """The server-side TLS context for STARTTLS and smtps, from the tls config section.
 
 Owned by the smtpd worker; built once per process: certificates are read when a worker
-starts, so a reload (SIGHUP), whose new workers start afresh, reads them again.
+starts, so a reload (SIGHUP), whose new workers start afresh, reads them again; so does
+elemta_tls_certificate_expiry_timestamp_seconds (certificate_expiry), which therefore
+tells what the workers serve, not what lies on disk.
 """
 
 import logging
