@@ -75,7 +75,7 @@ def test_every_alert_has_a_unit_test_where_it_fires():
             "ElemtaDeliveryFailureRatioHigh", "ElemtaNoMailAccepted",
             "ElemtaWorkerCrashLooping", "ElemtaCertificateExpiringSoon",
             "ElemtaCertificateExpired", "ElemtaSpoolSpaceLow",
-            "ElemtaScannerDown"} <= set(alert_names())
+            "ElemtaScannerDown", "ElemtaMilterDown"} <= set(alert_names())
 
 
 def test_the_rules_use_only_metrics_elemta_exports():
