@@ -123,7 +123,11 @@ lint-deploy: $(LINT_STAMP) $(STAMP)
 	$(LINT_VENV)/bin/kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
 	$(LINT_VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/compose.yaml
 	@# promtool comes with Debian's prometheus, one of make test's APT_PACKAGES.
-	@if command -v promtool >/dev/null; then promtool check config deploy/compose/prometheus.yml; \
+	@# Its rule file is where compose mounts it: check a copy pointing at monitoring/.
+	@if command -v promtool >/dev/null; then \
+	  sed 's#/etc/prometheus/rules/#$(CURDIR)/monitoring/prometheus/#' deploy/compose/prometheus.yml \
+	    > $(CURDIR)/.lint-prometheus.yml && promtool check config $(CURDIR)/.lint-prometheus.yml; \
+	  status=$$?; rm -f $(CURDIR)/.lint-prometheus.yml; exit $$status; \
 	else echo "make: no promtool (apt-get install prometheus): deploy/compose/prometheus.yml not checked"; fi
 	$(VENV)/bin/elemta --config deploy/docker/elemta.yaml --check-config
 	$(VENV)/bin/python -m pytest -q --timeout=$(TEST_TIMEOUT) tests/test_container.py
