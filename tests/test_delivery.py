@@ -117,7 +117,7 @@ def queue_id_of(server, sender):
 
 
 def delivery_lines(server, queue_id):
-    return re.findall(r"%s: to=<([^>]*)>, relay=(\S+), delay=([\d.e+-]+), "
+    return re.findall(r"%s: to=<([^>]*)>, relay=(\S+), delay=([\d.e+-]+), dsn=\S+, "
                       r"status=(\w+) \((.*)\)" % queue_id, server.log())
 
 
