@@ -24,6 +24,8 @@ import socket
 import subprocess
 import time
 
+from tests.peers.process import stop_process
+
 CLAMD = "/usr/sbin/clamd"
 EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*")
 SIGNATURE = "Eicar-Test-Signature"
@@ -109,14 +111,7 @@ class ClamdInstance:
             return False
 
     def stop(self):
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
     def scans(self):
         """How many streams clamd has scanned so far (its log has a line for each:

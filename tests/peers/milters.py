@@ -17,6 +17,8 @@ import socket
 import subprocess
 import time
 
+from tests.peers.process import stop_process
+
 OPENDKIM = "/usr/sbin/opendkim"
 CLAMAV_MILTER = "/usr/sbin/clamav-milter"
 
@@ -58,14 +60,7 @@ class _Daemon:
             return False
 
     def stop(self):
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
     def log(self):
         try:

@@ -19,6 +19,8 @@ import time
 import urllib.parse
 import urllib.request
 
+from tests.peers.process import stop_process
+
 PROMETHEUS = "/usr/bin/prometheus"
 
 
@@ -84,13 +86,7 @@ class PrometheusInstance:
             return f.read().decode("utf-8", "replace")[-3000:]
 
     def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         if self.process is not None:
             self.log.close()
 

@@ -23,6 +23,8 @@ import socket
 import subprocess
 import time
 
+from tests.peers.process import stop_process
+
 RSPAMD, RSPAMC = "/usr/bin/rspamd", "/usr/bin/rspamc"
 # The public suffixes this Rspamd knows (in place of the 9,600 of the real list).
 TLDS = ("test", "example", "invalid", "localhost", "com", "net", "org")
@@ -100,14 +102,7 @@ class RspamdInstance:
                 time.sleep(0.2)
 
     def stop(self):
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
     def __enter__(self):
         return self.start()
