@@ -41,7 +41,7 @@ $(MIN_STAMP): setup.cfg setup.py constraints/minimum.txt | $(MIN_VENV)/bin/pytho
 	touch $@
 
 test-minimum: system-packages $(MIN_STAMP)
-	$(MIN_VENV)/bin/python -m pytest -q --timeout=$(TEST_TIMEOUT) tests
+	$(MIN_VENV)/bin/python -m pytest -q --durations=30 --timeout=$(TEST_TIMEOUT) tests
 
 # Move the shipped versions: resolve setup.cfg's ranges afresh in a scratch venv (runtime
 # dependencies only, no test tools) and write them to constraints/tested.txt. Then
@@ -65,7 +65,7 @@ run: $(STAMP)
 	exec $(VENV)/bin/elemta
 
 test: system-packages $(STAMP)
-	$(VENV)/bin/python -m pytest -q --timeout=$(TEST_TIMEOUT) tests
+	$(VENV)/bin/python -m pytest -q --durations=30 --timeout=$(TEST_TIMEOUT) tests
 
 bench: $(STAMP)
 	$(VENV)/bin/python tests/bench/bench_accept.py

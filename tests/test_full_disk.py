@@ -236,9 +236,13 @@ def test_a_full_spool_under_load_refuses_with_452_and_keeps_every_250(small_fs, 
         sum(1 for r in senders.refused if r[0] == "MAIL"),
         sum(1 for r in senders.refused if r[0] == "DATA")))
     assert_clean(server, senders, workers)
-    assert "bytes free in the spool's file system, queue.min_free_space keeps %d" \
-        % min_free_space in server.log()
-    if not min_free_space:
+    if min_free_space:
+        assert "bytes free in the spool's file system, queue.min_free_space keeps %d" \
+            % min_free_space in server.log()
+    else:
+        # No reserve: MAIL refuses only while not one byte is free, a moment a session
+        # may or may not meet (a refused message's pages are freed at once); the end of
+        # DATA always does.
         assert any(stage == "DATA" for stage, _, _ in senders.refused)
         assert "No space left on device" in server.log()
     assert_in_queue(server, senders.accepted)
@@ -346,7 +350,13 @@ def test_a_full_queue_index_refuses_with_452_and_recovers_as_mail_leaves(tmp_pat
         time.sleep(1.0)
         accepted_while_full = len(senders.accepted_since(refusing))
         start_sink()                   # the next hop is back: the queue drains
-        wait_for_250_after(senders, time.monotonic(), count=50, timeout=60)
+        try:
+            wait_for_250_after(senders, time.monotonic(), count=50, timeout=120)
+        except AssertionError:
+            # Seen once, in a full run on a loaded machine, not since: say where it stood.
+            raise AssertionError("mail never flowed again: %d delivered, %d queued; log:\n%s"
+                                 % (len(delivered(directory)), len(server.queued_ids()),
+                                    server.log()[-6000:])) from None
     print("\naccepted %d (%d while full), refused %d" % (
         len(senders.accepted), accepted_while_full, len(senders.refused)))
     assert "queue index" in server.log() and "bytes are kept for delivery" in server.log()
