@@ -12,13 +12,13 @@ See also: elemta/plugins/clamav.py, elemta/plugins/scanner.py.
 import re
 import smtplib
 import socket
-import tempfile
 import time
 
 import pytest
 
 from tests.harness import free_port, wait_for
-from tests.peers.clamd import EICAR, SIGNATURE, ClamdInstance, ClamdError, clamd_available
+from tests.peers.clamd import EICAR, SIGNATURE, clamd_available, private_clamd
+from tests.scanning import message, queue_id_of, send
 
 pytestmark = pytest.mark.skipif(clamd_available() is not None,
                                 reason=str(clamd_available()))
@@ -28,37 +28,8 @@ FOUND = SIGNATURE + ".UNOFFICIAL"       # clamd's name for a signature of our ow
 
 @pytest.fixture(scope="module")
 def clamd():
-    instance = ClamdInstance(tempfile.mkdtemp(prefix="elemta-clamd-"), free_port(),
-                             stream_max_length="2M")
-    try:
-        instance.start()
-    except ClamdError as error:
-        pytest.fail(str(error))
-    yield instance
-    instance.stop()
-    instance.remove()
-
-
-def message(body, subject="scan me"):
-    return (b"From: <a@sender.test>\r\nTo: <b@example.test>\r\nSubject: %s\r\n"
-            b"Message-ID: <%d@sender.test>\r\n\r\n%s\r\n"
-            % (subject.encode(), time.time_ns(), body))
-
-
-def send(server, raw, recipients=("b@example.test",)):
-    """The reply to the end of DATA, (code, text)."""
-    with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
-        smtp.ehlo("client.test")
-        assert smtp.mail("a@sender.test")[0] == 250
-        for rcpt in recipients:
-            assert smtp.rcpt(rcpt)[0] == 250
-        code, text = smtp.data(raw)
-        return code, text.decode()
-
-
-def queue_id_of(reply):
-    assert reply[0] == 250, reply
-    return reply[1].rsplit(" ", 1)[1]
+    with private_clamd(stream_max_length="2M") as instance:
+        yield instance
 
 
 def server_with(elemta_server, **clamav):
@@ -178,9 +149,7 @@ def test_a_hung_clamd_times_out_and_delays_only_its_own_session(elemta_server):
 
 
 def test_a_large_message_is_scanned_whole(elemta_server):
-    big = ClamdInstance(tempfile.mkdtemp(prefix="elemta-clamd-"), free_port(),
-                        stream_max_length="40M")
-    with big:
+    with private_clamd(stream_max_length="40M") as big:
         server = server_with(elemta_server, address=big.socket_path, max_size=30 << 20)
         # 24 MB of lines with the virus at the very end: found only if all was sent.
         body = (b"x" * 998 + b"\r\n") * (24 << 10) + EICAR

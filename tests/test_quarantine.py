@@ -14,19 +14,17 @@ tests/test_clamav.py.
 import json
 import os
 import re
-import smtplib
 import subprocess
 import sys
-import tempfile
 import threading
-import time
 
 import pytest
 from ruamel.yaml import YAML
 
-from tests.harness import REPO, free_port, wait_for
-from tests.peers.clamd import EICAR, SIGNATURE, ClamdError, ClamdInstance, clamd_available
+from tests.harness import REPO, wait_for
+from tests.peers.clamd import EICAR, SIGNATURE, clamd_available, private_clamd
 from tests.peers.sink import ScriptedServer
+from tests.scanning import message, queue_id_of, send
 from tests.test_api_rest import AUTH, TOKEN, call, wait_for_api
 
 pytestmark = pytest.mark.skipif(clamd_available() is not None,
@@ -38,14 +36,8 @@ VIRUS_REASON = "virus found: " + FOUND
 
 @pytest.fixture(scope="module")
 def clamd():
-    instance = ClamdInstance(tempfile.mkdtemp(prefix="elemta-clamd-"), free_port())
-    try:
-        instance.start()
-    except ClamdError as error:
-        pytest.fail(str(error))
-    yield instance
-    instance.stop()
-    instance.remove()
+    with private_clamd() as instance:
+        yield instance
 
 
 @pytest.fixture
@@ -74,22 +66,9 @@ def start(elemta_server, clamd, sink, **clamav):
     return server
 
 
-def message(body, subject="scan me"):
-    return (b"From: <a@sender.test>\r\nTo: <b@remote.test>\r\nSubject: %s\r\n"
-            b"Message-ID: <%d@sender.test>\r\n\r\n%s\r\n"
-            % (subject.encode(), time.time_ns(), body))
-
-
-def send(server, raw, recipients=("b@remote.test",)):
-    """The queue id of the accepted message."""
-    with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
-        smtp.ehlo("client.test")
-        assert smtp.mail("a@sender.test")[0] == 250
-        for rcpt in recipients:
-            assert smtp.rcpt(rcpt)[0] == 250
-        code, text = smtp.data(raw)
-    assert code == 250, (code, text)
-    return text.decode().rsplit(" ", 1)[1]
+def queued(server, body):
+    """The queue id of a message for b@remote.test that was accepted."""
+    return queue_id_of(send(server, message(body, to="b@remote.test"), ("b@remote.test",)))
 
 
 def elemtactl(server, *args, config=None):
@@ -117,7 +96,7 @@ def delivered(sink, queue_id):
 def test_a_quarantined_message_says_who_held_it_and_why_everywhere(elemta_server, clamd,
                                                                    sink):
     server = start(elemta_server, clamd, sink)
-    queue_id = send(server, message(EICAR))
+    queue_id = queued(server, EICAR)
     assert state(server, queue_id) == "hold"
 
     shown = elemtactl(server, "show", queue_id)
@@ -145,7 +124,7 @@ def test_a_quarantined_message_says_who_held_it_and_why_everywhere(elemta_server
 
 def test_release_sends_the_message_on_without_scanning_it_again(elemta_server, clamd, sink):
     server = start(elemta_server, clamd, sink)
-    queue_id = send(server, message(EICAR))
+    queue_id = queued(server, EICAR)
     scans = clamd.scans()
     status, _, body = call(server, "POST", "/api/v1/queue/%s/release" % queue_id, AUTH)
     assert (status, body) == (200, {"queue_id": queue_id, "outcome": "released from hold",
@@ -160,9 +139,9 @@ def test_release_sends_the_message_on_without_scanning_it_again(elemta_server, c
 def test_release_rescan_keeps_what_is_still_found_and_releases_what_is_clean(
         elemta_server, clamd, sink):
     server = start(elemta_server, clamd, sink)
-    virus = send(server, message(EICAR))
+    virus = queued(server, EICAR)
     sink.accepting.clear()                        # the clean one waits in the queue...
-    clean = send(server, message(b"Nothing to see here."))
+    clean = queued(server, b"Nothing to see here.")
     wait_for(lambda: "%s: to=<b@remote.test>," % clean in server.log(), timeout=30)
     held = elemtactl(server, "hold", "--reason", "checking", clean)   # ...and is held
     sink.accepting.set()
@@ -222,7 +201,7 @@ def test_a_rescan_that_would_reject_keeps_the_message_held_saying_so(elemta_serv
 def test_a_rescan_with_the_scanner_down_leaves_the_message_as_it_was(elemta_server, clamd,
                                                                      sink, tmp_path):
     server = start(elemta_server, clamd, sink)
-    queue_id = send(server, message(EICAR))
+    queue_id = queued(server, EICAR)
     yaml = YAML()
     with open(server.config_path) as f:
         config = yaml.load(f)

@@ -21,6 +21,7 @@ import pytest
 from tests.harness import free_port, wait_for
 from tests.peers.nsd import NSDInstance, nsd_available
 from tests.peers.rspamd import RspamdError, RspamdInstance, rspamd_available
+from tests.scanning import queue_id_of, send
 
 pytestmark = [
     pytest.mark.skipif(rspamd_available() is not None, reason=str(rspamd_available())),
@@ -78,22 +79,6 @@ def message(subject, body=b"Shall we meet at noon?", extra=b""):
     return (b"From: <a@sender.test>\r\nTo: <b@example.test>\r\nSubject: %s\r\n"
             b"Message-ID: <%d@sender.test>\r\n%s\r\n%s\r\n"
             % (subject.encode(), time.time_ns(), extra, body))
-
-
-def send(server, raw, recipients=("b@example.test",)):
-    """The reply to the end of DATA, (code, text)."""
-    with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
-        smtp.ehlo("client.test")
-        assert smtp.mail("a@sender.test")[0] == 250
-        for rcpt in recipients:
-            assert smtp.rcpt(rcpt)[0] == 250
-        code, text = smtp.data(raw)
-        return code, text.decode()
-
-
-def queue_id_of(reply):
-    assert reply[0] == 250, reply
-    return reply[1].rsplit(" ", 1)[1]
 
 
 def header_section(content):

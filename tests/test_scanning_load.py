@@ -10,16 +10,14 @@ See also: elemta/plugins/scanner.py, tests/test_clamav.py, tests/test_rspamd.py.
 """
 
 import smtplib
-import tempfile
 import threading
-import time
 
 import pytest
 
-from tests.harness import free_port
-from tests.peers.clamd import EICAR, SIGNATURE, ClamdInstance, clamd_available
+from tests.peers.clamd import EICAR, SIGNATURE, clamd_available, private_clamd
 from tests.peers.gate import GateProxy
 from tests.peers.rspamd import rspamd_available
+from tests.scanning import message
 from tests.test_rspamd import rspamd  # noqa: F401 (the module's Rspamd fixture)
 
 pytestmark = pytest.mark.skipif(clamd_available() is not None,
@@ -30,18 +28,8 @@ BIG = 40 << 20          # limits and scanner sizes: room for the 30 MB message
 
 @pytest.fixture(scope="module")
 def clamd():
-    instance = ClamdInstance(tempfile.mkdtemp(prefix="elemta-clamd-"), free_port(),
-                             stream_max_length="40M")
-    instance.start()
-    yield instance
-    instance.stop()
-    instance.remove()
-
-
-def message(body, subject="scan me"):
-    return (b"From: <a@sender.test>\r\nTo: <b@example.test>\r\nSubject: %s\r\n"
-            b"Message-ID: <%d@sender.test>\r\n\r\n%s\r\n"
-            % (subject.encode(), time.time_ns(), body))
+    with private_clamd(stream_max_length="40M") as instance:
+        yield instance
 
 
 def transaction(port, raw, recipients=("b@example.test",)):

@@ -13,17 +13,23 @@ when that user exists, so the scanner runs unprivileged as it does in production
         clamd.socket_path, clamd.address    # "/.../clamd.sock", "127.0.0.1:PORT"
         clamd.scans()                       # streams scanned so far, from its log
 
+    with private_clamd(stream_max_length="2M") as clamd:   # a fresh directory and port,
+        ...                                                # removed afterwards
+
 See also: tests/test_clamav.py, elemta.plugins.clamav.
 """
 
+import contextlib
 import os
 import pwd
 import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 
+from tests.harness import free_port
 from tests.peers.process import stop_process
 
 CLAMD = "/usr/sbin/clamd"
@@ -134,3 +140,15 @@ class ClamdInstance:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+@contextlib.contextmanager
+def private_clamd(**options):
+    """A started ClamdInstance in a fresh directory on a free port (options: those of
+    ClamdInstance), stopped and its directory removed afterwards."""
+    instance = ClamdInstance(tempfile.mkdtemp(prefix="elemta-clamd-"), free_port(), **options)
+    try:
+        with instance:
+            yield instance
+    finally:
+        instance.remove()
