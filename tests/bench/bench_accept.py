@@ -84,11 +84,15 @@ def elemta_sections():
             "relay": {"local_domains": ["bench.test"]}}
 
 
-def bench_elemta(scratch, count, reuse_connections):
-    # type: (str, int, bool) -> Result
-    """Start Elemta on a fresh spool, drive it, count the message files it wrote."""
-    name = "elemta" + (" -d" if reuse_connections else "")
-    server = ElemtaServer(tempfile.mkdtemp(prefix="elemta-", dir=scratch), elemta_sections())
+def bench_elemta(scratch, count, reuse_connections=False, name=None, plugins=None):
+    # type: (str, int, bool, Optional[str], Optional[dict]) -> Result
+    """Start Elemta on a fresh spool (with `plugins`, a plugins section, if given), drive
+    it, count the message files it wrote."""
+    name = name or "elemta" + (" -d" if reuse_connections else "")
+    sections = elemta_sections()
+    if plugins:
+        sections["plugins"] = plugins
+    server = ElemtaServer(tempfile.mkdtemp(prefix="elemta-", dir=scratch), sections)
     try:
         try:
             server.start(timeout=30)
@@ -102,13 +106,17 @@ def bench_elemta(scratch, count, reuse_connections):
     return Result(name, count, accepted, seconds)
 
 
-def bench_postfix(scratch, count, in_flow_delay, reuse_connections):
-    # type: (str, int, Optional[str], bool) -> Result
-    """A fresh hold-only Postfix; in_flow_delay None keeps Postfix's default (1s)."""
-    name = "postfix in_flow_delay=%s" % (in_flow_delay or "1s (default)")
-    if reuse_connections:
-        name += " -d"
+def bench_postfix(scratch, count, in_flow_delay, reuse_connections=False, name=None,
+                  extra_main_cf=None):
+    # type: (str, int, Optional[str], bool, Optional[str], Optional[dict]) -> Result
+    """A fresh hold-only Postfix; in_flow_delay None keeps Postfix's default (1s);
+    extra_main_cf: more main.cf settings (milters, say)."""
+    if name is None:
+        name = "postfix in_flow_delay=%s" % (in_flow_delay or "1s (default)")
+        if reuse_connections:
+            name += " -d"
     extra = {} if in_flow_delay is None else {"in_flow_delay": in_flow_delay}
+    extra.update(extra_main_cf or {})
     workdir = tempfile.mkdtemp(prefix="postfix-", dir=scratch)
     port = free_port()
     with PostfixInstance(workdir, port, hold_only=True, extra_main_cf=extra) as postfix:

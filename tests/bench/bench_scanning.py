@@ -35,11 +35,11 @@ from typing import List
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from tests.bench.bench_accept import (SMTP_SOURCE, Result, drive, elemta_sections,  # noqa: E402
-                                      files_under)
-from tests.harness import ElemtaServer, free_port  # noqa: E402
+from tests.bench.bench_accept import (SMTP_SOURCE, Result, bench_elemta,  # noqa: E402
+                                      bench_postfix)
+from tests.harness import free_port  # noqa: E402
 from tests.peers.clamd import ClamdInstance, clamd_available  # noqa: E402
-from tests.peers.postfix import PostfixInstance, postfix_available  # noqa: E402
+from tests.peers.postfix import postfix_available  # noqa: E402
 from tests.peers.rspamd import RspamdInstance, rspamd_available  # noqa: E402
 
 CLAMAV_MILTER = "/usr/sbin/clamav-milter"
@@ -83,32 +83,10 @@ def start_clamav_milter(scratch, clamd, port):
             time.sleep(0.2)
 
 
-def bench_elemta(scratch, count, name, plugins):
-    sections = elemta_sections()
-    if plugins:
-        sections["plugins"] = plugins
-    server = ElemtaServer(tempfile.mkdtemp(prefix="elemta-", dir=scratch), sections)
-    try:
-        server.start(timeout=30)
-        seconds = drive(server.port, count)
-        accepted = files_under(os.path.join(server.spool, "messages"))
-    finally:
-        server.stop(timeout=30)
-    return Result(name, count, accepted, seconds)
-
-
-def bench_postfix(scratch, count, name, milters=None):
-    extra = {"in_flow_delay": "0"}
-    if milters:
-        extra.update({"smtpd_milters": ", ".join(milters),
-                      "milter_default_action": "tempfail",
-                      "milter_protocol": "6"})
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="postfix-", dir=scratch)
-    with PostfixInstance(workdir, port, hold_only=True, extra_main_cf=extra) as postfix:
-        seconds = drive(port, count)
-        accepted = postfix.queue_count("hold")
-    return Result(name, count, accepted, seconds)
+def milter_settings(milters):
+    """Postfix's main.cf settings for these milters, failing as Elemta's default does."""
+    return {"smtpd_milters": ", ".join(milters), "milter_default_action": "tempfail",
+            "milter_protocol": "6"}
 
 
 def uptime():
@@ -153,12 +131,14 @@ def main():
         milter = start_clamav_milter(scratch, clamd, clamav_milter_port)
         scanners = {"clamav": {"enabled": True, "address": clamd.address},
                     "rspamd": {"enabled": True, "address": rspamd.address}}
-        for run in (lambda: bench_elemta(scratch, count, "elemta", None),
-                    lambda: bench_elemta(scratch, count, "elemta+scanners", scanners),
-                    lambda: bench_postfix(scratch, count, "postfix"),
-                    lambda: bench_postfix(scratch, count, "postfix+milters", [
-                        "inet:127.0.0.1:%d" % rspamd_milter,
-                        "inet:127.0.0.1:%d" % clamav_milter_port])):
+        milters = milter_settings(["inet:127.0.0.1:%d" % rspamd_milter,
+                                   "inet:127.0.0.1:%d" % clamav_milter_port])
+        for run in (lambda: bench_elemta(scratch, count, name="elemta"),
+                    lambda: bench_elemta(scratch, count, name="elemta+scanners",
+                                         plugins=scanners),
+                    lambda: bench_postfix(scratch, count, "0", name="postfix"),
+                    lambda: bench_postfix(scratch, count, "0", name="postfix+milters",
+                                          extra_main_cf=milters)):
             result = run()
             results.append(result)
             print("  %s: %d accepted in %.2fs" % (result.name, result.accepted,
