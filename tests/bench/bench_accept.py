@@ -6,11 +6,14 @@ from 20 sessions, one message per connection, first to Elemta (tests/harness.py'
 ElemtaServer with Elemta's default smtpd worker count, in a fresh temp dir), then to a
 private Postfix that parks everything in its hold queue, once with in_flow_delay = 0 and
 once with the default 1s. Each target's accepted count is read from its own spool, not
-from the client. Prints messages/s for each and the ratio Elemta/Postfix. Needs root and
+from the client. Each target runs BENCH_RUNS times (3); printed for each: messages/s and
+the CPU seconds all of its processes spent per 1,000 messages (tests/bench/cpu.py), as
+the median with min and max, and the ratios Elemta/Postfix of the medians. Needs root and
 the postfix package (smtp-source comes with it).
 
-Environment: BENCH_MESSAGES (default 5000), BENCH_REUSE=1 adds runs with smtp-source -d
-(many messages per connection), BENCH_KEEP=1 keeps the temp dirs for a look afterwards.
+Environment: BENCH_MESSAGES (default 5000), BENCH_RUNS (default 3), BENCH_REUSE=1 adds
+runs with smtp-source -d (many messages per connection), BENCH_KEEP=1 keeps the temp dirs
+for a look afterwards.
 See also: ../shared/peers.md (the figures seen on this kind of machine), tests/peers/postfix.py,
 tests/harness.py.
 """
@@ -26,6 +29,8 @@ from typing import List, NamedTuple, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+from tests.bench.cpu import cpu_seconds, tree_cpu_seconds  # noqa: E402
+from tests.bench.runs import Spread, group, load_average, ratio, run_count  # noqa: E402
 from tests.harness import ELEMTA_DEFAULT, ElemtaServer, free_port  # noqa: E402
 from tests.peers.postfix import PostfixInstance, postfix_available  # noqa: E402
 
@@ -41,10 +46,16 @@ class Result(NamedTuple):
     sent: int
     accepted: int
     seconds: float
+    cpu_seconds: float = 0.0      # of all the MTA's processes, during the run
 
     @property
     def rate(self):
         return self.accepted / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_per_1000(self):
+        """CPU seconds per 1,000 messages accepted."""
+        return 1000.0 * self.cpu_seconds / self.accepted if self.accepted else 0.0
 
 
 def files_under(top):
@@ -99,11 +110,13 @@ def bench_elemta(scratch, count, reuse_connections=False, name=None, plugins=Non
         except RuntimeError as error:
             sys.stdout.write(str(error)[-2000:] + "\n")
             raise RuntimeError("elemta did not start") from None
+        before = tree_cpu_seconds([server.process.pid])
         seconds = drive(server.port, count, reuse_connections)
+        spent = tree_cpu_seconds([server.process.pid]) - before
         accepted = files_under(os.path.join(server.spool, "messages"))
     finally:
         server.stop(timeout=30)
-    return Result(name, count, accepted, seconds)
+    return Result(name, count, accepted, seconds, spent)
 
 
 def bench_postfix(scratch, count, in_flow_delay, reuse_connections=False, name=None,
@@ -120,25 +133,36 @@ def bench_postfix(scratch, count, in_flow_delay, reuse_connections=False, name=N
     workdir = tempfile.mkdtemp(prefix="postfix-", dir=scratch)
     port = free_port()
     with PostfixInstance(workdir, port, hold_only=True, extra_main_cf=extra) as postfix:
+        before = cpu_seconds(postfix.pids())
         seconds = drive(port, count, reuse_connections)
+        spent = cpu_seconds(postfix.pids()) - before
         accepted = postfix.queue_count("hold")
-    return Result(name, count, accepted, seconds)
+    return Result(name, count, accepted, seconds, spent)
 
 
-def report(results):
-    # type: (List[Result]) -> None
+def report(results, pairs=None):
+    # type: (List[Result], Optional[List[tuple]]) -> None
+    """Each target's median, min and max of msg/s and CPU s per 1,000 messages, then the
+    ratios of the medians: of `pairs` (mine, theirs) if given, else of every Elemta
+    target to every Postfix one (-d runs with -d runs)."""
     print()
-    print("%-34s %7s %9s %9s %10s" % ("target", "sent", "accepted", "seconds", "msg/s"))
-    for result in results:
-        print("%-34s %7d %9d %9.2f %10.0f" % (result.name, result.sent, result.accepted,
-                                               result.seconds, result.rate))
-    elemta = [r for r in results if r.name.startswith("elemta")]
-    postfix = [r for r in results if r.name.startswith("postfix")]
-    for mine in elemta:
-        suffix = " -d" if mine.name.endswith(" -d") else ""
-        for theirs in postfix:
-            if theirs.name.endswith(" -d") == bool(suffix) and theirs.rate > 0:
-                print("ratio %s / %s: %.2f" % (mine.name, theirs.name, mine.rate / theirs.rate))
+    print("%-34s %5s %9s %18s %22s" % ("target", "runs", "accepted", "msg/s (min-max)",
+                                         "CPU s/1000 (min-max)"))
+    rates, cpu = {}, {}
+    for name, runs in group(results).items():
+        rates[name] = Spread.of(r.rate for r in runs)
+        cpu[name] = Spread.of(r.cpu_per_1000 for r in runs)
+        print("%-34s %5d %9d %18s %22s" % (name, len(runs), min(r.accepted for r in runs),
+                                           rates[name], cpu[name].format(2)))
+    if pairs is None:
+        pairs = [(mine, theirs) for mine in rates if mine.startswith("elemta")
+                 for theirs in rates if theirs.startswith("postfix")
+                 and theirs.endswith(" -d") == mine.endswith(" -d")]
+    for mine, theirs in pairs:
+        if mine in rates and theirs in rates:
+            print("ratio %s / %s: msg/s %s, CPU per message %s"
+                  % (mine, theirs, ratio(rates[mine].median, rates[theirs].median),
+                     ratio(cpu[mine].median, cpu[theirs].median)))
 
 
 def main():
@@ -153,28 +177,32 @@ def main():
     os.chmod(scratch, 0o755)  # The postfix user must reach the Postfix queues inside.
     print("bench_accept: %d messages of %d bytes, %d sessions, in %s"
           % (count, MESSAGE_BYTES, SESSIONS, scratch))
+    print("before: %s" % load_average())
     results = []  # type: List[Result]
 
     def record(result):
         results.append(result)
-        print("  %s: %d accepted in %.2fs" % (result.name, result.accepted, result.seconds))
+        print("  %s: %d accepted in %.2fs, %.2f CPU s" % (result.name, result.accepted,
+                                                          result.seconds, result.cpu_seconds))
 
     failed = False
     try:
-        for reuse in reuse_runs:
-            try:
-                record(bench_elemta(scratch, count, reuse))
-            except (RuntimeError, OSError, subprocess.SubprocessError) as error:
-                print("  elemta: not measured: %s" % error)
-                failed = True
-            record(bench_postfix(scratch, count, "0", reuse))
-            if not reuse:
-                record(bench_postfix(scratch, count, None, reuse))
+        for _ in range(run_count()):
+            for reuse in reuse_runs:
+                try:
+                    record(bench_elemta(scratch, count, reuse))
+                except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+                    print("  elemta: not measured: %s" % error)
+                    failed = True
+                record(bench_postfix(scratch, count, "0", reuse))
+                if not reuse:
+                    record(bench_postfix(scratch, count, None, reuse))
     finally:
         if os.environ.get("BENCH_KEEP") == "1":
             print("kept %s" % scratch)
         else:
             shutil.rmtree(scratch, ignore_errors=True)
+    print("after: %s" % load_average())
     report(results)
     short = [r for r in results if r.accepted != r.sent]
     for result in short:

@@ -8,12 +8,14 @@ to a file. The clock starts with smtp-source; the acceptance time is when smtp-s
 the end-to-end time is when the sink holds all N messages (its files are counted, not the
 client's word). Targets: Elemta (tests/harness.py's ElemtaServer, fresh spool, 2 delivery
 workers) and a private
-Postfix with default settings and with in_flow_delay = 0. Prints messages/s for each and the
-ratio Elemta/Postfix. Needs root and the postfix package (smtp-source and smtp-sink come
-with it).
+Postfix with default settings and with in_flow_delay = 0. Each target runs BENCH_RUNS times
+(3); printed for each: end-to-end messages/s and the CPU seconds all of the MTA's
+processes spent per 1,000 messages relayed (tests/bench/cpu.py; smtp-source and smtp-sink
+are charged to neither), as the median with min and max, and the ratios Elemta/Postfix of
+the medians. Needs root and the postfix package (smtp-source and smtp-sink come with it).
 
-Environment: BENCH_MESSAGES (default 3000), BENCH_KEEP=1 keeps the temp dirs for a look
-afterwards.
+Environment: BENCH_MESSAGES (default 3000), BENCH_RUNS (default 3), BENCH_KEEP=1 keeps the
+temp dirs for a look afterwards.
 See also: tests/bench/bench_accept.py (acceptance alone), ../shared/peers.md (the figures seen
 on this kind of machine), tests/peers/postfix.py.
 """
@@ -26,11 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+from tests.bench.cpu import cpu_seconds, tree_cpu_seconds  # noqa: E402
+from tests.bench.runs import Spread, group, load_average, ratio, run_count  # noqa: E402
 from tests.harness import ELEMTA_DEFAULT, ElemtaServer, free_port, wait_for_greeting  # noqa: E402
 from tests.peers.postfix import PostfixInstance, postfix_available  # noqa: E402
 
@@ -51,6 +55,12 @@ class Result(NamedTuple):
     delivered: int
     accept_seconds: float
     end_to_end_seconds: float
+    cpu_seconds: float = 0.0      # of all the MTA's processes, from start to the last one
+
+    @property
+    def cpu_per_1000(self):
+        """CPU seconds per 1,000 messages relayed."""
+        return 1000.0 * self.cpu_seconds / self.delivered if self.delivered else 0.0
 
     @property
     def accept_rate(self):
@@ -122,17 +132,20 @@ def drive(port, count):
               % (done.returncode, len(complaints), complaints[:3]))
 
 
-def measure(name, sink, port, count):
-    # type: (str, Sink, int, int) -> Result
-    """Drive the MTA on `port`; time acceptance and the sink's receipt of every message."""
+def measure(name, sink, port, count, charged):
+    # type: (str, Sink, int, int, Callable[[], float]) -> Result
+    """Drive the MTA on `port`; time acceptance and the sink's receipt of every message;
+    charged() gives the CPU seconds the MTA has spent so far."""
+    before = charged()
     started = time.monotonic()
     drive(port, count)
     accepted = time.monotonic() - started
     delivered = sink.wait_for(count)
     end_to_end = time.monotonic() - started
+    spent = charged() - before
     if delivered < count:
         end_to_end -= STALL_SECONDS  # Time the last message arrived, not when we gave up.
-    return Result(name, count, delivered, accepted, end_to_end)
+    return Result(name, count, delivered, accepted, end_to_end, spent)
 
 
 def elemta_sections(sink_port):
@@ -171,7 +184,8 @@ def bench_elemta(scratch, count):
                 sys.stdout.write(str(error)[-2000:] + "\n")
                 raise RuntimeError("elemta did not start") from None
             result = measure("elemta (%d delivery workers)" % DELIVERY_WORKERS, sink,
-                             server.port, count)
+                             server.port, count,
+                             lambda: tree_cpu_seconds([server.process.pid]))
         finally:
             server.stop(timeout=30)
     if result.delivered < count:
@@ -190,7 +204,7 @@ def bench_postfix(scratch, count, in_flow_delay):
     with Sink(workdir) as sink:
         with PostfixInstance(os.path.join(workdir, "postfix"), port, relayhost=sink.port,
                              extra_main_cf=extra) as postfix:
-            result = measure(name, sink, port, count)
+            result = measure(name, sink, port, count, lambda: cpu_seconds(postfix.pids()))
             if result.delivered < count:
                 print("  postfix maillog tail:\n" + postfix.read_log()[-1500:])
     return result
@@ -198,20 +212,23 @@ def bench_postfix(scratch, count, in_flow_delay):
 
 def report(results):
     # type: (List[Result]) -> None
+    """Each target's median, min and max (accept msg/s, end-to-end msg/s, CPU s per 1,000
+    messages), then the ratios of the medians, Elemta to each Postfix."""
     print()
-    print("%-34s %6s %9s %9s %9s %9s %9s" % ("target", "sent", "delivered", "accept s",
-                                              "accept/s", "e2e s", "e2e msg/s"))
-    for r in results:
-        print("%-34s %6d %9d %9.2f %9.0f %9.2f %9.0f"
-              % (r.name, r.sent, r.delivered, r.accept_seconds, r.accept_rate,
-                 r.end_to_end_seconds, r.end_to_end_rate))
-    elemta = [r for r in results if r.name.startswith("elemta")]
-    postfix = [r for r in results if r.name.startswith("postfix")]
-    for mine in elemta:
-        for theirs in postfix:
-            if theirs.end_to_end_rate > 0:
-                print("ratio end-to-end %s / %s: %.2f"
-                      % (mine.name, theirs.name, mine.end_to_end_rate / theirs.end_to_end_rate))
+    print("%-34s %4s %9s %16s %16s %20s" % ("target", "runs", "delivered", "accept msg/s",
+                                             "e2e msg/s", "CPU s/1000"))
+    e2e, cpu = {}, {}
+    for name, runs in group(results).items():
+        e2e[name] = Spread.of(r.end_to_end_rate for r in runs)
+        cpu[name] = Spread.of(r.cpu_per_1000 for r in runs)
+        print("%-34s %4d %9d %16s %16s %20s"
+              % (name, len(runs), min(r.delivered for r in runs),
+                 Spread.of(r.accept_rate for r in runs), e2e[name], cpu[name].format(2)))
+    for mine in (name for name in e2e if name.startswith("elemta")):
+        for theirs in (name for name in e2e if name.startswith("postfix")):
+            print("ratio %s / %s: end-to-end msg/s %s, CPU per message %s"
+                  % (mine, theirs, ratio(e2e[mine].median, e2e[theirs].median),
+                     ratio(cpu[mine].median, cpu[theirs].median)))
 
 
 def main():
@@ -227,28 +244,32 @@ def main():
     os.chmod(scratch, 0o755)  # The postfix and nobody users must reach what is inside.
     print("bench_relay: %d messages of %d bytes, %d sessions, relayed to smtp-sink, in %s"
           % (count, MESSAGE_BYTES, SESSIONS, scratch))
+    print("before: %s" % load_average())
     results = []  # type: List[Result]
 
     def record(result):
         results.append(result)
-        print("  %s: accepted in %.2fs, %d at the sink after %.2fs"
+        print("  %s: accepted in %.2fs, %d at the sink after %.2fs, %.2f CPU s"
               % (result.name, result.accept_seconds, result.delivered,
-                 result.end_to_end_seconds))
+                 result.end_to_end_seconds, result.cpu_seconds))
+
 
     failed = False
     try:
-        try:
-            record(bench_elemta(scratch, count))
-        except (RuntimeError, OSError, subprocess.SubprocessError) as error:
-            print("  elemta: not measured: %s" % error)
-            failed = True
-        record(bench_postfix(scratch, count, None))
-        record(bench_postfix(scratch, count, "0"))
+        for _ in range(run_count()):
+            try:
+                record(bench_elemta(scratch, count))
+            except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+                print("  elemta: not measured: %s" % error)
+                failed = True
+            record(bench_postfix(scratch, count, None))
+            record(bench_postfix(scratch, count, "0"))
     finally:
         if os.environ.get("BENCH_KEEP") == "1":
             print("kept %s" % scratch)
         else:
             shutil.rmtree(scratch, ignore_errors=True)
+    print("after: %s" % load_average())
     report(results)
     short = [r for r in results if r.delivered != r.sent]
     for result in short:

@@ -1,0 +1,71 @@
+"""CPU time an MTA spent, from /proc: what the benchmarks charge to Elemta and to Postfix.
+
+A process's charge is its own user and system time plus that of the children it has
+reaped (utime + stime + cutime + cstime in /proc/PID/stat). Summed over every live process
+of a daemon at one moment, that counts each process once: a child still running counts
+itself, one that ended counts in the parent that reaped it (the Elemta master, the Postfix
+master). The benchmarks take this before and after a run, while the daemon is idle, and
+charge the difference to the run.
+
+    before = tree_cpu_seconds([server.process.pid])       # Elemta: the master's tree
+    ... drive it ...
+    spent = tree_cpu_seconds([server.process.pid]) - before
+    cpu_seconds(postfix.pids())                           # Postfix: its processes
+
+See also: tests/bench/bench_accept.py, tests/bench/bench_relay.py, tests/bench/runs.py.
+"""
+
+import os
+from typing import Dict, Iterable, List, Set, Tuple
+
+TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid):
+    # type: (int) -> Tuple[int, int]
+    """(parent pid, clock ticks charged) of a live process; OSError if it is gone."""
+    with open("/proc/%d/stat" % pid) as f:
+        data = f.read()
+    # The command name is in parentheses and may hold spaces or parentheses itself.
+    fields = data[data.rindex(")") + 2:].split()
+    utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
+    return int(fields[1]), utime + stime + cutime + cstime
+
+
+def _all_processes():
+    # type: () -> Dict[int, Tuple[int, int]]
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                found[int(entry)] = _stat(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue                  # gone meanwhile
+    return found
+
+
+def cpu_seconds(pids):
+    # type: (Iterable[int]) -> float
+    """CPU seconds charged to these processes (those still alive)."""
+    processes = _all_processes()
+    return sum(processes[pid][1] for pid in set(pids) if pid in processes) / TICKS_PER_SECOND
+
+
+def descendants(roots):
+    # type: (Iterable[int]) -> List[int]
+    """The roots and every live process below them."""
+    processes = _all_processes()
+    tree = {pid for pid in roots if pid in processes}  # type: Set[int]
+    grown = True
+    while grown:
+        children = {pid for pid, (parent, _) in processes.items()
+                    if parent in tree and pid not in tree}
+        tree |= children
+        grown = bool(children)
+    return sorted(tree)
+
+
+def tree_cpu_seconds(roots):
+    # type: (Iterable[int]) -> float
+    """CPU seconds charged to the roots and everything below them."""
+    return cpu_seconds(descendants(roots))

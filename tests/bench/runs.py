@@ -1,0 +1,58 @@
+"""Repeated benchmark runs, summarised: the median of each figure with its min and max.
+
+    by_target = group(results)                  # {name: [Result, ...]} in first-seen order
+    Spread.of([812.0, 790.5, 845.1])            # Spread(median=812.0, low=790.5, high=845.1)
+    str(Spread.of([...]))                       # "812 (790-845)"
+
+See also: tests/bench/bench_accept.py, tests/bench/bench_relay.py.
+"""
+
+import os
+import statistics
+from typing import Dict, Iterable, List, NamedTuple, TypeVar
+
+T = TypeVar("T")
+
+
+def run_count():
+    # type: () -> int
+    """How many times each target runs: BENCH_RUNS, 3 unless set."""
+    return max(1, int(os.environ.get("BENCH_RUNS", "3")))
+
+
+class Spread(NamedTuple):
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values):
+        # type: (Iterable[float]) -> Spread
+        values = list(values)
+        return cls(statistics.median(values), min(values), max(values))
+
+    def format(self, digits=0):
+        return "%.*f (%.*f-%.*f)" % (digits, self.median, digits, self.low, digits, self.high)
+
+    def __str__(self):
+        return self.format()
+
+
+def group(results):
+    # type: (Iterable[T]) -> Dict[str, List[T]]
+    """Results by their target's name (result.name), in the order targets first ran."""
+    grouped = {}  # type: Dict[str, List[T]]
+    for result in results:
+        grouped.setdefault(result.name, []).append(result)  # type: ignore[attr-defined]
+    return grouped
+
+
+def load_average():
+    # type: () -> str
+    """The machine's load now, to print beside the figures."""
+    return "load average %.2f, %.2f, %.2f" % os.getloadavg()
+
+
+def ratio(mine, theirs):
+    # type: (float, float) -> str
+    return "%.2f" % (mine / theirs) if theirs > 0 else "n/a"
