@@ -253,7 +253,6 @@ def main():
               % (result.name, result.accept_seconds, result.delivered,
                  result.end_to_end_seconds, result.cpu_seconds))
 
-
     failed = False
     try:
         for _ in range(run_count()):
