@@ -1,5 +1,6 @@
 # Elemta developer entry points: make run, make test, make bench, make chaos, make clean,
-# make test-minimum, make constraints, make lint-deploy, make deb, make test-packages.
+# make test-minimum, make constraints, make lint-deploy, make deb, make test-packages,
+# make profile.
 # Works from a clean clone on Debian 12 (python3 3.11); PYTHON picks another interpreter.
 
 PYTHON ?= python3
@@ -14,7 +15,7 @@ TEST_TIMEOUT ?= 120
 # prometheus and amtool from prometheus-alertmanager check monitoring/).
 APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd clamav-daemon clamav-milter bsd-mailx dovecot-core dovecot-lmtpd dovecot-imapd postgresql zsh postfwd postfix-policyd-spf-python socat pflogsumm prometheus-alertmanager
 
-.PHONY: run test test-minimum constraints bench chaos fuzz clean system-packages venv lint-deploy
+.PHONY: run test test-minimum constraints bench profile chaos fuzz clean system-packages venv lint-deploy
 # Packages before the venv (python3-venv), so never in parallel.
 .NOTPARALLEL:
 
@@ -73,6 +74,19 @@ bench: $(STAMP)
 	$(VENV)/bin/python tests/bench/bench_queue_tools.py
 	$(VENV)/bin/python tests/bench/bench_relay.py
 	$(VENV)/bin/python tests/bench/bench_scanning.py
+
+# py-spy profiles of the smtpd and delivery workers under smtp-source load
+# (tests/bench/profile_workers.py; root needed). py-spy from PyPI in a venv of its own:
+# a tool, not something Elemta or its tests import.
+PROFILE_VENV := .venv-profile
+PROFILE_STAMP := $(PROFILE_VENV)/.installed
+$(PROFILE_STAMP):
+	$(PYTHON) -m venv $(PROFILE_VENV)
+	$(PROFILE_VENV)/bin/python -m pip install --quiet 'py-spy >= 0.3.14'
+	touch $@
+
+profile: $(PROFILE_STAMP) $(STAMP)
+	PY_SPY=$(CURDIR)/$(PROFILE_VENV)/bin/py-spy $(VENV)/bin/python tests/bench/profile_workers.py
 
 # kill -9 under load, Elemta next to Postfix (tests/bench/chaos.py; root and postfix needed).
 CHAOS_MESSAGES ?= 20000
@@ -133,7 +147,7 @@ lint-deploy: $(LINT_STAMP) $(STAMP)
 	$(VENV)/bin/python -m pytest -q --timeout=$(TEST_TIMEOUT) tests/test_container.py
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) $(CONSTRAINTS_VENV) $(LINT_VENV) build dist .eggs *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(MIN_VENV) $(CONSTRAINTS_VENV) $(LINT_VENV) $(PROFILE_VENV) profiles build dist .eggs *.egg-info .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # ---- Packages (slow: not part of make test). Outputs in dist/ (ignored by git). ----
