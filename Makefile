@@ -1,6 +1,6 @@
 # Elemta developer entry points: make run, make test, make bench, make chaos, make clean,
-# make test-minimum, make constraints, make lint-deploy, make deb, make test-packages,
-# make profile.
+# make test-minimum, make constraints, make lint-deploy, make dashboards, make deb,
+# make test-packages, make profile.
 # Works from a clean clone on Debian 12 (python3 3.11); PYTHON picks another interpreter.
 
 PYTHON ?= python3
@@ -15,7 +15,7 @@ TEST_TIMEOUT ?= 120
 # prometheus and amtool from prometheus-alertmanager check monitoring/).
 APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd clamav-daemon clamav-milter bsd-mailx dovecot-core dovecot-lmtpd dovecot-imapd postgresql zsh postfwd postfix-policyd-spf-python socat pflogsumm prometheus-alertmanager
 
-.PHONY: run test test-minimum constraints bench profile chaos fuzz clean system-packages venv lint-deploy
+.PHONY: run test test-minimum constraints bench profile chaos fuzz clean system-packages venv lint-deploy dashboards
 # Packages before the venv (python3-venv), so never in parallel.
 .NOTPARALLEL:
 
@@ -145,6 +145,12 @@ lint-deploy: $(LINT_STAMP) $(STAMP)
 	else echo "make: no promtool (apt-get install prometheus): deploy/compose/prometheus.yml not checked"; fi
 	$(VENV)/bin/elemta --config deploy/docker/elemta.yaml --check-config
 	$(VENV)/bin/python -m pytest -q --timeout=$(TEST_TIMEOUT) tests/test_container.py
+
+# The Grafana dashboards, monitoring/grafana/*.json, written by generate.py beside them
+# with Grafana's SDK (grafana-foundation-sdk, in the test extras; Python 3.11 or newer).
+# Commit the JSON with the change: tests/test_dashboards.py checks it is what this writes.
+dashboards: $(STAMP)
+	$(VENV)/bin/python monitoring/grafana/generate.py
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) $(CONSTRAINTS_VENV) $(LINT_VENV) $(PROFILE_VENV) profiles build dist .eggs *.egg-info .pytest_cache .hypothesis
