@@ -452,6 +452,13 @@ def metric_names_in_code():
     return names
 
 
+def exported_series_names():
+    """Every series name a scrape may show: each metric the code defines, with the
+    suffixes of counters (_total) and histograms (_bucket, _count, _sum)."""
+    return {name + suffix for name in metric_names_in_code()
+            for suffix in ("", "_total", "_bucket", "_count", "_sum")}
+
+
 def test_every_metric_is_documented_in_elemta_8():
     """Each metric name the code defines has its entry in the Metrics section of
     elemta(8); counters are documented with their _total."""
