@@ -110,7 +110,8 @@ def test_a_dashboard_is_importable_grafana_json(path):
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
         ref_ids = [t["refId"] for t in panel["targets"]]
-        assert ref_ids and all(ref_ids) and len(set(ref_ids)) == len(ref_ids), panel["title"]
+        assert ref_ids and all(ref_ids), panel["title"]
+        assert len(set(ref_ids)) == len(ref_ids), panel["title"]
         for target in panel["targets"]:
             assert target["datasource"] == DATASOURCE, panel["title"]
             assert 'instance=~"$instance"' in target["expr"], target["expr"]
@@ -124,7 +125,7 @@ def test_the_dashboards_use_only_metrics_elemta_exports():
     assert used and not used - exported, sorted(used - exported)
 
 
-# ---- every query against a real Prometheus ---------------------------------------------------
+# ---- every query against a real Prometheus -----------------------------------------------
 
 def rcpt_reply(session, argument):
     """The relay host the delivery worker hands mail to: one recipient of each fate."""

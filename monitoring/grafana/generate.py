@@ -1,8 +1,8 @@
 """Elemta's Grafana dashboards as code: writes elemta-*.json beside this file.
 
-Run by `make dashboards`, in a virtualenv of its own holding Grafana's Python SDK
-(grafana-foundation-sdk, which needs Python 3.11 or newer; the dashboards, not the daemon,
-depend on it). The JSON it writes is committed: operators import it into Grafana as is,
+Run by `make dashboards` with the development venv, whose test extras hold Grafana's
+Python SDK (grafana-foundation-sdk, which needs Python 3.11 or newer; the dashboards, not
+the daemon, depend on it). The JSON it writes is committed: operators import it as is,
 and tests/test_dashboards.py runs every panel's query against a real Prometheus scraping
 a live Elemta. Change this file, run `make dashboards`, commit both.
 
@@ -43,7 +43,7 @@ MESSAGES_PER_SECOND = "suffix: msg/s"
 PER_SECOND = "suffix:/s"
 
 
-# ---- building blocks ------------------------------------------------------------------------
+# ---- building blocks ---------------------------------------------------------------------
 
 def selector(metric, matchers=""):
     """metric{instance=~"$instance", matchers}."""
@@ -56,11 +56,10 @@ def rate(metric, by="", matchers=""):
     return "sum%s (rate(%s[$__rate_interval]))" % (grouping, selector(metric, matchers))
 
 
-def quantile(q, histogram, by=""):
+def quantile(q, histogram):
     """The q-quantile of a histogram's observations over the rate interval."""
-    labels = ", ".join(l for l in ("le", by) if l)
-    return "histogram_quantile(%s, sum by (%s) (rate(%s[$__rate_interval])))" % (
-        q, labels, selector(histogram + "_bucket"))
+    return "histogram_quantile(%s, sum by (le) (rate(%s[$__rate_interval])))" % (
+        q, selector(histogram + "_bucket"))
 
 
 def query(expr, legend="__auto"):
@@ -107,7 +106,7 @@ def dashboard(uid, title, description):
                                                    value="$__all"))))
 
 
-# ---- the panels the dashboards share ---------------------------------------------------------
+# ---- the panels the dashboards share -----------------------------------------------------
 
 def queue_by_state():
     return timeseries(
@@ -124,20 +123,21 @@ def deliveries_by_result():
         [query(rate("elemta_deliveries_total", "result"), "{{result}}")], stacked=True)
 
 
-def delivery_latency():
+def delivery_latency(width=12):
     return timeseries(
         "Delivery latency from arrival", "From arrival to each recipient's final result "
         "(sent or bounced): Postfix's delay=. Quantiles of elemta_delivery_delay_seconds.",
-        "s", quantile_queries("elemta_delivery_delay_seconds"))
+        "s", quantile_queries("elemta_delivery_delay_seconds"), width=width)
 
 
-# ---- the dashboards ---------------------------------------------------------------------------
+# ---- the dashboards ----------------------------------------------------------------------
 
 def overview():
     accepted = "elemta_smtpd_messages_accepted_total"
     return (
         dashboard("elemta-overview", "Elemta / Overview",
-                  "Mail in and out, what is refused, the queue and how long delivery takes.")
+                  "Mail in and out, what is refused, the queue and how long delivery "
+                  "takes.")
         .with_row(Row("Now"))
         .with_panel(stat("Accepted", "Messages accepted (250 after the end of data) over "
                          "the dashboard's time range.", "short",
@@ -161,9 +161,9 @@ def overview():
             [query(rate("elemta_smtpd_accepted_bytes_total"), "accepted")]))
         .with_panel(deliveries_by_result())
         .with_panel(timeseries(
-            "Rejections by reason", "MAIL, RCPT or content refused per second, by reason: "
-            "relay (relay access denied), size, syntax, content, storage, auth, recipients, "
-            "policy (restrictions and plugins).", PER_SECOND,
+            "Rejections by reason", "MAIL, RCPT or content refused per second, by "
+            "reason: relay (relay access denied), size, syntax, content, storage, auth, "
+            "recipients, policy (restrictions and plugins).", PER_SECOND,
             [query(rate("elemta_smtpd_messages_rejected_total", "reason"), "{{reason}}")],
             stacked=True))
         .with_row(Row("Queue and latency"))
@@ -197,13 +197,10 @@ def queue_and_delivery():
         .with_row(Row("Delivery"))
         .with_panel(deliveries_by_result())
         .with_panel(timeseries(
-            "Deferrals", "Recipient deliveries deferred per second (a temporary failure: "
-            "tried again later), beside the deferred queue they leave behind.",
-            PER_SECOND,
+            "Deferrals", "Recipient deliveries deferred per second: a temporary failure, "
+            "tried again later (the deferred queue is in Queue by state).", PER_SECOND,
             [query(rate("elemta_deliveries_total", matchers='result="deferred"'),
-                   "deferred per second"),
-             query("sum(%s)" % selector("elemta_queue_messages", 'state="deferred"'),
-                   "messages deferred now")]))
+                   "deferred")]))
         .with_panel(timeseries(
             "Delivery failure ratio", "Share of recipient delivery attempts that did not "
             "succeed (deferred or bounced).", "percentunit",
@@ -213,15 +210,19 @@ def queue_and_delivery():
             "Delivery attempt time", "Time one delivery attempt (one SMTP or LMTP "
             "transaction) took: quantiles of elemta_delivery_attempt_seconds.", "s",
             quantile_queries("elemta_delivery_attempt_seconds")))
-        .with_panel(delivery_latency())
+        .with_panel(delivery_latency(width=24))
+        .with_row(Row("Queue writes"))
         .with_panel(timeseries(
-            "Queue file commits", "Group commit: messages made durable together by one "
-            "fsync (average), and how long the 99th percentile flush took.", "short",
+            "Group commit size", "Messages the smtpd workers made durable together by "
+            "one group commit (one fsync), on average.", "short",
             [query("%s / %s" % (rate("elemta_smtpd_commit_batch_messages_sum"),
                                 rate("elemta_smtpd_commit_batch_messages_count")),
-                   "messages per commit"),
-             query(quantile(0.99, "elemta_smtpd_commit_flush_seconds"),
-                   "p99 flush seconds")]))
+                   "messages per commit")]))
+        .with_panel(timeseries(
+            "Group commit flush time", "Time one group commit took to make its batch "
+            "durable: quantiles of elemta_smtpd_commit_flush_seconds. Every 250 to a "
+            "message waits for its commit.", "s",
+            quantile_queries("elemta_smtpd_commit_flush_seconds")))
         .with_row(Row("Processes"))
         .with_panel(timeseries(
             "Worker restarts", "Children the master replaced, by kind and reason (crashed, "
@@ -251,8 +252,9 @@ def security():
             [query(rate("elemta_smtpd_messages_rejected_total", matchers='reason="relay"'),
                    "relay denied")]))
         .with_panel(timeseries(
-            "Refusals by restriction", "Refusals (4xx and 5xx) per second by the restriction "
-            "that gave them (elemtactl restrictions lists them) and stage.", PER_SECOND,
+            "Refusals by restriction", "Refusals (4xx and 5xx) per second by the "
+            "restriction that gave them (elemtactl restrictions lists them) and stage.",
+            PER_SECOND,
             [query(rate(refusals, "restriction, stage"), "{{restriction}} at {{stage}}")],
             stacked=True))
         .with_panel(timeseries(
