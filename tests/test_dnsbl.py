@@ -13,6 +13,7 @@ import socket
 import tempfile
 import time
 
+import dns.message
 import pytest
 
 from elemta.restrictions.dnslists import client_query
@@ -151,6 +152,64 @@ def test_silent_lists_delay_the_greeting_only_by_the_lookup_timeout(elemta_serve
         log = wait_for(lambda: "c.test: lookup failed" in server.log() and server.log())
         assert "warning: dnsbl: 2.0.0.127.a.test: lookup failed (no answer within " \
                "0.5s); not counted" in log
+    finally:
+        silent.close()
+
+
+def test_the_lookups_run_while_the_pregreet_test_waits(elemta_server):
+    """As postscreen: the DNSBL query goes out while the greeting's last line is held
+    back for the pregreet test (greet_wait), not after the wait. The list here never
+    answers; its query is seen arriving long before the 30 s wait could end."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # reads, never answers
+    silent.bind(("127.0.0.1", 0))
+    try:
+        server = elemta_server(
+            relay={"mynetworks": NOT_US}, smtpd={"peername_lookup": False},
+            dns={"nameservers": ["127.0.0.1"], "port": silent.getsockname()[1],
+                 "timeout": 5.0},
+            protocol_tests={"greet_wait": 30, "greet_action": "ignore"},
+            plugins={"dnsbl": {"enabled": True, "sites": ["a.test"],
+                               "lookup_timeout": 1.0}})
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                      source_address=("127.0.0.2", 0)) as client:
+            replies = client.makefile("rb")
+            assert replies.readline().startswith(b"220-")       # the wait has begun
+            silent.settimeout(15)
+            asked = []
+            while "2.0.0.127.a.test." not in asked:      # (and the harness's own probe)
+                query = dns.message.from_wire(silent.recv(512))
+                asked.append(str(query.question[0].name))
+            client.sendall(b"QUIT\r\n")                     # ends the wait (ignored)
+            assert replies.readline().startswith(b"220 ")
+            assert replies.readline().startswith(b"221 ")
+        log = wait_for(lambda: "a.test: lookup failed" in server.log() and server.log())
+        assert "PREGREET 6 after " in log
+        server.stop()
+        # A client dropped for talking during the wait: its lookup, still pending, is
+        # abandoned; the worker serves on.
+        server = elemta_server(
+            relay={"mynetworks": NOT_US + ["127.0.0.4/32"]},      # 127.0.0.4: no wait
+            smtpd={"peername_lookup": False, "workers": 1},
+            dns={"nameservers": ["127.0.0.1"], "port": silent.getsockname()[1],
+                 "timeout": 5.0},
+            protocol_tests={"greet_wait": 30, "greet_action": "drop"},
+            plugins={"dnsbl": {"enabled": True, "sites": ["a.test"],
+                               "lookup_timeout": 20.0}})
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                      source_address=("127.0.0.3", 0)) as client:
+            replies = client.makefile("rb")
+            assert replies.readline().startswith(b"220-")
+            while "3.0.0.127.a.test." not in asked:
+                query = dns.message.from_wire(silent.recv(512))
+                asked.append(str(query.question[0].name))
+            client.sendall(b"EHLO bot.test\r\n")
+            assert replies.read() == b"521 5.5.1 Protocol error\r\n"
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=60,
+                          source_address=("127.0.0.4", 0)) as patient:
+            assert patient.noop()[0] == 250
+        log = server.log()
+        assert "reject: CONNECT from unknown[127.0.0.3]: 521 5.5.1" in log
+        assert "Traceback" not in log and "3.0.0.127.a.test: lookup failed" not in log
     finally:
         silent.close()
 

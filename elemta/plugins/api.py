@@ -45,7 +45,9 @@ are dropped, and `remove` has nothing to act on before the content.
               stage); other results count as no opinion.
   connection  smtpd, a client connected, before the 220 greeting. ctx: client_address,
               client_name, client_lookup, listener, trusted, tls (smtps only),
-              hostname, resolver, session.
+              hostname, resolver, session. While the pregreet test waits (protocol_tests.
+              greet_wait), this stage runs alongside the wait, as postscreen runs its
+              DNSBL lookups: it cannot know yet whether the client talks out of turn.
               reject: 554 in place of the 220, then 503 5.7.0 to every command until
               QUIT (RFC 5321 3.1); tempfail: 421 and the connection closes; discard /
               quarantine: every message of the session is discarded / held.

@@ -168,8 +168,16 @@ class Session:
             if refusal is not None:
                 self._refuse_connection(refusal.action, refusal.reply,
                                         "plugin %s" % refusal.decided_by)
-            elif not self._dropped_pregreeter():
-                self._greet()
+            elif self.screen.waits():
+                # As postscreen runs its DNSBL lookups alongside its greet wait: the
+                # connection-stage checks run while the pregreet test waits.
+                checks = gevent.spawn(self._connection_checks)
+                if self._dropped_pregreeter():
+                    checks.kill()
+                else:
+                    self._greet(checks.get())
+            else:
+                self._greet(self._connection_checks())
             self._converse()
         except SessionEnded as exc:
             log.info("lost connection after %s from %s%s", self.proto.last_command, self.client,
@@ -206,17 +214,22 @@ class Session:
         if found.name_status != NAME_OK and found.reverse_status != NAME_PERM:
             log.warning("%s: %s", self.client_ip, found.problem)
 
-    def _greet(self):
-        """Run the connection-stage plugins, then have the core queue the greeting: the
-        220, or the plugins' refusal in its place.
+    def _connection_checks(self):
+        """The connection-stage plugins' Outcome, or None when no plugin serves it."""
+        if not self.plugins.wants("connection"):
+            return None
+        return self.plugins.run("connection", self.ctx)
+
+    def _greet(self, outcome):
+        """Act on the connection-stage plugins' outcome, ask the milters, then have the
+        core queue the greeting: the 220, or the refusal in its place.
 
         A reject is answered as Postfix's smtpd_client_restrictions answer with
         smtpd_delay_reject = no, and as RFC 5321 3.1 asks: 554 in place of the 220, then
         503 to every command until QUIT (the core's REFUSED state). A tempfail (a failing
         plugin's 451 4.3.0 too) is 421 with the plugin's status and text, and the
         connection closes (RFC 5321 3.8)."""
-        if self.plugins.wants("connection"):
-            outcome = self.plugins.run("connection", self.ctx)
+        if outcome is not None:
             if outcome.reply is not None:
                 return self._refuse_connection(outcome.action, outcome.reply,
                                                "plugin %s" % outcome.decided_by)
