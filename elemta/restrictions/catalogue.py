@@ -45,7 +45,9 @@ _STAGE_OF_COMMAND = {"CONNECT": "connect", "HELO": "helo", "EHLO": "helo", "AUTH
 
 def stage_of_command(command):
     """The stage a refusal of the SMTP command belongs to: end_of_data for the content
-    (DATA, BDAT, END-OF-MESSAGE) since a refusal of DATA itself comes from no check."""
+    (DATA, BDAT, END-OF-MESSAGE), as the core's refusals that name DATA (a size limit,
+    the pipelining test) are about the content; the checks of the DATA command itself
+    (plugins, milters) give their stage, data, to the session."""
     return _STAGE_OF_COMMAND.get(command, "end_of_data")
 
 
