@@ -13,6 +13,7 @@ import socket
 import tempfile
 import time
 
+import dns.message
 import pytest
 
 from elemta.restrictions.dnslists import client_query
@@ -153,6 +154,71 @@ def test_silent_lists_delay_the_greeting_only_by_the_lookup_timeout(elemta_serve
                "0.5s); not counted" in log
     finally:
         silent.close()
+
+
+class SilentList:
+    """A DNS server on loopback that reads the queries and never answers."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(15)
+        self.asked = []
+
+    def wait_for_query(self, name):
+        """Read queries until one for `name` came (others come from other clients)."""
+        while name not in self.asked:
+            query = dns.message.from_wire(self.sock.recv(512))
+            self.asked.append(str(query.question[0].name))
+
+
+def waiting_server(elemta_server, silent, action, lookup_timeout, mynetworks=NOT_US):
+    """A server that holds every greeting back 30 s for the pregreet test and asks the
+    silent list at connect."""
+    return elemta_server(
+        relay={"mynetworks": mynetworks}, smtpd={"peername_lookup": False, "workers": 1},
+        dns={"nameservers": ["127.0.0.1"], "port": silent.sock.getsockname()[1],
+             "timeout": 5.0},
+        protocol_tests={"greet_wait": 30, "greet_action": action},
+        plugins={"dnsbl": {"enabled": True, "sites": ["a.test"],
+                           "lookup_timeout": lookup_timeout}})
+
+
+def test_the_lookups_run_while_the_pregreet_test_waits(elemta_server):
+    """As postscreen: the DNSBL query goes out while the greeting's last line is held
+    back for the pregreet test (greet_wait), not after the wait. The list here never
+    answers; its query is seen arriving long before the 30 s wait could end."""
+    silent = SilentList()
+    with silent.sock:
+        server = waiting_server(elemta_server, silent, "ignore", lookup_timeout=1.0)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                      source_address=("127.0.0.2", 0)) as client:
+            replies = client.makefile("rb")
+            assert replies.readline().startswith(b"220-")       # the wait has begun
+            silent.wait_for_query("2.0.0.127.a.test.")
+            client.sendall(b"QUIT\r\n")                     # ends the wait (ignored)
+            assert replies.readline().startswith(b"220 ")
+            assert replies.readline().startswith(b"221 ")
+        log = wait_for(lambda: "a.test: lookup failed" in server.log() and server.log())
+        assert "PREGREET 6 after " in log
+        server.stop()
+        # A client dropped for talking during the wait: its lookup, still pending, is
+        # abandoned; the worker serves on (127.0.0.4, in mynetworks, has no wait).
+        server = waiting_server(elemta_server, silent, "drop", lookup_timeout=20.0,
+                                mynetworks=NOT_US + ["127.0.0.4/32"])
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                      source_address=("127.0.0.3", 0)) as client:
+            replies = client.makefile("rb")
+            assert replies.readline().startswith(b"220-")
+            silent.wait_for_query("3.0.0.127.a.test.")
+            client.sendall(b"EHLO bot.test\r\n")
+            assert replies.read() == b"521 5.5.1 Protocol error\r\n"
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=60,
+                          source_address=("127.0.0.4", 0)) as patient:
+            assert patient.noop()[0] == 250
+        log = server.log()
+        assert "reject: CONNECT from unknown[127.0.0.3]: 521 5.5.1" in log
+        assert "Traceback" not in log and "3.0.0.127.a.test: lookup failed" not in log
 
 
 def test_sender_and_helo_domain_lists(elemta_server, nsd):

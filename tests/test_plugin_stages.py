@@ -149,10 +149,12 @@ def test_smtpd_stages_as_a_client_sees_them(probe_installed, elemta_server, tmp_
 
     # The stages in order, each seeing what it should.
     seen = [c for c in calls(record) if c["queue_id"] in (None, kept)
-            and c["client"] == "127.0.0.1"][-7:]
-    assert [c["stage"] for c in seen] == ["connection", "helo", "mail", "rcpt", "data",
-                                          "storage", "queue"]
-    data, storage, queued = seen[4:]
+            and c["client"] == "127.0.0.1"][-8:]
+    assert [c["stage"] for c in seen] == ["connection", "helo", "mail", "rcpt",
+                                          "data_command", "data", "storage", "queue"]
+    data_command, data, storage, queued = seen[4:]
+    assert data_command["recipients"] == ["rcpt@example.test"]
+    assert data_command["recipient"] is None and data_command["headers"] is None
     assert data["headers"] == ["From", "To", "Subject", "Message-ID"]
     assert storage["headers"][0] == "X-Probe-Data"          # data's edits came first
     assert queued["headers"] is None and queued["recipients"] == ["rcpt@example.test"]

@@ -113,6 +113,7 @@ id=R-CODE; protocol_state==RCPT; recipient==coded@example.test; action=554 5.7.9
 id=R-PREPEND; protocol_state==RCPT; recipient==tagged@example.test; action=PREPEND X-Policy: tagged by postfwd
 id=R-HOLD; protocol_state==RCPT; recipient==held@example.test; action=HOLD looks odd
 id=R-DISCARD; protocol_state==RCPT; recipient==void@example.test; action=DISCARD into the void
+id=R-DATA; protocol_state==DATA; sender==early@sender.test; action=REJECT not this time
 id=R-EOM; protocol_state==END-OF-MESSAGE; sender==late@sender.test; action=REJECT not after all
 """
 
@@ -131,7 +132,7 @@ def postfwd():
 def with_postfwd(elemta_server, postfwd):
     return policy_server(elemta_server, {
         "address": "inet:127.0.0.1:%d" % postfwd.port,
-        "protocol_states": ["RCPT", "END-OF-MESSAGE"]})
+        "protocol_states": ["RCPT", "DATA", "END-OF-MESSAGE"]})
 
 
 def test_postfwd_reject_and_defer_refuse_the_recipient(with_postfwd, postfwd):
@@ -200,6 +201,24 @@ def test_postfwd_at_end_of_message_refuses_the_content(with_postfwd):
     assert data == (554, b"5.7.1 <END-OF-MESSAGE>: End-of-data rejected: not after all")
     assert "reject: END-OF-MESSAGE from unknown[127.0.0.1]: 554 5.7.1 <END-OF-MESSAGE>: " \
            "End-of-data rejected: not after all; from=<late@sender.test>" in server.log()
+    assert server.queued_ids() == []
+
+
+def test_postfwd_at_data_refuses_the_data_command_before_the_content(with_postfwd):
+    """smtpd_data_restrictions: postfwd is asked when the client sends DATA; its REJECT
+    is the reply to DATA, in place of the 354, so the client never sends the content."""
+    server = with_postfwd
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
+        smtp.ehlo("client.test")
+        assert smtp.mail("early@sender.test")[0] == 250
+        assert smtp.rcpt("fine@example.test")[0] == 250
+        smtp.putcmd("data")
+        assert smtp.getreply() == (554, b"5.7.1 <DATA>: Data command rejected: "
+                                        b"not this time")
+        assert smtp.rset()[0] == 250              # the session goes on
+    assert ("NOQUEUE: reject: DATA from unknown[127.0.0.1]: 554 5.7.1 <DATA>: Data "
+            "command rejected: not this time; from=<early@sender.test> proto=ESMTP "
+            "helo=<client.test> (plugin policy_service)") in server.log()
     assert server.queued_ids() == []
 
 
@@ -551,44 +570,118 @@ def test_unsupported_actions_are_logged_and_taken_as_dunno(elemta_server):
                 % policy.address) in log
 
 
-def test_after_the_content_prepend_lands_below_received_and_ok_skips_no_plugin(
-        elemta_server):
-    """At DATA and END-OF-MESSAGE a PREPEND edits the content (below our Received
-    header), and an OK does not stop the later data-stage plugins (here the
-    Authentication-Results writer)."""
+def test_data_is_asked_at_the_data_command_before_any_content(elemta_server):
+    """The DATA request goes out when the client sends DATA: it is on the policy
+    server's record before the 354 reaches the client, which has sent no content yet;
+    END-OF-MESSAGE comes after the content, with its size."""
+    with ScriptedPolicyServer(lambda request: b"action=DUNNO\n\n") as policy:
+        server = policy_server(elemta_server, {
+            "address": policy.address,
+            "protocol_states": ["RCPT", "DATA", "END-OF-MESSAGE"]})
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail("a@sender.test", ["SIZE=4321"])
+            smtp.rcpt("rcpt@example.test")
+            smtp.putcmd("data")
+            assert smtp.getreply()[0] == 354
+            states = [r["protocol_state"] for r in policy.requests]
+            assert states == ["RCPT", "DATA"]
+            content = message("a@sender.test")
+            smtp.send(content + b".\r\n")
+            reply = smtp.getreply()
+        data, eom = policy.requests[1:]
+        assert eom["protocol_state"] == "END-OF-MESSAGE"
+        # At DATA: the accepted recipients, the size the client declared, no queue id.
+        assert (data["recipient"], data["recipient_count"], data["size"],
+                data["queue_id"]) == ("rcpt@example.test", "1", "4321", "")
+        assert (eom["queue_id"], eom["size"]) == (queue_id(reply), str(len(content)))
+
+
+def test_a_refusal_at_data_replaces_the_354_for_data_and_bdat(elemta_server):
+    """REJECT or DEFER at DATA is the reply to the DATA command sent in a pipelined
+    group (the client waits for it and sends no content); to a first BDAT, whose chunk
+    is read and thrown away. Nothing is queued, END-OF-MESSAGE is never asked, and the
+    session goes on."""
     def answer(request):
-        return {"DATA": b"action=PREPEND X-Data: seen after the content\n\n",
-                "END-OF-MESSAGE": b"action=OK\n\n"}.get(request["protocol_state"],
-                                                           b"action=DUNNO\n\n")
+        if request["protocol_state"] != "DATA":
+            return b"action=DUNNO\n\n"
+        return {"a@sender.test": b"action=REJECT not from you\n\n",
+                "b@sender.test": b"action=DEFER_IF_PERMIT 4.7.9 come back later\n\n"}[
+                    request["sender"]]
     with ScriptedPolicyServer(answer) as policy:
+        server = policy_server(elemta_server, {
+            "address": policy.address,
+            "protocol_states": ["RCPT", "DATA", "END-OF-MESSAGE"]})
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
+            assert smtp.ehlo("client.test")[0] == 250
+            assert smtp.has_extn("pipelining") and smtp.has_extn("chunking")
+            smtp.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<rcpt@example.test>\r\n"
+                      b"DATA\r\n")
+            assert [smtp.getreply() for _ in range(3)] == [
+                (250, b"2.1.0 Ok"), (250, b"2.1.5 Ok"),
+                (554, b"5.7.1 <DATA>: Data command rejected: not from you")]
+            assert smtp.rset()[0] == 250
+            smtp.send(b"MAIL FROM:<b@sender.test>\r\nRCPT TO:<rcpt@example.test>\r\n"
+                      b"BDAT 7 LAST\r\nSubject")
+            assert [smtp.getreply() for _ in range(3)][2] == (
+                450, b"4.7.9 <DATA>: Data command rejected: come back later")
+            assert smtp.noop()[0] == 250
+        assert [r["protocol_state"] for r in policy.requests] == [
+            "RCPT", "DATA", "RCPT", "DATA"]
+        log = server.log()
+        assert ("NOQUEUE: reject: DATA from unknown[127.0.0.1]: 554 5.7.1 <DATA>: Data "
+                "command rejected: not from you; from=<a@sender.test> proto=ESMTP "
+                "helo=<client.test> (plugin policy_service)") in log
+        assert ("NOQUEUE: reject: BDAT from unknown[127.0.0.1]: 450 4.7.9 <DATA>: Data "
+                "command rejected: come back later; from=<b@sender.test>") in log
+        assert server.queued_ids() == []
+
+
+def test_prepend_at_data_goes_above_received_and_ok_at_the_end_skips_no_plugin(
+        elemta_server):
+    """A PREPEND at DATA is written above our Received header, as Postfix writes it; one
+    at END-OF-MESSAGE edits the content (below Received); an OK there does not stop the
+    later data-stage plugins (here the Authentication-Results writer)."""
+    def tagger(request):
+        return {"DATA": b"action=PREPEND X-Data: seen at the DATA command\n\n",
+                "END-OF-MESSAGE": b"action=PREPEND X-End: seen after the content\n\n"
+                }.get(request["protocol_state"], b"action=DUNNO\n\n")
+    with ScriptedPolicyServer(tagger) as first, \
+            ScriptedPolicyServer(lambda request: b"action=OK\n\n") as second:
         server = elemta_server(relay={"mynetworks": NOT_US}, plugins={
             "authres": {"enabled": True},
-            "policy_service": {"enabled": True, "servers": [{
-                "address": policy.address,
-                "protocol_states": ["RCPT", "DATA", "END-OF-MESSAGE"]}]}})
+            "policy_service": {"enabled": True, "servers": [
+                {"address": first.address, "protocol_states": ["DATA", "END-OF-MESSAGE"]},
+                {"address": second.address, "protocol_states": ["END-OF-MESSAGE"]}]}})
         replies, data = send(server, "a@sender.test", ["rcpt@example.test"])
         _, content = server.message(queue_id(data))
-        lines = content.split(b"\r\n")
-        assert lines[0].startswith(b"Received: from client.test")
-        assert b"\r\nX-Data: seen after the content\r\n" in content
-        assert content.index(b"X-Data:") > content.index(b"Received:")
+        assert content.startswith(b"X-Data: seen at the DATA command\r\n"
+                                  b"Received: from client.test")
+        assert b"\r\nX-End: seen after the content\r\n" in content
+        assert content.index(b"X-End:") > content.index(b"Received:")
         assert b"\r\nAuthentication-Results: mx.test" in content
+        assert [r["protocol_state"] for r in second.requests] == ["END-OF-MESSAGE"]
 
 
 def test_the_content_is_kept_only_when_a_server_is_asked_after_it():
     """The data stage (which makes the smtpd keep each message in memory) is served
-    only when some server is asked at DATA or END-OF-MESSAGE."""
+    only when some server is asked at END-OF-MESSAGE; the DATA command's stage only
+    when some server is asked at DATA."""
     from elemta.plugins.manager import PluginManager
-    rcpt_only = PluginManager.from_mapping({"policy_service": {"servers": [
-        {"address": "inet:127.0.0.1:10040"}]}}).start(strict=True)
-    assert (rcpt_only.wants("rcpt"), rcpt_only.wants("data")) == (True, False)
-    after = PluginManager.from_mapping({"policy_service": {"servers": [
-        {"address": "inet:127.0.0.1:10040"},
-        {"address": "unix:/run/policy", "protocol_states": ["END-OF-MESSAGE"]}]}}).start(
-            strict=True)
-    assert (after.wants("rcpt"), after.wants("data")) == (True, True)
-    rcpt_only.close()
-    after.close()
+
+    def served(*servers):
+        manager = PluginManager.from_mapping({"policy_service": {"servers": list(
+            servers)}}).start(strict=True)
+        try:
+            return tuple(manager.wants(stage) for stage in ("rcpt", "data_command", "data"))
+        finally:
+            manager.close()
+    rcpt = {"address": "inet:127.0.0.1:10040"}
+    assert served(rcpt) == (True, False, False)
+    assert served(rcpt, {"address": "unix:/run/policy", "protocol_states": ["DATA"]}) == \
+        (True, True, False)
+    assert served(rcpt, {"address": "unix:/run/policy",
+                         "protocol_states": ["END-OF-MESSAGE"]}) == (True, False, True)
 
 
 def held_answers():

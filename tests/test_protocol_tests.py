@@ -262,3 +262,54 @@ def test_enforced_pipelining_failure_at_data_refuses_the_message(elemta_server):
     assert re.search(r": reject: END-OF-MESSAGE from unknown\[127\.0\.0\.2\]: 550 5\.5\.1 "
                      r"Protocol error; from=<a@c\.test> \(restriction pipelining\)",
                      server.log())
+
+
+def read_line(s):
+    """One line the server sent, up to its CRLF, read byte by byte so nothing after it
+    is taken."""
+    line = b""
+    while not line.endswith(b"\r\n"):
+        byte = s.recv(1)
+        if not byte:
+            break
+        line += byte
+    return line
+
+
+def test_a_client_answering_the_first_greeting_line_is_caught(elemta_server):
+    """The greeting is multi-line (greet_banner): "220-" first, then the wait, then the
+    last line. A bot that answers the first line, without waiting for the last one,
+    talks during the wait and fails the test, as postscreen catches it."""
+    server = start(elemta_server, greet_wait=3, greet_action="drop")
+    s, port = connect(server)
+    assert read_line(s) == b"220-mx.test ESMTP Elemta\r\n"
+    s.settimeout(0.5)
+    with pytest.raises(socket.timeout):       # the last line is held back: the wait
+        s.recv(100)
+    s.settimeout(10)
+    s.sendall(b"EHLO bot.test\r\n")
+    assert read_all(s) == "521 5.5.1 Protocol error\r\n"
+    s.close()
+    assert re.search(r"PREGREET 15 after \d\.\d\d from \[127\.0\.0\.2\]:%d: "
+                     r"EHLO bot\.test\\r\\n" % port, server.log())
+
+
+def test_without_greet_banner_the_wait_is_silent_and_the_greeting_one_line(elemta_server):
+    """greet_banner: false: nothing is sent during the wait, then a one-line 220; a
+    client talking into the silence is caught all the same."""
+    server = start(elemta_server, greet_wait=3, greet_banner=False, greet_action="enforce")
+    s, port = connect(server)
+    s.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        s.recv(100)
+    s.settimeout(10)
+    s.sendall(b"EHLO bot.test\r\n")
+    greeting, ehlo = read_replies(s, 2)
+    assert greeting == "220 mx.test ESMTP Elemta\r\n"
+    assert ehlo.startswith("250-mx.test")
+    s.sendall(MAIL)
+    assert read_replies(s, 3)[1] == "550 5.5.1 Protocol error\r\n"
+    s.close()
+    assert "PREGREET 15 after " in server.log()
+    # A patient client gets the one-line greeting and its mail through.
+    assert send_with_smtplib(server, "127.0.0.3") == {}

@@ -158,3 +158,32 @@ def test_elemtactl_restrictions_shows_a_plugin_only_where_its_settings_make_it_c
                                     "pipelining"]
     assert names["rcpt"][0] == "pipelining"
     assert "pipelining" in names["end_of_data"]
+
+
+def test_a_policy_server_asked_at_data_is_listed_and_counted_at_the_data_stage(
+        elemta_server, tmp_path, monkeypatch):
+    """check_policy_service in smtpd_data_restrictions: listed at the data stage, before
+    the queue file is made, and its refusal of DATA counted there."""
+    from tests.peers.policy import ScriptedPolicyServer
+    with ScriptedPolicyServer(lambda request: b"action=REJECT not now\n\n"
+                              if request["protocol_state"] == "DATA"
+                              else b"action=DUNNO\n\n") as policy:
+        server, api_port = start_server(
+            elemta_server, tmp_path, monkeypatch, plugins={"policy_service": {
+                "enabled": True, "servers": [{"address": policy.address,
+                                              "protocol_states": ["RCPT", "DATA"]}]}})
+        shown = elemtactl("--config", server.config_path, "restrictions")
+        assert shown.returncode == 0, shown.stderr
+        data = [line.split(" ")[1] for line in stage_lines(shown.stdout, "data")]
+        assert data == ["policy_service", "queue_storage"]
+        assert "plugin stage data_command" in shown.stdout
+        assert "policy_service" not in stage_lines(shown.stdout, "end_of_data")
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+            client.ehlo("client.test")
+            client.mail("a@sender.test")
+            assert client.rcpt("b@example.test")[0] == 250
+            client.putcmd("data")
+            assert client.getreply()[0] == 554
+        samples, _ = scrape(api_port)
+        assert value(samples, "elemta_smtpd_restriction_refusals_total",
+                     restriction="policy_service", stage="data") == 1

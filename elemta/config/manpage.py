@@ -362,7 +362,8 @@ def _restrictions() -> List[str]:
              "smtpd_client_restrictions .. smtpd_end_of_data_restrictions say it. First "
              "the core checks below (those a configuration turns on), then the enabled "
              "plugins serving the stage, the built-in restrictions among them, by their "
-             "order (plugins.NAME.order). A refusal is logged with \\(lqrestriction "
+             "order (plugins.NAME.order), then the milters; a core check that says it "
+             "runs last comes after them. A refusal is logged with \\(lqrestriction "
              "NAME\\(rq or \\(lqplugin NAME\\(rq and counted in "
              "elemta_smtpd_restriction_refusals_total{restriction,stage}. "
              "\\fBelemtactl restrictions\\fR prints the whole list for a "
@@ -374,9 +375,11 @@ def _restrictions() -> List[str]:
             lines.append("No core check; plugins only.")
         for check in checks:
             lines += [".TP", "\\fB%s\\fR (Postfix: %s)" % (check.name, check.postfix),
-                      _roff("%s.%s" % (check.refuses[0].upper() + check.refuses[1:],
-                                       " Set by %s." % check.option if check.option
-                                       else ""))]
+                      _roff("%s.%s%s" % (check.refuses[0].upper() + check.refuses[1:],
+                                         " Set by %s." % check.option if check.option
+                                         else "",
+                                         " Runs last, after the plugins and milters."
+                                         if check.last else ""))]
     return lines
 
 

@@ -909,9 +909,10 @@ class ProtocolTestSettings:
     greet_wait: float = opt(
         0.0, "Seconds every client waits for the last line of the greeting while the "
              "smtpd listens whether it talks before its turn (the pregreet test); such "
-             "a client is logged \"PREGREET n after t from [address]:port: input\". 0: "
-             "no test and no wait. Postfix's postscreen_greet_wait (6s when postscreen "
-             "runs; it then remembers clients that passed for a day, postscreen_greet_ttl, "
+             "a client is logged \"PREGREET n after t from [address]:port: input\". The "
+             "connection-stage checks (plugins.dnsbl) run during the wait, as postscreen's "
+             "DNSBL lookups do. 0: no test and no wait. Postfix's postscreen_greet_wait "
+             "(6s when postscreen runs; it then remembers clients that passed for a day, postscreen_greet_ttl, "
              "which Elemta does not: every connection waits).", _not_negative)
     greet_banner: bool = opt(
         True, "Send the first line of the greeting (220-host banner) before the wait, as "

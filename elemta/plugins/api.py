@@ -29,12 +29,12 @@ the earlier ones set) and what each result does there. "reject" and "tempfail" c
 reply (code, enhanced status, text); a plugin that raises or overruns its timeout counts
 as tempfail 451 4.3.0, or as no opinion when configured fail_open. ACCEPT skips the later
 plugins of the same stage, everywhere. Header fields a result carries (Result.proceed,
-accept or quarantine headers=) at connection, helo, auth, mail or rcpt are kept by the
-smtpd and written above its Received header when the message comes (as Postfix writes a
-PREPEND from its smtpd restrictions): those of connection, helo and auth go into every
-message of the session, those of mail and rcpt into this message; a field is written once
-however often it is given, those of a refused command are dropped, and `remove` has
-nothing to act on before the content.
+accept or quarantine headers=) at connection, helo, auth, mail, rcpt or data_command are
+kept by the smtpd and written above its Received header when the message comes (as
+Postfix writes a PREPEND from its smtpd restrictions): those of connection, helo and auth
+go into every message of the session, those of mail, rcpt and data_command into this
+message; a field is written once however often it is given, those of a refused command
+are dropped, and `remove` has nothing to act on before the content.
 
   accept      smtpd, the moment a client connects, before anything is done for it (its
               name is looked up, the pregreet test, the connection stage), so that every
@@ -45,7 +45,9 @@ nothing to act on before the content.
               stage); other results count as no opinion.
   connection  smtpd, a client connected, before the 220 greeting. ctx: client_address,
               client_name, client_lookup, listener, trusted, tls (smtps only),
-              hostname, resolver, session.
+              hostname, resolver, session. While the pregreet test waits (protocol_tests.
+              greet_wait), this stage runs alongside the wait, as postscreen runs its
+              DNSBL lookups: it cannot know yet whether the client talks out of turn.
               reject: 554 in place of the 220, then 503 5.7.0 to every command until
               QUIT (RFC 5321 3.1); tempfail: 421 and the connection closes; discard /
               quarantine: every message of the session is discarded / held.
@@ -58,6 +60,11 @@ nothing to act on before the content.
   rcpt        smtpd, each RCPT TO (after the relay check). + ctx.recipient, ctx.recipients
               (those accepted so far). reject/tempfail: this recipient is refused;
               discard/quarantine: the whole message (as Postfix's DISCARD and HOLD).
+  data_command  smtpd, the DATA command (or the first BDAT), before the 354 and before
+              any content is read (Postfix's smtpd_data_restrictions). + ctx.recipients
+              (those accepted). reject/tempfail: the reply to DATA in place of the 354
+              (a first BDAT's chunk is read and thrown away); discard/quarantine: this
+              message; header fields go above the Received header, as at rcpt.
   data        smtpd at the end of DATA/BDAT, and pickup for each message from sendmail
               (ctx.local true, no client). + ctx.queue_id, ctx.recipients, ctx.outbound,
               ctx.message (the content as received, before our Received header).
@@ -105,12 +112,14 @@ HELO = "helo"               # HELO/EHLO
 AUTH = "auth"               # AUTH succeeded (ctx.auth_user is set)
 MAIL = "mail"               # MAIL FROM
 RCPT = "rcpt"               # RCPT TO, once per recipient (ctx.recipient)
+DATA_COMMAND = "data_command"   # the DATA command, before the 354 and the content
 DATA = "data"               # the end of the content: ctx.message is complete
 STORAGE = "storage"         # the final content, about to be written to the spool
 QUEUE = "queue"             # the message is durably queued (notification only)
 ROUTING = "routing"         # delivery: choosing the next hop of a recipient
 DELIVERY = "delivery"       # delivery: about to hand recipients to their transport
-STAGES = (ACCEPT_STAGE, CONNECTION, HELO, AUTH, MAIL, RCPT, DATA, STORAGE, QUEUE, ROUTING, DELIVERY)
+STAGES = (ACCEPT_STAGE, CONNECTION, HELO, AUTH, MAIL, RCPT, DATA_COMMAND, DATA, STORAGE, QUEUE,
+          ROUTING, DELIVERY)
 
 # Actions a verdict may carry.
 CONTINUE = "continue"       # no objection; later plugins run; default behaviour

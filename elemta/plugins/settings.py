@@ -639,8 +639,9 @@ class PolicyServerSettings:
                            "(Postfix: the check_policy_service endpoint).", _policy_address)
     protocol_states: Tuple[str, ...] = opt(
         ("RCPT",), "When it is asked: RCPT (each recipient, after the relay check), DATA "
-                   "and END-OF-MESSAGE (both once the content is in: Elemta has no check at "
-                   "the DATA command). Postfix: check_policy_service in "
+                   "(the DATA command, before the 354 and any content: a refusal replaces "
+                   "the 354) and END-OF-MESSAGE (once the content is in, its size known). "
+                   "Postfix: check_policy_service in "
                    "smtpd_recipient_restrictions, smtpd_data_restrictions, "
                    "smtpd_end_of_data_restrictions.", _policy_states)
     timeout: float = opt(100.0, "Seconds to connect, send or receive (Postfix's "

@@ -26,7 +26,7 @@ STAGES = ("connect", "helo", "auth", "mail", "rcpt", "data", "end_of_data")
 # nothing a client hears).
 PLUGIN_STAGES = {
     "accept": "connect", "connection": "connect", "helo": "helo", "auth": "auth", "mail": "mail",
-    "rcpt": "rcpt", "data": "end_of_data", "storage": "end_of_data",
+    "rcpt": "rcpt", "data_command": "data", "data": "end_of_data", "storage": "end_of_data",
 }
 
 
@@ -45,7 +45,9 @@ _STAGE_OF_COMMAND = {"CONNECT": "connect", "HELO": "helo", "EHLO": "helo", "AUTH
 
 def stage_of_command(command):
     """The stage a refusal of the SMTP command belongs to: end_of_data for the content
-    (DATA, BDAT, END-OF-MESSAGE) since a refusal of DATA itself comes from no check."""
+    (DATA, BDAT, END-OF-MESSAGE), as the core's refusals that name DATA (a size limit,
+    the pipelining test) are about the content; the checks of the DATA command itself
+    (plugins, milters) give their stage, data, to the session."""
     return _STAGE_OF_COMMAND.get(command, "end_of_data")
 
 
@@ -57,13 +59,15 @@ class CoreCheck:
     postfix: the Postfix restriction or parameter it stands for;
     option: the config key that tunes it ("" when it is always on);
     refuses: the reply it gives, in a few words;
-    active: config -> whether it runs with that config."""
+    active: config -> whether it runs with that config;
+    last: it runs after the stage's plugins and milters, not before them."""
     name: str
     stage: str
     postfix: str
     option: str
     refuses: str
     active: Callable = lambda config: True
+    last: bool = False
 
 
 # What a header or body check table refuses with (elemta.content.checks).
@@ -122,8 +126,11 @@ CORE_CHECKS = (
     CoreCheck("canonical_maps", "rcpt", "canonical_maps", "rewrite.recipient_canonical_maps",
               "451 4.3.0 when a canonical table cannot answer",
               lambda config: _rewriting(config)),
+    # Last at DATA: the queue file is made only for a message the checks let in, and
+    # with the header fields they gave (PREPEND) above the Received header.
     CoreCheck("queue_storage", "data", "queue_minfree", "queue.spool_dir",
-              "452 4.3.1 when no queue file can be made, 451 4.3.0 on other errors"),
+              "452 4.3.1 when no queue file can be made, 451 4.3.0 on other errors",
+              last=True),
     CoreCheck("message_size_limit", "end_of_data", "message_size_limit",
               "limits.message_size", "552 5.3.4 message too big"),
     CoreCheck("pipelining", "end_of_data", "postscreen_pipelining_action",
@@ -175,19 +182,21 @@ def plan(config) -> List[Tuple[str, List[PlannedCheck]]]:
     """[(stage, [PlannedCheck, ...])] for every stage, in the order the smtpd applies
     them with this config: the plugins that run before the core checks
     (Plugin.before_core_checks), its active core checks, then the other enabled plugins
-    serving the stage, each group by order, then the smtp milters (at end_of_data
-    before the plugins that serve only the storage stage, which sign what the milters
-    left). A plugin is listed where its stages() says it
-    is called with its settings (one that skips a stage its settings leave idle is not
-    listed there). Raises PluginConfigError when a plugin cannot be loaded."""
+    serving the stage, each group by order, then the smtp milters, then the core checks
+    that come last (CoreCheck.last); at end_of_data the plugins that serve only the
+    storage stage come after all that, as they sign what the milters left. A plugin is
+    listed where its stages() says it is called with its settings (one that skips a
+    stage its settings leave idle is not listed there). Raises PluginConfigError when a
+    plugin cannot be loaded."""
     from elemta.plugins.manager import choose     # gevent: not for the man page's sake
     early = {stage: [] for stage in STAGES}
     core = {stage: [] for stage in STAGES}
+    core_last = {stage: [] for stage in STAGES}
     late = {stage: [] for stage in STAGES}
     storage_only = {stage: [] for stage in STAGES}
     for check in CORE_CHECKS:
         if check.active(config):
-            core[check.stage].append(PlannedCheck(
+            (core_last if check.last else core)[check.stage].append(PlannedCheck(
                 check.name, "core", check.postfix,
                 "%s%s" % (check.refuses, "; set by " + check.option if check.option else "")))
     for name, plugin_class, common, settings in choose(config.plugins.to_run()):
@@ -212,7 +221,7 @@ def plan(config) -> List[Tuple[str, List[PlannedCheck]]]:
         for entry in config.milters if entry.smtp and stage in MILTER_STAGES]
         for stage in STAGES}
     return [(stage, early[stage] + core[stage] + late[stage] + milters[stage]
-             + storage_only[stage]) for stage in STAGES]
+             + core_last[stage] + storage_only[stage]) for stage in STAGES]
 
 
 def _stages_with(plugin_class, settings):

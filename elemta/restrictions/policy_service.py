@@ -1,9 +1,11 @@
 """Policy delegation: Postfix's check_policy_service, the `policy_service` built-in plugin.
 
-Owned by the smtpd worker (rcpt and data stages). For each recipient (protocol_state RCPT)
-and, for the servers configured so, once the content is in (DATA, then END-OF-MESSAGE),
-Elemta sends each policy server the attributes Postfix sends (SMTPD_POLICY_README, up to
-Postfix 3.8), and acts on the access(5) action the server answers
+Owned by the smtpd worker (rcpt, data_command and data stages). For each recipient
+(protocol_state RCPT) and, for the servers configured so, at the DATA command, before the
+354 and any content (DATA, Postfix's smtpd_data_restrictions), and once the content is in
+(END-OF-MESSAGE, smtpd_end_of_data_restrictions), Elemta sends each policy server the
+attributes Postfix sends (SMTPD_POLICY_README, up to Postfix 3.8), and acts on the
+access(5) action the server answers
 (elemta.restrictions.policy_action). What Elemta does not know is sent empty (or 0):
 ccert_* (it asks clients for no certificate), sasl_sender, etrn_domain, stress and
 compatibility_level; mail_version is Elemta's. As in Postfix, client_name is the
@@ -12,18 +14,20 @@ forward-confirmed name and reverse_client_name the PTR name, confirmed or not, e
 The servers are asked in their configured order:
 
     OK                  accept: later servers and the later plugins of the stage are skipped
-                        (at RCPT; at DATA and END-OF-MESSAGE only the later servers)
+                        (at RCPT and DATA; at END-OF-MESSAGE only the later servers)
     DUNNO, WARN, INFO   no opinion: the next server is asked
-    REJECT, DEFER, 4NN/5NN   the recipient (RCPT) or the message (DATA, END-OF-MESSAGE) is
-                        refused with that reply, "<to>: Recipient address rejected: text"
-                        as Postfix words it
+    REJECT, DEFER, 4NN/5NN   the recipient (RCPT), the DATA command (in place of the 354:
+                        the client sends no content) or the message (END-OF-MESSAGE) is
+                        refused with that reply, "<to>: Recipient address rejected: text",
+                        "<DATA>: Data command rejected: text" as Postfix words it
     HOLD                the message is queued on hold (plugin quarantine); the next server
                         is still asked and may refuse
     DISCARD             the message is accepted and dropped (the whole message, as Postfix)
     PREPEND             the header field is added to the message, above our Received
-                        header when given at RCPT (where Postfix writes it), at the top of
-                        the content, below Received, when given at DATA or END-OF-MESSAGE
-                        (Postfix cannot; Elemta edits the content there anyway)
+                        header when given at RCPT or DATA (where Postfix writes it), at
+                        the top of the content, below Received, when given at
+                        END-OF-MESSAGE (Postfix cannot; Elemta edits the content there
+                        anyway)
     DEFER_IF_PERMIT     remembered; a later server's REJECT still rejects, otherwise 450
                         once the servers are done. Postfix waits for the outcome of all
                         later restrictions; Elemta approximates: the plugins after this
@@ -55,7 +59,8 @@ import os
 import time
 
 from elemta import __version__
-from elemta.plugins.api import DISCARD, QUARANTINE, REJECT, TEMPFAIL, Plugin, Result
+from elemta.plugins.api import ACCEPT, DATA_COMMAND, Plugin, Result
+from elemta.plugins.api import DATA as DATA_STAGE
 from elemta.plugins.settings import PolicyServiceSettings
 from elemta.restrictions import policy_action as actions
 from elemta.restrictions.policy_client import (PolicyAnswerError, PolicyClient,
@@ -157,40 +162,37 @@ class PolicyServicePlugin(Plugin):
             client.close()
 
     def stages(self):
-        """rcpt, and data only when some server is asked at DATA or END-OF-MESSAGE: a
-        data-stage plugin makes the smtpd keep each message in memory until its end."""
+        """rcpt, data_command when some server is asked at DATA, and data only when some
+        server is asked at END-OF-MESSAGE: a data-stage plugin makes the smtpd keep each
+        message in memory until its end."""
         servers = getattr(getattr(self, "settings", None), "servers", ())
-        if any(set(server.protocol_states) & {DATA, END_OF_MESSAGE} for server in servers):
-            return super().stages()
-        return tuple(stage for stage in super().stages() if stage != "data")
+        asked = {state for server in servers for state in server.protocol_states}
+        idle = {stage for stage, state in ((DATA_COMMAND, DATA), (DATA_STAGE, END_OF_MESSAGE))
+                if state not in asked}
+        return tuple(stage for stage in super().stages() if stage not in idle)
 
     def on_rcpt(self, ctx):
         if ctx.local:
             return None
         return self._ask_servers(RCPT, ctx)
 
-    def on_data(self, ctx):
-        """DATA, then END-OF-MESSAGE. An OK ends the asking of that state's servers but
-        skips no later plugin: Elemta's data stage also does what Postfix does after its
-        restrictions (Authentication-Results, signing), which no policy server's OK
-        should turn off."""
+    def on_data_command(self, ctx):
+        """DATA, before the 354: a refusal takes its place."""
         if ctx.local:
             return None
-        results = []
-        for state in (DATA, END_OF_MESSAGE):
-            result = self._ask_servers(state, ctx)
-            if result is None:
-                continue
-            if result.action in (REJECT, TEMPFAIL, DISCARD):
-                return result
-            results.append(result)
-        if not results:
+        return self._ask_servers(DATA, ctx)
+
+    def on_data(self, ctx):
+        """END-OF-MESSAGE. An OK ends the asking of the servers but skips no later
+        plugin: Elemta's data stage also does what Postfix does after its restrictions
+        (Authentication-Results, signing), which no policy server's OK should turn
+        off."""
+        if ctx.local:
             return None
-        headers = [field for result in results for field in result.headers]
-        held = [result.reason for result in results if result.action == QUARANTINE]
-        if held:
-            return Result.quarantine(held[0], headers)
-        return Result.proceed(headers)
+        result = self._ask_servers(END_OF_MESSAGE, ctx)
+        if result is not None and result.action == ACCEPT:
+            return Result.proceed(result.headers)
+        return result
 
     # ---- one protocol state ---------------------------------------------------------
 

@@ -11,6 +11,8 @@ sees the raw input stream, which plugins never do.
               it is still read as commands afterwards) fails the test, logged as
               postscreen logs it: "PREGREET 14 after 0.02 from [192.0.2.1]:1234: EHLO
               x\\r\\n". Real MTAs wait for the whole multi-line 220; spambots often do not.
+              The connection-stage plugins (the DNSBL lookups) run during the wait, as
+              postscreen's do, so a client costs the longer of the two, not their sum.
   pipelining  A command line with more input behind it where RFC 2920 forbids sending
               ahead (no EHLO reply with PIPELINING seen yet, or after DATA), logged
               "COMMAND PIPELINING from [192.0.2.1]:1234 after HELO: MAIL FROM:<a@b>\\r\\n".
@@ -80,13 +82,17 @@ class ProtocolTests:
             self.failed = test
         return None
 
+    def waits(self):
+        """True when the pregreet test is on for this client: pregreet() waits."""
+        return self.active and self.settings.greet_wait > 0
+
     def pregreet(self, sock, teaser):
         """Run the pregreet test (when on): send `teaser` (the bait, bytes, or b"" for
         none), then wait up to greet_wait seconds for input without consuming it.
         Returns DROPPED when the client is to be dropped, else None."""
-        wait = self.settings.greet_wait
-        if not self.active or wait <= 0:
+        if not self.waits():
             return None
+        wait = self.settings.greet_wait
         start = time.monotonic()
         try:
             if teaser and self.settings.greet_banner:

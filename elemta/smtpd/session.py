@@ -11,7 +11,8 @@ forward lookup gives the client's address back.
 
 Plugins (elemta.plugins) see the session through one Context (self.ctx) and are asked at
 each stage: connection (before the greeting), helo, auth, mail, rcpt (after the relay
-check), then data and storage (elemta.plugins.content), and queue once the 250 is sent.
+check), data_command (DATA, before the 354), then data and storage (elemta.plugins.
+content), and queue once the 250 is sent.
 The data and storage stages need the whole content, so only when some plugin wants it is
 the content kept in memory (bounded by limits.message_size, which the protocol core
 enforces) and written to the spool file at the end, edited by the plugins; otherwise it
@@ -19,8 +20,8 @@ streams straight to the file. Either way it first streams through the header and
 checks (elemta.content.checks: Postfix's cleanup checks and hop count), which edit it
 line by line as it passes and give their verdict at the end of DATA, before the
 plugins'. A discard or quarantine given before the content (at
-connection, helo or auth for the whole session; at mail or rcpt for the message) is
-remembered and applied at the end of DATA.
+connection, helo or auth for the whole session; at mail, rcpt or data_command for the
+message) is remembered and applied at the end of DATA.
 See also: elemta.smtpd.server (the shared services), elemta.plugins.manager.
 """
 
@@ -39,7 +40,7 @@ from elemta.addressing.rewrite import RewriteError
 from elemta.addressing.virtual import expanded_recipients
 from elemta.maps import TableUnavailable
 from elemta.milter.chain import MilterChain, content_verdict, mail_args
-from elemta.plugins.api import DISCARD, TEMPFAIL, Context
+from elemta.plugins.api import DATA_COMMAND, DISCARD, TEMPFAIL, Context
 from elemta.plugins.content import (ContentVerdict, notify_queued, outbound,
                                     run_content_stages, wants_content)
 from elemta.plugins.manager import header_block
@@ -49,7 +50,7 @@ from elemta.plugins.peername import look_up, timed_out
 from elemta.queue.ids import new_queue_id
 from elemta.queue.model import Envelope, Hold, Recipient
 from elemta.queue.queue import log_queued
-from elemta.restrictions.catalogue import CORE_REFUSALS, stage_of_command
+from elemta.restrictions.catalogue import CORE_REFUSALS, PLUGIN_STAGES, stage_of_command
 from elemta.restrictions.protocoltests import ProtocolTests
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
                                 DataStart, Helo, ImproperPipelining, MailFrom,
@@ -167,8 +168,16 @@ class Session:
             if refusal is not None:
                 self._refuse_connection(refusal.action, refusal.reply,
                                         "plugin %s" % refusal.decided_by)
-            elif not self._dropped_pregreeter():
-                self._greet()
+            elif self.screen.waits():
+                # As postscreen runs its DNSBL lookups alongside its greet wait: the
+                # connection-stage checks run while the pregreet test waits.
+                checks = gevent.spawn(self._connection_checks)
+                if self._dropped_pregreeter():
+                    checks.kill()
+                else:
+                    self._greet(checks.get())
+            else:
+                self._greet(self._connection_checks())
             self._converse()
         except SessionEnded as exc:
             log.info("lost connection after %s from %s%s", self.proto.last_command, self.client,
@@ -205,17 +214,22 @@ class Session:
         if found.name_status != NAME_OK and found.reverse_status != NAME_PERM:
             log.warning("%s: %s", self.client_ip, found.problem)
 
-    def _greet(self):
-        """Run the connection-stage plugins, then have the core queue the greeting: the
-        220, or the plugins' refusal in its place.
+    def _connection_checks(self):
+        """The connection-stage plugins' Outcome, or None when no plugin serves it."""
+        if not self.plugins.wants("connection"):
+            return None
+        return self.plugins.run("connection", self.ctx)
+
+    def _greet(self, outcome):
+        """Act on the connection-stage plugins' outcome, ask the milters, then have the
+        core queue the greeting: the 220, or the refusal in its place.
 
         A reject is answered as Postfix's smtpd_client_restrictions answer with
         smtpd_delay_reject = no, and as RFC 5321 3.1 asks: 554 in place of the 220, then
         503 to every command until QUIT (the core's REFUSED state). A tempfail (a failing
         plugin's 451 4.3.0 too) is 421 with the plugin's status and text, and the
         connection closes (RFC 5321 3.8)."""
-        if self.plugins.wants("connection"):
-            outcome = self.plugins.run("connection", self.ctx)
+        if outcome is not None:
             if outcome.reply is not None:
                 return self._refuse_connection(outcome.action, outcome.reply,
                                                "plugin %s" % outcome.decided_by)
@@ -439,8 +453,15 @@ class Session:
         self.proto.accept()
 
     def on_data_start(self, event):
+        """DATA or the first BDAT: the data_command plugins (Postfix's
+        smtpd_data_restrictions) and the milters may refuse it before any content is
+        read; then the queue file is made (the queue_storage check)."""
         txn, proto = event.transaction, self.proto
-        if self._refused_by_milters(lambda m: m.data(), "data", "DATA", txn.sender):
+        command = proto.last_command          # DATA, or BDAT
+        self.ctx.recipient = None             # the message's now: ctx.recipients
+        if (self._refused_by_plugins(DATA_COMMAND, command, txn.sender)
+                or self._refused_by_milters(lambda m: m.data(), "data", command,
+                                            txn.sender)):
             return
         self.queue_id = (self.milters.queue_id if self.milters is not None else None) \
             or new_queue_id()
@@ -786,7 +807,7 @@ class Session:
             self._remember(outcome, stage)
             return False
         self._reject(command, Reply(*outcome.reply), outcome.decided_by, sender, recipient,
-                     plugin=True)
+                     plugin=True, stage=PLUGIN_STAGES[stage])
         return True
 
     def _refused_by_milters(self, ask, stage, command, sender=None, recipient=None):
@@ -799,7 +820,7 @@ class Session:
             self._remember_milter(verdict, stage)
             return False
         self._reject(command, Reply(*verdict.reply), verdict.milter, sender, recipient,
-                     kind="milter")
+                     kind="milter", stage=stage)
         return True
 
     def _remember_milter(self, verdict, stage):
@@ -834,14 +855,16 @@ class Session:
         if current is None or (current[0] != DISCARD and verdict[0] == DISCARD):
             setattr(self, scope, verdict)
         log.info("NOQUEUE: %s: %s from %s: %s (%s); applies to %s",
-                 "discard" if verdict[0] == DISCARD else "hold", stage.upper(), self.client,
+                 "discard" if verdict[0] == DISCARD else "hold",
+                 "DATA" if stage == DATA_COMMAND else stage.upper(), self.client,
                  verdict[1] or "by policy", _who(verdict[2]),
                  "this session" if scope == "session_verdict" else "this message")
 
     def _reject(self, command, reply, restriction, sender=None, recipient=None, why="",
-                plugin=False, kind=None):
+                plugin=False, kind=None, stage=None):
         """Refuse the pending command, logged the way Postfix logs a reject, with the
-        restriction that refused it (a core check or a plugin) named at the end."""
+        restriction that refused it (a core check or a plugin) named at the end; counted
+        at `stage` (elemta.restrictions.catalogue.STAGES), by default the command's."""
         log.info("NOQUEUE: reject: %s from %s: %s;%s%s proto=%s helo=<%s>%s (%s %s)",
                  command, self.client, reply,
                  " from=<%s>" % sender if sender is not None else "",
@@ -851,7 +874,7 @@ class Session:
                  kind or ("plugin" if plugin else "restriction"), restriction,
                  extra=self._refusal(command, reply, restriction, sender, recipient,
                                      helo=self.proto.helo_name or self.ctx.helo))
-        self._refuse_content(reply, restriction, stage_of_command(command))
+        self._refuse_content(reply, restriction, stage or stage_of_command(command))
 
     def _refusal(self, command, reply, restriction, sender=None, recipient=None, dsn=None,
                  helo=None):

@@ -16,7 +16,7 @@ workers), called by elemta.plugins.manager. What a plugin is:
   raises, the worker keeps running: the plugin's stages answer 451 4.3.0 (or, fail_open,
   the plugin is left out) and init() is tried again later;
 - one on_<stage>(ctx) method per stage served, returning a Result or None for "no
-  opinion". The ten stages, where they run, and what their results do (the full table,
+  opinion". The stages, where they run, and what their results do (the full table,
   with each stage's context, is in elemta.plugins.api):
 
     connection  smtpd, before the greeting    reject: 554 greeting; tempfail: 421
@@ -24,6 +24,7 @@ workers), called by elemta.plugins.manager. What a plugin is:
     auth        smtpd, after AUTH succeeded   reject/tempfail: AUTH fails
     mail        smtpd, MAIL FROM              reject/tempfail: the reply to it
     rcpt        smtpd, each RCPT TO           reject/tempfail: that recipient refused
+    data_command  smtpd, DATA, before the 354 reject/tempfail: the reply to DATA
     data        smtpd and pickup, content     reject/tempfail: the reply to the end of
                                               DATA; discard: 250 and dropped;
                                               quarantine: queued on hold; headers
@@ -35,7 +36,7 @@ workers), called by elemta.plugins.manager. What a plugin is:
     delivery    delivery, before sending      as routing, without route
 
   A discard or quarantine at connection, helo or auth applies to every message of the
-  session; at mail or rcpt, to the message.
+  session; at mail, rcpt or data_command, to the message.
 
 A plugin must never block: wait only through gevent (ctx.resolver for DNS). If it raises
 or overruns its timeout, the stage answers 451 4.3.0 and the log names the plugin.

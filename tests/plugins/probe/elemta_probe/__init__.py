@@ -7,7 +7,7 @@ enabled in a server's config, e.g.
       probe:
         enabled: true
         record: /tmp/x/calls.jsonl          # one JSON line per call, from any process
-        stages: [connection, data]          # serve only these (default: all ten)
+        stages: [connection, data]          # serve only these (default: all)
         rules:
           - {stage: connection, when: 127.0.0.2, action: reject, text: go away}
           - {stage: data, when: discard-me, action: discard}
