@@ -394,3 +394,69 @@ def test_sendmail_mail_a_milter_rejects_is_held_for_the_admin(elemta_server, por
         assert queue.get(envelope.queue_id).state == "hold"
     assert "%s: hold: 550 5.7.1 Not from cron (milter local); held for the admin" % (
         envelope.queue_id) in server.log()
+
+
+# ---- the stages Postfix shows that a plain transaction does not -------------------------
+
+SMFIP_NOUNKNOWN, SMFIP_NODATA = 0x100, 0x200
+
+
+@pytest.mark.parametrize("steps, answer, expected", [
+    (0, reply(b"y", b"554 5.7.1 Go away\x00"), (554, b"5.7.1 Go away")),
+    (0, reply(b"t"), (451, b"4.7.1 Service unavailable - try again later")),
+    (0, reply(b"c"), (500, b"5.5.1 Error: command not recognized")),
+    (0, reply(b"a"), (500, b"5.5.1 Error: command not recognized")),
+    (SMFIP_NOUNKNOWN, reply(b"r"), (500, b"5.5.1 Error: command not recognized")),
+])
+def test_an_unknown_command_goes_to_the_milters_that_want_it(elemta_server, port, steps,
+                                                             answer, expected):
+    with ScriptedMilter(port, {b"U": [answer]}, steps=steps) as milter:
+        server = milter_server(elemta_server, milter)
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as smtp:
+            smtp.ehlo("client.test")
+            assert smtp.docmd("XFROB", "the widget") == expected
+            # Refused, never obeyed: the session goes on as before.
+            assert smtp.mail("a@sender.test")[0] == 250
+        assert wait_for(lambda: milter.sequence().endswith(b"Q"))
+    if steps & SMFIP_NOUNKNOWN:
+        assert milter.commands(b"U") == []
+    else:
+        assert milter.commands(b"U") == [b"XFROB the widget\x00"]
+    refused = "NOQUEUE: reject: UNKNOWN from unknown[127.0.0.1]: %d %s" % (
+        expected[0], expected[1].decode())
+    assert (refused in server.log()) == (expected[0] != 500)
+
+
+def test_the_data_command_goes_to_the_milter_and_its_refusal_is_given(elemta_server,
+                                                                      port):
+    script = {b"T": [reply(b"y", b"550 5.7.1 Not today\x00")]}
+    with ScriptedMilter(port, script) as milter:
+        server = milter_server(elemta_server, milter)
+        assert send(server)[-1] == (550, "5.7.1 Not today")
+    assert milter.commands(b"T") == [b""]
+    assert server.queued_ids() == []
+    assert "milter m0: DATA from unknown[127.0.0.1]: reject: 550 5.7.1 Not today" in \
+        server.log()
+
+
+def test_a_milter_that_skips_data_is_not_sent_it(elemta_server, port):
+    with ScriptedMilter(port, steps=SMFIP_NODATA) as milter:
+        server = milter_server(elemta_server, milter)
+        queue_id_of(send(server))
+        assert wait_for(lambda: milter.sequence().endswith(b"Q"))
+    assert milter.sequence() == b"CHMRLLLLLNBEQ"
+
+
+def test_a_long_body_goes_in_chunks_of_at_most_65535_bytes(elemta_server, port):
+    # A line far longer than a chunk, then many short ones: cut by size, not by line.
+    body = b"x" * 150000 + b"\r\n" + b"".join(b"line %06d\r\n" % n for n in range(20000))
+    raw = b"From: <a@sender.test>\r\nSubject: long\r\n\r\n" + body
+    with ScriptedMilter(port) as milter:
+        server = milter_server(elemta_server, milter)
+        queue_id = queue_id_of(send(server, raw=raw))
+        assert wait_for(lambda: milter.sequence().endswith(b"Q"))
+    chunks = milter.commands(b"B")
+    assert [len(chunk) for chunk in chunks] == [65535] * (len(body) // 65535) + [
+        len(body) % 65535]
+    assert b"".join(chunks) == body
+    assert server.message(queue_id)[1].endswith(body)

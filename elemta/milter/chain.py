@@ -6,6 +6,7 @@ Owned by the smtpd session (the `smtp` milters, Postfix's smtpd_milters) and pic
     chain = MilterChain(milters, ctx, facts)     # ctx: the session's plugin Context
     chain.connect(); chain.helo()                # each gives a Verdict
     chain.mail(sender, args); chain.rcpt(recipient, args); chain.data()
+    chain.unknown(line)                          # a command line the SMTP core refuses
     outcome = chain.content(content)             # headers, body, end of message
     chain.abort()                                # RSET, a refused or broken transaction
     chain.close()                                # QUIT to every milter
@@ -42,6 +43,7 @@ from typing import List, Optional, Tuple
 
 from elemta import metrics
 from elemta.milter import protocol as p
+from elemta.milter.client import CONTINUE as CONTINUE_RESPONSE
 from elemta.milter.client import MilterConnection, MilterError
 from elemta.milter.edits import HeaderSection, crlf_body, wire_value
 from elemta.milter.macros import values_for
@@ -64,7 +66,8 @@ NO_RECIPIENTS = (550, "5.7.1", "Error: no recipients left after content filterin
 # Stages, as logged and counted.
 STAGE_OF = {p.SMFIC_CONNECT: "connect", p.SMFIC_HELO: "helo", p.SMFIC_MAIL: "mail",
             p.SMFIC_RCPT: "rcpt", p.SMFIC_DATA: "data", p.SMFIC_HEADER: "header",
-            p.SMFIC_EOH: "eoh", p.SMFIC_BODY: "body", p.SMFIC_BODYEOB: "eom"}
+            p.SMFIC_EOH: "eoh", p.SMFIC_BODY: "body", p.SMFIC_BODYEOB: "eom",
+            p.SMFIC_UNKNOWN: "unknown"}
 
 
 @dataclass
@@ -224,6 +227,16 @@ class MilterChain:
     def data(self):
         return self._failures("data") or self._stage(p.SMFIC_DATA, p.simple(p.SMFIC_DATA))
 
+    def unknown(self, line):
+        """A command line the SMTP core does not know, before it refuses it: a milter's
+        reject, tempfail or reply code gives the refusal's text (as Postfix's smtpd
+        does); nothing else a milter says changes anything, and a milter that fails here
+        answers at the next MAIL. Milters that negotiated SMFIP_NOUNKNOWN, or speak a
+        protocol older than version 3, are not asked."""
+        verdict = self._stage(p.SMFIC_UNKNOWN, p.unknown(printable(line)), session=True,
+                              unknown=True)
+        return verdict if verdict.refused else Verdict()
+
     def content(self, content):
         # type: (bytes) -> ContentOutcome
         """Headers, body and end of message to each milter in turn (see the module
@@ -309,7 +322,7 @@ class MilterChain:
             names = milter.settings.macros_for(STAGE_OF.get(command, ""))
         return values_for(names, self.ctx, self.facts)
 
-    def _stage(self, command, data, session=False, recipient_only=False):
+    def _stage(self, command, data, session=False, recipient_only=False, unknown=False):
         stage = STAGE_OF[command]
         for milter in self._talking():
             try:
@@ -320,7 +333,11 @@ class MilterChain:
                 if session and verdict.action in (REJECT, TEMPFAIL):
                     continue            # answered at the next MAIL, as Postfix does
             else:
+                if unknown and response.action not in ("reply", REJECT, TEMPFAIL):
+                    response = CONTINUE_RESPONSE    # an accept or discard here ends nothing
                 verdict = self._judge(milter, stage, response, session, recipient_only)
+            if unknown and not verdict.refused:
+                continue
             if verdict.action == QUARANTINE:
                 if session:
                     self.session_hold = self.session_hold or (verdict.reason, verdict.milter)

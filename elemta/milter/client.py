@@ -138,6 +138,8 @@ class MilterConnection:
             raise MilterError("answered option negotiation with %r" % command)
         try:
             self.negotiated = p.parse_optneg(data, p.offered_steps(self.version))
+            # The version both speak: the lower of ours (configured) and the milter's.
+            self.negotiated.version = min(self.negotiated.version, self.version)
         except p.MilterProtocolError as error:
             raise MilterError(str(error)) from None
         return self.negotiated

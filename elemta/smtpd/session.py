@@ -53,7 +53,7 @@ from elemta.restrictions.catalogue import CORE_REFUSALS, stage_of_command
 from elemta.restrictions.protocoltests import ProtocolTests
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
                                 DataStart, Helo, ImproperPipelining, MailFrom,
-                                MessageReceived, RcptTo, StartTLS)
+                                MessageReceived, RcptTo, StartTLS, UnknownCommand)
 from elemta.smtp.protocol import ServerProtocol
 from elemta.smtp.replies import Reply
 from elemta.smtpd import authresult, tls
@@ -93,6 +93,7 @@ HANDLERS = {
     AuthRequest: "on_auth_request",
     StartTLS: "on_start_tls",
     ImproperPipelining: "on_improper_pipelining",
+    UnknownCommand: "on_unknown_command",
 }
 
 
@@ -766,6 +767,21 @@ class Session:
                  "ESMTP" if self.proto.esmtp else "SMTP", self.proto.helo_name or "",
                  extra=self._refusal(event.command, drop, "pipelining"))
         self._refuse_content(drop, "pipelining", stage_of_command(event.command))
+
+    def on_unknown_command(self, event):
+        """A line that is no command (reported only when there are milters): refused
+        either way; a milter's refusal gives the reply, as at Postfix's unknown-command
+        stage. Counted as the milter's verdict, not as a restriction's refusal."""
+        verdict = self.milters.unknown(event.line) if self.milters is not None else None
+        if verdict is None or not verdict.refused:
+            return self.proto.accept()
+        reply = Reply(*verdict.reply)
+        log.info("NOQUEUE: reject: UNKNOWN from %s: %s; proto=%s helo=<%s> (milter %s)",
+                 self.client, reply, "ESMTP" if self.proto.esmtp else "SMTP",
+                 self.proto.helo_name or "", verdict.milter,
+                 extra=self._refusal("UNKNOWN", reply, verdict.milter))
+        self._refusal_counted = True
+        self.proto.reject(reply)
 
     def on_start_tls(self, event):
         self._flush()
