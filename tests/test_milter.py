@@ -460,3 +460,59 @@ def test_a_long_body_goes_in_chunks_of_at_most_65535_bytes(elemta_server, port):
         len(body) % 65535]
     assert b"".join(chunks) == body
     assert server.message(queue_id)[1].endswith(body)
+
+
+# ---- recipients a milter adds and deletes: the address handling RCPT TO gets -----------
+
+ADDRESSING = {"virtual": {"alias_domains": ["alias.test"],
+                          "alias_maps": {"team@alias.test": "x@example.test, y@remote.test",
+                                         "sales@alias.test": "s1@example.test, "
+                                                             "c@example.test"}},
+              "rewrite": {"canonical_maps": {"old@example.test": "new@example.test"}}}
+
+
+def test_recipients_a_milter_adds_are_rewritten_and_alias_expanded(elemta_server, port):
+    edits = [(b"+", b"<team@alias.test>\x00"),
+             (b"2", b"<old@example.test>\x00NOTIFY=NEVER\x00"),      # ADDRCPT_PAR
+             (b"+", b"<b@example.test>\x00"),                        # there already
+             (b"c", b"")]
+    with ScriptedMilter(port, {b"E": [edits]}) as milter:
+        server = elemta_server(milters=[{"socket": milter.address, "name": "m0"}],
+                               **ADDRESSING)
+        queue_id = queue_id_of(send(server))
+    envelope = server.message(queue_id)[0]
+    assert [(r.address, r.orcpt) for r in envelope.recipients] == [
+        ("b@example.test", None),
+        ("x@example.test", "rfc822;team@alias.test"),
+        ("y@remote.test", "rfc822;team@alias.test"),
+        ("new@example.test", "rfc822;old@example.test")]
+
+
+def test_a_milter_deletes_exactly_the_recipient_it_names(elemta_server, port):
+    # sales@alias.test brought s1 and c; c was also a recipient of its own, and d named
+    # sales@alias.test as its DSN original recipient: only s1 goes.
+    edits = [(b"-", b"<sales@alias.test>\x00"), (b"c", b"")]
+    with ScriptedMilter(port, {b"E": [edits]}) as milter:
+        server = elemta_server(milters=[{"socket": milter.address, "name": "m0"}],
+                               **ADDRESSING)
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
+            smtp.ehlo("client.test")
+            assert smtp.mail("a@sender.test")[0] == 250
+            assert smtp.rcpt("sales@alias.test")[0] == 250
+            assert smtp.rcpt("c@example.test")[0] == 250
+            assert smtp.rcpt("d@example.test", ["ORCPT=rfc822;sales@alias.test"])[0] == 250
+            code, text = smtp.data(MESSAGE)
+    assert code == 250, text
+    envelope = server.message(text.decode().rsplit(" ", 1)[1])[0]
+    assert [r.address for r in envelope.recipients] == ["c@example.test", "d@example.test"]
+
+
+def test_a_recipient_added_then_deleted_is_not_queued(elemta_server, port):
+    edits = [(b"+", b"<team@alias.test>\x00"), (b"-", b"<team@alias.test>\x00"),
+             (b"c", b"")]
+    with ScriptedMilter(port, {b"E": [edits]}) as milter:
+        server = elemta_server(milters=[{"socket": milter.address, "name": "m0"}],
+                               **ADDRESSING)
+        queue_id = queue_id_of(send(server))
+    assert [r.address for r in server.message(queue_id)[0].recipients] == [
+        "b@example.test"]

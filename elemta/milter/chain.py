@@ -26,10 +26,16 @@ milter), reject (550 5.7.1), accept (as if it were not configured) or quarantine
 message is held). A failure at connect or HELO is answered at the next MAIL, as Postfix
 does: the client gets its greeting.
 
-Recipients a milter adds are queued as it gives them: like Postfix, a milter may add any
-recipient, local or remote, past the relay rules (those bind SMTP clients, and the milter
-is the admin's own); added recipients are not alias-expanded. Deleting every recipient
-refuses the message (550 5.7.1), so mail is never accepted to go nowhere unnoticed.
+Recipients a milter adds go through the caller's address handling, as Postfix's cleanup
+puts them through its own: canonical maps, virtual aliases, the normal form of a hosted
+address (content_verdict's `expand`). Like Postfix, a milter may add any recipient, local
+or remote, past the relay rules (those bind SMTP clients, and the milter is the admin's
+own). A recipient a milter deletes is matched against the addresses the milters were
+sent in RCPT (and those added before), local part exactly and domain without case, and
+removes what that address became in the queue (its alias targets) and nothing that
+another recipient still needs, as Postfix deletes by original recipient. Deleting every
+recipient refuses the message (550 5.7.1), so mail is never accepted to go nowhere
+unnoticed.
 
 Every verdict that is not "continue" is logged in one line with the queue id (NOQUEUE
 before DATA) and the milter's name; the end of message always is. Metrics (elemta.metrics):
@@ -42,11 +48,14 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from elemta import metrics
+from elemta.addressing.normal import canonical
+from elemta.addressing.virtual import original_recipient
 from elemta.milter import protocol as p
 from elemta.milter.client import CONTINUE as CONTINUE_RESPONSE
 from elemta.milter.client import MilterConnection, MilterError
 from elemta.milter.edits import HeaderSection, crlf_body, wire_value
 from elemta.milter.macros import values_for
+from elemta.queue.model import Recipient
 from elemta.smtp.address import AddressError, validate_mailbox
 from elemta.util.text import printable
 
@@ -91,15 +100,22 @@ class ContentOutcome:
     milters left it, and the envelope changes to apply."""
     verdict: Verdict
     content: bytes
-    add_recipients: List[str] = field(default_factory=list)
-    delete_recipients: List[str] = field(default_factory=list)
+    recipient_edits: List[Tuple[str, str]] = field(default_factory=list)   # in order
     sender: Optional[str] = None
     quarantine: Optional[Tuple[str, str]] = None        # (reason, milter)
 
     @property
     def changed_envelope(self):
-        return bool(self.add_recipients or self.delete_recipients
-                    or self.sender is not None)
+        return bool(self.recipient_edits or self.sender is not None)
+
+
+class RecipientLookupError(Exception):
+    """A recipient a milter added could not be looked up now: the message is refused
+    with `reply` (a 4xx), as Postfix's cleanup defers it."""
+
+    def __init__(self, reply):
+        super().__init__(reply)
+        self.reply = reply
 
 
 @dataclass(frozen=True)
@@ -438,13 +454,11 @@ class MilterChain:
             body = crlf_body(mods.body.read())
             done.append("replace body")
         outcome.content = section.content(body)
-        for address in mods.add_recipients:
-            if self._valid_address(milter, address, "add recipient"):
-                outcome.add_recipients.append(address)
-                done.append("add rcpt <%s>" % address)
-        for address in mods.delete_recipients:
-            outcome.delete_recipients.append(address)
-            done.append("delete rcpt <%s>" % printable(address))
+        for op, address in mods.recipients:
+            if op == "add" and not self._valid_address(milter, address, "add recipient"):
+                continue
+            outcome.recipient_edits.append((op, address))
+            done.append("%s rcpt <%s>" % (op, printable(address)))
         if mods.sender is not None and self._valid_address(milter, mods.sender,
                                                            "change sender", empty=True):
             outcome.sender = mods.sender
@@ -513,11 +527,18 @@ class MilterChain:
                  client, what)
 
 
-def content_verdict(outcome, envelope, verdict_class):
+def content_verdict(outcome, envelope, verdict_class, told=(), queued_as=None,
+                    expand=None):
     """A ContentOutcome as the content stages' verdict (elemta.plugins.content
     ContentVerdict, passed as verdict_class), with its envelope changes applied to
     `envelope` (an elemta.queue.model.Envelope, changed in place). A message the
-    milters left with no recipient is refused with NO_RECIPIENTS."""
+    milters left with no recipient is refused with NO_RECIPIENTS.
+
+    The caller's address handling (see the module docstring): told, the addresses the
+    milters were sent in RCPT; queued_as(address), the queue addresses one of them
+    became (default: itself); expand(address), the queue addresses for one a milter
+    adds, [] for one refused (the caller logs why), RecipientLookupError when a table
+    cannot answer now (default: itself)."""
     verdict = outcome.verdict
     result = verdict_class(CONTINUE, outcome.content)
     if outcome.quarantine is not None:
@@ -530,15 +551,15 @@ def content_verdict(outcome, envelope, verdict_class):
         result.reply, result.reason = verdict.reply, verdict.reason
         return result
     if outcome.changed_envelope:
-        from elemta.queue.model import Recipient
-        doomed = {address.lower() for address in outcome.delete_recipients}
-        recipients = [r for r in envelope.recipients if r.address.lower() not in doomed
-                      and (r.orcpt or "").lower().rpartition(";")[2] not in doomed]
-        known = {r.address.lower() for r in recipients}
-        for address in outcome.add_recipients:
-            if address.lower() not in known:
-                recipients.append(Recipient(address))
-                known.add(address.lower())
+        try:
+            recipients = _edited_recipients(envelope.recipients, outcome.recipient_edits,
+                                            told, queued_as or _itself,
+                                            expand or _itself)
+        except RecipientLookupError as error:
+            result.action, result.stage = TEMPFAIL, "milter"
+            result.decided_by = "milters"
+            result.reply = error.reply
+            return result
         if not recipients:
             result.action, result.stage = REJECT, "milter"
             result.decided_by = "milters"
@@ -548,6 +569,39 @@ def content_verdict(outcome, envelope, verdict_class):
         if outcome.sender is not None:
             envelope.sender = outcome.sender
     return result
+
+
+def _itself(address):
+    return [address]
+
+
+def _edited_recipients(recipients, edits, told, queued_as, expand):
+    """The queue's Recipients after the milters' adds and deletes, in their order (see
+    content_verdict). Each address the milters know (told in RCPT, or added) is a source
+    of queue addresses; a delete drops its source, and a queue recipient goes only when
+    no source left still leads to it, so a delete removes exactly what that address
+    brought and a recipient the milters never knew of (a REDIRECT's) stays."""
+    sources = {}                        # canonical(address) -> (address, queue addresses)
+    for address in told:
+        sources.setdefault(canonical(address), (address, list(queued_as(address))))
+    before = {target for _, targets in sources.values() for target in targets}
+    added = []                          # (source address, queue address), in order
+    for op, address in edits:
+        key = canonical(address)
+        if op == "delete":
+            sources.pop(key, None)
+        elif key not in sources:
+            sources[key] = (address, list(expand(address)))
+    live = {target for _, targets in sources.values() for target in targets}
+    kept = [r for r in recipients if r.address not in before or r.address in live]
+    known = {r.address.lower() for r in kept}
+    for address, targets in sources.values():
+        for target in targets:
+            if target not in before and target.lower() not in known:
+                known.add(target.lower())
+                added.append(Recipient(target, None, None if target == address
+                                       else original_recipient(address)))
+    return kept + added
 
 
 def mail_args(transaction):

@@ -55,6 +55,7 @@ import errno
 import logging
 import os
 import time
+from types import SimpleNamespace
 
 import gevent
 from gevent import socket as gsocket
@@ -67,7 +68,8 @@ from elemta.addressing.virtual import (AliasExpansionError, VirtualAliases, expa
                                        original_recipient)
 from elemta.content.checks import ContentChecks
 from elemta.maps import TableUnavailable
-from elemta.milter.chain import MilterChain, configured, content_verdict, facts_of
+from elemta.milter.chain import (MilterChain, RecipientLookupError, configured,
+                                 content_verdict, facts_of)
 from elemta.plugins.api import DATA, DISCARD, QUEUE, REJECT, STORAGE, Context
 from elemta.plugins.content import (ContentVerdict, notify_queued, outbound,
                                     run_content_stages, wants_content)
@@ -330,10 +332,31 @@ class PickupWorker(GeventChild):
                 self.milter_facts, queue_id=envelope.queue_id,
                 mailer=lambda address: "local" if self.addressing.is_local(address)
                 else "smtp"), local=True)
-            outcome = chain.local_message(envelope.sender,
-                                          [r.address for r in envelope.recipients], content)
-            return content_verdict(outcome, envelope, ContentVerdict)
+            told = [r.address for r in envelope.recipients]
+            outcome = chain.local_message(envelope.sender, told, content)
+            return content_verdict(outcome, envelope, ContentVerdict, told,
+                                   expand=self._added_by_milter)
         return milter_filter
+
+    def _added_by_milter(self, address):
+        """The queue addresses for a recipient a non_smtp milter adds: canonical maps,
+        virtual aliases and the normal form, as sendmail's own recipients get
+        (content_verdict's expand); [] for one refused for good (logged)."""
+        try:
+            if self.rewriter is not None:
+                address = self.rewriter.recipient(address)
+            probe = SimpleNamespace(recipients=[Recipient(address)], smtputf8=True)
+            refused = self._expand(probe)
+        except TableUnavailable as error:
+            raise RecipientLookupError((451, "4.3.0", "canonical map lookup failed: %s"
+                                        % error))
+        except (RewriteError, Deferred) as error:
+            raise RecipientLookupError((451, "4.3.0", str(error)))
+        if refused is not None:
+            log.warning("recipient <%s> added by a milter refused: %s", printable(address),
+                        refused)
+            return []
+        return [r.address for r in probe.recipients]
 
     def _spool(self, path):
         """One maildrop file written to a finished queue SpoolWriter: (writer, uid, hold)

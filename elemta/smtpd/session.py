@@ -38,7 +38,8 @@ from elemta.addressing.headers import rewrite_headers
 from elemta.addressing.rewrite import RewriteError
 from elemta.addressing.virtual import expanded_recipients
 from elemta.maps import TableUnavailable
-from elemta.milter.chain import MilterChain, content_verdict, mail_args
+from elemta.milter.chain import (MilterChain, RecipientLookupError, content_verdict,
+                                 mail_args)
 from elemta.plugins.api import DISCARD, TEMPFAIL, Context
 from elemta.plugins.content import (ContentVerdict, notify_queued, outbound,
                                     run_content_stages, wants_content)
@@ -622,7 +623,7 @@ class Session:
         ctx.sender = txn.sender
         ctx.recipients = [r.address for r in txn.recipients]
         ctx.outbound = outbound(ctx.recipients, self.server.policy.is_local)
-        verdict = run_content_stages(self.plugins, ctx, content, self._milter_filter())
+        verdict = run_content_stages(self.plugins, ctx, content, self._milter_filter(txn))
         ctx.new_transaction()             # end of DATA: the next MAIL starts afresh
         if verdict.reply is not None:
             reply = Reply(*verdict.reply)
@@ -643,9 +644,10 @@ class Session:
     def _wants_content(self):
         return wants_content(self.plugins) or self.milters is not None
 
-    def _milter_filter(self):
+    def _milter_filter(self, txn):
         """The milters' turn at the end of data (between the data and storage plugins),
-        for run_content_stages; their envelope changes go into the spool file."""
+        for run_content_stages; their envelope changes go into the spool file, the
+        recipients they add through the RCPT address handling (_added_by_milter)."""
         if self.milters is None:
             return None
 
@@ -654,7 +656,10 @@ class Session:
             outcome = self.milters.content(content)
             envelope = dataclasses.replace(self.writer.envelope,
                                            recipients=list(self.writer.envelope.recipients))
-            verdict = content_verdict(outcome, envelope, ContentVerdict)
+            verdict = content_verdict(
+                outcome, envelope, ContentVerdict, [r.address for r in txn.recipients],
+                lambda address: self.expansions.get(address) or [address],
+                lambda address: self._added_by_milter(address, txn.smtputf8))
             if verdict.action == "continue" and outcome.changed_envelope:
                 try:
                     in_thread(self.writer.replace_envelope, envelope)
@@ -667,6 +672,21 @@ class Session:
                 self.ctx.sender = envelope.sender
             return verdict
         return milter_filter
+
+    def _added_by_milter(self, address, smtputf8):
+        """The queue addresses for a recipient a milter adds: canonical maps and virtual
+        aliases as for RCPT TO, without the relay guard or the existence check
+        (RelayPolicy.added_recipient); [] for one refused for good (logged),
+        RecipientLookupError for a table that cannot answer now."""
+        refusal, targets = self.server.policy.added_recipient(address, smtputf8)
+        if refusal is None:
+            return targets or [address]
+        reply = refusal.reply
+        if reply.code < 500:
+            raise RecipientLookupError((reply.code, reply.status, reply.text))
+        log.warning("%s: recipient <%s> added by a milter refused: %s", self.queue_id,
+                    printable(address), reply)
+        return []
 
     def _write_content(self, content):
         """Write the kept content to the spool file; False once refused for it."""
