@@ -70,14 +70,18 @@ def test_every_stage_in_order_with_postfix_macros_and_quit(elemta_server, port):
         server = milter_server(elemta_server, milter)
         queue_id = queue_id_of(send(server))
         assert wait_for(lambda: milter.sequence().endswith(b"Q"))
-    # connect, helo, mail, rcpt, data, 5 headers, eoh, body, eom, quit
-    assert milter.sequence() == b"CHMRTLLLLLNBEQ"
+    # connect, helo, mail, rcpt, data, our Received and 5 headers, eoh, body, eom, quit
+    assert milter.sequence() == b"CHMRTLLLLLLNBEQ"
     connect = milter.commands(b"C")[0]
     assert connect.startswith(b"[127.0.0.1]\x004") and connect.endswith(b"127.0.0.1\x00")
     assert milter.commands(b"H") == [b"client.test\x00"]
     assert milter.commands(b"M")[0].startswith(b"<a@sender.test>\x00")
     assert milter.commands(b"R") == [b"<b@example.test>\x00"]
-    assert milter.commands(b"L")[0] == b"From\x00<a@sender.test>\x00"
+    # Our Received header first, as Postfix shows its own; then the message's.
+    received = milter.commands(b"L")[0]
+    assert received.startswith(b"Received\x00from client.test (unknown [127.0.0.1])\n\t")
+    assert b"with ESMTP id %s" % queue_id.encode() in received
+    assert milter.commands(b"L")[1] == b"From\x00<a@sender.test>\x00"
     assert milter.commands(b"B") == [b"The body.\r\n"]
     # Postfix's default macros: the queue id ({i}) from MAIL on.
     assert milter.macros[b"C"]["j"] == "mx.test"
@@ -166,9 +170,11 @@ def test_end_of_message_modifications_are_applied(elemta_server, port):
     assert envelope.sender == "bounces@sender.test"
     headers, _, body = content.partition(b"\r\n\r\n")
     assert body == b"A new body\r\nin two chunks\r\n"
+    # Index 0 is the top: above our Received header, which the milter saw first.
+    assert headers.startswith(b"X-First: on top\r\nReceived: from client.test ")
     lines = headers.split(b"\r\n")
-    ours = lines.index(next(line for line in lines if line.startswith(b"X-First:")))
-    assert lines[ours:] == [b"X-First: on top", b"From: <a@sender.test>",
+    ours = lines.index(next(line for line in lines if line.startswith(b"From:")))
+    assert lines[ours:] == [b"From: <a@sender.test>",
                             b"To: <b@example.test>", b"Subject: new subject",
                             b"X-Old: changed", b"X-Added: by milter"]
     log = server.log()
@@ -392,8 +398,9 @@ def test_sendmail_mail_a_milter_rejects_is_held_for_the_admin(elemta_server, por
         [(envelope, _)] = queued(server, 1)
     with server.queue() as queue:
         assert queue.get(envelope.queue_id).state == "hold"
-    assert "%s: hold: 550 5.7.1 Not from cron (milter local); held for the admin" % (
-        envelope.queue_id) in server.log()
+    # pickup logs the hold once the message is queued: wait for the line.
+    assert wait_for(lambda: "%s: hold: 550 5.7.1 Not from cron (milter local); held for "
+                    "the admin" % envelope.queue_id in server.log())
 
 
 # ---- the stages Postfix shows that a plain transaction does not -------------------------
@@ -444,7 +451,7 @@ def test_a_milter_that_skips_data_is_not_sent_it(elemta_server, port):
         server = milter_server(elemta_server, milter)
         queue_id_of(send(server))
         assert wait_for(lambda: milter.sequence().endswith(b"Q"))
-    assert milter.sequence() == b"CHMRLLLLLNBEQ"
+    assert milter.sequence() == b"CHMRLLLLLLNBEQ"
 
 
 def test_a_long_body_goes_in_chunks_of_at_most_65535_bytes(elemta_server, port):

@@ -96,10 +96,12 @@ class Verdict:
 
 @dataclass
 class ContentOutcome:
-    """The end of message: the verdict (refusal or discard end it), the content as the
-    milters left it, and the envelope changes to apply."""
+    """The end of message: the verdict (refusal or discard end it), the content and the
+    header fields above it as the milters left them, and the envelope changes to
+    apply."""
     verdict: Verdict
     content: bytes
+    prefix: bytes = b""                 # the header fields above the content, edited
     recipient_edits: List[Tuple[str, str]] = field(default_factory=list)   # in order
     sender: Optional[str] = None
     quarantine: Optional[Tuple[str, str]] = None        # (reason, milter)
@@ -253,20 +255,26 @@ class MilterChain:
                               unknown=True)
         return verdict if verdict.refused else Verdict()
 
-    def content(self, content):
-        # type: (bytes) -> ContentOutcome
+    def content(self, content, prefix=b""):
+        # type: (bytes, bytes) -> ContentOutcome
         """Headers, body and end of message to each milter in turn (see the module
-        docstring)."""
-        outcome = ContentOutcome(Verdict(), content)
+        docstring). prefix: the header fields the MTA writes above the content (its
+        Received header last), which the milters see first, as Postfix shows them its
+        own Received header; the outcome gives both back as the milters left them."""
+        outcome = ContentOutcome(Verdict(), content, prefix)
         failure = self._failures("eom")
         if failure is not None:
             outcome.verdict = failure
             return outcome
         if (self.hold or self.session_hold) is not None:
             outcome.quarantine = self.hold or self.session_hold
-        for milter in self._talking():
+        talking = self._talking()
+        if not talking:
+            return outcome
+        section = HeaderSection(content, prefix)
+        for milter in talking:
             try:
-                verdict = self._content_of(milter, outcome)
+                verdict = self._content_of(milter, section, outcome)
             except MilterError as error:
                 verdict = self._failed(milter, "eom", error)
             milter.in_message = False
@@ -274,7 +282,8 @@ class MilterChain:
                 outcome.quarantine = outcome.quarantine or (verdict.reason, milter.name)
             elif verdict.action != CONTINUE:
                 outcome.verdict = verdict
-                break
+                return outcome
+        outcome.prefix, outcome.content = section.split()
         return outcome
 
     def local_message(self, sender, recipients, content):
@@ -394,11 +403,10 @@ class MilterChain:
         return Verdict(action, reply, milter.name, "discarded by milter %s" % milter.name
                        if action == DISCARD else "")
 
-    def _content_of(self, milter, outcome):
+    def _content_of(self, milter, section, outcome):
         """One milter's turn at the end of message; applies its modifications to
-        outcome and gives its Verdict."""
+        section (the header fields and body) and outcome, and gives its Verdict."""
         connection = milter.connection
-        section = HeaderSection(outcome.content)
         for name, value in section.pairs:
             response = connection.stage(p.SMFIC_HEADER, p.header(name, wire_value(value)),
                                         None, content=True)
@@ -448,12 +456,10 @@ class MilterChain:
                 continue
             done.append("%s header %s" % ("delete" if kind == "change" and value == ""
                                            else kind, printable(name)))
-        body = None
         if mods.body is not None:
             mods.body.seek(0)
-            body = crlf_body(mods.body.read())
+            section.body = crlf_body(mods.body.read())
             done.append("replace body")
-        outcome.content = section.content(body)
         for op, address in mods.recipients:
             if op == "add" and not self._valid_address(milter, address, "add recipient"):
                 continue

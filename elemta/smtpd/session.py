@@ -142,6 +142,9 @@ class Session:
         # This transaction's sender as queued: canonical maps, masquerading applied.
         self.queued_sender = None
         self.header_rewriting = False    # this message's headers are to be rewritten
+        # Our Received header and the plugins' fields above it, held back from the spool
+        # file until the milters have seen (and maybe edited) them.
+        self.pending_prefix = b""
         self._refusal_counted = False    # the pending refusal is counted by restriction
         # Postscreen's pregreet and pipelining tests (elemta.restrictions.protocoltests).
         self.screen = ProtocolTests(server.config.protocol_tests, listener.mode,
@@ -470,12 +473,15 @@ class Session:
                                 and self.client_ip == self._local_ip())
         self.content = bytearray() if self.header_rewriting or self._wants_content() \
             else None
+        # Header fields from the plugins before the content go above our Received
+        # header, where Postfix writes its PREPEND actions. With milters they are
+        # written with the content: the milters see them first and may edit them.
+        prefix = header_block(self.session_headers + self.message_headers) + header
+        self.pending_prefix = prefix if self.milters is not None else b""
         try:
             self.writer = self.server.queue.start_message(envelope, self.listener)
-            # Header fields from the plugins before the content go above our Received
-            # header, where Postfix writes its PREPEND actions.
-            self.writer.write(header_block(self.session_headers + self.message_headers)
-                              + header)
+            if not self.pending_prefix:
+                self.writer.write(prefix)
         except OSError as exc:
             log.error("%s: cannot create queue file: %s", self.queue_id, exc)
             self._discard_message()
@@ -653,7 +659,8 @@ class Session:
 
         def milter_filter(content):
             self.milters.queue_id = self.queue_id
-            outcome = self.milters.content(content)
+            outcome = self.milters.content(content, self.pending_prefix)
+            self.pending_prefix = outcome.prefix
             envelope = dataclasses.replace(self.writer.envelope,
                                            recipients=list(self.writer.envelope.recipients))
             verdict = content_verdict(
@@ -689,8 +696,12 @@ class Session:
         return []
 
     def _write_content(self, content):
-        """Write the kept content to the spool file; False once refused for it."""
+        """Write the kept content to the spool file (below the header fields kept for
+        the milters); False once refused for it."""
+        prefix, self.pending_prefix = self.pending_prefix, b""
         try:
+            if prefix:
+                self.writer.write(prefix)
             if len(content) > THREADED_WRITE:
                 # The file write and its CRC release the GIL: a 30 MB message costs the
                 # other sessions nothing while it goes to disk (tests/test_scanning_load).
