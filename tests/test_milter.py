@@ -523,3 +523,62 @@ def test_a_recipient_added_then_deleted_is_not_queued(elemta_server, port):
         queue_id = queue_id_of(send(server))
     assert [r.address for r in server.message(queue_id)[0].recipients] == [
         "b@example.test"]
+
+
+# ---- our Received header, first, as Postfix shows its own -------------------------------
+
+def test_header_indexes_count_our_received_header_first(elemta_server, port):
+    # The milter sees two Received fields, ours first; deleting the second removes
+    # the one the message came with, and ours stays.
+    raw = b"Received: from upstream.test by relay.test; Sun, 6 Dec 2026 10:00:00 +0000\r\n" \
+        + MESSAGE
+    edits = [(b"m", struct.pack("!I", 2) + strings("Received", "")), (b"c", b"")]
+    with ScriptedMilter(port, {b"E": [edits]}) as milter:
+        server = milter_server(elemta_server, milter)
+        queue_id = queue_id_of(send(server, raw=raw))
+    seen = [data.split(b"\0")[0] for data in milter.commands(b"L")]
+    assert seen[:2] == [b"Received", b"Received"]
+    assert b"id %s" % queue_id.encode() in milter.commands(b"L")[0]
+    content = server.message(queue_id)[1]
+    assert content.startswith(b"Received: from client.test (unknown [127.0.0.1])\r\n")
+    assert b"upstream.test" not in content
+    assert content.endswith(MESSAGE)
+
+
+# ---- every final answer at the end of message -------------------------------------------
+
+@pytest.mark.parametrize("answer, expected", [
+    (reply(b"r"), (550, "5.7.1 Command rejected")),
+    (reply(b"t"), (451, "4.7.1 Service unavailable - try again later")),
+    (reply(b"y", b"451 4.7.0 Greylisted, come back later\x00"),
+     (451, "4.7.0 Greylisted, come back later")),
+    (reply(b"y", b"554 5.7.1 Spam\r\n554 5.7.1 more text\x00"),
+     (554, "5.7.1 Spam more text")),
+])
+def test_a_refusal_at_end_of_message_is_given_and_nothing_queued(elemta_server, port,
+                                                                 answer, expected):
+    with ScriptedMilter(port, {b"E": [answer]}) as milter:
+        server = milter_server(elemta_server, milter)
+        assert send(server)[-1] == expected
+    assert server.queued_ids() == []
+    assert "reject: END-OF-MESSAGE from unknown[127.0.0.1]: %d %s" % expected in \
+        server.log()
+
+
+def test_accept_at_end_of_message_queues_it_unchanged(elemta_server, port):
+    with ScriptedMilter(port, {b"E": [reply(b"a")]}) as milter:
+        server = milter_server(elemta_server, milter)
+        queue_id = queue_id_of(send(server))
+    assert server.message(queue_id)[1].endswith(b"\r\n" + MESSAGE)
+    assert "%s: milter m0: EOM from unknown[127.0.0.1]: accept" % queue_id in server.log()
+
+
+def test_skip_in_the_body_sends_no_more_chunks(elemta_server, port):
+    body = b"y" * 200000 + b"\r\n"
+    raw = b"Subject: skip\r\n\r\n" + body
+    with ScriptedMilter(port, {b"B": [reply(b"s")]}) as milter:
+        server = milter_server(elemta_server, milter)
+        queue_id = queue_id_of(send(server, raw=raw))
+        assert wait_for(lambda: milter.sequence().endswith(b"Q"))
+    assert milter.sequence().endswith(b"NBEQ")
+    assert server.message(queue_id)[1].endswith(body)
