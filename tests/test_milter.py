@@ -384,6 +384,11 @@ def test_sendmail_mail_passes_the_non_smtp_milters_as_localhost(elemta_server, p
     assert milter.commands(b"C")[-1] == b"localhost\x004\x00\x00127.0.0.1\x00"
     assert milter.commands(b"H")[-1] == b"localhost\x00"
     assert milter.macros[b"M"]["i"] == envelope.queue_id
+    # Our Received header first, as Postfix's non_smtpd_milters see Postfix's.
+    first = milter.commands(b"L")[0]
+    assert first.startswith(b"Received\x00from userid 0\n\tby mx.test (Elemta)")
+    assert b"id %s" % envelope.queue_id.encode() in first
+    assert content.startswith(b"Received: from userid 0\r\n\tby mx.test (Elemta)")
     assert "%s: milter local: EOM from local: continue; add header X-Local-Milter" % (
         envelope.queue_id) in server.log()
 

@@ -286,10 +286,11 @@ class MilterChain:
         outcome.prefix, outcome.content = section.split()
         return outcome
 
-    def local_message(self, sender, recipients, content):
-        # type: (str, list, bytes) -> ContentOutcome
-        """pickup: every stage for one message from sendmail, then QUIT. There is no
-        client to refuse one recipient to, so any refusal or discard is the message's."""
+    def local_message(self, sender, recipients, content, prefix=b""):
+        # type: (str, list, bytes, bytes) -> ContentOutcome
+        """pickup: every stage for one message from sendmail, then QUIT (prefix: as for
+        content()). There is no client to refuse one recipient to, so any refusal or
+        discard is the message's."""
         try:
             steps = [self.connect, self.helo, lambda: self.mail(sender)]
             steps += [lambda r=r: self.rcpt(r) for r in recipients]
@@ -297,8 +298,8 @@ class MilterChain:
             for step in steps:
                 verdict = step()
                 if verdict.action in (REJECT, TEMPFAIL, DISCARD):
-                    return ContentOutcome(verdict, content)
-            return self.content(content)
+                    return ContentOutcome(verdict, content, prefix)
+            return self.content(content, prefix)
         finally:
             self.close()
 
