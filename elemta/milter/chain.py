@@ -592,7 +592,7 @@ def _edited_recipients(recipients, edits, told, queued_as, expand):
     for address in told:
         sources.setdefault(canonical(address), (address, list(queued_as(address))))
     before = {target for _, targets in sources.values() for target in targets}
-    added = []                          # (source address, queue address), in order
+    added = []                          # new Recipients, in the milters' order
     for op, address in edits:
         key = canonical(address)
         if op == "delete":

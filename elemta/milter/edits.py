@@ -60,7 +60,8 @@ class HeaderSection:
 
     def __init__(self, content, prefix=b""):
         # type: (bytes, bytes) -> None
-        message = Message(prefix + content)
+        whole = prefix + content if prefix else content
+        message = Message(whole)
         self.fields = [(name, (name + ":").encode("ascii", "replace")
                         + value.encode("utf-8", "surrogateescape") + b"\r\n")
                        for name, value in message.headers]
@@ -69,10 +70,10 @@ class HeaderSection:
         # milter ("milter"); split() cuts the header section by it.
         ours = len(Message(prefix).headers) if prefix else 0
         self.origins = ["ours"] * ours + ["message"] * (len(self.fields) - ours)
-        self.body = (prefix + content)[message.body_offset:]
+        self.body = whole[message.body_offset:]
         # The blank line between, when the content had one (one that is all header
         # fields has none).
-        head = (prefix + content)[len(prefix):message.body_offset]
+        head = whole[len(prefix):message.body_offset]
         self.separator = b"\r\n" if head in (b"\r\n", b"\n") or head.endswith(
             (b"\n\r\n", b"\n\n")) else b""
 
