@@ -70,14 +70,18 @@ def test_every_stage_in_order_with_postfix_macros_and_quit(elemta_server, port):
         server = milter_server(elemta_server, milter)
         queue_id = queue_id_of(send(server))
         assert wait_for(lambda: milter.sequence().endswith(b"Q"))
-    # connect, helo, mail, rcpt, data, 5 headers, eoh, body, eom, quit
-    assert milter.sequence() == b"CHMRTLLLLLNBEQ"
+    # connect, helo, mail, rcpt, data, our Received and 5 headers, eoh, body, eom, quit
+    assert milter.sequence() == b"CHMRTLLLLLLNBEQ"
     connect = milter.commands(b"C")[0]
     assert connect.startswith(b"[127.0.0.1]\x004") and connect.endswith(b"127.0.0.1\x00")
     assert milter.commands(b"H") == [b"client.test\x00"]
     assert milter.commands(b"M")[0].startswith(b"<a@sender.test>\x00")
     assert milter.commands(b"R") == [b"<b@example.test>\x00"]
-    assert milter.commands(b"L")[0] == b"From\x00<a@sender.test>\x00"
+    # Our Received header first, as Postfix shows its own; then the message's.
+    received = milter.commands(b"L")[0]
+    assert received.startswith(b"Received\x00from client.test (unknown [127.0.0.1])\n\t")
+    assert b"with ESMTP id %s" % queue_id.encode() in received
+    assert milter.commands(b"L")[1] == b"From\x00<a@sender.test>\x00"
     assert milter.commands(b"B") == [b"The body.\r\n"]
     # Postfix's default macros: the queue id ({i}) from MAIL on.
     assert milter.macros[b"C"]["j"] == "mx.test"
@@ -166,9 +170,11 @@ def test_end_of_message_modifications_are_applied(elemta_server, port):
     assert envelope.sender == "bounces@sender.test"
     headers, _, body = content.partition(b"\r\n\r\n")
     assert body == b"A new body\r\nin two chunks\r\n"
+    # Index 0 is the top: above our Received header, which the milter saw first.
+    assert headers.startswith(b"X-First: on top\r\nReceived: from client.test ")
     lines = headers.split(b"\r\n")
-    ours = lines.index(next(line for line in lines if line.startswith(b"X-First:")))
-    assert lines[ours:] == [b"X-First: on top", b"From: <a@sender.test>",
+    ours = lines.index(next(line for line in lines if line.startswith(b"From:")))
+    assert lines[ours:] == [b"From: <a@sender.test>",
                             b"To: <b@example.test>", b"Subject: new subject",
                             b"X-Old: changed", b"X-Added: by milter"]
     log = server.log()
@@ -378,6 +384,11 @@ def test_sendmail_mail_passes_the_non_smtp_milters_as_localhost(elemta_server, p
     assert milter.commands(b"C")[-1] == b"localhost\x004\x00\x00127.0.0.1\x00"
     assert milter.commands(b"H")[-1] == b"localhost\x00"
     assert milter.macros[b"M"]["i"] == envelope.queue_id
+    # Our Received header first, as Postfix's non_smtpd_milters see Postfix's.
+    first = milter.commands(b"L")[0]
+    assert first.startswith(b"Received\x00from userid 0\n\tby mx.test (Elemta)")
+    assert b"id %s" % envelope.queue_id.encode() in first
+    assert content.startswith(b"Received: from userid 0\r\n\tby mx.test (Elemta)")
     assert "%s: milter local: EOM from local: continue; add header X-Local-Milter" % (
         envelope.queue_id) in server.log()
 
@@ -392,5 +403,187 @@ def test_sendmail_mail_a_milter_rejects_is_held_for_the_admin(elemta_server, por
         [(envelope, _)] = queued(server, 1)
     with server.queue() as queue:
         assert queue.get(envelope.queue_id).state == "hold"
-    assert "%s: hold: 550 5.7.1 Not from cron (milter local); held for the admin" % (
-        envelope.queue_id) in server.log()
+    # pickup logs the hold once the message is queued: wait for the line.
+    assert wait_for(lambda: "%s: hold: 550 5.7.1 Not from cron (milter local); held for "
+                    "the admin" % envelope.queue_id in server.log())
+
+
+# ---- the stages Postfix shows that a plain transaction does not -------------------------
+
+SMFIP_NOUNKNOWN, SMFIP_NODATA = 0x100, 0x200
+
+
+@pytest.mark.parametrize("steps, answer, expected", [
+    (0, reply(b"y", b"554 5.7.1 Go away\x00"), (554, b"5.7.1 Go away")),
+    (0, reply(b"t"), (451, b"4.7.1 Service unavailable - try again later")),
+    (0, reply(b"c"), (500, b"5.5.1 Error: command not recognized")),
+    (0, reply(b"a"), (500, b"5.5.1 Error: command not recognized")),
+    (SMFIP_NOUNKNOWN, reply(b"r"), (500, b"5.5.1 Error: command not recognized")),
+])
+def test_an_unknown_command_goes_to_the_milters_that_want_it(elemta_server, port, steps,
+                                                             answer, expected):
+    with ScriptedMilter(port, {b"U": [answer]}, steps=steps) as milter:
+        server = milter_server(elemta_server, milter)
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as smtp:
+            smtp.ehlo("client.test")
+            assert smtp.docmd("XFROB", "the widget") == expected
+            # Refused, never obeyed: the session goes on as before.
+            assert smtp.mail("a@sender.test")[0] == 250
+        assert wait_for(lambda: milter.sequence().endswith(b"Q"))
+    if steps & SMFIP_NOUNKNOWN:
+        assert milter.commands(b"U") == []
+    else:
+        assert milter.commands(b"U") == [b"XFROB the widget\x00"]
+    refused = "NOQUEUE: reject: UNKNOWN from unknown[127.0.0.1]: %d %s" % (
+        expected[0], expected[1].decode())
+    assert (refused in server.log()) == (expected[0] != 500)
+
+
+def test_the_data_command_goes_to_the_milter_and_its_refusal_is_given(elemta_server,
+                                                                      port):
+    script = {b"T": [reply(b"y", b"550 5.7.1 Not today\x00")]}
+    with ScriptedMilter(port, script) as milter:
+        server = milter_server(elemta_server, milter)
+        assert send(server)[-1] == (550, "5.7.1 Not today")
+    assert milter.commands(b"T") == [b""]
+    assert server.queued_ids() == []
+    assert "milter m0: DATA from unknown[127.0.0.1]: reject: 550 5.7.1 Not today" in \
+        server.log()
+
+
+def test_a_milter_that_skips_data_is_not_sent_it(elemta_server, port):
+    with ScriptedMilter(port, steps=SMFIP_NODATA) as milter:
+        server = milter_server(elemta_server, milter)
+        queue_id_of(send(server))
+        assert wait_for(lambda: milter.sequence().endswith(b"Q"))
+    assert milter.sequence() == b"CHMRLLLLLLNBEQ"
+
+
+def test_a_long_body_goes_in_chunks_of_at_most_65535_bytes(elemta_server, port):
+    # A line far longer than a chunk, then many short ones: cut by size, not by line.
+    body = b"x" * 150000 + b"\r\n" + b"".join(b"line %06d\r\n" % n for n in range(20000))
+    raw = b"From: <a@sender.test>\r\nSubject: long\r\n\r\n" + body
+    with ScriptedMilter(port) as milter:
+        server = milter_server(elemta_server, milter)
+        queue_id = queue_id_of(send(server, raw=raw))
+        assert wait_for(lambda: milter.sequence().endswith(b"Q"))
+    chunks = milter.commands(b"B")
+    assert [len(chunk) for chunk in chunks] == [65535] * (len(body) // 65535) + [
+        len(body) % 65535]
+    assert b"".join(chunks) == body
+    assert server.message(queue_id)[1].endswith(body)
+
+
+# ---- recipients a milter adds and deletes: the address handling RCPT TO gets -----------
+
+ADDRESSING = {"virtual": {"alias_domains": ["alias.test"],
+                          "alias_maps": {"team@alias.test": "x@example.test, y@remote.test",
+                                         "sales@alias.test": "s1@example.test, "
+                                                             "c@example.test"}},
+              "rewrite": {"canonical_maps": {"old@example.test": "new@example.test"}}}
+
+
+def test_recipients_a_milter_adds_are_rewritten_and_alias_expanded(elemta_server, port):
+    edits = [(b"+", b"<team@alias.test>\x00"),
+             (b"2", b"<old@example.test>\x00NOTIFY=NEVER\x00"),      # ADDRCPT_PAR
+             (b"+", b"<b@example.test>\x00"),                        # there already
+             (b"c", b"")]
+    with ScriptedMilter(port, {b"E": [edits]}) as milter:
+        server = elemta_server(milters=[{"socket": milter.address, "name": "m0"}],
+                               **ADDRESSING)
+        queue_id = queue_id_of(send(server))
+    envelope = server.message(queue_id)[0]
+    assert [(r.address, r.orcpt) for r in envelope.recipients] == [
+        ("b@example.test", None),
+        ("x@example.test", "rfc822;team@alias.test"),
+        ("y@remote.test", "rfc822;team@alias.test"),
+        ("new@example.test", "rfc822;old@example.test")]
+
+
+def test_a_milter_deletes_exactly_the_recipient_it_names(elemta_server, port):
+    # sales@alias.test brought s1 and c; c was also a recipient of its own, and d named
+    # sales@alias.test as its DSN original recipient: only s1 goes.
+    edits = [(b"-", b"<sales@alias.test>\x00"), (b"c", b"")]
+    with ScriptedMilter(port, {b"E": [edits]}) as milter:
+        server = elemta_server(milters=[{"socket": milter.address, "name": "m0"}],
+                               **ADDRESSING)
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
+            smtp.ehlo("client.test")
+            assert smtp.mail("a@sender.test")[0] == 250
+            assert smtp.rcpt("sales@alias.test")[0] == 250
+            assert smtp.rcpt("c@example.test")[0] == 250
+            assert smtp.rcpt("d@example.test", ["ORCPT=rfc822;sales@alias.test"])[0] == 250
+            code, text = smtp.data(MESSAGE)
+    assert code == 250, text
+    envelope = server.message(text.decode().rsplit(" ", 1)[1])[0]
+    assert [r.address for r in envelope.recipients] == ["c@example.test", "d@example.test"]
+
+
+def test_a_recipient_added_then_deleted_is_not_queued(elemta_server, port):
+    edits = [(b"+", b"<team@alias.test>\x00"), (b"-", b"<team@alias.test>\x00"),
+             (b"c", b"")]
+    with ScriptedMilter(port, {b"E": [edits]}) as milter:
+        server = elemta_server(milters=[{"socket": milter.address, "name": "m0"}],
+                               **ADDRESSING)
+        queue_id = queue_id_of(send(server))
+    assert [r.address for r in server.message(queue_id)[0].recipients] == [
+        "b@example.test"]
+
+
+# ---- our Received header, first, as Postfix shows its own -------------------------------
+
+def test_header_indexes_count_our_received_header_first(elemta_server, port):
+    # The milter sees two Received fields, ours first; deleting the second removes
+    # the one the message came with, and ours stays.
+    raw = b"Received: from upstream.test by relay.test; Sun, 6 Dec 2026 10:00:00 +0000\r\n" \
+        + MESSAGE
+    edits = [(b"m", struct.pack("!I", 2) + strings("Received", "")), (b"c", b"")]
+    with ScriptedMilter(port, {b"E": [edits]}) as milter:
+        server = milter_server(elemta_server, milter)
+        queue_id = queue_id_of(send(server, raw=raw))
+    seen = [data.split(b"\0")[0] for data in milter.commands(b"L")]
+    assert seen[:2] == [b"Received", b"Received"]
+    assert b"id %s" % queue_id.encode() in milter.commands(b"L")[0]
+    content = server.message(queue_id)[1]
+    assert content.startswith(b"Received: from client.test (unknown [127.0.0.1])\r\n")
+    assert b"upstream.test" not in content
+    assert content.endswith(MESSAGE)
+
+
+# ---- every final answer at the end of message -------------------------------------------
+
+@pytest.mark.parametrize("answer, expected", [
+    (reply(b"r"), (550, "5.7.1 Command rejected")),
+    (reply(b"t"), (451, "4.7.1 Service unavailable - try again later")),
+    (reply(b"y", b"451 4.7.0 Greylisted, come back later\x00"),
+     (451, "4.7.0 Greylisted, come back later")),
+    (reply(b"y", b"554 5.7.1 Spam\r\n554 5.7.1 more text\x00"),
+     (554, "5.7.1 Spam more text")),
+])
+def test_a_refusal_at_end_of_message_is_given_and_nothing_queued(elemta_server, port,
+                                                                 answer, expected):
+    with ScriptedMilter(port, {b"E": [answer]}) as milter:
+        server = milter_server(elemta_server, milter)
+        assert send(server)[-1] == expected
+    assert server.queued_ids() == []
+    assert "reject: END-OF-MESSAGE from unknown[127.0.0.1]: %d %s" % expected in \
+        server.log()
+
+
+def test_accept_at_end_of_message_queues_it_unchanged(elemta_server, port):
+    with ScriptedMilter(port, {b"E": [reply(b"a")]}) as milter:
+        server = milter_server(elemta_server, milter)
+        queue_id = queue_id_of(send(server))
+    assert server.message(queue_id)[1].endswith(b"\r\n" + MESSAGE)
+    assert "%s: milter m0: EOM from unknown[127.0.0.1]: accept" % queue_id in server.log()
+
+
+def test_skip_in_the_body_sends_no_more_chunks(elemta_server, port):
+    body = b"y" * 200000 + b"\r\n"
+    raw = b"Subject: skip\r\n\r\n" + body
+    with ScriptedMilter(port, {b"B": [reply(b"s")]}) as milter:
+        server = milter_server(elemta_server, milter)
+        queue_id = queue_id_of(send(server, raw=raw))
+        assert wait_for(lambda: milter.sequence().endswith(b"Q"))
+    assert milter.sequence().endswith(b"NBEQ")
+    assert server.message(queue_id)[1].endswith(body)

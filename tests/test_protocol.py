@@ -108,6 +108,44 @@ def test_unknown_and_malformed_commands():
     assert d.replies(b"NOOP\r\n") == ["250 2.0.0 Ok"]
 
 
+def test_unknown_commands_are_put_to_the_driver_only_when_asked_for():
+    from elemta.smtp.events import NEED_DATA, UnknownCommand
+    from elemta.smtp.protocol import ServerProtocol, Settings
+    from elemta.smtp.replies import Reply
+    proto = ServerProtocol(Settings(hostname="mx.test", report_unknown_commands=True))
+    proto.start()
+    seen = []
+
+    def replies(data):
+        proto.receive_data(data)
+        out = []
+        while True:
+            event = proto.next_event()
+            if event is NEED_DATA:
+                return out
+            if isinstance(event, Reply):
+                out.append(event.encode().decode().strip())
+            elif isinstance(event, UnknownCommand):
+                seen.append(event.line)
+                if event.line.startswith("XREFUSE"):
+                    proto.reject(Reply(554, "5.7.1", "Not that"))
+                else:
+                    proto.accept()          # the core's own refusal
+            elif event.needs_decision:
+                proto.accept()
+
+    replies(b"EHLO client.test\r\n")
+    assert replies(b"XFROB a b\r\n") == ["500 5.5.1 Error: command not recognized"]
+    assert replies(b"XREFUSE now\r\n") == ["554 5.7.1 Not that"]
+    # An empty line is no command at all: refused without asking.
+    assert replies(b"\r\n") == ["500 5.5.1 Error: command not recognized"]
+    assert seen == ["XFROB a b", "XREFUSE now"]
+    assert replies(b"MAIL FROM:<a@b.test>\r\n") == ["250 2.1.0 Ok"]
+    # Off (the default): the driver is never asked.
+    assert session().replies(b"XFROB a b\r\n") == [
+        "500 5.5.1 Error: command not recognized"]
+
+
 def test_overlong_line_is_drained_then_refused_and_session_goes_on():
     d = session()
     assert d.replies(b"NOOP " + b"x" * 993 + b"\r\n") == ["250 2.0.0 Ok"]   # 1000 octets

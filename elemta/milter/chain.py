@@ -6,6 +6,7 @@ Owned by the smtpd session (the `smtp` milters, Postfix's smtpd_milters) and pic
     chain = MilterChain(milters, ctx, facts)     # ctx: the session's plugin Context
     chain.connect(); chain.helo()                # each gives a Verdict
     chain.mail(sender, args); chain.rcpt(recipient, args); chain.data()
+    chain.unknown(line)                          # a command line the SMTP core refuses
     outcome = chain.content(content)             # headers, body, end of message
     chain.abort()                                # RSET, a refused or broken transaction
     chain.close()                                # QUIT to every milter
@@ -25,10 +26,16 @@ milter), reject (550 5.7.1), accept (as if it were not configured) or quarantine
 message is held). A failure at connect or HELO is answered at the next MAIL, as Postfix
 does: the client gets its greeting.
 
-Recipients a milter adds are queued as it gives them: like Postfix, a milter may add any
-recipient, local or remote, past the relay rules (those bind SMTP clients, and the milter
-is the admin's own); added recipients are not alias-expanded. Deleting every recipient
-refuses the message (550 5.7.1), so mail is never accepted to go nowhere unnoticed.
+Recipients a milter adds go through the caller's address handling, as Postfix's cleanup
+puts them through its own: canonical maps, virtual aliases, the normal form of a hosted
+address (content_verdict's `expand`). Like Postfix, a milter may add any recipient, local
+or remote, past the relay rules (those bind SMTP clients, and the milter is the admin's
+own). A recipient a milter deletes is matched against the addresses the milters were
+sent in RCPT (and those added before), local part exactly and domain without case, and
+removes what that address became in the queue (its alias targets) and nothing that
+another recipient still needs, as Postfix deletes by original recipient. Deleting every
+recipient refuses the message (550 5.7.1), so mail is never accepted to go nowhere
+unnoticed.
 
 Every verdict that is not "continue" is logged in one line with the queue id (NOQUEUE
 before DATA) and the milter's name; the end of message always is. Metrics (elemta.metrics):
@@ -41,10 +48,14 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from elemta import metrics
+from elemta.addressing.normal import canonical
+from elemta.addressing.virtual import original_recipient
 from elemta.milter import protocol as p
+from elemta.milter.client import CONTINUE as CONTINUE_RESPONSE
 from elemta.milter.client import MilterConnection, MilterError
 from elemta.milter.edits import HeaderSection, crlf_body, wire_value
 from elemta.milter.macros import values_for
+from elemta.queue.model import Recipient
 from elemta.smtp.address import AddressError, validate_mailbox
 from elemta.util.text import printable
 
@@ -64,7 +75,8 @@ NO_RECIPIENTS = (550, "5.7.1", "Error: no recipients left after content filterin
 # Stages, as logged and counted.
 STAGE_OF = {p.SMFIC_CONNECT: "connect", p.SMFIC_HELO: "helo", p.SMFIC_MAIL: "mail",
             p.SMFIC_RCPT: "rcpt", p.SMFIC_DATA: "data", p.SMFIC_HEADER: "header",
-            p.SMFIC_EOH: "eoh", p.SMFIC_BODY: "body", p.SMFIC_BODYEOB: "eom"}
+            p.SMFIC_EOH: "eoh", p.SMFIC_BODY: "body", p.SMFIC_BODYEOB: "eom",
+            p.SMFIC_UNKNOWN: "unknown"}
 
 
 @dataclass
@@ -84,19 +96,28 @@ class Verdict:
 
 @dataclass
 class ContentOutcome:
-    """The end of message: the verdict (refusal or discard end it), the content as the
-    milters left it, and the envelope changes to apply."""
+    """The end of message: the verdict (refusal or discard end it), the content and the
+    header fields above it as the milters left them, and the envelope changes to
+    apply."""
     verdict: Verdict
     content: bytes
-    add_recipients: List[str] = field(default_factory=list)
-    delete_recipients: List[str] = field(default_factory=list)
+    prefix: bytes = b""                 # the header fields above the content, edited
+    recipient_edits: List[Tuple[str, str]] = field(default_factory=list)   # in order
     sender: Optional[str] = None
     quarantine: Optional[Tuple[str, str]] = None        # (reason, milter)
 
     @property
     def changed_envelope(self):
-        return bool(self.add_recipients or self.delete_recipients
-                    or self.sender is not None)
+        return bool(self.recipient_edits or self.sender is not None)
+
+
+class RecipientLookupError(Exception):
+    """A recipient a milter added could not be looked up now: the message is refused
+    with `reply` (a 4xx), as Postfix's cleanup defers it."""
+
+    def __init__(self, reply):
+        super().__init__(reply)
+        self.reply = reply
 
 
 @dataclass(frozen=True)
@@ -224,20 +245,36 @@ class MilterChain:
     def data(self):
         return self._failures("data") or self._stage(p.SMFIC_DATA, p.simple(p.SMFIC_DATA))
 
-    def content(self, content):
-        # type: (bytes) -> ContentOutcome
+    def unknown(self, line):
+        """A command line the SMTP core does not know, before it refuses it: a milter's
+        reject, tempfail or reply code gives the refusal's text (as Postfix's smtpd
+        does); nothing else a milter says changes anything, and a milter that fails here
+        answers at the next MAIL. Milters that negotiated SMFIP_NOUNKNOWN, or speak a
+        protocol older than version 3, are not asked."""
+        verdict = self._stage(p.SMFIC_UNKNOWN, p.unknown(printable(line)), session=True,
+                              unknown=True)
+        return verdict if verdict.refused else Verdict()
+
+    def content(self, content, prefix=b""):
+        # type: (bytes, bytes) -> ContentOutcome
         """Headers, body and end of message to each milter in turn (see the module
-        docstring)."""
-        outcome = ContentOutcome(Verdict(), content)
+        docstring). prefix: the header fields the MTA writes above the content (its
+        Received header last), which the milters see first, as Postfix shows them its
+        own Received header; the outcome gives both back as the milters left them."""
+        outcome = ContentOutcome(Verdict(), content, prefix)
         failure = self._failures("eom")
         if failure is not None:
             outcome.verdict = failure
             return outcome
         if (self.hold or self.session_hold) is not None:
             outcome.quarantine = self.hold or self.session_hold
-        for milter in self._talking():
+        talking = self._talking()
+        if not talking:
+            return outcome
+        section = HeaderSection(content, prefix)
+        for milter in talking:
             try:
-                verdict = self._content_of(milter, outcome)
+                verdict = self._content_of(milter, section, outcome)
             except MilterError as error:
                 verdict = self._failed(milter, "eom", error)
             milter.in_message = False
@@ -245,13 +282,15 @@ class MilterChain:
                 outcome.quarantine = outcome.quarantine or (verdict.reason, milter.name)
             elif verdict.action != CONTINUE:
                 outcome.verdict = verdict
-                break
+                return outcome
+        outcome.prefix, outcome.content = section.split()
         return outcome
 
-    def local_message(self, sender, recipients, content):
-        # type: (str, list, bytes) -> ContentOutcome
-        """pickup: every stage for one message from sendmail, then QUIT. There is no
-        client to refuse one recipient to, so any refusal or discard is the message's."""
+    def local_message(self, sender, recipients, content, prefix=b""):
+        # type: (str, list, bytes, bytes) -> ContentOutcome
+        """pickup: every stage for one message from sendmail, then QUIT (prefix: as for
+        content()). There is no client to refuse one recipient to, so any refusal or
+        discard is the message's."""
         try:
             steps = [self.connect, self.helo, lambda: self.mail(sender)]
             steps += [lambda r=r: self.rcpt(r) for r in recipients]
@@ -259,8 +298,8 @@ class MilterChain:
             for step in steps:
                 verdict = step()
                 if verdict.action in (REJECT, TEMPFAIL, DISCARD):
-                    return ContentOutcome(verdict, content)
-            return self.content(content)
+                    return ContentOutcome(verdict, content, prefix)
+            return self.content(content, prefix)
         finally:
             self.close()
 
@@ -309,7 +348,7 @@ class MilterChain:
             names = milter.settings.macros_for(STAGE_OF.get(command, ""))
         return values_for(names, self.ctx, self.facts)
 
-    def _stage(self, command, data, session=False, recipient_only=False):
+    def _stage(self, command, data, session=False, recipient_only=False, unknown=False):
         stage = STAGE_OF[command]
         for milter in self._talking():
             try:
@@ -320,7 +359,11 @@ class MilterChain:
                 if session and verdict.action in (REJECT, TEMPFAIL):
                     continue            # answered at the next MAIL, as Postfix does
             else:
+                if unknown and response.action not in ("reply", REJECT, TEMPFAIL):
+                    response = CONTINUE_RESPONSE    # an accept or discard here ends nothing
                 verdict = self._judge(milter, stage, response, session, recipient_only)
+            if unknown and not verdict.refused:
+                continue
             if verdict.action == QUARANTINE:
                 if session:
                     self.session_hold = self.session_hold or (verdict.reason, verdict.milter)
@@ -361,11 +404,10 @@ class MilterChain:
         return Verdict(action, reply, milter.name, "discarded by milter %s" % milter.name
                        if action == DISCARD else "")
 
-    def _content_of(self, milter, outcome):
+    def _content_of(self, milter, section, outcome):
         """One milter's turn at the end of message; applies its modifications to
-        outcome and gives its Verdict."""
+        section (the header fields and body) and outcome, and gives its Verdict."""
         connection = milter.connection
-        section = HeaderSection(outcome.content)
         for name, value in section.pairs:
             response = connection.stage(p.SMFIC_HEADER, p.header(name, wire_value(value)),
                                         None, content=True)
@@ -415,19 +457,15 @@ class MilterChain:
                 continue
             done.append("%s header %s" % ("delete" if kind == "change" and value == ""
                                            else kind, printable(name)))
-        body = None
         if mods.body is not None:
             mods.body.seek(0)
-            body = crlf_body(mods.body.read())
+            section.body = crlf_body(mods.body.read())
             done.append("replace body")
-        outcome.content = section.content(body)
-        for address in mods.add_recipients:
-            if self._valid_address(milter, address, "add recipient"):
-                outcome.add_recipients.append(address)
-                done.append("add rcpt <%s>" % address)
-        for address in mods.delete_recipients:
-            outcome.delete_recipients.append(address)
-            done.append("delete rcpt <%s>" % printable(address))
+        for op, address in mods.recipients:
+            if op == "add" and not self._valid_address(milter, address, "add recipient"):
+                continue
+            outcome.recipient_edits.append((op, address))
+            done.append("%s rcpt <%s>" % (op, printable(address)))
         if mods.sender is not None and self._valid_address(milter, mods.sender,
                                                            "change sender", empty=True):
             outcome.sender = mods.sender
@@ -496,11 +534,18 @@ class MilterChain:
                  client, what)
 
 
-def content_verdict(outcome, envelope, verdict_class):
+def content_verdict(outcome, envelope, verdict_class, told=(), queued_as=None,
+                    expand=None):
     """A ContentOutcome as the content stages' verdict (elemta.plugins.content
     ContentVerdict, passed as verdict_class), with its envelope changes applied to
     `envelope` (an elemta.queue.model.Envelope, changed in place). A message the
-    milters left with no recipient is refused with NO_RECIPIENTS."""
+    milters left with no recipient is refused with NO_RECIPIENTS.
+
+    The caller's address handling (see the module docstring): told, the addresses the
+    milters were sent in RCPT; queued_as(address), the queue addresses one of them
+    became (default: itself); expand(address), the queue addresses for one a milter
+    adds, [] for one refused (the caller logs why), RecipientLookupError when a table
+    cannot answer now (default: itself)."""
     verdict = outcome.verdict
     result = verdict_class(CONTINUE, outcome.content)
     if outcome.quarantine is not None:
@@ -513,15 +558,15 @@ def content_verdict(outcome, envelope, verdict_class):
         result.reply, result.reason = verdict.reply, verdict.reason
         return result
     if outcome.changed_envelope:
-        from elemta.queue.model import Recipient
-        doomed = {address.lower() for address in outcome.delete_recipients}
-        recipients = [r for r in envelope.recipients if r.address.lower() not in doomed
-                      and (r.orcpt or "").lower().rpartition(";")[2] not in doomed]
-        known = {r.address.lower() for r in recipients}
-        for address in outcome.add_recipients:
-            if address.lower() not in known:
-                recipients.append(Recipient(address))
-                known.add(address.lower())
+        try:
+            recipients = _edited_recipients(envelope.recipients, outcome.recipient_edits,
+                                            told, queued_as or _itself,
+                                            expand or _itself)
+        except RecipientLookupError as error:
+            result.action, result.stage = TEMPFAIL, "milter"
+            result.decided_by = "milters"
+            result.reply = error.reply
+            return result
         if not recipients:
             result.action, result.stage = REJECT, "milter"
             result.decided_by = "milters"
@@ -531,6 +576,39 @@ def content_verdict(outcome, envelope, verdict_class):
         if outcome.sender is not None:
             envelope.sender = outcome.sender
     return result
+
+
+def _itself(address):
+    return [address]
+
+
+def _edited_recipients(recipients, edits, told, queued_as, expand):
+    """The queue's Recipients after the milters' adds and deletes, in their order (see
+    content_verdict). Each address the milters know (told in RCPT, or added) is a source
+    of queue addresses; a delete drops its source, and a queue recipient goes only when
+    no source left still leads to it, so a delete removes exactly what that address
+    brought and a recipient the milters never knew of (a REDIRECT's) stays."""
+    sources = {}                        # canonical(address) -> (address, queue addresses)
+    for address in told:
+        sources.setdefault(canonical(address), (address, list(queued_as(address))))
+    before = {target for _, targets in sources.values() for target in targets}
+    added = []                          # new Recipients, in the milters' order
+    for op, address in edits:
+        key = canonical(address)
+        if op == "delete":
+            sources.pop(key, None)
+        elif key not in sources:
+            sources[key] = (address, list(expand(address)))
+    live = {target for _, targets in sources.values() for target in targets}
+    kept = [r for r in recipients if r.address not in before or r.address in live]
+    known = {r.address.lower() for r in kept}
+    for address, targets in sources.values():
+        for target in targets:
+            if target not in before and target.lower() not in known:
+                known.add(target.lower())
+                added.append(Recipient(target, None, None if target == address
+                                       else original_recipient(address)))
+    return kept + added
 
 
 def mail_args(transaction):

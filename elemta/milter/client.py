@@ -50,20 +50,20 @@ class Modifications:
     headers: ("add", name, value, 0) | ("insert", name, value, index) |
              ("change", name, value, index); change with value "" deletes.
     body: the replacement body (a file object at its start) or None.
-    add_recipients / delete_recipients: addresses (no angle brackets).
+    recipients: ("add" | "delete", address without angle brackets), in the milter's
+                order (an add then a delete of one address is not a delete then an add).
     sender: the new envelope sender, or None.
     quarantine: the reason, when the milter asked for the message to be held.
     """
     headers: List[Tuple[str, str, str, int]] = field(default_factory=list)
     body: Any = None
-    add_recipients: List[str] = field(default_factory=list)
-    delete_recipients: List[str] = field(default_factory=list)
+    recipients: List[Tuple[str, str]] = field(default_factory=list)
     sender: Optional[str] = None
     quarantine: Optional[str] = None
 
     def __bool__(self):
-        return bool(self.headers or self.body is not None or self.add_recipients
-                    or self.delete_recipients or self.sender is not None
+        return bool(self.headers or self.body is not None or self.recipients
+                    or self.sender is not None
                     or self.quarantine is not None)
 
     def close(self):
@@ -138,6 +138,8 @@ class MilterConnection:
             raise MilterError("answered option negotiation with %r" % command)
         try:
             self.negotiated = p.parse_optneg(data, p.offered_steps(self.version))
+            # The version both speak: the lower of ours (configured) and the milter's.
+            self.negotiated.version = min(self.negotiated.version, self.version)
         except p.MilterProtocolError as error:
             raise MilterError(str(error)) from None
         return self.negotiated
@@ -219,9 +221,11 @@ class MilterConnection:
                 mods.body = tempfile.SpooledTemporaryFile(REPLACEMENT_IN_MEMORY)
             mods.body.write(data)
         elif command in (p.SMFIR_ADDRCPT, p.SMFIR_ADDRCPT_PAR):
-            mods.add_recipients.append(_address(p.split_strings(data, 1, "add rcpt")[0]))
+            mods.recipients.append(("add", _address(p.split_strings(data, 1,
+                                                                  "add rcpt")[0])))
         elif command == p.SMFIR_DELRCPT:
-            mods.delete_recipients.append(_address(p.split_strings(data, 1, "del rcpt")[0]))
+            mods.recipients.append(("delete", _address(p.split_strings(data, 1,
+                                                                     "del rcpt")[0])))
         elif command == p.SMFIR_CHGFROM:
             mods.sender = _address(p.split_strings(data, 1, "change from")[0])
         elif command == p.SMFIR_QUARANTINE:

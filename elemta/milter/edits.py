@@ -1,8 +1,10 @@
 """A milter's modifications applied to the message: header fields and the body.
 
-Owned by elemta.milter.chain. The message here is the content as received (the header
-section and the body, without our own Received header, which the smtpd writes above it):
-what the milters saw, so their header indexes count the same fields.
+Owned by elemta.milter.chain. The message here is what the milters saw: the header
+fields Elemta writes above the content (its own Received header, and the fields plugins
+prepend above that), then the content as received. So a milter sees our Received header
+first, as it sees Postfix's, and its header indexes count the same fields; split()
+gives the two parts back, edited, for the smtpd to write in their places.
 
 Header edits follow libmilter's rules as Postfix applies them:
     add     the field goes at the end of the header section (smfi_addheader)
@@ -17,6 +19,7 @@ milter cannot split the header section or inject a body.
 """
 
 import re
+from typing import Tuple
 
 from elemta.plugins.api import Message
 
@@ -52,19 +55,25 @@ def field_bytes(name, value):
 
 class HeaderSection:
     """The header fields of a message as a list of (name, raw bytes) that edits change;
-    kept fields stay byte-identical."""
+    kept fields stay byte-identical. prefix: header fields that go above the content
+    (ours: the Received header), shown and edited as the first fields."""
 
-    def __init__(self, content):
-        # type: (bytes) -> None
-        message = Message(content)
+    def __init__(self, content, prefix=b""):
+        # type: (bytes, bytes) -> None
+        whole = prefix + content if prefix else content
+        message = Message(whole)
         self.fields = [(name, (name + ":").encode("ascii", "replace")
                         + value.encode("utf-8", "surrogateescape") + b"\r\n")
                        for name, value in message.headers]
         self.pairs = list(message.headers)
-        self.body = content[message.body_offset:]
+        # Where each field came from: the prefix ("ours"), the content ("message") or a
+        # milter ("milter"); split() cuts the header section by it.
+        ours = len(Message(prefix).headers) if prefix else 0
+        self.origins = ["ours"] * ours + ["message"] * (len(self.fields) - ours)
+        self.body = whole[message.body_offset:]
         # The blank line between, when the content had one (one that is all header
         # fields has none).
-        head = content[:message.body_offset]
+        head = whole[len(prefix):message.body_offset]
         self.separator = b"\r\n" if head in (b"\r\n", b"\n") or head.endswith(
             (b"\n\r\n", b"\n\n")) else b""
 
@@ -75,6 +84,7 @@ class HeaderSection:
             if position is not None:
                 del self.fields[position]
                 del self.pairs[position]
+                del self.origins[position]
             return
         line = field_bytes(name, value)
         pair = (name, line[len(name) + 1:-2].decode("utf-8", "surrogateescape"))
@@ -88,9 +98,11 @@ class HeaderSection:
         if kind == "insert" and index < len(self.fields):
             self.fields.insert(index, (name, line))
             self.pairs.insert(index, pair)
+            self.origins.insert(index, "milter")
             return
         self.fields.append((name, line))
         self.pairs.append(pair)
+        self.origins.append("milter")
 
     def _nth(self, name, index):
         seen = 0
@@ -101,11 +113,20 @@ class HeaderSection:
                     return position
         return None
 
-    def content(self, body=None):
-        """The message with the edited header section and `body` (default: its own)."""
-        separator = self.separator or (b"\r\n" if self.fields else b"")
-        return (b"".join(line for _, line in self.fields) + separator
-                + (self.body if body is None else body))
+    def split(self):
+        # type: () -> Tuple[bytes, bytes]
+        """(prefix, content) as edited: the prefix is every field above the message's
+        own first one (ours, and what milters put above it); with no field of the
+        message left, every field up to the last of ours."""
+        origins = self.origins
+        if "message" in origins:
+            cut = origins.index("message")
+        else:
+            cut = len(origins) - origins[::-1].index("ours") if "ours" in origins else 0
+        rest = self.fields[cut:]
+        separator = self.separator or (b"\r\n" if rest else b"")
+        return (b"".join(line for _, line in self.fields[:cut]),
+                b"".join(line for _, line in rest) + separator + self.body)
 
 
 def crlf_body(data):

@@ -35,6 +35,7 @@ SMFIC_OPTNEG = b"O"
 SMFIC_QUIT = b"Q"
 SMFIC_RCPT = b"R"
 SMFIC_DATA = b"T"
+SMFIC_UNKNOWN = b"U"
 
 # Replies, milter -> MTA (SMFIR_*). The first group ends a stage; the second are the
 # modifications allowed at end of message; PROGRESS only resets the timeout.
@@ -119,7 +120,11 @@ STEPS = {
     SMFIC_EOH: (SMFIP_NOEOH, SMFIP_NR_EOH),
     SMFIC_BODY: (SMFIP_NOBODY, SMFIP_NR_BODY),
     SMFIC_BODYEOB: (0, 0),
+    SMFIC_UNKNOWN: (SMFIP_NOUNKNOWN, SMFIP_NR_UNKN),
 }
+# Commands later protocol versions added -> the first version that knows them (mfdef.h:
+# UNKNOWN came with version 3, DATA with 4); an older milter is never sent them.
+FIRST_VERSION = {SMFIC_UNKNOWN: 3, SMFIC_DATA: 4}
 
 # The macro lists a milter may ask for in its OPTNEG reply (SMFIM_*) -> the command
 # they are sent with.
@@ -183,6 +188,11 @@ def rcpt(recipient, args=()):
     return packet(SMFIC_RCPT, _cstr("<%s>" % recipient) + b"".join(_cstr(a) for a in args))
 
 
+def unknown(line):
+    """An SMTP command the MTA does not know: the whole line, without its CRLF."""
+    return packet(SMFIC_UNKNOWN, _cstr(line))
+
+
 def header(name, value):
     return packet(SMFIC_HEADER, _cstr(name) + _cstr(value))
 
@@ -209,7 +219,8 @@ class Negotiated:
     macros: Dict[bytes, List[str]] = field(default_factory=dict)
 
     def skips(self, command):
-        return bool(self.steps & STEPS.get(command, (0, 0))[0])
+        return (self.version < FIRST_VERSION.get(command, 0)
+                or bool(self.steps & STEPS.get(command, (0, 0))[0]))
 
     def replies_to(self, command):
         return not self.steps & STEPS.get(command, (0, 0))[1]

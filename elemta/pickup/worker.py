@@ -55,6 +55,7 @@ import errno
 import logging
 import os
 import time
+from types import SimpleNamespace
 
 import gevent
 from gevent import socket as gsocket
@@ -67,7 +68,8 @@ from elemta.addressing.virtual import (AliasExpansionError, VirtualAliases, expa
                                        original_recipient)
 from elemta.content.checks import ContentChecks
 from elemta.maps import TableUnavailable
-from elemta.milter.chain import MilterChain, configured, content_verdict, facts_of
+from elemta.milter.chain import (MilterChain, RecipientLookupError, configured,
+                                 content_verdict, facts_of)
 from elemta.plugins.api import DATA, DISCARD, QUEUE, REJECT, STORAGE, Context
 from elemta.plugins.content import (ContentVerdict, notify_queued, outbound,
                                     run_content_stages, wants_content)
@@ -292,13 +294,14 @@ class PickupWorker(GeventChild):
                        sender=envelope.sender, recipients=recipients,
                        outbound=outbound(recipients, self.addressing.is_local))
 
-    def _judge(self, envelope, content):
+    def _judge(self, envelope, content, above):
         """Run the data and storage plugins on the content. Returns (content, hold) with
         hold a Hold (its reason the log line) when the message is to be queued on hold;
-        None when a plugin discarded it; raises Deferred when a plugin tempfailed it."""
+        None when a plugin discarded it; raises Deferred when a plugin tempfailed it.
+        above: [the header fields above the content], as the milters leave them."""
         ctx = self._context(envelope)
         verdict = run_content_stages(self.plugins, ctx, content,
-                                     self._milter_filter(envelope, ctx))
+                                     self._milter_filter(envelope, ctx, above))
         queue_id, who = envelope.queue_id, _who(verdict.decided_by, verdict.stage)
         if verdict.action == DISCARD:
             log.info("%s: discard: local mail from=<%s> nrcpt=%d: %s (%s)", queue_id,
@@ -318,10 +321,11 @@ class PickupWorker(GeventChild):
                 time.time())
         return verdict.content, None
 
-    def _milter_filter(self, envelope, ctx):
+    def _milter_filter(self, envelope, ctx, above):
         """The non_smtp milters over one submission, for run_content_stages: every
-        stage from connect ("localhost") to the end of message; their envelope changes
-        go into `envelope`."""
+        stage from connect ("localhost") to the end of message, our Received header
+        (above[0]) shown first; their envelope changes go into `envelope`, their edits
+        of the Received header into above[0]."""
         if not self.milters:
             return None
 
@@ -330,10 +334,32 @@ class PickupWorker(GeventChild):
                 self.milter_facts, queue_id=envelope.queue_id,
                 mailer=lambda address: "local" if self.addressing.is_local(address)
                 else "smtp"), local=True)
-            outcome = chain.local_message(envelope.sender,
-                                          [r.address for r in envelope.recipients], content)
-            return content_verdict(outcome, envelope, ContentVerdict)
+            told = [r.address for r in envelope.recipients]
+            outcome = chain.local_message(envelope.sender, told, content, above[0])
+            above[0] = outcome.prefix
+            return content_verdict(outcome, envelope, ContentVerdict, told,
+                                   expand=self._added_by_milter)
         return milter_filter
+
+    def _added_by_milter(self, address):
+        """The queue addresses for a recipient a non_smtp milter adds: canonical maps,
+        virtual aliases and the normal form, as sendmail's own recipients get
+        (content_verdict's expand); [] for one refused for good (logged)."""
+        try:
+            if self.rewriter is not None:
+                address = self.rewriter.recipient(address)
+            probe = SimpleNamespace(recipients=[Recipient(address)], smtputf8=True)
+            refused = self._expand(probe)
+        except TableUnavailable as error:
+            raise RecipientLookupError((451, "4.3.0", "canonical map lookup failed: %s"
+                                        % error))
+        except (RewriteError, Deferred) as error:
+            raise RecipientLookupError((451, "4.3.0", str(error)))
+        if refused is not None:
+            log.warning("recipient <%s> added by a milter refused: %s", printable(address),
+                        refused)
+            return []
+        return [r.address for r in probe.recipients]
 
     def _spool(self, path):
         """One maildrop file written to a finished queue SpoolWriter: (writer, uid, hold)
@@ -355,8 +381,12 @@ class PickupWorker(GeventChild):
             content, hold = checked
             if unexpandable is not None:
                 hold = Hold("virtual_alias_maps", unexpandable, time.time())
+            # Our Received header, in a list the milters may edit it in (they see it
+            # first, as Postfix's non_smtpd_milters see Postfix's).
+            above = [received_header(submission.uid, self.hostname, queue_id,
+                                     [r.address for r in envelope.recipients])]
             if wants_content(self.plugins) or self.milters:
-                judged = self._judge(envelope, content)
+                judged = self._judge(envelope, content, above)
                 if judged is None:
                     return None
                 content, judged_hold = judged
@@ -364,8 +394,7 @@ class PickupWorker(GeventChild):
             blocks = [content]
             writer = self.queue.start_message(envelope, SENDMAIL_LISTENER)
             try:
-                writer.write(received_header(submission.uid, self.hostname, queue_id,
-                                             [r.address for r in envelope.recipients]))
+                writer.write(above[0])
                 for block in blocks:
                     writer.write(block)
                 writer.hold = hold

@@ -122,3 +122,12 @@ class ImproperPipelining(Event):
     command: str
     following: bytes
     needs_decision = True
+
+
+@dataclass
+class UnknownCommand(Event):
+    """A line that is no SMTP command (only when Settings.report_unknown_commands is on).
+    It is refused either way: accept() gives the core's 500 5.5.1, reject(reply) that
+    reply instead. `line` is the whole line as the client sent it, without its CRLF."""
+    line: str
+    needs_decision = True

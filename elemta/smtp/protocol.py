@@ -18,7 +18,9 @@ NEEDS_AUTH, CHUNK_FOLLOWS. A client refused before the greeting (start_refused) 
 state too, REFUSED, where only QUIT is obeyed. With Settings.pipelining_test, a command
 line that came with input behind it where RFC 2920 forbids sending ahead is put to the
 driver first (ImproperPipelining: postscreen's pipelining test) and obeyed only once
-the driver accepts it.
+the driver accepts it. With Settings.report_unknown_commands, a line that is no command
+is put to the driver too (UnknownCommand: the milters' unknown stage) before it is
+refused, and the driver may give the refusal's text.
 
 Usage (see elemta.smtpd.session for the real driver):
 
@@ -51,7 +53,7 @@ from elemta.smtp.dsn import DsnError, parse_envid, parse_notify, parse_orcpt
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
                                 DataStart, Helo, ImproperPipelining, MailFrom,
                                 MessageReceived, RcptTo, RecipientInfo, StartTLS,
-                                Transaction)
+                                Transaction, UnknownCommand)
 from elemta.smtp.replies import Reply
 
 # RFC 5321 4.5.3.1.4/4.5.3.1.6 allow 512-octet command lines and 1000-octet text lines;
@@ -125,6 +127,7 @@ NESTED = Reply(503, "5.5.1", "Error: nested MAIL command")
 NO_VALID = Reply(554, "5.5.1", "Error: no valid recipients")
 AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA not allowed after BDAT")
 TXN_OPEN = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+UNRECOGNIZED = Reply(500, "5.5.1", "Error: command not recognized")
 
 
 class _Denied:
@@ -232,6 +235,7 @@ class Settings:
     auth_plaintext: bool = False          # AUTH offered without TLS
     auth_required: bool = False           # submission/smtps: MAIL needs AUTH first
     pipelining_test: bool = False         # report ImproperPipelining (postscreen's test)
+    report_unknown_commands: bool = False  # report UnknownCommand (the milters ask for it)
 
 
 class ContentChecker:
@@ -520,6 +524,12 @@ class ServerProtocol:
             return self._while_refused(verb, arg, problem)
         if verb is not None:
             self.last_command = verb if verb in COMMANDS else "UNKNOWN"
+        if problem is UNRECOGNIZED and verb and self.settings.report_unknown_commands:
+            # Refused all the same; the driver only chooses the reply (Postfix's smtpd
+            # shows the line to its milters, whose refusal replaces its own).
+            return self._decide(UnknownCommand(raw.decode("utf-8")),
+                                lambda text: self._send_reply(problem),
+                                lambda reply: self._send_reply(reply or problem))
         if problem is not None:
             return self._send_reply(problem)
         command = COMMANDS[verb]
@@ -554,7 +564,7 @@ class ServerProtocol:
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
         if verb not in COMMANDS:
-            return verb, None, Reply(500, "5.5.1", "Error: command not recognized")
+            return verb, None, UNRECOGNIZED
         if not line.isascii() and UTF8 not in COMMANDS[verb].flags:
             return verb, None, Reply(500, "5.5.2", "Error: non-ASCII characters in command")
         return verb, arg.strip(" "), None

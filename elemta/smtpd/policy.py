@@ -99,6 +99,21 @@ class RelayPolicy:
         try:
             if not self.may_send(client_ip, auth_user, recipient):
                 return PolicyRefusal(Reply(554, "5.7.1", RELAY_DENIED % recipient), RELAY_GUARD), None
+        except TableUnavailable as error:
+            log.warning("<%s>: lookup failed: %s", recipient, error)
+            return PolicyRefusal(lookup_failure(recipient), RECIPIENT_CHECK), None
+        return self._resolve(recipient, smtputf8, must_exist=True)
+
+    def added_recipient(self, recipient, smtputf8=True):
+        """(PolicyRefusal or None, expansion or None) for a recipient a milter adds at
+        the end of data: canonical rewriting and virtual alias expansion as for RCPT TO,
+        as Postfix's cleanup treats it, but no relay guard (the milter is the admin's
+        own) and no existence check (an unknown one bounces from delivery, as in
+        Postfix)."""
+        return self._resolve(recipient, smtputf8, must_exist=False)
+
+    def _resolve(self, recipient, smtputf8, must_exist):
+        try:
             rewritten = recipient if self.rewriter is None \
                 else self.rewriter.recipient(recipient)
             if self._recipients is None:
@@ -118,8 +133,8 @@ class RelayPolicy:
             return PolicyRefusal(Reply(error.code, error.status, (
                 REJECTED if error.permanent else EXPANSION_ERROR) % (recipient, error.summary)),
                 RECIPIENT_CHECK), None
-        if not found.known and (found.kind != LOCAL
-                                or self.config.local.reject_unknown_users):
+        if must_exist and not found.known and (found.kind != LOCAL
+                                               or self.config.local.reject_unknown_users):
             return PolicyRefusal(Reply(550, "5.1.1", UNKNOWN_USER % (recipient, found.table_name)),
                                  RECIPIENT_CHECK), None
         if found.targets is not None:

@@ -50,7 +50,8 @@ def protocol_settings(config, listener, tls_ready, auth_ready):
         implicit_tls=listener.mode == "smtps",
         auth_available=auth_ready, auth_plaintext=config.auth.allow_plaintext,
         auth_required=listener.mode in ("submission", "smtps"),
-        pipelining_test=config.protocol_tests.pipelining_enable and listener.mode == "smtp")
+        pipelining_test=config.protocol_tests.pipelining_enable and listener.mode == "smtp",
+        report_unknown_commands=any(entry.smtp for entry in config.milters))
 
 
 def _export_certificate_expiry(cert_file):

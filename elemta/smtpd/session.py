@@ -39,7 +39,8 @@ from elemta.addressing.headers import rewrite_headers
 from elemta.addressing.rewrite import RewriteError
 from elemta.addressing.virtual import expanded_recipients
 from elemta.maps import TableUnavailable
-from elemta.milter.chain import MilterChain, content_verdict, mail_args
+from elemta.milter.chain import (MilterChain, RecipientLookupError, content_verdict,
+                                 mail_args)
 from elemta.plugins.api import DATA_COMMAND, DISCARD, TEMPFAIL, Context
 from elemta.plugins.content import (ContentVerdict, notify_queued, outbound,
                                     run_content_stages, wants_content)
@@ -54,7 +55,7 @@ from elemta.restrictions.catalogue import CORE_REFUSALS, PLUGIN_STAGES, stage_of
 from elemta.restrictions.protocoltests import ProtocolTests
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
                                 DataStart, Helo, ImproperPipelining, MailFrom,
-                                MessageReceived, RcptTo, StartTLS)
+                                MessageReceived, RcptTo, StartTLS, UnknownCommand)
 from elemta.smtp.protocol import ServerProtocol
 from elemta.smtp.replies import Reply
 from elemta.smtpd import authresult, tls
@@ -94,6 +95,7 @@ HANDLERS = {
     AuthRequest: "on_auth_request",
     StartTLS: "on_start_tls",
     ImproperPipelining: "on_improper_pipelining",
+    UnknownCommand: "on_unknown_command",
 }
 
 
@@ -141,6 +143,9 @@ class Session:
         # This transaction's sender as queued: canonical maps, masquerading applied.
         self.queued_sender = None
         self.header_rewriting = False    # this message's headers are to be rewritten
+        # Our Received header and the plugins' fields above it, held back from the spool
+        # file until the milters have seen (and maybe edited) them.
+        self.pending_prefix = b""
         self._refusal_counted = False    # the pending refusal is counted by restriction
         # Postscreen's pregreet and pipelining tests (elemta.restrictions.protocoltests).
         self.screen = ProtocolTests(server.config.protocol_tests, listener.mode,
@@ -489,12 +494,15 @@ class Session:
                                 and self.client_ip == self._local_ip())
         self.content = bytearray() if self.header_rewriting or self._wants_content() \
             else None
+        # Header fields from the plugins before the content go above our Received
+        # header, where Postfix writes its PREPEND actions. With milters they are
+        # written with the content: the milters see them first and may edit them.
+        prefix = header_block(self.session_headers + self.message_headers) + header
+        self.pending_prefix = prefix if self.milters is not None else b""
         try:
             self.writer = self.server.queue.start_message(envelope, self.listener)
-            # Header fields from the plugins before the content go above our Received
-            # header, where Postfix writes its PREPEND actions.
-            self.writer.write(header_block(self.session_headers + self.message_headers)
-                              + header)
+            if not self.pending_prefix:
+                self.writer.write(prefix)
         except OSError as exc:
             log.error("%s: cannot create queue file: %s", self.queue_id, exc)
             self._discard_message()
@@ -642,7 +650,7 @@ class Session:
         ctx.sender = txn.sender
         ctx.recipients = [r.address for r in txn.recipients]
         ctx.outbound = outbound(ctx.recipients, self.server.policy.is_local)
-        verdict = run_content_stages(self.plugins, ctx, content, self._milter_filter())
+        verdict = run_content_stages(self.plugins, ctx, content, self._milter_filter(txn))
         ctx.new_transaction()             # end of DATA: the next MAIL starts afresh
         if verdict.reply is not None:
             reply = Reply(*verdict.reply)
@@ -663,18 +671,23 @@ class Session:
     def _wants_content(self):
         return wants_content(self.plugins) or self.milters is not None
 
-    def _milter_filter(self):
+    def _milter_filter(self, txn):
         """The milters' turn at the end of data (between the data and storage plugins),
-        for run_content_stages; their envelope changes go into the spool file."""
+        for run_content_stages; their envelope changes go into the spool file, the
+        recipients they add through the RCPT address handling (_added_by_milter)."""
         if self.milters is None:
             return None
 
         def milter_filter(content):
             self.milters.queue_id = self.queue_id
-            outcome = self.milters.content(content)
+            outcome = self.milters.content(content, self.pending_prefix)
+            self.pending_prefix = outcome.prefix
             envelope = dataclasses.replace(self.writer.envelope,
                                            recipients=list(self.writer.envelope.recipients))
-            verdict = content_verdict(outcome, envelope, ContentVerdict)
+            verdict = content_verdict(
+                outcome, envelope, ContentVerdict, [r.address for r in txn.recipients],
+                lambda address: self.expansions.get(address) or [address],
+                lambda address: self._added_by_milter(address, txn.smtputf8))
             if verdict.action == "continue" and outcome.changed_envelope:
                 try:
                     in_thread(self.writer.replace_envelope, envelope)
@@ -688,9 +701,28 @@ class Session:
             return verdict
         return milter_filter
 
+    def _added_by_milter(self, address, smtputf8):
+        """The queue addresses for a recipient a milter adds: canonical maps and virtual
+        aliases as for RCPT TO, without the relay guard or the existence check
+        (RelayPolicy.added_recipient); [] for one refused for good (logged),
+        RecipientLookupError for a table that cannot answer now."""
+        refusal, targets = self.server.policy.added_recipient(address, smtputf8)
+        if refusal is None:
+            return targets or [address]
+        reply = refusal.reply
+        if reply.code < 500:
+            raise RecipientLookupError((reply.code, reply.status, reply.text))
+        log.warning("%s: recipient <%s> added by a milter refused: %s", self.queue_id,
+                    printable(address), reply)
+        return []
+
     def _write_content(self, content):
-        """Write the kept content to the spool file; False once refused for it."""
+        """Write the kept content to the spool file (below the header fields kept for
+        the milters); False once refused for it."""
+        prefix, self.pending_prefix = self.pending_prefix, b""
         try:
+            if prefix:
+                self.writer.write(prefix)
             if len(content) > THREADED_WRITE:
                 # The file write and its CRC release the GIL: a 30 MB message costs the
                 # other sessions nothing while it goes to disk (tests/test_scanning_load).
@@ -787,6 +819,21 @@ class Session:
                  "ESMTP" if self.proto.esmtp else "SMTP", self.proto.helo_name or "",
                  extra=self._refusal(event.command, drop, "pipelining"))
         self._refuse_content(drop, "pipelining", stage_of_command(event.command))
+
+    def on_unknown_command(self, event):
+        """A line that is no command (reported only when there are milters): refused
+        either way; a milter's refusal gives the reply, as at Postfix's unknown-command
+        stage. Counted as the milter's verdict, not as a restriction's refusal."""
+        verdict = self.milters.unknown(event.line) if self.milters is not None else None
+        if verdict is None or not verdict.refused:
+            return self.proto.accept()
+        reply = Reply(*verdict.reply)
+        log.info("NOQUEUE: reject: UNKNOWN from %s: %s; proto=%s helo=<%s> (milter %s)",
+                 self.client, reply, "ESMTP" if self.proto.esmtp else "SMTP",
+                 self.proto.helo_name or "", verdict.milter,
+                 extra=self._refusal("UNKNOWN", reply, verdict.milter))
+        self._refusal_counted = True
+        self.proto.reject(reply)
 
     def on_start_tls(self, event):
         self._flush()
