@@ -474,6 +474,7 @@ class _Checker:
             else:
                 first_on[endpoint] = index
 
+        self.check_acme(config)
         self.check_delivery(config)
         self.check_priority_rules(config)
         self.check_address_classes(config)
@@ -531,6 +532,34 @@ class _Checker:
         for plugin in plugins.to_run():
             if plugin.name in BUILTIN_PLUGINS + ("authres",):
                 self.validate_plugin(plugin.settings, ("plugins", plugin.name))
+
+    def check_acme(self, config: Config) -> None:
+        """Certificate names unique, each with names; tls.acme names one of them."""
+        acme, tls = config.acme, config.tls
+        seen: Dict[str, int] = {}
+        for index, certificate in enumerate(acme.certificates):
+            if not certificate.domains:
+                self.refuse_across(("acme", "certificates", index, "domains"),
+                                   "a certificate needs at least one name")
+            if certificate.name in seen:
+                self.refuse_across(("acme", "certificates", index, "name"),
+                                   "%r is already the name of %s" % (
+                                       certificate.name, format_key(
+                                           ("acme", "certificates", seen[certificate.name]))))
+            seen.setdefault(certificate.name, index)
+        if tls.acme is None:
+            return
+        if tls.cert_file is not None or tls.key_file is not None:
+            self.refuse_across(("tls", "acme"), "is set, so tls.cert_file and tls.key_file "
+                               "must not be: the ACME certificate is served",
+                               [("tls", "cert_file"), ("tls", "key_file")])
+        if not acme.enabled:
+            self.refuse_across(("tls", "acme"), "needs acme.enabled: true",
+                               [("acme", "enabled")])
+        if tls.acme not in seen:
+            self.refuse_across(("tls", "acme"), "%r is not the name of an acme.certificates "
+                               "entry (%s)" % (tls.acme, ", ".join(seen) or "there is none"),
+                               [("acme", "certificates")])
 
     def check_delivery(self, config: Config) -> None:
         """Backoff bounds in order; transport entries complete and not repeated."""
