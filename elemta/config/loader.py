@@ -549,10 +549,6 @@ class _Checker:
             seen.setdefault(certificate.name, index)
         if tls.acme is None:
             return
-        if tls.cert_file is not None or tls.key_file is not None:
-            self.refuse_across(("tls", "acme"), "is set, so tls.cert_file and tls.key_file "
-                               "must not be: the ACME certificate is served",
-                               [("tls", "cert_file"), ("tls", "key_file")])
         if not acme.enabled:
             self.refuse_across(("tls", "acme"), "needs acme.enabled: true",
                                [("acme", "enabled")])

@@ -472,8 +472,8 @@ class TLSSettings:
                                    _positive)
     acme: Optional[str] = opt(
         None, "Serve the certificate the built-in ACME client keeps under this name (an "
-              "acme.certificates entry) instead of cert_file and key_file, which must then "
-              "be unset. Until it has been obtained, STARTTLS is not offered; the smtpd "
+              "acme.certificates entry); wins over cert_file and key_file. Until it has "
+              "been obtained, STARTTLS is not offered; the smtpd "
               "workers pick up each new one by themselves, without a reload. Postfix has no "
               "equivalent (certbot's --cert-name, with smtpd_tls_chain_files pointing into "
               "/etc/letsencrypt/live).")
