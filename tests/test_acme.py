@@ -4,16 +4,19 @@ pebble's HTTP-01 requests, and the smtpd serves what was obtained over STARTTLS.
 resolve through NSD: mail and smtp to 127.0.0.1, where the responder listens; dead to
 127.0.0.9, where nothing does."""
 
+import json
 import os
 import signal
 import smtplib
-import socket
 import ssl
-import time
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 
 import pytest
 
-from tests.harness import ElemtaServer, free_port, wait_for
+from tests.harness import REPO, ElemtaServer, free_port, wait_for
 from tests.peers.nsd import NSDInstance, nsd_available
 from tests.peers.pebble import PebbleInstance, pebble_available
 
@@ -70,6 +73,12 @@ def starttls(server, pebble, name):
     return client, serial
 
 
+def elemtactl(server, *args):
+    return subprocess.run([sys.executable, "-m", "elemta.cli.elemtactl"] + list(args)
+                          + ["--config", server.config_path], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+
+
 def offers_starttls(server):
     client = smtplib.SMTP("127.0.0.1", server.port, timeout=10)
     try:
@@ -100,6 +109,24 @@ def test_a_certificate_for_two_names_is_obtained_and_served_over_starttls(tmp_pa
         assert oct(os.stat(tmp_path / "acme").st_mode & 0o777) == "0o755"
         # Served, the challenge files are gone again.
         assert os.listdir(tmp_path / "acme" / "challenges") == []
+        # What the admin sees.
+        shown = elemtactl(server, "cert", "status")
+        assert shown.returncode == 0, shown.stderr
+        assert "mail (source acme, served)" in shown.stdout
+        assert "names:   mail.acme.test, smtp.acme.test" in shown.stdout
+        assert "issuer:  CN=Pebble Intermediate CA" in shown.stdout
+        listed = [json.loads(line) for line in
+                  elemtactl(server, "cert", "status", "--json").stdout.splitlines()]
+        assert [(c["name"], c["source"], c["names"], c["served"]) for c in listed] == [
+            ("mail", "acme", NAMES, True)]
+        assert listed[0]["serial"] == serials.pop().lower().lstrip("0")
+        # The responder serves pending tokens and nothing else.
+        for path in ("/.well-known/acme-challenge/..%2F..%2Faccount",
+                     "/.well-known/acme-challenge/", "/live/mail/privkey.pem"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen("http://127.0.0.1:%d%s" % (pebble.http_port, path),
+                                       timeout=10)
+            assert refused.value.code == 404
     finally:
         server.stop()
 
@@ -112,8 +139,9 @@ def test_a_renewal_replaces_the_certificate_without_a_restart_or_a_broken_sessio
         wait_for(lambda: offers_starttls(server), timeout=10)
         before = dict(server.titles())
         open_session, old_serial = starttls(server, pebble, "mail.acme.test")
-        acme_pid = next(pid for pid, title in before.items() if title == "elemta: acme")
-        os.kill(acme_pid, signal.SIGUSR2)         # what elemtactl cert renew sends
+        renew = elemtactl(server, "cert", "renew")
+        assert renew.returncode == 0, renew.stdout + renew.stderr
+        assert "asked the acme process" in renew.stdout
         wait_for(lambda: installed(server) == 2, timeout=60)
 
         def serving_a_new_one():

@@ -112,7 +112,7 @@ def write_file(path, data, mode):
 def read_file(path):
     """The bytes of path, never through a symbolic link; None if it is not there."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)   # no FIFO hangs
     except FileNotFoundError:
         return None
     with os.fdopen(fd, "rb") as f:
