@@ -59,13 +59,13 @@ def installed(server):
     return server.log().count("acme: certificate mail for %s installed" % ", ".join(NAMES))
 
 
-def starttls(server, pebble, name):
+def starttls(port, pebble, name):
     """An SMTP session after STARTTLS, the server's certificate checked against pebble's
     root for name; returns (smtplib.SMTP, the certificate's serial)."""
     context = ssl.create_default_context(cafile=pebble.root_file)
     client = smtplib.SMTP(timeout=10)
     client._host = name          # what starttls() checks the certificate against
-    client.connect("127.0.0.1", server.port)
+    client.connect("127.0.0.1", port)
     client.ehlo("client.test")
     client.starttls(context=context)
     serial = client.sock.getpeercert()["serialNumber"]
@@ -79,8 +79,8 @@ def elemtactl(server, *args):
                           text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
 
 
-def offers_starttls(server):
-    client = smtplib.SMTP("127.0.0.1", server.port, timeout=10)
+def offers_starttls(port):
+    client = smtplib.SMTP("127.0.0.1", port, timeout=10)
     try:
         client.ehlo("client.test")
         return client.has_extn("starttls")
@@ -94,10 +94,10 @@ def test_a_certificate_for_two_names_is_obtained_and_served_over_starttls(tmp_pa
         titles = set(server.titles().values())
         assert {"elemta: acme", "elemta: acme-http"} <= titles
         wait_for(lambda: installed(server) == 1, timeout=60)
-        wait_for(lambda: offers_starttls(server), timeout=10)
+        wait_for(lambda: offers_starttls(server.port), timeout=10)
         serials = set()
         for name in NAMES:          # both names are in the one certificate
-            client, serial = starttls(server, pebble, name)
+            client, serial = starttls(server.port, pebble, name)
             client.quit()
             serials.add(serial)
         assert len(serials) == 1
@@ -136,16 +136,16 @@ def test_a_renewal_replaces_the_certificate_without_a_restart_or_a_broken_sessio
     server = start_elemta(tmp_path, pebble)
     try:
         wait_for(lambda: installed(server) == 1, timeout=60)
-        wait_for(lambda: offers_starttls(server), timeout=10)
+        wait_for(lambda: offers_starttls(server.port), timeout=10)
         before = dict(server.titles())
-        open_session, old_serial = starttls(server, pebble, "mail.acme.test")
+        open_session, old_serial = starttls(server.port, pebble, "mail.acme.test")
         renew = elemtactl(server, "cert", "renew")
         assert renew.returncode == 0, renew.stdout + renew.stderr
         assert "asked the acme process" in renew.stdout
         wait_for(lambda: installed(server) == 2, timeout=60)
 
         def serving_a_new_one():
-            client, serial = starttls(server, pebble, "smtp.acme.test")
+            client, serial = starttls(server.port, pebble, "smtp.acme.test")
             client.quit()
             return serial != old_serial
         wait_for(serving_a_new_one, timeout=10)
@@ -165,8 +165,8 @@ def test_a_failed_challenge_is_logged_and_retried_while_the_old_certificate_serv
     server = start_elemta(tmp_path, pebble)
     try:
         wait_for(lambda: installed(server) == 1, timeout=60)
-        wait_for(lambda: offers_starttls(server), timeout=10)
-        client, old_serial = starttls(server, pebble, "mail.acme.test")
+        wait_for(lambda: offers_starttls(server.port), timeout=10)
+        client, old_serial = starttls(server.port, pebble, "mail.acme.test")
         client.quit()
         # The admin adds a name whose address does not reach this host.
         text = open(server.config_path).read().replace(
@@ -186,8 +186,72 @@ def test_a_failed_challenge_is_logged_and_retried_while_the_old_certificate_serv
         assert "failure 1 in a row, next attempt in 1s" in lines[0]
         assert "failure 2 in a row, next attempt in 2s" in lines[1]
         for name in NAMES:
-            client, serial = starttls(server, pebble, name)
+            client, serial = starttls(server.port, pebble, name)
             client.quit()
             assert serial == old_serial
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="dropping to master.user needs root")
+def test_as_a_packaged_install_the_keys_are_master_users_in_a_directory_of_roots(
+        tmp_path, pebble):
+    """master.user nobody: the master (root) makes the state directory, the acme and
+    acme-http children run as nobody, the key they write is nobody's alone, and the
+    smtpd (nobody) serves it."""
+    import pwd
+    import tempfile
+    from elemta.util.procs import children as children_of
+    from tests.harness import code_for_everyone
+    from tests.test_privileges import interpreter_for_nobody, uid_of
+    python = interpreter_for_nobody()
+    if python is None:
+        pytest.skip("no Python interpreter that user nobody can read")
+    workdir = tempfile.mkdtemp()
+    os.chmod(workdir, 0o755)
+    pythonpath = code_for_everyone(os.path.join(workdir, "python"))
+    port, state = free_port(), os.path.join(workdir, "acme")
+    ca_file = os.path.join(workdir, "pebble-ca.pem")      # one nobody may read
+    with open(pebble.ca_file, "rb") as source, open(ca_file, "wb") as copy:
+        copy.write(source.read())
+    config = os.path.join(workdir, "elemta.yaml")
+    with open(config, "w") as f:
+        f.write("listeners:\n  - {address: 127.0.0.1, port: %d, mode: smtp}\n"
+                "smtpd: {peername_lookup: false, workers: 1}\n"
+                "queue: {spool_dir: %s/spool}\nmaster: {user: nobody, stop_grace: 3}\n"
+                "api: {enabled: false}\ndelivery: {workers: 0}\ntls: {acme: mail}\n"
+                "acme: {enabled: true, directory_url: '%s', ca_file: %s,\n"
+                "       http_address: 127.0.0.1, http_port: %d, state_directory: %s,\n"
+                "       certificates: [{name: mail, domains: [%s]}]}\n"
+                % (port, workdir, pebble.directory_url, ca_file, pebble.http_port,
+                   state, ", ".join(NAMES)))
+    log_path = os.path.join(workdir, "log")
+    log = open(log_path, "wb")
+    server = subprocess.Popen([python, "-m", "elemta.cli.elemta", "--config", config],
+                              stdout=log, stderr=log, start_new_session=True, cwd=workdir,
+                              env=dict(os.environ, PYTHONPATH=pythonpath))
+    nobody = pwd.getpwnam("nobody").pw_uid
+    key = os.path.join(state, "live", "mail", "privkey.pem")
+    try:
+        wait_for(lambda: os.path.exists(key), timeout=60)
+        kids = children_of(server.pid)
+        acme_kids = {pid for pid, title in kids.items()
+                     if title in ("elemta: acme", "elemta: acme-http")}
+        assert len(acme_kids) == 2 and {uid_of(pid) for pid in acme_kids} == {nobody}
+        info = os.stat(key)
+        assert (info.st_uid, info.st_mode & 0o777) == (nobody, 0o600)
+        top = os.stat(state)
+        assert (top.st_uid, top.st_mode & 0o777) == (0, 0o755)
+        for sub in ("account", "live", "challenges"):
+            info = os.stat(os.path.join(state, sub))
+            assert (info.st_uid, info.st_mode & 0o777) == (nobody, 0o700)
+        wait_for(lambda: offers_starttls(port), timeout=10)
+        client, _ = starttls(port, pebble, "smtp.acme.test")
+        client.quit()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        assert server.wait(30) == 0
+        log.close()
+    with open(log_path) as f:
+        text = f.read()
+    assert "Traceback" not in text and "ERROR" not in text, text

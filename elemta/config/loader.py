@@ -621,7 +621,7 @@ class _Checker:
 def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
     """Every file a worker opens as master.user, with the key that names it: the TLS
     certificate and key, the AUTH credentials (backend file), the DKIM and ARC signing keys in use, the
-    api's token file and the next hops' SASL passwords."""
+    api's token file, the next hops' SASL passwords and the ACME server's CA file."""
     tls, plugins, api = config.tls, config.plugins, config.api
     files: List[Tuple[KeyPath, Optional[str]]] = [
         (("tls", "cert_file"), tls.cert_file), (("tls", "key_file"), tls.key_file),
@@ -636,6 +636,8 @@ def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
     if api.enabled:
         files.append((("api", "token_file"), api.token_file))
     files.append((("delivery", "sasl_password_file"), config.delivery.sasl_password_file))
+    if config.acme.enabled:
+        files.append((("acme", "ca_file"), config.acme.ca_file))
     files += table_files(config)
     return [(path, name) for path, name in files if name]
 
