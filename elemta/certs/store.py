@@ -39,7 +39,7 @@ def live_files(state_directory, name):
     return os.path.join(folder, CHAIN_FILE), os.path.join(folder, KEY_FILE)
 
 
-# ---- as root, in the master before it forks ------------------------------------------------
+# ---- as root, in the master before it forks -------------------------------------------
 
 def prepare(state_directory, uid, gid):
     """Make state_directory (root's, 0755) and its subdirectories (uid:gid, 0700). The

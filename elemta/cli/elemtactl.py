@@ -446,18 +446,17 @@ def build_parser() -> argparse.ArgumentParser:
     cert_commands = cert.add_subparsers(dest="cert_command", metavar="ACTION",
                                         parser_class=_Parser)
     cert_commands.required = True
-    status = cert_commands.add_parser("status", parents=[config_option],
-                                      help=certcmd.cmd_status.__doc__.split(": ", 1)[1],
-                                      description=certcmd.cmd_status.__doc__.split(": ", 1)[1])
-    status.add_argument("--json", action="store_true",
-                        help="one JSON object per certificate")
-    status.set_defaults(handler=certcmd.cmd_status)
-    renew = cert_commands.add_parser("renew", parents=[config_option],
-                                     help=certcmd.cmd_renew.__doc__.split(": ", 1)[1],
-                                     description=certcmd.cmd_renew.__doc__.split(": ", 1)[1])
-    renew.add_argument("--spool-dir", metavar="DIR",
-                       help="the spool of the elemta to talk to (default: the config's)")
-    renew.set_defaults(handler=certcmd.cmd_renew)
+    subs = {}
+    for name, handler in (("status", certcmd.cmd_status), ("renew", certcmd.cmd_renew)):
+        doc = handler.__doc__.split(": ", 1)[1]
+        subs[name] = cert_commands.add_parser(name, parents=[config_option], help=doc,
+                                              description=doc)
+        subs[name].set_defaults(handler=handler)
+    subs["status"].add_argument("--json", action="store_true",
+                                help="one JSON object per certificate")
+    subs["renew"].add_argument("--spool-dir", metavar="DIR",
+                               help="the spool of the elemta to talk to (default: the "
+                                    "config's)")
 
     completion.add_command(commands, _Parser, parser)   # last: it completes all the above
     return parser

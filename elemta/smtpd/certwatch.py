@@ -30,14 +30,20 @@ class CertificateWatch:
         self.cert_file, self.key_file = config.tls_files
         self.context = None
         self._seen = None             # the files' identity when last loaded or tried
-        if self.cert_file and self.key_file:
-            self._seen = self._identity()
-            if self._seen is None and self.tls.acme:
-                log.warning("tls.acme %s: no certificate yet (%s); STARTTLS is offered "
-                            "once the acme process has obtained it", self.tls.acme,
-                            self.cert_file)
-            else:
+        if not (self.cert_file and self.key_file):
+            return
+        self._seen = self._identity()
+        if not self.tls.acme:
+            self._load()
+        elif self._seen is None:
+            log.warning("tls.acme %s: no certificate yet (%s); STARTTLS is offered once "
+                        "the acme process has obtained it", self.tls.acme, self.cert_file)
+        else:
+            try:
                 self._load()
+            except CertificateError as exc:   # the acme process will replace it
+                log.warning("%s; STARTTLS is not offered until the acme process installs "
+                            "a certificate", exc)
 
     def check(self):
         """Load the files again if they changed; True when a new context serves."""
