@@ -13,7 +13,7 @@ TEST_TIMEOUT ?= 120
 # clamav-daemon and clamav-milter for the ClamAV plugin, the milter tests and the scanning
 # bench, pflogsumm to read our text log as Postfix's) or lint with (mandoc; promtool from
 # prometheus and amtool from prometheus-alertmanager check monitoring/).
-APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd clamav-daemon clamav-milter bsd-mailx dovecot-core dovecot-lmtpd dovecot-imapd postgresql zsh postfwd postfix-policyd-spf-python socat pflogsumm prometheus-alertmanager
+APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd clamav-daemon clamav-milter bsd-mailx dovecot-core dovecot-lmtpd dovecot-imapd postgresql zsh postfwd postfix-policyd-spf-python socat pflogsumm prometheus-alertmanager pebble
 
 .PHONY: run test test-minimum constraints bench profile chaos fuzz clean system-packages venv lint-deploy dashboards
 # Packages before the venv (python3-venv), so never in parallel.

@@ -116,13 +116,15 @@ class Master:
     """Supervises the children of the service table. Create, then run()."""
 
     def __init__(self, config, listening, reload_config, bind, run_child=run_service,
-                 services=SERVICES):
+                 services=SERVICES, own_sockets=None):
         """listening: list of (Listener, socket), bound already.
         reload_config(): the new Config, or raises ConfigError (SIGHUP).
         bind(listener): a listening socket for a listener new in a reload; raises OSError.
         run_child(service, config, listening, slot, scoreboard, master_pid, shared): the
         child's main (default elemta.services.run_child), returning its exit status;
-        listening is [] unless service.listens.
+        listening is [] unless service.listens, or [(Endpoint, socket)] for a row that
+        binds a socket of its own.
+        own_sockets: {kind: (Endpoint, socket)} bound already for the rows that bind.
         services: the service table (elemta.services.SERVICES)."""
         self.config = config
         self.listening = list(listening)
@@ -130,6 +132,7 @@ class Master:
         self.bind = bind
         self.run_child = run_child
         self.services = tuple(services)
+        self.own_sockets = dict(own_sockets or {})     # kind -> (Endpoint, socket)
         self.generation = 0
         self.children = {}             # pid -> Child
         # Each kind its own range of slots, sized once for the master's life.
@@ -278,6 +281,11 @@ class Master:
                 for _, sock in listening:
                     sock.close()          # this process's copies: it never accepts on them
                 listening = []
+            for other, bound in self.own_sockets.items():
+                if other == kind:
+                    listening = [bound]
+                else:
+                    bound[1].close()
             if not service.privileged:
                 drop_privileges(self.config.master)
             status = self.run_child(service, self.config, listening, slot,
@@ -444,10 +452,12 @@ class Master:
                       exc.strerror or exc)
             sdnotify.notify("READY=1")
             return
+        own_sockets = self.rebind_own_sockets(config)
         kept = {id(sock) for _, sock in listening}
         for _, sock in self.listening:
             if id(sock) not in kept:
                 sock.close()       # the old children keep their own copy until they exit
+        self.own_sockets = own_sockets
         if config.logging != self.config.logging:
             logs.setup(config.logging)
         self.config, self.listening = config, listening
@@ -456,6 +466,28 @@ class Master:
         self._not_before.clear()       # the new configuration may have fixed it
         self._failures.clear()
         self.spawn_children()
+
+    def rebind_own_sockets(self, config):
+        """{kind: (Endpoint, socket)} for config: the sockets of the rows that bind,
+        kept where the endpoint stayed, bound anew where it moved (one that cannot be is
+        logged, and its child then says it has none), closed where it went."""
+        bound = {}
+        for service in self.services:
+            endpoint = service.binds(config) if service.binds else None
+            old = self.own_sockets.get(service.kind)
+            if old is not None and old[0] == endpoint:
+                bound[service.kind] = old
+                continue
+            if old is not None:
+                old[1].close()
+            if endpoint is None:
+                continue
+            try:
+                bound[service.kind] = (endpoint, self.bind(endpoint))
+            except OSError as exc:
+                log.error("%s: cannot listen on %s port %d: %s", service.kind,
+                          endpoint.address, endpoint.port, exc.strerror or exc)
+        return bound
 
     def stop(self, signum):
         """Send signum to every child, wait for them (then SIGKILL); returns 0. A SIGINT
@@ -466,7 +498,7 @@ class Master:
                  " fast" if signum == signal.SIGQUIT else "")
         # New connections are refused from now on, not left waiting in a backlog nobody
         # will accept from (the children close their copies as they stop accepting).
-        for _, sock in self.listening:
+        for _, sock in self.listening + list(self.own_sockets.values()):
             sock.close()
         for child in self.children.values():
             child.stopping = True

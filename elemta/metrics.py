@@ -342,7 +342,8 @@ def _make():
         TLS_CERTIFICATE_EXPIRY=Gauge(
             "elemta_tls_certificate_expiry_timestamp_seconds", "When the certificate the "
             "smtpd workers serve expires (its notAfter), as a Unix time, by certificate "
-            "file (tls.cert_file); the earliest when workers of two reloads serve two.",
+            "file (tls.cert_file, or the ACME certificate's); the earliest when workers "
+            "of two reloads serve two.",
             ("file",), multiprocess_mode="livemin", registry=registry),
         AUTH_ATTEMPTS=counter("elemta_smtpd_auth_attempts",
                               "SMTP AUTH credential checks, by result (success, "

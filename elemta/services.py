@@ -40,6 +40,11 @@ class Service:
         holds_leases (none: qmgr learns of a dead delivery agent itself) the child
                     claims queue messages: when one ends, the delivery workers are told
                     at once to free the leases of holders that are gone
+        binds       (none: master.cf's inet services all speak their own protocol)
+                    config -> (address, port) or None: a TCP socket the master binds for
+                    this kind alone (while it is root: port 80 for acme-http), rebinding
+                    it when a reload moves it; the child's main gets it as sock= (None
+                    if it could not be bound)
         shared      (none: Postfix uses the anvil service) "module:Class", made in the
                     master before the first fork with one row per scoreboard slot; the
                     child's main gets it as shared=, and clear_row(slot) runs when a
@@ -55,6 +60,7 @@ class Service:
     listens: bool = False
     privileged: bool = False
     holds_leases: bool = False
+    binds: Optional[Callable[[object], Optional["Endpoint"]]] = None
     shared: Optional[str] = None
 
     def entry_point(self):
@@ -64,6 +70,18 @@ class Service:
     def make_shared(self, rows):
         """The shared table for rows scoreboard slots, or None (in the master)."""
         return _load(self.shared)(rows) if self.shared else None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a `binds` row's socket listens (elemta.cli.elemta.bind takes it)."""
+    address: str
+    port: int
+
+
+def acme_http_endpoint(config):
+    acme = config.acme
+    return Endpoint(acme.http_address, acme.http_port) if acme.enabled else None
 
 
 def smtpd_workers(config):
@@ -77,7 +95,7 @@ def _load(name):
 
 
 # Slots are given out in this order (smtpd, api, delivery, pickup, local, showq), the
-# layout the master always had, with showq last.
+# layout the master always had, then the ACME client and its HTTP-01 responder.
 SERVICES = (
     Service("smtpd", count=smtpd_workers,
             slots=lambda config: 2 * max(smtpd_workers(config), os.cpu_count() or 1),
@@ -96,6 +114,14 @@ SERVICES = (
     # Postfix's showq: mailq for users who cannot read the spool (elemta.showq.server).
     Service("showq", count=lambda config: 1, slots=lambda config: 2,
             main="elemta.showq.server:run_showq"),
+    # The ACME client and the HTTP-01 responder (elemta.acme): the latter faces the
+    # internet on port 80, so it holds no key, only the pending challenges.
+    Service("acme", count=lambda config: 1 if config.acme.enabled
+            and config.acme.certificates else 0, slots=lambda config: 2,
+            main="elemta.acme.worker:run_acme"),
+    Service("acme-http", count=lambda config: 1 if config.acme.enabled else 0,
+            slots=lambda config: 2, main="elemta.acme.http01:run_acme_http",
+            binds=acme_http_endpoint),
 )
 
 
@@ -107,4 +133,6 @@ def run_child(service, config, listening, slot, scoreboard, master_pid, shared):
         extra["listening"] = listening
     if service.shared:
         extra["shared"] = shared
+    if service.binds:
+        extra["sock"] = listening[0][1] if listening else None
     return service.entry_point()(config, slot, scoreboard, master_pid, **extra)

@@ -83,7 +83,8 @@ def fail(message):
 
 
 def bind(listener):
-    """A listening socket for one listener; raises OSError."""
+    """A listening socket for one listener (or an elemta.services.Endpoint); raises
+    OSError."""
     family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -239,7 +240,7 @@ def serve(path, detach):
         return EX_FAILED
 
     from elemta.master import Master, resolve_user
-    from elemta.services import smtpd_workers
+    from elemta.services import SERVICES, smtpd_workers
     from elemta.util import logs
     from elemta.util.eugid import UnsafePath
     try:
@@ -278,11 +279,27 @@ def serve(path, detach):
         except OSError as exc:
             fail("cannot listen on %s port %d: %s" % (listener.address, listener.port,
                                                     exc.strerror or exc))
+    own_sockets = {}
+    for service in SERVICES:
+        endpoint = service.binds(config) if service.binds else None
+        if endpoint is not None:
+            try:
+                own_sockets[service.kind] = (endpoint, bind(endpoint))
+            except OSError as exc:
+                fail("%s: cannot listen on %s port %d: %s" % (
+                    service.kind, endpoint.address, endpoint.port, exc.strerror or exc))
+    if config.acme.enabled:
+        from elemta.certs.store import StoreError, prepare
+        try:
+            prepare(config.acme.state_directory, uid, gid)
+        except StoreError as exc:
+            fail(str(exc))
     raise_fd_limit()
     pid_file = config.master.pid_file
     if detach:
         import daemon
         keep = [lock_fd] + [sock.fileno() for _, sock in listening] + logs.streams()
+        keep += [sock.fileno() for _, sock in own_sockets.values()]
         daemon.DaemonContext(working_directory=os.getcwd(), umask=0o022,
                              files_preserve=keep, prevent_core=False).open()
         pid_file = pid_file or DEFAULT_DAEMON_PID_FILE
@@ -296,7 +313,8 @@ def serve(path, detach):
              ", ".join("%s %s:%d" % (l.mode, l.address, l.port) for l in config.listeners),
              config.queue.spool_dir)
     # A reload re-reads the file found at start, even if another appears in the search.
-    master = Master(config, listening, lambda: load_and_warn(path), bind)
+    master = Master(config, listening, lambda: load_and_warn(path), bind,
+                    own_sockets=own_sockets)
     master.child_exited.append(metrics.worker_exited)
     master.child_exited.append(lease_holder_ended(master, uid, gid))
     master.close_in_child.append(lock_fd)

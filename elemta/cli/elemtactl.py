@@ -6,7 +6,8 @@ configuration (`config check`; `config show/get/set`, in elemta.cli.configcmd),
 makes DKIM signing keys (`dkim keygen`), lists and changes the queue
 (`queue ...`, in elemta.cli.queuecmd), compiles and queries lookup tables (`map
 compile/query`, in elemta.cli.mapcmd) and asks a running master for its status,
-a reload or a stop (`status`, `reload`, `stop`, in elemta.cli.control).
+a reload or a stop (`status`, `reload`, `stop`, in elemta.cli.control), and lists
+certificates or forces an ACME renewal (`cert status/renew`, in elemta.cli.certcmd).
 
 Errors are one line on stderr and a sysexits(3) exit status, never a traceback.
 See also: elemta.util.credentials (the file format), elemta.config,
@@ -25,8 +26,8 @@ from os import (EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_NOUSER, EX_O
                 EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE)
 from typing import Callable, List, Optional
 
-from elemta.cli import (completion, configcmd, control, filecheck, mapcmd, pfconfig,
-                        pfimport, queuecmd, reportcmd, restrictionscmd, topcmd)
+from elemta.cli import (certcmd, completion, configcmd, control, filecheck, mapcmd,
+                        pfconfig, pfimport, queuecmd, reportcmd, restrictionscmd, topcmd)
 from elemta.cli.config_finder import config_path, read_config
 from elemta.cli.failure import EX_FAILED, Failure
 from elemta.util import credentials, daemonfiles
@@ -440,6 +441,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--spool-dir", metavar="DIR",
                          help="the spool of the elemta to talk to (default: the config's)")
         sub.set_defaults(handler=handler)
+
+    cert = commands.add_parser("cert", help="certificates: status, forced ACME renewal")
+    cert_commands = cert.add_subparsers(dest="cert_command", metavar="ACTION",
+                                        parser_class=_Parser)
+    cert_commands.required = True
+    subs = {}
+    for name, handler in (("status", certcmd.cmd_status), ("renew", certcmd.cmd_renew)):
+        doc = handler.__doc__.split(": ", 1)[1]
+        subs[name] = cert_commands.add_parser(name, parents=[config_option], help=doc,
+                                              description=doc)
+        subs[name].set_defaults(handler=handler)
+    subs["status"].add_argument("--json", action="store_true",
+                                help="one JSON object per certificate")
+    subs["renew"].add_argument("--spool-dir", metavar="DIR",
+                               help="the spool of the elemta to talk to (default: the "
+                                    "config's)")
 
     completion.add_command(commands, _Parser, parser)   # last: it completes all the above
     return parser

@@ -474,6 +474,7 @@ class _Checker:
             else:
                 first_on[endpoint] = index
 
+        self.check_acme(config)
         self.check_delivery(config)
         self.check_priority_rules(config)
         self.check_address_classes(config)
@@ -531,6 +532,30 @@ class _Checker:
         for plugin in plugins.to_run():
             if plugin.name in BUILTIN_PLUGINS + ("authres",):
                 self.validate_plugin(plugin.settings, ("plugins", plugin.name))
+
+    def check_acme(self, config: Config) -> None:
+        """Certificate names unique, each with names; tls.acme names one of them."""
+        acme, tls = config.acme, config.tls
+        seen: Dict[str, int] = {}
+        for index, certificate in enumerate(acme.certificates):
+            if not certificate.domains:
+                self.refuse_across(("acme", "certificates", index, "domains"),
+                                   "a certificate needs at least one name")
+            if certificate.name in seen:
+                self.refuse_across(("acme", "certificates", index, "name"),
+                                   "%r is already the name of %s" % (
+                                       certificate.name, format_key(
+                                           ("acme", "certificates", seen[certificate.name]))))
+            seen.setdefault(certificate.name, index)
+        if tls.acme is None:
+            return
+        if not acme.enabled:
+            self.refuse_across(("tls", "acme"), "needs acme.enabled: true",
+                               [("acme", "enabled")])
+        if tls.acme not in seen:
+            self.refuse_across(("tls", "acme"), "%r is not the name of an acme.certificates "
+                               "entry (%s)" % (tls.acme, ", ".join(seen) or "there is none"),
+                               [("acme", "certificates")])
 
     def check_delivery(self, config: Config) -> None:
         """Backoff bounds in order; transport entries complete and not repeated."""
@@ -596,7 +621,7 @@ class _Checker:
 def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
     """Every file a worker opens as master.user, with the key that names it: the TLS
     certificate and key, the AUTH credentials (backend file), the DKIM and ARC signing keys in use, the
-    api's token file and the next hops' SASL passwords."""
+    api's token file, the next hops' SASL passwords and the ACME server's CA file."""
     tls, plugins, api = config.tls, config.plugins, config.api
     files: List[Tuple[KeyPath, Optional[str]]] = [
         (("tls", "cert_file"), tls.cert_file), (("tls", "key_file"), tls.key_file),
@@ -611,6 +636,8 @@ def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
     if api.enabled:
         files.append((("api", "token_file"), api.token_file))
     files.append((("delivery", "sasl_password_file"), config.delivery.sasl_password_file))
+    if config.acme.enabled:
+        files.append((("acme", "ca_file"), config.acme.ca_file))
     files += table_files(config)
     return [(path, name) for path, name in files if name]
 

@@ -470,6 +470,94 @@ class TLSSettings:
     min_version: str = opt("TLSv1.2", "Oldest TLS version accepted.", _one_of(TLS_VERSIONS))
     handshake_timeout: float = opt(30.0, "Seconds a client has to finish the TLS handshake.",
                                    _positive)
+    acme: Optional[str] = opt(
+        None, "Serve the certificate the built-in ACME client keeps under this name (an "
+              "acme.certificates entry); wins over cert_file and key_file. Until it has "
+              "been obtained, STARTTLS is not offered; the smtpd "
+              "workers pick up each new one by themselves, without a reload. Postfix has no "
+              "equivalent (certbot's --cert-name, with smtpd_tls_chain_files pointing into "
+              "/etc/letsencrypt/live).")
+
+
+def _absolute_path(value):
+    return None if value.startswith("/") else "must be an absolute path, not %r" % (value,)
+
+
+def _certificate_name(value):
+    if re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", value):
+        return None
+    return ("must be 1 to 64 letters, digits, dots, dashes or underscores, starting with "
+            "a letter or digit, not %r" % (value,))
+
+
+def _acme_url(value):
+    return None if value.startswith("https://") else \
+        "must be an https:// URL (an ACME directory), not %r" % (value,)
+
+
+def _fraction(value):
+    if not 0 < value < 1:
+        return "must be between 0 and 1 (a fraction of the lifetime), not %r" % (value,)
+    return None
+
+
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+@dataclass(frozen=True)
+class ACMECertificate:
+    """One certificate the ACME client obtains and renews."""
+    name: str = opt("", "Its name: the directory under acme.state_directory/live that holds "
+                        "it and what tls.acme refers to. certbot's --cert-name.",
+                    _certificate_name)
+    domains: Tuple[str, ...] = opt((), "The host names it is for (the first is its subject; "
+                                       "all are subjectAltNames), each validated by HTTP-01 "
+                                       "on acme.http_port. certbot's -d.", _domains)
+
+
+@dataclass(frozen=True)
+class ACMESettings:
+    """The built-in ACME client (RFC 8555): obtains and renews certificates, answering
+    HTTP-01 challenges itself (certbot's standalone mode). TLS-ALPN-01 is not offered yet."""
+    enabled: bool = opt(False, "Run the acme process (the client) and the acme-http process "
+                               "(the HTTP-01 responder on http_address:http_port).")
+    directory_url: str = opt(LETS_ENCRYPT, "The ACME server's directory. Let's Encrypt's "
+                                           "staging server is https://acme-staging-v02.api."
+                                           "letsencrypt.org/directory. certbot's --server.",
+                             _acme_url)
+    email: Optional[str] = opt(None, "Contact address given to the ACME server for the "
+                                     "account (expiry notices). certbot's --email.")
+    ca_file: Optional[str] = opt(None, "PEM file of the CA certificates that sign the ACME "
+                                       "server's own HTTPS certificate; unset: the system's. "
+                                       "certbot reads REQUESTS_CA_BUNDLE.", _absolute_path)
+    certificates: Tuple[ACMECertificate, ...] = opt(
+        (), "The certificates to obtain and renew: a list of tables with name and domains.")
+    state_directory: str = opt(
+        "/var/lib/elemta/acme", "Where the account key and the certificates live "
+                                "(certbot's --config-dir, /etc/letsencrypt). The master makes "
+                                "it owned by root, mode 0755, and its subdirectories by "
+                                "master.user, mode 0700 (the private keys are readable by "
+                                "master.user only).", _absolute_path,
+        restart="the master prepares the directory before it forks")
+    http_address: str = opt("0.0.0.0", "Address of the HTTP-01 responder. certbot's "
+                                       "--http-01-address.", _ip_address,
+                            restart="the master binds it before it forks")
+    http_port: int = opt(80, "Port of the HTTP-01 responder; ACME servers connect to 80. "
+                             "certbot's --http-01-port.", _port,
+                         restart="the master binds it before it forks")
+    renew_at: float = opt(2.0 / 3, "Renew once this fraction of a certificate's lifetime has "
+                                   "passed (two thirds: day 60 of 90). certbot's "
+                                   "renew_before_expiry (30 days).", _fraction)
+    check_interval: float = opt(3600.0, "Seconds between two looks at whether a certificate "
+                                        "is due (certbot's timer runs twice a day).",
+                                _positive)
+    retry_delay: float = opt(300.0, "Seconds before the first retry after a failed "
+                                    "attempt; it doubles with each failure in a row.",
+                             _positive)
+    retry_delay_max: float = opt(86400.0, "Upper bound of that delay, in seconds.",
+                                 _positive)
+    timeout: float = opt(120.0, "Seconds one attempt may take (requests, validation and "
+                                "issuance) before it counts as failed.", _positive)
 
 
 @dataclass(frozen=True)
@@ -1147,6 +1235,7 @@ class Config:
     logging: LoggingSettings = opt(LoggingSettings(), "Logging.")
     master: MasterSettings = opt(MasterSettings(), "The master process.")
     api: APISettings = opt(APISettings(), "The api process.")
+    acme: ACMESettings = opt(ACMESettings(), "The built-in ACME client.")
     mailq: MailqSettings = opt(MailqSettings(), "Queue listing for local users.")
     delivery: DeliverySettings = opt(DeliverySettings(), "Delivery of queued mail.")
     local: LocalSettings = opt(LocalSettings(), "Local delivery.")
@@ -1171,6 +1260,15 @@ class Config:
         """The effective host name (Postfix's myhostname): smtpd.hostname or the
         system's fully qualified name."""
         return self.smtpd.hostname or system_hostname(self.mailname)
+
+    @property
+    def tls_files(self):
+        """(cert_file, key_file) the smtpd serves: tls.cert_file and tls.key_file, or the
+        ACME certificate tls.acme names (which may not exist yet); (None, None) for none."""
+        if self.tls.acme:
+            from elemta.certs.store import live_files
+            return live_files(self.acme.state_directory, self.tls.acme)
+        return self.tls.cert_file, self.tls.key_file
 
     @property
     def origin(self):

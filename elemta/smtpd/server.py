@@ -26,13 +26,13 @@ from elemta.queue.space import RoomCheck
 from elemta.smtp.protocol import Settings
 from elemta.smtp.replies import Reply
 from elemta.smtpd.authn import Authenticator
+from elemta.smtpd.certwatch import CertificateWatch
 from elemta.smtpd.clientcount import ClientCounts
 from elemta.smtpd.clientnet import client_group
 from elemta.smtpd.committer import GroupCommitter
 from elemta.smtpd.policy import RelayPolicy
 from elemta.smtpd.senderlogin import SenderLogins
 from elemta.smtpd.session import Session
-from elemta.smtpd.tls import certificate_expiry, server_context
 
 log = logging.getLogger("elemta.smtpd")
 
@@ -54,14 +54,6 @@ def protocol_settings(config, listener, tls_ready, auth_ready):
         report_unknown_commands=any(entry.smtp for entry in config.milters))
 
 
-def _export_certificate_expiry(cert_file):
-    """Set elemta_tls_certificate_expiry_timestamp_seconds for the certificate this
-    worker serves; it goes with the worker (a live gauge), so a reload updates it."""
-    expiry = certificate_expiry(cert_file)
-    if expiry is not None:
-        metrics.TLS_CERTIFICATE_EXPIRY.labels(cert_file).set(expiry)
-
-
 class SMTPServer:
     """Serves SMTP on already-bound listening sockets until stopped."""
 
@@ -80,9 +72,8 @@ class SMTPServer:
         self.content_checks = ContentChecks(config.content)
         self.authenticator = (Authenticator(config.auth) if auth_configured(config.auth)
                               else None)
-        self.tls_context = server_context(config.tls)
-        if self.tls_context is not None:
-            _export_certificate_expiry(config.tls.cert_file)
+        # The certificate, swapped for a renewed one by the worker's watch.
+        self.certificates = CertificateWatch(config)
         # Plugins and their DNS, once per worker (after fork); closed by stop().
         dns = config.dns
         self.resolver = Resolver(nameservers=list(dns.nameservers) or None, port=dns.port,
@@ -100,11 +91,18 @@ class SMTPServer:
         self._session_greenlets = Pool()       # unbounded: limits are checked per session
         self._servers = []
         for listener, sock in listening:
-            settings = protocol_settings(config, listener, self.tls_context is not None,
-                                         self.authenticator is not None)
+            # Without and with a certificate: an ACME one may come while we serve.
+            settings = tuple(protocol_settings(config, listener, tls_ready,
+                                               self.authenticator is not None)
+                             for tls_ready in (False, True))
             self._servers.append(StreamServer(
                 sock, partial(self._handle, listener, settings),
                 spawn=self._session_greenlets))
+
+    @property
+    def tls_context(self):
+        """The SSLContext new TLS sessions get, or None while there is no certificate."""
+        return self.certificates.context
 
     def start(self):
         for server in self._servers:
@@ -136,7 +134,8 @@ class SMTPServer:
                      self.committer.batches,
                      1000.0 * self.committer.seconds / self.committer.batches)
 
-    def _handle(self, listener, settings, sock, address):
+    def _handle(self, listener, both_settings, sock, address):
+        settings = both_settings[self.tls_context is not None]
         client_ip = address[0]
         limits = self.config.limits
         if self.sessions >= limits.connections_per_worker:

@@ -1,9 +1,9 @@
 """The server-side TLS context for STARTTLS and smtps, from the tls config section.
 
-Owned by the smtpd worker; built once per process: certificates are read when a worker
-starts, so a reload (SIGHUP), whose new workers start afresh, reads them again; so does
-elemta_tls_certificate_expiry_timestamp_seconds (certificate_expiry), which therefore
-tells what the workers serve, not what lies on disk.
+Owned by the smtpd worker: built when a worker starts, and again whenever the certificate
+or key file changes (elemta.smtpd.certwatch: the ACME client's renewals, certbot's, an
+admin's); so is elemta_tls_certificate_expiry_timestamp_seconds (certificate_expiry),
+which therefore tells what the workers serve, not what lies on disk.
 """
 
 import logging
@@ -19,18 +19,17 @@ class CertificateError(Exception):
     """tls.cert_file and tls.key_file cannot be used; the text names them and why."""
 
 
-def server_context(tls_config):
-    """An SSLContext serving tls_config's certificate, or None if none is configured;
-    raises CertificateError."""
-    if not (tls_config.cert_file and tls_config.key_file):
-        return None
+def server_context(tls_config, cert_file, key_file):
+    """An SSLContext serving cert_file and key_file with tls_config's settings; raises
+    CertificateError."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _VERSIONS[tls_config.min_version]
     try:
-        context.load_cert_chain(tls_config.cert_file, tls_config.key_file)
+        context.load_cert_chain(cert_file, key_file)
     except OSError as exc:     # missing, unreadable, or not a matching PEM pair (SSLError)
-        raise CertificateError("cannot load tls.cert_file %s with tls.key_file %s: %s" % (
-            tls_config.cert_file, tls_config.key_file, exc.strerror or exc)) from None
+        what = ("the ACME certificate %s with its key %s" if tls_config.acme
+                else "tls.cert_file %s with tls.key_file %s") % (cert_file, key_file)
+        raise CertificateError("cannot load %s: %s" % (what, exc.strerror or exc)) from None
     # SMTP clients rarely present certificates; we do not ask for them.
     context.verify_mode = ssl.CERT_NONE
     return context

@@ -6,7 +6,8 @@ and lives the life every gevent child does (elemta.util.child: heartbeat, SIGTER
 graceful, SIGQUIT at once, SIGUSR1 reopen logs, exit when orphaned). It retires once it
 has admitted max_use sessions (the base counts them) or idled max_idle seconds. A TLS
 certificate or key it cannot load is a boot failure: the master logs why and backs off
-(the other workers keep serving).
+(the other workers keep serving). Its watch also picks up a renewed certificate
+(elemta.smtpd.certwatch).
 """
 
 import time
@@ -52,6 +53,7 @@ class SMTPDWorker(GeventChild):
         self.server.stop(self.grace)
 
     def watch(self):
+        self.server.certificates.check()
         idle_limit = self.config.smtpd.max_idle
         if (idle_limit and not self.server.sessions
                 and time.monotonic() - self.server.last_active > idle_limit):
