@@ -80,7 +80,7 @@ class StoreGuard:
         if self._down_since is None:
             self._down_since = now
             log.error("cluster store %s unavailable (%s): checks fall back as "
-                      "cluster.store_failure says until it answers again", self.name, why)
+                      "cluster.store_failure says until it is back", self.name, why)
             metrics.CLUSTER_STORE_UP.set(0)
             metrics.CLUSTER_STORE_OUTAGES.inc()
 
