@@ -8,6 +8,7 @@ local counts (store_failure local) or gets 451 4.3.0 (tempfail), the outage is l
 once per process, and shared counting comes back on its own when redis-server does.
 """
 
+import signal
 import smtplib
 import threading
 import time
@@ -160,3 +161,18 @@ def test_store_outage_with_tempfail_answers_451_at_the_check(elemta_server, tmp_
     store.start()
     wait_for(lambda: mail_from(node.port, "two@sender.test")[0] == 250, 10)
     assert node.log().count(UNAVAILABLE % store.port) == 1
+
+
+def test_a_store_that_hangs_costs_a_timeout_not_the_mail(elemta_server, tmp_path, store):
+    """redis-server frozen (SIGSTOP): connections open, nothing answers. The check waits
+    cluster.timeout, falls back, and the next ones fall back at once."""
+    node = start_node(elemta_server, tmp_path, store, "h")
+    assert send(node.port, "first@sender.test") == 250
+    store.process.send_signal(signal.SIGSTOP)
+    try:
+        assert [send(node.port, "hung%d@sender.test" % n) for n in range(5)] == [250] * 5
+    finally:
+        store.process.send_signal(signal.SIGCONT)
+    assert node.log().count("unavailable (no answer within 0.5s)") == 1, node.log()
+    wait_for(lambda: send(node.port, "back@sender.test") == 250 and RESUMED in node.log(),
+             10)
