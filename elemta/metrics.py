@@ -399,6 +399,18 @@ def _make():
             "elemta_milter_failures", "Milters that could not be reached, timed out or "
             "broke the protocol (their default_action applied), by milter, stage and kind "
             "(timeout, error).", ("milter", "stage", "kind")),
+        # the cluster's shared state store (elemta.sharedstate.guard, in smtpd)
+        CLUSTER_STORE_UP=Gauge(
+            "elemta_cluster_store_up", "1 while the shared state store (cluster.store) "
+            "answers, 0 during an outage; the lowest of the processes that use it.",
+            multiprocess_mode="livemin", registry=registry),
+        CLUSTER_STORE_OUTAGES=counter(
+            "elemta_cluster_store_outages", "Outages of the shared state store seen by a "
+            "process (each is logged once, when it begins)."),
+        CLUSTER_STORE_FALLBACKS=counter(
+            "elemta_cluster_store_fallbacks", "Checks made without the shared state store, "
+            "by check (ratelimit, greylist, auth, dnsbl) and what they did instead "
+            "(local, tempfail).", ("check", "policy")),
         # master
         WORKER_RESTARTS=counter(
             "elemta_worker_restarts", "Children the master replaced, by kind (smtpd, "

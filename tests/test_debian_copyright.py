@@ -33,6 +33,8 @@ def paragraphs(path):
             else:
                 name, colon, value = line.partition(":")
                 assert colon, "%s: not a field: %r" % (path, line)
+                assert name not in fields, ("%s: %s twice in one paragraph (a blank line "
+                                            "missing?): %r" % (path, name, block[:200]))
                 fields[name] = value.strip()
         found.append(fields)
     return found
@@ -72,6 +74,12 @@ def test_every_bundled_project_has_a_files_paragraph_and_no_other():
         assert paragraph.get("Copyright") and paragraph.get("License"), project
         assert all(pattern.startswith("*/site-packages/")
                    for pattern in paragraph["Files"].split()), project
+
+
+def test_our_own_files_paragraph_comes_first_with_its_licence():
+    files = [p for p in paragraphs(COPYRIGHT) if "Files" in p]
+    assert files[0]["Files"] == "*", "DEP-5: the Files: * paragraph must come first"
+    assert files[0].get("Copyright") and files[0].get("License"), files[0]
 
 
 def test_every_licence_named_has_its_text_and_every_text_is_named():

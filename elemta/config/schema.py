@@ -986,6 +986,50 @@ class DNSSettings:
     timeout: float = opt(3.0, "Seconds one DNS query to one nameserver may take.", _positive)
 
 
+STORE_FAILURE_POLICIES = ("local", "tempfail")
+
+
+def _store_url(value):
+    if value is None:
+        return None
+    scheme, _, rest = value.partition("://")
+    if scheme not in ("redis", "rediss", "unix") or not rest:
+        return ("must be a redis://host:port/db, rediss://host:port/db (TLS) or "
+                "unix:///path URL, not %r" % (value,))
+    return None
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """State shared by several Elemta nodes that form one mail system: greylisting
+    triplets, rate-limit counts, AUTH failure counts and the DNSBL answer cache. Without
+    a store each node keeps them itself (LMDB and per-worker memory)."""
+    store: Optional[str] = opt(
+        None, "The Valkey or Redis server every node shares: redis://host:port/db, "
+              "rediss://host:port/db (TLS) or unix:///path/to/socket. Unset: state stays "
+              "on this node. Postfix has no equivalent (each host keeps its own anvil(8) "
+              "and postscreen cache).", _store_url)
+    password_file: Optional[str] = opt(
+        None, "File whose first line is the store's password (Redis AUTH, or "
+              "\"user password\" for an ACL user); keep it readable by master.user alone.")
+    ca_file: Optional[str] = opt(None, "PEM CA certificates that sign a rediss:// store's "
+                                       "certificate (unset: the system's).")
+    key_prefix: str = opt("elemta:", "Prefix of every key Elemta writes, so one store can "
+                                     "serve several clusters or programs.")
+    timeout: float = opt(0.25, "Seconds one store operation (connecting included) may "
+                               "take before the check falls back (cluster.store_failure).",
+                         _positive)
+    retry_interval: float = opt(5.0, "Seconds after a failed operation before the store "
+                                     "is tried again; meanwhile checks fall back at once.",
+                                _positive)
+    store_failure: str = opt(
+        "local", "What a check does while the store cannot be reached or is too slow: "
+                 "local (use this node's own state, so mail keeps flowing with counts of "
+                 "this node alone) or tempfail (refuse what the check guards with 451 "
+                 "4.3.0: 421 at connect, 454 4.7.0 to AUTH). The DNSBL cache always falls back to the local "
+                 "cache. Logged once per outage.", _one_of(STORE_FAILURE_POLICIES))
+
+
 @dataclass(frozen=True)
 class ProtocolTestSettings:
     """Postscreen's protocol tests, done by the smtpd itself on smtp listeners (not on
@@ -1240,6 +1284,8 @@ class Config:
     delivery: DeliverySettings = opt(DeliverySettings(), "Delivery of queued mail.")
     local: LocalSettings = opt(LocalSettings(), "Local delivery.")
     dns: DNSSettings = opt(DNSSettings(), "DNS for the plugins.")
+    cluster: ClusterSettings = opt(ClusterSettings(), "State shared by the nodes of a "
+                                                      "cluster.")
     plugins: PluginSettings = opt(PluginSettings(), "Plugins.")
     protocol_tests: ProtocolTestSettings = opt(
         ProtocolTestSettings(), "Early talkers and pipelining abuse (postscreen's "

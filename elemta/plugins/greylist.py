@@ -16,6 +16,11 @@ senders retry from another address of the same farm. Authenticated, mynetworks a
 clients are exempt, as are the `allow_networks` and the sender or recipient domains in
 `allow_domains` (a domain also covers its subdomains).
 
+With cluster.store set, the triplets live in the cluster's Valkey/Redis instead
+(elemta.sharedstate), so a sender greylisted by one node passes on any other once the
+delay is over; while that store is down, this LMDB answers or the recipient gets 451
+4.3.0, as cluster.store_failure says.
+
 Writes are not fsync'd (sync=False): a crash may forget the last triplets, which costs a
 sender one more retry, while an fsync per RCPT would cost every session.
 
@@ -34,6 +39,9 @@ import lmdb
 from elemta.addressing.normal import normal_domain
 from elemta.plugins.api import Plugin, PluginConfigError, Result
 from elemta.plugins.settings import GreylistSettings
+from elemta.sharedstate.interface import (TEMPFAIL_CODE, TEMPFAIL_STATUS, TEMPFAIL_TEXT,
+                                          Greylist, StoreTempfail)
+from elemta.sharedstate.process import shared_greylist
 
 log = logging.getLogger("elemta.plugins.greylist")
 
@@ -55,7 +63,7 @@ def client_network(address, prefix_v4=24, prefix_v6=64):
     return str(ipaddress.ip_network("%s/%d" % (ip, prefix), strict=False))
 
 
-class GreylistStore:
+class GreylistStore(Greylist):
     """The triplet database. One per process (LMDB allows one environment per path)."""
 
     def __init__(self, path, delay=300, retry_window=2 * 86400, expiry=35 * 86400,
@@ -130,13 +138,14 @@ class GreylistPlugin(Plugin):
                                     for n in settings.allow_networks)
         self.allow_domains = tuple(normal_domain(d) for d in settings.allow_domains)
         try:
-            self.store = GreylistStore(settings.database, settings.delay,
-                                       settings.retry_window, settings.expiry,
-                                       settings.map_size_mb << 20)
+            local = GreylistStore(settings.database, settings.delay,
+                                  settings.retry_window, settings.expiry,
+                                  settings.map_size_mb << 20)
         except (OSError, lmdb.Error) as error:
             raise PluginConfigError("plugins.%s.database: cannot open %s: %s"
                                     % (self.name, settings.database, error)) from None
-        self.store.purge()
+        local.purge()
+        self.store = shared_greylist(local)
 
     def close(self):
         store = getattr(self, "store", None)
@@ -168,7 +177,11 @@ class GreylistPlugin(Plugin):
             return None
         network = client_network(ctx.client_address, self.settings.ipv4_prefix,
                                  self.settings.ipv6_prefix)
-        passed, wait = self.store.check(network, ctx.sender or "", ctx.recipient or "")
+        try:
+            passed, wait = self.store.check(network, ctx.sender or "",
+                                            ctx.recipient or "")
+        except StoreTempfail:
+            return Result.tempfail(TEMPFAIL_CODE, TEMPFAIL_STATUS, TEMPFAIL_TEXT)
         if passed:
             return None
         log.info("%s: greylisted: client=[%s] network=%s from=<%s> to=<%s>, retry in %ds",

@@ -10,7 +10,9 @@ so the caller can log it.
 
 Answers (listed or not) are cached per query name for their DNS TTL, held between
 min_ttl and max_ttl (postscreen_dnsbl_min_ttl, postscreen_dnsbl_max_ttl); failures are
-not cached. The cache is per worker and bounded (MAX_ENTRIES; the oldest go first).
+not cached. The cache is a VerdictCache (elemta.sharedstate): per worker and bounded
+(MemoryVerdictCache, MAX_ENTRIES; the oldest go first), and with cluster.store set
+backed by the cluster's Valkey/Redis too, so one node's lookup serves every node.
 
     lists = DNSLists(min_ttl=60, max_ttl=3600)
     found = lists.ask(resolver, ["2.0.0.127.zen.example", ...], timeout=10)
@@ -29,6 +31,9 @@ from typing import Dict, List
 import gevent
 
 from elemta.plugins.resolver import TemporaryDNSError
+from elemta.sharedstate.interface import VerdictCache
+from elemta.sharedstate.process import shared_verdict_cache
+
 # Query names cached per worker at most; the oldest are dropped beyond it.
 MAX_ENTRIES = 100000
 
@@ -70,22 +75,43 @@ class Found:
         return site.matches(self.answers.get(query) or ())
 
 
+class MemoryVerdictCache(VerdictCache):
+    """Answers per query name in this worker's memory, each until its TTL ends."""
+
+    def __init__(self, min_ttl=60):
+        self.min_ttl = min_ttl          # how long an answer read from elsewhere is kept
+        self._cache = OrderedDict()  # type: OrderedDict
+
+    def get_many(self, queries):
+        now = time.monotonic()
+        found = {}
+        for query in queries:
+            cached = self._cache.get(query)
+            if cached is not None and cached[0] > now:
+                found[query] = cached[1]
+        return found
+
+    def put(self, query, addresses, ttl):
+        self._cache[query] = (time.monotonic() + ttl, addresses)
+        self._cache.move_to_end(query)
+        while len(self._cache) > MAX_ENTRIES:
+            self._cache.popitem(last=False)
+
+
 class DNSLists:
-    """The per-worker cache and the parallel asking."""
+    """The answer cache and the parallel asking."""
 
     def __init__(self, min_ttl=60, max_ttl=3600):
         self.min_ttl, self.max_ttl = min_ttl, max_ttl
-        self._cache = OrderedDict()  # type: OrderedDict
+        self.cache = shared_verdict_cache(MemoryVerdictCache(min_ttl))
 
     def ask(self, resolver, queries, timeout):
         """Ask every query name (A records) at once; wait at most `timeout` seconds."""
         found, pending = Found(), {}
-        now = time.monotonic()
-        for query in dict.fromkeys(queries):          # each name once, in order
-            cached = self._cache.get(query)
-            if cached is not None and cached[0] > now:
-                found.answers[query] = cached[1]
-            elif query not in pending:
+        names = list(dict.fromkeys(queries))          # each name once, in order
+        found.answers.update(self.cache.get_many(names))
+        for query in names:
+            if query not in found.answers:
                 pending[query] = gevent.spawn(self._one, resolver, query)
         try:
             if pending:
@@ -120,12 +146,8 @@ class DNSLists:
 
     def _remember(self, query, addresses, ttl):
         ttl = min(max(ttl, self.min_ttl), self.max_ttl)
-        if ttl <= 0:
-            return
-        self._cache[query] = (time.monotonic() + ttl, addresses)
-        self._cache.move_to_end(query)
-        while len(self._cache) > MAX_ENTRIES:
-            self._cache.popitem(last=False)
+        if ttl > 0:
+            self.cache.put(query, addresses, ttl)
 
 
 def score(sites, queries, found):

@@ -1,12 +1,12 @@
 """Event counters per key and time window, shared by every smtpd worker of the host.
 
 Owned by the smtpd worker (the ratelimit restriction, elemta.restrictions.ratelimit),
-which opens its RateCounter after fork. RateCounter is the whole interface the
-restrictions see: hit(key, cost, window) adds `cost` events to `key` and returns how
-many the key has in its current window. LMDBRateCounter keeps the counts in an LMDB
-environment, so every worker sees the same counts and they survive a worker's restart;
-a later store shared by several hosts (Valkey/Redis: INCRBY + EXPIRE) implements the
-same method and nothing else changes.
+which opens its RateCounter after fork. RateCounter (elemta.sharedstate.interface) is
+the whole interface the restrictions see: hit(key, cost, window) adds `cost` events to
+`key` and returns how many the key has in its current window. LMDBRateCounter keeps the
+counts in an LMDB environment, so every worker sees the same counts and they survive a
+worker's restart; the store several hosts share (Valkey/Redis: a Lua script of INCRBY
+and PEXPIRE, elemta.sharedstate.redisstore) implements the same method.
 
 The window is Postfix's anvil(8) rate window: it starts at a key's first event and lasts
 `window` seconds; the first event after it starts a new window at 1. Each hit is one
@@ -34,6 +34,8 @@ import time
 
 import lmdb
 
+from elemta.sharedstate.interface import RateCounter
+
 log = logging.getLogger("elemta.restrictions.ratecounter")
 
 # Start of the window, events in it, last event (time.time()): the last event is what
@@ -50,20 +52,6 @@ HIGH_WATER = 0.6
 DELETE_BATCH = 256
 # LMDB keys are at most 511 bytes.
 MAX_KEY = 500
-
-
-class RateCounter:
-    """Counts events per key over a fixed window. Implementations are shared by every
-    process that opens the same store."""
-
-    def hit(self, key, cost, window, now=None):
-        # type: (str, int, float, object) -> int
-        """Add `cost` events (0: just look) to `key`; return the key's count in its
-        current window of `window` seconds, this hit included."""
-        raise NotImplementedError
-
-    def close(self):
-        """Release the store."""
 
 
 def _unpack(raw):

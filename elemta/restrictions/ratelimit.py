@@ -21,8 +21,11 @@ service): submission users behind one address share its allowance with its MX tr
 Clients in mynetworks (exempt_mynetworks) and in `exceptions` are neither counted nor
 limited (Postfix's smtpd_client_event_limit_exceptions, whose default is $mynetworks).
 
-The counts live behind elemta.restrictions.ratecounter.RateCounter, in LMDB: every smtpd
-worker of the host shares them and they outlive a worker. The plugin runs first in its
+The counts live behind elemta.sharedstate's RateCounter: in LMDB, which every smtpd
+worker of the host shares and which outlives a worker, or in the cluster's Valkey/Redis
+(cluster.store), where every node counts together; while that store is down, the counts
+are this node's or the command gets 451 4.3.0 (421 at connect), as
+cluster.store_failure says. The plugin runs first in its
 stages (order 1): a client over its allowance costs no DNS lookup or greylist write.
 
 See also: tests/test_ratelimit.py, elemta.smtpd.clientcount (concurrent connections per
@@ -38,6 +41,9 @@ from elemta.addressing.normal import canonical
 from elemta.plugins.api import Plugin, PluginConfigError, Result
 from elemta.plugins.settings import RateLimitSettings
 from elemta.restrictions.ratecounter import LMDBRateCounter
+from elemta.sharedstate.interface import (TEMPFAIL_CODE, TEMPFAIL_STATUS, TEMPFAIL_TEXT,
+                                          StoreTempfail)
+from elemta.sharedstate.process import shared_rate_counter
 
 log = logging.getLogger("elemta.restrictions.ratelimit")
 
@@ -72,7 +78,8 @@ class RateLimitPlugin(Plugin):
         self.exceptions = tuple(ipaddress.ip_network(n, strict=False)
                                 for n in settings.exceptions)
         try:
-            self.counter = LMDBRateCounter(settings.database, settings.map_size_mb << 20)
+            self.counter = shared_rate_counter(
+                LMDBRateCounter(settings.database, settings.map_size_mb << 20))
         except (OSError, lmdb.Error) as error:
             raise PluginConfigError("plugins.%s.database: cannot open %s: %s"
                                     % (self.name, settings.database, error)) from None
@@ -111,8 +118,11 @@ class RateLimitPlugin(Plugin):
         s = self.settings
         if not s.connection_rate_limit or self.exempt(ctx):
             return None
-        count = self._over("connect", client_key(ctx.client_address),
-                           s.connection_rate_limit)
+        try:
+            count = self._over("connect", client_key(ctx.client_address),
+                               s.connection_rate_limit)
+        except StoreTempfail:
+            return Result.tempfail(421, TEMPFAIL_STATUS, TEMPFAIL_TEXT)
         if count is None:
             return None
         log.warning("Connection rate limit exceeded: %d from %s per %ds", count,
@@ -137,11 +147,17 @@ class RateLimitPlugin(Plugin):
         450 4.7.1 naming the first whose limit it goes over."""
         if not any(limits) or self.exempt(ctx):
             return None
-        client_limit, user_limit, sender_limit = limits
         # The queue's normal form: one counter for every spelling of one address
         # (domain case, a final dot, IDN, needless quotes); the local part's case is
         # the mailbox's own, as in the queue.
         sender = canonical(ctx.sender) if ctx.sender else ""
+        try:
+            return self._count(ctx, kind, what, text, limits, sender)
+        except StoreTempfail:
+            return Result.tempfail(TEMPFAIL_CODE, TEMPFAIL_STATUS, TEMPFAIL_TEXT)
+
+    def _count(self, ctx, kind, what, text, limits, sender):
+        client_limit, user_limit, sender_limit = limits
         refusal = None
         for scope, key, shown, limit in (
                 ("client", client_key(ctx.client_address), ctx.client_address,

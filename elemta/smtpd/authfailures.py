@@ -11,9 +11,15 @@ one-failure entries, never the entry of a client that has failed many times: to 
 that one he would have to fail more often from every flooding address, which is what
 the penalty makes slow. (Clearing the whole table, or LRU eviction, would let a burst of
 new addresses reset anyone's penalty.)
+
+This is the local FailureCounts of elemta.sharedstate: with cluster.store set, the
+counts live in the cluster's Valkey/Redis (each key expiring `window` seconds after its
+last failure), so a client's failures on one node slow it on every node.
 """
 
 import heapq
+
+from elemta.sharedstate.interface import FailureCounts
 
 # Failures older than this are forgotten (seconds).
 FAILURE_WINDOW = 600.0
@@ -21,7 +27,7 @@ FAILURE_WINDOW = 600.0
 CAPACITY = 50000
 
 
-class FailureTable:
+class FailureTable(FailureCounts):
     """client group -> (failures, time of the last failure), bounded, evicting fairly."""
 
     def __init__(self, capacity=CAPACITY, window=FAILURE_WINDOW):

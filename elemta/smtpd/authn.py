@@ -16,6 +16,8 @@ at full speed on a new connection. A success does not clear the client's failure
 either (they expire with the window): an attacker holding one valid account could
 otherwise wipe his own penalty between guesses. No single user is locked out. A
 temporary failure (Dovecot unreachable) is not counted: the client did nothing wrong.
+With cluster.store set the counts are the cluster's (elemta.sharedstate); while that
+store is down they are this worker's, or AUTH gets 454 4.7.0 (cluster.store_failure).
 See also: Dovecot's auth penalty, which also delays the attempt, not the failure.
 """
 
@@ -26,8 +28,10 @@ import gevent
 
 from elemta.config.schema import parse_dovecot_socket
 from elemta.smtp.protocol import AUTH_MECHANISMS
+from elemta.sharedstate.interface import StoreTempfail
+from elemta.sharedstate.process import shared_failure_counts
 from elemta.smtpd.authfailures import FailureTable
-from elemta.smtpd.authresult import FAIL, OK, AuthResult
+from elemta.smtpd.authresult import FAIL, OK, TEMPFAIL, AuthResult
 from elemta.smtpd.clientnet import client_group
 from elemta.smtpd.dovecot_auth import DovecotAuth
 from elemta.util.credentials import CredentialsFile
@@ -68,7 +72,7 @@ class Authenticator:
             self.backend = CredentialsBackend(auth_config.credentials_file)
         self.failure_delay = auth_config.failure_delay
         self.max_failure_delay = auth_config.max_failure_delay
-        self._failures = FailureTable()
+        self._failures = shared_failure_counts(FailureTable())
         self.mechanisms()       # Dovecot: connect now, so the first EHLO knows its list
 
     def mechanisms(self):
@@ -82,7 +86,11 @@ class Authenticator:
         """An AuthResult for these credentials. First waits (cooperatively) the client's
         penalty for its recent failures, whatever the outcome will be."""
         group = client_group(client_ip)
-        count = self._failures.failures(group, time.monotonic())
+        try:
+            count = self._failures.failures(group, time.monotonic())
+        except StoreTempfail:
+            # cluster.store_failure tempfail: the penalty cannot be known.
+            return AuthResult(TEMPFAIL, reason="shared state store unavailable")
         penalty = min(self.max_failure_delay, self.failure_delay * count)
         if penalty:
             log.info("AUTH from %s waits %.1fs: %d recent failure(s) from %s", client_ip,
@@ -91,7 +99,10 @@ class Authenticator:
         result = self.backend.authenticate(mechanism, username, password, local_ip,
                                            client_ip, secured)
         if result.outcome == FAIL:
-            self._failures.record_failure(group, time.monotonic())
+            try:
+                self._failures.record_failure(group, time.monotonic())
+            except StoreTempfail:
+                pass            # the 535 stands; the store was asked just above
         return result
 
     def close(self):

@@ -4,7 +4,8 @@ Owned by the smtpd worker process (`elemta: smtpd`). The sockets are bound by th
 before it forks the workers, so several workers share them. This
 module applies the per-worker and per-client connection limits and owns the services
 every session shares: the queue, the group committer, the room check (elemta.queue.space),
-the relay policy, AUTH, TLS, and the plugins with their DNS resolver.
+the relay policy, AUTH, TLS, the plugins with their DNS resolver, and the cluster's
+shared state (elemta.sharedstate).
 """
 
 import logging
@@ -23,6 +24,7 @@ from elemta.plugins.manager import PluginManager
 from elemta.plugins.resolver import Resolver
 from elemta.queue.queue import Queue
 from elemta.queue.space import RoomCheck
+from elemta.sharedstate import process as sharedstate
 from elemta.smtp.protocol import Settings
 from elemta.smtp.replies import Reply
 from elemta.smtpd.authn import Authenticator
@@ -62,6 +64,8 @@ class SMTPServer:
         client_counts: sessions per client address shared by all workers."""
         self.config = config
         self.hostname = config.hostname
+        # The cluster's shared state first: AUTH and the plugins ask for it.
+        sharedstate.install(config.cluster)
         self.queue = Queue.from_config(config.queue)
         self.committer = GroupCommitter(self.queue)
         self.room = RoomCheck(self.queue, config.queue.min_free_space,
@@ -128,6 +132,7 @@ class SMTPServer:
         if self.authenticator is not None:
             self.authenticator.close()
         self.queue.close()
+        sharedstate.uninstall()
         if self.committer.batches:
             log.info("group commit: %d message(s) made durable in %d flush(es), "
                      "%.1f ms each on average", self.committer.messages,

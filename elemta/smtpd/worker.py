@@ -12,6 +12,7 @@ certificate or key it cannot load is a boot failure: the master logs why and bac
 
 import time
 
+from elemta.sharedstate.process import ClusterConfigError
 from elemta.smtpd.server import SMTPServer
 from elemta.smtpd.tls import CertificateError
 from elemta.util.child import BootError, GeventChild
@@ -32,7 +33,7 @@ class SMTPDWorker(GeventChild):
     def boot(self):
         try:
             self.server = SMTPServer(self.config, self.listening, self.client_counts)
-        except CertificateError as exc:
+        except (CertificateError, ClusterConfigError) as exc:
             raise BootError(str(exc)) from None
         self.server.on_admit = self._admitted
         self.server.start()

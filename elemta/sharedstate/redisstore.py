@@ -1,0 +1,128 @@
+"""The shared state in Valkey/Redis: every operation one Lua script, atomic on the server.
+
+Owned by the smtpd worker (through elemta.sharedstate.process), one client per process,
+opened after fork. A script runs alone on the server, so two nodes counting the same key
+at once never lose a count (a GET then a SET from each would); expiry is the server's
+TTLs, so nothing here purges. Times that must agree across nodes (a greylist triplet's
+first sighting) are the server's clock (TIME), not each node's.
+
+    rate counts     STRING  prefix + "rate:" + key      INCRBY; PEXPIRE at the first
+                                                         event: anvil's window
+    greylist        HASH    prefix + "grey:" + triplet  first, passes; TTL retry_window
+                                                         until confirmed, then expiry
+                                                         after each use
+    AUTH failures   STRING  prefix + "authfail:" + group  INCR; EXPIRE window after
+                                                         each failure
+    DNSBL answers   STRING  prefix + "dnsbl:" + query   the addresses, comma-separated;
+                                                         EX its DNS TTL
+
+The calls block on their socket: elemta.sharedstate.guard runs them in threads, bounded
+in time. redis-py retries nothing here (the guard decides what a failure means).
+See also: elemta.sharedstate.interface, tests/test_cluster_state.py.
+"""
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+_RATE = """
+local count = redis.call('INCRBY', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return count
+"""
+
+# ARGV: delay, retry_window, expiry (seconds). Returns {passed 0/1, seconds to wait}.
+_GREYLIST = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local delay, retry, expiry = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local record = redis.call('HMGET', KEYS[1], 'first', 'passes')
+local first, passes = tonumber(record[1]), tonumber(record[2])
+if first == nil or passes == nil then
+  redis.call('HSET', KEYS[1], 'first', string.format('%.6f', now))
+  redis.call('HSET', KEYS[1], 'passes', 0)
+  redis.call('EXPIRE', KEYS[1], math.ceil(retry))
+  return {0, tostring(delay)}
+end
+if passes > 0 or now - first >= delay then
+  redis.call('HINCRBY', KEYS[1], 'passes', 1)
+  redis.call('EXPIRE', KEYS[1], math.ceil(expiry))
+  return {1, '0'}
+end
+return {0, string.format('%.3f', delay - (now - first))}
+"""
+
+_FAILURE = """
+local count = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return count
+"""
+
+
+def connect(settings):
+    """A redis-py client for cluster settings (elemta.config.schema.ClusterSettings).
+    Connects lazily: building it never fails on an unreachable store."""
+    options = dict(socket_timeout=settings.timeout,
+                   socket_connect_timeout=settings.timeout,
+                   retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
+                   health_check_interval=0)
+    if settings.password_file:
+        with open(settings.password_file, encoding="utf-8") as f:
+            words = f.readline().strip().split(None, 1)
+        if len(words) == 2:
+            options["username"], options["password"] = words
+        elif words:
+            options["password"] = words[0]
+    if settings.store.startswith("rediss://") and settings.ca_file:
+        options["ssl_ca_certs"] = settings.ca_file
+    return redis.Redis.from_url(settings.store, **options)
+
+
+def _text(key):
+    return key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key
+
+
+class RedisStore:
+    """The four kinds of shared state in one Valkey/Redis server. Every method blocks on
+    the store and raises redis.RedisError or OSError when it fails."""
+
+    def __init__(self, client, prefix):
+        self.client = client
+        self.prefix = _text(prefix)
+        self._rate = client.register_script(_RATE)
+        self._greylist = client.register_script(_GREYLIST)
+        self._failure = client.register_script(_FAILURE)
+
+    def _key(self, kind, key):
+        return self.prefix + kind + _text(key)
+
+    def hit(self, key, cost, window):
+        return int(self._rate(keys=[self._key(b"rate:", key)],
+                              args=[int(cost), max(1, int(window * 1000))]))
+
+    def greylist(self, triplet, delay, retry_window, expiry):
+        passed, wait = self._greylist(keys=[self._key(b"grey:", triplet)],
+                                      args=[delay, retry_window, expiry])
+        return bool(int(passed)), float(wait)
+
+    def failures(self, group):
+        return int(self.client.get(self._key(b"authfail:", group)) or 0)
+
+    def record_failure(self, group, window):
+        return int(self._failure(keys=[self._key(b"authfail:", group)],
+                                 args=[max(1, int(window))]))
+
+    def verdicts(self, queries):
+        """{query: addresses} of those the store still knows."""
+        values = self.client.mget([self._key(b"dnsbl:", q) for q in queries])
+        return {query: [a for a in value.decode("ascii").split(",") if a]
+                for query, value in zip(queries, values) if value is not None}
+
+    def put_verdict(self, query, addresses, ttl):
+        self.client.set(self._key(b"dnsbl:", query), ",".join(addresses),
+                        ex=max(1, int(ttl)))
+
+    def close(self):
+        self.client.close()
