@@ -19,7 +19,6 @@ from urllib.parse import urlsplit, urlunsplit
 from elemta.sharedstate.fallback import (SharedFailureCounts, SharedGreylist,
                                          SharedRateCounter, SharedVerdictCache)
 from elemta.sharedstate.guard import StoreGuard
-from elemta.sharedstate.redisstore import RedisStore, connect
 
 log = logging.getLogger("elemta.sharedstate")
 
@@ -35,6 +34,9 @@ class Cluster:
     """The store, its guard and the failure policy of one process."""
 
     def __init__(self, settings):
+        # Imported here: the redis client takes a tenth of a second to import, paid by
+        # every smtpd worker at start, and a single node never needs it.
+        from elemta.sharedstate.redisstore import RedisStore, connect
         self.policy = settings.store_failure
         self.store = RedisStore(connect(settings), settings.key_prefix)
         self.guard = StoreGuard(shown_url(settings.store), settings.timeout,
