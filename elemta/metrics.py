@@ -267,6 +267,19 @@ def count_refusal(restriction, stage):
     _metrics().RESTRICTION_REFUSALS.labels(restriction, stage).inc()
 
 
+# RFC 8601's result words (section 2.7) for SPF, DKIM, DMARC and ARC; anything else is
+# counted as "other", so the label stays a bounded set whatever a library returns.
+_AUTHENTICATION_RESULTS = frozenset(("pass", "fail", "softfail", "neutral", "none",
+                                     "policy", "temperror", "permerror"))
+
+
+def count_email_authentication(check, result):
+    """An SPF, DKIM, DMARC or ARC check (`check`) gave `result`."""
+    if result not in _AUTHENTICATION_RESULTS:
+        result = "other"
+    _metrics().EMAIL_AUTHENTICATION.labels(check, result).inc()
+
+
 def count_reply(code, status, command):
     """An SMTP reply went out in answer to command: count it, and the refusal it makes."""
     m = _metrics()
@@ -345,10 +358,15 @@ def _make():
             "file (tls.cert_file, or the ACME certificate's); the earliest when workers "
             "of two reloads serve two.",
             ("file",), multiprocess_mode="livemin", registry=registry),
+        SESSIONS=counter(
+            "elemta_smtpd_sessions", "SMTP sessions ended, by listener mode and how they "
+            "ended (quit, timeout, lost, tls_failed, refused, dropped, aborted).",
+            ("mode", "result")),
         AUTH_ATTEMPTS=counter("elemta_smtpd_auth_attempts",
-                              "SMTP AUTH credential checks, by result (success, "
-                              "failure, tempfail).",
-                              ("result",)),
+                              "SMTP AUTH credential checks, by mechanism (PLAIN, LOGIN, "
+                              "other) and result (success, failure, tempfail, "
+                              "unsupported).",
+                              ("mechanism", "result")),
         COMMIT_BATCH=histogram(
             "elemta_smtpd_commit_batch_messages",
             "Messages made durable together by one group commit.",
@@ -360,7 +378,12 @@ def _make():
         # delivery (counted by the delivery worker)
         DELIVERIES=counter(
             "elemta_deliveries", "Recipient delivery attempts by result (sent, deferred, "
-            "bounced).", ("result",)),
+            "bounced) and transport (smtp, lmtp, local, error; none: not routed).",
+            ("result", "transport")),
+        NOTICES=counter(
+            "elemta_delivery_notices", "Notices to senders queued (RFC 3464 DSNs), by "
+            "kind (failure: a bounce; delay: a delay warning; success: a success DSN).",
+            ("kind",)),
         DELIVERY_DELAY=histogram(
             "elemta_delivery_delay_seconds", "From arrival to a recipient's final result "
             "(sent or bounced), in seconds: Postfix's delay=.",
@@ -389,6 +412,15 @@ def _make():
         RSPAMD_SCORE=histogram(
             "elemta_rspamd_score", "Rspamd's score of each message it judged.",
             (-10, -5, -2, 0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 50)),
+        # SPF, DKIM, DMARC, ARC and greylisting (their plugins, in smtpd; DKIM in pickup too)
+        EMAIL_AUTHENTICATION=counter(
+            "elemta_email_authentication_results", "SPF, DKIM, DMARC and ARC results, as "
+            "Authentication-Results has them (RFC 8601 result words), by check (spf, dkim, "
+            "dmarc, arc) and result.", ("check", "result")),
+        GREYLIST=counter(
+            "elemta_greylist_checks", "Recipients greylisting looked at, by outcome "
+            "(pass: a known triplet; defer: 451 4.7.1; exempt: a client or domain not "
+            "greylisted; tempfail: the shared store could not answer).", ("outcome",)),
         # milters (elemta.milter.chain, in smtpd and pickup)
         MILTER_VERDICTS=counter(
             "elemta_milter_verdicts", "Milter answers, by milter (its configured name), "

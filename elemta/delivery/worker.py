@@ -400,6 +400,7 @@ class DeliveryWorker(GeventChild):
         envelope = record.envelope
         groups = OrderedDict()       # Destination -> [(index, Recipient)]
         results = {}                 # index -> (status, reply, relay)
+        transports = {}              # index -> its transport (Destination.kind), for metrics
         for index, recipient in enumerate(envelope.recipients):
             if recipient.status not in (PENDING, RCPT_DEFERRED):
                 continue
@@ -411,8 +412,10 @@ class DeliveryWorker(GeventChild):
                             recipient.address, error)
                 results[index] = (RCPT_DEFERRED, str(lookup_failure(recipient.address)),
                                   NO_RELAY)
+                transports[index] = NOT_ROUTED
                 continue
             destination = self.stages.routing(record, recipient, routed)
+            transports[index] = destination.kind
             groups.setdefault(destination, []).append((index, recipient))
         jobs = [gevent.spawn(_caught, self._deliver_group, record, destination, items)
                 for destination, items in groups.items()]
@@ -443,7 +446,7 @@ class DeliveryWorker(GeventChild):
         next_attempt = now + self._retry_delay(record, results)
         outcome = self.recorder.record(
             Attempt(record.queue_id, results, next_attempt, last_error, now, warn))
-        self._log_results(record, results, now)
+        self._log_results(record, results, now, transports)
         if outcome == ATTEMPT_REMOVED:
             log.info("%s: removed", record.queue_id,
                      extra={"event": "removed", "queue_id": record.queue_id})
@@ -498,10 +501,10 @@ class DeliveryWorker(GeventChild):
                                 envelope.arrival + self.delivery.queue_lifetime)
         return False
 
-    def _log_results(self, record, results, now):
+    def _log_results(self, record, results, now, transports):
         """One Postfix smtp line per recipient: "to=<>, relay=, delay=, dsn=, status=
         (reply)", the facts also as JSON fields (pflogsumm and elemtactl report read
-        either)."""
+        either); counted by result and transport ({index: Destination.kind})."""
         delay = now - record.envelope.arrival
         for index in sorted(results):
             status, reply, relay = results[index]
@@ -514,7 +517,7 @@ class DeliveryWorker(GeventChild):
                             "relay": relay, "delay": round(delay, 3), "dsn": dsn,
                             "status": word, "reason": reply,
                             "size": record.envelope.size or None})
-            metrics.DELIVERIES.labels(word).inc()
+            metrics.DELIVERIES.labels(word, transports.get(index, NOT_ROUTED)).inc()
             if word != "deferred":
                 metrics.DELIVERY_DELAY.observe(delay)
 
@@ -556,6 +559,7 @@ class DeliveryWorker(GeventChild):
                       record.envelope.sender, error)
             return False
         if queue_id is not None:
+            metrics.NOTICES.labels(_NOTICE_KINDS[what]).inc()
             log.info("%s: sender %s: %s", record.queue_id, what, queue_id,
                      extra={"event": "notice", "queue_id": record.queue_id,
                             "notice": what, "notice_id": queue_id,
@@ -584,6 +588,12 @@ def _caught(function, *args):
     except Exception as error:
         return error
 
+
+# A notice's kind, for elemta_delivery_notices_total (by what _notify calls it).
+_NOTICE_KINDS = {"non-delivery notification": "failure", "delay warning": "delay",
+                 "delivery status notification": "success"}
+# The transport label of a recipient never routed (its domain table could not answer).
+NOT_ROUTED = "none"
 
 # The DSN class a result without an enhanced status gets (Postfix's dsn= for such).
 _DSN_ACTION = {"sent": bounce.DELIVERED, "bounced": bounce.FAILED,

@@ -31,6 +31,7 @@ from typing import List, Tuple
 
 import dkim as dkimpy
 
+from elemta import metrics
 from elemta.plugins.api import MethodResult, Plugin, PluginConfigError, Result
 from elemta.plugins.authres import authserv_id_of
 from elemta.plugins.dkim import BodyHashCache, KeyFileError, load_private_key
@@ -142,6 +143,7 @@ class ARCPlugin(Plugin):
         props = (("smtp.remote-ip", ctx.client_address),) if ctx.client_address else ()
         reason = checked.reason if checked.cv not in ("pass", "none") else ""
         ctx.auth_results.append(MethodResult("arc", checked.cv, reason, props))
+        metrics.count_email_authentication("arc", checked.cv)
         if checked.cv in ("fail", "temperror"):
             log.info("%s: ARC %s from [%s]: %s", ctx.queue_id or "NOQUEUE", checked.cv,
                      ctx.client_address, checked.reason)

@@ -46,6 +46,7 @@ import dkim as dkimpy
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.crypto import HASH_ALGORITHMS, UnparsableKeyError, parse_pem_private_key
 
+from elemta import metrics
 from elemta.plugins.api import MethodResult, Plugin, PluginConfigError, Result
 from elemta.plugins.resolver import TemporaryDNSError
 from elemta.plugins.settings import (ALGORITHMS, MAX_BODY_BYTES, MAX_HEADERS,
@@ -461,9 +462,11 @@ class DKIMPlugin(Plugin):
         ctx.state["dkim"] = results
         if not results:
             ctx.auth_results.append(MethodResult("dkim", "none"))
+            metrics.count_email_authentication("dkim", "none")
         unchecked = {}
         for checked in results:
             ctx.auth_results.append(checked.method_result())
+            metrics.count_email_authentication("dkim", checked.result)
             if checked.result in ("temperror", "permerror", "policy"):
                 log.info("%s: DKIM %s for d=%s s=%s from [%s]: %s", ctx.queue_id or "NOQUEUE",
                          checked.result, checked.domain or "?", checked.selector or "?",

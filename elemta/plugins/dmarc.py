@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import checkdmarc.dmarc
 from checkdmarc.utils import get_base_domain
 
+from elemta import metrics
 from elemta.plugins.api import MethodResult, Plugin, Result
 from elemta.plugins.resolver import TemporaryDNSError
 from elemta.plugins.settings import DMARCSettings
@@ -191,6 +192,7 @@ class DMARCPlugin(Plugin):
         result = self.check(ctx)
         ctx.state["dmarc"] = result
         ctx.auth_results.append(result.method_result())
+        metrics.count_email_authentication("dmarc", result.result)
         where = ctx.queue_id or "NOQUEUE"
         if result.result in ("temperror", "permerror") or result.disposition != "none":
             log.info("%s: DMARC %s for header.from=%s from [%s]: %s%s", where, result.result,

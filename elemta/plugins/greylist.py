@@ -36,6 +36,7 @@ from typing import Optional, Tuple
 
 import lmdb
 
+from elemta import metrics
 from elemta.addressing.normal import normal_domain
 from elemta.plugins.api import Plugin, PluginConfigError, Result
 from elemta.plugins.settings import GreylistSettings
@@ -174,6 +175,7 @@ class GreylistPlugin(Plugin):
 
     def on_rcpt(self, ctx):
         if self.exempt(ctx):
+            metrics.GREYLIST.labels("exempt").inc()
             return None
         network = client_network(ctx.client_address, self.settings.ipv4_prefix,
                                  self.settings.ipv6_prefix)
@@ -181,7 +183,9 @@ class GreylistPlugin(Plugin):
             passed, wait = self.store.check(network, ctx.sender or "",
                                             ctx.recipient or "")
         except StoreTempfail:
+            metrics.GREYLIST.labels("tempfail").inc()
             return Result.tempfail(TEMPFAIL_CODE, TEMPFAIL_STATUS, TEMPFAIL_TEXT)
+        metrics.GREYLIST.labels("pass" if passed else "defer").inc()
         if passed:
             return None
         log.info("%s: greylisted: client=[%s] network=%s from=<%s> to=<%s>, retry in %ds",

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import gevent.local
 import spf as pyspf
 
+from elemta import metrics
 from elemta.plugins.api import MethodResult, Plugin, Result
 from elemta.plugins.resolver import TemporaryDNSError
 from elemta.plugins.settings import SPFSettings
@@ -150,6 +151,8 @@ class SPFPlugin(Plugin):
                                  ctx.helo, ctx.hostname))
         mailfrom = results[-1]
         ctx.state["spf"] = mailfrom
+        # The MAIL FROM identity only: one count per transaction, the result DMARC uses.
+        metrics.count_email_authentication("spf", mailfrom.result)
         for checked in results:
             prop = ("smtp.helo", ctx.helo) if checked.identity == "helo" else (
                 "smtp.mailfrom", checked.sender)

@@ -56,7 +56,7 @@ from elemta.restrictions.protocoltests import ProtocolTests
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
                                 DataStart, Helo, ImproperPipelining, MailFrom,
                                 MessageReceived, RcptTo, StartTLS, UnknownCommand)
-from elemta.smtp.protocol import ServerProtocol
+from elemta.smtp.protocol import AUTH_MECHANISMS, ServerProtocol
 from elemta.smtp.replies import Reply
 from elemta.smtpd import authresult, tls
 from elemta.smtpd.received import protocol_name, received_header
@@ -97,6 +97,14 @@ HANDLERS = {
     ImproperPipelining: "on_improper_pipelining",
     UnknownCommand: "on_unknown_command",
 }
+
+
+# How a session ends, for elemta_smtpd_sessions_total{result}: the client said QUIT;
+# it was silent too long; it went away (reset, EOF) or its TLS handshake failed; a
+# connection-stage plugin, milter or the pregreet test refused it; the server hung up
+# (error limits, a 421); or the worker stopped it (or a bug did: "aborted").
+SESSION_ENDINGS = ("quit", "timeout", "lost", "tls_failed", "refused", "dropped",
+                   "aborted")
 
 
 class SessionEnded(Exception):
@@ -147,6 +155,8 @@ class Session:
         # file until the milters have seen (and maybe edited) them.
         self.pending_prefix = b""
         self._refusal_counted = False    # the pending refusal is counted by restriction
+        self.ending = None               # how the session ended (SESSION_ENDINGS)
+        self._closing_code = None        # the code of the reply that closes the session
         # Postscreen's pregreet and pipelining tests (elemta.restrictions.protocoltests).
         self.screen = ProtocolTests(server.config.protocol_tests, listener.mode,
                                     self.ctx.trusted, self.client_ip, address[1],
@@ -185,9 +195,11 @@ class Session:
                 self._greet(self._connection_checks())
             self._converse()
         except SessionEnded as exc:
+            self._ended("lost")
             log.info("lost connection after %s from %s%s", self.proto.last_command, self.client,
                      ": %s" % exc if str(exc) else "")
         finally:
+            metrics.SESSIONS.labels(self.listener.mode, self.ending or "aborted").inc()
             self._discard_message()
             if self.milters is not None:
                 self.milters.close()
@@ -198,6 +210,12 @@ class Session:
             log.info("disconnect from %s", self.client,
                      extra={"event": "disconnect", "client": self.client})
             self._notify_queued()     # messages queued just before the client went away
+
+    def _ended(self, how):
+        """Note how the session ends (SESSION_ENDINGS), unless that is known already: a
+        refused client that then says QUIT still counts as refused."""
+        if self.ending is None:
+            self.ending = how
 
     def _find_client_name(self):
         """Look up the client's verified name (elemta.plugins.peername), waiting at most
@@ -262,6 +280,7 @@ class Session:
         code = 421 if action == TEMPFAIL else 554
         name = who.split()[-1]
         metrics.count_refusal(name, "connect")
+        self._ended("refused")
         log.info("NOQUEUE: reject: CONNECT from %s: %d %s %s; proto=SMTP (%s)",
                  self.client, code, status, text, who,
                  extra=self._refusal("CONNECT", "%d %s %s" % (code, status, text),
@@ -279,6 +298,7 @@ class Session:
         log.info("NOQUEUE: reject: CONNECT from %s: %s; proto=SMTP (restriction pregreet)",
                  self.client, drop, extra=self._refusal("CONNECT", drop, "pregreet"))
         metrics.count_refusal("pregreet", "connect")
+        self._ended("refused")
         self._refusal_counted = True
         self.proto.hang_up(drop)
         return True
@@ -293,12 +313,15 @@ class Session:
                 if data is not None:
                     proto.receive_data(data)
             elif event is CLOSED:
+                self._ended("quit" if self._closing_code == 221 else "dropped")
                 self._flush()
                 self._linger()
                 return
             elif isinstance(event, Reply):
                 self._out += event.encode()
                 metrics.count_reply(event.code, event.status, proto.last_command)
+                if event.close:
+                    self._closing_code = event.code
                 if not self._refusal_counted:
                     self._count_core_refusal(event)
                 self._refusal_counted = False
@@ -319,6 +342,7 @@ class Session:
         try:
             data = self.sock.recv(RECV_SIZE)
         except socket.timeout:
+            self._ended("timeout")
             log.info("timeout after %s from %s", self.proto.last_command, self.client)
             self.proto.close_with(421, "4.4.2", "Error: timeout exceeded")
             return None
@@ -372,6 +396,7 @@ class Session:
             self.sock = self.server.tls_context.wrap_socket(self.sock, server_side=True)
         except (OSError, ssl.SSLError, ValueError) as exc:
             metrics.TLS_FAILURES.inc()
+            self._ended("tls_failed")
             raise SessionEnded("TLS handshake failed: %s" % exc) from None
         metrics.TLS_SESSIONS.labels(self.sock.version() or "unknown").inc()
         self.tls_info = tls.describe(self.sock)
@@ -770,8 +795,11 @@ class Session:
         result = self.server.authenticator.authenticate(
             self.client_ip, self._local_ip(), event.mechanism, event.username,
             event.password, self.proto.tls_active)
+        attempts = metrics.AUTH_ATTEMPTS
+        # The core passes only mechanisms it offers; "other" keeps the label bounded.
+        mechanism = event.mechanism if event.mechanism in AUTH_MECHANISMS else "other"
         if result.outcome == authresult.OK:
-            metrics.AUTH_ATTEMPTS.labels("success").inc()
+            attempts.labels(mechanism, "success").inc()
             log.info("%s: AUTH %s succeeded for %s%s", self.client, event.mechanism, name,
                      "" if result.user == event.username
                      else " as %s" % printable(result.user))
@@ -782,15 +810,16 @@ class Session:
                 return
             return self.proto.accept_auth(result.user)
         if result.outcome == authresult.TEMPFAIL:
-            metrics.AUTH_ATTEMPTS.labels("tempfail").inc()
+            attempts.labels(mechanism, "tempfail").inc()
             log.warning("%s: SASL %s authentication failed for <%s>: temporary failure: %s",
                         self.client, event.mechanism, name, printable(result.reason))
             return self.proto.reject(AUTH_TEMPFAIL)
         if result.outcome == authresult.UNSUPPORTED:
+            attempts.labels(mechanism, "unsupported").inc()
             log.warning("%s: SASL %s authentication refused for <%s>: %s", self.client,
                         event.mechanism, name, printable(result.reason))
             return self.proto.reject(AUTH_UNSUPPORTED)
-        metrics.AUTH_ATTEMPTS.labels("failure").inc()
+        attempts.labels(mechanism, "failure").inc()
         log.warning("%s: SASL %s authentication failed for <%s>%s", self.client,
                     event.mechanism, name,
                     ": %s" % printable(result.reason) if result.reason else "")
