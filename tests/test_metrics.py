@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -201,14 +202,21 @@ def test_submission_counts_auth_and_tls(elemta_server, tmp_path, monkeypatch, tl
         smtp.user, smtp.password = "alice", "wrong"
         with pytest.raises(smtplib.SMTPAuthenticationError):
             smtp.auth("PLAIN", smtp.auth_plain)     # login() would try every mechanism
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            smtp.auth("LOGIN", smtp.auth_login, initial_response_ok=False)
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            smtp.auth("CRAM-MD5", smtp.auth_cram_md5)   # not offered: 504, no check
         smtp.login("alice", "wonderland")
         smtp.sendmail("alice@example.test", ["b@elsewhere.test"], BODY)
     samples, _ = scrape(api_port)
     assert value(samples, "elemta_smtpd_connections_total", mode="submission",
                  outcome="accepted") == 1
     assert value(samples, "elemta_smtpd_messages_rejected_total", reason="auth") == 1
-    assert value(samples, "elemta_smtpd_auth_attempts_total", result="failure") == 1
-    assert value(samples, "elemta_smtpd_auth_attempts_total", result="success") == 1
+    attempts = {tuple(sorted(dict(labels).items())): v for (name, labels), v
+                in samples.items() if name == "elemta_smtpd_auth_attempts_total"}
+    assert attempts == {(("mechanism", "PLAIN"), ("result", "failure")): 1,
+                        (("mechanism", "LOGIN"), ("result", "failure")): 1,
+                        (("mechanism", "PLAIN"), ("result", "success")): 1}
     versions = {dict(labels)["version"]: v for (name, labels), v in samples.items()
                 if name == "elemta_smtpd_tls_sessions_total"}
     assert versions in ({"TLSv1.3": 1}, {"TLSv1.2": 1})
@@ -524,3 +532,87 @@ def test_an_unreadable_certificate_costs_the_metric_not_the_worker(tmp_path, cap
         assert certificate_expiry(str(garbage)) is None
     assert [r.getMessage().split(":")[0] for r in caplog.records] == \
         ["tls.cert_file %s" % missing, "tls.cert_file %s" % garbage]
+
+
+def session_endings(api_port):
+    samples, _ = scrape(api_port)
+    return {(dict(labels)["mode"], dict(labels)["result"]): v
+            for (name, labels), v in samples.items()
+            if name == "elemta_smtpd_sessions_total"}
+
+
+def greeted(source="127.0.0.1", port=None):
+    """A raw client socket past the whole greeting."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                    source_address=(source, 0))
+    data = b""
+    while not re.search(rb"(^|\n)220 [^\r\n]*\r\n$", data):
+        chunk = sock.recv(4096)
+        assert chunk, data
+        data += chunk
+    return sock
+
+
+def read_to_end(sock):
+    """What the server sends until it closes (or resets) the connection."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_sessions_are_counted_by_how_they_ended(elemta_server, tmp_path, monkeypatch,
+                                                tls_files):
+    cert, key = tls_files
+    api_port = free_port()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    server = elemta_server(smtpd={"hostname": "mx.test", "workers": 1},
+                           relay={"mynetworks": ["127.0.0.1/32"]},
+                           api={"enabled": True, "port": api_port},
+                           tls={"cert_file": cert, "key_file": key},
+                           timeouts={"command": 1},
+                           protocol_tests={"greet_wait": 0.5, "greet_action": "drop"})
+    wait_for(lambda: healthy(api_port))
+    before = session_endings(api_port)      # the fixture's own probe, say
+
+    for _ in range(2):
+        with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+            smtp.noop()                         # QUIT on leaving the block
+    greeted(port=server.port).close()           # goes away without a word: lost
+    silent = greeted(port=server.port)          # says nothing for timeouts.command
+    assert read_to_end(silent).startswith(b"421 4.4.2 ")
+    silent.close()
+    tls = greeted(port=server.port)             # STARTTLS, then no TLS at all
+    tls.sendall(b"EHLO client.test\r\nSTARTTLS\r\n")
+    answer = b""
+    while b"\r\n220 2.0.0" not in answer:
+        chunk = tls.recv(4096)
+        assert chunk, answer
+        answer += chunk
+    tls.sendall(b"this is no ClientHello\r\n\r\n")
+    read_to_end(tls)
+    tls.close()
+    noisy = greeted(port=server.port)           # 20 errors: the server hangs up
+    noisy.sendall(b"BOGUS\r\n" * 20)
+    assert b"421 4.7.0 mx.test Error: too many errors" in read_to_end(noisy)
+    noisy.close()
+    # A client outside mynetworks that talks before its turn: the pregreet test drops it.
+    early = socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                     source_address=("127.0.0.2", 0))
+    early.sendall(b"EHLO bot.test\r\n")
+    assert b"521 5.5.1 Protocol error" in read_to_end(early)
+    early.close()
+
+    expected = {("smtp", "quit"): 2, ("smtp", "lost"): 1, ("smtp", "timeout"): 1,
+                ("smtp", "tls_failed"): 1, ("smtp", "dropped"): 1,
+                ("smtp", "refused"): 1}
+
+    def grown():
+        now = session_endings(api_port)
+        return {k: now[k] - before.get(k, 0) for k in now if now[k] != before.get(k, 0)}
+    wait_for(lambda: grown() == expected)
