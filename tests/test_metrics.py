@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from elemta.metrics import rejection_reason
 from tests.harness import REPO, free_port, wait_for
+from tests.peers.sink import ScriptedServer
 from tests.test_workers import children_of
 
 BODY = b"Subject: metrics\r\n\r\ncounted\r\n"
@@ -616,3 +617,72 @@ def test_sessions_are_counted_by_how_they_ended(elemta_server, tmp_path, monkeyp
         now = session_endings(api_port)
         return {k: now[k] - before.get(k, 0) for k in now if now[k] != before.get(k, 0)}
     wait_for(lambda: grown() == expected)
+
+
+def labelled(samples, name):
+    """{label values in label-name order: value} of one metric's samples."""
+    return {tuple(v for _, v in sorted(labels)): value for (sample, labels), value
+            in samples.items() if sample == name}
+
+
+def test_deliveries_by_transport_and_the_notices_sent(elemta_server, tmp_path, monkeypatch):
+    """One message to four transports: local, smtp (a next hop that says 250, one that
+    says 450 until the end), and the error transport (delivery.default_transport): every
+    recipient is counted under its transport, and the bounce, the success DSN and the
+    delay warning the sender gets are counted by kind."""
+    sender = "owner@partner.test"
+    api_port = free_port()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with ScriptedServer() as partner, \
+            ScriptedServer(script={"RCPT": "450 4.2.0 mailbox busy"}) as later:
+        server = elemta_server(
+            smtpd={"hostname": "mx.test", "workers": 1},
+            api={"enabled": True, "port": api_port},
+            relay={"local_domains": ["example.test"]},
+            delivery={"workers": 1, "default_transport": "error",
+                      "transport": [
+                          {"domain": "partner.test",
+                           "nexthop": "smtp:[127.0.0.1]:%d" % partner.port},
+                          {"domain": "later.test",
+                           "nexthop": "smtp:[127.0.0.1]:%d" % later.port}],
+                      "delay_warning_time": 1, "nameservers": ["127.0.0.1"],
+                      "dns_port": free_port(), "dns_timeout": 0.5,
+                      "min_backoff": 0.5, "max_backoff": 1.0})
+        os.mkdir(os.path.join(server.workdir, "mail"))       # the test's /var/mail
+        wait_for(lambda: "delivery worker started" in server.log())
+        wait_for(lambda: healthy(api_port))
+        with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+            smtp.sendmail(sender, ["root@example.test", "colleague@partner.test",
+                                   "friend@gmail.test", "slow@later.test"],
+                          b"From: " + sender.encode() + b"\r\nSubject: four ways\r\n\r\n"
+                          b"hello\r\n", rcpt_options=["NOTIFY=SUCCESS,FAILURE,DELAY"])
+        first = server.queued_ids()[0]
+
+        def notices():
+            return labelled(scrape(api_port)[0], "elemta_delivery_notices_total")
+        wait_for(lambda: notices() == {("failure",): 1, ("success",): 1, ("delay",): 1},
+                 timeout=20)
+        # The three notices go to the sender's next hop beside the colleague's copy.
+        wait_for(lambda: len(partner.messages) == 4)
+
+        def deliveries():           # {(result, transport): count}
+            return labelled(scrape(api_port)[0], "elemta_deliveries_total")
+        wait_for(lambda: {k: v for k, v in deliveries().items() if k[0] != "deferred"}
+                 == {("sent", "local"): 1, ("sent", "smtp"): 4, ("bounced", "error"): 1})
+        samples, _ = scrape(api_port)
+        assert [k for k in labelled(samples, "elemta_deliveries_total")
+                if k[0] == "deferred"] == [("deferred", "smtp")]
+        # It warned after a retry.
+        assert value(samples, "elemta_deliveries_total", result="deferred",
+                     transport="smtp") >= 2
+        # The message waits for slow@later.test: the queue shows it deferred, since its
+        # arrival (unless a retry holds it active just now).
+        arrival = server.message(first)[0].arrival
+
+        def deferred():
+            s, _ = scrape(api_port)
+            return (value(s, "elemta_queue_messages", state="deferred") == 1
+                    and value(s, "elemta_queue_oldest_arrival_timestamp_seconds",
+                              state="deferred") == arrival)
+        wait_for(deferred)
+        assert value(samples, "elemta_delivery_delay_seconds_count") == 6   # final ones
