@@ -19,7 +19,9 @@ import pytest
 
 from elemta.plugins.dkim import Signer, SigningKey, generate_key
 from elemta.plugins.manager import apply_header_edits
+from tests.harness import free_port, wait_for
 from tests.peers.nsd import NSDInstance, nsd_available
+from tests.test_metrics import healthy, scrape
 
 pytestmark = pytest.mark.skipif(nsd_available() is not None, reason=str(nsd_available()))
 
@@ -227,3 +229,43 @@ def test_a_plugin_that_raises_gives_451_and_the_session_goes_on(elemta_server, t
         assert smtp.data(message("a@sender.test"))[0] == 250
     assert "plugin broken failed at rcpt stage" in server.log()
     assert "RuntimeError: kaboom" in server.log()
+
+
+def test_check_results_and_greylisting_are_counted_in_metrics(elemta_server, dns, dkim_key,
+                                                              tmp_path, monkeypatch):
+    """elemta_email_authentication_results_total{check, result} and
+    elemta_greylist_checks_total{outcome}, read from the api's /metrics."""
+    api_port = free_port()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    server = elemta_server(
+        relay={"mynetworks": NOT_US}, dns=dns, api={"enabled": True, "port": api_port},
+        plugins={"spf": {"enabled": True}, "dkim": {"enabled": True},
+                 "dmarc": {"enabled": True}, "arc": {"enabled": True},
+                 "greylist": {"enabled": True, "delay": 0,
+                              "allow_domains": ["signed.test", "dmarc.test"],
+                              "database": str(tmp_path / "grey")}})
+    wait_for(lambda: healthy(api_port))
+    # sender.test: SPF pass, unsigned, no DMARC policy; greylisted, then let in.
+    _, rcpt, _ = send(server, "a@sender.test", message("a@sender.test"))
+    assert rcpt[0] == 451, rcpt
+    queued_id(send(server, "a@sender.test", message("a@sender.test")))
+    # signed.test: SPF and DKIM pass; an allowed domain, not greylisted.
+    body = message("a@signed.test")
+    signer = Signer([SigningKey("signed.test", "s1", dkim_key.key_file)])
+    queued_id(send(server, "a@signed.test",
+                   apply_header_edits(body, signer.sign(body, "signed.test"))))
+    # dmarc.test: SPF softfail, so DMARC fails (p=reject, not enforced here).
+    queued_id(send(server, "a@dmarc.test", message("a@dmarc.test")))
+
+    samples, _ = scrape(api_port)
+    results = {tuple(v for _, v in sorted(labels)): count for (name, labels), count
+               in samples.items() if name == "elemta_email_authentication_results_total"}
+    assert results == {("spf", "pass"): 3, ("spf", "softfail"): 1,     # (check, result)
+                       ("dkim", "none"): 2, ("dkim", "pass"): 1,
+                       ("dmarc", "none"): 2, ("dmarc", "fail"): 1, ("arc", "none"): 3}
+    assert {dict(labels)["outcome"]: count for (name, labels), count in samples.items()
+            if name == "elemta_greylist_checks_total"} == \
+        {"defer": 1, "pass": 1, "exempt": 2}
+    # Greylisting's 451 is a refusal by the restriction "greylist" too.
+    assert samples[("elemta_smtpd_restriction_refusals_total",
+                    (("restriction", "greylist"), ("stage", "rcpt")))] == 1
