@@ -77,6 +77,19 @@ def worker_of(client_sock, server_port, workers):
     raise AssertionError("no worker holds the connection")
 
 
+def sessions_on_every_worker(port, workers):
+    """{worker pid: [open smtplib sessions]}: sessions held open until every worker
+    has at least one (so every worker is serving)."""
+    by_worker = {pid: [] for pid in workers}
+    opened = 0
+    while not all(by_worker.values()):
+        assert opened < 100, "the kernel never handed a connection to one worker"
+        smtp = smtplib.SMTP("127.0.0.1", port)
+        opened += 1
+        by_worker[worker_of(smtp.sock, port, workers)].append(smtp)
+    return by_worker
+
+
 def start_server(elemta_server, tmp_path, monkeypatch, **sections):
     # The master gives its children a metrics directory; for a master that does not yet,
     # the children inherit this one.
@@ -105,14 +118,8 @@ def test_counters_add_up_across_workers_dead_and_alive(elemta_server, tmp_path, 
     workers = smtpd_workers(master)
     before, _ = scrape(api_port)      # the fixture's own probe connected once already
 
-    # Hold sessions open until both workers have at least one.
-    by_worker = {pid: [] for pid in workers}
-    opened = 0
-    while not all(by_worker.values()):
-        assert opened < 100, "the kernel never handed a connection to one worker"
-        smtp = smtplib.SMTP("127.0.0.1", server.port)
-        opened += 1
-        by_worker[worker_of(smtp.sock, server.port, workers)].append(smtp)
+    by_worker = sessions_on_every_worker(server.port, workers)
+    opened = sum(len(sessions) for sessions in by_worker.values())
     victim, survivor = workers
     sent = quits = 0
     for pid in workers:
@@ -686,3 +693,34 @@ def test_deliveries_by_transport_and_the_notices_sent(elemta_server, tmp_path, m
                               state="deferred") == arrival)
         wait_for(deferred)
         assert value(samples, "elemta_delivery_delay_seconds_count") == 6   # final ones
+
+
+def test_a_heartbeat_kill_and_a_crash_are_counted_apart(elemta_server, tmp_path,
+                                                        monkeypatch):
+    """The master counts the worker it killed for a lost heartbeat under reason
+    heartbeat, one that died unasked under crashed."""
+    server, api_port = start_server(elemta_server, tmp_path, monkeypatch,
+                                    master={"heartbeat_timeout": 2, "stop_grace": 3})
+    master = server.process.pid
+    hung, crashed = smtpd_workers(master)
+    # Both serve (a child still starting has longer than heartbeat_timeout to beat).
+    for sessions in sessions_on_every_worker(server.port, [hung, crashed]).values():
+        for smtp in sessions:
+            smtp.close()
+    os.kill(crashed, signal.SIGKILL)
+    os.kill(hung, signal.SIGSTOP)      # no more heartbeats: SIGABRT, then SIGKILL
+
+    def restarts():                    # {(kind, reason): count}
+        return {tuple(v for _, v in sorted(labels)): count
+                for (name, labels), count in scrape(api_port)[0].items()
+                if name == "elemta_worker_restarts_total"}
+    try:
+        # The kill comes heartbeat_timeout + 5 s (SIGABRT waits in a stopped process).
+        wait_for(lambda: restarts() == {("smtpd", "heartbeat"): 1, ("smtpd", "crashed"): 1},
+                 timeout=30)
+    finally:
+        try:
+            os.kill(hung, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert "smtpd child %d sent no heartbeat for 2s; killing it" % hung in server.log()
