@@ -246,6 +246,8 @@ def rejection_reason(command, code, status):
         return None
     if detail == "7.1" and command == "RCPT" and code >= 500:
         return "relay"                        # 554 5.7.1 Relay access denied
+    if detail == "1.1" and command == "RCPT":
+        return "unknown_user"                 # 550 5.1.1 User unknown (no syntax error)
     if detail == "7.0":
         return "auth"                         # 530 5.7.0 authentication required
     if detail == "3.4":
@@ -340,7 +342,8 @@ def _make():
                                "Size of accepted messages as queued, in bytes."),
         MESSAGES_REJECTED=counter(
             "elemta_smtpd_messages_rejected", "Refused MAIL, RCPT or message content, by "
-            "reason (relay, size, syntax, content, storage, auth, recipients, policy).",
+            "reason (relay, unknown_user, size, syntax, content, storage, auth, "
+            "recipients, policy).",
             ("reason",)),
         RESTRICTION_REFUSALS=counter(
             "elemta_smtpd_restriction_refusals", "Refusals (4xx and 5xx) by the restriction "

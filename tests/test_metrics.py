@@ -358,6 +358,8 @@ def test_a_child_killed_before_sizing_its_metric_file_breaks_no_scrape(tmp_path)
 
 @pytest.mark.parametrize("command, code, status, reason", [
     ("RCPT", 554, "5.7.1", "relay"),
+    ("RCPT", 550, "5.1.1", "unknown_user"),
+    ("RCPT", 450, "4.1.1", "unknown_user"),
     ("MAIL", 552, "5.3.4", "size"),
     ("DATA", 552, "5.3.4", "size"),
     ("MAIL", 501, "5.1.7", "syntax"),
@@ -724,3 +726,18 @@ def test_a_heartbeat_kill_and_a_crash_are_counted_apart(elemta_server, tmp_path,
         except ProcessLookupError:
             pass
     assert "smtpd child %d sent no heartbeat for 2s; killing it" % hung in server.log()
+
+
+def test_an_unknown_user_is_its_own_rejection_reason(elemta_server, tmp_path, monkeypatch):
+    server, api_port = start_server(elemta_server, tmp_path, monkeypatch,
+                                    local={"reject_unknown_users": True})
+    with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+        smtp.ehlo()
+        smtp.mail("a@c.test")
+        assert smtp.rcpt("nosuchuser@example.test")[0] == 550
+        assert smtp.rcpt("somebody@elsewhere.test")[0] == 554
+    samples, _ = scrape(api_port)
+    assert labelled(samples, "elemta_smtpd_messages_rejected_total") == {
+        ("unknown_user",): 1, ("relay",): 1}
+    assert value(samples, "elemta_smtpd_restriction_refusals_total",
+                 restriction="reject_unlisted_recipient", stage="rcpt") == 1
