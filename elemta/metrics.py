@@ -415,7 +415,7 @@ def _make():
         RSPAMD_SCORE=histogram(
             "elemta_rspamd_score", "Rspamd's score of each message it judged.",
             (-10, -5, -2, 0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 50)),
-        # SPF, DKIM, DMARC, ARC and greylisting (their plugins, in smtpd; DKIM in pickup too)
+        # SPF, DKIM, DMARC, ARC and greylisting (their plugins, in smtpd)
         EMAIL_AUTHENTICATION=counter(
             "elemta_email_authentication_results", "SPF, DKIM, DMARC and ARC results, as "
             "Authentication-Results has them (RFC 8601 result words), by check (spf, dkim, "
