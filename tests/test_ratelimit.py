@@ -22,7 +22,8 @@ from elemta.plugins.api import PluginConfigError
 from elemta.plugins.manager import PluginManager
 from elemta.restrictions.ratecounter import LMDBRateCounter
 from elemta.restrictions.ratelimit import client_key
-from tests.harness import wait_for
+from tests.harness import free_port, wait_for
+from tests.test_metrics import healthy, scrape
 from tests.test_workers import smtpd_workers
 
 T0 = 1700000000.0
@@ -377,3 +378,29 @@ def test_connections_are_counted_before_the_name_lookup(elemta_server, tmp_path)
         assert server.log().count("127.0.0.2: lookup timed out") == 2
     finally:
         silent.close()
+
+
+def test_rate_limit_hits_are_counted_as_the_ratelimit_restrictions_refusals(
+        elemta_server, tmp_path, monkeypatch):
+    """elemta(8): a rate limit hit is elemta_smtpd_restriction_refusals_total
+    {restriction="ratelimit"}, by stage, on the api's /metrics."""
+    api_port = free_port()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    server = elemta_server(
+        relay={"mynetworks": ["127.0.0.1/32"]}, api={"enabled": True, "port": api_port},
+        plugins={"ratelimit": {"enabled": True, "database": str(tmp_path / "ratelimit"),
+                               "time_unit": 3600, "connection_rate_limit": 3,
+                               "message_rate_limit": 1, "recipient_rate_limit": 2}})
+    wait_for(lambda: healthy(api_port))
+    assert send(server, "127.0.0.2", "a@c.test", ["b@example.test"]) == {}
+    assert list(send(server, "127.0.0.2", "a@c.test", ["b@example.test"])) == ["MAIL"]
+    assert greeting(server, "127.0.0.2").startswith("220 ")       # the 3rd of 3
+    assert greeting(server, "127.0.0.2").startswith("421 4.7.0 ")
+    assert list(send(server, "127.0.0.3", "a@c.test",
+                     ["b@example.test", "c@example.test", "d@example.test"])) == \
+        ["d@example.test"]
+    refusals = {dict(labels)["stage"]: count for (name, labels), count
+                in scrape(api_port)[0].items()
+                if name == "elemta_smtpd_restriction_refusals_total"
+                and dict(labels)["restriction"] == "ratelimit"}
+    assert refusals == {"connect": 1, "mail": 1, "rcpt": 1}
