@@ -391,6 +391,14 @@ def _make():
             "elemta_delivery_delay_seconds", "From arrival to a recipient's final result "
             "(sent or bounced), in seconds: Postfix's delay=.",
             (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400)),
+        DELIVERY_SESSIONS=counter(
+            "elemta_delivery_sessions", "SMTP and LMTP sessions the delivery workers "
+            "opened, by transport (smtp, lmtp) and TLS version (none: plaintext).",
+            ("transport", "tls")),
+        DELIVERY_TLS_FAILURES=counter(
+            "elemta_delivery_tls_failures", "Delivery sessions given up for TLS (the "
+            "handshake failed, or TLS was required and not offered or refused), by "
+            "transport.", ("transport",)),
         DELIVERY_ATTEMPT=histogram(
             "elemta_delivery_attempt_seconds",
             "Time one delivery attempt (one SMTP/LMTP transaction) took, in seconds.",

@@ -741,3 +741,45 @@ def test_an_unknown_user_is_its_own_rejection_reason(elemta_server, tmp_path, mo
         ("unknown_user",): 1, ("relay",): 1}
     assert value(samples, "elemta_smtpd_restriction_refusals_total",
                  restriction="reject_unlisted_recipient", stage="rcpt") == 1
+
+
+def test_delivery_sessions_by_tls_version_and_tls_failures(elemta_server, tmp_path,
+                                                           monkeypatch, tls_files):
+    """Outbound: a next hop offering STARTTLS gets a TLS session, one that does not a
+    plaintext one at level may, and a TLS failure where delivery.tls_policy says
+    encrypt."""
+    cert, key = tls_files
+    api_port = free_port()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with ScriptedServer(cert_file=cert, key_file=key) as secure, ScriptedServer() as plain, \
+            ScriptedServer(address="127.0.0.2") as strict:
+        def hop(domain, peer):
+            return {"domain": domain,
+                    "nexthop": "smtp:[%s]:%d" % (peer.address, peer.port)}
+        server = elemta_server(
+            api={"enabled": True, "port": api_port},
+            delivery={"workers": 1, "tls_level": "may",
+                      "transport": [hop("secure.test", secure), hop("plain.test", plain),
+                                    hop("strict.test", strict)],
+                      "tls_policy": [{"domain": "127.0.0.2", "level": "encrypt"}],
+                      "nameservers": ["127.0.0.1"], "dns_port": free_port(),
+                      "min_backoff": 0.5, "max_backoff": 1.0})
+        wait_for(lambda: "delivery worker started" in server.log())
+        wait_for(lambda: healthy(api_port))
+        with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+            smtp.sendmail("a@c.test", ["a@secure.test", "b@plain.test", "c@strict.test"],
+                          BODY)
+        wait_for(lambda: len(secure.messages) == 1 and len(plain.messages) == 1)
+
+        def counted():
+            samples, _ = scrape(api_port)
+            return (labelled(samples, "elemta_delivery_sessions_total"),
+                    value(samples, "elemta_delivery_tls_failures_total", transport="smtp"))
+        sessions, _ = wait_for(lambda: counted()[1] >= 1 and len(counted()[0]) == 2
+                               and counted())
+        version = {tls for tls, transport in sessions if tls != "none"}   # (tls, transport)
+        assert sessions == {("none", "smtp"): 1, (version.pop(), "smtp"): 1}
+        assert secure.sessions[0].tls and not plain.sessions[0].tls
+        # The strict domain's mail waits: TLS is required, and its host offers none.
+        assert strict.messages == []
+        assert "TLS is required, but was not offered by host 127.0.0.2" in server.log()

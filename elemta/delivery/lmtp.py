@@ -29,6 +29,8 @@ from elemta.queue.model import RCPT_DEFERRED
 class LMTPTransport(SMTPTransport):
     """Delivers over LMTP for one worker; holds its own connection cache."""
 
+    name = "lmtp"
+
     def __init__(self, config, store):
         super().__init__(config, store, resolver=None)
         # Postfix's lmtp has no TLS unless asked: delivery.tls_level speaks for SMTP, and

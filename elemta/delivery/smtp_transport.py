@@ -52,6 +52,7 @@ def status_of(outcome):
 class SMTPTransport:
     """Delivers over SMTP for one worker; holds its connection cache."""
 
+    name = "smtp"             # the transport label of its metrics
     def __init__(self, config, store, resolver):
         self.hostname = config.hostname
         self.store = store
@@ -118,11 +119,14 @@ class SMTPTransport:
                 try:
                     client.connect(address, port, server_name=name)
                 except SessionError as error:
+                    if error.tls_failure:
+                        metrics.DELIVERY_TLS_FAILURES.labels(self.name).inc()
                     last_reply, relay = error.reply, client.peer
                     log.info("%s: %s", record.queue_id, error.reply.text or error.reply)
                     if error.try_next_host:
                         continue
                     break
+                metrics.DELIVERY_SESSIONS.labels(self.name, client.tls_version or "none").inc()
             try:
                 with self.store.open_content(record.queue_id) as content:
                     result = client.send(record.envelope, content,
