@@ -17,8 +17,9 @@ import pytest
 
 from elemta.config.schema import ClusterSettings
 from elemta.sharedstate.redisstore import RedisStore, connect
-from tests.harness import wait_for
+from tests.harness import free_port, wait_for
 from tests.peers import redis as redis_peer
+from tests.test_metrics import healthy, scrape
 
 pytestmark = pytest.mark.skipif(redis_peer.missing() is not None,
                                 reason=redis_peer.missing() or "")
@@ -176,3 +177,28 @@ def test_a_store_that_hangs_costs_a_timeout_not_the_mail(elemta_server, tmp_path
     assert node.log().count("unavailable (no answer within 0.5s)") == 1, node.log()
     wait_for(lambda: send(node.port, "back@sender.test") == 250 and RESUMED in node.log(),
              10)
+
+
+def test_greylisting_outcomes_count_a_store_outage_as_tempfail(elemta_server, tmp_path,
+                                                               store, monkeypatch):
+    """elemta_greylist_checks_total{outcome}: defer, then pass once the delay is over,
+    exempt for an allowed domain, tempfail while the store is gone (policy tempfail)."""
+    api_port = free_port()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    node = elemta_server(
+        relay={"mynetworks": NOT_US, "local_domains": ["example.test", "grey.test"]},
+        api={"enabled": True, "port": api_port},
+        cluster={"store": store.url, "timeout": 0.5, "retry_interval": 0.5,
+                 "store_failure": "tempfail"},
+        plugins={"greylist": {"enabled": True, "delay": 0, "allow_domains": ["example.test"],
+                              "database": str(tmp_path / "grey")}})
+    wait_for(lambda: healthy(api_port))
+    assert mail_from(node.port, "a@sender.test", "b@grey.test")[0] == 451     # defer
+    assert mail_from(node.port, "a@sender.test", "b@grey.test")[0] == 250     # pass
+    assert mail_from(node.port, "a@sender.test", "b@example.test")[0] == 250  # exempt
+    store.stop()
+    assert mail_from(node.port, "a@sender.test", "b@grey.test") == (
+        451, "4.3.0 Temporary failure: shared state store unavailable, try again later")
+    assert {dict(labels)["outcome"]: count for (name, labels), count
+            in scrape(api_port)[0].items() if name == "elemta_greylist_checks_total"} == \
+        {"defer": 1, "pass": 1, "exempt": 1, "tempfail": 1}
