@@ -42,6 +42,13 @@ def value(samples, name, **labels):
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def labelled(samples, name):
+    """{label values, in the order of the label names sorted: value} of one metric's
+    samples: {("PLAIN", "failure"): 1.0} for elemta_smtpd_auth_attempts_total."""
+    return {tuple(v for _, v in sorted(labels)): count
+            for (sample, labels), count in samples.items() if sample == name}
+
+
 def http_status(url, method="GET"):
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=5):
@@ -220,11 +227,9 @@ def test_submission_counts_auth_and_tls(elemta_server, tmp_path, monkeypatch, tl
     assert value(samples, "elemta_smtpd_connections_total", mode="submission",
                  outcome="accepted") == 1
     assert value(samples, "elemta_smtpd_messages_rejected_total", reason="auth") == 1
-    attempts = {tuple(sorted(dict(labels).items())): v for (name, labels), v
-                in samples.items() if name == "elemta_smtpd_auth_attempts_total"}
-    assert attempts == {(("mechanism", "PLAIN"), ("result", "failure")): 1,
-                        (("mechanism", "LOGIN"), ("result", "failure")): 1,
-                        (("mechanism", "PLAIN"), ("result", "success")): 1}
+    assert labelled(samples, "elemta_smtpd_auth_attempts_total") == {
+        ("PLAIN", "failure"): 1, ("LOGIN", "failure"): 1,       # (mechanism, result)
+        ("PLAIN", "success"): 1}
     versions = {dict(labels)["version"]: v for (name, labels), v in samples.items()
                 if name == "elemta_smtpd_tls_sessions_total"}
     assert versions in ({"TLSv1.3": 1}, {"TLSv1.2": 1})
@@ -545,10 +550,8 @@ def test_an_unreadable_certificate_costs_the_metric_not_the_worker(tmp_path, cap
 
 
 def session_endings(api_port):
-    samples, _ = scrape(api_port)
-    return {(dict(labels)["mode"], dict(labels)["result"]): v
-            for (name, labels), v in samples.items()
-            if name == "elemta_smtpd_sessions_total"}
+    """{(mode, result): count} of elemta_smtpd_sessions_total."""
+    return labelled(scrape(api_port)[0], "elemta_smtpd_sessions_total")
 
 
 def greeted(source="127.0.0.1", port=None):
@@ -626,12 +629,6 @@ def test_sessions_are_counted_by_how_they_ended(elemta_server, tmp_path, monkeyp
         now = session_endings(api_port)
         return {k: now[k] - before.get(k, 0) for k in now if now[k] != before.get(k, 0)}
     wait_for(lambda: grown() == expected)
-
-
-def labelled(samples, name):
-    """{label values in label-name order: value} of one metric's samples."""
-    return {tuple(v for _, v in sorted(labels)): value for (sample, labels), value
-            in samples.items() if sample == name}
 
 
 def test_deliveries_by_transport_and_the_notices_sent(elemta_server, tmp_path, monkeypatch):
@@ -713,9 +710,7 @@ def test_a_heartbeat_kill_and_a_crash_are_counted_apart(elemta_server, tmp_path,
     os.kill(hung, signal.SIGSTOP)      # no more heartbeats: SIGABRT, then SIGKILL
 
     def restarts():                    # {(kind, reason): count}
-        return {tuple(v for _, v in sorted(labels)): count
-                for (name, labels), count in scrape(api_port)[0].items()
-                if name == "elemta_worker_restarts_total"}
+        return labelled(scrape(api_port)[0], "elemta_worker_restarts_total")
     try:
         # The kill comes heartbeat_timeout + 5 s (SIGABRT waits in a stopped process).
         wait_for(lambda: restarts() == {("smtpd", "heartbeat"): 1, ("smtpd", "crashed"): 1},
@@ -751,8 +746,8 @@ def test_delivery_sessions_by_tls_version_and_tls_failures(elemta_server, tmp_pa
     cert, key = tls_files
     api_port = free_port()
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    with ScriptedServer(cert_file=cert, key_file=key) as secure, ScriptedServer() as plain, \
-            ScriptedServer(address="127.0.0.2") as strict:
+    with ScriptedServer(cert_file=cert, key_file=key) as secure, \
+            ScriptedServer() as plain, ScriptedServer(address="127.0.0.2") as strict:
         def hop(domain, peer):
             return {"domain": domain,
                     "nexthop": "smtp:[%s]:%d" % (peer.address, peer.port)}

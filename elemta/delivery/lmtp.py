@@ -29,7 +29,7 @@ from elemta.queue.model import RCPT_DEFERRED
 class LMTPTransport(SMTPTransport):
     """Delivers over LMTP for one worker; holds its own connection cache."""
 
-    name = "lmtp"
+    kind = "lmtp"
 
     def __init__(self, config, store):
         super().__init__(config, store, resolver=None)

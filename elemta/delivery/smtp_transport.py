@@ -52,7 +52,8 @@ def status_of(outcome):
 class SMTPTransport:
     """Delivers over SMTP for one worker; holds its connection cache."""
 
-    name = "smtp"             # the transport label of its metrics
+    kind = "smtp"             # its Destination.kind: the transport label of its metrics
+
     def __init__(self, config, store, resolver):
         self.hostname = config.hostname
         self.store = store
@@ -120,13 +121,14 @@ class SMTPTransport:
                     client.connect(address, port, server_name=name)
                 except SessionError as error:
                     if error.tls_failure:
-                        metrics.DELIVERY_TLS_FAILURES.labels(self.name).inc()
+                        metrics.DELIVERY_TLS_FAILURES.labels(self.kind).inc()
                     last_reply, relay = error.reply, client.peer
                     log.info("%s: %s", record.queue_id, error.reply.text or error.reply)
                     if error.try_next_host:
                         continue
                     break
-                metrics.DELIVERY_SESSIONS.labels(self.name, client.tls_version or "none").inc()
+                tls = client.tls_version or "none"
+                metrics.DELIVERY_SESSIONS.labels(self.kind, tls).inc()
             try:
                 with self.store.open_content(record.queue_id) as content:
                     result = client.send(record.envelope, content,

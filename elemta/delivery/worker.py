@@ -400,7 +400,7 @@ class DeliveryWorker(GeventChild):
         envelope = record.envelope
         groups = OrderedDict()       # Destination -> [(index, Recipient)]
         results = {}                 # index -> (status, reply, relay)
-        transports = {}              # index -> its transport (Destination.kind), for metrics
+        transports = {}              # index -> Destination.kind, for the metrics
         for index, recipient in enumerate(envelope.recipients):
             if recipient.status not in (PENDING, RCPT_DEFERRED):
                 continue
