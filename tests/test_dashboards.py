@@ -171,6 +171,12 @@ def send_traffic(server, submission, sink):
     with smtplib.SMTP("127.0.0.1", server.port, source_address=("127.0.0.2", 0)) as smtp:
         with pytest.raises(smtplib.SMTPRecipientsRefused):
             smtp.sendmail("x@spam.test", ["victim@elsewhere.test"], BODY)
+    # A stranger's mail for a local user: SPF, DKIM, DMARC and ARC are checked (their DNS
+    # is down: temperror, none), and greylisting defers its first try.
+    with smtplib.SMTP("127.0.0.1", server.port, source_address=("127.0.0.4", 0)) as smtp:
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            smtp.sendmail("x@far.test", ["user@example.test"], BODY)
+        smtp.sendmail("x@far.test", ["user@example.test"], BODY)
     # A client over its connection rate (one per hour): its second connection is refused.
     assert first_reply(server.port, "127.0.0.3").startswith("220 ")
     assert first_reply(server.port, "127.0.0.3")[:1] in ("4", "5")
@@ -210,9 +216,11 @@ def test_every_panel_query_returns_series_from_a_live_elemta(
     with ScriptedServer(script={"RCPT": rcpt_reply}, address="127.0.0.1") as sink, \
             ScriptedMilter(free_port()) as milter:
         server = elemta_server(
-            smtpd={"hostname": "mx.test", "workers": 1},
+            smtpd={"hostname": "mx.test", "workers": 1, "peername_lookup": False},
             listeners=[{"mode": "smtp"}, {"mode": "submission", "port": submission}],
             relay={"mynetworks": ["127.0.0.1/32"]},
+            # The sender checks' nameserver answers nothing (temperror): quickly.
+            dns={"nameservers": ["127.0.0.1"], "port": dead, "timeout": 0.2},
             api={"enabled": True, "port": api_port},
             tls={"cert_file": cert, "key_file": key},
             auth={"credentials_file": credentials},
@@ -226,6 +234,10 @@ def test_every_panel_query_returns_series_from_a_live_elemta(
                 # Scanner verdicts without a clamd: every message is over max_size, so
                 # passes unscanned (counted); Rspamd is down and fail_open lets mail
                 # through (a scanner failure).
+                "spf": {"enabled": True}, "dkim": {"enabled": True},
+                "dmarc": {"enabled": True}, "arc": {"enabled": True},
+                "greylist": {"enabled": True, "delay": 0,
+                             "database": str(tmp_path / "greylist")},
                 "clamav": {"enabled": True, "address": "127.0.0.1:%d" % dead,
                            "max_size": 1},
                 "rspamd": {"enabled": True, "address": "127.0.0.1:%d" % dead,

@@ -178,6 +178,12 @@ def overview():
         .with_panel(timeseries(
             "SMTP replies by code", "Replies the smtpd workers sent per second, by code.",
             PER_SECOND, [query(rate("elemta_smtpd_replies_total", "code"), "{{code}}")]))
+        .with_panel(timeseries(
+            "Sessions by how they ended", "SMTP sessions ended per second, by listener "
+            "mode and how: quit, timeout, lost (the client went away), tls_failed, "
+            "refused, dropped, aborted (the worker stopped).", PER_SECOND,
+            [query(rate("elemta_smtpd_sessions_total", "mode, result"),
+                   "{{mode}} {{result}}")], stacked=True, width=24))
     )
 
 
@@ -207,10 +213,24 @@ def queue_and_delivery():
             [query("%s / %s" % (rate("elemta_deliveries_total", matchers='result!="sent"'),
                                 rate("elemta_deliveries_total")), "not sent")]))
         .with_panel(timeseries(
+            "Deliveries by transport", "Recipient delivery attempts per second, by "
+            "transport (smtp, lmtp, local, error) and result.", PER_SECOND,
+            [query(rate("elemta_deliveries_total", "transport, result"),
+                   "{{transport}} {{result}}")], stacked=True))
+        .with_panel(timeseries(
+            "Notices sent", "Notices queued to senders per second: failure (bounces), "
+            "delay warnings, success DSNs.", PER_SECOND,
+            [query(rate("elemta_delivery_notices_total", "kind"), "{{kind}}")]))
+        .with_panel(timeseries(
+            "Outbound sessions by TLS version", "SMTP and LMTP connections to next hops "
+            "per second, by transport and TLS version (none: plain text).", PER_SECOND,
+            [query(rate("elemta_delivery_sessions_total", "transport, tls"),
+                   "{{transport}} {{tls}}")], stacked=True))
+        .with_panel(timeseries(
             "Delivery attempt time", "Time one delivery attempt (one SMTP or LMTP "
             "transaction) took: quantiles of elemta_delivery_attempt_seconds.", "s",
             quantile_queries("elemta_delivery_attempt_seconds")))
-        .with_panel(delivery_latency(width=24))
+        .with_panel(delivery_latency())
         .with_row(Row("Queue writes"))
         .with_panel(timeseries(
             "Group commit size", "Messages the smtpd workers made durable together by "
@@ -242,10 +262,12 @@ def security():
                   "scanners and milters decided.")
         .with_row(Row("Clients"))
         .with_panel(timeseries(
-            "AUTH attempts by result", "SMTP AUTH credential checks per second: success, "
-            "failure (wrong credentials: many are a password-guessing attack), tempfail.",
+            "AUTH attempts by mechanism and result", "SMTP AUTH credential checks per "
+            "second, by mechanism (PLAIN, LOGIN, other) and result: success, failure "
+            "(wrong credentials: many are a password-guessing attack), tempfail.",
             PER_SECOND,
-            [query(rate("elemta_smtpd_auth_attempts_total", "result"), "{{result}}")]))
+            [query(rate("elemta_smtpd_auth_attempts_total", "mechanism, result"),
+                   "{{mechanism}} {{result}}")]))
         .with_panel(timeseries(
             "Relay attempts refused", "RCPTs refused with relay access denied, per second: "
             "clients trying to use this host as an open relay.", PER_SECOND,
@@ -262,6 +284,19 @@ def security():
             "ratelimit restriction: connections, messages or recipients per time unit), "
             "per second, by stage.", PER_SECOND,
             [query(rate(refusals, "stage", 'restriction="ratelimit"'), "{{stage}}")]))
+        .with_row(Row("Senders"))
+        .with_panel(timeseries(
+            "SPF, DKIM, DMARC and ARC results", "Results of the sender authentication "
+            "checks per second, by check and result (RFC 8601 words: pass, fail, "
+            "softfail, neutral, none, temperror, permerror...).", PER_SECOND,
+            [query(rate("elemta_email_authentication_results_total", "check, result"),
+                   "{{check}} {{result}}")], stacked=True))
+        .with_panel(timeseries(
+            "Greylisting", "Greylisting checks per second, by outcome: pass (retried after "
+            "the delay), defer (451, first try), exempt, tempfail (the shared store did "
+            "not answer).", PER_SECOND,
+            [query(rate("elemta_greylist_checks_total", "outcome"), "{{outcome}}")],
+            stacked=True))
         .with_row(Row("TLS"))
         .with_panel(timeseries(
             "TLS share", "TLS sessions (STARTTLS or smtps) per accepted connection.",
