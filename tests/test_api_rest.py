@@ -497,7 +497,7 @@ def test_schemathesis_finds_no_server_error(elemta_server):
         headers={"Authorization": "Bearer " + TOKEN})
     operations = [result.ok() for result in schema.get_all_operations()]
     # Every route but the document itself (schemathesis leaves out where it read it).
-    assert len(operations) == 14, [o.label for o in operations]
+    assert len(operations) == 23, [o.label for o in operations]
 
     def fuzz(strategy):
         @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,

@@ -75,7 +75,7 @@ def _filters(req):
     return {name: req.params[name] for name in params.FILTERS if name in req.params}
 
 
-class Nodes(_ClusterRoute):
+class ClusterNodes(_ClusterRoute):
     """GET /api/v1/cluster/nodes: the registered nodes; whether each answers."""
 
     def on_get(self, req, resp):
@@ -83,7 +83,7 @@ class Nodes(_ClusterRoute):
         reply(resp, self.run(self.view.nodes))
 
 
-class Summary(_ClusterRoute):
+class ClusterSummary(_ClusterRoute):
     """GET /api/v1/cluster/queue/summary: /api/v1/stats of every node, summed."""
 
     def on_get(self, req, resp):
@@ -91,7 +91,7 @@ class Summary(_ClusterRoute):
         reply(resp, self.run(self.view.summary, _filters(req)))
 
 
-class Listing(_ClusterRoute):
+class ClusterListing(_ClusterRoute):
     """GET /api/v1/cluster/queue: every node's messages in id order, a page at a time."""
 
     def on_get(self, req, resp):
@@ -100,7 +100,7 @@ class Listing(_ClusterRoute):
         reply(resp, self.run(self.view.page, _filters(req), limit, cursor))
 
 
-class Flush(_ClusterRoute):
+class ClusterFlush(_ClusterRoute):
     """POST /api/v1/cluster/queue/flush: deferred mail due now on every node."""
 
     def on_post(self, req, resp):
@@ -108,7 +108,7 @@ class Flush(_ClusterRoute):
         reply(resp, self.run(self.view.flush, _filters(req)))
 
 
-class Message(_ClusterRoute):
+class ClusterMessage(_ClusterRoute):
     """GET /api/v1/cluster/queue/{id}: the message, from the node that has it."""
 
     def on_get(self, req, resp, queue_id):
@@ -116,7 +116,7 @@ class Message(_ClusterRoute):
         reply(resp, self.found(self.view.show, queue_id))
 
 
-class Action(_ClusterRoute):
+class ClusterAction(_ClusterRoute):
     """POST /api/v1/cluster/queue/{id}/ACTION on the node that has the message."""
 
     def __init__(self, view, pool, action):
@@ -136,10 +136,11 @@ def add_routes(app, config, registry):
         token, _ = read_token(config.api)       # none: the nodes refuse us, and say so
         view = ClusterView(registry, Peers(token or b"", config.cluster.api_timeout))
     pool = ThreadPool(THREADS)
-    app.add_route(PREFIX + "/nodes", Nodes(view, pool))
-    app.add_route(PREFIX + "/queue", Listing(view, pool))
-    app.add_route(PREFIX + "/queue/summary", Summary(view, pool))
-    app.add_route(PREFIX + "/queue/flush", Flush(view, pool))
-    app.add_route(PREFIX + "/queue/{queue_id}", Message(view, pool))
+    app.add_route(PREFIX + "/nodes", ClusterNodes(view, pool))
+    app.add_route(PREFIX + "/queue", ClusterListing(view, pool))
+    app.add_route(PREFIX + "/queue/summary", ClusterSummary(view, pool))
+    app.add_route(PREFIX + "/queue/flush", ClusterFlush(view, pool))
+    app.add_route(PREFIX + "/queue/{queue_id}", ClusterMessage(view, pool))
     for action in ACTIONS:
-        app.add_route(PREFIX + "/queue/{queue_id}/" + action, Action(view, pool, action))
+        app.add_route(PREFIX + "/queue/{queue_id}/" + action,
+                      ClusterAction(view, pool, action))

@@ -1068,14 +1068,16 @@ class ClusterSettings:
               "has no equivalent.", _api_url)
     heartbeat_interval: float = opt(
         5.0, "Seconds between two registrations of this node in the store by its api "
-             "process.", _positive)
+             "process. Postfix has no equivalent.", _positive)
     node_ttl: float = opt(
         15.0, "Seconds a registration lasts: a node whose api stopped registering drops "
               "out of the cluster view this long after its last heartbeat; meanwhile it "
-              "is named as not answering. Keep it a few heartbeat_intervals.", _positive)
+              "is named as not answering. Keep it a few heartbeat_intervals. Postfix has no "
+              "equivalent.", _positive)
     api_timeout: float = opt(
         5.0, "Seconds the cluster view waits for each node's REST API to answer; a node "
-             "slower than that is named as not answering.", _positive)
+             "slower than that is named as not answering. Postfix has no equivalent.",
+        _positive)
 
 
 @dataclass(frozen=True)
