@@ -41,11 +41,16 @@ class _ClusterRoute:
     def __init__(self, view, pool):
         self.view, self.pool = view, pool
 
-    def run(self, work, *args):
-        """work(*args) in the pool; the view's failures as HTTP errors."""
+    @property
+    def cluster(self):
+        """The ClusterView; a 404 when this node is in no cluster."""
         if self.view is None:
             raise falcon.HTTPNotFound(title="no cluster", description=(
                 "this node is in no cluster: cluster.store is not set"))
+        return self.view
+
+    def run(self, work, *args):
+        """work(*args) in the pool; the view's failures as HTTP errors."""
         try:
             return in_pool(self.pool, work, *args)
         except StoreUnreachable as error:
@@ -80,7 +85,7 @@ class ClusterNodes(_ClusterRoute):
 
     def on_get(self, req, resp):
         params.check_known(req, ())
-        reply(resp, self.run(self.view.nodes))
+        reply(resp, self.run(self.cluster.nodes))
 
 
 class ClusterSummary(_ClusterRoute):
@@ -88,7 +93,7 @@ class ClusterSummary(_ClusterRoute):
 
     def on_get(self, req, resp):
         params.check_known(req, params.FILTERS)
-        reply(resp, self.run(self.view.summary, _filters(req)))
+        reply(resp, self.run(self.cluster.summary, _filters(req)))
 
 
 class ClusterListing(_ClusterRoute):
@@ -97,7 +102,7 @@ class ClusterListing(_ClusterRoute):
     def on_get(self, req, resp):
         params.check_known(req, params.FILTERS + params.PAGE)
         limit, cursor = params.limit(req), params.cursor(req)
-        reply(resp, self.run(self.view.page, _filters(req), limit, cursor))
+        reply(resp, self.run(self.cluster.page, _filters(req), limit, cursor))
 
 
 class ClusterFlush(_ClusterRoute):
@@ -105,7 +110,7 @@ class ClusterFlush(_ClusterRoute):
 
     def on_post(self, req, resp):
         params.check_known(req, params.FILTERS)
-        reply(resp, self.run(self.view.flush, _filters(req)))
+        reply(resp, self.run(self.cluster.flush, _filters(req)))
 
 
 class ClusterMessage(_ClusterRoute):
@@ -113,7 +118,7 @@ class ClusterMessage(_ClusterRoute):
 
     def on_get(self, req, resp, queue_id):
         params.check_known(req, ())
-        reply(resp, self.found(self.view.show, queue_id))
+        reply(resp, self.found(self.cluster.show, queue_id))
 
 
 class ClusterAction(_ClusterRoute):
@@ -125,7 +130,7 @@ class ClusterAction(_ClusterRoute):
 
     def on_post(self, req, resp, queue_id):
         params.check_known(req, ())
-        reply(resp, self.found(self.view.act, queue_id, self.action))
+        reply(resp, self.found(self.cluster.act, queue_id, self.action))
 
 
 def add_routes(app, config, registry):
