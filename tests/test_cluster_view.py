@@ -185,6 +185,11 @@ def test_cluster_queue_view_acts_on_every_node_and_names_the_silent(cluster):
     assert page["next_cursor"] == sorted(ids.values())[1]
     status, shown = api(b, "GET", "/queue/" + ids["node-c"])
     assert (status, shown["node"], shown["sender"]) == (200, "node-c", "node-c@sender.test")
+    status, out, err = elemtactl(c, "show", ids["node-b"])
+    assert (status, err) == (0, "")
+    assert out.startswith("Node:       node-b\nQueue ID:   %s\nState:      hold\n"
+                          % ids["node-b"]), out
+    assert "Subject: cluster\n" in out
 
     # node-c stops: named as not answering until its registration runs out.
     c.stop()

@@ -3,8 +3,8 @@
 Owned by the `elemta: api` child the master forks. The application (elemta.api.app) is the
 REST API under /api/v1 and /metrics for Prometheus; with cluster.store set, it also
 registers the node in the cluster view (elemta.api.registration). Its life cycle is
-every child's (elemta.util.child): SIGTERM stops it after the requests in progress, which get
-master.stop_grace (APIServer: a keep-alive connection idle between two requests is
+every child's (elemta.util.child): SIGTERM stops it after the requests in progress,
+which get master.stop_grace (APIServer: a keep-alive connection idle between two requests is
 closed at once, as a client must expect, RFC 9112 section 9.3.1), SIGQUIT at once,
 SIGUSR1 reopens the log file, a heartbeat on the scoreboard, and it stops on its own
 when its master is gone. A port it cannot listen on

@@ -173,7 +173,8 @@ def cluster_show(view, args, out):
 
 def _write_message(out, message):
     lines = [("Node", message["node"]), ("Queue ID", message["queue_id"]),
-             ("State", message["queue_name"]), ("Size", "%d bytes" % message["message_size"]),
+             ("State", message["queue_name"]),
+             ("Size", "%d bytes" % message["message_size"]),
              ("Sender", "<%s>" % message["sender"])]
     if message.get("hold"):
         lines.append(("Hold", "held by %s: %s" % (message["hold"]["by"],
@@ -229,7 +230,8 @@ def _action(name):
                                               printable(result["outcome"]),
                                               printable(result["node"])))
         changed = sum(1 for result in results if result["changed"])
-        out.write("%s: %d message%s\n" % (total_label, changed, "" if changed == 1 else "s"))
+        out.write("%s: %d message%s\n" % (total_label, changed,
+                                          "" if changed == 1 else "s"))
         return missing
     return act
 

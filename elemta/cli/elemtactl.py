@@ -481,6 +481,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("elemta").setLevel(logging.WARNING)
     try:
         args = build_parser().parse_args(argv)
+        if args.cluster and args.command != "queue":
+            raise Failure(EX_USAGE, "--cluster goes with the queue commands only, not %s"
+                          % args.command)
         return args.handler(args)
     except Failure as failure:
         print("%s: %s" % (PROG, failure), file=sys.stderr)

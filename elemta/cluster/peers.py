@@ -6,6 +6,10 @@ waits for the slowest node once (cluster.api_timeout), not for each in turn. A n
 that cannot be reached, answers late, refuses the token or answers with a server error
 is a NodeFailure, whose text says which and why: the view names it as not answering.
 Plain http.client: one short request per node, no session to keep.
+
+The token goes to every API URL registered in the store: whoever can write to the store
+can collect it. Keep the store as private as the token (cluster.password_file, TLS, a
+network only the nodes reach).
 See also: elemta.cluster.registry (who the nodes are), elemta.api.app (what they serve).
 """
 

@@ -60,16 +60,12 @@ class ClusterView:
 
     # ---- the operations ---------------------------------------------------------------
 
-    def nodes(self, probe=True) -> dict:
-        """The registered nodes; probe: each asked /api/v1/health/live too."""
+    def nodes(self) -> dict:
+        """The registered nodes, each asked /api/v1/health/live: whether it answers."""
         nodes = self.live_nodes()
-        listed = [node.to_json() for node in nodes]
-        missing = []
-        if probe:
-            _, missing, _, _ = self._ask("GET", API + "/health/live", nodes=nodes)
-            silent = {m["node"] for m in missing}
-            for entry in listed:
-                entry["answers"] = entry["name"] not in silent
+        _, missing, _, _ = self._ask("GET", API + "/health/live", nodes=nodes)
+        silent = {m["node"] for m in missing}
+        listed = [dict(node.to_json(), answers=node.name not in silent) for node in nodes]
         return _with_missing({"nodes": listed}, missing)
 
     def summary(self, query=None) -> dict:
