@@ -23,14 +23,9 @@ import time
 
 import pytest
 
+from tests import api_fuzz
 from tests.harness import REPO, free_port, wait_for
 from tests.peers import redis as redis_peer
-
-try:
-    import schemathesis
-    from hypothesis import HealthCheck, given, settings
-except ImportError:             # an optional test dependency (setup.cfg extras "test")
-    schemathesis = None
 
 pytestmark = pytest.mark.skipif(redis_peer.missing() is not None,
                                 reason=redis_peer.missing() or "")
@@ -242,31 +237,17 @@ def test_store_killed_and_restarted_keeps_the_mail_and_the_view_returns(cluster,
     assert send(a, "after@load.test") == 250
 
 
-@pytest.mark.skipif(schemathesis is None, reason="schemathesis is not installed "
-                                                 "(pip install .[test])")
+@pytest.mark.skipif(api_fuzz.schemathesis is None, reason=api_fuzz.MISSING)
 def test_schemathesis_finds_the_cluster_routes_as_documented(cluster):
-    """The cluster routes of the served document, against a real cluster this time (the
-    REST tests fuzz them on a node in no cluster: 404s): answers merged from three
-    nodes fit the document, bad data is refused, nothing is a server error."""
-    from schemathesis.generation import GenerationMode
+    """The cluster routes of the served document (tests/api_fuzz.py), against a real
+    cluster this time (tests/test_api_rest.py fuzzes them on a node in no cluster:
+    404s): answers merged from three nodes fit the document, bad data is refused,
+    nothing is a server error."""
     a = cluster["node-a"]
     for name, node in cluster.items():
         assert send(node, "%s@sender.test" % name) == 250
     auth = {"Authorization": "Bearer " + TOKEN}
-    schema = schemathesis.openapi.from_url(
-        "http://%s:%d/api/v1/openapi.json" % (a.address, node_api_port(a)), headers=auth)
-    operations = [result.ok() for result in schema.get_all_operations()
-                  if result.ok().path.startswith("/api/v1/cluster/")]
+    operations = api_fuzz.operations("http://%s:%d/api/v1/openapi.json" % (
+        a.address, node_api_port(a)), auth, prefix="/api/v1/cluster/")
     assert len(operations) == 9, [o.label for o in operations]
-
-    def fuzz(strategy):
-        @settings(max_examples=10, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=strategy)
-        def run(case):
-            case.call_and_validate(timeout=20)
-        run()
-    for operation in operations:
-        fuzz(operation.as_strategy(generation_mode=GenerationMode.POSITIVE, headers=auth))
-        if any(p.name != "Authorization" for p in operation.iter_parameters()):
-            fuzz(operation.as_strategy(generation_mode=GenerationMode.NEGATIVE, headers=auth))
+    api_fuzz.fuzz_operations(operations, auth, examples=10, timeout=20)
