@@ -50,20 +50,20 @@ class ClusterView:
 
     def _ask(self, method, path, query=None, nodes=None):
         """({name: body} of the nodes answering 200, missing, {name: (status, body)} of
-        the other answers, nodes)."""
+        the other answers)."""
         nodes = self.live_nodes() if nodes is None else nodes
         results, missing = self.peers.each(
             nodes, lambda node: self.peers.request(node, method, path, query))
         ok = {name: body for name, (status, body) in results.items() if status == 200}
         other = {name: answer for name, answer in results.items() if answer[0] != 200}
-        return ok, missing, other, nodes
+        return ok, missing, other
 
     # ---- the operations ---------------------------------------------------------------
 
     def nodes(self) -> dict:
         """The registered nodes, each asked /api/v1/health/live: whether it answers."""
         nodes = self.live_nodes()
-        _, missing, _, _ = self._ask("GET", API + "/health/live", nodes=nodes)
+        _, missing, _ = self._ask("GET", API + "/health/live", nodes=nodes)
         silent = {m["node"] for m in missing}
         listed = [dict(node.to_json(), answers=node.name not in silent) for node in nodes]
         return _with_missing({"nodes": listed}, missing)
@@ -71,7 +71,7 @@ class ClusterView:
     def summary(self, query=None) -> dict:
         """/api/v1/stats of every node: totals per state, per node, and qshape's table
         summed."""
-        answers, missing, other, _ = self._ask("GET", API + "/stats", query)
+        answers, missing, other = self._ask("GET", API + "/stats", query)
         _raise_refusal(other)
         merged = {"states": {}, "messages": 0, "bytes": 0, "bucket_minutes": None,
                   "total": None, "domains": {}, "nodes": {}}
@@ -104,7 +104,7 @@ class ClusterView:
         asked = dict(query, limit=str(limit))
         if cursor:
             asked["cursor"] = cursor
-        answers, missing, other, _ = self._ask("GET", API + "/queue", asked)
+        answers, missing, other = self._ask("GET", API + "/queue", asked)
         _raise_refusal(other)
         messages, more = [], False
         for name, answer in answers.items():
@@ -142,7 +142,7 @@ class ClusterView:
 
     def show(self, queue_id: str) -> dict:
         """The message in full, from the node that has it, tagged with that node."""
-        answers, missing, other, _ = self._ask("GET", "%s/queue/%s" % (API, queue_id))
+        answers, missing, other = self._ask("GET", "%s/queue/%s" % (API, queue_id))
         _raise_refusal(other, ignore=(404,))
         for name, message in sorted(answers.items()):
             return _with_missing(dict(message, node=name), missing)
@@ -150,7 +150,7 @@ class ClusterView:
 
     def act(self, queue_id: str, action: str) -> dict:
         """hold, release, flush or requeue one message on the node that has it."""
-        answers, missing, other, _ = self._ask(
+        answers, missing, other = self._ask(
             "POST", "%s/queue/%s/%s" % (API, queue_id, action))
         _raise_refusal(other, ignore=(404,))
         for name, result in sorted(answers.items()):
@@ -178,7 +178,7 @@ class ClusterView:
     def flush(self, query=None) -> dict:
         """POST /api/v1/queue/flush on every node: deferred mail (or the selection) due
         now; counts summed and per node."""
-        answers, missing, other, _ = self._ask("POST", API + "/queue/flush", query)
+        answers, missing, other = self._ask("POST", API + "/queue/flush", query)
         _raise_refusal(other)
         merged = {"flushed": 0, "outcomes": {}, "nodes": {}}
         for name in sorted(answers):
