@@ -38,8 +38,8 @@ def free_port(address="127.0.0.1"):
         return probe.getsockname()[1]
 
 
-def wait_for_greeting(port, process=None, timeout=30.0, name="server"):
-    """Wait until 127.0.0.1:port answers with a 220 greeting.
+def wait_for_greeting(port, process=None, timeout=30.0, name="server", address="127.0.0.1"):
+    """Wait until address:port answers with a 220 greeting.
 
     Raises RuntimeError when `timeout` passes or `process` (a Popen, if given) exits first,
     so a server that dies at start fails at once instead of after the timeout."""
@@ -49,7 +49,7 @@ def wait_for_greeting(port, process=None, timeout=30.0, name="server"):
             raise RuntimeError("%s exited with status %s before its greeting"
                                % (name, process.returncode))
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            with socket.create_connection((address, port), timeout=5) as conn:
                 if conn.recv(512).startswith(b"220"):
                     return
         except OSError:
@@ -106,6 +106,7 @@ class ElemtaServer:
             listener.setdefault("address", "127.0.0.1")
             listener.setdefault("port", free_port())
             self.ports.setdefault(listener["mode"], listener["port"])
+        self.address = listeners[0]["address"]        # where start() waits for the 220
         # One worker unless a test asks for more: kill -9 tests need no orphans on the port.
         # No /etc/mailname: the host's own must not change what tests see as the origin.
         config = {"smtpd": {"hostname": "mx.test", "workers": 1, "mailname_file": None},
@@ -150,7 +151,8 @@ class ElemtaServer:
             start_new_session=True)
         try:
             # The port is bound before the queue is reconciled; the 220 comes after.
-            wait_for_greeting(self.port, self.process, timeout, name="elemta")
+            wait_for_greeting(self.port, self.process, timeout, name="elemta",
+                              address=self.address)
         except RuntimeError as error:
             raise RuntimeError("%s:\n%s" % (error, self.log())) from None
         return self

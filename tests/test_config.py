@@ -263,6 +263,19 @@ ERROR_CASES = {
         '[[listeners]]\naddress = "::"\nport = 2525\n[[listeners]]\naddress = "0::0"\n'
         'port = 2525\n', 4,
         "listeners[1]", "0::0 port 2525 is already used by listeners[0]"),
+    "cluster node name with a space": (
+        "cluster:\n  node_name: mx 1\n", 2, '[cluster]\nnode_name = "mx 1"\n', 2,
+        "cluster.node_name", "must be 1 to 63 letters, digits, dots, hyphens or "
+                             "underscores"),
+    "cluster api_url with a path": (
+        "cluster:\n  api_url: http://10.0.0.2:8025/api/v1\n", 2,
+        '[cluster]\napi_url = "http://10.0.0.2:8025/api/v1"\n', 2,
+        "cluster.api_url", "must name only the api's scheme, host and port (no path)"),
+    # A live node would drop out of the cluster view between two of its heartbeats.
+    "cluster registration shorter than its heartbeat": (
+        "cluster:\n  heartbeat_interval: 10\n  node_ttl: 5\n", 3,
+        "[cluster]\nheartbeat_interval = 10\nnode_ttl = 5\n", 3,
+        "cluster.node_ttl", "must be longer than cluster.heartbeat_interval (10)"),
     "no listeners": (
         "listeners: []\n", 1, "listeners = []\n", 1,
         "listeners", "at least one listener is needed"),

@@ -17,6 +17,8 @@ needs the bearer token (elemta.api.auth) but /metrics and /api/v1/health*. Route
                                             (release?rescan=true: scan it again first)
     POST   /api/v1/queue/{id}/priority      {"priority": N}: set its priority
     GET    /api/v1/stats                    counts and bytes by state, domains by age
+    GET    /api/v1/cluster/...              every node of the cluster at once
+                                            (elemta.api.cluster_routes)
 
 See also elemta.api.auth, elemta.api.errors, elemta.api.queue_routes, elemta.api.openapi.
 """
@@ -26,7 +28,7 @@ import os
 
 import falcon
 
-from elemta.api import errors, openapi, queue_routes
+from elemta.api import cluster_routes, errors, openapi, queue_routes
 from elemta.api.auth import RequireBearer, load_token, warn_if_exposed
 from elemta.api.health import HealthResource, LiveResource, ReadyResource
 from elemta.api.monitoring import MetricsResource
@@ -50,9 +52,10 @@ class OpenAPIResource:
     on_head = on_get
 
 
-def create_app(config, access=None, master_pid=None) -> falcon.App:
+def create_app(config, access=None, master_pid=None, registry=None) -> falcon.App:
     """The WSGI application for config. access: the QueueAccess to share (default: new);
-    master_pid: the master whose children health reports (default: our parent)."""
+    master_pid: the master whose children health reports (default: our parent);
+    registry: the cluster's node Registry (elemta.api.registration), or None."""
     access = access or QueueAccess(config.queue)
     warn_if_exposed(config)
     app = falcon.App(middleware=[RequireBearer(load_token(config.api))])
@@ -77,4 +80,5 @@ def create_app(config, access=None, master_pid=None) -> falcon.App:
     app.add_route(PREFIX + "/queue/{queue_id}/priority",
                   queue_routes.MessagePriority(access))
     app.add_route(PREFIX + "/stats", queue_routes.Stats(access))
+    cluster_routes.add_routes(app, config, registry)
     return app

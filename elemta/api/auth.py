@@ -20,6 +20,8 @@ from typing import Optional
 
 import falcon
 
+from elemta.util.apitoken import read_token
+
 log = logging.getLogger("elemta.api")
 
 REALM = "elemta"
@@ -28,24 +30,14 @@ _CHALLENGE = 'Bearer realm="%s"' % REALM
 
 def load_token(api_config) -> Optional[bytes]:
     """The configured token as bytes, or None when no usable token is configured."""
-    if api_config.token_file:
-        try:
-            with open(api_config.token_file, "rb") as f:
-                token = f.readline().strip()
-        except OSError as exc:
-            log.error("api: cannot read api.token_file %s: %s; the REST API refuses every "
-                      "request", api_config.token_file, exc.strerror or exc)
-            return None
-        if not token:
-            log.error("api: api.token_file %s has an empty first line; the REST API "
-                      "refuses every request", api_config.token_file)
-            return None
-        return token
-    if api_config.token:
-        return api_config.token.encode("utf-8")
-    log.warning("api: no api.token or api.token_file: the REST API refuses every request "
-                "(only /metrics and /api/v1/health answer)")
-    return None
+    token, problem = read_token(api_config)
+    if token is None:
+        if api_config.token_file:
+            log.error("api: %s; the REST API refuses every request", problem)
+        else:
+            log.warning("api: %s: the REST API refuses every request (only /metrics and "
+                        "/api/v1/health answer)", problem)
+    return token
 
 
 def warn_if_exposed(config) -> None:

@@ -276,6 +276,145 @@ SCHEMAS = {
                                      "min_free_bytes": {"type": "integer"}}}}},
 }
 
+# ---- the cluster view (elemta.api.cluster_routes)
+
+MISSING = {"type": "array", "description": "The nodes that did not answer, and why; the "
+                                            "figures are those of the others.",
+           "items": {"type": "object", "required": ["node", "api_url", "error"],
+                     "properties": {"node": {"type": "string"},
+                                    "api_url": {"type": "string"},
+                                    "error": {"type": "string"}}}}
+COMPLETE = {"type": "boolean", "description": "True when every live node answered."}
+NODE = {"type": "string", "description": "The node (cluster.node_name) the message is on."}
+
+
+def _cluster(schema):
+    """schema with the members every cluster answer has: complete and missing."""
+    schema = copy.deepcopy(schema)
+    schema.setdefault("required", []).extend(["complete", "missing"])
+    schema.setdefault("properties", {}).update(complete=COMPLETE, missing=MISSING)
+    return schema
+
+
+def _tagged(name):
+    """A schema of SCHEMAS with the node member, answered by the cluster view."""
+    return _cluster({"allOf": [{"$ref": "#/components/schemas/" + name},
+                               {"type": "object", "required": ["node"],
+                                "properties": {"node": NODE}}]})
+
+
+STATE_FIGURES = {"type": "object", "description": "Messages and bytes per state.",
+                 "additionalProperties": {
+                     "type": "object", "required": ["messages", "bytes"],
+                     "properties": {"messages": {"type": "integer"},
+                                    "bytes": {"type": "integer"}}}}
+SCHEMAS.update({
+    "ClusterNodes": _cluster({
+        "type": "object", "required": ["nodes"],
+        "properties": {"nodes": {"type": "array", "items": {
+            "type": "object",
+            "required": ["name", "api_url", "version", "started", "last_heartbeat",
+                         "heartbeat_age", "answers"],
+            "properties": {
+                "name": {"type": "string"}, "api_url": {"type": "string"},
+                "version": {"type": "string"},
+                "started": {"type": "number", "description": "When its api process "
+                                                             "started (its clock)."},
+                "last_heartbeat": {"type": "number", "description": "Its last "
+                                   "registration, seconds since the epoch (the store's "
+                                   "clock)."},
+                "heartbeat_age": {"type": "number", "minimum": 0},
+                "answers": {"type": "boolean", "description": "Whether its REST API "
+                                                              "answered just now."}}}}}}),
+    "ClusterSummary": _cluster({
+        "type": "object",
+        "required": ["states", "messages", "bytes", "bucket_minutes", "total", "domains",
+                     "nodes"],
+        "properties": dict(SCHEMAS["Stats"]["properties"], nodes={
+            "type": "object", "description": "Per node: its states, messages and bytes.",
+            "additionalProperties": {
+                "type": "object", "required": ["states", "messages", "bytes"],
+                "properties": {"states": STATE_FIGURES, "messages": {"type": "integer"},
+                               "bytes": {"type": "integer"}}}})}),
+    "ClusterPage": _cluster({
+        "type": "object", "required": ["messages", "next_cursor"],
+        "properties": {
+            "messages": {"type": "array", "items": {"allOf": [
+                {"$ref": "#/components/schemas/Message"},
+                {"type": "object", "required": ["node"], "properties": {"node": NODE}}]}},
+            "next_cursor": SCHEMAS["MessagePage"]["properties"]["next_cursor"]}}),
+    "ClusterMessage": _tagged("MessageDetail"),
+    "ClusterActionResult": _tagged("ActionResult"),
+    "ClusterFlushResult": _cluster({
+        "type": "object", "required": ["flushed", "outcomes", "nodes"],
+        "properties": dict(SCHEMAS["FlushResult"]["properties"], nodes={
+            "type": "object", "description": "Per node: its own flush result.",
+            "additionalProperties": {"$ref": "#/components/schemas/FlushResult"}})}),
+})
+
+CLUSTER_ERRORS = dict(ERRORS, **{
+    "404": _error("This node is in no cluster (cluster.store is not set), or no node has "
+                  "this message."),
+    "503": _error("The cluster store cannot be reached (so the nodes are unknown), or no "
+                  "node that answered has the message while some did not answer."),
+})
+
+
+def _cluster_responses(description, schema_name):
+    responses = {"200": _json(description + " Nodes that did not answer are named in "
+                              "missing.", schema_name)}
+    responses.update(CLUSTER_ERRORS)
+    return responses
+
+
+def _cluster_action(verb, summary):
+    return {"post": {
+        "operationId": "cluster" + verb.capitalize() + "Message", "tags": ["cluster"],
+        "summary": summary + " on whichever node has it.",
+        "parameters": [ID_PARAMETER],
+        "responses": _cluster_responses("What was done, and on which node.",
+                                        "ClusterActionResult")}}
+
+
+CLUSTER_PATHS = {
+    "/api/v1/cluster/nodes": {"get": {
+        "operationId": "clusterNodes", "tags": ["cluster"],
+        "summary": "The live nodes (registered in the store within cluster.node_ttl) and "
+                   "whether each answers.",
+        "responses": _cluster_responses("The nodes.", "ClusterNodes")}},
+    "/api/v1/cluster/queue": {"get": {
+        "operationId": "clusterListQueue", "tags": ["cluster"],
+        "summary": "Every node's queued messages, in queue id (arrival) order, each "
+                   "tagged with its node (elemtactl --cluster queue list --json).",
+        "parameters": FILTER_PARAMETERS + PAGE_PARAMETERS,
+        "responses": _cluster_responses("A page of messages.", "ClusterPage")}},
+    "/api/v1/cluster/queue/summary": {"get": {
+        "operationId": "clusterQueueSummary", "tags": ["cluster"],
+        "summary": "Every node's /api/v1/stats summed, and per node (elemtactl --cluster "
+                   "queue summary --json).",
+        "parameters": FILTER_PARAMETERS,
+        "responses": _cluster_responses("The counts.", "ClusterSummary")}},
+    "/api/v1/cluster/queue/flush": {"post": {
+        "operationId": "clusterFlushQueue", "tags": ["cluster"],
+        "summary": "Make deferred messages due now on every node.",
+        "parameters": FILTER_PARAMETERS,
+        "responses": _cluster_responses("How many were flushed, and per node.",
+                                        "ClusterFlushResult")}},
+    "/api/v1/cluster/queue/{queue_id}": {"get": {
+        "operationId": "clusterShowMessage", "tags": ["cluster"],
+        "summary": "One message in full, from whichever node has it.",
+        "parameters": [ID_PARAMETER],
+        "responses": _cluster_responses("The message and its node.", "ClusterMessage")}},
+    "/api/v1/cluster/queue/{queue_id}/hold": _cluster_action("hold", "Put a message on "
+                                                                     "hold"),
+    "/api/v1/cluster/queue/{queue_id}/release": _cluster_action("release", "Take a message "
+                                                                           "off hold"),
+    "/api/v1/cluster/queue/{queue_id}/flush": _cluster_action("flush", "Make a deferred "
+                                                                       "message due now"),
+    "/api/v1/cluster/queue/{queue_id}/requeue": _cluster_action("requeue", "Start a "
+                                                                           "message over"),
+}
+
 DOCUMENT = {
     "openapi": "3.0.3",
     "info": {
@@ -287,11 +426,14 @@ DOCUMENT = {
             "`Authorization: Bearer <token>` (api.token_file or api.token). Listings are "
             "paginated with a cursor: pass `limit`, then the `next_cursor` of each page as "
             "`cursor` until it is null; messages come in arrival (queue id) order. Errors "
-            "are {\"error\": \"...\"}. /metrics (Prometheus) is served beside it."),
+            "are {\"error\": \"...\"}. /metrics (Prometheus) is served beside it. With "
+            "cluster.store set, /api/v1/cluster/... asks every live node of the cluster "
+            "through its own API and merges the answers, naming the nodes that did not "
+            "answer."),
     },
     "servers": [{"url": "/"}],
     "security": [{"bearer": []}],
-    "tags": [{"name": "queue"}, {"name": "service"}],
+    "tags": [{"name": "queue"}, {"name": "service"}, {"name": "cluster"}],
     "paths": {
         "/api/v1/queue": {"get": {
             "operationId": "listQueue", "tags": ["queue"],
@@ -379,6 +521,7 @@ DOCUMENT = {
             "responses": _responses({"description": "The OpenAPI document.",
                                      "content": {"application/json": {
                                          "schema": {"type": "object"}}}})}},
+        **CLUSTER_PATHS,
     },
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",

@@ -1,9 +1,10 @@
 """The api process's main: the WSGI app served by gevent.pywsgi on api.address:api.port.
 
 Owned by the `elemta: api` child the master forks. The application (elemta.api.app) is the
-REST API under /api/v1 and /metrics for Prometheus. Its life cycle is every child's
-(elemta.util.child): SIGTERM stops it after the requests in progress, which get
-master.stop_grace (APIServer: a keep-alive connection idle between two requests is
+REST API under /api/v1 and /metrics for Prometheus; with cluster.store set, it also
+registers the node in the cluster view (elemta.api.registration). Its life cycle is
+every child's (elemta.util.child): SIGTERM stops it after the requests in progress,
+which get master.stop_grace (APIServer: a keep-alive connection idle between two requests is
 closed at once, as a client must expect, RFC 9112 section 9.3.1), SIGQUIT at once,
 SIGUSR1 reopens the log file, a heartbeat on the scoreboard, and it stops on its own
 when its master is gone. A port it cannot listen on
@@ -19,16 +20,17 @@ import socket
 from gevent.pool import Pool
 from gevent.pywsgi import LoggingLogAdapter, WSGIServer
 
+from elemta.api import registration
 from elemta.api.handler import Handler
 from elemta.util.child import BootError, GeventChild
 
 log = logging.getLogger("elemta.api")
 
 
-def make_app(config, master_pid=None):
+def make_app(config, master_pid=None, registry=None):
     """The WSGI application (elemta.api.app): the REST API and /metrics for config."""
     from elemta.api.app import create_app
-    return create_app(config, master_pid=master_pid)
+    return create_app(config, master_pid=master_pid, registry=registry)
 
 
 class APIChild(GeventChild):
@@ -39,9 +41,16 @@ class APIChild(GeventChild):
     def __init__(self, config, slot, scoreboard, master_pid):
         super().__init__(config, slot, scoreboard, master_pid)
         self.server = None
+        self.registry = None            # the cluster's node registry, if any
+        self.heartbeat = None           # this node's registration in it
 
     def boot(self):
         api = self.config.api
+        try:
+            self.registry = registration.open_registry(self.config)
+        except OSError as exc:
+            raise BootError("cluster.password_file: cannot read %s: %s" % (
+                self.config.cluster.password_file, exc.strerror or exc)) from None
         try:
             sock = listen(api.address, api.port)
         except OSError as exc:
@@ -51,14 +60,20 @@ class APIChild(GeventChild):
         # (Falcon answers and logs the application's own errors). The handler bounds how
         # long a client may take to send a request (a slow-loris would otherwise hold
         # connections for ever) and refuses ambiguous framing.
-        self.server = APIServer(sock, make_app(self.config, self.master_pid), log=None,
+        self.server = APIServer(sock, make_app(self.config, self.master_pid, self.registry),
+                                log=None,
                                 error_log=LoggingLogAdapter(log, logging.WARNING),
                                 handler_class=Handler.with_timeout(api.read_timeout))
         self.server.start()
         log.info("api listening on %s port %d", *self.server.address[:2])
+        self.heartbeat = registration.start(self.config, self.registry)
 
     def shut_down(self):
+        if self.heartbeat is not None:
+            self.heartbeat.close()
         self.server.stop(timeout=self.grace)
+        if self.registry is not None:
+            self.registry.close()
 
 
 class APIServer(WSGIServer):

@@ -4,7 +4,8 @@ Runs as its own short-lived process (owned by no daemon). It manages the SMTP
 AUTH users (`user add/passwd/del/list`), checks, shows and changes the
 configuration (`config check`; `config show/get/set`, in elemta.cli.configcmd),
 makes DKIM signing keys (`dkim keygen`), lists and changes the queue
-(`queue ...`, in elemta.cli.queuecmd), compiles and queries lookup tables (`map
+(`queue ...`, in elemta.cli.queuecmd; `--cluster queue ...` on every node of a
+cluster, in elemta.cli.clustercmd), compiles and queries lookup tables (`map
 compile/query`, in elemta.cli.mapcmd) and asks a running master for its status,
 a reload or a stop (`status`, `reload`, `stop`, in elemta.cli.control), and lists
 certificates or forces an ACME renewal (`cert status/renew`, in elemta.cli.certcmd).
@@ -377,12 +378,17 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog="Exit status: 0 success, 1 config errors (config check) or key not "
                             "found (map query), "
                             "64 usage, 65 bad password or damaged spool file, 66 no input "
-                            "file or queue, 67 no such user or message, 73 cannot create "
+                            "file or queue, 67 no such user or message, 69 (--cluster) "
+                            "a node did not answer, 73 cannot create "
                             "(or user or key exists), 74 queue I/O "
                             "error, 75 try again later, 77 permission denied, 78 bad "
                             "configuration.")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="Elemta configuration file (YAML or TOML)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="queue summary, list, show, hold, release and flush act on "
+                             "every live node of the cluster (cluster.store) through "
+                             "their REST APIs")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
@@ -475,6 +481,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("elemta").setLevel(logging.WARNING)
     try:
         args = build_parser().parse_args(argv)
+        if args.cluster and args.command != "queue":
+            raise Failure(EX_USAGE, "--cluster goes with the queue commands only, not %s"
+                          % args.command)
         return args.handler(args)
     except Failure as failure:
         print("%s: %s" % (PROG, failure), file=sys.stderr)

@@ -783,7 +783,8 @@ def add_queue_commands(commands, parser_class, parents: List[argparse.ArgumentPa
 
     def add(name, handler, summary):
         sub = actions.add_parser(name, parents=parents, help=summary, description=summary)
-        sub.set_defaults(handler=lambda args: run(handler, args))
+        sub.set_defaults(handler=lambda args: run(_on_cluster(name) if getattr(
+            args, "cluster", False) else handler, args))
         return sub
 
     listing = add("list", cmd_list, "list the queue as mailq does (or --json)")
@@ -839,6 +840,14 @@ def add_queue_commands(commands, parser_class, parents: List[argparse.ArgumentPa
     summary.add_argument("--json", action="store_true", help="one JSON object")
 
     add("reindex", cmd_reindex, "rebuild the index from the spool files")
+
+
+def _on_cluster(name: str) -> Callable:
+    """The handler of `elemtactl --cluster queue NAME` (elemta.cli.clustercmd)."""
+    def handler(args):
+        from elemta.cli import clustercmd
+        return clustercmd.run(name, args)
+    return handler
 
 
 # ---------------------------------------------------------------- mailq

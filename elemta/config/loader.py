@@ -475,11 +475,23 @@ class _Checker:
                 first_on[endpoint] = index
 
         self.check_acme(config)
+        self.check_cluster(config)
         self.check_delivery(config)
         self.check_priority_rules(config)
         self.check_address_classes(config)
         self.check_plugins(config.plugins)
         self.check_tables(config)
+
+    def check_cluster(self, config: Config) -> None:
+        """A registration must outlive the time to the next one, or a live node would
+        keep dropping out of the cluster view."""
+        cluster = config.cluster
+        if cluster.node_ttl <= cluster.heartbeat_interval:
+            self.refuse_across(("cluster", "node_ttl"), "must be longer than "
+                               "cluster.heartbeat_interval (%g), or a running node drops "
+                               "out of the cluster view between two heartbeats"
+                               % cluster.heartbeat_interval,
+                               [("cluster", "heartbeat_interval")])
 
     def check_priority_rules(self, config: Config) -> None:
         """A rule's listener must be one of the listeners (or sendmail): a typo would

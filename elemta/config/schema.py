@@ -999,6 +999,34 @@ def _store_url(value):
     return None
 
 
+# A node's name in the cluster view: what elemtactl --cluster prints and the store keys.
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def _node_name(value):
+    if value is None or _NODE_NAME.match(value):
+        return None
+    return ("must be 1 to 63 letters, digits, dots, hyphens or underscores, starting "
+            "with a letter or digit, not %r" % (value,))
+
+
+def _api_url(value):
+    if value is None:
+        return None
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(value)
+        parts.port                      # a port that is not a number raises
+    except ValueError as error:
+        return "is not a URL (%s): %r" % (error, value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL naming a host, not %r" % (value,)
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        return ("must name only the api's scheme, host and port (no path): %r"
+                % (value,))
+    return None
+
+
 @dataclass(frozen=True)
 class ClusterSettings:
     """State shared by several Elemta nodes that form one mail system: greylisting
@@ -1028,6 +1056,28 @@ class ClusterSettings:
                  "this node alone) or tempfail (refuse what the check guards with 451 "
                  "4.3.0: 421 at connect, 454 4.7.0 to AUTH). The DNSBL cache always falls back to the local "
                  "cache. Logged once per outage.", _one_of(STORE_FAILURE_POLICIES))
+    node_name: Optional[str] = opt(
+        None, "This node's name in the cluster view (elemtactl --cluster, "
+              "/api/v1/cluster/...). Unset: the host name. Two nodes must never share "
+              "one. Postfix has no equivalent.", _node_name)
+    api_url: Optional[str] = opt(
+        None, "Where the other nodes reach this node's REST API, e.g. "
+              "http://10.0.0.2:8025. Unset: http://api.address:api.port (with the host "
+              "name when api.address is a wildcard). The api must listen where the other "
+              "nodes can reach it, and every node must have the same api token. Postfix "
+              "has no equivalent.", _api_url)
+    heartbeat_interval: float = opt(
+        5.0, "Seconds between two registrations of this node in the store by its api "
+             "process. Postfix has no equivalent.", _positive)
+    node_ttl: float = opt(
+        15.0, "Seconds a registration lasts: a node whose api stopped registering drops "
+              "out of the cluster view this long after its last heartbeat; meanwhile it "
+              "is named as not answering. Keep it a few heartbeat_intervals. Postfix has no "
+              "equivalent.", _positive)
+    api_timeout: float = opt(
+        5.0, "Seconds the cluster view waits for each node's REST API to answer; a node "
+             "slower than that is named as not answering. Postfix has no equivalent.",
+        _positive)
 
 
 @dataclass(frozen=True)

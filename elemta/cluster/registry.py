@@ -1,0 +1,94 @@
+"""The live nodes of the cluster, registered in the shared Valkey/Redis store.
+
+Used by the api process, whose heartbeat (elemta.api.registration) calls register()
+every cluster.heartbeat_interval, and by whoever shows the cluster view (nodes()).
+All nodes live in one HASH, prefix + "nodes": field = node name, value = JSON
+{name, api_url, version, started, heartbeat, expires}. heartbeat and expires are the store's
+clock (TIME), so nodes whose clocks differ still agree on who is alive; nodes() leaves
+out (and deletes) the entries whose lifetime (cluster.node_ttl) has passed. One key,
+so a Valkey Cluster keeps it in one slot; each operation is one Lua script.
+
+The calls block on their socket (the client of elemta.sharedstate.redisstore.connect,
+with cluster.timeout): the api process runs them in a thread.
+See also: elemta.cluster.identity, elemta.cluster.peers.
+"""
+
+import json
+from dataclasses import dataclass
+from typing import List
+
+# ARGV: name, the node's JSON, lifetime in seconds. Returns the store's time.
+_REGISTER = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local node = cjson.decode(ARGV[2])
+node['heartbeat'] = now
+node['expires'] = now + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(node))
+return tostring(now)
+"""
+
+# Returns {the store's time, {JSON of each live node}}; forgets the dead ones.
+_NODES = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local all = redis.call('HGETALL', KEYS[1])
+local live = {}
+for i = 1, #all, 2 do
+  local ok, node = pcall(cjson.decode, all[i + 1])
+  if ok and type(node) == 'table' and tonumber(node['expires'] or 0) > now then
+    table.insert(live, all[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return {tostring(now), live}
+"""
+
+
+@dataclass(frozen=True)
+class Node:
+    """One registered node as the view shows it."""
+    name: str
+    api_url: str
+    version: str
+    started: float              # when its api process started (its own clock)
+    heartbeat: float            # its last registration (the store's clock)
+    age: float                  # seconds since then (the store's clock)
+
+    def to_json(self):
+        return {"name": self.name, "api_url": self.api_url, "version": self.version,
+                "started": self.started, "last_heartbeat": self.heartbeat,
+                "heartbeat_age": round(self.age, 3)}
+
+
+class Registry:
+    def __init__(self, client, prefix):
+        self.client = client
+        self.key = (prefix.encode("utf-8") if isinstance(prefix, str) else prefix) \
+            + b"nodes"
+        self._register = client.register_script(_REGISTER)
+        self._nodes = client.register_script(_NODES)
+
+    def register(self, name, api_url, version, started, ttl):
+        """Say that node `name` lives, for `ttl` seconds from now."""
+        record = json.dumps({"name": name, "api_url": api_url, "version": version,
+                             "started": started})
+        self._register(keys=[self.key], args=[name, record, ttl])
+
+    def nodes(self) -> List[Node]:
+        """The live nodes, by name."""
+        now, live = self._nodes(keys=[self.key])
+        now = float(now)
+        found = []
+        for raw in live:
+            data = json.loads(raw)
+            found.append(Node(name=str(data["name"]), api_url=str(data["api_url"]),
+                              version=str(data.get("version", "")),
+                              started=float(data.get("started", 0)),
+                              heartbeat=float(data["heartbeat"]),
+                              age=max(0.0, now - float(data["heartbeat"]))))
+        return sorted(found, key=lambda node: node.name)
+
+    def close(self):
+        self.client.close()
