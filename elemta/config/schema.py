@@ -912,11 +912,10 @@ class DeliverySettings:
               "a domain that publishes one in enforce mode gets its mail only from MX "
               "hosts its policy names, over TLS with a certificate valid for the MX host "
               "(else the mail is deferred); in testing mode such failures are only "
-              "logged. On by default, as in maddy and Exim's and Postfix's common "
-              "add-ons: it defers mail only where the domain's owner asked for it, and a "
-              "policy that cannot be had means plain delivery as without it. Postfix "
-              "has it only through an add-on (postfix-mta-sts-resolver in "
-              "smtp_tls_policy_maps).")
+              "logged. On by default, as in maddy: it defers mail only where the domain's "
+              "owner asked for that, and a policy that cannot be had means delivery as "
+              "without MTA-STS. Postfix has it only through an add-on "
+              "(postfix-mta-sts-resolver in smtp_tls_policy_maps).")
     mta_sts_ca_file: Optional[str] = opt(
         None, "PEM CA certificates that MTA-STS trusts, for the policy servers' HTTPS "
               "and the MX hosts' STARTTLS alike; unset: the system's store (the web's "

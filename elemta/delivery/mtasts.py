@@ -55,9 +55,10 @@ FETCH_RETRY = 300.0
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 # RFC 8461 3.1: sts-id = 1*32(ALPHA / DIGIT).
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
-# A domain as normal_domain spells it: only such are file names in the cache.
+# A host name as normal_domain spells it: only such a domain is looked up, put in a
+# request's Host field or made a cache file's name.
 _LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
-_CACHE_NAME = re.compile(r"^%s(?:\.%s)*$" % (_LABEL, _LABEL))
+_HOST_NAME = re.compile(r"^%s(?:\.%s)*$" % (_LABEL, _LABEL))
 
 
 class STSPolicyError(Exception):
@@ -84,8 +85,8 @@ class STSPolicy:
         return any(mx_matches(pattern, host) for pattern in self.mx)
 
     def describe(self):
-        return "mode %s, id %s, max_age %d, mx %s" % (self.mode, self.policy_id, self.max_age,
-                                                      " ".join(self.mx) or "(none)")
+        return "mode %s, id %s, max_age %d, mx %s" % (
+            self.mode, self.policy_id, self.max_age, " ".join(self.mx) or "(none)")
 
 
 def mx_matches(pattern, host):
@@ -126,7 +127,8 @@ def parse_policy(text, domain, policy_id, fetched):
             continue
         key, colon, value = line.partition(":")
         if not colon:
-            raise STSPolicyError("line %d is not \"key: value\": %r" % (number, line[:80]))
+            raise STSPolicyError("line %d is not \"key: value\": %r"
+                                 % (number, line[:80]))
         key, value = key.strip(), value.strip()
         if key == "mx":
             mx.append(value)
@@ -142,8 +144,8 @@ def parse_policy(text, domain, policy_id, fetched):
         raise STSPolicyError("max_age is %r, not a number of seconds" % max_age)
     if mode != NONE and not mx:
         raise STSPolicyError("mode %s with no mx line" % mode)
-    return STSPolicy(domain, policy_id, mode, tuple(mx), min(int(max_age), MAX_AGE_LIMIT),
-                  fetched)
+    return STSPolicy(domain, policy_id, mode, tuple(mx),
+                     min(int(max_age), MAX_AGE_LIMIT), fetched)
 
 
 class PolicyCache:
@@ -184,7 +186,7 @@ class PolicyCache:
                         self.directory, error)
 
     def _path(self, domain):
-        if not _CACHE_NAME.match(domain):
+        if not _HOST_NAME.match(domain):
             return None
         return os.path.join(self.directory, domain)
 
@@ -241,14 +243,15 @@ class PolicyFetcher:
             if response.status != 200:
                 # RFC 8461 3.3: redirects are not followed; only 200 is a policy.
                 raise STSPolicyError("%s answered %d %s" % (where, response.status,
-                                                          response.reason))
+                                                             response.reason))
             media_type = (response.getheader("Content-Type") or "").split(";")[0]
             if media_type.strip().lower() != "text/plain":
-                raise STSPolicyError("%s is %s, not text/plain" % (where, media_type or
-                                                                 "of no media type"))
+                raise STSPolicyError("%s is %s, not text/plain"
+                                     % (where, media_type or "of no media type"))
             body = response.read(MAX_POLICY_BYTES + 1)
             if len(body) > MAX_POLICY_BYTES:
-                raise STSPolicyError("%s is larger than %d bytes" % (where, MAX_POLICY_BYTES))
+                raise STSPolicyError("%s is larger than %d bytes"
+                                     % (where, MAX_POLICY_BYTES))
             return body
         except gevent.Timeout as expired:
             if expired is not timer:
@@ -259,8 +262,8 @@ class PolicyFetcher:
                                                                        None) or error
             raise STSPolicyError("%s: TLS failed: %s" % (where, reason))
         except (OSError, http.client.HTTPException, ValueError) as error:
-            raise STSPolicyError("%s: %s" % (where, getattr(error, "strerror", None) or error
-                                          or type(error).__name__))
+            raise STSPolicyError("%s: %s" % (where, getattr(error, "strerror", None)
+                                             or error or type(error).__name__))
         finally:
             timer.close()
             if sock is not None:
@@ -280,6 +283,8 @@ class MTASTS:
     def policy_for(self, domain):
         # type: (str) -> Optional[STSPolicy]
         """The domain's policy (any mode), or None when it has none in force."""
+        if not _HOST_NAME.match(domain):
+            return None     # an address literal, or nothing a policy could be for
         now = self.clock()
         cached = self.cache.get(domain)
         if cached is not None and cached.expires <= now:

@@ -82,9 +82,9 @@ class SMTPTransport:
         self.mta_sts = None
         if resolver is not None:
             cache = PolicyCache(os.path.join(config.queue.spool_dir, MTA_STS_DIRECTORY))
-            self.mta_sts = MTASTS(
-                resolver, cache, PolicyFetcher(resolver, delivery.mta_sts_ca_file, delivery.mta_sts_port,
-                              delivery.mta_sts_timeout))
+            fetcher = PolicyFetcher(resolver, delivery.mta_sts_ca_file,
+                                    delivery.mta_sts_port, delivery.mta_sts_timeout)
+            self.mta_sts = MTASTS(resolver, cache, fetcher)
         self.connections = ConnectionCache()
         self.mx_port = config.delivery.mx_port
         self.sasl_require_tls = config.delivery.sasl_require_tls
