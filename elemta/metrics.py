@@ -454,6 +454,19 @@ def _make():
             "elemta_cluster_store_fallbacks", "Checks made without the shared state store, "
             "by check (ratelimit, greylist, auth, dnsbl) and what they did instead "
             "(local, tempfail).", ("check", "policy")),
+        # the ACME client (elemta.acme.worker, in the acme process)
+        ACME_RENEWALS=counter(
+            "elemta_acme_renewals", "ACME orders of a certificate (first issue or "
+            "renewal), by certificate (its acme.certificates name) and result (success, "
+            "failure).", ("certificate", "result")),
+        ACME_LAST_RENEWAL_SUCCESS=Gauge(
+            "elemta_acme_last_renewal_success", "1 if the latest ACME order of a "
+            "certificate succeeded, 0 if it failed (set at each attempt).",
+            ("certificate",), multiprocess_mode="livemax", registry=registry),
+        ACME_LAST_RENEWAL_ATTEMPT=Gauge(
+            "elemta_acme_last_renewal_attempt_timestamp_seconds", "When the latest ACME "
+            "order of a certificate ended, as a Unix time.",
+            ("certificate",), multiprocess_mode="livemax", registry=registry),
         # master
         WORKER_RESTARTS=counter(
             "elemta_worker_restarts", "Children the master replaced, by kind (smtpd, "

@@ -6,11 +6,13 @@ resolve through NSD: mail and smtp to 127.0.0.1, where the responder listens; de
 
 import json
 import os
+import re
 import signal
 import smtplib
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -19,6 +21,7 @@ import pytest
 from tests.harness import REPO, ElemtaServer, free_port, wait_for
 from tests.peers.nsd import NSDInstance, nsd_available
 from tests.peers.pebble import PebbleInstance, pebble_available
+from tests.test_metrics import scrape, value
 
 pytestmark = pytest.mark.skipif(bool(nsd_available() or pebble_available()),
                                 reason=nsd_available() or pebble_available() or "")
@@ -31,16 +34,26 @@ dead A 127.0.0.9
 NAMES = ["mail.acme.test", "smtp.acme.test"]
 
 
-@pytest.fixture(scope="module")
-def pebble(tmp_path_factory):
+def pebble_and_nsd(tmp_path_factory, validity=None):
     workdir = tmp_path_factory.mktemp("acme-peers")
     http_port = free_port()
     with NSDInstance(workdir / "nsd", {"acme.test": ZONE}) as dns:
-        with PebbleInstance(workdir / "pebble", http_port, dns.port) as server:
+        with PebbleInstance(workdir / "pebble", http_port, dns.port, validity) as server:
             root = workdir / "pebble-root.pem"
             root.write_bytes(server.issuer_root())
             server.root_file = str(root)
             yield server
+
+
+@pytest.fixture(scope="module")
+def pebble(tmp_path_factory):
+    yield from pebble_and_nsd(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def short_pebble(tmp_path_factory):
+    """A pebble whose certificates are valid for 10 days."""
+    yield from pebble_and_nsd(tmp_path_factory, validity=10 * 86400)
 
 
 def start_elemta(tmp_path, pebble, names=NAMES, **acme):
@@ -53,6 +66,17 @@ def start_elemta(tmp_path, pebble, names=NAMES, **acme):
     settings.update(acme)
     server = ElemtaServer(tmp_path / "elemta", {"tls": {"acme": "mail"}, "acme": settings})
     return server.start()
+
+
+def renewal_metrics(server):
+    """The acme metrics the api process serves: ({result: orders}, last success)."""
+    with open(server.config_path) as f:
+        api_port = int(re.search(r"api:\n\s+port: (\d+)", f.read()).group(1))
+    samples, _ = scrape(api_port)
+    orders = {result: value(samples, "elemta_acme_renewals_total", certificate="mail",
+                            result=result) for result in ("success", "failure")}
+    return orders, samples.get(("elemta_acme_last_renewal_success",
+                                (("certificate", "mail"),)))
 
 
 def installed(server):
@@ -189,6 +213,29 @@ def test_a_failed_challenge_is_logged_and_retried_while_the_old_certificate_serv
             client, serial = starttls(server.port, pebble, name)
             client.quit()
             assert serial == old_serial
+        # Prometheus sees the failures, and that the latest order failed.
+        orders, last_success = renewal_metrics(server)
+        assert orders["success"] == 1 and orders["failure"] >= 2, orders
+        assert last_success == 0
+    finally:
+        server.stop()
+
+
+def test_a_certificate_near_expiry_is_warned_of_once_per_threshold(tmp_path, short_pebble):
+    """A 10-day certificate is within 14 days of expiry from the start: one warning,
+    however often the acme process looks (check_interval 0.2 s); its renewal, at two
+    thirds of its lifetime, is still ahead."""
+    server = start_elemta(tmp_path, short_pebble, check_interval=0.2)
+    try:
+        wait_for(lambda: installed(server) == 1, timeout=60)
+        warning = re.compile(r"warning: acme: certificate mail for mail.acme.test, "
+                             r"smtp.acme.test expires in (9\.\d|10\.0) days \(\d{4}-.* "
+                             r"UTC\); its renewal is due \d{4}-")
+        wait_for(lambda: warning.search(server.log()), timeout=10)
+        time.sleep(1.5)             # several more looks at the certificate
+        assert len(warning.findall(server.log())) == 1, server.log()
+        orders, last_success = renewal_metrics(server)
+        assert orders == {"success": 1, "failure": 0} and last_success == 1
     finally:
         server.stop()
 

@@ -2,7 +2,7 @@
 names change, at two thirds of its lifetime, and after a failure only once its backoff,
 doubling up to its bound, has run out."""
 
-from elemta.acme.schedule import Backoff, renewal_reason
+from elemta.acme.schedule import Backoff, ExpiryWarnings, renewal_reason
 from elemta.certs.store import CertificateInfo
 from elemta.config.schema import ACMECertificate, ACMESettings
 
@@ -41,3 +41,20 @@ def test_failures_back_off_doubling_up_to_the_bound_and_a_success_resets():
     assert backoff.ready("other", 0)
     backoff.succeeded("mail")
     assert backoff.ready("mail", 901) and backoff.next_try() is None
+
+
+def test_expiry_is_warned_of_once_at_14_days_and_once_at_3_days():
+    warnings, expiry = ExpiryWarnings(), 100 * DAY
+    looks = [expiry - days * DAY for days in (20, 14.5, 14, 13, 5, 3.5, 3, 2, 0.5, -1)]
+    assert [warnings.due("mail", expiry, now) for now in looks] == \
+        [None, None, 14 * DAY, None, None, None, 3 * DAY, None, None, None]
+
+
+def test_a_renewed_certificate_is_warned_of_again_when_its_own_time_comes():
+    warnings = ExpiryWarnings()
+    assert warnings.due("mail", 100 * DAY, 98 * DAY) == 3 * DAY
+    # Renewed: 90 days ahead, nothing to say, until the new one nears its expiry.
+    assert warnings.due("mail", 188 * DAY, 98 * DAY) is None
+    assert warnings.due("mail", 188 * DAY, 175 * DAY) == 14 * DAY
+    # Another certificate keeps its own count.
+    assert warnings.due("other", 100 * DAY, 98 * DAY) == 3 * DAY

@@ -6,7 +6,9 @@ Runs as master.user, forked by the master (the "acme" row of elemta.services). A
 runs in a pool thread (the acme library blocks), so the heartbeat goes on meanwhile.
 A failure is logged with the ACME server's reason and retried with backoff; the
 certificate in use stays until a new one has been installed. SIGUSR2 (elemtactl cert
-renew) orders every certificate now, due or not.
+renew) orders every certificate now, due or not. Each order's result is counted
+(elemta_acme_renewals_total, elemta_acme_last_renewal_success); a certificate 14 and
+then 3 days from expiry is warned of in the log, once each (ExpiryWarnings).
 See also: elemta.acme.client, elemta.acme.http01 (who answers the challenges).
 """
 
@@ -16,8 +18,9 @@ import time
 import gevent
 from gevent.event import Event
 
+from elemta import metrics
 from elemta.acme.client import OrderFailed, obtain
-from elemta.acme.schedule import Backoff, renewal_reason
+from elemta.acme.schedule import Backoff, ExpiryWarnings, renewal_reason
 from elemta.certs.store import Store
 from elemta.util.child import BootError, GeventChild
 from elemta.util.threads import in_thread
@@ -33,6 +36,7 @@ class ACMEChild(GeventChild):
         self.settings = config.acme
         self.store = Store(self.settings.state_directory)
         self.backoff = Backoff(self.settings.retry_delay, self.settings.retry_delay_max)
+        self.expiry_warnings = ExpiryWarnings()
         self.wake = Event()
         self.forced = False
 
@@ -63,6 +67,7 @@ class ACMEChild(GeventChild):
                 if self.stopping.is_set():
                     break
                 self.consider(certificate, forced)
+                self.warn_of_expiry(certificate)
             self.wake.clear()
             self.wake.wait(self.sleep_time())
 
@@ -72,6 +77,29 @@ class ACMEChild(GeventChild):
         if retry is not None:
             interval = min(interval, max(0.0, retry - time.time()))
         return interval
+
+    def warn_of_expiry(self, certificate):
+        """A warning when the certificate in use comes within 14, then 3 days of its
+        expiry (its renewal has not succeeded by then)."""
+        info = self.store.certificate(certificate.name)
+        if info is None:
+            return
+        now = time.time()
+        if self.expiry_warnings.due(certificate.name, info.not_after, now) is None:
+            return
+        left = info.not_after - now
+        renewal = info.renewal_time(self.settings.renew_at)
+        self.log.warning("acme: certificate %s for %s %s (%s); %s", certificate.name,
+                         ", ".join(info.names), "expires in %.1f days" % (left / 86400)
+                         if left > 0 else "has expired", _when(info.not_after),
+                         "its renewal, due since %s, has not succeeded yet" % _when(renewal)
+                         if renewal <= now else "its renewal is due %s" % _when(renewal))
+
+    def count(self, certificate, result):
+        metrics.ACME_RENEWALS.labels(certificate.name, result).inc()
+        metrics.ACME_LAST_RENEWAL_SUCCESS.labels(certificate.name).set(
+            1 if result == "success" else 0)
+        metrics.ACME_LAST_RENEWAL_ATTEMPT.labels(certificate.name).set(time.time())
 
     def consider(self, certificate, forced):
         now = time.time()
@@ -90,6 +118,7 @@ class ACMEChild(GeventChild):
                                            list(certificate.domains))
             self.store.save_certificate(certificate.name, key_pem, chain_pem)
         except (OrderFailed, OSError) as exc:
+            self.count(certificate, "failure")
             failures, delay = self.backoff.failed(certificate.name, time.time())
             kept = ("the certificate in use (serial %s, valid until %s) stays"
                     % (info.serial, _when(info.not_after)) if info is not None
@@ -98,6 +127,7 @@ class ACMEChild(GeventChild):
                            "row, next attempt in %ds", certificate.name, names,
                            getattr(exc, "strerror", None) or exc, kept, failures, delay)
             return
+        self.count(certificate, "success")
         self.backoff.succeeded(certificate.name)
         new = self.store.certificate(certificate.name)
         self.log.info("acme: certificate %s for %s installed: serial %s, issuer %s, valid "

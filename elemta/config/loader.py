@@ -633,7 +633,8 @@ class _Checker:
 def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
     """Every file a worker opens as master.user, with the key that names it: the TLS
     certificate and key, the AUTH credentials (backend file), the DKIM and ARC signing keys in use, the
-    api's token file, the next hops' SASL passwords and the ACME server's CA file."""
+    api's token file, the next hops' SASL passwords, the ACME server's CA file and the
+    CAs MTA-STS trusts."""
     tls, plugins, api = config.tls, config.plugins, config.api
     files: List[Tuple[KeyPath, Optional[str]]] = [
         (("tls", "cert_file"), tls.cert_file), (("tls", "key_file"), tls.key_file),
@@ -650,6 +651,9 @@ def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
     files.append((("delivery", "sasl_password_file"), config.delivery.sasl_password_file))
     if config.acme.enabled:
         files.append((("acme", "ca_file"), config.acme.ca_file))
+    if config.delivery.mta_sts or any(entry.level == "mta-sts"
+                                      for entry in config.delivery.tls_policy):
+        files.append((("delivery", "mta_sts_ca_file"), config.delivery.mta_sts_ca_file))
     files += table_files(config)
     return [(path, name) for path, name in files if name]
 

@@ -49,6 +49,8 @@ SYSLOG_FACILITIES = ("mail", "daemon", "local0", "local1", "local2", "local3", "
                      "local5", "local6", "local7")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 DELIVERY_TLS_LEVELS = ("none", "may", "encrypt", "verify", "secure")
+# A tls_policy entry may also hand its domain to MTA-STS (RFC 8461).
+TLS_POLICY_LEVELS = DELIVERY_TLS_LEVELS + ("mta-sts",)
 AUTH_BACKENDS = ("file", "dovecot")
 SENDER_LOGIN_RULES = ("authenticated", "all", "none")
 # What a failed protocol test does (Postfix's postscreen_*_action).
@@ -814,8 +816,10 @@ class TLSPolicyEntry:
     """A STARTTLS level for one destination, overriding delivery.tls_level."""
     domain: str = opt("", "Recipient domain or next-hop host (exact, or \".example.org\" "
                           "for every subdomain).", _transport_domain)
-    level: str = opt("may", "none, may, encrypt, verify or secure, as tls_level.",
-                     _one_of(DELIVERY_TLS_LEVELS))
+    level: str = opt("may", "none, may, encrypt, verify or secure, as tls_level; or "
+                            "mta-sts: the domain's MTA-STS policy decides, even with "
+                            "delivery.mta_sts off (tls_level when it publishes none).",
+                     _one_of(TLS_POLICY_LEVELS))
 
 
 @dataclass(frozen=True)
@@ -901,7 +905,26 @@ class DeliverySettings:
     tls_policy: Tuple[TLSPolicyEntry, ...] = opt(
         (), "Per-destination STARTTLS levels, as Postfix's smtp_tls_policy_maps: a list of "
             "{domain, level} entries matched against the recipient domain (MX delivery) or "
-            "the next-hop host (relay host, transport map, LMTP).")
+            "the next-hop host (relay host, transport map, LMTP). An entry with a level "
+            "other than mta-sts wins over the domain's MTA-STS policy.")
+    mta_sts: bool = opt(
+        True, "Honour the MTA-STS policies (RFC 8461) of the domains mail goes to by MX: "
+              "a domain that publishes one in enforce mode gets its mail only from MX "
+              "hosts its policy names, over TLS with a certificate valid for the MX host "
+              "(else the mail is deferred); in testing mode such failures are only "
+              "logged. On by default, as in maddy: it defers mail only where the domain's "
+              "owner asked for that, and a policy that cannot be had means delivery as "
+              "without MTA-STS. Postfix has it only through an add-on "
+              "(postfix-mta-sts-resolver in smtp_tls_policy_maps).")
+    mta_sts_ca_file: Optional[str] = opt(
+        None, "PEM CA certificates that MTA-STS trusts, for the policy servers' HTTPS "
+              "and the MX hosts' STARTTLS alike; unset: the system's store (the web's "
+              "CAs, as RFC 8461 expects). Postfix's smtp_tls_CAfile, for these only.",
+        _absolute_path)
+    mta_sts_port: int = opt(443, "TCP port of the MTA-STS policy servers (RFC 8461: "
+                                 "443; another only for tests).", _port)
+    mta_sts_timeout: float = opt(20.0, "Seconds an MTA-STS policy fetch may take in all "
+                                       "(connect, TLS, request and answer).", _positive)
     lease: float = opt(900.0, "Seconds a delivery worker owns a message it took. A "
                               "worker renews the lease of a delivery still under way. "
                               "When a worker dies, the other workers return its messages "

@@ -240,6 +240,17 @@ class MXResolver:
         random.shuffle(both)
         return both
 
+    def txt(self, name):
+        # type: (str) -> List[str]
+        """Each TXT record at name as one string (its character-strings joined, RFC 8461
+        3.1), [] when there is none or the name does not exist; raises
+        TemporaryRouteError (NoSuchDomain for a name that cannot be one)."""
+        try:
+            records = self._lookup(name, "TXT")
+        except (_NXDomain, _NoData):
+            return []
+        return [b"".join(record.strings).decode("utf-8", "replace") for record in records]
+
     # -- one lookup ---------------------------------------------------------------------
 
     def _lookup(self, name, rdtype):

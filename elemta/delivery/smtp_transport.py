@@ -9,6 +9,13 @@ next hop took the DSN request on, so no success notice is ours to send. The LMTP
 (elemta.delivery.lmtp, elemta.delivery.local_transport) answer the same way; LMTP shares
 this one's host loop (deliver_to).
 
+MTA-STS (RFC 8461, elemta.delivery.mtasts): for mail routed by MX to a domain that
+publishes a policy in enforce or testing mode (delivery.mta_sts, or a tls_policy entry of
+level mta-sts), the MX hosts the policy does not name are skipped and the others must
+offer STARTTLS with a certificate valid for their name (level secure, against
+delivery.mta_sts_ca_file); in enforce mode a failure defers the mail (4.7.5, the policy
+named), in testing mode it is logged and the mail goes as without the policy.
+
 SMTP AUTH to a next hop with credentials in delivery.sasl_password_file (elemta.delivery.sasl,
 looked up by the next hop as written: "[host]:port" or "host:port"); a file that cannot be
 used is logged as an error and defers the mail, never sends it unauthenticated.
@@ -16,20 +23,27 @@ See also: elemta.delivery.worker, elemta.delivery.smtp_client, elemta.delivery.c
 """
 
 import logging
+import os
 import time
 
 from elemta import metrics
 from elemta.addressing.normal import normal_domain
 from elemta.addressing.resolve import domain_entry
 from elemta.delivery.connections import ConnectionCache
+from elemta.delivery.mtasts import ENFORCE, MTASTS, NONE, PolicyCache, PolicyFetcher
 from elemta.delivery.mx import RouteError
 from elemta.delivery.routing import hosts_for
 from elemta.delivery.sasl import SASLFileError, SASLPasswords, nexthop_key
-from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, SessionError, SMTPClient,
-                                         Timeouts, TLSPolicy, outcome_of)
+from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, TLS_SECURE, SessionError,
+                                         SMTPClient, Timeouts, TLSPolicy, outcome_of)
+from elemta.delivery.wire import local_reply
 from elemta.queue.model import BOUNCED, RCPT_DEFERRED, SENT
 
 log = logging.getLogger("elemta.delivery")
+
+# The tls_policy level that hands a domain to MTA-STS, and the cache's place in the spool.
+MTA_STS_LEVEL = "mta-sts"
+MTA_STS_DIRECTORY = "mta-sts"
 
 
 def client_timeouts(delivery):
@@ -59,9 +73,18 @@ class SMTPTransport:
         self.store = store
         self.resolver = resolver
         self.timeouts = client_timeouts(config.delivery)
-        self.tls = TLSPolicy(config.delivery.tls_level)
-        self.tls_by_destination = {normal_domain(entry.domain): TLSPolicy(entry.level)
-                                   for entry in config.delivery.tls_policy}
+        delivery = config.delivery
+        self.tls = TLSPolicy(delivery.tls_level)
+        self.level_by_destination = {normal_domain(entry.domain): entry.level
+                                     for entry in delivery.tls_policy}
+        self.mta_sts_default = delivery.mta_sts
+        self.mta_sts_tls = TLSPolicy(TLS_SECURE, ca_file=delivery.mta_sts_ca_file)
+        self.mta_sts = None
+        if resolver is not None:
+            cache = PolicyCache(os.path.join(config.queue.spool_dir, MTA_STS_DIRECTORY))
+            fetcher = PolicyFetcher(resolver, delivery.mta_sts_ca_file,
+                                    delivery.mta_sts_port, delivery.mta_sts_timeout)
+            self.mta_sts = MTASTS(resolver, cache, fetcher)
         self.connections = ConnectionCache()
         self.mx_port = config.delivery.mx_port
         self.sasl_require_tls = config.delivery.sasl_require_tls
@@ -90,26 +113,52 @@ class SMTPTransport:
             reply = "%d %s %s" % (error.code, error.status, error.reason)
             status = BOUNCED if error.permanent else RCPT_DEFERRED
             return {index: (status, reply, "none") for index, _ in items}
-        targets = [(host.address, destination.port, host.name) for host in hosts]
         tls = self.tls_for(destination)
-        return self.deliver_to(record, items, targets, lambda: SMTPClient(
+        level, connect = tls.level, None
+        policy = self.mta_sts_policy(destination)
+        if policy is not None:
+            sts = STSDelivery(record.queue_id, policy, tls)
+            hosts, refusal = sts.allowed(hosts)
+            if refusal is not None:
+                log.warning("%s: %s", record.queue_id, refusal.text)
+                return {index: (RCPT_DEFERRED, str(refusal), "none") for index, _ in items}
+            tls, level, connect = self.mta_sts_tls, "mta-sts " + policy.mode, sts.connect
+        targets = [(host.address, destination.port, host.name) for host in hosts]
+        return self.deliver_to(record, items, targets, lambda tls=tls: SMTPClient(
             self.hostname, timeouts=self.timeouts, tls=tls, credentials=credentials,
             sasl_require_tls=self.sasl_require_tls),
-            profile=(tls.level, credentials[0] if credentials else None))
+            profile=(level, credentials[0] if credentials else None), connect=connect)
 
     def tls_for(self, destination):
         """The STARTTLS policy for a destination: delivery.tls_policy's entry for its
-        domain or next-hop host, else delivery.tls_level."""
-        return domain_entry(self.tls_by_destination, normal_domain(destination.host),
-                            self.tls)
+        domain or next-hop host, else delivery.tls_level (also for an mta-sts entry: what
+        applies where the domain publishes no policy)."""
+        level = domain_entry(self.level_by_destination, normal_domain(destination.host))
+        if level is None or level == MTA_STS_LEVEL:
+            return self.tls
+        return TLSPolicy(level)
 
-    def deliver_to(self, record, items, targets, new_client, profile=None):
+    def mta_sts_policy(self, destination):
+        """The MTA-STS policy (enforce or testing) for mail routed by MX to destination's
+        domain, or None: no MX routing, MTA-STS not asked for, no policy in force."""
+        if self.mta_sts is None or not destination.mx_lookup:
+            return None
+        domain = normal_domain(destination.host)
+        level = domain_entry(self.level_by_destination, domain)
+        if not (level == MTA_STS_LEVEL or (level is None and self.mta_sts_default)):
+            return None
+        policy = self.mta_sts.policy_for(domain)
+        return None if policy is None or policy.mode == NONE else policy
+
+    def deliver_to(self, record, items, targets, new_client, profile=None, connect=None):
         """Try targets [(address, port, server name)] in order until one takes the message
         (a parked connection first, else new_client() connected); the next one only after a
         failure of the session before the message was handed over. profile names what the
         session was opened with (TLS level, SASL user): a parked connection is reused
         only for the same, so a "may" session never carries mail that requires
-        "verify", nor one authenticated as one user another's mail."""
+        "verify", nor one authenticated as one user another's mail. connect(client,
+        address, port, name, new_client), when given, opens the session instead of
+        client.connect and returns the client to use (STSDelivery.connect)."""
         outcome = {}
         last_reply, relay = None, "none"
         for address, port, name in targets:
@@ -118,7 +167,10 @@ class SMTPTransport:
             if client is None:
                 client = new_client()
                 try:
-                    client.connect(address, port, server_name=name)
+                    if connect is None:
+                        client.connect(address, port, server_name=name)
+                    else:
+                        client = connect(client, address, port, name, new_client)
                 except SessionError as error:
                     if error.tls_failure:
                         metrics.DELIVERY_TLS_FAILURES.labels(self.kind).inc()
@@ -152,3 +204,55 @@ class SMTPTransport:
             text = str(last_reply)
             return {index: (status, text, relay) for index, _ in items}
         return outcome
+
+
+class STSDelivery:
+    """One delivery under a domain's MTA-STS policy in enforce or testing mode (RFC 8461
+    4.2): which MX hosts it may use, and each session's TLS checked. fallback_tls is
+    what the session uses in testing mode when the check fails."""
+
+    def __init__(self, queue_id, policy, fallback_tls):
+        self.queue_id = queue_id
+        self.policy = policy
+        self.fallback_tls = fallback_tls
+
+    def where(self):
+        return "MTA-STS policy of %s (%s)" % (self.policy.domain, self.policy.mode)
+
+    def allowed(self, hosts):
+        """(the hosts to try, None), or ([], the reply that defers the mail) when the
+        policy is enforced and names none of them."""
+        misfits = sorted({host.name for host in hosts
+                          if not self.policy.matches(host.name)})
+        if not misfits:
+            return hosts, None
+        why = "MX host %s not named by the %s: mx %s" % (
+            ", ".join(misfits), self.where(), ", ".join(self.policy.mx))
+        if self.policy.mode != ENFORCE:
+            log.warning("%s: %s; delivering anyway (testing mode)", self.queue_id, why)
+            return hosts, None
+        allowed = [host for host in hosts if self.policy.matches(host.name)]
+        if not allowed:
+            return [], local_reply(451, "4.7.5", why)
+        log.warning("%s: %s; not used", self.queue_id, why)
+        return allowed, None
+
+    def connect(self, client, address, port, name, new_client):
+        """client (made with the policy's TLS: level secure) connected, or in testing mode
+        a fallback one when the TLS check fails. Raises SessionError."""
+        try:
+            client.connect(address, port, server_name=name)
+        except SessionError as error:
+            if not error.tls_failure:
+                raise
+            if self.policy.mode == ENFORCE:
+                raise SessionError(local_reply(451, "4.7.5", "%s: %s" % (
+                    self.where(), error.reply.text)), tls_failure=True)
+            log.warning("%s: %s: %s; delivering without it (testing mode)", self.queue_id,
+                        self.where(), error.reply.text)
+            client = new_client(self.fallback_tls)
+            client.connect(address, port, server_name=name)
+            return client
+        log.info("%s: %s: TLS with %s verified (%s)", self.queue_id, self.where(),
+                 client.peer, client.tls_version)
+        return client

@@ -82,8 +82,11 @@ def make_https_files(directory):
 class PebbleInstance:
     """One private pebble: `with PebbleInstance(workdir, http_port, dns_port) as p:`."""
 
-    def __init__(self, workdir, http_port, dns_port):
+    def __init__(self, workdir, http_port, dns_port, validity=None):
+        """validity: seconds the certificates it issues are valid (pebble's default:
+        five years)."""
         self.workdir = str(workdir)
+        self.validity = validity
         self.http_port = http_port
         self.dns_port = dns_port
         self.port = _free_port()
@@ -103,13 +106,15 @@ class PebbleInstance:
         os.makedirs(self.workdir, exist_ok=True)
         self.ca_file, cert, key = make_https_files(self.workdir)
         config = os.path.join(self.workdir, "pebble-config.json")
+        settings = {"listenAddress": "127.0.0.1:%d" % self.port,
+                    "managementListenAddress": "127.0.0.1:%d" % self.management_port,
+                    "certificate": cert, "privateKey": key,
+                    "httpPort": self.http_port, "tlsPort": _free_port(),
+                    "ocspResponderURL": "", "externalAccountBindingRequired": False}
+        if self.validity is not None:
+            settings["certificateValidityPeriod"] = int(self.validity)
         with open(config, "w") as f:
-            json.dump({"pebble": {
-                "listenAddress": "127.0.0.1:%d" % self.port,
-                "managementListenAddress": "127.0.0.1:%d" % self.management_port,
-                "certificate": cert, "privateKey": key,
-                "httpPort": self.http_port, "tlsPort": _free_port(),
-                "ocspResponderURL": "", "externalAccountBindingRequired": False}}, f)
+            json.dump({"pebble": settings}, f)
         env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0",
                    PEBBLE_AUTHZREUSE="0")
         self._log = open(self.log_path, "ab")
