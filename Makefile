@@ -8,6 +8,10 @@ VENV := .venv
 # Rewritten whenever the install into the venv succeeds; reinstall when setup.cfg is newer.
 STAMP := $(VENV)/.elemta-installed
 TEST_TIMEOUT ?= 120
+# make test runs the suite in this many processes (pytest-xdist), a test module per
+# process at a time (--dist loadfile: a module's fixtures, servers and users stay its own).
+# Most of a test's time is waiting on servers it drives, so two fill two cores.
+TEST_WORKERS ?= 2
 # Debian packages the tests drive as real peers (postfix, swaks with its STARTTLS module,
 # openssl, the policy servers postfwd and policyd-spf with socat to serve the latter,
 # clamav-daemon and clamav-milter for the ClamAV plugin, the milter tests and the scanning
@@ -43,7 +47,7 @@ $(MIN_STAMP): setup.cfg setup.py constraints/minimum.txt | $(MIN_VENV)/bin/pytho
 	touch $@
 
 test-minimum: system-packages $(MIN_STAMP)
-	$(MIN_VENV)/bin/python -m pytest -q --durations=30 --timeout=$(TEST_TIMEOUT) tests
+	$(MIN_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 --timeout=$(TEST_TIMEOUT) tests
 
 # Move the shipped versions: resolve setup.cfg's ranges afresh in a scratch venv (runtime
 # dependencies only, no test tools) and write them to constraints/tested.txt. Then
@@ -67,7 +71,7 @@ run: $(STAMP)
 	exec $(VENV)/bin/elemta
 
 test: system-packages $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=30 --timeout=$(TEST_TIMEOUT) tests
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 --timeout=$(TEST_TIMEOUT) tests
 
 bench: $(STAMP)
 	$(VENV)/bin/python tests/bench/bench_accept.py
