@@ -13,6 +13,7 @@ processes left behind.
 """
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,11 +32,41 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ELEMTA_DEFAULT = object()
 
 
+# Ports for the servers tests start come from below the kernel's ephemeral range
+# (32768-60999 on Linux): a port taken from that range can be given to some client's
+# outgoing connection between the test choosing it and its server binding it ("Address
+# already in use"). Each pytest-xdist worker has a band of its own, so two test processes
+# never choose the same port; within a process the ports go round the band in turn, so a
+# port chosen is not chosen again before a few thousand others.
+PORT_BANDS_START, PORT_BAND_SIZE, PORT_BANDS = 10000, 5500, 4
+_next_port = [None]
+
+
+def _port_band():
+    """(first port, size) of this process's band: one per xdist worker, the last band for
+    a run without xdist (and for other processes, benchmarks say)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = (int(worker[2:]) % (PORT_BANDS - 1)) if worker[2:].isdigit() else PORT_BANDS - 1
+    return PORT_BANDS_START + index * PORT_BAND_SIZE, PORT_BAND_SIZE
+
+
 def free_port(address="127.0.0.1"):
-    """A TCP port on `address` that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((address, 0))
-        return probe.getsockname()[1]
+    """A TCP port on `address` that nothing is bound to right now, from this process's
+    band (see PORT_BANDS_START)."""
+    first, size = _port_band()
+    if _next_port[0] is None:
+        _next_port[0] = random.randrange(size)     # two runs side by side start apart
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    for _ in range(size):
+        port = first + _next_port[0] % size
+        _next_port[0] += 1
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((address, port))
+            except OSError:
+                continue                           # in use (or lingering): the next one
+            return port
+    raise RuntimeError("no free port in %d-%d" % (first, first + size - 1))
 
 
 def wait_for_greeting(port, process=None, timeout=30.0, name="server", address="127.0.0.1"):

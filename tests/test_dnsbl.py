@@ -65,14 +65,8 @@ def greeting(port, source, host="127.0.0.1"):
         return sock.makefile("rb").readline()
 
 
-def free_port6():
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-        probe.bind(("::1", 0))
-        return probe.getsockname()[1]
-
-
 def test_client_lists_are_weighed_into_one_score(elemta_server, nsd):
-    port6 = free_port6()
+    port6 = free_port("::1")
     server = elemta_server(
         relay={"mynetworks": NOT_US}, dns=dns_of(nsd),
         listeners=[{"mode": "smtp"}, {"mode": "smtp", "address": "::1", "port": port6}],

@@ -17,8 +17,9 @@ needs the bearer token (elemta.api.auth) but /metrics and /api/v1/health*. Route
                                             (release?rescan=true: scan it again first)
     POST   /api/v1/queue/{id}/priority      {"priority": N}: set its priority
     GET    /api/v1/stats                    counts and bytes by state, domains by age
-    GET    /api/v1/cluster/...              every node of the cluster at once
-                                            (elemta.api.cluster_routes)
+
+And with cluster.store set, /api/v1/cluster/nodes and the /api/v1/cluster/queue routes
+(token needed): every node of the cluster at once (elemta.api.cluster_routes).
 
 See also elemta.api.auth, elemta.api.errors, elemta.api.queue_routes, elemta.api.openapi.
 """
