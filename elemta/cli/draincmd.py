@@ -14,8 +14,8 @@ api's readiness probe of the running daemon read, so new sessions get 421 4.3.2 
 Held messages are the admin's: they stay on hold here, counted apart, until released
 (a release during --wait hands them over too) or deleted. With --wait the command
 returns once no message waits here (or at --timeout); --status says how many remain.
-Exit status: 0 no message waits here, 75 some still do (elemta.cli.failure), 69 --to's
-node could not be reached.
+Exit status: 0 done (with --wait and --status: no message waits here), 75 some still
+do, 69 --to's node could not be reached (without --wait).
 See also: man/elemtactl.8 (drain), man/elemta.8 (CLUSTER).
 """
 
@@ -103,7 +103,8 @@ def cmd_drain(args) -> int:
                     deadline is not None and time.monotonic() > deadline):
                 break
             time.sleep(POLL_SECONDS)
-        return report(queue)
+        status = report(queue)
+    return status if args.wait else EX_OK
 
 
 def cmd_undrain(args) -> int:
