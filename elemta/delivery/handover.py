@@ -24,7 +24,7 @@ ordinary delivery).
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Tuple
 
 from elemta.delivery.smtp_client import DELIVERED, SessionError
 from elemta.queue import holders
@@ -40,7 +40,7 @@ class PeerUnavailable(Exception):
 
 
 @dataclass
-class Outcome:
+class HandoverPass:
     """What one pass over the queue did."""
     moved: List[str] = field(default_factory=list)            # ids that left this node
     kept: List[Tuple[str, str]] = field(default_factory=list)  # (id, why it stays)
@@ -98,11 +98,11 @@ class Handover:
     def where(self):
         return "%s:%d" % (self.host, self.port)
 
-    def run(self, queue_ids: Iterable[str]) -> Outcome:
+    def run(self, queue_ids: Iterable[str]) -> HandoverPass:
         """Hand over each of queue_ids that waits (incoming or deferred); messages being
         delivered, held or gone meanwhile are passed by. Raises PeerUnavailable (after
         giving back the message in hand) when the peer cannot be reached."""
-        outcome = Outcome()
+        outcome = HandoverPass()
         try:
             for queue_id in queue_ids:
                 taken = self.queue.claim_ids(self.owner, [queue_id], self.lease_seconds)
@@ -182,8 +182,3 @@ class Handover:
             self.client.quit()
             self.client = None
 
-
-def describe(outcome: Outcome, remaining: Optional[int] = None) -> str:
-    """'3 handed over, 1 stayed' for the command's report."""
-    text = "%d handed over, %d stayed" % (len(outcome.moved), len(outcome.kept))
-    return text if remaining is None else "%s, %d remain" % (text, remaining)
