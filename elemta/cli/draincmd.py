@@ -16,7 +16,7 @@ Held messages are the admin's: they stay on hold here, counted apart, until rele
 returns once no message waits here (or at --timeout); --status says how many remain.
 Exit status: 0 done (with --wait and --status: no message waits here), 75 some still
 do, 69 --to's node could not be reached (without --wait).
-See also: man/elemtactl.8 (drain), man/elemta.8 (CLUSTER).
+See also: man/elemtactl.8 (Draining a node), man/elemta.8 (Running a cluster).
 """
 
 import json
@@ -142,16 +142,16 @@ def _pass(handover, queue):
     from elemta.queue.listing import Selection
     ids = list(queue.ids_matching(Selection(now=time.time(), states=(INCOMING, DEFERRED))))
     try:
-        outcome = handover.run(ids)
+        outcome, reached = handover.run(ids), True
     except PeerUnavailable as error:
+        outcome, reached = error.done, False
         _complain("drain: cannot reach %s; the messages stay here" % printable(str(error)))
-        return False
     if outcome.moved or outcome.kept:
         _say("drain: %d message(s) handed over to %s, %d stayed here"
              % (len(outcome.moved), handover.where, len(outcome.kept)))
     for queue_id, why in outcome.kept:
         _complain("drain: %s stays here: %s" % (queue_id, printable(why)))
-    return True
+    return reached
 
 
 def count_waiting(queue):

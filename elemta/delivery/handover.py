@@ -16,7 +16,7 @@ cluster to mend, not a sender to tell). Nor does it drop a DSN request: a messag
 carries one goes only to a peer that offers DSN.
 
 The peer must take the mail as a relay: the nodes of a cluster list each other in
-relay.mynetworks (man/elemta.8, CLUSTER).
+relay.mynetworks (elemta(8), Running a cluster).
 See also: elemta.queue.draining, elemta.delivery.smtp_transport (the same client for
 ordinary delivery).
 """
@@ -36,7 +36,8 @@ log = logging.getLogger("elemta.delivery")
 
 class PeerUnavailable(Exception):
     """No session with the peer (refused, timed out, 421 greeting): the rest of the pass
-    would fail the same way."""
+    would fail the same way. done: the HandoverPass up to then."""
+    done = None
 
 
 @dataclass
@@ -108,6 +109,9 @@ class Handover:
                 taken = self.queue.claim_ids(self.owner, [queue_id], self.lease_seconds)
                 if taken:
                     self.hand_over(taken[0], outcome)
+        except PeerUnavailable as error:
+            error.done = outcome
+            raise
         finally:
             self.close()
         return outcome
@@ -115,6 +119,9 @@ class Handover:
     def hand_over(self, record, outcome):
         queue_id = record.queue_id
         indexes = _waiting(record)
+        if not indexes:          # nothing left to send: the queue removes or fails it
+            self._give_back(record, {}, None)
+            return
         try:
             client = self._session()
         except SessionError as error:
@@ -161,7 +168,7 @@ class Handover:
         """The message stays here, its sent recipients recorded, due when it was."""
         self._give_back(record, sent, why)
         outcome.kept.append((record.queue_id, why))
-        log.warning("%s: stays on this node: %s", record.queue_id, why)
+        log.info("%s: stays on this node: %s", record.queue_id, why)
 
     def _give_back(self, record, sent, why):
         """Record what the peer took; the rest waits for record.next_attempt again (the

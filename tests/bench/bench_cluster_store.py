@@ -16,7 +16,7 @@ second per node, and the node count one store core serves at STORE_OPS_PER_SECON
 Needs root and smtp-source (the postfix package) and redis-server.
 
 Environment: BENCH_MESSAGES, BENCH_NODES, BENCH_KEEP=1 keeps the temp dir.
-See also: man/elemta.8 (CLUSTER), tests/bench/bench_accept.py, ../shared/peers.md.
+See also: man/elemta.8 (Running a cluster), tests/bench/bench_accept.py, ../shared/peers.md.
 """
 
 import os
