@@ -268,3 +268,59 @@ def test_the_secret_template_holds_no_usable_token():
     with open(os.path.join(REPO, "deploy/kubernetes/secret.yaml")) as f:
         secret = YAML().load(f)
     assert secret["stringData"]["api-token"] == ""
+
+
+def statefulset_pod():
+    with open(os.path.join(REPO, "deploy/kubernetes/statefulset.yaml")) as f:
+        return YAML(typ="safe").load(f)["spec"]["template"]["spec"]
+
+
+def test_the_init_container_gives_each_pod_its_name_and_api_url(tmp_path):
+    """The init container's command, run as the pod would run it (its mounts in tmp_path,
+    elemtactl on PATH): the pod's copy of the ConfigMap's file names the pod and its
+    api at the pod's IP, and still passes elemta --check-config."""
+    init = statefulset_pod()["initContainers"][0]
+    assert {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in init["env"]} == {
+        "POD_NAME": "metadata.name", "POD_IP": "status.podIP"}
+    with open(os.path.join(REPO, "deploy/kubernetes/configmap.yaml")) as f:
+        text = YAML(typ="safe").load(f)["data"]["elemta.yaml"]
+    token = tmp_path / "api-token"
+    token.write_text("a-test-token\n")
+    token.chmod(0o600)
+    (tmp_path / "template").mkdir()
+    (tmp_path / "template" / "elemta.yaml").write_text(
+        text.replace("/run/secrets/elemta/api-token", str(token)))
+    (tmp_path / "config").mkdir()
+    command = init["command"][-1].replace("/etc/elemta-template", str(tmp_path / "template"))
+    command = command.replace("/etc/elemta", str(tmp_path / "config"))
+    bin_dir = os.path.dirname(sys.executable)
+    done = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, POD_NAME="elemta-1",
+                                               POD_IP="10.244.3.9",
+                                               PATH=bin_dir + ":" + os.environ["PATH"]))
+    assert done.returncode == 0, done.stdout + done.stderr
+    written = tmp_path / "config" / "elemta.yaml"
+    cluster = YAML(typ="safe").load(written.read_text())["cluster"]
+    assert (cluster["node_name"], cluster["api_url"]) == ("elemta-1",
+                                                          "http://10.244.3.9:8025")
+    assert cluster["store"] == "redis://elemta-valkey:6379/0"
+    checked = subprocess.run([os.path.join(bin_dir, "elemta"), "--config", str(written),
+                              "--check-config"], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_pre_stop_hook_drains_within_the_grace_period():
+    """preStop drains the pod (handing its queue to the others) before it stops, and
+    the pod's grace period covers the drain's timeout, master.stop_grace and the stop."""
+    from elemta.cli.elemtactl import build_parser
+    pod = statefulset_pod()
+    hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1]
+    drain, stop = [part.split() for part in hook.split(";")]
+    args = build_parser().parse_args(drain[1:])
+    assert args.command == "drain" and args.wait and args.to
+    assert stop == ["elemtactl", "stop"]
+    with open(os.path.join(REPO, "deploy/kubernetes/configmap.yaml")) as f:
+        config = YAML(typ="safe").load(YAML(typ="safe").load(f)["data"]["elemta.yaml"])
+    from elemta.cli.control import STOP_MARGIN
+    assert pod["terminationGracePeriodSeconds"] > (
+        args.timeout + config["master"]["stop_grace"] + STOP_MARGIN)

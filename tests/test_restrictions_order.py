@@ -153,9 +153,9 @@ def test_elemtactl_restrictions_shows_a_plugin_only_where_its_settings_make_it_c
     assert "policy_service" in names["rcpt"]
     assert "policy_service" not in names["end_of_data"]
     # The pipelining test: checked from the connection on, enforced at RCPT and at the
-    # end of data, after the connection limits.
-    assert names["connect"][:3] == ["worker_connection_limit", "client_connection_limit",
-                                    "pipelining"]
+    # end of data, after a drain and the connection limits.
+    assert names["connect"][:4] == ["draining", "worker_connection_limit",
+                                    "client_connection_limit", "pipelining"]
     assert names["rcpt"][0] == "pipelining"
     assert "pipelining" in names["end_of_data"]
 

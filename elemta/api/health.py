@@ -2,8 +2,9 @@
 balancer or Kubernetes asks of a running Elemta (no token needed).
 
 Owned by the api process. live: this process answers, nothing read. ready: mail can come
-in: an smtpd worker runs, the queue index can be read, and the spool's disk has more
-free than the reserve (else MAIL FROM gets 452): 200, or 503 with the problems named.
+in: an smtpd worker runs, the node is not being drained (elemtactl drain, whose smtpd
+answers 421), the queue index can be read, and the spool's disk has more free than the
+reserve (else MAIL FROM gets 452): 200, or 503 with the problems named.
 health: always 200 while the api serves (its old promise, "status": "ok"), with the
 same facts: which children run, the queue by state and its oldest messages, the disk.
 
@@ -19,6 +20,7 @@ import falcon
 import gevent
 
 from elemta.api.spool_status import queue_figures, spool_space
+from elemta.queue import draining
 from elemta.util.procs import children
 
 TITLE_PREFIX = "elemta: "
@@ -47,6 +49,11 @@ def examine(config, access, master_pid):
     if not kids["smtpd"]["up"]:
         problems.append("no smtpd worker is running")
     facts = {"children": kids}
+    drain = draining.current(config.queue.spool_dir)
+    if drain is not None:
+        problems.append("the node is being drained (elemtactl drain): new sessions get "
+                        "421 until elemtactl undrain")
+    facts["draining"] = drain is not None
     try:
         figures = queue_figures(access)
     except Exception as exc:             # QueueUnavailable: says what and why

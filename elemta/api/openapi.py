@@ -235,7 +235,8 @@ SCHEMAS = {
              "properties": {"status": {"type": "string", "enum": ["ok"]}}},
     "Health": {
         "type": "object",
-        "required": ["status", "ready", "problems", "children", "queue", "spool"],
+        "required": ["status", "ready", "problems", "children", "draining", "queue",
+                     "spool"],
         "properties": {
             "status": {"type": "string", "enum": ["ok", "ready", "not ready"],
                        "description": "health: ok while the api serves; ready: ready "
@@ -254,6 +255,9 @@ SCHEMAS = {
                              "type": "object", "required": ["up", "expected"],
                              "properties": {"up": {"type": "integer"},
                                             "expected": {"type": "integer"}}}},
+            "draining": {"type": "boolean",
+                         "description": "True while elemtactl drain has the node take "
+                                        "no new mail (not ready)."},
             "queue": {"type": "object", "nullable": True,
                       "description": "Null when the queue index cannot be read.",
                       "required": ["messages", "by_state", "oldest_age_seconds"],

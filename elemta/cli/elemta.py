@@ -151,7 +151,8 @@ def raise_fd_limit():
 
 
 def reconcile_queue(config):
-    """Make the index agree with the spool files, as the workers' user, before serving."""
+    """Make the index agree with the spool files, as the workers' user, before serving;
+    end a drain a previous run left (elemta.queue.draining says why)."""
     from elemta.master import drop_privileges
     pid = os.fork()
     if pid == 0:
@@ -161,6 +162,9 @@ def reconcile_queue(config):
             from elemta.queue.queue import Queue
             with Queue.from_config(config.queue) as queue:
                 log.info("queue reconciled: %s", queue.reconcile())
+            from elemta.queue import draining
+            if draining.end(config.queue.spool_dir) is not None:
+                log.info("the drain of the previous run ended with it: taking mail again")
             status = 0
         except Exception as exc:
             log.error("cannot open the queue in %s: %s", config.queue.spool_dir, exc)

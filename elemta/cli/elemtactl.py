@@ -7,7 +7,8 @@ makes DKIM signing keys (`dkim keygen`), lists and changes the queue
 (`queue ...`, in elemta.cli.queuecmd; `--cluster queue ...` on every node of a
 cluster, in elemta.cli.clustercmd), compiles and queries lookup tables (`map
 compile/query`, in elemta.cli.mapcmd) and asks a running master for its status,
-a reload or a stop (`status`, `reload`, `stop`, in elemta.cli.control), and lists
+a reload or a stop (`status`, `reload`, `stop`, in elemta.cli.control), drains a node
+before it is retired (`drain`, `undrain`, in elemta.cli.draincmd), and lists
 certificates or forces an ACME renewal (`cert status/renew`, in elemta.cli.certcmd).
 
 Errors are one line on stderr and a sysexits(3) exit status, never a traceback.
@@ -27,8 +28,9 @@ from os import (EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_NOUSER, EX_O
                 EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE)
 from typing import Callable, List, Optional
 
-from elemta.cli import (certcmd, completion, configcmd, control, filecheck, mapcmd,
-                        pfconfig, pfimport, queuecmd, reportcmd, restrictionscmd, topcmd)
+from elemta.cli import (certcmd, completion, configcmd, control, draincmd, filecheck,
+                        mapcmd, pfconfig, pfimport, queuecmd, reportcmd, restrictionscmd,
+                        topcmd)
 from elemta.cli.config_finder import config_path, read_config
 from elemta.cli.failure import EX_FAILED, Failure
 from elemta.util import credentials, daemonfiles
@@ -422,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     restrictionscmd.add_command(commands, _Parser, [config_option])
     reportcmd.add_command(commands, _Parser, [config_option])
     topcmd.add_command(commands, _Parser, [config_option])
+    draincmd.add_commands(commands, _Parser, [config_option])
 
     dkim = commands.add_parser("dkim", help="DKIM signing keys")
     dkim_commands = dkim.add_subparsers(dest="dkim_command", metavar="ACTION",

@@ -57,6 +57,7 @@ flushed: it is not waiting.
 Delivery workers (elemta.delivery.worker) use these calls:
 
     claim          due messages become active, leased to the worker (one write transaction);
+    claim_ids      the same for named waiting messages, due or not (elemtactl drain --to);
     reclaim        active messages whose lease lapsed (worker killed) become deferred, due
                    now: at worst a message is sent twice, never lost;
     free_gone_leases  the same at once for the messages of a holder that has certainly
@@ -640,6 +641,25 @@ class Queue:
         """Take up to `limit` due messages for `owner` (see QueueIndex.claim)."""
         return self._index_call(self.index.claim, owner, now or time.time(), lease_seconds,
                                 limit)
+
+    def claim_ids(self, owner: str, queue_ids: Iterable[str], lease_seconds: float,
+                  now: Optional[float] = None) -> List[QueueRecord]:
+        """Take the named messages that wait (incoming or deferred, due or not) for
+        `owner`, leased as claim leases them, in one write transaction: elemtactl drain
+        hands a node's queue over at once, whenever each message was due. A message
+        active, held, failed or gone is left as it is. Returns the records taken."""
+        now = now or time.time()
+        taken = []
+
+        def take(record):
+            if record.state not in (INCOMING, DEFERRED):
+                return None, False
+            move(record, ACTIVE)
+            record.lease_owner, record.lease_expires = owner, now + lease_seconds
+            taken.append(record)
+            return ACTIVE, True
+        self._index_call(self.index.update_many, list(queue_ids), take)
+        return taken
 
     def reclaim(self, now: Optional[float] = None,
                 retry_delay: Callable[[int], float] = lambda orphaned: 0.0) -> List[str]:

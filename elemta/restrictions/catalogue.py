@@ -75,6 +75,8 @@ _CHECK_REPLIES = ("550 5.7.1 for REJECT (DISCARD, HOLD, REDIRECT: 250); 451 4.3.
                   "the table cannot answer")
 
 CORE_CHECKS = (
+    CoreCheck("draining", "connect", "none (stopping the smtpd service in master.cf)", "",
+              "421 4.3.2 while elemtactl drain has the node take no new mail"),
     CoreCheck("worker_connection_limit", "connect", "default_process_limit",
               "limits.connections_per_worker", "421 4.7.0 too many connections"),
     CoreCheck("client_connection_limit", "connect", "smtpd_client_connection_count_limit",

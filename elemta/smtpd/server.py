@@ -22,6 +22,7 @@ from elemta.milter.chain import configured as configured_milters
 from elemta.milter.chain import facts_of as milter_facts
 from elemta.plugins.manager import PluginManager
 from elemta.plugins.resolver import Resolver
+from elemta.queue.draining import DrainWatch
 from elemta.queue.queue import Queue
 from elemta.queue.space import RoomCheck
 from elemta.sharedstate import process as sharedstate
@@ -70,6 +71,8 @@ class SMTPServer:
         self.committer = GroupCommitter(self.queue)
         self.room = RoomCheck(self.queue, config.queue.min_free_space,
                               config.limits.message_size)
+        # elemtactl drain: new sessions get 421 while the queue empties.
+        self.drain = DrainWatch(config.queue.spool_dir)
         self.policy = RelayPolicy(config)
         self.sender_logins = SenderLogins.from_config(config, self.policy.addressing)
         # Header and body checks and the hop count, applied as content streams in.
@@ -143,6 +146,11 @@ class SMTPServer:
         settings = both_settings[self.tls_context is not None]
         client_ip = address[0]
         limits = self.config.limits
+        if self.drain.draining():
+            metrics.CONNECTIONS.labels(listener.mode, "refused_draining").inc()
+            return self._refuse(sock, listener, client_ip, "Service not available: this "
+                                "node is being drained, try another", "draining",
+                                status="4.3.2")
         if self.sessions >= limits.connections_per_worker:
             metrics.CONNECTIONS.labels(listener.mode, "refused_worker_limit").inc()
             return self._refuse(sock, listener, client_ip, "Error: too many connections",
@@ -171,20 +179,21 @@ class SMTPServer:
             self.client_counts.add(client_ip, -1)
             self.last_active = time.monotonic()
 
-    def _refuse(self, sock, listener, client_ip, text, restriction):
-        """Answer a connection over a limit with 421 (RFC 5321 3.8) and close it."""
+    def _refuse(self, sock, listener, client_ip, text, restriction, status="4.7.0"):
+        """Answer a connection over a limit, or to a draining node, with 421 (RFC 5321
+        3.8) and close it."""
         metrics.count_refusal(restriction, "connect")
         client = "unknown[%s]" % client_ip
-        log.info("NOQUEUE: reject: CONNECT from %s: 421 4.7.0 %s; proto=SMTP "
-                 "(restriction %s)", client, text, restriction,
+        log.info("NOQUEUE: reject: CONNECT from %s: 421 %s %s; proto=SMTP "
+                 "(restriction %s)", client, status, text, restriction,
                  extra={"event": "reject", "command": "CONNECT", "client": client,
-                        "reason": "421 4.7.0 %s" % text, "dsn": "4.7.0",
+                        "reason": "421 %s %s" % (status, text), "dsn": status,
                         "restriction": restriction, "proto": "SMTP"})
         try:
             if listener.mode != "smtps":      # no plaintext into a TLS port
                 sock.settimeout(5)
-                sock.sendall(Reply(421, "4.7.0", "%s %s" % (self.hostname, text)).encode())
-                metrics.count_reply(421, "4.7.0", "CONNECT")
+                sock.sendall(Reply(421, status, "%s %s" % (self.hostname, text)).encode())
+                metrics.count_reply(421, status, "CONNECT")
         except OSError:
             pass
         finally:
