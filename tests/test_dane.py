@@ -12,7 +12,6 @@ See also: elemta.delivery.dane, elemta.delivery.mx, tests/test_mta_sts.py.
 """
 
 import hashlib
-import os
 import re
 import smtplib
 import tempfile
@@ -21,7 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from elemta.delivery.dane import DANE, DANE_ONLY, PEER_CHAIN, TLSA
+from elemta.delivery.dane import PEER_CHAIN, TLSA
 from elemta.delivery.mx import MXResolver, TemporaryRouteError
 from tests.harness import free_port, wait_for
 from tests.peers.dnssec import ldns_available
@@ -150,3 +149,145 @@ def test_a_bogus_tlsa_answer_is_a_temporary_failure(dns, mx_port):
         resolver_for(dns).tlsa(BOGUS[0], mx_port)
     assert "validation failure <_%d._tcp.mx.bogus.dane.test. TLSA IN>" % mx_port \
         in dns[1].read_log()
+
+
+# -- delivery under DANE, end to end ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mx_hosts(certificates, mx_port):
+    """{MX host name: its scripted server}, each offering STARTTLS with its certificate."""
+    made, _ = certificates
+    servers = {name: ScriptedServer(address=address, port=mx_port, cert_file=made[name][0],
+                                    key_file=made[name][1]).start()
+               for name, address in MX_HOSTS}
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture
+def start(elemta_server, dns, mx_port, mx_hosts):
+    def starter(**delivery):
+        settings = {"workers": 1, "mx_port": mx_port, "nameservers": ["127.0.0.1"],
+                    "dns_port": dns[1].port, "min_backoff": 60, "max_backoff": 60,
+                    "connect_timeout": 2.0, "command_timeout": 5.0, "data_timeout": 5.0,
+                    "mta_sts": False, "dane": True}
+        settings.update(delivery)
+        server = elemta_server(delivery=settings, api={"enabled": False})
+        wait_for(lambda: "delivery worker started" in server.log())
+        return server
+    return starter
+
+
+def send(server, recipient):
+    sender = "s-%s" % recipient
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.sendmail(sender, [recipient], b"From: %s\r\nTo: %s\r\nSubject: dane\r\n\r\n"
+                        b"body\r\n" % (sender.encode(), recipient.encode()))
+    match = wait_for(lambda: re.search(r"(\w+): from=<%s>" % re.escape(sender), server.log()))
+    return match.group(1)
+
+
+def result(server, queue_id, recipient, timeout=15):
+    """(status, reply) of the recipient's first delivery line."""
+    pattern = r"%s: to=<%s>, relay=\S+, delay=\S+, dsn=\S+, status=(\w+) \((.*)\)" % (
+        queue_id, re.escape(recipient))
+    return wait_for(lambda: re.search(pattern, server.log()), timeout).groups()
+
+
+def received(mx_hosts, host, recipient):
+    """The sessions of host's server that carried mail for recipient."""
+    return [s for s in mx_hosts[host[0]].sessions for m in s.messages
+            if m.rcpts == ["RCPT TO:<%s>" % recipient]]
+
+
+def test_a_dane_ee_match_is_delivered_and_logged_as_verified(start, mx_hosts, mx_port):
+    server = start()
+    queue_id = send(server, "r@ee.dane.test")
+    assert result(server, queue_id, "r@ee.dane.test")[0] == "sent"
+    [session] = received(mx_hosts, EE, "r@ee.dane.test")
+    assert session.tls
+    assert re.search(r"%s: DANE: Verified TLS connection established to "
+                     r"mx.ee.dane.test\[127.0.0.41\]:%d \(TLSv1.[23], TLSA DANE-EE 3 1 1 "
+                     r"matched\)" % (queue_id, mx_port), server.log())
+
+
+def test_a_dane_ee_mismatch_is_deferred_and_nothing_sent(start, mx_hosts, mx_port):
+    server = start()
+    queue_id = send(server, "r@eebad.dane.test")
+    status, reply = result(server, queue_id, "r@eebad.dane.test")
+    assert status == "deferred"
+    assert reply == ("451 4.7.5 DANE: certificate of mx.eebad.dane.test[127.0.0.42]:%d not "
+                     "verified: no TLSA record matches the certificate chain "
+                     "(DANE-EE 3 1 1)" % mx_port)
+    assert received(mx_hosts, EE_BAD, "r@eebad.dane.test") == []
+
+
+def test_with_dane_off_the_tlsa_records_are_not_looked_at(start, mx_hosts):
+    server = start(dane=False)
+    queue_id = send(server, "off@eebad.dane.test")
+    assert result(server, queue_id, "off@eebad.dane.test")[0] == "sent"
+    assert received(mx_hosts, EE_BAD, "off@eebad.dane.test")[0].tls
+    assert "DANE" not in server.log()
+
+
+@pytest.mark.skipif(not PEER_CHAIN, reason="DANE-TA needs the peer's chain (Python 3.10+)")
+def test_a_dane_ta_match_with_the_mx_name_is_delivered(start, mx_hosts, mx_port):
+    server = start()
+    queue_id = send(server, "r@ta.dane.test")
+    assert result(server, queue_id, "r@ta.dane.test")[0] == "sent"
+    assert received(mx_hosts, TA, "r@ta.dane.test")[0].tls
+    assert re.search(r"%s: DANE: Verified TLS connection established to "
+                     r"mx.ta.dane.test\[127.0.0.43\]:%d \(TLSv1.[23], TLSA DANE-TA 2 0 1 "
+                     r"matched\)" % (queue_id, mx_port), server.log())
+
+
+@pytest.mark.skipif(not PEER_CHAIN, reason="DANE-TA needs the peer's chain (Python 3.10+)")
+def test_a_dane_ta_chain_for_another_name_is_deferred(start, mx_hosts, mx_port):
+    server = start()
+    queue_id = send(server, "r@taname.dane.test")
+    status, reply = result(server, queue_id, "r@taname.dane.test")
+    assert status == "deferred"
+    assert reply == ("451 4.7.5 DANE: certificate of mx.taname.dane.test[127.0.0.44]:%d not "
+                     "verified: DANE-TA 2 0 1: the certificate names wrong.dane.test, not "
+                     "mx.taname.dane.test" % mx_port)
+    assert received(mx_hosts, TA_NAME, "r@taname.dane.test") == []
+
+
+def test_only_unusable_tlsa_records_mean_tls_without_authentication(start, mx_hosts):
+    """RFC 7672 2.2: a PKIX-EE record is unusable for SMTP; the host must still encrypt."""
+    server = start()
+    queue_id = send(server, "r@pkix.dane.test")
+    assert result(server, queue_id, "r@pkix.dane.test")[0] == "sent"
+    assert received(mx_hosts, PKIX, "r@pkix.dane.test")[0].tls
+    assert ("%s: DANE: only unusable TLSA records for mx.pkix.dane.test (PKIX-EE 1 1 1): "
+            "TLS required, certificate not checked (RFC 7672 2.2)" % queue_id) in server.log()
+
+
+def test_a_failed_tlsa_lookup_defers(start, mx_hosts, mx_port):
+    server = start()
+    queue_id = send(server, "r@bogus.dane.test")
+    status, reply = result(server, queue_id, "r@bogus.dane.test")
+    assert status == "deferred"
+    assert reply.startswith("451 4.7.5 DANE: TLSA lookup for _%d._tcp.mx.bogus.dane.test "
+                            "failed: TLSA lookup failed (127.0.0.1: SERVFAIL" % mx_port), reply
+    assert mx_hosts[BOGUS[0]].sessions == []
+
+
+def test_an_insecure_mx_gets_opportunistic_tls(start, mx_hosts):
+    """plain.test is unsigned: its TLSA record (which would not match) is not used."""
+    server = start()
+    queue_id = send(server, "r@plain.test")
+    assert result(server, queue_id, "r@plain.test")[0] == "sent"
+    assert received(mx_hosts, PLAIN, "r@plain.test")[0].tls
+    assert "DANE:" not in server.log()
+
+
+def test_dane_only_defers_mail_for_an_insecure_mx(start, mx_hosts):
+    server = start(dane=False, tls_policy=[{"domain": "plain.test", "level": "dane-only"}])
+    queue_id = send(server, "only@plain.test")
+    status, reply = result(server, queue_id, "only@plain.test")
+    assert status == "deferred"
+    assert reply == ("451 4.7.5 DANE: the MX or address records of mx.plain.test are not "
+                     "DNSSEC-signed (delivery.tls_policy dane-only)")
+    assert received(mx_hosts, PLAIN, "only@plain.test") == []

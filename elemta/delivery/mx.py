@@ -32,7 +32,7 @@ tests/peers/nsd.py (the authoritative server the tests query).
 import ipaddress
 import random
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import dns.exception
 import dns.flags
