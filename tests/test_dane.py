@@ -13,16 +13,16 @@ See also: elemta.delivery.dane, elemta.delivery.mx, tests/test_mta_sts.py.
 
 import hashlib
 import re
-import smtplib
 import tempfile
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from elemta.delivery.dane import PEER_CHAIN, TLSA
+from elemta.delivery.dane import DANE_MODE, DANE_ONLY, PEER_CHAIN, TLSA, DANELookup
 from elemta.delivery.mx import MXResolver, TemporaryRouteError
-from tests.harness import free_port, wait_for
+from tests.harness import delivery_result as result
+from tests.harness import free_port, submit, wait_for
 from tests.peers.dnssec import ldns_available
 from tests.peers.https import LoopbackCA
 from tests.peers.nsd import NSDInstance, nsd_available
@@ -151,6 +151,26 @@ def test_a_bogus_tlsa_answer_is_a_temporary_failure(dns, mx_port):
         in dns[1].read_log()
 
 
+
+def test_what_dane_and_dane_only_make_of_each_kind_of_host(dns, mx_port):
+    """RFC 7672 2.2, host by host; dane-only refuses wherever DANE cannot authenticate."""
+    lookup = DANELookup(resolver_for(dns))
+    ee = lookup.tls_for(EE[0], True, mx_port, DANE_ONLY)
+    assert [str(record) for record in ee.records] == ["DANE-EE 3 1 1"]
+    pkix = lookup.tls_for(PKIX[0], True, mx_port, DANE_MODE)
+    assert pkix.encrypt and not pkix.records and pkix.refusal is None
+    assert lookup.tls_for(PKIX[0], True, mx_port, DANE_ONLY).refusal == (
+        "only unusable TLSA records for mx.pkix.dane.test (PKIX-EE 1 1 1) "
+        "(delivery.tls_policy dane-only)")
+    none = lookup.tls_for(EE[0], True, mx_port + 1, DANE_MODE)
+    assert (none.records, none.encrypt, none.refusal) == ((), False, None)
+    assert lookup.tls_for(EE[0], True, mx_port + 1, DANE_ONLY).refusal == (
+        "no TLSA records for _%d._tcp.mx.ee.dane.test (delivery.tls_policy dane-only)"
+        % (mx_port + 1))
+    # An insecure host's TLSA records are not even asked for.
+    plain = lookup.tls_for(PLAIN[0], False, mx_port, DANE_MODE)
+    assert (plain.records, plain.encrypt, plain.refusal) == ((), False, None)
+
 # -- delivery under DANE, end to end ------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -179,22 +199,6 @@ def start(elemta_server, dns, mx_port, mx_hosts):
     return starter
 
 
-def send(server, recipient):
-    sender = "s-%s" % recipient
-    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
-        client.sendmail(sender, [recipient], b"From: %s\r\nTo: %s\r\nSubject: dane\r\n\r\n"
-                        b"body\r\n" % (sender.encode(), recipient.encode()))
-    match = wait_for(lambda: re.search(r"(\w+): from=<%s>" % re.escape(sender), server.log()))
-    return match.group(1)
-
-
-def result(server, queue_id, recipient, timeout=15):
-    """(status, reply) of the recipient's first delivery line."""
-    pattern = r"%s: to=<%s>, relay=\S+, delay=\S+, dsn=\S+, status=(\w+) \((.*)\)" % (
-        queue_id, re.escape(recipient))
-    return wait_for(lambda: re.search(pattern, server.log()), timeout).groups()
-
-
 def received(mx_hosts, host, recipient):
     """The sessions of host's server that carried mail for recipient."""
     return [s for s in mx_hosts[host[0]].sessions for m in s.messages
@@ -203,7 +207,7 @@ def received(mx_hosts, host, recipient):
 
 def test_a_dane_ee_match_is_delivered_and_logged_as_verified(start, mx_hosts, mx_port):
     server = start()
-    queue_id = send(server, "r@ee.dane.test")
+    queue_id = submit(server, "dane@client.test", "r@ee.dane.test")
     assert result(server, queue_id, "r@ee.dane.test")[0] == "sent"
     [session] = received(mx_hosts, EE, "r@ee.dane.test")
     assert session.tls
@@ -214,7 +218,7 @@ def test_a_dane_ee_match_is_delivered_and_logged_as_verified(start, mx_hosts, mx
 
 def test_a_dane_ee_mismatch_is_deferred_and_nothing_sent(start, mx_hosts, mx_port):
     server = start()
-    queue_id = send(server, "r@eebad.dane.test")
+    queue_id = submit(server, "dane@client.test", "r@eebad.dane.test")
     status, reply = result(server, queue_id, "r@eebad.dane.test")
     assert status == "deferred"
     assert reply == ("451 4.7.5 DANE: certificate of mx.eebad.dane.test[127.0.0.42]:%d not "
@@ -225,7 +229,7 @@ def test_a_dane_ee_mismatch_is_deferred_and_nothing_sent(start, mx_hosts, mx_por
 
 def test_with_dane_off_the_tlsa_records_are_not_looked_at(start, mx_hosts):
     server = start(dane=False)
-    queue_id = send(server, "off@eebad.dane.test")
+    queue_id = submit(server, "dane@client.test", "off@eebad.dane.test")
     assert result(server, queue_id, "off@eebad.dane.test")[0] == "sent"
     assert received(mx_hosts, EE_BAD, "off@eebad.dane.test")[0].tls
     assert "DANE" not in server.log()
@@ -234,7 +238,7 @@ def test_with_dane_off_the_tlsa_records_are_not_looked_at(start, mx_hosts):
 @pytest.mark.skipif(not PEER_CHAIN, reason="DANE-TA needs the peer's chain (Python 3.10+)")
 def test_a_dane_ta_match_with_the_mx_name_is_delivered(start, mx_hosts, mx_port):
     server = start()
-    queue_id = send(server, "r@ta.dane.test")
+    queue_id = submit(server, "dane@client.test", "r@ta.dane.test")
     assert result(server, queue_id, "r@ta.dane.test")[0] == "sent"
     assert received(mx_hosts, TA, "r@ta.dane.test")[0].tls
     assert re.search(r"%s: DANE: Verified TLS connection established to "
@@ -245,7 +249,7 @@ def test_a_dane_ta_match_with_the_mx_name_is_delivered(start, mx_hosts, mx_port)
 @pytest.mark.skipif(not PEER_CHAIN, reason="DANE-TA needs the peer's chain (Python 3.10+)")
 def test_a_dane_ta_chain_for_another_name_is_deferred(start, mx_hosts, mx_port):
     server = start()
-    queue_id = send(server, "r@taname.dane.test")
+    queue_id = submit(server, "dane@client.test", "r@taname.dane.test")
     status, reply = result(server, queue_id, "r@taname.dane.test")
     assert status == "deferred"
     assert reply == ("451 4.7.5 DANE: certificate of mx.taname.dane.test[127.0.0.44]:%d not "
@@ -257,7 +261,7 @@ def test_a_dane_ta_chain_for_another_name_is_deferred(start, mx_hosts, mx_port):
 def test_only_unusable_tlsa_records_mean_tls_without_authentication(start, mx_hosts):
     """RFC 7672 2.2: a PKIX-EE record is unusable for SMTP; the host must still encrypt."""
     server = start()
-    queue_id = send(server, "r@pkix.dane.test")
+    queue_id = submit(server, "dane@client.test", "r@pkix.dane.test")
     assert result(server, queue_id, "r@pkix.dane.test")[0] == "sent"
     assert received(mx_hosts, PKIX, "r@pkix.dane.test")[0].tls
     assert ("%s: DANE: only unusable TLSA records for mx.pkix.dane.test (PKIX-EE 1 1 1): "
@@ -266,7 +270,7 @@ def test_only_unusable_tlsa_records_mean_tls_without_authentication(start, mx_ho
 
 def test_a_failed_tlsa_lookup_defers(start, mx_hosts, mx_port):
     server = start()
-    queue_id = send(server, "r@bogus.dane.test")
+    queue_id = submit(server, "dane@client.test", "r@bogus.dane.test")
     status, reply = result(server, queue_id, "r@bogus.dane.test")
     assert status == "deferred"
     assert reply.startswith("451 4.7.5 DANE: TLSA lookup for _%d._tcp.mx.bogus.dane.test "
@@ -277,7 +281,7 @@ def test_a_failed_tlsa_lookup_defers(start, mx_hosts, mx_port):
 def test_an_insecure_mx_gets_opportunistic_tls(start, mx_hosts):
     """plain.test is unsigned: its TLSA record (which would not match) is not used."""
     server = start()
-    queue_id = send(server, "r@plain.test")
+    queue_id = submit(server, "dane@client.test", "r@plain.test")
     assert result(server, queue_id, "r@plain.test")[0] == "sent"
     assert received(mx_hosts, PLAIN, "r@plain.test")[0].tls
     assert "DANE:" not in server.log()
@@ -285,7 +289,7 @@ def test_an_insecure_mx_gets_opportunistic_tls(start, mx_hosts):
 
 def test_dane_only_defers_mail_for_an_insecure_mx(start, mx_hosts):
     server = start(dane=False, tls_policy=[{"domain": "plain.test", "level": "dane-only"}])
-    queue_id = send(server, "only@plain.test")
+    queue_id = submit(server, "dane@client.test", "only@plain.test")
     status, reply = result(server, queue_id, "only@plain.test")
     assert status == "deferred"
     assert reply == ("451 4.7.5 DANE: the MX or address records of mx.plain.test are not "

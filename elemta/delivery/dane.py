@@ -137,7 +137,7 @@ class DANELookup:
             why = "only unusable TLSA records for %s (%s)" % (
                 name, ", ".join(str(record) for record in records))
             if mode == DANE_ONLY:
-                return HostTLS(refusal=why)
+                return self._unless_only(mode, why)
             return HostTLS(encrypt=True, why=why)
         return self._unless_only(mode, "no TLSA records for _%d._tcp.%s" % (port, name))
 

@@ -60,6 +60,29 @@ def free_udp_and_tcp_port(address="127.0.0.1"):
     raise RuntimeError("no port free for both UDP and TCP")
 
 
+def wait_until_answering(server, name, zone, timeout, error):
+    """Wait until server (with process, address, port, read_log()) answers a query for
+    zone's SOA; raise error (naming the server `name`, with its log) if it exits or stays
+    silent for timeout seconds."""
+    import dns.message
+    import dns.query
+    query = dns.message.make_query(zone.rstrip(".") + ".", "SOA")
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.process.poll() is not None:
+            raise error("%s exited with %s; log:\n%s" % (name, server.process.returncode,
+                                                         server.read_log()))
+        try:
+            dns.query.udp(query, server.address, timeout=0.2, port=server.port)
+            return
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise error("%s did not answer on port %d within %.0fs; log:\n%s"
+                        % (name, server.port, timeout, server.read_log()))
+        time.sleep(0.02)
+
+
 class NSDError(RuntimeError):
     """NSD would not start or rejected a zone."""
 
@@ -142,24 +165,8 @@ class NSDInstance:
         return self
 
     def _wait_until_answering(self, timeout):
-        import dns.message
-        import dns.query
-        zone = next(iter(self.zones), "test").rstrip(".")
-        query = dns.message.make_query(zone + ".", "SOA")
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise NSDError("nsd exited with %s; log:\n%s" % (self.process.returncode,
-                                                                self.read_log()))
-            try:
-                dns.query.udp(query, self.address, timeout=0.2, port=self.port)
-                return
-            except Exception:
-                pass
-            if time.monotonic() > deadline:
-                raise NSDError("nsd did not answer on port %d within %.0fs; log:\n%s"
-                               % (self.port, timeout, self.read_log()))
-            time.sleep(0.02)
+        zone = next(iter(self.zones), "test")
+        wait_until_answering(self, "nsd", zone, timeout, NSDError)
 
     def stop(self, timeout=10.0):
         """SIGTERM our NSD (it takes its own helper processes down) and wait for it."""

@@ -20,9 +20,8 @@ See also: tests/peers/nsd.py, tests/peers/dnssec.py, tests/test_dane.py.
 import os
 import shutil
 import subprocess
-import time
 
-from tests.peers.nsd import free_udp_and_tcp_port
+from tests.peers.nsd import free_udp_and_tcp_port, wait_until_answering
 from tests.peers.process import stop_process
 
 UNBOUND = "/usr/sbin/unbound"
@@ -107,31 +106,12 @@ class UnboundInstance:
         self.process = subprocess.Popen([UNBOUND, "-d", "-c", self.config],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         try:
-            self._wait_until_answering(timeout)
+            wait_until_answering(self, "unbound", next(iter(self.nsd.zones), "test"),
+                                 timeout, UnboundError)
         except Exception:
             self.stop()
             raise
         return self
-
-    def _wait_until_answering(self, timeout):
-        import dns.message
-        import dns.query
-        zone = next(iter(self.nsd.zones), "test").rstrip(".")
-        query = dns.message.make_query(zone + ".", "SOA")
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise UnboundError("unbound exited with %s; log:\n%s"
-                                   % (self.process.returncode, self.read_log()))
-            try:
-                dns.query.udp(query, self.address, timeout=0.2, port=self.port)
-                return
-            except Exception:
-                pass
-            if time.monotonic() > deadline:
-                raise UnboundError("unbound did not answer on port %d within %.0fs; log:\n%s"
-                                   % (self.port, timeout, self.read_log()))
-            time.sleep(0.05)
 
     def stop(self):
         stop_process(self.process, grace=10)
