@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
@@ -164,6 +165,14 @@ def verify(chain, name, records):
     presented as MX host name; raises DANEError saying why none does."""
     if not chain:
         raise DANEError("no certificate from the server")
+    try:
+        return _verify(chain, name, records)
+    except (ValueError, UnsupportedAlgorithm, crypto.Error) as error:
+        # A certificate the libraries cannot read authenticates nothing.
+        raise DANEError("unreadable certificate: %s" % (error or type(error).__name__))
+
+
+def _verify(chain, name, records):
     leaf, rest = chain[0], chain[1:]
     for record in records:
         if record.usage == DANE_EE and record.matches(leaf):
