@@ -14,8 +14,10 @@ processes left behind.
 
 import os
 import random
+import re
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -120,6 +122,22 @@ def wait_for(predicate, timeout=10):
             return value
         time.sleep(0.01)
     raise AssertionError("condition not met within %ss" % timeout)
+
+
+def submit(server, sender, recipient):
+    """Send one small message over SMTP to a running ElemtaServer; its queue id."""
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.sendmail(sender, [recipient], b"From: %s\r\nTo: %s\r\nSubject: test\r\n\r\n"
+                        b"body\r\n" % (sender.encode(), recipient.encode()))
+    match = wait_for(lambda: re.search(r"(\w+): from=<%s>" % re.escape(sender), server.log()))
+    return match.group(1)
+
+
+def delivery_result(server, queue_id, recipient, timeout=15):
+    """(status, reply) of the recipient's first delivery log line."""
+    pattern = r"%s: to=<%s>, relay=\S+, delay=\S+, dsn=\S+, status=(\w+) \((.*)\)" % (
+        queue_id, re.escape(recipient))
+    return wait_for(lambda: re.search(pattern, server.log()), timeout).groups()
 
 
 class ElemtaServer:

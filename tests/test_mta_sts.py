@@ -11,14 +11,14 @@ See also: elemta.delivery.mtasts, elemta.delivery.smtp_transport, tests/test_del
 """
 
 import re
-import smtplib
 import tempfile
 
 import pytest
 
 from elemta.delivery.mtasts import (STSPolicy, STSPolicyError, mx_matches, parse_policy,
                                     published_id)
-from tests.harness import free_port, wait_for
+from tests.harness import delivery_result as result
+from tests.harness import free_port, submit, wait_for
 from tests.peers.https import PolicyServer, LoopbackCA
 from tests.peers.nsd import NSDInstance, nsd_available
 from tests.peers.sink import ScriptedServer
@@ -163,21 +163,6 @@ def start(elemta_server, nsd, mx_port, pki, web_port):
     return starter
 
 
-def send(server, sender, recipient):
-    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
-        client.sendmail(sender, [recipient], b"From: %s\r\nTo: %s\r\nSubject: sts\r\n\r\n"
-                        b"body\r\n" % (sender.encode(), recipient.encode()))
-    match = wait_for(lambda: re.search(r"(\w+): from=<%s>" % re.escape(sender), server.log()))
-    return match.group(1)
-
-
-def result(server, queue_id, recipient, timeout=15):
-    """(status, reply) of the recipient's first delivery line."""
-    pattern = r"%s: to=<%s>, relay=\S+, delay=\S+, dsn=\S+, status=(\w+) \((.*)\)" % (
-        queue_id, re.escape(recipient))
-    return wait_for(lambda: re.search(pattern, server.log()), timeout).groups()
-
-
 def received_by(server, recipient):
     """The sessions of a scripted server that carried mail for recipient."""
     return [s for s in server.sessions for m in s.messages
@@ -188,7 +173,7 @@ def received_by(server, recipient):
 def test_enforce_with_a_named_mx_and_a_valid_certificate_delivers_over_tls(start, mx_hosts):
     good = mx_hosts[0]
     server = start()
-    queue_id = send(server, "e@client.test", "r@enforce.sts.test")
+    queue_id = submit(server, "e@client.test", "r@enforce.sts.test")
     assert result(server, queue_id, "r@enforce.sts.test")[0] == "sent"
     [session] = received_by(good, "r@enforce.sts.test")
     assert session.tls
@@ -202,7 +187,7 @@ def test_enforce_with_a_named_mx_and_a_valid_certificate_delivers_over_tls(start
 def test_enforce_defers_mail_for_an_mx_the_policy_does_not_name(start, mx_hosts):
     other = mx_hosts[1]
     server = start()
-    queue_id = send(server, "m@client.test", "r@mismatch.sts.test")
+    queue_id = submit(server, "m@client.test", "r@mismatch.sts.test")
     status, reply = result(server, queue_id, "r@mismatch.sts.test")
     assert status == "deferred"
     assert reply == ("451 4.7.5 MX host mx.other.sts.test not named by the MTA-STS policy "
@@ -214,7 +199,7 @@ def test_enforce_defers_mail_for_an_mx_the_policy_does_not_name(start, mx_hosts)
 def test_enforce_defers_mail_when_the_certificate_does_not_name_the_mx(start, mx_hosts):
     bad = mx_hosts[2]
     server = start()
-    queue_id = send(server, "b@client.test", "r@badcert.sts.test")
+    queue_id = submit(server, "b@client.test", "r@badcert.sts.test")
     status, reply = result(server, queue_id, "r@badcert.sts.test")
     assert status == "deferred"
     assert reply.startswith("451 4.7.5 MTA-STS policy of badcert.sts.test (enforce): TLS "
@@ -227,7 +212,7 @@ def test_enforce_defers_mail_when_the_certificate_does_not_name_the_mx(start, mx
 def test_testing_mode_delivers_and_logs_what_enforce_would_have_refused(start, mx_hosts):
     bad = mx_hosts[2]
     server = start()
-    queue_id = send(server, "t@client.test", "r@testing.sts.test")
+    queue_id = submit(server, "t@client.test", "r@testing.sts.test")
     assert result(server, queue_id, "r@testing.sts.test")[0] == "sent"
     assert len(received_by(bad, "r@testing.sts.test")) == 1
     log = server.log()
@@ -247,16 +232,16 @@ def test_a_cached_policy_outlives_its_server_and_a_restart(start, mx_hosts, pki,
     web = PolicyServer(WEB_CACHED, web_port, cert, key, POLICIES).__enter__()
     try:
         server = start()
-        first = send(server, "c1@client.test", "r1@cached.sts.test")
+        first = submit(server, "c1@client.test", "r1@cached.sts.test")
         assert result(server, first, "r1@cached.sts.test")[0] == "sent"
     finally:
         web.stop()
     assert web.fetches == ["mta-sts.cached.sts.test"]
-    second = send(server, "c2@client.test", "r2@cached.sts.test")
+    second = submit(server, "c2@client.test", "r2@cached.sts.test")
     assert result(server, second, "r2@cached.sts.test")[0] == "sent"
     server.stop()
     server.start()
-    third = send(server, "c3@client.test", "r3@cached.sts.test")
+    third = submit(server, "c3@client.test", "r3@cached.sts.test")
     assert result(server, third, "r3@cached.sts.test")[0] == "sent"
     log = server.log()
     # The second went over the first's session, parked for mail under the same policy;
@@ -275,7 +260,7 @@ def test_a_tls_policy_entry_turns_mta_sts_off_for_its_domain(start, mx_hosts):
     """delivery.tls_policy's explicit level wins over the domain's policy (mta_sts on)."""
     other = mx_hosts[1]
     server = start(tls_policy=[{"domain": "mismatch.sts.test", "level": "may"}])
-    queue_id = send(server, "p@client.test", "r@mismatch.sts.test")
+    queue_id = submit(server, "p@client.test", "r@mismatch.sts.test")
     assert result(server, queue_id, "r@mismatch.sts.test")[0] == "sent"
     assert len(received_by(other, "r@mismatch.sts.test")) == 1
     assert "MTA-STS policy of mismatch" not in server.log()
@@ -289,7 +274,7 @@ def test_a_policy_server_whose_certificate_is_not_trusted_gives_no_policy(
     other = mx_hosts[1]
     stranger = LoopbackCA(tmp_path / "other-ca", "Some Other CA")
     server = start(mta_sts_ca_file=stranger.ca_file)
-    queue_id = send(server, "u@client.test", "u@mismatch.sts.test")
+    queue_id = submit(server, "u@client.test", "u@mismatch.sts.test")
     assert result(server, queue_id, "u@mismatch.sts.test")[0] == "sent"
     assert len(received_by(other, "u@mismatch.sts.test")) == 1
     assert re.search(r"MTA-STS policy of mismatch.sts.test \(id 1\) not fetched: "

@@ -49,8 +49,8 @@ SYSLOG_FACILITIES = ("mail", "daemon", "local0", "local1", "local2", "local3", "
                      "local5", "local6", "local7")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 DELIVERY_TLS_LEVELS = ("none", "may", "encrypt", "verify", "secure")
-# A tls_policy entry may also hand its domain to MTA-STS (RFC 8461).
-TLS_POLICY_LEVELS = DELIVERY_TLS_LEVELS + ("mta-sts",)
+# A tls_policy entry may also hand its domain to MTA-STS (RFC 8461) or DANE (RFC 7672).
+TLS_POLICY_LEVELS = DELIVERY_TLS_LEVELS + ("mta-sts", "dane", "dane-only")
 AUTH_BACKENDS = ("file", "dovecot")
 SENDER_LOGIN_RULES = ("authenticated", "all", "none")
 # What a failed protocol test does (Postfix's postscreen_*_action).
@@ -818,7 +818,11 @@ class TLSPolicyEntry:
                           "for every subdomain).", _transport_domain)
     level: str = opt("may", "none, may, encrypt, verify or secure, as tls_level; or "
                             "mta-sts: the domain's MTA-STS policy decides, even with "
-                            "delivery.mta_sts off (tls_level when it publishes none).",
+                            "delivery.mta_sts off (tls_level when it publishes none); "
+                            "dane: DANE (as delivery.dane) for this destination, even "
+                            "with delivery.dane off; dane-only: DANE or nothing, mail to "
+                            "an MX host DANE cannot authenticate is deferred (Postfix's "
+                            "levels dane and dane-only).",
                      _one_of(TLS_POLICY_LEVELS))
 
 
@@ -925,6 +929,19 @@ class DeliverySettings:
                                  "443; another only for tests).", _port)
     mta_sts_timeout: float = opt(20.0, "Seconds an MTA-STS policy fetch may take in all "
                                        "(connect, TLS, request and answer).", _positive)
+    dane: bool = opt(
+        False, "DANE (RFC 7672) for mail routed by MX: an MX host whose MX, address and "
+               "TLSA records are DNSSEC-validated must do STARTTLS with a certificate a "
+               "usable TLSA record (DANE-EE or DANE-TA) names, else it is not used and "
+               "the mail deferred; a host with only unusable TLSA records must do TLS, "
+               "unchecked (DANE-TA records count as unusable on Python 3.9, whose ssl "
+               "does not show the server's chain); a failed TLSA lookup defers; hosts without validated records "
+               "get tls_level (or MTA-STS, which DANE wins over). \"Validated\" is the "
+               "AD bit of the nameservers (delivery.nameservers, else /etc/resolv.conf), "
+               "which must be a validating resolver on this host (unbound, say): an AD "
+               "bit from afar can be forged on the way. Off by default for that reason: "
+               "turn it on once such a resolver answers. Postfix's "
+               "smtp_tls_security_level = dane with smtp_dns_support_level = dnssec.")
     lease: float = opt(900.0, "Seconds a delivery worker owns a message it took. A "
                               "worker renews the lease of a delivery still under way. "
                               "When a worker dies, the other workers return its messages "

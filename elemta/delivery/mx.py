@@ -21,6 +21,10 @@ only ever waits in gevent's hub: it never blocks the worker's other greenlets, w
 the process is monkey-patched, and needs no thread pool. Per lookup, each nameserver is tried
 in turn, `attempts` rounds at most, each try bounded by `timeout` seconds.
 
+DNSSEC (for DANE, RFC 7672, elemta.delivery.dane): with dnssec=True every query sets the DO
+bit, and each Host says whether its MX records and addresses were all validated by the
+resolver (the AD bit); tlsa() gives a host's TLSA records and whether they were.
+
 See also: elemta.delivery.smtp_client (talks to the hosts found here), tests/test_mx.py,
 tests/peers/nsd.py (the authoritative server the tests query).
 """
@@ -28,7 +32,7 @@ tests/peers/nsd.py (the authoritative server the tests query).
 import ipaddress
 import random
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import dns.exception
 import dns.flags
@@ -90,10 +94,21 @@ class NullMX(RouteError):
 @dataclass(frozen=True)
 class Host:
     """One address to connect to. `name` is the MX host name (the name TLS verifies);
-    `preference` is None for an implicit MX (the domain's own address) or an address literal."""
+    `preference` is None for an implicit MX (the domain's own address) or an address literal;
+    `secure`: the MX lookup and the host's address lookup were both DNSSEC-validated."""
     name: str
     address: str
     preference: Optional[int] = None
+    secure: bool = False
+
+
+class Records(list):
+    """The records of one lookup, and `secure`: every answer on the way (CNAMEs included)
+    was DNSSEC-validated by the resolver."""
+
+    def __init__(self, records=(), secure=False):
+        super().__init__(records)
+        self.secure = secure
 
     @property
     def family(self):
@@ -101,11 +116,11 @@ class Host:
 
 
 class _NXDomain(Exception):
-    pass
+    secure = False
 
 
 class _NoData(Exception):
-    pass
+    secure = False
 
 
 class MXResolver:
@@ -117,12 +132,13 @@ class MXResolver:
     attempts:    rounds over the nameservers before a lookup is a temporary failure.
     families:    ("ipv4", "ipv6") or one of them, as Postfix's inet_protocols.
     address_preference: "any" (shuffled), "ipv4" or "ipv6" first, among one host's addresses.
+    dnssec:      ask with the DO bit and tell validated answers (see the module docstring).
     """
 
     def __init__(self, nameservers=None, port=53, timeout=5.0, attempts=2,
-                 families=("ipv4", "ipv6"), address_preference="any"):
-        # type: (Optional[Sequence[str]], int, float, int, Sequence[str], str) -> None
-        self.transport = Transport(nameservers, port, timeout, attempts)
+                 families=("ipv4", "ipv6"), address_preference="any", dnssec=False):
+        # type: (Optional[Sequence[str]], int, float, int, Sequence[str], str, bool) -> None
+        self.transport = Transport(nameservers, port, timeout, attempts, dnssec)
         unknown = set(families) - {"ipv4", "ipv6"}
         if unknown or not families:
             raise ValueError("families must be ipv4 and/or ipv6, not %r" % (families,))
@@ -149,8 +165,8 @@ class MXResolver:
             exchanges = self.mx(domain)
         except _NXDomain:
             raise NoSuchDomain(domain, "domain not found (NXDOMAIN)")
-        except _NoData:
-            return self._implicit_mx(domain)
+        except _NoData as nodata:
+            return self._implicit_mx(domain, nodata.secure)
         names = [name for _, name in exchanges]
         lookups = [gevent.spawn(self._host_addresses, name) for name in names]
         gevent.joinall(lookups)
@@ -158,7 +174,8 @@ class MXResolver:
         for (preference, name), lookup in zip(exchanges, lookups):
             addresses, error = lookup.value
             if error is None:
-                hosts += [Host(name, address, preference) for address in addresses]
+                secure = exchanges.secure and addresses.secure
+                hosts += [Host(name, address, preference, secure) for address in addresses]
             else:
                 temporary = temporary or isinstance(error, TemporaryRouteError)
                 failures.append("%s: %s" % (name, getattr(error, "reason", error)))
@@ -169,14 +186,16 @@ class MXResolver:
                                       % "; ".join(failures))
         raise NoMailHost(domain, "no MX host has an address (%s)" % "; ".join(failures))
 
-    def _implicit_mx(self, domain):
+    def _implicit_mx(self, domain, secure):
+        """The domain's own addresses; secure: its lack of MX records was validated."""
         try:
             addresses = self.addresses(domain)
         except _NXDomain:
             raise NoSuchDomain(domain, "domain not found (NXDOMAIN)")
         if not addresses:
             raise NoMailHost(domain, "no MX and no address record")
-        return [Host(domain.rstrip("."), address) for address in addresses]
+        secure = secure and addresses.secure
+        return [Host(domain.rstrip("."), address, None, secure) for address in addresses]
 
     def _host_addresses(self, name):
         """(addresses, None) or ([], the RouteError): returned, not raised, since gevent
@@ -192,9 +211,10 @@ class MXResolver:
         return addresses, None
 
     def mx(self, domain):
-        # type: (str) -> List[Tuple[int, str]]
-        """(preference, host) pairs in the order to try them; raises NullMX, or
-        _NXDomain / _NoData for route() to decide (no MX means implicit MX)."""
+        # type: (str) -> Records
+        """(preference, host) pairs in the order to try them (Records: secure says they
+        were validated); raises NullMX, or _NXDomain / _NoData for route() to decide (no
+        MX means implicit MX)."""
         records = self._lookup(domain, "MX")
         if len(records) == 1 and records[0].exchange == dns.name.root:
             raise NullMX(domain)
@@ -211,34 +231,40 @@ class MXResolver:
             ordered += [(preference, name) for name in names]
         if not ordered:
             raise NullMX(domain)
-        return ordered
+        return Records(ordered, records.secure)
 
     def addresses(self, name):
-        # type: (str) -> List[str]
-        """The A and/or AAAA addresses of `name` in the preferred order ([] if none).
-        Raises _NXDomain if the name does not exist, TemporaryRouteError."""
+        # type: (str) -> Records
+        """The A and/or AAAA addresses of `name` in the preferred order ([] if none;
+        secure when every answer was validated). Raises _NXDomain if the name does not
+        exist, TemporaryRouteError."""
         types = [{"ipv4": "A", "ipv6": "AAAA"}[family] for family in self.families]
         found = {}
         nxdomain = 0
+        secure = True
         for rdtype in types:
             try:
-                found[rdtype] = [record.address for record in self._lookup(name, rdtype)]
-            except _NoData:
+                records = self._lookup(name, rdtype)
+                found[rdtype] = [record.address for record in records]
+                secure = secure and records.secure
+            except _NoData as nodata:
                 found[rdtype] = []
+                secure = secure and nodata.secure
             except _NXDomain:
                 nxdomain += 1
+                secure = False
         if nxdomain == len(types):
             raise _NXDomain(name)
         v4, v6 = found.get("A", []), found.get("AAAA", [])
         random.shuffle(v4)
         random.shuffle(v6)
         if self.address_preference == "ipv6":
-            return v6 + v4
+            return Records(v6 + v4, secure)
         if self.address_preference == "ipv4":
-            return v4 + v6
+            return Records(v4 + v6, secure)
         both = v4 + v6
         random.shuffle(both)
-        return both
+        return Records(both, secure)
 
     def txt(self, name):
         # type: (str) -> List[str]
@@ -251,30 +277,47 @@ class MXResolver:
             return []
         return [b"".join(record.strings).decode("utf-8", "replace") for record in records]
 
+    def tlsa(self, name, port=25):
+        # type: (str, int) -> Records
+        """The TLSA records at _<port>._tcp.<name> (RFC 6698, 7672 2.2.3): [] when there
+        are none; secure when the answer (records or their absence) was validated. A
+        failed lookup (SERVFAIL, as a validator answers for a bogus one) raises
+        TemporaryRouteError."""
+        try:
+            return self._lookup("_%d._tcp.%s" % (port, name), "TLSA")
+        except (_NXDomain, _NoData) as none:
+            return Records([], none.secure)
+
     # -- one lookup ---------------------------------------------------------------------
 
     def _lookup(self, name, rdtype):
-        """The records of type rdtype at name, following CNAMEs; raises _NXDomain,
-        _NoData or TemporaryRouteError."""
+        """The Records of type rdtype at name, following CNAMEs; raises _NXDomain,
+        _NoData (each with `secure`: the absence was validated) or TemporaryRouteError."""
         try:
             qname = dns.name.from_text(name)
         except (dns.exception.DNSException, UnicodeError, ValueError) as error:
             raise NoSuchDomain(name, "not a valid domain name (%s)" % error)
         rdtype = dns.rdatatype.from_text(rdtype)
+        secure = True
         for _ in range(MAX_CNAME_REQUERIES):
             response = self._ask(qname, rdtype)
+            secure = secure and self.transport.validated(response)
             try:
                 chain = response.resolve_chaining()
             except dns.exception.DNSException as error:
                 raise TemporaryRouteError(name, "unusable answer (%s)" % error)
             if chain.answer is not None:
-                return list(chain.answer)
+                return Records(chain.answer, secure)
             if response.rcode() == dns.rcode.NXDOMAIN:
-                raise _NXDomain(name)
-            if chain.canonical_name == qname:
-                raise _NoData(name)
-            # The server gave a CNAME but not its target (another zone): ask for the target.
-            qname = chain.canonical_name
+                missing = _NXDomain(name)
+            elif chain.canonical_name == qname:
+                missing = _NoData(name)
+            else:
+                # The server gave a CNAME but not its target (another zone): ask for it.
+                qname = chain.canonical_name
+                continue
+            missing.secure = secure
+            raise missing
         raise TemporaryRouteError(name, "CNAME chain too long")
 
     def _ask(self, qname, rdtype):

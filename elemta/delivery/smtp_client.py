@@ -16,8 +16,9 @@ this module talks to one of them:
     client.quit()
 
 What it does, RFC by RFC: EHLO with HELO fallback (5321); STARTTLS, opportunistic or mandatory
-with certificate checks (3207, TLSPolicy); PIPELINING: MAIL, every RCPT and DATA in one write,
-replies read in order (2920); SIZE announced, and a message larger than the server's limit
+with certificate checks (3207, TLSPolicy), or checked against TLSA records (DANE, 7672,
+elemta.delivery.dane); PIPELINING: MAIL, every RCPT and DATA in one write, replies read in
+order (2920); SIZE announced, and a message larger than the server's limit
 refused before MAIL (1870); BODY=8BITMIME when the message is 8-bit and the server offers it
 (6152; without the offer the bytes go as they are, as Postfix does by default); SMTPUTF8 when
 the envelope needs it, and a permanent failure 5.6.7 when the server lacks it (6531); RET,
@@ -55,6 +56,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from gevent import socket, ssl
 
+from elemta.delivery import dane
 from elemta.delivery.wire import (DataEncoder, ReplyReader, ServerReply, SMTPProtocolError,
                                   local_reply, orcpt_parameter, parse_ehlo, xtext)
 
@@ -71,7 +73,8 @@ TLS_MAY = "may"           # STARTTLS when offered, certificate not checked; plai
 TLS_ENCRYPT = "encrypt"   # STARTTLS required, certificate not checked
 TLS_VERIFY = "verify"     # STARTTLS required, certificate chain checked against the CAs
 TLS_SECURE = "secure"     # as verify, and the certificate must name the MX host
-TLS_LEVELS = (TLS_NONE, TLS_MAY, TLS_ENCRYPT, TLS_VERIFY, TLS_SECURE)
+TLS_DANE = "dane"         # STARTTLS required, a TLSA record must match (elemta.delivery.dane)
+TLS_LEVELS = (TLS_NONE, TLS_MAY, TLS_ENCRYPT, TLS_VERIFY, TLS_SECURE, TLS_DANE)
 
 # Content is read and sent in blocks of this size: memory per delivery stays bounded.
 CONTENT_BLOCK = 64 * 1024
@@ -99,10 +102,12 @@ class Timeouts:
 @dataclass(frozen=True)
 class TLSPolicy:
     """When to use STARTTLS and what to check (see TLS_LEVELS). ca_file/ca_path name the
-    trusted CAs for verify and secure (the system's store when both are None)."""
+    trusted CAs for verify and secure (the system's store when both are None); tlsa, the
+    usable TLSA records (elemta.delivery.dane.TLSA) level dane checks the server with."""
     level: str = TLS_MAY
     ca_file: Optional[str] = None
     ca_path: Optional[str] = None
+    tlsa: Tuple[object, ...] = ()
 
     def __post_init__(self):
         if self.level not in TLS_LEVELS:
@@ -111,7 +116,7 @@ class TLSPolicy:
 
     @property
     def mandatory(self):
-        return self.level in (TLS_ENCRYPT, TLS_VERIFY, TLS_SECURE)
+        return self.level in (TLS_ENCRYPT, TLS_VERIFY, TLS_SECURE, TLS_DANE)
 
     def context(self):
         """The client SSLContext for this policy."""
@@ -124,7 +129,8 @@ class TLSPolicy:
             else:
                 context.load_default_certs()
         else:
-            # Opportunistic and encrypt-only TLS protect against passive listeners only.
+            # Opportunistic and encrypt-only TLS protect against passive listeners only;
+            # DANE checks the certificate against TLSA records after the handshake.
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
@@ -243,6 +249,7 @@ class SMTPClient:
         self.greeting = None       # type: Optional[ServerReply]
         self.extensions = {}       # EHLO keyword -> parameters; {} after HELO
         self.tls_version = None    # "TLSv1.3" once STARTTLS succeeded
+        self.tls_verified = None   # at level dane: the TLSA record that matched
         self._reader = ReplyReader()
         self._server_name = None
         self._need_rset = False
@@ -361,6 +368,14 @@ class SMTPClient:
             raise SessionError(local_reply(451, "4.7.5", "TLS handshake with %s failed: %s"
                                            % (self.peer, _describe(error))),
                                tls_failure=True)
+        if self.tls.level == TLS_DANE:
+            try:
+                self.tls_verified = dane.verify(dane.peer_chain(self.sock),
+                                                self._server_name, self.tls.tlsa)
+            except dane.DANEError as error:
+                raise SessionError(local_reply(451, "4.7.5", "DANE: certificate of %s not "
+                                               "verified: %s" % (self.peer, error)),
+                                   tls_failure=True)
         self.tls_version = self.sock.version()
         self._reader = ReplyReader()
 

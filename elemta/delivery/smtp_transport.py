@@ -16,6 +16,12 @@ offer STARTTLS with a certificate valid for their name (level secure, against
 delivery.mta_sts_ca_file); in enforce mode a failure defers the mail (4.7.5, the policy
 named), in testing mode it is logged and the mail goes as without the policy.
 
+DANE (RFC 7672, elemta.delivery.dane): for mail to a destination under DANE
+(delivery.dane, or a tls_policy entry of level dane or dane-only), each host's TLS is
+decided when it is connected to (DANEDelivery.connect): authenticated by its TLSA records,
+encrypted only, given up, or, where DANE does not apply, as without it (MTA-STS included:
+DANE wins over it for hosts it applies to, RFC 8461 2).
+
 SMTP AUTH to a next hop with credentials in delivery.sasl_password_file (elemta.delivery.sasl,
 looked up by the next hop as written: "[host]:port" or "host:port"); a file that cannot be
 used is logged as an error and defers the mail, never sends it unauthenticated.
@@ -30,12 +36,15 @@ from elemta import metrics
 from elemta.addressing.normal import normal_domain
 from elemta.addressing.resolve import domain_entry
 from elemta.delivery.connections import ConnectionCache
+from elemta.delivery.dane import DANE_MODE, DANELookup
+from elemta.delivery.dane import MODES as DANE_MODES
 from elemta.delivery.mtasts import ENFORCE, MTASTS, NONE, PolicyCache, PolicyFetcher
 from elemta.delivery.mx import RouteError
 from elemta.delivery.routing import hosts_for
 from elemta.delivery.sasl import SASLFileError, SASLPasswords, nexthop_key
-from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, TLS_SECURE, SessionError,
-                                         SMTPClient, Timeouts, TLSPolicy, outcome_of)
+from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, TLS_DANE, TLS_ENCRYPT,
+                                         TLS_SECURE, SessionError, SMTPClient, Timeouts,
+                                         TLSPolicy, outcome_of)
 from elemta.delivery.wire import local_reply
 from elemta.queue.model import BOUNCED, RCPT_DEFERRED, SENT
 
@@ -85,6 +94,8 @@ class SMTPTransport:
             fetcher = PolicyFetcher(resolver, delivery.mta_sts_ca_file,
                                     delivery.mta_sts_port, delivery.mta_sts_timeout)
             self.mta_sts = MTASTS(resolver, cache, fetcher)
+        self.dane_default = delivery.dane
+        self.dane = DANELookup(resolver) if resolver is not None else None
         self.connections = ConnectionCache()
         self.mx_port = config.delivery.mx_port
         self.sasl_require_tls = config.delivery.sasl_require_tls
@@ -123,6 +134,10 @@ class SMTPTransport:
                 log.warning("%s: %s", record.queue_id, refusal.text)
                 return {index: (RCPT_DEFERRED, str(refusal), "none") for index, _ in items}
             tls, level, connect = self.mta_sts_tls, "mta-sts " + policy.mode, sts.connect
+        mode = self.dane_mode(destination)
+        if mode is not None:
+            dane = DANEDelivery(record.queue_id, self.dane, mode, hosts, connect)
+            level, connect = "%s, else %s" % (mode, level), dane.connect
         targets = [(host.address, destination.port, host.name) for host in hosts]
         return self.deliver_to(record, items, targets, lambda tls=tls: SMTPClient(
             self.hostname, timeouts=self.timeouts, tls=tls, credentials=credentials,
@@ -134,9 +149,19 @@ class SMTPTransport:
         domain or next-hop host, else delivery.tls_level (also for an mta-sts entry: what
         applies where the domain publishes no policy)."""
         level = domain_entry(self.level_by_destination, normal_domain(destination.host))
-        if level is None or level == MTA_STS_LEVEL:
+        if level is None or level == MTA_STS_LEVEL or level in DANE_MODES:
             return self.tls
         return TLSPolicy(level)
+
+    def dane_mode(self, destination):
+        """dane or dane-only when DANE applies to destination (its tls_policy entry, else
+        delivery.dane), else None."""
+        if self.dane is None:
+            return None
+        level = domain_entry(self.level_by_destination, normal_domain(destination.host))
+        if level in DANE_MODES:
+            return level
+        return DANE_MODE if level is None and self.dane_default else None
 
     def mta_sts_policy(self, destination):
         """The MTA-STS policy (enforce or testing) for mail routed by MX to destination's
@@ -174,7 +199,9 @@ class SMTPTransport:
                 except SessionError as error:
                     if error.tls_failure:
                         metrics.DELIVERY_TLS_FAILURES.labels(self.kind).inc()
-                    last_reply, relay = error.reply, client.peer
+                    # A connect hook may have given up before any client connected.
+                    last_reply = error.reply
+                    relay = client.peer or "%s[%s]:%d" % (name, address, port)
                     log.info("%s: %s", record.queue_id, error.reply.text or error.reply)
                     if error.try_next_host:
                         continue
@@ -255,4 +282,46 @@ class STSDelivery:
             return client
         log.info("%s: %s: TLS with %s verified (%s)", self.queue_id, self.where(),
                  client.peer, client.tls_version)
+        return client
+
+
+class DANEDelivery:
+    """One delivery under DANE (RFC 7672, elemta.delivery.dane) in mode dane or dane-only:
+    each host's TLS decided by its TLSA records when it is connected to. fallback_connect
+    (STSDelivery.connect, or None for a plain connect) is used where DANE does not apply."""
+
+    def __init__(self, queue_id, lookup, mode, hosts, fallback_connect=None):
+        self.queue_id = queue_id
+        self.lookup = lookup
+        self.mode = mode
+        self.secure = {host.name: host.secure for host in hosts}
+        self.fallback_connect = fallback_connect
+        self._decided = {}       # (host name, port) -> HostTLS, once per delivery
+
+    def connect(self, client, address, port, name, new_client):
+        """A connected client for name at address: DANE-authenticated, encrypted only, or
+        fallback_connect's. Raises SessionError (the host given up)."""
+        key = (name, port)
+        if key not in self._decided:
+            self._decided[key] = self.lookup.tls_for(name, self.secure.get(name, False),
+                                                     port, self.mode)
+        host = self._decided[key]
+        if host.refusal is not None:
+            raise SessionError(local_reply(451, "4.7.5", "DANE: %s" % host.refusal))
+        if host.encrypt:
+            log.info("%s: DANE: %s: TLS required, certificate not checked (RFC 7672 2.2)",
+                     self.queue_id, host.why)
+            client = new_client(TLSPolicy(TLS_ENCRYPT))
+        elif host.records:
+            client = new_client(TLSPolicy(TLS_DANE, tlsa=host.records))
+        else:
+            log.debug("%s: DANE does not apply: %s", self.queue_id, host.why)
+            if self.fallback_connect is not None:
+                return self.fallback_connect(client, address, port, name, new_client)
+            return client.connect(address, port, server_name=name)
+        client.connect(address, port, server_name=name)
+        if host.records:
+            log.info("%s: DANE: Verified TLS connection established to %s (%s, TLSA %s "
+                     "matched)", self.queue_id, client.peer, client.tls_version,
+                     client.tls_verified)
         return client

@@ -63,7 +63,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 
 from elemta import metrics
-from elemta.delivery import bounce
+from elemta.delivery import bounce, dane
 from elemta.delivery.concurrency import DestinationSlots
 from elemta.delivery.error_transport import ErrorTransport
 from elemta.delivery.lmtp import LMTPTransport
@@ -156,7 +156,8 @@ class DeliveryWorker(GeventChild):
         self.queue = Queue.from_config(self.config.queue)
         self.owner = holders.holder_name()
         resolver = MXResolver(list(self.delivery.nameservers) or None,
-                            port=self.delivery.dns_port, timeout=self.delivery.dns_timeout)
+                              port=self.delivery.dns_port, timeout=self.delivery.dns_timeout,
+                              dnssec=dane.wanted(self.delivery))
         self.wake_socket = wakeup.bind(spool, self.slot, gsocket)
         self.own_socket_file(wakeup.socket_path(spool, self.slot))
         store = self.queue.store

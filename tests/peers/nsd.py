@@ -13,7 +13,14 @@ and is stopped by SIGTERM to that child alone. It never touches the system's NSD
         Resolver(nameservers=["127.0.0.1"], port=dns.port)
 
 Each zone's text is written after an SOA and an NS record that the fixture supplies
-($ORIGIN is the zone, $TTL 60). See also: tests/test_mx.py, elemta.delivery.mx.
+($ORIGIN is the zone, $TTL 60). Zones named in `signed` are served signed for DNSSEC
+(tests/peers/dnssec.py); their DS records, in `trust_anchors`, are what a validating
+resolver (tests/peers/unbound.py) trusts:
+
+    NSDInstance(tmpdir, zones, signed={"secure.test": (), "odd.test": ("_25._tcp.mx",)})
+
+(the names after a zone get spoiled signatures: bogus, so SERVFAIL from a validator).
+See also: tests/test_mx.py, tests/test_dane.py, elemta.delivery.mx.
 """
 
 import os
@@ -23,7 +30,9 @@ import socket
 import subprocess
 import textwrap
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
+
+from tests.peers.dnssec import ldns_available, sign_zone
 
 NSD = "/usr/sbin/nsd"
 NSD_CHECKZONE = "/usr/sbin/nsd-checkzone"
@@ -51,6 +60,29 @@ def free_udp_and_tcp_port(address="127.0.0.1"):
     raise RuntimeError("no port free for both UDP and TCP")
 
 
+def wait_until_answering(server, name, zone, timeout, error):
+    """Wait until server (with process, address, port, read_log()) answers a query for
+    zone's SOA; raise error (naming the server `name`, with its log) if it exits or stays
+    silent for timeout seconds."""
+    import dns.message
+    import dns.query
+    query = dns.message.make_query(zone.rstrip(".") + ".", "SOA")
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.process.poll() is not None:
+            raise error("%s exited with %s; log:\n%s" % (name, server.process.returncode,
+                                                         server.read_log()))
+        try:
+            dns.query.udp(query, server.address, timeout=0.2, port=server.port)
+            return
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise error("%s did not answer on port %d within %.0fs; log:\n%s"
+                        % (name, server.port, timeout, server.read_log()))
+        time.sleep(0.02)
+
+
 class NSDError(RuntimeError):
     """NSD would not start or rejected a zone."""
 
@@ -62,10 +94,13 @@ class NSDInstance:
            "@ IN SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 60\n"
            "@ IN NS ns.{zone}.\n")
 
-    def __init__(self, workdir, zones, port=None, address="127.0.0.1"):
-        # type: (str, Dict[str, str], Optional[int], str) -> None
+    def __init__(self, workdir, zones, port=None, address="127.0.0.1", signed=None):
+        # type: (str, Dict[str, str], Optional[int], str, Optional[Dict[str, Sequence[str]]]) -> None
         self.workdir = os.path.abspath(str(workdir))
         self.zones = dict(zones)
+        self.signed = {zone.rstrip("."): tuple(bogus)
+                       for zone, bogus in (signed or {}).items()}
+        self.trust_anchors = {}    # signed zone -> its DS record
         self.address = address
         self.port = port or free_udp_and_tcp_port(address)
         self.config = os.path.join(self.workdir, "nsd.conf")
@@ -105,13 +140,18 @@ class NSDInstance:
                                        stderr=subprocess.STDOUT, universal_newlines=True)
                 if check.returncode != 0:
                     raise NSDError("zone %s does not load: %s" % (zone, check.stdout.strip()))
-            lines += ["zone:", '  name: "%s"' % zone, '  zonefile: "%s.zone"' % zone]
+            zonefile = zone + ".zone"
+            if zone in self.signed:
+                self.trust_anchors[zone] = sign_zone(self.workdir, zone, path,
+                                                     self.signed[zone])
+                zonefile += ".signed"
+            lines += ["zone:", '  name: "%s"' % zone, '  zonefile: "%s"' % zonefile]
         with open(self.config, "w") as config:
             config.write("\n".join(lines) + "\n")
 
     def start(self, timeout=10.0):
         """Write config and zones, start NSD in the foreground, wait until it answers."""
-        reason = nsd_available()
+        reason = nsd_available() or (ldns_available() if self.signed else None)
         if reason:
             raise NSDError(reason)
         self._write_config()
@@ -125,24 +165,8 @@ class NSDInstance:
         return self
 
     def _wait_until_answering(self, timeout):
-        import dns.message
-        import dns.query
-        zone = next(iter(self.zones), "test").rstrip(".")
-        query = dns.message.make_query(zone + ".", "SOA")
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise NSDError("nsd exited with %s; log:\n%s" % (self.process.returncode,
-                                                                self.read_log()))
-            try:
-                dns.query.udp(query, self.address, timeout=0.2, port=self.port)
-                return
-            except Exception:
-                pass
-            if time.monotonic() > deadline:
-                raise NSDError("nsd did not answer on port %d within %.0fs; log:\n%s"
-                               % (self.port, timeout, self.read_log()))
-            time.sleep(0.02)
+        zone = next(iter(self.zones), "test")
+        wait_until_answering(self, "nsd", zone, timeout, NSDError)
 
     def stop(self, timeout=10.0):
         """SIGTERM our NSD (it takes its own helper processes down) and wait for it."""
