@@ -376,6 +376,25 @@ def test_starttls_discards_pipelined_plaintext_and_forgets_ehlo():
     assert d.replies(b"STARTTLS\r\n") == ["554 5.5.1 Error: TLS already active"]
 
 
+def test_requiretls_is_offered_and_taken_only_inside_tls():
+    """RFC 8689 2: REQUIRETLS in EHLO only on a TLS session; on MAIL FROM over a
+    cleartext one it is refused with 530 5.7.10, and inside TLS it marks the message."""
+    d = session(starttls_available=True)
+    assert not any("REQUIRETLS" in line for line in d.replies(EHLO))
+    assert d.replies(b"MAIL FROM:<a@b.test> REQUIRETLS\r\n") == [
+        "530 5.7.10 REQUIRETLS support required: start TLS first"]
+    d.send(b"STARTTLS\r\n")
+    assert "250 REQUIRETLS" in d.replies(EHLO)
+    assert d.replies(b"MAIL FROM:<a@b.test> REQUIRETLS=yes\r\n") == [
+        "501 5.5.4 Error: REQUIRETLS takes no value"]
+    d.send(b"MAIL FROM:<a@b.test> REQUIRETLS\r\nRCPT TO:<b@mx.test>\r\nDATA\r\n"
+           b"Subject: r\r\n\r\nx\r\n.\r\n")
+    [(txn, _)] = d.messages
+    assert txn.requiretls
+    d.send(ENVELOPE + b"DATA\r\nSubject: plain\r\n\r\nx\r\n.\r\n")
+    assert not d.messages[1][0].requiretls
+
+
 def test_starttls_unavailable():
     assert session().replies(b"STARTTLS\r\n") == ["502 5.5.1 Error: command not implemented"]
 

@@ -125,7 +125,8 @@ def test_commit_keeps_every_envelope_field_and_the_exact_bytes(queue, tmp_path):
                               orcpt="rfc822;one@example.net"),
                     Recipient("two@example.net", notify=("NEVER",)),
                     Recipient("line\nbreak\"quote@example.net")],
-        body="8BITMIME", smtputf8=True, ret="HDRS", envid="env+2Bid", client_address="::1",
+        body="8BITMIME", smtputf8=True, ret="HDRS", envid="env+2Bid", requiretls=True,
+        client_address="::1",
         client_helo="client.example", protocol="ESMTPSA", auth_user="alice", priority=7,
         extra={"plugin": {"score": 1.5, "tags": ["a", "b"]}, "null": None})
     content = (b"Received: from client\r\n.\r\n..leading dots\r\nbare\nlf\rcr\r\n"
@@ -583,6 +584,22 @@ def test_a_record_and_a_marker_of_the_previous_version_still_read(queue):
     rebuilt = queue.get(queue_id)
     assert rebuilt.state == HOLD
     assert (rebuilt.hold.by, rebuilt.hold.reason) == ("unknown", "")
+
+
+def test_a_record_from_before_requiretls_reads_as_without_it(queue):
+    """Records and spool files written before RFC 8689 support have no requiretls key:
+    they read as messages that did not ask for it."""
+    import json
+    from elemta.queue.index import decode_record, encode_record
+    from elemta.queue.store import envelope_from_dict, envelope_to_dict
+    [sent] = accept(queue, [b"old\r\n"], requiretls=True)
+    old = json.loads(encode_record(queue.get(sent.queue_id)))
+    del old["requiretls"]
+    assert decode_record(json.dumps(old).encode()).envelope.requiretls is False
+    data = envelope_to_dict(sent)
+    assert envelope_from_dict(data).requiretls is True
+    del data["requiretls"]
+    assert envelope_from_dict(data).requiretls is False
 
 
 def test_claim_takes_the_highest_priority_first_then_the_earliest_due(queue):

@@ -141,7 +141,7 @@ SCHEMAS = {
         "description": "One message as `elemtactl queue show --json` prints it, with its "
                        "headers.",
         "type": "object",
-        "required": MESSAGE_REQUIRED + ["body", "smtputf8", "ret", "envid",
+        "required": MESSAGE_REQUIRED + ["body", "smtputf8", "ret", "envid", "requiretls",
                                         "client_address", "client_helo", "protocol",
                                         "auth_user", "extra", "arrival", "history",
                                         "spool_file", "headers", "headers_truncated"],
@@ -162,6 +162,8 @@ SCHEMAS = {
             body={"type": "string", "description": "7BIT, 8BITMIME or BINARYMIME."},
             smtputf8={"type": "boolean"},
             ret=NULLABLE_STRING, envid=NULLABLE_STRING,
+            requiretls={"type": "boolean", "description": "REQUIRETLS (RFC 8689): sent "
+                        "on only over verified TLS to servers that offer REQUIRETLS."},
             client_address={"type": "string"}, client_helo={"type": "string"},
             protocol={"type": "string"}, auth_user=NULLABLE_STRING,
             extra={"type": "object"},

@@ -354,6 +354,8 @@ def _write_envelope(out: Output, record, spool_path: str, held: bool) -> None:
     dsn += ["ENVID=" + envelope.envid] if envelope.envid else []
     if dsn:
         lines.append(("DSN", " ".join(dsn)))
+    if envelope.requiretls:
+        lines.append(("TLS", "REQUIRETLS (only over verified TLS, RFC 8689)"))
     lines.append(("Priority", "%s%s" % (envelope.priority, " (the default)"
                                         if envelope.priority == PRIORITY_DEFAULT else "")))
     if record.state == "hold" or record.hold is not None:

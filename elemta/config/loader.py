@@ -633,8 +633,8 @@ class _Checker:
 def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
     """Every file a worker opens as master.user, with the key that names it: the TLS
     certificate and key, the AUTH credentials (backend file), the DKIM and ARC signing keys in use, the
-    api's token file, the next hops' SASL passwords, the ACME server's CA file and the
-    CAs MTA-STS trusts."""
+    api's token file, the next hops' SASL passwords, the CAs outbound STARTTLS trusts,
+    the ACME server's CA file and the CAs MTA-STS trusts."""
     tls, plugins, api = config.tls, config.plugins, config.api
     files: List[Tuple[KeyPath, Optional[str]]] = [
         (("tls", "cert_file"), tls.cert_file), (("tls", "key_file"), tls.key_file),
@@ -649,6 +649,7 @@ def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
     if api.enabled:
         files.append((("api", "token_file"), api.token_file))
     files.append((("delivery", "sasl_password_file"), config.delivery.sasl_password_file))
+    files.append((("delivery", "tls_ca_file"), config.delivery.tls_ca_file))
     if config.acme.enabled:
         files.append((("acme", "ca_file"), config.acme.ca_file))
     if config.delivery.mta_sts or any(entry.level == "mta-sts"

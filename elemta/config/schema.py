@@ -911,6 +911,11 @@ class DeliverySettings:
             "{domain, level} entries matched against the recipient domain (MX delivery) or "
             "the next-hop host (relay host, transport map, LMTP). An entry with a level "
             "other than mta-sts wins over the domain's MTA-STS policy.")
+    tls_ca_file: Optional[str] = opt(
+        None, "PEM CA certificates that outbound STARTTLS trusts at levels verify and "
+              "secure, and for mail sent with REQUIRETLS (RFC 8689); unset: the "
+              "system's store. Postfix's smtp_tls_CAfile (MTA-STS has its own, "
+              "mta_sts_ca_file).", _absolute_path)
     mta_sts: bool = opt(
         True, "Honour the MTA-STS policies (RFC 8461) of the domains mail goes to by MX: "
               "a domain that publishes one in enforce mode gets its mail only from MX "

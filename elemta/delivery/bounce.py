@@ -22,6 +22,9 @@ that bounces is dropped. Its parts (RFC 3462 multipart/report):
     text/rfc822-headers      the original headers, or message/rfc822, the whole original
                              message, when the sender asked RET=FULL (failures only)
 
+A notice about a message sent with REQUIRETLS (RFC 8689) returns its headers only, never
+its body, and goes with REQUIRETLS itself where the next hop offers it.
+
 DSN NOTIFY is honoured (RFC 3461): NOTIFY=NEVER gets nothing; otherwise a notice is sent
 only for the kinds listed (no NOTIFY at all means FAILURE and DELAY).
 See also: elemta.delivery.worker, elemta.queue.queue.
@@ -159,8 +162,9 @@ def build_dsn(hostname, envelope, recipients, original, now=None, action=FAILED,
 def read_original(store, envelope, action=FAILED):
     """(the original headers, False), or (the whole message, True) for a failure notice
     when the sender asked RET=FULL and the message is not too big (RFC 3461 4.3: the
-    other notices carry the headers)."""
-    full = (action == FAILED and envelope.ret == "FULL"
+    other notices carry the headers) nor sent with REQUIRETLS (whose body must not
+    travel where it could not)."""
+    full = (action == FAILED and envelope.ret == "FULL" and not envelope.requiretls
             and envelope.size <= MAX_RETURNED_MESSAGE)
     with store.open_content(envelope.queue_id) as content:
         if full:
@@ -209,6 +213,7 @@ def _queue_notice(queue, config, envelope, recipients, action, to=None, retry_un
                    arrival=time.time(),
                    body="7BIT" if envelope.body == "7BIT" and not envelope.smtputf8
                    else "8BITMIME",
-                   smtputf8=envelope.smtputf8, client_address="", client_helo=hostname,
+                   smtputf8=envelope.smtputf8, requiretls=envelope.requiretls,
+                   client_address="", client_helo=hostname,
                    protocol="local", extra=dict(extra or {}))
     return queue.add(dsn, [content])

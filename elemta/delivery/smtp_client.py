@@ -22,7 +22,9 @@ order (2920); SIZE announced, and a message larger than the server's limit
 refused before MAIL (1870); BODY=8BITMIME when the message is 8-bit and the server offers it
 (6152; without the offer the bytes go as they are, as Postfix does by default); SMTPUTF8 when
 the envelope needs it, and a permanent failure 5.6.7 when the server lacks it (6531); RET,
-ENVID, NOTIFY and ORCPT passed on when the server offers DSN (3461); the RFC 5321 4.5.3.2
+ENVID, NOTIFY and ORCPT passed on when the server offers DSN (3461); REQUIRETLS passed on,
+and a message that asks for it never sent over a session that is not TLS with the host's
+certificate verified or whose server does not offer it (8689); the RFC 5321 4.5.3.2
 timeouts (Timeouts). The content is streamed from a file object in blocks, never whole in
 memory, with every line ending made CRLF and dot-stuffed (elemta.delivery.wire.DataEncoder).
 
@@ -117,6 +119,12 @@ class TLSPolicy:
     @property
     def mandatory(self):
         return self.level in (TLS_ENCRYPT, TLS_VERIFY, TLS_SECURE, TLS_DANE)
+
+    @property
+    def authenticates_host(self):
+        """True when a session under this policy has checked the certificate names the
+        host: what REQUIRETLS asks of every hop (RFC 8689 4.2.1)."""
+        return self.level == TLS_SECURE
 
     def context(self):
         """The client SSLContext for this policy."""
@@ -515,6 +523,10 @@ class SMTPClient:
         for address in [envelope.sender] + [r.address for r in todo]:
             if _CONTROL.intersection(address) or len(address) > 1000:
                 return local_reply(553, "5.1.3", "bad address syntax: %r" % address[:80])
+        if envelope.requiretls and envelope.sender and not self.lmtp:
+            refusal = self.requiretls_refusal()
+            if refusal is not None:
+                return refusal
         if self._needs_smtputf8(envelope, todo) and "SMTPUTF8" not in self.extensions:
             return local_reply(550, "5.6.7", "SMTPUTF8 is required, but was not offered by "
                                "host %s" % self.peer)
@@ -523,6 +535,20 @@ class SMTPClient:
             return local_reply(552, "5.3.4", "message size %d exceeds size limit %s of "
                                "server %s" % (envelope.size, limit, self.peer))
         return None
+
+    def requiretls_refusal(self):
+        """Why this session may not carry a REQUIRETLS message (RFC 8689 4.2.1: TLS, the
+        certificate verified for the host's name, REQUIRETLS offered after STARTTLS), as
+        the 5.7.10 reply that bounces it; None when it may."""
+        if self.tls_version is None:
+            why = "no TLS with host %s" % self.peer
+        elif not self.tls.authenticates_host:
+            why = "the certificate of host %s was not verified for its name" % self.peer
+        elif "REQUIRETLS" not in self.extensions:
+            why = "host %s did not offer REQUIRETLS" % self.peer
+        else:
+            return None
+        return local_reply(550, "5.7.10", "REQUIRETLS support required: %s" % why)
 
     @staticmethod
     def _needs_smtputf8(envelope, todo):
@@ -603,6 +629,8 @@ class SMTPClient:
                 params.append("RET=%s" % envelope.ret)
             if envelope.envid:
                 params.append("ENVID=%s" % xtext(envelope.envid))
+        if envelope.requiretls and self.tls_version and "REQUIRETLS" in self.extensions:
+            params.append("REQUIRETLS")
         return "MAIL FROM:<%s>%s" % (envelope.sender, "".join(" " + p for p in params))
 
     def _rcpt_command(self, recipient, utf8):

@@ -22,6 +22,12 @@ decided when it is connected to (DANEDelivery.connect): authenticated by its TLS
 encrypted only, given up, or, where DANE does not apply, as without it (MTA-STS included:
 DANE wins over it for hosts it applies to, RFC 8461 2).
 
+REQUIRETLS (RFC 8689, elemta.delivery.requiretls): a message that asks for it goes only
+over sessions at level secure (against delivery.tls_ca_file, or under the domain's
+MTA-STS policy) to servers that offer REQUIRETLS; where no host will do, it bounces with
+5.7.10. A message whose header says "TLS-Required: No" is delivered without the domain's
+MTA-STS policy.
+
 SMTP AUTH to a next hop with credentials in delivery.sasl_password_file (elemta.delivery.sasl,
 looked up by the next hop as written: "[host]:port" or "host:port"); a file that cannot be
 used is logged as an error and defers the mail, never sends it unauthenticated.
@@ -40,6 +46,7 @@ from elemta.delivery.dane import DANE_MODE, DANELookup
 from elemta.delivery.dane import MODES as DANE_MODES
 from elemta.delivery.mtasts import ENFORCE, MTASTS, NONE, PolicyCache, PolicyFetcher
 from elemta.delivery.mx import RouteError
+from elemta.delivery.requiretls import RequireTLSSessions, requires_tls, waives_tls_policy
 from elemta.delivery.routing import hosts_for
 from elemta.delivery.sasl import SASLFileError, SASLPasswords, nexthop_key
 from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, TLS_DANE, TLS_ENCRYPT,
@@ -83,7 +90,9 @@ class SMTPTransport:
         self.resolver = resolver
         self.timeouts = client_timeouts(config.delivery)
         delivery = config.delivery
-        self.tls = TLSPolicy(delivery.tls_level)
+        self.tls_ca_file = delivery.tls_ca_file
+        self.tls = TLSPolicy(delivery.tls_level, ca_file=self.tls_ca_file)
+        self.requiretls_tls = TLSPolicy(TLS_SECURE, ca_file=self.tls_ca_file)
         self.level_by_destination = {normal_domain(entry.domain): entry.level
                                      for entry in delivery.tls_policy}
         self.mta_sts_default = delivery.mta_sts
@@ -124,9 +133,14 @@ class SMTPTransport:
             reply = "%d %s %s" % (error.code, error.status, error.reason)
             status = BOUNCED if error.permanent else RCPT_DEFERRED
             return {index: (status, reply, "none") for index, _ in items}
-        tls = self.tls_for(destination)
+        requiretls = requires_tls(record.envelope)
+        tls = self.requiretls_tls if requiretls else self.tls_for(destination)
         level, connect = tls.level, None
         policy = self.mta_sts_policy(destination)
+        if policy is not None and not requiretls and self._waived(record.queue_id):
+            log.info("%s: TLS-Required: No: the MTA-STS policy of %s is not applied "
+                     "(RFC 8689)", record.queue_id, policy.domain)
+            policy = None
         if policy is not None:
             sts = STSDelivery(record.queue_id, policy, tls)
             hosts, refusal = sts.allowed(hosts)
@@ -138,6 +152,10 @@ class SMTPTransport:
         if mode is not None:
             dane = DANEDelivery(record.queue_id, self.dane, mode, hosts, connect)
             level, connect = "%s, else %s" % (mode, level), dane.connect
+        if requiretls:
+            # Its own sessions: a parked one was not checked for REQUIRETLS.
+            connect = RequireTLSSessions(record.queue_id, connect).connect
+            level = "requiretls " + level
         targets = [(host.address, destination.port, host.name) for host in hosts]
         return self.deliver_to(record, items, targets, lambda tls=tls: SMTPClient(
             self.hostname, timeouts=self.timeouts, tls=tls, credentials=credentials,
@@ -151,7 +169,12 @@ class SMTPTransport:
         level = domain_entry(self.level_by_destination, normal_domain(destination.host))
         if level is None or level == MTA_STS_LEVEL or level in DANE_MODES:
             return self.tls
-        return TLSPolicy(level)
+        return TLSPolicy(level, ca_file=self.tls_ca_file)
+
+    def _waived(self, queue_id):
+        """True when the message's header says TLS-Required: No (RFC 8689 3)."""
+        with self.store.open_content(queue_id) as content:
+            return waives_tls_policy(content)
 
     def dane_mode(self, destination):
         """dane or dane-only when DANE applies to destination (its tls_policy entry, else

@@ -624,4 +624,6 @@ def mail_args(transaction):
         args.append("RET=%s" % transaction.ret)
     if transaction.envid:
         args.append("ENVID=%s" % printable(transaction.envid))
+    if transaction.requiretls:
+        args.append("REQUIRETLS")
     return args

@@ -255,8 +255,8 @@ def record_show_json(record: QueueRecord, spool_path: str) -> dict:
     envelope = record.envelope
     data["recipients"] = [dict(vars(r), notify=list(r.notify) if r.notify else r.notify)
                           for r in envelope.recipients]
-    for name in ("body", "smtputf8", "ret", "envid", "client_address", "client_helo",
-                 "protocol", "auth_user", "extra"):
+    for name in ("body", "smtputf8", "ret", "envid", "requiretls", "client_address",
+                 "client_helo", "protocol", "auth_user", "extra"):
         data[name] = getattr(envelope, name)
     data["arrival"] = envelope.arrival
     data["history"] = [dict(zip(("time", "recipient", "status", "relay", "reply"), entry))

@@ -96,6 +96,7 @@ class Envelope:
     smtputf8: bool = False                     # RFC 6531
     ret: Optional[str] = None                  # DSN RET: FULL or HDRS
     envid: Optional[str] = None                # DSN ENVID, xtext-decoded
+    requiretls: bool = False                   # RFC 8689 REQUIRETLS on MAIL FROM
     client_address: str = ""                   # IP of the SMTP client ("" for local)
     client_helo: str = ""
     protocol: str = "ESMTP"                    # as in the Received header: ESMTPSA, ...

@@ -38,6 +38,7 @@ class Transaction:
     declared_size: Optional[int] = None
     ret: Optional[str] = None
     envid: Optional[str] = None
+    requiretls: bool = False        # RFC 8689: every hop onward must be TLS, verified
     recipients: List[RecipientInfo] = field(default_factory=list)
     data_started: bool = False
     data_size: int = 0

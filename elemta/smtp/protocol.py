@@ -37,7 +37,8 @@ Usage (see elemta.smtpd.session for the real driver):
         ...
 
 See also: RFC 5321 (SMTP), 1870 (SIZE), 2920 (PIPELINING), 3030 (CHUNKING), 3207
-(STARTTLS), 3461 (DSN), 4954 (AUTH), 6152 (8BITMIME), 6531 (SMTPUTF8), 2034/3463 (codes).
+(STARTTLS), 3461 (DSN), 4954 (AUTH), 6152 (8BITMIME), 6531 (SMTPUTF8), 8689 (REQUIRETLS),
+2034/3463 (codes).
 """
 
 import base64
@@ -612,6 +613,8 @@ class ServerProtocol:
         if self._auth_offered():
             ext.append("AUTH " + " ".join(self.auth_mechanisms))
         ext += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
+        if self.tls_active:
+            ext.append("REQUIRETLS")    # RFC 8689 2: offered only inside TLS
         return ext
 
     def _auth_offered(self):
@@ -620,7 +623,7 @@ class ServerProtocol:
                 and (self.tls_active or s.auth_plaintext))
 
     def smtp_MAIL(self, arg):
-        """MAIL FROM:<sender> [SIZE= BODY= SMTPUTF8 RET= ENVID= AUTH=]."""
+        """MAIL FROM:<sender> [SIZE= BODY= SMTPUTF8 RET= ENVID= AUTH= REQUIRETLS]."""
         parsed = self._path_and_params(arg, "FROM")
         if parsed is None:
             return
@@ -690,6 +693,13 @@ class ServerProtocol:
             # RFC 4954 5: accepted and not trusted; we never relay an AUTH= we did not verify.
             if value is None:
                 return 501, "5.5.4", "Error: AUTH parameter needs a value"
+        elif key == "REQUIRETLS":
+            # RFC 8689 2: only over TLS, and then the message must stay inside TLS.
+            if value is not None:
+                return 501, "5.5.4", "Error: REQUIRETLS takes no value"
+            if not self.tls_active:
+                return 530, "5.7.10", "REQUIRETLS support required: start TLS first"
+            txn.requiretls = True
         else:
             return 555, "5.5.4", "Error: unsupported MAIL parameter %s" % key
         return None

@@ -501,7 +501,8 @@ class Session:
                 [Recipient(r.address, r.notify, r.orcpt) for r in txn.recipients],
                 self.expansions.get),
             arrival=time.time(), body=txn.body, smtputf8=txn.smtputf8, ret=txn.ret,
-            envid=txn.envid, client_address=self.client_ip, client_helo=proto.helo_name,
+            envid=txn.envid, requiretls=txn.requiretls, client_address=self.client_ip,
+            client_helo=proto.helo_name,
             protocol=protocol_name(proto.esmtp, proto.tls_active, proto.auth_user is not None,
                                    txn.smtputf8),
             auth_user=proto.auth_user)

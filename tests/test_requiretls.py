@@ -1,0 +1,237 @@
+"""REQUIRETLS and TLS-Required: No (RFC 8689), end to end with real peers on loopback.
+
+Owned by the test suite. A client sends to the real `elemta` server over STARTTLS with
+REQUIRETLS on MAIL FROM (smtplib); a private NSD (tests/peers/nsd.py) serves zone
+rt.test: each recipient domain's MX and, for one domain, an MTA-STS policy served by a
+loopback HTTPS server (tests/peers/https.py). The MX hosts are scripted SMTP servers
+(tests/peers/sink.py): one with STARTTLS, a certificate for its MX name from a test CA
+and REQUIRETLS; one with TLS but no REQUIRETLS; one that offers REQUIRETLS but no
+STARTTLS. Elemta trusts the test CA through delivery.tls_ca_file. Needs nsd.
+See also: elemta.delivery.requiretls, elemta.smtp.protocol (REQUIRETLS on receipt).
+"""
+
+import io
+import re
+import smtplib
+import ssl
+import tempfile
+
+import pytest
+
+from elemta.delivery.requiretls import waives_tls_policy
+from tests.harness import free_port, wait_for
+from tests.peers.https import LoopbackCA, PolicyServer
+from tests.peers.nsd import NSDInstance, nsd_available
+from tests.peers.sink import DEFAULT_EXTENSIONS, ScriptedServer
+
+WEB = "127.0.0.70"          # the MTA-STS policy server of optout.rt.test
+SECURE_MX = "127.0.0.71"    # STARTTLS, a certificate for its name, REQUIRETLS
+NOREQ_MX = "127.0.0.72"     # STARTTLS with a valid certificate, no REQUIRETLS
+CLEAR_MX = "127.0.0.73"     # REQUIRETLS offered, but no STARTTLS
+
+ZONE = "rt.test"
+RECORDS = """
+mx.secure         A   127.0.0.71
+mx.noreq          A   127.0.0.72
+mx.clear          A   127.0.0.73
+secure            MX  10 mx.secure
+noreq             MX  10 mx.noreq
+clear             MX  10 mx.clear
+optout            MX  10 mx.clear
+_mta-sts.optout   TXT "v=STSv1; id=1"
+mta-sts.optout    A   127.0.0.70
+"""
+POLICIES = {"mta-sts.optout.rt.test": "version: STSv1\r\nmode: enforce\r\n"
+                                      "mx: mx.clear.rt.test\r\nmax_age: 86400\r\n"}
+
+
+@pytest.mark.parametrize("header, waived", [
+    (b"TLS-Required: No\r\n", True),
+    (b"tls-required:   NO  \r\n", True),
+    (b"TLS-Required:\r\n No\r\n", True),               # folded
+    (b"TLS-Required: Yes\r\n", False),
+    (b"TLS-Required: No way\r\n", False),
+    (b"X-TLS-Required: No\r\n", False),
+    (b"", False)])
+def test_only_a_tls_required_field_saying_no_waives_the_policy(header, waived):
+    content = b"From: a@b.test\r\n" + header + b"Subject: s\r\n\r\nTLS-Required: No\r\n"
+    assert waives_tls_policy(io.BytesIO(content)) is waived
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return LoopbackCA(tmp_path_factory.mktemp("rt-ca"), "Elemta REQUIRETLS Test CA")
+
+
+@pytest.fixture(scope="module")
+def nsd():
+    if nsd_available():
+        pytest.skip(nsd_available())
+    with NSDInstance(tempfile.mkdtemp(prefix="elemta-nsd-"), {ZONE: RECORDS}) as server:
+        yield server
+    server.remove()
+
+
+@pytest.fixture(scope="module")
+def web_port():
+    return free_port(WEB)
+
+
+@pytest.fixture(scope="module")
+def web(pki, web_port):
+    cert, key = pki.issue(*POLICIES)
+    with PolicyServer(WEB, web_port, cert, key, POLICIES) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mx_port():
+    return free_port(SECURE_MX)
+
+
+@pytest.fixture(scope="module")
+def mx_hosts(pki, mx_port):
+    """The MX hosts: (secure, noreq, clear)."""
+    secure_cert = pki.issue("mx.secure.rt.test")
+    noreq_cert = pki.issue("mx.noreq.rt.test")
+    servers = [
+        ScriptedServer(address=SECURE_MX, port=mx_port, cert_file=secure_cert[0],
+                       key_file=secure_cert[1],
+                       extensions=DEFAULT_EXTENSIONS + ["REQUIRETLS"]),
+        ScriptedServer(address=NOREQ_MX, port=mx_port, cert_file=noreq_cert[0],
+                       key_file=noreq_cert[1]),
+        ScriptedServer(address=CLEAR_MX, port=mx_port,
+                       extensions=DEFAULT_EXTENSIONS + ["REQUIRETLS"])]
+    for server in servers:
+        server.start()
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(elemta_server, nsd, mx_port, pki, web_port, tls_files):
+    cert, key = tls_files
+    delivery = {"workers": 1, "mx_port": mx_port, "nameservers": ["127.0.0.1"],
+                "dns_port": nsd.port, "min_backoff": 60, "max_backoff": 60,
+                "connect_timeout": 2.0, "command_timeout": 5.0, "data_timeout": 5.0,
+                "tls_ca_file": pki.ca_file, "mta_sts_ca_file": pki.ca_file,
+                "mta_sts_port": web_port, "mta_sts_timeout": 5.0}
+    started = elemta_server(delivery=delivery, api={"enabled": False},
+                            tls={"cert_file": cert, "key_file": key})
+    wait_for(lambda: "delivery worker started" in started.log())
+    return started
+
+
+def send(server, sender, recipient, requiretls=True, headers=b""):
+    """Send over STARTTLS (REQUIRETLS on MAIL FROM when asked); the queue id."""
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.ehlo()
+        assert client.has_extn("requiretls")
+        client.sendmail(sender, [recipient],
+                        b"From: %s\r\nTo: %s\r\nSubject: rt\r\n%s\r\nsecret body\r\n" % (
+                            sender.encode(), recipient.encode(), headers),
+                        mail_options=["REQUIRETLS"] if requiretls else [])
+    match = wait_for(lambda: re.search(r"(\w+): from=<%s>" % re.escape(sender),
+                                       server.log()))
+    return match.group(1)
+
+
+def result(server, queue_id, recipient, timeout=15):
+    """(status, reply) of the recipient's first delivery line."""
+    pattern = r"%s: to=<%s>, relay=\S+, delay=\S+, dsn=\S+, status=(\w+) \((.*)\)" % (
+        queue_id, re.escape(recipient))
+    return wait_for(lambda: re.search(pattern, server.log()), timeout).groups()
+
+
+def received(sink, recipient):
+    return [m for m in sink.messages if m.rcpts == ["RCPT TO:<%s>" % recipient]]
+
+
+def bounce_for(server, queue_id):
+    """(envelope, content) of the DSN queued about queue_id."""
+    def find():
+        for other in server.queued_ids():
+            envelope, content = server.message(other)
+            if envelope.sender == "" and queue_id.encode() in content:
+                return envelope, content
+        return None
+    return wait_for(find)
+
+
+def test_requiretls_on_a_cleartext_session_is_refused(server):
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.ehlo()
+        assert not client.has_extn("requiretls")
+        assert client.mail("c@client.test", ["REQUIRETLS"]) == (
+            530, b"5.7.10 REQUIRETLS support required: start TLS first")
+    assert server.queued_ids() == []
+
+
+def test_a_requiretls_message_is_queued_with_it_and_relayed_with_it(server, mx_hosts):
+    secure = mx_hosts[0]
+    queue_id = send(server, "s@client.test", "r@secure.rt.test")
+    assert result(server, queue_id, "r@secure.rt.test")[0] == "sent"
+    [message] = received(secure, "r@secure.rt.test")
+    assert message.mail.endswith(" REQUIRETLS")
+    [session] = [s for s in secure.sessions if message in s.messages]
+    assert session.tls
+    assert re.search(r"%s: REQUIRETLS: TLS with mx.secure.rt.test\[127.0.0.71\]:\d+ "
+                     r"verified, REQUIRETLS offered" % queue_id, server.log())
+
+
+def test_the_queue_record_carries_requiretls(server):
+    """Mail that must wait (its domain's name server refuses to answer) keeps its
+    record: REQUIRETLS for the message that asked for it, not for the other."""
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.ehlo()
+        client.sendmail("q@client.test", ["x@elsewhere.test"], b"Subject: q\r\n\r\nx\r\n",
+                        mail_options=["REQUIRETLS"])
+        client.sendmail("p@client.test", ["x@elsewhere.test"], b"Subject: p\r\n\r\nx\r\n")
+    wait_for(lambda: len(server.queued_ids()) == 2)
+    flags = {envelope.sender: envelope.requiretls
+             for envelope, _ in map(server.message, server.queued_ids())}
+    assert flags == {"q@client.test": True, "p@client.test": False}
+
+
+@pytest.mark.parametrize("domain, why", [
+    ("noreq", r"host mx.noreq.rt.test\[127.0.0.72\]:\d+ did not offer REQUIRETLS"),
+    ("clear", r"TLS is required, but was not offered by host "
+              r"mx.clear.rt.test\[127.0.0.73\]:\d+")])
+def test_without_requiretls_or_tls_at_the_next_hop_the_message_bounces(
+        server, mx_hosts, domain, why):
+    recipient = "r@%s.rt.test" % domain
+    sink = mx_hosts[1 if domain == "noreq" else 2]
+    queue_id = send(server, "b-%s@client.test" % domain, recipient)
+    status, reply = result(server, queue_id, recipient)
+    assert status == "bounced"
+    assert re.match(r"550 5\.7\.10 REQUIRETLS support required: %s" % why, reply), reply
+    assert received(sink, recipient) == []
+    assert all(m.content.find(b"secret body") < 0 for m in sink.messages)
+    envelope, content = bounce_for(server, queue_id)
+    assert envelope.requiretls and envelope.recipients[0].address == (
+        "b-%s@client.test" % domain)
+    assert b"Status: 5.7.10" in content
+    assert b"Content-Type: text/rfc822-headers" in content
+    assert b"secret body" not in content          # RFC 8689: the body is not returned
+
+
+@pytest.mark.usefixtures("web")
+def test_tls_required_no_sends_despite_the_domains_mta_sts_policy(server, mx_hosts):
+    """optout.rt.test's MTA-STS policy (enforce) wants TLS that its MX lacks: a message
+    without the field is deferred, one with "TLS-Required: No" goes in clear."""
+    clear = mx_hosts[2]
+    kept = send(server, "k@client.test", "k@optout.rt.test", requiretls=False)
+    status, reply = result(server, kept, "k@optout.rt.test")
+    assert status == "deferred" and "MTA-STS policy of optout.rt.test" in reply, reply
+    waived = send(server, "w@client.test", "w@optout.rt.test", requiretls=False,
+                  headers=b"TLS-Required: No\r\n")
+    assert result(server, waived, "w@optout.rt.test")[0] == "sent"
+    [message] = received(clear, "w@optout.rt.test")
+    assert b"TLS-Required: No" in message.content
+    assert not [s for s in clear.sessions if message in s.messages][0].tls
+    assert ("%s: TLS-Required: No: the MTA-STS policy of optout.rt.test is not applied"
+            % waived) in server.log()
+    assert received(clear, "k@optout.rt.test") == []
