@@ -975,6 +975,41 @@ class DeliverySettings:
                                        "crosses the network in clear).")
 
 
+def _optional_mailbox(value):
+    if not value:
+        return None
+    from elemta.smtp.address import AddressError, validate_mailbox
+    try:
+        validate_mailbox(value)
+    except AddressError as error:
+        return "must be an email address (%s), not %r" % (error, value)
+    return None
+
+
+@dataclass(frozen=True)
+class TLSRPTSettings:
+    """SMTP TLS Reporting (RFC 8460): the delivery workers count the outcome of each TLS
+    session held to an MTA-STS policy or DANE, per policy domain and UTC day, under
+    queue.spool_dir/tlsrpt, and once a day send each policy domain that publishes a
+    _smtp._tls TXT record with a mailto: rua its report (elemtactl tlsrpt show and send)."""
+    enabled: bool = opt(False, "Count TLS session results and send the daily reports. Off "
+                               "by default: the reports are mail to other domains. "
+                               "Postfix's smtp_tlsrpt_enable (3.10, with tlsrpt-reportd).")
+    send_hour: int = opt(1, "Hour (UTC, 0-23) after which the report of the day before is "
+                            "sent; the delivery worker that claims the day first sends it. "
+                            "Postfix: tlsrpt-reportd's schedule.", _between(0, 23))
+    organization: str = opt("", "The report's organization-name; empty: the mail name "
+                                "(smtpd.origin). Postfix: tlsrpt-reportd's organization_name.")
+    contact: str = opt("", "The report's contact-info; empty: the sender. Postfix: "
+                           "tlsrpt-reportd's contact_info.")
+    sender: str = opt("", "Envelope sender and From address of the reports; empty: "
+                          "postmaster at the mail name. Postfix: tlsrpt-reportd's "
+                          "sender_address.", _optional_mailbox)
+    keep_days: int = opt(14, "Days of counts kept under the spool (the older ones are "
+                             "pruned once a day, sent or not). Postfix: tlsrpt-reportd's "
+                             "keep_days.", _between(2, 366))
+
+
 LOCAL_RIGHTS = ("alias", "forward", "include")
 
 
@@ -1377,6 +1412,7 @@ class Config:
     acme: ACMESettings = opt(ACMESettings(), "The built-in ACME client.")
     mailq: MailqSettings = opt(MailqSettings(), "Queue listing for local users.")
     delivery: DeliverySettings = opt(DeliverySettings(), "Delivery of queued mail.")
+    tlsrpt: TLSRPTSettings = opt(TLSRPTSettings(), "SMTP TLS Reporting (RFC 8460).")
     local: LocalSettings = opt(LocalSettings(), "Local delivery.")
     dns: DNSSettings = opt(DNSSettings(), "DNS for the plugins.")
     cluster: ClusterSettings = opt(ClusterSettings(), "State shared by the nodes of a "

@@ -40,6 +40,7 @@ from OpenSSL import crypto
 
 from elemta.delivery.mtasts import mx_matches
 from elemta.delivery.mx import RouteError
+from elemta.tlsrpt import results
 
 # RFC 7218 names of the usages, selectors and matching types.
 PKIX_TA, PKIX_EE, DANE_TA, DANE_EE = 0, 1, 2, 3
@@ -97,16 +98,29 @@ class TLSA:
         return "%s %d %d %d" % (USAGE_NAMES.get(self.usage, str(self.usage)), self.usage,
                                 self.selector, self.mtype)
 
+    def presentation(self):
+        """As a zone file writes it (RFC 6698 2.2), as TLS-RPT's policy-string wants."""
+        return "%d %d %d %s" % (self.usage, self.selector, self.mtype, self.data.hex())
+
+
+def reported_policy(name, records=()):
+    """The DANE policy of MX host name as a TLS-RPT report names it (RFC 8460 4.4: the
+    policy domain is the TLSA base domain, the host itself)."""
+    return results.Policy(results.TLSA, name, tuple(r.presentation() for r in records),
+                          (name,))
+
 
 @dataclass(frozen=True)
 class HostTLS:
     """What DANE makes of one MX host: `records` (usable TLSA: authenticate with them),
     `encrypt` (only unusable ones: TLS without authentication), `refusal` (a reply that
-    gives the host up), or nothing of these (DANE does not apply). `why` for the log."""
+    gives the host up, with `result`, its RFC 8460 result type), or nothing of these
+    (DANE does not apply). `why` for the log."""
     records: Tuple[TLSA, ...] = ()
     encrypt: bool = False
     refusal: Optional[str] = None
     why: str = ""
+    result: Optional[str] = None
 
 
 class DANELookup:
@@ -126,7 +140,7 @@ class DANELookup:
             found = self.resolver.tlsa(name, port)
         except RouteError as error:
             return HostTLS(refusal="TLSA lookup for _%d._tcp.%s failed: %s"
-                           % (port, name, error.reason))
+                           % (port, name, error.reason), result=results.DNSSEC_INVALID)
         if not found.secure:
             return self._unless_only(mode, "the TLSA records of %s are not DNSSEC-signed"
                                      % name)
@@ -146,7 +160,8 @@ class DANELookup:
     def _unless_only(mode, why):
         """No DANE for a host (why): opportunistic, or in dane-only a refusal."""
         if mode == DANE_ONLY:
-            return HostTLS(refusal="%s (delivery.tls_policy dane-only)" % why)
+            return HostTLS(refusal="%s (delivery.tls_policy dane-only)" % why,
+                           result=results.DANE_REQUIRED)
         return HostTLS(why=why)
 
 

@@ -35,6 +35,7 @@ import gevent
 from gevent import socket, ssl
 
 from elemta.delivery.mx import RouteError
+from elemta.tlsrpt import results
 
 log = logging.getLogger("elemta.delivery")
 
@@ -62,7 +63,13 @@ _HOST_NAME = re.compile(r"^%s(?:\.%s)*$" % (_LABEL, _LABEL))
 
 
 class STSPolicyError(Exception):
-    """No usable policy could be had (the fetch failed, or the policy does not parse)."""
+    """No usable policy could be had (the fetch failed, or the policy does not parse).
+    result: the RFC 8460 result type (sts-policy-invalid, sts-webpki-invalid or
+    sts-policy-fetch-error)."""
+
+    def __init__(self, message, result=results.STS_POLICY_INVALID):
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,13 @@ class STSPolicy:
     def describe(self):
         return "mode %s, id %s, max_age %d, mx %s" % (
             self.mode, self.policy_id, self.max_age, " ".join(self.mx) or "(none)")
+
+    def reported(self):
+        """The policy as a TLS-RPT report names it (RFC 8460 4.4: its lines, mx
+        patterns)."""
+        lines = ("version: STSv1", "mode: %s" % self.mode) + tuple(
+            "mx: %s" % mx for mx in self.mx) + ("max_age: %d" % self.max_age,)
+        return results.Policy(results.STS, self.domain, lines, self.mx)
 
 
 def mx_matches(pattern, host):
@@ -211,13 +225,14 @@ class PolicyFetcher:
         host = "mta-sts." + domain
         addresses, error = self.resolver._host_addresses(host)
         if error is not None:
-            raise STSPolicyError("no address for %s (%s)" % (host, error.reason))
+            raise STSPolicyError("no address for %s (%s)" % (host, error.reason),
+                                 results.STS_POLICY_FETCH_ERROR)
         problems = []
         for address in addresses:
             try:
                 body = self._get(host, address)
             except STSPolicyError as error:
-                problems.append(str(error))
+                problems.append(error)
                 continue
             try:
                 text = body.decode("utf-8")
@@ -225,7 +240,7 @@ class PolicyFetcher:
                 raise STSPolicyError("the policy at https://%s%s is not UTF-8"
                                      % (host, WELL_KNOWN))
             return parse_policy(text, domain, policy_id, now)
-        raise STSPolicyError("; ".join(problems))
+        raise STSPolicyError("; ".join(str(p) for p in problems), problems[-1].result)
 
     def _get(self, host, address):
         """The body of the policy at address, or STSPolicyError."""
@@ -243,7 +258,8 @@ class PolicyFetcher:
             if response.status != 200:
                 # RFC 8461 3.3: redirects are not followed; only 200 is a policy.
                 raise STSPolicyError("%s answered %d %s" % (where, response.status,
-                                                             response.reason))
+                                                             response.reason),
+                                     results.STS_POLICY_FETCH_ERROR)
             media_type = (response.getheader("Content-Type") or "").split(";")[0]
             if media_type.strip().lower() != "text/plain":
                 raise STSPolicyError("%s is %s, not text/plain"
@@ -256,14 +272,17 @@ class PolicyFetcher:
         except gevent.Timeout as expired:
             if expired is not timer:
                 raise
-            raise STSPolicyError("%s: no answer within %g s" % (where, self.timeout))
+            raise STSPolicyError("%s: no answer within %g s" % (where, self.timeout),
+                                 results.STS_POLICY_FETCH_ERROR)
         except ssl.SSLError as error:
             reason = getattr(error, "verify_message", None) or getattr(error, "reason",
                                                                        None) or error
-            raise STSPolicyError("%s: TLS failed: %s" % (where, reason))
+            raise STSPolicyError("%s: TLS failed: %s" % (where, reason),
+                                 results.STS_WEBPKI_INVALID)
         except (OSError, http.client.HTTPException, ValueError) as error:
             raise STSPolicyError("%s: %s" % (where, getattr(error, "strerror", None)
-                                             or error or type(error).__name__))
+                                             or error or type(error).__name__),
+                                 results.STS_POLICY_FETCH_ERROR)
         finally:
             timer.close()
             if sock is not None:
@@ -273,11 +292,12 @@ class PolicyFetcher:
 class MTASTS:
     """The policy in force for a domain: discovered, fetched, cached, refreshed."""
 
-    def __init__(self, resolver, cache, fetcher, clock=time.time):
+    def __init__(self, resolver, cache, fetcher, clock=time.time, counter=None):
         self.resolver = resolver
         self.cache = cache
         self.fetcher = fetcher
         self.clock = clock
+        self.counter = counter     # an elemta.tlsrpt.counter.TLSCounter, or None
         self._failed = {}          # domain -> when this worker may try to fetch again
 
     def policy_for(self, domain):
@@ -308,6 +328,10 @@ class MTASTS:
             self._failed[domain] = now + FETCH_RETRY
             log.warning("MTA-STS policy of %s (id %s) not fetched: %s%s", domain, policy_id,
                         error, "; its cached policy still applies" if cached else "")
+            if self.counter is not None:
+                # RFC 8460 4.3.2.2: the domain says it has a policy; none could be had.
+                self.counter.failure(results.Policy(results.STS, domain), error.result,
+                                     reason=str(error))
             return cached
         self._failed.pop(domain, None)
         self.cache.put(policy)

@@ -74,7 +74,8 @@ class RequireTLSSessions:
             if not error.tls_failure:
                 raise
             raise SessionError(local_reply(550, "5.7.10", "REQUIRETLS support required: "
-                                           "%s" % error.reply.text), tls_failure=True)
+                                           "%s" % error.reply.text), tls_failure=True,
+                               tls_result=error.tls_result)
         refusal = client.requiretls_refusal()
         if refusal is not None:
             client.quit()

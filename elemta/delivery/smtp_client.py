@@ -61,6 +61,7 @@ from gevent import socket, ssl
 from elemta.delivery import dane
 from elemta.delivery.wire import (DataEncoder, ReplyReader, ServerReply, SMTPProtocolError,
                                   local_reply, orcpt_parameter, parse_ehlo, xtext)
+from elemta.tlsrpt import results
 
 log = logging.getLogger("elemta.delivery")
 
@@ -202,13 +203,15 @@ class DeliveryResult:
 class SessionError(Exception):
     """connect() found no usable session. reply: the server's (bad greeting, EHLO refused)
     or ours (refused, timed out, TLS). try_next_host: another MX host may do better;
-    tls_failure: TLS went wrong (a worker may retry this host without TLS at level "may")."""
+    tls_failure: TLS went wrong (a worker may retry this host without TLS at level "may");
+    tls_result: then, what went wrong as an RFC 8460 result type (elemta.tlsrpt.results)."""
 
-    def __init__(self, reply, try_next_host=True, tls_failure=False):
+    def __init__(self, reply, try_next_host=True, tls_failure=False, tls_result=None):
         super().__init__(str(reply))
         self.reply = reply
         self.try_next_host = try_next_host
-        self.tls_failure = tls_failure
+        self.tls_failure = tls_failure or tls_result is not None
+        self.tls_result = tls_result
 
     @property
     def permanent(self):
@@ -334,7 +337,7 @@ class SMTPClient:
                 self._quit_quietly()
                 raise SessionError(local_reply(451, "4.7.4", "TLS is required, but was not "
                                                "offered by host %s" % self.peer),
-                                   tls_failure=True)
+                                   tls_result=results.STARTTLS_NOT_SUPPORTED)
             return
         self._starttls()
         self._hello()
@@ -361,13 +364,15 @@ class SMTPClient:
             if self.tls.mandatory:
                 self._quit_quietly()
                 raise SessionError(local_reply(451, "4.7.5", "STARTTLS refused by %s: %s"
-                                               % (self.peer, reply)), tls_failure=True)
+                                               % (self.peer, reply)),
+                                   tls_result=results.STARTTLS_NOT_SUPPORTED)
             return   # Opportunistic: carry on in plaintext.
         if self._reader.buffered:
             # Anything sent before the handshake would be read as if it came over TLS
             # (the response-injection attack of CVE-2011-0411, seen from the client side).
             raise SessionError(local_reply(451, "4.7.5", "%s sent data after its STARTTLS "
-                                           "reply" % self.peer), tls_failure=True)
+                                           "reply" % self.peer),
+                               tls_result=results.VALIDATION_FAILURE)
         try:
             self.sock.settimeout(self.timeouts.helo)
             self.sock = self.tls.context().wrap_socket(self.sock,
@@ -375,7 +380,7 @@ class SMTPClient:
         except (ssl.SSLError, ssl.CertificateError, OSError, ValueError) as error:
             raise SessionError(local_reply(451, "4.7.5", "TLS handshake with %s failed: %s"
                                            % (self.peer, _describe(error))),
-                               tls_failure=True)
+                               tls_result=results.result_of_handshake(error))
         if self.tls.level == TLS_DANE:
             try:
                 self.tls_verified = dane.verify(dane.peer_chain(self.sock),
@@ -383,7 +388,7 @@ class SMTPClient:
             except dane.DANEError as error:
                 raise SessionError(local_reply(451, "4.7.5", "DANE: certificate of %s not "
                                                "verified: %s" % (self.peer, error)),
-                                   tls_failure=True)
+                                   tls_result=results.TLSA_INVALID)
         self.tls_version = self.sock.version()
         self._reader = ReplyReader()
 

@@ -28,6 +28,12 @@ MTA-STS policy) to servers that offer REQUIRETLS; where no host will do, it boun
 5.7.10. A message whose header says "TLS-Required: No" is delivered without the domain's
 MTA-STS policy.
 
+TLS-RPT (RFC 8460, elemta.tlsrpt, when tlsrpt.enabled): each new session under an
+MTA-STS policy or DANE TLSA records counts as a success or as a failure of the RFC's
+result type (SessionError.tls_result; an MX host the policy does not name is a
+validation-failure, a policy that cannot be fetched counts in elemta.delivery.mtasts);
+parked sessions reused are not new sessions and count nothing.
+
 SMTP AUTH to a next hop with credentials in delivery.sasl_password_file (elemta.delivery.sasl,
 looked up by the next hop as written: "[host]:port" or "host:port"); a file that cannot be
 used is logged as an error and defers the mail, never sends it unauthenticated.
@@ -42,7 +48,7 @@ from elemta import metrics
 from elemta.addressing.normal import normal_domain
 from elemta.addressing.resolve import domain_entry
 from elemta.delivery.connections import ConnectionCache
-from elemta.delivery.dane import DANE_MODE, DANELookup
+from elemta.delivery.dane import DANE_MODE, DANELookup, reported_policy
 from elemta.delivery.dane import MODES as DANE_MODES
 from elemta.delivery.mtasts import ENFORCE, MTASTS, NONE, PolicyCache, PolicyFetcher
 from elemta.delivery.mx import RouteError
@@ -54,6 +60,8 @@ from elemta.delivery.smtp_client import (DELIVERED, PERMANENT, TLS_DANE, TLS_ENC
                                          TLSPolicy, outcome_of)
 from elemta.delivery.wire import local_reply
 from elemta.queue.model import BOUNCED, RCPT_DEFERRED, SENT
+from elemta.tlsrpt import results
+from elemta.tlsrpt.counter import NullCounter
 
 log = logging.getLogger("elemta.delivery")
 
@@ -84,8 +92,10 @@ class SMTPTransport:
 
     kind = "smtp"             # its Destination.kind: the transport label of its metrics
 
-    def __init__(self, config, store, resolver):
+    def __init__(self, config, store, resolver, counter=None):
         self.hostname = config.hostname
+        # TLS-RPT (RFC 8460): sessions under MTA-STS and DANE counted, when enabled.
+        self.counter = counter if counter is not None else NullCounter()
         self.store = store
         self.resolver = resolver
         self.timeouts = client_timeouts(config.delivery)
@@ -102,7 +112,7 @@ class SMTPTransport:
             cache = PolicyCache(os.path.join(config.queue.spool_dir, MTA_STS_DIRECTORY))
             fetcher = PolicyFetcher(resolver, delivery.mta_sts_ca_file,
                                     delivery.mta_sts_port, delivery.mta_sts_timeout)
-            self.mta_sts = MTASTS(resolver, cache, fetcher)
+            self.mta_sts = MTASTS(resolver, cache, fetcher, counter=counter)
         self.dane_default = delivery.dane
         self.dane = DANELookup(resolver) if resolver is not None else None
         self.connections = ConnectionCache()
@@ -142,7 +152,7 @@ class SMTPTransport:
                      "(RFC 8689)", record.queue_id, policy.domain)
             policy = None
         if policy is not None:
-            sts = STSDelivery(record.queue_id, policy, tls)
+            sts = STSDelivery(record.queue_id, policy, tls, self.counter)
             hosts, refusal = sts.allowed(hosts)
             if refusal is not None:
                 log.warning("%s: %s", record.queue_id, refusal.text)
@@ -150,7 +160,8 @@ class SMTPTransport:
             tls, level, connect = self.mta_sts_tls, "mta-sts " + policy.mode, sts.connect
         mode = self.dane_mode(destination)
         if mode is not None:
-            dane = DANEDelivery(record.queue_id, self.dane, mode, hosts, connect)
+            dane = DANEDelivery(record.queue_id, self.dane, mode, hosts, connect,
+                                self.counter)
             level, connect = "%s, else %s" % (mode, level), dane.connect
         if requiretls:
             # Its own sessions: a parked one was not checked for REQUIRETLS.
@@ -259,12 +270,15 @@ class SMTPTransport:
 class STSDelivery:
     """One delivery under a domain's MTA-STS policy in enforce or testing mode (RFC 8461
     4.2): which MX hosts it may use, and each session's TLS checked. fallback_tls is
-    what the session uses in testing mode when the check fails."""
+    what the session uses in testing mode when the check fails. counter: where the
+    sessions' results are counted for TLS-RPT (a TLSCounter or NullCounter)."""
 
-    def __init__(self, queue_id, policy, fallback_tls):
+    def __init__(self, queue_id, policy, fallback_tls, counter):
         self.queue_id = queue_id
         self.policy = policy
         self.fallback_tls = fallback_tls
+        self.counter = counter
+        self.reported = policy.reported()
 
     def where(self):
         return "MTA-STS policy of %s (%s)" % (self.policy.domain, self.policy.mode)
@@ -278,6 +292,9 @@ class STSDelivery:
             return hosts, None
         why = "MX host %s not named by the %s: mx %s" % (
             ", ".join(misfits), self.where(), ", ".join(self.policy.mx))
+        for name in misfits:
+            self.counter.failure(self.reported, results.VALIDATION_FAILURE, name,
+                                 reason="MX host not named by the policy")
         if self.policy.mode != ENFORCE:
             log.warning("%s: %s; delivering anyway (testing mode)", self.queue_id, why)
             return hosts, None
@@ -295,14 +312,19 @@ class STSDelivery:
         except SessionError as error:
             if not error.tls_failure:
                 raise
+            self.counter.failure(self.reported, error.tls_result or
+                                 results.VALIDATION_FAILURE, name, address,
+                                 error.reply.text)
             if self.policy.mode == ENFORCE:
                 raise SessionError(local_reply(451, "4.7.5", "%s: %s" % (
-                    self.where(), error.reply.text)), tls_failure=True)
+                    self.where(), error.reply.text)), tls_failure=True,
+                    tls_result=error.tls_result)
             log.warning("%s: %s: %s; delivering without it (testing mode)", self.queue_id,
                         self.where(), error.reply.text)
             client = new_client(self.fallback_tls)
             client.connect(address, port, server_name=name)
             return client
+        self.counter.success(self.reported)
         log.info("%s: %s: TLS with %s verified (%s)", self.queue_id, self.where(),
                  client.peer, client.tls_version)
         return client
@@ -311,14 +333,17 @@ class STSDelivery:
 class DANEDelivery:
     """One delivery under DANE (RFC 7672, elemta.delivery.dane) in mode dane or dane-only:
     each host's TLS decided by its TLSA records when it is connected to. fallback_connect
-    (STSDelivery.connect, or None for a plain connect) is used where DANE does not apply."""
+    (STSDelivery.connect, or None for a plain connect) is used where DANE does not apply.
+    counter: where the sessions' results are counted for TLS-RPT."""
 
-    def __init__(self, queue_id, lookup, mode, hosts, fallback_connect=None):
+    def __init__(self, queue_id, lookup, mode, hosts, fallback_connect=None,
+                 counter=None):
         self.queue_id = queue_id
         self.lookup = lookup
         self.mode = mode
         self.secure = {host.name: host.secure for host in hosts}
         self.fallback_connect = fallback_connect
+        self.counter = counter if counter is not None else NullCounter()
         self._decided = {}       # (host name, port) -> HostTLS, once per delivery
 
     def connect(self, client, address, port, name, new_client):
@@ -330,6 +355,8 @@ class DANEDelivery:
                                                      port, self.mode)
         host = self._decided[key]
         if host.refusal is not None:
+            self.counter.failure(reported_policy(name), host.result, name, address,
+                                 host.refusal)
             raise SessionError(local_reply(451, "4.7.5", "DANE: %s" % host.refusal))
         if host.encrypt:
             log.info("%s: DANE: %s: TLS required, certificate not checked (RFC 7672 2.2)",
@@ -342,8 +369,16 @@ class DANEDelivery:
             if self.fallback_connect is not None:
                 return self.fallback_connect(client, address, port, name, new_client)
             return client.connect(address, port, server_name=name)
-        client.connect(address, port, server_name=name)
+        try:
+            client.connect(address, port, server_name=name)
+        except SessionError as error:
+            if host.records and error.tls_failure:
+                self.counter.failure(reported_policy(name, host.records), error.tls_result
+                                     or results.VALIDATION_FAILURE, name, address,
+                                     error.reply.text)
+            raise
         if host.records:
+            self.counter.success(reported_policy(name, host.records))
             log.info("%s: DANE: Verified TLS connection established to %s (%s, TLSA %s "
                      "matched)", self.queue_id, client.peer, client.tls_version,
                      client.tls_verified)

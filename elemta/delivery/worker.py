@@ -42,6 +42,8 @@ fork. Its loop, top to bottom:
     sleep     until new mail wakes it (the smtpd's committer sends a datagram to
               spool/run/delivery-<slot>.sock, elemta.queue.wakeup), a delivery ends, or the
               earliest next_attempt in the index comes: no polling interval.
+    tlsrpt    beside the loop, with tlsrpt.enabled: TLS session results flushed to the
+              spool, the daily TLS-RPT reports sent (elemta.delivery.tlsreports)
 
 Stops gracefully on SIGTERM (deliveries under way get master.stop_grace seconds),
 at once on SIGQUIT, and when the master is gone; a message cut short is given back, due
@@ -73,12 +75,15 @@ from elemta.delivery.recorder import AttemptRecorder
 from elemta.delivery.routing import ERROR, LMTP, LOCAL, SMTP, Router
 from elemta.delivery.smtp_transport import SMTPTransport
 from elemta.delivery.stages import NO_RELAY, DeliveryStages
+from elemta.delivery.tlsreports import TLSReporting
 from elemta.maps import TableUnavailable
 from elemta.queue import holders, wakeup
 from elemta.queue.model import BOUNCED, PENDING, RCPT_DEFERRED, SENT
 from elemta.queue.queue import (ATTEMPT_FAILED, ATTEMPT_GONE, ATTEMPT_LEASE_LOST,
                                 ATTEMPT_REMOVED, Attempt, Queue)
 from elemta.smtp.replies import lookup_failure
+from elemta.tlsrpt.counter import TLSCounter
+from elemta.tlsrpt.store import CountStore
 from elemta.util.child import GeventChild
 from elemta.util.logs import error_text
 from elemta.util.threads import in_thread
@@ -146,6 +151,7 @@ class DeliveryWorker(GeventChild):
         self.transports = {}         # Destination.kind -> transport, made in boot()
         self.recorder = None
         self.stages = None           # DeliveryStages: routing and delivery plugins
+        self.tls_reporting = None    # TLSReporting, when tlsrpt.enabled
         # First purge of old failed messages soon after start, spread among workers.
         self._next_purge = time.time() + random.uniform(1.0, 3.0)
 
@@ -167,7 +173,12 @@ class DeliveryWorker(GeventChild):
             [(entry.domain, entry.limit) for entry in self.delivery.destination_limits])
         self.recorder = AttemptRecorder(self.queue, self.owner)
         self.stages = DeliveryStages(self.config)
-        self.transports = {SMTP: SMTPTransport(self.config, store, resolver),
+        counter = None
+        if self.config.tlsrpt.enabled:
+            counter = TLSCounter()
+            self.tls_reporting = TLSReporting(self.config, counter, CountStore(spool),
+                                              self.owner)
+        self.transports = {SMTP: SMTPTransport(self.config, store, resolver, counter),
                            LMTP: LMTPTransport(self.config, store),
                            LOCAL: LocalTransport(self.config, store),
                            ERROR: ErrorTransport()}
@@ -179,6 +190,8 @@ class DeliveryWorker(GeventChild):
         helpers = [gevent.spawn(self._listen, self.wake_socket),
                    gevent.spawn(self._renew_leases),
                    gevent.spawn(self._free_gone_leases)]
+        if self.tls_reporting is not None:
+            helpers.append(gevent.spawn(self.tls_reporting.run))
         self.free_gone_leases_now()          # before the first claim: what a dead one left
         try:
             self.loop()
@@ -197,6 +210,8 @@ class DeliveryWorker(GeventChild):
         for transport in self.transports.values():
             transport.close()
         self.stages.close()
+        if self.tls_reporting is not None:
+            self.tls_reporting.close()
         self.wake_socket.close()
         self.queue.close()
         self.slots.close()
