@@ -9,7 +9,8 @@ cluster, in elemta.cli.clustercmd), compiles and queries lookup tables (`map
 compile/query`, in elemta.cli.mapcmd) and asks a running master for its status,
 a reload or a stop (`status`, `reload`, `stop`, in elemta.cli.control), drains a node
 before it is retired (`drain`, `undrain`, in elemta.cli.draincmd), and lists
-certificates or forces an ACME renewal (`cert status/renew`, in elemta.cli.certcmd).
+certificates or forces an ACME renewal (`cert status/renew`, in elemta.cli.certcmd), and
+shows or sends the TLS-RPT reports (`tlsrpt show/send`, in elemta.cli.tlsrptcmd).
 
 Errors are one line on stderr and a sysexits(3) exit status, never a traceback.
 See also: elemta.util.credentials (the file format), elemta.config,
@@ -30,7 +31,7 @@ from typing import Callable, List, Optional
 
 from elemta.cli import (certcmd, completion, configcmd, control, draincmd, filecheck,
                         mapcmd, pfconfig, pfimport, queuecmd, reportcmd, restrictionscmd,
-                        topcmd)
+                        tlsrptcmd, topcmd)
 from elemta.cli.config_finder import config_path, read_config
 from elemta.cli.failure import EX_FAILED, Failure
 from elemta.util import credentials, daemonfiles
@@ -425,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     reportcmd.add_command(commands, _Parser, [config_option])
     topcmd.add_command(commands, _Parser, [config_option])
     draincmd.add_commands(commands, _Parser, [config_option])
+    tlsrptcmd.add_commands(commands, _Parser, [config_option])
 
     dkim = commands.add_parser("dkim", help="DKIM signing keys")
     dkim_commands = dkim.add_subparsers(dest="dkim_command", metavar="ACTION",

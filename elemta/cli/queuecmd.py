@@ -101,7 +101,7 @@ def open_queue(args, create_index: bool = False):
     if not create_index and not Queue.has_index(spool_dir):
         raise Failure(EX_NOINPUT, "queue: no index in %s; rebuild it with: %s queue "
                                   "reindex" % (spool_dir, PROG))
-    _become_spool_owner(spool_dir)
+    become_spool_owner(spool_dir)
     return Queue.from_config(config.queue, spool_dir=spool_dir)
 
 
@@ -127,7 +127,7 @@ def log_to_the_mail_log(args) -> None:
         pass
 
 
-def _become_spool_owner(spool_dir: str) -> None:
+def become_spool_owner(spool_dir: str) -> None:
     """Run as root, become the spool's owner (master.user) for good before touching the
     queue, as Postfix's postsuper works as mail_owner: that user can swap any file in the
     spool for a link, so root must not open, create or chown anything there. Whatever
