@@ -25,7 +25,7 @@ from elemta.delivery.tlsreports import due_days
 from elemta.tlsrpt.counter import TLSCounter
 from elemta.tlsrpt.report import rua_addresses
 from elemta.tlsrpt.results import (CERTIFICATE_HOST_MISMATCH, STS, STS_POLICY_FETCH_ERROR,
-                                   Policy)
+                                   ReportedPolicy)
 from elemta.tlsrpt.store import CountStore
 from tests.harness import delivery_result as result
 from tests.harness import free_port, submit, wait_for
@@ -94,7 +94,7 @@ def test_the_rua_is_the_mailto_addresses_of_exactly_one_record():
 def test_counts_add_up_on_disk_and_only_one_claim_of_a_day_wins(tmp_path):
     now = 1700000000.0                         # 2023-11-14 22:13:20 UTC
     counter = TLSCounter(clock=lambda: now)
-    sts = Policy(STS, "example.org", ("version: STSv1",), ("mx.example.org",))
+    sts = ReportedPolicy(STS, "example.org", ("version: STSv1",), ("mx.example.org",))
     counter.success(sts)
     counter.success(sts)
     counter.failure(sts, CERTIFICATE_HOST_MISMATCH, "mx.example.org", "192.0.2.1", "why")

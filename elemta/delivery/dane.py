@@ -106,8 +106,8 @@ class TLSA:
 def reported_policy(name, records=()):
     """The DANE policy of MX host name as a TLS-RPT report names it (RFC 8460 4.4: the
     policy domain is the TLSA base domain, the host itself)."""
-    return results.Policy(results.TLSA, name, tuple(r.presentation() for r in records),
-                          (name,))
+    return results.ReportedPolicy(results.TLSA, name,
+                                  tuple(r.presentation() for r in records), (name,))
 
 
 @dataclass(frozen=True)

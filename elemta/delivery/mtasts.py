@@ -100,7 +100,7 @@ class STSPolicy:
         patterns)."""
         lines = ("version: STSv1", "mode: %s" % self.mode) + tuple(
             "mx: %s" % mx for mx in self.mx) + ("max_age: %d" % self.max_age,)
-        return results.Policy(results.STS, self.domain, lines, self.mx)
+        return results.ReportedPolicy(results.STS, self.domain, lines, self.mx)
 
 
 def mx_matches(pattern, host):
@@ -330,8 +330,8 @@ class MTASTS:
                         error, "; its cached policy still applies" if cached else "")
             if self.counter is not None:
                 # RFC 8460 4.3.2.2: the domain says it has a policy; none could be had.
-                self.counter.failure(results.Policy(results.STS, domain), error.result,
-                                     reason=str(error))
+                self.counter.failure(results.ReportedPolicy(results.STS, domain),
+                                     error.result, reason=str(error))
             return cached
         self._failed.pop(domain, None)
         self.cache.put(policy)

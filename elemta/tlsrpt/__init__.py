@@ -5,7 +5,7 @@ domain.
 Shared by the delivery workers (they count, and send each day's reports) and elemtactl
 (`tlsrpt show`, `tlsrpt send`); owned by neither, so neither imports the other:
 
-    results   the RFC's result types and the Policy a session was under
+    results   the RFC's result types and the ReportedPolicy a session was under
     store     the counts on disk (spool/tlsrpt, LMDB) and the claim on a day's sending
     counter   the delivery worker's buffer of counts, written in batches
     report    the JSON report, its gzip and the MIME message; the rua of a TXT record

@@ -21,7 +21,7 @@ def day_of(now):
 
 
 class TLSCounter:
-    """Counts successes and failures per (UTC day, Policy) until take()n."""
+    """Counts successes and failures per (UTC day, ReportedPolicy) until take()n."""
 
     def __init__(self, clock=time.time):
         self.clock = clock

@@ -2,7 +2,8 @@
 
 Shared (elemta.tlsrpt): the SMTP client names a failed session's result type
 (SessionError.tls_result), elemta.delivery.mtasts and elemta.delivery.dane name theirs,
-elemta.delivery.smtp_transport counts them under a Policy. See also elemta.tlsrpt.store.
+elemta.delivery.smtp_transport counts them under a ReportedPolicy.
+See also elemta.tlsrpt.store.
 """
 
 import json
@@ -51,7 +52,7 @@ def result_of_handshake(error):
 
 
 @dataclass(frozen=True)
-class Policy:
+class ReportedPolicy:
     """What a session was held to (RFC 8460 4.4): an MTA-STS policy (kind sts, its
     domain the recipient domain, its lines, its mx patterns) or DANE (kind tlsa, its
     domain the MX host, its TLSA records as text)."""
