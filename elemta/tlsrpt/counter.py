@@ -28,13 +28,11 @@ class TLSCounter:
         self._tallies = {}
 
     def success(self, policy):
-        self._tally(policy).success += 1
+        self._tally(policy).add(success=1)
 
     def failure(self, policy, result, mx_host=None, address=None, reason=None):
         """A failed session (or policy lookup) under policy, of RFC 8460 result type
         result, with the MX host and address it was for when there was one."""
-        tally = self._tally(policy)
-        tally.failure += 1
         detail = {"result-type": result}
         if mx_host:
             detail["receiving-mx-hostname"] = mx_host
@@ -42,8 +40,8 @@ class TLSCounter:
             detail["receiving-ip"] = address
         if reason:
             detail["failure-reason-code"] = reason[:MAX_REASON]
-        tally.merge({"success": 0, "failure": 0,
-                     "details": {json.dumps(detail, sort_keys=True): 1}})
+        self._tally(policy).add(failure=1,
+                                details={json.dumps(detail, sort_keys=True): 1})
 
     @property
     def pending(self):

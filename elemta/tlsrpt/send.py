@@ -8,6 +8,8 @@ as the spool's owner (elemtactl drops root first, as for the queue commands), th
 maildrop is a path either may write, and pickup gives the report what local mail gets
 and a DSN does not: DKIM signing by the sender's domain (RFC 8460 5.3 asks reports be
 signed), header checks, and its "uid=... from=<...>" log line.
+A claimed day is not sent again by the daily run: a domain whose TXT lookup fails then
+gets no report for it (the log says so; `elemtactl tlsrpt send --date` sends again).
 The TXT records are asked of delivery.nameservers (elemta.plugins.resolver: gevent's
 sockets, so a slow nameserver never stalls a delivery worker's other greenlets).
 See also: elemta.tlsrpt.report (the message), elemta.queue.maildrop (the files).

@@ -42,11 +42,11 @@ class Tally:
         self.failure = 0
         self.details = {}
 
-    def merge(self, other):
-        self.success += other["success"] if isinstance(other, dict) else other.success
-        self.failure += other["failure"] if isinstance(other, dict) else other.failure
-        details = other["details"] if isinstance(other, dict) else other.details
-        for detail, count in details.items():
+    def add(self, success=0, failure=0, details=None):
+        """Add counts: successes, failures, {detail JSON: failures}."""
+        self.success += success
+        self.failure += failure
+        for detail, count in (details or {}).items():
             if detail in self.details or len(self.details) < MAX_DETAILS:
                 self.details[detail] = self.details.get(detail, 0) + count
 
@@ -77,8 +77,9 @@ class CountStore:
                 stored = txn.get(key)
                 total = Tally(tally.policy)
                 if stored is not None:
-                    total.merge(json.loads(stored))
-                total.merge(tally)
+                    known = json.loads(stored)
+                    total.add(known["success"], known["failure"], known["details"])
+                total.add(tally.success, tally.failure, tally.details)
                 txn.put(key, json.dumps(total.as_dict(), sort_keys=True).encode())
 
     def days(self):
