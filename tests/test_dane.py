@@ -12,6 +12,7 @@ See also: elemta.delivery.dane, elemta.delivery.mx, tests/test_mta_sts.py.
 """
 
 import hashlib
+import json
 import re
 import tempfile
 
@@ -28,6 +29,7 @@ from tests.peers.https import LoopbackCA
 from tests.peers.nsd import NSDInstance, nsd_available
 from tests.peers.sink import ScriptedServer
 from tests.peers.unbound import UnboundInstance, unbound_available
+from tests.test_acme import elemtactl
 
 # MX host name -> its address; each is a scripted server with STARTTLS.
 EE = ("mx.ee.dane.test", "127.0.0.41")          # DANE-EE 3 1 1 of its key
@@ -187,13 +189,14 @@ def mx_hosts(certificates, mx_port):
 
 @pytest.fixture
 def start(elemta_server, dns, mx_port, mx_hosts):
-    def starter(**delivery):
+    def starter(tlsrpt=None, **delivery):
         settings = {"workers": 1, "mx_port": mx_port, "nameservers": ["127.0.0.1"],
                     "dns_port": dns[1].port, "min_backoff": 60, "max_backoff": 60,
                     "connect_timeout": 2.0, "command_timeout": 5.0, "data_timeout": 5.0,
                     "mta_sts": False, "dane": True}
         settings.update(delivery)
-        server = elemta_server(delivery=settings, api={"enabled": False})
+        server = elemta_server(delivery=settings, api={"enabled": False},
+                               tlsrpt=tlsrpt or {})
         wait_for(lambda: "delivery worker started" in server.log())
         return server
     return starter
@@ -295,3 +298,36 @@ def test_dane_only_defers_mail_for_an_insecure_mx(start, mx_hosts):
     assert reply == ("451 4.7.5 DANE: the MX or address records of mx.plain.test are not "
                      "DNSSEC-signed (delivery.tls_policy dane-only)")
     assert received(mx_hosts, PLAIN, "only@plain.test") == []
+
+
+def test_dane_sessions_are_counted_for_tls_reporting_per_mx_host(start, mx_port,
+                                                                  certificates):
+    """RFC 8460 4.4: a DANE policy's domain is the MX host (the TLSA base domain), its
+    policy-string the TLSA records; a match is a success, a mismatch tlsa-invalid, a
+    bogus TLSA answer dnssec-invalid."""
+    server = start(tlsrpt={"enabled": True})
+    for label, status in (("ee", "sent"), ("eebad", "deferred"), ("bogus", "deferred")):
+        recipient = "r@%s.dane.test" % label
+        # A sender of its own each: submit() finds the queue id by the sender.
+        queue_id = submit(server, "rpt-%s@client.test" % label, recipient)
+        assert result(server, queue_id, recipient)[0] == status
+
+    def reports():
+        shown = elemtactl(server, "tlsrpt", "show", "--json", "--date", "today").stdout
+        found = {r["policies"][0]["policy"]["policy-domain"]: r["policies"][0]
+                 for r in map(json.loads, shown.splitlines())}
+        return found if len(found) == 3 else None
+    found = wait_for(reports)
+    made, _ = certificates
+    assert found[EE[0]]["policy"] == {
+        "policy-type": "tlsa", "policy-domain": EE[0], "mx-host": [EE[0]],
+        "policy-string": ["3 1 1 " + spki_sha256(made[EE[0]][0])]}
+    assert found[EE[0]]["summary"] == {"total-successful-session-count": 1,
+                                       "total-failure-session-count": 0}
+    for host, kind in ((EE_BAD, "tlsa-invalid"), (BOGUS, "dnssec-invalid")):
+        assert found[host[0]]["summary"] == {"total-successful-session-count": 0,
+                                             "total-failure-session-count": 1}
+        [detail] = found[host[0]]["failure-details"]
+        assert (detail["result-type"], detail["receiving-mx-hostname"],
+                detail["receiving-ip"]) == (kind, host[0], host[1])
+    assert found[BOGUS[0]]["policy"]["policy-string"] == []
