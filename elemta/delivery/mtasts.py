@@ -17,6 +17,9 @@ STSPolicy it gets (mx patterns, mode) itself. In RFC 8461's order:
               missing TXT record or a failed fetch does not end a cached policy
     refresh   when the TXT id changes, or once REFRESH_AT of max_age has passed; a fetch
               that fails is not tried again for FETCH_RETRY seconds (per worker)
+    report    a fetch that fails counts once for TLS-RPT (elemta.tlsrpt), as the RFC 8460
+              result type STSPolicyError names: sts-webpki-invalid (the policy server's
+              certificate), sts-policy-invalid (the policy), sts-policy-fetch-error
 
 See also: elemta.delivery.smtp_transport (applies the policy), elemta.delivery.mx (the
 TXT lookup), tests/test_mta_sts.py.
@@ -36,6 +39,7 @@ from gevent import socket, ssl
 
 from elemta.delivery.mx import RouteError
 from elemta.tlsrpt import results
+from elemta.tlsrpt.counter import NullCounter
 
 log = logging.getLogger("elemta.delivery")
 
@@ -297,7 +301,8 @@ class MTASTS:
         self.cache = cache
         self.fetcher = fetcher
         self.clock = clock
-        self.counter = counter     # an elemta.tlsrpt.counter.TLSCounter, or None
+        # TLS-RPT: fetch failures counted (elemta.tlsrpt.counter.TLSCounter).
+        self.counter = counter if counter is not None else NullCounter()
         self._failed = {}          # domain -> when this worker may try to fetch again
 
     def policy_for(self, domain):
@@ -328,10 +333,9 @@ class MTASTS:
             self._failed[domain] = now + FETCH_RETRY
             log.warning("MTA-STS policy of %s (id %s) not fetched: %s%s", domain, policy_id,
                         error, "; its cached policy still applies" if cached else "")
-            if self.counter is not None:
-                # RFC 8460 4.3.2.2: the domain says it has a policy; none could be had.
-                self.counter.failure(results.ReportedPolicy(results.STS, domain),
-                                     error.result, reason=str(error))
+            # RFC 8460 4.3.2.2: the domain says it has a policy; none could be had.
+            self.counter.failure(results.ReportedPolicy(results.STS, domain), error.result,
+                                 reason=str(error))
             return cached
         self._failed.pop(domain, None)
         self.cache.put(policy)
