@@ -4,8 +4,9 @@ release with ?rescan=true.
 Owned by whichever process the admin asks (elemtactl's own process, the api process).
 A release alone sends a held message on as it is: it was scanned when it came in, and
 delivery runs no content plugin. A rescan asks the content scanners again first (the
-enabled plugins with Plugin.scans_content: clamav, rspamd, a milter), because their
-signatures may have changed since or the hold may have been a scanner's mistake:
+enabled plugins with Plugin.scans_content: clamav and rspamd; milters are not asked
+again, so a message a milter held is released as it is), because their signatures may
+have changed since or the hold may have been a scanner's mistake:
 
     nothing found           released, due now, the reason forgotten
     quarantine              stays on hold, held by that scanner for its new reason
