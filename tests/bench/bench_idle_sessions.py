@@ -19,7 +19,8 @@ only adds memory to what is measured. The sessions are held by client processes 
 at most that many each, from several loopback addresses (127.0.0.1, .2, ...),
 SESSIONS_PER_ADDRESS each: one address has fewer ephemeral ports than that. Only the limits that would refuse the sessions are set: one
 worker's sessions (limits.connections_per_worker, default 10,000) and max_use (a
-worker that has admitted that many retires, cutting its idle sessions after the grace).
+worker that has admitted that many retires, cutting its idle sessions after the grace)
+and timeouts.command (the first sessions must not time out while the last are opened).
 See also: tests/bench/bench_accept.py, tests/harness.py, ../shared/peers.md.
 """
 
@@ -35,11 +36,14 @@ sys.path.insert(0, REPO)
 
 import gevent  # noqa: E402
 from gevent import socket  # noqa: E402
+from gevent.pool import Pool  # noqa: E402
 
 from tests.harness import ELEMTA_DEFAULT, ElemtaServer  # noqa: E402
 
 TARGET_MB = 1024
 SESSIONS_PER_ADDRESS = 20000      # the ephemeral port range is 28,232 ports by default
+IP_BIND_ADDRESS_NO_PORT = 24      # linux/in.h (Python's socket module lacks it)
+OPENING_AT_ONCE = 300             # per client process
 FD_MARGIN = 1000                  # descriptors besides the sessions (logs, index, pipes)
 
 
@@ -73,7 +77,9 @@ def process_group_memory(pgid):
                 continue
             with open("/proc/%s/smaps_rollup" % entry) as f:
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            if not isinstance(exc, FileNotFoundError):     # not a process that just ended
+                print("  cannot read /proc/%s: %s" % (entry, exc))
             continue
         count += 1
         rss += int(fields["Rss"].split()[0]) * 1024
@@ -83,9 +89,13 @@ def process_group_memory(pgid):
 
 def open_session(port, source, sessions, failures):
     try:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=60,
-                                        source_address=(source, 0))
-        sock.settimeout(60)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # The port is chosen at connect (any not used towards this server), not at bind
+        # (one not bound at all): bind's search slows to a crawl as ports fill up.
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.settimeout(300)
+        sock.connect(("127.0.0.1", port))
         banner = sock.recv(512)
         sock.sendall(b"NOOP\r\n")
         noop = sock.recv(512)
@@ -103,13 +113,13 @@ def hold_sessions(port, first, count):
     FIRST-FAILURE", hold them until stdin closes."""
     raise_fd_limit(count + FD_MARGIN)
     sessions, failures = [], []
-    pool = []
+    # A few hundred handshakes under way at a time: all at once overflow the listen
+    # queue, and the dropped SYNs come back after ever longer retransmission delays.
+    opening = Pool(OPENING_AT_ONCE)
     for i in range(first, first + count):
         source = "127.0.0.%d" % (1 + i // SESSIONS_PER_ADDRESS)
-        pool.append(gevent.spawn(open_session, port, source, sessions, failures))
-        if i % 500 == 499:
-            gevent.sleep(0)           # let the accept queue drain as we go
-    gevent.joinall(pool)
+        opening.spawn(open_session, port, source, sessions, failures)
+    opening.join()
     print("opened %d failed %d %r" % (len(sessions), len(failures), failures[:1]), flush=True)
     sys.stdin.read()
 
@@ -162,7 +172,10 @@ def main():
                           {"smtpd": {"workers": ELEMTA_DEFAULT if workers == os.cpu_count()
                                      else workers, "max_use": 0},
                            "delivery": {"workers": ELEMTA_DEFAULT},
-                           "limits": {"connections_per_worker": count}})
+                           "limits": {"connections_per_worker": count},
+                           # Idle means idle: no 421 for the first sessions while the
+                           # last ones are still being opened.
+                           "timeouts": {"command": 3600}})
     clients = []
     try:
         port = server.start(timeout=30).port
