@@ -301,35 +301,22 @@ class QueueIndex:
         self.due = self.env.open_db(b"due")
         self.by_state = self.env.open_db(b"by_state")
         self.listing = self.env.open_db(b"listing")
-        self._complete_by_state()
-        self._complete_listing()
+        self._complete(self.by_state, _encode_brief)
+        self._complete(self.listing, _encode_listing)
         self._upgrade_due()
 
-    def _complete_by_state(self):
-        """Fill by_state for an index written before it existed (same count when whole)."""
+    def _complete(self, db, encode):
+        """Fill a per-state view (by_state with encode=_encode_brief, listing with
+        _encode_listing) for an index written before it existed: same count when whole."""
         with self.env.begin() as txn:
-            whole = (txn.stat(self.messages)["entries"] == txn.stat(self.by_state)["entries"])
+            whole = txn.stat(self.messages)["entries"] == txn.stat(db)["entries"]
         if whole:
             return
         with self.env.begin(write=True) as txn:
-            txn.drop(self.by_state, delete=False)
+            txn.drop(db, delete=False)
             for _, raw in txn.cursor(db=self.messages):
                 record = decode_record(raw)
-                txn.put(state_key(record.state, record.queue_id), _encode_brief(record),
-                        db=self.by_state)
-
-    def _complete_listing(self):
-        """Fill listing for an index written before it existed (same count when whole)."""
-        with self.env.begin() as txn:
-            whole = (txn.stat(self.messages)["entries"] == txn.stat(self.listing)["entries"])
-        if whole:
-            return
-        with self.env.begin(write=True) as txn:
-            txn.drop(self.listing, delete=False)
-            for _, raw in txn.cursor(db=self.messages):
-                record = decode_record(raw)
-                txn.put(state_key(record.state, record.queue_id), _encode_listing(record),
-                        db=self.listing)
+                txn.put(state_key(record.state, record.queue_id), encode(record), db=db)
 
     def _upgrade_due(self):
         """Rewrite the due entries of an index written before priorities had their byte

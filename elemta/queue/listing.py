@@ -2,9 +2,9 @@
 
 Reached through the Queue facade (records_matching, ids_matching, summarise) by elemtactl's
 queue commands (and mailq) and the REST API. Reads the index only through
-elemta.queue.index (the Brief view per state first, full records only for what a filter or
-the output needs), so a listing of one state of a million-message queue starts at once and
-streams.
+elemta.queue.index (the Brief and listing views per state first, full records only for
+what a filter or the output needs), so a listing of one state of a million-message queue
+starts at once and streams, and a summary of it is counted in bulk (tally_briefs).
 See also elemta.cli.queuecmd (the text and JSON output), elemta.queue.index.
 """
 

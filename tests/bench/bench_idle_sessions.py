@@ -34,7 +34,6 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-import gevent  # noqa: E402
 from gevent import socket  # noqa: E402
 from gevent.pool import Pool  # noqa: E402
 
