@@ -19,6 +19,7 @@ import time
 import pytest
 
 from elemta.queue.ids import new_queue_id
+from elemta.queue.listing import Selection, listed_from_record
 from elemta.queue.model import (BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, RCPT_DEFERRED, SENT,
                                 STATES, Envelope, Recipient)
 from elemta.queue.queue import Queue
@@ -92,6 +93,9 @@ def assert_index_consistent(spool):
             q: r.state for q, r in records.items()}
         for queue_id, brief in briefs.items():
             assert brief.size == records[queue_id].envelope.size
+        # What mailq prints from the listing database is what the records say.
+        assert list(queue.listed_matching(Selection(now=time.time()))) == [
+            listed_from_record(records[q]) for q in sorted(records)]
         held = set(queue.store.iter_held())
         assert held == {q for q, r in records.items() if r.state == HOLD}
         assert set(queue.store.iter_queue_ids()) == set(records)

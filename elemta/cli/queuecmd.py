@@ -21,7 +21,7 @@ import time
 # sysexits(3), as the os module names them (elemta.cli.failure).
 from os import (EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_NOPERM, EX_NOUSER, EX_OK, EX_PROTOCOL,
                 EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE)
-from typing import Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from elemta.cli.config_finder import find_config
 from elemta.cli.failure import Failure
@@ -79,9 +79,23 @@ class Output:
         self.stream.flush()
 
 
+# asctime()'s text up to the seconds, by minute since the epoch (a listing of 100,000
+# messages asks for the local time of a few thousand minutes).
+_MINUTE_TEXTS: Dict[int, str] = {}
+
+
 def asctime(seconds: float) -> str:
-    """'Tue Nov 24 17:34:06': asctime(3) in local time, without the year."""
-    return time.asctime(time.localtime(seconds))[:19]
+    """'Tue Nov 24 17:34:06': asctime(3) in local time, without the year. Local time is
+    worked out once per minute: time zones are whole minutes away from UTC (one that is
+    not, as with leap seconds counted, is worked out each time)."""
+    minute = int(seconds // 60)
+    prefix = _MINUTE_TEXTS.get(minute)
+    if prefix is None:
+        text = time.asctime(time.localtime(minute * 60))
+        if text[17:19] != "00":
+            return time.asctime(time.localtime(seconds))[:19]
+        prefix = _MINUTE_TEXTS[minute] = text[:17]
+    return "%s%02d" % (prefix, int(seconds % 60))
 
 
 # ---------------------------------------------------------------- opening the queue
@@ -201,25 +215,29 @@ def cmd_list(args) -> int:
     """queue list: the queue in mailq's layout, or one JSON object per message. Read from
     the index when the caller may (root, Elemta's user: works while Elemta is stopped),
     else asked of the showq process, as Postfix's mailq asks its showq service."""
+    from elemta.queue.listing import listed_from_json, record_to_json
     out = Output()
     spool_dir = _readable_spool(args)
+    selection = _selection(args)
     if spool_dir is None:
-        _write_listing(out, args, listing_from_showq(args, _selection(args)))
+        listing = listing_from_showq(args, selection)
+        if args.json:
+            _write_json_lines(out, listing)
+        else:
+            write_mailq(out, map(listed_from_json, listing))
     else:
-        from elemta.queue.listing import record_to_json
         with open_queue(args) as queue:
-            records = queue.records_matching(_selection(args))
-            _write_listing(out, args, (record_to_json(record) for record in records))
+            if args.json:
+                _write_json_lines(out, map(record_to_json, queue.records_matching(selection)))
+            else:
+                write_mailq(out, queue.listed_matching(selection))
     out.flush()
     return EX_OK
 
 
-def _write_listing(out: Output, args, listing: Iterable[dict]) -> None:
-    if args.json:
-        for listed in listing:
-            out.write(json.dumps(listed, ensure_ascii=False) + "\n")
-    else:
-        write_mailq(out, listing)
+def _write_json_lines(out: Output, listing: Iterable[dict]) -> None:
+    for listed in listing:
+        out.write(json.dumps(listed, ensure_ascii=False) + "\n")
 
 
 def _readable_spool(args) -> Optional[str]:
@@ -273,32 +291,35 @@ def listing_from_showq(args, selection) -> Iterator[dict]:
         sock.close()
 
 
-def write_mailq(out: Output, listing: Iterable[dict]) -> None:
-    """Postfix's mailq output for a listing of record_to_json dicts, read from the index or
-    from the showq process (streamed: each message written as it comes)."""
+def write_mailq(out: Output, listing: Iterable) -> None:
+    """Postfix's mailq output for a listing of elemta.queue.index.Listed, read from the
+    index or from the showq process (streamed: written a few thousand lines at a time,
+    the text already made printable)."""
     from elemta.queue.listing import NULL_SENDER
     count = total_size = 0
-    for listed in listing:
-        out.write("\n" if count else HEADING_FORMAT % HEADINGS)
-        out.write(SENDER_FORMAT % (listed["queue_id"] + STATUS_MARK.get(listed["queue_name"],
-                                                                        ""),
-                                   listed["message_size"], asctime(listed["arrival_time"]),
-                                   printable(listed["sender"] or NULL_SENDER)))
+    lines: List[str] = []
+    for queue_id, state, size, arrival, sender, recipients in listing:
+        lines.append("\n" if count else HEADING_FORMAT % HEADINGS)
+        lines.append(SENDER_FORMAT % (queue_id + STATUS_MARK.get(state, ""), size,
+                                      asctime(arrival), sender or NULL_SENDER))
         shown_reason = ""
-        for recipient in listed["recipients"]:
-            reason = printable(recipient.get("delay_reason", ""))
+        for address, reason in recipients:
             if reason != shown_reason:
                 shown_reason = reason
                 text = reason or "reason unavailable"
-                out.write("%*s(%s)\n" % (max(0, REASON_COLUMN - len(text)), "", text))
-            out.write(RECIPIENT_INDENT + printable(recipient["address"]) + "\n")
+                lines.append("%*s(%s)\n" % (max(0, REASON_COLUMN - len(text)), "", text))
+            lines.append(RECIPIENT_INDENT + address + "\n")
         count += 1
-        total_size += listed["message_size"]
+        total_size += size
+        if len(lines) >= 4096:
+            out.write("".join(lines))
+            lines = []
     if count == 0:
-        out.write("Mail queue is empty\n")
+        lines.append("Mail queue is empty\n")
     else:
-        out.write("\n-- %d Kbytes in %d Request%s.\n"
-                  % (total_size // 1024, count, "" if count == 1 else "s"))
+        lines.append("\n-- %d Kbytes in %d Request%s.\n"
+                     % (total_size // 1024, count, "" if count == 1 else "s"))
+    out.write("".join(lines))
 
 
 # ---------------------------------------------------------------- show

@@ -24,10 +24,15 @@ through _put and _delete; a new writer must too):
                highest priority first by looking at the start of each run (claim)
     by_state   state name + b":" + qid -> a Brief packed in a few bytes (size, arrival,
                sender domain, waiting recipients' domains with counts), so a state of a
-               queue of a million messages is listed, counted and summarised without
+               queue of a million messages is counted and summarised without
                decoding a million JSON records
+    listing    the same keys -> what mailq shows of the message: size and arrival as in
+               by_state, then NUL-separated UTF-8 text: the sender, then a delay reason
+               and an address per waiting recipient, control characters shown as "?"
+               (elemta.util.text.printable), so a state is listed without decoding its
+               JSON records either
 
-The main database holds those three and one key of ours, elemta-nudge (see nudge: after
+The main database holds those four and one key of ours, elemta-nudge (see nudge: after
 a MapFullError it makes the pages freed by the last write reusable).
 """
 
@@ -36,15 +41,22 @@ import json
 import os
 import struct
 import time
+from bisect import bisect_left
+from collections import Counter
+from functools import partial
+from itertools import islice
+from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import lmdb
 
-from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, INCOMING, PRIORITY_MAX,
-                                PRIORITY_MIN, SENT, STATES, Envelope, Hold, Recipient)
+from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, PENDING,
+                                PRIORITY_MAX, PRIORITY_MIN, SENT, STATES, Envelope, Hold,
+                                Recipient)
 from elemta.queue.store import envelope_from_dict, envelope_to_dict
 from elemta.queue.transitions import move
+from elemta.util.text import printable
 
 DUE_STATES = (INCOMING, DEFERRED)
 _RECORD_FIELDS = ("state", "attempts", "next_attempt", "last_error", "lease_owner",
@@ -57,6 +69,9 @@ _STATE_SEP = b":"
 # Records per read transaction when iterating: readers never pin old pages for long, so
 # the index does not grow while an admin pages through a listing.
 SCAN_CHUNK = 1000
+# Briefs per read transaction when only counting them (tally_briefs): a few milliseconds
+# of reading each.
+TALLY_CHUNK = 20000
 # A key of the main database (where LMDB keeps the named ones), written by nudge().
 _NUDGE_KEY = b"elemta-nudge"
 # LMDB's two files in the index directory.
@@ -87,6 +102,17 @@ class QueueRecord:
         return self.envelope.queue_id
 
 
+class Listed(NamedTuple):
+    """A message as mailq lists it, from its Brief; text with control characters shown
+    as "?" (elemta.util.text.printable), ready to print."""
+    queue_id: str
+    state: str
+    size: int
+    arrival: float
+    sender: str                              # "" for the null sender
+    recipients: Tuple[Tuple[str, str], ...]  # (address, delay reason) of each waiting one
+
+
 class Brief(NamedTuple):
     """The few facts about a message that listing filters and summaries need."""
     queue_id: str
@@ -102,6 +128,17 @@ def waiting_recipients(state: str, recipients: List[Recipient]) -> List[Recipien
     unless the whole message failed (then the bounced ones are what the admin looks at)."""
     return [r for r in recipients
             if r.status != SENT and (r.status != BOUNCED or state == FAILED)]
+
+
+def delay_reason(record, recipient: Recipient) -> str:
+    """Why a waiting recipient is not delivered yet: who held the message and why if it
+    is on hold (mailq shows it under the "!"), else its own last reply if it was
+    deferred or bounced, else the message's last error, else ""."""
+    if record.state == HOLD and record.hold is not None:
+        return record.hold.describe()
+    if recipient.status != PENDING and recipient.last_reply:
+        return recipient.last_reply
+    return record.last_error or ""
 
 
 def address_domain(address):
@@ -170,14 +207,37 @@ def _encode_brief(record):
     return _BRIEF_HEAD.pack(envelope.size or 0, envelope.arrival or 0.0) + text
 
 
+def _encode_listing(record):
+    envelope = record.envelope
+    parts = [printable(envelope.sender)]
+    for recipient in waiting_recipients(record.state, envelope.recipients):
+        parts += [printable(delay_reason(record, recipient)), printable(recipient.address)]
+    return (_BRIEF_HEAD.pack(envelope.size or 0, envelope.arrival or 0.0)
+            + "\0".join(parts).encode("utf-8"))
+
+
+def _decode_summary(summary):
+    """(sender domain, ((domain, count), ...)) from the text of a Brief."""
+    parts = summary.decode("utf-8", "surrogatepass").split("\0")
+    return parts[0], tuple((parts[i], int(parts[i + 1])) for i in range(1, len(parts) - 1, 2))
+
+
 def decode_brief(key, value):
     """The Brief for one by_state entry (bytes key and value)."""
     state, _, queue_id = bytes(key).partition(_STATE_SEP)
     size, arrival = _BRIEF_HEAD.unpack_from(value)
-    parts = bytes(value[_BRIEF_HEAD.size:]).decode("utf-8", "surrogatepass").split("\0")
-    domains = tuple((parts[i], int(parts[i + 1])) for i in range(1, len(parts) - 1, 2))
-    return Brief(queue_id.decode("ascii"), state.decode("ascii"), size, arrival, parts[0],
-                 domains)
+    sender_domain, domains = _decode_summary(bytes(value[_BRIEF_HEAD.size:]))
+    return Brief(queue_id.decode("ascii"), state.decode("ascii"), size, arrival,
+                 sender_domain, domains)
+
+
+def decode_listed(key, value):
+    """The Listed for one listing entry (bytes key and value)."""
+    state, _, queue_id = bytes(key).partition(_STATE_SEP)
+    size, arrival = _BRIEF_HEAD.unpack_from(value)
+    parts = bytes(value[_BRIEF_HEAD.size:]).decode("utf-8").split("\0")
+    return Listed(queue_id.decode("ascii"), state.decode("ascii"), size, arrival, parts[0],
+                  tuple(zip(parts[2::2], parts[1::2])))
 
 
 def _after(key):
@@ -240,21 +300,23 @@ class QueueIndex:
         self.messages = self.env.open_db(b"messages")
         self.due = self.env.open_db(b"due")
         self.by_state = self.env.open_db(b"by_state")
-        self._complete_by_state()
+        self.listing = self.env.open_db(b"listing")
+        self._complete(self.by_state, _encode_brief)
+        self._complete(self.listing, _encode_listing)
         self._upgrade_due()
 
-    def _complete_by_state(self):
-        """Fill by_state for an index written before it existed (same count when whole)."""
+    def _complete(self, db, encode):
+        """Fill a per-state view (by_state with encode=_encode_brief, listing with
+        _encode_listing) for an index written before it existed: same count when whole."""
         with self.env.begin() as txn:
-            whole = (txn.stat(self.messages)["entries"] == txn.stat(self.by_state)["entries"])
+            whole = txn.stat(self.messages)["entries"] == txn.stat(db)["entries"]
         if whole:
             return
         with self.env.begin(write=True) as txn:
-            txn.drop(self.by_state, delete=False)
+            txn.drop(db, delete=False)
             for _, raw in txn.cursor(db=self.messages):
                 record = decode_record(raw)
-                txn.put(state_key(record.state, record.queue_id), _encode_brief(record),
-                        db=self.by_state)
+                txn.put(state_key(record.state, record.queue_id), encode(record), db=db)
 
     def _upgrade_due(self):
         """Rewrite the due entries of an index written before priorities had their byte
@@ -287,17 +349,19 @@ class QueueIndex:
         if record.state in DUE_STATES:
             txn.put(due_key(record.next_attempt, record.queue_id, record.envelope.priority),
                     b"", db=self.due)
-        txn.put(state_key(record.state, record.queue_id), _encode_brief(record),
-                db=self.by_state)
+        key = state_key(record.state, record.queue_id)
+        txn.put(key, _encode_brief(record), db=self.by_state)
+        txn.put(key, _encode_listing(record), db=self.listing)
         return True
 
     def _forget(self, txn, data):
-        """Remove the due and by_state entries of a decoded record."""
+        """Remove the due, by_state and listing entries of a decoded record."""
         old_due = _due_key_of(data)
         if old_due is not None:
             txn.delete(old_due, db=self.due)
-        txn.delete(state_key(data.get("state") or INCOMING, data["queue_id"]),
-                   db=self.by_state)
+        key = state_key(data.get("state") or INCOMING, data["queue_id"])
+        txn.delete(key, db=self.by_state)
+        txn.delete(key, db=self.listing)
 
     def _delete(self, txn, queue_id):
         key = queue_id.encode("ascii")
@@ -512,6 +576,7 @@ class QueueIndex:
             txn.drop(self.messages, delete=False)
             txn.drop(self.due, delete=False)
             txn.drop(self.by_state, delete=False)
+            txn.drop(self.listing, delete=False)
 
     # -- reading
 
@@ -574,6 +639,80 @@ class QueueIndex:
         for key, value in self._scan(self.by_state, prefix):
             yield decode_brief(key, value)
 
+    def iter_listed(self, state: str,
+                    wanted: Optional[Callable[[Brief], bool]] = None) -> Iterator[Listed]:
+        """The messages in `state` as mailq lists them, in id order; with `wanted`, only
+        those whose Brief it accepts. No JSON record is decoded."""
+        if wanted is None:
+            for key, value in self._scan(self.listing, state_key(state, "")):
+                yield decode_listed(key, value)
+            return
+        chosen = []
+        for key, value in self._scan(self.by_state, state_key(state, "")):
+            if wanted(decode_brief(key, value)):
+                chosen.append(key)
+                if len(chosen) == SCAN_CHUNK:
+                    yield from self._listed(chosen)
+                    chosen = []
+        yield from self._listed(chosen)
+
+    def _listed(self, keys):
+        """The Listed of each listing key (one read transaction)."""
+        with self.env.begin() as txn:
+            found = [(key, txn.get(key, db=self.listing)) for key in keys]
+        for key, value in found:
+            if value is not None:     # gone, or in another state, since its Brief was read
+                yield decode_listed(key, value)
+
+    def tally_briefs(self, state: str, arrival_limits: List[float]
+                     ) -> Tuple[int, int, Counter]:
+        """Count the messages in `state` for a summary, the loop in C: (messages, total
+        size, Counter of (position, sender domain, ((domain, count), ...))), position
+        being bisect_left(arrival_limits, arrival) (arrival_limits sorted). Each distinct
+        summary is decoded once, however many messages share it."""
+        messages = size = 0
+        tally: Counter = Counter()                  # (position, summary bytes) -> count
+        position = partial(bisect_left, arrival_limits)
+        for values in self._value_chunks(self.by_state, state_key(state, "")):
+            heads = list(map(_BRIEF_HEAD.unpack_from, values))
+            messages += len(heads)
+            size += sum(map(itemgetter(0), heads))
+            summaries = map(itemgetter(slice(_BRIEF_HEAD.size, None)), values)
+            arrivals = list(map(itemgetter(1), heads))
+            first = position(min(arrivals))
+            if first == position(max(arrivals)):
+                # The whole chunk in one bucket, as with ids in arrival order mostly.
+                for summary, count in Counter(summaries).items():
+                    tally[first, summary] += count
+            else:
+                tally.update(zip(map(position, arrivals), summaries))
+        counted: Counter = Counter()
+        for (place, summary), count in tally.items():
+            counted[(place,) + _decode_summary(summary)] += count
+        return messages, size, counted
+
+    def _value_chunks(self, db, prefix):
+        """Lists of the values of db whose key starts with prefix, in key order, up to
+        TALLY_CHUNK per short read transaction, read without their keys."""
+        self._check_process()
+        start = prefix
+        while True:
+            with self.env.begin() as txn:
+                cursor = txn.cursor(db=db)
+                if not cursor.set_range(start):
+                    return
+                values = list(islice(cursor.iternext(keys=False, values=True), TALLY_CHUNK))
+                last = bytes(cursor.key())         # the key of the last value read
+                if not last.startswith(prefix):    # past the prefix: keep what is in it
+                    cursor.set_range(start)
+                    values = [value for key, value in islice(cursor, len(values))
+                              if bytes(key).startswith(prefix)]
+            if values:
+                yield values
+            if len(values) < TALLY_CHUNK:
+                return
+            start = _after(last)
+
     def iter_records(self, state=None):
         """Records in id (arrival) order, only those in `state` if given. Reads a chunk of
         records per short read transaction; decodes outside it."""
@@ -632,7 +771,7 @@ class QueueIndex:
         (elemta.queue.space refuses new mail before it is). Pages freed by deletions and
         reusable count as free. Cheap: one read transaction and a few page counts."""
         self._check_process()
-        databases = (self.messages, self.due, self.by_state)
+        databases = (self.messages, self.due, self.by_state, self.listing)
         with self.env.begin() as txn:
             stats = [txn.stat(db) for db in databases] + [txn.stat(self.env.open_db())]
         pages = 2 + sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]

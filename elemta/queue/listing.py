@@ -2,20 +2,23 @@
 
 Reached through the Queue facade (records_matching, ids_matching, summarise) by elemtactl's
 queue commands (and mailq) and the REST API. Reads the index only through
-elemta.queue.index (the Brief view per state first, full records only for what a filter or
-the output needs), so a listing of one state of a million-message queue starts at once and
-streams.
+elemta.queue.index (the Brief and listing views per state first, full records only for
+what a filter or the output needs), so a listing of one state of a million-message queue
+starts at once and streams, and a summary of it is counted in bulk (tally_briefs).
 See also elemta.cli.queuecmd (the text and JSON output), elemta.queue.index.
 """
 
 import fnmatch
 import heapq
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from elemta.queue.index import SCAN_CHUNK, Brief, QueueIndex, QueueRecord, waiting_recipients
-from elemta.queue.model import HOLD, PENDING, STATES, Recipient
+from elemta.queue.index import (SCAN_CHUNK, Brief, Listed, QueueIndex, QueueRecord,
+                                delay_reason, waiting_recipients)
+from elemta.queue.model import HOLD, STATES
+from elemta.util.text import printable
 
 NULL_SENDER = "MAILER-DAEMON"    # how Postfix's tools show the null sender <>
 NO_DOMAIN = "(no domain)"
@@ -111,6 +114,35 @@ def _fetch(index, queue_ids, state, selection):
             yield record
 
 
+def iter_listed(index: QueueIndex, selection: Selection) -> Iterator[Listed]:
+    """The selected messages as mailq lists them, in queue id order across states, from
+    the Briefs alone unless the selection looks at addresses (then from the records)."""
+    if selection.needs_record:
+        return (listed_from_record(record) for record in iter_records(index, selection))
+    wanted = selection.brief_matches if selection.needs_brief else None
+    streams = [index.iter_listed(state, wanted) for state in _states(selection)]
+    if len(streams) == 1:
+        return streams[0]
+    return heapq.merge(*streams)     # tuples: queue ids first, and ids are unique
+
+
+def listed_from_record(record: QueueRecord) -> Listed:
+    """What mailq shows of a full record (the same as its Brief holds)."""
+    envelope = record.envelope
+    return Listed(record.queue_id, record.state, envelope.size, envelope.arrival,
+                  printable(envelope.sender),
+                  tuple((printable(r.address), printable(delay_reason(record, r)))
+                        for r in waiting_recipients(record.state, envelope.recipients)))
+
+
+def listed_from_json(data: dict) -> Listed:
+    """What mailq shows of a record_to_json dict (the showq process's reply)."""
+    return Listed(data["queue_id"], data["queue_name"], data["message_size"],
+                  data["arrival_time"], printable(data["sender"]),
+                  tuple((printable(r["address"]), printable(r.get("delay_reason", "")))
+                        for r in data["recipients"]))
+
+
 def iter_ids(index: QueueIndex, selection: Selection) -> Iterator[str]:
     """The selected queue ids, in id order; full records are read only when the selection
     looks at addresses."""
@@ -173,17 +205,14 @@ def summarise(index: QueueIndex, selection: Selection, by_sender: bool = False,
     domains: Dict[str, List[int]] = {}
     total = [0] * (buckets + 1)
     names: Dict[str, str] = {}   # domain as stored -> as shown, computed once each
-    now = selection.now
     for state in _states(selection):
         totals = by_state.setdefault(state, StateTotal())
-        for brief in index.iter_briefs(state):
-            if not selection.brief_matches(brief):
-                continue
-            totals.messages += 1
-            totals.size += brief.size
-            bucket = age_bucket(now - brief.arrival, buckets, minutes)
-            counted = ((brief.sender_domain, 1),) if by_sender else brief.domains
+        totals.messages, totals.size, tally = _tally(index, state, selection, buckets,
+                                                     minutes)
+        for (bucket, sender_domain, recipient_domains), messages in tally.items():
+            counted = ((sender_domain, 1),) if by_sender else recipient_domains
             for domain, count in counted:
+                count *= messages
                 name = names.get(domain)
                 if name is None:
                     name = names[domain] = (qshape_domain(domain)
@@ -196,6 +225,31 @@ def summarise(index: QueueIndex, selection: Selection, by_sender: bool = False,
                 total[0] += count
                 total[bucket] += count
     return Shape(by_state, domains, bucket_limits(buckets, minutes), total)
+
+
+def _tally(index, state, selection, buckets, minutes):
+    """(messages, total size, Counter of (age bucket, sender domain, recipient domains
+    with counts)) of the selected messages in `state`. Without age or domain filters
+    the index counts them all in bulk; an age bucket is then found by comparing the
+    arrival time with each bucket's oldest arrival (as age_bucket buckets ages)."""
+    if selection.needs_brief:
+        messages = size = 0
+        tally: Counter = Counter()
+        for brief in index.iter_briefs(state):
+            if selection.brief_matches(brief):
+                messages += 1
+                size += brief.size
+                bucket = age_bucket(selection.now - brief.arrival, buckets, minutes)
+                tally[bucket, brief.sender_domain, brief.domains] += 1
+        return messages, size, tally
+    # Arrival at or before now - limit is at least that old: bucket buckets - position.
+    arrival_limits = sorted(selection.now - 60.0 * limit
+                            for limit in bucket_limits(buckets, minutes))
+    messages, size, by_position = index.tally_briefs(state, arrival_limits)
+    tally = Counter()
+    for (position, *summary), count in by_position.items():
+        tally[(buckets - position,) + tuple(summary)] += count
+    return messages, size, tally
 
 
 # -- one message as data (elemtactl --json, in the spirit of postqueue -j)
@@ -235,17 +289,6 @@ def hold_json(record: QueueRecord) -> Optional[dict]:
     if record.state == HOLD:
         return {"by": "unknown", "reason": "", "since": 0.0}
     return None
-
-
-def delay_reason(record: QueueRecord, recipient: Recipient) -> str:
-    """Why a waiting recipient is not delivered yet: who held the message and why if it
-    is on hold (mailq shows it under the "!"), else its own last reply if it was
-    deferred or bounced, else the message's last error, else ""."""
-    if record.state == HOLD and record.hold is not None:
-        return record.hold.describe()
-    if recipient.status != PENDING and recipient.last_reply:
-        return recipient.last_reply
-    return record.last_error or ""
 
 
 def record_show_json(record: QueueRecord, spool_path: str) -> dict:

@@ -90,7 +90,7 @@ import lmdb
 
 from elemta.queue import holders, listing
 from elemta.queue.ids import is_queue_id
-from elemta.queue.index import QueueIndex, QueueRecord, index_exists
+from elemta.queue.index import Listed, QueueIndex, QueueRecord, index_exists
 from elemta.queue.listing import Selection, Shape
 from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, PENDING,
                                 RCPT_DEFERRED, SENT, Hold, priority_error)
@@ -839,6 +839,11 @@ class Queue:
     def records_matching(self, selection: Selection) -> Iterator[QueueRecord]:
         """The records a listing Selection picks, in queue id (arrival) order, streamed."""
         return listing.iter_records(self.index, selection)
+
+    def listed_matching(self, selection: Selection) -> Iterator[Listed]:
+        """What mailq shows of the messages a Selection picks, in queue id order,
+        streamed (from the Briefs unless the selection looks at addresses)."""
+        return listing.iter_listed(self.index, selection)
 
     def ids_matching(self, selection: Selection) -> Iterator[str]:
         """The queue ids a listing Selection picks, in id order, streamed."""

@@ -44,7 +44,6 @@ See also: RFC 5321 (SMTP), 1870 (SIZE), 2920 (PIPELINING), 3030 (CHUNKING), 3207
 import base64
 import binascii
 import re
-from collections import deque
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -99,6 +98,10 @@ READERS = {
     SKIP: BDAT_CHUNK, SKIP_INIT: BDAT_CHUNK, AUTH: AUTH_LINE, TLS: TLS_HANDSHAKE,
     DONE: NOTHING,
 }
+# The ServerProtocol method that reads each kind of bytes (None: the core reads none),
+# named here once rather than bound in every session.
+_READS = {COMMAND_LINE: "_read_command", DATA_BODY: "_read_data", BDAT_CHUNK: "_read_chunk",
+          AUTH_LINE: "_read_auth", TLS_HANDSHAKE: None, NOTHING: None}
 # The states that read commands: the columns of the command table.
 COMMAND_STATES = (INIT, READY, MAIL, RCPT, CHUNKING, REFUSED)
 
@@ -298,7 +301,9 @@ class ServerProtocol:
         self.junk_commands = 0          # JUNK commands since the start or the last message
         self.last_command = "CONNECT"   # for "lost connection after X" log lines
         self._buf = bytearray()
-        self._out = deque()
+        # Events and replies not yet taken: a few at a time, so a list (a deque's first
+        # block alone is 600 bytes, times every idle session).
+        self._out = []
         self._pending = None            # (event, on_accept, on_reject) awaiting a decision
         self._denial = None             # REFUSED: the reply to every line but QUIT
         self._discarding_line = False   # the rest of a too long line is being skipped
@@ -313,9 +318,6 @@ class ServerProtocol:
         # AUTH dialogue
         self._auth_step = None
         self.auth_mechanisms = settings.auth_mechanisms
-        self._readers = {COMMAND_LINE: self._read_command, DATA_BODY: self._read_data,
-                         BDAT_CHUNK: self._read_chunk, AUTH_LINE: self._read_auth,
-                         TLS_HANDSHAKE: None, NOTHING: None}
 
     # ---- the driver's side ------------------------------------------------------------
 
@@ -339,21 +341,21 @@ class ServerProtocol:
 
     def receive_data(self, data):
         """Hand the core bytes read from the client."""
-        if self._readers[READERS[self._state]] is not None:
+        if _READS[READERS[self._state]] is not None:
             self._buf += data
 
     def next_event(self):
         """The next event, NEED_DATA when input is exhausted, or CLOSED."""
         while True:
             if self._out:
-                return self._out.popleft()
+                return self._out.pop(0)
             if self._pending is not None:
                 raise RuntimeError("answer %r with accept() or reject() first"
                                    % (self._pending[0],))
             if self._state == DONE:
                 return CLOSED
-            reader = self._readers[READERS[self._state]]
-            if reader is None or not reader():
+            reader = _READS[READERS[self._state]]
+            if reader is None or not getattr(self, reader)():
                 return NEED_DATA
 
     def accept(self, text=None):
@@ -435,7 +437,7 @@ class ServerProtocol:
         if command is not None and RESETS in command.flags:
             self._abort_transaction(trigger)
         self._state = after
-        if self._readers[READERS[after]] is None:
+        if _READS[READERS[after]] is None:
             # A state that reads nothing keeps nothing: what was pipelined after STARTTLS
             # came in plaintext and must not be obeyed after the handshake (CVE-2011-0411).
             self._buf.clear()
