@@ -236,15 +236,20 @@ def test_a_full_spool_under_load_refuses_with_452_and_keeps_every_250(small_fs, 
         sum(1 for r in senders.refused if r[0] == "MAIL"),
         sum(1 for r in senders.refused if r[0] == "DATA")))
     assert_clean(server, senders, workers)
+    at_mail_line = ("bytes free in the spool's file system, queue.min_free_space keeps %d"
+                    % min_free_space)
     if min_free_space:
-        assert "bytes free in the spool's file system, queue.min_free_space keeps %d" \
-            % min_free_space in server.log()
+        assert at_mail_line in server.log()
     else:
-        # No reserve: MAIL refuses only while not one byte is free, a moment a session
-        # may or may not meet (a refused message's pages are freed at once); the end of
-        # DATA always does.
-        assert any(stage == "DATA" for stage, _, _ in senders.refused)
-        assert "No space left on device" in server.log()
+        # No reserve: the sessions meet the full disk writing their message (452 after
+        # DATA), or, once not one byte is left, at MAIL; which of the two a loaded machine
+        # shows varies, so each refusal is checked against its own log line.
+        stages = {stage for stage, _, _ in senders.refused}
+        assert stages and stages <= {"MAIL", "DATA"}, stages
+        if "DATA" in stages:
+            assert "No space left on device" in server.log()
+        if "MAIL" in stages:
+            assert at_mail_line in server.log()
     assert_in_queue(server, senders.accepted)
     assert os.listdir(os.path.join(spool, "tmp")) == []     # refused messages left nothing
 
