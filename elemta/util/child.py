@@ -168,7 +168,9 @@ class GeventChild:
         self.scoreboard.retire(self.slot)
         try:
             os.kill(self.master_pid, signal.SIGUSR2)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
+            # Gone, or a root master this child (now master.user) may not signal: the
+            # master reads the scoreboard's RETIRING within a second anyway.
             pass
         self.handle_term()
 
