@@ -126,8 +126,10 @@ def test_drain_to_another_node_hands_over_every_waiting_message_with_its_envelop
     assert elemtactl(a, "queue", "hold", held)[0] == 0
     before = records(a)
 
-    # B refuses for now (drained itself): nothing leaves A.
+    # B refuses for now (drained itself): nothing leaves A. Its smtpd reads the drain flag
+    # within a second: wait until B says so.
     assert elemtactl(b, "drain")[0] == 0
+    wait_for(lambda: greeting(b)[0] == 421, 10)
     code, out, err = elemtactl(a, "drain", "--to", "%s:%d" % (B, b.port))
     assert code == EX_UNAVAILABLE, (out, err)
     assert "cannot reach %s:%d" % (B, b.port) in err and "421 4.3.2" in err, err

@@ -143,7 +143,8 @@ def test_delivery_worker_retires_after_max_use_messages(elemta_server):
     first, = wait_for(lambda: delivery_workers(master))
     send(server.port, 2)             # local mail: taken, then deferred (no local delivery)
     wait_for(lambda: delivery_workers(master) - {first})
-    assert ("elemta/delivery[%d]: delivery retiring: took 2 messages (max_use)" % first
-            in server.log())
+    # The replacement may start before the retiring worker's line reaches the log.
+    wait_for(lambda: "elemta/delivery[%d]: delivery retiring: took 2 messages (max_use)"
+             % first in server.log())
     wait_for(lambda: first not in delivery_workers(master))
     wait_for(lambda: "delivery child %d ended (retired)" % first in server.log())
