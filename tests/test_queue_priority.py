@@ -235,7 +235,10 @@ def test_a_busy_queue_delivers_higher_priorities_first(elemta_server):
     # already) and n107 (60) first of the waiting ones, then vip (50), right after the few
     # the worker had in hand.
     assert order[0] == "n0", order
-    assert order.index("n90") < order.index("n107") < order.index("vip") < 10, order
+    # n90 was claimed before them but may be delivered beside them (the worker sends
+    # several at once): on a loaded machine it can arrive after them, yet among the first.
+    assert order.index("n107") < order.index("vip") < 10, order
+    assert order.index("n90") < 10, order
 
 
 def _when_active(found, count):
