@@ -26,7 +26,7 @@ from tests.harness import delivery_result as result
 from tests.harness import free_port, submit, wait_for
 from tests.peers.dnssec import ldns_available
 from tests.peers.https import LoopbackCA
-from tests.peers.nsd import NSDInstance, nsd_available
+from tests.peers.nsd import nsd_available, private_nsd
 from tests.peers.sink import ScriptedServer
 from tests.peers.unbound import UnboundInstance, unbound_available
 from tests.test_acme import elemtactl
@@ -110,11 +110,9 @@ def dns(certificates, mx_port, tmp_path_factory):
     plain = ["mx A %s" % PLAIN[1], "@ MX 10 mx",
              tlsa % ("mx", "3 1 1 " + spki_sha256(made["other"][0]))]
     zones = {"dane.test": records(*secure), "plain.test": records(*plain)}
-    nsd = NSDInstance(tempfile.mkdtemp(prefix="elemta-nsd-"), zones,
-                      signed={"dane.test": ("_%d._tcp.mx.bogus" % mx_port,)})
-    with nsd, UnboundInstance(tempfile.mkdtemp(prefix="elemta-unbound-"), nsd) as unbound:
+    with private_nsd(zones, signed={"dane.test": ("_%d._tcp.mx.bogus" % mx_port,)}) as nsd, \
+            UnboundInstance(tempfile.mkdtemp(prefix="elemta-unbound-"), nsd) as unbound:
         yield nsd, unbound
-    nsd.remove()
     unbound.remove()
 
 

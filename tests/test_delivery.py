@@ -28,7 +28,7 @@ import pytest
 
 from elemta.queue.model import BOUNCED, FAILED, SENT
 from tests.harness import free_port, wait_for
-from tests.peers.nsd import NSDInstance, nsd_available
+from tests.peers.nsd import nsd_available, private_nsd
 from tests.peers.postfix import PostfixInstance, postfix_available
 from tests.peers.sink import DEFAULT_EXTENSIONS, HANG, Replies, ScriptedServer
 
@@ -70,9 +70,8 @@ def message(subject):
 
 @pytest.fixture(scope="module")
 def nsd():
-    with NSDInstance(tempfile.mkdtemp(prefix="elemta-nsd-"), {ZONE: RECORDS}) as server:
+    with private_nsd({ZONE: RECORDS}) as server:
         yield server
-    server.remove()
 
 
 @pytest.fixture(scope="module")

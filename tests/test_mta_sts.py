@@ -11,7 +11,6 @@ See also: elemta.delivery.mtasts, elemta.delivery.smtp_transport, tests/test_del
 """
 
 import re
-import tempfile
 
 import pytest
 
@@ -20,7 +19,7 @@ from elemta.delivery.mtasts import (STSPolicy, STSPolicyError, mx_matches, parse
 from tests.harness import delivery_result as result
 from tests.harness import free_port, submit, wait_for
 from tests.peers.https import PolicyServer, LoopbackCA
-from tests.peers.nsd import NSDInstance, nsd_available
+from tests.peers.nsd import nsd_available, private_nsd
 from tests.peers.sink import ScriptedServer
 
 WEB = "127.0.0.30"          # the policy server of every domain but cached.sts.test
@@ -112,9 +111,8 @@ def pki(tmp_path_factory):
 def nsd():
     if nsd_available():
         pytest.skip(nsd_available())
-    with NSDInstance(tempfile.mkdtemp(prefix="elemta-nsd-"), {ZONE: RECORDS}) as server:
+    with private_nsd({ZONE: RECORDS}) as server:
         yield server
-    server.remove()
 
 
 @pytest.fixture(scope="module")

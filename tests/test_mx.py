@@ -7,7 +7,6 @@ fallback, timeouts, and that lookups never block other greenlets.
 
 import collections
 import socket
-import tempfile
 import threading
 import time
 
@@ -16,7 +15,7 @@ import pytest
 
 from elemta.delivery.mx import (Host, MXResolver, NoMailHost, NoSuchDomain, NullMX,
                                 TemporaryRouteError)
-from tests.peers.nsd import NSDInstance, nsd_available
+from tests.peers.nsd import nsd_available, private_nsd
 
 ZONE = "route.test"
 RECORDS = """
@@ -48,9 +47,8 @@ pytestmark = pytest.mark.skipif(nsd_available() is not None, reason=str(nsd_avai
 
 @pytest.fixture(scope="module")
 def nsd():
-    with NSDInstance(tempfile.mkdtemp(prefix="elemta-nsd-"), {ZONE: RECORDS}) as server:
+    with private_nsd({ZONE: RECORDS}) as server:
         yield server
-    server.remove()
 
 
 @pytest.fixture

@@ -14,14 +14,13 @@ import io
 import re
 import smtplib
 import ssl
-import tempfile
 
 import pytest
 
 from elemta.delivery.requiretls import waives_tls_policy
 from tests.harness import free_port, wait_for
 from tests.peers.https import LoopbackCA, PolicyServer
-from tests.peers.nsd import NSDInstance, nsd_available
+from tests.peers.nsd import nsd_available, private_nsd
 from tests.peers.sink import DEFAULT_EXTENSIONS, ScriptedServer
 
 WEB = "127.0.0.70"          # the MTA-STS policy server of optout.rt.test
@@ -67,9 +66,8 @@ def pki(tmp_path_factory):
 def nsd():
     if nsd_available():
         pytest.skip(nsd_available())
-    with NSDInstance(tempfile.mkdtemp(prefix="elemta-nsd-"), {ZONE: RECORDS}) as server:
+    with private_nsd({ZONE: RECORDS}) as server:
         yield server
-    server.remove()
 
 
 @pytest.fixture(scope="module")

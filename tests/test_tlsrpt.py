@@ -16,7 +16,6 @@ import email
 import email.policy
 import gzip
 import json
-import tempfile
 import time
 
 import pytest
@@ -30,7 +29,7 @@ from elemta.tlsrpt.store import CountStore
 from tests.harness import delivery_result as result
 from tests.harness import free_port, submit, wait_for
 from tests.peers.https import LoopbackCA, PolicyServer
-from tests.peers.nsd import NSDInstance, nsd_available
+from tests.peers.nsd import nsd_available, private_nsd
 from tests.peers.sink import ScriptedServer
 from tests.test_acme import elemtactl
 
@@ -137,9 +136,8 @@ def pki(tmp_path_factory):
 def nsd():
     if nsd_available():
         pytest.skip(nsd_available())
-    with NSDInstance(tempfile.mkdtemp(prefix="elemta-nsd-"), {ZONE: RECORDS}) as server:
+    with private_nsd({ZONE: RECORDS}) as server:
         yield server
-    server.remove()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,9 @@ and is stopped by SIGTERM to that child alone. It never touches the system's NSD
     with NSDInstance(tmpdir, zones) as dns:
         Resolver(nameservers=["127.0.0.1"], port=dns.port)
 
+    with private_nsd(zones) as dns:       # a fresh directory, removed afterwards
+        ...
+
 Each zone's text is written after an SOA and an NS record that the fixture supplies
 ($ORIGIN is the zone, $TTL 60). Zones named in `signed` are served signed for DNSSEC
 (tests/peers/dnssec.py); their DS records, in `trust_anchors`, are what a validating
@@ -23,11 +26,13 @@ resolver (tests/peers/unbound.py) trusts:
 See also: tests/test_mx.py, tests/test_dane.py, elemta.delivery.mx.
 """
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import textwrap
 import time
 from typing import Dict, Optional, Sequence
@@ -194,3 +199,15 @@ class NSDInstance:
 
     def __exit__(self, *exc_info):
         self.stop()
+
+
+@contextlib.contextmanager
+def private_nsd(zones, **options):
+    """A started NSDInstance serving `zones` from a fresh directory (options: those of
+    NSDInstance), stopped and its directory removed afterwards."""
+    instance = NSDInstance(tempfile.mkdtemp(prefix="elemta-nsd-"), zones, **options)
+    try:
+        with instance:
+            yield instance
+    finally:
+        instance.remove()
