@@ -44,17 +44,13 @@ def _all_processes():
     return found
 
 
-def cpu_seconds(pids):
-    # type: (Iterable[int]) -> float
-    """CPU seconds charged to these processes (those still alive)."""
-    processes = _all_processes()
+def _charged(processes, pids):
+    # type: (Dict[int, Tuple[int, int]], Iterable[int]) -> float
     return sum(processes[pid][1] for pid in set(pids) if pid in processes) / TICKS_PER_SECOND
 
 
-def descendants(roots):
-    # type: (Iterable[int]) -> List[int]
-    """The roots and every live process below them."""
-    processes = _all_processes()
+def _tree(processes, roots):
+    # type: (Dict[int, Tuple[int, int]], Iterable[int]) -> Set[int]
     tree = {pid for pid in roots if pid in processes}  # type: Set[int]
     grown = True
     while grown:
@@ -62,10 +58,24 @@ def descendants(roots):
                     if parent in tree and pid not in tree}
         tree |= children
         grown = bool(children)
-    return sorted(tree)
+    return tree
+
+
+def cpu_seconds(pids):
+    # type: (Iterable[int]) -> float
+    """CPU seconds charged to these processes (those still alive)."""
+    return _charged(_all_processes(), pids)
+
+
+def descendants(roots):
+    # type: (Iterable[int]) -> List[int]
+    """The roots and every live process below them."""
+    return sorted(_tree(_all_processes(), roots))
 
 
 def tree_cpu_seconds(roots):
     # type: (Iterable[int]) -> float
-    """CPU seconds charged to the roots and everything below them."""
-    return cpu_seconds(descendants(roots))
+    """CPU seconds charged to the roots and everything below them, from one reading of
+    /proc (so a child reaped in between is counted once)."""
+    processes = _all_processes()
+    return _charged(processes, _tree(processes, roots))
