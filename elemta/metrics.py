@@ -442,7 +442,15 @@ def _make():
         MILTER_FAILURES=counter(
             "elemta_milter_failures", "Milters that could not be reached, timed out or "
             "broke the protocol (their default_action applied), by milter, stage and kind "
-            "(timeout, error).", ("milter", "stage", "kind")),
+            "(connect: refused or nothing listens; timeout: connecting, writing or waiting "
+            "for an answer took too long; io: the connection broke or the milter closed "
+            "it; protocol: a packet the protocol does not allow).",
+            ("milter", "stage", "kind")),
+        MILTER_SECONDS=histogram(
+            "elemta_milter_scan_seconds", "Time one milter took over one message's content "
+            "(header fields, body and end of message, to its answer), in seconds.",
+            (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            ("milter",)),
         # the cluster's shared state store (elemta.sharedstate.guard, in smtpd)
         CLUSTER_STORE_UP=Gauge(
             "elemta_cluster_store_up", "1 while the shared state store (cluster.store) "

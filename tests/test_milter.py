@@ -358,9 +358,88 @@ def test_verdicts_and_failures_reach_prometheus(elemta_server, tmp_path, monkeyp
                  action="reject") == 1
     assert value(samples, "elemta_milter_verdicts_total", milter="scripted", stage="eom",
                  action="continue") == 1
-    # Once per session: the harness's probe for the greeting, and ours.
+    # Once per session: the harness's probe for the greeting, and ours. Nothing listens:
+    # kind connect.
     assert value(samples, "elemta_milter_failures_total", milter="gone", stage="connect",
-                 kind="error") >= 1
+                 kind="connect") >= 1
+    # The scripted milter answered the content: its time is observed, once.
+    assert value(samples, "elemta_milter_scan_seconds_count", milter="scripted") == 1
+
+
+class SilentMilter:
+    """A real listening socket that accepts, reads whatever comes and never answers: a
+    milter that hangs."""
+
+    def __init__(self):
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.address = "inet:127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.received = []          # bytes read, per connection
+        self.connections = []
+
+    def __enter__(self):
+        import threading
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self
+
+    def _serve(self):
+        import threading
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn):
+        index = len(self.received)
+        self.received.append(b"")
+        while True:
+            try:
+                data = conn.recv(4096)
+            except OSError:
+                return
+            if not data:
+                return
+            self.received[index] += data
+
+    def __exit__(self, *exc):
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+
+
+@pytest.mark.parametrize("default_action", ["tempfail", "accept"])
+def test_a_milter_that_never_answers_counts_a_timeout_and_applies_its_default(
+        elemta_server, tmp_path, monkeypatch, default_action):
+    from tests.test_metrics import scrape, start_server, value
+    with SilentMilter() as milter:
+        server, api_port = start_server(
+            elemta_server, tmp_path, monkeypatch,
+            milters=[{"socket": milter.address, "name": "silent",
+                      "default_action": default_action}],
+            milter={"connect_timeout": 1})
+        before, _ = scrape(api_port)
+        replies = send(server)
+        # It was asked: the option negotiation reached it (command byte O).
+        assert any(data[4:5] == b"O" for data in milter.received), milter.received
+    if default_action == "tempfail":
+        assert replies == [(451, "4.3.0 Temporary local problem, please try again later")]
+        assert server.queued_ids() == []
+    else:
+        queue_id = queue_id_of(replies)
+        assert server.queued_ids() == [queue_id]
+    assert re.search(r"milter silent \(%s\) failed at connect: timed out after 1s waiting "
+                     r"for option negotiation; default_action %s"
+                     % (re.escape(milter.address), default_action), server.log())
+    samples, _ = scrape(api_port)
+    counted = lambda s, kind: value(s, "elemta_milter_failures_total", milter="silent",
+                                    stage="connect", kind=kind)
+    assert counted(samples, "timeout") - counted(before, "timeout") == 1
+    assert counted(samples, "connect") == counted(samples, "protocol") == 0
+    assert value(samples, "elemta_milter_scan_seconds_count", milter="silent") == 0
 
 
 # ---- mail from sendmail (pickup): Postfix's non_smtpd_milters ---------------------------

@@ -1232,9 +1232,13 @@ class MilterDefaults:
 
     Metrics: elemta_milter_verdicts_total{milter,stage,action} (every answer of every
     milter: stage connect, helo, mail, rcpt, data, header, eoh, body or eom; action
-    continue, accept, reject, tempfail, reply, discard, quarantine or skip) and
-    elemta_milter_failures_total{milter,stage,kind} (kind timeout or error: the milter
-    was given up for the session and its default_action applied). Each verdict that
+    continue, accept, reject, tempfail, reply, discard, quarantine or skip),
+    elemta_milter_failures_total{milter,stage,kind} (the milter was given up for the
+    session and its default_action applied; kind connect: refused or nothing listens,
+    timeout: connecting, writing or waiting for an answer took longer than its timeout,
+    io: the connection broke or the milter closed it, protocol: a packet the protocol
+    does not allow) and elemta_milter_scan_seconds{milter} (a histogram: the time each
+    milter took over a message's header fields, body and end of message). Each verdict that
     is not continue, and every end of message, is logged in one line: "QUEUEID: milter
     NAME: STAGE from CLIENT: ACTION[; modifications]" (NOQUEUE before DATA)."""
     default_action: str = opt(

@@ -6,8 +6,8 @@ connect_timeout bounds connecting and the option negotiation, command_timeout ea
 command from CONNECT to DATA (and EOH, ABORT, QUIT), content_timeout each header, body
 chunk and the end of message. PROGRESS from the milter starts the wait afresh, as
 libmilter intends. Anything that goes wrong (refused, timed out, a packet the protocol
-does not allow) raises MilterError with one sentence; the chain then applies the
-milter's default_action.
+does not allow) raises MilterError with one sentence and a kind from KINDS (counted in
+elemta_milter_failures_total); the chain then applies the milter's default_action.
 
 A stage's answer is a Response: the final action and, at the end of message, the
 modifications the milter asked for, in the order it sent them. A replacement body is
@@ -39,8 +39,21 @@ MODIFICATIONS = {p.SMFIR_ADDHEADER: p.SMFIF_ADDHDRS, p.SMFIR_INSHEADER: p.SMFIF_
                  p.SMFIR_QUARANTINE: p.SMFIF_QUARANTINE}
 
 
+# Why a conversation failed, a bounded set (the `kind` label of the failure metric):
+# connect: nothing listens or the connection was refused; timeout: connecting, a write
+# or the wait for an answer took longer than its timeout; io: the connection broke (a
+# reset, or the milter closed it); protocol: a packet the protocol does not allow.
+CONNECT, TIMEOUT, IO, PROTOCOL = "connect", "timeout", "io", "protocol"
+KINDS = (CONNECT, TIMEOUT, IO, PROTOCOL)
+
+
 class MilterError(Exception):
-    """The milter could not be reached, timed out, or broke the protocol."""
+    """The milter could not be reached, timed out, or broke the protocol; kind: one of
+    KINDS."""
+
+    def __init__(self, message, kind=PROTOCOL):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -126,10 +139,10 @@ class MilterConnection:
                 sock = socket.create_connection(where, timeout=self.connect_timeout)
         except socket.timeout:
             raise MilterError("connect to %s timed out after %gs"
-                              % (self.describe(), self.connect_timeout)) from None
+                              % (self.describe(), self.connect_timeout), TIMEOUT) from None
         except OSError as error:
             raise MilterError("cannot connect to %s: %s"
-                              % (self.describe(), error.strerror or error)) from None
+                              % (self.describe(), error.strerror or error), CONNECT) from None
         self.sock = sock
         self._send(p.optneg(self.version, steps=p.offered_steps(self.version)),
                    self.connect_timeout)
@@ -238,9 +251,9 @@ class MilterConnection:
         try:
             self.sock.sendall(data)
         except socket.timeout:
-            raise MilterError("write timed out after %gs" % timeout) from None
+            raise MilterError("write timed out after %gs" % timeout, TIMEOUT) from None
         except OSError as error:
-            raise MilterError("write failed: %s" % (error.strerror or error)) from None
+            raise MilterError("write failed: %s" % (error.strerror or error), IO) from None
 
     def _read(self, timeout, what):
         header = self._exactly(5, timeout, what)
@@ -257,12 +270,13 @@ class MilterConnection:
                 piece = self.sock.recv(min(left, 65536))
             except socket.timeout:
                 raise MilterError("timed out after %gs waiting for %s"
-                                  % (timeout, what)) from None
+                                  % (timeout, what), TIMEOUT) from None
             except OSError as error:
                 raise MilterError("read failed waiting for %s: %s"
-                                  % (what, error.strerror or error)) from None
+                                  % (what, error.strerror or error), IO) from None
             if not piece:
-                raise MilterError("closed the connection while we waited for %s" % what)
+                raise MilterError("closed the connection while we waited for %s" % what,
+                                  IO)
             parts.append(piece)
             left -= len(piece)
         return b"".join(parts)
