@@ -352,7 +352,8 @@ def test_release_rescan_without_a_scanner_leaves_the_message_held(spool):
     result = ctl(spool, "release", "--rescan", queue_id)
     assert result.returncode == 75, result
     assert result.stdout == ("%s: rescan failed: left on hold as it was: no content scanner "
-                             "is enabled (plugins with scans_content: clamav, rspamd)\n"
+                             "is enabled (plugins with scans_content: clamav, rspamd) and no "
+                             "milter runs for this message\n"
                              "Released from hold: 0 messages\n" % queue_id)
     assert result.stderr == ("elemtactl: queue release --rescan: 1 message left on hold: a "
                              "scanner could not decide (try again)\n")

@@ -1,6 +1,7 @@
 """Quarantine is visible (issue 16 req 4): who held a message and why, in `elemtactl
 queue show`, the REST API, mailq and the log; release sends it on unscanned; release
---rescan asks the scanners again.
+--rescan asks the scanners again. The same for a milter's hold: a real clamav-milter
+(tests/peers/milters.py) with OnInfected Quarantine in front of the same clamd.
 
 A real clamd (tests/peers/clamd.py: a private EICAR signature, LogClean on so its log
 counts every stream it scans) serves the module; Elemta runs as a subprocess with its
@@ -21,7 +22,7 @@ import threading
 import pytest
 from ruamel.yaml import YAML
 
-from tests.harness import REPO, wait_for
+from tests.harness import REPO, free_port, wait_for
 from tests.peers.clamd import EICAR, SIGNATURE, clamd_available, private_clamd
 from tests.peers.sink import ScriptedServer
 from tests.scanning import message, queue_id_of, send
@@ -53,11 +54,14 @@ def sink():
         yield server
 
 
-def start(elemta_server, clamd, sink, **clamav):
+def start(elemta_server, clamd, sink, milters=None, **clamav):
+    """Elemta with the native clamav plugin asking clamd, or, given milters, with those
+    milters and no native scanner."""
     clamav = dict({"enabled": True, "address": clamd.address, "action": "quarantine"},
                   **clamav)
+    sections = {"milters": milters} if milters else {"plugins": {"clamav": clamav}}
     server = elemta_server(
-        plugins={"clamav": clamav}, api={"token": TOKEN},
+        api={"token": TOKEN}, **sections,
         delivery={"workers": 1, "min_backoff": 0.5, "max_backoff": 1.0,
                   "transport": [{"domain": "remote.test",
                                  "nexthop": "smtp:[127.0.0.1]:%d" % sink.port}]})
@@ -217,3 +221,114 @@ def test_a_rescan_with_the_scanner_down_leaves_the_message_as_it_was(elemta_serv
     assert "Traceback" not in rescanned.stderr
     hold = json.loads(elemtactl(server, "show", "--json", queue_id).stdout)["hold"]
     assert (hold["by"], hold["reason"]) == ("clamav", VIRUS_REASON)
+
+
+# ---- a milter's quarantine: clamav-milter with OnInfected Quarantine ---------------------
+
+@pytest.fixture
+def clamav_milter(clamd, tmp_path):
+    """A real clamav-milter in front of the module's clamd, holding infected mail
+    (SMFIR_QUARANTINE) instead of rejecting it."""
+    from tests.peers.milters import CLAMAV_MILTER, ClamavMilter
+    from tests.test_milter_peers import needs
+    needs(CLAMAV_MILTER, "clamav-milter")
+    with ClamavMilter(tmp_path / "clamav-milter", free_port(), clamd,
+                      on_infected="Quarantine") as milter:
+        yield milter
+
+
+def start_with_milter(elemta_server, clamd, sink, milter):
+    return start(elemta_server, clamd, sink,
+                 milters=[{"socket": milter.address, "name": "clamav-milter"}])
+
+
+def milter_hold(server, queue_id):
+    """(by, reason) of the hold `elemtactl queue show --json` reports."""
+    shown = elemtactl(server, "show", "--json", queue_id)
+    assert shown.returncode == 0, shown.stderr
+    hold = json.loads(shown.stdout)["hold"]
+    return hold["by"], hold["reason"]
+
+
+def test_a_message_a_milter_held_says_which_milter_and_why(elemta_server, clamd, sink,
+                                                           clamav_milter):
+    server = start_with_milter(elemta_server, clamd, sink, clamav_milter)
+    queue_id = queued(server, EICAR)
+    assert state(server, queue_id) == "hold"
+    by, reason = milter_hold(server, queue_id)
+    # clamav-milter's own words for its SMFIR_QUARANTINE.
+    assert (by, reason) == ("milter clamav-milter", "quarantined by clamav-milter")
+
+    shown = elemtactl(server, "show", queue_id)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"\nHold:       held by milter clamav-milter: %s \(since \w{3} .*"
+                     r"\d{4}\)\n" % re.escape(reason), shown.stdout), shown.stdout
+    status, _, body = call(server, "GET", "/api/v1/queue/" + queue_id, AUTH)
+    assert status == 200 and body["queue_name"] == "hold"
+    assert (body["hold"]["by"], body["hold"]["reason"]) == (by, reason)
+    log = server.log()
+    assert ("%s: milter clamav-milter: EOM from unknown[127.0.0.1]: quarantine: %s"
+            % (queue_id, reason)) in log
+    assert ("%s: hold: END-OF-MESSAGE from unknown[127.0.0.1]: %s (milter clamav-milter)"
+            % (queue_id, reason)) in log
+    assert delivered(sink, queue_id) is None
+
+
+def test_release_rescan_asks_the_milter_again(elemta_server, clamd, sink, clamav_milter):
+    """The held EICAR stays held by the milter; a clean message held by the admin is
+    released; both went through clamav-milter to clamd again."""
+    server = start_with_milter(elemta_server, clamd, sink, clamav_milter)
+    virus = queued(server, EICAR)
+    sink.accepting.clear()                        # the clean one waits in the queue...
+    clean = queued(server, b"Nothing to see here.")
+    wait_for(lambda: "%s: to=<b@remote.test>," % clean in server.log(), timeout=30)
+    held = elemtactl(server, "hold", "--reason", "checking", clean)   # ...and is held
+    sink.accepting.set()
+    assert held.returncode == 0, held.stderr
+    by, reason = milter_hold(server, virus)
+    scans = clamd.scans()
+
+    rescanned = elemtactl(server, "release", "--rescan", virus, clean)
+    assert rescanned.returncode == 0, rescanned.stderr
+    assert rescanned.stdout == (
+        "%s: rescanned: still on hold: held by milter clamav-milter: %s\n"
+        "%s: rescanned: nothing found; released from hold\n"
+        "Released from hold: 1 message\n" % (virus, reason, clean))
+    assert clamd.scans() == scans + 2             # the milter asked clamd, once each
+    assert wait_for(lambda: delivered(sink, clean), timeout=30)
+    assert state(server, virus) == "hold"
+    assert milter_hold(server, virus) == (by, reason)
+    assert delivered(sink, virus) is None
+
+    # The REST API does the same.
+    status, _, body = call(server, "POST", "/api/v1/queue/%s/release" % virus, AUTH,
+                           {"rescan": "true"})
+    assert (status, body["changed"]) == (200, False), body
+    assert body["outcome"] == "rescanned: still on hold: held by milter clamav-milter: " \
+        + reason
+    assert clamd.scans() == scans + 3
+
+
+def test_a_rescan_with_the_milter_down_leaves_the_message_as_it_was(
+        elemta_server, clamd, sink, clamav_milter):
+    """A milter that cannot be reached leaves a held message as it was, even when its
+    default_action would accept mail coming in: a rescan judges, it does not guess."""
+    server = start_with_milter(elemta_server, clamd, sink, clamav_milter)
+    queue_id = queued(server, EICAR)
+    before = milter_hold(server, queue_id)
+    clamav_milter.stop()
+    yaml = YAML()
+    with open(server.config_path) as f:
+        config = yaml.load(f)
+    config["milters"][0]["default_action"] = "accept"
+    lenient = os.path.join(os.path.dirname(server.config_path), "lenient.yaml")
+    with open(lenient, "w") as f:
+        yaml.dump(config, f)
+    rescanned = elemtactl(server, "release", "--rescan", queue_id, config=lenient)
+    assert rescanned.returncode == 75, rescanned
+    assert rescanned.stdout.startswith(
+        "%s: rescan failed: left on hold as it was: milter clamav-milter failed at "
+        "connect: cannot connect to %s" % (queue_id, clamav_milter.address)), rescanned.stdout
+    assert "Traceback" not in rescanned.stderr
+    assert state(server, queue_id) == "hold"
+    assert milter_hold(server, queue_id) == before

@@ -222,7 +222,7 @@ def _act(queue, action, queue_id):
 def _rescan(queue, config, queue_id):
     """The outcome of release --rescan on one message (elemta.plugins.rescan)."""
     from elemta.plugins.rescan import Rescanner
-    with Rescanner(config.plugins.to_run(), config.hostname) as rescanner:
+    with Rescanner.of(config) as rescanner:
         for _, outcome in rescanner.rescan(queue, [queue_id]):
             return outcome
     return queue_actions.NO_SUCH_MESSAGE

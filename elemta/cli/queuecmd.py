@@ -665,7 +665,7 @@ def _rescanned(args, queue, ids: List[str]):
     from elemta.plugins.rescan import Rescanner
     config = find_config(getattr(args, "config", None))
     try:
-        rescanner = Rescanner(config.plugins.to_run(), config.hostname)
+        rescanner = Rescanner.of(config)
     except PluginConfigError as error:
         raise Failure(EX_SOFTWARE, "queue release --rescan: %s" % error)
     with rescanner:

@@ -294,14 +294,21 @@ class MilterChain:
         outcome.prefix, outcome.content = section.split()
         return outcome
 
-    def local_message(self, sender, recipients, content, prefix=b""):
-        # type: (str, list, bytes, bytes) -> ContentOutcome
-        """pickup: every stage for one message from sendmail, then QUIT (prefix: as for
-        content()). There is no client to refuse one recipient to, so any refusal or
-        discard is the message's."""
+    def local_message(self, sender, recipients, content, prefix=b"", args=()):
+        # type: (str, list, bytes, bytes, tuple) -> ContentOutcome
+        """Every stage for one whole message, then QUIT (prefix: as for content(); args:
+        MAIL's ESMTP parameters): pickup's message from sendmail, and a held message
+        scanned again (elemta.plugins.rescan). There is no client to refuse one
+        recipient to, so any refusal or discard is the message's."""
+        def rcpt(recipient):
+            self.ctx.recipient = recipient          # {rcpt_addr} and the others
+            try:
+                return self.rcpt(recipient)
+            finally:
+                self.ctx.recipient = None
         try:
-            steps = [self.connect, self.helo, lambda: self.mail(sender)]
-            steps += [lambda r=r: self.rcpt(r) for r in recipients]
+            steps = [self.connect, self.helo, lambda: self.mail(sender, args)]
+            steps += [lambda r=r: rcpt(r) for r in recipients]
             steps.append(self.data)
             for step in steps:
                 verdict = step()
@@ -625,9 +632,10 @@ def _edited_recipients(recipients, edits, told, queued_as, expand):
 
 
 def mail_args(transaction):
-    """The ESMTP parameters of MAIL FROM, as the milter's MAIL command carries them."""
+    """The ESMTP parameters of MAIL FROM, as the milter's MAIL command carries them;
+    transaction: the SMTP core's, or a queued Envelope (which has no declared SIZE)."""
     args = []
-    if transaction.declared_size:
+    if getattr(transaction, "declared_size", None):
         args.append("SIZE=%d" % transaction.declared_size)
     if transaction.body and transaction.body != "7BIT":
         args.append("BODY=%s" % transaction.body)

@@ -99,16 +99,16 @@ class OpenDKIMMilter(_Daemon):
 
 class ClamavMilter(_Daemon):
     """clamav-milter asking `clamd` (a tests/peers/clamd.py ClamdInstance over TCP),
-    rejecting infected mail."""
+    doing `on_infected` (its OnInfected: Reject, Quarantine, ...) with infected mail."""
     program = CLAMAV_MILTER
 
-    def __init__(self, workdir, port, clamd):
+    def __init__(self, workdir, port, clamd, on_infected="Reject"):
         super().__init__(workdir, port)
         self.config = os.path.join(self.workdir, "clamav-milter.conf")
         with open(self.config, "w") as f:
             f.write("\n".join([
                 "MilterSocket inet:%d@127.0.0.1" % port, "ClamdSocket tcp:%s" % clamd.address,
-                "Foreground yes", "OnInfected Reject", "LogFile %s" % self.log_path,
+                "Foreground yes", "OnInfected %s" % on_infected, "LogFile %s" % self.log_path,
                 "LogVerbose yes", "LogInfected Basic",
                 "PidFile %s" % os.path.join(self.workdir, "pid"), "User root", ""]))
 
