@@ -533,9 +533,11 @@ def test_the_data_command_goes_to_the_milter_and_its_refusal_is_given(elemta_ser
 def test_a_milter_that_skips_data_is_not_sent_it(elemta_server, port):
     with ScriptedMilter(port, steps=SMFIP_NODATA) as milter:
         server = milter_server(elemta_server, milter)
-        queue_id_of(send(server))
+        queue_id = queue_id_of(send(server))
         assert wait_for(lambda: milter.sequence().endswith(b"Q"))
     assert milter.sequence() == b"CHMRLLLLLLNBEQ"
+    # Its macros still come, as Postfix sends them: libmilter keeps them for later.
+    assert milter.macros[b"T"] == {"i": queue_id}
 
 
 def test_a_long_body_goes_in_chunks_of_at_most_65535_bytes(elemta_server, port):

@@ -1,7 +1,9 @@
 """The milter client against real milters from Debian packages, as Postfix admins run
 them: OpenDKIM signing (the signature then checked by Elemta's own DKIM verifier against
 the key published in a private NSD), clamav-milter rejecting EICAR, and Rspamd's proxy
-worker in milter mode rejecting GTUBE.
+worker in milter mode rejecting GTUBE. The session's macros ({auth_authen}, the TLS ones)
+are proved to reach a real milter through real AUTH and STARTTLS sessions: OpenDKIM with
+a MacroList signs only what they mark.
 
 Each milter is a private instance on loopback (tests/peers/milters.py, clamd.py,
 rspamd.py, nsd.py); Elemta runs as a subprocess (tests/conftest.py elemta_server) with
@@ -14,6 +16,7 @@ made to take), elemta/milter/.
 import os
 import smtplib
 import socket
+import ssl
 import tempfile
 import time
 
@@ -107,6 +110,87 @@ def test_opendkim_signs_and_elemta_verifies_the_signature(elemta_server, signing
     # The signature covers the body: a changed body fails.
     tampered = content.replace(b"Signed on the way in.", b"Signed on the way out.")
     assert [r.result for r in verify_message(tampered, resolver)] == ["fail"]
+
+
+# ---- the session's macros, through real AUTH and STARTTLS: OpenDKIM's MacroList ---------
+# With InternalHosts set to an address that is not ours, 127.0.0.1 is not internal, so
+# opendkim signs only when the macro of MacroList came from the MTA with the value given:
+# a signature on the AUTH'd (or TLS) session's message and none on the plain one proves
+# the macro reached a real milter, with that value.
+
+def client_tls():
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def send_in_session(server, raw, login=None, starttls=False):
+    """(the reply to the end of DATA, the client's view of TLS: (cipher, version, bits)
+    or None) of one transaction from alice@milter.test, after STARTTLS and AUTH as
+    asked (login: (user, password))."""
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=120) as smtp:
+        smtp.ehlo("client.test")
+        tls = None
+        if starttls:
+            smtp.starttls(context=client_tls())
+            smtp.ehlo("client.test")
+            tls = smtp.sock.cipher()
+        if login:
+            smtp.login(*login)
+        assert smtp.mail("alice@milter.test")[0] == 250
+        assert smtp.rcpt("b@example.test")[0] == 250
+        code, text = smtp.data(raw)
+        return (code, text.decode()), tls
+
+
+def signed(server, queue_id):
+    return b"DKIM-Signature:" in server.message(queue_id)[1]
+
+
+def test_auth_authen_reaches_opendkim_from_an_authenticated_session(
+        elemta_server, signing_key, credentials, tmp_path):
+    needs(OPENDKIM, "opendkim")
+    with OpenDKIMMilter(tmp_path / "opendkim", free_port(), "milter.test", "sel",
+                        signing_key.key_file, internal_hosts="192.0.2.1",
+                        macro_list="auth_authen=alice") as opendkim:
+        server = elemta_server(milters=[{"socket": opendkim.address, "name": "opendkim"}],
+                               auth={"credentials_file": credentials,
+                                     "allow_plaintext": True})
+        plain = queue_id_of(send_in_session(server, message(b"Nobody logged in."))[0])
+        authed = queue_id_of(send_in_session(server, message(b"Alice logged in."),
+                                             login=("alice", "wonderland"))[0])
+    assert not signed(server, plain), opendkim.log()
+    assert signed(server, authed), opendkim.log()
+    assert "%s: milter opendkim: EOM from unknown[127.0.0.1]: accept; insert header " \
+           "DKIM-Signature" % authed in server.log()
+
+
+@pytest.mark.parametrize("macro", ["tls_version", "cipher", "cipher_bits"])
+def test_tls_macros_reach_opendkim_from_a_starttls_session(
+        elemta_server, signing_key, tls_files, tmp_path, macro):
+    needs(OPENDKIM, "opendkim")
+    cert, key = tls_files
+    port = free_port()
+    server = elemta_server(milters=[{"socket": "inet:127.0.0.1:%d" % port,
+                                     "name": "opendkim"}],
+                           tls={"cert_file": cert, "key_file": key})
+    # What this client and Elemta agree on, as the client sees it (no mail sent: the
+    # milter is not up yet).
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
+        smtp.ehlo("client.test")
+        smtp.starttls(context=client_tls())
+        cipher, version, bits = smtp.sock.cipher()
+    expected = {"tls_version": version, "cipher": cipher, "cipher_bits": str(bits)}[macro]
+    with OpenDKIMMilter(tmp_path / "opendkim", port, "milter.test", "sel",
+                        signing_key.key_file, internal_hosts="192.0.2.1",
+                        macro_list="%s=%s" % (macro, expected)) as opendkim:
+        plain = queue_id_of(send_in_session(server, message(b"In the clear."))[0])
+        reply, tls = send_in_session(server, message(b"Over TLS."), starttls=True)
+        over_tls = queue_id_of(reply)
+    assert tls == (cipher, version, bits)
+    assert not signed(server, plain), opendkim.log()
+    assert signed(server, over_tls), (macro, expected, opendkim.log())
 
 
 # ---- clamav-milter -----------------------------------------------------------------------

@@ -176,13 +176,17 @@ class MilterConnection:
     def stage(self, command, data, macros, content=False, eom=False):
         """Send one stage's command (a packet from protocol) preceded by its macros;
         the milter's Response, or CONTINUE when it negotiated that stage away or
-        sends no reply to it."""
+        sends no reply to it. The macros go even to a milter that negotiated the
+        stage away, as Postfix sends them: libmilter keeps them for the later stages,
+        where a milter that has no HELO callback (opendkim) reads the TLS macros."""
         negotiated = self.negotiated
-        if negotiated.skips(command):
+        if not negotiated.defines(command):
             return CONTINUE
         timeout = self.content_timeout if content else self.command_timeout
         if macros:
             self._send(p.macros(command, macros), timeout)
+        if negotiated.skips(command):
+            return CONTINUE
         self._send(data, timeout)
         if not eom and not negotiated.replies_to(command):
             return CONTINUE

@@ -218,8 +218,14 @@ class Negotiated:
     steps: int
     macros: Dict[bytes, List[str]] = field(default_factory=dict)
 
+    def defines(self, command):
+        """True when the protocol version spoken has this command at all."""
+        return self.version >= FIRST_VERSION.get(command, 0)
+
     def skips(self, command):
-        return (self.version < FIRST_VERSION.get(command, 0)
+        """True when the command is not sent: not in the version spoken, or the milter
+        negotiated it away (SMFIP_NOHELO ...)."""
+        return (not self.defines(command)
                 or bool(self.steps & STEPS.get(command, (0, 0))[0]))
 
     def replies_to(self, command):

@@ -78,10 +78,13 @@ class _Daemon:
 
 class OpenDKIMMilter(_Daemon):
     """opendkim in sign-and-verify mode, signing mail of `domain` with `key_file` under
-    `selector` (relaxed/relaxed) for clients in InternalHosts (loopback)."""
+    `selector` (relaxed/relaxed) for clients in `internal_hosts` (its InternalHosts,
+    loopback by default), and, given `macro_list` (its MacroList: "name" or
+    "name=value|value"), for any client whose session has that macro from the MTA."""
     program = OPENDKIM
 
-    def __init__(self, workdir, port, domain, selector, key_file):
+    def __init__(self, workdir, port, domain, selector, key_file,
+                 internal_hosts="127.0.0.0/8", macro_list=None):
         super().__init__(workdir, port)
         self.config = os.path.join(self.workdir, "opendkim.conf")
         with open(self.config, "w") as f:
@@ -89,9 +92,10 @@ class OpenDKIMMilter(_Daemon):
                 "Mode sv", "Domain %s" % domain, "Selector %s" % selector,
                 "KeyFile %s" % key_file, "Socket inet:%d@127.0.0.1" % port,
                 "Background no", "Syslog no", "LogWhy yes",
-                "Canonicalization relaxed/relaxed", "InternalHosts 127.0.0.0/8",
+                "Canonicalization relaxed/relaxed", "InternalHosts %s" % internal_hosts,
                 "RequireSafeKeys no", "PidFile %s" % os.path.join(self.workdir, "pid"),
-                "UserID root", ""]))
+                "UserID root"] + (["MacroList %s" % macro_list] if macro_list else [])
+                + [""]))
 
     def command(self):
         return [OPENDKIM, "-f", "-x", self.config]
