@@ -668,3 +668,85 @@ def test_skip_in_the_body_sends_no_more_chunks(elemta_server, port):
         assert wait_for(lambda: milter.sequence().endswith(b"Q"))
     assert milter.sequence().endswith(b"NBEQ")
     assert server.message(queue_id)[1].endswith(body)
+
+
+# ---- release --rescan asks the milters again ------------------------------------------
+
+def rescan(server, *queue_ids):
+    """`elemtactl queue release --rescan`, as the admin runs it."""
+    from tests.test_quarantine import elemtactl
+    return elemtactl(server, "release", "--rescan", *queue_ids)
+
+
+def test_rescan_tells_the_milter_the_stored_session_again(elemta_server, port,
+                                                          credentials):
+    """The conversation is rebuilt from the queued envelope: the client as it connected
+    (no name was stored: "[address]"), its HELO, the authenticated user, the sender and
+    recipients, the queue id, and the content as stored (our Received header first)."""
+    quarantine = [(b"q", b"looks odd\x00"), (b"c", b"")]
+    with ScriptedMilter(port, {b"E": [quarantine]}) as milter:
+        server = elemta_server(milters=[{"socket": milter.address, "name": "m0"}],
+                               auth={"credentials_file": credentials,
+                                     "allow_plaintext": True})
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
+            smtp.ehlo("client.test")
+            smtp.login("alice", "wonderland")
+            smtp.sendmail("a@sender.test", ["b@example.test"], MESSAGE)
+        [queue_id] = server.queued_ids()
+        assert len(milter.commands(b"E")) == 1                  # at intake
+        result = rescan(server, queue_id)
+        assert result.stdout == ("%s: rescanned: still on hold: held by milter m0: looks "
+                                 "odd\nReleased from hold: 0 messages\n" % queue_id), result
+        assert wait_for(lambda: len(milter.commands(b"E")) == 2
+                        and milter.sequence().endswith(b"Q"))
+    # connect, helo, mail, rcpt, data, the stored header fields, eoh, body, eom, quit
+    assert milter.sequence() == b"CHMRTLLLLLLNBEQ"
+    connect = milter.commands(b"C")[-1]
+    assert connect.startswith(b"[127.0.0.1]\x004") and connect.endswith(b"127.0.0.1\x00")
+    assert milter.commands(b"H")[-1] == b"client.test\x00"
+    assert milter.commands(b"M")[-1].startswith(b"<a@sender.test>\x00")
+    assert milter.commands(b"R")[-1] == b"<b@example.test>\x00"
+    assert milter.macros[b"M"]["i"] == queue_id
+    assert milter.macros[b"M"]["{auth_authen}"] == "alice"
+    assert milter.macros[b"R"]["{rcpt_addr}"] == "b@example.test"
+    _, content = server.message(queue_id)
+    headers = milter.commands(b"L")[-6:]
+    assert headers[0].startswith(b"Received\x00") and b" id %s" % queue_id.encode() in \
+        headers[0]
+    assert milter.commands(b"B")[-1] == content.split(b"\r\n\r\n", 1)[1]
+    with server.queue() as queue:
+        record = queue.get(queue_id)
+    assert (record.state, record.hold.by, record.hold.reason) == (
+        "hold", "milter m0", "looks odd")
+
+
+def test_rescan_of_mail_from_sendmail_asks_the_non_smtp_milters_as_localhost(
+        elemta_server, port):
+    """A message from sendmail is told again to the non_smtp milters, as pickup told it;
+    a milter that would reject it now keeps it held, saying so; one that lets it pass
+    releases it."""
+    from tests.test_sendmail import queued, sendmail
+    with ScriptedMilter(port, {b"E": [reply(b"r")]}) as milter:
+        server = milter_server(elemta_server, {"socket": milter.address, "name": "local",
+                                               "smtp": False, "non_smtp": True})
+        status, _, err = sendmail(server, "root", stdin=b"Subject: cron\n\ndisk full\n")
+        assert status == 0, err
+        [(envelope, _)] = queued(server, 1)
+        queue_id = envelope.queue_id
+        with server.queue() as queue:
+            # pickup holds what a milter rejects: nobody to answer
+            assert queue.get(queue_id).state == "hold"
+        result = rescan(server, queue_id)
+        assert result.stdout.splitlines()[0] == (
+            "%s: rescanned: still on hold: held by milter local: would reject: 550 5.7.1 "
+            "Command rejected" % queue_id), result
+        assert wait_for(lambda: milter.sequence().endswith(b"Q"))
+        connect = milter.commands(b"C")[-1]
+        assert connect.startswith(b"localhost\x00")
+        milter.script[b"E"] = [reply(b"c")]            # the milter changed its mind
+        result = rescan(server, queue_id)
+        assert result.stdout.splitlines()[0] == (
+            "%s: rescanned: nothing found; released from hold" % queue_id), result
+    with server.queue() as queue:
+        record = queue.get(queue_id)
+    assert record is None or record.state != "hold"
