@@ -366,21 +366,27 @@ def test_verdicts_and_failures_reach_prometheus(elemta_server, tmp_path, monkeyp
     assert value(samples, "elemta_milter_scan_seconds_count", milter="scripted") == 1
 
 
-class SilentMilter:
-    """A real listening socket that accepts, reads whatever comes and never answers: a
-    milter that hangs."""
+HANG_UP = "hang up"
 
-    def __init__(self):
+
+class BrokenMilter:
+    """A real listening socket that accepts and reads the MTA's option negotiation, then
+    does `answer`: None, never answers (a milter that hangs); HANG_UP, closes the
+    connection; bytes, sends them (a packet the protocol does not allow)."""
+
+    def __init__(self, answer=None):
+        import threading
+        self.answer = answer
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
         self.address = "inet:127.0.0.1:%d" % self.listener.getsockname()[1]
         self.received = []          # bytes read, per connection
         self.connections = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
 
     def __enter__(self):
-        import threading
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.thread.start()
         return self
 
     def _serve(self):
@@ -391,19 +397,27 @@ class SilentMilter:
             except OSError:
                 return
             self.connections.append(conn)
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+            self.received.append(bytearray())
+            threading.Thread(target=self._talk, args=(conn, self.received[-1]),
+                             daemon=True).start()
 
-    def _read(self, conn):
-        index = len(self.received)
-        self.received.append(b"")
-        while True:
-            try:
+    def _talk(self, conn, received):
+        try:
+            while len(received) < 5 or len(received) < 4 + struct.unpack(
+                    "!I", bytes(received[:4]))[0]:
                 data = conn.recv(4096)
-            except OSError:
+                if not data:
+                    return
+                received += data
+            if self.answer == HANG_UP:
+                conn.close()
                 return
-            if not data:
-                return
-            self.received[index] += data
+            if self.answer is not None:
+                conn.sendall(self.answer)
+            while conn.recv(4096):
+                pass
+        except OSError:
+            return
 
     def __exit__(self, *exc):
         self.listener.close()
@@ -415,7 +429,7 @@ class SilentMilter:
 def test_a_milter_that_never_answers_counts_a_timeout_and_applies_its_default(
         elemta_server, tmp_path, monkeypatch, default_action):
     from tests.test_metrics import scrape, start_server, value
-    with SilentMilter() as milter:
+    with BrokenMilter() as milter:
         server, api_port = start_server(
             elemta_server, tmp_path, monkeypatch,
             milters=[{"socket": milter.address, "name": "silent",
@@ -440,6 +454,28 @@ def test_a_milter_that_never_answers_counts_a_timeout_and_applies_its_default(
     assert counted(samples, "timeout") - counted(before, "timeout") == 1
     assert counted(samples, "connect") == counted(samples, "protocol") == 0
     assert value(samples, "elemta_milter_scan_seconds_count", milter="silent") == 0
+
+
+@pytest.mark.parametrize("answer, kind, why", [
+    (HANG_UP, "io", "closed the connection while we waited for option negotiation"),
+    (struct.pack("!I", 0) + b"O", "protocol", "sent a packet of 0 bytes"),
+    (struct.pack("!Ic", 1, b"c"), "protocol", "answered option negotiation with b'c'")])
+def test_a_milter_that_breaks_the_conversation_counts_its_kind(
+        elemta_server, tmp_path, monkeypatch, answer, kind, why):
+    from tests.test_metrics import labelled, scrape, start_server
+    with BrokenMilter(answer) as milter:
+        server, api_port = start_server(
+            elemta_server, tmp_path, monkeypatch,
+            milters=[{"socket": milter.address, "name": "broken"}])
+        before = labelled(scrape(api_port)[0], "elemta_milter_failures_total")
+        assert send(server) == [(451, "4.3.0 Temporary local problem, please try again "
+                                      "later")]
+    assert "milter broken (%s) failed at connect: %s; default_action tempfail" % (
+        milter.address, why) in server.log()
+    after = labelled(scrape(api_port)[0], "elemta_milter_failures_total")
+    # (kind, milter, stage): one more of this kind, none of another
+    assert {k: n - before.get(k, 0) for k, n in after.items()} == {
+        (kind, "broken", "connect"): 1}
 
 
 # ---- mail from sendmail (pickup): Postfix's non_smtpd_milters ---------------------------
