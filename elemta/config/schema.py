@@ -1240,7 +1240,10 @@ class MilterDefaults:
     does not allow) and elemta_milter_scan_seconds{milter} (a histogram: the time each
     milter took over a message's header fields, body and end of message). Each verdict that
     is not continue, and every end of message, is logged in one line: "QUEUEID: milter
-    NAME: STAGE from CLIENT: ACTION[; modifications]" (NOQUEUE before DATA)."""
+    NAME: STAGE from CLIENT: ACTION[; modifications]" (NOQUEUE before DATA). A message a
+    milter quarantined is held "by milter NAME" (elemtactl queue show, the REST API);
+    elemtactl queue release --rescan tells the milters the stored message again, and a
+    milter that fails then leaves it held whatever its default_action."""
     default_action: str = opt(
         "tempfail", "What a milter that cannot be reached, times out or breaks the "
                     "protocol means for the mail: tempfail (451 4.3.0 to MAIL, RCPT, DATA "
