@@ -68,9 +68,9 @@ def _port(value):
 
 
 def _log_target(value):
-    if value in ("stderr", "syslog") or value.startswith("/"):
+    if value in ("stderr", "syslog", "journal") or value.startswith("/"):
         return None
-    return "must be stderr, syslog or an absolute file path, not %r" % (value,)
+    return "must be stderr, syslog, journal or an absolute file path, not %r" % (value,)
 
 
 def _ip_address(value):
@@ -733,10 +733,29 @@ class LoggingSettings:
     """Where log lines go."""
     level: str = opt("info", "Least severe level logged: debug, info, warning, error.",
                      _one_of(LOG_LEVELS))
-    target: str = opt("stderr", "stderr, syslog (to /dev/log), or the absolute path of a log "
-                                "file (reopened on SIGUSR1, for logrotate).", _log_target)
-    syslog_facility: str = opt("mail", "Syslog facility when target is syslog.",
+    target: str = opt("stderr", "stderr, syslog (to /dev/log), journal (systemd-journald's "
+                                "native protocol, to journal_socket: each line an entry "
+                                "whose MESSAGE is the text line's message, with PRIORITY, "
+                                "SYSLOG_IDENTIFIER (elemta/smtpd, ...), SYSLOG_FACILITY, "
+                                "and the json format's keys as fields of their own, upper "
+                                "case after ELEMTA_: ELEMTA_QUEUE_ID, ELEMTA_EVENT, "
+                                "ELEMTA_CLIENT, ELEMTA_FROM, ELEMTA_TO, ELEMTA_RELAY, "
+                                "ELEMTA_STATUS, ELEMTA_DSN, ELEMTA_DELAY, ELEMTA_SIZE, "
+                                "ELEMTA_REASON, ELEMTA_PROCESS ...; so journalctl "
+                                "ELEMTA_QUEUE_ID=ID shows one message's lines, and "
+                                "journalctl -o short the Postfix-style lines elemtactl "
+                                "report reads; format does not apply), or the absolute "
+                                "path of a log file (reopened on SIGUSR1, for logrotate). "
+                                "Postfix logs to syslog, or with maillog_file to a file; "
+                                "it has no journal target.", _log_target)
+    syslog_facility: str = opt("mail", "Syslog facility when target is syslog or journal "
+                                       "(the journal's SYSLOG_FACILITY).",
                                _one_of(SYSLOG_FACILITIES))
+    journal_socket: str = opt(
+        "/run/systemd/journal/socket", "journald's native socket, when target is journal "
+        "(a journald namespace's is /run/systemd/journal.NAMESPACE/socket). Postfix has "
+        "no equivalent (it has no journal target; see maillog_file and syslog).",
+        _absolute_path)
     format: str = opt(
         "text", "How each line is written: text, Postfix's syslog lines (\"Dec  6 03:01:36 "
                 "host elemta/smtpd[5071]: QUEUEID: client=...\"; pflogsumm and Postfix "
