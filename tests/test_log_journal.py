@@ -6,21 +6,40 @@ are fields of the entry, the reject's too, and journalctl -o short shows the
 Postfix-style lines elemtactl report reads.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from elemta.report.parse import DELIVERY, read_events
 from tests import traffic as T
-from tests.harness import wait_for
+from tests.harness import REPO, free_port, wait_for
 from tests.peers.journald import JournaldInstance, journald_available
-
-pytestmark = pytest.mark.skipif(journald_available() is not None,
-                                reason=str(journald_available()))
 
 
 @pytest.fixture
 def journal():
+    reason = journald_available()
+    if reason is not None:
+        pytest.skip(reason)
     with JournaldInstance() as instance:
         yield instance
+
+
+def test_no_journald_is_a_clear_error_at_start(tmp_path):
+    """The daemon names the socket and stops, rather than losing every line."""
+    socket_path = str(tmp_path / "journal" / "socket")
+    config = tmp_path / "elemta.yaml"
+    config.write_text("queue: {spool_dir: %s}\nlisteners: [{address: 127.0.0.1, port: %d}]\n"
+                      "logging: {target: journal, journal_socket: %s}\n"
+                      % (tmp_path / "spool", free_port(), socket_path))
+    done = subprocess.run([sys.executable, "-m", "elemta.cli.elemta", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert done.returncode != 0
+    assert done.stderr.strip() == ("elemta: logging.target journal: no journald at %s (No "
+                                   "such file or directory)" % socket_path)
 
 
 def _wait_for_entries(journal, count, **matches):
@@ -118,3 +137,29 @@ def test_a_record_too_big_for_a_datagram_goes_in_a_memfd(journal):
     if isinstance(reason, list):
         reason = bytes(reason).decode()
     assert reason == "450 a\nb\x00c"
+
+
+def test_a_journald_that_goes_away_loses_no_line(capsys):
+    """journald stopped under a running daemon: each line goes to stderr instead (the
+    unit's stdout, which systemd also keeps), saying why; the process carries on."""
+    import logging
+    from elemta.util.journal import JournalHandler
+    reason = journald_available()
+    if reason is not None:
+        pytest.skip(reason)
+    journal = JournaldInstance().start()
+    try:
+        handler = JournalHandler(journal.socket)
+    finally:
+        journal.stop()
+    logger = logging.getLogger("elemta.journaltest")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("1K114F: to=<a@b.test>, status=deferred")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    err = capsys.readouterr().err
+    assert err.startswith("elemta: journal %s: " % journal.socket), err
+    assert err.endswith("; the line was: 1K114F: to=<a@b.test>, status=deferred\n"), err
