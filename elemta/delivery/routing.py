@@ -31,8 +31,8 @@ A domain table that cannot answer raises TableUnavailable: the worker defers the
 message.
 
 Each recipient also gets a domain class for the delivery metrics (route()): the name of
-the first delivery.domain_classes entry whose domains match, else where its domain
-belongs: local, virtual (alias or mailbox domains), relay, relayhost (remote mail sent
+the delivery.domain_classes entry whose domains match (as the transport map matches:
+the domain, else a ".parent" entry), else where its domain belongs: local, virtual (alias or mailbox domains), relay, relayhost (remote mail sent
 to delivery.relayhost), remote. A bounded set: never the domain itself.
 
 A bracketed next hop is connected to as it is (its A/AAAA records if it is a name); an
