@@ -32,8 +32,9 @@ message.
 
 Each recipient also gets a domain class for the delivery metrics (route()): the name of
 the delivery.domain_classes entry whose domains match (as the transport map matches:
-the domain, else a ".parent" entry), else where its domain belongs: local, virtual (alias or mailbox domains), relay, relayhost (remote mail sent
-to delivery.relayhost), remote. A bounded set: never the domain itself.
+the domain, else a ".parent" entry), else where its domain belongs: local, virtual
+(alias or mailbox domains), relay, relayhost (remote mail sent to delivery.relayhost),
+remote. A bounded set: never the domain itself.
 
 A bracketed next hop is connected to as it is (its A/AAAA records if it is a name); an
 unbracketed one is looked up as a domain, MX first, as Postfix does.
