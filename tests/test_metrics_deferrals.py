@@ -49,7 +49,7 @@ def test_each_deferral_is_counted_under_its_reason_and_class(elemta_server):
                           {"domain": "nodns.test", "nexthop": "smtp:nodns.test:25"}],
                       "relayhost": "[127.0.0.1]:%d" % smarthost.port,
                       "nameservers": ["127.0.0.1"], "dns_port": no_dns,
-                      "dns_timeout": 0.3, "command_timeout": 1.0,
+                      "dns_timeout": 0.3, "command_timeout": 5.0,
                       # Each recipient deferred once in the test's time.
                       "min_backoff": 3600.0, "max_backoff": 3600.0})
         wait_for(lambda: healthy(api_port) and "delivery worker started" in server.log())
