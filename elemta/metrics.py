@@ -382,8 +382,17 @@ def _make():
         # delivery (counted by the delivery worker)
         DELIVERIES=counter(
             "elemta_deliveries", "Recipient delivery attempts by result (sent, deferred, "
-            "bounced) and transport (smtp, lmtp, local, error; none: not routed).",
-            ("result", "transport")),
+            "bounced), transport (smtp, lmtp, local, error; none: not routed) and "
+            "domain_class (a delivery.domain_classes name, else local, virtual, relay, "
+            "relayhost, remote, unknown).",
+            ("result", "transport", "domain_class")),
+        DEFERRALS=counter(
+            "elemta_delivery_deferrals", "Recipient deliveries deferred, by reason (dns, "
+            "connect, timeout, lost_connection, protocol, tls, policy: MTA-STS, DANE or "
+            "REQUIRETLS; auth; the next hop's 4xx by stage: greeting, helo, mail, rcpt, "
+            "data, end_of_data; lookup: a table; local; plugin; internal; other), "
+            "transport and domain_class (as elemta_deliveries_total).",
+            ("reason", "transport", "domain_class")),
         NOTICES=counter(
             "elemta_delivery_notices", "Notices to senders queued (RFC 3464 DSNs), by "
             "kind (failure: a bounce; delay: a delay warning; success: a success DSN).",

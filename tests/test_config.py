@@ -180,6 +180,20 @@ def test_examples_show_every_option():
 # -- errors, each for YAML and TOML: (yaml text, line, toml text, line, key, message part)
 
 ERROR_CASES = {
+    "a domain class name that is no label value": (
+        "delivery:\n  domain_classes:\n    - name: Big Mail\n      domains: [gmail.com]\n",
+        3, '[[delivery.domain_classes]]\nname = "Big Mail"\ndomains = ["gmail.com"]\n', 2,
+        "delivery.domain_classes[0].name", "must be a short name of lower-case letters"),
+    "a domain class twice": (
+        "delivery:\n  domain_classes:\n    - {name: big, domains: [a.test]}\n"
+        "    - {name: big, domains: [b.test]}\n", 2,
+        '[delivery]\ndomain_classes = [{name = "big", domains = ["a.test"]}, '
+        '{name = "big", domains = ["b.test"]}]\n', 2,
+        "delivery.domain_classes", "class big is named twice"),
+    "a journal socket that is not a path": (
+        "logging:\n  target: journal\n  journal_socket: journal.sock\n", 3,
+        '[logging]\ntarget = "journal"\njournal_socket = "journal.sock"\n', 3,
+        "logging.journal_socket", "absolute"),
     "unknown top-level key": (
         "smtpd:\n  banner: hi\nsmtp:\n  banner: x\n", 3,
         '[smtpd]\nbanner = "hi"\n[smtp]\nbanner = "x"\n', 3,

@@ -429,7 +429,7 @@ with open(sys.argv[2], "wb", buffering=0) as filler:     # take every free page
             chunk = chunk[:len(chunk) // 2] if len(chunk) > 4096 else b""
 for n in range(3000):          # new keys: the file must grow past its first 64 KB
     metrics.count_reply(452, "4.3.1", "MAIL%d" % n)
-    metrics.DELIVERIES.labels("sent%d" % n, "smtp").inc()
+    metrics.DELIVERIES.labels("sent%d" % n, "smtp", "remote").inc()
 print("alive")
 """
 

@@ -637,8 +637,9 @@ def test_sessions_are_counted_by_how_they_ended(elemta_server, tmp_path, monkeyp
 def test_deliveries_by_transport_and_the_notices_sent(elemta_server, tmp_path, monkeypatch):
     """One message to four transports: local, smtp (a next hop that says 250, one that
     says 450 until the end), and the error transport (delivery.default_transport): every
-    recipient is counted under its transport, and the bounce, the success DSN and the
-    delay warning the sender gets are counted by kind."""
+    recipient is counted under its transport and domain class (an admin's class for
+    partner.test, else where the domain belongs), the 450s as deferrals by reason, and
+    the bounce, the success DSN and the delay warning the sender gets by kind."""
     sender = "owner@partner.test"
     api_port = free_port()
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
@@ -649,6 +650,8 @@ def test_deliveries_by_transport_and_the_notices_sent(elemta_server, tmp_path, m
             api={"enabled": True, "port": api_port},
             relay={"local_domains": ["example.test"]},
             delivery={"workers": 1, "default_transport": "error",
+                      "domain_classes": [{"name": "partners",
+                                          "domains": [".partner.test", "partner.test"]}],
                       "transport": [
                           {"domain": "partner.test",
                            "nexthop": "smtp:[127.0.0.1]:%d" % partner.port},
@@ -674,16 +677,25 @@ def test_deliveries_by_transport_and_the_notices_sent(elemta_server, tmp_path, m
         # The three notices go to the sender's next hop beside the colleague's copy.
         wait_for(lambda: len(partner.messages) == 4)
 
-        def deliveries():           # {(result, transport): count}
+        def deliveries():           # {(domain_class, result, transport): count}
             return labelled(scrape(api_port)[0], "elemta_deliveries_total")
-        wait_for(lambda: {k: v for k, v in deliveries().items() if k[0] != "deferred"}
-                 == {("sent", "local"): 1, ("sent", "smtp"): 4, ("bounced", "error"): 1})
+        # The colleague and the three notices to the sender: partners; the gmail.test
+        # friend: remote (bounced by the error transport); root: local.
+        wait_for(lambda: {k: v for k, v in deliveries().items() if k[1] != "deferred"}
+                 == {("local", "sent", "local"): 1, ("partners", "sent", "smtp"): 4,
+                     ("remote", "bounced", "error"): 1})
         samples, _ = scrape(api_port)
         assert [k for k in labelled(samples, "elemta_deliveries_total")
-                if k[0] == "deferred"] == [("deferred", "smtp")]
+                if k[1] == "deferred"] == [("remote", "deferred", "smtp")]
         # It warned after a retry.
         assert value(samples, "elemta_deliveries_total", result="deferred",
-                     transport="smtp") >= 2
+                     transport="smtp", domain_class="remote") >= 2
+        # Each deferral counted by why: the next hop's 450 to RCPT TO.
+        deferrals = labelled(samples, "elemta_delivery_deferrals_total")
+        assert list(deferrals) == [("remote", "rcpt", "smtp")]
+        assert deferrals[("remote", "rcpt", "smtp")] == value(
+            samples, "elemta_deliveries_total", result="deferred", transport="smtp",
+            domain_class="remote")
         # The message waits for slow@later.test: the queue shows it deferred, since its
         # arrival (unless a retry holds it active just now).
         arrival = server.message(first)[0].arrival

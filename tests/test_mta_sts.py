@@ -21,6 +21,7 @@ from tests.harness import free_port, submit, wait_for
 from tests.peers.https import PolicyServer, LoopbackCA
 from tests.peers.nsd import nsd_available, private_nsd
 from tests.peers.sink import ScriptedServer
+from tests.test_metrics import labelled, scrape
 
 WEB = "127.0.0.30"          # the policy server of every domain but cached.sts.test
 WEB_CACHED = "127.0.0.35"   # cached.sts.test's own, stopped during its test
@@ -148,14 +149,17 @@ def mx_hosts(pki, mx_port):
 
 @pytest.fixture
 def start(elemta_server, nsd, mx_port, pki, web_port):
-    def starter(**delivery):
+    def starter(api_port=None, **delivery):
         settings = {"workers": 1, "mx_port": mx_port, "nameservers": ["127.0.0.1"],
                     "dns_port": nsd.port, "min_backoff": 60, "max_backoff": 60,
                     "connect_timeout": 2.0, "command_timeout": 5.0, "data_timeout": 5.0,
                     "mta_sts_ca_file": pki.ca_file, "mta_sts_port": web_port,
                     "mta_sts_timeout": 5.0}
         settings.update(delivery)
-        server = elemta_server(delivery=settings, api={"enabled": False})
+        api = {"enabled": False}
+        if api_port is not None:        # to read the metrics
+            api = {"enabled": True, "port": api_port}
+        server = elemta_server(delivery=settings, api=api)
         wait_for(lambda: "delivery worker started" in server.log())
         return server
     return starter
@@ -184,19 +188,24 @@ def test_enforce_with_a_named_mx_and_a_valid_certificate_delivers_over_tls(start
 @pytest.mark.usefixtures("web")
 def test_enforce_defers_mail_for_an_mx_the_policy_does_not_name(start, mx_hosts):
     other = mx_hosts[1]
-    server = start()
+    api_port = free_port()
+    server = start(api_port=api_port)
     queue_id = submit(server, "m@client.test", "r@mismatch.sts.test")
     status, reply = result(server, queue_id, "r@mismatch.sts.test")
     assert status == "deferred"
     assert reply == ("451 4.7.5 MX host mx.other.sts.test not named by the MTA-STS policy "
                      "of mismatch.sts.test (enforce): mx mx.good.sts.test")
     assert received_by(other, "r@mismatch.sts.test") == []
+    # Counted as a policy deferral (not a TLS or connection problem).
+    wait_for(lambda: labelled(scrape(api_port)[0], "elemta_delivery_deferrals_total")
+             == {("remote", "policy", "smtp"): 1})
 
 
 @pytest.mark.usefixtures("web")
 def test_enforce_defers_mail_when_the_certificate_does_not_name_the_mx(start, mx_hosts):
     bad = mx_hosts[2]
-    server = start()
+    api_port = free_port()
+    server = start(api_port=api_port)
     queue_id = submit(server, "b@client.test", "r@badcert.sts.test")
     status, reply = result(server, queue_id, "r@badcert.sts.test")
     assert status == "deferred"
@@ -204,6 +213,9 @@ def test_enforce_defers_mail_when_the_certificate_does_not_name_the_mx(start, mx
                             "handshake with mx.bad.sts.test[127.0.0.33]"), reply
     assert "certificate verify failed" in reply and "mx.bad.sts.test" in reply, reply
     assert received_by(bad, "r@badcert.sts.test") == []
+    # The policy refused what "may" would have sent: a policy deferral.
+    wait_for(lambda: labelled(scrape(api_port)[0], "elemta_delivery_deferrals_total")
+             == {("remote", "policy", "smtp"): 1})
 
 
 @pytest.mark.usefixtures("web")

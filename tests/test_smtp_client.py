@@ -146,6 +146,7 @@ def test_421_greeting_means_try_the_next_host(scripted):
     assert caught.value.try_next_host and not caught.value.permanent
     assert (caught.value.reply.code, caught.value.reply.status) == (421, "4.3.2")
     assert caught.value.reply.text == "busy, come back later"
+    assert caught.value.reason == "greeting"      # the deferrals metric's reason
 
 
 def test_refused_connection_means_try_the_next_host():
@@ -154,6 +155,7 @@ def test_refused_connection_means_try_the_next_host():
     error = caught.value
     assert error.try_next_host and error.reply.local and error.reply.status == "4.4.1"
     assert "mx1.example.net[127.0.0.1]" in error.reply.text and "refused" in error.reply.text
+    assert error.reason == "connect"
 
 
 def test_silent_greeting_times_out(scripted):
@@ -164,6 +166,7 @@ def test_silent_greeting_times_out(scripted):
     assert 0.3 <= time.monotonic() - started < 2
     assert "timed out while receiving the reply to the initial server greeting" in str(
         caught.value)
+    assert caught.value.reason == "timeout"
 
 
 def test_ehlo_refused_falls_back_to_helo(scripted):
@@ -198,6 +201,7 @@ def test_per_recipient_results_in_one_transaction(scripted):
                         ("temp@example.net", TEMPORARY, 450, "4.2.0"),
                         ("gone@example.net", PERMANENT, 550, "5.1.1")]
     assert result.recipients[2].text == "<gone@example.net>: no such user"
+    assert result.recipients[1].reason == "rcpt"     # the stage that got the 450
     [message] = server.messages
     assert message.rcpts == ["RCPT TO:<ok@example.net>"] and message.content == CONTENT
 
@@ -248,14 +252,15 @@ def test_several_messages_on_one_connection(scripted):
 
 # -- misbehaviour: never a traceback, always a clear temporary failure --------------------------
 
-@pytest.mark.parametrize("reply, reason", [
-    (b"this is not smtp\r\n", "garbage: not an SMTP reply"),
-    (b"250 " + b"A" * 5000 + b"\r\n", "garbage: reply line longer than 2048 bytes"),
-    (CLOSE, "lost connection with 127.0.0.1[127.0.0.1]:"),
-    ("421 4.3.0 shutting down", "shutting down"),
-    ("354 go ahead", "unexpected reply to RCPT TO"),
+@pytest.mark.parametrize("reply, reason, word", [
+    (b"this is not smtp\r\n", "garbage: not an SMTP reply", "protocol"),
+    (b"250 " + b"A" * 5000 + b"\r\n", "garbage: reply line longer than 2048 bytes",
+     "protocol"),
+    (CLOSE, "lost connection with 127.0.0.1[127.0.0.1]:", "lost_connection"),
+    ("421 4.3.0 shutting down", "shutting down", "rcpt"),
+    ("354 go ahead", "unexpected reply to RCPT TO", "protocol"),
 ])
-def test_a_bad_reply_to_rcpt_is_a_temporary_failure(scripted, reply, reason):
+def test_a_bad_reply_to_rcpt_is_a_temporary_failure(scripted, reply, reason, word):
     server = scripted(script={"RCPT": reply})
     with client() as c:
         c.connect("127.0.0.1", server.port)
@@ -263,6 +268,7 @@ def test_a_bad_reply_to_rcpt_is_a_temporary_failure(scripted, reply, reason):
         assert not c.usable
     assert [r.outcome for r in result.recipients] == [TEMPORARY, TEMPORARY]
     assert reason in result.recipients[0].text
+    assert [r.reason for r in result.recipients] == [word, word]
     assert result.try_next_host
     assert not server.messages
 
@@ -272,6 +278,7 @@ def test_lost_connection_after_the_dot_is_temporary_but_not_for_the_next_host(sc
     result = send_one(server)
     assert result.recipients[0].outcome == TEMPORARY
     assert "while receiving the reply to end of DATA" in result.recipients[0].text
+    assert result.recipients[0].reason == "lost_connection"
     assert not result.try_next_host     # it may have been delivered: do not send it twice now
 
 
@@ -282,6 +289,7 @@ def test_final_reply_timeout(scripted):
     assert 0.3 <= time.monotonic() - started < 2
     assert result.recipients[0].outcome == TEMPORARY
     assert "timed out while receiving the reply to end of DATA" in result.recipients[0].text
+    assert result.recipients[0].reason == "timeout"
 
 
 def test_unreadable_content_hangs_up_without_the_final_dot(scripted):
@@ -416,6 +424,7 @@ def test_mandatory_tls_without_starttls_fails_the_host(scripted):
     assert caught.value.tls_failure and caught.value.try_next_host
     assert caught.value.reply.status == "4.7.4"
     assert "TLS is required, but was not offered" in caught.value.reply.text
+    assert caught.value.reason == "tls"
     assert not server.messages
 
 

@@ -55,12 +55,14 @@ class _RcptScript:
         return "250 2.1.5 Ok"
 
 
-def run_traffic(elemta_server, log_format="text", log_target=None):
+def run_traffic(elemta_server, log_format="text", log_target=None, journal_socket=None):
     sink = ScriptedServer(script={"RCPT": _RcptScript()}).start()
     try:
         logging_section = {"format": log_format}
         if log_target is not None:
             logging_section["target"] = log_target
+        if journal_socket is not None:
+            logging_section["journal_socket"] = journal_socket
         server = elemta_server(
             logging=logging_section,
             relay={"local_domains": ["example.test"], "mynetworks": ["127.0.0.1/32"]},

@@ -68,9 +68,9 @@ def _port(value):
 
 
 def _log_target(value):
-    if value in ("stderr", "syslog") or value.startswith("/"):
+    if value in ("stderr", "syslog", "journal") or value.startswith("/"):
         return None
-    return "must be stderr, syslog or an absolute file path, not %r" % (value,)
+    return "must be stderr, syslog, journal or an absolute file path, not %r" % (value,)
 
 
 def _ip_address(value):
@@ -733,10 +733,29 @@ class LoggingSettings:
     """Where log lines go."""
     level: str = opt("info", "Least severe level logged: debug, info, warning, error.",
                      _one_of(LOG_LEVELS))
-    target: str = opt("stderr", "stderr, syslog (to /dev/log), or the absolute path of a log "
-                                "file (reopened on SIGUSR1, for logrotate).", _log_target)
-    syslog_facility: str = opt("mail", "Syslog facility when target is syslog.",
+    target: str = opt("stderr", "stderr, syslog (to /dev/log), journal (systemd-journald's "
+                                "native protocol, to journal_socket: each line an entry "
+                                "whose MESSAGE is the text line's message, with PRIORITY, "
+                                "SYSLOG_IDENTIFIER (elemta/smtpd, ...), SYSLOG_FACILITY, "
+                                "and the json format's keys as fields of their own, upper "
+                                "case after ELEMTA_: ELEMTA_QUEUE_ID, ELEMTA_EVENT, "
+                                "ELEMTA_CLIENT, ELEMTA_FROM, ELEMTA_TO, ELEMTA_RELAY, "
+                                "ELEMTA_STATUS, ELEMTA_DSN, ELEMTA_DELAY, ELEMTA_SIZE, "
+                                "ELEMTA_REASON, ELEMTA_PROCESS ...; so journalctl "
+                                "ELEMTA_QUEUE_ID=ID shows one message's lines, and "
+                                "journalctl -o short the Postfix-style lines elemtactl "
+                                "report reads; format does not apply), or the absolute "
+                                "path of a log file (reopened on SIGUSR1, for logrotate). "
+                                "Postfix logs to syslog, or with maillog_file to a file; "
+                                "it has no journal target.", _log_target)
+    syslog_facility: str = opt("mail", "Syslog facility when target is syslog or journal "
+                                       "(the journal's SYSLOG_FACILITY).",
                                _one_of(SYSLOG_FACILITIES))
+    journal_socket: str = opt(
+        "/run/systemd/journal/socket", "journald's native socket, when target is journal "
+        "(a journald namespace's is /run/systemd/journal.NAMESPACE/socket). Postfix has "
+        "no equivalent (it has no journal target; see maillog_file and syslog).",
+        _absolute_path)
     format: str = opt(
         "text", "How each line is written: text, Postfix's syslog lines (\"Dec  6 03:01:36 "
                 "host elemta/smtpd[5071]: QUEUEID: client=...\"; pflogsumm and Postfix "
@@ -826,6 +845,49 @@ class TLSPolicyEntry:
                      _one_of(TLS_POLICY_LEVELS))
 
 
+# The domain classes Elemta names itself (elemta.delivery.routing.DOMAIN_CLASSES).
+BUILTIN_DOMAIN_CLASSES = ("local", "virtual", "relay", "relayhost", "remote", "unknown")
+_CLASS_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def _domain_class_name(value):
+    if not _CLASS_NAME.match(value):
+        return ("must be a short name of lower-case letters, digits and _ (a metric label "
+                "value), not %r" % (value,))
+    if value == "unknown":
+        return "unknown is the class of a domain whose tables could not answer"
+    return None
+
+
+def _transport_domains(values):
+    for value in values:
+        problem = _transport_domain(value)
+        if problem:
+            return problem
+    return None
+
+
+def _domain_classes(entries):
+    if len(entries) > 20:
+        return ("at most 20 classes (each is a label value of the delivery metrics), "
+                "not %d" % len(entries))
+    seen = set()
+    for entry in entries:
+        if entry.name in seen:
+            return "class %s is named twice: list all its domains in one entry" % entry.name
+        seen.add(entry.name)
+    return None
+
+
+@dataclass(frozen=True)
+class DomainClass:
+    """One delivery.domain_classes entry: recipient domains counted under one name."""
+    name: str = opt("other", "The class's name: the domain_class label of the delivery "
+                             "metrics (gmail, microsoft, partners ...).", _domain_class_name)
+    domains: Tuple[str, ...] = opt((), "Its recipient domains (exact, or \".example.org\" "
+                                       "for every subdomain).", _transport_domains)
+
+
 @dataclass(frozen=True)
 class TransportMapEntry:
     """One transport map entry: mail for `domain` goes to `nexthop`."""
@@ -862,6 +924,21 @@ class DeliverySettings:
     transport: Tuple[TransportMapEntry, ...] = opt(
         (), "Transport map: a list of {domain, nexthop} entries, which win over relayhost "
             "and MX.")
+    domain_classes: Tuple[DomainClass, ...] = opt(
+        (), "Names for groups of recipient domains in the delivery metrics (the "
+            "domain_class label of elemta_deliveries_total and "
+            "elemta_delivery_deferrals_total): a list of {name, domains} entries, at most "
+            "20 (an exact domain wins over a \".parent\" one; a domain in two entries "
+            "counts under the first), e.g. {name: gmail, domains: "
+            "[gmail.com, googlemail.com]}, {name: microsoft, domains: [outlook.com, "
+            "hotmail.com, .onmicrosoft.com]}. A recipient no entry names is counted by "
+            "where its domain belongs: local (relay.local_domains, the host name), "
+            "virtual (virtual alias and mailbox domains), relay (relay.relay_domains), "
+            "relayhost (other domains, sent to delivery.relayhost), remote (other "
+            "domains, by MX or the transport map), unknown (a domain table could not "
+            "answer). Addresses and domains themselves are never labels: the set stays "
+            "bounded. Postfix has no equivalent (its logs name each domain; pflogsumm "
+            "counts per domain).", _domain_classes)
     default_transport: str = opt(
         "smtp", "Where mail for remote domains goes (not local, virtual or relay_domains "
                 "mail; a transport entry for the domain wins): smtp (relayhost, else MX), or "

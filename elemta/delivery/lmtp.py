@@ -21,6 +21,7 @@ import ipaddress
 
 from gevent import socket
 
+from elemta.delivery import deferrals
 from elemta.delivery.smtp_client import TLS_MAY, TLS_NONE, SMTPClient, TLSPolicy
 from elemta.delivery.smtp_transport import SMTPTransport
 from elemta.queue.model import RCPT_DEFERRED
@@ -42,7 +43,7 @@ class LMTPTransport(SMTPTransport):
 
     def deliver(self, record, destination, items):
         """Deliver recipients [(index, Recipient)] sharing an LMTP next hop.
-        Returns {index: (status, reply, relay)}."""
+        Returns {index: (status, reply, relay[, dsn_passed, reason])}."""
         if destination.unix_socket:
             targets = [(destination.host, 0, self.hostname)]
             tls = self.unix_tls
@@ -53,7 +54,8 @@ class LMTPTransport(SMTPTransport):
             except OSError as error:
                 reply = "451 4.4.4 cannot find the address of LMTP host %s: %s" % (
                     destination.host, getattr(error, "strerror", None) or error)
-                return {index: (RCPT_DEFERRED, reply, "none") for index, _ in items}
+                return {index: (RCPT_DEFERRED, reply, "none", None, deferrals.DNS)
+                        for index, _ in items}
             tls = self.tls_for(destination)
         return self.deliver_to(record, items, targets, lambda: SMTPClient(
             self.hostname, timeouts=self.timeouts, tls=tls, lmtp=True),

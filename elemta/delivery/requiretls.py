@@ -22,6 +22,7 @@ tests/test_requiretls.py.
 
 import logging
 
+from elemta.delivery import deferrals
 from elemta.delivery.smtp_client import SessionError
 from elemta.delivery.wire import local_reply
 
@@ -75,11 +76,11 @@ class RequireTLSSessions:
                 raise
             raise SessionError(local_reply(550, "5.7.10", "REQUIRETLS support required: "
                                            "%s" % error.reply.text), tls_failure=True,
-                               tls_result=error.tls_result)
+                               tls_result=error.tls_result, reason=deferrals.POLICY)
         refusal = client.requiretls_refusal()
         if refusal is not None:
             client.quit()
-            raise SessionError(refusal)
+            raise SessionError(refusal, reason=deferrals.POLICY)
         log.info("%s: REQUIRETLS: TLS with %s verified, REQUIRETLS offered (%s)",
                  self.queue_id, client.peer, client.tls_version)
         return client

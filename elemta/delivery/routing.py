@@ -30,6 +30,12 @@ is never looked up, and the transport map does not override that (Postfix's neit
 A domain table that cannot answer raises TableUnavailable: the worker defers the
 message.
 
+Each recipient also gets a domain class for the delivery metrics (route()): the name of
+the delivery.domain_classes entry whose domains match (as the transport map matches:
+the domain, else a ".parent" entry), else where its domain belongs: local, virtual
+(alias or mailbox domains), relay, relayhost (remote mail sent to delivery.relayhost),
+remote. A bounded set: never the domain itself.
+
 A bracketed next hop is connected to as it is (its A/AAAA records if it is a name); an
 unbracketed one is looked up as a domain, MX first, as Postfix does.
 See also: elemta.delivery.worker, elemta.delivery.mx, elemta.config.schema (Delivery).
@@ -82,6 +88,13 @@ class Destination:
 
 
 LOCAL_DESTINATION = Destination(LOCAL, "", 0, False)
+
+# The domain classes Elemta names itself (beside delivery.domain_classes' names);
+# UNKNOWN_CLASS is the worker's, for a recipient whose tables could not answer.
+LOCAL_DOMAINS, VIRTUAL_DOMAINS, RELAY_DOMAINS, RELAYHOST, REMOTE_DOMAINS, UNKNOWN_CLASS = (
+    "local", "virtual", "relay", "relayhost", "remote", "unknown")
+_CLASS_OF = {LOCAL_CLASS: LOCAL_DOMAINS, ALIAS: VIRTUAL_DOMAINS, VIRTUAL: VIRTUAL_DOMAINS,
+             RELAY: RELAY_DOMAINS, REMOTE: REMOTE_DOMAINS}
 NO_ALIAS_DESTINATION = Destination(ERROR, NO_ALIAS, 0, False)
 
 
@@ -103,6 +116,10 @@ class Router:
         # default_transport = error: remote mail bounces at once (None: smtp).
         bounce = parse_default_transport(delivery.default_transport)
         self.remote_error = None if bounce is None else Destination(ERROR, bounce, 0, False)
+        self.domain_classes = {}
+        for entry in delivery.domain_classes:
+            for domain in entry.domains:
+                self.domain_classes.setdefault(normal_domain(domain), entry.name)
         self.relay = None
         if delivery.relayhost:
             host, port, mx_lookup = parse_nexthop(delivery.relayhost)
@@ -121,7 +138,22 @@ class Router:
     def destination(self, address):
         # type: (str) -> Destination
         """Where address goes; raises TableUnavailable (see the module docstring)."""
+        return self.route(address)[0]
+
+    def route(self, address):
+        """(Destination, domain class) of address: where it goes, and the class it is
+        counted under (see the module docstring). Raises TableUnavailable."""
         kind = self.addressing.classify(address)
+        destination = self._destination(address, kind)
+        domain = split_address(address)[1]
+        named = domain_entry(self.domain_classes, normal_domain(domain)) if domain else None
+        if named is not None:
+            return destination, named
+        if kind == REMOTE and destination is self.relay:
+            return destination, RELAYHOST
+        return destination, _CLASS_OF.get(kind, REMOTE_DOMAINS)
+
+    def _destination(self, address, kind):
         if kind == LOCAL_CLASS:
             return LOCAL_DESTINATION
         if kind == ALIAS:

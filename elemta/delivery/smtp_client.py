@@ -58,7 +58,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from gevent import socket, ssl
 
-from elemta.delivery import dane
+from elemta.delivery import dane, deferrals
 from elemta.delivery.wire import (DataEncoder, ReplyReader, ServerReply, SMTPProtocolError,
                                   local_reply, orcpt_parameter, parse_ehlo, xtext)
 from elemta.tlsrpt import results
@@ -148,10 +148,12 @@ class TLSPolicy:
 @dataclass
 class RecipientResult:
     """What happened to one recipient: outcome (DELIVERED, TEMPORARY, PERMANENT) and the
-    reply that decided it (the server's, or one of ours with reply.local set)."""
+    reply that decided it (the server's, or one of ours with reply.local set); reason:
+    why, as an elemta.delivery.deferrals word (None for a reply to no command)."""
     recipient: object            # the elemta.queue.model.Recipient passed in
     outcome: str
     reply: ServerReply
+    reason: Optional[str] = None
 
     @property
     def address(self):
@@ -204,14 +206,17 @@ class SessionError(Exception):
     """connect() found no usable session. reply: the server's (bad greeting, EHLO refused)
     or ours (refused, timed out, TLS). try_next_host: another MX host may do better;
     tls_failure: TLS went wrong (a worker may retry this host without TLS at level "may");
-    tls_result: then, what went wrong as an RFC 8460 result type (elemta.tlsrpt.results)."""
+    tls_result: then, what went wrong as an RFC 8460 result type (elemta.tlsrpt.results);
+    reason: why, as an elemta.delivery.deferrals word (tls for a TLS failure)."""
 
-    def __init__(self, reply, try_next_host=True, tls_failure=False, tls_result=None):
+    def __init__(self, reply, try_next_host=True, tls_failure=False, tls_result=None,
+                 reason=None):
         super().__init__(str(reply))
         self.reply = reply
         self.try_next_host = try_next_host
         self.tls_failure = tls_failure or tls_result is not None
         self.tls_result = tls_result
+        self.reason = reason or (deferrals.TLS if self.tls_failure else deferrals.OTHER)
 
     @property
     def permanent(self):
@@ -219,11 +224,13 @@ class SessionError(Exception):
 
 
 class _Broken(Exception):
-    """The session is over (lost, timed out, garbage, 421); reply says why."""
+    """The session is over (lost, timed out, garbage, 421); reply says why, reason as an
+    elemta.delivery.deferrals word."""
 
-    def __init__(self, reply):
+    def __init__(self, reply, reason):
         super().__init__(str(reply))
         self.reply = reply
+        self.reason = reason
 
 
 def outcome_of(reply):
@@ -289,10 +296,11 @@ class SMTPClient:
             self.sock = self._open_socket(address, port, unix)
         except socket.timeout:
             raise SessionError(local_reply(451, "4.4.1", "connect to %s: timed out"
-                                           % self.peer))
+                                           % self.peer), reason=deferrals.TIMEOUT)
         except OSError as error:
             raise SessionError(local_reply(451, "4.4.1", "connect to %s: %s"
-                                           % (self.peer, error.strerror or error)))
+                                           % (self.peer, error.strerror or error)),
+                               reason=deferrals.CONNECT)
         self._reader = ReplyReader()
         try:
             self._open_session()
@@ -301,7 +309,7 @@ class SMTPClient:
             raise
         except _Broken as broken:
             self.close()
-            raise SessionError(broken.reply)
+            raise SessionError(broken.reply, reason=broken.reason)
         return self
 
     def _open_socket(self, address, port, unix):
@@ -324,7 +332,7 @@ class SMTPClient:
         self.greeting = self._read("the initial server greeting", self.timeouts.greeting)
         if self.greeting.code != 220:
             self._quit_quietly()
-            raise SessionError(self.greeting)
+            raise SessionError(self.greeting, reason=deferrals.GREETING)
         self._hello()
         self._secure()
         self._authenticate()
@@ -350,12 +358,12 @@ class SMTPClient:
             return
         if self.lmtp or not reply.permanent:
             self._quit_quietly()
-            raise SessionError(reply)
+            raise SessionError(reply, reason=deferrals.HELO)
         # RFC 5321 4.1.4: an old server that does not know EHLO gets HELO.
         reply = self._command("HELO %s" % self.helo_name, "HELO", self.timeouts.helo)
         if reply.code != 250:
             self._quit_quietly()
-            raise SessionError(reply)
+            raise SessionError(reply, reason=deferrals.HELO)
         self.extensions = {}
 
     def _starttls(self):
@@ -388,7 +396,7 @@ class SMTPClient:
             except dane.DANEError as error:
                 raise SessionError(local_reply(451, "4.7.5", "DANE: certificate of %s not "
                                                "verified: %s" % (self.peer, error)),
-                                   tls_result=results.TLSA_INVALID)
+                                   tls_result=results.TLSA_INVALID, reason=deferrals.POLICY)
         self.tls_version = self.sock.version()
         self._reader = ReplyReader()
 
@@ -411,7 +419,8 @@ class SMTPClient:
             self._quit_quietly()
             raise SessionError(local_reply(
                 451, "4.7.0", "not authenticating to %s over an unencrypted session (%s; "
-                "delivery.sasl_require_tls is set)" % (self.peer, why)))
+                "delivery.sasl_require_tls is set)" % (self.peer, why)),
+                reason=deferrals.AUTH)
         user, password = self.credentials
         if "PLAIN" in mechanisms:
             mechanism = "PLAIN"
@@ -431,7 +440,8 @@ class SMTPClient:
             self._quit_quietly()
             raise SessionError(local_reply(
                 451, "4.7.0", "SASL authentication to %s impossible: it offers %s, Elemta "
-                "speaks PLAIN and LOGIN" % (self.peer, " ".join(sorted(mechanisms)))))
+                "speaks PLAIN and LOGIN" % (self.peer, " ".join(sorted(mechanisms)))),
+                reason=deferrals.AUTH)
         if reply.code == 334:
             # A challenge we have no answer for: cancel the exchange (RFC 4954 4).
             reply = self._command("*", "AUTH", self.timeouts.helo)
@@ -439,7 +449,8 @@ class SMTPClient:
             self._quit_quietly()
             status = "4" + reply.status[1:] if reply.status else "4.7.0"
             raise SessionError(local_reply(454, status, "SASL authentication failed; server "
-                                           "%s said: %s" % (self.peer, reply)))
+                                           "%s said: %s" % (self.peer, reply)),
+                               reason=deferrals.AUTH)
         self.authenticated = mechanism
         log.debug("%s: authenticated as %s with %s", self.peer, user, mechanism)
 
@@ -500,7 +511,8 @@ class SMTPClient:
         result = DeliveryResult(dsn_passed="DSN" in self.extensions)
         if not self.usable:
             return self._decide(result, todo, local_reply(451, "4.4.2", "not connected to %s"
-                                                          % (self.peer or "a server")))
+                                                          % (self.peer or "a server")),
+                                deferrals.LOST_CONNECTION)
         refusal = self._refusal(envelope, todo)
         if refusal is not None:
             return self._decide(result, todo, refusal)
@@ -508,19 +520,22 @@ class SMTPClient:
         self._dot_sent = False
         try:
             if self._need_rset and not self.reset():
-                raise _Broken(local_reply(451, "4.4.2", "%s did not take RSET" % self.peer))
+                raise _Broken(local_reply(451, "4.4.2", "%s did not take RSET" % self.peer),
+                              deferrals.PROTOCOL)
             self._transaction(envelope, content, todo, decided)
         except _Broken as broken:
             self.close()
             undecided = [i for i in range(len(todo)) if i not in decided]
             for i in undecided:
-                decided[i] = RecipientResult(todo[i], outcome_of(broken.reply), broken.reply)
+                decided[i] = RecipientResult(todo[i], outcome_of(broken.reply), broken.reply,
+                                             broken.reason)
             result.try_next_host = not self._dot_sent and len(undecided) == len(todo)
         result.recipients = [decided[i] for i in range(len(todo))]
         return result
 
-    def _decide(self, result, todo, reply):
-        result.recipients = [RecipientResult(r, outcome_of(reply), reply) for r in todo]
+    def _decide(self, result, todo, reply, reason=None):
+        result.recipients = [RecipientResult(r, outcome_of(reply), reply, reason)
+                             for r in todo]
         return result
 
     def _refusal(self, envelope, todo):
@@ -577,16 +592,20 @@ class SMTPClient:
         data_reply = replies[1 + len(todo)] if len(replies) > 1 + len(todo) else None
         accepted = []
         for i, recipient in enumerate(todo):
-            reply = mail_reply if mail_reply.code // 100 != 2 else rcpt_replies[i]
+            if mail_reply.code // 100 != 2:
+                reply, stage = mail_reply, deferrals.MAIL
+            else:
+                reply, stage = rcpt_replies[i], deferrals.RCPT
             if reply.code // 100 == 2:
                 accepted.append(i)
             else:
-                decided[i] = RecipientResult(recipient, outcome_of(reply), reply)
+                decided[i] = RecipientResult(recipient, outcome_of(reply), reply, stage)
         if data_reply is None:
             return
         if data_reply.code != 354:
             for i in accepted:
-                decided[i] = RecipientResult(todo[i], outcome_of(data_reply), data_reply)
+                decided[i] = RecipientResult(todo[i], outcome_of(data_reply), data_reply,
+                                             deferrals.DATA)
             return
         if not accepted:
             # RFC 2920 3.1: DATA got 354 although no recipient was accepted: send nothing.
@@ -606,9 +625,10 @@ class SMTPClient:
         final = self._read("end of DATA", self.timeouts.data_done)
         self._need_rset = False
         for i in accepted:
-            decided[i] = RecipientResult(todo[i], outcome_of(final), final)
+            decided[i] = RecipientResult(todo[i], outcome_of(final), final,
+                                         deferrals.END_OF_DATA)
         if final.code == 421:
-            raise _Broken(final)
+            raise _Broken(final, deferrals.END_OF_DATA)
 
     def _lmtp_replies(self, todo, accepted, decided):
         """RFC 2033 4.2: after the final dot, one reply per accepted RCPT, in their order;
@@ -616,9 +636,10 @@ class SMTPClient:
         for i in accepted:
             reply = self._read("end of DATA for <%s>" % todo[i].address,
                                self.timeouts.data_done)
-            decided[i] = RecipientResult(todo[i], outcome_of(reply), reply)
+            decided[i] = RecipientResult(todo[i], outcome_of(reply), reply,
+                                         deferrals.END_OF_DATA)
             if reply.code == 421:
-                raise _Broken(reply)
+                raise _Broken(reply, deferrals.END_OF_DATA)
         self._need_rset = False
 
     def _mail_command(self, envelope, utf8):
@@ -679,11 +700,11 @@ class SMTPClient:
 
     def _check_sequence(self, what, reply):
         if reply.code == 421:
-            raise _Broken(reply)
+            raise _Broken(reply, deferrals.stage_of(what))
         # Positive replies: 354 (or another 3xx) to DATA only, 2xx to everything else.
         if reply.positive and reply.code // 100 != (3 if what == "DATA" else 2):
             raise _Broken(local_reply(451, "4.5.0", "unexpected reply to %s from %s: %s"
-                                      % (what, self.peer, reply)))
+                                      % (what, self.peer, reply)), deferrals.PROTOCOL)
 
     def _send_content(self, content):
         encoder = DataEncoder()
@@ -715,16 +736,18 @@ class SMTPClient:
 
     def _send(self, data, what, timeout):
         if self.sock is None:
-            raise _Broken(local_reply(451, "4.4.2", "not connected to %s" % self.peer))
+            raise _Broken(local_reply(451, "4.4.2", "not connected to %s" % self.peer),
+                          deferrals.LOST_CONNECTION)
         try:
             self.sock.settimeout(timeout)
             self.sock.sendall(data)
         except socket.timeout:
             raise _Broken(local_reply(451, "4.4.2", "conversation with %s timed out while "
-                                      "sending %s" % (self.peer, what)))
+                                      "sending %s" % (self.peer, what)), deferrals.TIMEOUT)
         except OSError as error:
             raise _Broken(local_reply(451, "4.4.2", "lost connection with %s while sending "
-                                      "%s (%s)" % (self.peer, what, _describe(error))))
+                                      "%s (%s)" % (self.peer, what, _describe(error))),
+                          deferrals.LOST_CONNECTION)
 
     def _read(self, what, timeout):
         """The next whole reply, within timeout seconds in all."""
@@ -734,7 +757,7 @@ class SMTPClient:
                 reply = self._reader.next_reply()
             except SMTPProtocolError as error:
                 raise _Broken(local_reply(451, "4.5.0", "%s answered %s with garbage: %s"
-                                          % (self.peer, what, error)))
+                                          % (self.peer, what, error)), deferrals.PROTOCOL)
             if reply is not None:
                 log.debug("%s: %s -> %s", self.peer, what, reply)
                 return reply
@@ -746,14 +769,17 @@ class SMTPClient:
                 data = self.sock.recv(CONTENT_BLOCK)
             except socket.timeout:
                 raise _Broken(local_reply(451, "4.4.2", "conversation with %s timed out "
-                                          "while receiving the reply to %s" % (self.peer, what)))
+                                          "while receiving the reply to %s" % (self.peer, what)),
+                              deferrals.TIMEOUT)
             except OSError as error:
                 raise _Broken(local_reply(451, "4.4.2", "lost connection with %s while "
                                           "receiving the reply to %s (%s)"
-                                          % (self.peer, what, _describe(error))))
+                                          % (self.peer, what, _describe(error))),
+                              deferrals.LOST_CONNECTION)
             if not data:
                 raise _Broken(local_reply(451, "4.4.2", "lost connection with %s while "
-                                          "receiving the reply to %s" % (self.peer, what)))
+                                          "receiving the reply to %s" % (self.peer, what)),
+                              deferrals.LOST_CONNECTION)
             self._reader.feed(data)
 
 

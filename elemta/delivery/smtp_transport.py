@@ -3,9 +3,11 @@ order, one transaction per message, the connection parked for reuse.
 
 Owned by the delivery worker (`elemta: delivery`), which calls deliver() once per
 destination of a message, in its own greenlet, inside the destination's concurrency limit.
-A transport returns {recipient index: (status, reply text, relay[, dsn_passed])}; status
-is SENT, BOUNCED or RCPT_DEFERRED (elemta.queue.model); dsn_passed (SMTP only) says the
-next hop took the DSN request on, so no success notice is ours to send. The LMTP and local transports
+A transport returns {recipient index: (status, reply text, relay[, dsn_passed[, reason]])};
+status is SENT, BOUNCED or RCPT_DEFERRED (elemta.queue.model); dsn_passed (SMTP only) says
+the next hop took the DSN request on, so no success notice is ours to send (None: no
+session said); reason (SMTP and LMTP) is why, as an elemta.delivery.deferrals word, for
+the deferrals metric. The LMTP and local transports
 (elemta.delivery.lmtp, elemta.delivery.local_transport) answer the same way; LMTP shares
 this one's host loop (deliver_to).
 
@@ -47,6 +49,7 @@ import time
 from elemta import metrics
 from elemta.addressing.normal import normal_domain
 from elemta.addressing.resolve import domain_entry
+from elemta.delivery import deferrals
 from elemta.delivery.connections import ConnectionCache
 from elemta.delivery.dane import DANE_MODE, DANELookup, reported_policy
 from elemta.delivery.dane import MODES as DANE_MODES
@@ -127,7 +130,7 @@ class SMTPTransport:
 
     def deliver(self, record, destination, items):
         """Deliver recipients [(index, Recipient)] sharing a destination.
-        Returns {index: (status, reply, relay)}."""
+        Returns {index: (status, reply, relay[, dsn_passed, reason])}."""
         credentials = None
         if self.sasl is not None:
             try:
@@ -136,13 +139,14 @@ class SMTPTransport:
             except SASLFileError as error:
                 log.error("%s: %s", record.queue_id, error)
                 reply = "451 4.3.0 SASL password lookup failed: %s" % error
-                return {index: (RCPT_DEFERRED, reply, "none") for index, _ in items}
+                return {index: (RCPT_DEFERRED, reply, "none", None, deferrals.LOOKUP)
+                        for index, _ in items}
         try:
             hosts = hosts_for(destination, self.resolver)
         except RouteError as error:
             reply = "%d %s %s" % (error.code, error.status, error.reason)
             status = BOUNCED if error.permanent else RCPT_DEFERRED
-            return {index: (status, reply, "none") for index, _ in items}
+            return {index: (status, reply, "none", None, deferrals.DNS) for index, _ in items}
         requiretls = requires_tls(record.envelope)
         tls = self.requiretls_tls if requiretls else self.tls_for(destination)
         level, connect = tls.level, None
@@ -156,7 +160,8 @@ class SMTPTransport:
             hosts, refusal = sts.allowed(hosts)
             if refusal is not None:
                 log.warning("%s: %s", record.queue_id, refusal.text)
-                return {index: (RCPT_DEFERRED, str(refusal), "none") for index, _ in items}
+                return {index: (RCPT_DEFERRED, str(refusal), "none", None, deferrals.POLICY)
+                        for index, _ in items}
             tls, level, connect = self.mta_sts_tls, "mta-sts " + policy.mode, sts.connect
         mode = self.dane_mode(destination)
         if mode is not None:
@@ -219,7 +224,7 @@ class SMTPTransport:
         address, port, name, new_client), when given, opens the session instead of
         client.connect and returns the client to use (STSDelivery.connect)."""
         outcome = {}
-        last_reply, relay = None, "none"
+        last_reply, last_reason, relay = None, None, "none"
         for address, port, name in targets:
             started = time.monotonic()
             client = self.connections.take(address, port, (name, profile))
@@ -234,7 +239,7 @@ class SMTPTransport:
                     if error.tls_failure:
                         metrics.DELIVERY_TLS_FAILURES.labels(self.kind).inc()
                     # A connect hook may have given up before any client connected.
-                    last_reply = error.reply
+                    last_reply, last_reason = error.reply, error.reason
                     relay = client.peer or "%s[%s]:%d" % (name, address, port)
                     log.info("%s: %s", record.queue_id, error.reply.text or error.reply)
                     if error.try_next_host:
@@ -256,14 +261,14 @@ class SMTPTransport:
                 # The 4th item: whether the server took NOTIFY on (else a NOTIFY=SUCCESS
                 # recipient gets a "relayed" notice from us).
                 outcome[index] = (status_of(item.outcome), str(item.reply), relay,
-                                  result.dsn_passed)
+                                  result.dsn_passed, item.reason)
             if not result.try_next_host:
                 return outcome
             last_reply = None
         if last_reply is not None:
             status = BOUNCED if outcome_of(last_reply) == PERMANENT else RCPT_DEFERRED
             text = str(last_reply)
-            return {index: (status, text, relay) for index, _ in items}
+            return {index: (status, text, relay, None, last_reason) for index, _ in items}
         return outcome
 
 
@@ -318,7 +323,7 @@ class STSDelivery:
             if self.policy.mode == ENFORCE:
                 raise SessionError(local_reply(451, "4.7.5", "%s: %s" % (
                     self.where(), error.reply.text)), tls_failure=True,
-                    tls_result=error.tls_result)
+                    tls_result=error.tls_result, reason=deferrals.POLICY)
             log.warning("%s: %s: %s; delivering without it (testing mode)", self.queue_id,
                         self.where(), error.reply.text)
             client = new_client(self.fallback_tls)
@@ -357,7 +362,8 @@ class DANEDelivery:
         if host.refusal is not None:
             self.counter.failure(reported_policy(name), host.result, name, address,
                                  host.refusal)
-            raise SessionError(local_reply(451, "4.7.5", "DANE: %s" % host.refusal))
+            raise SessionError(local_reply(451, "4.7.5", "DANE: %s" % host.refusal),
+                               reason=deferrals.POLICY)
         if host.encrypt:
             log.info("%s: DANE: %s: TLS required, certificate not checked (RFC 7672 2.2)",
                      self.queue_id, host.why)

@@ -65,14 +65,14 @@ from gevent.event import Event
 from gevent.pool import Pool
 
 from elemta import metrics
-from elemta.delivery import bounce, dane
+from elemta.delivery import bounce, dane, deferrals
 from elemta.delivery.concurrency import DestinationSlots
 from elemta.delivery.error_transport import ErrorTransport
 from elemta.delivery.lmtp import LMTPTransport
 from elemta.delivery.local_transport import AGENT_RETRY, LocalTransport, went_away
 from elemta.delivery.mx import MXResolver
 from elemta.delivery.recorder import AttemptRecorder
-from elemta.delivery.routing import ERROR, LMTP, LOCAL, SMTP, Router
+from elemta.delivery.routing import ERROR, LMTP, LOCAL, SMTP, UNKNOWN_CLASS, Router
 from elemta.delivery.smtp_transport import SMTPTransport
 from elemta.delivery.stages import NO_RELAY, DeliveryStages
 from elemta.delivery.tlsreports import TLSReporting
@@ -416,19 +416,22 @@ class DeliveryWorker(GeventChild):
         envelope = record.envelope
         groups = OrderedDict()       # Destination -> [(index, Recipient)]
         results = {}                 # index -> (status, reply, relay)
-        transports = {}              # index -> Destination.kind, for the metrics
+        # For the metrics, by index: Destination.kind, the domain class, and why a
+        # deferred recipient was deferred (an elemta.delivery.deferrals word).
+        transports, classes, reasons = {}, {}, {}
         for index, recipient in enumerate(envelope.recipients):
             if recipient.status not in (PENDING, RCPT_DEFERRED):
                 continue
             try:
-                routed = self.router.destination(recipient.address)
+                routed, classes[index] = self.router.route(recipient.address)
             except TableUnavailable as error:
                 # A domain table that cannot answer: this recipient waits (451 4.3.0).
                 log.warning("%s: <%s>: lookup failed: %s", record.queue_id,
                             recipient.address, error)
                 results[index] = (RCPT_DEFERRED, str(lookup_failure(recipient.address)),
                                   NO_RELAY)
-                transports[index] = NOT_ROUTED
+                transports[index], classes[index] = NOT_ROUTED, UNKNOWN_CLASS
+                reasons[index] = deferrals.LOOKUP
                 continue
             destination = self.stages.routing(record, recipient, routed)
             transports[index] = destination.kind
@@ -440,13 +443,15 @@ class DeliveryWorker(GeventChild):
         for job, (destination, _) in zip(jobs, groups.items()):
             if isinstance(job.value, Exception):
                 raise job.value
-            for index, result in job.value.items():
+            decided, why = job.value
+            reasons.update(why)
+            for index, result in decided.items():
                 results[index] = result[:3]
                 # Local and LMTP delivery is final; an SMTP next hop may pass the DSN
                 # request on (then a success notice is its job, not ours).
                 if destination.kind != SMTP:
                     ours[index] = bounce.DELIVERED
-                elif len(result) > 3 and not result[3]:
+                elif len(result) > 3 and result[3] is False:
                     ours[index] = bounce.RELAYED
         now = time.time()
         if now - envelope.arrival >= self.delivery.queue_lifetime:
@@ -456,13 +461,13 @@ class DeliveryWorker(GeventChild):
                         EXPIRED % self.delivery.queue_lifetime, reply), relay)
         # The notices go into the queue before the results are recorded: a crash in
         # between repeats the attempt (and a notice, at worst), never loses a bounce.
-        warn = self._queue_notices(record, results, ours, now)
+        warn = self._queue_notices(record, results, ours, now, reasons)
         waiting = [r for i, r in results.items() if r[0] == RCPT_DEFERRED]
         last_error = waiting[-1][1] if waiting else None
         next_attempt = now + self._retry_delay(record, results)
         outcome = self.recorder.record(
             Attempt(record.queue_id, results, next_attempt, last_error, now, warn))
-        self._log_results(record, results, now, transports)
+        self._log_results(record, results, now, transports, classes, reasons)
         if outcome == ATTEMPT_REMOVED:
             log.info("%s: removed", record.queue_id,
                      extra={"event": "removed", "queue_id": record.queue_id})
@@ -484,7 +489,7 @@ class DeliveryWorker(GeventChild):
             return min(normal, AGENT_RETRY * 2 ** min(_agent_away_streak(record), 32))
         return normal
 
-    def _queue_notices(self, record, results, ours, now):
+    def _queue_notices(self, record, results, ours, now, reasons):
         """Queue the notices this attempt calls for: a bounce for the recipients that
         failed (if it cannot be queued they wait for the next attempt instead, as
         Postfix defers when its bounce service fails), a success notice for the sent
@@ -503,6 +508,7 @@ class DeliveryWorker(GeventChild):
                 if status == BOUNCED:
                     results[index] = (RCPT_DEFERRED, "%s (no bounce could be queued; "
                                       "trying again)" % reply, relay)
+                    reasons[index] = deferrals.INTERNAL
                     envelope.recipients[index].status = RCPT_DEFERRED
                     by_status[RCPT_DEFERRED].append(envelope.recipients[index])
         sent = [i for i, result in results.items() if result[0] == SENT and i in ours]
@@ -517,10 +523,11 @@ class DeliveryWorker(GeventChild):
                                 envelope.arrival + self.delivery.queue_lifetime)
         return False
 
-    def _log_results(self, record, results, now, transports):
+    def _log_results(self, record, results, now, transports, classes, reasons):
         """One Postfix smtp line per recipient: "to=<>, relay=, delay=, dsn=, status=
         (reply)", the facts also as JSON fields (pflogsumm and elemtactl report read
-        either); counted by result and transport ({index: Destination.kind})."""
+        either); counted by result, transport ({index: Destination.kind}) and domain
+        class ({index: class}), a deferral also by its reason ({index: word})."""
         delay = now - record.envelope.arrival
         for index in sorted(results):
             status, reply, relay = results[index]
@@ -533,21 +540,34 @@ class DeliveryWorker(GeventChild):
                             "relay": relay, "delay": round(delay, 3), "dsn": dsn,
                             "status": word, "reason": reply,
                             "size": record.envelope.size or None})
-            metrics.DELIVERIES.labels(word, transports.get(index, NOT_ROUTED)).inc()
-            if word != "deferred":
+            transport = transports.get(index, NOT_ROUTED)
+            domain_class = classes.get(index, UNKNOWN_CLASS)
+            metrics.DELIVERIES.labels(word, transport, domain_class).inc()
+            if word == "deferred":
+                metrics.DEFERRALS.labels(deferrals.known(reasons.get(index)), transport,
+                                         domain_class).inc()
+            else:
                 metrics.DELIVERY_DELAY.observe(delay)
 
     def _deliver_group(self, record, destination, items):
         """Deliver recipients sharing a destination by its transport, within the
         destination's concurrency limit, but for those the delivery-stage plugins decided
-        on. Returns {index: (status, reply, relay[, dsn_passed])}."""
+        on. Returns ({index: (status, reply, relay[, dsn_passed])}, {index: the reason,
+        an elemta.delivery.deferrals word, for the deferrals metric})."""
         results = self.stages.delivery(record, destination, items) or {}
+        reasons = dict.fromkeys(results, deferrals.PLUGIN)
         items = [item for item in items if item[0] not in results]
         if items:
             with self.slots.hold(destination, lambda: self._priority_now(record)):
-                results.update(self.transports[destination.kind].deliver(
-                    record, destination, items))
-        return results
+                delivered = self.transports[destination.kind].deliver(
+                    record, destination, items)
+            # The transport's own word, else what its kind says (the local agent's
+            # replies are the local delivery's).
+            default = deferrals.LOCAL if destination.kind == LOCAL else deferrals.OTHER
+            for index, result in delivered.items():
+                reasons[index] = (result[4] if len(result) > 4 else None) or default
+            results.update(delivered)
+        return results, reasons
 
     def _priority_now(self, record):
         """The message's priority as the index has it now: an admin may have changed it

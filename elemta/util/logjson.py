@@ -9,7 +9,8 @@ here parses a message. json.dumps escapes whatever a client sent (quotes, backsl
 control characters, bytes that are not UTF-8), so every line is valid JSON; ensure_ascii
 keeps it valid even for text with lone surrogates. One encode per record: the formatter
 reads the record's attributes and dumps one dict.
-See also: elemta.util.logs, elemta.report.parse (which reads these lines back).
+See also: elemta.util.logs, elemta.report.parse (which reads these lines back),
+elemta.util.journal (which sends the same keys to journald as native fields).
 """
 
 import json
@@ -45,6 +46,12 @@ class JsonFormatter(logging.Formatter):
         self._programs = {}
 
     def format(self, record):
+        # default=str: a value a caller passed that JSON has no type for is still written.
+        return json.dumps(self.record_object(record), ensure_ascii=True, default=str)
+
+    def record_object(self, record):
+        """The record as the dict of stable keys a JSON line holds (also what the
+        journal target writes as its ELEMTA_* fields, elemta.util.journal)."""
         created = record.created
         second = int(created)
         if second != self._second:              # strftime once a second, not per record
@@ -65,5 +72,4 @@ class JsonFormatter(logging.Formatter):
         data["message"] = message
         if record.exc_info:         # as the text format writes it: after the message
             data["exception"] = self.formatException(record.exc_info)
-        # default=str: a value a caller passed that JSON has no type for is still written.
-        return json.dumps(data, ensure_ascii=True, default=str)
+        return data

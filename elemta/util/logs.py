@@ -1,5 +1,6 @@
-"""Logging set-up for every Elemta process: stderr, syslog (mail facility) or a file,
-as Postfix-style text lines or as JSON objects.
+"""Logging set-up for every Elemta process: stderr, syslog (mail facility), journald
+(native fields, elemta.util.journal) or a file, as Postfix-style text lines or as JSON
+objects.
 
 The master calls setup() once; forked children inherit the handlers and say which process
 they are (set_process). A file target is reopened on SIGUSR1 (reopen()), so logrotate can
@@ -60,6 +61,11 @@ def setup(logging_config):
     target = logging_config.target
     if target == "stderr":
         handler = logging.StreamHandler(sys.stderr)
+    elif target == "journal":
+        from elemta.util.journal import JournalHandler
+        handler = JournalHandler(
+            logging_config.journal_socket,
+            logging.handlers.SysLogHandler.facility_names[logging_config.syslog_facility])
     elif target == "syslog":
         _check_syslog(SYSLOG_SOCKET)
         facility = logging.handlers.SysLogHandler.facility_names[
@@ -67,7 +73,9 @@ def setup(logging_config):
         handler = logging.handlers.SysLogHandler(SYSLOG_SOCKET, facility=facility)
     else:
         handler = logging.handlers.WatchedFileHandler(target)
-    if getattr(logging_config, "format", "text") == "json":
+    if target == "journal":
+        pass                        # fields, not a line: elemta.util.journal
+    elif getattr(logging_config, "format", "text") == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(PostfixFormatter(stamped=target != "syslog"))
@@ -116,7 +124,7 @@ def _check_syslog(path):
 
 
 def reopen(*_args):
-    """Reopen the log file (SIGUSR1); a no-op for stderr and syslog."""
+    """Reopen the log file (SIGUSR1); a no-op for stderr, syslog and the journal."""
     handler = _handler
     if isinstance(handler, logging.handlers.WatchedFileHandler):
         handler.acquire()

@@ -190,7 +190,8 @@ def overview():
 def queue_and_delivery():
     return (
         dashboard("elemta-queue-delivery", "Elemta / Queue and delivery",
-                  "The queue by state and age, delivery results and times, deferrals, "
+                  "The queue by state and age, delivery results and times by transport and "
+                  "destination domain class, deferrals by reason, "
                   "and the workers the master had to replace.")
         .with_row(Row("Queue"))
         .with_panel(queue_by_state())
@@ -203,10 +204,14 @@ def queue_and_delivery():
         .with_row(Row("Delivery"))
         .with_panel(deliveries_by_result())
         .with_panel(timeseries(
-            "Deferrals", "Recipient deliveries deferred per second: a temporary failure, "
-            "tried again later (the deferred queue is in Queue by state).", PER_SECOND,
-            [query(rate("elemta_deliveries_total", matchers='result="deferred"'),
-                   "deferred")]))
+            "Deferrals by reason", "Recipient deliveries deferred per second (a temporary "
+            "failure, tried again later), by why: dns, connect, timeout, lost_connection, "
+            "protocol, tls, policy (MTA-STS, DANE, REQUIRETLS), auth, the next hop's 4xx "
+            "by stage (greeting, helo, mail, rcpt, data, end_of_data), lookup, local, "
+            "plugin, internal, other. The deferred queue is in Queue by state; the log's "
+            "status=deferred lines have the replies.", PER_SECOND,
+            [query(rate("elemta_delivery_deferrals_total", "reason"), "{{reason}}")],
+            stacked=True))
         .with_panel(timeseries(
             "Delivery failure ratio", "Share of recipient delivery attempts that did not "
             "succeed (deferred or bounced).", "percentunit",
@@ -217,6 +222,19 @@ def queue_and_delivery():
             "transport (smtp, lmtp, local, error) and result.", PER_SECOND,
             [query(rate("elemta_deliveries_total", "transport, result"),
                    "{{transport}} {{result}}")], stacked=True))
+        .with_panel(timeseries(
+            "Deliveries by domain class", "Recipient delivery attempts per second, by "
+            "destination domain class (delivery.domain_classes names, else local, "
+            "virtual, relay, relayhost, remote) and result.", PER_SECOND,
+            [query(rate("elemta_deliveries_total", "domain_class, result"),
+                   "{{domain_class}} {{result}}")], stacked=True))
+        .with_panel(timeseries(
+            "Deferrals by domain class and reason", "Recipient deliveries deferred per "
+            "second, by destination domain class and reason: which destinations hold "
+            "mail back, and why (a provider's 4xx to RCPT, a relay host that times out).",
+            PER_SECOND,
+            [query(rate("elemta_delivery_deferrals_total", "domain_class, reason"),
+                   "{{domain_class}} {{reason}}")], stacked=True))
         .with_panel(timeseries(
             "Notices sent", "Notices queued to senders per second: failure (bounces), "
             "delay warnings, success DSNs.", PER_SECOND,
