@@ -57,6 +57,9 @@ def users():
         except KeyError:
             subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True,
                            capture_output=True)
+        # A home left by an earlier run that died before its userdel keeps the old uid.
+        entry = pwd.getpwnam(name)
+        os.chown(entry.pw_dir, entry.pw_uid, entry.pw_gid)
     yield {name: pwd.getpwnam(name) for name in USERS}
     for name in USERS:
         subprocess.run(["userdel", "-r", name], capture_output=True)
