@@ -55,7 +55,9 @@ def cluster(elemta_server, tmp_path, store):
             api={"address": address, "port": free_port(address), "token": TOKEN},
             cluster={"store": store.url, "node_name": name, "timeout": 0.5,
                      "retry_interval": 0.5, "heartbeat_interval": 0.5, "node_ttl": TTL,
-                     "api_timeout": 2},
+                     "api_timeout": 2,
+                     # Not relay.mynetworks: the loopback clients must not relay here.
+                     "peer_networks": ["127.0.0.0/8"]},
             plugins={"ratelimit": {"enabled": True, "sender_message_rate_limit": LIMIT,
                                    "time_unit": 60,
                                    "database": str(tmp_path / (name + "-rate"))},

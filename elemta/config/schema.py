@@ -1079,6 +1079,17 @@ def _store_url(value):
     return None
 
 
+def _handover_address(value):
+    if value is None:
+        return None
+    from elemta.delivery.handover import parse_target
+    try:
+        parse_target(value)
+    except ValueError as error:
+        return "must be host:port or [address]:port: %s" % error
+    return None
+
+
 # A node's name in the cluster view: what elemtactl --cluster prints and the store keys.
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -1158,6 +1169,20 @@ class ClusterSettings:
         5.0, "Seconds the cluster view waits for each node's REST API to answer; a node "
              "slower than that is named as not answering. Postfix has no equivalent.",
         _positive)
+    handover_address: Optional[str] = opt(
+        None, "Where the other nodes hand this node mail over SMTP when they are drained "
+              "(elemtactl drain), as host:port or [address]:port, registered in the store "
+              "with the node. Unset: the first smtp listener (with the host name when its "
+              "address is a wildcard); none: the node takes no handed-over mail. Postfix "
+              "has no equivalent.", _handover_address)
+    peer_networks: Tuple[str, ...] = opt(
+        (), "The networks the other nodes' REST APIs and SMTP hand-over addresses must be "
+            "in. A registered node whose address (resolved when it is a name) is outside "
+            "them gets neither the api token (the cluster view names it as not "
+            "answering) nor drained mail, so whoever can write to the store cannot "
+            "collect either by registering an address of his own. Empty: "
+            "relay.mynetworks, which must hold the nodes anyway (a node relays the mail "
+            "another hands it). Postfix has no equivalent.", _networks)
 
 
 @dataclass(frozen=True)
