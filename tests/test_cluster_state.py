@@ -5,7 +5,8 @@ Covers elemta.sharedstate: counts made by two nodes at once are all kept; a send
 its rate limit on node A is refused on node B; a triplet greylisted on node A passes on
 node B after the delay; with redis-server stopped under load, mail keeps flowing with
 local counts (store_failure local) or gets 451 4.3.0 (tempfail), the outage is logged
-once per node however many workers see it, and shared counting comes back on its own when redis-server does.
+once per node however many workers see it, and shared counting comes back on its own
+when redis-server does.
 """
 
 import signal
