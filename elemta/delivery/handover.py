@@ -1,4 +1,4 @@
-"""Handing this node's queued messages to another node over SMTP (`elemtactl drain --to`).
+"""Handing this node's queued messages to other nodes over SMTP (`elemtactl drain`).
 
 Runs in elemtactl's own process, as the spool's owner (elemta.cli.draincmd), beside the
 daemon's delivery workers. Each message is claimed with a lease under this process's
@@ -14,6 +14,9 @@ Whatever the peer refuses, for now or for good, stays here with the peer's reply
 last error, due when it was: a handover never bounces mail (a peer that refuses is a
 cluster to mend, not a sender to tell). Nor does it drop a DSN request: a message that
 carries one goes only to a peer that offers DSN.
+
+Spread hands a pass's messages to several peers in turn (a drain in a cluster: the
+live nodes of the registry), passing over a peer that cannot be reached.
 
 The peer must take the mail as a relay: the nodes of a cluster list each other in
 relay.mynetworks (elemta(8), Running a cluster).
