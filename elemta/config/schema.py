@@ -1072,10 +1072,18 @@ STORE_FAILURE_POLICIES = ("local", "tempfail")
 def _store_url(value):
     if value is None:
         return None
+    from elemta.sharedstate.storeurl import is_sentinel, parse_sentinel
+    if is_sentinel(value):
+        try:
+            parse_sentinel(value)
+        except ValueError as error:
+            return str(error)
+        return None
     scheme, _, rest = value.partition("://")
     if scheme not in ("redis", "rediss", "unix") or not rest:
-        return ("must be a redis://host:port/db, rediss://host:port/db (TLS) or "
-                "unix:///path URL, not %r" % (value,))
+        return ("must be a redis://host:port/db, rediss://host:port/db (TLS), "
+                "unix:///path or redis+sentinel://host:port,host:port/service URL, not "
+                "%r" % (value,))
     return None
 
 
@@ -1125,8 +1133,11 @@ class ClusterSettings:
     a store each node keeps them itself (LMDB and per-worker memory)."""
     store: Optional[str] = opt(
         None, "The Valkey or Redis server every node shares: redis://host:port/db, "
-              "rediss://host:port/db (TLS) or unix:///path/to/socket. Unset: state stays "
-              "on this node. Postfix has no equivalent (each host keeps its own anvil(8) "
+              "rediss://host:port/db (TLS) or unix:///path/to/socket; or, for a primary "
+              "with replicas under Sentinel, redis+sentinel://host:port,host:port/"
+              "service/db (the Sentinels, port 26379 unless given; the name they "
+              "monitor the primary under; rediss+sentinel:// for TLS), which follows a "
+              "failover by itself. Unset: state stays on this node. Postfix has no equivalent (each host keeps its own anvil(8) "
               "and postscreen cache).", _store_url)
     password_file: Optional[str] = opt(
         None, "File whose first line is the store's password (Redis AUTH, or "

@@ -14,12 +14,12 @@ See also: elemta.sharedstate (the package), elemta.config.schema.ClusterSettings
 
 import logging
 import os
-from urllib.parse import urlsplit, urlunsplit
 
 from elemta.sharedstate.fallback import (SharedFailureCounts, SharedGreylist,
                                          SharedRateCounter, SharedVerdictCache)
 from elemta.sharedstate.guard import StoreGuard
 from elemta.sharedstate.outage import OutageFlag
+from elemta.sharedstate.storeurl import without_password
 
 log = logging.getLogger("elemta.sharedstate")
 
@@ -50,14 +50,8 @@ class Cluster:
 
 
 def shown_url(url):
-    """The store's URL for the log: any password in it left out."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = (host if ":" not in host else "[%s]" % host) + (
-        ":%d" % parts.port if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The store's URL for the log: any user and password in it left out."""
+    return without_password(url)
 
 
 def install(settings, spool_dir=None):

@@ -25,6 +25,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from elemta.sharedstate.storeurl import is_sentinel, parse_sentinel
+
 _RATE = """
 local count = redis.call('INCRBY', KEYS[1], ARGV[1])
 if redis.call('PTTL', KEYS[1]) < 0 then
@@ -75,9 +77,31 @@ def connect(settings):
             options["username"], options["password"] = words
         elif words:
             options["password"] = words[0]
+    if is_sentinel(settings.store):
+        return _sentinel_client(parse_sentinel(settings.store), settings, options)
     if settings.store.startswith("rediss://") and settings.ca_file:
         options["ssl_ca_certs"] = settings.ca_file
     return redis.Redis.from_url(settings.store, **options)
+
+
+def _sentinel_client(target, settings, options):
+    """A client of the primary the Sentinels name (elemta.sharedstate.storeurl): each
+    new connection asks them where it is, and one to a former primary (now a replica
+    refusing writes) is dropped, so a failover is one outage for the guard and the
+    probe after it finds the new primary."""
+    from redis.sentinel import Sentinel
+    if target.tls:
+        options["ssl"] = True
+        if settings.ca_file:
+            options["ssl_ca_certs"] = settings.ca_file
+    sentinel_options = {key: options[key] for key in (
+        "socket_timeout", "socket_connect_timeout", "ssl", "ssl_ca_certs") if key in options}
+    if target.password is not None:
+        sentinel_options["password"] = target.password
+        if target.username:
+            sentinel_options["username"] = target.username
+    sentinels = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options)
+    return sentinels.master_for(target.service, db=target.db, **options)
 
 
 def _text(key):
