@@ -33,7 +33,10 @@ def missing():
 class RedisServer:
     MODE = []              # redis-server's arguments after the config file
 
-    def __init__(self, workdir, name="redis", replica_of=None):
+    def __init__(self, workdir, name="redis", replica_of=None, tls=None, acl=()):
+        """tls: (certificate, key): TLS only (tls-port), the certificate its own CA;
+        acl: ACL lines ("user elemta on >secret ~* +@all")."""
+        self.tls = tls
         self.dir = os.path.join(str(workdir), name)
         os.makedirs(self.dir, exist_ok=True)
         self.port = free_port()
@@ -42,6 +45,12 @@ class RedisServer:
             f.write("bind 127.0.0.1\nport %d\ndir %s\nsave \"\"\nappendonly no\n"
                     "daemonize no\nlogfile %s\n"
                     % (self.port, self.dir, os.path.join(self.dir, "redis.log")))
+            if tls is not None:
+                f.write("port 0\ntls-port %d\ntls-cert-file %s\ntls-key-file %s\n"
+                        "tls-ca-cert-file %s\ntls-auth-clients no\n"
+                        % (self.port, tls[0], tls[1], tls[0]))
+            for line in acl:
+                f.write(line + "\n")
             if replica_of is not None:
                 f.write("replicaof 127.0.0.1 %d\n" % replica_of.port)
             f.write(self.extra_config())
@@ -52,7 +61,7 @@ class RedisServer:
 
     @property
     def url(self):
-        return "redis://127.0.0.1:%d/0" % self.port
+        return "%s://127.0.0.1:%d/0" % ("rediss" if self.tls else "redis", self.port)
 
     def start(self):
         self.process = subprocess.Popen([REDIS_SERVER, self.config] + self.MODE,
