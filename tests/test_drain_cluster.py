@@ -62,6 +62,9 @@ def cluster(elemta_server, store):
                      "api_timeout": 2, "peer_networks": PEER_NETWORKS})
     registry = Registry(connect(ClusterSettings(store=store.url)), "elemta:")
     wait_for(lambda: sorted(n.name for n in registry.nodes()) == sorted(nodes), 30)
+    # Each registered where it takes mail: its smtp listener (no handover_address set).
+    assert {n.name: n.smtp for n in registry.nodes()} == {
+        name: "%s:%d" % (node.address, node.port) for name, node in nodes.items()}
     yield nodes
     registry.close()
 
@@ -132,6 +135,11 @@ def test_with_no_other_live_node_the_drained_node_keeps_its_queue(cluster, store
     a, b, c = cluster["node-a"], cluster["node-b"], cluster["node-c"]
     queue_batch(a, 0)
     wait_for(lambda: len(records(a)) == 4, 30)
+    # --here: the admin keeps the queue on this node, live peers or not.
+    code, out, err = elemtactl(a, "drain", "--here")
+    assert code == EX_OK and "handed over" not in out + err, (out, err)
+    assert len(records(a)) == 4 and records(b) == records(c) == {}
+    assert json.loads(elemtactl(a, "drain", "--status", "--json")[1])["to"] is None
     b.stop()
     c.stop()
     registry = Registry(connect(ClusterSettings(store=store.url)), "elemta:")
