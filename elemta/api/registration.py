@@ -46,8 +46,8 @@ class Heartbeat:
         self.greenlet = None
 
     def run(self):
-        log.info("cluster: registering node %s (%s) in %s every %gs", self.name,
-                 self.api_url, self.store, self.interval)
+        log.info("cluster: registering node %s (api %s, smtp %s) in %s every %gs",
+                 self.name, self.api_url, self.smtp or "none", self.store, self.interval)
         while True:
             self.beat()
             gevent.sleep(self.interval)
