@@ -97,3 +97,4 @@ def test_sentinel_urls_name_the_sentinels_service_and_database():
     assert shown_url("redis+sentinel://watch:secret@s1,s2/mail/0") == \
         "redis+sentinel://s1,s2/mail/0"
     assert shown_url("redis://:secret@127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+

@@ -1072,17 +1072,19 @@ STORE_FAILURE_POLICIES = ("local", "tempfail")
 def _store_url(value):
     if value is None:
         return None
-    from elemta.sharedstate.storeurl import is_sentinel, parse_sentinel
-    if is_sentinel(value):
+    from elemta.sharedstate.storeurl import (is_cluster, is_sentinel, parse_cluster,
+                                             parse_sentinel)
+    if is_sentinel(value) or is_cluster(value):
         try:
-            parse_sentinel(value)
+            (parse_sentinel if is_sentinel(value) else parse_cluster)(value)
         except ValueError as error:
             return str(error)
         return None
     scheme, _, rest = value.partition("://")
     if scheme not in ("redis", "rediss", "unix") or not rest:
         return ("must be a redis://host:port/db, rediss://host:port/db (TLS), "
-                "unix:///path or redis+sentinel://host:port,host:port/service URL, not "
+                "unix:///path, redis+sentinel://host:port,host:port/service or "
+                "redis+cluster://host:port,host:port URL, not "
                 "%r" % (value,))
     return None
 
@@ -1137,7 +1139,9 @@ class ClusterSettings:
               "with replicas under Sentinel, redis+sentinel://host:port,host:port/"
               "service/db (the Sentinels, port 26379 unless given; the name they "
               "monitor the primary under; rediss+sentinel:// for TLS), which follows a "
-              "failover by itself. Unset: state stays on this node. Postfix has no equivalent (each host keeps its own anvil(8) "
+              "failover by itself; or, for a Valkey Cluster, redis+cluster://host:port,"
+              "host:port (some of its nodes; rediss+cluster:// for TLS). Unset: state "
+              "stays on this node. Postfix has no equivalent (each host keeps its own anvil(8) "
               "and postscreen cache).", _store_url)
     password_file: Optional[str] = opt(
         None, "File whose first line is the store's password (Redis AUTH, or "

@@ -1,4 +1,4 @@
-"""cluster.store URLs naming Valkey/Redis Sentinels rather than one server.
+"""cluster.store URLs naming Valkey/Redis Sentinels or a Valkey Cluster, not one server.
 
 Used by the configuration's check of cluster.store (elemta.config.schema) and by
 elemta.sharedstate.redisstore.connect. redis-py parses the one-server forms itself
@@ -11,6 +11,12 @@ host:port are the Sentinels (port 26379 unless given; [address] for IPv6), servi
 the name they monitor the primary under, db the database (0 unless given). A
 user and password in the URL are the Sentinels' own; the data servers' come from
 cluster.password_file as for one server. rediss+sentinel:// speaks TLS to both.
+
+    redis+cluster://host[:port][,host[:port]...]
+
+host:port are some nodes of a Valkey Cluster (port 6379 unless given), from which the
+client learns the others and the slots; a Cluster has database 0 alone, and its
+password comes from cluster.password_file. rediss+cluster:// speaks TLS.
 No redis import here: the configuration check must stay cheap.
 """
 
@@ -20,6 +26,8 @@ from urllib.parse import unquote
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 SENTINEL_PORT = 26379
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+CLUSTER_PORT = 6379
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,11 @@ def is_sentinel(url):
     return url.partition("://")[0] in SENTINEL_SCHEMES
 
 
-def _host_port(text, url):
+def is_cluster(url):
+    return url.partition("://")[0] in CLUSTER_SCHEMES
+
+
+def _host_port(text, url, default_port):
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else (rest or None)
@@ -44,9 +56,32 @@ def _host_port(text, url):
         host, _, port = text.partition(":")
         port = port or None
     if not host or (port is not None and not port.isdigit()) or not (
-            0 < int(port or SENTINEL_PORT) < 65536):
+            0 < int(port or default_port) < 65536):
         raise ValueError("%r in %r is not host[:port]" % (text, url))
-    return host, int(port or SENTINEL_PORT)
+    return host, int(port or default_port)
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    nodes: Tuple[Tuple[str, int], ...]
+    tls: bool
+
+
+def parse_cluster(url):
+    """The ClusterTarget of a redis+cluster:// URL; ValueError says what is wrong."""
+    scheme, _, rest = url.partition("://")
+    if scheme not in CLUSTER_SCHEMES:
+        raise ValueError("not a redis+cluster:// URL: %r" % url)
+    netloc, _, path = rest.partition("/")
+    if "@" in netloc:
+        raise ValueError("a Valkey Cluster's password goes in cluster.password_file, "
+                         "not in the URL %r" % without_password(url))
+    if path.strip("/") not in ("", "0"):
+        raise ValueError("a Valkey Cluster has database 0 alone, not %r" % path)
+    nodes = tuple(_host_port(part, url, CLUSTER_PORT) for part in netloc.split(",") if part)
+    if not nodes:
+        raise ValueError("no host in %r" % url)
+    return ClusterTarget(nodes=nodes, tls=scheme.startswith("rediss"))
 
 
 def parse_sentinel(url):
@@ -62,7 +97,8 @@ def parse_sentinel(url):
         username, password = (unquote(user) or None), (unquote(secret) if colon else None)
         if not colon:                       # redis://secret@host: a password alone
             username, password = None, unquote(user)
-    sentinels = tuple(_host_port(part, url) for part in netloc.split(",") if part)
+    sentinels = tuple(_host_port(part, url, SENTINEL_PORT)
+                      for part in netloc.split(",") if part)
     if not sentinels:
         raise ValueError("no Sentinel host in %r" % url)
     parts = [p for p in path.split("/") if p] if path else []

@@ -7,6 +7,8 @@ start(), same port) comes back empty, as a replaced store would.
 
     with RedisServer(workdir) as store: ... "redis://127.0.0.1:%d/0" % store.port
 
+For a Valkey Cluster (tests/test_cluster_shards.py): RedisServer(workdir, name,
+cluster=True) for each node, then make_cluster(nodes) gives them the slots.
 For Sentinel (tests/test_cluster_sentinel.py): RedisServer(workdir, "replica",
 replica_of=primary) is a replica, and Sentinel(workdir, primary) a redis-server in
 sentinel mode watching the primary under the name "elemta", quick to fail over.
@@ -33,9 +35,11 @@ def missing():
 class RedisServer:
     MODE = []              # redis-server's arguments after the config file
 
-    def __init__(self, workdir, name="redis", replica_of=None, tls=None, acl=()):
+    def __init__(self, workdir, name="redis", replica_of=None, tls=None, acl=(),
+                 cluster=False):
         """tls: (certificate, key): TLS only (tls-port), the certificate its own CA;
-        acl: ACL lines ("user elemta on >secret ~* +@all")."""
+        acl: ACL lines ("user elemta on >secret ~* +@all"); cluster: a Valkey
+        Cluster node (make_cluster joins them)."""
         self.tls = tls
         self.dir = os.path.join(str(workdir), name)
         os.makedirs(self.dir, exist_ok=True)
@@ -49,6 +53,9 @@ class RedisServer:
                 f.write("port 0\ntls-port %d\ntls-cert-file %s\ntls-key-file %s\n"
                         "tls-ca-cert-file %s\ntls-auth-clients no\n"
                         % (self.port, tls[0], tls[1], tls[0]))
+            if cluster:
+                f.write("cluster-enabled yes\ncluster-config-file nodes.conf\n"
+                        "cluster-node-timeout 2000\n")
             for line in acl:
                 f.write(line + "\n")
             if replica_of is not None:
@@ -98,3 +105,16 @@ class Sentinel(RedisServer):
     @property
     def url(self):
         return "redis+sentinel://127.0.0.1:%d/%s/0" % (self.port, self.SERVICE)
+
+
+def make_cluster(nodes):
+    """Join cluster-mode nodes into one Cluster (primaries only, the slots shared out)
+    with redis-cli, as an admin would; returns once every node says cluster_state:ok."""
+    import redis
+    from tests.harness import wait_for
+    subprocess.run(["/usr/bin/redis-cli", "--cluster", "create"] + [
+        "127.0.0.1:%d" % node.port for node in nodes] + [
+        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True,
+        timeout=60)
+    wait_for(lambda: all(b"cluster_state:ok" in redis.Redis(port=node.port).execute_command(
+        "CLUSTER", "INFO") for node in nodes), 30)
