@@ -58,7 +58,7 @@ def cluster(elemta_server, store):
             api={"address": address, "port": free_port(address), "token": TOKEN},
             delivery=delivery,
             cluster={"store": store.url, "node_name": name, "timeout": 0.5,
-                     "retry_interval": 0.5, "heartbeat_interval": 0.5, "node_ttl": 3,
+                     "retry_interval": 0.5, "heartbeat_interval": 0.5, "node_ttl": 5,
                      "api_timeout": 2, "peer_networks": PEER_NETWORKS})
     registry = Registry(connect(ClusterSettings(store=store.url)), "elemta:")
     wait_for(lambda: sorted(n.name for n in registry.nodes()) == sorted(nodes), 30)
@@ -143,7 +143,7 @@ def test_with_no_other_live_node_the_drained_node_keeps_its_queue(cluster, store
     b.stop()
     c.stop()
     registry = Registry(connect(ClusterSettings(store=store.url)), "elemta:")
-    wait_for(lambda: [n.name for n in registry.nodes()] == ["node-a"], 15)
+    wait_for(lambda: [n.name for n in registry.nodes()] == ["node-a"], 20)
     registry.close()
     code, out, err = elemtactl(a, "drain")
     assert code == EX_OK, (out, err)
