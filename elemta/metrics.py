@@ -466,8 +466,9 @@ def _make():
             "answers, 0 during an outage; the lowest of the processes that use it.",
             multiprocess_mode="livemin", registry=registry),
         CLUSTER_STORE_OUTAGES=counter(
-            "elemta_cluster_store_outages", "Outages of the shared state store seen by a "
-            "process (each is logged once, when it begins)."),
+            "elemta_cluster_store_outages", "Outages of the shared state store seen by "
+            "this node (each is logged once, when it begins, by the first process to "
+            "see it)."),
         CLUSTER_STORE_FALLBACKS=counter(
             "elemta_cluster_store_fallbacks", "Checks made without the shared state store, "
             "by check (ratelimit, greylist, auth, dnsbl) and what they did instead "

@@ -5,7 +5,8 @@ Covers elemta.sharedstate: counts made by two nodes at once are all kept; a send
 its rate limit on node A is refused on node B; a triplet greylisted on node A passes on
 node B after the delay; with redis-server stopped under load, mail keeps flowing with
 local counts (store_failure local) or gets 451 4.3.0 (tempfail), the outage is logged
-once per process, and shared counting comes back on its own when redis-server does.
+once per node however many workers see it, and shared counting comes back on its own
+when redis-server does.
 """
 
 import signal
@@ -202,3 +203,61 @@ def test_greylisting_outcomes_count_a_store_outage_as_tempfail(elemta_server, tm
         451, "4.3.0 Temporary failure: shared state store unavailable, try again later")
     assert labelled(scrape(api_port)[0], "elemta_greylist_checks_total") == {
         ("defer",): 1, ("pass",): 1, ("exempt",): 1, ("tempfail",): 1}
+
+
+def smtpd_sessions(log, since):
+    """{smtpd pid: sessions it began} in the log after offset since."""
+    import re
+    pids = re.findall(r"elemta/smtpd\[(\d+)\]: connect from", log[since:])
+    return {pid: pids.count(pid) for pid in set(pids)}
+
+
+def test_an_outage_is_logged_once_per_node_however_many_workers_see_it(
+        elemta_server, tmp_path, store, monkeypatch):
+    """Two smtpd workers both fall back during the outage and both recover, but the
+    node logs and counts the outage once; the next outage is logged again."""
+    api_port = free_port()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    node = elemta_server(
+        smtpd={"workers": 2},
+        relay={"mynetworks": NOT_US, "local_domains": ["example.test"]},
+        api={"enabled": True, "port": api_port},
+        cluster={"store": store.url, "timeout": 0.5, "retry_interval": 0.5},
+        plugins={"ratelimit": {"enabled": True, "sender_message_rate_limit": LIMIT,
+                               "time_unit": 3600, "database": str(tmp_path / "rl")}})
+    wait_for(lambda: healthy(api_port))
+    results, stop = [], threading.Event()
+
+    def load(name):
+        n = 0
+        while not stop.is_set():
+            n += 1
+            results.append(send(node.port, "%s%d@load.test" % (name, n)))
+
+    def both_workers_served(since, sessions=3):
+        served = smtpd_sessions(node.log(), since)
+        return len(served) == 2 and min(served.values()) >= sessions
+    loaders = [threading.Thread(target=load, args=(name,)) for name in "ab"]
+    for loader in loaders:
+        loader.start()
+    try:
+        for outage in (1, 2):
+            wait_for(lambda: len(results) >= 10 * outage, 30)
+            store.stop()
+            down = len(node.log())
+            # Each worker had sessions (so store calls) after the store went.
+            wait_for(lambda: both_workers_served(down), 60)
+            store.start()
+            # Every worker's probe found it back: the lowest of their gauges is 1.
+            wait_for(lambda: RESUMED in node.log()[down:] and scrape(api_port)[0][
+                ("elemta_cluster_store_up", ())] == 1, 30)
+            log = node.log()
+            assert log.count(UNAVAILABLE % store.port) == outage, log
+            assert log.count(RESUMED) == outage, log
+            samples = scrape(api_port)[0]
+            assert samples[("elemta_cluster_store_outages_total", ())] == outage
+    finally:
+        stop.set()
+        for loader in loaders:
+            loader.join()
+    assert set(results) == {250}, "mail refused during the outage: %s" % results

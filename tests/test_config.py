@@ -285,6 +285,18 @@ ERROR_CASES = {
         "cluster:\n  api_url: http://10.0.0.2:8025/api/v1\n", 2,
         '[cluster]\napi_url = "http://10.0.0.2:8025/api/v1"\n', 2,
         "cluster.api_url", "must name only the api's scheme, host and port (no path)"),
+    "cluster sentinel URL without the monitored name": (
+        "cluster:\n  store: redis+sentinel://10.0.0.2,10.0.0.3:26380\n", 2,
+        '[cluster]\nstore = "redis+sentinel://10.0.0.2,10.0.0.3:26380"\n', 2,
+        "cluster.store", "must end in /service or /service/db"),
+    "cluster hand-over address with a bad port": (
+        "cluster:\n  handover_address: 10.0.0.2:smtp\n", 2,
+        '[cluster]\nhandover_address = "10.0.0.2:smtp"\n', 2,
+        "cluster.handover_address", "the port in '10.0.0.2:smtp' is not a number"),
+    "cluster peer network that is none": (
+        "cluster:\n  peer_networks: [10.0.0.300/24]\n", 2,
+        '[cluster]\npeer_networks = ["10.0.0.300/24"]\n', 2,
+        "cluster.peer_networks[0]", "'10.0.0.300/24' is not an IP network"),
     # A live node would drop out of the cluster view between two of its heartbeats.
     "cluster registration shorter than its heartbeat": (
         "cluster:\n  heartbeat_interval: 10\n  node_ttl: 5\n", 3,

@@ -277,8 +277,9 @@ def statefulset_pod():
 
 def test_the_init_container_gives_each_pod_its_name_and_api_url(tmp_path):
     """The init container's command, run as the pod would run it (its mounts in tmp_path,
-    elemtactl on PATH): the pod's copy of the ConfigMap's file names the pod and its
-    api at the pod's IP, and still passes elemta --check-config."""
+    elemtactl on PATH): the pod's copy of the ConfigMap's file names the pod, its api
+    and its SMTP hand-over address at the pod's IP, and still passes elemta
+    --check-config."""
     init = statefulset_pod()["initContainers"][0]
     assert {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in init["env"]} == {
         "POD_NAME": "metadata.name", "POD_IP": "status.podIP"}
@@ -301,8 +302,8 @@ def test_the_init_container_gives_each_pod_its_name_and_api_url(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     written = tmp_path / "config" / "elemta.yaml"
     cluster = YAML(typ="safe").load(written.read_text())["cluster"]
-    assert (cluster["node_name"], cluster["api_url"]) == ("elemta-1",
-                                                          "http://10.244.3.9:8025")
+    assert (cluster["node_name"], cluster["api_url"], cluster["handover_address"]) == (
+        "elemta-1", "http://10.244.3.9:8025", "10.244.3.9:2525")
     assert cluster["store"] == "redis://elemta-valkey:6379/0"
     checked = subprocess.run([os.path.join(bin_dir, "elemta"), "--config", str(written),
                               "--check-config"], capture_output=True, text=True, timeout=60)
@@ -310,14 +311,15 @@ def test_the_init_container_gives_each_pod_its_name_and_api_url(tmp_path):
 
 
 def test_the_pre_stop_hook_drains_within_the_grace_period():
-    """preStop drains the pod (handing its queue to the others) before it stops, and
-    the pod's grace period covers the drain's timeout, master.stop_grace and the stop."""
+    """preStop drains the pod (handing its queue to the other pods the cluster store
+    names: no --to) before it stops, and the pod's grace period covers the drain's
+    timeout, master.stop_grace and the stop."""
     from elemta.cli.elemtactl import build_parser
     pod = statefulset_pod()
     hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1]
     drain, stop = [part.split() for part in hook.split(";")]
     args = build_parser().parse_args(drain[1:])
-    assert args.command == "drain" and args.wait and args.to
+    assert args.command == "drain" and args.wait and not args.to and not args.here
     assert stop == ["elemtactl", "stop"]
     with open(os.path.join(REPO, "deploy/kubernetes/configmap.yaml")) as f:
         config = YAML(typ="safe").load(YAML(typ="safe").load(f)["data"]["elemta.yaml"])

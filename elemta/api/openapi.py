@@ -323,6 +323,9 @@ SCHEMAS.update({
                          "heartbeat_age", "answers"],
             "properties": {
                 "name": {"type": "string"}, "api_url": {"type": "string"},
+                "smtp_address": dict(NULLABLE_STRING, description="Where it "
+                                    "takes the mail of a drained node (host:port); "
+                                    "null: nowhere."),
                 "version": {"type": "string"},
                 "started": {"type": "number", "description": "When its api process "
                                                              "started (its clock)."},

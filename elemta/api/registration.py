@@ -4,8 +4,8 @@ Owned by the api process. Why the api and not the master: what a node offers the
 cluster view is its REST API, so the registration lives and dies with the process that
 serves it; an api that stops, hangs or cannot start drops out of the view by itself
 after cluster.node_ttl, and the master keeps to binding, forking and watching (it never
-talks to a store). Every cluster.heartbeat_interval the node's name, API URL, version
-and start time are written with a lifetime of cluster.node_ttl (elemta.cluster.registry).
+talks to a store). Every cluster.heartbeat_interval the node's name, API URL, SMTP
+hand-over address, version and start time are written with a lifetime of cluster.node_ttl (elemta.cluster.registry).
 Nothing is removed at a stop: a reload's new api registers the same name at once, and a
 node stopped or crashed is shown as not answering until its lifetime ends.
 
@@ -36,6 +36,7 @@ class Heartbeat:
         self.registry = registry
         self.name = identity.node_name(config)
         self.api_url = identity.api_url(config)
+        self.smtp = identity.handover_address(config)
         self.started = time.time()
         self.interval, self.ttl, self.timeout = (cluster.heartbeat_interval,
                                                  cluster.node_ttl, cluster.timeout)
@@ -45,8 +46,8 @@ class Heartbeat:
         self.greenlet = None
 
     def run(self):
-        log.info("cluster: registering node %s (%s) in %s every %gs", self.name,
-                 self.api_url, self.store, self.interval)
+        log.info("cluster: registering node %s (api %s, smtp %s) in %s every %gs",
+                 self.name, self.api_url, self.smtp or "none", self.store, self.interval)
         while True:
             self.beat()
             gevent.sleep(self.interval)
@@ -55,7 +56,7 @@ class Heartbeat:
         try:
             with gevent.Timeout(self.timeout):
                 in_pool(self._pool, self.registry.register, self.name, self.api_url,
-                        identity.VERSION, self.started, self.ttl)
+                        identity.VERSION, self.started, self.ttl, self.smtp)
         except gevent.Timeout:
             self._failed("no answer within %gs" % self.timeout)
         except Exception as error:      # redis.RedisError, OSError: any failure is one

@@ -30,6 +30,7 @@ def open_view(args):
     """The ClusterView of the configuration's cluster.store and api token."""
     from elemta.cluster.peers import Peers
     from elemta.cluster.registry import Registry
+    from elemta.cluster.trust import PeerNetworks
     from elemta.cluster.view import ClusterView
     from elemta.sharedstate.redisstore import connect
     from elemta.util.apitoken import read_token
@@ -48,7 +49,8 @@ def open_view(args):
         raise Failure(EX_CONFIG, "--cluster: cluster.password_file: cannot read %s: %s"
                       % (config.cluster.password_file, error.strerror or error))
     return ClusterView(Registry(client, config.cluster.key_prefix),
-                       Peers(token, config.cluster.api_timeout))
+                       Peers(token, config.cluster.api_timeout,
+                             PeerNetworks.of(config)))
 
 
 def query_of(args, default_states=()):

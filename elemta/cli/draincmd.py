@@ -6,23 +6,29 @@ spool: drain writes the flag of elemta.queue.draining, which the smtpd workers a
 api's readiness probe of the running daemon read, so new sessions get 421 4.3.2 and
 /api/v1/health/ready says 503; undrain removes it. Then either
 
-  - the node delivers its own queue, as it would anyway (the default), or
-  - with --to HOST[:PORT], this process hands each waiting message (incoming or
-    deferred, due or not) to that node over SMTP with its envelope and DSN parameters,
-    removing it here only after the peer's 250 (elemta.delivery.handover).
+  - in a cluster (cluster.store set), this process hands each waiting message
+    (incoming or deferred, due or not) to the other live nodes of the registry
+    (elemta.cluster.registry: their SMTP hand-over addresses), spread among them, over
+    SMTP with its envelope and DSN parameters, removing it here only after the peer's
+    250 (elemta.delivery.handover). Nodes that refuse (down, drained themselves) are
+    passed over; nodes outside cluster.peer_networks are never sent mail
+    (elemta.cluster.trust); with no other live node, the node delivers its queue itself.
+  - with --to HOST[:PORT], the same to that one node, or
+  - with --here, or on a node in no cluster, the node delivers its own queue, as it
+    would anyway.
 
 Held messages are the admin's: they stay on hold here, counted apart, until released
 (a release during --wait hands them over too) or deleted. With --wait the command
 returns once no message waits here (or at --timeout); --status says how many remain.
 Exit status: 0 done (with --wait and --status: no message waits here), 75 some still
-do, 69 --to's node could not be reached (without --wait).
+do, 69 no node to hand over to could be reached (without --wait).
 See also: man/elemtactl.8 (Draining a node), man/elemta.8 (Running a cluster).
 """
 
 import json
 import sys
 import time
-from os import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
+from os import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
 
 from elemta.cli import queuecmd
 from elemta.cli.config_finder import find_config
@@ -34,6 +40,8 @@ from elemta.util.text import printable
 PROG = "elemtactl"
 # The states of messages that still have to leave this node.
 WAITING = (INCOMING, ACTIVE, DEFERRED)
+# The drain flag's "to" when the queue goes to the cluster's other nodes.
+CLUSTER = "cluster"
 # Seconds between two looks at the queue (and two handover passes) with --wait.
 POLL_SECONDS = 2.0
 
@@ -51,7 +59,10 @@ def add_commands(commands, parser_class, parents):
                                 description=summary[0].upper() + summary[1:] + ".")
     drain.add_argument("--to", metavar="HOST[:PORT]",
                        help="hand the waiting messages to this node over SMTP (port 25 "
-                            "unless given); it must relay for this one")
+                            "unless given); it must relay for this one. Default in a "
+                            "cluster: the other live nodes of cluster.store")
+    drain.add_argument("--here", action="store_true",
+                       help="hand nothing over: this node delivers its queue itself")
     drain.add_argument("--wait", action="store_true",
                        help="return only once no message waits here (or at --timeout)")
     drain.add_argument("--timeout", type=float, metavar="SECONDS",
@@ -69,8 +80,11 @@ def add_commands(commands, parser_class, parents):
 
 
 def cmd_drain(args) -> int:
-    if args.status and (args.to or args.wait):
-        raise Failure(EX_USAGE, "drain: --status changes nothing: not with --to or --wait")
+    if args.status and (args.to or args.wait or args.here):
+        raise Failure(EX_USAGE, "drain: --status changes nothing: not with --to, --here "
+                                "or --wait")
+    if args.to and args.here:
+        raise Failure(EX_USAGE, "drain: --to or --here, not both")
     if args.timeout is not None and not args.wait:
         raise Failure(EX_USAGE, "drain: --timeout goes with --wait")
     if args.json and not args.status:
@@ -88,14 +102,18 @@ def cmd_drain(args) -> int:
     with queuecmd.open_queue(args) as queue:
         if args.status:
             return report(queue, args.json)
-        draining.begin(queue.spool_dir, args.to)
+        in_cluster = target is None and not args.here and bool(config.cluster.store)
+        draining.begin(queue.spool_dir, args.to or (CLUSTER if in_cluster else None))
         _say("drain: %s takes no new mail (421 4.3.2 to new sessions, not ready)%s"
              % (config.hostname, _running_note(queue.spool_dir)))
         handover = None
         if target is not None:
             handover = _handover(config, queue, target)
+        peers = _ClusterPeers(config, queue) if in_cluster else None
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
         while True:
+            if peers is not None:
+                handover = peers.spread()       # who lives changes: asked each pass
             unreachable = handover is not None and not _pass(handover, queue)
             if unreachable and not args.wait:
                 return EX_UNAVAILABLE
@@ -125,14 +143,75 @@ def _running_note(spool_dir):
     return ""
 
 
-def _handover(config, queue, target):
+def _handover(config, queue, target, name=None):
     from elemta.delivery.handover import Handover
     from elemta.delivery.smtp_client import SMTPClient, TLSPolicy
     from elemta.delivery.smtp_transport import client_timeouts
     delivery = config.delivery
     return Handover(queue, target, lambda: SMTPClient(
         config.hostname, timeouts=client_timeouts(delivery),
-        tls=TLSPolicy(delivery.tls_level)), delivery.lease)
+        tls=TLSPolicy(delivery.tls_level)), delivery.lease, name=name)
+
+
+class _ClusterPeers:
+    """The other live nodes of the cluster registry, as a Spread of handovers."""
+
+    def __init__(self, config, queue):
+        from elemta.cluster import identity
+        from elemta.cluster.trust import PeerNetworks
+        self.config, self.queue = config, queue
+        self.me = identity.node_name(config)
+        self.trusted = PeerNetworks.of(config)
+        self._said = set()          # what was said about the peers: each said once
+
+    def spread(self):
+        """A Spread over the nodes to hand mail to, or None (the node delivers itself)."""
+        from elemta.cluster.registry import Registry
+        from elemta.cluster.trust import Untrusted
+        from elemta.delivery.handover import Spread, parse_target
+        from elemta.sharedstate.redisstore import connect
+        try:
+            registry = Registry(connect(self.config.cluster), self.config.cluster.key_prefix)
+        except OSError as error:
+            raise Failure(EX_CONFIG, "drain: cluster.password_file: cannot read %s: %s" % (
+                self.config.cluster.password_file, error.strerror or error))
+        try:
+            nodes = registry.nodes()
+        except Exception as error:      # redis.RedisError, OSError: the store failed
+            self._once("drain: cannot read the cluster's nodes from the store (%s: %s); "
+                       "the node delivers its queue itself meanwhile"
+                       % (type(error).__name__, printable(str(error))), error=True)
+            return None
+        finally:
+            registry.close()
+        handovers, problems = [], []
+        for node in nodes:
+            if node.name == self.me:
+                continue
+            if not node.smtp:
+                problems.append("node %s registers no SMTP address" % node.name)
+                continue
+            try:
+                host, port = parse_target(node.smtp)
+                address = self.trusted.address(host, port)
+            except (ValueError, Untrusted) as error:
+                problems.append("node %s is sent no mail: %s" % (
+                    node.name, printable(str(error))))
+                continue
+            handovers.append(_handover(self.config, self.queue, (address, port),
+                                       name=node.name))
+        for problem in problems:
+            self._once("drain: " + problem, error=True)
+        if not handovers:
+            self._once("drain: no other live node in the cluster takes mail: the node "
+                       "delivers its queue itself")
+            return None
+        return Spread(handovers)
+
+    def _once(self, text, error=False):
+        if text not in self._said:
+            self._said.add(text)
+            (_complain if error else _say)(text)
 
 
 def _pass(handover, queue):
@@ -146,6 +225,8 @@ def _pass(handover, queue):
     except PeerUnavailable as error:
         outcome, reached = error.done, False
         _complain("drain: cannot reach %s; the messages stay here" % printable(str(error)))
+    for why in outcome.unreachable:
+        _complain("drain: passed over %s" % printable(why))
     if outcome.moved or outcome.kept:
         _say("drain: %d message(s) handed over to %s, %d stayed here"
              % (len(outcome.moved), handover.where, len(outcome.kept)))
@@ -174,8 +255,9 @@ def report(queue, as_json=False) -> int:
     if drain is None:
         state = "not draining"
     else:
+        to = drain.to if drain.to != CLUSTER else "the other nodes of the cluster"
         state = "draining since %s%s" % (queuecmd.asctime(drain.since),
-                                         " to " + drain.to if drain.to else "")
+                                         " to " + to if to else "")
     if waiting:
         remain = "%d message(s) remain (%s)" % (waiting, ", ".join(
             "%s %d" % (s, counts[s]) for s in WAITING if counts.get(s)))

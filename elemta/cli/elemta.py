@@ -152,7 +152,8 @@ def raise_fd_limit():
 
 def reconcile_queue(config):
     """Make the index agree with the spool files, as the workers' user, before serving;
-    end a drain a previous run left (elemta.queue.draining says why)."""
+    end a drain a previous run left (elemta.queue.draining says why), and its store
+    outage (elemta.sharedstate.outage)."""
     from elemta.master import drop_privileges
     pid = os.fork()
     if pid == 0:
@@ -165,6 +166,8 @@ def reconcile_queue(config):
             from elemta.queue import draining
             if draining.end(config.queue.spool_dir) is not None:
                 log.info("the drain of the previous run ended with it: taking mail again")
+            from elemta.sharedstate import outage
+            outage.clear(config.queue.spool_dir)    # the next outage is logged anew
             status = 0
         except Exception as exc:
             log.error("cannot open the queue in %s: %s", config.queue.spool_dir, exc)

@@ -1,7 +1,8 @@
-"""This node's identity in the cluster view: its name and where its REST API answers.
+"""This node's identity in the cluster: its name, where its REST API answers and where
+the other nodes hand it mail when they are drained.
 
-Used by the api process (which registers the node) and by elemtactl --cluster (which
-names the node it runs on). See also elemta.cluster.registry.
+Used by the api process (which registers the node) and by elemtactl --cluster and
+elemtactl drain (which name the node they run on). See also elemta.cluster.registry.
 """
 
 import ipaddress
@@ -23,9 +24,23 @@ def api_url(config):
     reach, 0.0.0.0, would be useless to them)."""
     if config.cluster.api_url:
         return config.cluster.api_url.rstrip("/")
-    host = config.api.address
-    if ipaddress.ip_address(host).is_unspecified:
-        host = socket.getfqdn()
-    elif ":" in host:
-        host = "[%s]" % host
-    return "http://%s:%d" % (host, config.api.port)
+    return "http://%s:%d" % (_reachable_host(config.api.address), config.api.port)
+
+
+def _reachable_host(address):
+    """A listening address as the other nodes can use it: a wildcard replaced by the
+    host's name, an IPv6 address in brackets."""
+    if ipaddress.ip_address(address).is_unspecified:
+        return socket.getfqdn()
+    return "[%s]" % address if ":" in address else address
+
+
+def handover_address(config):
+    """cluster.handover_address, else host:port of the first smtp listener (where mail
+    is relayed for relay.mynetworks without AUTH), else None."""
+    if config.cluster.handover_address:
+        return config.cluster.handover_address
+    for listener in config.listeners:
+        if listener.mode == "smtp":
+            return "%s:%d" % (_reachable_host(listener.address), listener.port)
+    return None

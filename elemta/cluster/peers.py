@@ -7,9 +7,10 @@ that cannot be reached, answers late, refuses the token or answers with a server
 is a NodeFailure, whose text says which and why: the view names it as not answering.
 Plain http.client: one short request per node, no session to keep.
 
-The token goes to every API URL registered in the store: whoever can write to the store
-can collect it. Keep the store as private as the token (cluster.password_file, TLS, a
-network only the nodes reach).
+The token goes only to API URLs inside cluster.peer_networks (elemta.cluster.trust), and
+to the address that was checked: whoever can write to the store cannot collect it by
+registering a URL of his own elsewhere. Still keep the store private (cluster.password_file,
+TLS, a network only the nodes reach): it says who the nodes are.
 See also: elemta.cluster.registry (who the nodes are), elemta.api.app (what they serve).
 """
 
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Tuple
 from urllib.parse import urlencode, urlsplit
 
+from elemta.cluster.trust import Untrusted
 from elemta.util.text import printable
 
 # Threads asking nodes at once, at most (more nodes wait for a free one).
@@ -33,11 +35,13 @@ class NodeFailure(Exception):
 
 
 class Peers:
-    """Requests to the nodes' REST APIs with the cluster's token."""
+    """Requests to the nodes' REST APIs with the cluster's token; trusted: the
+    elemta.cluster.trust.PeerNetworks a node's API must be in to get it."""
 
-    def __init__(self, token: bytes, timeout: float):
+    def __init__(self, token: bytes, timeout: float, trusted):
         self.token = token
         self.timeout = timeout
+        self.trusted = trusted
 
     def request(self, node, method, path, query=None) -> Tuple[int, object]:
         """(status, decoded JSON body) of one request to node (a registry.Node); 2xx and
@@ -46,7 +50,16 @@ class Peers:
         connection_class = (http.client.HTTPSConnection if url.scheme == "https"
                             else http.client.HTTPConnection)
         target = path + ("?" + urlencode(query, doseq=True) if query else "")
-        connection = connection_class(url.hostname, url.port, timeout=self.timeout)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            address = self.trusted.address(url.hostname or "", port)
+        except Untrusted as error:
+            raise NodeFailure("not sent the api token: %s" % error)
+        connection = connection_class(url.hostname, port, timeout=self.timeout)
+        # The name stays the Host header's and TLS's; the socket goes to the address
+        # that was checked.
+        connection._create_connection = lambda _, *args, **kwargs: \
+            socket.create_connection((address, port), *args, **kwargs)
         try:
             connection.request(method, target, headers={
                 "Authorization": b"Bearer " + self.token, "Accept": "application/json"})

@@ -3,7 +3,8 @@
 Used by the api process, whose heartbeat (elemta.api.registration) calls register()
 every cluster.heartbeat_interval, and by whoever shows the cluster view (nodes()).
 All nodes live in one HASH, prefix + "nodes": field = node name, value = JSON
-{name, api_url, version, started, heartbeat, expires}. heartbeat and expires are the store's
+{name, api_url, smtp, version, started, heartbeat, expires}; smtp is where the node takes
+mail handed over by a drained node (cluster.handover_address), or null. heartbeat and expires are the store's
 clock (TIME), so nodes whose clocks differ still agree on who is alive; nodes() leaves
 out (and deletes) the entries whose lifetime (cluster.node_ttl) has passed. One key,
 so a Valkey Cluster keeps it in one slot; each operation is one Lua script.
@@ -15,7 +16,7 @@ See also: elemta.cluster.identity, elemta.cluster.peers.
 
 import json
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 # ARGV: name, the node's JSON, lifetime in seconds. Returns the store's time.
 _REGISTER = """
@@ -55,9 +56,11 @@ class Node:
     started: float              # when its api process started (its own clock)
     heartbeat: float            # its last registration (the store's clock)
     age: float                  # seconds since then (the store's clock)
+    smtp: Optional[str] = None  # "host:port" taking drained nodes' mail, or None
 
     def to_json(self):
-        return {"name": self.name, "api_url": self.api_url, "version": self.version,
+        return {"name": self.name, "api_url": self.api_url, "smtp_address": self.smtp,
+                "version": self.version,
                 "started": self.started, "last_heartbeat": self.heartbeat,
                 "heartbeat_age": round(self.age, 3)}
 
@@ -70,10 +73,10 @@ class Registry:
         self._register = client.register_script(_REGISTER)
         self._nodes = client.register_script(_NODES)
 
-    def register(self, name, api_url, version, started, ttl):
+    def register(self, name, api_url, version, started, ttl, smtp=None):
         """Say that node `name` lives, for `ttl` seconds from now."""
-        record = json.dumps({"name": name, "api_url": api_url, "version": version,
-                             "started": started})
+        record = json.dumps({"name": name, "api_url": api_url, "smtp": smtp,
+                             "version": version, "started": started})
         self._register(keys=[self.key], args=[name, record, ttl])
 
     def nodes(self) -> List[Node]:
@@ -83,7 +86,9 @@ class Registry:
         found = []
         for raw in live:
             data = json.loads(raw)
+            smtp = data.get("smtp")
             found.append(Node(name=str(data["name"]), api_url=str(data["api_url"]),
+                              smtp=str(smtp) if smtp else None,
                               version=str(data.get("version", "")),
                               started=float(data.get("started", 0)),
                               heartbeat=float(data["heartbeat"]),

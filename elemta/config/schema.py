@@ -1149,10 +1149,31 @@ STORE_FAILURE_POLICIES = ("local", "tempfail")
 def _store_url(value):
     if value is None:
         return None
+    from elemta.sharedstate.storeurl import (is_cluster, is_sentinel, parse_cluster,
+                                             parse_sentinel)
+    if is_sentinel(value) or is_cluster(value):
+        try:
+            (parse_sentinel if is_sentinel(value) else parse_cluster)(value)
+        except ValueError as error:
+            return str(error)
+        return None
     scheme, _, rest = value.partition("://")
     if scheme not in ("redis", "rediss", "unix") or not rest:
-        return ("must be a redis://host:port/db, rediss://host:port/db (TLS) or "
-                "unix:///path URL, not %r" % (value,))
+        return ("must be a redis://host:port/db, rediss://host:port/db (TLS), "
+                "unix:///path, redis+sentinel://host:port,host:port/service or "
+                "redis+cluster://host:port,host:port URL, not "
+                "%r" % (value,))
+    return None
+
+
+def _handover_address(value):
+    if value is None:
+        return None
+    from elemta.delivery.handover import parse_target
+    try:
+        parse_target(value)
+    except ValueError as error:
+        return "must be host:port or [address]:port: %s" % error
     return None
 
 
@@ -1191,8 +1212,13 @@ class ClusterSettings:
     a store each node keeps them itself (LMDB and per-worker memory)."""
     store: Optional[str] = opt(
         None, "The Valkey or Redis server every node shares: redis://host:port/db, "
-              "rediss://host:port/db (TLS) or unix:///path/to/socket. Unset: state stays "
-              "on this node. Postfix has no equivalent (each host keeps its own anvil(8) "
+              "rediss://host:port/db (TLS) or unix:///path/to/socket; or, for a primary "
+              "with replicas under Sentinel, redis+sentinel://host:port,host:port/"
+              "service/db (the Sentinels, port 26379 unless given; the name they "
+              "monitor the primary under; rediss+sentinel:// for TLS), which follows a "
+              "failover by itself; or, for a Valkey Cluster, redis+cluster://host:port,"
+              "host:port (some of its nodes; rediss+cluster:// for TLS). Unset: state "
+              "stays on this node. Postfix has no equivalent (each host keeps its own anvil(8) "
               "and postscreen cache).", _store_url)
     password_file: Optional[str] = opt(
         None, "File whose first line is the store's password (Redis AUTH, or "
@@ -1235,6 +1261,20 @@ class ClusterSettings:
         5.0, "Seconds the cluster view waits for each node's REST API to answer; a node "
              "slower than that is named as not answering. Postfix has no equivalent.",
         _positive)
+    handover_address: Optional[str] = opt(
+        None, "Where the other nodes hand this node mail over SMTP when they are drained "
+              "(elemtactl drain), as host:port or [address]:port, registered in the store "
+              "with the node. Unset: the first smtp listener (with the host name when its "
+              "address is a wildcard); none: the node takes no handed-over mail. Postfix "
+              "has no equivalent.", _handover_address)
+    peer_networks: Tuple[str, ...] = opt(
+        (), "The networks the other nodes' REST APIs and SMTP hand-over addresses must be "
+            "in. A registered node whose address (resolved when it is a name) is outside "
+            "them gets neither the api token (the cluster view names it as not "
+            "answering) nor drained mail, so whoever can write to the store cannot "
+            "collect either by registering an address of his own. Empty: "
+            "relay.mynetworks, which must hold the nodes anyway (a node relays the mail "
+            "another hands it). Postfix has no equivalent.", _networks)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Handing this node's queued messages to another node over SMTP (`elemtactl drain --to`).
+"""Handing this node's queued messages to other nodes over SMTP (`elemtactl drain`).
 
 Runs in elemtactl's own process, as the spool's owner (elemta.cli.draincmd), beside the
 daemon's delivery workers. Each message is claimed with a lease under this process's
@@ -14,6 +14,9 @@ Whatever the peer refuses, for now or for good, stays here with the peer's reply
 last error, due when it was: a handover never bounces mail (a peer that refuses is a
 cluster to mend, not a sender to tell). Nor does it drop a DSN request: a message that
 carries one goes only to a peer that offers DSN.
+
+Spread hands a pass's messages to several peers in turn (a drain in a cluster: the
+live nodes of the registry), passing over a peer that cannot be reached.
 
 The peer must take the mail as a relay: the nodes of a cluster list each other in
 relay.mynetworks (elemta(8), Running a cluster).
@@ -45,6 +48,7 @@ class HandoverPass:
     """What one pass over the queue did."""
     moved: List[str] = field(default_factory=list)            # ids that left this node
     kept: List[Tuple[str, str]] = field(default_factory=list)  # (id, why it stays)
+    unreachable: List[str] = field(default_factory=list)       # peers passed over: why
 
 
 def parse_target(text, default_port=25):
@@ -87,9 +91,11 @@ class Handover:
     new_client(): an unconnected SMTPClient (the delivery settings' TLS and timeouts).
     lease_seconds: how long a message claimed here is ours (delivery.lease)."""
 
-    def __init__(self, queue, target, new_client: Callable, lease_seconds: float):
+    def __init__(self, queue, target, new_client: Callable, lease_seconds: float,
+                 name=None):
         self.queue = queue
         self.host, self.port = target
+        self.name = name                # the node's, when it has one
         self.new_client = new_client
         self.lease_seconds = lease_seconds
         self.owner = holders.holder_name()
@@ -97,24 +103,15 @@ class Handover:
 
     @property
     def where(self):
-        return "%s:%d" % (self.host, self.port)
+        address = "%s:%d" % (self.host if ":" not in self.host else "[%s]" % self.host,
+                             self.port)
+        return "%s (%s)" % (self.name, address) if self.name else address
 
     def run(self, queue_ids: Iterable[str]) -> HandoverPass:
         """Hand over each of queue_ids that waits (incoming or deferred); messages being
         delivered, held or gone meanwhile are passed by. Raises PeerUnavailable (after
         giving back the message in hand) when the peer cannot be reached."""
-        outcome = HandoverPass()
-        try:
-            for queue_id in queue_ids:
-                taken = self.queue.claim_ids(self.owner, [queue_id], self.lease_seconds)
-                if taken:
-                    self.hand_over(taken[0], outcome)
-        except PeerUnavailable as error:
-            error.done = outcome
-            raise
-        finally:
-            self.close()
-        return outcome
+        return Spread([self]).run(queue_ids)
 
     def hand_over(self, record, outcome):
         queue_id = record.queue_id
@@ -125,7 +122,8 @@ class Handover:
         try:
             client = self._session()
         except SessionError as error:
-            self._keep(record, {}, "handover to %s: %s" % (self.where, error.reply), outcome)
+            self._give_back(record, {}, "handover to %s: %s" % (self.where, error.reply))
+            self.close()
             raise PeerUnavailable("%s: %s" % (self.where, error.reply)) from None
         if _asks_for_dsn(record, indexes) and "DSN" not in client.extensions:
             self._keep(record, {}, "handover to %s: it does not offer DSN, and this "
@@ -189,3 +187,48 @@ class Handover:
             self.client.quit()
             self.client = None
 
+
+
+class Spread:
+    """Hands messages to several peers in turn (one Handover each), so a drained node's
+    queue is shared among the others. A peer that cannot be reached (down, drained
+    itself: 421) is passed over for the rest of the pass, and the message in hand goes
+    to the next; PeerUnavailable only when none is left."""
+
+    def __init__(self, handovers):
+        self.handovers = list(handovers)
+
+    @property
+    def where(self):
+        return ", ".join(handover.where for handover in self.handovers)
+
+    def run(self, queue_ids: Iterable[str]) -> HandoverPass:
+        outcome = HandoverPass()
+        live, unreachable, turn = list(self.handovers), [], 0
+        try:
+            for queue_id in queue_ids:
+                while live:
+                    handover = live[turn % len(live)]
+                    taken = handover.queue.claim_ids(handover.owner, [queue_id],
+                                                     handover.lease_seconds)
+                    if not taken:           # delivered, held or gone meanwhile
+                        break
+                    try:
+                        handover.hand_over(taken[0], outcome)
+                    except PeerUnavailable as error:
+                        live.remove(handover)
+                        unreachable.append(str(error))
+                        continue
+                    turn += 1
+                    break
+                if not live:
+                    outcome.kept.append((queue_id, "; ".join(unreachable)))
+                    raise PeerUnavailable("; ".join(unreachable))
+        except PeerUnavailable as error:
+            error.done = outcome
+            raise
+        finally:
+            for handover in self.handovers:
+                handover.close()
+        outcome.unreachable = unreachable
+        return outcome

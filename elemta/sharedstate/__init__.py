@@ -12,7 +12,8 @@ every node counts and remembers together.
     redisstore.py  the Valkey/Redis implementation: one Lua script per operation, so
                    two nodes at once never lose a count; expiry by the store's TTLs
     guard.py       every store call bounded in time, off the event loop; an outage is
-                   logged once, counted in the metrics, and retried on its own
+                   counted in the metrics and retried on its own
+    outage.py      the node's outage flag: one process of the node logs each outage
     fallback.py    per check: the store, else (cluster.store_failure) the local state
                    or a 451 4.3.0
     process.py     the process's store, opened once after fork: install(), and the

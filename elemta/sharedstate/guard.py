@@ -11,11 +11,13 @@ hub's pool. gevent.Timeout bounds the caller's wait (cluster.timeout, waiting fo
 free thread included); the client has the same socket timeouts, so an abandoned thread
 ends soon after. TLS, AUTH and script reloading stay redis-py's, unchanged.
 
-An outage: the first call that fails logs it (once, not per call), sets
-elemta_cluster_store_up to 0 and counts elemta_cluster_store_outages_total; then every
+An outage: the first call that fails sets elemta_cluster_store_up to 0; then every
 call fails at once (StoreUnavailable) for cluster.retry_interval seconds, so a dead
 store costs no session a timeout. After that one call, the probe, tries the store (the
-others still fall back at once); the first answer ends the outage, logged once.
+others still fall back at once); the first answer ends the outage. Every worker sees
+the outage, but the node logs it once: the first process to see it begin logs it and
+counts elemta_cluster_store_outages_total, the first to see it end logs that
+(elemta.sharedstate.outage).
 See also: elemta.sharedstate.fallback (what a check does then), elemta.util.threads.
 """
 
@@ -39,8 +41,10 @@ THREADS = 8
 class StoreGuard:
     """Runs store calls for one process; knows whether the store is in an outage."""
 
-    def __init__(self, name, timeout, retry_interval, threads=THREADS):
+    def __init__(self, name, timeout, retry_interval, threads=THREADS, flag=None):
+        """flag: the node's OutageFlag (None: this process logs every outage it sees)."""
         self.name = name                    # the store as the log names it
+        self.flag = flag
         self.timeout = timeout
         self.retry_interval = retry_interval
         self._pool = ThreadPool(threads)
@@ -79,14 +83,16 @@ class StoreGuard:
         self._retry_at = now + self.retry_interval
         if self._down_since is None:
             self._down_since = now
-            log.error("cluster store %s unavailable (%s): checks fall back as "
-                      "cluster.store_failure says until it is back", self.name, why)
             metrics.CLUSTER_STORE_UP.set(0)
-            metrics.CLUSTER_STORE_OUTAGES.inc()
+            if self.flag is None or self.flag.begin():
+                log.error("cluster store %s unavailable (%s): checks fall back as "
+                          "cluster.store_failure says until it is back", self.name, why)
+                metrics.CLUSTER_STORE_OUTAGES.inc()
 
     def _recovered(self):
-        log.warning("cluster store %s answers again after %.0fs: shared state resumed",
-                    self.name, time.monotonic() - self._down_since)
+        if self.flag is None or self.flag.end():
+            log.warning("cluster store %s answers again after %.0fs: shared state "
+                        "resumed", self.name, time.monotonic() - self._down_since)
         self._down_since = None
         metrics.CLUSTER_STORE_UP.set(1)
 

@@ -14,11 +14,12 @@ See also: elemta.sharedstate (the package), elemta.config.schema.ClusterSettings
 
 import logging
 import os
-from urllib.parse import urlsplit, urlunsplit
 
 from elemta.sharedstate.fallback import (SharedFailureCounts, SharedGreylist,
                                          SharedRateCounter, SharedVerdictCache)
 from elemta.sharedstate.guard import StoreGuard
+from elemta.sharedstate.outage import OutageFlag
+from elemta.sharedstate.storeurl import without_password
 
 log = logging.getLogger("elemta.sharedstate")
 
@@ -33,14 +34,15 @@ _installed = None       # (pid, Cluster) of this process, or None
 class Cluster:
     """The store, its guard and the failure policy of one process."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, spool_dir=None):
         # Imported here: the redis client takes a tenth of a second to import, paid by
         # every smtpd worker at start, and a single node never needs it.
         from elemta.sharedstate.redisstore import RedisStore, connect
         self.policy = settings.store_failure
         self.store = RedisStore(connect(settings), settings.key_prefix)
         self.guard = StoreGuard(shown_url(settings.store), settings.timeout,
-                                settings.retry_interval)
+                                settings.retry_interval,
+                                flag=OutageFlag(spool_dir) if spool_dir else None)
 
     def close(self):
         self.guard.close()
@@ -48,25 +50,20 @@ class Cluster:
 
 
 def shown_url(url):
-    """The store's URL for the log: any password in it left out."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = (host if ":" not in host else "[%s]" % host) + (
-        ":%d" % parts.port if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The store's URL for the log: any user and password in it left out."""
+    return without_password(url)
 
 
-def install(settings):
+def install(settings, spool_dir=None):
     """Use the store of cluster settings in this process (none when settings.store is
-    unset). Raises ClusterConfigError when the password file cannot be read; an
+    unset); spool_dir: the node's, whose outage flag makes one process of the node log
+    each outage (elemta.sharedstate.outage). Raises ClusterConfigError when the password file cannot be read; an
     unreachable store is no error (the checks fall back until it answers)."""
     global _installed
     uninstall()
     if settings.store:
         try:
-            cluster = Cluster(settings)
+            cluster = Cluster(settings, spool_dir)
         except OSError as error:
             raise ClusterConfigError("cluster.password_file: cannot read %s: %s" % (
                 settings.password_file, error.strerror or error)) from None

@@ -21,9 +21,14 @@ in time. redis-py retries nothing here (the guard decides what a failure means).
 See also: elemta.sharedstate.interface, tests/test_cluster_state.py.
 """
 
+import threading
+
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from elemta.sharedstate.storeurl import (is_cluster, is_sentinel, parse_cluster,
+                                         parse_sentinel)
 
 _RATE = """
 local count = redis.call('INCRBY', KEYS[1], ARGV[1])
@@ -75,9 +80,80 @@ def connect(settings):
             options["username"], options["password"] = words
         elif words:
             options["password"] = words[0]
+    if is_sentinel(settings.store):
+        return _sentinel_client(parse_sentinel(settings.store), settings, options)
+    if is_cluster(settings.store):
+        return LazyCluster(parse_cluster(settings.store), settings, options)
     if settings.store.startswith("rediss://") and settings.ca_file:
         options["ssl_ca_certs"] = settings.ca_file
     return redis.Redis.from_url(settings.store, **options)
+
+
+def _sentinel_client(target, settings, options):
+    """A client of the primary the Sentinels name (elemta.sharedstate.storeurl): each
+    new connection asks them where it is, and one to a former primary (now a replica
+    refusing writes) is dropped, so a failover is one outage for the guard and the
+    probe after it finds the new primary."""
+    from redis.sentinel import Sentinel
+    if target.tls:
+        options["ssl"] = True
+        if settings.ca_file:
+            options["ssl_ca_certs"] = settings.ca_file
+    sentinel_options = {key: options[key] for key in (
+        "socket_timeout", "socket_connect_timeout", "ssl", "ssl_ca_certs") if key in options}
+    if target.password is not None:
+        sentinel_options["password"] = target.password
+        if target.username:
+            sentinel_options["username"] = target.username
+    sentinels = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options)
+    return sentinels.master_for(target.service, db=target.db, **options)
+
+
+class LazyCluster:
+    """A Valkey Cluster client made at its first use. redis-py's RedisCluster asks a node
+    for the slots when it is made, which fails while the store is down; connect()
+    must not (an unreachable store is an outage for the guard, not an error at start),
+    so the client is made inside the first call that needs it, and again after a
+    failed attempt. Every script here touches one key, so no script crosses slots."""
+
+    def __init__(self, target, settings, options):
+        from redis.cluster import ClusterNode
+        self._nodes = [ClusterNode(host, port) for host, port in target.nodes]
+        self._options = dict(options)
+        if target.tls:
+            self._options["ssl"] = True
+            if settings.ca_file:
+                self._options["ssl_ca_certs"] = settings.ca_file
+        self._client = None
+        self._lock = threading.Lock()
+
+    def _made(self):
+        with self._lock:
+            if self._client is None:
+                from redis.cluster import RedisCluster
+                self._client = RedisCluster(startup_nodes=self._nodes, **self._options)
+            return self._client
+
+    def get_encoder(self):
+        """Script's encoder, asked when a script is registered: before any connection."""
+        from redis.connection import Encoder
+        return Encoder("utf-8", "strict", False)
+
+    def register_script(self, script):
+        from redis.commands.core import Script
+        return Script(self, script)
+
+    def mget(self, keys):
+        return self._made().mget_nonatomic(keys)     # the keys lie in several slots
+
+    def close(self):
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def __getattr__(self, name):
+        return getattr(self._made(), name)
 
 
 def _text(key):

@@ -66,7 +66,7 @@ class SMTPServer:
         self.config = config
         self.hostname = config.hostname
         # The cluster's shared state first: AUTH and the plugins ask for it.
-        sharedstate.install(config.cluster)
+        sharedstate.install(config.cluster, config.queue.spool_dir)
         self.queue = Queue.from_config(config.queue)
         self.committer = GroupCommitter(self.queue)
         self.room = RoomCheck(self.queue, config.queue.min_free_space,
