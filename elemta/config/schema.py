@@ -1013,7 +1013,8 @@ class TLSRPTSettings:
     """SMTP TLS Reporting (RFC 8460): the delivery workers count the outcome of each TLS
     session held to an MTA-STS policy or DANE, per policy domain and UTC day, under
     queue.spool_dir/tlsrpt, and once a day send each policy domain that publishes a
-    _smtp._tls TXT record with a mailto: rua its report (elemtactl tlsrpt show and send)."""
+    _smtp._tls TXT record its report: as mail to each mailto: rua, POSTed to each https:
+    rua (elemtactl tlsrpt show and send)."""
     enabled: bool = opt(False, "Count TLS session results and send the daily reports. Off "
                                "by default: the reports are mail to other domains. "
                                "Postfix's smtp_tlsrpt_enable (3.10, with tlsrpt-reportd).")
@@ -1030,6 +1031,13 @@ class TLSRPTSettings:
     keep_days: int = opt(14, "Days of counts kept under the spool (the older ones are "
                              "pruned once a day, sent or not). Postfix: tlsrpt-reportd's "
                              "keep_days.", _between(2, 366))
+    https_ca_file: Optional[str] = opt(
+        None, "PEM file of the CA certificates an https: rua's server certificate must "
+              "chain to; unset: the system's. A report POST whose certificate does not "
+              "validate fails (RFC 8460 5.4) and is tried again on the next runs. "
+              "Postfix: none (tlsrpt-reportd uses the system's).", _absolute_path)
+    https_timeout: float = opt(30.0, "Seconds one report POST to an https: rua may take "
+                                     "(connection, TLS, upload and answer).", _positive)
 
 
 LOCAL_RIGHTS = ("alias", "forward", "include")
