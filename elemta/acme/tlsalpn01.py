@@ -12,7 +12,8 @@ handshake: RFC 8737 3 has the ACME server close the connection then.
 
 Runs as master.user and holds no key but the throw-away validation keys: it faces the
 internet, so it can read the pending challenges and nothing else. Each connection has
-HANDSHAKE_TIMEOUT to complete its handshake.
+HANDSHAKE_TIMEOUT to complete its handshake, and at most MAX_CONNECTIONS are served at
+once (the rest wait in the listen queue).
 See also: elemta.acme.worker, elemta.acme.http01 (the HTTP-01 counterpart).
 """
 
@@ -28,6 +29,7 @@ from elemta.util.child import BootError, GeventChild
 log = logging.getLogger("elemta.acme-tls")
 
 HANDSHAKE_TIMEOUT = 10.0
+MAX_CONNECTIONS = 256
 
 
 class ValidationResponder:
@@ -96,7 +98,8 @@ class TLSALPN01Child(GeventChild):
                             "changing acme.challenge needs a restart of elemta)"
                             % self.config.acme.tls_port)
         store = Store(self.config.acme.state_directory)
-        self.server = StreamServer(self.sock, ValidationResponder(store))
+        self.server = StreamServer(self.sock, ValidationResponder(store),
+                                   spawn=MAX_CONNECTIONS)
         self.server.start()
         log.info("acme-tls answering TLS-ALPN-01 on %s port %d",
                  *self.sock.getsockname()[:2])
