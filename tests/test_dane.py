@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 from elemta.delivery.dane import DANE_MODE, DANE_ONLY, PEER_CHAIN, TLSA, DANELookup
 from elemta.delivery.mx import MXResolver, TemporaryRouteError
-from tests.harness import delivery_result as result
+from tests.harness import delivery_result
 from tests.harness import free_port, submit, wait_for
 from tests.peers.dnssec import ldns_available
 from tests.peers.https import LoopbackCA
@@ -118,8 +118,19 @@ def dns(certificates, mx_port, tmp_path_factory):
     unbound.remove()
 
 
+# Under load (two pytest-xdist workers on two busy cores) unbound's first validation of
+# a name, an elemta start or a TLS handshake with a scripted server can take seconds:
+# every wait below is for an event, with a deadline far beyond what a healthy run needs.
+EVENT_DEADLINE = 60.0
+
+
 def resolver_for(dns, dnssec=True):
-    return MXResolver(["127.0.0.1"], port=dns[1].port, timeout=3.0, dnssec=dnssec)
+    return MXResolver(["127.0.0.1"], port=dns[1].port, timeout=10.0, dnssec=dnssec)
+
+
+def result(server, queue_id, recipient):
+    """(status, reply) of the recipient's first delivery, waited for generously."""
+    return delivery_result(server, queue_id, recipient, timeout=EVENT_DEADLINE)
 
 
 # -- the lookups: what the validating resolver vouches for -------------------------------
@@ -194,14 +205,17 @@ def start(elemta_server, dns, mx_port, mx_hosts, tls_files):
     def starter(tlsrpt=None, **delivery):
         settings = {"workers": 1, "mx_port": mx_port, "nameservers": ["127.0.0.1"],
                     "dns_port": dns[1].port, "min_backoff": 60, "max_backoff": 60,
-                    "connect_timeout": 2.0, "command_timeout": 5.0, "data_timeout": 5.0,
-                    "mta_sts": False, "dane": True}
+                    # No test waits for these to run out: they only must not cut
+                    # a session a loaded machine is slow to serve.
+                    "connect_timeout": 30.0, "command_timeout": 30.0,
+                    "data_timeout": 30.0, "mta_sts": False, "dane": True}
         settings.update(delivery)
         # STARTTLS inbound: the REQUIRETLS tests submit over it.
         server = elemta_server(delivery=settings, api={"enabled": False},
                                tlsrpt=tlsrpt or {},
                                tls={"cert_file": tls_files[0], "key_file": tls_files[1]})
-        wait_for(lambda: "delivery worker started" in server.log())
+        wait_for(lambda: "delivery worker started" in server.log(),
+                 timeout=EVENT_DEADLINE)
         return server
     return starter
 
@@ -321,7 +335,7 @@ def test_dane_sessions_are_counted_for_tls_reporting_per_mx_host(start, mx_port,
         found = {r["policies"][0]["policy"]["policy-domain"]: r["policies"][0]
                  for r in map(json.loads, shown.splitlines())}
         return found if len(found) == 3 else None
-    found = wait_for(reports)
+    found = wait_for(reports, timeout=EVENT_DEADLINE)
     made, _ = certificates
     assert found[EE[0]]["policy"] == {
         "policy-type": "tlsa", "policy-domain": EE[0], "mx-host": [EE[0]],
@@ -347,7 +361,7 @@ def submit_requiretls(server, sender, recipient):
         client.sendmail(sender, [recipient], b"Subject: rt\r\n\r\nsecret body\r\n",
                         mail_options=["REQUIRETLS"])
     return wait_for(lambda: re.search(r"(\w+): from=<%s>" % re.escape(sender),
-                                      server.log())).group(1)
+                                      server.log()), timeout=EVENT_DEADLINE).group(1)
 
 
 @pytest.mark.parametrize("host", [EE] + ([TA] if PEER_CHAIN else []),
