@@ -16,6 +16,9 @@ from cryptography import x509
 
 from elemta.acme.client import ACME_IDENTIFIER_OID, validation_certificate
 from elemta.certs.store import Store
+from elemta.config import ConfigError
+from elemta.config.loader import load_text
+from elemta.services import SERVICES
 from tests.harness import ElemtaServer, free_port, wait_for
 from tests.peers.nsd import NSDInstance, nsd_available
 from tests.peers.pebble import PebbleInstance, pebble_available
@@ -37,6 +40,26 @@ def pebble(tmp_path_factory):
             root.write_bytes(server.issuer_root())
             server.root_file = str(root)
             yield server
+
+
+def test_the_challenge_type_picks_the_responder_and_a_wrong_one_names_file_line_key():
+    def children(text):
+        config = load_text("/etc/elemta/elemta.yaml", text, check_files=False)
+        return {s.kind: s.binds(config) for s in SERVICES
+                if s.kind.startswith("acme-") and s.count(config)}
+    http = children("acme:\n  enabled: true\n")
+    assert [(kind, e.address, e.port) for kind, e in http.items()] == [
+        ("acme-http", "0.0.0.0", 80)]
+    tls = children("acme:\n  enabled: true\n  challenge: tls-alpn-01\n"
+                   "  tls_address: 127.0.0.1\n")
+    assert [(kind, e.address, e.port) for kind, e in tls.items()] == [
+        ("acme-tls", "127.0.0.1", 443)]
+    assert children("acme:\n  challenge: tls-alpn-01\n") == {}       # acme off
+    with pytest.raises(ConfigError) as refused:
+        load_text("/etc/elemta/elemta.yaml", "acme:\n  enabled: true\n  challenge: dns-01\n",
+                  check_files=False)
+    assert str(refused.value) == ("/etc/elemta/elemta.yaml:3: acme.challenge: must be one "
+                                  "of http-01, tls-alpn-01, not 'dns-01'")
 
 
 def start_elemta(tmp_path, pebble, names=NAMES):
