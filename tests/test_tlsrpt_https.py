@@ -107,9 +107,11 @@ def test_reports_are_posted_to_https_ruas_alongside_mailto_and_failures_retried(
     good, untrusted, port = report_servers
     good.status["/v1/refused"] = 503
     server = elemta_server(
-        delivery={"workers": 0, "nameservers": ["127.0.0.1"], "dns_port": nsd.port},
+        # Deadlines a loaded machine cannot run out: no test waits for them.
+        delivery={"workers": 0, "nameservers": ["127.0.0.1"], "dns_port": nsd.port,
+                  "dns_timeout": 20.0},
         tlsrpt={"enabled": True, "organization": "Elemta Test", "sender": "tlsrpt@mx.test",
-                "https_ca_file": pki[0].ca_file, "https_timeout": 10.0},
+                "https_ca_file": pki[0].ca_file, "https_timeout": 60.0},
         api={"enabled": False})
     domains = ["both.rpt2.test", "refused.rpt2.test", "untrusted.rpt2.test"]
     count_sessions(server.spool, domains)
@@ -119,16 +121,17 @@ def test_reports_are_posted_to_https_ruas_alongside_mailto_and_failures_retried(
     today = time.strftime("%Y-%m-%d", time.gmtime())
     lines = sent.stdout.splitlines()
     both_id = "%s.both.rpt2.test@mx.test" % today
+    assert len(lines) == 4, sent.stdout
     assert lines[0].startswith("both.rpt2.test: report %s for %s queued to "
-                               "tls@rua.rpt2.test (maildrop file " % (both_id, today))
+                               "tls@rua.rpt2.test (maildrop file " % (both_id, today)), lines
     assert lines[1] == ("both.rpt2.test: report %s for %s posted to "
                         "https://reports.rpt2.test:%d/v1/both (200 OK)"
-                        % (both_id, today, port))
+                        % (both_id, today, port)), lines
     assert lines[2] == (
         "refused.rpt2.test: report %s.refused.rpt2.test@mx.test for %s not posted to "
         "https://reports.rpt2.test:%d/v1/refused: https://reports.rpt2.test:%d/v1/refused "
         "(%s) answered 503 Service Unavailable; attempt 1 of %d, the next on the next run"
-        % (today, today, port, port, REPORTS, MAX_POST_ATTEMPTS))
+        % (today, today, port, port, REPORTS, MAX_POST_ATTEMPTS)), lines
     assert lines[3].startswith(
         "untrusted.rpt2.test: report %s.untrusted.rpt2.test@mx.test for %s not posted to "
         "https://untrusted.rpt2.test:%d/v1/x: " % (today, today, port))
