@@ -42,7 +42,7 @@ class Service:
                     at once to free the leases of holders that are gone
         binds       (none: master.cf's inet services all speak their own protocol)
                     config -> (address, port) or None: a TCP socket the master binds for
-                    this kind alone (while it is root: port 80 for acme-http), rebinding
+                    this kind alone (while it is root: port 80 for acme-http, 443 for acme-tls), rebinding
                     it when a reload moves it; the child's main gets it as sock= (None
                     if it could not be bound)
         shared      (none: Postfix uses the anvil service) "module:Class", made in the
@@ -81,7 +81,19 @@ class Endpoint:
 
 def acme_http_endpoint(config):
     acme = config.acme
-    return Endpoint(acme.http_address, acme.http_port) if acme.enabled else None
+    return Endpoint(acme.http_address, acme.http_port) if acme_responds(
+        config, "http-01") else None
+
+
+def acme_tls_endpoint(config):
+    acme = config.acme
+    return Endpoint(acme.tls_address, acme.tls_port) if acme_responds(
+        config, "tls-alpn-01") else None
+
+
+def acme_responds(config, challenge):
+    """True when the ACME client is on and answers challenges of this type."""
+    return config.acme.enabled and config.acme.challenge == challenge
 
 
 def smtpd_workers(config):
@@ -95,7 +107,7 @@ def _load(name):
 
 
 # Slots are given out in this order (smtpd, api, delivery, pickup, local, showq), the
-# layout the master always had, then the ACME client and its HTTP-01 responder.
+# layout the master always had, then the ACME client and its two challenge responders.
 SERVICES = (
     Service("smtpd", count=smtpd_workers,
             slots=lambda config: 2 * max(smtpd_workers(config), os.cpu_count() or 1),
@@ -114,14 +126,18 @@ SERVICES = (
     # Postfix's showq: mailq for users who cannot read the spool (elemta.showq.server).
     Service("showq", count=lambda config: 1, slots=lambda config: 2,
             main="elemta.showq.server:run_showq"),
-    # The ACME client and the HTTP-01 responder (elemta.acme): the latter faces the
-    # internet on port 80, so it holds no key, only the pending challenges.
+    # The ACME client and its challenge responder (elemta.acme), HTTP-01 on port 80 or
+    # TLS-ALPN-01 on 443 as acme.challenge says: it faces the internet, so it holds no
+    # key, only the pending challenges.
     Service("acme", count=lambda config: 1 if config.acme.enabled
             and config.acme.certificates else 0, slots=lambda config: 2,
             main="elemta.acme.worker:run_acme"),
-    Service("acme-http", count=lambda config: 1 if config.acme.enabled else 0,
+    Service("acme-http", count=lambda config: 1 if acme_responds(config, "http-01") else 0,
             slots=lambda config: 2, main="elemta.acme.http01:run_acme_http",
             binds=acme_http_endpoint),
+    Service("acme-tls", count=lambda config: 1 if acme_responds(config, "tls-alpn-01")
+            else 0, slots=lambda config: 2, main="elemta.acme.tlsalpn01:run_acme_tls",
+            binds=acme_tls_endpoint),
 )
 
 

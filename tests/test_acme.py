@@ -241,11 +241,14 @@ def test_a_certificate_near_expiry_is_warned_of_once_per_threshold(tmp_path, sho
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="dropping to master.user needs root")
+@pytest.mark.parametrize("challenge, responder", [("http-01", "elemta: acme-http"),
+                                                  ("tls-alpn-01", "elemta: acme-tls")])
 def test_as_a_packaged_install_the_keys_are_master_users_in_a_directory_of_roots(
-        tmp_path, pebble):
-    """master.user nobody: the master (root) makes the state directory, the acme and
-    acme-http children run as nobody, the key they write is nobody's alone, and the
-    smtpd (nobody) serves it."""
+        tmp_path, pebble, challenge, responder):
+    """master.user nobody: the master (root) makes the state directory and binds the
+    responder's port, the acme child and the challenge responder (HTTP-01 or TLS-ALPN-01)
+    run as nobody, the key they write is nobody's alone, and the smtpd (nobody) serves
+    it."""
     import pwd
     import tempfile
     from elemta.util.procs import children as children_of
@@ -269,9 +272,10 @@ def test_as_a_packaged_install_the_keys_are_master_users_in_a_directory_of_roots
                 "api: {enabled: false}\ndelivery: {workers: 0}\ntls: {acme: mail}\n"
                 "acme: {enabled: true, directory_url: '%s', ca_file: %s,\n"
                 "       http_address: 127.0.0.1, http_port: %d, state_directory: %s,\n"
+                "       challenge: %s, tls_address: 127.0.0.1, tls_port: %d,\n"
                 "       certificates: [{name: mail, domains: [%s]}]}\n"
                 % (port, workdir, pebble.directory_url, ca_file, pebble.http_port,
-                   state, ", ".join(NAMES)))
+                   state, challenge, pebble.tls_port, ", ".join(NAMES)))
     log_path = os.path.join(workdir, "log")
     log = open(log_path, "wb")
     server = subprocess.Popen([python, "-m", "elemta.cli.elemta", "--config", config],
@@ -283,7 +287,7 @@ def test_as_a_packaged_install_the_keys_are_master_users_in_a_directory_of_roots
         wait_for(lambda: os.path.exists(key), timeout=60)
         kids = children_of(server.pid)
         acme_kids = {pid for pid, title in kids.items()
-                     if title in ("elemta: acme", "elemta: acme-http")}
+                     if title in ("elemta: acme", responder)}
         assert len(acme_kids) == 2 and {uid_of(pid) for pid in acme_kids} == {nobody}
         info = os.stat(key)
         assert (info.st_uid, info.st_mode & 0o777) == (nobody, 0o600)

@@ -14,6 +14,8 @@ See also: elemta.delivery.dane, elemta.delivery.mx, tests/test_mta_sts.py.
 import hashlib
 import json
 import re
+import smtplib
+import ssl
 import tempfile
 
 import pytest
@@ -22,12 +24,12 @@ from cryptography.hazmat.primitives import serialization
 
 from elemta.delivery.dane import DANE_MODE, DANE_ONLY, PEER_CHAIN, TLSA, DANELookup
 from elemta.delivery.mx import MXResolver, TemporaryRouteError
-from tests.harness import delivery_result as result
+from tests.harness import delivery_result
 from tests.harness import free_port, submit, wait_for
 from tests.peers.dnssec import ldns_available
 from tests.peers.https import LoopbackCA
 from tests.peers.nsd import nsd_available, private_nsd
-from tests.peers.sink import ScriptedServer
+from tests.peers.sink import DEFAULT_EXTENSIONS, ScriptedServer
 from tests.peers.unbound import UnboundInstance, unbound_available
 from tests.test_acme import elemtactl
 
@@ -116,8 +118,19 @@ def dns(certificates, mx_port, tmp_path_factory):
     unbound.remove()
 
 
+# Under load (two pytest-xdist workers on two busy cores) unbound's first validation of
+# a name, an elemta start or a TLS handshake with a scripted server can take seconds:
+# every wait below is for an event, with a deadline far beyond what a healthy run needs.
+EVENT_DEADLINE = 60.0
+
+
 def resolver_for(dns, dnssec=True):
-    return MXResolver(["127.0.0.1"], port=dns[1].port, timeout=3.0, dnssec=dnssec)
+    return MXResolver(["127.0.0.1"], port=dns[1].port, timeout=10.0, dnssec=dnssec)
+
+
+def result(server, queue_id, recipient):
+    """(status, reply) of the recipient's first delivery, waited for generously."""
+    return delivery_result(server, queue_id, recipient, timeout=EVENT_DEADLINE)
 
 
 # -- the lookups: what the validating resolver vouches for -------------------------------
@@ -175,10 +188,12 @@ def test_what_dane_and_dane_only_make_of_each_kind_of_host(dns, mx_port):
 
 @pytest.fixture(scope="module")
 def mx_hosts(certificates, mx_port):
-    """{MX host name: its scripted server}, each offering STARTTLS with its certificate."""
+    """{MX host name: its scripted server}, each offering STARTTLS with its certificate,
+    and REQUIRETLS (RFC 8689) after it."""
     made, _ = certificates
     servers = {name: ScriptedServer(address=address, port=mx_port, cert_file=made[name][0],
-                                    key_file=made[name][1]).start()
+                                    key_file=made[name][1],
+                                    extensions=DEFAULT_EXTENSIONS + ["REQUIRETLS"]).start()
                for name, address in MX_HOSTS}
     yield servers
     for server in servers.values():
@@ -186,16 +201,21 @@ def mx_hosts(certificates, mx_port):
 
 
 @pytest.fixture
-def start(elemta_server, dns, mx_port, mx_hosts):
+def start(elemta_server, dns, mx_port, mx_hosts, tls_files):
     def starter(tlsrpt=None, **delivery):
         settings = {"workers": 1, "mx_port": mx_port, "nameservers": ["127.0.0.1"],
                     "dns_port": dns[1].port, "min_backoff": 60, "max_backoff": 60,
-                    "connect_timeout": 2.0, "command_timeout": 5.0, "data_timeout": 5.0,
-                    "mta_sts": False, "dane": True}
+                    # No test waits for these to run out: they only must not cut
+                    # a session a loaded machine is slow to serve.
+                    "connect_timeout": 30.0, "command_timeout": 30.0,
+                    "data_timeout": 30.0, "mta_sts": False, "dane": True}
         settings.update(delivery)
+        # STARTTLS inbound: the REQUIRETLS tests submit over it.
         server = elemta_server(delivery=settings, api={"enabled": False},
-                               tlsrpt=tlsrpt or {})
-        wait_for(lambda: "delivery worker started" in server.log())
+                               tlsrpt=tlsrpt or {},
+                               tls={"cert_file": tls_files[0], "key_file": tls_files[1]})
+        wait_for(lambda: "delivery worker started" in server.log(),
+                 timeout=EVENT_DEADLINE)
         return server
     return starter
 
@@ -315,7 +335,7 @@ def test_dane_sessions_are_counted_for_tls_reporting_per_mx_host(start, mx_port,
         found = {r["policies"][0]["policy"]["policy-domain"]: r["policies"][0]
                  for r in map(json.loads, shown.splitlines())}
         return found if len(found) == 3 else None
-    found = wait_for(reports)
+    found = wait_for(reports, timeout=EVENT_DEADLINE)
     made, _ = certificates
     assert found[EE[0]]["policy"] == {
         "policy-type": "tlsa", "policy-domain": EE[0], "mx-host": [EE[0]],
@@ -329,3 +349,59 @@ def test_dane_sessions_are_counted_for_tls_reporting_per_mx_host(start, mx_port,
         assert (detail["result-type"], detail["receiving-mx-hostname"],
                 detail["receiving-ip"]) == (kind, host[0], host[1])
     assert found[BOGUS[0]]["policy"]["policy-string"] == []
+
+
+# -- REQUIRETLS (RFC 8689 4.2.1): a DANE-authenticated hop is as good as a PKIX one -------
+
+def submit_requiretls(server, sender, recipient):
+    """Submit over STARTTLS with REQUIRETLS on MAIL FROM; the queue id."""
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.ehlo()
+        client.sendmail(sender, [recipient], b"Subject: rt\r\n\r\nsecret body\r\n",
+                        mail_options=["REQUIRETLS"])
+    return wait_for(lambda: re.search(r"(\w+): from=<%s>" % re.escape(sender),
+                                      server.log()), timeout=EVENT_DEADLINE).group(1)
+
+
+@pytest.mark.parametrize("host", [EE] + ([TA] if PEER_CHAIN else []),
+                         ids=lambda host: host[0].split(".")[1])
+def test_a_requiretls_message_goes_to_a_dane_authenticated_mx(start, mx_hosts, mx_port,
+                                                               host):
+    """Neither MX certificate chains to a CA the delivery trusts (DANE-EE's names
+    another host altogether): only the TLSA records vouch for it, and that suffices."""
+    server = start()
+    domain = host[0].split(".", 1)[1]
+    recipient = "rt@" + domain
+    queue_id = submit_requiretls(server, "rt-%s@client.test" % domain.split(".")[0],
+                                 recipient)
+    status, reply = result(server, queue_id, recipient)
+    assert status == "sent", reply
+    [session] = received(mx_hosts, host, recipient)
+    assert session.tls
+    assert session.messages[-1].mail.endswith(" REQUIRETLS")
+    log = server.log()
+    assert "%s: DANE: Verified TLS connection established to %s" % (queue_id, host[0]) \
+        in log
+    assert re.search(r"%s: REQUIRETLS: TLS with %s\[%s\]:%d verified, REQUIRETLS offered"
+                     % (queue_id, re.escape(host[0]), host[1], mx_port), log)
+
+
+@pytest.mark.parametrize("host, why", [
+    # Unsigned zone: no DANE, and the certificate is not trusted for the name (PKIX).
+    (PLAIN, "TLS handshake with mx.plain.test[127.0.0.47]:%d failed: certificate "
+            "verify failed"),
+    # DANE applies but its records are unusable: encrypted, nobody authenticated.
+    (PKIX, "the certificate of host mx.pkix.dane.test[127.0.0.45]:%d was verified "
+           "neither for its name nor by DANE")], ids=["insecure", "unusable-tlsa"])
+def test_a_requiretls_message_bounces_where_neither_dane_nor_pkix_vouch(
+        start, mx_hosts, mx_port, host, why):
+    server = start()
+    recipient = "rt-bounce@" + host[0].split(".", 1)[1]
+    queue_id = submit_requiretls(server, "rtb-%s@client.test" % host[0].split(".")[1],
+                                 recipient)
+    status, reply = result(server, queue_id, recipient)
+    assert status == "bounced", reply
+    assert reply.startswith("550 5.7.10 REQUIRETLS support required: ")
+    assert why % mx_port in reply, reply
+    assert received(mx_hosts, host, recipient) == []

@@ -41,9 +41,10 @@ def test_health_tells_children_queue_and_disk(elemta_server, tmp_path, monkeypat
     assert children["api"] == {"up": 1, "expected": 1}
     assert children["pickup"] == {"up": 1, "expected": 1}
     assert children["delivery"] == {"up": 0, "expected": 0}      # delivery.workers 0
-    assert children["acme"] == children["acme-http"] == {"up": 0, "expected": 0}  # no acme
+    assert children["acme"] == children["acme-http"] == children["acme-tls"] == {
+        "up": 0, "expected": 0}                                                    # no acme
     assert set(children) == {"smtpd", "api", "delivery", "pickup", "local", "showq", "acme",
-                             "acme-http"}
+                             "acme-http", "acme-tls"}
     assert health["queue"]["messages"] == 1
     assert health["queue"]["by_state"] == {"hold": 1}
     age = health["queue"]["oldest_age_seconds"]["hold"]

@@ -9,7 +9,8 @@ certificate in use stays until a new one has been installed. SIGUSR2 (elemtactl 
 renew) orders every certificate now, due or not. Each order's result is counted
 (elemta_acme_renewals_total, elemta_acme_last_renewal_success); a certificate 14 and
 then 3 days from expiry is warned of in the log, once each (ExpiryWarnings).
-See also: elemta.acme.client, elemta.acme.http01 (who answers the challenges).
+See also: elemta.acme.client, elemta.acme.http01 and elemta.acme.tlsalpn01 (who answer
+the challenges).
 """
 
 import signal

@@ -10,7 +10,9 @@ lies in it. The one module that knows this on-disk format.
                             that does not match tries again: elemta.smtpd.certwatch)
       challenges/           master.user, 0700: one file per pending HTTP-01 token holding
                             its key authorization, written by the acme child and read by
-                            the acme-http child
+                            the acme-http child; for TLS-ALPN-01, <host name>.alpn.pem
+                            (0600) per pending name: the validation certificate and its
+                            key, read by the acme-tls child
 
 Root (the master, before it forks) only makes the directory and its three subdirectories,
 working on descriptors opened with O_NOFOLLOW; everything inside them is written and
@@ -27,6 +29,9 @@ SUBDIRECTORIES = ("account", "live", "challenges")
 KEY_FILE, CHAIN_FILE = "privkey.pem", "fullchain.pem"
 # RFC 8555 section 8.1: a token is base64url, at least 128 bits of entropy.
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+# A host name as a TLS client's SNI may give it, before it names a file (lower case).
+_HOST_NAME = re.compile(r"^(?!.*\.\.)[a-z0-9][a-z0-9.-]{0,252}$")
+ALPN_SUFFIX = ".alpn.pem"
 
 
 class StoreError(Exception):
@@ -182,6 +187,35 @@ class Store:
         """The key authorization for token, as bytes, or None."""
         path = self.challenge_path(token)
         return read_file(path) if path is not None else None
+
+    # ---- TLS-ALPN-01 validation certificates (RFC 8737) ----------------------------------
+
+    def alpn_certificate_path(self, name):
+        """The file of the validation certificate for host name, or None if name is not
+        a plausible host name (it comes from the internet, as SNI)."""
+        name = (name or "").lower().rstrip(".")
+        if not _HOST_NAME.match(name):
+            return None
+        return os.path.join(self.root, "challenges", name + ALPN_SUFFIX)
+
+    def put_alpn_certificate(self, name, pem):
+        """Install pem (certificate and key) as the validation certificate for name."""
+        path = self.alpn_certificate_path(name)
+        if path is None:
+            raise ValueError("not a host name: %r" % name)
+        write_file(path, pem, 0o600)
+
+    def remove_alpn_certificate(self, name):
+        path = self.alpn_certificate_path(name)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def has_alpn_certificate(self, name):
+        path = self.alpn_certificate_path(name)
+        return path is not None and os.path.isfile(path) and not os.path.islink(path)
 
 
 class CertificateInfo:

@@ -652,6 +652,8 @@ def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
     files.append((("delivery", "tls_ca_file"), config.delivery.tls_ca_file))
     if config.acme.enabled:
         files.append((("acme", "ca_file"), config.acme.ca_file))
+    if config.tlsrpt.enabled:
+        files.append((("tlsrpt", "https_ca_file"), config.tlsrpt.https_ca_file))
     if config.delivery.mta_sts or any(entry.level == "mta-sts"
                                       for entry in config.delivery.tls_policy):
         files.append((("delivery", "mta_sts_ca_file"), config.delivery.mta_sts_ca_file))

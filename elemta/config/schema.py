@@ -504,6 +504,9 @@ def _fraction(value):
 
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+# The ACME challenge types Elemta answers (RFC 8555 8.3, RFC 8737).
+ACME_HTTP01, ACME_TLSALPN01 = "http-01", "tls-alpn-01"
+ACME_CHALLENGES = (ACME_HTTP01, ACME_TLSALPN01)
 
 
 @dataclass(frozen=True)
@@ -513,16 +516,27 @@ class ACMECertificate:
                         "it and what tls.acme refers to. certbot's --cert-name.",
                     _certificate_name)
     domains: Tuple[str, ...] = opt((), "The host names it is for (the first is its subject; "
-                                       "all are subjectAltNames), each validated by HTTP-01 "
-                                       "on acme.http_port. certbot's -d.", _domains)
+                                       "all are subjectAltNames), each validated by the "
+                                       "challenge of acme.challenge. certbot's -d.",
+                    _domains)
 
 
 @dataclass(frozen=True)
 class ACMESettings:
     """The built-in ACME client (RFC 8555): obtains and renews certificates, answering
-    HTTP-01 challenges itself (certbot's standalone mode). TLS-ALPN-01 is not offered yet."""
-    enabled: bool = opt(False, "Run the acme process (the client) and the acme-http process "
-                               "(the HTTP-01 responder on http_address:http_port).")
+    HTTP-01 (port 80) or TLS-ALPN-01 (RFC 8737, port 443) challenges itself (certbot's
+    standalone mode)."""
+    enabled: bool = opt(False, "Run the acme process (the client) and its challenge "
+                               "responder: the acme-http process (HTTP-01 on "
+                               "http_address:http_port) or the acme-tls process (TLS-ALPN-01 "
+                               "on tls_address:tls_port), as acme.challenge says.")
+    challenge: str = opt(ACME_HTTP01, "How the ACME server validates each name: http-01 "
+                                      "(it fetches a file over HTTP on port 80) or "
+                                      "tls-alpn-01 (RFC 8737: a TLS handshake on port 443 "
+                                      "with ALPN acme-tls/1; for hosts whose port 80 is "
+                                      "closed or taken). certbot's --preferred-challenges.",
+                         _one_of(ACME_CHALLENGES),
+                         restart="the master binds the responder's port before it forks")
     directory_url: str = opt(LETS_ENCRYPT, "The ACME server's directory. Let's Encrypt's "
                                            "staging server is https://acme-staging-v02.api."
                                            "letsencrypt.org/directory. certbot's --server.",
@@ -541,12 +555,20 @@ class ACMESettings:
                                 "master.user, mode 0700 (the private keys are readable by "
                                 "master.user only).", _absolute_path,
         restart="the master prepares the directory before it forks")
-    http_address: str = opt("0.0.0.0", "Address of the HTTP-01 responder. certbot's "
+    http_address: str = opt("0.0.0.0", "Address of the HTTP-01 responder (acme.challenge "
+                                       "http-01). certbot's "
                                        "--http-01-address.", _ip_address,
                             restart="the master binds it before it forks")
     http_port: int = opt(80, "Port of the HTTP-01 responder; ACME servers connect to 80. "
                              "certbot's --http-01-port.", _port,
                          restart="the master binds it before it forks")
+    tls_address: str = opt("0.0.0.0", "Address of the TLS-ALPN-01 responder (acme.challenge "
+                                      "tls-alpn-01).", _ip_address,
+                           restart="the master binds it before it forks")
+    tls_port: int = opt(443, "Port of the TLS-ALPN-01 responder; ACME servers connect to "
+                             "443. It answers ALPN acme-tls/1 handshakes only, so no HTTPS "
+                             "server may share the port. certbot has no counterpart.",
+                        _port, restart="the master binds it before it forks")
     renew_at: float = opt(2.0 / 3, "Renew once this fraction of a certificate's lifetime has "
                                    "passed (two thirds: day 60 of 90). certbot's "
                                    "renew_before_expiry (30 days).", _fraction)
@@ -1068,7 +1090,8 @@ class TLSRPTSettings:
     """SMTP TLS Reporting (RFC 8460): the delivery workers count the outcome of each TLS
     session held to an MTA-STS policy or DANE, per policy domain and UTC day, under
     queue.spool_dir/tlsrpt, and once a day send each policy domain that publishes a
-    _smtp._tls TXT record with a mailto: rua its report (elemtactl tlsrpt show and send)."""
+    _smtp._tls TXT record its report: as mail to each mailto: rua, POSTed to each https:
+    rua (elemtactl tlsrpt show and send)."""
     enabled: bool = opt(False, "Count TLS session results and send the daily reports. Off "
                                "by default: the reports are mail to other domains. "
                                "Postfix's smtp_tlsrpt_enable (3.10, with tlsrpt-reportd).")
@@ -1085,6 +1108,13 @@ class TLSRPTSettings:
     keep_days: int = opt(14, "Days of counts kept under the spool (the older ones are "
                              "pruned once a day, sent or not). Postfix: tlsrpt-reportd's "
                              "keep_days.", _between(2, 366))
+    https_ca_file: Optional[str] = opt(
+        None, "PEM file of the CA certificates an https: rua's server certificate must "
+              "chain to; unset: the system's. A report POST whose certificate does not "
+              "validate fails (RFC 8460 5.4) and is tried again on the next runs. "
+              "Postfix: none (tlsrpt-reportd uses the system's).", _absolute_path)
+    https_timeout: float = opt(30.0, "Seconds one report POST to an https: rua may take "
+                                     "(connection, TLS, upload and answer).", _positive)
 
 
 LOCAL_RIGHTS = ("alias", "forward", "include")

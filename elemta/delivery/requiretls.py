@@ -5,7 +5,8 @@ these before it opens sessions for a message:
 
     requires_tls(envelope)   the message came with REQUIRETLS on MAIL FROM and has a
                              sender: every session for it must be TLS with the server's
-                             certificate verified for the MX name, and the server must
+                             certificate verified for the MX name (PKIX) or by the MX
+                             host's TLSA records (DANE, RFC 7672), and the server must
                              offer REQUIRETLS after STARTTLS (4.2.1). A notice from <>
                              only passes REQUIRETLS on where it can (4.2.1 asks the rest
                              of messages with a return path).

@@ -123,9 +123,11 @@ class TLSPolicy:
 
     @property
     def authenticates_host(self):
-        """True when a session under this policy has checked the certificate names the
-        host: what REQUIRETLS asks of every hop (RFC 8689 4.2.1)."""
-        return self.level == TLS_SECURE
+        """True when a session under this policy has authenticated the server: its
+        certificate verified for the host's name (secure), or matched by the host's
+        DNSSEC-validated TLSA records (dane; a session whose records do not match fails
+        at STARTTLS). Either is what REQUIRETLS asks of every hop (RFC 8689 4.2.1)."""
+        return self.level in (TLS_SECURE, TLS_DANE)
 
     def context(self):
         """The client SSLContext for this policy."""
@@ -558,12 +560,14 @@ class SMTPClient:
 
     def requiretls_refusal(self):
         """Why this session may not carry a REQUIRETLS message (RFC 8689 4.2.1: TLS, the
-        certificate verified for the host's name, REQUIRETLS offered after STARTTLS), as
+        server authenticated by PKIX for the host's name or by DANE, REQUIRETLS offered
+        after STARTTLS), as
         the 5.7.10 reply that bounces it; None when it may."""
         if self.tls_version is None:
             why = "no TLS with host %s" % self.peer
         elif not self.tls.authenticates_host:
-            why = "the certificate of host %s was not verified for its name" % self.peer
+            why = ("the certificate of host %s was verified neither for its name nor by "
+                   "DANE" % self.peer)
         elif "REQUIRETLS" not in self.extensions:
             why = "host %s did not offer REQUIRETLS" % self.peer
         else:

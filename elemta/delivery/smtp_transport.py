@@ -26,7 +26,8 @@ DANE wins over it for hosts it applies to, RFC 8461 2).
 
 REQUIRETLS (RFC 8689, elemta.delivery.requiretls): a message that asks for it goes only
 over sessions at level secure (against delivery.tls_ca_file, or under the domain's
-MTA-STS policy) to servers that offer REQUIRETLS; where no host will do, it bounces with
+MTA-STS policy) or authenticated by DANE (a host with usable TLSA records: RFC 8689 4.2.1
+takes either) to servers that offer REQUIRETLS; where no host will do, it bounces with
 5.7.10. A message whose header says "TLS-Required: No" is delivered without the domain's
 MTA-STS policy.
 

@@ -10,6 +10,8 @@ greenlet of its own when tlsrpt.enabled, and calls TLSReporting.close at its sto
              today with counts whose time has come (tlsrpt.send_hour UTC the next day)
              and that nobody claimed yet is claimed and its reports queued
              (elemta.tlsrpt.send): with several workers, the first to claim sends
+    retry    before that, the reports an https: rua did not take on an earlier run are
+             posted again (elemta.tlsrpt.send.retry_posts)
     prune    then the days older than tlsrpt.keep_days are forgotten
 
 See also: elemta.tlsrpt, elemta.cli.tlsrptcmd (elemtactl tlsrpt), tests/test_tlsrpt.py.
@@ -23,7 +25,7 @@ import time
 import gevent
 
 from elemta.tlsrpt.counter import FLUSH_EVERY, day_of
-from elemta.tlsrpt.send import send_day
+from elemta.tlsrpt.send import retry_posts, send_day
 from elemta.util.threads import in_thread
 
 log = logging.getLogger("elemta.delivery")
@@ -76,6 +78,9 @@ class TLSReporting:
     def send_due(self, now=None):
         now = time.time() if now is None else now
         try:
+            # First the posts that failed on earlier runs, then the new days' reports.
+            for domain, text in retry_posts(self.store, self.config, now=now):
+                log.info("TLS-RPT: %s: %s", domain, text)
             for day in due_days(self.store.days(), now, self.config.tlsrpt.send_hour):
                 outcome = send_day(self.store, self.config, day, self.owner, now=now)
                 for domain, text in outcome or ():

@@ -9,5 +9,7 @@ Shared by the delivery workers (they count, and send each day's reports) and ele
     store     the counts on disk (spool/tlsrpt, LMDB) and the claim on a day's sending
     counter   the delivery worker's buffer of counts, written in batches
     report    the JSON report, its gzip and the MIME message; the rua of a TXT record
-    send      one day's reports queued through the maildrop, one per policy domain
+    post      a report POSTed to an https: rua
+    send      one day's reports queued through the maildrop and posted, one per policy
+              domain; failed posts tried again
 """

@@ -3,8 +3,9 @@
 Shared (elemta.tlsrpt): elemta.tlsrpt.send builds one per policy domain and day from
 elemta.tlsrpt.store's counts; tests read what it built.
 
-    rua_addresses(records)  the mailto: addresses of a domain's one "v=TLSRPTv1" TXT
-                            record (section 3); https: ones are not ours to use
+    rua_uris(records)       the mailto: addresses and the https: URLs of a domain's one
+                            "v=TLSRPTv1" TXT record (section 3)
+    report_gzip(report)     the report as the gzipped JSON both ways carry (5.3, 5.4)
     build_report(...)       the JSON object: organization-name, date-range, contact-info,
                             report-id, policies[] (policy, summary, failure-details)
     build_message(...)      a multipart/report (report-type "tlsrpt") with a text part and
@@ -24,7 +25,7 @@ import time
 from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from elemta.smtp.address import AddressError, validate_mailbox
 from elemta.util.text import printable
@@ -33,19 +34,32 @@ MEDIA_TYPE = "application/tlsrpt+gzip"
 VERSION = "v=TLSRPTv1"
 
 
-def rua_addresses(records):
-    """([mailto addresses], None), or ([], why there are none) for the TXT strings of
-    _smtp._tls.<domain>: RFC 8460 3 wants exactly one record starting "v=TLSRPTv1;"."""
+# An https: rua longer than this is not worth a connection.
+MAX_URL_LENGTH = 2048
+
+
+def rua_uris(records):
+    """([mailto addresses], [https URLs], None), or ([], [], why there are none) for the
+    TXT strings of _smtp._tls.<domain>: RFC 8460 3 wants exactly one record starting
+    "v=TLSRPTv1;", whose rua lists mailto: and https: URIs."""
     ours = [r for r in records if r.replace(" ", "").startswith(VERSION + ";")]
     if len(ours) != 1:
-        return [], "%d v=TLSRPTv1 records" % len(ours)
+        return [], [], "%d v=TLSRPTv1 records" % len(ours)
     fields = {}
     for item in ours[0].split(";"):
         key, _, value = item.strip().partition("=")
         fields.setdefault(key.strip(), value.strip())
-    addresses, others = [], []
+    addresses, urls, others = [], [], []
     for uri in filter(None, (u.strip() for u in fields.get("rua", "").split(","))):
-        if not uri.lower().startswith("mailto:"):
+        scheme = uri.split(":", 1)[0].lower()
+        if scheme == "https":
+            why = https_url_problem(uri)
+            if why is None:
+                urls.append(uri)
+            else:
+                others.append("%s (%s)" % (uri, why))
+            continue
+        if scheme != "mailto":
             others.append(uri)
             continue
         address = unquote(uri[len("mailto:"):].split("?")[0])
@@ -53,10 +67,30 @@ def rua_addresses(records):
             addresses.append(validate_mailbox(address))
         except AddressError as error:
             others.append("%s (%s)" % (uri, error))
-    if addresses:
-        return addresses, None
-    return [], "no usable mailto: rua%s" % (
+    if addresses or urls:
+        return addresses, urls, None
+    return [], [], "no usable mailto: or https: rua%s" % (
         " (only %s)" % ", ".join(printable(o) for o in others) if others else "")
+
+
+def https_url_problem(url):
+    """Why url cannot be POSTed to (it comes from DNS: nothing but a host name or
+    address, a port and a path), or None."""
+    if len(url) > MAX_URL_LENGTH or any(c <= " " or c == "\x7f" for c in url):
+        return "too long or with spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        parts.port                 # raises ValueError when it is not a number
+    except ValueError as error:
+        return str(error)
+    if not parts.hostname or "@" in parts.netloc:
+        return "no host, or a user name in it"
+    return None
+
+
+def report_gzip(report):
+    """The report as application/tlsrpt+gzip content (RFC 8460 5.3 and 5.4)."""
+    return gzip.compress(json.dumps(report, indent=1).encode("utf-8"), mtime=0)
 
 
 def day_range(day):
@@ -121,8 +155,7 @@ def build_message(report, domain, submitter, sender, recipients, now=None):
             submitter, domain, report["date-range"]["start-datetime"],
             report["date-range"]["end-datetime"], sum(t[0] for t in totals),
             sum(t[1] for t in totals)), "plain", "us-ascii"))
-    data = gzip.compress(json.dumps(report, indent=1).encode("utf-8"), mtime=0)
-    attachment = MIMEApplication(data, "tlsrpt+gzip")
+    attachment = MIMEApplication(report_gzip(report), "tlsrpt+gzip")
     attachment.add_header("Content-Disposition", "attachment", filename="%s!%s!%d!%d!%s"
                           ".json.gz" % (submitter, domain, start, end,
                                         report["report-id"].split("@")[0]))

@@ -11,6 +11,9 @@ opens its own environment (never across a fork), as the spool's owner.
                           {"policy": {...}, "success": N, "failure": N,
                            "details": {detail JSON: N}}
     b"s/" DAY             the day's reports were claimed for sending: {"by", "at", "forced"}
+    b"p/" DAY b"/" HASH   a report an https: rua did not take yet, posted again on the
+                          next runs: {"domain", "url", "attempts", "error"}; HASH names
+                          (domain, url)
 
 Details per policy are kept up to MAX_DETAILS distinct ones: beyond that a failure still
 counts in "failure", without its detail. Days older than the configured number are pruned.
@@ -27,6 +30,7 @@ MAP_SIZE = 64 * 1024 * 1024
 MAX_DETAILS = 100
 _COUNTS = b"c/"
 _SENT = b"s/"
+_POSTS = b"p/"
 
 
 def path_of(spool_dir):
@@ -126,11 +130,41 @@ class CountStore:
             txn.put(key, json.dumps({"by": by, "at": now, "forced": force}).encode())
         return True
 
+    def post_failed(self, day, domain, url, error):
+        """Note that day's report for domain was not taken at url; returns how many
+        attempts have failed so far."""
+        key = _post_key(day, domain, url)
+        with self.env.begin(write=True) as txn:
+            stored = txn.get(key)
+            attempts = json.loads(stored)["attempts"] + 1 if stored is not None else 1
+            txn.put(key, json.dumps({"domain": domain, "url": url, "attempts": attempts,
+                                     "error": error}, sort_keys=True).encode())
+        return attempts
+
+    def post_done(self, day, domain, url):
+        """Forget a pending post (taken, or given up)."""
+        with self.env.begin(write=True) as txn:
+            txn.delete(_post_key(day, domain, url))
+
+    def pending_posts(self):
+        """[(day, {"domain", "url", "attempts", "error"})] of the reports to post again,
+        oldest day first."""
+        found = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(_POSTS):
+                for key, value in cursor:
+                    if not key.startswith(_POSTS):
+                        break
+                    found.append((key[len(_POSTS):].split(b"/")[0].decode(),
+                                  json.loads(value)))
+        return found
+
     def prune(self, before_day):
         """Forget the counts and claims of the days before before_day; their number."""
         gone = set()
         with self.env.begin(write=True) as txn:
-            for prefix in (_COUNTS, _SENT):
+            for prefix in (_COUNTS, _SENT, _POSTS):
                 cursor = txn.cursor()
                 if not cursor.set_range(prefix):
                     continue
@@ -147,3 +181,8 @@ class CountStore:
 def _count_key(day, policy_key):
     return _COUNTS + day.encode() + b"/" + hashlib.sha256(
         policy_key.encode()).hexdigest()[:32].encode()
+
+
+def _post_key(day, domain, url):
+    return _POSTS + day.encode() + b"/" + hashlib.sha256(
+        ("%s %s" % (domain, url)).encode()).hexdigest()[:32].encode()

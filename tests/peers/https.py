@@ -1,9 +1,11 @@
-"""A test CA and a loopback HTTPS server that serves MTA-STS policies (RFC 8461 3.3).
+"""A test CA and loopback HTTPS servers: one serves MTA-STS policies (RFC 8461 3.3), one
+takes TLS-RPT reports (RFC 8460 5.4).
 
-Owned by the test suite (tests/test_mta_sts.py). LoopbackCA makes a CA and certificates for
-any names it signs (the cryptography package, EC P-256); PolicyServer answers
-GET /.well-known/mta-sts.txt with the policy its `policies` give for the request's Host
-(mta-sts.<domain>), in native threads (never gevent), counting the fetches.
+Owned by the test suite (tests/test_mta_sts.py, tests/test_tlsrpt_https.py). LoopbackCA
+makes a CA and certificates for any names it signs (the cryptography package, EC P-256);
+PolicyServer answers GET /.well-known/mta-sts.txt with the policy its `policies` give for
+the request's Host (mta-sts.<domain>), in native threads (never gevent), counting the
+fetches; ReportServer keeps what is POSTed to it.
 
     ca = LoopbackCA(workdir)
     cert, key = ca.issue("mta-sts.example.test")
@@ -114,3 +116,41 @@ class PolicyServer:
             self.httpd.shutdown()
             self.httpd.server_close()
             self.httpd = None
+
+
+class ReportServer:
+    """HTTPS on address:port that takes TLS-RPT report POSTs (RFC 8460 5.4), in native
+    threads: each is kept in `posts` as (path, headers, body); `status` maps a path to
+    the status it answers (200 when not named), so a test can refuse, then accept."""
+
+    def __init__(self, address, port, cert_file, key_file):
+        self.posts = []
+        self.status = {}
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                server.posts.append((self.path, dict(self.headers), body))
+                code = server.status.get(self.path, 200)
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer((address, port), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert_file, key_file)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.httpd.shutdown()
+        self.httpd.server_close()

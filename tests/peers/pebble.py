@@ -5,7 +5,7 @@ it. pebble's own HTTPS listener gets a certificate from a throw-away CA made her
 (`ca_file`, what acme.ca_file names); the certificates it issues chain to a root it makes
 at start, fetched from its management interface (`issuer_root()`). Its validation
 authority looks names up at the DNS server given (NSD, tests/peers/nsd.py) and connects
-to http_port, where Elemta's HTTP-01 responder listens. PEBBLE_VA_NOSLEEP=1: validation
+to http_port, where Elemta's HTTP-01 responder listens, or for TLS-ALPN-01 to tls_port. PEBBLE_VA_NOSLEEP=1: validation
 at once; PEBBLE_WFE_NONCEREJECT=0: no random badNonce; PEBBLE_AUTHZREUSE=0: every order
 validates every name again.
 
@@ -82,12 +82,13 @@ def make_https_files(directory):
 class PebbleInstance:
     """One private pebble: `with PebbleInstance(workdir, http_port, dns_port) as p:`."""
 
-    def __init__(self, workdir, http_port, dns_port, validity=None):
+    def __init__(self, workdir, http_port, dns_port, validity=None, tls_port=None):
         """validity: seconds the certificates it issues are valid (pebble's default:
-        five years)."""
+        five years); tls_port: where it makes TLS-ALPN-01 handshakes."""
         self.workdir = str(workdir)
         self.validity = validity
         self.http_port = http_port
+        self.tls_port = tls_port or _free_port()
         self.dns_port = dns_port
         self.port = _free_port()
         self.management_port = _free_port()
@@ -109,7 +110,7 @@ class PebbleInstance:
         settings = {"listenAddress": "127.0.0.1:%d" % self.port,
                     "managementListenAddress": "127.0.0.1:%d" % self.management_port,
                     "certificate": cert, "privateKey": key,
-                    "httpPort": self.http_port, "tlsPort": _free_port(),
+                    "httpPort": self.http_port, "tlsPort": self.tls_port,
                     "ocspResponderURL": "", "externalAccountBindingRequired": False}
         if self.validity is not None:
             settings["certificateValidityPeriod"] = int(self.validity)
