@@ -80,12 +80,21 @@ class Heartbeat:
 
 def open_registry(config):
     """The cluster's node Registry when cluster.store is set, else None (connecting
-    lazily: an unreachable store is no error). Raises OSError when
+    lazily: an unreachable store is no error); None too without an api token, which
+    signs the registration (elemta.cluster.credential). Raises OSError when
     cluster.password_file cannot be read."""
     if not config.cluster.store:
         return None
+    from elemta.cluster.credential import registry_key
     from elemta.sharedstate.redisstore import connect
-    return Registry(connect(config.cluster), config.cluster.key_prefix)
+    from elemta.util.apitoken import read_token
+    token, problem = read_token(config.api)
+    if token is None:
+        log.error("cluster: this node does not register in the cluster store: %s (the "
+                  "api token signs its registration)", problem)
+        return None
+    return Registry(connect(config.cluster), config.cluster.key_prefix,
+                    registry_key(token))
 
 
 def start(config, registry):

@@ -28,6 +28,7 @@ COMMANDS = ("summary", "list", "show", "hold", "release", "flush")
 
 def open_view(args):
     """The ClusterView of the configuration's cluster.store and api token."""
+    from elemta.cluster.credential import registry_key
     from elemta.cluster.peers import Peers
     from elemta.cluster.registry import Registry
     from elemta.cluster.trust import PeerNetworks
@@ -48,7 +49,7 @@ def open_view(args):
     except OSError as error:
         raise Failure(EX_CONFIG, "--cluster: cluster.password_file: cannot read %s: %s"
                       % (config.cluster.password_file, error.strerror or error))
-    return ClusterView(Registry(client, config.cluster.key_prefix),
+    return ClusterView(Registry(client, config.cluster.key_prefix, registry_key(token)),
                        Peers(token, config.cluster.api_timeout,
                              PeerNetworks.of(config)))
 

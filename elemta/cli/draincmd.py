@@ -10,9 +10,12 @@ api's readiness probe of the running daemon read, so new sessions get 421 4.3.2 
     (incoming or deferred, due or not) to the other live nodes of the registry
     (elemta.cluster.registry: their SMTP hand-over addresses), spread among them, over
     SMTP with its envelope and DSN parameters, removing it here only after the peer's
-    250 (elemta.delivery.handover). Nodes that refuse (down, drained themselves) are
-    passed over; nodes outside cluster.peer_networks are never sent mail
-    (elemta.cluster.trust); with no other live node, the node delivers its queue itself.
+    250 (elemta.delivery.handover), logged in with the cluster's hand-over credential
+    (elemta.cluster.credential) where the peer offers AUTH (its handover listener).
+    Nodes that refuse (down, drained themselves) are passed over; nodes whose
+    registration is not signed with the cluster's key, or outside cluster.peer_networks,
+    are never sent mail (elemta.cluster.registry, elemta.cluster.trust); with no other
+    live node, the node delivers its queue itself.
   - with --to HOST[:PORT], the same to that one node, or
   - with --here, or on a node in no cluster, the node delivers its own queue, as it
     would anyway.
@@ -103,13 +106,14 @@ def cmd_drain(args) -> int:
         if args.status:
             return report(queue, args.json)
         in_cluster = target is None and not args.here and bool(config.cluster.store)
+        # Before the flag: a cluster this node cannot join leaves it accepting.
+        peers = _ClusterPeers(config, queue) if in_cluster else None
         draining.begin(queue.spool_dir, args.to or (CLUSTER if in_cluster else None))
         _say("drain: %s takes no new mail (421 4.3.2 to new sessions, not ready)%s"
              % (config.hostname, _running_note(queue.spool_dir)))
         handover = None
         if target is not None:
             handover = _handover(config, queue, target)
-        peers = _ClusterPeers(config, queue) if in_cluster else None
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
         while True:
             if peers is not None:
@@ -144,13 +148,22 @@ def _running_note(spool_dir):
 
 
 def _handover(config, queue, target, name=None):
+    """A Handover to target; it logs in with the hand-over credential where the peer
+    offers AUTH, also in plain text (a handover listener takes it only from
+    cluster.peer_networks, and it is worth nothing but relaying there: where the network
+    can be overheard, give the nodes certificates and it goes over STARTTLS)."""
+    from elemta.cluster.credential import HANDOVER_LOGIN, handover_password
     from elemta.delivery.handover import Handover
     from elemta.delivery.smtp_client import SMTPClient, TLSPolicy
     from elemta.delivery.smtp_transport import client_timeouts
+    from elemta.util.apitoken import read_token
     delivery = config.delivery
+    token, _ = read_token(config.api)
+    credentials = None if token is None else (HANDOVER_LOGIN, handover_password(token))
     return Handover(queue, target, lambda: SMTPClient(
         config.hostname, timeouts=client_timeouts(delivery),
-        tls=TLSPolicy(delivery.tls_level)), delivery.lease, name=name)
+        tls=TLSPolicy(delivery.tls_level), credentials=credentials,
+        sasl_require_tls=False), delivery.lease, name=name)
 
 
 class _ClusterPeers:
@@ -158,7 +171,15 @@ class _ClusterPeers:
 
     def __init__(self, config, queue):
         from elemta.cluster import identity
+        from elemta.cluster.credential import registry_key
         from elemta.cluster.trust import PeerNetworks
+        from elemta.util.apitoken import read_token
+        token, problem = read_token(config.api)
+        if token is None:
+            raise Failure(EX_CONFIG, "drain: %s in %s: the cluster's nodes are known by "
+                                     "the api token (or use --to or --here)"
+                          % (problem, config.source or "the built-in defaults"))
+        self.key = registry_key(token)
         self.config, self.queue = config, queue
         self.me = identity.node_name(config)
         self.trusted = PeerNetworks.of(config)
@@ -171,7 +192,8 @@ class _ClusterPeers:
         from elemta.delivery.handover import Spread, parse_target
         from elemta.sharedstate.redisstore import connect
         try:
-            registry = Registry(connect(self.config.cluster), self.config.cluster.key_prefix)
+            registry = Registry(connect(self.config.cluster),
+                                self.config.cluster.key_prefix, self.key)
         except OSError as error:
             raise Failure(EX_CONFIG, "drain: cluster.password_file: cannot read %s: %s" % (
                 self.config.cluster.password_file, error.strerror or error))

@@ -36,11 +36,13 @@ def _reachable_host(address):
 
 
 def handover_address(config):
-    """cluster.handover_address, else host:port of the first smtp listener (where mail
-    is relayed for relay.mynetworks without AUTH), else None."""
+    """cluster.handover_address, else host:port of the first handover listener (which
+    relays for the nodes that log in with the cluster's credential), else of the first
+    smtp listener (which relays only for relay.mynetworks), else None."""
     if config.cluster.handover_address:
         return config.cluster.handover_address
-    for listener in config.listeners:
-        if listener.mode == "smtp":
-            return "%s:%d" % (_reachable_host(listener.address), listener.port)
+    for mode in ("handover", "smtp"):
+        for listener in config.listeners:
+            if listener.mode == mode:
+                return "%s:%d" % (_reachable_host(listener.address), listener.port)
     return None

@@ -3,8 +3,13 @@
 Used by the api process, whose heartbeat (elemta.api.registration) calls register()
 every cluster.heartbeat_interval, and by whoever shows the cluster view (nodes()).
 All nodes live in one HASH, prefix + "nodes": field = node name, value = JSON
-{name, api_url, smtp, version, started, heartbeat, expires}; smtp is where the node takes
-mail handed over by a drained node (cluster.handover_address), or null. heartbeat and expires are the store's
+{node, sig, heartbeat, expires}: node is the JSON text of {name, api_url, smtp, version,
+started} (smtp is where the node takes mail handed over by a drained node,
+cluster.handover_address, or null) and sig its HMAC with the cluster's registry key
+(elemta.cluster.credential): an entry that is not signed with it, or that cannot be
+read, is left out of nodes() and logged, so neither a rogue registration (whoever can
+write to the store but has not the api token) nor a malformed one can take the token,
+drained mail or the whole view. heartbeat and expires are the store's
 clock (TIME), so nodes whose clocks differ still agree on who is alive; nodes() leaves
 out (and deletes) the entries whose lifetime (cluster.node_ttl) has passed. One key,
 so a Valkey Cluster keeps it in one slot; each operation is one Lua script.
@@ -15,8 +20,14 @@ See also: elemta.cluster.identity, elemta.cluster.peers.
 """
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import List, Optional
+
+from elemta.cluster.credential import sign, signed_by
+from elemta.util.text import printable
+
+log = logging.getLogger("elemta.cluster")
 
 # ARGV: name, the node's JSON, lifetime in seconds. Returns the store's time.
 _REGISTER = """
@@ -66,34 +77,65 @@ class Node:
 
 
 class Registry:
-    def __init__(self, client, prefix):
+    """key: the cluster's registry key (elemta.cluster.credential.registry_key)."""
+
+    def __init__(self, client, prefix, key: bytes):
         self.client = client
         self.key = (prefix.encode("utf-8") if isinstance(prefix, str) else prefix) \
             + b"nodes"
+        self.signing_key = key
         self._register = client.register_script(_REGISTER)
         self._nodes = client.register_script(_NODES)
+        self._said = set()          # the entries already logged as left out
 
     def register(self, name, api_url, version, started, ttl, smtp=None):
         """Say that node `name` lives, for `ttl` seconds from now."""
-        record = json.dumps({"name": name, "api_url": api_url, "smtp": smtp,
-                             "version": version, "started": started})
+        node = json.dumps({"name": name, "api_url": api_url, "smtp": smtp,
+                           "version": version, "started": started}, sort_keys=True)
+        record = json.dumps({"node": node, "sig": sign(self.signing_key, node)})
         self._register(keys=[self.key], args=[name, record, ttl])
 
     def nodes(self) -> List[Node]:
-        """The live nodes, by name."""
+        """The live nodes whose entries are signed and whole, by name."""
         now, live = self._nodes(keys=[self.key])
         now = float(now)
         found = []
         for raw in live:
-            data = json.loads(raw)
-            smtp = data.get("smtp")
-            found.append(Node(name=str(data["name"]), api_url=str(data["api_url"]),
-                              smtp=str(smtp) if smtp else None,
-                              version=str(data.get("version", "")),
-                              started=float(data.get("started", 0)),
-                              heartbeat=float(data["heartbeat"]),
-                              age=max(0.0, now - float(data["heartbeat"]))))
+            try:
+                node = self._node(raw, now)
+            except (ValueError, TypeError, KeyError, AttributeError) as error:
+                self._left_out(raw, "unreadable (%s: %s)" % (type(error).__name__, error))
+                continue
+            if node is not None:
+                found.append(node)
         return sorted(found, key=lambda node: node.name)
+
+    def _node(self, raw, now):
+        record = json.loads(raw)
+        signed = record.get("node")
+        if not signed_by(self.signing_key, signed, record.get("sig")):
+            self._left_out(raw, "not signed with the cluster's key (a node with another "
+                                "api token, an older version, or not a node at all)")
+            return None
+        data = json.loads(signed)
+        smtp = data.get("smtp")
+        name, api_url = data["name"], data["api_url"]
+        if not isinstance(name, str) or not name or not isinstance(api_url, str):
+            raise ValueError("no name or api_url")
+        heartbeat = float(record["heartbeat"])
+        return Node(name=name, api_url=api_url, smtp=str(smtp) if smtp else None,
+                    version=str(data.get("version", "")),
+                    started=float(data.get("started") or 0), heartbeat=heartbeat,
+                    age=max(0.0, now - heartbeat))
+
+    def _left_out(self, raw, why):
+        """Log an entry left out of the view, once per entry and reason."""
+        said = (raw, why)
+        if said not in self._said:
+            self._said.add(said)
+            log.warning("cluster: a registry entry in %s is left out: %s: %s",
+                        self.key.decode("utf-8", "replace"), why,
+                        printable(str(raw[:200] if isinstance(raw, (str, bytes)) else raw)))
 
     def close(self):
         self.client.close()

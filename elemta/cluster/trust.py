@@ -1,7 +1,8 @@
 """Which registered nodes this node trusts with its api token and its drained mail.
 
-Used by elemta.cluster.peers (before a request carries the api token) and by
-elemtactl drain (before a message is handed to a node found in the registry). The
+Used by elemta.cluster.peers (before a request carries the api token), by elemtactl
+drain (before a message is handed to a node found in the registry) and by the smtpd's
+handover listeners (which talk to no client outside them). The
 registry is only as private as the store: whoever can write to it could register a
 node whose API URL or SMTP address is his own, and collect the token or the mail.
 So a node's address must lie in cluster.peer_networks (by default relay.mynetworks,
@@ -37,6 +38,13 @@ class PeerNetworks:
             address = address.ipv4_mapped
         return any(address in network for network in self.networks
                    if network.version == address.version)
+
+    def holds_text(self, text):
+        """holds() of an address as text (a zone dropped); False when it is none."""
+        try:
+            return self.holds(ipaddress.ip_address(text.split("%", 1)[0]))
+        except ValueError:
+            return False
 
     def address(self, host, port):
         """The IP address (text) to connect to for host: host itself when it is an

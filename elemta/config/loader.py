@@ -463,6 +463,11 @@ class _Checker:
                 self.refuse_across(mode_path, "%s requires AUTH before MAIL: set "
                                    "auth.credentials_file" % listener.mode,
                                    [("auth", "credentials_file"), ("auth", "backend")])
+            if listener.mode == "handover" and not (config.api.token_file
+                                                    or config.api.token):
+                self.refuse_across(mode_path, "handover logs the nodes in with the "
+                                   "cluster's api token: set api.token_file",
+                                   [("api", "token_file")])
             endpoint = (ipaddress.ip_address(listener.address), listener.port)
             if endpoint in first_on:
                 other = first_on[endpoint]

@@ -40,7 +40,9 @@ from elemta.plugins.settings import (ARCSettings, AuthResSettings, ClamAVSetting
                                      RateLimitSettings, RHSBLSettings, RspamdSettings,
                                      SenderDomainSettings, SPFSettings, authres_runs)
 
-LISTENER_MODES = ("smtp", "submission", "smtps")
+# The listener the cluster's nodes hand a drained node's mail over to.
+HANDOVER = "handover"
+LISTENER_MODES = ("smtp", "submission", "smtps", HANDOVER)
 LINE_ENDING_POLICIES = ("reject", "normalize")
 EIGHT_BIT_POLICIES = ("reject", "accept")
 SYNC_METHODS = ("syncfs", "fsync")
@@ -232,8 +234,16 @@ class Listener:
                        _ip_address)
     port: int = opt(2525, "TCP port: usually 25 for smtp, 587 for submission, 465 for smtps.",
                     _port)
-    mode: str = opt("smtp", "smtp (MX and relay), submission (AUTH required before MAIL) "
-                            "or smtps (implicit TLS, AUTH required before MAIL).",
+    mode: str = opt("smtp", "smtp (MX and relay), submission (AUTH required before MAIL), "
+                            "smtps (implicit TLS, AUTH required before MAIL) or handover "
+                            "(where the other nodes of a cluster hand over a drained "
+                            "node's mail: it talks only to clients in "
+                            "cluster.peer_networks and relays only for the one that logs "
+                            "in with the cluster's hand-over credential, derived from the "
+                            "api token, which the nodes use by themselves; so "
+                            "relay.mynetworks need not hold the nodes. Postfix: a second "
+                            "smtpd in master.cf with -o smtpd_client_restrictions="
+                            "permit_sasl_authenticated,reject).",
                     _one_of(LISTENER_MODES))
 
 
@@ -1252,23 +1262,33 @@ class ClusterSettings:
               "and postscreen cache).", _store_url)
     password_file: Optional[str] = opt(
         None, "File whose first line is the store's password (Redis AUTH, or "
-              "\"user password\" for an ACL user); keep it readable by master.user alone.")
+              "\"user password\" for an ACL user); keep it readable by master.user alone. Postfix "
+              "has no equivalent (the nearest: the password in a proxymap or "
+              "memcache_table(5) client's configuration).")
     ca_file: Optional[str] = opt(None, "PEM CA certificates that sign a rediss:// store's "
-                                       "certificate (unset: the system's).")
+                                       "certificate (unset: the system's). Postfix has no "
+                                       "equivalent (memcache_table(5) has no TLS).")
     key_prefix: str = opt("elemta:", "Prefix of every key Elemta writes, so one store can "
-                                     "serve several clusters or programs.")
+                                     "serve several clusters or programs. Postfix has no "
+                                     "equivalent (memcache_table(5)'s key_format is the "
+                                     "nearest).")
     timeout: float = opt(0.25, "Seconds one store operation (connecting included) may "
-                               "take before the check falls back (cluster.store_failure).",
+                               "take before the check falls back (cluster.store_failure). "
+                               "Postfix has no equivalent (memcache_table(5)'s timeout "
+                               "is the nearest).",
                          _positive)
     retry_interval: float = opt(5.0, "Seconds after a failed operation before the store "
-                                     "is tried again; meanwhile checks fall back at once.",
+                                     "is tried again; meanwhile checks fall back at once. "
+                                     "Postfix has no equivalent (memcache_table(5)'s "
+                                     "retry_pause is the nearest).",
                                 _positive)
     store_failure: str = opt(
         "local", "What a check does while the store cannot be reached or is too slow: "
                  "local (use this node's own state, so mail keeps flowing with counts of "
                  "this node alone) or tempfail (refuse what the check guards with 451 "
                  "4.3.0: 421 at connect, 454 4.7.0 to AUTH). The DNSBL cache always falls back to the local "
-                 "cache. Logged once per outage.", _one_of(STORE_FAILURE_POLICIES))
+                 "cache. Logged once per outage. Postfix has no equivalent (postscreen and "
+                 "anvil(8) keep their state on each host).", _one_of(STORE_FAILURE_POLICIES))
     node_name: Optional[str] = opt(
         None, "This node's name in the cluster view (elemtactl --cluster, "
               "/api/v1/cluster/...). Unset: the host name. Two nodes must never share "
@@ -1294,7 +1314,8 @@ class ClusterSettings:
     handover_address: Optional[str] = opt(
         None, "Where the other nodes hand this node mail over SMTP when they are drained "
               "(elemtactl drain), as host:port or [address]:port, registered in the store "
-              "with the node. Unset: the first smtp listener (with the host name when its "
+              "with the node. Unset: the first handover listener (listeners' mode "
+              "handover), else the first smtp listener (with the host name when its "
               "address is a wildcard); none: the node takes no handed-over mail. Postfix "
               "has no equivalent.", _handover_address)
     peer_networks: Tuple[str, ...] = opt(
@@ -1302,9 +1323,11 @@ class ClusterSettings:
             "in. A registered node whose address (resolved when it is a name) is outside "
             "them gets neither the api token (the cluster view names it as not "
             "answering) nor drained mail, so whoever can write to the store cannot "
-            "collect either by registering an address of his own. Empty: "
-            "relay.mynetworks, which must hold the nodes anyway (a node relays the mail "
-            "another hands it). Postfix has no equivalent.", _networks)
+            "collect either by registering an address of his own (nor can he without "
+            "the api token: registrations are signed with a key derived from it). A "
+            "handover listener talks to no client outside them. Keep them to the "
+            "nodes' own network (the pod network in Kubernetes). Empty: "
+            "relay.mynetworks. Postfix has no equivalent.", _networks)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from elemta import metrics
+from elemta.cluster.trust import PeerNetworks
 from elemta.config.loader import auth_configured
+from elemta.config.schema import HANDOVER
 from elemta.content.checks import ContentChecks
 from elemta.milter.chain import configured as configured_milters
 from elemta.milter.chain import facts_of as milter_facts
@@ -33,6 +35,7 @@ from elemta.smtpd.certwatch import CertificateWatch
 from elemta.smtpd.clientcount import ClientCounts
 from elemta.smtpd.clientnet import client_group
 from elemta.smtpd.committer import GroupCommitter
+from elemta.smtpd.handoverauth import HandoverAuthenticator
 from elemta.smtpd.policy import RelayPolicy
 from elemta.smtpd.senderlogin import SenderLogins
 from elemta.smtpd.session import Session
@@ -51,8 +54,11 @@ def protocol_settings(config, listener, tls_ready, auth_ready):
         bare_line_endings=s.bare_line_endings, undeclared_8bit=s.undeclared_8bit,
         starttls_available=tls_ready and listener.mode != "smtps",
         implicit_tls=listener.mode == "smtps",
-        auth_available=auth_ready, auth_plaintext=config.auth.allow_plaintext,
-        auth_required=listener.mode in ("submission", "smtps"),
+        # A handover listener always offers its own AUTH, in plain text too: the nodes
+        # may have no certificate (elemta.smtpd.handoverauth says why that is safe).
+        auth_available=auth_ready or listener.mode == HANDOVER,
+        auth_plaintext=config.auth.allow_plaintext or listener.mode == HANDOVER,
+        auth_required=listener.mode in ("submission", "smtps", HANDOVER),
         pipelining_test=config.protocol_tests.pipelining_enable and listener.mode == "smtp",
         report_unknown_commands=any(entry.smtp for entry in config.milters))
 
@@ -79,6 +85,9 @@ class SMTPServer:
         self.content_checks = ContentChecks(config.content)
         self.authenticator = (Authenticator(config.auth) if auth_configured(config.auth)
                               else None)
+        # The handover listeners': the cluster's nodes alone, from cluster.peer_networks.
+        self.handover_authenticator = HandoverAuthenticator(config)
+        self.peer_networks = PeerNetworks.of(config)
         # The certificate, swapped for a renewed one by the worker's watch.
         self.certificates = CertificateWatch(config)
         # Plugins and their DNS, once per worker (after fork); closed by stop().
@@ -151,6 +160,11 @@ class SMTPServer:
             return self._refuse(sock, listener, client_ip, "Service not available: this "
                                 "node is being drained, try another", "draining",
                                 status="4.3.2")
+        if listener.mode == HANDOVER and not self.peer_networks.holds_text(client_ip):
+            metrics.CONNECTIONS.labels(listener.mode, "refused_not_peer").inc()
+            return self._refuse(sock, listener, client_ip, "Error: this port takes mail "
+                                "from the cluster's nodes only", "cluster_peer_networks",
+                                status="4.7.1")
         if self.sessions >= limits.connections_per_worker:
             metrics.CONNECTIONS.labels(listener.mode, "refused_worker_limit").inc()
             return self._refuse(sock, listener, client_ip, "Error: too many connections",

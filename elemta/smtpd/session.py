@@ -53,6 +53,7 @@ from elemta.queue.model import Envelope, Hold, Recipient
 from elemta.queue.queue import log_queued
 from elemta.restrictions.catalogue import CORE_REFUSALS, PLUGIN_STAGES, stage_of_command
 from elemta.restrictions.protocoltests import ProtocolTests
+from elemta.config.schema import HANDOVER
 from elemta.smtp.events import (CLOSED, NEED_DATA, AuthRequest, DataAborted, DataChunk,
                                 DataStart, Helo, ImproperPipelining, MailFrom,
                                 MessageReceived, RcptTo, StartTLS, UnknownCommand)
@@ -120,6 +121,9 @@ class Session:
         self.client_ip = address[0]
         self.client = "unknown[%s]" % self.client_ip
         self.listener = listener
+        # Users log in on the other listeners; the cluster's nodes on handover ones.
+        self.authenticator = (server.handover_authenticator if listener.mode == HANDOVER
+                              else server.authenticator)
         self.proto = ServerProtocol(settings)
         self.timeouts = server.config.timeouts
         self.tls_info = None
@@ -412,8 +416,8 @@ class Session:
     def on_helo(self, event):
         self.ctx.helo = event.name
         self.ctx.esmtp = event.esmtp
-        if self.server.authenticator is not None:
-            self.proto.offer_auth_mechanisms(self.server.authenticator.mechanisms())
+        if self.authenticator is not None:
+            self.proto.offer_auth_mechanisms(self.authenticator.mechanisms())
         self.ctx.new_transaction()
         if (self._refused_by_plugins("helo", "HELO")
                 or self._refused_by_milters(lambda m: m.helo(), "helo", "HELO")):
@@ -793,7 +797,7 @@ class Session:
         credentials, 454 4.7.0 when it cannot decide now (Dovecot unreachable: the
         client should try again later, not think its password wrong)."""
         name = printable(event.username)    # the client's: printable, in <> in the log
-        result = self.server.authenticator.authenticate(
+        result = self.authenticator.authenticate(
             self.client_ip, self._local_ip(), event.mechanism, event.username,
             event.password, self.proto.tls_active)
         attempts = metrics.AUTH_ATTEMPTS
@@ -806,6 +810,10 @@ class Session:
                      else " as %s" % printable(result.user))
             self.ctx.auth_user = result.user
             self.ctx.auth_method = self.auth_method = event.mechanism
+            if self.listener.mode == HANDOVER:
+                # A node of the cluster: as a mynetworks client was, it is no stranger
+                # to be rate-limited or screened (it relays what it already accepted).
+                self.ctx.trusted = True
             if self._refused_by_plugins("auth", "AUTH"):
                 self.ctx.auth_user = self.ctx.auth_method = None
                 return
