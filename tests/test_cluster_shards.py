@@ -74,7 +74,7 @@ def test_counts_spread_over_the_shards_are_all_kept(shards):
     assert clients[1].verdicts(queries + ["x.bl.test"]) == dict.fromkeys(
         queries, ["127.0.0.2"])
     # The node registry: one key, one slot.
-    registry = Registry(connect(settings), "elemta:")
+    registry = Registry(connect(settings), "elemta:", b"the cluster's key")
     registry.register("node-a", "http://127.0.0.2:8025", "1", time.time(), 30,
                       smtp="127.0.0.2:25")
     assert [(n.name, n.smtp) for n in registry.nodes()] == [("node-a", "127.0.0.2:25")]

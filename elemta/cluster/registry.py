@@ -40,7 +40,8 @@ redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(node))
 return tostring(now)
 """
 
-# Returns {the store's time, {JSON of each live node}}; forgets the dead ones.
+# Returns {the store's time, {name, JSON, name, JSON... of the live nodes}}; forgets the
+# dead ones.
 _NODES = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
@@ -49,6 +50,7 @@ local live = {}
 for i = 1, #all, 2 do
   local ok, node = pcall(cjson.decode, all[i + 1])
   if ok and type(node) == 'table' and tonumber(node['expires'] or 0) > now then
+    table.insert(live, all[i])
     table.insert(live, all[i + 1])
   else
     redis.call('HDEL', KEYS[1], all[i])
@@ -100,21 +102,21 @@ class Registry:
         now, live = self._nodes(keys=[self.key])
         now = float(now)
         found = []
-        for raw in live:
+        for field, raw in zip(live[::2], live[1::2]):
             try:
-                node = self._node(raw, now)
+                node = self._node(field, raw, now)
             except (ValueError, TypeError, KeyError, AttributeError) as error:
-                self._left_out(raw, "unreadable (%s: %s)" % (type(error).__name__, error))
+                self._left_out(field, "unreadable (%s: %s)" % (type(error).__name__, error))
                 continue
             if node is not None:
                 found.append(node)
         return sorted(found, key=lambda node: node.name)
 
-    def _node(self, raw, now):
+    def _node(self, field, raw, now):
         record = json.loads(raw)
         signed = record.get("node")
         if not signed_by(self.signing_key, signed, record.get("sig")):
-            self._left_out(raw, "not signed with the cluster's key (a node with another "
+            self._left_out(field, "not signed with the cluster's key (a node with another "
                                 "api token, an older version, or not a node at all)")
             return None
         data = json.loads(signed)
@@ -122,20 +124,26 @@ class Registry:
         name, api_url = data["name"], data["api_url"]
         if not isinstance(name, str) or not name or not isinstance(api_url, str):
             raise ValueError("no name or api_url")
+        if name != _text(field):
+            raise ValueError("registered as %r, signed as %r" % (_text(field), name))
         heartbeat = float(record["heartbeat"])
         return Node(name=name, api_url=api_url, smtp=str(smtp) if smtp else None,
                     version=str(data.get("version", "")),
                     started=float(data.get("started") or 0), heartbeat=heartbeat,
                     age=max(0.0, now - heartbeat))
 
-    def _left_out(self, raw, why):
+    def _left_out(self, field, why):
         """Log an entry left out of the view, once per entry and reason."""
-        said = (raw, why)
+        said = (field, why)
         if said not in self._said:
             self._said.add(said)
-            log.warning("cluster: a registry entry in %s is left out: %s: %s",
-                        self.key.decode("utf-8", "replace"), why,
-                        printable(str(raw[:200] if isinstance(raw, (str, bytes)) else raw)))
+            log.warning("cluster: registry entry %s in %s is left out: %s",
+                        printable(_text(field)[:200]),
+                        self.key.decode("utf-8", "replace"), why)
 
     def close(self):
         self.client.close()
+
+
+def _text(field):
+    return field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field)
