@@ -216,6 +216,82 @@ def test_cluster_queue_view_acts_on_every_node_and_names_the_silent(cluster):
     assert out.endswith("Released from hold: 2 messages\n")
 
 
+def defer(node, queue_id, seconds=3600):
+    """Record a failed delivery attempt of queue_id on node, as its delivery worker would
+    (the nodes run none): deferred, next try in `seconds`."""
+    with node.queue() as queue:
+        assert [r.queue_id for r in queue.claim_ids("test", [queue_id], 60)] == [queue_id]
+        queue.record_attempt("test", queue_id, {0: ("deferred", "451 4.3.0 try later",
+                                                    "relay.test")},
+                             time.time() + seconds, "451 4.3.0 try later")
+
+
+def record(node, queue_id):
+    with node.queue() as queue:
+        return queue.get(queue_id)
+
+
+def test_cluster_list_flush_and_actions_by_id_change_each_node(cluster):
+    ids = {}
+    for name, node in cluster.items():
+        assert send(node, "%s@sender.test" % name) == 250
+        ids[name] = node.queued_ids()[0]
+        defer(node, ids[name])
+    a, b, c = cluster["node-a"], cluster["node-b"], cluster["node-c"]
+
+    # mailq's layout, one block per node (issue 19 review: this crashed with exit 70).
+    status, out, err = elemtactl(a, "list")
+    assert (status, err) == (0, ""), err
+    for name, queue_id in ids.items():
+        block = out.split("Node %s:\n" % name, 1)[1].split("\nNode ", 1)[0]
+        assert block.startswith("-Queue ID-"), out
+        assert queue_id in block and "%s@sender.test" % name in block, out
+        assert "(451 4.3.0 try later)" in block and "b@example.test" in block, out
+        assert block.rstrip("\n").endswith("-- 0 Kbytes in 1 Request."), out
+    # A filter a node refuses is a refusal (exit 64), not a node "missing".
+    status, out, err = elemtactl(a, "list", "--older-than", "-5s")
+    assert status in (2, 64) and "did not answer" not in err, (status, out, err)
+
+    # --cluster queue flush: every node's deferred mail due now.
+    status, out, err = elemtactl(b, "flush")
+    assert (status, err) == (0, ""), err
+    assert out == "".join("%s: Due now: 1 message\n" % name for name in sorted(cluster)) \
+        + "Due now: 3 messages\n", out
+    for name, node in cluster.items():
+        assert record(node, ids[name]).next_attempt <= time.time()
+
+    # The REST form of the same, after the messages were put back to wait an hour.
+    for name, node in cluster.items():
+        with node.queue() as queue:
+            list(queue.hold([ids[name]]))
+            list(queue.release([ids[name]], now=time.time() + 3600))
+        assert record(node, ids[name]).next_attempt > time.time() + 3000
+    status, flushed = api(c, "POST", "/queue/flush")
+    assert status == 200 and flushed["flushed"] == 3 and flushed["complete"], flushed
+    assert {name: answer["flushed"] for name, answer in flushed["nodes"].items()} == \
+        dict.fromkeys(cluster, 1)
+    for name, node in cluster.items():
+        assert record(node, ids[name]).next_attempt <= time.time()
+
+    # By id through the REST API of another node: the node that has it acts.
+    queue_id = ids["node-b"]
+    status, held = api(a, "POST", "/queue/%s/hold" % queue_id)
+    assert (status, held["node"], held["changed"]) == (200, "node-b", True), held
+    assert record(b, queue_id).state == "hold"
+    status, released = api(c, "POST", "/queue/%s/release" % queue_id)
+    assert (status, released["node"], released["changed"]) == (200, "node-b", True)
+    assert record(b, queue_id).state == "deferred"
+    with b.queue() as queue:
+        list(queue.hold([queue_id]))
+        list(queue.release([queue_id], now=time.time() + 3600))
+    status, flushed = api(a, "POST", "/queue/%s/flush" % queue_id)
+    assert (status, flushed["node"], flushed["changed"]) == (200, "node-b", True)
+    assert record(b, queue_id).next_attempt <= time.time()
+    assert record(a, ids["node-a"]).state == record(c, ids["node-c"]).state == "deferred"
+    status, body = api(a, "POST", "/queue/%s/hold" % ("0" * len(queue_id)))
+    assert status == 404, body
+
+
 def test_store_killed_and_restarted_keeps_the_mail_and_the_view_returns(cluster, store):
     a, b = cluster["node-a"], cluster["node-b"]
     for name, node in cluster.items():

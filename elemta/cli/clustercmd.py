@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from elemta.cli.config_finder import find_config
 from elemta.cli.failure import Failure
 from elemta.cli.queuecmd import ACTIONS, Output, write_mailq, write_summary
+from elemta.queue.listing import listed_from_json
 from elemta.util.text import printable
 
 PROG = "elemtactl"
@@ -155,7 +156,7 @@ def cluster_list(view, args, out):
     names = sorted(set(by_node) | {n.name for n in view.live_nodes()} - silent)
     for n, node in enumerate(names):
         out.write("%sNode %s:\n" % ("\n" if n else "", printable(node)))
-        write_mailq(out, by_node.get(node, []))
+        write_mailq(out, map(listed_from_json, by_node.get(node, [])))
     return listing["missing"]
 
 

@@ -16,8 +16,6 @@ See also: elemta.cluster.peers, elemta.cluster.registry, elemta.api.queue_routes
 
 from typing import Dict, Iterator, List, Optional
 
-from elemta.cluster.peers import NodeFailure
-
 API = "/api/v1"
 # Messages per page asked of each node when a listing is read whole (elemtactl).
 WHOLE_PAGE = 1000
@@ -133,7 +131,8 @@ class ClusterView:
                 asked["cursor"] = cursor
             status, answer = self.peers.request(node, "GET", API + "/queue", asked)
             if status != 200:
-                raise NodeRefused(_error_text(answer))
+                raise NodeRefused("node %s answered %d: %s" % (node.name, status,
+                                                               _error_text(answer)))
             for message in answer["messages"]:
                 yield dict(message, node=node.name)
             cursor = answer["next_cursor"]
@@ -190,9 +189,11 @@ class ClusterView:
         return _with_missing(merged, missing)
 
 
-class NodeRefused(NodeFailure):
+class NodeRefused(Exception):
     """A node refused the request itself (a 4xx: a filter it does not take); the same
-    request would be refused by every node of the same version."""
+    request would be refused by every node of the same version. Not a NodeFailure: the
+    node answered, so it is not named as missing; the refusal goes to the caller
+    (Peers.each lets it through)."""
 
 
 def _raise_refusal(other: Dict[str, tuple], ignore=()):
