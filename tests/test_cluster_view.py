@@ -23,6 +23,10 @@ import time
 
 import pytest
 
+from elemta.cluster.credential import registry_key
+from elemta.cluster.registry import Registry
+from elemta.config.schema import ClusterSettings
+from elemta.sharedstate.redisstore import connect
 from tests import api_fuzz
 from tests.harness import REPO, free_port, wait_for
 from tests.peers import redis as redis_peer
@@ -231,7 +235,61 @@ def record(node, queue_id):
         return queue.get(queue_id)
 
 
-def test_cluster_list_flush_and_actions_by_id_change_each_node(cluster):
+class OlderNode:
+    """A node registered in the store (signed, inside peer_networks) whose REST API
+    refuses the listing with 400, as a node of another version may."""
+
+    def __init__(self, store):
+        import http.server
+        import threading
+        asked = self.asked = []
+
+        class Refusing(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                asked.append(self.path)
+                body = json.dumps({"error": "unknown parameter limit"}).encode()
+                self.send_response(400)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.HTTPServer(("127.0.0.5", 0), Refusing)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.registry = Registry(connect(ClusterSettings(store=store.url)), "elemta:",
+                                 registry_key(TOKEN.encode()))
+
+    def __enter__(self):
+        self.thread.start()
+        self.registry.register("node-old", "http://127.0.0.5:%d" % self.server.server_port,
+                               "0.1", time.time(), 60)
+        return self
+
+    def __exit__(self, *exc_info):
+        self.registry.client.hdel(b"elemta:nodes", "node-old")
+        self.registry.close()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_cluster_list_flush_and_actions_by_id_change_each_node(cluster, store):
+    # What each node registered: where its API and its SMTP are, its version, and a
+    # heartbeat that keeps coming.
+    from elemta import __version__
+    status, first = api(cluster["node-a"], "GET", "/nodes")
+    assert status == 200 and first["complete"]
+    for listed in first["nodes"]:
+        node = cluster[listed["name"]]
+        assert (listed["api_url"], listed["smtp_address"], listed["version"],
+                listed["answers"]) == ("http://%s:%d" % (node.address, node_api_port(node)),
+                                       "%s:%d" % (node.address, node.port), __version__,
+                                       True)
+        assert abs(listed["last_heartbeat"] - time.time()) < TTL
+    wait_for(lambda: all(
+        later["last_heartbeat"] > earlier["last_heartbeat"] for earlier, later in zip(
+            first["nodes"], api(cluster["node-b"], "GET", "/nodes")[1]["nodes"])), 20)
     ids = {}
     for name, node in cluster.items():
         assert send(node, "%s@sender.test" % name) == 250
@@ -244,13 +302,18 @@ def test_cluster_list_flush_and_actions_by_id_change_each_node(cluster):
     assert (status, err) == (0, ""), err
     for name, queue_id in ids.items():
         block = out.split("Node %s:\n" % name, 1)[1].split("\nNode ", 1)[0]
-        assert block.startswith("-Queue ID-"), out
+        assert block.startswith("-------Queue ID------ --Size--"), out
         assert queue_id in block and "%s@sender.test" % name in block, out
         assert "(451 4.3.0 try later)" in block and "b@example.test" in block, out
         assert block.rstrip("\n").endswith("-- 0 Kbytes in 1 Request."), out
-    # A filter a node refuses is a refusal (exit 64), not a node "missing".
-    status, out, err = elemtactl(a, "list", "--older-than", "-5s")
-    assert status in (2, 64) and "did not answer" not in err, (status, out, err)
+    # A node that refuses the listing (a 4xx: one of another version, say) is named
+    # with its refusal (exit 64), not as a node that did not answer.
+    with OlderNode(store) as older:
+        status, out, err = elemtactl(a, "list")
+    assert (status, out) == (64, ""), (status, out, err)
+    assert err == "elemtactl: --cluster: node node-old answered 400: unknown parameter " \
+                  "limit\n", err
+    assert older.asked and older.asked[0].startswith("/api/v1/queue?")
 
     # --cluster queue flush: every node's deferred mail due now.
     status, out, err = elemtactl(b, "flush")
