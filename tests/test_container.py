@@ -222,16 +222,23 @@ def test_shipped_container_configs_are_valid(tmp_path, source):
         text = f.read()
     if source.endswith("configmap.yaml"):
         text = YAML().load(text)["data"]["elemta.yaml"]
-    token = tmp_path / "api-token"
-    token.write_text("a-test-token\n")
-    token.chmod(0o600)
-    text = text.replace("/run/secrets/elemta/api-token", str(token))
+    text = with_test_secrets(text, tmp_path)
     config = tmp_path / "elemta.yaml"
     config.write_text(text)
     result = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "elemta"), "--config", str(config),
          "--check-config"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def with_test_secrets(text, directory):
+    """text with the Secret's files (as mounted in the pod) replaced by test files."""
+    for name, value in (("api-token", "a-test-token"), ("valkey-password", "a-password")):
+        secret = directory / name
+        secret.write_text(value + "\n")
+        secret.chmod(0o600)
+        text = text.replace("/run/secrets/elemta/" + name, str(secret))
+    return text
 
 
 def liveness_command(port):
@@ -268,6 +275,7 @@ def test_the_secret_template_holds_no_usable_token():
     with open(os.path.join(REPO, "deploy/kubernetes/secret.yaml")) as f:
         secret = YAML().load(f)
     assert secret["stringData"]["api-token"] == ""
+    assert secret["stringData"]["valkey-password"] == ""
 
 
 def statefulset_pod():
@@ -285,12 +293,8 @@ def test_the_init_container_gives_each_pod_its_name_and_api_url(tmp_path):
         "POD_NAME": "metadata.name", "POD_IP": "status.podIP"}
     with open(os.path.join(REPO, "deploy/kubernetes/configmap.yaml")) as f:
         text = YAML(typ="safe").load(f)["data"]["elemta.yaml"]
-    token = tmp_path / "api-token"
-    token.write_text("a-test-token\n")
-    token.chmod(0o600)
     (tmp_path / "template").mkdir()
-    (tmp_path / "template" / "elemta.yaml").write_text(
-        text.replace("/run/secrets/elemta/api-token", str(token)))
+    (tmp_path / "template" / "elemta.yaml").write_text(with_test_secrets(text, tmp_path))
     (tmp_path / "config").mkdir()
     command = init["command"][-1].replace("/etc/elemta-template", str(tmp_path / "template"))
     command = command.replace("/etc/elemta", str(tmp_path / "config"))
@@ -303,7 +307,7 @@ def test_the_init_container_gives_each_pod_its_name_and_api_url(tmp_path):
     written = tmp_path / "config" / "elemta.yaml"
     cluster = YAML(typ="safe").load(written.read_text())["cluster"]
     assert (cluster["node_name"], cluster["api_url"], cluster["handover_address"]) == (
-        "elemta-1", "http://10.244.3.9:8025", "10.244.3.9:2525")
+        "elemta-1", "http://10.244.3.9:8025", "10.244.3.9:2526")
     assert cluster["store"] == "redis://elemta-valkey:6379/0"
     checked = subprocess.run([os.path.join(bin_dir, "elemta"), "--config", str(written),
                               "--check-config"], capture_output=True, text=True, timeout=60)
@@ -326,3 +330,62 @@ def test_the_pre_stop_hook_drains_within_the_grace_period():
     from elemta.cli.control import STOP_MARGIN
     assert pod["terminationGracePeriodSeconds"] > (
         args.timeout + config["master"]["stop_grace"] + STOP_MARGIN)
+
+
+def manifest(name):
+    with open(os.path.join(REPO, "deploy/kubernetes", name)) as f:
+        return list(YAML(typ="safe").load_all(f))
+
+
+def test_the_manifests_open_no_relay_and_lock_the_store():
+    """The review of issue 19: no pod of the pod network may relay (mynetworks is the
+    pod's loopback; the pods hand over mail on a handover listener, with the cluster's
+    credential); peer_networks is set, and narrowly; Valkey asks a password from the
+    Secret with protected mode on; NetworkPolicies keep the handover listener, the api
+    and Valkey to the Elemta pods."""
+    import ipaddress
+    config = YAML(typ="safe").load(manifest("configmap.yaml")[0]["data"]["elemta.yaml"])
+    loopback = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+    for network in config["relay"]["mynetworks"]:
+        network = ipaddress.ip_network(network)
+        assert any(network.version == lo.version and network.subnet_of(lo)
+                   for lo in loopback), network
+    peers = [ipaddress.ip_network(n) for n in config["cluster"]["peer_networks"]]
+    assert peers and all(n.is_private and n.prefixlen >= 8 for n in peers), peers
+    modes = {listener["mode"]: listener["port"] for listener in config["listeners"]}
+    assert modes == {"smtp": 2525, "handover": 2526}
+    pod = statefulset_pod()
+    assert 'cluster.handover_address="$POD_IP:2526"' in pod["initContainers"][0][
+        "command"][-1]
+    # The store's password: a file of the Secret the pod mounts.
+    secret_keys = set(manifest("secret.yaml")[0]["stringData"])
+    mounted = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    password_file = config["cluster"]["password_file"]
+    assert os.path.dirname(password_file) == mounted["secrets"]
+    assert os.path.basename(password_file) in secret_keys
+    valkey, valkey_service, valkey_policy = manifest("valkey.yaml")
+    container = valkey["spec"]["template"]["spec"]["containers"][0]
+    start = " ".join(container["command"] + container["args"])
+    assert "requirepass" in start and "--protected-mode yes" in start, start
+    assert "--protected-mode no" not in start
+    assert {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"],
+                        e["valueFrom"]["secretKeyRef"]["key"]) for e in container["env"]
+            }["VALKEY_PASSWORD"] == ("elemta-secrets", "valkey-password")
+    assert valkey_policy["spec"]["ingress"] == [{
+        "from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "elemta"}}}],
+        "ports": [{"port": 6379}]}]
+    # The Elemta pods: SMTP and the api (published) from anywhere; hand-over only from
+    # Elemta pods.
+    [policy] = manifest("networkpolicy.yaml")
+    assert policy["spec"]["podSelector"] == {
+        "matchLabels": {"app.kubernetes.io/name": "elemta"}}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    open_ports = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
+    assert open_ports == [{"ports": [{"port": 2525}, {"port": 8025}]}]
+    assert [rule for rule in policy["spec"]["ingress"] if {"port": 2526} in rule["ports"]
+            ] == [{"from": [{"podSelector": {"matchLabels": {
+                "app.kubernetes.io/name": "elemta"}}}], "ports": [{"port": 2526}]}]
+    # The public Service publishes SMTP and the api, never the handover port.
+    service = manifest("service.yaml")[0]
+    assert 2526 not in [p.get("targetPort") for p in service["spec"]["ports"]]
+    assert "handover" not in [p.get("targetPort") for p in service["spec"]["ports"]]
