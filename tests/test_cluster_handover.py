@@ -184,3 +184,13 @@ def test_a_malformed_entry_is_left_out_and_the_others_stay(store):
         assert 0 <= nodes[0].age < 5 and nodes[0].heartbeat > 1.6e9
     finally:
         registry.close()
+
+
+def test_a_handover_listener_without_an_api_token_is_a_configuration_error(tmp_path):
+    from elemta.config import ConfigError, load_config
+    path = tmp_path / "elemta.yaml"
+    path.write_text("listeners:\n  - {address: 127.0.0.1, port: 2526, mode: handover}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(str(path))
+    assert "%s:2: listeners[0].mode: handover logs the nodes in with the cluster's api " \
+           "token: set api.token_file" % path in str(refused.value), str(refused.value)

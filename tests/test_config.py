@@ -231,7 +231,7 @@ ERROR_CASES = {
     "bad listener mode": (
         "listeners:\n  - port: 2525\n  - port: 2526\n    mode: lmtp\n", 4,
         '[[listeners]]\nport = 2525\n[[listeners]]\nport = 2526\nmode = "lmtp"\n', 5,
-        "listeners[1].mode", "must be one of smtp, submission, smtps, not 'lmtp'"),
+        "listeners[1].mode", "must be one of smtp, submission, smtps, handover, not 'lmtp'"),
     "port 70000": (
         "listeners:\n  - address: 0.0.0.0\n    port: 70000\n", 3,
         '[[listeners]]\naddress = "0.0.0.0"\nport = 70000\n', 3,

@@ -5,10 +5,11 @@ drain (before a message is handed to a node found in the registry) and by the sm
 handover listeners (which talk to no client outside them). The
 registry is only as private as the store: whoever can write to it could register a
 node whose API URL or SMTP address is his own, and collect the token or the mail.
-So a node's address must lie in cluster.peer_networks (by default relay.mynetworks,
-which holds the nodes anyway: they relay for each other), and the connection goes to
-the very address that was checked, so a name cannot resolve one way for the check and
-another way for the connection.
+Registrations are signed (elemta.cluster.credential), which keeps out whoever has not
+the api token; on top of that a node's address must lie in cluster.peer_networks (by
+default relay.mynetworks), and the connection goes to the very address that was
+checked, so a name cannot resolve one way for the check and another way for the
+connection.
 See also: elemta.cluster.registry, man/elemta.conf.5 (cluster.peer_networks).
 """
 

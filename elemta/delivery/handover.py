@@ -18,8 +18,10 @@ carries one goes only to a peer that offers DSN.
 Spread hands a pass's messages to several peers in turn (a drain in a cluster: the
 live nodes of the registry), passing over a peer that cannot be reached.
 
-The peer must take the mail as a relay: the nodes of a cluster list each other in
-relay.mynetworks (elemta(8), Running a cluster).
+The peer must take the mail as a relay: its handover listener does for a client that
+logs in with the cluster's credential (the new_client the caller gives carries it:
+elemta.cli.draincmd), an smtp listener only for its relay.mynetworks (elemta(8),
+Running a cluster).
 See also: elemta.queue.draining, elemta.delivery.smtp_transport (the same client for
 ordinary delivery).
 """

@@ -8,11 +8,16 @@ run, so each message is a known triplet, as most mail is) and every rate limit o
 ratelimit restriction (connections, messages and recipients per client, messages and
 recipients per sender; limits far above the load). Then smtp-source sends BENCH_MESSAGES
 (2000) 5 KB messages, one per connection, from 20 sessions spread over the nodes at
-once, and the script reads redis-server's INFO commandstats before and after: the
-calls per command, per message accepted. The nodes' heartbeat is set to an hour so
-their registration does not count; the DNSBL cache and AUTH failure counts are not in
-this load (no DNSBL, no AUTH). Printed: store operations per message, messages per
-second per node, and the node count one store core serves at STORE_OPS_PER_SECOND.
+once, and the script reads redis-server's INFO commandstats and INFO cpu before and
+after: the calls per command per message accepted, and the CPU seconds redis-server
+spent (used_cpu_sys + used_cpu_user, less what it spends idle, measured for IDLE_SECONDS
+before the load) per message. The nodes' heartbeat is set to an hour so their
+registration does not count; the DNSBL cache and AUTH failure counts are not in this
+load (no DNSBL, no AUTH). Printed: store commands and store CPU per message, messages
+per second per node, and from the CPU measured, how many messages a second one store
+core can take and how many nodes that is at this load's rate and at BUSY_NODE_RATE.
+Mind that the nodes share the machine's cores with redis-server here: the store's CPU
+per message is the figure that carries to a bigger site, not the rate.
 Needs root and smtp-source (the postfix package) and redis-server.
 
 Environment: BENCH_MESSAGES, BENCH_NODES, BENCH_KEEP=1 keeps the temp dir.
@@ -39,9 +44,8 @@ SESSIONS = 20
 MESSAGE_BYTES = 5120
 SENDER = "sender@bench.test"
 RECIPIENT = "rcpt@bench.test"
-# What one store core does with small commands and scripts: an estimate (redis-benchmark
-# gives 100k-200k simple ops/s per core; Lua scripts cost more than a GET).
-STORE_OPS_PER_SECOND = 100000
+# Seconds redis-server is watched idle before the load: its own timers' CPU, subtracted.
+IDLE_SECONDS = 5.0
 # A busy node's intake (Postfix's relay rate on this kind of machine, ../shared/peers.md).
 BUSY_NODE_RATE = 1000
 # Commands that are ours (the benchmark's INFO), not the nodes'.
@@ -91,6 +95,24 @@ def command_calls(store):
             if name[len("cmdstat_"):] not in OURS}
 
 
+def cpu_seconds(store):
+    """CPU seconds redis-server has used (user and system), from INFO cpu."""
+    import redis
+    client = redis.Redis(port=store.port)
+    try:
+        stats = client.info("cpu")
+    finally:
+        client.close()
+    return float(stats["used_cpu_sys"]) + float(stats["used_cpu_user"])
+
+
+def idle_cpu_rate(store):
+    """CPU seconds per second redis-server uses with nothing to do (its serverCron)."""
+    first = cpu_seconds(store)
+    time.sleep(IDLE_SECONDS)
+    return (cpu_seconds(store) - first) / IDLE_SECONDS
+
+
 def drive(nodes, count):
     """smtp-source to every node at once, count/len(nodes) messages each; the seconds."""
     share = count // len(nodes)
@@ -130,11 +152,14 @@ def main():
         for index in range(node_count):
             nodes.append(start_node(scratch, "node-%d" % index, ADDRESSES[index], store.url))
         pass_greylisting(nodes)
+        idle = idle_cpu_rate(store)
         before, queued_before = command_calls(store), accepted(nodes)
+        cpu_before = cpu_seconds(store)
         seconds = drive(nodes, count)
+        cpu = cpu_seconds(store) - cpu_before - idle * seconds
         after = command_calls(store)
         messages = accepted(nodes) - queued_before
-        report(before, after, messages, seconds, node_count)
+        report(before, after, messages, seconds, node_count, max(cpu, 0.0))
     finally:
         for node in nodes:
             node.stop()
@@ -146,7 +171,7 @@ def main():
     return 0
 
 
-def report(before, after, messages, seconds, node_count):
+def report(before, after, messages, seconds, node_count, cpu):
     calls = {name: after[name] - before.get(name, 0) for name in after
              if after[name] != before.get(name, 0)}
     total = sum(calls.values())
@@ -163,12 +188,18 @@ def report(before, after, messages, seconds, node_count):
           % (total, per_message))
     for name in sorted(calls, key=calls.get, reverse=True):
         print("  %-12s %8d  %.2f per message" % (name, calls[name], calls[name] / messages))
-    for label, rate in (("at this rate", per_node_rate), ("at %d msg/s per node"
-                                                          % BUSY_NODE_RATE, BUSY_NODE_RATE)):
-        per_node = per_message * rate
-        print("one store core at ~%d commands/s (an estimate) serves about %d nodes %s "
-              "(%.0f commands/s each)" % (STORE_OPS_PER_SECOND,
-                                          STORE_OPS_PER_SECOND // per_node, label, per_node))
+    cpu_per_message = cpu / messages
+    print("store CPU: %.3f s for the load (%.0f%% of one core while it ran), %.1f "
+          "microseconds per message" % (cpu, 100.0 * cpu / seconds, 1e6 * cpu_per_message))
+    if not cpu_per_message:
+        print("(too little store CPU to measure: send more messages)")
+        return
+    core_rate = 1.0 / cpu_per_message
+    print("one store core, measured: about %.0f messages/s (%.0f commands/s)"
+          % (core_rate, core_rate * per_message))
+    for label, rate in (("at this load's rate", per_node_rate),
+                        ("at %d msg/s per node" % BUSY_NODE_RATE, BUSY_NODE_RATE)):
+        print("  serves about %d nodes %s" % (core_rate // rate, label))
 
 
 if __name__ == "__main__":
