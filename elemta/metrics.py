@@ -330,7 +330,8 @@ def _make():
         # smtpd
         CONNECTIONS=counter(
             "elemta_smtpd_connections", "SMTP connections by listener mode and outcome "
-            "(accepted, refused_draining, refused_worker_limit, refused_client_limit).",
+            "(accepted, refused_draining, refused_not_peer, refused_worker_limit, "
+            "refused_client_limit).",
             ("mode", "outcome")),
         SESSIONS_OPEN=Gauge(
             "elemta_smtpd_sessions_open", "SMTP sessions open now, by listener mode.",

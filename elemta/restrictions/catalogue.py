@@ -77,6 +77,11 @@ _CHECK_REPLIES = ("550 5.7.1 for REJECT (DISCARD, HOLD, REDIRECT: 250); 451 4.3.
 CORE_CHECKS = (
     CoreCheck("draining", "connect", "none (stopping the smtpd service in master.cf)", "",
               "421 4.3.2 while elemtactl drain has the node take no new mail"),
+    CoreCheck("cluster_peer_networks", "connect", "mynetworks and "
+              "smtpd_client_restrictions = permit_mynetworks, reject on a master.cf "
+              "smtpd of its own", "cluster.peer_networks",
+              "421 4.7.1 on a handover listener to a client outside cluster.peer_networks",
+              lambda config: any(l.mode == "handover" for l in config.listeners)),
     CoreCheck("worker_connection_limit", "connect", "default_process_limit",
               "limits.connections_per_worker", "421 4.7.0 too many connections"),
     CoreCheck("client_connection_limit", "connect", "smtpd_client_connection_count_limit",
