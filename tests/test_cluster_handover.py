@@ -68,9 +68,10 @@ def cluster(elemta_server, store):
     registry = Registry(connect(ClusterSettings(store=store.url)), "elemta:",
                         registry_key(TOKEN.encode()))
     wait_for(lambda: sorted(n.name for n in registry.nodes()) == sorted(nodes), 30)
-    # Each registered its handover listener, not its port 25.
-    assert {n.name: n.smtp for n in registry.nodes()} == {
-        name: "%s:%d" % (server.address, port) for name, (server, port) in nodes.items()}
+    # Each registered its handover listener, not its port 25, as one to log in to.
+    assert {n.name: (n.smtp, n.smtp_login) for n in registry.nodes()} == {
+        name: ("%s:%d" % (server.address, port), True)
+        for name, (server, port) in nodes.items()}
     registry.close()
     return nodes
 
@@ -179,8 +180,8 @@ def test_a_malformed_entry_is_left_out_and_the_others_stay(store):
                 "node": payload, "sig": sign(key, payload), "heartbeat": 1e12,
                 "expires": 1e12}))
         nodes = registry.nodes()
-        assert [(n.name, n.api_url, n.smtp, n.version) for n in nodes] == [
-            ("node-a", "http://127.0.0.2:8025", "127.0.0.2:2526", "1")]
+        assert [(n.name, n.api_url, n.smtp, n.smtp_login, n.version) for n in nodes] == [
+            ("node-a", "http://127.0.0.2:8025", "127.0.0.2:2526", False, "1")]
         assert 0 <= nodes[0].age < 5 and nodes[0].heartbeat > 1.6e9
     finally:
         registry.close()

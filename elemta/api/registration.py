@@ -37,6 +37,7 @@ class Heartbeat:
         self.name = identity.node_name(config)
         self.api_url = identity.api_url(config)
         self.smtp = identity.handover_address(config)
+        self.smtp_login = identity.handover_logs_in(config)
         self.started = time.time()
         self.interval, self.ttl, self.timeout = (cluster.heartbeat_interval,
                                                  cluster.node_ttl, cluster.timeout)
@@ -56,7 +57,8 @@ class Heartbeat:
         try:
             with gevent.Timeout(self.timeout):
                 in_pool(self._pool, self.registry.register, self.name, self.api_url,
-                        identity.VERSION, self.started, self.ttl, self.smtp)
+                        identity.VERSION, self.started, self.ttl, self.smtp,
+                        self.smtp_login)
         except gevent.Timeout:
             self._failed("no answer within %gs" % self.timeout)
         except Exception as error:      # redis.RedisError, OSError: any failure is one

@@ -147,11 +147,13 @@ def _running_note(spool_dir):
     return ""
 
 
-def _handover(config, queue, target, name=None):
-    """A Handover to target; it logs in with the hand-over credential where the peer
-    offers AUTH, also in plain text (a handover listener takes it only from
-    cluster.peer_networks, and it is worth nothing but relaying there: where the network
-    can be overheard, give the nodes certificates and it goes over STARTTLS)."""
+def _handover(config, queue, target, name=None, login=True):
+    """A Handover to target. With login (a peer's handover listener, or --to: the admin's
+    choice) it logs in with the hand-over credential when the peer offers AUTH, also in
+    plain text (a handover listener takes it only from cluster.peer_networks, and it is
+    worth nothing but relaying there: where the network can be overheard, give the nodes
+    certificates and it goes over STARTTLS). Without, the peer must have this node in
+    its relay.mynetworks, as its smtp listener's AUTH is its users'."""
     from elemta.cluster.credential import HANDOVER_LOGIN, handover_password
     from elemta.delivery.handover import Handover
     from elemta.delivery.smtp_client import SMTPClient, TLSPolicy
@@ -159,7 +161,8 @@ def _handover(config, queue, target, name=None):
     from elemta.util.apitoken import read_token
     delivery = config.delivery
     token, _ = read_token(config.api)
-    credentials = None if token is None else (HANDOVER_LOGIN, handover_password(token))
+    credentials = None if token is None or not login \
+        else (HANDOVER_LOGIN, handover_password(token))
     return Handover(queue, target, lambda: SMTPClient(
         config.hostname, timeouts=client_timeouts(delivery),
         tls=TLSPolicy(delivery.tls_level), credentials=credentials,
@@ -221,7 +224,7 @@ class _ClusterPeers:
                     node.name, printable(str(error))))
                 continue
             handovers.append(_handover(self.config, self.queue, (address, port),
-                                       name=node.name))
+                                       name=node.name, login=node.smtp_login))
         for problem in problems:
             self._once("drain: " + problem, error=True)
         if not handovers:

@@ -46,3 +46,16 @@ def handover_address(config):
             if listener.mode == mode:
                 return "%s:%d" % (_reachable_host(listener.address), listener.port)
     return None
+
+
+def handover_logs_in(config):
+    """True when the hand-over address is a handover listener of this node (the same
+    port), where the others log in with the cluster's credential; False when it is an
+    smtp listener, which relays for them only through relay.mynetworks (and may offer
+    AUTH to its users, which the hand-over login is not)."""
+    address = handover_address(config)
+    if not address:
+        return False
+    port = address.rsplit(":", 1)[-1]
+    return any(listener.mode == "handover" and str(listener.port) == port
+               for listener in config.listeners)

@@ -3,9 +3,10 @@
 Used by the api process, whose heartbeat (elemta.api.registration) calls register()
 every cluster.heartbeat_interval, and by whoever shows the cluster view (nodes()).
 All nodes live in one HASH, prefix + "nodes": field = node name, value = JSON
-{node, sig, heartbeat, expires}: node is the JSON text of {name, api_url, smtp, version,
-started} (smtp is where the node takes mail handed over by a drained node,
-cluster.handover_address, or null) and sig its HMAC with the cluster's registry key
+{node, sig, heartbeat, expires}: node is the JSON text of {name, api_url, smtp, login,
+version, started} (smtp is where the node takes mail handed over by a drained node,
+cluster.handover_address, or null; login is true when that is a handover listener,
+where the others log in with the cluster's credential) and sig its HMAC with the cluster's registry key
 (elemta.cluster.credential): an entry that is not signed with it, or that cannot be
 read, is left out of nodes() and logged, so neither a rogue registration (whoever can
 write to the store but has not the api token) nor a malformed one can take the token,
@@ -70,6 +71,7 @@ class Node:
     heartbeat: float            # its last registration (the store's clock)
     age: float                  # seconds since then (the store's clock)
     smtp: Optional[str] = None  # "host:port" taking drained nodes' mail, or None
+    smtp_login: bool = False    # smtp is a handover listener: log in there
 
     def to_json(self):
         return {"name": self.name, "api_url": self.api_url, "smtp_address": self.smtp,
@@ -90,10 +92,11 @@ class Registry:
         self._nodes = client.register_script(_NODES)
         self._said = set()          # the entries already logged as left out
 
-    def register(self, name, api_url, version, started, ttl, smtp=None):
+    def register(self, name, api_url, version, started, ttl, smtp=None, smtp_login=False):
         """Say that node `name` lives, for `ttl` seconds from now."""
         node = json.dumps({"name": name, "api_url": api_url, "smtp": smtp,
-                           "version": version, "started": started}, sort_keys=True)
+                           "login": bool(smtp_login), "version": version,
+                           "started": started}, sort_keys=True)
         record = json.dumps({"node": node, "sig": sign(self.signing_key, node)})
         self._register(keys=[self.key], args=[name, record, ttl])
 
@@ -128,6 +131,7 @@ class Registry:
             raise ValueError("registered as %r, signed as %r" % (_text(field), name))
         heartbeat = float(record["heartbeat"])
         return Node(name=name, api_url=api_url, smtp=str(smtp) if smtp else None,
+                    smtp_login=data.get("login") is True,
                     version=str(data.get("version", "")),
                     started=float(data.get("started") or 0), heartbeat=heartbeat,
                     age=max(0.0, now - heartbeat))
