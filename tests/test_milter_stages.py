@@ -31,22 +31,22 @@ def port():
 
 
 def sent_after(milter, command):
-    """The commands the milter got after the first `command` of its last session."""
+    """The commands the milter got after the last `command` of its last session."""
     sequence = milter.sequence()
-    return sequence[sequence.index(command) + 1:]
+    return sequence[sequence.rindex(command) + 1:]
 
 
 # ---- refusals at every stage ------------------------------------------------------------
 
 def test_a_reply_code_at_helo_is_the_reply_to_helo(elemta_server, port):
-    script = {b"H": [reply(b"c"), reply(b"y", b"550 5.7.1 Not with that name\x00")]}
+    script = {b"H": [reply(b"y", b"550 5.7.1 Not with that name\x00")]}
     with ScriptedMilter(port, script) as milter:
         server = milter_server(elemta_server, milter)
         with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
             code, text = smtp.ehlo("bad.client.test")
     assert (code, text.decode()) == (550, "5.7.1 Not with that name")
-    assert ("NOQUEUE: reject: EHLO from unknown[127.0.0.1]: 550 5.7.1 Not with that "
-            "name") in server.log()
+    assert ("NOQUEUE: reject: HELO from unknown[127.0.0.1]: 550 5.7.1 Not with that "
+            "name; proto=SMTP helo=<bad.client.test> (milter m0)") in server.log()
     assert "milter m0: HELO from unknown[127.0.0.1]: reject: 550 5.7.1" in server.log()
 
 
@@ -66,6 +66,7 @@ def test_a_refusal_in_the_content_ends_the_message_there(elemta_server, port, co
     assert replies[-1] == expected
     assert server.queued_ids() == []
     # Nothing more of the message went to the milter: it decided.
+    assert milter.sequence().count(command) == len(script)
     assert re.sub(b"[AQ]", b"", sent_after(milter, command)) == b"", milter.sequence()
     assert re.search(r"[0-9A-Z]+: milter m0: %s from unknown\[127\.0\.0\.1\]: (reject|"
                      r"tempfail)" % stage, server.log())
