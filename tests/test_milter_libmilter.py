@@ -7,6 +7,7 @@ envelope and content, the held state, the log.
 """
 
 import os
+import smtplib
 
 import pytest
 
@@ -109,7 +110,6 @@ def test_custom_reply_codes_at_rcpt_and_helo(server, libmilter):
     assert [r.address for r in server.message(queue_id)[0].recipients] == [
         "b@example.test"]
     assert "macro i=%s" % queue_id in libmilter.told()
-    import smtplib
     with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
         code, text = smtp.ehlo("refused.test")
     assert (code, text.decode()) == (554, "5.7.1 HELO refused by libmilter")
