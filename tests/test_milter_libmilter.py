@@ -36,7 +36,7 @@ def message(*actions, subject="hello"):
 @pytest.fixture
 def server(elemta_server, libmilter):
     return milter_server(elemta_server, {"socket": libmilter.address, "name": "libmilter"},
-                         content_timeout=1)
+                         content_timeout=2)
 
 
 def header_lines(content):
@@ -86,7 +86,7 @@ def test_quarantine_holds_it_with_the_reason(server):
 
 
 def test_progress_keeps_it_past_content_timeout(server):
-    # 2.4 s of work against content_timeout 1 s, a PROGRESS every 0.4 s.
+    # 3 s of work against content_timeout 2 s, a PROGRESS every 0.3 s.
     queue_id = queue_id_of(send(server, message("progress", "headers")))
     assert b"X-Added: by libmilter" in header_lines(server.message(queue_id)[1])
     assert "failed at" not in server.log()

@@ -17,7 +17,7 @@ X-Test-Action value is one action (several fields: several actions, in order):
     add-rcpt-par add <par@elsewhere.test> with the ESMTP parameter NOTIFY=NEVER
     chgfrom      change the sender to <bounces@sender.test>
     quarantine   hold it, reason "held by libmilter"
-    progress     PROGRESS every 0.4 s for 2.4 s before answering
+    progress     PROGRESS every 0.3 s for 3 s before answering
     reject       550 5.7.1 Rejected by libmilter (a custom reply code)
     tempfail     451 4.7.0 Try again, said libmilter
     reject-rcpt  (at RCPT, for a recipient whose local part is "refused") 550 5.1.1
@@ -94,8 +94,8 @@ class TestMilter(Milter.Base):
             elif action == "quarantine":
                 self.quarantine("held by libmilter")
             elif action == "progress":
-                for _ in range(6):
-                    time.sleep(0.4)
+                for _ in range(10):
+                    time.sleep(0.3)
                     self.progress()
             elif action == "reject":
                 self.setreply("550", "5.7.1", "Rejected by libmilter")
