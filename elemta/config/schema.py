@@ -617,7 +617,9 @@ class AuthSettings:
 class LimitSettings:
     """Bounds on what one client may ask of the server."""
     message_size: int = opt(31457280, "Largest message accepted, in bytes (SIZE); larger "
-                                      "messages get 552 5.3.4.", _positive)
+                                      "messages get 552 5.3.4. A milter's replacement "
+                                      "body larger than this is not taken: 451 4.3.4, "
+                                      "logged naming the milter.", _positive)
     recipients: int = opt(1000, "Recipients accepted per message; more get 452 4.5.3 "
                                 "(Postfix's smtpd_recipient_limit). Local submissions "
                                 "too: sendmail refuses more (exit 65) and pickup removes "
@@ -1379,7 +1381,9 @@ class MilterDefaults:
 
     Metrics: elemta_milter_verdicts_total{milter,stage,action} (every answer of every
     milter: stage connect, helo, mail, rcpt, data, header, eoh, body or eom; action
-    continue, accept, reject, tempfail, reply, discard, quarantine or skip),
+    continue, accept, reject, tempfail (a reply code counts as one of these two by its
+    class), discard, quarantine (a message held at the end of message counts once, as
+    this) or skip),
     elemta_milter_failures_total{milter,stage,kind} (the milter was given up for the
     session and its default_action applied; kind connect: refused or nothing listens,
     timeout: connecting, writing or waiting for an answer took longer than its timeout,
@@ -1464,7 +1468,8 @@ class MilterEntry:
     recipient it adds is queued as given, past the relay rules, as Postfix does (the
     milter is the admin's); a message left with no recipient is refused (550 5.7.1).
     RSET or a refused transaction sends ABORT; the end of the session QUIT. The milter
-    sees the message without the Received header Elemta adds."""
+    sees the Received header Elemta adds as the first header field, as Postfix's milters
+    see Postfix's."""
     socket: str = opt("", "Where the milter listens: inet:host:port or unix:/path, as in "
                           "Postfix's smtpd_milters.", _milter_socket)
     name: str = opt("", "Its name in the log and the metrics' milter label; \"\": the "
