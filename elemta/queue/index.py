@@ -152,13 +152,18 @@ def address_domain(address):
     return address.rpartition("@")[2].lower() if "@" in address else ""
 
 
+# json.dumps(value, separators=(",", ":")) without making a JSONEncoder per call: a record
+# (and a spool file's envelope line, elemta.queue.store) is encoded for every message.
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode_record(record):
     data = envelope_to_dict(record.envelope)
     for name in _RECORD_FIELDS:
         data[name] = getattr(record, name)
     if record.hold is not None:
         data["hold"] = record.hold.to_dict()
-    return json.dumps(data, separators=(",", ":")).encode("ascii")
+    return compact_json(data).encode("ascii")
 
 
 def decode_record(raw):
