@@ -122,25 +122,24 @@ def open_queue(args, create_index: bool = False):
     return Queue.from_config(config.queue, spool_dir=spool_dir)
 
 
-def open_index(args):
-    """The queue index alone, for the listing (queue list, mailq): the Queue facade's
-    imports (its priority rules need the configuration schema) would cost a listing of
-    thousands of messages again. No configuration is read when --spool-dir is given and
-    there is no configuration file: only the spool's own index is needed then."""
-    from elemta.queue.index import DEFAULT_MAP_SIZE, INDEX_NAME, QueueIndex, index_exists
+def open_reader(args):
+    """The queue opened for the listing alone (elemta.queue.reader.QueueReader): queue
+    list and mailq start in a fraction of the Queue facade's time. No configuration is
+    read when --spool-dir is given and there is no configuration file: only the spool's
+    index is needed then."""
+    from elemta.queue.reader import QueueReader
     if args.spool_dir and config_path(getattr(args, "config", None)) is None:
-        spool_dir, map_size = args.spool_dir, DEFAULT_MAP_SIZE
+        spool_dir, settings = args.spool_dir, {}
     else:
         config = _config(args)
         spool_dir = args.spool_dir or config.queue.spool_dir
-        map_size = config.queue.index_map_size
+        settings = {"map_size": config.queue.index_map_size}
     spool_dir = _usable_spool(spool_dir)
-    path = os.path.join(spool_dir, INDEX_NAME)
-    if not index_exists(path):
+    if not QueueReader.has_index(spool_dir):
         raise Failure(EX_NOINPUT, "queue: no index in %s; rebuild it with: %s queue "
                                   "reindex" % (spool_dir, PROG))
     become_spool_owner(spool_dir)
-    return QueueIndex(path, map_size)
+    return QueueReader(spool_dir, **settings)
 
 
 def _config(args):
@@ -271,15 +270,11 @@ def cmd_list(args) -> int:
         else:
             write_mailq(out, map(listed_from_json, listing))
     else:
-        from elemta.queue.listing import iter_listed, iter_records
-        index = open_index(args)
-        try:
+        with open_reader(args) as queue:
             if args.json:
-                _write_json_lines(out, map(record_to_json, iter_records(index, selection)))
+                _write_json_lines(out, map(record_to_json, queue.records_matching(selection)))
             else:
-                write_mailq(out, iter_listed(index, selection))
-        finally:
-            index.close()
+                write_mailq(out, queue.listed_matching(selection))
     out.flush()
     return EX_OK
 
