@@ -38,8 +38,9 @@ HEADINGS = ("-------Queue ID------", "--Size--", "---Arrival Time----",
             "--Sender/Recipient------")
 HEADING_FORMAT = "%-21s %8s %-19s %s\n"
 SENDER_FORMAT = "%-21s %8d %19.19s %s\n"
-# The same line from asctime()'s text up to the minute and the seconds (%d truncates).
-MINUTE_SENDER_FORMAT = "%-21s %8d %s%02d %s\n"
+# The same line after a separator, from asctime()'s text up to the minute and the
+# seconds (%d truncates).
+MINUTE_SENDER_FORMAT = "%s%-21s %8d %s%02d %s\n"
 RECIPIENT_INDENT = " " * (ID_WIDTH + 1 + 8 + 1 + 19 + 1)
 REASON_COLUMN = 76          # a "(reason)" line ends at column 78, as in Postfix
 STATUS_MARK = {"active": "*", "hold": "!"}
@@ -343,28 +344,33 @@ def write_mailq(out: Output, listing: Iterable) -> None:
     count = total_size = 0
     lines: List[str] = []
     append = lines.append
-    minute_texts = _MINUTE_TEXTS
+    minute_texts = _MINUTE_TEXTS        # float minutes find their int keys: equal hashes
     reason_lines: Dict[str, str] = {}
+    separator = HEADING_FORMAT % HEADINGS
     for queue_id, state, size, arrival, sender, recipients in listing:
-        append("\n" if count else HEADING_FORMAT % HEADINGS)
-        prefix = minute_texts.get(int(arrival // 60)) or _minute_text(arrival)
+        prefix = minute_texts.get(arrival // 60) or _minute_text(arrival)
         if prefix is None:
-            append(SENDER_FORMAT % (queue_id + STATUS_MARK.get(state, ""), size,
-                                    asctime(arrival), sender or NULL_SENDER))
+            head = separator + SENDER_FORMAT % (queue_id + STATUS_MARK.get(state, ""), size,
+                                                asctime(arrival), sender or NULL_SENDER)
         else:
-            append(MINUTE_SENDER_FORMAT % (queue_id + STATUS_MARK.get(state, ""), size,
-                                           prefix, arrival % 60, sender or NULL_SENDER))
-        shown_reason = ""
-        for address, reason in recipients:
-            if reason != shown_reason:
-                shown_reason = reason
-                line = reason_lines.get(reason)
-                if line is None:
-                    text = reason or "reason unavailable"
-                    line = reason_lines[reason] = "%*s(%s)\n" % (
-                        max(0, REASON_COLUMN - len(text)), "", text)
-                append(line)
-            append(RECIPIENT_INDENT + address + "\n")
+            head = MINUTE_SENDER_FORMAT % (separator, queue_id + STATUS_MARK.get(state, ""),
+                                           size, prefix, arrival % 60, sender or NULL_SENDER)
+        separator = "\n"
+        if len(recipients) == 1 and not recipients[0][1]:
+            append(head + RECIPIENT_INDENT + recipients[0][0] + "\n")  # no reason shown
+        else:
+            append(head)
+            shown_reason = ""
+            for address, reason in recipients:
+                if reason != shown_reason:
+                    shown_reason = reason
+                    line = reason_lines.get(reason)
+                    if line is None:
+                        text = reason or "reason unavailable"
+                        line = reason_lines[reason] = "%*s(%s)\n" % (
+                            max(0, REASON_COLUMN - len(text)), "", text)
+                    append(line)
+                append(RECIPIENT_INDENT + address + "\n")
         count += 1
         total_size += size
         if len(lines) >= 4096:
