@@ -124,8 +124,8 @@ def open_queue(args, create_index: bool = False):
 
 
 def open_reader(args):
-    """The queue opened for the listing alone (elemta.queue.reader.QueueReader): queue
-    list and mailq start in a fraction of the Queue facade's time. No configuration is
+    """The queue opened for reading alone (elemta.queue.reader.QueueReader): queue list,
+    mailq and queue summary start in a fraction of the Queue facade's time. No configuration is
     read when --spool-dir is given and there is no configuration file: only the spool's
     index is needed then."""
     from elemta.queue.reader import QueueReader
@@ -764,7 +764,7 @@ def parse_priority(text: str) -> int:
 
 def cmd_summary(args) -> int:
     """queue summary: messages and Kbytes per state, then qshape's domain-by-age table."""
-    with open_queue(args) as queue:
+    with open_reader(args) as queue:
         shape = queue.summarise(_selection(args), by_sender=args.sender_domains)
     out = Output()
     if args.json:

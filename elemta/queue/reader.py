@@ -1,10 +1,12 @@
-"""The queue opened for reading only: what `elemtactl queue list` and mailq need.
+"""The queue opened for reading only: what `elemtactl queue list`, mailq and `elemtactl
+queue summary` need.
 
 A listing of a big queue is mostly start-up and the loop over the listing view; the Queue
 facade (elemta.queue.queue) would add the imports of everything it does besides (its
 priority rules need the configuration schema), which cost as much as listing thousands of
-messages. QueueReader opens the index alone and lists through elemta.queue.listing, the
-same code the facade's records_matching and listed_matching run.
+messages. QueueReader opens the index alone and lists and counts through
+elemta.queue.listing, the same code the facade's records_matching, listed_matching and
+summarise run.
 See also: elemta.queue.queue (every other use of the queue), elemta.cli.queuecmd.
 """
 
@@ -41,6 +43,11 @@ class QueueReader:
     def listed_matching(self, selection: listing.Selection) -> Iterator[Listed]:
         """As Queue.listed_matching."""
         return listing.iter_listed(self._index, selection)
+
+    def summarise(self, selection: listing.Selection, by_sender: bool = False
+                  ) -> listing.Shape:
+        """As Queue.summarise."""
+        return listing.summarise(self._index, selection, by_sender=by_sender)
 
     def close(self):
         self._index.close()
