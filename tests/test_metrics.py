@@ -595,6 +595,8 @@ def test_sessions_are_counted_by_how_they_ended(elemta_server, tmp_path, monkeyp
                            protocol_tests={"greet_wait": 0.5, "greet_action": "drop"})
     wait_for(lambda: healthy(api_port))
     before = session_endings(api_port)      # the fixture's own probe, say
+    failed_handshakes = value(scrape(api_port)[0],
+                              "elemta_smtpd_tls_handshake_failures_total")
 
     for _ in range(2):
         with smtplib.SMTP("127.0.0.1", server.port) as smtp:
@@ -632,6 +634,9 @@ def test_sessions_are_counted_by_how_they_ended(elemta_server, tmp_path, monkeyp
         now = session_endings(api_port)
         return {k: now[k] - before.get(k, 0) for k in now if now[k] != before.get(k, 0)}
     wait_for(lambda: grown() == expected)
+    # The one failed STARTTLS handshake, and no other, is counted as one.
+    assert value(scrape(api_port)[0], "elemta_smtpd_tls_handshake_failures_total") == \
+        failed_handshakes + 1
 
 
 def test_deliveries_by_transport_and_the_notices_sent(elemta_server, tmp_path, monkeypatch):
@@ -789,6 +794,12 @@ def test_delivery_sessions_by_tls_version_and_tls_failures(elemta_server, tmp_pa
                                and counted())
         version = {tls for tls, transport in sessions if tls != "none"}   # (tls, transport)
         assert sessions == {("none", "smtp"): 1, (version.pop(), "smtp"): 1}
+        # Each transaction timed: the two messages handed over (the strict domain's
+        # session ended before one began).
+        samples, _ = scrape(api_port)
+        assert value(samples, "elemta_delivery_attempt_seconds_count") == 2
+        assert value(samples, "elemta_delivery_attempt_seconds_sum") > 0
+        assert value(samples, "elemta_delivery_attempt_seconds_bucket", le="+Inf") == 2
         assert secure.sessions[0].tls and not plain.sessions[0].tls
         # The strict domain's mail waits: TLS is required, and its host offers none.
         assert strict.messages == []
