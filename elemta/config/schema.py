@@ -755,7 +755,12 @@ class QueueSettings:
 @dataclass(frozen=True)
 class LoggingSettings:
     """Where log lines go."""
-    level: str = opt("info", "Least severe level logged: debug, info, warning, error.",
+    level: str = opt("info", "Least severe level logged: debug, info, warning, error. "
+                             "Postfix has no log level (it always logs what info logs "
+                             "here); its nearest are debug_peer_list with "
+                             "debug_peer_level and -v in master.cf, which add detail for "
+                             "chosen peers or services, as debug adds detail (outbound "
+                             "SMTP replies, AUTH, DANE) for all of them.",
                      _one_of(LOG_LEVELS))
     target: str = opt("stderr", "stderr, syslog (to /dev/log), journal (systemd-journald's "
                                 "native protocol, to journal_socket: each line an entry "
@@ -773,7 +778,8 @@ class LoggingSettings:
                                 "Postfix logs to syslog, or with maillog_file to a file; "
                                 "it has no journal target.", _log_target)
     syslog_facility: str = opt("mail", "Syslog facility when target is syslog or journal "
-                                       "(the journal's SYSLOG_FACILITY).",
+                                       "(the journal's SYSLOG_FACILITY). Postfix's "
+                                       "syslog_facility (default mail).",
                                _one_of(SYSLOG_FACILITIES))
     journal_socket: str = opt(
         "/run/systemd/journal/socket", "journald's native socket, when target is journal "
