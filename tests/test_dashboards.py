@@ -224,8 +224,10 @@ def scraped_after(prometheus, moment):
     wait_for(scraped, timeout=30)
 
 
-# Panels the test's traffic cannot move, and why; every other panel's query must give a
-# value above 0 (and every query a finite one).
+# Panels the test's traffic cannot move, by title: the reason why; every other panel's
+# query must give a value above 0 (and every query a finite one). None today: a panel
+# added here needs a reason a test cannot drive it (a heartbeat kill, say, is a series
+# of Worker restarts, whose crashed series the traffic moves).
 NOT_DRIVEN = {}
 
 
