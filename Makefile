@@ -18,7 +18,7 @@ TEST_WORKERS ?= 2
 # bench, pflogsumm to read our text log as Postfix's) or lint with (mandoc; promtool from
 # prometheus and amtool from prometheus-alertmanager check monitoring/; pebble is the ACME
 # server of the certificate tests, redis-server the shared store of the cluster tests).
-APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd clamav-daemon clamav-milter bsd-mailx dovecot-core dovecot-lmtpd dovecot-imapd postgresql zsh postfwd postfix-policyd-spf-python socat pflogsumm prometheus-alertmanager pebble redis-server unbound ldnsutils
+APT_PACKAGES := postfix swaks libnet-ssleay-perl openssl mandoc python3-venv ca-certificates nsd prometheus opendkim opendkim-tools rspamd clamav-daemon clamav-milter bsd-mailx dovecot-core dovecot-lmtpd dovecot-imapd postgresql zsh postfwd postfix-policyd-spf-python socat pflogsumm prometheus-alertmanager pebble redis-server unbound ldnsutils python3-milter
 
 .PHONY: run test test-minimum constraints bench profile chaos fuzz clean system-packages venv lint-deploy dashboards
 # Packages before the venv (python3-venv), so never in parallel.

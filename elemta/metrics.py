@@ -224,6 +224,19 @@ def _size(path):
         return 0
 
 
+# ---- what the smtpd labels its connections and sessions with ------------------------------
+
+def listener_labels(listener):
+    """(listener, mode) labels of a configured listener (elemta.config.schema.Listener):
+    its address and port as configured ("127.0.0.1:25", "[::]:587") and its mode (smtp,
+    submission, smtps). Bounded by the configuration, never by who connects; a listener
+    whose address or port changes in a reload is a new series, as it is a new socket."""
+    address = listener.address
+    if ":" in address:
+        address = "[%s]" % address
+    return "%s:%d" % (address, listener.port), listener.mode
+
+
 # ---- SMTP replies and what they refuse ----------------------------------------------------
 
 # Commands whose refusal refuses (part of) a message.
@@ -329,13 +342,15 @@ def _make():
         reply_children={},
         # smtpd
         CONNECTIONS=counter(
-            "elemta_smtpd_connections", "SMTP connections by listener mode and outcome "
-            "(accepted, refused_draining, refused_not_peer, refused_worker_limit, "
+            "elemta_smtpd_connections", "SMTP connections by listener (its address:port), "
+            "its mode (smtp, submission, smtps, handover) and outcome (accepted, "
+            "refused_draining, refused_not_peer, refused_worker_limit, "
             "refused_client_limit).",
-            ("mode", "outcome")),
+            ("listener", "mode", "outcome")),
         SESSIONS_OPEN=Gauge(
-            "elemta_smtpd_sessions_open", "SMTP sessions open now, by listener mode.",
-            ("mode",), multiprocess_mode="livesum", registry=registry),
+            "elemta_smtpd_sessions_open", "SMTP sessions open now, by listener "
+            "(address:port) and its mode.",
+            ("listener", "mode"), multiprocess_mode="livesum", registry=registry),
         REPLIES=counter("elemta_smtpd_replies", "SMTP replies sent, by reply code.",
                         ("code",)),
         MESSAGES_ACCEPTED=counter("elemta_smtpd_messages_accepted",
@@ -364,9 +379,10 @@ def _make():
             "of two reloads serve two.",
             ("file",), multiprocess_mode="livemin", registry=registry),
         SESSIONS=counter(
-            "elemta_smtpd_sessions", "SMTP sessions ended, by listener mode and how they "
-            "ended (quit, timeout, lost, tls_failed, refused, dropped, aborted).",
-            ("mode", "result")),
+            "elemta_smtpd_sessions", "SMTP sessions ended, by listener (address:port), its "
+            "mode and how they ended (quit, timeout, lost, tls_failed, refused, dropped, "
+            "aborted).",
+            ("listener", "mode", "result")),
         AUTH_ATTEMPTS=counter("elemta_smtpd_auth_attempts",
                               "SMTP AUTH credential checks, by mechanism (PLAIN, LOGIN, "
                               "other) and result (success, failure, tempfail, "
@@ -420,7 +436,7 @@ def _make():
             "elemta_scanner_verdicts", "Messages a content scanner judged, by scanner "
             "(clamav, rspamd), its result (clamav: clean, infected, unscanned; rspamd: "
             "no_action, add_header, rewrite_subject, greylist, soft_reject, reject, "
-            "unscanned) and what Elemta did (pass, header, reject, tempfail, hold).",
+            "unknown, unscanned) and what Elemta did (pass, header, reject, tempfail, hold).",
             ("scanner", "result", "action")),
         SCANNER_SECONDS=histogram(
             "elemta_scanner_scan_seconds", "Time one message took a content scanner to "

@@ -735,3 +735,54 @@ def test_priority_of_an_unknown_id_says_so(spool):
     assert (done.returncode, done.stdout, done.stderr) == (
         67, "Priority changed to 5: 0 messages\n",
         "elemtactl: queue: no such message: %s\n" % unknown)
+
+
+# What `elemtactl queue list`, `queue summary` and mailq leave out of their start-up (a big
+# listing used to spend as long starting as listing: issue #20). Modules, not timings.
+UNNEEDED_FOR_READING = ("elemta.config.schema", "elemta.queue.queue", "elemta.cli.topcmd",
+                        "elemta.cli.configcmd", "elemta.cli.pfimport", "gevent",
+                        "prometheus_client", "dkim", "urllib.request")
+
+
+@pytest.mark.parametrize("command", [["elemtactl", "queue", "list"],
+                                     ["elemtactl", "queue", "summary"],
+                                     ["mailq"]])
+def test_reading_the_queue_imports_nothing_it_does_not_use(tmp_path, command):
+    spool = str(tmp_path / "spool")
+    [queue_id] = accept(spool)
+    program, args = command[0], command[1:] + ["--spool-dir", spool]
+    code = ("import sys, io\n"
+            "from elemta.cli import %s as program\n"
+            "real, sys.stdout = sys.stdout, io.TextIOWrapper(io.BytesIO())\n"
+            "status = program.main(%r)\n"
+            "sys.stdout = real\n"
+            "print(status, sorted(m for m in sys.modules if m.split('.')[0] in %r\n"
+            "                     or m in %r))\n"
+            % (program, args, ("gevent", "prometheus_client", "dkim"), UNNEEDED_FOR_READING))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0 []"
+    shown = run(program, *args)        # the same path, its output seen
+    assert shown.returncode == 0
+    assert (queue_id in shown.stdout) == (command[-1] != "summary")
+
+
+def test_queue_commands_parse_as_with_the_whole_parser():
+    """The queue fast path (build_parser(only="queue")) answers usage errors and --help
+    exactly as the parser of every command does."""
+    from elemta.cli import elemtactl
+    for argv in (["queue", "list", "--state", "nosuch"], ["queue", "lst"], ["queue"],
+                 ["--cluster", "queue", "list", "--bogus"], ["queue", "list", "--help"],
+                 ["--config", "x.yaml", "queue", "summary", "--json", "--extra"]):
+        answers = []
+        for parser in (elemtactl.build_parser(), elemtactl.build_parser(only="queue")):
+            try:
+                answers.append(("parsed", sorted(vars(parser.parse_args(argv)))))
+            except elemtactl.Failure as failure:
+                answers.append(("failure", str(failure), failure.code))
+            except SystemExit as exit_:
+                answers.append(("exit", exit_.code))
+        assert answers[0] == answers[1], argv
+    assert elemtactl._fast_command(["--config", "queue", "status"]) is None
+    assert elemtactl._fast_command(["--config=x", "--cluster", "queue", "list"]) == "queue"

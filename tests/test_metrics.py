@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from elemta.metrics import rejection_reason
 from tests.harness import REPO, free_port, wait_for
 from tests.peers.sink import ScriptedServer
+from tests.test_drain import elemtactl
 from tests.test_workers import children_of
 
 BODY = b"Subject: metrics\r\n\r\ncounted\r\n"
@@ -162,8 +163,9 @@ def test_counters_add_up_across_workers_dead_and_alive(elemta_server, tmp_path, 
     # The live sessions' gauge drops once the workers have closed their side.
     tracked = os.path.isdir(os.path.join(server.spool, "metrics"))   # master calls setup()
     stale = 0 if tracked else len(by_worker[victim])   # a dead worker's gauge, unless cleared
+    listener = "127.0.0.1:%d" % server.port      # the listener label: address:port
     wait_for(lambda: value(scrape(api_port)[0], "elemta_smtpd_sessions_open",
-                           mode="smtp") == stale)
+                           listener=listener, mode="smtp") == stale)
     samples, text = scrape(api_port)
 
     def grew(name, **labels):
@@ -177,7 +179,8 @@ def test_counters_add_up_across_workers_dead_and_alive(elemta_server, tmp_path, 
         r.envelope.size for r in records)
     assert value(samples, "elemta_queue_messages", state="incoming") == sent
     assert value(samples, "elemta_queue_messages", state="deferred") == 0
-    assert grew("elemta_smtpd_connections_total", mode="smtp", outcome="accepted") == opened
+    assert grew("elemta_smtpd_connections_total", listener=listener, mode="smtp",
+                outcome="accepted") == opened
     assert grew("elemta_smtpd_replies_total", code="220") == opened
     assert value(samples, "elemta_smtpd_replies_total", code="354") == sent
     assert grew("elemta_smtpd_replies_total", code="221") == quits
@@ -227,7 +230,8 @@ def test_submission_counts_auth_and_tls(elemta_server, tmp_path, monkeypatch, tl
         smtp.login("alice", "wonderland")
         smtp.sendmail("alice@example.test", ["b@elsewhere.test"], BODY)
     samples, _ = scrape(api_port)
-    assert value(samples, "elemta_smtpd_connections_total", mode="submission",
+    assert value(samples, "elemta_smtpd_connections_total",
+                 listener="127.0.0.1:%d" % submission, mode="submission",
                  outcome="accepted") == 1
     assert value(samples, "elemta_smtpd_messages_rejected_total", reason="auth") == 1
     assert labelled(samples, "elemta_smtpd_auth_attempts_total") == {
@@ -269,7 +273,7 @@ for _ in range(CHILDREN):
         for _ in range(EACH):
             metrics.MESSAGES_ACCEPTED.inc()
             metrics.COMMIT_BATCH.observe(2)
-        metrics.SESSIONS_OPEN.labels("smtp").inc()
+        metrics.SESSIONS_OPEN.labels("127.0.0.1:25", "smtp").inc()
         os.write(ready_w, b".")
         time.sleep(60)
         os._exit(0)
@@ -553,7 +557,7 @@ def test_an_unreadable_certificate_costs_the_metric_not_the_worker(tmp_path, cap
 
 
 def session_endings(api_port):
-    """{(mode, result): count} of elemta_smtpd_sessions_total."""
+    """{(listener, mode, result): count} of elemta_smtpd_sessions_total."""
     return labelled(scrape(api_port)[0], "elemta_smtpd_sessions_total")
 
 
@@ -595,6 +599,8 @@ def test_sessions_are_counted_by_how_they_ended(elemta_server, tmp_path, monkeyp
                            protocol_tests={"greet_wait": 0.5, "greet_action": "drop"})
     wait_for(lambda: healthy(api_port))
     before = session_endings(api_port)      # the fixture's own probe, say
+    failed_handshakes = value(scrape(api_port)[0],
+                              "elemta_smtpd_tls_handshake_failures_total")
 
     for _ in range(2):
         with smtplib.SMTP("127.0.0.1", server.port) as smtp:
@@ -624,14 +630,76 @@ def test_sessions_are_counted_by_how_they_ended(elemta_server, tmp_path, monkeyp
     assert b"521 5.5.1 Protocol error" in read_to_end(early)
     early.close()
 
-    expected = {("smtp", "quit"): 2, ("smtp", "lost"): 1, ("smtp", "timeout"): 1,
-                ("smtp", "tls_failed"): 1, ("smtp", "dropped"): 1,
-                ("smtp", "refused"): 1}
+    listener = "127.0.0.1:%d" % server.port
+    expected = {(listener, "smtp", result): count for result, count in (
+        ("quit", 2), ("lost", 1), ("timeout", 1), ("tls_failed", 1), ("dropped", 1),
+        ("refused", 1))}
 
     def grown():
         now = session_endings(api_port)
         return {k: now[k] - before.get(k, 0) for k in now if now[k] != before.get(k, 0)}
     wait_for(lambda: grown() == expected)
+    # The one failed STARTTLS handshake, and no other, is counted as one.
+    assert value(scrape(api_port)[0], "elemta_smtpd_tls_handshake_failures_total") == \
+        failed_handshakes + 1
+
+
+def first_reply(port, source):
+    """The first line a fresh connection from `source` is given (then it hangs up)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                  source_address=(source, 0)) as sock:
+        return sock.makefile("rb").readline().decode()
+
+
+def test_refused_connections_are_counted_by_why(elemta_server, tmp_path, monkeypatch):
+    """A client over limits.connections_per_client, a worker at
+    limits.connections_per_worker, a drained node: each refusal (421) is counted under
+    its outcome and the listener it came to."""
+    api_port = free_port()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    server = elemta_server(smtpd={"hostname": "mx.test", "workers": 1},
+                           relay={"mynetworks": ["192.0.2.0/24"]},   # no 127/8: counted
+                           api={"enabled": True, "port": api_port},
+                           limits={"connections_per_client": 1, "connections_per_worker": 2})
+    wait_for(lambda: healthy(api_port))
+    listener = "127.0.0.1:%d" % server.port
+
+    def connections():          # {outcome: count} on this listener
+        return {outcome: count for (name, mode, outcome), count
+                in labelled(scrape(api_port)[0], "elemta_smtpd_connections_total").items()
+                if name == listener and mode == "smtp"}
+    before = connections()
+
+    def grown():
+        now = connections()
+        return {k: now[k] - before.get(k, 0) for k in now if now[k] != before.get(k, 0)}
+
+    one = greeted("127.0.0.2", server.port)
+    assert first_reply(server.port, "127.0.0.2").startswith(
+        "421 4.7.0 mx.test Error: too many connections from 127.0.0.2")
+    two = greeted("127.0.0.3", server.port)           # the worker's second session
+    assert first_reply(server.port, "127.0.0.4").startswith(
+        "421 4.7.0 mx.test Error: too many connections")
+    wait_for(lambda: grown() == {"accepted": 2, "refused_client_limit": 1,
+                                 "refused_worker_limit": 1})
+    one.close()
+    two.close()
+
+    code, out, err = elemtactl(server, "drain")
+    assert code == 0, (out, err)
+    drained = []                # the smtpd reads the drain flag within a second
+
+    def refused_for_draining():
+        reply = first_reply(server.port, "127.0.0.5")
+        drained.append(reply.startswith("421 4.3.2 "))
+        return drained[-1]
+    wait_for(refused_for_draining)
+    assert first_reply(server.port, "127.0.0.6").startswith("421 4.3.2 ")
+    wait_for(lambda: grown() == {"accepted": 2 + drained.count(False),
+                                 "refused_client_limit": 1, "refused_worker_limit": 1,
+                                 "refused_draining": drained.count(True) + 1})
+    wait_for(lambda: value(scrape(api_port)[0], "elemta_smtpd_sessions_open",
+                           listener=listener, mode="smtp") == 0)
 
 
 def test_deliveries_by_transport_and_the_notices_sent(elemta_server, tmp_path, monkeypatch):
@@ -789,6 +857,12 @@ def test_delivery_sessions_by_tls_version_and_tls_failures(elemta_server, tmp_pa
                                and counted())
         version = {tls for tls, transport in sessions if tls != "none"}   # (tls, transport)
         assert sessions == {("none", "smtp"): 1, (version.pop(), "smtp"): 1}
+        # Each transaction timed: the two messages handed over (the strict domain's
+        # session ended before one began).
+        samples, _ = scrape(api_port)
+        assert value(samples, "elemta_delivery_attempt_seconds_count") == 2
+        assert value(samples, "elemta_delivery_attempt_seconds_sum") > 0
+        assert value(samples, "elemta_delivery_attempt_seconds_bucket", le="+Inf") == 2
         assert secure.sessions[0].tls and not plain.sessions[0].tls
         # The strict domain's mail waits: TLS is required, and its host offers none.
         assert strict.messages == []

@@ -6,7 +6,9 @@ a scripted milter on loopback: a real socket server speaking the protocol, told 
 answer to each command. What is checked is what a user sees (the SMTP replies, the queued
 message and envelope, the log line naming the milter) and what the milter was sent (the
 stages in order, the macros). The real milters (opendkim, clamav-milter, Rspamd's proxy)
-are in tests/test_milter_peers.py.
+are in tests/test_milter_peers.py, every action against libmilter in
+tests/test_milter_libmilter.py, the rarer stages and failures in
+tests/test_milter_stages.py.
 """
 
 import re

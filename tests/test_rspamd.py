@@ -27,6 +27,9 @@ pytestmark = [
     pytest.mark.skipif(rspamd_available() is not None, reason=str(rspamd_available())),
     pytest.mark.skipif(nsd_available() is not None, reason=str(nsd_available()))]
 
+# A client address with a forward-confirmed PTR in the fixture's NSD (127.0.0.0/8 is all
+# loopback), so Elemta knows the client's name and tells Rspamd.
+NAMED_CLIENT, VERIFIED_NAME = "127.0.0.9", "named.rspamd.test"
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 
@@ -50,7 +53,16 @@ LOCAL_FILES = {
     # Soft reject has no score threshold: only force_actions gives it, on a symbol.
     "soft.map": "/^soft reject test/\n",
     "multimap.conf": 'SOFT_TEST { type = "header"; header = "Subject"; regexp = true; '
-                     'map = "${LOCAL_CONFDIR}/local.d/soft.map"; score = 0.0; }\n',
+                     'map = "${LOCAL_CONFDIR}/local.d/soft.map"; score = 0.0; }\n'
+                     # Rules on what only the Helo and Hostname request headers tell it.
+                     # (A "helo" rule would not do: Rspamd falls back to the HELO in our
+                     # Received header when the request has none.)
+                     'HELO_PROBE { type = "selector"; selector = "request_header(\'Helo\')"; '
+                     'score = 0.0; map = "${LOCAL_CONFDIR}/local.d/helo.map"; }\n'
+                     'HOSTNAME_PROBE { type = "hostname"; score = 0.0; '
+                     'map = "${LOCAL_CONFDIR}/local.d/hostname.map"; }\n',
+    "helo.map": "probe.helo.test\n",
+    "hostname.map": "%s\n" % VERIFIED_NAME,
     "force_actions.conf": 'rules { SOFT_TEST { action = "soft reject"; '
                           'expression = "SOFT_TEST"; message = "Come back later"; } }\n',
 }
@@ -59,7 +71,9 @@ LOCAL_FILES = {
 @pytest.fixture(scope="module")
 def rspamd():
     dns = NSDInstance(tempfile.mkdtemp(prefix="elemta-rspamd-nsd-"),
-                      {"example.test": "@ A 127.0.0.1\n"}, address="127.0.0.1")
+                      {"example.test": "@ A 127.0.0.1\n",
+                       "0.0.127.in-addr.arpa": "9 PTR %s.\n" % VERIFIED_NAME,
+                       VERIFIED_NAME: "@ A %s\n" % NAMED_CLIENT}, address="127.0.0.1")
     dns.start()
     instance = RspamdInstance(tempfile.mkdtemp(prefix="elemta-rspamd-"), free_port(),
                               "127.0.0.1:%d" % dns.port, LOCAL_FILES)
@@ -68,6 +82,7 @@ def rspamd():
     except RspamdError as error:
         dns.stop()
         pytest.fail(str(error))
+    instance.dns_port = dns.port        # for an Elemta that is to know client names
     yield instance
     instance.stop()
     shutil.rmtree(instance.workdir, ignore_errors=True)
@@ -114,6 +129,34 @@ def test_gtube_is_rejected_and_clean_mail_gets_the_result_header(elemta_server, 
     assert wait_for(lambda: re.search(
         r"qid: <%s>, ip: 127\.0\.0\.1, from: <a@sender\.test>.*rcpts: <b@example\.test>"
         % queue_id, open(rspamd.log_path).read()))
+
+
+def test_helo_and_client_name_reach_rspamd(elemta_server, rspamd):
+    """Rules keyed on the Helo request header and on the client's host name (a multimap
+    selector and hostname rule) fire only when Elemta sent Rspamd those, and only for
+    the matching values: so both arrive, as what they are."""
+    server = elemta_server(plugins={"rspamd": {"enabled": True, "address": rspamd.address}},
+                           dns={"nameservers": ["127.0.0.1"], "port": rspamd.dns_port,
+                                "timeout": 2.0})
+
+    def symbols(helo, source):
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=60,
+                          source_address=(source, 0)) as smtp:
+            smtp.ehlo(helo)
+            smtp.mail("a@sender.test")
+            smtp.rcpt("b@example.test")
+            code, text = smtp.data(message("probe"))
+        queue_id = queue_id_of((code, text.decode()))
+        line = re.search(r"%s: rspamd: action=\S+ score=\S+ symbols=(\S+)" % queue_id,
+                         server.log())
+        assert line, server.log()
+        return set(line.group(1).split(","))
+
+    both = symbols("probe.helo.test", NAMED_CLIENT)
+    assert {"HELO_PROBE", "HOSTNAME_PROBE"} <= both, both
+    assert "named.rspamd.test[%s]" % NAMED_CLIENT in server.log()
+    neither = symbols("client.test", "127.0.0.1")          # no PTR: Elemta sends none
+    assert not {"HELO_PROBE", "HOSTNAME_PROBE"} & neither, neither
 
 
 def test_a_unix_socket_address_works_alike(elemta_server, rspamd):

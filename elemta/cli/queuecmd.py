@@ -23,7 +23,7 @@ from os import (EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_NOPERM, EX_NOUSER, EX_OK, E
                 EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE)
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from elemta.cli.config_finder import find_config
+from elemta.cli.config_finder import config_path, find_config
 from elemta.cli.failure import Failure
 from elemta.queue.model import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
 from elemta.util.text import printable
@@ -38,6 +38,9 @@ HEADINGS = ("-------Queue ID------", "--Size--", "---Arrival Time----",
             "--Sender/Recipient------")
 HEADING_FORMAT = "%-21s %8s %-19s %s\n"
 SENDER_FORMAT = "%-21s %8d %19.19s %s\n"
+# The same line after a separator, from asctime()'s text up to the minute and the
+# seconds (%d truncates).
+MINUTE_SENDER_FORMAT = "%s%-21s %8d %s%02d %s\n"
 RECIPIENT_INDENT = " " * (ID_WIDTH + 1 + 8 + 1 + 19 + 1)
 REASON_COLUMN = 76          # a "(reason)" line ends at column 78, as in Postfix
 STATUS_MARK = {"active": "*", "hold": "!"}
@@ -88,14 +91,21 @@ def asctime(seconds: float) -> str:
     """'Tue Nov 24 17:34:06': asctime(3) in local time, without the year. Local time is
     worked out once per minute: time zones are whole minutes away from UTC (one that is
     not, as with leap seconds counted, is worked out each time)."""
-    minute = int(seconds // 60)
-    prefix = _MINUTE_TEXTS.get(minute)
+    prefix = _MINUTE_TEXTS.get(int(seconds // 60)) or _minute_text(seconds)
     if prefix is None:
-        text = time.asctime(time.localtime(minute * 60))
-        if text[17:19] != "00":
-            return time.asctime(time.localtime(seconds))[:19]
-        prefix = _MINUTE_TEXTS[minute] = text[:17]
+        return time.asctime(time.localtime(seconds))[:19]
     return "%s%02d" % (prefix, int(seconds % 60))
+
+
+def _minute_text(seconds: float) -> Optional[str]:
+    """asctime()'s text of the minute holding `seconds`, up to "HH:MM:" (cached in
+    _MINUTE_TEXTS), or None where local time is not a whole number of minutes away."""
+    minute = int(seconds // 60)
+    text = time.asctime(time.localtime(minute * 60))
+    if text[17:19] != "00":
+        return None
+    prefix = _MINUTE_TEXTS[minute] = text[:17]
+    return prefix
 
 
 # ---------------------------------------------------------------- opening the queue
@@ -103,20 +113,55 @@ def asctime(seconds: float) -> str:
 def open_queue(args, create_index: bool = False):
     """The Queue named by --spool-dir or the configuration. Refuses (rather than creates)
     a missing spool or index unless create_index."""
-    config = find_config(getattr(args, "config", None))
-    spool_dir = os.path.abspath(args.spool_dir or config.queue.spool_dir)
-    if not os.path.isdir(spool_dir):
-        raise Failure(EX_NOINPUT, "queue: no spool directory %s (is --config right?)"
-                      % spool_dir)
-    if not os.access(spool_dir, os.R_OK | os.W_OK | os.X_OK):
-        raise Failure(EX_NOPERM, "queue: %s: permission denied (run as root or as "
-                                 "Elemta's user)" % spool_dir)
+    config = _config(args)
+    spool_dir = _usable_spool(args.spool_dir or config.queue.spool_dir)
     from elemta.queue.queue import Queue
     if not create_index and not Queue.has_index(spool_dir):
         raise Failure(EX_NOINPUT, "queue: no index in %s; rebuild it with: %s queue "
                                   "reindex" % (spool_dir, PROG))
     become_spool_owner(spool_dir)
     return Queue.from_config(config.queue, spool_dir=spool_dir)
+
+
+def open_reader(args):
+    """The queue opened for reading alone (elemta.queue.reader.QueueReader): queue list,
+    mailq and queue summary start in a fraction of the Queue facade's time. No configuration is
+    read when --spool-dir is given and there is no configuration file: only the spool's
+    index is needed then."""
+    from elemta.queue.reader import QueueReader
+    if args.spool_dir and config_path(getattr(args, "config", None)) is None:
+        spool_dir, settings = args.spool_dir, {}
+    else:
+        config = _config(args)
+        spool_dir = args.spool_dir or config.queue.spool_dir
+        settings = {"map_size": config.queue.index_map_size}
+    spool_dir = _usable_spool(spool_dir)
+    if not QueueReader.has_index(spool_dir):
+        raise Failure(EX_NOINPUT, "queue: no index in %s; rebuild it with: %s queue "
+                                  "reindex" % (spool_dir, PROG))
+    become_spool_owner(spool_dir)
+    return QueueReader(spool_dir, **settings)
+
+
+def _config(args):
+    """The configuration (elemta.cli.config_finder.find_config), read once per command."""
+    config = getattr(args, "_loaded_config", None)
+    if config is None:
+        config = args._loaded_config = find_config(getattr(args, "config", None))
+    return config
+
+
+def _usable_spool(spool_dir: str) -> str:
+    """The absolute path of the spool directory; Failure if it is missing or this user
+    may not use it."""
+    spool_dir = os.path.abspath(spool_dir)
+    if not os.path.isdir(spool_dir):
+        raise Failure(EX_NOINPUT, "queue: no spool directory %s (is --config right?)"
+                      % spool_dir)
+    if not os.access(spool_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise Failure(EX_NOPERM, "queue: %s: permission denied (run as root or as "
+                                 "Elemta's user)" % spool_dir)
+    return spool_dir
 
 
 def log_to_the_mail_log(args) -> None:
@@ -130,7 +175,7 @@ def log_to_the_mail_log(args) -> None:
     the admin from acting."""
     import dataclasses
     from elemta.util import logs
-    config = find_config(getattr(args, "config", None))
+    config = _config(args)
     target = config.logging
     if target.target == "stderr":
         target = dataclasses.replace(target, target="syslog")
@@ -226,7 +271,7 @@ def cmd_list(args) -> int:
         else:
             write_mailq(out, map(listed_from_json, listing))
     else:
-        with open_queue(args) as queue:
+        with open_reader(args) as queue:
             if args.json:
                 _write_json_lines(out, map(record_to_json, queue.records_matching(selection)))
             else:
@@ -243,8 +288,7 @@ def _write_json_lines(out: Output, listing: Iterable[dict]) -> None:
 def _readable_spool(args) -> Optional[str]:
     """The spool directory if this user may open the queue itself, else None (mailq by an
     ordinary user: the spool is Elemta's alone)."""
-    config = find_config(getattr(args, "config", None))
-    spool_dir = os.path.abspath(args.spool_dir or config.queue.spool_dir)
+    spool_dir = os.path.abspath(args.spool_dir or _config(args).queue.spool_dir)
     if os.path.isdir(spool_dir) and not os.access(spool_dir, os.R_OK | os.W_OK | os.X_OK):
         args.spool_dir = spool_dir
         return None
@@ -294,31 +338,49 @@ def listing_from_showq(args, selection) -> Iterator[dict]:
 def write_mailq(out: Output, listing: Iterable) -> None:
     """Postfix's mailq output for a listing of elemta.queue.index.Listed, read from the
     index or from the showq process (streamed: written a few thousand lines at a time,
-    the text already made printable)."""
+    the text already made printable). The loop is mailq's cost per message over a big
+    queue: asctime() and the reason lines are inlined and cached here."""
     from elemta.queue.listing import NULL_SENDER
     count = total_size = 0
     lines: List[str] = []
+    append = lines.append
+    minute_texts = _MINUTE_TEXTS        # float minutes find their int keys: equal hashes
+    reason_lines: Dict[str, str] = {}
+    separator = HEADING_FORMAT % HEADINGS
     for queue_id, state, size, arrival, sender, recipients in listing:
-        lines.append("\n" if count else HEADING_FORMAT % HEADINGS)
-        lines.append(SENDER_FORMAT % (queue_id + STATUS_MARK.get(state, ""), size,
-                                      asctime(arrival), sender or NULL_SENDER))
-        shown_reason = ""
-        for address, reason in recipients:
-            if reason != shown_reason:
-                shown_reason = reason
-                text = reason or "reason unavailable"
-                lines.append("%*s(%s)\n" % (max(0, REASON_COLUMN - len(text)), "", text))
-            lines.append(RECIPIENT_INDENT + address + "\n")
+        prefix = minute_texts.get(arrival // 60) or _minute_text(arrival)
+        if prefix is None:
+            head = separator + SENDER_FORMAT % (queue_id + STATUS_MARK.get(state, ""), size,
+                                                asctime(arrival), sender or NULL_SENDER)
+        else:
+            head = MINUTE_SENDER_FORMAT % (separator, queue_id + STATUS_MARK.get(state, ""),
+                                           size, prefix, arrival % 60, sender or NULL_SENDER)
+        separator = "\n"
+        if len(recipients) == 1 and not recipients[0][1]:
+            append(head + RECIPIENT_INDENT + recipients[0][0] + "\n")  # no reason shown
+        else:
+            append(head)
+            shown_reason = ""
+            for address, reason in recipients:
+                if reason != shown_reason:
+                    shown_reason = reason
+                    line = reason_lines.get(reason)
+                    if line is None:
+                        text = reason or "reason unavailable"
+                        line = reason_lines[reason] = "%*s(%s)\n" % (
+                            max(0, REASON_COLUMN - len(text)), "", text)
+                    append(line)
+                append(RECIPIENT_INDENT + address + "\n")
         count += 1
         total_size += size
         if len(lines) >= 4096:
             out.write("".join(lines))
-            lines = []
+            lines.clear()
     if count == 0:
-        lines.append("Mail queue is empty\n")
+        append("Mail queue is empty\n")
     else:
-        lines.append("\n-- %d Kbytes in %d Request%s.\n"
-                     % (total_size // 1024, count, "" if count == 1 else "s"))
+        append("\n-- %d Kbytes in %d Request%s.\n"
+               % (total_size // 1024, count, "" if count == 1 else "s"))
     out.write("".join(lines))
 
 
@@ -663,7 +725,7 @@ def _run_action(args, queue, name: str, method: str, ids: List[str], extra: tupl
 def _rescanned(args, queue, ids: List[str]):
     from elemta.plugins.api import PluginConfigError
     from elemta.plugins.rescan import Rescanner
-    config = find_config(getattr(args, "config", None))
+    config = _config(args)
     try:
         rescanner = Rescanner.of(config)
     except PluginConfigError as error:
@@ -702,7 +764,7 @@ def parse_priority(text: str) -> int:
 
 def cmd_summary(args) -> int:
     """queue summary: messages and Kbytes per state, then qshape's domain-by-age table."""
-    with open_queue(args) as queue:
+    with open_reader(args) as queue:
         shape = queue.summarise(_selection(args), by_sender=args.sender_domains)
     out = Output()
     if args.json:

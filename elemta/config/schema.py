@@ -627,7 +627,9 @@ class AuthSettings:
 class LimitSettings:
     """Bounds on what one client may ask of the server."""
     message_size: int = opt(31457280, "Largest message accepted, in bytes (SIZE); larger "
-                                      "messages get 552 5.3.4.", _positive)
+                                      "messages get 552 5.3.4. A milter's replacement "
+                                      "body larger than this is not taken: 451 4.3.4, "
+                                      "logged naming the milter.", _positive)
     recipients: int = opt(1000, "Recipients accepted per message; more get 452 4.5.3 "
                                 "(Postfix's smtpd_recipient_limit). Local submissions "
                                 "too: sendmail refuses more (exit 65) and pickup removes "
@@ -763,7 +765,12 @@ class QueueSettings:
 @dataclass(frozen=True)
 class LoggingSettings:
     """Where log lines go."""
-    level: str = opt("info", "Least severe level logged: debug, info, warning, error.",
+    level: str = opt("info", "Least severe level logged: debug, info, warning, error. "
+                             "Postfix has no log level (it always logs what info logs "
+                             "here); its nearest are debug_peer_list with "
+                             "debug_peer_level and -v in master.cf, which add detail for "
+                             "chosen peers or services, as debug adds detail (outbound "
+                             "SMTP replies, AUTH, DANE) for all of them.",
                      _one_of(LOG_LEVELS))
     target: str = opt("stderr", "stderr, syslog (to /dev/log), journal (systemd-journald's "
                                 "native protocol, to journal_socket: each line an entry "
@@ -781,7 +788,8 @@ class LoggingSettings:
                                 "Postfix logs to syslog, or with maillog_file to a file; "
                                 "it has no journal target.", _log_target)
     syslog_facility: str = opt("mail", "Syslog facility when target is syslog or journal "
-                                       "(the journal's SYSLOG_FACILITY).",
+                                       "(the journal's SYSLOG_FACILITY). Postfix's "
+                                       "syslog_facility (default mail).",
                                _one_of(SYSLOG_FACILITIES))
     journal_socket: str = opt(
         "/run/systemd/journal/socket", "journald's native socket, when target is journal "
@@ -1402,7 +1410,9 @@ class MilterDefaults:
 
     Metrics: elemta_milter_verdicts_total{milter,stage,action} (every answer of every
     milter: stage connect, helo, mail, rcpt, data, header, eoh, body or eom; action
-    continue, accept, reject, tempfail, reply, discard, quarantine or skip),
+    continue, accept, reject, tempfail (a reply code counts as one of these two by its
+    class), discard, quarantine (a message held at the end of message counts once, as
+    this) or skip),
     elemta_milter_failures_total{milter,stage,kind} (the milter was given up for the
     session and its default_action applied; kind connect: refused or nothing listens,
     timeout: connecting, writing or waiting for an answer took longer than its timeout,
@@ -1487,7 +1497,8 @@ class MilterEntry:
     recipient it adds is queued as given, past the relay rules, as Postfix does (the
     milter is the admin's); a message left with no recipient is refused (550 5.7.1).
     RSET or a refused transaction sends ABORT; the end of the session QUIT. The milter
-    sees the message without the Received header Elemta adds."""
+    sees the Received header Elemta adds as the first header field, as Postfix's milters
+    see Postfix's."""
     socket: str = opt("", "Where the milter listens: inet:host:port or unix:/path, as in "
                           "Postfix's smtpd_milters.", _milter_socket)
     name: str = opt("", "Its name in the log and the metrics' milter label; \"\": the "

@@ -17,7 +17,10 @@ as in Postfix. A milter that accepts is not asked again for this message (at MAI
 and later) or this session (at connect and HELO). At the end of message each milter in
 turn gets the header fields and body as the milters before it left them, and its
 modifications are applied before the next one's turn (elemta.milter.edits); a
-replacement body is spooled to a temporary file past 1 MB while it comes.
+replacement body is spooled to a temporary file past 1 MB while it comes, its line
+endings made CRLF chunk by chunk (elemta.milter.client). One larger than
+limits.message_size tempfails the message (TOO_LARGE_REPLY, logged naming the milter),
+as the queue would not take it from a client either.
 
 A milter that cannot be reached, times out or breaks the protocol is given up for the
 rest of the session and its default_action applies (Postfix's milter_default_action):
@@ -56,7 +59,7 @@ from elemta.addressing.virtual import original_recipient
 from elemta.milter import protocol as p
 from elemta.milter.client import CONTINUE as CONTINUE_RESPONSE
 from elemta.milter.client import MilterConnection, MilterError
-from elemta.milter.edits import HeaderSection, crlf_body, wire_value
+from elemta.milter.edits import HeaderSection, wire_value
 from elemta.milter.macros import values_for
 from elemta.queue.model import Recipient
 from elemta.smtp.address import AddressError, validate_mailbox
@@ -74,6 +77,7 @@ FAILURE_REPLIES = {TEMPFAIL: (451, "4.3.0", "Temporary local problem, please try
                                             "later"),
                    REJECT: (550, "5.7.1", "Service unavailable")}
 NO_RECIPIENTS = (550, "5.7.1", "Error: no recipients left after content filtering")
+TOO_LARGE_REPLY = (451, "4.3.4", "Error: message too large after content filtering")
 
 # Stages, as logged and counted.
 STAGE_OF = {p.SMFIC_CONNECT: "connect", p.SMFIC_HELO: "helo", p.SMFIC_MAIL: "mail",
@@ -135,6 +139,7 @@ class MilterSettings:
     content_timeout: float = 300.0
     protocol: int = p.VERSION
     macros: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+    max_body: int = 0                   # limits.message_size: the largest replacement body
 
     def macros_for(self, stage):
         """The configured macro names sent at stage (connect, helo, mail, rcpt, data,
@@ -161,7 +166,7 @@ def configured(config, kind):
         chosen.append(MilterSettings(
             entry.name or entry.socket, entry.socket, pick("default_action"),
             pick("connect_timeout"), pick("command_timeout"), pick("content_timeout"),
-            pick("protocol"), macros))
+            pick("protocol"), macros, config.limits.message_size))
     return chosen
 
 
@@ -348,7 +353,8 @@ class MilterChain:
         settings = milter.settings
         connection = MilterConnection(milter.name, p.parse_socket(settings.socket),
                                       settings.connect_timeout, settings.command_timeout,
-                                      settings.content_timeout, settings.protocol)
+                                      settings.content_timeout, settings.protocol,
+                                      settings.max_body)
         try:
             connection.open()
         except MilterError as error:
@@ -448,11 +454,18 @@ class MilterChain:
         try:
             if response.action not in (ACCEPT, CONTINUE):
                 return self._judge(milter, "eom", response)
-            metrics.MILTER_VERDICTS.labels(milter.name, "eom", response.action).inc()
+            if mods.body_too_large:
+                metrics.MILTER_VERDICTS.labels(milter.name, "eom", TEMPFAIL).inc()
+                self._log(milter, "eom", "tempfail: %d %s %s (its replacement body of "
+                          "%d bytes exceeds limits.message_size, %d)" % (
+                              TOO_LARGE_REPLY + (mods.body_size, connection.max_body)))
+                return Verdict(TEMPFAIL, TOO_LARGE_REPLY, milter.name)
             changes = self._apply(milter, mods, section, outcome)
+            # One verdict a message: a quarantine is counted as that, not as continue too.
+            action = QUARANTINE if mods.quarantine is not None else response.action
+            metrics.MILTER_VERDICTS.labels(milter.name, "eom", action).inc()
             if mods.quarantine is not None:
                 reason = printable(mods.quarantine)
-                metrics.MILTER_VERDICTS.labels(milter.name, "eom", QUARANTINE).inc()
                 self._log(milter, "eom", "quarantine: %s%s" % (reason, changes))
                 return Verdict(QUARANTINE, None, milter.name, reason)
             self._log(milter, "eom", "%s%s" % (response.action, changes))
@@ -473,8 +486,7 @@ class MilterChain:
             done.append("%s header %s" % ("delete" if kind == "change" and value == ""
                                            else kind, printable(name)))
         if mods.body is not None:
-            mods.body.seek(0)
-            section.body = crlf_body(mods.body.read())
+            section.body = mods.body.read()         # already CRLF (client.Modifications)
             done.append("replace body")
         for op, address in mods.recipients:
             if op == "add" and not self._valid_address(milter, address, "add recipient"):

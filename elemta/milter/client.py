@@ -11,7 +11,11 @@ elemta_milter_failures_total); the chain then applies the milter's default_actio
 
 A stage's answer is a Response: the final action and, at the end of message, the
 modifications the milter asked for, in the order it sent them. A replacement body is
-spooled to a temporary file past REPLACEMENT_IN_MEMORY bytes, not held in memory.
+spooled to a temporary file past REPLACEMENT_IN_MEMORY bytes, not held in memory, with
+its line endings made CRLF chunk by chunk as it arrives (edits.CrlfStream), the event
+loop given a turn after each chunk so a fast milter's 30 MB cannot hold other sessions
+up. One larger than max_body (limits.message_size) is not kept: the Response says so
+(Modifications.body_too_large) and the chain tempfails the message.
 """
 
 import struct
@@ -19,9 +23,11 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
+import gevent
 from gevent import socket
 
 from elemta.milter import protocol as p
+from elemta.milter.edits import CrlfStream
 
 # A replacement body is kept in memory up to this size, then spooled to a temporary file.
 REPLACEMENT_IN_MEMORY = 1 << 20
@@ -62,7 +68,10 @@ class Modifications:
 
     headers: ("add", name, value, 0) | ("insert", name, value, index) |
              ("change", name, value, index); change with value "" deletes.
-    body: the replacement body (a file object at its start) or None.
+    body: the replacement body (a file object at its start, every line ending CRLF) or
+          None.
+    body_size: the bytes of replacement body the milter sent (with CRLF endings).
+    body_too_large: it sent more than the connection's max_body; body is then None.
     recipients: ("add" | "delete", address without angle brackets), in the milter's
                 order (an add then a delete of one address is not a delete then an add).
     sender: the new envelope sender, or None.
@@ -70,14 +79,41 @@ class Modifications:
     """
     headers: List[Tuple[str, str, str, int]] = field(default_factory=list)
     body: Any = None
+    body_size: int = 0
+    body_too_large: bool = False
     recipients: List[Tuple[str, str]] = field(default_factory=list)
     sender: Optional[str] = None
     quarantine: Optional[str] = None
+    _line_endings: Any = None           # the body's CrlfStream while it comes
 
     def __bool__(self):
-        return bool(self.headers or self.body is not None or self.recipients
-                    or self.sender is not None
+        return bool(self.headers or self.body is not None or self.body_too_large
+                    or self.recipients or self.sender is not None
                     or self.quarantine is not None)
+
+    def add_body(self, chunk, max_body):
+        """One REPLBODY chunk, its line endings made CRLF; past max_body (0: no
+        limit) the body is dropped and body_too_large set."""
+        if self._line_endings is None:
+            self._line_endings = CrlfStream()
+        chunk = self._line_endings.feed(chunk)
+        self.body_size += len(chunk)
+        if self.body_too_large:
+            return
+        if max_body and self.body_size > max_body:
+            self.body_too_large = True
+            self.close()
+            self.body = None
+            return
+        if self.body is None:
+            self.body = tempfile.SpooledTemporaryFile(REPLACEMENT_IN_MEMORY)
+        self.body.write(chunk)
+
+    def finish(self):
+        """The final answer came: the body complete and at its start."""
+        if self.body is not None:
+            self.body.write(self._line_endings.end())
+            self.body.seek(0)
 
     def close(self):
         if self.body is not None:
@@ -107,8 +143,9 @@ class MilterConnection:
     """One open conversation with a milter (see the module docstring)."""
 
     def __init__(self, name, address, connect_timeout, command_timeout, content_timeout,
-                 version=p.VERSION):
+                 version=p.VERSION, max_body=0):
         self.name = name
+        self.max_body = max_body        # the largest replacement body kept; 0: any
         self.version = version
         self.address = address          # protocol.parse_socket's answer
         self.connect_timeout = connect_timeout
@@ -206,6 +243,7 @@ class MilterConnection:
                 if command in FINAL:
                     reply = p.parse_replycode(data) if command == p.SMFIR_REPLYCODE \
                         else None
+                    modifications.finish()
                     return Response(FINAL[command], reply, modifications)
                 if command not in MODIFICATIONS:
                     raise MilterError("sent an unknown reply %r" % command)
@@ -223,8 +261,7 @@ class MilterConnection:
             modifications.close()
             raise
 
-    @staticmethod
-    def _modification(mods, command, data):
+    def _modification(self, mods, command, data):
         if command == p.SMFIR_ADDHEADER:
             name, value = p.split_strings(data, 2, "add header")
             mods.headers.append(("add", name, value, 0))
@@ -234,9 +271,10 @@ class MilterConnection:
             kind = "insert" if command == p.SMFIR_INSHEADER else "change"
             mods.headers.append((kind, name, value, index))
         elif command == p.SMFIR_REPLBODY:
-            if mods.body is None:
-                mods.body = tempfile.SpooledTemporaryFile(REPLACEMENT_IN_MEMORY)
-            mods.body.write(data)
+            mods.add_body(data, self.max_body)
+            # The chunks of a fast milter may all be in the socket buffer already, so
+            # reading them would never wait: let the other sessions have their turn.
+            gevent.sleep(0)
         elif command in (p.SMFIR_ADDRCPT, p.SMFIR_ADDRCPT_PAR):
             mods.recipients.append(("add", _address(p.split_strings(data, 1,
                                                                   "add rcpt")[0])))

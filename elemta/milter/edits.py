@@ -24,8 +24,6 @@ from typing import Tuple
 from elemta.plugins.api import Message
 
 _NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,998}$")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-_BARE_CR = re.compile(rb"\r(?!\n)")
 
 
 def wire_value(value):
@@ -129,6 +127,26 @@ class HeaderSection:
                 b"".join(line for _, line in rest) + separator + self.body)
 
 
-def crlf_body(data):
-    """A replacement body with every line ending CRLF (milters may send bare LF)."""
-    return _BARE_CR.sub(b"\r\n", _BARE_LF.sub(b"\r\n", data))
+class CrlfStream:
+    """A replacement body's line endings made CRLF as its chunks arrive (milters may
+    send bare LF or bare CR), so a large body is never rewritten in one piece. A CR at
+    the end of a chunk is held back until the next shows whether an LF follows it."""
+
+    def __init__(self):
+        self._cr = False                # the last chunk ended in a CR not yet written
+
+    def feed(self, chunk):
+        # type: (bytes) -> bytes
+        if self._cr:
+            chunk = b"\r" + chunk
+        self._cr = chunk.endswith(b"\r")
+        if self._cr:
+            chunk = chunk[:-1]
+        # CRLF and bare CR become LF, then every LF becomes CRLF.
+        return chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+    def end(self):
+        # type: () -> bytes
+        """What is left at the end of the body: a CR that ended it, as CRLF."""
+        left, self._cr = (b"\r\n" if self._cr else b""), False
+        return left

@@ -17,7 +17,8 @@ timeout raises ScannerError / lets the manager's Timeout through: 451 4.3.0, or 
 fail_open no opinion, logged by the manager in one line.
 
 One log line per verdict: "QUEUEID: clamav: clean (N bytes, 0.012s)", "QUEUEID: clamav:
-infected NAME, rejected" / "..., held", "QUEUEID: clamav: not scanned: N bytes is more
+infected NAME, rejected" / "..., held" (or "..., held (local submission: nobody to
+reject it to)" for sendmail's mail, which pickup holds), "QUEUEID: clamav: not scanned: N bytes is more
 than max_size M". Waiting and sending go through elemta.plugins.scanner (gevent sockets,
 the message sent from memory in chunks, metrics).
 See also: elemta.plugins.settings.ClamAVSettings, tests/test_clamav.py (a real clamd with
@@ -97,8 +98,15 @@ class ClamAVPlugin(Plugin):
             scan.verdict("infected", "hold")
             log.warning("%s: clamav: infected %s, held", where, virus)
             return Result.quarantine("virus found: %s" % virus)
-        scan.verdict("infected", "reject")
-        log.warning("%s: clamav: infected %s, rejected", where, virus)
+        if ctx.local:
+            # Pickup has nobody to refuse a sendmail message to: it holds what is
+            # rejected (elemta.pickup.worker), so say what happens to it.
+            scan.verdict("infected", "hold")
+            log.warning("%s: clamav: infected %s, held (local submission: nobody to "
+                        "reject it to)", where, virus)
+        else:
+            scan.verdict("infected", "reject")
+            log.warning("%s: clamav: infected %s, rejected", where, virus)
         return Result.reject(554, "5.7.1", self.settings.reject_text % {"virus": virus})
 
 

@@ -58,6 +58,8 @@ from elemta.queue.store import envelope_from_dict, envelope_to_dict
 from elemta.queue.transitions import move
 from elemta.util.text import printable
 
+INDEX_NAME = "index.lmdb"            # the index's directory, inside the spool directory
+DEFAULT_MAP_SIZE = 16 * 1024 ** 3   # address space only; the file grows as records are added
 DUE_STATES = (INCOMING, DEFERRED)
 _RECORD_FIELDS = ("state", "attempts", "next_attempt", "last_error", "lease_owner",
                   "lease_expires", "history", "delay_warned", "orphaned")
@@ -113,6 +115,10 @@ class Listed(NamedTuple):
     recipients: Tuple[Tuple[str, str], ...]  # (address, delay reason) of each waiting one
 
 
+# Listed from one tuple, without NamedTuple's __new__ in Python (per message in mailq).
+_new_listed = partial(tuple.__new__, Listed)
+
+
 class Brief(NamedTuple):
     """The few facts about a message that listing filters and summaries need."""
     queue_id: str
@@ -146,13 +152,18 @@ def address_domain(address):
     return address.rpartition("@")[2].lower() if "@" in address else ""
 
 
+# json.dumps(value, separators=(",", ":")) without making a JSONEncoder per call: a record
+# (and a spool file's envelope line, elemta.queue.store) is encoded for every message.
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode_record(record):
     data = envelope_to_dict(record.envelope)
     for name in _RECORD_FIELDS:
         data[name] = getattr(record, name)
     if record.hold is not None:
         data["hold"] = record.hold.to_dict()
-    return json.dumps(data, separators=(",", ":")).encode("ascii")
+    return compact_json(data).encode("ascii")
 
 
 def decode_record(raw):
@@ -238,6 +249,18 @@ def decode_listed(key, value):
     parts = bytes(value[_BRIEF_HEAD.size:]).decode("utf-8").split("\0")
     return Listed(queue_id.decode("ascii"), state.decode("ascii"), size, arrival, parts[0],
                   tuple(zip(parts[2::2], parts[1::2])))
+
+
+def _decode_listed_chunk(items, state, prefix_length):
+    """decode_listed of each (key, value) of one state's listing entries, as one loop:
+    mailq over a big queue spends most of its time here."""
+    head = _BRIEF_HEAD.size
+    unpack = _BRIEF_HEAD.unpack_from
+    for key, value in items:
+        size, arrival = unpack(value)
+        parts = value[head:].decode("utf-8").split("\0")
+        yield _new_listed((key[prefix_length:].decode("ascii"), state, size, arrival,
+                           parts[0], tuple(zip(parts[2::2], parts[1::2]))))
 
 
 def _after(key):
@@ -644,8 +667,9 @@ class QueueIndex:
         """The messages in `state` as mailq lists them, in id order; with `wanted`, only
         those whose Brief it accepts. No JSON record is decoded."""
         if wanted is None:
-            for key, value in self._scan(self.listing, state_key(state, "")):
-                yield decode_listed(key, value)
+            prefix = state_key(state, "")
+            for chunk in self._item_chunks(self.listing, prefix, SCAN_CHUNK):
+                yield from _decode_listed_chunk(chunk, state, len(prefix))
             return
         chosen = []
         for key, value in self._scan(self.by_state, state_key(state, "")):
@@ -712,6 +736,26 @@ class QueueIndex:
             if len(values) < TALLY_CHUNK:
                 return
             start = _after(last)
+
+    def _item_chunks(self, db, prefix, size):
+        """Lists of the (key, value) pairs of db whose key starts with prefix, in key
+        order, up to `size` per short read transaction; read by LMDB's iterator in C, the
+        prefix checked once per chunk (keys are sorted: only the last chunk ends past it)."""
+        self._check_process()
+        start = prefix
+        while True:
+            with self.env.begin() as txn:
+                cursor = txn.cursor(db=db)
+                if not cursor.set_range(start):
+                    return
+                items = list(islice(cursor.iternext(), size))
+            if not items[-1][0].startswith(prefix):
+                items = [item for item in items if item[0].startswith(prefix)]
+            if items:
+                yield items
+            if len(items) < size:
+                return
+            start = _after(items[-1][0])
 
     def iter_records(self, state=None):
         """Records in id (arrival) order, only those in `state` if given. Reads a chunk of

@@ -90,7 +90,8 @@ import lmdb
 
 from elemta.queue import holders, listing
 from elemta.queue.ids import is_queue_id
-from elemta.queue.index import Listed, QueueIndex, QueueRecord, index_exists
+from elemta.queue.index import (DEFAULT_MAP_SIZE, INDEX_NAME, Listed, QueueIndex, QueueRecord,
+                                index_exists)
 from elemta.queue.listing import Selection, Shape
 from elemta.queue.model import (ACTIVE, BOUNCED, DEFERRED, FAILED, HOLD, INCOMING, PENDING,
                                 RCPT_DEFERRED, SENT, Hold, priority_error)
@@ -114,8 +115,6 @@ def log_queued(queue_id, sender, size, nrcpt, note="", client=None):
                                  "size": size, "nrcpt": nrcpt, "client": client})
 
 SYNC_METHODS = ("syncfs", "fsync")
-DEFAULT_MAP_SIZE = 16 * 1024 ** 3   # address space only; the file grows as records are added
-INDEX_NAME = "index.lmdb"
 _BATCH = 1000                       # records per write transaction when rebuilding
 ACTION_BATCH = 500                  # messages per write transaction for admin actions
 

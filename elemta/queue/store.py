@@ -74,6 +74,9 @@ def envelope_to_dict(envelope):
     return data
 
 
+# json.dumps(value, separators=(",", ":")) without a JSONEncoder made per call (per message).
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
 _FIELD_NAMES = {}      # dataclass -> frozenset of its field names (looked up per record)
 
 
@@ -136,7 +139,7 @@ class SpoolWriter:
         if self._file is None:
             raise ValueError("spool writer for %s is closed" % self.queue_id)
         self._file.flush()
-        line = json.dumps(envelope_to_dict(envelope), separators=(",", ":")).encode("ascii")
+        line = _compact_json(envelope_to_dict(envelope)).encode("ascii")
         new_path = self.temp_path + ".new"
         source = open_nofollow(self.temp_path, os.O_RDONLY)
         try:
@@ -318,7 +321,7 @@ class SpoolStore:
             # Held until finish() closes the file: reconcile skips a temp file still locked.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             file.write(MAGIC)
-            line = json.dumps(envelope_to_dict(envelope), separators=(",", ":"))
+            line = _compact_json(envelope_to_dict(envelope))
             file.write(line.encode("ascii") + b"\n")
         except BaseException:
             _close_quietly(file)

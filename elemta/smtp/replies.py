@@ -16,6 +16,10 @@ _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets including CRLF.
 MAX_REPLY_LINE = 512
 MAX_REPLY_TEXT = 500
+# Reply.encode's bytes by (code, status, text); emptied when it holds this many (texts
+# that name an address vary without end).
+ENCODED_CACHE = 1024
+_ENCODED = {}
 
 
 def clean_text(text, limit=MAX_REPLY_TEXT):
@@ -57,7 +61,20 @@ class Reply:
         return self.code >= 400
 
     def encode(self):
-        """The reply as bytes on the wire, CRLF after every line."""
+        """The reply as bytes on the wire, CRLF after every line (remembered: most
+        replies are sent again and again, several for every message)."""
+        key = (self.code, self.status, self.text)
+        try:
+            data = _ENCODED.get(key)
+        except TypeError:               # text given as a list: not remembered
+            return self._encode()
+        if data is None:
+            if len(_ENCODED) >= ENCODED_CACHE:
+                _ENCODED.clear()
+            data = _ENCODED[key] = self._encode()
+        return data
+
+    def _encode(self):
         lines = self.lines
         prefix = "%d%%s%s" % (self.code, (self.status + " ") if self.status else "")
         out = []

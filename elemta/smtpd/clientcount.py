@@ -23,6 +23,9 @@ import os
 from elemta.smtpd.clientnet import client_group
 
 SLOTS = 32768            # per half-row; one row is 2 * SLOTS int32 counters (256 KiB)
+# Clients whose slots a worker remembers (each session looks them up three times: the
+# limit check, its start and its end); the memory is emptied when full.
+SLOT_CACHE = 4096
 _ROW = 2 * SLOTS
 
 
@@ -35,6 +38,7 @@ class ClientCounts:
         self._cells = memoryview(self._memory).cast("i")
         self._key = os.urandom(32)      # inherited by the workers: made before the fork
         self.row = 0
+        self._slot_cache = {}           # address -> _slots(address)
 
     def use_row(self, row):
         """Called in a worker after fork: this worker writes only row `row`."""
@@ -58,6 +62,14 @@ class ClientCounts:
         self._cells[base + second] += delta
 
     def _slots(self, address):
+        slots = self._slot_cache.get(address)
+        if slots is None:
+            if len(self._slot_cache) >= SLOT_CACHE:
+                self._slot_cache.clear()
+            slots = self._slot_cache[address] = self._hash_slots(address)
+        return slots
+
+    def _hash_slots(self, address):
         digest = hashlib.blake2b(client_group(address).encode("ascii", "replace"),
                                  digest_size=8, key=self._key).digest()
         return (int.from_bytes(digest[:4], "big") % SLOTS,

@@ -32,6 +32,9 @@ from elemta.addressing.virtual import AliasExpansionError
 from elemta.maps import TableUnavailable
 from elemta.smtp.replies import Reply, lookup_failure
 
+# Client addresses whose mynetworks answer a worker remembers; emptied when full.
+TRUSTED_CACHE = 4096
+
 log = logging.getLogger("elemta.smtpd")
 
 UNKNOWN_USER = "<%s>: Recipient address rejected: User unknown in %s"
@@ -64,6 +67,7 @@ class RelayPolicy:
         self.mynetworks = tuple(ipaddress.ip_network(n, strict=False)
                                 for n in config.relay.mynetworks)
         self._recipients = None      # made on first use: reads the aliases file, tables
+        self._trusted = {}           # client address -> in mynetworks (client_trusted)
         self.rewriter = AddressRewriter.from_config(config, self.addressing)
 
     def is_local(self, address):
@@ -71,6 +75,16 @@ class RelayPolicy:
         return self.addressing.is_local(address)
 
     def client_trusted(self, client_ip):
+        """True if client_ip is in mynetworks; remembered per address (it is asked at
+        every RCPT; a session's address parsed once, not per recipient)."""
+        trusted = self._trusted.get(client_ip)
+        if trusted is None:
+            if len(self._trusted) >= TRUSTED_CACHE:
+                self._trusted.clear()
+            trusted = self._trusted[client_ip] = self._in_mynetworks(client_ip)
+        return trusted
+
+    def _in_mynetworks(self, client_ip):
         try:
             ip = ipaddress.ip_address(client_ip)
         except ValueError:

@@ -12,9 +12,12 @@ comment nor the header.
 
 import email.utils
 import re
+import time
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
 _COMMENT_SPECIALS = re.compile(r"([()\\])")
+# (second, its RFC 5322 date in local time): formatdate once a second, not per message.
+_last_date = (None, "")
 
 
 def comment_text(text):
@@ -34,6 +37,16 @@ def protocol_name(esmtp, tls, authenticated, smtputf8):
     return base
 
 
+def _date(now):
+    """email.utils.formatdate(now, localtime=True), whose text changes once a second."""
+    global _last_date
+    second, text = _last_date
+    if int(now) != second:
+        text = email.utils.formatdate(now, localtime=True)
+        _last_date = (int(now), text)
+    return text
+
+
 def received_header(helo, client_ip, client_name, hostname, protocol, queue_id,
                     recipients, tls_info=None, auth_user=None, now=None):
     """The header as bytes, folded, ending in CRLF. client_name: the client's verified
@@ -48,7 +61,7 @@ def received_header(helo, client_ip, client_name, hostname, protocol, queue_id,
     if auth_user:
         lines.append("\t(Authenticated sender: %s)" % comment_text(auth_user))
     lines.append("\tby %s (Elemta) with %s id %s" % (hostname, protocol, queue_id))
-    date = email.utils.formatdate(now, localtime=True)
+    date = _date(time.time() if now is None else now)
     if len(recipients) == 1:
         # Naming the one recipient helps tracing; with several it would leak Bcc's.
         lines.append("\tfor <%s>; %s" % (recipients[0], date))

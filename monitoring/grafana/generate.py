@@ -179,11 +179,19 @@ def overview():
             "SMTP replies by code", "Replies the smtpd workers sent per second, by code.",
             PER_SECOND, [query(rate("elemta_smtpd_replies_total", "code"), "{{code}}")]))
         .with_panel(timeseries(
+            "Connections by listener and outcome", "SMTP connections per second, by "
+            "listener (address:port) and outcome: accepted, or refused with 421 "
+            "(refused_client_limit: limits.connections_per_client; refused_worker_limit: "
+            "limits.connections_per_worker; refused_draining: elemtactl drain).",
+            PER_SECOND,
+            [query(rate("elemta_smtpd_connections_total", "listener, mode, outcome"),
+                   "{{listener}} ({{mode}}) {{outcome}}")], stacked=True))
+        .with_panel(timeseries(
             "Sessions by how they ended", "SMTP sessions ended per second, by listener "
-            "mode and how: quit, timeout, lost (the client went away), tls_failed, "
-            "refused, dropped, aborted (the worker stopped).", PER_SECOND,
-            [query(rate("elemta_smtpd_sessions_total", "mode, result"),
-                   "{{mode}} {{result}}")], stacked=True, width=24))
+            "(address:port) and how: quit, timeout, lost (the client went away), "
+            "tls_failed, refused, dropped, aborted (the worker stopped).", PER_SECOND,
+            [query(rate("elemta_smtpd_sessions_total", "listener, mode, result"),
+                   "{{listener}} ({{mode}}) {{result}}")], stacked=True))
     )
 
 

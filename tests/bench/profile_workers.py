@@ -15,7 +15,9 @@ only CPU; `make bench` has the CPU figures.
 Needs root (py-spy attaches with ptrace) and the postfix package (smtp-source, smtp-sink).
 
 Environment: PROFILE_SECONDS, PROFILE_DIR, PY_SPY (the py-spy binary; make profile
-installs it in a venv of its own), PROFILE_TOP (25 lines per table).
+installs it in a venv of its own), PROFILE_TOP (25 lines per table), PROFILE_LOAD=accept
+(Elemta as bench_accept runs it: smtpd workers only, no delivery), PROFILE_GIL=1 (only
+samples of threads holding the GIL: the Python CPU alone, without the waits in C).
 See also: tests/bench/bench_relay.py (the same load, timed), issue #20.
 """
 
@@ -33,6 +35,7 @@ sys.path.insert(0, REPO)
 
 from tests.bench.bench_relay import (MESSAGE_BYTES, RECIPIENT, SENDER, SESSIONS,  # noqa: E402
                                      SMTP_SINK, SMTP_SOURCE, Sink, elemta_sections)
+from tests.bench.bench_accept import elemta_sections as accept_sections  # noqa: E402
 from tests.bench.runs import load_average  # noqa: E402
 from tests.harness import ElemtaServer  # noqa: E402
 
@@ -70,7 +73,7 @@ def record(py_spy, pid, seconds, base):
     """py-spy sampling `pid` for `seconds`: collapsed stacks (base.txt) and a flame graph
     (base.svg), from two recorders at once (one attach each)."""
     common = ["record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
-              "--nonblocking"]
+              "--nonblocking"] + (["--gil"] if os.environ.get("PROFILE_GIL") == "1" else [])
     return [subprocess.Popen([py_spy] + common + ["--format", form, "--output", base + ext],
                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             for form, ext in (("raw", ".txt"), ("flamegraph", ".svg"))]
@@ -124,13 +127,17 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix="elemta-profile-")
     os.chmod(scratch, 0o755)     # smtp-sink runs as nobody and writes below here
-    print("profile: %ds of smtp-source load, %d sessions, %d-byte messages, relayed to "
-          "smtp-sink; output in %s" % (seconds, SESSIONS, MESSAGE_BYTES, out_dir))
+    print("profile: %ds of smtp-source load, %d sessions, %d-byte messages, %s; output in "
+          "%s" % (seconds, SESSIONS, MESSAGE_BYTES, "accepted only"
+                  if os.environ.get("PROFILE_LOAD") == "accept" else "relayed to smtp-sink",
+                  out_dir))
     print("before: %s" % load_average())
     files = {kind: [] for kind in KINDS}  # type: Dict[str, List[str]]
     try:
         with Sink(scratch) as sink:
-            server = ElemtaServer(os.path.join(scratch, "elemta"), elemta_sections(sink.port))
+            sections = (accept_sections() if os.environ.get("PROFILE_LOAD") == "accept"
+                        else elemta_sections(sink.port))
+            server = ElemtaServer(os.path.join(scratch, "elemta"), sections)
             server.start(timeout=30)
             try:
                 recorders = []

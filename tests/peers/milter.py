@@ -13,8 +13,9 @@ mistake in Elemta's codec cannot hide behind the same mistake in the test.
         milter.macros[b"M"]            # {name: value} of the last MAIL's macros
 
 script maps a command byte (C, H, M, R, T, L, N, B, E) to a list of answers; each answer is
-a list of packets (command byte, data) sent in order, or a number: seconds to sleep
-before the next one. A command with no script entry is answered "continue"; the list's
+a list of steps taken in order: a packet (command byte, data) sent, a number (seconds to
+sleep before the next step) or a callable (called there: a test's hook to learn that the
+milter got this far, and to hold it until the test says, see pause()). A command with no script entry is answered "continue"; the list's
 last entry serves every later call. actions and steps are what the milter negotiates.
 """
 
@@ -30,6 +31,24 @@ NO_REPLY_COMMANDS = (b"D", b"A", b"Q", b"K")
 def reply(command, data=b""):
     """One answer of one packet."""
     return [(command, data)]
+
+
+class pause:
+    """A step that stops the milter's answer where it stands: `reached` is set when the
+    milter gets there, and it goes on once the test calls release() (or after
+    `timeout` seconds, so a failing test cannot hang the milter for ever)."""
+
+    def __init__(self, timeout=300):
+        self.reached = threading.Event()
+        self._released = threading.Event()
+        self.timeout = timeout
+
+    def __call__(self):
+        self.reached.set()
+        self._released.wait(self.timeout)
+
+    def release(self):
+        self._released.set()
 
 
 def strings(*texts):
@@ -127,7 +146,9 @@ class ScriptedMilter:
                         return
                     continue
                 for step in self._answer(command):
-                    if isinstance(step, (int, float)):
+                    if callable(step):
+                        step()
+                    elif isinstance(step, (int, float)):
                         time.sleep(step)
                     else:
                         conn.sendall(self._packet(*step))

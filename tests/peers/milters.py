@@ -1,5 +1,6 @@
 """Real milters from Debian packages, each a private instance on loopback: OpenDKIM in
-milter mode (signing) and clamav-milter (in front of a private clamd, tests/peers/clamd.py).
+milter mode (signing), clamav-milter (in front of a private clamd, tests/peers/clamd.py)
+and a milter of our own on libmilter (python3-milter), doing every action on demand.
 Rspamd's proxy worker in milter mode is a RspamdInstance with its proxy enabled
 (tests/peers/rspamd.py, local_files) and needs nothing here.
 
@@ -10,6 +11,7 @@ the system's, and is stopped by SIGTERM to that child alone.
     with OpenDKIMMilter(workdir, port, "milter.test", "sel", key_file) as dkim:
         dkim.address                    # "inet:127.0.0.1:PORT", as Elemta's config says
     with ClamavMilter(workdir, port, clamd) as clamav: ...
+    with LibMilter(workdir, port) as milter: ...   # tests/peers/libmilter_milter.py
 """
 
 import os
@@ -118,3 +120,41 @@ class ClamavMilter(_Daemon):
 
     def command(self):
         return [CLAMAV_MILTER, "-c", self.config]
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+LIBMILTER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "libmilter_milter.py")
+
+
+def libmilter_available():
+    """None when the system python has python3-milter (libmilter), else why not."""
+    try:
+        subprocess.run([SYSTEM_PYTHON, "-c", "import Milter"], check=True,
+                       capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "%s cannot import Milter (apt-get install python3-milter)" % SYSTEM_PYTHON
+    return None
+
+
+class LibMilter(_Daemon):
+    """tests/peers/libmilter_milter.py (libmilter through python3-milter, run by the
+    system python) on loopback; what it was told is in `told()`, one line each."""
+    program = LIBMILTER_SCRIPT
+
+    def __init__(self, workdir, port):
+        super().__init__(workdir, port)
+        self.told_path = os.path.join(self.workdir, "told.log")
+
+    def command(self):
+        # -I: not the script's directory on sys.path, where tests/peers/milter.py would
+        # hide libmilter's own `milter` module.
+        return ["env", "MILTER_LOG=%s" % self.told_path, SYSTEM_PYTHON, "-I",
+                LIBMILTER_SCRIPT, str(self.port)]
+
+    def told(self):
+        try:
+            with open(self.told_path) as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []

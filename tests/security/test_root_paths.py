@@ -158,7 +158,7 @@ metrics.setup(directory, uid, gid)
 child = os.fork()
 if child == 0:                  # a worker, as nobody: counts, then plants the links
     os.setgroups([]); os.setgid(gid); os.setuid(uid)
-    metrics.CONNECTIONS.labels("smtp", "accepted").inc()
+    metrics.CONNECTIONS.labels("127.0.0.1:25", "smtp", "accepted").inc()
     os.symlink(target, os.path.join(directory, "counter_archive.db"))
     os.symlink(target, os.path.join(directory, "counter_%%d.db" %% os.getppid()))
     os._exit(0)
