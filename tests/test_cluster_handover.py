@@ -24,6 +24,7 @@ from elemta.cluster.credential import (HANDOVER_LOGIN, handover_password, regist
                                       sign)
 from elemta.cluster.registry import Registry
 from elemta.config.schema import ClusterSettings
+from elemta.maps.lmdbtable import compile_source
 from elemta.queue.model import DEFERRED
 from elemta.sharedstate.redisstore import connect
 from tests.harness import free_port, wait_for
@@ -47,9 +48,14 @@ def store(tmp_path):
 
 
 @pytest.fixture
-def cluster(elemta_server, store):
+def cluster(elemta_server, store, tmp_path):
     """{name: (ElemtaServer, its handover port)}; A delivers through a relay host that
-    refuses (its mail stays deferred), B keeps what it receives."""
+    refuses (its mail stays deferred), B keeps what it receives. Both bind senders to
+    AUTH logins (smtpd.sender_login_maps), which must not refuse the hand-over login
+    the senders it relays."""
+    logins = tmp_path / "sender_logins"
+    logins.write_text("one@sender.test alice\n@sender.test bob\n")
+    compile_source(str(logins))
     nodes = {}
     for name, address in ADDRESSES.items():
         delivery = {"workers": 1, "relayhost": "[127.0.0.1]:%d" % free_port()} \
@@ -59,6 +65,7 @@ def cluster(elemta_server, store):
             listeners=[{"mode": "smtp", "address": address, "port": free_port(address)},
                        {"mode": "handover", "address": address, "port": handover}],
             relay={"mynetworks": ["127.0.0.1/32"]},
+            smtpd={"sender_login_maps": "lmdb:%s" % logins},
             api={"address": address, "port": free_port(address), "token": TOKEN},
             delivery=delivery,
             cluster={"store": store.url, "node_name": name, "timeout": 0.5,

@@ -442,8 +442,10 @@ class Session:
             # Refused before the content is sent, as Postfix does (queue_minfree).
             return self._reject("MAIL", STORAGE_FULL, "queue_minfree", ctx.sender,
                                 why=" (%s)" % shortage)
+        # A node handing over mail relays senders it already checked when it took them.
         refusal = self.server.sender_logins.check(ctx.sender, self.proto.auth_user) \
-            if self.server.sender_logins is not None else None
+            if self.server.sender_logins is not None \
+            and self.listener.mode != HANDOVER else None
         if refusal is not None:
             return self._reject("MAIL", refusal, "reject_sender_login_mismatch", ctx.sender)
         refusal, self.queued_sender = self.server.policy.rewrite_sender(ctx.sender)
