@@ -1115,6 +1115,12 @@ class TLSRPTSettings:
               "Postfix: none (tlsrpt-reportd uses the system's).", _absolute_path)
     https_timeout: float = opt(30.0, "Seconds one report POST to an https: rua may take "
                                      "(connection, TLS, upload and answer).", _positive)
+    https_allow_private: bool = opt(
+        False, "Post reports to https: ruas on ports other than 443 and at addresses that "
+               "are not global (loopback, RFC 1918, link-local, shared, multicast, "
+               "reserved). Off: such a rua is refused and logged with the reason, since "
+               "whoever runs a domain's DNS picks its rua and could otherwise make Elemta "
+               "send requests into its own network. Postfix has no equivalent.")
 
 
 LOCAL_RIGHTS = ("alias", "forward", "include")
