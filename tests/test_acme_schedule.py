@@ -2,7 +2,8 @@
 names change, at two thirds of its lifetime, and after a failure only once its backoff,
 doubling up to its bound, has run out."""
 
-from elemta.acme.schedule import Backoff, ExpiryWarnings, renewal_reason
+from elemta.acme.schedule import Backoff, renewal_reason
+from elemta.certs.expiry import ExpiryWarnings
 from elemta.certs.store import CertificateInfo
 from elemta.config.schema import ACMECertificate, ACMESettings
 
