@@ -318,6 +318,27 @@ def test_dane_only_defers_mail_for_an_insecure_mx(start, mx_hosts):
     assert received(mx_hosts, PLAIN, "only@plain.test") == []
 
 
+def test_a_tls_policy_entry_of_level_dane_applies_dane_where_delivery_dane_is_off(
+        start, mx_hosts, mx_port):
+    """delivery.dane off: eebad.dane.test's entry (level dane) has its TLSA records
+    checked, so the mismatch defers; ee.dane.test's has its match verified; a domain
+    without an entry (pkix.dane.test) goes as without DANE."""
+    server = start(dane=False, tls_policy=[{"domain": "eebad.dane.test", "level": "dane"},
+                                           {"domain": "ee.dane.test", "level": "dane"}])
+    held = submit(server, "lvl1@client.test", "lvl@eebad.dane.test")
+    status, reply = result(server, held, "lvl@eebad.dane.test")
+    assert status == "deferred"
+    assert reply.startswith("451 4.7.5 DANE: certificate of mx.eebad.dane.test"), reply
+    assert received(mx_hosts, EE_BAD, "lvl@eebad.dane.test") == []
+    sent = submit(server, "lvl2@client.test", "lvl@ee.dane.test")
+    assert result(server, sent, "lvl@ee.dane.test")[0] == "sent"
+    assert "%s: DANE: Verified TLS connection established to mx.ee.dane.test" % sent \
+        in server.log()
+    plain = submit(server, "lvl3@client.test", "lvl@pkix.dane.test")
+    assert result(server, plain, "lvl@pkix.dane.test")[0] == "sent"
+    assert "%s: DANE" % plain not in server.log()
+
+
 def test_dane_sessions_are_counted_for_tls_reporting_per_mx_host(start, mx_port,
                                                                   certificates):
     """RFC 8460 4.4: a DANE policy's domain is the MX host (the TLSA base domain), its
