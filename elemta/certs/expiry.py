@@ -62,6 +62,7 @@ class WarningMarks:
         prefix = "certexpiry-%s-" % hashlib.sha256(cert_file.encode()).hexdigest()[:16]
         name = "%s%d-%d" % (prefix, not_after, threshold)
         try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
             fd = os.open(os.path.join(self.directory, name),
                          os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except FileExistsError:
