@@ -466,19 +466,20 @@ class ContentSettings:
 @dataclass(frozen=True)
 class TLSSettings:
     """Certificates for STARTTLS and implicit TLS (smtps)."""
-    cert_file: Optional[str] = opt(None, "PEM certificate chain; STARTTLS is offered only "
-                                         "when this and key_file are set. A new file (certbot "
-                                         "renew, an admin's copy, a symlink swapped) is "
-                                         "served without a reload. Postfix's "
-                                         "smtpd_tls_chain_files (or smtpd_tls_cert_file).")
+    cert_file: Optional[str] = opt(
+        None, "PEM certificate chain; STARTTLS is offered only when this and key_file are "
+              "set. A new file (certbot renew, an admin's copy, a symlink swapped) is "
+              "served without a reload. Postfix's smtpd_tls_chain_files (or "
+              "smtpd_tls_cert_file).")
     key_file: Optional[str] = opt(None, "PEM private key for cert_file. Postfix's "
                                         "smtpd_tls_key_file (or the key in "
                                         "smtpd_tls_chain_files).")
     min_version: str = opt("TLSv1.2", "Oldest TLS version accepted. Postfix's "
                                       "smtpd_tls_protocols (>=TLSv1.2).",
                            _one_of(TLS_VERSIONS))
-    handshake_timeout: float = opt(30.0, "Seconds a client has to finish the TLS handshake. "
-                                         "Postfix's smtpd_starttls_timeout.", _positive)
+    handshake_timeout: float = opt(30.0, "Seconds a client has to finish the TLS "
+                                         "handshake. Postfix's smtpd_starttls_timeout.",
+                                   _positive)
     acme: Optional[str] = opt(
         None, "Serve the certificate the built-in ACME client keeps under this name (an "
               "acme.certificates entry); wins over cert_file and key_file. Until it has "
@@ -581,7 +582,8 @@ class ACMESettings:
                              "equivalent.", _port,
                          restart="the master binds it before it forks")
     tls_address: str = opt("0.0.0.0", "Address of the TLS-ALPN-01 responder (acme.challenge "
-                                      "tls-alpn-01). Postfix has no equivalent.", _ip_address,
+                                      "tls-alpn-01). Postfix has no equivalent.",
+                           _ip_address,
                            restart="the master binds it before it forks")
     tls_port: int = opt(443, "Port of the TLS-ALPN-01 responder; ACME servers connect to "
                              "443. It answers ALPN acme-tls/1 handshakes only, so no HTTPS "

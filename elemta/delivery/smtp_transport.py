@@ -31,8 +31,8 @@ takes either) to servers that offer REQUIRETLS; where no host will do, it bounce
 5.7.10. Routed by MX, it also needs MX host names it can trust (4.2.1): a DNSSEC-validated
 MX answer or the domain's MTA-STS policy in enforce mode, else it bounces with 5.7.10
 before any connection (a bracketed relay host or transport next hop is verified by the
-name the admin configured). A message whose header says "TLS-Required: No" is delivered without the domain's
-MTA-STS policy.
+name the admin configured). A message whose header says "TLS-Required: No" is
+delivered without the domain's MTA-STS policy.
 
 TLS-RPT (RFC 8460, elemta.tlsrpt, when tlsrpt.enabled): each new session under an
 MTA-STS policy or DANE TLSA records counts as a success or as a failure of the RFC's
