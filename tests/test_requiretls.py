@@ -119,7 +119,8 @@ def mx_hosts(pki, mx_port):
 def server(elemta_server, nsd, mx_port, pki, web, web_port, tls_files, tmp_path):
     cert, key = tls_files
     aliases = tmp_path / "aliases"
-    aliases.write_text("postmaster: root\nfar: r@noreq.rt.test\n")
+    aliases.write_text("postmaster: pm@gone.rt.test\nfar: r@noreq.rt.test\n"
+                       "lost: x@gone.rt.test\n")
     delivery = {"workers": 1, "mx_port": mx_port, "nameservers": ["127.0.0.1"],
                 "dns_port": nsd.port, "min_backoff": 60, "max_backoff": 60,
                 "connect_timeout": 2.0, "command_timeout": 5.0, "data_timeout": 5.0,
@@ -162,7 +163,10 @@ def bounce_for(server, queue_id):
     """(envelope, content) of the DSN queued about queue_id."""
     def find():
         for other in server.queued_ids():
-            envelope, content = server.message(other)
+            try:
+                envelope, content = server.message(other)
+            except FileNotFoundError:       # delivered meanwhile
+                continue
             if envelope.sender == "" and queue_id.encode() in content:
                 return envelope, content
         return None
@@ -289,3 +293,31 @@ def test_a_forwarded_copy_keeps_requiretls(server, mx_hosts):
     dsn, content = bounce_for(server, copy_id)
     assert dsn.requiretls and dsn.recipients[0].address == "fw@client.test"
     assert b"Status: 5.7.10" in content
+
+
+def test_a_forwarded_double_bounce_stays_one(server):
+    """A notice from <> to lost@ (aliased to a domain that does not exist) bounces: the
+    double bounce goes to postmaster, aliased to that domain too. Its forwarded copy is
+    still a double bounce, so its own failure makes no notice: without the mark each
+    failure would make another, for ever."""
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.sendmail("", ["lost@example.test"], b"Subject: a notice\r\n\r\nx\r\n")
+
+    def failed_copy_to(address):
+        for queue_id in server.queued_ids():
+            try:
+                envelope, _ = server.message(queue_id)
+            except FileNotFoundError:       # delivered meanwhile
+                continue
+            if [r.address for r in envelope.recipients] == [address]:
+                return queue_id, envelope
+        return None
+    copy_id, copy = wait_for(lambda: failed_copy_to("pm@gone.rt.test"), timeout=30)
+    assert copy.sender == "" and copy.extra == {"double_bounce": True}
+    status, reply = result(server, copy_id, "pm@gone.rt.test")
+    assert status == "bounced" and "5.1.2" in reply, reply
+    # The queue settles with the two failed copies alone (the double bounce itself was
+    # delivered, forwarded, and is gone); had the copy's failure made another double
+    # bounce, each would add a failed copy, for ever.
+    first_id, _ = failed_copy_to("x@gone.rt.test")
+    wait_for(lambda: server.queued_ids() == sorted([first_id, copy_id]), timeout=30)
