@@ -306,15 +306,15 @@ def test_a_tls_policy_entry_of_level_mta_sts_applies_the_policy_where_mta_sts_is
     other, bad = mx_hosts[1], mx_hosts[2]
     server = start(mta_sts=False,
                    tls_policy=[{"domain": "mismatch.sts.test", "level": "mta-sts"}])
-    held = submit(server, "l1@client.test", "r@mismatch.sts.test")
-    status, reply = result(server, held, "r@mismatch.sts.test")
+    held = submit(server, "l1@client.test", "lvl@mismatch.sts.test")
+    status, reply = result(server, held, "lvl@mismatch.sts.test")
     assert status == "deferred"
     assert reply == ("451 4.7.5 MX host mx.other.sts.test not named by the MTA-STS policy "
                      "of mismatch.sts.test (enforce): mx mx.good.sts.test")
-    assert received_by(other, "r@mismatch.sts.test") == []
-    free = submit(server, "l2@client.test", "r@badcert.sts.test")
-    assert result(server, free, "r@badcert.sts.test")[0] == "sent"
-    assert len(received_by(bad, "r@badcert.sts.test")) == 1
+    assert received_by(other, "lvl@mismatch.sts.test") == []
+    free = submit(server, "l2@client.test", "lvl@badcert.sts.test")
+    assert result(server, free, "lvl@badcert.sts.test")[0] == "sent"
+    assert len(received_by(bad, "lvl@badcert.sts.test")) == 1
     assert "MTA-STS policy of badcert" not in server.log()
 
 
