@@ -373,10 +373,11 @@ def _make():
         TLS_FAILURES=counter("elemta_smtpd_tls_handshake_failures",
                              "TLS handshakes that failed or timed out."),
         TLS_CERTIFICATE_EXPIRY=Gauge(
-            "elemta_tls_certificate_expiry_timestamp_seconds", "When the certificate the "
-            "smtpd workers serve expires (its notAfter), as a Unix time, by certificate "
-            "file (tls.cert_file, or the ACME certificate's); the earliest when workers "
-            "of two reloads serve two.",
+            "elemta_tls_certificate_expiry_timestamp_seconds", "When a certificate "
+            "expires (its notAfter), as a Unix time, by certificate file: the one the "
+            "smtpd workers serve (tls.cert_file, or the ACME certificate's), and each "
+            "acme.certificates entry's fullchain.pem (set by the acme process); the "
+            "earliest when workers of two reloads serve two.",
             ("file",), multiprocess_mode="livemin", registry=registry),
         SESSIONS=counter(
             "elemta_smtpd_sessions", "SMTP sessions ended, by listener (address:port), its "

@@ -306,3 +306,35 @@ def test_as_a_packaged_install_the_keys_are_master_users_in_a_directory_of_roots
     with open(log_path) as f:
         text = f.read()
     assert "Traceback" not in text and "ERROR" not in text, text
+
+
+def test_two_certificates_are_obtained_and_each_has_its_expiry_gauge(tmp_path, pebble):
+    """Two acme.certificates entries: both ordered and installed, tls.acme serves one,
+    and Prometheus sees each one's expiry (the one not served too), by its file."""
+    from elemta.certs.store import CertificateInfo
+    server = start_elemta(tmp_path, pebble, certificates=[
+        {"name": "mail", "domains": list(NAMES)},
+        {"name": "submit", "domains": ["smtp.acme.test"]}])
+    try:
+        wait_for(lambda: installed(server) == 1 and
+                 "acme: certificate submit for smtp.acme.test installed" in server.log(),
+                 timeout=90)
+        live = tmp_path / "acme" / "live"
+        expiries = {}
+        for name in ("mail", "submit"):
+            chain = str(live / name / "fullchain.pem")
+            with open(chain, "rb") as f:
+                expiries[chain] = CertificateInfo.from_pem(f.read()).not_after
+        with open(server.config_path) as f:
+            api_port = int(re.search(r"api:\n\s+port: (\d+)", f.read()).group(1))
+
+        def gauges():
+            samples, _ = scrape(api_port)
+            return {dict(labels)["file"]: v for (metric, labels), v in samples.items()
+                    if metric == "elemta_tls_certificate_expiry_timestamp_seconds"}
+        wait_for(lambda: gauges() == expiries, timeout=30)
+        status = elemtactl(server, "cert", "status")
+        assert status.returncode == 0, status.stderr
+        assert "submit" in status.stdout and "smtp.acme.test" in status.stdout
+    finally:
+        server.stop()

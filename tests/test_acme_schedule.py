@@ -2,7 +2,10 @@
 names change, at two thirds of its lifetime, and after a failure only once its backoff,
 doubling up to its bound, has run out."""
 
-from elemta.acme.schedule import Backoff, ExpiryWarnings, renewal_reason
+import os
+
+from elemta.acme.schedule import Backoff, renewal_reason
+from elemta.certs.expiry import ExpiryWarnings
 from elemta.certs.store import CertificateInfo
 from elemta.config.schema import ACMECertificate, ACMESettings
 
@@ -58,3 +61,23 @@ def test_a_renewed_certificate_is_warned_of_again_when_its_own_time_comes():
     assert warnings.due("mail", 188 * DAY, 175 * DAY) == 14 * DAY
     # Another certificate keeps its own count.
     assert warnings.due("other", 100 * DAY, 98 * DAY) == 3 * DAY
+
+
+def test_one_of_several_processes_warns_once_per_threshold_and_certificate(tmp_path):
+    """WarningMarks (the smtpd workers' share of the warnings): whoever claims a
+    (file, notAfter, threshold) first warns; a second worker, or the first again, does
+    not; a renewed certificate (another notAfter) starts over and its old marks go."""
+    from elemta.certs.expiry import WarningMarks, crossed
+    directory = str(tmp_path / "run")           # made when first needed
+    first, second = WarningMarks(directory), WarningMarks(directory)
+    expiry = 100 * DAY
+    assert crossed(expiry, 80 * DAY) is None
+    assert crossed(expiry, 90 * DAY) == 14 * DAY and crossed(expiry, 98 * DAY) == 3 * DAY
+    assert first.claim("/etc/ssl/mail.pem", expiry, 14 * DAY)
+    assert not second.claim("/etc/ssl/mail.pem", expiry, 14 * DAY)
+    assert not first.claim("/etc/ssl/mail.pem", expiry, 14 * DAY)
+    assert second.claim("/etc/ssl/mail.pem", expiry, 3 * DAY)
+    assert second.claim("/etc/ssl/other.pem", expiry, 3 * DAY)   # another file
+    renewed = 190 * DAY
+    assert first.claim("/etc/ssl/mail.pem", renewed, 14 * DAY)
+    assert len(os.listdir(directory)) == 2      # mail.pem's renewed mark, other.pem's

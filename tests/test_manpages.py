@@ -160,3 +160,22 @@ def test_page_documents_every_option_and_command(page, monkeypatch):
     words = documented_commands(source)
     assert sorted(" ".join(path) for path in commands
                   if not set(path) <= words) == []
+
+
+@pytest.mark.parametrize("section", ["tls", "acme", "acme.certificates", "delivery.mta_sts",
+                                     "tlsrpt"])
+def test_every_tls_option_names_its_postfix_equivalent_or_that_there_is_none(section):
+    """elemta.conf(5) is read by admins coming from Postfix (postconf(5) is the model):
+    each option of the TLS sections says what it replaces, or that nothing does."""
+    import dataclasses
+    from elemta.config.schema import ACMECertificate, Config
+    top, _, prefix = section.partition(".")
+    if section == "acme.certificates":
+        cls, prefix = ACMECertificate, ""
+    else:
+        cls = type(getattr(Config(), top))
+    fields = [f for f in dataclasses.fields(cls)
+              if f.name.startswith(prefix) and "doc" in f.metadata]
+    assert fields
+    silent = [f.name for f in fields if "Postfix" not in f.metadata["doc"]]
+    assert silent == [], "%s options without a Postfix equivalent: %s" % (section, silent)

@@ -19,7 +19,7 @@ from elemta.delivery.mtasts import (STSPolicy, STSPolicyError, mx_matches, parse
 from tests.harness import delivery_result as result
 from tests.harness import free_port, submit, wait_for
 from tests.peers.https import PolicyServer, LoopbackCA
-from tests.peers.nsd import nsd_available, private_nsd
+from tests.peers.nsd import NSDInstance, nsd_available, private_nsd
 from tests.peers.sink import ScriptedServer
 from tests.test_metrics import labelled, scrape
 
@@ -49,7 +49,11 @@ mta-sts.testing   A   127.0.0.30
 cached            MX  10 mx.good
 _mta-sts.cached   TXT "v=STSv1; id=7"
 mta-sts.cached    A   127.0.0.35
+refresh           MX  10 mx.good
+mta-sts.refresh   A   127.0.0.30
 """
+# refresh.sts.test's TXT record, whose id its test changes (in an NSD of its own).
+REFRESH_TXT = '_mta-sts.refresh TXT "v=STSv1; id=%s"\n'
 
 
 def policy(mode, *mx):
@@ -61,7 +65,8 @@ POLICIES = {"mta-sts.enforce.sts.test": policy("enforce", "*.good.sts.test"),
             "mta-sts.mismatch.sts.test": policy("enforce", "mx.good.sts.test"),
             "mta-sts.badcert.sts.test": policy("enforce", "mx.bad.sts.test"),
             "mta-sts.testing.sts.test": policy("testing", "mx.good.sts.test"),
-            "mta-sts.cached.sts.test": policy("enforce", "mx.good.sts.test")}
+            "mta-sts.cached.sts.test": policy("enforce", "mx.good.sts.test"),
+            "mta-sts.refresh.sts.test": policy("enforce", "mx.other.sts.test")}
 
 
 
@@ -291,3 +296,58 @@ def test_a_policy_server_whose_certificate_is_not_trusted_gives_no_policy(
                      r"https://mta-sts.mismatch.sts.test/.well-known/mta-sts.txt "
                      r"\(127.0.0.30\): TLS failed: unable to get local issuer certificate",
                      server.log()), server.log()
+
+
+@pytest.mark.usefixtures("web")
+def test_a_tls_policy_entry_of_level_mta_sts_applies_the_policy_where_mta_sts_is_off(
+        start, mx_hosts):
+    """delivery.mta_sts off: only the domain whose tls_policy entry says mta-sts gets its
+    policy enforced (deferred: its MX is not named); another goes as without it."""
+    other, bad = mx_hosts[1], mx_hosts[2]
+    server = start(mta_sts=False,
+                   tls_policy=[{"domain": "mismatch.sts.test", "level": "mta-sts"}])
+    held = submit(server, "l1@client.test", "lvl@mismatch.sts.test")
+    status, reply = result(server, held, "lvl@mismatch.sts.test")
+    assert status == "deferred"
+    assert reply == ("451 4.7.5 MX host mx.other.sts.test not named by the MTA-STS policy "
+                     "of mismatch.sts.test (enforce): mx mx.good.sts.test")
+    assert received_by(other, "lvl@mismatch.sts.test") == []
+    free = submit(server, "l2@client.test", "lvl@badcert.sts.test")
+    assert result(server, free, "lvl@badcert.sts.test")[0] == "sent"
+    assert len(received_by(bad, "lvl@badcert.sts.test")) == 1
+    assert "MTA-STS policy of badcert" not in server.log()
+
+
+def test_a_new_policy_id_is_fetched_and_the_same_id_is_not(start, mx_hosts, web, nsd,
+                                                          tmp_path):
+    """refresh.sts.test first publishes (id 1) a policy that names another MX: its mail is
+    deferred. Its owner fixes the policy file but not the id: the cached policy still
+    applies and nothing is fetched. Then the TXT record says id 2: the next message has
+    the policy fetched again (RFC 8461 5.1) and goes to its MX."""
+    good = mx_hosts[0]
+    own = NSDInstance(tmp_path / "nsd1", {ZONE: RECORDS + REFRESH_TXT % 1}).start()
+    try:
+        server = start(dns_port=own.port)
+        first = submit(server, "f1@client.test", "r1@refresh.sts.test")
+        status, reply = result(server, first, "r1@refresh.sts.test")
+        assert status == "deferred" and "not named by the MTA-STS policy of " \
+            "refresh.sts.test" in reply, reply
+        assert web.fetches.count("mta-sts.refresh.sts.test") == 1
+
+        web.policies["mta-sts.refresh.sts.test"] = policy("enforce", "mx.good.sts.test")
+        second = submit(server, "f2@client.test", "r2@refresh.sts.test")
+        assert result(server, second, "r2@refresh.sts.test")[0] == "deferred"
+        assert web.fetches.count("mta-sts.refresh.sts.test") == 1     # id unchanged
+
+        own.stop()
+        own = NSDInstance(tmp_path / "nsd2", {ZONE: RECORDS + REFRESH_TXT % 2},
+                          port=own.port).start()
+        third = submit(server, "f3@client.test", "r3@refresh.sts.test")
+        assert result(server, third, "r3@refresh.sts.test")[0] == "sent"
+        assert received_by(good, "r3@refresh.sts.test")[0].tls
+        assert web.fetches.count("mta-sts.refresh.sts.test") == 2
+        assert "MTA-STS policy of refresh.sts.test fetched: mode enforce, id 2, " \
+            "max_age 86400, mx mx.good.sts.test" in server.log()
+    finally:
+        own.stop()
+        web.policies["mta-sts.refresh.sts.test"] = POLICIES["mta-sts.refresh.sts.test"]

@@ -2,8 +2,11 @@
 
 Owned by the test suite. A client sends to the real `elemta` server over STARTTLS with
 REQUIRETLS on MAIL FROM (smtplib); a private NSD (tests/peers/nsd.py) serves zone
-rt.test: each recipient domain's MX and, for one domain, an MTA-STS policy served by a
-loopback HTTPS server (tests/peers/https.py). The MX hosts are scripted SMTP servers
+rt.test, unsigned: each recipient domain's MX and, for most domains, an MTA-STS policy in
+enforce mode served by a loopback HTTPS server (tests/peers/https.py). In an unsigned zone
+that policy is what lets REQUIRETLS trust the MX names (RFC 8689 4.2.1); a domain without
+one (spoofed.rt.test, whose MX is the secure host) gets nothing sent.
+(tests/test_dane.py has the DNSSEC-validated case.) The MX hosts are scripted SMTP servers
 (tests/peers/sink.py): one with STARTTLS, a certificate for its MX name from a test CA
 and REQUIRETLS; one with TLS but no REQUIRETLS; one that offers REQUIRETLS but no
 STARTTLS. Elemta trusts the test CA through delivery.tls_ca_file. Needs nsd.
@@ -37,11 +40,16 @@ secure            MX  10 mx.secure
 noreq             MX  10 mx.noreq
 clear             MX  10 mx.clear
 optout            MX  10 mx.clear
-_mta-sts.optout   TXT "v=STSv1; id=1"
-mta-sts.optout    A   127.0.0.70
+spoofed           MX  10 mx.secure
 """
-POLICIES = {"mta-sts.optout.rt.test": "version: STSv1\r\nmode: enforce\r\n"
-                                      "mx: mx.clear.rt.test\r\nmax_age: 86400\r\n"}
+# Each of these domains publishes an MTA-STS policy in enforce mode naming its own MX.
+POLICY_DOMAINS = {"secure": "mx.secure", "noreq": "mx.noreq", "clear": "mx.clear",
+                  "optout": "mx.clear"}
+RECORDS += "".join('_mta-sts.%s TXT "v=STSv1; id=1"\nmta-sts.%s A %s\n' % (d, d, WEB)
+                   for d in POLICY_DOMAINS)
+POLICIES = {"mta-sts.%s.rt.test" % domain: "version: STSv1\r\nmode: enforce\r\n"
+            "mx: %s.rt.test\r\nmax_age: 86400\r\n" % mx
+            for domain, mx in POLICY_DOMAINS.items()}
 
 
 @pytest.mark.parametrize("header, waived", [
@@ -108,15 +116,19 @@ def mx_hosts(pki, mx_port):
 
 
 @pytest.fixture
-def server(elemta_server, nsd, mx_port, pki, web_port, tls_files):
+def server(elemta_server, nsd, mx_port, pki, web, web_port, tls_files, tmp_path):
     cert, key = tls_files
+    aliases = tmp_path / "aliases"
+    aliases.write_text("postmaster: pm@gone.rt.test\nfar: r@noreq.rt.test\n"
+                       "lost: x@gone.rt.test\n")
     delivery = {"workers": 1, "mx_port": mx_port, "nameservers": ["127.0.0.1"],
                 "dns_port": nsd.port, "min_backoff": 60, "max_backoff": 60,
                 "connect_timeout": 2.0, "command_timeout": 5.0, "data_timeout": 5.0,
                 "tls_ca_file": pki.ca_file, "mta_sts_ca_file": pki.ca_file,
                 "mta_sts_port": web_port, "mta_sts_timeout": 5.0}
     started = elemta_server(delivery=delivery, api={"enabled": False},
-                            tls={"cert_file": cert, "key_file": key})
+                            tls={"cert_file": cert, "key_file": key},
+                            local={"aliases_file": str(aliases)})
     wait_for(lambda: "delivery worker started" in started.log())
     return started
 
@@ -151,7 +163,10 @@ def bounce_for(server, queue_id):
     """(envelope, content) of the DSN queued about queue_id."""
     def find():
         for other in server.queued_ids():
-            envelope, content = server.message(other)
+            try:
+                envelope, content = server.message(other)
+            except FileNotFoundError:       # delivered meanwhile
+                continue
             if envelope.sender == "" and queue_id.encode() in content:
                 return envelope, content
         return None
@@ -168,6 +183,8 @@ def test_requiretls_on_a_cleartext_session_is_refused(server):
 
 
 def test_a_requiretls_message_is_queued_with_it_and_relayed_with_it(server, mx_hosts):
+    """secure.rt.test's zone is unsigned, but its MTA-STS policy (enforce) names its MX
+    host: RFC 8689 4.2.1 lets that vouch for the MX name the certificate is checked for."""
     secure = mx_hosts[0]
     queue_id = send(server, "s@client.test", "r@secure.rt.test")
     assert result(server, queue_id, "r@secure.rt.test")[0] == "sent"
@@ -205,7 +222,9 @@ def test_without_requiretls_or_tls_at_the_next_hop_the_message_bounces(
     queue_id = send(server, "b-%s@client.test" % domain, recipient)
     status, reply = result(server, queue_id, recipient)
     assert status == "bounced"
-    assert re.match(r"550 5\.7\.10 REQUIRETLS support required: %s" % why, reply), reply
+    assert re.match(r"550 5\.7\.10 REQUIRETLS support required: "
+                    r"(MTA-STS policy of %s.rt.test \(enforce\): )?%s" % (domain, why),
+                    reply), reply
     assert received(sink, recipient) == []
     assert all(m.content.find(b"secret body") < 0 for m in sink.messages)
     envelope, content = bounce_for(server, queue_id)
@@ -216,7 +235,6 @@ def test_without_requiretls_or_tls_at_the_next_hop_the_message_bounces(
     assert b"secret body" not in content          # RFC 8689: the body is not returned
 
 
-@pytest.mark.usefixtures("web")
 def test_tls_required_no_sends_despite_the_domains_mta_sts_policy(server, mx_hosts):
     """optout.rt.test's MTA-STS policy (enforce) wants TLS that its MX lacks: a message
     without the field is deferred, one with "TLS-Required: No" goes in clear."""
@@ -233,3 +251,73 @@ def test_tls_required_no_sends_despite_the_domains_mta_sts_policy(server, mx_hos
     assert ("%s: TLS-Required: No: the MTA-STS policy of optout.rt.test is not applied"
             % waived) in server.log()
     assert received(clear, "k@optout.rt.test") == []
+
+
+def test_an_mx_answer_nobody_vouches_for_is_not_trusted(server, mx_hosts):
+    """spoofed.rt.test (unsigned zone, no MTA-STS policy) names mx.secure.rt.test as its
+    MX: a valid certificate for that name, REQUIRETLS offered. But whoever can forge the
+    MX answer chooses that name, so RFC 8689 4.2.1 does not count it: the message bounces
+    with 5.7.10 before any connection, and the bounce says why."""
+    secure = mx_hosts[0]
+    queue_id = send(server, "sp@client.test", "r@spoofed.rt.test")
+    status, reply = result(server, queue_id, "r@spoofed.rt.test")
+    assert status == "bounced"
+    assert reply == ("550 5.7.10 REQUIRETLS support required: the MX lookup of "
+                     "spoofed.rt.test was not DNSSEC-validated (DNSSEC lookups are off: "
+                     "see delivery.dane) and the domain has no MTA-STS policy in enforce "
+                     "mode, so its MX host names cannot be trusted (RFC 8689 4.2.1)"), reply
+    assert received(secure, "r@spoofed.rt.test") == []
+    _, content = bounce_for(server, queue_id)
+    assert b"Status: 5.7.10" in content
+    assert b"not DNSSEC-validated" in content
+    # Without REQUIRETLS the same domain gets its mail (opportunistic TLS).
+    plain = send(server, "sp2@client.test", "r2@spoofed.rt.test", requiretls=False)
+    assert result(server, plain, "r2@spoofed.rt.test")[0] == "sent"
+
+
+def test_a_forwarded_copy_keeps_requiretls(server, mx_hosts):
+    """A local alias sends far@example.test on to r@noreq.rt.test, whose MX offers no
+    REQUIRETLS: the forwarded copy keeps the sender's REQUIRETLS (RFC 8689 4.1), so it
+    bounces with 5.7.10 instead of going to a host that would not honour it."""
+    noreq = mx_hosts[1]
+    queue_id = send(server, "fw@client.test", "far@example.test")
+    status, reply = result(server, queue_id, "far@example.test")
+    assert status == "sent" and reply.startswith("250 2.0.0 forwarded as "), reply
+    copy_id = reply.split()[-1]
+    status, reply = result(server, copy_id, "r@noreq.rt.test")
+    assert status == "bounced"
+    assert re.match(r"550 5\.7\.10 REQUIRETLS support required: host "
+                    r"mx\.noreq\.rt\.test\[127\.0\.0\.72\]:\d+ did not offer "
+                    r"REQUIRETLS", reply), reply
+    assert received(noreq, "r@noreq.rt.test") == []
+    dsn, content = bounce_for(server, copy_id)
+    assert dsn.requiretls and dsn.recipients[0].address == "fw@client.test"
+    assert b"Status: 5.7.10" in content
+
+
+def test_a_forwarded_double_bounce_stays_one(server):
+    """A notice from <> to lost@ (aliased to a domain that does not exist) bounces: the
+    double bounce goes to postmaster, aliased to that domain too. Its forwarded copy is
+    still a double bounce, so its own failure makes no notice: without the mark each
+    failure would make another, for ever."""
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.sendmail("", ["lost@example.test"], b"Subject: a notice\r\n\r\nx\r\n")
+
+    def failed_copy_to(address):
+        for queue_id in server.queued_ids():
+            try:
+                envelope, _ = server.message(queue_id)
+            except FileNotFoundError:       # delivered meanwhile
+                continue
+            if [r.address for r in envelope.recipients] == [address]:
+                return queue_id, envelope
+        return None
+    copy_id, copy = wait_for(lambda: failed_copy_to("pm@gone.rt.test"), timeout=30)
+    assert copy.sender == "" and copy.extra == {"double_bounce": True}
+    status, reply = result(server, copy_id, "pm@gone.rt.test")
+    assert status == "bounced" and "5.1.2" in reply, reply
+    # The queue settles with the two failed copies alone (the double bounce itself was
+    # delivered, forwarded, and is gone); had the copy's failure made another double
+    # bounce, each would add a failed copy, for ever.
+    first_id, _ = failed_copy_to("x@gone.rt.test")
+    wait_for(lambda: server.queued_ids() == sorted([first_id, copy_id]), timeout=30)

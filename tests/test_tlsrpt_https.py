@@ -19,6 +19,7 @@ import pytest
 from elemta.config.loader import load_config
 from elemta.delivery.tlsreports import TLSReporting
 from elemta.tlsrpt.counter import TLSCounter
+from elemta.tlsrpt.post import is_public
 from elemta.tlsrpt.report import rua_uris
 from elemta.tlsrpt.results import CERTIFICATE_HOST_MISMATCH, STS, ReportedPolicy
 from elemta.tlsrpt.send import MAX_POST_ATTEMPTS
@@ -44,6 +45,17 @@ def test_the_rua_yields_mailto_addresses_and_https_urls():
         [], [], "no usable mailto: or https: rua (only http://example.org/r, "
                 "https://u@example.org/ (no host, or a user name in it), "
                 "https://example.org:x/ (Port could not be cast to integer value as 'x'))")
+
+
+@pytest.mark.parametrize("address, public", [
+    ("192.0.2.80", False), ("10.1.2.3", False), ("172.16.0.1", False),
+    ("192.168.1.1", False), ("169.254.169.254", False), ("100.64.0.1", False),
+    ("127.0.0.80", False), ("0.0.0.0", False), ("224.0.0.1", False),
+    ("240.0.0.1", False), ("::1", False), ("fe80::1", False), ("fd00::1", False),
+    ("::ffff:10.0.0.1", False), ("ff02::1", False),
+    ("8.8.8.8", True), ("2001:4860:4860::8888", True), ("::ffff:8.8.8.8", True)])
+def test_only_global_unicast_addresses_count_as_public(address, public):
+    assert is_public(address) is public
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +86,11 @@ def nsd(report_servers):
         '_smtp._tls.refused TXT "v=TLSRPTv1; rua=https://reports.rpt2.test:%d/v1/refused"'
         % port,
         '_smtp._tls.untrusted TXT "v=TLSRPTv1; rua=https://untrusted.rpt2.test:%d/v1/x"'
+        % port,
+        # Probes of the sender's own network (SSRF), refused unless allowed.
+        '_smtp._tls.private TXT "v=TLSRPTv1; rua=https://reports.rpt2.test/v1/private"',
+        '_smtp._tls.literal TXT "v=TLSRPTv1; rua=https://[::ffff:%s]/v1/literal"' % REPORTS,
+        '_smtp._tls.port TXT "v=TLSRPTv1; rua=https://reports.rpt2.test:%d/v1/port"'
         % port]) + "\n"
     with private_nsd({ZONE: records}) as server:
         yield server
@@ -111,7 +128,9 @@ def test_reports_are_posted_to_https_ruas_alongside_mailto_and_failures_retried(
         delivery={"workers": 0, "nameservers": ["127.0.0.1"], "dns_port": nsd.port,
                   "dns_timeout": 20.0},
         tlsrpt={"enabled": True, "organization": "Elemta Test", "sender": "tlsrpt@mx.test",
-                "https_ca_file": pki[0].ca_file, "https_timeout": 60.0},
+                "https_ca_file": pki[0].ca_file, "https_timeout": 60.0,
+                # The report servers are on loopback, on ports other than 443.
+                "https_allow_private": True},
         api={"enabled": False})
     domains = ["both.rpt2.test", "refused.rpt2.test", "untrusted.rpt2.test"]
     count_sessions(server.spool, domains)
@@ -175,3 +194,46 @@ def test_reports_are_posted_to_https_ruas_alongside_mailto_and_failures_retried(
     finally:
         store.close()
     assert untrusted.posts == []
+
+
+def test_a_rua_in_the_senders_own_network_gets_no_post(elemta_server, nsd, report_servers,
+                                                       pki):
+    """Whoever runs a domain's DNS picks its rua: one that resolves to loopback, an IP
+    literal of one (here IPv4-mapped), or a port other than 443 could make Elemta probe
+    its own network. With tlsrpt.https_allow_private off (the default) nothing is
+    posted, the output (the delivery workers log the same lines) says why, and it is not
+    retried."""
+    good, _, port = report_servers
+    server = elemta_server(
+        delivery={"workers": 0, "nameservers": ["127.0.0.1"], "dns_port": nsd.port,
+                  "dns_timeout": 20.0},
+        tlsrpt={"enabled": True, "sender": "tlsrpt@mx.test",
+                "https_ca_file": pki[0].ca_file, "https_timeout": 60.0},
+        api={"enabled": False})
+    domains = ["private.rpt2.test", "literal.rpt2.test", "port.rpt2.test"]
+    count_sessions(server.spool, domains)
+    sent = elemtactl(server, "tlsrpt", "send", "--date", "today")
+    assert sent.returncode == 0, sent.stderr
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    lines = sorted(sent.stdout.splitlines())
+    report = "%s: report %s.%s@mx.test for %s not posted to %s: refused: "
+    assert lines == [
+        (report % ("literal.rpt2.test", today, "literal.rpt2.test", today,
+                   "https://[::ffff:%s]/v1/literal" % REPORTS)
+         + "::ffff:%s is not a global address (::ffff:7f00:50; "
+           "tlsrpt.https_allow_private is off)" % REPORTS),
+        (report % ("port.rpt2.test", today, "port.rpt2.test", today,
+                   "https://reports.rpt2.test:%d/v1/port" % port)
+         + "port %d is not 443 (tlsrpt.https_allow_private is off)" % port),
+        (report % ("private.rpt2.test", today, "private.rpt2.test", today,
+                   "https://reports.rpt2.test/v1/private")
+         + "reports.rpt2.test is not a global address (%s; tlsrpt.https_allow_private "
+           "is off)" % REPORTS)], sent.stdout
+    assert [where for where, _, _ in good.posts
+            if where.split("/")[-1] in ("private", "literal", "port")] == []
+    # Refused is final: the delivery workers' next run does not try again.
+    store = CountStore(server.spool)
+    try:
+        assert store.pending_posts() == []
+    finally:
+        store.close()

@@ -5,7 +5,9 @@ acme.http_port, port 80 needing root). Everything else gets 404.
 
 Runs as master.user and holds no key: it faces the internet, so it can read the pending
 challenges and nothing else (the account key and certificates stay with the acme child
-and the smtpd). Each connection has REQUEST_TIMEOUT to send its request.
+and the smtpd). Each connection has REQUEST_TIMEOUT to send its request, and at most
+MAX_CONNECTIONS are served at once (more wait in the listen queue until one ends), so a
+flood of idle connections costs a bounded number of greenlets, as for acme-tls.
 See also: elemta.acme.worker, RFC 8555 section 8.3.
 """
 
@@ -20,6 +22,8 @@ log = logging.getLogger("elemta.acme-http")
 
 PREFIX = "/.well-known/acme-challenge/"
 REQUEST_TIMEOUT = 10.0
+# Connections served at once (the ACME server needs a handful; the rest is abuse).
+MAX_CONNECTIONS = 256
 
 
 class TimedHandler(WSGIHandler):
@@ -51,6 +55,13 @@ def challenge_app(store):
     return app
 
 
+def challenge_server(sock, store, max_connections=MAX_CONNECTIONS):
+    """The (not yet started) WSGI server answering challenges on sock."""
+    return WSGIServer(sock, challenge_app(store), log=None,
+                      error_log=LoggingLogAdapter(log, logging.WARNING),
+                      handler_class=TimedHandler, spawn=max_connections)
+
+
 class HTTP01Child(GeventChild):
     """The one acme-http process."""
 
@@ -65,10 +76,7 @@ class HTTP01Child(GeventChild):
         if self.sock is None:
             raise BootError("no socket for acme.http_address port %d (enabling acme "
                             "needs a restart of elemta)" % self.config.acme.http_port)
-        store = Store(self.config.acme.state_directory)
-        self.server = WSGIServer(self.sock, challenge_app(store), log=None,
-                                 error_log=LoggingLogAdapter(log, logging.WARNING),
-                                 handler_class=TimedHandler)
+        self.server = challenge_server(self.sock, Store(self.config.acme.state_directory))
         self.server.start()
         log.info("acme-http answering HTTP-01 on %s port %d", *self.sock.getsockname()[:2])
 

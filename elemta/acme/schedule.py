@@ -1,7 +1,8 @@
 """When the acme child orders each certificate: at first, when its names change, once
 acme.renew_at of its lifetime has passed, and after a failure only when its backoff has
 run out (acme.retry_delay, doubling per failure in a row, at most acme.retry_delay_max);
-and when it warns that one is close to expiry (ExpiryWarnings: 14 and 3 days before).
+and when it warns that one is close to expiry (ExpiryWarnings, from elemta.certs.expiry:
+14 and 3 days before).
 
 Owned by the acme child (elemta.acme.worker); no I/O, so tests feed it times.
 """
@@ -47,30 +48,3 @@ class Backoff:
     def next_try(self):
         """The earliest time a failed certificate may be tried again, or None."""
         return min((when for _, when in self._failures.values()), default=None)
-
-
-# Seconds before a certificate's expiry when the acme child warns, once each.
-EXPIRY_WARNINGS = (14 * 86400, 3 * 86400)
-
-
-class ExpiryWarnings:
-    """Which expiry warnings were given, per certificate: one when the time left first
-    drops to a threshold, not one per check; a new certificate (another notAfter) starts
-    over."""
-
-    def __init__(self, thresholds=EXPIRY_WARNINGS):
-        self.thresholds = sorted(thresholds, reverse=True)
-        self._given = {}            # name -> (not_after, the smallest threshold warned of)
-
-    def due(self, name, not_after, now):
-        """The threshold (seconds) whose warning is due now for the certificate, or None."""
-        crossed = [t for t in self.thresholds if not_after - now <= t]
-        if not crossed:
-            self._given.pop(name, None)
-            return None
-        threshold = crossed[-1]
-        given = self._given.get(name)
-        if given is not None and given[0] == not_after and given[1] <= threshold:
-            return None
-        self._given[name] = (not_after, threshold)
-        return threshold

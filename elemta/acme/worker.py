@@ -7,8 +7,10 @@ runs in a pool thread (the acme library blocks), so the heartbeat goes on meanwh
 A failure is logged with the ACME server's reason and retried with backoff; the
 certificate in use stays until a new one has been installed. SIGUSR2 (elemtactl cert
 renew) orders every certificate now, due or not. Each order's result is counted
-(elemta_acme_renewals_total, elemta_acme_last_renewal_success); a certificate 14 and
-then 3 days from expiry is warned of in the log, once each (ExpiryWarnings).
+(elemta_acme_renewals_total, elemta_acme_last_renewal_success); each certificate's
+expiry is a gauge (elemta_tls_certificate_expiry_timestamp_seconds, by its fullchain.pem,
+whether or not tls.acme serves it), and one 14 and then 3 days from expiry is warned of
+in the log, once each (ExpiryWarnings).
 See also: elemta.acme.client, elemta.acme.http01 and elemta.acme.tlsalpn01 (who answer
 the challenges).
 """
@@ -21,7 +23,8 @@ from gevent.event import Event
 
 from elemta import metrics
 from elemta.acme.client import OrderFailed, obtain
-from elemta.acme.schedule import Backoff, ExpiryWarnings, renewal_reason
+from elemta.acme.schedule import Backoff, renewal_reason
+from elemta.certs.expiry import ExpiryWarnings
 from elemta.certs.store import Store
 from elemta.util.child import BootError, GeventChild
 from elemta.util.threads import in_thread
@@ -68,7 +71,7 @@ class ACMEChild(GeventChild):
                 if self.stopping.is_set():
                     break
                 self.consider(certificate, forced)
-                self.warn_of_expiry(certificate)
+                self.watch_expiry(certificate)
             self.wake.clear()
             self.wake.wait(self.sleep_time())
 
@@ -79,12 +82,14 @@ class ACMEChild(GeventChild):
             interval = min(interval, max(0.0, retry - time.time()))
         return interval
 
-    def warn_of_expiry(self, certificate):
-        """A warning when the certificate in use comes within 14, then 3 days of its
-        expiry (its renewal has not succeeded by then)."""
+    def watch_expiry(self, certificate):
+        """The certificate's expiry gauge, and a warning when it comes within 14, then 3
+        days of its expiry (its renewal has not succeeded by then)."""
         info = self.store.certificate(certificate.name)
         if info is None:
             return
+        metrics.TLS_CERTIFICATE_EXPIRY.labels(
+            self.store.live_files(certificate.name)[0]).set(info.not_after)
         now = time.time()
         if self.expiry_warnings.due(certificate.name, info.not_after, now) is None:
             return

@@ -476,11 +476,19 @@ class ContentSettings:
 @dataclass(frozen=True)
 class TLSSettings:
     """Certificates for STARTTLS and implicit TLS (smtps)."""
-    cert_file: Optional[str] = opt(None, "PEM certificate chain; STARTTLS is offered only "
-                                         "when this and key_file are set.")
-    key_file: Optional[str] = opt(None, "PEM private key for cert_file.")
-    min_version: str = opt("TLSv1.2", "Oldest TLS version accepted.", _one_of(TLS_VERSIONS))
-    handshake_timeout: float = opt(30.0, "Seconds a client has to finish the TLS handshake.",
+    cert_file: Optional[str] = opt(
+        None, "PEM certificate chain; STARTTLS is offered only when this and key_file are "
+              "set. A new file (certbot renew, an admin's copy, a symlink swapped) is "
+              "served without a reload. Postfix's smtpd_tls_chain_files (or "
+              "smtpd_tls_cert_file).")
+    key_file: Optional[str] = opt(None, "PEM private key for cert_file. Postfix's "
+                                        "smtpd_tls_key_file (or the key in "
+                                        "smtpd_tls_chain_files).")
+    min_version: str = opt("TLSv1.2", "Oldest TLS version accepted. Postfix's "
+                                      "smtpd_tls_protocols (>=TLSv1.2).",
+                           _one_of(TLS_VERSIONS))
+    handshake_timeout: float = opt(30.0, "Seconds a client has to finish the TLS "
+                                         "handshake. Postfix's smtpd_starttls_timeout.",
                                    _positive)
     acme: Optional[str] = opt(
         None, "Serve the certificate the built-in ACME client keeps under this name (an "
@@ -523,11 +531,13 @@ ACME_CHALLENGES = (ACME_HTTP01, ACME_TLSALPN01)
 class ACMECertificate:
     """One certificate the ACME client obtains and renews."""
     name: str = opt("", "Its name: the directory under acme.state_directory/live that holds "
-                        "it and what tls.acme refers to. certbot's --cert-name.",
+                        "it and what tls.acme refers to. certbot's --cert-name; Postfix "
+                        "has no equivalent.",
                     _certificate_name)
     domains: Tuple[str, ...] = opt((), "The host names it is for (the first is its subject; "
                                        "all are subjectAltNames), each validated by the "
-                                       "challenge of acme.challenge. certbot's -d.",
+                                       "challenge of acme.challenge. certbot's -d; "
+                                       "Postfix has no equivalent.",
                     _domains)
 
 
@@ -539,59 +549,75 @@ class ACMESettings:
     enabled: bool = opt(False, "Run the acme process (the client) and its challenge "
                                "responder: the acme-http process (HTTP-01 on "
                                "http_address:http_port) or the acme-tls process (TLS-ALPN-01 "
-                               "on tls_address:tls_port), as acme.challenge says.")
+                               "on tls_address:tls_port), as acme.challenge says. "
+                               "Postfix has no equivalent (certbot runs beside it).")
     challenge: str = opt(ACME_HTTP01, "How the ACME server validates each name: http-01 "
                                       "(it fetches a file over HTTP on port 80) or "
                                       "tls-alpn-01 (RFC 8737: a TLS handshake on port 443 "
                                       "with ALPN acme-tls/1; for hosts whose port 80 is "
-                                      "closed or taken). certbot's --preferred-challenges.",
+                                      "closed or taken). certbot's --preferred-challenges; "
+                                      "Postfix has no equivalent.",
                          _one_of(ACME_CHALLENGES),
                          restart="the master binds the responder's port before it forks")
     directory_url: str = opt(LETS_ENCRYPT, "The ACME server's directory. Let's Encrypt's "
                                            "staging server is https://acme-staging-v02.api."
-                                           "letsencrypt.org/directory. certbot's --server.",
+                                           "letsencrypt.org/directory. certbot's --server; "
+                                           "Postfix has no equivalent.",
                              _acme_url)
     email: Optional[str] = opt(None, "Contact address given to the ACME server for the "
-                                     "account (expiry notices). certbot's --email.")
+                                     "account (expiry notices). certbot's --email; "
+                                     "Postfix has no equivalent.")
     ca_file: Optional[str] = opt(None, "PEM file of the CA certificates that sign the ACME "
                                        "server's own HTTPS certificate; unset: the system's. "
-                                       "certbot reads REQUESTS_CA_BUNDLE.", _absolute_path)
+                                       "certbot reads REQUESTS_CA_BUNDLE; Postfix has no "
+                                       "equivalent.", _absolute_path)
     certificates: Tuple[ACMECertificate, ...] = opt(
-        (), "The certificates to obtain and renew: a list of tables with name and domains.")
+        (), "The certificates to obtain and renew: a list of tables with name and domains. "
+            "Postfix has no equivalent.")
     state_directory: str = opt(
         "/var/lib/elemta/acme", "Where the account key and the certificates live "
                                 "(certbot's --config-dir, /etc/letsencrypt). The master makes "
                                 "it owned by root, mode 0755, and its subdirectories by "
                                 "master.user, mode 0700 (the private keys are readable by "
-                                "master.user only).", _absolute_path,
+                                "master.user only). Postfix has no equivalent.",
+        _absolute_path,
         restart="the master prepares the directory before it forks")
     http_address: str = opt("0.0.0.0", "Address of the HTTP-01 responder (acme.challenge "
                                        "http-01). certbot's "
-                                       "--http-01-address.", _ip_address,
+                                       "--http-01-address; Postfix has no equivalent.",
+                            _ip_address,
                             restart="the master binds it before it forks")
     http_port: int = opt(80, "Port of the HTTP-01 responder; ACME servers connect to 80. "
-                             "certbot's --http-01-port.", _port,
+                             "certbot's --http-01-port; Postfix has no "
+                             "equivalent.", _port,
                          restart="the master binds it before it forks")
     tls_address: str = opt("0.0.0.0", "Address of the TLS-ALPN-01 responder (acme.challenge "
-                                      "tls-alpn-01).", _ip_address,
+                                      "tls-alpn-01). Postfix has no equivalent.",
+                           _ip_address,
                            restart="the master binds it before it forks")
     tls_port: int = opt(443, "Port of the TLS-ALPN-01 responder; ACME servers connect to "
                              "443. It answers ALPN acme-tls/1 handshakes only, so no HTTPS "
-                             "server may share the port. certbot has no counterpart.",
+                             "server may share the port. Neither certbot nor Postfix "
+                             "has a counterpart.",
                         _port, restart="the master binds it before it forks")
     renew_at: float = opt(2.0 / 3, "Renew once this fraction of a certificate's lifetime has "
                                    "passed (two thirds: day 60 of 90). certbot's "
-                                   "renew_before_expiry (30 days).", _fraction)
+                                   "renew_before_expiry (30 days); Postfix has no "
+                                   "equivalent.", _fraction)
     check_interval: float = opt(3600.0, "Seconds between two looks at whether a certificate "
-                                        "is due (certbot's timer runs twice a day).",
+                                        "is due (certbot's timer runs twice a day). "
+                                        "Postfix has no equivalent.",
                                 _positive)
     retry_delay: float = opt(300.0, "Seconds before the first retry after a failed "
-                                    "attempt; it doubles with each failure in a row.",
+                                    "attempt; it doubles with each failure in a row. "
+                                    "Postfix has no equivalent.",
                              _positive)
-    retry_delay_max: float = opt(86400.0, "Upper bound of that delay, in seconds.",
+    retry_delay_max: float = opt(86400.0, "Upper bound of that delay, in seconds. Postfix "
+                                          "has no equivalent.",
                                  _positive)
     timeout: float = opt(120.0, "Seconds one attempt may take (requests, validation and "
-                                "issuance) before it counts as failed.", _positive)
+                                "issuance) before it counts as failed. Postfix has "
+                                "no equivalent.", _positive)
 
 
 @dataclass(frozen=True)
@@ -1048,9 +1074,12 @@ class DeliverySettings:
               "CAs, as RFC 8461 expects). Postfix's smtp_tls_CAfile, for these only.",
         _absolute_path)
     mta_sts_port: int = opt(443, "TCP port of the MTA-STS policy servers (RFC 8461: "
-                                 "443; another only for tests).", _port)
+                                 "443; another only for tests). Postfix has no "
+                                 "equivalent.", _port)
     mta_sts_timeout: float = opt(20.0, "Seconds an MTA-STS policy fetch may take in all "
-                                       "(connect, TLS, request and answer).", _positive)
+                                       "(connect, TLS, request and answer). Postfix has no "
+                                       "equivalent (postfix-mta-sts-resolver's own "
+                                       "setting).", _positive)
     dane: bool = opt(
         False, "DANE (RFC 7672) for mail routed by MX: an MX host whose MX, address and "
                "TLSA records are DNSSEC-validated must do STARTTLS with a certificate a "
@@ -1130,9 +1159,17 @@ class TLSRPTSettings:
         None, "PEM file of the CA certificates an https: rua's server certificate must "
               "chain to; unset: the system's. A report POST whose certificate does not "
               "validate fails (RFC 8460 5.4) and is tried again on the next runs. "
-              "Postfix: none (tlsrpt-reportd uses the system's).", _absolute_path)
+              "Postfix has no equivalent (tlsrpt-reportd uses the system's).",
+        _absolute_path)
     https_timeout: float = opt(30.0, "Seconds one report POST to an https: rua may take "
-                                     "(connection, TLS, upload and answer).", _positive)
+                                     "(connection, TLS, upload and answer). Postfix "
+                                     "has no equivalent.", _positive)
+    https_allow_private: bool = opt(
+        False, "Post reports to https: ruas on ports other than 443 and at addresses that "
+               "are not global (loopback, RFC 1918, link-local, shared, multicast, "
+               "reserved). Off: such a rua is refused and logged with the reason, since "
+               "whoever runs a domain's DNS picks its rua and could otherwise make Elemta "
+               "send requests into its own network. Postfix has no equivalent.")
 
 
 LOCAL_RIGHTS = ("alias", "forward", "include")

@@ -95,11 +95,14 @@ class NullMX(RouteError):
 class Host:
     """One address to connect to. `name` is the MX host name (the name TLS verifies);
     `preference` is None for an implicit MX (the domain's own address) or an address literal;
-    `secure`: the MX lookup and the host's address lookup were both DNSSEC-validated."""
+    `secure`: the MX lookup and the host's address lookup were both DNSSEC-validated;
+    `mx_secure`: the MX lookup (or the validated absence of MX records, for an implicit MX)
+    was, so the name itself can be trusted (what REQUIRETLS asks, RFC 8689 4.2.1)."""
     name: str
     address: str
     preference: Optional[int] = None
     secure: bool = False
+    mx_secure: bool = False
 
 
 class Records(list):
@@ -175,7 +178,8 @@ class MXResolver:
             addresses, error = lookup.value
             if error is None:
                 secure = exchanges.secure and addresses.secure
-                hosts += [Host(name, address, preference, secure) for address in addresses]
+                hosts += [Host(name, address, preference, secure, exchanges.secure)
+                          for address in addresses]
             else:
                 temporary = temporary or isinstance(error, TemporaryRouteError)
                 failures.append("%s: %s" % (name, getattr(error, "reason", error)))
@@ -194,8 +198,8 @@ class MXResolver:
             raise NoSuchDomain(domain, "domain not found (NXDOMAIN)")
         if not addresses:
             raise NoMailHost(domain, "no MX and no address record")
-        secure = secure and addresses.secure
-        return [Host(domain.rstrip("."), address, None, secure) for address in addresses]
+        return [Host(domain.rstrip("."), address, None, secure and addresses.secure, secure)
+                for address in addresses]
 
     def _host_addresses(self, name):
         """(addresses, None) or ([], the RouteError): returned, not raised, since gevent

@@ -7,7 +7,10 @@ these before it opens sessions for a message:
                              sender: every session for it must be TLS with the server's
                              certificate verified for the MX name (PKIX) or by the MX
                              host's TLSA records (DANE, RFC 7672), and the server must
-                             offer REQUIRETLS after STARTTLS (4.2.1). A notice from <>
+                             offer REQUIRETLS after STARTTLS (4.2.1); routed by MX,
+                             the MX answer must be DNSSEC-validated or the domain's
+                             MTA-STS policy enforced (smtp_transport's untrusted_mx).
+                             A notice from <>
                              only passes REQUIRETLS on where it can (4.2.1 asks the rest
                              of messages with a return path).
     RequireTLSSessions       opens those sessions: a host that fails any of it is left

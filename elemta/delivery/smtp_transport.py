@@ -28,8 +28,11 @@ REQUIRETLS (RFC 8689, elemta.delivery.requiretls): a message that asks for it go
 over sessions at level secure (against delivery.tls_ca_file, or under the domain's
 MTA-STS policy) or authenticated by DANE (a host with usable TLSA records: RFC 8689 4.2.1
 takes either) to servers that offer REQUIRETLS; where no host will do, it bounces with
-5.7.10. A message whose header says "TLS-Required: No" is delivered without the domain's
-MTA-STS policy.
+5.7.10. Routed by MX, it also needs MX host names it can trust (4.2.1): a DNSSEC-validated
+MX answer or the domain's MTA-STS policy in enforce mode, else it bounces with 5.7.10
+before any connection (a bracketed relay host or transport next hop is verified by the
+name the admin configured). A message whose header says "TLS-Required: No" is
+delivered without the domain's MTA-STS policy.
 
 TLS-RPT (RFC 8460, elemta.tlsrpt, when tlsrpt.enabled): each new session under an
 MTA-STS policy or DANE TLSA records counts as a success or as a failure of the RFC's
@@ -151,7 +154,13 @@ class SMTPTransport:
         requiretls = requires_tls(record.envelope)
         tls = self.requiretls_tls if requiretls else self.tls_for(destination)
         level, connect = tls.level, None
-        policy = self.mta_sts_policy(destination)
+        policy = self.mta_sts_policy(destination, requiretls)
+        if requiretls:
+            refusal = self.untrusted_mx(destination, hosts, policy)
+            if refusal is not None:
+                log.warning("%s: %s", record.queue_id, refusal.text)
+                return {index: (BOUNCED, str(refusal), "none", None, deferrals.POLICY)
+                        for index, _ in items}
         if policy is not None and not requiretls and self._waived(record.queue_id):
             log.info("%s: TLS-Required: No: the MTA-STS policy of %s is not applied "
                      "(RFC 8689)", record.queue_id, policy.domain)
@@ -203,17 +212,41 @@ class SMTPTransport:
             return level
         return DANE_MODE if level is None and self.dane_default else None
 
-    def mta_sts_policy(self, destination):
+    def mta_sts_policy(self, destination, requiretls=False):
         """The MTA-STS policy (enforce or testing) for mail routed by MX to destination's
-        domain, or None: no MX routing, MTA-STS not asked for, no policy in force."""
+        domain, or None: no MX routing, MTA-STS not asked for, no policy in force. Mail
+        with REQUIRETLS always asks: the policy may be what vouches for its MX hosts."""
         if self.mta_sts is None or not destination.mx_lookup:
             return None
         domain = normal_domain(destination.host)
         level = domain_entry(self.level_by_destination, domain)
-        if not (level == MTA_STS_LEVEL or (level is None and self.mta_sts_default)):
+        if not (requiretls or level == MTA_STS_LEVEL
+                or (level is None and self.mta_sts_default)):
             return None
         policy = self.mta_sts.policy_for(domain)
         return None if policy is None or policy.mode == NONE else policy
+
+    def untrusted_mx(self, destination, hosts, policy):
+        """None when the MX host names of a REQUIRETLS delivery can be trusted, else the
+        reply that bounces it. RFC 8689 4.2.1: the MX lookup must be DNSSEC-validated, or
+        the MX hosts must match the domain's MTA-STS policy (in enforce mode: STSDelivery
+        then skips those it does not name); PKIX against a name a spoofed answer gave
+        proves nothing. A next hop the admin configured in brackets (relay host,
+        transport map) is no MX lookup: its configured name is what is verified."""
+        if not destination.mx_lookup:
+            return None
+        if hosts and all(host.mx_secure for host in hosts):
+            return None
+        if policy is not None and policy.mode == ENFORCE:
+            return None
+        dnssec = self.resolver is not None and self.resolver.transport.dnssec
+        why = ("the MX lookup of %s was not DNSSEC-validated%s and the domain has no "
+               "MTA-STS policy in enforce mode%s, so its MX host names cannot be trusted "
+               "(RFC 8689 4.2.1)" % (
+                   destination.host, "" if dnssec else
+                   " (DNSSEC lookups are off: see delivery.dane)",
+                   "" if policy is None else " (its policy is in %s mode)" % policy.mode))
+        return local_reply(550, "5.7.10", "REQUIRETLS support required: %s" % why)
 
     def deliver_to(self, record, items, targets, new_client, profile=None, connect=None):
         """Try targets [(address, port, server name)] in order until one takes the message

@@ -365,7 +365,13 @@ class RecipientDelivery:
                         for a in addresses],
             arrival=time.time(), body=envelope.body, smtputf8=envelope.smtputf8,
             ret=envelope.ret, envid=envelope.envid, client_address="",
-            client_helo=self.config.hostname, protocol="local")
+            client_helo=self.config.hostname, protocol="local",
+            # What the sender asked of every hop goes on with the copy (RFC 8689 4.1:
+            # REQUIRETLS is not dropped by forwarding), as do its priority and the
+            # message-level marks in extra (a double bounce forwarded stays one, so its
+            # failure cannot start a bounce loop).
+            requiretls=envelope.requiretls, priority=envelope.priority,
+            extra=dict(envelope.extra))
         with Queue.from_config(self.config.queue) as queue:
             content = self.copy.content
             content.seek(0)

@@ -7,13 +7,19 @@ sessions get it, while sessions already under way keep theirs: no restart, no re
 no session refused or cut. A pair that cannot be loaded (half written, a key that does
 not match) is logged once and the context in use stays; the next change is tried again.
 With tls.acme, the certificate may not exist yet: STARTTLS is then not offered until it
-does. See also: elemta.smtpd.tls, elemta.certs.store, elemta.acme.
+does. A tls.cert_file 14, then 3 days from its expiry is warned of in the log, once each
+by one of the workers (elemta.certs.expiry.WarningMarks; the acme process warns of the
+certificates it manages). See also: elemta.smtpd.tls, elemta.certs.store, elemta.acme.
 """
 
 import logging
 import os
+import time
 
 from elemta import metrics
+from elemta.certs.expiry import WarningMarks, crossed
+from elemta.certs.store import CertificateInfo
+from elemta.queue.wakeup import run_dir
 from elemta.smtpd.tls import CertificateError, certificate_expiry, server_context
 
 log = logging.getLogger("elemta.smtpd")
@@ -29,7 +35,9 @@ class CertificateWatch:
         self.tls = config.tls
         self.cert_file, self.key_file = config.tls_files
         self.context = None
+        self.expiry = None            # the served certificate's notAfter, when known
         self._seen = None             # the files' identity when last loaded or tried
+        self.marks = WarningMarks(run_dir(config.queue.spool_dir))
         if not (self.cert_file and self.key_file):
             return
         self._seen = self._identity()
@@ -45,10 +53,12 @@ class CertificateWatch:
                 log.warning("%s; STARTTLS is not offered until the acme process installs "
                             "a certificate", exc)
 
-    def check(self):
-        """Load the files again if they changed; True when a new context serves."""
+    def check(self, now=None):
+        """Load the files again if they changed; True when a new context serves. Warns
+        of a file certificate close to its expiry."""
         if not (self.cert_file and self.key_file):
             return False
+        self.warn_of_expiry(time.time() if now is None else now)
         identity = self._identity()
         if identity == self._seen or identity is None:
             return False
@@ -63,9 +73,30 @@ class CertificateWatch:
 
     def _load(self):
         self.context = server_context(self.tls, self.cert_file, self.key_file)
-        expiry = certificate_expiry(self.cert_file)
-        if expiry is not None:
-            metrics.TLS_CERTIFICATE_EXPIRY.labels(self.cert_file).set(expiry)
+        self.expiry = certificate_expiry(self.cert_file)
+        if self.expiry is not None:
+            metrics.TLS_CERTIFICATE_EXPIRY.labels(self.cert_file).set(self.expiry)
+
+    def warn_of_expiry(self, now):
+        """A warning when the tls.cert_file served comes within 14, then 3 days of its
+        expiry, by whichever worker sees it first (ACME ones: the acme process's)."""
+        if self.tls.acme or self.expiry is None:
+            return
+        threshold = crossed(self.expiry, now)
+        if threshold is None or not self.marks.claim(self.cert_file, self.expiry,
+                                                     threshold):
+            return
+        try:
+            with open(self.cert_file, "rb") as f:
+                names = ", ".join(CertificateInfo.from_pem(f.read()).names) or "no DNS name"
+        except (OSError, ValueError):
+            names = "names unknown"
+        left = self.expiry - now
+        log.warning("tls.cert_file %s (%s) %s (%s): replace it (certbot renew, or a new "
+                    "file); the smtpd workers pick the new one up by themselves",
+                    self.cert_file, names, "expires in %.1f days" % (left / 86400)
+                    if left > 0 else "has expired",
+                    time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.expiry)))
 
     def _identity(self):
         """What tells a changed file pair: inode, size and change time of each; None

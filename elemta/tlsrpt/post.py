@@ -9,6 +9,13 @@ makes; the whole exchange has tlsrpt.https_timeout. Redirects are not followed. 
 2xx answer is success; anything else raises PostError with the reason, which the caller
 logs and retries on its next run. Sockets are gevent's, so a slow report server never
 stalls a delivery worker's other greenlets.
+
+The rua is chosen by whoever runs the policy domain's DNS, so it must not turn Elemta
+into a probe of its own network (server-side request forgery): unless
+tlsrpt.https_allow_private, only port 443 is posted to, and only addresses that are
+global (no loopback, RFC 1918, link-local, shared, multicast or reserved address, no
+IP literal that is one); each connection goes to the very address that was checked.
+What is refused raises PostRefused, which the caller gives up at once.
 See also: elemta.tlsrpt.send, elemta.tlsrpt.report (the body).
 """
 
@@ -31,21 +38,48 @@ class PostError(Exception):
     """The report was not taken; the text says where and why."""
 
 
-def post_report(url, body, resolver, ca_file=None, timeout=30.0):
+class PostRefused(PostError):
+    """Elemta would not post there (see the module docstring): not worth trying again."""
+
+
+def post_report(url, body, resolver, ca_file=None, timeout=30.0, allow_private=False):
     """POST body (application/tlsrpt+gzip) to url, trying the host's addresses in turn;
-    returns the server's status line, or raises PostError."""
+    returns the server's status line, or raises PostError (PostRefused for a port or
+    addresses not allowed, allow_private being tlsrpt.https_allow_private)."""
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port or 443
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
+    if port != 443 and not allow_private:
+        raise PostRefused("refused: port %d is not 443 (tlsrpt.https_allow_private "
+                          "is off)" % port)
+    addresses = _addresses(host, resolver)
+    if not allow_private:
+        refused = [address for address in addresses if not is_public(address)]
+        addresses = [address for address in addresses if address not in refused]
+        if not addresses:
+            raise PostRefused("refused: %s is not a global address (%s; "
+                              "tlsrpt.https_allow_private is off)" % (
+                                  host, ", ".join(refused)))
     problems = []
-    for address in _addresses(host, resolver):
+    for address in addresses:
         try:
             return _post(url, host, address, port, path, body, ca_file, timeout)
         except PostError as error:
             problems.append(str(error))
     raise PostError("; ".join(problems))
+
+
+def is_public(address):
+    """True for a globally routable unicast address (an IPv4-mapped IPv6 one judged by
+    its IPv4 address)."""
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_link_local
+                                 or ip.is_loopback or ip.is_private)
 
 
 def _addresses(host, resolver):

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from elemta.plugins.resolver import Resolver, TemporaryDNSError
 from elemta.queue import maildrop
 from elemta.queue.model import Recipient
-from elemta.tlsrpt.post import PostError, post_report
+from elemta.tlsrpt.post import PostError, PostRefused, post_report
 from elemta.tlsrpt.report import build_message, build_report, report_gzip, rua_uris
 from elemta.util.text import printable
 
@@ -108,7 +108,12 @@ def _post(store, config, resolver, day, domain, url, report):
     try:
         status = post_report(url, report_gzip(report), resolver,
                              ca_file=config.tlsrpt.https_ca_file,
-                             timeout=config.tlsrpt.https_timeout)
+                             timeout=config.tlsrpt.https_timeout,
+                             allow_private=config.tlsrpt.https_allow_private)
+    except PostRefused as error:
+        store.post_done(day, domain, url)       # no use trying again
+        return "report %s for %s not posted to %s: %s" % (
+            report["report-id"], day, printable(url), error)
     except PostError as error:
         attempts = store.post_failed(day, domain, url, str(error))
         if attempts >= MAX_POST_ATTEMPTS:
