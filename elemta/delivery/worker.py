@@ -558,7 +558,10 @@ class DeliveryWorker(GeventChild):
         reasons = dict.fromkeys(results, deferrals.PLUGIN)
         items = [item for item in items if item[0] not in results]
         if items:
-            with self.slots.hold(destination, lambda: self._priority_now(record)):
+            # The claim just read the priority; the index is asked again only while
+            # the delivery waits (an admin may change it meanwhile).
+            with self.slots.hold(destination, lambda: self._priority_now(record),
+                                 initial=record.envelope.priority):
                 delivered = self.transports[destination.kind].deliver(
                     record, destination, items)
             # The transport's own word, else what its kind says (the local agent's
