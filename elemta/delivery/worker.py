@@ -452,14 +452,18 @@ class DeliveryWorker(GeventChild):
             destination = self.stages.routing(record, recipient, routed)
             transports[index] = destination.kind
             groups.setdefault(destination, []).append((index, recipient))
-        jobs = [gevent.spawn(_caught, self._deliver_group, record, destination, items)
-                for destination, items in groups.items()]
-        gevent.joinall(jobs)
+        if len(groups) == 1:         # the usual case: no greenlet of its own to spawn
+            values = [_caught(self._deliver_group, record, *next(iter(groups.items())))]
+        else:
+            jobs = [gevent.spawn(_caught, self._deliver_group, record, destination, items)
+                    for destination, items in groups.items()]
+            gevent.joinall(jobs)
+            values = [job.value for job in jobs]
         ours = {}                    # index -> the success notice that is ours to send
-        for job, (destination, _) in zip(jobs, groups.items()):
-            if isinstance(job.value, Exception):
-                raise job.value
-            decided, why = job.value
+        for value, (destination, _) in zip(values, groups.items()):
+            if isinstance(value, Exception):
+                raise value
+            decided, why = value
             reasons.update(why)
             for index, result in decided.items():
                 results[index] = result[:3]
