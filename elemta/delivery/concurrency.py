@@ -63,7 +63,7 @@ class DestinationSlots:
         # key -> {(-priority, ticket): the Event that wakes that waiting greenlet}
         self._waiting = {}
         self._tickets = itertools.count()
-        self._limit_of = {}       # host -> its limit (the same few hosts, message after message)
+        self._limit_of = {}       # host -> its limit (the same few hosts, again and again)
 
     def limit_for(self, destination):
         """The limit for a Destination: an entry for its host or a parent domain, or
