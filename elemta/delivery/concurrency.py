@@ -7,20 +7,25 @@ delivery to it holds a lock on one of them. The kernel drops a dead worker's loc
 its process, so a killed worker can never leak a slot, and no process has to count for
 the others. The slots are byte ranges of that one file under fcntl record locks (many on
 one file descriptor): the destination key hashed to 40 bits, times 65536, plus the slot
-number. A greenlet that finds every slot taken waits for one of its own worker's slots to
-be given back, or looks again after a short pause (the holders are other processes, which
-cannot wake it).
+number. Only the first in line of a destination tries for a slot: it is woken when one of
+its own worker's slots is given back, or looks again after a short pause (the holders are
+other processes, which cannot wake it); the others sleep until their turn comes. A busy
+worker has many deliveries waiting for one destination, and waking them all on every
+slot given back cost more CPU than the deliveries themselves.
 
 Within a worker, the deliveries waiting for one destination take its slots in the order
 of their messages' priority (queue.priority_rules), the highest first, then in the order
 they began to wait: a message of higher priority that a busy worker claimed late still
 gets the next connection. A waiter's priority may be a function: it is asked again
 every PRIORITY_RECHECK_SECONDS while the delivery waits, so a priority an admin changes
-(elemtactl queue priority) moves a message already claimed to its new place in line.
+(elemtactl queue priority) moves a message already claimed to its new place in line
+(the first place comes from `initial` when the caller knows it: the worker has the one
+its claim just read, and asking the index costs a read and a decode per delivery).
 Across workers there is no order: each worker's best waiter tries whenever it looks.
 """
 
 import fcntl
+import functools
 import hashlib
 import itertools
 import os
@@ -38,6 +43,8 @@ RECHECK_SECONDS = 0.1
 PRIORITY_RECHECK_SECONDS = 1.0
 # Slots one destination can have (the room each key has in the lock file).
 MAX_LIMIT = 65535
+# Hosts whose limits a worker remembers (cleared when full: a lookup is cheap).
+LIMIT_CACHE = 4096
 
 
 class DestinationSlots:
@@ -53,52 +60,68 @@ class DestinationSlots:
         # drop every lock the process holds on it (POSIX).
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._held = set()        # (key, n) held by this process
-        self._freed = Event()
-        # key -> the (-priority, ticket) of each greenlet of this process waiting for it
+        # key -> {(-priority, ticket): the Event that wakes that waiting greenlet}
         self._waiting = {}
         self._tickets = itertools.count()
+        self._limit_of = {}       # host -> its limit (the same few hosts, again and again)
 
     def limit_for(self, destination):
         """The limit for a Destination: an entry for its host or a parent domain, or
         the default."""
-        host = normal_domain(destination.host)
-        return min(domain_entry(self.limits, host, self.default_limit), MAX_LIMIT)
+        limit = self._limit_of.get(destination.host)
+        if limit is None:
+            host = normal_domain(destination.host)
+            limit = min(domain_entry(self.limits, host, self.default_limit), MAX_LIMIT)
+            if len(self._limit_of) >= LIMIT_CACHE:
+                self._limit_of.clear()
+            self._limit_of[destination.host] = limit
+        return limit
 
-    def hold(self, destination, priority=0):
+    def hold(self, destination, priority=0, initial=None):
         """A context manager holding one slot of destination's limit (waits for one,
         behind this process's waiters of higher priority). priority: a number, or a
-        function giving the current one (asked again while waiting)."""
-        return _Slot(self, destination.key, self.limit_for(destination), priority)
+        function giving the current one (asked again while waiting; initial, when given,
+        is its value now, so it need not be asked at once)."""
+        return _Slot(self, destination.key, self.limit_for(destination), priority, initial)
 
-    def _acquire(self, key, limit, priority=0):
+    def _acquire(self, key, limit, priority=0, initial=None):
         current = priority if callable(priority) else (lambda: priority)
         ticket = next(self._tickets)
-        place = (-current(), ticket)
+        place = (-(current() if initial is None else initial), ticket)
         asked = time.monotonic()
-        waiting = self._waiting.setdefault(key, set())
-        waiting.add(place)
+        waiting = self._waiting.setdefault(key, {})
+        turn = Event()
+        waiting[place] = turn
         try:
             while True:
                 if min(waiting) == place:       # only the first in line tries
                     taken = self._try(key, limit)
                     if taken is not None:
                         return taken
-                self._freed.clear()
-                self._freed.wait(RECHECK_SECONDS * (0.5 + random.random()))
+                    pause = RECHECK_SECONDS * (0.5 + random.random())
+                else:                           # woken when its turn comes
+                    pause = PRIORITY_RECHECK_SECONDS if callable(priority) else None
+                turn.clear()
+                turn.wait(pause)
                 if callable(priority) and time.monotonic() - asked >= PRIORITY_RECHECK_SECONDS:
                     asked = time.monotonic()
                     moved = (-current(), ticket)
                     if moved != place:
-                        waiting.discard(place)
+                        del waiting[place]
                         place = moved
-                        waiting.add(place)
-                        self._freed.set()       # the line changed: its new first looks
+                        waiting[place] = turn
+                        self._wake_first(key)   # the line changed: its new first looks
         finally:
-            waiting.discard(place)
+            del waiting[place]
             if waiting:
-                self._freed.set()               # the next in line may find a slot too
+                self._wake_first(key)           # the next in line may find a slot too
             else:
                 del self._waiting[key]
+
+    def _wake_first(self, key):
+        waiting = self._waiting.get(key)
+        if waiting:
+            waiting[min(waiting)].set()
 
     def _try(self, key, limit):
         base = _offset(key)
@@ -118,7 +141,7 @@ class DestinationSlots:
     def _release(self, slot):
         self._held.discard(slot)
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _offset(slot[0]) + slot[1])
-        self._freed.set()
+        self._wake_first(slot[0])
 
     def held(self):
         """How many slots this process holds now (for tests and metrics)."""
@@ -129,6 +152,7 @@ class DestinationSlots:
         self._held.clear()
 
 
+@functools.lru_cache(maxsize=4096)
 def _offset(key):
     """Where a destination's slots start in the lock file (room for 65536 slots)."""
     digest = hashlib.sha1(key.encode("utf-8")).digest()
@@ -136,12 +160,13 @@ def _offset(key):
 
 
 class _Slot:
-    def __init__(self, slots, key, limit, priority):
-        self.slots, self.key, self.limit, self.priority = slots, key, limit, priority
+    def __init__(self, slots, key, limit, priority, initial):
+        self.slots, self.key, self.limit = slots, key, limit
+        self.priority, self.initial = priority, initial
         self.slot = None
 
     def __enter__(self):
-        self.slot = self.slots._acquire(self.key, self.limit, self.priority)
+        self.slot = self.slots._acquire(self.key, self.limit, self.priority, self.initial)
         return self
 
     def __exit__(self, *exc_info):

@@ -162,7 +162,12 @@ class DataEncoder:
             if not chunk:
                 return b""
         self._skip_lf = chunk[-1:] == b"\r"
-        out = _LINE_ENDINGS.sub(b"\r\n", chunk).replace(b"\r\n.", b"\r\n..")
+        crlf = chunk.count(b"\r\n")
+        if crlf == chunk.count(b"\n") and crlf == chunk.count(b"\r"):
+            out = chunk     # no bare CR or LF (the spool keeps what SMTP sent): as it is
+        else:
+            out = _LINE_ENDINGS.sub(b"\r\n", chunk)
+        out = out.replace(b"\r\n.", b"\r\n..")
         if self._at_line_start and out[:1] == b".":
             out = b"." + out
         self._at_line_start = out[-2:] == b"\r\n"

@@ -93,6 +93,13 @@ log = logging.getLogger("elemta.delivery")
 # Messages one worker delivers at once, and claims per write transaction.
 MAX_IN_FLIGHT = 100
 CLAIM_BATCH = 20
+# Least seconds between two claims of a worker with deliveries under way: under load the
+# deliveries ending and the mail arriving meanwhile are claimed for together. Each claim
+# is a write transaction with its flush and a hop to a thread; claiming after every
+# delivery that ended and every commit of the smtpd (a message each, under smtp-source
+# load) cost more than the rest of the loop. An idle worker claims at once, and one
+# claiming now and then too: the wait is only ever for what came within this time.
+CLAIM_GATHER = 0.05
 # Seconds before trying the index again when it cannot be written (a full disk).
 INDEX_RETRY = 5
 # Seconds between two looks for leases held by workers that have ended (besides the look
@@ -310,11 +317,18 @@ class DeliveryWorker(GeventChild):
     def loop(self):
         reclaim_every = max(0.5, min(self.delivery.lease / 4, 30.0))
         next_reclaim = 0.0
+        last_claim = 0.0             # time.monotonic() of the last claim
         while not self.stopping.is_set():
             now = time.time()
             # Cleared before claiming: a wake-up that comes during the claim is kept.
             self._wake.clear()
             room = min(self.pool.free_count(), CLAIM_BATCH)
+            gather = last_claim + CLAIM_GATHER - time.monotonic()
+            if room and gather > 0 and self.pool.free_count() < self.pool.size:
+                if self.stopping.wait(gather):
+                    break
+                room = min(self.pool.free_count(), CLAIM_BATCH)
+            last_claim = time.monotonic()
             try:
                 if now >= next_reclaim:
                     for queue_id in self.queue.reclaim(now, self._orphan_delay):
@@ -338,6 +352,8 @@ class DeliveryWorker(GeventChild):
             if self.used(len(claimed), "took %d messages"):
                 break
             if claimed and len(claimed) == room:
+                if room == CLAIM_BATCH:
+                    last_claim = 0.0     # a backlog: the next batch at once
                 gevent.sleep(0)
                 continue
             timeout = min(next_reclaim, self._next_purge) - time.time()
@@ -436,14 +452,18 @@ class DeliveryWorker(GeventChild):
             destination = self.stages.routing(record, recipient, routed)
             transports[index] = destination.kind
             groups.setdefault(destination, []).append((index, recipient))
-        jobs = [gevent.spawn(_caught, self._deliver_group, record, destination, items)
-                for destination, items in groups.items()]
-        gevent.joinall(jobs)
+        if len(groups) == 1:         # the usual case: no greenlet of its own to spawn
+            values = [_caught(self._deliver_group, record, *next(iter(groups.items())))]
+        else:
+            jobs = [gevent.spawn(_caught, self._deliver_group, record, destination, items)
+                    for destination, items in groups.items()]
+            gevent.joinall(jobs)
+            values = [job.value for job in jobs]
         ours = {}                    # index -> the success notice that is ours to send
-        for job, (destination, _) in zip(jobs, groups.items()):
-            if isinstance(job.value, Exception):
-                raise job.value
-            decided, why = job.value
+        for value, (destination, _) in zip(values, groups.items()):
+            if isinstance(value, Exception):
+                raise value
+            decided, why = value
             reasons.update(why)
             for index, result in decided.items():
                 results[index] = result[:3]
@@ -558,7 +578,10 @@ class DeliveryWorker(GeventChild):
         reasons = dict.fromkeys(results, deferrals.PLUGIN)
         items = [item for item in items if item[0] not in results]
         if items:
-            with self.slots.hold(destination, lambda: self._priority_now(record)):
+            # The claim just read the priority; the index is asked again only while
+            # the delivery waits (an admin may change it meanwhile).
+            with self.slots.hold(destination, lambda: self._priority_now(record),
+                                 initial=record.envelope.priority):
                 delivered = self.transports[destination.kind].deliver(
                     record, destination, items)
             # The transport's own word, else what its kind says (the local agent's

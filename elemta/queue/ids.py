@@ -24,6 +24,7 @@ RANDOM_CHARS = 9
 QUEUE_ID_LENGTH = TIME_CHARS + RANDOM_CHARS
 _RANDOM_BITS = 5 * RANDOM_CHARS
 _VALUE = {c: i for i, c in enumerate(ALPHABET)}
+_ALPHABET_SET = frozenset(ALPHABET)
 
 _lock = threading.Lock()
 _last_us = 0
@@ -80,4 +81,4 @@ def queue_id_time(queue_id):
 def is_queue_id(text):
     """True if text is exactly a queue id: safe to use as a file name (no '/', no '..')."""
     return (isinstance(text, str) and len(text) == QUEUE_ID_LENGTH
-            and all(c in _VALUE for c in text))
+            and _ALPHABET_SET.issuperset(text))

@@ -167,7 +167,18 @@ def encode_record(record):
 
 
 def decode_record(raw):
+    return _record_of(json.loads(bytes(raw)))
+
+
+def _decode_for_rewrite(raw):
+    """(record, the entries its stored form is indexed under): a record about to be
+    changed and written back, its stored JSON decoded once, not again by _put."""
     data = json.loads(bytes(raw))
+    entries = _entries_of(data)          # first: _record_of takes data apart
+    return _record_of(data), entries
+
+
+def _record_of(data):
     delivery_state = {name: data.pop(name) for name in _RECORD_FIELDS if name in data}
     hold = Hold.from_dict(data.pop("hold", None))
     return QueueRecord(envelope=envelope_from_dict(data), hold=hold, **delivery_state)
@@ -190,6 +201,12 @@ def due_key(next_attempt, queue_id, priority=0):
 
 def _due_time_ms(key):
     return _MS.unpack_from(key, 1)[0]
+
+
+def _entries_of(data):
+    """(due key or None, state key) of a decoded record dict: what a rewrite of it
+    removes (read before _record_of takes the dict apart)."""
+    return _due_key_of(data), state_key(data.get("state") or INCOMING, data["queue_id"])
 
 
 def _due_key_of(data):
@@ -361,13 +378,18 @@ class QueueIndex:
 
     # -- writing: every change goes through _put and _delete
 
-    def _put(self, txn, record, replace):
+    def _put(self, txn, record, replace, old_entries=None):
+        """Write a record and its entries. old_entries: the _entries_of the stored record
+        it replaces, when the caller has just decoded it (no second read and decode)."""
         key = record.queue_id.encode("ascii")
-        old = txn.get(key, db=self.messages)
-        if old is not None:
-            if not replace:
-                return False
-            self._forget(txn, json.loads(bytes(old)))
+        if old_entries is not None:
+            self._drop_entries(txn, old_entries)
+        else:
+            old = txn.get(key, db=self.messages)
+            if old is not None:
+                if not replace:
+                    return False
+                self._forget(txn, json.loads(bytes(old)))
         txn.put(key, encode_record(record), db=self.messages)
         if record.state in DUE_STATES:
             txn.put(due_key(record.next_attempt, record.queue_id, record.envelope.priority),
@@ -379,10 +401,12 @@ class QueueIndex:
 
     def _forget(self, txn, data):
         """Remove the due, by_state and listing entries of a decoded record."""
-        old_due = _due_key_of(data)
+        self._drop_entries(txn, _entries_of(data))
+
+    def _drop_entries(self, txn, entries):
+        old_due, key = entries
         if old_due is not None:
             txn.delete(old_due, db=self.due)
-        key = state_key(data.get("state") or INCOMING, data["queue_id"])
         txn.delete(key, db=self.by_state)
         txn.delete(key, db=self.listing)
 
@@ -423,10 +447,10 @@ class QueueIndex:
                 if raw is None:
                     outcomes[queue_id] = None
                     continue
-                record = decode_record(raw)
+                record, entries = _decode_for_rewrite(raw)
                 outcome, changed = change(record)
                 if changed:
-                    self._put(txn, record, replace=True)
+                    self._put(txn, record, replace=True, old_entries=entries)
                 outcomes[queue_id] = outcome
         return outcomes
 
@@ -448,15 +472,16 @@ class QueueIndex:
                 raw = txn.get(key[_DUE_HEAD:], db=self.messages)
                 if raw is None:
                     continue
-                record = decode_record(raw)
+                record, entries = _decode_for_rewrite(raw)
                 if record.state not in DUE_STATES:
                     continue
                 move(record, ACTIVE)
                 record.lease_owner = owner
                 record.lease_expires = now + lease_seconds
-                claimed.append(record)
-            for record in claimed:
-                self._put(txn, record, replace=True)
+                claimed.append((record, entries))
+            for record, entries in claimed:
+                self._put(txn, record, replace=True, old_entries=entries)
+        claimed = [record for record, _ in claimed]
         return claimed
 
     def _due_keys(self, txn, horizon_ms, limit):

@@ -342,8 +342,11 @@ class SpoolStore:
 
     # -- reading
 
-    def _layout(self, queue_id, file):
-        """Parse and check a whole file's framing: (envelope, content offset, length, crc)."""
+    def _layout(self, queue_id, file, whole_envelope=True):
+        """Parse and check a whole file's framing: (envelope, content offset, length, crc).
+        Without whole_envelope the envelope line is only checked to be a JSON object
+        naming this queue id, and None stands for the envelope: a reader of the content
+        (a delivery, message after message) has the envelope from the index already."""
         name = self.path(queue_id)
         file_size = os.fstat(file.fileno()).st_size
         if file.read(len(MAGIC)) != MAGIC:
@@ -363,13 +366,17 @@ class SpoolStore:
             raise CorruptSpoolFile("%s: footer length %s, found %d content bytes"
                                    % (name, int(match.group(1)), length))
         try:
-            envelope = envelope_from_dict(json.loads(line))
+            data = json.loads(line)
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            envelope = envelope_from_dict(data) if whole_envelope else None
         except (ValueError, TypeError, AttributeError) as e:
             raise CorruptSpoolFile("%s: bad envelope: %s" % (name, e))
-        if envelope.queue_id != queue_id:
+        if data.get("queue_id") != queue_id:
             raise CorruptSpoolFile("%s: holds queue id %s"
-                                   % (name, printable(str(envelope.queue_id))))
-        envelope.size = length
+                                   % (name, printable(str(data.get("queue_id")))))
+        if envelope is not None:
+            envelope.size = length
         return envelope, offset, length, int(match.group(2), 16)
 
     def _open_message(self, queue_id):
@@ -396,7 +403,7 @@ class SpoolStore:
         path = self.path(queue_id)
         file = self._open_message(queue_id)
         try:
-            _, offset, length, crc = self._layout(queue_id, file)
+            _, offset, length, crc = self._layout(queue_id, file, whole_envelope=False)
             fd = os.dup(file.fileno())
         finally:
             file.close()
