@@ -202,3 +202,26 @@ def test_a_handover_listener_without_an_api_token_is_a_configuration_error(tmp_p
         load_config(str(path))
     assert "%s:2: listeners[0].mode: handover logs the nodes in with the cluster's api " \
            "token: set api.token_file" % path in str(refused.value), str(refused.value)
+
+
+@pytest.mark.parametrize("where", ["token", "token_file"])
+def test_a_short_api_token_is_refused_for_a_cluster(tmp_path, where):
+    """The token is the hand-over password's and the registry key's seed: a short one
+    names its file, line and key at config check."""
+    from elemta.config import ConfigError, load_config
+    token_file = tmp_path / "token"
+    token_file.write_text("short-token\n")
+    value = "short-token" if where == "token" else str(token_file)
+    path = tmp_path / "elemta.yaml"
+    path.write_text("listeners:\n  - {address: 127.0.0.1, port: 2526, mode: handover}\n"
+                    "api:\n  %s: %s\n" % (where, value))
+    with pytest.raises(ConfigError) as refused:
+        load_config(str(path))
+    assert "%s:4: api.%s: the cluster's api token is 11 bytes, fewer than 16" \
+           % (path, where) in str(refused.value), str(refused.value)
+    # Long enough, or no cluster at all: accepted.
+    path.write_text("listeners:\n  - {address: 127.0.0.1, port: 2526, mode: handover}\n"
+                    "api:\n  token: %s\n" % TOKEN)
+    load_config(str(path))
+    path.write_text("api:\n  %s: %s\n" % (where, value))
+    load_config(str(path))

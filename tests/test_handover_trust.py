@@ -78,3 +78,56 @@ def test_our_users_submission_is_still_signed(node):
                    "bob@remote.test", OWN)
     assert any(h.startswith(b"DKIM-Signature:") and b"d=elemta.test" in h
                for h in header_lines(content)), content
+
+
+def test_with_a_certificate_the_handover_login_waits_for_tls(elemta_server, tls_files):
+    """Postfix's smtpd_tls_auth_only: a node with a certificate takes the hand-over
+    password only inside TLS, so it never crosses the pod network in clear."""
+    cert, key = tls_files
+    server = elemta_server(
+        # (The smtp listener first: the harness waits for its greeting from 127.0.0.1.)
+        listeners=[{"mode": "smtp", "address": NODE, "port": free_port(NODE)},
+                   {"mode": "handover", "address": NODE, "port": free_port(NODE)}],
+        tls={"cert_file": cert, "key_file": key},
+        api={"address": NODE, "port": free_port(NODE), "token": TOKEN},
+        cluster={"peer_networks": [PEER + "/32"]})
+    password = handover_password(TOKEN.encode())
+    with smtplib.SMTP(NODE, server.ports["handover"], timeout=20,
+                      source_address=(PEER, 0)) as client:
+        client.ehlo("node-a.test")
+        assert client.has_extn("starttls") and not client.has_extn("auth")
+        # Sent anyway: refused before the password is looked at.
+        code, _ = client.docmd("AUTH", "PLAIN")
+        assert code in (503, 504, 530, 538), code
+        client.starttls()
+        client.ehlo("node-a.test")
+        assert client.has_extn("auth")
+        assert client.login(HANDOVER_LOGIN, password)[0] == 235
+
+
+def test_failed_handover_logins_are_counted_and_slow_the_guesser(elemta_server):
+    """A pod inside peer_networks guessing the hand-over password meets the users'
+    penalty: each attempt waits for its recent failures, and the session's error limit
+    ends a session that keeps guessing."""
+    server = elemta_server(
+        # (The smtp listener first: the harness waits for its greeting from 127.0.0.1.)
+        listeners=[{"mode": "smtp", "address": NODE, "port": free_port(NODE)},
+                   {"mode": "handover", "address": NODE, "port": free_port(NODE)}],
+        auth={"failure_delay": 0.1, "max_failure_delay": 0.3},
+        limits={"errors": 3},
+        api={"address": NODE, "port": free_port(NODE), "token": TOKEN},
+        cluster={"peer_networks": [PEER + "/32"]})
+    with smtplib.SMTP(NODE, server.ports["handover"], timeout=20,
+                      source_address=(PEER, 0)) as client:
+        client.ehlo("node-a.test")
+        for guess in ("guess1", "guess2"):
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login(HANDOVER_LOGIN, guess)
+        # The third error of the session: 421, and the connection is closed.
+        with pytest.raises((smtplib.SMTPAuthenticationError,
+                            smtplib.SMTPServerDisconnected)):
+            client.login(HANDOVER_LOGIN, "guess3")
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            client.noop()
+    wait_for(lambda: "AUTH from %s waits 0.2s: 2 recent failure(s) from %s"
+             % (PEER, PEER) in server.log(), 30)
