@@ -202,3 +202,61 @@ def test_a_handover_listener_without_an_api_token_is_a_configuration_error(tmp_p
         load_config(str(path))
     assert "%s:2: listeners[0].mode: handover logs the nodes in with the cluster's api " \
            "token: set api.token_file" % path in str(refused.value), str(refused.value)
+
+
+@pytest.mark.parametrize("where", ["token", "token_file"])
+def test_a_short_api_token_is_refused_for_a_cluster(tmp_path, where):
+    """The token is the hand-over password's and the registry key's seed: a short one
+    names its file, line and key at config check."""
+    from elemta.config import ConfigError, load_config
+    token_file = tmp_path / "token"
+    token_file.write_text("short-token\n")
+    value = "short-token" if where == "token" else str(token_file)
+    path = tmp_path / "elemta.yaml"
+    path.write_text("listeners:\n  - {address: 127.0.0.1, port: 2526, mode: handover}\n"
+                    "api:\n  %s: %s\n" % (where, value))
+    with pytest.raises(ConfigError) as refused:
+        load_config(str(path))
+    assert "%s:4: api.%s: the cluster's api token is 11 bytes, fewer than 16" \
+           % (path, where) in str(refused.value), str(refused.value)
+    # Long enough, or no cluster at all: accepted.
+    path.write_text("listeners:\n  - {address: 127.0.0.1, port: 2526, mode: handover}\n"
+                    "api:\n  token: %s\n" % TOKEN)
+    load_config(str(path))
+    path.write_text("api:\n  %s: %s\n" % (where, value))
+    load_config(str(path))
+
+
+def test_an_expired_entry_rewritten_to_live_on_is_left_out(store, caplog):
+    """Whoever writes to the store (without the api token) keeps a node's old signed
+    entry, or rewrites its expires far ahead: a node long gone (its pod IP since given
+    to another pod) would get drained mail and the token. Its signed heartbeat says how
+    old it is, so the view leaves it out, logged; the live node beside it stays."""
+    key = registry_key(TOKEN.encode())
+    registry = Registry(connect(ClusterSettings(store=store.url)), "elemta:", key)
+    try:
+        registry.register("node-a", "http://127.0.0.2:8025", "1", 0, 60,
+                          smtp="127.0.0.2:2526")
+        seconds, _ = registry.client.time()
+        # node-b's own registration, an hour old, with a ttl of a minute: signed.
+        payload = json.dumps({"name": "node-b", "api_url": "http://127.0.0.3:8025",
+                              "smtp": "127.0.0.3:2526", "login": True, "version": "1",
+                              "started": 0, "heartbeat": seconds - 3600, "ttl": 60},
+                             sort_keys=True)
+        # The unsigned housekeeping rewritten to look fresh and last forever.
+        registry.client.hset(b"elemta:nodes", "node-b", json.dumps({
+            "node": payload, "sig": sign(key, payload), "heartbeat": seconds,
+            "expires": seconds + 10 ** 9}))
+        caplog.set_level("WARNING", logger="elemta.cluster")
+        assert [n.name for n in registry.nodes()] == ["node-a"]
+        assert "registry entry node-b in elemta:nodes is left out: its signed heartbeat " \
+            "is older than its ttl (60s)" in caplog.text
+        # Within its ttl it was a live node: the check is the signed age, nothing else.
+        fresh = payload.replace('"heartbeat": %d' % (seconds - 3600),
+                                '"heartbeat": %d' % seconds)
+        registry.client.hset(b"elemta:nodes", "node-b", json.dumps({
+            "node": fresh, "sig": sign(key, fresh), "heartbeat": seconds,
+            "expires": seconds + 60}))
+        assert [n.name for n in registry.nodes()] == ["node-a", "node-b"]
+    finally:
+        registry.close()

@@ -233,7 +233,7 @@ def test_shipped_container_configs_are_valid(tmp_path, source):
 
 def with_test_secrets(text, directory):
     """text with the Secret's files (as mounted in the pod) replaced by test files."""
-    for name, value in (("api-token", "a-test-token"), ("valkey-password", "a-password")):
+    for name, value in (("api-token", "a-test-token-for-the-cluster"), ("valkey-password", "a-password")):
         secret = directory / name
         secret.write_text(value + "\n")
         secret.chmod(0o600)
@@ -286,11 +286,12 @@ def statefulset_pod():
 def test_the_init_container_gives_each_pod_its_name_and_api_url(tmp_path):
     """The init container's command, run as the pod would run it (its mounts in tmp_path,
     elemtactl on PATH): the pod's copy of the ConfigMap's file names the pod, its api
-    and its SMTP hand-over address at the pod's IP, and still passes elemta
+    and its SMTP hand-over address at the pod's stable name under the headless Service
+    (not its IP, which a new pod may be given), and still passes elemta
     --check-config."""
     init = statefulset_pod()["initContainers"][0]
     assert {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in init["env"]} == {
-        "POD_NAME": "metadata.name", "POD_IP": "status.podIP"}
+        "POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     with open(os.path.join(REPO, "deploy/kubernetes/configmap.yaml")) as f:
         text = YAML(typ="safe").load(f)["data"]["elemta.yaml"]
     (tmp_path / "template").mkdir()
@@ -301,13 +302,20 @@ def test_the_init_container_gives_each_pod_its_name_and_api_url(tmp_path):
     bin_dir = os.path.dirname(sys.executable)
     done = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True,
                           timeout=60, env=dict(os.environ, POD_NAME="elemta-1",
-                                               POD_IP="10.244.3.9",
+                                               POD_NAMESPACE="mail",
                                                PATH=bin_dir + ":" + os.environ["PATH"]))
     assert done.returncode == 0, done.stdout + done.stderr
     written = tmp_path / "config" / "elemta.yaml"
     cluster = YAML(typ="safe").load(written.read_text())["cluster"]
     assert (cluster["node_name"], cluster["api_url"], cluster["handover_address"]) == (
-        "elemta-1", "http://10.244.3.9:8025", "10.244.3.9:2526")
+        "elemta-1", "http://elemta-1.elemta-headless.mail.svc:8025",
+        "elemta-1.elemta-headless.mail.svc:2526")
+    # The headless Service those names come from, for every pod, ready or not.
+    headless = manifest("service.yaml")[1]
+    assert headless["metadata"]["name"] == manifest("statefulset.yaml")[0]["spec"][
+        "serviceName"] == "elemta-headless"
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
     assert cluster["store"] == "redis://elemta-valkey:6379/0"
     checked = subprocess.run([os.path.join(bin_dir, "elemta"), "--config", str(written),
                               "--check-config"], capture_output=True, text=True, timeout=60)
@@ -345,18 +353,16 @@ def test_the_manifests_open_no_relay_and_lock_the_store():
     and Valkey to the Elemta pods."""
     import ipaddress
     config = YAML(typ="safe").load(manifest("configmap.yaml")[0]["data"]["elemta.yaml"])
-    loopback = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
-    for network in config["relay"]["mynetworks"]:
-        network = ipaddress.ip_network(network)
-        assert any(network.version == lo.version and network.subnet_of(lo)
-                   for lo in loopback), network
+    # The pod's own loopback address alone: a service-mesh sidecar forwards outside
+    # clients from 127.0.0.6, which 127.0.0.0/8 would let relay.
+    assert sorted(config["relay"]["mynetworks"]) == ["127.0.0.1/32", "::1/128"]
     peers = [ipaddress.ip_network(n) for n in config["cluster"]["peer_networks"]]
     assert peers and all(n.is_private and n.prefixlen >= 8 for n in peers), peers
     modes = {listener["mode"]: listener["port"] for listener in config["listeners"]}
     assert modes == {"smtp": 2525, "handover": 2526}
     pod = statefulset_pod()
-    assert 'cluster.handover_address="$POD_IP:2526"' in pod["initContainers"][0][
-        "command"][-1]
+    assert 'cluster.handover_address="$POD_NAME.elemta-headless.$POD_NAMESPACE.svc:2526"' \
+        in pod["initContainers"][0]["command"][-1]
     # The store's password: a file of the Secret the pod mounts.
     secret_keys = set(manifest("secret.yaml")[0]["stringData"])
     mounted = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
@@ -374,18 +380,26 @@ def test_the_manifests_open_no_relay_and_lock_the_store():
     assert valkey_policy["spec"]["ingress"] == [{
         "from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "elemta"}}}],
         "ports": [{"port": 6379}]}]
-    # The Elemta pods: SMTP and the api (published) from anywhere; hand-over only from
-    # Elemta pods.
+    # The Elemta pods: SMTP (published) from anywhere; hand-over only from Elemta pods;
+    # the api from Elemta pods and Prometheus in its namespace.
     [policy] = manifest("networkpolicy.yaml")
     assert policy["spec"]["podSelector"] == {
         "matchLabels": {"app.kubernetes.io/name": "elemta"}}
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     open_ports = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
-    assert open_ports == [{"ports": [{"port": 2525}, {"port": 8025}]}]
+    assert open_ports == [{"ports": [{"port": 2525}]}]
+    assert [rule for rule in policy["spec"]["ingress"] if {"port": 8025} in rule["ports"]
+            ] == [{"from": [
+                {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "elemta"}}},
+                {"namespaceSelector": {"matchLabels": {
+                    "kubernetes.io/metadata.name": "monitoring"}},
+                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
+                "ports": [{"port": 8025}]}]
     assert [rule for rule in policy["spec"]["ingress"] if {"port": 2526} in rule["ports"]
             ] == [{"from": [{"podSelector": {"matchLabels": {
                 "app.kubernetes.io/name": "elemta"}}}], "ports": [{"port": 2526}]}]
-    # The public Service publishes SMTP and the api, never the handover port.
+    # The public Service publishes SMTP alone: neither the handover port nor the api.
     service = manifest("service.yaml")[0]
-    assert 2526 not in [p.get("targetPort") for p in service["spec"]["ports"]]
-    assert "handover" not in [p.get("targetPort") for p in service["spec"]["ports"]]
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        (25, "smtp")]

@@ -113,7 +113,8 @@ def cmd_drain(args) -> int:
              % (config.hostname, _running_note(queue.spool_dir)))
         handover = None
         if target is not None:
-            handover = _handover(config, queue, target)
+            address, login = _to_target(config, target)
+            handover = _handover(config, queue, address, login=login)
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
         while True:
             if peers is not None:
@@ -147,26 +148,45 @@ def _running_note(spool_dir):
     return ""
 
 
+def _to_target(config, target):
+    """(target, login) for --to: the hand-over credential goes only to a host inside
+    cluster.peer_networks (to the address found there), never to wherever a typo or a
+    poisoned name points; another host must relay for this node as its mynetworks."""
+    from elemta.cluster.trust import PeerNetworks, Untrusted
+    host, port = target
+    try:
+        return (PeerNetworks.of(config).address(host, port), port), True
+    except Untrusted as error:
+        _say("drain: --to: %s: the cluster's hand-over login is not sent there (it must "
+             "relay for this node as for its relay.mynetworks)" % printable(str(error)))
+        return target, False
+
+
 def _handover(config, queue, target, name=None, login=True):
-    """A Handover to target. With login (a peer's handover listener, or --to: the admin's
-    choice) it logs in with the hand-over credential when the peer offers AUTH, also in
-    plain text (a handover listener takes it only from cluster.peer_networks, and it is
-    worth nothing but relaying there: where the network can be overheard, give the nodes
-    certificates and it goes over STARTTLS). Without, the peer must have this node in
-    its relay.mynetworks, as its smtp listener's AUTH is its users'."""
+    """A Handover to target. With login (a peer's handover listener, or --to inside
+    cluster.peer_networks) it logs in with the hand-over credential when the peer offers
+    AUTH: inside TLS whenever the peer offers STARTTLS (tls_level none is raised to may
+    for it), in plain text only to a peer that offers no STARTTLS (a handover listener
+    without a certificate, which takes it only from cluster.peer_networks, where it is
+    worth nothing but relaying: where the network can be overheard, give the nodes
+    certificates). Without, the peer must have this node in its relay.mynetworks, as its
+    smtp listener's AUTH is its users'."""
     from elemta.cluster.credential import HANDOVER_LOGIN, handover_password
     from elemta.delivery.handover import Handover
-    from elemta.delivery.smtp_client import SMTPClient, TLSPolicy
+    from elemta.delivery.smtp_client import (SASL_TLS_IF_OFFERED, TLS_MAY, TLS_NONE,
+                                             SMTPClient, TLSPolicy)
     from elemta.delivery.smtp_transport import client_timeouts
     from elemta.util.apitoken import read_token
     delivery = config.delivery
     token, _ = read_token(config.api)
     credentials = None if token is None or not login \
         else (HANDOVER_LOGIN, handover_password(token))
+    level = TLS_MAY if credentials is not None and delivery.tls_level == TLS_NONE \
+        else delivery.tls_level
     return Handover(queue, target, lambda: SMTPClient(
         config.hostname, timeouts=client_timeouts(delivery),
-        tls=TLSPolicy(delivery.tls_level), credentials=credentials,
-        sasl_require_tls=False), delivery.lease, name=name)
+        tls=TLSPolicy(level), credentials=credentials,
+        sasl_require_tls=SASL_TLS_IF_OFFERED), delivery.lease, name=name)
 
 
 class _ClusterPeers:

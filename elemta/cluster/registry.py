@@ -4,7 +4,7 @@ Used by the api process, whose heartbeat (elemta.api.registration) calls registe
 every cluster.heartbeat_interval, and by whoever shows the cluster view (nodes()).
 All nodes live in one HASH, prefix + "nodes": field = node name, value = JSON
 {node, sig, heartbeat, expires}: node is the JSON text of {name, api_url, smtp, login,
-version, started} (smtp is where the node takes mail handed over by a drained node,
+version, started, heartbeat, ttl} (smtp is where the node takes mail handed over by a drained node,
 cluster.handover_address, or null; login is true when that is a handover listener,
 where the others log in with the cluster's credential) and sig its HMAC with the cluster's registry key
 (elemta.cluster.credential): an entry that is not signed with it, or that cannot be
@@ -12,7 +12,11 @@ read, is left out of nodes() and logged, so neither a rogue registration (whoeve
 write to the store but has not the api token) nor a malformed one can take the token,
 drained mail or the whole view. heartbeat and expires are the store's
 clock (TIME), so nodes whose clocks differ still agree on who is alive; nodes() leaves
-out (and deletes) the entries whose lifetime (cluster.node_ttl) has passed. One key,
+out (and deletes) the entries whose lifetime (cluster.node_ttl) has passed. The unsigned
+heartbeat and expires are only the store's housekeeping: whoever writes to the store
+could rewrite them to keep an old signed entry alive forever (and a pod IP is reused),
+so the node also signs the store's time when it registers and its ttl, and nodes() leaves
+out, logged, an entry whose signed heartbeat is older than its ttl plus CLOCK_SKEW. One key,
 so a Valkey Cluster keeps it in one slot; each operation is one Lua script.
 
 The calls block on their socket (the client of elemta.sharedstate.redisstore.connect,
@@ -29,6 +33,11 @@ from elemta.cluster.credential import sign, signed_by
 from elemta.util.text import printable
 
 log = logging.getLogger("elemta.cluster")
+
+# Seconds a signed heartbeat may be older than its ttl and still count: the time between
+# reading the store's clock and writing the entry, and a Sentinel failover to a replica
+# whose clock is a little off.
+CLOCK_SKEW = 30.0
 
 # ARGV: name, the node's JSON, lifetime in seconds. Returns the store's time.
 _REGISTER = """
@@ -83,20 +92,23 @@ class Node:
 class Registry:
     """key: the cluster's registry key (elemta.cluster.credential.registry_key)."""
 
-    def __init__(self, client, prefix, key: bytes):
+    def __init__(self, client, prefix, key: bytes, clock_skew=CLOCK_SKEW):
         self.client = client
         self.key = (prefix.encode("utf-8") if isinstance(prefix, str) else prefix) \
             + b"nodes"
         self.signing_key = key
+        self.clock_skew = clock_skew
         self._register = client.register_script(_REGISTER)
         self._nodes = client.register_script(_NODES)
         self._said = set()          # the entries already logged as left out
 
     def register(self, name, api_url, version, started, ttl, smtp=None, smtp_login=False):
         """Say that node `name` lives, for `ttl` seconds from now."""
+        seconds, microseconds = self.client.time()      # the store's clock, as nodes()'
         node = json.dumps({"name": name, "api_url": api_url, "smtp": smtp,
                            "login": bool(smtp_login), "version": version,
-                           "started": started}, sort_keys=True)
+                           "started": started, "heartbeat": seconds + microseconds / 1e6,
+                           "ttl": ttl}, sort_keys=True)
         record = json.dumps({"node": node, "sig": sign(self.signing_key, node)})
         self._register(keys=[self.key], args=[name, record, ttl])
 
@@ -129,7 +141,16 @@ class Registry:
             raise ValueError("no name or api_url")
         if name != _text(field):
             raise ValueError("registered as %r, signed as %r" % (_text(field), name))
-        heartbeat = float(record["heartbeat"])
+        heartbeat, ttl = data.get("heartbeat"), data.get("ttl")
+        if not all(isinstance(value, (int, float)) and not isinstance(value, bool)
+                   for value in (heartbeat, ttl)):
+            self._left_out(field, "it signs no heartbeat and ttl (a node of an older "
+                                  "version)")
+            return None
+        if now - heartbeat > ttl + self.clock_skew:
+            self._left_out(field, "its signed heartbeat is older than its ttl (%gs): an "
+                                  "expired registration kept alive in the store" % ttl)
+            return None
         return Node(name=name, api_url=api_url, smtp=str(smtp) if smtp else None,
                     smtp_login=data.get("login") is True,
                     version=str(data.get("version", "")),

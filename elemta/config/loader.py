@@ -44,6 +44,7 @@ from elemta.config.schema import (BUILTIN_PLUGINS, SENDMAIL_LISTENER, AuthSettin
 from elemta.config.sources import FORMATS, parse
 from elemta.plugins.api import PluginConfigError
 from elemta.plugins.settings import ConfiguredPlugin, PluginCommon
+from elemta.util.apitoken import read_token
 
 # Listener modes on which a client must authenticate before MAIL.
 AUTH_REQUIRED_MODES = ("submission", "smtps")
@@ -57,6 +58,10 @@ FileCheck = Callable[[Config, Sequence[Tuple[KeyPath, str]]], Dict[KeyPath, str]
 # as Postfix does on a table lookup error). Loading the config does not insist on them;
 # a FileCheck (elemta --check-config) is still asked about them.
 _READ_LATER = (("api", "token_file"), ("delivery", "sasl_password_file"))
+
+# The shortest api token a cluster may use: the nodes' hand-over password and the
+# registrations' signing key are derived from it, and a pod inside peer_networks may guess.
+MIN_CLUSTER_TOKEN = 16
 
 # No setting holds a line break or other control character (TAB is allowed): strings from
 # the config reach SMTP replies, headers and log lines (the banner, the host name), where
@@ -497,6 +502,26 @@ class _Checker:
                                "out of the cluster view between two heartbeats"
                                % cluster.heartbeat_interval,
                                [("cluster", "heartbeat_interval")])
+        if cluster.store or any(l.mode == "handover" for l in config.listeners):
+            self.check_cluster_token(config.api)
+
+    def check_cluster_token(self, api) -> None:
+        """A guessable api token would open the hand-over login and the registry to any
+        pod. The token file may be unreadable here (it is read later, as master.user);
+        then its length is judged when it is read, by elemta --check-config's file check
+        and the node that fails to log in."""
+        if api.token_file:
+            path = ("api", "token_file")
+        elif api.token:
+            path = ("api", "token")
+        else:
+            return              # a handover listener without one is refused on its own
+        token, _ = read_token(api)
+        if token is not None and len(token) < MIN_CLUSTER_TOKEN:
+            self.refuse_across(path, "the cluster's api token is %d bytes, fewer than %d: "
+                               "the nodes' hand-over login and signed registrations are "
+                               "derived from it (make one with: openssl rand -hex 32)"
+                               % (len(token), MIN_CLUSTER_TOKEN))
 
     def check_priority_rules(self, config: Config) -> None:
         """A rule's listener must be one of the listeners (or sendmail): a typo would

@@ -241,9 +241,13 @@ class Listener:
                             "cluster.peer_networks and relays only for the one that logs "
                             "in with the cluster's hand-over credential, derived from the "
                             "api token, which the nodes use by themselves; so "
-                            "relay.mynetworks need not hold the nodes. Postfix: a second "
+                            "relay.mynetworks need not hold the nodes. It offers that "
+                            "login before STARTTLS only when tls has no certificate, and "
+                            "the mail it takes is not checked, signed or stamped with "
+                            "Authentication-Results again. Postfix: a second "
                             "smtpd in master.cf with -o smtpd_client_restrictions="
-                            "permit_sasl_authenticated,reject).",
+                            "permit_sasl_authenticated,reject and "
+                            "smtpd_tls_auth_only=yes).",
                     _one_of(LISTENER_MODES))
 
 
@@ -885,9 +889,13 @@ class APISettings:
     port: int = opt(8025, "TCP port of the api process.", _port)
     token: Optional[str] = opt(None, "Bearer token the REST API requires on every route "
                                      "but /api/v1/health and /metrics. Unset (and no "
-                                     "token_file): those routes answer 401 to everyone.")
+                                     "token_file): those routes answer 401 to everyone. "
+                                     "With cluster.store or a handover listener, at "
+                                     "least 16 bytes.")
     token_file: Optional[str] = opt(None, "File holding the bearer token (first line), "
-                                          "read at start and on reload; wins over token.")
+                                          "read at start and on reload; wins over token. "
+                                          "With cluster.store or a handover listener, "
+                                          "at least 16 bytes.")
     read_timeout: float = opt(10.0, "Seconds a client has to send a whole request (request "
                                     "line, headers and body; also how long an idle "
                                     "keep-alive connection stays open); a slower one gets "

@@ -40,7 +40,8 @@ the final dot one reply per accepted recipient, in RCPT order, each deciding its
 
 SMTP AUTH (RFC 4954), when given credentials=(user, password) and the server offers AUTH:
 PLAIN, or LOGIN when that is all it offers, after STARTTLS. With sasl_require_tls (the
-default) a session that is not encrypted is given up before the password is sent. Any
+default) a session that is not encrypted is given up before the password is sent; with
+SASL_TLS_IF_OFFERED only one whose server offered STARTTLS. Any
 failure (no common mechanism, 535, TLS missing) is a temporary SessionError whose reply
 quotes the server, as Postfix soft-bounces authentication failures. Without an AUTH offer
 the mail goes unauthenticated, as with Postfix.
@@ -78,6 +79,11 @@ TLS_VERIFY = "verify"     # STARTTLS required, certificate chain checked against
 TLS_SECURE = "secure"     # as verify, and the certificate must name the MX host
 TLS_DANE = "dane"         # STARTTLS required, a TLSA record must match (elemta.delivery.dane)
 TLS_LEVELS = (TLS_NONE, TLS_MAY, TLS_ENCRYPT, TLS_VERIFY, TLS_SECURE, TLS_DANE)
+
+# sasl_require_tls: the password in clear only to a server that does not offer STARTTLS
+# (a node's handover listener without a certificate); one that offered it and then
+# refused it, or a STARTTLS skipped by tls_level none, gets no password.
+SASL_TLS_IF_OFFERED = "if-offered"
 
 # Content is read and sent in blocks of this size: memory per delivery stays bounded.
 CONTENT_BLOCK = 64 * 1024
@@ -410,18 +416,22 @@ class SMTPClient:
         if not mechanisms:
             log.debug("%s offers no AUTH; sending without authentication", self.peer)
             return
-        if self.sasl_require_tls and self.tls_version is None:
+        offered = "STARTTLS" in self.extensions
+        if self.tls_version is None and (
+                self.sasl_require_tls is True
+                or (self.sasl_require_tls == SASL_TLS_IF_OFFERED and offered)):
             # Checked before any AUTH command: the password never leaves in clear.
             if self.tls.level == TLS_NONE:
                 why = "delivery.tls_level is none"
-            elif "STARTTLS" in self.extensions:
+            elif offered:
                 why = "it refused STARTTLS"
             else:
                 why = "it did not offer STARTTLS"
             self._quit_quietly()
             raise SessionError(local_reply(
                 451, "4.7.0", "not authenticating to %s over an unencrypted session (%s; "
-                "delivery.sasl_require_tls is set)" % (self.peer, why)),
+                "%s)" % (self.peer, why, "delivery.sasl_require_tls is set"
+                         if self.sasl_require_tls is True else "it offered STARTTLS")),
                 reason=deferrals.AUTH)
         user, password = self.credentials
         if "PLAIN" in mechanisms:

@@ -50,8 +50,9 @@ def value_of(name, ctx, facts):
         "tls_version": ctx.tls_protocol if tls else None,
         "cipher": ctx.tls_cipher if tls else None,
         "cipher_bits": str(ctx.tls_bits) if tls and ctx.tls_bits else None,
-        "auth_type": ctx.auth_method if ctx.auth_user else None,
-        "auth_authen": ctx.auth_user,
+        # A node's hand-over login is no user's: a milter (OpenDKIM) must not sign for it.
+        "auth_type": ctx.auth_method if ctx.auth_user and not ctx.handover else None,
+        "auth_authen": ctx.auth_user if not ctx.handover else None,
         "mail_addr": ctx.sender if ctx.sender is not None else None,
         "mail_host": _domain(ctx.sender) or None,
         "mail_mailer": facts["mailer"](ctx.sender) if ctx.sender else None,

@@ -302,6 +302,7 @@ class Context:
     """What a plugin may know about the mail in hand. Filled in by the calling process.
 
     Per connection: client_*, helo, esmtp, tls*, auth_user, auth_method, trusted, local,
+    handover,
     server_address, server_port, session.
     Per transaction (reset by new_transaction): sender, declared_size, recipients,
     recipient, queue_id, message, outbound, auth_results, state.
@@ -324,6 +325,10 @@ class Context:
     auth_user: Optional[str] = None
     trusted: bool = False          # the client is in mynetworks
     local: bool = False            # submitted on this host (sendmail, pickup)
+    # A node of the cluster handing over a drained node's queue (handover listener, after
+    # its AUTH): not our users' mail, but mail the origin node already checked, signed
+    # (or not) and stamped with its Authentication-Results; see checked_elsewhere.
+    handover: bool = False
     hostname: str = "localhost"
     resolver: Any = None
     stage: str = ""
@@ -351,8 +356,19 @@ class Context:
 
     @property
     def authenticated_or_local(self):
-        """Mail from our own users: AUTH, mynetworks or local submission."""
+        """Mail from our own users: AUTH, mynetworks or local submission. Never a node's
+        hand-over: its login is the cluster's, not a user's, and what it carries may be a
+        stranger's mail (a spoofed From: of our domain must not leave DKIM-signed)."""
+        if self.handover:
+            return False
         return self.auth_user is not None or self.trusted or self.local
+
+    @property
+    def checked_elsewhere(self):
+        """Mail the inbound checks leave alone: our users' own, or a node's hand-over
+        (the drained node ran SPF, DKIM, DMARC, ARC, greylisting and the restrictions
+        when it accepted the message)."""
+        return self.handover or self.authenticated_or_local
 
     def new_transaction(self):
         """RSET, a new MAIL FROM, or end of DATA: forget the envelope and the results."""

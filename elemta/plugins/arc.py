@@ -130,12 +130,12 @@ class ARCPlugin(Plugin):
     def forwarded(self, ctx):
         """True for mail this server seals: it leaves, and is not our users' own."""
         return (self.key is not None and ctx.outbound and ctx.auth_user is None
-                and not ctx.local)
+                and not ctx.local and not ctx.handover)
 
     def on_data(self, ctx):
         if not self.settings.verify or ctx.message is None or ctx.resolver is None:
             return None
-        if ctx.authenticated_or_local and not self.forwarded(ctx):
+        if ctx.checked_elsewhere and not self.forwarded(ctx):
             return None
         # In a helper process: hashing a large body must not stall the other sessions.
         checked = offload.call(verify_chain, ctx.message.raw, ctx.resolver)

@@ -140,6 +140,10 @@ class AuthResultsPlugin(Plugin):
         self.settings = settings or AuthResSettings()
 
     def on_data(self, ctx):
+        if ctx.handover:
+            # The drained node's results, under the authserv-id all nodes share: they
+            # are the record of its checks (nothing was checked here), so they stay.
+            return None
         authserv_id = self.settings.authserv_id or ctx.hostname
         remove = ()
         if self.settings.remove_forged and ctx.message is not None:

@@ -448,9 +448,10 @@ class DKIMPlugin(Plugin):
             self.signer = Signer(specs, settings.sign_headers)
 
     def on_data(self, ctx):
-        """Verify every signature of inbound mail (our users' mail is signed instead)."""
+        """Verify every signature of inbound mail (our users' mail is signed instead; a
+        node's hand-over was verified where it arrived)."""
         message = ctx.message
-        if message is None or ctx.authenticated_or_local:
+        if message is None or ctx.checked_elsewhere:
             return None
         if not self.settings.verify or ctx.resolver is None:
             return None
@@ -484,7 +485,9 @@ class DKIMPlugin(Plugin):
         offload.shutdown()
 
     def on_storage(self, ctx):
-        """Sign our users' mail: the content is final here (after the data stage's edits)."""
+        """Sign our users' mail: the content is final here (after the data stage's edits).
+        Not a node's hand-over (authenticated_or_local is false for it): the origin
+        node signed what it had to."""
         if self.signer is None or ctx.message is None or not ctx.authenticated_or_local:
             return None
         return self._sign(ctx, ctx.message)

@@ -187,7 +187,7 @@ class DMARCPlugin(Plugin):
                         getattr(spf, "domain", ""), ctx.state.get("dkim", ()))
 
     def on_data(self, ctx):
-        if ctx.message is None or ctx.resolver is None or ctx.authenticated_or_local:
+        if ctx.message is None or ctx.resolver is None or ctx.checked_elsewhere:
             return None
         result = self.check(ctx)
         ctx.state["dmarc"] = result

@@ -155,7 +155,7 @@ class GreylistPlugin(Plugin):
             self.store = None
 
     def exempt(self, ctx):
-        if ctx.authenticated_or_local:
+        if ctx.checked_elsewhere:
             return True
         try:
             ip = ipaddress.ip_address(ctx.client_address)

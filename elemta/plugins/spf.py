@@ -136,7 +136,7 @@ class SPFPlugin(Plugin):
         self.settings = settings or SPFSettings()
 
     def on_mail(self, ctx):
-        if ctx.authenticated_or_local or not ctx.client_address or ctx.resolver is None:
+        if ctx.checked_elsewhere or not ctx.client_address or ctx.resolver is None:
             return None
         results = []
         if self.settings.check_helo and ctx.helo:

@@ -91,7 +91,7 @@ class RateLimitPlugin(Plugin):
             self.counter = None
 
     def exempt(self, ctx):
-        if ctx.local or (ctx.trusted and self.settings.exempt_mynetworks):
+        if ctx.local or ctx.handover or (ctx.trusted and self.settings.exempt_mynetworks):
             return True
         try:
             ip = ipaddress.ip_address(ctx.client_address.split("%", 1)[0])

@@ -22,7 +22,7 @@ def listener_names(listener):
 
 def skip(ctx, settings):
     """True when the restriction does not apply to this client on this listener."""
-    if ctx.authenticated_or_local or not ctx.client_address:
+    if ctx.checked_elsewhere or not ctx.client_address:
         return True
     wanted = settings.listeners
     return bool(wanted) and not set(wanted) & set(listener_names(ctx.listener))

@@ -61,18 +61,49 @@ class CredentialsBackend:
         pass
 
 
+class FailurePenalty:
+    """The wait before each AUTH of a client that failed recently, and the count of its
+    failures: one per worker, shared by the users' AUTH and the handover listeners' (a
+    client guessing on one is slowed on the other)."""
+
+    def __init__(self, auth_config):
+        self.failure_delay = auth_config.failure_delay
+        self.max_failure_delay = auth_config.max_failure_delay
+        self._failures = shared_failure_counts(FailureTable())
+
+    def check(self, client_ip, attempt):
+        """attempt()'s AuthResult, after the client's penalty for its recent failures
+        (whatever the outcome will be); a FAIL is counted."""
+        group = client_group(client_ip)
+        try:
+            count = self._failures.failures(group, time.monotonic())
+        except StoreTempfail:
+            # cluster.store_failure tempfail: the penalty cannot be known.
+            return AuthResult(TEMPFAIL, reason="shared state store unavailable")
+        penalty = min(self.max_failure_delay, self.failure_delay * count)
+        if penalty:
+            log.info("AUTH from %s waits %.1fs: %d recent failure(s) from %s", client_ip,
+                     penalty, count, group)
+            gevent.sleep(penalty)
+        result = attempt()
+        if result.outcome == FAIL:
+            try:
+                self._failures.record_failure(group, time.monotonic())
+            except StoreTempfail:
+                pass            # the 535 stands; the store was asked just above
+        return result
+
+
 class Authenticator:
     """Checks credentials with the configured backend and slows down clients that keep
     failing."""
 
-    def __init__(self, auth_config):
+    def __init__(self, auth_config, penalty=None):
         if auth_config.backend == "dovecot":
             self.backend = DovecotAuth(parse_dovecot_socket(auth_config.dovecot_socket))
         else:
             self.backend = CredentialsBackend(auth_config.credentials_file)
-        self.failure_delay = auth_config.failure_delay
-        self.max_failure_delay = auth_config.max_failure_delay
-        self._failures = shared_failure_counts(FailureTable())
+        self.penalty = penalty if penalty is not None else FailurePenalty(auth_config)
         self.mechanisms()       # Dovecot: connect now, so the first EHLO knows its list
 
     def mechanisms(self):
@@ -85,25 +116,8 @@ class Authenticator:
     def authenticate(self, client_ip, local_ip, mechanism, username, password, secured):
         """An AuthResult for these credentials. First waits (cooperatively) the client's
         penalty for its recent failures, whatever the outcome will be."""
-        group = client_group(client_ip)
-        try:
-            count = self._failures.failures(group, time.monotonic())
-        except StoreTempfail:
-            # cluster.store_failure tempfail: the penalty cannot be known.
-            return AuthResult(TEMPFAIL, reason="shared state store unavailable")
-        penalty = min(self.max_failure_delay, self.failure_delay * count)
-        if penalty:
-            log.info("AUTH from %s waits %.1fs: %d recent failure(s) from %s", client_ip,
-                     penalty, count, group)
-            gevent.sleep(penalty)
-        result = self.backend.authenticate(mechanism, username, password, local_ip,
-                                           client_ip, secured)
-        if result.outcome == FAIL:
-            try:
-                self._failures.record_failure(group, time.monotonic())
-            except StoreTempfail:
-                pass            # the 535 stands; the store was asked just above
-        return result
+        return self.penalty.check(client_ip, lambda: self.backend.authenticate(
+            mechanism, username, password, local_ip, client_ip, secured))
 
     def close(self):
         self.backend.close()

@@ -11,8 +11,10 @@ node network needs no right to relay, and a host inside cluster.peer_networks wi
 the token (a rogue pod) can neither relay nor pose as a node. No user of auth.backend
 logs in here, and the hand-over login logs in nowhere else.
 
-The check is one HMAC comparison in constant time: nothing to run in a thread, and a
-256-bit secret leaves nothing to guess, so no failure penalty is needed either.
+The check is one HMAC comparison in constant time: nothing to run in a thread. Failures
+still count in the users' AUTH failure table and delay the client's next attempts
+(elemta.smtpd.authn.FailurePenalty), and the protocol core's error limit ends a session
+that keeps failing: a pod inside peer_networks gets no cheap oracle for a weak token.
 See also: elemta.smtpd.authn (the users' AUTH on other listeners).
 """
 
@@ -30,13 +32,17 @@ log = logging.getLogger("elemta.smtpd")
 class HandoverAuthenticator:
     """The hand-over login's check, in the shape of elemta.smtpd.authn.Authenticator."""
 
-    def __init__(self, config):
+    def __init__(self, config, penalty):
         self.api = config.api
+        self.penalty = penalty
 
     def mechanisms(self):
         return AUTH_MECHANISMS
 
     def authenticate(self, client_ip, local_ip, mechanism, username, password, secured):
+        return self.penalty.check(client_ip, lambda: self._check(username, password))
+
+    def _check(self, username, password):
         # Read at each login: a rotated token (the Secret updated) needs no restart.
         token, problem = read_token(self.api)
         if token is None:

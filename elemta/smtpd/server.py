@@ -30,7 +30,7 @@ from elemta.queue.space import RoomCheck
 from elemta.sharedstate import process as sharedstate
 from elemta.smtp.protocol import Settings
 from elemta.smtp.replies import Reply
-from elemta.smtpd.authn import Authenticator
+from elemta.smtpd.authn import Authenticator, FailurePenalty
 from elemta.smtpd.certwatch import CertificateWatch
 from elemta.smtpd.clientcount import ClientCounts
 from elemta.smtpd.clientnet import client_group
@@ -54,10 +54,13 @@ def protocol_settings(config, listener, tls_ready, auth_ready):
         bare_line_endings=s.bare_line_endings, undeclared_8bit=s.undeclared_8bit,
         starttls_available=tls_ready and listener.mode != "smtps",
         implicit_tls=listener.mode == "smtps",
-        # A handover listener always offers its own AUTH, in plain text too: the nodes
-        # may have no certificate (elemta.smtpd.handoverauth says why that is safe).
+        # A handover listener always offers its own AUTH; before STARTTLS only when the
+        # node has no certificate (Postfix's smtpd_tls_auth_only): the hand-over
+        # password must not cross the pod network in clear when TLS could protect it.
         auth_available=auth_ready or listener.mode == HANDOVER,
-        auth_plaintext=config.auth.allow_plaintext or listener.mode == HANDOVER,
+        # (Configured, not merely loaded: an ACME certificate on its way counts.)
+        auth_plaintext=(not all(config.tls_files)) if listener.mode == HANDOVER
+        else config.auth.allow_plaintext,
         auth_required=listener.mode in ("submission", "smtps", HANDOVER),
         pipelining_test=config.protocol_tests.pipelining_enable and listener.mode == "smtp",
         report_unknown_commands=any(entry.smtp for entry in config.milters))
@@ -83,10 +86,12 @@ class SMTPServer:
         self.sender_logins = SenderLogins.from_config(config, self.policy.addressing)
         # Header and body checks and the hop count, applied as content streams in.
         self.content_checks = ContentChecks(config.content)
-        self.authenticator = (Authenticator(config.auth) if auth_configured(config.auth)
-                              else None)
+        # One failure count for every listener's AUTH: guesses anywhere slow them all.
+        penalty = FailurePenalty(config.auth)
+        self.authenticator = (Authenticator(config.auth, penalty)
+                              if auth_configured(config.auth) else None)
         # The handover listeners': the cluster's nodes alone, from cluster.peer_networks.
-        self.handover_authenticator = HandoverAuthenticator(config)
+        self.handover_authenticator = HandoverAuthenticator(config, penalty)
         self.peer_networks = PeerNetworks.of(config)
         # The certificate, swapped for a renewed one by the worker's watch.
         self.certificates = CertificateWatch(config)

@@ -813,13 +813,14 @@ class Session:
                      else " as %s" % printable(result.user))
             self.ctx.auth_user = result.user
             self.ctx.auth_method = self.auth_method = event.mechanism
-            if self.listener.mode == HANDOVER:
-                # A node of the cluster: as a mynetworks client was, it is no stranger
-                # to be rate-limited or screened (it relays what it already accepted).
-                self.ctx.trusted = True
             if self._refused_by_plugins("auth", "AUTH"):
                 self.ctx.auth_user = self.ctx.auth_method = None
                 return
+            if self.listener.mode == HANDOVER:
+                # A node of the cluster relaying what it already accepted: neither a
+                # stranger to screen, rate-limit or greylist nor one of our users to
+                # DKIM-sign for (elemta.plugins.api.Context.handover).
+                self.ctx.handover = True
             return self.proto.accept_auth(result.user)
         if result.outcome == authresult.TEMPFAIL:
             attempts.labels(mechanism, "tempfail").inc()
