@@ -286,9 +286,9 @@ def test_a_stop_sent_to_the_whole_process_group_ends_cleanly(elemta_server, sign
     server = elemta_server(smtpd={"workers": 2}, api={"enabled": True},
                            delivery={"workers": 2}, master=GRACE)
     wait_for(lambda: len(server.group_pids()) >= 9, timeout=20)    # master + 8 children
-    wait_for(lambda: "delivery worker started" in server.log())
+    wait_for(lambda: "delivery worker started" in server.log(), timeout=60)
     queue_id, _ = transaction(server.port)
-    wait_for(lambda: "%s: to=<" % queue_id in server.log())      # one delivery attempt
+    wait_for(lambda: "%s: to=<" % queue_id in server.log(), timeout=60)   # one attempt
     time.sleep(1.5)             # all quiet: the master waits for signals in its loop
     os.killpg(server.process.pid, signum)
     assert server.process.wait(15) == 0

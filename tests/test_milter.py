@@ -318,7 +318,10 @@ def test_a_unix_socket_milter(elemta_server, tmp_path):
 
     def serve():
         while True:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except OSError:             # the test is over and closed the listener
+                return
             threading.Thread(target=talk, args=(conn,), daemon=True).start()
 
     def talk(conn):
