@@ -18,6 +18,8 @@ X-Test-Action value is one action (several fields: several actions, in order):
     chgfrom      change the sender to <bounces@sender.test>
     quarantine   hold it, reason "held by libmilter"
     progress     PROGRESS every 0.3 s for 3 s before answering
+    discard      discard it (the client hears 250, nothing is queued)
+    accept       accept it: the actions after this one are not done
     reject       550 5.7.1 Rejected by libmilter (a custom reply code)
     tempfail     451 4.7.0 Try again, said libmilter
     reject-rcpt  (at RCPT, for a recipient whose local part is "refused") 550 5.1.1
@@ -97,6 +99,10 @@ class TestMilter(Milter.Base):
                 for _ in range(10):
                     time.sleep(0.3)
                     self.progress()
+            elif action == "discard":
+                return Milter.DISCARD
+            elif action == "accept":
+                return Milter.ACCEPT
             elif action == "reject":
                 self.setreply("550", "5.7.1", "Rejected by libmilter")
                 return Milter.REJECT
