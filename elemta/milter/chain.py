@@ -495,6 +495,12 @@ class MilterChain:
             section.replace_body(in_thread(mods.body.read) if mods.body_size > THREADED_BYTES
                                  else mods.body.read())
             done.append("replace body")
+        for what, address, parameters in mods.ignored_parameters:
+            # As Postfix's cleanup: the address is used, its parameters are not (a
+            # milter's NOTIFY or ORCPT would change what the sender is told).
+            log.warning("%s: milter %s: ignoring ESMTP parameters \"%s\" of %s <%s>",
+                        self._where(), milter.name, printable(parameters)[:100], what,
+                        printable(address))
         for op, address in mods.recipients:
             if op == "add" and not self._valid_address(milter, address, "add recipient"):
                 continue
