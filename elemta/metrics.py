@@ -463,8 +463,9 @@ def _make():
         # milters (elemta.milter.chain, in smtpd and pickup)
         MILTER_VERDICTS=counter(
             "elemta_milter_verdicts", "Milter answers, by milter (its configured name), "
-            "stage (connect, helo, mail, rcpt, data, header, eoh, body, eom) and action "
-            "(continue, accept, reject, tempfail, reply, discard, quarantine, skip).",
+            "stage (connect, helo, mail, rcpt, data, header, eoh, body, eom, unknown) and "
+            "action (continue, accept, reject, tempfail, discard, quarantine, skip; a "
+            "reply code of the milter's own counts as reject or tempfail by its class).",
             ("milter", "stage", "action")),
         MILTER_FAILURES=counter(
             "elemta_milter_failures", "Milters that could not be reached, timed out or "

@@ -37,12 +37,12 @@ def test_health_tells_children_queue_and_disk(elemta_server, tmp_path, monkeypat
     assert (status, health["status"], health["ready"], health["problems"]) == \
         (200, "ok", True, [])
     children = health["children"]
-    assert children["smtpd"] == {"up": 2, "expected": 2}
-    assert children["api"] == {"up": 1, "expected": 1}
-    assert children["pickup"] == {"up": 1, "expected": 1}
-    assert children["delivery"] == {"up": 0, "expected": 0}      # delivery.workers 0
+    assert children["smtpd"] == {"up": 2, "hung": 0, "expected": 2}
+    assert children["api"] == {"up": 1, "hung": 0, "expected": 1}
+    assert children["pickup"] == {"up": 1, "hung": 0, "expected": 1}
+    assert children["delivery"] == {"up": 0, "hung": 0, "expected": 0}  # delivery.workers 0
     assert children["acme"] == children["acme-http"] == children["acme-tls"] == {
-        "up": 0, "expected": 0}                                                    # no acme
+        "up": 0, "hung": 0, "expected": 0}                                         # no acme
     assert set(children) == {"smtpd", "api", "delivery", "pickup", "local", "showq", "acme",
                              "acme-http", "acme-tls"}
     assert health["queue"]["messages"] == 1
@@ -67,7 +67,7 @@ def test_health_tells_children_queue_and_disk(elemta_server, tmp_path, monkeypat
     os.kill(server.process.pid, signal.SIGSTOP)
     try:
         os.kill(pickup, signal.SIGKILL)
-        wait_for(lambda: pickup_count(api_port) == {"up": 0, "expected": 1})
+        wait_for(lambda: pickup_count(api_port) == {"up": 0, "hung": 0, "expected": 1})
         status, ready = get(api_port, "/api/v1/health/ready")
         assert status == 200                  # pickup is not needed to receive mail
         # No smtpd worker: not ready, whatever else is fine.
@@ -76,12 +76,49 @@ def test_health_tells_children_queue_and_disk(elemta_server, tmp_path, monkeypat
         wait_for(lambda: get(api_port, "/api/v1/health/ready")[0] == 503)
         status, ready = get(api_port, "/api/v1/health/ready")
         assert ready["problems"] == ["no smtpd worker is running"]
-        assert ready["children"]["smtpd"] == {"up": 0, "expected": 2}
+        assert ready["children"]["smtpd"] == {"up": 0, "hung": 0, "expected": 2}
         assert get(api_port, "/api/v1/health/live")[0] == 200
     finally:
         os.kill(server.process.pid, signal.SIGCONT)
-    wait_for(lambda: pickup_count(api_port) == {"up": 1, "expected": 1})
+    wait_for(lambda: pickup_count(api_port) == {"up": 1, "hung": 0, "expected": 1})
     wait_for(lambda: get(api_port, "/api/v1/health/ready")[0] == 200)
+
+
+def test_a_worker_without_heartbeat_is_hung_not_up(elemta_server, tmp_path, monkeypatch):
+    """A worker whose loop stands still (stopped here) is counted hung once its heartbeat
+    is older than half of master.heartbeat_timeout; with every smtpd worker hung the
+    node is not ready. The master is stopped too, so it cannot kill them meanwhile."""
+    server, api_port = start_server(elemta_server, tmp_path, monkeypatch,
+                                    master={"heartbeat_timeout": 4})
+    workers = smtpd_workers(server.process.pid)
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        os.kill(workers[0], signal.SIGSTOP)
+        seen = []
+        try:
+            wait_for(lambda: seen.append(get(api_port, "/api/v1/health")[1]["children"]
+                                         ["smtpd"]) or seen[-1] == {
+                "up": 1, "hung": 1, "expected": 2}, timeout=30)
+        except AssertionError:
+            raise AssertionError("smtpd workers seen: %s" % seen[-3:]) from None
+        assert get(api_port, "/api/v1/health/ready")[0] == 200    # one still serves
+        os.kill(workers[1], signal.SIGSTOP)
+        wait_for(lambda: get(api_port, "/api/v1/health/ready")[0] == 503)
+        status, ready = get(api_port, "/api/v1/health/ready")
+        assert ready["children"]["smtpd"] == {"up": 0, "hung": 2, "expected": 2}
+        assert ready["problems"] == [
+            "every smtpd worker is hung: no heartbeat for over 2s (the master kills one "
+            "at master.heartbeat_timeout, 4s)"]
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: get(api_port, "/api/v1/health/ready")[0] == 200)
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        os.kill(server.process.pid, signal.SIGCONT)
 
 
 def pickup_count(api_port):

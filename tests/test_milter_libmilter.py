@@ -67,14 +67,55 @@ def test_body_replacement_with_bare_lf_is_queued_crlf(server):
 def test_recipients_added_deleted_and_added_with_esmtp_parameters(server):
     replies = send(server, message("add-rcpt", "add-rcpt-par", "del-rcpt"),
                    recipients=("b@example.test", "c@example.test"))
-    envelope = server.message(queue_id_of(replies))[0]
+    queue_id = queue_id_of(replies)
+    envelope = server.message(queue_id)[0]
     assert [r.address for r in envelope.recipients] == [
         "c@example.test", "added@elsewhere.test", "par@elsewhere.test"]
+    # The ESMTP parameters of an added recipient are ignored, as Postfix's cleanup
+    # ignores them, and the log says so.
+    assert envelope.recipients[2].notify is None
+    assert ('%s: milter libmilter: ignoring ESMTP parameters "NOTIFY=NEVER" of add rcpt '
+            '<par@elsewhere.test>' % queue_id) in server.log()
 
 
 def test_sender_change(server):
     envelope = server.message(queue_id_of(send(server, message("chgfrom"))))[0]
     assert envelope.sender == "bounces@sender.test"
+
+
+def test_sender_change_with_esmtp_parameters_takes_the_address_only(server):
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("a@sender.test", ["RET=FULL"])
+        smtp.rcpt("b@example.test")
+        code, text = smtp.data(message("chgfrom-par"))
+    assert code == 250, text
+    queue_id = text.decode().rsplit(" ", 1)[1]
+    envelope = server.message(queue_id)[0]
+    assert (envelope.sender, envelope.ret) == ("bounces@sender.test", "FULL")
+    assert ('%s: milter libmilter: ignoring ESMTP parameters "RET=HDRS" of change sender '
+            '<bounces@sender.test>' % queue_id) in server.log()
+
+
+def test_discard_at_end_of_message_queues_nothing(server):
+    replies = send(server, message("discard", "headers"))
+    assert replies[-1][0] == 250
+    assert server.queued_ids() == []
+    assert "discard: END-OF-MESSAGE from unknown[127.0.0.1]: discarded by milter " \
+        "libmilter" in server.log()
+
+
+def test_accept_skips_the_rest_of_that_milter(server, libmilter):
+    """SMFIS_ACCEPT: the message is queued as it came and that milter sees no more of
+    it: accepted at a header field, it is not asked at the end of message (libmilter
+    records {i} there), so the edits asked for below that field never happen."""
+    queue_id = queue_id_of(send(server, message("accept-early", "headers")))
+    lines = header_lines(server.message(queue_id)[1])
+    assert b"X-Added: by libmilter" not in lines and b"Subject: hello" in lines
+    assert "macro i=%s" % queue_id not in libmilter.told()
+    queue_id = queue_id_of(send(server, message("accept", "headers")))
+    assert b"X-Added: by libmilter" not in header_lines(server.message(queue_id)[1])
+    assert "macro i=%s" % queue_id in libmilter.told()
 
 
 def test_quarantine_holds_it_with_the_reason(server):
@@ -95,6 +136,9 @@ def test_progress_keeps_it_past_content_timeout(server):
 @pytest.mark.parametrize("action, expected", [
     ("reject", (550, "5.7.1 Rejected by libmilter")),
     ("tempfail", (451, "4.7.0 Try again, said libmilter")),
+    # Without a reply of the milter's own: Postfix's defaults.
+    ("reject-plain", (550, "5.7.1 Command rejected")),
+    ("tempfail-plain", (451, "4.7.1 Service unavailable - try again later")),
 ])
 def test_custom_reply_codes_at_end_of_message(server, action, expected):
     replies = send(server, message(action))

@@ -11,9 +11,11 @@ milter itself says when it is mid-answer (peers.milter.pause), so nothing here g
 at timing.
 """
 
+import os
 import re
 import smtplib
 import threading
+import time
 
 import pytest
 
@@ -200,42 +202,167 @@ def test_a_hung_milter_delays_only_its_own_session(elemta_server, port):
     assert first_replies[2][0] == 250, first_replies
 
 
-def test_a_30_mb_replacement_body_holds_up_only_its_own_session(elemta_server, port):
+# A storage-stage plugin that tells the test when a large message reaches it, and holds
+# the whole process (a blocking FIFO handshake, not a gevent wait) until the test has
+# taken note: so every NOOP reply the test saw before that note left Elemta before the
+# plugin was called, that is before the end of Elemta's end-of-message work on the body.
+MARKER_PLUGIN = """
+import os
+from dataclasses import dataclass
+from elemta.plugins.api import Plugin
+
+
+@dataclass(frozen=True)
+class Settings:
+    reached: str = ""
+    resume: str = ""
+
+
+class EndOfMessageMarker(Plugin):
+    name = "eom_marker"
+    Settings = Settings
+
+    def init(self, settings):
+        self.settings = settings
+
+    def on_storage(self, ctx):
+        if ctx.message is not None and len(ctx.message.raw) > 1 << 20:
+            fd = os.open(self.settings.reached, os.O_WRONLY)
+            os.write(fd, b"1")
+            os.close(fd)
+            fd = os.open(self.settings.resume, os.O_RDONLY)
+            os.read(fd, 1)
+            os.close(fd)
+"""
+
+
+def install_marker(workdir):
+    """The marker plugin where the server started in workdir finds it: its working
+    directory is on its sys.path (python -m), the entry point in a .dist-info there."""
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "elemta_eom_marker.py"), "w") as f:
+        f.write(MARKER_PLUGIN)
+    info = os.path.join(workdir, "elemta_eom_marker-1.0.dist-info")
+    os.makedirs(info)
+    with open(os.path.join(info, "METADATA"), "w") as f:
+        f.write("Metadata-Version: 2.1\nName: elemta-eom-marker\nVersion: 1.0\n")
+    with open(os.path.join(info, "entry_points.txt"), "w") as f:
+        f.write("[elemta.plugins]\neom_marker = elemta_eom_marker:EndOfMessageMarker\n")
+    fifos = {}
+    for name in ("reached", "resume"):
+        fifos[name] = os.path.join(workdir, name + ".fifo")
+        os.mkfifo(fifos[name], 0o666)
+    return fifos
+
+
+def test_a_30_mb_replacement_body_holds_up_only_its_own_session(elemta_server, port,
+                                                                tmp_path):
     """The replacement comes in 64 KB packets, some lines ending in bare LF, one CRLF
     split across two packets, the last line in a bare CR; Elemta makes every line end
     CRLF as the packets come. Half way the milter stops: the same worker serves
-    another session meanwhile."""
+    another session meanwhile. And once the milter has sent its final reply, Elemta's
+    own work on the 30 MB (taking the new body in, putting the message together) leaves
+    the worker's event loop free: another session's NOOPs are answered all through the
+    stretch between that reply and the moment the message reaches the storage-stage
+    plugins (the marker). Checked by mutation: a 2 s blocking step put back before,
+    in or after that work (the body read, a whole-body pass, after the join) fails it."""
     half = (b"z" * 998 + b"\n") * 15000
     packets = [half[i:i + 65535] for i in range(0, len(half), 65535)]
     packets += [b"split here\r", b"\nafter the split\r\n"]
     rest = (b"w" * 998 + b"\r\n") * 15000 + b"last line\r"
+    # ("replied" | "noop" | "marker", time.monotonic()), in the order they happen
+    events = []
     stall = pause()
     answer = [(b"b", chunk) for chunk in packets] + [stall]
     answer += [(b"b", rest[i:i + 65535]) for i in range(0, len(rest), 65535)]
-    answer.append((b"c", b""))
+    answer += [(b"c", b""), lambda: events.append(("replied", time.monotonic()))]
     expected = ((b"z" * 998 + b"\r\n") * 15000 + b"split here\r\nafter the split\r\n"
                 + (b"w" * 998 + b"\r\n") * 15000 + b"last line\r\n")
     message = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * (30 * 1000)
+    fifos = install_marker(str(tmp_path / "server0"))
+    marker = threading.Thread(target=take_note, args=(fifos, events), daemon=True)
+    marker.start()
     with ScriptedMilter(port, {b"E": [answer, reply(b"c")]}) as milter:
         server = elemta_server(milters=[{"socket": milter.address, "name": "m0"}],
-                               limits={"message_size": BIG})
+                               limits={"message_size": BIG},
+                               smtpd={"junk_command_limit": 10 ** 9},
+                               plugins={"eom_marker": {"enabled": True, **fifos}})
         big, big_replies = in_background(server.port, message)
+        noops = NoopSession(server.port, events)
         try:
             assert stall.reached.wait(300), "the milter never began the new body"
             other = []
             transaction(server.port, b"Subject: small\r\n\r\nsmall\r\n", other)
             assert other[:2] == [220, 250] and other[2][0] == 250, other
             assert big.is_alive() and len(big_replies) == 2       # still at DATA
+            noops.start()
         finally:
             stall.release()
             big.join(600)
+            noops.stop()
+            marker.join(60)
     code, text = big_replies[2]
     assert code == 250, big_replies
+    assert noops.error is None, noops.error
+    assert [name for name, _ in events if name != "noop"] == ["replied", "marker"]
+    names = [name for name, _ in events]
+    window = events[names.index("replied"):names.index("marker") + 1]
+    # One NOOP reply may already have been on its way when the milter replied; more
+    # than that were answered while Elemta worked on the message.
+    assert [name for name, _ in window].count("noop") >= 3, len(window)
+    # And they kept coming: a step that held the loop, followed by one that let it go
+    # (a thread), would still let NOOPs through, so no silence may fill most of the
+    # window. A relative measure, not a speed limit: a blocked loop makes one silence
+    # the whole window, however fast the machine.
+    times = [when for _, when in window]
+    silence = max(later - earlier for earlier, later in zip(times, times[1:]))
+    whole = times[-1] - times[0]
+    assert silence < max(whole / 2, 0.5), "the loop stood still %.3f s of %.3f s" % (
+        silence, whole)
     queue_id = text.rsplit(" ", 1)[1]
     body = server.message(queue_id)[1].split(b"\r\n\r\n", 1)[1]
     assert body == expected
     assert "%s: milter m0: EOM from unknown[127.0.0.1]: continue; replace body" % (
         queue_id) in server.log()
+
+
+def take_note(fifos, events):
+    """The test's side of the marker's handshake: note "marker", then let it go on."""
+    with open(fifos["reached"], "rb") as reached:
+        reached.read(1)
+    events.append(("marker", time.monotonic()))
+    with open(fifos["resume"], "wb") as resume:
+        resume.write(b"1")
+
+
+class NoopSession:
+    """A session on the same worker sending NOOP after NOOP, each reply noted "noop"."""
+
+    def __init__(self, port, events):
+        self.smtp = smtplib.SMTP("127.0.0.1", port, timeout=600)
+        self.smtp.ehlo("noop.test")
+        self.events, self.error = events, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def _run(self):
+        try:
+            while not self._stop.is_set():
+                code, text = self.smtp.noop()
+                if code != 250:
+                    raise AssertionError("NOOP: %d %s" % (code, text))
+                self.events.append(("noop", time.monotonic()))
+        except Exception as error:          # the test asserts on it
+            self.error = error
+
+    def stop(self):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(120)
+        self.smtp.close()
 
 
 def test_a_replacement_body_larger_than_message_size_tempfails_logged(elemta_server,

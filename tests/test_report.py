@@ -7,6 +7,7 @@ read.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -157,3 +158,61 @@ def test_garbage_lines_are_skipped(tmp_path):
                      b'"delay": "x"}\n')
     found = report("--log", str(path))
     assert (found["received"], found["delivered"]) == (0, 1)
+
+
+@pytest.fixture(scope="module")
+def libmilter(tmp_path_factory):
+    from tests.test_milter_libmilter import libmilter as module_fixture
+    yield from module_fixture.__wrapped__(tmp_path_factory)
+
+
+def filtered_traffic(elemta_server, libmilter, **logging_section):
+    """Through the libmilter peer (tests/peers/libmilter_milter.py): one message
+    queued, one refused at RCPT and one at the end of data by the milter, one held and
+    one discarded by it. Returns the server, stopped."""
+    from tests.test_milter import send
+    from tests.test_milter_libmilter import message
+    server = elemta_server(milters=[{"socket": libmilter.address, "name": "libmilter"}],
+                           **({"logging": logging_section} if logging_section else {}))
+    replies = [send(server, message()),
+               send(server, message(), recipients=("refused@example.test",)),
+               send(server, message("reject")),
+               send(server, message("quarantine")),
+               send(server, message("discard"))]
+    assert [r[-1][0] for r in replies] == [250, 550, 550, 250, 250], replies
+    assert len(server.queued_ids()) == 2      # the one queued and the one held
+    server.stop()
+    return server
+
+
+FILTERED_REJECTS = [
+    {"name": "milter libmilter: 550 5.1.1 No such user here, says libmilter", "count": 1},
+    {"name": "milter libmilter: 550 5.7.1 Rejected by libmilter", "count": 1}]
+
+
+def test_milter_rejects_holds_and_discards_are_counted(elemta_server, libmilter,
+                                                       tmp_path):
+    """Every reject line counts whoever wrote it, a milter too, grouped by who and why;
+    held and discarded messages are counted as pflogsumm counts them; the text and the
+    JSON log agree."""
+    text = filtered_traffic(elemta_server, libmilter)
+    json_log = str(tmp_path / "mail.json")
+    filtered_traffic(elemta_server, libmilter, format="json", target=json_log)
+    for path in (text.log_path, json_log):
+        found = report("--log", path)
+        assert (found["rejected"], found["held"], found["discarded"]) == (2, 1, 1), path
+        assert found["rejects"] == FILTERED_REJECTS, path
+        assert found["holds"] == [{"name": "milter libmilter: held by libmilter",
+                                   "count": 1}], path
+        assert found["discards"] == [
+            {"name": "milter libmilter: discarded by milter libmilter",
+             "count": 1}], path
+    done = elemtactl("report", "--log", text.log_path)
+    assert re.search(r"^\s+1  held$", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"^\s+1  discarded$", done.stdout, re.MULTILINE), done.stdout
+    if shutil.which("pflogsumm"):
+        from tests.test_pflogsumm import pflogsumm, total
+        summary = pflogsumm(text.log_path)
+        assert (total(summary, "rejected"), total(summary, "held"),
+                total(summary, "discarded")) == (2, 1, 1), summary
+        assert total(summary, "received") == report("--log", text.log_path)["received"]

@@ -53,10 +53,13 @@ class OpenAPIResource:
     on_head = on_get
 
 
-def create_app(config, access=None, master_pid=None, registry=None) -> falcon.App:
+def create_app(config, access=None, master_pid=None, registry=None,
+               scoreboard=None) -> falcon.App:
     """The WSGI application for config. access: the QueueAccess to share (default: new);
     master_pid: the master whose children health reports (default: our parent);
-    registry: the cluster's node Registry (elemta.api.registration), or None."""
+    registry: the cluster's node Registry (elemta.api.registration), or None;
+    scoreboard: the master's (elemta.util.scoreboard), for health to tell a hung child
+    from one that serves (None: every child running counts as up)."""
     access = access or QueueAccess(config.queue)
     warn_if_exposed(config)
     app = falcon.App(middleware=[RequireBearer(load_token(config.api))])
@@ -67,9 +70,11 @@ def create_app(config, access=None, master_pid=None, registry=None) -> falcon.Ap
     errors.install(app)
     app.add_route("/metrics", MetricsResource(access, config))
     master_pid = master_pid or os.getppid()
-    app.add_route(PREFIX + "/health", HealthResource(config, access, master_pid))
+    app.add_route(PREFIX + "/health", HealthResource(config, access, master_pid,
+                                                            scoreboard))
     app.add_route(PREFIX + "/health/live", LiveResource())
-    app.add_route(PREFIX + "/health/ready", ReadyResource(config, access, master_pid))
+    app.add_route(PREFIX + "/health/ready", ReadyResource(config, access, master_pid,
+                                                                 scoreboard))
     app.add_route(PREFIX + "/openapi.json", OpenAPIResource())
     app.add_route(PREFIX + "/queue", queue_routes.QueueList(access))
     app.add_route(PREFIX + "/queue/flush", queue_routes.FlushAll(access))

@@ -10,7 +10,10 @@ same facts: which children run, the queue by state and its oldest messages, the 
 
 Which children run is read as `elemtactl status` reads it: the master's children in
 /proc by process title (elemta: smtpd ...); how many of each the configuration asks
-for, from the service table (elemta.services). See also elemta.api.spool_status.
+for, from the service table (elemta.services). A child whose heartbeat on the
+master's scoreboard is older than half of master.heartbeat_timeout is counted as hung,
+not up: its event loop stands still, and the master kills it once the whole timeout
+has passed (health shows the state between). See also elemta.api.spool_status.
 """
 
 import json
@@ -21,33 +24,44 @@ import gevent
 
 from elemta.api.spool_status import queue_figures, spool_space
 from elemta.queue import draining
+from elemta.util.scoreboard import STARTING
 from elemta.util.procs import children
 
 TITLE_PREFIX = "elemta: "
 
 
-def children_up(master_pid, config):
-    """{kind: {"up": processes running now, "expected": what the configuration asks
-    for}} for every kind of child; up counts a retiring child beside its successor."""
+def children_up(master_pid, config, scoreboard=None):
+    """{kind: {"up": processes running now and beating, "hung": running but silent,
+    "expected": what the configuration asks for}} for every kind of child; up counts a
+    retiring child beside its successor, and a starting one (it beats once booted)."""
     from elemta.services import SERVICES
-    running = {}
-    for title in children(master_pid).values():
+    silences = scoreboard.silences() if scoreboard is not None else {}
+    limit = config.master.heartbeat_timeout / 2
+    running, hung = {}, {}
+    for pid, title in children(master_pid).items():
         if title.startswith(TITLE_PREFIX):
             kind = title[len(TITLE_PREFIX):]
-            running[kind] = running.get(kind, 0) + 1
+            state, silence = silences.get(pid, (STARTING, 0.0))
+            counts = hung if state != STARTING and silence > limit else running
+            counts[kind] = counts.get(kind, 0) + 1
     return {service.kind: {"up": running.get(service.kind, 0),
+                           "hung": hung.get(service.kind, 0),
                            "expected": service.count(config)}
             for service in SERVICES}
 
 
-def examine(config, access, master_pid):
+def examine(config, access, master_pid, scoreboard=None):
     """(facts, problems): the health document's members and, for readiness, what keeps
     mail from coming in (empty: ready). Blocks (the index, statvfs, /proc): run it in
     the thread pool."""
     problems = []
-    kids = children_up(master_pid, config)
+    kids = children_up(master_pid, config, scoreboard)
     if not kids["smtpd"]["up"]:
-        problems.append("no smtpd worker is running")
+        problems.append("no smtpd worker is running" if not kids["smtpd"]["hung"] else
+                        "every smtpd worker is hung: no heartbeat for over %gs (the "
+                        "master kills one at master.heartbeat_timeout, %gs)"
+                        % (config.master.heartbeat_timeout / 2,
+                           config.master.heartbeat_timeout))
     facts = {"children": kids}
     drain = draining.current(config.queue.spool_dir)
     if drain is not None:
@@ -90,12 +104,13 @@ def _answer(resp, status, document):
 class _Examining:
     public = True
 
-    def __init__(self, config, access, master_pid):
+    def __init__(self, config, access, master_pid, scoreboard=None):
         self.config, self.access, self.master_pid = config, access, master_pid
+        self.scoreboard = scoreboard
 
     def examine(self):
         return gevent.get_hub().threadpool.apply(
-            examine, (self.config, self.access, self.master_pid))
+            examine, (self.config, self.access, self.master_pid, self.scoreboard))
 
 
 class HealthResource(_Examining):

@@ -251,11 +251,15 @@ SCHEMAS = {
             "children": {"type": "object", "description": "Per kind of child (smtpd, "
                                                          "api, delivery, pickup, local, "
                                                          "showq): processes running and "
-                                                         "how many the configuration "
-                                                         "asks for.",
+                                                         "beating (up), running but "
+                                                         "without a heartbeat for half "
+                                                         "of master.heartbeat_timeout "
+                                                         "(hung), and how many the "
+                                                         "configuration asks for.",
                          "additionalProperties": {
-                             "type": "object", "required": ["up", "expected"],
+                             "type": "object", "required": ["up", "hung", "expected"],
                              "properties": {"up": {"type": "integer"},
+                                            "hung": {"type": "integer"},
                                             "expected": {"type": "integer"}}}},
             "draining": {"type": "boolean",
                          "description": "True while elemtactl drain has the node take "

@@ -27,10 +27,11 @@ from elemta.util.child import BootError, GeventChild
 log = logging.getLogger("elemta.api")
 
 
-def make_app(config, master_pid=None, registry=None):
+def make_app(config, master_pid=None, registry=None, scoreboard=None):
     """The WSGI application (elemta.api.app): the REST API and /metrics for config."""
     from elemta.api.app import create_app
-    return create_app(config, master_pid=master_pid, registry=registry)
+    return create_app(config, master_pid=master_pid, registry=registry,
+                      scoreboard=scoreboard)
 
 
 class APIChild(GeventChild):
@@ -60,7 +61,8 @@ class APIChild(GeventChild):
         # (Falcon answers and logs the application's own errors). The handler bounds how
         # long a client may take to send a request (a slow-loris would otherwise hold
         # connections for ever) and refuses ambiguous framing.
-        self.server = APIServer(sock, make_app(self.config, self.master_pid, self.registry),
+        self.server = APIServer(sock, make_app(self.config, self.master_pid, self.registry,
+                                              self.scoreboard),
                                 log=None,
                                 error_log=LoggingLogAdapter(log, logging.WARNING),
                                 handler_class=Handler.with_timeout(api.read_timeout))

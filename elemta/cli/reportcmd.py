@@ -86,7 +86,8 @@ def render(summary, top: int = DEFAULT_TOP, since: Optional[str] = None) -> str:
         "", "Grand totals", "------------"]
     for label, key in (("received", "received"), ("delivered", "delivered"),
                        ("deferred", "deferred"), ("bounced", "bounced"),
-                       ("rejected", "rejected"), ("bounce notices", "bounce_notices"),
+                       ("rejected", "rejected"), ("held", "held"),
+                       ("discarded", "discarded"), ("bounce notices", "bounce_notices"),
                        ("bytes received", "bytes_received"),
                        ("bytes delivered", "bytes_delivered"),
                        ("senders", "senders"), ("recipients", "recipients")):
@@ -103,6 +104,8 @@ def render(summary, top: int = DEFAULT_TOP, since: Optional[str] = None) -> str:
         out.append("  " + "  ".join("%s %.3g" % (name, value)
                                     for name, value in delays.items()))
     for title, key in (("Rejected, by restriction and reason", "rejects"),
+                       ("Held, by filter and reason", "holds"),
+                       ("Discarded, by filter and reason", "discards"),
                        ("Deferrals, by reason", "deferral_reasons"),
                        ("Bounces, by reason", "bounce_reasons"),
                        ("Top senders", "top_senders"),

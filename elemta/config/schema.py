@@ -1454,7 +1454,8 @@ class MilterDefaults:
     milter_* parameters, which its per-milter { socket, key=value } form overrides alike).
 
     Metrics: elemta_milter_verdicts_total{milter,stage,action} (every answer of every
-    milter: stage connect, helo, mail, rcpt, data, header, eoh, body or eom; action
+    milter: stage connect, helo, mail, rcpt, data, header, eoh, body, eom or unknown
+    (a command Elemta does not know, as Postfix shows it to milters); action
     continue, accept, reject, tempfail (a reply code counts as one of these two by its
     class), discard, quarantine (a message held at the end of message counts once, as
     this) or skip),
@@ -1468,7 +1469,13 @@ class MilterDefaults:
     NAME: STAGE from CLIENT: ACTION[; modifications]" (NOQUEUE before DATA). A message a
     milter quarantined is held "by milter NAME" (elemtactl queue show, the REST API);
     elemtactl queue release --rescan tells the milters the stored message again, and a
-    milter that fails then leaves it held whatever its default_action."""
+    milter that fails then leaves it held whatever its default_action.
+
+    ESMTP parameters a milter gives with an added recipient (smfi_addrcpt_par) or a new
+    sender (smfi_chgfrom), such as NOTIFY, ORCPT or RET, are ignored, as Postfix's
+    cleanup ignores them: the address is used, the parameters are not, and a warning
+    says so ("QUEUEID: milter NAME: ignoring ESMTP parameters "NOTIFY=NEVER" of add rcpt
+    <ADDRESS>"). A message's own MAIL and RCPT parameters stay as the client gave them."""
     default_action: str = opt(
         "tempfail", "What a milter that cannot be reached, times out or breaks the "
                     "protocol means for the mail: tempfail (451 4.3.0 to MAIL, RCPT, DATA "

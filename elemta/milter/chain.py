@@ -64,6 +64,7 @@ from elemta.milter.macros import values_for
 from elemta.queue.model import Recipient
 from elemta.smtp.address import AddressError, validate_mailbox
 from elemta.util.text import printable
+from elemta.util.threads import in_thread
 
 log = logging.getLogger("elemta.milter")
 
@@ -77,6 +78,8 @@ FAILURE_REPLIES = {TEMPFAIL: (451, "4.3.0", "Temporary local problem, please try
                                             "later"),
                    REJECT: (550, "5.7.1", "Service unavailable")}
 NO_RECIPIENTS = (550, "5.7.1", "Error: no recipients left after content filtering")
+# Body work above this size goes to a thread (file reads and bytes.join release the GIL).
+THREADED_BYTES = 1 << 20
 TOO_LARGE_REPLY = (451, "4.3.4", "Error: message too large after content filtering")
 
 # Stages, as logged and counted.
@@ -296,7 +299,8 @@ class MilterChain:
             elif verdict.action != CONTINUE:
                 outcome.verdict = verdict
                 return outcome
-        outcome.prefix, outcome.content = section.split()
+        outcome.prefix, pieces = section.split()
+        outcome.content = _joined(pieces)
         return outcome
 
     def local_message(self, sender, recipients, content, prefix=b"", args=()):
@@ -486,8 +490,17 @@ class MilterChain:
             done.append("%s header %s" % ("delete" if kind == "change" and value == ""
                                            else kind, printable(name)))
         if mods.body is not None:
-            section.body = mods.body.read()         # already CRLF (client.Modifications)
+            # Already CRLF (client.Modifications). A large one is in a temporary file:
+            # read in a thread, which releases the GIL, so the loop serves other sessions.
+            section.replace_body(in_thread(mods.body.read) if mods.body_size > THREADED_BYTES
+                                 else mods.body.read())
             done.append("replace body")
+        for what, address, parameters in mods.ignored_parameters:
+            # As Postfix's cleanup: the address is used, its parameters are not (a
+            # milter's NOTIFY or ORCPT would change what the sender is told).
+            log.warning("%s: milter %s: ignoring ESMTP parameters \"%s\" of %s <%s>",
+                        self._where(), milter.name, printable(parameters)[:100], what,
+                        printable(address))
         for op, address in mods.recipients:
             if op == "add" and not self._valid_address(milter, address, "add recipient"):
                 continue
@@ -564,6 +577,20 @@ class MilterChain:
                                                        self.ctx.client_address)
         log.info("%s: milter %s: %s from %s: %s", self._where(), milter.name, stage.upper(),
                  client, what)
+
+
+def _joined(pieces):
+    # type: (List) -> bytes
+    """The content from HeaderSection.split()'s pieces. bytes.join releases the GIL for
+    a large join of bytes objects, so in a thread it leaves the event loop free; a body
+    still a view of the received content (only its header fields edited) is copied
+    once, here."""
+    if len(pieces) == 1:
+        return pieces[0]
+    if all(isinstance(piece, bytes) for piece in pieces) and \
+            sum(len(piece) for piece in pieces) > THREADED_BYTES:
+        return in_thread(b"".join, pieces)
+    return b"".join(pieces)
 
 
 def content_verdict(outcome, envelope, verdict_class, told=(), queued_as=None,

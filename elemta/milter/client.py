@@ -76,6 +76,10 @@ class Modifications:
                 order (an add then a delete of one address is not a delete then an add).
     sender: the new envelope sender, or None.
     quarantine: the reason, when the milter asked for the message to be held.
+    ignored_parameters: (what, address, parameters) of each add-recipient or
+        change-sender that came with ESMTP parameters (SMFIR_ADDRCPT_PAR, SMFIR_CHGFROM):
+        the address is taken, the parameters are not, as Postfix's cleanup ignores them
+        (with a warning); the chain logs them.
     """
     headers: List[Tuple[str, str, str, int]] = field(default_factory=list)
     body: Any = None
@@ -84,6 +88,7 @@ class Modifications:
     recipients: List[Tuple[str, str]] = field(default_factory=list)
     sender: Optional[str] = None
     quarantine: Optional[str] = None
+    ignored_parameters: List[Tuple[str, str, str]] = field(default_factory=list)
     _line_endings: Any = None           # the body's CrlfStream while it comes
 
     def __bool__(self):
@@ -137,6 +142,15 @@ def _address(text):
     """A milter's address argument without its angle brackets."""
     text = text.strip()
     return text[1:-1] if text.startswith("<") and text.endswith(">") else text
+
+
+def _address_and_parameters(data, what):
+    """(address, ESMTP parameters or "") of an ADDRCPT, ADDRCPT_PAR or CHGFROM packet:
+    the address string, then, for the last two, an optional string of parameters."""
+    address = _address(p.split_strings(data, 1, what)[0])
+    rest = data.split(b"\0")[1:]            # the strings after the address
+    parameters = b" ".join(part for part in rest if part.strip())
+    return address, parameters.decode("utf-8", "surrogateescape").strip()
 
 
 class MilterConnection:
@@ -276,13 +290,17 @@ class MilterConnection:
             # reading them would never wait: let the other sessions have their turn.
             gevent.sleep(0)
         elif command in (p.SMFIR_ADDRCPT, p.SMFIR_ADDRCPT_PAR):
-            mods.recipients.append(("add", _address(p.split_strings(data, 1,
-                                                                  "add rcpt")[0])))
+            address, parameters = _address_and_parameters(data, "add rcpt")
+            mods.recipients.append(("add", address))
+            if parameters:
+                mods.ignored_parameters.append(("add rcpt", address, parameters))
         elif command == p.SMFIR_DELRCPT:
             mods.recipients.append(("delete", _address(p.split_strings(data, 1,
                                                                      "del rcpt")[0])))
         elif command == p.SMFIR_CHGFROM:
-            mods.sender = _address(p.split_strings(data, 1, "change from")[0])
+            mods.sender, parameters = _address_and_parameters(data, "change from")
+            if parameters:
+                mods.ignored_parameters.append(("change sender", mods.sender, parameters))
         elif command == p.SMFIR_QUARANTINE:
             mods.quarantine = p.split_strings(data, 1, "quarantine")[0] or "quarantined"
 

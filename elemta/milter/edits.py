@@ -19,7 +19,7 @@ milter cannot split the header section or inject a body.
 """
 
 import re
-from typing import Tuple
+from typing import List, Tuple
 
 from elemta.plugins.api import Message
 
@@ -58,22 +58,30 @@ class HeaderSection:
 
     def __init__(self, content, prefix=b""):
         # type: (bytes, bytes) -> None
-        whole = prefix + content if prefix else content
-        message = Message(whole)
+        # The prefix and the content are parsed apart and the body is a view into the
+        # content: nothing here copies the body (a 30 MB message stays one buffer).
+        ours = Message(prefix).headers if prefix else []
+        message = Message(content)
+        self.pairs = list(ours) + list(message.headers)
         self.fields = [(name, (name + ":").encode("ascii", "replace")
                         + value.encode("utf-8", "surrogateescape") + b"\r\n")
-                       for name, value in message.headers]
-        self.pairs = list(message.headers)
+                       for name, value in self.pairs]
         # Where each field came from: the prefix ("ours"), the content ("message") or a
         # milter ("milter"); split() cuts the header section by it.
-        ours = len(Message(prefix).headers) if prefix else 0
-        self.origins = ["ours"] * ours + ["message"] * (len(self.fields) - ours)
-        self.body = whole[message.body_offset:]
+        self.origins = ["ours"] * len(ours) + ["message"] * len(message.headers)
+        self.content, self.body_offset = message.raw, message.body_offset
+        self.body = memoryview(self.content)[self.body_offset:]   # bytes once replaced
+        self._message_fields = self.fields[len(ours):]
         # The blank line between, when the content had one (one that is all header
         # fields has none).
-        head = whole[len(prefix):message.body_offset]
+        head = self.content[:self.body_offset]
         self.separator = b"\r\n" if head in (b"\r\n", b"\n") or head.endswith(
             (b"\n\r\n", b"\n\n")) else b""
+
+    def replace_body(self, body):
+        # type: (bytes) -> None
+        """A milter's replacement body (bytes, every line ending CRLF)."""
+        self.body = body
 
     def apply(self, kind, name, value, index):
         """One header edit (see the module docstring); ValueError when unsafe."""
@@ -112,19 +120,22 @@ class HeaderSection:
         return None
 
     def split(self):
-        # type: () -> Tuple[bytes, bytes]
-        """(prefix, content) as edited: the prefix is every field above the message's
-        own first one (ours, and what milters put above it); with no field of the
-        message left, every field up to the last of ours."""
+        # type: () -> Tuple[bytes, List[bytes]]
+        """(prefix, pieces of the content) as edited: the prefix is every field above
+        the message's own first one (ours, and what milters put above it); with no
+        field of the message left, every field up to the last of ours. The pieces
+        joined are the content; joined() joins them without holding up the event loop."""
         origins = self.origins
         if "message" in origins:
             cut = origins.index("message")
         else:
             cut = len(origins) - origins[::-1].index("ours") if "ours" in origins else 0
+        prefix = b"".join(line for _, line in self.fields[:cut])
         rest = self.fields[cut:]
+        if rest == self._message_fields and isinstance(self.body, memoryview):
+            return prefix, [self.content]      # the message as it came: no copy at all
         separator = self.separator or (b"\r\n" if rest else b"")
-        return (b"".join(line for _, line in self.fields[:cut]),
-                b"".join(line for _, line in rest) + separator + self.body)
+        return prefix, [b"".join(line for _, line in rest) + separator, self.body]
 
 
 class CrlfStream:

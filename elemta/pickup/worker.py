@@ -280,7 +280,9 @@ class PickupWorker(GeventChild):
             log_queued(writer.queue_id, envelope.sender, writer.size, len(envelope.recipients),
                        ", priority=%d" % envelope.priority if envelope.priority else "")
             if hold is not None:
-                log.info("%s: hold: %s", writer.queue_id, hold.reason)
+                log.info("%s: hold: %s", writer.queue_id, hold.reason,
+                         extra={"event": "hold", "queue_id": writer.queue_id,
+                                "reason": hold.reason})
         wakeup.notify(self.spool)
         for _, writer, _, _ in taken:
             notify_queued(self.plugins, self._context(writer.envelope))
@@ -306,7 +308,11 @@ class PickupWorker(GeventChild):
         if verdict.action == DISCARD:
             log.info("%s: discard: local mail from=<%s> nrcpt=%d: %s (%s)", queue_id,
                      envelope.sender, len(envelope.recipients),
-                     verdict.reason or "discarded", who)
+                     verdict.reason or "discarded", who,
+                     extra={"event": "discard", "queue_id": queue_id,
+                            "from": envelope.sender, "nrcpt": len(envelope.recipients),
+                            "reason": verdict.reason or "discarded",
+                            "restriction": verdict.decided_by})
             return None
         if verdict.action == REJECT:
             # Nobody to refuse it to: keep it for the admin rather than lose it.

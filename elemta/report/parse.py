@@ -18,9 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
-RECEIVED, QUEUED, DELIVERY, REJECT, NOTICE = (
-    "received", "queued", "delivery", "reject", "notice")
-EVENTS = (RECEIVED, QUEUED, DELIVERY, REJECT, NOTICE)
+RECEIVED, QUEUED, DELIVERY, REJECT, NOTICE, HOLD, DISCARD = (
+    "received", "queued", "delivery", "reject", "notice", "hold", "discard")
+EVENTS = (RECEIVED, QUEUED, DELIVERY, REJECT, NOTICE, HOLD, DISCARD)
+# The JSON events of header and body checks (elemta.content.checks) that mean the same.
+_JSON_ALIASES = {"content_hold": HOLD, "content_discard": DISCARD}
 
 
 @dataclass
@@ -36,7 +38,7 @@ class LogEvent:
     delay: Optional[float] = None
     size: Optional[int] = None
     reason: Optional[str] = None        # the reply, for rejects, deferrals and bounces
-    restriction: Optional[str] = None   # a reject's restriction or plugin
+    restriction: Optional[str] = None   # who decided: restriction, plugin, "milter NAME"
     notice_id: Optional[str] = None     # a bounce's own queue id
 
 
@@ -48,9 +50,13 @@ _PICKUP = re.compile(r"^(\w+): uid=\d+ from=<(.*)>$")
 _QUEUED = re.compile(r"^(\w+): from=<(.*)>, size=(\d+), nrcpt=\d+")
 _DELIVERY = re.compile(r"^(\w+): to=<(.*)>, relay=\S+, delay=([\d.]+), (?:dsn=\S+, )?"
                        r"status=(sent|deferred|bounced) \((.*)\)$")
-# "QID: reject: RCPT from CLIENT: REPLY; from=<> to=<> ... (restriction NAME)" (smtpd), or
-# "QID: reject: header Subject: x from CLIENT; from=<> ...: TEXT (restriction NAME)" (cleanup)
-_REJECT = re.compile(r"^(\w+): reject: (\S+) (.*) \((?:restriction|plugin) ([^\s)]+)[^)]*\)$")
+# "QID: reject: RCPT from CLIENT: REPLY; from=<> to=<> ... (restriction NAME)" (smtpd),
+# "QID: reject: header Subject: x from CLIENT; from=<> ...: TEXT (restriction NAME)"
+# (cleanup), "(plugin NAME at data stage)", "(milter NAME)"; hold and discard lines
+# alike, and pickup's "QID: hold: REASON". Every such line counts, whoever decided:
+# a line without a recognised "(who)" at its end counts under "?".
+_VERDICT = re.compile(r"^(\w+): (reject|hold|discard): (.*)$")
+_DECIDER = re.compile(r" \((restriction|plugin|milter) ([^\s)]+)[^)]*\)$")
 _REJECT_SMTPD = re.compile(r"^from (\S+?): (.*?)(?:;|$)")
 _REJECT_CLEANUP = re.compile(r" from (\S+?);.*: (.*)$")
 _FROM = re.compile(r"\bfrom=<(.*?)>(?: |$)")
@@ -76,9 +82,11 @@ def _from_json(line: str) -> Optional[LogEvent]:
         data = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(data, dict) or data.get("event") not in EVENTS:
+    if not isinstance(data, dict):
         return None
-    event = data["event"]
+    event = _JSON_ALIASES.get(data.get("event"), data.get("event"))
+    if event not in EVENTS:
+        return None
     if event == NOTICE and data.get("notice") != "non-delivery notification":
         return None
     # Only values of the type the writer gives: a line is read, never trusted.
@@ -135,24 +143,34 @@ def _from_text(line: str, now: float) -> Optional[LogEvent]:
         match = _NOTICE.match(text)
         if match:
             return LogEvent(NOTICE, when, match.group(1), notice_id=match.group(2))
-    if ": reject: " in text:
-        return _reject(text, when)
-    return None
+    return _verdict(text, when)
 
 
-def _reject(text: str, when: Optional[float]) -> Optional[LogEvent]:
-    match = _REJECT.match(text)
+def _verdict(text: str, when: Optional[float]) -> Optional[LogEvent]:
+    """A reject, hold or discard line of any program. A hold or discard without a
+    queue id ("NOQUEUE: hold: RCPT ...; applies to this message") gives no event: the
+    message's own line follows at its end of data."""
+    match = _VERDICT.match(text)
     if match is None:
         return None
     queue_id = None if match.group(1) == "NOQUEUE" else match.group(1)
-    rest = match.group(3)
-    where = _REJECT_SMTPD.match(rest) or _REJECT_CLEANUP.search(rest)
+    kind = match.group(2)
+    if kind != REJECT and queue_id is None:
+        return None
+    decider = _DECIDER.search(match.group(3))
+    rest = match.group(3)[:decider.start()] if decider else match.group(3)
+    restriction = None
+    if decider is not None:
+        restriction = decider.group(2) if decider.group(1) != "milter" else \
+            "milter " + decider.group(2)
+    command, _, detail = rest.partition(" ")
+    where = _REJECT_SMTPD.match(detail) or _REJECT_CLEANUP.search(detail)
     sender, recipient = _FROM.search(rest), _TO.search(rest)
-    return LogEvent(REJECT, when, queue_id, client=where.group(1) if where else None,
+    return LogEvent(kind, when, queue_id, client=where.group(1) if where else None,
                     sender=sender.group(1) if sender else None,
                     recipient=recipient.group(1) if recipient else None,
                     reason=where.group(2) if where else rest,
-                    restriction=match.group(4))
+                    restriction=restriction)
 
 
 def _syslog_time(line: str, now: float) -> Optional[float]:

@@ -12,7 +12,8 @@ import re
 from collections import Counter
 from typing import Dict, Iterable, List, Optional
 
-from elemta.report.parse import DELIVERY, NOTICE, QUEUED, RECEIVED, REJECT, LogEvent
+from elemta.report.parse import (DELIVERY, DISCARD, HOLD, NOTICE, QUEUED, RECEIVED, REJECT,
+                                  LogEvent)
 
 PERCENTILES = (50, 90, 95, 99)
 _ADDRESS = re.compile(r"<[^>]*>:? ?")      # pflogsumm drops addresses from reasons too
@@ -39,6 +40,8 @@ class Summary:
         self.first = self.last = None        # times of the first and last event counted
         self.untimed = 0                     # events left out by since: no time stamp
         self.deferred_ids = set()
+        self.held_ids, self.discarded_ids = set(), set()
+        self.holds, self.discards = Counter(), Counter()     # by who decided and why
         self.senders, self.sender_domains = Counter(), Counter()
         self.recipients, self.recipient_domains = Counter(), Counter()
         self.rejects, self.deferral_reasons, self.bounce_reasons = (
@@ -82,6 +85,13 @@ class Summary:
                                      short_reason(event.reason))] += 1
         elif kind == NOTICE:
             self.notices += 1
+        elif kind in (HOLD, DISCARD):
+            ids, reasons = (self.held_ids, self.holds) if kind == HOLD else \
+                (self.discarded_ids, self.discards)
+            if event.queue_id not in ids:
+                ids.add(event.queue_id)
+                reasons["%s: %s" % (event.restriction or "?",
+                                    short_reason(event.reason))] += 1
 
     def _add_delivery(self, event: LogEvent) -> None:
         if event.status == "sent":
@@ -122,12 +132,14 @@ class Summary:
             "received": self.received, "delivered": self.delivered,
             "deferred": len(self.deferred_ids), "deferrals": self.deferrals,
             "bounced": self.bounced, "rejected": self.rejected,
+            "held": len(self.held_ids), "discarded": len(self.discarded_ids),
             "bounce_notices": self.notices,
             "bytes_received": self.bytes_received, "bytes_delivered": self.bytes_delivered,
             "senders": len(self.senders), "recipients": len(self.recipients),
             "delays": self.delay_stats(),
             "rejects": table(self.rejects), "deferral_reasons": table(self.deferral_reasons),
             "bounce_reasons": table(self.bounce_reasons),
+            "holds": table(self.holds), "discards": table(self.discards),
             "top_senders": table(self.senders), "top_sender_domains": table(self.sender_domains),
             "top_recipients": table(self.recipients),
             "top_recipient_domains": table(self.recipient_domains),

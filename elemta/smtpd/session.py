@@ -289,7 +289,8 @@ class Session:
         log.info("NOQUEUE: reject: CONNECT from %s: %d %s %s; proto=SMTP (%s)",
                  self.client, code, status, text, who,
                  extra=self._refusal("CONNECT", "%d %s %s" % (code, status, text),
-                                     name, dsn=status))
+                                     who if who.startswith("milter ") else name,
+                                     dsn=status))
         self.proto.start_refused(code, status, text, self.client)
 
     def _dropped_pregreeter(self):
@@ -633,7 +634,8 @@ class Session:
                    client=self.client)
         if hold is not None:
             log.info("%s: hold: END-OF-MESSAGE from %s: %s (%s)", self.queue_id,
-                     self.client, hold[0], _who(*hold[1:]))
+                     self.client, hold[0], _who(*hold[1:]),
+                     extra=self._verdict_facts("hold", hold[0], hold[1], txn.sender))
         self.proto.accept("Ok: queued as %s" % self.queue_id)
         if self.plugins.wants("queue"):
             recipients = [r.address for r in txn.recipients]
@@ -791,7 +793,9 @@ class Session:
         queued, and the log says who decided (Postfix logs its DISCARD action alike)."""
         log.info("%s: discard: END-OF-MESSAGE from %s: %s; from=<%s> nrcpt=%d (%s)",
                  self.queue_id, self.client, reason or "discarded", txn.sender,
-                 len(txn.recipients), _who(plugin, stage))
+                 len(txn.recipients), _who(plugin, stage),
+                 extra=self._verdict_facts("discard", reason or "discarded", plugin,
+                                           txn.sender, nrcpt=len(txn.recipients)))
         self._discard_message()
         self.proto.accept("Ok: queued as %s" % self.queue_id)
 
@@ -873,7 +877,7 @@ class Session:
         log.info("NOQUEUE: reject: UNKNOWN from %s: %s; proto=%s helo=<%s> (milter %s)",
                  self.client, reply, "ESMTP" if self.proto.esmtp else "SMTP",
                  self.proto.helo_name or "", verdict.milter,
-                 extra=self._refusal("UNKNOWN", reply, verdict.milter))
+                 extra=self._refusal("UNKNOWN", reply, "milter " + verdict.milter))
         self._refusal_counted = True
         self.proto.reject(reply)
 
@@ -961,7 +965,9 @@ class Session:
                  "ESMTP" if self.proto.esmtp else "SMTP",
                  self.proto.helo_name or self.ctx.helo, why,   # a refused HELO: its name
                  kind or ("plugin" if plugin else "restriction"), restriction,
-                 extra=self._refusal(command, reply, restriction, sender, recipient,
+                 extra=self._refusal(command, reply,
+                                     "milter " + restriction if kind == "milter"
+                                     else restriction, sender, recipient,
                                      helo=self.proto.helo_name or self.ctx.helo))
         self._refuse_content(reply, restriction, stage or stage_of_command(command))
 
@@ -975,6 +981,12 @@ class Session:
                 "dsn": dsn or getattr(reply, "status", None), "restriction": restriction,
                 "proto": "ESMTP" if self.proto.esmtp else "SMTP",
                 "helo": helo or self.proto.helo_name or None}
+
+    def _verdict_facts(self, event, reason, decided_by, sender, **more):
+        """The JSON log's facts of a hold or discard at END-OF-MESSAGE, as _refusal's."""
+        return dict({"event": event, "command": "END-OF-MESSAGE", "client": self.client,
+                     "queue_id": self.queue_id, "from": sender, "reason": reason,
+                     "restriction": decided_by}, **more)
 
     def _refuse_content(self, reply, restriction, stage="end_of_data"):
         """Give the refusal `reply` to the pending command and count it for restriction

@@ -11,6 +11,7 @@ which every process on the host shares.
 """
 
 import mmap
+import os
 import struct
 import time
 
@@ -48,9 +49,11 @@ class Scoreboard:
         self._write(slot, 0.0, FREE, 0)
 
     def beat(self, slot):
-        """A worker says it is alive (its event loop is turning)."""
-        _, state, pid, cause = self._read(slot)
-        self._write(slot, time.monotonic(), state, pid, cause)
+        """A worker says it is alive (its event loop is turning), and which process it
+        is (the master claims the slot before the fork; the api's health maps a
+        process to its heartbeat by it)."""
+        _, state, _, cause = self._read(slot)
+        self._write(slot, time.monotonic(), state, os.getpid(), cause)
 
     def retire(self, slot):
         """A worker says it will stop accepting and exit once its sessions are done."""
@@ -68,6 +71,15 @@ class Scoreboard:
 
     def state(self, slot):
         return self._read(slot)[1]
+
+    def silences(self):
+        """{pid: (state, seconds since its last heartbeat)} of every slot in use."""
+        now, found = time.monotonic(), {}
+        for slot in range(self.slots):
+            beat, state, pid, _ = self._read(slot)
+            if state != FREE and pid:
+                found[pid] = (state, now - beat)
+        return found
 
     def silence(self, slot):
         """Seconds since the slot's last heartbeat."""

@@ -16,9 +16,16 @@ X-Test-Action value is one action (several fields: several actions, in order):
     add-rcpt     add <added@elsewhere.test>      del-rcpt     delete <b@example.test>
     add-rcpt-par add <par@elsewhere.test> with the ESMTP parameter NOTIFY=NEVER
     chgfrom      change the sender to <bounces@sender.test>
+    chgfrom-par  the same, with the ESMTP parameter RET=HDRS
     quarantine   hold it, reason "held by libmilter"
     progress     PROGRESS every 0.3 s for 3 s before answering
+    discard      discard it (the client hears 250, nothing is queued)
+    accept       accept it: the actions after this one are not done
+    accept-early (at the header itself) accept it there: no more of the message, no
+                 end of message for this milter
     reject       550 5.7.1 Rejected by libmilter (a custom reply code)
+    reject-plain reject without a reply code of its own (the MTA's default reply)
+    tempfail-plain  tempfail without a reply code of its own
     tempfail     451 4.7.0 Try again, said libmilter
     reject-rcpt  (at RCPT, for a recipient whose local part is "refused") 550 5.1.1
     reject-helo  (at HELO, for the name "refused.test") 554 5.7.1
@@ -70,6 +77,8 @@ class TestMilter(Milter.Base):
     def header(self, name, value):
         if name.lower() == "x-test-action":
             self.actions.append(value.strip())
+            if value.strip() == "accept-early":
+                return Milter.ACCEPT
         return Milter.CONTINUE
 
     def eom(self):
@@ -91,12 +100,22 @@ class TestMilter(Milter.Base):
                 self.delrcpt("<b@example.test>")
             elif action == "chgfrom":
                 self.chgfrom("<bounces@sender.test>")
+            elif action == "chgfrom-par":
+                self.chgfrom("<bounces@sender.test>", "RET=HDRS")
             elif action == "quarantine":
                 self.quarantine("held by libmilter")
             elif action == "progress":
                 for _ in range(10):
                     time.sleep(0.3)
                     self.progress()
+            elif action == "discard":
+                return Milter.DISCARD
+            elif action == "accept":
+                return Milter.ACCEPT
+            elif action == "reject-plain":
+                return Milter.REJECT
+            elif action == "tempfail-plain":
+                return Milter.TEMPFAIL
             elif action == "reject":
                 self.setreply("550", "5.7.1", "Rejected by libmilter")
                 return Milter.REJECT
