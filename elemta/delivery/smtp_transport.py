@@ -27,8 +27,8 @@ DANE wins over it for hosts it applies to, RFC 8461 2).
 REQUIRETLS (RFC 8689, elemta.delivery.requiretls): a message that asks for it goes only
 over sessions at level secure (against delivery.tls_ca_file, or under the domain's
 MTA-STS policy) or authenticated by DANE (a host with usable TLSA records: RFC 8689 4.2.1
-takes either) to servers that offer REQUIRETLS; where no host will do, it bounces with
-5.7.10. Routed by MX, it also needs MX host names it can trust (4.2.1): a DNSSEC-validated
+takes either) to servers that offer REQUIRETLS; where no host will do, it bounces (4.2.1) with
+5.7.30 (REQUIRETLS not offered) or 5.7.10 (TLS not had or not verified). Routed by MX, it also needs MX host names it can trust (4.2.1): a DNSSEC-validated
 MX answer or the domain's MTA-STS policy in enforce mode, else it bounces with 5.7.10
 before any connection, or is deferred (4.7.10) while the policy cannot be found out (its
 TXT lookup or fetch failed); a bracketed relay host or transport next hop is verified by
