@@ -27,13 +27,14 @@ DANE wins over it for hosts it applies to, RFC 8461 2).
 REQUIRETLS (RFC 8689, elemta.delivery.requiretls): a message that asks for it goes only
 over sessions at level secure (against delivery.tls_ca_file, or under the domain's
 MTA-STS policy) or authenticated by DANE (a host with usable TLSA records: RFC 8689 4.2.1
-takes either) to servers that offer REQUIRETLS; where no host will do, it bounces (4.2.1) with
-5.7.30 (REQUIRETLS not offered) or 5.7.10 (TLS not had or not verified). Routed by MX, it also needs MX host names it can trust (4.2.1): a DNSSEC-validated
-MX answer or the domain's MTA-STS policy in enforce mode, else it bounces with 5.7.10
-before any connection, or is deferred (4.7.10) while the policy cannot be found out (its
-TXT lookup or fetch failed); a bracketed relay host or transport next hop is verified by
-the name the admin configured. A message whose header says "TLS-Required: No" is
-delivered without the domain's MTA-STS policy.
+takes either) to servers that offer REQUIRETLS; where no host will do, it bounces
+(4.2.1) with 5.7.30 (REQUIRETLS not offered) or 5.7.10 (TLS not had or not verified).
+Routed by MX, it also needs MX host names it can trust (4.2.1): a DNSSEC-validated MX
+answer or the domain's MTA-STS policy in enforce mode (testing mode vouches for nothing),
+else it bounces with 5.7.10 before any connection, or is deferred (4.7.10) while the
+policy cannot be found out (its TXT lookup or fetch failed); a bracketed relay host or
+transport next hop is verified by the name the admin configured. A message whose header
+says "TLS-Required: No" is delivered without the domain's MTA-STS policy.
 
 TLS-RPT (RFC 8460, elemta.tlsrpt, when tlsrpt.enabled): each new session under an
 MTA-STS policy or DANE TLSA records counts as a success or as a failure of the RFC's
