@@ -424,6 +424,8 @@ def test_a_requiretls_message_bounces_where_neither_dane_nor_pkix_vouch(
                                  recipient)
     status, reply = result(server, queue_id, recipient)
     assert status == "bounced", reply
+    # 5.7.10, not 5.7.30: no host could be reached over TLS that was verified (RFC 8689
+    # 4.2.1); 5.7.30 is for a host that does not offer REQUIRETLS.
     assert reply.startswith("550 5.7.10 REQUIRETLS support required: ")
     assert why.replace("%d", str(mx_port)) in reply, reply
     assert received(mx_hosts, host, recipient) == []

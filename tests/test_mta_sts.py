@@ -11,11 +11,13 @@ See also: elemta.delivery.mtasts, elemta.delivery.smtp_transport, tests/test_del
 """
 
 import re
+import socket
 
 import pytest
 
-from elemta.delivery.mtasts import (STSPolicy, STSPolicyError, mx_matches, parse_policy,
-                                    published_id)
+from elemta.delivery.mtasts import (MTASTS, PolicyCache, PolicyFetcher, STSPolicy,
+                                    STSPolicyError, mx_matches, parse_policy, published_id)
+from elemta.delivery.mx import MXResolver
 from tests.harness import delivery_result as result
 from tests.harness import free_port, submit, wait_for
 from tests.peers.https import PolicyServer, LoopbackCA
@@ -168,6 +170,24 @@ def start(elemta_server, nsd, mx_port, pki, web_port):
         wait_for(lambda: "delivery worker started" in server.log())
         return server
     return starter
+
+
+def test_a_failed_txt_lookup_is_told_apart_from_no_record(nsd, pki, web_port, tmp_path):
+    """RFC 8461 treats both as no policy, but REQUIRETLS defers on the first (it may not
+    trust the MX without the policy, and must not bounce on a passing failure): a name
+    server that never answers leaves the policy unknown; NXDOMAIN is known to be none."""
+    def lookup(port, domain):
+        resolver = MXResolver(["127.0.0.1"], port=port, timeout=1.0, attempts=1)
+        fetcher = PolicyFetcher(resolver, pki.ca_file, web_port, 5.0)
+        return MTASTS(resolver, PolicyCache(str(tmp_path)), fetcher).lookup(domain)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))        # bound, so queries are dropped, not refused
+        found = lookup(silent.getsockname()[1], "enforce.sts.test")
+    assert found.policy is None
+    assert found.unknown.startswith("the MTA-STS TXT lookup for enforce.sts.test failed"), \
+        found.unknown
+    found = lookup(nsd.port, "absent.sts.test")
+    assert found.policy is None and found.unknown is None
 
 
 def received_by(server, recipient):

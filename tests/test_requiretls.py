@@ -30,6 +30,7 @@ WEB = "127.0.0.70"          # the MTA-STS policy server of optout.rt.test
 SECURE_MX = "127.0.0.71"    # STARTTLS, a certificate for its name, REQUIRETLS
 NOREQ_MX = "127.0.0.72"     # STARTTLS with a valid certificate, no REQUIRETLS
 CLEAR_MX = "127.0.0.73"     # REQUIRETLS offered, but no STARTTLS
+DOWN_WEB = "127.0.0.74"     # stsdown.rt.test's policy server: nothing listens there
 
 ZONE = "rt.test"
 RECORDS = """
@@ -41,6 +42,10 @@ noreq             MX  10 mx.noreq
 clear             MX  10 mx.clear
 optout            MX  10 mx.clear
 spoofed           MX  10 mx.secure
+testing           MX  10 mx.secure
+stsdown           MX  10 mx.secure
+_mta-sts.stsdown  TXT "v=STSv1; id=1"
+mta-sts.stsdown   A   127.0.0.74
 """
 # Each of these domains publishes an MTA-STS policy in enforce mode naming its own MX.
 POLICY_DOMAINS = {"secure": "mx.secure", "noreq": "mx.noreq", "clear": "mx.clear",
@@ -50,6 +55,10 @@ RECORDS += "".join('_mta-sts.%s TXT "v=STSv1; id=1"\nmta-sts.%s A %s\n' % (d, d,
 POLICIES = {"mta-sts.%s.rt.test" % domain: "version: STSv1\r\nmode: enforce\r\n"
             "mx: %s.rt.test\r\nmax_age: 86400\r\n" % mx
             for domain, mx in POLICY_DOMAINS.items()}
+# testing.rt.test's policy names its MX too, but in testing mode: it vouches for nothing.
+RECORDS += '_mta-sts.testing TXT "v=STSv1; id=1"\nmta-sts.testing A %s\n' % WEB
+POLICIES["mta-sts.testing.rt.test"] = ("version: STSv1\r\nmode: testing\r\n"
+                                       "mx: mx.secure.rt.test\r\nmax_age: 86400\r\n")
 
 
 @pytest.mark.parametrize("header, waived", [
@@ -211,26 +220,28 @@ def test_the_queue_record_carries_requiretls(server):
     assert flags == {"q@client.test": True, "p@client.test": False}
 
 
-@pytest.mark.parametrize("domain, why", [
-    ("noreq", r"host mx.noreq.rt.test\[127.0.0.72\]:\d+ did not offer REQUIRETLS"),
-    ("clear", r"TLS is required, but was not offered by host "
-              r"mx.clear.rt.test\[127.0.0.73\]:\d+")])
+@pytest.mark.parametrize("domain, status, why", [
+    # RFC 8689 4.2.1: 5.7.30 where REQUIRETLS is not offered, 5.7.10 where TLS is not.
+    ("noreq", "5.7.30", r"host mx.noreq.rt.test\[127.0.0.72\]:\d+ did not offer "
+                        r"REQUIRETLS"),
+    ("clear", "5.7.10", r"TLS is required, but was not offered by host "
+                        r"mx.clear.rt.test\[127.0.0.73\]:\d+")])
 def test_without_requiretls_or_tls_at_the_next_hop_the_message_bounces(
-        server, mx_hosts, domain, why):
+        server, mx_hosts, domain, status, why):
     recipient = "r@%s.rt.test" % domain
     sink = mx_hosts[1 if domain == "noreq" else 2]
     queue_id = send(server, "b-%s@client.test" % domain, recipient)
-    status, reply = result(server, queue_id, recipient)
-    assert status == "bounced"
-    assert re.match(r"550 5\.7\.10 REQUIRETLS support required: "
-                    r"(MTA-STS policy of %s.rt.test \(enforce\): )?%s" % (domain, why),
-                    reply), reply
+    outcome, reply = result(server, queue_id, recipient)
+    assert outcome == "bounced"
+    assert re.match(r"550 %s REQUIRETLS support required: "
+                    r"(MTA-STS policy of %s.rt.test \(enforce\): )?%s" % (
+                        re.escape(status), domain, why), reply), reply
     assert received(sink, recipient) == []
     assert all(m.content.find(b"secret body") < 0 for m in sink.messages)
     envelope, content = bounce_for(server, queue_id)
     assert envelope.requiretls and envelope.recipients[0].address == (
         "b-%s@client.test" % domain)
-    assert b"Status: 5.7.10" in content
+    assert b"Status: " + status.encode() in content
     assert b"Content-Type: text/rfc822-headers" in content
     assert b"secret body" not in content          # RFC 8689: the body is not returned
 
@@ -275,10 +286,45 @@ def test_an_mx_answer_nobody_vouches_for_is_not_trusted(server, mx_hosts):
     assert result(server, plain, "r2@spoofed.rt.test")[0] == "sent"
 
 
+def test_a_testing_mode_policy_does_not_vouch_for_the_mx(server, mx_hosts):
+    """testing.rt.test (unsigned zone) publishes an MTA-STS policy naming its MX, whose
+    certificate is valid and which offers REQUIRETLS; but the policy is in testing mode,
+    which only reports (RFC 8461 5), so nothing vouches for the MX name (RFC 8689 4.2.1):
+    the message bounces and never reaches that host."""
+    secure = mx_hosts[0]
+    queue_id = send(server, "tm@client.test", "r@testing.rt.test")
+    status, reply = result(server, queue_id, "r@testing.rt.test")
+    assert status == "bounced", reply
+    assert reply.startswith("550 5.7.10 REQUIRETLS support required: the MX lookup of "
+                            "testing.rt.test was not DNSSEC-validated"), reply
+    assert "(its policy is in testing mode)" in reply, reply
+    assert received(secure, "r@testing.rt.test") == []
+
+
+def test_a_policy_that_cannot_be_fetched_defers_instead_of_bouncing(server, mx_hosts):
+    """stsdown.rt.test (unsigned zone) publishes an MTA-STS TXT record, but its policy
+    server is down: whether a policy would vouch for the MX cannot be found out yet, so
+    the message waits in the queue (4.7.10) for a later try instead of bouncing on a
+    passing failure, and nothing goes to the MX meanwhile."""
+    secure = mx_hosts[0]
+    queue_id = send(server, "sd@client.test", "r@stsdown.rt.test")
+    status, reply = result(server, queue_id, "r@stsdown.rt.test")
+    assert status == "deferred", reply
+    assert reply.startswith("451 4.7.10 REQUIRETLS: the MX lookup of stsdown.rt.test was "
+                            "not DNSSEC-validated and the MTA-STS policy of "
+                            "stsdown.rt.test could not be fetched"), reply
+    assert queue_id in server.queued_ids()
+    envelope, _ = server.message(queue_id)
+    assert [r.address for r in envelope.recipients] == ["r@stsdown.rt.test"]
+    assert received(secure, "r@stsdown.rt.test") == []
+    assert "%s: to=<r@stsdown.rt.test>" % queue_id in server.log()
+    assert not re.search(r"%s: .*status=bounced" % queue_id, server.log())
+
+
 def test_a_forwarded_copy_keeps_requiretls(server, mx_hosts):
     """A local alias sends far@example.test on to r@noreq.rt.test, whose MX offers no
     REQUIRETLS: the forwarded copy keeps the sender's REQUIRETLS (RFC 8689 4.1), so it
-    bounces with 5.7.10 instead of going to a host that would not honour it."""
+    bounces with 5.7.30 instead of going to a host that would not honour it."""
     noreq = mx_hosts[1]
     queue_id = send(server, "fw@client.test", "far@example.test")
     status, reply = result(server, queue_id, "far@example.test")
@@ -286,13 +332,13 @@ def test_a_forwarded_copy_keeps_requiretls(server, mx_hosts):
     copy_id = reply.split()[-1]
     status, reply = result(server, copy_id, "r@noreq.rt.test")
     assert status == "bounced"
-    assert re.match(r"550 5\.7\.10 REQUIRETLS support required: host "
+    assert re.match(r"550 5\.7\.30 REQUIRETLS support required: host "
                     r"mx\.noreq\.rt\.test\[127\.0\.0\.72\]:\d+ did not offer "
                     r"REQUIRETLS", reply), reply
     assert received(noreq, "r@noreq.rt.test") == []
     dsn, content = bounce_for(server, copy_id)
     assert dsn.requiretls and dsn.recipients[0].address == "fw@client.test"
-    assert b"Status: 5.7.10" in content
+    assert b"Status: 5.7.30" in content
 
 
 def test_a_forwarded_double_bounce_stays_one(server):

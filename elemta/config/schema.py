@@ -1055,7 +1055,7 @@ class DeliverySettings:
                                 "offered), encrypt (required), verify (required, chain "
                                 "checked), secure (verify, and the certificate names the "
                                 "host). LMTP uses at most may unless tls_policy names its "
-                                "host.",
+                                "host. Postfix's smtp_tls_security_level.",
                          _one_of(DELIVERY_TLS_LEVELS))
     tls_policy: Tuple[TLSPolicyEntry, ...] = opt(
         (), "Per-destination STARTTLS levels, as Postfix's smtp_tls_policy_maps: a list of "

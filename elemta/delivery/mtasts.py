@@ -21,6 +21,10 @@ STSPolicy it gets (mx patterns, mode) itself. In RFC 8461's order:
               result type STSPolicyError names: sts-webpki-invalid (the policy server's
               certificate), sts-policy-invalid (the policy), sts-policy-fetch-error
 
+lookup(domain) also says when no policy could be found out (a failed TXT lookup or fetch)
+as against none published: RFC 8461 treats both as no policy, but a REQUIRETLS delivery
+that needs the policy to vouch for its MX defers on the first instead of bouncing.
+
 See also: elemta.delivery.smtp_transport (applies the policy), elemta.delivery.mx (the
 TXT lookup), tests/test_mta_sts.py.
 """
@@ -293,6 +297,18 @@ class PolicyFetcher:
                 sock.close()
 
 
+@dataclass(frozen=True)
+class PolicyLookup:
+    """What MTASTS.lookup found: the policy in force (None: none), and when there is
+    none, why it could not be found out (None: the domain publishes none)."""
+    policy: Optional["STSPolicy"]
+    unknown: Optional[str] = None
+
+    def __post_init__(self):
+        if self.policy is not None:         # a policy in force is known, whatever failed
+            object.__setattr__(self, "unknown", None)
+
+
 class MTASTS:
     """The policy in force for a domain: discovered, fetched, cached, refreshed."""
 
@@ -304,12 +320,22 @@ class MTASTS:
         # TLS-RPT: fetch failures counted (elemta.tlsrpt.counter.TLSCounter).
         self.counter = counter if counter is not None else NullCounter()
         self._failed = {}          # domain -> when this worker may try to fetch again
+        self._failed_why = {}      # domain -> why its last fetch failed
 
     def policy_for(self, domain):
         # type: (str) -> Optional[STSPolicy]
         """The domain's policy (any mode), or None when it has none in force."""
+        return self.lookup(domain).policy
+
+    def lookup(self, domain):
+        # type: (str) -> PolicyLookup
+        """The domain's policy (any mode) and, when there is none in force, whether that
+        is known (no TXT record: unknown None) or could not be found out (the TXT lookup
+        or the fetch failed: unknown says why). RFC 8461 treats both as no policy; a
+        REQUIRETLS delivery that needs the policy to vouch for its MX defers on the
+        second rather than bouncing on a passing failure."""
         if not _HOST_NAME.match(domain):
-            return None     # an address literal, or nothing a policy could be for
+            return PolicyLookup(None)   # an address literal, or nothing a policy is for
         now = self.clock()
         cached = self.cache.get(domain)
         if cached is not None and cached.expires <= now:
@@ -319,25 +345,33 @@ class MTASTS:
         except RouteError as error:
             log.info("MTA-STS TXT lookup for %s failed (%s)%s", domain, error.reason,
                      "; its cached policy still applies" if cached else "")
-            return cached
+            if error.permanent:     # not a name that could have a record
+                return PolicyLookup(cached)
+            return PolicyLookup(cached, "the MTA-STS TXT lookup for %s failed (%s)" % (
+                domain, error.reason))
         if policy_id is None:
-            return cached   # RFC 8461 5.1: a withdrawn record ends nothing before max_age
+            # RFC 8461 5.1: a withdrawn record ends nothing before max_age
+            return PolicyLookup(cached)
         if cached is not None and cached.policy_id == policy_id and \
                 now < cached.fetched + cached.max_age * REFRESH_AT:
-            return cached
+            return PolicyLookup(cached)
         if now < self._failed.get(domain, 0):
-            return cached
+            return PolicyLookup(cached, "the MTA-STS policy of %s could not be fetched "
+                                "(%s)" % (domain, self._failed_why.get(domain)))
         try:
             policy = self.fetcher.fetch(domain, policy_id, now)
         except STSPolicyError as error:
             self._failed[domain] = now + FETCH_RETRY
+            self._failed_why[domain] = str(error)
             log.warning("MTA-STS policy of %s (id %s) not fetched: %s%s", domain, policy_id,
                         error, "; its cached policy still applies" if cached else "")
             # RFC 8460 4.3.2.2: the domain says it has a policy; none could be had.
             self.counter.failure(results.ReportedPolicy(results.STS, domain), error.result,
                                  reason=str(error))
-            return cached
+            return PolicyLookup(cached, "the MTA-STS policy of %s could not be fetched "
+                                "(%s)" % (domain, error))
         self._failed.pop(domain, None)
+        self._failed_why.pop(domain, None)
         self.cache.put(policy)
         log.info("MTA-STS policy of %s fetched: %s", domain, policy.describe())
-        return policy
+        return PolicyLookup(policy)

@@ -15,7 +15,9 @@ these before it opens sessions for a message:
                              of messages with a return path).
     RequireTLSSessions       opens those sessions: a host that fails any of it is left
                              (the message is never sent to it), the next MX host tried,
-                             and when none will do the recipients bounce with 5.7.10.
+                             and when none will do the recipients bounce (4.2.1):
+                             5.7.30 for a host that does not offer REQUIRETLS,
+                             5.7.10 for TLS not had or not verified.
     waives_tls_policy(...)   the header section says "TLS-Required: No" (RFC 8689 3):
                              the sender asks that the recipient's TLS policies (MTA-STS)
                              be ignored; a message with REQUIRETLS ignores the field.
@@ -76,6 +78,7 @@ class RequireTLSSessions:
             else:
                 client = self.inner(client, address, port, name, new_client)
         except SessionError as error:
+            # TLS not negotiated or not verified: 5.7.10 (RFC 8689 4.2.1).
             if not error.tls_failure:
                 raise
             raise SessionError(local_reply(550, "5.7.10", "REQUIRETLS support required: "

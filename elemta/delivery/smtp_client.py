@@ -571,15 +571,17 @@ class SMTPClient:
     def requiretls_refusal(self):
         """Why this session may not carry a REQUIRETLS message (RFC 8689 4.2.1: TLS, the
         server authenticated by PKIX for the host's name or by DANE, REQUIRETLS offered
-        after STARTTLS), as
-        the 5.7.10 reply that bounces it; None when it may."""
+        after STARTTLS), as the reply that bounces it; None when it may. 4.2.1 asks
+        for 5.7.30 where REQUIRETLS is not offered, 5.7.10 where TLS cannot be had or
+        the server not authenticated."""
         if self.tls_version is None:
             why = "no TLS with host %s" % self.peer
         elif not self.tls.authenticates_host:
             why = ("the certificate of host %s was verified neither for its name nor by "
                    "DANE" % self.peer)
         elif "REQUIRETLS" not in self.extensions:
-            why = "host %s did not offer REQUIRETLS" % self.peer
+            return local_reply(550, "5.7.30", "REQUIRETLS support required: host %s did "
+                               "not offer REQUIRETLS" % self.peer)
         else:
             return None
         return local_reply(550, "5.7.10", "REQUIRETLS support required: %s" % why)

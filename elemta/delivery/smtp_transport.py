@@ -27,12 +27,14 @@ DANE wins over it for hosts it applies to, RFC 8461 2).
 REQUIRETLS (RFC 8689, elemta.delivery.requiretls): a message that asks for it goes only
 over sessions at level secure (against delivery.tls_ca_file, or under the domain's
 MTA-STS policy) or authenticated by DANE (a host with usable TLSA records: RFC 8689 4.2.1
-takes either) to servers that offer REQUIRETLS; where no host will do, it bounces with
-5.7.10. Routed by MX, it also needs MX host names it can trust (4.2.1): a DNSSEC-validated
-MX answer or the domain's MTA-STS policy in enforce mode, else it bounces with 5.7.10
-before any connection (a bracketed relay host or transport next hop is verified by the
-name the admin configured). A message whose header says "TLS-Required: No" is
-delivered without the domain's MTA-STS policy.
+takes either) to servers that offer REQUIRETLS; where no host will do, it bounces
+(4.2.1) with 5.7.30 (REQUIRETLS not offered) or 5.7.10 (TLS not had or not verified).
+Routed by MX, it also needs MX host names it can trust (4.2.1): a DNSSEC-validated MX
+answer or the domain's MTA-STS policy in enforce mode (testing mode vouches for nothing),
+else it bounces with 5.7.10 before any connection, or is deferred (4.7.10) while the
+policy cannot be found out (its TXT lookup or fetch failed); a bracketed relay host or
+transport next hop is verified by the name the admin configured. A message whose header
+says "TLS-Required: No" is delivered without the domain's MTA-STS policy.
 
 TLS-RPT (RFC 8460, elemta.tlsrpt, when tlsrpt.enabled): each new session under an
 MTA-STS policy or DANE TLSA records counts as a success or as a failure of the RFC's
@@ -154,12 +156,13 @@ class SMTPTransport:
         requiretls = requires_tls(record.envelope)
         tls = self.requiretls_tls if requiretls else self.tls_for(destination)
         level, connect = tls.level, None
-        policy = self.mta_sts_policy(destination, requiretls)
+        policy, unknown = self.mta_sts_policy(destination, requiretls)
         if requiretls:
-            refusal = self.untrusted_mx(destination, hosts, policy)
+            refusal = self.untrusted_mx(destination, hosts, policy, unknown)
             if refusal is not None:
                 log.warning("%s: %s", record.queue_id, refusal.text)
-                return {index: (BOUNCED, str(refusal), "none", None, deferrals.POLICY)
+                status = BOUNCED if refusal.permanent else RCPT_DEFERRED
+                return {index: (status, str(refusal), "none", None, deferrals.POLICY)
                         for index, _ in items}
         if policy is not None and not requiretls and self._waived(record.queue_id):
             log.info("%s: TLS-Required: No: the MTA-STS policy of %s is not applied "
@@ -213,32 +216,43 @@ class SMTPTransport:
         return DANE_MODE if level is None and self.dane_default else None
 
     def mta_sts_policy(self, destination, requiretls=False):
-        """The MTA-STS policy (enforce or testing) for mail routed by MX to destination's
-        domain, or None: no MX routing, MTA-STS not asked for, no policy in force. Mail
-        with REQUIRETLS always asks: the policy may be what vouches for its MX hosts."""
+        """(policy, unknown): the MTA-STS policy (enforce or testing) for mail routed by
+        MX to destination's domain, or None: no MX routing, MTA-STS not asked for, no
+        policy in force; unknown says why none could be found out (a failed TXT lookup or
+        fetch), else None. Mail with REQUIRETLS always asks: the policy may be what
+        vouches for its MX hosts."""
         if self.mta_sts is None or not destination.mx_lookup:
-            return None
+            return None, None
         domain = normal_domain(destination.host)
         level = domain_entry(self.level_by_destination, domain)
         if not (requiretls or level == MTA_STS_LEVEL
                 or (level is None and self.mta_sts_default)):
-            return None
-        policy = self.mta_sts.policy_for(domain)
-        return None if policy is None or policy.mode == NONE else policy
+            return None, None
+        found = self.mta_sts.lookup(domain)
+        if found.policy is not None and found.policy.mode == NONE:
+            return None, None
+        return found.policy, found.unknown
 
-    def untrusted_mx(self, destination, hosts, policy):
+    def untrusted_mx(self, destination, hosts, policy, unknown=None):
         """None when the MX host names of a REQUIRETLS delivery can be trusted, else the
-        reply that bounces it. RFC 8689 4.2.1: the MX lookup must be DNSSEC-validated, or
-        the MX hosts must match the domain's MTA-STS policy (in enforce mode: STSDelivery
-        then skips those it does not name); PKIX against a name a spoofed answer gave
-        proves nothing. A next hop the admin configured in brackets (relay host,
-        transport map) is no MX lookup: its configured name is what is verified."""
+        reply that bounces it, or defers it when the domain's MTA-STS policy could not be
+        found out (unknown: a passing DNS or HTTPS failure must not bounce). RFC 8689
+        4.2.1: the MX lookup must be DNSSEC-validated, or the MX hosts must match the
+        domain's MTA-STS policy in enforce mode (STSDelivery then skips those it does not
+        name; testing mode only reports, so it vouches for nothing); PKIX against a name a
+        spoofed answer gave proves nothing. A next hop the admin configured in brackets
+        (relay host, transport map) is no MX lookup: its configured name is what is
+        verified."""
         if not destination.mx_lookup:
             return None
         if hosts and all(host.mx_secure for host in hosts):
             return None
         if policy is not None and policy.mode == ENFORCE:
             return None
+        if policy is None and unknown is not None:
+            return local_reply(451, "4.7.10", "REQUIRETLS: the MX lookup of %s was not "
+                               "DNSSEC-validated and %s, so its MX host names cannot be "
+                               "trusted yet (RFC 8689 4.2.1)" % (destination.host, unknown))
         dnssec = self.resolver is not None and self.resolver.transport.dnssec
         why = ("the MX lookup of %s was not DNSSEC-validated%s and the domain has no "
                "MTA-STS policy in enforce mode%s, so its MX host names cannot be trusted "
