@@ -314,6 +314,15 @@ class DeliveryWorker(GeventChild):
 
     # ---- the loop -----------------------------------------------------------------------
 
+    def _room(self):
+        """How many messages the next claim may take: what the pool has room for, in
+        batches, and never past max_use (a retiring worker holds no more leases than the
+        messages it counts)."""
+        room = min(self.pool.free_count(), CLAIM_BATCH)
+        if self.max_use:
+            room = min(room, max(self.max_use - self.uses, 0))
+        return room
+
     def loop(self):
         reclaim_every = max(0.5, min(self.delivery.lease / 4, 30.0))
         next_reclaim = 0.0
@@ -322,12 +331,12 @@ class DeliveryWorker(GeventChild):
             now = time.time()
             # Cleared before claiming: a wake-up that comes during the claim is kept.
             self._wake.clear()
-            room = min(self.pool.free_count(), CLAIM_BATCH)
+            room = self._room()
             gather = last_claim + CLAIM_GATHER - time.monotonic()
             if room and gather > 0 and self.pool.free_count() < self.pool.size:
                 if self.stopping.wait(gather):
                     break
-                room = min(self.pool.free_count(), CLAIM_BATCH)
+                room = self._room()
             last_claim = time.monotonic()
             try:
                 if now >= next_reclaim:
