@@ -122,7 +122,8 @@ def test_examples_with_every_setting_enabled_agree(tmp_path):
     """The commented-out listeners, TLS and AUTH settings are valid, and the same."""
     etc = tmp_path / "etc-elemta"
     (etc / "tls").mkdir(parents=True)
-    for name in ("tls/cert.pem", "tls/key.pem", "credentials", "acme-ca.pem"):
+    for name in ("tls/cert.pem", "tls/key.pem", "credentials", "acme-ca.pem", "api.crt",
+                 "api.key", "cluster-ca.pem"):
         (etc / name).write_text("placeholder\n")
     for name in ("header_checks", "mime_header_checks", "nested_header_checks",
                  "body_checks"):

@@ -678,8 +678,11 @@ def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
         files.append((("plugins", "arc", "key_file"), plugins.arc.key_file))
     if api.enabled:
         files.append((("api", "token_file"), api.token_file))
+        files.append((("api", "cert_file"), api.cert_file))
+        files.append((("api", "key_file"), api.key_file))
     files.append((("delivery", "sasl_password_file"), config.delivery.sasl_password_file))
     files.append((("delivery", "tls_ca_file"), config.delivery.tls_ca_file))
+    files.append((("cluster", "peer_ca_file"), config.cluster.peer_ca_file))
     if config.acme.enabled:
         files.append((("acme", "ca_file"), config.acme.ca_file))
     if config.tlsrpt.enabled:
