@@ -269,6 +269,10 @@ ERROR_CASES = {
         "tls:\n  min_version: TLSv1.3\n  cert_file: CERT\n", 3,
         '[tls]\nmin_version = "TLSv1.3"\ncert_file = "CERT"\n', 3,
         "tls.cert_file", "is set but tls.key_file is not: set both or neither"),
+    "api certificate without key (the token would go over plain http)": (
+        "api:\n  port: 8025\n  cert_file: CERT\n", 3,
+        '[api]\nport = 8025\ncert_file = "CERT"\n', 3,
+        "api.cert_file", "is set but api.key_file is not: set both or neither"),
     "unreadable credentials file": (
         "auth:\n  credentials_file: /nonexistent/credentials\n", 2,
         '[auth]\ncredentials_file = "/nonexistent/credentials"\n', 2,

@@ -443,10 +443,13 @@ class _Checker:
         """TLS and AUTH files, what each listener mode needs, clashing listeners."""
         tls, auth = config.tls, config.auth
         cert, key = ("tls", "cert_file"), ("tls", "key_file")
-        if (tls.cert_file is None) != (tls.key_file is None):
-            given, missing = (cert, key) if tls.cert_file is not None else (key, cert)
-            self.refuse_across(given, "is set but %s is not: set both or neither"
-                               % format_key(missing), [missing])
+        # (The api's pair too: half of it would serve the api token over plain http.)
+        for section, pair in ((tls, (cert, key)),
+                              (config.api, (("api", "cert_file"), ("api", "key_file")))):
+            if (section.cert_file is None) != (section.key_file is None):
+                given, missing = pair if section.cert_file is not None else pair[::-1]
+                self.refuse_across(given, "is set but %s is not: set both or neither"
+                                   % format_key(missing), [missing])
         if auth.backend == "dovecot" and auth.dovecot_socket is None:
             self.refuse_across(("auth", "backend"), "dovecot needs auth.dovecot_socket "
                                "(the path of Dovecot's auth socket, or inet:host:port)",
