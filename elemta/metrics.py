@@ -276,6 +276,11 @@ def rejection_reason(command, code, status):
     return "policy"
 
 
+def count_token_withheld(reason):
+    """The cluster view did not send the api token to a node (see CLUSTER_TOKEN_WITHHELD)."""
+    _metrics().CLUSTER_TOKEN_WITHHELD.labels(reason).inc()
+
+
 def count_refusal(restriction, stage):
     """A restriction (elemta.restrictions.catalogue: a core check or a plugin's name)
     refused something at stage."""
@@ -361,6 +366,11 @@ def _make():
             "elemta_smtpd_messages_rejected", "Refused MAIL, RCPT or message content, by "
             "reason (relay, unknown_user, size, syntax, content, storage, auth, "
             "recipients, policy).",
+            ("reason",)),
+        CLUSTER_TOKEN_WITHHELD=counter(
+            "elemta_cluster_api_token_withheld", "Requests to another node's api not made, "
+            "so as not to send it the api token, by reason (plain_http: an http:// "
+            "api_url that cluster.api_plain_http does not allow; outside_peer_networks).",
             ("reason",)),
         RESTRICTION_REFUSALS=counter(
             "elemta_smtpd_restriction_refusals", "Refusals (4xx and 5xx) by the restriction "

@@ -29,6 +29,7 @@ from elemta.queue.model import DEFERRED
 from elemta.sharedstate.redisstore import connect
 from tests.harness import free_port, wait_for
 from tests.peers import redis as redis_peer
+from tests.peers.sink import make_test_pki
 from tests.test_drain import EX_OK, elemtactl, records
 from tests.test_drain_cluster import Listener, queue_batch
 
@@ -52,7 +53,9 @@ def cluster(elemta_server, store, tmp_path):
     """{name: (ElemtaServer, its handover port)}; A delivers through a relay host that
     refuses (its mail stays deferred), B keeps what it receives. Both bind senders to
     AUTH logins (smtpd.sender_login_maps), which must not refuse the hand-over login
-    the senders it relays."""
+    the senders it relays. Each has a certificate of the cluster's CA, which each checks
+    its peers' against (cluster.peer_ca_file), as deploy/kubernetes sets them up."""
+    ca, cert, key = make_test_pki(str(tmp_path / "pki"), "elemta.test")
     logins = tmp_path / "sender_logins"
     logins.write_text("one@sender.test alice\n@sender.test bob\n")
     compile_source(str(logins))
@@ -66,11 +69,13 @@ def cluster(elemta_server, store, tmp_path):
                        {"mode": "handover", "address": address, "port": handover}],
             relay={"mynetworks": ["127.0.0.1/32"]},
             smtpd={"sender_login_maps": "lmdb:%s" % logins},
+            tls={"cert_file": cert, "key_file": key},
             api={"address": address, "port": free_port(address), "token": TOKEN},
             delivery=delivery,
             cluster={"store": store.url, "node_name": name, "timeout": 0.5,
                      "retry_interval": 0.5, "heartbeat_interval": 0.5, "node_ttl": 5,
-                     "api_timeout": 2, "peer_networks": ["127.0.0.0/9"]})
+                     "api_timeout": 2, "peer_networks": ["127.0.0.0/9"],
+                     "peer_ca_file": ca})
         nodes[name] = (server, handover)
     registry = Registry(connect(ClusterSettings(store=store.url)), "elemta:",
                         registry_key(TOKEN.encode()))
@@ -110,6 +115,9 @@ def test_a_pod_of_the_pod_network_cannot_relay(cluster):
                                               "denied")
     # The handover listener: no MAIL before AUTH, and only the cluster's credential.
     with client(b.address, handover, POD) as pod:
+        assert not pod.has_extn("auth")           # not before TLS: it has a certificate
+        pod.starttls()
+        pod.ehlo("pod.test")
         assert pod.has_extn("auth")
         code, text = pod.mail("spam@pod.test")
         assert code == 530, text

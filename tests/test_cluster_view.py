@@ -15,9 +15,12 @@ tests/test_cluster_state.py (two nodes, the shared checks in depth).
 import http.client
 import json
 import os
+import re
 import signal
 import smtplib
+import ssl
 import subprocess
+import urllib.request
 import sys
 import time
 
@@ -394,3 +397,66 @@ def test_schemathesis_finds_the_cluster_routes_as_documented(cluster):
         a.address, node_api_port(a)), auth, prefix="/api/v1/cluster/")
     assert len(operations) == 9, [o.label for o in operations]
     api_fuzz.fuzz_operations(operations, auth, examples=10, timeout=20)
+
+
+def test_no_token_over_plain_http_where_api_plain_http_forbids_it(elemta_server, store):
+    """The api token over http:// can be read by anyone on the path: a node whose
+    cluster.api_plain_http is never (as for a non-loopback address by default) sends
+    it to no http:// api_url, names the node as not answering, and counts it."""
+    address = ADDRESSES["node-a"]
+    node = elemta_server(
+        listeners=[{"mode": "smtp", "address": address, "port": free_port(address)}],
+        api={"address": address, "port": free_port(address), "token": TOKEN},
+        cluster={"store": store.url, "node_name": "node-a", "api_timeout": 2,
+                 "heartbeat_interval": 0.5, "peer_networks": ["127.0.0.0/8"],
+                 "api_plain_http": "never"})
+    with OlderNode(store) as older:
+        status, body = api(node, "GET", "/queue")
+    assert status == 200 and not body["complete"], body
+    missing = {m["node"]: m["error"] for m in body["missing"]}
+    assert "plain http://" in missing["node-old"] and "api_plain_http" in \
+        missing["node-old"], missing
+    assert older.asked == []                     # no request, so no token
+    with urllib.request.urlopen("http://%s:%d/metrics" % (address, node_api_port(node)),
+                                timeout=10) as response:
+        scraped = response.read().decode()
+    assert re.search(r'^elemta_cluster_api_token_withheld_total\{reason="plain_http"\} '
+                     r'[1-9]', scraped, re.M), scraped
+    assert "not sending the api token to node node-old" in node.log()
+
+
+def test_the_view_asks_https_apis_verified_by_the_cluster_ca(elemta_server, store,
+                                                             tmp_path):
+    """Nodes whose api serves https (api.cert_file): a node whose cluster.peer_ca_file
+    signs their certificates sees them answer; one with another CA sends them nothing
+    (the handshake fails before the token) and names them as not answering."""
+    from tests.peers.sink import make_test_pki
+    ca, cert, key = make_test_pki(str(tmp_path / "cluster"), "localhost")
+    other_ca, _, _ = make_test_pki(str(tmp_path / "other"), "localhost")
+    nodes = {}
+    for name, peer_ca in (("node-a", ca), ("node-b", other_ca)):
+        port = free_port("127.0.0.1")
+        nodes[name] = (elemta_server(
+            listeners=[{"mode": "smtp", "address": ADDRESSES[name],
+                        "port": free_port(ADDRESSES[name])}],
+            api={"address": "127.0.0.1", "port": port, "token": TOKEN,
+                 "cert_file": cert, "key_file": key},
+            cluster={"store": store.url, "node_name": name, "api_timeout": 2,
+                     "heartbeat_interval": 0.5, "peer_networks": ["127.0.0.0/8"],
+                     "api_url": "https://localhost:%d" % port, "peer_ca_file": peer_ca,
+                     "api_plain_http": "never"}), port)
+
+    def answers(name):
+        connection = http.client.HTTPSConnection(
+            "localhost", nodes[name][1], timeout=20,
+            context=ssl.create_default_context(cafile=ca))
+        try:
+            connection.request("GET", "/api/v1/cluster/nodes",
+                               headers={"Authorization": "Bearer " + TOKEN})
+            listed = json.loads(connection.getresponse().read())["nodes"]
+        finally:
+            connection.close()
+        return {node["name"]: node["answers"] for node in listed}
+
+    wait_for(lambda: answers("node-a") == {"node-a": True, "node-b": True}, 30)
+    assert answers("node-b") == {"node-a": False, "node-b": False}

@@ -122,7 +122,8 @@ def test_examples_with_every_setting_enabled_agree(tmp_path):
     """The commented-out listeners, TLS and AUTH settings are valid, and the same."""
     etc = tmp_path / "etc-elemta"
     (etc / "tls").mkdir(parents=True)
-    for name in ("tls/cert.pem", "tls/key.pem", "credentials", "acme-ca.pem"):
+    for name in ("tls/cert.pem", "tls/key.pem", "credentials", "acme-ca.pem", "api.crt",
+                 "api.key", "cluster-ca.pem"):
         (etc / name).write_text("placeholder\n")
     for name in ("header_checks", "mime_header_checks", "nested_header_checks",
                  "body_checks"):
@@ -268,6 +269,10 @@ ERROR_CASES = {
         "tls:\n  min_version: TLSv1.3\n  cert_file: CERT\n", 3,
         '[tls]\nmin_version = "TLSv1.3"\ncert_file = "CERT"\n', 3,
         "tls.cert_file", "is set but tls.key_file is not: set both or neither"),
+    "api certificate without key (the token would go over plain http)": (
+        "api:\n  port: 8025\n  cert_file: CERT\n", 3,
+        '[api]\nport = 8025\ncert_file = "CERT"\n', 3,
+        "api.cert_file", "is set but api.key_file is not: set both or neither"),
     "unreadable credentials file": (
         "auth:\n  credentials_file: /nonexistent/credentials\n", 2,
         '[auth]\ncredentials_file = "/nonexistent/credentials"\n', 2,

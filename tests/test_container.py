@@ -24,6 +24,7 @@ from ruamel.yaml import YAML
 
 from elemta.util import procs
 from tests.harness import REPO, code_for_everyone, free_port, wait_for
+from tests.peers.sink import make_test_pki
 from tests.test_privileges import interpreter_for_nobody, uid_of
 
 ENTRYPOINT = os.path.join(REPO, "deploy", "docker", "entrypoint.sh")
@@ -238,6 +239,11 @@ def with_test_secrets(text, directory):
         secret.write_text(value + "\n")
         secret.chmod(0o600)
         text = text.replace("/run/secrets/elemta/" + name, str(secret))
+    # The cluster's TLS Secret (cluster-tls.yaml): a test CA and certificate.
+    ca, cert, key = make_test_pki(str(directory / "cluster-tls"),
+                                  "elemta-0.elemta-headless.default.svc")
+    for name, path in (("ca.crt", ca), ("tls.crt", cert), ("tls.key", key)):
+        text = text.replace("/run/secrets/elemta-tls/" + name, path)
     return text
 
 
@@ -308,7 +314,7 @@ def test_the_init_container_gives_each_pod_its_name_and_api_url(tmp_path):
     written = tmp_path / "config" / "elemta.yaml"
     cluster = YAML(typ="safe").load(written.read_text())["cluster"]
     assert (cluster["node_name"], cluster["api_url"], cluster["handover_address"]) == (
-        "elemta-1", "http://elemta-1.elemta-headless.mail.svc:8025",
+        "elemta-1", "https://elemta-1.elemta-headless.mail.svc:8025",
         "elemta-1.elemta-headless.mail.svc:2526")
     # The headless Service those names come from, for every pod, ready or not.
     headless = manifest("service.yaml")[1]
@@ -398,6 +404,24 @@ def test_the_manifests_open_no_relay_and_lock_the_store():
     assert [rule for rule in policy["spec"]["ingress"] if {"port": 2526} in rule["ports"]
             ] == [{"from": [{"podSelector": {"matchLabels": {
                 "app.kubernetes.io/name": "elemta"}}}], "ports": [{"port": 2526}]}]
+    # The hand-over password and the api token cross the pod network inside TLS only,
+    # to pods the cluster CA signed (the review of issue 19).
+    mounted["cluster-tls"] = next(m["mountPath"] for m in pod["containers"][0][
+        "volumeMounts"] if m["name"] == "cluster-tls")
+    tls_secret = next(v["secret"]["secretName"] for v in pod["volumes"]
+                      if v["name"] == "cluster-tls")
+    assert tls_secret == manifest("cluster-tls.yaml")[-1]["spec"]["secretName"]
+    for path in (config["tls"]["cert_file"], config["tls"]["key_file"],
+                 config["api"]["cert_file"], config["api"]["key_file"],
+                 config["cluster"]["peer_ca_file"]):
+        assert os.path.dirname(path) == mounted["cluster-tls"], path
+        assert os.path.basename(path) in ("tls.crt", "tls.key", "ca.crt"), path
+    assert config["cluster"].get("handover_tls", "required") == "required"
+    assert config["cluster"].get("api_plain_http", "loopback") == "loopback"
+    assert 'cluster.api_url="https://$POD_NAME.elemta-headless.$POD_NAMESPACE.svc:8025"' \
+        in pod["initContainers"][0]["command"][-1]
+    readiness = pod["containers"][0]["readinessProbe"]["httpGet"]
+    assert readiness["scheme"] == "HTTPS"
     # The public Service publishes SMTP alone: neither the handover port nor the api.
     service = manifest("service.yaml")[0]
     assert service["spec"]["type"] == "LoadBalancer"

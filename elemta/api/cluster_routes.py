@@ -26,7 +26,6 @@ from gevent.threadpool import ThreadPool
 from elemta.api import params
 from elemta.api.queue_routes import no_such_message, reply
 from elemta.cluster.peers import Peers
-from elemta.cluster.trust import PeerNetworks
 from elemta.cluster.view import ClusterView, NodeRefused, NotFound, StoreUnreachable
 from elemta.queue.ids import is_queue_id
 from elemta.util.apitoken import read_token
@@ -140,8 +139,7 @@ def add_routes(app, config, registry):
     view = None
     if registry is not None:
         token, _ = read_token(config.api)       # none: the nodes refuse us, and say so
-        view = ClusterView(registry, Peers(token or b"", config.cluster.api_timeout,
-                                             PeerNetworks.of(config)))
+        view = ClusterView(registry, Peers.of(config, token or b""))
     pool = ThreadPool(THREADS)
     app.add_route(PREFIX + "/nodes", ClusterNodes(view, pool))
     app.add_route(PREFIX + "/queue", ClusterListing(view, pool))

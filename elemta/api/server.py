@@ -61,13 +61,17 @@ class APIChild(GeventChild):
         # (Falcon answers and logs the application's own errors). The handler bounds how
         # long a client may take to send a request (a slow-loris would otherwise hold
         # connections for ever) and refuses ambiguous framing.
+        # With a certificate, https only: the cluster's nodes send the api token here.
+        tls = dict(certfile=api.cert_file, keyfile=api.key_file) \
+            if api.cert_file and api.key_file else {}
         self.server = APIServer(sock, make_app(self.config, self.master_pid, self.registry,
-                                              self.scoreboard),
-                                log=None,
+                                               self.scoreboard),
+                                log=None, **tls,
                                 error_log=LoggingLogAdapter(log, logging.WARNING),
                                 handler_class=Handler.with_timeout(api.read_timeout))
         self.server.start()
-        log.info("api listening on %s port %d", *self.server.address[:2])
+        log.info("api listening on %s port %d%s", self.server.address[0],
+                 self.server.address[1], " (https)" if tls else "")
         self.heartbeat = registration.start(self.config, self.registry)
 
     def shut_down(self):
@@ -88,6 +92,20 @@ class APIServer(WSGIServer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, spawn=Pool(), **kwargs)
         self.idle = set()            # handlers waiting for a next request
+
+    def wrap_socket_and_handle(self, client_socket, address):
+        # A client that fails the TLS handshake (an http:// request, an unknown CA, a
+        # port scan) is a line in the log, not a greenlet's traceback.
+        try:
+            ssl_socket = self.wrap_socket(client_socket, **self.ssl_args)
+        except OSError as error:
+            log.info("api: TLS handshake with %s failed: %s", address[0], error)
+            client_socket.close()
+            return None
+        try:
+            return self.handle(ssl_socket, address)
+        finally:
+            ssl_socket.close()
 
     def stop(self, timeout=None):
         self.close()                 # first: no new connection, no next request

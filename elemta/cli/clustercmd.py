@@ -32,7 +32,6 @@ def open_view(args):
     from elemta.cluster.credential import registry_key
     from elemta.cluster.peers import Peers
     from elemta.cluster.registry import Registry
-    from elemta.cluster.trust import PeerNetworks
     from elemta.cluster.view import ClusterView
     from elemta.sharedstate.redisstore import connect
     from elemta.util.apitoken import read_token
@@ -51,8 +50,7 @@ def open_view(args):
         raise Failure(EX_CONFIG, "--cluster: cluster.password_file: cannot read %s: %s"
                       % (config.cluster.password_file, error.strerror or error))
     return ClusterView(Registry(client, config.cluster.key_prefix, registry_key(token)),
-                       Peers(token, config.cluster.api_timeout,
-                             PeerNetworks.of(config)))
+                       Peers.of(config, token))
 
 
 def query_of(args, default_states=()):

@@ -165,28 +165,44 @@ def _to_target(config, target):
 def _handover(config, queue, target, name=None, login=True):
     """A Handover to target. With login (a peer's handover listener, or --to inside
     cluster.peer_networks) it logs in with the hand-over credential when the peer offers
-    AUTH: inside TLS whenever the peer offers STARTTLS (tls_level none is raised to may
-    for it), in plain text only to a peer that offers no STARTTLS (a handover listener
-    without a certificate, which takes it only from cluster.peer_networks, where it is
-    worth nothing but relaying: where the network can be overheard, give the nodes
-    certificates). Without, the peer must have this node in its relay.mynetworks, as its
-    smtp listener's AUTH is its users'."""
+    AUTH, which opens relaying on every node: with cluster.handover_tls required (the
+    default) only inside TLS, the peer's certificate checked against
+    cluster.peer_ca_file when set (a peer that offers no STARTTLS, or fails the check,
+    gets no password and the mail stays queued: an attacker on the path can strip the
+    STARTTLS offer); with may, inside TLS whenever the peer offers STARTTLS, in plain
+    text to one that offers none. Without login, the peer must have this node in its
+    relay.mynetworks, as its smtp listener's AUTH is its users'."""
     from elemta.cluster.credential import HANDOVER_LOGIN, handover_password
     from elemta.delivery.handover import Handover
-    from elemta.delivery.smtp_client import (SASL_TLS_IF_OFFERED, TLS_MAY, TLS_NONE,
-                                             SMTPClient, TLSPolicy)
+    from elemta.delivery.smtp_client import SMTPClient
     from elemta.delivery.smtp_transport import client_timeouts
     from elemta.util.apitoken import read_token
     delivery = config.delivery
     token, _ = read_token(config.api)
     credentials = None if token is None or not login \
         else (HANDOVER_LOGIN, handover_password(token))
-    level = TLS_MAY if credentials is not None and delivery.tls_level == TLS_NONE \
-        else delivery.tls_level
+    tls, sasl_require_tls = _handover_tls(config, credentials is not None)
     return Handover(queue, target, lambda: SMTPClient(
         config.hostname, timeouts=client_timeouts(delivery),
-        tls=TLSPolicy(level), credentials=credentials,
-        sasl_require_tls=SASL_TLS_IF_OFFERED), delivery.lease, name=name)
+        tls=tls, credentials=credentials,
+        sasl_require_tls=sasl_require_tls), delivery.lease, name=name)
+
+
+def _handover_tls(config, with_login):
+    """(TLSPolicy, sasl_require_tls) of a handover session."""
+    from elemta.delivery.smtp_client import (SASL_TLS_IF_OFFERED, TLS_ENCRYPT, TLS_MAY,
+                                             TLS_NONE, TLS_VERIFY, TLSPolicy)
+    level = config.delivery.tls_level
+    if not with_login:
+        return TLSPolicy(level), False
+    cluster = config.cluster
+    if cluster.handover_tls == "required":
+        # Mandatory TLS: a peer without STARTTLS (or with a certificate the cluster CA
+        # does not sign) fails the session before AUTH, and the message stays queued.
+        if cluster.peer_ca_file:
+            return TLSPolicy(TLS_VERIFY, ca_file=cluster.peer_ca_file), True
+        return TLSPolicy(TLS_ENCRYPT), True
+    return TLSPolicy(TLS_MAY if level == TLS_NONE else level), SASL_TLS_IF_OFFERED
 
 
 class _ClusterPeers:

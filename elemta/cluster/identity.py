@@ -19,12 +19,14 @@ def node_name(config):
 
 
 def api_url(config):
-    """cluster.api_url, else http://api.address:api.port; a wildcard address is replaced
+    """cluster.api_url, else http://api.address:api.port (https:// when the api has a
+    certificate); a wildcard address is replaced
     by the host's name, which the other nodes can resolve (an address they cannot
     reach, 0.0.0.0, would be useless to them)."""
     if config.cluster.api_url:
         return config.cluster.api_url.rstrip("/")
-    return "http://%s:%d" % (_reachable_host(config.api.address), config.api.port)
+    scheme = "https" if config.api.cert_file and config.api.key_file else "http"
+    return "%s://%s:%d" % (scheme, _reachable_host(config.api.address), config.api.port)
 
 
 def _reachable_host(address):

@@ -9,18 +9,25 @@ Plain http.client: one short request per node, no session to keep.
 
 The token goes only to API URLs inside cluster.peer_networks (elemta.cluster.trust), and
 to the address that was checked: whoever can write to the store cannot collect it by
-registering a URL of his own elsewhere. Still keep the store private (cluster.password_file,
+registering a URL of his own elsewhere. Nor over plain http:// to a node that is not on
+this machine's loopback unless cluster.api_plain_http allows it: the token is the root
+of every cluster credential, and anyone on the path could read it. https:// is checked
+against cluster.peer_ca_file (the cluster CA) when set, else the system's CAs. Still keep the store private (cluster.password_file,
 TLS, a network only the nodes reach): it says who the nodes are.
 See also: elemta.cluster.registry (who the nodes are), elemta.api.app (what they serve).
 """
 
 import http.client
+import ipaddress
 import json
+import logging
 import socket
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Tuple
 from urllib.parse import urlencode, urlsplit
 
+from elemta import metrics
 from elemta.cluster.trust import Untrusted
 from elemta.util.text import printable
 
@@ -28,6 +35,8 @@ from elemta.util.text import printable
 MAX_THREADS = 32
 # An answer larger than this is refused: a page of 1,000 messages fits many times over.
 MAX_ANSWER = 64 * 1024 * 1024
+
+log = logging.getLogger("elemta.cluster")
 
 
 class NodeFailure(Exception):
@@ -38,10 +47,37 @@ class Peers:
     """Requests to the nodes' REST APIs with the cluster's token; trusted: the
     elemta.cluster.trust.PeerNetworks a node's API must be in to get it."""
 
-    def __init__(self, token: bytes, timeout: float, trusted):
+    def __init__(self, token: bytes, timeout: float, trusted, plain_http="loopback",
+                 ca_file=None):
+        """plain_http: cluster.api_plain_http; ca_file: cluster.peer_ca_file."""
         self.token = token
         self.timeout = timeout
         self.trusted = trusted
+        self.plain_http = plain_http
+        self.ca_file = ca_file
+
+    @classmethod
+    def of(cls, config, token):
+        from elemta.cluster.trust import PeerNetworks
+        cluster = config.cluster
+        return cls(token, cluster.api_timeout, PeerNetworks.of(config),
+                   cluster.api_plain_http, cluster.peer_ca_file)
+
+    def _plain_http_allowed(self, address):
+        if self.plain_http == "always":
+            return True
+        if self.plain_http == "never":
+            return False
+        try:
+            return ipaddress.ip_address(address.split("%")[0]).is_loopback
+        except ValueError:
+            return False
+
+    def _withhold(self, node, reason, why):
+        metrics.count_token_withheld(reason)
+        log.warning("cluster: not sending the api token to node %s (%s): %s",
+                    printable(node.name), printable(node.api_url), why)
+        raise NodeFailure("not sent the api token: %s" % why)
 
     def request(self, node, method, path, query=None) -> Tuple[int, object]:
         """(status, decoded JSON body) of one request to node (a registry.Node); 2xx and
@@ -54,8 +90,17 @@ class Peers:
         try:
             address = self.trusted.address(url.hostname or "", port)
         except Untrusted as error:
-            raise NodeFailure("not sent the api token: %s" % error)
-        connection = connection_class(url.hostname, port, timeout=self.timeout)
+            self._withhold(node, "outside_peer_networks", error)
+        if url.scheme != "https" and not self._plain_http_allowed(address):
+            self._withhold(node, "plain_http", "its api_url is plain http:// to %s, which "
+                           "cluster.api_plain_http (%s) does not allow: use https://"
+                           % (address, self.plain_http))
+        if url.scheme == "https":
+            context = ssl.create_default_context(cafile=self.ca_file)
+            connection = connection_class(url.hostname, port, timeout=self.timeout,
+                                          context=context)
+        else:
+            connection = connection_class(url.hostname, port, timeout=self.timeout)
         # The name stays the Host header's and TLS's; the socket goes to the address
         # that was checked.
         connection._create_connection = lambda _, *args, **kwargs: \

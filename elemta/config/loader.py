@@ -443,10 +443,13 @@ class _Checker:
         """TLS and AUTH files, what each listener mode needs, clashing listeners."""
         tls, auth = config.tls, config.auth
         cert, key = ("tls", "cert_file"), ("tls", "key_file")
-        if (tls.cert_file is None) != (tls.key_file is None):
-            given, missing = (cert, key) if tls.cert_file is not None else (key, cert)
-            self.refuse_across(given, "is set but %s is not: set both or neither"
-                               % format_key(missing), [missing])
+        # (The api's pair too: half of it would serve the api token over plain http.)
+        for section, pair in ((tls, (cert, key)),
+                              (config.api, (("api", "cert_file"), ("api", "key_file")))):
+            if (section.cert_file is None) != (section.key_file is None):
+                given, missing = pair if section.cert_file is not None else pair[::-1]
+                self.refuse_across(given, "is set but %s is not: set both or neither"
+                                   % format_key(missing), [missing])
         if auth.backend == "dovecot" and auth.dovecot_socket is None:
             self.refuse_across(("auth", "backend"), "dovecot needs auth.dovecot_socket "
                                "(the path of Dovecot's auth socket, or inet:host:port)",
@@ -678,8 +681,11 @@ def worker_files(config: Config) -> List[Tuple[KeyPath, str]]:
         files.append((("plugins", "arc", "key_file"), plugins.arc.key_file))
     if api.enabled:
         files.append((("api", "token_file"), api.token_file))
+        files.append((("api", "cert_file"), api.cert_file))
+        files.append((("api", "key_file"), api.key_file))
     files.append((("delivery", "sasl_password_file"), config.delivery.sasl_password_file))
     files.append((("delivery", "tls_ca_file"), config.delivery.tls_ca_file))
+    files.append((("cluster", "peer_ca_file"), config.cluster.peer_ca_file))
     if config.acme.enabled:
         files.append((("acme", "ca_file"), config.acme.ca_file))
     if config.tlsrpt.enabled:

@@ -896,6 +896,13 @@ class APISettings:
                                           "read at start and on reload; wins over token. "
                                           "With cluster.store or a handover listener, "
                                           "at least 16 bytes.")
+    cert_file: Optional[str] = opt(
+        None, "PEM certificate chain the api serves https with (with key_file): the "
+              "other nodes of a cluster send it the api token, the root of the cluster's "
+              "credentials, which must not cross a network in clear. Unset: plain http. "
+              "Postfix has no equivalent.", _absolute_path)
+    key_file: Optional[str] = opt(None, "PEM private key for api.cert_file. Postfix has "
+                                        "no equivalent.", _absolute_path)
     read_timeout: float = opt(10.0, "Seconds a client has to send a whole request (request "
                                     "line, headers and body; also how long an idle "
                                     "keep-alive connection stays open); a slower one gets "
@@ -1348,8 +1355,8 @@ class ClusterSettings:
               "one. Postfix has no equivalent.", _node_name)
     api_url: Optional[str] = opt(
         None, "Where the other nodes reach this node's REST API, e.g. "
-              "http://10.0.0.2:8025. Unset: http://api.address:api.port (with the host "
-              "name when api.address is a wildcard). The api must listen where the other "
+              "https://10.0.0.2:8025. Unset: http://api.address:api.port, https:// "
+              "with api.cert_file (with the host name when api.address is a wildcard). The api must listen where the other "
               "nodes can reach it, and every node must have the same api token. Postfix "
               "has no equivalent.", _api_url)
     heartbeat_interval: float = opt(
@@ -1381,6 +1388,34 @@ class ClusterSettings:
             "handover listener talks to no client outside them. Keep them to the "
             "nodes' own network (the pod network in Kubernetes). Empty: "
             "relay.mynetworks. Postfix has no equivalent.", _networks)
+    handover_tls: str = opt(
+        "required", "How a drain (elemtactl drain) protects the hand-over login it sends "
+                    "a peer's handover listener: required (only inside TLS: a peer that "
+                    "offers no STARTTLS, or whose certificate cluster.peer_ca_file does "
+                    "not sign, is sent no password, and the mail stays queued) or may "
+                    "(inside TLS when the peer offers STARTTLS, without a certificate "
+                    "check; in clear to a peer that offers none: only for nodes on one "
+                    "machine or a network no one else can overhear). The password opens "
+                    "relaying on every node. Postfix's smtp_tls_security_level with "
+                    "smtp_sasl_tls_security_options is the nearest.",
+        _one_of(("required", "may")))
+    peer_ca_file: Optional[str] = opt(
+        None, "PEM CA certificates that sign the nodes' own certificates (a cluster CA): "
+              "with it, a drain logs in only to a handover listener whose certificate "
+              "it signs (the chain is checked, not the name: the peer is reached by its "
+              "address), and the cluster view's https:// requests verify the other "
+              "nodes' api certificates (and names) against it. Unset: the handover "
+              "TLS is encrypted but not authenticated, and https:// is checked against "
+              "the system's CAs. Postfix's smtp_tls_CAfile is the nearest.",
+        _absolute_path)
+    api_plain_http: str = opt(
+        "loopback", "Where the cluster view may send the api token over plain http:// "
+                    "(the token is the root of every cluster credential): loopback (to "
+                    "a node whose api address is a loopback address only), never, or "
+                    "always (a network no one else can overhear). A node refused is "
+                    "named as not answering, logged and counted. Use https:// api_urls "
+                    "(api.cert_file) elsewhere. Postfix has no equivalent.",
+        _one_of(("loopback", "never", "always")))
 
 
 @dataclass(frozen=True)
