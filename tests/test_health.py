@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 
 from tests.harness import wait_for
-from tests.test_metrics import BODY, smtpd_workers, start_server
+from tests.test_metrics import BODY, sessions_on_every_worker, smtpd_workers, start_server
 
 
 def get(api_port, path):
@@ -91,6 +91,10 @@ def test_a_worker_without_heartbeat_is_hung_not_up(elemta_server, tmp_path, monk
     server, api_port = start_server(elemta_server, tmp_path, monkeypatch,
                                     master={"heartbeat_timeout": 4})
     workers = smtpd_workers(server.process.pid)
+    # Both serving (a worker still starting is counted up: it beats once booted).
+    for sessions in sessions_on_every_worker(server.port, workers).values():
+        for smtp in sessions:
+            smtp.close()
     os.kill(server.process.pid, signal.SIGSTOP)
     try:
         os.kill(workers[0], signal.SIGSTOP)
