@@ -104,8 +104,14 @@ def signature(number):
             b" b=AAAA%04d\r\n" % (1700000000 + number, number))
 
 
-def costly_message(size, signatures=10):
-    line = b"a  " * 30 + b"\r\n"       # whitespace runs: relaxed canonicalization's worst
+# Short whitespace runs: the most regular-expression work per byte that stays linear.
+SHORT_RUNS = b"a  " * 30 + b"\r\n"
+# One long run inside each line: dkimpy's "[\t ]+\r\n" retries it from every space, so the
+# work grows with the square of the run - seconds per megabyte, whatever the machine.
+LONG_RUNS = b"a" + b" " * 900 + b"a\r\n"
+
+
+def costly_message(size, signatures=10, line=SHORT_RUNS):
     return (b"".join(signature(n) for n in range(signatures))
             + b"From: <a@signed.test>\r\nTo: <rcpt@example.test>\r\nSubject: big\r\n\r\n"
             + line * (size // len(line)))
@@ -207,12 +213,14 @@ def test_more_header_fields_than_max_headers_are_reported_not_checked(elemta_ser
 def test_the_plugin_timeout_stops_a_check_that_runs_too_long(elemta_server, dns):
     """In the event loop the timeout could not fire; in a helper it does: 451, the helper
     is killed, and the next message is checked by a fresh one. The timeout is far below
-    the 26 MB check (over 10 s here) and far above the small one's, also on a loaded host."""
+    the 26 MB check (over 30 s here: quadratic, so a faster host does not catch up) and
+    far above the small one's, also on a loaded host."""
     server = elemta_server(relay={"mynetworks": NOT_US}, dns=dns,
                            plugins={"dkim": {"enabled": True, "timeout": 3}})
     sender = start_transaction(server)
     # One signature: no DNS lookup after the hashing, where the old timeout could fire.
-    sender.sock.sendall(costly_message(26 * 1024 * 1024, signatures=1) + b".\r\n")
+    sender.sock.sendall(costly_message(26 * 1024 * 1024, signatures=1, line=LONG_RUNS)
+                        + b".\r\n")
     code, text = sender.reply()
     sender.close()
     assert (code, text[4:9]) == (451, "4.3.0")
