@@ -16,7 +16,8 @@ the postfix package (smtp-source comes with it).
 Environment: BENCH_MESSAGES (default 5000; the 100 KB load sends a fifth as many),
 BENCH_RUNS (default 3), BENCH_LOADS (the loads to run, by label, comma-separated: 5KB,
 100KB, 5KBx10pipelined), BENCH_REUSE=1 adds runs with smtp-source -d (many messages per
-connection), BENCH_KEEP=1 keeps the temp dirs for a look afterwards.
+connection), BENCH_KEEP=1 keeps the temp dirs for a look afterwards, BENCH_BREAKDOWN=1
+prints each Elemta run's CPU per kind of process (smtpd workers, master, ...).
 See also: ../shared/peers.md (the figures seen on this kind of machine), tests/peers/postfix.py,
 tests/harness.py.
 """
@@ -32,7 +33,7 @@ from typing import List, NamedTuple, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from tests.bench.cpu import cpu_seconds, tree_cpu_seconds  # noqa: E402
+from tests.bench.cpu import cpu_seconds, tree_cpu_by_title, tree_cpu_seconds  # noqa: E402
 from tests.bench.runs import Spread, group, load_average, ratio, run_count  # noqa: E402
 from tests.harness import ELEMTA_DEFAULT, ElemtaServer, free_port  # noqa: E402
 from tests.peers.postfix import PostfixInstance, postfix_available  # noqa: E402
@@ -141,12 +142,23 @@ def bench_elemta(scratch, count, load=LOADS[0], name=None, plugins=None):
             sys.stdout.write(str(error)[-2000:] + "\n")
             raise RuntimeError("elemta did not start") from None
         before = tree_cpu_seconds([server.process.pid])
+        by_title = tree_cpu_by_title([server.process.pid])
         seconds = drive(server.port, count, load)
         spent = tree_cpu_seconds([server.process.pid]) - before
+        if os.environ.get("BENCH_BREAKDOWN") == "1":
+            print_breakdown(by_title, tree_cpu_by_title([server.process.pid]), count)
         accepted = files_under(os.path.join(server.spool, "messages"))
     finally:
         server.stop(timeout=30)
     return Result(name, count, accepted, seconds, spent)
+
+
+def print_breakdown(before, after, count):
+    """Where Elemta's CPU went in one run, per kind of process, in CPU s per 1,000."""
+    spent = {title: after.get(title, 0.0) - before.get(title, 0.0) for title in after}
+    for title, seconds in sorted(spent.items(), key=lambda item: -item[1]):
+        if seconds > 0:
+            print("    %-40s %6.2f CPU s/1000" % (title, 1000.0 * seconds / count))
 
 
 def bench_postfix(scratch, count, in_flow_delay, load=LOADS[0], name=None,
