@@ -342,9 +342,8 @@ class Session:
 
     def _recv(self):
         """Bytes from the client; on timeout, queue the 421 and return None."""
-        reading_content = self.proto.reading_content
-        self.sock.settimeout(self.timeouts.data_block if reading_content
-                             else self.timeouts.command)
+        self._set_timeout(self.timeouts.data_block if self.proto.reading_content
+                          else self.timeouts.command)
         try:
             data = self.sock.recv(RECV_SIZE)
         except socket.timeout:
@@ -361,12 +360,21 @@ class Session:
     def _flush(self):
         if self._out:
             data, self._out = bytes(self._out), bytearray()
-            self.sock.settimeout(self.timeouts.command)
+            self._set_timeout(self.timeouts.command)
             try:
-                self.sock.sendall(data)
+                # One send() nearly always takes the replies whole; sendall() only for
+                # the rest (gevent's asks the kernel for SO_SNDBUF on every call).
+                sent = self.sock.send(data)
+                if sent < len(data):
+                    self.sock.sendall(memoryview(data)[sent:])
             except (OSError, ssl.SSLError) as exc:
                 raise SessionEnded(getattr(exc, "strerror", None) or str(exc)) from None
         self._notify_queued()
+
+    def _set_timeout(self, seconds):
+        """The socket's timeout, set only when it changes (twice per command otherwise)."""
+        if self.sock.timeout != seconds:
+            self.sock.settimeout(seconds)
 
     def _linger(self):
         """Say we are done (FIN) and drain the client's input until it closes too, for at

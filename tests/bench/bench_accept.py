@@ -33,7 +33,8 @@ from typing import List, NamedTuple, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from tests.bench.cpu import cpu_seconds, tree_cpu_by_title, tree_cpu_seconds  # noqa: E402
+from tests.bench.cpu import (cpu_seconds, print_breakdown, tree_cpu_by_title,  # noqa: E402
+                            tree_cpu_seconds)
 from tests.bench.runs import Spread, group, load_average, ratio, run_count  # noqa: E402
 from tests.harness import ELEMTA_DEFAULT, ElemtaServer, free_port  # noqa: E402
 from tests.peers.postfix import PostfixInstance, postfix_available  # noqa: E402
@@ -151,14 +152,6 @@ def bench_elemta(scratch, count, load=LOADS[0], name=None, plugins=None):
     finally:
         server.stop(timeout=30)
     return Result(name, count, accepted, seconds, spent)
-
-
-def print_breakdown(before, after, count):
-    """Where Elemta's CPU went in one run, per kind of process, in CPU s per 1,000."""
-    spent = {title: after.get(title, 0.0) - before.get(title, 0.0) for title in after}
-    for title, seconds in sorted(spent.items(), key=lambda item: -item[1]):
-        if seconds > 0:
-            print("    %-40s %6.2f CPU s/1000" % (title, 1000.0 * seconds / count))
 
 
 def bench_postfix(scratch, count, in_flow_delay, load=LOADS[0], name=None,

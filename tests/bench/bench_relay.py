@@ -15,7 +15,8 @@ are charged to neither), as the median with min and max, and the ratios Elemta/P
 the medians. Needs root and the postfix package (smtp-source and smtp-sink come with it).
 
 Environment: BENCH_MESSAGES (default 3000), BENCH_RUNS (default 3), BENCH_KEEP=1 keeps the
-temp dirs for a look afterwards.
+temp dirs for a look afterwards, BENCH_BREAKDOWN=1 prints each Elemta run's CPU per kind of
+process (smtpd and delivery workers, master, ...).
 See also: tests/bench/bench_accept.py (acceptance alone), ../shared/peers.md (the figures seen
 on this kind of machine), tests/peers/postfix.py.
 """
@@ -33,7 +34,8 @@ from typing import Callable, List, NamedTuple, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from tests.bench.cpu import cpu_seconds, tree_cpu_seconds  # noqa: E402
+from tests.bench.cpu import (cpu_seconds, print_breakdown, tree_cpu_by_title,  # noqa: E402
+                            tree_cpu_seconds)
 from tests.bench.runs import Spread, group, load_average, ratio, run_count  # noqa: E402
 from tests.harness import ELEMTA_DEFAULT, ElemtaServer, free_port, wait_for_greeting  # noqa: E402
 from tests.peers.postfix import PostfixInstance, postfix_available  # noqa: E402
@@ -183,9 +185,12 @@ def bench_elemta(scratch, count):
             except RuntimeError as error:
                 sys.stdout.write(str(error)[-2000:] + "\n")
                 raise RuntimeError("elemta did not start") from None
+            by_title = tree_cpu_by_title([server.process.pid])
             result = measure("elemta (%d delivery workers)" % DELIVERY_WORKERS, sink,
                              server.port, count,
                              lambda: tree_cpu_seconds([server.process.pid]))
+            if os.environ.get("BENCH_BREAKDOWN") == "1":
+                print_breakdown(by_title, tree_cpu_by_title([server.process.pid]), count)
         finally:
             server.stop(timeout=30)
     if result.delivered < count:

@@ -97,6 +97,14 @@ def tree_cpu_by_title(roots):
     return by_title
 
 
+def print_breakdown(before, after, count):
+    """Where Elemta's CPU went in one run, per kind of process, in CPU s per 1,000."""
+    spent = {title: after.get(title, 0.0) - before.get(title, 0.0) for title in after}
+    for title, seconds in sorted(spent.items(), key=lambda item: -item[1]):
+        if seconds > 0:
+            print("    %-40s %6.2f CPU s/1000" % (title, 1000.0 * seconds / count))
+
+
 def tree_cpu_seconds(roots):
     # type: (Iterable[int]) -> float
     """CPU seconds charged to the roots and everything below them, from one reading of
