@@ -63,6 +63,7 @@ from elemta.delivery import dane, deferrals
 from elemta.delivery.wire import (DataEncoder, ReplyReader, ServerReply, SMTPProtocolError,
                                   local_reply, orcpt_parameter, parse_ehlo, xtext)
 from elemta.tlsrpt import results
+from elemta.util.sockets import send_all
 
 log = logging.getLogger("elemta.delivery")
 
@@ -755,8 +756,9 @@ class SMTPClient:
             raise _Broken(local_reply(451, "4.4.2", "not connected to %s" % self.peer),
                           deferrals.LOST_CONNECTION)
         try:
-            self.sock.settimeout(timeout)
-            self.sock.sendall(data)
+            if self.sock.timeout != timeout:
+                self.sock.settimeout(timeout)
+            send_all(self.sock, data)
         except socket.timeout:
             raise _Broken(local_reply(451, "4.4.2", "conversation with %s timed out while "
                                       "sending %s" % (self.peer, what)), deferrals.TIMEOUT)

@@ -61,6 +61,7 @@ from elemta.smtp.protocol import AUTH_MECHANISMS, ServerProtocol
 from elemta.smtp.replies import Reply
 from elemta.smtpd import authresult, tls
 from elemta.smtpd.received import protocol_name, received_header
+from elemta.util.sockets import send_all
 from elemta.util.text import printable
 from elemta.util.threads import in_thread
 
@@ -362,11 +363,7 @@ class Session:
             data, self._out = bytes(self._out), bytearray()
             self._set_timeout(self.timeouts.command)
             try:
-                # One send() nearly always takes the replies whole; sendall() only for
-                # the rest (gevent's asks the kernel for SO_SNDBUF on every call).
-                sent = self.sock.send(data)
-                if sent < len(data):
-                    self.sock.sendall(memoryview(data)[sent:])
+                send_all(self.sock, data)
             except (OSError, ssl.SSLError) as exc:
                 raise SessionEnded(getattr(exc, "strerror", None) or str(exc)) from None
         self._notify_queued()
