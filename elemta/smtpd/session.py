@@ -27,8 +27,11 @@ See also: elemta.smtpd.server (the shared services), elemta.plugins.manager.
 
 import dataclasses
 import errno
+import fcntl
 import logging
 import socket
+import struct
+import termios
 import time
 
 import gevent
@@ -377,6 +380,8 @@ class Session:
         """Say we are done (FIN) and drain the client's input until it closes too, for at
         most LINGER_SECONDS and LINGER_BYTES, so the last reply is not lost to a reset."""
         sock = self.sock
+        if self._closing_code == 221 and self.tls_info is None and not self._input_waiting():
+            return              # QUIT answered, nothing unread: close() sends no reset
         try:
             # On a TLS socket this drops TLS first; what is drained is not decrypted.
             sock.shutdown(socket.SHUT_WR)
@@ -393,6 +398,14 @@ class Session:
                 drained += len(data)
         except (OSError, ssl.SSLError):
             return
+
+    def _input_waiting(self):
+        """Whether the kernel holds bytes from the client not read yet (FIONREAD)."""
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.FIONREAD,
+                                                  b"\0\0\0\0"))[0] > 0
+        except OSError:
+            return True         # cannot tell: linger
 
     def _notify_queued(self):
         """The queue stage for messages committed so far: after their 250 went out, so
