@@ -132,7 +132,9 @@ class RelayPolicy:
                 else self.rewriter.recipient(recipient)
             if self._recipients is None:
                 self._recipients = HostedRecipients(self.config, self.addressing)
-            found = self._recipients.resolve(rewritten, smtputf8)
+            found = self._recipients.resolve(
+                rewritten, smtputf8,
+                local_users=must_exist and self.config.local.reject_unknown_users)
         except TableUnavailable as error:
             log.warning("<%s>: lookup failed: %s", recipient, error)
             return PolicyRefusal(lookup_failure(recipient), RECIPIENT_CHECK), None
