@@ -43,11 +43,13 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import dkim as dkimpy
-from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.canonicalization import (CanonicalizationPolicy, InvalidCanonicalizationPolicyError,
+                                   Relaxed)
 from dkim.crypto import HASH_ALGORITHMS, UnparsableKeyError, parse_pem_private_key
 
 from elemta import metrics
 from elemta.plugins.api import MethodResult, Plugin, PluginConfigError, Result
+from elemta.plugins.dkimcanon import relaxed_body, relaxed_wsp
 from elemta.plugins.resolver import TemporaryDNSError
 from elemta.plugins.settings import (ALGORITHMS, MAX_BODY_BYTES, MAX_HEADERS,
                                      MAX_SIGNATURES, DKIMSettings)
@@ -210,7 +212,7 @@ class BodyHashCache:
         key = (canonicalization, sig[b"a"], sig.get(b"l"))
         if key not in hashes:
             if canonicalization not in bodies:
-                bodies[canonicalization] = canonicalization.canonicalize_body(self.body)
+                bodies[canonicalization] = canonical_body(canonicalization, self.body)
             body = bodies[canonicalization]
             if b"l" in sig:
                 body = body[:int(sig[b"l"])]
@@ -222,6 +224,21 @@ class BodyHashCache:
         if hashes[key] != expected:
             raise dkimpy.ValidationError("body hash mismatch (got %s, expected %s)" % (
                 base64.b64encode(hashes[key]).decode("ascii"), _text(sig[b"bh"])))
+
+
+def canonical_body(canonicalization, body):
+    """dkimpy's canonicalization of the body; relaxed in linear time (dkimcanon)."""
+    if canonicalization is Relaxed:
+        return relaxed_body(body)
+    return canonicalization.canonicalize_body(body)     # simple: linear already
+
+
+def precanonicalized(domain_signer):
+    """A dkimpy DKIM or ARC about to sign with relaxed body canonicalization, its body's
+    WSP already canonical (dkimcanon.relaxed_wsp, linear): dkimpy's own pass then
+    changes nothing but the end, and over single SPs its regular expression is linear."""
+    domain_signer.body = relaxed_wsp(domain_signer.body)
+    return domain_signer
 
 
 class _Verifier(BodyHashCache, dkimpy.DKIM):
@@ -333,8 +350,8 @@ class Signer:
         """(name, value) DKIM-Signature fields for the message, one per matching key."""
         fields = []
         for spec, key in self.keys_for(domain):
-            signer = dkimpy.DKIM(raw, logger=_quiet,
-                                 signature_algorithm=spec.algorithm.encode("ascii"))
+            signer = precanonicalized(dkimpy.DKIM(
+                raw, logger=_quiet, signature_algorithm=spec.algorithm.encode("ascii")))
             include = list(self.sign_headers) or None
             if include is not None and b"from" not in include:
                 include.insert(0, b"from")
