@@ -5,7 +5,7 @@ Covers elemta.plugins.dkimcanon.relaxed_body against dkimpy's Relaxed.canonicali
 signing paths that use it (elemta.plugins.dkim.Signer, elemta.plugins.arc.seal) against
 dkimpy's own dkim.sign / dkim.arc_sign. That it is fast is shown by
 tests/security/test_cpu_exhaustion.py (a 26 MB message of long WSP runs is checked within
-the plugin timeout); tests/bench has the numbers.
+the plugin timeout); tests/bench/bench_dkim_canon.py has the numbers.
 """
 
 import os

@@ -3,8 +3,9 @@
 Owned by the processes that take mail in - the smtpd worker and pickup - as the `dkim`
 built-in (verification at the data stage, signing at the storage stage, on the content as
 it will be spooled: elemta.plugins.content), and by `elemtactl dkim keygen`
-(generate_key). dkimpy does the cryptography and canonicalization; this module fetches
-the keys itself through the plugin resolver (elemta.plugins.resolver: gevent sockets, so
+(generate_key). dkimpy does the cryptography and canonicalization, except the relaxed
+body canonicalization, quadratic in dkimpy, which is ours (elemta.plugins.dkimcanon:
+linear, the same bytes) for verifying and signing; this module fetches the keys itself through the plugin resolver (elemta.plugins.resolver: gevent sockets, so
 no blocking) and so can tell a DNS failure (temperror) from a bad or missing key
 (permerror) from a signature that does not match (fail), which dkimpy's verify() folds
 into one False.
