@@ -29,7 +29,9 @@ import time
 import pytest
 
 from elemta.plugins.dkim import Signer, SigningKey, generate_key
-from elemta.plugins.manager import apply_header_edits
+from elemta.plugins.api import Context, Message
+from elemta.plugins.manager import PluginManager, apply_header_edits
+from elemta.plugins.resolver import Resolver
 from elemta.util import offload
 from tests.peers.nsd import NSDInstance, nsd_available
 
@@ -229,6 +231,30 @@ def test_long_whitespace_runs_get_their_verdict_within_the_plugin_timeout(elemta
     sender.close()
     assert results.count("dkim=fail") == 5       # the body hash does not match
     assert results.count("dkim=neutral") == 5    # over max_signatures: not checked
+
+
+def test_our_users_long_whitespace_runs_are_signed_within_the_plugin_timeout(dns,
+                                                                             dkim_key):
+    """The same body from one of our users: dkimpy's signer canonicalized it with the same
+    quadratic expression (451 at the storage stage, past the default 10 s timeout); ours
+    hands dkimpy a body whose WSP is canonical already, and the signature verifies."""
+    manager = PluginManager.from_mapping({"dkim": {"sign": True, "keys": [
+        {"domain": "signed.test", "selector": "s1", "key_file": dkim_key.key_file}]},
+        "authres": {"enabled": False}}).start(strict=True)
+    resolver = Resolver(**dns)
+    try:
+        body = costly_message(26 * 1024 * 1024, signatures=0, line=LONG_RUNS)
+        outgoing = Context(client_address="192.0.2.10", auth_user="alice",
+                           sender="a@signed.test", resolver=resolver,
+                           message=Message(body))
+        outcome = manager.run("storage", outgoing)
+        assert [name for name, _ in outcome.headers] == ["DKIM-Signature"], outcome
+        inbound = Context(client_address="192.0.2.99", resolver=resolver,
+                          message=Message(apply_header_edits(body, outcome.headers)))
+        manager.run("data", inbound)
+        assert [(r.method, r.result) for r in inbound.auth_results] == [("dkim", "pass")]
+    finally:
+        manager.close()
 
 
 def compute_helpers(server):
