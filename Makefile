@@ -79,6 +79,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python tests/bench/bench_queue_tools.py
 	$(VENV)/bin/python tests/bench/bench_relay.py
 	$(VENV)/bin/python tests/bench/bench_scanning.py
+	$(VENV)/bin/python tests/bench/bench_dkim_canon.py
 
 # py-spy profiles of the smtpd and delivery workers under smtp-source load
 # (tests/bench/profile_workers.py; root needed). py-spy from PyPI in a venv of its own:

@@ -34,7 +34,8 @@ import dkim as dkimpy
 from elemta import metrics
 from elemta.plugins.api import MethodResult, Plugin, PluginConfigError, Result
 from elemta.plugins.authres import authserv_id_of
-from elemta.plugins.dkim import BodyHashCache, KeyFileError, load_private_key
+from elemta.plugins.dkim import (BodyHashCache, KeyFileError, load_private_key,
+                                 precanonicalized)
 from elemta.plugins.resolver import TemporaryDNSError
 from elemta.plugins.settings import ARCSettings
 from elemta.util import offload
@@ -98,8 +99,11 @@ def seal(raw, selector, domain, key_pem, authserv_id, timestamp=None):
     # type: (bytes, str, str, bytes, str, object) -> List[Tuple[str, str]]
     """The next ARC set, as (name, value) fields in the order to prepend them; [] when the
     message carries no Authentication-Results of ours (nothing to seal)."""
-    fields = dkimpy.arc_sign(raw, selector.encode("ascii"), domain.encode("ascii"), key_pem,
-                             authserv_id.encode("ascii"), timestamp=timestamp, logger=_quiet)
+    # dkimpy.arc_sign, but with the body canonicalized in linear time (ARC is relaxed).
+    sealer = precanonicalized(dkimpy.ARC(raw, logger=_quiet, signature_algorithm=b"rsa-sha256"))
+    fields = sealer.sign(selector.encode("ascii"), domain.encode("ascii"), key_pem,
+                         authserv_id.encode("ascii"),
+                         include_headers=sealer.default_sign_headers(), timestamp=timestamp)
     out = []
     for field in fields:
         name, _, value = field.decode("ascii", "replace").partition(":")

@@ -3,8 +3,9 @@
 Owned by the processes that take mail in - the smtpd worker and pickup - as the `dkim`
 built-in (verification at the data stage, signing at the storage stage, on the content as
 it will be spooled: elemta.plugins.content), and by `elemtactl dkim keygen`
-(generate_key). dkimpy does the cryptography and canonicalization; this module fetches
-the keys itself through the plugin resolver (elemta.plugins.resolver: gevent sockets, so
+(generate_key). dkimpy does the cryptography and canonicalization, except the relaxed
+body canonicalization, quadratic in dkimpy, which is ours (elemta.plugins.dkimcanon:
+linear, the same bytes) for verifying and signing; this module fetches the keys itself through the plugin resolver (elemta.plugins.resolver: gevent sockets, so
 no blocking) and so can tell a DNS failure (temperror) from a bad or missing key
 (permerror) from a signature that does not match (fail), which dkimpy's verify() folds
 into one False.
@@ -43,11 +44,13 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import dkim as dkimpy
-from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.canonicalization import (CanonicalizationPolicy, InvalidCanonicalizationPolicyError,
+                                   Relaxed)
 from dkim.crypto import HASH_ALGORITHMS, UnparsableKeyError, parse_pem_private_key
 
 from elemta import metrics
 from elemta.plugins.api import MethodResult, Plugin, PluginConfigError, Result
+from elemta.plugins.dkimcanon import relaxed_body, relaxed_wsp
 from elemta.plugins.resolver import TemporaryDNSError
 from elemta.plugins.settings import (ALGORITHMS, MAX_BODY_BYTES, MAX_HEADERS,
                                      MAX_SIGNATURES, DKIMSettings)
@@ -210,7 +213,7 @@ class BodyHashCache:
         key = (canonicalization, sig[b"a"], sig.get(b"l"))
         if key not in hashes:
             if canonicalization not in bodies:
-                bodies[canonicalization] = canonicalization.canonicalize_body(self.body)
+                bodies[canonicalization] = canonical_body(canonicalization, self.body)
             body = bodies[canonicalization]
             if b"l" in sig:
                 body = body[:int(sig[b"l"])]
@@ -222,6 +225,21 @@ class BodyHashCache:
         if hashes[key] != expected:
             raise dkimpy.ValidationError("body hash mismatch (got %s, expected %s)" % (
                 base64.b64encode(hashes[key]).decode("ascii"), _text(sig[b"bh"])))
+
+
+def canonical_body(canonicalization, body):
+    """dkimpy's canonicalization of the body; relaxed in linear time (dkimcanon)."""
+    if canonicalization is Relaxed:
+        return relaxed_body(body)
+    return canonicalization.canonicalize_body(body)     # simple: linear already
+
+
+def precanonicalized(domain_signer):
+    """A dkimpy DKIM or ARC about to sign with relaxed body canonicalization, its body's
+    WSP already canonical (dkimcanon.relaxed_wsp, linear): dkimpy's own pass then
+    changes nothing but the end, and over single SPs its regular expression is linear."""
+    domain_signer.body = relaxed_wsp(domain_signer.body)
+    return domain_signer
 
 
 class _Verifier(BodyHashCache, dkimpy.DKIM):
@@ -333,8 +351,8 @@ class Signer:
         """(name, value) DKIM-Signature fields for the message, one per matching key."""
         fields = []
         for spec, key in self.keys_for(domain):
-            signer = dkimpy.DKIM(raw, logger=_quiet,
-                                 signature_algorithm=spec.algorithm.encode("ascii"))
+            signer = precanonicalized(dkimpy.DKIM(
+                raw, logger=_quiet, signature_algorithm=spec.algorithm.encode("ascii")))
             include = list(self.sign_headers) or None
             if include is not None and b"from" not in include:
                 include.insert(0, b"from")
