@@ -107,12 +107,14 @@ class ContentFilter:
         self.tables = checks.tables
         self.hopcount_limit = checks.hopcount_limit
         self.queue_id, self.where = queue_id, where
-        beyond_headers = any(self.tables[kind] is not None
-                             for kind in (MIME_HEADER, NESTED_HEADER, BODY))
-        self.scanner = ContentScanner(checks.body_limit, headers_only=not beyond_headers)
         # No table at all: only the Received headers are counted, by a quicker path
         # (HopCounter: no logical lines made, the content passes as it came).
         self.hop_counter = HopCounter() if not any(self.tables.values()) else None
+        self.scanner = None
+        if self.hop_counter is None:
+            beyond_headers = any(self.tables[kind] is not None
+                                 for kind in (MIME_HEADER, NESTED_HEADER, BODY))
+            self.scanner = ContentScanner(checks.body_limit, headers_only=not beyond_headers)
         self.refusal: Optional[ContentRefusal] = None
         self.discard: Optional[str] = None        # the check that said DISCARD
         self.hold: Optional[str] = None           # the check that said HOLD (first)
