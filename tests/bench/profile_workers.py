@@ -17,7 +17,8 @@ Needs root (py-spy attaches with ptrace) and the postfix package (smtp-source, s
 Environment: PROFILE_SECONDS, PROFILE_DIR, PY_SPY (the py-spy binary; make profile
 installs it in a venv of its own), PROFILE_TOP (25 lines per table), PROFILE_LOAD=accept
 (Elemta as bench_accept runs it: smtpd workers only, no delivery), PROFILE_GIL=1 (only
-samples of threads holding the GIL: the Python CPU alone, without the waits in C).
+samples of threads holding the GIL: the Python CPU alone, without the waits in C),
+PROFILE_SIZE (bytes per message, 5120).
 See also: tests/bench/bench_relay.py (the same load, timed), issue #20.
 """
 
@@ -53,6 +54,11 @@ def workers(server):
     return found
 
 
+def message_bytes():
+    # type: () -> int
+    return int(os.environ.get("PROFILE_SIZE", MESSAGE_BYTES))
+
+
 def keep_loading(port, seconds):
     # type: (int, float) -> int
     """smtp-source runs of 2,000 messages, one after another, for `seconds`; returns the
@@ -61,7 +67,7 @@ def keep_loading(port, seconds):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         subprocess.run([SMTP_SOURCE, "-s", str(SESSIONS), "-m", "2000", "-l",
-                        str(MESSAGE_BYTES), "-f", SENDER, "-t", RECIPIENT,
+                        str(message_bytes()), "-f", SENDER, "-t", RECIPIENT,
                         "127.0.0.1:%d" % port], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=600)
         sent += 2000
@@ -128,7 +134,7 @@ def main():
     scratch = tempfile.mkdtemp(prefix="elemta-profile-")
     os.chmod(scratch, 0o755)     # smtp-sink runs as nobody and writes below here
     print("profile: %ds of smtp-source load, %d sessions, %d-byte messages, %s; output in "
-          "%s" % (seconds, SESSIONS, MESSAGE_BYTES, "accepted only"
+          "%s" % (seconds, SESSIONS, message_bytes(), "accepted only"
                   if os.environ.get("PROFILE_LOAD") == "accept" else "relayed to smtp-sink",
                   out_dir))
     print("before: %s" % load_average())
