@@ -201,8 +201,8 @@ def test_greylisting_outcomes_count_a_store_outage_as_tempfail(elemta_server, tm
     store.stop()
     assert mail_from(node.port, "a@sender.test", "b@grey.test") == (
         451, "4.3.0 Temporary failure: shared state store unavailable, try again later")
-    assert labelled(scrape(api_port)[0], "elemta_greylist_checks_total") == {
-        ("defer",): 1, ("pass",): 1, ("exempt",): 1, ("tempfail",): 1}
+    wait_for(lambda: labelled(scrape(api_port)[0], "elemta_greylist_checks_total") == {
+        ("defer",): 1, ("pass",): 1, ("exempt",): 1, ("tempfail",): 1}, timeout=30)
 
 
 def smtpd_sessions(log, since):
