@@ -831,6 +831,28 @@ def test_deliveries_by_transport_and_the_notices_sent(elemta_server, tmp_path, m
         assert value(samples, "elemta_delivery_delay_seconds_count") == 6   # final ones
 
 
+def test_a_retiring_worker_takes_none_of_its_counts_with_it(elemta_server, tmp_path,
+                                                             monkeypatch):
+    """A worker retires (max_use) right after its last session: what it counted in
+    its last second reaches the files at its exit, not only once a second."""
+    api_port = free_port()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    server = elemta_server(smtpd={"hostname": "mx.test", "workers": 1, "max_use": 3},
+                           relay={"mynetworks": ["192.0.2.0/24"]},
+                           api={"enabled": True, "port": api_port})
+    first, = wait_for(lambda: smtpd_workers(server.process.pid))
+    for _ in range(2):          # the fixture's greeting probe was the first session
+        with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+            smtp.sendmail("a@c.test", ["b@example.test"], BODY)
+    wait_for(lambda: "smtpd child %d ended (retired)" % first in server.log())
+
+    def counted(samples):
+        assert value(samples, "elemta_smtpd_messages_accepted_total") == 2
+        assert sum(labelled(samples, "elemta_smtpd_sessions_total").values()) == 3
+        assert value(samples, "elemta_smtpd_replies_total", code="221") == 2
+    settled(api_port, counted)
+
+
 def test_a_heartbeat_kill_and_a_crash_are_counted_apart(elemta_server, tmp_path,
                                                         monkeypatch):
     """The master counts the worker it killed for a lost heartbeat under reason
