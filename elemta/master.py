@@ -298,8 +298,11 @@ class Master:
                 self.scoreboard.set_cause(slot, "%s: %s" % (type(exc).__name__, exc))
                 status = EX_CANTBOOT
         finally:
-            logging.shutdown()
-            os._exit(status)
+            try:
+                metrics.flush()    # os._exit skips atexit: the last counts, before it
+            finally:
+                logging.shutdown()
+                os._exit(status)
 
     def reap_children(self):
         while True:

@@ -22,6 +22,10 @@ master there (the clean-up at start, the fold, its own counter file) runs acting
 that user (elemta.util.eugid.acting_as), as Postfix's master never works in the queue
 as root.
 
+Updates reach the files about once a second, and at a process's exit (flush(),
+elemta.util.metricvalues): a scrape may be that much behind, and a child killed with
+SIGKILL loses its last second's counts.
+
 Metric objects are made on first use, after setup(): prometheus-client chooses between
 in-memory and file-backed values when a value is created. Without setup() (tests that run
 a server in-process, tools) they are plain in-memory metrics nobody scrapes.
@@ -79,9 +83,17 @@ def setup(directory, uid=None, gid=None):
         os.close(_open_lock_file(directory))
     os.environ[ENV] = directory
     from prometheus_client import values
-    from elemta.util.metricfiles import AllocatedDict
-    values.MmapedDict = AllocatedDict                # no SIGBUS on a full spool
-    values.ValueClass = values.get_value_class()     # chosen at import; choose again
+    from elemta.util.metricvalues import BufferedValue
+    # Chosen at import, by the environment: choose again. Its files are AllocatedDicts
+    # (no SIGBUS on a full spool); it writes them about once a second (issue 20).
+    values.ValueClass = BufferedValue
+
+
+def flush():
+    """Write this process's metric changes to its files now (elemta.util.metricvalues
+    otherwise does it about once a second); a no-op without setup()."""
+    from elemta.util.metricvalues import flush as flush_values
+    flush_values()
 
 
 def _as_owner():
@@ -169,6 +181,7 @@ def worker_restarted(kind, reason):
     try:
         with _as_owner():        # the first count creates the master's own file
             _metrics().WORKER_RESTARTS.labels(kind, reason).inc()
+            flush()              # the master runs no flusher; restarts are rare
     except OSError as exc:
         log.warning("metrics: cannot count a %s restart: %s", kind, exc)
 
@@ -208,6 +221,7 @@ class _LockedMultiProcessCollector:
 
     def collect(self):
         from prometheus_client.multiprocess import MultiProcessCollector
+        flush()                  # this process's own counts, up to now
         with _scrape_lock(self.path, fcntl.LOCK_SH):
             # A process starting up (new workers, a reload) creates its file and sizes
             # it without the lock: a file still shorter than the header holds no value

@@ -173,11 +173,11 @@ def test_checks_count_across_nodes_and_fall_back_when_the_store_is_gone(nodes, s
     with session(b, "127.0.0.17") as client:
         client.login("alice", "wonderland")
         client.sendmail("alice@example.test", ["r@example.test"], b"Subject: t\r\n\r\nx\r\n")
-    fallbacks = labelled(scrape(b.api_port)[0], "elemta_cluster_store_fallbacks_total")
-    assert fallbacks.get(("auth", "local"), 0) >= 1, fallbacks
-    assert fallbacks.get(("ratelimit", "local"), 0) >= 1, fallbacks
-    tempfails = labelled(scrape(a.api_port)[0], "elemta_cluster_store_fallbacks_total")
-    assert tempfails.get(("auth", "tempfail"), 0) >= 1, tempfails
+    def fallbacks(node):        # workers write their counts about once a second
+        return labelled(scrape(node.api_port)[0], "elemta_cluster_store_fallbacks_total")
+    wait_for(lambda: fallbacks(b).get(("auth", "local"), 0) >= 1
+             and fallbacks(b).get(("ratelimit", "local"), 0) >= 1, timeout=30)
+    wait_for(lambda: fallbacks(a).get(("auth", "tempfail"), 0) >= 1, timeout=30)
 
 
 def test_the_store_forgets_counts_and_triplets_when_their_windows_end(elemta_server,

@@ -398,10 +398,13 @@ def test_content_refusals_are_counted_by_check_and_listed_in_order(elemta_server
     assert send(server, MESSAGE.replace(b"hello there", b"spam"))[0] == 550
     assert send(server, MESSAGE + b"buy now\r\n")[0] == 550
     assert send(server, received(60) + MESSAGE)[0] == 554
-    samples, _ = scrape(api_port)
     name = "elemta_smtpd_restriction_refusals_total"
-    for check in ("header_checks", "body_checks", "hopcount_limit"):
-        assert value(samples, name, restriction=check, stage="end_of_data") == 1, check
+
+    def refusals():             # the workers write their counts about once a second
+        samples, _ = scrape(api_port)
+        return [value(samples, name, restriction=check, stage="end_of_data")
+                for check in ("header_checks", "body_checks", "hopcount_limit")]
+    wait_for(lambda: refusals() == [1, 1, 1], timeout=30)
 
     config = write_config(tmp_path / "listed.yaml",
                           content={"header_checks": checks, "body_checks": body})

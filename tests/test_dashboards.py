@@ -24,7 +24,8 @@ from tests.harness import REPO, free_port, wait_for
 from tests.peers.milter import ScriptedMilter
 from tests.peers.prometheus import PrometheusInstance, prometheus_available
 from tests.peers.sink import ScriptedServer
-from tests.test_metrics import BODY, exported_series_names, healthy, smtpd_workers
+from tests.test_metrics import (BODY, exported_series_names, healthy, labelled, scrape,
+                                smtpd_workers)
 
 DASHBOARDS_DIR = os.path.join(REPO, "monitoring", "grafana")
 GENERATOR = os.path.join(DASHBOARDS_DIR, "generate.py")
@@ -164,7 +165,7 @@ def failed_tls_handshake(port):
             pass
 
 
-def send_traffic(server, submission, sink, round_number):
+def send_traffic(server, submission, sink, round_number, api_port):
     """Mail of every kind the dashboards show; each round adds to every panel's counters
     (round 1 also creates their series: Prometheus sees no increase in a series' first
     sample, so only a second round moves a rate())."""
@@ -200,7 +201,12 @@ def send_traffic(server, submission, sink, round_number):
         smtp.login("alice", "wonderland")
         smtp.sendmail("alice@example.test", ["ok@elsewhere.test"], BODY)
     failed_tls_handshake(server.port)
-    # A crashed smtpd worker, which the master replaces.
+    # A crashed smtpd worker, which the master replaces. kill -9 loses what a worker
+    # counted in its last second: first wait until the api serves this round's last
+    # session (the failed handshake's), and so all the worker counted before it.
+    wait_for(lambda: sum(n for labels, n in labelled(
+        scrape(api_port)[0], "elemta_smtpd_sessions_total").items()
+        if labels[-1] == "tls_failed") >= round_number, timeout=30)
     master = server.process.pid
     victim = smtpd_workers(master)[0]
     os.kill(victim, signal.SIGKILL)
@@ -308,7 +314,7 @@ def test_every_panel_query_returns_series_from_a_live_elemta(
                         wait_for(lambda: prometheus.api(
                             "label/instance/values", **{"match[]": metric}), timeout=15)
             for round_number in (1, 2):
-                send_traffic(server, submission, sink, round_number)
+                send_traffic(server, submission, sink, round_number, api_port)
                 scraped_after(prometheus, time.time())
             every = queries()
             answers = {}

@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -37,6 +38,23 @@ def scrape(api_port):
         for s in family.samples:
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return samples, text
+
+
+def settled(api_port, check, timeout=30):
+    """(samples, text) of the first scrape check(samples) passes (check asserts): workers
+    write their counts to the metric files about once a second (elemta.util.metricvalues),
+    so a scrape right after traffic may be behind. Past timeout, check's own assertion
+    fails the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples, text = scrape(api_port)
+        try:
+            check(samples)
+            return samples, text
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
 
 
 def value(samples, name, **labels):
@@ -113,7 +131,16 @@ def start_server(elemta_server, tmp_path, monkeypatch, **sections):
                            api={"enabled": True, "port": api_port}, **sections)
     wait_for(lambda: len(smtpd_workers(server.process.pid)) == 2)
     wait_for(lambda: healthy(api_port))
+    probe_counted(api_port)
     return server, api_port
+
+
+def probe_counted(api_port):
+    """Wait until the scrape counts the session of the fixture's greeting probe (and so
+    all it counted): a baseline taken before would count it as the test's own."""
+    def ended(samples):
+        assert sum(labelled(samples, "elemta_smtpd_sessions_total").values()) >= 1
+    settled(api_port, ended)
 
 
 def healthy(api_port):
@@ -140,6 +167,13 @@ def test_counters_add_up_across_workers_dead_and_alive(elemta_server, tmp_path, 
     with pytest.raises(smtplib.SMTPRecipientsRefused):
         by_worker[victim][0].sendmail("a@c.test", ["x@elsewhere.test"], BODY)
 
+    def victim_counted(samples):
+        assert value(samples, "elemta_smtpd_messages_accepted_total") == sent
+        assert value(samples, "elemta_smtpd_messages_rejected_total", reason="relay") == 1
+
+    # kill -9 loses what a worker counted in its last second (not yet in its file): kill
+    # it once its counts are out, so what follows checks that the dead keep them.
+    settled(api_port, victim_counted)
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: victim not in smtpd_workers(master)
              and len(smtpd_workers(master)) == 2)
@@ -160,38 +194,40 @@ def test_counters_add_up_across_workers_dead_and_alive(elemta_server, tmp_path, 
         smtp.quit()
         quits += 1
 
-    # The live sessions' gauge drops once the workers have closed their side.
     tracked = os.path.isdir(os.path.join(server.spool, "metrics"))   # master calls setup()
     stale = 0 if tracked else len(by_worker[victim])   # a dead worker's gauge, unless cleared
     listener = "127.0.0.1:%d" % server.port      # the listener label: address:port
-    wait_for(lambda: value(scrape(api_port)[0], "elemta_smtpd_sessions_open",
-                           listener=listener, mode="smtp") == stale)
-    samples, text = scrape(api_port)
-
-    def grew(name, **labels):
-        return value(samples, name, **labels) - value(before, name, **labels)
-
-    assert value(samples, "elemta_smtpd_messages_accepted_total") == sent
     with server.queue() as queue:
         records = list(queue.index.iter_records())
     assert len(records) == sent
-    assert value(samples, "elemta_smtpd_accepted_bytes_total") == sum(
-        r.envelope.size for r in records)
-    assert value(samples, "elemta_queue_messages", state="incoming") == sent
-    assert value(samples, "elemta_queue_messages", state="deferred") == 0
-    assert grew("elemta_smtpd_connections_total", listener=listener, mode="smtp",
-                outcome="accepted") == opened
-    assert grew("elemta_smtpd_replies_total", code="220") == opened
-    assert value(samples, "elemta_smtpd_replies_total", code="354") == sent
-    assert grew("elemta_smtpd_replies_total", code="221") == quits
-    assert value(samples, "elemta_smtpd_replies_total", code="250") > sent * 3
-    assert value(samples, "elemta_smtpd_replies_total", code="554") == 2
-    assert value(samples, "elemta_smtpd_messages_rejected_total", reason="relay") == 2
-    assert value(samples, "elemta_smtpd_commit_batch_messages_sum") == sent
-    assert value(samples, "elemta_smtpd_commit_flush_seconds_count") >= 1
-    if tracked:
-        assert value(samples, "elemta_worker_restarts_total", kind="smtpd",
-                     reason="crashed") == 1
+
+    def counted(samples):
+        def grew(name, **labels):
+            return value(samples, name, **labels) - value(before, name, **labels)
+
+        assert value(samples, "elemta_smtpd_sessions_open", listener=listener,
+                     mode="smtp") == stale
+        assert value(samples, "elemta_smtpd_messages_accepted_total") == sent
+        assert value(samples, "elemta_smtpd_accepted_bytes_total") == sum(
+            r.envelope.size for r in records)
+        assert value(samples, "elemta_queue_messages", state="incoming") == sent
+        assert value(samples, "elemta_queue_messages", state="deferred") == 0
+        assert grew("elemta_smtpd_connections_total", listener=listener, mode="smtp",
+                    outcome="accepted") == opened
+        assert grew("elemta_smtpd_replies_total", code="220") == opened
+        assert value(samples, "elemta_smtpd_replies_total", code="354") == sent
+        assert grew("elemta_smtpd_replies_total", code="221") == quits
+        assert value(samples, "elemta_smtpd_replies_total", code="250") > sent * 3
+        assert value(samples, "elemta_smtpd_replies_total", code="554") == 2
+        assert value(samples, "elemta_smtpd_messages_rejected_total", reason="relay") == 2
+        assert value(samples, "elemta_smtpd_commit_batch_messages_sum") == sent
+        assert value(samples, "elemta_smtpd_commit_flush_seconds_count") >= 1
+        if tracked:
+            assert value(samples, "elemta_worker_restarts_total", kind="smtpd",
+                         reason="crashed") == 1
+
+    # The live sessions' gauge drops once the workers have closed their side.
+    samples, text = settled(api_port, counted)
 
     base = "http://127.0.0.1:%d" % api_port
     with urllib.request.urlopen(base + "/api/v1/health", timeout=5) as r:
@@ -229,18 +265,20 @@ def test_submission_counts_auth_and_tls(elemta_server, tmp_path, monkeypatch, tl
             smtp.auth("CRAM-MD5", smtp.auth_cram_md5)   # not offered: 504, no check
         smtp.login("alice", "wonderland")
         smtp.sendmail("alice@example.test", ["b@elsewhere.test"], BODY)
-    samples, _ = scrape(api_port)
-    assert value(samples, "elemta_smtpd_connections_total",
-                 listener="127.0.0.1:%d" % submission, mode="submission",
-                 outcome="accepted") == 1
-    assert value(samples, "elemta_smtpd_messages_rejected_total", reason="auth") == 1
-    assert labelled(samples, "elemta_smtpd_auth_attempts_total") == {
-        ("PLAIN", "failure"): 1, ("LOGIN", "failure"): 1,       # (mechanism, result)
-        ("PLAIN", "success"): 1}
-    versions = {dict(labels)["version"]: v for (name, labels), v in samples.items()
-                if name == "elemta_smtpd_tls_sessions_total"}
-    assert versions in ({"TLSv1.3": 1}, {"TLSv1.2": 1})
-    assert value(samples, "elemta_smtpd_messages_accepted_total") == 1
+
+    def counted(samples):
+        assert value(samples, "elemta_smtpd_connections_total",
+                     listener="127.0.0.1:%d" % submission, mode="submission",
+                     outcome="accepted") == 1
+        assert value(samples, "elemta_smtpd_messages_rejected_total", reason="auth") == 1
+        assert labelled(samples, "elemta_smtpd_auth_attempts_total") == {
+            ("PLAIN", "failure"): 1, ("LOGIN", "failure"): 1,    # (mechanism, result)
+            ("PLAIN", "success"): 1}
+        versions = {dict(labels)["version"]: v for (name, labels), v in samples.items()
+                    if name == "elemta_smtpd_tls_sessions_total"}
+        assert versions in ({"TLSv1.3": 1}, {"TLSv1.2": 1})
+        assert value(samples, "elemta_smtpd_messages_accepted_total") == 1
+    settled(api_port, counted)
 
 
 # The master's side, in a process of its own (setup() changes the environment): children
@@ -274,6 +312,7 @@ for _ in range(CHILDREN):
             metrics.MESSAGES_ACCEPTED.inc()
             metrics.COMMIT_BATCH.observe(2)
         metrics.SESSIONS_OPEN.labels("127.0.0.1:25", "smtp").inc()
+        metrics.flush()          # counted and written: kill -9 loses nothing now
         os.write(ready_w, b".")
         time.sleep(60)
         os._exit(0)
@@ -598,6 +637,7 @@ def test_sessions_are_counted_by_how_they_ended(elemta_server, tmp_path, monkeyp
                            timeouts={"command": 1},
                            protocol_tests={"greet_wait": 0.5, "greet_action": "drop"})
     wait_for(lambda: healthy(api_port))
+    probe_counted(api_port)
     before = session_endings(api_port)      # the fixture's own probe, say
     failed_handshakes = value(scrape(api_port)[0],
                               "elemta_smtpd_tls_handshake_failures_total")
@@ -639,7 +679,8 @@ def test_sessions_are_counted_by_how_they_ended(elemta_server, tmp_path, monkeyp
         now = session_endings(api_port)
         return {k: now[k] - before.get(k, 0) for k in now if now[k] != before.get(k, 0)}
     wait_for(lambda: grown() == expected)
-    # The one failed STARTTLS handshake, and no other, is counted as one.
+    # The one failed STARTTLS handshake, and no other, is counted as one (counted before
+    # the session's end, so in the worker's file by now).
     assert value(scrape(api_port)[0], "elemta_smtpd_tls_handshake_failures_total") == \
         failed_handshakes + 1
 
@@ -662,6 +703,7 @@ def test_refused_connections_are_counted_by_why(elemta_server, tmp_path, monkeyp
                            api={"enabled": True, "port": api_port},
                            limits={"connections_per_client": 1, "connections_per_worker": 2})
     wait_for(lambda: healthy(api_port))
+    probe_counted(api_port)
     listener = "127.0.0.1:%d" % server.port
 
     def connections():          # {outcome: count} on this listener
@@ -789,6 +831,28 @@ def test_deliveries_by_transport_and_the_notices_sent(elemta_server, tmp_path, m
         assert value(samples, "elemta_delivery_delay_seconds_count") == 6   # final ones
 
 
+def test_a_retiring_worker_takes_none_of_its_counts_with_it(elemta_server, tmp_path,
+                                                             monkeypatch):
+    """A worker retires (max_use) right after its last session: what it counted in
+    its last second reaches the files at its exit, not only once a second."""
+    api_port = free_port()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    server = elemta_server(smtpd={"hostname": "mx.test", "workers": 1, "max_use": 3},
+                           relay={"mynetworks": ["192.0.2.0/24"]},
+                           api={"enabled": True, "port": api_port})
+    first, = wait_for(lambda: smtpd_workers(server.process.pid))
+    for _ in range(2):          # the fixture's greeting probe was the first session
+        with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+            smtp.sendmail("a@c.test", ["b@example.test"], BODY)
+    wait_for(lambda: "smtpd child %d ended (retired)" % first in server.log())
+
+    def counted(samples):
+        assert value(samples, "elemta_smtpd_messages_accepted_total") == 2
+        assert sum(labelled(samples, "elemta_smtpd_sessions_total").values()) == 3
+        assert value(samples, "elemta_smtpd_replies_total", code="221") == 2
+    settled(api_port, counted)
+
+
 def test_a_heartbeat_kill_and_a_crash_are_counted_apart(elemta_server, tmp_path,
                                                         monkeypatch):
     """The master counts the worker it killed for a lost heartbeat under reason
@@ -826,11 +890,13 @@ def test_an_unknown_user_is_its_own_rejection_reason(elemta_server, tmp_path, mo
         smtp.mail("a@c.test")
         assert smtp.rcpt("nosuchuser@example.test")[0] == 550
         assert smtp.rcpt("somebody@elsewhere.test")[0] == 554
-    samples, _ = scrape(api_port)
-    assert labelled(samples, "elemta_smtpd_messages_rejected_total") == {
-        ("unknown_user",): 1, ("relay",): 1}
-    assert value(samples, "elemta_smtpd_restriction_refusals_total",
-                 restriction="reject_unlisted_recipient", stage="rcpt") == 1
+
+    def counted(samples):
+        assert labelled(samples, "elemta_smtpd_messages_rejected_total") == {
+            ("unknown_user",): 1, ("relay",): 1}
+        assert value(samples, "elemta_smtpd_restriction_refusals_total",
+                     restriction="reject_unlisted_recipient", stage="rcpt") == 1
+    settled(api_port, counted)
 
 
 def test_delivery_sessions_by_tls_version_and_tls_failures(elemta_server, tmp_path,
@@ -865,16 +931,18 @@ def test_delivery_sessions_by_tls_version_and_tls_failures(elemta_server, tmp_pa
             samples, _ = scrape(api_port)
             return (labelled(samples, "elemta_delivery_sessions_total"),
                     value(samples, "elemta_delivery_tls_failures_total", transport="smtp"))
-        sessions, _ = wait_for(lambda: counted()[1] >= 1 and len(counted()[0]) == 2
-                               and counted())
+        # A series shows (at 0) as soon as a worker makes it; its count follows.
+        sessions, _ = wait_for(lambda: counted()[1] >= 1
+                               and sum(counted()[0].values()) == 2 and counted())
         version = {tls for tls, transport in sessions if tls != "none"}   # (tls, transport)
         assert sessions == {("none", "smtp"): 1, (version.pop(), "smtp"): 1}
         # Each transaction timed: the two messages handed over (the strict domain's
         # session ended before one began).
-        samples, _ = scrape(api_port)
-        assert value(samples, "elemta_delivery_attempt_seconds_count") == 2
-        assert value(samples, "elemta_delivery_attempt_seconds_sum") > 0
-        assert value(samples, "elemta_delivery_attempt_seconds_bucket", le="+Inf") == 2
+        def timed(samples):
+            assert value(samples, "elemta_delivery_attempt_seconds_count") == 2
+            assert value(samples, "elemta_delivery_attempt_seconds_sum") > 0
+            assert value(samples, "elemta_delivery_attempt_seconds_bucket", le="+Inf") == 2
+        settled(api_port, timed)
         assert secure.sessions[0].tls and not plain.sessions[0].tls
         # The strict domain's mail waits: TLS is required, and its host offers none.
         assert strict.messages == []

@@ -70,6 +70,7 @@ def test_each_deferral_is_counted_under_its_reason_and_class(elemta_server):
             ("remote", "dns", "smtp"): 1,             # no MX answer
             ("relayhost", "mail", "smtp"): 1,         # the relay host's 452 to MAIL FROM
         }
+        # Counted before its deferral, so written with it or earlier.
         deliveries = labelled(scrape(api_port)[0], "elemta_deliveries_total")
         assert deliveries == {("remote", "deferred", "smtp"): 5,
                               ("partners", "deferred", "smtp"): 1,

@@ -349,7 +349,7 @@ def test_a_unix_socket_milter(elemta_server, tmp_path):
 
 
 def test_verdicts_and_failures_reach_prometheus(elemta_server, tmp_path, monkeypatch, port):
-    from tests.test_metrics import scrape, start_server, value
+    from tests.test_metrics import settled, start_server, value
     with ScriptedMilter(port, {b"R": [reply(b"r"), reply(b"c")]}) as milter:
         server, api_port = start_server(
             elemta_server, tmp_path, monkeypatch,
@@ -358,17 +358,19 @@ def test_verdicts_and_failures_reach_prometheus(elemta_server, tmp_path, monkeyp
                       "default_action": "accept"}])
         send(server, recipients=("x@example.test", "b@example.test"))
         time.sleep(0.5)
-    samples, _ = scrape(api_port)
-    assert value(samples, "elemta_milter_verdicts_total", milter="scripted", stage="rcpt",
-                 action="reject") == 1
-    assert value(samples, "elemta_milter_verdicts_total", milter="scripted", stage="eom",
-                 action="continue") == 1
-    # Once per session: the harness's probe for the greeting, and ours. Nothing listens:
-    # kind connect.
-    assert value(samples, "elemta_milter_failures_total", milter="gone", stage="connect",
-                 kind="connect") >= 1
-    # The scripted milter answered the content: its time is observed, once.
-    assert value(samples, "elemta_milter_scan_seconds_count", milter="scripted") == 1
+
+    def counted(samples):
+        assert value(samples, "elemta_milter_verdicts_total", milter="scripted",
+                     stage="rcpt", action="reject") == 1
+        assert value(samples, "elemta_milter_verdicts_total", milter="scripted",
+                     stage="eom", action="continue") == 1
+        # Once per session: the harness's probe for the greeting, and ours. Nothing
+        # listens: kind connect.
+        assert value(samples, "elemta_milter_failures_total", milter="gone",
+                     stage="connect", kind="connect") >= 1
+        # The scripted milter answered the content: its time is observed, once.
+        assert value(samples, "elemta_milter_scan_seconds_count", milter="scripted") == 1
+    settled(api_port, counted)
 
 
 HANG_UP = "hang up"
@@ -433,7 +435,7 @@ class BrokenMilter:
 @pytest.mark.parametrize("default_action", ["tempfail", "accept"])
 def test_a_milter_that_never_answers_counts_a_timeout_and_applies_its_default(
         elemta_server, tmp_path, monkeypatch, default_action):
-    from tests.test_metrics import scrape, start_server, value
+    from tests.test_metrics import scrape, settled, start_server, value
     with BrokenMilter() as milter:
         server, api_port = start_server(
             elemta_server, tmp_path, monkeypatch,
@@ -453,12 +455,14 @@ def test_a_milter_that_never_answers_counts_a_timeout_and_applies_its_default(
     assert re.search(r"milter silent \(%s\) failed at connect: timed out after 1s waiting "
                      r"for option negotiation; default_action %s"
                      % (re.escape(milter.address), default_action), server.log())
-    samples, _ = scrape(api_port)
     counted = lambda s, kind: value(s, "elemta_milter_failures_total", milter="silent",
                                     stage="connect", kind=kind)
-    assert counted(samples, "timeout") - counted(before, "timeout") == 1
-    assert counted(samples, "connect") == counted(samples, "protocol") == 0
-    assert value(samples, "elemta_milter_scan_seconds_count", milter="silent") == 0
+
+    def failed(samples):
+        assert counted(samples, "timeout") - counted(before, "timeout") == 1
+        assert counted(samples, "connect") == counted(samples, "protocol") == 0
+        assert value(samples, "elemta_milter_scan_seconds_count", milter="silent") == 0
+    settled(api_port, failed)
 
 
 @pytest.mark.parametrize("answer, kind, why", [
@@ -467,7 +471,7 @@ def test_a_milter_that_never_answers_counts_a_timeout_and_applies_its_default(
     (struct.pack("!Ic", 1, b"c"), "protocol", "answered option negotiation with b'c'")])
 def test_a_milter_that_breaks_the_conversation_counts_its_kind(
         elemta_server, tmp_path, monkeypatch, answer, kind, why):
-    from tests.test_metrics import labelled, scrape, start_server
+    from tests.test_metrics import labelled, scrape, settled, start_server
     with BrokenMilter(answer) as milter:
         server, api_port = start_server(
             elemta_server, tmp_path, monkeypatch,
@@ -477,10 +481,12 @@ def test_a_milter_that_breaks_the_conversation_counts_its_kind(
                                       "later")]
     assert "milter broken (%s) failed at connect: %s; default_action tempfail" % (
         milter.address, why) in server.log()
-    after = labelled(scrape(api_port)[0], "elemta_milter_failures_total")
-    # (kind, milter, stage): one more of this kind, none of another
-    assert {k: n - before.get(k, 0) for k, n in after.items()} == {
-        (kind, "broken", "connect"): 1}
+    def failed(samples):
+        after = labelled(samples, "elemta_milter_failures_total")
+        # (kind, milter, stage): one more of this kind, none of another
+        assert {k: n - before.get(k, 0) for k, n in after.items()} == {
+            (kind, "broken", "connect"): 1}
+    settled(api_port, failed)
 
 
 # ---- mail from sendmail (pickup): Postfix's non_smtpd_milters ---------------------------

@@ -384,13 +384,16 @@ def test_a_replacement_body_larger_than_message_size_tempfails_logged(elemta_ser
 
 def test_a_quarantine_at_end_of_message_is_one_verdict(elemta_server, tmp_path,
                                                        monkeypatch, port):
-    from tests.test_metrics import labelled, scrape, start_server
+    from tests.test_metrics import labelled, settled, start_server
     with ScriptedMilter(port, {b"E": [[(b"q", b"looks odd\x00"), (b"c", b"")]]}) \
             as milter:
         server, api_port = start_server(elemta_server, tmp_path, monkeypatch,
                                         milters=[{"socket": milter.address,
                                                   "name": "scripted"}])
         queue_id_of(send(server))
-    verdicts = labelled(scrape(api_port)[0], "elemta_milter_verdicts_total")
-    eom = {labels: n for labels, n in verdicts.items() if "eom" in labels and n}
-    assert eom == {("quarantine", "scripted", "eom"): 1}, verdicts
+
+    def counted(samples):
+        verdicts = labelled(samples, "elemta_milter_verdicts_total")
+        eom = {labels: n for labels, n in verdicts.items() if "eom" in labels and n}
+        assert eom == {("quarantine", "scripted", "eom"): 1}, verdicts
+    settled(api_port, counted)

@@ -23,7 +23,7 @@ from elemta.plugins.manager import PluginManager
 from elemta.restrictions.ratecounter import LMDBRateCounter
 from elemta.restrictions.ratelimit import client_key
 from tests.harness import free_port, wait_for
-from tests.test_metrics import healthy, labelled, scrape
+from tests.test_metrics import healthy, labelled, settled
 from tests.test_workers import smtpd_workers
 
 T0 = 1700000000.0
@@ -399,6 +399,8 @@ def test_rate_limit_hits_are_counted_as_the_ratelimit_restrictions_refusals(
     assert list(send(server, "127.0.0.3", "a@c.test",
                      ["b@example.test", "c@example.test", "d@example.test"])) == \
         ["d@example.test"]
-    refusals = labelled(scrape(api_port)[0], "elemta_smtpd_restriction_refusals_total")
-    assert {stage: count for (restriction, stage), count in refusals.items()
-            if restriction == "ratelimit"} == {"connect": 1, "mail": 1, "rcpt": 1}
+    def counted(samples):
+        refusals = labelled(samples, "elemta_smtpd_restriction_refusals_total")
+        assert {stage: count for (restriction, stage), count in refusals.items()
+                if restriction == "ratelimit"} == {"connect": 1, "mail": 1, "rcpt": 1}
+    settled(api_port, counted)

@@ -17,7 +17,7 @@ from ruamel.yaml import YAML
 
 from elemta.plugins.manager import PluginManager
 from tests.harness import REPO
-from tests.test_metrics import scrape, start_server, value
+from tests.test_metrics import settled, start_server, value
 
 
 def test_each_refusal_is_logged_and_counted_by_its_restriction(elemta_server, tmp_path,
@@ -41,13 +41,16 @@ def test_each_refusal_is_logged_and_counted_by_its_restriction(elemta_server, tm
     # The protocol core's own refusal is logged with its restriction too.
     assert re.search(r"NOQUEUE: reject: MAIL from \S+: 552 5\.3\.4 .*; proto=ESMTP "
                      r"helo=<client\.test> \(restriction message_size_limit\)", log), log
-    samples, _ = scrape(api_port)
     name = "elemta_smtpd_restriction_refusals_total"
-    assert value(samples, name, restriction="reject_unauth_destination", stage="rcpt") == 1
-    assert value(samples, name, restriction="greylist", stage="rcpt") == 1
-    assert value(samples, name, restriction="message_size_limit", stage="mail") == 1
-    # Refusals that are no restriction's (syntax, sequence) are not counted as one.
-    assert sum(v for (sample, _), v in samples.items() if sample == name) == 3
+
+    def counted(samples):
+        assert value(samples, name, restriction="reject_unauth_destination",
+                     stage="rcpt") == 1
+        assert value(samples, name, restriction="greylist", stage="rcpt") == 1
+        assert value(samples, name, restriction="message_size_limit", stage="mail") == 1
+        # Refusals that are no restriction's (syntax, sequence) are not counted as one.
+        assert sum(v for (sample, _), v in samples.items() if sample == name) == 3
+    settled(api_port, counted)
 
 
 def write_config(path, **sections):
@@ -184,6 +187,8 @@ def test_a_policy_server_asked_at_data_is_listed_and_counted_at_the_data_stage(
             assert client.rcpt("b@example.test")[0] == 250
             client.putcmd("data")
             assert client.getreply()[0] == 554
-        samples, _ = scrape(api_port)
-        assert value(samples, "elemta_smtpd_restriction_refusals_total",
-                     restriction="policy_service", stage="data") == 1
+
+        def counted(samples):
+            assert value(samples, "elemta_smtpd_restriction_refusals_total",
+                         restriction="policy_service", stage="data") == 1
+        settled(api_port, counted)

@@ -268,7 +268,7 @@ def test_bad_settings_name_file_line_and_key(tmp_path):
 def test_verdicts_scan_times_scores_and_failures_reach_prometheus(
         elemta_server, rspamd, tmp_path, monkeypatch):
     from tests.peers.clamd import EICAR, ClamdInstance
-    from tests.test_metrics import scrape, start_server, value
+    from tests.test_metrics import settled, start_server, value
     clamd = ClamdInstance(tempfile.mkdtemp(prefix="elemta-clamd-"), free_port())
     clamd.start()
     try:
@@ -283,29 +283,30 @@ def test_verdicts_scan_times_scores_and_failures_reach_prometheus(
         clamd.stop()
         clamd.remove()
     assert send(server, message("clean again"))[:1] == (451,)    # clamd is gone
-    samples, text = scrape(api_port)
 
-    def verdicts(scanner, result, action):
-        return value(samples, "elemta_scanner_verdicts_total", scanner=scanner,
-                     result=result, action=action)
-    assert verdicts("clamav", "clean", "pass") == 2
-    assert verdicts("clamav", "infected", "reject") == 1
-    assert verdicts("rspamd", "no_action", "pass") == 1
-    assert verdicts("rspamd", "reject", "reject") == 1
-    assert value(samples, "elemta_scanner_scan_seconds_count", scanner="clamav") == 3
-    assert value(samples, "elemta_scanner_scan_seconds_count", scanner="rspamd") == 2
-    assert value(samples, "elemta_scanner_failures_total", scanner="clamav",
-                 kind="error") == 1
-    assert value(samples, "elemta_rspamd_score_count") == 2
-    assert value(samples, "elemta_rspamd_score_bucket", le="10.0") == 1     # the clean one
-    assert value(samples, "elemta_rspamd_score_bucket", le="15.0") == 2     # and GTUBE
+    def counted(samples):
+        def verdicts(scanner, result, action):
+            return value(samples, "elemta_scanner_verdicts_total", scanner=scanner,
+                         result=result, action=action)
+        assert verdicts("clamav", "clean", "pass") == 2
+        assert verdicts("clamav", "infected", "reject") == 1
+        assert verdicts("rspamd", "no_action", "pass") == 1
+        assert verdicts("rspamd", "reject", "reject") == 1
+        assert value(samples, "elemta_scanner_scan_seconds_count", scanner="clamav") == 3
+        assert value(samples, "elemta_scanner_scan_seconds_count", scanner="rspamd") == 2
+        assert value(samples, "elemta_scanner_failures_total", scanner="clamav",
+                     kind="error") == 1
+        assert value(samples, "elemta_rspamd_score_count") == 2
+        assert value(samples, "elemta_rspamd_score_bucket", le="10.0") == 1  # the clean one
+        assert value(samples, "elemta_rspamd_score_bucket", le="15.0") == 2  # and GTUBE
+    _, text = settled(api_port, counted)
     assert "# HELP elemta_scanner_verdicts_total Messages a content scanner judged" in text
 
 
 def test_a_hung_rspamd_is_a_timeout_in_the_log_and_the_metrics(elemta_server, tmp_path,
                                                                monkeypatch):
     import socket
-    from tests.test_metrics import scrape, start_server, value
+    from tests.test_metrics import settled, start_server, value
     with socket.socket() as silent:            # accepts, reads nothing, never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
@@ -317,7 +318,9 @@ def test_a_hung_rspamd_is_a_timeout_in_the_log_and_the_metrics(elemta_server, tm
     assert (code, text[:6]) == (451, "4.3.0 "), text
     assert "plugin rspamd failed at data stage for client [127.0.0.1]: timed out after " \
            "1s; answering 451 4.3.0" in server.log()
-    samples, _ = scrape(api_port)
-    assert value(samples, "elemta_scanner_failures_total", scanner="rspamd",
-                 kind="timeout") == 1
-    assert value(samples, "elemta_scanner_scan_seconds_count", scanner="rspamd") == 0
+
+    def counted(samples):
+        assert value(samples, "elemta_scanner_failures_total", scanner="rspamd",
+                     kind="timeout") == 1
+        assert value(samples, "elemta_scanner_scan_seconds_count", scanner="rspamd") == 0
+    settled(api_port, counted)

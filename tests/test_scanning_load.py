@@ -80,7 +80,7 @@ def test_a_30_mb_scan_under_way_holds_up_only_its_own_session(elemta_server, cla
 @pytest.mark.skipif(rspamd_available() is not None, reason=str(rspamd_available()))
 def test_many_recipients_one_scan_at_clamd_and_at_rspamd(elemta_server, clamd, rspamd,  # noqa: F811
                                                          tmp_path, monkeypatch):
-    from tests.test_metrics import scrape, start_server, value
+    from tests.test_metrics import settled, start_server, value
     server, api_port = start_server(
         elemta_server, tmp_path, monkeypatch,
         plugins={"clamav": {"enabled": True, "address": clamd.address},
@@ -94,6 +94,8 @@ def test_many_recipients_one_scan_at_clamd_and_at_rspamd(elemta_server, clamd, r
     with open(rspamd.log_path, errors="replace") as f:
         tasks = [line for line in f if "qid: <%s>" % queue_id in line]
     assert len(tasks) == 1, tasks
-    samples, _ = scrape(api_port)
-    for scanner in ("clamav", "rspamd"):
-        assert value(samples, "elemta_scanner_scan_seconds_count", scanner=scanner) == 1
+
+    def counted(samples):
+        for scanner in ("clamav", "rspamd"):
+            assert value(samples, "elemta_scanner_scan_seconds_count", scanner=scanner) == 1
+    settled(api_port, counted)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.harness import REPO, free_port
+from tests.harness import REPO, free_port, wait_for
 
 ELEMTACTL = [sys.executable, "-m", "elemta.cli.elemtactl"]
 ENV = dict(os.environ, PYTHONPATH=REPO)
@@ -26,6 +26,17 @@ def send(server, count):
         with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
             client.sendmail("a@client.test", ["b@example.test"],
                             b"Subject: top %d\r\n\r\nhi\r\n" % number)
+
+
+def served(server, accepted):
+    """Wait until the api serves `accepted` messages accepted: the workers write their
+    counts about once a second, and a test whose top starts sooner would see them arrive
+    as a rate."""
+    from tests.test_metrics import scrape, value
+    with open(server.config_path) as f:
+        api_port = int(re.search(r"api:\n\s+port: (\d+)", f.read()).group(1))
+    wait_for(lambda: value(scrape(api_port)[0],
+                           "elemta_smtpd_messages_accepted_total") == accepted, timeout=30)
 
 
 def row(output, label):
@@ -43,6 +54,7 @@ def server(elemta_server):
 
 def test_once_gives_totals_and_queue_sizes(server):
     send(server, 2)
+    served(server, 2)
     done = subprocess.run(ELEMTACTL + ["--config", server.config_path, "top", "--once",
                                        "--interval", "0.5"],
                           capture_output=True, text=True, env=ENV, timeout=60)
@@ -90,6 +102,7 @@ def test_rates_follow_the_mail_as_it_arrives(server):
 
 def test_live_view_refreshes_on_a_terminal(server):
     send(server, 1)
+    served(server, 1)
     master, slave = pty.openpty()
     process = subprocess.Popen(ELEMTACTL + ["--config", server.config_path, "top",
                                             "--interval", "0.3"],

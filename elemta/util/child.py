@@ -18,7 +18,8 @@ A subclass sets `kind` and fills in the life cycle run() goes through:
 Signals (handlers only set flags or wake the loop, design rule 1): SIGTERM stops taking
 work and gives what is under way master.stop_grace, SIGQUIT stops at once, SIGUSR1
 reopens the log files, SIGINT is ignored. A heartbeat greenlet writes the scoreboard; a watch greenlet stops
-the child when the master is gone and retires it when watch() says so. A long job run
+the child when the master is gone and retires it when watch() says so; a third writes
+its metric counts to their files every second. A long job run
 without yielding calls progress() between its pieces, so the master never takes it for
 a hung process. A child whose kind has a max_use (smtpd sessions, delivery messages) sets
 `max_use_option` and calls used() as it takes work on: it retires once it has taken
@@ -34,7 +35,7 @@ import signal
 import gevent
 from gevent.event import Event
 
-from elemta.util import logs
+from elemta.util import logs, metricvalues
 from elemta.util.scoreboard import RUNNING
 
 # The exit status of a child that could not start (sysexits style; gunicorn's
@@ -139,7 +140,8 @@ class GeventChild:
         """Say it serves and start beating; returns the helper greenlets."""
         self.install_signal_handlers()
         self.scoreboard.set_state(self.slot, RUNNING)
-        return [gevent.spawn(self._heartbeat), gevent.spawn(self._watch)]
+        return [gevent.spawn(self._heartbeat), gevent.spawn(self._watch),
+                gevent.spawn(self._flush_metrics)]
 
     # ---- signals, retirement, progress ----------------------------------------------------
 
@@ -213,6 +215,13 @@ class GeventChild:
         while True:
             self.scoreboard.beat(self.slot)
             gevent.sleep(interval)
+
+    def _flush_metrics(self):
+        # Counts of a quiet spell reach the files too (busy ones flush as they count);
+        # the master flushes the rest when the child ends (elemta.util.metricvalues).
+        while True:
+            gevent.sleep(metricvalues.FLUSH_INTERVAL)
+            metricvalues.flush()
 
     def _watch(self):
         while not self.stopping.is_set():

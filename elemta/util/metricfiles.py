@@ -18,7 +18,7 @@ The file format changed under us: prometheus-client before 0.17 stores one doubl
 value and its MmapedDict reads and writes bare values; from 0.17 on a value is two doubles
 (value, timestamp). read_entries, read_value, write_value and VALUE_SIZE are the one place
 that knows which (setup.cfg allows both; Debian 12 ships 0.16).
-Owned by elemta.metrics, which installs it in setup().
+Owned by elemta.metrics; its values (elemta.util.metricvalues) write through AllocatedDict.
 """
 
 import logging
@@ -44,14 +44,21 @@ def read_entries(path):
 
 def read_value(mapped, key):
     """The value of key in the MmapedDict `mapped` (0.0 if it has none yet)."""
+    return read_pair(mapped, key)[0]
+
+
+def read_pair(mapped, key):
+    """(value, timestamp) of key in the MmapedDict `mapped`, adding key as (0.0, 0.0) if
+    it has none yet; the timestamp is 0.0 before 0.17."""
     value = mapped.read_value(key)
-    return value[0] if _HAS_TIMESTAMPS else value
+    return (value[0], value[1]) if _HAS_TIMESTAMPS else (value, 0.0)
 
 
-def write_value(mapped, key, value):
-    """Set key to value in the MmapedDict `mapped` (with no timestamp)."""
+def write_value(mapped, key, value, timestamp=0.0):
+    """Set key to value in the MmapedDict `mapped` (timestamp: 0.0, none; dropped before
+    0.17, whose files have no room for it)."""
     if _HAS_TIMESTAMPS:
-        mapped.write_value(key, value, 0.0)
+        mapped.write_value(key, value, timestamp)
     else:
         mapped.write_value(key, value)
 
