@@ -251,6 +251,19 @@ def listener_labels(listener):
     return "%s:%d" % (address, listener.port), listener.mode
 
 
+def per_listener(name, listener, *more):
+    """The child of the metric `name` (CONNECTIONS, SESSIONS, SESSIONS_OPEN) for this
+    listener and further labels, made once: labels() with its checks and locking, for
+    every connection, was a percent of the smtpd's CPU (issue #20)."""
+    m = _metrics()
+    key = (name, listener, more)
+    child = m.listener_children.get(key)
+    if child is None:
+        child = m.listener_children[key] = getattr(m, name).labels(
+            *listener_labels(listener), *more)
+    return child
+
+
 # ---- SMTP replies and what they refuse ----------------------------------------------------
 
 # Commands whose refusal refuses (part of) a message.
@@ -359,6 +372,7 @@ def _make():
     return SimpleNamespace(
         registry=registry,
         reply_children={},
+        listener_children={},    # per_listener(); bounded by the configured listeners
         # smtpd
         CONNECTIONS=counter(
             "elemta_smtpd_connections", "SMTP connections by listener (its address:port), "

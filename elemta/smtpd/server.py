@@ -161,18 +161,17 @@ class SMTPServer:
         client_ip = address[0]
         limits = self.config.limits
         if self.drain.draining():
-            metrics.CONNECTIONS.labels(*metrics.listener_labels(listener), "refused_draining").inc()
+            metrics.per_listener("CONNECTIONS", listener, "refused_draining").inc()
             return self._refuse(sock, listener, client_ip, "Service not available: this "
                                 "node is being drained, try another", "draining",
                                 status="4.3.2")
         if listener.mode == HANDOVER and not self.peer_networks.holds_text(client_ip):
-            metrics.CONNECTIONS.labels(*metrics.listener_labels(listener),
-                                        "refused_not_peer").inc()
+            metrics.per_listener("CONNECTIONS", listener, "refused_not_peer").inc()
             return self._refuse(sock, listener, client_ip, "Error: this port takes mail "
                                 "from the cluster's nodes only", "cluster_peer_networks",
                                 status="4.7.1")
         if self.sessions >= limits.connections_per_worker:
-            metrics.CONNECTIONS.labels(*metrics.listener_labels(listener), "refused_worker_limit").inc()
+            metrics.per_listener("CONNECTIONS", listener, "refused_worker_limit").inc()
             return self._refuse(sock, listener, client_ip, "Error: too many connections",
                                 "worker_connection_limit")
         if (self.client_counts.count(client_ip) >= limits.connections_per_client
@@ -180,12 +179,12 @@ class SMTPServer:
             group = client_group(client_ip)
             log.warning("too many connections from %s%s", client_ip,
                         " (counted per %s)" % group if group != client_ip else "")
-            metrics.CONNECTIONS.labels(*metrics.listener_labels(listener), "refused_client_limit").inc()
+            metrics.per_listener("CONNECTIONS", listener, "refused_client_limit").inc()
             return self._refuse(sock, listener, client_ip,
                                 "Error: too many connections from %s" % client_ip,
                                 "client_connection_limit")
-        metrics.CONNECTIONS.labels(*metrics.listener_labels(listener), "accepted").inc()
-        open_sessions = metrics.SESSIONS_OPEN.labels(*metrics.listener_labels(listener))
+        metrics.per_listener("CONNECTIONS", listener, "accepted").inc()
+        open_sessions = metrics.per_listener("SESSIONS_OPEN", listener)
         open_sessions.inc()
         self.sessions += 1
         if self.on_admit is not None:

@@ -207,8 +207,7 @@ class Session:
             log.info("lost connection after %s from %s%s", self.proto.last_command, self.client,
                      ": %s" % exc if str(exc) else "")
         finally:
-            metrics.SESSIONS.labels(*metrics.listener_labels(self.listener),
-                                    self.ending or "aborted").inc()
+            metrics.per_listener("SESSIONS", self.listener, self.ending or "aborted").inc()
             self._discard_message()
             if self.milters is not None:
                 self.milters.close()
