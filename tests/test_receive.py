@@ -308,6 +308,27 @@ def test_last_reply_reaches_a_client_still_writing(elemta_server):
                    b"421 4.7.0 mx.test Error: too many errors\r\n"]
 
 
+def test_quit_reaches_a_client_that_pipelined_past_it(elemta_server):
+    """After QUIT the server closes at once only when nothing the client sent is left
+    unread; a client that wrote on past QUIT (more than the server reads at a time)
+    still gets its 221 and a clean end, not a reset that drops it."""
+    server = elemta_server()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        replies = s.makefile("rb")
+        assert replies.readline().startswith(b"220 ")
+        writer = threading.Thread(target=lambda: swallow(OSError, s.sendall, (
+            b"QUIT\r\n" + b"NOOP\r\n" * 100000)))
+        writer.start()
+        got = []
+        try:
+            for line in replies:
+                got.append(line)
+        except OSError as exc:
+            got.append(repr(exc).encode())
+        writer.join()
+    assert got == [b"221 2.0.0 Bye\r\n"]
+
+
 def swallow(exceptions, function, *args):
     try:
         function(*args)
