@@ -162,20 +162,64 @@ def test_page_documents_every_option_and_command(page, monkeypatch):
                   if not set(path) <= words) == []
 
 
-@pytest.mark.parametrize("section", ["tls", "acme", "acme.certificates", "delivery.mta_sts",
-                                     "tlsrpt"])
-def test_every_tls_option_names_its_postfix_equivalent_or_that_there_is_none(section):
-    """elemta.conf(5) is read by admins coming from Postfix (postconf(5) is the model):
-    each option of the TLS sections says what it replaces, or that nothing does."""
+def documented_options(cls, prefix=""):
+    """(key path, doc) of each option elemta.conf(5) lists for the schema dataclass cls,
+    walked as elemta.config.manpage walks it: every key of every section, of every
+    plugin's table (plugins.spf.enabled...) and of every list of tables
+    (listeners[].port), the list itself included."""
     import dataclasses
-    from elemta.config.schema import ACMECertificate, Config
-    top, _, prefix = section.partition(".")
-    if section == "acme.certificates":
-        cls, prefix = ACMECertificate, ""
-    else:
-        cls = type(getattr(Config(), top))
-    fields = [f for f in dataclasses.fields(cls)
-              if f.name.startswith(prefix) and "doc" in f.metadata]
-    assert fields
-    silent = [f.name for f in fields if "Postfix" not in f.metadata["doc"]]
-    assert silent == [], "%s options without a Postfix equivalent: %s" % (section, silent)
+    import typing
+    from elemta.config.loader import schema_options, sequence_item
+    options = []
+    hints = typing.get_type_hints(cls)
+    for field in schema_options(cls):
+        kind = hints[field.name]
+        item = sequence_item(kind)
+        if dataclasses.is_dataclass(kind):
+            options += documented_options(kind, prefix + field.name + ".")
+            continue
+        options.append((prefix + field.name, field.metadata["doc"]))
+        if item is not None and dataclasses.is_dataclass(item):
+            options += documented_options(item, prefix + field.name + "[].")
+    return options
+
+
+def silent_about_postfix(cls):
+    return [key for key, doc in documented_options(cls) if "Postfix" not in doc]
+
+
+def test_option_walk_reaches_nested_tables_and_finds_a_silent_option():
+    import dataclasses
+    from typing import Tuple
+    from elemta.config.options import opt
+    from elemta.config.schema import Config
+
+    @dataclasses.dataclass(frozen=True)
+    class Entry:
+        said: int = opt(0, "Postfix's said.")
+        silent: int = opt(0, "Says nothing of the other mailer.")
+
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        entries: Tuple[Entry, ...] = opt((), "Entries. Postfix has no equivalent.")
+
+    @dataclasses.dataclass(frozen=True)
+    class Top:
+        section: Section = opt(Section(), "A section.")
+
+    assert silent_about_postfix(Top) == ["section.entries[].silent"]
+    keys = {key for key, _ in documented_options(Config)}
+    assert {"smtpd.banner", "listeners", "listeners[].port", "plugins.spf.enabled",
+            "plugins.dkim.keys[].selector", "delivery.transport[].nexthop",
+            "milters[].protocol", "plugins.policy_service.servers[].address"} <= keys
+    assert not keys & {"source", "mailname", "warnings"}
+
+
+def test_every_option_names_its_postfix_equivalent_or_that_there_is_none():
+    """elemta.conf(5) is read by admins coming from Postfix (postconf(5) is the model):
+    each option, in every section and every built-in plugin's table, says which Postfix
+    parameter it replaces, or that Postfix has none (and what a Postfix site uses)."""
+    from elemta.config.schema import Config
+    assert len(documented_options(Config)) > 300
+    silent = silent_about_postfix(Config)
+    assert silent == [], "options without a Postfix equivalent: %s" % silent

@@ -230,9 +230,14 @@ def _ip_addresses(values):
 @dataclass(frozen=True)
 class Listener:
     """One listening socket."""
-    address: str = opt("127.0.0.1", "IP address to listen on (0.0.0.0 or :: for all).",
+    address: str = opt("127.0.0.1", "IP address to listen on (0.0.0.0 or :: for all). "
+                                    "Postfix: inet_interfaces (default all), or the host "
+                                    "part of a master.cf service such as 127.0.0.1:smtp.",
                        _ip_address)
-    port: int = opt(2525, "TCP port: usually 25 for smtp, 587 for submission, 465 for smtps.",
+    port: int = opt(2525, "TCP port: usually 25 for smtp, 587 for submission, 465 for "
+                          "smtps. Postfix: the master.cf service name (smtp, submission, "
+                          "submissions). The default, 2525, is for development: a system "
+                          "MTA listens on 25.",
                     _port)
     mode: str = opt("smtp", "smtp (MX and relay), submission (AUTH required before MAIL), "
                             "smtps (implicit TLS, AUTH required before MAIL) or handover "
@@ -275,21 +280,31 @@ class SMTPDSettings:
                          "one whose first line is not a domain name stops Elemta, naming "
                          "the file. null or \"\": never read. Postfix has no parameter of its "
                          "own: Debian's main.cf says myorigin = /etc/mailname.")
-    banner: str = opt("ESMTP Elemta", "Text after the host name in the 220 greeting.")
+    banner: str = opt("ESMTP Elemta", "Text after the host name in the 220 greeting. "
+                                      "Postfix's smtpd_banner, which names the host itself "
+                                      "($myhostname ESMTP $mail_name); here the host name "
+                                      "always comes first.")
     workers: int = opt(0, "Number of smtpd worker processes sharing the listeners; 0 means "
-                          "one per CPU.", _not_negative)
+                          "one per CPU. Postfix has no equivalent: each of its smtpd "
+                          "processes serves one session, up to the smtp service's master.cf "
+                          "maxproc (default_process_limit, 100); a worker here serves many "
+                          "(limits.connections_per_worker).", _not_negative)
     max_use: int = opt(10000, "Sessions a worker serves before it retires and a fresh one "
                               "takes its place (Postfix's max_use); 0 means never.",
                        _not_negative)
     max_idle: float = opt(0.0, "Seconds a worker may go without a session before it retires "
                                "(Postfix's max_idle); 0 means never.", _not_negative)
     bare_line_endings: str = opt(
-        "reject", "What to do with a bare CR or LF inside DATA: reject the message "
-                  "(550 5.5.2) or normalize it to CRLF. DATA always ends only at CRLF.CRLF.",
+        "reject", "What to do with a bare CR or LF inside DATA: reject the message (550 "
+                  "5.5.2) or normalize it to CRLF. DATA always ends only at CRLF.CRLF. "
+                  "Postfix's smtpd_forbid_bare_newline, which looks at bare LF only (its "
+                  "default: normalize since Postfix 3.9, no before).",
         _one_of(LINE_ENDING_POLICIES))
     undeclared_8bit: str = opt(
         "reject", "What to do with 8-bit message content when the client declared neither "
-                  "BODY=8BITMIME nor SMTPUTF8: reject (554 5.6.1) or accept.",
+                  "BODY=8BITMIME nor SMTPUTF8: reject (554 5.6.1) or accept. Postfix has no "
+                  "equivalent: it accepts such mail (its strict_8bitmime_body, default no, "
+                  "looks at the MIME headers instead).",
         _one_of(EIGHT_BIT_POLICIES))
     junk_command_limit: int = opt(
         100, "HELO, EHLO, RSET, NOOP, VRFY and HELP commands a session may send before "
@@ -337,9 +352,13 @@ class RelaySettings:
     """Who may send mail where: the open-relay guard."""
     local_domains: Tuple[str, ...] = opt(
         ("localhost",), "Domains this server is the final destination for; mail to them is "
-                        "accepted from anyone (the host name is always included).", _domains)
+                        "accepted from anyone (the host name is always included). Postfix's "
+                        "mydestination (default $myhostname, localhost.$mydomain, "
+                        "localhost).", _domains)
     mynetworks: Tuple[str, ...] = opt(
-        ("127.0.0.0/8", "::1/128"), "Client networks trusted to relay to any domain.",
+        ("127.0.0.0/8", "::1/128"), "Client networks trusted to relay to any domain. "
+                                    "Postfix's mynetworks, but IPv6 networks are written "
+                                    "without its brackets (::1/128, not [::1]/128).",
         _networks)
     relay_domains: DomainList = opt(
         DomainList(), "Domains this server relays mail for from anyone (a backup MX, a "
@@ -633,8 +652,11 @@ class AuthSettings:
                                "whose passdb holds the users). Postfix's smtpd_sasl_type.",
                        _one_of(AUTH_BACKENDS))
     credentials_file: Optional[str] = opt(None, "File of user:hash lines written by "
-                                                "elemtactl user add; with backend file, AUTH "
-                                                "is offered only when set.")
+                                                "elemtactl user add; with backend file, "
+                                                "AUTH is offered only when set. Postfix has "
+                                                "no equivalent: its smtpd hands passwords "
+                                                "to Cyrus SASL (sasldb2) or Dovecot "
+                                                "(backend dovecot here).")
     dovecot_socket: Optional[str] = opt(
         None, "With backend dovecot: Dovecot's auth-client socket, an absolute path (a "
               "unix_listener of Dovecot's service auth that master.user may write to) or "
@@ -643,31 +665,38 @@ class AuthSettings:
               "Dovecot returns; while Dovecot cannot be reached, AUTH gets 454 4.7.0.",
         _dovecot_socket)
     allow_plaintext: bool = opt(False, "Offer AUTH on connections without TLS (only for "
-                                       "tests and trusted networks).")
+                                       "tests and trusted networks). The opposite of "
+                                       "Postfix's smtpd_tls_auth_only, whose default (no) "
+                                       "offers AUTH in clear.")
     failure_delay: float = opt(2.0, "Seconds an AUTH waits, before it is checked, for each "
                                     "failed AUTH in the last 10 minutes from the same client "
                                     "(IPv4 address or IPv6 /64); the wait is the same for a "
                                     "right and a wrong password, so it cannot be cut short. "
                                     "Postfix has no equivalent (Dovecot's auth penalty is "
                                     "alike).", _positive)
-    max_failure_delay: float = opt(30.0, "Upper bound of that wait, in seconds.", _positive)
+    max_failure_delay: float = opt(30.0, "Upper bound of that wait, in seconds. Postfix has "
+                                         "no equivalent.", _positive)
 
 
 @dataclass(frozen=True)
 class LimitSettings:
     """Bounds on what one client may ask of the server."""
     message_size: int = opt(31457280, "Largest message accepted, in bytes (SIZE); larger "
-                                      "messages get 552 5.3.4. A milter's replacement "
-                                      "body larger than this is not taken: 451 4.3.4, "
-                                      "logged naming the milter.", _positive)
+                                      "messages get 552 5.3.4. A milter's replacement body "
+                                      "larger than this is not taken: 451 4.3.4, logged "
+                                      "naming the milter. Postfix's message_size_limit "
+                                      "(default 10240000).", _positive)
     recipients: int = opt(1000, "Recipients accepted per message; more get 452 4.5.3 "
                                 "(Postfix's smtpd_recipient_limit). Local submissions "
                                 "too: sendmail refuses more (exit 65) and pickup removes "
                                 "a maildrop file that has more.", _positive)
-    errors: int = opt(20, "Errors per session before the server says 421 and closes.",
+    errors: int = opt(20, "Errors per session before the server says 421 and closes. "
+                          "Postfix's smtpd_hard_error_limit (same default).",
                       _positive)
     connections_per_worker: int = opt(10000, "Concurrent sessions one smtpd worker serves; "
-                                            "more get 421 4.7.0.", _positive)
+                                             "more get 421 4.7.0. Postfix has no equivalent "
+                                             "(one session per smtpd process; master.cf "
+                                             "maxproc bounds them).", _positive)
     connections_per_client: int = opt(50, "Concurrent sessions from one client, an IPv4 "
                                           "address or an IPv6 /64 (Postfix's "
                                           "smtpd_client_connection_count_limit, which "
@@ -679,9 +708,12 @@ class LimitSettings:
 class TimeoutSettings:
     """Server timeouts (RFC 5321 section 4.5.3.2)."""
     command: float = opt(300.0, "Seconds to wait for the next command (RFC 5321 4.5.3.2.7: "
-                                "at least 5 minutes).", _positive)
+                                "at least 5 minutes). Postfix's smtpd_timeout (same "
+                                "default).", _positive)
     data_block: float = opt(180.0, "Seconds to wait for each block of DATA or BDAT content "
-                                   "(RFC 5321 4.5.3.2.5: 3 minutes).", _positive)
+                                   "(RFC 5321 4.5.3.2.5: 3 minutes). Postfix has no "
+                                   "separate one: smtpd_timeout (300s) covers the content "
+                                   "too.", _positive)
 
 
 SENDMAIL_LISTENER = "sendmail"       # queue.priority_rules: mail from the sendmail command
@@ -730,36 +762,44 @@ def _priority_rules(rules):
 class PriorityRule:
     """One queue.priority_rules entry: mail matching every key it gives gets `priority`."""
     sender: Optional[str] = opt(None, "The envelope sender, any case (<> is the null "
-                                      "sender).", _sender)
-    sender_domain: Optional[str] = opt(None, "The sender's domain (exact, or "
-                                             "\".example.org\" for every subdomain).",
+                                      "sender). Postfix has no equivalent.", _sender)
+    sender_domain: Optional[str] = opt(None, "The sender's domain (exact, or \".example.org\" "
+                                             "for every subdomain). Postfix has no "
+                                             "equivalent.",
                                        _transport_domain)
     recipient_domain: Optional[str] = opt(None, "A recipient's domain (exact, or "
                                                 "\".example.org\" for every subdomain): "
-                                                "matches when any recipient is there.",
+                                                "matches when any recipient is there. "
+                                                "Postfix has no equivalent.",
                                           _transport_domain)
     sasl_username: Optional[str] = opt(None, "The SMTP AUTH user name the client "
-                                             "authenticated as.")
+                                             "authenticated as. Postfix has no equivalent.")
     listener: Optional[str] = opt(None, "Where the message came in: a listener's "
                                         "address:port as written in listeners "
                                         "(127.0.0.1:587, [::1]:587), or sendmail for mail "
-                                        "submitted with the sendmail command.",
+                                        "submitted with the sendmail command. Postfix has "
+                                        "no equivalent.",
                                   _listener_name)
     priority: int = opt(0, "The priority matching mail gets: a whole number from -100 "
-                           "(last) to 100 (first); other mail has 0.",
+                           "(last) to 100 (first); other mail has 0. Postfix has no "
+                           "equivalent.",
                         _between(-100, 100))
 
 
 @dataclass(frozen=True)
 class QueueSettings:
     """The durable queue: spool files (the truth) and the LMDB index."""
-    spool_dir: str = opt("./spool", "Directory holding message files and index.lmdb.",
+    spool_dir: str = opt("./spool", "Directory holding message files and index.lmdb. "
+                                    "Postfix's queue_directory (/var/spool/postfix). The "
+                                    "default is for development: packages set "
+                                    "/var/spool/elemta.",
                          restart="the master locks the spool and prepares its maildrop "
                                  "and metrics directories at start")
     sync_method: str = opt(
         "syncfs", "How a batch of accepted messages is made durable before the 250 reply: "
                   "syncfs (one flush of the spool file system per batch) or fsync (one "
-                  "fsync per file and directory).", _one_of(SYNC_METHODS))
+                  "fsync per file and directory). Postfix has no equivalent (it fsyncs each "
+                  "queue file).", _one_of(SYNC_METHODS))
     index_map_size: int = opt(17179869184, "Largest size of the LMDB index, in bytes "
                                            "(address space only; the file grows as needed). "
                                            "New mail gets 452 4.3.1 at MAIL FROM once 90% "
@@ -844,19 +884,30 @@ class LoggingSettings:
 class MasterSettings:
     """The master process: privileges, supervision, pid file."""
     user: Optional[str] = opt(None, "User the workers run as after the master has bound the "
-                                    "listeners as root (default: do not change user).",
+                                    "listeners as root (default: do not change user). "
+                                    "Postfix's mail_owner (default postfix); unset here "
+                                    "keeps root, so set it (packages use elemta).",
                             restart="the master prepares the spool's directories for "
                                     "this user at start")
-    group: Optional[str] = opt(None, "Group the workers run as (default: the user's group).",
+    group: Optional[str] = opt(None, "Group the workers run as (default: the user's group). "
+                                     "Postfix has no parameter: its daemons run with "
+                                     "mail_owner's group.",
                                restart="the master prepares the spool's directories for "
                                        "this group at start")
-    pid_file: Optional[str] = opt(None, "File the master writes its pid to (with --daemon the "
-                                        "default is /run/elemta.pid).",
+    pid_file: Optional[str] = opt(None, "File the master writes its pid to (with --daemon "
+                                        "the default is /run/elemta.pid). Postfix writes "
+                                        "$queue_directory/pid/master.pid "
+                                        "(process_id_directory).",
                                   restart="the master writes it at start")
-    heartbeat_timeout: float = opt(30.0, "Seconds a worker may go without a heartbeat before "
-                                         "the master kills and replaces it.", _positive)
-    stop_grace: float = opt(10.0, "Seconds SIGTERM gives open sessions to finish before they "
-                                  "are cut.", _not_negative)
+    heartbeat_timeout: float = opt(30.0, "Seconds a worker may go without a heartbeat "
+                                         "before the master kills and replaces it. "
+                                         "Postfix's nearest is daemon_timeout (18000s), "
+                                         "each daemon's own watchdog over one "
+                                         "request.", _positive)
+    stop_grace: float = opt(10.0, "Seconds SIGTERM gives open sessions to finish before "
+                                  "they are cut. Postfix has no equivalent (postfix stop "
+                                  "lets processes finish at their earliest convenience, "
+                                  "without a bound).", _not_negative)
 
 
 _USER_NAME = re.compile(r"^[^\s:,]+$")
@@ -884,18 +935,20 @@ class MailqSettings:
 @dataclass(frozen=True)
 class APISettings:
     """The api process: the REST API and /metrics for Prometheus."""
-    enabled: bool = opt(True, "Run the api process.")
-    address: str = opt("127.0.0.1", "Address the api process listens on.", _ip_address)
-    port: int = opt(8025, "TCP port of the api process.", _port)
-    token: Optional[str] = opt(None, "Bearer token the REST API requires on every route "
-                                     "but /api/v1/health and /metrics. Unset (and no "
+    enabled: bool = opt(True, "Run the api process. Postfix has no REST API nor metrics "
+                              "(postqueue, postsuper and log exporters stand in).")
+    address: str = opt("127.0.0.1", "Address the api process listens on. Postfix has no "
+                                    "equivalent.", _ip_address)
+    port: int = opt(8025, "TCP port of the api process. Postfix has no equivalent.", _port)
+    token: Optional[str] = opt(None, "Bearer token the REST API requires on every route but "
+                                     "/api/v1/health and /metrics. Unset (and no "
                                      "token_file): those routes answer 401 to everyone. "
-                                     "With cluster.store or a handover listener, at "
-                                     "least 16 bytes.")
-    token_file: Optional[str] = opt(None, "File holding the bearer token (first line), "
-                                          "read at start and on reload; wins over token. "
-                                          "With cluster.store or a handover listener, "
-                                          "at least 16 bytes.")
+                                     "With cluster.store or a handover listener, at least "
+                                     "16 bytes. Postfix has no equivalent.")
+    token_file: Optional[str] = opt(None, "File holding the bearer token (first line), read "
+                                          "at start and on reload; wins over token. With "
+                                          "cluster.store or a handover listener, at least "
+                                          "16 bytes. Postfix has no equivalent.")
     cert_file: Optional[str] = opt(
         None, "PEM certificate chain the api serves https with (with key_file): the "
               "other nodes of a cluster send it the api token, the root of the cluster's "
@@ -914,8 +967,9 @@ class APISettings:
 @dataclass(frozen=True)
 class TLSPolicyEntry:
     """A STARTTLS level for one destination, overriding delivery.tls_level."""
-    domain: str = opt("", "Recipient domain or next-hop host (exact, or \".example.org\" "
-                          "for every subdomain).", _transport_domain)
+    domain: str = opt("", "Recipient domain or next-hop host (exact, or \".example.org\" for "
+                          "every subdomain). As a key of Postfix's "
+                          "smtp_tls_policy_maps.", _transport_domain)
     level: str = opt("may", "none, may, encrypt, verify or secure, as tls_level; or "
                             "mta-sts: the domain's MTA-STS policy decides, even with "
                             "delivery.mta_sts off (tls_level when it publishes none); "
@@ -964,35 +1018,44 @@ def _domain_classes(entries):
 class DomainClass:
     """One delivery.domain_classes entry: recipient domains counted under one name."""
     name: str = opt("other", "The class's name: the domain_class label of the delivery "
-                             "metrics (gmail, microsoft, partners ...).", _domain_class_name)
-    domains: Tuple[str, ...] = opt((), "Its recipient domains (exact, or \".example.org\" "
-                                       "for every subdomain).", _transport_domains)
+                             "metrics (gmail, microsoft, partners ...). Postfix has no "
+                             "equivalent.", _domain_class_name)
+    domains: Tuple[str, ...] = opt((), "Its recipient domains (exact, or \".example.org\" for "
+                                       "every subdomain). Postfix has no "
+                                       "equivalent.", _transport_domains)
 
 
 @dataclass(frozen=True)
 class TransportMapEntry:
     """One transport map entry: mail for `domain` goes to `nexthop`."""
     domain: str = opt("", "Recipient domain this entry applies to (exact match, or "
-                          "\".example.org\" for every subdomain).", _transport_domain)
-    nexthop: str = opt("", "Where its mail goes: smtp:[host]:port (that host, no MX lookup), "
-                           "smtp:host:port (the MX hosts of host), lmtp:[host]:port, "
-                           "lmtp:unix:/path (an LMTP server such as Dovecot's) or local "
-                           "(local delivery, as for local_domains).", _transport)
+                          "\".example.org\" for every subdomain). A Postfix transport(5) key, "
+                          "written the same way.", _transport_domain)
+    nexthop: str = opt("", "Where its mail goes: smtp:[host]:port (that host, no MX "
+                           "lookup), smtp:host:port (the MX hosts of host), "
+                           "lmtp:[host]:port, lmtp:unix:/path (an LMTP server such as "
+                           "Dovecot's) or local (local delivery, as for local_domains). "
+                           "Postfix: the transport(5) value.", _transport)
 
 
 @dataclass(frozen=True)
 class DestinationLimit:
     """A concurrency limit for one destination, overriding destination_concurrency."""
-    domain: str = opt("", "Recipient domain or next-hop host (exact, or \".example.org\" "
-                          "for every subdomain).", _transport_domain)
-    limit: int = opt(1, "Connections at once to it, across all delivery workers.",
+    domain: str = opt("", "Recipient domain or next-hop host (exact, or \".example.org\" for "
+                          "every subdomain). Postfix: the transport_maps key that routes it "
+                          "to that transport.", _transport_domain)
+    limit: int = opt(1, "Connections at once to it, across all delivery workers. Postfix: "
+                        "transport_destination_concurrency_limit.",
                      _positive)
 
 
 @dataclass(frozen=True)
 class DeliverySettings:
     """The delivery workers: routing, retries and the SMTP client (Postfix's qmgr and smtp)."""
-    workers: int = opt(2, "Number of delivery worker processes; 0 delivers nothing.",
+    workers: int = opt(2, "Number of delivery worker processes; 0 delivers nothing. "
+                          "Postfix: the maxproc of master.cf's smtp unix service "
+                          "(default_process_limit, 100; 0 there means no limit), one "
+                          "delivery per process; a worker here runs many at once.",
                        _not_negative)
     max_use: int = opt(10000, "Messages a delivery worker takes on before it retires and a "
                               "fresh one takes its place (Postfix's max_use); 0 means never.",
@@ -1004,7 +1067,7 @@ class DeliverySettings:
                                    _nexthop)
     transport: Tuple[TransportMapEntry, ...] = opt(
         (), "Transport map: a list of {domain, nexthop} entries, which win over relayhost "
-            "and MX.")
+            "and MX. Postfix's transport_maps.")
     domain_classes: Tuple[DomainClass, ...] = opt(
         (), "Names for groups of recipient domains in the delivery metrics (the "
             "domain_class label of elemta_deliveries_total and "
@@ -1028,22 +1091,33 @@ class DeliverySettings:
                 "bounce \"550 5.1.2 remote delivery is disabled on this host\"; "
                 "error:TEXT bounces with TEXT instead (5.0.0, or a 5.X.Y status TEXT begins "
                 "with). Postfix's default_transport.", _default_transport)
-    mx_port: int = opt(25, "TCP port used for MX delivery and for next hops without a port.",
+    mx_port: int = opt(25, "TCP port used for MX delivery and for next hops without a port. "
+                           "Postfix's smtp_tcp_port (same default).",
                        _port)
     nameservers: Tuple[str, ...] = opt((), "DNS servers to ask for MX and address records "
-                                           "(empty: those of /etc/resolv.conf).",
+                                           "(empty: those of /etc/resolv.conf). Postfix has "
+                                           "no equivalent: it uses /etc/resolv.conf.",
                                        _ip_addresses)
-    dns_port: int = opt(53, "UDP and TCP port of the nameservers.", _port)
-    dns_timeout: float = opt(5.0, "Seconds one DNS query to one nameserver may take.",
+    dns_port: int = opt(53, "UDP and TCP port of the nameservers. Postfix has no "
+                            "equivalent.", _port)
+    dns_timeout: float = opt(5.0, "Seconds one DNS query to one nameserver may take. "
+                                  "Postfix has no equivalent (resolv.conf's options "
+                                  "timeout:).",
                              _positive)
     connect_timeout: float = opt(30.0, "Seconds a TCP connection to a mail server may take "
                                        "(Postfix's smtp_connect_timeout).", _positive)
     command_timeout: float = opt(300.0, "Seconds to wait for the greeting and each reply to "
-                                        "EHLO, MAIL, RCPT and DATA (RFC 5321 4.5.3.2).",
+                                        "EHLO, MAIL, RCPT and DATA (RFC 5321 4.5.3.2). "
+                                        "Postfix splits it: smtp_helo_timeout (the greeting "
+                                        "too), smtp_mail_timeout, smtp_rcpt_timeout (300s "
+                                        "each) and smtp_data_init_timeout (120s).",
                                  _positive)
     data_timeout: float = opt(600.0, "Seconds to wait for each block of content to go out "
                                      "and for the reply to the final dot (RFC 5321 "
-                                     "4.5.3.2.6: 10 minutes).", _positive)
+                                     "4.5.3.2.6: 10 minutes). Postfix: "
+                                     "smtp_data_xfer_timeout (180s) for each block, "
+                                     "smtp_data_done_timeout (600s) for the final "
+                                     "reply.", _positive)
     min_backoff: float = opt(300.0, "Seconds before the first retry of a deferred message; "
                                     "each later retry waits twice as long (Postfix's "
                                     "minimal_backoff_time).", _positive)
@@ -1053,11 +1127,14 @@ class DeliverySettings:
                                           "bounces (5 days, Postfix's "
                                           "maximal_queue_lifetime).", _positive)
     destination_concurrency: int = opt(20, "Connections at once to one destination (a "
-                                           "domain, the relay host or a transport next hop), "
-                                           "across all delivery workers.", _positive)
+                                           "domain, the relay host or a transport next "
+                                           "hop), across all delivery workers. Postfix's "
+                                           "default_destination_concurrency_limit (same "
+                                           "default).", _positive)
     destination_limits: Tuple[DestinationLimit, ...] = opt(
-        (), "Per-destination exceptions to destination_concurrency: a list of "
-            "{domain, limit} entries.")
+        (), "Per-destination exceptions to destination_concurrency: a list of {domain, "
+            "limit} entries. Postfix: a master.cf transport with its own "
+            "transport_destination_concurrency_limit, chosen by transport_maps.")
     tls_level: str = opt("may", "STARTTLS when delivering over SMTP: none, may (when "
                                 "offered), encrypt (required), verify (required, chain "
                                 "checked), secure (verify, and the certificate names the "
@@ -1131,9 +1208,14 @@ class DeliverySettings:
               "smtp_sasl_password_maps source file (no postmap needed): lines of "
               "\"[host]:port user:password\" or \"host user:password\", # comments. Keep "
               "it readable by master.user alone (root:its group 0640, or its own 0600).")
-    sasl_require_tls: bool = opt(True, "Authenticate to a next hop only inside TLS; "
-                                       "without it the attempt defers (a password never "
-                                       "crosses the network in clear).")
+    sasl_require_tls: bool = opt(True, "Authenticate to a next hop only inside TLS; without "
+                                       "it the attempt defers (a password never crosses the "
+                                       "network in clear). Postfix: "
+                                       "smtp_sasl_security_options = noplaintext, "
+                                       "noanonymous (its default) and "
+                                       "smtp_sasl_tls_security_options = noanonymous (not "
+                                       "its default, which refuses PLAIN and LOGIN inside "
+                                       "TLS too).")
 
 
 def _optional_mailbox(value):
@@ -1203,20 +1285,25 @@ class LocalSettings:
     aliases_file: Optional[str] = opt(
         "/etc/aliases", "Aliases in /etc/aliases format (name: address, /file, |command, "
                         ":include:/path). Read again whenever it changes; newaliases checks "
-                        "it. Unset: no aliases.")
+                        "it. Unset: no aliases. Postfix's alias_maps and alias_database "
+                        "(hash:/etc/aliases on Debian); there is no database to rebuild.")
     mail_spool_directory: str = opt(
         "/var/mail", "Directory of mbox mailboxes, one file per user (Postfix's "
                      "mail_spool_directory); used when home_mailbox is empty.")
     home_mailbox: str = opt(
-        "", "Mailbox relative to the user's home directory: \"Maildir/\" (ends in /: "
-            "Maildir) or \"Mailbox\" (mbox). Empty: mbox in mail_spool_directory.")
-    forward: bool = opt(True, "Honour ~/.forward files.")
+        "", "Mailbox relative to the user's home directory: \"Maildir/\" (ends in /: Maildir) "
+            "or \"Mailbox\" (mbox). Empty: mbox in mail_spool_directory. Postfix's "
+            "home_mailbox (same default).")
+    forward: bool = opt(True, "Honour ~/.forward files. Postfix: forward_path "
+                              "($home/.forward; empty turns .forward files off).")
     allow_mail_to_commands: Tuple[str, ...] = opt(
         ("alias", "forward"), "Where |command destinations are allowed: alias, forward, "
-                              "include.", _local_rights)
+                              "include. Postfix's allow_mail_to_commands (same "
+                              "default).", _local_rights)
     allow_mail_to_files: Tuple[str, ...] = opt(
         ("alias", "forward"), "Where /file destinations are allowed: alias, forward, "
-                              "include.", _local_rights)
+                              "include. Postfix's allow_mail_to_files (same "
+                              "default).", _local_rights)
     default_privileges: str = opt(
         "nobody", "User that commands and files named in root-owned aliases run as "
                   "(Postfix's default_privileges).")
@@ -1238,9 +1325,13 @@ class DNSSettings:
     delivery.nameservers."""
     nameservers: Tuple[str, ...] = opt((), "DNS servers the plugins ask (empty: those of "
                                            "/etc/resolv.conf). Use a validating resolver "
-                                           "you trust.", _ip_addresses)
-    port: int = opt(53, "UDP and TCP port of the nameservers.", _port)
-    timeout: float = opt(3.0, "Seconds one DNS query to one nameserver may take.", _positive)
+                                           "you trust. Postfix has no equivalent: it, its "
+                                           "policy servers and its milters use "
+                                           "/etc/resolv.conf.", _ip_addresses)
+    port: int = opt(53, "UDP and TCP port of the nameservers. Postfix has no "
+                        "equivalent.", _port)
+    timeout: float = opt(3.0, "Seconds one DNS query to one nameserver may take. Postfix "
+                              "has no equivalent.", _positive)
 
 
 STORE_FAILURE_POLICIES = ("local", "tempfail")
@@ -1599,13 +1690,17 @@ class MilterEntry:
         None, "milter.default_action for this milter alone (Postfix's { socket, "
               "default_action = ... } form).", _milter_action)
     connect_timeout: Optional[float] = opt(
-        None, "milter.connect_timeout for this milter alone.", _milter_timeout)
+        None, "milter.connect_timeout for this milter alone. Postfix: connect_timeout in "
+              "the { socket, ... } form.", _milter_timeout)
     command_timeout: Optional[float] = opt(
-        None, "milter.command_timeout for this milter alone.", _milter_timeout)
+        None, "milter.command_timeout for this milter alone. Postfix: command_timeout in "
+              "the { socket, ... } form.", _milter_timeout)
     content_timeout: Optional[float] = opt(
-        None, "milter.content_timeout for this milter alone.", _milter_timeout)
+        None, "milter.content_timeout for this milter alone. Postfix: content_timeout in "
+              "the { socket, ... } form.", _milter_timeout)
     protocol: Optional[int] = opt(
-        None, "milter.protocol for this milter alone.", _milter_protocol)
+        None, "milter.protocol for this milter alone. Postfix: protocol in the { socket, "
+              "... } form.", _milter_protocol)
 
 
 # ---- plugins: each built-in's table is the plugin's own Settings (elemta.plugins.settings)
@@ -1671,7 +1766,10 @@ class PluginSettings:
 class Config:
     """The whole configuration. `source` is the file it came from (None: built-in)."""
     smtpd: SMTPDSettings = opt(SMTPDSettings(), "SMTP server identity and input policy.")
-    listeners: Tuple[Listener, ...] = opt((Listener(),), "Listening sockets.")
+    listeners: Tuple[Listener, ...] = opt((Listener(),), "Listening sockets. Postfix: the "
+                                                         "inet services of master.cf (smtp, "
+                                                         "submission, submissions) and "
+                                                         "inet_interfaces.")
     relay: RelaySettings = opt(RelaySettings(), "Relay control.")
     virtual: VirtualSettings = opt(VirtualSettings(), "Hosted domains.")
     rewrite: RewriteSettings = opt(RewriteSettings(), "Address rewriting.")
@@ -1697,8 +1795,10 @@ class Config:
         ProtocolTestSettings(), "Early talkers and pipelining abuse (postscreen's "
                                 "protocol tests).")
     milter: MilterDefaults = opt(MilterDefaults(), "Settings every milter shares.")
-    milters: Tuple[MilterEntry, ...] = opt((), "Milters (Sendmail milter protocol "
-                                               "filters), in the order they are asked.")
+    milters: Tuple[MilterEntry, ...] = opt((), "Milters (Sendmail milter protocol filters), "
+                                               "in the order they are asked. Postfix's "
+                                               "smtpd_milters and non_smtpd_milters "
+                                               "(milters[].smtp and non_smtp choose).")
     source: Optional[str] = field(default=None, compare=False, metadata={"internal": True})
     # The first line of smtpd.mailname_file, checked (elemta.config.mailname), or None.
     mailname: Optional[str] = field(default=None, compare=False,

@@ -69,11 +69,19 @@ def _reject_text(value):
 @dataclass(frozen=True)
 class PluginCommon:
     """Settings every plugin has."""
-    enabled: bool = opt(False, "Run this plugin.")
+    enabled: bool = opt(False, "Run this plugin. Postfix: naming the restriction, policy "
+                               "service or milter that does the same in its "
+                               "smtpd_*_restrictions or smtpd_milters.")
     timeout: float = opt(0.0, "Seconds one call may take before the plugin counts as "
-                              "failed; 0 means the plugin's own default.", _plugin_timeout)
+                              "failed; 0 means the plugin's own default. Postfix: the "
+                              "milter's or policy service's own timeouts "
+                              "(milter_command_timeout, "
+                              "smtpd_policy_service_timeout).", _plugin_timeout)
     fail_open: bool = opt(False, "When the plugin fails or times out, carry on as if it had "
-                                 "no opinion instead of answering 451 4.3.0.")
+                                 "no opinion instead of answering 451 4.3.0. Postfix: "
+                                 "milter_default_action = accept for a milter, "
+                                 "smtpd_policy_service_default_action = DUNNO for a policy "
+                                 "service.")
     order: int = opt(0, "Place among the plugins of each stage it serves, lower first; 0 "
                         "keeps the plugin's own (elemtactl restrictions shows them). As "
                         "the order of a Postfix smtpd_*_restrictions list, but the "
@@ -84,53 +92,72 @@ class PluginCommon:
 @dataclass(frozen=True)
 class SPFSettings(PluginCommon):
     """SPF (RFC 7208) on MAIL FROM and HELO; adds Received-SPF."""
-    enforce: bool = opt(False, "Refuse an SPF fail with 550 5.7.23 and a temperror with "
-                               "451 4.7.24 (otherwise only record the result).")
-    check_helo: bool = opt(True, "Also check the HELO identity (RFC 7208 2.3).")
-    received_spf: bool = opt(True, "Add a Received-SPF header to accepted mail.")
+    enforce: bool = opt(False, "Refuse an SPF fail with 550 5.7.23 and a temperror with 451 "
+                               "4.7.24 (otherwise only record the result). Postfix has no "
+                               "SPF of its own; policyd-spf (check_policy_service) does it: "
+                               "Mail_From_reject, TempError_Defer.")
+    check_helo: bool = opt(True, "Also check the HELO identity (RFC 7208 2.3). Postfix has "
+                                 "no equivalent; policyd-spf: HELO_reject (No_Check: off).")
+    received_spf: bool = opt(True, "Add a Received-SPF header to accepted mail. Postfix has "
+                                   "no equivalent; policyd-spf: Header_Type = SPF.")
 
 
 @dataclass(frozen=True)
 class DKIMKey:
     """One DKIM signing key."""
     domain: str = opt("", "Signing domain (d=); mail from this domain is signed with the "
-                          "key.")
+                          "key. Postfix has no equivalent; OpenDKIM: a KeyTable entry's "
+                          "domain.")
     selector: str = opt("", "Selector (s=): the key is published at "
-                            "SELECTOR._domainkey.DOMAIN.")
-    key_file: str = opt("", "PEM private key (elemtactl dkim keygen writes one).")
-    algorithm: str = opt("rsa-sha256", "rsa-sha256 or ed25519-sha256.", one_of(ALGORITHMS))
+                            "SELECTOR._domainkey.DOMAIN. Postfix has no equivalent; "
+                            "OpenDKIM: a KeyTable entry's selector.")
+    key_file: str = opt("", "PEM private key (elemtactl dkim keygen writes one). Postfix "
+                            "has no equivalent; OpenDKIM: a KeyTable entry's key file.")
+    algorithm: str = opt("rsa-sha256", "rsa-sha256 or ed25519-sha256. Postfix has no "
+                                       "equivalent; OpenDKIM has one SignatureAlgorithm for "
+                                       "all keys.", one_of(ALGORITHMS))
 
 
 @dataclass(frozen=True)
 class DKIMSettings(PluginCommon):
     """DKIM (RFC 6376): verify inbound signatures, sign outbound mail."""
-    verify: bool = opt(True, "Verify the DKIM signatures of inbound mail.")
-    sign: bool = opt(False, "Sign mail from authenticated, local and trusted clients.")
-    domain: str = opt("", "Signing domain of the one key written inline (or use keys).")
-    selector: str = opt("", "Selector of the inline key.")
-    key_file: str = opt("", "PEM private key file of the inline key.")
+    verify: bool = opt(True, "Verify the DKIM signatures of inbound mail. Postfix has no "
+                             "equivalent; Postfix sites verify with OpenDKIM (Mode v).")
+    sign: bool = opt(False, "Sign mail from authenticated, local and trusted clients. "
+                            "Postfix has no equivalent; OpenDKIM: Mode s, for InternalHosts "
+                            "and authenticated clients.")
+    domain: str = opt("", "Signing domain of the one key written inline (or use keys). "
+                          "Postfix has no equivalent; OpenDKIM: Domain.")
+    selector: str = opt("", "Selector of the inline key. Postfix has no equivalent; "
+                            "OpenDKIM: Selector.")
+    key_file: str = opt("", "PEM private key file of the inline key. Postfix has no "
+                            "equivalent; OpenDKIM: KeyFile.")
     algorithm: str = opt("rsa-sha256", "Algorithm of the inline key: rsa-sha256 or "
-                                       "ed25519-sha256.", one_of(ALGORITHMS))
+                                       "ed25519-sha256. Postfix has no equivalent; "
+                                       "OpenDKIM: SignatureAlgorithm.", one_of(ALGORITHMS))
     keys: Tuple[DKIMKey, ...] = opt((), "More signing keys, for several domains or "
-                                        "selectors.")
+                                        "selectors. Postfix has no equivalent; OpenDKIM: "
+                                        "KeyTable and SigningTable.")
     sign_headers: Tuple[str, ...] = opt((), "Header fields to sign (empty: the RFC 6376 "
-                                            "5.4.1 list).")
+                                            "5.4.1 list). Postfix has no equivalent; "
+                                            "OpenDKIM: SignHeaders.")
     max_signatures: int = opt(MAX_SIGNATURES,
                               "Signatures verified per message at most, top first; the "
                               "others are reported dkim=neutral (not checked) and logged. "
-                              "OpenDKIM: MaximumSignaturesToVerify (default 3).", positive)
+                              "Postfix has no equivalent; OpenDKIM: "
+                              "MaximumSignaturesToVerify (default 3).", positive)
     max_body_bytes: int = opt(MAX_BODY_BYTES,
-                              "Longest body hashed, in bytes; the signatures of a "
-                              "longer one are reported dkim=neutral (not checked) "
-                              "and logged. The default is limits.message_size's, "
-                              "so every message accepted by default is checked. "
-                              "OpenDKIM has no such limit (its MaximumSignedBytes "
-                              "is for signing).", positive)
+                              "Longest body hashed, in bytes; the signatures of a longer "
+                              "one are reported dkim=neutral (not checked) and logged. The "
+                              "default is limits.message_size's, so every message accepted "
+                              "by default is checked. Neither Postfix nor OpenDKIM has such "
+                              "a limit (OpenDKIM's MaximumSignedBytes is for "
+                              "signing).", positive)
     max_headers: int = opt(MAX_HEADERS,
-                           "Most header fields a message, or the h= list of one "
-                           "signature, may have to be checked; beyond it the "
-                           "signatures are reported dkim=neutral (not checked) and "
-                           "logged. OpenDKIM: MaximumHeaders (65536 bytes of header).",
+                           "Most header fields a message, or the h= list of one signature, "
+                           "may have to be checked; beyond it the signatures are reported "
+                           "dkim=neutral (not checked) and logged. Postfix has no "
+                           "equivalent; OpenDKIM: MaximumHeaders (65536 bytes of header).",
                            positive)
 
     def signing_keys(self):
@@ -157,22 +184,31 @@ class DKIMSettings(PluginCommon):
 class DMARCSettings(PluginCommon):
     """DMARC (RFC 7489) from the SPF and DKIM results."""
     enforce: bool = opt(False, "Apply the sender domain's policy: p=reject gives 550 5.7.1, "
-                               "p=quarantine puts the message on hold.")
+                               "p=quarantine puts the message on hold. Postfix has no "
+                               "equivalent; OpenDMARC: RejectFailures.")
     reject_text: str = opt("Message rejected by the DMARC policy of %(domain)s",
-                           "Text of the 550 reply; %(domain)s is the From domain.",
+                           "Text of the 550 reply; %(domain)s is the From domain. Postfix "
+                           "has no equivalent.",
                            _reject_text)
 
 
 @dataclass(frozen=True)
 class ARCSettings(PluginCommon):
     """ARC (RFC 8617): verify inbound chains, seal mail Elemta forwards."""
-    verify: bool = opt(True, "Verify ARC chains of inbound mail (arc=none/pass/fail).")
-    seal: bool = opt(False, "Seal messages Elemta forwards.")
-    domain: str = opt("", "Sealing domain (needed when seal is true).")
-    selector: str = opt("", "Sealing selector (needed when seal is true).")
-    key_file: str = opt("", "PEM private key used to seal (needed when seal is true).")
+    verify: bool = opt(True, "Verify ARC chains of inbound mail (arc=none/pass/fail). "
+                             "Postfix has no equivalent; Postfix sites run OpenARC as a "
+                             "milter.")
+    seal: bool = opt(False, "Seal messages Elemta forwards. Postfix has no equivalent; "
+                            "Postfix sites run OpenARC as a milter.")
+    domain: str = opt("", "Sealing domain (needed when seal is true). Postfix has no "
+                          "equivalent; OpenARC: Domain.")
+    selector: str = opt("", "Sealing selector (needed when seal is true). Postfix has no "
+                            "equivalent; OpenARC: Selector.")
+    key_file: str = opt("", "PEM private key used to seal (needed when seal is true). "
+                            "Postfix has no equivalent; OpenARC: KeyFile.")
     authserv_id: str = opt("", "The authserv-id sealed into ARC-Authentication-Results "
-                               "(default: the host name); keep it the authres plugin's.")
+                               "(default: the host name); keep it the authres plugin's. "
+                               "Postfix has no equivalent; OpenARC: AuthservID.")
 
     def validate(self, path):
         if self.seal:
@@ -185,13 +221,18 @@ class ARCSettings(PluginCommon):
 class AuthResSettings(PluginCommon):
     """The Authentication-Results header (RFC 8601)."""
     enabled: Optional[bool] = opt(None, "Write Authentication-Results; unset means: when "
-                                        "spf, dkim, dmarc or arc is enabled.")
-    authserv_id: str = opt("", "The authserv-id written (default: the host name).",
+                                        "spf, dkim, dmarc or arc is enabled. Postfix writes "
+                                        "none itself; its milters (OpenDKIM, OpenDMARC) "
+                                        "write their own.")
+    authserv_id: str = opt("", "The authserv-id written (default: the host name). Postfix "
+                               "has no equivalent; OpenDKIM: AuthservID.",
                            lambda value: _authserv_ids((value,)))
     remove_forged: bool = opt(True, "Remove inbound Authentication-Results that claim our "
-                                    "authserv-id.")
+                                    "authserv-id. Postfix has no equivalent; OpenDKIM: "
+                                    "RemoveARFrom (default: this host's name).")
     also_remove: Tuple[str, ...] = opt((), "Other authserv-ids to remove (former names of "
-                                           "this server).", _authserv_ids)
+                                           "this server). Postfix has no equivalent; "
+                                           "OpenDKIM: RemoveARFrom.", _authserv_ids)
 
 
 def authres_runs(authres, running):
@@ -207,18 +248,32 @@ def authres_runs(authres, running):
 @dataclass(frozen=True)
 class GreylistSettings(PluginCommon):
     """Greylisting: 451 4.7.1 to a first attempt from an unknown triplet."""
-    database: str = opt("/var/lib/elemta/greylist", "LMDB directory of the triplets.")
-    delay: int = opt(300, "Seconds before a retry is accepted.", not_negative)
-    retry_window: int = opt(172800, "Seconds a first attempt is remembered; not less "
-                                    "than delay.", not_negative)
-    expiry: int = opt(3024000, "Seconds a triplet that passed is kept.", not_negative)
-    allow_networks: Tuple[str, ...] = opt((), "Client networks never greylisted.", networks)
-    allow_domains: Tuple[str, ...] = opt((), "Sender domains never greylisted.", domains)
-    ipv4_prefix: int = opt(24, "IPv4 clients in one network of this prefix length (8 to "
-                               "32) count as one.", between(8, 32))
+    database: str = opt("/var/lib/elemta/greylist", "LMDB directory of the triplets. "
+                                                    "Postfix has no equivalent (postgrey's "
+                                                    "--dbdir).")
+    delay: int = opt(300, "Seconds before a retry is accepted. Postfix has no equivalent "
+                          "(postgrey's --delay, same default).", not_negative)
+    retry_window: int = opt(172800, "Seconds a first attempt is remembered; not less than "
+                                    "delay. Postfix has no equivalent (postgrey's "
+                                    "--retry-window, same default).", not_negative)
+    expiry: int = opt(3024000, "Seconds a triplet that passed is kept. Postfix has no "
+                               "equivalent (postgrey's --max-age, same default: 35 "
+                               "days).", not_negative)
+    allow_networks: Tuple[str, ...] = opt((), "Client networks never greylisted. Postfix "
+                                              "has no equivalent (postgrey's "
+                                              "--whitelist-clients file).", networks)
+    allow_domains: Tuple[str, ...] = opt((), "Sender domains never greylisted. Postfix has "
+                                             "no equivalent (a check_sender_access OK "
+                                             "before postgrey's "
+                                             "check_policy_service).", domains)
+    ipv4_prefix: int = opt(24, "IPv4 clients in one network of this prefix length (8 to 32) "
+                               "count as one. Postfix has no equivalent (postgrey's "
+                               "--ipv4cidr, same default).", between(8, 32))
     ipv6_prefix: int = opt(64, "IPv6 clients in one network of this prefix length (16 to "
-                               "128) count as one.", between(16, 128))
-    map_size_mb: int = opt(64, "Largest size of the LMDB database, in megabytes.",
+                               "128) count as one. Postfix has no equivalent (postgrey's "
+                               "--ipv6cidr, same default).", between(16, 128))
+    map_size_mb: int = opt(64, "Largest size of the LMDB database, in megabytes. Postfix "
+                               "has no equivalent.",
                            positive)
 
     def validate(self, path):
@@ -284,7 +339,9 @@ class RateLimitSettings(PluginCommon):
         (), "More client networks never limited nor counted. Postfix's "
             "smtpd_client_event_limit_exceptions.", networks)
     database: str = opt("/var/lib/elemta/ratelimit", "LMDB directory of the counters, "
-                                                      "shared by every smtpd worker.")
+                                                     "shared by every smtpd worker. Postfix "
+                                                     "has no equivalent (anvil(8) counts in "
+                                                     "memory).")
     map_size_mb: int = opt(16, "Largest size of the LMDB database, in megabytes (1 MB "
                                "holds about 6,000 counts). Past 60% full, the ended "
                                "windows and then the least recently used counts are "
@@ -437,10 +494,15 @@ class RHSBLSettings(RestrictionSettings):
                             "unless it says *N, so by default any listing refuses, as "
                             "in Postfix).", positive)
     lookup_timeout: float = opt(10.0, "Seconds to wait for the lists; one that fails or "
-                                      "does not answer in time counts as not listing.",
+                                      "does not answer in time counts as not listing. "
+                                      "Postfix has no equivalent (smtpd's reject_rhsbl_* "
+                                      "lookups wait as long as the resolver does).",
                                 positive)
-    min_ttl: int = opt(60, "Fewest seconds an answer is cached.", not_negative)
-    max_ttl: int = opt(3600, "Most seconds an answer is cached.", not_negative)
+    min_ttl: int = opt(60, "Fewest seconds an answer is cached. Postfix has no equivalent "
+                           "(postscreen_dnsbl_min_ttl is for client lists only).", not_negative)
+    max_ttl: int = opt(3600, "Most seconds an answer is cached. Postfix has no equivalent "
+                             "(postscreen_dnsbl_max_ttl is for client lists "
+                             "only).", not_negative)
 
     def validate(self, path):
         if self.max_ttl < self.min_ttl:
@@ -529,20 +591,21 @@ class ClamAVSettings(PluginCommon):
     (smtpd_milters) for this."""
     address: str = opt("/var/run/clamav/clamd.ctl",
                        "clamd's socket: a unix socket path (clamd.conf LocalSocket; "
-                       "Debian's is the default) or host:port (TCPAddr, TCPSocket). "
-                       "clamav-milter: ClamdSocket.", _scanner_address)
+                       "Debian's is the default) or host:port (TCPAddr, TCPSocket). Postfix "
+                       "has no equivalent; clamav-milter: ClamdSocket.", _scanner_address)
     max_size: int = opt(CLAMAV_MAX_SIZE,
                         "Messages larger than this many bytes are not scanned and pass, "
-                        "logged (clamav-milter: MaxFileSize, 25 MB). Keep it within "
-                        "clamd's StreamMaxLength: clamd refuses a longer stream, which "
-                        "counts as a scanner failure.", positive)
+                        "logged (Postfix has no equivalent; clamav-milter: MaxFileSize, 25 "
+                        "MB). Keep it within clamd's StreamMaxLength: clamd refuses a "
+                        "longer stream, which counts as a scanner failure.", positive)
     action: str = opt("reject", "What an infected message gets: reject (554 5.7.1) or "
-                                "quarantine (accepted and put on hold, for elemtactl "
-                                "queue release or delete). clamav-milter: OnInfected.",
+                                "quarantine (accepted and put on hold, for elemtactl queue "
+                                "release or delete). Postfix has no equivalent; "
+                                "clamav-milter: OnInfected.",
                       one_of(CLAMAV_ACTIONS))
     reject_text: str = opt("Message rejected: virus found: %(virus)s",
                            "Text of the 554 reply; %(virus)s is the signature's name. "
-                           "clamav-milter: RejectMsg.", _virus_text)
+                           "Postfix has no equivalent; clamav-milter: RejectMsg.", _virus_text)
 
 
 @dataclass(frozen=True)
@@ -562,32 +625,41 @@ class RspamdSettings(PluginCommon):
     address: str = opt("127.0.0.1:11333",
                        "Rspamd's normal worker: host:port or a unix socket path (Rspamd's "
                        "worker-normal.inc bind_socket; Exim: spamd_address ... "
-                       "variant=rspamd).", _scanner_address)
+                       "variant=rspamd). Postfix talks to Rspamd's proxy worker instead, as "
+                       "a milter in smtpd_milters (port 11332).", _scanner_address)
     password: str = opt("", "Sent as the Password header when not empty (Rspamd asks for "
                             "one only on its controller; keep it empty for the normal "
-                            "worker).")
+                            "worker). Postfix has no equivalent.")
     outbound_settings_id: str = opt("", "Settings-ID sent with outbound mail (some "
                                         "recipient is not in a local domain), naming a "
-                                        "block of Rspamd's settings module; empty: none.",
+                                        "block of Rspamd's settings module; empty: none. "
+                                        "Postfix has no equivalent.",
                                     _settings_id)
     max_size: int = opt(RSPAMD_MAX_SIZE,
                         "Messages larger than this many bytes are not scanned and pass, "
-                        "logged (Rspamd's max_message, 50 MB, refuses larger ones).",
+                        "logged (Rspamd's max_message, 50 MB, refuses larger ones). Postfix "
+                        "has no equivalent.",
                         positive)
     result_header: bool = opt(True, "Add X-Spamd-Result: Rspamd's score, its reject "
                                     "threshold and every symbol, as Rspamd's milter_headers "
-                                    "x-spamd-result writes it. Inbound copies are removed.")
+                                    "x-spamd-result writes it. Inbound copies are removed. "
+                                    "Postfix has no equivalent: through the milter, Rspamd "
+                                    "adds it itself.")
     status_header: bool = opt(False, "Add X-Spam-Status: Yes or No, the score and the "
                                      "threshold (Rspamd's x-spam-status, SpamAssassin's "
-                                     "layout). Inbound copies are removed.")
-    spam_header: str = opt("X-Spam", "Header field set to Yes on Rspamd's add header "
-                                     "action (Rspamd's milter_headers: x-spam); empty: "
-                                     "none.", _header_name)
-    milter_headers: bool = opt(True, "Apply the header edits Rspamd's milter_headers "
-                                     "module puts in its answer (add and remove).")
+                                     "layout). Inbound copies are removed. Postfix has no "
+                                     "equivalent: through the milter, Rspamd adds it "
+                                     "itself.")
+    spam_header: str = opt("X-Spam", "Header field set to Yes on Rspamd's add header action "
+                                     "(Rspamd's milter_headers: x-spam); empty: none. "
+                                     "Postfix has no equivalent: through the milter, Rspamd "
+                                     "adds it itself.", _header_name)
+    milter_headers: bool = opt(True, "Apply the header edits Rspamd's milter_headers module "
+                                     "puts in its answer (add and remove). Postfix applies "
+                                     "them as the milter's header edits.")
     reject_text: str = opt("Spam message rejected",
-                           "Text of the 554 reply when Rspamd gives no SMTP message of "
-                           "its own.", _reply_text)
+                           "Text of the 554 reply when Rspamd gives no SMTP message of its "
+                           "own. Postfix has no equivalent.", _reply_text)
 
 
 # ---- policy_service (issue #15, elemta.restrictions.policy_service) ----------------------
@@ -676,7 +748,9 @@ class PolicyServerSettings:
 class PolicyServiceSettings(PluginCommon):
     """Policy delegation (check_policy_service): ask policy servers, act on their answer."""
     servers: Tuple[PolicyServerSettings, ...] = opt(
-        (), "The policy servers, asked in this order; an OK from one skips the later ones.")
+        (), "The policy servers, asked in this order; an OK from one skips the later ones. "
+            "Postfix: each check_policy_service in its restriction lists, with the "
+            "smtpd_policy_service_* settings.")
 
     def validate(self, path):
         if self.enabled and not self.servers:
