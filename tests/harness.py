@@ -124,6 +124,18 @@ def wait_for(predicate, timeout=10):
     raise AssertionError("condition not met within %ss" % timeout)
 
 
+def wait_for_settled(predicate, timeout=30):
+    """wait_for(predicate), then once more after every Elemta process has written its
+    metric counts again (they do about once a second, elemta.util.metricvalues): a count
+    that must be exact may be reached first and exceeded only by the next write."""
+    from elemta.util.metricvalues import FLUSH_INTERVAL
+    wait_for(predicate, timeout)
+    time.sleep(FLUSH_INTERVAL + 0.5)
+    value = predicate()
+    assert value, "condition met, then no longer once the counts were written again"
+    return value
+
+
 def submit(server, sender, recipient):
     """Send one small message over SMTP to a running ElemtaServer; its queue id."""
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:

@@ -18,7 +18,7 @@ import pytest
 
 from elemta.config.schema import ClusterSettings
 from elemta.sharedstate.redisstore import RedisStore, connect
-from tests.harness import free_port, wait_for
+from tests.harness import free_port, wait_for, wait_for_settled
 from tests.peers import redis as redis_peer
 from tests.test_metrics import healthy, labelled, scrape
 
@@ -201,8 +201,8 @@ def test_greylisting_outcomes_count_a_store_outage_as_tempfail(elemta_server, tm
     store.stop()
     assert mail_from(node.port, "a@sender.test", "b@grey.test") == (
         451, "4.3.0 Temporary failure: shared state store unavailable, try again later")
-    wait_for(lambda: labelled(scrape(api_port)[0], "elemta_greylist_checks_total") == {
-        ("defer",): 1, ("pass",): 1, ("exempt",): 1, ("tempfail",): 1}, timeout=30)
+    wait_for_settled(lambda: labelled(scrape(api_port)[0], "elemta_greylist_checks_total") == {
+        ("defer",): 1, ("pass",): 1, ("exempt",): 1, ("tempfail",): 1})
 
 
 def smtpd_sessions(log, since):
@@ -256,8 +256,8 @@ def test_an_outage_is_logged_once_per_node_however_many_workers_see_it(
             assert log.count(RESUMED) == outage, log
             # Counted when it began, by a worker that writes its counts about once a
             # second: an outage shorter than that may reach the api after its end.
-            wait_for(lambda: scrape(api_port)[0].get(
-                ("elemta_cluster_store_outages_total", ())) == outage, 30)
+            wait_for_settled(lambda: scrape(api_port)[0].get(
+                ("elemta_cluster_store_outages_total", ())) == outage)
     finally:
         stop.set()
         for loader in loaders:

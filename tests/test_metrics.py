@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from elemta.metrics import rejection_reason
+from elemta.util.metricvalues import FLUSH_INTERVAL
 from tests.harness import REPO, free_port, wait_for
 from tests.peers.sink import ScriptedServer
 from tests.test_drain import elemtactl
@@ -41,20 +42,25 @@ def scrape(api_port):
 
 
 def settled(api_port, check, timeout=30):
-    """(samples, text) of the first scrape check(samples) passes (check asserts): workers
-    write their counts to the metric files about once a second (elemta.util.metricvalues),
-    so a scrape right after traffic may be behind. Past timeout, check's own assertion
-    fails the test."""
+    """(samples, text) of a scrape check(samples) passes (check asserts), and still
+    passes once every process has written its counts again: workers write them to the
+    metric files about once a second (elemta.util.metricvalues), so a scrape right after
+    traffic may be behind - and a count that must stay at zero or exact may be exceeded
+    only by the next write. Past timeout, check's own assertion fails the test."""
     deadline = time.monotonic() + timeout
     while True:
         samples, text = scrape(api_port)
         try:
             check(samples)
-            return samples, text
+            break
         except AssertionError:
             if time.monotonic() > deadline:
                 raise
         time.sleep(0.05)
+    time.sleep(FLUSH_INTERVAL + 0.5)
+    samples, text = scrape(api_port)
+    check(samples)
+    return samples, text
 
 
 def value(samples, name, **labels):
