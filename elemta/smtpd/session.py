@@ -380,7 +380,10 @@ class Session:
         most LINGER_SECONDS and LINGER_BYTES, so the last reply is not lost to a reset."""
         sock = self.sock
         if self._closing_code == 221 and self.tls_info is None and not self._input_waiting():
-            return              # QUIT answered, nothing unread: close() sends no reset
+            # QUIT answered, nothing unread: closing now sends no reset (now: the clean-up
+            # after this may yield, and input arriving meanwhile would make one).
+            sock.close()
+            return
         try:
             # On a TLS socket this drops TLS first; what is drained is not decrypted.
             sock.shutdown(socket.SHUT_WR)

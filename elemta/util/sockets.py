@@ -8,7 +8,8 @@ is left for the rest. Used by the smtpd session and the delivery SMTP client.
 
 
 def send_all(sock, data):
-    """Write all of data (bytes) to sock, with the socket's timeout, as sock.sendall."""
+    """Write all of data (bytes) to sock, as sock.sendall. The socket's timeout bounds
+    each of the two calls: a peer that stops reading mid-write may hold it twice that."""
     sent = sock.send(data)
     if sent < len(data):
         sock.sendall(memoryview(data)[sent:])
