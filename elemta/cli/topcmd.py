@@ -137,7 +137,9 @@ def add_command(commands, parser_class, parents) -> None:
     sub = commands.add_parser("top", parents=parents, help=doc.split(" (")[0] +
                               " and queue sizes, refreshed", description=doc)
     sub.add_argument("--interval", metavar="SECONDS", type=float, default=2.0,
-                     help="seconds between refreshes (default: 2)")
+                     help="seconds between refreshes (default: 2; the processes write "
+                          "their counts about once a second, so shorter intervals give "
+                          "jumpy rates)")
     sub.add_argument("--once", action="store_true",
                      help="print one snapshot (rates over one interval) and exit")
     sub.add_argument("--api", metavar="HOST:PORT",
