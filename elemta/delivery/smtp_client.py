@@ -63,7 +63,7 @@ from elemta.delivery import dane, deferrals
 from elemta.delivery.wire import (DataEncoder, ReplyReader, ServerReply, SMTPProtocolError,
                                   local_reply, orcpt_parameter, parse_ehlo, xtext)
 from elemta.tlsrpt import results
-from elemta.util.sockets import send_all
+from elemta.util.sockets import send_all, set_timeout
 
 log = logging.getLogger("elemta.delivery")
 
@@ -756,8 +756,7 @@ class SMTPClient:
             raise _Broken(local_reply(451, "4.4.2", "not connected to %s" % self.peer),
                           deferrals.LOST_CONNECTION)
         try:
-            if self.sock.timeout != timeout:
-                self.sock.settimeout(timeout)
+            set_timeout(self.sock, timeout)
             send_all(self.sock, data)
         except socket.timeout:
             raise _Broken(local_reply(451, "4.4.2", "conversation with %s timed out while "

@@ -1,10 +1,16 @@
-"""Writing to a gevent socket without sendall()'s fixed cost.
+"""Small gevent socket operations done often, done cheaply (issue #20).
 
-gevent's sendall() asks the kernel for SO_SNDBUF on every call to size its chunks: a
-system call per SMTP reply or command, about 2% of a worker's CPU (issue #20). What
-Elemta writes is nearly always a few hundred bytes that one send() takes whole; sendall()
-is left for the rest. Used by the smtpd session and the delivery SMTP client.
+Used by the smtpd session and the delivery SMTP client, several times per command:
+gevent's sendall() asks the kernel for SO_SNDBUF on every call to size its chunks (a
+system call per SMTP reply, about 2% of a worker's CPU), while what Elemta writes is
+nearly always a few hundred bytes one send() takes whole; settimeout() validates and
+stores a value that mostly did not change; and unread_bytes() lets the smtpd close at
+once after QUIT when the client left nothing unread (no lingering read).
 """
+
+import fcntl
+import struct
+import termios
 
 
 def send_all(sock, data):
@@ -13,3 +19,15 @@ def send_all(sock, data):
     sent = sock.send(data)
     if sent < len(data):
         sock.sendall(memoryview(data)[sent:])
+
+
+def set_timeout(sock, seconds):
+    """sock.settimeout(seconds), only when that changes it."""
+    if sock.timeout != seconds:
+        sock.settimeout(seconds)
+
+
+def unread_bytes(sock):
+    """Bytes the peer sent that the kernel holds, not read yet (FIONREAD); raises
+    OSError when the socket cannot tell."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
