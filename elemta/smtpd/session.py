@@ -27,11 +27,8 @@ See also: elemta.smtpd.server (the shared services), elemta.plugins.manager.
 
 import dataclasses
 import errno
-import fcntl
 import logging
 import socket
-import struct
-import termios
 import time
 
 import gevent
@@ -64,7 +61,7 @@ from elemta.smtp.protocol import AUTH_MECHANISMS, ServerProtocol
 from elemta.smtp.replies import Reply
 from elemta.smtpd import authresult, tls
 from elemta.smtpd.received import protocol_name, received_header
-from elemta.util.sockets import send_all
+from elemta.util.sockets import send_all, set_timeout, unread_bytes
 from elemta.util.text import printable
 from elemta.util.threads import in_thread
 
@@ -345,8 +342,8 @@ class Session:
 
     def _recv(self):
         """Bytes from the client; on timeout, queue the 421 and return None."""
-        self._set_timeout(self.timeouts.data_block if self.proto.reading_content
-                          else self.timeouts.command)
+        set_timeout(self.sock, self.timeouts.data_block if self.proto.reading_content
+                    else self.timeouts.command)
         try:
             data = self.sock.recv(RECV_SIZE)
         except socket.timeout:
@@ -363,17 +360,12 @@ class Session:
     def _flush(self):
         if self._out:
             data, self._out = bytes(self._out), bytearray()
-            self._set_timeout(self.timeouts.command)
+            set_timeout(self.sock, self.timeouts.command)
             try:
                 send_all(self.sock, data)
             except (OSError, ssl.SSLError) as exc:
                 raise SessionEnded(getattr(exc, "strerror", None) or str(exc)) from None
         self._notify_queued()
-
-    def _set_timeout(self, seconds):
-        """The socket's timeout, set only when it changes (twice per command otherwise)."""
-        if self.sock.timeout != seconds:
-            self.sock.settimeout(seconds)
 
     def _linger(self):
         """Say we are done (FIN) and drain the client's input until it closes too, for at
@@ -402,10 +394,9 @@ class Session:
             return
 
     def _input_waiting(self):
-        """Whether the kernel holds bytes from the client not read yet (FIONREAD)."""
+        """Whether the kernel holds bytes from the client not read yet."""
         try:
-            return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.FIONREAD,
-                                                  b"\0\0\0\0"))[0] > 0
+            return unread_bytes(self.sock) > 0
         except OSError:
             return True         # cannot tell: linger
 
