@@ -20,8 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from elemta.metrics import rejection_reason
-from elemta.util.metricvalues import FLUSH_INTERVAL
-from tests.harness import REPO, free_port, wait_for
+from tests.harness import REPO, free_port, wait_for, wait_for_settled
 from tests.peers.sink import ScriptedServer
 from tests.test_drain import elemtactl
 from tests.test_workers import children_of
@@ -43,24 +42,22 @@ def scrape(api_port):
 
 def settled(api_port, check, timeout=30):
     """(samples, text) of a scrape check(samples) passes (check asserts), and still
-    passes once every process has written its counts again: workers write them to the
-    metric files about once a second (elemta.util.metricvalues), so a scrape right after
-    traffic may be behind - and a count that must stay at zero or exact may be exceeded
-    only by the next write. Past timeout, check's own assertion fails the test."""
-    deadline = time.monotonic() + timeout
-    while True:
+    passes once every process has written its counts again (wait_for_settled: workers
+    write them about once a second, so a scrape right after traffic may be behind, and a
+    count that must be exact may be exceeded only by the next write). On failure,
+    check's own assertion says what is wrong."""
+    def passing():
         samples, text = scrape(api_port)
         try:
             check(samples)
-            break
         except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.05)
-    time.sleep(FLUSH_INTERVAL + 0.5)
-    samples, text = scrape(api_port)
-    check(samples)
-    return samples, text
+            return None
+        return samples, text
+    try:
+        return wait_for_settled(passing, timeout)
+    except AssertionError:
+        check(scrape(api_port)[0])
+        raise
 
 
 def value(samples, name, **labels):
