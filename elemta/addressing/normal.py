@@ -37,6 +37,10 @@ def normal_domain(domain):
         # A table key for every subdomain (".example.org"): the rest is a domain.
         return "." + normal_domain(domain[1:])
     domain = domain.lower().rstrip(".")
+    if domain.isascii():
+        # IDNA leaves an ASCII domain as it is (or refuses it, which returns it as it
+        # is too): skip the codec, pure Python and run for every address.
+        return domain
     try:
         domain = domain.encode("idna").decode("ascii")
     except UnicodeError:
