@@ -75,6 +75,7 @@ test: system-packages $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python tests/bench/bench_accept.py
+	$(VENV)/bin/python tests/bench/bench_floor.py
 	$(VENV)/bin/python tests/bench/bench_idle_sessions.py
 	$(VENV)/bin/python tests/bench/bench_queue_tools.py
 	$(VENV)/bin/python tests/bench/bench_relay.py
