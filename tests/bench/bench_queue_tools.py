@@ -18,8 +18,9 @@ A script, not a pytest test (`make bench` runs it after bench_accept.py). It:
 4. times Postfix's `mailq` (postqueue -p through the showq service) on that queue, whole
    and `| head`, and `qshape hold`.
 
-Postfix parts need root and the postfix package; without them only Elemta is timed.
-BENCH_KEEP=1 keeps the temp dirs. See also: elemta.queue.listing, elemta.cli.queuecmd.
+Each command runs BENCH_RUNS times (3): the median with min and max, and the load average
+before and after. Postfix parts need root and the postfix package; without them only
+Elemta is timed. BENCH_KEEP=1 keeps the temp dirs. See also: elemta.queue.listing, elemta.cli.queuecmd.
 """
 
 import os
@@ -38,6 +39,7 @@ from elemta.queue.ids import ALPHABET  # noqa: E402
 from elemta.queue.index import QueueIndex, QueueRecord  # noqa: E402
 from elemta.queue.model import (DEFERRED, HOLD, INCOMING, PENDING, RCPT_DEFERRED,  # noqa: E402
                                 Envelope, Recipient)
+from tests.bench.runs import Spread, load_average, run_count  # noqa: E402
 from tests.peers.postfix import PostfixInstance, postfix_available  # noqa: E402
 from tests.harness import free_port  # noqa: E402
 
@@ -99,15 +101,18 @@ def seed(spool_dir, count):
 
 
 def timed(command, env=None):
-    """Run a shell command; (seconds, its stdout's last line)."""
-    started = time.monotonic()
-    done = subprocess.run(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, env=env or ENV)
-    seconds = time.monotonic() - started
-    if done.returncode != 0 or done.stderr.strip():
-        print("  (%s: exit %d, %s)" % (command, done.returncode, done.stderr.strip()[:300]))
+    """Run a shell command BENCH_RUNS times (3); (Spread of its seconds, its stdout's
+    last line)."""
+    times = []
+    for _ in range(run_count()):
+        started = time.monotonic()
+        done = subprocess.run(command, shell=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, env=env or ENV)
+        times.append(time.monotonic() - started)
+        if done.returncode != 0 or done.stderr.strip():
+            print("  (%s: exit %d, %s)" % (command, done.returncode, done.stderr.strip()[:300]))
     lines = done.stdout.strip().splitlines()
-    return seconds, lines[-1] if lines else ""
+    return Spread.of(times), lines[-1] if lines else ""
 
 
 def bench_elemta(workdir):
@@ -123,7 +128,7 @@ def bench_elemta(workdir):
             ("queue list --state hold (all)", ctl % "list --state hold" + " | tail -n 1")):
         seconds, last = timed(command)
         results[label] = seconds
-        print("  elemtactl %-32s %7.2f s   %s" % (label, seconds, last))
+        print("  elemtactl %-32s %s s   %s" % (label, seconds.format(2), last))
     return results
 
 
@@ -185,7 +190,7 @@ def bench_postfix(workdir):
                                 % postfix.config_dir)):
             seconds, last = timed(command, env)
             results[label] = seconds
-            print("  postfix %-34s %7.2f s   %s" % (label, seconds, last))
+            print("  postfix %-34s %s s   %s" % (label, seconds.format(2), last))
     if not os.environ.get("BENCH_KEEP"):
         shutil.rmtree(pf_dir, ignore_errors=True)
     return results
@@ -193,6 +198,7 @@ def bench_postfix(workdir):
 
 def main():
     workdir = tempfile.mkdtemp(prefix="elemta-bench-queue-")
+    print("before: %s" % load_average())
     try:
         elemta = bench_elemta(workdir)
         postfix = bench_postfix(workdir)
@@ -201,9 +207,11 @@ def main():
             print("kept %s" % workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    print("after: %s" % load_average())
     print()
     print("Summary (%d messages in Elemta's index, %d of them on hold; %d in Postfix's "
-          "hold queue; warm page cache):" % (MESSAGES, MESSAGES // HOLD_EVERY, POSTFIX_MESSAGES))
+          "hold queue; warm page cache; seconds, median (min-max) of %d runs):"
+          % (MESSAGES, MESSAGES // HOLD_EVERY, POSTFIX_MESSAGES, run_count()))
     rows = [("elemtactl queue summary", elemta["queue summary"]),
             ("elemtactl queue list --state hold | head", elemta["queue list --state hold | head"]),
             ("elemtactl queue list --state hold, all listed",
@@ -213,10 +221,10 @@ def main():
                  ("postfix mailq, all listed", postfix["mailq (all)"]),
                  ("postfix qshape hold", postfix["qshape hold"])]
     for label, seconds in rows:
-        print("  %-48s %7.2f s" % (label, seconds))
+        print("  %-48s %s s" % (label, seconds.format(2)))
     if postfix:
-        print("  listing every held message: Postfix's mailq / elemtactl = %.2f"
-              % (postfix["mailq (all)"] / elemta["queue list --state hold (all)"]))
+        print("  listing every held message: Postfix's mailq / elemtactl = %.2f (medians)"
+              % (postfix["mailq (all)"].median / elemta["queue list --state hold (all)"].median))
     return 0
 
 

@@ -133,10 +133,12 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix="elemta-profile-")
     os.chmod(scratch, 0o755)     # smtp-sink runs as nobody and writes below here
-    print("profile: %ds of smtp-source load, %d sessions, %d-byte messages, %s; output in "
-          "%s" % (seconds, SESSIONS, message_bytes(), "accepted only"
-                  if os.environ.get("PROFILE_LOAD") == "accept" else "relayed to smtp-sink",
-                  out_dir))
+    print("profile: %ds of smtp-source load, %d sessions, %d-byte messages, %s; %s; output "
+          "in %s" % (seconds, SESSIONS, message_bytes(), "accepted only"
+                     if os.environ.get("PROFILE_LOAD") == "accept" else "relayed to smtp-sink",
+                     "samples of threads holding the GIL only (PROFILE_GIL=1)"
+                     if os.environ.get("PROFILE_GIL") == "1"
+                     else "every busy sample, waits in C included", out_dir))
     print("before: %s" % load_average())
     files = {kind: [] for kind in KINDS}  # type: Dict[str, List[str]]
     try:
