@@ -35,7 +35,8 @@ sys.path.insert(0, REPO)
 
 from tests.bench.cpu import (cpu_seconds, print_breakdown, tree_cpu_by_title,  # noqa: E402
                             tree_cpu_seconds)
-from tests.bench.runs import Spread, group, load_average, ratio, run_count  # noqa: E402
+from tests.bench.runs import (Spread, group, load_average, ratio, run_count,  # noqa: E402
+                              shortfalls)
 from tests.harness import ELEMTA_DEFAULT, ElemtaServer, free_port  # noqa: E402
 from tests.peers.postfix import PostfixInstance, postfix_available  # noqa: E402
 
@@ -243,9 +244,7 @@ def main():
             shutil.rmtree(scratch, ignore_errors=True)
     print("after: %s" % load_average())
     report(results)
-    short = [r for r in results if r.accepted != r.sent]
-    for result in short:
-        print("%s accepted %d of %d" % (result.name, result.accepted, result.sent))
+    short = shortfalls(results)
     return 1 if failed or short else 0
 
 

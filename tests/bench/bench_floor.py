@@ -42,7 +42,7 @@ sys.path.insert(0, REPO)
 from tests.bench.bench_accept import (MESSAGE_BYTES, SMTP_SOURCE, Result,  # noqa: E402
                                       bench_elemta, bench_postfix, drive, report)
 from tests.bench.cpu import cpu_seconds  # noqa: E402
-from tests.bench.runs import load_average, run_count  # noqa: E402
+from tests.bench.runs import load_average, run_count, shortfalls  # noqa: E402
 from tests.peers.postfix import postfix_available  # noqa: E402
 
 POSTFIX = "postfix in_flow_delay=0"
@@ -205,9 +205,7 @@ def main():
         shutil.rmtree(scratch, ignore_errors=True)
     print("after: %s" % load_average())
     report(results, [(name, POSTFIX) for name in ("floor sockets", "floor durable", "elemta")])
-    short = [r for r in results if r.accepted != r.sent]
-    for result in short:
-        print("%s accepted %d of %d" % (result.name, result.accepted, result.sent))
+    short = shortfalls(results)
     return 1 if short else 0
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, REPO)
 
 from tests.bench.bench_accept import (SMTP_SOURCE, Result, bench_elemta,  # noqa: E402
                                       bench_postfix, report)
-from tests.bench.runs import load_average, run_count  # noqa: E402
+from tests.bench.runs import load_average, run_count, shortfalls  # noqa: E402
 from tests.harness import free_port  # noqa: E402
 from tests.peers.clamd import ClamdInstance, clamd_available  # noqa: E402
 from tests.peers.postfix import postfix_available  # noqa: E402
@@ -150,9 +150,7 @@ def main():
     scanned = sum(r.accepted for r in results if r.name in ("elemta+scanners",
                                                             "postfix+milters"))
     print("clamd scanned %d streams for %d messages accepted with scanners" % (scans, scanned))
-    short = [r for r in results if r.accepted != r.sent]
-    for result in short:
-        print("%s accepted %d of %d" % (result.name, result.accepted, result.sent))
+    short = shortfalls(results)
     return 1 if short else 0
 
 

@@ -56,3 +56,14 @@ def load_average():
 def ratio(mine, theirs):
     # type: (float, float) -> str
     return "%.2f" % (mine / theirs) if theirs > 0 else "n/a"
+
+
+def shortfalls(results):
+    # type: (Iterable[T]) -> List[T]
+    """The results whose target took fewer messages than were sent (result.accepted and
+    result.sent), each printed: a benchmark that lost mail has no figures worth reading."""
+    short = [r for r in results if r.accepted != r.sent]  # type: ignore[attr-defined]
+    for result in short:
+        print("%s accepted %d of %d" % (result.name, result.accepted,  # type: ignore
+                                        result.sent))
+    return short
