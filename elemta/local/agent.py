@@ -178,7 +178,7 @@ class LocalAgent(GeventChild):
     def deliver_in_child(self, queue_id, recipient):
         """Fork the per-recipient process (still root); its (status, reply)."""
         read_end, write_end = os.pipe()
-        pid = gevent.os.fork_gevent()       # no child watcher: _reap polls instead
+        pid = gevent.os.fork_gevent()       # no child watcher: see _reap
         if pid == 0:
             os.close(read_end)
             self._child(write_end, queue_id, recipient)      # never returns
@@ -194,16 +194,16 @@ class LocalAgent(GeventChild):
                 chunks.append(data)
         finally:
             os.close(read_end)
-        wait_status = _reap(pid)
-        self.children.discard(pid)
+        try:
+            wait_status = _reap(pid)
+        finally:
+            self.children.discard(pid)
         try:
             status, reply = json.loads(b"".join(chunks).decode("utf-8"))
             return status, reply
         except ValueError:
-            code = os.waitstatus_to_exitcode(wait_status)
             log.error("%s: delivery to <%s> ended with %s and no answer", queue_id,
-                      recipient["address"], "exit status %d" % code if code >= 0
-                      else "signal %d" % -code)
+                      recipient["address"], _ending(wait_status))
             return RCPT_DEFERRED, "451 4.3.0 local delivery failed (see the log)"
 
     def _child(self, write_end, queue_id, recipient):
@@ -250,16 +250,29 @@ class LocalAgent(GeventChild):
 
 def _reap(pid):
     """The wait status of a per-recipient process whose pipe has closed (it exits right
-    after). Polled, not waited for through gevent's child watcher: under load that watcher
-    was seen to miss the SIGCHLD, leaving the request waiting on a zombie for good and
-    the delivery worker without its answer (tests/test_local_protocol.py's last test)."""
+    after); None if something else reaped it. Polled, because this process must never
+    make a gevent child watcher: gevent installs libev's SIGCHLD handler only when the
+    first watcher is made, after fork() has returned, so a first child that exits before
+    that has its SIGCHLD dropped and its watcher never fires. The agent's first delivery
+    then waited on a zombie for good (tests/test_local_protocol.py)."""
     delay = 0.001
     while True:
-        reaped, wait_status = os.waitpid(pid, os.WNOHANG)
+        try:
+            reaped, wait_status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
         if reaped:
             return wait_status
         gevent.sleep(delay)
         delay = min(2 * delay, 0.1)
+
+
+def _ending(wait_status):
+    """How a per-recipient process ended, for the log."""
+    if wait_status is None:
+        return "an exit status unknown (reaped elsewhere)"
+    code = os.waitstatus_to_exitcode(wait_status)
+    return "exit status %d" % code if code >= 0 else "signal %d" % -code
 
 
 def run_local(config, slot, scoreboard, master_pid):
