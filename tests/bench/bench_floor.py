@@ -154,15 +154,20 @@ def bench_floor(scratch, count, durable):
             pid = os.fork()
             if pid == 0:
                 try:
+                    os.close(ready_read)
                     Floor(counts, slot, spool).serve(listener, ready_write)
                 finally:
                     os._exit(1)
             children.append(pid)
+        os.close(ready_write)               # EOF once every worker has started or died
         started = b""
         while len(started) < workers:       # their start is not the floor's cost
             if not select.select([ready_read], [], [], 30)[0]:
                 raise RuntimeError("a floor worker did not start in 30 s")
-            started += os.read(ready_read, workers)
+            got = os.read(ready_read, workers)
+            if not got:
+                raise RuntimeError("a floor worker exited before it started")
+            started += got
         before = cpu_seconds(children)
         seconds = drive(listener.getsockname()[1], count)
         spent = cpu_seconds(children) - before
@@ -176,7 +181,6 @@ def bench_floor(scratch, count, durable):
             os.waitpid(pid, 0)
         listener.close()
         os.close(ready_read)
-        os.close(ready_write)
     return Result("floor durable" if durable else "floor sockets", count, accepted, seconds,
                   spent)
 
