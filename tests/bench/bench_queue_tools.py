@@ -20,7 +20,8 @@ A script, not a pytest test (`make bench` runs it after bench_accept.py). It:
 
 Each command runs BENCH_RUNS times (3): the median with min and max, and the load average
 before and after. Postfix parts need root and the postfix package; without them only
-Elemta is timed. BENCH_KEEP=1 keeps the temp dirs. See also: elemta.queue.listing, elemta.cli.queuecmd.
+Elemta is timed. BENCH_KEEP=1 keeps the temp dirs.
+See also: elemta.queue.listing, elemta.cli.queuecmd.
 """
 
 import os
