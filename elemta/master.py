@@ -49,6 +49,7 @@ from elemta import metrics
 from elemta.services import SERVICES, run_child as run_service
 from elemta.util import logs, sdnotify
 from elemta.util.child import EX_CANTBOOT
+from elemta.util.procs import ended_how
 from elemta.util.scoreboard import RETIRING, RUNNING, STARTING, Scoreboard
 from elemta.util.text import printable
 
@@ -321,7 +322,7 @@ class Master:
             self.scoreboard.release(child.slot)
             _run_callbacks(self.slot_freed, child.slot)
             code = os.waitstatus_to_exitcode(status)
-            how = "exit status %d" % code if code >= 0 else "signal %d" % -code
+            how = ended_how(status)
             if not child.stopping and (self.stopping or self.stop_pending()):
                 # The group's stop reached it before the master got to send its own.
                 child.stopping = True

@@ -41,6 +41,7 @@ from elemta.queue.model import RCPT_DEFERRED
 from elemta.queue.store import SpoolStore
 from elemta.util.child import GeventChild
 from elemta.util.eugid import acting_as
+from elemta.util.procs import ended_how
 
 log = logging.getLogger("elemta.local")
 
@@ -271,8 +272,7 @@ def _ending(wait_status):
     """How a per-recipient process ended, for the log."""
     if wait_status is None:
         return "an exit status unknown (reaped elsewhere)"
-    code = os.waitstatus_to_exitcode(wait_status)
-    return "exit status %d" % code if code >= 0 else "signal %d" % -code
+    return ended_how(wait_status)
 
 
 def run_local(config, slot, scoreboard, master_pid):

@@ -20,6 +20,8 @@ import os
 import signal
 import traceback
 
+from elemta.util.procs import ended_how
+
 log = logging.getLogger("elemta.local")
 
 
@@ -81,13 +83,8 @@ def run_as(user, function, *args, extra_groups=()):
         answer = json.loads(b"".join(chunks).decode("utf-8"))
     except ValueError:
         raise ChildFailed("the process working as %s ended with %s and no answer"
-                          % (user.pw_name, _how(wait_status))) from None
+                          % (user.pw_name, ended_how(wait_status))) from None
     if "crash" in answer:
         log.error("working as %s: %s", user.pw_name, answer.get("trace") or answer["crash"])
         raise ChildFailed("working as %s: %s" % (user.pw_name, answer["crash"]))
     return answer["result"]
-
-
-def _how(wait_status):
-    code = os.waitstatus_to_exitcode(wait_status)
-    return "exit status %d" % code if code >= 0 else "signal %d" % -code

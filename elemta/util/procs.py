@@ -1,10 +1,17 @@
-"""Reading the process table from /proc: which processes a master has, and their titles.
+"""Reading the process table from /proc: which processes a master has, and their titles;
+and how a child process ended, in the words the log uses.
 
 Used by `elemtactl status`, `reload` and `stop` (elemta.cli.control) and by the
-process-model tests.
+process-model tests; ended_how by the master and the local agent.
 """
 
 import os
+
+
+def ended_how(wait_status):
+    """A wait status as the log says it: "exit status 1", "signal 9"."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    return "exit status %d" % code if code >= 0 else "signal %d" % -code
 
 
 def stat_fields(pid):
