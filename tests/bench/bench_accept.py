@@ -35,8 +35,8 @@ sys.path.insert(0, REPO)
 
 from tests.bench.cpu import (cpu_seconds, print_breakdown, tree_cpu_by_title,  # noqa: E402
                             tree_cpu_seconds)
-from tests.bench.runs import (Spread, group, load_average, ratio, run_count,  # noqa: E402
-                              shortfalls)
+from tests.bench.runs import (Spread, first_missing, group, load_average, ratio,  # noqa: E402
+                              run_count, shared_scratch, shortfalls)
 from tests.harness import ELEMTA_DEFAULT, ElemtaServer, free_port  # noqa: E402
 from tests.peers.postfix import PostfixInstance, postfix_available  # noqa: E402
 
@@ -207,13 +207,12 @@ def main():
     loads = [load for load in LOADS if not wanted or load.label in wanted.split(",")]
     if os.environ.get("BENCH_REUSE") == "1":
         loads.append(REUSE)
-    reason = postfix_available()
-    if reason or not os.path.exists(SMTP_SOURCE):
-        print("bench_accept: cannot run: %s" % (reason or SMTP_SOURCE + " is missing"))
+    reason = postfix_available() or first_missing(SMTP_SOURCE)
+    if reason:
+        print("bench_accept: cannot run: %s" % reason)
         return 2
 
-    scratch = tempfile.mkdtemp(prefix="elemta-bench-")
-    os.chmod(scratch, 0o755)  # The postfix user must reach the Postfix queues inside.
+    scratch = shared_scratch("elemta-bench-")
     print("bench_accept: %d messages, %d sessions, loads %s, in %s"
           % (count, SESSIONS, ", ".join(load.label for load in loads), scratch))
     print("before: %s" % load_average())

@@ -42,7 +42,8 @@ sys.path.insert(0, REPO)
 from tests.bench.bench_accept import (MESSAGE_BYTES, SMTP_SOURCE, Result,  # noqa: E402
                                       bench_elemta, bench_postfix, drive, report)
 from tests.bench.cpu import cpu_seconds  # noqa: E402
-from tests.bench.runs import load_average, run_count, shortfalls  # noqa: E402
+from tests.bench.runs import (first_missing, load_average, run_count,  # noqa: E402
+                              shared_scratch, shortfalls)
 from tests.peers.postfix import postfix_available  # noqa: E402
 
 POSTFIX = "postfix in_flow_delay=0"
@@ -187,12 +188,11 @@ def bench_floor(scratch, count, durable):
 
 def main():
     count = int(os.environ.get("BENCH_MESSAGES", "5000"))
-    reason = postfix_available()
-    if reason or not os.path.exists(SMTP_SOURCE):
-        print("bench_floor: cannot run: %s" % (reason or SMTP_SOURCE + " is missing"))
+    reason = postfix_available() or first_missing(SMTP_SOURCE)
+    if reason:
+        print("bench_floor: cannot run: %s" % reason)
         return 2
-    scratch = tempfile.mkdtemp(prefix="elemta-floor-")
-    os.chmod(scratch, 0o755)  # The postfix user must reach the Postfix queues inside.
+    scratch = shared_scratch("elemta-floor-")
     print("bench_floor: %d messages, in %s" % (count, scratch))
     print("before: %s" % load_average())
     results = []

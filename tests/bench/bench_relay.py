@@ -36,7 +36,8 @@ sys.path.insert(0, REPO)
 
 from tests.bench.cpu import (cpu_seconds, print_breakdown, tree_cpu_by_title,  # noqa: E402
                             tree_cpu_seconds)
-from tests.bench.runs import Spread, group, load_average, ratio, run_count  # noqa: E402
+from tests.bench.runs import (Spread, first_missing, group, load_average, ratio,  # noqa: E402
+                              run_count, shared_scratch)
 from tests.harness import ELEMTA_DEFAULT, ElemtaServer, free_port, wait_for_greeting  # noqa: E402
 from tests.peers.postfix import PostfixInstance, postfix_available  # noqa: E402
 
@@ -238,15 +239,11 @@ def report(results):
 
 def main():
     count = int(os.environ.get("BENCH_MESSAGES", "3000"))
-    reason = postfix_available()
-    for program in (SMTP_SOURCE, SMTP_SINK):
-        if not reason and not os.path.exists(program):
-            reason = program + " is missing"
+    reason = postfix_available() or first_missing(SMTP_SOURCE, SMTP_SINK)
     if reason:
         print("bench_relay: cannot run: %s" % reason)
         return 2
-    scratch = tempfile.mkdtemp(prefix="elemta-bench-relay-")
-    os.chmod(scratch, 0o755)  # The postfix and nobody users must reach what is inside.
+    scratch = shared_scratch("elemta-bench-relay-")
     print("bench_relay: %d messages of %d bytes, %d sessions, relayed to smtp-sink, in %s"
           % (count, MESSAGE_BYTES, SESSIONS, scratch))
     print("before: %s" % load_average())

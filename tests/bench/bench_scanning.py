@@ -37,7 +37,8 @@ sys.path.insert(0, REPO)
 
 from tests.bench.bench_accept import (SMTP_SOURCE, Result, bench_elemta,  # noqa: E402
                                       bench_postfix, report)
-from tests.bench.runs import load_average, run_count, shortfalls  # noqa: E402
+from tests.bench.runs import (first_missing, load_average, run_count,  # noqa: E402
+                              shared_scratch, shortfalls)
 from tests.harness import free_port  # noqa: E402
 from tests.peers.clamd import ClamdInstance, clamd_available  # noqa: E402
 from tests.peers.postfix import postfix_available  # noqa: E402
@@ -99,13 +100,11 @@ PAIRS = [("elemta+scanners", "elemta"), ("elemta+scanners", "postfix+milters"),
 def main():
     count = int(os.environ.get("BENCH_SCAN_MESSAGES", "2000"))
     missing = (postfix_available() or rspamd_available() or clamd_available()
-               or next((p + " is missing" for p in (SMTP_SOURCE, CLAMAV_MILTER)
-                        if not os.path.exists(p)), None))
+               or first_missing(SMTP_SOURCE, CLAMAV_MILTER))
     if missing:
         print("bench_scanning: cannot run: %s" % missing)
         return 2
-    scratch = tempfile.mkdtemp(prefix="elemta-bench-scan-")
-    os.chmod(scratch, 0o755)  # the postfix user must reach the Postfix queues inside
+    scratch = shared_scratch("elemta-bench-scan-")
     print("bench_scanning: %d messages of 5120 bytes, 20 sessions, in %s" % (count, scratch))
     print("before: %s" % load_average())
     results = []  # type: List[Result]

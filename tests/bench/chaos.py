@@ -34,12 +34,12 @@ See also: tests/bench/bench_relay.py (the same relay without kills), ../shared/p
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+from tests.bench.runs import shared_scratch  # noqa: E402
 from tests.harness import ElemtaServer, free_port  # noqa: E402
 from tests.peers.chaos import (DumpSink, Killer, Load, chaos_available, elemta_kind,  # noqa: E402
                                elemta_queue_empty, elemta_sections, elemta_sendmail,
@@ -152,8 +152,7 @@ def main():
     if reason:
         print("chaos: cannot run: %s" % reason)
         return 2
-    scratch = tempfile.mkdtemp(prefix="elemta-chaos-")
-    os.chmod(scratch, 0o755)    # the postfix user must reach its queue below here
+    scratch = shared_scratch("elemta-chaos-")
     print("chaos: %d messages, %d sessions (every %dth through sendmail), SIGKILL of a "
           "random child every 0.2-0.5 s for %.0f s and until the load is in; in %s"
           % (count, SESSIONS, SENDMAIL_EVERY, seconds, scratch))

@@ -9,7 +9,8 @@ See also: tests/bench/bench_accept.py, tests/bench/bench_relay.py.
 
 import os
 import statistics
-from typing import Dict, Iterable, List, NamedTuple, TypeVar
+import tempfile
+from typing import Dict, Iterable, List, NamedTuple, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -45,6 +46,22 @@ def group(results):
     for result in results:
         grouped.setdefault(result.name, []).append(result)  # type: ignore[attr-defined]
     return grouped
+
+
+def first_missing(*paths):
+    # type: (str) -> Optional[str]
+    """"<path> is missing" for the first of these programs that is not there, else None:
+    a benchmark's reason it cannot run."""
+    return next((path + " is missing" for path in paths if not os.path.exists(path)), None)
+
+
+def shared_scratch(prefix):
+    # type: (str) -> str
+    """A fresh temp dir that other users can traverse: the postfix user must reach a
+    private Postfix's queues below it, and smtp-sink (run as nobody) its output."""
+    scratch = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(scratch, 0o755)
+    return scratch
 
 
 def load_average():
