@@ -241,6 +241,7 @@ def test_a_temporary_failure_in_dovecot_is_454(server, dovecot):
     finally:
         os.chmod(dovecot.passwd_path, 0o644)
     assert "temporary failure: Dovecot reports a temporary failure" in server.log()
+    time.sleep(1.1)         # the file readable again: Dovecot looks at it again
     with submission(server) as smtp:
         assert auth_plain(smtp, "alice", "wonderland")[0] == 235
 
